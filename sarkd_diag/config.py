@@ -1,0 +1,193 @@
+"""Every knob of a run in one dataclass, validated once at the edge.
+
+The CLI's options are generated from these fields (help text in the field metadata), so `train`,
+`compare-precision`, `--config FILE` and a run's own config.json all speak the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
+PROBE_LEVELS = ("off", "standard", "full")
+NONFINITE_POLICIES = ("stop", "skip", "rollback", "continue")
+SCHEDULERS = ("linear", "cosine")
+MODEL_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DistillConfig:
+    """One run of knowledge distillation: models, data, precision, schedule, probes and outputs."""
+
+    # models
+    teacher_model: str = _opt("embedded:tiny-mixtral", "Teacher: hub id, local directory or embedded:NAME.")
+    student_model: str = _opt("embedded:tiny-gpt2", "Student: hub id, local directory or embedded:NAME.")
+    trust_remote_code: bool = _opt(False, "Allow model repositories to run their own code (off unless asked).")
+    # precision
+    precision: str = _opt("auto", "fp32 | mixed | bf16-mixed | pure-fp16 | pure-bf16 | auto (or an alias).")
+    model_dtype: str | None = _opt(None, "The original scripts' flag: float16 | bfloat16 | float32.")
+    # data
+    dataset_name: str | None = _opt(None, "A datasets-hub corpus (e.g. wikitext).")
+    dataset_config_name: str | None = _opt(None, "The datasets-hub configuration (e.g. wikitext-2-raw-v1).")
+    train_file: str | None = _opt(None, "Local training text: .txt (one document a line) or .jsonl (text field).")
+    validation_file: str | None = _opt(None, "Local validation text; without it ~5% is held out.")
+    block_size: int = _opt(64, "Tokens per training sequence (student tokens).")
+    # schedule
+    train_steps: int = _opt(120, "Optimizer steps.")
+    per_device_batch_size: int = _opt(8, "Sequences per micro-batch.")
+    grad_accum_steps: int = _opt(1, "Micro-batches per optimizer step.")
+    eval_steps: int = _opt(60, "Evaluate validation perplexity every N steps (and before the first, and at the end).")
+    eval_max_batches: int = _opt(50, "At most this many validation batches per evaluation.")
+    save_steps: int = _opt(0, "Write a resumable checkpoint every N steps (0: only at the end).")
+    save_total_limit: int = _opt(2, "Keep the newest N checkpoints (plus the best by validation perplexity).")
+    # optimisation
+    student_lr: float = _opt(2e-3, "Student learning rate (AdamW).")
+    router_lr: float = _opt(1e-4, "Learning rate of the teacher's router weights.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    adam_eps: float = _opt(1e-8, "AdamW eps (1e-8 is 0.0 in fp16: the pure-fp16 failure).")
+    max_grad_norm: float = _opt(1.0, "Clip the gradient norm (after unscaling); 0 disables clipping.")
+    use_scheduler: bool = _opt(False, "Use a learning-rate schedule with warmup.")
+    scheduler_type: str = _opt("cosine", "linear | cosine.")
+    warmup_steps: int = _opt(0, "Warmup optimizer steps of the schedule.")
+    # the distillation objective
+    kd_loss: str = _opt("forward-kl", "forward-kl | reverse-kl | jsd.")
+    jsd_beta: float = _opt(0.5, "Mixture weight of the generalized JSD, in (0, 1).")
+    temperature: float = _opt(2.0, "Softmax temperature of the KD term (the term is scaled by T²).")
+    alpha_kd: float = _opt(0.5, "Weight of the KD term.")
+    alpha_ce: float = _opt(0.5, "Weight of the next-token cross-entropy.")
+    router_anchor_weight: float = _opt(0.01, "Weight of the L2 anchor of router weights to their initial values.")
+    router_load_balance_weight: float = _opt(0.01, "Weight of the Switch-style load-balance term.")
+    router_entropy_weight: float = _opt(0.001, "Weight of the gate-entropy bonus (subtracted from the loss).")
+    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (default: gate, router).")
+    # devices and memory
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
+    offload_teacher_to_cpu: bool = _opt(False, "Keep the teacher on the CPU (CUDA runs; a recorded no-op on CPU).")
+    clear_cache_every_step: bool = _opt(False, "Empty the CUDA cache after each step (a recorded no-op on CPU).")
+    gradient_checkpointing: bool = _opt(False, "Recompute student activations in backward to save memory.")
+    nproc: int = _opt(1, "Processes (launches torchrun when above 1).")
+    # probes and policy
+    probes: str = _opt("standard", "off | standard | full.")
+    probe_every: int = _opt(10, "At standard, per-module statistics on step 1 and every N-th step.")
+    on_nonfinite: str = _opt("stop", "stop | skip | rollback | continue, on a non-finite step.")
+    max_rollbacks: int = _opt(3, "Rollbacks before the rollback policy stops.")
+    # run directory
+    seed: int = _opt(42, "Seed of weights init, data order and dropout.")
+    output_dir: str | None = _opt(None, "Run directory (default: a new runs/<date-time>-<mode>/).")
+    overwrite: bool = _opt(False, "Replace an existing run directory that holds a different run.")
+    resume: bool = _opt(False, "Continue from the newest checkpoint of --output-dir.")
+    resume_from: str | None = _opt(None, "Continue from this checkpoint directory.")
+
+    def validate(self) -> DistillConfig:
+        """Reject settings that cannot work, with a message that says what to change."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
+        _positive(self, "block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "eval_steps",
+                  "eval_max_batches", "probe_every", "nproc", "save_total_limit")
+        _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
+                      "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
+        if self.temperature <= 0:
+            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
+        if self.alpha_kd < 0 or self.alpha_ce < 0:
+            raise BadInput(f"--alpha-kd and --alpha-ce must be ≥ 0, got {self.alpha_kd} and {self.alpha_ce}")
+        if self.alpha_kd == 0 and self.alpha_ce == 0:
+            raise BadInput("--alpha-kd and --alpha-ce are both 0: nothing would be trained")
+        if not 0 < self.jsd_beta < 1:
+            raise BadInput(f"--jsd-beta must lie in (0, 1), got {self.jsd_beta}")
+        if self.student_lr <= 0 or self.router_lr <= 0 or self.adam_eps < 0:
+            raise BadInput("--student-lr and --router-lr must be > 0, --adam-eps ≥ 0")
+        _choice(self, "kd_loss", KD_LOSSES)
+        _choice(self, "probes", PROBE_LEVELS)
+        _choice(self, "on_nonfinite", NONFINITE_POLICIES)
+        _choice(self, "scheduler_type", SCHEDULERS)
+        if self.model_dtype is not None:
+            _choice(self, "model_dtype", MODEL_DTYPES)
+        if self.dataset_name and self.train_file:
+            raise BadInput("give either --dataset-name or --train-file, not both")
+        if self.resume and self.resume_from:
+            raise BadInput("give either --resume or --resume-from, not both")
+        if self.resume and not self.output_dir:
+            raise BadInput("--resume needs --output-dir (the run to continue)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _positive(cfg: DistillConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"--{_flag(name)} must be ≥ 1, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg: DistillConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise BadInput(f"--{_flag(name)} must be ≥ 0, got {getattr(cfg, name)}")
+
+
+def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+
+
+FIELD_NAMES = frozenset(f.name for f in fields(DistillConfig))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--config {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(f"--config {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") \
+            from None
+    except Exception as exc:  # yaml.YAMLError does not derive from ValueError
+        raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):
+        data = data["options"]
+    if not isinstance(data, dict):
+        raise BadInput(f"--config {path}: expected a mapping of option names to values")
+    options = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(options) - FIELD_NAMES)
+    if unknown:
+        raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return options
+
+
+def build_config(cli_options: dict[str, Any], config_file: str | Path | None = None) -> DistillConfig:
+    """Defaults < config file < options given on the command line (None means 'not given')."""
+    merged = read_config_file(config_file) if config_file else {}
+    merged.update({k: v for k, v in cli_options.items() if v is not None})
+    types = {f.name: f.type for f in fields(DistillConfig)}
+    for name, value in merged.items():
+        if types[name] in ("int", "float") and isinstance(value, str):
+            raise BadInput(f"option {name}: expected a number, got {value!r}")
+    try:
+        return DistillConfig(**merged).validate()
+    except TypeError as exc:
+        raise BadInput(f"invalid options: {exc}") from None

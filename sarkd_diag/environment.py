@@ -1,0 +1,58 @@
+"""`sarkd-diag env`: what this machine runs well, so a user knows what `auto` will do before a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BadInput
+from .precision import detect_capabilities, resolve_mode
+
+LIBRARIES = ("sarkd-diag", "torch", "transformers", "datasets", "pandas", "pyarrow", "rich", "typer", "matplotlib")
+
+
+def environment_report(device: str = "auto") -> dict:
+    from .assets import EMBEDDED_MODELS
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    caps = detect_capabilities(dev)
+    try:
+        auto, reason = resolve_mode("auto", None, caps)
+    except BadInput as exc:
+        auto, reason = None, str(exc)
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {
+        "device": {"type": caps.device_type, "name": caps.name, "native_bf16": caps.native_bf16,
+                   "fast_fp16": caps.fast_fp16, "threads": torch.get_num_threads(),
+                   "cuda_available": torch.cuda.is_available()},
+        "modes": caps.runnable_modes,
+        "auto": {"mode": auto, "reason": reason},
+        "embedded_models": {f"embedded:{name}": text for name, text in EMBEDDED_MODELS.items()},
+        "versions": versions,
+        "python": platform.python_version(),
+    }
+
+
+def print_environment(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    d = report["device"]
+    console.print(f"[bold]device[/]: {d['type']} {d['name']!r} — native bf16: {d['native_bf16']}, "
+                  f"fast fp16: {d['fast_fp16']}, threads: {d['threads']}")
+    console.print(f"[bold]modes it runs[/]: {', '.join(report['modes'])}")
+    console.print(f"[bold]auto picks[/]: {report['auto']['mode']} — {report['auto']['reason']}")
+    table = Table("embedded model", "what it is")
+    for name, text in report["embedded_models"].items():
+        table.add_row(name, text)
+    console.print(table)
+    console.print("[bold]versions[/]: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+                  + f", python {report['python']}")

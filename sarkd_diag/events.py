@@ -1,0 +1,130 @@
+"""Numerical events as data: one schema, an append-only log that survives a crash, pandas views.
+
+An event is an observation worth a row (a first occurrence, a threshold crossed, a skipped step, a
+policy action). Per-step readings are metrics columns, not events.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SEVERITIES = ("info", "warning", "critical")
+PHASES = ("setup", "forward", "backward", "optimizer", "loss", "eval", "policy")
+KINDS = (
+    "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
+    "nonfinite_param", "nonfinite_grad", "nonfinite_activation", "fp16_overflow_risk",
+    "optimizer_state_underflow", "lost_updates", "scaler_skip", "scaler_backoff", "scale_below_one",
+    "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
+    "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
+)
+
+
+@dataclass
+class Event:
+    kind: str
+    severity: str = "info"
+    message: str = ""
+    step: int = 0
+    micro_step: int = 0
+    rank: int = 0
+    phase: str = "setup"
+    probe: str = "loop"
+    model: str | None = None
+    module: str | None = None
+    tensor: str | None = None
+    dtype: str | None = None
+    value: float | None = None
+    nan_count: int = 0
+    posinf_count: int = 0
+    neginf_count: int = 0
+    numel: int = 0
+    time: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity {self.severity!r} is not one of {SEVERITIES}")
+        if self.kind not in KINDS:
+            raise ValueError(f"event kind {self.kind!r} is not in the schema")
+        self.time = self.time or time.time()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)  # Inf/NaN values are written as Infinity/NaN
+
+
+EVENT_COLUMNS = [f.name for f in fields(Event)]
+
+
+class JsonlLog:
+    """Append-only JSON-lines file, flushed after every record so a crash loses nothing written."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
+
+    def write_line(self, line: str) -> None:
+        self._file.write(line + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class EventLog:
+    """Where probes and the loop record events; listeners (the terminal alert) see each as it happens."""
+
+    def __init__(self, path: Path | None = None, rank: int = 0):
+        self.rank = rank
+        self.events: list[Event] = []
+        self._file = JsonlLog(path) if path else None
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def on_event(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.append(listener)
+
+    def record(self, kind: str, severity: str = "info", message: str = "", **fields_: Any) -> Event:
+        event = Event(kind=kind, severity=severity, message=message, rank=self.rank, **fields_)
+        self.events.append(event)
+        if self._file:
+            self._file.write_line(event.to_json())
+        for listener in self._listeners:
+            listener(event)
+        return event
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(e.kind for e in self.events))
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (a crash mid-write) is dropped, any other bad line raises."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return rows
+
+
+def events_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Events as a DataFrame with the schema's columns in order (value as float: 'inf' back to inf)."""
+    frame = pd.DataFrame(list(rows), columns=EVENT_COLUMNS)
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
+    for col in ("step", "micro_step", "rank", "nan_count", "posinf_count", "neginf_count", "numel"):
+        frame[col] = frame[col].fillna(0).astype("int64")
+    return frame

@@ -1,0 +1,81 @@
+"""What every probe shares: the watched tensors, the event log and the step clock.
+
+A probe keeps its per-step statistics as device tensors (`readings`); the owner moves all probes'
+readings to the host in one transfer and hands them back (`after_step`), where the probe turns them
+into events (first occurrences, thresholds crossed) and metrics columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..events import EventLog
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass
+class Watched:
+    """A trainable tensor with the names a person looks for: its model, module and parameter name."""
+
+    model: str
+    module: str
+    tensor: str
+    param: nn.Parameter
+
+
+@dataclass
+class ProbeContext:
+    models: dict[str, nn.Module]
+    events: EventLog
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    level: str = "standard"
+    every: int = 10
+    step: int = 0
+    stats_step: bool = False
+    watched: list[Watched] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.watched:
+            for model_name, model in self.models.items():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        module, _, tensor = name.rpartition(".")
+                        self.watched.append(Watched(model_name, module, name, p))
+
+    def dtype_of(self, p: torch.Tensor) -> str:
+        return str(p.dtype).removeprefix("torch.")
+
+
+def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:
+    """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host)."""
+    counts = torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()]).tolist()
+    return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2], "numel": t.numel()}
+
+
+class Probe:
+    """The hooks a probe may implement; each is a no-op by default."""
+
+    name = "probe"
+
+    def __init__(self, ctx: ProbeContext):
+        self.ctx = ctx
+
+    def begin_step(self) -> None: ...
+
+    def before_optimizer_step(self) -> None: ...
+
+    def after_optimizer_step(self) -> None: ...
+
+    def readings(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def after_step(self, host: dict) -> dict:
+        return {}
+
+    def close(self) -> None: ...

@@ -1,0 +1,65 @@
+"""The human report of a run: report.md, written from the summary, config, metrics and events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "—" if value is None or (isinstance(value, float) and pd.isna(value)) else format(value, spec)
+
+
+def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
+    precision = summary["precision"]
+    final = summary["final"]
+    lines = [
+        f"# sarkd-diag run: {summary['status']}",
+        "",
+        f"- run directory: `{run_dir}`",
+        f"- precision: **{precision['mode']}** (requested `{precision['requested']}`: {precision['reason']})",
+        f"- trainable weights held in: {precision['master_dtype']}",
+        f"- steps completed: {summary['steps_completed']}",
+        f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} → {_fmt(final.get('eval_ppl'), '.3f')}"
+        f" (best {_fmt(final.get('best_eval_ppl'), '.3f')})",
+        f"- final training loss: {_fmt(final.get('loss'))}; median tokens/s: {_fmt(final.get('tokens_per_s'), '.0f')}",
+        "",
+        "## Diagnosis",
+        "",
+    ]
+    if not summary["diagnosis"]:
+        lines.append("No numerical problem was found: weights, gradients, activations and the loss stayed finite, "
+                     "and no update was lost to rounding beyond the warning threshold.")
+    for i, d in enumerate(summary["diagnosis"], 1):
+        where = " / ".join(str(x) for x in (d.get("model"), d.get("module")) if x)
+        lines += [
+            f"### {i}. `{d['cause']}` ({d['severity']})",
+            "",
+            f"First seen at step {d['first_step']}" + (f" in {where}" if where else "") + f" (rank {d['rank']}).",
+            "",
+            "Evidence: " + ", ".join(f"{k} = {v}" for k, v in d["evidence"].items()) + ".",
+            "",
+            f"**Fix:** {d['fix']}.",
+            "",
+        ]
+    lines += ["", "## Events", ""]
+    if len(events):
+        counts = events.groupby(["kind", "severity"]).size().reset_index(name="count")
+        lines += ["| kind | severity | count |", "|---|---|---:|"]
+        lines += [f"| {r.kind} | {r.severity} | {r.count} |" for r in counts.itertuples()]
+        first = events[events["severity"] != "info"].head(10)
+        if len(first):
+            lines += ["", "First warnings and critical events:", ""]
+            for _, e in first.iterrows():
+                lines.append(f"- step {e['step']} [{e['severity']}] {e['kind']}: {e['message']}")
+    else:
+        lines.append("No events were recorded.")
+    evals = metrics[metrics["split"] == "eval"] if len(metrics) else metrics
+    if len(evals):
+        lines += ["", "## Evaluations", "", "| step | validation perplexity |", "|---:|---:|"]
+        lines += [f"| {int(r.step)} | {_fmt(r.eval_ppl, '.3f')} |" for r in evals.itertuples()]
+    path = Path(run_dir) / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+

@@ -1,0 +1,153 @@
+"""The run directory contract (shared/DESIGN.md): where each file lives, and how a run is closed.
+
+`finalize_run` builds summary.json, the parquet files and report.md from config.json and the .jsonl
+logs alone, so a finished run, an interrupted one and one that died mid-step are closed the same way
+(the training loop calls it at the end; `sarkd-diag report` calls it on any run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import BadInput
+from .events import events_frame, read_jsonl
+
+SCHEMA_VERSION = 1
+STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
+# Options that may differ when a run is continued: they change how long or where, not what is trained.
+RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_steps", "save_steps",
+                     "save_total_limit", "probes", "probe_every", "on_nonfinite", "max_rollbacks", "output_dir"}
+
+
+def default_run_dir(mode: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{stamp}-{mode}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{stamp}-{mode}-{n}"
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
+    """Refuse a directory that holds a different run, a file, or one we cannot write, before touching it."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--output-dir {path} is a file, not a directory")
+    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise BadInput(f"--output-dir {path} is not writable")
+    config_file = path / "config.json"
+    if resume or overwrite or not config_file.exists():
+        if path.is_dir() and any(path.iterdir()) and not config_file.exists() and not overwrite and not resume:
+            raise BadInput(f"--output-dir {path} is not empty and holds no sarkd-diag run; "
+                           "choose another directory or pass --overwrite")
+        return
+    try:
+        previous = json.loads(config_file.read_text()).get("options", {})
+    except (OSError, ValueError):
+        raise BadInput(f"--output-dir {path} holds an unreadable config.json; pass --overwrite to replace it") \
+            from None
+    differing = sorted(k for k in options if k not in RESUMABLE_OPTIONS and previous.get(k) != options[k])
+    what = f"a different run (options differ: {', '.join(differing[:4])})" if differing else "a run already"
+    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it or --overwrite to replace it")
+
+
+def load_metrics(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = read_jsonl(path) if path.is_file() else []
+    frame = pd.DataFrame(rows)
+    for col in ("step", "split", "loss", "kd_loss", "ce_loss", "router_loss", "lr", "grad_norm", "loss_scale",
+                "tokens", "tokens_per_s", "eval_ppl"):
+        if col not in frame.columns:
+            frame[col] = None
+    for col in frame.columns:
+        if col != "split":
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    return frame
+
+
+def load_events(run_dir: Path) -> pd.DataFrame:
+    rows: list[dict] = []
+    for path in sorted(Path(run_dir).glob("events*.jsonl")):
+        rows.extend(read_jsonl(path))
+    return events_frame(rows).sort_values(["step", "time"], kind="stable").reset_index(drop=True)
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Events, metrics (pandas) and summary/config (dicts) of a run directory, for notebooks."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise BadInput(f"{run_dir} is not a sarkd-diag run directory (no config.json)")
+    summary_path = run_dir / "summary.json"
+    return {
+        "config": json.loads((run_dir / "config.json").read_text()),
+        "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+        "metrics": load_metrics(run_dir),
+        "events": load_events(run_dir),
+    }
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None or pd.isna(value):
+        return None
+    return float(value)
+
+
+def final_figures(metrics: pd.DataFrame) -> dict:
+    train = metrics[metrics["split"] == "train"]
+    evals = metrics[metrics["split"] == "eval"].dropna(subset=["eval_ppl"])
+    last = train.iloc[-1] if len(train) else None
+    return {
+        "loss": _finite_or_none(last["loss"]) if last is not None else None,
+        "kd_loss": _finite_or_none(last["kd_loss"]) if last is not None else None,
+        "ce_loss": _finite_or_none(last["ce_loss"]) if last is not None else None,
+        "eval_ppl": _finite_or_none(evals["eval_ppl"].iloc[-1]) if len(evals) else None,
+        "first_eval_ppl": _finite_or_none(evals["eval_ppl"].iloc[0]) if len(evals) else None,
+        "best_eval_ppl": _finite_or_none(evals["eval_ppl"].min()) if len(evals) else None,
+        "tokens_per_s": _finite_or_none(train["tokens_per_s"].median()) if len(train) else None,
+        "skipped_steps": int(train["skipped"].fillna(0).sum()) if "skipped" in train else 0,
+    }
+
+
+def finalize_run(run_dir: str | Path, status: str) -> dict:
+    """Write summary.json, metrics.parquet, events.parquet and report.md from the run's own logs."""
+    from .diagnose import diagnose
+    from .report import write_report
+
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} not in {STATUSES}")
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics, events = load_metrics(run_dir), load_events(run_dir)
+    train = metrics[metrics["split"] == "train"]
+    metrics.to_parquet(run_dir / "metrics.parquet", index=False)
+    events.to_parquet(run_dir / "events.parquet", index=False)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "steps_completed": int(train["step"].max()) if len(train) else 0,
+        "precision": config["precision"],
+        "final": final_figures(metrics),
+        "event_counts": {k: int(v) for k, v in events["kind"].value_counts().items()},
+        "diagnosis": diagnose(events, metrics, config),
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    write_report(run_dir, summary, config, metrics, events)
+    return summary

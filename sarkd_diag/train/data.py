@@ -1,0 +1,219 @@
+"""Text in, fixed-length blocks of token ids out; labels are shifted here and nowhere else.
+
+A block holds block_size + 1 tokens: inputs are the first block_size, labels the last block_size, so
+labels[t] is the target of position t. Batches come in a seeded order that is reshuffled every epoch
+and whose position (epoch, index) is part of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+
+IGNORE_INDEX = -100
+HELD_OUT_FRACTION = 0.05
+
+
+@dataclass
+class Corpus:
+    train: list[str]
+    validation: list[str] | None
+    source: str
+
+
+def read_text_file(path: str) -> list[str]:
+    """Documents of a .txt file (one per non-empty line) or a .jsonl file (a string `text` field per line)."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{path} is a directory, expected a .txt or .jsonl file")
+    if not p.is_file():
+        raise BadInput(f"{path}: no such file")
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot be read ({exc.strerror})") from None
+    if b"\x00" in raw:
+        raise BadInput(f"{path} looks binary (it holds NUL bytes), expected UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    if p.suffix.lower() != ".jsonl":
+        return [line for line in text.splitlines() if line.strip()]
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or "text" not in row:
+            raise BadInput(f"{path}:{number}: expected an object with a `text` field")
+        if not isinstance(row["text"], str):
+            raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
+        docs.append(row["text"])
+    return docs
+
+
+def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
+                train_file: str | None, validation_file: str | None) -> Corpus:
+    """The training text from a datasets-hub set, local files, or the embedded dialogues."""
+    if dataset_name:
+        return _load_hub_corpus(dataset_name, dataset_config_name)
+    if train_file:
+        validation = read_text_file(validation_file) if validation_file else None
+        return Corpus(read_text_file(train_file), validation, f"file:{train_file}")
+    from ..assets import corpus_path
+
+    validation = read_text_file(validation_file) if validation_file else read_text_file(corpus_path("validation"))
+    return Corpus(read_text_file(corpus_path("train")), validation, "embedded:dialogues")
+
+
+def _load_hub_corpus(name: str, config_name: str | None) -> Corpus:
+    import datasets
+
+    try:
+        splits = datasets.load_dataset(name, config_name)
+    except Exception as exc:  # network, missing set, bad config: all are the user's to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot load dataset {name!r}" + (f" ({config_name})" if config_name else "")
+                       + f": {first}") from None
+    if "train" not in splits:
+        raise BadInput(f"dataset {name!r} has no train split (it has {', '.join(splits)})")
+    text_column = "text" if "text" in splits["train"].column_names else None
+    if text_column is None:
+        raise BadInput(f"dataset {name!r} has no `text` column (columns: {splits['train'].column_names})")
+    docs = [t for t in splits["train"][text_column] if isinstance(t, str) and t.strip()]
+    validation = None
+    if "validation" in splits:
+        validation = [t for t in splits["validation"][text_column] if isinstance(t, str) and t.strip()]
+    return Corpus(docs, validation, f"hub:{name}" + (f"/{config_name}" if config_name else ""))
+
+
+@dataclass
+class TokenBlocks:
+    """[N, block_size + 1] token ids, and, for dual-tokenizer KD, each block's character span and text."""
+
+    ids: torch.Tensor
+    texts: list[str] | None = field(default=None, repr=False)
+    offsets: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, index: torch.Tensor) -> TokenBlocks:
+        texts = [self.texts[i] for i in index.tolist()] if self.texts is not None else None
+        offsets = self.offsets[index] if self.offsets is not None else None
+        return TokenBlocks(self.ids[index], texts, offsets)
+
+
+def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool = False,
+                    what: str = "training data") -> TokenBlocks:
+    """Concatenate documents (eos between them) and cut windows of block_size + 1 tokens, stride block_size.
+
+    With keep_text, each block also keeps its characters and the student tokens' offsets into them, so a
+    second tokenizer can see exactly the same text (dual-tokenizer mode).
+    """
+    if not docs:
+        raise BadInput(f"{what} is empty")
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=keep_text)
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    joined: list[str] = []
+    base = 0
+    for i, doc_ids in enumerate(encoded["input_ids"]):
+        ids.extend(doc_ids)
+        if keep_text:
+            spans.extend((base + a, base + b) for a, b in encoded["offset_mapping"][i])
+            joined.append(docs[i] + "\n")
+            spans.append((base + len(docs[i]), base + len(docs[i]) + 1))  # the eos stands for the newline
+            base += len(docs[i]) + 1
+        ids.append(eos)
+    window = block_size + 1
+    count = (len(ids) - 1) // block_size
+    if count < 1 or len(ids) < window:
+        raise BadInput(f"{what} has {len(ids)} tokens, fewer than one block of --block-size {block_size} + 1")
+    all_ids = torch.tensor(ids, dtype=torch.long)
+    starts = torch.arange(count) * block_size
+    block_ids = torch.stack([all_ids[s:s + window] for s in starts.tolist()])
+    if not keep_text:
+        return TokenBlocks(block_ids)
+    text = "".join(joined)
+    all_spans = torch.tensor(spans, dtype=torch.long)
+    texts, offsets = [], []
+    for s in starts.tolist():
+        block_spans = all_spans[s:s + window]
+        lo, hi = int(block_spans[0, 0]), int(block_spans[-1, 1])
+        texts.append(text[lo:hi])
+        offsets.append(block_spans - lo)
+    return TokenBlocks(block_ids, texts, torch.stack(offsets))
+
+
+def split_validation(blocks: TokenBlocks, seed: int) -> tuple[TokenBlocks, TokenBlocks]:
+    """Hold out ~5% of the blocks (at least one) when no validation text was given."""
+    if len(blocks) < 2:
+        raise BadInput(f"the training data makes {len(blocks)} block(s): too few to hold out a validation split "
+                       "(give --validation-file or more text)")
+    held = max(1, round(len(blocks) * HELD_OUT_FRACTION))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks.subset(order[held:].sort().values), blocks.subset(order[:held].sort().values)
+
+
+def make_batch(blocks: TokenBlocks, index: torch.Tensor) -> dict:
+    """Inputs and next-token labels of the chosen blocks (the one place labels are shifted)."""
+    window = blocks.ids[index]
+    batch = {
+        "input_ids": window[:, :-1].contiguous(),
+        "labels": window[:, 1:].contiguous(),
+        "attention_mask": torch.ones_like(window[:, :-1]),
+    }
+    batch["n_targets"] = int((batch["labels"] != IGNORE_INDEX).sum())
+    if blocks.texts is not None:
+        batch["texts"] = [blocks.texts[i] for i in index.tolist()]
+        batch["offsets"] = blocks.offsets[index][:, :-1]
+    return batch
+
+
+class BatchStream:
+    """Endless batches in a seeded order, reshuffled each epoch; (epoch, position) resumes it exactly."""
+
+    def __init__(self, blocks: TokenBlocks, batch_size: int, seed: int):
+        if len(blocks) < batch_size:
+            raise BadInput(f"the training data makes {len(blocks)} block(s), fewer than one batch of "
+                           f"--per-device-batch-size {batch_size}")
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.blocks), generator=generator)
+
+    def next(self) -> dict:
+        if self.position + self.batch_size > len(self._order):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        index = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return make_batch(self.blocks, index)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
+
+
+def eval_batches(blocks: TokenBlocks, batch_size: int, max_batches: int) -> list[dict]:
+    """Validation batches in a fixed order (the last one may be smaller)."""
+    index = torch.arange(len(blocks))
+    chunks = list(index.split(batch_size))[:max_batches]
+    return [make_batch(blocks, chunk) for chunk in chunks]

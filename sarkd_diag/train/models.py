@@ -1,0 +1,87 @@
+"""Load teacher and student the way users name them: a hub id, a local directory or `embedded:NAME`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def resolve_model_source(name: str) -> str:
+    """A loadable path or hub id; `embedded:NAME` maps to the packaged model, a missing local path is an error."""
+    if name.startswith(EMBEDDED_PREFIX):
+        from ..assets import EMBEDDED_MODELS, embedded_model_path
+
+        short = name[len(EMBEDDED_PREFIX):]
+        if short not in EMBEDDED_MODELS:
+            raise BadInput(f"unknown embedded model {name!r}; embedded models: "
+                           + ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS))
+        return str(embedded_model_path(short))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BadInput(f"model path {name} is a file, expected a directory written by save_pretrained")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise BadInput(f"model path {name}: no such directory")
+    return name  # a hub id
+
+
+def _load_error(what: str, name: str, exc: Exception) -> BadInput:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return BadInput(f"cannot load {what} {name!r}: {first}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError (hub, missing files), ValueError (unknown class): the user's to fix
+        raise _load_error("tokenizer", name, exc) from None
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer, name: str) -> str | None:
+    """A tokenizer without a pad token pads with eos; returns a note to record, or None."""
+    if tokenizer.pad_token_id is not None:
+        return None
+    if tokenizer.eos_token is None:
+        raise BadInput(f"tokenizer of {name!r} has neither a pad nor an eos token")
+    tokenizer.pad_token = tokenizer.eos_token
+    return f"tokenizer of {name} has no pad token: padding with eos {tokenizer.eos_token!r}"
+
+
+def load_causal_lm(name: str, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype)
+    except Exception as exc:  # OSError (hub, no weights), ValueError (unknown architecture)
+        raise _load_error("model", name, exc) from None
+    return model
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> bool:
+    """Logit KD needs one vocabulary: equal vocab_size and identical ids on probe strings."""
+    if teacher_model.config.vocab_size != student_model.config.vocab_size:
+        return False
+    probes = ["Hello, how are you?", "A: hi . B: the sky is blue .", " 12345 !?", "über naïve café"]
+    return all(teacher_tokenizer(s, add_special_tokens=False)["input_ids"]
+               == student_tokenizer(s, add_special_tokens=False)["input_ids"] for s in probes)

@@ -1,0 +1,36 @@
+"""SIGINT/SIGTERM ask the loop to stop after the current step (state saved), instead of killing it mid-write."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequests:
+    """Remembers the first stop signal; a second SIGINT falls through to Python's default (a hard stop)."""
+
+    def __init__(self) -> None:
+        self.signal: signal.Signals | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_CODES:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signal, 130)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, Path]:
+    """A corpus, a tokenizer, a tiny GPT-2 student and a tiny Mixtral teacher, all on disk."""
+    root = tmp_path_factory.mktemp("tiny_world")
+    train = tiny.write_corpus(root / "train.txt", 300, seed=0)
+    valid = tiny.write_corpus(root / "valid.txt", 30, seed=1)
+    tokenizer = tiny.make_tokenizer(train)
+    vocab = len(tokenizer)
+    student = tiny.save(tiny.make_gpt2(vocab), tokenizer, root / "student")
+    teacher = tiny.save(tiny.make_mixtral(vocab), tokenizer, root / "teacher")
+    return {"root": root, "train": train, "valid": valid, "student": student, "teacher": teacher}
+
+
+@pytest.fixture
+def tiny_args(tiny_world, tmp_path) -> list[str]:
+    """CLI arguments of a short run on the tiny world (an output directory of its own)."""
+    return ["--teacher-model", str(tiny_world["teacher"]), "--student-model", str(tiny_world["student"]),
+            "--train-file", str(tiny_world["train"]), "--validation-file", str(tiny_world["valid"]),
+            "--block-size", "32", "--per-device-batch-size", "4", "--train-steps", "6", "--eval-steps", "3",
+            "--student-lr", "3e-3", "--output-dir", str(tmp_path / "run")]

@@ -1,0 +1,64 @@
+"""Tiny models, tokenizers and corpora built inside the tests, saved with save_pretrained and loaded back
+through the same path users take (nothing downloaded)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = ("the sky sea grass sun moon is blue green red yellow white bright dark what colour why because "
+         "i you we like see think it a an and or not very").split()
+
+
+def write_corpus(path: Path, lines: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    text = []
+    for _ in range(lines):
+        thing, colour = rng.choice(WORDS[:5]), rng.choice(WORDS[6:12])
+        text.append(f"A: what colour is the {thing} ? B: the {thing} is {colour} . A: why {colour} ? "
+                    f"B: because i see the {thing} .")
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def make_tokenizer(corpus: Path, vocab_size: int = 96, pad: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(corpus)], trainer)
+    kwargs = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    if pad:
+        kwargs["pad_token"] = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def make_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2, n_positions: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=2, n_positions=n_positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def make_mixtral(vocab_size: int, seed: int = 1, hidden: int = 32, layers: int = 2, positions: int = 128):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=0)
+    return MixtralForCausalLM(config)
+
+
+def save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
