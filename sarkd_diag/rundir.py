@@ -122,6 +122,9 @@ def final_figures(metrics: pd.DataFrame) -> dict:
         "best_eval_ppl": _finite_or_none(evals["eval_ppl"].min()) if len(evals) else None,
         "tokens_per_s": _finite_or_none(train["tokens_per_s"].median()) if len(train) else None,
         "skipped_steps": int(train["skipped"].fillna(0).sum()) if "skipped" in train else 0,
+        "peak_memory_mb": _finite_or_none(train["peak_memory_mb"].max()) if "peak_memory_mb" in train else None,
+        "lost_update_fraction": _finite_or_none(train["lost_update_fraction"].median())
+        if "lost_update_fraction" in train else None,
     }
 
 

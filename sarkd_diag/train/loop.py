@@ -267,6 +267,7 @@ class Trainer:
         tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps
         row = {"step": self.step, "split": "train", **host, "lr": lr, "tokens": tokens,
                "tokens_per_s": tokens / elapsed, "targets": total_targets,
+               "peak_memory_mb": peak_memory_mb(self.device),
                "weights_finite": bool(host["weights_finite"]), "skipped": int(host["skipped"])}
         row.setdefault("loss_scale", None)
         if total_targets == 0:
@@ -368,6 +369,15 @@ class Trainer:
 
     def _resume(self) -> None:
         raise BadInput("--resume is not supported yet")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's peak, or on CPU this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _to_host(*groups: dict[str, torch.Tensor]) -> list[dict[str, float | list[float]]]:
