@@ -58,6 +58,7 @@ class Precision:
     trainable_dtype: ClassVar[torch.dtype]
     frozen_dtype: ClassVar[torch.dtype]
     autocast_dtype: ClassVar[torch.dtype | None] = None
+    loss_scaling: ClassVar[bool] = False
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -89,6 +90,7 @@ class Precision:
         return torch.zeros((), device=self.device)
 
     def loss_scale(self) -> torch.Tensor | None:
+        """The current loss scale as a device tensor (None without scaling, or before the first backward)."""
         return None
 
     @property
@@ -119,6 +121,7 @@ class FP16Mixed(Precision):
     name = "mixed"
     trainable_dtype = torch.float32
     frozen_dtype = autocast_dtype = torch.float16
+    loss_scaling = True
 
     def __init__(self, device: torch.device):
         super().__init__(device)

@@ -32,3 +32,24 @@ def tiny_args(tiny_world, tmp_path) -> list[str]:
             "--train-file", str(tiny_world["train"]), "--validation-file", str(tiny_world["valid"]),
             "--block-size", "32", "--per-device-batch-size", "4", "--train-steps", "6", "--eval-steps", "3",
             "--student-lr", "3e-3", "--output-dir", str(tmp_path / "run")]
+
+
+@pytest.fixture
+def cli():
+    """Run the real CLI entry point in-process: returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from sarkd_diag.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        return code, out.getvalue(), err.getvalue()
+
+    return run

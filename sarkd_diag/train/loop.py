@@ -330,7 +330,7 @@ class Trainer:
                 "trainable_dtypes": sorted(trainable_dtypes),
                 "compute_dtype": str(self.precision.autocast_dtype or self.precision.trainable_dtype)
                 .removeprefix("torch."),
-                "loss_scaling": self.precision.loss_scale() is not None,
+                "loss_scaling": self.precision.loss_scaling,
                 "param_dtypes": param_dtypes,
             },
             "device": {"type": self.device.type, "name": self.capabilities.name,

@@ -1,0 +1,33 @@
+"""The run-directory contract of shared/DESIGN.md, as assertions the tests share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+METRIC_COLUMNS = {"step", "split", "loss", "kd_loss", "ce_loss", "lr", "grad_norm", "loss_scale", "tokens_per_s",
+                  "eval_ppl"}
+EVENT_COLUMNS = {"step", "rank", "phase", "probe", "kind", "severity", "model", "module", "tensor", "dtype", "value",
+                 "nan_count", "posinf_count", "neginf_count", "numel", "message"}
+SUMMARY_KEYS = {"schema_version", "status", "steps_completed", "precision", "final", "event_counts", "diagnosis"}
+DIAGNOSIS_KEYS = {"cause", "severity", "model", "module", "rank", "first_step", "evidence", "fix"}
+
+
+def assert_run_dir(path: Path) -> dict:
+    path = Path(path)
+    for name in ("config.json", "summary.json", "metrics.jsonl", "events.jsonl"):
+        assert (path / name).is_file(), f"{name} missing in {path}"
+    summary = json.loads((path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert {"mode", "requested", "reason", "master_dtype", "param_dtypes"} <= set(summary["precision"])
+    for d in summary["diagnosis"]:
+        assert DIAGNOSIS_KEYS <= set(d)
+    if summary["status"] in ("completed", "stopped", "interrupted"):
+        metrics = pd.read_parquet(path / "metrics.parquet")
+        assert METRIC_COLUMNS <= set(metrics.columns)
+        events = pd.read_parquet(path / "events.parquet")
+        assert EVENT_COLUMNS <= set(events.columns)
+        assert (path / "report.md").is_file()
+    return summary
