@@ -1,0 +1,100 @@
+"""Span alignment: vectorized `align_teacher_to_student` vs the per-token loop it replaces.
+
+Batch 4 × 512 student tokens, 600 teacher tokens, H=768, fp32, on the CPU. Interleaved A/B rounds;
+prints medians and their ratio (goal: ≥ 20×). One intra-op thread by default: the loop is
+single-threaded Python, and on a 2-core box whose other core is busy, two OpenMP threads make every
+small op 10-50× slower (each parallel region waits for the descheduled thread).
+
+    python benchmarks/bench_align.py [--rounds 7] [--threads 1]
+
+On this project's VM, touching freshly allocated memory is expensive, and glibc hands large freed
+blocks back to the OS, so every vectorized call page-faults its 6 MB output anew: about half its
+time. A caching allocator (CUDA's, or glibc told to keep memory) removes that; to measure the
+algorithm alone:
+
+    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 python benchmarks/bench_align.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sarkd_diag.train.align import align_teacher_to_student
+
+
+def reference_align(teacher_hidden, teacher_offsets, teacher_mask, student_offsets, student_mask):
+    """The per-token loop (a copy of the one in tests/train/test_align.py)."""
+    batch, length = student_offsets.shape[:2]
+    aligned = torch.zeros(batch, length, teacher_hidden.shape[-1], dtype=teacher_hidden.dtype)
+    valid = torch.zeros(batch, length, dtype=torch.bool)
+    for b in range(batch):
+        t_spans, t_mask = teacher_offsets[b].tolist(), teacher_mask[b].tolist()
+        for i, (s0, s1) in enumerate(student_offsets[b].tolist()):
+            if not student_mask[b, i] or s1 <= s0:
+                continue
+            hits = [j for j, (t0, t1) in enumerate(t_spans) if t_mask[j] and t1 > t0 and t0 < s1 and s0 < t1]
+            if hits:
+                aligned[b, i] = teacher_hidden[b, hits].float().mean(0).to(teacher_hidden.dtype)
+                valid[b, i] = True
+    return aligned, valid
+
+
+def partition(text_len: int, n_tokens: int, g: torch.Generator) -> torch.Tensor:
+    cuts = torch.randperm(text_len - 1, generator=g)[: n_tokens - 1].add(1).sort().values
+    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([text_len])])
+    return torch.stack([bounds[:-1], bounds[1:]], -1)
+
+
+def make_inputs(batch=4, ls=512, lt=600, hidden=768, text_len=2400):
+    g = torch.Generator().manual_seed(0)
+    t_off = torch.stack([partition(text_len, lt, g) for _ in range(batch)])
+    s_off = torch.stack([partition(text_len, ls, g) for _ in range(batch)])
+    t_off[:, 0] = 0  # a BOS-like special token
+    return (
+        torch.randn(batch, lt, hidden, generator=g),
+        t_off,
+        torch.ones(batch, lt, dtype=torch.bool),
+        s_off,
+        torch.ones(batch, ls, dtype=torch.bool),
+    )
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--vectorized-reps", type=int, default=5, help="vectorized runs per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    inputs = make_inputs()
+    got, want = align_teacher_to_student(*inputs), reference_align(*inputs)
+    assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], atol=1e-5)
+
+    vectorized, reference, ratios = [], [], []
+    for _ in range(args.rounds):  # interleaved: one round = A then B, so drift hits both alike
+        round_a = [timed(align_teacher_to_student, *inputs) for _ in range(args.vectorized_reps)]
+        reference.append(timed(reference_align, *inputs))
+        vectorized += round_a
+        ratios.append(reference[-1] / statistics.median(round_a))
+    a, b = statistics.median(vectorized), statistics.median(reference)
+    print(f"threads={torch.get_num_threads()} batch=4 Ls=512 Lt=600 H=768 rounds={args.rounds}")
+    print(f"vectorized median {a * 1e3:8.2f} ms  (n={len(vectorized)})")
+    print(f"per-token  median {b * 1e3:8.2f} ms  (n={len(reference)})")
+    print(
+        f"speed-up {b / a:.1f}x (ratio of medians); per-round ratios median {statistics.median(ratios):.1f}x, "
+        f"range {min(ratios):.1f}-{max(ratios):.1f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
