@@ -54,7 +54,8 @@ def make_mixtral(vocab_size: int, seed: int = 1, hidden: int = 32, layers: int =
     torch.manual_seed(seed)
     config = MixtralConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=positions, bos_token_id=0, eos_token_id=0)
+                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=positions,
+                           bos_token_id=0, eos_token_id=0)
     return MixtralForCausalLM(config)
 
 

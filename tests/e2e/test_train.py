@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 import typer
-
 from contract import assert_run_dir
+
 from sarkd_diag import load_run
 from sarkd_diag.cli import app
 from sarkd_diag.config import build_config
@@ -116,8 +116,9 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_world, tmp_path):
                             probes="off").validate()
         trainer = Trainer(cfg, TrainingDisplay(quiet=True))
         captured = {}
-        trainer.optimizer.register_step_pre_hook(lambda opt, a, k, c=captured: c.update(
-            {n: p.grad.clone() for n, p in trainer.student.named_parameters()}))
+        student = trainer.student
+        trainer.optimizer.register_step_pre_hook(lambda opt, a, k, c=captured, m=student: c.update(
+            {n: p.grad.clone() for n, p in m.named_parameters()}))
         trainer.train()
         grads[accum] = captured
     for name, g in grads[1].items():
