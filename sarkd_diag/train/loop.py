@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import __version__
 from ..config import DistillConfig
@@ -29,8 +30,10 @@ from ..rundir import check_output_dir, default_run_dir, finalize_run, write_json
 from ..ui import TrainingDisplay
 from . import checkpoint as ckpt
 from .data import BatchStream, eval_batches, load_corpus, split_validation, tokenize_blocks
+from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
-from .objective import LogitKD
+from .objective import HiddenStateKD, LogitKD
+from .router import RouterInfo, RouterTerms, find_routers, save_router_update
 from .signals import StopRequests
 
 
@@ -81,7 +84,7 @@ class Trainer:
         self.precision = make_precision(self.mode, self.device)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.mode)
         check_output_dir(self.run_dir, cfg.to_dict(), cfg.overwrite, cfg.resume or bool(cfg.resume_from))
-        self.notes: list[tuple[str, str, str]] = []  # (kind, severity, message) recorded once the log exists
+        self.notes: list[dict] = []  # setup events, recorded once the event log exists
 
         # models and tokenizers: loaded in the dtype the mode holds them in, then converted by the mode
         self.student_tokenizer = load_tokenizer(cfg.student_model, cfg.trust_remote_code)
@@ -89,62 +92,105 @@ class Trainer:
         for tok, name in ((self.student_tokenizer, cfg.student_model), (self.teacher_tokenizer, cfg.teacher_model)):
             note = ensure_pad_token(tok, name)
             if note:
-                self.notes.append(("setup_note", "info", note))
+                self.notes.append({"kind": "setup_note", "message": note})
         seed_everything(cfg.seed)
         self.student = load_causal_lm(cfg.student_model, cfg.trust_remote_code, self.precision.trainable_dtype)
         self.teacher = load_causal_lm(cfg.teacher_model, cfg.trust_remote_code, self.precision.frozen_dtype)
-        if not same_vocabulary(self.teacher_tokenizer, self.student_tokenizer, self.teacher, self.student):
-            raise BadInput(f"teacher {cfg.teacher_model} and student {cfg.student_model} use different vocabularies "
-                           f"({self.teacher.config.vocab_size} vs {self.student.config.vocab_size} tokens): "
-                           "logit distillation needs one tokenizer")
+        self.dual = not same_vocabulary(self.teacher_tokenizer, self.student_tokenizer, self.teacher, self.student)
         for model, name in ((self.student, cfg.student_model), (self.teacher, cfg.teacher_model)):
             limit = max_positions(model)
-            if limit is not None and cfg.block_size > limit:
+            if limit is not None and cfg.block_size > limit and (model is self.student or not self.dual):
                 raise BadInput(f"--block-size {cfg.block_size} exceeds {name}'s {limit} positions")
+        if self.dual:
+            for tok, name in ((self.student_tokenizer, cfg.student_model), (self.teacher_tokenizer, cfg.teacher_model)):
+                if not getattr(tok, "is_fast", False):
+                    raise BadInput(f"dual-tokenizer mode needs character offsets, but the tokenizer of {name} is a "
+                                   "slow (Python) tokenizer without offset mappings")
         self.teacher.requires_grad_(False).eval()
+        self.routers = self._find_routers()
         self.student.train()
         if cfg.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.precision.convert(self.student.to(self.device))
-        self.teacher_device = self._place_teacher()
+        self.teacher.to(self._teacher_home())
         self.precision.convert(self.teacher)
 
         # data
         corpus = load_corpus(cfg.dataset_name, cfg.dataset_config_name, cfg.train_file, cfg.validation_file)
-        train_blocks = tokenize_blocks(corpus.train, self.student_tokenizer, cfg.block_size)
+        train_blocks = tokenize_blocks(corpus.train, self.student_tokenizer, cfg.block_size, keep_text=self.dual)
         if corpus.validation is None:
             train_blocks, val_blocks = split_validation(train_blocks, cfg.seed)
             self.validation_source = f"held out {len(val_blocks)} of {len(train_blocks) + len(val_blocks)} blocks"
         else:
             val_blocks = tokenize_blocks(corpus.validation, self.student_tokenizer, cfg.block_size,
-                                         what="validation data")
+                                         keep_text=self.dual, what="validation data")
             self.validation_source = "given"
         self.corpus_source = corpus.source
         self.batches = BatchStream(train_blocks, cfg.per_device_batch_size, cfg.seed)
         self.eval_set = eval_batches(val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)
         self.data_sizes = {"train_blocks": len(train_blocks), "validation_blocks": len(val_blocks)}
 
-        # objective and optimizer
-        self.objective = LogitKD(self.teacher, self.student, kind=cfg.kd_loss, temperature=cfg.temperature,
-                                 jsd_beta=cfg.jsd_beta, teacher_device=self.teacher_device)
+        # objective and optimizer: the student (and a dual-mode projection) at --student-lr, routers at --router-lr
+        self.router_terms = None
+        if self.routers:
+            self.router_terms = RouterTerms(self.teacher, self.routers, cfg.router_anchor_weight,
+                                            cfg.router_load_balance_weight, cfg.router_entropy_weight)
+        if self.dual:
+            self.objective = HiddenStateKD(self.teacher, self.student, self.teacher_tokenizer,
+                                           teacher_max_tokens=max_positions(self.teacher), device=self.device)
+        else:
+            self.objective = LogitKD(self.teacher, self.student, kind=cfg.kd_loss, temperature=cfg.temperature,
+                                     jsd_beta=cfg.jsd_beta, router_terms=self.router_terms)
         groups = [{"params": list(self.student.parameters()) + self.objective.extra_parameters(),
                    "lr": cfg.student_lr, "name": "student"}]
+        router_params = [p for p in self.teacher.parameters() if p.requires_grad]
+        if router_params:
+            groups.append({"params": router_params, "lr": cfg.router_lr, "weight_decay": 0.0, "name": "router"})
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.student_lr, weight_decay=cfg.weight_decay,
                                            eps=cfg.adam_eps)
         self.scheduler = self._make_scheduler()
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
 
-    def _place_teacher(self) -> torch.device | None:
+    def _find_routers(self) -> list[RouterInfo]:
+        """The teacher's routers, made trainable (SAR); none in dual mode, where the teacher is a fixed target."""
+        cfg = self.config
+        try:
+            routers = find_routers(self.teacher, cfg.router_patterns)
+        except ValueError as exc:
+            raise BadInput(f"--router-patterns: {exc}") from None
+        if cfg.router_patterns and not routers:
+            raise BadInput(f"--router-patterns {' '.join(cfg.router_patterns)} match no router of "
+                           f"{cfg.teacher_model}")
+        if self.dual:
+            self.notes.append({"kind": "dual_tokenizer", "message": f"teacher {cfg.teacher_model} and student "
+                               f"{cfg.student_model} tokenize differently: the student matches the teacher's last "
+                               "hidden states, aligned by character spans"})
+            if routers:
+                self.notes.append({"kind": "router_frozen_dual", "model": "teacher",
+                                   "message": f"{len(routers)} router(s) stay frozen in dual-tokenizer mode: the "
+                                   "teacher's hidden states are a fixed target"})
+            return []
+        if not routers:
+            self.notes.append({"kind": "no_router", "severity": "warning", "model": "teacher",
+                               "message": f"teacher {cfg.teacher_model} has no MoE router: plain KD"})
+        names = dict(self.teacher.named_parameters())
+        for router in routers:
+            for name in router.param_names:
+                names[name].requires_grad_(True)
+            self.notes.append({"kind": "router_found", "model": "teacher", "module": router.name,
+                               "tensor": ",".join(router.param_names), "probe": "router",
+                               "message": f"router {router.name}: {router.num_experts} experts, top-{router.top_k}; "
+                               f"trains at --router-lr {cfg.router_lr}"})
+        return routers
+
+    def _teacher_home(self) -> torch.device:
         offload, clear = self.config.offload_teacher_to_cpu, self.config.clear_cache_every_step
         if self.device.type != "cuda":
             for flag, on in (("--offload-teacher-to-cpu", offload), ("--clear-cache-every-step", clear)):
                 if on:
-                    self.notes.append(("setup_note", "info", f"{flag} is a no-op on {self.device.type}"))
-        if offload and self.device.type == "cuda":
-            return torch.device("cpu")
-        self.teacher.to(self.device)
-        return None
+                    self.notes.append({"kind": "setup_note", "message": f"{flag} is a no-op on {self.device.type}"})
+        return torch.device("cpu") if offload else self.device
 
     def _make_scheduler(self):
         if not self.config.use_scheduler:
@@ -210,6 +256,10 @@ class Trainer:
         if status in ("completed", "interrupted"):
             self.student.save_pretrained(self.run_dir / "student")
             self.student_tokenizer.save_pretrained(self.run_dir / "student")
+            if self.routers:
+                save_router_update(self.teacher, self.routers, self.run_dir / "router_update.pt")
+        if self.router_terms is not None:
+            self.router_terms.close()
         summary = finalize_run(self.run_dir, status)
         self.display.summary(summary)
         critical = any(d["severity"] == "critical" for d in summary["diagnosis"])
@@ -233,6 +283,7 @@ class Trainer:
         total_targets = sum(b["n_targets"] for b in micro)
         denominator = max(total_targets, 1)
         kd_sum = ce_sum = router_sum = torch.zeros((), device=self.device)
+        router_readings: dict[str, torch.Tensor] = {}
         for batch in micro:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.precision.forward_context():
@@ -243,6 +294,7 @@ class Trainer:
                 router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
             self.probes.observe_loss(parts, loss)
             self.precision.backward(loss)
+            router_readings = parts.readings
             kd_sum, ce_sum = kd_sum + parts.kd_sum.detach(), ce_sum + parts.ce_sum.detach()
         self.precision.unscale_gradients(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -257,7 +309,7 @@ class Trainer:
         device_values = {
             "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router_sum, "kd_loss": kd, "ce_loss": ce,
             "router_loss": router_sum, "grad_norm": grad_norm, "skipped": skipped,
-            "weights_finite": weights_finite,
+            "weights_finite": weights_finite, **router_readings,
         }
         scale = self.precision.loss_scale()
         if scale is not None:
@@ -288,7 +340,7 @@ class Trainer:
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.precision.forward_context():
                 logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                ce_sum = ce_sum + self.objective_ce(logits, batch["labels"])
+                ce_sum = ce_sum + ce_loss_sum(logits, batch["labels"])
             targets += batch["n_targets"]
         self.student.train()
         eval_loss = (ce_sum / max(targets, 1)).item()
@@ -297,12 +349,6 @@ class Trainer:
         self.metrics.write_line(json.dumps(row))
         self.display.eval_line(self.step, ppl, eval_loss)
         self.last_eval_ppl = ppl
-
-    @staticmethod
-    def objective_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from .losses import ce_loss_sum
-
-        return ce_loss_sum(logits, labels)
 
     # ------------------------------------------------------------------------ records and state
     def _write_config(self) -> None:
@@ -337,7 +383,10 @@ class Trainer:
                        "native_bf16": self.capabilities.native_bf16, "threads": torch.get_num_threads()},
             "data": {"source": self.corpus_source, "validation": self.validation_source, **self.data_sizes,
                      "block_size": cfg.block_size},
-            "objective": {"kind": "logit-kd", "kd_loss": cfg.kd_loss},
+            "objective": {"kind": "hidden-state-kd (dual tokenizer)" if self.dual else "logit-kd",
+                          "kd_loss": "mse of projected hidden states" if self.dual else cfg.kd_loss},
+            "routers": [{"module": r.name, "parameters": list(r.param_names), "num_experts": r.num_experts,
+                         "top_k": r.top_k} for r in self.routers],
             "versions": _versions(),
         }
         write_json_atomic(self.run_dir / "config.json", config)
@@ -347,8 +396,8 @@ class Trainer:
         self.events.record("precision_setup", "info",
                            f"precision {self.mode} ({self.mode_reason}); trainable weights held in {master}",
                            probe="precision", dtype=master)
-        for kind, severity, message in self.notes:
-            self.events.record(kind, severity, message)
+        for note in self.notes:
+            self.events.record(**note)
 
     def _save_checkpoint(self) -> None:
         ckpt.save(self.run_dir, self.step, self._state(), self.config.save_total_limit,
@@ -357,7 +406,7 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "step": self.step,
-            "model": {f"student.{k}": v for k, v in self.student.state_dict().items()},
+            "model": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "precision": self.precision.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -366,6 +415,14 @@ class Trainer:
             "log_offsets": {name: (self.run_dir / name).stat().st_size
                             for name in ("events.jsonl", "metrics.jsonl")},
         }
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every weight a checkpoint must restore: the student, trained routers, a dual-mode projection."""
+        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        state.update({f"teacher.{n}": p for n, p in self.teacher.named_parameters() if p.requires_grad})
+        state.update({f"projection.{n}": p for n, p in getattr(self.objective, "projection", nn.Identity())
+                      .named_parameters()})
+        return state
 
     def _resume(self) -> None:
         raise BadInput("--resume is not supported yet")
