@@ -22,7 +22,11 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     vocab = len(tokenizer)
     student = tiny.save(tiny.make_gpt2(vocab), tokenizer, root / "student")
     teacher = tiny.save(tiny.make_mixtral(vocab), tokenizer, root / "teacher")
-    return {"root": root, "train": train, "valid": valid, "student": student, "teacher": teacher}
+    other_tokenizer = tiny.make_tokenizer(train, vocab_size=320)
+    dual_student = tiny.save(tiny.make_gpt2(len(other_tokenizer), seed=2), other_tokenizer, root / "dual_student")
+    dense_teacher = tiny.save(tiny.make_gpt2(vocab, seed=3), tokenizer, root / "dense_teacher")
+    return {"root": root, "train": train, "valid": valid, "student": student, "teacher": teacher,
+            "dual_student": dual_student, "dense_teacher": dense_teacher}
 
 
 @pytest.fixture

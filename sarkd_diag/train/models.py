@@ -31,6 +31,14 @@ def resolve_model_source(name: str) -> str:
     return name  # a hub id
 
 
+def _quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would drown the run's display (and the one-line errors)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _load_error(what: str, name: str, exc: Exception) -> BadInput:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
@@ -41,6 +49,7 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name)
+    _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError (hub, missing files), ValueError (unknown class): the user's to fix
@@ -62,6 +71,7 @@ def load_causal_lm(name: str, trust_remote_code: bool, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name)
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, dtype=dtype)
     except Exception as exc:  # OSError (hub, no weights), ValueError (unknown architecture)

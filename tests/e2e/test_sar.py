@@ -1,0 +1,114 @@
+"""SAR end to end: only the teacher's routers train, their update re-applies, dual-tokenizer KD runs."""
+
+import pytest
+import torch
+from contract import assert_run_dir
+from transformers import AutoModelForCausalLM
+
+from sarkd_diag import load_run
+from sarkd_diag.config import DistillConfig
+from sarkd_diag.train.loop import Trainer
+from sarkd_diag.train.router import apply_router_update
+from sarkd_diag.ui import TrainingDisplay
+
+
+def _config(world, out, **over):
+    base = dict(teacher_model=str(world["teacher"]), student_model=str(world["student"]),
+                train_file=str(world["train"]), validation_file=str(world["valid"]), block_size=16,
+                per_device_batch_size=4, train_steps=4, eval_steps=4, student_lr=3e-3, router_lr=3e-2,
+                output_dir=str(out), precision="fp32")
+    return DistillConfig(**{**base, **over}).validate()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_only_router_weights_change_and_they_keep_fp32_masters(tiny_world, tmp_path, precision):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", precision=precision), TrainingDisplay(quiet=True))
+    result = trainer.train()
+    assert result.status == "completed"
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"])
+    trained = dict(trainer.teacher.named_parameters())
+    router_names = {n for r in trainer.routers for n in r.param_names}
+    assert router_names == {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    for name, before in fresh.named_parameters():
+        after = trained[name]
+        if name in router_names:
+            assert after.dtype == torch.float32
+            assert not torch.equal(after.detach().float(), before.detach()), name
+        else:
+            assert after.dtype == trainer.precision.frozen_dtype
+            assert torch.equal(after.detach(), before.detach().to(after.dtype)), name  # bit for bit
+    config = load_run(result.run_dir)["config"]
+    assert [r["module"] for r in config["routers"]] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    metrics = load_run(result.run_dir)["metrics"].query("split == 'train'")
+    assert {"router_loss", "expert_entropy_layer0", "expert_entropy_layer1"} <= set(metrics.columns)
+
+
+def test_router_update_reapplies_to_a_fresh_teacher(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run"), TrainingDisplay(quiet=True))
+    result = trainer.train()
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"]).eval()
+    ids = torch.randint(0, 90, (2, 12))
+    with torch.no_grad():
+        before = fresh(input_ids=ids).logits
+        applied = apply_router_update(fresh, result.run_dir / "router_update.pt")
+        assert len(applied) == 2
+        torch.testing.assert_close(fresh(input_ids=ids).logits, trainer.teacher(input_ids=ids).logits, rtol=0, atol=0)
+    assert not torch.equal(before, fresh(input_ids=ids).logits)
+
+
+def test_dense_teacher_trains_as_plain_kd_with_a_warning(cli, tiny_args, tiny_world, tmp_path):
+    args = [str(tiny_world["dense_teacher"]) if a == str(tiny_world["teacher"]) else a for a in tiny_args]
+    code, _, err = cli("train", *args, "--precision", "fp32")
+    assert code == 0, err
+    run = load_run(tmp_path / "run")
+    assert list(run["events"].query("kind == 'no_router'")["severity"]) == ["warning"]
+    assert run["summary"]["diagnosis"] == []
+    assert not (tmp_path / "run" / "router_update.pt").exists()
+
+
+@pytest.mark.parametrize("patterns, message", [(["nothing_here"], "match no router"),
+                                               (["gate("], "not a valid regular expression")])
+def test_bad_router_patterns_are_bad_input(cli, tiny_args, tmp_path, patterns, message):
+    code, out, err = cli("train", *tiny_args, *[x for p in patterns for x in ("--router-patterns", p)])
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_router_patterns_narrow_the_choice(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", router_patterns=[r"layers\.1\."]),
+                      TrainingDisplay(quiet=True))
+    assert [r.name for r in trainer.routers] == ["model.layers.1.mlp.gate"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "mixed"])
+def test_dual_tokenizer_mode_trains_the_student_on_hidden_states(cli, tiny_args, tiny_world, tmp_path, precision):
+    args = [str(tiny_world["dual_student"]) if a == str(tiny_world["student"]) else a for a in tiny_args]
+    if precision == "mixed":
+        args = [a if a != "6" else "3" for a in args]
+    code, _, err = cli("train", *args, "--precision", precision)
+    assert code == 0, err
+    summary = assert_run_dir(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    kinds = set(run["events"]["kind"])
+    assert {"dual_tokenizer", "router_frozen_dual"} <= kinds and "router_found" not in kinds
+    assert run["config"]["objective"]["kind"].startswith("hidden-state-kd")
+    assert "projection" in run["config"]["precision"]["param_dtypes"]
+    train = run["metrics"].query("split == 'train'")
+    assert train["kd_loss"].notna().all() and (train["kd_loss"] > 0).all()
+    ppls = run["metrics"].query("split == 'eval'")["eval_ppl"].tolist()
+    assert ppls[-1] < ppls[0]
+    assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
+
+
+def test_dual_batches_carry_student_offsets_into_their_own_text(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", student_model=str(tiny_world["dual_student"])),
+                      TrainingDisplay(quiet=True))
+    batch = trainer.batches.next()
+    tok = trainer.student_tokenizer
+    for text, ids, offsets in zip(batch["texts"], batch["input_ids"], batch["offsets"], strict=True):
+        pieces = [text[a:b] for a, b in offsets.tolist()]
+        decoded = [tok.decode([i]) for i in ids.tolist()]
+        assert [p for p, d in zip(pieces, decoded, strict=True) if d != tok.eos_token] == \
+            [d for d in decoded if d != tok.eos_token]
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])  # shifted once, in the data
