@@ -1,0 +1,39 @@
+# Two commands set up and run everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on this project's machines; a bare `torch` requirement would pull
+# a multi-GB CUDA build, so torch is installed first, pinned, with pip (uv/poetry don't see the local file).
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-slow soak bench lint assets clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sarkd-diag train
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+soak: $(VENV)/.installed
+	$(PY) -m pytest -q -m soak
+
+bench: $(VENV)/.installed
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check sarkd_diag tests benchmarks scripts
+
+assets: $(VENV)/.installed
+	$(PY) scripts/make_assets.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
