@@ -103,7 +103,116 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, finished o
     summary = finalize_run(run_dir, status)
     typer.echo(f"{run_dir}: {summary['status']}, {summary['steps_completed']} steps, "
                f"{len(summary['diagnosis'])} cause(s); wrote summary.json, metrics.parquet, events.parquet, "
-               "report.md")
+               "report.md, loss_curves.png")
+    return 0
+
+
+# --------------------------------------------------------------------- compare, query, check, memory
+REFUSED_BY_COMPARE = ("precision", "on_nonfinite", "resume", "resume_from")
+MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_size", "per_device_batch_size",
+                  "gradient_checkpointing", "offload_teacher_to_cpu", "router_patterns")
+
+
+def _refused(names: tuple[str, ...]) -> list[inspect.Parameter]:
+    """Options a command sets itself: parsed (hidden) only so that giving one is refused with a clear message."""
+    params = [p for p in _config_options() if p.name in names]
+    for p in params:
+        p.default.hidden = True
+    return params
+
+
+@app.command("compare-precision")
+@_with_config_options(exclude=REFUSED_BY_COMPARE, extra=_refused(REFUSED_BY_COMPARE))
+def compare_precision_command(
+    config: Path | None = CONFIG_FILE,
+    modes: list[str] | None = typer.Option(None, "--modes", help="Precision modes, comma-separated or repeated "
+                                           "(default: every mode this device runs)."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per mode (an alias of --train-steps)."),
+    **options,
+) -> int:
+    """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
+    from .compare import SET_BY_COMPARE, compare_precision
+    from .config import read_config_file
+
+    given = read_config_file(config) if config else {}
+    for name in SET_BY_COMPARE:  # a run's config.json names its own mode: here the comparison sets it
+        given.pop(name, None)
+    given.update({k: v for k, v in options.items() if v is not None})
+    return compare_precision(modes, steps=steps, **given).exit_code
+
+
+@app.command()
+def events(
+    run_dir: Path = typer.Argument(..., help="A run directory (a crashed one too) or a compare-precision directory."),
+    kind: list[str] | None = typer.Option(None, "--kind", help="Event kinds, comma-separated or repeated."),
+    severity: str | None = typer.Option(None, "--severity", help="This level and above: info | warning | critical."),
+    model: str | None = typer.Option(None, "--model", help="student | teacher."),
+    module: str | None = typer.Option(None, "--module", help="Regex searched in module and tensor names."),
+    step: str | None = typer.Option(None, "--step", help="A:B inclusive, either end open (10:, :20)."),
+    grep: str | None = typer.Option(None, "--grep", help="Regex searched in event messages."),
+    fmt: str = typer.Option("table", "--format", help="table | json (one array) | csv."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing events as the run appends them."),
+) -> int:
+    """Query recorded events — the grep replacement — of a run or of every run of a comparison."""
+    from .query import FORMATS, EventFilter, follow_events, print_events, query_events
+
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    flt = EventFilter(kinds=kind or [], severity=severity, model=model, module=module, steps=step, grep=grep)
+    if follow:
+        follow_events(run_dir, flt, fmt)
+        return 0
+    everything = query_events(run_dir)
+    print_events(flt.apply(everything), fmt, total=len(everything))
+    return 0
+
+
+@app.command()
+def check(
+    run_dir: Path = typer.Argument(..., help="A run directory or a compare-precision directory (every run)."),
+    expect: list[str] | None = typer.Option(None, "--expect", help="master-fp32 | no-nonfinite-params | "
+                                            "no-critical | completed; comma-separated or repeated."),
+    max_skipped_steps: int | None = typer.Option(None, "--max-skipped-steps", help="At most N skipped steps."),
+    max_eval_ppl: float | None = typer.Option(None, "--max-eval-ppl", help="Final validation perplexity at most X."),
+) -> int:
+    """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
+    from .query import check_runs, expectations
+
+    checks = expectations(expect or [], max_skipped_steps, max_eval_ppl)
+    failures, runs = check_runs(run_dir, checks)
+    for line in failures:
+        typer.echo(line)
+    if not failures:
+        typer.echo(f"{run_dir}: ok — {', '.join(checks)} hold for {runs} run(s)")
+    return 1 if failures else 0
+
+
+@app.command("estimate-memory")
+@_with_config_options(exclude=tuple(f.name for f in fields(DistillConfig) if f.name not in MEMORY_OPTIONS))
+def estimate_memory_command(
+    config: Path | None = CONFIG_FILE,
+    modes: list[str] | None = typer.Option(None, "--modes", help="Precision modes, comma-separated or repeated "
+                                           "(default: all five)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
+    **options,
+) -> int:
+    """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
+    from rich.console import Console
+
+    from .memory import breakdown_table, estimate_memory
+
+    report = estimate_memory(build_config(options, config), modes=modes)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return 0
+    console = Console()
+    for shape in (report.teacher, report.student):
+        console.print(f"{shape.name}: {shape.params:,} parameters ({shape.router_params:,} in routers), "
+                      f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
+    console.print(breakdown_table(report.estimates, title=f"estimated device memory, batch {report.batch} × "
+                                                          f"block {report.block}"))
+    for note in report.notes:
+        console.print(note)
     return 0
 
 

@@ -39,7 +39,16 @@ def detect_capabilities(device: torch.device) -> Capabilities:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return Capabilities("cuda", name, torch.cuda.is_bf16_supported(including_emulation=False), True)
-    return Capabilities("cpu", platform.processor() or platform.machine(), _cpu_has_native_bf16(), False)
+    return Capabilities("cpu", _cpu_name(), _cpu_has_native_bf16(), False)
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _cpu_has_native_bf16() -> bool:

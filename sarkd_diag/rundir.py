@@ -129,8 +129,9 @@ def final_figures(metrics: pd.DataFrame) -> dict:
 
 
 def finalize_run(run_dir: str | Path, status: str) -> dict:
-    """Write summary.json, metrics.parquet, events.parquet and report.md from the run's own logs."""
+    """Write summary.json, metrics.parquet, events.parquet, report.md and the plots from the run's own logs."""
     from .diagnose import diagnose
+    from .plots import write_run_plots
     from .report import write_report
 
     if status not in STATUSES:
@@ -153,4 +154,5 @@ def finalize_run(run_dir: str | Path, status: str) -> dict:
     }
     write_json_atomic(run_dir / "summary.json", summary)
     write_report(run_dir, summary, config, metrics, events)
+    write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run")
     return summary
