@@ -1,8 +1,9 @@
 """From events to causes: the root cause first, each with where, when, the evidence and the fix.
 
-Rules read the event log (and, for divergence, the training loss). A cause is listed at most once per
-(model, rank); `CAUSE_ORDER` puts root causes ahead of the symptoms they produce — an eps that is 0 in
-fp16 comes before the non-finite weights it causes.
+Rules read the event log (and, for divergence, the training loss). Critical causes come first, then
+warnings; within each, the earliest step first and, on the same step, `CAUSE_ORDER` puts root causes
+ahead of the symptoms they produce — an eps that is 0 in fp16 comes before the non-finite weights it
+causes. Activations that turn non-finite after the weights did are symptoms and make no cause.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def diagnose(events: pd.DataFrame, metrics: pd.DataFrame | None, config: dict) -
         explained = True
 
     activations = kind("nonfinite_activation")
+    if len(params):  # once weights are non-finite every later activation is too: a symptom, not a cause
+        activations = activations[activations["step"] <= symptoms["first_nonfinite_param_step"]]
     teacher_acts = activations[activations["model"] == "teacher"]
     if len(teacher_acts):
         causes.append(_cause("teacher_overflow", "critical", _first(teacher_acts),
@@ -158,7 +161,8 @@ def diagnose(events: pd.DataFrame, metrics: pd.DataFrame | None, config: dict) -
         if divergence is not None:
             causes.append(divergence)
     rank = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
-    return sorted(causes, key=lambda c: (rank[c["cause"]], c["severity"] != "critical"))
+    return sorted(causes, key=lambda c: (c["severity"] != "critical", c["first_step"] if c["first_step"] is not None
+                                         else math.inf, rank[c["cause"]]))
 
 
 def _divergence(params: pd.DataFrame, losses: pd.DataFrame, metrics: pd.DataFrame | None, mode: str | None):

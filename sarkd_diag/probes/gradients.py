@@ -29,7 +29,7 @@ class GradientProbe(Probe):
         self._arrival: dict[int, int] = {}
         self._clock = itertools.count()
         self._handles = []
-        self._reported: set[str] = set()
+        self._in_episode = False  # one event per stretch of steps with non-finite gradients
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -78,8 +78,10 @@ class GradientProbe(Probe):
         metrics["grad_amax"] = max(finite) if finite else math.nan
         metrics["grad_fp16_overflow_tensors"] = sum(1 for v in finite if v > FP16_MAX)
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
-        if bad:
+        metrics["nonfinite_grad_tensors"] = len(bad)
+        if bad and not self._in_episode:
             self._report(bad, amax)
+        self._in_episode = bool(bad)
         self._grads = []
         return metrics
 
@@ -90,9 +92,6 @@ class GradientProbe(Probe):
             order = sorted(bad, reverse=True)
         first = order[0]
         w = self.ctx.watched[first]
-        if w.tensor in self._reported:
-            return
-        self._reported.update(self.ctx.watched[i].tensor for i in bad)
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
         self.ctx.events.record(

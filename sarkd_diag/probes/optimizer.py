@@ -1,6 +1,7 @@
 """The optimizer, checked against the dtype of the weights it updates.
 
-Before the first step: is eps representable (AdamW's 1e-8 is 0.0 in fp16), is weight decay, and how
+Before the first step: is eps representable (AdamW's 1e-8 is 0.0 in fp16; torch's fused kernels do
+their arithmetic in fp32 and are exempt), is weight decay, and how
 many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
 """
@@ -48,7 +49,7 @@ class OptimizerProbe(Probe):
             if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
                 eps = eps[0]
             tiny = torch.finfo(dtype).tiny
-            if eps is not None and eps > 0:
+            if eps is not None and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
                 rounded = torch.tensor(eps, dtype=dtype).item()
                 if rounded == 0.0:
                     self.ctx.events.record(
@@ -69,7 +70,7 @@ class OptimizerProbe(Probe):
                     f"{label}: lr×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lr * wd, step=self.ctx.step)
-            lost = self._fraction_below_half_ulp(params, lr)
+            lost = self._fraction_below_half_ulp(params, lr) if lr > 0 else 0.0
             if lost > LOST_UPDATE_WARNING:
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",

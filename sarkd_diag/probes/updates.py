@@ -32,7 +32,11 @@ class LostUpdateProbe(Probe):
         if self._before is None:
             return
         lost = intended = None
+        lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]} \
+            if self.ctx.optimizer is not None else {}
         for w, before in zip(self.ctx.watched, self._before, strict=True):
+            if lr.get(id(w.param), 1.0) == 0:
+                continue  # a learning rate of 0 intends no update
             g = w.param.grad
             state = self.ctx.optimizer.state.get(w.param, {}) if self.ctx.optimizer is not None else {}
             moment = state.get("exp_avg")

@@ -1,0 +1,244 @@
+"""Each probe provoked on a tiny model, in a hand-written loop that never imports the training core:
+the event's kind, model, module and step, and the cause the diagnosis draws from it."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sarkd_diag import Probes, load_run
+
+
+class Blowup(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by inf (a gradient that overflows here)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+class Net(nn.Module):
+    def __init__(self, blow_up_backward: bool = False):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 8)
+        self.third = nn.Linear(8, 1)
+        self.blow_up_backward = blow_up_backward
+
+    def forward(self, x):
+        h = self.second(torch.relu(self.first(x)))
+        if self.blow_up_backward:
+            h = Blowup.apply(h)
+        return self.third(torch.relu(h))
+
+
+def _train(model, probes, opt, steps=3, dtype=torch.float32, scale_input=1.0, scaler=None):
+    torch.manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(4, 8, dtype=dtype) * scale_input
+        loss = model(x).float().pow(2).mean()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        probes.step(loss=loss)
+        opt.zero_grad()
+
+
+def _events(probes, kind):
+    return [e for e in probes.events.events if e.kind == kind]
+
+
+def _causes(probes):
+    return [d["cause"] for d in probes.diagnosis()]
+
+
+def test_nonfinite_weights_after_a_step_are_named_with_their_counts():
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1)
+        model.first.weight.grad = torch.full_like(model.first.weight, -math.inf)
+        model.first.weight.grad[0, 0] = math.nan
+        opt.step()
+        probes.step()
+    (event,) = _events(probes, "nonfinite_param")
+    assert (event.model, event.module, event.tensor, event.step) == ("student", "first", "first.weight", 2)
+    assert (event.nan_count, event.posinf_count, event.neginf_count, event.numel) == (1, 63, 0, 64)
+
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+def test_the_first_nonfinite_gradient_in_backward_order_is_named(level):
+    torch.manual_seed(0)
+    model = Net(blow_up_backward=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt, level=level) as probes:
+        _train(model, probes, opt, steps=2)
+    events = _events(probes, "nonfinite_grad")
+    assert len(events) == 1  # a first occurrence, not one row per step
+    # backward reaches `third` first (finite), then `second` — where the inf begins — then `first`
+    assert (events[0].model, events[0].module, events[0].step) == ("student", "second", 1)
+    assert _causes(probes)[0] == "gradient_overflow"
+
+
+def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order():
+    model = Net().half()
+    with torch.no_grad():
+        model.second.weight.fill_(3000.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=torch.float16, scale_input=10.0)
+    event = _events(probes, "nonfinite_activation")[0]
+    assert (event.model, event.module, event.step, event.severity) == ("student", "second", 1, "critical")
+    assert event.posinf_count + event.neginf_count > 0
+    assert "activation_overflow" in _causes(probes)
+
+
+def test_fp32_run_warns_where_fp16_would_overflow():
+    model = Net()
+    with torch.no_grad():
+        model.second.weight.fill_(3000.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, scale_input=10.0)
+    (event,) = [e for e in _events(probes, "fp16_overflow_risk") if e.module == "second"]
+    assert event.severity == "warning" and event.value > 65504 and event.dtype == "float32"
+    assert not _events(probes, "nonfinite_activation")
+    assert probes.diagnosis()[0]["cause"] == "activation_overflow"
+    assert probes.diagnosis()[0]["severity"] == "warning"
+
+
+def test_teacher_overflow_is_told_apart_from_the_student():
+    teacher, student = Net().half(), Net()
+    with torch.no_grad():
+        teacher.second.weight.fill_(3000.0)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        x = torch.randn(4, 8) * 10
+        with torch.no_grad():
+            target = teacher(x.half()).float()
+        loss = (student(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    event = _events(probes, "nonfinite_activation")[0]
+    assert (event.model, event.module) == ("teacher", "second")
+    assert _causes(probes)[0] == "teacher_overflow"
+
+
+def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
+    torch.manual_seed(0)
+    model = Net().half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-8)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=2, dtype=torch.float16)
+    (event,) = [e for e in _events(probes, "optimizer_preflight") if e.severity == "critical"]
+    assert event.step == 1 and event.dtype == "float16" and event.value == pytest.approx(1e-8)
+    diagnosis = probes.diagnosis()
+    assert diagnosis[0]["cause"] == "optimizer_eps_underflow"
+    assert "mixed" in diagnosis[0]["fix"]
+
+
+def test_second_moments_that_flush_to_zero_are_reported():
+    torch.manual_seed(0)
+    model = Net().half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=torch.float16, scale_input=1e-3)
+    (event,) = _events(probes, "optimizer_state_underflow")
+    assert event.step == 1 and event.value > 0.01
+    assert "optimizer_state_underflow" in _causes(probes)
+
+
+def test_bf16_weights_lose_small_updates():
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-6)
+    with Probes(model, optimizer=opt) as probes:
+        rows = []
+        for _ in range(2):
+            x = torch.randn(4, 8, dtype=torch.bfloat16)
+            loss = model(x).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            opt.zero_grad()
+    assert rows[0]["lost_update_fraction"] > 0.9
+    (event,) = _events(probes, "lost_updates")
+    assert event.step == 1
+    assert "update_underflow" in _causes(probes)
+
+
+def test_fp32_weights_lose_no_updates():
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=loss)
+    assert row["lost_update_fraction"] == 0.0
+    assert probes.diagnosis() == []
+
+
+def test_scaler_skips_are_info_then_a_collapse_is_a_warning_then_critical():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        _train(model, probes, opt, steps=3, scaler=scaler)  # healthy steps: the scale holds
+        model.blow_up_backward = True
+        _train(model, probes, opt, steps=8, scaler=scaler)  # every step overflows
+    skips = _events(probes, "scaler_skip")
+    assert len(skips) == 8 and all(e.severity == "info" for e in skips)
+    (backoff,) = _events(probes, "scaler_backoff")
+    assert backoff.severity == "warning" and backoff.step == 9  # the 6th skip in a row
+    (below,) = _events(probes, "scale_below_one")
+    assert below.severity == "critical" and below.value < 1
+    assert "loss_scale_collapse" in _causes(probes)
+
+
+def test_scaler_warm_up_skips_are_not_warnings():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows until it has backed off
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        _train(model, probes, opt, steps=12, scaler=scaler, scale_input=10.0)
+    assert _events(probes, "scaler_skip")
+    assert not _events(probes, "scaler_backoff")
+    assert probes.diagnosis() == []
+
+
+def test_nonfinite_loss_is_reported_and_never_masked():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        x = torch.full((4, 8), math.nan)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=loss)
+    assert math.isnan(row["loss"])
+    (event,) = _events(probes, "nonfinite_loss")
+    assert event.step == 1 and event.severity == "critical"
+
+
+def test_a_users_loop_gets_a_run_directory(tmp_path):
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "mine") as probes:
+        _train(model, probes, opt, steps=3)
+    run = load_run(tmp_path / "mine")
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 3
+    assert run["summary"]["precision"]["master_dtype"] == "float32"
+    assert list(run["metrics"]["step"]) == [1, 2, 3]
+    assert run["summary"]["diagnosis"] == []
