@@ -1,0 +1,64 @@
+"""Host syncs of sarkd-diag's own code per training step at `standard` (syncs inside torch don't count)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sarkd_diag.config import DistillConfig
+from sarkd_diag.train.loop import Trainer
+from sarkd_diag.ui import TrainingDisplay
+
+PACKAGE = str(Path(__import__("sarkd_diag").__file__).parent)
+SYNCING = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "numpy")
+
+
+class SyncCounter:
+    """Counts calls that move a tensor to the host when the calling frame is sarkd-diag's own code."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in SYNCING:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def wrapper(tensor, *args, _name=name, _original=original, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(PACKAGE):
+                    self.calls.append(f"{_name} from {Path(caller).name}:{sys._getframe(1).f_lineno}")
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_at_most_two_host_syncs_per_step_at_standard(tiny_world, tmp_path, precision):
+    cfg = DistillConfig(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
+                        train_file=str(tiny_world["train"]), validation_file=str(tiny_world["valid"]),
+                        block_size=16, per_device_batch_size=2, train_steps=6, eval_steps=100, precision=precision,
+                        probes="standard", probe_every=2, output_dir=str(tmp_path / "run")).validate()
+    trainer = Trainer(cfg, TrainingDisplay(quiet=True))
+    per_step: list[list[str]] = []
+    original_step = trainer._step
+
+    def counted_step():
+        with SyncCounter() as counter:
+            row = original_step()
+        per_step.append(counter.calls)
+        return row
+
+    trainer._step = counted_step
+    assert trainer.train().status == "completed"
+    steady = per_step[1:]  # step 1 also runs the one-time optimizer preflight
+    assert len(steady) == 5  # stats steps (2, 4, 6) and plain steps (3, 5) alike
+    for calls in steady:
+        assert len(calls) <= 2, calls
