@@ -55,6 +55,7 @@ class Probes:
         self.ctx = ProbeContext(models, self.events, optimizer, scaler, level, every)
         self._probes = [] if level == "off" else [cls(self.ctx) for cls in PROBE_TYPES]
         self._loss_probe = next((p for p in self._probes if isinstance(p, LossProbe)), None)
+        self._activation_probe = next((p for p in self._probes if isinstance(p, ActivationProbe)), None)
         self._handles = []
         if optimizer is not None and self._probes:
             self._handles = [optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -102,6 +103,28 @@ class Probes:
         for probe in self._probes:
             metrics.update(probe.after_step(host))
         return metrics
+
+    @property
+    def needs_replay(self) -> bool:
+        """A loss turned non-finite on a step without per-module statistics: no module is named yet."""
+        return (self._loss_probe is not None and self._loss_probe.nonfinite_this_step
+                and not self.ctx.stats_step and self._activation_probe is not None)
+
+    def replay_forward(self, forward) -> None:
+        """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.
+
+        `standard` keeps per-module statistics off on most steps; when a loss turns non-finite there, the
+        loop replays the step's first micro-batch — from weights that are still the pre-step ones (the
+        loss scaler skipped the step, or the policy restored them) — and the first non-finite module is
+        recorded as if the statistics had been on. The failure path only: it costs one forward and a sync.
+        """
+        probe = self._activation_probe
+        probe.attach()
+        with torch.no_grad():
+            forward()
+        readings = probe.readings()
+        host = {"activation_stats": readings["activation_stats"].tolist()} if readings else {}
+        probe.after_step(host, note=" (replayed with per-module statistics after a non-finite loss)")
 
     # ------------------------------------------------------------------------- standalone use
     def step(self, loss: torch.Tensor | None = None) -> dict:

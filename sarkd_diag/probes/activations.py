@@ -36,7 +36,11 @@ class ActivationProbe(Probe):
         self._reported: set[tuple[str, str, str]] = set()
 
     def begin_step(self) -> None:
-        if self.ctx.stats_step and not self._handles:
+        if self.ctx.stats_step:
+            self.attach()
+
+    def attach(self) -> None:
+        if not self._handles:
             for model_name, model in self.ctx.models.items():
                 for module_name, module in model.named_modules():
                     if module_name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
@@ -59,7 +63,7 @@ class ActivationProbe(Probe):
             return {}
         return {"activation_stats": torch.stack([s for *_, s in self._seen]).reshape(-1)}
 
-    def after_step(self, host: dict) -> dict:
+    def after_step(self, host: dict, note: str = "") -> dict:
         flat = host.get("activation_stats")
         seen, self._seen = self._seen, []
         if flat is None:
@@ -78,7 +82,7 @@ class ActivationProbe(Probe):
                         "nonfinite_activation", "critical",
                         f"{model} {module} output is non-finite in forward at step {self.ctx.step} "
                         f"({int(nan)} NaN, {int(posinf)} +Inf, {int(neginf)} -Inf) — the first such module in "
-                        "forward order",
+                        "forward order" + note,
                         step=self.ctx.step, phase="forward", probe=self.name, model=model, module=module,
                         dtype=dtype, value=amax, nan_count=int(nan), posinf_count=int(posinf),
                         neginf_count=int(neginf))

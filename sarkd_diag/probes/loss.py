@@ -20,9 +20,11 @@ class LossProbe(Probe):
         self._terms: list[torch.Tensor] = []
         self._reported: set[str] = set()
         self._micro = 0
+        self.nonfinite_this_step = False
 
     def begin_step(self) -> None:
         self._micro = 0
+        self.nonfinite_this_step = False
 
     def observe(self, kd: torch.Tensor | None, ce: torch.Tensor | None, router: torch.Tensor | None,
                 targets: int | None) -> None:
@@ -53,6 +55,7 @@ class LossProbe(Probe):
         for micro in range(len(flat) // len(TERMS)):
             for j, term in enumerate(TERMS):
                 value = flat[micro * len(TERMS) + j]
+                self.nonfinite_this_step |= not math.isfinite(value)
                 if not math.isfinite(value) and term not in self._reported:
                     self._reported.add(term)
                     self.ctx.events.record("nonfinite_loss", "critical",
