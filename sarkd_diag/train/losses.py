@@ -6,8 +6,9 @@ those of one big batch. Labels arrive already shifted (``labels[b, t]`` is the t
 ``logits[b, t]``).
 
 Memory: over a 50k vocabulary the fp32 softmaxes of both models are the largest tensors
-of a distillation step, so only the target rows are touched, a chunk at a time, each chunk
-upcast to fp32 into a few chunk-sized buffers that every chunk reuses. The gradient of a
+of a distillation step, so the rows are taken a chunk at a time, each chunk upcast to fp32
+into a few chunk-sized buffers that every chunk reuses (non-target rows are computed and
+selected away: no host sync to find the targets). The gradient of a
 scalar sum is ``grad_output`` times a fixed tensor, so that tensor is computed chunk by
 chunk in the forward pass, while the chunk's softmaxes are at hand, instead of recomputing
 them in backward; what is kept is just the gradient, the size of what backward has to
@@ -30,8 +31,8 @@ KD_KINDS = ("forward-kl", "reverse-kl", "jsd")
 
 # A row function gets the slice of flat rows of one chunk, its fp32 workspace (buffers of
 # [chunk rows, vocab] to overwrite at will), the inputs as [rows, vocab] and which of them
-# need a gradient; it returns the chunk's fp32 loss sum and a gradient per input for those
-# rows (None where not needed), which may live in the workspace.
+# need a gradient; it returns the chunk's fp32 loss per row and a gradient per input for
+# those rows (None where not needed), which may live in the workspace.
 RowFn = Callable[..., tuple[torch.Tensor, list[torch.Tensor | None]]]
 
 
@@ -88,9 +89,10 @@ def kd_loss_sum(
         scratch, log_s, log_t, *extra = workspace
         for flat, log_p in zip(inputs, (log_s, log_t), strict=True):
             torch.log_softmax(scratch.copy_(flat[chunk]).div_(temperature), dim=-1, out=log_p)
-        value, grad_s, grad_t = divergence(log_s, log_t, *needs, scratch, *extra, beta=jsd_beta)
+        row_values, grad_s, grad_t = divergence(log_s, log_t, *needs, scratch, *extra, beta=jsd_beta)
         # T² · D at logits / T: the value scales by T², the gradient by T² / T.
-        return value * temperature**2, [g.mul_(temperature) if g is not None else None for g in (grad_s, grad_t)]
+        return row_values * temperature**2, [g.mul_(temperature) if g is not None else None
+                                             for g in (grad_s, grad_t)]
 
     chunk = default_chunk_tokens(student_logits.shape[-1]) if chunk_tokens is None else chunk_tokens
     buffers = 4 if kind == "jsd" else 3
@@ -112,9 +114,9 @@ def ce_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     def rows(chunk, workspace, inputs, needs):
         scratch, log_p = workspace
-        targets = flat_labels[chunk].unsqueeze(1)
+        targets = flat_labels[chunk].clamp(min=0).unsqueeze(1)  # ignored rows are masked out by the caller
         torch.log_softmax(scratch.copy_(inputs[0][chunk]), dim=-1, out=log_p)
-        value = -log_p.gather(1, targets).sum()
+        value = -log_p.gather(1, targets).squeeze(1)
         if not needs[0]:
             return value, [None]
         grad = log_p.exp_()
@@ -135,7 +137,7 @@ def _reverse_kl(log_s, log_t, need_s, need_t, scratch, beta):
 
 
 def _kl(log_p, log_q, need_p, need_q, scratch):
-    """KL(p ‖ q) summed over the chunk's rows, and its gradients wrt the logits behind p and q.
+    """KL(p ‖ q) of each of the chunk's rows, and its gradients wrt the logits behind p and q.
 
     d/dx_p = p ⊙ (log p − log q − KL) and d/dx_q = q − p, per row. Works in place on both
     inputs and scratch, so a chunk holds no more than these three vocabulary-wide buffers.
@@ -145,7 +147,7 @@ def _kl(log_p, log_q, need_p, need_q, scratch):
     row_kl = terms.sum(-1, keepdim=True)
     grad_p = terms.addcmul_(p, row_kl, value=-1) if need_p else None
     grad_q = log_q.exp_().sub_(p) if need_q else None
-    return row_kl.sum(), grad_p, grad_q
+    return row_kl.squeeze(1), grad_p, grad_q
 
 
 def _jsd(log_s, log_t, need_s, need_t, scratch, extra, beta):
@@ -166,7 +168,7 @@ def _jsd(log_s, log_t, need_s, need_t, scratch, extra, beta):
     log_s_over_m = log_m_over_s.neg_()
     log_t_over_m = u.add_(log_s_over_m)
 
-    value = torch.zeros((), dtype=torch.float32, device=log_s.device)
+    value = torch.zeros(log_s.shape[0], dtype=torch.float32, device=log_s.device)
     grads = []
     for log_p, log_p_over_m, share, need in (
         (log_s, log_s_over_m, 1 - beta, need_s),
@@ -175,7 +177,7 @@ def _jsd(log_s, log_t, need_s, need_t, scratch, extra, beta):
         p = log_p.exp_()
         terms = log_p_over_m.mul_(p)
         row_kl = terms.sum(-1, keepdim=True)
-        value = value + share * row_kl.sum()
+        value = value + share * row_kl.squeeze(1)
         grads.append(terms.addcmul_(p, row_kl, value=-1).mul_(share) if need else None)
     return value, grads[0], grads[1]
 
@@ -204,52 +206,34 @@ class _Plan(NamedTuple):
 
 
 def _run_chunks(plan: _Plan, inputs: Sequence[torch.Tensor], needs: Sequence[bool]):
-    """Applies the row function to the target rows, a chunk at a time; returns the sum and full-size gradients.
+    """Applies the row function a chunk of rows at a time; returns the sum over target rows and full-size gradients.
 
-    A chunk is a slice of consecutive target rows, so loading it and storing its gradient
-    are plain copies (index_select stalled for seconds under CPU contention). The workspace
-    is allocated once and reused by every chunk: allocating per chunk made the CPU allocator
-    either zero-fill fresh pages for every chunk or fragment its heap.
+    Chunks are fixed slices of all rows, known from the shapes alone, so the loss never reads the
+    mask on the host (no sync); non-target rows are selected away with `where`, which, unlike a
+    multiplication by 0, cannot turn their values into NaN. A chunk's loading and gradient store are
+    plain copies (index_select stalled for seconds under CPU contention). The workspace is allocated
+    once and reused by every chunk: allocating per chunk made the CPU allocator either zero-fill
+    fresh pages for every chunk or fragment its heap.
     """
     flat = [x.reshape(-1, x.shape[-1]) for x in inputs]
+    n_rows = flat[0].shape[0]
     grads = [
         torch.empty(x.shape, dtype=_grad_dtype(x.dtype), device=x.device) if need else None
         for x, need in zip(inputs, needs, strict=True)
     ]
     flat_grads = [g.view(-1, g.shape[-1]) if g is not None else None for g in grads]
-    runs = _target_runs(plan.flat_mask)
-    for gap in _gaps(runs, plan.flat_mask.numel()):
-        for grad in flat_grads:
-            if grad is not None:
-                grad[gap].zero_()
-
-    longest = max((end - start for start, end in runs), default=0)
-    shape = (min(plan.chunk_tokens, longest), flat[0].shape[-1])
+    shape = (min(plan.chunk_tokens, n_rows), flat[0].shape[-1])
     workspace = [torch.empty(shape, dtype=torch.float32, device=flat[0].device) for _ in range(plan.buffers)]
     total = torch.zeros((), dtype=torch.float32, device=flat[0].device)
-    for run_start, run_end in runs:
-        for start in range(run_start, run_end, plan.chunk_tokens):
-            rows = slice(start, min(start + plan.chunk_tokens, run_end))
-            value, chunk_grads = plan.row_fn(rows, [w[: rows.stop - start] for w in workspace], flat, needs)
-            total += value
-            for grad, chunk_grad in zip(flat_grads, chunk_grads, strict=True):
-                if grad is not None:
-                    grad[rows].copy_(chunk_grad)
+    for start in range(0, n_rows, plan.chunk_tokens):
+        rows = slice(start, min(start + plan.chunk_tokens, n_rows))
+        keep = plan.flat_mask[rows]
+        values, chunk_grads = plan.row_fn(rows, [w[: rows.stop - start] for w in workspace], flat, needs)
+        total += torch.where(keep, values, 0.0).sum()
+        for grad, chunk_grad in zip(flat_grads, chunk_grads, strict=True):
+            if grad is not None:
+                grad[rows].copy_(chunk_grad.masked_fill_(~keep[:, None], 0.0))
     return total, grads
-
-
-def _target_runs(flat_mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each run of consecutive target rows; one small host transfer."""
-    edges = torch.nn.functional.pad(flat_mask.to("cpu", torch.int8), (1, 1)).diff()
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, ends, strict=True))
-
-
-def _gaps(runs: list[tuple[int, int]], n_rows: int) -> list[slice]:
-    """The non-target rows between (and around) the runs, as slices."""
-    bounds = [0, *(bound for run in runs for bound in run), n_rows]
-    return [slice(start, end) for start, end in zip(bounds[::2], bounds[1::2], strict=True) if end > start]
 
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
