@@ -120,6 +120,8 @@ class DistillConfig:
             raise BadInput("give either --resume or --resume-from, not both")
         if self.resume and not self.output_dir:
             raise BadInput("--resume needs --output-dir (the run to continue)")
+        if (self.resume or self.resume_from) and self.overwrite:
+            raise BadInput("--overwrite would delete the run that --resume continues; give one of them")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,8 +170,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             from None
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):
-        data = data["options"]
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
+        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", "resume", "resume_from")}
     if not isinstance(data, dict):
         raise BadInput(f"--config {path}: expected a mapping of option names to values")
     options = {key.replace("-", "_"): value for key, value in data.items()}
@@ -179,10 +181,40 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return options
 
 
+RUN_LOCATION = ("output_dir", "overwrite", "resume", "resume_from")
+
+
+def recorded_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The options a resumed run was trained with: `--output-dir RUN --resume` needs nothing else.
+
+    Read from RUN/config.json for --resume, from the checkpoint's meta.json for --resume-from; {} when
+    there is nothing readable (the run directory's own checks then say what is wrong).
+    """
+    if given.get("resume_from"):
+        checkpoint = Path(str(given["resume_from"]))
+        sources = [checkpoint / "meta.json", checkpoint.parent.parent / "config.json"]
+    elif given.get("resume") and given.get("output_dir"):
+        sources = [Path(str(given["output_dir"])) / "config.json"]
+    else:
+        return {}
+    for path in sources:
+        try:
+            options = json.loads(path.read_text(encoding="utf-8")).get("options")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(options, dict):
+            return {k: v for k, v in options.items() if k in FIELD_NAMES and k not in RUN_LOCATION}
+    return {}
+
+
 def build_config(cli_options: dict[str, Any], config_file: str | Path | None = None) -> DistillConfig:
-    """Defaults < config file < options given on the command line (None means 'not given')."""
-    merged = read_config_file(config_file) if config_file else {}
-    merged.update({k: v for k, v in cli_options.items() if v is not None})
+    """Defaults < a resumed run's recorded options < config file < options given on the command line.
+
+    (None means 'not given'.)
+    """
+    given = read_config_file(config_file) if config_file else {}
+    given.update({k: v for k, v in cli_options.items() if v is not None})
+    merged = {**recorded_options(given), **given}
     types = {f.name: f.type for f in fields(DistillConfig)}
     for name, value in merged.items():
         if types[name] in ("int", "float") and isinstance(value, str):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +15,7 @@ EVENT_COLUMNS = {"step", "rank", "phase", "probe", "kind", "severity", "model", 
                  "nan_count", "posinf_count", "neginf_count", "numel", "message"}
 SUMMARY_KEYS = {"schema_version", "status", "steps_completed", "precision", "final", "event_counts", "diagnosis"}
 DIAGNOSIS_KEYS = {"cause", "severity", "model", "module", "rank", "first_step", "evidence", "fix"}
+CHECKER = Path(__file__).resolve().parents[2] / "shared" / "tools" / "check_run_dir.py"
 
 
 def assert_run_dir(path: Path) -> dict:
@@ -31,3 +34,12 @@ def assert_run_dir(path: Path) -> dict:
         assert EVENT_COLUMNS <= set(events.columns)
         assert (path / "report.md").is_file()
     return summary
+
+
+def assert_conforms(path: Path) -> None:
+    """shared/tools/check_run_dir.py (beside the checkout) says `conforms` — of a run or a compare directory;
+    where the checkout has no shared/ beside it, there is nothing to run."""
+    if not CHECKER.is_file():
+        return
+    result = subprocess.run([sys.executable, str(CHECKER), str(path)], capture_output=True, text=True)
+    assert result.returncode == 0 and "conforms" in result.stdout, result.stdout

@@ -1,16 +1,25 @@
-"""The training loop: setup, one optimizer step, evaluation, checkpoints, and closing the run.
+"""The training loop: setup, one optimizer step, evaluation, checkpoints, the non-finite policy, closing.
 
 Read it top to bottom: `Trainer.__init__` builds everything from the config (models + data →
-precision.convert → optimizer), `train` runs the steps, `_step` is one optimizer step in nanoGPT's
-order (forward → scaled backward → unscale → clip → step → update). Probes watch through hooks and
-never steer; the loop's own guard checks after every step that the weights are finite.
+precision.convert → optimizer, and the checkpoint to resume from), `train` runs the steps, `_step` is one
+optimizer step in nanoGPT's order (forward → scaled backward → unscale → clip → step → update). Probes
+watch through hooks and never steer; the loop's own guard checks after every step that the weights are
+finite, and `--on-nonfinite` decides what a non-finite step does (`_apply_policy`). Nothing is ever reset
+to the initial weights and no loss is replaced: every policy action is an event.
+
+Host syncs: one per step at steady state (`_to_host`). `--on-nonfinite skip` adds one more (the gradient
+norm's finiteness, read before the optimizer step so a step with non-finite gradients never runs), and a
+device-side copy of the trainable weights and optimizer state before each step (`StepSnapshot`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
 import random
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,7 +35,7 @@ from ..errors import BadInput
 from ..events import EventLog, JsonlLog
 from ..precision import detect_capabilities, make_precision, resolve_mode
 from ..probes import Probes
-from ..rundir import check_output_dir, default_run_dir, finalize_run, write_json_atomic
+from ..rundir import check_output_dir, default_run_dir, differing_options, finalize_run, write_json_atomic
 from ..ui import TrainingDisplay
 from . import checkpoint as ckpt
 from .data import BatchStream, eval_batches, load_corpus, split_validation, tokenize_blocks
@@ -36,6 +45,8 @@ from .objective import HiddenStateKD, LogitKD
 from .router import RouterInfo, RouterTerms, find_routers, save_router_update
 from .signals import StopRequests
 
+MAX_SKIPPED_IN_A_ROW = 20  # skipped steps in a row (loss scaler or policy): training has stopped progressing
+
 
 @dataclass
 class RunResult:
@@ -43,6 +54,18 @@ class RunResult:
     status: str
     summary: dict
     exit_code: int
+
+
+@dataclass
+class Resumed:
+    """Where a resumed run continues from: the checkpoint, the run it belongs to, the log offsets to keep."""
+
+    checkpoint: Path
+    source_dir: Path
+    in_place: bool
+    step: int
+    log_offsets: dict[str, int]
+    fallbacks: list[str]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,9 +105,14 @@ class Trainer:
         self.capabilities = detect_capabilities(self.device)
         self.mode, self.mode_reason = resolve_mode(cfg.precision, cfg.model_dtype, self.capabilities)
         self.precision = make_precision(self.mode, self.device)
-        self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.mode)
-        check_output_dir(self.run_dir, cfg.to_dict(), cfg.overwrite, cfg.resume or bool(cfg.resume_from))
+        self.run_dir, resume_source = self._locate_run()
+        in_place = resume_source is not None and resume_source.resolve() == self.run_dir.resolve()
+        check_output_dir(self.run_dir, cfg.to_dict(), cfg.overwrite, resume=in_place)
+        if cfg.resume and not ckpt.list_checkpoints(self.run_dir):
+            raise BadInput(f"--resume: nothing to resume, {self.run_dir} has no checkpoint yet (one is written "
+                           "every --save-steps steps and at the end)")
         self.notes: list[dict] = []  # setup events, recorded once the event log exists
+        corpus = load_corpus(cfg.dataset_name, cfg.dataset_config_name, cfg.train_file, cfg.validation_file)
 
         # models and tokenizers: loaded in the dtype the mode holds them in, then converted by the mode
         self.student_tokenizer = load_tokenizer(cfg.student_model, cfg.trust_remote_code)
@@ -109,14 +137,13 @@ class Trainer:
         self.teacher.requires_grad_(False).eval()
         self.routers = self._find_routers()
         self.student.train()
-        if cfg.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
+            getattr(self.student, "activation_checkpointing_enable", self.student.gradient_checkpointing_enable)()
         self.precision.convert(self.student.to(self.device))
         self.teacher.to(self._teacher_home())
         self.precision.convert(self.teacher)
 
-        # data
-        corpus = load_corpus(cfg.dataset_name, cfg.dataset_config_name, cfg.train_file, cfg.validation_file)
+        # data (the files were read first, so a bad file fails before a large model loads)
         train_blocks = tokenize_blocks(corpus.train, self.student_tokenizer, cfg.block_size, keep_text=self.dual)
         if corpus.validation is None:
             train_blocks, val_blocks = split_validation(train_blocks, cfg.seed)
@@ -150,7 +177,31 @@ class Trainer:
                                            eps=cfg.adam_eps)
         self.scheduler = self._make_scheduler()
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.step = 0
+        self.step, self.phase, self.step_start, self.last_eval = 0, "setup", {}, (None, None)
+        self.weights_finite, self.skip_streak, self.rollbacks, self.lr_factor = True, 0, 0, 1.0
+        self.snapshot = ckpt.StepSnapshot(self.trainable, self.optimizer) if cfg.on_nonfinite == "skip" else None
+        self.out_of_memory: str | None = None
+        self.internal_error = False
+        self._note_policy()
+        self.resumed = self._load_checkpoint_to_resume(resume_source, in_place) if resume_source else None
+
+    def _locate_run(self) -> tuple[Path, Path | None]:
+        """The run directory, and the run directory of the checkpoint to resume from (None for a new run)."""
+        cfg = self.config
+        if cfg.resume:
+            return Path(cfg.output_dir), Path(cfg.output_dir)
+        if not cfg.resume_from:
+            return (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.mode)), None
+        checkpoint = Path(cfg.resume_from)
+        if not (checkpoint / ckpt.META).is_file():
+            raise BadInput(f"--resume-from {checkpoint}: not a checkpoint (no {ckpt.META}); checkpoints are the "
+                           f"directories RUN/{ckpt.CHECKPOINTS}/step-NNNNNNNN")
+        source = checkpoint.parent.parent
+        if cfg.output_dir:
+            return Path(cfg.output_dir), source
+        if not (source / "config.json").is_file():
+            raise BadInput(f"--resume-from {checkpoint} does not lie in a run directory: give --output-dir")
+        return source, source
 
     def _find_routers(self) -> list[RouterInfo]:
         """The teacher's routers, made trainable (SAR); none in dual mode, where the teacher is a fixed target."""
@@ -202,81 +253,224 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- run
     def train(self) -> RunResult:
-        cfg = self.config
-        resuming = cfg.resume or bool(cfg.resume_from)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not resuming:
-            ckpt.clear_run_files(self.run_dir)
-        self._write_config()
-        self.events = EventLog(self.run_dir / "events.jsonl")
-        self.events.on_event(self.display.alert)
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        if resuming:
-            self._resume()
-        else:
-            self._record_setup()
-        status = "completed"
+        """Run the steps and close the run directory; the result's exit code is shared/DESIGN.md's."""
+        self._open_run_dir()
+        status = "failed"
         with StopRequests() as stops, Probes.for_trainer(self) as self.probes:
             try:
-                self.display.start(cfg.train_steps, self.step, self.run_dir)
-                if self.step == 0:
-                    self._evaluate()
-                while self.step < cfg.train_steps:
-                    row = self._step()
-                    if not row["weights_finite"] and self._stops_on_nonfinite():
-                        status = "stopped"
-                        break
-                    if self.step % cfg.eval_steps == 0 and self.step < cfg.train_steps:
-                        self._evaluate()
-                    if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.train_steps:
-                        self._save_checkpoint()
-                    if stops.signal is not None:
-                        self.events.record("interrupted", "warning", f"{stops.signal.name}: state saved at step "
-                                           f"{self.step}", step=self.step, phase="policy")
-                        status = "interrupted"
-                        break
-                if status == "completed":
-                    self._evaluate()
-                if status != "stopped":
-                    self._save_checkpoint()
-            except KeyboardInterrupt:
+                status = self._run(stops)
+            except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was
+                self.events.record("interrupted", "warning", f"stopped during step {self.step}; nothing saved since "
+                                   "the newest checkpoint", step=self.step, phase="policy")
                 status = "interrupted"
             except Exception as exc:
-                (self.run_dir / "traceback.txt").write_text(traceback.format_exc())
-                self.display.error(f"internal error: {type(exc).__name__}: {exc} "
-                                   f"(traceback in {self.run_dir / 'traceback.txt'})")
-                status = "failed"
+                status = self._failed(exc)
             finally:
                 self.display.stop()
+        if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
+            self._handle_out_of_memory(self.out_of_memory)
         return self._close(status, stops)
+
+    def _run(self, stops: StopRequests) -> str:
+        """The steps, with evaluations and checkpoints on schedule; returns the run's status."""
+        cfg = self.config
+        self.display.start(cfg.train_steps, self.step, self.run_dir)
+        if self.step == 0:
+            self._evaluate()
+        while self.step < cfg.train_steps:
+            if stops.signal is not None:
+                self.events.record("interrupted", "warning", f"{stops.signal.name}: stopped after step {self.step}; "
+                                   "state saved", step=self.step, phase="policy")
+                self._save_checkpoint()
+                return "interrupted"
+            row = self._step()
+            action = self._apply_policy(row)
+            self.metrics.write_line(json.dumps(row))
+            self.display.update(row["step"], row)
+            if action == "stop":
+                self._save_checkpoint()  # of finite weights only: a stop after skipped steps keeps the work
+                return "stopped"
+            if action == "rollback":
+                continue
+            if self.step % cfg.eval_steps == 0 and self.step < cfg.train_steps:
+                self._evaluate()
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.train_steps:
+                self._save_checkpoint()
+        self._evaluate()
+        self._save_checkpoint()
+        return "completed"
 
     def _close(self, status: str, stops: StopRequests) -> RunResult:
         self.events.close()
         self.metrics.close()
-        if status in ("completed", "interrupted"):
-            self.student.save_pretrained(self.run_dir / "student")
-            self.student_tokenizer.save_pretrained(self.run_dir / "student")
-            if self.routers:
-                save_router_update(self.teacher, self.routers, self.run_dir / "router_update.pt")
-        if self.router_terms is not None:
-            self.router_terms.close()
-        summary = finalize_run(self.run_dir, status)
+        try:
+            if status in ("completed", "interrupted"):
+                self.student.save_pretrained(self.run_dir / "student")
+                self.student_tokenizer.save_pretrained(self.run_dir / "student")
+                if self.routers:
+                    save_router_update(self.teacher, self.routers, self.run_dir / "router_update.pt")
+            if self.router_terms is not None:
+                self.router_terms.close()
+            summary = finalize_run(self.run_dir, status)
+        except Exception as exc:
+            self._save_traceback(exc)
+            return RunResult(self.run_dir, status, {}, 3)
         self.display.summary(summary)
         critical = any(d["severity"] == "critical" for d in summary["diagnosis"])
-        exit_code = {"completed": 1 if critical else 0, "stopped": 1, "failed": 3}.get(status, stops.exit_code)
+        failed = 3 if self.internal_error else 1
+        exit_code = {"completed": 1 if critical else 0, "stopped": 1, "failed": failed}.get(status, stops.exit_code)
         return RunResult(self.run_dir, status, summary, exit_code)
 
-    def _stops_on_nonfinite(self) -> bool:
-        if self.config.on_nonfinite == "continue":
+    def _failed(self, exc: Exception) -> str:
+        """An exception out of the run: out of memory (exit 1, handled by the caller) or an internal error (exit 3)."""
+        if _is_out_of_memory(exc):
+            text = str(exc).strip()
+            self.out_of_memory = text.splitlines()[0] if text else type(exc).__name__
+        else:
+            self._save_traceback(exc)
+        return "failed"
+
+    def _save_traceback(self, exc: Exception) -> None:
+        self.internal_error = True
+        path = self.run_dir / "traceback.txt"
+        path.write_text(traceback.format_exc())
+        self.display.error(f"internal error: {type(exc).__name__}: {exc} (traceback in {path})")
+
+    # ------------------------------------------------------------------------- the non-finite policy
+    def _apply_policy(self, row: dict) -> str | None:
+        """--on-nonfinite after a step: None to go on, "rollback" (done) or "stop". Every action is an event.
+
+        `stop` ends the run on the first non-finite weight; `skip` puts back the pre-step copy; `rollback`
+        returns to the newest good checkpoint at half the learning rate; `continue` only records. Any
+        policy but `continue` also stops after MAX_SKIPPED_IN_A_ROW skipped steps (a loss scaler that keeps
+        skipping, or the skip policy itself): training has stopped progressing.
+        """
+        policy, step = self.config.on_nonfinite, self.step
+        self.weights_finite = row["weights_finite"]
+        if not self.weights_finite and policy == "skip":
+            self.snapshot.restore()
+            self.weights_finite, row["skipped"] = True, 1
+            self.events.record("policy_skip", "warning", f"non-finite weights after step {step}: the step's update "
+                               "was undone (weights and optimizer state put back from the pre-step copy)",
+                               step=step, phase="policy")
+        self.skip_streak = self.skip_streak + 1 if row["skipped"] else 0
+        if not self.weights_finite and policy == "rollback":
+            why_not = self._rollback()
+            if why_not is None:
+                return "rollback"
+            return self._stop(f"non-finite weights after step {step} and {why_not}: stopping; see the diagnosis")
+        if not self.weights_finite and policy == "stop":
+            return self._stop(f"non-finite weights after step {step}: stopping (--on-nonfinite stop); see the "
+                              "diagnosis")
+        if self.skip_streak >= MAX_SKIPPED_IN_A_ROW and policy != "continue":
+            return self._stop(f"{self.skip_streak} skipped steps in a row up to step {step}: training has stopped "
+                              "progressing; see the diagnosis")
+        return None
+
+    def _stop(self, message: str) -> str:
+        self.events.record("policy_stop", "critical", message, step=self.step, phase="policy")
+        return "stop"
+
+    def _rollback(self) -> str | None:
+        """Back to the newest good checkpoint with the learning rate halved; None, or why it cannot."""
+        cfg = self.config
+        if self.rollbacks >= cfg.max_rollbacks:
+            return f"--max-rollbacks {cfg.max_rollbacks} are used up"
+        path, state, problems = ckpt.load_newest(self.run_dir, before_step=self.step)
+        self._record_fallbacks(problems, path)
+        if state is None:
+            return "there is no good checkpoint to roll back to" + ("" if cfg.save_steps else " (see --save-steps)")
+        failed_step, rollbacks, factor = self.step, self.rollbacks + 1, self.lr_factor * 0.5
+        self._load_state(state)
+        self._scale_learning_rates(factor / self.lr_factor)  # the checkpoint's own factor, now in self.lr_factor
+        self.rollbacks, self.lr_factor, self.skip_streak = rollbacks, factor, 0
+        lrs = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
+        self.events.record("policy_rollback", "warning", f"non-finite weights after step {failed_step}: rolled back "
+                           f"to {path.name} (step {self.step}) with the learning rate halved (×{factor:g} of the "
+                           f"original: {lrs}); rollback {rollbacks} of --max-rollbacks {cfg.max_rollbacks}",
+                           step=failed_step, phase="policy", value=factor)
+        return None
+
+    def _scale_learning_rates(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        if self.scheduler is not None:
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+
+    def _runs_step(self, grad_norm: torch.Tensor) -> bool:
+        """--on-nonfinite skip, just before the optimizer step: False skips a step with non-finite gradients
+        before it runs (reading the norm is the one extra host sync skip costs); otherwise a pre-step copy is
+        kept, to put back if the step makes the weights non-finite. A loss scaler skips such steps itself
+        (and must see them to lower its scale), so with one only the copy is taken."""
+        if self.snapshot is None:
+            return True
+        if not self.precision.loss_scaling and not bool(torch.isfinite(grad_norm)):
+            bad = [(model, name) for model, name, p in self._named_trainable()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            model, name = bad[-1] if bad else (None, None)  # the last registered is the first reached in backward
+            where = f"{len(bad)} gradient tensor(s) non-finite, first in backward order {model} {name}" if bad \
+                else "the norm overflows its dtype"
+            self.events.record("policy_skip", "warning", f"gradient norm {float(grad_norm)} at step {self.step} "
+                               f"({where}): the step was skipped before the optimizer ran", step=self.step,
+                               phase="policy", model=model, tensor=name, value=float(grad_norm))
             return False
-        self.events.record("policy_stop", "critical", f"non-finite weights after step {self.step}: stopping "
-                           "(--on-nonfinite stop); see the diagnosis", step=self.step, phase="policy")
+        self.snapshot.take()
         return True
+
+    def _handle_out_of_memory(self, error: str) -> None:
+        """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""
+        cfg, phase, step = self.config, self.phase, self.step
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        rewind = phase in ("forward", "backward")  # the step had not touched weights or optimizer state yet
+        keep = step - 1 if rewind else step
+        savable = phase in ("forward", "backward", "eval") and keep > 0 and self.weights_finite
+        resumable = [flag for flag, on in (("--gradient-checkpointing", cfg.gradient_checkpointing),
+                                           ("--offload-teacher-to-cpu", cfg.offload_teacher_to_cpu)) if not on]
+        fresh = [f"--block-size {cfg.block_size // 2}"] if cfg.block_size >= 32 else []
+        if cfg.per_device_batch_size > 1:
+            fresh.append(f"--per-device-batch-size {cfg.per_device_batch_size // 2} "
+                         f"--grad-accum-steps {cfg.grad_accum_steps * 2}")
+        advice = []
+        if resumable:
+            advice.append(" ".join(resumable) + (f" (then --resume: step {keep} is saved)" if savable else ""))
+        if fresh:
+            advice.append("in a new run " + " or ".join(fresh))
+        message = (f"out of memory in the {phase} of step {step} ({error}); {self._memory_breakdown()}. "
+                   + (f"Try {'; or '.join(advice)}" if advice else "The models do not fit this device"))
+        self.events.record("out_of_memory", "critical", message, step=step, phase=phase, probe="loop")
+        if savable:
+            self._save_checkpoint(rewind=rewind)
+        self.display.error(message)
+
+    def _memory_breakdown(self) -> str:
+        """estimate-memory's breakdown for this run, and on CUDA what the allocator holds."""
+        cfg = self.config
+        try:
+            from ..memory import estimate_mode, format_breakdown, model_shape
+
+            text = format_breakdown(estimate_mode(
+                self.mode, model_shape(self.teacher, cfg.teacher_model, cfg.router_patterns),
+                model_shape(self.student, cfg.student_model), cfg.per_device_batch_size, cfg.block_size,
+                gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu))
+        except Exception as exc:  # an estimate is a help, never a second failure
+            text = f"no memory estimate ({type(exc).__name__})"
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            text += (f"; the allocator holds {torch.cuda.memory_allocated(self.device) / 2**20:.0f} MiB "
+                     f"(peak {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB, reserved "
+                     f"{torch.cuda.memory_reserved(self.device) / 2**20:.0f} MiB) of {total / 2**20:.0f} MiB")
+        return text
 
     # ------------------------------------------------------------------------------------ one step
     def _step(self) -> dict:
         cfg = self.config
         started = time.perf_counter()
+        self.phase = "forward"
+        self.step_start = {"data": self.batches.state_dict(), "rng": ckpt.capture_rng()}  # to rewind a failed step
         self.step += 1
         self.probes.begin_step(self.step)
         micro = [self.batches.next() for _ in range(cfg.grad_accum_steps)]
@@ -285,6 +479,7 @@ class Trainer:
         kd_sum = ce_sum = router_sum = torch.zeros((), device=self.device)
         router_readings: dict[str, torch.Tensor] = {}
         for batch in micro:
+            self.phase = "forward"
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.precision.forward_context():
                 parts = self.objective(batch)
@@ -293,13 +488,18 @@ class Trainer:
                 loss = loss + parts.router_loss / cfg.grad_accum_steps
                 router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
             self.probes.observe_loss(parts, loss)
+            self.phase = "backward"
             self.precision.backward(loss)
             router_readings = parts.readings
             kd_sum, ce_sum = kd_sum + parts.kd_sum.detach(), ce_sum + parts.ce_sum.detach()
+        self.phase = "optimizer"
         self.precision.unscale_gradients(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        skipped = self.precision.optimizer_step(self.optimizer)
+        if self._runs_step(grad_norm):
+            skipped = self.precision.optimizer_step(self.optimizer)
+        else:
+            skipped = torch.ones((), device=self.device)  # --on-nonfinite skip: non-finite gradients, not run
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
@@ -326,14 +526,13 @@ class Trainer:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
         row.update(self.probes.after_step(self.step, probe_values, row))
-        self.metrics.write_line(json.dumps(row))
-        self.display.update(self.step, row)
         if self.device.type == "cuda" and cfg.clear_cache_every_step:
             torch.cuda.empty_cache()
         return row
 
     @torch.no_grad()
     def _evaluate(self) -> None:
+        self.phase = "eval"
         self.student.eval()
         ce_sum, targets = torch.zeros((), device=self.device), 0
         for batch in self.eval_set:
@@ -348,7 +547,8 @@ class Trainer:
         row = {"step": self.step, "split": "eval", "eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": targets}
         self.metrics.write_line(json.dumps(row))
         self.display.eval_line(self.step, ppl, eval_loss)
-        self.last_eval_ppl = ppl
+        self.last_eval = (self.step, ppl)
+        release_free_host_memory()
 
     # ------------------------------------------------------------------------ records and state
     def _write_config(self) -> None:
@@ -399,9 +599,80 @@ class Trainer:
         for note in self.notes:
             self.events.record(**note)
 
-    def _save_checkpoint(self) -> None:
-        ckpt.save(self.run_dir, self.step, self._state(), self.config.save_total_limit,
-                  getattr(self, "last_eval_ppl", None))
+    def _note_policy(self) -> None:
+        cfg = self.config
+        if cfg.on_nonfinite == "rollback" and not cfg.save_steps:
+            self.notes.append({"kind": "setup_note", "severity": "warning", "message": "--on-nonfinite rollback "
+                               "without --save-steps: there is no checkpoint to roll back to before the end, so a "
+                               "non-finite step stops the run"})
+        if self.snapshot is not None:
+            size = self.snapshot.bytes_needed() / 2**20
+            self.notes.append({"kind": "setup_note", "message": f"--on-nonfinite skip keeps a pre-step copy of the "
+                               f"trainable weights and the optimizer state: {size:.1f} MiB more on {self.device.type}"})
+
+    # ---------------------------------------------------------------------------- run directory
+    def _open_run_dir(self) -> None:
+        """Create (or continue) the run directory and open its logs, appended and flushed per record."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.resumed is not None:
+            self._continue_logs()
+        elif self.config.overwrite:
+            ckpt.clear_run_files(self.run_dir)
+        self._write_config()
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.events.on_event(self.display.alert)
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+        if self.resumed is None:
+            self._record_setup()
+            return
+        r = self.resumed
+        self._record_fallbacks(r.fallbacks, r.checkpoint)
+        self.events.record("setup_note", "info", f"resumed from {r.checkpoint} at step {r.step} of "
+                           f"{self.config.train_steps}", step=r.step)
+
+    def _continue_logs(self) -> None:
+        """The logs end where the checkpoint was taken, so the steps redone after it are not recorded twice.
+
+        In place, events.jsonl and metrics.jsonl are cut at the checkpoint's offsets and newer checkpoints
+        (of steps about to be redone, or unreadable) are removed; into a new directory, the logs up to the
+        checkpoint are copied from its run. summary.json goes: until the run closes, it reads as crashed.
+        """
+        r = self.resumed
+        for name, size in r.log_offsets.items():
+            source, target = r.source_dir / name, self.run_dir / name
+            if r.in_place and target.is_file() and target.stat().st_size > size:
+                os.truncate(target, size)
+            elif not r.in_place and source.is_file():
+                with open(source, "rb") as src, open(target, "wb") as dst:
+                    dst.write(src.read(size))
+        if r.in_place:
+            for path in ckpt.list_checkpoints(self.run_dir):
+                if ckpt.read_meta(path).get("step", math.inf) > r.step:
+                    shutil.rmtree(path)
+        (self.run_dir / "summary.json").unlink(missing_ok=True)
+
+    def _record_fallbacks(self, problems: list[str], used: Path | None) -> None:
+        instead = f"using {used.name} instead" if used is not None else "no older checkpoint loads"
+        for problem in problems:
+            self.events.record("checkpoint_fallback", "warning", f"{problem}; {instead}", step=self.step,
+                               phase="setup")
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, rewind: bool = False) -> None:
+        """A checkpoint of this step or, after a failure mid-step, of the one before it (`rewind`).
+
+        None is written of step 0 (nothing trained yet) or of non-finite weights (nothing to resume).
+        """
+        step = self.step - 1 if rewind else self.step
+        if step == 0 or not self.weights_finite:
+            return
+        state = self._state()
+        if rewind:
+            state.update(step=step, data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))
+        cfg = self.config
+        eval_step, eval_ppl = self.last_eval
+        ckpt.save(self.run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
+                  meta={"mode": self.mode, "options": cfg.to_dict()})
 
     def _state(self) -> dict:
         return {
@@ -412,6 +683,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "data": self.batches.state_dict(),
             "rng": ckpt.rng_state(),
+            "policy": {"rollbacks": self.rollbacks, "lr_factor": self.lr_factor},
             "log_offsets": {name: (self.run_dir / name).stat().st_size
                             for name in ("events.jsonl", "metrics.jsonl")},
         }
@@ -419,13 +691,84 @@ class Trainer:
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         """Every weight a checkpoint must restore: the student, trained routers, a dual-mode projection."""
         state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        state.update({f"teacher.{n}": p for n, p in self.teacher.named_parameters() if p.requires_grad})
-        state.update({f"projection.{n}": p for n, p in getattr(self.objective, "projection", nn.Identity())
-                      .named_parameters()})
+        state.update({f"{model}.{name}": p for model, name, p in self._named_trainable() if model != "student"})
         return state
 
-    def _resume(self) -> None:
-        raise BadInput("--resume is not supported yet")
+    def _named_trainable(self) -> list[tuple[str, str, nn.Parameter]]:
+        projection = getattr(self.objective, "projection", nn.Identity())
+        return ([("student", n, p) for n, p in self.student.named_parameters()]
+                + [("teacher", n, p) for n, p in self.teacher.named_parameters() if p.requires_grad]
+                + [("projection", n, p) for n, p in projection.named_parameters()])
+
+    def _load_state(self, state: dict) -> None:
+        """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, policy."""
+        current = self._trainable_state()
+        weights = state["model"]
+        stored = {current[k].data_ptr() for k in current if k in weights}
+        missing = [k for k in current if k not in weights and current[k].data_ptr() not in stored]  # tied: stored once
+        unknown = [k for k in weights if k not in current]
+        if missing or unknown:
+            raise ckpt.CheckpointError(f"its weights do not fit this run (missing {missing[:3]}, unknown "
+                                       f"{unknown[:3]})")
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                if tensor.shape != current[key].shape:
+                    raise ckpt.CheckpointError(f"its {key} has shape {tuple(tensor.shape)}, this run's "
+                                               f"{tuple(current[key].shape)}")
+                current[key].copy_(tensor)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["precision"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.rollbacks, self.lr_factor = int(state["policy"]["rollbacks"]), float(state["policy"]["lr_factor"])
+        self.weights_finite, self.skip_streak = True, 0
+
+    def _load_checkpoint_to_resume(self, source: Path, in_place: bool) -> Resumed:
+        """--resume (the newest checkpoint that loads) or --resume-from PATH, checked against this run."""
+        cfg = self.config
+        if cfg.resume_from:
+            path, fallbacks = Path(cfg.resume_from), []
+            try:
+                state = ckpt.load(path)
+            except ckpt.CheckpointError as exc:
+                raise BadInput(f"--resume-from: {exc}") from None
+        else:
+            path, state, fallbacks = ckpt.load_newest(self.run_dir)
+            if state is None:
+                raise BadInput(f"--resume: no checkpoint of {self.run_dir} loads ({fallbacks[0]})")
+        meta, step = state["meta"], int(state["step"])
+        differing = differing_options(meta.get("options") or {}, cfg.to_dict())
+        if differing:
+            raise BadInput(f"--resume: {path} was trained with other options ({', '.join(differing[:4])}); resume "
+                           "with the run's own options")
+        if meta.get("mode", self.mode) != self.mode:
+            raise BadInput(f"--resume: {path} was trained in {meta['mode']}, this run would train in {self.mode}; "
+                           f"give --precision {meta['mode']}")
+        if step >= cfg.train_steps:
+            raise BadInput(f"--resume: {path} is at step {step} and --train-steps is {cfg.train_steps}; raise "
+                           "--train-steps to train further")
+        try:
+            self._load_state(state)
+        except ckpt.CheckpointError as exc:
+            raise BadInput(f"--resume: {path}: {exc}") from None
+        return Resumed(path, source, in_place, step, dict(state["log_offsets"]), fallbacks)
+
+
+def release_free_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it, and a long run's resident set creeps up ~20%
+    over a thousand steps with nothing leaked); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) or Python's MemoryError."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -28,15 +31,46 @@ def resolve_model_source(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
+    _check_hub_reachable(name)
     return name  # a hub id
+
+
+HUB_CONNECT_TIMEOUT_S = 10
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """A hub model that is not cached needs the hub: say so in a moment, not after a minute of retries.
+
+    Skipped offline (transformers then fails at once), for a cached model, and behind a proxy (where a
+    direct connection proves nothing).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+    except Exception:  # an id the cache cannot even parse: transformers names the problem
+        return
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BadInput(f"cannot load {repo_id!r}: the hub at {constants.ENDPOINT} cannot be reached "
+                       f"({exc.strerror or exc}); check the network, or give a local directory") from None
 
 
 def _quiet_transformers() -> None:
     """transformers' own progress bars and warnings would drown the run's display (and the one-line errors)."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # its retry warnings would break the one-line errors
 
 
 def _load_error(what: str, name: str, exc: Exception) -> BadInput:

@@ -1,7 +1,13 @@
-"""SIGINT/SIGTERM ask the loop to stop after the current step (state saved), instead of killing it mid-write."""
+"""SIGINT/SIGTERM ask the loop to stop after the current step (state saved), instead of killing it mid-write.
+
+The loop looks at `signal` between steps: it then writes a checkpoint, the logs and summary.json (status
+`interrupted`) and exits 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C stops at once (KeyboardInterrupt):
+the newest checkpoint is then the one to resume from.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -16,7 +22,7 @@ class StopRequests:
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in EXIT_CODES:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -24,12 +30,16 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum)
+        if self.signal is None:
+            self.signal = signal.Signals(signum)
+            os.write(2, f"sarkd-diag: {self.signal.name}: stopping after this step, saving state (Ctrl-C again "
+                        "stops at once)\n".encode())  # unbuffered: safe inside a signal handler
 
     @property
     def exit_code(self) -> int:

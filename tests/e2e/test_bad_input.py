@@ -1,0 +1,232 @@
+"""Bad input, tried as a new user would: each case gives one clear line on stderr, exit 2, no traceback, and
+leaves every existing file byte for byte as it was (and creates none)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+
+from sarkd_diag.config import DistillConfig
+
+BASE = {"--block-size": "16", "--per-device-batch-size": "2", "--train-steps": "2", "--precision": "fp32",
+        "--probes": "off"}
+
+
+def _args(world, tmp: Path, drop=(), **options) -> list[str]:
+    """`train` on the tiny world into tmp/run, with options replaced (`train_file=...`) or dropped."""
+    given = {"--teacher-model": world["teacher"], "--student-model": world["student"], "--train-file": world["train"],
+             "--validation-file": world["valid"], **BASE, "--output-dir": tmp / "run"}
+    for key, value in options.items():
+        given["--" + key.replace("_", "-")] = value
+    args = ["train"]
+    for key, value in given.items():
+        if key in drop:
+            continue
+        args += [key] if value is True else [key, str(value)]
+    return args
+
+
+def _file(tmp: Path, name: str, content: bytes | str) -> Path:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def _model_copy(world, tmp: Path, name: str = "model") -> Path:
+    return Path(shutil.copytree(world["student"], tmp / name))
+
+
+def _no_special_tokens(world, tmp: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    model = _model_copy(world, tmp)
+    for f in model.glob("*token*"):
+        f.unlink()
+    bare = PreTrainedTokenizerFast(tokenizer_object=tiny.make_tokenizer(world["train"]).backend_tokenizer)
+    bare.save_pretrained(model)
+    return model
+
+
+def _recorded_run(tmp: Path, **options) -> Path:
+    """A run directory as a previous run left it (config.json and a metrics line), no checkpoint."""
+    run = tmp / "run"
+    run.mkdir()
+    recorded = {**DistillConfig().to_dict(), **options}
+    (run / "config.json").write_text(json.dumps({"options": recorded, "precision": {"mode": "fp32"}}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    return run
+
+
+def _unreadable(tmp: Path, monkeypatch) -> Path:
+    path = _file(tmp, "secret.txt", "some text\n")
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make the read fail as it would for anyone else
+        real = Path.read_bytes
+
+        def read_bytes(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return path
+
+
+def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
+    run = _recorded_run(tmp, **_options_of(world))
+    step = run / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"step": 2, "sha256": {"model.safetensors": "0"}}')
+    (step / "model.safetensors").write_bytes(b"not safetensors")
+    return ["train", "--output-dir", run, "--resume", "--train-steps", "4"]
+
+
+def _options_of(world) -> dict:
+    return {"teacher_model": str(world["teacher"]), "student_model": str(world["student"]),
+            "train_file": str(world["train"]), "validation_file": str(world["valid"]), "block_size": 16,
+            "per_device_batch_size": 2, "train_steps": 2, "precision": "fp32", "probes": "off"}
+
+
+# (case, how to build the command line from (world, tmp, monkeypatch), a phrase the error line must hold)
+CASES = [
+    ("missing train file", lambda w, t, m: _args(w, t, train_file=t / "nope.txt"), "no such file"),
+    ("unreadable train file", lambda w, t, m: _args(w, t, train_file=_unreadable(t, m)), "cannot be read"),
+    ("directory as train file", lambda w, t, m: _args(w, t, train_file=t), "is a directory"),
+    ("missing validation file", lambda w, t, m: _args(w, t, validation_file=t / "v.txt"), "no such file"),
+    ("malformed jsonl", lambda w, t, m: _args(w, t, train_file=_file(t, "d.jsonl", '{"text": "a"}\n{oops\n')),
+     ":2: not valid JSON"),
+    ("jsonl without text", lambda w, t, m: _args(w, t, train_file=_file(t, "d.jsonl", '{"body": "a"}\n')),
+     "`text` field"),
+    ("jsonl text not a string", lambda w, t, m: _args(w, t, train_file=_file(t, "d.jsonl", '{"text": [1]}\n')),
+     "must be a string"),
+    ("binary file", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", b"\x7fELF\x00\x01\x02")), "binary"),
+    ("non-utf8 text", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", b"caf\xe9 au lait\n")), "UTF-8"),
+    ("empty corpus", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", "")), "empty"),
+    ("corpus shorter than a block", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", "the sky\n")),
+     "fewer than one block"),
+    ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
+     "validation data is empty"),
+    ("validation set shorter than a block", lambda w, t, m: _args(
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 tokens"),
+    ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
+    ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
+    ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
+    ("zero batch size", lambda w, t, m: _args(w, t, per_device_batch_size=0), "--per-device-batch-size must be"),
+    ("negative save steps", lambda w, t, m: _args(w, t, save_steps=-1), "--save-steps must be"),
+    ("zero eval steps", lambda w, t, m: _args(w, t, eval_steps=0), "--eval-steps must be"),
+    ("block larger than the model", lambda w, t, m: _args(w, t, block_size=1000), "exceeds"),
+    ("NaN learning rate", lambda w, t, m: _args(w, t, student_lr="nan"), "finite number"),
+    ("Inf temperature", lambda w, t, m: _args(w, t, temperature="inf"), "finite number"),
+    ("text for a number", lambda w, t, m: _args(w, t, train_steps="ten"), "--train-steps"),
+    ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
+     "neither a pad nor an eos token"),
+    ("model directory without weights", lambda w, t, m: _args(
+        w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "cannot load model"),
+    ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
+    ("file as model directory", lambda w, t, m: _args(w, t, student_model=w["train"]), "is a file"),
+    ("unknown embedded model", lambda w, t, m: _args(w, t, teacher_model="embedded:huge"), "unknown embedded"),
+    ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
+     if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "holds a different run"),
+    ("output dir holding the same run", lambda w, t, m: _args(w, t) if _recorded_run(t, **_options_of(w)) else [],
+     "--resume to continue it or --overwrite"),
+    ("overwrite of a directory that is no run", lambda w, t, m: _args(w, t, overwrite=True)
+     if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
+    ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
+     "not a sarkd-diag run"),
+    ("output path that is a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x")), "is a file"),
+    ("output path below a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x") / "run"),
+     "is a file"),
+    ("output path not writable", lambda w, t, m: _args(w, t, output_dir="/proc/sarkd-diag-test/run"),
+     "not writable"),
+    ("resume with nothing there", lambda w, t, m: _args(w, t, resume=True), "nothing to resume"),
+    ("resume without a checkpoint", lambda w, t, m: _args(w, t, resume=True) if _recorded_run(t, **_options_of(w))
+     else [], "no checkpoint yet"),
+    ("resume with only a corrupted checkpoint", lambda w, t, m: _corrupt_checkpoint(w, t), "loads"),
+    ("resume with other options", lambda w, t, m: [*_args(w, t, resume=True), "--temperature", "3"]
+     if _recorded_run(t, **_options_of(w)) else [], "other options"),
+    ("resume and overwrite", lambda w, t, m: _args(w, t, resume=True, overwrite=True), "give one of them"),
+    ("resume-from a directory that is no checkpoint", lambda w, t, m: _args(w, t, resume_from=t),
+     "not a checkpoint"),
+    ("float32 dtype with mixed precision", lambda w, t, m: _args(w, t, model_dtype="float32", precision="mixed"),
+     "conflicts"),
+    ("ambiguous fp16", lambda w, t, m: _args(w, t, precision="fp16"), "ambiguous"),
+    ("cuda without a GPU", lambda w, t, m: _args(w, t, device="cuda"), "no CUDA device"),
+    ("unknown option", lambda w, t, m: [*_args(w, t), "--learning-rate", "1e-3"], "No such option"),
+    ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
+    ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
+     "YAML"),
+    ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
+                                                                                       '{"lr": 1}')], "unknown"),
+    ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
+]
+
+
+def _drop(directory: Path, name: str) -> Path:
+    (directory / name).unlink()
+    return directory
+
+
+def _swap_for_dir(path: Path) -> bool:
+    """`path` as a non-empty directory of someone else's files (a notes.txt)."""
+    path.unlink()
+    path.mkdir()
+    (path / "notes.txt").write_text("mine\n")
+    return True
+
+
+def _tree(*roots: Path) -> dict:
+    """Every path under the roots, with each file's mode and bytes."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_dir():
+                out[p] = None
+                continue
+            if not os.access(p, os.R_OK):
+                out[p] = (p.stat().st_mode, None)
+                continue
+            with open(p, "rb") as f:  # not Path.read_bytes, which a case may have made fail
+                out[p] = (p.stat().st_mode, f.read())
+    return out
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("build, phrase", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_exit_2_and_touches_nothing(cli, tiny_world, tmp_path, monkeypatch, build, phrase):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a stray default run directory would show up here
+    args = build(tiny_world, tmp_path, monkeypatch)
+    before = _tree(tmp_path, tiny_world["root"])
+    code, out, err = cli(*args)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sarkd-diag: error:"), err
+    assert phrase in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert _tree(tmp_path, tiny_world["root"]) == before
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "closed port"])
+def test_an_unreachable_hub_is_one_line_and_exit_2(tiny_world, tmp_path, env):
+    hub_id = "microsoft/DialoGPT-small"
+    clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env = {**clean, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", **env}
+    result = subprocess.run([sys.executable, "-m", "sarkd_diag", *map(str, _args(tiny_world, tmp_path,
+                                                                                 student_model=hub_id))],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and hub_id in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()

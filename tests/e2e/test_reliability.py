@@ -1,0 +1,380 @@
+"""No lost work: exact resume, interrupts that save, kill -9 that `report` and `--resume` recover from, the
+non-finite policies, out-of-memory handling, internal errors, and what a run may and may not write."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from contract import assert_conforms
+
+from sarkd_diag import load_run
+from sarkd_diag.config import DistillConfig
+from sarkd_diag.train import checkpoint as ckpt
+from sarkd_diag.train.loop import Trainer
+from sarkd_diag.train.objective import LogitKD
+from sarkd_diag.ui import TrainingDisplay
+
+COMPARED = ("loss", "kd_loss", "ce_loss", "router_loss", "grad_norm", "lr", "loss_scale", "eval_loss")
+
+
+def _config(world, out, **over) -> DistillConfig:
+    base = dict(teacher_model=str(world["teacher"]), student_model=str(world["student"]),
+                train_file=str(world["train"]), validation_file=str(world["valid"]), block_size=16,
+                per_device_batch_size=2, train_steps=6, eval_steps=3, student_lr=3e-3, output_dir=str(out),
+                precision="fp32", probes="off")
+    return DistillConfig(**{**base, **over}).validate()
+
+
+def _args(world, out, *extra) -> list[str]:
+    return ["train", "--teacher-model", world["teacher"], "--student-model", world["student"], "--train-file",
+            world["train"], "--validation-file", world["valid"], "--block-size", "16", "--per-device-batch-size",
+            "2", "--eval-steps", "1000", "--precision", "fp32", "--probes", "off", "--output-dir", out, *extra]
+
+
+def _rows(run_dir, split="train") -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def _events(run_dir, kind=None) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "events.jsonl").read_text().splitlines()]
+    return [e for e in rows if kind is None or e["kind"] == kind]
+
+
+def _summary(run_dir) -> dict:
+    """The run directory conforms to shared/DESIGN.md's contract; its summary."""
+    assert_conforms(run_dir)
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def _numbers(rows) -> list[tuple]:
+    return [(r["step"],) + tuple(r.get(k) for k in COMPARED) for r in rows]
+
+
+class SignalAt(TrainingDisplay):
+    """A quiet display that sends this process a real signal once a given step is logged."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM):
+        super().__init__(quiet=True)
+        self.at, self.sig = step, sig
+
+    def update(self, step, row):
+        if step == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+# --------------------------------------------------------------------------------- exact resume
+@pytest.fixture(scope="module")
+def dropout_student(tiny_world, tmp_path_factory) -> Path:
+    """The tiny student with dropout on, so that a resume must restore the RNG to be exact."""
+    path = tmp_path_factory.mktemp("dropout") / "student"
+    shutil.copytree(tiny_world["student"], path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16-mixed"])
+def test_an_interrupted_run_resumes_bit_for_bit(tiny_world, dropout_student, tmp_path, mode):
+    over = dict(train_steps=20, eval_steps=5, precision=mode, use_scheduler=True, warmup_steps=3, probes="standard",
+                probe_every=4, student_model=str(dropout_student))
+    whole = Trainer(_config(tiny_world, tmp_path / "whole", **over), TrainingDisplay(quiet=True)).train()
+    assert whole.status == "completed"
+
+    cut = Trainer(_config(tiny_world, tmp_path / "cut", **over), SignalAt(10)).train()
+    assert (cut.status, cut.exit_code, cut.summary["steps_completed"]) == ("interrupted", 143, 10)
+    assert [p.name for p in ckpt.list_checkpoints(cut.run_dir)] == ["step-00000010"]
+    resumed = Trainer(_config(tiny_world, tmp_path / "cut", resume=True, **over), TrainingDisplay(quiet=True)).train()
+    assert resumed.status == "completed"
+
+    for split in ("train", "eval"):
+        assert _numbers(_rows(cut.run_dir, split)) == _numbers(_rows(whole.run_dir, split)), split
+    assert [r["step"] for r in _rows(cut.run_dir)] == list(range(1, 21))
+    assert len(_events(cut.run_dir, "interrupted")) == 1
+    assert any("resumed from" in e["message"] for e in _events(cut.run_dir, "setup_note"))
+    _summary(cut.run_dir)
+
+
+def test_train_steps_may_be_raised_on_resume_and_the_cli_needs_no_other_option(cli, tiny_world, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "4", "--overwrite"))
+    assert code == 0, err
+    code, _, err = cli("train", "--output-dir", out, "--resume")  # the recorded options come back
+    assert code == 2 and "raise --train-steps" in err
+    code, _, err = cli("train", "--config", out / "config.json", "--resume", "--train-steps", "7")
+    assert code == 0, err
+    assert [r["step"] for r in _rows(out)] == list(range(1, 8))
+    assert json.loads((out / "config.json").read_text())["options"]["train_steps"] == 7
+    assert _summary(out)["status"] == "completed"
+
+
+def test_resume_from_an_older_checkpoint_into_a_new_directory(cli, tiny_world, tmp_path):
+    src = tmp_path / "src"
+    code, _, err = cli(*_args(tiny_world, src, "--train-steps", "6", "--save-steps", "2", "--save-total-limit", "5"))
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    fork = tmp_path / "fork"
+    code, _, err = cli("train", "--resume-from", src / "checkpoints" / "step-00000002", "--output-dir", fork)
+    assert code == 0, err
+    assert [r["step"] for r in _rows(fork)] == list(range(1, 7))
+    assert _numbers(_rows(fork)) == _numbers(_rows(src))  # the same steps again, exactly
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the source run is untouched
+
+
+# ------------------------------------------------------------------------------- real signals
+def _spawn(world, out, *extra) -> subprocess.Popen:
+    """`sarkd-diag train` in a real process (its stderr in a file beside the run, read by `_stderr`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(a) for a in _args(world, out, *extra)]
+    err = open(Path(out).parent / "stderr.txt", "w")  # noqa: SIM115 - closed with the process by _finish
+    proc = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=err, text=True)
+    proc.err_file = err
+    return proc
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    """Wait for the process; its stderr."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        proc.err_file.close()
+    return Path(proc.err_file.name).read_text()
+
+
+def _wait_for_rows(proc: subprocess.Popen, out: Path, n: int, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = out / "metrics.jsonl"
+        if path.is_file() and sum('"split": "train"' in line for line in path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {_finish(proc)}")
+        time.sleep(0.05)
+    proc.kill()
+    _finish(proc)
+    raise AssertionError(f"no {n} training rows within {timeout} s")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_finishes_the_step_saves_everything_and_resume_continues(cli, tiny_world, tmp_path, sig, code):
+    out = tmp_path / "run"
+    proc = _spawn(tiny_world, out, "--train-steps", "100000")
+    _wait_for_rows(proc, out, 3)
+    proc.send_signal(sig)
+    stderr = _finish(proc)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    summary = _summary(out)
+    done = summary["steps_completed"]
+    assert summary["status"] == "interrupted" and done >= 3
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [ckpt.step_dir_name(done)]
+    assert (out / "student" / "model.safetensors").is_file()
+    assert _events(out, "interrupted")[0]["message"].startswith(signal.Signals(sig).name)
+    code, _, err = cli("train", "--output-dir", out, "--resume", "--train-steps", done + 2)
+    assert code == 0, err
+    assert [r["step"] for r in _rows(out)] == list(range(1, done + 3))
+
+
+def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(tiny_world, out, "--train-steps", "100000", "--save-steps", "2")
+    _wait_for_rows(proc, out, 5)
+    proc.kill()
+    _finish(proc)
+    steps = [r["step"] for r in _rows(out)]  # every line parses: nothing torn
+    assert steps == list(range(1, len(steps) + 1))
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    summary = _summary(out)
+    assert summary["status"] == "crashed" and summary["steps_completed"] == steps[-1]
+    saved = int(ckpt.list_checkpoints(out)[-1].name.split("-")[1])
+    assert saved >= 4 and saved <= steps[-1]
+    code, _, err = cli("train", "--output-dir", out, "--resume", "--train-steps", steps[-1] + 2)
+    assert code == 0, err
+    assert [r["step"] for r in _rows(out)] == list(range(1, steps[-1] + 3))  # redone steps are not duplicated
+    assert _summary(out)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------- non-finite policy
+def _poison_weights(trainer: Trainer, at: set[int], once: bool = False):
+    """Make the optimizer step of the given steps leave a NaN in the student's weights."""
+    seen = set()
+
+    def hook(optimizer, args, kwargs):
+        if trainer.step in at and not (once and trainer.step in seen):
+            seen.add(trainer.step)
+            with torch.no_grad():
+                trainer.trainable[0].view(-1)[0] = math.nan
+
+    trainer.optimizer.register_step_post_hook(hook)
+
+
+def _kinds(run_dir) -> list[str]:
+    return [e["kind"] for e in _events(run_dir) if e["kind"].startswith("policy_")]
+
+
+def test_stop_writes_everything_and_exits_1(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", save_steps=2), TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {3})
+    result = trainer.train()
+    assert (result.status, result.exit_code, result.summary["steps_completed"]) == ("stopped", 1, 3)
+    assert _kinds(result.run_dir) == ["policy_stop"]
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step-00000002"]  # never NaN weights
+    _summary(result.run_dir)
+
+
+def test_skip_puts_back_the_pre_step_weights_and_optimizer_state(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", on_nonfinite="skip"), TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {3})
+    kept = {}
+    trainer.display.update = lambda step, row: kept.update({step: [p.detach().clone() for p in trainer.trainable]})
+    result = trainer.train()
+    assert result.status == "completed" and result.summary["steps_completed"] == 6
+    assert _kinds(result.run_dir) == ["policy_skip"]
+    assert all(torch.equal(a, b) for a, b in zip(kept[2], kept[3], strict=True))  # step 3 undone exactly
+    assert [r["skipped"] for r in _rows(result.run_dir)] == [0, 0, 1, 0, 0, 0]
+    assert all(torch.isfinite(p).all() for p in trainer.trainable)
+
+
+def test_skip_skips_non_finite_gradients_before_the_optimizer_runs(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", on_nonfinite="skip"), TrainingDisplay(quiet=True))
+    weight = trainer.trainable[-1]
+    weight.register_hook(lambda g: g * math.inf if trainer.step == 2 else g)
+    steps_run = []
+    trainer.optimizer.register_step_pre_hook(lambda opt, a, k: steps_run.append(trainer.step))
+    result = trainer.train()
+    assert result.status == "completed"
+    assert steps_run == [1, 3, 4, 5, 6]
+    (skip,) = _events(result.run_dir, "policy_skip")
+    assert skip["step"] == 2 and "before the optimizer ran" in skip["message"] and skip["tensor"]
+    assert [r["skipped"] for r in _rows(result.run_dir)] == [0, 1, 0, 0, 0, 0]
+
+
+def test_rollback_returns_to_the_newest_good_checkpoint_at_half_the_learning_rate(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", on_nonfinite="rollback", save_steps=2),
+                      TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {5}, once=True)
+    result = trainer.train()
+    assert result.status == "completed"
+    (event,) = _events(result.run_dir, "policy_rollback")
+    assert event["step"] == 5 and "step-00000004" in event["message"] and event["value"] == 0.5
+    rows = _rows(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 5, 6]  # the bad step stays on record, then is redone
+    assert rows[-1]["lr"] == pytest.approx(rows[0]["lr"] / 2)
+    newest = ckpt.load(ckpt.list_checkpoints(result.run_dir)[-1])  # persisted: a resume keeps the halved rate
+    assert newest["policy"] == {"rollbacks": 1, "lr_factor": 0.5}
+    assert newest["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-3 / 2)
+
+
+def test_rollback_stops_after_max_rollbacks_and_without_a_checkpoint(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "a", on_nonfinite="rollback", save_steps=2, max_rollbacks=2),
+                      TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {5})
+    result = trainer.train()
+    assert (result.status, result.exit_code) == ("stopped", 1)
+    assert _kinds(result.run_dir) == ["policy_rollback", "policy_rollback", "policy_stop"]
+    assert "--max-rollbacks 2" in _events(result.run_dir, "policy_stop")[0]["message"]
+
+    trainer = Trainer(_config(tiny_world, tmp_path / "b", on_nonfinite="rollback"), TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {2})
+    result = trainer.train()
+    assert result.status == "stopped" and "no good checkpoint" in _events(result.run_dir, "policy_stop")[0]["message"]
+
+
+def test_continue_only_records(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", on_nonfinite="continue"), TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {3})
+    result = trainer.train()
+    assert result.status == "completed" and result.summary["steps_completed"] == 6
+    assert _kinds(result.run_dir) == []
+    assert not ckpt.list_checkpoints(result.run_dir)  # non-finite weights are never checkpointed
+
+
+def test_a_loss_scaler_that_skips_20_steps_in_a_row_stops_the_run(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", precision="mixed", train_steps=30, eval_steps=100,
+                              block_size=8), TrainingDisplay(quiet=True))
+    trainer.trainable[-1].register_hook(lambda g: g * math.inf if trainer.step > 2 else g)
+    result = trainer.train()
+    assert (result.status, result.exit_code, result.summary["steps_completed"]) == ("stopped", 1, 22)
+    (stop,) = _events(result.run_dir, "policy_stop")
+    assert "20 skipped steps in a row" in stop["message"]
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step-00000022"]  # finite: the work is kept
+
+
+# ------------------------------------------------------------------------------- memory faults
+def test_out_of_memory_is_recorded_saves_the_last_good_step_and_exits_1(cli, tiny_world, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = LogitKD.__call__
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(LogitKD, "__call__", flaky)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "6"))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "out of memory in the forward of step 3" in err and "--gradient-checkpointing" in err
+    (event,) = _events(out, "out_of_memory")
+    assert event["severity"] == "critical" and "estimated device memory for fp32" in event["message"]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000002"]
+    assert _summary(out)["status"] == "failed"
+    monkeypatch.undo()
+    code, _, err = cli("train", "--output-dir", out, "--resume", "--gradient-checkpointing")
+    assert code == 0, err
+    assert [r["step"] for r in _rows(out)] == list(range(1, 7))
+
+
+# ------------------------------------------------------------------------------ errors, security
+def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_the_run_dir(cli, tiny_world, tmp_path,
+                                                                                   monkeypatch):
+    calls, real = [], LogitKD.__call__
+
+    def broken(self, batch):  # a bug that shows in step 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("a bug")
+        return real(self, batch)
+
+    monkeypatch.setattr(LogitKD, "__call__", broken)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "3"))
+    assert code == 3
+    assert len(err.strip().splitlines()) == 1 and "internal error: ZeroDivisionError: a bug" in err
+    assert "ZeroDivisionError" in (out / "traceback.txt").read_text()
+    assert _summary(out)["status"] == "failed"
+
+
+def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,
+                                                                                      monkeypatch):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", secret)
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    code, _, err = cli(*_args(tiny_world, "run", "--train-steps", "2", "--trust-remote-code"))
+    assert code == 0, err
+    written = set(tmp_path.rglob("*")) - before
+    assert written and all(p == tmp_path / "run" or (tmp_path / "run") in p.parents for p in written)
+    for path in written:
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["options"]["trust_remote_code"] is True
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed"
