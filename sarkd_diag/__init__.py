@@ -14,4 +14,11 @@ def distill(config=None, **options):
     return _distill(config, **options)
 
 
-__all__ = ["DistillConfig", "Probes", "distill", "load_run", "__version__"]
+def compare_precision(modes=None, **options):
+    """Run the same distillation in several precision modes, side by side (see sarkd_diag.compare)."""
+    from .compare import compare_precision as _compare
+
+    return _compare(modes, **options)
+
+
+__all__ = ["DistillConfig", "Probes", "compare_precision", "distill", "load_run", "__version__"]

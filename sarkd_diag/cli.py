@@ -86,12 +86,27 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for progr
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory, finished or not.")) -> int:
-    """Rebuild summary.json, the parquet files and report.md of any run, even one that crashed."""
-    from .rundir import STATUSES, finalize_run
+def report(run_dir: Path = typer.Argument(..., help="A run directory, finished or not, or a compare-precision "
+                                                    "directory.")) -> int:
+    """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
+    from .compare import is_compare_dir, rebuild_comparison
 
+    if is_compare_dir(run_dir):
+        for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
+            _rebuild_run(mode_dir.parent)
+        result = rebuild_comparison(run_dir)
+        typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote comparison.csv, .parquet, .md, .html, "
+                   "loss_curves.png, loss_scale.png, summary.json")
+        return 0
     if not (run_dir / "config.json").is_file():
         raise BadInput(f"{run_dir} is not a sarkd-diag run directory (no config.json)")
+    _rebuild_run(run_dir)
+    return 0
+
+
+def _rebuild_run(run_dir: Path) -> dict:
+    from .rundir import STATUSES, finalize_run
+
     status = "crashed"
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
@@ -104,7 +119,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, finished o
     typer.echo(f"{run_dir}: {summary['status']}, {summary['steps_completed']} steps, "
                f"{len(summary['diagnosis'])} cause(s); wrote summary.json, metrics.parquet, events.parquet, "
                "report.md, loss_curves.png")
-    return 0
+    return summary
 
 
 # --------------------------------------------------------------------- compare, query, check, memory
@@ -220,6 +235,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _is_usage_error(exc: Exception) -> bool:
+    """A command-line usage error (unknown option, bad value): click's, or the copy of click typer vendors."""
+    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
     try:
@@ -227,13 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.UsageError as exc:
-        print(f"sarkd-diag: error: {_one_line(exc.format_message())}", file=sys.stderr)
-        sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         print("sarkd-diag: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # an internal error: one line here, the traceback in a file
+    except Exception as exc:
+        if _is_usage_error(exc):
+            print(f"sarkd-diag: error: {_one_line(exc.format_message())}", file=sys.stderr)
+            sys.exit(2)
+        # an internal error: one line here, the traceback in a file
         path = Path.cwd() / "sarkd-diag-error.txt"
         try:
             path.write_text(traceback.format_exc())

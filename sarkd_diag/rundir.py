@@ -21,9 +21,12 @@ from .events import events_frame, read_jsonl
 
 SCHEMA_VERSION = 1
 STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
-# Options that may differ when a run is continued: they change how long or where, not what is trained.
+# Options that may differ when a run is continued: they change how long, where, or how memory is spent,
+# not what is trained (after an out-of-memory error a run resumes with --gradient-checkpointing, say).
 RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_steps", "save_steps",
-                     "save_total_limit", "probes", "probe_every", "on_nonfinite", "max_rollbacks", "output_dir"}
+                     "save_total_limit", "probes", "probe_every", "on_nonfinite", "max_rollbacks", "output_dir",
+                     "eval_max_batches", "device", "gradient_checkpointing", "offload_teacher_to_cpu",
+                     "clear_cache_every_step"}
 
 
 def default_run_dir(mode: str) -> Path:
@@ -45,25 +48,70 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def differing_options(previous: dict, options: dict) -> list[str]:
+    """Options that change what is trained and differ from a recorded run's (a resume must not change them)."""
+    return sorted(k for k in options if k not in RESUMABLE_OPTIONS and k in previous and previous[k] != options[k])
+
+
+def _recorded_run(path: Path) -> dict | None:
+    """The options of the sarkd-diag run recorded in `path`/config.json; None when it holds none."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("options"), dict) or "precision" not in config:
+        return None
+    return config["options"]
+
+
+def _writable(directory: Path) -> bool:
+    """Whether a file can be created here (asked of the filesystem: root passes os.access, not a read-only mount)."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
 def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
-    """Refuse a directory that holds a different run, a file, or one we cannot write, before touching it."""
+    """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
+
+    --overwrite replaces a sarkd-diag run only: a directory of other files is never cleared (its config.json
+    may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
+    """
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise BadInput(f"--output-dir {path} is a file, not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir():
+        raise BadInput(f"--output-dir {path} cannot be created: {parent} is a file")
+    if not _writable(parent):
         raise BadInput(f"--output-dir {path} is not writable")
-    config_file = path / "config.json"
-    if resume or overwrite or not config_file.exists():
-        if path.is_dir() and any(path.iterdir()) and not config_file.exists() and not overwrite and not resume:
-            raise BadInput(f"--output-dir {path} is not empty and holds no sarkd-diag run; "
-                           "choose another directory or pass --overwrite")
+    if not path.is_dir() or not any(path.iterdir()):
+        if resume:
+            raise BadInput(f"--resume: nothing to resume, {path} holds no run")
         return
-    try:
-        previous = json.loads(config_file.read_text()).get("options", {})
-    except (OSError, ValueError):
-        raise BadInput(f"--output-dir {path} holds an unreadable config.json; pass --overwrite to replace it") \
-            from None
-    differing = sorted(k for k in options if k not in RESUMABLE_OPTIONS and previous.get(k) != options[k])
+    recorded = _recorded_run(path)
+    if resume:
+        if recorded is None:
+            raise BadInput(f"--resume: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
+        differing = differing_options(recorded, options)
+        if differing:
+            shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
+            raise BadInput(f"--resume: the run in {path} was trained with other options ({shown}); resume with "
+                           f"its own options (--config {path / 'config.json'}) or start a new run")
+        return
+    if recorded is None:
+        if (path / "config.json").exists():
+            raise BadInput(f"--output-dir {path} holds a config.json that is not a sarkd-diag run's; choose another "
+                           "directory (--overwrite only replaces a sarkd-diag run)")
+        raise BadInput(f"--output-dir {path} is not empty and holds no sarkd-diag run; choose another directory "
+                       "(--overwrite only replaces a sarkd-diag run)")
+    if overwrite:
+        return
+    differing = differing_options(recorded, options)
     what = f"a different run (options differ: {', '.join(differing[:4])})" if differing else "a run already"
     raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it or --overwrite to replace it")
 

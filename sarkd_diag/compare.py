@@ -1,0 +1,390 @@
+"""compare-precision: the same run in several precision modes, side by side, with a verdict per mode.
+
+Every mode trains in its own process (`python -m sarkd_diag train ... --precision MODE --on-nonfinite
+continue`) from the same options — so the same initial weights, data order and seed — and writes a full
+run directory under OUT/runs/MODE/. A process per mode keeps peak memory apart (the CPU's peak resident
+set, or CUDA's max_memory_allocated, of that process alone) and means a mode that crashes is recorded
+as `failed (reason)` while the others still run. The table is read back from each run's summary.json and
+events; verdicts come from verdicts.py.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .config import DistillConfig
+from .errors import BadInput
+from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
+from .rundir import SCHEMA_VERSION, default_run_dir, finalize_run, load_events, load_metrics, write_json_atomic
+from .verdicts import THRESHOLDS, verdict
+
+COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
+INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
+SET_BY_COMPARE = ("precision", "on_nonfinite", "resume", "resume_from")
+COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_step", "nonfinite_param_events",
+           "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32", "lost_update_fraction",
+           "tokens_per_s", "peak_memory_mb"]
+OUTPUTS = ("comparison.csv", "comparison.parquet", "comparison.md", "comparison.html", "loss_curves.png",
+           "loss_scale.png", "summary.json")
+
+
+@dataclass
+class ModeRun:
+    """What happened to one mode's process: its run directory, exit code, wall time and, if it failed, why."""
+
+    mode: str
+    run_dir: Path
+    returncode: int
+    seconds: float
+    failure: str | None = None
+
+
+@dataclass
+class CompareResult:
+    output_dir: Path
+    table: pd.DataFrame
+    summary: dict
+    exit_code: int = 0
+
+
+def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None, caps) -> list[str]:
+    """Canonical mode names in the order given (comma-separated allowed); by default every mode the device
+    runs (within --model-dtype's family when given). A mode the device cannot run is bad input."""
+    if isinstance(requested, str):
+        requested = [requested]
+    names = [n.strip() for item in requested or [] for n in item.split(",") if n.strip()]
+    if not names:
+        family = MODEL_DTYPE_FAMILY.get(model_dtype, tuple(MODES))
+        return [m for m in MODES if m in caps.runnable_modes and m in family]
+    modes = []
+    for name in names:
+        mode = canonical_mode(name)
+        if mode == "auto":
+            raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODES))
+        resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
+        if mode not in modes:
+            modes.append(mode)
+    return modes
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse a directory holding something else; with --overwrite clear a previous comparison's outputs."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--output-dir {out} is a file, not a directory")
+    previous = out.is_dir() and (is_compare_dir(out) or (out / "runs").exists())
+    if previous and not overwrite:
+        raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it")
+    if out.is_dir() and not previous and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"--output-dir {out} is not empty; choose another directory or pass --overwrite")
+    if previous:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+        shutil.rmtree(out / "logs", ignore_errors=True)
+        for name in (*OUTPUTS, "compare_options.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _train_command(mode: str, config_file: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "sarkd_diag", "train", "--config", str(config_file), "--precision", mode,
+            "--on-nonfinite", "continue", "--output-dir", str(run_dir)]
+
+
+def _last_error_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    text = (errors or lines or ["no output"])[-1]
+    return text.removeprefix("sarkd-diag: ")[:200]
+
+
+def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
+    """Train one mode in its own process; a process that dies is closed as a crashed run and recorded."""
+    run_dir, log = out / "runs" / mode, out / "logs" / f"{mode}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        process = subprocess.Popen(_train_command(mode, config_file, run_dir), stdout=f, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the run too: let it save its state and close, then stop
+            try:
+                process.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    seconds = time.perf_counter() - started
+    if code == 2:  # the same options go to every mode, so bad input would fail them all: stop here
+        raise BadInput(f"{mode}: {_last_error_line(log)}")
+    failure = None
+    if code < 0:
+        failure = f"killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
+    elif code not in (0, 1):
+        failure = f"exit {code}: {_last_error_line(log)}"
+    if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
+        finalize_run(run_dir, "crashed")  # what `sarkd-diag report` does for a run that died
+    if failure is None and not (run_dir / "summary.json").is_file():
+        failure = "no summary.json was written"
+    return ModeRun(mode, run_dir, code, seconds, failure)
+
+
+def _figure(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
+    """One mode's row (without verdict and drift, which need the other modes), its cause codes and its
+    failure, if any (the process failed, or the run closed as failed or crashed)."""
+    summary_path = result.run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    final = summary.get("final") or {}
+    events = load_events(result.run_dir) if result.run_dir.is_dir() else None
+    params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
+    causes = [d["cause"] for d in summary.get("diagnosis", [])]
+    status = summary.get("status")
+    failure = result.failure or (f"run {status}" if status in ("failed", "crashed") else None)
+    row = {
+        "mode": result.mode,
+        "top_cause": causes[0] if causes else None,
+        "steps_completed": int(summary.get("steps_completed", 0)),
+        "first_nonfinite_step": int(params["step"].min()) if len(params) else None,
+        "nonfinite_param_events": int(len(params)),
+        "skipped_steps": int(final.get("skipped_steps") or 0),
+        "final_eval_ppl": _figure(final.get("eval_ppl")),
+        "best_eval_ppl": _figure(final.get("best_eval_ppl")),
+        "lost_update_fraction": _figure(final.get("lost_update_fraction")),
+        "tokens_per_s": _figure(final.get("tokens_per_s")),
+        "peak_memory_mb": _figure(final.get("peak_memory_mb")),
+    }
+    return row, causes, failure
+
+
+def comparison_table(results: list[ModeRun]) -> pd.DataFrame:
+    """DESIGN.md's columns, one row per mode; drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
+    rows = [comparison_row(r) for r in results]
+    reference = next((row["final_eval_ppl"] for row, _, _ in rows if row["mode"] == "fp32"), math.nan)
+    for row, causes, failure in rows:
+        ppl = row["final_eval_ppl"]
+        finite_reference = math.isfinite(reference) and reference > 0
+        row["drift_vs_fp32"] = (ppl - reference) / reference if finite_reference and not math.isnan(ppl) else math.nan
+        row["verdict"] = verdict(row, causes, failure)
+    frame = pd.DataFrame([row for row, _, _ in rows], columns=COLUMNS)
+    return frame.astype({"first_nonfinite_step": "Int64"})
+
+
+# -------------------------------------------------------------------------------------- rendering
+def _cell(column: str, value) -> str:
+    """How a person reads a value: percentages for fractions, `n/a` for drift without fp32, `—` when unmeasured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "n/a" if column == "drift_vs_fp32" else "—"
+    if column == "drift_vs_fp32":
+        return f"{value:+.1%}"
+    if column == "lost_update_fraction":
+        return f"{value:.1%}"
+    if column in ("final_eval_ppl", "best_eval_ppl"):
+        return f"{value:.3f}"
+    if column in ("tokens_per_s", "peak_memory_mb"):
+        return f"{value:.0f}"
+    return str(value)
+
+
+def display_rows(table: pd.DataFrame) -> list[list[str]]:
+    return [[_cell(c, row[c]) for c in COLUMNS] for row in table.astype(object).to_dict("records")]
+
+
+def _verdict_class(text: str) -> str:
+    return text.split("@")[0].split(" ")[0]
+
+
+VERDICT_STYLE = {"stable": "green", "drifting": "yellow", "stagnant": "yellow", "corrupted": "bold red",
+                 "failed": "bold red"}
+VERDICT_COLOUR = {"stable": "#d8f5d8", "drifting": "#fff2c2", "stagnant": "#fff2c2", "corrupted": "#f8d0d0",
+                  "failed": "#f8d0d0"}
+
+
+TERMINAL_COLUMNS = {"mode": "mode", "verdict": "verdict", "final_eval_ppl": "ppl", "drift_vs_fp32": "Δfp32",
+                    "lost_update_fraction": "lost", "tokens_per_s": "tok/s", "peak_memory_mb": "MB"}
+
+
+def rich_table(table: pd.DataFrame, title: str = "compare-precision") -> Table:
+    """The columns a person scans first (the files hold them all), coloured by verdict."""
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, header in TERMINAL_COLUMNS.items():
+        if column == "verdict":
+            out.add_column(header, ratio=1, overflow="fold")
+        else:
+            out.add_column(header, no_wrap=True, justify="left" if column == "mode" else "right")
+    for cells in display_rows(table):
+        by_name = dict(zip(COLUMNS, cells, strict=True))
+        out.add_row(*(by_name[c] for c in TERMINAL_COLUMNS), style=VERDICT_STYLE.get(_verdict_class(cells[1])))
+    return out
+
+
+def _legend(summary: dict) -> list[str]:
+    t = summary["thresholds"]
+    reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
+    return [
+        f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
+        f"seed {summary['options']['seed']}; probes every {summary['options']['probe_every']} steps; "
+        f"drift reference: {reference}.",
+        f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
+        f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "
+        f"{t['stagnant_skipped_step_fraction']:.0%} of steps were skipped; `drifting` when over "
+        f"{t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is more than "
+        f"{t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
+    ]
+
+
+def write_markdown(table: pd.DataFrame, summary: dict, path: Path) -> None:
+    lines = ["# sarkd-diag compare-precision", "", *_legend(summary), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(table)]
+    lines += ["", "Each mode's run directory, report and diagnosis: `runs/<mode>/` (`sarkd-diag events` and "
+              "`sarkd-diag check` take this directory too).", "", "![loss curves](loss_curves.png)",
+              "", "![loss scale](loss_scale.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_html(table: pd.DataFrame, summary: dict, path: Path) -> None:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        f'<tr style="background:{VERDICT_COLOUR.get(_verdict_class(cells[1]), "#fff")}">'
+        + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for cells in display_rows(table))
+    legend = "".join(f"<p>{html.escape(line)}</p>" for line in _legend(summary))
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>sarkd-diag compare-precision</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}</style></head><body>"
+        f"<h1>sarkd-diag compare-precision</h1>{legend}<table><tr>{head}</tr>{body}</table>"
+        "<p><img src='loss_curves.png' alt='loss curves'></p><p><img src='loss_scale.png' alt='loss scale'></p>"
+        "</body></html>\n", encoding="utf-8")
+
+
+def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[ModeRun]) -> None:
+    """comparison.csv/.parquet/.md/.html, the two plots and summary.json, from the table and the runs."""
+    from .plots import plot_loss_curves, plot_loss_scale
+
+    table.to_parquet(out / "comparison.parquet", index=False)
+    table.assign(drift_vs_fp32=[_cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
+        .to_csv(out / "comparison.csv", index=False)
+    write_markdown(table, summary, out / "comparison.md")
+    write_html(table, summary, out / "comparison.html")
+    metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
+    plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
+    plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
+    write_json_atomic(out / "summary.json", summary)
+
+
+def _summary(out: Path, table: pd.DataFrame, results: list[ModeRun], options: dict, device: dict) -> dict:
+    rows = []
+    for row in table.astype(object).to_dict("records"):
+        clean = {k: (None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v)
+                 for k, v in row.items()}
+        clean["drift_vs_fp32"] = "n/a" if clean["drift_vs_fp32"] is None else clean["drift_vs_fp32"]
+        rows.append(clean)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "compare-precision",
+        "modes": [r.mode for r in results],
+        "fp32_reference": any(r.mode == "fp32" for r in results),
+        "device": device,
+        "options": options,
+        "thresholds": THRESHOLDS,
+        "rows": rows,
+        "runs": {r.mode: {"run_dir": str(r.run_dir), "exit_code": r.returncode, "seconds": round(r.seconds, 2),
+                          "failure": r.failure} for r in results},
+        "output_dir": str(out),
+    }
+
+
+def compare_precision(modes: Sequence[str] | str | None = None, *, config: DistillConfig | None = None,
+                      steps: int | None = None, console: Console | None = None, quiet: bool = False,
+                      **options) -> CompareResult:
+    """Run the same distillation in several precision modes and write a side-by-side comparison.
+
+    `options` are DistillConfig's fields (as for `distill`), except precision, on_nonfinite and resume,
+    which the comparison sets itself. Returns the table (pandas), the summary and the output directory.
+    """
+    given = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in SET_BY_COMPARE}
+    refused = [k for k in SET_BY_COMPARE if options.get(k) not in (None, False)]
+    if refused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
+        raise BadInput(f"compare-precision sets {flags} itself (every mode runs with --on-nonfinite continue from "
+                       "the same start); choose the modes with --modes")
+    given.update({k: v for k, v in options.items() if k not in SET_BY_COMPARE})
+    if steps is not None:
+        if given.get("train_steps") not in (None, steps):
+            raise BadInput(f"--steps {steps} and --train-steps {given['train_steps']} disagree; give one")
+        given["train_steps"] = steps
+    given.setdefault("probe_every", COMPARE_PROBE_EVERY)
+    try:
+        base = DistillConfig(**given).validate()
+    except TypeError as exc:
+        raise BadInput(f"invalid options: {exc}") from None
+    from .train.loop import resolve_device
+    from .train.models import resolve_model_source
+
+    caps = detect_capabilities(resolve_device(base.device))
+    chosen = resolve_modes(modes, base.model_dtype, caps)
+    for name in (base.teacher_model, base.student_model):
+        resolve_model_source(name)  # a missing local model is bad input before any mode starts
+    out = Path(base.output_dir) if base.output_dir else default_run_dir("compare")
+    _prepare_output(out, base.overwrite)
+    run_options = {k: v for k, v in base.to_dict().items() if k not in SET_BY_COMPARE}
+    run_options.update(output_dir=None, overwrite=False)  # each mode's --output-dir is OUT/runs/MODE
+    config_file = out / "compare_options.json"
+    write_json_atomic(config_file, {"options": run_options, "modes": chosen})
+
+    console = console or Console(quiet=quiet)
+    console.print(f"[bold]sarkd-diag compare-precision[/]: {', '.join(chosen)} × {base.train_steps} steps → {out}")
+    results = []
+    for i, mode in enumerate(chosen, 1):
+        with console.status(f"[{i}/{len(chosen)}] {mode} …"):
+            result = run_mode(mode, config_file, out)
+        results.append(result)
+        console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
+                      f"({result.seconds:.0f} s)")
+    table = comparison_table(results)
+    summary = _summary(out, table, results, run_options, {"type": caps.device_type, "name": caps.name})
+    write_outputs(out, table, summary, results)
+    console.print(rich_table(table))
+    console.print(f"comparison: {out / 'comparison.md'} (also .csv, .parquet, .html, loss_curves.png, loss_scale.png)")
+    return CompareResult(out, table, summary, 0)
+
+
+def is_compare_dir(path: Path) -> bool:
+    return (Path(path) / "compare_options.json").is_file()
+
+
+def rebuild_comparison(out: str | Path) -> CompareResult:
+    """Write a comparison's table, plots and summary again from its runs — after `report` rebuilt them, or
+    for a comparison that was interrupted (the modes that ran are compared)."""
+    out = Path(out)
+    previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    started = json.loads((out / "compare_options.json").read_text())
+    ran = [m for m in started["modes"] if (out / "runs" / m / "summary.json").is_file()]
+    if not ran:
+        raise BadInput(f"{out}: no mode of this comparison has a run directory with a summary.json yet")
+    known = previous.get("runs", {})
+    results = [ModeRun(m, out / "runs" / m, known.get(m, {}).get("exit_code", 0), known.get(m, {}).get("seconds", 0.0),
+                       known.get(m, {}).get("failure")) for m in ran]
+    table = comparison_table(results)
+    device = previous.get("device") or json.loads((out / "runs" / ran[0] / "config.json").read_text())["device"]
+    summary = _summary(out, table, results, started["options"], device)
+    write_outputs(out, table, summary, results)
+    return CompareResult(out, table, summary, 0)

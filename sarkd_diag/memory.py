@@ -1,0 +1,232 @@
+"""`estimate-memory`: device bytes per precision mode, before a run — what a 16 GB-card user wants to know.
+
+Shapes come from the models' configs alone: the model is built on the meta device (parameters without
+storage), so a 7B teacher is counted, not loaded. Weights, gradients, fp32 master copies and AdamW's two
+moments are exact byte counts for the way each mode holds them (precision.py). Activations are an
+estimate for one micro-batch (batch × block), with attention through SDPA (no seq² score matrix kept):
+
+    per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
+    logits per token:  vocab × (compute bytes + 4 + 4)  — the logits, their fp32 log-softmax and its gradient
+
+The student's activations are kept for backward (only layer inputs plus one layer with gradient
+checkpointing); the teacher's are kept too when its routers train (SAR-KD backpropagates through the
+teacher to them), else only its logits. The CUDA context (~0.3–0.5 GB) and allocator slack come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .config import DistillConfig
+from .errors import BadInput
+from .precision import MODES, canonical_mode
+
+GIB = 2**30
+PARTS = ("teacher_weights", "student_weights", "gradients", "master_weights", "optimizer_state", "activations")
+PART_TITLES = {"teacher_weights": "teacher weights", "student_weights": "student weights",
+               "gradients": "gradients", "master_weights": "fp32 masters", "optimizer_state": "optimizer state",
+               "activations": "activations (est.)"}
+SHORT_TITLES = ("teacher", "student", "grads", "masters", "optimizer", "activ.*", "total")
+
+
+def _config_value(config, *keys: str, default: int | None = None) -> int | None:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs of a model: parameter counts (tied weights once) and its dimensions."""
+
+    name: str
+    params: int
+    router_params: int
+    layers: int
+    hidden: int
+    intermediate: int
+    experts_per_token: int
+    vocab: int
+
+
+def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None) -> ModelShape:
+    """The shape of a model, loaded or on the meta device; router parameters as SAR-KD finds them."""
+    from .train.router import find_routers
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = _config_value(config, "hidden_size", "n_embd", "d_model", default=0)
+    routers = find_routers(model, router_patterns)
+    shapes = dict(model.named_parameters())
+    return ModelShape(
+        name=name,
+        params=sum(p.numel() for p in model.parameters()),
+        router_params=sum(shapes[n].numel() for r in routers for n in r.param_names if n in shapes),
+        layers=_config_value(config, "num_hidden_layers", "n_layer", "num_layers", default=0),
+        hidden=hidden,
+        intermediate=_config_value(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        experts_per_token=routers[0].top_k if routers else 1,
+        vocab=_config_value(config, "vocab_size", default=0),
+    )
+
+
+def shape_from_config(name: str, trust_remote_code: bool = False,
+                      router_patterns: list[str] | None = None) -> ModelShape:
+    """A model's shape from its config alone: built on the meta device, no weights read or allocated."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .train.models import resolve_model_source
+
+    source = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError (hub, no config.json), ValueError (unknown architecture)
+        text = str(exc).strip()
+        raise BadInput(f"cannot read the config of {name!r}: {text.splitlines()[0] if text else type(exc).__name__}") \
+            from None
+    return model_shape(model, name, router_patterns)
+
+
+@dataclass
+class MemoryEstimate:
+    """Device bytes of one mode, part by part; `host` holds what --offload-teacher-to-cpu keeps off the device."""
+
+    mode: str
+    teacher_weights: int
+    student_weights: int
+    gradients: int
+    master_weights: int
+    optimizer_state: int
+    activations: int
+    host: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, part) for part in PARTS)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _activation_elements(shape: ModelShape, tokens: int, checkpointing: bool) -> int:
+    per_layer = 8 * shape.hidden + 3 * shape.intermediate * shape.experts_per_token
+    if checkpointing:  # layer inputs are kept; one layer's activations exist while it is recomputed
+        return tokens * (shape.layers * shape.hidden + per_layer)
+    return tokens * shape.layers * per_layer
+
+
+def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: int, block: int, *,
+                  gradient_checkpointing: bool = False, offload_teacher: bool = False) -> MemoryEstimate:
+    """The breakdown of one precision mode for these shapes and one micro-batch of batch × block tokens."""
+    strategy = MODES[canonical_mode(mode)]
+    keep, frozen = strategy.trainable_dtype.itemsize, strategy.frozen_dtype.itemsize
+    compute = (strategy.autocast_dtype or strategy.trainable_dtype).itemsize
+    teacher_compute = (strategy.autocast_dtype or strategy.frozen_dtype).itemsize
+    mixed = strategy.autocast_dtype is not None
+    dual = teacher.vocab != student.vocab
+    routers = 0 if dual else teacher.router_params
+    projection = student.hidden * teacher.hidden + teacher.hidden if dual else 0
+    trainable_student = student.params + projection
+    trainable = trainable_student + routers
+    tokens = batch * block
+
+    # trainable weights are held in `keep`; under autocast their compute-dtype casts live until backward
+    working = compute if mixed else keep
+    teacher_frozen = (teacher.params - routers) * frozen
+    estimate = MemoryEstimate(
+        mode=strategy.name,
+        teacher_weights=teacher_frozen + routers * working,
+        student_weights=trainable_student * working,
+        gradients=trainable * keep,
+        master_weights=trainable * keep if mixed else 0,
+        optimizer_state=2 * trainable * keep,  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
+        activations=_activation_elements(student, tokens, gradient_checkpointing) * compute
+        + tokens * student.vocab * (compute + 4 + 4)
+        + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
+        + tokens * teacher.vocab * teacher_compute,
+    )
+    if offload_teacher:
+        estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
+        estimate.notes.append("--offload-teacher-to-cpu: the teacher's frozen weights are on the host")
+    return estimate
+
+
+@dataclass
+class MemoryReport:
+    """The estimate of every requested mode for one pair of models and one micro-batch."""
+
+    teacher: ModelShape
+    student: ModelShape
+    batch: int
+    block: int
+    estimates: list[MemoryEstimate]
+
+    @property
+    def notes(self) -> list[str]:
+        notes = sorted({n for e in self.estimates for n in e.notes})
+        return notes + ["activations are an estimate (see sarkd_diag/memory.py); the CUDA context "
+                        "(~0.3-0.5 GiB) and allocator slack come on top"]
+
+    def to_dict(self) -> dict:
+        return {"teacher": asdict(self.teacher), "student": asdict(self.student), "batch": self.batch,
+                "block": self.block, "modes": [e.to_dict() for e in self.estimates], "notes": self.notes}
+
+
+def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None = None,
+                    **options) -> MemoryReport:
+    """Per-mode device memory for a run's models and batch, read from configs without loading weights.
+
+    Other parts call it too (a CUDA out-of-memory error can print `format_breakdown` of the mode that ran);
+    with models already loaded, `estimate_mode(mode, model_shape(teacher), model_shape(student), ...)`.
+    """
+    cfg = (config or DistillConfig(**options)).validate()
+    chosen = [canonical_mode(m) for item in (modes or list(MODES)) for m in item.split(",") if m.strip()]
+    if "auto" in chosen:
+        raise BadInput("estimate-memory needs explicit modes (what auto picks depends on the device): "
+                       + ", ".join(MODES))
+    try:
+        teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns)
+    except ValueError as exc:  # an invalid --router-patterns regex
+        raise BadInput(f"--router-patterns: {exc}") from None
+    student = shape_from_config(cfg.student_model, cfg.trust_remote_code)
+    estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
+                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               offload_teacher=cfg.offload_teacher_to_cpu) for m in dict.fromkeys(chosen)]
+    return MemoryReport(teacher, student, cfg.per_device_batch_size, cfg.block_size, estimates)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def breakdown_table(estimates: list[MemoryEstimate], title: str = "estimated device memory"):
+    """A rich table of the estimates (one row per mode, one unit for all cells), for the terminal."""
+    from rich import box
+    from rich.table import Table
+
+    unit, size = ("GiB", GIB) if max(e.total for e in estimates) >= GIB else ("MiB", 2**20)
+    table = Table(title=f"{title} ({unit})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="teacher, student: weights as the mode holds them; masters: fp32 master copies; "
+                          "optimizer: AdamW's two moments; activ.*: activations, estimated")
+    table.add_column("mode", no_wrap=True)
+    for header in SHORT_TITLES:
+        table.add_column(header, justify="right", no_wrap=True)
+    for e in estimates:
+        table.add_row(e.mode, *(f"{getattr(e, p) / size:.2f}" for p in PARTS), f"[bold]{e.total / size:.2f}[/]")
+    return table
+
+
+def format_breakdown(estimate: MemoryEstimate) -> str:
+    """One mode's breakdown as one line of text (for an out-of-memory message)."""
+    parts = ", ".join(f"{PART_TITLES[p]} {human_bytes(getattr(estimate, p))}" for p in PARTS)
+    return f"estimated device memory for {estimate.mode}: {human_bytes(estimate.total)} ({parts})"

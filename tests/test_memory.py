@@ -1,0 +1,80 @@
+"""estimate-memory: parameter counts read from configs alone match the real models exactly, the bytes follow
+each mode's dtypes, and the command prints and exits like the others."""
+
+import json
+
+import pytest
+
+from sarkd_diag.memory import estimate_memory, estimate_mode, format_breakdown, model_shape, shape_from_config
+
+
+@pytest.fixture(scope="module")
+def shapes(tiny_world):
+    from transformers import AutoModelForCausalLM
+
+    real = {k: AutoModelForCausalLM.from_pretrained(tiny_world[k]) for k in ("teacher", "student")}
+    return {k: (shape_from_config(str(tiny_world[k])), real[k]) for k in real}
+
+
+def test_counts_from_the_meta_device_equal_the_loaded_models(shapes):
+    for shape, model in shapes.values():
+        assert shape.params == sum(p.numel() for p in model.parameters())
+        assert shape == model_shape(model, shape.name)
+    teacher, model = shapes["teacher"]
+    gates = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert gates and teacher.router_params == sum(p.numel() for p in gates)
+    assert teacher.experts_per_token == 2 and shapes["student"][0].router_params == 0
+
+
+def test_bytes_follow_each_modes_dtypes(shapes):
+    teacher, student = shapes["teacher"][0], shapes["student"][0]
+    trainable, routers, frozen = student.params + teacher.router_params, teacher.router_params, \
+        teacher.params - teacher.router_params
+    fp32 = estimate_mode("fp32", teacher, student, 4, 32)
+    assert (fp32.teacher_weights, fp32.student_weights) == (4 * teacher.params, 4 * student.params)
+    assert (fp32.gradients, fp32.master_weights, fp32.optimizer_state) == (4 * trainable, 0, 8 * trainable)
+    mixed = estimate_mode("mixed", teacher, student, 4, 32)  # fp16 working copies + fp32 masters
+    assert mixed.teacher_weights == 2 * frozen + 2 * routers and mixed.student_weights == 2 * student.params
+    assert (mixed.gradients, mixed.master_weights, mixed.optimizer_state) == (4 * trainable, 4 * trainable,
+                                                                             8 * trainable)
+    pure = estimate_mode("pure-bf16", teacher, student, 4, 32)
+    assert (pure.gradients, pure.master_weights, pure.optimizer_state) == (2 * trainable, 0, 4 * trainable)
+    assert pure.total < mixed.total < fp32.total
+
+
+def test_activations_scale_with_the_batch_and_shrink_with_checkpointing(shapes):
+    teacher, student = shapes["teacher"][0], shapes["student"][0]
+    one, two = (estimate_mode("bf16-mixed", teacher, student, b, 32).activations for b in (4, 8))
+    assert two == 2 * one
+    assert estimate_mode("bf16-mixed", teacher, student, 4, 32, gradient_checkpointing=True).activations < one
+
+
+def test_offloading_moves_the_frozen_teacher_to_the_host(shapes):
+    teacher, student = shapes["teacher"][0], shapes["student"][0]
+    on, off = (estimate_mode("fp32", teacher, student, 4, 32, offload_teacher=o) for o in (False, True))
+    assert off.host == 4 * (teacher.params - teacher.router_params)
+    assert on.total - off.total == off.host
+    assert "estimated device memory for fp32" in format_breakdown(on)
+
+
+def test_python_api_and_the_command(tiny_world, cli):
+    report = estimate_memory(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
+                             block_size=32, per_device_batch_size=4, modes=["fp32", "mixed"])
+    assert [e.mode for e in report.estimates] == ["fp32", "mixed"]
+    code, out, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model",
+                         tiny_world["student"], "--block-size", "32", "--per-device-batch-size", "4", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert [m["mode"] for m in data["modes"]] == ["fp32", "mixed", "bf16-mixed", "pure-fp16", "pure-bf16"]
+    assert data["modes"][0]["total"] == report.estimates[0].total
+    code, out, _ = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model",
+                       tiny_world["student"], "--modes", "pure-fp16,fp32")
+    assert code == 0 and "pure-fp16" in out and "masters" in out
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny_world, cli, tmp_path):
+    code, _, err = cli("estimate-memory", "--student-model", tmp_path / "missing")
+    assert code == 2 and err.count("\n") == 1 and "no such directory" in err
+    code, _, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model",
+                       tiny_world["student"], "--modes", "fp16")
+    assert code == 2 and "ambiguous" in err
