@@ -1,0 +1,68 @@
+"""The loop's guard without probes, and the causes that need more than one probe to tell apart."""
+
+import shutil
+
+import torch
+from torch import nn
+
+from sarkd_diag import Probes, load_run
+from sarkd_diag.train.objective import LossParts
+
+
+def test_the_guard_stops_pure_fp16_even_with_probes_off(cli, tiny_args, tmp_path):
+    args = [a if a != "6" else "3" for a in tiny_args]
+    code, _, err = cli("train", *args, "--precision", "pure-fp16", "--probes", "off")
+    assert code == 1
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "stopped" and run["summary"]["steps_completed"] == 1
+    assert "nonfinite_param" not in run["summary"]["event_counts"]  # no probe ran: the guard alone stopped it
+    assert run["summary"]["event_counts"]["policy_stop"] == 1
+
+
+def test_dual_mode_refuses_a_tokenizer_without_offsets(cli, tiny_args, tiny_world, tmp_path):
+    from transformers import CanineTokenizer
+
+    slow_student = tmp_path / "slow_student"
+    shutil.copytree(tiny_world["student"], slow_student)
+    for f in slow_student.glob("tokenizer*"):
+        f.unlink()
+    CanineTokenizer().save_pretrained(slow_student)  # a pure-Python tokenizer: no offset mappings
+    args = [str(slow_student) if a == str(tiny_world["student"]) else a for a in tiny_args]
+    code, _, err = cli("train", *args)
+    assert code == 2
+    assert "offset" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_without_targets_is_bad_data(tmp_path):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        zero = torch.zeros(())
+        probes.observe_loss(LossParts(kd_sum=zero, ce_sum=zero, targets=0))
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        probes.step()
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["event_counts"]["empty_targets"] == 1
+    assert run["summary"]["diagnosis"][0]["cause"] == "nonfinite_input"
+
+
+def test_a_loss_that_blows_up_in_fp32_is_divergence(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.9)  # too large: every step overshoots further
+    x, y = torch.randn(16, 4) * 2, torch.randn(16, 1)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for _ in range(6):
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    run = load_run(tmp_path / "run")
+    losses = run["metrics"]["loss"].tolist()
+    assert losses[-1] > 3 * losses[0] and all(map(torch.isfinite, torch.tensor(losses)))
+    (cause,) = run["summary"]["diagnosis"]
+    assert (cause["cause"], cause["severity"]) == ("divergence", "critical")
+    assert cause["evidence"]["max_loss"] > 3 * cause["evidence"]["first_loss"]
