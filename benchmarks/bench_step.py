@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from functools import partial
 import sys
 import tempfile
 import time
@@ -107,12 +108,11 @@ def main() -> None:
         for current_pair in args.pairs.split(","):
             teacher, student = PAIRS[current_pair]()
             for precision in args.precisions.split(","):
+                models = (teacher, student, precision)
                 variants = {
-                    "hand-written": lambda: hand_written_step_time(teacher, student, precision, args.steps, False),
-                    "hand-written + DebugUnderflowOverflow":
-                        lambda: hand_written_step_time(teacher, student, precision, args.steps, True),
-                    **{f"train --probes {level}": (lambda level=level: trainer_step_time(
-                        teacher, student, precision, level, args.steps, Path(tmp) / level))
+                    "hand-written": partial(hand_written_step_time, *models, args.steps, False),
+                    "hand-written + DebugUnderflowOverflow": partial(hand_written_step_time, *models, args.steps, True),
+                    **{f"train --probes {level}": partial(trainer_step_time, *models, level, args.steps, Path(tmp) / level)
                        for level in ("off", "standard", "full")},
                 }
                 samples = {name: [] for name in variants}

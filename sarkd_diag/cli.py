@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import signal
 import sys
 import traceback
 from dataclasses import fields
@@ -56,6 +58,7 @@ def _with_config_options(exclude: tuple[str, ...] = (), extra: list[inspect.Para
     return decorate
 
 
+_ARGV: list[str] = []  # the command line main() was given: `train --nproc N` passes it on to torchrun
 CONFIG_FILE = typer.Option(None, "--config", help="YAML or JSON file of options (a run's config.json works too).")
 
 
@@ -66,10 +69,29 @@ def train(config: Path | None = CONFIG_FILE, **options) -> int:
     from .train.loop import distill
 
     cfg = build_config(options, config)
-    if cfg.nproc > 1:
-        raise BadInput("--nproc above 1 (torchrun) is not supported yet")
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
+        return _launch_torchrun(cfg.nproc)
     result = distill(cfg)
     return result.exit_code
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """`train --nproc N`: the same command under torchrun (`python -m torch.distributed.run`), its exit code."""
+    import subprocess
+
+    from .train.distributed import launch_command
+
+    args = _ARGV[_ARGV.index("train") + 1:]
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said once instead of warned per rank
+    child = subprocess.Popen(launch_command(nproc, args), env=env)
+    forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+               for sig in (signal.SIGINT, signal.SIGTERM)}  # torchrun passes them to the ranks, which save state
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
 
 
 @app.command()
@@ -242,6 +264,8 @@ def _is_usage_error(exc: Exception) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
         code = app(args=argv, prog_name="sarkd-diag", standalone_mode=False)
     except BadInput as exc:

@@ -77,6 +77,21 @@ class JsonlLog:
         self._file.close()
 
 
+class NullLog:
+    """A JsonlLog that writes nothing: what a rank other than 0 holds for the files rank 0 alone writes."""
+
+    def write_line(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def events_file_name(rank: int = 0, ranks: int = 1) -> str:
+    """events.jsonl of a single process; under torchrun one file per rank, events.rank{N}.jsonl."""
+    return "events.jsonl" if ranks <= 1 else f"events.rank{rank}.jsonl"
+
+
 class EventLog:
     """Where probes and the loop record events; listeners (the terminal alert) see each as it happens."""
 

@@ -8,6 +8,7 @@ and whose position (epoch, index) is part of a checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,13 +183,23 @@ def make_batch(blocks: TokenBlocks, index: torch.Tensor) -> dict:
 
 
 class BatchStream:
-    """Endless batches in a seeded order, reshuffled each epoch; (epoch, position) resumes it exactly."""
+    """Endless batches in a seeded order, reshuffled each epoch; (epoch, position) resumes it exactly.
 
-    def __init__(self, blocks: TokenBlocks, batch_size: int, seed: int):
-        if len(blocks) < batch_size:
+    Under torchrun every rank walks the same order in global batches of batch_size × ranks and takes its
+    own rows of each (`shard`, rows rank::ranks), so the ranks partition every global batch and a single
+    process with the global batch size sees the same blocks step by step. Each batch also carries
+    `global_targets`, the global batch's target count, known without communicating.
+    """
+
+    def __init__(self, blocks: TokenBlocks, batch_size: int, seed: int, ranks: int = 1,
+                 shard: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        global_size = batch_size * ranks
+        if len(blocks) < global_size:
+            per = f" × {ranks} ranks" if ranks > 1 else ""
             raise BadInput(f"the training data makes {len(blocks)} block(s), fewer than one batch of "
-                           f"--per-device-batch-size {batch_size}")
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+                           f"--per-device-batch-size {batch_size}{per}")
+        self.blocks, self.batch_size, self.seed = blocks, global_size, seed
+        self.shard = shard or (lambda index: index)
         self.epoch, self.position = 0, 0
         self._order = self._permutation()
 
@@ -202,7 +213,11 @@ class BatchStream:
             self._order = self._permutation()
         index = self._order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return make_batch(self.blocks, index)
+        rows = self.shard(index)
+        batch = make_batch(self.blocks, rows)
+        batch["global_targets"] = batch["n_targets"] if len(rows) == len(index) else \
+            int((self.blocks.ids[index, 1:] != IGNORE_INDEX).sum())
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

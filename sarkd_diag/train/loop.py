@@ -32,12 +32,13 @@ from torch import nn
 from .. import __version__
 from ..config import DistillConfig
 from ..errors import BadInput
-from ..events import EventLog, JsonlLog
+from ..events import EventLog, JsonlLog, NullLog, events_file_name
 from ..precision import detect_capabilities, make_precision, resolve_mode
 from ..probes import Probes
 from ..rundir import check_output_dir, default_run_dir, differing_options, finalize_run, write_json_atomic
 from ..ui import TrainingDisplay
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .data import BatchStream, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
@@ -101,7 +102,13 @@ class Trainer:
     def __init__(self, config: DistillConfig, display: TrainingDisplay | None = None):
         self.config = cfg = config
         self.display = display or TrainingDisplay()
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = dist.init(resolve_device(cfg.device))  # under torchrun: joins the ranks
+        if not self.world.is_main:
+            self.display = TrainingDisplay(quiet=True)  # one progress display: rank 0's
+        if self.world.distributed:
+            if cfg.nproc > 1 and cfg.nproc != self.world.size:
+                raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {self.world.size} processes")
+            cfg.nproc = self.world.size  # recorded, so a resume with another number of ranks is refused
         self.capabilities = detect_capabilities(self.device)
         self.mode, self.mode_reason = resolve_mode(cfg.precision, cfg.model_dtype, self.capabilities)
         self.precision = make_precision(self.mode, self.device)
@@ -153,7 +160,8 @@ class Trainer:
                                          keep_text=self.dual, what="validation data")
             self.validation_source = "given"
         self.corpus_source = corpus.source
-        self.batches = BatchStream(train_blocks, cfg.per_device_batch_size, cfg.seed)
+        self.batches = BatchStream(train_blocks, cfg.per_device_batch_size, cfg.seed, self.world.size,
+                                   self.world.shard)
         self.eval_set = eval_batches(val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)
         self.data_sizes = {"train_blocks": len(train_blocks), "validation_blocks": len(val_blocks)}
 
@@ -168,6 +176,7 @@ class Trainer:
         else:
             self.objective = LogitKD(self.teacher, self.student, kind=cfg.kd_loss, temperature=cfg.temperature,
                                      jsd_beta=cfg.jsd_beta, router_terms=self.router_terms)
+        self.objective.student = self.world.wrap(self.student, self.device)  # DDP under torchrun
         groups = [{"params": list(self.student.parameters()) + self.objective.extra_parameters(),
                    "lr": cfg.student_lr, "name": "student"}]
         router_params = [p for p in self.teacher.parameters() if p.requires_grad]
@@ -177,6 +186,8 @@ class Trainer:
                                            eps=cfg.adam_eps)
         self.scheduler = self._make_scheduler()
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.events_name = events_file_name(self.world.rank, self.world.size)
+        self.outside_ddp = self.objective.extra_parameters() + router_params  # their gradients: average_gradients
         self.step, self.phase, self.step_start, self.last_eval = 0, "setup", {}, (None, None)
         self.weights_finite, self.skip_streak, self.rollbacks, self.lr_factor = True, 0, 0, 1.0
         self.snapshot = ckpt.StepSnapshot(self.trainable, self.optimizer) if cfg.on_nonfinite == "skip" else None
@@ -191,7 +202,9 @@ class Trainer:
         if cfg.resume:
             return Path(cfg.output_dir), Path(cfg.output_dir)
         if not cfg.resume_from:
-            return (Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.mode)), None
+            if cfg.output_dir:
+                return Path(cfg.output_dir), None
+            return self.world.broadcast(default_run_dir(self.mode)), None  # one directory for all ranks
         checkpoint = Path(cfg.resume_from)
         if not (checkpoint / ckpt.META).is_file():
             raise BadInput(f"--resume-from {checkpoint}: not a checkpoint (no {ckpt.META}); checkpoints are the "
@@ -269,7 +282,10 @@ class Trainer:
                 self.display.stop()
         if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
             self._handle_out_of_memory(self.out_of_memory)
-        return self._close(status, stops)
+        try:
+            return self._close(status, stops)
+        finally:
+            dist.teardown(self.world)
 
     def _run(self, stops: StopRequests) -> str:
         """The steps, with evaluations and checkpoints on schedule; returns the run's status."""
@@ -278,7 +294,7 @@ class Trainer:
         if self.step == 0:
             self._evaluate()
         while self.step < cfg.train_steps:
-            if stops.signal is not None:
+            if self._stop_requested(stops):
                 self.events.record("interrupted", "warning", f"{stops.signal.name}: stopped after step {self.step}; "
                                    "state saved", step=self.step, phase="policy")
                 self._save_checkpoint()
@@ -300,9 +316,16 @@ class Trainer:
         self._save_checkpoint()
         return "completed"
 
+    def _stop_requested(self, stops: StopRequests) -> bool:
+        """A stop signal, acted on by all ranks after the same step (each rank receives it at its own moment)."""
+        return self.world.any_host_flag(stops.signal is not None)
+
     def _close(self, status: str, stops: StopRequests) -> RunResult:
         self.events.close()
         self.metrics.close()
+        self.world.barrier()  # every rank's events are on disk before rank 0 merges them
+        if not self.world.is_main:
+            return self._result_of_main(status, stops)
         try:
             if status in ("completed", "interrupted"):
                 self.student.save_pretrained(self.run_dir / "student")
@@ -314,12 +337,19 @@ class Trainer:
             summary = finalize_run(self.run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)
+            self.world.broadcast(3)
             return RunResult(self.run_dir, status, {}, 3)
         self.display.summary(summary)
         critical = any(d["severity"] == "critical" for d in summary["diagnosis"])
         failed = 3 if self.internal_error else 1
         exit_code = {"completed": 1 if critical else 0, "stopped": 1, "failed": failed}.get(status, stops.exit_code)
+        self.world.broadcast(exit_code)
         return RunResult(self.run_dir, status, summary, exit_code)
+
+    def _result_of_main(self, status: str, stops: StopRequests) -> RunResult:
+        """A rank other than 0 ends with rank 0's exit code (rank 0 writes the summary for all)."""
+        exit_code = self.world.broadcast(None)
+        return RunResult(self.run_dir, status, {}, exit_code if exit_code is not None else stops.exit_code)
 
     def _failed(self, exc: Exception) -> str:
         """An exception out of the run: out of memory (exit 1, handled by the caller) or an internal error (exit 3)."""
@@ -406,12 +436,13 @@ class Trainer:
         (and must see them to lower its scale), so with one only the copy is taken."""
         if self.snapshot is None:
             return True
-        if not self.precision.loss_scaling and not bool(torch.isfinite(grad_norm)):
+        if not self.precision.loss_scaling and bool(self.world.any_flag(~torch.isfinite(grad_norm))):
             bad = [(model, name) for model, name, p in self._named_trainable()
                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             model, name = bad[-1] if bad else (None, None)  # the last registered is the first reached in backward
             where = f"{len(bad)} gradient tensor(s) non-finite, first in backward order {model} {name}" if bad \
-                else "the norm overflows its dtype"
+                else "the norm overflows its dtype" if not torch.isfinite(grad_norm) else \
+                "a non-finite gradient on another rank"
             self.events.record("policy_skip", "warning", f"gradient norm {float(grad_norm)} at step {self.step} "
                                f"({where}): the step was skipped before the optimizer ran", step=self.step,
                                phase="policy", model=model, tensor=name, value=float(grad_norm))
@@ -474,26 +505,30 @@ class Trainer:
         self.step += 1
         self.probes.begin_step(self.step)
         micro = [self.batches.next() for _ in range(cfg.grad_accum_steps)]
-        total_targets = sum(b["n_targets"] for b in micro)
+        total_targets = sum(b["global_targets"] for b in micro)  # of all ranks: every rank knows it
         denominator = max(total_targets, 1)
+        ranks = self.world.size  # DDP averages gradients over ranks: each rank's share of the loss is scaled back up
         kd_sum = ce_sum = router_sum = torch.zeros((), device=self.device)
         router_readings: dict[str, torch.Tensor] = {}
-        for batch in micro:
+        for i, batch in enumerate(micro):
             self.phase = "forward"
             batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with self.precision.forward_context():
-                parts = self.objective(batch)
-            loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) / denominator
-            if parts.router_loss is not None:
-                loss = loss + parts.router_loss / cfg.grad_accum_steps
-                router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
-            self.probes.observe_loss(parts, loss)
-            self.phase = "backward"
-            self.precision.backward(loss)
+            with dist.gradient_sync(self.objective.student, sync=i == len(micro) - 1):
+                with self.precision.forward_context():
+                    parts = self.objective(batch)
+                loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * (ranks / denominator)
+                if parts.router_loss is not None:
+                    loss = loss + parts.router_loss / cfg.grad_accum_steps
+                    router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
+                self.probes.observe_loss(parts, loss)
+                self.phase = "backward"
+                self.precision.backward(loss)
             router_readings = parts.readings
             kd_sum, ce_sum = kd_sum + parts.kd_sum.detach(), ce_sum + parts.ce_sum.detach()
         self.phase = "optimizer"
+        self.world.average_gradients(self.outside_ddp)
         self.precision.unscale_gradients(self.optimizer)
+        self.world.agree_on_overflow(getattr(self.precision, "scaler", None), self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         if self._runs_step(grad_norm):
@@ -505,7 +540,10 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         weights_finite = torch.stack(torch._foreach_norm(self.trainable, math.inf)).isfinite().all()
-        kd, ce = kd_sum / denominator, ce_sum / denominator
+        # global figures and one decision for all ranks: a single all-reduce (none in one process)
+        kd, ce, router_sum, weights_bad = self.world.all_sum(
+            kd_sum / denominator, ce_sum / denominator, router_sum / ranks, (~weights_finite).float())
+        weights_finite = weights_bad == 0
         device_values = {
             "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router_sum, "kd_loss": kd, "ce_loss": ce,
             "router_loss": router_sum, "grad_norm": grad_norm, "skipped": skipped,
@@ -516,7 +554,7 @@ class Trainer:
             device_values["loss_scale"] = scale
         host, probe_values = _to_host(device_values, self.probes.readings())  # the step's one host sync
         elapsed = time.perf_counter() - started
-        tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps
+        tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * ranks  # all ranks' tokens
         row = {"step": self.step, "split": "train", **host, "lr": lr, "tokens": tokens,
                "tokens_per_s": tokens / elapsed, "targets": total_targets,
                "peak_memory_mb": peak_memory_mb(self.device),
@@ -532,6 +570,8 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> None:
+        if not self.world.is_main:  # the weights are the same on every rank: rank 0 evaluates and records
+            return
         self.phase = "eval"
         self.student.eval()
         ce_sum, targets = torch.zeros((), device=self.device), 0
@@ -579,6 +619,7 @@ class Trainer:
                 "loss_scaling": self.precision.loss_scaling,
                 "param_dtypes": param_dtypes,
             },
+            "distributed": {"ranks": self.world.size, "backend": self.world.backend},
             "device": {"type": self.device.type, "name": self.capabilities.name,
                        "native_bf16": self.capabilities.native_bf16, "threads": torch.get_num_threads()},
             "data": {"source": self.corpus_source, "validation": self.validation_source, **self.data_sizes,
@@ -612,16 +653,26 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- run directory
     def _open_run_dir(self) -> None:
-        """Create (or continue) the run directory and open its logs, appended and flushed per record."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Create (or continue) the run directory and open its logs, appended and flushed per record.
+
+        Under torchrun rank 0 prepares the directory and writes config.json and metrics.jsonl; every rank
+        appends its own events.rank{N}.jsonl.
+        """
+        world = self.world
+        world.barrier()  # every rank has checked the directory (and loaded its checkpoint) before it changes
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        world.barrier()
         if self.resumed is not None:
             self._continue_logs()
-        elif self.config.overwrite:
+        elif self.config.overwrite and world.is_main:
             ckpt.clear_run_files(self.run_dir)
-        self._write_config()
-        self.events = EventLog(self.run_dir / "events.jsonl")
+        if world.is_main:
+            self._write_config()
+        world.barrier()
+        self.events = EventLog(self.run_dir / self.events_name, rank=world.rank)
         self.events.on_event(self.display.alert)
-        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+        self.metrics = JsonlLog(self.run_dir / "metrics.jsonl") if world.is_main else NullLog()
         if self.resumed is None:
             self._record_setup()
             return
@@ -638,13 +689,18 @@ class Trainer:
         checkpoint are copied from its run. summary.json goes: until the run closes, it reads as crashed.
         """
         r = self.resumed
+        mine = {self.events_name} | ({"metrics.jsonl"} if self.world.is_main else set())
         for name, size in r.log_offsets.items():
+            if name not in mine:
+                continue
             source, target = r.source_dir / name, self.run_dir / name
             if r.in_place and target.is_file() and target.stat().st_size > size:
                 os.truncate(target, size)
             elif not r.in_place and source.is_file():
                 with open(source, "rb") as src, open(target, "wb") as dst:
                     dst.write(src.read(size))
+        if not self.world.is_main:
+            return
         if r.in_place:
             for path in ckpt.list_checkpoints(self.run_dir):
                 if ckpt.read_meta(path).get("step", math.inf) > r.step:
@@ -666,15 +722,19 @@ class Trainer:
         step = self.step - 1 if rewind else self.step
         if step == 0 or not self.weights_finite:
             return
-        state = self._state()
-        if rewind:
-            state.update(step=step, data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))
-        cfg = self.config
-        eval_step, eval_ppl = self.last_eval
-        ckpt.save(self.run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
-                  meta={"mode": self.mode, "options": cfg.to_dict()})
+        event_sizes = self.world.gather((self.run_dir / self.events_name).stat().st_size)
+        if self.world.is_main:  # the weights are the same on every rank: rank 0 writes, every rank may read it
+            state = self._state(event_sizes)
+            if rewind:
+                state.update(step=step, data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))
+            cfg = self.config
+            eval_step, eval_ppl = self.last_eval
+            ckpt.save(self.run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
+                      meta={"mode": self.mode, "options": cfg.to_dict()})
+        self.world.barrier()
 
-    def _state(self) -> dict:
+    def _state(self, event_sizes: list[int]) -> dict:
+        ranks = len(event_sizes)
         return {
             "step": self.step,
             "model": self._trainable_state(),
@@ -684,8 +744,8 @@ class Trainer:
             "data": self.batches.state_dict(),
             "rng": ckpt.rng_state(),
             "policy": {"rollbacks": self.rollbacks, "lr_factor": self.lr_factor},
-            "log_offsets": {name: (self.run_dir / name).stat().st_size
-                            for name in ("events.jsonl", "metrics.jsonl")},
+            "log_offsets": {"metrics.jsonl": (self.run_dir / "metrics.jsonl").stat().st_size,
+                            **{events_file_name(r, ranks): size for r, size in enumerate(event_sizes)}},
         }
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
