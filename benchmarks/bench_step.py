@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from functools import partial
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
