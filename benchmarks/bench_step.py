@@ -112,7 +112,8 @@ def main() -> None:
                 variants = {
                     "hand-written": partial(hand_written_step_time, *models, args.steps, False),
                     "hand-written + DebugUnderflowOverflow": partial(hand_written_step_time, *models, args.steps, True),
-                    **{f"train --probes {level}": partial(trainer_step_time, *models, level, args.steps, Path(tmp) / level)
+                    **{f"train --probes {level}":
+                       partial(trainer_step_time, *models, level, args.steps, Path(tmp) / level)
                        for level in ("off", "standard", "full")},
                 }
                 samples = {name: [] for name in variants}
