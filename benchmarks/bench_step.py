@@ -34,9 +34,11 @@ SHAPES = {"tiny": (8, 64), "gpt2": (1, 128)}  # batch, block
 TEMPERATURE, ALPHA_KD, ALPHA_CE, LR = 2.0, 0.5, 0.5, 1e-4
 
 
-def trainer_step_time(teacher: str, student: str, precision: str, probes: str, steps: int, out: Path) -> float:
+def trainer_step_time(teacher: str, student: str, precision: str, probes: str, steps: int, probe_every: int,
+                      out: Path) -> float:
     batch, block = SHAPES[current_pair]
     result = distill(teacher_model=teacher, student_model=student, precision=precision, probes=probes,
+                     probe_every=probe_every,
                      train_steps=steps, eval_steps=10**6, eval_max_batches=1, block_size=block,
                      per_device_batch_size=batch, student_lr=LR, output_dir=str(out), overwrite=True,
                      display=TrainingDisplay(quiet=True))
@@ -97,12 +99,15 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,bf16-mixed")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--probe-every", type=int, default=10,
+                        help="statistics steps at `standard`; below --steps the mean includes their cost")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine a second thread mostly waits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} rounds, "
-          f"{args.steps} steps a run (mean over steps 2..{args.steps}), medians over rounds")
+          f"{args.steps} steps a run (mean over steps 2..{args.steps}), probe-every {args.probe_every}, "
+          "medians over rounds")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for current_pair in args.pairs.split(","):
@@ -113,7 +118,7 @@ def main() -> None:
                     "hand-written": partial(hand_written_step_time, *models, args.steps, False),
                     "hand-written + DebugUnderflowOverflow": partial(hand_written_step_time, *models, args.steps, True),
                     **{f"train --probes {level}":
-                       partial(trainer_step_time, *models, level, args.steps, Path(tmp) / level)
+                       partial(trainer_step_time, *models, level, args.steps, args.probe_every, Path(tmp) / level)
                        for level in ("off", "standard", "full")},
                 }
                 samples = {name: [] for name in variants}
