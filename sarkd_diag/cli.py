@@ -85,13 +85,20 @@ def _launch_torchrun(nproc: int) -> int:
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said once instead of warned per rank
     child = subprocess.Popen(launch_command(nproc, args), env=env)
-    forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
-               for sig in (signal.SIGINT, signal.SIGTERM)}  # torchrun passes them to the ranks, which save state
+    received: list[int] = []
+
+    def forward(signum, frame):  # torchrun passes it to the ranks, which stop after the same step and save state
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
-        for sig, handler in forward.items():
+        for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # torchrun exits 1 whenever a rank exits non-zero: an interrupted run still reads 130 / 143, as in one process
+    return 128 + received[0] if received and code != 0 else code
 
 
 @app.command()

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import FP16_MAX, Probe, nonfinite_counts
+from .base import FP16_MAX, Probe, nonfinite_counts, sample
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -51,9 +51,9 @@ class GradientProbe(Probe):
         it = iter(norms)
         zero = torch.zeros((), device=present[0].device)
         self._amax = torch.stack([next(it).float() if g is not None else zero for g in self._grads])
-        if self.ctx.stats_step:
-            tiny = sum(((g != 0) & (g.abs() < FP16_TINY)).sum() for g in present)
-            nonzero = sum((g != 0).sum() for g in present)
+        if self.ctx.stats_step:  # estimated on a fixed sample of each tensor
+            tiny = sum(((s != 0) & (s.abs() < FP16_TINY)).sum() for s in map(sample, present))
+            nonzero = sum((s != 0).sum() for s in map(sample, present))
             self._underflow = torch.stack([tiny.float(), nonzero.float()])
 
     def readings(self) -> dict[str, torch.Tensor]:

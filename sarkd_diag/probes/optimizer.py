@@ -4,6 +4,7 @@ Before the first step: is eps representable (AdamW's 1e-8 is 0.0 in fp16; torch'
 their arithmetic in fp32 and are exempt), is weight decay, and how
 many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
+Fractions are estimated on a fixed sample of each tensor (`base.sample`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .base import Probe
+from .base import Probe, sample
 
 LOST_UPDATE_WARNING = 0.10  # fraction of weights whose lr-sized update rounds away
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
@@ -84,7 +85,7 @@ class OptimizerProbe(Probe):
         """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype."""
         lost = total = 0
         for p in params:
-            w = p.detach()
+            w = sample(p.detach())
             ulp = torch.nextafter(w.abs(), torch.full_like(w, float("inf"))) - w.abs()
             lost += int((ulp.float() / 2 > lr).sum())
             total += w.numel()
@@ -99,8 +100,8 @@ class OptimizerProbe(Probe):
             v, g = state.get("exp_avg_sq"), w.param.grad
             if v is None or g is None or v.dtype == torch.float32:
                 continue
-            live = g != 0
-            z, n = ((v == 0) & live).sum(), live.sum()
+            live = sample(g) != 0
+            z, n = ((sample(v) == 0) & live).sum(), live.sum()
             zero, nonzero = (z, n) if zero is None else (zero + z, nonzero + n)
         if zero is not None:
             self._underflow = torch.stack([zero.float(), nonzero.float()])

@@ -1,16 +1,17 @@
 """Lost updates: weights that did not change although the optimizer meant to change them.
 
-On statistics steps the probe keeps a pre-step copy of the trainable weights (one transient copy of
-their size) and, after the step, counts elements whose intended update was non-zero (a non-zero
-gradient or, for Adam, a non-zero first moment) but whose stored value is unchanged: the update was
-below half an ulp of the weight's dtype — the stagnation of pure-bf16 and pure-fp16 training.
+On statistics steps the probe keeps a pre-step copy of a fixed sample of each trainable tensor (at
+most ~4096 elements, see `base.sample`) and, after the step, counts sampled elements whose intended
+update was non-zero (a non-zero gradient or, for Adam, a non-zero first moment) but whose stored value
+is unchanged: the update was below half an ulp of the weight's dtype — the stagnation of pure-bf16 and
+pure-fp16 training. The fraction is estimated on the sample.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Probe
+from .base import Probe, sample
 
 LOST_UPDATE_WARNING = 0.10
 
@@ -26,7 +27,7 @@ class LostUpdateProbe(Probe):
 
     def before_optimizer_step(self) -> None:
         if self.ctx.stats_step:
-            self._before = [w.param.detach().clone() for w in self.ctx.watched]
+            self._before = [sample(w.param.detach()).clone() for w in self.ctx.watched]
 
     def after_optimizer_step(self) -> None:
         if self._before is None:
@@ -40,10 +41,10 @@ class LostUpdateProbe(Probe):
             g = w.param.grad
             state = self.ctx.optimizer.state.get(w.param, {}) if self.ctx.optimizer is not None else {}
             moment = state.get("exp_avg")
-            meant = (g != 0) if g is not None else torch.zeros_like(before, dtype=torch.bool)
+            meant = (sample(g) != 0) if g is not None else torch.zeros_like(before, dtype=torch.bool)
             if moment is not None:
-                meant = meant | (moment != 0)
-            unchanged = (w.param.detach() == before) & meant
+                meant = meant | (sample(moment) != 0)
+            unchanged = (sample(w.param.detach()) == before) & meant
             lost = unchanged.sum() if lost is None else lost + unchanged.sum()
             intended = meant.sum() if intended is None else intended + meant.sum()
         self._before = None

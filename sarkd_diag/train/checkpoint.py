@@ -261,7 +261,8 @@ def clear_run_files(run_dir: Path) -> None:
     """--overwrite: remove the previous run's files (only names this tool writes)."""
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
-    for per_rank in Path(run_dir).glob("events.rank*.jsonl"):  # a torchrun run's event files
-        per_rank.unlink()
+    for pattern in ("events.rank*.jsonl", "traceback.rank*.txt"):  # a torchrun run's files of each rank
+        for per_rank in Path(run_dir).glob(pattern):
+            per_rank.unlink()
     for name in (CHECKPOINTS, "student"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)

@@ -7,6 +7,12 @@ watch through hooks and never steer; the loop's own guard checks after every ste
 finite, and `--on-nonfinite` decides what a non-finite step does (`_apply_policy`). Nothing is ever reset
 to the initial weights and no loss is replaced: every policy action is an event.
 
+Under torchrun (`distributed.py`) every rank runs this same loop on its shard of each global batch: the
+student is wrapped in DDP, gradients DDP does not hold are averaged, and the step's figures and the
+non-finite flag are all-reduced with the readings the step moves anyway, so every rank takes the same
+policy action on the same step. Rank 0 evaluates and writes config, metrics, checkpoints and the summary;
+each rank appends its own events.rank{N}.jsonl. In a single process those calls do nothing.
+
 Host syncs: one per step at steady state (`_to_host`). `--on-nonfinite skip` adds one more (the gradient
 norm's finiteness, read before the optimizer step so a step with non-finite gradients never runs), and a
 device-side copy of the trainable weights and optimizer state before each step (`StepSnapshot`).
@@ -109,6 +115,9 @@ class Trainer:
             if cfg.nproc > 1 and cfg.nproc != self.world.size:
                 raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {self.world.size} processes")
             cfg.nproc = self.world.size  # recorded, so a resume with another number of ranks is refused
+        elif cfg.nproc > 1:
+            raise BadInput(f"--nproc {cfg.nproc} runs under torchrun: `sarkd-diag train --nproc {cfg.nproc}` "
+                           f"launches it, or `torchrun --nproc_per_node {cfg.nproc} -m sarkd_diag train ...`")
         self.capabilities = detect_capabilities(self.device)
         self.mode, self.mode_reason = resolve_mode(cfg.precision, cfg.model_dtype, self.capabilities)
         self.precision = make_precision(self.mode, self.device)
@@ -285,6 +294,7 @@ class Trainer:
         try:
             return self._close(status, stops)
         finally:
+            self.objective.student = self.student  # DDP's wrapper goes before its process group
             dist.teardown(self.world)
 
     def _run(self, stops: StopRequests) -> str:
@@ -349,10 +359,15 @@ class Trainer:
     def _result_of_main(self, status: str, stops: StopRequests) -> RunResult:
         """A rank other than 0 ends with rank 0's exit code (rank 0 writes the summary for all)."""
         exit_code = self.world.broadcast(None)
-        return RunResult(self.run_dir, status, {}, exit_code if exit_code is not None else stops.exit_code)
+        if exit_code is None:  # this rank failed on its own
+            exit_code = {"failed": 3 if self.internal_error else 1}.get(status, stops.exit_code)
+        return RunResult(self.run_dir, status, {}, exit_code)
 
     def _failed(self, exc: Exception) -> str:
-        """An exception out of the run: out of memory (exit 1, handled by the caller) or an internal error (exit 3)."""
+        """An exception out of the run: out of memory (exit 1, handled by the caller) or an internal error (exit 3).
+
+        Under torchrun it may be this rank's alone: from here on it closes without collectives."""
+        self.world = self.world.on_its_own()
         if _is_out_of_memory(exc):
             text = str(exc).strip()
             self.out_of_memory = text.splitlines()[0] if text else type(exc).__name__
@@ -362,7 +377,7 @@ class Trainer:
 
     def _save_traceback(self, exc: Exception) -> None:
         self.internal_error = True
-        path = self.run_dir / "traceback.txt"
+        path = self.run_dir / ("traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt")
         path.write_text(traceback.format_exc())
         self.display.error(f"internal error: {type(exc).__name__}: {exc} (traceback in {path})")
 
@@ -516,7 +531,7 @@ class Trainer:
             with dist.gradient_sync(self.objective.student, sync=i == len(micro) - 1):
                 with self.precision.forward_context():
                     parts = self.objective(batch)
-                loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * (ranks / denominator)
+                loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * ranks / denominator
                 if parts.router_loss is not None:
                     loss = loss + parts.router_loss / cfg.grad_accum_steps
                     router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
@@ -662,14 +677,13 @@ class Trainer:
         world.barrier()  # every rank has checked the directory (and loaded its checkpoint) before it changes
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        world.barrier()
+            if self.resumed is None and self.config.overwrite:
+                ckpt.clear_run_files(self.run_dir)
+        world.barrier()  # ... and no rank opens its log before the previous run's are gone
         if self.resumed is not None:
             self._continue_logs()
-        elif self.config.overwrite and world.is_main:
-            ckpt.clear_run_files(self.run_dir)
         if world.is_main:
             self._write_config()
-        world.barrier()
         self.events = EventLog(self.run_dir / self.events_name, rank=world.rank)
         self.events.on_event(self.display.alert)
         self.metrics = JsonlLog(self.run_dir / "metrics.jsonl") if world.is_main else NullLog()
