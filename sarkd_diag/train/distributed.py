@@ -1,0 +1,201 @@
+"""torchrun plumbing as small functions: who this process is, and the few collectives the loop needs.
+
+Distributed training is PyTorch's own: `torch.distributed` with gloo on CPU and NCCL on CUDA, the student
+wrapped in DistributedDataParallel. Everything here is a no-op in a single process (a `World` of size 1),
+so the loop calls `world.all_sum(...)` or `world.average_gradients(...)` without asking whether it runs
+under torchrun, and a single-process run pays nothing.
+
+Gradient arithmetic: each rank backpropagates its share of the global loss times the world size, and DDP
+averages gradients over ranks, so the gradient is the global loss's (the loss is normalised by the global
+target count, which every rank knows from the global batch's indices without communicating).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import os
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; size 1 is a plain single-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    host_group: object = None  # a gloo group for flags the host holds (the default group on CPU)
+    alone: bool = False  # after a failure of this rank alone: no more collectives (see on_its_own)
+
+    def on_its_own(self) -> World:
+        """This rank after an error of its own (an exception, out of memory): the others may be waiting in a
+        collective it will never join, so it closes without one and exits; torchrun then stops the rest."""
+        return replace(self, alone=True)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes what there is one of: config, metrics, checkpoints, the merged events and summary."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1 and not self.alone
+
+    # --------------------------------------------------------------------------------- collectives
+    def all_sum(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The tensors (0-dim) summed over ranks in one all-reduce; returned as they are in one process."""
+        if not self.distributed:
+            return tensors
+        packed = torch.stack([t.detach().float().reshape(()) for t in tensors])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        return tuple(packed.unbind())
+
+    def any_flag(self, flag: torch.Tensor) -> torch.Tensor:
+        """True on every rank when it is true on any (a bool tensor); the flag itself in one process."""
+        if not self.distributed:
+            return flag
+        count = flag.detach().float().reshape(())
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return count > 0
+
+    def any_host_flag(self, flag: bool) -> bool:
+        """A host-side flag (a stop signal) true on every rank when true on any; a CPU all-reduce over gloo,
+        so even an NCCL run does not wait for its GPU."""
+        if not self.distributed:
+            return flag
+        count = torch.tensor([int(flag)])
+        dist.all_reduce(count, op=dist.ReduceOp.SUM, group=self.host_group)
+        return int(count[0]) > 0
+
+    def average_gradients(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients of parameters DDP does not hold (teacher routers, a dual-mode projection)
+        over ranks, one coalesced all-reduce, as DDP does for the student's."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not self.distributed or not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def agree_on_overflow(self, scaler, optimizer: torch.optim.Optimizer) -> None:
+        """After unscale: a loss scaler's found-inf flags all-reduced, so an overflow on any rank skips the step
+        and lowers the scale on every rank (as ShardedGradScaler does); nothing without a scaler."""
+        if not self.distributed or scaler is None or not scaler.is_enabled():
+            return
+        for found in scaler._found_inf_per_device(optimizer).values():  # torch's own per-device flags
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+
+    def gather(self, value):
+        """Every rank's `value` (a picklable object), in rank order; [value] in one process."""
+        if not self.distributed:
+            return [value]
+        out = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
+
+    def broadcast(self, value):
+        """Rank 0's `value` on every rank (a run directory chosen once, an exit code)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------------ models and data
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The student as DDP trains it (gradients averaged over ranks during backward); itself in one process."""
+        if not self.distributed:
+            return model
+        ddp = nn.parallel.DistributedDataParallel
+        # the models' buffers are constants (no batch norm): no buffer broadcast before every forward
+        buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        device_ids = [device.index] if device.type == "cuda" else None
+        return ddp(model, device_ids=device_ids, **{buffers: False})
+
+    def shard(self, index: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a global batch (rows rank::size): the ranks partition every global batch."""
+        return index[self.rank::self.size] if self.distributed else index
+
+
+def world_from_env() -> World:
+    """The World torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (size 1 without them)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    return World(rank=int(os.environ.get("RANK", "0")), size=size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join torchrun's process group (gloo on CPU, NCCL on CUDA) and pick this rank's device.
+
+    Under torchrun a CUDA rank trains on cuda:LOCAL_RANK; in a single process nothing happens.
+    """
+    world = world_from_env()
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=TIMEOUT)
+    host_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return World(world.rank, world.size, world.local_rank, backend, host_group), device
+
+
+def teardown(world: World) -> None:
+    """Leave the process group together: all ranks reach it, and what still holds the group (DDP's reducer,
+    dropped by the caller) is collected first, so no gloo thread outlives it at interpreter exit."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def gradient_sync(model: nn.Module, sync: bool):
+    """DDP's all-reduce on this backward (`sync`), or not (an accumulation micro-batch before the last)."""
+    if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def launch_command(nproc: int, args: list[str]) -> list[str]:
+    """The torchrun command `sarkd-diag train --nproc N` runs: the same arguments, minus --nproc."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "sarkd_diag", "train", *strip_nproc(args)]
+
+
+def strip_nproc(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--nproc",):
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out

@@ -1,0 +1,275 @@
+"""Distributed KD under torchrun: 2 CPU processes with gloo against one process with the same global batch.
+
+Each torchrun test launches `python -m torch.distributed.run` on a free port with OMP_NUM_THREADS=1; the
+single-process reference runs in this process through the real CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sarkd_diag.events import events_file_name
+from sarkd_diag.train import distributed as dist
+from sarkd_diag.train.data import BatchStream, TokenBlocks
+
+REPO = Path(__file__).resolve().parents[2]
+INJECT = '''"""torchrun entry for a test: rank {rank} alone fails at step {step} ({fault}); then the real CLI."""
+import sys
+
+import torch
+
+from sarkd_diag.cli import main
+from sarkd_diag.train import loop
+
+original_init = loop.Trainer.__init__
+
+
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    unscale = self.precision.unscale_gradients
+
+    def poisoned_unscale(optimizer):
+        if self.world.rank == {rank} and self.step == {step}:
+            if "{fault}" == "error":
+                raise RuntimeError("injected")
+            with torch.no_grad():
+                next(self.student.parameters()).grad.fill_(float("inf"))
+        return unscale(optimizer)
+
+    self.precision.unscale_gradients = poisoned_unscale
+
+
+loop.Trainer.__init__ = init
+main(sys.argv[1:])
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*args: str, entry: list[str] | None = None, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *(entry or ["-m", "sarkd_diag"]), "train",
+            *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def torchrun(*args: str, entry: list[str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(*args, entry=entry), env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def base_args(world: dict, out: Path, *, teacher: str = "dense_teacher", steps: int = 4,
+              precision: str = "fp32") -> list[str]:
+    return ["--teacher-model", world[teacher], "--student-model", world["student"], "--train-file", world["train"],
+            "--validation-file", world["valid"], "--block-size", "32", "--train-steps", str(steps),
+            "--eval-steps", "2", "--student-lr", "3e-3", "--precision", precision, "--output-dir", out]
+
+
+def train_rows(run: Path) -> pd.DataFrame:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return pd.DataFrame([r for r in rows if r["split"] == "train"]).set_index("step")
+
+
+def ranked_events(run: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run / events_file_name(rank, 2)).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------- single process
+def test_a_single_process_world_is_a_no_op():
+    world = dist.World()
+    a, b = torch.tensor(1.5), torch.tensor(2.0)
+    assert world.all_sum(a, b) == (a, b)
+    assert world.any_flag(torch.tensor(True)) and not world.any_host_flag(False)
+    assert world.gather(3) == [3] and world.broadcast("x") == "x"
+    model = torch.nn.Linear(2, 2)
+    assert world.wrap(model, torch.device("cpu")) is model
+    assert torch.equal(world.shard(torch.arange(4)), torch.arange(4))
+
+
+def test_rank_shards_partition_each_global_batch():
+    blocks = TokenBlocks(torch.arange(40 * 9).reshape(40, 9))
+    whole = BatchStream(blocks, 4, seed=3)
+    shards = [BatchStream(blocks, 2, seed=3, ranks=2, shard=dist.World(rank=r, size=2).shard) for r in range(2)]
+    for _ in range(25):  # across an epoch boundary
+        full = whole.next()
+        parts = [s.next() for s in shards]
+        rows = torch.cat([p["input_ids"] for p in parts])
+        assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, full["input_ids"].tolist()))
+        assert all(p["global_targets"] == full["n_targets"] for p in parts)
+        assert sum(p["n_targets"] for p in parts) == full["n_targets"]
+
+
+def test_nproc_is_removed_from_the_launched_command():
+    command = dist.launch_command(2, ["--nproc", "2", "--train-steps", "3", "--nproc=2", "--seed", "1"])
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[-6:] == ["sarkd_diag", "train", "--train-steps", "3", "--seed", "1"]
+
+
+# ------------------------------------------------------------------------------------------- torchrun
+# the MoE teacher's routers train too; with load-balance and entropy terms off the router loss is the anchor
+# alone, which does not depend on how the batch is split, so routers must match a single process exactly
+SETUPS = {"dense": ("dense_teacher", "student", []),
+          "routers": ("teacher", "student", ["--router-load-balance-weight", "0", "--router-entropy-weight", "0"]),
+          "dual-tokenizer": ("teacher", "dual_student", [])}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, cli, setup):
+    teacher, student, extra = SETUPS[setup]
+    world = {k: str(v) for k, v in tiny_world.items()}
+    world["student"] = world[student]
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = cli("train", *base_args(world, one, teacher=teacher), *extra, "--per-device-batch-size", "4")
+    assert code == 0, err
+    run = subprocess.run([sys.executable, "-m", "sarkd_diag", "train", *base_args(world, two, teacher=teacher),
+                          *extra, "--per-device-batch-size", "2", "--nproc", "2"], env=env(), capture_output=True,
+                         text=True, timeout=120)  # `train --nproc 2` launches torchrun itself
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    single, ranks = train_rows(one), train_rows(two)
+    assert list(ranks.index) == [1, 2, 3, 4]
+    for column in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+        assert (ranks[column] - single[column]).abs().max() < 1e-5, column
+    assert (ranks["tokens"] == single["tokens"]).all()  # all ranks' tokens
+    a, b = load_file(str(one / "student" / "model.safetensors")), load_file(str(two / "student" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    if setup == "routers":
+        routers_one, routers_two = (torch.load(run / "router_update.pt", weights_only=True) for run in (one, two))
+        assert routers_one.keys() == routers_two.keys() and routers_one
+        for key in routers_one:
+            torch.testing.assert_close(routers_two[key], routers_one[key], atol=1e-5, rtol=1e-5)
+
+    assert not (two / "events.jsonl").exists()
+    for rank in (0, 1):  # every rank records its own setup
+        kinds = {e["kind"] for e in ranked_events(two, rank)}
+        assert "precision_setup" in kinds
+        assert {e["rank"] for e in ranked_events(two, rank)} == {rank}
+    merged = pd.read_parquet(two / "events.parquet")
+    assert set(merged["rank"]) == {0, 1}
+    config = json.loads((two / "config.json").read_text())
+    assert config["distributed"] == {"ranks": 2, "backend": "gloo"} and config["options"]["nproc"] == 2
+    assert json.loads((two / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(("precision", "policy"), [("fp32", "stop"), ("fp32", "skip"), ("mixed", "stop")])
+def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp_path, precision, policy):
+    world = {k: str(v) for k, v in tiny_world.items()}
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(rank=1, step=3, fault="overflow"))
+    out = tmp_path / "run"
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=5, precision=precision),
+                   "--per-device-batch-size", "2", "--eval-steps", "10", "--on-nonfinite", policy,
+                   entry=[str(script)])
+    scaled = precision == "mixed"  # the loss scaler skips the step itself, on both ranks: its flag is all-reduced
+    assert run.returncode == (1 if policy == "stop" and not scaled else 0), run.stderr[-3000:]
+    action = "scaler_skip" if scaled else f"policy_{policy}"
+    for rank in (0, 1):
+        acted = [e["step"] for e in ranked_events(out, rank) if e["kind"] == action]
+        assert acted == [3], (rank, acted)
+    summary = json.loads((out / "summary.json").read_text())
+    if scaled:
+        assert summary["status"] == "completed" and summary["final"]["skipped_steps"] == 1
+    elif policy == "stop":
+        assert summary["status"] == "stopped" and summary["steps_completed"] == 3
+        top = summary["diagnosis"][0]
+        assert top["rank"] == 1 and top["first_step"] == 3, top
+        bad = [e for e in ranked_events(out, 0) if e["kind"].startswith("nonfinite")]
+        assert bad == []  # rank 0's own gradients and weights stayed finite: it stopped on rank 1's word
+    else:
+        assert summary["status"] == "completed" and summary["final"]["skipped_steps"] == 1
+
+
+def test_checkpoint_and_resume_under_torchrun(tiny_world, tmp_path, cli):
+    world = {k: str(v) for k, v in tiny_world.items()}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--per-device-batch-size", "2", "--save-steps", "2"]
+    code, _, err = cli("train", *base_args(world, straight, steps=4), "--per-device-batch-size", "4")
+    assert code == 0, err  # one process with the global batch: the reference for the resumed two ranks
+    first = torchrun(*base_args(world, resumed, steps=2), *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (resumed / "checkpoints" / "step-00000002").is_dir()
+    again = torchrun(*base_args(world, resumed, steps=4), *args, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = train_rows(straight), train_rows(resumed)
+    assert list(b.index) == [1, 2, 3, 4]
+    assert (a["loss"] - b["loss"]).abs().max() < 1e-5
+    for rank in (0, 1):
+        assert sum(e["kind"] == "precision_setup" for e in ranked_events(resumed, rank)) == 1
+        assert any("resumed from" in e["message"] for e in ranked_events(resumed, rank))
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "sarkd-diag --nproc"])
+def test_sigterm_to_torchrun_saves_state(tiny_world, tmp_path, launcher):
+    world = {k: str(v) for k, v in tiny_world.items()}
+    out = tmp_path / "run"
+    args = [*base_args(world, out, steps=500), "--per-device-batch-size", "2", "--eval-steps", "1000"]
+    if launcher == "torchrun":
+        command = torchrun_command(*args)
+    else:  # the launcher forwards the signal to torchrun and exits 143 as a single process would
+        command = [sys.executable, "-m", "sarkd_diag", "train", *map(str, args), "--nproc", "2"]
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().count('"train"') >= 2:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted", err[-3000:]
+    assert proc.returncode == (143 if launcher != "torchrun" else 1)  # torchrun: 1 when a rank exits non-zero
+    steps = summary["steps_completed"]
+    assert (out / "checkpoints" / f"step-{steps:08d}").is_dir()
+    for rank in (0, 1):
+        stops = [e["step"] for e in ranked_events(out, rank) if e["kind"] == "interrupted"]
+        assert stops == [steps], (rank, stops)  # both ranks stopped after the same step
+
+
+def test_nproc_without_torchrun_is_refused_by_the_api(tiny_world, tmp_path):
+    from sarkd_diag import distill
+    from sarkd_diag.errors import BadInput
+
+    world = {k: str(v) for k, v in tiny_world.items()}
+    with pytest.raises(BadInput, match="torchrun"):
+        distill(teacher_model=world["teacher"], student_model=world["student"], train_file=world["train"],
+                nproc=2, output_dir=str(tmp_path / "run"))
+
+
+def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tiny_world, tmp_path):
+    world = {k: str(v) for k, v in tiny_world.items()}
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(rank=1, step=2, fault="error"))
+    out = tmp_path / "run"
+    started = time.time()
+    run = torchrun(*base_args(world, out, steps=50), "--per-device-batch-size", "2", "--eval-steps", "100",
+                   entry=[str(script)], timeout=90)
+    assert run.returncode != 0
+    assert time.time() - started < 80
+    assert "RuntimeError: injected" in (out / "traceback.rank1.txt").read_text()  # each rank its own
+    assert not (out / "traceback.txt").exists()
