@@ -579,9 +579,22 @@ class Trainer:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
         row.update(self.probes.after_step(self.step, probe_values, row))
+        if self.probes.needs_replay and row["weights_finite"]:
+            self._replay_forward(micro[0])
         if self.device.type == "cuda" and cfg.clear_cache_every_step:
             torch.cuda.empty_cache()
         return row
+
+    def _replay_forward(self, batch: dict) -> None:
+        """A loss turned non-finite on a step without per-module statistics: rerun its first forward — same
+        weights (the scaler skipped the step), same RNG — with statistics on, to name the module where it
+        began. The failure path only; the RNG is put back, so the replay changes nothing that follows."""
+        after = ckpt.capture_rng()
+        ckpt.set_rng_state(ckpt.rng_state(self.step_start["rng"]))
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with self.precision.forward_context():
+            self.probes.replay_forward(lambda: self.objective(batch))
+        ckpt.set_rng_state(ckpt.rng_state(after))
 
     @torch.no_grad()
     def _evaluate(self) -> None:

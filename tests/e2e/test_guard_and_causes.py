@@ -66,3 +66,27 @@ def test_a_loss_that_blows_up_in_fp32_is_divergence(tmp_path):
     (cause,) = run["summary"]["diagnosis"]
     assert (cause["cause"], cause["severity"]) == ("divergence", "critical")
     assert cause["evidence"]["max_loss"] > 3 * cause["evidence"]["first_loss"]
+
+
+def test_standard_probes_name_the_module_of_a_nonfinite_loss_on_a_plain_step(tiny_world, tmp_path):
+    """Step 3 is no statistics step at --probe-every 10; the replay still names where the overflow began."""
+    import math
+
+    from sarkd_diag.config import DistillConfig
+    from sarkd_diag.train.loop import Trainer
+    from sarkd_diag.ui import TrainingDisplay
+
+    cfg = DistillConfig(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
+                        train_file=str(tiny_world["train"]), validation_file=str(tiny_world["valid"]),
+                        block_size=16, per_device_batch_size=2, train_steps=4, eval_steps=100, precision="mixed",
+                        probes="standard", probe_every=10, output_dir=str(tmp_path / "run")).validate()
+    trainer = Trainer(cfg, TrainingDisplay(quiet=True))
+    module = trainer.student.get_submodule("transformer.h.1.mlp.c_fc")
+    module.register_forward_hook(lambda m, i, out: out * math.inf if trainer.step == 3 else None)  # the fault
+    result = trainer.train()
+    assert result.status == "completed"  # the loss scaler skipped step 3: weights stayed finite
+    events = load_run(result.run_dir)["events"]
+    (act,) = events[events["kind"] == "nonfinite_activation"].itertuples()
+    assert (act.step, act.model, act.module) == (3, "student", "transformer.h.1.mlp.c_fc")
+    assert "replayed" in act.message
+    assert "activation_overflow" in [d["cause"] for d in load_run(result.run_dir)["summary"]["diagnosis"]]
