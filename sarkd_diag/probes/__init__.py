@@ -26,7 +26,7 @@ from torch import nn
 
 from ..events import EventLog, JsonlLog
 from .activations import ActivationProbe
-from .base import ProbeContext
+from .base import ProbeContext, Watched
 from .gradients import GradientProbe
 from .loss import LossProbe
 from .optimizer import OptimizerProbe
@@ -41,7 +41,8 @@ PROBE_TYPES = (LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, LostUp
 class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
-                 events: EventLog | None = None, level: str = "standard", every: int = 10):
+                 events: EventLog | None = None, level: str = "standard", every: int = 10,
+                 watched: list[Watched] | None = None, weights_read_by_owner: bool = False):
         if level not in ("off", "standard", "full"):
             raise ValueError(f"probe level must be off, standard or full, got {level!r}")
         models = models if isinstance(models, dict) else {"student": models}
@@ -52,7 +53,8 @@ class Probes:
             events = EventLog(self.run_dir / "events.jsonl")
             self._metrics = JsonlLog(self.run_dir / "metrics.jsonl")
         self.events = events or EventLog()
-        self.ctx = ProbeContext(models, self.events, optimizer, scaler, level, every)
+        self.ctx = ProbeContext(models, self.events, optimizer, scaler, level, every, watched=watched or [],
+                                weights_read_by_owner=weights_read_by_owner)
         self._probes = [] if level == "off" else [cls(self.ctx) for cls in PROBE_TYPES]
         self._loss_probe = next((p for p in self._probes if isinstance(p, LossProbe)), None)
         self._activation_probe = next((p for p in self._probes if isinstance(p, ActivationProbe)), None)
@@ -65,10 +67,23 @@ class Probes:
 
     @classmethod
     def for_trainer(cls, trainer) -> Probes:
-        """The probes of sarkd-diag's own loop, sharing its event log."""
+        """The probes of sarkd-diag's own loop, sharing its event log.
+
+        They watch the optimizer's parameters in its own order, so the loop's guard — a per-tensor absolute
+        max of the weights after every step, which it takes anyway — is the parameter probe's reading too
+        (handed over as `param_amax`) instead of a second pass over the weights.
+        """
         models = {"student": trainer.student, "teacher": trainer.teacher}
+        names = {id(p): (model, name) for model, m in models.items() for name, p in m.named_parameters()}
+        names.update({id(p): ("projection", name) for name, p in
+                      getattr(trainer.objective, "projection", nn.Identity()).named_parameters()})
+        watched = []
+        for p in trainer.trainable:
+            model, name = names[id(p)]
+            watched.append(Watched(model, name.rpartition(".")[0], name, p))
         return cls(models, trainer.optimizer, getattr(trainer.precision, "scaler", None), events=trainer.events,
-                   level=trainer.config.probes, every=trainer.config.probe_every)
+                   level=trainer.config.probes, every=trainer.config.probe_every, watched=watched,
+                   weights_read_by_owner=True)
 
     # ----------------------------------------------------------------------------------- the clock
     def begin_step(self, step: int) -> None:

@@ -39,6 +39,7 @@ class ProbeContext:
     step: int = 0
     stats_step: bool = False
     watched: list[Watched] = field(default_factory=list)
+    weights_read_by_owner: bool = False  # the owner's loop hands over the weights' per-tensor amax
 
     def __post_init__(self) -> None:
         if not self.watched:

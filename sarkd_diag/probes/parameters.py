@@ -18,7 +18,8 @@ class ParameterProbe(Probe):
         self._reported: set[str] = set()
 
     def after_optimizer_step(self) -> None:
-        self._amax = torch.stack(torch._foreach_norm([w.param.detach() for w in self.ctx.watched], math.inf))
+        if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
+            self._amax = torch.stack(torch._foreach_norm([w.param.detach() for w in self.ctx.watched], math.inf))
 
     def readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None

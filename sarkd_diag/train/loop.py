@@ -554,7 +554,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        weights_finite = torch.stack(torch._foreach_norm(self.trainable, math.inf)).isfinite().all()
+        weights_amax = torch.stack(torch._foreach_norm(self.trainable, math.inf))  # the guard's per-tensor reading
+        weights_finite = weights_amax.isfinite().all()
         # global figures and one decision for all ranks: a single all-reduce (none in one process)
         kd, ce, router_sum, weights_bad = self.world.all_sum(
             kd_sum / denominator, ce_sum / denominator, router_sum / ranks, (~weights_finite).float())
@@ -567,7 +568,8 @@ class Trainer:
         scale = self.precision.loss_scale()
         if scale is not None:
             device_values["loss_scale"] = scale
-        host, probe_values = _to_host(device_values, self.probes.readings())  # the step's one host sync
+        readings = {**self.probes.readings(), "param_amax": weights_amax}  # the parameter probe reads the guard's
+        host, probe_values = _to_host(device_values, readings)  # the step's one host sync
         elapsed = time.perf_counter() - started
         tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * ranks  # all ranks' tokens
         row = {"step": self.step, "split": "train", **host, "lr": lr, "tokens": tokens,
