@@ -191,6 +191,7 @@ def events(
     kind: list[str] | None = typer.Option(None, "--kind", help="Event kinds, comma-separated or repeated."),
     severity: str | None = typer.Option(None, "--severity", help="This level and above: info | warning | critical."),
     model: str | None = typer.Option(None, "--model", help="student | teacher."),
+    rank: int | None = typer.Option(None, "--rank", help="Events of this process only (torchrun runs)."),
     module: str | None = typer.Option(None, "--module", help="Regex searched in module and tensor names."),
     step: str | None = typer.Option(None, "--step", help="A:B inclusive, either end open (10:, :20)."),
     grep: str | None = typer.Option(None, "--grep", help="Regex searched in event messages."),
@@ -202,7 +203,8 @@ def events(
 
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    flt = EventFilter(kinds=kind or [], severity=severity, model=model, module=module, steps=step, grep=grep)
+    flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
+                      grep=grep)
     if follow:
         follow_events(run_dir, flt, fmt)
         return 0

@@ -108,11 +108,13 @@ def _regex(text: str | None, option: str) -> re.Pattern | None:
 
 @dataclass
 class EventFilter:
-    """Which events to show: kinds, a severity and above, a model, module and message regexes, a step range."""
+    """Which events to show: kinds, a severity and above, a model, a rank, module and message regexes, a step
+    range."""
 
     kinds: list[str] = field(default_factory=list)
     severity: str | None = None
     model: str | None = None
+    rank: int | None = None
     module: str | None = None
     steps: str | None = None
     grep: str | None = None
@@ -136,6 +138,8 @@ class EventFilter:
             keep &= events["severity"].map(SEVERITIES.index) >= SEVERITIES.index(self.severity)
         if self.model:
             keep &= events["model"] == self.model
+        if self.rank is not None:
+            keep &= events["rank"] == self.rank
         start, end = self._step_range
         if start is not None:
             keep &= events["step"] >= start
