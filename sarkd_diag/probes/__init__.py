@@ -26,7 +26,7 @@ from torch import nn
 
 from ..events import EventLog, JsonlLog
 from .activations import ActivationProbe
-from .base import ProbeContext, Watched
+from .base import ProbeContext, Watched, to_host
 from .gradients import GradientProbe
 from .loss import LossProbe
 from .optimizer import OptimizerProbe
@@ -146,14 +146,7 @@ class Probes:
         """Close the current step of a user's loop (after optimizer.step): one host transfer, events recorded."""
         if loss is not None and self._loss_probe is not None:
             self._loss_probe.observe(None, loss, None, None)
-        readings = self.readings()
-        names = list(readings)
-        flat = torch.cat([readings[n].detach().reshape(-1).float().cpu() for n in names]).tolist() if names else []
-        host, i = {}, 0
-        for n in names:
-            size = readings[n].numel()
-            host[n] = flat[i] if readings[n].dim() == 0 else flat[i:i + size]
-            i += size
+        (host,) = to_host(self.readings())
         step = self.ctx.step
         metrics = self.after_step(step, host)
         self.begin_step(step + 1)

@@ -93,3 +93,21 @@ class Probe:
         return {}
 
     def close(self) -> None: ...
+
+
+def to_host(*groups: dict[str, torch.Tensor]) -> list[dict[str, float | list[float]]]:
+    """Every device reading of a step in one transfer: one host sync instead of one per value.
+
+    0-dim readings come back as floats, 1-D ones (per-tensor vectors) as lists; one dict per group.
+    """
+    flat = [v.detach().reshape(-1).float() for group in groups for v in group.values()]
+    values = torch.cat(flat).tolist() if flat else []
+    out, i = [], 0
+    for group in groups:
+        host = {}
+        for name, value in group.items():
+            size = value.numel()
+            host[name] = values[i] if value.dim() == 0 else values[i:i + size]
+            i += size
+        out.append(host)
+    return out

@@ -13,7 +13,7 @@ non-finite flag are all-reduced with the readings the step moves anyway, so ever
 policy action on the same step. Rank 0 evaluates and writes config, metrics, checkpoints and the summary;
 each rank appends its own events.rank{N}.jsonl. In a single process those calls do nothing.
 
-Host syncs: one per step at steady state (`_to_host`). `--on-nonfinite skip` adds one more (the gradient
+Host syncs: one per step at steady state (`to_host`). `--on-nonfinite skip` adds one more (the gradient
 norm's finiteness, read before the optimizer step so a step with non-finite gradients never runs), and a
 device-side copy of the trainable weights and optimizer state before each step (`StepSnapshot`).
 """
@@ -41,6 +41,7 @@ from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
 from ..precision import detect_capabilities, make_precision, resolve_mode
 from ..probes import Probes
+from ..probes.base import to_host
 from ..rundir import check_output_dir, default_run_dir, differing_options, finalize_run, write_json_atomic
 from ..ui import TrainingDisplay
 from . import checkpoint as ckpt
@@ -527,7 +528,7 @@ class Trainer:
         router_readings: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro):
             self.phase = "forward"
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = self._on_device(batch)
             with dist.gradient_sync(self.objective.student, sync=i == len(micro) - 1):
                 with self.precision.forward_context():
                     parts = self.objective(batch)
@@ -569,7 +570,7 @@ class Trainer:
         if scale is not None:
             device_values["loss_scale"] = scale
         readings = {**self.probes.readings(), "param_amax": weights_amax}  # the parameter probe reads the guard's
-        host, probe_values = _to_host(device_values, readings)  # the step's one host sync
+        host, probe_values = to_host(device_values, readings)  # the step's one host sync
         elapsed = time.perf_counter() - started
         tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * ranks  # all ranks' tokens
         row = {"step": self.step, "split": "train", **host, "lr": lr, "tokens": tokens,
@@ -587,13 +588,16 @@ class Trainer:
             torch.cuda.empty_cache()
         return row
 
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def _replay_forward(self, batch: dict) -> None:
         """A loss turned non-finite on a step without per-module statistics: rerun its first forward — same
         weights (the scaler skipped the step), same RNG — with statistics on, to name the module where it
         began. The failure path only; the RNG is put back, so the replay changes nothing that follows."""
         after = ckpt.capture_rng()
         ckpt.set_rng_state(ckpt.rng_state(self.step_start["rng"]))
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = self._on_device(batch)
         with self.precision.forward_context():
             self.probes.replay_forward(lambda: self.objective(batch))
         ckpt.set_rng_state(ckpt.rng_state(after))
@@ -606,7 +610,7 @@ class Trainer:
         self.student.eval()
         ce_sum, targets = torch.zeros((), device=self.device), 0
         for batch in self.eval_set:
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = self._on_device(batch)
             with self.precision.forward_context():
                 logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 ce_sum = ce_sum + ce_loss_sum(logits, batch["labels"])
@@ -867,24 +871,6 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _to_host(*groups: dict[str, torch.Tensor]) -> list[dict[str, float | list[float]]]:
-    """Every device reading of a step in one transfer: one host sync instead of one per value.
-
-    0-dim readings come back as floats, 1-D ones (per-tensor vectors) as lists; one dict per group.
-    """
-    flat = [v.detach().reshape(-1).float() for group in groups for v in group.values()]
-    values = torch.cat(flat).tolist() if flat else []
-    out, i = [], 0
-    for group in groups:
-        host = {}
-        for name, value in group.items():
-            size = value.numel()
-            host[name] = values[i] if value.dim() == 0 else values[i:i + size]
-            i += size
-        out.append(host)
-    return out
 
 
 def distill(config: DistillConfig | None = None, *, display: TrainingDisplay | None = None,
