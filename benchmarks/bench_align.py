@@ -7,12 +7,11 @@ small op 10-50× slower (each parallel region waits for the descheduled thread).
 
     python benchmarks/bench_align.py [--rounds 7] [--threads 1]
 
-On this project's VM, touching freshly allocated memory is expensive, and glibc hands large freed
-blocks back to the OS, so every vectorized call page-faults its 6 MB output anew: about half its
-time. A caching allocator (CUDA's, or glibc told to keep memory) removes that; to measure the
-algorithm alone:
-
-    MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000 python benchmarks/bench_align.py
+The spans here are in text order, as real tokenizers give them, so `align_teacher_to_student` takes
+its binary-search path (two searchsorted calls, then one embedding_bag). An earlier version compared
+every student token with every teacher token ([B, Ls, Lt] matrices, nonzero(), a sparse matmul:
+~10 ms here, 10.8×) and, as glibc handed its freed multi-MB blocks back to the OS, page-faulted
+~3000 pages a call, about half its time; the current one page-faults almost never once warm.
 """
 
 from __future__ import annotations

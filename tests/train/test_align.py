@@ -3,6 +3,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+import sarkd_diag.train.align as align_module
 from sarkd_diag.train.align import align_teacher_to_student
 
 TEXTS = [
@@ -54,8 +55,24 @@ def random_case(batch=3, ls=40, lt=55, hidden=8, text_len=120, seed=0):
     return torch.randn(batch, lt, hidden, generator=g), t_off, t_mask, s_off, s_mask
 
 
+@pytest.fixture(params=["search", "comparison"])
+def pair_path(request, monkeypatch):
+    """Run a test once per way of finding the pairs: the binary search (which the sorted spans of these
+    tests allow) and the general [B, Ls, Lt] comparison (forced by making the search decline)."""
+    taken, search = [], align_module._pairs_by_search
+
+    def spy(*args):
+        pairs = search(*args) if request.param == "search" else None
+        taken.append("comparison" if pairs is None else "search")
+        return pairs
+
+    monkeypatch.setattr(align_module, "_pairs_by_search", spy)
+    yield
+    assert taken and set(taken) == {request.param}
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_reference_on_random_partitions(seed):
+def test_matches_reference_on_random_partitions(seed, pair_path):
     args = random_case(seed=seed)
     aligned, valid = align_teacher_to_student(*args)
     ref_aligned, ref_valid = reference_align(*args)
@@ -75,9 +92,33 @@ def test_matches_reference_on_arbitrary_overlapping_spans():
     ref_aligned, ref_valid = reference_align(*args)
     assert torch.equal(valid, ref_valid)
     torch.testing.assert_close(aligned, ref_aligned)
+    ok_t, ok_s = t_off[..., 1] > t_off[..., 0], s_off[..., 1] > s_off[..., 0]
+    assert align_module._pairs_by_search(t_off, ok_t, s_off, ok_s) is None  # nested spans: the comparison answers
 
 
-def test_empty_spans_and_masked_tokens_take_no_part():
+def test_search_handles_sorted_overlapping_spans(pair_path):
+    """Sliding-window teacher spans overlap each other, but starts and ends are both sorted: one run each."""
+    g = torch.Generator().manual_seed(7)
+    starts = torch.arange(40).repeat(2, 1)
+    t_off = torch.stack([starts, starts + 4], -1)
+    s_off = random_partition_offsets(44, 15, g).repeat(2, 1, 1)
+    args = (torch.randn(2, 40, 6, generator=g), t_off, torch.rand(2, 40, generator=g) > 0.2, s_off, None)
+    aligned, valid = align_teacher_to_student(*args)
+    ref_aligned, ref_valid = reference_align(*args[:4], torch.ones(2, 15))
+    assert torch.equal(valid, ref_valid)
+    torch.testing.assert_close(aligned, ref_aligned)
+
+
+def test_gradient_reaches_teacher_hidden(pair_path):
+    hidden, *rest = random_case(seed=4)
+    got, want = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    weights = torch.randn(hidden.shape[0], rest[2].shape[1], hidden.shape[2])
+    (align_teacher_to_student(got, *rest)[0] * weights).sum().backward()
+    (reference_align(want, *rest)[0] * weights).sum().backward()
+    torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_empty_spans_and_masked_tokens_take_no_part(pair_path):
     hidden = torch.tensor([[[1.0], [10.0], [100.0], [1000.0]]])
     t_off = torch.tensor([[[0, 0], [0, 3], [3, 6], [2, 5]]])  # a special token, two words, a masked span
     t_mask = torch.tensor([[1, 1, 1, 0]])
@@ -88,7 +129,7 @@ def test_empty_spans_and_masked_tokens_take_no_part():
     assert aligned[0, :, 0].tolist() == [0.0, 55.0, 0.0, 0.0, 0.0]
 
 
-def test_no_overlap_at_all_gives_zeros():
+def test_no_overlap_at_all_gives_zeros(pair_path):
     hidden, t_off, t_mask, s_off, _ = random_case(seed=3)
     aligned, valid = align_teacher_to_student(hidden, t_off, t_mask, s_off, torch.zeros(s_off.shape[:2]))
     assert not valid.any() and not aligned.any()
@@ -130,7 +171,7 @@ def train_bpe(vocab_size, pre_tokenizer, bos=None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
 
 
-def test_matches_reference_on_real_tokenizers():
+def test_matches_reference_on_real_tokenizers(pair_path):
     student = train_bpe(80, pre_tokenizers.Whitespace())
     teacher = train_bpe(
         160, pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.Digits(True)]), bos="<s>"
