@@ -42,9 +42,9 @@ class Event:
     tensor: str | None = None
     dtype: str | None = None
     value: float | None = None
-    nan_count: int = 0
-    posinf_count: int = 0
-    neginf_count: int = 0
+    nan_count: int | None = 0  # None: present but not counted (activations, see probes/activations.py)
+    posinf_count: int | None = 0
+    neginf_count: int | None = 0
     numel: int = 0
     time: float = 0.0
 
@@ -137,9 +137,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def events_frame(rows: Iterable[dict]) -> pd.DataFrame:
-    """Events as a DataFrame with the schema's columns in order (value as float: 'inf' back to inf)."""
+    """Events as a DataFrame with the schema's columns in order (value as float: 'inf' back to inf; the
+    non-finite counts nullable, null where a probe saw the values but did not count them)."""
     frame = pd.DataFrame(list(rows), columns=EVENT_COLUMNS)
     frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
-    for col in ("step", "micro_step", "rank", "nan_count", "posinf_count", "neginf_count", "numel"):
+    for col in ("step", "micro_step", "rank", "numel"):
         frame[col] = frame[col].fillna(0).astype("int64")
+    for col in ("nan_count", "posinf_count", "neginf_count"):
+        frame[col] = frame[col].astype("Int64")  # null: not counted
     return frame

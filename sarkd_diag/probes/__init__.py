@@ -138,7 +138,7 @@ class Probes:
         with torch.no_grad():
             forward()
         readings = probe.readings()
-        host = {"activation_stats": readings["activation_stats"].tolist()} if readings else {}
+        host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
         probe.after_step(host, note=" (replayed with per-module statistics after a non-finite loss)")
 
     # ------------------------------------------------------------------------- standalone use

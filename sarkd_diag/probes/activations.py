@@ -1,9 +1,12 @@
 """Forward outputs of every module: non-finite values and values beyond fp16's range, first in forward order.
 
-On statistics steps (step 1 and every N-th at `standard`, every step at `full`) a forward hook reduces
-each module's output on the device; nothing moves to the host until the step ends. A non-finite
-teacher output is recorded as such (the diagnosis calls it teacher_overflow). In fp32 and bf16 runs a
-finite value beyond fp16's range is a headroom warning: it predicts where an fp16 run will overflow.
+On statistics steps (step 1 and every N-th at `standard`, every step at `full`) a forward hook takes
+each module's output's min and max in one pass (`aminmax`, which propagates NaN), on the device; nothing
+moves to the host until the step ends. That names the first non-finite module and which of NaN, +Inf and
+-Inf it holds, but not how many: counting them apart costs ~15x the pass (the tensor is gone by the time
+the host knows it was bad), so an activation event's counts are null. A non-finite teacher output is
+recorded as such (the diagnosis calls it teacher_overflow). In fp32 and bf16 runs a finite value beyond
+fp16's range is a headroom warning: it predicts where an fp16 run will overflow.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ class ActivationProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._handles: list = []
-        self._seen: list[tuple[str, str, str, torch.Tensor]] = []  # (model, module, dtype, stats)
+        self._seen: list[tuple[str, str, str, int]] = []  # (model, module, dtype, numel), forward order
+        self._lows: list[torch.Tensor] = []
+        self._highs: list[torch.Tensor] = []
         self._reported: set[tuple[str, str, str]] = set()
 
     def begin_step(self) -> None:
@@ -51,51 +56,56 @@ class ActivationProbe(Probe):
             t = _first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
                 return
-            t = t.detach()
-            stats = torch.stack([torch.linalg.vector_norm(t, math.inf).float(), t.isnan().sum().float(),
-                                 (t == math.inf).sum().float(), (t == -math.inf).sum().float()])
-            self._seen.append((model_name, module_name, str(t.dtype).removeprefix("torch."), stats))
+            low, high = torch.aminmax(t.detach())
+            self._lows.append(low)
+            self._highs.append(high)
+            self._seen.append((model_name, module_name, str(t.dtype).removeprefix("torch."), t.numel()))
         return hook
 
     def readings(self) -> dict[str, torch.Tensor]:
         self._detach()
         if not self._seen:
             return {}
-        return {"activation_stats": torch.stack([s for *_, s in self._seen]).reshape(-1)}
+        extremes = torch.stack(self._lows + self._highs)  # mixed dtypes promote exactly to the widest
+        self._lows, self._highs = [], []
+        return {"activation_extremes": extremes}
 
     def after_step(self, host: dict, note: str = "") -> dict:
-        flat = host.get("activation_stats")
+        extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
-        if flat is None:
+        if extremes is None:
             return {}
         metrics: dict = {}
-        first_bad: dict[str, bool] = {}
-        for i, (model, module, dtype, _) in enumerate(seen):
-            amax, nan, posinf, neginf = flat[4 * i:4 * i + 4]
-            key = f"act_amax_{model}"
-            if math.isfinite(amax):
-                metrics[key] = max(metrics.get(key, 0.0), amax)
-            if nan or posinf or neginf:
-                if not first_bad.get(model) and (model, module, "nonfinite") not in self._reported:
-                    self._reported.add((model, module, "nonfinite"))
-                    self.ctx.events.record(
-                        "nonfinite_activation", "critical",
-                        f"{model} {module} output is non-finite in forward at step {self.ctx.step} "
-                        f"({int(nan)} NaN, {int(posinf)} +Inf, {int(neginf)} -Inf) — the first such module in "
-                        "forward order" + note,
-                        step=self.ctx.step, phase="forward", probe=self.name, model=model, module=module,
-                        dtype=dtype, value=amax, nan_count=int(nan), posinf_count=int(posinf),
-                        neginf_count=int(neginf))
-                first_bad[model] = True
-            elif amax > FP16_MAX and dtype != "float16" and (model, module, "risk") not in self._reported:
-                self._reported.add((model, module, "risk"))
-                self.ctx.events.record(
-                    "fp16_overflow_risk", "warning",
+        models_gone_bad: set[str] = set()
+        for (model, module, dtype, numel), low, high in zip(seen, extremes[:len(seen)], extremes[len(seen):],
+                                                             strict=True):
+            amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
+            if not math.isfinite(amax):
+                if model not in models_gone_bad:
+                    models_gone_bad.add(model)
+                    holds = [kind for kind, present in (("NaN", math.isnan(amax)), ("+Inf", high == math.inf),
+                                                        ("-Inf", low == -math.inf)) if present]
+                    self._report_once(
+                        (model, module, "nonfinite"), "nonfinite_activation", "critical",
+                        f"{model} {module} output is non-finite in forward at step {self.ctx.step} (holds "
+                        f"{', '.join(holds)}) — the first such module in forward order" + note,
+                        model=model, module=module, dtype=dtype, value=amax, numel=numel,
+                        nan_count=None, posinf_count=None, neginf_count=None)  # not counted: see the docstring
+                continue
+            metrics[f"act_amax_{model}"] = max(metrics.get(f"act_amax_{model}", 0.0), amax)
+            if amax > FP16_MAX and dtype != "float16":
+                self._report_once(
+                    (model, module, "risk"), "fp16_overflow_risk", "warning",
                     f"{model} {module} output reaches {amax:.4g} in {dtype}, beyond fp16's {FP16_MAX:.0f}: "
                     "this module overflows in fp16 compute",
-                    step=self.ctx.step, phase="forward", probe=self.name, model=model, module=module,
-                    dtype=dtype, value=amax)
+                    model=model, module=module, dtype=dtype, value=amax, numel=numel)
         return metrics
+
+    def _report_once(self, key: tuple, kind: str, severity: str, message: str, **fields) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self.ctx.events.record(kind, severity, message, step=self.ctx.step, phase="forward", probe=self.name,
+                                   **fields)
 
     def _detach(self) -> None:
         for h in self._handles:

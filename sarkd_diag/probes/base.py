@@ -66,6 +66,24 @@ def sample(t: torch.Tensor, limit: int = SAMPLE_LIMIT) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // limit)]
 
 
+def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The samples of several tensors as one flat tensor: a fraction over all of them in a few ops, not
+    a few per tensor (a GPT-2-sized model has ~150 tensors)."""
+    return torch.cat([sample(t) for t in tensors])
+
+
+def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's absolute max as one [N] tensor on the device; NaN where a tensor holds a NaN.
+
+    The fused foreach inf-norm is one launch on CUDA, but on the CPU it is ~15x slower than one aminmax
+    pass per tensor (GPT-2's 124M weights: 360 ms against 21 ms on this project's machine).
+    """
+    if tensors[0].is_cuda:
+        return torch.stack(torch._foreach_norm(tensors, math.inf))
+    lows, highs = zip(*(torch.aminmax(t) for t in tensors), strict=True)
+    return torch.maximum(torch.stack(highs), torch.stack(lows).neg())
+
+
 def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:
     """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host)."""
     counts = torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()]).tolist()

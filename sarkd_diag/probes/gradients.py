@@ -1,7 +1,7 @@
 """Gradients as the optimizer is about to use them (unscaled): the first non-finite module in backward
 order, and magnitudes fp16 could not hold (metrics, not warnings: nearly every run has some).
 
-At `standard` one fused reduction per step gives each tensor's absolute max; backward order is taken as
+At `standard` one reduction per tensor and step gives its absolute max; backward order is taken as
 the reverse of registration (the output end first). At `full`, post-accumulate hooks record the order
 in which gradients actually arrived.
 """
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import FP16_MAX, Probe, nonfinite_counts, sample
+from .base import FP16_MAX, Probe, abs_max, nonfinite_counts, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -47,14 +47,15 @@ class GradientProbe(Probe):
         present = [g for g in self._grads if g is not None]
         if not present:
             return
-        norms = torch._foreach_norm(present, math.inf)
-        it = iter(norms)
-        zero = torch.zeros((), device=present[0].device)
-        self._amax = torch.stack([next(it).float() if g is not None else zero for g in self._grads])
+        amax = abs_max(present).float()
+        if len(present) < len(self._grads):  # tensors without a gradient this step read 0
+            where = torch.tensor([g is not None for g in self._grads], device=amax.device)
+            amax = amax.new_zeros(len(self._grads)).masked_scatter_(where, amax)
+        self._amax = amax
         if self.ctx.stats_step:  # estimated on a fixed sample of each tensor
-            tiny = sum(((s != 0) & (s.abs() < FP16_TINY)).sum() for s in map(sample, present))
-            nonzero = sum((s != 0).sum() for s in map(sample, present))
-            self._underflow = torch.stack([tiny.float(), nonzero.float()])
+            s = sampled(present)
+            live = s != 0
+            self._underflow = torch.stack([(live & (s.abs() < FP16_TINY)).sum(), live.sum()]).float()
 
     def readings(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Probe, nonfinite_counts
+from .base import Probe, abs_max, nonfinite_counts
 
 
 class ParameterProbe(Probe):
@@ -19,7 +19,7 @@ class ParameterProbe(Probe):
 
     def after_optimizer_step(self) -> None:
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
-            self._amax = torch.stack(torch._foreach_norm([w.param.detach() for w in self.ctx.watched], math.inf))
+            self._amax = abs_max([w.param.detach() for w in self.ctx.watched])
 
     def readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Probe, sample
+from .base import Probe, sample, sampled
 
 LOST_UPDATE_WARNING = 0.10
 
@@ -21,35 +21,36 @@ class LostUpdateProbe(Probe):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._before: list[torch.Tensor] | None = None
+        self._moving: list = []
+        self._before: torch.Tensor | None = None
         self._counts = None
         self._reported = False
 
     def before_optimizer_step(self) -> None:
         if self.ctx.stats_step:
-            self._before = [sample(w.param.detach()).clone() for w in self.ctx.watched]
+            self._moving = self._meant_to_move()
+            self._before = sampled([w.param.detach() for w in self._moving]) if self._moving else None
+
+    def _meant_to_move(self) -> list:
+        """The watched tensors the optimizer means to change: a learning rate of 0 intends no update."""
+        if self.ctx.optimizer is None:
+            return list(self.ctx.watched)
+        lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]}
+        return [w for w in self.ctx.watched if lr.get(id(w.param), 1.0) != 0]
 
     def after_optimizer_step(self) -> None:
         if self._before is None:
             return
-        lost = intended = None
-        lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]} \
-            if self.ctx.optimizer is not None else {}
-        for w, before in zip(self.ctx.watched, self._before, strict=True):
-            if lr.get(id(w.param), 1.0) == 0:
-                continue  # a learning rate of 0 intends no update
-            g = w.param.grad
-            state = self.ctx.optimizer.state.get(w.param, {}) if self.ctx.optimizer is not None else {}
-            moment = state.get("exp_avg")
-            meant = (sample(g) != 0) if g is not None else torch.zeros_like(before, dtype=torch.bool)
-            if moment is not None:
-                meant = meant | (sample(moment) != 0)
-            unchanged = (sample(w.param.detach()) == before) & meant
-            lost = unchanged.sum() if lost is None else lost + unchanged.sum()
-            intended = meant.sum() if intended is None else intended + meant.sum()
+        state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
+        after = sampled([w.param.detach() for w in self._moving])
+        # intended: a non-zero gradient or, for Adam, a non-zero first moment
+        meant = torch.cat([_sample_or_zeros(w.param.grad, w.param) for w in self._moving]) != 0
+        moments = [state.get(w.param, {}).get("exp_avg") for w in self._moving]
+        if any(m is not None for m in moments):
+            meant |= torch.cat([_sample_or_zeros(m, w.param) for m, w in zip(moments, self._moving, strict=True)]) != 0
+        lost = (after == self._before) & meant
+        self._counts = torch.stack([lost.sum(), meant.sum()]).float()
         self._before = None
-        if lost is not None:
-            self._counts = torch.stack([lost.float(), intended.float()])
 
     def readings(self) -> dict[str, torch.Tensor]:
         out = {"lost_updates": self._counts} if self._counts is not None else {}
@@ -72,3 +73,8 @@ class LostUpdateProbe(Probe):
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(intended),
                 dtype=dtypes[0] if len(dtypes) == 1 else None)
         return {"lost_update_fraction": fraction}
+
+
+def _sample_or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The sample of `t`, or zeros where `like` has no such tensor (no gradient, no optimizer state yet)."""
+    return sample(t) if t is not None else torch.zeros_like(sample(like))

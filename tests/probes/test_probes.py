@@ -3,6 +3,7 @@ the event's kind, model, module and step, and the cause the diagnosis draws from
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -90,17 +91,20 @@ def test_the_first_nonfinite_gradient_in_backward_order_is_named(level):
     assert _causes(probes)[0] == "gradient_overflow"
 
 
-def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order():
+def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
     with torch.no_grad():
         model.second.weight.fill_(3000.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with Probes(model, optimizer=opt) as probes:
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
         _train(model, probes, opt, steps=1, dtype=torch.float16, scale_input=10.0)
     event = _events(probes, "nonfinite_activation")[0]
     assert (event.model, event.module, event.step, event.severity) == ("student", "second", 1, "critical")
-    assert event.posinf_count + event.neginf_count > 0
+    assert event.value == math.inf and "Inf" in event.message and event.numel > 0
+    assert event.nan_count is None  # seen, not counted: one aminmax pass per module
     assert "activation_overflow" in _causes(probes)
+    row = load_run(tmp_path / "run")["events"].query("kind == 'nonfinite_activation'").iloc[0]
+    assert pd.isna(row.nan_count) and pd.isna(row.posinf_count) and row.numel == event.numel  # null, not 0
 
 
 def test_fp32_run_warns_where_fp16_would_overflow():
