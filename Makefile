@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # a multi-GB CUDA build, so torch is installed first, pinned, with pip (uv/poetry don't see the local file).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-slow soak bench lint assets clean
+.PHONY: demo test test-slow soak bench gpu-check lint assets clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ soak: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# On a CUDA machine, with its own torch and no network: see the script's header.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sarkd_diag tests benchmarks scripts
