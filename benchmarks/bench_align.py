@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from sarkd_diag.train.align import align_teacher_to_student
 
-
-def reference_align(teacher_hidden, teacher_offsets, teacher_mask, student_offsets, student_mask):
-    """The per-token loop (a copy of the one in tests/train/test_align.py)."""
-    batch, length = student_offsets.shape[:2]
-    aligned = torch.zeros(batch, length, teacher_hidden.shape[-1], dtype=teacher_hidden.dtype)
-    valid = torch.zeros(batch, length, dtype=torch.bool)
-    for b in range(batch):
-        t_spans, t_mask = teacher_offsets[b].tolist(), teacher_mask[b].tolist()
-        for i, (s0, s1) in enumerate(student_offsets[b].tolist()):
-            if not student_mask[b, i] or s1 <= s0:
-                continue
-            hits = [j for j, (t0, t1) in enumerate(t_spans) if t_mask[j] and t1 > t0 and t0 < s1 and s0 < t1]
-            if hits:
-                aligned[b, i] = teacher_hidden[b, hits].float().mean(0).to(teacher_hidden.dtype)
-                valid[b, i] = True
-    return aligned, valid
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "train"))
+from test_align import reference_align  # noqa: E402  the tests' per-token loop: one reference for both
 
 
 def partition(text_len: int, n_tokens: int, g: torch.Generator) -> torch.Tensor:
