@@ -1,11 +1,11 @@
-"""The training loop: setup, one optimizer step, evaluation, checkpoints, the non-finite policy, closing.
+"""The training loop: setup, one optimizer step, evaluation, checkpoints, closing.
 
 Read it top to bottom: `Trainer.__init__` builds everything from the config (models + data →
 precision.convert → optimizer, and the checkpoint to resume from), `train` runs the steps, `_step` is one
 optimizer step in nanoGPT's order (forward → scaled backward → unscale → clip → step → update). Probes
 watch through hooks and never steer; the loop's own guard checks after every step that the weights are
-finite, and `--on-nonfinite` decides what a non-finite step does (`_apply_policy`). Nothing is ever reset
-to the initial weights and no loss is replaced: every policy action is an event.
+finite, and `--on-nonfinite` (policy.py) decides what a non-finite step does. Where a run goes on from a
+checkpoint and what one holds is resume.py's; what an out-of-memory failure says, out_of_memory.py's.
 
 Under torchrun (`distributed.py`) every rank runs this same loop on its shard of each global batch: the
 student is wrapped in DDP, gradients DDP does not hold are averaged, and the step's figures and the
@@ -15,7 +15,7 @@ each rank appends its own events.rank{N}.jsonl. In a single process those calls 
 
 Host syncs: one per step at steady state (`to_host`). `--on-nonfinite skip` adds one more (the gradient
 norm's finiteness, read before the optimizer step so a step with non-finite gradients never runs), and a
-device-side copy of the trainable weights and optimizer state before each step (`StepSnapshot`).
+device-side copy of the trainable weights and optimizer state before each step (`NonFinitePolicy`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import random
-import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,8 +39,8 @@ from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
 from ..precision import detect_capabilities, make_precision, resolve_mode
 from ..probes import Probes
-from ..probes.base import to_host
-from ..rundir import check_output_dir, default_run_dir, differing_options, finalize_run, write_json_atomic
+from ..probes.base import abs_max, to_host
+from ..rundir import finalize_run, write_json_atomic
 from ..ui import TrainingDisplay
 from . import checkpoint as ckpt
 from . import distributed as dist
@@ -50,10 +48,11 @@ from .data import BatchStream, eval_batches, load_corpus, split_validation, toke
 from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
 from .objective import HiddenStateKD, LogitKD
+from .out_of_memory import is_out_of_memory, out_of_memory_message
+from .policy import NonFinitePolicy
+from .resume import Resumed, TrainingState, locate_run, log_offsets, resume_run
 from .router import RouterInfo, RouterTerms, find_routers, save_router_update
 from .signals import StopRequests
-
-MAX_SKIPPED_IN_A_ROW = 20  # skipped steps in a row (loss scaler or policy): training has stopped progressing
 
 
 @dataclass
@@ -62,18 +61,6 @@ class RunResult:
     status: str
     summary: dict
     exit_code: int
-
-
-@dataclass
-class Resumed:
-    """Where a resumed run continues from: the checkpoint, the run it belongs to, the log offsets to keep."""
-
-    checkpoint: Path
-    source_dir: Path
-    in_place: bool
-    step: int
-    log_offsets: dict[str, int]
-    fallbacks: list[str]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,12 +109,7 @@ class Trainer:
         self.capabilities = detect_capabilities(self.device)
         self.mode, self.mode_reason = resolve_mode(cfg.precision, cfg.model_dtype, self.capabilities)
         self.precision = make_precision(self.mode, self.device)
-        self.run_dir, resume_source = self._locate_run()
-        in_place = resume_source is not None and resume_source.resolve() == self.run_dir.resolve()
-        check_output_dir(self.run_dir, cfg.to_dict(), cfg.overwrite, resume=in_place)
-        if cfg.resume and not ckpt.list_checkpoints(self.run_dir):
-            raise BadInput(f"--resume: nothing to resume, {self.run_dir} has no checkpoint yet (one is written "
-                           "every --save-steps steps and at the end)")
+        self.run_dir, resume_source = locate_run(cfg, self.world, self.mode)
         self.notes: list[dict] = []  # setup events, recorded once the event log exists
         corpus = load_corpus(cfg.dataset_name, cfg.dataset_config_name, cfg.train_file, cfg.validation_file)
 
@@ -199,32 +181,20 @@ class Trainer:
         self.events_name = events_file_name(self.world.rank, self.world.size)
         self.outside_ddp = self.objective.extra_parameters() + router_params  # their gradients: average_gradients
         self.step, self.phase, self.step_start, self.last_eval = 0, "setup", {}, (None, None)
-        self.weights_finite, self.skip_streak, self.rollbacks, self.lr_factor = True, 0, 0, 1.0
-        self.snapshot = ckpt.StepSnapshot(self.trainable, self.optimizer) if cfg.on_nonfinite == "skip" else None
+        projection = getattr(self.objective, "projection", nn.Identity())  # dual mode's, trained with the student
+        self.training_state = TrainingState(self.student, self.teacher, projection, self.optimizer, self.precision,
+                                            self.scheduler, self.batches)
+        self.policy = NonFinitePolicy(cfg.on_nonfinite, self.optimizer, self.scheduler,
+                                      max_rollbacks=cfg.max_rollbacks, save_steps=cfg.save_steps,
+                                      loss_scaling=self.precision.loss_scaling,
+                                      named_trainable=self.training_state.named_trainable(), world=self.world,
+                                      restore=self._restore_before)
         self.out_of_memory: str | None = None
         self.internal_error = False
-        self._note_policy()
-        self.resumed = self._load_checkpoint_to_resume(resume_source, in_place) if resume_source else None
-
-    def _locate_run(self) -> tuple[Path, Path | None]:
-        """The run directory, and the run directory of the checkpoint to resume from (None for a new run)."""
-        cfg = self.config
-        if cfg.resume:
-            return Path(cfg.output_dir), Path(cfg.output_dir)
-        if not cfg.resume_from:
-            if cfg.output_dir:
-                return Path(cfg.output_dir), None
-            return self.world.broadcast(default_run_dir(self.mode)), None  # one directory for all ranks
-        checkpoint = Path(cfg.resume_from)
-        if not (checkpoint / ckpt.META).is_file():
-            raise BadInput(f"--resume-from {checkpoint}: not a checkpoint (no {ckpt.META}); checkpoints are the "
-                           f"directories RUN/{ckpt.CHECKPOINTS}/step-NNNNNNNN")
-        source = checkpoint.parent.parent
-        if cfg.output_dir:
-            return Path(cfg.output_dir), source
-        if not (source / "config.json").is_file():
-            raise BadInput(f"--resume-from {checkpoint} does not lie in a run directory: give --output-dir")
-        return source, source
+        self.notes += self.policy.setup_notes(self.device.type)
+        self.resumed: Resumed | None = None
+        if resume_source is not None:
+            self.resumed = resume_run(cfg, self.run_dir, resume_source, self.mode, self._load_state)
 
     def _find_routers(self) -> list[RouterInfo]:
         """The teacher's routers, made trainable (SAR); none in dual mode, where the teacher is a fixed target."""
@@ -311,7 +281,7 @@ class Trainer:
                 self._save_checkpoint()
                 return "interrupted"
             row = self._step()
-            action = self._apply_policy(row)
+            action = self.policy.after_step(self.step, row, self.events)
             self.metrics.write_line(json.dumps(row))
             self.display.update(row["step"], row)
             if action == "stop":
@@ -369,7 +339,7 @@ class Trainer:
 
         Under torchrun it may be this rank's alone: from here on it closes without collectives."""
         self.world = self.world.on_its_own()
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             text = str(exc).strip()
             self.out_of_memory = text.splitlines()[0] if text else type(exc).__name__
         else:
@@ -382,135 +352,21 @@ class Trainer:
         path.write_text(traceback.format_exc())
         self.display.error(f"internal error: {type(exc).__name__}: {exc} (traceback in {path})")
 
-    # ------------------------------------------------------------------------- the non-finite policy
-    def _apply_policy(self, row: dict) -> str | None:
-        """--on-nonfinite after a step: None to go on, "rollback" (done) or "stop". Every action is an event.
-
-        `stop` ends the run on the first non-finite weight; `skip` puts back the pre-step copy; `rollback`
-        returns to the newest good checkpoint at half the learning rate; `continue` only records. Any
-        policy but `continue` also stops after MAX_SKIPPED_IN_A_ROW skipped steps (a loss scaler that keeps
-        skipping, or the skip policy itself): training has stopped progressing.
-        """
-        policy, step = self.config.on_nonfinite, self.step
-        self.weights_finite = row["weights_finite"]
-        if not self.weights_finite and policy == "skip":
-            self.snapshot.restore()
-            self.weights_finite, row["skipped"] = True, 1
-            self.events.record("policy_skip", "warning", f"non-finite weights after step {step}: the step's update "
-                               "was undone (weights and optimizer state put back from the pre-step copy)",
-                               step=step, phase="policy")
-        self.skip_streak = self.skip_streak + 1 if row["skipped"] else 0
-        if not self.weights_finite and policy == "rollback":
-            why_not = self._rollback()
-            if why_not is None:
-                return "rollback"
-            return self._stop(f"non-finite weights after step {step} and {why_not}: stopping; see the diagnosis")
-        if not self.weights_finite and policy == "stop":
-            return self._stop(f"non-finite weights after step {step}: stopping (--on-nonfinite stop); see the "
-                              "diagnosis")
-        if self.skip_streak >= MAX_SKIPPED_IN_A_ROW and policy != "continue":
-            return self._stop(f"{self.skip_streak} skipped steps in a row up to step {step}: training has stopped "
-                              "progressing; see the diagnosis")
-        return None
-
-    def _stop(self, message: str) -> str:
-        self.events.record("policy_stop", "critical", message, step=self.step, phase="policy")
-        return "stop"
-
-    def _rollback(self) -> str | None:
-        """Back to the newest good checkpoint with the learning rate halved; None, or why it cannot."""
-        cfg = self.config
-        if self.rollbacks >= cfg.max_rollbacks:
-            return f"--max-rollbacks {cfg.max_rollbacks} are used up"
-        path, state, problems = ckpt.load_newest(self.run_dir, before_step=self.step)
-        self._record_fallbacks(problems, path)
-        if state is None:
-            return "there is no good checkpoint to roll back to" + ("" if cfg.save_steps else " (see --save-steps)")
-        failed_step, rollbacks, factor = self.step, self.rollbacks + 1, self.lr_factor * 0.5
-        self._load_state(state)
-        self._scale_learning_rates(factor / self.lr_factor)  # the checkpoint's own factor, now in self.lr_factor
-        self.rollbacks, self.lr_factor, self.skip_streak = rollbacks, factor, 0
-        lrs = ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
-        self.events.record("policy_rollback", "warning", f"non-finite weights after step {failed_step}: rolled back "
-                           f"to {path.name} (step {self.step}) with the learning rate halved (×{factor:g} of the "
-                           f"original: {lrs}); rollback {rollbacks} of --max-rollbacks {cfg.max_rollbacks}",
-                           step=failed_step, phase="policy", value=factor)
-        return None
-
-    def _scale_learning_rates(self, factor: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-            if "initial_lr" in group:
-                group["initial_lr"] *= factor
-        if self.scheduler is not None:
-            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
-
-    def _runs_step(self, grad_norm: torch.Tensor) -> bool:
-        """--on-nonfinite skip, just before the optimizer step: False skips a step with non-finite gradients
-        before it runs (reading the norm is the one extra host sync skip costs); otherwise a pre-step copy is
-        kept, to put back if the step makes the weights non-finite. A loss scaler skips such steps itself
-        (and must see them to lower its scale), so with one only the copy is taken."""
-        if self.snapshot is None:
-            return True
-        if not self.precision.loss_scaling and bool(self.world.any_flag(~torch.isfinite(grad_norm))):
-            bad = [(model, name) for model, name, p in self._named_trainable()
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            model, name = bad[-1] if bad else (None, None)  # the last registered is the first reached in backward
-            where = f"{len(bad)} gradient tensor(s) non-finite, first in backward order {model} {name}" if bad \
-                else "the norm overflows its dtype" if not torch.isfinite(grad_norm) else \
-                "a non-finite gradient on another rank"
-            self.events.record("policy_skip", "warning", f"gradient norm {float(grad_norm)} at step {self.step} "
-                               f"({where}): the step was skipped before the optimizer ran", step=self.step,
-                               phase="policy", model=model, tensor=name, value=float(grad_norm))
-            return False
-        self.snapshot.take()
-        return True
-
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""
-        cfg, phase, step = self.config, self.phase, self.step
+        phase, step = self.phase, self.step
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         rewind = phase in ("forward", "backward")  # the step had not touched weights or optimizer state yet
         keep = step - 1 if rewind else step
-        savable = phase in ("forward", "backward", "eval") and keep > 0 and self.weights_finite
-        resumable = [flag for flag, on in (("--gradient-checkpointing", cfg.gradient_checkpointing),
-                                           ("--offload-teacher-to-cpu", cfg.offload_teacher_to_cpu)) if not on]
-        fresh = [f"--block-size {cfg.block_size // 2}"] if cfg.block_size >= 32 else []
-        if cfg.per_device_batch_size > 1:
-            fresh.append(f"--per-device-batch-size {cfg.per_device_batch_size // 2} "
-                         f"--grad-accum-steps {cfg.grad_accum_steps * 2}")
-        advice = []
-        if resumable:
-            advice.append(" ".join(resumable) + (f" (then --resume: step {keep} is saved)" if savable else ""))
-        if fresh:
-            advice.append("in a new run " + " or ".join(fresh))
-        message = (f"out of memory in the {phase} of step {step} ({error}); {self._memory_breakdown()}. "
-                   + (f"Try {'; or '.join(advice)}" if advice else "The models do not fit this device"))
+        savable = phase in ("forward", "backward", "eval") and keep > 0 and self.policy.weights_finite
+        message = out_of_memory_message(self.config, self.mode, self.teacher, self.student, self.device,
+                                        error=error, phase=phase, step=step, saved=keep if savable else None)
         self.events.record("out_of_memory", "critical", message, step=step, phase=phase, probe="loop")
         if savable:
             self._save_checkpoint(rewind=rewind)
         self.display.error(message)
-
-    def _memory_breakdown(self) -> str:
-        """estimate-memory's breakdown for this run, and on CUDA what the allocator holds."""
-        cfg = self.config
-        try:
-            from ..memory import estimate_mode, format_breakdown, model_shape
-
-            text = format_breakdown(estimate_mode(
-                self.mode, model_shape(self.teacher, cfg.teacher_model, cfg.router_patterns),
-                model_shape(self.student, cfg.student_model), cfg.per_device_batch_size, cfg.block_size,
-                gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu))
-        except Exception as exc:  # an estimate is a help, never a second failure
-            text = f"no memory estimate ({type(exc).__name__})"
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            text += (f"; the allocator holds {torch.cuda.memory_allocated(self.device) / 2**20:.0f} MiB "
-                     f"(peak {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB, reserved "
-                     f"{torch.cuda.memory_reserved(self.device) / 2**20:.0f} MiB) of {total / 2**20:.0f} MiB")
-        return text
 
     # ------------------------------------------------------------------------------------ one step
     def _step(self) -> dict:
@@ -547,7 +403,7 @@ class Trainer:
         self.world.agree_on_overflow(getattr(self.precision, "scaler", None), self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        if self._runs_step(grad_norm):
+        if self.policy.runs_step(self.step, grad_norm, self.events):
             skipped = self.precision.optimizer_step(self.optimizer)
         else:
             skipped = torch.ones((), device=self.device)  # --on-nonfinite skip: non-finite gradients, not run
@@ -555,7 +411,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        weights_amax = torch.stack(torch._foreach_norm(self.trainable, math.inf))  # the guard's per-tensor reading
+        weights_amax = abs_max(self.trainable)  # the guard's per-tensor reading
         weights_finite = weights_amax.isfinite().all()
         # global figures and one decision for all ranks: a single all-reduce (none in one process)
         kd, ce, router_sum, weights_bad = self.world.all_sum(
@@ -674,17 +530,6 @@ class Trainer:
         for note in self.notes:
             self.events.record(**note)
 
-    def _note_policy(self) -> None:
-        cfg = self.config
-        if cfg.on_nonfinite == "rollback" and not cfg.save_steps:
-            self.notes.append({"kind": "setup_note", "severity": "warning", "message": "--on-nonfinite rollback "
-                               "without --save-steps: there is no checkpoint to roll back to before the end, so a "
-                               "non-finite step stops the run"})
-        if self.snapshot is not None:
-            size = self.snapshot.bytes_needed() / 2**20
-            self.notes.append({"kind": "setup_note", "message": f"--on-nonfinite skip keeps a pre-step copy of the "
-                               f"trainable weights and the optimizer state: {size:.1f} MiB more on {self.device.type}"})
-
     # ---------------------------------------------------------------------------- run directory
     def _open_run_dir(self) -> None:
         """Create (or continue) the run directory and open its logs, appended and flushed per record.
@@ -700,7 +545,7 @@ class Trainer:
                 ckpt.clear_run_files(self.run_dir)
         world.barrier()  # ... and no rank opens its log before the previous run's are gone
         if self.resumed is not None:
-            self._continue_logs()
+            self.resumed.continue_logs(self.run_dir, self.events_name, world.is_main)
         if world.is_main:
             self._write_config()
         self.events = EventLog(self.run_dir / self.events_name, rank=world.rank)
@@ -713,32 +558,6 @@ class Trainer:
         self._record_fallbacks(r.fallbacks, r.checkpoint)
         self.events.record("setup_note", "info", f"resumed from {r.checkpoint} at step {r.step} of "
                            f"{self.config.train_steps}", step=r.step)
-
-    def _continue_logs(self) -> None:
-        """The logs end where the checkpoint was taken, so the steps redone after it are not recorded twice.
-
-        In place, events.jsonl and metrics.jsonl are cut at the checkpoint's offsets and newer checkpoints
-        (of steps about to be redone, or unreadable) are removed; into a new directory, the logs up to the
-        checkpoint are copied from its run. summary.json goes: until the run closes, it reads as crashed.
-        """
-        r = self.resumed
-        mine = {self.events_name} | ({"metrics.jsonl"} if self.world.is_main else set())
-        for name, size in r.log_offsets.items():
-            if name not in mine:
-                continue
-            source, target = r.source_dir / name, self.run_dir / name
-            if r.in_place and target.is_file() and target.stat().st_size > size:
-                os.truncate(target, size)
-            elif not r.in_place and source.is_file():
-                with open(source, "rb") as src, open(target, "wb") as dst:
-                    dst.write(src.read(size))
-        if not self.world.is_main:
-            return
-        if r.in_place:
-            for path in ckpt.list_checkpoints(self.run_dir):
-                if ckpt.read_meta(path).get("step", math.inf) > r.step:
-                    shutil.rmtree(path)
-        (self.run_dir / "summary.json").unlink(missing_ok=True)
 
     def _record_fallbacks(self, problems: list[str], used: Path | None) -> None:
         instead = f"using {used.name} instead" if used is not None else "no older checkpoint loads"
@@ -753,101 +572,34 @@ class Trainer:
         None is written of step 0 (nothing trained yet) or of non-finite weights (nothing to resume).
         """
         step = self.step - 1 if rewind else self.step
-        if step == 0 or not self.weights_finite:
+        if step == 0 or not self.policy.weights_finite:
             return
         event_sizes = self.world.gather((self.run_dir / self.events_name).stat().st_size)
         if self.world.is_main:  # the weights are the same on every rank: rank 0 writes, every rank may read it
-            state = self._state(event_sizes)
+            state = {"step": step, **self.training_state.state_dict(), "policy": self.policy.state_dict(),
+                     "log_offsets": log_offsets(self.run_dir, event_sizes)}
             if rewind:
-                state.update(step=step, data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))
+                state.update(data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))
             cfg = self.config
             eval_step, eval_ppl = self.last_eval
             ckpt.save(self.run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
                       meta={"mode": self.mode, "options": cfg.to_dict()})
         self.world.barrier()
 
-    def _state(self, event_sizes: list[int]) -> dict:
-        ranks = len(event_sizes)
-        return {
-            "step": self.step,
-            "model": self._trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "precision": self.precision.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "data": self.batches.state_dict(),
-            "rng": ckpt.rng_state(),
-            "policy": {"rollbacks": self.rollbacks, "lr_factor": self.lr_factor},
-            "log_offsets": {"metrics.jsonl": (self.run_dir / "metrics.jsonl").stat().st_size,
-                            **{events_file_name(r, ranks): size for r, size in enumerate(event_sizes)}},
-        }
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """Every weight a checkpoint must restore: the student, trained routers, a dual-mode projection."""
-        state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        state.update({f"{model}.{name}": p for model, name, p in self._named_trainable() if model != "student"})
-        return state
-
-    def _named_trainable(self) -> list[tuple[str, str, nn.Parameter]]:
-        projection = getattr(self.objective, "projection", nn.Identity())
-        return ([("student", n, p) for n, p in self.student.named_parameters()]
-                + [("teacher", n, p) for n, p in self.teacher.named_parameters() if p.requires_grad]
-                + [("projection", n, p) for n, p in projection.named_parameters()])
-
     def _load_state(self, state: dict) -> None:
-        """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, policy."""
-        current = self._trainable_state()
-        weights = state["model"]
-        stored = {current[k].data_ptr() for k in current if k in weights}
-        missing = [k for k in current if k not in weights and current[k].data_ptr() not in stored]  # tied: stored once
-        unknown = [k for k in weights if k not in current]
-        if missing or unknown:
-            raise ckpt.CheckpointError(f"its weights do not fit this run (missing {missing[:3]}, unknown "
-                                       f"{unknown[:3]})")
-        with torch.no_grad():
-            for key, tensor in weights.items():
-                if tensor.shape != current[key].shape:
-                    raise ckpt.CheckpointError(f"its {key} has shape {tuple(tensor.shape)}, this run's "
-                                               f"{tuple(current[key].shape)}")
-                current[key].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.precision.load_state_dict(state["precision"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
+        """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, step, policy."""
+        self.training_state.load_state_dict(state)
         self.step = int(state["step"])
-        self.rollbacks, self.lr_factor = int(state["policy"]["rollbacks"]), float(state["policy"]["lr_factor"])
-        self.weights_finite, self.skip_streak = True, 0
+        self.policy.load_state_dict(state["policy"])
 
-    def _load_checkpoint_to_resume(self, source: Path, in_place: bool) -> Resumed:
-        """--resume (the newest checkpoint that loads) or --resume-from PATH, checked against this run."""
-        cfg = self.config
-        if cfg.resume_from:
-            path, fallbacks = Path(cfg.resume_from), []
-            try:
-                state = ckpt.load(path)
-            except ckpt.CheckpointError as exc:
-                raise BadInput(f"--resume-from: {exc}") from None
-        else:
-            path, state, fallbacks = ckpt.load_newest(self.run_dir)
-            if state is None:
-                raise BadInput(f"--resume: no checkpoint of {self.run_dir} loads ({fallbacks[0]})")
-        meta, step = state["meta"], int(state["step"])
-        differing = differing_options(meta.get("options") or {}, cfg.to_dict())
-        if differing:
-            raise BadInput(f"--resume: {path} was trained with other options ({', '.join(differing[:4])}); resume "
-                           "with the run's own options")
-        if meta.get("mode", self.mode) != self.mode:
-            raise BadInput(f"--resume: {path} was trained in {meta['mode']}, this run would train in {self.mode}; "
-                           f"give --precision {meta['mode']}")
-        if step >= cfg.train_steps:
-            raise BadInput(f"--resume: {path} is at step {step} and --train-steps is {cfg.train_steps}; raise "
-                           "--train-steps to train further")
-        try:
-            self._load_state(state)
-        except ckpt.CheckpointError as exc:
-            raise BadInput(f"--resume: {path}: {exc}") from None
-        return Resumed(path, source, in_place, step, dict(state["log_offsets"]), fallbacks)
+    def _restore_before(self, step: int) -> tuple[Path, int] | None:
+        """A rollback: the newest checkpoint before `step` that loads, put back; its path and step, or None."""
+        path, state, problems = ckpt.load_newest(self.run_dir, before_step=step)
+        self._record_fallbacks(problems, path)
+        if state is None:
+            return None
+        self._load_state(state)
+        return path, self.step
 
 
 def release_free_host_memory() -> None:
@@ -857,11 +609,6 @@ def release_free_host_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) or Python's MemoryError."""
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,0 +1,58 @@
+"""A run out of memory, explained: where it ran out, what the run needs, and which options to change.
+
+The loop catches the failure, frees the failed step's tensors and keeps the last good step in a checkpoint;
+this module words the `out_of_memory` event, so the user learns whether to resume with other options or
+start again smaller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DistillConfig
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError) or Python's MemoryError."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(exc)
+
+
+def out_of_memory_message(cfg: DistillConfig, mode: str, teacher: nn.Module, student: nn.Module,
+                          device: torch.device, *, error: str, phase: str, step: int, saved: int | None) -> str:
+    """The event's message: the failure, the run's memory breakdown, and what to try — options a resume may
+    change (when `saved`, the step a checkpoint keeps) and options only a new run may."""
+    resumable = [flag for flag, on in (("--gradient-checkpointing", cfg.gradient_checkpointing),
+                                       ("--offload-teacher-to-cpu", cfg.offload_teacher_to_cpu)) if not on]
+    fresh = [f"--block-size {cfg.block_size // 2}"] if cfg.block_size >= 32 else []
+    if cfg.per_device_batch_size > 1:
+        fresh.append(f"--per-device-batch-size {cfg.per_device_batch_size // 2} "
+                     f"--grad-accum-steps {cfg.grad_accum_steps * 2}")
+    advice = []
+    if resumable:
+        advice.append(" ".join(resumable) + (f" (then --resume: step {saved} is saved)" if saved is not None else ""))
+    if fresh:
+        advice.append("in a new run " + " or ".join(fresh))
+    breakdown = _memory_breakdown(cfg, mode, teacher, student, device)
+    return (f"out of memory in the {phase} of step {step} ({error}); {breakdown}. "
+            + (f"Try {'; or '.join(advice)}" if advice else "The models do not fit this device"))
+
+
+def _memory_breakdown(cfg: DistillConfig, mode: str, teacher: nn.Module, student: nn.Module,
+                     device: torch.device) -> str:
+    """estimate-memory's breakdown for this run, and on CUDA what the allocator holds."""
+    try:
+        from ..memory import estimate_mode, format_breakdown, model_shape
+
+        text = format_breakdown(estimate_mode(
+            mode, model_shape(teacher, cfg.teacher_model, cfg.router_patterns),
+            model_shape(student, cfg.student_model), cfg.per_device_batch_size, cfg.block_size,
+            gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu))
+    except Exception as exc:  # an estimate is a help, never a second failure
+        text = f"no memory estimate ({type(exc).__name__})"
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        text += (f"; the allocator holds {torch.cuda.memory_allocated(device) / 2**20:.0f} MiB "
+                 f"(peak {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB, reserved "
+                 f"{torch.cuda.memory_reserved(device) / 2**20:.0f} MiB) of {total / 2**20:.0f} MiB")
+    return text
