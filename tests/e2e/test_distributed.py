@@ -78,10 +78,17 @@ def torchrun(*args: str, entry: list[str] | None = None, timeout: int = 120) -> 
 
 
 def base_args(world: dict, out: Path, *, teacher: str = "dense_teacher", steps: int = 4,
-              precision: str = "fp32") -> list[str]:
+              precision: str = "fp32", device: str = "cpu") -> list[str]:
     return ["--teacher-model", world[teacher], "--student-model", world["student"], "--train-file", world["train"],
             "--validation-file", world["valid"], "--block-size", "32", "--train-steps", str(steps),
-            "--eval-steps", "2", "--student-lr", "3e-3", "--precision", precision, "--output-dir", out]
+            "--eval-steps", "2", "--student-lr", "3e-3", "--precision", precision, "--output-dir", out,
+            "--device", device]
+
+
+# gloo on the CPU everywhere; NCCL where two CUDA GPUs are present (each rank trains on cuda:LOCAL_RANK)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL across ranks needs two CUDA GPUs")])]
+BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
 
 def train_rows(run: Path) -> pd.DataFrame:
@@ -132,15 +139,17 @@ SETUPS = {"dense": ("dense_teacher", "student", []),
           "dual-tokenizer": ("teacher", "dual_student", [])}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("setup", list(SETUPS))
-def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, cli, setup):
+def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, cli, setup, device):
     teacher, student, extra = SETUPS[setup]
     world = {k: str(v) for k, v in tiny_world.items()}
     world["student"] = world[student]
     one, two = tmp_path / "one", tmp_path / "two"
-    code, _, err = cli("train", *base_args(world, one, teacher=teacher), *extra, "--per-device-batch-size", "4")
+    args = {"teacher": teacher, "device": device}
+    code, _, err = cli("train", *base_args(world, one, **args), *extra, "--per-device-batch-size", "4")
     assert code == 0, err
-    run = subprocess.run([sys.executable, "-m", "sarkd_diag", "train", *base_args(world, two, teacher=teacher),
+    run = subprocess.run([sys.executable, "-m", "sarkd_diag", "train", *base_args(world, two, **args),
                           *extra, "--per-device-batch-size", "2", "--nproc", "2"], env=env(), capture_output=True,
                          text=True, timeout=120)  # `train --nproc 2` launches torchrun itself
     assert run.returncode == 0, run.stderr[-3000:]
@@ -168,17 +177,18 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_
     merged = pd.read_parquet(two / "events.parquet")
     assert set(merged["rank"]) == {0, 1}
     config = json.loads((two / "config.json").read_text())
-    assert config["distributed"] == {"ranks": 2, "backend": "gloo"} and config["options"]["nproc"] == 2
+    assert config["distributed"] == {"ranks": 2, "backend": BACKENDS[device]} and config["options"]["nproc"] == 2
     assert json.loads((two / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("precision", "policy"), [("fp32", "stop"), ("fp32", "skip"), ("mixed", "stop")])
-def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp_path, precision, policy):
+def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp_path, precision, policy, device):
     world = {k: str(v) for k, v in tiny_world.items()}
     script = tmp_path / "inject.py"
     script.write_text(INJECT.format(rank=1, step=3, fault="overflow"))
     out = tmp_path / "run"
-    run = torchrun(*base_args(world, out, teacher="teacher", steps=5, precision=precision),
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=5, precision=precision, device=device),
                    "--per-device-batch-size", "2", "--eval-steps", "10", "--on-nonfinite", policy,
                    entry=[str(script)])
     scaled = precision == "mixed"  # the loss scaler skips the step itself, on both ranks: its flag is all-reduced
