@@ -38,6 +38,10 @@ PROBE_TYPES = (LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, LostUp
                ScalerProbe)
 
 
+# metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
+NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
+
+
 class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
@@ -150,9 +154,10 @@ class Probes:
         step = self.ctx.step
         metrics = self.after_step(step, host)
         self.begin_step(step + 1)
-        row = {"step": step, "split": "train", **metrics}
-        if loss is not None:
-            row["loss"] = float(loss.detach().float())
+        optimizer = self.ctx.optimizer
+        row = {"step": step, "split": "train", "loss": float(loss.detach().float()) if loss is not None else None,
+               "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
+               **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if self._own_logs:
             self._metrics.write_line(json.dumps(row))
         return row

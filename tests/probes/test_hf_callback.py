@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("accelerate")
 
+from contract import assert_conforms  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
@@ -40,6 +41,7 @@ def test_trainer_callback_records_a_healthy_run(tmp_path):
     assert run["summary"]["steps_completed"] == 4 and run["summary"]["status"] == "completed"
     assert run["summary"]["diagnosis"] == []
     assert run["metrics"]["grad_amax"].notna().all()
+    assert_conforms(callback.run_dir)
 
 
 def test_trainer_callback_explains_pure_fp16(tmp_path):

@@ -6,6 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from contract import assert_conforms, assert_run_dir
 from torch import nn
 
 from sarkd_diag import Probes, load_run
@@ -246,3 +247,6 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
     assert run["summary"]["precision"]["master_dtype"] == "float32"
     assert list(run["metrics"]["step"]) == [1, 2, 3]
     assert run["summary"]["diagnosis"] == []
+    assert (run["metrics"]["lr"] == 1e-3).all() and run["metrics"]["kd_loss"].isna().all()  # unknown here: null
+    assert_run_dir(tmp_path / "mine")
+    assert_conforms(tmp_path / "mine")
