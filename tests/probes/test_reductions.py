@@ -22,6 +22,7 @@ def test_abs_max_matches_the_inf_norm_and_propagates_nan(dtype):
 def test_abs_max_of_mixed_dtypes_is_one_tensor():
     values = abs_max([torch.tensor([-3.0]), torch.tensor([2.0], dtype=torch.bfloat16)])
     assert values.tolist() == [3.0, 2.0]
+    assert abs_max([]).numel() == 0  # nothing trainable: nothing to read
 
 
 def test_sampled_is_the_samples_side_by_side():
