@@ -115,6 +115,8 @@ def _dist_version(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------- fp16
 def cmd_fp16(args) -> int:
     """The same short run on the embedded default in pure-fp16 and in mixed, through the CLI, then `check`."""
+    from sarkd_diag import load_run
+
     s = settings(args.device)
     expected = {"pure-fp16": {"train_exit": 1, "check_exit": 1}, "mixed": {"train_exit": 0, "check_exit": 0}}
     results, ok = {}, True
@@ -134,12 +136,12 @@ def cmd_fp16(args) -> int:
                                capture_output=True, text=True)
         print(f"$ python -m sarkd_diag check {run_dir} --expect master-fp32,no-nonfinite-params,completed  → exit "
               f"{check.returncode}\n" + "\n".join("  | " + line for line in check.stdout.strip().splitlines()[:4]))
-        summary_path = run_dir / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        if summary_path.is_file():
+        run = load_run(run_dir) if (run_dir / "config.json").is_file() else None
+        summary = (run and run["summary"]) or {}
+        if summary:
             (OUT / "runs").mkdir(parents=True, exist_ok=True)
-            shutil.copy(summary_path, OUT / "runs" / f"{mode}-summary.json")
-        scales = [row.get("loss_scale") for row in _train_rows(run_dir)]
+            shutil.copy(run_dir / "summary.json", OUT / "runs" / f"{mode}-summary.json")
+        scales = _train(run)["loss_scale"].dropna().tolist() if run else []
         final = summary.get("final", {})
         diagnosis = summary.get("diagnosis") or [{}]
         r = {"train_exit": proc.returncode, "check_exit": check.returncode, "status": summary.get("status"),
@@ -149,7 +151,7 @@ def cmd_fp16(args) -> int:
              "cause": diagnosis[0].get("cause"), "first_eval_ppl": final.get("first_eval_ppl"),
              "eval_ppl": final.get("eval_ppl"), "skipped_steps": final.get("skipped_steps"),
              "nonfinite_param_events": (summary.get("event_counts") or {}).get("nonfinite_param", 0),
-             "final_loss_scale": next((x for x in reversed(scales) if x is not None), None)}
+             "final_loss_scale": scales[-1] if scales else None}
         want = dict(expected[mode])
         if mode == "pure-fp16":
             want.update(cause="optimizer_eps_underflow")
@@ -172,12 +174,9 @@ def cmd_fp16(args) -> int:
     return 0 if ok else 1
 
 
-def _train_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("split") == "train"]
+def _train(run: dict):
+    """The train rows of a run's metrics (a load_run result)."""
+    return run["metrics"].query("split == 'train'")
 
 
 def _num(x, spec: str = ".2f") -> str:
@@ -199,7 +198,7 @@ def cmd_speed(args) -> int:
     sys.path.insert(0, str(HERE))
     from pairs import PAIRS
 
-    from sarkd_diag import distill
+    from sarkd_diag import distill, load_run
     from sarkd_diag.ui import TrainingDisplay
 
     s = settings(args.device)
@@ -228,8 +227,8 @@ def cmd_speed(args) -> int:
                      train_steps=steps, eval_steps=10**6, eval_max_batches=1, block_size=s["block"],
                      per_device_batch_size=s["batch"], output_dir=str(run_dir), overwrite=True, display=clock)
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    summary = json.loads((result.run_dir / "summary.json").read_text())
-    rows = _train_rows(result.run_dir)
+    run = load_run(result.run_dir)
+    summary, tokens_per_s = run["summary"], _train(run)["tokens_per_s"].tolist()
     tokens = s["batch"] * s["block"]
     seconds = [b - a for a, b in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
     seconds = seconds[s["warmup"] - 1:]  # the stamps close steps 1..N: these are steps warmup+1 .. N
@@ -239,8 +238,8 @@ def cmd_speed(args) -> int:
         "status": summary["status"], "exit_code": result.exit_code,
         "step_ms": round(1000 * statistics.median(seconds), 2) if seconds else None,
         "tokens_per_s": round(tokens / statistics.median(seconds), 1) if seconds else None,
-        "trainer_tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows[s["warmup"]:]), 1)
-        if len(rows) > s["warmup"] else None,
+        "trainer_tokens_per_s": round(statistics.median(tokens_per_s[s["warmup"]:]), 1)
+        if len(tokens_per_s) > s["warmup"] else None,
         # CUDA: the allocator's peak over the whole run (loading, evaluation, steps); CPU: the process's peak RSS
         "peak_mib": round(peak_mib if cuda else summary["final"]["peak_memory_mb"], 1),
         "peak_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (CPU)",
