@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .base import Probe, sample
+from .base import Probe, sample, sampled
 
 LOST_UPDATE_WARNING = 0.10  # fraction of weights whose lr-sized update rounds away
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
@@ -94,17 +94,14 @@ class OptimizerProbe(Probe):
     def after_optimizer_step(self) -> None:
         if not self.ctx.stats_step or self.ctx.optimizer is None:
             return
-        zero = nonzero = None
-        for w in self.ctx.watched:
-            state = self.ctx.optimizer.state.get(w.param, {})
-            v, g = state.get("exp_avg_sq"), w.param.grad
-            if v is None or g is None or v.dtype == torch.float32:
-                continue
-            live = sample(g) != 0
-            z, n = ((sample(v) == 0) & live).sum(), live.sum()
-            zero, nonzero = (z, n) if zero is None else (zero + z, nonzero + n)
-        if zero is not None:
-            self._underflow = torch.stack([zero.float(), nonzero.float()])
+        state = self.ctx.optimizer.state
+        half = [(w.param.grad, v) for w in self.ctx.watched
+                if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
+                and v.dtype != torch.float32]
+        if half:  # a gradient and its second moment share a shape: their samples line up
+            live = sampled([g for g, _ in half]) != 0
+            flushed = (sampled([v for _, v in half]) == 0) & live
+            self._underflow = torch.stack([flushed.sum(), live.sum()]).float()
 
     def readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
