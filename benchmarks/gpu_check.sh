@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue #7): one CUDA GPU, no network, under 5 minutes end to end.
 #   1 environment           what is importable, the torch build, the card
-#   2 cuda tests            python -m pytest -m cuda tests/test_cuda.py
+#   2 cuda tests            python -m pytest -m cuda tests (every CUDA-marked test)
 #   3 pure-fp16 vs mixed    embedded default: pure-fp16 corrupts the weights (optimizer_eps_underflow), mixed
 #                           (fp32 masters, a real GradScaler) trains; `sarkd-diag check` tells them apart
 #   4 tokens/s              the gpt2 pair (DialoGPT-medium/small shapes) in fp32, mixed and bf16-mixed
@@ -65,7 +65,7 @@ main() {
 
     step "1 environment" 60 "" "$PYTHON" $HELPER env --device "$DEVICE"
     step "2 cuda tests" 120 "$TRAIN_DEPS typer pytest" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs tests/test_cuda.py
+        "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda -rs tests
     step "3 pure-fp16 vs mixed" 90 "$TRAIN_DEPS typer" "$PYTHON" $HELPER fp16 --device "$DEVICE"
     for precision in fp32 mixed bf16-mixed; do
         step "4 tokens/s $precision" 75 "$TRAIN_DEPS" "$PYTHON" $HELPER speed --device "$DEVICE" --precision "$precision"
