@@ -1,36 +1,146 @@
-"""Probes for Hugging Face Trainer and TRL users: one callback, the same events and diagnosis."""
+"""Probes for Hugging Face Trainer and TRL users: one callback, the same events and diagnosis.
+
+    trainer = Trainer(model=model, args=args, train_dataset=data)      # or trl.DistillationTrainer, GKDTrainer, ...
+    diag = SarkdDiagCallback.attach(trainer, "runs/hf")
+    trainer.train()
+    print(diag.probes.diagnosis())
+
+`attach` is the one-call entry: a callback alone only sees what transformers hands every callback (the
+model, the accelerate-wrapped optimizer, `args` and `state`), which holds neither a distillation trainer's
+teacher nor the loss of a trainer whose student forward returns no `loss` (TRL's DistillationTrainer runs
+the student's backbone and a chunked divergence, never `model(...).loss`). `attach` reads both from the
+trainer itself; `Trainer(..., callbacks=[SarkdDiagCallback(dir)])` still works for a plain Trainer.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
+import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from . import Probes
 
+ON_CRITICAL = ("stop", "record")
+
+
+def trainer_precision(args, model: nn.Module) -> dict:
+    """The precision a Trainer runs in, named from `TrainingArguments` and the weights' dtype.
+
+    The weights alone say `fp32` for a run under bf16 autocast (`bf16=True` keeps fp32 master weights), so
+    the mode comes from what the user asked the Trainer for, in the same vocabulary as sarkd-diag's own
+    runs: fp16=True with fp32 weights is `mixed` (autocast + GradScaler), bf16=True is `bf16-mixed`, and a
+    model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`).
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
+    weights = dtypes.pop() if len(dtypes) == 1 else None
+    name = str(weights).removeprefix("torch.") if weights is not None else "mixed dtypes"
+    pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
+    if getattr(args, "fp16", False):
+        requested, mode = "TrainingArguments(fp16=True)", pure.get(weights, "mixed")
+    elif getattr(args, "bf16", False):
+        requested, mode = "TrainingArguments(bf16=True)", pure.get(weights, "bf16-mixed")
+    else:
+        requested, mode = "TrainingArguments()", {**pure, torch.float32: "fp32"}.get(weights, "external")
+    return {"mode": mode, "requested": requested,
+            "reason": f"transformers Trainer: {requested} with {name} trainable weights"}
+
+
+def trainer_teacher(trainer) -> nn.Module | None:
+    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: TRL's DistillationTrainer
+    and GKDTrainer keep it as `trainer.teacher_model` (prepared with `accelerator.prepare_model`)."""
+    teacher = getattr(trainer, "teacher_model", None)
+    if not isinstance(teacher, nn.Module):
+        return None
+    accelerator = getattr(trainer, "accelerator", None)
+    return accelerator.unwrap_model(teacher) if accelerator is not None else getattr(teacher, "module", teacher)
+
 
 class SarkdDiagCallback(TrainerCallback):
-    """`Trainer(..., callbacks=[SarkdDiagCallback("runs/hf")])`: records events into a run directory.
+    """Records a Trainer's numerical events into a run directory and stops training on non-finite weights.
 
-    The probes attach to the model and the (unwrapped) optimizer when training begins; each optimizer
-    step of the Trainer is one probe step. `callback.probes.diagnosis()` and `sarkd-diag report` work
-    on the directory afterwards.
+    Each optimizer step of the Trainer is one probe step, numbered `state.global_step` like the Trainer's
+    own logs and checkpoints, so a run resumed from a checkpoint into the same directory appends after the
+    last recorded step instead of starting again at 1. The precision is named from `TrainingArguments`
+    (see `trainer_precision`), and fixes are written in TrainingArguments' terms (`caller="trainer"`).
+
+    on_critical: "stop" (default) sets `control.should_training_stop` once the probes record a critical
+    event (non-finite weights): every later step would only train NaN weights, and the Trainer would save
+    them as checkpoints. The run closes as `stopped` with its diagnosis. "record" keeps training.
+
+    The run directory holds config.json from the first step, and events and metrics are flushed as they
+    are written: when training dies inside the Trainer (which calls no callback on an exception), the
+    directory stays readable and `sarkd-diag report RUN` closes it as `crashed`.
     """
 
-    def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10):
+    def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
+                 teacher: nn.Module | None = None):
+        if on_critical not in ON_CRITICAL:
+            raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
         self.run_dir, self.level, self.every = Path(run_dir), level, every
+        self.on_critical, self.teacher = on_critical, teacher
         self.probes: Probes | None = None
+        self.stopped_at: int | None = None  # the step whose critical event stopped training
+        self._trainer = None
+        self._losses: list[torch.Tensor] = []
 
+    @classmethod
+    def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
+        """Add the callback to `trainer` and let it read what callbacks are not handed: the teacher of a
+        distillation trainer (watched as `teacher`, so an overflowing teacher is named as such), the loss
+        scaler of the trainer's accelerator, and the loss `training_step` returns (recorded, not changed)."""
+        if kwargs.get("teacher") is None:
+            kwargs["teacher"] = trainer_teacher(trainer)
+        callback = cls(run_dir, **kwargs)
+        callback._trainer = trainer
+        training_step = trainer.training_step
+
+        @functools.wraps(training_step)
+        def recorded_training_step(*args, **kw):
+            loss = training_step(*args, **kw)
+            callback._losses.append(loss.detach())
+            return loss
+
+        trainer.training_step = recorded_training_step
+        trainer.add_callback(callback)
+        return callback
+
+    # ------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        scaler = getattr(kwargs.get("accelerator"), "scaler", None)
-        self.probes = Probes(model, optimizer=optimizer, scaler=scaler, run_dir=self.run_dir, level=self.level,
-                             every=self.every)
+        if self.probes is not None:  # a second train() on the same callback appends to the same directory
+            self.probes.close("completed")
+        models = {"student": model}
+        if self.teacher is not None:
+            models["teacher"] = getattr(self.teacher, "module", self.teacher)
+        accelerator = getattr(self._trainer, "accelerator", None)
+        self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
+                             run_dir=self.run_dir, level=self.level, every=self.every,
+                             precision=trainer_precision(args, model), caller="trainer")
+        # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
+        # checkpoint's step, so the first step of this run is the one after it
+        self.probes.begin_step(state.global_step + 1)
+        self.stopped_at = None
+        self._losses = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.probes is not None:
+            self.probes.begin_step(state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.probes is not None:
-            self.probes.step()
+        """The Trainer has stepped the optimizer, zeroed the gradients and counted the step: close it."""
+        if self.probes is None:
+            return
+        # training_step returns each micro-batch's loss already divided for gradient accumulation: their sum is
+        # the step's loss, as the Trainer logs it
+        loss = torch.stack(self._losses).sum() if self._losses else None
+        self._losses = []
+        self.probes.step(loss=loss)
+        if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
-            self.probes.close()
+            self.probes.close("stopped" if self.stopped_at is not None else "completed")

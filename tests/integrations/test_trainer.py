@@ -1,0 +1,141 @@
+"""SarkdDiagCallback on a real transformers.Trainer: pure fp16 with the Trainer's default optimizer, a clean
+bf16 run, an exception mid-run, and a resume from the Trainer's own checkpoint into the same run directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+
+import tiny  # noqa: E402
+from frameworks import Sequences, logged_losses, training_args  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
+
+VOCAB = 64
+
+
+def _train(tmp_path, model, run_dir=None, dataset=None, **args):
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", **args),
+                      train_dataset=dataset or Sequences(VOCAB))
+    callback = SarkdDiagCallback.attach(trainer, run_dir) if run_dir is not None else None
+    trainer.train()
+    return trainer, callback
+
+
+def _train_losses(run) -> list[float]:
+    metrics = run["metrics"]
+    return metrics[metrics["split"] == "train"]["loss"].tolist()
+
+
+def test_default_trainer_optimizer_is_fused_adamw():
+    # what the pure-fp16 test below relies on: fused AdamW adds eps in fp32, so no eps underflow is claimed
+    assert TrainingArguments(output_dir="unused", report_to=[]).optim == "adamw_torch_fused"
+
+
+def test_pure_fp16_with_the_default_optimizer_is_diagnosed_and_stopped(tmp_path):
+    trainer, callback = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", learning_rate=1e-2,
+                               max_steps=10)
+    run = load_run(tmp_path / "run")
+    summary = run["summary"]
+    first_bad = int(run["events"].query("kind == 'nonfinite_param'")["step"].min())
+    # stopped on the step whose weights went non-finite, not trained on NaN weights to step 10
+    assert trainer.state.global_step == first_bad == callback.stopped_at < 10
+    assert summary["status"] == "stopped" and summary["steps_completed"] == first_bad
+    root = summary["diagnosis"][0]
+    assert root["cause"] == "optimizer_state_underflow" and root["severity"] == "critical"
+    assert root["model"] == "student" and root["first_step"] == 1
+    assert root["module"] in dict(trainer.model.named_modules()) or root["module"] in dict(
+        trainer.model.named_parameters())
+    assert "optimizer_eps_underflow" not in [d["cause"] for d in summary["diagnosis"]]
+    assert "TrainingArguments" in root["fix"] or "bf16" in root["fix"]  # fixes in the caller's terms
+
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), learning_rate=1e-2, max_steps=10)
+    assert logged_losses(plain)[:first_bad] == logged_losses(trainer)  # the probes did not change training
+    assert _train_losses(run)[:first_bad - 1] == pytest.approx(logged_losses(trainer)[:first_bad - 1], rel=1e-6)
+
+
+def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
+    model = tiny.make_gpt2(VOCAB)
+    callback = SarkdDiagCallback(tmp_path / "run")  # the plain callbacks=[...] path, without attach
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", bf16=True, learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), callbacks=[callback])
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    summary = run["summary"]
+    assert summary["status"] == "completed" and summary["steps_completed"] == 4
+    assert summary["diagnosis"] == []
+    assert not {"warning", "critical"} & set(run["events"]["severity"]) if len(run["events"]) else True
+    assert summary["precision"]["mode"] == "bf16-mixed"
+    assert summary["precision"]["master_dtype"] == "float32"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"]["mode"] == "bf16-mixed"
+    assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    # the loss of every step, from the model's outputs, equals what the Trainer logged
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), bf16=True, learning_rate=1e-3)
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
+def test_an_exception_inside_the_trainer_leaves_a_readable_run_that_report_closes_as_crashed(tmp_path, cli):
+    trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=8),
+                      train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1))  # a corrupt record read in step 3 or 4
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="corrupt record"):
+        trainer.train()
+    died_after = trainer.state.global_step
+    assert 1 <= died_after < 8
+    run_dir = tmp_path / "run"
+    assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
+    assert not (run_dir / "summary.json").exists()
+
+    code, out, err = cli("report", run_dir)
+    assert code == 0, err
+    run = load_run(run_dir)
+    assert run["summary"]["status"] == "crashed"
+    assert run["summary"]["steps_completed"] == died_after
+    assert run["metrics"]["step"].tolist() == list(range(1, died_after + 1))
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt  # the job killed right after a checkpoint
+
+
+class _StateAtBegin(TrainerCallback):
+    def __init__(self):
+        self.global_step = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.global_step = state.global_step
+
+
+def test_resume_from_a_trainer_checkpoint_appends_to_the_same_run(tmp_path):
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=1e-3)
+    first = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", **args),
+                    train_dataset=Sequences(VOCAB), callbacks=[_Crash(at_step=4)])
+    SarkdDiagCallback.attach(first, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert (tmp_path / "trainer" / "checkpoint-4").is_dir()
+
+    spy = _StateAtBegin()
+    second = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", **args),
+                     train_dataset=Sequences(VOCAB), callbacks=[spy])
+    SarkdDiagCallback.attach(second, tmp_path / "run")
+    second.train(resume_from_checkpoint=str(tmp_path / "trainer" / "checkpoint-4"))
+    assert spy.global_step == 4  # the Trainer loads the checkpoint's state before on_train_begin
+
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 1..8, not 1..4 then 1..4 again
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
+    assert torch.isfinite(torch.tensor(_train_losses(run))).all()
