@@ -1,0 +1,133 @@
+"""SarkdDiagCallback.attach on TRL's distillation trainer (`trl.DistillationTrainer`, stable since TRL 1.x;
+`trl.experimental.gkd.GKDTrainer` holds its teacher the same way, as `trainer.teacher_model`).
+
+DistillationTrainer is fully on-policy: every step the student generates completions (`model.generate` under
+no_grad), then the student's and the teacher's *backbones* run on prompt + completion (the teacher under
+no_grad, in eval mode) and a chunked JSD is taken over their `lm_head`s — `model(...).loss` is never
+computed, which is why `attach` records the loss `training_step` returns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+import tiny  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from frameworks import cause, logged_losses, overflow_fp16, tiny_tokenizer  # noqa: E402
+
+from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trl")
+    tokenizer, corpus = tiny_tokenizer(root)
+    prompts = [line.split(" B:")[0] + " B:" for line in corpus.read_text().splitlines()[:16]]
+    return {"tokenizer": tokenizer, "dataset": Dataset.from_dict({"prompt": prompts}), "vocab": len(tokenizer)}
+
+
+def _distil(world, out, student, teacher, run_dir=None, **args):
+    config = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                  save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+                  learning_rate=1e-3, max_completion_length=6)
+    config.update(args)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=trl.DistillationConfig(**config),
+                                      train_dataset=world["dataset"], processing_class=world["tokenizer"])
+    callback = SarkdDiagCallback.attach(trainer, run_dir) if run_dir is not None else None
+    trainer.train()
+    return trainer, callback
+
+
+def _pair(world, dtype=torch.float32):
+    return tiny.make_gpt2(world["vocab"], seed=0).to(dtype), tiny.make_gpt2(world["vocab"], seed=3).to(dtype)
+
+
+def test_attach_finds_the_teacher(world, tmp_path):
+    student, teacher = _pair(world)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher,
+                                      args=trl.DistillationConfig(output_dir=str(tmp_path), report_to=[],
+                                                                  use_cpu=True),
+                                      train_dataset=world["dataset"], processing_class=world["tokenizer"])
+    callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    assert callback.teacher is teacher
+    assert callback in trainer.callback_handler.callbacks
+
+
+def test_an_fp16_teacher_that_overflows_is_named_teacher_overflow(world, tmp_path):
+    def pair():
+        student, teacher = _pair(world)
+        teacher = teacher.half()
+        overflow_fp16(teacher.transformer.h[1])
+        return student, teacher
+
+    trainer, callback = _distil(world, tmp_path / "t", *pair(), run_dir=tmp_path / "run")
+    summary = load_run(tmp_path / "run")["summary"]
+    root = summary["diagnosis"][0]
+    assert (root["cause"], root["severity"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "critical", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    assert "gradient_overflow" not in [d["cause"] for d in summary["diagnosis"]]  # not blamed on the student
+    assert summary["status"] == "stopped" and trainer.state.global_step == callback.stopped_at == 1
+
+    # without the callback the next step generates from NaN weights and dies inside `generate` ("probability
+    # tensor contains either inf, nan or element < 0"): run only the step both runs share
+    plain, _ = _distil(world, tmp_path / "p", *pair(), max_steps=1)
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
+def test_a_clean_bf16_distillation_records_nothing(world, tmp_path):
+    trainer, _ = _distil(world, tmp_path / "t", *_pair(world), run_dir=tmp_path / "run", bf16=True)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 3
+    assert run["summary"]["diagnosis"] == []
+    assert run["summary"]["precision"]["mode"] == "bf16-mixed"
+    metrics = run["metrics"][run["metrics"]["split"] == "train"]
+    assert metrics["step"].tolist() == [1, 2, 3]
+    assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)  # the loss of every step
+    assert metrics["act_amax_teacher"].notna().any()  # the teacher's forwards were read (on statistics steps)
+
+    plain, _ = _distil(world, tmp_path / "p", *_pair(world), bf16=True)
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
+def test_a_bf16_student_at_a_tiny_lr_loses_its_updates(world, tmp_path):
+    trainer, _ = _distil(world, tmp_path / "t", *_pair(world, torch.bfloat16), run_dir=tmp_path / "run",
+                         learning_rate=1e-6)
+    summary = load_run(tmp_path / "run")["summary"]
+    found = cause(summary["diagnosis"], "update_underflow")
+    assert found["severity"] == "warning" and found["model"] == "student" and found["first_step"] == 1
+    assert summary["precision"]["mode"] == "pure-bf16"
+    assert "critical" not in {d["severity"] for d in summary["diagnosis"]}
+
+    plain, _ = _distil(world, tmp_path / "p", *_pair(world, torch.bfloat16), learning_rate=1e-6)
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
+def _beyond_fp16_in(module, when):
+    """A forward hook that pushes a module's output past fp16's range in the forwards `when()` selects."""
+    def hook(_module, _inputs, output):
+        if when():
+            return output * 0 + 1e5
+        return None
+    return module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("where", ["generation", "every forward"])
+def test_statistics_come_from_training_forwards_not_from_generation(world, tmp_path, where):
+    # On-policy generation runs the student's forward once per generated token, under no_grad; if the probes
+    # read those forwards, a module that exceeds fp16's range only while generating would be reported.
+    student, teacher = _pair(world)
+    only_generating = where == "generation"
+    _beyond_fp16_in(student.transformer.h[0].mlp.c_proj,
+                    lambda: not torch.is_grad_enabled() if only_generating else True)
+    _distil(world, tmp_path / "t", student, teacher, run_dir=tmp_path / "run", max_steps=1)
+    diagnosis = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    if only_generating:
+        assert "activation_overflow" not in [d["cause"] for d in diagnosis]
+    else:  # the same hook in the training forward is seen: the test above can fail
+        found = cause(diagnosis, "activation_overflow")
+        assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
+            "warning", "student", "transformer.h.0.mlp.c_proj", 1)
