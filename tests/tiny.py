@@ -63,3 +63,14 @@ def save(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_gpt2_untied(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2, n_positions: int = 128):
+    """The tiny GPT-2 with an lm_head of its own (not tied to the token embedding)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=2, n_positions=n_positions,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                        tie_word_embeddings=False)
+    return GPT2LMHeadModel(config)

@@ -1,0 +1,848 @@
+"""A catalog of numerical pathologies, each provoked in a real training run, and what the diagnosis says.
+
+Every scenario is a small, fast run on tiny models built with tests/tiny.py (CPU, one torch thread), provoked
+the way a user would hit it: through the real CLI (`sarkd_diag.cli.main(["train", ...])`, in-process) or
+through a hand-written PyTorch loop watched by `sarkd_diag.Probes`. Each scenario states the diagnosis the
+tool must give (root cause, severity, model, module or tensor, first step) or, for a clean run, that no
+warning or critical cause is claimed; and it measures the physical facts that show the run really provoked
+what it claims (weights that grew, a loss that is NaN, a loss scale that fell), independently of the tool.
+
+    python scripts/pathologies.py                   # run all, print a Markdown table
+    python scripts/pathologies.py --only NAME       # one scenario (repeatable)
+    python scripts/pathologies.py --markdown FILE   # also write the table to FILE
+
+tests/e2e/test_pathologies.py asserts the same expectations, scenario by scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+import tiny  # noqa: E402
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+ANY = "<any>"  # an expected module or tensor that must be named, whichever it is
+
+
+# ------------------------------------------------------------------------------------------ expectations
+@dataclass(frozen=True)
+class Expected:
+    """What the diagnosis must say. None in a field: not asserted (not knowable from the provocation)."""
+
+    cause: str | None  # the root cause (first in the diagnosis); None: a clean run
+    severity: str | None = None
+    model: str | None = None
+    module: str | tuple[str, ...] | None = None  # exact name, accepted names, ANY, or None (not asserted)
+    first_step: int | tuple[int, int] | None = None  # exact, or an inclusive range
+    absent: tuple[str, ...] = ()  # causes that must not be claimed at all
+    not_critical: tuple[str, ...] = ()  # causes that must not be claimed as critical
+    fix_contains: str | None = None
+    evidence_contains: str | None = None  # some evidence key contains this
+
+    def describe(self) -> str:
+        if self.cause is None:
+            return "no warning or critical diagnosis"
+        parts = [f"`{self.cause}` {self.severity}"]
+        if self.model or self.module:
+            parts.append(f"at {self.model or '?'}/{_where_text(self.module)}")
+        if self.first_step is not None:
+            parts.append(f"step {_step_text(self.first_step)}")
+        return " ".join(parts)
+
+
+def _where_text(module) -> str:
+    if module is None:
+        return "-"
+    if isinstance(module, tuple):
+        return " or ".join(module)
+    return "a named tensor" if module == ANY else module
+
+
+def _step_text(step) -> str:
+    return f"{step[0]}–{step[1]}" if isinstance(step, tuple) else str(step)
+
+
+def where(cause: dict) -> str | None:
+    """The module a cause names, else its tensor."""
+    return cause.get("module") or cause.get("tensor")
+
+
+def _names(cause: dict, expected: str) -> bool:
+    module, tensor = cause.get("module"), cause.get("tensor")
+    if expected == ANY:
+        return bool(module or tensor)
+    return module == expected or (tensor is not None and (tensor == expected or tensor.startswith(expected + ".")))
+
+
+def foreign_flags(diagnosis: list[dict], via: str) -> list[str]:
+    """Command-line flags in the fixes that the caller does not have: any `--flag` in a user loop (it has
+    `Probes(...)` arguments, not `train`'s options), in the CLI a flag that is no `train` option."""
+    from sarkd_diag.config import FIELD_NAMES
+
+    found = []
+    for cause in diagnosis:
+        for flag in re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", cause.get("fix") or ""):
+            name = flag.removeprefix("no-").replace("-", "_")
+            if via != "CLI" or name not in FIELD_NAMES:
+                found.append(f"--{flag}")
+    return sorted(set(found))
+
+
+def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> list[str]:
+    """What differs from the expectation; empty when the diagnosis is as expected. A fix must name only what
+    the caller has (`via`: "CLI" or "user loop")."""
+    serious = [c for c in diagnosis if c.get("severity") in ("warning", "critical")]
+    flags = foreign_flags(diagnosis, via)
+    flags = [f"a fix names {', '.join(flags)}, which the {via} has not"] if flags else []
+    if expected.cause is None:
+        return [f"claims {c['cause']} ({c['severity']})" for c in serious] + flags
+    if not diagnosis:
+        return ["no diagnosis"]
+    top = diagnosis[0]
+    wrong = []
+    if top.get("cause") != expected.cause:
+        wrong.append(f"root cause {top.get('cause')}, not {expected.cause}")
+    if expected.severity and top.get("severity") != expected.severity:
+        wrong.append(f"severity {top.get('severity')}, not {expected.severity}")
+    if expected.model and top.get("model") != expected.model:
+        wrong.append(f"model {top.get('model')}, not {expected.model}")
+    if expected.module is not None:
+        accepted = expected.module if isinstance(expected.module, tuple) else (expected.module,)
+        if not any(_names(top, m) for m in accepted):
+            wrong.append(f"module {where(top)}, not {_where_text(expected.module)}")
+    step = top.get("first_step")
+    if isinstance(expected.first_step, tuple):
+        if step is None or not expected.first_step[0] <= step <= expected.first_step[1]:
+            wrong.append(f"first step {step}, not {_step_text(expected.first_step)}")
+    elif expected.first_step is not None and step != expected.first_step:
+        wrong.append(f"first step {step}, not {expected.first_step}")
+    if expected.fix_contains and expected.fix_contains.lower() not in (top.get("fix") or "").lower():
+        wrong.append(f"fix does not mention {expected.fix_contains!r}")
+    if expected.evidence_contains and not any(expected.evidence_contains in k for k in top.get("evidence") or {}):
+        wrong.append(f"no {expected.evidence_contains!r} in the evidence")
+    for c in diagnosis:
+        if c.get("cause") in expected.absent:
+            wrong.append(f"also claims {c['cause']} ({c['severity']})")
+        elif c.get("cause") in expected.not_critical and c.get("severity") == "critical":
+            wrong.append(f"also claims {c['cause']} as critical")
+    return wrong + flags
+
+
+# ------------------------------------------------------------------------------------------ outcomes
+@dataclass
+class Outcome:
+    diagnosis: list[dict] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)  # measured, printed: what the run physically did
+    checks: dict[str, bool] = field(default_factory=dict)  # facts that must hold: the pathology was provoked
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int | None = None
+
+    def check(self, name: str, ok) -> None:
+        self.checks[name] = bool(ok)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    how: str
+    mode: str
+    via: str  # "CLI" or "user loop"
+    run: Callable[[World, Path], Outcome]
+    expected: Expected
+
+    @property
+    def slug(self) -> str:
+        return "-".join("".join(c if c.isalnum() else " " for c in self.name.lower()).split())
+
+
+# ------------------------------------------------------------------------------------------ the tiny world
+@dataclass
+class World:
+    root: Path
+    train: Path
+    valid: Path
+    tokenizer: object
+    student: Path
+    teacher: Path
+    dense_teacher: Path
+
+    @property
+    def vocab(self) -> int:
+        return len(self.tokenizer)
+
+
+def build_world(root: Path) -> World:
+    """A corpus, a tokenizer, a tiny GPT-2 student, a tiny Mixtral teacher and a dense GPT-2 teacher, on disk."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = tiny.write_corpus(root / "train.txt", 300, seed=0)
+    valid = tiny.write_corpus(root / "valid.txt", 30, seed=1)
+    tokenizer = tiny.make_tokenizer(train)
+    vocab = len(tokenizer)
+    student = tiny.save(tiny.make_gpt2(vocab), tokenizer, root / "student")
+    teacher = tiny.save(tiny.make_mixtral(vocab), tokenizer, root / "teacher")
+    dense_teacher = tiny.save(tiny.make_gpt2(vocab, seed=3), tokenizer, root / "dense_teacher")
+    return World(root, train, valid, tokenizer, student, teacher, dense_teacher)
+
+
+def token_batches(world: World, steps: int, batch: int = 2, block: int = 16) -> list[torch.Tensor]:
+    ids = world.tokenizer(world.train.read_text())["input_ids"]
+    need = steps * batch * block
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return list(torch.tensor(ids).reshape(steps, batch, block))
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------------ running the CLI
+def run_cli(world: World, out: Path, *extra: str, teacher: Path | None = None, student: Path | None = None,
+            steps: int = 6) -> tuple[Outcome, dict]:
+    """`sarkd-diag train` in-process on the tiny world; the run's summary.json diagnosis and its metrics rows."""
+    from sarkd_diag.cli import main
+
+    run_dir = out / "run"
+    args = ["train", "--teacher-model", str(teacher or world.teacher), "--student-model", str(student or world.student),
+            "--train-file", str(world.train), "--validation-file", str(world.valid), "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", str(steps), "--eval-steps", "1000",
+            "--eval-max-batches", "1", "--output-dir", str(run_dir), *extra]
+    outcome = Outcome()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    # in the scenario's directory: an internal error's traceback file lands there, not in the caller's
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), contextlib.chdir(out):
+        try:
+            main(args)
+            outcome.exit_code = 0
+        except SystemExit as exc:
+            outcome.exit_code = exc.code if isinstance(exc.code, int) else 1
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        outcome.error = f"no summary.json (exit {outcome.exit_code}): {stderr.getvalue().strip()[-300:]}"
+        return outcome, {"summary": {}, "metrics": [], "dir": run_dir}
+    summary = json.loads(summary_path.read_text())
+    outcome.diagnosis = summary.get("diagnosis") or []
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [m for m in metrics if m.get("split") == "train"]
+    outcome.facts.update(exit=outcome.exit_code, status=summary.get("status"), steps=summary.get("steps_completed"))
+    return outcome, {"summary": summary, "metrics": train_rows, "dir": run_dir}
+
+
+def _losses(rows: list[dict]) -> list[float]:
+    return [float(r["loss"]) if r.get("loss") is not None else math.nan for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ model surgery
+def scaled_copy(model: nn.Module, weight: str, factor: float, tokenizer, path: Path) -> Path:
+    """Save `model` with one weight multiplied by `factor`: a module whose output leaves fp16's range."""
+    with torch.no_grad():
+        model.get_parameter(weight).mul_(factor)
+    return tiny.save(model, tokenizer, path)
+
+
+def forward_extremes(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, float]]:
+    """Each module's output absolute max in an fp32 forward, in forward order (outside any tool)."""
+    seen: list[tuple[str, float]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
+            continue
+
+        def hook(_m, _i, out, name=name):
+            t = out if torch.is_tensor(out) else next((o for o in (out if isinstance(out, (tuple, list)) else ())
+                                                       if torch.is_tensor(o) and o.is_floating_point()), None)
+            if t is not None and t.is_floating_point() and t.numel():
+                seen.append((name, float(t.detach().abs().max())))
+        handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model.float()(ids)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def first_beyond_fp16(extremes: list[tuple[str, float]]) -> tuple[str, float] | None:
+    return next(((n, v) for n, v in extremes if v > FP16_MAX), None)
+
+
+def named_mlp(seed: int = 0) -> nn.Sequential:
+    """A small model of named Linear layers, as a user might write one: inp -> mid -> out."""
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(inp=nn.Linear(16, 32), act1=nn.ReLU(), mid=nn.Linear(32, 32), act2=nn.ReLU(),
+                                     out=nn.Linear(32, 4)))
+
+
+def blow_up_backward(module: nn.Module, when: Callable[[], bool] = lambda: True, factor: float = 1e30):
+    """Multiply the gradient arriving at `module`'s output by `factor`: its own gradients overflow (a custom
+    op with a bad backward), the modules after it in the forward stay finite."""
+    def pre_hook(_m, grad_output):
+        if not when():
+            return None
+        return tuple(g * factor if g is not None else None for g in grad_output)
+    return module.register_full_backward_pre_hook(pre_hook)
+
+
+def finite(t: torch.Tensor | None) -> bool:
+    return t is not None and bool(torch.isfinite(t).all())
+
+
+def max_weight(model: nn.Module) -> float:
+    return max(float(p.detach().float().abs().max()) for p in model.parameters())
+
+
+def probe_step(probes, outcome: Outcome, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    """`probes.step(loss=..., labels=...)`; a Probes without `labels=` yet is noted and called without them."""
+    if labels is None:
+        probes.step(loss=loss)
+        return
+    try:
+        probes.step(loss=loss, labels=labels)
+    except TypeError as exc:
+        if "labels" not in str(exc):
+            raise
+        if "no labels=" not in " ".join(outcome.notes):
+            outcome.notes.append("Probes.step() has no labels= yet: called without")
+        probes.step(loss=loss)
+
+
+def user_run_diagnosis(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "summary.json").read_text()).get("diagnosis") or []
+
+
+# ------------------------------------------------------------------------------------------ CLI scenarios
+def pure_fp16_adamw_eps(world: World, tmp: Path) -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "pure-fp16", steps=3)
+    outcome.facts["eps_in_fp16"] = float(torch.tensor(1e-8, dtype=torch.float16))
+    rows = run["metrics"]
+    outcome.facts["weights_finite_after_step1"] = rows[0].get("weights_finite") if rows else None
+    outcome.check("1e-8 is 0 in fp16", outcome.facts["eps_in_fp16"] == 0.0)
+    outcome.check("the run stopped at step 1 with non-finite weights",
+                  outcome.exit_code == 1 and run["summary"].get("steps_completed") == 1
+                  and rows and rows[0].get("weights_finite") is False)
+    return outcome
+
+
+def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "5e-6", steps=4,
+                           teacher=world.dense_teacher)
+    from safetensors.torch import load_file
+
+    before = load_file(str(world.student / "model.safetensors"))
+    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
+    same = total = 0
+    for name, w in after.items():
+        if name in before:
+            same += int((before[name].to(w.dtype) == w).sum())
+            total += w.numel()
+    outcome.facts["unchanged_weight_fraction"] = round(same / total, 3) if total else None
+    outcome.check("most student weights did not move in 4 steps", total and same / total > 0.5)
+    outcome.check("the run completed", outcome.exit_code == 0)
+    return outcome
+
+
+def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
+    student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8", "--on-nonfinite", "continue",
+                           steps=18, teacher=world.dense_teacher, student=student)
+    rows = run["metrics"]
+    scales = [r.get("loss_scale") for r in rows]
+    losses = _losses(rows)
+    outcome.facts.update(final_loss_scale=scales[-1] if scales else None, max_loss=max(losses) if losses else None,
+                         skipped_steps=sum(1 for r in rows if r.get("skipped")))
+    outcome.check("the loss itself is finite: the gradients overflow", losses and all(map(math.isfinite, losses)))
+    grad = kd_lm_head_gradient(world, 1e8)
+    outcome.facts["lm_head_grad_unscaled_finite"] = finite(grad)
+    outcome.check("a KD loss ×1e8 overflows lm_head's fp16 gradient at loss scale 1", not finite(grad))
+    outcome.check("the loss scale fell below 1", scales and scales[-1] is not None and scales[-1] < 1)
+    return outcome
+
+
+def kd_lm_head_gradient(world: World, alpha: float, temperature: float = 2.0) -> torch.Tensor:
+    """The untied student's lm_head gradient of alpha·T²·KL(teacher ‖ student) under autocast fp16, unscaled
+    (a stand-in for train's KD term, outside the tool)."""
+    student, teacher = tiny_gpt2_untied(world.vocab), tiny.make_gpt2(world.vocab, seed=3)
+    ids = token_batches(world, 1)[0]
+    with torch.autocast("cpu", dtype=torch.float16):
+        s, t = student(input_ids=ids).logits.float(), teacher(input_ids=ids).logits.float().detach()
+    kl = nn.functional.kl_div(nn.functional.log_softmax(s / temperature, -1),
+                              nn.functional.log_softmax(t / temperature, -1), log_target=True, reduction="batchmean")
+    (alpha * temperature**2 * kl / ids.shape[1]).backward()
+    return student.lm_head.weight.grad
+
+
+def absurd_lr(mode: str):
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "100", "--on-nonfinite", "continue",
+                                steps=4)
+        rows = run_["metrics"]
+        losses = _losses(rows)
+        amax = [r.get("param_amax") for r in rows]
+        initial = max_weight(tiny.make_gpt2(world.vocab))  # the saved student is this model
+        outcome.facts.update(losses=[round(v, 3) for v in losses], weight_amax_before=round(initial, 3),
+                             weight_amax_after_step1=amax[0] if amax else None)
+        outcome.check("step 1's update made the weights ~100x larger", amax and amax[0] and amax[0] > 50 * initial)
+        if mode == "mixed":
+            outcome.check("the next forward overflows fp16: step 2's loss is non-finite",
+                          len(losses) > 1 and not math.isfinite(losses[1]))
+        else:
+            outcome.check("the loss blows up (>3x its first value) and stays finite",
+                          len(losses) > 1 and all(map(math.isfinite, losses)) and max(losses[1:]) > 3 * losses[0])
+        return outcome
+    return run
+
+
+def student_activation_overflow(mode: str):
+    def run(world: World, tmp: Path) -> Outcome:
+        model = tiny.make_gpt2(world.vocab)
+        student = scaled_copy(model, STUDENT_HOT + ".weight", STUDENT_FACTOR, world.tokenizer, tmp / "hot_student")
+        first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
+        outcome, _ = run_cli(world, tmp, "--precision", mode, "--on-nonfinite", "continue", steps=4, student=student)
+        outcome.facts["first_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
+        outcome.check(f"{STUDENT_HOT} is the first module beyond fp16's range, finite in fp32",
+                      first and first[0] == STUDENT_HOT and math.isfinite(first[1]))
+        return outcome
+    return run
+
+
+def dense_teacher_overflow(world: World, tmp: Path) -> Outcome:
+    model = tiny.make_gpt2(world.vocab, seed=3)
+    teacher = scaled_copy(model, TEACHER_HOT + ".weight", STUDENT_FACTOR, world.tokenizer, tmp / "hot_teacher")
+    first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--on-nonfinite", "continue", steps=4,
+                           teacher=teacher)
+    outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
+    outcome.check(f"teacher {TEACHER_HOT} is the first module beyond fp16's range",
+                  first and first[0] == TEACHER_HOT and math.isfinite(first[1]))
+    return outcome
+
+
+def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
+    model = tiny.make_mixtral(world.vocab)
+    teacher = scaled_copy(model, ROUTER + ".weight", ROUTER_FACTOR, world.tokenizer, tmp / "hot_router_teacher")
+    first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--on-nonfinite", "continue", steps=4,
+                           teacher=teacher)
+    outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
+    outcome.check(f"the router {ROUTER} is the first teacher module beyond fp16's range",
+                  first and first[0] == ROUTER and math.isfinite(first[1]))
+    return outcome
+
+
+def clean_cli(mode: str):
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "3e-3", steps=6)
+        losses = _losses(run_["metrics"])
+        outcome.facts["losses"] = [round(v, 3) for v in losses]
+        outcome.check("completed with finite losses", outcome.exit_code == 0 and losses
+                      and all(map(math.isfinite, losses)))
+        return outcome
+    return run
+
+
+def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e3", steps=8)
+    rows = run["metrics"]
+    scales, losses = [r.get("loss_scale") for r in rows], _losses(rows)
+    outcome.facts.update(loss_scales=scales, losses=[round(v, 2) for v in losses])
+    skipped = [i + 1 for i, r in enumerate(rows) if r.get("skipped")]
+    outcome.facts["skipped_steps"] = skipped
+    outcome.check("the scaler skipped only the first steps, then the loss fell",
+                  skipped and skipped == list(range(1, len(skipped) + 1)) and len(skipped) <= 5
+                  and all(map(math.isfinite, losses)) and losses[-1] < losses[0])
+    return outcome
+
+
+STUDENT_HOT = "transformer.h.1.mlp.c_fc"  # scaled so its forward output leaves fp16's range (finite in fp32)
+TEACHER_HOT = "transformer.h.0.mlp.c_fc"
+ROUTER = "model.layers.0.mlp.gate"
+STUDENT_FACTOR = 1e6
+ROUTER_FACTOR = 1e7
+
+
+def tiny_gpt2_untied(vocab: int) -> nn.Module:
+    """The tiny GPT-2 with an lm_head of its own: its gradient is the first in backward order, whichever way
+    backward order is read (registration or arrival)."""
+    make = getattr(tiny, "make_gpt2_untied", None)
+    if make is not None:
+        return make(vocab)
+    raise RuntimeError("tests/tiny.py lacks make_gpt2_untied")
+
+
+# ------------------------------------------------------------------------------------------ user loops
+def _probes(model, opt, scaler, run_dir):
+    from sarkd_diag import Probes
+
+    return Probes(model, optimizer=opt, scaler=scaler, run_dir=run_dir)
+
+
+def fused_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    before = max_weight(model)
+    zero_v = live = 0
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 4), start=1):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            if step == 1:
+                for p in model.parameters():
+                    v = opt.state[p]["exp_avg_sq"]
+                    nz = p.grad != 0
+                    zero_v += int(((v == 0) & nz).sum())
+                    live += int(nz.sum())
+            probe_step(probes, outcome, loss, labels=ids)
+            opt.zero_grad()
+    after = max_weight(model)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(second_moment_zero_fraction=round(zero_v / live, 3), max_weight_before=round(before, 3),
+                         max_weight_after=round(after, 3), growth=round(after / before, 1))
+    outcome.check("most second moments flushed to zero at step 1", zero_v / live > 0.5)
+    outcome.check("the largest weight grew more than 10x in 4 steps, still finite",
+                  after > 10 * before and all(finite(p) for p in model.parameters()))
+    return outcome
+
+
+def user_scaler_module_overflow(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = named_mlp()
+    blow_up_backward(model.mid)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    grads_step1 = None
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step in range(1, 19):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if step == 1:
+                grads_step1 = {n: finite(p.grad) for n, p in model.named_parameters()}
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(final_scale=scaler.get_scale(), loss=round(float(loss.detach()), 3),
+                         finite_grads_step1=sorted(n for n, ok in grads_step1.items() if ok))
+    outcome.check("the loss scale fell below 1", scaler.get_scale() < 1)
+    outcome.check("out's gradients finite, mid's non-finite", grads_step1["out.weight"]
+                  and not grads_step1["mid.weight"])
+    outcome.check("the loss is finite", math.isfinite(float(loss.detach())))
+    return outcome
+
+
+def empty_targets_user_loop(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, logits_finite = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 3), start=1):
+            labels = torch.full_like(ids, -100) if step == 2 else ids
+            out = model(input_ids=ids, labels=labels)
+            losses.append(float(out.loss.detach()))
+            logits_finite.append(finite(out.logits))
+            out.loss.backward()
+            opt.step()
+            probe_step(probes, outcome, out.loss, labels=labels)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=logits_finite)
+    outcome.check("step 1's loss finite, step 2's (all labels -100) NaN from finite logits",
+                  math.isfinite(losses[0]) and math.isnan(losses[1]) and logits_finite[1])
+    return outcome
+
+
+def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, weights_finite_before = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 3), start=1):
+            embeds = model.transformer.wte(ids).detach().clone()
+            if step == 2:
+                embeds[0, 3] = math.nan  # a corrupted precomputed embedding
+            weights_finite_before.append(all(finite(p) for p in model.parameters()))
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+            probe_step(probes, outcome, loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], weights_finite_before=weights_finite_before)
+    outcome.check("weights finite until the bad batch, its loss NaN",
+                  weights_finite_before[:2] == [True, True] and math.isfinite(losses[0]) and math.isnan(losses[1]))
+    return outcome
+
+
+def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = named_mlp().half()
+    step_no = [0]
+    blow_up_backward(model.mid, when=lambda: step_no[0] >= 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16).half(), torch.randint(0, 4, (8,))
+    grads = {}
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for step in range(1, 5):
+            step_no[0] = step
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            grads[step] = {n: finite(p.grad) for n, p in model.named_parameters()}
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts["nonfinite_grads_step2"] = sorted(n for n, ok in grads[2].items() if not ok)
+    outcome.check("step 1 all gradients finite", all(grads[1].values()))
+    outcome.check("step 2: out's gradients finite, mid's non-finite", grads[2]["out.weight"]
+                  and not grads[2]["mid.weight"])
+    return outcome
+
+
+def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 6):
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+            probe_step(probes, outcome, loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    above = next((i + 1 for i, v in enumerate(losses) if v > 3 * losses[0]), None)
+    outcome.facts.update(losses=[round(v, 2) for v in losses], first_step_above_3x=above)
+    outcome.check("the loss exceeds 3x its first value and stays finite",
+                  above is not None and all(map(math.isfinite, losses)))
+    return outcome
+
+
+def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
+    return _clean_user_loop(world, tmp, torch.float16, scaled=True)
+
+
+def clean_bf16_user_loop(world: World, tmp: Path) -> Outcome:
+    return _clean_user_loop(world, tmp, torch.bfloat16, scaled=False)
+
+
+def _clean_user_loop(world: World, tmp: Path, dtype: torch.dtype, scaled: bool) -> Outcome:
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 6):
+            with torch.autocast("cpu", dtype=dtype):
+                loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            probe_step(probes, outcome, loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts["losses"] = [round(v, 3) for v in losses]
+    if scaler is not None:
+        outcome.facts["final_scale"] = scaler.get_scale()
+    outcome.check("finite losses, falling", all(map(math.isfinite, losses)) and losses[-1] < losses[0])
+    return outcome
+
+
+# ------------------------------------------------------------------------------------------ the catalog
+CLEAN = Expected(None)
+
+SCENARIOS: list[Scenario] = [
+    Scenario("pure-fp16 AdamW eps", "`train --precision pure-fp16` (torch AdamW, eps=1e-8)", "pure-fp16", "CLI",
+             pure_fp16_adamw_eps, Expected("optimizer_eps_underflow", "critical", "student", first_step=1)),
+    Scenario("pure-fp16 fused AdamW", "user loop: fp16 GPT-2, `AdamW(fused=True)`, lr 1e-3, 4 steps", "pure-fp16",
+             "user loop", fused_adamw_pure_fp16,
+             Expected("optimizer_state_underflow", "critical", "student", first_step=(1, 4),
+                      absent=("update_underflow",))),
+    Scenario("pure-bf16 tiny lr", "`train --precision pure-bf16 --student-lr 5e-6` (dense teacher)", "pure-bf16",
+             "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1)),
+    Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
+             "mixed", "CLI", mixed_kd_weight_overflow,
+             Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
+    Scenario("GradScaler loop, backward overflow in one module",
+             "user loop: autocast fp16 + GradScaler; a backward hook ×1e30 on module `mid`, 18 steps", "mixed",
+             "user loop", user_scaler_module_overflow,
+             Expected("loss_scale_collapse", "critical", "student", "mid", first_step=(1, 17))),
+    Scenario("absurd lr, mixed", "`train --precision mixed --student-lr 100`", "mixed", "CLI", absurd_lr("mixed"),
+             Expected("divergence", "critical", "student", first_step=(1, 2), not_critical=("activation_overflow",),
+                      evidence_contains="ratio")),
+    Scenario("absurd lr, bf16-mixed", "`train --precision bf16-mixed --student-lr 100`", "bf16-mixed", "CLI",
+             absurd_lr("bf16-mixed"),
+             Expected("divergence", "critical", "student", first_step=(1, 2), not_critical=("activation_overflow",),
+                      evidence_contains="ratio")),
+    Scenario("absurd lr, fp32", "`train --precision fp32 --student-lr 100`", "fp32", "CLI", absurd_lr("fp32"),
+             Expected("divergence", "critical", "student", first_step=(1, 2), evidence_contains="ratio")),
+    Scenario("batch without targets", "user loop: step 2's labels all −100 (0/0 loss)", "fp32", "user loop",
+             empty_targets_user_loop,
+             Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
+    Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
+             "user loop", nan_embeds_user_loop,
+             Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
+    Scenario("student module overflows fp16", f"student's `{STUDENT_HOT}` weight ×1e6, `train --precision mixed`",
+             "mixed", "CLI", student_activation_overflow("mixed"),
+             Expected("activation_overflow", "critical", "student", STUDENT_HOT, first_step=1)),
+    Scenario("student module beyond fp16, in bf16",
+             f"student's `{STUDENT_HOT}` weight ×1e6, `train --precision bf16-mixed`", "bf16-mixed", "CLI",
+             student_activation_overflow("bf16-mixed"),
+             Expected("activation_overflow", "warning", "student", STUDENT_HOT, first_step=1,
+                      not_critical=("activation_overflow", "divergence", "teacher_overflow"))),
+    Scenario("teacher module overflows fp16", f"dense teacher's `{TEACHER_HOT}` weight ×1e6, `train --precision "
+             "mixed`", "mixed", "CLI", dense_teacher_overflow,
+             Expected("teacher_overflow", "critical", "teacher", TEACHER_HOT, first_step=1)),
+    Scenario("MoE router overflows fp16", f"Mixtral teacher's router `{ROUTER}` ×1e7, `train --precision mixed`",
+             "mixed", "CLI", router_teacher_overflow,
+             Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router")),
+    Scenario("pure-fp16 gradient overflow", "user loop: fp16 weights, SGD, no scaler; backward hook ×1e30 on `mid` "
+             "from step 2", "pure-fp16", "user loop", pure_fp16_grad_overflow,
+             Expected("gradient_overflow", "critical", "student", "mid", first_step=2)),
+    Scenario("fp32 divergence", "user loop: fp32 GPT-2, AdamW lr 1.0, 6 steps", "fp32", "user loop",
+             fp32_divergence_user_loop, Expected("divergence", "critical", "student", first_step=(1, 2))),
+    Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
+    Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
+    Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),
+    Scenario("clean mixed, early scaler skips", "`train --precision mixed --alpha-kd 1e3`: the scaler halves its "
+             "scale on the first steps, then trains", "mixed", "CLI", clean_mixed_early_skips, CLEAN),
+    Scenario("clean AMP loop", "user loop: autocast fp16 + GradScaler, fp32 weights, AdamW 1e-3", "mixed",
+             "user loop", clean_amp_user_loop, CLEAN),
+    Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "fp32", "user loop",
+             clean_bf16_user_loop, CLEAN),
+]
+BY_NAME = {**{s.name: s for s in SCENARIOS}, **{s.slug: s for s in SCENARIOS}}
+
+
+def run_scenario(scenario: Scenario, world: World, tmp: Path) -> tuple[Outcome, float]:
+    """Run one scenario in `tmp`; an exception is recorded in the outcome, not raised."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tmp.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        outcome = scenario.run(world, tmp)
+    except Exception as exc:  # noqa: BLE001 - a scenario that crashes is reported, the others still run
+        outcome = Outcome(error=f"{type(exc).__name__}: {exc}")
+    return outcome, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------ the table
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _short(text: str, limit: int = 90) -> str:
+    text = text or ""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def table_row(scenario: Scenario, outcome: Outcome) -> str:
+    if outcome.error:
+        diag, loc, step, fix = f"error: {_short(outcome.error, 70)}", "-", "-", "-"
+    else:
+        top = next((c for c in outcome.diagnosis if c.get("severity") in ("warning", "critical")), None)
+        if top is None or (scenario.expected.cause is not None and outcome.diagnosis):
+            top = outcome.diagnosis[0] if outcome.diagnosis else None
+        if top is None:
+            diag, loc, step, fix = "no problems found", "-", "-", "-"
+        else:
+            diag = f"`{top['cause']}` ({top['severity']})"
+            loc = f"{top.get('model') or '-'} / {where(top) or '-'}"
+            step = top.get("first_step") if top.get("first_step") is not None else "-"
+            fix = _short(top.get("fix") or "")
+    wrong = mismatches(scenario.expected, outcome.diagnosis, scenario.via) if not outcome.error else ["crashed"]
+    ok = "yes" if not wrong else f"**no**: expected {scenario.expected.describe()} ({'; '.join(wrong)})"
+    cells = [scenario.name, f"{scenario.via}: {scenario.how}" if scenario.via == "CLI" else scenario.how,
+             scenario.mode, diag, loc, step, fix, ok]
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+HEADER = ("| pathology | how provoked | mode | diagnosis (cause, severity) | where (model / module) | first step | "
+          "fix (shortened) | as expected? |\n|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this scenario (its name or slug, see --list; repeatable)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table to FILE")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and their expectations")
+    args = parser.parse_args(argv)
+    if args.list:
+        for s in SCENARIOS:
+            print(f"{s.slug}: {s.how} -> {s.expected.describe()}")
+        return 0
+    unknown = [n for n in args.only if n not in BY_NAME]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; --list shows them")
+    chosen = [BY_NAME[n] for n in args.only] if args.only else SCENARIOS
+    torch.set_num_threads(1)
+    quiet_transformers()
+    rows, report, passed = [], [], 0
+    with tempfile.TemporaryDirectory(prefix="pathologies-") as tmp:
+        world = build_world(Path(tmp) / "world")
+        for i, scenario in enumerate(chosen):
+            outcome, seconds = run_scenario(scenario, world, Path(tmp) / f"s{i:02d}")
+            rows.append(table_row(scenario, outcome))
+            wrong = mismatches(scenario.expected, outcome.diagnosis, scenario.via) if not outcome.error else ["crashed"]
+            passed += not wrong
+            failed_checks = [k for k, ok in outcome.checks.items() if not ok]
+            report.append(f"- {scenario.name} ({seconds:.1f} s): "
+                          + ("as expected" if not wrong else "NOT as expected: " + "; ".join(wrong))
+                          + (f"; error {outcome.error}" if outcome.error else "")
+                          + (f"; PROVOCATION NOT CONFIRMED: {failed_checks}" if failed_checks else "")
+                          + f"; facts {json.dumps(outcome.facts, default=str)}"
+                          + (f"; notes {outcome.notes}" if outcome.notes else ""))
+            print(report[-1], file=sys.stderr, flush=True)
+    table = HEADER + "\n" + "\n".join(rows) + "\n"
+    print(table)
+    print(f"{passed} of {len(chosen)} scenarios as expected")
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
