@@ -368,7 +368,7 @@ def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
 
 def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
     student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
-    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8", "--on-nonfinite", "continue",
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8",
                            steps=18, teacher=world.dense_teacher, student=student)
     rows = run["metrics"]
     scales = [r.get("loss_scale") for r in rows]
@@ -398,8 +398,7 @@ def kd_lm_head_gradient(world: World, alpha: float, temperature: float = 2.0) ->
 
 def absurd_lr(mode: str):
     def run(world: World, tmp: Path) -> Outcome:
-        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "100", "--on-nonfinite", "continue",
-                                steps=4)
+        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "100", steps=4)
         rows = run_["metrics"]
         losses = _losses(rows)
         amax = [r.get("param_amax") for r in rows]
@@ -422,7 +421,7 @@ def student_activation_overflow(mode: str):
         model = tiny.make_gpt2(world.vocab)
         student = scaled_copy(model, STUDENT_HOT + ".weight", STUDENT_FACTOR, world.tokenizer, tmp / "hot_student")
         first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
-        outcome, _ = run_cli(world, tmp, "--precision", mode, "--on-nonfinite", "continue", steps=4, student=student)
+        outcome, _ = run_cli(world, tmp, "--precision", mode, steps=4, student=student)
         outcome.facts["first_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
         outcome.check(f"{STUDENT_HOT} is the first module beyond fp16's range, finite in fp32",
                       first and first[0] == STUDENT_HOT and math.isfinite(first[1]))
@@ -434,7 +433,7 @@ def dense_teacher_overflow(world: World, tmp: Path) -> Outcome:
     model = tiny.make_gpt2(world.vocab, seed=3)
     teacher = scaled_copy(model, TEACHER_HOT + ".weight", STUDENT_FACTOR, world.tokenizer, tmp / "hot_teacher")
     first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
-    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--on-nonfinite", "continue", steps=4,
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", steps=4,
                            teacher=teacher)
     outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
     outcome.check(f"teacher {TEACHER_HOT} is the first module beyond fp16's range",
@@ -446,7 +445,7 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     model = tiny.make_mixtral(world.vocab)
     teacher = scaled_copy(model, ROUTER + ".weight", ROUTER_FACTOR, world.tokenizer, tmp / "hot_router_teacher")
     first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
-    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--on-nonfinite", "continue", steps=4,
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", steps=4,
                            teacher=teacher)
     outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
     outcome.check(f"the router {ROUTER} is the first teacher module beyond fp16's range",
@@ -527,6 +526,27 @@ def fused_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
     outcome.check("most second moments flushed to zero at step 1", zero_v / live > 0.5)
     outcome.check("the largest weight grew more than 10x in 4 steps, still finite",
                   after > 10 * before and all(finite(p) for p in model.parameters()))
+    return outcome
+
+
+def foreach_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
+    """What `model.half()` + `torch.optim.AdamW(model.parameters())` does: eps=1e-8 is 0 in fp16."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    finite_after = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            finite_after.append(all(finite(p) for p in model.parameters()))
+            probe_step(probes, outcome, loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(eps_in_fp16=float(torch.tensor(1e-8, dtype=torch.float16)), weights_finite=finite_after)
+    outcome.check("1e-8 is 0 in fp16 and step 1 leaves non-finite weights",
+                  outcome.facts["eps_in_fp16"] == 0.0 and finite_after[0] is False)
     return outcome
 
 
@@ -699,6 +719,9 @@ SCENARIOS: list[Scenario] = [
              "user loop", fused_adamw_pure_fp16,
              Expected("optimizer_state_underflow", "critical", "student", first_step=(1, 4),
                       absent=("update_underflow",))),
+    Scenario("pure-fp16 foreach AdamW, user loop", "user loop: `model.half()`, `AdamW(foreach=True)` (eps=1e-8)",
+             "pure-fp16", "user loop", foreach_adamw_pure_fp16,
+             Expected("optimizer_eps_underflow", "critical", "student", first_step=1)),
     Scenario("pure-bf16 tiny lr", "`train --precision pure-bf16 --student-lr 5e-6` (dense teacher)", "pure-bf16",
              "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1)),
     Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
@@ -749,8 +772,8 @@ SCENARIOS: list[Scenario] = [
              "scale on the first steps, then trains", "mixed", "CLI", clean_mixed_early_skips, CLEAN),
     Scenario("clean AMP loop", "user loop: autocast fp16 + GradScaler, fp32 weights, AdamW 1e-3", "mixed",
              "user loop", clean_amp_user_loop, CLEAN),
-    Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "fp32", "user loop",
-             clean_bf16_user_loop, CLEAN),
+    Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "bf16-mixed",
+             "user loop", clean_bf16_user_loop, CLEAN),
 ]
 BY_NAME = {**{s.name: s for s in SCENARIOS}, **{s.slug: s for s in SCENARIOS}}
 
