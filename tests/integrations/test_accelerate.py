@@ -1,0 +1,65 @@
+"""Probes.from_accelerator in an accelerate loop under bf16 autocast (Accelerator(mixed_precision="bf16") on
+the CPU): a clean run, and a module whose output is beyond fp16's range (finite in bf16) warned by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate")
+
+import tiny  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
+from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
+
+from sarkd_diag import Probes, load_run  # noqa: E402
+
+VOCAB, STEPS = 64, 4
+
+
+def _loop(run_dir=None, break_module=False) -> list[float]:
+    AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(VOCAB)
+    if break_module:
+        overflow_fp16(model.transformer.h[1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir) if run_dir else None
+    losses = []
+    for _, batch in zip(range(STEPS), loader, strict=False):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        if probes is not None:
+            probes.step()  # the loss of the step: read from the model's outputs
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    if probes is not None:
+        probes.close()
+    return losses
+
+
+def test_a_clean_bf16_accelerate_loop_records_nothing(tmp_path):
+    losses = _loop(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["diagnosis"] == [] and run["summary"]["steps_completed"] == STEPS
+    assert run["summary"]["precision"]["mode"] == "bf16-mixed"  # from the autocast state, not the fp32 weights
+    metrics = run["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4]
+    assert metrics["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert _loop() == losses  # the probes did not change training
+
+
+def test_a_module_beyond_fp16s_range_is_warned_by_name(tmp_path):
+    losses = _loop(tmp_path / "run", break_module=True)
+    diagnosis = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    found = cause(diagnosis, "activation_overflow")
+    assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
+        "warning", "student", "transformer.h.1.mlp.c_proj", 1)
+    assert "critical" not in {d["severity"] for d in diagnosis}  # finite in bf16: a warning about fp16, no more
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert _loop(break_module=True) == losses

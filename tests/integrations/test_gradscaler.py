@@ -1,0 +1,77 @@
+"""Probes in a plain loop with torch.autocast(fp16) and torch.amp.GradScaler on the CPU: one named module's
+backward overflows fp16 on every step, the scaler skips every step and its scale falls below 1."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from sarkd_diag import Probes, load_run
+
+STEPS = 20  # 65536 halves below 1 after 17 skipped steps
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(embed=nn.Linear(16, 32), act=nn.ReLU(), wide=nn.Linear(32, 32),
+                                      head=nn.Linear(32, 1)))
+    with torch.no_grad():
+        # `head` reads inputs of ~1e3 (a bias, so nothing upstream is amplified): only its weight gradient
+        # goes beyond fp16's range, even unscaled
+        model.wide.bias.fill_(1000.0)
+    return model
+
+
+def _loop(run_dir=None) -> tuple[list[float], list[float]]:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(STEPS, 16, 16, generator=g), torch.randn(STEPS, 16, 1, generator=g)
+    probes = Probes(model, optimizer=optimizer, scaler=scaler, run_dir=run_dir) if run_dir else None
+    losses, scales = [], []
+    for i in range(STEPS):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x[i]).float(), y[i], reduction="sum")
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if probes is not None:
+            probes.step(loss=loss)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    if probes is not None:
+        probes.close()
+    return losses, scales
+
+
+def test_the_module_whose_backward_overflows_is_named_in_the_loss_scale_collapse(tmp_path):
+    losses, scales = _loop(tmp_path / "run")
+    assert scales[-1] < 1  # the setup does what it says: every step skipped
+    run = load_run(tmp_path / "run")
+    diagnosis = run["summary"]["diagnosis"]
+    collapse = next(d for d in diagnosis if d["cause"] == "loss_scale_collapse")
+    assert collapse["severity"] == "critical" and collapse["model"] == "student"
+    assert collapse["module"] == "head"
+    assert collapse["first_step"] == 17 == 1 + next(i for i, s in enumerate(scales) if s < 1)
+    grads = run["events"].query("kind == 'nonfinite_grad'")
+    assert grads["module"].iloc[0] == "head" and int(grads["step"].min()) == 1
+    assert run["summary"]["precision"]["mode"] == "mixed"  # fp32 weights, autocast fp16 and a scaler
+    assert _loop() == (losses, scales)  # the probes did not change training
+
+
+@pytest.mark.parametrize("scale", [1.0, 65536.0])
+def test_head_is_the_only_module_whose_gradient_overflows(scale):
+    # the premise of the test above, checked without probes: at the scaler's first scale and unscaled
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 16, generator=g), torch.randn(16, 1, generator=g)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.mse_loss(model(x).float(), y, reduction="sum")
+    (loss * scale).backward()
+    bad = {name.rpartition(".")[0] for name, p in model.named_parameters() if not torch.isfinite(p.grad).all()}
+    assert "head" in bad and (bad == {"head"} or scale > 1)
