@@ -2,9 +2,21 @@
 
 __version__ = "0.1.0"
 
-from .config import DistillConfig  # noqa: E402
-from .probes import Probes  # noqa: E402
-from .rundir import load_run  # noqa: E402
+from .config import DistillConfig  # noqa: E402  (light: no torch, no pandas)
+
+_LAZY = {"Probes": ("probes", "Probes"), "load_run": ("rundir", "load_run")}
+
+
+def __getattr__(name: str):
+    """Probes (torch) and load_run (pandas) are imported on first use, so `sarkd-diag --help` stays quick."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def distill(config=None, **options):

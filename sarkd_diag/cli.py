@@ -16,17 +16,56 @@ import traceback
 from dataclasses import fields
 from pathlib import Path
 
-import click
 import typer
 
 from .config import DistillConfig, build_config
 from .errors import BadInput
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+# Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
+# `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
+# so --help, --version and `env` stay quick.
+HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings=HELP,
                   help="Precision debugging for knowledge distillation of causal language models.")
 
 _TYPES = {"bool": bool | None, "int": int | None, "float": float | None, "str": str | None,
-          "str | None": str | None, "list[str] | None": list[str] | None}
+          "str | None": str | None, "int | None": int | None, "list[str] | None": list[str] | None}
+_METAVARS = {"int": "N", "int | None": "N", "float": "X", "str": "TEXT", "str | None": "TEXT",
+             "list[str] | None": "REGEX"}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"sarkd-diag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version and exit.")) -> None:
+    """Precision debugging for knowledge distillation of causal language models."""
+
+
+class _Command(typer.core.TyperCommand):
+    """Help without the underscore aliases (`--train_steps` still parses: the original scripts' spelling)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        saved = [(p, p.opts, p.secondary_opts) for p in self.params]
+        for p in self.params:
+            p.opts = [o for o in p.opts if not _is_alias(o)] or p.opts
+            p.secondary_opts = [o for o in p.secondary_opts if not _is_alias(o)] or p.secondary_opts
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            for p, opts, secondary in saved:
+                p.opts, p.secondary_opts = opts, secondary
+
+
+def _is_alias(opt: str) -> bool:
+    return opt.startswith("--") and "_" in opt
 
 
 def _config_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
@@ -40,9 +79,11 @@ def _config_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             decls = [f"--{dash}/--no-{dash}"] + ([f"--{f.name}/--no_{f.name}"] if "_" in f.name else [])
         else:
             decls = [f"--{dash}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        default = f.default if f.default is not None else "none"
+        default = f.metadata.get("default_text", f.default if f.default is not None else "none")
+        if f.type == "bool":
+            default = "on" if f.default else "off"
         option = typer.Option(None, *decls, help=f"{f.metadata['help']} [default: {default}]",
-                              show_default=False)
+                              show_default=False, metavar=None if f.type == "bool" else _METAVARS[f.type])
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=_TYPES[f.type]))
     return params
@@ -59,20 +100,45 @@ def _with_config_options(exclude: tuple[str, ...] = (), extra: list[inspect.Para
 
 
 _ARGV: list[str] = []  # the command line main() was given: `train --nproc N` passes it on to torchrun
-CONFIG_FILE = typer.Option(None, "--config", help="YAML or JSON file of options (a run's config.json works too).")
+CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
+                           help="YAML or JSON file of options (a run's config.json works too).")
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=_Command)
 @_with_config_options()
 def train(config: Path | None = CONFIG_FILE, **options) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
-    from .train.loop import distill
-
     cfg = build_config(options, config)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
         return _launch_torchrun(cfg.nproc)
-    result = distill(cfg)
+    _check_resumable(cfg)
+    from .train.loop import distill
+    from .ui import TrainingDisplay
+
+    result = distill(cfg, display=TrainingDisplay(log_every=cfg.log_every))
     return result.exit_code
+
+
+def _check_resumable(cfg: DistillConfig) -> None:
+    """--resume of a run that has no checkpoint: say why there is none (--save-steps 0 checkpoints only at the
+    end) and what to do next time, before any model loads."""
+    if not (cfg.resume and cfg.output_dir):
+        return
+    run = Path(cfg.output_dir)
+    if not (run / "config.json").is_file() or any((run / "checkpoints").glob("step-*")):
+        return  # nothing there, or something to resume: the run directory's own checks speak
+    try:
+        recorded = json.loads((run / "config.json").read_text(encoding="utf-8")).get("options") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    every = recorded.get("save_steps") if isinstance(recorded, dict) else None
+    if every == 0:
+        why = ("it ran with --save-steps 0 (the default), which writes a checkpoint only when a run ends or is "
+               "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none")
+    else:
+        why = f"it was stopped before its first checkpoint (--save-steps {every})"
+    raise BadInput(f"--resume: nothing to resume, {run} has no checkpoint yet: {why}. Start it again (--overwrite), "
+                   "with --save-steps N to be able to resume it")
 
 
 def _launch_torchrun(nproc: int) -> int:
@@ -115,17 +181,17 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for progr
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run directory, finished or not, or a compare-precision "
-                                                    "directory.")) -> int:
+def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, finished or not, or a "
+                                          "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
-    from .compare import is_compare_dir, rebuild_comparison
+    from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
 
     if is_compare_dir(run_dir):
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
             _rebuild_run(mode_dir.parent)
         result = rebuild_comparison(run_dir)
-        typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote comparison.csv, .parquet, .md, .html, "
-                   "loss_curves.png, loss_scale.png, summary.json")
+        written = [name for name in OUTPUTS if (run_dir / name).exists()]
+        typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
         return 0
     if not (run_dir / "config.json").is_file():
         raise BadInput(f"{run_dir} is not a sarkd-diag run directory (no config.json)")
@@ -145,7 +211,8 @@ def _rebuild_run(run_dir: Path) -> dict:
             previous = None
         status = previous if previous in STATUSES else "crashed"
     summary = finalize_run(run_dir, status)
-    typer.echo(f"{run_dir}: {summary['status']}, {summary['steps_completed']} steps, "
+    steps = summary["steps_completed"]
+    typer.echo(f"{run_dir}: {summary['status']}, {steps} step{'' if steps == 1 else 's'}, "
                f"{len(summary['diagnosis'])} cause(s); wrote summary.json, metrics.parquet, events.parquet, "
                "report.md, loss_curves.png")
     return summary
@@ -165,13 +232,14 @@ def _refused(names: tuple[str, ...]) -> list[inspect.Parameter]:
     return params
 
 
-@app.command("compare-precision")
+@app.command("compare-precision", cls=_Command)
 @_with_config_options(exclude=REFUSED_BY_COMPARE, extra=_refused(REFUSED_BY_COMPARE))
 def compare_precision_command(
     config: Path | None = CONFIG_FILE,
-    modes: list[str] | None = typer.Option(None, "--modes", help="Precision modes, comma-separated or repeated "
-                                           "(default: every mode this device runs)."),
-    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per mode (an alias of --train-steps)."),
+    modes: list[str] | None = typer.Option(None, "--modes", metavar="MODES", help="Precision modes, comma-separated "
+                                           "or repeated (default: every mode this device runs)."),
+    steps: int | None = typer.Option(None, "--steps", metavar="N",
+                                     help="Optimizer steps per mode (an alias of --train-steps; wins over --config)."),
     **options,
 ) -> int:
     """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
@@ -181,45 +249,72 @@ def compare_precision_command(
     given = read_config_file(config) if config else {}
     for name in SET_BY_COMPARE:  # a run's config.json names its own mode: here the comparison sets it
         given.pop(name, None)
+    if steps is not None and options.get("train_steps") is None:
+        given.pop("train_steps", None)  # --steps on the command line wins over the file's train_steps
     given.update({k: v for k, v in options.items() if v is not None})
     return compare_precision(modes, steps=steps, **given).exit_code
 
 
 @app.command()
 def events(
-    run_dir: Path = typer.Argument(..., help="A run directory (a crashed one too) or a compare-precision directory."),
-    kind: list[str] | None = typer.Option(None, "--kind", help="Event kinds, comma-separated or repeated."),
-    severity: str | None = typer.Option(None, "--severity", help="This level and above: info | warning | critical."),
-    model: str | None = typer.Option(None, "--model", help="student | teacher."),
-    rank: int | None = typer.Option(None, "--rank", help="Events of this process only (torchrun runs)."),
-    module: str | None = typer.Option(None, "--module", help="Regex searched in module and tensor names."),
-    step: str | None = typer.Option(None, "--step", help="A:B inclusive, either end open (10:, :20)."),
-    grep: str | None = typer.Option(None, "--grep", help="Regex searched in event messages."),
-    fmt: str = typer.Option("table", "--format", help="table | json (one array) | csv."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing events as the run appends them."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                   help="A run directory (a crashed one too) or a compare-precision directory."),
+    kind: list[str] | None = typer.Option(None, "--kind", metavar="KINDS",
+                                          help="Event kinds, comma-separated or repeated."),
+    severity: str | None = typer.Option(None, "--severity", metavar="LEVEL",
+                                        help="This level and above: info | warning | critical."),
+    model: str | None = typer.Option(None, "--model", metavar="MODEL",
+                                     help="student | teacher | projection (or a model your own loop named)."),
+    rank: int | None = typer.Option(None, "--rank", metavar="N", help="Events of this process only (torchrun runs)."),
+    module: str | None = typer.Option(None, "--module", metavar="REGEX",
+                                      help="Regex searched in module and tensor names."),
+    step: str | None = typer.Option(None, "--step", metavar="A:B", help="A:B inclusive, either end open (10:, :20)."),
+    grep: str | None = typer.Option(None, "--grep", metavar="REGEX", help="Regex searched in event messages."),
+    fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="table | json (one array) | csv."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Print the events so far, then each as the run "
+                                "appends it; ends when the run closes, or (exit 1) when it is evidently dead."),
+    idle_timeout: float | None = typer.Option(None, "--idle-timeout", metavar="SECONDS",
+                                              help="With --follow: also stop after this long without a write "
+                                              "(for a run whose process cannot be seen from here)."),
 ) -> int:
-    """Query recorded events — the grep replacement — of a run or of every run of a comparison."""
-    from .query import FORMATS, EventFilter, follow_events, print_events, query_events
+    """Query recorded events — the grep replacement — of a run or of every run of a comparison.
 
+    Names (kinds, severity, model, format) are case-insensitive.
+    """
+    from .query import FORMATS, EventFilter, RunEnded, follow_events, print_events, query_events
+
+    fmt = fmt.strip().lower()
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if idle_timeout is not None and not idle_timeout > 0:
+        raise BadInput(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
                       grep=grep)
     if follow:
-        follow_events(run_dir, flt, fmt)
+        query_events(run_dir, flt)  # the directory and --model checked before following
+        try:
+            follow_events(run_dir, flt, fmt, idle_timeout=idle_timeout)
+        except RunEnded as exc:
+            print(f"sarkd-diag: {_one_line(exc)}", file=sys.stderr)
+            return 1
         return 0
     everything = query_events(run_dir)
+    flt.check_model(everything)
     print_events(flt.apply(everything), fmt, total=len(everything))
     return 0
 
 
 @app.command()
 def check(
-    run_dir: Path = typer.Argument(..., help="A run directory or a compare-precision directory (every run)."),
-    expect: list[str] | None = typer.Option(None, "--expect", help="master-fp32 | no-nonfinite-params | "
-                                            "no-critical | completed; comma-separated or repeated."),
-    max_skipped_steps: int | None = typer.Option(None, "--max-skipped-steps", help="At most N skipped steps."),
-    max_eval_ppl: float | None = typer.Option(None, "--max-eval-ppl", help="Final validation perplexity at most X."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
+                                   help="A run directory or a compare-precision directory (every run)."),
+    expect: list[str] | None = typer.Option(None, "--expect", metavar="NAMES", help="master-fp32 | "
+                                            "no-nonfinite-params | no-critical | completed; comma-separated or "
+                                            "repeated."),
+    max_skipped_steps: int | None = typer.Option(None, "--max-skipped-steps", metavar="N",
+                                                 help="At most N skipped steps."),
+    max_eval_ppl: float | None = typer.Option(None, "--max-eval-ppl", metavar="X",
+                                              help="Final validation perplexity at most X."),
 ) -> int:
     """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
     from .query import check_runs, expectations
@@ -233,12 +328,12 @@ def check(
     return 1 if failures else 0
 
 
-@app.command("estimate-memory")
+@app.command("estimate-memory", cls=_Command)
 @_with_config_options(exclude=tuple(f.name for f in fields(DistillConfig) if f.name not in MEMORY_OPTIONS))
 def estimate_memory_command(
     config: Path | None = CONFIG_FILE,
-    modes: list[str] | None = typer.Option(None, "--modes", help="Precision modes, comma-separated or repeated "
-                                           "(default: all five)."),
+    modes: list[str] | None = typer.Option(None, "--modes", metavar="MODES", help="Precision modes, comma-separated "
+                                           "or repeated (default: all five)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
     **options,
 ) -> int:
@@ -280,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("sarkd-diag: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
