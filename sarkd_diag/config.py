@@ -40,7 +40,8 @@ class DistillConfig:
     # data
     dataset_name: str | None = _opt(None, "A datasets-hub corpus (e.g. wikitext).")
     dataset_config_name: str | None = _opt(None, "The datasets-hub configuration (e.g. wikitext-2-raw-v1).")
-    train_file: str | None = _opt(None, "Local training text: .txt (one document a line) or .jsonl (text field).")
+    train_file: str | None = _opt(None, "Local training text: .txt (one document a line), .jsonl (text field) or "
+                                  ".csv (text column).")
     validation_file: str | None = _opt(None, "Local validation text; without it ~5% is held out.")
     block_size: int = _opt(64, "Tokens per training sequence (student tokens).")
     # schedule
@@ -81,6 +82,10 @@ class DistillConfig:
     probe_every: int = _opt(10, "At standard, per-module statistics on step 1 and every N-th step.")
     on_nonfinite: str = _opt("stop", "stop | skip | rollback | continue, on a non-finite step.")
     max_rollbacks: int = _opt(3, "Rollbacks before the rollback policy stops.")
+    # console
+    log_every: int | None = _opt(None, "A log line (step, loss, eval ppl, lr, tokens/s, ETA) every N steps; by "
+                                 "default none in a terminal (the progress bar shows them) and about ten per run "
+                                 "elsewhere (CI, nohup, a notebook); 0: none.", default_text="auto")
     # run directory
     seed: int = _opt(42, "Seed of weights init, data order and dropout.")
     output_dir: str | None = _opt(None, "Run directory (default: a new runs/<date-time>-<mode>/).")
@@ -96,6 +101,10 @@ class DistillConfig:
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
         _positive(self, "block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "eval_steps",
                   "eval_max_batches", "probe_every", "nproc", "save_total_limit")
+        if self.log_every is not None:
+            if isinstance(self.log_every, bool) or not isinstance(self.log_every, int):
+                raise BadInput(f"--log-every must be a whole number of steps, got {self.log_every!r}")
+            _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
                       "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
         if self.temperature <= 0:
@@ -217,7 +226,7 @@ def build_config(cli_options: dict[str, Any], config_file: str | Path | None = N
     merged = {**recorded_options(given), **given}
     types = {f.name: f.type for f in fields(DistillConfig)}
     for name, value in merged.items():
-        if types[name] in ("int", "float") and isinstance(value, str):
+        if types[name].split(" |")[0] in ("int", "float") and isinstance(value, str):
             raise BadInput(f"option {name}: expected a number, got {value!r}")
     try:
         return DistillConfig(**merged).validate()

@@ -15,6 +15,7 @@ teacher to them), else only its logits. The CUDA context (~0.3–0.5 GB) and all
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -75,21 +76,19 @@ def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str
 
 
 def shape_from_config(name: str, trust_remote_code: bool = False,
-                      router_patterns: list[str] | None = None) -> ModelShape:
+                      router_patterns: list[str] | None = None, option: str = "model") -> ModelShape:
     """A model's shape from its config alone: built on the meta device, no weights read or allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .train.models import resolve_model_source
+    from .train.models import model_load_error, resolve_model_source
 
     source = resolve_model_source(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # OSError (hub, no config.json), ValueError (unknown architecture)
-        text = str(exc).strip()
-        raise BadInput(f"cannot read the config of {name!r}: {text.splitlines()[0] if text else type(exc).__name__}") \
-            from None
+    except Exception as exc:  # OSError (offline, not on the hub, no config.json), ValueError (unknown architecture)
+        raise model_load_error(option, name, exc) from None
     return model_shape(model, name, router_patterns)
 
 
@@ -191,11 +190,13 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     if "auto" in chosen:
         raise BadInput("estimate-memory needs explicit modes (what auto picks depends on the device): "
                        + ", ".join(MODES))
-    try:
-        teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns)
-    except ValueError as exc:  # an invalid --router-patterns regex
-        raise BadInput(f"--router-patterns: {exc}") from None
-    student = shape_from_config(cfg.student_model, cfg.trust_remote_code)
+    for pattern in cfg.router_patterns or []:  # checked first: any later error is about loading a model
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise BadInput(f"--router-patterns {pattern!r} is not a valid regular expression: {exc}") from None
+    teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns, "--teacher-model")
+    student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
     estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
                                gradient_checkpointing=cfg.gradient_checkpointing,
                                offload_teacher=cfg.offload_teacher_to_cpu) for m in dict.fromkeys(chosen)]

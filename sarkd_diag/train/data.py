@@ -27,13 +27,21 @@ class Corpus:
     source: str
 
 
+PLAIN_SUFFIXES = (".txt", ".text")
+TEXT_FORMATS = "`.txt` (one document a line), `.jsonl` (a `text` field a line) or `.csv` (a `text` column)"
+
+
 def read_text_file(path: str) -> list[str]:
-    """Documents of a .txt file (one per non-empty line) or a .jsonl file (a string `text` field per line)."""
+    """Documents of a .txt file (one per non-empty line), a .jsonl file (a string `text` field per line) or a
+    .csv file (a `text` column); any other extension is refused rather than read as something it is not."""
     p = Path(path)
     if p.is_dir():
-        raise BadInput(f"{path} is a directory, expected a .txt or .jsonl file")
+        raise BadInput(f"{path} is a directory, expected a .txt, .jsonl or .csv file")
     if not p.is_file():
         raise BadInput(f"{path}: no such file")
+    suffix = p.suffix.lower()
+    if suffix not in (*PLAIN_SUFFIXES, ".jsonl", ".csv"):
+        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}")
     try:
         raw = p.read_bytes()
     except OSError as exc:
@@ -44,7 +52,9 @@ def read_text_file(path: str) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadInput(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    if p.suffix.lower() != ".jsonl":
+    if suffix == ".csv":
+        return _csv_documents(path, text)
+    if suffix != ".jsonl":
         return [line for line in text.splitlines() if line.strip()]
     docs = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -60,6 +70,22 @@ def read_text_file(path: str) -> list[str]:
             raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
         docs.append(row["text"])
     return docs
+
+
+def _csv_documents(path: str, text: str) -> list[str]:
+    """The `text` column of a CSV file with a header row (quoted fields may span lines)."""
+    import csv
+    import io
+
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = reader.fieldnames or []
+        if "text" not in columns:
+            raise BadInput(f"{path}: a .csv needs a header row with a `text` column (columns: "
+                           f"{', '.join(columns) or 'none'})")
+        return [row["text"] for row in reader if isinstance(row.get("text"), str) and row["text"].strip()]
+    except csv.Error as exc:
+        raise BadInput(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
 def load_corpus(dataset_name: str | None, dataset_config_name: str | None,

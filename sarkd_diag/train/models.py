@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -28,11 +29,43 @@ def resolve_model_source(name: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise BadInput(f"model path {name} is a file, expected a directory written by save_pretrained")
+        _refuse_run_directory(name, path)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
     _check_hub_reachable(name)
     return name  # a hub id
+
+
+def _refuse_run_directory(name: str, path: Path) -> None:
+    """A sarkd-diag run (or comparison) directory is not a model: point at the student it saved."""
+    if (path / "compare_options.json").is_file():
+        raise BadInput(f"model path {name} is a compare-precision directory; each mode's trained student is in "
+                       f"{path / 'runs' / 'MODE' / 'student'}")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not (isinstance(config, dict) and "options" in config and "precision" in config):
+        return  # a model's own config.json
+    student = path / "student"
+    if (student / "config.json").is_file():
+        raise BadInput(f"model path {name} is a sarkd-diag run directory; its trained student is in {student}")
+    raise BadInput(f"model path {name} is a sarkd-diag run directory without a trained student (student/ is saved "
+                   "when a run completes or is interrupted); give a model directory written by save_pretrained")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def _check_tokenizer_files(name: str, source: str) -> None:
+    """A local model directory without any tokenizer file: say so, instead of transformers' cut-off sentence."""
+    path = Path(source)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise BadInput(f"cannot load tokenizer of {name!r}: the directory holds no tokenizer files (tokenizer.json, "
+                       "tokenizer_config.json, vocab.json, ...); save the model's tokenizer there with "
+                       "tokenizer.save_pretrained")
 
 
 HUB_CONNECT_TIMEOUT_S = 10
@@ -73,16 +106,50 @@ def _quiet_transformers() -> None:
     hub_logging.set_verbosity_error()  # its retry warnings would break the one-line errors
 
 
+MAX_REASON_CHARS = 400
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's message as one complete line: its lines joined, cut after a whole sentence if very long."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= MAX_REASON_CHARS:
+        return text
+    end = text.rfind(". ", 0, MAX_REASON_CHARS)
+    return text[:end + 1] if end > 0 else text[:MAX_REASON_CHARS].rsplit(" ", 1)[0] + " …"
+
+
+def _is_hub_id(name: str) -> bool:
+    return not name.startswith(EMBEDDED_PREFIX) and not Path(name).expanduser().exists()
+
+
+def model_load_error(what: str, name: str, exc: Exception) -> BadInput:
+    """One complete line on why `name` cannot be loaded; offline and not-found hub ids said plainly."""
+    if _is_hub_id(name) and isinstance(exc, OSError):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return BadInput(f"cannot load {what} {name!r}: it is not in the local Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set, so it cannot be downloaded; "
+                            "give a local directory, or download it once online")
+        text = _reason(exc)
+        if "not a valid model identifier" in text or "404" in text or "Repository Not Found" in text:
+            return BadInput(f"cannot load {what} {name!r}: no such model on the hub ({constants.ENDPOINT}) and no "
+                            "such local directory")
+        if "couldn't connect" in text.lower():
+            return BadInput(f"cannot load {what} {name!r}: the hub ({constants.ENDPOINT}) cannot be reached and "
+                            "it is not in the local cache; check the network, or give a local directory")
+    return BadInput(f"cannot load {what} {name!r}: {_reason(exc)}")
+
+
 def _load_error(what: str, name: str, exc: Exception) -> BadInput:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    return BadInput(f"cannot load {what} {name!r}: {first}")
+    return model_load_error(what, name, exc)
 
 
 def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name)
+    _check_tokenizer_files(name, source)
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
