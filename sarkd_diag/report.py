@@ -11,6 +11,23 @@ def _fmt(value, spec: str = ".4g") -> str:
     return "—" if value is None or (isinstance(value, float) and pd.isna(value)) else format(value, spec)
 
 
+def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
+    evals = metrics[metrics["split"] == "eval"] if len(metrics) and "split" in metrics else metrics.iloc[0:0]
+    if steps > 0 and len(evals) and "step" in evals and not (evals["step"] > 0).any():
+        return (f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} at step 0; no evaluation "
+                "after step 0 (the run ended before its first --eval-steps evaluation)")
+    first, last, best = (_fmt(final.get(k), ".3f") for k in ("first_eval_ppl", "eval_ppl", "best_eval_ppl"))
+    return f"- validation perplexity: {first} → {last} (best {best})"
+
+
+def _where(d: dict) -> str:
+    parts = []
+    for part in (d.get("model"), d.get("module") or d.get("tensor")):
+        if part and str(part) not in parts:
+            parts.append(str(part))
+    return " / ".join(parts)
+
+
 def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
     precision = summary["precision"]
     final = summary["final"]
@@ -21,8 +38,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
         f"- precision: **{precision['mode']}** (requested `{precision['requested']}`: {precision['reason']})",
         f"- trainable weights held in: {precision['master_dtype']}",
         f"- steps completed: {summary['steps_completed']}",
-        f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} → {_fmt(final.get('eval_ppl'), '.3f')}"
-        f" (best {_fmt(final.get('best_eval_ppl'), '.3f')})",
+        _perplexity_line(final, metrics, summary["steps_completed"]),
         f"- final training loss: {_fmt(final.get('loss'))}; median tokens/s: {_fmt(final.get('tokens_per_s'), '.0f')}",
         "",
         "## Diagnosis",
@@ -31,18 +47,21 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     if not summary["diagnosis"]:
         lines.append("No numerical problem was found: weights, gradients, activations and the loss stayed finite, "
                      "and no update was lost to rounding beyond the warning threshold.")
-    for i, d in enumerate(summary["diagnosis"], 1):
-        where = " / ".join(str(x) for x in (d.get("model"), d.get("module")) if x)
+    for i, d in enumerate(summary["diagnosis"], 1):  # read with .get: the diagnosis' keys are still growing
+        where = _where(d)
+        evidence = d.get("evidence") or {}
+        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
         lines += [
-            f"### {i}. `{d['cause']}` ({d['severity']})",
+            f"### {i}. `{d.get('cause')}` ({d.get('severity')})",
             "",
-            f"First seen at step {d['first_step']}" + (f" in {where}" if where else "") + f" (rank {d['rank']}).",
-            "",
-            "Evidence: " + ", ".join(f"{k} = {v}" for k, v in d["evidence"].items()) + ".",
-            "",
-            f"**Fix:** {d['fix']}.",
+            f"First seen at step {d.get('first_step')}" + (f" in {where}" if where else "") + f"{rank}.",
             "",
         ]
+        if evidence:
+            lines += ["Evidence: " + (", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(
+                evidence, dict) else str(evidence)) + ".", ""]
+        if d.get("fix"):
+            lines += [f"**Fix:** {str(d['fix']).rstrip('.')}.", ""]
     lines += ["", "## Events", ""]
     if len(events):
         counts = events.groupby(["kind", "severity"]).size().reset_index(name="count")

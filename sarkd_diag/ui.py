@@ -1,15 +1,26 @@
-"""What a person sees while a run goes: a progress bar, one line per evaluation, an alert on the first
-critical event, the diagnosis panel at the end, and — last — the run directory."""
+"""What a person sees while a run goes: a progress bar (in a terminal) or a log line every N steps (anywhere
+else), one line per evaluation, a one-line notice for every decision and warning as it happens, the diagnosis
+panel at the end, and — last — the run directory.
+
+Everything arrives through the trainer's calls (`start`, `update`, `eval_line`, `summary`) and the event log's
+listener (`alert`): there is no second channel.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
+from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .events import Event
+# Kinds that are a decision or a change of plan, told whatever their severity (setup warnings are told too).
+DECISIONS = ("dual_tokenizer", "router_frozen_dual", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
+             "checkpoint_fallback", "out_of_memory")
+NOTICES_PER_KIND = 10  # then one line saying the rest are counted at the end (a run skipping every step)
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -18,44 +29,140 @@ def _fmt(value, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def where_of(model=None, module=None, tensor=None) -> str:
+    """`model/module` without repeating a part (an optimizer group named like its model: `student`, not
+    `student/student`)."""
+    parts = []
+    for part in (model, module or tensor):
+        if part and str(part) not in parts:
+            parts.append(str(part))
+    return "/".join(parts)
+
+
+def _message(where: str, message: str) -> str:
+    """The event's message without a leading `where: ` that the line already says."""
+    last = where.rsplit("/", 1)[-1] if where else ""
+    return message[len(last) + 2:] if last and message.startswith(last + ": ") else message
+
+
+def default_log_every(total: int) -> int:
+    """Log lines of a run without a terminal: about ten, at least every 50 steps."""
+    return max(1, min(50, total // 10))
+
+
 class TrainingDisplay:
-    def __init__(self, console: Console | None = None, quiet: bool = False):
-        self.console = console or Console()
+    """The console of a training run.
+
+    `log_every`: a line (step, loss, eval ppl, lr, tokens/s, ETA) every N steps; None chooses — none in a
+    terminal, where the progress bar shows the same, else `default_log_every` — and 0 turns lines off.
+    """
+
+    def __init__(self, console: Console | None = None, quiet: bool = False, log_every: int | None = None):
+        self.console = console or Console(highlight=False)
         self.quiet = quiet
+        self.log_every = log_every
         self._progress: Progress | None = None
         self._task = None
         self._alerted = False
         self._last_ppl: float | None = None
+        self._evals: list[int] = []
+        self._notices: Counter = Counter()
+        self.actions: Counter = Counter()  # policy decisions seen: skipped, restored, rolled back
+        self._total = self._first_step = 0
+        self._started = 0.0
+        self._tokens = 0
+        self._lines = 0
 
+    # ------------------------------------------------------------------------------------ progress
     def start(self, total: int, done: int, run_dir) -> None:
+        self._total, self._first_step, self._started, self._tokens = total, done, time.perf_counter(), 0
         if self.quiet:
             return
         self.console.print(f"[bold]sarkd-diag[/] training → {run_dir}")
+        terminal = self.console.is_terminal
+        self._lines = self.log_every if self.log_every is not None else (0 if terminal else default_log_every(total))
+        if not terminal:
+            return  # a live progress bar draws nothing without a terminal: the log lines say it instead
         self._progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
-                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                                  console=self.console, transient=True)
+                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                  TimeRemainingColumn(), console=self.console, transient=True)
         self._task = self._progress.add_task("train", total=total, completed=done, status="")
         self._progress.start()
 
+    def _rate_and_eta(self, step: int) -> tuple[float | None, float | None]:
+        elapsed = time.perf_counter() - self._started
+        done = step - self._first_step
+        if elapsed <= 0 or done <= 0:
+            return None, None
+        return self._tokens / elapsed, (self._total - step) * elapsed / done
+
     def update(self, step: int, row: dict) -> None:
-        if self._progress is None:
+        self._tokens += int(row.get("tokens") or 0)
+        if self.quiet:
             return
+        rate, eta = self._rate_and_eta(step)
         scale = row.get("loss_scale")
-        status = (f"loss {_fmt(row['loss'])}  ppl {_fmt(self._last_ppl, '.2f')}  lr {_fmt(row['lr'], '.2e')}"
-                  + (f"  scale {_fmt(scale, '.0f')}" if scale is not None else ""))
-        self._progress.update(self._task, completed=step, status=status)
+        if self._progress is not None:
+            status = (f"loss {_fmt(row.get('loss'))}  ppl {_fmt(self._last_ppl, '.2f')}  "
+                      f"lr {_fmt(row.get('lr'), '.2e')}  {_fmt(rate, ',.0f')} tok/s"
+                      + (f"  scale {_fmt(scale, '.0f')}" if scale is not None else ""))
+            self._progress.update(self._task, completed=step, status=status)
+        if self._lines and (step % self._lines == 0 or step == self._total):
+            self.console.print(f"step {step}/{self._total}  loss {_fmt(row.get('loss'))}  "
+                               f"eval ppl {_fmt(self._last_ppl, '.3f')}  lr {_fmt(row.get('lr'), '.2e')}  "
+                               f"{_fmt(rate, ',.0f')} tok/s  ETA {_duration(eta) if eta is not None else '-'}"
+                               + (f"  loss scale {_fmt(scale, '.0f')}" if scale is not None else ""))
 
     def eval_line(self, step: int, ppl: float, loss: float) -> None:
         self._last_ppl = ppl
+        self._evals.append(step)
         if not self.quiet:
             self.console.print(f"eval @ step {step}: validation perplexity {ppl:.3f} (loss {loss:.4f})")
 
-    def alert(self, event: Event) -> None:
-        if event.severity == "critical" and not self._alerted and not self.quiet:
+    # ------------------------------------------------------------------------------- events
+    def alert(self, event) -> None:
+        """A listener of the run's event log: the first critical event, every decision (a policy action, the
+        switch to dual-tokenizer mode, a resume) and every warning of setup, each as one line when it happens;
+        of other warnings the first of each kind."""
+        kind, severity = event.kind, event.severity
+        message = str(event.message or "")
+        if kind == "policy_skip":
+            self.actions["restored" if "put back" in message or "undone" in message else "skipped"] += 1
+        elif kind == "policy_rollback":
+            self.actions["rolled back"] += 1
+        if self.quiet:
+            return
+        where = where_of(event.model, event.module, event.tensor)
+        text = escape(_message(where, message))
+        at = f" in {escape(where)}" if where else ""
+        if severity == "critical" and not self._alerted:
             self._alerted = True
-            where = "/".join(x for x in (event.model, event.module or event.tensor) if x)
-            self.console.print(f"[bold red]CRITICAL[/] step {event.step} {event.kind}"
-                               + (f" in {where}" if where else "") + f": {event.message}")
+            self.console.print(f"[bold red]CRITICAL[/] step {event.step} {kind}{at}: {text}")
+            return
+        resumed = kind == "setup_note" and message.startswith("resumed from")
+        setup = getattr(event, "phase", "setup") == "setup"
+        if not (kind in DECISIONS or resumed or (severity == "warning" and (setup or not self._notices[kind]))):
+            return
+        self._notices[kind] += 1
+        if self._notices[kind] > NOTICES_PER_KIND:
+            if self._notices[kind] == NOTICES_PER_KIND + 1:
+                self.console.print(f"[dim]note: further {kind} events are not printed; the final panel counts "
+                                   f"them (`sarkd-diag events RUN --kind {kind}` lists them)[/]")
+            return
+        style = {"critical": "bold red", "warning": "yellow"}.get(severity, "cyan")
+        label = {"critical": "critical", "warning": "warning"}.get(severity, "note")
+        step = f"step {event.step} " if event.step else ""
+        self.console.print(f"[{style}]{label}[/]: {step}{kind}{at}: {text}")
 
     def error(self, message: str) -> None:
         print("sarkd-diag: " + " ".join(message.split()), file=sys.stderr)
@@ -65,20 +172,64 @@ class TrainingDisplay:
             self._progress.stop()
             self._progress = None
 
+    # ----------------------------------------------------------------------------- the end
+    def _eval_line(self, summary: dict) -> str | None:
+        final = summary.get("final") or {}
+        first, last = final.get("first_eval_ppl"), final.get("eval_ppl")
+        if first is None or last is None:
+            return None
+        steps = summary.get("steps_completed") or 0
+        evaluated_since_start = any(s > 0 for s in self._evals) if self._evals else None
+        if steps > 0 and (evaluated_since_start is False or (evaluated_since_start is None and first == last)):
+            return (f"validation perplexity: {first:.3f} at step 0; no evaluation after step 0 "
+                    f"(the run ended before its first --eval-steps evaluation)")
+        return f"validation perplexity: {first:.3f} → {last:.3f}"
+
+    def _policy_line(self, summary: dict) -> str | None:
+        counts = summary.get("event_counts") or {}
+        actions = Counter(self.actions)
+        if not actions and counts.get("policy_skip"):  # a display that did not watch the run: the summary's count
+            actions["skipped"] = counts["policy_skip"]
+        if not actions.get("rolled back") and counts.get("policy_rollback"):
+            actions["rolled back"] = counts["policy_rollback"]
+        parts = []
+        if actions.get("skipped"):
+            parts.append(f"{_plural(actions['skipped'], 'step')} skipped (non-finite gradients)")
+        if actions.get("restored"):
+            parts.append(f"{_plural(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
+        if actions.get("rolled back"):
+            parts.append(f"rolled back {_plural(actions['rolled back'], 'time')} to a checkpoint")
+        scaler = ((summary.get("final") or {}).get("skipped_steps") or 0) - actions.get("skipped", 0) \
+            - actions.get("restored", 0)
+        if scaler > 0 and summary.get("precision", {}).get("loss_scaling"):
+            parts.append(f"{_plural(scaler, 'step')} skipped by the loss scaler")
+        if not parts:
+            return None
+        steps = summary.get("steps_completed") or 0
+        return f"[yellow]--on-nonfinite / scaler[/]: {'; '.join(parts)} (of {_plural(steps, 'step')})"
+
     def summary(self, summary: dict) -> None:
         if self.quiet:
             return
-        final = summary["final"]
-        lines = [f"status: {summary['status']} after {summary['steps_completed']} steps "
-                 f"({summary['precision']['mode']})"]
-        if final.get("first_eval_ppl") is not None and final.get("eval_ppl") is not None:
-            lines.append(f"validation perplexity: {final['first_eval_ppl']:.3f} → {final['eval_ppl']:.3f}")
-        if summary["diagnosis"]:
-            for d in summary["diagnosis"]:
-                where = " ".join(x for x in (d.get("model"), d.get("module")) if x)
-                lines.append(f"[{'red' if d['severity'] == 'critical' else 'yellow'}]{d['severity']}[/] "
-                             f"{d['cause']} at step {d['first_step']} {where}\n  fix: {d['fix']}")
-        else:
-            lines.append("[green]no numerical problems found[/]")
+        steps = summary.get("steps_completed") or 0
+        precision = summary.get("precision") or {}
+        lines = [f"status: {summary.get('status')} after {_plural(steps, 'step')} ({precision.get('mode')})"]
+        ppl = self._eval_line(summary)
+        if ppl:
+            lines.append(ppl)
+        policy = self._policy_line(summary)
+        if policy:
+            lines.append(policy)
+        diagnosis = summary.get("diagnosis") or []
+        for d in diagnosis:
+            severity = d.get("severity") or "warning"
+            where = where_of(d.get("model"), d.get("module"), d.get("tensor"))
+            step = d.get("first_step")
+            lines.append(f"[{'red' if severity == 'critical' else 'yellow'}]{severity}[/] {escape(str(d.get('cause')))}"
+                         + (f" at step {step}" if step is not None else "") + (f" in {escape(where)}" if where else "")
+                         + (f"\n  fix: {escape(str(d['fix']))}" if d.get("fix") else ""))
+        if not diagnosis:
+            lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
+                         else "[green]no numerical problems found[/]")
         self.console.print(Panel("\n".join(lines), title="diagnosis", expand=False))
-        self.console.print(f"run directory: {summary['run_dir']}")
+        self.console.print(f"run directory: {summary.get('run_dir')}")
