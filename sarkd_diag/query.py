@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -70,9 +71,7 @@ class Run:
 
 def find_runs(path: str | Path) -> list[Run]:
     """The run at `path`, or every run of the compare-precision directory at `path` (in mode order)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BadInput(f"{path}: no such directory")
+    path = _directory(path)
     if is_run_dir(path):
         return [Run(path)]
     order = {mode: i for i, mode in enumerate(MODES)}
@@ -83,7 +82,20 @@ def find_runs(path: str | Path) -> list[Run]:
     return [Run(p, p.name) for p in runs]
 
 
+def _directory(path: str | Path) -> Path:
+    """The directory a user named; a file in a run directory (summary.json, events.jsonl) is pointed back to it."""
+    path = Path(path)
+    if path.is_file():
+        raise BadInput(f"{path} is a file; give the run directory that holds it: {path.parent}")
+    if not path.is_dir():
+        raise BadInput(f"{path}: no such directory")
+    return path
+
+
 # ---------------------------------------------------------------------------------------- events
+MODELS = ("student", "teacher", "projection")  # the models sarkd-diag's own runs record events of
+
+
 def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     """`A:B` inclusive, either end open (`5:`, `:20`); a single number is that step alone."""
     if not text:
@@ -119,13 +131,17 @@ class EventFilter:
     steps: str | None = None
     grep: str | None = None
 
-    def __post_init__(self) -> None:
-        self.kinds = [k.strip() for item in self.kinds for k in item.split(",") if k.strip()]
+    def __post_init__(self) -> None:  # names are case-insensitive, like --precision
+        self.kinds = [k.strip().lower() for item in self.kinds for k in item.split(",") if k.strip()]
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
             raise BadInput(f"--kind {', '.join(unknown)}: not an event kind; kinds: {', '.join(KINDS)}")
-        if self.severity is not None and self.severity not in SEVERITIES:
-            raise BadInput(f"--severity {self.severity!r}: choose one of {', '.join(SEVERITIES)}")
+        if self.severity is not None:
+            self.severity = self.severity.strip().lower()
+            if self.severity not in SEVERITIES:
+                raise BadInput(f"--severity {self.severity!r}: choose one of {', '.join(SEVERITIES)}")
+        if self.model is not None:
+            self.model = self.model.strip().lower()
         self._step_range = parse_steps(self.steps)
         self._module = _regex(self.module, "--module")
         self._grep = _regex(self.grep, "--grep")
@@ -137,7 +153,7 @@ class EventFilter:
         if self.severity:
             keep &= events["severity"].map(SEVERITIES.index) >= SEVERITIES.index(self.severity)
         if self.model:
-            keep &= events["model"] == self.model
+            keep &= events["model"].fillna("").str.lower() == self.model
         if self.rank is not None:
             keep &= events["rank"] == self.rank
         start, end = self._step_range
@@ -153,6 +169,15 @@ class EventFilter:
         return events[keep]
 
 
+    def check_model(self, events: pd.DataFrame) -> None:
+        """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of)."""
+        if self.model is None:
+            return
+        known = list(dict.fromkeys([*MODELS, *(m.lower() for m in events["model"].dropna().unique())]))
+        if self.model not in known:
+            raise BadInput(f"--model {self.model!r}: not a model of this run; choose one of {', '.join(known)}")
+
+
 def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFrame:
     """The events of a run (or of every run of a comparison, with a `mode` column) that pass `flt`."""
     runs = find_runs(path)
@@ -163,7 +188,9 @@ def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFra
             events = events.assign(mode=run.mode)
         frames.append(events)
     frame = pd.concat(frames, ignore_index=True) if frames else events_frame([])
-    return (flt or EventFilter()).apply(frame)
+    flt = flt or EventFilter()
+    flt.check_model(frame)
+    return flt.apply(frame)
 
 
 def _plain(value):
@@ -181,23 +208,59 @@ def _records(events: pd.DataFrame) -> list[dict]:
 
 
 def _where(row) -> str:
-    return "/".join(str(x) for x in (row.get("model"), row.get("module") or row.get("tensor")) if x)
+    """`model/module` (or tensor), a part said once: an optimizer group named like its model is `student`."""
+    parts: list[str] = []
+    for part in (row.get("model"), row.get("module") or row.get("tensor")):
+        if part and str(part) not in parts:
+            parts.append(str(part))
+    return "/".join(parts)
 
 
-def events_table(events: pd.DataFrame, title: str | None = None) -> Table:
-    """Events for a person: one row each (where under the kind), coloured by severity."""
+def fold_identifier(text: str, width: int) -> str:
+    """A dotted name in lines of at most `width`, broken only after a `.` or `/` (a segment longer than a line is
+    the one thing cut), so `transformer.h.0.mlp.c_fc.bias` never loses the `bias` that says which tensor."""
+    if width <= 0 or len(text) <= width:
+        return text
+    lines, line = [], ""
+    for segment in re.findall(r"[^./]+[./]?|[./]", text):
+        if line and len(line) + len(segment) > width:
+            lines.append(line)
+            line = ""
+        while len(segment) > width:
+            lines.append(segment[:width])
+            segment = segment[width:]
+        line += segment
+    return "\n".join(lines + ([line] if line else []))
+
+
+MESSAGE_MIN_WIDTH = 24
+
+
+def events_table(events: pd.DataFrame, title: str | None = None, width: int = 80) -> Table:
+    """Events for a person: one row each (where under the kind), coloured by severity.
+
+    Made for `width` columns: the kind / where column takes what its longest name needs and the message the
+    rest; where that does not fit, names are folded at their dots, never mid-identifier.
+    """
+    records = _records(events)
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    if "mode" in events:
+    with_mode = "mode" in events
+    if with_mode:
         table.add_column("mode", no_wrap=True)
-    table.add_column("step", justify="right")
+    table.add_column("step", justify="right", no_wrap=True)
     table.add_column("severity", no_wrap=True)
-    table.add_column("kind / where", max_width=44, overflow="fold")
-    table.add_column("message", ratio=1, min_width=20)
-    for row in _records(events):
-        where = _where(row)
-        table.add_row(*([row["mode"]] if "mode" in row else []), str(row["step"]), row["severity"],
-                      row["kind"] + (f"\n[dim]{where}[/]" if where else ""), row["message"] or "",
-                      style=SEVERITY_STYLE.get(row["severity"]))
+    fixed = [max([len("mode")] + [len(str(r.get("mode"))) for r in records])] if with_mode else []
+    fixed += [max([4] + [len(str(r["step"])) for r in records]), len("severity")]
+    padding = 2 * (len(fixed) + 2)  # one space each side of every column
+    longest = max([len("kind / where")] + [max(len(r["kind"]), len(_where(r))) for r in records])
+    where_width = max(16, min(longest, width - sum(fixed) - padding - MESSAGE_MIN_WIDTH))
+    table.add_column("kind / where", no_wrap=True, width=where_width)
+    table.add_column("message", ratio=1, min_width=MESSAGE_MIN_WIDTH, overflow="fold")
+    for row in records:
+        where = fold_identifier(_where(row), where_width)
+        table.add_row(*([row["mode"]] if with_mode else []), str(row["step"]), row["severity"],
+                      fold_identifier(row["kind"], where_width) + (f"\n[dim]{where}[/]" if where else ""),
+                      row["message"] or "", style=SEVERITY_STYLE.get(row["severity"]))
     return table
 
 
@@ -209,7 +272,7 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
         events.to_csv(sys.stdout, index=False)
     else:
         console = console or Console()
-        console.print(events_table(events, title=f"{len(events)} of {total} events"))
+        console.print(events_table(events, title=f"{len(events)} of {total} events", width=console.width))
 
 
 def _line(row: dict) -> str:
@@ -220,19 +283,29 @@ def _line(row: dict) -> str:
             + (f" {where}" if where else "") + f": {row['message']}")
 
 
+DEAD_AFTER_S = 10.0  # no write for this long and no process holding the run's logs open: the run is dead
+
+
+class RunEnded(Exception):
+    """--follow stopped because the run died without closing (killed): the message says what is known."""
+
+
 def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console | None = None,
-                  poll_s: float = 0.5) -> None:
-    """Print matching events as a run (or a comparison) appends them, until it is closed or Ctrl-C.
+                  poll_s: float = 0.5, idle_timeout: float | None = None, dead_after_s: float = DEAD_AFTER_S) -> None:
+    """Print the events a run (or a comparison) holds, then those it appends, until it is closed or Ctrl-C.
 
     A run is closed when its summary.json is newer than every events file (a resumed run appends after
     its old summary, so it keeps being followed); a comparison when its own summary.json is written.
+    A run killed with `kill -9` never closes: following ends (RunEnded) once nothing in the directory has
+    changed for `dead_after_s` and no process on this machine holds its logs open (a live run keeps its
+    events file open; read from /proc). Where that cannot be known (no /proc, a run on another machine
+    writing to a shared disk), `idle_timeout` seconds without a write end it.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise BadInput(f"{path}: no such directory")
+    path = _directory(path)
     console = console or Console(highlight=False)
     offsets: dict[Path, int] = {}
     header = fmt == "csv"
+    next_check = 0.0
     try:
         while True:
             closed = _closed(path)  # decided before reading, so lines written just before closing are read
@@ -251,9 +324,73 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                 sys.stdout.flush()
             if closed:
                 return
+            idle = time.time() - _last_write(path)
+            if idle >= dead_after_s and time.monotonic() >= next_check:
+                next_check = time.monotonic() + dead_after_s  # /proc is read at most this often
+                held = holds_open(_log_files(path))
+                if held is False:
+                    raise RunEnded(f"{path} has no summary.json, nothing in it has changed for {idle:.0f} s and no "
+                                   "process holds its logs open: the run is dead (killed?); `sarkd-diag report "
+                                   f"{path}` closes it")
+                if held is None and idle_timeout is not None and idle >= idle_timeout:
+                    raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and no summary.json; "
+                                   "stopped following")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return
+
+
+def _log_files(path: Path) -> list[Path]:
+    """The files a live run (or comparison) holds open: its events logs, and a comparison's per-mode logs."""
+    return [f for _, f in _event_files(path)] + sorted(path.glob("logs/*.log")) + sorted(path.glob("metrics.jsonl"))
+
+
+def _last_write(path: Path) -> float:
+    """When anything in the run (or comparison) directory last changed, as a time.time()."""
+    newest = path.stat().st_mtime
+    for root, dirs, files in os.walk(path):  # checkpoints and student/ included: a run writes them while closing
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:  # removed meanwhile (a checkpoint rotated away)
+                continue
+    return newest
+
+
+def holds_open(files: list[Path]) -> bool | None:
+    """Whether a process of this machine has one of `files` open: True, False, or None when that cannot be
+    known (no /proc; a process of the files' owner whose open files cannot be read; no such files yet)."""
+    proc = Path("/proc")
+    targets = set()
+    owners = set()
+    for f in files:
+        try:
+            owners.add(f.stat().st_uid)
+            targets.add(os.path.realpath(f))
+        except OSError:
+            continue
+    if not targets or not (proc / "self" / "fd").is_dir():
+        return None
+    unknown = False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid not in owners:  # a run is written by the user who owns its files
+                continue
+            fds = list((entry / "fd").iterdir())
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:  # the process ended meanwhile
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in targets:
+                    return True
+            except OSError:
+                continue
+    return None if unknown else False
 
 
 def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:

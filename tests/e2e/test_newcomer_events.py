@@ -1,0 +1,140 @@
+"""`sarkd-diag events` as a newcomer met it (issue 14): validated, case-insensitive filters; a file named
+instead of its directory; identifiers kept whole at 80 columns; --follow on a run killed with kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import sarkd_diag.query as query
+from sarkd_diag.events import events_frame, read_jsonl
+
+LONG_MODULE = "model.layers.11.block_sparse_moe.experts.gate_up_proj"
+BIAS = "transformer.h.0.mlp.c_fc.bias"
+
+
+def _run(tmp_path: Path, summary: bool = True) -> Path:
+    """A small run directory: config.json, events.jsonl (one run's worth of kinds) and maybe summary.json."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    rows = [  # written as a run writes them (one JSON object a line), independent of how events are made
+        {"kind": "precision_setup", "severity": "info", "message": "precision fp32"},
+        {"kind": "no_router", "severity": "warning", "message": "teacher has no MoE router: plain KD",
+         "model": "teacher"},
+        {"kind": "nonfinite_grad", "severity": "critical", "message": "Inf in a gradient", "step": 3,
+         "phase": "backward", "model": "student", "tensor": BIAS},
+        {"kind": "nonfinite_activation", "severity": "critical", "message": "NaN in the output", "step": 3,
+         "phase": "forward", "model": "teacher", "module": LONG_MODULE},
+    ]
+    base = {"step": 0, "micro_step": 0, "rank": 0, "phase": "setup", "probe": "loop", "model": None, "module": None,
+            "tensor": None, "time": 1.0}
+    (run / "events.jsonl").write_text("".join(json.dumps({**base, **row}) + "\n" for row in rows))
+    if summary:
+        (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    return run
+
+
+def test_an_unknown_model_is_refused_with_the_choices(cli, tmp_path):
+    run = _run(tmp_path)
+    code, out, err = cli("events", run, "--model", "students")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--model 'students'" in err and "student, teacher, projection" in err
+
+
+@pytest.mark.parametrize(("args", "rows"), [
+    (["--severity", "CRITICAL"], 2), (["--model", "Student"], 1), (["--kind", "NO_ROUTER"], 1),
+    (["--severity", "Warning", "--model", "TEACHER"], 2),
+])
+def test_filters_are_case_insensitive(cli, tmp_path, args, rows):
+    code, out, err = cli("events", _run(tmp_path), *args, "--format", "JSON")
+    assert code == 0, err
+    assert len(json.loads(out)) == rows
+
+
+def test_a_file_is_pointed_back_to_its_directory(cli, tmp_path):
+    run = _run(tmp_path)
+    for command in (["events"], ["check", "--expect", "completed"]):
+        code, _, err = cli(*command, run / "summary.json")
+        assert code == 2 and "no such directory" not in err
+        assert f"{run / 'summary.json'} is a file; give the run directory that holds it: {run}" in err
+
+
+def _rendered(frame, width: int) -> str:
+    console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
+    console.print(query.events_table(frame, width=width))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_identifiers_stay_whole_in_a_narrow_table(tmp_path, width):
+    """Names fold at their dots, never mid-identifier: `c_fc.bias` keeps its `bias`, and every segment of a
+    long module name is on one line."""
+    frame = events_frame(read_jsonl(_run(tmp_path) / "events.jsonl"))
+    text = _rendered(frame, width)
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= width
+    for name in (f"student/{BIAS}", f"teacher/{LONG_MODULE}"):
+        for segment in re.split(r"[./]", name):
+            assert re.search(rf"(^|[\s./]){re.escape(segment)}([\s./]|$)", text, re.M), (segment, text)
+
+
+def test_fold_identifier_breaks_after_dots():
+    assert query.fold_identifier("student/transformer.h.0.mlp.c_fc.bias", 16).split("\n") == [
+        "student/", "transformer.h.0.", "mlp.c_fc.bias"]
+    assert query.fold_identifier("short.name", 40) == "short.name"
+
+
+def _age(run: Path, seconds: float) -> None:
+    """As if nothing in the run had been written for `seconds` (a run killed with kill -9 that long ago)."""
+    past = time.time() - seconds
+    for p in [*run.rglob("*"), run]:
+        os.utime(p, (past, past))
+
+
+def test_follow_on_a_killed_run_prints_what_exists_and_says_the_run_is_dead(cli, tmp_path):
+    run = _run(tmp_path, summary=False)
+    _age(run, 120)
+    code, out, err = cli("events", run, "--follow")
+    assert code == 1
+    assert "no_router" in out and "nonfinite_grad" in out  # what the run recorded before it died
+    assert err.count("\n") == 1 and "the run is dead" in err and f"sarkd-diag report {run}" in err
+
+
+def test_follow_keeps_following_while_a_process_holds_the_log_open(tmp_path, monkeypatch):
+    """A run whose process is alive (it holds events.jsonl open) is followed however long it is quiet."""
+    run = _run(tmp_path, summary=False)
+    _age(run, 120)
+    polls = []
+
+    def sleep(_):
+        polls.append(1)
+        if len(polls) == 3:
+            raise KeyboardInterrupt  # how a person ends --follow
+
+    monkeypatch.setattr(query.time, "sleep", sleep)
+    with open(run / "events.jsonl", "a"):
+        assert query.holds_open([run / "events.jsonl"]) is True
+        query.follow_events(run, query.EventFilter(), "json", dead_after_s=0.0)  # returns on Ctrl-C, not RunEnded
+    assert len(polls) == 3
+    assert query.holds_open([run / "events.jsonl"]) is False
+    with pytest.raises(query.RunEnded, match="the run is dead"):
+        query.follow_events(run, query.EventFilter(), "json", dead_after_s=0.0)
+
+
+def test_follow_with_an_idle_timeout_when_the_writer_cannot_be_seen(tmp_path, monkeypatch):
+    run = _run(tmp_path, summary=False)
+    _age(run, 120)
+    monkeypatch.setattr(query, "holds_open", lambda files: None)  # /proc unreadable, or a run on another machine
+    with pytest.raises(query.RunEnded, match="--idle-timeout"):
+        query.follow_events(run, query.EventFilter(), "json", idle_timeout=60)
+
+
+def test_follow_ends_normally_on_a_closed_run(cli, tmp_path):
+    code, out, _ = cli("events", _run(tmp_path), "--follow", "--format", "json")
+    assert code == 0 and len(out.strip().splitlines()) == 4
