@@ -36,6 +36,16 @@ from .verdicts import THRESHOLDS, verdict
 COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 SET_BY_COMPARE = ("precision", "on_nonfinite", "resume", "resume_from")
+REFUSED_MESSAGES = {
+    "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
+                 "(e.g. --modes fp32,mixed)",
+    "on_nonfinite": "compare-precision runs every mode with --on-nonfinite continue, so each mode's failure is "
+                    "recorded rather than acted on; --on-nonfinite cannot be changed here",
+    "resume": "compare-precision cannot --resume: every mode starts from the same initial weights; to continue "
+              "one mode's run, `sarkd-diag train --output-dir OUT/runs/MODE --resume`, then `sarkd-diag report OUT`",
+    "resume_from": "compare-precision cannot --resume-from: every mode starts from the same initial weights; to "
+                   "continue one mode's run, `sarkd-diag train --resume-from CHECKPOINT`",
+}
 COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_step", "nonfinite_param_events",
            "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32", "lost_update_fraction",
            "tokens_per_s", "peak_memory_mb"]
@@ -73,10 +83,14 @@ def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None
         return [m for m in MODES if m in caps.runnable_modes and m in family]
     modes = []
     for name in names:
-        mode = canonical_mode(name)
-        if mode == "auto":
-            raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODES))
-        resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
+        try:
+            mode = canonical_mode(name)
+            if mode == "auto":
+                raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODES))
+            resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
+        except BadInput as exc:  # precision.py speaks of --precision: here the user typed --modes
+            text = str(exc).replace("--precision ", "--modes ")
+            raise BadInput(text if "--modes" in text else f"--modes {name}: {text}") from None
         if mode not in modes:
             modes.append(mode)
     return modes
@@ -249,45 +263,57 @@ def _legend(summary: dict) -> list[str]:
     ]
 
 
-def write_markdown(table: pd.DataFrame, summary: dict, path: Path) -> None:
+def write_markdown(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
     lines = ["# sarkd-diag compare-precision", "", *_legend(summary), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(table)]
     lines += ["", "Each mode's run directory, report and diagnosis: `runs/<mode>/` (`sarkd-diag events` and "
-              "`sarkd-diag check` take this directory too).", "", "![loss curves](loss_curves.png)",
-              "", "![loss scale](loss_scale.png)", ""]
+              "`sarkd-diag check` take this directory too).", "", "![loss curves](loss_curves.png)", ""]
+    if loss_scale:
+        lines += ["![loss scale](loss_scale.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def write_html(table: pd.DataFrame, summary: dict, path: Path) -> None:
+def _html_text(text: str) -> str:
+    """Escaped text with the legend's `code` spans as <code> (markdown backticks are not HTML)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_html(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
         f'<tr style="background:{VERDICT_COLOUR.get(_verdict_class(cells[1]), "#fff")}">'
         + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
         for cells in display_rows(table))
-    legend = "".join(f"<p>{html.escape(line)}</p>" for line in _legend(summary))
+    legend = "".join(f"<p>{_html_text(line)}</p>" for line in _legend(summary))
+    scale = "<p><img src='loss_scale.png' alt='loss scale'></p>" if loss_scale else ""
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>sarkd-diag compare-precision</title>"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}</style></head><body>"
         f"<h1>sarkd-diag compare-precision</h1>{legend}<table><tr>{head}</tr>{body}</table>"
-        "<p><img src='loss_curves.png' alt='loss curves'></p><p><img src='loss_scale.png' alt='loss scale'></p>"
-        "</body></html>\n", encoding="utf-8")
+        f"<p><img src='loss_curves.png' alt='loss curves'></p>{scale}</body></html>\n", encoding="utf-8")
 
 
-def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[ModeRun]) -> None:
-    """comparison.csv/.parquet/.md/.html, the two plots and summary.json, from the table and the runs."""
-    from .plots import plot_loss_curves, plot_loss_scale
+def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[ModeRun]) -> list[str]:
+    """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
+    written."""
+    from .plots import has_loss_scale, plot_loss_curves, plot_loss_scale
 
     table.to_parquet(out / "comparison.parquet", index=False)
     table.assign(drift_vs_fp32=[_cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
         .to_csv(out / "comparison.csv", index=False)
-    write_markdown(table, summary, out / "comparison.md")
-    write_html(table, summary, out / "comparison.html")
     metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
+    scaled = any(has_loss_scale(m) for m in metrics.values())
+    write_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
+    write_html(table, summary, out / "comparison.html", loss_scale=scaled)
     plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
+    # shared/DESIGN.md's contract keeps loss_scale.png in every comparison: without a scaled mode it says so in
+    # words, and the .md and .html leave it out rather than show a figure without data
     plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
     write_json_atomic(out / "summary.json", summary)
+    return [name for name in OUTPUTS if (out / name).exists()]
 
 
 def _summary(out: Path, table: pd.DataFrame, results: list[ModeRun], options: dict, device: dict) -> dict:
@@ -321,15 +347,13 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     which the comparison sets itself. Returns the table (pandas), the summary and the output directory.
     """
     given = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in SET_BY_COMPARE}
-    refused = [k for k in SET_BY_COMPARE if options.get(k) not in (None, False)]
-    if refused:
-        flags = ", ".join("--" + k.replace("_", "-") for k in refused)
-        raise BadInput(f"compare-precision sets {flags} itself (every mode runs with --on-nonfinite continue from "
-                       "the same start); choose the modes with --modes")
+    for name in SET_BY_COMPARE:
+        if options.get(name) not in (None, False):
+            raise BadInput(REFUSED_MESSAGES[name])
     given.update({k: v for k, v in options.items() if k not in SET_BY_COMPARE})
-    if steps is not None:
-        if given.get("train_steps") not in (None, steps):
-            raise BadInput(f"--steps {steps} and --train-steps {given['train_steps']} disagree; give one")
+    if steps is not None:  # wins over a config's train_steps; an explicit, different train_steps is a conflict
+        if options.get("train_steps") not in (None, steps):
+            raise BadInput(f"--steps {steps} and --train-steps {options['train_steps']} disagree; give one")
         given["train_steps"] = steps
     given.setdefault("probe_every", COMPARE_PROBE_EVERY)
     try:
@@ -361,9 +385,10 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
                       f"({result.seconds:.0f} s)")
     table = comparison_table(results)
     summary = _summary(out, table, results, run_options, {"type": caps.device_type, "name": caps.name})
-    write_outputs(out, table, summary, results)
+    written = write_outputs(out, table, summary, results)
     console.print(rich_table(table))
-    console.print(f"comparison: {out / 'comparison.md'} (also .csv, .parquet, .html, loss_curves.png, loss_scale.png)")
+    others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
+    console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
     return CompareResult(out, table, summary, 0)
 
 

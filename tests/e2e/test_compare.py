@@ -78,12 +78,14 @@ def test_output_files_conform_to_the_contract(compared):
     assert_conforms(out)
     parquet = pd.read_parquet(out / "comparison.parquet")
     assert list(parquet.columns) == COLUMNS and parquet["drift_vs_fp32"].dtype == float
-    for name in ("loss_curves.png", "loss_scale.png"):
+    for name in ("loss_curves.png", "loss_scale.png"):  # loss_scale.png: the contract's, a note without data
         width, height = png_size(out / name)
         assert width >= 640 and height >= 400
-    assert "corrupted@1" in (out / "comparison.md").read_text()
+    markdown = (out / "comparison.md").read_text()
+    assert "corrupted@1" in markdown and "loss_scale" not in markdown  # no mode scaled the loss: no figure shown
     html = (out / "comparison.html").read_text()
     assert html.startswith("<!doctype html>") and "stagnant (update_underflow)" in html
+    assert "`" not in html and "<code>corrupted@STEP</code>" in html and "loss_scale" not in html
     summary = json.loads((out / "summary.json").read_text())
     assert summary["modes"] == ["fp32", "pure-fp16", "pure-bf16"] and summary["fp32_reference"]
     assert {r["mode"]: r["verdict"] for r in summary["rows"]}["fp32"] == "stable"
@@ -134,16 +136,23 @@ def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch):
     assert not result.summary["fp32_reference"]
 
 
-@pytest.mark.parametrize("flag", [["--precision", "fp32"], ["--on-nonfinite", "stop"], ["--resume"],
-                                  ["--on_nonfinite", "skip"]])
-def test_options_compare_sets_itself_are_refused(cli, tiny_world, tmp_path, flag):
+@pytest.mark.parametrize(("flag", "named", "advice"), [
+    (["--precision", "fp32"], "sets --precision itself", "--modes"),
+    (["--on-nonfinite", "stop"], "--on-nonfinite continue", "cannot be changed"),
+    (["--on_nonfinite", "skip"], "--on-nonfinite continue", "cannot be changed"),
+    (["--resume"], "cannot --resume", "train --output-dir OUT/runs/MODE --resume"),
+    (["--resume-from", "x"], "cannot --resume-from", "--resume-from CHECKPOINT"),
+])
+def test_options_compare_sets_itself_are_refused(cli, tiny_world, tmp_path, flag, named, advice):
+    """Each refusal names the option the user typed, not --precision's message for all of them."""
     code, _, err = cli("compare-precision", *world_options(tiny_world, tmp_path / "cmp", "1e-3"), *flag)
-    assert code == 2 and err.count("\n") == 1 and "compare-precision sets" in err and "--modes" in err
+    assert code == 2 and err.count("\n") == 1 and named in err and advice in err
     assert not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--modes", "fp16"], "ambiguous"),
+    (["--modes", "fp16"], "--modes fp16 is ambiguous"),
+    (["--modes", "fp8"], "--modes"),
     (["--modes", "auto"], "not auto"),
     (["--train-steps", "9"], "disagree"),
     (["--student-model", "/nonexistent/model"], "no such directory"),
@@ -195,3 +204,36 @@ def test_overwrite_clears_only_the_previous_comparison(tmp_path):
     (out / "notes.txt").write_text("mine")
     _prepare_output(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_steps_on_the_command_line_wins_over_the_config_file(tiny_world, tmp_path, monkeypatch):
+    """`--config c.yaml --steps 2` with train_steps: 20 in the file trains 2 steps (as --train-steps would)."""
+    import sarkd_diag.compare as compare
+    from sarkd_diag.cli import main
+
+    seen = {}
+
+    def fake(modes, *, steps=None, **options):
+        seen.update(options, steps=steps)
+        return compare.CompareResult(tmp_path, None, {}, 0)
+
+    monkeypatch.setattr(compare, "compare_precision", fake)
+    config = tmp_path / "c.yaml"
+    config.write_text("train_steps: 20\nstudent_lr: 0.001\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare-precision", "--config", str(config), "--steps", "2", "--output-dir", str(tmp_path / "o")])
+    assert exit_.value.code == 0
+    assert seen["steps"] == 2 and "train_steps" not in seen and seen["student_lr"] == 0.001
+
+
+def test_steps_and_a_config_train_steps_through_the_python_api(tmp_path):
+    """The API resolves the same way: steps wins over a config's train_steps; only an explicit, different
+    train_steps disagrees (checked before anything runs)."""
+    from sarkd_diag import DistillConfig
+    from sarkd_diag.errors import BadInput
+
+    with pytest.raises(BadInput, match="disagree"):
+        compare_precision(["fp32"], steps=2, train_steps=20, output_dir=str(tmp_path / "o"), quiet=True)
+    with pytest.raises(BadInput, match="--modes fp8"):  # got past the steps check with config's 120 and steps 2
+        compare_precision(["fp8"], config=DistillConfig(train_steps=120), steps=2, output_dir=str(tmp_path / "o"),
+                          quiet=True)
