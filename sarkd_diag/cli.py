@@ -131,7 +131,13 @@ def _check_resumable(cfg: DistillConfig) -> None:
         recorded = json.loads((run / "config.json").read_text(encoding="utf-8")).get("options") or {}
     except (OSError, ValueError, AttributeError):
         return
-    every = recorded.get("save_steps") if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    from .rundir import differing_options
+
+    if differing_options(recorded, cfg.to_dict()):
+        return  # trained with other options: that is what to say first (the run directory's check)
+    every = recorded.get("save_steps")
     if every == 0:
         why = ("it ran with --save-steps 0 (the default), which writes a checkpoint only when a run ends or is "
                "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none")
