@@ -372,11 +372,29 @@ def _is_usage_error(exc: Exception) -> bool:
     return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
 
 
+BOOLEAN_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
+
+
+def _check_flag_values(args: list[str]) -> None:
+    """`--use-scheduler true`: a flag takes no value; say so rather than 'unexpected extra argument (true)'."""
+    flags = {f"--{prefix}{name}" for f in fields(DistillConfig) if f.type == "bool"
+             for name in {f.name, f.name.replace("_", "-")} for prefix in ("", "no-", "no_")}
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in flags and value.lower() in BOOLEAN_VALUES:
+            positive = flag.replace("--no-", "--").replace("--no_", "--").replace("_", "-")
+            raise BadInput(f"{flag} is a flag and takes no value ({value!r}): write {positive} to turn it on, "
+                           f"--no-{positive[2:]} to turn it off")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
     global _ARGV
     _ARGV = list(sys.argv[1:] if argv is None else argv)
     try:
+        if not _ARGV:  # the bare command: its help, as a person asking for it
+            _ARGV = ["--help"]
+            argv = _ARGV
+        _check_flag_values(_ARGV)
         code = app(args=argv, prog_name="sarkd-diag", standalone_mode=False)
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)

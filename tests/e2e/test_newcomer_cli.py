@@ -187,3 +187,18 @@ def test_json_files_of_a_run_get_the_usual_mode(tmp_path):
     assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
     assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
+
+
+def test_the_bare_command_prints_its_help(cli):
+    code, out, err = cli()
+    assert code == 0 and out.startswith("Usage: sarkd-diag") and "compare-precision" in out and err == ""
+
+
+@pytest.mark.parametrize(("args", "flag"), [(["--use-scheduler", "true"], "--use-scheduler"),
+                                            (["--no_use_scheduler", "0"], "--no_use_scheduler"),
+                                            (["--overwrite", "False"], "--overwrite")])
+def test_a_value_after_a_flag_says_the_flag_takes_none(cli, tiny_args, args, flag):
+    code, _, err = cli("train", *tiny_args, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{flag} is a flag and takes no value" in err and "--no-" in err
+    assert not Path(tiny_args[-1]).exists()
