@@ -114,8 +114,12 @@ class SarkdDiagCallback(TrainerCallback):
         models = {"student": model}
         if self.teacher is not None:
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
-        accelerator = getattr(self._trainer, "accelerator", None)
-        self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
+        # the Trainer hands callbacks accelerate's AcceleratedOptimizer, which subclasses torch's Optimizer but
+        # holds no hooks of its own: the hooks must go on the optimizer inside it, whose scaler it carries
+        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None) or getattr(optimizer, "scaler",
+                                                                                                 None)
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.probes = Probes(models, optimizer=optimizer, scaler=scaler,
                              run_dir=self.run_dir, level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer")
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
