@@ -38,9 +38,13 @@ class Clock:
 
     def __init__(self):
         self.seconds, self.depth, self.calls = 0.0, 0, 0
+        self.by_name: dict[str, float] = {}
         self.counting = False  # off outside the measured steps (setup, step 1, closing the run)
 
     def wrap(self, fn):
+        target = getattr(fn, "__func__", fn)
+        name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(fn))}"
+
         @functools.wraps(fn)
         def timed(*args, **kwargs):
             if self.depth or not self.counting:
@@ -51,7 +55,9 @@ class Clock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                spent = time.perf_counter() - start
+                self.seconds += spent
+                self.by_name[name] = self.by_name.get(name, 0.0) + spent
                 self.depth -= 1
         return timed
 
@@ -123,8 +129,9 @@ class Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, length: int) -> tuple[float, float]:
-    """(median step seconds, probe seconds per step) of one Trainer run."""
+def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, length: int,
+            where: dict[str, float] | None = None) -> tuple[float, float]:
+    """(median step seconds, probe seconds per step) of one Trainer run; `where` adds up seconds per hook."""
     vocab = 96
     model = tiny.make_gpt2(vocab)
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
@@ -140,6 +147,9 @@ def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, leng
             for event in ("on_step_begin", "on_step_end"):
                 setattr(callback, event, clock.wrap(getattr(callback, event)))
         trainer.train()
+    if where is not None:
+        for name, spent in clock.by_name.items():
+            where[name] = where.get(name, 0.0) + spent / (steps - 1)
     return statistics.median(timer.seconds()), clock.seconds / (steps - 1)
 
 
@@ -152,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", action="store_true", help="also watch a frozen tiny GPT-2 teacher")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    plain, probed, inside = [], [], []
+    plain, probed, inside, where = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for with_probes in (False, True):  # A B A B ...: machine noise hits both alike
                 step, probe = one_run(Path(tmp) / f"{r}-{int(with_probes)}", args.steps, with_probes, args.teacher,
-                                      args.batch, args.length)
+                                      args.batch, args.length, where)
                 (probed if with_probes else plain).append(step)
                 if with_probes:
                     inside.append(probe)
@@ -169,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(A/B ratio {step_probed / step_plain:.3f}, noise included)")
     print(f"time inside the probes: {probe * 1e3:.3f} ms per step = {fraction:.1%} of a step "
           f"(goal <= {GOAL:.0%}: {'met' if fraction <= GOAL else 'NOT met'})")
+    for name, spent in sorted(where.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {spent / args.rounds * 1e3:8.3f} ms/step  {name}")
     return 0
 
 
