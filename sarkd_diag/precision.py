@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import BadInput
+from .loss_scaler import LossScaler
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Precision:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.loss_scaler = LossScaler(None)  # modes that scale the loss hold a GradScaler in it
 
     def convert(self, model: nn.Module) -> nn.Module:
         """Cast frozen weights to the frozen dtype and trainable ones (student, router) to the trainable dtype."""
@@ -135,6 +137,7 @@ class FP16Mixed(Precision):
     def __init__(self, device: torch.device):
         super().__init__(device)
         self.scaler = torch.amp.GradScaler(device.type)
+        self.loss_scaler = LossScaler(self.scaler)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -143,13 +146,13 @@ class FP16Mixed(Precision):
         self.scaler.unscale_(optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        found_inf = sum(self.scaler._found_inf_per_device(optimizer).values())  # set by unscale_gradients
+        found_inf = sum(self.loss_scaler.found_inf(optimizer))  # set by unscale_gradients
         self.scaler.step(optimizer)
         self.scaler.update()
         return (found_inf > 0).to(torch.float32)
 
     def loss_scale(self) -> torch.Tensor | None:
-        return self.scaler._scale
+        return self.loss_scaler.scale()
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict()

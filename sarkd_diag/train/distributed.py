@@ -91,12 +91,12 @@ class World:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def agree_on_overflow(self, scaler, optimizer: torch.optim.Optimizer) -> None:
+    def agree_on_overflow(self, loss_scaler, optimizer: torch.optim.Optimizer) -> None:
         """After unscale: a loss scaler's found-inf flags all-reduced, so an overflow on any rank skips the step
         and lowers the scale on every rank (as ShardedGradScaler does); nothing without a scaler."""
-        if not self.distributed or scaler is None or not scaler.is_enabled():
+        if not self.distributed:
             return
-        for found in scaler._found_inf_per_device(optimizer).values():  # torch's own per-device flags
+        for found in loss_scaler.found_inf(optimizer):  # torch's own per-device flags, all-reduced in place
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
     def gather(self, value):

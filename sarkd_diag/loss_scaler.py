@@ -1,0 +1,71 @@
+"""The one place that reads `torch.amp.GradScaler`'s internals; everything else asks this adapter.
+
+GradScaler keeps the scale (`_scale`) and, after `unscale_`, the per-device overflow flags
+(`_found_inf_per_device`) as private state. The training loop, the probes and the distributed all-reduce
+all need them, so they are read here and nowhere else: a torch release that renames them breaks one file.
+
+`on_unscaled` is how the probes see gradients on the steps that matter most: after unscaling and
+before the scaler decides to skip. GradScaler never calls the optimizer (so never its step hooks) on a
+step it skips, but it always unscales first, through `self.unscale_` — an instance attribute wrapped
+here observes that moment in any loop, ours or a user's, accelerate's or the Trainer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class LossScaler:
+    """A GradScaler (or nothing) seen through the few questions the project asks of it."""
+
+    def __init__(self, scaler: torch.amp.GradScaler | None):
+        self.scaler = scaler
+
+    @property
+    def enabled(self) -> bool:
+        return self.scaler is not None and self.scaler.is_enabled()
+
+    def scale(self) -> torch.Tensor | None:
+        """The current scale as a 0-dim device tensor; None when disabled or before the first `scale()`."""
+        if not self.enabled or self.scaler._scale is None:
+            return None
+        return self.scaler._scale.reshape(())
+
+    def found_inf(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The per-device overflow flags `unscale_` set for this optimizer (empty before unscaling)."""
+        if not self.enabled:
+            return []
+        return list(self.scaler._found_inf_per_device(optimizer).values())
+
+    def on_unscaled(self, callback: Callable[[torch.optim.Optimizer], None]) -> Callable[[], None]:
+        """Call `callback(optimizer)` right after every `unscale_`; returns a function that removes it."""
+        if self.scaler is None:
+            return lambda: None
+        scaler = self.scaler
+        original = scaler.unscale_
+
+        def unscale_(optimizer):
+            original(optimizer)
+            callback(optimizer)
+
+        scaler.unscale_ = unscale_
+
+        def remove() -> None:
+            if scaler.__dict__.get("unscale_") is unscale_:
+                del scaler.unscale_
+        return remove
+
+
+def unwrap_optimizer(optimizer) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
+    """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer, anything with
+    `.optimizer`) and the loss scaler such a wrapper carries, if any."""
+    scaler = None
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        scaler = scaler or getattr(optimizer, "scaler", None)
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            raise TypeError(f"{type(optimizer).__name__} is not a torch optimizer and wraps none (.optimizer)")
+        optimizer = inner
+    return optimizer, scaler
