@@ -1,185 +1,428 @@
 """From events to causes: the root cause first, each with where, when, the evidence and the fix.
 
-Rules read the event log (and, for divergence, the training loss). Critical causes come first, then
-warnings; within each, the earliest step first and, on the same step, `CAUSE_ORDER` puts root causes
-ahead of the symptoms they produce — an eps that is 0 in fp16 comes before the non-finite weights it
-causes. Activations that turn non-finite after the weights did are symptoms and make no cause.
+The diagnosis is a set of small rules, one per cause (`RULES`). Each reads event codes and numbers —
+never a message — and returns the causes it finds, located (model, module or tensor, first step) wherever
+the data has a place, with its evidence. `rank` then chooses among them, in this one place:
+
+1. Critical before warning; then by when the cause showed — its step, and within a step the phase
+   (forward, backward, then optimizer: a step's forward runs before its update); ties by `CAUSE_ORDER`,
+   which puts explanations before the failures they produce (bad data, a teacher that overflows, an eps
+   that is 0 before the non-finite weights they cause).
+2. The first cause is the root. A later cause that a non-finite value or a blow-up can produce
+   (`SYMPTOM_CAPABLE`: an activation or gradient overflow, a loss-scale collapse, a divergence) is taken
+   for its symptom: it leaves the list and is named in the root's evidence (`followed_by`).
+
+Fixes are written in the caller's own terms (`PHRASES`): `train`'s options on the command line, torch and
+`Probes` arguments in a hand-written loop, `TrainingArguments` fields under the Trainer, the Accelerator's
+settings under accelerate — never an option the caller does not have.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .numerics import EXTREME_UPDATE_RATIO
+
 CAUSE_ORDER = (
-    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "activation_overflow",
-    "gradient_overflow", "optimizer_state_underflow", "loss_scale_collapse", "update_underflow", "divergence",
+    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "divergence",
+    "activation_overflow", "gradient_overflow", "loss_scale_collapse", "update_underflow",
 )
+SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
+PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
+WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling during training: updates are inflated, not trained
+ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
+
+# what a fix tells each kind of caller to do, by concept
+PHRASES = {
+    "mixed": {
+        "cli": "`--precision mixed`",
+        "loop": "fp32 weights, `torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
+        "trainer": "`TrainingArguments(fp16=True)` with the model loaded in fp32",
+        "accelerate": "`Accelerator(mixed_precision=\"fp16\")` with the model in fp32",
+    },
+    "bf16_mixed": {
+        "cli": "`--precision bf16-mixed`",
+        "loop": "fp32 weights and `torch.autocast(dtype=torch.bfloat16)`",
+        "trainer": "`TrainingArguments(bf16=True)` with the model loaded in fp32",
+        "accelerate": "`Accelerator(mixed_precision=\"bf16\")` with the model in fp32",
+    },
+    "fp32_teacher": {
+        "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
+        "loop": "the teacher loaded in bfloat16 or float32 instead of float16",
+        "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
+        "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
+    },
+    "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
+           "accelerate": "the optimizer's `lr`"},
+    "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
+             "accelerate": "`accelerator.clip_grad_norm_`"},
+    "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
+                     "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms"},
+    "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
+                    "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
+                    "accelerate": "`Probes.from_accelerator(..., level=\"full\")`"},
+}
 
 FIXES = {
-    "optimizer_eps_underflow": "train in `mixed`: fp32 master weights and optimizer state keep eps={eps} "
-                               "representable (in pure fp16 an eps of 1e-4 avoids the NaNs but updates stagnate)",
-    "optimizer_state_underflow": "keep the optimizer state in fp32 — `mixed` or `bf16-mixed` hold fp32 master "
-                                 "weights and fp32 Adam moments",
-    "activation_overflow": "{module} overflows {dtype}: train in `bf16-mixed` (fp32's range), or keep this op "
-                           "in fp32 under autocast; in `mixed` the loss scaler cannot fix a forward overflow",
-    "fp16_risk": "{module} exceeds fp16's range in {dtype}: prefer `bf16-mixed` over `mixed`/`pure-fp16` for "
-                 "this model",
-    "gradient_overflow": "use `mixed` (dynamic loss scaling skips overflowing steps) or `bf16-mixed`; lower "
-                         "the learning rate or --max-grad-norm if it persists",
-    "loss_scale_collapse": "gradients overflow fp16 every few steps: switch to `bf16-mixed`, lower the learning "
-                           "rate, or find the overflowing module with --probes full",
-    "update_underflow": "updates are below half an ulp of the {dtype} weights: train in `mixed` or "
-                        "`bf16-mixed` (fp32 master weights), or raise the learning rate",
-    "teacher_overflow": "the teacher's outputs are non-finite in {dtype}: hold the teacher in bf16 or fp32 "
-                        "(`bf16-mixed`, or `fp32`)",
-    "nonfinite_input": "fix the data: every batch needs target tokens and finite inputs",
-    "divergence": "the loss blows up without a precision cause: lower --student-lr, enable --max-grad-norm, "
-                  "or check the data",
+    "optimizer_eps_underflow": "train with {mixed}: fp32 master weights and optimizer state keep eps={eps} "
+                               "representable (in pure fp16 a larger eps avoids the NaNs but updates stagnate)",
+    "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
+                                 "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
+                                 "alone and its updates grow instead of shrinking",
+    "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: "
+                                         "fp32 master weights and fp32 Adam moments",
+    "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range), or keep this op "
+                           "in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "fp16_risk": "{module} exceeds fp16's range in {dtype}: prefer {bf16_mixed} over fp16 compute for this model",
+    "gradient_overflow": "gradients overflow {dtype} with nothing to catch them: train with {mixed} (dynamic "
+                         "loss scaling skips overflowing steps) or {bf16_mixed}; lower {lr} or clip with {clip} if "
+                         "it persists",
+    "loss_scale_collapse": "gradients overflow fp16 even at a small loss scale, from {module} backwards: the "
+                           "loss or its gradients are too large for fp16 — lower {loss_weights} or {lr}, or "
+                           "train with {bf16_mixed} (fp32's range)",
+    "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
+                                    "train with {bf16_mixed}; {full_probes} names the overflowing module",
+    "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
+                        "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
+    "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
+                        "{fp32_teacher}",
+    "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
+                               "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
+                               "the teacher in a wider dtype — {fp32_teacher}",
+    "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
+    "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
+                         "steps are ~1e-3×): the learning rate is far too high for this model — lower {lr} and "
+                         "clip with {clip}; precision is not the cause",
+    "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
+
+
+@dataclass
+class Cause:
+    """One conclusion: what, how sure, where, since when, on what evidence, and what to do."""
+
+    cause: str
+    severity: str
+    first_step: int | None
+    phase: str = "optimizer"
+    model: str | None = None
+    module: str | None = None
+    tensor: str | None = None
+    rank: int = 0
+    evidence: dict = field(default_factory=dict)
+    fix: str = ""
+
+    @property
+    def when(self) -> tuple:
+        return (self.first_step if self.first_step is not None else math.inf, PHASE_ORDER.get(self.phase, 4))
+
+    def summary(self) -> str:
+        where = " ".join(x for x in (self.model, self.module or self.tensor) if x)
+        return f"{self.cause}@{self.first_step}" + (f" ({where})" if where else "")
+
+    def as_dict(self) -> dict:
+        return {"cause": self.cause, "severity": self.severity, "model": self.model, "module": self.module,
+                "tensor": self.tensor, "rank": self.rank, "first_step": self.first_step,
+                "evidence": {k: v for k, v in self.evidence.items() if v is not None}, "fix": self.fix}
+
+
+class RunRecord:
+    """What the rules read: the run's events by kind and code, its metrics and how it was set up."""
+
+    def __init__(self, events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict):
+        if events is None or len(events) == 0:
+            events = pd.DataFrame(columns=["kind", "code", "severity", "model", "module", "tensor", "step", "rank",
+                                           "time", "phase", "value", "dtype"])
+        if "code" not in events:
+            events = events.assign(code=events["kind"])
+        self.events = events
+        self.metrics = metrics if metrics is not None else pd.DataFrame()
+        self.config = config
+        self.mode = (config.get("precision") or {}).get("mode")
+        self.caller = config.get("caller") or "cli"
+        self.routers = {r.get("module") for r in config.get("routers") or []}
+
+    def of(self, kind: str, *codes: str) -> pd.DataFrame:
+        rows = self.events[self.events["kind"] == kind]
+        return rows[rows["code"].isin(codes)] if codes else rows
+
+    def first_nonfinite_param_step(self) -> int | None:
+        params = self.of("nonfinite_param")
+        return int(params["step"].min()) if len(params) else None
+
+    def train_column(self, name: str) -> pd.Series:
+        if name not in self.metrics or "split" not in self.metrics:
+            return pd.Series(dtype="float64")
+        train = self.metrics[self.metrics["split"] == "train"]
+        return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
+
+    def weight_growth(self) -> float | None:
+        """How many times the largest weight grew from the first step to its largest finite reading."""
+        amax = self.train_column("param_amax")
+        amax = amax[amax.map(math.isfinite)]
+        if len(amax) < 2 or amax.iloc[0] <= 0:
+            return None
+        return float(amax.max() / amax.iloc[0])
+
+    def updates_inflated(self) -> bool:
+        """An optimizer step far beyond healthy training, or the weights growing: updates are not being lost."""
+        growth = self.weight_growth()
+        return len(self.of("extreme_update")) > 0 or (growth is not None and growth > WEIGHT_GROWTH_FACTOR)
+
+    def is_router(self, module: str | None) -> bool:
+        if not module:
+            return False
+        if module in self.routers:
+            return True
+        *parents, last = module.split(".")
+        return last in ROUTER_NAMES and not any("expert" in p for p in parents)
+
+    def fix(self, template: str, **values) -> str:
+        words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
+        words.update({k: ("?" if v is None else v) for k, v in values.items()})
+        return FIXES[template].format_map(_Blank(words))
+
+
+class _Blank(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
 
 
 def _first(frame: pd.DataFrame) -> pd.Series:
     return frame.sort_values(["step", "time"], kind="stable").iloc[0]
 
 
-def _clean(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return value
+def _where(row: pd.Series) -> dict:
+    """The place an event names: its model, module and tensor, its first step, phase and rank."""
+    def text(value):
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+    return {"model": text(row.get("model")), "module": text(row.get("module")), "tensor": text(row.get("tensor")),
+            "first_step": int(row["step"]), "phase": text(row.get("phase")) or "optimizer",
+            "rank": int(row.get("rank") or 0)}
 
 
-def _cause(cause: str, severity: str, row: pd.Series | None, evidence: dict, **fmt) -> dict:
-    fields = {"module": None, "dtype": None, "eps": None}
-    if row is not None:
-        fields.update(module=_clean(row.get("module")) or _clean(row.get("tensor")), dtype=_clean(row.get("dtype")))
-    fields.update(fmt)
-    return {
-        "cause": cause,
-        "severity": severity,
-        "model": _clean(row.get("model")) if row is not None else None,
-        "module": fields["module"],
-        "rank": int(row["rank"]) if row is not None else 0,
-        "first_step": int(row["step"]) if row is not None else None,
-        "evidence": {k: v for k, v in evidence.items() if v is not None},
-        "fix": FIXES[cause].format(**{k: v if v is not None else "?" for k, v in fields.items()}),
-    }
+# ------------------------------------------------------------------------------------------------ rules
+def nonfinite_input(r: RunRecord) -> list[Cause]:
+    """Bad data: NaN in a batch's inputs, or a batch without target tokens (0/0) — critical when its loss
+    turned non-finite, a warning while it did not."""
+    causes = []
+    batch = r.of("nonfinite_batch")
+    if len(batch):
+        causes.append(Cause("nonfinite_input", "critical", **_where(_first(batch)),
+                            evidence={"nan_input_batches": len(batch)}, fix=r.fix("nonfinite_input")))
+    empty, losses = r.of("empty_targets"), r.of("nonfinite_loss")
+    if len(empty):
+        row = _first(empty)
+        hit = losses[losses["step"].isin(empty["step"])]
+        causes.append(Cause("nonfinite_input", "critical" if len(hit) else "warning", **_where(row),
+                            evidence={"empty_target_batches": len(empty), "nonfinite_loss_events": len(losses),
+                                      "nonfinite_loss_on_empty_step": bool(len(hit))},
+                            fix=r.fix("nonfinite_input")))
+    return causes
 
 
-def diagnose(events: pd.DataFrame, metrics: pd.DataFrame | None, config: dict) -> list[dict]:
-    """Causes, most important first, as dicts {cause, severity, model, module, rank, first_step, evidence, fix}."""
-    mode = (config.get("precision") or {}).get("mode")
-    if events is None or len(events) == 0:
-        events = pd.DataFrame(columns=["kind", "severity", "model", "module", "tensor", "step", "rank", "time",
-                                       "message", "value", "dtype"])
-    of = {kind: events[events["kind"] == kind] for kind in events["kind"].unique()}
-    empty = events.iloc[0:0]
+def teacher_overflow(r: RunRecord) -> list[Cause]:
+    """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does."""
+    acts = r.of("nonfinite_activation")
+    acts = acts[acts["model"] == "teacher"]
+    if not len(acts):
+        return []
+    row = _first(acts)
+    where = _where(row)
+    router = r.is_router(where["module"])
+    return [Cause("teacher_overflow", "critical", **where,
+                  evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router},
+                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", module=where["module"],
+                            dtype=row.get("dtype")))]
 
-    def kind(name: str) -> pd.DataFrame:
-        return of.get(name, empty)
 
-    causes: list[dict] = []
-    params, grads, losses = kind("nonfinite_param"), kind("nonfinite_grad"), kind("nonfinite_loss")
-    symptoms = {"nonfinite_param_events": len(params), "nonfinite_grad_events": len(grads),
-                "nonfinite_loss_events": len(losses),
-                "first_nonfinite_param_step": int(params["step"].min()) if len(params) else None}
-    explained = False
+def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
+    """An eps that is 0 in the weights' dtype: the first entry whose squared gradient is also 0 divides by zero."""
+    eps = r.of("optimizer_preflight", "eps_zero")
+    if not len(eps):
+        return []
+    row = _first(eps)
+    where = _where(row)
+    first_bad = r.first_nonfinite_param_step()
+    if first_bad is not None:
+        where["first_step"] = first_bad
+    return [Cause("optimizer_eps_underflow", "critical", **where,
+                  evidence={"eps": row["value"], "dtype": row["dtype"], "first_nonfinite_param_step": first_bad,
+                            "nonfinite_param_events": len(r.of("nonfinite_param"))},
+                  fix=r.fix("optimizer_eps_underflow", eps=f"{row['value']:g}"))]
 
-    empty_targets = kind("empty_targets")
-    if len(empty_targets):
-        causes.append(_cause("nonfinite_input", "critical" if len(losses) else "warning", _first(empty_targets),
-                             {"empty_target_batches": len(empty_targets), **symptoms}))
-        explained = True
 
-    activations = kind("nonfinite_activation")
-    if len(params):  # once weights are non-finite every later activation is too: a symptom, not a cause
-        activations = activations[activations["step"] <= symptoms["first_nonfinite_param_step"]]
-    teacher_acts = activations[activations["model"] == "teacher"]
-    if len(teacher_acts):
-        causes.append(_cause("teacher_overflow", "critical", _first(teacher_acts),
-                             {"teacher_nonfinite_modules": len(teacher_acts), **symptoms}))
-        explained = True
+def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
+    """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
+    updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
+    state = r.of("optimizer_state_underflow")
+    if not len(state):
+        return []
+    row = _first(state)
+    inflated = r.updates_inflated()
+    return [Cause("optimizer_state_underflow", "critical" if inflated else "warning", **_where(row),
+                  evidence={"zeroed_fraction": row["value"], "weight_growth": r.weight_growth(),
+                            "extreme_updates": len(r.of("extreme_update"))},
+                  fix=r.fix("optimizer_state_underflow" if inflated else "optimizer_state_underflow_warning",
+                            dtype=row.get("dtype")))]
 
-    preflight = kind("optimizer_preflight")
-    eps_zero = preflight[(preflight["severity"] == "critical") & preflight["message"].str.contains("eps")]
-    if len(eps_zero):
-        row = _first(eps_zero)
-        causes.append(_cause("optimizer_eps_underflow", "critical", row,
-                             {"eps": row["value"], "dtype": row["dtype"], **symptoms}, eps=f"{row['value']:g}",
-                             module=row.get("tensor")))
-        if len(params):
-            causes[-1]["first_step"] = symptoms["first_nonfinite_param_step"]
-        explained = True
 
-    student_acts = activations[activations["model"] != "teacher"]
-    if len(student_acts):
-        causes.append(_cause("activation_overflow", "critical", _first(student_acts),
-                             {"nonfinite_modules": len(student_acts), **symptoms}))
-        explained = True
-    risk = kind("fp16_overflow_risk")
+def activation_overflow(r: RunRecord) -> list[Cause]:
+    """A student module's forward output is non-finite (critical), or beyond fp16's range in a wider dtype
+    (a warning: where fp16 compute would overflow). Outputs that turned bad after the weights did are not
+    looked at: once weights are non-finite every activation is."""
+    causes = []
+    acts = r.of("nonfinite_activation")
+    acts = acts[acts["model"] != "teacher"]
+    first_bad = r.first_nonfinite_param_step()
+    if first_bad is not None:
+        acts = acts[acts["step"] <= first_bad]
+    if len(acts):
+        row = _first(acts)
+        causes.append(Cause("activation_overflow", "critical", **_where(row),
+                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
+                            fix=r.fix("activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+    risk = r.of("fp16_overflow_risk")
     if len(risk):
         row = _first(risk)
-        cause = _cause("activation_overflow", "warning", row, {"modules_beyond_fp16": len(risk),
-                                                               "max_value": float(risk["value"].max())})
-        cause["fix"] = FIXES["fp16_risk"].format(module=row.get("module"), dtype=row.get("dtype"))
-        causes.append(cause)
+        causes.append(Cause("activation_overflow", "warning", **_where(row),
+                            evidence={"modules_beyond_fp16": len(risk), "max_value": float(risk["value"].max())},
+                            fix=r.fix("fp16_risk", module=row.get("module"), dtype=row.get("dtype"))))
+    return causes
 
-    if len(grads) and not explained:
-        causes.append(_cause("gradient_overflow", "critical", _first(grads), {**symptoms}))
-        explained = True
 
-    state = kind("optimizer_state_underflow")
-    if len(state):
-        row = _first(state)
-        causes.append(_cause("optimizer_state_underflow", "critical" if len(params) and not explained
-                             else "warning", row, {"zeroed_fraction": row["value"]}))
-        explained = explained or bool(len(params))
+def gradient_overflow(r: RunRecord) -> list[Cause]:
+    """A non-finite gradient reached an optimizer that nothing protects (no loss scaler to skip the step)."""
+    grads = r.of("nonfinite_grad", "grad_nonfinite_applied")
+    if not len(grads):
+        return []
+    row = _first(grads)
+    return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
+                  fix=r.fix("gradient_overflow", dtype=row.get("dtype")))]
 
-    collapse = pd.concat([kind("scale_below_one"), kind("scaler_backoff")])
-    if len(collapse):
-        below = kind("scale_below_one")
-        causes.append(_cause("loss_scale_collapse", "critical" if len(below) else "warning", _first(collapse),
-                             {"backoff_warnings": len(kind("scaler_backoff")),
-                              "skipped_steps": len(kind("scaler_skip")),
-                              "min_scale": float(collapse["value"].min())}))
 
-    lost = kind("lost_updates")
-    stagnation = preflight[(preflight["severity"] == "warning") & preflight["message"].str.contains("ulp")]
+def loss_scale_collapse(r: RunRecord) -> list[Cause]:
+    """The dynamic loss scale keeps falling: overflow every few steps, or even unscaled (scale below 1).
+
+    Located at the first module in backward order whose gradient was non-finite when the scale collapsed:
+    the latest such reading on skipped steps at or before the collapse (the scaler's first skips overflow at
+    the output end while it finds its scale), else the first after it."""
+    below, backoff = r.of("scale_below_one"), r.of("scaler_backoff")
+    collapse = pd.concat([below, backoff])
+    if not len(collapse):
+        return []
+    row = _first(collapse)
+    grads = r.of("nonfinite_grad", "grad_nonfinite_skipped").sort_values(["step", "time"], kind="stable")
+    before = grads[grads["step"] <= row["step"]]
+    located = before.iloc[-1] if len(before) else (grads.iloc[0] if len(grads) else None)
+    where = _where(row)
+    if located is not None:
+        where.update(model=_where(located)["model"], module=_where(located)["module"],
+                     tensor=_where(located)["tensor"])
+    return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
+                  evidence={"backoff_warnings": len(backoff), "skipped_steps": len(r.of("scaler_skip")),
+                            "min_scale": float(collapse["value"].min()),
+                            "overflowing_gradient_step": int(located["step"]) if located is not None else None},
+                  fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
+                            module=where["module"] or where["tensor"]))]
+
+
+def update_underflow(r: RunRecord) -> list[Cause]:
+    """Updates lost to rounding in low-precision weights (stagnation): claimed from measured lost updates —
+    or, where nothing was measured, from the optimizer's preflight prediction — and never while updates
+    are inflated (an optimizer state that flushed to zero makes them larger, not lost)."""
+    if r.updates_inflated():
+        return []
+    lost = r.of("lost_updates")
+    predicted = r.of("optimizer_preflight", "update_below_half_ulp")
+    predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
     if len(lost):
         row = _first(lost)
-        causes.append(_cause("update_underflow", "warning", row,
-                             {"lost_update_fraction": row["value"],
-                              "predicted_fraction": float(stagnation["value"].iloc[0]) if len(stagnation) else None}))
-    elif len(stagnation) and mode in ("pure-fp16", "pure-bf16"):
-        row = _first(stagnation)
-        causes.append(_cause("update_underflow", "warning", row, {"predicted_fraction": row["value"]}))
-
-    if not explained:
-        divergence = _divergence(params, losses, metrics, mode)
-        if divergence is not None:
-            causes.append(divergence)
-    rank = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
-    return sorted(causes, key=lambda c: (c["severity"] != "critical", c["first_step"] if c["first_step"] is not None
-                                         else math.inf, rank[c["cause"]]))
+        return [Cause("update_underflow", "warning", **_where(row),
+                      evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction},
+                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+    measured = r.train_column("lost_update_fraction")
+    if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
+        row = _first(predicted)
+        return [Cause("update_underflow", "warning", **_where(row),
+                      evidence={"predicted_fraction": predicted_fraction, "measured": False},
+                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+    return []
 
 
-def _divergence(params: pd.DataFrame, losses: pd.DataFrame, metrics: pd.DataFrame | None, mode: str | None):
-    blowups = pd.concat([params, losses])
+def divergence(r: RunRecord) -> list[Cause]:
+    """A blow-up that precision does not explain.
+
+    After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
+    mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
+    wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
+    explanation when one exists), or an fp32 training loss above DIVERGENCE_FACTOR× its first value.
+    """
+    loss = r.train_column("loss")
+    finite_loss = loss[loss.map(math.isfinite)]
+    first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
+    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None else finite_loss[:0]
+    extreme = r.of("extreme_update")
+    if len(extreme):
+        row = _first(extreme)
+        step = int(row["step"])
+        after = []
+        for kind in ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "scale_below_one",
+                     "scaler_backoff"):
+            later = r.of(kind)
+            later = later[later["step"] >= step]
+            if len(later):
+                after.append(f"{kind}@{int(later['step'].min())}")
+        if len(blown[blown.index >= step]):
+            after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
+        ratio = float(row["value"])
+        return [Cause("divergence", "critical" if after else "warning", **_where(row),
+                      evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
+                                "then": ", ".join(after) or None, "first_loss": first_loss,
+                                "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
+                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor")))]
+    blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups):
-        return _cause("divergence", "critical", _first(blowups),
-                      {"mode": mode, "nonfinite_param_events": len(params), "nonfinite_loss_events": len(losses)})
-    if metrics is None or mode != "fp32" or "loss" not in metrics:
-        return None
-    train = metrics[(metrics["split"] == "train")].dropna(subset=["loss"])
-    if len(train) < 2:
-        return None
-    first = float(train["loss"].iloc[0])
-    above = train[train["loss"] > DIVERGENCE_FACTOR * first]
-    if not len(above):
-        return None
-    row = pd.Series({"step": int(above["step"].iloc[0]), "rank": 0, "model": "student", "module": None,
-                     "tensor": None, "dtype": "float32"})
-    return _cause("divergence", "critical", row, {"first_loss": first, "max_loss": float(train["loss"].max()),
-                                                  "factor": DIVERGENCE_FACTOR})
+        row = _first(blowups)
+        return [Cause("divergence", "critical", **_where(row),
+                      evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
+                                "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
+    if r.mode == "fp32" and len(blown):
+        return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
+                      evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
+                                "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
+    return []
+
+
+RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, activation_overflow,
+         gradient_overflow, loss_scale_collapse, update_underflow, divergence)
+
+
+def rank(causes: list[Cause]) -> list[Cause]:
+    """The root cause first, then the rest by severity and time; symptoms of the root folded into it."""
+    order = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
+    causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.cause]))
+    if not causes or causes[0].severity != "critical":
+        return causes
+    root, kept, symptoms = causes[0], [causes[0]], []
+    for cause in causes[1:]:
+        later = (cause.when, order[cause.cause]) >= (root.when, order[root.cause])
+        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when):
+            symptoms.append(cause.summary())
+        else:
+            kept.append(cause)
+    if symptoms:
+        root.evidence["followed_by"] = "; ".join(symptoms)
+    return kept
+
+
+def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> list[dict]:
+    """Causes, most important first, as dicts {cause, severity, model, module, tensor, rank, first_step,
+    evidence, fix}."""
+    record = RunRecord(events, metrics, config)
+    return [cause.as_dict() for cause in rank([c for rule in RULES for c in rule(record)])]

@@ -20,11 +20,48 @@ SEVERITIES = ("info", "warning", "critical")
 PHASES = ("setup", "forward", "backward", "optimizer", "loss", "eval", "policy")
 KINDS = (
     "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
-    "nonfinite_param", "nonfinite_grad", "nonfinite_activation", "fp16_overflow_risk",
-    "optimizer_state_underflow", "lost_updates", "scaler_skip", "scaler_backoff", "scale_below_one",
-    "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
-    "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
+    "nonfinite_param", "nonfinite_grad", "nonfinite_activation", "nonfinite_batch", "fp16_overflow_risk",
+    "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
+    "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
+    "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
 )
+# What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
+# has one meaning uses its own name as its code; kinds with several checks have one code per check.
+CODES = {
+    "precision_setup": "the precision mode the run uses, and why",
+    "router_found": "an MoE router of the teacher that trains (SAR)",
+    "no_router": "the teacher has no MoE router: plain KD",
+    "dual_tokenizer": "teacher and student tokenize differently: hidden-state KD",
+    "router_frozen_dual": "routers stay frozen in dual-tokenizer mode",
+    "eps_zero": "optimizer_preflight: the optimizer's eps rounds to 0 in the weights' dtype",
+    "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
+    "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
+    "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
+    "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
+    "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
+    "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
+    "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",
+    "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
+    "fp16_overflow_risk": "a finite forward output beyond fp16's range, in a wider dtype",
+    "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
+    "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
+    "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",
+    "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
+    "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
+    "skip_streak": "scaler_backoff: more skipped steps in a row than the limit",
+    "skip_fraction": "scaler_backoff: more than the limit's fraction of steps skipped",
+    "scale_below_one": "the loss scale fell below 1: gradients overflow even unscaled",
+    "loss_nonfinite": "nonfinite_loss: the loss the caller optimises is non-finite",
+    "loss_term_nonfinite": "nonfinite_loss: one term of sarkd-diag's loss (kd, ce, router) is non-finite",
+    "empty_targets": "a micro-batch without target tokens: its per-token loss is 0/0",
+    "policy_skip": "--on-nonfinite skip: a step left out",
+    "policy_rollback": "--on-nonfinite rollback: weights put back from a checkpoint",
+    "policy_stop": "the non-finite policy stopped the run",
+    "interrupted": "a stop signal: the run stopped after a step, state saved",
+    "out_of_memory": "the device ran out of memory",
+    "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
+    "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
+}
 
 
 @dataclass
@@ -46,6 +83,7 @@ class Event:
     posinf_count: int | None = 0
     neginf_count: int | None = 0
     numel: int = 0
+    code: str | None = None  # what was checked, from CODES; the kind's own name where it has one check
     time: float = 0.0
 
     def __post_init__(self) -> None:
@@ -53,6 +91,9 @@ class Event:
             raise ValueError(f"severity {self.severity!r} is not one of {SEVERITIES}")
         if self.kind not in KINDS:
             raise ValueError(f"event kind {self.kind!r} is not in the schema")
+        self.code = self.code or self.kind
+        if self.code not in CODES or (self.code in KINDS and self.code != self.kind):
+            raise ValueError(f"event code {self.code!r} is not in the vocabulary")
         self.time = self.time or time.time()
 
     def to_json(self) -> str:
@@ -145,4 +186,5 @@ def events_frame(rows: Iterable[dict]) -> pd.DataFrame:
         frame[col] = frame[col].fillna(0).astype("int64")
     for col in ("nan_count", "posinf_count", "neginf_count"):
         frame[col] = frame[col].astype("Int64")  # null: not counted
+    frame["code"] = frame["code"].astype("object").where(frame["code"].notna(), frame["kind"])  # older logs
     return frame

@@ -26,7 +26,7 @@ STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
 RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_steps", "save_steps",
                      "save_total_limit", "probes", "probe_every", "on_nonfinite", "max_rollbacks", "output_dir",
                      "eval_max_batches", "device", "gradient_checkpointing", "offload_teacher_to_cpu",
-                     "clear_cache_every_step"}
+                     "clear_cache_every_step", "log_every"}
 
 
 def default_run_dir(mode: str) -> Path:

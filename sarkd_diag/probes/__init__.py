@@ -4,16 +4,20 @@ Usable on their own, in anyone's loop:
 
     with Probes(model, optimizer=opt, scaler=scaler, run_dir="runs/mine") as probes:
         for batch in data:
-            loss = model(**batch).loss
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = model(**batch).loss
             scaler.scale(loss).backward()
             scaler.step(opt); scaler.update()
-            probes.step(loss=loss)        # after the optimizer step, before zero_grad
+            probes.step()                 # after the optimizer step; the loss is read from the outputs
             opt.zero_grad()
     print(probes.diagnosis())
 
-Gradients and weights are read through the optimizer's step pre/post hooks, activations through
-forward hooks attached on statistics steps only; every probe keeps its statistics on the device, and
-`step()` moves all of them to the host in one transfer.
+`ProbeSet` is the probes of one run and the hooks that drive them (sarkd-diag's own loop holds one);
+`Probes` is what a user holds: a ProbeSet plus a run directory, a step clock, the metrics rows and the
+diagnosis. Gradients are read after a loss scaler unscales them (or at the optimizer's pre-step hook
+without one), weights through the optimizer's step hooks, activations through forward hooks attached on
+statistics steps only; every probe keeps its statistics on the device, and a step moves all of them to the
+host in one transfer.
 """
 
 from __future__ import annotations
@@ -25,52 +29,60 @@ import torch
 from torch import nn
 
 from ..events import EventLog, JsonlLog
+from ..loss_scaler import LossScaler, unwrap_optimizer
+from ..numerics import dtype_name
 from .activations import ActivationProbe
 from .base import ProbeContext, Watched, to_host
+from .forwards import ForwardProbe
 from .gradients import GradientProbe
 from .loss import LossProbe
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
-from .updates import LostUpdateProbe
+from .updates import UpdateProbe
 
-PROBE_TYPES = (LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, LostUpdateProbe, ParameterProbe,
-               ScalerProbe)
-
+LEVELS = ("off", "standard", "full")
+# forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
+PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
+               ParameterProbe, ScalerProbe)
+CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (diagnose.py)
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
 
 
-class Probes:
-    def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
-                 scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
-                 events: EventLog | None = None, level: str = "standard", every: int = 10,
-                 watched: list[Watched] | None = None, weights_read_by_owner: bool = False):
-        if level not in ("off", "standard", "full"):
-            raise ValueError(f"probe level must be off, standard or full, got {level!r}")
-        models = models if isinstance(models, dict) else {"student": models}
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self._own_logs = events is None and self.run_dir is not None
-        if self._own_logs:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            events = EventLog(self.run_dir / "events.jsonl")
-            self._metrics = JsonlLog(self.run_dir / "metrics.jsonl")
-        self.events = events or EventLog()
-        self.ctx = ProbeContext(models, self.events, optimizer, scaler, level, every, watched=watched or [],
-                                weights_read_by_owner=weights_read_by_owner)
-        self._probes = [] if level == "off" else [cls(self.ctx) for cls in PROBE_TYPES]
-        self._loss_probe = next((p for p in self._probes if isinstance(p, LossProbe)), None)
-        self._activation_probe = next((p for p in self._probes if isinstance(p, ActivationProbe)), None)
-        self._handles = []
-        if optimizer is not None and self._probes:
-            self._handles = [optimizer.register_step_pre_hook(self._before_optimizer_step),
-                             optimizer.register_step_post_hook(self._after_optimizer_step)]
-        self._pending_loss: torch.Tensor | None = None
-        self.begin_step(1)
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / torch.compile wrappers: the one whose names a person knows."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+class ProbeSet:
+    """The probes of one run and the hooks that drive them: the optimizer's step hooks and the loss
+    scaler's unscale. The owner's loop calls `begin_step`, hands over its loss terms (`observe_terms`),
+    moves `take_readings()` to the host with its own values and hands them back to `record`."""
+
+    def __init__(self, ctx: ProbeContext):
+        self.ctx = ctx
+        self.probes = [] if ctx.level == "off" else [cls(ctx) for cls in PROBE_TYPES]
+        self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
+        self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
+        self._gradients_read = False
+        self._removers = []
+        if ctx.optimizer is not None and self.probes:
+            hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
+                     ctx.optimizer.register_step_post_hook(self._after_optimizer_step))
+            self._removers = [h.remove for h in hooks]
+            if ctx.loss_scaler.enabled:
+                self._removers.append(ctx.loss_scaler.on_unscaled(self._unscaled))
 
     @classmethod
-    def for_trainer(cls, trainer) -> Probes:
+    def for_trainer(cls, trainer) -> ProbeSet:
         """The probes of sarkd-diag's own loop, sharing its event log.
 
         They watch the optimizer's parameters in its own order, so the loop's guard — a per-tensor absolute
@@ -79,55 +91,69 @@ class Probes:
         """
         models = {"student": trainer.student, "teacher": trainer.teacher}
         names = {id(p): (model, name) for model, m in models.items() for name, p in m.named_parameters()}
-        names.update({id(p): ("projection", name) for name, p in
-                      getattr(trainer.objective, "projection", nn.Identity()).named_parameters()})
+        names.update({id(p): ("projection", name) for name, p in trainer.objective.projection.named_parameters()})
         watched = []
         for p in trainer.trainable:
             model, name = names[id(p)]
             watched.append(Watched(model, name.rpartition(".")[0], name, p))
-        return cls(models, trainer.optimizer, getattr(trainer.precision, "scaler", None), events=trainer.events,
-                   level=trainer.config.probes, every=trainer.config.probe_every, watched=watched,
-                   weights_read_by_owner=True)
+        cfg = trainer.config
+        ctx = ProbeContext(models, trainer.events, trainer.optimizer, trainer.precision.loss_scaler, cfg.probes,
+                           cfg.probe_every, watched=watched, weights_read_by_owner=True)
+        return cls(ctx)
 
     # ----------------------------------------------------------------------------------- the clock
     def begin_step(self, step: int) -> None:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
-        for probe in self._probes:
+        self._gradients_read = False
+        for probe in self.probes:
             probe.begin_step()
 
+    def gradients_ready(self) -> None:
+        """Read the gradients now (once a step): after unscaling, or before the optimizer uses them."""
+        if not self._gradients_read:
+            self._gradients_read = True
+            for probe in self.probes:
+                probe.gradients_ready()
+
+    def _unscaled(self, optimizer) -> None:
+        if optimizer is self.ctx.optimizer:
+            self.gradients_ready()
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        for probe in self._probes:
+        self.gradients_ready()
+        for probe in self.probes:
             probe.before_optimizer_step()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        for probe in self._probes:
+        for probe in self.probes:
             probe.after_optimizer_step()
 
-    def observe_loss(self, parts, loss: torch.Tensor | None = None) -> None:
-        """The loop's per-micro-batch loss terms (LossParts: kd_sum, ce_sum, router_loss, targets)."""
-        if self._loss_probe is not None:
-            self._loss_probe.observe(parts.kd_sum, parts.ce_sum, parts.router_loss, parts.targets)
+    def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
+        """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""
+        if self.loss is not None:
+            self.loss.observe(terms, targets)
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
+        """Every probe's device readings of this step, handed over once (the probes forget them)."""
         out: dict[str, torch.Tensor] = {}
-        for probe in self._probes:
-            out.update(probe.readings())
+        for probe in self.probes:
+            out.update(probe.take_readings())
         return out
 
-    def after_step(self, step: int, host: dict, row: dict | None = None) -> dict:
-        """Turn the step's host readings into events and metrics columns, and start the next step."""
+    def record(self, host: dict) -> dict:
+        """The step's host readings into events; returns the metrics columns."""
         metrics: dict = {}
-        for probe in self._probes:
-            metrics.update(probe.after_step(host))
+        for probe in self.probes:
+            metrics.update(probe.record(host))
         return metrics
 
     @property
     def needs_replay(self) -> bool:
         """A loss turned non-finite on a step without per-module statistics: no module is named yet."""
-        return (self._loss_probe is not None and self._loss_probe.nonfinite_this_step
-                and not self.ctx.stats_step and self._activation_probe is not None)
+        return (self.loss is not None and self.loss.nonfinite_this_step and not self.ctx.stats_step
+                and self._activations is not None)
 
     def replay_forward(self, forward) -> None:
         """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.
@@ -137,63 +163,182 @@ class Probes:
         loss scaler skipped the step, or the policy restored them) — and the first non-finite module is
         recorded as if the statistics had been on. The failure path only: it costs one forward and a sync.
         """
-        probe = self._activation_probe
+        probe = self._activations
         probe.attach()
-        with torch.no_grad():
-            forward()
-        readings = probe.readings()
+        self.ctx.replaying = True
+        try:
+            with torch.no_grad():
+                forward()
+        finally:
+            self.ctx.replaying = False
+        readings = probe.take_readings()
         host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
-        probe.after_step(host, note=" (replayed with per-module statistics after a non-finite loss)")
+        probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
 
-    # ------------------------------------------------------------------------- standalone use
-    def step(self, loss: torch.Tensor | None = None) -> dict:
-        """Close the current step of a user's loop (after optimizer.step): one host transfer, events recorded."""
-        if loss is not None and self._loss_probe is not None:
-            self._loss_probe.observe(None, loss, None, None)
-        (host,) = to_host(self.readings())
+    def close(self) -> None:
+        for remove in self._removers:
+            remove()
+        self._removers = []
+        for probe in self.probes:
+            probe.close()
+
+
+class Probes:
+    """Probes in a user's own loop, recording into a run directory that `sarkd-diag report`, `events` and
+    `load_run` read like one of `train`'s.
+
+    models: a module (the student) or {"student": m, "teacher": t}; frozen models get forward statistics.
+    optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too.
+    scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
+    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
+    "accelerate" — the words the diagnosis's fixes are written in. Call `step()` after each optimizer step.
+    """
+
+    def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
+                 scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
+                 level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop"):
+        if level not in LEVELS:
+            raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
+        if caller not in CALLERS:
+            raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        models = models if isinstance(models, dict) else {"student": models}
+        models = {name: unwrap_model(m) for name, m in models.items()}
+        optimizer, wrapped_scaler = unwrap_optimizer(optimizer)
+        self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
+        self.caller, self._precision_override = caller, precision or {}
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.run_dir / "events.jsonl" if self.run_dir else None)
+        self.critical = False  # a weight turned non-finite: training is ruined from here on
+        self.events.on_event(self._watch_for_ruin)
+        self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every))
+        if self.set.loss is not None:
+            self.set.loss.watch_model_outputs()
+        self.rows: list[dict] = []
+        self._closed = False
+        first_step = 1
+        if self.run_dir is not None:
+            first_step = self._open_run_dir()
+        self._precision_written = None
+        self._write_config()
+        self.set.begin_step(first_step)
+
+    @classmethod
+    def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,
+                         **kwargs) -> Probes:
+        """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler
+        and its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight)."""
+        models = {"student": accelerator.unwrap_model(model)}
+        if teacher is not None:
+            models["teacher"] = accelerator.unwrap_model(teacher)
+        mode = {"fp16": "mixed", "bf16": "bf16-mixed"}.get(str(accelerator.mixed_precision))
+        precision = {"mode": mode, "requested": f"Accelerator(mixed_precision={accelerator.mixed_precision!r})",
+                     "reason": "the Accelerator's setting"} if mode else None
+        kwargs.setdefault("precision", precision)
+        kwargs.setdefault("caller", "accelerate")
+        return cls(models, optimizer, accelerator.scaler, **kwargs)
+
+    @property
+    def ctx(self) -> ProbeContext:
+        return self.set.ctx
+
+    def _watch_for_ruin(self, event) -> None:
+        self.critical = self.critical or event.kind == "nonfinite_param"
+
+    # ------------------------------------------------------------------------ the run directory
+    def _open_run_dir(self) -> int:
+        """Open the metrics log (continuing the run the directory holds); returns the first step to record."""
+        metrics = self.run_dir / "metrics.jsonl"
+        steps = [row.get("step", 0) for row in _read_rows(metrics)]
+        self._metrics = JsonlLog(metrics)
+        return max(steps, default=0) + 1
+
+    def begin_step(self, step: int) -> None:
+        """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
+        self.set.begin_step(step)
+
+    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+        """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
+
+        `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
+        returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
+        the model was called with.
+        """
+        self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
+        if loss is not None and self.set.loss is not None:
+            self.set.loss.observe_caller_loss(loss, labels)
+        (host,) = to_host(self.set.take_readings())
+        metrics = self.set.record(host)
         step = self.ctx.step
-        metrics = self.after_step(step, host)
-        self.begin_step(step + 1)
         optimizer = self.ctx.optimizer
-        row = {"step": step, "split": "train", "loss": float(loss.detach().float()) if loss is not None else None,
+        row = {"step": step, "split": "train", "loss": None,
                "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
-        if self._own_logs:
+        self.rows.append(row)
+        if self.run_dir is not None:
             self._metrics.write_line(json.dumps(row))
+            self._write_config()  # the first training forward showed autocast: the mode is known now
+        self.set.begin_step(step + 1)
         return row
 
     def diagnosis(self) -> list[dict]:
+        """The causes so far, most important first (diagnose.py)."""
+        import pandas as pd
+
         from ..diagnose import diagnose
         from ..events import events_frame
 
         frame = events_frame(e.__dict__ for e in self.events.events)
-        return diagnose(frame, None, {"precision": self._precision_info()})
+        return diagnose(frame, pd.DataFrame(self.rows), self._config())
 
-    def _precision_info(self) -> dict:
-        dtypes = sorted({self.ctx.dtype_of(w.param) for w in self.ctx.watched})
-        scaled = self.ctx.scaler is not None and self.ctx.scaler.is_enabled()
-        mode = {("float32",): "mixed" if scaled else "fp32", ("float16",): "pure-fp16",
-                ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
-        return {"mode": mode, "requested": "external loop", "reason": "inferred from the watched weights",
-                "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes}
+    def precision_info(self) -> dict:
+        """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
+        dtypes = sorted({dtype_name(w.param.dtype) for w in self.ctx.watched})
+        autocast = self.ctx.autocast
+        if dtypes == ["float32"]:
+            mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast)
+            mode = mode or ("mixed" if self.scaler.enabled else "fp32")
+        else:
+            mode = {("float16",): "pure-fp16", ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
+        seen = f"{', '.join(dtypes) or 'no'} weights" + (f", {dtype_name(autocast)} autocast" if autocast else "") \
+            + (", a loss scaler" if self.scaler.enabled else "")
+        info = {"mode": mode, "requested": "external loop", "reason": f"inferred: {seen}",
+                "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes,
+                "compute_dtype": dtype_name(autocast) if autocast else None, "loss_scaling": self.scaler.enabled}
+        info.update({k: v for k, v in self._precision_override.items() if v is not None})
+        return info
+
+    def _config(self) -> dict:
+        return {"options": {}, "precision": self.precision_info(), "source": "sarkd_diag.Probes in a user loop",
+                "caller": self.caller}
+
+    def _write_config(self) -> None:
+        """config.json from the moment the directory opens (a run that dies is still readable), rewritten when
+        what the probes learnt about the precision changes. A continued run keeps the file it had."""
+        if self.run_dir is None:
+            return
+        config = self._config()
+        path = self.run_dir / "config.json"
+        if self._precision_written is None and path.exists():
+            self._precision_written = config["precision"]  # a resumed run: its record stands
+            return
+        if config["precision"] != self._precision_written:
+            from ..rundir import write_json_atomic
+
+            write_json_atomic(path, config)
+            self._precision_written = config["precision"]
 
     def close(self, status: str = "completed") -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        for probe in self._probes:
-            probe.close()
-        if self._own_logs:
-            from ..rundir import finalize_run, write_json_atomic
+        """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
+        self.set.close()
+        if self.run_dir is not None and not self._closed:
+            from ..rundir import finalize_run
 
+            self._closed = True
             self.events.close()
             self._metrics.close()
-            config = self.run_dir / "config.json"
-            if not config.exists():
-                write_json_atomic(config, {"options": {}, "precision": self._precision_info(),
-                                           "source": "sarkd_diag.Probes in a user loop"})
             finalize_run(self.run_dir, status)
-            self._own_logs = False
 
     def __enter__(self) -> Probes:
         return self
@@ -203,4 +348,10 @@ class Probes:
                    else "failed")
 
 
-__all__ = ["Probes"]
+def _read_rows(path: Path) -> list[dict]:
+    from ..events import read_jsonl
+
+    return read_jsonl(path) if path.is_file() else []
+
+
+__all__ = ["Probes", "ProbeSet", "unwrap_model"]

@@ -6,7 +6,8 @@ moves to the host until the step ends. That names the first non-finite module an
 -Inf it holds, but not how many: counting them apart costs ~15x the pass (the tensor is gone by the time
 the host knows it was bad), so an activation event's counts are null. A non-finite teacher output is
 recorded as such (the diagnosis calls it teacher_overflow). In fp32 and bf16 runs a finite value beyond
-fp16's range is a headroom warning: it predicts where an fp16 run will overflow.
+fp16's range is a headroom warning: it predicts where an fp16 run will overflow. Only training forwards
+count (`forwards.py` decides which): not evaluation, not generation.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .base import FP16_MAX, Probe
+from .base import FP16_MAX, Probe, dtype_name
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -53,16 +54,20 @@ class ActivationProbe(Probe):
 
     def _hook(self, model_name: str, module_name: str):
         def hook(_module, _inputs, output):
+            if not (self.ctx.training_forward.get(model_name, True) or self.ctx.replaying):
+                return
             t = _first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
                 return
+            if model_name == "student" and torch.is_autocast_enabled(t.device.type):  # a framework's autocast
+                self.ctx.autocast = torch.get_autocast_dtype(t.device.type)  # wraps forward, out of forwards.py's sight
             low, high = torch.aminmax(t.detach())
             self._lows.append(low)
             self._highs.append(high)
-            self._seen.append((model_name, module_name, str(t.dtype).removeprefix("torch."), t.numel()))
+            self._seen.append((model_name, module_name, dtype_name(t.dtype), t.numel()))
         return hook
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
         self._detach()
         if not self._seen:
             return {}
@@ -70,7 +75,7 @@ class ActivationProbe(Probe):
         self._lows, self._highs = [], []
         return {"activation_extremes": extremes}
 
-    def after_step(self, host: dict, note: str = "") -> dict:
+    def record(self, host: dict, note: str = "") -> dict:
         extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
         if extremes is None:
@@ -88,7 +93,7 @@ class ActivationProbe(Probe):
                     self._report_once(
                         (model, module, "nonfinite"), "nonfinite_activation", "critical",
                         f"{model} {module} output is non-finite in forward at step {self.ctx.step} (holds "
-                        f"{', '.join(holds)}) — the first such module in forward order" + note,
+                        f"{', '.join(holds)}, in {dtype}) — the first such module in forward order" + note,
                         model=model, module=module, dtype=dtype, value=amax, numel=numel,
                         nan_count=None, posinf_count=None, neginf_count=None)  # not counted: see the docstring
                 continue

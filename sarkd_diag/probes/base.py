@@ -1,8 +1,14 @@
 """What every probe shares: the watched tensors, the event log and the step clock.
 
-A probe keeps its per-step statistics as device tensors (`readings`); the owner moves all probes'
-readings to the host in one transfer and hands them back (`after_step`), where the probe turns them
-into events (first occurrences, thresholds crossed) and metrics columns.
+A probe keeps its per-step statistics as device tensors and hands them over once per step
+(`take_readings`, which also clears them); the owner moves all probes' readings to the host in one
+transfer and hands them back (`record`), where the probe turns them into events (first occurrences,
+thresholds crossed) and metrics columns.
+
+The moments of a step, in order: `begin_step`; the forwards and backwards; `gradients_ready` (after
+unscaling and before a loss scaler decides, or at the optimizer's pre-step hook without one — every step,
+also one the scaler skips); `before_optimizer_step` and `after_optimizer_step` (the optimizer's own
+hooks: not on a skipped step); then `take_readings` and `record`.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import torch
 from torch import nn
 
 from ..events import EventLog
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
+from ..loss_scaler import LossScaler
+from ..numerics import FP16_MAX, dtype_name  # noqa: F401 - FP16_MAX is the probes' shared threshold
 
 
 @dataclass
@@ -33,24 +39,33 @@ class ProbeContext:
     models: dict[str, nn.Module]
     events: EventLog
     optimizer: torch.optim.Optimizer | None = None
-    scaler: torch.amp.GradScaler | None = None
+    loss_scaler: LossScaler = field(default_factory=lambda: LossScaler(None))
     level: str = "standard"
     every: int = 10
     step: int = 0
     stats_step: bool = False
     watched: list[Watched] = field(default_factory=list)
     weights_read_by_owner: bool = False  # the owner's loop hands over the weights' per-tensor amax
+    training_forward: dict[str, bool] = field(default_factory=dict)  # per model: is its current forward training
+    autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
+    replaying: bool = False  # the loop replays a forward to name a module: its statistics count
 
     def __post_init__(self) -> None:
-        if not self.watched:
+        if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
+            updated = None if self.optimizer is None else {
+                id(p) for group in self.optimizer.param_groups for p in group["params"]}
             for model_name, model in self.models.items():
                 for name, p in model.named_parameters():
-                    if p.requires_grad:
+                    if p.requires_grad and (updated is None or id(p) in updated):
                         module, _, tensor = name.rpartition(".")
                         self.watched.append(Watched(model_name, module, name, p))
 
+    def trains(self, model_name: str) -> bool:
+        """Whether a model has weights this run updates (the student; the teacher only through its routers)."""
+        return any(w.model == model_name for w in self.watched)
+
     def dtype_of(self, p: torch.Tensor) -> str:
-        return str(p.dtype).removeprefix("torch.")
+        return dtype_name(p.dtype)
 
 
 SAMPLE_LIMIT = 4096  # elements per tensor that estimate a fraction (lost updates, underflow)
@@ -70,6 +85,18 @@ def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The samples of several tensors as one flat tensor: a fraction over all of them in a few ops, not
     a few per tensor (a GPT-2-sized model has ~150 tensors)."""
     return torch.cat([sample(t) for t in tensors])
+
+
+def sample_segments(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """For `sampled(tensors)`: the index of the tensor each element came from (fixed for a list of tensors)."""
+    sizes = [sample(t).numel() for t in tensors]
+    device = tensors[0].device if tensors else None
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+
+
+def per_tensor_sum(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
+    """Sums of a sampled quantity per tensor, in one kernel: [count] on the device."""
+    return values.new_zeros(count).index_add_(0, segments, values)
 
 
 def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -102,14 +129,18 @@ class Probe:
 
     def begin_step(self) -> None: ...
 
+    def gradients_ready(self) -> None: ...
+
     def before_optimizer_step(self) -> None: ...
 
     def after_optimizer_step(self) -> None: ...
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
+        """This step's device readings, handed over once: the probe forgets them."""
         return {}
 
-    def after_step(self, host: dict) -> dict:
+    def record(self, host: dict) -> dict:
+        """The step's readings on the host (all probes' together) into events; returns metrics columns."""
         return {}
 
     def close(self) -> None: ...

@@ -1,9 +1,17 @@
-"""Gradients as the optimizer is about to use them (unscaled): the first non-finite module in backward
-order, and magnitudes fp16 could not hold (metrics, not warnings: nearly every run has some).
+"""Gradients as the optimizer would use them (unscaled): the first non-finite module in backward order,
+and magnitudes fp16 could not hold (metrics, not warnings: nearly every run has some).
 
-At `standard` one reduction per tensor and step gives its absolute max; backward order is taken as
-the reverse of registration (the output end first). At `full`, post-accumulate hooks record the order
-in which gradients actually arrived.
+Gradients are read at `gradients_ready`: after a loss scaler unscales them and before it decides to skip
+the step — so the steps a scaler skips, where overflows live, are seen too — or, without a scaler, at the
+optimizer's pre-step hook. One reduction per tensor; nothing moves to the host until the step ends.
+
+A non-finite gradient on a step a loss scaler skips is the scaler working (info); one that reaches an
+optimizer without a scaler corrupts the weights (critical). An event is recorded where a stretch of such
+steps begins and, while a scaler skips them, wherever the first bad tensor moves — its first skips
+overflow at the output end, a module that overflows for good shows itself once the scale has come down.
+
+At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
+post-accumulate hooks record the order in which gradients actually arrived.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class GradientProbe(Probe):
         self._arrival: dict[int, int] = {}
         self._clock = itertools.count()
         self._handles = []
-        self._in_episode = False  # one event per stretch of steps with non-finite gradients
+        self._last_first_bad: int | None = None  # the first bad tensor of the previous step, None if it was clean
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -42,7 +50,7 @@ class GradientProbe(Probe):
     def begin_step(self) -> None:
         self._arrival.clear()
 
-    def before_optimizer_step(self) -> None:
+    def gradients_ready(self) -> None:
         self._grads = [w.param.grad for w in self.ctx.watched]
         present = [g for g in self._grads if g is not None]
         if not present:
@@ -57,7 +65,7 @@ class GradientProbe(Probe):
             live = s != 0
             self._underflow = torch.stack([(live & (s.abs() < FP16_TINY)).sum(), live.sum()]).float()
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
         out = {}
         if self._amax is not None:
             out["grad_amax"] = self._amax
@@ -66,7 +74,7 @@ class GradientProbe(Probe):
         self._amax = self._underflow = None
         return out
 
-    def after_step(self, host: dict) -> dict:
+    def record(self, host: dict) -> dict:
         amax = host.get("grad_amax")
         metrics: dict = {}
         if host.get("grad_underflow") is not None:
@@ -80,28 +88,34 @@ class GradientProbe(Probe):
         metrics["grad_fp16_overflow_tensors"] = sum(1 for v in finite if v > FP16_MAX)
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
-        if bad and not self._in_episode:
-            self._report(bad, amax)
-        self._in_episode = bool(bad)
+        first = self._first_in_backward_order(bad) if bad else None
+        begins = first is not None and self._last_first_bad is None
+        moved = first is not None and first != self._last_first_bad and self.ctx.loss_scaler.enabled
+        if begins or moved:
+            self._report(first, len(bad), amax[first])
+        self._last_first_bad = first
         self._grads = []
         return metrics
 
-    def _report(self, bad: list[int], amax: list[float]) -> None:
+    def _first_in_backward_order(self, bad: list[int]) -> int:
         if self._arrival:
-            order = sorted(bad, key=lambda i: self._arrival.get(i, math.inf))
-        else:
-            order = sorted(bad, reverse=True)
-        first = order[0]
+            return min(bad, key=lambda i: self._arrival.get(i, math.inf))
+        return max(bad)
+
+    def _report(self, first: int, bad_count: int, value: float) -> None:
         w = self.ctx.watched[first]
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
+        skipped = self.ctx.loss_scaler.enabled  # a scaler skips every step whose gradients are non-finite
+        outcome = ("the loss scaler skips the step" if skipped else
+                   "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
-            "nonfinite_grad", "critical",
-            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first of {len(bad)} "
-            f"tensor(s) in backward order",
+            "nonfinite_grad", "info" if skipped else "critical",
+            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first of {bad_count} "
+            f"tensor(s) in backward order; {outcome}",
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
-            tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=amax[first],
-            **counts)
+            tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
+            code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
 
     def close(self) -> None:
         for h in self._handles:

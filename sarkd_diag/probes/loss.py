@@ -1,5 +1,11 @@
-"""The loss terms of each micro-batch: non-finite KD / CE / router terms, and batches with no target
-token (whose per-token mean would be 0/0)."""
+"""The loss of each micro-batch as the caller names it, and batches with no target token.
+
+sarkd-diag's loop hands over its terms (kd, ce, router); a user's loop its loss ("loss") — either given to
+`Probes.step(loss=...)` or read from the model's outputs. A non-finite value is an event with the term's
+name. The target count comes with the loss (an int the loop knows, or a device count from the labels the
+model was called with): a micro-batch without target tokens has a per-token loss of 0/0, bad data rather
+than bad numerics.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,15 @@ import torch
 
 from .base import Probe
 
-TERMS = ("kd", "ce", "router")
+IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
+
+
+def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
+    """Target tokens in a causal LM's labels (a device count): the model shifts them, so the first position
+    of each row is never a target."""
+    if shifted and labels.dim() >= 2:
+        labels = labels[..., 1:]
+    return (labels != IGNORE_INDEX).sum()
 
 
 class LossProbe(Probe):
@@ -18,49 +32,121 @@ class LossProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._terms: list[torch.Tensor] = []
+        self._names: list[tuple[str, ...]] = []  # the term names of each micro-batch, in order
+        self._targets: list[torch.Tensor] = []  # device counts, one per micro-batch that had labels
         self._reported: set[str] = set()
         self._micro = 0
         self.nonfinite_this_step = False
+        self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (loss, targets) of model outputs
+        self._labels: torch.Tensor | None = None  # target count of the forward under way
+        self._handles: list = []
+        self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
+
+    def watch_model_outputs(self) -> None:
+        """A user's loop: take the loss (and the labels' target count) of each training forward of the
+        trainable models from their outputs, so no one needs to hand them over."""
+        for name, model in self.ctx.models.items():
+            if self.ctx.trains(name):
+                self._handles += [model.register_forward_pre_hook(self._read_labels(name), with_kwargs=True),
+                                  model.register_forward_hook(self._read_loss(name))]
+
+    def _read_labels(self, model_name: str):
+        def hook(_model, args, kwargs):
+            labels = kwargs.get("labels")
+            training = self.ctx.training_forward.get(model_name, False)
+            self._labels = count_targets(labels) if training and torch.is_tensor(labels) else None
+        return hook
+
+    def _read_loss(self, model_name: str):
+        def hook(_model, _args, output):
+            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+            if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss):
+                self._captured.append((loss.detach(), self._labels))
+        return hook
+
+    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """The loss the caller optimises, given explicitly: it replaces the losses read from the outputs; its
+        target count comes from `labels`, else from the labels the model was called with this step."""
+        captured = [targets for _, targets in self._captured if targets is not None]
+        self._captured = []
+        if labels is not None:
+            targets = count_targets(labels)
+        else:
+            targets = torch.stack(captured).sum() if captured else None
+        self.observe({"loss": loss}, targets)
 
     def begin_step(self) -> None:
         self._micro = 0
         self.nonfinite_this_step = False
 
-    def observe(self, kd: torch.Tensor | None, ce: torch.Tensor | None, router: torch.Tensor | None,
-                targets: int | None) -> None:
-        """Called once per micro-batch with its loss terms (device tensors) and its target count (host)."""
+    def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None) -> None:
+        """One micro-batch's loss terms (device tensors; None for a term it does not have) and its target
+        count: a host int (checked now) or a device count (checked with the step's readings)."""
         self._micro += 1
-        if targets == 0 and "empty" not in self._reported:
+        if isinstance(targets, int):
+            if targets == 0:
+                self._empty(self._micro)
+        elif targets is not None:
+            self._targets.append(targets.detach().reshape(()).float())
+        names = tuple(name for name, t in terms.items() if t is not None)
+        if names:
+            values = [terms[name].detach().float().reshape(()) for name in names]
+            device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
+            self._terms.append(torch.stack([v.to(device) for v in values]))
+            self._names.append(names)
+
+    def _empty(self, micro: int) -> None:
+        if "empty" not in self._reported:
             self._reported.add("empty")
             self.ctx.events.record("empty_targets", "warning",
-                                   f"micro-batch {self._micro} of step {self.ctx.step} has no target tokens: its "
-                                   "per-token loss is 0/0", step=self.ctx.step, micro_step=self._micro,
-                                   phase="loss", probe=self.name)
-        values = [t.detach().float().reshape(()) if t is not None else torch.zeros(())
-                  for t in (kd, ce, router)]
-        device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
-        self._terms.append(torch.stack([v.to(device) for v in values]))
+                                   f"micro-batch {micro} of step {self.ctx.step} has no target tokens: its "
+                                   "per-token loss is 0/0", step=self.ctx.step, micro_step=micro,
+                                   phase="loss", probe=self.name, model=self._model)
 
-    def readings(self) -> dict[str, torch.Tensor]:
-        if not self._terms:
-            return {}
-        out = {"loss_terms": torch.stack(self._terms).reshape(-1)}
-        self._terms = []
+    def take_readings(self) -> dict[str, torch.Tensor]:
+        captured, self._captured = self._captured, []
+        for loss, targets in captured:
+            self.observe({"loss": loss}, targets)
+        out = {}
+        if self._terms:
+            out["loss_terms"] = torch.cat(self._terms)
+        if self._targets:
+            out["loss_targets"] = torch.stack(self._targets)
+        self._terms, self._targets = [], []
         return out
 
-    def after_step(self, host: dict) -> dict:
+    def record(self, host: dict) -> dict:
+        names, self._names = self._names, []
+        for micro, count in enumerate(host.get("loss_targets") or [], start=1):
+            if count == 0:
+                self._empty(micro)
         flat = host.get("loss_terms")
         if flat is None:
             return {}
-        for micro in range(len(flat) // len(TERMS)):
-            for j, term in enumerate(TERMS):
-                value = flat[micro * len(TERMS) + j]
-                self.nonfinite_this_step |= not math.isfinite(value)
-                if not math.isfinite(value) and term not in self._reported:
-                    self._reported.add(term)
-                    self.ctx.events.record("nonfinite_loss", "critical",
-                                           f"{term} loss is {value} at step {self.ctx.step} "
-                                           f"(micro-batch {micro + 1})", step=self.ctx.step,
-                                           micro_step=micro + 1, phase="loss", probe=self.name, tensor=term,
-                                           value=value)
-        return {}
+        losses, i = [], 0
+        for micro, terms in enumerate(names, start=1):
+            for term in terms:
+                value = flat[i]
+                i += 1
+                if term == "loss":
+                    losses.append(value)
+                if not math.isfinite(value):
+                    self.nonfinite_this_step = True
+                    self._nonfinite(term, value, micro)
+        return {"loss": sum(losses) / len(losses)} if losses else {}
+
+    def _nonfinite(self, term: str, value: float, micro: int) -> None:
+        if term in self._reported:
+            return
+        self._reported.add(term)
+        what = "the loss" if term == "loss" else f"the {term} loss term"
+        self.ctx.events.record("nonfinite_loss", "critical",
+                               f"{what} is {value} at step {self.ctx.step} (micro-batch {micro})",
+                               step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
+                               model=self._model, tensor=term,
+                               value=value, code="loss_nonfinite" if term == "loss" else "loss_term_nonfinite")
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -13,14 +13,24 @@ from collections import Counter
 
 import torch
 
-from .base import Probe, sample, sampled
+from ..numerics import dtype_name as _dtype_name
+from .base import Probe, per_tensor_sum, sample, sample_segments, sampled
 
 LOST_UPDATE_WARNING = 0.10  # fraction of weights whose lr-sized update rounds away
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def group_label(index: int, group: dict, watched: dict) -> str:
+    """A parameter group as a person knows it: its own name, else what it holds (the Trainer's groups are
+    unnamed: "student: 14 tensors, transformer.h.0.attn.c_attn.weight … lm_head.weight")."""
+    if group.get("name"):
+        return str(group["name"])
+    names = [watched[id(p)] for p in group["params"] if id(p) in watched]
+    if not names:
+        return f"parameter group {index}"
+    models = sorted({w.model for w in names})
+    span = names[0].tensor if len(names) == 1 else f"{names[0].tensor} … {names[-1].tensor}"
+    return f"{'/'.join(models)}: {len(names)} tensor{'s' if len(names) != 1 else ''}, {span}"
 
 
 class OptimizerProbe(Probe):
@@ -30,6 +40,7 @@ class OptimizerProbe(Probe):
         super().__init__(ctx)
         self._checked = False
         self._underflow = None
+        self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
         self._reported_state = False
 
     def before_optimizer_step(self) -> None:
@@ -44,7 +55,7 @@ class OptimizerProbe(Probe):
             if not params:
                 continue
             dtype = Counter(p.dtype for p in params).most_common(1)[0][0]
-            label = group.get("name", f"group {index}")
+            label = group_label(index, group, names)
             model = next((names[id(p)].model for p in params if id(p) in names), None)
             eps, lr, wd = group.get("eps"), float(group.get("lr", 0.0)), float(group.get("weight_decay", 0.0))
             if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
@@ -58,19 +69,19 @@ class OptimizerProbe(Probe):
                         f"{label}: optimizer eps={eps:g} is 0.0 in {_dtype_name(dtype)}: any entry whose squared "
                         "gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN",
                         probe=self.name, phase="optimizer", model=model, tensor=label,
-                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step)
+                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_zero")
                 elif abs(rounded) < tiny:
                     self.ctx.events.record(
                         "optimizer_preflight", "warning",
                         f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
                         probe=self.name, phase="optimizer", model=model, tensor=label,
-                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step)
+                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
             if wd > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
                     f"{label}: lr×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
-                    value=lr * wd, step=self.ctx.step)
+                    value=lr * wd, step=self.ctx.step, code="weight_decay_zero")
             lost = self._fraction_below_half_ulp(params, lr) if lr > 0 else 0.0
             if lost > LOST_UPDATE_WARNING:
                 self.ctx.events.record(
@@ -78,7 +89,7 @@ class OptimizerProbe(Probe):
                     f"{label}: an update of size lr={lr:g} is below half an ulp for {lost:.0%} of the "
                     f"{_dtype_name(dtype)} weights: those updates will round away (stagnation)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
-                    value=lost, step=self.ctx.step)
+                    value=lost, step=self.ctx.step, code="update_below_half_ulp")
 
     @staticmethod
     def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float) -> float:
@@ -95,30 +106,39 @@ class OptimizerProbe(Probe):
         if not self.ctx.stats_step or self.ctx.optimizer is None:
             return
         state = self.ctx.optimizer.state
-        half = [(w.param.grad, v) for w in self.ctx.watched
-                if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
-                and v.dtype != torch.float32]
-        if half:  # a gradient and its second moment share a shape: their samples line up
-            live = sampled([g for g, _ in half]) != 0
-            flushed = (sampled([v for _, v in half]) == 0) & live
-            self._underflow = torch.stack([flushed.sum(), live.sum()]).float()
+        self._half = [w for w in self.ctx.watched
+                      if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
+                      and v.dtype != torch.float32]
+        if self._half:  # a gradient and its second moment share a shape: their samples line up
+            live = sampled([w.param.grad for w in self._half]) != 0
+            flushed = (sampled([state[w.param]["exp_avg_sq"] for w in self._half]) == 0) & live
+            segments = sample_segments([w.param for w in self._half])
+            n = len(self._half)
+            self._underflow = torch.cat([per_tensor_sum(flushed.float(), segments, n),
+                                         per_tensor_sum(live.float(), segments, n)])
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
         self._underflow = None
         return out
 
-    def after_step(self, host: dict) -> dict:
-        pair = host.get("state_underflow")
-        if pair is None:
+    def record(self, host: dict) -> dict:
+        flat = host.get("state_underflow")
+        if flat is None:
             return {}
-        zero, nonzero = pair
-        fraction = zero / nonzero if nonzero else 0.0
+        n = len(flat) // 2
+        flushed, live = flat[:n], flat[n:]
+        fraction = sum(flushed) / sum(live) if sum(live) else 0.0
         if fraction > STATE_UNDERFLOW_WARNING and not self._reported_state:
             self._reported_state = True
+            worst = self._half[max(range(n), key=lambda i: flushed[i] * self._half[i].param.numel()
+                                   / max(sample(self._half[i].param).numel(), 1))]
+            state_dtype = _dtype_name(self.ctx.optimizer.state[worst.param]["exp_avg_sq"].dtype)
             self.ctx.events.record(
                 "optimizer_state_underflow", "warning",
                 f"{fraction:.1%} of second-moment entries are 0 although their gradient is not: the squared "
-                "gradient flushed to zero in the optimizer state's dtype",
-                step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(nonzero))
+                f"gradient flushed to zero in the optimizer state's {state_dtype}; most in {worst.model} "
+                f"{worst.tensor}. Adam then divides by eps alone: those updates are inflated, not lost",
+                step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(sum(live)),
+                model=worst.model, module=worst.module, tensor=worst.tensor, dtype=state_dtype)
         return {"state_underflow_fraction": fraction}

@@ -21,11 +21,11 @@ class ParameterProbe(Probe):
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
             self._amax = abs_max([w.param.detach() for w in self.ctx.watched])
 
-    def readings(self) -> dict[str, torch.Tensor]:
+    def take_readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None
         return {"param_amax": amax} if amax is not None else {}
 
-    def after_step(self, host: dict) -> dict:
+    def record(self, host: dict) -> dict:
         amax = host.get("param_amax")
         if amax is None:
             return {}

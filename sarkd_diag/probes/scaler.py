@@ -27,13 +27,11 @@ class ScalerProbe(Probe):
         self._streak = self._skips = self._steps = 0
         self._warned_streak = self._warned_fraction = self._below_one = False
 
-    def readings(self) -> dict[str, torch.Tensor]:
-        scaler = self.ctx.scaler
-        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
-            return {}
-        return {"loss_scale": scaler._scale.reshape(())}
+    def take_readings(self) -> dict[str, torch.Tensor]:
+        scale = self.ctx.loss_scaler.scale()
+        return {} if scale is None else {"loss_scale": scale}
 
-    def after_step(self, host: dict) -> dict:
+    def record(self, host: dict) -> dict:
         scale = host.get("loss_scale")
         if scale is None:
             return {}
@@ -51,17 +49,18 @@ class ScalerProbe(Probe):
             phase = "while finding its scale" if self._warming_up else "after an overflow"
             self.ctx.events.record("scaler_skip", "info",
                                    f"loss scaler skipped step {self.ctx.step} {phase}; scale now {scale:g}",
-                                   step=self.ctx.step, phase="optimizer", probe=self.name, value=scale)
+                                   step=self.ctx.step, phase="optimizer", probe=self.name, value=scale,
+                                   code="scaler_skip_warmup" if self._warming_up else "scaler_skip_overflow")
         else:
             self._streak = 0
         if not self._warming_up and self._streak > MAX_SKIP_STREAK and not self._warned_streak:
             self._warned_streak = True
-            self._backoff(f"{self._streak} skipped steps in a row", scale)
+            self._backoff(f"{self._streak} skipped steps in a row", scale, "skip_streak")
         fraction = self._skips / self._steps
         if (self._steps >= MIN_STEPS_FOR_FRACTION and fraction > MAX_SKIP_FRACTION and not self._warned_fraction
                 and not self._warming_up):
             self._warned_fraction = True
-            self._backoff(f"{fraction:.0%} of {self._steps} steps skipped", scale)
+            self._backoff(f"{fraction:.0%} of {self._steps} steps skipped", scale, "skip_fraction")
         if scale < 1 and not self._below_one:
             self._below_one = True
             self.ctx.events.record("scale_below_one", "critical",
@@ -70,7 +69,7 @@ class ScalerProbe(Probe):
                                    value=scale)
         return {"loss_scale": scale, "scaler_grew": int(grew)}
 
-    def _backoff(self, what: str, scale: float) -> None:
+    def _backoff(self, what: str, scale: float, code: str) -> None:
         self.ctx.events.record("scaler_backoff", "warning",
                                f"loss scale keeps falling: {what} (scale {scale:g} at step {self.ctx.step})",
-                               step=self.ctx.step, phase="optimizer", probe=self.name, value=scale)
+                               step=self.ctx.step, phase="optimizer", probe=self.name, value=scale, code=code)

@@ -1,77 +1,147 @@
-"""Lost updates: weights that did not change although the optimizer meant to change them.
+"""What each optimizer step did to the weights: how large it was (the update-to-weight ratio) and which
+intended updates were lost to rounding.
 
-On statistics steps the probe keeps a pre-step copy of a fixed sample of each trainable tensor (at
-most ~4096 elements, see `base.sample`) and, after the step, counts sampled elements whose intended
-update was non-zero (a non-zero gradient or, for Adam, a non-zero first moment) but whose stored value
-is unchanged: the update was below half an ulp of the weight's dtype — the stagnation of pure-bf16 and
-pure-fp16 training. The fraction is estimated on the sample.
+Every step the probe keeps a pre-step copy of a fixed sample of each trainable tensor (at most ~4096
+elements, `base.sample`) and compares it with the weights after the step, on the device:
+
+- The update-to-weight ratio, ‖Δw‖ / ‖w‖ over the weight matrices (2-D and up; biases and norm gains start
+  at 0 or 1 and their relative change says nothing): healthy training moves weights by about 1e-3 of their
+  size per step (the rule of thumb of cs231n's "babysitting the learning process", read off SGD and Adam
+  runs); Adam's first steps move every weight by about lr, 1e-2..1e-1 of a freshly initialised matrix. A
+  ratio of EXTREME_UPDATE_RATIO — a step as large as the weights themselves, a thousand times healthy —
+  replaced the weights rather than trained them: nothing that follows is a precision limit. It is a warning
+  (`extreme_update`) before anything is non-finite, and the evidence that tells a blow-up from a precision
+  limit afterwards.
+- Lost updates (statistics steps): sampled elements whose intended update was non-zero (a non-zero
+  gradient or, for Adam, a non-zero first moment) but whose stored value did not change — the update was
+  below half an ulp of the weight's dtype: the stagnation of pure-bf16 and pure-fp16 training. Counted per
+  tensor, so the event names the tensor that loses the largest share.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import Probe, sample, sampled
+from ..numerics import EXTREME_UPDATE_RATIO
+from .base import Probe, per_tensor_sum, sample, sample_segments, sampled
 
 LOST_UPDATE_WARNING = 0.10
 
 
-class LostUpdateProbe(Probe):
+class UpdateProbe(Probe):
     name = "updates"
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self._moving: list = []
+        self._layout: tuple | None = None  # (ids of the moving tensors, segments, matrix mask, numel per sample)
+        self._lr: dict[int, float] = {}
         self._before: torch.Tensor | None = None
-        self._counts = None
-        self._reported = False
+        self._ratio = self._lost = None
+        self._reported_lost = self._reported_extreme = False
 
     def before_optimizer_step(self) -> None:
-        if self.ctx.stats_step:
-            self._moving = self._meant_to_move()
-            self._before = sampled([w.param.detach() for w in self._moving]) if self._moving else None
+        self._moving = self._meant_to_move()
+        self._before = sampled([w.param.detach() for w in self._moving]) if self._moving else None
 
     def _meant_to_move(self) -> list:
         """The watched tensors the optimizer means to change: a learning rate of 0 intends no update."""
         if self.ctx.optimizer is None:
             return list(self.ctx.watched)
-        lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]}
-        return [w for w in self.ctx.watched if lr.get(id(w.param), 1.0) != 0]
+        self._lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]}
+        return [w for w in self.ctx.watched if self._lr.get(id(w.param), 1.0) != 0]
+
+    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = tuple(id(w.param) for w in self._moving)
+        if self._layout is None or self._layout[0] != key:
+            params = [w.param for w in self._moving]
+            matrices = torch.tensor([p.dim() >= 2 for p in params], device=params[0].device)
+            if not matrices.any():
+                matrices = torch.ones_like(matrices)
+            per_sample = torch.tensor([p.numel() / sample(p).numel() for p in params], device=params[0].device)
+            self._layout = (key, sample_segments(params), matrices, per_sample)
+        return self._layout[1:]
 
     def after_optimizer_step(self) -> None:
         if self._before is None:
             return
-        state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
         after = sampled([w.param.detach() for w in self._moving])
-        # intended: a non-zero gradient or, for Adam, a non-zero first moment
+        segments, matrices, per_sample = self._segments()
+        n = len(self._moving)
+        before = self._before.float()
+        delta2 = per_tensor_sum((after.float() - before).square(), segments, n)
+        weight2 = per_tensor_sum(before.square(), segments, n)
+        overall = (delta2[matrices].sum() / weight2[matrices].sum()).sqrt()
+        per_tensor = torch.where(matrices & (weight2 > 0), (delta2 / weight2).sqrt(), torch.zeros_like(delta2))
+        largest = per_tensor.nan_to_num(nan=-1.0).argmax()  # a NaN ratio is the parameter probe's to report
+        self._ratio = torch.stack([overall, per_tensor[largest], largest.float()])
+        if self.ctx.stats_step:
+            self._lost = self._count_lost(after, segments, per_sample)
+        self._before = None
+
+    def _count_lost(self, after: torch.Tensor, segments: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+        """[lost, intended, estimated lost elements] per moving tensor, concatenated."""
+        state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
         meant = torch.cat([_sample_or_zeros(w.param.grad, w.param) for w in self._moving]) != 0
         moments = [state.get(w.param, {}).get("exp_avg") for w in self._moving]
         if any(m is not None for m in moments):
             meant |= torch.cat([_sample_or_zeros(m, w.param) for m, w in zip(moments, self._moving, strict=True)]) != 0
-        lost = (after == self._before) & meant
-        self._counts = torch.stack([lost.sum(), meant.sum()]).float()
-        self._before = None
+        n = len(self._moving)
+        lost = per_tensor_sum(((after == self._before) & meant).float(), segments, n)
+        intended = per_tensor_sum(meant.float(), segments, n)
+        return torch.cat([lost, intended, lost * per_sample])
 
-    def readings(self) -> dict[str, torch.Tensor]:
-        out = {"lost_updates": self._counts} if self._counts is not None else {}
-        self._counts = None
+    def take_readings(self) -> dict[str, torch.Tensor]:
+        out = {}
+        if self._ratio is not None:
+            out["update_ratio"] = self._ratio
+        if self._lost is not None:
+            out["lost_updates"] = self._lost
+        self._ratio = self._lost = None
         return out
 
-    def after_step(self, host: dict) -> dict:
-        pair = host.get("lost_updates")
-        if pair is None:
-            return {}
-        lost, intended = pair
-        fraction = lost / intended if intended else 0.0
-        if fraction > LOST_UPDATE_WARNING and not self._reported:
-            self._reported = True
-            dtypes = sorted({self.ctx.dtype_of(w.param) for w in self.ctx.watched})
+    def record(self, host: dict) -> dict:
+        metrics: dict = {}
+        if host.get("update_ratio") is not None:
+            metrics.update(self._record_ratio(*host["update_ratio"]))
+        if host.get("lost_updates") is not None:
+            metrics.update(self._record_lost(host["lost_updates"]))
+        return metrics
+
+    def _record_ratio(self, overall: float, largest: float, index: float) -> dict:
+        if math.isfinite(overall) and overall > EXTREME_UPDATE_RATIO and not self._reported_extreme:
+            self._reported_extreme = True
+            w = self._moving[int(index)]
+            lr = self._lr.get(id(w.param))
+            self.ctx.events.record(
+                "extreme_update", "warning",
+                f"step {self.ctx.step} changed the weight matrices by {overall:.3g}× their size (‖Δw‖/‖w‖; healthy "
+                f"training ~1e-3, limit {EXTREME_UPDATE_RATIO:g}); most in {w.model} {w.tensor} ({largest:.3g}×)"
+                + (f" at lr {lr:g}" if lr is not None else ""),
+                step=self.ctx.step, phase="optimizer", probe=self.name, model=w.model, module=w.module,
+                tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=overall)
+        return {"update_ratio": overall}
+
+    def _record_lost(self, flat: list[float]) -> dict:
+        n = len(flat) // 3
+        lost, intended, estimated = flat[:n], flat[n:2 * n], flat[2 * n:]
+        total_intended = sum(intended)
+        fraction = sum(lost) / total_intended if total_intended else 0.0
+        if fraction > LOST_UPDATE_WARNING and not self._reported_lost:
+            self._reported_lost = True
+            worst = max(range(n), key=lambda i: estimated[i])
+            w = self._moving[worst]
+            share = estimated[worst] / sum(estimated) if sum(estimated) else 0.0
+            own = lost[worst] / intended[worst] if intended[worst] else 0.0
             self.ctx.events.record(
                 "lost_updates", "warning",
-                f"{fraction:.0%} of intended weight updates were lost to rounding at step {self.ctx.step} "
-                f"(weights in {', '.join(dtypes)})",
-                step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(intended),
-                dtype=dtypes[0] if len(dtypes) == 1 else None)
+                f"{fraction:.0%} of intended weight updates were lost to rounding at step {self.ctx.step}; "
+                f"{w.model} {w.tensor} ({self.ctx.dtype_of(w.param)}) loses the largest share, {share:.0%} of "
+                f"them ({own:.0%} of its own)",
+                step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(total_intended),
+                model=w.model, module=w.module, tensor=w.tensor, dtype=self.ctx.dtype_of(w.param))
         return {"lost_update_fraction": fraction}
 
 

@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import __version__
 from ..config import DistillConfig
 from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
 from ..precision import detect_capabilities, make_precision, resolve_mode
-from ..probes import Probes
+from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
 from ..rundir import finalize_run, write_json_atomic
 from ..ui import TrainingDisplay
@@ -95,7 +94,7 @@ class Trainer:
 
     def __init__(self, config: DistillConfig, display: TrainingDisplay | None = None):
         self.config = cfg = config
-        self.display = display or TrainingDisplay()
+        self.display = display or TrainingDisplay(log_every=cfg.log_every)
         self.world, self.device = dist.init(resolve_device(cfg.device))  # under torchrun: joins the ranks
         if not self.world.is_main:
             self.display = TrainingDisplay(quiet=True)  # one progress display: rank 0's
@@ -181,9 +180,8 @@ class Trainer:
         self.events_name = events_file_name(self.world.rank, self.world.size)
         self.outside_ddp = self.objective.extra_parameters() + router_params  # their gradients: average_gradients
         self.step, self.phase, self.step_start, self.last_eval = 0, "setup", {}, (None, None)
-        projection = getattr(self.objective, "projection", nn.Identity())  # dual mode's, trained with the student
-        self.training_state = TrainingState(self.student, self.teacher, projection, self.optimizer, self.precision,
-                                            self.scheduler, self.batches)
+        self.training_state = TrainingState(self.student, self.teacher, self.objective.projection, self.optimizer,
+                                            self.precision, self.scheduler, self.batches)
         self.policy = NonFinitePolicy(cfg.on_nonfinite, self.optimizer, self.scheduler,
                                       max_rollbacks=cfg.max_rollbacks, save_steps=cfg.save_steps,
                                       loss_scaling=self.precision.loss_scaling,
@@ -249,7 +247,8 @@ class Trainer:
         """Run the steps and close the run directory; the result's exit code is shared/DESIGN.md's."""
         self._open_run_dir()
         status = "failed"
-        with StopRequests() as stops, Probes.for_trainer(self) as self.probes:
+        self.probes = ProbeSet.for_trainer(self)
+        with StopRequests() as stops:
             try:
                 status = self._run(stops)
             except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was
@@ -260,6 +259,7 @@ class Trainer:
                 status = self._failed(exc)
             finally:
                 self.display.stop()
+                self.probes.close()
         if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
             self._handle_out_of_memory(self.out_of_memory)
         try:
@@ -392,7 +392,8 @@ class Trainer:
                 if parts.router_loss is not None:
                     loss = loss + parts.router_loss / cfg.grad_accum_steps
                     router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
-                self.probes.observe_loss(parts, loss)
+                self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},
+                                          parts.targets)
                 self.phase = "backward"
                 self.precision.backward(loss)
             router_readings = parts.readings
@@ -400,7 +401,7 @@ class Trainer:
         self.phase = "optimizer"
         self.world.average_gradients(self.outside_ddp)
         self.precision.unscale_gradients(self.optimizer)
-        self.world.agree_on_overflow(getattr(self.precision, "scaler", None), self.optimizer)
+        self.world.agree_on_overflow(self.precision.loss_scaler, self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         if self.policy.runs_step(self.step, grad_norm, self.events):
@@ -425,7 +426,7 @@ class Trainer:
         scale = self.precision.loss_scale()
         if scale is not None:
             device_values["loss_scale"] = scale
-        readings = {**self.probes.readings(), "param_amax": weights_amax}  # the parameter probe reads the guard's
+        readings = {**self.probes.take_readings(), "param_amax": weights_amax}  # the parameter probe: the guard's
         host, probe_values = to_host(device_values, readings)  # the step's one host sync
         elapsed = time.perf_counter() - started
         tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * ranks  # all ranks' tokens
@@ -437,7 +438,7 @@ class Trainer:
         if total_targets == 0:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
-        row.update(self.probes.after_step(self.step, probe_values, row))
+        row.update(self.probes.record(probe_values))
         if self.probes.needs_replay and row["weights_finite"]:
             self._replay_forward(micro[0])
         if self.device.type == "cuda" and cfg.clear_cache_every_step:

@@ -45,6 +45,7 @@ class LogitKD:
         self.teacher, self.student = teacher, student
         self.kind, self.temperature, self.jsd_beta = kind, temperature, jsd_beta
         self.router_terms = router_terms
+        self.projection = nn.Identity()  # logits need no projection; every objective has one
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return []

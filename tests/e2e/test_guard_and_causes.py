@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from sarkd_diag import Probes, load_run
-from sarkd_diag.train.objective import LossParts
 
 
 def test_the_guard_stops_pure_fp16_even_with_probes_off(cli, tiny_args, tmp_path):
@@ -35,17 +34,19 @@ def test_dual_mode_refuses_a_tokenizer_without_offsets(cli, tiny_args, tiny_worl
 
 
 def test_a_batch_without_targets_is_bad_data(tmp_path):
-    model = nn.Linear(4, 1)
+    model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    labels = torch.full((2, 5), -100)  # no target token: the mean cross-entropy is 0/0
     with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
-        zero = torch.zeros(())
-        probes.observe_loss(LossParts(kd_sum=zero, ce_sum=zero, targets=0))
-        model(torch.ones(1, 4)).sum().backward()
+        loss = nn.functional.cross_entropy(model(torch.ones(2, 5, 4)).transpose(1, 2), labels)
+        loss.backward()
         opt.step()
-        probes.step()
+        probes.step(loss=loss, labels=labels)
     run = load_run(tmp_path / "run")
     assert run["summary"]["event_counts"]["empty_targets"] == 1
-    assert run["summary"]["diagnosis"][0]["cause"] == "nonfinite_input"
+    (cause, *_) = run["summary"]["diagnosis"]
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 1)
+    assert [d["cause"] for d in run["summary"]["diagnosis"]] == ["nonfinite_input"]  # the NaN weights: its symptom
 
 
 def test_a_loss_that_blows_up_in_fp32_is_divergence(tmp_path):

@@ -1,0 +1,30 @@
+"""Numeric facts and conventions the whole project shares: dtype names, fp16's range, missing values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+# An optimizer step that changes the weight matrices by as much as their own size (‖Δw‖/‖w‖ = 1) is a
+# blow-up, not training: healthy steps are ~1e-3 (see probes/updates.py for where that comes from).
+EXTREME_UPDATE_RATIO = 1.0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float16' for torch.float16: how dtypes are written in events, config.json and messages."""
+    return str(dtype).removeprefix("torch.")
+
+
+def number_or_none(value) -> float | None:
+    """A measured figure as a float, or None where nothing was measured (None, NaN, pandas NA).
+
+    Inf stays Inf: an infinite reading is a measurement, a missing one is not."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value

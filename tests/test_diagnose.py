@@ -1,0 +1,165 @@
+"""The diagnosis on crafted event logs: each rule reads codes (never messages), and `rank` picks the root
+cause, orders the rest and folds symptoms into the root — the one place where that choice is made."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from sarkd_diag.diagnose import FIXES, PHRASES, Cause, diagnose, rank
+from sarkd_diag.events import CODES, Event, events_frame
+
+
+def log(*events: dict) -> pd.DataFrame:
+    return events_frame(Event(**e, time=i + 1.0).__dict__ for i, e in enumerate(events))
+
+
+def config(mode="mixed", caller=None, **extra):
+    return {"precision": {"mode": mode}, **({"caller": caller} if caller else {}), **extra}
+
+
+def causes(frame, metrics=None, **cfg):
+    return diagnose(frame, metrics, config(**cfg))
+
+
+def test_every_event_carries_a_code_from_the_closed_vocabulary():
+    assert Event("nonfinite_param").code == "nonfinite_param"
+    with pytest.raises(ValueError, match="code"):
+        Event("optimizer_preflight")  # several checks: it must say which
+    with pytest.raises(ValueError, match="code"):
+        Event("nonfinite_param", code="made_up")
+    with pytest.raises(ValueError, match="code"):
+        Event("nonfinite_param", code="lost_updates")  # another kind's own code
+
+
+def test_rules_read_codes_not_messages():
+    eps = {"kind": "optimizer_preflight", "severity": "critical", "code": "eps_zero", "value": 1e-8,
+           "dtype": "float16", "model": "student", "tensor": "student", "step": 1}
+    reworded = log({**eps, "message": "completely different words"})
+    assert causes(reworded)[0]["cause"] == "optimizer_eps_underflow"
+    wrong_code = log({**eps, "code": "eps_subnormal", "message": "optimizer eps=1e-08 is 0.0 in float16"})
+    assert causes(wrong_code) == []
+
+
+def test_the_earliest_critical_cause_is_the_root_and_later_overflows_are_its_symptoms():
+    frame = log(
+        {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+         "module": "h.0.attn", "tensor": "h.0.attn.weight", "value": 50.0},
+        {"kind": "nonfinite_activation", "severity": "critical", "step": 2, "phase": "forward", "model": "student",
+         "module": "h.0.attn.c_attn", "value": math.inf},
+        {"kind": "scale_below_one", "severity": "critical", "step": 19, "phase": "optimizer", "value": 0.5},
+    )
+    (root,) = causes(frame)
+    assert (root["cause"], root["first_step"], root["tensor"]) == ("divergence", 1, "h.0.attn.weight")
+    assert "activation_overflow@2" in root["evidence"]["followed_by"]
+    assert "loss_scale_collapse@19" in root["evidence"]["followed_by"]
+    assert root["evidence"]["update_ratio"] == 50.0
+
+
+def test_an_extreme_update_with_nothing_wrong_yet_is_a_warning():
+    frame = log({"kind": "extreme_update", "severity": "warning", "step": 3, "phase": "optimizer",
+                 "model": "student", "tensor": "w", "value": 4.0})
+    (cause,) = causes(frame)
+    assert (cause["cause"], cause["severity"]) == ("divergence", "warning")
+
+
+def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
+    """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
+    frame = log(
+        {"kind": "fp16_overflow_risk", "severity": "warning", "step": 1, "phase": "forward", "model": "student",
+         "module": "mlp", "value": 1e5},
+        {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+         "tensor": "w", "value": 5.0},
+        {"kind": "nonfinite_param", "severity": "critical", "step": 2, "phase": "optimizer", "model": "student",
+         "tensor": "w"},
+    )
+    assert [(c["cause"], c["severity"]) for c in causes(frame)] == [("divergence", "critical"),
+                                                                     ("activation_overflow", "warning")]
+
+
+def test_state_underflow_is_critical_once_the_weights_grow_and_then_no_update_underflow_is_claimed():
+    frame = log(
+        {"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "model": "student",
+         "tensor": "wte.weight", "value": 0.78, "dtype": "float16"},
+        {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "ln.weight",
+         "value": 0.4, "dtype": "float16"},
+    )
+    growing = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [1.0, 3.0, 40.0, 213.0]})
+    (cause,) = causes(frame, growing, mode="pure-fp16")
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("optimizer_state_underflow", "critical",
+                                                                    "wte.weight")
+    assert cause["evidence"]["weight_growth"] == 213.0
+    assert "raise" not in cause["fix"]
+    steady = growing.assign(param_amax=1.0)
+    assert [c["cause"] for c in causes(frame, steady, mode="pure-fp16")] == ["optimizer_state_underflow",
+                                                                             "update_underflow"]
+    assert causes(frame, steady, mode="pure-fp16")[0]["severity"] == "warning"
+
+
+def test_loss_scale_collapse_is_placed_where_gradients_overflowed_when_the_scale_fell():
+    """The scaler's first skips overflow at the output end while it finds its scale; the module that
+    overflows for good is the one still non-finite when the scale collapses."""
+    grad = {"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "phase": "backward",
+            "model": "student"}
+    frame = log({**grad, "step": 1, "module": "lm_head", "tensor": "lm_head.weight"},
+                {**grad, "step": 4, "module": "mid", "tensor": "mid.weight"},
+                {"kind": "scale_below_one", "severity": "critical", "step": 17, "value": 0.5})
+    (cause,) = causes(frame, caller="loop")
+    assert (cause["cause"], cause["model"], cause["module"], cause["first_step"]) == (
+        "loss_scale_collapse", "student", "mid", 17)
+    assert "mid" in cause["fix"] and "--" not in cause["fix"]
+
+
+def test_gradients_a_scaler_skipped_are_no_gradient_overflow():
+    frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
+                 "model": "student", "module": "lm_head"})
+    assert causes(frame) == []
+
+
+def test_an_empty_batch_whose_loss_is_nonfinite_is_bad_data_and_explains_what_follows():
+    frame = log(
+        {"kind": "empty_targets", "severity": "warning", "step": 2, "phase": "loss", "model": "student"},
+        {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 2, "phase": "loss",
+         "model": "student", "tensor": "loss", "value": math.nan},
+        {"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 2,
+         "phase": "backward", "model": "student", "module": "ln_f"},
+        {"kind": "nonfinite_param", "severity": "critical", "step": 2, "model": "student", "tensor": "w"},
+    )
+    (cause,) = causes(frame, mode="fp32")
+    assert (cause["cause"], cause["severity"], cause["model"], cause["first_step"]) == (
+        "nonfinite_input", "critical", "student", 2)
+    assert "gradient_overflow@2" in cause["evidence"]["followed_by"]
+
+
+def test_an_overflowing_teacher_router_gets_the_router_fix():
+    act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
+           "dtype": "float16", "value": math.inf}
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}))
+    assert "router" in router["fix"] and "fp32" in router["fix"]
+    (expert,) = causes(log({**act, "module": "model.layers.0.mlp.experts.1.gate_proj"}))
+    assert "router" not in expert["fix"]
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer", "accelerate"])
+def test_every_fix_is_written_in_its_callers_terms(caller):
+    """No fix names an option its caller does not have: CLI flags only for the CLI."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    for name, template in FIXES.items():
+        text = template.format_map({**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t",
+                                    "ratio": "50"})
+        if caller != "cli":
+            assert "--" not in text, (name, text)
+        if caller == "trainer":
+            assert "Probes(" not in text, (name, text)
+
+
+def test_rank_orders_by_severity_then_time_then_cause_order():
+    warning = Cause("update_underflow", "warning", first_step=1)
+    late = Cause("teacher_overflow", "critical", first_step=5, phase="forward")
+    early = Cause("optimizer_eps_underflow", "critical", first_step=5, phase="optimizer")
+    assert [c.cause for c in rank([warning, early, late])] == ["teacher_overflow", "optimizer_eps_underflow",
+                                                               "update_underflow"]
+
+
+def test_the_code_vocabulary_is_documented():
+    assert all(isinstance(text, str) and len(text) > 10 for text in CODES.values())
