@@ -59,13 +59,14 @@ class LossScaler:
 
 
 def unwrap_optimizer(optimizer) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
-    """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer, anything with
-    `.optimizer`) and the loss scaler such a wrapper carries, if any."""
+    """The torch optimizer inside a framework's wrapper and the loss scaler such a wrapper carries, if any.
+
+    accelerate's AcceleratedOptimizer subclasses Optimizer without being one underneath (it has no hooks of
+    its own), so a wrapper is anything whose `.optimizer` is another optimizer, subclass or not."""
     scaler = None
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         scaler = scaler or getattr(optimizer, "scaler", None)
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            raise TypeError(f"{type(optimizer).__name__} is not a torch optimizer and wraps none (.optimizer)")
-        optimizer = inner
+        optimizer = optimizer.optimizer
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{type(optimizer).__name__} is not a torch optimizer and wraps none (.optimizer)")
     return optimizer, scaler

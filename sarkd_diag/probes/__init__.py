@@ -221,6 +221,7 @@ class Probes:
         if self.run_dir is not None:
             first_step = self._open_run_dir()
         self._precision_written = None
+        self._autocast_written = self.ctx.autocast
         self._write_config()
         self.set.begin_step(first_step)
 
@@ -278,7 +279,8 @@ class Probes:
         self.rows.append(row)
         if self.run_dir is not None:
             self._metrics.write_line(json.dumps(row))
-            self._write_config()  # the first training forward showed autocast: the mode is known now
+            if self.ctx.autocast is not self._autocast_written:
+                self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
 
@@ -323,6 +325,7 @@ class Probes:
         if self._precision_written is None and path.exists():
             self._precision_written = config["precision"]  # a resumed run: its record stands
             return
+        self._autocast_written = self.ctx.autocast
         if config["precision"] != self._precision_written:
             from ..rundir import write_json_atomic
 

@@ -87,23 +87,41 @@ def sampled(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([sample(t) for t in tensors])
 
 
-def sample_segments(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """For `sampled(tensors)`: the index of the tensor each element came from (fixed for a list of tensors)."""
-    sizes = [sample(t).numel() for t in tensors]
+class SampleViews:
+    """`sampled(tensors)` for tensors read every step: the strided views are made once and kept (a view of a
+    weight reads its current values), so a step costs one `cat` instead of one view per tensor and a `cat`
+    (4 µs instead of 50 µs for a tiny GPT-2's 28 tensors). Rebuilt when a tensor's storage is replaced."""
+
+    def __init__(self):
+        self._key: tuple = ()
+        self._views: list[torch.Tensor] = []
+
+    def cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        key = tuple((id(t), t.data_ptr()) for t in tensors)
+        if key != self._key:
+            self._key, self._views = key, [sample(t.detach()) for t in tensors]
+        return torch.cat(self._views)
+
+
+def sample_lengths(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """For `sampled(tensors)`: how many elements of it each tensor contributed (fixed for a list of tensors)."""
     device = tensors[0].device if tensors else None
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+    return torch.tensor([sample(t).numel() for t in tensors], device=device)
 
 
-def per_tensor_sum(values: torch.Tensor, segments: torch.Tensor, count: int) -> torch.Tensor:
-    """Sums of a sampled quantity per tensor, in one kernel: [count] on the device."""
-    return values.new_zeros(count).index_add_(0, segments, values)
+def per_tensor_sum(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sums of a sampled quantity per tensor, in one kernel: [len(lengths)] on the device (a segment sum:
+    5x faster on the CPU than index_add over the same elements)."""
+    return torch.segment_reduce(values, "sum", lengths=lengths, initial=0)
 
 
+@torch.no_grad()
 def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Each tensor's absolute max as one [N] tensor on the device; NaN where a tensor holds a NaN.
 
     The fused foreach inf-norm is one launch on CUDA, but on the CPU it is ~15x slower than one aminmax
-    pass per tensor (GPT-2's 124M weights: 360 ms against 21 ms on this project's machine).
+    pass per tensor (GPT-2's 124M weights: 360 ms against 21 ms on this project's machine). Runs under
+    no_grad rather than detaching each tensor (a detach per tensor is half the cost on small models).
     """
     if not tensors:
         return torch.empty(0)

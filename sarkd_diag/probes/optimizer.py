@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from ..numerics import dtype_name as _dtype_name
-from .base import Probe, per_tensor_sum, sample, sample_segments, sampled
+from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 LOST_UPDATE_WARNING = 0.10  # fraction of weights whose lr-sized update rounds away
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
@@ -112,10 +112,9 @@ class OptimizerProbe(Probe):
         if self._half:  # a gradient and its second moment share a shape: their samples line up
             live = sampled([w.param.grad for w in self._half]) != 0
             flushed = (sampled([state[w.param]["exp_avg_sq"] for w in self._half]) == 0) & live
-            segments = sample_segments([w.param for w in self._half])
-            n = len(self._half)
-            self._underflow = torch.cat([per_tensor_sum(flushed.float(), segments, n),
-                                         per_tensor_sum(live.float(), segments, n)])
+            lengths = sample_lengths([w.param for w in self._half])
+            self._underflow = torch.cat([per_tensor_sum(flushed.float(), lengths),
+                                         per_tensor_sum(live.float(), lengths)])
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}

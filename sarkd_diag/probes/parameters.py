@@ -15,11 +15,12 @@ class ParameterProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._amax: torch.Tensor | None = None
+        self._params = [w.param for w in ctx.watched]
         self._reported: set[str] = set()
 
     def after_optimizer_step(self) -> None:
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
-            self._amax = abs_max([w.param.detach() for w in self.ctx.watched])
+            self._amax = abs_max(self._params)
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None

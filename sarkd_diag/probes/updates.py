@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..numerics import EXTREME_UPDATE_RATIO
-from .base import Probe, per_tensor_sum, sample, sample_segments, sampled
+from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
 
 LOST_UPDATE_WARNING = 0.10
 
@@ -35,62 +35,76 @@ class UpdateProbe(Probe):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self._moving: list = []
-        self._layout: tuple | None = None  # (ids of the moving tensors, segments, matrix mask, numel per sample)
+        self._moving: list = []  # this step's tensors meant to move, weight matrices first
+        self._layout: tuple | None = None  # (ids of the moving tensors, sample lengths, matrices, numel per sample)
         self._lr: dict[int, float] = {}
+        self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
         self._before: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (before, after) samples of the last step
+        self._weights = SampleViews()
         self._ratio = self._lost = None
         self._reported_lost = self._reported_extreme = False
 
     def before_optimizer_step(self) -> None:
         self._moving = self._meant_to_move()
-        self._before = sampled([w.param.detach() for w in self._moving]) if self._moving else None
+        self._before = self._weights.cat([w.param for w in self._moving]) if self._moving else None
 
     def _meant_to_move(self) -> list:
-        """The watched tensors the optimizer means to change: a learning rate of 0 intends no update."""
-        if self.ctx.optimizer is None:
-            return list(self.ctx.watched)
-        self._lr = {id(p): g.get("lr", 1.0) for g in self.ctx.optimizer.param_groups for p in g["params"]}
-        return [w for w in self.ctx.watched if self._lr.get(id(w.param), 1.0) != 0]
+        """The watched tensors the optimizer means to change (a learning rate of 0 intends no update), weight
+        matrices first so that their samples are one slice of the concatenated sample."""
+        groups = self.ctx.optimizer.param_groups if self.ctx.optimizer is not None else []
+        frozen = tuple(g.get("lr", 1.0) == 0 for g in groups)
+        if frozen != self._frozen_groups or not self._moving:  # chosen again only when a group starts or stops
+            self._frozen_groups = frozen
+            self._lr = {id(p): g for g in groups for p in g["params"]}
+            watched = [w for w in self.ctx.watched if id(w.param) not in self._lr or self._lr[id(w.param)].get(
+                "lr", 1.0) != 0]
+            self._moving = sorted(watched, key=lambda w: w.param.dim() < 2)
+        return self._moving
 
-    def _segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layout_of_moving(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
+        """Sample lengths per tensor, how many tensors are matrices and how many sampled elements they hold
+        (all tensors where none is a matrix), and each tensor's numel per sampled element."""
         key = tuple(id(w.param) for w in self._moving)
         if self._layout is None or self._layout[0] != key:
             params = [w.param for w in self._moving]
-            matrices = torch.tensor([p.dim() >= 2 for p in params], device=params[0].device)
-            if not matrices.any():
-                matrices = torch.ones_like(matrices)
+            lengths = sample_lengths(params)
+            matrices = sum(p.dim() >= 2 for p in params) or len(params)
             per_sample = torch.tensor([p.numel() / sample(p).numel() for p in params], device=params[0].device)
-            self._layout = (key, sample_segments(params), matrices, per_sample)
+            self._layout = (key, lengths, matrices, int(lengths[:matrices].sum()), per_sample)
         return self._layout[1:]
 
     def after_optimizer_step(self) -> None:
         if self._before is None:
             return
-        after = sampled([w.param.detach() for w in self._moving])
-        segments, matrices, per_sample = self._segments()
-        n = len(self._moving)
-        before = self._before.float()
-        delta2 = per_tensor_sum((after.float() - before).square(), segments, n)
-        weight2 = per_tensor_sum(before.square(), segments, n)
-        overall = (delta2[matrices].sum() / weight2[matrices].sum()).sqrt()
-        per_tensor = torch.where(matrices & (weight2 > 0), (delta2 / weight2).sqrt(), torch.zeros_like(delta2))
-        largest = per_tensor.nan_to_num(nan=-1.0).argmax()  # a NaN ratio is the parameter probe's to report
-        self._ratio = torch.stack([overall, per_tensor[largest], largest.float()])
+        after = self._weights.cat([w.param for w in self._moving])
+        lengths, _, matrix_elements, per_sample = self._layout_of_moving()
+        before, moved = self._before[:matrix_elements].float(), after[:matrix_elements].float()
+        self._ratio = ((moved - before).square().sum() / before.square().sum()).sqrt()
         if self.ctx.stats_step:
-            self._lost = self._count_lost(after, segments, per_sample)
-        self._before = None
+            self._lost = self._count_lost(after, lengths, per_sample)
+        self._last, self._before = (self._before, after), None
 
-    def _count_lost(self, after: torch.Tensor, segments: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    def _largest_change(self) -> tuple[int, float]:
+        """The weight matrix that changed most relative to its size in the last step, and by how much: read
+        only when the step was extreme (one more transfer, on the failure path)."""
+        before, after = self._last
+        lengths, matrices, _, _ = self._layout_of_moving()
+        delta2 = per_tensor_sum((after.float() - before.float()).square(), lengths)[:matrices]
+        weight2 = per_tensor_sum(before.float().square(), lengths)[:matrices]
+        ratios = torch.where(weight2 > 0, (delta2 / weight2).sqrt(), torch.zeros_like(delta2)).tolist()
+        index = max(range(len(ratios)), key=lambda i: ratios[i] if math.isfinite(ratios[i]) else -1.0)
+        return index, ratios[index]
+
+    def _count_lost(self, after: torch.Tensor, lengths: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
         """[lost, intended, estimated lost elements] per moving tensor, concatenated."""
         state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
         meant = torch.cat([_sample_or_zeros(w.param.grad, w.param) for w in self._moving]) != 0
         moments = [state.get(w.param, {}).get("exp_avg") for w in self._moving]
         if any(m is not None for m in moments):
             meant |= torch.cat([_sample_or_zeros(m, w.param) for m, w in zip(moments, self._moving, strict=True)]) != 0
-        n = len(self._moving)
-        lost = per_tensor_sum(((after == self._before) & meant).float(), segments, n)
-        intended = per_tensor_sum(meant.float(), segments, n)
+        lost = per_tensor_sum(((after == self._before) & meant).float(), lengths)
+        intended = per_tensor_sum(meant.float(), lengths)
         return torch.cat([lost, intended, lost * per_sample])
 
     def take_readings(self) -> dict[str, torch.Tensor]:
@@ -105,16 +119,17 @@ class UpdateProbe(Probe):
     def record(self, host: dict) -> dict:
         metrics: dict = {}
         if host.get("update_ratio") is not None:
-            metrics.update(self._record_ratio(*host["update_ratio"]))
+            metrics.update(self._record_ratio(host["update_ratio"]))
         if host.get("lost_updates") is not None:
             metrics.update(self._record_lost(host["lost_updates"]))
         return metrics
 
-    def _record_ratio(self, overall: float, largest: float, index: float) -> dict:
+    def _record_ratio(self, overall: float) -> dict:
         if math.isfinite(overall) and overall > EXTREME_UPDATE_RATIO and not self._reported_extreme:
             self._reported_extreme = True
-            w = self._moving[int(index)]
-            lr = self._lr.get(id(w.param))
+            index, largest = self._largest_change()
+            w = self._moving[index]
+            lr = self._lr[id(w.param)].get("lr") if id(w.param) in self._lr else None
             self.ctx.events.record(
                 "extreme_update", "warning",
                 f"step {self.ctx.step} changed the weight matrices by {overall:.3g}× their size (‖Δw‖/‖w‖; healthy "
