@@ -188,7 +188,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
 
 
 def comparison_table(results: list[ModeRun]) -> pd.DataFrame:
-    """DESIGN.md's columns, one row per mode; drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
+    """docs/run-directory.md's columns, one row per mode; drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
     rows = [comparison_row(r) for r in results]
     reference = next((row["final_eval_ppl"] for row, _, _ in rows if row["mode"] == "fp32"), math.nan)
     for row, causes, failure in rows:
@@ -309,8 +309,9 @@ def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[M
     write_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
     write_html(table, summary, out / "comparison.html", loss_scale=scaled)
     plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
-    # shared/DESIGN.md's contract keeps loss_scale.png in every comparison: without a scaled mode it says so in
-    # words, and the .md and .html leave it out rather than show a figure without data
+    # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
+    # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
+    # show a figure without data
     plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
     write_json_atomic(out / "summary.json", summary)
     return [name for name in OUTPUTS if (out / name).exists()]

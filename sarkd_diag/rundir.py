@@ -1,4 +1,4 @@
-"""The run directory contract (shared/DESIGN.md): where each file lives, and how a run is closed.
+"""The run directory contract (docs/run-directory.md): where each file lives, and how a run is closed.
 
 `finalize_run` builds summary.json, the parquet files and report.md from config.json and the .jsonl
 logs alone, so a finished run, an interrupted one and one that died mid-step are closed the same way

@@ -1,4 +1,4 @@
-"""The run-directory contract of shared/DESIGN.md, as assertions the tests share."""
+"""The run-directory contract of docs/run-directory.md, as assertions the tests share."""
 
 from __future__ import annotations
 

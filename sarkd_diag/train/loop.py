@@ -244,7 +244,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- run
     def train(self) -> RunResult:
-        """Run the steps and close the run directory; the result's exit code is shared/DESIGN.md's."""
+        """Run the steps and close the run directory; the exit code is docs/run-directory.md's (Exit codes)."""
         self._open_run_dir()
         status = "failed"
         self.probes = ProbeSet.for_trainer(self)

@@ -52,7 +52,7 @@ def _events(run_dir, kind=None) -> list[dict]:
 
 
 def _summary(run_dir) -> dict:
-    """The run directory conforms to shared/DESIGN.md's contract; its summary."""
+    """The run directory conforms to docs/run-directory.md's contract; its summary."""
     assert_conforms(run_dir)
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
