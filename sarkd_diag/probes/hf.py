@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..numerics import dtype_name
 from . import Probes
 
 ON_CRITICAL = ("stop", "record")
@@ -36,7 +37,7 @@ def trainer_precision(args, model: nn.Module) -> dict:
     """
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     weights = dtypes.pop() if len(dtypes) == 1 else None
-    name = str(weights).removeprefix("torch.") if weights is not None else "mixed dtypes"
+    name = dtype_name(weights) if weights is not None else "mixed dtypes"
     pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
     if getattr(args, "fp16", False):
         requested, mode = "TrainingArguments(fp16=True)", pure.get(weights, "mixed")
@@ -114,11 +115,9 @@ class SarkdDiagCallback(TrainerCallback):
         models = {"student": model}
         if self.teacher is not None:
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
-        # the Trainer hands callbacks accelerate's AcceleratedOptimizer, which subclasses torch's Optimizer but
-        # holds no hooks of its own: the hooks must go on the optimizer inside it, whose scaler it carries
-        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None) or getattr(optimizer, "scaler",
-                                                                                                 None)
-        optimizer = getattr(optimizer, "optimizer", optimizer)
+        # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
+        # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
+        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=scaler,
                              run_dir=self.run_dir, level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer")
