@@ -111,7 +111,10 @@ class JsonlLog:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the run
 
     def write_line(self, line: str) -> None:
-        self._file.write(line + "\n")
+        self.write_lines([line])
+
+    def write_lines(self, lines: list[str]) -> None:
+        self._file.write("".join(line + "\n" for line in lines))
         self._file.flush()
 
     def close(self) -> None:
@@ -122,6 +125,9 @@ class NullLog:
     """A JsonlLog that writes nothing: what a rank other than 0 holds for the files rank 0 alone writes."""
 
     def write_line(self, line: str) -> None:
+        pass
+
+    def write_lines(self, lines: list[str]) -> None:
         pass
 
     def close(self) -> None:

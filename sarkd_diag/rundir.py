@@ -142,6 +142,18 @@ def load_metrics(run_dir: Path) -> pd.DataFrame:
     return frame
 
 
+def load_activations(run_dir: Path) -> pd.DataFrame:
+    """Each module's largest output per statistics step (activations.jsonl): step, model, module, dtype, amax.
+
+    A resumed run may have recorded a step twice (the steps after its checkpoint ran again): the later
+    reading of each (step, model, module) is kept."""
+    path = Path(run_dir) / "activations.jsonl"
+    frame = pd.DataFrame(read_jsonl(path) if path.is_file() else [],
+                         columns=["step", "model", "module", "dtype", "amax"])
+    frame["amax"] = pd.to_numeric(frame["amax"], errors="coerce").astype("float64")
+    return frame.drop_duplicates(["step", "model", "module"], keep="last").reset_index(drop=True)
+
+
 def load_events(run_dir: Path) -> pd.DataFrame:
     rows: list[dict] = []
     for path in sorted(Path(run_dir).glob("events*.jsonl")):

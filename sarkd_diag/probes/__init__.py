@@ -97,8 +97,9 @@ class ProbeSet:
             model, name = names[id(p)]
             watched.append(Watched(model, name.rpartition(".")[0], name, p))
         cfg = trainer.config
+        activations = JsonlLog(trainer.run_dir / "activations.jsonl") if trainer.world.is_main else None
         ctx = ProbeContext(models, trainer.events, trainer.optimizer, trainer.precision.loss_scaler, cfg.probes,
-                           cfg.probe_every, watched=watched, weights_read_by_owner=True)
+                           cfg.probe_every, watched=watched, weights_read_by_owner=True, activations_log=activations)
         return cls(ctx)
 
     # ----------------------------------------------------------------------------------- the clock
@@ -181,6 +182,9 @@ class ProbeSet:
         self._removers = []
         for probe in self.probes:
             probe.close()
+        if self.ctx.activations_log is not None:
+            self.ctx.activations_log.close()
+            self.ctx.activations_log = None
 
 
 class Probes:
@@ -212,7 +216,9 @@ class Probes:
         self.events = EventLog(self.run_dir / "events.jsonl" if self.run_dir else None)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
-        self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every))
+        activations = JsonlLog(self.run_dir / "activations.jsonl") if self.run_dir is not None else None
+        self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
+                                         activations_log=activations))
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         self.rows: list[dict] = []

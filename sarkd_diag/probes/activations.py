@@ -6,12 +6,15 @@ moves to the host until the step ends. That names the first non-finite module an
 -Inf it holds, but not how many: counting them apart costs ~15x the pass (the tensor is gone by the time
 the host knows it was bad), so an activation event's counts are null. A non-finite teacher output is
 recorded as such (the diagnosis calls it teacher_overflow). In fp32 and bf16 runs a finite value beyond
-fp16's range is a headroom warning: it predicts where an fp16 run will overflow. Only training forwards
+fp16's range is a headroom warning: it predicts where an fp16 run will overflow. Each module's largest
+output of each statistics step goes to activations.jsonl when the owner keeps one: the fp16 headroom map
+(module × step) is drawn from it. Only training forwards
 count (`forwards.py` decides which): not evaluation, not generation.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -82,9 +85,12 @@ class ActivationProbe(Probe):
             return {}
         metrics: dict = {}
         models_gone_bad: set[str] = set()
+        largest: dict[tuple[str, str], tuple[str, float]] = {}  # (model, module): (dtype, amax) over micro-batches
         for (model, module, dtype, numel), low, high in zip(seen, extremes[:len(seen)], extremes[len(seen):],
                                                              strict=True):
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
+            previous = largest.get((model, module), (dtype, -math.inf))[1]
+            largest[(model, module)] = (dtype, amax if math.isnan(amax) or amax > previous else previous)
             if not math.isfinite(amax):
                 if model not in models_gone_bad:
                     models_gone_bad.add(model)
@@ -104,6 +110,10 @@ class ActivationProbe(Probe):
                     f"{model} {module} output reaches {amax:.4g} in {dtype}, beyond fp16's {FP16_MAX:.0f}: "
                     "this module overflows in fp16 compute",
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
+        if self.ctx.activations_log is not None and not note:
+            self.ctx.activations_log.write_lines([
+                json.dumps({"step": self.ctx.step, "model": model, "module": module, "dtype": dtype, "amax": amax})
+                for (model, module), (dtype, amax) in largest.items()])
         return metrics
 
     def _report_once(self, key: tuple, kind: str, severity: str, message: str, **fields) -> None:

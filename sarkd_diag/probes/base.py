@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..events import EventLog
+from ..events import EventLog, JsonlLog, NullLog
 from ..loss_scaler import LossScaler
 from ..numerics import FP16_MAX, dtype_name  # noqa: F401 - FP16_MAX is the probes' shared threshold
 
@@ -49,6 +49,7 @@ class ProbeContext:
     training_forward: dict[str, bool] = field(default_factory=dict)  # per model: is its current forward training
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
+    activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
