@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .numerics import EXTREME_UPDATE_RATIO
+from .numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "divergence",
@@ -128,7 +128,39 @@ class Cause:
     def as_dict(self) -> dict:
         return {"cause": self.cause, "severity": self.severity, "model": self.model, "module": self.module,
                 "tensor": self.tensor, "rank": self.rank, "first_step": self.first_step,
-                "evidence": {k: v for k, v in self.evidence.items() if v is not None}, "fix": self.fix}
+                "evidence": {k: _plain(v) for k, v in self.evidence.items() if _plain(v) is not None},
+                "fix": self.fix}
+
+
+def _plain(value):
+    """Evidence as JSON and a person read it: numpy and pandas scalars become int/float, NaN is missing."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    number = number_or_none(value)
+    if number is not None and number.is_integer() and abs(number) < 2**53 and "int" in type(value).__name__:
+        return int(number)
+    return number
+
+
+class Diagnosis(list):
+    """The causes, most important first: a list of dicts (as summary.json holds them) that prints readably."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Diagnosis: no numerical problems found"
+        lines = []
+        for i, c in enumerate(self, start=1):
+            where = " ".join(x for x in (c.get("model"), c.get("module") or c.get("tensor")) if x)
+            lines.append(f"{i}. {c['cause']} ({c['severity']}) at step {c.get('first_step')}"
+                         + (f" in {where}" if where else ""))
+            evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in c.get("evidence", {}).items())
+            if evidence:
+                lines.append(f"   evidence: {evidence}")
+            lines.append(f"   fix: {c['fix']}")
+        return "\n".join(["Diagnosis:", *lines])
+
+    __str__ = __repr__
 
 
 class RunRecord:
@@ -421,8 +453,8 @@ def rank(causes: list[Cause]) -> list[Cause]:
     return kept
 
 
-def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> list[dict]:
+def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> Diagnosis:
     """Causes, most important first, as dicts {cause, severity, model, module, tensor, rank, first_step,
     evidence, fix}."""
     record = RunRecord(events, metrics, config)
-    return [cause.as_dict() for cause in rank([c for rule in RULES for c in rule(record)])]
+    return Diagnosis(cause.as_dict() for cause in rank([c for rule in RULES for c in rule(record)]))

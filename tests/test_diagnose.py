@@ -163,3 +163,15 @@ def test_rank_orders_by_severity_then_time_then_cause_order():
 
 def test_the_code_vocabulary_is_documented():
     assert all(isinstance(text, str) and len(text) > 10 for text in CODES.values())
+
+
+def test_a_diagnosis_prints_readably_and_holds_plain_numbers():
+    frame = log({"kind": "lost_updates", "severity": "warning", "step": 3, "model": "student", "tensor": "h.0.w",
+                 "value": 0.9, "dtype": "bfloat16"})
+    diagnosis = causes(frame, mode="pure-bf16", caller="loop")
+    (cause,) = diagnosis
+    assert type(cause["evidence"]["lost_update_fraction"]) is float  # not np.float64
+    text = repr(diagnosis)
+    assert "update_underflow (warning) at step 3 in student h.0.w" in text and "np." not in text
+    assert "lost_update_fraction=0.9" in text and "fix:" in text
+    assert repr(causes(log())) == "Diagnosis: no numerical problems found"

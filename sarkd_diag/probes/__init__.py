@@ -290,8 +290,8 @@ class Probes:
         self.set.begin_step(step + 1)
         return row
 
-    def diagnosis(self) -> list[dict]:
-        """The causes so far, most important first (diagnose.py)."""
+    def diagnosis(self):
+        """The causes so far, most important first (diagnose.py): a list of dicts that prints readably."""
         import pandas as pd
 
         from ..diagnose import diagnose
