@@ -139,3 +139,15 @@ def test_resume_from_a_trainer_checkpoint_appends_to_the_same_run(tmp_path):
     assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 1..8, not 1..4 then 1..4 again
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
     assert torch.isfinite(torch.tensor(_train_losses(run))).all()
+
+
+def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_path):
+    """The Trainer's two groups (with and without weight decay) carry no names: a cause located at one says
+    which tensors it holds, in the Trainer's words — not "group 0"."""
+    _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", learning_rate=1e-3, max_steps=2,
+           optim="adamw_torch", weight_decay=0.01)
+    summary = load_run(tmp_path / "run")["summary"]
+    root = summary["diagnosis"][0]
+    assert root["cause"] == "optimizer_eps_underflow" and root["model"] == "student"
+    assert root["tensor"].startswith("student: ") and "tensors" in root["tensor"] and "group" not in root["tensor"]
+    assert "--" not in root["fix"] and "TrainingArguments(fp16=True)" in root["fix"]
