@@ -282,6 +282,8 @@ class Probes:
         row = {"step": step, "split": "train", "loss": None,
                "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
+        if not self.rows:
+            self._check_requested_autocast()
         self.rows.append(row)
         if self.run_dir is not None:
             self._metrics.write_line(json.dumps(row))
@@ -289,6 +291,18 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _check_requested_autocast(self) -> None:
+        """After the first step: a caller that asked for a mixed mode whose training forwards ran without
+        autocast (TRL's DistillationTrainer under bf16=True runs them in fp32) is told so, once."""
+        requested = self._precision_override.get("mode")
+        expected = {"mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(requested)
+        if expected is not None and self.ctx.autocast != expected and self.ctx.stats_step:
+            seen = dtype_name(self.ctx.autocast) + " autocast" if self.ctx.autocast else "no autocast"
+            self.events.record("setup_note", "info",
+                               f"{self._precision_override.get('requested') or requested} asks for {requested}, but "
+                               f"the first step's training forwards ran with {seen}: the weights' dtype is what "
+                               "they computed in", step=self.ctx.step, probe="precision")
 
     def diagnosis(self):
         """The causes so far, most important first (diagnose.py): a list of dicts that prints readably."""

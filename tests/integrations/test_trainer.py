@@ -73,6 +73,8 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     assert not {"warning", "critical"} & set(run["events"]["severity"]) if len(run["events"]) else True
     assert summary["precision"]["mode"] == "bf16-mixed"
     assert summary["precision"]["master_dtype"] == "float32"
+    assert summary["precision"]["compute_dtype"] == "bfloat16"  # observed: the training forwards ran under autocast
+    assert run["events"].query("kind == 'setup_note' and probe == 'precision'").empty
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"]["mode"] == "bf16-mixed"
     assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
     # the loss of every step, from the model's outputs, equals what the Trainer logged

@@ -86,6 +86,8 @@ def test_a_clean_bf16_distillation_records_nothing(world, tmp_path):
     # the mode the user asked for; note that DistillationTrainer's training forwards run outside accelerate's
     # autocast (its `_forward_redirection` calls the backbones directly): only `generate` runs under bf16 there
     assert run["summary"]["precision"]["requested"] == "TrainingArguments(bf16=True)"
+    notes = run["events"].query("kind == 'setup_note' and probe == 'precision'")
+    assert len(notes) == 1 and "no autocast" in notes.iloc[0]["message"]  # and the probes saw it, and say so
     metrics = run["metrics"][run["metrics"]["split"] == "train"]
     assert metrics["step"].tolist() == [1, 2, 3]
     assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)  # the loss of every step
