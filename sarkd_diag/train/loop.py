@@ -281,7 +281,7 @@ class Trainer:
                 self._save_checkpoint()
                 return "interrupted"
             row = self._step()
-            action = self.policy.after_step(self.step, row, self.events)
+            action = self.policy.decide(self.step, row, self.events)
             self.metrics.write_line(json.dumps(row))
             self.display.update(row["step"], row)
             if action == "stop":

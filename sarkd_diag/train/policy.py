@@ -24,7 +24,8 @@ MAX_SKIPPED_IN_A_ROW = 20  # skipped steps in a row (loss scaler or policy): tra
 
 
 class NonFinitePolicy:
-    """One run's --on-nonfinite, asked just before each optimizer step (`runs_step`) and after it (`after_step`).
+    """One run's --on-nonfinite, asked just before each optimizer step (`runs_step`) and, once the step is
+    recorded, what to do next (`decide`).
 
     `restore(step)` puts back the newest good checkpoint before `step` (weights, optimizer, data, RNG, the
     step, and this policy's `state_dict`) and returns its path and step, or None when none loads; a rollback
@@ -86,8 +87,9 @@ class NonFinitePolicy:
         self.snapshot.take()
         return True
 
-    def after_step(self, step: int, row: dict, events: EventLog) -> str | None:
-        """The policy after a step (its metrics `row`): None to go on, "rollback" (done) or "stop"."""
+    def decide(self, step: int, row: dict, events: EventLog) -> str | None:
+        """What the loop does after a step (its metrics `row`): None to go on, "rollback" (done) or "stop".
+        The policy acts first: with `skip` it undoes a step that left non-finite weights."""
         self.weights_finite = row["weights_finite"]
         if not self.weights_finite and self.name == "skip":
             self.snapshot.restore()
