@@ -36,6 +36,7 @@ from .. import __version__
 from ..config import DistillConfig
 from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
+from ..numerics import dtype_name
 from ..precision import detect_capabilities, make_precision, resolve_mode
 from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
@@ -489,24 +490,23 @@ class Trainer:
             counts: dict[str, dict[str, int]] = {}
             for p in model.parameters():
                 role = "trainable" if p.requires_grad else "frozen"
-                key = str(p.dtype).removeprefix("torch.")
+                key = dtype_name(p.dtype)
                 counts.setdefault(role, {}).setdefault(key, 0)
                 counts[role][key] += p.numel()
             param_dtypes[name] = counts
         extra = [p for p in self.objective.extra_parameters()]
         if extra:
-            param_dtypes["projection"] = {"trainable": {str(extra[0].dtype).removeprefix("torch."): sum(
+            param_dtypes["projection"] = {"trainable": {dtype_name(extra[0].dtype): sum(
                 p.numel() for p in extra)}}
-        trainable_dtypes = {str(p.dtype).removeprefix("torch.") for p in self.trainable}
+        trainable_dtypes = {dtype_name(p.dtype) for p in self.trainable}
         config = {
             "options": cfg.to_dict(),
             "precision": {
                 "mode": self.mode, "requested": cfg.precision, "model_dtype": cfg.model_dtype,
                 "reason": self.mode_reason,
-                "master_dtype": str(self.precision.master_dtype).removeprefix("torch."),
+                "master_dtype": dtype_name(self.precision.master_dtype),
                 "trainable_dtypes": sorted(trainable_dtypes),
-                "compute_dtype": str(self.precision.autocast_dtype or self.precision.trainable_dtype)
-                .removeprefix("torch."),
+                "compute_dtype": dtype_name(self.precision.autocast_dtype or self.precision.trainable_dtype),
                 "loss_scaling": self.precision.loss_scaling,
                 "param_dtypes": param_dtypes,
             },
@@ -524,7 +524,7 @@ class Trainer:
         write_json_atomic(self.run_dir / "config.json", config)
 
     def _record_setup(self) -> None:
-        master = str(self.precision.master_dtype).removeprefix("torch.")
+        master = dtype_name(self.precision.master_dtype)
         self.events.record("precision_setup", "info",
                            f"precision {self.mode} ({self.mode_reason}); trainable weights held in {master}",
                            probe="precision", dtype=master)
