@@ -1,24 +1,29 @@
 """The command line: a thin Typer layer over the Python API.
 
 `train`'s options are generated from DistillConfig's fields (dashes and underscores both accepted,
-every boolean with its --no- form), so the CLI, --config files and a run's config.json stay one list.
+every boolean with its --no- form), so the CLI, --config files and a run's config.json stay one list:
+CONFIG_OPTIONS maps each field, by its real type, to how it reads on the command line (made once, at
+import), and a ConfigCommand adds the ones it takes after its own parameters.
 Errors in what the user typed end as one line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
 import json
 import os
 import signal
 import sys
 import traceback
-from dataclasses import fields
+from collections.abc import Iterable
+from dataclasses import Field, dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar, get_args, get_origin
 
 import typer
+from typer.models import ParamMeta
 
-from .config import DistillConfig, build_config
+from .config import FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
 from .errors import BadInput
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
@@ -28,11 +33,6 @@ HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings=HELP,
                   help="Precision debugging for knowledge distillation of causal language models.")
-
-_TYPES = {"bool": bool | None, "int": int | None, "float": float | None, "str": str | None,
-          "str | None": str | None, "int | None": int | None, "list[str] | None": list[str] | None}
-_METAVARS = {"int": "N", "int | None": "N", "float": "X", "str": "TEXT", "str | None": "TEXT",
-             "list[str] | None": "REGEX"}
 
 
 def _version(value: bool) -> None:
@@ -49,68 +49,148 @@ def _main(version: bool = typer.Option(False, "--version", is_eager=True, callba
     """Precision debugging for knowledge distillation of causal language models."""
 
 
-class _Command(typer.core.TyperCommand):
-    """Help without the underscore aliases (`--train_steps` still parses: the original scripts' spelling)."""
+# ------------------------------------------------------------------- DistillConfig's fields as options
+@dataclass(frozen=True)
+class ConfigOption:
+    """How one DistillConfig field reads on the command line: `--train-steps N` (and `--train_steps`, the
+    original scripts' spelling, accepted but not shown), `--use-scheduler / --no-use-scheduler` for a boolean.
+    Every option defaults to None, 'not given', so that a --config file or a resumed run can fill it."""
 
-    def format_help(self, ctx, formatter) -> None:
-        saved = [(p, p.opts, p.secondary_opts) for p in self.params]
-        for p in self.params:
-            p.opts = [o for o in p.opts if not _is_alias(o)] or p.opts
-            p.secondary_opts = [o for o in p.secondary_opts if not _is_alias(o)] or p.secondary_opts
-        try:
-            super().format_help(ctx, formatter)
-        finally:
-            for p, opts, secondary in saved:
-                p.opts, p.secondary_opts = opts, secondary
+    name: str
+    value_type: Any  # the field's type without `| None`: what a value given here is parsed as
+    help: str
+    metavar: str | None
+
+    @property
+    def is_flag(self) -> bool:
+        return self.value_type is bool
+
+    @property
+    def declarations(self) -> list[str]:
+        dash = self.name.replace("_", "-")
+        spellings = [(dash, "no-")] + ([(self.name, "no_")] if "_" in self.name else [])
+        if self.is_flag:
+            return [f"--{name}/--{no}{name}" for name, no in spellings]
+        return [f"--{name}" for name, _ in spellings]
+
+    @property
+    def flags(self) -> set[str]:
+        """Every spelling of a boolean option, --no- forms included."""
+        return {opt for decl in self.declarations for opt in decl.split("/")} if self.is_flag else set()
+
+    def parameter(self, hidden: bool = False):
+        """A new Typer option (each command gets its own; nothing built here is shared or changed later)."""
+        info = typer.Option(None, *self.declarations, help=self.help, show_default=False, metavar=self.metavar,
+                            hidden=hidden)
+        return _typer_parameter(ParamMeta(name=self.name, default=info, annotation=self.value_type | None))
+
+
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def config_option(f: Field, hint: Any) -> ConfigOption:
+    """The option of config field `f` of type `hint` (a real type: `int | None`, `list[str] | None`, ...)."""
+    kind = value_type(hint)
+    if kind is bool:
+        default = "on" if f.default else "off"
+    else:
+        default = f.metadata.get("default_text", "none" if f.default is None else f.default)
+    item = (get_args(kind) or (kind,))[0] if get_origin(kind) is list else kind
+    metavar = None if kind is bool else f.metadata.get("metavar", METAVARS.get(item))
+    return ConfigOption(f.name, kind, f"{f.metadata['help']} [default: {default}]", metavar)
+
+
+CONFIG_OPTIONS: dict[str, ConfigOption] = {f.name: config_option(f, FIELD_TYPES[f.name]) for f in fields(DistillConfig)}
+
+
+def _typer_parameter(meta: ParamMeta):
+    """The Typer option a command-function parameter `meta` would become: Typer's own builder, so that these
+    options parse exactly as a hand-written `name: int | None = typer.Option(None, ...)` does."""
+    return typer.main._get_param(meta)
+
+
+class ConfigCommand(typer.core.TyperCommand):
+    """A command that takes DistillConfig's options (`options`) after its own parameters.
+
+    `hidden` ones are parsed but not shown: a command that sets them itself refuses them with a clear message.
+    The command function reads what was given with `given_options(ctx)` (None: not given) and `given_args(ctx)`.
+    """
+
+    options: ClassVar[tuple[str, ...]] = ()
+    hidden: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, *args: Any, params: list | None = None, **kwargs: Any) -> None:
+        config = [CONFIG_OPTIONS[name].parameter(hidden=name in self.hidden) for name in self.options]
+        super().__init__(*args, params=[*(params or []), *config], **kwargs)
+
+    @classmethod
+    def taking(cls, options: Iterable[str], hidden: Iterable[str] = ()) -> type[ConfigCommand]:
+        """The command class for a command taking these options (shown in the config's order)."""
+        wanted, hidden = set(options), frozenset(hidden)
+        unknown = (wanted | hidden) - set(CONFIG_OPTIONS)
+        assert not unknown and hidden <= wanted, f"not DistillConfig options: {sorted(unknown)}"
+        chosen = tuple(name for name in CONFIG_OPTIONS if name in wanted)
+        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden})
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGS] = list(args)  # as typed: `train --nproc N` hands them to torchrun
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        # the command function declares only its own parameters: the config's options travel beside them
+        ctx.meta[_OPTIONS] = {name: _as_given(ctx.params.pop(name, None)) for name in self.options}
+        return super().invoke(ctx)
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        """Help without the underscore aliases (`--train_steps` still parses: the original scripts' spelling)."""
+        shown = copy.copy(self)
+        shown.params = [_without_aliases(p) for p in self.params]
+        super(ConfigCommand, shown).format_options(ctx, formatter)
+
+
+_ARGS, _OPTIONS = "sarkd_diag.args", "sarkd_diag.options"
+
+
+def given_options(ctx: typer.Context) -> dict[str, Any]:
+    """The config options a ConfigCommand was given; None for each one that was not."""
+    return dict(ctx.meta[_OPTIONS])
+
+
+def given_args(ctx: typer.Context) -> list[str]:
+    """A ConfigCommand's own command line, after the command's name."""
+    return list(ctx.meta[_ARGS])
+
+
+def _as_given(value: Any) -> Any:
+    """A repeated option's values as a list; none given is None (not given), as for every other option."""
+    if isinstance(value, tuple):
+        return list(value) or None
+    return value
+
+
+def _without_aliases(param):
+    if not any(_is_alias(o) for o in [*param.opts, *param.secondary_opts]):
+        return param
+    shown = copy.copy(param)
+    shown.opts = [o for o in param.opts if not _is_alias(o)] or param.opts
+    shown.secondary_opts = [o for o in param.secondary_opts if not _is_alias(o)] or param.secondary_opts
+    return shown
 
 
 def _is_alias(opt: str) -> bool:
     return opt.startswith("--") and "_" in opt
 
 
-def _config_options(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One Typer option per DistillConfig field; None means 'not given' so --config files can fill it."""
-    params = []
-    for f in fields(DistillConfig):
-        if f.name in exclude:
-            continue
-        dash = f.name.replace("_", "-")
-        if f.type == "bool":
-            decls = [f"--{dash}/--no-{dash}"] + ([f"--{f.name}/--no_{f.name}"] if "_" in f.name else [])
-        else:
-            decls = [f"--{dash}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        default = f.metadata.get("default_text", f.default if f.default is not None else "none")
-        if f.type == "bool":
-            default = "on" if f.default else "off"
-        option = typer.Option(None, *decls, help=f"{f.metadata['help']} [default: {default}]",
-                              show_default=False, metavar=None if f.type == "bool" else _METAVARS[f.type])
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=_TYPES[f.type]))
-    return params
-
-
-def _with_config_options(exclude: tuple[str, ...] = (), extra: list[inspect.Parameter] = ()):
-    """Give a command function DistillConfig's options (plus `extra`) as its signature, for Typer."""
-    def decorate(func):
-        own = [p for p in inspect.signature(func).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        func.__signature__ = inspect.Signature(own + list(extra) + _config_options(exclude))
-        func.__annotations__ = {p.name: p.annotation for p in func.__signature__.parameters.values()}
-        return func
-    return decorate
-
-
-_ARGV: list[str] = []  # the command line main() was given: `train --nproc N` passes it on to torchrun
 CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
                            help="YAML or JSON file of options (a run's config.json works too).")
 
 
-@app.command(cls=_Command)
-@_with_config_options()
-def train(config: Path | None = CONFIG_FILE, **options) -> int:
+@app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS))
+def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
-    cfg = build_config(options, config)
+    cfg = build_config(given_options(ctx), config)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
-        return _launch_torchrun(cfg.nproc)
+        return _launch_torchrun(cfg.nproc, given_args(ctx))
     _check_resumable(cfg)
     from .train.loop import distill
     from .ui import TrainingDisplay
@@ -147,13 +227,13 @@ def _check_resumable(cfg: DistillConfig) -> None:
                    "with --save-steps N to be able to resume it")
 
 
-def _launch_torchrun(nproc: int) -> int:
-    """`train --nproc N`: the same command under torchrun (`python -m torch.distributed.run`), its exit code."""
+def _launch_torchrun(nproc: int, args: list[str]) -> int:
+    """`train --nproc N`: the same command (`args`, after `train`) under torchrun (`python -m
+    torch.distributed.run`), its exit code."""
     import subprocess
 
     from .train.distributed import launch_command
 
-    args = _ARGV[_ARGV.index("train") + 1:]
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said once instead of warned per rank
     child = subprocess.Popen(launch_command(nproc, args), env=env)
@@ -225,33 +305,24 @@ def _rebuild_run(run_dir: Path) -> dict:
 
 
 # --------------------------------------------------------------------- compare, query, check, memory
-REFUSED_BY_COMPARE = ("precision", "on_nonfinite", "resume", "resume_from")
 MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_size", "per_device_batch_size",
                   "gradient_checkpointing", "offload_teacher_to_cpu", "router_patterns")
 
 
-def _refused(names: tuple[str, ...]) -> list[inspect.Parameter]:
-    """Options a command sets itself: parsed (hidden) only so that giving one is refused with a clear message."""
-    params = [p for p in _config_options() if p.name in names]
-    for p in params:
-        p.default.hidden = True
-    return params
-
-
-@app.command("compare-precision", cls=_Command)
-@_with_config_options(exclude=REFUSED_BY_COMPARE, extra=_refused(REFUSED_BY_COMPARE))
+@app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE))
 def compare_precision_command(
+    ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
     modes: list[str] | None = typer.Option(None, "--modes", metavar="MODES", help="Precision modes, comma-separated "
                                            "or repeated (default: every mode this device runs)."),
     steps: int | None = typer.Option(None, "--steps", metavar="N",
                                      help="Optimizer steps per mode (an alias of --train-steps; wins over --config)."),
-    **options,
 ) -> int:
     """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
-    from .compare import SET_BY_COMPARE, compare_precision
+    from .compare import compare_precision
     from .config import read_config_file
 
+    options = given_options(ctx)
     given = read_config_file(config) if config else {}
     for name in SET_BY_COMPARE:  # a run's config.json names its own mode: here the comparison sets it
         given.pop(name, None)
@@ -334,21 +405,20 @@ def check(
     return 1 if failures else 0
 
 
-@app.command("estimate-memory", cls=_Command)
-@_with_config_options(exclude=tuple(f.name for f in fields(DistillConfig) if f.name not in MEMORY_OPTIONS))
+@app.command("estimate-memory", cls=ConfigCommand.taking(MEMORY_OPTIONS))
 def estimate_memory_command(
+    ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
     modes: list[str] | None = typer.Option(None, "--modes", metavar="MODES", help="Precision modes, comma-separated "
                                            "or repeated (default: all five)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
-    **options,
 ) -> int:
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
     from rich.console import Console
 
     from .memory import breakdown_table, estimate_memory
 
-    report = estimate_memory(build_config(options, config), modes=modes)
+    report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -377,8 +447,7 @@ BOOLEAN_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 def _check_flag_values(args: list[str]) -> None:
     """`--use-scheduler true`: a flag takes no value; say so rather than 'unexpected extra argument (true)'."""
-    flags = {f"--{prefix}{name}" for f in fields(DistillConfig) if f.type == "bool"
-             for name in {f.name, f.name.replace("_", "-")} for prefix in ("", "no-", "no_")}
+    flags = set().union(*(option.flags for option in CONFIG_OPTIONS.values()))
     for flag, value in zip(args, args[1:], strict=False):
         if flag in flags and value.lower() in BOOLEAN_VALUES:
             positive = flag.replace("--no-", "--").replace("--no_", "--").replace("_", "-")
@@ -388,14 +457,10 @@ def _check_flag_values(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
-    global _ARGV
-    _ARGV = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # the bare command: its help
     try:
-        if not _ARGV:  # the bare command: its help, as a person asking for it
-            _ARGV = ["--help"]
-            argv = _ARGV
-        _check_flag_values(_ARGV)
-        code = app(args=argv, prog_name="sarkd-diag", standalone_mode=False)
+        _check_flag_values(args)
+        code = app(args=args, prog_name="sarkd-diag", standalone_mode=False)
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -11,12 +11,13 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import BadInput
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
-PROBE_LEVELS = ("off", "standard", "full")
+PROBE_LEVELS = ("off", "standard", "full")  # the probes' home for them too (probes.LEVELS)
 NONFINITE_POLICIES = ("stop", "skip", "rollback", "continue")
 SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
@@ -59,10 +60,10 @@ class DistillConfig:
     adam_eps: float = _opt(1e-8, "AdamW eps (1e-8 is 0.0 in fp16: the pure-fp16 failure).")
     max_grad_norm: float = _opt(1.0, "Clip the gradient norm (after unscaling); 0 disables clipping.")
     use_scheduler: bool = _opt(False, "Use a learning-rate schedule with warmup.")
-    scheduler_type: str = _opt("cosine", "linear | cosine.")
+    scheduler_type: str = _opt("cosine", " | ".join(SCHEDULERS) + ".")
     warmup_steps: int = _opt(0, "Warmup optimizer steps of the schedule.")
     # the distillation objective
-    kd_loss: str = _opt("forward-kl", "forward-kl | reverse-kl | jsd.")
+    kd_loss: str = _opt("forward-kl", " | ".join(KD_LOSSES) + ".")
     jsd_beta: float = _opt(0.5, "Mixture weight of the generalized JSD, in (0, 1).")
     temperature: float = _opt(2.0, "Softmax temperature of the KD term (the term is scaled by T²).")
     alpha_kd: float = _opt(0.5, "Weight of the KD term.")
@@ -70,7 +71,8 @@ class DistillConfig:
     router_anchor_weight: float = _opt(0.01, "Weight of the L2 anchor of router weights to their initial values.")
     router_load_balance_weight: float = _opt(0.01, "Weight of the Switch-style load-balance term.")
     router_entropy_weight: float = _opt(0.001, "Weight of the gate-entropy bonus (subtracted from the loss).")
-    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (default: gate, router).")
+    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (default: gate, router).",
+                                             metavar="REGEX")
     # devices and memory
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
     offload_teacher_to_cpu: bool = _opt(False, "Keep the teacher on the CPU (CUDA runs; a recorded no-op on CPU).")
@@ -78,7 +80,7 @@ class DistillConfig:
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in backward to save memory.")
     nproc: int = _opt(1, "Processes (launches torchrun when above 1).")
     # probes and policy
-    probes: str = _opt("standard", "off | standard | full.")
+    probes: str = _opt("standard", " | ".join(PROBE_LEVELS) + ".")
     probe_every: int = _opt(10, "At standard, per-module statistics on step 1 and every N-th step.")
     on_nonfinite: str = _opt("stop", "stop | skip | rollback | continue, on a non-finite step.")
     max_rollbacks: int = _opt(3, "Rollbacks before the rollback policy stops.")
@@ -159,6 +161,22 @@ def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
 
 
 FIELD_NAMES = frozenset(f.name for f in fields(DistillConfig))
+FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
+
+
+def value_type(hint: Any) -> Any:
+    """A field's type without its `| None`: int for `int | None`, list[str] for `list[str] | None`."""
+    if get_origin(hint) not in (Union, UnionType):
+        return hint
+    members = [a for a in get_args(hint) if a is not NoneType]
+    return members[0] if len(members) == 1 else hint
+
+
+RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
+RUN_LOCATION = ("output_dir", "overwrite", *RESUME_OPTIONS)  # where a run is written, not how it trains
+# compare-precision sets these itself for every mode (one precision each, --on-nonfinite continue, a fresh
+# start): the CLI parses them only to refuse them, and a --config file's values are ignored
+SET_BY_COMPARE = ("precision", "on_nonfinite", *RESUME_OPTIONS)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -180,7 +198,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
-        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", "resume", "resume_from")}
+        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
     if not isinstance(data, dict):
         raise BadInput(f"--config {path}: expected a mapping of option names to values")
     options = {key.replace("-", "_"): value for key, value in data.items()}
@@ -188,9 +206,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
     return options
-
-
-RUN_LOCATION = ("output_dir", "overwrite", "resume", "resume_from")
 
 
 def recorded_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -224,9 +239,8 @@ def build_config(cli_options: dict[str, Any], config_file: str | Path | None = N
     given = read_config_file(config_file) if config_file else {}
     given.update({k: v for k, v in cli_options.items() if v is not None})
     merged = {**recorded_options(given), **given}
-    types = {f.name: f.type for f in fields(DistillConfig)}
     for name, value in merged.items():
-        if types[name].split(" |")[0] in ("int", "float") and isinstance(value, str):
+        if value_type(FIELD_TYPES[name]) in (int, float) and isinstance(value, str):
             raise BadInput(f"option {name}: expected a number, got {value!r}")
     try:
         return DistillConfig(**merged).validate()

@@ -202,3 +202,26 @@ def test_a_value_after_a_flag_says_the_flag_takes_none(cli, tiny_args, args, fla
     assert code == 2 and err.count("\n") == 1
     assert f"{flag} is a flag and takes no value" in err and "--no-" in err
     assert not Path(tiny_args[-1]).exists()
+
+
+def test_a_config_field_of_another_type_still_becomes_an_option():
+    """Options are mapped from the fields' real types: a type the CLI has not seen before (a Path, a Literal)
+    builds an option that parses, rather than failing when the module is imported."""
+    from dataclasses import dataclass, field, fields
+    from typing import Literal, get_type_hints
+
+    from sarkd_diag.cli import config_option
+
+    @dataclass
+    class Other:
+        where: Path | None = field(default=None, metadata={"help": "A place."})
+        mode: Literal["a", "b"] = field(default="a", metadata={"help": "A or b.", "metavar": "MODE"})
+        ratio: float = field(default=0.5, metadata={"help": "A ratio."})
+
+    hints = get_type_hints(Other, localns={"Path": Path, "Literal": Literal})
+    options = {f.name: config_option(f, hints[f.name]) for f in fields(Other)}
+    assert options["where"].help == "A place. [default: none]" and options["mode"].metavar == "MODE"
+    assert options["ratio"].metavar == "X" and options["where"].declarations == ["--where"]
+    command = typer.core.TyperCommand("x", params=[o.parameter() for o in options.values()])
+    params = command.make_context("x", ["--where", "/tmp", "--mode", "b", "--ratio", "2"]).params
+    assert params == {"where": Path("/tmp"), "mode": "b", "ratio": 2.0}
