@@ -27,7 +27,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .config import DistillConfig
+from .config import SET_BY_COMPARE, DistillConfig
 from .errors import BadInput
 from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
 from .rundir import SCHEMA_VERSION, default_run_dir, finalize_run, load_events, load_metrics, write_json_atomic
@@ -35,8 +35,7 @@ from .verdicts import THRESHOLDS, verdict
 
 COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
-SET_BY_COMPARE = ("precision", "on_nonfinite", "resume", "resume_from")
-REFUSED_MESSAGES = {
+REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
                  "(e.g. --modes fp32,mixed)",
     "on_nonfinite": "compare-precision runs every mode with --on-nonfinite continue, so each mode's failure is "

@@ -17,7 +17,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from .errors import BadInput
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
-PROBE_LEVELS = ("off", "standard", "full")  # the probes' home for them too (probes.LEVELS)
+PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tuple too (probes.LEVELS)
 NONFINITE_POLICIES = ("stop", "skip", "rollback", "continue")
 SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = ("float16", "bfloat16", "float32")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..events import EventLog, JsonlLog
 from ..loss_scaler import LossScaler, unwrap_optimizer
 from ..numerics import dtype_name
@@ -41,7 +42,6 @@ from .parameters import ParameterProbe
 from .scaler import ScalerProbe
 from .updates import UpdateProbe
 
-LEVELS = ("off", "standard", "full")
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
