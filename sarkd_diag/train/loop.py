@@ -162,13 +162,14 @@ class Trainer:
         if self.routers:
             self.router_terms = RouterTerms(self.teacher, self.routers, cfg.router_anchor_weight,
                                             cfg.router_load_balance_weight, cfg.router_entropy_weight)
+        trained = self.world.wrap(self.student, self.device)  # DDP under torchrun
         if self.dual:
-            self.objective = HiddenStateKD(self.teacher, self.student, self.teacher_tokenizer,
+            self.objective = HiddenStateKD(self.teacher, trained, self.teacher_tokenizer,
+                                           student_hidden_size=self.student.config.hidden_size,
                                            teacher_max_tokens=max_positions(self.teacher), device=self.device)
         else:
-            self.objective = LogitKD(self.teacher, self.student, kind=cfg.kd_loss, temperature=cfg.temperature,
+            self.objective = LogitKD(self.teacher, trained, kind=cfg.kd_loss, temperature=cfg.temperature,
                                      jsd_beta=cfg.jsd_beta, router_terms=self.router_terms)
-        self.objective.student = self.world.wrap(self.student, self.device)  # DDP under torchrun
         groups = [{"params": list(self.student.parameters()) + self.objective.extra_parameters(),
                    "lr": cfg.student_lr, "name": "student"}]
         router_params = [p for p in self.teacher.parameters() if p.requires_grad]
@@ -266,7 +267,7 @@ class Trainer:
         try:
             return self._close(status, stops)
         finally:
-            self.objective.student = self.student  # DDP's wrapper goes before its process group
+            self.objective.close()  # router hooks off; DDP's wrapper goes before its process group
             dist.teardown(self.world)
 
     def _run(self, stops: StopRequests) -> str:
@@ -314,8 +315,6 @@ class Trainer:
                 self.student_tokenizer.save_pretrained(self.run_dir / "student")
                 if self.routers:
                     save_router_update(self.teacher, self.routers, self.run_dir / "router_update.pt")
-            if self.router_terms is not None:
-                self.router_terms.close()
             summary = finalize_run(self.run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)

@@ -3,6 +3,10 @@
 `LogitKD` distils logits (one tokenizer); `HiddenStateKD` matches hidden states across two tokenizers.
 Both return token *sums* and the target count, so the loop divides once by the global count of an
 optimizer step and accumulated micro-batches give the same gradient as one big batch.
+
+Every objective offers the same: `__call__(batch)`, `student` (the model it trains through: the student, or
+DDP's wrapper of it under torchrun, given at construction), `projection` (an identity where there is none),
+`extra_parameters()` (trained beside the student) and `close()`.
 """
 
 from __future__ import annotations
@@ -42,13 +46,20 @@ class LogitKD:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, kind: str, temperature: float,
                  jsd_beta: float, router_terms=None):
-        self.teacher, self.student = teacher, student
+        self.teacher, self.student = teacher, student  # the student as trained: DDP's wrapper under torchrun
         self.kind, self.temperature, self.jsd_beta = kind, temperature, jsd_beta
         self.router_terms = router_terms
         self.projection = nn.Identity()  # logits need no projection; every objective has one
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def close(self) -> None:
+        """Done: the router hooks come off the teacher, and the student it was given goes (DDP's wrapper must
+        go before its process group). The objective is not called again."""
+        if self.router_terms is not None:
+            self.router_terms.close()
+        self.student = None
 
     def __call__(self, batch: dict) -> LossParts:
         labels = batch["labels"]
@@ -77,14 +88,18 @@ class HiddenStateKD:
     side, match the teacher's — averaged over the teacher tokens whose characters overlap each student
     token. The teacher's states are a fixed (detached) target, so shrinking both sides cannot help."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_tokenizer, *, teacher_max_tokens: int | None,
-                 device: torch.device):
-        self.teacher, self.student, self.teacher_tokenizer = teacher, student, teacher_tokenizer
+    def __init__(self, teacher: nn.Module, student: nn.Module, teacher_tokenizer, *, student_hidden_size: int,
+                 teacher_max_tokens: int | None, device: torch.device):
+        self.teacher, self.student, self.teacher_tokenizer = teacher, student, teacher_tokenizer  # student: as trained
         self.teacher_max_tokens = teacher_max_tokens
-        self.projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size).to(device)
+        self.projection = nn.Linear(student_hidden_size, teacher.config.hidden_size).to(device)
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.projection.parameters())
+
+    def close(self) -> None:
+        """Done: the student it was given goes (DDP's wrapper must go before its process group)."""
+        self.student = None
 
     def teacher_inputs(self, texts: list[str]) -> dict:
         """The same characters the student sees, tokenized by the teacher's tokenizer (with offsets)."""
