@@ -25,6 +25,7 @@ from rich.table import Table
 
 from .errors import BadInput
 from .events import KINDS, SEVERITIES, events_frame
+from .numerics import number_or_none
 from .precision import MODES
 from .rundir import final_figures, load_events, load_metrics
 
@@ -197,9 +198,10 @@ def _plain(value):
     """A JSON value programs can read: NaN → null, ±Inf → "inf"/"-inf", numpy scalars → Python."""
     if hasattr(value, "item"):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
+    if not isinstance(value, float):
+        return value
+    value = number_or_none(value)  # the project's missing value: None
+    return "inf" if value == math.inf else "-inf" if value == -math.inf else value
 
 
 def _records(events: pd.DataFrame) -> list[dict]:

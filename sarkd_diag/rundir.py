@@ -18,6 +18,7 @@ import pandas as pd
 
 from .errors import BadInput
 from .events import events_frame, read_jsonl
+from .numerics import number_or_none
 
 SCHEMA_VERSION = 1
 STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
@@ -175,27 +176,21 @@ def load_run(run_dir: str | Path) -> dict:
     }
 
 
-def _finite_or_none(value: Any) -> float | None:
-    if value is None or pd.isna(value):
-        return None
-    return float(value)
-
-
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
     evals = metrics[metrics["split"] == "eval"].dropna(subset=["eval_ppl"])
     last = train.iloc[-1] if len(train) else None
     return {
-        "loss": _finite_or_none(last["loss"]) if last is not None else None,
-        "kd_loss": _finite_or_none(last["kd_loss"]) if last is not None else None,
-        "ce_loss": _finite_or_none(last["ce_loss"]) if last is not None else None,
-        "eval_ppl": _finite_or_none(evals["eval_ppl"].iloc[-1]) if len(evals) else None,
-        "first_eval_ppl": _finite_or_none(evals["eval_ppl"].iloc[0]) if len(evals) else None,
-        "best_eval_ppl": _finite_or_none(evals["eval_ppl"].min()) if len(evals) else None,
-        "tokens_per_s": _finite_or_none(train["tokens_per_s"].median()) if len(train) else None,
+        "loss": number_or_none(last["loss"]) if last is not None else None,
+        "kd_loss": number_or_none(last["kd_loss"]) if last is not None else None,
+        "ce_loss": number_or_none(last["ce_loss"]) if last is not None else None,
+        "eval_ppl": number_or_none(evals["eval_ppl"].iloc[-1]) if len(evals) else None,
+        "first_eval_ppl": number_or_none(evals["eval_ppl"].iloc[0]) if len(evals) else None,
+        "best_eval_ppl": number_or_none(evals["eval_ppl"].min()) if len(evals) else None,
+        "tokens_per_s": number_or_none(train["tokens_per_s"].median()) if len(train) else None,
         "skipped_steps": int(train["skipped"].fillna(0).sum()) if "skipped" in train else 0,
-        "peak_memory_mb": _finite_or_none(train["peak_memory_mb"].max()) if "peak_memory_mb" in train else None,
-        "lost_update_fraction": _finite_or_none(train["lost_update_fraction"].median())
+        "peak_memory_mb": number_or_none(train["peak_memory_mb"].max()) if "peak_memory_mb" in train else None,
+        "lost_update_fraction": number_or_none(train["lost_update_fraction"].median())
         if "lost_update_fraction" in train else None,
     }
 
