@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +29,10 @@ from rich.table import Table
 
 from .config import SET_BY_COMPARE, DistillConfig
 from .errors import BadInput
+from .numerics import number_or_none
 from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
 from .rundir import SCHEMA_VERSION, default_run_dir, finalize_run, load_events, load_metrics, write_json_atomic
-from .verdicts import THRESHOLDS, verdict
+from .verdicts import THRESHOLDS, Verdict, verdict
 
 COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
@@ -65,10 +66,14 @@ class ModeRun:
 
 @dataclass
 class CompareResult:
+    """The comparison: its directory, the table (as comparison.csv/.parquet hold it, verdicts as text), the
+    summary, the exit code, and each mode's verdict as a value, in the table's order."""
+
     output_dir: Path
     table: pd.DataFrame
     summary: dict
     exit_code: int = 0
+    verdicts: list[Verdict] = field(default_factory=list)
 
 
 def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None, caps) -> list[str]:
@@ -156,7 +161,9 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
 
 
 def _figure(value) -> float:
-    return math.nan if value is None else float(value)
+    """A figure of the table: NaN where nothing was measured (the table's, and pandas', missing value)."""
+    number = number_or_none(value)
+    return math.nan if number is None else number
 
 
 def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
@@ -186,17 +193,20 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
     return row, causes, failure
 
 
-def comparison_table(results: list[ModeRun]) -> pd.DataFrame:
-    """docs/run-directory.md's columns, one row per mode; drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
+def comparison_table(results: list[ModeRun]) -> tuple[pd.DataFrame, list[Verdict]]:
+    """docs/run-directory.md's columns, one row per mode, and each mode's verdict; the table holds the verdict
+    as its text. drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
     rows = [comparison_row(r) for r in results]
     reference = next((row["final_eval_ppl"] for row, _, _ in rows if row["mode"] == "fp32"), math.nan)
+    verdicts = []
     for row, causes, failure in rows:
         ppl = row["final_eval_ppl"]
         finite_reference = math.isfinite(reference) and reference > 0
         row["drift_vs_fp32"] = (ppl - reference) / reference if finite_reference and not math.isnan(ppl) else math.nan
-        row["verdict"] = verdict(row, causes, failure)
+        verdicts.append(verdict(row, causes, failure))
+        row["verdict"] = str(verdicts[-1])
     frame = pd.DataFrame([row for row, _, _ in rows], columns=COLUMNS)
-    return frame.astype({"first_nonfinite_step": "Int64"})
+    return frame.astype({"first_nonfinite_step": "Int64"}), verdicts
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -219,10 +229,7 @@ def display_rows(table: pd.DataFrame) -> list[list[str]]:
     return [[_cell(c, row[c]) for c in COLUMNS] for row in table.astype(object).to_dict("records")]
 
 
-def _verdict_class(text: str) -> str:
-    return text.split("@")[0].split(" ")[0]
-
-
+# by Verdict.kind (verdicts.KINDS)
 VERDICT_STYLE = {"stable": "green", "drifting": "yellow", "stagnant": "yellow", "corrupted": "bold red",
                  "failed": "bold red"}
 VERDICT_COLOUR = {"stable": "#d8f5d8", "drifting": "#fff2c2", "stagnant": "#fff2c2", "corrupted": "#f8d0d0",
@@ -233,7 +240,7 @@ TERMINAL_COLUMNS = {"mode": "mode", "verdict": "verdict", "final_eval_ppl": "ppl
                     "lost_update_fraction": "lost", "tokens_per_s": "tok/s", "peak_memory_mb": "MB"}
 
 
-def rich_table(table: pd.DataFrame, title: str = "compare-precision") -> Table:
+def rich_table(table: pd.DataFrame, verdicts: list[Verdict], title: str = "compare-precision") -> Table:
     """The columns a person scans first (the files hold them all), coloured by verdict."""
     out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for column, header in TERMINAL_COLUMNS.items():
@@ -241,9 +248,9 @@ def rich_table(table: pd.DataFrame, title: str = "compare-precision") -> Table:
             out.add_column(header, ratio=1, overflow="fold")
         else:
             out.add_column(header, no_wrap=True, justify="left" if column == "mode" else "right")
-    for cells in display_rows(table):
+    for cells, judged in zip(display_rows(table), verdicts, strict=True):
         by_name = dict(zip(COLUMNS, cells, strict=True))
-        out.add_row(*(by_name[c] for c in TERMINAL_COLUMNS), style=VERDICT_STYLE.get(_verdict_class(cells[1])))
+        out.add_row(*(by_name[c] for c in TERMINAL_COLUMNS), style=VERDICT_STYLE.get(judged.kind))
     return out
 
 
@@ -279,12 +286,13 @@ def _html_text(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def write_html(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
+def write_html(table: pd.DataFrame, verdicts: list[Verdict], summary: dict, path: Path,
+               loss_scale: bool = True) -> None:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
-        f'<tr style="background:{VERDICT_COLOUR.get(_verdict_class(cells[1]), "#fff")}">'
+        f'<tr style="background:{VERDICT_COLOUR.get(judged.kind, "#fff")}">'
         + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-        for cells in display_rows(table))
+        for cells, judged in zip(display_rows(table), verdicts, strict=True))
     legend = "".join(f"<p>{_html_text(line)}</p>" for line in _legend(summary))
     scale = "<p><img src='loss_scale.png' alt='loss scale'></p>" if loss_scale else ""
     path.write_text(
@@ -295,7 +303,8 @@ def write_html(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool 
         f"<p><img src='loss_curves.png' alt='loss curves'></p>{scale}</body></html>\n", encoding="utf-8")
 
 
-def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[ModeRun]) -> list[str]:
+def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summary: dict,
+                  results: list[ModeRun]) -> list[str]:
     """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
     written."""
     from .plots import has_loss_scale, plot_loss_curves, plot_loss_scale
@@ -306,7 +315,7 @@ def write_outputs(out: Path, table: pd.DataFrame, summary: dict, results: list[M
     metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
     scaled = any(has_loss_scale(m) for m in metrics.values())
     write_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
-    write_html(table, summary, out / "comparison.html", loss_scale=scaled)
+    write_html(table, verdicts, summary, out / "comparison.html", loss_scale=scaled)
     plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
     # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
     # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
@@ -383,13 +392,13 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")
-    table = comparison_table(results)
+    table, verdicts = comparison_table(results)
     summary = _summary(out, table, results, run_options, {"type": caps.device_type, "name": caps.name})
-    written = write_outputs(out, table, summary, results)
-    console.print(rich_table(table))
+    written = write_outputs(out, table, verdicts, summary, results)
+    console.print(rich_table(table, verdicts))
     others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
     console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
-    return CompareResult(out, table, summary, 0)
+    return CompareResult(out, table, summary, 0, verdicts)
 
 
 def is_compare_dir(path: Path) -> bool:
@@ -408,8 +417,8 @@ def rebuild_comparison(out: str | Path) -> CompareResult:
     known = previous.get("runs", {})
     results = [ModeRun(m, out / "runs" / m, known.get(m, {}).get("exit_code", 0), known.get(m, {}).get("seconds", 0.0),
                        known.get(m, {}).get("failure")) for m in ran]
-    table = comparison_table(results)
+    table, verdicts = comparison_table(results)
     device = previous.get("device") or json.loads((out / "runs" / ran[0] / "config.json").read_text())["device"]
     summary = _summary(out, table, results, started["options"], device)
-    write_outputs(out, table, summary, results)
-    return CompareResult(out, table, summary, 0)
+    write_outputs(out, table, verdicts, summary, results)
+    return CompareResult(out, table, summary, 0, verdicts)

@@ -129,6 +129,8 @@ def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch):
     assert result.exit_code == 0
     verdicts = dict(zip(result.table["mode"], result.table["verdict"], strict=True))
     assert verdicts == {"mixed": "failed (exit 3: internal error: boom)", "pure-bf16": "drifting (update_underflow)"}
+    assert [(v.kind, v.cause) for v in result.verdicts] == [("failed", "exit 3: internal error: boom"),
+                                                            ("drifting", "update_underflow")]
     assert result.table["drift_vs_fp32"].isna().all()
     csv = pd.read_csv(tmp_path / "cmp" / "comparison.csv", keep_default_na=False)
     assert set(csv["drift_vs_fp32"]) == {"n/a"}
