@@ -316,21 +316,6 @@ def max_weight(model: nn.Module) -> float:
     return max(float(p.detach().float().abs().max()) for p in model.parameters())
 
 
-def probe_step(probes, outcome: Outcome, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-    """`probes.step(loss=..., labels=...)`; a Probes without `labels=` yet is noted and called without them."""
-    if labels is None:
-        probes.step(loss=loss)
-        return
-    try:
-        probes.step(loss=loss, labels=labels)
-    except TypeError as exc:
-        if "labels" not in str(exc):
-            raise
-        if "no labels=" not in " ".join(outcome.notes):
-            outcome.notes.append("Probes.step() has no labels= yet: called without")
-        probes.step(loss=loss)
-
-
 def user_run_diagnosis(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "summary.json").read_text()).get("diagnosis") or []
 
@@ -517,7 +502,7 @@ def fused_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
                     nz = p.grad != 0
                     zero_v += int(((v == 0) & nz).sum())
                     live += int(nz.sum())
-            probe_step(probes, outcome, loss, labels=ids)
+            probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     after = max_weight(model)
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
@@ -541,7 +526,7 @@ def foreach_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
             loss.backward()
             opt.step()
             finite_after.append(all(finite(p) for p in model.parameters()))
-            probe_step(probes, outcome, loss, labels=ids)
+            probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(eps_in_fp16=float(torch.tensor(1e-8, dtype=torch.float16)), weights_finite=finite_after)
@@ -593,7 +578,7 @@ def empty_targets_user_loop(world: World, tmp: Path) -> Outcome:
             logits_finite.append(finite(out.logits))
             out.loss.backward()
             opt.step()
-            probe_step(probes, outcome, out.loss, labels=labels)
+            probes.step(loss=out.loss, labels=labels)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=logits_finite)
@@ -617,7 +602,7 @@ def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
             losses.append(float(loss.detach()))
             loss.backward()
             opt.step()
-            probe_step(probes, outcome, loss, labels=ids)
+            probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], weights_finite_before=weights_finite_before)
@@ -663,7 +648,7 @@ def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
             losses.append(float(loss.detach()))
             loss.backward()
             opt.step()
-            probe_step(probes, outcome, loss, labels=ids)
+            probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     above = next((i + 1 for i, v in enumerate(losses) if v > 3 * losses[0]), None)
@@ -699,7 +684,7 @@ def _clean_user_loop(world: World, tmp: Path, dtype: torch.dtype, scaled: bool) 
             else:
                 loss.backward()
                 opt.step()
-            probe_step(probes, outcome, loss, labels=ids)
+            probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts["losses"] = [round(v, 3) for v in losses]
