@@ -82,23 +82,23 @@ class ProbeSet:
                 self._removers.append(ctx.loss_scaler.on_unscaled(self._unscaled))
 
     @classmethod
-    def for_trainer(cls, trainer) -> ProbeSet:
-        """The probes of sarkd-diag's own loop, sharing its event log.
+    def for_trainer(cls, run, events: EventLog) -> ProbeSet:
+        """The probes of sarkd-diag's own loop (`run`: a `train.loop.Run`), sharing its event log.
 
         They watch the optimizer's parameters in its own order, so the loop's guard — a per-tensor absolute
         max of the weights after every step, which it takes anyway — is the parameter probe's reading too
         (handed over as `param_amax`) instead of a second pass over the weights.
         """
-        models = {"student": trainer.student, "teacher": trainer.teacher}
+        models = {"student": run.models.student, "teacher": run.models.teacher}
         names = {id(p): (model, name) for model, m in models.items() for name, p in m.named_parameters()}
-        names.update({id(p): ("projection", name) for name, p in trainer.objective.projection.named_parameters()})
+        names.update({id(p): ("projection", name) for name, p in run.objective.projection.named_parameters()})
         watched = []
-        for p in trainer.trainable:
+        for p in run.optimization.trainable:
             model, name = names[id(p)]
             watched.append(Watched(model, name.rpartition(".")[0], name, p))
-        cfg = trainer.config
-        activations = JsonlLog(trainer.run_dir / "activations.jsonl") if trainer.world.is_main else None
-        ctx = ProbeContext(models, trainer.events, trainer.optimizer, trainer.precision.loss_scaler, cfg.probes,
+        cfg = run.config
+        activations = JsonlLog(run.run_dir / "activations.jsonl") if run.compute.world.is_main else None
+        ctx = ProbeContext(models, events, run.optimization.optimizer, run.compute.precision.loss_scaler, cfg.probes,
                            cfg.probe_every, watched=watched, weights_read_by_owner=True, activations_log=activations)
         return cls(ctx)
 
