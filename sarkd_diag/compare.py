@@ -50,7 +50,7 @@ COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_s
            "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32", "lost_update_fraction",
            "tokens_per_s", "peak_memory_mb"]
 OUTPUTS = ("comparison.csv", "comparison.parquet", "comparison.md", "comparison.html", "loss_curves.png",
-           "loss_scale.png", "summary.json")
+           "loss_scale.png", "report.html", "summary.json")
 
 
 @dataclass
@@ -308,6 +308,7 @@ def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summa
     """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
     written."""
     from .plots import has_loss_scale, plot_loss_curves, plot_loss_scale
+    from .report import write_comparison_report
 
     table.to_parquet(out / "comparison.parquet", index=False)
     table.assign(drift_vs_fp32=[_cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
@@ -321,6 +322,7 @@ def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summa
     # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
     # show a figure without data
     plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
+    write_comparison_report(out, table, verdicts, summary, {r.mode: r.run_dir for r in results}, scaled)
     write_json_atomic(out / "summary.json", summary)
     return [name for name in OUTPUTS if (out / name).exists()]
 

@@ -21,6 +21,7 @@ PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tupl
 NONFINITE_POLICIES = ("stop", "skip", "rollback", "continue")
 SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = ("float16", "bfloat16", "float32")
+REPORT_TO = ("none", "tensorboard")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -94,6 +95,8 @@ class DistillConfig:
     overwrite: bool = _opt(False, "Replace an existing run directory that holds a different run.")
     resume: bool = _opt(False, "Continue from the newest checkpoint of --output-dir.")
     resume_from: str | None = _opt(None, "Continue from this checkpoint directory.")
+    report_to: str | None = _opt(None, "Also write the metrics and events for: tensorboard (RUN_DIR/tensorboard/, "
+                                 "needs the tensorboard extra) | none.", default_text="none")
 
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
@@ -125,6 +128,13 @@ class DistillConfig:
         _choice(self, "scheduler_type", SCHEDULERS)
         if self.model_dtype is not None:
             _choice(self, "model_dtype", MODEL_DTYPES)
+        if self.report_to is not None:
+            _choice(self, "report_to", REPORT_TO)
+            import importlib.util
+
+            if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+                raise BadInput("--report-to tensorboard needs the tensorboard package: "
+                               "pip install 'sarkd-diag[tensorboard]'")
         if self.dataset_name and self.train_file:
             raise BadInput("give either --dataset-name or --train-file, not both")
         if self.resume and self.resume_from:

@@ -82,3 +82,136 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
+
+
+# ------------------------------------------------------------------------------------------- report.html
+HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:left;vertical-align:top}"
+              "img{max-width:100%;border:1px solid #ddd}.critical{background:#f8d0d0}.warning{background:#fff2c2}"
+              ".cause{margin:1em 0;padding:.5em 1em;border-left:4px solid #888}code{background:#f3f3f3}")
+EVENT_FIELDS = ("step", "severity", "kind", "code", "model", "module", "tensor", "value", "message")
+MAX_EVENT_ROWS = 5000  # a run with more events lists the first ones and says how many were left out
+
+
+def _e(value) -> str:
+    import html
+
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value is pd.NA:
+        return ""
+    return html.escape(str(value))
+
+
+def embedded_image(path: Path, alt: str) -> str:
+    """An <img> whose PNG is inside the page (a data: URI): the report is one file to mail or attach."""
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}"><figcaption>{_e(alt)}</figcaption>' \
+           "</figure>"
+
+
+def _diagnosis_html(diagnosis: list[dict]) -> str:
+    if not diagnosis:
+        return ("<p>No numerical problem was found: weights, gradients, activations and the loss stayed finite, "
+                "and no update was lost to rounding beyond the warning threshold.</p>")
+    parts = []
+    for i, d in enumerate(diagnosis, 1):
+        where, evidence = _where(d), d.get("evidence") or {}
+        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
+        body = [f"<h3>{i}. <code>{_e(d.get('cause'))}</code> ({_e(d.get('severity'))})</h3>",
+                f"<p>First seen at step {_e(d.get('first_step'))}" + (f" in {_e(where)}" if where else "")
+                + f"{_e(rank)}.</p>"]
+        if evidence:
+            shown = ", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(evidence, dict) else evidence
+            body.append(f"<p>Evidence: {_e(shown)}.</p>")
+        if d.get("fix"):
+            body.append(f"<p><b>Fix:</b> {_e(str(d['fix']).rstrip('.'))}.</p>")
+        parts.append(f'<div class="cause {_e(d.get("severity"))}">' + "".join(body) + "</div>")
+    return "".join(parts)
+
+
+def events_table_html(events: pd.DataFrame, extra: dict[str, str] | None = None) -> str:
+    """One <tr> per event (the first MAX_EVENT_ROWS), in the order given; `extra` columns lead (a comparison's mode)."""
+    if not len(events):
+        return "<p>No events were recorded.</p>"
+    extra = extra or {}
+    fields = [f for f in EVENT_FIELDS if f in events.columns]
+    head = "".join(f"<th>{_e(f)}</th>" for f in [*extra, *fields])
+    rows = []
+    for record in events.head(MAX_EVENT_ROWS).astype(object).to_dict("records"):
+        cells = [*(record.get(c) for c in extra), *(record.get(f) for f in fields)]
+        rows.append(f'<tr class="{_e(record.get("severity"))}">' + "".join(f"<td>{_e(c)}</td>" for c in cells)
+                    + "</tr>")
+    note = (f"<p>The first {MAX_EVENT_ROWS} of {len(events)} events; all of them are in events.parquet.</p>"
+            if len(events) > MAX_EVENT_ROWS else "")
+    return f'<table class="events"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{note}'
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{HTML_STYLE}</style>"
+            f"</head><body>{body}</body></html>\n")
+
+
+RUN_FIGURES = (("loss_curves.png", "the run: loss, learning rate, gradient norm, loss scale, lost updates, "
+                                   "update-to-weight ratio"),
+               ("fp16_headroom.png", "fp16 headroom: each module's largest output as a fraction of fp16's range"))
+
+
+def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
+    """report.html: one self-contained page of the run — the facts, the diagnosis, the figures (embedded) and
+    every event. Written after the figures."""
+    run_dir = Path(run_dir)
+    precision, final = summary["precision"], summary["final"]
+    facts = [f"run directory: <code>{_e(run_dir)}</code>",
+             f"precision: <b>{_e(precision.get('mode'))}</b> (requested <code>{_e(precision.get('requested'))}"
+             f"</code>: {_e(precision.get('reason'))})",
+             f"trainable weights held in: {_e(precision.get('master_dtype'))}",
+             f"steps completed: {_e(summary['steps_completed'])}",
+             _e(_perplexity_line(final, metrics, summary["steps_completed"]).removeprefix("- ")),
+             f"final training loss: {_e(_fmt(final.get('loss')))}; median tokens/s: "
+             f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}"]
+    figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
+    title = f"sarkd-diag run: {summary['status']}"
+    body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
+            f"<h2>Diagnosis</h2>{_diagnosis_html(summary['diagnosis'])}<h2>Figures</h2>{figures}"
+            f"<h2>Events ({len(events)})</h2>{events_table_html(events)}")
+    path = run_dir / "report.html"
+    path.write_text(_page(title, body), encoding="utf-8")
+    return path
+
+
+def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summary: dict, runs: dict[str, Path],
+                            loss_scale: bool) -> Path:
+    """A comparison's report.html: the legend and table, the figures (embedded), each mode's diagnosis and
+    events — one self-contained page."""
+    import json
+
+    from .compare import COLUMNS, VERDICT_COLOUR, _html_text, _legend, display_rows
+    from .rundir import load_events
+
+    out = Path(out)
+    head = "".join(f"<th>{_e(c)}</th>" for c in COLUMNS)
+    rows = "".join(f'<tr style="background:{VERDICT_COLOUR.get(judged.kind, "#fff")}">'
+                   + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
+                   for cells, judged in zip(display_rows(table), verdicts, strict=True))
+    names = [("loss_curves.png", "training loss per precision mode")]
+    if loss_scale:
+        names.append(("loss_scale.png", "dynamic loss scale per precision mode"))
+    figures = "".join(embedded_image(out / n, alt) for n, alt in names if (out / n).is_file())
+    modes, tables = [], []
+    for mode, run_dir in runs.items():
+        run_summary = run_dir / "summary.json"
+        diagnosis = json.loads(run_summary.read_text()).get("diagnosis", []) if run_summary.is_file() else []
+        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(diagnosis)}")
+        events = load_events(run_dir) if run_dir.is_dir() else pd.DataFrame()
+        tables.append(events.assign(mode=mode) if len(events) else events)
+    everything = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
+        else pd.DataFrame()
+    title = "sarkd-diag compare-precision"
+    body = (f"<h1>{_e(title)}</h1>" + "".join(f"<p>{_html_text(line)}</p>" for line in _legend(summary))
+            + f"<table><tr>{head}</tr>{rows}</table><h2>Figures</h2>{figures}<h2>Diagnosis per mode</h2>"
+            + "".join(modes) + f"<h2>Events ({len(everything)})</h2>"
+            + events_table_html(everything, {"mode": "mode"}))
+    path = out / "report.html"
+    path.write_text(_page(title, body), encoding="utf-8")
+    return path

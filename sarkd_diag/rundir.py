@@ -27,7 +27,7 @@ STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
 RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_steps", "save_steps",
                      "save_total_limit", "probes", "probe_every", "on_nonfinite", "max_rollbacks", "output_dir",
                      "eval_max_batches", "device", "gradient_checkpointing", "offload_teacher_to_cpu",
-                     "clear_cache_every_step", "log_every"}
+                     "clear_cache_every_step", "log_every", "report_to"}
 
 
 def default_run_dir(mode: str) -> Path:
@@ -196,10 +196,12 @@ def final_figures(metrics: pd.DataFrame) -> dict:
 
 
 def finalize_run(run_dir: str | Path, status: str) -> dict:
-    """Write summary.json, metrics.parquet, events.parquet, report.md and the plots from the run's own logs."""
+    """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
+    options ask for it) the TensorBoard export from the run's own logs."""
     from .diagnose import diagnose
     from .plots import write_run_plots
-    from .report import write_report
+    from .report import write_html_report, write_report
+    from .tensorboard_export import export_tensorboard
 
     if status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
@@ -221,5 +223,9 @@ def finalize_run(run_dir: str | Path, status: str) -> dict:
     }
     write_json_atomic(run_dir / "summary.json", summary)
     write_report(run_dir, summary, config, metrics, events)
-    write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run")
+    write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run",
+                    activations=load_activations(run_dir))
+    write_html_report(run_dir, summary, metrics, events)
+    if (config.get("options") or {}).get("report_to") == "tensorboard":
+        export_tensorboard(run_dir, summary)
     return summary
