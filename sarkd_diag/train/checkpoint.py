@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 CHECKPOINTS = "checkpoints"
 WEIGHTS, STATE, META = "model.safetensors", "trainer_state.pt", "meta.json"
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "metrics.parquet", "events.jsonl", "events.parquet",
-             "activations.jsonl", "report.md", "traceback.txt", "router_update.pt", "loss_curves.png", "loss_scale.png")
+             "activations.jsonl", "report.md", "report.html", "fp16_headroom.png", "traceback.txt", "router_update.pt", "loss_curves.png", "loss_scale.png")
 
 
 class CheckpointError(Exception):
@@ -264,5 +264,5 @@ def clear_run_files(run_dir: Path) -> None:
     for pattern in ("events.rank*.jsonl", "traceback.rank*.txt"):  # a torchrun run's files of each rank
         for per_rank in Path(run_dir).glob(pattern):
             per_rank.unlink()
-    for name in (CHECKPOINTS, "student"):
+    for name in (CHECKPOINTS, "student", "tensorboard"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)
