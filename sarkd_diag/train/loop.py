@@ -52,7 +52,7 @@ from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validati
 from .distributed import World
 from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
-from .objective import HiddenStateKD, LogitKD
+from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .resume import Resumed, TrainingState, locate_run, log_offsets, resume_run
@@ -421,6 +421,35 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
+@dataclass
+class StepSums:
+    """A step's loss sums over its micro-batches, on the device, and what they are divided by: the global
+    target count (every rank knows it from the global batch's indices) and the number of ranks (DDP averages
+    gradients over ranks, so each rank's share of the loss is scaled back up by it)."""
+
+    targets: int
+    ranks: int
+    kd: torch.Tensor
+    ce: torch.Tensor
+    router: torch.Tensor
+    readings: dict[str, torch.Tensor]  # the router's, of the last micro-batch
+
+    @classmethod
+    def of(cls, micro: list[dict], ranks: int, device: torch.device) -> StepSums:
+        zero = torch.zeros((), device=device)
+        return cls(sum(b["global_targets"] for b in micro), ranks, zero, zero, zero, {})
+
+    @property
+    def denominator(self) -> int:
+        return max(self.targets, 1)
+
+    def add(self, parts: LossParts, micro_batches: int) -> None:
+        if parts.router_loss is not None:
+            self.router = self.router + parts.router_loss.detach() / micro_batches
+        self.readings = parts.readings
+        self.kd, self.ce = self.kd + parts.kd_sum.detach(), self.ce + parts.ce_sum.detach()
+
+
 # ----------------------------------------------------------------------------------- executing a run
 class Trainer:
     """One distillation run, built from a validated config (`build_run`); `train()` runs it and closes the run
@@ -586,37 +615,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ one step
     def _step(self) -> dict:
-        cfg, run = self.config, self.run
-        precision, opt, device = run.compute.precision, run.optimization, run.compute.device
-        started = time.perf_counter()
+        """One optimizer step in nanoGPT's order; returns its metrics row (`_record_step`)."""
+        cfg, run, started = self.config, self.run, time.perf_counter()
+        precision, opt = run.compute.precision, run.optimization
         self.phase = "forward"
         self.step_start = {"data": run.data.batches.state_dict(), "rng": ckpt.capture_rng()}  # to rewind a failed step
         self.step += 1
         self.probes.begin_step(self.step)
         micro = [run.data.batches.next() for _ in range(cfg.grad_accum_steps)]
-        total_targets = sum(b["global_targets"] for b in micro)  # of all ranks: every rank knows it
-        denominator = max(total_targets, 1)
-        ranks = self.world.size  # DDP averages gradients over ranks: each rank's share of the loss is scaled back up
-        kd_sum = ce_sum = router_sum = torch.zeros((), device=device)
-        router_readings: dict[str, torch.Tensor] = {}
+        sums = StepSums.of(micro, self.world.size, run.compute.device)
         for i, batch in enumerate(micro):
-            self.phase = "forward"
-            batch = self._on_device(batch)
-            with dist.gradient_sync(run.objective.student, sync=i == len(micro) - 1):
-                with precision.forward_context():
-                    parts = run.objective(batch)
-                loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * ranks / denominator
-                if parts.router_loss is not None:
-                    loss = loss + parts.router_loss / cfg.grad_accum_steps
-                    router_sum = router_sum + parts.router_loss.detach() / cfg.grad_accum_steps
-                self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},
-                                          parts.targets)
-                self.phase = "backward"
-                precision.backward(loss)
-            router_readings = parts.readings
-            kd_sum, ce_sum = kd_sum + parts.kd_sum.detach(), ce_sum + parts.ce_sum.detach()
+            sums.add(self._forward_backward(batch, sums, sync=i == len(micro) - 1), cfg.grad_accum_steps)
         self.phase = "optimizer"
-        self.world.average_gradients(opt.outside_ddp)
+        self.world.average_gradients(opt.outside_ddp)  # DDP averaged the student's during the last backward
         precision.unscale_gradients(opt.optimizer)
         self.world.agree_on_overflow(precision.loss_scaler, opt.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -624,42 +635,66 @@ class Trainer:
         if self.policy.runs_step(self.step, grad_norm, self.logs.events):
             skipped = precision.optimizer_step(opt.optimizer)
         else:
-            skipped = torch.ones((), device=device)  # --on-nonfinite skip: non-finite gradients, not run
+            skipped = torch.ones((), device=run.compute.device)  # --on-nonfinite skip: non-finite gradients, not run
         lr = opt.optimizer.param_groups[0]["lr"]
         if opt.scheduler is not None:
             opt.scheduler.step()
         opt.optimizer.zero_grad(set_to_none=True)
-        weights_amax = abs_max(opt.trainable)  # the guard's per-tensor reading
+        row = self._record_step(sums, grad_norm, skipped, lr, started, first_batch=micro[0])
+        if run.compute.device.type == "cuda" and cfg.clear_cache_every_step:
+            torch.cuda.empty_cache()
+        return row
+
+    def _forward_backward(self, batch: dict, sums: StepSums, *, sync: bool) -> LossParts:
+        """One micro-batch: forward and loss under the mode's autocast, then the backward of this rank's share
+        of the step's loss (DDP all-reduces the gradients on the last micro-batch, `sync`)."""
+        cfg, run = self.config, self.run
+        self.phase = "forward"
+        batch = self._on_device(batch)
+        with dist.gradient_sync(run.objective.student, sync=sync):
+            with run.compute.precision.forward_context():
+                parts = run.objective(batch)
+            loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * sums.ranks / sums.denominator
+            if parts.router_loss is not None:
+                loss = loss + parts.router_loss / cfg.grad_accum_steps
+            self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},
+                                      parts.targets)
+            self.phase = "backward"
+            run.compute.precision.backward(loss)
+        return parts
+
+    def _record_step(self, sums: StepSums, grad_norm: torch.Tensor, skipped: torch.Tensor, lr: float,
+                     started: float, first_batch: dict) -> dict:
+        """The step on record: the guard's reading of the weights, one all-reduce, the step's one host transfer,
+        the probes' events and columns, the metrics row; and a replayed forward when a loss turned non-finite."""
+        cfg, device = self.config, self.run.compute.device
+        weights_amax = abs_max(self.run.optimization.trainable)  # the guard's per-tensor reading
         weights_finite = weights_amax.isfinite().all()
         # global figures and one decision for all ranks: a single all-reduce (none in one process)
-        kd, ce, router_sum, weights_bad = self.world.all_sum(
-            kd_sum / denominator, ce_sum / denominator, router_sum / ranks, (~weights_finite).float())
-        weights_finite = weights_bad == 0
+        kd, ce, router, weights_bad = self.world.all_sum(
+            sums.kd / sums.denominator, sums.ce / sums.denominator, sums.router / sums.ranks, (~weights_finite).float())
         device_values = {
-            "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router_sum, "kd_loss": kd, "ce_loss": ce,
-            "router_loss": router_sum, "grad_norm": grad_norm, "skipped": skipped,
-            "weights_finite": weights_finite, **router_readings,
+            "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router, "kd_loss": kd, "ce_loss": ce,
+            "router_loss": router, "grad_norm": grad_norm, "skipped": skipped,
+            "weights_finite": weights_bad == 0, **sums.readings,
         }
-        scale = precision.loss_scale()
+        scale = self.run.compute.precision.loss_scale()
         if scale is not None:
             device_values["loss_scale"] = scale
         readings = {**self.probes.take_readings(), "param_amax": weights_amax}  # the parameter probe: the guard's
         host, probe_values = to_host(device_values, readings)  # the step's one host sync
         elapsed = time.perf_counter() - started
-        tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * ranks  # all ranks' tokens
+        tokens = cfg.per_device_batch_size * cfg.block_size * cfg.grad_accum_steps * sums.ranks  # all ranks' tokens
         row = {"step": self.step, "split": "train", **host, "lr": lr, "tokens": tokens,
-               "tokens_per_s": tokens / elapsed, "targets": total_targets,
-               "peak_memory_mb": peak_memory_mb(device),
+               "tokens_per_s": tokens / elapsed, "targets": sums.targets, "peak_memory_mb": peak_memory_mb(device),
                "weights_finite": bool(host["weights_finite"]), "skipped": int(host["skipped"])}
         row.setdefault("loss_scale", None)
-        if total_targets == 0:
+        if sums.targets == 0:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
         row.update(self.probes.record(probe_values))
         if self.probes.needs_replay and row["weights_finite"]:
-            self._replay_forward(micro[0])
-        if device.type == "cuda" and cfg.clear_cache_every_step:
-            torch.cuda.empty_cache()
+            self._replay_forward(first_batch)
         return row
 
     def _on_device(self, batch: dict) -> dict:
