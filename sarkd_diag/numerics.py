@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
+FP16_MAX = 65504.0  # torch.finfo(torch.float16).max, written out so this module needs no torch
 # An optimizer step that changes the weight matrices by as much as their own size (‖Δw‖/‖w‖ = 1) is a
 # blow-up, not training: healthy steps are ~1e-3 (see probes/updates.py for where that comes from).
 EXTREME_UPDATE_RATIO = 1.0
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype) -> str:
     """'float16' for torch.float16: how dtypes are written in events, config.json and messages."""
     return str(dtype).removeprefix("torch.")
 

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 CHECKPOINTS = "checkpoints"
 WEIGHTS, STATE, META = "model.safetensors", "trainer_state.pt", "meta.json"
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "metrics.parquet", "events.jsonl", "events.parquet",
-             "activations.jsonl", "report.md", "report.html", "fp16_headroom.png", "traceback.txt", "router_update.pt", "loss_curves.png", "loss_scale.png")
+             "activations.jsonl", "report.md", "report.html",
+             "fp16_headroom.png", "traceback.txt", "router_update.pt", "loss_curves.png", "loss_scale.png")
 
 
 class CheckpointError(Exception):
