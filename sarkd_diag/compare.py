@@ -10,7 +10,6 @@ events; verdicts come from verdicts.py.
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import shutil
@@ -23,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from .config import SET_BY_COMPARE, DistillConfig
 from .errors import BadInput
 from .numerics import number_or_none
 from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
+from .report import rich_table
+from .rundir import COMPARISON_COLUMNS as COLUMNS
 from .rundir import SCHEMA_VERSION, default_run_dir, finalize_run, load_events, load_metrics, write_json_atomic
 from .verdicts import THRESHOLDS, Verdict, verdict
 
@@ -46,9 +45,6 @@ REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "resume_from": "compare-precision cannot --resume-from: every mode starts from the same initial weights; to "
                    "continue one mode's run, `sarkd-diag train --resume-from CHECKPOINT`",
 }
-COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_step", "nonfinite_param_events",
-           "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32", "lost_update_fraction",
-           "tokens_per_s", "peak_memory_mb"]
 OUTPUTS = ("comparison.csv", "comparison.parquet", "comparison.md", "comparison.html", "loss_curves.png",
            "loss_scale.png", "report.html", "summary.json")
 
@@ -209,114 +205,20 @@ def comparison_table(results: list[ModeRun]) -> tuple[pd.DataFrame, list[Verdict
     return frame.astype({"first_nonfinite_step": "Int64"}), verdicts
 
 
-# -------------------------------------------------------------------------------------- rendering
-def _cell(column: str, value) -> str:
-    """How a person reads a value: percentages for fractions, `n/a` for drift without fp32, `—` when unmeasured."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return "n/a" if column == "drift_vs_fp32" else "—"
-    if column == "drift_vs_fp32":
-        return f"{value:+.1%}"
-    if column == "lost_update_fraction":
-        return f"{value:.1%}"
-    if column in ("final_eval_ppl", "best_eval_ppl"):
-        return f"{value:.3f}"
-    if column in ("tokens_per_s", "peak_memory_mb"):
-        return f"{value:.0f}"
-    return str(value)
-
-
-def display_rows(table: pd.DataFrame) -> list[list[str]]:
-    return [[_cell(c, row[c]) for c in COLUMNS] for row in table.astype(object).to_dict("records")]
-
-
-# by Verdict.kind (verdicts.KINDS)
-VERDICT_STYLE = {"stable": "green", "drifting": "yellow", "stagnant": "yellow", "corrupted": "bold red",
-                 "failed": "bold red"}
-VERDICT_COLOUR = {"stable": "#d8f5d8", "drifting": "#fff2c2", "stagnant": "#fff2c2", "corrupted": "#f8d0d0",
-                  "failed": "#f8d0d0"}
-
-
-TERMINAL_COLUMNS = {"mode": "mode", "verdict": "verdict", "final_eval_ppl": "ppl", "drift_vs_fp32": "Δfp32",
-                    "lost_update_fraction": "lost", "tokens_per_s": "tok/s", "peak_memory_mb": "MB"}
-
-
-def rich_table(table: pd.DataFrame, verdicts: list[Verdict], title: str = "compare-precision") -> Table:
-    """The columns a person scans first (the files hold them all), coloured by verdict."""
-    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    for column, header in TERMINAL_COLUMNS.items():
-        if column == "verdict":
-            out.add_column(header, ratio=1, overflow="fold")
-        else:
-            out.add_column(header, no_wrap=True, justify="left" if column == "mode" else "right")
-    for cells, judged in zip(display_rows(table), verdicts, strict=True):
-        by_name = dict(zip(COLUMNS, cells, strict=True))
-        out.add_row(*(by_name[c] for c in TERMINAL_COLUMNS), style=VERDICT_STYLE.get(judged.kind))
-    return out
-
-
-def _legend(summary: dict) -> list[str]:
-    t = summary["thresholds"]
-    reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
-    return [
-        f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
-        f"seed {summary['options']['seed']}; probes every {summary['options']['probe_every']} steps; "
-        f"drift reference: {reference}.",
-        f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
-        f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "
-        f"{t['stagnant_skipped_step_fraction']:.0%} of steps were skipped; `drifting` when over "
-        f"{t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is more than "
-        f"{t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
-    ]
-
-
-def write_markdown(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
-    lines = ["# sarkd-diag compare-precision", "", *_legend(summary), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(table)]
-    lines += ["", "Each mode's run directory, report and diagnosis: `runs/<mode>/` (`sarkd-diag events` and "
-              "`sarkd-diag check` take this directory too).", "", "![loss curves](loss_curves.png)", ""]
-    if loss_scale:
-        lines += ["![loss scale](loss_scale.png)", ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
-
-
-def _html_text(text: str) -> str:
-    """Escaped text with the legend's `code` spans as <code> (markdown backticks are not HTML)."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def write_html(table: pd.DataFrame, verdicts: list[Verdict], summary: dict, path: Path,
-               loss_scale: bool = True) -> None:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        f'<tr style="background:{VERDICT_COLOUR.get(judged.kind, "#fff")}">'
-        + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-        for cells, judged in zip(display_rows(table), verdicts, strict=True))
-    legend = "".join(f"<p>{_html_text(line)}</p>" for line in _legend(summary))
-    scale = "<p><img src='loss_scale.png' alt='loss scale'></p>" if loss_scale else ""
-    path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>sarkd-diag compare-precision</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}</style></head><body>"
-        f"<h1>sarkd-diag compare-precision</h1>{legend}<table><tr>{head}</tr>{body}</table>"
-        f"<p><img src='loss_curves.png' alt='loss curves'></p>{scale}</body></html>\n", encoding="utf-8")
-
-
 def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summary: dict,
                   results: list[ModeRun]) -> list[str]:
     """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
     written."""
     from .plots import has_loss_scale, plot_loss_curves, plot_loss_scale
-    from .report import write_comparison_report
+    from .report import cell, write_comparison_html, write_comparison_markdown, write_comparison_report
 
     table.to_parquet(out / "comparison.parquet", index=False)
-    table.assign(drift_vs_fp32=[_cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
+    table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
         .to_csv(out / "comparison.csv", index=False)
     metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
     scaled = any(has_loss_scale(m) for m in metrics.values())
-    write_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
-    write_html(table, verdicts, summary, out / "comparison.html", loss_scale=scaled)
+    write_comparison_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
+    write_comparison_html(table, verdicts, summary, out / "comparison.html", loss_scale=scaled)
     plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
     # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
     # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than

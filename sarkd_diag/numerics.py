@@ -8,6 +8,9 @@ FP16_MAX = 65504.0  # torch.finfo(torch.float16).max, written out so this module
 # An optimizer step that changes the weight matrices by as much as their own size (‖Δw‖/‖w‖ = 1) is a
 # blow-up, not training: healthy steps are ~1e-3 (see probes/updates.py for where that comes from).
 EXTREME_UPDATE_RATIO = 1.0
+# More than this fraction of intended weight updates lost to rounding (measured, or predicted before the first
+# step from lr against the weights' ulp) is a warning: the weights train noticeably less than fp32's would.
+LOST_UPDATE_WARNING = 0.10
 
 
 def dtype_name(dtype) -> str:

@@ -200,7 +200,7 @@ def _panel_loss_scale(ax, rows: list[dict]) -> bool:
 
 
 def _panel_lost_updates(ax, rows: list[dict]) -> bool:
-    from .probes.updates import LOST_UPDATE_WARNING
+    from .numerics import LOST_UPDATE_WARNING
 
     drawn = _draw(ax, *_series(rows, "lost_update_fraction"), "lost-update fraction", log=False, colour="tab:cyan")
     _threshold(ax, LOST_UPDATE_WARNING, f"warning {LOST_UPDATE_WARNING:.0%}")

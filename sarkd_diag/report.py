@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import html
+import math
 from pathlib import Path
 
 import pandas as pd
+from rich import box
+from rich.table import Table
+
+from .rundir import COMPARISON_COLUMNS
+from .verdicts import Verdict
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -186,11 +193,10 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     events — one self-contained page."""
     import json
 
-    from .compare import COLUMNS, VERDICT_COLOUR, _html_text, _legend, display_rows
     from .rundir import load_events
 
     out = Path(out)
-    head = "".join(f"<th>{_e(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{_e(c)}</th>" for c in COMPARISON_COLUMNS)
     rows = "".join(f'<tr style="background:{VERDICT_COLOUR.get(judged.kind, "#fff")}">'
                    + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
                    for cells, judged in zip(display_rows(table), verdicts, strict=True))
@@ -208,10 +214,104 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     everything = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
         else pd.DataFrame()
     title = "sarkd-diag compare-precision"
-    body = (f"<h1>{_e(title)}</h1>" + "".join(f"<p>{_html_text(line)}</p>" for line in _legend(summary))
+    body = (f"<h1>{_e(title)}</h1>" + "".join(f"<p>{html_text(line)}</p>" for line in legend(summary))
             + f"<table><tr>{head}</tr>{rows}</table><h2>Figures</h2>{figures}<h2>Diagnosis per mode</h2>"
             + "".join(modes) + f"<h2>Events ({len(everything)})</h2>"
             + events_table_html(everything, {"mode": "mode"}))
     path = out / "report.html"
     path.write_text(_page(title, body), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------- a comparison's table
+def cell(column: str, value) -> str:
+    """How a person reads a value: percentages for fractions, `n/a` for drift without fp32, `—` when unmeasured."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return "n/a" if column == "drift_vs_fp32" else "—"
+    if column == "drift_vs_fp32":
+        return f"{value:+.1%}"
+    if column == "lost_update_fraction":
+        return f"{value:.1%}"
+    if column in ("final_eval_ppl", "best_eval_ppl"):
+        return f"{value:.3f}"
+    if column in ("tokens_per_s", "peak_memory_mb"):
+        return f"{value:.0f}"
+    return str(value)
+
+
+def display_rows(table: pd.DataFrame) -> list[list[str]]:
+    return [[cell(c, row[c]) for c in COMPARISON_COLUMNS] for row in table.astype(object).to_dict("records")]
+
+
+# by Verdict.kind (verdicts.KINDS)
+VERDICT_STYLE = {"stable": "green", "drifting": "yellow", "stagnant": "yellow", "corrupted": "bold red",
+                 "failed": "bold red"}
+VERDICT_COLOUR = {"stable": "#d8f5d8", "drifting": "#fff2c2", "stagnant": "#fff2c2", "corrupted": "#f8d0d0",
+                  "failed": "#f8d0d0"}
+
+
+TERMINAL_COLUMNS = {"mode": "mode", "verdict": "verdict", "final_eval_ppl": "ppl", "drift_vs_fp32": "Δfp32",
+                    "lost_update_fraction": "lost", "tokens_per_s": "tok/s", "peak_memory_mb": "MB"}
+
+
+def rich_table(table: pd.DataFrame, verdicts: list[Verdict], title: str = "compare-precision") -> Table:
+    """The columns a person scans first (the files hold them all), coloured by verdict."""
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, header in TERMINAL_COLUMNS.items():
+        if column == "verdict":
+            out.add_column(header, ratio=1, overflow="fold")
+        else:
+            out.add_column(header, no_wrap=True, justify="left" if column == "mode" else "right")
+    for cells, judged in zip(display_rows(table), verdicts, strict=True):
+        by_name = dict(zip(COMPARISON_COLUMNS, cells, strict=True))
+        out.add_row(*(by_name[c] for c in TERMINAL_COLUMNS), style=VERDICT_STYLE.get(judged.kind))
+    return out
+
+
+def legend(summary: dict) -> list[str]:
+    t = summary["thresholds"]
+    reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
+    return [
+        f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
+        f"seed {summary['options']['seed']}; probes every {summary['options']['probe_every']} steps; "
+        f"drift reference: {reference}.",
+        f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
+        f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "
+        f"{t['stagnant_skipped_step_fraction']:.0%} of steps were skipped; `drifting` when over "
+        f"{t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is more than "
+        f"{t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
+    ]
+
+
+def write_comparison_markdown(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
+    lines = ["# sarkd-diag compare-precision", "", *legend(summary), "",
+             "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(table)]
+    lines += ["", "Each mode's run directory, report and diagnosis: `runs/<mode>/` (`sarkd-diag events` and "
+              "`sarkd-diag check` take this directory too).", "", "![loss curves](loss_curves.png)", ""]
+    if loss_scale:
+        lines += ["![loss scale](loss_scale.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def html_text(text: str) -> str:
+    """Escaped text with the legend's `code` spans as <code> (markdown backticks are not HTML)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_comparison_html(table: pd.DataFrame, verdicts: list[Verdict], summary: dict, path: Path,
+               loss_scale: bool = True) -> None:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COMPARISON_COLUMNS)
+    body = "".join(
+        f'<tr style="background:{VERDICT_COLOUR.get(judged.kind, "#fff")}">'
+        + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        for cells, judged in zip(display_rows(table), verdicts, strict=True))
+    notes = "".join(f"<p>{html_text(line)}</p>" for line in legend(summary))
+    scale = "<p><img src='loss_scale.png' alt='loss scale'></p>" if loss_scale else ""
+    path.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>sarkd-diag compare-precision</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:left}</style></head><body>"
+        f"<h1>sarkd-diag compare-precision</h1>{notes}<table><tr>{head}</tr>{body}</table>"
+        f"<p><img src='loss_curves.png' alt='loss curves'></p>{scale}</body></html>\n", encoding="utf-8")

@@ -21,6 +21,11 @@ from .events import events_frame, read_jsonl
 from .numerics import number_or_none
 
 SCHEMA_VERSION = 1
+# compare-precision's table (comparison.csv/.parquet/.md/.html), in this order
+COMPARISON_COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_step",
+                      "nonfinite_param_events", "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32",
+                      "lost_update_fraction", "tokens_per_s", "peak_memory_mb"]
+
 STATUSES = ("completed", "stopped", "interrupted", "failed", "crashed")
 # Options that may differ when a run is continued: they change how long, where, or how memory is spent,
 # not what is trained (after an out-of-memory error a run resumes with --gradient-checkpointing, say).

@@ -13,10 +13,10 @@ from collections import Counter
 
 import torch
 
+from ..numerics import LOST_UPDATE_WARNING
 from ..numerics import dtype_name as _dtype_name
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
-LOST_UPDATE_WARNING = 0.10  # fraction of weights whose lr-sized update rounds away
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
 
 

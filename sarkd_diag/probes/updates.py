@@ -24,10 +24,8 @@ import math
 
 import torch
 
-from ..numerics import EXTREME_UPDATE_RATIO
+from ..numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
 from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
-
-LOST_UPDATE_WARNING = 0.10
 
 
 class UpdateProbe(Probe):
