@@ -53,7 +53,7 @@ from .distributed import World
 from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
 from .objective import HiddenStateKD, LogitKD, LossParts
-from .out_of_memory import is_out_of_memory, out_of_memory_message
+from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .resume import Resumed, TrainingState, locate_run, log_offsets, resume_run
 from .router import RouterInfo, RouterTerms, find_routers, save_router_update
@@ -421,6 +421,14 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
+def exit_code(status: str, *, internal_error: bool, critical: bool, stops: StopRequests) -> int:
+    """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory),
+    stopped, or completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
+    if internal_error:
+        return 3
+    return {"completed": 1 if critical else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
+
+
 @dataclass
 class StepSums:
     """A step's loss sums over its micro-batches, on the device, and what they are divided by: the global
@@ -462,7 +470,8 @@ class Trainer:
         self.world = run.compute.world  # a failure of this rank alone makes it close on its own (`_failed`)
         if not self.world.is_main:
             self.display = TrainingDisplay(quiet=True)  # one progress display: rank 0's
-        self.step, self.phase, self.step_start, self.last_eval = 0, "setup", {}, (None, None)
+        self.step, self.step_start, self.last_eval = 0, {}, (None, None)
+        self.phase = Phase("setup")  # `with self.phase("forward"):`; where an out-of-memory failure happened
         opt = run.optimization
         self.policy = NonFinitePolicy(config.on_nonfinite, opt.optimizer, opt.scheduler,
                                       max_rollbacks=config.max_rollbacks, save_steps=config.save_steps,
@@ -514,6 +523,10 @@ class Trainer:
 
     def _run(self, stops: StopRequests) -> str:
         """The steps, with evaluations and checkpoints on schedule; returns the run's status."""
+        with self.phase("policy"):  # between steps: stop requests, the policy, evaluations and checkpoints
+            return self._steps(stops)
+
+    def _steps(self, stops: StopRequests) -> str:
         cfg, events = self.config, self.logs.events
         self.display.start(cfg.train_steps, self.step, self.run.run_dir)
         if self.step == 0:
@@ -546,14 +559,22 @@ class Trainer:
         return self.world.any_host_flag(stops.signal is not None)
 
     def _close(self, status: str, stops: StopRequests) -> RunResult:
+        """Close the logs; rank 0 saves the student and writes the summary; every rank ends with rank 0's exit
+        code, or with its own when it failed alone."""
         self.logs.close()
         self.world.barrier()  # every rank's events are on disk before rank 0 merges them
-        run_dir = self.run.run_dir
-        if not self.world.is_main:
-            return self._result_of_main(status, stops)
+        summary = self._summarize(status) if self.world.is_main else {}
+        critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
+        code = exit_code(status, internal_error=self.internal_error, critical=critical, stops=stops)
+        shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
+        return RunResult(self.run.run_dir, status, summary, code if shared is None else shared)
+
+    def _summarize(self, status: str) -> dict:
+        """Rank 0: the student (and a router update) saved, the summary written and shown; {} when that
+        fails (an internal error, its traceback saved)."""
+        run_dir, models = self.run.run_dir, self.run.models
         try:
             if status in ("completed", "interrupted"):
-                models = self.run.models
                 models.student.save_pretrained(run_dir / "student")
                 models.student_tokenizer.save_pretrained(run_dir / "student")
                 if models.routers:
@@ -561,21 +582,9 @@ class Trainer:
             summary = finalize_run(run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)
-            self.world.broadcast(3)
-            return RunResult(run_dir, status, {}, 3)
+            return {}
         self.display.summary(summary)
-        critical = any(d["severity"] == "critical" for d in summary["diagnosis"])
-        failed = 3 if self.internal_error else 1
-        exit_code = {"completed": 1 if critical else 0, "stopped": 1, "failed": failed}.get(status, stops.exit_code)
-        self.world.broadcast(exit_code)
-        return RunResult(run_dir, status, summary, exit_code)
-
-    def _result_of_main(self, status: str, stops: StopRequests) -> RunResult:
-        """A rank other than 0 ends with rank 0's exit code (rank 0 writes the summary for all)."""
-        exit_code = self.world.broadcast(None)
-        if exit_code is None:  # this rank failed on its own
-            exit_code = {"failed": 3 if self.internal_error else 1}.get(status, stops.exit_code)
-        return RunResult(self.run.run_dir, status, {}, exit_code)
+        return summary
 
     def _failed(self, exc: Exception) -> str:
         """An exception out of the run: out of memory (exit 1, handled by the caller) or an internal error (exit 3).
@@ -598,7 +607,7 @@ class Trainer:
 
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""
-        phase, step, run = self.phase, self.step, self.run
+        phase, step, run = self.phase.current, self.step, self.run
         run.optimization.optimizer.zero_grad(set_to_none=True)
         if run.compute.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -618,29 +627,29 @@ class Trainer:
         """One optimizer step in nanoGPT's order; returns its metrics row (`_record_step`)."""
         cfg, run, started = self.config, self.run, time.perf_counter()
         precision, opt = run.compute.precision, run.optimization
-        self.phase = "forward"
-        self.step_start = {"data": run.data.batches.state_dict(), "rng": ckpt.capture_rng()}  # to rewind a failed step
-        self.step += 1
-        self.probes.begin_step(self.step)
-        micro = [run.data.batches.next() for _ in range(cfg.grad_accum_steps)]
-        sums = StepSums.of(micro, self.world.size, run.compute.device)
-        for i, batch in enumerate(micro):
-            sums.add(self._forward_backward(batch, sums, sync=i == len(micro) - 1), cfg.grad_accum_steps)
-        self.phase = "optimizer"
-        self.world.average_gradients(opt.outside_ddp)  # DDP averaged the student's during the last backward
-        precision.unscale_gradients(opt.optimizer)
-        self.world.agree_on_overflow(precision.loss_scaler, opt.optimizer)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(opt.trainable, max_norm)
-        if self.policy.runs_step(self.step, grad_norm, self.logs.events):
-            skipped = precision.optimizer_step(opt.optimizer)
-        else:
-            skipped = torch.ones((), device=run.compute.device)  # --on-nonfinite skip: non-finite gradients, not run
-        lr = opt.optimizer.param_groups[0]["lr"]
-        if opt.scheduler is not None:
-            opt.scheduler.step()
-        opt.optimizer.zero_grad(set_to_none=True)
-        row = self._record_step(sums, grad_norm, skipped, lr, started, first_batch=micro[0])
+        with self.phase("forward"):  # a failure from here to the optimizer rewinds to the step before
+            self.step_start = {"data": run.data.batches.state_dict(), "rng": ckpt.capture_rng()}
+            self.step += 1
+            self.probes.begin_step(self.step)
+            micro = [run.data.batches.next() for _ in range(cfg.grad_accum_steps)]
+            sums = StepSums.of(micro, self.world.size, run.compute.device)
+            for i, batch in enumerate(micro):
+                sums.add(self._forward_backward(batch, sums, sync=i == len(micro) - 1), cfg.grad_accum_steps)
+        with self.phase("optimizer"):
+            self.world.average_gradients(opt.outside_ddp)  # DDP averaged the student's during the last backward
+            precision.unscale_gradients(opt.optimizer)
+            self.world.agree_on_overflow(precision.loss_scaler, opt.optimizer)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(opt.trainable, max_norm)
+            if self.policy.runs_step(self.step, grad_norm, self.logs.events):
+                skipped = precision.optimizer_step(opt.optimizer)
+            else:  # --on-nonfinite skip: non-finite gradients, the step never runs
+                skipped = torch.ones((), device=run.compute.device)
+            lr = opt.optimizer.param_groups[0]["lr"]
+            if opt.scheduler is not None:
+                opt.scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+            row = self._record_step(sums, grad_norm, skipped, lr, started, first_batch=micro[0])
         if run.compute.device.type == "cuda" and cfg.clear_cache_every_step:
             torch.cuda.empty_cache()
         return row
@@ -649,7 +658,6 @@ class Trainer:
         """One micro-batch: forward and loss under the mode's autocast, then the backward of this rank's share
         of the step's loss (DDP all-reduces the gradients on the last micro-batch, `sync`)."""
         cfg, run = self.config, self.run
-        self.phase = "forward"
         batch = self._on_device(batch)
         with dist.gradient_sync(run.objective.student, sync=sync):
             with run.compute.precision.forward_context():
@@ -659,8 +667,8 @@ class Trainer:
                 loss = loss + parts.router_loss / cfg.grad_accum_steps
             self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},
                                       parts.targets)
-            self.phase = "backward"
-            run.compute.precision.backward(loss)
+            with self.phase("backward"):
+                run.compute.precision.backward(loss)
         return parts
 
     def _record_step(self, sums: StepSums, grad_norm: torch.Tensor, skipped: torch.Tensor, lr: float,
@@ -716,18 +724,18 @@ class Trainer:
     def _evaluate(self) -> None:
         if not self.world.is_main:  # the weights are the same on every rank: rank 0 evaluates and records
             return
-        self.phase = "eval"
         student, precision = self.run.models.student, self.run.compute.precision
-        student.eval()
-        ce_sum, targets = torch.zeros((), device=self.run.compute.device), 0
-        for batch in self.run.data.eval_set:
-            batch = self._on_device(batch)
-            with precision.forward_context():
-                logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                ce_sum = ce_sum + ce_loss_sum(logits, batch["labels"])
-            targets += batch["n_targets"]
-        student.train()
-        eval_loss = (ce_sum / max(targets, 1)).item()
+        with self.phase("eval"):
+            student.eval()
+            ce_sum, targets = torch.zeros((), device=self.run.compute.device), 0
+            for batch in self.run.data.eval_set:
+                batch = self._on_device(batch)
+                with precision.forward_context():
+                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    ce_sum = ce_sum + ce_loss_sum(logits, batch["labels"])
+                targets += batch["n_targets"]
+            student.train()
+            eval_loss = (ce_sum / max(targets, 1)).item()
         ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
         row = {"step": self.step, "split": "eval", "eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": targets}
         self.logs.metrics.write_line(json.dumps(row))

@@ -2,15 +2,36 @@
 
 The loop catches the failure, frees the failed step's tensors and keeps the last good step in a checkpoint;
 this module words the `out_of_memory` event, so the user learns whether to resume with other options or
-start again smaller.
+start again smaller, and keeps track of where the run is (`Phase`) so the event can say where it ran out.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from ..config import DistillConfig
+
+
+class Phase:
+    """Which part of the run is going on (`setup`, `forward`, `backward`, `optimizer`, `eval`, `policy`), for an
+    out-of-memory failure to say where it happened and whether the step had touched the weights yet.
+
+    `with phase("forward"): ...` marks a part; leaving it normally goes back to the enclosing one, while an
+    exception leaves `current` at the part it was raised in, for the handler to read.
+    """
+
+    def __init__(self, current: str = "setup"):
+        self.current = current
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        enclosing, self.current = self.current, name
+        yield
+        self.current = enclosing  # not reached on an exception: `current` stays where it was raised
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
