@@ -35,6 +35,7 @@ gpu-check:
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check sarkd_diag tests benchmarks scripts
+	$(VENV)/bin/lint-imports
 
 assets: $(VENV)/.installed
 	$(PY) scripts/make_assets.py

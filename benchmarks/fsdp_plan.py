@@ -4,7 +4,7 @@ FSDP per GPU = total - teacher weights + teacher weights / N + one gathered teac
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, OlmoeConfig
 
-from sarkd_diag.memory import GIB, estimate_mode, model_shape
+from sarkd_diag.train.memory import GIB, estimate_mode, model_shape
 
 
 def meta(config, name, patterns=None):

@@ -1,8 +1,7 @@
 """sarkd-diag: precision debugging for knowledge distillation of causal language models."""
 
-__version__ = "0.1.0"
-
-from .config import DistillConfig  # noqa: E402  (light: no torch, no pandas)
+from .config import DistillConfig  # light: no torch, no pandas
+from .version import __version__
 
 _LAZY = {"Probes": ("probes", "Probes"), "load_run": ("rundir", "load_run")}
 

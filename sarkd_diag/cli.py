@@ -37,7 +37,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
 
         typer.echo(f"sarkd-diag {__version__}")
         raise typer.Exit()
@@ -286,7 +286,8 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 
 
 def _rebuild_run(run_dir: Path) -> dict:
-    from .rundir import STATUSES, finalize_run
+    from .closing import finalize_run
+    from .rundir import STATUSES
 
     status = "crashed"
     summary_path = run_dir / "summary.json"
@@ -416,7 +417,7 @@ def estimate_memory_command(
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
     from rich.console import Console
 
-    from .memory import breakdown_table, estimate_memory
+    from .train.memory import breakdown_table, estimate_memory
 
     report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
     if as_json:

@@ -24,13 +24,14 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
+from .closing import finalize_run
 from .config import SET_BY_COMPARE, DistillConfig
 from .errors import BadInput
 from .numerics import number_or_none
 from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
 from .report import rich_table
 from .rundir import COMPARISON_COLUMNS as COLUMNS
-from .rundir import SCHEMA_VERSION, default_run_dir, finalize_run, load_events, load_metrics, write_json_atomic
+from .rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
 from .verdicts import THRESHOLDS, Verdict, verdict
 
 COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)

@@ -1,8 +1,7 @@
-"""The run directory contract (docs/run-directory.md): where each file lives, and how a run is closed.
+"""The run directory contract (docs/run-directory.md): where each file lives, how it is written and read.
 
-`finalize_run` builds summary.json, the parquet files and report.md from config.json and the .jsonl
-logs alone, so a finished run, an interrupted one and one that died mid-step are closed the same way
-(the training loop calls it at the end; `sarkd-diag report` calls it on any run directory).
+The bottom layer every other one reads and writes through; closing a run (summary, reports, figures)
+is closing.py's, one layer up, since it needs the diagnosis and the renderers.
 """
 
 from __future__ import annotations
@@ -198,39 +197,3 @@ def final_figures(metrics: pd.DataFrame) -> dict:
         "lost_update_fraction": number_or_none(train["lost_update_fraction"].median())
         if "lost_update_fraction" in train else None,
     }
-
-
-def finalize_run(run_dir: str | Path, status: str) -> dict:
-    """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
-    options ask for it) the TensorBoard export from the run's own logs."""
-    from .diagnose import diagnose
-    from .plots import write_run_plots
-    from .report import write_html_report, write_report
-    from .tensorboard_export import export_tensorboard
-
-    if status not in STATUSES:
-        raise ValueError(f"status {status!r} not in {STATUSES}")
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics, events = load_metrics(run_dir), load_events(run_dir)
-    train = metrics[metrics["split"] == "train"]
-    metrics.to_parquet(run_dir / "metrics.parquet", index=False)
-    events.to_parquet(run_dir / "events.parquet", index=False)
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "status": status,
-        "steps_completed": int(train["step"].max()) if len(train) else 0,
-        "precision": config["precision"],
-        "final": final_figures(metrics),
-        "event_counts": {k: int(v) for k, v in events["kind"].value_counts().items()},
-        "diagnosis": diagnose(events, metrics, config),
-        "run_dir": str(run_dir),
-    }
-    write_json_atomic(run_dir / "summary.json", summary)
-    write_report(run_dir, summary, config, metrics, events)
-    write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run",
-                    activations=load_activations(run_dir))
-    write_html_report(run_dir, summary, metrics, events)
-    if (config.get("options") or {}).get("report_to") == "tensorboard":
-        export_tensorboard(run_dir, summary)
-    return summary

@@ -1,6 +1,6 @@
 """`--report-to tensorboard`: a run's metrics and events written with TensorBoard's own `SummaryWriter`.
 
-The export is made from the run directory's logs when the run is closed (`rundir.finalize_run`), so
+The export is made from the run directory's logs when the run is closed (`closing.finalize_run`), so
 `sarkd-diag report RUN_DIR` writes it again for any run whose options ask for it. RUN_DIR/tensorboard/ is
 rebuilt whole each time: the logs are the truth, and a rebuilt run never shows a step twice.
 

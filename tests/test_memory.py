@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sarkd_diag.memory import estimate_memory, estimate_mode, format_breakdown, model_shape, shape_from_config
+from sarkd_diag.train.memory import estimate_memory, estimate_mode, format_breakdown, model_shape, shape_from_config
 
 
 @pytest.fixture(scope="module")

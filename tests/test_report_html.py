@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from sarkd_diag import Probes
-from sarkd_diag.rundir import finalize_run, load_events
+from sarkd_diag.closing import finalize_run
+from sarkd_diag.rundir import load_events
 
 
 class Page(HTMLParser):

@@ -356,7 +356,7 @@ class Probes:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
         self.set.close()
         if self.run_dir is not None and not self._closed:
-            from ..rundir import finalize_run
+            from ..closing import finalize_run
 
             self._closed = True
             self.events.close()

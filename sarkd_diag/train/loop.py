@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
+from ..closing import finalize_run
 from ..config import DistillConfig
 from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
@@ -44,8 +44,9 @@ from ..numerics import dtype_name
 from ..precision import Capabilities, Precision, detect_capabilities, make_precision, resolve_mode
 from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
-from ..rundir import finalize_run, write_json_atomic
+from ..rundir import write_json_atomic
 from ..ui import TrainingDisplay
+from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks

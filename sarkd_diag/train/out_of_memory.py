@@ -63,7 +63,7 @@ def _memory_breakdown(cfg: DistillConfig, mode: str, teacher: nn.Module, student
                      device: torch.device) -> str:
     """estimate-memory's breakdown for this run, and on CUDA what the allocator holds."""
     try:
-        from ..memory import estimate_mode, format_breakdown, model_shape
+        from .memory import estimate_mode, format_breakdown, model_shape
 
         text = format_breakdown(estimate_mode(
             mode, model_shape(teacher, cfg.teacher_model, cfg.router_patterns),

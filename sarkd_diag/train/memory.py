@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import DistillConfig
-from .errors import BadInput
-from .precision import MODES, canonical_mode
+from ..config import DistillConfig
+from ..errors import BadInput
+from ..precision import MODES, canonical_mode
 
 GIB = 2**30
 PARTS = ("teacher_weights", "student_weights", "gradients", "master_weights", "optimizer_state", "activations")
@@ -57,7 +57,7 @@ class ModelShape:
 
 def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None) -> ModelShape:
     """The shape of a model, loaded or on the meta device; router parameters as SAR-KD finds them."""
-    from .train.router import find_routers
+    from .router import find_routers
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     hidden = _config_value(config, "hidden_size", "n_embd", "d_model", default=0)
@@ -80,7 +80,7 @@ def shape_from_config(name: str, trust_remote_code: bool = False,
     """A model's shape from its config alone: built on the meta device, no weights read or allocated."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .train.models import model_load_error, resolve_model_source
+    from .models import model_load_error, resolve_model_source
 
     source = resolve_model_source(name)
     try:
@@ -170,7 +170,7 @@ class MemoryReport:
     @property
     def notes(self) -> list[str]:
         notes = sorted({n for e in self.estimates for n in e.notes})
-        return notes + ["activations are an estimate (see sarkd_diag/memory.py); the CUDA context "
+        return notes + ["activations are an estimate (see sarkd_diag/train/memory.py); the CUDA context "
                         "(~0.3-0.5 GiB) and allocator slack come on top"]
 
     def to_dict(self) -> dict:

@@ -1,0 +1,59 @@
+"""Closing a run directory: summary.json, the parquet files, report.md, the figures, report.html and the
+TensorBoard export, built from config.json and the .jsonl logs alone.
+
+So a finished run, an interrupted one and one that died mid-step are closed the same way: the training
+loop and `Probes` call `finalize_run` at the end, `sarkd-diag report` on any run directory, compare-precision
+on a mode whose process died.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .rundir import (
+    SCHEMA_VERSION,
+    STATUSES,
+    final_figures,
+    load_activations,
+    load_events,
+    load_metrics,
+    write_json_atomic,
+)
+
+
+def finalize_run(run_dir: str | Path, status: str) -> dict:
+    """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
+    options ask for it) the TensorBoard export from the run's own logs. The renderers are imported here, when
+    a run closes, so that importing the training loop does not load matplotlib."""
+    from .diagnose import diagnose
+    from .plots import write_run_plots
+    from .report import write_html_report, write_report
+    from .tensorboard_export import export_tensorboard
+
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} not in {STATUSES}")
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics, events = load_metrics(run_dir), load_events(run_dir)
+    train = metrics[metrics["split"] == "train"]
+    metrics.to_parquet(run_dir / "metrics.parquet", index=False)
+    events.to_parquet(run_dir / "events.parquet", index=False)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "steps_completed": int(train["step"].max()) if len(train) else 0,
+        "precision": config["precision"],
+        "final": final_figures(metrics),
+        "event_counts": {k: int(v) for k, v in events["kind"].value_counts().items()},
+        "diagnosis": diagnose(events, metrics, config),
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    write_report(run_dir, summary, config, metrics, events)
+    write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run",
+                    activations=load_activations(run_dir))
+    write_html_report(run_dir, summary, metrics, events)
+    if (config.get("options") or {}).get("report_to") == "tensorboard":
+        export_tensorboard(run_dir, summary)
+    return summary
