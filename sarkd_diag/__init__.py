@@ -1,6 +1,6 @@
 """sarkd-diag: precision debugging for knowledge distillation of causal language models."""
 
-from .config import DistillConfig  # light: no torch, no pandas
+from .config import DistillConfig, with_config_options  # light: no torch, no pandas
 from .version import __version__
 
 _LAZY = {"Probes": ("probes", "Probes"), "load_run": ("rundir", "load_run")}
@@ -18,11 +18,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def distill(config=None, **options):
-    """Run knowledge distillation (see sarkd_diag.train.loop.distill)."""
+@with_config_options
+def distill(config: DistillConfig | None = None, *, quiet: bool = False, **options):
+    """Distil a teacher into a student (the embedded default without arguments); returns the run's result
+    (run_dir, status, summary, exit_code). `quiet`: no console output."""
     from .train.loop import distill as _distill
 
-    return _distill(config, **options)
+    return _distill(config, quiet=quiet, **options)
 
 
 def compare_precision(modes=None, **options):

@@ -256,3 +256,21 @@ def build_config(cli_options: dict[str, Any], config_file: str | Path | None = N
         return DistillConfig(**merged).validate()
     except TypeError as exc:
         raise BadInput(f"invalid options: {exc}") from None
+
+
+def with_config_options(func):
+    """Give `func(config=None, *, ..., **options)` the explicit keyword signature of DistillConfig's fields
+    (name, type, default) and a docstring that lists them: what `help()`, IPython's `?` and notebook
+    completion show, from the one place the options are defined."""
+    import inspect
+
+    signature = inspect.signature(func)
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params += [inspect.Parameter(f.name, keyword, default=f.default, annotation=FIELD_TYPES[f.name])
+               for f in fields(DistillConfig) if f.name not in taken]
+    func.__signature__ = signature.replace(parameters=params)
+    lines = [f"    {f.name} = {f.default!r}: {f.metadata.get('help', '')}" for f in fields(DistillConfig)]
+    func.__doc__ = (func.__doc__ or "").rstrip() + "\n\n    Options (DistillConfig's fields):\n" + "\n".join(lines)
+    return func

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..closing import finalize_run
-from ..config import DistillConfig
+from ..config import DistillConfig, with_config_options
 from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
 from ..numerics import dtype_name
@@ -799,11 +799,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def distill(config: DistillConfig | None = None, *, display: TrainingDisplay | None = None,
+@with_config_options
+def distill(config: DistillConfig | None = None, *, quiet: bool = False, display: TrainingDisplay | None = None,
             **options) -> RunResult:
     """Distil a teacher into a student (the embedded default without arguments); returns the run's result.
 
-    Options are DistillConfig's fields: `distill(student_model="gpt2", precision="mixed", train_steps=100)`.
+    `distill(student_model="gpt2", precision="mixed", train_steps=100)`, or a DistillConfig. `quiet`: no
+    console output (the run directory is written as always).
     """
     config = (config or DistillConfig(**options)).validate()
-    return Trainer(config, display).train()
+    return Trainer(config, display or TrainingDisplay(quiet=quiet, log_every=config.log_every)).train()
