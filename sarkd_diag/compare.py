@@ -27,8 +27,8 @@ from rich.console import Console
 from .closing import finalize_run
 from .config import SET_BY_COMPARE, DistillConfig
 from .errors import BadInput
+from .modes import MODE_NAMES, MODEL_DTYPE_FAMILY, canonical_mode, detect_capabilities, resolve_mode
 from .numerics import number_or_none
-from .precision import MODEL_DTYPE_FAMILY, MODES, canonical_mode, detect_capabilities, resolve_mode
 from .report import rich_table
 from .rundir import COMPARISON_COLUMNS as COLUMNS
 from .rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
@@ -80,14 +80,14 @@ def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None
         requested = [requested]
     names = [n.strip() for item in requested or [] for n in item.split(",") if n.strip()]
     if not names:
-        family = MODEL_DTYPE_FAMILY.get(model_dtype, tuple(MODES))
-        return [m for m in MODES if m in caps.runnable_modes and m in family]
+        family = MODEL_DTYPE_FAMILY.get(model_dtype, tuple(MODE_NAMES))
+        return [m for m in MODE_NAMES if m in caps.runnable_modes and m in family]
     modes = []
     for name in names:
         try:
             mode = canonical_mode(name)
             if mode == "auto":
-                raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODES))
+                raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODE_NAMES))
             resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
         except BadInput as exc:  # precision.py speaks of --precision: here the user typed --modes
             text = str(exc).replace("--precision ", "--modes ")

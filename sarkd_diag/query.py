@@ -25,8 +25,8 @@ from rich.table import Table
 
 from .errors import BadInput
 from .events import KINDS, SEVERITIES, events_frame
+from .modes import MODE_NAMES
 from .numerics import number_or_none
-from .precision import MODES
 from .rundir import final_figures, load_events, load_metrics
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
@@ -75,7 +75,7 @@ def find_runs(path: str | Path) -> list[Run]:
     path = _directory(path)
     if is_run_dir(path):
         return [Run(path)]
-    order = {mode: i for i, mode in enumerate(MODES)}
+    order = {mode: i for i, mode in enumerate(MODE_NAMES)}
     runs = sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
                   key=lambda p: (order.get(p.name, len(order)), p.name))
     if not runs:

@@ -40,8 +40,9 @@ from ..closing import finalize_run
 from ..config import DistillConfig, with_config_options
 from ..errors import BadInput
 from ..events import EventLog, JsonlLog, NullLog, events_file_name
+from ..modes import Capabilities, detect_capabilities, resolve_mode
 from ..numerics import dtype_name
-from ..precision import Capabilities, Precision, detect_capabilities, make_precision, resolve_mode
+from ..precision import Precision, make_precision
 from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
 from ..rundir import write_json_atomic

@@ -23,7 +23,8 @@ from torch import nn
 
 from ..config import DistillConfig
 from ..errors import BadInput
-from ..precision import MODES, canonical_mode
+from ..modes import MODE_NAMES, canonical_mode
+from ..precision import MODES
 
 GIB = 2**30
 PARTS = ("teacher_weights", "student_weights", "gradients", "master_weights", "optimizer_state", "activations")
@@ -186,10 +187,10 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     with models already loaded, `estimate_mode(mode, model_shape(teacher), model_shape(student), ...)`.
     """
     cfg = (config or DistillConfig(**options)).validate()
-    chosen = [canonical_mode(m) for item in (modes or list(MODES)) for m in item.split(",") if m.strip()]
+    chosen = [canonical_mode(m) for item in (modes or list(MODE_NAMES)) for m in item.split(",") if m.strip()]
     if "auto" in chosen:
         raise BadInput("estimate-memory needs explicit modes (what auto picks depends on the device): "
-                       + ", ".join(MODES))
+                       + ", ".join(MODE_NAMES))
     for pattern in cfg.router_patterns or []:  # checked first: any later error is about loading a model
         try:
             re.compile(pattern)
