@@ -137,7 +137,7 @@ class TrainingDisplay:
         kind, severity = event.kind, event.severity
         message = str(event.message or "")
         if kind == "policy_skip":
-            self.actions["restored" if "put back" in message or "undone" in message else "skipped"] += 1
+            self.actions["restored" if getattr(event, "code", None) == "skip_undone_update" else "skipped"] += 1
         elif kind == "policy_rollback":
             self.actions["rolled back"] += 1
         if self.quiet:

@@ -82,7 +82,8 @@ class NonFinitePolicy:
                 "a non-finite gradient on another rank"
             events.record("policy_skip", "warning", f"gradient norm {float(grad_norm)} at step {step} "
                           f"({where}): the step was skipped before the optimizer ran", step=step,
-                          phase="policy", model=model, tensor=name, value=float(grad_norm))
+                          phase="policy", model=model, tensor=name, value=float(grad_norm),
+                          code="skip_nonfinite_gradients")
             return False
         self.snapshot.take()
         return True
@@ -96,7 +97,7 @@ class NonFinitePolicy:
             self.weights_finite, row["skipped"] = True, 1
             events.record("policy_skip", "warning", f"non-finite weights after step {step}: the step's update "
                           "was undone (weights and optimizer state put back from the pre-step copy)",
-                          step=step, phase="policy")
+                          step=step, phase="policy", code="skip_undone_update")
         self.skip_streak = self.skip_streak + 1 if row["skipped"] else 0
         if not self.weights_finite and self.name == "rollback":
             why_not = self._rollback(step, events)

@@ -21,9 +21,10 @@ def _display(log_every=None, terminal=False) -> tuple[TrainingDisplay, io.String
     return TrainingDisplay(console=console, log_every=log_every), out
 
 
-def _event(kind, severity="info", message="", step=0, phase="setup", model=None, module=None, tensor=None):
+def _event(kind, severity="info", message="", step=0, phase="setup", model=None, module=None, tensor=None,
+           code=None):
     return SimpleNamespace(kind=kind, severity=severity, message=message, step=step, phase=phase, model=model,
-                           module=module, tensor=tensor)
+                           module=module, tensor=tensor, code=code or kind)
 
 
 def _summary(steps=4, diagnosis=(), counts=None, status="completed", first=500.0, last=300.0, skipped=0,
@@ -63,8 +64,8 @@ def test_policy_skips_are_told_and_counted_in_the_panel():
 
 def test_restored_and_rolled_back_steps_are_counted_apart():
     display, out = _display()
-    display.alert(_event("policy_skip", "warning", "non-finite weights after step 2: the step's update was undone "
-                         "(weights and optimizer state put back from the pre-step copy)", step=2, phase="policy"))
+    display.alert(_event("policy_skip", "warning", "the step's update was taken back", step=2, phase="policy",
+                         code="skip_undone_update"))  # the code decides, not the wording
     display.alert(_event("policy_rollback", "warning", "rolled back to step-00000002", step=4, phase="policy"))
     display.summary(_summary(steps=6, skipped=1))
     text = out.getvalue()
