@@ -149,7 +149,7 @@ class TrainingDisplay:
             self._alerted = True
             self.console.print(f"[bold red]CRITICAL[/] step {event.step} {kind}{at}: {text}")
             return
-        resumed = kind == "setup_note" and message.startswith("resumed from")
+        resumed = getattr(event, "code", None) == "resumed"
         setup = getattr(event, "phase", "setup") == "setup"
         if not (kind in DECISIONS or resumed or (severity == "warning" and (setup or not self._notices[kind]))):
             return

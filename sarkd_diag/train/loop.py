@@ -369,7 +369,7 @@ def open_logs(run: Run, world: World, resumed: Resumed | None, notes: list[dict]
         return logs
     record_fallbacks(logs.events, resumed.fallbacks, resumed.checkpoint, resumed.step)
     logs.events.record("setup_note", "info", f"resumed from {resumed.checkpoint} at step {resumed.step} of "
-                       f"{run.config.train_steps}", step=resumed.step)
+                       f"{run.config.train_steps}", step=resumed.step, code="resumed")
     return logs
 
 

@@ -40,7 +40,8 @@ def test_setup_warnings_and_decisions_are_one_line_notices():
     display.alert(_event("no_router", "warning", "teacher t has no MoE router: plain KD", model="teacher"))
     display.alert(_event("setup_note", "warning", "--on-nonfinite rollback without --save-steps: no checkpoint"))
     display.alert(_event("dual_tokenizer", message="teacher and student tokenize differently"))
-    display.alert(_event("setup_note", message="resumed from checkpoints/step-00000030 at step 30 of 60", step=30))
+    display.alert(_event("setup_note", message="resumed from checkpoints/step-00000030 at step 30 of 60", step=30,
+                         code="resumed"))
     lines = out.getvalue().splitlines()
     assert lines == [
         "warning: no_router in teacher: teacher t has no MoE router: plain KD",
