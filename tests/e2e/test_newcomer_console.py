@@ -171,6 +171,18 @@ def test_a_resumed_run_says_so(cli, tiny_args):
     assert "note: step 2 setup_note: resumed from" in out
 
 
+def test_a_run_whose_steps_the_policy_undoes_says_so_as_it_happens_and_counts_them(cli, tiny_args):
+    """pure-fp16 with eps=1e-8 (0 in fp16) makes every update non-finite; --on-nonfinite skip undoes each."""
+    args = [*tiny_args, "--train-steps", "3", "--eval-steps", "3", "--precision", "pure-fp16",
+            "--on-nonfinite", "skip"]
+    code, out, err = cli("train", *args)
+    assert code == 1, err  # the diagnosis is critical
+    assert [f"warning: step {n} policy_skip" in out for n in (1, 2, 3)] == [True] * 3
+    text = " ".join(re.sub("[│╭╮╰╯─]", " ", out).split())  # the panel wraps at the console's width
+    assert "3 steps undone (weights restored from the pre-step copy) (of 3 steps)" in text
+    assert "critical optimizer_eps_underflow at step 1 in student" in text
+
+
 @pytest.mark.parametrize("value", ["-1", "x"])
 def test_log_every_is_validated(cli, tiny_args, value):
     code, _, err = cli("train", *tiny_args, "--log-every", value)
