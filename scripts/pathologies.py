@@ -196,16 +196,9 @@ class World:
 
 
 def build_world(root: Path) -> World:
-    """A corpus, a tokenizer, a tiny GPT-2 student, a tiny Mixtral teacher and a dense GPT-2 teacher, on disk."""
-    root.mkdir(parents=True, exist_ok=True)
-    train = tiny.write_corpus(root / "train.txt", 300, seed=0)
-    valid = tiny.write_corpus(root / "valid.txt", 30, seed=1)
-    tokenizer = tiny.make_tokenizer(train)
-    vocab = len(tokenizer)
-    student = tiny.save(tiny.make_gpt2(vocab), tokenizer, root / "student")
-    teacher = tiny.save(tiny.make_mixtral(vocab), tokenizer, root / "teacher")
-    dense_teacher = tiny.save(tiny.make_gpt2(vocab, seed=3), tokenizer, root / "dense_teacher")
-    return World(root, train, valid, tokenizer, student, teacher, dense_teacher)
+    """The tests' tiny world (tests/tiny.py): corpus, tokenizer, student, MoE and dense teachers, on disk."""
+    w = tiny.write_world(root)
+    return World(root, w["train"], w["valid"], w["tokenizer"], w["student"], w["teacher"], w["dense_teacher"])
 
 
 def token_batches(world: World, steps: int, batch: int = 2, block: int = 16) -> list[torch.Tensor]:

@@ -15,18 +15,11 @@ import tiny  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> dict[str, Path]:
     """A corpus, a tokenizer, a tiny GPT-2 student and a tiny Mixtral teacher, all on disk."""
-    root = tmp_path_factory.mktemp("tiny_world")
-    train = tiny.write_corpus(root / "train.txt", 300, seed=0)
-    valid = tiny.write_corpus(root / "valid.txt", 30, seed=1)
-    tokenizer = tiny.make_tokenizer(train)
-    vocab = len(tokenizer)
-    student = tiny.save(tiny.make_gpt2(vocab), tokenizer, root / "student")
-    teacher = tiny.save(tiny.make_mixtral(vocab), tokenizer, root / "teacher")
-    other_tokenizer = tiny.make_tokenizer(train, vocab_size=320)
-    dual_student = tiny.save(tiny.make_gpt2(len(other_tokenizer), seed=2), other_tokenizer, root / "dual_student")
-    dense_teacher = tiny.save(tiny.make_gpt2(vocab, seed=3), tokenizer, root / "dense_teacher")
-    return {"root": root, "train": train, "valid": valid, "student": student, "teacher": teacher,
-            "dual_student": dual_student, "dense_teacher": dense_teacher}
+    world = tiny.write_world(tmp_path_factory.mktemp("tiny_world"))
+    other_tokenizer = tiny.make_tokenizer(world["train"], vocab_size=320)
+    dual_student = tiny.save(tiny.make_gpt2(len(other_tokenizer), seed=2), other_tokenizer,
+                             world["root"] / "dual_student")
+    return {**{k: v for k, v in world.items() if k != "tokenizer"}, "dual_student": dual_student}
 
 
 @pytest.fixture

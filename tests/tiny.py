@@ -74,3 +74,17 @@ def make_gpt2_untied(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: 
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
                         tie_word_embeddings=False)
     return GPT2LMHeadModel(config)
+
+
+def write_world(root: Path) -> dict:
+    """A corpus, a tokenizer, a tiny GPT-2 student, a tiny Mixtral teacher and a dense GPT-2 teacher on disk:
+    what the tests and scripts/pathologies.py train on."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = write_corpus(root / "train.txt", 300, seed=0)
+    valid = write_corpus(root / "valid.txt", 30, seed=1)
+    tokenizer = make_tokenizer(train)
+    vocab = len(tokenizer)
+    return {"root": root, "train": train, "valid": valid, "tokenizer": tokenizer,
+            "student": save(make_gpt2(vocab), tokenizer, root / "student"),
+            "teacher": save(make_mixtral(vocab), tokenizer, root / "teacher"),
+            "dense_teacher": save(make_gpt2(vocab, seed=3), tokenizer, root / "dense_teacher")}
