@@ -221,7 +221,8 @@ class Probes:
                                          activations_log=activations))
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
+        self._steps_recorded = 0
         self._closed = False
         first_step = 1
         if self.run_dir is not None:
@@ -282,10 +283,12 @@ class Probes:
         row = {"step": step, "split": "train", "loss": None,
                "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
-        if not self.rows:
+        if not self._steps_recorded:
             self._check_requested_autocast()
-        self.rows.append(row)
-        if self.run_dir is not None:
+        self._steps_recorded += 1
+        if self.run_dir is None:
+            self.rows.append(row)
+        else:
             self._metrics.write_line(json.dumps(row))
             if self.ctx.autocast is not self._autocast_written:
                 self._write_config()  # a training forward showed autocast: the mode is known now
@@ -310,9 +313,11 @@ class Probes:
 
         from ..diagnose import diagnose
         from ..events import events_frame
+        from ..rundir import load_metrics
 
         frame = events_frame(e.__dict__ for e in self.events.events)
-        return diagnose(frame, pd.DataFrame(self.rows), self._config())
+        metrics = pd.DataFrame(self.rows) if self.run_dir is None else load_metrics(self.run_dir)
+        return diagnose(frame, metrics, self._config())
 
     def precision_info(self) -> dict:
         """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
