@@ -47,9 +47,10 @@ class ForwardProbe(Probe):
             self.ctx.training_forward[model_name] = training
             if not training:
                 return
-            device = next(model.parameters(), torch.empty(0)).device.type
-            if self._trainable[model_name] and torch.is_autocast_enabled(device):
-                self.ctx.autocast = torch.get_autocast_dtype(device)
+            if self._trainable[model_name]:
+                device = next(model.parameters()).device.type
+                if torch.is_autocast_enabled(device):
+                    self.ctx.autocast = torch.get_autocast_dtype(device)
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():
