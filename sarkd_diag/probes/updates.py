@@ -35,7 +35,7 @@ class UpdateProbe(Probe):
         super().__init__(ctx)
         self._moving: list = []  # this step's tensors meant to move, weight matrices first
         self._layout: tuple | None = None  # (ids of the moving tensors, sample lengths, matrices, numel per sample)
-        self._lr: dict[int, float] = {}
+        self._group_of: dict[int, dict] = {}  # id of a parameter: its optimizer parameter group
         self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
         self._before: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (before, after) samples of the last step
@@ -54,9 +54,8 @@ class UpdateProbe(Probe):
         frozen = tuple(g.get("lr", 1.0) == 0 for g in groups)
         if frozen != self._frozen_groups or not self._moving:  # chosen again only when a group starts or stops
             self._frozen_groups = frozen
-            self._lr = {id(p): g for g in groups for p in g["params"]}
-            watched = [w for w in self.ctx.watched if id(w.param) not in self._lr or self._lr[id(w.param)].get(
-                "lr", 1.0) != 0]
+            self._group_of = {id(p): g for g in groups for p in g["params"]}
+            watched = [w for w in self.ctx.watched if self._group_of.get(id(w.param), {}).get("lr", 1.0) != 0]
             self._moving = sorted(watched, key=lambda w: w.param.dim() < 2)
         return self._moving
 
@@ -127,7 +126,7 @@ class UpdateProbe(Probe):
             self._reported_extreme = True
             index, largest = self._largest_change()
             w = self._moving[index]
-            lr = self._lr[id(w.param)].get("lr") if id(w.param) in self._lr else None
+            lr = self._group_of.get(id(w.param), {}).get("lr")
             self.ctx.events.record(
                 "extreme_update", "warning",
                 f"step {self.ctx.step} changed the weight matrices by {overall:.3g}× their size (‖Δw‖/‖w‖; healthy "

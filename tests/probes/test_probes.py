@@ -250,3 +250,27 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
     assert (run["metrics"]["lr"] == 1e-3).all() and run["metrics"]["kd_loss"].isna().all()  # unknown here: null
     assert_run_dir(tmp_path / "mine")
     assert_conforms(tmp_path / "mine")
+
+
+def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
+    """‖Δw‖/‖w‖ over the matrices (biases left out), and an extreme step named at its tensor with its lr."""
+    model = Net()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)  # each weight moves by exactly lr = 0.1: ratio 0.1 / 0.5
+        opt.step()
+        row = probes.step()
+        assert row["update_ratio"] == pytest.approx(0.2)
+        opt.param_groups[0]["lr"] = 5.0  # a step ten times the weights' size
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        row = probes.step()
+    assert row["update_ratio"] == pytest.approx(5.0 / 0.4, rel=1e-5)  # the weights were 0.5 - 0.1 = 0.4
+    (event,) = _events(probes, "extreme_update")
+    assert (event.step, event.model, event.severity) == (2, "student", "warning")
+    assert event.tensor.endswith(".weight") and "at lr 5" in event.message
