@@ -34,7 +34,8 @@ SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_colla
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
-WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling during training: updates are inflated, not trained
+WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
+WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -194,12 +195,13 @@ class RunRecord:
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
     def weight_growth(self) -> float | None:
-        """How many times the largest weight grew from the first step to its largest finite reading."""
+        """How many times the largest weight grew, at most, within WEIGHT_GROWTH_WINDOW steps (finite readings)."""
         amax = self.train_column("param_amax")
-        amax = amax[amax.map(math.isfinite)]
-        if len(amax) < 2 or amax.iloc[0] <= 0:
+        amax = amax[amax.map(math.isfinite) & (amax > 0)]
+        if len(amax) < 2:
             return None
-        return float(amax.max() / amax.iloc[0])
+        earlier = amax.rolling(WEIGHT_GROWTH_WINDOW, min_periods=1).min().shift(1)
+        return float((amax / earlier).max())
 
     def updates_inflated(self) -> bool:
         """An optimizer step far beyond healthy training, or the weights growing: updates are not being lost."""

@@ -175,3 +175,14 @@ def test_a_diagnosis_prints_readably_and_holds_plain_numbers():
     assert "update_underflow (warning) at step 3 in student h.0.w" in text and "np." not in text
     assert "lost_update_fraction=0.9" in text and "fix:" in text
     assert repr(causes(log())) == "Diagnosis: no numerical problems found"
+
+
+def test_slow_weight_growth_over_a_long_run_is_not_inflation():
+    """A weight that doubles over hundreds of healthy steps is training; doubling within ten steps is not."""
+    frame = log({"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "w",
+                 "value": 0.4, "dtype": "bfloat16"})
+    steps = list(range(1, 301))
+    slow = pd.DataFrame({"step": steps, "split": "train", "param_amax": [1.0 + s / 100 for s in steps]})  # ×4
+    assert [c["cause"] for c in causes(frame, slow, mode="pure-bf16")] == ["update_underflow"]
+    fast = slow.assign(param_amax=[1.0] * 150 + [3.0] * 150)
+    assert causes(frame, fast, mode="pure-bf16") == []  # inflated: no lost-update claim
