@@ -1,9 +1,6 @@
-"""The two kinds of failure a user sees: their input was wrong (exit 2), or a run found a problem (exit 1)."""
+"""Bad input, the one failure raised as an exception: a run that finds a problem ends with exit 1 through
+its status (train/loop.py `exit_code`), not by raising."""
 
 
 class BadInput(ValueError):
     """The user's input cannot work: the CLI prints the message as one line and exits 2."""
-
-
-class RunFailed(RuntimeError):
-    """A run ended because of what it found (a policy stop, a critical diagnosis): exit 1."""
