@@ -66,13 +66,14 @@ class LossProbe(Probe):
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly: it replaces the losses read from the outputs; its
-        target count comes from `labels`, else from the labels the model was called with this step."""
+        target count comes from `labels`, else from the labels the model was called with this step — the
+        fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
         captured = [targets for _, targets in self._captured if targets is not None]
         self._captured = []
         if labels is not None:
             targets = count_targets(labels)
         else:
-            targets = torch.stack(captured).sum() if captured else None
+            targets = torch.stack(captured).min() if captured else None
         self.observe({"loss": loss}, targets)
 
     def begin_step(self) -> None:

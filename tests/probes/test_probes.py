@@ -274,3 +274,26 @@ def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     (event,) = _events(probes, "extreme_update")
     assert (event.step, event.model, event.severity) == (2, "student", "warning")
     assert event.tensor.endswith(".weight") and "at lr 5" in event.message
+
+
+def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss():
+    """The caller hands over the accumulated loss without labels; the model saw them: one empty micro-batch
+    of two makes the step's loss 0/0, and that is nonfinite_input, not a blow-up."""
+    import tiny
+
+    model = tiny.make_gpt2(64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(1, 64, (2, 16))
+    with Probes(model, optimizer=opt) as probes:
+        for step in (1, 2):
+            total = 0.0
+            for micro in (1, 2):
+                labels = torch.full_like(x, -100) if (step, micro) == (2, 2) else x
+                loss = model(input_ids=x, labels=labels).loss / 2
+                loss.backward()
+                total = total + loss.detach()
+            opt.step()
+            probes.step(loss=total)
+            opt.zero_grad()
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2)
