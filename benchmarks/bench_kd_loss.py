@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sarkd_diag.contract.numerics import dtype_name
 from sarkd_diag.train.losses import kd_loss_sum
 
 TEMPERATURE = 2.0
@@ -77,7 +78,7 @@ def measure_memory_in_subprocess(variant, args):
 
 
 def shape_args(args):
-    dtype = str(args.dtype).removeprefix("torch.")
+    dtype = dtype_name(args.dtype)
     return [f"--batch={args.batch}", f"--length={args.length}", f"--vocab={args.vocab}", f"--dtype={dtype}"]
 
 

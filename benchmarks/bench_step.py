@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from pairs import PAIRS  # noqa: E402
 
 from sarkd_diag import distill, load_run  # noqa: E402
+from sarkd_diag.presentation.ui import TrainingDisplay  # noqa: E402
 from sarkd_diag.train.models import resolve_model_source  # noqa: E402
-from sarkd_diag.ui import TrainingDisplay  # noqa: E402
 
 SHAPES = {"tiny": (8, 64), "gpt2": (1, 128)}  # batch, block
 TEMPERATURE, ALPHA_KD, ALPHA_CE, LR = 2.0, 0.5, 0.5, 1e-4

@@ -199,7 +199,7 @@ def cmd_speed(args) -> int:
     from pairs import PAIRS
 
     from sarkd_diag import distill, load_run
-    from sarkd_diag.ui import TrainingDisplay
+    from sarkd_diag.presentation.ui import TrainingDisplay
 
     s = settings(args.device)
     cuda = args.device.startswith("cuda")

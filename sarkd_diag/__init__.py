@@ -1,9 +1,9 @@
 """sarkd-diag: precision debugging for knowledge distillation of causal language models."""
 
-from .config import DistillConfig, with_config_options  # light: no torch, no pandas
-from .version import __version__
+from .contract.config import DistillConfig, with_config_options  # light: no torch, no pandas
+from .contract.version import __version__
 
-_LAZY = {"Probes": ("probes", "Probes"), "load_run": ("rundir", "load_run")}
+_LAZY = {"Probes": ("probes", "Probes"), "load_run": ("contract.rundir", "load_run")}
 
 
 def __getattr__(name: str):

@@ -23,8 +23,8 @@ from typing import Any, ClassVar, get_args, get_origin
 import typer
 from typer.models import ParamMeta
 
-from .config import FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
-from .errors import BadInput
+from .contract.config import FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
+from .contract.errors import BadInput
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -37,7 +37,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _version(value: bool) -> None:
     if value:
-        from .version import __version__
+        from .contract.version import __version__
 
         typer.echo(f"sarkd-diag {__version__}")
         raise typer.Exit()
@@ -192,8 +192,8 @@ def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
         return _launch_torchrun(cfg.nproc, given_args(ctx))
     _check_resumable(cfg)
+    from .presentation.ui import TrainingDisplay
     from .train.loop import distill
-    from .ui import TrainingDisplay
 
     result = distill(cfg, display=TrainingDisplay(log_every=cfg.log_every))
     return result.exit_code
@@ -213,7 +213,7 @@ def _check_resumable(cfg: DistillConfig) -> None:
         return
     if not isinstance(recorded, dict):
         return
-    from .rundir import differing_options
+    from .contract.rundir import differing_options
 
     if differing_options(recorded, cfg.to_dict()):
         return  # trained with other options: that is what to say first (the run directory's check)
@@ -256,7 +256,7 @@ def _launch_torchrun(nproc: int, args: list[str]) -> int:
 @app.command()
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for programs.")) -> int:
     """The device, the modes it runs, what `auto` picks and why, embedded models and versions."""
-    from .environment import environment_report, print_environment
+    from .presentation.environment import environment_report, print_environment
 
     report = environment_report()
     if as_json:
@@ -286,8 +286,8 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 
 
 def _rebuild_run(run_dir: Path) -> dict:
-    from .closing import finalize_run
-    from .rundir import STATUSES
+    from .contract.rundir import STATUSES
+    from .presentation.closing import finalize_run
 
     status = "crashed"
     summary_path = run_dir / "summary.json"
@@ -321,7 +321,7 @@ def compare_precision_command(
 ) -> int:
     """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
     from .compare import compare_precision
-    from .config import read_config_file
+    from .contract.config import read_config_file
 
     options = given_options(ctx)
     given = read_config_file(config) if config else {}
@@ -359,7 +359,7 @@ def events(
 
     Names (kinds, severity, model, format) are case-insensitive.
     """
-    from .query import FORMATS, EventFilter, RunEnded, follow_events, print_events, query_events
+    from .presentation.query import FORMATS, EventFilter, RunEnded, follow_events, print_events, query_events
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
@@ -395,7 +395,7 @@ def check(
                                               help="Final validation perplexity at most X."),
 ) -> int:
     """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
-    from .query import check_runs, expectations
+    from .presentation.query import check_runs, expectations
 
     checks = expectations(expect or [], max_skipped_steps, max_eval_ppl)
     failures, runs = check_runs(run_dir, checks)

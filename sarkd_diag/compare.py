@@ -5,7 +5,7 @@ continue`) from the same options — so the same initial weights, data order and
 run directory under OUT/runs/MODE/. A process per mode keeps peak memory apart (the CPU's peak resident
 set, or CUDA's max_memory_allocated, of that process alone) and means a mode that crashes is recorded
 as `failed (reason)` while the others still run. The table is read back from each run's summary.json and
-events; verdicts come from verdicts.py.
+events; verdicts come from analysis/verdicts.py.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console
 
-from .closing import finalize_run
-from .config import SET_BY_COMPARE, DistillConfig
-from .errors import BadInput
-from .modes import MODE_NAMES, MODEL_DTYPE_FAMILY, canonical_mode, detect_capabilities, resolve_mode
-from .numerics import number_or_none
-from .report import rich_table
-from .rundir import COMPARISON_COLUMNS as COLUMNS
-from .rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
-from .verdicts import THRESHOLDS, Verdict, verdict
+from .analysis.verdicts import THRESHOLDS, Verdict, verdict
+from .contract.config import SET_BY_COMPARE, DistillConfig
+from .contract.errors import BadInput
+from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, canonical_mode, detect_capabilities, resolve_mode
+from .contract.numerics import number_or_none
+from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
+from .contract.rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
+from .presentation.closing import finalize_run
+from .presentation.report import rich_table
 
 COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
@@ -89,7 +89,7 @@ def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None
             if mode == "auto":
                 raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODE_NAMES))
             resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
-        except BadInput as exc:  # precision.py speaks of --precision: here the user typed --modes
+        except BadInput as exc:  # train/precision.py speaks of --precision: here the user typed --modes
             text = str(exc).replace("--precision ", "--modes ")
             raise BadInput(text if "--modes" in text else f"--modes {name}: {text}") from None
         if mode not in modes:
@@ -210,8 +210,8 @@ def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summa
                   results: list[ModeRun]) -> list[str]:
     """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
     written."""
-    from .plots import has_loss_scale, plot_loss_curves, plot_loss_scale
-    from .report import cell, write_comparison_html, write_comparison_markdown, write_comparison_report
+    from .presentation.plots import has_loss_scale, plot_loss_curves, plot_loss_scale
+    from .presentation.report import cell, write_comparison_html, write_comparison_markdown, write_comparison_report
 
     table.to_parquet(out / "comparison.parquet", index=False)
     table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \

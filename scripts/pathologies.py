@@ -100,7 +100,7 @@ def _names(cause: dict, expected: str) -> bool:
 def foreign_flags(diagnosis: list[dict], via: str) -> list[str]:
     """Command-line flags in the fixes that the caller does not have: any `--flag` in a user loop (it has
     `Probes(...)` arguments, not `train`'s options), in the CLI a flag that is no `train` option."""
-    from sarkd_diag.config import FIELD_NAMES
+    from sarkd_diag.contract.config import FIELD_NAMES
 
     found = []
     for cause in diagnosis:

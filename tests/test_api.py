@@ -4,7 +4,7 @@ import dataclasses
 import inspect
 
 import sarkd_diag
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
 
 
 def test_distill_shows_every_option_with_its_default():

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from sarkd_diag.config import DistillConfig, build_config, read_config_file
-from sarkd_diag.errors import BadInput
+from sarkd_diag.contract.config import DistillConfig, build_config, read_config_file
+from sarkd_diag.contract.errors import BadInput
 
 
 def test_defaults_validate_and_name_the_embedded_models():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sarkd_diag import load_run
-from sarkd_diag.modes import detect_capabilities, resolve_mode
+from sarkd_diag.contract.modes import detect_capabilities, resolve_mode
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

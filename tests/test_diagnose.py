@@ -6,8 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from sarkd_diag.diagnose import FIXES, PHRASES, Cause, diagnose, rank
-from sarkd_diag.events import CODES, Event, events_frame
+from sarkd_diag.analysis.diagnose import FIXES, PHRASES, Cause, diagnose, rank
+from sarkd_diag.contract.events import CODES, Event, events_frame
 
 
 def log(*events: dict) -> pd.DataFrame:

@@ -17,10 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from sarkd_diag import diagnose, events, verdicts
+from sarkd_diag.analysis import diagnose, verdicts
 from sarkd_diag.compare import COLUMNS, OUTPUTS
+from sarkd_diag.contract import events
+from sarkd_diag.contract.rundir import STATUSES
 from sarkd_diag.probes import CALLERS, NOT_SEEN_IN_A_USER_LOOP, Probes
-from sarkd_diag.rundir import STATUSES
 from sarkd_diag.train.checkpoint import META, RUN_FILES, STATE, WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,8 @@ PROBES_SOURCE = ROOT / "sarkd_diag" / "probes"
 PATTERNS = [(re.compile(r"act_amax_\w+"), "act_amax_<model>"),
             (re.compile(r"expert_entropy_layer\w+"), "expert_entropy_layer<N>")]
 # modules whose module-level numeric constants are thresholds the doc's table must carry, with their values
-THRESHOLD_MODULES = ("numerics", "diagnose", "verdicts", "probes.base", "probes.gradients", "probes.loss",
-                     "probes.optimizer", "probes.scaler", "probes.updates", "train.policy")
+THRESHOLD_MODULES = ("contract.numerics", "analysis.diagnose", "analysis.verdicts", "probes.base", "probes.gradients",
+                     "probes.loss", "probes.optimizer", "probes.scaler", "probes.updates", "train.policy")
 
 
 def named(path: Path) -> set[str]:
@@ -58,8 +59,8 @@ def missing(names, doc: Path = RUN_DIRECTORY) -> list[str]:
 def train_run(tmp_path_factory) -> Path:
     """Two steps of the embedded default in pure-fp16 with every probe on every step: it writes the loop's
     columns, every probe's (the optimizer state is fp16: its underflow is measured) and an evaluation."""
+    from sarkd_diag.presentation.ui import TrainingDisplay
     from sarkd_diag.train.loop import distill
-    from sarkd_diag.ui import TrainingDisplay
 
     out = tmp_path_factory.mktemp("docs") / "run"
     distill(train_steps=2, eval_steps=1, precision="pure-fp16", probes="full", on_nonfinite="continue",

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 from images import png_size
 
-from sarkd_diag.plots import plot_loss_curves, plot_loss_scale, write_run_plots
+from sarkd_diag.presentation.plots import plot_loss_curves, plot_loss_scale, write_run_plots
 
 
 def metrics(losses, scales=None, skipped=None):
@@ -45,9 +45,9 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sarkd_diag.numerics import EXTREME_UPDATE_RATIO, FP16_MAX  # noqa: E402
-from sarkd_diag.plots import headroom_figure, run_figure, short_module_names  # noqa: E402
-from sarkd_diag.rundir import load_activations, load_metrics  # noqa: E402
+from sarkd_diag.contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX  # noqa: E402
+from sarkd_diag.contract.rundir import load_activations, load_metrics  # noqa: E402
+from sarkd_diag.presentation.plots import headroom_figure, run_figure, short_module_names  # noqa: E402
 
 
 def panel(fig, title_start):
@@ -163,6 +163,6 @@ def test_headroom_map_labels_every_kth_of_many_modules_and_shortens_long_names(t
     assert all(len(x) <= 38 for x in labels) and labels[0].startswith("0.self")
     short, prefix = short_module_names(["a.b.c", "a.b.d", "z"])
     assert (short, prefix) == (["a.b.c", "a.b.d", "z"], "")  # 2 of 3 share `a.b.`: below 90%, nothing dropped
-    from sarkd_diag.plots import plot_fp16_headroom
+    from sarkd_diag.presentation.plots import plot_fp16_headroom
 
     assert min(png_size(plot_fp16_headroom(frame, tmp_path / "h.png"))) >= 400

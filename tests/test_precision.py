@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from sarkd_diag.errors import BadInput
-from sarkd_diag.modes import MODE_NAMES, Capabilities, canonical_mode, resolve_mode
-from sarkd_diag.precision import MODES, make_precision
+from sarkd_diag.contract.errors import BadInput
+from sarkd_diag.contract.modes import MODE_NAMES, Capabilities, canonical_mode, resolve_mode
+from sarkd_diag.train.precision import MODES, make_precision
 
 CPU_BF16 = Capabilities("cpu", "epyc", native_bf16=True, fast_fp16=False)
 CPU_PLAIN = Capabilities("cpu", "old", native_bf16=False, fast_fp16=False)
@@ -118,5 +118,5 @@ def test_bf16_modes_cannot_run_on_a_gpu_without_bf16():
 
 
 def test_the_mode_names_are_the_strategies_names_in_order():
-    """modes.py (no torch) names the modes; precision.py holds them as strategies: the two agree."""
+    """contract/modes.py (no torch) names the modes; train/precision.py holds them as strategies: the two agree."""
     assert tuple(MODES) == MODE_NAMES

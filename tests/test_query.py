@@ -1,5 +1,5 @@
-from sarkd_diag.events import events_frame
-from sarkd_diag.query import EventFilter
+from sarkd_diag.contract.events import events_frame
+from sarkd_diag.presentation.query import EventFilter
 
 
 def _row(kind, severity="info", step=0, rank=0):  # as events.jsonl holds them: independent of how events are made

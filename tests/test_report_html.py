@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from sarkd_diag import Probes
-from sarkd_diag.closing import finalize_run
-from sarkd_diag.rundir import load_events
+from sarkd_diag.contract.rundir import load_events
+from sarkd_diag.presentation.closing import finalize_run
 
 
 class Page(HTMLParser):
@@ -160,7 +160,7 @@ def test_report_to_tensorboard_writes_metrics_and_events_with_tensorboards_write
 
 
 def test_report_to_accepts_none_and_tensorboard_and_refuses_anything_else(cli, tiny_args, tmp_path):
-    from sarkd_diag.config import DistillConfig
+    from sarkd_diag.contract.config import DistillConfig
 
     assert DistillConfig().report_to is None
     assert DistillConfig(report_to="none").validate().report_to == "none"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sarkd_diag.verdicts import (
+from sarkd_diag.analysis.verdicts import (
     DRIFT_VS_FP32,
     DRIFTING_LOST_UPDATES,
     KINDS,

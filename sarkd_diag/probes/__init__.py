@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
-from ..events import EventLog, JsonlLog
-from ..loss_scaler import LossScaler, unwrap_optimizer
-from ..numerics import dtype_name
+from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
+from ..contract.events import EventLog, JsonlLog
+from ..contract.loss_scaler import LossScaler, unwrap_optimizer
+from ..contract.numerics import dtype_name
 from .activations import ActivationProbe
 from .base import ProbeContext, Watched, to_host
 from .forwards import ForwardProbe
@@ -45,7 +45,7 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
-CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (diagnose.py)
+CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (analysis/diagnose.py)
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -308,12 +308,12 @@ class Probes:
                                "they computed in", step=self.ctx.step, probe="precision")
 
     def diagnosis(self):
-        """The causes so far, most important first (diagnose.py): a list of dicts that prints readably."""
+        """The causes so far, most important first (analysis/diagnose.py): a list of dicts that prints readably."""
         import pandas as pd
 
-        from ..diagnose import diagnose
-        from ..events import events_frame
-        from ..rundir import load_metrics
+        from ..analysis.diagnose import diagnose
+        from ..contract.events import events_frame
+        from ..contract.rundir import load_metrics
 
         frame = events_frame(e.__dict__ for e in self.events.events)
         metrics = pd.DataFrame(self.rows) if self.run_dir is None else load_metrics(self.run_dir)
@@ -352,7 +352,7 @@ class Probes:
             return
         self._autocast_written = self.ctx.autocast
         if config["precision"] != self._precision_written:
-            from ..rundir import write_json_atomic
+            from ..contract.rundir import write_json_atomic
 
             write_json_atomic(path, config)
             self._precision_written = config["precision"]
@@ -361,7 +361,7 @@ class Probes:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
         self.set.close()
         if self.run_dir is not None and not self._closed:
-            from ..closing import finalize_run
+            from ..presentation.closing import finalize_run
 
             self._closed = True
             self.events.close()
@@ -377,7 +377,7 @@ class Probes:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from ..events import read_jsonl
+    from ..contract.events import read_jsonl
 
     return read_jsonl(path) if path.is_file() else []
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..events import EventLog, JsonlLog, NullLog
-from ..loss_scaler import LossScaler
-from ..numerics import FP16_MAX, dtype_name  # noqa: F401 - FP16_MAX is the probes' shared threshold
+from ..contract.events import EventLog, JsonlLog, NullLog
+from ..contract.loss_scaler import LossScaler
+from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - FP16_MAX is the probes' shared threshold
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..numerics import dtype_name
+from ..contract.numerics import dtype_name
 from . import Probes
 
 ON_CRITICAL = ("stop", "record")

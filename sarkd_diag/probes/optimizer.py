@@ -13,8 +13,8 @@ from collections import Counter
 
 import torch
 
-from ..numerics import LOST_UPDATE_WARNING
-from ..numerics import dtype_name as _dtype_name
+from ..contract.numerics import LOST_UPDATE_WARNING
+from ..contract.numerics import dtype_name as _dtype_name
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0

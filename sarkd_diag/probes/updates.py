@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
+from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
 from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
 
 

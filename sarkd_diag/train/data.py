@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ..contract.errors import BadInput
 
 IGNORE_INDEX = -100
 HELD_OUT_FRACTION = 0.05

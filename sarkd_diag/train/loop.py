@@ -36,18 +36,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..closing import finalize_run
-from ..config import DistillConfig, with_config_options
-from ..errors import BadInput
-from ..events import EventLog, JsonlLog, NullLog, events_file_name
-from ..modes import Capabilities, detect_capabilities, resolve_mode
-from ..numerics import dtype_name
-from ..precision import Precision, make_precision
+from ..contract.config import DistillConfig, with_config_options
+from ..contract.errors import BadInput
+from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
+from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
+from ..contract.numerics import dtype_name
+from ..contract.rundir import write_json_atomic
+from ..contract.version import __version__
+from ..presentation.closing import finalize_run
+from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
-from ..rundir import write_json_atomic
-from ..ui import TrainingDisplay
-from ..version import __version__
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
@@ -57,6 +56,7 @@ from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positi
 from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
+from .precision import Precision, make_precision
 from .resume import Resumed, TrainingState, locate_run, log_offsets, resume_run
 from .router import RouterInfo, RouterTerms, find_routers, save_router_update
 from .signals import StopRequests

@@ -2,7 +2,7 @@
 
 Shapes come from the models' configs alone: the model is built on the meta device (parameters without
 storage), so a 7B teacher is counted, not loaded. Weights, gradients, fp32 master copies and AdamW's two
-moments are exact byte counts for the way each mode holds them (precision.py). Activations are an
+moments are exact byte counts for the way each mode holds them (train/precision.py). Activations are an
 estimate for one micro-batch (batch × block), with attention through SDPA (no seq² score matrix kept):
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..config import DistillConfig
-from ..errors import BadInput
-from ..modes import MODE_NAMES, canonical_mode
-from ..precision import MODES
+from ..contract.config import DistillConfig
+from ..contract.errors import BadInput
+from ..contract.modes import MODE_NAMES, canonical_mode
+from .precision import MODES
 
 GIB = 2**30
 PARTS = ("teacher_weights", "student_weights", "gradients", "master_weights", "optimizer_state", "activations")

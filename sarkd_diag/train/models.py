@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import BadInput
+from ..contract.errors import BadInput
 
 EMBEDDED_PREFIX = "embedded:"
 

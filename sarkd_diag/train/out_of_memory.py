@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..config import DistillConfig
+from ..contract.config import DistillConfig
 
 
 class Phase:

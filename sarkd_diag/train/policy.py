@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..events import EventLog
+from ..contract.events import EventLog
 from .checkpoint import StepSnapshot
 from .distributed import World
 

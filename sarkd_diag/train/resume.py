@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import DistillConfig
-from ..errors import BadInput
-from ..events import events_file_name
-from ..precision import Precision
-from ..rundir import check_output_dir, default_run_dir, differing_options
+from ..contract.config import DistillConfig
+from ..contract.errors import BadInput
+from ..contract.events import events_file_name
+from ..contract.rundir import check_output_dir, default_run_dir, differing_options
 from . import checkpoint as ckpt
 from .data import BatchStream
 from .distributed import World
+from .precision import Precision
 
 
 def locate_run(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, Path | None]:

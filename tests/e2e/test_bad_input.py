@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import tiny
 
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
 
 BASE = {"--block-size": "16", "--per-device-batch-size": "2", "--train-steps": "2", "--precision": "fp32",
         "--probes": "off"}

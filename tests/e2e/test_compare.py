@@ -232,7 +232,7 @@ def test_steps_and_a_config_train_steps_through_the_python_api(tmp_path):
     """The API resolves the same way: steps wins over a config's train_steps; only an explicit, different
     train_steps disagrees (checked before anything runs)."""
     from sarkd_diag import DistillConfig
-    from sarkd_diag.errors import BadInput
+    from sarkd_diag.contract.errors import BadInput
 
     with pytest.raises(BadInput, match="disagree"):
         compare_precision(["fp32"], steps=2, train_steps=20, output_dir=str(tmp_path / "o"), quiet=True)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sarkd_diag.events import events_file_name
+from sarkd_diag.contract.events import events_file_name
 from sarkd_diag.train import distributed as dist
 from sarkd_diag.train.data import BatchStream, TokenBlocks
 
@@ -263,7 +263,7 @@ def test_sigterm_to_torchrun_saves_state(tiny_world, tmp_path, launcher):
 
 def test_nproc_without_torchrun_is_refused_by_the_api(tiny_world, tmp_path):
     from sarkd_diag import distill
-    from sarkd_diag.errors import BadInput
+    from sarkd_diag.contract.errors import BadInput
 
     world = {k: str(v) for k, v in tiny_world.items()}
     with pytest.raises(BadInput, match="torchrun"):

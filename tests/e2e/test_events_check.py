@@ -12,7 +12,7 @@ import pytest
 from contract import assert_conforms
 from images import png_size
 
-from sarkd_diag.ui import TrainingDisplay
+from sarkd_diag.presentation.ui import TrainingDisplay
 
 
 @pytest.fixture(scope="module")

@@ -73,9 +73,9 @@ def test_standard_probes_name_the_module_of_a_nonfinite_loss_on_a_plain_step(tin
     """Step 3 is no statistics step at --probe-every 10; the replay still names where the overflow began."""
     import math
 
-    from sarkd_diag.config import DistillConfig
+    from sarkd_diag.contract.config import DistillConfig
+    from sarkd_diag.presentation.ui import TrainingDisplay
     from sarkd_diag.train.loop import Trainer
-    from sarkd_diag.ui import TrainingDisplay
 
     cfg = DistillConfig(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
                         train_file=str(tiny_world["train"]), validation_file=str(tiny_world["valid"]),

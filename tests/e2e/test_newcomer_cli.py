@@ -14,7 +14,7 @@ import typer
 
 from sarkd_diag import __version__
 from sarkd_diag.cli import app
-from sarkd_diag.config import build_config
+from sarkd_diag.contract.config import build_config
 
 COMMANDS = [[], ["train"], ["env"], ["report"], ["compare-precision"], ["events"], ["check"], ["estimate-memory"]]
 
@@ -138,7 +138,7 @@ def test_a_load_error_is_joined_into_one_complete_line():
 
 # -------------------------------------------------------------------------------- train files
 def test_csv_train_files_read_their_text_column_and_unknown_extensions_are_refused(tmp_path):
-    from sarkd_diag.errors import BadInput
+    from sarkd_diag.contract.errors import BadInput
     from sarkd_diag.train.data import read_text_file
 
     csv = tmp_path / "d.csv"
@@ -177,7 +177,7 @@ def test_resume_without_a_checkpoint_says_why(cli, tiny_args, tmp_path):
 
 
 def test_json_files_of_a_run_get_the_usual_mode(tmp_path):
-    from sarkd_diag.rundir import write_json_atomic
+    from sarkd_diag.contract.rundir import write_json_atomic
 
     umask = os.umask(0o022)
     try:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from sarkd_diag.ui import TrainingDisplay, default_log_every
+from sarkd_diag.presentation.ui import TrainingDisplay, default_log_every
 
 
 def _display(log_every=None, terminal=False) -> tuple[TrainingDisplay, io.StringIO]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import sarkd_diag.query as query
-from sarkd_diag.events import events_frame, read_jsonl
+import sarkd_diag.presentation.query as query
+from sarkd_diag.contract.events import events_frame, read_jsonl
 
 LONG_MODULE = "model.layers.11.block_sparse_moe.experts.gate_up_proj"
 BIAS = "transformer.h.0.mlp.c_fc.bias"

@@ -18,11 +18,11 @@ import torch
 from contract import assert_conforms
 
 from sarkd_diag import load_run
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train import checkpoint as ckpt
 from sarkd_diag.train.loop import Trainer
 from sarkd_diag.train.objective import LogitKD
-from sarkd_diag.ui import TrainingDisplay
 
 COMPARED = ("loss", "kd_loss", "ce_loss", "router_loss", "grad_norm", "lr", "loss_scale", "eval_loss")
 

@@ -6,10 +6,10 @@ from contract import assert_run_dir
 from transformers import AutoModelForCausalLM
 
 from sarkd_diag import load_run
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train.loop import Trainer
 from sarkd_diag.train.router import apply_router_update
-from sarkd_diag.ui import TrainingDisplay
 
 
 def _config(world, out, **over):

@@ -12,9 +12,9 @@ import statistics
 
 import pytest
 
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train.loop import Trainer
-from sarkd_diag.ui import TrainingDisplay
 
 STEPS = int(os.environ.get("SARKD_SOAK_STEPS", "2000"))
 MAX_RSS_GROWTH = 0.05

@@ -9,7 +9,7 @@ from contract import assert_run_dir
 
 from sarkd_diag import load_run
 from sarkd_diag.cli import app
-from sarkd_diag.config import build_config
+from sarkd_diag.contract.config import build_config
 
 
 def _eval_ppls(run_dir):
@@ -103,9 +103,9 @@ def test_original_flags_run_on_cpu_and_are_recorded(cli, tiny_world, tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_world, tmp_path):
-    from sarkd_diag.config import DistillConfig
+    from sarkd_diag.contract.config import DistillConfig
+    from sarkd_diag.presentation.ui import TrainingDisplay
     from sarkd_diag.train.loop import Trainer
-    from sarkd_diag.ui import TrainingDisplay
 
     grads = {}
     for batch, accum in ((8, 1), (2, 4)):

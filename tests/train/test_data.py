@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sarkd_diag.errors import BadInput
+from sarkd_diag.contract.errors import BadInput
 from sarkd_diag.train.data import BatchStream, make_batch, read_text_file, split_validation, tokenize_blocks
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sarkd_diag.config import DistillConfig
+from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train.loop import Trainer
-from sarkd_diag.ui import TrainingDisplay
 
 PACKAGE = str(Path(__import__("sarkd_diag").__file__).parent)
 SYNCING = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__", "numpy")

@@ -23,11 +23,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BadInput
-from .events import KINDS, SEVERITIES, events_frame
-from .modes import MODE_NAMES
-from .numerics import number_or_none
-from .rundir import final_figures, load_events, load_metrics
+from ..contract.errors import BadInput
+from ..contract.events import KINDS, SEVERITIES, events_frame
+from ..contract.modes import MODE_NAMES
+from ..contract.numerics import number_or_none
+from ..contract.rundir import final_figures, load_events, load_metrics
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")

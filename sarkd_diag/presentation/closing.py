@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .rundir import (
+from ..contract.rundir import (
     SCHEMA_VERSION,
     STATUSES,
     final_figures,
@@ -26,7 +26,7 @@ def finalize_run(run_dir: str | Path, status: str) -> dict:
     """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
     options ask for it) the TensorBoard export from the run's own logs. The renderers are imported here, when
     a run closes, so that importing the training loop does not load matplotlib."""
-    from .diagnose import diagnose
+    from ..analysis.diagnose import diagnose
     from .plots import write_run_plots
     from .report import write_html_report, write_report
     from .tensorboard_export import export_tensorboard

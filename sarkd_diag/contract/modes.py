@@ -1,7 +1,7 @@
 """The precision modes by name: their aliases, what a device runs well, and which mode a request means.
 
 No torch here, so `sarkd-diag env` and option checks answer without importing it; the modes themselves,
-as strategy objects, are precision.py's.
+as strategy objects, are train/precision.py's.
 """
 
 from __future__ import annotations

@@ -29,3 +29,14 @@ def number_or_none(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(value) else value
+
+
+def reading_or_none(value) -> float | None:
+    """A recorded reading as a float, NaN and ±Inf kept (they were measured: a figure draws them as
+    non-finite); None only where nothing was recorded."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,6 +1,6 @@
 """`--report-to tensorboard`: a run's metrics and events written with TensorBoard's own `SummaryWriter`.
 
-The export is made from the run directory's logs when the run is closed (`closing.finalize_run`), so
+The export is made from the run directory's logs when the run is closed (`presentation.closing.finalize_run`), so
 `sarkd-diag report RUN_DIR` writes it again for any run whose options ask for it. RUN_DIR/tensorboard/ is
 rebuilt whole each time: the logs are the truth, and a rebuilt run never shows a step twice.
 
@@ -46,8 +46,8 @@ def export_tensorboard(run_dir: str | Path, summary: dict | None = None) -> Path
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    from .events import read_jsonl
-    from .rundir import load_events
+    from ..contract.events import read_jsonl
+    from ..contract.rundir import load_events
 
     run_dir = Path(run_dir)
     target = run_dir / TENSORBOARD_DIR

@@ -10,8 +10,8 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
-from .rundir import COMPARISON_COLUMNS
-from .verdicts import Verdict
+from ..analysis.verdicts import Verdict
+from ..contract.rundir import COMPARISON_COLUMNS
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -193,7 +193,7 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     events — one self-contained page."""
     import json
 
-    from .rundir import load_events
+    from ..contract.rundir import load_events
 
     out = Path(out)
     head = "".join(f"<th>{_e(c)}</th>" for c in COMPARISON_COLUMNS)

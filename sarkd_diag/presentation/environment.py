@@ -12,8 +12,8 @@ from types import SimpleNamespace
 from rich.console import Console
 from rich.table import Table
 
-from .errors import BadInput
-from .modes import detect_capabilities, resolve_mode
+from ..contract.errors import BadInput
+from ..contract.modes import detect_capabilities, resolve_mode
 
 LIBRARIES = ("sarkd-diag", "torch", "transformers", "datasets", "pandas", "pyarrow", "rich", "typer", "matplotlib")
 
@@ -25,7 +25,7 @@ def nvidia_driver_present() -> bool:
 
 
 def environment_report(device: str = "auto") -> dict:
-    from .assets import EMBEDDED_MODELS
+    from ..assets import EMBEDDED_MODELS
 
     if device == "cpu" or (device == "auto" and not nvidia_driver_present()):
         dev, cuda_available, threads = SimpleNamespace(type="cpu"), False, len(os.sched_getaffinity(0))

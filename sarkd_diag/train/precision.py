@@ -2,7 +2,7 @@
 
 The training loop calls the same five methods whatever the mode — convert, forward_context, backward,
 unscale_gradients, optimizer_step — and never asks which mode it runs in. Which mode a request means on
-which device (`resolve_mode`) is modes.py's, which needs no torch.
+which device (`resolve_mode`) is contract/modes.py's, which needs no torch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .loss_scaler import LossScaler
+from ..contract.loss_scaler import LossScaler
 
 
 class Precision:

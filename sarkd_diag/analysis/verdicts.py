@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .numerics import number_or_none
+from ..contract.numerics import number_or_none
 
 STAGNANT_LOST_UPDATES = 0.50  # median lost-update fraction above this: the weights barely move
 DRIFTING_LOST_UPDATES = 0.10  # above this (and up to the stagnant threshold): trains, but not as fp32 does

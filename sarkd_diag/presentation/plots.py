@@ -29,7 +29,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from .numerics import EXTREME_UPDATE_RATIO, FP16_MAX  # noqa: E402
+from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, reading_or_none  # noqa: E402
 
 SIZE_INCHES, DPI = (10, 6), 100  # 1000 × 600 pixels
 RUN_FIGURE = "loss_curves.png"
@@ -102,23 +102,13 @@ def has_loss_scale(metrics: pd.DataFrame) -> bool:
 
 
 # -------------------------------------------------------------------------------------- a run's figure
-def _number(value) -> float | None:
-    """A recorded value as a float (NaN and ±Inf kept: they were measured); None where nothing was measured."""
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _series(rows: list[dict], column: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Steps and values of the rows of `split` that recorded `column` (measured NaN/Inf included, missing left out)."""
     steps, values = [], []
     for row in rows:
         if row.get("split") != split or row.get("step") is None:
             continue
-        value = _number(row.get(column))
+        value = reading_or_none(row.get(column))
         if value is not None:
             steps.append(float(row["step"]))
             values.append(value)
@@ -190,7 +180,8 @@ def _panel_grad_norm(ax, rows: list[dict]) -> bool:
 def _panel_loss_scale(ax, rows: list[dict]) -> bool:
     steps, values = _series(rows, "loss_scale")
     drawn = _draw(ax, steps, values, "loss scale", log=True, colour="tab:brown")
-    skipped = [float(r["step"]) for r in rows if r.get("split") == "train" and (_number(r.get("skipped")) or 0) > 0]
+    skipped = [float(r["step"]) for r in rows
+               if r.get("split") == "train" and (reading_or_none(r.get("skipped")) or 0) > 0]
     if skipped:
         ax.plot(skipped, np.full(len(skipped), 0.03), "v", color="tab:red", markersize=6,
                 transform=ax.get_xaxis_transform(), label="skipped step")
@@ -200,7 +191,7 @@ def _panel_loss_scale(ax, rows: list[dict]) -> bool:
 
 
 def _panel_lost_updates(ax, rows: list[dict]) -> bool:
-    from .numerics import LOST_UPDATE_WARNING
+    from ..contract.numerics import LOST_UPDATE_WARNING
 
     drawn = _draw(ax, *_series(rows, "lost_update_fraction"), "lost-update fraction", log=False, colour="tab:cyan")
     _threshold(ax, LOST_UPDATE_WARNING, f"warning {LOST_UPDATE_WARNING:.0%}")
@@ -219,7 +210,7 @@ def _panel_update_ratio(ax, rows: list[dict]) -> bool:
 
 
 def _has_finite(rows: list[dict], column: str) -> bool:
-    return any((v := _number(r.get(column))) is not None and math.isfinite(v) for r in rows)
+    return any((v := reading_or_none(r.get(column))) is not None and math.isfinite(v) for r in rows)
 
 
 def run_figure(rows: list[dict], title: str = "run"):
@@ -249,7 +240,7 @@ def run_figure(rows: list[dict], title: str = "run"):
 
 
 def _metrics_rows(run_dir: Path, metrics: pd.DataFrame | None) -> list[dict]:
-    from .events import read_jsonl
+    from ..contract.events import read_jsonl
 
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():

@@ -1,7 +1,7 @@
 """The run directory contract (docs/run-directory.md): where each file lives, how it is written and read.
 
 The bottom layer every other one reads and writes through; closing a run (summary, reports, figures)
-is closing.py's, one layer up, since it needs the diagnosis and the renderers.
+is presentation/closing.py's, one layer up, since it needs the diagnosis and the renderers.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from .numerics import EXTREME_UPDATE_RATIO, number_or_none
+from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "divergence",
