@@ -307,7 +307,7 @@ def _rebuild_run(run_dir: Path) -> dict:
 
 # --------------------------------------------------------------------- compare, query, check, memory
 MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_size", "per_device_batch_size",
-                  "gradient_checkpointing", "offload_teacher_to_cpu", "router_patterns")
+                  "gradient_checkpointing", "offload_teacher_to_cpu", "router_patterns", "nproc", "shard_teacher")
 
 
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE))
@@ -427,8 +427,9 @@ def estimate_memory_command(
     for shape in (report.teacher, report.student):
         console.print(f"{shape.name}: {shape.params:,} parameters ({shape.router_params:,} in routers), "
                       f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
+    per_gpu = f", per GPU of {report.ranks}" if report.ranks > 1 else ""
     console.print(breakdown_table(report.estimates, title=f"estimated device memory, batch {report.batch} × "
-                                                          f"block {report.block}"))
+                                                          f"block {report.block}{per_gpu}"))
     for note in report.notes:
         console.print(note)
     return 0

@@ -78,3 +78,29 @@ def test_bad_input_is_one_line_and_exit_2(tiny_world, cli, tmp_path):
     code, _, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model",
                        tiny_world["student"], "--modes", "fp16")
     assert code == 2 and "ambiguous" in err
+
+
+def test_a_sharded_teacher_holds_its_shard_and_gathers_a_layer_at_a_time(shapes, tiny_world, cli):
+    """--shard-teacher over N ranks changes the teacher's bytes only: 1/N of its frozen weights, the output head
+    and routers whole, the embeddings and one layer gathered (measured against real shards in
+    tests/e2e/test_distributed.py)."""
+    from sarkd_diag.train.memory import sharded_teacher_params
+
+    teacher, student = shapes["teacher"][0], shapes["student"][0]
+    whole = estimate_mode("fp32", teacher, student, 4, 32)
+    by_ranks = {n: estimate_mode("fp32", teacher, student, 4, 32, teacher_shards=n) for n in (2, 4)}
+    for n, sharded in by_ranks.items():
+        held, gathered = sharded_teacher_params(teacher, teacher.router_params, n)
+        assert sharded.teacher_weights == 4 * (held + gathered + teacher.router_params)
+        assert sharded.total - sharded.teacher_weights == whole.total - whole.teacher_weights
+    assert by_ranks[4].teacher_weights < by_ranks[2].teacher_weights
+    args = ["estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--block-size", "32", "--per-device-batch-size", "4", "--modes", "fp32"]
+    code, out, err = cli(*args, "--nproc", "2", "--shard-teacher", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["ranks"] == 2 and data["modes"][0]["teacher_weights"] == by_ranks[2].teacher_weights
+    code, out, _ = cli(*args, "--nproc", "2", "--shard-teacher")
+    assert code == 0 and "per GPU of 2" in out and "--shard-teacher over 2 ranks" in " ".join(out.split())
+    code, _, err = cli(*args, "--shard-teacher")
+    assert code == 2 and err.count("\n") == 1 and "--nproc" in err

@@ -80,6 +80,8 @@ class DistillConfig:
     clear_cache_every_step: bool = _opt(False, "Empty the CUDA cache after each step (a recorded no-op on CPU).")
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in backward to save memory.")
     nproc: int = _opt(1, "Processes (launches torchrun when above 1).")
+    shard_teacher: bool = _opt(False, "Shard the teacher over the ranks with FSDP2 (torchrun, --nproc ≥ 2): 1/N of "
+                               "its weights per GPU.")
     # probes and policy
     probes: str = _opt("standard", " | ".join(PROBE_LEVELS) + ".")
     probe_every: int = _opt(10, "At standard, per-module statistics on step 1 and every N-th step.")
@@ -143,6 +145,9 @@ class DistillConfig:
             raise BadInput("--resume needs --output-dir (the run to continue)")
         if (self.resume or self.resume_from) and self.overwrite:
             raise BadInput("--overwrite would delete the run that --resume continues; give one of them")
+        if self.shard_teacher and self.offload_teacher_to_cpu:
+            raise BadInput("--shard-teacher and --offload-teacher-to-cpu: give one of them (a sharded teacher "
+                           "already keeps 1/N of its weights per GPU)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

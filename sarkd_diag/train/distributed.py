@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..contract.errors import BadInput
+
 TIMEOUT = timedelta(minutes=30)
 
 
@@ -134,6 +136,58 @@ class World:
     def shard(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (rows rank::size): the ranks partition every global batch."""
         return index[self.rank::self.size] if self.distributed else index
+
+
+class WholeTeacher:
+    """Every rank holds the whole frozen teacher (one process, or DDP's ranks): it stays as loaded."""
+
+    name = "whole"
+
+    def hold(self, teacher: nn.Module, kept_whole: list[nn.Parameter]) -> None:
+        """Nothing to do."""
+
+
+@dataclass(frozen=True)
+class ShardedTeacher:
+    """The teacher sharded over the ranks with FSDP2 (`--shard-teacher`): `fully_shard` per decoder layer and at
+    the root, so a rank keeps 1/N of the frozen weights and gathers one layer at a time in the forward (and again
+    in the backward when routers train). Weights stay in the dtypes the precision mode gave them (no
+    MixedPrecisionPolicy cast). Two parts stay whole on every rank (`ignored_params`): the trained routers, a few
+    thousandths of the teacher, which so train, checkpoint and save exactly as under DDP; and the output head,
+    which the fused loss applies outside the teacher's forward, where a shard is not gathered."""
+
+    size: int
+    device: torch.device
+
+    name = "sharded"
+
+    def hold(self, teacher: nn.Module, kept_whole: list[nn.Parameter]) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        layers = decoder_layers(teacher)
+        if not layers:
+            raise BadInput(f"--shard-teacher: {type(teacher).__name__} names no decoder layer class "
+                           "(_no_split_modules) to shard by")
+        mesh = init_device_mesh(self.device.type, (self.size,))
+        head = teacher.get_output_embeddings()
+        whole = {*kept_whole, *(head.parameters() if head is not None else ())}
+        options = {"mesh": mesh, "reshard_after_forward": True, "ignored_params": whole}
+        for layer in layers:
+            fully_shard(layer, **options)
+        fully_shard(teacher, **options)  # the rest (embeddings, final norm, head): gathered for the whole forward
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers, by the classes transformers keeps whole when it splits a model across devices
+    (`_no_split_modules`; sharded or not: fully_shard subclasses them); [] when it names none."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if any(cls.__name__ in kinds for cls in type(m).__mro__)]
+
+
+def teacher_holding(world: World, device: torch.device, shard: bool) -> WholeTeacher | ShardedTeacher:
+    """How this run holds the teacher: sharded over the ranks (`--shard-teacher`), else whole on each."""
+    return ShardedTeacher(world.size, device) if shard else WholeTeacher()
 
 
 def world_from_env() -> World:

@@ -101,7 +101,7 @@ def _versions() -> dict:
 @dataclass
 class Compute:
     """Where and how this process computes: its place among the ranks, its device and what the device does
-    well, the precision mode (and why), and the mode's strategy."""
+    well, the precision mode (and why), the mode's strategy, and how the ranks hold the teacher."""
 
     world: World
     device: torch.device
@@ -109,6 +109,7 @@ class Compute:
     mode: str
     mode_reason: str
     precision: Precision
+    teacher_holding: dist.WholeTeacher | dist.ShardedTeacher
 
 
 @dataclass
@@ -193,9 +194,13 @@ def set_up_compute(cfg: DistillConfig) -> Compute:
     elif cfg.nproc > 1:
         raise BadInput(f"--nproc {cfg.nproc} runs under torchrun: `sarkd-diag train --nproc {cfg.nproc}` "
                        f"launches it, or `torchrun --nproc_per_node {cfg.nproc} -m sarkd_diag train ...`")
+    if cfg.shard_teacher and not world.distributed:
+        raise BadInput("--shard-teacher shards the teacher over several ranks: add --nproc N (N ≥ 2), or run "
+                       "under torchrun with --nproc_per_node N")
     capabilities = detect_capabilities(device)
     mode, reason = resolve_mode(cfg.precision, cfg.model_dtype, capabilities)
-    return Compute(world, device, capabilities, mode, reason, make_precision(mode, device))
+    return Compute(world, device, capabilities, mode, reason, make_precision(mode, device),
+                   dist.teacher_holding(world, device, cfg.shard_teacher))
 
 
 def load_models(cfg: DistillConfig, compute: Compute) -> Models:
@@ -229,6 +234,7 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     compute.precision.convert(student.to(compute.device))
     teacher.to(_teacher_home(cfg, compute.device, notes))
     compute.precision.convert(teacher)
+    compute.teacher_holding.hold(teacher, kept_whole=[p for p in teacher.parameters() if p.requires_grad])
     return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
 
 
@@ -409,7 +415,8 @@ def _write_config(run: Run) -> None:
             "loss_scaling": precision.loss_scaling,
             "param_dtypes": param_dtypes,
         },
-        "distributed": {"ranks": compute.world.size, "backend": compute.world.backend},
+        "distributed": {"ranks": compute.world.size, "backend": compute.world.backend,
+                        "teacher": compute.teacher_holding.name},
         "device": {"type": compute.device.type, "name": compute.capabilities.name,
                    "native_bf16": compute.capabilities.native_bf16, "threads": torch.get_num_threads()},
         "data": {"source": run.data.source, "validation": run.data.validation_source, **run.data.sizes,

@@ -54,10 +54,12 @@ class ModelShape:
     intermediate: int
     experts_per_token: int
     vocab: int
+    layer_params: int  # the largest decoder layer's: what a sharded teacher gathers at a time
 
 
 def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None) -> ModelShape:
     """The shape of a model, loaded or on the meta device; router parameters as SAR-KD finds them."""
+    from .distributed import decoder_layers
     from .router import find_routers
 
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -73,6 +75,7 @@ def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str
         intermediate=_config_value(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         experts_per_token=routers[0].top_k if routers else 1,
         vocab=_config_value(config, "vocab_size", default=0),
+        layer_params=max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)), default=0),
     )
 
 
@@ -122,9 +125,21 @@ def _activation_elements(shape: ModelShape, tokens: int, checkpointing: bool) ->
     return tokens * shape.layers * per_layer
 
 
+def sharded_teacher_params(teacher: ModelShape, routers: int, shards: int) -> tuple[int, int]:
+    """A teacher sharded over `shards` ranks (--shard-teacher), in frozen parameters per rank: what it holds
+    (1/N of the teacher, rounded up, and the output head whole) and the most it holds gathered at once (the
+    rest of the root — embeddings, final norm —, gathered for the whole forward, and one decoder layer). The
+    trained `routers` stay whole and are not counted here."""
+    frozen, head = teacher.params - routers, teacher.vocab * teacher.hidden
+    layer = teacher.layer_params - (routers // teacher.layers if teacher.layers else 0)
+    return -(-(frozen - head) // shards) + head, frozen - teacher.layers * layer - head + layer
+
+
 def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: int, block: int, *,
-                  gradient_checkpointing: bool = False, offload_teacher: bool = False) -> MemoryEstimate:
-    """The breakdown of one precision mode for these shapes and one micro-batch of batch × block tokens."""
+                  gradient_checkpointing: bool = False, offload_teacher: bool = False,
+                  teacher_shards: int = 1) -> MemoryEstimate:
+    """The breakdown of one precision mode for these shapes and one micro-batch of batch × block tokens, on one
+    GPU; `teacher_shards` > 1: the teacher sharded over that many ranks (--shard-teacher)."""
     strategy = MODES[canonical_mode(mode)]
     keep, frozen = strategy.trainable_dtype.itemsize, strategy.frozen_dtype.itemsize
     compute = (strategy.autocast_dtype or strategy.trainable_dtype).itemsize
@@ -155,6 +170,12 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
     if offload_teacher:
         estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
         estimate.notes.append("--offload-teacher-to-cpu: the teacher's frozen weights are on the host")
+    if teacher_shards > 1:
+        shard, gathered = sharded_teacher_params(teacher, routers, teacher_shards)
+        estimate.teacher_weights = (shard + gathered) * frozen + routers * working
+        estimate.notes.append(f"--shard-teacher over {teacher_shards} ranks: teacher = 1/{teacher_shards} of its "
+                              "frozen weights + its output head (whole) + its embeddings and one decoder layer, "
+                              "gathered during the forward")
     return estimate
 
 
@@ -167,6 +188,7 @@ class MemoryReport:
     batch: int
     block: int
     estimates: list[MemoryEstimate]
+    ranks: int = 1  # --nproc: the figures are per GPU
 
     @property
     def notes(self) -> list[str]:
@@ -176,7 +198,8 @@ class MemoryReport:
 
     def to_dict(self) -> dict:
         return {"teacher": asdict(self.teacher), "student": asdict(self.student), "batch": self.batch,
-                "block": self.block, "modes": [e.to_dict() for e in self.estimates], "notes": self.notes}
+                "block": self.block, "ranks": self.ranks, "modes": [e.to_dict() for e in self.estimates],
+                "notes": self.notes}
 
 
 def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None = None,
@@ -191,6 +214,8 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     if "auto" in chosen:
         raise BadInput("estimate-memory needs explicit modes (what auto picks depends on the device): "
                        + ", ".join(MODE_NAMES))
+    if cfg.shard_teacher and cfg.nproc < 2:
+        raise BadInput("--shard-teacher shards the teacher over several ranks: add --nproc N (N ≥ 2)")
     for pattern in cfg.router_patterns or []:  # checked first: any later error is about loading a model
         try:
             re.compile(pattern)
@@ -200,8 +225,9 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
     estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
                                gradient_checkpointing=cfg.gradient_checkpointing,
-                               offload_teacher=cfg.offload_teacher_to_cpu) for m in dict.fromkeys(chosen)]
-    return MemoryReport(teacher, student, cfg.per_device_batch_size, cfg.block_size, estimates)
+                               offload_teacher=cfg.offload_teacher_to_cpu,
+                               teacher_shards=cfg.nproc if cfg.shard_teacher else 1) for m in dict.fromkeys(chosen)]
+    return MemoryReport(teacher, student, cfg.per_device_batch_size, cfg.block_size, estimates, cfg.nproc)
 
 
 def human_bytes(n: int) -> str:

@@ -137,11 +137,33 @@ def test_nproc_is_removed_from_the_launched_command():
 SETUPS = {"dense": ("dense_teacher", "student", []),
           "routers": ("teacher", "student", ["--router-load-balance-weight", "0", "--router-entropy-weight", "0"]),
           "dual-tokenizer": ("teacher", "dual_student", [])}
+# how the two ranks hold the teacher: a whole copy each (DDP), or sharded with FSDP2 (--shard-teacher)
+HOLDINGS = {"whole": [], "sharded": ["--shard-teacher"]}
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    """The same losses step by step, the same saved student and router update, within 1e-5 (fp32)."""
+    single, ranks = train_rows(reference), train_rows(run)
+    assert list(ranks.index) == list(single.index)
+    for column in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+        assert (ranks[column] - single[column]).abs().max() < 1e-5, column
+    assert (ranks["tokens"] == single["tokens"]).all()  # all ranks' tokens
+    a, b = (load_file(str(r / "student" / "model.safetensors")) for r in (reference, run))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    assert (reference / "router_update.pt").is_file() == (run / "router_update.pt").is_file()
+    if (reference / "router_update.pt").is_file():
+        routers_one, routers_two = (torch.load(r / "router_update.pt", weights_only=True) for r in (reference, run))
+        assert routers_one.keys() == routers_two.keys() and routers_one
+        for key in routers_one:
+            torch.testing.assert_close(routers_two[key], routers_one[key], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("setup", list(SETUPS))
-def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, cli, setup, device):
+@pytest.mark.parametrize(("setup", "holding"), [(setup, "whole") for setup in SETUPS]
+                         + [("dense", "sharded"), ("routers", "sharded")])
+def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, cli, setup, holding, device):
     teacher, student, extra = SETUPS[setup]
     world = {k: str(v) for k, v in tiny_world.items()}
     world["student"] = world[student]
@@ -150,25 +172,13 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_
     code, _, err = cli("train", *base_args(world, one, **args), *extra, "--per-device-batch-size", "4")
     assert code == 0, err
     run = subprocess.run([sys.executable, "-m", "sarkd_diag", "train", *base_args(world, two, **args),
-                          *extra, "--per-device-batch-size", "2", "--nproc", "2"], env=env(), capture_output=True,
-                         text=True, timeout=120)  # `train --nproc 2` launches torchrun itself
+                          *extra, *HOLDINGS[holding], "--per-device-batch-size", "2", "--nproc", "2"], env=env(),
+                         capture_output=True, text=True, timeout=120)  # `train --nproc 2` launches torchrun itself
     assert run.returncode == 0, run.stderr[-3000:]
 
-    single, ranks = train_rows(one), train_rows(two)
-    assert list(ranks.index) == [1, 2, 3, 4]
-    for column in ("loss", "kd_loss", "ce_loss", "grad_norm"):
-        assert (ranks[column] - single[column]).abs().max() < 1e-5, column
-    assert (ranks["tokens"] == single["tokens"]).all()  # all ranks' tokens
-    a, b = load_file(str(one / "student" / "model.safetensors")), load_file(str(two / "student" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
-    if setup == "routers":
-        routers_one, routers_two = (torch.load(run / "router_update.pt", weights_only=True) for run in (one, two))
-        assert routers_one.keys() == routers_two.keys() and routers_one
-        for key in routers_one:
-            torch.testing.assert_close(routers_two[key], routers_one[key], atol=1e-5, rtol=1e-5)
-
+    assert list(train_rows(two).index) == [1, 2, 3, 4]
+    assert_same_run(one, two)
+    assert (two / "router_update.pt").is_file() == (setup == "routers")
     assert not (two / "events.jsonl").exists()
     for rank in (0, 1):  # every rank records its own setup
         kinds = {e["kind"] for e in ranked_events(two, rank)}
@@ -177,7 +187,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_
     merged = pd.read_parquet(two / "events.parquet")
     assert set(merged["rank"]) == {0, 1}
     config = json.loads((two / "config.json").read_text())
-    assert config["distributed"] == {"ranks": 2, "backend": BACKENDS[device]} and config["options"]["nproc"] == 2
+    assert config["distributed"] == {"ranks": 2, "backend": BACKENDS[device], "teacher": holding}
+    assert config["options"]["nproc"] == 2
     assert json.loads((two / "summary.json").read_text())["status"] == "completed"
 
 
@@ -210,30 +221,34 @@ def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp
         assert summary["status"] == "completed" and summary["final"]["skipped_steps"] == 1
 
 
-def test_checkpoint_and_resume_under_torchrun(tiny_world, tmp_path, cli):
+@pytest.mark.parametrize(("setup", "holding"), [("dense", "whole"), ("routers", "sharded")])
+def test_checkpoint_and_resume_under_torchrun(tiny_world, tmp_path, cli, setup, holding):
+    teacher, _, extra = SETUPS[setup]
     world = {k: str(v) for k, v in tiny_world.items()}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = ["--per-device-batch-size", "2", "--save-steps", "2"]
-    code, _, err = cli("train", *base_args(world, straight, steps=4), "--per-device-batch-size", "4")
+    args = [*extra, *HOLDINGS[holding], "--per-device-batch-size", "2", "--save-steps", "2"]
+    code, _, err = cli("train", *base_args(world, straight, teacher=teacher, steps=4), *extra,
+                       "--per-device-batch-size", "4")
     assert code == 0, err  # one process with the global batch: the reference for the resumed two ranks
-    first = torchrun(*base_args(world, resumed, steps=2), *args)
+    first = torchrun(*base_args(world, resumed, teacher=teacher, steps=2), *args)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (resumed / "checkpoints" / "step-00000002").is_dir()
-    again = torchrun(*base_args(world, resumed, steps=4), *args, "--resume")
+    again = torchrun(*base_args(world, resumed, teacher=teacher, steps=4), *args, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    a, b = train_rows(straight), train_rows(resumed)
-    assert list(b.index) == [1, 2, 3, 4]
-    assert (a["loss"] - b["loss"]).abs().max() < 1e-5
+    assert list(train_rows(resumed).index) == [1, 2, 3, 4]
+    assert_same_run(straight, resumed)  # the routers too, where they train
     for rank in (0, 1):
         assert sum(e["kind"] == "precision_setup" for e in ranked_events(resumed, rank)) == 1
         assert any("resumed from" in e["message"] for e in ranked_events(resumed, rank))
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "sarkd-diag --nproc"])
-def test_sigterm_to_torchrun_saves_state(tiny_world, tmp_path, launcher):
+@pytest.mark.parametrize(("launcher", "holding"), [("torchrun", "whole"), ("sarkd-diag --nproc", "whole"),
+                                                  ("sarkd-diag --nproc", "sharded")])
+def test_sigterm_to_torchrun_saves_state(tiny_world, tmp_path, launcher, holding):
     world = {k: str(v) for k, v in tiny_world.items()}
     out = tmp_path / "run"
-    args = [*base_args(world, out, steps=500), "--per-device-batch-size", "2", "--eval-steps", "1000"]
+    args = [*base_args(world, out, steps=500), *HOLDINGS[holding], "--per-device-batch-size", "2",
+            "--eval-steps", "1000"]
     if launcher == "torchrun":
         command = torchrun_command(*args)
     else:  # the launcher forwards the signal to torchrun and exits 143 as a single process would
@@ -283,3 +298,72 @@ def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tiny_world, tmp_pa
     assert time.time() - started < 80
     assert "RuntimeError: injected" in (out / "traceback.rank1.txt").read_text()  # each rank its own
     assert not (out / "traceback.txt").exists()
+
+
+# ------------------------------------------------------------------------------------ the sharded teacher
+INJECT_TEACHER = '''"""torchrun entry for a test: on rank {rank} alone the teacher's {module} is infinite at step 1."""
+import sys
+
+from sarkd_diag.cli import main
+from sarkd_diag.train import loop
+
+original_init = loop.Trainer.__init__
+
+
+def init(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    if self.world.rank == {rank}:
+        self.teacher.get_submodule("{module}").register_forward_hook(
+            lambda module, inputs, output: output * float("inf") if self.step == 1 else None)
+
+
+loop.Trainer.__init__ = init
+main(sys.argv[1:])
+'''
+
+
+def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tiny_world, tmp_path):
+    world = {k: str(v) for k, v in tiny_world.items()}
+    module = "model.layers.1.self_attn.o_proj"
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module))
+    out = tmp_path / "run"
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=3), "--shard-teacher",
+                   "--per-device-batch-size", "2", entry=[str(script)])
+    assert run.returncode == 1, run.stderr[-3000:]  # a critical cause; --on-nonfinite stop
+    top = json.loads((out / "summary.json").read_text())["diagnosis"][0]
+    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 1), top
+    teacher_bad = [e for e in ranked_events(out, 0) if e["kind"] == "nonfinite_activation" and e["model"] == "teacher"]
+    assert teacher_bad == []  # rank 0's teacher forward stayed finite: the gathered weights are the same
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], "--shard-teacher shards the teacher over several ranks"),  # one process
+    (["--nproc", "2", "--offload-teacher-to-cpu"], "--shard-teacher and --offload-teacher-to-cpu"),
+])
+def test_a_sharded_teacher_it_cannot_serve_is_refused(tiny_args, cli, extra, message):
+    code, _, err = cli("train", *tiny_args, "--shard-teacher", *extra)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_each_rank_holds_its_shard_of_the_teacher_and_one_layer_gathered(tiny_world):
+    """Measured from the DTensor local shards on two gloo ranks: the shards partition the teacher, each rank holds
+    half of it plus the parts kept whole (routers, head), and the most gathered at once is what estimate-memory
+    computes (the embeddings and one decoder layer)."""
+    from sarkd_diag.train.memory import shape_from_config, sharded_teacher_params
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(REPO / "benchmarks" / "fsdp_memory.py"),
+               "--teacher", str(tiny_world["teacher"])]
+    run = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    full, whole = ranks[0]["full_bytes"], ranks[0]["whole_bytes"]
+    shards = [r["held_bytes"] - r["whole_bytes"] for r in ranks]
+    assert sum(shards) == full - whole  # the ranks' shards partition the sharded part exactly
+    assert all(abs(s - (full - whole) / 2) <= 0.02 * full for s in shards), shards  # rows split in halves
+    shape = shape_from_config(str(tiny_world["teacher"]))
+    held, gathered = sharded_teacher_params(shape, shape.router_params, 2)
+    assert sum(r["held_bytes"] for r in ranks) / 2 == 4 * (held + shape.router_params)  # fp32: the estimate's
+    assert all(r["gathered_peak_bytes"] == 4 * gathered for r in ranks)
