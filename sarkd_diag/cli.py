@@ -307,7 +307,8 @@ def _rebuild_run(run_dir: Path) -> dict:
 
 # --------------------------------------------------------------------- compare, query, check, memory
 MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_size", "per_device_batch_size",
-                  "gradient_checkpointing", "offload_teacher_to_cpu", "router_patterns", "nproc", "shard_teacher")
+                  "gradient_checkpointing", "offload_teacher_to_cpu", "fused_loss", "router_patterns", "nproc",
+                  "shard_teacher")
 
 
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE))

@@ -49,6 +49,21 @@ def test_activations_scale_with_the_batch_and_shrink_with_checkpointing(shapes):
     assert estimate_mode("bf16-mixed", teacher, student, 4, 32, gradient_checkpointing=True).activations < one
 
 
+def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
+    """Over a 50k vocabulary the fused loss holds one chunk of rows (166 at 50,257) of both models' logits and
+    the loss rows' fp32 buffers, plus the student's hidden-state gradient; unfused, every token's logits."""
+    from dataclasses import replace
+
+    teacher, student = (replace(shapes[k][0], vocab=50257) for k in ("teacher", "student"))
+    one_chunk = 166 * 50257 * (4 + 4 + 5 * 4)
+    for batch in (4, 8):
+        tokens = batch * 512
+        every_token = tokens * 50257 * (4 + 4 + 4 + 4)  # student logits, log-softmax, gradient; teacher logits
+        unfused = estimate_mode("fp32", teacher, student, batch, 512, fused_loss=False).activations
+        fused = estimate_mode("fp32", teacher, student, batch, 512).activations
+        assert unfused - fused == every_token - one_chunk - tokens * student.hidden * 4
+
+
 def test_offloading_moves_the_frozen_teacher_to_the_host(shapes):
     teacher, student = shapes["teacher"][0], shapes["student"][0]
     on, off = (estimate_mode("fp32", teacher, student, 4, 32, offload_teacher=o) for o in (False, True))

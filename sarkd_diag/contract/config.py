@@ -79,6 +79,7 @@ class DistillConfig:
     offload_teacher_to_cpu: bool = _opt(False, "Keep the teacher on the CPU (CUDA runs; a recorded no-op on CPU).")
     clear_cache_every_step: bool = _opt(False, "Empty the CUDA cache after each step (a recorded no-op on CPU).")
     gradient_checkpointing: bool = _opt(False, "Recompute student activations in backward to save memory.")
+    fused_loss: bool = _opt(True, "Take both models' logits a chunk of rows at a time inside the loss, never whole.")
     nproc: int = _opt(1, "Processes (launches torchrun when above 1).")
     shard_teacher: bool = _opt(False, "Shard the teacher over the ranks with FSDP2 (torchrun, --nproc ≥ 2): 1/N of "
                                "its weights per GPU.")

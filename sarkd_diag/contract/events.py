@@ -61,6 +61,7 @@ CODES = {
     "interrupted": "a stop signal: the run stopped after a step, state saved",
     "out_of_memory": "the device ran out of memory",
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
+    "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
 }

@@ -33,6 +33,13 @@ class LossScaler:
             return None
         return self.scaler._scale.reshape(())
 
+    def factor(self) -> torch.Tensor | float:
+        """What the next `scaler.scale(loss)` multiplies by: the current scale (a device tensor), the scaler's
+        initial one before its first use, 1.0 without a scaler."""
+        if not self.enabled:
+            return 1.0
+        return self.scale() if self.scaler._scale is not None else float(self.scaler._init_scale)
+
     def found_inf(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """The per-device overflow flags `unscale_` set for this optimizer (empty before unscaling)."""
         if not self.enabled:

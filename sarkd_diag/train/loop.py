@@ -51,6 +51,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .distributed import World
+from .fused_loss import unfusable_reason
 from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
 from .objective import HiddenStateKD, LogitKD, LossParts
@@ -300,16 +301,32 @@ def make_objective(cfg: DistillConfig, models: Models, compute: Compute) -> Logi
     """Logit KD (with the router terms when routers train), or hidden-state KD across two tokenizers; either
     trains through the student as DDP wraps it under torchrun."""
     trained = compute.world.wrap(models.student, compute.device)  # itself in one process
+    weights = dict(alpha_kd=cfg.alpha_kd, alpha_ce=cfg.alpha_ce)
     if models.dual:
         return HiddenStateKD(models.teacher, trained, models.teacher_tokenizer,
                              student_hidden_size=models.student.config.hidden_size,
-                             teacher_max_tokens=max_positions(models.teacher), device=compute.device)
+                             teacher_max_tokens=max_positions(models.teacher), device=compute.device, **weights)
+    fused = cfg.fused_loss and _fuses(models, compute)
     router_terms = None
     if models.routers:
         router_terms = RouterTerms(models.teacher, models.routers, cfg.router_anchor_weight,
                                    cfg.router_load_balance_weight, cfg.router_entropy_weight)
     return LogitKD(models.teacher, trained, kind=cfg.kd_loss, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                   router_terms=router_terms)
+                   fused=fused, router_terms=router_terms, **weights)
+
+
+def _fuses(models: Models, compute: Compute) -> bool:
+    """Whether both models' logits can be taken chunk by chunk inside the loss; if not, a setup note says why.
+    Checked under the mode's autocast, the way the loop will call them."""
+    for name, model in (("student", models.student), ("teacher", models.teacher)):
+        with compute.precision.forward_context():
+            reason = unfusable_reason(model)
+        if reason is not None:
+            models.notes.append({"kind": "setup_note", "code": "loss_unfused", "severity": "warning", "model": name,
+                                 "message": f"--fused-loss: the {name}'s {reason}; the loss takes both models' "
+                                 "complete logits instead (more memory, same result)"})
+            return False
+    return True
 
 
 def make_optimization(cfg: DistillConfig, models: Models, objective: LogitKD | HiddenStateKD) -> Optimization:
@@ -422,7 +439,8 @@ def _write_config(run: Run) -> None:
         "data": {"source": run.data.source, "validation": run.data.validation_source, **run.data.sizes,
                  "block_size": cfg.block_size},
         "objective": {"kind": "hidden-state-kd (dual tokenizer)" if models.dual else "logit-kd",
-                      "kd_loss": "mse of projected hidden states" if models.dual else cfg.kd_loss},
+                      "kd_loss": "mse of projected hidden states" if models.dual else cfg.kd_loss,
+                      "fused_loss": run.objective.fused},
         "routers": [{"module": r.name, "parameters": list(r.param_names), "num_experts": r.num_experts,
                      "top_k": r.top_k} for r in models.routers],
         "versions": _versions(),
@@ -669,9 +687,10 @@ class Trainer:
         cfg, run = self.config, self.run
         batch = self._on_device(batch)
         with dist.gradient_sync(run.objective.student, sync=sync):
-            with run.compute.precision.forward_context():
-                parts = run.objective(batch)
-            loss = (cfg.alpha_kd * parts.kd_sum + cfg.alpha_ce * parts.ce_sum) * sums.ranks / sums.denominator
+            precision = run.compute.precision
+            with precision.forward_context():
+                parts = run.objective(batch, grad_factor=precision.backward_factor() * sums.ranks / sums.denominator)
+            loss = parts.objective * sums.ranks / sums.denominator
             if parts.router_loss is not None:
                 loss = loss + parts.router_loss / cfg.grad_accum_steps
             self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},

@@ -28,11 +28,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 KD_KINDS = ("forward-kl", "reverse-kl", "jsd")
+KD_BUFFERS = {"forward-kl": 3, "reverse-kl": 3, "jsd": 4}  # fp32 [chunk rows, vocab] workspace buffers of each kind
+CE_BUFFERS = 2
 
 # A row function gets the slice of flat rows of one chunk, its fp32 workspace (buffers of
-# [chunk rows, vocab] to overwrite at will), the inputs as [rows, vocab] and which of them
-# need a gradient; it returns the chunk's fp32 loss per row and a gradient per input for
-# those rows (None where not needed), which may live in the workspace.
+# [chunk rows, vocab] to overwrite at will), the chunk's rows of each input ([chunk rows,
+# vocab], read only) and which of them need a gradient; it returns the chunk's fp32 loss per
+# row and a gradient per input for those rows (None where not needed), which may live in the
+# workspace.
 RowFn = Callable[..., tuple[torch.Tensor, list[torch.Tensor | None]]]
 
 
@@ -63,15 +66,7 @@ def kd_loss_sum(
     Gradients flow into the student logits and, when they require grad (a trained MoE
     router), into the teacher logits too.
     """
-    if kind not in KD_KINDS:
-        raise ValueError(f"kd loss kind must be one of {', '.join(KD_KINDS)}; got {kind!r}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive number; got {temperature}")
-    if kind == "jsd" and not 0 < jsd_beta < 1:
-        raise ValueError(
-            f"jsd_beta must lie strictly between 0 and 1 (the JSD is 0 at either end; use forward-kl "
-            f"or reverse-kl there); got {jsd_beta}"
-        )
+    check_kd_options(kind, temperature, jsd_beta)
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student and teacher logits must both be [batch, length, vocab] of the same shape; got "
@@ -83,20 +78,36 @@ def kd_loss_sum(
             f"{target_mask.dtype} {tuple(target_mask.shape)}"
         )
 
+    chunk = default_chunk_tokens(student_logits.shape[-1]) if chunk_tokens is None else chunk_tokens
+    return _row_loss_sum(kd_rows(kind, temperature, jsd_beta), (student_logits, teacher_logits), target_mask,
+                         chunk, KD_BUFFERS[kind])
+
+
+def check_kd_options(kind: str, temperature: float, jsd_beta: float) -> None:
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd loss kind must be one of {', '.join(KD_KINDS)}; got {kind!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number; got {temperature}")
+    if kind == "jsd" and not 0 < jsd_beta < 1:
+        raise ValueError(
+            f"jsd_beta must lie strictly between 0 and 1 (the JSD is 0 at either end; use forward-kl "
+            f"or reverse-kl there); got {jsd_beta}"
+        )
+
+
+def kd_rows(kind: str, temperature: float, jsd_beta: float) -> RowFn:
+    """The row function of T² · D(teacher ‖ student) on a chunk of (student, teacher) logit rows."""
     divergence = {"forward-kl": _forward_kl, "reverse-kl": _reverse_kl, "jsd": _jsd}[kind]
 
-    def rows(chunk, workspace, inputs, needs):
+    def rows(_rows, workspace, chunk_inputs, needs):
         scratch, log_s, log_t, *extra = workspace
-        for flat, log_p in zip(inputs, (log_s, log_t), strict=True):
-            torch.log_softmax(scratch.copy_(flat[chunk]).div_(temperature), dim=-1, out=log_p)
+        for logits, log_p in zip(chunk_inputs, (log_s, log_t), strict=True):
+            torch.log_softmax(scratch.copy_(logits).div_(temperature), dim=-1, out=log_p)
         row_values, grad_s, grad_t = divergence(log_s, log_t, *needs, scratch, *extra, beta=jsd_beta)
         # T² · D at logits / T: the value scales by T², the gradient by T² / T.
         return row_values * temperature**2, [g.mul_(temperature) if g is not None else None
                                              for g in (grad_s, grad_t)]
-
-    chunk = default_chunk_tokens(student_logits.shape[-1]) if chunk_tokens is None else chunk_tokens
-    buffers = 4 if kind == "jsd" else 3
-    return _row_loss_sum(rows, (student_logits, teacher_logits), target_mask, chunk, buffers)
+    return rows
 
 
 def ce_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -110,21 +121,23 @@ def ce_loss_sum(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index
             "logits must be [batch, length, vocab] and labels [batch, length]; got "
             f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
         )
-    flat_labels = labels.reshape(-1)
+    return _row_loss_sum(ce_rows(labels.reshape(-1)), (student_logits,), labels != ignore_index,
+                         default_chunk_tokens(student_logits.shape[-1]), CE_BUFFERS)
 
-    def rows(chunk, workspace, inputs, needs):
+
+def ce_rows(flat_labels: torch.Tensor) -> RowFn:
+    """The row function of next-token cross-entropy on a chunk of logit rows (labels of all rows, flat)."""
+    def rows(chunk, workspace, chunk_inputs, needs):
         scratch, log_p = workspace
         targets = flat_labels[chunk].clamp(min=0).unsqueeze(1)  # ignored rows are masked out by the caller
-        torch.log_softmax(scratch.copy_(inputs[0][chunk]), dim=-1, out=log_p)
+        torch.log_softmax(scratch.copy_(chunk_inputs[0]), dim=-1, out=log_p)
         value = -log_p.gather(1, targets).squeeze(1)
         if not needs[0]:
             return value, [None]
         grad = log_p.exp_()
         grad.scatter_add_(1, targets, torch.full_like(targets, -1, dtype=grad.dtype))
         return value, [grad]
-
-    chunk = default_chunk_tokens(student_logits.shape[-1])
-    return _row_loss_sum(rows, (student_logits,), labels != ignore_index, chunk, buffers=2)
+    return rows
 
 
 def _forward_kl(log_s, log_t, need_s, need_t, scratch, beta):
@@ -228,7 +241,8 @@ def _run_chunks(plan: _Plan, inputs: Sequence[torch.Tensor], needs: Sequence[boo
     for start in range(0, n_rows, plan.chunk_tokens):
         rows = slice(start, min(start + plan.chunk_tokens, n_rows))
         keep = plan.flat_mask[rows]
-        values, chunk_grads = plan.row_fn(rows, [w[: rows.stop - start] for w in workspace], flat, needs)
+        values, chunk_grads = plan.row_fn(rows, [w[: rows.stop - start] for w in workspace],
+                                           [x[rows] for x in flat], needs)
         total += torch.where(keep, values, 0.0).sum()
         for grad, chunk_grad in zip(flat_grads, chunk_grads, strict=True):
             if grad is not None:

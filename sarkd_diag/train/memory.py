@@ -6,7 +6,11 @@ moments are exact byte counts for the way each mode holds them (train/precision.
 estimate for one micro-batch (batch × block), with attention through SDPA (no seq² score matrix kept):
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
-    logits per token:  vocab × (compute bytes + 4 + 4)  — the logits, their fp32 log-softmax and its gradient
+    logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch —
+        chunk rows × vocab × (student + teacher compute bytes + 5 × 4), the fp32 buffers of the loss rows
+        (the JSD's four and the CE gradient's), plus the student's last hidden states' gradient
+    logits, unfused, per token:  vocab × (compute bytes + 4 + 4) for the student — the logits, their fp32
+        log-softmax and its gradient — and vocab × compute bytes for the teacher
 
 The student's activations are kept for backward (only layer inputs plus one layer with gradient
 checkpointing); the teacher's are kept too when its routers train (SAR-KD backpropagates through the
@@ -24,6 +28,7 @@ from torch import nn
 from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode
+from .losses import default_chunk_tokens
 from .precision import MODES
 
 GIB = 2**30
@@ -135,8 +140,17 @@ def sharded_teacher_params(teacher: ModelShape, routers: int, shards: int) -> tu
     return -(-(frozen - head) // shards) + head, frozen - teacher.layers * layer - head + layer
 
 
+def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute: int, teacher_compute: int,
+                  fused: bool) -> int:
+    """What the logits and the loss over them hold at their peak (the module docstring has the formulas)."""
+    if fused:
+        rows = min(tokens, default_chunk_tokens(student.vocab))
+        return rows * student.vocab * (compute + teacher_compute + 5 * 4) + tokens * student.hidden * compute
+    return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.vocab * teacher_compute
+
+
 def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: int, block: int, *,
-                  gradient_checkpointing: bool = False, offload_teacher: bool = False,
+                  gradient_checkpointing: bool = False, offload_teacher: bool = False, fused_loss: bool = True,
                   teacher_shards: int = 1) -> MemoryEstimate:
     """The breakdown of one precision mode for these shapes and one micro-batch of batch × block tokens, on one
     GPU; `teacher_shards` > 1: the teacher sharded over that many ranks (--shard-teacher)."""
@@ -163,9 +177,8 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         master_weights=trainable * keep if mixed else 0,
         optimizer_state=2 * trainable * keep,  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
         activations=_activation_elements(student, tokens, gradient_checkpointing) * compute
-        + tokens * student.vocab * (compute + 4 + 4)
         + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
-        + tokens * teacher.vocab * teacher_compute,
+        + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss and not dual),
     )
     if offload_teacher:
         estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
@@ -225,7 +238,7 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
     estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
                                gradient_checkpointing=cfg.gradient_checkpointing,
-                               offload_teacher=cfg.offload_teacher_to_cpu,
+                               offload_teacher=cfg.offload_teacher_to_cpu, fused_loss=cfg.fused_loss,
                                teacher_shards=cfg.nproc if cfg.shard_teacher else 1) for m in dict.fromkeys(chosen)]
     return MemoryReport(teacher, student, cfg.per_device_batch_size, cfg.block_size, estimates, cfg.nproc)
 

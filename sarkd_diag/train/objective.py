@@ -2,11 +2,14 @@
 
 `LogitKD` distils logits (one tokenizer); `HiddenStateKD` matches hidden states across two tokenizers.
 Both return token *sums* and the target count, so the loop divides once by the global count of an
-optimizer step and accumulated micro-batches give the same gradient as one big batch.
+optimizer step and accumulated micro-batches give the same gradient as one big batch. The weighted sum
+`alpha_kd · kd + alpha_ce · ce` is the objective's own (`LossParts.objective`): the fused loss computes its
+gradient for exactly that sum.
 
-Every objective offers the same: `__call__(batch)`, `student` (the model it trains through: the student, or
-DDP's wrapper of it under torchrun, given at construction), `projection` (an identity where there is none),
-`extra_parameters()` (trained beside the student) and `close()`.
+Every objective offers the same: `__call__(batch, grad_factor)`, `fused` (whether its logits never exist
+whole), `student` (the model it trains through: the student, or DDP's wrapper of it under torchrun, given at
+construction), `projection` (an identity where there is none), `extra_parameters()` (trained beside the
+student) and `close()`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import torch
 from torch import nn
 
 from .align import align_teacher_to_student
+from .fused_loss import fused_forward_options, fused_kd_ce
 from .losses import ce_loss_sum, kd_loss_sum
 
 
 @dataclass
 class LossParts:
-    """Sums over a micro-batch's target tokens (kd, ce), its router loss and its target count."""
+    """Sums over a micro-batch's target tokens — `objective` (alpha_kd · kd + alpha_ce · ce, the one with the
+    gradient), kd and ce — its router loss and its target count."""
 
+    objective: torch.Tensor
     kd_sum: torch.Tensor
     ce_sum: torch.Tensor
     targets: int
@@ -39,15 +45,21 @@ def _teacher_device(teacher: nn.Module) -> torch.device:
 class LogitKD:
     """KL (or reverse KL, JSD) between teacher and student logits at temperature T, plus next-token CE.
 
+    Fused (the default where both models allow it, `fused_loss.unfusable_reason`), the models return their last
+    hidden states and the logits exist a chunk of rows at a time inside the loss; unfused, both models return
+    complete logits and the chunked losses take them.
+
     With trainable routers the teacher forward keeps its graph (to the router weights only: every other
     teacher weight has requires_grad off), so the KD term trains the router too, and the router terms
     (anchor, load balance, entropy) are added.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, kind: str, temperature: float,
-                 jsd_beta: float, router_terms=None):
+                 jsd_beta: float, alpha_kd: float, alpha_ce: float, fused: bool, router_terms=None):
         self.teacher, self.student = teacher, student  # the student as trained: DDP's wrapper under torchrun
         self.kind, self.temperature, self.jsd_beta = kind, temperature, jsd_beta
+        self.alpha_kd, self.alpha_ce = alpha_kd, alpha_ce
+        self.fused = fused
         self.router_terms = router_terms
         self.projection = nn.Identity()  # logits need no projection; every objective has one
 
@@ -61,21 +73,30 @@ class LogitKD:
             self.router_terms.close()
         self.student = None
 
-    def __call__(self, batch: dict) -> LossParts:
+    def __call__(self, batch: dict, grad_factor: torch.Tensor | float = 1.0) -> LossParts:
+        """The micro-batch's loss parts; `grad_factor` is what backward will multiply the objective's gradient by
+        (the loss scale × ranks / targets), which the fused loss builds into the gradient it computes."""
         labels = batch["labels"]
         device = _teacher_device(self.teacher)
+        options = dict(kind=self.kind, temperature=self.temperature, jsd_beta=self.jsd_beta)
         grad = self.router_terms is not None and torch.is_grad_enabled()
         with contextlib.nullcontext() if grad else torch.no_grad():
-            teacher_logits = self.teacher(input_ids=batch["input_ids"].to(device),
-                                          attention_mask=batch["attention_mask"].to(device)).logits
-        teacher_logits = teacher_logits.to(labels.device)
-        student_logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        parts = LossParts(
-            kd_sum=kd_loss_sum(student_logits, teacher_logits, labels != -100, kind=self.kind,
-                               temperature=self.temperature, jsd_beta=self.jsd_beta),
-            ce_sum=ce_loss_sum(student_logits, labels),
-            targets=int(batch["n_targets"]),
-        )
+            teacher_out = self.teacher(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=batch["attention_mask"].to(device),
+                                       **(fused_forward_options(device) if self.fused else {}))
+        student_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   **(fused_forward_options(labels.device) if self.fused else {}))
+        if self.fused:
+            sums = fused_kd_ce(student_out.hidden_states[-1], _head(self.student),
+                               teacher_out.hidden_states[-1], _head(self.teacher), labels,
+                               alpha_kd=self.alpha_kd, alpha_ce=self.alpha_ce, grad_factor=grad_factor, **options)
+            parts = LossParts(*sums, targets=int(batch["n_targets"]))
+        else:
+            student_logits = student_out.logits
+            kd_sum = kd_loss_sum(student_logits, teacher_out.logits.to(labels.device), labels != -100, **options)
+            ce_sum = ce_loss_sum(student_logits, labels)
+            parts = LossParts(self.alpha_kd * kd_sum + self.alpha_ce * ce_sum, kd_sum, ce_sum,
+                              targets=int(batch["n_targets"]))
         if self.router_terms is not None:
             router = self.router_terms.loss(batch["attention_mask"].to(device))
             parts.router_loss, parts.readings = router.total.to(labels.device), router.layer_entropy
@@ -83,14 +104,22 @@ class LogitKD:
         return parts
 
 
+def _head(model: nn.Module) -> nn.Module:
+    """The output projection of a causal LM, through DDP's wrapper if there is one."""
+    return getattr(model, "module", model).get_output_embeddings()
+
+
 class HiddenStateKD:
     """Dual-tokenizer KD: the student's last hidden states, through a learned projection on the student
     side, match the teacher's — averaged over the teacher tokens whose characters overlap each student
     token. The teacher's states are a fixed (detached) target, so shrinking both sides cannot help."""
 
+    fused = False  # the student's CE takes its complete logits; the KD term has none
+
     def __init__(self, teacher: nn.Module, student: nn.Module, teacher_tokenizer, *, student_hidden_size: int,
-                 teacher_max_tokens: int | None, device: torch.device):
+                 teacher_max_tokens: int | None, device: torch.device, alpha_kd: float, alpha_ce: float):
         self.teacher, self.student, self.teacher_tokenizer = teacher, student, teacher_tokenizer  # student: as trained
+        self.alpha_kd, self.alpha_ce = alpha_kd, alpha_ce
         self.teacher_max_tokens = teacher_max_tokens
         self.projection = nn.Linear(student_hidden_size, teacher.config.hidden_size).to(device)
 
@@ -107,7 +136,8 @@ class HiddenStateKD:
                                       padding=True, truncation=self.teacher_max_tokens is not None,
                                       max_length=self.teacher_max_tokens, return_tensors="pt")
 
-    def __call__(self, batch: dict) -> LossParts:
+    def __call__(self, batch: dict, grad_factor: torch.Tensor | float = 1.0) -> LossParts:
+        """The micro-batch's loss parts (`grad_factor`: taken by every objective, used by the fused loss only)."""
         labels = batch["labels"]
         device = _teacher_device(self.teacher)
         t_in = self.teacher_inputs(batch["texts"])
@@ -121,5 +151,6 @@ class HiddenStateKD:
                                                  batch["offsets"], batch["attention_mask"])
         predicted = self.projection(out.hidden_states[-1])
         squared = (predicted.float() - target.float()).pow(2).mean(-1)
-        return LossParts(kd_sum=(squared * valid).sum(), ce_sum=ce_loss_sum(out.logits, labels),
+        kd_sum, ce_sum = (squared * valid).sum(), ce_loss_sum(out.logits, labels)
+        return LossParts(self.alpha_kd * kd_sum + self.alpha_ce * ce_sum, kd_sum, ce_sum,
                          targets=int(batch["n_targets"]))

@@ -68,7 +68,8 @@ def _memory_breakdown(cfg: DistillConfig, mode: str, teacher: nn.Module, student
         text = format_breakdown(estimate_mode(
             mode, model_shape(teacher, cfg.teacher_model, cfg.router_patterns),
             model_shape(student, cfg.student_model), cfg.per_device_batch_size, cfg.block_size,
-            gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu))
+            gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu,
+            fused_loss=cfg.fused_loss))
     except Exception as exc:  # an estimate is a help, never a second failure
         text = f"no memory estimate ({type(exc).__name__})"
     if device.type == "cuda":

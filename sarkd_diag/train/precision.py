@@ -59,6 +59,11 @@ class Precision:
         """The current loss scale as a device tensor (None without scaling, or before the first backward)."""
         return None
 
+    def backward_factor(self) -> torch.Tensor | float:
+        """What `backward(loss)` will multiply the loss's gradient by (the loss scale, or 1): a loss that computes
+        its gradient in the forward pass (the fused loss) works on gradients that already carry it."""
+        return self.loss_scaler.factor()
+
     @property
     def master_dtype(self) -> torch.dtype:
         return self.trainable_dtype

@@ -1,0 +1,248 @@
+"""The KD and CE sums from the last hidden states, the output projections fused in: no full logits, ever.
+
+Over a 50k–150k vocabulary the logits are the largest tensors of a distillation step: both models'
+`[batch, block, vocab]`, the student's with a gradient of the same size. Here each chunk of rows gets its
+logits from the hidden states and the heads, its KD and CE rows and their gradient with respect to those
+logits (the row functions of `losses.py`, unchanged), and that gradient is pushed through the head at
+once — into the hidden states' gradient and the head weight's — so a chunk's logits die with the chunk.
+What outlives the forward pass is the gradient of what backward must return anyway: the hidden states'
+(`[rows, hidden]`) and the head weight's (`[vocab, hidden]`, which becomes the weight's `.grad`).
+
+The heads are called as modules, chunk by chunk, so their forward hooks see every chunk's logits: the
+activation probe still names an `lm_head` that overflows and still measures the logits' fp16 headroom.
+
+Precision, as in the unfused path: the logits are what the head gives under the mode's autocast (or in
+the weights' dtype); the loss rows are fp32; the gradient products run in the logits' dtype, on a gradient
+that already carries the factor backward will bring (`grad_factor`: the loss scale × ranks / targets, which
+the loop knows before the forward), so fp16 products overflow and flush exactly where the unfused
+backward's would and a loss-scale collapse is still found at the head. Backward multiplies by what it
+actually brings over that factor (1 when the loop's factor was right). The head weight's gradient is
+accumulated chunk by chunk in the logits' dtype: in bf16 and fp16 that is one rounding per chunk, where
+the unfused product rounds once.
+
+The gradient is computed for the weighted sum `alpha_kd · kd + alpha_ce · ce` (the `objective` output),
+the one the loop differentiates; the kd and ce sums come along as plain values for the metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .losses import KD_BUFFERS, RowFn, ce_rows, check_kd_options, default_chunk_tokens, kd_rows
+
+
+class FusedSums(NamedTuple):
+    """One micro-batch's loss sums over target tokens: `objective` carries the gradient, kd and ce do not."""
+
+    objective: torch.Tensor
+    kd_sum: torch.Tensor
+    ce_sum: torch.Tensor
+
+
+def fused_kd_ce(
+    student_hidden: torch.Tensor,
+    student_head: nn.Linear,
+    teacher_hidden: torch.Tensor,
+    teacher_head: nn.Linear,
+    labels: torch.Tensor,
+    *,
+    kind: str = "forward-kl",
+    temperature: float = 2.0,
+    jsd_beta: float = 0.5,
+    alpha_kd: float = 0.5,
+    alpha_ce: float = 0.5,
+    grad_factor: float | torch.Tensor = 1.0,
+    chunk_tokens: int | None = None,
+) -> FusedSums:
+    """`kd_loss_sum(head_s(h_s), head_t(h_t), ...)` and `ce_loss_sum(head_s(h_s), labels)` without the logits.
+
+    Hidden states are `[batch, length, hidden]` (the teacher's on the teacher head's device), labels
+    `[batch, length]` already shifted, -100 where a position is not a target. Gradients reach the student's
+    hidden states, head weight and bias, and the teacher's hidden states when they require grad (its routers
+    train); the teacher's head is frozen. `grad_factor` is what backward is expected to multiply the
+    objective's gradient by (see the module's docstring); any factor gives the right gradient.
+    """
+    check_kd_options(kind, temperature, jsd_beta)
+    if student_hidden.dim() != 3 or labels.shape != student_hidden.shape[:2] \
+            or teacher_hidden.shape[:2] != student_hidden.shape[:2]:
+        raise ValueError(
+            "hidden states must be [batch, length, hidden] over the same positions as labels [batch, length]; got "
+            f"{tuple(student_hidden.shape)}, {tuple(teacher_hidden.shape)} and {tuple(labels.shape)}"
+        )
+    if teacher_head.weight.requires_grad:
+        raise ValueError("the fused loss trains no teacher head: freeze it (requires_grad_(False))")
+    vocab = student_head.weight.shape[0]
+    if teacher_head.weight.shape[0] != vocab:
+        raise ValueError(f"student and teacher heads must share a vocabulary; got {vocab} and "
+                         f"{teacher_head.weight.shape[0]}")
+    flat_labels = labels.reshape(-1)
+    plan = _Plan(
+        student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
+        default_chunk_tokens(vocab) if chunk_tokens is None else chunk_tokens, KD_BUFFERS[kind] + 1,
+        alpha_kd, alpha_ce, grad_factor,
+    )
+    if plan.chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1; got {plan.chunk_tokens}")
+    inputs = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_head.weight, student_head.bias,
+              teacher_hidden.reshape(-1, teacher_hidden.shape[-1]))
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return FusedSums(*_FusedKDCE.apply(plan, *inputs))
+    return FusedSums(*_run_chunks(plan, *inputs, needs=(False,) * 4)[:3])
+
+
+class _Plan(NamedTuple):
+    student_head: nn.Module
+    teacher_head: nn.Module
+    kd: RowFn
+    ce: RowFn
+    flat_mask: torch.Tensor  # [batch · length] bool, True at target rows
+    chunk_tokens: int
+    buffers: int  # fp32 [chunk rows, vocab] buffers: the KD rows' workspace and one for the CE gradient
+    alpha_kd: float
+    alpha_ce: float
+    grad_factor: float | torch.Tensor  # what backward is expected to bring: the products run on scaled gradients
+
+
+class _HeadGradient:
+    """The gradient products of one head: into its input (hidden states) and, for the student, its weight and bias.
+
+    Created at the first chunk, when the logits' dtype (the products' dtype) is known; the weight is cast to it
+    once, not per chunk.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 logits_dtype: torch.dtype, needs: tuple[bool, bool, bool]):
+        self.dtype = logits_dtype
+        self.weight = weight.detach().to(self.dtype)
+        need_hidden, need_weight, need_bias = needs
+        self.hidden = torch.empty(hidden.shape, dtype=self.dtype, device=hidden.device) if need_hidden else None
+        self.weight_grad = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device) if need_weight \
+            else None
+        self.bias_grad = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+
+    def add_chunk(self, rows: slice, hidden: torch.Tensor, logits_grad: torch.Tensor) -> None:
+        """Push one chunk's logits gradient (fp32, [chunk rows, vocab], scaled) through the head."""
+        grad = logits_grad.to(self.dtype)
+        with torch.autocast(grad.device.type, enabled=False):
+            if self.hidden is not None:
+                torch.mm(grad, self.weight, out=self.hidden[rows])
+            if self.weight_grad is not None:
+                self.weight_grad.addmm_(grad.t(), hidden[rows].detach().to(self.dtype))
+        if self.bias_grad is not None:
+            self.bias_grad += logits_grad.sum(0)
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [self.hidden, self.weight_grad, self.bias_grad]
+
+
+def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
+    """The chunk loop: each chunk's logits from the heads, its loss rows, its gradient through the heads.
+
+    Returns the weighted objective, the kd and ce sums (0-dim fp32) and the gradients of the inputs (None where
+    not needed). Like `losses._run_chunks`: fixed chunks known from the shapes (no host sync), non-target rows
+    selected away with `where`, one workspace reused by every chunk.
+    """
+    need_student, need_teacher = any(needs[:3]), needs[3]
+    n_rows, device = h_s.shape[0], h_s.device
+    rows_per_chunk = min(plan.chunk_tokens, n_rows)
+    workspace = [torch.empty((rows_per_chunk, w_s.shape[0]), dtype=torch.float32, device=device)
+                 for _ in range(plan.buffers)]
+    kd_total = torch.zeros((), dtype=torch.float32, device=device)
+    ce_total = torch.zeros((), dtype=torch.float32, device=device)
+    student_grad = teacher_grad = None
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, n_rows))
+        ws = [w[: rows.stop - start] for w in workspace]
+        keep = plan.flat_mask[rows]
+        logits_s = plan.student_head(h_s[rows])
+        logits_t = plan.teacher_head(h_t[rows]).to(device)
+        ce_values, (ce_grad,) = plan.ce(rows, [ws[0], ws[-1]], [logits_s], (need_student,))  # ce_grad in ws[-1]
+        kd_values, (kd_grad_s, kd_grad_t) = plan.kd(rows, ws[:-1], [logits_s, logits_t],
+                                                    (need_student, need_teacher))
+        kd_total += torch.where(keep, kd_values, 0.0).sum()
+        ce_total += torch.where(keep, ce_values, 0.0).sum()
+        if need_student:
+            if student_grad is None:
+                student_grad = _HeadGradient(h_s, w_s, b_s, logits_s.dtype, needs[:3])
+            grad = ce_grad.mul_(plan.alpha_ce).add_(kd_grad_s, alpha=plan.alpha_kd).mul_(plan.grad_factor)
+            student_grad.add_chunk(rows, h_s, grad.masked_fill_(~keep[:, None], 0.0))
+        if need_teacher:
+            if teacher_grad is None:
+                teacher_grad = _HeadGradient(h_t, plan.teacher_head.weight, None, logits_t.dtype, (True, False, False))
+            grad = kd_grad_t.mul_(plan.alpha_kd).mul_(plan.grad_factor).masked_fill_(~keep[:, None], 0.0)
+            teacher_grad.add_chunk(rows, h_t, grad.to(h_t.device))
+    objective = plan.alpha_kd * kd_total + plan.alpha_ce * ce_total
+    grads = (student_grad.grads() if student_grad else [None] * 3) + \
+        (teacher_grad.grads()[:1] if teacher_grad else [None])
+    return objective, kd_total, ce_total, grads
+
+
+class _FusedKDCE(torch.autograd.Function):
+    """Autograd node of the fused loss: its gradients were computed in the forward pass, backward scales them."""
+
+    @staticmethod
+    def forward(ctx, plan, h_s, w_s, b_s, h_t):
+        needs = tuple(ctx.needs_input_grad[1:])
+        objective, kd, ce, ctx.grads = _run_chunks(plan, h_s, w_s, b_s, h_t, needs)
+        ctx.grad_factor = plan.grad_factor
+        ctx.input_dtypes = [x.dtype if x is not None else None for x in (h_s, w_s, b_s, h_t)]
+        ctx.mark_non_differentiable(kd, ce)
+        return objective, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_objective, _grad_kd, _grad_ce):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "the fused loss's gradient was already used by an earlier backward; "
+                "compute the loss again instead of retaining its graph"
+            )
+        grads, ctx.grads = ctx.grads, None  # rescaled in place and handed over: no second copy
+        rescale = grad_objective / ctx.grad_factor  # 1 when the loop's factor was the one backward brings
+        return None, *[g.mul_(rescale).to(dtype) if g is not None else None
+                       for g, dtype in zip(grads, ctx.input_dtypes, strict=True)]
+
+
+# ------------------------------------------------------------------------------------ which models fuse
+NO_LOGITS_KEPT = "logits_to_keep"
+
+
+def fused_forward_options(device: torch.device) -> dict:
+    """What a causal LM's forward is called with on the fused path: its last hidden state, no logits at all
+    (transformers' `logits_to_keep` as an empty index tensor: the head runs on zero positions)."""
+    return {"output_hidden_states": True, NO_LOGITS_KEPT: torch.empty(0, dtype=torch.long, device=device)}
+
+
+def unfusable_reason(model: nn.Module) -> str | None:
+    """Why a causal LM's logits cannot be computed chunk by chunk from its last hidden state, or None if they can.
+
+    Checked, not assumed: the head is a linear layer, the forward takes `logits_to_keep`, and on a few tokens
+    (evaluation mode, no gradient) the forward with the fused options computes no logits while the head applied
+    to its last hidden state gives exactly the logits of a plain forward — which fails for a soft cap or a scale
+    on the logits, or any projection between the last hidden state and the head.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return f"its output head is {type(head).__name__}, not a linear layer"
+    if NO_LOGITS_KEPT not in inspect.signature(model.forward).parameters:
+        return f"its forward ({type(model).__name__}) takes no {NO_LOGITS_KEPT}"
+    device = head.weight.device
+    ids = torch.arange(4, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            fused = model(input_ids=ids, **fused_forward_options(device))
+            same = fused.logits.numel() == 0 and torch.equal(head(fused.hidden_states[-1]), plain)
+    finally:
+        model.train(was_training)
+    if not same:
+        return ("its logits are not its output head applied to its last hidden state (a soft cap or a scale on "
+                "the logits, or a projection in between)")
+    return None

@@ -1,0 +1,265 @@
+"""The fused loss pinned to float64 references, to the unfused path, and to its promise: no full logits."""
+
+import math
+
+import pytest
+import tiny
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sarkd_diag.train import fused_loss
+from sarkd_diag.train.fused_loss import fused_kd_ce, unfusable_reason
+from sarkd_diag.train.losses import KD_KINDS, ce_loss_sum, kd_loss_sum
+from sarkd_diag.train.objective import LogitKD
+
+BATCH, LENGTH, VOCAB, S_HIDDEN, T_HIDDEN = 3, 5, 37, 12, 16
+OPTIONS = dict(temperature=2.0, jsd_beta=0.3, alpha_kd=0.7, alpha_ce=0.2)
+
+
+def reference_objective(logits_s, logits_t, labels, kind, temperature, jsd_beta, alpha_kd, alpha_ce):
+    """alpha_kd · T² · D(teacher ‖ student) + alpha_ce · CE over target rows, in float64, the obvious way."""
+    mask = labels != -100
+    log_s = F.log_softmax(logits_s[mask] / temperature, dim=-1)
+    log_t = F.log_softmax(logits_t[mask] / temperature, dim=-1)
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if kind == "forward-kl":
+        per_row = (p_t * (log_t - log_s)).sum(-1)
+    elif kind == "reverse-kl":
+        per_row = (p_s * (log_s - log_t)).sum(-1)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(jsd_beta), log_s + math.log(1 - jsd_beta)]), dim=0)
+        per_row = jsd_beta * (p_t * (log_t - log_m)).sum(-1) + (1 - jsd_beta) * (p_s * (log_s - log_m)).sum(-1)
+    kd = temperature**2 * per_row.sum()
+    ce = F.cross_entropy(logits_s[mask], labels[mask], reduction="sum")
+    return alpha_kd * kd + alpha_ce * ce, kd, ce
+
+
+def inputs(bias: bool, tied: bool = False, with_ignored: bool = True, seed: int = 0):
+    """Hidden states and heads of both models, labels with ignored positions; the student head may have a bias,
+    or share its weight with an embedding (a tied head) that also gets a gradient of its own."""
+    generator = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(BATCH, LENGTH, S_HIDDEN, generator=generator).requires_grad_()
+    h_t = torch.randn(BATCH, LENGTH, T_HIDDEN, generator=generator).requires_grad_()
+    head_s, head_t = nn.Linear(S_HIDDEN, VOCAB, bias=bias), nn.Linear(T_HIDDEN, VOCAB, bias=True)
+    for head in (head_s, head_t):
+        head.weight.data = torch.randn(head.weight.shape, generator=generator)
+        if head.bias is not None:
+            head.bias.data = torch.randn(head.bias.shape, generator=generator)
+    head_t.requires_grad_(False)
+    embedding = nn.Embedding(VOCAB, S_HIDDEN)
+    if tied:
+        head_s.weight = embedding.weight
+    labels = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
+    if with_ignored:
+        labels[0, :2] = -100
+        labels[2, 4] = -100
+    return h_s, head_s, h_t, head_t, labels, embedding
+
+
+def student_params(h_s, head_s, h_t):
+    return [h_s, head_s.weight, h_t] + ([head_s.bias] if head_s.bias is not None else [])
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [None, 1, 4])
+def test_value_and_gradients_match_the_float64_reference(kind, bias, chunk_tokens):
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias)
+    params = student_params(h_s, head_s, h_t)
+    sums = fused_kd_ce(h_s, head_s, h_t, head_t, labels, kind=kind, chunk_tokens=chunk_tokens, **OPTIONS)
+    grads = torch.autograd.grad(sums.objective, params)
+
+    double = [p.detach().double().requires_grad_() for p in params]
+    h_s64, w_s64, h_t64 = double[:3]
+    b_s64 = double[3] if bias else None
+    reference, kd, ce = reference_objective(
+        F.linear(h_s64, w_s64, b_s64), F.linear(h_t64, head_t.weight.double(), head_t.bias.double()), labels,
+        kind, **OPTIONS)
+    expected = torch.autograd.grad(reference, double)
+
+    for got, want in ((sums.objective, reference), (sums.kd_sum, kd), (sums.ce_sum, ce)):
+        assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_equals_the_unfused_losses_on_the_heads_logits(kind):
+    """The same sums and gradients as today's path, with a tied head whose embedding also trains."""
+    h_s, head_s, h_t, head_t, labels, embedding = inputs(bias=False, tied=True)
+    options = {k: v for k, v in OPTIONS.items() if not k.startswith("alpha")}
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH))
+
+    def gradients(objective):
+        params = [h_s, embedding.weight, h_t]
+        return torch.autograd.grad(objective + embedding(ids).square().sum(), params)
+
+    fused = fused_kd_ce(h_s, head_s, h_t, head_t, labels, kind=kind, chunk_tokens=4, **OPTIONS)
+    logits_s = head_s(h_s)
+    kd = kd_loss_sum(logits_s, head_t(h_t), labels != -100, kind=kind, **options)
+    ce = ce_loss_sum(logits_s, labels)
+    unfused = OPTIONS["alpha_kd"] * kd + OPTIONS["alpha_ce"] * ce
+    assert torch.allclose(fused.objective, unfused, rtol=1e-6)
+    for got, want in zip(gradients(fused.objective), gradients(unfused), strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_any_grad_factor_gives_the_same_gradient():
+    """The factor only says what backward will bring; a wrong guess is corrected in backward."""
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=True)
+    params = student_params(h_s, head_s, h_t)
+    reference = torch.autograd.grad(fused_kd_ce(h_s, head_s, h_t, head_t, labels, **OPTIONS).objective * 8.0, params)
+    for factor in (8.0, 1.0, torch.tensor(1024.0)):
+        sums = fused_kd_ce(h_s, head_s, h_t, head_t, labels, grad_factor=factor, **OPTIONS)
+        for got, want in zip(torch.autograd.grad(sums.objective * 8.0, params), reference, strict=True):
+            assert torch.allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_fp16_products_carry_the_loss_scale_like_the_unfused_backward():
+    """Under a loss scale the fp16 gradient products see scaled values, as the unfused fp16 backward does: with
+    a scale that keeps them finite both give the same gradients; with a scale that overflows fp16, both give Inf."""
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=False)
+    h_s16, h_t16 = h_s.detach().half().requires_grad_(), h_t.detach().half()
+    head_s.half(), head_t.half()
+
+    def fused_grads(scale):
+        objective = fused_kd_ce(h_s16, head_s, h_t16, head_t, labels, grad_factor=scale, **OPTIONS).objective
+        return torch.autograd.grad(objective * scale, [h_s16, head_s.weight])
+
+    def unfused_grads(scale):
+        logits_s = head_s(h_s16)
+        kd = kd_loss_sum(logits_s, head_t(h_t16), labels != -100, kind="forward-kl", temperature=2.0)
+        objective = OPTIONS["alpha_kd"] * kd + OPTIONS["alpha_ce"] * ce_loss_sum(logits_s, labels)
+        return torch.autograd.grad(objective * scale, [h_s16, head_s.weight])
+
+    for got, want in zip(fused_grads(256.0), unfused_grads(256.0), strict=True):
+        assert got.dtype == torch.float16 and torch.isfinite(want).all()
+        assert (got.float() - want.float()).abs().max() <= 4e-3 * want.float().abs().max()
+    overflowing = 2.0**24
+    assert not all(torch.isfinite(g).all() for g in unfused_grads(overflowing))
+    assert not all(torch.isfinite(g).all() for g in fused_grads(overflowing))
+
+
+def test_without_gradients_it_only_sums():
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=False)
+    with torch.no_grad():
+        sums = fused_kd_ce(h_s, head_s, h_t, head_t, labels, **OPTIONS)
+    assert not sums.objective.requires_grad and math.isfinite(sums.objective.item())
+
+
+def test_second_backward_through_a_retained_graph_is_refused():
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=False)
+    objective = fused_kd_ce(h_s, head_s, h_t, head_t, labels, **OPTIONS).objective
+    objective.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        objective.backward()
+
+
+def test_a_trainable_teacher_head_is_refused():
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=False)
+    head_t.requires_grad_(True)
+    with pytest.raises(ValueError, match="teacher head"):
+        fused_kd_ce(h_s, head_s, h_t, head_t, labels, **OPTIONS)
+
+
+# ------------------------------------------------------------------------------ through the objective
+class LargestVocabTensor(TorchDispatchMode):
+    """The most rows of any tensor an op produces whose last dimension is the vocabulary (views of the models'
+    weights aside: a head's transposed weight is not logits)."""
+
+    def __init__(self, vocab: int, weights: list[torch.Tensor]):
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+        self.weight_storages = {w.untyped_storage().data_ptr() for w in weights}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dim() and t.shape[-1] == self.vocab \
+                    and t.untyped_storage().data_ptr() not in self.weight_storages:
+                self.largest = max(self.largest, t.numel() // self.vocab)
+        return out
+
+
+def objective_pair(world, fused: bool, routers: bool):
+    """LogitKD on the tiny GPT-2 student and the tiny Mixtral teacher (routers training or not), fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from sarkd_diag.train.router import RouterTerms, find_routers
+
+    student = AutoModelForCausalLM.from_pretrained(world["student"]).train()
+    teacher = AutoModelForCausalLM.from_pretrained(world["teacher"]).requires_grad_(False).eval()
+    terms = None
+    if routers:
+        found = find_routers(teacher)
+        names = dict(teacher.named_parameters())
+        for router in found:
+            for name in router.param_names:
+                names[name].requires_grad_(True)
+        terms = RouterTerms(teacher, found, 0.01, 0.01, 0.001)
+    return LogitKD(teacher, student, kind="forward-kl", temperature=2.0, jsd_beta=0.5, alpha_kd=0.5,
+                   alpha_ce=0.5, fused=fused, router_terms=terms), student, teacher
+
+
+def a_batch(vocab: int, batch: int = 4, length: int = 16) -> dict:
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "n_targets": int((labels != -100).sum())}
+
+
+@pytest.mark.parametrize("routers", [False, True])
+def test_the_objective_fused_equals_unfused_and_never_holds_full_logits(tiny_world, monkeypatch, routers):
+    """Through LogitKD on real models: the same sums and the same gradients (student, and the teacher's routers
+    when they train), and no tensor of [batch, length, vocab] elements exists in the fused forward or backward."""
+    monkeypatch.setattr(fused_loss, "default_chunk_tokens", lambda vocab: 10)  # 64 rows in chunks of 10
+    results = {}
+    for fused in (False, True):
+        objective, student, teacher = objective_pair(tiny_world, fused, routers)
+        vocab = student.config.vocab_size
+        batch = a_batch(vocab)
+        watched = [p for p in [*student.parameters(), *teacher.parameters()] if p.requires_grad]
+        with LargestVocabTensor(vocab, [*student.parameters(), *teacher.parameters()]) as largest:
+            parts = objective(batch)
+            (parts.objective + (parts.router_loss if routers else 0)).backward()
+        results[fused] = (parts, [p.grad.clone() for p in watched], largest.largest)
+        objective.close()
+    (plain, plain_grads, plain_largest), (fused, fused_grads, fused_largest) = results[False], results[True]
+    rows = 4 * 16
+    assert plain_largest == rows  # the unfused path holds full logits: the measure sees them
+    assert fused_largest <= 10
+    for name in ("objective", "kd_sum", "ce_sum"):
+        want = getattr(plain, name).item()
+        assert abs(getattr(fused, name).item() - want) <= 1e-5 * abs(want)
+    for got, want in zip(fused_grads, plain_grads, strict=True):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+# ------------------------------------------------------------------------------------ which models fuse
+def test_gpt2_and_mixtral_fuse(tiny_world):
+    from transformers import AutoModelForCausalLM
+
+    for name in ("student", "teacher"):
+        assert unfusable_reason(AutoModelForCausalLM.from_pretrained(tiny_world[name])) is None
+
+
+def test_a_soft_capped_head_does_not_fuse():
+    """Gemma 2 caps its logits (tanh) after the head: the head applied to the last hidden state is not the logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5)
+    model = Gemma2ForCausalLM(config).train()
+    assert "soft cap" in unfusable_reason(model)
+    assert model.training  # checked in evaluation mode, put back
+
+
+def test_a_head_that_is_not_linear_does_not_fuse():
+    model = tiny.make_gpt2(64)
+    model.lm_head = nn.Sequential(nn.Linear(32, 64, bias=False))
+    assert "not a linear layer" in unfusable_reason(model)
