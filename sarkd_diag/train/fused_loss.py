@@ -111,28 +111,33 @@ class _Plan(NamedTuple):
 class _HeadGradient:
     """The gradient products of one head: into its input (hidden states) and, for the student, its weight and bias.
 
-    Created at the first chunk, when the logits' dtype (the products' dtype) is known; the weight is cast to it
-    once, not per chunk.
+    Created at the first chunk, when the logits' dtype (the products' dtype) is known. A weight held in another
+    dtype (fp32 masters under autocast) is multiplied under the mode's autocast, whose cache already holds the
+    cast the head's forward made: no second copy of the weight.
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  logits_dtype: torch.dtype, needs: tuple[bool, bool, bool]):
-        self.dtype = logits_dtype
-        self.weight = weight.detach().to(self.dtype)
+        self.dtype, self.weight = logits_dtype, weight
         need_hidden, need_weight, need_bias = needs
         self.hidden = torch.empty(hidden.shape, dtype=self.dtype, device=hidden.device) if need_hidden else None
-        self.weight_grad = torch.zeros(weight.shape, dtype=self.dtype, device=weight.device) if need_weight \
-            else None
+        self.need_weight, self.weight_grad = need_weight, None  # the first chunk's product starts the sum
         self.bias_grad = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
 
     def add_chunk(self, rows: slice, hidden: torch.Tensor, logits_grad: torch.Tensor) -> None:
         """Push one chunk's logits gradient (fp32, [chunk rows, vocab], scaled) through the head."""
         grad = logits_grad.to(self.dtype)
-        with torch.autocast(grad.device.type, enabled=False):
-            if self.hidden is not None:
-                torch.mm(grad, self.weight, out=self.hidden[rows])
-            if self.weight_grad is not None:
-                self.weight_grad.addmm_(grad.t(), hidden[rows].detach().to(self.dtype))
+        device = grad.device.type
+        if self.hidden is not None:
+            with torch.autocast(device, dtype=self.dtype, enabled=self.weight.dtype != self.dtype):
+                self.hidden[rows] = torch.mm(grad, self.weight)
+        if self.need_weight:
+            chunk_hidden = hidden[rows].detach().to(self.dtype)
+            with torch.autocast(device, enabled=False):
+                if self.weight_grad is None:
+                    self.weight_grad = torch.mm(grad.t(), chunk_hidden)
+                else:
+                    self.weight_grad.addmm_(grad.t(), chunk_hidden)
         if self.bias_grad is not None:
             self.bias_grad += logits_grad.sum(0)
 
@@ -149,7 +154,8 @@ def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
     """
     need_student, need_teacher = any(needs[:3]), needs[3]
     n_rows, device = h_s.shape[0], h_s.device
-    rows_per_chunk = min(plan.chunk_tokens, n_rows)
+    chunks = -(-n_rows // plan.chunk_tokens)
+    rows_per_chunk = -(-n_rows // chunks)  # equal chunks: no small last one, whose products run least efficiently
     workspace = [torch.empty((rows_per_chunk, w_s.shape[0]), dtype=torch.float32, device=device)
                  for _ in range(plan.buffers)]
     kd_total = torch.zeros((), dtype=torch.float32, device=device)
@@ -202,10 +208,18 @@ class _FusedKDCE(torch.autograd.Function):
                 "the fused loss's gradient was already used by an earlier backward; "
                 "compute the loss again instead of retaining its graph"
             )
-        grads, ctx.grads = ctx.grads, None  # rescaled in place and handed over: no second copy
+        grads, ctx.grads = ctx.grads, None
         rescale = grad_objective / ctx.grad_factor  # 1 when the loop's factor was the one backward brings
-        return None, *[g.mul_(rescale).to(dtype) if g is not None else None
+        return None, *[_rescaled(g, rescale, dtype) if g is not None else None
                        for g, dtype in zip(grads, ctx.input_dtypes, strict=True)]
+
+
+def _rescaled(grad: torch.Tensor, rescale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient times `rescale`, in the input's dtype, in one pass: in place and handed over when the dtypes
+    agree, else written straight into the input's dtype (a bf16 weight gradient of an fp32 master)."""
+    if grad.dtype == dtype:
+        return grad.mul_(rescale)
+    return torch.mul(grad, rescale, out=torch.empty_like(grad, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------------ which models fuse
