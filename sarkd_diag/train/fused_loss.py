@@ -6,7 +6,7 @@ logits from the hidden states and the heads, its KD and CE rows and their gradie
 logits (the row functions of `losses.py`, unchanged), and that gradient is pushed through the head at
 once — into the hidden states' gradient and the head weight's — so a chunk's logits die with the chunk.
 What outlives the forward pass is the gradient of what backward must return anyway: the hidden states'
-(`[rows, hidden]`) and the head weight's (`[vocab, hidden]`, which becomes the weight's `.grad`).
+(`[tokens, hidden]`) and the head weight's (`[vocab, hidden]`, which becomes the weight's `.grad`).
 
 The heads are called as modules, chunk by chunk, so their forward hooks see every chunk's logits: the
 activation probe still names an `lm_head` that overflows and still measures the logits' fp16 headroom.
@@ -33,7 +33,17 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .losses import KD_BUFFERS, RowFn, ce_rows, check_kd_options, default_chunk_tokens, kd_rows
+from .losses import KD_BUFFERS, RowFn, ce_rows, check_kd_options, kd_rows
+
+CHUNK_VALUES = 2**22  # fp32 values of one [rows, vocab] buffer (16 MiB); a chunk holds about six
+MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk: a buffer of at most CHUNK_VALUES (83 rows at 50,257 tokens), never fewer than
+    MIN_CHUNK_ROWS (from 52,429 tokens on). Measured with benchmarks/bench_fused_loss.py's shapes on this
+    project's CPU: 83 rows cost what 166 do (within 2 %), 64 and fewer cost more."""
+    return max(MIN_CHUNK_ROWS, CHUNK_VALUES // vocab)
 
 
 class FusedSums(NamedTuple):
@@ -83,7 +93,7 @@ def fused_kd_ce(
     flat_labels = labels.reshape(-1)
     plan = _Plan(
         student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
-        default_chunk_tokens(vocab) if chunk_tokens is None else chunk_tokens, KD_BUFFERS[kind] + 1,
+        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, KD_BUFFERS[kind] + 1,
         alpha_kd, alpha_ce, grad_factor,
     )
     if plan.chunk_tokens < 1:

@@ -7,8 +7,9 @@ estimate for one micro-batch (batch × block), with attention through SDPA (no s
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
     logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch —
-        chunk rows × vocab × (student + teacher compute bytes + 5 × 4), the fp32 buffers of the loss rows
-        (the JSD's four and the CE gradient's), plus the student's last hidden states' gradient
+        chunk rows (fused_loss.chunk_rows) × vocab × (student + teacher compute bytes + 5 × 4), the fp32
+        buffers of the loss rows (the JSD's four and the CE gradient's), plus the student's last hidden
+        states' gradient
     logits, unfused, per token:  vocab × (compute bytes + 4 + 4) for the student — the logits, their fp32
         log-softmax and its gradient — and vocab × compute bytes for the teacher
 
@@ -28,7 +29,7 @@ from torch import nn
 from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode
-from .losses import default_chunk_tokens
+from .fused_loss import chunk_rows
 from .precision import MODES
 
 GIB = 2**30
@@ -144,7 +145,7 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
                   fused: bool) -> int:
     """What the logits and the loss over them hold at their peak (the module docstring has the formulas)."""
     if fused:
-        rows = min(tokens, default_chunk_tokens(student.vocab))
+        rows = min(tokens, chunk_rows(student.vocab))
         return rows * student.vocab * (compute + teacher_compute + 5 * 4) + tokens * student.hidden * compute
     return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.vocab * teacher_compute
 

@@ -318,11 +318,11 @@ def test_out_of_memory_is_recorded_saves_the_last_good_step_and_exits_1(cli, tin
     calls = {"n": 0}
     real = LogitKD.__call__
 
-    def flaky(self, batch):
+    def flaky(self, batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, batch)
+        return real(self, batch, **kwargs)
 
     monkeypatch.setattr(LogitKD, "__call__", flaky)
     out = tmp_path / "run"
@@ -345,11 +345,11 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_the_run_di
                                                                                    monkeypatch):
     calls, real = [], LogitKD.__call__
 
-    def broken(self, batch):  # a bug that shows in step 2
+    def broken(self, batch, **kwargs):  # a bug that shows in step 2
         calls.append(1)
         if len(calls) == 2:
             raise ZeroDivisionError("a bug")
-        return real(self, batch)
+        return real(self, batch, **kwargs)
 
     monkeypatch.setattr(LogitKD, "__call__", broken)
     out = tmp_path / "run"

@@ -216,7 +216,7 @@ def a_batch(vocab: int, batch: int = 4, length: int = 16) -> dict:
 def test_the_objective_fused_equals_unfused_and_never_holds_full_logits(tiny_world, monkeypatch, routers):
     """Through LogitKD on real models: the same sums and the same gradients (student, and the teacher's routers
     when they train), and no tensor of [batch, length, vocab] elements exists in the fused forward or backward."""
-    monkeypatch.setattr(fused_loss, "default_chunk_tokens", lambda vocab: 10)  # 64 rows in chunks of 10
+    monkeypatch.setattr(fused_loss, "chunk_rows", lambda vocab: 10)  # 64 rows in chunks of 10
     results = {}
     for fused in (False, True):
         objective, student, teacher = objective_pair(tiny_world, fused, routers)
