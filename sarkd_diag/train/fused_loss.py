@@ -105,6 +105,22 @@ def fused_kd_ce(
     return FusedSums(*_run_chunks(plan, *inputs, needs=(False,) * 4)[:3])
 
 
+@torch.no_grad()
+def fused_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE summed over target positions from the last hidden states, a chunk of rows at a time and
+    without gradient: evaluation's loss, with no more of the logits alive than a training step holds."""
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    rows, keep, ce = min(chunk_rows(head.weight.shape[0]), len(flat_labels)), flat_labels != -100, ce_rows(flat_labels)
+    workspace = [torch.empty((rows, head.weight.shape[0]), dtype=torch.float32, device=hidden.device)
+                 for _ in range(2)]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat_hidden.shape[0], rows):
+        chunk = slice(start, min(start + rows, flat_hidden.shape[0]))
+        values, _ = ce(chunk, [w[: chunk.stop - start] for w in workspace], [head(flat_hidden[chunk])], (False,))
+        total += torch.where(keep[chunk], values, 0.0).sum()
+    return total
+
+
 class _Plan(NamedTuple):
     student_head: nn.Module
     teacher_head: nn.Module

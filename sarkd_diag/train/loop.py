@@ -52,7 +52,6 @@ from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .distributed import World
 from .fused_loss import unfusable_reason
-from .losses import ce_loss_sum
 from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
 from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
@@ -759,8 +758,7 @@ class Trainer:
             for batch in self.run.data.eval_set:
                 batch = self._on_device(batch)
                 with precision.forward_context():
-                    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    ce_sum = ce_sum + ce_loss_sum(logits, batch["labels"])
+                    ce_sum = ce_sum + self.run.objective.eval_ce_sum(student, batch)
                 targets += batch["n_targets"]
             student.train()
             eval_loss = (ce_sum / max(targets, 1)).item()

@@ -9,7 +9,8 @@ gradient for exactly that sum.
 Every objective offers the same: `__call__(batch, grad_factor)`, `fused` (whether its logits never exist
 whole), `student` (the model it trains through: the student, or DDP's wrapper of it under torchrun, given at
 construction), `projection` (an identity where there is none), `extra_parameters()` (trained beside the
-student) and `close()`.
+student), `eval_ce_sum(student, batch)` (evaluation's loss, its logits taken as training takes them) and
+`close()`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .align import align_teacher_to_student
-from .fused_loss import fused_forward_options, fused_kd_ce
+from .fused_loss import fused_ce_sum, fused_forward_options, fused_kd_ce
 from .losses import ce_loss_sum, kd_loss_sum
 
 
@@ -66,6 +67,15 @@ class LogitKD:
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def eval_ce_sum(self, student: nn.Module, batch: dict) -> torch.Tensor:
+        """The student's next-token CE sum on an evaluation batch (no gradient), its logits taken as training
+        takes them. `student` is the bare model: rank 0 evaluates alone, outside DDP's wrapper."""
+        if not self.fused:
+            return _plain_ce_sum(student, batch)
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      **fused_forward_options(batch["labels"].device))
+        return fused_ce_sum(out.hidden_states[-1], student.get_output_embeddings(), batch["labels"])
+
     def close(self) -> None:
         """Done: the router hooks come off the teacher, and the student it was given goes (DDP's wrapper must
         go before its process group). The objective is not called again."""
@@ -104,6 +114,11 @@ class LogitKD:
         return parts
 
 
+def _plain_ce_sum(student: nn.Module, batch: dict) -> torch.Tensor:
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return ce_loss_sum(logits, batch["labels"])
+
+
 def _head(model: nn.Module) -> nn.Module:
     """The output projection of a causal LM, through DDP's wrapper if there is one."""
     return getattr(model, "module", model).get_output_embeddings()
@@ -125,6 +140,10 @@ class HiddenStateKD:
 
     def extra_parameters(self) -> list[nn.Parameter]:
         return list(self.projection.parameters())
+
+    def eval_ce_sum(self, student: nn.Module, batch: dict) -> torch.Tensor:
+        """The student's next-token CE sum on an evaluation batch (no gradient), from its complete logits."""
+        return _plain_ce_sum(student, batch)
 
     def close(self) -> None:
         """Done: the student it was given goes (DDP's wrapper must go before its process group)."""

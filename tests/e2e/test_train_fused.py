@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import tiny
 import torch
@@ -11,8 +12,10 @@ from sarkd_diag import load_run
 
 
 def train_losses(run_dir):
+    """Each training step's loss, kd and ce, then each evaluation's loss (its CE, fused or not)."""
     metrics = load_run(run_dir)["metrics"]
-    return metrics[metrics["split"] == "train"][["loss", "kd_loss", "ce_loss"]].to_numpy()
+    train = metrics[metrics["split"] == "train"][["loss", "kd_loss", "ce_loss"]].to_numpy().ravel()
+    return np.concatenate([train, metrics[metrics["split"] == "eval"]["eval_loss"].to_numpy()])
 
 
 @pytest.mark.parametrize("mode, tolerance", [("fp32", 1e-5), ("bf16-mixed", 2e-2)])
@@ -28,7 +31,7 @@ def test_training_losses_match_the_unfused_path_step_by_step(cli, tiny_args, tmp
         assert config["objective"]["fused_loss"] is (flag == "--fused-loss")
         losses[flag] = train_losses(run_dir)
     fused, unfused = losses["--fused-loss"], losses["--no-fused-loss"]
-    assert fused.shape == unfused.shape == (6, 3)
+    assert fused.shape == unfused.shape == (6 * 3 + 3,)  # 6 steps of loss, kd, ce; 3 evaluations
     assert abs(fused - unfused).max() <= tolerance * abs(unfused).max()
     heads = {flag: logits_extremes(tmp_path / flag) for flag in losses}
     assert set(heads["--fused-loss"]) == {"student", "teacher"}  # the fp16 headroom of the logits, from the chunks

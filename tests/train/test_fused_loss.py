@@ -143,6 +143,17 @@ def test_fp16_products_carry_the_loss_scale_like_the_unfused_backward():
     assert not all(torch.isfinite(g).all() for g in fused_grads(overflowing))
 
 
+def test_evaluations_cross_entropy_from_hidden_states_equals_the_unfused_one():
+    h_s, head_s, _, _, labels, _ = inputs(bias=True)
+    want = ce_loss_sum(head_s(h_s), labels)
+    for rows in (None, 4):
+        with pytest.MonkeyPatch.context() as patch:
+            if rows:
+                patch.setattr(fused_loss, "chunk_rows", lambda vocab, rows=rows: rows)
+            got = fused_loss.fused_ce_sum(h_s, head_s, labels)
+        assert not got.requires_grad and abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+
+
 def test_without_gradients_it_only_sums():
     h_s, head_s, h_t, head_t, labels, _ = inputs(bias=False)
     with torch.no_grad():
