@@ -62,6 +62,7 @@ def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
         unfused = estimate_mode("fp32", teacher, student, batch, 512, fused_loss=False).activations
         fused = estimate_mode("fp32", teacher, student, batch, 512).activations
         assert unfused - fused == every_token - one_chunk - tokens * student.hidden * 4
+    assert "83 rows at a time" in " ".join(estimate_mode("fp32", teacher, student, 4, 512).notes)
 
 
 def test_offloading_moves_the_frozen_teacher_to_the_host(shapes):

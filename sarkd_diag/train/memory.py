@@ -181,6 +181,9 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
         + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss and not dual),
     )
+    if fused_loss and not dual:
+        estimate.notes.append(f"--fused-loss: the logits exist {min(tokens, chunk_rows(student.vocab))} rows at a "
+                              "time (--no-fused-loss: every token's at once)")
     if offload_teacher:
         estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
         estimate.notes.append("--offload-teacher-to-cpu: the teacher's frozen weights are on the host")
