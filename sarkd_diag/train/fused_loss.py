@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .losses import KD_BUFFERS, RowFn, ce_rows, check_kd_options, kd_rows
+from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
 CHUNK_VALUES = 2**22  # fp32 values of one [rows, vocab] buffer (16 MiB); a chunk holds about six
 MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
@@ -107,17 +107,13 @@ def fused_kd_ce(
 
 @torch.no_grad()
 def fused_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE summed over target positions from the last hidden states, a chunk of rows at a time and
-    without gradient: evaluation's loss, with no more of the logits alive than a training step holds."""
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    rows, keep, ce = min(chunk_rows(head.weight.shape[0]), len(flat_labels)), flat_labels != -100, ce_rows(flat_labels)
-    workspace = [torch.empty((rows, head.weight.shape[0]), dtype=torch.float32, device=hidden.device)
-                 for _ in range(2)]
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, flat_hidden.shape[0], rows):
-        chunk = slice(start, min(start + rows, flat_hidden.shape[0]))
-        values, _ = ce(chunk, [w[: chunk.stop - start] for w in workspace], [head(flat_hidden[chunk])], (False,))
-        total += torch.where(keep[chunk], values, 0.0).sum()
+    """Next-token CE summed over target positions from the last hidden states, without gradient: evaluation's
+    loss, `ce_loss_sum` on one chunk of the head's logits at a time, so no more of them is alive than a training
+    step holds."""
+    flat_hidden, flat_labels = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
+    rows, total = chunk_rows(head.weight.shape[0]), hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_labels.shape[1], rows):
+        total += ce_loss_sum(head(flat_hidden[:, start:start + rows]), flat_labels[:, start:start + rows])
     return total
 
 

@@ -686,10 +686,10 @@ class Trainer:
         cfg, run = self.config, self.run
         batch = self._on_device(batch)
         with dist.gradient_sync(run.objective.student, sync=sync):
-            precision = run.compute.precision
+            precision, share = run.compute.precision, sums.ranks / sums.denominator  # this rank's share of the loss
             with precision.forward_context():
-                parts = run.objective(batch, grad_factor=precision.backward_factor() * sums.ranks / sums.denominator)
-            loss = parts.objective * sums.ranks / sums.denominator
+                parts = run.objective(batch, grad_factor=precision.backward_factor() * share)
+            loss = parts.objective * share
             if parts.router_loss is not None:
                 loss = loss + parts.router_loss / cfg.grad_accum_steps
             self.probes.observe_terms({"kd": parts.kd_sum, "ce": parts.ce_sum, "router": parts.router_loss},

@@ -38,6 +38,12 @@ class LossParts:
     router_loss: torch.Tensor | None = None
     readings: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def weighted(cls, kd_sum: torch.Tensor, ce_sum: torch.Tensor, alpha_kd: float, alpha_ce: float,
+                 targets: int) -> LossParts:
+        """The parts of an objective whose terms carry their own graphs: the weighted sum is taken here."""
+        return cls(alpha_kd * kd_sum + alpha_ce * ce_sum, kd_sum, ce_sum, targets)
+
 
 def _teacher_device(teacher: nn.Module) -> torch.device:
     return next(teacher.parameters()).device
@@ -105,8 +111,7 @@ class LogitKD:
             student_logits = student_out.logits
             kd_sum = kd_loss_sum(student_logits, teacher_out.logits.to(labels.device), labels != -100, **options)
             ce_sum = ce_loss_sum(student_logits, labels)
-            parts = LossParts(self.alpha_kd * kd_sum + self.alpha_ce * ce_sum, kd_sum, ce_sum,
-                              targets=int(batch["n_targets"]))
+            parts = LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
         if self.router_terms is not None:
             router = self.router_terms.loss(batch["attention_mask"].to(device))
             parts.router_loss, parts.readings = router.total.to(labels.device), router.layer_entropy
@@ -171,5 +176,4 @@ class HiddenStateKD:
         predicted = self.projection(out.hidden_states[-1])
         squared = (predicted.float() - target.float()).pow(2).mean(-1)
         kd_sum, ce_sum = (squared * valid).sum(), ce_loss_sum(out.logits, labels)
-        return LossParts(self.alpha_kd * kd_sum + self.alpha_ce * ce_sum, kd_sum, ce_sum,
-                         targets=int(batch["n_targets"]))
+        return LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
