@@ -630,6 +630,58 @@ def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None) -> Outcome:
+    """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher through `kd(student_logits,
+    teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both models watched."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), tiny.make_gpt2(world.vocab, seed=3).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
+    losses, zero_grads = [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, steps, batch=4, block=32):
+            with context():
+                student_logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits
+                loss = kd(student_logits.float(), teacher_logits.float())
+            loss.backward()
+            losses.append(float(loss.detach()))
+            zero_grads.append(all(p.grad is None or not p.grad.any() for p in student.parameters()))
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[f"{v:.4g}" for v in losses], all_gradients_zero=zero_grads)
+    return outcome
+
+
+def kd_divergence(temperature: float, weight: float = 1.0):
+    """The usual logit-KD term: weight × T² × KL(teacher ‖ student) at temperature T, per token."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / temperature, -1).flatten(0, 1)
+        log_q = nn.functional.log_softmax(teacher_logits / temperature, -1).flatten(0, 1)
+        kl = nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+        return weight * temperature**2 * kl
+    return kd
+
+
+def fp16_autocast_kd_without_scaler(world: World, tmp: Path) -> Outcome:
+    outcome = kd_user_loop(world, tmp, kd_divergence(2.0, weight=1e-4), steps=4, autocast=torch.float16)
+    outcome.check("every gradient of the student is exactly zero on every step",
+                  all(outcome.facts["all_gradients_zero"]))
+    return outcome
+
+
+def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
+    outcome = kd_user_loop(world, tmp, kd_divergence(0.0), steps=2)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.check("the loss is NaN from step 1", math.isnan(losses[0]))
+    return outcome
+
+
 def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -743,6 +795,15 @@ SCENARIOS: list[Scenario] = [
              Expected("gradient_overflow", "critical", "student", "mid", first_step=2)),
     Scenario("fp32 divergence", "user loop: fp32 GPT-2, AdamW lr 1.0, 6 steps", "fp32", "user loop",
              fp32_divergence_user_loop, Expected("divergence", "critical", "student", first_step=(1, 2))),
+    Scenario("fp16 autocast KD without a GradScaler",
+             "user loop: fp32 student + teacher, autocast fp16, KD term weighted 1e-4, no scaler", "mixed",
+             "user loop", fp16_autocast_kd_without_scaler,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="GradScaler",
+                      evidence_contains="zero_gradient")),
+    Scenario("KD at temperature 0", "user loop: fp32 student + teacher, logits / T with T = 0 in the KD term",
+             "fp32", "user loop", zero_temperature_kd,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
+                      absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

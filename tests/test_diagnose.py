@@ -146,7 +146,7 @@ def test_every_fix_is_written_in_its_callers_terms(caller):
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     for name, template in FIXES.items():
         text = template.format_map({**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t",
-                                    "ratio": "50"})
+                                    "ratio": "50", "term": "loss", "amax": "3"})
         if caller != "cli":
             assert "--" not in text, (name, text)
         if caller == "trainer":
@@ -186,3 +186,59 @@ def test_slow_weight_growth_over_a_long_run_is_not_inflation():
     assert [c["cause"] for c in causes(frame, slow, mode="pure-bf16")] == ["update_underflow"]
     fast = slow.assign(param_amax=[1.0] * 150 + [3.0] * 150)
     assert causes(frame, fast, mode="pure-bf16") == []  # inflated: no lost-update claim
+
+
+ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "phase": "backward", "model": "student",
+                  "module": "ln_f", "tensor": "ln_f.bias", "value": 1.0}
+
+
+def test_gradients_flushed_to_zero_by_an_unscaled_fp16_backward_are_update_underflow_with_the_scaler_fix():
+    frame = log({**ZERO_GRADIENTS, "dtype": "float16"})
+    (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": False}, "caller": "loop"})
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "update_underflow", "warning", "ln_f.bias", 1)
+    assert "GradScaler" in cause["fix"] and cause["evidence"]["zero_gradient_tensor_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("dtype, loss_scaling", [("float16", True), ("float32", False), ("bfloat16", False)])
+def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype, loss_scaling):
+    """A loss scaler keeps fp16 gradients above the flush; fp32 and bf16 have fp32's range: zeros there are
+    structural (nothing reaches the weights), which precision does not explain."""
+    frame = log({**ZERO_GRADIENTS, "dtype": dtype})
+    assert diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}}) == []
+
+
+NAN_LOSS = {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 1, "phase": "loss",
+            "model": "student", "tensor": "loss", "value": math.nan, "dtype": "float32"}
+AFTER_IT = ({"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 1,
+             "phase": "backward", "model": "student", "module": "ln_f", "tensor": "ln_f.weight"},
+            {"kind": "nonfinite_param", "severity": "critical", "step": 1, "model": "student", "tensor": "ln_f.weight"})
+MEASURED = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [3.5], "act_amax_teacher": [7.0]})
+
+
+def test_a_loss_that_is_the_first_nonfinite_value_from_measured_finite_outputs_is_the_loss_computation():
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "divergence", "critical", "loss", 1)
+    assert cause["fix"].startswith("check the loss computation") and "7" in cause["fix"]
+    assert cause["evidence"]["act_amax_teacher"] == 7.0 and "gradient_overflow@1" in cause["evidence"]["followed_by"]
+    (low,) = causes(log({**NAN_LOSS, "dtype": "float16"}, *AFTER_IT), MEASURED, mode="pure-fp16", caller="loop")
+    assert low["fix"].startswith("compute the loss in fp32")
+
+
+@pytest.mark.parametrize("before", [
+    {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
+     "module": "h.0", "value": math.inf},  # the same step's forward came first: the teacher explains it
+    {"kind": "nonfinite_param", "severity": "critical", "step": 0, "model": "student", "tensor": "w"},
+    {"kind": "extreme_update", "severity": "warning", "step": 0, "phase": "optimizer", "model": "student",
+     "tensor": "w", "value": 50.0},
+])
+def test_the_loss_computation_is_not_blamed_when_something_went_wrong_before_the_loss(before):
+    diagnosis = causes(log(before, {**NAN_LOSS, "step": 1}), MEASURED, mode="fp32", caller="loop")
+    assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis)
+
+
+def test_a_nonfinite_loss_on_a_step_without_module_statistics_stays_unexplained_divergence():
+    unmeasured = MEASURED.assign(act_amax_student=[None], act_amax_teacher=[None])
+    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller="loop")
+    assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")

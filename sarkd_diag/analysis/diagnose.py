@@ -88,6 +88,8 @@ FIXES = {
                            "train with {bf16_mixed} (fp32's range)",
     "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
+    "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
+                          "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
@@ -99,6 +101,14 @@ FIXES = {
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
                          "steps are ~1e-3×): the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
+    "loss_computation": "check the loss computation: the {term} turned non-finite from finite weights and module "
+                        "outputs (the largest {amax}) — look for a division by zero (a temperature or token count "
+                        "of 0), the log of 0, or an input the probes do not watch, such as a teacher's logits "
+                        "(watch it as `teacher`); lowering {lr} will not help",
+    "loss_computation_low": "compute the loss in fp32: the {term} turned non-finite in {dtype} from finite weights "
+                            "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
+                            "softmax and the divergence; if it persists, look for a division by zero or the log "
+                            "of 0; lowering {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
 
@@ -193,6 +203,16 @@ class RunRecord:
             return pd.Series(dtype="float64")
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
+
+    def module_outputs_at(self, step: int) -> dict[str, float]:
+        """Each model's largest module output on a training step that measured them (a statistics step): the
+        `act_amax_<model>` columns; empty where that step did not measure them."""
+        if "step" not in self.metrics or "split" not in self.metrics:
+            return {}
+        rows = self.metrics[(self.metrics["split"] == "train") & (self.metrics["step"] == step)]
+        columns = [c for c in rows.columns if c.startswith("act_amax_")]
+        values = {c.removeprefix("act_amax_"): number_or_none(rows[c].iloc[-1]) for c in columns if len(rows)}
+        return {model: v for model, v in values.items() if v is not None}
 
     def weight_growth(self) -> float | None:
         """How many times the largest weight grew, at most, within WEIGHT_GROWTH_WINDOW steps (finite readings)."""
@@ -367,9 +387,19 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
 
 
 def update_underflow(r: RunRecord) -> list[Cause]:
-    """Updates lost to rounding in low-precision weights (stagnation): claimed from measured lost updates —
-    or, where nothing was measured, from the optimizer's preflight prediction — and never while updates
-    are inflated (an optimizer state that flushed to zero makes them larger, not lost)."""
+    """Updates lost to underflow (stagnation). Upstream first: gradients flushed to zero by a float16 backward
+    that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
+    Else updates lost to rounding in low-precision weights: claimed from measured lost updates — or, where
+    nothing was measured, from the optimizer's preflight prediction — and never while updates are inflated
+    (an optimizer state that flushed to zero makes them larger, not lost)."""
+    flushed = r.of("zero_gradients")
+    flushed = flushed[flushed["dtype"] == "float16"]
+    if len(flushed) and not (r.config.get("precision") or {}).get("loss_scaling"):
+        row = _first(flushed)
+        return [Cause("update_underflow", "warning", **_where(row),
+                      evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
+                                "loss_scaling": False},
+                      fix=r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")))]
     if r.updates_inflated():
         return []
     lost = r.of("lost_updates")
@@ -423,6 +453,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups):
         row = _first(blowups)
+        computed = _nonfinite_loss_computation(r)
+        if computed is not None:
+            return [computed]
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
@@ -431,6 +464,33 @@ def divergence(r: RunRecord) -> list[Cause]:
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
                                 "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
     return []
+
+
+def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
+    """The loss is the first thing non-finite, on a step whose module outputs were measured and finite: the
+    non-finite value was made between the models' outputs and the loss (the loss's own arithmetic, or an input
+    nobody watched), not by the weights, an update or the data — so no learning rate explains it either."""
+    losses = r.of("nonfinite_loss")
+    if not len(losses):
+        return None
+    row = _first(losses)
+    step = int(row["step"])
+    # events of the loss's own step count when they come before the loss in it (forward, data), not after
+    # (the gradients and weights a non-finite loss makes non-finite)
+    limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
+              "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
+    if any((r.of(kind)["step"] < limit).any() for kind, limit in limits.items()):
+        return None
+    outputs = r.module_outputs_at(step)
+    if not outputs or not all(math.isfinite(v) for v in outputs.values()):
+        return None
+    dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
+    term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+    return Cause("divergence", "critical", **_where(row),
+                 evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
+                           "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
+                 fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
+                           term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, activation_overflow,

@@ -20,7 +20,8 @@ SEVERITIES = ("info", "warning", "critical")
 PHASES = ("setup", "forward", "backward", "optimizer", "loss", "eval", "policy")
 KINDS = (
     "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
-    "nonfinite_param", "nonfinite_grad", "nonfinite_activation", "nonfinite_batch", "fp16_overflow_risk",
+    "nonfinite_param", "nonfinite_grad", "zero_gradients", "nonfinite_activation", "nonfinite_batch",
+    "fp16_overflow_risk",
     "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
@@ -40,6 +41,7 @@ CODES = {
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
+    "zero_gradients": "most trainable tensors that have a gradient have an all-zero one (flushed, or unreached)",
     "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
     "fp16_overflow_risk": "a finite forward output beyond fp16's range, in a wider dtype",

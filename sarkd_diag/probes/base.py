@@ -21,7 +21,7 @@ from torch import nn
 
 from ..contract.events import EventLog, JsonlLog, NullLog
 from ..contract.loss_scaler import LossScaler
-from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - FP16_MAX is the probes' shared threshold
+from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - the probes' shared threshold and names
 
 
 @dataclass
@@ -129,7 +129,7 @@ def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
     if tensors[0].is_cuda:
         return torch.stack(torch._foreach_norm(tensors, math.inf))
     lows, highs = zip(*(torch.aminmax(t) for t in tensors), strict=True)
-    return torch.maximum(torch.stack(highs), torch.stack(lows).neg())
+    return torch.maximum(torch.stack(highs).abs(), torch.stack(lows).abs())  # abs, not neg: never -0.0
 
 
 def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:

@@ -10,6 +10,15 @@ optimizer without a scaler corrupts the weights (critical). An event is recorded
 steps begins and, while a scaler skips them, wherever the first bad tensor moves — its first skips
 overflow at the output end, a module that overflows for good shows itself once the scale has come down.
 
+Gradients that are exactly zero are the opposite failure: fp16 flushes a gradient below its smallest
+subnormal (6e-8) to zero, and a backward computed in fp16 without a loss scaler — autocast without a
+GradScaler, or fp16 weights — loses whole tensors' gradients when the loss is small (a KD term weighted 0.1
+over thousands of tokens and a 50k vocabulary gives logit gradients near 1e-9): nothing moves and the
+loss stays where it was. A tensor the loss reaches has an all-zero gradient only by such a flush or by a
+structural zero (a LoRA A matrix while its B is still 0, a dead unit), which touches at most half of a
+model's tensors; so an event (`zero_gradients`) is recorded the first step on which most of the tensors
+that have a gradient have an all-zero one, and `zero_grad_tensors` counts them every step.
+
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
 post-accumulate hooks record the order in which gradients actually arrived.
 """
@@ -21,7 +30,7 @@ import math
 
 import torch
 
-from .base import FP16_MAX, Probe, abs_max, nonfinite_counts, sampled
+from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -38,6 +47,7 @@ class GradientProbe(Probe):
         self._clock = itertools.count()
         self._handles = []
         self._last_first_bad: int | None = None  # the first bad tensor of the previous step, None if it was clean
+        self._reported_zero = False
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -86,6 +96,12 @@ class GradientProbe(Probe):
         finite = [v for v in amax if math.isfinite(v)]
         metrics["grad_amax"] = max(finite) if finite else math.nan
         metrics["grad_fp16_overflow_tensors"] = sum(1 for v in finite if v > FP16_MAX)
+        present = [i for i, g in enumerate(self._grads) if g is not None]
+        zero = [i for i in present if amax[i] == 0]
+        metrics["zero_grad_tensors"] = len(zero)
+        if 2 * len(zero) > len(present) and not self._reported_zero:
+            self._reported_zero = True
+            self._report_zero(self._first_in_backward_order(zero), len(zero), len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
@@ -116,6 +132,17 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
+
+    def _report_zero(self, first: int, zero: int, present: int) -> None:
+        w = self.ctx.watched[first]
+        computed = self.ctx.autocast or self._grads[first].dtype  # autocast's dtype is what the backward ran in
+        self.ctx.events.record(
+            "zero_gradients", "warning",
+            f"the gradients of {zero} of the {present} trainable tensors are exactly zero at step {self.ctx.step}, "
+            f"from {w.model} {w.tensor} (backward order) on: no update reaches them (backward computed in "
+            f"{dtype_name(computed)}, {'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
+            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            dtype=dtype_name(computed), value=zero / present)
 
     def close(self) -> None:
         for h in self._handles:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import Probe
+from .base import Probe, dtype_name
 
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
@@ -32,7 +32,7 @@ class LossProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._terms: list[torch.Tensor] = []
-        self._names: list[tuple[str, ...]] = []  # the term names of each micro-batch, in order
+        self._names: list[tuple[tuple[str, torch.dtype], ...]] = []  # (name, dtype) of each micro-batch's terms
         self._targets: list[torch.Tensor] = []  # device counts, one per micro-batch that had labels
         self._reported: set[str] = set()
         self._micro = 0
@@ -89,9 +89,9 @@ class LossProbe(Probe):
                 self._empty(self._micro)
         elif targets is not None:
             self._targets.append(targets.detach().reshape(()).float())
-        names = tuple(name for name, t in terms.items() if t is not None)
+        names = tuple((name, t.dtype) for name, t in terms.items() if t is not None)
         if names:
-            values = [terms[name].detach().float().reshape(()) for name in names]
+            values = [terms[name].detach().float().reshape(()) for name, _ in names]
             device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
             self._terms.append(torch.stack([v.to(device) for v in values]))
             self._names.append(names)
@@ -126,17 +126,17 @@ class LossProbe(Probe):
             return {}
         losses, i = [], 0
         for micro, terms in enumerate(names, start=1):
-            for term in terms:
+            for term, dtype in terms:
                 value = flat[i]
                 i += 1
                 if term == "loss":
                     losses.append(value)
                 if not math.isfinite(value):
                     self.nonfinite_this_step = True
-                    self._nonfinite(term, value, micro)
+                    self._nonfinite(term, value, micro, dtype)
         return {"loss": sum(losses) / len(losses)} if losses else {}
 
-    def _nonfinite(self, term: str, value: float, micro: int) -> None:
+    def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
         if term in self._reported:
             return
         self._reported.add(term)
@@ -144,7 +144,7 @@ class LossProbe(Probe):
         self.ctx.events.record("nonfinite_loss", "critical",
                                f"{what} is {value} at step {self.ctx.step} (micro-batch {micro})",
                                step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
-                               model=self._model, tensor=term,
+                               model=self._model, tensor=term, dtype=dtype_name(dtype),
                                value=value, code="loss_nonfinite" if term == "loss" else "loss_term_nonfinite")
 
     def close(self) -> None:

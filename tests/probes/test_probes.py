@@ -297,3 +297,52 @@ def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss()
             opt.zero_grad()
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2)
+
+
+def test_an_unscaled_fp16_backward_that_flushes_every_gradient_is_named_and_explained():
+    """Autocast fp16 without a GradScaler and a small loss: every gradient flushes to zero in the fp16 backward,
+    the weights never move, and the fix is the loss scaler."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean() * 1e-9
+            loss.backward()
+            assert not any(p.grad.any() for p in model.parameters())  # the physical fact, independently
+            opt.step()
+            row = probes.step(loss=loss)
+            opt.zero_grad()
+    assert row["zero_grad_tensors"] == 6
+    (event,) = _events(probes, "zero_gradients")
+    assert (event.step, event.dtype, event.tensor, event.value) == (1, "float16", "third.bias", 1.0)
+    (cause,) = probes.diagnosis()
+    assert cause["cause"] == "update_underflow" and "GradScaler" in cause["fix"]
+
+
+class LowRank(nn.Module):
+    """LoRA's start: `down` is random and `up` zero, so `down` has an all-zero gradient on the first step."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.ModuleList(nn.Linear(8, 2, bias=False) for _ in range(3))
+        self.up = nn.ModuleList(nn.Linear(2, 8, bias=False) for _ in range(3))
+        for up in self.up:
+            nn.init.zeros_(up.weight)
+
+    def forward(self, x):
+        for down, up in zip(self.down, self.up, strict=True):
+            x = x + up(down(x))
+        return x
+
+
+def test_structural_zero_gradients_on_half_the_tensors_are_no_event():
+    model = LowRank()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=loss)
+    assert row["zero_grad_tensors"] == 3  # every `down`, none of the `up`s
+    assert _events(probes, "zero_gradients") == []
