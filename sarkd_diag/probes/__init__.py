@@ -23,6 +23,7 @@ host in one transfer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -195,12 +196,16 @@ class Probes:
     optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
     knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
-    "accelerate" — the words the diagnosis's fixes are written in. Call `step()` after each optimizer step.
+    "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
+    accumulates gradients over several `step()` calls, a function that is False on the calls that end a
+    micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
+    passes it). Call `step()` after each optimizer step.
     """
 
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
-                 level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop"):
+                 level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
+                 sync_gradients: Callable[[], bool] | None = None):
         if level not in LEVELS:
             raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
         if caller not in CALLERS:
@@ -210,6 +215,7 @@ class Probes:
         optimizer, wrapped_scaler = unwrap_optimizer(optimizer)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
         self.caller, self._precision_override = caller, precision or {}
+        self._sync_gradients = sync_gradients
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,8 +241,9 @@ class Probes:
     @classmethod
     def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,
                          **kwargs) -> Probes:
-        """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler
-        and its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight)."""
+        """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler,
+        its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight) and its
+        gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch)."""
         models = {"student": accelerator.unwrap_model(model)}
         if teacher is not None:
             models["teacher"] = accelerator.unwrap_model(teacher)
@@ -245,6 +252,7 @@ class Probes:
                      "reason": "the Accelerator's setting"} if mode else None
         kwargs.setdefault("precision", precision)
         kwargs.setdefault("caller", "accelerate")
+        kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
         return cls(models, optimizer, accelerator.scaler, **kwargs)
 
     @property
@@ -266,16 +274,19 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
         `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
         returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
-        the model was called with.
+        the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
+        accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         """
-        self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)
+        if self._sync_gradients is not None and not self._sync_gradients():
+            return None
+        self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
         (host,) = to_host(self.set.take_readings())
         metrics = self.set.record(host)
         step = self.ctx.step

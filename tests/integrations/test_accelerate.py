@@ -1,5 +1,6 @@
 """Probes.from_accelerator in an accelerate loop under bf16 autocast (Accelerator(mixed_precision="bf16") on
-the CPU): a clean run, and a module whose output is beyond fp16's range (finite in bf16) warned by name."""
+the CPU): a clean run, one with gradient accumulation, and a module whose output is beyond fp16's range
+(finite in bf16) warned by name."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from sarkd_diag import Probes, load_run  # noqa: E402
 VOCAB, STEPS = 64, 4
 
 
-def _loop(run_dir=None, break_module=False) -> list[float]:
+def _loop(run_dir=None, break_module=False, accumulation=1) -> list[float]:
+    """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
+    calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = tiny.make_gpt2(VOCAB)
     if break_module:
@@ -30,13 +33,14 @@ def _loop(run_dir=None, break_module=False) -> list[float]:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir) if run_dir else None
     losses = []
-    for _, batch in zip(range(STEPS), loader, strict=False):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        if probes is not None:
-            probes.step()  # the loss of the step: read from the model's outputs
-        optimizer.zero_grad()
+    for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            if probes is not None:
+                probes.step()  # the loss of the step: read from the model's outputs
+            optimizer.zero_grad()
         losses.append(loss.item())
     if probes is not None:
         probes.close()
@@ -63,3 +67,15 @@ def test_a_module_beyond_fp16s_range_is_warned_by_name(tmp_path):
     assert "critical" not in {d["severity"] for d in diagnosis}  # finite in bf16: a warning about fp16, no more
     assert all(torch.isfinite(torch.tensor(losses)))
     assert _loop(break_module=True) == losses
+
+
+def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path):
+    """`probes.step()` on every batch of `accelerator.accumulate`: one row per optimizer step, numbered as such,
+    whose loss is the mean of its micro-batches' and whose update is the step's."""
+    losses = _loop(tmp_path / "run", accumulation=2)
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4]
+    means = [sum(losses[i:i + 2]) / 2 for i in range(0, len(losses), 2)]
+    assert metrics["loss"].tolist() == pytest.approx(means, rel=1e-6)
+    assert metrics["update_ratio"].notna().all()  # every row saw its optimizer step
+    assert _loop(accumulation=2) == losses
