@@ -15,9 +15,10 @@ subnormal (6e-8) to zero, and a backward computed in fp16 without a loss scaler 
 GradScaler, or fp16 weights — loses whole tensors' gradients when the loss is small (a KD term weighted 0.1
 over thousands of tokens and a 50k vocabulary gives logit gradients near 1e-9): nothing moves and the
 loss stays where it was. A tensor the loss reaches has an all-zero gradient only by such a flush or by a
-structural zero (a LoRA A matrix while its B is still 0, a dead unit), which touches at most half of a
-model's tensors; so an event (`zero_gradients`) is recorded the first step on which most of the tensors
-that have a gradient have an all-zero one, and `zero_grad_tensors` counts them every step.
+structural zero: a dead unit, or a zero-initialised partner (LoRA's B is 0, so its A's gradient is 0 until
+the first update moves B) — which lasts one step. So an event (`zero_gradients`) is recorded when most of
+the tensors that have a gradient have an all-zero one on two consecutive steps, at the first of them, and
+`zero_grad_tensors` counts them every step.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
 post-accumulate hooks record the order in which gradients actually arrived.
@@ -47,6 +48,7 @@ class GradientProbe(Probe):
         self._clock = itertools.count()
         self._handles = []
         self._last_first_bad: int | None = None  # the first bad tensor of the previous step, None if it was clean
+        self._mostly_zero_since: int | None = None  # first step of the current stretch of mostly-zero gradients
         self._reported_zero = False
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
@@ -99,9 +101,11 @@ class GradientProbe(Probe):
         present = [i for i, g in enumerate(self._grads) if g is not None]
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
-        if 2 * len(zero) > len(present) and not self._reported_zero:
+        mostly_zero = 2 * len(zero) > len(present)
+        if mostly_zero and self._mostly_zero_since is not None and not self._reported_zero:
             self._reported_zero = True
-            self._report_zero(self._first_in_backward_order(zero), len(zero), len(present))
+            self._report_zero(self._first_in_backward_order(zero), len(zero), len(present), self._mostly_zero_since)
+        self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
@@ -133,15 +137,15 @@ class GradientProbe(Probe):
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
 
-    def _report_zero(self, first: int, zero: int, present: int) -> None:
+    def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
         w = self.ctx.watched[first]
         computed = self.ctx.autocast or self._grads[first].dtype  # autocast's dtype is what the backward ran in
         self.ctx.events.record(
             "zero_gradients", "warning",
-            f"the gradients of {zero} of the {present} trainable tensors are exactly zero at step {self.ctx.step}, "
-            f"from {w.model} {w.tensor} (backward order) on: no update reaches them (backward computed in "
-            f"{dtype_name(computed)}, {'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
-            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            f"the gradients of {zero} of the {present} trainable tensors are exactly zero on every step since step "
+            f"{since}, from {w.model} {w.tensor} (backward order) on: no update reaches them (backward computed "
+            f"in {dtype_name(computed)}, {'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
+            step=since, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
             dtype=dtype_name(computed), value=zero / present)
 
     def close(self) -> None:
