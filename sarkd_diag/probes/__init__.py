@@ -236,6 +236,7 @@ class Probes:
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
+        self._check_scaler_dtypes(first_step)
         self.set.begin_step(first_step)
 
     @classmethod
@@ -305,6 +306,19 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _check_scaler_dtypes(self, step: int) -> None:
+        """A loss scaler over float16 weights: GradScaler refuses to unscale float16 gradients, so the first
+        optimizer step raises "Attempting to unscale FP16 gradients" — said here, before it, with the fix."""
+        half = [w for w in self.ctx.watched if w.param.dtype == torch.float16]
+        if self.scaler.enabled and half:
+            self.events.record("setup_note", "warning",
+                               f"a loss scaler with float16 weights ({len(half)} of {len(self.ctx.watched)} trainable "
+                               f"tensors, e.g. {half[0].model} {half[0].tensor}): GradScaler refuses to unscale "
+                               "float16 gradients ('Attempting to unscale FP16 gradients'); keep the weights in "
+                               "float32 and compute in float16 under autocast — the scaler is for that",
+                               step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
+                               dtype="float16")
 
     def _check_requested_autocast(self) -> None:
         """After the first step: a caller that asked for a mixed mode whose training forwards ran without

@@ -347,3 +347,19 @@ def test_a_zero_initialised_partner_is_no_event():
             opt.zero_grad()
     assert [row["zero_grad_tensors"] for row in rows] == [2, 0, 0]
     assert _events(probes, "zero_gradients") == []
+
+
+def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
+    """A newcomer's `model.half()` plus GradScaler: torch raises at the first unscale; the run directory
+    already says why and what to do, and the probes do not stop torch from raising."""
+    model = Net().half()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="unscale FP16 gradients"):
+        with Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "run"):
+            loss = model(torch.randn(4, 8, dtype=torch.float16)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+    events = load_run(tmp_path / "run")["events"]
+    (note,) = events[events["kind"] == "setup_note"].itertuples()
+    assert note.severity == "warning" and "float32" in note.message and note.tensor == "first.weight"
