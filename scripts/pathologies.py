@@ -682,6 +682,35 @@ def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """One outlier batch: at step 5 (between statistics steps) an MLP's output is ×1e6 for that batch only."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    outlier = [False]
+    model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 8), start=1):
+            outlier[0] = step == 5
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], final_scale=scaler.get_scale(),
+                         weights_finite=all(bool(p.isfinite().all()) for p in model.parameters()))
+    outcome.check("the loss is non-finite at step 5 only; the weights stay finite",
+                  [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == [5]
+                  and outcome.facts["weights_finite"])
+    return outcome
+
+
 def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -804,6 +833,11 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
                       absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
+    Scenario("one outlier batch overflows fp16, AMP loop",
+             "user loop: autocast fp16 + GradScaler; step 5's batch overflows an MLP (between statistics steps)",
+             "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
+             Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
+                      absent=("divergence",))),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -242,3 +242,32 @@ def test_a_nonfinite_loss_on_a_step_without_module_statistics_stays_unexplained_
     unmeasured = MEASURED.assign(act_amax_student=[None], act_amax_teacher=[None])
     (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller="loop")
     assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")
+
+
+SKIPPED_NAN = ({**NAN_LOSS, "step": 5},
+               {"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 5,
+                "phase": "backward", "model": "student", "module": "ln_f", "tensor": "ln_f.weight"},
+               {"kind": "scaler_skip", "severity": "info", "code": "scaler_skip_overflow", "step": 5,
+                "phase": "optimizer"})
+BETWEEN_STATISTICS = pd.DataFrame({"step": [1, 5], "split": "train", "act_amax_student": [3.5, None]})
+
+
+def test_a_nonfinite_loss_under_fp16_compute_between_statistics_steps_is_an_unplaced_forward_overflow():
+    """Mixed precision, a batch whose forward overflows fp16 on a step without module statistics: the scaler
+    skipped it and the weights are intact — a contained fp16 overflow, not a blow-up precision does not explain."""
+    (cause,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="mixed", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("activation_overflow", "warning", 5)
+    assert cause["evidence"]["loss_scaler_skipped"] is True and 'level="full"' in cause["fix"]
+    ruined = log(*SKIPPED_NAN, {"kind": "nonfinite_param", "severity": "critical", "step": 5, "model": "student",
+                                "tensor": "w"})
+    (root,) = causes(ruined, BETWEEN_STATISTICS, mode="pure-fp16", caller="loop")
+    assert (root["cause"], root["severity"]) == ("activation_overflow", "critical")
+    assert "divergence@5" in root["evidence"]["followed_by"]
+
+
+def test_the_same_loss_in_fp32_or_with_the_modules_measured_is_not_called_an_fp16_overflow():
+    (fp32,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="fp32", caller="loop")
+    assert fp32["cause"] == "divergence"
+    measured = BETWEEN_STATISTICS.assign(act_amax_student=[3.5, 4.0])
+    (computed,) = causes(log(*SKIPPED_NAN), measured, mode="mixed", caller="loop")
+    assert computed["cause"] == "divergence" and computed["fix"].startswith("check the loss computation")

@@ -79,6 +79,10 @@ FIXES = {
                                          "fp32 master weights and fp32 Adam moments",
     "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range), or keep this op "
                            "in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
+                                    "statistics — most likely a forward output beyond float16's range: "
+                                    "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
+                                    "scaler cannot fix a forward overflow",
     "fp16_risk": "{module} exceeds fp16's range in {dtype}: prefer {bf16_mixed} over fp16 compute for this model",
     "gradient_overflow": "gradients overflow {dtype} with nothing to catch them: train with {mixed} (dynamic "
                          "loss scaling skips overflowing steps) or {bf16_mixed}; lower {lr} or clip with {clip} if "
@@ -203,6 +207,26 @@ class RunRecord:
             return pd.Series(dtype="float64")
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
+
+    def computes_in_fp16(self) -> bool:
+        """Whether the forwards ran in float16: fp16 weights, or fp16 autocast over wider ones."""
+        precision = self.config.get("precision") or {}
+        return self.mode in ("mixed", "pure-fp16") or precision.get("compute_dtype") == "float16"
+
+    def unplaced_fp16_loss(self) -> pd.Series | None:
+        """The first non-finite loss of a float16-compute run when it is the run's first non-finite value and its
+        step took no module statistics (a `standard` step between statistics steps, in a loop that cannot replay
+        it): in float16 the likeliest cause is a forward overflow, though no module can be named. None when
+        something before it (data, an activation, the weights, an update) explains it or the modules were
+        measured on that step."""
+        losses = self.of("nonfinite_loss")
+        if not len(losses) or not self.computes_in_fp16():
+            return None
+        row = _first(losses)
+        step = int(row["step"])
+        if self.module_outputs_at(step) or _before_the_loss(self, step):
+            return None
+        return row
 
     def module_outputs_at(self, step: int) -> dict[str, float]:
         """Each model's largest module output on a training step that measured them (a statistics step): the
@@ -341,6 +365,17 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
                             fix=r.fix("activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+    unplaced = r.unplaced_fp16_loss()
+    if unplaced is not None:
+        step = int(unplaced["step"])
+        corrupted = first_bad is not None
+        skipped = r.of("scaler_skip")
+        causes.append(Cause("activation_overflow", "critical" if corrupted else "warning",
+                            **{**_where(unplaced), "phase": "forward"},
+                            evidence={"module_statistics": False, "compute_dtype": "float16",
+                                      "weights_finite": not corrupted,
+                                      "loss_scaler_skipped": bool((skipped["step"] == step).any())},
+                            fix=r.fix("activation_overflow_unplaced")))
     risk = r.of("fp16_overflow_risk")
     if len(risk):
         row = _first(risk)
@@ -456,6 +491,8 @@ def divergence(r: RunRecord) -> list[Cause]:
         computed = _nonfinite_loss_computation(r)
         if computed is not None:
             return [computed]
+        if r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param")):
+            return []  # a contained float16 overflow (activation_overflow): nothing blew up
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
@@ -464,6 +501,15 @@ def divergence(r: RunRecord) -> list[Cause]:
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
                                 "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
     return []
+
+
+def _before_the_loss(r: RunRecord, step: int) -> bool:
+    """Whether something went wrong before a loss that is non-finite at `step`: on an earlier step, or on that
+    step before the loss (a forward output, the data) — not after it (the gradients and weights a non-finite
+    loss makes non-finite, an update)."""
+    limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
+              "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
+    return any((r.of(kind)["step"] < limit).any() for kind, limit in limits.items())
 
 
 def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
@@ -475,11 +521,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
         return None
     row = _first(losses)
     step = int(row["step"])
-    # events of the loss's own step count when they come before the loss in it (forward, data), not after
-    # (the gradients and weights a non-finite loss makes non-finite)
-    limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
-              "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
-    if any((r.of(kind)["step"] < limit).any() for kind, limit in limits.items()):
+    if _before_the_loss(r, step):
         return None
     outputs = r.module_outputs_at(step)
     if not outputs or not all(math.isfinite(v) for v in outputs.values()):
