@@ -297,6 +297,7 @@ class Probes:
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
             self._check_requested_autocast()
+            self._check_unscaled_fp16_autocast()
         self._steps_recorded += 1
         if self.run_dir is None:
             self.rows.append(row)
@@ -319,6 +320,17 @@ class Probes:
                                "float32 and compute in float16 under autocast — the scaler is for that",
                                step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
                                dtype="float16")
+
+    def _check_unscaled_fp16_autocast(self) -> None:
+        """After the first step: training forwards under float16 autocast with no loss scaler. The backward then
+        runs in fp16 unprotected — gradients below 6e-8 flush to zero, overflows reach the optimizer — which is
+        what GradScaler exists for; said once, as a setup fact, before any of it shows."""
+        if self.ctx.autocast == torch.float16 and not self.scaler.enabled:
+            self.events.record("setup_note", "warning",
+                               "training forwards run under float16 autocast with no loss scaler: the backward's "
+                               "small gradients flush to zero in fp16 and its overflows reach the optimizer — "
+                               "scale the loss with a GradScaler, or use bfloat16 autocast (fp32's range)",
+                               step=self.ctx.step, probe="precision", dtype="float16")
 
     def _check_requested_autocast(self) -> None:
         """After the first step: a caller that asked for a mixed mode whose training forwards ran without

@@ -39,11 +39,12 @@ class Net(nn.Module):
         return self.third(torch.relu(h))
 
 
-def _train(model, probes, opt, steps=3, dtype=torch.float32, scale_input=1.0, scaler=None):
+def _train(model, probes, opt, steps=3, dtype=torch.float32, scale_input=1.0, scaler=None, autocast=None):
     torch.manual_seed(0)
     for _ in range(steps):
         x = torch.randn(4, 8, dtype=dtype) * scale_input
-        loss = model(x).float().pow(2).mean()
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = model(x).float().pow(2).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -363,3 +364,15 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     events = load_run(tmp_path / "run")["events"]
     (note,) = events[events["kind"] == "setup_note"].itertuples()
     assert note.severity == "warning" and "float32" in note.message and note.tensor == "first.weight"
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fp16_autocast_without_a_loss_scaler_is_a_setup_warning(scaled):
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        _train(model, probes, opt, steps=2, scaler=scaler, autocast=torch.float16)
+    notes = [e for e in _events(probes, "setup_note") if "no loss scaler" in e.message]
+    assert [(e.severity, e.step) for e in notes] == ([] if scaled else [("warning", 1)])
+
