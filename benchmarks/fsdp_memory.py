@@ -1,11 +1,11 @@
 """Teacher memory per GPU with --shard-teacher: measured on CPU ranks, and computed for teachers too large here.
 
 Measured (under torchrun, gloo on the CPU): the teacher is sharded exactly as `train --shard-teacher` does it
-(`ShardedTeacher.hold`, its routers kept whole as SAR trains them), then each rank counts the bytes of what it
-holds — DTensor local shards plus the parts kept whole — and, in forward hooks on every decoder layer, the bytes
-gathered at that moment; one forward of a few tokens. Rank 0 prints one JSON line per rank's figures. A named
-shape is built on the meta device and sharded before anything is allocated (random values: bytes are counted,
-not results).
+(`ShardedTeacher.hold`: its routers trainable as SAR trains them, sharded with their layer), then each rank counts
+the bytes of what it holds — DTensor local shards plus the head, kept whole — and, in forward hooks on every
+decoder layer, the bytes gathered at that moment; one forward of a few tokens. Rank 0 prints one JSON line per
+rank's figures. A named shape is built on the meta device and sharded before anything is allocated (random
+values: bytes are counted, not results).
 
     torchrun --nproc_per_node 2 benchmarks/fsdp_memory.py --teacher PATH [--dtype fp16]
     torchrun --nproc_per_node 2 benchmarks/fsdp_memory.py --shape dialogpt-large --dtype fp16
@@ -51,12 +51,12 @@ def measure(teacher: torch.nn.Module, world: dist.World) -> dict:
     routers = [teacher.get_parameter(n) for r in find_routers(teacher) for n in r.param_names]
     for p in routers:
         p.requires_grad_(True)
-    dist.ShardedTeacher(world.size, torch.device("cpu")).hold(teacher, kept_whole=routers)
+    dist.ShardedTeacher(world.size, torch.device("cpu")).hold(teacher)
     if next(teacher.parameters()).is_meta:  # a named shape: only this rank's shards (and whole parts) allocated
         teacher.to_empty(device="cpu")
         teacher.tie_weights()  # to_empty gave a tied head its own tensor
     held = sum(nbytes(p.to_local() if isinstance(p, DTensor) else p) for p in teacher.parameters())
-    whole = {id(p): p for p in teacher.parameters() if not isinstance(p, DTensor)}  # routers, the head
+    whole = {id(p): p for p in teacher.parameters() if not isinstance(p, DTensor)}  # the head
     gathered = []
 
     def count(module, args):  # after FSDP's own pre-forward hook: this layer (and the root) are gathered now

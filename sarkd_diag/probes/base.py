@@ -14,6 +14,7 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,19 @@ class ProbeContext:
         return dtype_name(p.dtype)
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a sharded teacher's router, its gradient or optimizer state). Asked without
+    importing torch.distributed.tensor (half a second): no DTensor exists before something has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of `t`: a DTensor's local shard, any other tensor itself. Probes read this, so a
+    reading never starts a collective (a DTensor op would, per tensor)."""
+    return t.to_local() if is_sharded(t) else t
+
+
 SAMPLE_LIMIT = 4096  # elements per tensor that estimate a fraction (lost updates, underflow)
 
 
@@ -78,7 +92,7 @@ def sample(t: torch.Tensor, limit: int = SAMPLE_LIMIT) -> torch.Tensor:
     Fractions (of lost updates, of flushed-to-zero entries) are estimated on it: copying and comparing
     every weight of a 124M-parameter student cost a statistics step seconds; a sample costs nothing.
     """
-    flat = t.reshape(-1)
+    flat = local_shard(t).reshape(-1)
     return flat[:: max(1, flat.numel() // limit)]
 
 
@@ -98,7 +112,7 @@ class SampleViews:
         self._views: list[torch.Tensor] = []
 
     def cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple((id(t), t.data_ptr()) for t in tensors)
+        key = tuple((id(t), local_shard(t).data_ptr()) for t in tensors)
         if key != self._key:
             self._key, self._views = key, [sample(t.detach()) for t in tensors]
         return torch.cat(self._views)
@@ -122,8 +136,10 @@ def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
 
     The fused foreach inf-norm is one launch on CUDA, but on the CPU it is ~15x slower than one aminmax
     pass per tensor (GPT-2's 124M weights: 360 ms against 21 ms on this project's machine). Runs under
-    no_grad rather than detaching each tensor (a detach per tensor is half the cost on small models).
+    no_grad rather than detaching each tensor (a detach per tensor is half the cost on small models). A sharded
+    tensor reads its local shard (the ranks' finiteness is combined by the caller's all-reduce).
     """
+    tensors = [local_shard(t) for t in tensors]
     if not tensors:
         return torch.empty(0)
     if tensors[0].is_cuda:
@@ -133,7 +149,9 @@ def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:
-    """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host)."""
+    """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host); of a
+    sharded tensor, this rank's shard."""
+    t = local_shard(t)
     counts = torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()]).tolist()
     return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2], "numel": t.numel()}
 

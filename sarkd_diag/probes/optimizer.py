@@ -15,7 +15,7 @@ import torch
 
 from ..contract.numerics import LOST_UPDATE_WARNING
 from ..contract.numerics import dtype_name as _dtype_name
-from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
+from .base import Probe, local_shard, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
 
@@ -130,7 +130,7 @@ class OptimizerProbe(Probe):
         fraction = sum(flushed) / sum(live) if sum(live) else 0.0
         if fraction > STATE_UNDERFLOW_WARNING and not self._reported_state:
             self._reported_state = True
-            worst = self._half[max(range(n), key=lambda i: flushed[i] * self._half[i].param.numel()
+            worst = self._half[max(range(n), key=lambda i: flushed[i] * local_shard(self._half[i].param).numel()
                                    / max(sample(self._half[i].param).numel(), 1))]
             state_dtype = _dtype_name(self.ctx.optimizer.state[worst.param]["exp_avg_sq"].dtype)
             self.ctx.events.record(

@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
-from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
+from .base import Probe, SampleViews, local_shard, per_tensor_sum, sample, sample_lengths
 
 
 class UpdateProbe(Probe):
@@ -67,7 +67,8 @@ class UpdateProbe(Probe):
             params = [w.param for w in self._moving]
             lengths = sample_lengths(params)
             matrices = sum(p.dim() >= 2 for p in params) or len(params)
-            per_sample = torch.tensor([p.numel() / sample(p).numel() for p in params], device=params[0].device)
+            per_sample = torch.tensor([local_shard(p).numel() / sample(p).numel() for p in params],
+                                      device=params[0].device)
             self._layout = (key, lengths, matrices, int(lengths[:matrices].sum()), per_sample)
         return self._layout[1:]
 

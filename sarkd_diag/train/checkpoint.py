@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..probes.base import local_shard
+
 CHECKPOINTS = "checkpoints"
 WEIGHTS, STATE, META = "model.safetensors", "trainer_state.pt", "meta.json"
 RUN_FILES = ("config.json", "summary.json", "metrics.jsonl", "metrics.parquet", "events.jsonl", "events.parquet",
@@ -221,7 +223,7 @@ class StepSnapshot:
 
     def bytes_needed(self) -> int:
         """The copy's size once the optimizer holds its state (AdamW: two moments per weight, plus steps)."""
-        return sum(3 * p.numel() * p.element_size() + 4 for p in self.params)
+        return sum(3 * local_shard(p).numel() * p.element_size() + 4 for p in self.params)  # a rank's shard
 
     @torch.no_grad()
     def take(self) -> None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..contract.errors import BadInput
+from ..probes.base import is_sharded
 
 TIMEOUT = timedelta(minutes=30)
 
@@ -81,8 +82,9 @@ class World:
 
     def average_gradients(self, params: list[nn.Parameter]) -> None:
         """Average the gradients of parameters DDP does not hold (teacher routers, a dual-mode projection)
-        over ranks, one coalesced all-reduce, as DDP does for the student's."""
-        grads = [p.grad for p in params if p.grad is not None]
+        over ranks, one coalesced all-reduce, as DDP does for the student's. A sharded teacher's routers are
+        left alone: FSDP's reduce-scatter averaged them already."""
+        grads = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
         if not self.distributed or not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -92,6 +94,28 @@ class World:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    @torch.no_grad()
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """torch's `clip_grad_norm_` (the same norm, the same scaling), where some parameters may be sharded (a
+        sharded teacher's routers): torch's own cannot mix DTensor and plain gradients, so the norm is taken of
+        the whole gradients and of the local shards, whose squares are summed over ranks in one all-reduce —
+        the norm of the full gradients. Exactly torch's call when nothing is sharded."""
+        sharded = [p for p in params if is_sharded(p)]
+        if not sharded:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        whole = [p.grad for p in params if p.grad is not None and not is_sharded(p)]
+        shards = [p.grad.to_local() for p in sharded if p.grad is not None]
+        device = sharded[0].device
+        shards_squared = torch.stack([torch.linalg.vector_norm(g).float() for g in shards]).square().sum() \
+            if shards else torch.zeros((), device=device)
+        dist.all_reduce(shards_squared, op=dist.ReduceOp.SUM)  # every rank, even one whose shard has no gradient
+        norms = [torch.linalg.vector_norm(g) for g in whole] + [shards_squared.sqrt()]
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in whole + shards:
+            g.mul_(scale.to(g.device))
+        return total
 
     def agree_on_overflow(self, loss_scaler, optimizer: torch.optim.Optimizer) -> None:
         """After unscale: a loss scaler's found-inf flags all-reduced, so an overflow on any rank skips the step
@@ -143,25 +167,26 @@ class WholeTeacher:
 
     name = "whole"
 
-    def hold(self, teacher: nn.Module, kept_whole: list[nn.Parameter]) -> None:
+    def hold(self, teacher: nn.Module) -> None:
         """Nothing to do."""
 
 
 @dataclass(frozen=True)
 class ShardedTeacher:
     """The teacher sharded over the ranks with FSDP2 (`--shard-teacher`): `fully_shard` per decoder layer and at
-    the root, so a rank keeps 1/N of the frozen weights and gathers one layer at a time in the forward (and again
-    in the backward when routers train). Weights stay in the dtypes the precision mode gave them (no
-    MixedPrecisionPolicy cast). Two parts stay whole on every rank (`ignored_params`): the trained routers, a few
-    thousandths of the teacher, which so train, checkpoint and save exactly as under DDP; and the output head,
-    which the fused loss applies outside the teacher's forward, where a shard is not gathered."""
+    the root, so a rank keeps 1/N of the teacher and gathers one layer at a time in the forward (and again in
+    the backward when routers train). Weights stay in the dtypes the precision mode gave them (no
+    MixedPrecisionPolicy cast). The trained routers are sharded with their layer: DTensor parameters whose
+    gradients FSDP reduce-scatters (averaged over ranks), gathered whole in the layer's forward, where the router
+    terms read them. The output head stays whole on every rank (`ignored_params`): the fused loss applies it
+    outside the teacher's forward, where a shard is not gathered."""
 
     size: int
     device: torch.device
 
     name = "sharded"
 
-    def hold(self, teacher: nn.Module, kept_whole: list[nn.Parameter]) -> None:
+    def hold(self, teacher: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -171,11 +196,27 @@ class ShardedTeacher:
                            "(_no_split_modules) to shard by")
         mesh = init_device_mesh(self.device.type, (self.size,))
         head = teacher.get_output_embeddings()
-        whole = {*kept_whole, *(head.parameters() if head is not None else ())}
-        options = {"mesh": mesh, "reshard_after_forward": True, "ignored_params": whole}
+        options = {"mesh": mesh, "reshard_after_forward": True,
+                   "ignored_params": set(head.parameters()) if head is not None else set()}
         for layer in layers:
             fully_shard(layer, **options)
-        fully_shard(teacher, **options)  # the rest (embeddings, final norm, head): gathered for the whole forward
+        fully_shard(teacher, **options)  # the rest (embeddings, final norm): gathered for the whole forward
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's full value, gathered from every rank (a collective: every rank calls it, in the same
+    order); any other tensor itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` as `like` holds it: for a DTensor, a DTensor of this rank's part of `full` (cut locally, no
+    communication: every rank holds `full`); for any other tensor, `full` itself."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

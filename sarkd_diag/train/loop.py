@@ -58,7 +58,7 @@ from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .precision import Precision, make_precision
 from .resume import Resumed, TrainingState, locate_run, log_offsets, resume_run
-from .router import RouterInfo, RouterTerms, find_routers, save_router_update
+from .router import RouterInfo, RouterTerms, find_routers, router_state, save_router_update
 from .signals import StopRequests
 
 
@@ -234,7 +234,7 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     compute.precision.convert(student.to(compute.device))
     teacher.to(_teacher_home(cfg, compute.device, notes))
     compute.precision.convert(teacher)
-    compute.teacher_holding.hold(teacher, kept_whole=[p for p in teacher.parameters() if p.requires_grad])
+    compute.teacher_holding.hold(teacher)  # sharded: the routers become DTensors (every use of them follows)
     return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
 
 
@@ -589,22 +589,25 @@ class Trainer:
         code, or with its own when it failed alone."""
         self.logs.close()
         self.world.barrier()  # every rank's events are on disk before rank 0 merges them
-        summary = self._summarize(status) if self.world.is_main else {}
+        saved = status in ("completed", "interrupted")
+        routers = router_state(self.run.models.teacher, self.run.models.routers) \
+            if saved and self.run.models.routers else None  # every rank: a sharded router is gathered from all
+        summary = self._summarize(status, routers) if self.world.is_main else {}
         critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
         code = exit_code(status, internal_error=self.internal_error, critical=critical, stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
         return RunResult(self.run.run_dir, status, summary, code if shared is None else shared)
 
-    def _summarize(self, status: str) -> dict:
-        """Rank 0: the student (and a router update) saved, the summary written and shown; {} when that
+    def _summarize(self, status: str, routers: dict[str, torch.Tensor] | None) -> dict:
+        """Rank 0: the student (and the `routers`' update) saved, the summary written and shown; {} when that
         fails (an internal error, its traceback saved)."""
         run_dir, models = self.run.run_dir, self.run.models
         try:
             if status in ("completed", "interrupted"):
                 models.student.save_pretrained(run_dir / "student")
                 models.student_tokenizer.save_pretrained(run_dir / "student")
-                if models.routers:
-                    save_router_update(models.teacher, models.routers, run_dir / "router_update.pt")
+                if routers is not None:
+                    save_router_update(routers, run_dir / "router_update.pt")
             summary = finalize_run(run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)
@@ -639,7 +642,8 @@ class Trainer:
             torch.cuda.empty_cache()
         rewind = phase in ("forward", "backward")  # the step had not touched weights or optimizer state yet
         keep = step - 1 if rewind else step
-        savable = phase in ("forward", "backward", "eval") and keep > 0 and self.policy.weights_finite
+        savable = phase in ("forward", "backward", "eval") and keep > 0 and self.policy.weights_finite \
+            and not run.state.sharded  # this rank failed alone: sharded routers cannot be gathered without the rest
         message = out_of_memory_message(self.config, run.compute.mode, run.models.teacher, run.models.student,
                                         run.compute.device, error=error, phase=phase, step=step,
                                         saved=keep if savable else None)
@@ -666,7 +670,7 @@ class Trainer:
             precision.unscale_gradients(opt.optimizer)
             self.world.agree_on_overflow(precision.loss_scaler, opt.optimizer)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(opt.trainable, max_norm)
+            grad_norm = self.world.clip_grad_norm(opt.trainable, max_norm)
             if self.policy.runs_step(self.step, grad_norm, self.logs.events):
                 skipped = precision.optimizer_step(opt.optimizer)
             else:  # --on-nonfinite skip: non-finite gradients, the step never runs
@@ -779,8 +783,9 @@ class Trainer:
         if step == 0 or not self.policy.weights_finite:
             return
         event_sizes = self.world.gather((run_dir / self.logs.events_name).stat().st_size)
+        trained = self.run.state.state_dict()  # on every rank: a sharded teacher's routers are gathered whole
         if self.world.is_main:  # the weights are the same on every rank: rank 0 writes, every rank may read it
-            state = {"step": step, **self.run.state.state_dict(), "policy": self.policy.state_dict(),
+            state = {"step": step, **trained, "policy": self.policy.state_dict(),
                      "log_offsets": log_offsets(run_dir, event_sizes)}
             if rewind:
                 state.update(data=self.step_start["data"], rng=ckpt.rng_state(self.step_start["rng"]))

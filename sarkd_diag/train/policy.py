@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..contract.events import EventLog
+from ..probes.base import local_shard
 from .checkpoint import StepSnapshot
 from .distributed import World
 
@@ -75,7 +76,7 @@ class NonFinitePolicy:
             return True
         if not self.loss_scaling and bool(self.world.any_flag(~torch.isfinite(grad_norm))):
             bad = [(model, name) for model, name, p in self.named_trainable
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+                   if p.grad is not None and not bool(torch.isfinite(local_shard(p.grad)).all())]  # this rank's
             model, name = bad[-1] if bad else (None, None)  # the last registered is the first reached in backward
             where = f"{len(bad)} gradient tensor(s) non-finite, first in backward order {model} {name}" if bad \
                 else "the norm overflows its dtype" if not torch.isfinite(grad_norm) else \

@@ -22,9 +22,10 @@ from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.events import events_file_name
 from ..contract.rundir import check_output_dir, default_run_dir, differing_options
+from ..probes.base import is_sharded, local_shard
 from . import checkpoint as ckpt
 from .data import BatchStream
-from .distributed import World
+from .distributed import World, full_tensor, shard_of
 from .precision import Precision
 
 
@@ -159,15 +160,27 @@ class TrainingState:
                 + [("projection", n, p) for n, p in self.projection.named_parameters()])
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Every weight a checkpoint must restore: the student, trained routers, a dual-mode projection."""
+        """Every weight a checkpoint must restore: the student, trained routers, a dual-mode projection (the live
+        tensors: a sharded teacher's routers as DTensors)."""
         state = {f"student.{k}": v for k, v in self.student.state_dict().items()}
         state.update({f"{model}.{name}": p for model, name, p in self.named_trainable() if model != "student"})
         return state
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a trained weight is sharded over the ranks (a sharded teacher's routers): a checkpoint then
+        gathers it, with every rank taking part."""
+        return any(is_sharded(p) for _, _, p in self.named_trainable())
+
     def state_dict(self) -> dict:
+        """The checkpoint's content, every tensor full: sharded routers and their optimizer state gathered (so
+        every rank calls this), in the format an unsharded run writes."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {index: {k: full_tensor(v) for k, v in values.items()}
+                              for index, values in optimizer["state"].items()}
         return {
-            "model": self.weights(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": {k: full_tensor(v) for k, v in self.weights().items()},
+            "optimizer": optimizer,
             "precision": self.precision.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "data": self.batches.state_dict(),
@@ -178,8 +191,9 @@ class TrainingState:
         """Put a checkpoint back; CheckpointError when its weights do not fit this run."""
         current = self.weights()
         weights = state["model"]
-        stored = {current[k].data_ptr() for k in current if k in weights}
-        missing = [k for k in current if k not in weights and current[k].data_ptr() not in stored]  # tied: stored once
+        stored = {local_shard(current[k]).data_ptr() for k in current if k in weights}
+        missing = [k for k in current  # tied: stored once
+                   if k not in weights and local_shard(current[k]).data_ptr() not in stored]
         unknown = [k for k in weights if k not in current]
         if missing or unknown:
             raise ckpt.CheckpointError(f"its weights do not fit this run (missing {missing[:3]}, unknown "
@@ -189,10 +203,19 @@ class TrainingState:
                 if tensor.shape != current[key].shape:
                     raise ckpt.CheckpointError(f"its {key} has shape {tuple(tensor.shape)}, this run's "
                                                f"{tuple(current[key].shape)}")
-                current[key].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+                local_shard(current[key]).copy_(local_shard(shard_of(tensor, current[key])))
+        self.optimizer.load_state_dict(self._sharded_like_params(state["optimizer"]))
         self.precision.load_state_dict(state["precision"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
+
+    def _sharded_like_params(self, optimizer: dict) -> dict:
+        """A checkpoint's optimizer state (full tensors) with each sharded parameter's moments cut to this
+        rank's shard, as DTensors like the parameter (its step count stays as saved)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = {index: {k: shard_of(v, params[index]) if torch.is_tensor(v) and v.shape == params[index].shape
+                         else v for k, v in values.items()}
+                 for index, values in optimizer["state"].items()}
+        return {**optimizer, "state": state}

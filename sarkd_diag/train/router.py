@@ -7,6 +7,8 @@ name alone: names like ``gate`` also match every expert's ``gate_proj``.
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,6 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..probes.base import is_sharded
+from .distributed import full_tensor
 
 DEFAULT_PATTERNS = ["gate", "router"]
 
@@ -134,7 +139,8 @@ class RouterTerms:
         self.routers = list(routers)
         self.weights = (anchor_weight, load_balance_weight, entropy_weight)
         self._modules = {r.name: model.get_submodule(r.name) for r in self.routers}
-        # W0: a frozen fp32 copy of every router parameter, by (module name, attribute).
+        # W0: a frozen fp32 copy of every router parameter, by (module name, attribute); of a sharded router, a
+        # DTensor of this rank's shard
         self._initial = {
             (r.name, attr): p.detach().to(torch.float32, copy=True)
             for r in self.routers
@@ -157,11 +163,15 @@ class RouterTerms:
         return capture
 
     def anchor(self) -> torch.Tensor:
-        """Σ‖W − W0‖² over all router parameters (fp32, with grad)."""
+        """Σ‖W − W0‖² over all router parameters (fp32, with grad). Of sharded routers (read outside the
+        teacher's forward, where they are DTensors) each rank sums its shards and one all-reduce adds them up:
+        the anchor of the full weights, its gradient landing on each rank's shard."""
         terms = [
             (getattr(self._modules[name], attr).float() - initial).pow(2).sum()
             for (name, attr), initial in self._initial.items()
         ]
+        if is_sharded(terms[0]):  # partial sums, one per rank: added up locally, then over ranks
+            return functools.reduce(operator.add, terms).full_tensor()
         return torch.stack(terms).sum()
 
     def loss(self, attention_mask: torch.Tensor | None = None) -> RouterLoss:
@@ -230,18 +240,21 @@ class RouterTerms:
         self.close()
 
 
-def save_router_update(model: nn.Module, routers: list[RouterInfo], path: str | os.PathLike) -> Path:
-    """Write the trained router parameters as {name in the model: fp32 CPU tensor} (`router_update.pt`).
-
-    fp32 is lossless for fp16/bf16/fp32 router weights whatever precision mode trained them. Written
-    to a temporary file and renamed, so a crash never leaves half a file.
-    """
+def router_state(model: nn.Module, routers: list[RouterInfo]) -> dict[str, torch.Tensor]:
+    """The trained router parameters as {name in the model: fp32 CPU tensor}, full: a sharded teacher's are
+    gathered from every rank (a collective: every rank calls it). fp32 is lossless for fp16/bf16/fp32 router
+    weights whatever precision mode trained them."""
     params = dict(model.named_parameters())
-    state = {
-        name: params[name].detach().to(device="cpu", dtype=torch.float32, copy=True)
+    return {
+        name: full_tensor(params[name].detach()).to(device="cpu", dtype=torch.float32, copy=True)
         for router in routers
         for name in router.param_names
     }
+
+
+def save_router_update(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write `router_state`'s tensors (`router_update.pt`), to a temporary file renamed into place, so a crash
+    never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     torch.save(state, tmp)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from sarkd_diag.contract.events import events_file_name
 from sarkd_diag.train import distributed as dist
@@ -133,9 +134,12 @@ def test_nproc_is_removed_from_the_launched_command():
 
 # ------------------------------------------------------------------------------------------- torchrun
 # the MoE teacher's routers train too; with load-balance and entropy terms off the router loss is the anchor
-# alone, which does not depend on how the batch is split, so routers must match a single process exactly
+# alone, which does not depend on how the batch is split, so routers must match a single process exactly. A
+# router lr and anchor weight this large move the routers by ~1e-2 and make the anchor's gradient count, so a
+# router update or anchor that went wrong (sharded: its sum over the ranks' shards) shows far above 1e-5
 SETUPS = {"dense": ("dense_teacher", "student", []),
-          "routers": ("teacher", "student", ["--router-load-balance-weight", "0", "--router-entropy-weight", "0"]),
+          "routers": ("teacher", "student", ["--router-load-balance-weight", "0", "--router-entropy-weight", "0",
+                                             "--router-lr", "3e-3", "--router-anchor-weight", "10"]),
           "dual-tokenizer": ("teacher", "dual_student", [])}
 # how the two ranks hold the teacher: a whole copy each (DDP), or sharded with FSDP2 (--shard-teacher)
 HOLDINGS = {"whole": [], "sharded": ["--shard-teacher"]}
@@ -158,6 +162,10 @@ def assert_same_run(reference: Path, run: Path) -> None:
         assert routers_one.keys() == routers_two.keys() and routers_one
         for key in routers_one:
             torch.testing.assert_close(routers_two[key], routers_one[key], atol=1e-5, rtol=1e-5)
+        config = json.loads((reference / "config.json").read_text())
+        teacher = dict(AutoModelForCausalLM.from_pretrained(config["options"]["teacher_model"]).named_parameters())
+        moved = max((routers_one[k] - teacher[k].detach().float()).abs().max().item() for k in routers_one)
+        assert moved > 1e-3, moved  # the routers trained: matching within 1e-5 says something
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,6 +346,61 @@ def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tin
     assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 1), top
     teacher_bad = [e for e in ranked_events(out, 0) if e["kind"] == "nonfinite_activation" and e["model"] == "teacher"]
     assert teacher_bad == []  # rank 0's teacher forward stayed finite: the gathered weights are the same
+
+
+ROUTER_GRADIENTS = '''"""torchrun entry for a test: a sharded teacher's routers after setup and one backward."""
+import json
+import sys
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.train import distributed as dist
+from sarkd_diag.train.loop import build_run
+
+run = build_run(DistillConfig(**json.loads(sys.argv[1])).validate())
+routers = [p for p in run.models.teacher.parameters() if p.requires_grad]
+batch = {k: v.to(run.compute.device) if torch.is_tensor(v) else v for k, v in run.data.batches.next().items()}
+parts = run.objective(batch)
+(parts.objective / batch["global_targets"] + parts.router_loss).backward()
+before = [p.grad.to_local().clone() for p in routers]
+run.compute.world.average_gradients(run.optimization.outside_ddp)
+figures = {
+    "routers": len(routers),
+    "sharded": all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in routers),
+    "local_rows": [p.to_local().shape[0] for p in routers], "rows": [p.shape[0] for p in routers],
+    "grads_sharded": all(isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),) for p in routers),
+    "grads_nonzero": all(bool(g.abs().sum() > 0) for g in before),
+    "untouched_by_average": all(torch.equal(p.grad.to_local(), g) for p, g in zip(routers, before)),
+    "optimized": {id(p) for p in routers} <= {id(q) for g in run.optimization.optimizer.param_groups
+                                               for q in g["params"]},
+}
+with open(f"{sys.argv[2]}/rank{run.compute.world.rank}.json", "w") as out:  # the ranks print at once: a file each
+    json.dump(figures, out)
+run.objective.close()
+dist.teardown(run.compute.world)
+'''
+
+
+def test_a_sharded_teachers_routers_are_dtensors_whose_gradients_fsdp_reduces(tiny_world, tmp_path):
+    """Routers train sharded: DTensor parameters split by rows over the ranks, their gradients DTensor shards
+    (FSDP's reduce-scatter), which `average_gradients` — the DDP path's averaging — leaves alone."""
+    world = {k: str(v) for k, v in tiny_world.items()}
+    script = tmp_path / "routers.py"
+    script.write_text(ROUTER_GRADIENTS)
+    options = {"teacher_model": world["teacher"], "student_model": world["student"], "train_file": world["train"],
+               "validation_file": world["valid"], "block_size": 32, "per_device_batch_size": 2,
+               "precision": "fp32", "device": "cpu", "shard_teacher": True, "output_dir": str(tmp_path / "run")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(script), json.dumps(options), str(tmp_path)]
+    run = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for r in ranks:
+        assert r["routers"] == 2 and r["sharded"] and r["grads_sharded"] and r["grads_nonzero"], r
+        assert r["untouched_by_average"] and r["optimized"], r
+        assert r["rows"] == [4, 4] and r["local_rows"] == [2, 2], r  # 4 experts: two rows on each rank
 
 
 @pytest.mark.parametrize(("extra", "message"), [

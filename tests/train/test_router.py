@@ -15,7 +15,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from sarkd_diag.train.router import RouterTerms, apply_router_update, find_routers, save_router_update
+from sarkd_diag.train.router import RouterTerms, apply_router_update, find_routers, router_state, save_router_update
 
 TINY = dict(
     vocab_size=64,
@@ -280,7 +280,7 @@ def test_saved_update_reproduces_the_trained_teacher(tmp_path):
             terms.clear()
         assert terms.anchor().item() > 0
 
-    path = save_router_update(model, routers, tmp_path / "router_update.pt")
+    path = save_router_update(router_state(model, routers), tmp_path / "router_update.pt")
     state = torch.load(path, weights_only=True)
     assert sorted(state) == sorted(n for r in routers for n in r.param_names)
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in state.values())
@@ -294,7 +294,7 @@ def test_saved_update_reproduces_the_trained_teacher(tmp_path):
 
 def test_apply_rejects_an_update_for_another_model(tmp_path):
     model = tiny_mixtral()
-    path = save_router_update(model, find_routers(model), tmp_path / "router_update.pt")
+    path = save_router_update(router_state(model, find_routers(model)), tmp_path / "router_update.pt")
     other = tiny_mixtral(experts=3)
     before = {n: p.clone() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match="shape mismatches"):
