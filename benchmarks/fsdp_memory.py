@@ -100,7 +100,7 @@ def computed() -> None:
         t, s = meta(teacher), meta(student)
         ddp = estimate_mode("mixed", t, s, batch, block)
         sharded = [estimate_mode("mixed", t, s, batch, block, teacher_shards=n) for n in (2, 4, 8)]
-        held, gathered = zip(*(sharded_teacher_params(t, t.router_params, n) for n in (2, 4, 8)), strict=True)
+        held, gathered = zip(*(sharded_teacher_params(t, n) for n in (2, 4, 8)), strict=True)
         print(f"{teacher} -> {student}, mixed, batch {batch} x {block}: DDP {ddp.total / GIB:.2f} GiB per GPU "
               f"(teacher {ddp.teacher_weights / GIB:.2f}); sharded over 2 / 4 / 8: "
               + " / ".join(f"{e.total / GIB:.2f}" for e in sharded) + " GiB (teacher "

@@ -2,6 +2,7 @@
 each mode's dtypes, and the command prints and exits like the others."""
 
 import json
+import math
 
 import pytest
 
@@ -97,18 +98,23 @@ def test_bad_input_is_one_line_and_exit_2(tiny_world, cli, tmp_path):
 
 
 def test_a_sharded_teacher_holds_its_shard_and_gathers_a_layer_at_a_time(shapes, tiny_world, cli):
-    """--shard-teacher over N ranks changes the teacher's bytes only: 1/N of its frozen weights, the output head
-    and routers whole, the embeddings and one layer gathered (measured against real shards in
-    tests/e2e/test_distributed.py)."""
+    """--shard-teacher over N ranks: the teacher's bytes are 1/N of its weights, routers included, the output head
+    whole, the embeddings and one layer gathered (measured against real shards in tests/e2e/test_distributed.py);
+    of the rest, only the routers' gradients and AdamW moments shrink, to 1/N."""
     from sarkd_diag.train.memory import sharded_teacher_params
 
     teacher, student = shapes["teacher"][0], shapes["student"][0]
+    routers = teacher.router_params
+    assert routers > 0
     whole = estimate_mode("fp32", teacher, student, 4, 32)
     by_ranks = {n: estimate_mode("fp32", teacher, student, 4, 32, teacher_shards=n) for n in (2, 4)}
     for n, sharded in by_ranks.items():
-        held, gathered = sharded_teacher_params(teacher, teacher.router_params, n)
-        assert sharded.teacher_weights == 4 * (held + gathered + teacher.router_params)
-        assert sharded.total - sharded.teacher_weights == whole.total - whole.teacher_weights
+        held, gathered = sharded_teacher_params(teacher, n)
+        assert sharded.teacher_weights == 4 * (held + gathered)
+        saved = routers - math.ceil(routers / n)  # each rank holds its shard of the routers
+        assert sharded.gradients == whole.gradients - 4 * saved
+        assert sharded.optimizer_state == whole.optimizer_state - 2 * 4 * saved
+        assert sharded.student_weights == whole.student_weights and sharded.activations == whole.activations
     assert by_ranks[4].teacher_weights < by_ranks[2].teacher_weights
     args = ["estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
             "--block-size", "32", "--per-device-batch-size", "4", "--modes", "fp32"]

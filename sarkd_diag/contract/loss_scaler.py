@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from .shards import is_sharded, local_shard
+
 
 class LossScaler:
     """A GradScaler (or nothing) seen through the few questions the project asks of it."""
@@ -63,6 +65,28 @@ class LossScaler:
             if scaler.__dict__.get("unscale_") is unscale_:
                 del scaler.unscale_
         return remove
+
+
+class ShardAwareGradScaler(torch.amp.GradScaler):
+    """torch's GradScaler, whose unscale also takes sharded gradients (a sharded teacher's routers): torch's own
+    unscales each (device, dtype) group in one kernel, which cannot mix DTensor and plain tensors, so here the
+    sharded ones give their local shards. Each rank's overflow flag then covers its shards; the loop all-reduces
+    the flags (`World.agree_on_overflow`), as FSDP's ShardedGradScaler does. Nothing sharded: torch's own."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not any(is_sharded(p.grad) for p in params):
+            return super()._unscale_grads_(optimizer, inv_scale, found_inf, allow_fp16)
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            grad = local_shard(p.grad)
+            groups.setdefault((grad.device, grad.dtype), []).append(grad)
+        flags = {}
+        with torch.no_grad():
+            for (device, _), grads in groups.items():
+                flag = flags.setdefault(device, found_inf.to(device))
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, inv_scale.to(device))
+        return flags
 
 
 def unwrap_optimizer(optimizer) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:

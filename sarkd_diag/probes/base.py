@@ -14,7 +14,6 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from ..contract.events import EventLog, JsonlLog, NullLog
 from ..contract.loss_scaler import LossScaler
 from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - the probes' shared threshold and names
+from ..contract.shards import local_shard
 
 
 @dataclass
@@ -68,19 +68,6 @@ class ProbeContext:
 
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
-
-
-def is_sharded(t: torch.Tensor) -> bool:
-    """Whether `t` is a DTensor (a sharded teacher's router, its gradient or optimizer state). Asked without
-    importing torch.distributed.tensor (half a second): no DTensor exists before something has imported it."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of `t`: a DTensor's local shard, any other tensor itself. Probes read this, so a
-    reading never starts a collective (a DTensor op would, per tensor)."""
-    return t.to_local() if is_sharded(t) else t
 
 
 SAMPLE_LIMIT = 4096  # elements per tensor that estimate a fraction (lost updates, underflow)

@@ -15,7 +15,8 @@ import torch
 
 from ..contract.numerics import LOST_UPDATE_WARNING
 from ..contract.numerics import dtype_name as _dtype_name
-from .base import Probe, local_shard, per_tensor_sum, sample, sample_lengths, sampled
+from ..contract.shards import local_shard
+from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
 

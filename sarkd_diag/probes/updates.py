@@ -25,7 +25,8 @@ import math
 import torch
 
 from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
-from .base import Probe, SampleViews, local_shard, per_tensor_sum, sample, sample_lengths
+from ..contract.shards import local_shard
+from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
 
 
 class UpdateProbe(Probe):

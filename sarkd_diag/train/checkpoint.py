@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..probes.base import local_shard
+from ..contract.shards import local_shard
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, STATE, META = "model.safetensors", "trainer_state.pt", "meta.json"

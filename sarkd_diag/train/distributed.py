@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..contract.errors import BadInput
-from ..probes.base import is_sharded
+from ..contract.shards import is_sharded
 
 TIMEOUT = timedelta(minutes=30)
 
@@ -97,10 +97,11 @@ class World:
 
     @torch.no_grad()
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-        """torch's `clip_grad_norm_` (the same norm, the same scaling), where some parameters may be sharded (a
-        sharded teacher's routers): torch's own cannot mix DTensor and plain gradients, so the norm is taken of
-        the whole gradients and of the local shards, whose squares are summed over ranks in one all-reduce —
-        the norm of the full gradients. Exactly torch's call when nothing is sharded."""
+        """torch's `clip_grad_norm_` where some parameters may be sharded (a sharded teacher's routers): torch's
+        own cannot mix DTensor and plain gradients, so the norm is taken of the whole gradients and of the local
+        shards, whose squares (in fp32) are summed over ranks in one all-reduce — the norm of the full
+        gradients — and every gradient is scaled as torch scales it. Exactly torch's call when nothing is
+        sharded."""
         sharded = [p for p in params if is_sharded(p)]
         if not sharded:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -131,14 +131,14 @@ def _activation_elements(shape: ModelShape, tokens: int, checkpointing: bool) ->
     return tokens * shape.layers * per_layer
 
 
-def sharded_teacher_params(teacher: ModelShape, routers: int, shards: int) -> tuple[int, int]:
-    """A teacher sharded over `shards` ranks (--shard-teacher), in frozen parameters per rank: what it holds
-    (1/N of the teacher, rounded up, and the output head whole) and the most it holds gathered at once (the
-    rest of the root — embeddings, final norm —, gathered for the whole forward, and one decoder layer). The
-    trained `routers` stay whole and are not counted here."""
-    frozen, head = teacher.params - routers, teacher.vocab * teacher.hidden
-    layer = teacher.layer_params - (routers // teacher.layers if teacher.layers else 0)
-    return -(-(frozen - head) // shards) + head, frozen - teacher.layers * layer - head + layer
+def sharded_teacher_params(teacher: ModelShape, shards: int) -> tuple[int, int]:
+    """A teacher sharded over `shards` ranks (--shard-teacher), in parameters per rank, its routers included (they
+    are sharded with their layer): what a rank holds (1/N of the teacher, rounded up, and the output head whole)
+    and the most it holds gathered at once (the rest of the root — embeddings, final norm —, gathered for the
+    whole forward, and one decoder layer)."""
+    head = teacher.vocab * teacher.hidden
+    return (-(-(teacher.params - head) // shards) + head,
+            teacher.params - teacher.layers * teacher.layer_params - head + teacher.layer_params)
 
 
 def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute: int, teacher_compute: int,
@@ -164,8 +164,10 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
     routers = 0 if dual else teacher.router_params
     projection = student.hidden * teacher.hidden + teacher.hidden if dual else 0
     trainable_student = student.params + projection
-    trainable = trainable_student + routers
     tokens = batch * block
+    # sharded (--shard-teacher), a rank holds 1/N of the routers, and so of their gradients, masters and moments
+    routers_held = -(-routers // teacher_shards)
+    trainable = trainable_student + routers_held
 
     # trainable weights are held in `keep`; under autocast their compute-dtype casts live until backward
     working = compute if mixed else keep
@@ -188,11 +190,16 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
         estimate.notes.append("--offload-teacher-to-cpu: the teacher's frozen weights are on the host")
     if teacher_shards > 1:
-        shard, gathered = sharded_teacher_params(teacher, routers, teacher_shards)
-        estimate.teacher_weights = (shard + gathered) * frozen + routers * working
+        held, gathered = sharded_teacher_params(teacher, teacher_shards)
+        layer_routers = routers // teacher.layers if teacher.layers else 0  # gathered with their layer
+        if mixed:  # the held shards are the fp32 masters; autocast keeps each gathered router's cast until backward
+            router_bytes = layer_routers * keep + routers * compute
+        else:
+            router_bytes = (routers_held + layer_routers) * keep
+        estimate.teacher_weights = (held - routers_held + gathered - layer_routers) * frozen + router_bytes
         estimate.notes.append(f"--shard-teacher over {teacher_shards} ranks: teacher = 1/{teacher_shards} of its "
-                              "frozen weights + its output head (whole) + its embeddings and one decoder layer, "
-                              "gathered during the forward")
+                              "weights, routers included + its output head (whole) + its embeddings and one "
+                              "decoder layer, gathered during the forward")
     return estimate
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..contract.events import EventLog
-from ..probes.base import local_shard
+from ..contract.shards import local_shard
 from .checkpoint import StepSnapshot
 from .distributed import World
 

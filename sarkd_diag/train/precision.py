@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..contract.loss_scaler import LossScaler
+from ..contract.loss_scaler import LossScaler, ShardAwareGradScaler
 
 
 class Precision:
@@ -96,7 +96,7 @@ class FP16Mixed(Precision):
 
     def __init__(self, device: torch.device):
         super().__init__(device)
-        self.scaler = torch.amp.GradScaler(device.type)
+        self.scaler = ShardAwareGradScaler(device.type)
         self.loss_scaler = LossScaler(self.scaler)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.events import events_file_name
 from ..contract.rundir import check_output_dir, default_run_dir, differing_options
-from ..probes.base import is_sharded, local_shard
+from ..contract.shards import is_sharded, local_shard
 from . import checkpoint as ckpt
 from .data import BatchStream
 from .distributed import World, full_tensor, shard_of

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.base import is_sharded
+from ..contract.shards import is_sharded
 from .distributed import full_tensor
 
 DEFAULT_PATTERNS = ["gate", "router"]

@@ -413,9 +413,9 @@ def test_a_sharded_teacher_it_cannot_serve_is_refused(tiny_args, cli, extra, mes
 
 
 def test_each_rank_holds_its_shard_of_the_teacher_and_one_layer_gathered(tiny_world):
-    """Measured from the DTensor local shards on two gloo ranks: the shards partition the teacher, each rank holds
-    half of it plus the parts kept whole (routers, head), and the most gathered at once is what estimate-memory
-    computes (the embeddings and one decoder layer)."""
+    """Measured from the DTensor local shards on two gloo ranks: the shards partition the teacher, routers
+    included, each rank holds half of it plus the head, kept whole, and the most gathered at once is what
+    estimate-memory computes (the embeddings and one decoder layer, its router too)."""
     from sarkd_diag.train.memory import shape_from_config, sharded_teacher_params
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -430,6 +430,7 @@ def test_each_rank_holds_its_shard_of_the_teacher_and_one_layer_gathered(tiny_wo
     assert sum(shards) == full - whole  # the ranks' shards partition the sharded part exactly
     assert all(abs(s - (full - whole) / 2) <= 0.02 * full for s in shards), shards  # rows split in halves
     shape = shape_from_config(str(tiny_world["teacher"]))
-    held, gathered = sharded_teacher_params(shape, shape.router_params, 2)
-    assert sum(r["held_bytes"] for r in ranks) / 2 == 4 * (held + shape.router_params)  # fp32: the estimate's
+    assert all(r["whole_bytes"] == 4 * shape.vocab * shape.hidden for r in ranks)  # the head alone: routers shard
+    held, gathered = sharded_teacher_params(shape, 2)
+    assert sum(r["held_bytes"] for r in ranks) / 2 == 4 * held  # fp32: the estimate's
     assert all(r["gathered_peak_bytes"] == 4 * gathered for r in ranks)

@@ -1,0 +1,19 @@
+"""Tensors sharded over ranks (DTensors: a sharded teacher's routers, their gradients and optimizer state), asked
+about without importing torch.distributed.tensor — half a second, and no DTensor exists before something has
+imported it."""
+
+from __future__ import annotations
+
+import sys
+
+
+def is_sharded(t) -> bool:
+    """Whether `t` is a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_shard(t):
+    """What this rank holds of `t`: a DTensor's local shard, any other tensor itself. Reading it never starts a
+    collective (a DTensor op would, per tensor)."""
+    return t.to_local() if is_sharded(t) else t
