@@ -204,14 +204,18 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("precision", "policy"), [("fp32", "stop"), ("fp32", "skip"), ("mixed", "stop")])
-def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp_path, precision, policy, device):
+@pytest.mark.parametrize(("precision", "policy", "holding"), [
+    ("fp32", "stop", "whole"), ("fp32", "skip", "whole"), ("mixed", "stop", "whole"),
+    ("fp32", "skip", "sharded"), ("mixed", "stop", "sharded"),  # the routers' DTensors: pre-step copy, loss scaler
+])
+def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp_path, precision, policy, holding,
+                                                                 device):
     world = {k: str(v) for k, v in tiny_world.items()}
     script = tmp_path / "inject.py"
     script.write_text(INJECT.format(rank=1, step=3, fault="overflow"))
     out = tmp_path / "run"
     run = torchrun(*base_args(world, out, teacher="teacher", steps=5, precision=precision, device=device),
-                   "--per-device-batch-size", "2", "--eval-steps", "10", "--on-nonfinite", policy,
+                   *HOLDINGS[holding], "--per-device-batch-size", "2", "--eval-steps", "10", "--on-nonfinite", policy,
                    entry=[str(script)])
     scaled = precision == "mixed"  # the loss scaler skips the step itself, on both ranks: its flag is all-reduced
     assert run.returncode == (1 if policy == "stop" and not scaled else 0), run.stderr[-3000:]
