@@ -143,7 +143,8 @@ class Data:
 class Optimization:
     """The optimizer (the student and a dual-mode projection at --student-lr, routers at --router-lr), its
     scheduler, every trained parameter in the optimizer's order (the guard's and the probes' order), and
-    those DDP does not hold (their gradients are averaged by `World.average_gradients`)."""
+    those DDP does not hold (their gradients are averaged by `World.average_gradients`, a sharded teacher's
+    routers by FSDP's reduce-scatter)."""
 
     optimizer: torch.optim.Optimizer
     scheduler: object | None

@@ -365,6 +365,10 @@ from sarkd_diag.train.loop import build_run
 
 run = build_run(DistillConfig(**json.loads(sys.argv[1])).validate())
 routers = [p for p in run.models.teacher.parameters() if p.requires_grad]
+in_forward = []  # what a router module holds while the teacher runs it: the router terms' hooks read the same
+for router in run.models.routers:
+    run.models.teacher.get_submodule(router.name).register_forward_hook(
+        lambda module, args, output: in_forward.append([type(module.weight).__name__, list(module.weight.shape)]))
 batch = {k: v.to(run.compute.device) if torch.is_tensor(v) else v for k, v in run.data.batches.next().items()}
 parts = run.objective(batch)
 (parts.objective / batch["global_targets"] + parts.router_loss).backward()
@@ -374,6 +378,7 @@ figures = {
     "routers": len(routers),
     "sharded": all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in routers),
     "local_rows": [p.to_local().shape[0] for p in routers], "rows": [p.shape[0] for p in routers],
+    "in_forward": in_forward,
     "grads_sharded": all(isinstance(p.grad, DTensor) and p.grad.placements == (Shard(0),) for p in routers),
     "grads_nonzero": all(bool(g.abs().sum() > 0) for g in before),
     "untouched_by_average": all(torch.equal(p.grad.to_local(), g) for p, g in zip(routers, before)),
@@ -388,8 +393,9 @@ dist.teardown(run.compute.world)
 
 
 def test_a_sharded_teachers_routers_are_dtensors_whose_gradients_fsdp_reduces(tiny_world, tmp_path):
-    """Routers train sharded: DTensor parameters split by rows over the ranks, their gradients DTensor shards
-    (FSDP's reduce-scatter), which `average_gradients` — the DDP path's averaging — leaves alone."""
+    """Routers train sharded: DTensor parameters split by rows over the ranks, gathered whole (a plain parameter)
+    while their layer runs, where the router terms read them; their gradients DTensor shards (FSDP's
+    reduce-scatter), which `average_gradients` — the DDP path's averaging — leaves alone."""
     world = {k: str(v) for k, v in tiny_world.items()}
     script = tmp_path / "routers.py"
     script.write_text(ROUTER_GRADIENTS)
@@ -405,6 +411,7 @@ def test_a_sharded_teachers_routers_are_dtensors_whose_gradients_fsdp_reduces(ti
         assert r["routers"] == 2 and r["sharded"] and r["grads_sharded"] and r["grads_nonzero"], r
         assert r["untouched_by_average"] and r["optimized"], r
         assert r["rows"] == [4, 4] and r["local_rows"] == [2, 2], r  # 4 experts: two rows on each rank
+        assert r["in_forward"] == [["Parameter", [4, 32]]] * 2, r  # gathered whole in the layer's forward
 
 
 @pytest.mark.parametrize(("extra", "message"), [
