@@ -49,11 +49,16 @@ def trainer_precision(args, model: nn.Module) -> dict:
             "reason": f"transformers Trainer: {requested} with {name} trainable weights"}
 
 
+TEACHER_ATTRIBUTES = ("teacher_model", "teacher")  # TRL's trainers; the usual name in a hand-written KD Trainer
+
+
 def trainer_teacher(trainer) -> nn.Module | None:
     """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: TRL's DistillationTrainer
-    and GKDTrainer keep it as `trainer.teacher_model` (prepared with `accelerator.prepare_model`)."""
-    teacher = getattr(trainer, "teacher_model", None)
-    if not isinstance(teacher, nn.Module):
+    and GKDTrainer keep it as `trainer.teacher_model` (prepared with `accelerator.prepare_model`); a Trainer
+    subclass written for KD by hand usually as `self.teacher`."""
+    teacher = next((t for t in (getattr(trainer, name, None) for name in TEACHER_ATTRIBUTES)
+                    if isinstance(t, nn.Module)), None)
+    if teacher is None:
         return None
     accelerator = getattr(trainer, "accelerator", None)
     return accelerator.unwrap_model(teacher) if accelerator is not None else getattr(teacher, "module", teacher)

@@ -1,5 +1,6 @@
 """SarkdDiagCallback on a real transformers.Trainer: pure fp16 with the Trainer's default optimizer, a clean
-bf16 run, an exception mid-run, and a resume from the Trainer's own checkpoint into the same run directory."""
+bf16 run, an exception mid-run, a resume from the Trainer's own checkpoint into the same run directory, and a
+hand-written KD Trainer whose teacher overflows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
-from frameworks import Sequences, logged_losses, training_args  # noqa: E402
+from frameworks import Sequences, logged_losses, overflow_fp16, training_args  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
@@ -153,3 +154,34 @@ def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_p
     assert root["cause"] == "optimizer_eps_underflow" and root["model"] == "student"
     assert root["tensor"].startswith("student: ") and "tensors" in root["tensor"] and "group" not in root["tensor"]
     assert "--" not in root["fix"] and "TrainingArguments(fp16=True)" in root["fix"]
+
+
+class KDTrainer(Trainer):
+    """Distillation as people write it on the Trainer: a frozen `self.teacher`, KL on the logits plus the CE."""
+
+    def __init__(self, *args, teacher, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+        kd = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1),
+                                        teacher_logits.float().log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        loss = 0.5 * outputs.loss + 0.5 * kd
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_path):
+    teacher = tiny.make_gpt2(VOCAB, seed=3).half()
+    overflow_fp16(teacher.transformer.h[1])
+    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher,
+                        args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
+    callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    assert callback.teacher is teacher
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
