@@ -213,18 +213,25 @@ class RunRecord:
         precision = self.config.get("precision") or {}
         return self.mode in ("mixed", "pure-fp16") or precision.get("compute_dtype") == "float16"
 
-    def unplaced_fp16_loss(self) -> pd.Series | None:
-        """The first non-finite loss of a float16-compute run when it is the run's first non-finite value and its
-        step took no module statistics (a `standard` step between statistics steps, in a loop that cannot replay
-        it): in float16 the likeliest cause is a forward overflow, though no module can be named. None when
-        something before it (data, an activation, the weights, an update) explains it or the modules were
-        measured on that step."""
+    def first_nonfinite_loss(self) -> pd.Series | None:
+        """The run's first non-finite loss when it is the run's first non-finite value: nothing went wrong on an
+        earlier step, nor on its own step before the loss (a forward output, the data) — only after it (the
+        gradients and weights a non-finite loss makes non-finite, the update)."""
         losses = self.of("nonfinite_loss")
-        if not len(losses) or not self.computes_in_fp16():
+        if not len(losses):
             return None
         row = _first(losses)
         step = int(row["step"])
-        if self.module_outputs_at(step) or _before_the_loss(self, step):
+        limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
+                  "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
+        return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
+
+    def unplaced_fp16_loss(self) -> pd.Series | None:
+        """The first non-finite loss of a float16-compute run, first of the run, on a step that took no module
+        statistics (a `standard` step between statistics steps, in a loop that cannot replay it): in float16 the
+        likeliest cause is a forward overflow, though no module can be named."""
+        row = self.first_nonfinite_loss()
+        if row is None or not self.computes_in_fp16() or self.module_outputs_at(int(row["step"])):
             return None
         return row
 
@@ -503,27 +510,12 @@ def divergence(r: RunRecord) -> list[Cause]:
     return []
 
 
-def _before_the_loss(r: RunRecord, step: int) -> bool:
-    """Whether something went wrong before a loss that is non-finite at `step`: on an earlier step, or on that
-    step before the loss (a forward output, the data) — not after it (the gradients and weights a non-finite
-    loss makes non-finite, an update)."""
-    limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
-              "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
-    return any((r.of(kind)["step"] < limit).any() for kind, limit in limits.items())
-
-
 def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     """The loss is the first thing non-finite, on a step whose module outputs were measured and finite: the
     non-finite value was made between the models' outputs and the loss (the loss's own arithmetic, or an input
     nobody watched), not by the weights, an update or the data — so no learning rate explains it either."""
-    losses = r.of("nonfinite_loss")
-    if not len(losses):
-        return None
-    row = _first(losses)
-    step = int(row["step"])
-    if _before_the_loss(r, step):
-        return None
-    outputs = r.module_outputs_at(step)
+    row = r.first_nonfinite_loss()
+    outputs = r.module_outputs_at(int(row["step"])) if row is not None else {}
     if not outputs or not all(math.isfinite(v) for v in outputs.values()):
         return None
     dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
