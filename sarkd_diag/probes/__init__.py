@@ -23,6 +23,7 @@ host in one transfer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,11 +152,11 @@ class ProbeSet:
             metrics.update(probe.record(host))
         return metrics
 
-    @property
-    def needs_replay(self) -> bool:
-        """A loss turned non-finite on a step without per-module statistics: no module is named yet."""
-        return (self.loss is not None and self.loss.nonfinite_this_step and not self.ctx.stats_step
-                and self._activations is not None)
+    def needs_replay(self, loss: float) -> bool:
+        """The step's loss turned non-finite on a step without per-module statistics: no module is named yet.
+        `loss` is the step's loss over all ranks, so under torchrun every rank decides alike — a replay runs
+        the models' forwards, and a sharded teacher's forward is a collective every rank must take part in."""
+        return not math.isfinite(loss) and not self.ctx.stats_step and self._activations is not None
 
     def replay_forward(self, forward) -> None:
         """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.

@@ -36,7 +36,6 @@ class LossProbe(Probe):
         self._targets: list[torch.Tensor] = []  # device counts, one per micro-batch that had labels
         self._reported: set[str] = set()
         self._micro = 0
-        self.nonfinite_this_step = False
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (loss, targets) of model outputs
         self._labels: torch.Tensor | None = None  # target count of the forward under way
         self._handles: list = []
@@ -78,7 +77,6 @@ class LossProbe(Probe):
 
     def begin_step(self) -> None:
         self._micro = 0
-        self.nonfinite_this_step = False
 
     def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None) -> None:
         """One micro-batch's loss terms (device tensors; None for a term it does not have) and its target
@@ -132,7 +130,6 @@ class LossProbe(Probe):
                 if term == "loss":
                     losses.append(value)
                 if not math.isfinite(value):
-                    self.nonfinite_this_step = True
                     self._nonfinite(term, value, micro, dtype)
         return {"loss": sum(losses) / len(losses)} if losses else {}
 

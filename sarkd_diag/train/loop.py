@@ -733,7 +733,7 @@ class Trainer:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
         row.update(self.probes.record(probe_values))
-        if self.probes.needs_replay and row["weights_finite"]:
+        if row["weights_finite"] and self.probes.needs_replay(row["loss"]):  # the loss of all ranks: all replay
             self._replay_forward(first_batch)
         return row
 

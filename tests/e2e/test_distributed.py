@@ -316,7 +316,7 @@ def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tiny_world, tmp_pa
 
 
 # ------------------------------------------------------------------------------------ the sharded teacher
-INJECT_TEACHER = '''"""torchrun entry for a test: on rank {rank} alone the teacher's {module} is infinite at step 1."""
+INJECT_TEACHER = '''"""torchrun entry: on rank {rank} alone the teacher's {module} is infinite at step {step}."""
 import sys
 
 from sarkd_diag.cli import main
@@ -329,7 +329,7 @@ def init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
     if self.world.rank == {rank}:
         self.teacher.get_submodule("{module}").register_forward_hook(
-            lambda module, inputs, output: output * float("inf") if self.step == 1 else None)
+            lambda module, inputs, output: output * float("inf") if self.step == {step} else None)
 
 
 loop.Trainer.__init__ = init
@@ -341,7 +341,7 @@ def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tin
     world = {k: str(v) for k, v in tiny_world.items()}
     module = "model.layers.1.self_attn.o_proj"
     script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module))
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1))
     out = tmp_path / "run"
     run = torchrun(*base_args(world, out, teacher="teacher", steps=3), "--shard-teacher",
                    "--per-device-batch-size", "2", entry=[str(script)])
@@ -350,6 +350,26 @@ def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tin
     assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 1), top
     teacher_bad = [e for e in ranked_events(out, 0) if e["kind"] == "nonfinite_activation" and e["model"] == "teacher"]
     assert teacher_bad == []  # rank 0's teacher forward stayed finite: the gathered weights are the same
+
+
+@pytest.mark.parametrize("holding", ["whole", "sharded"])
+def test_a_loss_that_turns_nonfinite_on_one_rank_between_statistics_steps_is_replayed_by_every_rank(
+        tiny_world, tmp_path, holding):
+    """Step 3 (no module statistics at `standard`) of rank 1 alone: its teacher overflows, the loss is NaN, the
+    loss scaler skips the step on both ranks. The replay that names the module runs the teacher's forward —
+    sharded, a collective — so every rank replays, and the module is named with rank 1."""
+    world = {k: str(v) for k, v in tiny_world.items()}
+    module = "model.layers.1.self_attn.o_proj"
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=3))
+    out = tmp_path / "run"
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=4, precision="mixed"), *HOLDINGS[holding],
+                   "--per-device-batch-size", "2", "--eval-steps", "10", entry=[str(script)], timeout=240)
+    assert run.returncode == 1, run.stderr[-3000:]  # a critical cause, the run completed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_completed"] == 4
+    top = summary["diagnosis"][0]
+    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 3), top
 
 
 ROUTER_GRADIENTS = '''"""torchrun entry for a test: a sharded teacher's routers after setup and one backward."""
