@@ -101,7 +101,8 @@ class ProbeSet:
         cfg = run.config
         activations = JsonlLog(run.run_dir / "activations.jsonl") if run.compute.world.is_main else None
         ctx = ProbeContext(models, events, run.optimization.optimizer, run.compute.precision.loss_scaler, cfg.probes,
-                           cfg.probe_every, watched=watched, weights_read_by_owner=True, activations_log=activations)
+                           cfg.probe_every, watched=watched, weights_read_by_owner=True, activations_log=activations,
+                           gather=run.compute.world.gather)
         return cls(ctx)
 
     # ----------------------------------------------------------------------------------- the clock

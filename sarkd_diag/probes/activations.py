@@ -8,7 +8,9 @@ the host knows it was bad), so an activation event's counts are null. A non-fini
 recorded as such (the diagnosis calls it teacher_overflow). In fp32 and bf16 runs a finite value beyond
 fp16's range is a headroom warning: it predicts where an fp16 run will overflow. Each module's largest
 output of each statistics step goes to activations.jsonl when the owner keeps one: the fp16 headroom map
-(module × step) is drawn from it. Only training forwards
+(module × step) is drawn from it. Under torchrun each rank names its own non-finite modules (its events),
+and the map and the `act_amax_<model>` columns are the largest over every rank's batch: one gather of the
+per-module maxima per statistics step (`ProbeContext.gather`). Only training forwards
 count (`forwards.py` decides which): not evaluation, not generation.
 """
 
@@ -81,16 +83,29 @@ class ActivationProbe(Probe):
     def record(self, host: dict, note: str = "") -> dict:
         extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
-        if extremes is None:
-            return {}
+        largest = self._record_events(seen, extremes, note) if extremes is not None else {}
+        if note or not self.ctx.stats_step:
+            return {}  # a replay tells where, nothing more; a step without statistics has none to tell
+        largest = _largest_over_ranks(self.ctx.gather(largest))  # one collective per statistics step
+        if self.ctx.activations_log is not None:
+            self.ctx.activations_log.write_lines([
+                json.dumps({"step": self.ctx.step, "model": model, "module": module, "dtype": dtype, "amax": amax})
+                for (model, module), (dtype, amax) in largest.items()])
         metrics: dict = {}
+        for (model, _), (_, amax) in largest.items():
+            if math.isfinite(amax):
+                metrics[f"act_amax_{model}"] = max(metrics.get(f"act_amax_{model}", 0.0), amax)
+        return metrics
+
+    def _record_events(self, seen: list, extremes: list[float], note: str) -> dict:
+        """This rank's events (the first non-finite module in forward order per model, fp16 headroom) and each
+        module's largest output over the step's micro-batches: {(model, module): (dtype, amax)}."""
         models_gone_bad: set[str] = set()
-        largest: dict[tuple[str, str], tuple[str, float]] = {}  # (model, module): (dtype, amax) over micro-batches
+        largest: dict[tuple[str, str], tuple[str, float]] = {}
         for (model, module, dtype, numel), low, high in zip(seen, extremes[:len(seen)], extremes[len(seen):],
                                                              strict=True):
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
-            previous = largest.get((model, module), (dtype, -math.inf))[1]
-            largest[(model, module)] = (dtype, amax if math.isnan(amax) or amax > previous else previous)
+            largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
             if not math.isfinite(amax):
                 if model not in models_gone_bad:
                     models_gone_bad.add(model)
@@ -103,18 +118,13 @@ class ActivationProbe(Probe):
                         model=model, module=module, dtype=dtype, value=amax, numel=numel,
                         nan_count=None, posinf_count=None, neginf_count=None)  # not counted: see the docstring
                 continue
-            metrics[f"act_amax_{model}"] = max(metrics.get(f"act_amax_{model}", 0.0), amax)
             if amax > FP16_MAX and dtype != "float16":
                 self._report_once(
                     (model, module, "risk"), "fp16_overflow_risk", "warning",
                     f"{model} {module} output reaches {amax:.4g} in {dtype}, beyond fp16's {FP16_MAX:.0f}: "
                     "this module overflows in fp16 compute",
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
-        if self.ctx.activations_log is not None and not note:
-            self.ctx.activations_log.write_lines([
-                json.dumps({"step": self.ctx.step, "model": model, "module": module, "dtype": dtype, "amax": amax})
-                for (model, module), (dtype, amax) in largest.items()])
-        return metrics
+        return largest
 
     def _report_once(self, key: tuple, kind: str, severity: str, message: str, **fields) -> None:
         if key not in self._reported:
@@ -129,3 +139,19 @@ class ActivationProbe(Probe):
 
     def close(self) -> None:
         self._detach()
+
+
+def _larger(a: float, b: float) -> float:
+    """The larger of two absolute maxima, NaN if either is (a NaN anywhere is what the map must show)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _largest_over_ranks(per_rank: list[dict]) -> dict:
+    """Every rank's {(model, module): (dtype, amax)} into one: each module's largest output over all ranks'
+    batches, in the first rank's forward order (a module only some ranks ran, an expert no token of theirs
+    chose, comes after)."""
+    merged: dict = {}
+    for largest in per_rank:
+        for key, (dtype, amax) in largest.items():
+            merged[key] = (dtype, _larger(merged[key][1], amax) if key in merged else amax)
+    return merged

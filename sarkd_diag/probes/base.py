@@ -14,6 +14,7 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,7 @@ class ProbeContext:
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
+    gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)

@@ -710,13 +710,15 @@ class Trainer:
         cfg, device = self.config, self.run.compute.device
         weights_amax = abs_max(self.run.optimization.trainable)  # the guard's per-tensor reading
         weights_finite = weights_amax.isfinite().all()
-        # global figures and one decision for all ranks: a single all-reduce (none in one process)
-        kd, ce, router, weights_bad = self.world.all_sum(
-            sums.kd / sums.denominator, sums.ce / sums.denominator, sums.router / sums.ranks, (~weights_finite).float())
+        # global figures and one decision for all ranks: a single all-reduce (none in one process); the router's
+        # readings, each rank's mean over its tokens, averaged over ranks
+        kd, ce, router, weights_bad, *readings = self.world.all_sum(
+            sums.kd / sums.denominator, sums.ce / sums.denominator, sums.router / sums.ranks, (~weights_finite).float(),
+            *(reading / sums.ranks for reading in sums.readings.values()))
         device_values = {
             "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router, "kd_loss": kd, "ce_loss": ce,
             "router_loss": router, "grad_norm": grad_norm, "skipped": skipped,
-            "weights_finite": weights_bad == 0, **sums.readings,
+            "weights_finite": weights_bad == 0, **dict(zip(sums.readings, readings, strict=True)),
         }
         scale = self.run.compute.precision.loss_scale()
         if scale is not None:

@@ -149,7 +149,9 @@ def assert_same_run(reference: Path, run: Path) -> None:
     """The same losses step by step, the same saved student and router update, within 1e-5 (fp32)."""
     single, ranks = train_rows(reference), train_rows(run)
     assert list(ranks.index) == list(single.index)
-    for column in ("loss", "kd_loss", "ce_loss", "grad_norm"):
+    entropies = [c for c in single.columns if c.startswith("expert_entropy_layer")]  # the router's readings
+    assert entropies == [c for c in ranks.columns if c.startswith("expert_entropy_layer")]
+    for column in ("loss", "kd_loss", "ce_loss", "grad_norm", *entropies):
         assert (ranks[column] - single[column]).abs().max() < 1e-5, column
     assert (ranks["tokens"] == single["tokens"]).all()  # all ranks' tokens
     a, b = (load_file(str(r / "student" / "model.safetensors")) for r in (reference, run))
@@ -316,7 +318,7 @@ def test_an_error_on_one_rank_ends_the_run_instead_of_hanging(tiny_world, tmp_pa
 
 
 # ------------------------------------------------------------------------------------ the sharded teacher
-INJECT_TEACHER = '''"""torchrun entry: on rank {rank} alone the teacher's {module} is infinite at step {step}."""
+INJECT_TEACHER = '''"""torchrun entry: on rank {rank} alone the teacher's {module} is ×{factor} at step {step}."""
 import sys
 
 from sarkd_diag.cli import main
@@ -329,7 +331,7 @@ def init(self, *args, **kwargs):
     original_init(self, *args, **kwargs)
     if self.world.rank == {rank}:
         self.teacher.get_submodule("{module}").register_forward_hook(
-            lambda module, inputs, output: output * float("inf") if self.step == {step} else None)
+            lambda module, inputs, output: output * {factor} if self.step == {step} else None)
 
 
 loop.Trainer.__init__ = init
@@ -341,7 +343,7 @@ def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tin
     world = {k: str(v) for k, v in tiny_world.items()}
     module = "model.layers.1.self_attn.o_proj"
     script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1))
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1, factor='float("inf")'))
     out = tmp_path / "run"
     run = torchrun(*base_args(world, out, teacher="teacher", steps=3), "--shard-teacher",
                    "--per-device-batch-size", "2", entry=[str(script)])
@@ -361,7 +363,7 @@ def test_a_loss_that_turns_nonfinite_on_one_rank_between_statistics_steps_is_rep
     world = {k: str(v) for k, v in tiny_world.items()}
     module = "model.layers.1.self_attn.o_proj"
     script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=3))
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=3, factor='float("inf")'))
     out = tmp_path / "run"
     run = torchrun(*base_args(world, out, teacher="teacher", steps=4, precision="mixed"), *HOLDINGS[holding],
                    "--per-device-batch-size", "2", "--eval-steps", "10", entry=[str(script)], timeout=240)
@@ -370,6 +372,27 @@ def test_a_loss_that_turns_nonfinite_on_one_rank_between_statistics_steps_is_rep
     assert summary["status"] == "completed" and summary["steps_completed"] == 4
     top = summary["diagnosis"][0]
     assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 3), top
+
+
+def test_the_headroom_map_under_torchrun_is_the_largest_output_over_every_ranks_batch(tiny_world, tmp_path):
+    """Rank 1's batch alone drives a sharded teacher's module beyond fp16 (×1e9, finite in fp32): rank 1 warns
+    of it, and rank 0's activations.jsonl and act_amax_teacher — gathered once per statistics step — show it."""
+    world = {k: str(v) for k, v in tiny_world.items()}
+    module = "model.layers.1.self_attn.o_proj"
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1, factor="1e9"))
+    out = tmp_path / "run"
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=2), "--shard-teacher",
+                   "--per-device-batch-size", "2", entry=[str(script)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    risks = {rank: [e["module"] for e in ranked_events(out, rank) if e["kind"] == "fp16_overflow_risk"]
+             for rank in (0, 1)}
+    assert risks[0] == [] and risks[1][0] == module  # rank 0's own batch stayed within fp16 everywhere
+    rows = [json.loads(line) for line in (out / "activations.jsonl").read_text().splitlines()]
+    (mapped,) = [r["amax"] for r in rows if (r["step"], r["model"], r["module"]) == (1, "teacher", module)]
+    upstream = [r["amax"] for r in rows if r["step"] == 1 and r["module"].startswith("model.layers.0.")]
+    assert mapped > 65504 > max(upstream)
+    assert train_rows(out).loc[1, "act_amax_teacher"] == pytest.approx(mapped)
 
 
 ROUTER_GRADIENTS = '''"""torchrun entry for a test: a sharded teacher's routers after setup and one backward."""
