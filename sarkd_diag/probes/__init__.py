@@ -131,6 +131,11 @@ class ProbeSet:
             probe.before_optimizer_step()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self.optimizer_stepped()
+
+    def optimizer_stepped(self) -> None:
+        """The moment after an optimizer step: from the optimizer's hook, or — in a loop that gave the probes no
+        optimizer to hook — from `Probes.step()`, which comes after the loop's optimizer step."""
         for probe in self.probes:
             probe.after_optimizer_step()
 
@@ -239,6 +244,7 @@ class Probes:
         self._autocast_written = self.ctx.autocast
         self._write_config()
         self._check_scaler_dtypes(first_step)
+        self._check_optimizer_given(first_step)
         self.set.begin_step(first_step)
 
     @classmethod
@@ -290,6 +296,8 @@ class Probes:
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
+        if self.ctx.optimizer is None:
+            self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
         (host,) = to_host(self.set.take_readings())
         metrics = self.set.record(host)
         step = self.ctx.step
@@ -309,6 +317,16 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _check_optimizer_given(self, step: int) -> None:
+        """Without the optimizer the weights are still read at each `step()`, but what only its hooks and
+        settings show is not: the eps and update-size preflight, update ratios, lost updates, optimizer state."""
+        if self.ctx.optimizer is None and self.ctx.watched:
+            self.events.record("setup_note", "info",
+                               "no optimizer given to Probes: the weights are read at each step(), but the "
+                               "optimizer's checks (eps and update size before the first step, update ratios, "
+                               "lost updates, its state's underflow) need it — pass optimizer=",
+                               step=step, probe="optimizer")
 
     def _check_scaler_dtypes(self, step: int) -> None:
         """A loss scaler over float16 weights: GradScaler refuses to unscale float16 gradients, so the first

@@ -376,3 +376,20 @@ def test_fp16_autocast_without_a_loss_scaler_is_a_setup_warning(scaled):
     notes = [e for e in _events(probes, "setup_note") if "no loss scaler" in e.message]
     assert [(e.severity, e.step) for e in notes] == ([] if scaled else [("warning", 1)])
 
+
+
+def test_without_an_optimizer_the_weights_are_still_read_at_each_step_and_the_user_is_told_what_is_missing():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model) as probes:  # the optimizer not handed over
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.second.weight[0, 0] = math.nan  # what a bad update leaves
+        row = probes.step(loss=loss)
+    assert row["nonfinite_param_tensors"] == 1
+    (event,) = _events(probes, "nonfinite_param")
+    assert (event.tensor, event.step) == ("second.weight", 1)
+    (note,) = [e for e in _events(probes, "setup_note") if "no optimizer" in e.message]
+    assert note.severity == "info" and "optimizer=" in note.message
