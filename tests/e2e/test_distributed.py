@@ -339,17 +339,29 @@ main(sys.argv[1:])
 '''
 
 
-def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tiny_world, tmp_path):
+TEACHER_MODULE = "model.layers.1.self_attn.o_proj"  # what INJECT_TEACHER scales on rank 1
+
+
+def run_with_rank_1s_teacher_scaled(tiny_world, tmp_path, *args: str, step: int, factor: str, train_steps: int,
+                                    precision: str = "fp32", timeout: int = 120):
+    """Two ranks of `train` (the run directory and the torchrun process) where rank 1 alone multiplies its
+    teacher's TEACHER_MODULE output by `factor` at `step`."""
     world = {k: str(v) for k, v in tiny_world.items()}
-    module = "model.layers.1.self_attn.o_proj"
     script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1, factor='float("inf")'))
+    script.write_text(INJECT_TEACHER.format(rank=1, module=TEACHER_MODULE, step=step, factor=factor))
     out = tmp_path / "run"
-    run = torchrun(*base_args(world, out, teacher="teacher", steps=3), "--shard-teacher",
-                   "--per-device-batch-size", "2", entry=[str(script)])
+    run = torchrun(*base_args(world, out, teacher="teacher", steps=train_steps, precision=precision), *args,
+                   "--per-device-batch-size", "2", entry=[str(script)], timeout=timeout)
+    return out, run
+
+
+def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tiny_world, tmp_path):
+    out, run = run_with_rank_1s_teacher_scaled(tiny_world, tmp_path, "--shard-teacher", step=1,
+                                               factor='float("inf")', train_steps=3)
     assert run.returncode == 1, run.stderr[-3000:]  # a critical cause; --on-nonfinite stop
     top = json.loads((out / "summary.json").read_text())["diagnosis"][0]
-    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 1), top
+    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, TEACHER_MODULE,
+                                                                             1), top
     teacher_bad = [e for e in ranked_events(out, 0) if e["kind"] == "nonfinite_activation" and e["model"] == "teacher"]
     assert teacher_bad == []  # rank 0's teacher forward stayed finite: the gathered weights are the same
 
@@ -360,36 +372,28 @@ def test_a_loss_that_turns_nonfinite_on_one_rank_between_statistics_steps_is_rep
     """Step 3 (no module statistics at `standard`) of rank 1 alone: its teacher overflows, the loss is NaN, the
     loss scaler skips the step on both ranks. The replay that names the module runs the teacher's forward —
     sharded, a collective — so every rank replays, and the module is named with rank 1."""
-    world = {k: str(v) for k, v in tiny_world.items()}
-    module = "model.layers.1.self_attn.o_proj"
-    script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=3, factor='float("inf")'))
-    out = tmp_path / "run"
-    run = torchrun(*base_args(world, out, teacher="teacher", steps=4, precision="mixed"), *HOLDINGS[holding],
-                   "--per-device-batch-size", "2", "--eval-steps", "10", entry=[str(script)], timeout=240)
+    out, run = run_with_rank_1s_teacher_scaled(tiny_world, tmp_path, *HOLDINGS[holding], "--eval-steps", "10",
+                                               step=3, factor='float("inf")', train_steps=4, precision="mixed",
+                                               timeout=240)
     assert run.returncode == 1, run.stderr[-3000:]  # a critical cause, the run completed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps_completed"] == 4
     top = summary["diagnosis"][0]
-    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, module, 3), top
+    assert (top["cause"], top["rank"], top["module"], top["first_step"]) == ("teacher_overflow", 1, TEACHER_MODULE,
+                                                                             3), top
 
 
 def test_the_headroom_map_under_torchrun_is_the_largest_output_over_every_ranks_batch(tiny_world, tmp_path):
     """Rank 1's batch alone drives a sharded teacher's module beyond fp16 (×1e9, finite in fp32): rank 1 warns
     of it, and rank 0's activations.jsonl and act_amax_teacher — gathered once per statistics step — show it."""
-    world = {k: str(v) for k, v in tiny_world.items()}
-    module = "model.layers.1.self_attn.o_proj"
-    script = tmp_path / "inject.py"
-    script.write_text(INJECT_TEACHER.format(rank=1, module=module, step=1, factor="1e9"))
-    out = tmp_path / "run"
-    run = torchrun(*base_args(world, out, teacher="teacher", steps=2), "--shard-teacher",
-                   "--per-device-batch-size", "2", entry=[str(script)])
+    out, run = run_with_rank_1s_teacher_scaled(tiny_world, tmp_path, "--shard-teacher", step=1, factor="1e9",
+                                               train_steps=2)
     assert run.returncode == 0, run.stderr[-3000:]
     risks = {rank: [e["module"] for e in ranked_events(out, rank) if e["kind"] == "fp16_overflow_risk"]
              for rank in (0, 1)}
-    assert risks[0] == [] and risks[1][0] == module  # rank 0's own batch stayed within fp16 everywhere
+    assert risks[0] == [] and risks[1][0] == TEACHER_MODULE  # rank 0's own batch stayed within fp16 everywhere
     rows = [json.loads(line) for line in (out / "activations.jsonl").read_text().splitlines()]
-    (mapped,) = [r["amax"] for r in rows if (r["step"], r["model"], r["module"]) == (1, "teacher", module)]
+    (mapped,) = [r["amax"] for r in rows if (r["step"], r["model"], r["module"]) == (1, "teacher", TEACHER_MODULE)]
     upstream = [r["amax"] for r in rows if r["step"] == 1 and r["module"].startswith("model.layers.0.")]
     assert mapped > 65504 > max(upstream)
     assert train_rows(out).loc[1, "act_amax_teacher"] == pytest.approx(mapped)
