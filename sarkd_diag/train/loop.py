@@ -464,6 +464,7 @@ class StepSums:
 
     targets: int
     ranks: int
+    objective: torch.Tensor  # alpha_kd · kd + alpha_ce · ce, as the objective weighs them
     kd: torch.Tensor
     ce: torch.Tensor
     router: torch.Tensor
@@ -472,7 +473,7 @@ class StepSums:
     @classmethod
     def of(cls, micro: list[dict], ranks: int, device: torch.device) -> StepSums:
         zero = torch.zeros((), device=device)
-        return cls(sum(b["global_targets"] for b in micro), ranks, zero, zero, zero, {})
+        return cls(sum(b["global_targets"] for b in micro), ranks, zero, zero, zero, zero, {})
 
     @property
     def denominator(self) -> int:
@@ -482,6 +483,7 @@ class StepSums:
         if parts.router_loss is not None:
             self.router = self.router + parts.router_loss.detach() / micro_batches
         self.readings = parts.readings
+        self.objective = self.objective + parts.objective.detach()
         self.kd, self.ce = self.kd + parts.kd_sum.detach(), self.ce + parts.ce_sum.detach()
 
 
@@ -712,11 +714,11 @@ class Trainer:
         weights_finite = weights_amax.isfinite().all()
         # global figures and one decision for all ranks: a single all-reduce (none in one process); the router's
         # readings, each rank's mean over its tokens, averaged over ranks
-        kd, ce, router, weights_bad, *readings = self.world.all_sum(
-            sums.kd / sums.denominator, sums.ce / sums.denominator, sums.router / sums.ranks, (~weights_finite).float(),
-            *(reading / sums.ranks for reading in sums.readings.values()))
+        objective, kd, ce, router, weights_bad, *readings = self.world.all_sum(
+            sums.objective / sums.denominator, sums.kd / sums.denominator, sums.ce / sums.denominator,
+            sums.router / sums.ranks, (~weights_finite).float(), *(r / sums.ranks for r in sums.readings.values()))
         device_values = {
-            "loss": cfg.alpha_kd * kd + cfg.alpha_ce * ce + router, "kd_loss": kd, "ce_loss": ce,
+            "loss": objective + router, "kd_loss": kd, "ce_loss": ce,
             "router_loss": router, "grad_norm": grad_norm, "skipped": skipped,
             "weights_finite": weights_bad == 0, **dict(zip(sums.readings, readings, strict=True)),
         }
