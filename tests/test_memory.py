@@ -126,3 +126,23 @@ def test_a_sharded_teacher_holds_its_shard_and_gathers_a_layer_at_a_time(shapes,
     assert code == 0 and "per GPU of 2" in out and "--shard-teacher over 2 ranks" in " ".join(out.split())
     code, _, err = cli(*args, "--shard-teacher")
     assert code == 2 and err.count("\n") == 1 and "--nproc" in err
+
+
+def test_the_out_of_memory_message_of_a_sharded_run_counts_the_teacher_sharded_and_never_advises_offloading():
+    """--shard-teacher refuses --offload-teacher-to-cpu, so its out-of-memory advice must not offer it; its
+    breakdown is estimate-memory's for the teacher split over the ranks."""
+    import tiny
+    import torch
+
+    from sarkd_diag.contract.config import DistillConfig
+    from sarkd_diag.train.out_of_memory import out_of_memory_message
+
+    teacher, student = tiny.make_mixtral(96), tiny.make_gpt2(96)
+    configs = {1: DistillConfig(), 2: DistillConfig(shard_teacher=True)}
+    messages = {shards: out_of_memory_message(cfg, "fp32", teacher, student, torch.device("cpu"), error="x",
+                                              phase="forward", step=3, saved=None, teacher_shards=shards)
+                for shards, cfg in configs.items()}
+    assert "--offload-teacher-to-cpu" in messages[1] and "--offload-teacher-to-cpu" not in messages[2]
+    sharded = estimate_mode("fp32", model_shape(teacher), model_shape(student), configs[2].per_device_batch_size,
+                            configs[2].block_size, teacher_shards=2)
+    assert format_breakdown(sharded) in messages[2]

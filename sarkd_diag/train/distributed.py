@@ -167,6 +167,7 @@ class WholeTeacher:
     """Every rank holds the whole frozen teacher (one process, or DDP's ranks): it stays as loaded."""
 
     name = "whole"
+    size = 1  # the teacher is in one piece (what memory estimates divide it by)
 
     def hold(self, teacher: nn.Module) -> None:
         """Nothing to do."""

@@ -649,7 +649,8 @@ class Trainer:
             and not run.state.sharded  # this rank failed alone: sharded routers cannot be gathered without the rest
         message = out_of_memory_message(self.config, run.compute.mode, run.models.teacher, run.models.student,
                                         run.compute.device, error=error, phase=phase, step=step,
-                                        saved=keep if savable else None)
+                                        saved=keep if savable else None,
+                                        teacher_shards=run.compute.teacher_holding.size)
         self.logs.events.record("out_of_memory", "critical", message, step=step, phase=phase, probe="loop")
         if savable:
             self._save_checkpoint(rewind=rewind)
