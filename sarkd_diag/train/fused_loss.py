@@ -248,18 +248,46 @@ def _rescaled(grad: torch.Tensor, rescale: torch.Tensor, dtype: torch.dtype) -> 
 NO_LOGITS_KEPT = "logits_to_keep"
 
 
-def fused_forward_options(device: torch.device) -> dict:
-    """What a causal LM's forward is called with on the fused path: its last hidden state, no logits at all
-    (transformers' `logits_to_keep` as an empty index tensor: the head runs on zero positions)."""
-    return {"output_hidden_states": True, NO_LOGITS_KEPT: torch.empty(0, dtype=torch.long, device=device)}
+def last_hidden_state(model: nn.Module, **inputs) -> torch.Tensor:
+    """A causal LM's forward (its hooks and routers as ever) for its last hidden state alone, with no logits where
+    the forward takes `logits_to_keep` (an empty index: the head runs on zero positions).
+
+    Under autograd the state is asked for among the outputs (`output_hidden_states`): the graph holds every layer's
+    output anyway (the next layer's norm saves it), and wrappers that hook the tensors a forward returns — FSDP2
+    gathers its parameters for backward there — must see the one backward runs through. Without autograd that
+    request would keep every layer's states until the loss is done, where a frozen teacher frees each as the next
+    layer runs (DialoGPT-large's 37 × [batch, block, 1280]): the state is caught as it leaves the decoder instead.
+    """
+    if torch.is_grad_enabled():
+        return model(**inputs, **_no_logits(model, inputs), output_hidden_states=True).hidden_states[-1]
+    return _forward_to_last_hidden(model, inputs)[1]
+
+
+def _no_logits(model: nn.Module, inputs: dict) -> dict:
+    forward = getattr(model, "module", model).forward  # DDP's wrapper takes anything
+    if NO_LOGITS_KEPT not in inspect.signature(forward).parameters:
+        return {}
+    return {NO_LOGITS_KEPT: torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)}
+
+
+def _forward_to_last_hidden(model: nn.Module, inputs: dict):
+    """(the model's output, its decoder's output: the last hidden state)."""
+    caught = []
+    handle = getattr(model, "module", model).base_model.register_forward_hook(
+        lambda _module, _args, out: caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        output = model(**inputs, **_no_logits(model, inputs))
+    finally:
+        handle.remove()
+    return output, caught[-1]
 
 
 def unfusable_reason(model: nn.Module) -> str | None:
     """Why a causal LM's logits cannot be computed chunk by chunk from its last hidden state, or None if they can.
 
     Checked, not assumed: the head is a linear layer, the forward takes `logits_to_keep`, and on a few tokens
-    (evaluation mode, no gradient) the forward with the fused options computes no logits while the head applied
-    to its last hidden state gives exactly the logits of a plain forward — which fails for a soft cap or a scale
+    (evaluation mode, no gradient) `last_hidden_state`'s forward computes no logits while the head applied to the
+    state it returns gives exactly the logits of a plain forward — which fails for a soft cap or a scale
     on the logits, or any projection between the last hidden state and the head.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -267,6 +295,8 @@ def unfusable_reason(model: nn.Module) -> str | None:
         return f"its output head is {type(head).__name__}, not a linear layer"
     if NO_LOGITS_KEPT not in inspect.signature(model.forward).parameters:
         return f"its forward ({type(model).__name__}) takes no {NO_LOGITS_KEPT}"
+    if model.base_model is model:
+        return f"it has no decoder apart from its head ({type(model).__name__}.base_model is itself)"
     device = head.weight.device
     ids = torch.arange(4, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
     was_training = model.training
@@ -274,8 +304,9 @@ def unfusable_reason(model: nn.Module) -> str | None:
     try:
         with torch.no_grad():
             plain = model(input_ids=ids).logits
-            fused = model(input_ids=ids, **fused_forward_options(device))
-            same = fused.logits.numel() == 0 and torch.equal(head(fused.hidden_states[-1]), plain)
+            fused, hidden = _forward_to_last_hidden(model, {"input_ids": ids, "output_hidden_states": True})
+            same = (fused.logits.numel() == 0 and torch.equal(head(hidden), plain)
+                    and torch.equal(fused.hidden_states[-1], hidden))  # both ways of reading it (with autograd or not)
     finally:
         model.train(was_training)
     if not same:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .align import align_teacher_to_student
-from .fused_loss import fused_ce_sum, fused_forward_options, fused_kd_ce
+from .fused_loss import fused_ce_sum, fused_kd_ce, last_hidden_state
 from .losses import ce_loss_sum, kd_loss_sum
 
 
@@ -78,9 +78,8 @@ class LogitKD:
         takes them. `student` is the bare model: rank 0 evaluates alone, outside DDP's wrapper."""
         if not self.fused:
             return _plain_ce_sum(student, batch)
-        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      **fused_forward_options(batch["labels"].device))
-        return fused_ce_sum(out.hidden_states[-1], student.get_output_embeddings(), batch["labels"])
+        hidden = last_hidden_state(student, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return fused_ce_sum(hidden, student.get_output_embeddings(), batch["labels"])
 
     def close(self) -> None:
         """Done: the router hooks come off the teacher, and the student it was given goes (DDP's wrapper must
@@ -96,21 +95,19 @@ class LogitKD:
         device = _teacher_device(self.teacher)
         options = dict(kind=self.kind, temperature=self.temperature, jsd_beta=self.jsd_beta)
         grad = self.router_terms is not None and torch.is_grad_enabled()
+        # the fused loss takes the models' last hidden states (no logits are computed), the unfused one their logits
+        read = last_hidden_state if self.fused else _logits
         with contextlib.nullcontext() if grad else torch.no_grad():
-            teacher_out = self.teacher(input_ids=batch["input_ids"].to(device),
-                                       attention_mask=batch["attention_mask"].to(device),
-                                       **(fused_forward_options(device) if self.fused else {}))
-        student_out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   **(fused_forward_options(labels.device) if self.fused else {}))
+            teacher_out = read(self.teacher, input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device))
+        student_out = read(self.student, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         if self.fused:
-            sums = fused_kd_ce(student_out.hidden_states[-1], _head(self.student),
-                               teacher_out.hidden_states[-1], _head(self.teacher), labels,
+            sums = fused_kd_ce(student_out, _head(self.student), teacher_out, _head(self.teacher), labels,
                                alpha_kd=self.alpha_kd, alpha_ce=self.alpha_ce, grad_factor=grad_factor, **options)
             parts = LossParts(*sums, targets=int(batch["n_targets"]))
         else:
-            student_logits = student_out.logits
-            kd_sum = kd_loss_sum(student_logits, teacher_out.logits.to(labels.device), labels != -100, **options)
-            ce_sum = ce_loss_sum(student_logits, labels)
+            kd_sum = kd_loss_sum(student_out, teacher_out.to(labels.device), labels != -100, **options)
+            ce_sum = ce_loss_sum(student_out, labels)
             parts = LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
         if self.router_terms is not None:
             router = self.router_terms.loss(batch["attention_mask"].to(device))
@@ -119,9 +116,13 @@ class LogitKD:
         return parts
 
 
+def _logits(model: nn.Module, **inputs) -> torch.Tensor:
+    return model(**inputs).logits
+
+
 def _plain_ce_sum(student: nn.Module, batch: dict) -> torch.Tensor:
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return ce_loss_sum(logits, batch["labels"])
+    return ce_loss_sum(_logits(student, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                       batch["labels"])
 
 
 def _head(model: nn.Module) -> nn.Module:
@@ -165,10 +166,9 @@ class HiddenStateKD:
         labels = batch["labels"]
         device = _teacher_device(self.teacher)
         t_in = self.teacher_inputs(batch["texts"])
-        with torch.no_grad():
-            teacher_hidden = self.teacher(input_ids=t_in["input_ids"].to(device),
-                                          attention_mask=t_in["attention_mask"].to(device),
-                                          output_hidden_states=True).hidden_states[-1].to(labels.device)
+        with torch.no_grad():  # its logits are not used: the teacher's head runs on no position where it can
+            teacher_hidden = last_hidden_state(self.teacher, input_ids=t_in["input_ids"].to(device),
+                                               attention_mask=t_in["attention_mask"].to(device)).to(labels.device)
         out = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            output_hidden_states=True)
         target, valid = align_teacher_to_student(teacher_hidden, t_in["offset_mapping"], t_in["attention_mask"],

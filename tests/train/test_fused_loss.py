@@ -1,6 +1,7 @@
 """The fused loss pinned to float64 references, to the unfused path, and to its promise: no full logits."""
 
 import math
+import weakref
 
 import pytest
 import tiny
@@ -248,6 +249,42 @@ def test_the_objective_fused_equals_unfused_and_never_holds_full_logits(tiny_wor
         assert abs(getattr(fused, name).item() - want) <= 1e-5 * abs(want)
     for got, want in zip(fused_grads, plain_grads, strict=True):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class LiveHiddenStates(TorchDispatchMode):
+    """Weak references to every tensor of one shape that an op produces: how many of them are still alive, counted
+    by storage (a view of a live state is the same state)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape, self.refs = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and tuple(t.shape) == self.shape:
+                self.refs.append(weakref.ref(t))
+        return out
+
+    def alive(self) -> int:
+        return len({t.untyped_storage().data_ptr() for t in (r() for r in self.refs) if t is not None})
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_frozen_teacher_keeps_no_layer_states_but_the_last(tiny_world, fused):
+    """Under no_grad the teacher frees each layer's states as the next runs; the fused loss asks it for its last
+    hidden state only (asking for `output_hidden_states` would keep every layer's until the loss is done)."""
+    objective, student, teacher = objective_pair(tiny_world, fused, routers=False)
+    batch = a_batch(student.config.vocab_size)
+    alive_after_teacher = []
+    shape = (*batch["input_ids"].shape, teacher.config.hidden_size)
+    with LiveHiddenStates(shape) as states:
+        handle = teacher.register_forward_hook(lambda *_: alive_after_teacher.append(states.alive()))
+        objective(batch)
+        handle.remove()
+    objective.close()
+    assert teacher.config.num_hidden_layers >= 2
+    assert alive_after_teacher == [1 if fused else 0]  # the last state for the fused loss; the unfused keeps logits
 
 
 # ------------------------------------------------------------------------------------ which models fuse
