@@ -66,6 +66,21 @@ def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
     assert "83 rows at a time" in " ".join(estimate_mode("fp32", teacher, student, 4, 512).notes)
 
 
+def test_a_dual_tokenizer_teacher_costs_its_last_hidden_states_not_its_logits(shapes):
+    """Across vocabularies the teacher's logits are never computed (its head runs on no position): the loss reads
+    its last hidden states, and the student's CE takes every token's logits, fused or not."""
+    from dataclasses import replace
+
+    student = replace(shapes["student"][0], vocab=50257)
+    teacher = replace(shapes["teacher"][0], vocab=151936, hidden=1024, router_params=0)  # SAR needs one vocabulary
+    tokens = 4 * 512
+    student_only = replace(teacher, vocab=student.vocab)  # same vocabulary: the teacher's logits are counted
+    dual = estimate_mode("fp32", teacher, student, 4, 512, fused_loss=False).activations
+    same = estimate_mode("fp32", student_only, student, 4, 512, fused_loss=False).activations
+    assert dual - same == tokens * teacher.hidden * 4 - tokens * student.vocab * 4
+    assert estimate_mode("fp32", teacher, student, 4, 512).activations == dual  # --fused-loss does not apply
+
+
 def test_offloading_moves_the_frozen_teacher_to_the_host(shapes):
     teacher, student = shapes["teacher"][0], shapes["student"][0]
     on, off = (estimate_mode("fp32", teacher, student, 4, 32, offload_teacher=o) for o in (False, True))

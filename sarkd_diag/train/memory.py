@@ -12,10 +12,13 @@ estimate for one micro-batch (batch × block), with attention through SDPA (no s
         states' gradient
     logits, unfused, per token:  vocab × (compute bytes + 4 + 4) for the student — the logits, their fp32
         log-softmax and its gradient — and vocab × compute bytes for the teacher
+    dual-tokenizer mode, per token: the student's unfused logits, and the teacher's last hidden state (hidden ×
+        compute bytes) instead of its logits, which are not computed
 
 The student's activations are kept for backward (only layer inputs plus one layer with gradient
 checkpointing); the teacher's are kept too when its routers train (SAR-KD backpropagates through the
-teacher to them), else only its logits. The CUDA context (~0.3–0.5 GB) and allocator slack come on top.
+teacher to them), else only what the loss reads of it (above). The CUDA context (~0.3–0.5 GB) and allocator
+slack come on top.
 """
 
 from __future__ import annotations
@@ -142,8 +145,10 @@ def sharded_teacher_params(teacher: ModelShape, shards: int) -> tuple[int, int]:
 
 
 def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute: int, teacher_compute: int,
-                  fused: bool) -> int:
+                  fused: bool, dual: bool) -> int:
     """What the logits and the loss over them hold at their peak (the module docstring has the formulas)."""
+    if dual:
+        return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.hidden * teacher_compute
     if fused:
         rows = min(tokens, chunk_rows(student.vocab))
         return rows * student.vocab * (compute + teacher_compute + 5 * 4) + tokens * student.hidden * compute
@@ -181,7 +186,7 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         optimizer_state=2 * trainable * keep,  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
         activations=_activation_elements(student, tokens, gradient_checkpointing) * compute
         + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
-        + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss and not dual),
+        + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss, dual),
     )
     if fused_loss and not dual:
         estimate.notes.append(f"--fused-loss: the logits exist {min(tokens, chunk_rows(student.vocab))} rows at a "
