@@ -79,7 +79,7 @@ class UpdateProbe(Probe):
         after = self._weights.cat([w.param for w in self._moving])
         lengths, _, matrix_elements, per_sample = self._layout_of_moving()
         before, moved = self._before[:matrix_elements].float(), after[:matrix_elements].float()
-        self._ratio = ((moved - before).square().sum() / before.square().sum()).sqrt()
+        self._ratio = torch.linalg.vector_norm(moved - before) / torch.linalg.vector_norm(before)
         if self.ctx.stats_step:
             self._lost = self._count_lost(after, lengths, per_sample)
         self._last, self._before = (self._before, after), None

@@ -29,3 +29,9 @@ def test_sampled_is_the_samples_side_by_side():
     a, b = torch.arange(10_000.0), torch.arange(5.0)
     assert torch.equal(sampled([a, b]), torch.cat([sample(a), b]))
     assert sample(a).numel() <= 2 * 4096
+
+
+def test_a_reading_is_not_overwritten_by_the_next_one_of_the_same_shape():
+    first = abs_max([torch.tensor([1.0]), torch.tensor([-2.0])])
+    second = abs_max([torch.tensor([5.0]), torch.tensor([-6.0])])
+    assert first.tolist() == [1.0, 2.0] and second.tolist() == [5.0, 6.0]
