@@ -110,6 +110,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
+        ctx.lr = None
         self._gradients_read = False
         for probe in self.probes:
             probe.begin_step()
@@ -123,9 +124,17 @@ class ProbeSet:
 
     def _unscaled(self, optimizer) -> None:
         if optimizer is self.ctx.optimizer:
+            self._read_lr()
             self.gradients_ready()
 
+    def _read_lr(self) -> None:
+        """The lr this step's update uses, read before the optimizer steps (also on a step the loss scaler skips):
+        a scheduler changes it after the step (the Trainer and accelerate call `scheduler.step()` after
+        `optimizer.step()`), so read at `Probes.step()` it would be the next step's."""
+        self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        self._read_lr()
         self.gradients_ready()
         for probe in self.probes:
             probe.before_optimizer_step()
@@ -302,8 +311,8 @@ class Probes:
         metrics = self.set.record(host)
         step = self.ctx.step
         optimizer = self.ctx.optimizer
-        row = {"step": step, "split": "train", "loss": None,
-               "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
+        lr = self.ctx.lr if self.ctx.lr is not None or optimizer is None else optimizer.param_groups[0]["lr"]
+        row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
             self._check_requested_autocast()

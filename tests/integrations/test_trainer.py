@@ -185,3 +185,13 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+
+
+def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
+    """The Trainer steps its scheduler after the optimizer and before `on_step_end`: the lr of a step is read at
+    the optimizer's pre-step hook, as the Trainer logs it — not the next step's (0 at the last step here)."""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", learning_rate=1e-3,
+                        lr_scheduler_type="linear")
+    used = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert used == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert load_run(tmp_path / "run")["metrics"]["lr"].tolist() == pytest.approx(used)
