@@ -195,3 +195,35 @@ def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
     used = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
     assert used == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert load_run(tmp_path / "run")["metrics"]["lr"].tolist() == pytest.approx(used)
+
+
+def _preflight(run) -> list[str]:
+    return run["events"].query("kind == 'optimizer_preflight'")["code"].tolist()
+
+
+def test_a_frozen_parameter_group_is_not_warned_about_weight_decay(tmp_path):
+    """A group held at lr 0 (frozen embeddings) with the Trainer's weight decay: lr × weight_decay is 0 because
+    the group does not train, not because weight decay rounds away."""
+    model = tiny.make_gpt2(VOCAB)
+    frozen = [model.transformer.wte.weight]
+    rest = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    optimizer = torch.optim.AdamW([{"params": frozen, "lr": 0.0}, {"params": rest}], lr=1e-3, weight_decay=0.01)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, None))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert _preflight(run) == [] and run["summary"]["diagnosis"] == []
+
+
+def test_preflight_checks_under_warmup_use_the_schedulers_initial_lr(tmp_path):
+    """Under warmup the first step's lr is 0: checked at it, weight decay looks like it rounds away (a false
+    warning) and no update looks too small (a real one missed). The scheduler's initial_lr is the lr meant."""
+    _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "fp32", learning_rate=1e-3, warmup_steps=2,
+           weight_decay=0.01, max_steps=2)
+    assert _preflight(load_run(tmp_path / "fp32")) == []
+    _train(tmp_path, tiny.make_gpt2(VOCAB).to(torch.bfloat16), tmp_path / "bf16", learning_rate=1e-6,
+           warmup_steps=2, max_steps=2)
+    run = load_run(tmp_path / "bf16")
+    assert "update_below_half_ulp" in _preflight(run)
+    assert "initial_lr=1e-06" in run["events"].query("code == 'update_below_half_ulp'")["message"].iloc[0]
