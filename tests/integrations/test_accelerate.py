@@ -19,9 +19,10 @@ from sarkd_diag import Probes, load_run  # noqa: E402
 VOCAB, STEPS = 64, 4
 
 
-def _loop(run_dir=None, break_module=False, accumulation=1) -> list[float]:
+def _loop(run_dir=None, break_module=False, accumulation=1, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
-    calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch."""
+    calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
+    arguments of the model's forward."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -35,7 +36,8 @@ def _loop(run_dir=None, break_module=False, accumulation=1) -> list[float]:
     losses = []
     for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            outputs = model(**batch, **call)
+            loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
             optimizer.step()
             if probes is not None:
@@ -79,3 +81,10 @@ def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path):
     assert metrics["loss"].tolist() == pytest.approx(means, rel=1e-6)
     assert metrics["update_ratio"].notna().all()  # every row saw its optimizer step
     assert _loop(accumulation=2) == losses
+
+
+def test_a_model_called_with_return_dict_false_has_its_loss_recorded(tmp_path):
+    """`return_dict=False`: the outputs are a tuple, the loss first (the model was given labels)."""
+    losses = _loop(tmp_path / "run", return_dict=False)
+    assert load_run(tmp_path / "run")["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert _loop(return_dict=False) == losses

@@ -227,3 +227,22 @@ def test_preflight_checks_under_warmup_use_the_schedulers_initial_lr(tmp_path):
     run = load_run(tmp_path / "bf16")
     assert "update_below_half_ulp" in _preflight(run)
     assert "initial_lr=1e-06" in run["events"].query("code == 'update_below_half_ulp'")["message"].iloc[0]
+
+
+def _plain_callback_run(tmp_path, model, **args):
+    """A Trainer with `callbacks=[SarkdDiagCallback(dir)]` only: the loss is read from the model's outputs."""
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", **args), train_dataset=Sequences(VOCAB),
+                      callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    return trainer, load_run(tmp_path / "run")
+
+
+def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp_path):
+    """With gradient accumulation the Trainer calls the model with `num_items_in_batch`: each micro-batch's loss
+    is its summed loss over the whole step's target count, a share — the step's loss is their sum (what the
+    Trainer logs), not their mean nor the last one."""
+    trainer, run = _plain_callback_run(tmp_path, tiny.make_gpt2(VOCAB), gradient_accumulation_steps=2,
+                                       learning_rate=1e-3)
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    assert min(logged_losses(trainer)) > 3  # a step's loss (~ln 64), not a half of one
+
