@@ -249,6 +249,7 @@ class Probes:
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
+        self.first_step = first_step  # after the last step the run directory holds: a second run continues it
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()

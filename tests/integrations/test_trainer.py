@@ -246,3 +246,25 @@ def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
     assert min(logged_losses(trainer)) > 3  # a step's loss (~ln 64), not a half of one
 
+
+
+def test_a_second_train_call_continues_the_step_numbering(tmp_path):
+    """A second `trainer.train()` starts the Trainer's global_step at 0 again; the run directory already holds
+    steps 1..4, so the second run's steps are 5..8, not 1..4 a second time."""
+    def twice(run_dir):
+        trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                          train_dataset=Sequences(VOCAB))
+        if run_dir is not None:
+            SarkdDiagCallback.attach(trainer, run_dir)
+        losses = []
+        for _ in range(2):
+            trainer.train()
+            losses += logged_losses(trainer)
+        return losses
+
+    losses = twice(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == list(range(1, 9))
+    assert _train_losses(run) == pytest.approx(losses, rel=1e-6)
+    assert run["summary"]["steps_completed"] == 8
+    assert twice(None) == losses
