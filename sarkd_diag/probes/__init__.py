@@ -75,6 +75,7 @@ class ProbeSet:
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients_read = False
+        self._order_noted = False
         self._removers = []
         if ctx.optimizer is not None and self.probes:
             hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -110,7 +111,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
-        ctx.lr = None
+        ctx.lr, ctx.trained = None, False
         self._gradients_read = False
         for probe in self.probes:
             probe.begin_step()
@@ -134,10 +135,26 @@ class ProbeSet:
         self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if not self.ctx.trained:
+            self._stepped_before_a_forward()
         self._read_lr()
         self.gradients_ready()
         for probe in self.probes:
             probe.before_optimizer_step()
+
+    def _stepped_before_a_forward(self) -> None:
+        """The optimizer steps before any training forward of the step: `Probes.step()` closed the step before
+        the loop's `optimizer.step()` (the wrong order), so each update lands on the next step's row, and the first
+        row has none. Said once: the statistics are not wrong by accident, the order is."""
+        if self._order_noted:
+            return
+        self._order_noted = True
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step} before any training forward of it: "
+                               "probes.step() is called before optimizer.step(), so every row's update statistics "
+                               "and lr belong to the step before it (the first row has none) — call probes.step() "
+                               "after optimizer.step(), before zero_grad()", step=self.ctx.step, probe="optimizer",
+                               phase="optimizer", code="step_order")
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped()

@@ -19,10 +19,10 @@ from sarkd_diag import Probes, load_run  # noqa: E402
 VOCAB, STEPS = 64, 4
 
 
-def _loop(run_dir=None, break_module=False, accumulation=1, **call) -> list[float]:
+def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
-    arguments of the model's forward."""
+    arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order)."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -39,8 +39,10 @@ def _loop(run_dir=None, break_module=False, accumulation=1, **call) -> list[floa
             outputs = model(**batch, **call)
             loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
+            if probes is not None and probes_first:
+                probes.step()
             optimizer.step()
-            if probes is not None:
+            if probes is not None and not probes_first:
                 probes.step()  # the loss of the step: read from the model's outputs
             optimizer.zero_grad()
         losses.append(loss.item())
@@ -88,3 +90,17 @@ def test_a_model_called_with_return_dict_false_has_its_loss_recorded(tmp_path):
     losses = _loop(tmp_path / "run", return_dict=False)
     assert load_run(tmp_path / "run")["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
     assert _loop(return_dict=False) == losses
+
+
+def _order_notes(run) -> list[str]:
+    return run["events"].query("code == 'step_order'")["message"].tolist()
+
+
+def test_probes_step_before_optimizer_step_is_noted(tmp_path):
+    """Called in the wrong order, every row's update statistics would be the previous step's: a note says why."""
+    losses = _loop(tmp_path / "wrong", probes_first=True)
+    notes = _order_notes(load_run(tmp_path / "wrong"))
+    assert len(notes) == 1 and "probes.step() is called before optimizer.step()" in notes[0]
+    assert _loop() == losses
+    _loop(tmp_path / "right")
+    assert _order_notes(load_run(tmp_path / "right")) == []
