@@ -4,6 +4,9 @@ the CPU): a clean run, one with gradient accumulation, and a module whose output
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -19,16 +22,20 @@ from sarkd_diag import Probes, load_run  # noqa: E402
 VOCAB, STEPS = 64, 4
 
 
-def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, **call) -> list[float]:
+def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
+          **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
-    arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order)."""
+    arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
+    `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision)."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = tiny.make_gpt2(VOCAB)
     if break_module:
         overflow_fp16(model.transformer.h[1])
+    if infinite_grad:
+        model.transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * math.inf)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -69,6 +76,7 @@ def test_a_module_beyond_fp16s_range_is_warned_by_name(tmp_path):
     assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
         "warning", "student", "transformer.h.1.mlp.c_proj", 1)
     assert "critical" not in {d["severity"] for d in diagnosis}  # finite in bf16: a warning about fp16, no more
+    assert 'mixed_precision="bf16"' not in found["fix"] and "fp16 compute" in found["fix"]  # bf16 is in use
     assert all(torch.isfinite(torch.tensor(losses)))
     assert _loop(break_module=True) == losses
 
@@ -104,3 +112,12 @@ def test_probes_step_before_optimizer_step_is_noted(tmp_path):
     assert _loop() == losses
     _loop(tmp_path / "right")
     assert _order_notes(load_run(tmp_path / "right")) == []
+
+
+def test_a_gradient_overflow_in_a_bf16_run_advises_no_precision_switch(tmp_path):
+    """bf16 has fp32's range: a gradient that overflows there is not fixed by bf16 (in use) nor fp16 (narrower)."""
+    losses = _loop(tmp_path / "run", infinite_grad=True)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "gradient_overflow")
+    assert "mixed_precision" not in found["fix"], found["fix"]
+    assert "`accelerator.clip_grad_norm_`" in found["fix"] and "the optimizer's `lr`" in found["fix"]
+    np.testing.assert_array_equal(_loop(infinite_grad=True), losses)  # NaN where the weights turned NaN
