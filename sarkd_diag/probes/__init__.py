@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
-from ..contract.events import EventLog, JsonlLog
+from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
+from ..contract.ranks import Ranks
 from .activations import ActivationProbe
 from .base import ProbeContext, Watched, to_host
 from .forwards import ForwardProbe
@@ -233,6 +234,11 @@ class Probes:
     accumulates gradients over several `step()` calls, a function that is False on the calls that end a
     micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
     passes it). Call `step()` after each optimizer step.
+
+    Under torchrun (a process group the script joined before creating the probes), every rank holds its own
+    Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
+    metrics.jsonl (its own rank's loss), activations.jsonl (per-module maxima over every rank) and, at `close()`,
+    the summary. Every rank calls `step()` and `close()` alike: they hold collectives.
     """
 
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
@@ -250,14 +256,17 @@ class Probes:
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ranks = Ranks.joined()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.run_dir / "events.jsonl" if self.run_dir else None)
+        events = events_file_name(self.ranks.rank, self.ranks.size)
+        self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
-        activations = JsonlLog(self.run_dir / "activations.jsonl") if self.run_dir is not None else None
+        activations = JsonlLog(self.run_dir / "activations.jsonl") \
+            if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
-                                         activations_log=activations))
+                                         activations_log=activations, gather=self.ranks.gather))
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
@@ -300,11 +309,14 @@ class Probes:
 
     # ------------------------------------------------------------------------ the run directory
     def _open_run_dir(self) -> int:
-        """Open the metrics log (continuing the run the directory holds); returns the first step to record."""
+        """Open the metrics log (continuing the run the directory holds); returns the first step to record, as
+        rank 0 reads it before it writes a row."""
         metrics = self.run_dir / "metrics.jsonl"
-        steps = [row.get("step", 0) for row in _read_rows(metrics)]
-        self._metrics = JsonlLog(metrics)
-        return max(steps, default=0) + 1
+        first = None
+        if self.ranks.is_main:
+            first = max((row.get("step", 0) for row in _read_rows(metrics)), default=0) + 1
+        self._metrics = JsonlLog(metrics) if self.ranks.is_main else NullLog()
+        return self.ranks.broadcast(first)
 
     def begin_step(self, step: int) -> None:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
@@ -427,7 +439,7 @@ class Probes:
     def _write_config(self) -> None:
         """config.json from the moment the directory opens (a run that dies is still readable), rewritten when
         what the probes learnt about the precision changes. A continued run keeps the file it had."""
-        if self.run_dir is None:
+        if self.run_dir is None or not self.ranks.is_main:
             return
         config = self._config()
         path = self.run_dir / "config.json"
@@ -450,7 +462,10 @@ class Probes:
             self._closed = True
             self.events.close()
             self._metrics.close()
-            finalize_run(self.run_dir, status)
+            if status in ("completed", "stopped"):  # a rank that failed closes alone: the others may never come
+                self.ranks.barrier()  # every rank's events are on disk before rank 0 reads them all
+            if self.ranks.is_main:
+                finalize_run(self.run_dir, status)
 
     def __enter__(self) -> Probes:
         return self
