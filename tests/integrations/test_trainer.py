@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
-from frameworks import Sequences, logged_losses, overflow_fp16, training_args  # noqa: E402
+from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
@@ -268,3 +268,14 @@ def test_a_second_train_call_continues_the_step_numbering(tmp_path):
     assert _train_losses(run) == pytest.approx(losses, rel=1e-6)
     assert run["summary"]["steps_completed"] == 8
     assert twice(None) == losses
+
+
+def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
+    """A student module beyond fp16's range under `bf16=True`: a warning about fp16, whose fix keeps the run on
+    bf16 instead of telling it to set `TrainingArguments(bf16=True)`."""
+    model = tiny.make_gpt2(VOCAB)
+    overflow_fp16(model.transformer.h[1])
+    _train(tmp_path, model, tmp_path / "run", bf16=True, max_steps=2)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "activation_overflow")
+    assert found["severity"] == "warning" and found["module"] == "transformer.h.1.mlp.c_proj"
+    assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
