@@ -77,6 +77,7 @@ class ProbeSet:
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients_read = False
         self._order_noted = False
+        self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self._removers = []
         if ctx.optimizer is not None and self.probes:
             hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -136,17 +137,19 @@ class ProbeSet:
         self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        if not self.ctx.trained:
+        if self.closed_without_optimizer_step and not self.ctx.trained:
             self._stepped_before_a_forward()
+        self.closed_without_optimizer_step = False
         self._read_lr()
         self.gradients_ready()
         for probe in self.probes:
             probe.before_optimizer_step()
 
     def _stepped_before_a_forward(self) -> None:
-        """The optimizer steps before any training forward of the step: `Probes.step()` closed the step before
-        the loop's `optimizer.step()` (the wrong order), so each update lands on the next step's row, and the first
-        row has none. Said once: the statistics are not wrong by accident, the order is."""
+        """The optimizer steps before any training forward of the step, right after a step that closed without
+        one: `Probes.step()` closed the step before the loop's `optimizer.step()` (the wrong order), so each update
+        lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
+        accident, the order is. (Both signs, not one: a model trained in eval mode shows no training forward.)"""
         if self._order_noted:
             return
         self._order_noted = True
@@ -341,6 +344,7 @@ class Probes:
         metrics = self.set.record(host)
         step = self.ctx.step
         optimizer = self.ctx.optimizer
+        self.set.closed_without_optimizer_step = optimizer is not None and self.ctx.lr is None  # no pre-step hook
         lr = self.ctx.lr if self.ctx.lr is not None or optimizer is None else optimizer.param_groups[0]["lr"]
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}

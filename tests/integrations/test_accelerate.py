@@ -23,11 +23,12 @@ VOCAB, STEPS = 64, 4
 
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
-          **call) -> list[float]:
+          eval_mode=False, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
-    `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision)."""
+    `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
+    trained in eval mode (no dropout), as some do."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -39,6 +40,8 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_mode:
+        model.eval()
     probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir) if run_dir else None
     losses = []
     for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
@@ -110,8 +113,9 @@ def test_probes_step_before_optimizer_step_is_noted(tmp_path):
     notes = _order_notes(load_run(tmp_path / "wrong"))
     assert len(notes) == 1 and "probes.step() is called before optimizer.step()" in notes[0]
     assert _loop() == losses
-    _loop(tmp_path / "right")
-    assert _order_notes(load_run(tmp_path / "right")) == []
+    for right in ("train_mode", "eval_mode"):  # in eval mode no forward counts as training: not a sign alone
+        _loop(tmp_path / right, eval_mode=right == "eval_mode")
+        assert _order_notes(load_run(tmp_path / right)) == []
 
 
 def test_a_gradient_overflow_in_a_bf16_run_advises_no_precision_switch(tmp_path):
