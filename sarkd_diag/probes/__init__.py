@@ -240,8 +240,8 @@ class Probes:
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
-    metrics.jsonl (its own rank's loss), activations.jsonl (per-module maxima over every rank) and, at `close()`,
-    the summary. Every rank calls `step()` and `close()` alike: they hold collectives.
+    metrics.jsonl (the loss: the mean of the ranks'), activations.jsonl (per-module maxima over every rank) and,
+    at `close()`, the summary. Every rank calls `step()` and `close()` alike: they hold collectives.
     """
 
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
@@ -342,6 +342,9 @@ class Probes:
             self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
         (host,) = to_host(self.set.take_readings())
         metrics = self.set.record(host)
+        if self.ranks.distributed:  # the step's loss is every rank's batch's: their mean (one small gather)
+            losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
+            metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
         optimizer = self.ctx.optimizer
         self.set.closed_without_optimizer_step = optimizer is not None and self.ctx.lr is None  # no pre-step hook
