@@ -195,6 +195,8 @@ def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
     used = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
     assert used == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert load_run(tmp_path / "run")["metrics"]["lr"].tolist() == pytest.approx(used)
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), learning_rate=1e-3, lr_scheduler_type="linear")
+    assert logged_losses(plain) == logged_losses(trainer)  # reading the lr changed nothing
 
 
 def _preflight(run) -> list[str]:
@@ -245,6 +247,8 @@ def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp
                                        learning_rate=1e-3)
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
     assert min(logged_losses(trainer)) > 3  # a step's loss (~ln 64), not a half of one
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), gradient_accumulation_steps=2, learning_rate=1e-3)
+    assert logged_losses(plain) == logged_losses(trainer)
 
 
 
