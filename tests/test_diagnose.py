@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from sarkd_diag.analysis.diagnose import FIXES, PHRASES, Cause, diagnose, rank
+from sarkd_diag.analysis.diagnose import BF16_FIXES, FIXES, PHRASES, Cause, diagnose, rank
 from sarkd_diag.contract.events import CODES, Event, events_frame
 
 
@@ -144,13 +144,20 @@ def test_an_overflowing_teacher_router_gets_the_router_fix():
 def test_every_fix_is_written_in_its_callers_terms(caller):
     """No fix names an option its caller does not have: CLI flags only for the CLI."""
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
-    for name, template in FIXES.items():
+    for name, template in [*FIXES.items(), *BF16_FIXES.items()]:
         text = template.format_map({**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t",
                                     "ratio": "50", "term": "loss", "amax": "3"})
         if caller != "cli":
             assert "--" not in text, (name, text)
         if caller == "trainer":
             assert "Probes(" not in text, (name, text)
+
+
+def test_a_bf16_fix_advises_no_precision_switch():
+    """A run that computes in bfloat16 already has bf16 (and fp32's range); fp16 would narrow it."""
+    assert set(BF16_FIXES) <= set(FIXES)
+    for name, template in BF16_FIXES.items():
+        assert "{mixed}" not in template and "{bf16_mixed}" not in template, name
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():

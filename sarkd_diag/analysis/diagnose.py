@@ -115,6 +115,18 @@ FIXES = {
                             "of 0; lowering {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
+# A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
+# advise bf16 or fp16 compute, which such a run already has (bf16) or which would narrow its range (fp16). bf16
+# has fp32's range: what overflows there blows up in any precision, and the fix is the step's size.
+BF16_FIXES = {
+    "activation_overflow": "{module} overflows {dtype}, whose range is fp32's: no precision setting holds it — its "
+                           "outputs blow up; lower {lr}, clip with {clip}, or keep this op's inputs bounded",
+    "fp16_risk": "{module} exceeds fp16's range in {dtype}: bfloat16, as this run computes, holds it — keep this "
+                 "model off fp16 compute",
+    "gradient_overflow": "gradients overflow {dtype} in a run that computes in bfloat16 (fp32's range): no "
+                         "precision setting catches this — the gradients blow up; lower {lr}, clip with {clip}, "
+                         "or lower {loss_weights}",
+}
 
 
 @dataclass
@@ -208,6 +220,11 @@ class RunRecord:
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
+    def computes_in_bf16(self) -> bool:
+        """Whether the forwards ran in bfloat16: bf16 weights, or bf16 autocast over wider ones."""
+        precision = self.config.get("precision") or {}
+        return self.mode in ("bf16-mixed", "pure-bf16") or precision.get("compute_dtype") == "bfloat16"
+
     def computes_in_fp16(self) -> bool:
         """Whether the forwards ran in float16: fp16 weights, or fp16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -268,9 +285,11 @@ class RunRecord:
         return last in ROUTER_NAMES and not any("expert" in p for p in parents)
 
     def fix(self, template: str, **values) -> str:
+        """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16)."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         words.update({k: ("?" if v is None else v) for k, v in values.items()})
-        return FIXES[template].format_map(_Blank(words))
+        text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
+        return (text or FIXES[template]).format_map(_Blank(words))
 
 
 class _Blank(dict):

@@ -65,6 +65,8 @@ CODES = {
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
+    "step_order": "setup_note: the optimizer stepped before any training forward of the step: Probes.step() is "
+                  "called before optimizer.step()",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
 }
 

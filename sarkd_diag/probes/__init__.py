@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
-from ..contract.events import EventLog, JsonlLog
+from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
+from ..contract.ranks import Ranks
 from .activations import ActivationProbe
 from .base import ProbeContext, Watched, to_host
 from .forwards import ForwardProbe
@@ -75,6 +76,8 @@ class ProbeSet:
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients_read = False
+        self._order_noted = False
+        self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self._removers = []
         if ctx.optimizer is not None and self.probes:
             hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -110,6 +113,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
+        ctx.lr, ctx.trained = None, False
         self._gradients_read = False
         for probe in self.probes:
             probe.begin_step()
@@ -123,12 +127,38 @@ class ProbeSet:
 
     def _unscaled(self, optimizer) -> None:
         if optimizer is self.ctx.optimizer:
+            self._read_lr()
             self.gradients_ready()
 
+    def _read_lr(self) -> None:
+        """The lr this step's update uses, read before the optimizer steps (also on a step the loss scaler skips):
+        a scheduler changes it after the step (the Trainer and accelerate call `scheduler.step()` after
+        `optimizer.step()`), so read at `Probes.step()` it would be the next step's."""
+        self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.closed_without_optimizer_step and not self.ctx.trained:
+            self._stepped_before_a_forward()
+        self.closed_without_optimizer_step = False
+        self._read_lr()
         self.gradients_ready()
         for probe in self.probes:
             probe.before_optimizer_step()
+
+    def _stepped_before_a_forward(self) -> None:
+        """The optimizer steps before any training forward of the step, right after a step that closed without
+        one: `Probes.step()` closed the step before the loop's `optimizer.step()` (the wrong order), so each update
+        lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
+        accident, the order is. (Both signs, not one: a model trained in eval mode shows no training forward.)"""
+        if self._order_noted:
+            return
+        self._order_noted = True
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step} before any training forward of it: "
+                               "probes.step() is called before optimizer.step(), so every row's update statistics "
+                               "and lr belong to the step before it (the first row has none) — call probes.step() "
+                               "after optimizer.step(), before zero_grad()", step=self.ctx.step, probe="optimizer",
+                               phase="optimizer", code="step_order")
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped()
@@ -207,6 +237,11 @@ class Probes:
     accumulates gradients over several `step()` calls, a function that is False on the calls that end a
     micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
     passes it). Call `step()` after each optimizer step.
+
+    Under torchrun (a process group the script joined before creating the probes), every rank holds its own
+    Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
+    metrics.jsonl (the loss: the mean of the ranks'), activations.jsonl (per-module maxima over every rank) and,
+    at `close()`, the summary. Every rank calls `step()` and `close()` alike: they hold collectives.
     """
 
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
@@ -224,14 +259,17 @@ class Probes:
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.ranks = Ranks.joined()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.run_dir / "events.jsonl" if self.run_dir else None)
+        events = events_file_name(self.ranks.rank, self.ranks.size)
+        self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
-        activations = JsonlLog(self.run_dir / "activations.jsonl") if self.run_dir is not None else None
+        activations = JsonlLog(self.run_dir / "activations.jsonl") \
+            if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
-                                         activations_log=activations))
+                                         activations_log=activations, gather=self.ranks.gather))
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
@@ -240,6 +278,7 @@ class Probes:
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
+        self.first_step = first_step  # after the last step the run directory holds: a second run continues it
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
@@ -273,11 +312,14 @@ class Probes:
 
     # ------------------------------------------------------------------------ the run directory
     def _open_run_dir(self) -> int:
-        """Open the metrics log (continuing the run the directory holds); returns the first step to record."""
+        """Open the metrics log (continuing the run the directory holds); returns the first step to record, as
+        rank 0 reads it before it writes a row."""
         metrics = self.run_dir / "metrics.jsonl"
-        steps = [row.get("step", 0) for row in _read_rows(metrics)]
-        self._metrics = JsonlLog(metrics)
-        return max(steps, default=0) + 1
+        first = None
+        if self.ranks.is_main:
+            first = max((row.get("step", 0) for row in _read_rows(metrics)), default=0) + 1
+        self._metrics = JsonlLog(metrics) if self.ranks.is_main else NullLog()
+        return self.ranks.broadcast(first)
 
     def begin_step(self, step: int) -> None:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
@@ -300,10 +342,14 @@ class Probes:
             self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
         (host,) = to_host(self.set.take_readings())
         metrics = self.set.record(host)
+        if self.ranks.distributed:  # the step's loss is every rank's batch's: their mean (one small gather)
+            losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
+            metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
         optimizer = self.ctx.optimizer
-        row = {"step": step, "split": "train", "loss": None,
-               "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None, "loss_scale": None,
+        self.set.closed_without_optimizer_step = optimizer is not None and self.ctx.lr is None  # no pre-step hook
+        lr = self.ctx.lr if self.ctx.lr is not None or optimizer is None else optimizer.param_groups[0]["lr"]
+        row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
             self._check_requested_autocast()
@@ -400,7 +446,7 @@ class Probes:
     def _write_config(self) -> None:
         """config.json from the moment the directory opens (a run that dies is still readable), rewritten when
         what the probes learnt about the precision changes. A continued run keeps the file it had."""
-        if self.run_dir is None:
+        if self.run_dir is None or not self.ranks.is_main:
             return
         config = self._config()
         path = self.run_dir / "config.json"
@@ -423,7 +469,10 @@ class Probes:
             self._closed = True
             self.events.close()
             self._metrics.close()
-            finalize_run(self.run_dir, status)
+            if status in ("completed", "stopped"):  # a rank that failed closes alone: the others may never come
+                self.ranks.barrier()  # every rank's events are on disk before rank 0 reads them all
+            if self.ranks.is_main:
+                finalize_run(self.run_dir, status)
 
     def __enter__(self) -> Probes:
         return self

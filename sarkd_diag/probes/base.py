@@ -53,6 +53,8 @@ class ProbeContext:
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)
+    trained: bool = False  # a training forward has run in this step (what an optimizer step's gradients come from)
+    lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)

@@ -47,6 +47,7 @@ class ForwardProbe(Probe):
             self.ctx.training_forward[model_name] = training
             if not training:
                 return
+            self.ctx.trained = True
             if self._trainable[model_name]:
                 device = next(model.parameters()).device.type
                 if torch.is_autocast_enabled(device):

@@ -69,7 +69,8 @@ class SarkdDiagCallback(TrainerCallback):
 
     Each optimizer step of the Trainer is one probe step, numbered `state.global_step` like the Trainer's
     own logs and checkpoints, so a run resumed from a checkpoint into the same directory appends after the
-    last recorded step instead of starting again at 1. The precision is named from `TrainingArguments`
+    last recorded step instead of starting again at 1; a second `train()` (global_step 0 again) into a directory
+    that holds steps is numbered on after them. The precision is named from `TrainingArguments`
     (see `trainer_precision`), and fixes are written in TrainingArguments' terms (`caller="trainer"`).
 
     on_critical: "stop" (default) sets `control.should_training_stop` once the probes record a critical
@@ -91,6 +92,7 @@ class SarkdDiagCallback(TrainerCallback):
         self.stopped_at: int | None = None  # the step whose critical event stopped training
         self._trainer = None
         self._losses: list[torch.Tensor] = []
+        self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
 
     @classmethod
     def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
@@ -127,14 +129,16 @@ class SarkdDiagCallback(TrainerCallback):
                              run_dir=self.run_dir, level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer")
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
-        # checkpoint's step, so the first step of this run is the one after it
-        self.probes.begin_step(state.global_step + 1)
+        # checkpoint's step, so the first step of this run is the one after it. A train() from global_step 0
+        # into a directory that holds steps (a second train() call) continues after them instead of at 1
+        self._offset = self.probes.first_step - 1 if state.global_step == 0 else 0
+        self.probes.begin_step(self._offset + state.global_step + 1)
         self.stopped_at = None
         self._losses = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.probes is not None:
-            self.probes.begin_step(state.global_step + 1)
+            self.probes.begin_step(self._offset + state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
         """The Trainer has stepped the optimizer, zeroed the gradients and counted the step: close it."""

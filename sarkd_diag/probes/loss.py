@@ -26,6 +26,17 @@ def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum()
 
 
+def output_loss(output, labelled: bool) -> torch.Tensor | None:
+    """The loss in a model's outputs: a ModelOutput's or dict's `loss`, or — called with `return_dict=False`,
+    a tuple — its first element when the model was given labels (transformers puts the loss first then)."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    if isinstance(output, tuple):
+        first = output[0] if output and labelled else None
+        return first if torch.is_tensor(first) and first.dim() == 0 and first.is_floating_point() else None
+    return getattr(output, "loss", None)
+
+
 class LossProbe(Probe):
     name = "loss"
 
@@ -35,9 +46,12 @@ class LossProbe(Probe):
         self._names: list[tuple[tuple[str, torch.dtype], ...]] = []  # (name, dtype) of each micro-batch's terms
         self._targets: list[torch.Tensor] = []  # device counts, one per micro-batch that had labels
         self._reported: set[str] = set()
+        self._shares: list[bool] = []  # per micro-batch with terms: is its loss a share of the step's (see observe)
         self._micro = 0
-        self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (loss, targets) of model outputs
+        # (loss, targets, share) of each training forward's outputs
+        self._captured: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
         self._labels: torch.Tensor | None = None  # target count of the forward under way
+        self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
 
@@ -53,21 +67,23 @@ class LossProbe(Probe):
         def hook(_model, args, kwargs):
             labels = kwargs.get("labels")
             training = self.ctx.training_forward.get(model_name, False)
-            self._labels = count_targets(labels) if training and torch.is_tensor(labels) else None
+            self._labelled = training and torch.is_tensor(labels)
+            self._labels = count_targets(labels) if self._labelled else None
+            self._share = kwargs.get("num_items_in_batch") is not None
         return hook
 
     def _read_loss(self, model_name: str):
         def hook(_model, _args, output):
-            loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+            loss = output_loss(output, self._labelled)
             if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss):
-                self._captured.append((loss.detach(), self._labels))
+                self._captured.append((loss.detach(), self._labels, self._share))
         return hook
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly: it replaces the losses read from the outputs; its
         target count comes from `labels`, else from the labels the model was called with this step — the
         fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
-        captured = [targets for _, targets in self._captured if targets is not None]
+        captured = [targets for _, targets, _ in self._captured if targets is not None]
         self._captured = []
         if labels is not None:
             targets = count_targets(labels)
@@ -78,9 +94,13 @@ class LossProbe(Probe):
     def begin_step(self) -> None:
         self._micro = 0
 
-    def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None) -> None:
+    def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None,
+                share: bool = False) -> None:
         """One micro-batch's loss terms (device tensors; None for a term it does not have) and its target
-        count: a host int (checked now) or a device count (checked with the step's readings)."""
+        count: a host int (checked now) or a device count (checked with the step's readings). `share`: the
+        loss is already this micro-batch's share of the step's — a model called with `num_items_in_batch` (the
+        Trainer's gradient accumulation) divides its summed loss by the whole step's target count — so the
+        step's loss is the shares' sum, where other micro-batches' losses are averaged."""
         self._micro += 1
         if isinstance(targets, int):
             if targets == 0:
@@ -93,6 +113,7 @@ class LossProbe(Probe):
             device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
             self._terms.append(torch.stack([v.to(device) for v in values]))
             self._names.append(names)
+            self._shares.append(share)
 
     def _empty(self, micro: int) -> None:
         if "empty" not in self._reported:
@@ -104,8 +125,8 @@ class LossProbe(Probe):
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         captured, self._captured = self._captured, []
-        for loss, targets in captured:
-            self.observe({"loss": loss}, targets)
+        for loss, targets, share in captured:
+            self.observe({"loss": loss}, targets, share)
         out = {}
         if self._terms:
             out["loss_terms"] = torch.cat(self._terms)
@@ -116,6 +137,7 @@ class LossProbe(Probe):
 
     def record(self, host: dict) -> dict:
         names, self._names = self._names, []
+        shares, self._shares = self._shares, []
         for micro, count in enumerate(host.get("loss_targets") or [], start=1):
             if count == 0:
                 self._empty(micro)
@@ -123,15 +145,18 @@ class LossProbe(Probe):
         if flat is None:
             return {}
         losses, i = [], 0
-        for micro, terms in enumerate(names, start=1):
+        for micro, (terms, share) in enumerate(zip(names, shares, strict=True), start=1):
             for term, dtype in terms:
                 value = flat[i]
                 i += 1
                 if term == "loss":
-                    losses.append(value)
+                    losses.append((value, share))
                 if not math.isfinite(value):
                     self._nonfinite(term, value, micro, dtype)
-        return {"loss": sum(losses) / len(losses)} if losses else {}
+        if not losses:
+            return {}
+        total = sum(value for value, _ in losses)
+        return {"loss": total if all(share for _, share in losses) else total / len(losses)}
 
     def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
         if term in self._reported:

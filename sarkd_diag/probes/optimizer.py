@@ -34,6 +34,15 @@ def group_label(index: int, group: dict, watched: dict) -> str:
     return f"{'/'.join(models)}: {len(names)} tensor{'s' if len(names) != 1 else ''}, {span}"
 
 
+def scheduled_lr(group: dict) -> tuple[float, str]:
+    """The lr a group trains at, and its name: a scheduler's `initial_lr` (its base lr) where one is attached —
+    under warmup the first step's `lr` is 0 or tiny, which would hide a real problem and invent others — else
+    `lr`. A group at lr 0 throughout is frozen."""
+    if "initial_lr" in group:
+        return float(group["initial_lr"]), "the scheduler's initial_lr"
+    return float(group.get("lr", 0.0)), "lr"
+
+
 class OptimizerProbe(Probe):
     name = "optimizer"
 
@@ -58,7 +67,8 @@ class OptimizerProbe(Probe):
             dtype = Counter(p.dtype for p in params).most_common(1)[0][0]
             label = group_label(index, group, names)
             model = next((names[id(p)].model for p in params if id(p) in names), None)
-            eps, lr, wd = group.get("eps"), float(group.get("lr", 0.0)), float(group.get("weight_decay", 0.0))
+            eps, wd = group.get("eps"), float(group.get("weight_decay", 0.0))
+            lr, lr_name = scheduled_lr(group)
             if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
                 eps = eps[0]
             tiny = torch.finfo(dtype).tiny
@@ -77,17 +87,18 @@ class OptimizerProbe(Probe):
                         f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
                         probe=self.name, phase="optimizer", model=model, tensor=label,
                         dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
-            if wd > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:
+            if wd > 0 and lr > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:  # lr 0: a frozen group
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
-                    f"{label}: lr×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay does nothing",
+                    f"{label}: {lr_name}×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay "
+                    "does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lr * wd, step=self.ctx.step, code="weight_decay_zero")
             lost = self._fraction_below_half_ulp(params, lr) if lr > 0 else 0.0
             if lost > LOST_UPDATE_WARNING:
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
-                    f"{label}: an update of size lr={lr:g} is below half an ulp for {lost:.0%} of the "
+                    f"{label}: an update of size {lr_name}={lr:g} is below half an ulp for {lost:.0%} of the "
                     f"{_dtype_name(dtype)} weights: those updates will round away (stagnation)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lost, step=self.ctx.step, code="update_below_half_ulp")

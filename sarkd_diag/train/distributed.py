@@ -24,17 +24,17 @@ import torch.distributed as dist
 from torch import nn
 
 from ..contract.errors import BadInput
+from ..contract.ranks import Ranks
 from ..contract.shards import is_sharded
 
 TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
-class World:
-    """This process's place among the ranks; size 1 is a plain single-process run."""
+class World(Ranks):
+    """This process's place among the ranks (`contract.ranks.Ranks`: rank, size, gather, broadcast, barrier) and
+    its device plumbing; size 1 is a plain single-process run."""
 
-    rank: int = 0
-    size: int = 1
     local_rank: int = 0
     backend: str | None = None
     host_group: object = None  # a gloo group for flags the host holds (the default group on CPU)
@@ -44,11 +44,6 @@ class World:
         """This rank after an error of its own (an exception, out of memory): the others may be waiting in a
         collective it will never join, so it closes without one and exits; torchrun then stops the rest."""
         return replace(self, alone=True)
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes what there is one of: config, metrics, checkpoints, the merged events and summary."""
-        return self.rank == 0
 
     @property
     def distributed(self) -> bool:
@@ -125,26 +120,6 @@ class World:
             return
         for found in loss_scaler.found_inf(optimizer):  # torch's own per-device flags, all-reduced in place
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
-
-    def gather(self, value):
-        """Every rank's `value` (a picklable object), in rank order; [value] in one process."""
-        if not self.distributed:
-            return [value]
-        out = [None] * self.size
-        dist.all_gather_object(out, value)
-        return out
-
-    def broadcast(self, value):
-        """Rank 0's `value` on every rank (a run directory chosen once, an exit code)."""
-        if not self.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
 
     # ------------------------------------------------------------------------------ models and data
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:

@@ -4,6 +4,9 @@ the CPU): a clean run, one with gradient accumulation, and a module whose output
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -19,26 +22,37 @@ from sarkd_diag import Probes, load_run  # noqa: E402
 VOCAB, STEPS = 64, 4
 
 
-def _loop(run_dir=None, break_module=False, accumulation=1) -> list[float]:
+def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
+          eval_mode=False, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
-    calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch."""
+    calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
+    arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
+    `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
+    trained in eval mode (no dropout), as some do."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = tiny.make_gpt2(VOCAB)
     if break_module:
         overflow_fp16(model.transformer.h[1])
+    if infinite_grad:
+        model.transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * math.inf)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_mode:
+        model.eval()
     probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir) if run_dir else None
     losses = []
     for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            outputs = model(**batch, **call)
+            loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
+            if probes is not None and probes_first:
+                probes.step()
             optimizer.step()
-            if probes is not None:
+            if probes is not None and not probes_first:
                 probes.step()  # the loss of the step: read from the model's outputs
             optimizer.zero_grad()
         losses.append(loss.item())
@@ -65,6 +79,7 @@ def test_a_module_beyond_fp16s_range_is_warned_by_name(tmp_path):
     assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
         "warning", "student", "transformer.h.1.mlp.c_proj", 1)
     assert "critical" not in {d["severity"] for d in diagnosis}  # finite in bf16: a warning about fp16, no more
+    assert 'mixed_precision="bf16"' not in found["fix"] and "fp16 compute" in found["fix"]  # bf16 is in use
     assert all(torch.isfinite(torch.tensor(losses)))
     assert _loop(break_module=True) == losses
 
@@ -79,3 +94,34 @@ def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path):
     assert metrics["loss"].tolist() == pytest.approx(means, rel=1e-6)
     assert metrics["update_ratio"].notna().all()  # every row saw its optimizer step
     assert _loop(accumulation=2) == losses
+
+
+def test_a_model_called_with_return_dict_false_has_its_loss_recorded(tmp_path):
+    """`return_dict=False`: the outputs are a tuple, the loss first (the model was given labels)."""
+    losses = _loop(tmp_path / "run", return_dict=False)
+    assert load_run(tmp_path / "run")["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert _loop(return_dict=False) == losses
+
+
+def _order_notes(run) -> list[str]:
+    return run["events"].query("code == 'step_order'")["message"].tolist()
+
+
+def test_probes_step_before_optimizer_step_is_noted(tmp_path):
+    """Called in the wrong order, every row's update statistics would be the previous step's: a note says why."""
+    losses = _loop(tmp_path / "wrong", probes_first=True)
+    notes = _order_notes(load_run(tmp_path / "wrong"))
+    assert len(notes) == 1 and "probes.step() is called before optimizer.step()" in notes[0]
+    assert _loop() == losses
+    for right in ("train_mode", "eval_mode"):  # in eval mode no forward counts as training: not a sign alone
+        _loop(tmp_path / right, eval_mode=right == "eval_mode")
+        assert _order_notes(load_run(tmp_path / right)) == []
+
+
+def test_a_gradient_overflow_in_a_bf16_run_advises_no_precision_switch(tmp_path):
+    """bf16 has fp32's range: a gradient that overflows there is not fixed by bf16 (in use) nor fp16 (narrower)."""
+    losses = _loop(tmp_path / "run", infinite_grad=True)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "gradient_overflow")
+    assert "mixed_precision" not in found["fix"], found["fix"]
+    assert "`accelerator.clip_grad_norm_`" in found["fix"] and "the optimizer's `lr`" in found["fix"]
+    np.testing.assert_array_equal(_loop(infinite_grad=True), losses)  # NaN where the weights turned NaN

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
-from frameworks import Sequences, logged_losses, overflow_fp16, training_args  # noqa: E402
+from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
@@ -185,3 +185,101 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+
+
+def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
+    """The Trainer steps its scheduler after the optimizer and before `on_step_end`: the lr of a step is read at
+    the optimizer's pre-step hook, as the Trainer logs it — not the next step's (0 at the last step here)."""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", learning_rate=1e-3,
+                        lr_scheduler_type="linear")
+    used = [h["learning_rate"] for h in trainer.state.log_history if "loss" in h]
+    assert used == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert load_run(tmp_path / "run")["metrics"]["lr"].tolist() == pytest.approx(used)
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), learning_rate=1e-3, lr_scheduler_type="linear")
+    assert logged_losses(plain) == logged_losses(trainer)  # reading the lr changed nothing
+
+
+def _preflight(run) -> list[str]:
+    return run["events"].query("kind == 'optimizer_preflight'")["code"].tolist()
+
+
+def test_a_frozen_parameter_group_is_not_warned_about_weight_decay(tmp_path):
+    """A group held at lr 0 (frozen embeddings) with the Trainer's weight decay: lr × weight_decay is 0 because
+    the group does not train, not because weight decay rounds away."""
+    model = tiny.make_gpt2(VOCAB)
+    frozen = [model.transformer.wte.weight]
+    rest = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    optimizer = torch.optim.AdamW([{"params": frozen, "lr": 0.0}, {"params": rest}], lr=1e-3, weight_decay=0.01)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, None))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert _preflight(run) == [] and run["summary"]["diagnosis"] == []
+
+
+def test_preflight_checks_under_warmup_use_the_schedulers_initial_lr(tmp_path):
+    """Under warmup the first step's lr is 0: checked at it, weight decay looks like it rounds away (a false
+    warning) and no update looks too small (a real one missed). The scheduler's initial_lr is the lr meant."""
+    _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "fp32", learning_rate=1e-3, warmup_steps=2,
+           weight_decay=0.01, max_steps=2)
+    assert _preflight(load_run(tmp_path / "fp32")) == []
+    _train(tmp_path, tiny.make_gpt2(VOCAB).to(torch.bfloat16), tmp_path / "bf16", learning_rate=1e-6,
+           warmup_steps=2, max_steps=2)
+    run = load_run(tmp_path / "bf16")
+    assert "update_below_half_ulp" in _preflight(run)
+    assert "initial_lr=1e-06" in run["events"].query("code == 'update_below_half_ulp'")["message"].iloc[0]
+
+
+def _plain_callback_run(tmp_path, model, **args):
+    """A Trainer with `callbacks=[SarkdDiagCallback(dir)]` only: the loss is read from the model's outputs."""
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", **args), train_dataset=Sequences(VOCAB),
+                      callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    return trainer, load_run(tmp_path / "run")
+
+
+def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp_path):
+    """With gradient accumulation the Trainer calls the model with `num_items_in_batch`: each micro-batch's loss
+    is its summed loss over the whole step's target count, a share — the step's loss is their sum (what the
+    Trainer logs), not their mean nor the last one."""
+    trainer, run = _plain_callback_run(tmp_path, tiny.make_gpt2(VOCAB), gradient_accumulation_steps=2,
+                                       learning_rate=1e-3)
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    assert min(logged_losses(trainer)) > 3  # a step's loss (~ln 64), not a half of one
+    plain, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), gradient_accumulation_steps=2, learning_rate=1e-3)
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
+
+def test_a_second_train_call_continues_the_step_numbering(tmp_path):
+    """A second `trainer.train()` starts the Trainer's global_step at 0 again; the run directory already holds
+    steps 1..4, so the second run's steps are 5..8, not 1..4 a second time."""
+    def twice(run_dir):
+        trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                          train_dataset=Sequences(VOCAB))
+        if run_dir is not None:
+            SarkdDiagCallback.attach(trainer, run_dir)
+        losses = []
+        for _ in range(2):
+            trainer.train()
+            losses += logged_losses(trainer)
+        return losses
+
+    losses = twice(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == list(range(1, 9))
+    assert _train_losses(run) == pytest.approx(losses, rel=1e-6)
+    assert run["summary"]["steps_completed"] == 8
+    assert twice(None) == losses
+
+
+def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
+    """A student module beyond fp16's range under `bf16=True`: a warning about fp16, whose fix keeps the run on
+    bf16 instead of telling it to set `TrainingArguments(bf16=True)`."""
+    model = tiny.make_gpt2(VOCAB)
+    overflow_fp16(model.transformer.h[1])
+    _train(tmp_path, model, tmp_path / "run", bf16=True, max_steps=2)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "activation_overflow")
+    assert found["severity"] == "warning" and found["module"] == "transformer.h.1.mlp.c_proj"
+    assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
