@@ -2,7 +2,8 @@
 
 Before the first step: is eps representable (AdamW's 1e-8 is 0.0 in fp16; torch's fused kernels do
 their arithmetic in fp32 and are exempt), is weight decay, and how
-many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away.
+many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away —
+the last two only for a group that steps (lr > 0): a frozen group's lr × weight_decay is 0 in any dtype.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
 Fractions are estimated on a fixed sample of each tensor (`base.sample`).
 """
@@ -77,7 +78,8 @@ class OptimizerProbe(Probe):
                         f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
                         probe=self.name, phase="optimizer", model=model, tensor=label,
                         dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
-            if wd > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:
+            # a group at lr 0 (frozen) takes no step: nothing that depends on the lr's size applies to it
+            if lr > 0 and wd > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
                     f"{label}: lr×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay does nothing",

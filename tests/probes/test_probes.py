@@ -154,6 +154,21 @@ def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
     assert "GradScaler" in diagnosis[0]["fix"] and "--" not in diagnosis[0]["fix"]  # a loop's words, no CLI flag
 
 
+def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
+    """lr × weight_decay is 0 in any dtype when lr is 0: a frozen group takes no step, so nothing that depends on
+    the lr's size (weight decay that rounds away, updates below half an ulp) is said of it; a live group whose
+    lr × weight_decay rounds to 0 in float16 still is."""
+    model = Net().half()
+    frozen = [*model.first.parameters()]
+    live = [*model.second.parameters(), *model.third.parameters()]
+    opt = torch.optim.SGD([{"params": frozen, "lr": 0.0, "weight_decay": 0.1, "name": "frozen"},
+                           {"params": live, "lr": 1e-3, "weight_decay": 1e-5, "name": "live"}], lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=torch.float16)
+    warned = {e.tensor: e.code for e in _events(probes, "optimizer_preflight")}
+    assert warned == {"live": "weight_decay_zero"}  # 1e-8 is 0 in float16; the frozen group: nothing
+
+
 def test_second_moments_that_flush_to_zero_are_reported():
     torch.manual_seed(0)
     model = Net().half()
