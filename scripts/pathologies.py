@@ -60,6 +60,7 @@ class Expected:
     absent: tuple[str, ...] = ()  # causes that must not be claimed at all
     not_critical: tuple[str, ...] = ()  # causes that must not be claimed as critical
     fix_contains: str | None = None
+    fix_lacks: str | None = None  # advice the root cause's fix must not give (the wrong remedy for this run)
     evidence_contains: str | None = None  # some evidence key contains this
 
     def describe(self) -> str:
@@ -141,6 +142,8 @@ def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> l
         wrong.append(f"first step {step}, not {expected.first_step}")
     if expected.fix_contains and expected.fix_contains.lower() not in (top.get("fix") or "").lower():
         wrong.append(f"fix does not mention {expected.fix_contains!r}")
+    if expected.fix_lacks and expected.fix_lacks.lower() in (top.get("fix") or "").lower():
+        wrong.append(f"fix mentions {expected.fix_lacks!r}")
     if expected.evidence_contains and not any(expected.evidence_contains in k for k in top.get("evidence") or {}):
         wrong.append(f"no {expected.evidence_contains!r} in the evidence")
     for c in diagnosis:
@@ -732,6 +735,30 @@ def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
+    """fp32 weights, an lr far too small for them: AdamW moves every weight by ~lr = 1e-10, below half an fp32 ulp
+    of any weight above ~2e-3 — lost in fp32, the widest dtype training uses: no precision change can help."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-10)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    same = sum(int((before[n] == p).sum()) for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    outcome.facts.update(unchanged_weight_fraction=round(same / total, 3),
+                         dtypes=sorted({str(p.dtype) for p in model.parameters()}))
+    outcome.check("fp32 weights, most unchanged after 3 steps", outcome.facts["dtypes"] == ["torch.float32"]
+                  and same / total > 0.5)
+    return outcome
+
+
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
     return _clean_user_loop(world, tmp, torch.float16, scaled=True)
 
@@ -838,6 +865,10 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
                       absent=("divergence",))),
+    Scenario("fp32 learning rate too small", "user loop: fp32 GPT-2, AdamW lr 1e-10 (updates below half an fp32 "
+             "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",
+                      fix_lacks="autocast")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -2,6 +2,7 @@
 cause, orders the rest and folds symptoms into the root — the one place where that choice is made."""
 
 import math
+from collections import defaultdict
 
 import pandas as pd
 import pytest
@@ -145,8 +146,9 @@ def test_every_fix_is_written_in_its_callers_terms(caller):
     """No fix names an option its caller does not have: CLI flags only for the CLI."""
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     for name, template in FIXES.items():
-        text = template.format_map({**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t",
-                                    "ratio": "50", "term": "loss", "amax": "3"})
+        values = {**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t", "ratio": "50",
+                  "term": "loss", "amax": "3"}
+        text = template.format_map(defaultdict(lambda: "x", values))  # any other figure: a placeholder
         if caller != "cli":
             assert "--" not in text, (name, text)
         if caller == "trainer":
@@ -186,6 +188,21 @@ def test_slow_weight_growth_over_a_long_run_is_not_inflation():
     assert [c["cause"] for c in causes(frame, slow, mode="pure-bf16")] == ["update_underflow"]
     fast = slow.assign(param_amax=[1.0] * 150 + [3.0] * 150)
     assert causes(frame, fast, mode="pure-bf16") == []  # inflated: no lost-update claim
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_one(caller):
+    """fp32 weights are what mixed precision's master weights are: there is no wider dtype to advise. An update
+    below half an fp32 ulp (~6e-8 of the weight) is the learning rate, its schedule or the clipping."""
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+            "value": 0.9}
+    (fp32,) = causes(log({**lost, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert fp32["cause"] == "update_underflow" and fp32["evidence"]["dtype"] == "float32"
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    assert words["lr"] in fp32["fix"] and words["clip"] in fp32["fix"] and "schedule" in fp32["fix"]
+    assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
+    (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    assert words["mixed"] in bf16["fix"] and words["bf16_mixed"] in bf16["fix"]  # low-precision weights: as before
 
 
 ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "phase": "backward", "model": "student",

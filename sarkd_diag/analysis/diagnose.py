@@ -36,6 +36,8 @@ SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
+# weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
+WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -96,6 +98,11 @@ FIXES = {
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
+    "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
+                             "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
+                             "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
+                             "check {lr} (too small, or a schedule that decayed it to ~0) and {clip} (a threshold "
+                             "that shrinks every gradient to almost nothing)",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
@@ -433,7 +440,9 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
     Else updates lost to rounding in low-precision weights: claimed from measured lost updates — or, where
     nothing was measured, from the optimizer's preflight prediction — and never while updates are inflated
-    (an optimizer state that flushed to zero makes them larger, not lost)."""
+    (an optimizer state that flushed to zero makes them larger, not lost). Lost in fp32 (or float64) weights —
+    already what mixed precision's master weights are — the steps are too small for any dtype: the fix is the
+    learning rate, its schedule or the clipping, never a precision change."""
     flushed = r.of("zero_gradients")
     flushed = flushed[flushed["dtype"] == "float16"]
     if len(flushed) and not (r.config.get("precision") or {}).get("loss_scaling"):
@@ -449,9 +458,13 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
     if len(lost):
         row = _first(lost)
+        # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
+        half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction},
-                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+                      evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
+                                "dtype": row.get("dtype")},
+                      fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
+                                dtype=row.get("dtype"), tensor=row.get("tensor"), half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)

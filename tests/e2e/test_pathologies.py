@@ -66,6 +66,8 @@ def test_the_expectations_are_checked_as_stated():
     assert catalog.mismatches(located, [{**cause, "fix": "lower --student-lr"}], "CLI") == []
     assert catalog.mismatches(located, [{**cause, "fix": "use --no-such-flag"}], "CLI") != []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", evidence_contains="ratio"), [cause]) == []
+    assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="LR"), [cause]) != []
+    assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="autocast"), [cause]) == []
 
 
 @pytest.mark.parametrize("scenario", catalog.SCENARIOS, ids=lambda s: s.slug)
