@@ -288,3 +288,39 @@ def test_the_same_loss_in_fp32_or_with_the_modules_measured_is_not_called_an_fp1
     measured = BETWEEN_STATISTICS.assign(act_amax_student=[3.5, 4.0])
     (computed,) = causes(log(*SKIPPED_NAN), measured, mode="mixed", caller="loop")
     assert computed["cause"] == "divergence" and computed["fix"].startswith("check the loss computation")
+
+
+NAN_OUTPUT = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+              "model": "student", "module": "attn", "value": math.nan, "dtype": "float32"}
+THEN_RUINED = ({**NAN_LOSS, "step": 1}, *AFTER_IT)
+SMALL_VALUES = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [12.0], "param_amax": [math.nan]})
+
+
+@pytest.mark.parametrize("model, dtype, mode", [("student", "float32", "fp32"), ("student", "bfloat16", "bf16-mixed"),
+                                                ("teacher", "float32", "fp32")])
+def test_a_nan_made_from_small_values_without_fp16_is_an_undefined_operation_not_an_overflow(model, dtype, mode):
+    """fp32 (or bf16: fp32's range) compute, values of ~10, then NaN: no dtype overflowed — an operation undefined
+    on its inputs made it (a softmax over a fully masked row is 0/0). Named at its module, the fix in those terms,
+    never a precision change (the old answer: `activation_overflow`, "train with --precision bf16-mixed")."""
+    frame = log({**NAN_OUTPUT, "model": model, "dtype": dtype}, *THEN_RUINED)
+    (cause,) = causes(frame, SMALL_VALUES.rename(columns={"act_amax_student": f"act_amax_{model}"}), mode=mode)
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
+        "divergence", "critical", model, "attn", 1)
+    assert "mask" in cause["fix"] and "log" in cause["fix"] and "--precision" not in cause["fix"]
+    assert cause["evidence"]["holds"] == "NaN" and cause["evidence"]["largest_measured_before"] == 12.0
+    assert "gradient_overflow@1" in cause["evidence"]["followed_by"]
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "mixed", "event": {"dtype": "float16"}},  # float16 compute: an overflow is the likelier cause
+    {"metrics": {"act_amax_student": [1e30]}},  # magnitudes beyond fp32's √max before: an overflow can explain it
+    {"metrics": {"act_amax_student": [None]}},  # nothing measured: nothing proves the values were small
+    {"before": {"kind": "nonfinite_batch", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+                "tensor": "inputs_embeds"}},  # bad data came first
+])
+def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can_explain_the_nan(change):
+    frame = log(*[change["before"]] if "before" in change else [], {**NAN_OUTPUT, **change.get("event", {})},
+                *THEN_RUINED)
+    metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
+    diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
+    assert not any("mask" in c["fix"] for c in diagnosis)

@@ -36,6 +36,11 @@ SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
+# The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float64": 1.7976931348623157e308}
+# A non-finite module output from values below DTYPE_MAX ** RANGE_EXPONENT (√max: not even a product of two of
+# them overflows) is no overflow: an operation undefined on its inputs made it (0/0, log 0, inf − inf)
+RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
@@ -120,6 +125,11 @@ FIXES = {
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
                             "of 0; lowering {lr} will not help",
+    "nonfinite_op": "{module} made {holds} in {dtype} from values nowhere near {dtype}'s range (the largest "
+                    "measured {amax}): an operation undefined on its inputs, not an overflow — a softmax over a row "
+                    "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
+                    "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
+                    "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
 
@@ -233,6 +243,35 @@ class RunRecord:
                   "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
+    def nonfinite_op(self) -> tuple[pd.Series, float] | None:
+        """The run's first non-finite module output when an operation undefined on its inputs made it, not an
+        overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
+        `activation_overflow`'s), nothing non-finite or extreme before it (bad data, weights, gradients, an
+        update), and every module output and weight measured up to its step nowhere near its dtype's range
+        (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None."""
+        acts = self.of("nonfinite_activation")
+        if not len(acts) or self.computes_in_fp16():
+            return None
+        row = _first(acts)
+        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+        if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        if "step" not in self.metrics or "split" not in self.metrics:
+            return None
+        train = self.metrics[(self.metrics["split"] == "train") & (self.metrics["step"] <= step)]
+        columns = [c for c in train.columns if c.startswith("act_amax_")]
+        if not columns:
+            return None
+        outputs = pd.to_numeric(train[columns].stack(), errors="coerce").dropna()
+        if not len(outputs):
+            return None
+        weights = self.train_column("param_amax")
+        measured = pd.concat([outputs, weights[weights.index < step]])
+        largest = float(measured[measured.map(math.isfinite)].max())
+        return (row, largest) if largest < limit ** RANGE_EXPONENT else None
+
     def unplaced_fp16_loss(self) -> pd.Series | None:
         """The first non-finite loss of a float16-compute run, first of the run, on a step that took no module
         statistics (a `standard` step between statistics steps, in a loop that cannot replay it): in float16 the
@@ -322,7 +361,7 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"] == "teacher"]
-    if not len(acts):
+    if not len(acts) or r.nonfinite_op() is not None:  # not an overflow: an undefined operation (`divergence`)
         return []
     row = _first(acts)
     where = _where(row)
@@ -374,7 +413,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
-    if len(acts):
+    if len(acts) and r.nonfinite_op() is None:  # else not an overflow: an undefined operation (`divergence`)
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
@@ -477,11 +516,26 @@ def update_underflow(r: RunRecord) -> list[Cause]:
 def divergence(r: RunRecord) -> list[Cause]:
     """A blow-up that precision does not explain.
 
+    First, a module output that an operation undefined on its inputs made non-finite (`RunRecord.nonfinite_op`:
+    NaN or Inf from values nowhere near their dtype's range, nothing computed in float16): located at that module,
+    the fix in the operation's terms (the mask, a clamp before a log), not a precision change or the lr.
+
     After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
     mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
     explanation when one exists), or an fp32 training loss above DIVERGENCE_FACTOR× its first value.
     """
+    op = r.nonfinite_op()
+    if op is not None:
+        row, largest = op
+        value = row.get("value")
+        holds = "NaN" if value is None or math.isnan(value) else "Inf"
+        return [Cause("divergence", "critical", **_where(row),
+                      evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
+                                "largest_measured_before": largest,
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+                      fix=r.fix("nonfinite_op", module=row.get("module") or row.get("model"), holds=holds,
+                                dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
