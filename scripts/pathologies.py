@@ -759,6 +759,36 @@ def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
+    """A hand-written attention (`tiny.MaskedAttention`) whose masked softmax is its own code: a batch with one
+    sequence that is all padding masks every key of its rows, and softmax over -inf alone is 0/0 — in fp32, from
+    values of order 1, with no overflow anywhere."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False  # the second sequence is padding only
+    with torch.no_grad():  # outside the tool: where the first NaN is, and how large the values before it are
+        x = model.embed(ids)
+        scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids, keep)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(largest_score=round(float(scores.abs().max()), 3), loss=float(loss.detach()),
+                         nan_rows=int(weights.isnan().any(-1).sum()))
+    outcome.check("fp32 scores of order 1, finite; the softmax NaN exactly on the padded sequence's rows",
+                  finite(scores) and float(scores.abs().max()) < 100 and weights[1].isnan().all()
+                  and finite(weights[0]))
+    outcome.check("the loss is NaN", math.isnan(float(loss.detach())))
+    return outcome
+
+
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
     return _clean_user_loop(world, tmp, torch.float16, scaled=True)
 
@@ -865,6 +895,11 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
                       absent=("divergence",))),
+    Scenario("softmax over a fully masked row", "user loop: fp32, a hand-written attention whose masked softmax is "
+             "its own code; one sequence of the batch is all padding (0/0)", "fp32", "user loop",
+             fully_masked_row_user_loop,
+             Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
+                      fix_lacks="autocast", absent=("activation_overflow",))),
     Scenario("fp32 learning rate too small", "user loop: fp32 GPT-2, AdamW lr 1e-10 (updates below half an fp32 "
              "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",

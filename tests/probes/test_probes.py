@@ -109,6 +109,53 @@ def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp
     assert pd.isna(row.nan_count) and pd.isna(row.posinf_count) and row.numel == event.numel  # null, not 0
 
 
+def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_child_it_is_handed_to():
+    """The masked softmax is `attn`'s own code: with a row whose every key is masked it makes NaN (0/0), which
+    `attn.proj` then receives — proj's own work is fine. The first non-finite module is `attn`, not `attn.proj`;
+    and the values are tiny in fp32, so the diagnosis names an undefined operation, not an overflow."""
+    from tiny import MaskedAttentionNet
+
+    with torch.random.fork_rng():  # the tests after this one draw from the global generator as before
+        model = MaskedAttentionNet(vocab_size=12)
+        ids, keep = torch.randint(0, 12, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    keep[1] = False  # the second sequence is all padding
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(ids, keep).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_activation")
+    assert (event.model, event.module, event.step, event.dtype) == ("student", "attn", 1, "float32")
+    assert math.isnan(event.value) and "own code" in event.message and "attn.proj" in event.message
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["module"], cause["first_step"]) == ("divergence", "attn", 1)
+    assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
+
+
+def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
+    """-Inf written into scores as a mask, then a softmax module (nn.Softmax): the usual way; only NaN made between
+    modules counts, so nothing is reported while every row keeps a key."""
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.softmax = nn.Linear(4, 4), nn.Softmax(-1)
+
+        def forward(self, x):
+            scores = self.q(x) @ x.transpose(-1, -2)
+            return self.softmax(scores.masked_fill(torch.ones(3, 3).triu(1).bool(), float("-inf")))
+
+    with torch.random.fork_rng():
+        model, x = nn.Sequential(Scores(), nn.Linear(3, 1)), torch.randn(2, 3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    assert not _events(probes, "nonfinite_activation") and probes.diagnosis() == []
+
+
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
