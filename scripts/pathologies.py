@@ -789,6 +789,33 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
+    """A decay schedule sized for 2 steps, run for 5: sqrt(1 − step/2) computed with tensors is NaN past its end
+    (no error), so step 4's learning rate is NaN while the gradients are finite."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(torch.tensor(1.0 - s / 2).sqrt()))
+    grads_finite, weights_finite = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 5):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads_finite.append(all(finite(p.grad) for p in model.parameters() if p.grad is not None))
+            opt.step()
+            weights_finite.append(all(finite(p) for p in model.parameters()))
+            probes.step(loss=loss, labels=ids)
+            schedule.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    lrs = [json.loads(line).get("lr") for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    outcome.facts.update(lr=lrs, gradients_finite=grads_finite, weights_finite=weights_finite)
+    outcome.check("finite gradients through step 4, weights NaN first after step 4",
+                  all(grads_finite[:4]) and weights_finite[:4] == [True, True, True, False])
+    outcome.check("metrics.jsonl keeps step 4's lr as NaN", lrs[3] is not None and math.isnan(lrs[3]))
+    return outcome
+
+
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
     return _clean_user_loop(world, tmp, torch.float16, scaled=True)
 
@@ -900,6 +927,10 @@ SCENARIOS: list[Scenario] = [
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("lr schedule past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay sqrt(1 − step/2) run "
+             "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
+             Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",
+                      evidence_contains="lr_nonfinite", absent=("divergence",))),
     Scenario("fp32 learning rate too small", "user loop: fp32 GPT-2, AdamW lr 1e-10 (updates below half an fp32 "
              "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",

@@ -324,3 +324,27 @@ def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can
     metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
     diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
     assert not any("mask" in c["fix"] for c in diagnosis)
+
+
+NAN_WEIGHTS = {"kind": "nonfinite_param", "severity": "critical", "step": 3, "model": "student", "module": "mid",
+               "tensor": "mid.weight", "nan_count": 64, "value": math.nan}
+
+
+def test_nan_weights_after_a_step_with_finite_gradients_are_the_optimizers_own_numbers():
+    """Every gradient of step 3 measured finite, the weights NaN after it: the update's arithmetic made the NaN
+    (a NaN lr, eps 0 over a zero second moment, a bad state) — not the data, the model or a learning rate to lower."""
+    finite_grads = pd.DataFrame({"step": [2, 3], "split": "train", "nonfinite_grad_tensors": [0, 0],
+                                 "grad_amax": [0.5, 0.4], "lr": [1e-3, math.nan]})
+    (cause,) = causes(log(NAN_WEIGHTS), finite_grads, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "optimizer_nonfinite", "critical", "mid.weight", 3)
+    assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["grad_amax"] == 0.4
+    assert "eps > 0" in cause["fix"] and "lower" not in cause["fix"]
+
+
+@pytest.mark.parametrize("metrics", [
+    pd.DataFrame({"step": [3], "split": "train", "nonfinite_grad_tensors": [2]}),  # the gradients were not finite
+    pd.DataFrame({"step": [2], "split": "train", "nonfinite_grad_tensors": [0]}),  # step 3's were not measured
+])
+def test_nan_weights_are_not_blamed_on_the_optimizer_unless_the_gradients_were_measured_finite(metrics):
+    assert [c["cause"] for c in causes(log(NAN_WEIGHTS), metrics, mode="fp32")] == ["divergence"]

@@ -27,8 +27,9 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "divergence",
-    "activation_overflow", "gradient_overflow", "loss_scale_collapse", "update_underflow",
+    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
+    "optimizer_nonfinite", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
+    "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -79,6 +80,15 @@ PHRASES = {
 FIXES = {
     "optimizer_eps_underflow": "train with {mixed}: fp32 master weights and optimizer state keep eps={eps} "
                                "representable (in pure fp16 a larger eps avoids the NaNs but updates stagnate)",
+    "optimizer_eps_zero": "the optimizer's eps is 0: wherever a second moment is 0 (a gradient entry exactly 0 — an "
+                          "embedding row not in the batch, a dead unit) Adam divides 0 by 0 and the weight turns NaN — "
+                          "set eps > 0 (1e-8 is the default); precision and the learning rate are not the cause",
+    "optimizer_lr_nonfinite": "the learning rate of {group} is {lr_value} from step {step}: the optimizer turns every "
+                              "weight it updates NaN whatever the gradients — check the schedule (a division by a "
+                              "warm-up or total of 0, a decay run past its end) and the value given to {lr}",
+    "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
+                           "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
+                           "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -243,6 +253,25 @@ class RunRecord:
                   "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
+    def optimizer_made_nonfinite(self) -> pd.Series | None:
+        """The first `nonfinite_param` event holding NaN when the step that made it had every gradient measured
+        finite (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a
+        loss, a gradient, an update as large as the weights: then the optimizer's own arithmetic made the NaN.
+        (Inf alone can be an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
+        params = self.of("nonfinite_param")
+        if not len(params):
+            return None
+        step = int(params["step"].min())
+        limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
+                  "empty_targets": step + 1, "extreme_update": step}
+        if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        bad_grads = self.train_column("nonfinite_grad_tensors")
+        if step not in bad_grads.index or float(bad_grads.loc[[step]].iloc[-1]) != 0:
+            return None
+        made = params[(params["step"] == step) & (params["nan_count"].fillna(0) > 0)]
+        return _first(made) if len(made) else None
+
     def nonfinite_op(self) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
         overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
@@ -382,10 +411,34 @@ def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         where["first_step"] = first_bad
-    return [Cause("optimizer_eps_underflow", "critical", **where,
+    set_to_zero = row["value"] == 0  # the caller's setting, not a rounding: no dtype makes it representable
+    return [Cause("optimizer_eps_underflow", "critical" if first_bad is not None or not set_to_zero else "warning",
+                  **where,
                   evidence={"eps": row["value"], "dtype": row["dtype"], "first_nonfinite_param_step": first_bad,
-                            "nonfinite_param_events": len(r.of("nonfinite_param"))},
-                  fix=r.fix("optimizer_eps_underflow", eps=f"{row['value']:g}"))]
+                            "nonfinite_param_events": len(r.of("nonfinite_param")), "eps_set_to_zero": set_to_zero},
+                  fix=r.fix("optimizer_eps_zero" if set_to_zero else "optimizer_eps_underflow",
+                            eps=f"{row['value']:g}"))]
+
+
+def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
+    """The optimizer's own numbers made the weights non-finite: a parameter group's learning rate that is NaN/Inf
+    (a `nonfinite_lr` event), or NaN weights after a step whose gradients were all finite
+    (`RunRecord.optimizer_made_nonfinite`). An eps that is 0 and a flushed state have rules of their own."""
+    lrs, made = r.of("nonfinite_lr"), r.optimizer_made_nonfinite()
+    if (not len(lrs) and made is None) or len(r.of("optimizer_preflight", "eps_zero")) \
+            or len(r.of("optimizer_state_underflow")):
+        return []
+    where = _where(made if made is not None else _first(lrs))
+    evidence = {"gradients_finite": made is not None, "nonfinite_param_events": len(r.of("nonfinite_param"))}
+    if made is not None:
+        evidence["grad_amax"] = number_or_none(r.train_column("grad_amax").get(where["first_step"]))
+    if len(lrs):
+        lr = _first(lrs)
+        evidence.update(lr_nonfinite=lr.get("tensor"), lr_value=str(lr["value"]), lr_step=int(lr["step"]))
+        return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
+                      fix=r.fix("optimizer_lr_nonfinite", group=lr.get("tensor"), lr_value=str(lr["value"]),
+                                step=int(lr["step"])))]
+    return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -560,6 +613,8 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
                       fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor")))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
+    if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):
+        return []  # the optimizer's own numbers: `optimizer_nonfinite`
     if len(blowups):
         row = _first(blowups)
         computed = _nonfinite_loss_computation(r)
@@ -594,8 +649,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, activation_overflow,
-         gradient_overflow, loss_scale_collapse, update_underflow, divergence)
+RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
+         activation_overflow, gradient_overflow, loss_scale_collapse, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

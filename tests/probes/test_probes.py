@@ -216,6 +216,54 @@ def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
     assert warned == {"live": "weight_decay_zero"}  # 1e-8 is 0 in float16; the frozen group: nothing
 
 
+def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_the_metrics():
+    """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
+    optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
+    cause — not a blow-up to fix with a lower learning rate."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(torch.tensor(1.0 - s / 1.0).sqrt()))
+    rows = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(4):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            schedule.step()
+            opt.zero_grad()
+    assert rows[0]["lr"] == 1e-3 and rows[1]["lr"] == 0.0 and math.isnan(rows[2]["lr"])  # NaN kept, not 0 or None
+    (event,) = _events(probes, "nonfinite_lr")
+    assert (event.step, event.severity, event.model) == (3, "critical", "student") and math.isnan(event.value)
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["first_step"]) == ("optimizer_nonfinite", 3)
+    assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["lr_value"] == "nan"
+    assert "schedule" in cause["fix"] and "lower" not in cause["fix"]
+    assert "divergence" not in _causes(probes)
+
+
+def test_an_eps_set_to_zero_is_named_with_its_own_fix_not_a_precision_change():
+    """fp32 AdamW with eps=0: the embedding rows no token of the batch uses have a zero gradient, so a zero second
+    moment: 0/0 at step 1, NaN weights from finite gradients. Said before the first step; the fix is eps > 0."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=0.0)
+    with Probes(model, optimizer=opt, caller="loop") as probes:
+        loss = model(torch.tensor([[1, 2, 3]])).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "optimizer_preflight")
+    assert (event.code, event.severity, event.value, event.dtype) == ("eps_zero", "warning", 0.0, "float32")
+    assert _events(probes, "nonfinite_param") and not _events(probes, "nonfinite_grad")
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_eps_underflow", "critical", 1)
+    assert "eps > 0" in cause["fix"] and "autocast" not in cause["fix"] and cause["evidence"]["eps_set_to_zero"]
+
+
 def test_second_moments_that_flush_to_zero_are_reported():
     torch.manual_seed(0)
     model = Net().half()
