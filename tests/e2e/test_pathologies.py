@@ -96,3 +96,13 @@ def test_the_script_prints_the_table(tmp_path, capsys):
     text = table.read_text()
     assert text.startswith("| pathology | how provoked | mode |") and text.count("\n| clean fp32 |") == 1
     assert "| clean fp32 |" in capsys.readouterr().out
+
+
+def test_the_readme_table_has_one_row_per_scenario_all_as_expected():
+    """README's table is the script's output (`--markdown`): a scenario added, renamed or failing shows here
+    without running the catalog — regenerate it with `python scripts/pathologies.py --markdown FILE`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index(catalog.HEADER)
+    rows = readme[start:readme.index("\n\n", start)].splitlines()[2:]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [s.name for s in catalog.SCENARIOS]
+    assert all(row.endswith("| yes |") for row in rows)
