@@ -816,6 +816,40 @@ def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def no_gradient_user_loop(bug: str):
+    """fp32 GPT-2, AdamW: from step 2 on the weights get no gradient — `zero_grad()` between backward and step
+    ("cleared"), or the logits detached with the loss's `requires_grad_()` silencing backward's error ("detached")."""
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome = Outcome()
+        model = tiny.make_gpt2(world.vocab)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        before, reached = {}, []
+        with _probes(model, opt, None, tmp / "run") as probes:
+            for step, ids in enumerate(token_batches(world, 10), start=1):
+                logits = model(input_ids=ids).logits
+                if bug == "detached" and step > 1:
+                    logits = logits.detach()
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                if not loss.requires_grad:
+                    loss.requires_grad_(True)
+                loss.backward()
+                if bug == "cleared" and step > 1:
+                    opt.zero_grad()
+                reached.append(any(p.grad is not None and bool(p.grad.any()) for p in model.parameters()))
+                if step == 2:
+                    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                opt.step()
+                probes.step(loss=loss, labels=ids)
+                opt.zero_grad()
+        outcome.diagnosis = user_run_diagnosis(tmp / "run")
+        moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
+        outcome.facts.update(gradient_reached=reached, weights_changed_after_step_1=moved)
+        outcome.check("a gradient at step 1 only; no weight changed from step 2 on",
+                      reached == [True] + [False] * 9 and moved == 0)
+        return outcome
+    return run
+
+
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
     return _clean_user_loop(world, tmp, torch.float16, scaled=True)
 
@@ -931,6 +965,15 @@ SCENARIOS: list[Scenario] = [
              "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
              Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",
                       evidence_contains="lr_nonfinite", absent=("divergence",))),
+    Scenario("gradients cleared before the step", "user loop: fp32 GPT-2, AdamW; `zero_grad()` between "
+             "`backward()` and `step()` from step 2", "fp32", "user loop", no_gradient_user_loop("cleared"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="zero_grad",
+                      absent=("update_underflow",))),
+    Scenario("logits detached", "user loop: fp32 GPT-2, AdamW; from step 2 the logits `.detach()`ed, "
+             "`loss.requires_grad_()` silencing backward's error", "fp32", "user loop",
+             no_gradient_user_loop("detached"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="detach",
+                      absent=("update_underflow",))),
     Scenario("fp32 learning rate too small", "user loop: fp32 GPT-2, AdamW lr 1e-10 (updates below half an fp32 "
              "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",

@@ -220,9 +220,12 @@ def test_gradients_flushed_to_zero_by_an_unscaled_fp16_backward_are_update_under
 @pytest.mark.parametrize("dtype, loss_scaling", [("float16", True), ("float32", False), ("bfloat16", False)])
 def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype, loss_scaling):
     """A loss scaler keeps fp16 gradients above the flush; fp32 and bf16 have fp32's range: zeros there are
-    structural (nothing reaches the weights), which precision does not explain."""
+    structural — nothing reaches the weights (logits detached, gradients cleared before the step) — which precision
+    does not explain: named as such, with no precision fix."""
     frame = log({**ZERO_GRADIENTS, "dtype": dtype})
-    assert diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}}) == []
+    (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"})
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
+    assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
 
 
 NAN_LOSS = {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 1, "phase": "loss",

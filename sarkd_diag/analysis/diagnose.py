@@ -29,7 +29,7 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
     "optimizer_nonfinite", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
-    "update_underflow",
+    "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -111,6 +111,11 @@ FIXES = {
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
+    "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
+                    "step since step {step}) and no float16 flush explains it: the loss is cut off from them — "
+                    "logits `.detach()`ed or computed under `torch.no_grad()` (a `loss.requires_grad_()` hides "
+                    "that), a frozen path — or the gradients are cleared between `backward()` and the optimizer "
+                    "step (`zero_grad()` before `step()`); nothing trains",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
@@ -527,6 +532,26 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
                             module=where["module"] or where["tensor"]))]
 
 
+def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
+    """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero)."""
+    unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
+    return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+
+
+def no_gradients(r: RunRecord) -> list[Cause]:
+    """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
+    it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights."""
+    zero = r.of("zero_gradients")
+    zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
+    if not len(zero):
+        return []
+    row = _first(zero)
+    return [Cause("no_gradients", "warning", **_where(row),
+                  evidence={"zero_gradient_tensor_fraction": row["value"], "tensors_with_a_gradient": row.get("numel"),
+                            "compute_dtype": row.get("dtype")},
+                  fix=r.fix("no_gradients", tensor=row.get("tensor"), step=int(row["step"])))]
+
+
 def update_underflow(r: RunRecord) -> list[Cause]:
     """Updates lost to underflow (stagnation). Upstream first: gradients flushed to zero by a float16 backward
     that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
@@ -535,9 +560,8 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     (an optimizer state that flushed to zero makes them larger, not lost). Lost in fp32 (or float64) weights —
     already what mixed precision's master weights are — the steps are too small for any dtype: the fix is the
     learning rate, its schedule or the clipping, never a precision change."""
-    flushed = r.of("zero_gradients")
-    flushed = flushed[flushed["dtype"] == "float16"]
-    if len(flushed) and not (r.config.get("precision") or {}).get("loss_scaling"):
+    flushed = _flushed_by_fp16(r, r.of("zero_gradients"))
+    if len(flushed):
         row = _first(flushed)
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
@@ -650,7 +674,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         activation_overflow, gradient_overflow, loss_scale_collapse, update_underflow, divergence)
+         activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

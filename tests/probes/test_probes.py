@@ -445,6 +445,28 @@ class LowRank(nn.Module):
         return x + self.up(self.down(x))
 
 
+def test_gradients_cleared_before_the_step_are_named_and_are_no_lost_updates():
+    """`zero_grad()` between backward and step from step 2 on: no tensor has a gradient when the optimizer steps, so
+    AdamW skips every one. Adam's first moments left from step 1 intend nothing then: no update was lost to
+    rounding (the old answer at statistics step 10: update_underflow); nothing reached the weights."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for step in range(1, 11):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            if step > 1:
+                opt.zero_grad()  # the bug: cleared before the step
+            opt.step()
+            row = probes.step(loss=loss)
+    assert row["lost_update_fraction"] == 0.0 and not _events(probes, "lost_updates")
+    (event,) = _events(probes, "zero_gradients")
+    assert (event.step, event.value, event.numel) == (2, 1.0, 0) and "none of the" in event.message
+    assert _causes(probes) == ["no_gradients"]
+
+
 def test_a_zero_initialised_partner_is_no_event():
     model = LowRank()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
