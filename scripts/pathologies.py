@@ -633,11 +633,22 @@ def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None) -> Outcome:
-    """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher through `kd(student_logits,
-    teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both models watched."""
+def kd_teacher(world: World, dtype: torch.dtype = torch.float32, confidence: float = 1.0) -> nn.Module:
+    """The KD loops' frozen tiny GPT-2 teacher, in `dtype`; `confidence` scales its final LayerNorm's gain, and so
+    its logits: the untrained teacher's logits span ~1, a trained LM's tens."""
+    teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
+    with torch.no_grad():
+        teacher.transformer.ln_f.weight.mul_(confidence)
+    return teacher.to(dtype)
+
+
+def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None,
+                 teacher: nn.Module | None = None) -> Outcome:
+    """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher (`kd_teacher` unless given)
+    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both
+    models watched. The student's logits reach `kd` as fp32, the teacher's as its forward made them."""
     outcome = Outcome()
-    student, teacher = tiny.make_gpt2(world.vocab), tiny.make_gpt2(world.vocab, seed=3).eval()
+    student, teacher = tiny.make_gpt2(world.vocab), teacher if teacher is not None else kd_teacher(world)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
     losses, zero_grads = [], []
@@ -649,7 +660,7 @@ def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype 
                 student_logits = student(input_ids=ids).logits
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids).logits
-                loss = kd(student_logits.float(), teacher_logits.float())
+                loss = kd(student_logits.float(), teacher_logits)
             loss.backward()
             losses.append(float(loss.detach()))
             zero_grads.append(all(p.grad is None or not p.grad.any() for p in student.parameters()))
@@ -669,6 +680,33 @@ def kd_divergence(temperature: float, weight: float = 1.0):
         kl = nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
         return weight * temperature**2 * kl
     return kd
+
+
+def kd_of_softmax_log(temperature: float):
+    """The KD term as often written by hand: KL(teacher ‖ student) = Σ q·(log q − log p) with q the teacher's
+    softmax and its log taken as log(q), in the teacher's own dtype."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / temperature, -1)
+        q = nn.functional.softmax(teacher_logits / temperature, -1)
+        return (q * (q.log() - log_p)).sum(-1).mean() * temperature**2
+    return kd
+
+
+def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
+    """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
+    wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
+    teacher = kd_teacher(world, torch.float16, confidence=30.0)
+    outcome = kd_user_loop(world, tmp, kd_of_softmax_log(1.0), steps=2, teacher=teacher)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits
+    q16, q32 = nn.functional.softmax(logits, -1), nn.functional.softmax(logits.float(), -1)
+    outcome.facts.update(teacher_logit_spread=round(float((logits.max(-1).values - logits.min(-1).values).max()), 2),
+                         fp16_probs_zero=int((q16 == 0).sum()), fp32_probs_zero=int((q32 == 0).sum()))
+    outcome.check("the fp16 teacher's logits are finite; its fp16 softmax has zeros (log: -inf), fp32's none",
+                  finite(logits) and (q16 == 0).any() and not (q32 == 0).any())
+    outcome.check("the loss is NaN from step 1", math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
 
 
 def fp16_autocast_kd_without_scaler(world: World, tmp: Path) -> Outcome:
@@ -951,6 +989,10 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
                       absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
+    Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
+             "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
+             Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
+                      absent=("divergence", "activation_overflow"))),
     Scenario("one outlier batch overflows fp16, AMP loop",
              "user loop: autocast fp16 + GradScaler; step 5's batch overflows an MLP (between statistics steps)",
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,

@@ -351,3 +351,20 @@ def test_nan_weights_after_a_step_with_finite_gradients_are_the_optimizers_own_n
 ])
 def test_nan_weights_are_not_blamed_on_the_optimizer_unless_the_gradients_were_measured_finite(metrics):
     assert [c["cause"] for c in causes(log(NAN_WEIGHTS), metrics, mode="fp32")] == ["divergence"]
+
+
+@pytest.mark.parametrize("caller, teacher, named", [("loop", ["float16"], True), ("trainer", ["float16"], True),
+                                                    ("loop", ["float32"], False), ("cli", ["float16"], False)])
+def test_a_nan_loss_from_a_float16_teachers_finite_outputs_names_the_teacher(caller, teacher, named):
+    """A user's KD term over a float16 teacher: softmax of fp16 logits underflows to 0, log(0) is -inf, 0 × -inf
+    is NaN — the teacher's dtype, not the loss's arithmetic in general. sarkd-diag's own loss (cli) computes the KD
+    term in fp32 whatever the teacher holds, and an fp32 teacher has no such limit: the loss computation then."""
+    cfg = {"precision": {"mode": "fp32", "model_dtypes": {"student": ["float32"], "teacher": teacher}},
+           "caller": caller}
+    (cause,) = diagnose(log(NAN_LOSS, *AFTER_IT), MEASURED, cfg)
+    if named:
+        assert (cause["cause"], cause["model"], cause["first_step"]) == ("teacher_overflow", "teacher", 1)
+        assert ".float()" in cause["fix"] and "log_softmax" in cause["fix"] and "7" in cause["fix"]
+        assert cause["evidence"]["teacher_dtype"] == "float16"
+    else:
+        assert cause["cause"] == "divergence" and cause["fix"].startswith("check the loss computation")

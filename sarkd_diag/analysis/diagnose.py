@@ -125,6 +125,11 @@ FIXES = {
                              "that shrinks every gradient to almost nothing)",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
+    "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
+                         "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
+                         "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
+                         "(and take log_softmax, not log(softmax)), or hold the teacher in a wider dtype — "
+                         "{fp32_teacher}",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
@@ -277,6 +282,25 @@ class RunRecord:
         made = params[(params["step"] == step) & (params["nan_count"].fillna(0) > 0)]
         return _first(made) if len(made) else None
 
+    def loss_from_finite_outputs(self) -> tuple[pd.Series, dict[str, float]] | None:
+        """The run's first non-finite loss, first of the run, on a step whose module outputs were all measured
+        finite — with those outputs' largest values per model: the non-finite value was made between the models'
+        outputs and the loss."""
+        row = self.first_nonfinite_loss()
+        outputs = self.module_outputs_at(int(row["step"])) if row is not None else {}
+        if not outputs or not all(math.isfinite(v) for v in outputs.values()):
+            return None
+        return row, outputs
+
+    def teacher_alone_in_fp16(self) -> bool:
+        """A caller's own loss (sarkd-diag's `train` computes its KD term in fp32 whatever the teacher holds) over a
+        teacher whose weights are all float16 while the student computes wider: its outputs reach the loss in
+        float16."""
+        precision = self.config.get("precision") or {}
+        dtypes = precision.get("model_dtypes") or {}
+        return (self.caller != "cli" and dtypes.get("teacher") == ["float16"]
+                and "float16" not in dtypes.get("student", []) and precision.get("compute_dtype") != "float16")
+
     def nonfinite_op(self) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
         overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
@@ -392,9 +416,20 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
 
 
 def teacher_overflow(r: RunRecord) -> list[Cause]:
-    """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does."""
+    """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
+    a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
+    softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"] == "teacher"]
+    measured = r.loss_from_finite_outputs()
+    if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
+        row, outputs = measured
+        term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": "teacher"},
+                      evidence={"teacher_dtype": "float16", "loss_term": row.get("tensor"),
+                                "module_outputs_finite": True,
+                                **{f"act_amax_{model}": v for model, v in outputs.items()}},
+                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get('teacher', math.nan):.3g}"))]
     if not len(acts) or r.nonfinite_op() is not None:  # not an overflow: an undefined operation (`divergence`)
         return []
     row = _first(acts)
@@ -660,10 +695,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     """The loss is the first thing non-finite, on a step whose module outputs were measured and finite: the
     non-finite value was made between the models' outputs and the loss (the loss's own arithmetic, or an input
     nobody watched), not by the weights, an update or the data — so no learning rate explains it either."""
-    row = r.first_nonfinite_loss()
-    outputs = r.module_outputs_at(int(row["step"])) if row is not None else {}
-    if not outputs or not all(math.isfinite(v) for v in outputs.values()):
+    measured = r.loss_from_finite_outputs()
+    if measured is None or r.teacher_alone_in_fp16():  # a float16 teacher's outputs: `teacher_overflow`
         return None
+    row, outputs = measured
     dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
     term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
     return Cause("divergence", "critical", **_where(row),
