@@ -306,11 +306,14 @@ class RunRecord:
         overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
         `activation_overflow`'s), nothing non-finite or extreme before it (bad data, weights, gradients, an
         update), and every module output and weight measured up to its step nowhere near its dtype's range
-        (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None."""
+        (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None — so never in the
+        teacher, whose frozen weights no probe reads (an infinite weight there makes the same output)."""
         acts = self.of("nonfinite_activation")
         if not len(acts) or self.computes_in_fp16():
             return None
         row = _first(acts)
+        if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
+            return None
         step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
                   "nonfinite_batch": step + 1, "empty_targets": step + 1}
@@ -430,7 +433,7 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
                                 "module_outputs_finite": True,
                                 **{f"act_amax_{model}": v for model, v in outputs.items()}},
                       fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get('teacher', math.nan):.3g}"))]
-    if not len(acts) or r.nonfinite_op() is not None:  # not an overflow: an undefined operation (`divergence`)
+    if not len(acts):
         return []
     row = _first(acts)
     where = _where(row)
