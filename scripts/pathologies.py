@@ -60,6 +60,7 @@ class Expected:
     absent: tuple[str, ...] = ()  # causes that must not be claimed at all
     not_critical: tuple[str, ...] = ()  # causes that must not be claimed as critical
     fix_contains: str | None = None
+    fix_lacks: str | None = None  # advice the root cause's fix must not give (the wrong remedy for this run)
     evidence_contains: str | None = None  # some evidence key contains this
 
     def describe(self) -> str:
@@ -141,6 +142,8 @@ def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> l
         wrong.append(f"first step {step}, not {expected.first_step}")
     if expected.fix_contains and expected.fix_contains.lower() not in (top.get("fix") or "").lower():
         wrong.append(f"fix does not mention {expected.fix_contains!r}")
+    if expected.fix_lacks and expected.fix_lacks.lower() in (top.get("fix") or "").lower():
+        wrong.append(f"fix mentions {expected.fix_lacks!r}")
     if expected.evidence_contains and not any(expected.evidence_contains in k for k in top.get("evidence") or {}):
         wrong.append(f"no {expected.evidence_contains!r} in the evidence")
     for c in diagnosis:
@@ -630,11 +633,22 @@ def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None) -> Outcome:
-    """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher through `kd(student_logits,
-    teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both models watched."""
+def kd_teacher(world: World, dtype: torch.dtype = torch.float32, confidence: float = 1.0) -> nn.Module:
+    """The KD loops' frozen tiny GPT-2 teacher, in `dtype`; `confidence` scales its final LayerNorm's gain, and so
+    its logits: the untrained teacher's logits span ~1, a trained LM's tens."""
+    teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
+    with torch.no_grad():
+        teacher.transformer.ln_f.weight.mul_(confidence)
+    return teacher.to(dtype)
+
+
+def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None,
+                 teacher: nn.Module | None = None) -> Outcome:
+    """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher (`kd_teacher` unless given)
+    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both
+    models watched. The student's logits reach `kd` as fp32, the teacher's as its forward made them."""
     outcome = Outcome()
-    student, teacher = tiny.make_gpt2(world.vocab), tiny.make_gpt2(world.vocab, seed=3).eval()
+    student, teacher = tiny.make_gpt2(world.vocab), teacher if teacher is not None else kd_teacher(world)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
     losses, zero_grads = [], []
@@ -646,7 +660,7 @@ def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype 
                 student_logits = student(input_ids=ids).logits
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids).logits
-                loss = kd(student_logits.float(), teacher_logits.float())
+                loss = kd(student_logits.float(), teacher_logits)
             loss.backward()
             losses.append(float(loss.detach()))
             zero_grads.append(all(p.grad is None or not p.grad.any() for p in student.parameters()))
@@ -666,6 +680,33 @@ def kd_divergence(temperature: float, weight: float = 1.0):
         kl = nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
         return weight * temperature**2 * kl
     return kd
+
+
+def kd_of_softmax_log(temperature: float):
+    """The KD term as often written by hand: KL(teacher ‖ student) = Σ q·(log q − log p) with q the teacher's
+    softmax and its log taken as log(q), in the teacher's own dtype."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / temperature, -1)
+        q = nn.functional.softmax(teacher_logits / temperature, -1)
+        return (q * (q.log() - log_p)).sum(-1).mean() * temperature**2
+    return kd
+
+
+def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
+    """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
+    wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
+    teacher = kd_teacher(world, torch.float16, confidence=30.0)
+    outcome = kd_user_loop(world, tmp, kd_of_softmax_log(1.0), steps=2, teacher=teacher)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits
+    q16, q32 = nn.functional.softmax(logits, -1), nn.functional.softmax(logits.float(), -1)
+    outcome.facts.update(teacher_logit_spread=round(float((logits.max(-1).values - logits.min(-1).values).max()), 2),
+                         fp16_probs_zero=int((q16 == 0).sum()), fp32_probs_zero=int((q32 == 0).sum()))
+    outcome.check("the fp16 teacher's logits are finite; its fp16 softmax has zeros (log: -inf), fp32's none",
+                  finite(logits) and (q16 == 0).any() and not (q32 == 0).any())
+    outcome.check("the loss is NaN from step 1", math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
 
 
 def fp16_autocast_kd_without_scaler(world: World, tmp: Path) -> Outcome:
@@ -730,6 +771,121 @@ def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     outcome.check("the loss exceeds 3x its first value and stays finite",
                   above is not None and all(map(math.isfinite, losses)))
     return outcome
+
+
+def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
+    """fp32 weights, an lr far too small for them: AdamW moves every weight by ~lr = 1e-10, below half an fp32 ulp
+    of any weight above ~2e-3 — lost in fp32, the widest dtype training uses: no precision change can help."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-10)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    same = sum(int((before[n] == p).sum()) for n, p in model.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    outcome.facts.update(unchanged_weight_fraction=round(same / total, 3),
+                         dtypes=sorted({str(p.dtype) for p in model.parameters()}))
+    outcome.check("fp32 weights, most unchanged after 3 steps", outcome.facts["dtypes"] == ["torch.float32"]
+                  and same / total > 0.5)
+    return outcome
+
+
+def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
+    """A hand-written attention (`tiny.MaskedAttention`) whose masked softmax is its own code: a batch with one
+    sequence that is all padding masks every key of its rows, and softmax over -inf alone is 0/0 — in fp32, from
+    values of order 1, with no overflow anywhere."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False  # the second sequence is padding only
+    with torch.no_grad():  # outside the tool: where the first NaN is, and how large the values before it are
+        x = model.embed(ids)
+        scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids, keep)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(largest_score=round(float(scores.abs().max()), 3), loss=float(loss.detach()),
+                         nan_rows=int(weights.isnan().any(-1).sum()))
+    outcome.check("fp32 scores of order 1, finite; the softmax NaN exactly on the padded sequence's rows",
+                  finite(scores) and float(scores.abs().max()) < 100 and weights[1].isnan().all()
+                  and finite(weights[0]))
+    outcome.check("the loss is NaN", math.isnan(float(loss.detach())))
+    return outcome
+
+
+def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
+    """A decay schedule sized for 2 steps, run for 5: sqrt(1 − step/2) computed with tensors is NaN past its end
+    (no error), so step 4's learning rate is NaN while the gradients are finite."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(torch.tensor(1.0 - s / 2).sqrt()))
+    grads_finite, weights_finite = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 5):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads_finite.append(all(finite(p.grad) for p in model.parameters() if p.grad is not None))
+            opt.step()
+            weights_finite.append(all(finite(p) for p in model.parameters()))
+            probes.step(loss=loss, labels=ids)
+            schedule.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    lrs = [json.loads(line).get("lr") for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    outcome.facts.update(lr=lrs, gradients_finite=grads_finite, weights_finite=weights_finite)
+    outcome.check("finite gradients through step 4, weights NaN first after step 4",
+                  all(grads_finite[:4]) and weights_finite[:4] == [True, True, True, False])
+    outcome.check("metrics.jsonl keeps step 4's lr as NaN", lrs[3] is not None and math.isnan(lrs[3]))
+    return outcome
+
+
+def no_gradient_user_loop(bug: str):
+    """fp32 GPT-2, AdamW: from step 2 on the weights get no gradient — `zero_grad()` between backward and step
+    ("cleared"), or the logits detached with the loss's `requires_grad_()` silencing backward's error ("detached")."""
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome = Outcome()
+        model = tiny.make_gpt2(world.vocab)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        before, reached = {}, []
+        with _probes(model, opt, None, tmp / "run") as probes:
+            for step, ids in enumerate(token_batches(world, 10), start=1):
+                logits = model(input_ids=ids).logits
+                if bug == "detached" and step > 1:
+                    logits = logits.detach()
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+                if not loss.requires_grad:
+                    loss.requires_grad_(True)
+                loss.backward()
+                if bug == "cleared" and step > 1:
+                    opt.zero_grad()
+                reached.append(any(p.grad is not None and bool(p.grad.any()) for p in model.parameters()))
+                if step == 2:
+                    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                opt.step()
+                probes.step(loss=loss, labels=ids)
+                opt.zero_grad()
+        outcome.diagnosis = user_run_diagnosis(tmp / "run")
+        moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
+        outcome.facts.update(gradient_reached=reached, weights_changed_after_step_1=moved)
+        outcome.check("a gradient at step 1 only; no weight changed from step 2 on",
+                      reached == [True] + [False] * 9 and moved == 0)
+        return outcome
+    return run
 
 
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
@@ -833,11 +989,37 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
                       absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
+    Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
+             "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
+             Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
+                      absent=("divergence", "activation_overflow"))),
     Scenario("one outlier batch overflows fp16, AMP loop",
              "user loop: autocast fp16 + GradScaler; step 5's batch overflows an MLP (between statistics steps)",
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
                       absent=("divergence",))),
+    Scenario("softmax over a fully masked row", "user loop: fp32, a hand-written attention whose masked softmax is "
+             "its own code; one sequence of the batch is all padding (0/0)", "fp32", "user loop",
+             fully_masked_row_user_loop,
+             Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
+                      fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("lr schedule past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay sqrt(1 − step/2) run "
+             "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
+             Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",
+                      evidence_contains="lr_nonfinite", absent=("divergence",))),
+    Scenario("gradients cleared before the step", "user loop: fp32 GPT-2, AdamW; `zero_grad()` between "
+             "`backward()` and `step()` from step 2", "fp32", "user loop", no_gradient_user_loop("cleared"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="zero_grad",
+                      absent=("update_underflow",))),
+    Scenario("logits detached", "user loop: fp32 GPT-2, AdamW; from step 2 the logits `.detach()`ed, "
+             "`loss.requires_grad_()` silencing backward's error", "fp32", "user loop",
+             no_gradient_user_loop("detached"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="detach",
+                      absent=("update_underflow",))),
+    Scenario("fp32 learning rate too small", "user loop: fp32 GPT-2, AdamW lr 1e-10 (updates below half an fp32 "
+             "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",
+                      fix_lacks="autocast")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

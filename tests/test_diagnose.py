@@ -2,6 +2,7 @@
 cause, orders the rest and folds symptoms into the root — the one place where that choice is made."""
 
 import math
+from collections import defaultdict
 
 import pandas as pd
 import pytest
@@ -145,8 +146,9 @@ def test_every_fix_is_written_in_its_callers_terms(caller):
     """No fix names an option its caller does not have: CLI flags only for the CLI."""
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     for name, template in [*FIXES.items(), *BF16_FIXES.items()]:
-        text = template.format_map({**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t",
-                                    "ratio": "50", "term": "loss", "amax": "3"})
+        values = {**words, "module": "m", "dtype": "float16", "eps": "1e-08", "tensor": "t", "ratio": "50",
+                  "term": "loss", "amax": "3"}
+        text = template.format_map(defaultdict(lambda: "x", values))  # any other figure: a placeholder
         if caller != "cli":
             assert "--" not in text, (name, text)
         if caller == "trainer":
@@ -195,6 +197,21 @@ def test_slow_weight_growth_over_a_long_run_is_not_inflation():
     assert causes(frame, fast, mode="pure-bf16") == []  # inflated: no lost-update claim
 
 
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_one(caller):
+    """fp32 weights are what mixed precision's master weights are: there is no wider dtype to advise. An update
+    below half an fp32 ulp (~6e-8 of the weight) is the learning rate, its schedule or the clipping."""
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+            "value": 0.9}
+    (fp32,) = causes(log({**lost, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert fp32["cause"] == "update_underflow" and fp32["evidence"]["dtype"] == "float32"
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    assert words["lr"] in fp32["fix"] and words["clip"] in fp32["fix"] and "schedule" in fp32["fix"]
+    assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
+    (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    assert words["mixed"] in bf16["fix"] and words["bf16_mixed"] in bf16["fix"]  # low-precision weights: as before
+
+
 ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "phase": "backward", "model": "student",
                   "module": "ln_f", "tensor": "ln_f.bias", "value": 1.0}
 
@@ -210,9 +227,12 @@ def test_gradients_flushed_to_zero_by_an_unscaled_fp16_backward_are_update_under
 @pytest.mark.parametrize("dtype, loss_scaling", [("float16", True), ("float32", False), ("bfloat16", False)])
 def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype, loss_scaling):
     """A loss scaler keeps fp16 gradients above the flush; fp32 and bf16 have fp32's range: zeros there are
-    structural (nothing reaches the weights), which precision does not explain."""
+    structural — nothing reaches the weights (logits detached, gradients cleared before the step) — which precision
+    does not explain: named as such, with no precision fix."""
     frame = log({**ZERO_GRADIENTS, "dtype": dtype})
-    assert diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}}) == []
+    (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"})
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
+    assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
 
 
 NAN_LOSS = {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 1, "phase": "loss",
@@ -278,3 +298,81 @@ def test_the_same_loss_in_fp32_or_with_the_modules_measured_is_not_called_an_fp1
     measured = BETWEEN_STATISTICS.assign(act_amax_student=[3.5, 4.0])
     (computed,) = causes(log(*SKIPPED_NAN), measured, mode="mixed", caller="loop")
     assert computed["cause"] == "divergence" and computed["fix"].startswith("check the loss computation")
+
+
+NAN_OUTPUT = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+              "model": "student", "module": "attn", "value": math.nan, "dtype": "float32"}
+THEN_RUINED = ({**NAN_LOSS, "step": 1}, *AFTER_IT)
+SMALL_VALUES = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [12.0], "param_amax": [math.nan]})
+
+
+@pytest.mark.parametrize("model, dtype, mode", [("student", "float32", "fp32"), ("student", "bfloat16", "bf16-mixed"),
+                                                ("projection", "float32", "fp32")])
+def test_a_nan_made_from_small_values_without_fp16_is_an_undefined_operation_not_an_overflow(model, dtype, mode):
+    """fp32 (or bf16: fp32's range) compute, values of ~10, then NaN: no dtype overflowed — an operation undefined
+    on its inputs made it (a softmax over a fully masked row is 0/0). Named at its module, the fix in those terms,
+    never a precision change (the old answer: `activation_overflow`, "train with --precision bf16-mixed")."""
+    frame = log({**NAN_OUTPUT, "model": model, "dtype": dtype}, *THEN_RUINED)
+    (cause,) = causes(frame, SMALL_VALUES.rename(columns={"act_amax_student": f"act_amax_{model}"}), mode=mode)
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
+        "divergence", "critical", model, "attn", 1)
+    assert "mask" in cause["fix"] and "log" in cause["fix"] and "--precision" not in cause["fix"]
+    assert cause["evidence"]["holds"] == "NaN" and cause["evidence"]["largest_measured_before"] == 12.0
+    assert "gradient_overflow@1" in cause["evidence"]["followed_by"]
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "mixed", "event": {"dtype": "float16"}},  # float16 compute: an overflow is the likelier cause
+    {"metrics": {"act_amax_student": [1e30]}},  # magnitudes beyond fp32's √max before: an overflow can explain it
+    {"metrics": {"act_amax_student": [None]}},  # nothing measured: nothing proves the values were small
+    {"before": {"kind": "nonfinite_batch", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+                "tensor": "inputs_embeds"}},  # bad data came first
+    {"event": {"model": "teacher"}, "metrics": {"act_amax_teacher": [12.0]}},  # frozen weights nobody read: Inf ones?
+])
+def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can_explain_the_nan(change):
+    frame = log(*[change["before"]] if "before" in change else [], {**NAN_OUTPUT, **change.get("event", {})},
+                *THEN_RUINED)
+    metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
+    diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
+    assert not any("mask" in c["fix"] for c in diagnosis)
+
+
+NAN_WEIGHTS = {"kind": "nonfinite_param", "severity": "critical", "step": 3, "model": "student", "module": "mid",
+               "tensor": "mid.weight", "nan_count": 64, "value": math.nan}
+
+
+def test_nan_weights_after_a_step_with_finite_gradients_are_the_optimizers_own_numbers():
+    """Every gradient of step 3 measured finite, the weights NaN after it: the update's arithmetic made the NaN
+    (a NaN lr, eps 0 over a zero second moment, a bad state) — not the data, the model or a learning rate to lower."""
+    finite_grads = pd.DataFrame({"step": [2, 3], "split": "train", "nonfinite_grad_tensors": [0, 0],
+                                 "grad_amax": [0.5, 0.4], "lr": [1e-3, math.nan]})
+    (cause,) = causes(log(NAN_WEIGHTS), finite_grads, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "optimizer_nonfinite", "critical", "mid.weight", 3)
+    assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["grad_amax"] == 0.4
+    assert "eps > 0" in cause["fix"] and "lower" not in cause["fix"]
+
+
+@pytest.mark.parametrize("metrics", [
+    pd.DataFrame({"step": [3], "split": "train", "nonfinite_grad_tensors": [2]}),  # the gradients were not finite
+    pd.DataFrame({"step": [2], "split": "train", "nonfinite_grad_tensors": [0]}),  # step 3's were not measured
+])
+def test_nan_weights_are_not_blamed_on_the_optimizer_unless_the_gradients_were_measured_finite(metrics):
+    assert [c["cause"] for c in causes(log(NAN_WEIGHTS), metrics, mode="fp32")] == ["divergence"]
+
+
+@pytest.mark.parametrize("caller, teacher, named", [("loop", ["float16"], True), ("trainer", ["float16"], True),
+                                                    ("loop", ["float32"], False), ("cli", ["float16"], False)])
+def test_a_nan_loss_from_a_float16_teachers_finite_outputs_names_the_teacher(caller, teacher, named):
+    """A user's KD term over a float16 teacher: softmax of fp16 logits underflows to 0, log(0) is -inf, 0 × -inf
+    is NaN — the teacher's dtype, not the loss's arithmetic in general. sarkd-diag's own loss (cli) computes the KD
+    term in fp32 whatever the teacher holds, and an fp32 teacher has no such limit: the loss computation then."""
+    cfg = {"precision": {"mode": "fp32", "model_dtypes": {"student": ["float32"], "teacher": teacher}},
+           "caller": caller}
+    (cause,) = diagnose(log(NAN_LOSS, *AFTER_IT), MEASURED, cfg)
+    if named:
+        assert (cause["cause"], cause["model"], cause["first_step"]) == ("teacher_overflow", "teacher", 1)
+        assert ".float()" in cause["fix"] and "log_softmax" in cause["fix"] and "7" in cause["fix"]
+        assert cause["evidence"]["teacher_dtype"] == "float16"
+    else:
+        assert cause["cause"] == "divergence" and cause["fix"].startswith("check the loss computation")

@@ -76,6 +76,34 @@ def make_gpt2_untied(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: 
     return GPT2LMHeadModel(config)
 
 
+class MaskedAttention(torch.nn.Module):
+    """Self-attention written by hand, as users write it: the masked softmax is the module's own code, between
+    its children (q, k, v, proj). A row whose every key is masked is a softmax over -inf alone: 0/0, NaN."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.q, self.k, self.v, self.proj = (torch.nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+        return self.proj(weights @ self.v(x))
+
+
+class MaskedAttentionNet(torch.nn.Module):
+    """embed -> attn (a MaskedAttention) -> head: tokens and a key-padding mask (True: a real token) in, logits out."""
+
+    def __init__(self, vocab_size: int, width: int = 16, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab_size, width)
+        self.attn = MaskedAttention(width)
+        self.head = torch.nn.Linear(width, vocab_size)
+
+    def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(self.embed(ids), keep))
+
+
 def write_world(root: Path) -> dict:
     """A corpus, a tokenizer, a tiny GPT-2 student, a tiny Mixtral teacher and a dense GPT-2 teacher on disk:
     what the tests and scripts/pathologies.py train on."""

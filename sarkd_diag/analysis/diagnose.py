@@ -27,8 +27,9 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "divergence",
-    "activation_overflow", "gradient_overflow", "loss_scale_collapse", "update_underflow",
+    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
+    "optimizer_nonfinite", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
+    "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -36,6 +37,13 @@ SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
+# The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
+DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38, "float64": 1.7976931348623157e308}
+# A non-finite module output from values below DTYPE_MAX ** RANGE_EXPONENT (√max: not even a product of two of
+# them overflows) is no overflow: an operation undefined on its inputs made it (0/0, log 0, inf − inf)
+RANGE_EXPONENT = 0.5
+# weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
+WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -72,6 +80,15 @@ PHRASES = {
 FIXES = {
     "optimizer_eps_underflow": "train with {mixed}: fp32 master weights and optimizer state keep eps={eps} "
                                "representable (in pure fp16 a larger eps avoids the NaNs but updates stagnate)",
+    "optimizer_eps_zero": "the optimizer's eps is 0: wherever a second moment is 0 (a gradient entry exactly 0 — an "
+                          "embedding row not in the batch, a dead unit) Adam divides 0 by 0 and the weight turns NaN — "
+                          "set eps > 0 (1e-8 is the default); precision and the learning rate are not the cause",
+    "optimizer_lr_nonfinite": "the learning rate of {group} is {lr_value} from step {step}: the optimizer turns every "
+                              "weight it updates NaN whatever the gradients — check the schedule (a division by a "
+                              "warm-up or total of 0, a decay run past its end) and the value given to {lr}",
+    "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
+                           "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
+                           "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -94,10 +111,25 @@ FIXES = {
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
+    "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
+                    "step since step {step}) and no float16 flush explains it: the loss is cut off from them — "
+                    "logits `.detach()`ed or computed under `torch.no_grad()` (a `loss.requires_grad_()` hides "
+                    "that), a frozen path — or the gradients are cleared between `backward()` and the optimizer "
+                    "step (`zero_grad()` before `step()`); nothing trains",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
+    "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
+                             "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
+                             "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
+                             "check {lr} (too small, or a schedule that decayed it to ~0) and {clip} (a threshold "
+                             "that shrinks every gradient to almost nothing)",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
+    "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
+                         "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
+                         "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
+                         "(and take log_softmax, not log(softmax)), or hold the teacher in a wider dtype — "
+                         "{fp32_teacher}",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
@@ -113,6 +145,11 @@ FIXES = {
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
                             "of 0; lowering {lr} will not help",
+    "nonfinite_op": "{module} made {holds} in {dtype} from values nowhere near {dtype}'s range (the largest "
+                    "measured {amax}): an operation undefined on its inputs, not an overflow — a softmax over a row "
+                    "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
+                    "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
+                    "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
@@ -243,6 +280,76 @@ class RunRecord:
                   "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
+    def optimizer_made_nonfinite(self) -> pd.Series | None:
+        """The first `nonfinite_param` event holding NaN when the step that made it had every gradient measured
+        finite (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a
+        loss, a gradient, an update as large as the weights: then the optimizer's own arithmetic made the NaN.
+        (Inf alone can be an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
+        params = self.of("nonfinite_param")
+        if not len(params):
+            return None
+        step = int(params["step"].min())
+        limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
+                  "empty_targets": step + 1, "extreme_update": step}
+        if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        bad_grads = self.train_column("nonfinite_grad_tensors")
+        if step not in bad_grads.index or float(bad_grads.loc[[step]].iloc[-1]) != 0:
+            return None
+        made = params[(params["step"] == step) & (params["nan_count"].fillna(0) > 0)]
+        return _first(made) if len(made) else None
+
+    def loss_from_finite_outputs(self) -> tuple[pd.Series, dict[str, float]] | None:
+        """The run's first non-finite loss, first of the run, on a step whose module outputs were all measured
+        finite — with those outputs' largest values per model: the non-finite value was made between the models'
+        outputs and the loss."""
+        row = self.first_nonfinite_loss()
+        outputs = self.module_outputs_at(int(row["step"])) if row is not None else {}
+        if not outputs or not all(math.isfinite(v) for v in outputs.values()):
+            return None
+        return row, outputs
+
+    def teacher_alone_in_fp16(self) -> bool:
+        """A caller's own loss (sarkd-diag's `train` computes its KD term in fp32 whatever the teacher holds) over a
+        teacher whose weights are all float16 while the student computes wider: its outputs reach the loss in
+        float16."""
+        precision = self.config.get("precision") or {}
+        dtypes = precision.get("model_dtypes") or {}
+        return (self.caller != "cli" and dtypes.get("teacher") == ["float16"]
+                and "float16" not in dtypes.get("student", []) and precision.get("compute_dtype") != "float16")
+
+    def nonfinite_op(self) -> tuple[pd.Series, float] | None:
+        """The run's first non-finite module output when an operation undefined on its inputs made it, not an
+        overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
+        `activation_overflow`'s), nothing non-finite or extreme before it (bad data, weights, gradients, an
+        update), and every module output and weight measured up to its step nowhere near its dtype's range
+        (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None — so never in the
+        teacher, whose frozen weights no probe reads (an infinite weight there makes the same output)."""
+        acts = self.of("nonfinite_activation")
+        if not len(acts) or self.computes_in_fp16():
+            return None
+        row = _first(acts)
+        if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
+            return None
+        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+        if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        if "step" not in self.metrics or "split" not in self.metrics:
+            return None
+        train = self.metrics[(self.metrics["split"] == "train") & (self.metrics["step"] <= step)]
+        columns = [c for c in train.columns if c.startswith("act_amax_")]
+        if not columns:
+            return None
+        outputs = pd.to_numeric(train[columns].stack(), errors="coerce").dropna()
+        if not len(outputs):
+            return None
+        weights = self.train_column("param_amax")
+        measured = pd.concat([outputs, weights[weights.index < step]])
+        largest = float(measured[measured.map(math.isfinite)].max())
+        return (row, largest) if largest < limit ** RANGE_EXPONENT else None
+
     def unplaced_fp16_loss(self) -> pd.Series | None:
         """The first non-finite loss of a float16-compute run, first of the run, on a step that took no module
         statistics (a `standard` step between statistics steps, in a loop that cannot replay it): in float16 the
@@ -331,9 +438,20 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
 
 
 def teacher_overflow(r: RunRecord) -> list[Cause]:
-    """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does."""
+    """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
+    a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
+    softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"] == "teacher"]
+    measured = r.loss_from_finite_outputs()
+    if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
+        row, outputs = measured
+        term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": "teacher"},
+                      evidence={"teacher_dtype": "float16", "loss_term": row.get("tensor"),
+                                "module_outputs_finite": True,
+                                **{f"act_amax_{model}": v for model, v in outputs.items()}},
+                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get('teacher', math.nan):.3g}"))]
     if not len(acts):
         return []
     row = _first(acts)
@@ -355,10 +473,34 @@ def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         where["first_step"] = first_bad
-    return [Cause("optimizer_eps_underflow", "critical", **where,
+    set_to_zero = row["value"] == 0  # the caller's setting, not a rounding: no dtype makes it representable
+    return [Cause("optimizer_eps_underflow", "critical" if first_bad is not None or not set_to_zero else "warning",
+                  **where,
                   evidence={"eps": row["value"], "dtype": row["dtype"], "first_nonfinite_param_step": first_bad,
-                            "nonfinite_param_events": len(r.of("nonfinite_param"))},
-                  fix=r.fix("optimizer_eps_underflow", eps=f"{row['value']:g}"))]
+                            "nonfinite_param_events": len(r.of("nonfinite_param")), "eps_set_to_zero": set_to_zero},
+                  fix=r.fix("optimizer_eps_zero" if set_to_zero else "optimizer_eps_underflow",
+                            eps=f"{row['value']:g}"))]
+
+
+def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
+    """The optimizer's own numbers made the weights non-finite: a parameter group's learning rate that is NaN/Inf
+    (a `nonfinite_lr` event), or NaN weights after a step whose gradients were all finite
+    (`RunRecord.optimizer_made_nonfinite`). An eps that is 0 and a flushed state have rules of their own."""
+    lrs, made = r.of("nonfinite_lr"), r.optimizer_made_nonfinite()
+    if (not len(lrs) and made is None) or len(r.of("optimizer_preflight", "eps_zero")) \
+            or len(r.of("optimizer_state_underflow")):
+        return []
+    where = _where(made if made is not None else _first(lrs))
+    evidence = {"gradients_finite": made is not None, "nonfinite_param_events": len(r.of("nonfinite_param"))}
+    if made is not None:
+        evidence["grad_amax"] = number_or_none(r.train_column("grad_amax").get(where["first_step"]))
+    if len(lrs):
+        lr = _first(lrs)
+        evidence.update(lr_nonfinite=lr.get("tensor"), lr_value=str(lr["value"]), lr_step=int(lr["step"]))
+        return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
+                      fix=r.fix("optimizer_lr_nonfinite", group=lr.get("tensor"), lr_value=str(lr["value"]),
+                                step=int(lr["step"])))]
+    return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -386,7 +528,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
-    if len(acts):
+    if len(acts) and r.nonfinite_op() is None:  # else not an overflow: an undefined operation (`divergence`)
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
@@ -447,15 +589,36 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
                             module=where["module"] or where["tensor"]))]
 
 
+def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
+    """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero)."""
+    unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
+    return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+
+
+def no_gradients(r: RunRecord) -> list[Cause]:
+    """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
+    it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights."""
+    zero = r.of("zero_gradients")
+    zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
+    if not len(zero):
+        return []
+    row = _first(zero)
+    return [Cause("no_gradients", "warning", **_where(row),
+                  evidence={"zero_gradient_tensor_fraction": row["value"], "tensors_with_a_gradient": row.get("numel"),
+                            "compute_dtype": row.get("dtype")},
+                  fix=r.fix("no_gradients", tensor=row.get("tensor"), step=int(row["step"])))]
+
+
 def update_underflow(r: RunRecord) -> list[Cause]:
     """Updates lost to underflow (stagnation). Upstream first: gradients flushed to zero by a float16 backward
     that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
     Else updates lost to rounding in low-precision weights: claimed from measured lost updates — or, where
     nothing was measured, from the optimizer's preflight prediction — and never while updates are inflated
-    (an optimizer state that flushed to zero makes them larger, not lost)."""
-    flushed = r.of("zero_gradients")
-    flushed = flushed[flushed["dtype"] == "float16"]
-    if len(flushed) and not (r.config.get("precision") or {}).get("loss_scaling"):
+    (an optimizer state that flushed to zero makes them larger, not lost). Lost in fp32 (or float64) weights —
+    already what mixed precision's master weights are — the steps are too small for any dtype: the fix is the
+    learning rate, its schedule or the clipping, never a precision change."""
+    flushed = _flushed_by_fp16(r, r.of("zero_gradients"))
+    if len(flushed):
         row = _first(flushed)
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
@@ -468,9 +631,13 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
     if len(lost):
         row = _first(lost)
+        # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
+        half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction},
-                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+                      evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
+                                "dtype": row.get("dtype")},
+                      fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
+                                dtype=row.get("dtype"), tensor=row.get("tensor"), half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)
@@ -483,11 +650,26 @@ def update_underflow(r: RunRecord) -> list[Cause]:
 def divergence(r: RunRecord) -> list[Cause]:
     """A blow-up that precision does not explain.
 
+    First, a module output that an operation undefined on its inputs made non-finite (`RunRecord.nonfinite_op`:
+    NaN or Inf from values nowhere near their dtype's range, nothing computed in float16): located at that module,
+    the fix in the operation's terms (the mask, a clamp before a log), not a precision change or the lr.
+
     After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
     mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
     explanation when one exists), or an fp32 training loss above DIVERGENCE_FACTOR× its first value.
     """
+    op = r.nonfinite_op()
+    if op is not None:
+        row, largest = op
+        value = row.get("value")
+        holds = "NaN" if value is None or math.isnan(value) else "Inf"
+        return [Cause("divergence", "critical", **_where(row),
+                      evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
+                                "largest_measured_before": largest,
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+                      fix=r.fix("nonfinite_op", module=row.get("module") or row.get("model"), holds=holds,
+                                dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
@@ -512,6 +694,8 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
                       fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor")))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
+    if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):
+        return []  # the optimizer's own numbers: `optimizer_nonfinite`
     if len(blowups):
         row = _first(blowups)
         computed = _nonfinite_loss_computation(r)
@@ -533,10 +717,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     """The loss is the first thing non-finite, on a step whose module outputs were measured and finite: the
     non-finite value was made between the models' outputs and the loss (the loss's own arithmetic, or an input
     nobody watched), not by the weights, an update or the data — so no learning rate explains it either."""
-    row = r.first_nonfinite_loss()
-    outputs = r.module_outputs_at(int(row["step"])) if row is not None else {}
-    if not outputs or not all(math.isfinite(v) for v in outputs.values()):
+    measured = r.loss_from_finite_outputs()
+    if measured is None or r.teacher_alone_in_fp16():  # a float16 teacher's outputs: `teacher_overflow`
         return None
+    row, outputs = measured
     dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
     term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
     return Cause("divergence", "critical", **_where(row),
@@ -546,8 +730,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, activation_overflow,
-         gradient_overflow, loss_scale_collapse, update_underflow, divergence)
+RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
+         activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -435,7 +435,9 @@ class Probes:
             + (", a loss scaler" if self.scaler.enabled else "")
         info = {"mode": mode, "requested": "external loop", "reason": f"inferred: {seen}",
                 "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes,
-                "compute_dtype": dtype_name(autocast) if autocast else None, "loss_scaling": self.scaler.enabled}
+                "compute_dtype": dtype_name(autocast) if autocast else None, "loss_scaling": self.scaler.enabled,
+                "model_dtypes": {name: sorted({dtype_name(p.dtype) for p in m.parameters() if p.is_floating_point()})
+                                 for name, m in self.ctx.models.items()}}  # frozen ones too: what a teacher outputs
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
 

@@ -12,12 +12,22 @@ output of each statistics step goes to activations.jsonl when the owner keeps on
 and the map and the `act_amax_<model>` columns are the largest over every rank's batch: one gather of the
 per-module maxima per statistics step (`ProbeContext.gather`). Only training forwards
 count (`forwards.py` decides which): not evaluation, not generation.
+
+A module's own code also computes between its children (a residual sum, a masked softmax, a log): a NaN made
+there first shows in the output of the child it is handed to, whose own work was fine. So on statistics steps
+a hook before each module also reads its floating inputs that no watched module produced (each tensor once;
+the outputs already read, and the model's own inputs — the data, which `forwards.py` checks — are skipped):
+a NaN there was made by the module running when it was handed over — the innermost watched one — and that
+module is named, before the child. Only NaN counts in these readings: -Inf is how a mask is written into
+scores that a softmax module then takes, and a finite value made between modules is no module's output (the
+headroom map and `act_amax_<model>` stay module outputs).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -41,12 +51,17 @@ class ActivationProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._handles: list = []
-        self._seen: list[tuple[str, str, str, int]] = []  # (model, module, dtype, numel), forward order
+        # (model, module, dtype, numel, handed to): a module's output (handed to None), or a tensor that `module`'s
+        # own code made and handed to the child `handed to` — in forward order
+        self._seen: list[tuple[str, str, str, int, str | None]] = []
+        self._running: list[tuple[str, str]] = []  # the watched modules whose forward is under way, innermost last
+        self._read: dict[int, weakref.ref] = {}  # tensors already read this step (by id, checked by identity)
         self._lows: list[torch.Tensor] = []
         self._highs: list[torch.Tensor] = []
         self._reported: set[tuple[str, str, str]] = set()
 
     def begin_step(self) -> None:
+        self._running, self._read = [], {}
         if self.ctx.stats_step:
             self.attach()
 
@@ -55,25 +70,67 @@ class ActivationProbe(Probe):
             for model_name, model in self.ctx.models.items():
                 for module_name, module in model.named_modules():
                     if module_name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
+                        self._handles.append(module.register_forward_pre_hook(
+                            self._before(model_name, module_name), with_kwargs=True))
                         self._handles.append(module.register_forward_hook(self._hook(model_name, module_name)))
+                    elif not module_name:  # the root: its inputs are the data, not a module's making
+                        self._handles.append(module.register_forward_pre_hook(self._root(model_name),
+                                                                              with_kwargs=True))
+
+    def _counts(self, model_name: str) -> bool:
+        return self.ctx.training_forward.get(model_name, True) or self.ctx.replaying
+
+    def _root(self, model_name: str):
+        def hook(_module, args, kwargs):
+            self._running = []
+            if self._counts(model_name):
+                for t in _floating(args, kwargs):
+                    self._read[id(t)] = weakref.ref(t)
+        return hook
+
+    def _before(self, model_name: str, module_name: str):
+        """Read the inputs no watched module produced, as made by the innermost running module's own code."""
+        def hook(_module, args, kwargs):
+            if not self._counts(model_name):
+                return
+            maker = self._running[-1] if self._running and self._running[-1][0] == model_name else None
+            self._running.append((model_name, module_name))
+            if maker is None:  # handed over by the root's own code: no module of the model is running
+                return
+            for t in _floating(args, kwargs):
+                if not self._was_read(t):
+                    self._read[id(t)] = weakref.ref(t)
+                    low = torch.aminmax(t.detach())[0]  # NaN if any element is (the only thing read here)
+                    self._lows.append(low)
+                    self._highs.append(low)
+                    self._seen.append((model_name, maker[1], dtype_name(t.dtype), t.numel(), module_name))
+        return hook
+
+    def _was_read(self, t: torch.Tensor) -> bool:
+        ref = self._read.get(id(t))
+        return ref is not None and ref() is t
 
     def _hook(self, model_name: str, module_name: str):
         def hook(_module, _inputs, output):
-            if not (self.ctx.training_forward.get(model_name, True) or self.ctx.replaying):
+            if not self._counts(model_name):
                 return
+            if self._running and self._running[-1] == (model_name, module_name):
+                self._running.pop()
             t = _first_tensor(output)
             if t is None or not t.is_floating_point() or t.numel() == 0:
                 return
             if model_name == "student" and torch.is_autocast_enabled(t.device.type):  # a framework's autocast
                 self.ctx.autocast = torch.get_autocast_dtype(t.device.type)  # wraps forward, out of forwards.py's sight
+            self._read[id(t)] = weakref.ref(t)
             low, high = torch.aminmax(t.detach())
             self._lows.append(low)
             self._highs.append(high)
-            self._seen.append((model_name, module_name, dtype_name(t.dtype), t.numel()))
+            self._seen.append((model_name, module_name, dtype_name(t.dtype), t.numel(), None))
         return hook
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         self._detach()
+        self._running, self._read = [], {}
         if not self._seen:
             return {}
         extremes = torch.stack(self._lows + self._highs)  # mixed dtypes promote exactly to the widest
@@ -102,8 +159,19 @@ class ActivationProbe(Probe):
         module's largest output over the step's micro-batches: {(model, module): (dtype, amax)}."""
         models_gone_bad: set[str] = set()
         largest: dict[tuple[str, str], tuple[str, float]] = {}
-        for (model, module, dtype, numel), low, high in zip(seen, extremes[:len(seen)], extremes[len(seen):],
-                                                             strict=True):
+        for (model, module, dtype, numel, handed_to), low, high in zip(seen, extremes[:len(seen)],
+                                                                        extremes[len(seen):], strict=True):
+            if handed_to is not None:  # made by `module`'s own code: only a NaN counts (see the docstring)
+                if math.isnan(low) and model not in models_gone_bad:
+                    models_gone_bad.add(model)
+                    self._report_once(
+                        (model, module, "nonfinite"), "nonfinite_activation", "critical",
+                        f"{model} {module} made a NaN in its own code at step {self.ctx.step} (in {dtype}, handed "
+                        f"to {handed_to}, no watched module's output) — the first non-finite value in forward "
+                        "order" + note,
+                        model=model, module=module, dtype=dtype, value=math.nan, numel=numel,
+                        nan_count=None, posinf_count=None, neginf_count=None)
+                continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
             if not math.isfinite(amax):
@@ -139,6 +207,11 @@ class ActivationProbe(Probe):
 
     def close(self) -> None:
         self._detach()
+
+
+def _floating(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """A forward's floating-point tensor arguments (positional and keyword; not inside containers)."""
+    return [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
 
 
 def _larger(a: float, b: float) -> float:

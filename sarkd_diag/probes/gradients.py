@@ -18,7 +18,9 @@ loss stays where it was. A tensor the loss reaches has an all-zero gradient only
 structural zero: a dead unit, or a zero-initialised partner (LoRA's B is 0, so its A's gradient is 0 until
 the first update moves B) — which lasts one step. So an event (`zero_gradients`) is recorded when most of
 the tensors that have a gradient have an all-zero one on two consecutive steps, at the first of them, and
-`zero_grad_tensors` counts them every step.
+`zero_grad_tensors` counts them every step. A step where not one trainable tensor has a gradient at the optimizer
+step — the gradients cleared between backward and the step, or a loss cut off from the weights (logits detached,
+a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a stretch.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
 post-accumulate hooks record the order in which gradients actually arrived.
@@ -49,6 +51,7 @@ class GradientProbe(Probe):
         self._handles = []
         self._last_first_bad: int | None = None  # the first bad tensor of the previous step, None if it was clean
         self._mostly_zero_since: int | None = None  # first step of the current stretch of mostly-zero gradients
+        self._none_reached = False  # this step: no watched tensor has a gradient at all
         self._reported_zero = False
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
@@ -66,6 +69,7 @@ class GradientProbe(Probe):
         self._grads = [w.param.grad for w in self.ctx.watched]
         present = [g for g in self._grads if g is not None]
         if not present:
+            self._none_reached = bool(self._grads)  # not one trainable tensor has a gradient at the step
             return
         amax = abs_max(present).float()
         if len(present) < len(self._grads):  # tensors without a gradient this step read 0
@@ -93,7 +97,10 @@ class GradientProbe(Probe):
             tiny, nonzero = host["grad_underflow"]
             metrics["grad_fp16_underflow_fraction"] = tiny / nonzero if nonzero else 0.0
         if amax is None:
-            self._grads = []
+            if self._none_reached:  # nothing reached the weights: the same stretch as all-zero gradients
+                metrics["zero_grad_tensors"] = 0
+                self._track_zero(True, list(range(len(self._grads))), 0, 0)
+            self._grads, self._none_reached = [], False
             return metrics
         finite = [v for v in amax if math.isfinite(v)]
         metrics["grad_amax"] = max(finite) if finite else math.nan
@@ -101,11 +108,7 @@ class GradientProbe(Probe):
         present = [i for i, g in enumerate(self._grads) if g is not None]
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
-        mostly_zero = 2 * len(zero) > len(present)
-        if mostly_zero and self._mostly_zero_since is not None and not self._reported_zero:
-            self._reported_zero = True
-            self._report_zero(self._first_in_backward_order(zero), len(zero), len(present), self._mostly_zero_since)
-        self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
+        self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
@@ -116,6 +119,14 @@ class GradientProbe(Probe):
         self._last_first_bad = first
         self._grads = []
         return metrics
+
+    def _track_zero(self, mostly_zero: bool, zero: list[int], count: int, present: int) -> None:
+        """A stretch of steps where most tensors with a gradient have an all-zero one, or none has a gradient at
+        all (`count` 0 of `present` 0): reported once, at its first step, when it lasts two steps."""
+        if mostly_zero and self._mostly_zero_since is not None and not self._reported_zero:
+            self._reported_zero = True
+            self._report_zero(self._first_in_backward_order(zero), count, present, self._mostly_zero_since)
+        self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
 
     def _first_in_backward_order(self, bad: list[int]) -> int:
         if self._arrival:
@@ -139,14 +150,20 @@ class GradientProbe(Probe):
 
     def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
         w = self.ctx.watched[first]
-        computed = self.ctx.autocast or self._grads[first].dtype  # autocast's dtype is what the backward ran in
+        grad = self._grads[first]
+        computed = self.ctx.autocast or (grad if grad is not None else w.param).dtype  # what the backward ran in
+        if present:
+            what = (f"the gradients of {zero} of the {present} trainable tensors are exactly zero on every step since "
+                    f"step {since}, from {w.model} {w.tensor} (backward order) on")
+        else:
+            what = (f"none of the {len(self._grads)} trainable tensors has a gradient at the optimizer step on every "
+                    f"step since step {since} (cleared before the step, or the loss does not reach them)")
         self.ctx.events.record(
             "zero_gradients", "warning",
-            f"the gradients of {zero} of the {present} trainable tensors are exactly zero on every step since step "
-            f"{since}, from {w.model} {w.tensor} (backward order) on: no update reaches them (backward computed "
-            f"in {dtype_name(computed)}, {'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
+            f"{what}: no update reaches them (backward computed in {dtype_name(computed)}, "
+            f"{'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
             step=since, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
-            dtype=dtype_name(computed), value=zero / present)
+            dtype=dtype_name(computed), value=zero / present if present else 1.0, numel=present)
 
     def close(self) -> None:
         for h in self._handles:

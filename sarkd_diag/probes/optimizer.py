@@ -1,14 +1,19 @@
 """The optimizer, checked against the dtype of the weights it updates.
 
-Before the first step: is eps representable (AdamW's 1e-8 is 0.0 in fp16; torch's fused kernels do
-their arithmetic in fp32 and are exempt), is weight decay, and how
-many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away.
+Before every step: is each parameter group's learning rate finite (a schedule can make it NaN at any step; the
+optimizer then fills every weight of the group with NaN, whatever the gradients).
+Before the first step: is eps set to 0 (then Adam divides 0 by 0 wherever a second moment is 0), is it
+representable (AdamW's 1e-8 is 0.0 in fp16; torch's fused kernels do their arithmetic in fp32 and are exempt),
+is weight decay, and how
+many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away —
+the last two only for a group that steps (lr > 0): a frozen group's lr × weight_decay is 0 in any dtype.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
 Fractions are estimated on a fixed sample of each tensor (`base.sample`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -52,11 +57,31 @@ class OptimizerProbe(Probe):
         self._underflow = None
         self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
         self._reported_state = False
+        self._reported_lr: set[int] = set()
 
     def before_optimizer_step(self) -> None:
-        if not self._checked and self.ctx.optimizer is not None:
+        if self.ctx.optimizer is None:
+            return
+        if not self._checked:
             self._checked = True
             self._preflight()
+        self._check_learning_rates()
+
+    def _check_learning_rates(self) -> None:
+        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group."""
+        for index, group in enumerate(self.ctx.optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)) and not math.isfinite(lr) and index not in self._reported_lr:
+                self._reported_lr.add(index)
+                names = {id(w.param): w for w in self.ctx.watched}
+                label = group_label(index, group, names)
+                model = next((names[id(p)].model for p in group["params"] if id(p) in names), None)
+                self.ctx.events.record(
+                    "nonfinite_lr", "critical",
+                    f"{label}: the learning rate is {lr} at step {self.ctx.step}: the optimizer fills every weight "
+                    "it updates with NaN, whatever the gradients (a schedule that divides by 0 or runs past its end?)",
+                    probe=self.name, phase="optimizer", model=model, tensor=label, value=float(lr),
+                    step=self.ctx.step)
 
     def _preflight(self) -> None:
         names = {id(w.param): w for w in self.ctx.watched}
@@ -72,7 +97,14 @@ class OptimizerProbe(Probe):
             if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
                 eps = eps[0]
             tiny = torch.finfo(dtype).tiny
-            if eps is not None and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
+            if eps == 0:  # set so: in every dtype and kernel, a zero second moment divides 0 by 0
+                self.ctx.events.record(
+                    "optimizer_preflight", "warning",
+                    f"{label}: optimizer eps is 0: any entry whose second moment is 0 (a gradient entry exactly 0 — "
+                    "an embedding row not in the batch, a dead unit) divides 0 by 0 and turns the weight NaN",
+                    probe=self.name, phase="optimizer", model=model, tensor=label,
+                    dtype=_dtype_name(dtype), value=0.0, step=self.ctx.step, code="eps_zero")
+            elif eps is not None and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
                 rounded = torch.tensor(eps, dtype=dtype).item()
                 if rounded == 0.0:
                     self.ctx.events.record(

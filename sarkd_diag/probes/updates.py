@@ -13,7 +13,8 @@ elements, `base.sample`) and compares it with the weights after the step, on the
   (`extreme_update`) before anything is non-finite, and the evidence that tells a blow-up from a precision
   limit afterwards.
 - Lost updates (statistics steps): sampled elements whose intended update was non-zero (a non-zero
-  gradient or, for Adam, a non-zero first moment) but whose stored value did not change — the update was
+  gradient or, for Adam, a non-zero first moment of a tensor that has a gradient this step: the optimizer
+  skips one without) but whose stored value did not change — the update was
   below half an ulp of the weight's dtype: the stagnation of pure-bf16 and pure-fp16 training. Counted per
   tensor, so the event names the tensor that loses the largest share.
 """
@@ -99,7 +100,9 @@ class UpdateProbe(Probe):
         """[lost, intended, estimated lost elements] per moving tensor, concatenated."""
         state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
         meant = torch.cat([_sample_or_zeros(w.param.grad, w.param) for w in self._moving]) != 0
-        moments = [state.get(w.param, {}).get("exp_avg") for w in self._moving]
+        # a tensor without a gradient is skipped by the optimizer (torch's step only updates those with one): its
+        # first moment, left from earlier steps, intends nothing this step — no update of it can be lost
+        moments = [state.get(w.param, {}).get("exp_avg") if w.param.grad is not None else None for w in self._moving]
         if any(m is not None for m in moments):
             meant |= torch.cat([_sample_or_zeros(m, w.param) for m, w in zip(moments, self._moving, strict=True)]) != 0
         lost = per_tensor_sum(((after == self._before) & meant).float(), lengths)

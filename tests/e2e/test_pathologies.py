@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import pathologies as catalog  # noqa: E402
 
-CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "activation_overflow", "gradient_overflow",
-          "loss_scale_collapse", "update_underflow", "teacher_overflow", "nonfinite_input", "divergence")
+CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "activation_overflow",
+          "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "teacher_overflow",
+          "nonfinite_input", "divergence")
 
 _runs: dict[str, tuple[catalog.Outcome, float]] = {}
 
@@ -66,6 +67,8 @@ def test_the_expectations_are_checked_as_stated():
     assert catalog.mismatches(located, [{**cause, "fix": "lower --student-lr"}], "CLI") == []
     assert catalog.mismatches(located, [{**cause, "fix": "use --no-such-flag"}], "CLI") != []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", evidence_contains="ratio"), [cause]) == []
+    assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="LR"), [cause]) != []
+    assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="autocast"), [cause]) == []
 
 
 @pytest.mark.parametrize("scenario", catalog.SCENARIOS, ids=lambda s: s.slug)
@@ -93,3 +96,13 @@ def test_the_script_prints_the_table(tmp_path, capsys):
     text = table.read_text()
     assert text.startswith("| pathology | how provoked | mode |") and text.count("\n| clean fp32 |") == 1
     assert "| clean fp32 |" in capsys.readouterr().out
+
+
+def test_the_readme_table_has_one_row_per_scenario_all_as_expected():
+    """README's table is the script's output (`--markdown`): a scenario added, renamed or failing shows here
+    without running the catalog — regenerate it with `python scripts/pathologies.py --markdown FILE`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index(catalog.HEADER)
+    rows = readme[start:readme.index("\n\n", start)].splitlines()[2:]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == [s.name for s in catalog.SCENARIOS]
+    assert all(row.endswith("| yes |") for row in rows)

@@ -109,6 +109,53 @@ def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp
     assert pd.isna(row.nan_count) and pd.isna(row.posinf_count) and row.numel == event.numel  # null, not 0
 
 
+def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_child_it_is_handed_to():
+    """The masked softmax is `attn`'s own code: with a row whose every key is masked it makes NaN (0/0), which
+    `attn.proj` then receives — proj's own work is fine. The first non-finite module is `attn`, not `attn.proj`;
+    and the values are tiny in fp32, so the diagnosis names an undefined operation, not an overflow."""
+    from tiny import MaskedAttentionNet
+
+    with torch.random.fork_rng():  # the tests after this one draw from the global generator as before
+        model = MaskedAttentionNet(vocab_size=12)
+        ids, keep = torch.randint(0, 12, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    keep[1] = False  # the second sequence is all padding
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(ids, keep).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_activation")
+    assert (event.model, event.module, event.step, event.dtype) == ("student", "attn", 1, "float32")
+    assert math.isnan(event.value) and "own code" in event.message and "attn.proj" in event.message
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["module"], cause["first_step"]) == ("divergence", "attn", 1)
+    assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
+
+
+def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
+    """-Inf written into scores as a mask, then a softmax module (nn.Softmax): the usual way; only NaN made between
+    modules counts, so nothing is reported while every row keeps a key."""
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.softmax = nn.Linear(4, 4), nn.Softmax(-1)
+
+        def forward(self, x):
+            scores = self.q(x) @ x.transpose(-1, -2)
+            return self.softmax(scores.masked_fill(torch.ones(3, 3).triu(1).bool(), float("-inf")))
+
+    with torch.random.fork_rng():
+        model, x = nn.Sequential(Scores(), nn.Linear(3, 1)), torch.randn(2, 3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    assert not _events(probes, "nonfinite_activation") and probes.diagnosis() == []
+
+
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
@@ -152,6 +199,69 @@ def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
     diagnosis = probes.diagnosis()
     assert diagnosis[0]["cause"] == "optimizer_eps_underflow"
     assert "GradScaler" in diagnosis[0]["fix"] and "--" not in diagnosis[0]["fix"]  # a loop's words, no CLI flag
+
+
+def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
+    """lr × weight_decay is 0 in any dtype when lr is 0: a frozen group takes no step, so nothing that depends on
+    the lr's size (weight decay that rounds away, updates below half an ulp) is said of it; a live group whose
+    lr × weight_decay rounds to 0 in float16 still is."""
+    model = Net().half()
+    frozen = [*model.first.parameters()]
+    live = [*model.second.parameters(), *model.third.parameters()]
+    opt = torch.optim.SGD([{"params": frozen, "lr": 0.0, "weight_decay": 0.1, "name": "frozen"},
+                           {"params": live, "lr": 1e-3, "weight_decay": 1e-5, "name": "live"}], lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=torch.float16)
+    warned = {e.tensor: e.code for e in _events(probes, "optimizer_preflight")}
+    assert warned == {"live": "weight_decay_zero"}  # 1e-8 is 0 in float16; the frozen group: nothing
+
+
+def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_the_metrics():
+    """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
+    optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
+    cause — not a blow-up to fix with a lower learning rate."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(torch.tensor(1.0 - s / 1.0).sqrt()))
+    rows = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(4):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            schedule.step()
+            opt.zero_grad()
+    assert rows[0]["lr"] == 1e-3 and rows[1]["lr"] == 0.0 and math.isnan(rows[2]["lr"])  # NaN kept, not 0 or None
+    (event,) = _events(probes, "nonfinite_lr")
+    assert (event.step, event.severity, event.model) == (3, "critical", "student") and math.isnan(event.value)
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["first_step"]) == ("optimizer_nonfinite", 3)
+    assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["lr_value"] == "nan"
+    assert "schedule" in cause["fix"] and "lower" not in cause["fix"]
+    assert "divergence" not in _causes(probes)
+
+
+def test_an_eps_set_to_zero_is_named_with_its_own_fix_not_a_precision_change():
+    """fp32 AdamW with eps=0: the embedding rows no token of the batch uses have a zero gradient, so a zero second
+    moment: 0/0 at step 1, NaN weights from finite gradients. Said before the first step; the fix is eps > 0."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=0.0)
+    with Probes(model, optimizer=opt, caller="loop") as probes:
+        loss = model(torch.tensor([[1, 2, 3]])).pow(2).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "optimizer_preflight")
+    assert (event.code, event.severity, event.value, event.dtype) == ("eps_zero", "warning", 0.0, "float32")
+    assert _events(probes, "nonfinite_param") and not _events(probes, "nonfinite_grad")
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_eps_underflow", "critical", 1)
+    assert "eps > 0" in cause["fix"] and "autocast" not in cause["fix"] and cause["evidence"]["eps_set_to_zero"]
 
 
 def test_second_moments_that_flush_to_zero_are_reported():
@@ -333,6 +443,28 @@ class LowRank(nn.Module):
 
     def forward(self, x):
         return x + self.up(self.down(x))
+
+
+def test_gradients_cleared_before_the_step_are_named_and_are_no_lost_updates():
+    """`zero_grad()` between backward and step from step 2 on: no tensor has a gradient when the optimizer steps, so
+    AdamW skips every one. Adam's first moments left from step 1 intend nothing then: no update was lost to
+    rounding (the old answer at statistics step 10: update_underflow); nothing reached the weights."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for step in range(1, 11):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            if step > 1:
+                opt.zero_grad()  # the bug: cleared before the step
+            opt.step()
+            row = probes.step(loss=loss)
+    assert row["lost_update_fraction"] == 0.0 and not _events(probes, "lost_updates")
+    (event,) = _events(probes, "zero_gradients")
+    assert (event.step, event.value, event.numel) == (2, 1.0, 0) and "none of the" in event.message
+    assert _causes(probes) == ["no_gradients"]
 
 
 def test_a_zero_initialised_partner_is_no_event():
