@@ -27,7 +27,7 @@ from rich.console import Console
 from .analysis.verdicts import THRESHOLDS, Verdict, verdict
 from .contract.config import SET_BY_COMPARE, DistillConfig
 from .contract.errors import BadInput
-from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, canonical_mode, detect_capabilities, resolve_mode
+from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
 from .contract.numerics import number_or_none
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
 from .contract.rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
@@ -76,24 +76,16 @@ class CompareResult:
 def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None, caps) -> list[str]:
     """Canonical mode names in the order given (comma-separated allowed); by default every mode the device
     runs (within --model-dtype's family when given). A mode the device cannot run is bad input."""
-    if isinstance(requested, str):
-        requested = [requested]
-    names = [n.strip() for item in requested or [] for n in item.split(",") if n.strip()]
-    if not names:
+    modes = parse_modes(requested)
+    if not modes:
         family = MODEL_DTYPE_FAMILY.get(model_dtype, tuple(MODE_NAMES))
         return [m for m in MODE_NAMES if m in caps.runnable_modes and m in family]
-    modes = []
-    for name in names:
+    for mode in modes:
         try:
-            mode = canonical_mode(name)
-            if mode == "auto":
-                raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODE_NAMES))
             resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
         except BadInput as exc:  # train/precision.py speaks of --precision: here the user typed --modes
             text = str(exc).replace("--precision ", "--modes ")
-            raise BadInput(text if "--modes" in text else f"--modes {name}: {text}") from None
-        if mode not in modes:
-            modes.append(mode)
+            raise BadInput(text if "--modes" in text else f"--modes {mode}: {text}") from None
     return modes
 
 
