@@ -271,7 +271,9 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
+    from .presentation.query import not_a_run, run_directory
 
+    run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
     if is_compare_dir(run_dir):
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
             _rebuild_run(mode_dir.parent)
@@ -280,7 +282,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
         typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
         return 0
     if not (run_dir / "config.json").is_file():
-        raise BadInput(f"{run_dir} is not a sarkd-diag run directory (no config.json)")
+        raise not_a_run(run_dir)
     _rebuild_run(run_dir)
     return 0
 

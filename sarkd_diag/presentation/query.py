@@ -72,18 +72,34 @@ class Run:
 
 def find_runs(path: str | Path) -> list[Run]:
     """The run at `path`, or every run of the compare-precision directory at `path` (in mode order)."""
-    path = _directory(path)
+    path = run_directory(path)
     if is_run_dir(path):
         return [Run(path)]
-    order = {mode: i for i, mode in enumerate(MODE_NAMES)}
-    runs = sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
-                  key=lambda p: (order.get(p.name, len(order)), p.name))
+    runs = _comparison_runs(path)
     if not runs:
-        raise BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+        raise not_a_run(path)
     return [Run(p, p.name) for p in runs]
 
 
-def _directory(path: str | Path) -> Path:
+def _comparison_runs(path: Path) -> list[Path]:
+    """The run directories of the compare-precision directory at `path`, in mode order ([] for any other)."""
+    order = {mode: i for i, mode in enumerate(MODE_NAMES)}
+    return sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
+                  key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def not_a_run(path: Path) -> BadInput:
+    """The error for a directory that is neither a run nor a comparison; when it holds some (the `runs/` that
+    `train` fills by default), it names the newest of them to give instead."""
+    held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
+    if not held:
+        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+    newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
+    return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
+                    "(the newest)")
+
+
+def run_directory(path: str | Path) -> Path:
     """The directory a user named; a file in a run directory (summary.json, events.jsonl) is pointed back to it."""
     path = Path(path)
     if path.is_file():
@@ -303,7 +319,7 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
     events file open; read from /proc). Where that cannot be known (no /proc, a run on another machine
     writing to a shared disk), `idle_timeout` seconds without a write end it.
     """
-    path = _directory(path)
+    path = run_directory(path)
     console = console or Console(highlight=False)
     offsets: dict[Path, int] = {}
     header = fmt == "csv"

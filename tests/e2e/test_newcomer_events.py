@@ -60,10 +60,33 @@ def test_filters_are_case_insensitive(cli, tmp_path, args, rows):
 
 def test_a_file_is_pointed_back_to_its_directory(cli, tmp_path):
     run = _run(tmp_path)
-    for command in (["events"], ["check", "--expect", "completed"]):
+    for command in (["events"], ["check", "--expect", "completed"], ["report"]):
         code, _, err = cli(*command, run / "summary.json")
         assert code == 2 and "no such directory" not in err
         assert f"{run / 'summary.json'} is a file; give the run directory that holds it: {run}" in err
+
+
+COMMANDS = [["events"], ["check", "--expect", "completed"], ["report"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_the_directory_that_holds_the_runs_names_the_newest_of_them(cli, tmp_path, command):
+    """`sarkd-diag events runs` (train's default parent) names a run to give instead, and every command that reads
+    a run answers a missing path alike (report said `nonexist is not a sarkd-diag run directory`)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    older = _run(runs)
+    newer = older.rename(runs / "20261205-083159-bf16-mixed")
+    _run(runs)
+    os.utime(runs / "run", (1.0, 1.0))
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    code, out, err = cli(*command, runs)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err == f"sarkd-diag: error: {runs} is not a run directory but holds 2: give one of them, e.g. {newer} " \
+                  "(the newest)\n"
+    code, _, err = cli(*command, tmp_path / "missing")
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path / 'missing'}: no such directory\n"
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
 def _rendered(frame, width: int) -> str:
