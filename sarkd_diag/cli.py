@@ -372,7 +372,7 @@ def events(
     flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
                       grep=grep)
     if follow:
-        query_events(run_dir, flt)  # the directory and --model checked before following
+        query_events(run_dir, flt)  # the directory, --model and --rank checked before following
         try:
             follow_events(run_dir, flt, fmt, idle_timeout=idle_timeout)
         except RunEnded as exc:
@@ -380,7 +380,7 @@ def events(
             return 1
         return 0
     everything = query_events(run_dir)
-    flt.check_model(everything)
+    flt.check_against(everything)
     print_events(flt.apply(everything), fmt, total=len(everything))
     return 0
 

@@ -123,6 +123,9 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     except ValueError:
         raise BadInput(f"--step {text!r}: expected A:B (inclusive; either end may be left out), e.g. 10:20") \
             from None
+    if None not in bounds and bounds[0] > bounds[1]:
+        raise BadInput(f"--step {text!r}: no step is in it ({bounds[0]} is after {bounds[1]}); write A:B with A ≤ B, "
+                       f"e.g. {bounds[1]}:{bounds[0]}")
     return bounds[0], bounds[1]
 
 
@@ -186,13 +189,19 @@ class EventFilter:
         return events[keep]
 
 
-    def check_model(self, events: pd.DataFrame) -> None:
-        """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of)."""
-        if self.model is None:
-            return
-        known = list(dict.fromkeys([*MODELS, *(m.lower() for m in events["model"].dropna().unique())]))
-        if self.model not in known:
-            raise BadInput(f"--model {self.model!r}: not a model of this run; choose one of {', '.join(known)}")
+    def check_against(self, events: pd.DataFrame) -> None:
+        """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of), --rank
+        one of their processes: a name or number they do not have would only print an empty table."""
+        if self.model is not None:
+            known = list(dict.fromkeys([*MODELS, *(m.lower() for m in events["model"].dropna().unique())]))
+            if self.model not in known:
+                raise BadInput(f"--model {self.model!r}: not a model of this run; choose one of {', '.join(known)}")
+        if self.rank is not None:
+            ranks = sorted({0, *(int(r) for r in events["rank"].dropna().unique())})
+            if self.rank not in ranks:
+                processes = "one process" if ranks == [0] else f"{len(ranks)} processes"
+                raise BadInput(f"--rank {self.rank}: not a rank of this run ({processes}); choose one of "
+                               f"{', '.join(map(str, ranks))}")
 
 
 def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFrame:
@@ -206,7 +215,7 @@ def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFra
         frames.append(events)
     frame = pd.concat(frames, ignore_index=True) if frames else events_frame([])
     flt = flt or EventFilter()
-    flt.check_model(frame)
+    flt.check_against(frame)
     return flt.apply(frame)
 
 

@@ -89,6 +89,20 @@ def test_the_directory_that_holds_the_runs_names_the_newest_of_them(cli, tmp_pat
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--step", "5:2"], "--step '5:2': no step is in it (5 is after 2); write A:B with A ≤ B, e.g. 2:5"),
+    (["--rank", "3"], "--rank 3: not a rank of this run (one process); choose one of 0"),
+])
+def test_a_filter_nothing_can_match_is_refused_not_an_empty_table(cli, tmp_path, args, message):
+    """`--step 5:2` and a rank the run does not have printed `0 of 4 events`, as if nothing had gone wrong."""
+    run = _run(tmp_path)
+    for follow in ([], ["--follow"]):
+        code, out, err = cli("events", run, *args, *follow)
+        assert (code, out, err) == (2, "", f"sarkd-diag: error: {message}\n")
+    code, out, _ = cli("events", run, "--rank", "0", "--step", "3:3", "--format", "json")
+    assert code == 0 and len(json.loads(out)) == 2
+
+
 def _rendered(frame, width: int) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
     console.print(query.events_table(frame, width=width))
