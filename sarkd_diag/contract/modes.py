@@ -80,7 +80,7 @@ def canonical_mode(requested: str, option: str = "--precision") -> str:
     if name in ("fp16", "float16", "half"):
         raise BadInput(f"{option} {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
                        "loss scaling — what you want) or `pure-fp16` (everything fp16: reproduces the failure)")
-    raise BadInput(f"{option} {requested!r}: not a precision mode; choose one of auto, {', '.join(MODE_NAMES)} "
+    raise BadInput(f"{option} {requested}: not a precision mode; choose one of auto, {', '.join(MODE_NAMES)} "
                    f"(aliases: {', '.join(ALIASES)})")
 
 

@@ -230,9 +230,9 @@ def test_a_config_field_of_another_type_still_becomes_an_option():
 # ---------------------------------------------------------------------------------------- modes
 @pytest.mark.parametrize(("args", "start"), [
     (["estimate-memory", "--modes", "fp32,fp16"], "--modes fp16 is ambiguous"),
-    (["estimate-memory", "--modes", "mixd"], "--modes 'mixd': not a precision mode"),
+    (["estimate-memory", "--modes", "mixd"], "--modes mixd: not a precision mode"),
     (["estimate-memory", "--modes", "auto"], "--modes takes precision modes, not auto"),
-    (["train", "--precision", "mixd"], "--precision 'mixd': not a precision mode"),
+    (["train", "--precision", "mixd"], "--precision mixd: not a precision mode"),
 ])
 def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, monkeypatch, args, start):
     """estimate-memory's --modes said `--precision fp16 is ambiguous`, an option the command does not have."""
@@ -241,3 +241,4 @@ def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, mo
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"sarkd-diag: error: {start}"), err
     assert list(tmp_path.iterdir()) == []
+
