@@ -25,7 +25,7 @@ import pandas as pd
 from rich.console import Console
 
 from .analysis.verdicts import THRESHOLDS, Verdict, verdict
-from .contract.config import SET_BY_COMPARE, DistillConfig
+from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
 from .contract.errors import BadInput
 from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
 from .contract.numerics import number_or_none
@@ -34,7 +34,6 @@ from .contract.rundir import SCHEMA_VERSION, default_run_dir, load_events, load_
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 
-COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
@@ -261,7 +260,8 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
         if options.get("train_steps") not in (None, steps):
             raise BadInput(f"--steps {steps} and --train-steps {options['train_steps']} disagree; give one")
         given["train_steps"] = steps
-    given.setdefault("probe_every", COMPARE_PROBE_EVERY)
+    for name, value in COMPARE_DEFAULTS.items():
+        given.setdefault(name, value)
     try:
         base = DistillConfig(**given).validate()
     except TypeError as exc:

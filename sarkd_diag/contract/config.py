@@ -193,6 +193,9 @@ RUN_LOCATION = ("output_dir", "overwrite", *RESUME_OPTIONS)  # where a run is wr
 # compare-precision sets these itself for every mode (one precision each, --on-nonfinite continue, a fresh
 # start): the CLI parses them only to refuse them, and a --config file's values are ignored
 SET_BY_COMPARE = ("precision", "on_nonfinite", *RESUME_OPTIONS)
+# compare-precision's own defaults, which a given value overrides (and its --help shows): lost updates
+# measured often enough in a short comparison
+COMPARE_DEFAULTS = {"probe_every": 5}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -242,3 +242,13 @@ def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, mo
     assert err.startswith(f"sarkd-diag: error: {start}"), err
     assert list(tmp_path.iterdir()) == []
 
+
+def test_compare_precision_help_shows_its_own_defaults(cli):
+    """compare-precision probes every 5 steps unless told (README), but its help showed train's `[default: 10]`."""
+    from sarkd_diag.contract.config import COMPARE_DEFAULTS
+
+    code, out, _ = cli("compare-precision", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and COMPARE_DEFAULTS["probe_every"] == 5
+    assert "every N-th step. [default: 5]" in text and "[default: 10]" not in text
+    assert "every N-th step. [default: 10]" in " ".join(_train_help(cli).split())
