@@ -211,6 +211,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
+    except json.JSONDecodeError as exc:  # not JSON: a notes file, or YAML under another extension
+        hint = "" if p.suffix.lower() == ".json" else "; a YAML file needs the extension .yaml or .yml"
+        raise BadInput(f"--config {path}: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}){hint}") \
+            from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadInput(f"--config {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") \
             from None

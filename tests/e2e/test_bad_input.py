@@ -162,6 +162,10 @@ CASES = [
     ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
     ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
      "YAML"),
+    ("config file of another extension", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.txt", "seed: 1\n")],
+     "not valid JSON (Expecting value: line 1 column 1); a YAML file needs the extension .yaml or .yml"),
+    ("config file that is not JSON", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json", '{"seed":\n')],
+     "--config " + "{tmp}/c.json: not valid JSON (Expecting value: line 2 column 1)"),
     ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
                                                                                        '{"lr": 1}')], "unknown"),
     ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
@@ -212,7 +216,7 @@ def test_bad_input_gives_one_line_exit_2_and_touches_nothing(cli, tiny_world, tm
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sarkd-diag: error:"), err
-    assert phrase in lines[0], lines[0]
+    assert phrase.format(tmp=tmp_path) in lines[0], lines[0]
     assert "Traceback" not in out + err
     assert _tree(tmp_path, tiny_world["root"]) == before
 
