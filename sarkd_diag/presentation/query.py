@@ -490,7 +490,9 @@ def _no_critical(run: Run) -> str | None:
 
 
 def _completed(run: Run) -> str | None:
-    status = (run.summary or {}).get("status", "no summary.json (crashed?)")
+    if run.summary is None:
+        return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
+    status = run.summary.get("status")
     return None if status == "completed" else f"status is {status}"
 
 

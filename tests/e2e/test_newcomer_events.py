@@ -103,6 +103,15 @@ def test_a_filter_nothing_can_match_is_refused_not_an_empty_table(cli, tmp_path,
     assert code == 0 and len(json.loads(out)) == 2
 
 
+def test_check_completed_of_a_run_without_summary_says_what_to_do(cli, tmp_path):
+    """It said `completed: status is no summary.json (crashed?)`."""
+    run = _run(tmp_path, summary=False)
+    code, out, err = cli("check", run, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert out == (f"{run}: completed: no summary.json: the run is still running, or it crashed (`sarkd-diag report "
+                   f"{run}` closes it)\n")
+
+
 def _rendered(frame, width: int) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
     console.print(query.events_table(frame, width=width))
