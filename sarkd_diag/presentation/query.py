@@ -356,12 +356,12 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                 next_check = time.monotonic() + dead_after_s  # /proc is read at most this often
                 held = holds_open(_log_files(path))
                 if held is False:
-                    raise RunEnded(f"{path} has no summary.json, nothing in it has changed for {idle:.0f} s and no "
+                    raise RunEnded(f"{path}: {_not_closed(path)}, nothing in it has changed for {idle:.0f} s and no "
                                    "process holds its logs open: the run is dead (killed?); `sarkd-diag report "
                                    f"{path}` closes it")
                 if held is None and idle_timeout is not None and idle >= idle_timeout:
-                    raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and no summary.json; "
-                                   "stopped following")
+                    raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and "
+                                   f"{_not_closed(path)}; stopped following")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return
@@ -425,6 +425,14 @@ def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:
         yield from ((None, f) for f in sorted(path.glob("events*.jsonl")))
     else:
         yield from ((f.parent.name, f) for f in sorted(path.glob("runs/*/events*.jsonl")))
+
+
+def _not_closed(path: Path) -> str:
+    """Why `_closed` says no, in words: a summary.json older than the events is not the same as none."""
+    if not (path / "summary.json").is_file():
+        return "no summary.json"
+    return ("its summary.json is older than its events (written before a later run appended to them, or the "
+            "directory was copied without its files' times)")
 
 
 def _closed(path: Path) -> bool:

@@ -152,6 +152,18 @@ def test_follow_on_a_killed_run_prints_what_exists_and_says_the_run_is_dead(cli,
     assert err.count("\n") == 1 and "the run is dead" in err and f"sarkd-diag report {run}" in err
 
 
+def test_follow_on_a_dead_run_with_an_older_summary_does_not_say_it_has_none(cli, tmp_path):
+    """A run copied without its files' times (or appended to after it closed) has a summary.json older than its
+    events: --follow said `has no summary.json` of a directory that plainly held one."""
+    run = _run(tmp_path)
+    _age(run, 120)
+    past = time.time() - 180
+    os.utime(run / "summary.json", (past, past))
+    code, _, err = cli("events", run, "--follow")
+    assert code == 1 and err.count("\n") == 1 and "no summary.json" not in err
+    assert err.startswith(f"sarkd-diag: {run}: its summary.json is older than its events") and "the run is dead" in err
+
+
 def test_follow_keeps_following_while_a_process_holds_the_log_open(tmp_path, monkeypatch):
     """A run whose process is alive (it holds events.jsonl open) is followed however long it is quiet."""
     run = _run(tmp_path, summary=False)
