@@ -282,6 +282,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
+    from .contract.rundir import recorded_run
     from .presentation.query import not_a_run, run_directory
 
     run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
@@ -292,7 +293,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
         typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
         return 0
-    if not (run_dir / "config.json").is_file():
+    if recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
         raise not_a_run(run_dir)
     _rebuild_run(run_dir)
     return 0

@@ -29,8 +29,16 @@ from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
 from .contract.errors import BadInput
 from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
 from .contract.numerics import number_or_none
+from .contract.rundir import (
+    COMPARE_OPTIONS,
+    SCHEMA_VERSION,
+    default_run_dir,
+    is_compare_dir,
+    load_events,
+    load_metrics,
+    write_json_atomic,
+)
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
-from .contract.rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 
@@ -100,7 +108,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if previous:
         shutil.rmtree(out / "runs", ignore_errors=True)
         shutil.rmtree(out / "logs", ignore_errors=True)
-        for name in (*OUTPUTS, "compare_options.json"):
+        for name in (*OUTPUTS, COMPARE_OPTIONS):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -277,7 +285,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     _prepare_output(out, base.overwrite)
     run_options = {k: v for k, v in base.to_dict().items() if k not in SET_BY_COMPARE}
     run_options.update(output_dir=None, overwrite=False)  # each mode's --output-dir is OUT/runs/MODE
-    config_file = out / "compare_options.json"
+    config_file = out / COMPARE_OPTIONS
     write_json_atomic(config_file, {"options": run_options, "modes": chosen})
 
     console = console or Console(quiet=quiet)
@@ -298,16 +306,12 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     return CompareResult(out, table, summary, 0, verdicts)
 
 
-def is_compare_dir(path: Path) -> bool:
-    return (Path(path) / "compare_options.json").is_file()
-
-
 def rebuild_comparison(out: str | Path) -> CompareResult:
     """Write a comparison's table, plots and summary again from its runs — after `report` rebuilt them, or
     for a comparison that was interrupted (the modes that ran are compared)."""
     out = Path(out)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    started = json.loads((out / "compare_options.json").read_text())
+    started = json.loads((out / COMPARE_OPTIONS).read_text())
     ran = [m for m in started["modes"] if (out / "runs" / m / "summary.json").is_file()]
     if not ran:
         raise BadInput(f"{out}: no mode of this comparison has a run directory with a summary.json yet")

@@ -27,7 +27,7 @@ from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, load_events, load_metrics
+from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")
@@ -35,7 +35,8 @@ FORMATS = ("table", "json", "csv")
 
 # ------------------------------------------------------------------------------------------ runs
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or any(path.glob("events*.jsonl"))
+    """A sarkd-diag run's directory: its config.json (not a model's, as in its student/) or its events logs."""
+    return recorded_run(path) is not None or any(path.glob("events*.jsonl"))
 
 
 @dataclass
@@ -89,8 +90,11 @@ def _comparison_runs(path: Path) -> list[Path]:
 
 
 def not_a_run(path: Path) -> BadInput:
-    """The error for a directory that is neither a run nor a comparison; when it holds some (the `runs/` that
-    `train` fills by default), it names the newest of them to give instead."""
+    """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
+    student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
+    holder = _enclosing_run(path)
+    if holder is not None:
+        return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
     if not held:
         return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
@@ -99,11 +103,23 @@ def not_a_run(path: Path) -> BadInput:
                     "(the newest)")
 
 
+def _enclosing_run(path: Path) -> Path | None:
+    """The nearest run or comparison directory above `path`, if any."""
+    return next((p for p in path.parents if is_run_dir(p) or is_compare_dir(p)), None)
+
+
+def _what(path: Path) -> str:
+    return "run directory" if is_run_dir(path) else "compare-precision directory"
+
+
 def run_directory(path: str | Path) -> Path:
     """The directory a user named; a file in a run directory (summary.json, events.jsonl) is pointed back to it."""
     path = Path(path)
     if path.is_file():
-        raise BadInput(f"{path} is a file; give the run directory that holds it: {path.parent}")
+        holder = _enclosing_run(path)
+        if holder is None:
+            raise BadInput(f"{path} is a file, not a sarkd-diag run directory")
+        raise BadInput(f"{path} is a file; give the {_what(holder)} that holds it: {holder}")
     if not path.is_dir():
         raise BadInput(f"{path}: no such directory")
     return path

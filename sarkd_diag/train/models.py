@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -11,6 +10,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..contract.errors import BadInput
+from ..contract.rundir import is_compare_dir, recorded_run
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -39,14 +39,10 @@ def resolve_model_source(name: str) -> str:
 
 def _refuse_run_directory(name: str, path: Path) -> None:
     """A sarkd-diag run (or comparison) directory is not a model: point at the student it saved."""
-    if (path / "compare_options.json").is_file():
+    if is_compare_dir(path):
         raise BadInput(f"model path {name} is a compare-precision directory; each mode's trained student is in "
                        f"{path / 'runs' / 'MODE' / 'student'}")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not (isinstance(config, dict) and "options" in config and "precision" in config):
+    if recorded_run(path) is None:
         return  # a model's own config.json
     student = path / "student"
     if (student / "config.json").is_file():

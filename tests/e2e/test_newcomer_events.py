@@ -89,6 +89,35 @@ def test_the_directory_that_holds_the_runs_names_the_newest_of_them(cli, tmp_pat
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_directory_inside_a_run_names_the_run_and_is_left_alone(cli, tmp_path, command):
+    """A run's student/ holds a model's config.json: it was taken for a run, so events printed `0 of 0 events`,
+    check advised `report`, and report wrote parquet files into the model directory, then failed with exit 3."""
+    run = _run(tmp_path)
+    student = run / "student"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (run / "logs").mkdir()
+    (run / "logs" / "x.log").write_text("")
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    run.rename(comparison / "runs" / "fp32")
+    run, student = comparison / "runs" / "fp32", comparison / "runs" / "fp32" / "student"
+    (comparison / "compare_options.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for path, message in [
+        (student, f"{student} is inside the run directory {run}, not one itself: give {run}"),
+        (comparison / "runs", f"{comparison / 'runs'} is inside the compare-precision directory {comparison}, not "
+                              f"one itself: give {comparison}"),
+        (run / "logs" / "x.log", f"{run / 'logs' / 'x.log'} is a file; give the run directory that holds it: {run}"),
+        (student / "config.json", f"{student / 'config.json'} is a file; give the run directory that holds it: {run}"),
+    ]:
+        code, out, err = cli(*command, path)
+        assert (code, out, err) == (2, "", f"sarkd-diag: error: {message}\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--step", "5:2"], "--step '5:2': no step is in it (5 is after 2); write A:B with A ≤ B, e.g. 2:5"),
     (["--rank", "3"], "--rank 3: not a rank of this run (one process); choose one of 0"),
