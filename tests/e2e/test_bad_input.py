@@ -221,6 +221,21 @@ def test_bad_input_gives_one_line_exit_2_and_touches_nothing(cli, tiny_world, tm
     assert _tree(tmp_path, tiny_world["root"]) == before
 
 
+def test_an_unreachable_hub_for_a_dataset_is_one_line_in_seconds(tiny_world, tmp_path):
+    """README: an unreachable hub is one line in seconds rather than a minute of retries. For --dataset-name it was
+    twelve lines of datasets' retries (about 25 s), then the error."""
+    clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env = {**clean, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    args = _args(tiny_world, tmp_path, drop=("--train-file", "--validation-file"), dataset_name="wikitext")
+    result = subprocess.run([sys.executable, "-m", "sarkd_diag", *map(str, args)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("sarkd-diag: error: cannot load dataset 'wikitext': the hub at http://127.0.0.1:9 "
+                             "cannot be reached (Connection refused); check the network, or give a local "
+                             "--train-file\n")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
                          ids=["offline", "closed port"])
 def test_an_unreachable_hub_is_one_line_and_exit_2(tiny_world, tmp_path, env):
