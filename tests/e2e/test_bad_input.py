@@ -249,3 +249,9 @@ def test_an_unreachable_hub_is_one_line_and_exit_2(tiny_world, tmp_path, env):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and hub_id in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_counts_these_cases():
+    """The README says how many cases there are: adding one must not leave it telling an old number."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"({len(CASES)} cases in `tests/e2e/test_bad_input.py`)" in readme
