@@ -311,12 +311,19 @@ def _rebuild_run(run_dir: Path) -> dict:
         except ValueError:
             previous = None
         status = previous if previous in STATUSES else "crashed"
+    before = _modified(run_dir)
     summary = finalize_run(run_dir, status)
+    after = _modified(run_dir)
+    written = [name for name in after if after[name] != before.get(name)]  # what closing wrote, as it wrote it
     steps = summary["steps_completed"]
     typer.echo(f"{run_dir}: {summary['status']}, {steps} step{'' if steps == 1 else 's'}, "
-               f"{len(summary['diagnosis'])} cause(s); wrote summary.json, metrics.parquet, events.parquet, "
-               "report.md, loss_curves.png")
+               f"{len(summary['diagnosis'])} cause(s); wrote {', '.join(written)}")
     return summary
+
+
+def _modified(directory: Path) -> dict[str, int]:
+    """Each entry of `directory` (a folder with a trailing /) and when it last changed, in name order."""
+    return {p.name + ("/" if p.is_dir() else ""): p.stat().st_mtime_ns for p in sorted(directory.iterdir())}
 
 
 # --------------------------------------------------------------------- compare, query, check, memory

@@ -141,6 +141,21 @@ def test_check_completed_of_a_run_without_summary_says_what_to_do(cli, tmp_path)
                    f"{run}` closes it)\n")
 
 
+def test_report_says_every_file_it_wrote(cli, tiny_args):
+    """It listed five files, whatever it wrote: report.html and fp16_headroom.png were left out."""
+    code, _, err = cli("train", *tiny_args, "--train-steps", "2", "--precision", "fp32")
+    assert code == 0, err
+    run = Path(tiny_args[-1])
+    closing = {"summary.json", "metrics.parquet", "events.parquet", "report.md", "report.html", "loss_curves.png",
+               "fp16_headroom.png"}
+    for name in closing:  # as a run killed before it closed leaves its directory
+        (run / name).unlink()
+    code, out, err = cli("report", run)
+    assert code == 0, err
+    assert out.startswith(f"{run}: crashed, 2 steps, ")
+    assert sorted(out.strip().split("; wrote ")[1].split(", ")) == sorted(closing)
+
+
 def _rendered(frame, width: int) -> str:
     console = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
     console.print(query.events_table(frame, width=width))
