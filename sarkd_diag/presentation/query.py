@@ -363,7 +363,7 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                         pd.DataFrame([row]).to_csv(sys.stdout, index=False, header=header)
                         header = False
                     else:
-                        console.print(_line(row))
+                        console.print(_line(row), soft_wrap=True)  # one event, one line, as grep reads it
                 sys.stdout.flush()
             if closed:
                 return

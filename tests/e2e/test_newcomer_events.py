@@ -3,6 +3,7 @@ instead of its directory; identifiers kept whole at 80 columns; --follow on a ru
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -240,3 +241,14 @@ def test_follow_with_an_idle_timeout_when_the_writer_cannot_be_seen(tmp_path, mo
 def test_follow_ends_normally_on_a_closed_run(cli, tmp_path):
     code, out, _ = cli("events", _run(tmp_path), "--follow", "--format", "json")
     assert code == 0 and len(out.strip().splitlines()) == 4
+
+
+def test_follow_prints_each_event_on_one_line_at_80_columns(tmp_path):
+    """Piped (80 columns), --follow folded a long event over two lines, so `| grep` saw half of it."""
+    run = _run(tmp_path)
+    out = io.StringIO()
+    console = Console(width=80, color_system=None, highlight=False, file=out)
+    query.follow_events(run, query.EventFilter(), "table", console=console)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[3].startswith("step 3 critical nonfinite_activation teacher/" + LONG_MODULE)
+    assert lines[3].endswith("NaN in the output") and len(lines[3]) > 80
