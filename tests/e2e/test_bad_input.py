@@ -79,13 +79,18 @@ def _unreadable(tmp: Path, monkeypatch) -> Path:
     return path
 
 
-def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
+def _run_with_checkpoint(world, tmp: Path) -> Path:
+    """A recorded run with a checkpoint at step 2 that does not load (its weights are not safetensors)."""
     run = _recorded_run(tmp, **_options_of(world))
     step = run / "checkpoints" / "step-00000002"
     step.mkdir(parents=True)
     (step / "meta.json").write_text('{"step": 2, "sha256": {"model.safetensors": "0"}}')
     (step / "model.safetensors").write_bytes(b"not safetensors")
-    return ["train", "--output-dir", run, "--resume", "--train-steps", "4"]
+    return run
+
+
+def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
+    return ["train", "--output-dir", _run_with_checkpoint(world, tmp), "--resume", "--train-steps", "4"]
 
 
 def _options_of(world) -> dict:
@@ -151,6 +156,10 @@ CASES = [
     ("resume with only a corrupted checkpoint", lambda w, t, m: _corrupt_checkpoint(w, t), "loads"),
     ("resume with other options", lambda w, t, m: [*_args(w, t, resume=True), "--temperature", "3"]
      if _recorded_run(t, **_options_of(w)) else [], "other options"),
+    ("resume-from a run directory", lambda w, t, m: _args(w, t, output_dir=t / "new",
+                                                           resume_from=_run_with_checkpoint(w, t)),
+     "--resume-from {tmp}/run: not a checkpoint but a run directory; its newest checkpoint is "
+     "{tmp}/run/checkpoints/step-00000002 (or continue the run itself: --output-dir {tmp}/run --resume)"),
     ("resume and overwrite", lambda w, t, m: _args(w, t, resume=True, overwrite=True), "give one of them"),
     ("resume-from a directory that is no checkpoint", lambda w, t, m: _args(w, t, resume_from=t),
      "not a checkpoint"),
