@@ -16,14 +16,14 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterable
-from dataclasses import Field, dataclass, fields
+from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_origin
 
 import typer
 from typer.models import ParamMeta
 
-from .contract.config import FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
+from .contract.config import COMPARE_DEFAULTS, FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
 from .contract.errors import BadInput
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
@@ -58,8 +58,13 @@ class ConfigOption:
 
     name: str
     value_type: Any  # the field's type without `| None`: what a value given here is parsed as
-    help: str
+    text: str
+    default: str  # as --help shows it
     metavar: str | None
+
+    @property
+    def help(self) -> str:
+        return f"{self.text} [default: {self.default}]"
 
     @property
     def is_flag(self) -> bool:
@@ -97,7 +102,7 @@ def config_option(f: Field, hint: Any) -> ConfigOption:
         default = f.metadata.get("default_text", "none" if f.default is None else f.default)
     item = (get_args(kind) or (kind,))[0] if get_origin(kind) is list else kind
     metavar = None if kind is bool else f.metadata.get("metavar", METAVARS.get(item))
-    return ConfigOption(f.name, kind, f"{f.metadata['help']} [default: {default}]", metavar)
+    return ConfigOption(f.name, kind, f.metadata["help"], str(default), metavar)
 
 
 CONFIG_OPTIONS: dict[str, ConfigOption] = {f.name: config_option(f, FIELD_TYPES[f.name]) for f in fields(DistillConfig)}
@@ -118,19 +123,25 @@ class ConfigCommand(typer.core.TyperCommand):
 
     options: ClassVar[tuple[str, ...]] = ()
     hidden: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *args: Any, params: list | None = None, **kwargs: Any) -> None:
-        config = [CONFIG_OPTIONS[name].parameter(hidden=name in self.hidden) for name in self.options]
+        shown = {name: CONFIG_OPTIONS[name] for name in self.options}
+        shown.update({name: replace(shown[name], default=str(value)) for name, value in self.defaults.items()})
+        config = [option.parameter(hidden=name in self.hidden) for name, option in shown.items()]
         super().__init__(*args, params=[*(params or []), *config], **kwargs)
 
     @classmethod
-    def taking(cls, options: Iterable[str], hidden: Iterable[str] = ()) -> type[ConfigCommand]:
-        """The command class for a command taking these options (shown in the config's order)."""
-        wanted, hidden = set(options), frozenset(hidden)
-        unknown = (wanted | hidden) - set(CONFIG_OPTIONS)
-        assert not unknown and hidden <= wanted, f"not DistillConfig options: {sorted(unknown)}"
+    def taking(cls, options: Iterable[str], hidden: Iterable[str] = (),
+               defaults: dict[str, Any] | None = None) -> type[ConfigCommand]:
+        """The command class for a command taking these options (shown in the config's order); `defaults`: the
+        command's own defaults of some, shown in its help instead of the config's."""
+        wanted, hidden, defaults = set(options), frozenset(hidden), dict(defaults or {})
+        unknown = (wanted | hidden | set(defaults)) - set(CONFIG_OPTIONS)
+        assert not unknown and hidden <= wanted and set(defaults) <= wanted, \
+            f"not DistillConfig options: {sorted(unknown)}"
         chosen = tuple(name for name in CONFIG_OPTIONS if name in wanted)
-        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden})
+        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden, "defaults": defaults})
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         ctx.meta[_ARGS] = list(args)  # as typed: `train --nproc N` hands them to torchrun
@@ -271,7 +282,10 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
+    from .contract.rundir import recorded_run
+    from .presentation.query import not_a_run, run_directory
 
+    run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
     if is_compare_dir(run_dir):
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
             _rebuild_run(mode_dir.parent)
@@ -279,8 +293,8 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
         typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
         return 0
-    if not (run_dir / "config.json").is_file():
-        raise BadInput(f"{run_dir} is not a sarkd-diag run directory (no config.json)")
+    if recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
+        raise not_a_run(run_dir)
     _rebuild_run(run_dir)
     return 0
 
@@ -297,12 +311,19 @@ def _rebuild_run(run_dir: Path) -> dict:
         except ValueError:
             previous = None
         status = previous if previous in STATUSES else "crashed"
+    before = _modified(run_dir)
     summary = finalize_run(run_dir, status)
+    after = _modified(run_dir)
+    written = [name for name in after if after[name] != before.get(name)]  # what closing wrote, as it wrote it
     steps = summary["steps_completed"]
     typer.echo(f"{run_dir}: {summary['status']}, {steps} step{'' if steps == 1 else 's'}, "
-               f"{len(summary['diagnosis'])} cause(s); wrote summary.json, metrics.parquet, events.parquet, "
-               "report.md, loss_curves.png")
+               f"{len(summary['diagnosis'])} cause(s); wrote {', '.join(written)}")
     return summary
+
+
+def _modified(directory: Path) -> dict[str, int]:
+    """Each entry of `directory` (a folder with a trailing /) and when it last changed, in name order."""
+    return {p.name + ("/" if p.is_dir() else ""): p.stat().st_mtime_ns for p in sorted(directory.iterdir())}
 
 
 # --------------------------------------------------------------------- compare, query, check, memory
@@ -311,7 +332,8 @@ MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_
                   "shard_teacher")
 
 
-@app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE))
+@app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE,
+                                                            defaults=COMPARE_DEFAULTS))
 def compare_precision_command(
     ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
@@ -370,7 +392,7 @@ def events(
     flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
                       grep=grep)
     if follow:
-        query_events(run_dir, flt)  # the directory and --model checked before following
+        query_events(run_dir, flt)  # the directory, --model and --rank checked before following
         try:
             follow_events(run_dir, flt, fmt, idle_timeout=idle_timeout)
         except RunEnded as exc:
@@ -378,7 +400,7 @@ def events(
             return 1
         return 0
     everything = query_events(run_dir)
-    flt.check_model(everything)
+    flt.check_against(everything)
     print_events(flt.apply(everything), fmt, total=len(everything))
     return 0
 

@@ -25,16 +25,23 @@ import pandas as pd
 from rich.console import Console
 
 from .analysis.verdicts import THRESHOLDS, Verdict, verdict
-from .contract.config import SET_BY_COMPARE, DistillConfig
+from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
 from .contract.errors import BadInput
-from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, canonical_mode, detect_capabilities, resolve_mode
+from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
 from .contract.numerics import number_or_none
+from .contract.rundir import (
+    COMPARE_OPTIONS,
+    SCHEMA_VERSION,
+    default_run_dir,
+    is_compare_dir,
+    load_events,
+    load_metrics,
+    write_json_atomic,
+)
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
-from .contract.rundir import SCHEMA_VERSION, default_run_dir, load_events, load_metrics, write_json_atomic
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 
-COMPARE_PROBE_EVERY = 5  # lost updates measured often enough in a short comparison (a given --probe-every wins)
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
@@ -76,24 +83,16 @@ class CompareResult:
 def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None, caps) -> list[str]:
     """Canonical mode names in the order given (comma-separated allowed); by default every mode the device
     runs (within --model-dtype's family when given). A mode the device cannot run is bad input."""
-    if isinstance(requested, str):
-        requested = [requested]
-    names = [n.strip() for item in requested or [] for n in item.split(",") if n.strip()]
-    if not names:
+    modes = parse_modes(requested)
+    if not modes:
         family = MODEL_DTYPE_FAMILY.get(model_dtype, tuple(MODE_NAMES))
         return [m for m in MODE_NAMES if m in caps.runnable_modes and m in family]
-    modes = []
-    for name in names:
+    for mode in modes:
         try:
-            mode = canonical_mode(name)
-            if mode == "auto":
-                raise BadInput("--modes takes precision modes, not auto: " + ", ".join(MODE_NAMES))
             resolve_mode(mode, model_dtype, caps)  # raises for a mode the device cannot run or a --model-dtype clash
         except BadInput as exc:  # train/precision.py speaks of --precision: here the user typed --modes
             text = str(exc).replace("--precision ", "--modes ")
-            raise BadInput(text if "--modes" in text else f"--modes {name}: {text}") from None
-        if mode not in modes:
-            modes.append(mode)
+            raise BadInput(text if "--modes" in text else f"--modes {mode}: {text}") from None
     return modes
 
 
@@ -109,7 +108,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if previous:
         shutil.rmtree(out / "runs", ignore_errors=True)
         shutil.rmtree(out / "logs", ignore_errors=True)
-        for name in (*OUTPUTS, "compare_options.json"):
+        for name in (*OUTPUTS, COMPARE_OPTIONS):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -269,7 +268,8 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
         if options.get("train_steps") not in (None, steps):
             raise BadInput(f"--steps {steps} and --train-steps {options['train_steps']} disagree; give one")
         given["train_steps"] = steps
-    given.setdefault("probe_every", COMPARE_PROBE_EVERY)
+    for name, value in COMPARE_DEFAULTS.items():
+        given.setdefault(name, value)
     try:
         base = DistillConfig(**given).validate()
     except TypeError as exc:
@@ -285,7 +285,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     _prepare_output(out, base.overwrite)
     run_options = {k: v for k, v in base.to_dict().items() if k not in SET_BY_COMPARE}
     run_options.update(output_dir=None, overwrite=False)  # each mode's --output-dir is OUT/runs/MODE
-    config_file = out / "compare_options.json"
+    config_file = out / COMPARE_OPTIONS
     write_json_atomic(config_file, {"options": run_options, "modes": chosen})
 
     console = console or Console(quiet=quiet)
@@ -306,16 +306,12 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     return CompareResult(out, table, summary, 0, verdicts)
 
 
-def is_compare_dir(path: Path) -> bool:
-    return (Path(path) / "compare_options.json").is_file()
-
-
 def rebuild_comparison(out: str | Path) -> CompareResult:
     """Write a comparison's table, plots and summary again from its runs — after `report` rebuilt them, or
     for a comparison that was interrupted (the modes that ran are compared)."""
     out = Path(out)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
-    started = json.loads((out / "compare_options.json").read_text())
+    started = json.loads((out / COMPARE_OPTIONS).read_text())
     ran = [m for m in started["modes"] if (out / "runs" / m / "summary.json").is_file()]
     if not ran:
         raise BadInput(f"{out}: no mode of this comparison has a run directory with a summary.json yet")

@@ -52,7 +52,7 @@ def test_a_runs_own_config_json_is_a_config_file(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[1, 2]", "mapping"),
     ('{"no_such_option": 1}', "unknown option"),
-    ("{not json", "cannot be read"),
+    ("{not json", "not valid JSON"),
 ])
 def test_bad_config_files(tmp_path, text, message):
     path = tmp_path / "c.json"

@@ -193,6 +193,9 @@ RUN_LOCATION = ("output_dir", "overwrite", *RESUME_OPTIONS)  # where a run is wr
 # compare-precision sets these itself for every mode (one precision each, --on-nonfinite continue, a fresh
 # start): the CLI parses them only to refuse them, and a --config file's values are ignored
 SET_BY_COMPARE = ("precision", "on_nonfinite", *RESUME_OPTIONS)
+# compare-precision's own defaults, which a given value overrides (and its --help shows): lost updates
+# measured often enough in a short comparison
+COMPARE_DEFAULTS = {"probe_every": 5}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -208,6 +211,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
+    except json.JSONDecodeError as exc:  # not JSON: a notes file, or YAML under another extension
+        hint = "" if p.suffix.lower() == ".json" else "; a YAML file needs the extension .yaml or .yml"
+        raise BadInput(f"--config {path}: not valid JSON ({exc.msg}: line {exc.lineno} column {exc.colno}){hint}") \
+            from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BadInput(f"--config {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]})") \
             from None

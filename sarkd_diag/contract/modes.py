@@ -7,6 +7,7 @@ as strategy objects, are train/precision.py's.
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +70,33 @@ ALIASES = {
 MODEL_DTYPE_FAMILY = {"float16": ("mixed", "pure-fp16"), "bfloat16": ("bf16-mixed", "pure-bf16"), "float32": ("fp32",)}
 
 
-def canonical_mode(requested: str) -> str:
-    """A mode name or alias to its mode name; `auto` stays `auto`."""
+def canonical_mode(requested: str, option: str = "--precision") -> str:
+    """A mode name or alias to its mode name; `auto` stays `auto`. Errors name `option`, what the user typed."""
     name = requested.strip().lower()
     if name == "auto" or name in MODE_NAMES:
         return name
     if name in ALIASES:
         return ALIASES[name]
     if name in ("fp16", "float16", "half"):
-        raise BadInput(f"--precision {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
+        raise BadInput(f"{option} {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
                        "loss scaling — what you want) or `pure-fp16` (everything fp16: reproduces the failure)")
-    raise BadInput(f"unknown precision {requested!r}; choose one of auto, {', '.join(MODE_NAMES)} "
+    raise BadInput(f"{option} {requested}: not a precision mode; choose one of auto, {', '.join(MODE_NAMES)} "
                    f"(aliases: {', '.join(ALIASES)})")
+
+
+def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") -> list[str]:
+    """The modes of a `--modes` option (comma-separated or repeated), canonical, in the order given, each once;
+    [] when none is given. `auto` is refused: a list of modes names each one."""
+    if isinstance(requested, str):
+        requested = [requested]
+    modes: list[str] = []
+    for name in (n.strip() for item in requested or [] for n in item.split(",") if n.strip()):
+        mode = canonical_mode(name, option)
+        if mode == "auto":
+            raise BadInput(f"{option} takes precision modes, not auto: " + ", ".join(MODE_NAMES))
+        if mode not in modes:
+            modes.append(mode)
+    return modes
 
 
 def resolve_mode(requested: str, model_dtype: str | None, caps: Capabilities) -> tuple[str, str]:

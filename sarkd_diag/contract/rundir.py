@@ -70,7 +70,14 @@ def differing_options(previous: dict, options: dict) -> list[str]:
     return sorted(k for k in options if k not in RESUMABLE_OPTIONS and k in previous and previous[k] != options[k])
 
 
-def _recorded_run(path: Path) -> dict | None:
+COMPARE_OPTIONS = "compare_options.json"  # written first by compare-precision: what marks its directory
+
+
+def is_compare_dir(path: Path) -> bool:
+    return (Path(path) / COMPARE_OPTIONS).is_file()
+
+
+def recorded_run(path: Path) -> dict | None:
     """The options of the sarkd-diag run recorded in `path`/config.json; None when it holds none."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -110,7 +117,7 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         if resume:
             raise BadInput(f"--resume: nothing to resume, {path} holds no run")
         return
-    recorded = _recorded_run(path)
+    recorded = recorded_run(path)
     if resume:
         if recorded is None:
             raise BadInput(f"--resume: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")

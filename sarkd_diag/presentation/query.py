@@ -27,7 +27,7 @@ from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, load_events, load_metrics
+from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")
@@ -35,7 +35,8 @@ FORMATS = ("table", "json", "csv")
 
 # ------------------------------------------------------------------------------------------ runs
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() or any(path.glob("events*.jsonl"))
+    """A sarkd-diag run's directory: its config.json (not a model's, as in its student/) or its events logs."""
+    return recorded_run(path) is not None or any(path.glob("events*.jsonl"))
 
 
 @dataclass
@@ -72,22 +73,53 @@ class Run:
 
 def find_runs(path: str | Path) -> list[Run]:
     """The run at `path`, or every run of the compare-precision directory at `path` (in mode order)."""
-    path = _directory(path)
+    path = run_directory(path)
     if is_run_dir(path):
         return [Run(path)]
-    order = {mode: i for i, mode in enumerate(MODE_NAMES)}
-    runs = sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
-                  key=lambda p: (order.get(p.name, len(order)), p.name))
+    runs = _comparison_runs(path)
     if not runs:
-        raise BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+        raise not_a_run(path)
     return [Run(p, p.name) for p in runs]
 
 
-def _directory(path: str | Path) -> Path:
+def _comparison_runs(path: Path) -> list[Path]:
+    """The run directories of the compare-precision directory at `path`, in mode order ([] for any other)."""
+    order = {mode: i for i, mode in enumerate(MODE_NAMES)}
+    return sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
+                  key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def not_a_run(path: Path) -> BadInput:
+    """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
+    student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
+    holder = _enclosing_run(path)
+    if holder is not None:
+        return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
+    held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
+    if not held:
+        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+    newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
+    return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
+                    "(the newest)")
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The nearest run or comparison directory above `path`, if any."""
+    return next((p for p in path.parents if is_run_dir(p) or is_compare_dir(p)), None)
+
+
+def _what(path: Path) -> str:
+    return "run directory" if is_run_dir(path) else "compare-precision directory"
+
+
+def run_directory(path: str | Path) -> Path:
     """The directory a user named; a file in a run directory (summary.json, events.jsonl) is pointed back to it."""
     path = Path(path)
     if path.is_file():
-        raise BadInput(f"{path} is a file; give the run directory that holds it: {path.parent}")
+        holder = _enclosing_run(path)
+        if holder is None:
+            raise BadInput(f"{path} is a file, not a sarkd-diag run directory")
+        raise BadInput(f"{path} is a file; give the {_what(holder)} that holds it: {holder}")
     if not path.is_dir():
         raise BadInput(f"{path}: no such directory")
     return path
@@ -107,6 +139,9 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     except ValueError:
         raise BadInput(f"--step {text!r}: expected A:B (inclusive; either end may be left out), e.g. 10:20") \
             from None
+    if None not in bounds and bounds[0] > bounds[1]:
+        raise BadInput(f"--step {text!r}: no step is in it ({bounds[0]} is after {bounds[1]}); write A:B with A ≤ B, "
+                       f"e.g. {bounds[1]}:{bounds[0]}")
     return bounds[0], bounds[1]
 
 
@@ -170,13 +205,19 @@ class EventFilter:
         return events[keep]
 
 
-    def check_model(self, events: pd.DataFrame) -> None:
-        """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of)."""
-        if self.model is None:
-            return
-        known = list(dict.fromkeys([*MODELS, *(m.lower() for m in events["model"].dropna().unique())]))
-        if self.model not in known:
-            raise BadInput(f"--model {self.model!r}: not a model of this run; choose one of {', '.join(known)}")
+    def check_against(self, events: pd.DataFrame) -> None:
+        """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of), --rank
+        one of their processes: a name or number they do not have would only print an empty table."""
+        if self.model is not None:
+            known = list(dict.fromkeys([*MODELS, *(m.lower() for m in events["model"].dropna().unique())]))
+            if self.model not in known:
+                raise BadInput(f"--model {self.model!r}: not a model of this run; choose one of {', '.join(known)}")
+        if self.rank is not None:
+            ranks = sorted({0, *(int(r) for r in events["rank"].dropna().unique())})
+            if self.rank not in ranks:
+                processes = "one process" if ranks == [0] else f"{len(ranks)} processes"
+                raise BadInput(f"--rank {self.rank}: not a rank of this run ({processes}); choose one of "
+                               f"{', '.join(map(str, ranks))}")
 
 
 def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFrame:
@@ -190,7 +231,7 @@ def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFra
         frames.append(events)
     frame = pd.concat(frames, ignore_index=True) if frames else events_frame([])
     flt = flt or EventFilter()
-    flt.check_model(frame)
+    flt.check_against(frame)
     return flt.apply(frame)
 
 
@@ -303,7 +344,7 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
     events file open; read from /proc). Where that cannot be known (no /proc, a run on another machine
     writing to a shared disk), `idle_timeout` seconds without a write end it.
     """
-    path = _directory(path)
+    path = run_directory(path)
     console = console or Console(highlight=False)
     offsets: dict[Path, int] = {}
     header = fmt == "csv"
@@ -322,7 +363,7 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                         pd.DataFrame([row]).to_csv(sys.stdout, index=False, header=header)
                         header = False
                     else:
-                        console.print(_line(row))
+                        console.print(_line(row), soft_wrap=True)  # one event, one line, as grep reads it
                 sys.stdout.flush()
             if closed:
                 return
@@ -331,12 +372,12 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                 next_check = time.monotonic() + dead_after_s  # /proc is read at most this often
                 held = holds_open(_log_files(path))
                 if held is False:
-                    raise RunEnded(f"{path} has no summary.json, nothing in it has changed for {idle:.0f} s and no "
+                    raise RunEnded(f"{path}: {_not_closed(path)}, nothing in it has changed for {idle:.0f} s and no "
                                    "process holds its logs open: the run is dead (killed?); `sarkd-diag report "
                                    f"{path}` closes it")
                 if held is None and idle_timeout is not None and idle >= idle_timeout:
-                    raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and no summary.json; "
-                                   "stopped following")
+                    raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and "
+                                   f"{_not_closed(path)}; stopped following")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return
@@ -402,6 +443,14 @@ def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:
         yield from ((f.parent.name, f) for f in sorted(path.glob("runs/*/events*.jsonl")))
 
 
+def _not_closed(path: Path) -> str:
+    """Why `_closed` says no, in words: a summary.json older than the events is not the same as none."""
+    if not (path / "summary.json").is_file():
+        return "no summary.json"
+    return ("its summary.json is older than its events (written before a later run appended to them, or the "
+            "directory was copied without its files' times)")
+
+
 def _closed(path: Path) -> bool:
     summary = path / "summary.json"
     if not summary.is_file():
@@ -465,7 +514,9 @@ def _no_critical(run: Run) -> str | None:
 
 
 def _completed(run: Run) -> str | None:
-    status = (run.summary or {}).get("status", "no summary.json (crashed?)")
+    if run.summary is None:
+        return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
+    status = run.summary.get("status")
     return None if status == "completed" else f"status is {status}"
 
 

@@ -88,7 +88,7 @@ class TrainingDisplay:
         self._total, self._first_step, self._started, self._tokens = total, done, time.perf_counter(), 0
         if self.quiet:
             return
-        self.console.print(f"[bold]sarkd-diag[/] training → {run_dir}")
+        self._line(f"[bold]sarkd-diag[/] training → {run_dir}")
         terminal = self.console.is_terminal
         self._lines = self.log_every if self.log_every is not None else (0 if terminal else default_log_every(total))
         if not terminal:
@@ -118,7 +118,7 @@ class TrainingDisplay:
                       + (f"  scale {_fmt(scale, '.0f')}" if scale is not None else ""))
             self._progress.update(self._task, completed=step, status=status)
         if self._lines and (step % self._lines == 0 or step == self._total):
-            self.console.print(f"step {step}/{self._total}  loss {_fmt(row.get('loss'))}  "
+            self._line(f"step {step}/{self._total}  loss {_fmt(row.get('loss'))}  "
                                f"eval ppl {_fmt(self._last_ppl, '.3f')}  lr {_fmt(row.get('lr'), '.2e')}  "
                                f"{_fmt(rate, ',.0f')} tok/s  ETA {_duration(eta) if eta is not None else '-'}"
                                + (f"  loss scale {_fmt(scale, '.0f')}" if scale is not None else ""))
@@ -127,7 +127,7 @@ class TrainingDisplay:
         self._last_ppl = ppl
         self._evals.append(step)
         if not self.quiet:
-            self.console.print(f"eval @ step {step}: validation perplexity {ppl:.3f} (loss {loss:.4f})")
+            self._line(f"eval @ step {step}: validation perplexity {ppl:.3f} (loss {loss:.4f})")
 
     # ------------------------------------------------------------------------------- events
     def alert(self, event) -> None:
@@ -147,7 +147,7 @@ class TrainingDisplay:
         at = f" in {escape(where)}" if where else ""
         if severity == "critical" and not self._alerted:
             self._alerted = True
-            self.console.print(f"[bold red]CRITICAL[/] step {event.step} {kind}{at}: {text}")
+            self._line(f"[bold red]CRITICAL[/] step {event.step} {kind}{at}: {text}")
             return
         resumed = getattr(event, "code", None) == "resumed"
         setup = getattr(event, "phase", "setup") == "setup"
@@ -156,13 +156,18 @@ class TrainingDisplay:
         self._notices[kind] += 1
         if self._notices[kind] > NOTICES_PER_KIND:
             if self._notices[kind] == NOTICES_PER_KIND + 1:
-                self.console.print(f"[dim]note: further {kind} events are not printed; the final panel counts "
+                self._line(f"[dim]note: further {kind} events are not printed; the final panel counts "
                                    f"them (`sarkd-diag events RUN --kind {kind}` lists them)[/]")
             return
         style = {"critical": "bold red", "warning": "yellow"}.get(severity, "cyan")
         label = {"critical": "critical", "warning": "warning"}.get(severity, "note")
         step = f"step {event.step} " if event.step else ""
-        self.console.print(f"[{style}]{label}[/]: {step}{kind}{at}: {text}")
+        self._line(f"[{style}]{label}[/]: {step}{kind}{at}: {text}")
+
+    def _line(self, text: str) -> None:
+        """One record of the run — a log line, an evaluation, a notice — as one line however long: the console
+        does not fold it at its width (a log file's 80 columns), so each stays one line to read or grep."""
+        self.console.print(text, soft_wrap=True)
 
     def error(self, message: str) -> None:
         print("sarkd-diag: " + " ".join(message.split()), file=sys.stderr)
@@ -232,4 +237,4 @@ class TrainingDisplay:
             lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
                          else "[green]no numerical problems found[/]")
         self.console.print(Panel("\n".join(lines), title="diagnosis", expand=False))
-        self.console.print(f"run directory: {summary.get('run_dir')}")
+        self._line(f"run directory: {summary.get('run_dir')}")

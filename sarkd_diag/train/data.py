@@ -105,6 +105,9 @@ def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
 def _load_hub_corpus(name: str, config_name: str | None) -> Corpus:
     import datasets
 
+    from .models import check_hub_reachable
+
+    check_hub_reachable(name, repo_type="dataset")
     try:
         splits = datasets.load_dataset(name, config_name)
     except Exception as exc:  # network, missing set, bad config: all are the user's to fix

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
-from ..contract.modes import MODE_NAMES, canonical_mode
+from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from .fused_loss import chunk_rows
 from .precision import MODES
 
@@ -239,10 +239,7 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
     with models already loaded, `estimate_mode(mode, model_shape(teacher), model_shape(student), ...)`.
     """
     cfg = (config or DistillConfig(**options)).validate()
-    chosen = [canonical_mode(m) for item in (modes or list(MODE_NAMES)) for m in item.split(",") if m.strip()]
-    if "auto" in chosen:
-        raise BadInput("estimate-memory needs explicit modes (what auto picks depends on the device): "
-                       + ", ".join(MODE_NAMES))
+    chosen = parse_modes(modes) or list(MODE_NAMES)
     if cfg.shard_teacher and cfg.nproc < 2:
         raise BadInput("--shard-teacher shards the teacher over several ranks: add --nproc N (N ≥ 2)")
     for pattern in cfg.router_patterns or []:  # checked first: any later error is about loading a model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -11,6 +10,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..contract.errors import BadInput
+from ..contract.rundir import is_compare_dir, recorded_run
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -33,20 +33,16 @@ def resolve_model_source(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
-    _check_hub_reachable(name)
+    check_hub_reachable(name)
     return name  # a hub id
 
 
 def _refuse_run_directory(name: str, path: Path) -> None:
     """A sarkd-diag run (or comparison) directory is not a model: point at the student it saved."""
-    if (path / "compare_options.json").is_file():
+    if is_compare_dir(path):
         raise BadInput(f"model path {name} is a compare-precision directory; each mode's trained student is in "
                        f"{path / 'runs' / 'MODE' / 'student'}")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if not (isinstance(config, dict) and "options" in config and "precision" in config):
+    if recorded_run(path) is None:
         return  # a model's own config.json
     student = path / "student"
     if (student / "config.json").is_file():
@@ -72,28 +68,32 @@ HUB_CONNECT_TIMEOUT_S = 10
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
-def _check_hub_reachable(repo_id: str) -> None:
-    """A hub model that is not cached needs the hub: say so in a moment, not after a minute of retries.
+HUB_FIRST_FILE = {"model": "config.json", "dataset": "README.md"}  # what loading one asks the hub for first
 
-    Skipped offline (transformers then fails at once), for a cached model, and behind a proxy (where a
-    direct connection proves nothing).
+
+def check_hub_reachable(repo_id: str, repo_type: str = "model") -> None:
+    """A hub model or dataset that is not cached needs the hub: say so in a moment, not after a minute of retries.
+
+    Skipped offline (transformers and datasets then fail at once), for a cached repository, and behind a proxy
+    (where a direct connection proves nothing).
     """
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
         return
     try:
-        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        if isinstance(try_to_load_from_cache(repo_id, HUB_FIRST_FILE[repo_type], repo_type=repo_type), str):
             return
-    except Exception:  # an id the cache cannot even parse: transformers names the problem
+    except Exception:  # an id the cache cannot even parse: transformers or datasets name the problem
         return
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise BadInput(f"cannot load {repo_id!r}: the hub at {constants.ENDPOINT} cannot be reached "
-                       f"({exc.strerror or exc}); check the network, or give a local directory") from None
+        what, local = ("", "a local directory") if repo_type == "model" else ("dataset ", "a local --train-file")
+        raise BadInput(f"cannot load {what}{repo_id!r}: the hub at {constants.ENDPOINT} cannot be reached "
+                       f"({exc.strerror or exc}); check the network, or give {local}") from None
 
 
 def _quiet_transformers() -> None:

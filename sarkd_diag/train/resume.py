@@ -40,6 +40,18 @@ def locate_run(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, Path 
     return run_dir, source
 
 
+def _not_a_checkpoint(path: Path) -> BadInput:
+    """--resume-from named something else: a run directory or its checkpoints/ names the newest checkpoint."""
+    run = path.parent if path.name == ckpt.CHECKPOINTS else path
+    held = ckpt.list_checkpoints(run)
+    if held:
+        return BadInput(f"--resume-from {path}: not a checkpoint but {'the checkpoints of ' if run != path else ''}"
+                        f"a run directory; its newest checkpoint is {held[-1]} (or continue the run itself: "
+                        f"--output-dir {run} --resume)")
+    return BadInput(f"--resume-from {path}: not a checkpoint (no {ckpt.META}); checkpoints are the directories "
+                    f"RUN/{ckpt.CHECKPOINTS}/step-NNNNNNNN")
+
+
 def _run_and_source(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, Path | None]:
     if cfg.resume:
         return Path(cfg.output_dir), Path(cfg.output_dir)
@@ -49,8 +61,7 @@ def _run_and_source(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, 
         return world.broadcast(default_run_dir(mode)), None  # one directory for all ranks
     checkpoint = Path(cfg.resume_from)
     if not (checkpoint / ckpt.META).is_file():
-        raise BadInput(f"--resume-from {checkpoint}: not a checkpoint (no {ckpt.META}); checkpoints are the "
-                       f"directories RUN/{ckpt.CHECKPOINTS}/step-NNNNNNNN")
+        raise _not_a_checkpoint(checkpoint)
     source = checkpoint.parent.parent
     if cfg.output_dir:
         return Path(cfg.output_dir), source

@@ -79,13 +79,18 @@ def _unreadable(tmp: Path, monkeypatch) -> Path:
     return path
 
 
-def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
+def _run_with_checkpoint(world, tmp: Path) -> Path:
+    """A recorded run with a checkpoint at step 2 that does not load (its weights are not safetensors)."""
     run = _recorded_run(tmp, **_options_of(world))
     step = run / "checkpoints" / "step-00000002"
     step.mkdir(parents=True)
     (step / "meta.json").write_text('{"step": 2, "sha256": {"model.safetensors": "0"}}')
     (step / "model.safetensors").write_bytes(b"not safetensors")
-    return ["train", "--output-dir", run, "--resume", "--train-steps", "4"]
+    return run
+
+
+def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
+    return ["train", "--output-dir", _run_with_checkpoint(world, tmp), "--resume", "--train-steps", "4"]
 
 
 def _options_of(world) -> dict:
@@ -151,6 +156,10 @@ CASES = [
     ("resume with only a corrupted checkpoint", lambda w, t, m: _corrupt_checkpoint(w, t), "loads"),
     ("resume with other options", lambda w, t, m: [*_args(w, t, resume=True), "--temperature", "3"]
      if _recorded_run(t, **_options_of(w)) else [], "other options"),
+    ("resume-from a run directory", lambda w, t, m: _args(w, t, output_dir=t / "new",
+                                                           resume_from=_run_with_checkpoint(w, t)),
+     "--resume-from {tmp}/run: not a checkpoint but a run directory; its newest checkpoint is "
+     "{tmp}/run/checkpoints/step-00000002 (or continue the run itself: --output-dir {tmp}/run --resume)"),
     ("resume and overwrite", lambda w, t, m: _args(w, t, resume=True, overwrite=True), "give one of them"),
     ("resume-from a directory that is no checkpoint", lambda w, t, m: _args(w, t, resume_from=t),
      "not a checkpoint"),
@@ -162,6 +171,10 @@ CASES = [
     ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
     ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
      "YAML"),
+    ("config file of another extension", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.txt", "seed: 1\n")],
+     "not valid JSON (Expecting value: line 1 column 1); a YAML file needs the extension .yaml or .yml"),
+    ("config file that is not JSON", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json", '{"seed":\n')],
+     "--config " + "{tmp}/c.json: not valid JSON (Expecting value: line 2 column 1)"),
     ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
                                                                                        '{"lr": 1}')], "unknown"),
     ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
@@ -212,9 +225,24 @@ def test_bad_input_gives_one_line_exit_2_and_touches_nothing(cli, tiny_world, tm
     assert code == 2, (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sarkd-diag: error:"), err
-    assert phrase in lines[0], lines[0]
+    assert phrase.format(tmp=tmp_path) in lines[0], lines[0]
     assert "Traceback" not in out + err
     assert _tree(tmp_path, tiny_world["root"]) == before
+
+
+def test_an_unreachable_hub_for_a_dataset_is_one_line_in_seconds(tiny_world, tmp_path):
+    """README: an unreachable hub is one line in seconds rather than a minute of retries. For --dataset-name it was
+    twelve lines of datasets' retries (about 25 s), then the error."""
+    clean = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    env = {**clean, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    args = _args(tiny_world, tmp_path, drop=("--train-file", "--validation-file"), dataset_name="wikitext")
+    result = subprocess.run([sys.executable, "-m", "sarkd_diag", *map(str, args)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("sarkd-diag: error: cannot load dataset 'wikitext': the hub at http://127.0.0.1:9 "
+                             "cannot be reached (Connection refused); check the network, or give a local "
+                             "--train-file\n")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
@@ -230,3 +258,9 @@ def test_an_unreachable_hub_is_one_line_and_exit_2(tiny_world, tmp_path, env):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and hub_id in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_readme_counts_these_cases():
+    """The README says how many cases there are: adding one must not leave it telling an old number."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert f"({len(CASES)} cases in `tests/e2e/test_bad_input.py`)" in readme

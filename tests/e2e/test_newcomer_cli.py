@@ -225,3 +225,30 @@ def test_a_config_field_of_another_type_still_becomes_an_option():
     command = typer.core.TyperCommand("x", params=[o.parameter() for o in options.values()])
     params = command.make_context("x", ["--where", "/tmp", "--mode", "b", "--ratio", "2"]).params
     assert params == {"where": Path("/tmp"), "mode": "b", "ratio": 2.0}
+
+
+# ---------------------------------------------------------------------------------------- modes
+@pytest.mark.parametrize(("args", "start"), [
+    (["estimate-memory", "--modes", "fp32,fp16"], "--modes fp16 is ambiguous"),
+    (["estimate-memory", "--modes", "mixd"], "--modes mixd: not a precision mode"),
+    (["estimate-memory", "--modes", "auto"], "--modes takes precision modes, not auto"),
+    (["train", "--precision", "mixd"], "--precision mixd: not a precision mode"),
+])
+def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, monkeypatch, args, start):
+    """estimate-memory's --modes said `--precision fp16 is ambiguous`, an option the command does not have."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(*args)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"sarkd-diag: error: {start}"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_precision_help_shows_its_own_defaults(cli):
+    """compare-precision probes every 5 steps unless told (README), but its help showed train's `[default: 10]`."""
+    from sarkd_diag.contract.config import COMPARE_DEFAULTS
+
+    code, out, _ = cli("compare-precision", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and COMPARE_DEFAULTS["probe_every"] == 5
+    assert "every N-th step. [default: 5]" in text and "[default: 10]" not in text
+    assert "every N-th step. [default: 10]" in " ".join(_train_help(cli).split())

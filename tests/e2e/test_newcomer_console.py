@@ -187,3 +187,24 @@ def test_a_run_whose_steps_the_policy_undoes_says_so_as_it_happens_and_counts_th
 def test_log_every_is_validated(cli, tiny_args, value):
     code, _, err = cli("train", *tiny_args, "--log-every", value)
     assert code == 2 and "--log-every" in err and err.count("\n") == 1
+
+
+def test_each_record_is_one_line_at_a_log_files_width():
+    """Without a terminal the console is 80 columns wide: a log line with five-digit tokens/s or a critical event
+    was folded over two lines (`ETA` / `0:00:16`), against the README's 'one line each'."""
+    out = io.StringIO()
+    display = TrainingDisplay(console=Console(file=out, width=80, color_system=None, highlight=False), log_every=1)
+    display.start(400, 0, "runs/" + "x" * 90)
+    display._started -= 1.0  # one second in: a rate and an ETA to print
+    display.update(10, {"loss": 9.212, "lr": 2e-3, "tokens": 12_201})
+    display.eval_line(10, 522.154, 6.258)
+    display.alert(_event("optimizer_preflight", "critical", "optimizer eps=1e-08 is 0.0 in float16: any entry whose "
+                         "squared gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN",
+                         step=1, phase="optimizer", model="student"))
+    display.alert(_event("optimizer_state_underflow", "warning", "98.1% of second-moment entries are 0 although "
+                         "their gradient is not: the squared gradient flushed to zero", step=1, phase="optimizer",
+                         model="student", module="transformer.wte"))
+    lines = out.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == ["sarkd-diag", "step", "eval", "CRITICAL", "warning:"], lines
+    assert lines[1].startswith("step 10/400  loss 9.212") and re.search(r"ETA \d+:\d\d:\d\d$", lines[1])
+    assert lines[3].endswith("fills the weights with Inf/NaN") and max(map(len, lines)) > 80

@@ -3,6 +3,7 @@ instead of its directory; identifiers kept whole at 80 columns; --follow on a ru
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -60,10 +61,100 @@ def test_filters_are_case_insensitive(cli, tmp_path, args, rows):
 
 def test_a_file_is_pointed_back_to_its_directory(cli, tmp_path):
     run = _run(tmp_path)
-    for command in (["events"], ["check", "--expect", "completed"]):
+    for command in (["events"], ["check", "--expect", "completed"], ["report"]):
         code, _, err = cli(*command, run / "summary.json")
         assert code == 2 and "no such directory" not in err
         assert f"{run / 'summary.json'} is a file; give the run directory that holds it: {run}" in err
+
+
+COMMANDS = [["events"], ["check", "--expect", "completed"], ["report"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_the_directory_that_holds_the_runs_names_the_newest_of_them(cli, tmp_path, command):
+    """`sarkd-diag events runs` (train's default parent) names a run to give instead, and every command that reads
+    a run answers a missing path alike (report said `nonexist is not a sarkd-diag run directory`)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    older = _run(runs)
+    newer = older.rename(runs / "20261205-083159-bf16-mixed")
+    _run(runs)
+    os.utime(runs / "run", (1.0, 1.0))
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    code, out, err = cli(*command, runs)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err == f"sarkd-diag: error: {runs} is not a run directory but holds 2: give one of them, e.g. {newer} " \
+                  "(the newest)\n"
+    code, _, err = cli(*command, tmp_path / "missing")
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path / 'missing'}: no such directory\n"
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_directory_inside_a_run_names_the_run_and_is_left_alone(cli, tmp_path, command):
+    """A run's student/ holds a model's config.json: it was taken for a run, so events printed `0 of 0 events`,
+    check advised `report`, and report wrote parquet files into the model directory, then failed with exit 3."""
+    run = _run(tmp_path)
+    student = run / "student"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (run / "logs").mkdir()
+    (run / "logs" / "x.log").write_text("")
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    run.rename(comparison / "runs" / "fp32")
+    run, student = comparison / "runs" / "fp32", comparison / "runs" / "fp32" / "student"
+    (comparison / "compare_options.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for path, message in [
+        (student, f"{student} is inside the run directory {run}, not one itself: give {run}"),
+        (comparison / "runs", f"{comparison / 'runs'} is inside the compare-precision directory {comparison}, not "
+                              f"one itself: give {comparison}"),
+        (run / "logs" / "x.log", f"{run / 'logs' / 'x.log'} is a file; give the run directory that holds it: {run}"),
+        (student / "config.json", f"{student / 'config.json'} is a file; give the run directory that holds it: {run}"),
+    ]:
+        code, out, err = cli(*command, path)
+        assert (code, out, err) == (2, "", f"sarkd-diag: error: {message}\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--step", "5:2"], "--step '5:2': no step is in it (5 is after 2); write A:B with A ≤ B, e.g. 2:5"),
+    (["--rank", "3"], "--rank 3: not a rank of this run (one process); choose one of 0"),
+])
+def test_a_filter_nothing_can_match_is_refused_not_an_empty_table(cli, tmp_path, args, message):
+    """`--step 5:2` and a rank the run does not have printed `0 of 4 events`, as if nothing had gone wrong."""
+    run = _run(tmp_path)
+    for follow in ([], ["--follow"]):
+        code, out, err = cli("events", run, *args, *follow)
+        assert (code, out, err) == (2, "", f"sarkd-diag: error: {message}\n")
+    code, out, _ = cli("events", run, "--rank", "0", "--step", "3:3", "--format", "json")
+    assert code == 0 and len(json.loads(out)) == 2
+
+
+def test_check_completed_of_a_run_without_summary_says_what_to_do(cli, tmp_path):
+    """It said `completed: status is no summary.json (crashed?)`."""
+    run = _run(tmp_path, summary=False)
+    code, out, err = cli("check", run, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert out == (f"{run}: completed: no summary.json: the run is still running, or it crashed (`sarkd-diag report "
+                   f"{run}` closes it)\n")
+
+
+def test_report_says_every_file_it_wrote(cli, tiny_args):
+    """It listed five files, whatever it wrote: report.html and fp16_headroom.png were left out."""
+    code, _, err = cli("train", *tiny_args, "--train-steps", "2", "--precision", "fp32")
+    assert code == 0, err
+    run = Path(tiny_args[-1])
+    closing = {"summary.json", "metrics.parquet", "events.parquet", "report.md", "report.html", "loss_curves.png",
+               "fp16_headroom.png"}
+    for name in closing:  # as a run killed before it closed leaves its directory
+        (run / name).unlink()
+    code, out, err = cli("report", run)
+    assert code == 0, err
+    assert out.startswith(f"{run}: crashed, 2 steps, ")
+    assert sorted(out.strip().split("; wrote ")[1].split(", ")) == sorted(closing)
 
 
 def _rendered(frame, width: int) -> str:
@@ -106,6 +197,18 @@ def test_follow_on_a_killed_run_prints_what_exists_and_says_the_run_is_dead(cli,
     assert err.count("\n") == 1 and "the run is dead" in err and f"sarkd-diag report {run}" in err
 
 
+def test_follow_on_a_dead_run_with_an_older_summary_does_not_say_it_has_none(cli, tmp_path):
+    """A run copied without its files' times (or appended to after it closed) has a summary.json older than its
+    events: --follow said `has no summary.json` of a directory that plainly held one."""
+    run = _run(tmp_path)
+    _age(run, 120)
+    past = time.time() - 180
+    os.utime(run / "summary.json", (past, past))
+    code, _, err = cli("events", run, "--follow")
+    assert code == 1 and err.count("\n") == 1 and "no summary.json" not in err
+    assert err.startswith(f"sarkd-diag: {run}: its summary.json is older than its events") and "the run is dead" in err
+
+
 def test_follow_keeps_following_while_a_process_holds_the_log_open(tmp_path, monkeypatch):
     """A run whose process is alive (it holds events.jsonl open) is followed however long it is quiet."""
     run = _run(tmp_path, summary=False)
@@ -138,3 +241,14 @@ def test_follow_with_an_idle_timeout_when_the_writer_cannot_be_seen(tmp_path, mo
 def test_follow_ends_normally_on_a_closed_run(cli, tmp_path):
     code, out, _ = cli("events", _run(tmp_path), "--follow", "--format", "json")
     assert code == 0 and len(out.strip().splitlines()) == 4
+
+
+def test_follow_prints_each_event_on_one_line_at_80_columns(tmp_path):
+    """Piped (80 columns), --follow folded a long event over two lines, so `| grep` saw half of it."""
+    run = _run(tmp_path)
+    out = io.StringIO()
+    console = Console(width=80, color_system=None, highlight=False, file=out)
+    query.follow_events(run, query.EventFilter(), "table", console=console)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and lines[3].startswith("step 3 critical nonfinite_activation teacher/" + LONG_MODULE)
+    assert lines[3].endswith("NaN in the output") and len(lines[3]) > 80
