@@ -26,6 +26,7 @@ the one the loop differentiates; the kd and ce sums come along as plain values f
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -264,10 +265,16 @@ def last_hidden_state(model: nn.Module, **inputs) -> torch.Tensor:
 
 
 def _no_logits(model: nn.Module, inputs: dict) -> dict:
-    forward = getattr(model, "module", model).forward  # DDP's wrapper takes anything
-    if NO_LOGITS_KEPT not in inspect.signature(forward).parameters:
+    if not _keeps_logits_selectively(type(getattr(model, "module", model))):  # DDP's wrapper takes anything
         return {}
     return {NO_LOGITS_KEPT: torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)}
+
+
+@functools.cache
+def _keeps_logits_selectively(model_class: type) -> bool:
+    """Whether a model class's forward takes `logits_to_keep`: asked once per class, not at every forward
+    (reading a signature costs tens of µs)."""
+    return NO_LOGITS_KEPT in inspect.signature(model_class.forward).parameters
 
 
 def _forward_to_last_hidden(model: nn.Module, inputs: dict):
@@ -293,7 +300,7 @@ def unfusable_reason(model: nn.Module) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         return f"its output head is {type(head).__name__}, not a linear layer"
-    if NO_LOGITS_KEPT not in inspect.signature(model.forward).parameters:
+    if not _keeps_logits_selectively(type(model)):
         return f"its forward ({type(model).__name__}) takes no {NO_LOGITS_KEPT}"
     if model.base_model is model:
         return f"it has no decoder apart from its head ({type(model).__name__}.base_model is itself)"
