@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
-CHUNK_VALUES = 2**22  # fp32 values of one [rows, vocab] buffer (16 MiB); a chunk holds about six
+CHUNK_VALUES = 2**22  # fp32 values of one [rows, vocab] buffer (16 MiB); a chunk holds four (fp32 logits are two)
 MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
 
 
@@ -173,42 +173,63 @@ def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
 
     Returns the weighted objective, the kd and ce sums (0-dim fp32) and the gradients of the inputs (None where
     not needed). Like `losses._run_chunks`: fixed chunks known from the shapes (no host sync), non-target rows
-    selected away with `where`, one workspace reused by every chunk.
+    selected away with `where`, one workspace reused by every chunk. A chunk's logits are the loop's own (the
+    heads' forward hooks have read them by then): fp32 logits become their own log-softmax buffers, and each
+    chunk's die before the next chunk's are made.
     """
-    need_student, need_teacher = any(needs[:3]), needs[3]
     n_rows, device = h_s.shape[0], h_s.device
     chunks = -(-n_rows // plan.chunk_tokens)
     rows_per_chunk = -(-n_rows // chunks)  # equal chunks: no small last one, whose products run least efficiently
-    workspace = [torch.empty((rows_per_chunk, w_s.shape[0]), dtype=torch.float32, device=device)
-                 for _ in range(plan.buffers)]
-    kd_total = torch.zeros((), dtype=torch.float32, device=device)
-    ce_total = torch.zeros((), dtype=torch.float32, device=device)
-    student_grad = teacher_grad = None
+    totals = torch.zeros(2, dtype=torch.float32, device=device)  # kd, ce
+    heads: list[_HeadGradient | None] = [None, None]  # student, teacher
+    workspace: list[torch.Tensor] = []
     for start in range(0, n_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, n_rows))
-        ws = [w[: rows.stop - start] for w in workspace]
-        keep = plan.flat_mask[rows]
-        logits_s = plan.student_head(h_s[rows])
-        logits_t = plan.teacher_head(h_t[rows]).to(device)
-        ce_values, (ce_grad,) = plan.ce(rows, [ws[0], ws[-1]], [logits_s], (need_student,))  # ce_grad in ws[-1]
-        kd_values, (kd_grad_s, kd_grad_t) = plan.kd(rows, ws[:-1], [logits_s, logits_t],
-                                                    (need_student, need_teacher))
-        kd_total += torch.where(keep, kd_values, 0.0).sum()
-        ce_total += torch.where(keep, ce_values, 0.0).sum()
-        if need_student:
-            if student_grad is None:
-                student_grad = _HeadGradient(h_s, w_s, b_s, logits_s.dtype, needs[:3])
-            grad = ce_grad.mul_(plan.alpha_ce).add_(kd_grad_s, alpha=plan.alpha_kd).mul_(plan.grad_factor)
-            student_grad.add_chunk(rows, h_s, grad.masked_fill_(~keep[:, None], 0.0))
-        if need_teacher:
-            if teacher_grad is None:
-                teacher_grad = _HeadGradient(h_t, plan.teacher_head.weight, None, logits_t.dtype, (True, False, False))
-            grad = kd_grad_t.mul_(plan.alpha_kd).mul_(plan.grad_factor).masked_fill_(~keep[:, None], 0.0)
-            teacher_grad.add_chunk(rows, h_t, grad.to(h_t.device))
+        logits = (plan.student_head(h_s[rows]), plan.teacher_head(h_t[rows]).to(device))
+        if not workspace:  # the logits' dtypes are known now
+            own = sum(_is_own_buffer(x) for x in logits)
+            workspace = [torch.empty((rows_per_chunk, w_s.shape[0]), dtype=torch.float32, device=device)
+                         for _ in range(plan.buffers - own)]
+        _add_chunk(plan, rows, [w[: rows.stop - start] for w in workspace], logits, (h_s, w_s, b_s, h_t), needs,
+                   totals, heads)
+        del logits
+    kd_total, ce_total = totals.unbind()
     objective = plan.alpha_kd * kd_total + plan.alpha_ce * ce_total
-    grads = (student_grad.grads() if student_grad else [None] * 3) + \
-        (teacher_grad.grads()[:1] if teacher_grad else [None])
+    student, teacher = heads
+    grads = (student.grads() if student else [None] * 3) + (teacher.grads()[:1] if teacher else [None])
     return objective, kd_total, ce_total, grads
+
+
+def _is_own_buffer(logits: torch.Tensor) -> bool:
+    """fp32 logits can hold their own log-softmax: the loss rows copy them to scratch first."""
+    return logits.dtype == torch.float32
+
+
+def _add_chunk(plan: _Plan, rows: slice, workspace: list[torch.Tensor], logits: tuple[torch.Tensor, torch.Tensor],
+               inputs: tuple, needs: tuple[bool, ...], totals: torch.Tensor, heads: list) -> None:
+    """One chunk's loss rows into `totals` and its logits' gradient through the heads (`heads`, made at the first
+    chunk). The CE rows read the student's logits before the KD rows overwrite fp32 ones with their log-softmax."""
+    logits_s, logits_t = logits
+    h_s, w_s, b_s, h_t = inputs
+    need_student, need_teacher = any(needs[:3]), needs[3]
+    spare = iter(workspace)
+    scratch, ce_buffer = next(spare), next(spare)
+    log_s, log_t = (x if _is_own_buffer(x) else next(spare) for x in logits)
+    keep = plan.flat_mask[rows]
+    ce_values, (ce_grad,) = plan.ce(rows, [scratch, ce_buffer], [logits_s], (need_student,))
+    kd_values, (kd_grad_s, kd_grad_t) = plan.kd(rows, [scratch, log_s, log_t, *spare], [logits_s, logits_t],
+                                                (need_student, need_teacher))
+    totals += torch.stack([torch.where(keep, kd_values, 0.0).sum(), torch.where(keep, ce_values, 0.0).sum()])
+    if need_student:
+        if heads[0] is None:
+            heads[0] = _HeadGradient(h_s, w_s, b_s, logits_s.dtype, needs[:3])
+        grad = ce_grad.mul_(plan.alpha_ce).add_(kd_grad_s, alpha=plan.alpha_kd).mul_(plan.grad_factor)
+        heads[0].add_chunk(rows, h_s, grad.masked_fill_(~keep[:, None], 0.0))
+    if need_teacher:
+        if heads[1] is None:
+            heads[1] = _HeadGradient(h_t, plan.teacher_head.weight, None, logits_t.dtype, (True, False, False))
+        grad = kd_grad_t.mul_(plan.alpha_kd).mul_(plan.grad_factor).masked_fill_(~keep[:, None], 0.0)
+        heads[1].add_chunk(rows, h_t, grad.to(h_t.device))
 
 
 class _FusedKDCE(torch.autograd.Function):

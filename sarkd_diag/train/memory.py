@@ -7,9 +7,9 @@ estimate for one micro-batch (batch × block), with attention through SDPA (no s
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
     logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch —
-        chunk rows (fused_loss.chunk_rows) × vocab × (student + teacher compute bytes + 5 × 4), the fp32
-        buffers of the loss rows (the JSD's four and the CE gradient's), plus the student's last hidden
-        states' gradient
+        chunk rows (fused_loss.chunk_rows) × vocab × (5 × 4 + each model's logits' bytes unless fp32), the
+        fp32 buffers of the loss rows (the JSD's four and the CE gradient's; fp32 logits are two of them),
+        plus the student's last hidden states' gradient
     logits, unfused, per token:  vocab × (compute bytes + 4 + 4) for the student — the logits, their fp32
         log-softmax and its gradient — and vocab × compute bytes for the teacher
     dual-tokenizer mode, per token: the student's unfused logits, and the teacher's last hidden state (hidden ×
@@ -151,7 +151,8 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
         return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.hidden * teacher_compute
     if fused:
         rows = min(tokens, chunk_rows(student.vocab))
-        return rows * student.vocab * (compute + teacher_compute + 5 * 4) + tokens * student.hidden * compute
+        logits = sum(size for size in (compute, teacher_compute) if size != 4)  # fp32 ones are loss buffers too
+        return rows * student.vocab * (5 * 4 + logits) + tokens * student.hidden * compute
     return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.vocab * teacher_compute
 
 

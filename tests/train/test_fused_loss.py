@@ -144,6 +144,42 @@ def test_fp16_products_carry_the_loss_scale_like_the_unfused_backward():
     assert not all(torch.isfinite(g).all() for g in fused_grads(overflowing))
 
 
+class MostLiveChunks(TorchDispatchMode):
+    """The most [rows, vocab] floating tensors alive at once, by storage (the heads' weights aside): how many
+    chunk-sized buffers the loss holds at its peak."""
+
+    def __init__(self, vocab: int, weights: list[torch.Tensor]):
+        super().__init__()
+        self.vocab, self.refs, self.most = vocab, [], 0
+        self.weight_storages = {w.untyped_storage().data_ptr() for w in weights}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if torch.is_tensor(t) and t.dim() == 2 and t.shape[-1] == self.vocab and t.is_floating_point() \
+                    and t.untyped_storage().data_ptr() not in self.weight_storages:
+                self.refs.append(weakref.ref(t))
+        alive = {t.untyped_storage().data_ptr() for t in (r() for r in self.refs) if t is not None}
+        self.most = max(self.most, len(alive))
+        return out
+
+
+@pytest.mark.parametrize(("kind", "dtype", "most"), [("forward-kl", torch.float32, 4),
+                                                     ("reverse-kl", torch.float32, 4),
+                                                     ("forward-kl", torch.float16, 7)])
+def test_a_chunk_holds_its_buffers_and_no_more(kind, dtype, most):
+    """Forward and backward, with the teacher side training (SAR): the CE and KD rows' four fp32 buffers (scratch,
+    the CE gradient, both log-softmaxes), of which fp32 logits are two; fp16 logits are not, and the head's
+    products take an fp16 copy of the gradient. A chunk's logits die before the next chunk's are made."""
+    h_s, head_s, h_t, head_t, labels, _ = inputs(bias=True)
+    if dtype != torch.float32:
+        h_s, h_t = h_s.detach().to(dtype).requires_grad_(), h_t.detach().to(dtype).requires_grad_()
+        head_s, head_t = head_s.to(dtype), head_t.to(dtype)
+    with MostLiveChunks(VOCAB, [head_s.weight, head_t.weight]) as chunks:
+        fused_kd_ce(h_s, head_s, h_t, head_t, labels, kind=kind, chunk_tokens=4, **OPTIONS).objective.backward()
+    assert chunks.most == most
+
+
 def test_evaluations_cross_entropy_from_hidden_states_equals_the_unfused_one():
     h_s, head_s, _, _, labels, _ = inputs(bias=True)
     want = ce_loss_sum(head_s(h_s), labels)
