@@ -376,3 +376,50 @@ def test_a_nan_loss_from_a_float16_teachers_finite_outputs_names_the_teacher(cal
         assert cause["evidence"]["teacher_dtype"] == "float16"
     else:
         assert cause["cause"] == "divergence" and cause["fix"].startswith("check the loss computation")
+
+
+LOADED_NAN = {"kind": "nonfinite_at_load", "severity": "critical", "step": 1, "phase": "setup", "model": "teacher",
+              "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": math.nan,
+              "nan_count": 1, "numel": 4096}
+TEACHER_NAN = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+               "model": "teacher", "module": "h.0.mlp.c_fc", "value": math.nan, "dtype": "float32"}
+
+
+def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_an_overflow():
+    """The frozen teacher's NaN output comes from its loaded weights: no wider dtype fixes that (the old answer,
+    `teacher_overflow` "hold the teacher in a wider dtype", in an fp32 run) — the checkpoint does."""
+    diagnosis = causes(log(LOADED_NAN, TEACHER_NAN, {**NAN_LOSS, "tensor": "kd"}, *AFTER_IT), MEASURED, mode="fp32")
+    root = diagnosis[0]
+    assert (root["cause"], root["severity"], root["model"], root["tensor"], root["first_step"]) == (
+        "nonfinite_input", "critical", "teacher", "h.0.mlp.c_fc.weight", 1)
+    assert root["evidence"]["holds"] == "NaN" and root["evidence"]["nonfinite_before_first_step"] is True
+    assert "checkpoint" in root["fix"] and "--precision" not in root["fix"]
+    assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
+
+
+def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimizers_doing():
+    finite_grads = pd.DataFrame({"step": [1], "split": "train", "nonfinite_grad_tensors": [0], "grad_amax": [0.4]})
+    loaded = {**LOADED_NAN, "model": "student", "module": "wte", "tensor": "wte.weight"}
+    diagnosis = causes(log(loaded, {**NAN_WEIGHTS, "step": 1, "tensor": "wte.weight"}), finite_grads, mode="fp32")
+    assert [(c["cause"], c["tensor"]) for c in diagnosis] == [("nonfinite_input", "wte.weight")]
+
+
+@pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
+def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
+    """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight
+    beyond 65504 cast to float16 at load. The checkpoint may be sound: the remedy is the dtype, as for an overflow."""
+    loaded = {**LOADED_NAN, "module": module, "tensor": module + ".weight", "nan_count": 0, "posinf_count": 3}
+    cfg = {"precision": {"mode": "mixed", "param_dtypes": {"teacher": {"frozen": {"float16": 10},
+                                                                       "trainable": {"float32": 2}}}}}
+    root = diagnose(log(loaded, TEACHER_NAN), None, cfg)[0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == ("teacher_overflow", "teacher",
+                                                                                  module, 1)
+    assert root["evidence"]["weights_beyond_float16"] is True and "checkpoint" not in root["fix"]
+    assert ("router" in root["fix"]) is router and "--precision bf16-mixed" in root["fix"]
+
+
+def test_student_weights_inf_in_float16_at_load_name_the_dtype():
+    loaded = {**LOADED_NAN, "model": "student", "dtype": "float16", "nan_count": 0, "posinf_count": 1}
+    (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop")
+    assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
+    assert "GradScaler" in cause["fix"] and "corrupt" not in cause["fix"]

@@ -134,6 +134,16 @@ FIXES = {
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
+    "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
+                                "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
+                                "again or re-export it (a torn download or write, an export that overflowed), and "
+                                "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: a weight "
+                              "beyond 65504, from a checkpoint saved wider, turns Inf when cast to float16 at load — "
+                              "the dtype, not the checkpoint: keep the weights in fp32 and compute in float16 — "
+                              "{mixed} — or train with {bf16_mixed}",
+    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: cast to float16 at load they are "
+                            "Inf before any step — hold the teacher in a wider dtype — {fp32_teacher}",
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
                          "steps are ~1e-3×): the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
@@ -262,6 +272,15 @@ class RunRecord:
         precision = self.config.get("precision") or {}
         return self.mode in ("bf16-mixed", "pure-bf16") or precision.get("compute_dtype") == "bfloat16"
 
+    def held_in_fp16(self, model: str | None) -> bool:
+        """Whether this run holds some of a model's weights in float16: `precision.model_dtypes` (a user's loop) or
+        `precision.param_dtypes` ({model: {role: {dtype: count}}}, `train`)."""
+        precision = self.config.get("precision") or {}
+        listed = (precision.get("model_dtypes") or {}).get(model) or []
+        held = (precision.get("param_dtypes") or {}).get(model) or {}
+        roles = held.values() if isinstance(held, dict) else []
+        return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
+
     def computes_in_fp16(self) -> bool:
         """Whether the forwards ran in float16: fp16 weights, or fp16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -277,7 +296,8 @@ class RunRecord:
         row = _first(losses)
         step = int(row["step"])
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
-                  "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
+                  "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1,
+                  "nonfinite_at_load": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
@@ -290,7 +310,7 @@ class RunRecord:
             return None
         step = int(params["step"].min())
         limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
-                  "empty_targets": step + 1, "extreme_update": step}
+                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1}
         if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         bad_grads = self.train_column("nonfinite_grad_tensors")
@@ -333,7 +353,7 @@ class RunRecord:
             return None
         step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
-                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         if "step" not in self.metrics or "split" not in self.metrics:
@@ -408,6 +428,13 @@ def _first(frame: pd.DataFrame) -> pd.Series:
     return frame.sort_values(["step", "time"], kind="stable").iloc[0]
 
 
+def _holds(row: pd.Series) -> str:
+    """Which of NaN, +Inf and -Inf an event's tensor holds, from its counts ("NaN/Inf" where none was counted)."""
+    held = [kind for kind, column in (("NaN", "nan_count"), ("+Inf", "posinf_count"), ("-Inf", "neginf_count"))
+            if number_or_none(row.get(column)) or 0]
+    return ", ".join(held) or "NaN/Inf"
+
+
 def _where(row: pd.Series) -> dict:
     """The place an event names: its model, module and tensor, its first step, phase and rank."""
     def text(value):
@@ -418,10 +445,36 @@ def _where(row: pd.Series) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ rules
+def _cast_to_fp16(r: RunRecord, row: pd.Series) -> bool:
+    """A weight non-finite as loaded that float16 itself made: ±Inf and no NaN, in a model this run holds in float16
+    (the tensor itself, or the model's other weights: mixed precision loads the teacher in float16 and only then
+    gives its routers fp32 master weights) — a value beyond 65504 in a checkpoint saved wider, cast to float16 at
+    load. The checkpoint may be sound; its dtype here is not."""
+    inf_only = not number_or_none(row.get("nan_count")) and \
+        bool(number_or_none(row.get("posinf_count")) or number_or_none(row.get("neginf_count")))
+    return inf_only and (row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
+
+
 def nonfinite_input(r: RunRecord) -> list[Cause]:
     """Bad data: NaN in a batch's inputs, or a batch without target tokens (0/0) — critical when its loss
-    turned non-finite, a warning while it did not."""
+    turned non-finite, a warning while it did not. Or bad weights: a model's weight non-finite before the first
+    optimizer step (`nonfinite_at_load`), as loaded — a corrupt checkpoint, the earliest thing any run can get
+    wrong; every non-finite value after it follows from it. (The teacher's float16 weights that are Inf only, which
+    the cast to float16 made, are `teacher_overflow`'s: its dtype, not its checkpoint.)"""
     causes = []
+    loaded = r.of("nonfinite_at_load")
+    loaded = loaded[~loaded.apply(lambda row: row.get("model") == "teacher" and _cast_to_fp16(r, row), axis=1)] \
+        if len(loaded) else loaded
+    if len(loaded):
+        row = _first(loaded)
+        holds, cast = _holds(row), _cast_to_fp16(r, row)
+        causes.append(Cause("nonfinite_input", "critical", **_where(row),
+                            evidence={"nonfinite_before_first_step": True, "holds": holds, "dtype": row.get("dtype"),
+                                      "cast_to_float16": cast, "nan_count": row.get("nan_count"),
+                                      "numel": row.get("numel"),
+                                      "models": ", ".join(sorted(set(loaded["model"].dropna())))},
+                            fix=r.fix("nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded",
+                                      model=row.get("model"), tensor=row.get("tensor"), holds=holds)))
     batch = r.of("nonfinite_batch")
     if len(batch):
         causes.append(Cause("nonfinite_input", "critical", **_where(_first(batch)),
@@ -443,6 +496,20 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"] == "teacher"]
+    loaded = r.of("nonfinite_at_load")
+    loaded = loaded[loaded["model"] == "teacher"]
+    if len(loaded):
+        row = _first(loaded)
+        if not _cast_to_fp16(r, row):
+            acts = acts[:0]  # corrupt as loaded (`nonfinite_input`): no overflow made its outputs
+        else:  # float16 made its weights Inf at load: the same remedy as an overflow, placed at the weight
+            where = _where(row)
+            router = r.is_router(where["module"])
+            return [Cause("teacher_overflow", "critical", **where,
+                          evidence={"dtype": "float16", "holds": _holds(row), "weights_beyond_float16": True,
+                                    "router": router},
+                          fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
+                                    module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
     if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
         row, outputs = measured

@@ -93,6 +93,30 @@ def test_the_first_nonfinite_gradient_in_backward_order_is_named(level):
     assert _causes(probes)[0] == "gradient_overflow"
 
 
+def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_frozen():
+    torch.manual_seed(0)
+    model, teacher = Net(), Net().requires_grad_(False)
+    with torch.no_grad():
+        teacher.second.weight[2, 3] = math.nan
+        teacher.third.bias.fill_(math.inf)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes({"student": model, "teacher": teacher}, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=2)
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.model, event.module, event.tensor, event.step, event.phase) == (
+        "teacher", "second", "second.weight", 1, "setup")
+    assert (event.nan_count, event.posinf_count, event.numel) == (1, 0, 64)
+    assert "2 of 6 weight tensors" in event.message
+
+
+def test_finite_weights_as_loaded_are_no_event():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1)
+    assert _events(probes, "nonfinite_at_load") == []
+
+
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
     with torch.no_grad():
