@@ -404,6 +404,47 @@ def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimize
     assert [(c["cause"], c["tensor"]) for c in diagnosis] == [("nonfinite_input", "wte.weight")]
 
 
+GRAD_NAN = {"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 1,
+            "phase": "backward", "model": "student", "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.bias",
+            "dtype": "float32", "value": math.nan, "nan_count": 32, "numel": 32}
+NAN_AFTER = {"kind": "nonfinite_param", "severity": "critical", "step": 1, "phase": "optimizer", "model": "student",
+             "tensor": "wte.weight"}
+SMALL_GRADS = pd.DataFrame({"step": [1], "split": "train", "grad_amax": [0.6], "act_amax_student": [3.7],
+                            "act_amax_teacher": [3.9], "nonfinite_grad_tensors": [14]})
+
+
+@pytest.mark.parametrize("mode, dtype", [("fp32", "float32"), ("bf16-mixed", "float32"), ("pure-bf16", "bfloat16")])
+def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_derivative(mode, dtype):
+    """sqrt(mse(a, b)) with a == b: d√x/dx at 0 is inf, times the 0 of the difference: NaN gradients, a finite loss,
+    nothing large anywhere — no backward product overflowed (the old answer: `gradient_overflow`, "train with a
+    loss scaler"). Named where the NaN first reached a weight, the fix an eps, not a precision change."""
+    (cause,) = causes(log({**GRAD_NAN, "dtype": dtype}, NAN_AFTER), SMALL_GRADS, mode=mode, caller="loop")
+    assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
+        "divergence", "critical", "h.0.mlp.c_proj", 1)
+    assert cause["evidence"]["in_backward"] is True and cause["evidence"]["largest_measured"] == 3.9
+    assert "derivative" in cause["fix"] and "eps" in cause["fix"] and "autocast" not in cause["fix"]
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "mixed"},  # float16 compute: a backward overflow is likely
+    {"metrics": {"act_amax_student": [1e30]}},  # values beyond fp32's √max: a product of them overflows
+    {"metrics": {"grad_amax": [math.nan]}},  # no finite gradient of the step measured
+    {"before": NAN_LOSS},  # the loss was non-finite: the gradient follows from it
+    {"before": {**NAN_OUTPUT, "model": "student"}},  # a forward NaN came first
+])
+def test_a_nan_gradient_is_an_overflow_where_large_values_fp16_or_an_earlier_nan_can_explain_it(change):
+    frame = log(*[change["before"]] if "before" in change else [], GRAD_NAN, NAN_AFTER)
+    diagnosis = causes(frame, SMALL_GRADS.assign(**change.get("metrics", {})), mode=change.get("mode", "fp32"))
+    assert not any("derivative" in c["fix"] for c in diagnosis)
+    if change.get("mode") == "mixed" or "metrics" in change:
+        assert diagnosis[0]["cause"] == "gradient_overflow"
+
+
+def test_a_gradient_overflow_among_large_values_in_bf16_keeps_the_bf16_wording():
+    (cause,) = causes(log(GRAD_NAN, NAN_AFTER), SMALL_GRADS.assign(grad_amax=[1e25]), mode="bf16-mixed")
+    assert cause["cause"] == "gradient_overflow" and "no precision setting" in cause["fix"]
+
+
 @pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
 def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
     """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight

@@ -160,6 +160,15 @@ FIXES = {
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
                     "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
                     "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
+    "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
+                         "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
+                         "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
+                         "input — sqrt of exactly 0 (an RMSE, or a distance written as the sqrt of a sum of "
+                         "squares, between equal tensors, as when a student starts from its teacher's weights), "
+                         "pow(x, p < 1) at 0, acos/asin at ±1, a log or division at 0 in a branch `torch.where` "
+                         "discards (its gradient is still 0 × inf); keep "
+                         "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
+                         "instead of the distance); a precision change, a loss scaler or a lower {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
@@ -368,6 +377,37 @@ class RunRecord:
         weights = self.train_column("param_amax")
         measured = pd.concat([outputs, weights[weights.index < step]])
         largest = float(measured[measured.map(math.isfinite)].max())
+        return (row, largest) if largest < limit ** RANGE_EXPONENT else None
+
+    def nonfinite_grad_op(self) -> tuple[pd.Series, float] | None:
+        """The run's first non-finite gradient that reached the optimizer when an operation whose derivative is
+        undefined (or infinite) at its input made it, not an overflow — with the largest value measured up to it:
+        nothing computed in float16 (its backward overflows are the other rules'), it is the run's first
+        non-finite value (no weight, loaded or updated, no activation, loss or batch at or before its step, no
+        extreme update before it), and every magnitude measured up to it — the finite gradients of its own step and
+        those before, module outputs, weights — is nowhere near the gradient dtype's range (below
+        DTYPE_MAX ** RANGE_EXPONENT: no product of two of them overflows). A backward overflow needs huge values
+        somewhere; a derivative at its singular point (d√x/dx at 0 = inf, times the 0 of an equal distance: NaN)
+        needs none. Unmeasured magnitudes prove nothing: then None."""
+        grads = self.of("nonfinite_grad", "grad_nonfinite_applied")
+        if not len(grads) or self.computes_in_fp16():
+            return None
+        row = _first(grads)
+        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        limits = {"nonfinite_grad": step, "nonfinite_param": step, "extreme_update": step,
+                  "nonfinite_at_load": step + 1, "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+        if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        grad_amax = self.train_column("grad_amax")
+        if step not in grad_amax.index or not math.isfinite(float(grad_amax.loc[[step]].iloc[-1])):
+            return None  # no finite gradient measured on its step
+        measured = [grad_amax[grad_amax.index <= step], self.train_column("param_amax").loc[lambda s: s.index < step]]
+        measured += [self.train_column(c).loc[lambda s: s.index <= step]
+                     for c in self.metrics.columns if str(c).startswith("act_amax_")]
+        values = pd.concat(measured)
+        values = values[values.map(math.isfinite)]
+        largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
     def unplaced_fp16_loss(self) -> pd.Series | None:
@@ -623,7 +663,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
 def gradient_overflow(r: RunRecord) -> list[Cause]:
     """A non-finite gradient reached an optimizer that nothing protects (no loss scaler to skip the step)."""
     grads = r.of("nonfinite_grad", "grad_nonfinite_applied")
-    if not len(grads):
+    if not len(grads) or r.nonfinite_grad_op() is not None:  # else not an overflow: an undefined derivative
         return []
     row = _first(grads)
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
@@ -737,6 +777,16 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
                       fix=r.fix("nonfinite_op", module=row.get("module") or row.get("model"), holds=holds,
                                 dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
+    grad_op = r.nonfinite_grad_op()
+    if grad_op is not None:
+        row, largest = grad_op
+        holds = _holds(row)
+        return [Cause("divergence", "critical", **_where(row),
+                      evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds, "in_backward": True,
+                                "loss_finite": True, "largest_measured": largest,
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+                      fix=r.fix("nonfinite_grad_op", tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
+                                amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
