@@ -445,6 +445,16 @@ def test_a_gradient_overflow_among_large_values_in_bf16_keeps_the_bf16_wording()
     assert cause["cause"] == "gradient_overflow" and "no precision setting" in cause["fix"]
 
 
+def test_every_group_at_lr_0_is_named_with_how_long():
+    zero = {"kind": "zero_lr", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+            "tensor": "student: 28 tensors", "value": 0.0}
+    metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "lr": [0.0, 0.0, 0.0, 0.0]})
+    (cause,) = causes(log(zero), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "lr_zero", "warning", "student: 28 tensors", 1)
+    assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
+
+
 @pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
 def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
     """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight

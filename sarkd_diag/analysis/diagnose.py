@@ -28,8 +28,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
-    "no_gradients", "update_underflow",
+    "optimizer_nonfinite", "lr_zero", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -89,6 +89,10 @@ FIXES = {
     "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
                            "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
                            "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
+    "lr_zero": "the learning rate of {group} is 0 on every step since step {step}: the optimizer changes no weight "
+               "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
+               "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
+               "and the value given to {lr}",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -610,6 +614,19 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
+def lr_zero(r: RunRecord) -> list[Cause]:
+    """Every parameter group that holds trainable weights at lr 0 on consecutive optimizer steps (a `zero_lr` event:
+    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics."""
+    zero = r.of("zero_lr")
+    if not len(zero):
+        return []
+    row = _first(zero)
+    lr = r.train_column("lr")
+    steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
+    return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
+                  fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
+
+
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
     updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
@@ -848,7 +865,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow, divergence)
+         lr_zero, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow,
+         divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -58,6 +58,8 @@ class OptimizerProbe(Probe):
         self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
         self._reported_state = False
         self._reported_lr: set[int] = set()
+        self._zero_lr_since: int | None = None  # first step of the current stretch with every group at lr 0
+        self._reported_zero_lr = False
 
     def before_optimizer_step(self) -> None:
         if self.ctx.optimizer is None:
@@ -68,7 +70,10 @@ class OptimizerProbe(Probe):
         self._check_learning_rates()
 
     def _check_learning_rates(self) -> None:
-        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group."""
+        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group; and
+        every group that holds trainable weights at lr 0 on two optimizer steps in a row (a warm-up starts at 0 for
+        one step), once: the optimizer changes nothing from there."""
+        self._check_zero_lr()
         for index, group in enumerate(self.ctx.optimizer.param_groups):
             lr = group.get("lr")
             if isinstance(lr, (int, float)) and not math.isfinite(lr) and index not in self._reported_lr:
@@ -82,6 +87,26 @@ class OptimizerProbe(Probe):
                     "it updates with NaN, whatever the gradients (a schedule that divides by 0 or runs past its end?)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, value=float(lr),
                     step=self.ctx.step)
+
+    def _check_zero_lr(self) -> None:
+        groups = [g for g in self.ctx.optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+        zero = bool(groups) and all(isinstance(g.get("lr"), (int, float)) and g["lr"] == 0 for g in groups)
+        if not zero:
+            self._zero_lr_since = None
+            return
+        if self._zero_lr_since is None:
+            self._zero_lr_since = self.ctx.step
+        elif not self._reported_zero_lr:
+            self._reported_zero_lr = True
+            names = {id(w.param): w for w in self.ctx.watched}
+            index = self.ctx.optimizer.param_groups.index(groups[0])
+            label = group_label(index, groups[0], names) if len(groups) == 1 else f"all {len(groups)} parameter groups"
+            model = next((names[id(p)].model for g in groups for p in g["params"] if id(p) in names), None)
+            self.ctx.events.record(
+                "zero_lr", "warning",
+                f"{label}: the learning rate is 0 on every step since step {self._zero_lr_since}: the optimizer "
+                "changes no weight (a schedule sized for 0 steps, or one that ended before the run?)",
+                probe=self.name, phase="optimizer", model=model, tensor=label, value=0.0, step=self._zero_lr_since)
 
     def _preflight(self) -> None:
         names = {id(w.param): w for w in self.ctx.watched}

@@ -123,6 +123,23 @@ def test_finite_weights_as_loaded_are_no_event():
     assert _events(probes, "nonfinite_at_load") == []
 
 
+@pytest.mark.parametrize("lrs, since", [([0.0, 0.0, 0.0], 1), ([0.0, 0.1, 0.1], None), ([0.1, 0.0, 0.0], 2),
+                                        ([0.1, 0.0, 0.1], None)])
+def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_step_is_not(lrs, since):
+    model = Net()
+    opt = torch.optim.SGD([{"params": model.first.parameters()}, {"params": model.second.parameters()},
+                           {"params": model.third.parameters(), "lr": 0.0}], lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for lr in lrs:
+            for group in opt.param_groups[:2]:
+                group["lr"] = lr
+            _train(model, probes, opt, steps=1)
+    events = _events(probes, "zero_lr")
+    assert [e.step for e in events] == ([since] if since else [])
+    if since:
+        assert events[0].tensor == "all 3 parameter groups" and _causes(probes) == ["lr_zero"]
+
+
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
     with torch.no_grad():
