@@ -455,6 +455,39 @@ def test_every_group_at_lr_0_is_named_with_how_long():
     assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
 
 
+DECAY = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_large", "step": 1,
+         "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 0.1}
+
+
+def _amax(*values):
+    return pd.DataFrame({"step": range(1, len(values) + 1), "split": "train", "param_amax": values})
+
+
+def test_weights_halving_within_the_window_under_large_decay_collapse_at_that_group():
+    (cause,) = causes(log(DECAY), _amax(0.9, 0.81, 0.73, 0.66, 0.59, 0.53, 0.48, 0.43), mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "weight_collapse", "warning", "student: 28 tensors", 8)
+    assert cause["evidence"]["lr_times_weight_decay"] == 0.1 and "0.9" in cause["fix"]
+    assert "`weight_decay`" in cause["fix"]
+
+
+@pytest.mark.parametrize("events, amax", [
+    ((), (0.9, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84)),  # a slow drift: no collapse
+    ((DECAY,), (0.9, 0.9, 0.91)),  # predicted, not measured: nothing claimed
+    (({"kind": "extreme_update", "severity": "warning", "step": 2, "model": "student", "tensor": "w",
+       "value": 3.0},), (1.0, 0.2, 0.1)),  # a step as large as the weights: divergence's
+    (({**NAN_WEIGHTS, "step": 3},), (1.0, 0.9, 0.1)),  # the largest finite weight after one turned NaN says nothing
+])
+def test_no_collapse_is_claimed_without_a_measured_halving_before_anything_extreme(events, amax):
+    assert "weight_collapse" not in [c["cause"] for c in causes(log(*events), _amax(*amax), mode="fp32")]
+
+
+def test_measured_collapse_without_a_multiplicative_decay_still_names_weight_decay():
+    (cause,) = causes(log(), _amax(0.5, 0.4, 0.3, 0.2), mode="fp32", caller="loop")
+    assert (cause["cause"], cause["model"], cause["first_step"]) == ("weight_collapse", "student", 4)
+    assert "weight decay" in cause["fix"]
+
+
 @pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
 def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
     """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight

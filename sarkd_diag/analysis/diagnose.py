@@ -28,7 +28,7 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_zero", "divergence", "activation_overflow", "gradient_overflow",
+    "optimizer_nonfinite", "lr_zero", "weight_collapse", "divergence", "activation_overflow", "gradient_overflow",
     "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
@@ -66,6 +66,8 @@ PHRASES = {
         "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
+    "weight_decay": {"cli": "`--weight-decay`", "loop": "the optimizer's `weight_decay`",
+                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
            "accelerate": "the optimizer's `lr`"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
@@ -93,6 +95,16 @@ FIXES = {
                "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
                "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
                "and the value given to {lr}",
+    "weight_collapse_decay": "weight decay collapses the weights of {group}: each step multiplies every weight "
+                             "by 1 − lr × weight_decay = {factor} (lr × weight_decay = {decay}; "
+                             "healthy ~1e-5), and the largest weight fell from {before} to {after} by step "
+                             "{step} — lower {weight_decay} (AdamW's usual 0.01–0.1 at lr 1e-4–1e-3); precision "
+                             "is not the cause",
+    "weight_collapse": "the weights shrink toward zero instead of training: the largest weight fell from "
+                       "{before} to {after} within {window} steps by step {step}, every weight finite and no "
+                       "update extreme — weight decay too strong for the learning rate (with Adam's coupled L2 the "
+                       "decay term outweighs the gradient), or code that rescales the weights: lower "
+                       "{weight_decay}; precision is not the cause",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -442,6 +454,25 @@ class RunRecord:
         earlier = amax.rolling(WEIGHT_GROWTH_WINDOW, min_periods=1).min().shift(1)
         return float((amax / earlier).max())
 
+    def weight_shrink(self) -> tuple[int, float, float] | None:
+        """The first step at which the largest weight (`param_amax`, finite readings before any weight turned
+        non-finite — then the largest finite one says nothing) fell below 1/WEIGHT_GROWTH_FACTOR of its largest
+        value within the WEIGHT_GROWTH_WINDOW steps before: (step, that value, the fallen one). The mirror of
+        `weight_growth`: healthy training does not halve its largest weight in ten steps."""
+        amax = self.train_column("param_amax")
+        bad = self.first_nonfinite_param_step()
+        if bad is not None:
+            amax = amax[amax.index < bad]
+        amax = amax[amax.map(math.isfinite) & (amax > 0)]
+        if len(amax) < 2:
+            return None
+        earlier = amax.rolling(WEIGHT_GROWTH_WINDOW, min_periods=1).max().shift(1)
+        fallen = amax[amax * WEIGHT_GROWTH_FACTOR < earlier]
+        if not len(fallen):
+            return None
+        step = fallen.index[0]
+        return int(step), float(earlier.loc[step]), float(fallen.iloc[0])
+
     def updates_inflated(self) -> bool:
         """An optimizer step far beyond healthy training, or the weights growing: updates are not being lost."""
         growth = self.weight_growth()
@@ -625,6 +656,31 @@ def lr_zero(r: RunRecord) -> list[Cause]:
     steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
     return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
                   fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
+
+
+def weight_collapse(r: RunRecord) -> list[Cause]:
+    """The weights shrink toward zero (`RunRecord.weight_shrink`: the largest weight halved within
+    WEIGHT_GROWTH_WINDOW steps) with nothing extreme before it — measured, never predicted alone; placed at a
+    group whose lr × weight_decay alone halves its weights that fast (a `weight_decay_large` preflight event),
+    when there is one."""
+    shrink = r.weight_shrink()
+    if shrink is None:
+        return []
+    step, before, after = shrink
+    if (r.of("extreme_update")["step"] <= step).any():
+        return []  # steps as large as the weights: `divergence`
+    decay = r.of("optimizer_preflight", "weight_decay_large")
+    evidence = {"largest_weight_before": before, "largest_weight_after": after, "window": WEIGHT_GROWTH_WINDOW}
+    if len(decay):
+        row = _first(decay)
+        value = float(row["value"])
+        return [Cause("weight_collapse", "warning", **{**_where(row), "first_step": step},
+                      evidence={**evidence, "lr_times_weight_decay": value},
+                      fix=r.fix("weight_collapse_decay", group=row.get("tensor"), factor=f"{1 - value:.3g}",
+                                decay=f"{value:.3g}", before=f"{before:.3g}", after=f"{after:.3g}", step=step))]
+    return [Cause("weight_collapse", "warning", first_step=step, model="student", evidence=evidence,
+                  fix=r.fix("weight_collapse", before=f"{before:.3g}", after=f"{after:.3g}", step=step,
+                            window=WEIGHT_GROWTH_WINDOW))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -865,8 +921,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         lr_zero, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow,
-         divergence)
+         lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

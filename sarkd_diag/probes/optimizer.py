@@ -18,12 +18,21 @@ from collections import Counter
 
 import torch
 
-from ..contract.numerics import LOST_UPDATE_WARNING
+from ..contract.numerics import LOST_UPDATE_WARNING, WEIGHT_HALVING_STEPS
 from ..contract.numerics import dtype_name as _dtype_name
 from ..contract.shards import local_shard
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
+# lr × weight_decay at which decay alone halves the weights within WEIGHT_HALVING_STEPS steps
+LARGE_DECAY = 1 - 0.5 ** (1 / WEIGHT_HALVING_STEPS)
+
+
+def decays_multiplicatively(group: dict) -> bool:
+    """Whether the group's weight decay multiplies each weight by 1 − lr × weight_decay every step: AdamW's
+    decoupled decay (`decoupled_weight_decay`), or SGD's (its L2 term is not normalised away: momentum only
+    amplifies it). Adam's, RMSprop's and Adagrad's coupled L2 is divided by the second moment: no fixed factor."""
+    return bool(group.get("decoupled_weight_decay")) or {"momentum", "dampening", "nesterov"} <= group.keys()
 
 
 def group_label(index: int, group: dict, watched: dict) -> str:
@@ -151,6 +160,14 @@ class OptimizerProbe(Probe):
                     "does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lr * wd, step=self.ctx.step, code="weight_decay_zero")
+            if wd > 0 and lr * wd >= LARGE_DECAY and decays_multiplicatively(group):
+                self.ctx.events.record(
+                    "optimizer_preflight", "warning",
+                    f"{label}: {lr_name}×weight_decay={lr * wd:g}: every step multiplies each weight by "
+                    f"{1 - lr * wd:g}, so weight decay alone halves the weights within {WEIGHT_HALVING_STEPS} steps "
+                    "(healthy: ~1e-5 per step)",
+                    probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
+                    value=lr * wd, step=self.ctx.step, code="weight_decay_large")
             lost = self._fraction_below_half_ulp(params, lr) if lr > 0 else 0.0
             if lost > LOST_UPDATE_WARNING:
                 self.ctx.events.record(

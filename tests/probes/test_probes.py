@@ -140,6 +140,21 @@ def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_
         assert events[0].tensor == "all 3 parameter groups" and _causes(probes) == ["lr_zero"]
 
 
+@pytest.mark.parametrize("make, flagged", [
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=100.0), True),  # decoupled: ×0.9 every step
+    (lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=1.0), True),  # SGD's L2 is not normalised away
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), False),  # healthy: 1e-4 per step
+    (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=100.0), False),  # coupled L2 divided by √v: no factor
+])
+def test_weight_decay_that_alone_halves_the_weights_within_a_few_steps_is_a_preflight_warning(make, flagged):
+    model = Net()
+    opt = make(model.parameters())
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1)
+    events = [e for e in _events(probes, "optimizer_preflight") if e.code == "weight_decay_large"]
+    assert len(events) == int(flagged)
+
+
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
     with torch.no_grad():
