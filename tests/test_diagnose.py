@@ -488,6 +488,18 @@ def test_measured_collapse_without_a_multiplicative_decay_still_names_weight_dec
     assert "weight decay" in cause["fix"]
 
 
+def test_fp16_activation_fix_names_an_eps_that_is_zero_in_fp16():
+    (cause,) = causes(log({**NAN_OUTPUT, "dtype": "float16"}), SMALL_VALUES, mode="pure-fp16", caller="loop")
+    assert cause["cause"] == "activation_overflow" and "1e-12" in cause["fix"]
+
+
+def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limit():
+    """A softmax written as exp()/sum() overflows where e^x leaves the dtype (x ≈ 88.7 in fp32), sooner at a small
+    temperature: one of the few ways a loss turns NaN from finite, modest outputs."""
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    assert "exp()/sum()" in cause["fix"] and "88.7 in float32" in cause["fix"] and "temperature" in cause["fix"]
+
+
 @pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
 def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
     """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight

@@ -112,6 +112,10 @@ FIXES = {
                                          "fp32 master weights and fp32 Adam moments",
     "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range), or keep this op "
                            "in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_overflow_fp16": "{module} overflows float16 — a value beyond its 65504, or a division by a value "
+                                "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
+                                "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
+                                "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -161,12 +165,14 @@ FIXES = {
     "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: cast to float16 at load they are "
                             "Inf before any step — hold the teacher in a wider dtype — {fp32_teacher}",
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
-                         "steps are ~1e-3×): the learning rate is far too high for this model — lower {lr} and "
+                         "steps are ~1e-3×){at_lr}: the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
     "loss_computation": "check the loss computation: the {term} turned non-finite from finite weights and module "
                         "outputs (the largest {amax}) — look for a division by zero (a temperature or token count "
-                        "of 0), the log of 0, or an input the probes do not watch, such as a teacher's logits "
-                        "(watch it as `teacher`); lowering {lr} will not help",
+                        "of 0), the log of 0, an exp that overflows (e^x is Inf above x ≈ {exp_limit} in {dtype}: "
+                        "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
+                        "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
+                        "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
     "loss_computation_low": "compute the loss in fp32: the {term} turned non-finite in {dtype} from finite weights "
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
@@ -712,7 +718,8 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
-                            fix=r.fix("activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+                            fix=r.fix("activation_overflow_fp16" if row.get("dtype") == "float16"
+                                      else "activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
     unplaced = r.unplaced_fp16_loss()
     if unplaced is not None:
         step = int(unplaced["step"])
@@ -878,11 +885,15 @@ def divergence(r: RunRecord) -> list[Cause]:
         if len(blown[blown.index >= step]):
             after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
+        lrs = r.train_column("lr")
+        lr_at = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None  # the step's (scheduled) lr
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
                       evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
+                                "lr": lr_at,
                                 "then": ", ".join(after) or None, "first_loss": first_loss,
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
-                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor")))]
+                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor"),
+                                at_lr=f" at lr {lr_at:.3g}" if lr_at is not None else ""))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):
         return []  # the optimizer's own numbers: `optimizer_nonfinite`
@@ -917,6 +928,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                  evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
                            "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
                  fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
+                           exp_limit=f"{math.log(DTYPE_MAX.get(dtype or 'float32', DTYPE_MAX['float32'])):.1f}",
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
