@@ -924,6 +924,352 @@ def _clean_user_loop(world: World, tmp: Path, dtype: torch.dtype, scaled: bool) 
     return outcome
 
 
+# ------------------------------------------------------------------------------------------ more pathologies
+def corrupted_teacher_checkpoint(world: World, tmp: Path) -> Outcome:
+    """A teacher checkpoint with one NaN weight (a torn write): its fp32 forward is NaN from that module on, every
+    step — nothing overflows; the checkpoint is bad."""
+    from safetensors.torch import load_file
+
+    model = tiny.make_gpt2(world.vocab, seed=3)
+    with torch.no_grad():
+        model.get_parameter(TEACHER_HOT + ".weight")[3, 5] = math.nan
+    teacher = tiny.save(model, world.tokenizer, tmp / "corrupt_teacher")
+    saved = load_file(str(teacher / "model.safetensors"))
+    extremes = dict(forward_extremes(model, token_batches(world, 1)[0]))
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", steps=3, teacher=teacher)
+    outcome.facts.update(nan_in_checkpoint=int(sum(int(t.isnan().sum()) for t in saved.values())),
+                         teacher_c_fc_output=extremes.get(TEACHER_HOT))
+    outcome.check("the saved teacher holds one NaN; its fp32 forward is NaN at that module",
+                  outcome.facts["nan_in_checkpoint"] == 1 and math.isnan(extremes[TEACHER_HOT]))
+    outcome.check("the run stopped at step 1", outcome.exit_code == 1 and run["summary"].get("steps_completed") == 1)
+    return outcome
+
+
+def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
+    """A student checkpoint whose embedding row of a token the corpus never uses is NaN: harmless until a batch holds
+    that token (step 3 here, between statistics steps), then the loss is NaN."""
+    outcome = Outcome()
+    model = tiny.make_gpt2_untied(world.vocab)
+    batches = token_batches(world, 4)
+    used = set(torch.cat(batches).unique().tolist())
+    rare = max(set(range(world.vocab)) - used)
+    with torch.no_grad():
+        model.transformer.wte.weight[rare] = math.nan
+    batches[2][0, 5] = rare  # one rare token in step 3's batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(rare_token=rare, losses=[round(v, 3) for v in losses])
+    outcome.check("the loss is finite until the batch holding the token, NaN from step 3",
+                  all(map(math.isfinite, losses[:2])) and math.isnan(losses[2]))
+    return outcome
+
+
+def rmse_feature_kd_user_loop(world: World, tmp: Path) -> Outcome:
+    """Feature distillation with an RMSE, `sqrt(mse(student_hidden, teacher_hidden))`, the student initialised from
+    the teacher's embeddings and first block (as DistilBERT's are): at step 1 those hidden states are equal, the mse
+    exactly 0 — and d√x/dx at 0 is inf, times the difference's 0: NaN gradients from a finite loss."""
+    outcome = Outcome()
+    teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
+    student = tiny.make_gpt2(world.vocab)
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items()
+                             if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))}, strict=False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses, mse, bad_grads = [], [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 2):
+            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1]
+            distance = nn.functional.mse_loss(out.hidden_states[1], hidden)
+            loss = out.loss + distance.sqrt()
+            losses.append(float(loss.detach()))
+            mse.append(float(distance.detach()))
+            loss.backward()
+            bad_grads.append(sum(1 for p in student.parameters() if p.grad is not None and not finite(p.grad)))
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads)
+    outcome.check("step 1: the distance is exactly 0, the loss finite, gradients NaN",
+                  mse[0] == 0.0 and math.isfinite(losses[0]) and bad_grads[0] > 0)
+    return outcome
+
+
+def weight_decay_typo_user_loop(world: World, tmp: Path) -> Outcome:
+    """AdamW(lr=1e-3, weight_decay=1e2) — meant 1e-2: every step multiplies each weight by 1 − lr × wd = 0.9."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e2)
+    amax = [max_weight(model)]
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 10):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+            amax.append(max_weight(model))
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts["max_weight"] = [round(v, 3) for v in amax]
+    outcome.check("the largest weight fell below half its initial value in 10 steps, every weight finite",
+                  amax[-1] < amax[0] / 2 and all(finite(p) for p in model.parameters()))
+    return outcome
+
+
+def zero_step_schedule_user_loop(world: World, tmp: Path) -> Outcome:
+    """`get_linear_schedule_with_warmup(opt, 0, num_training_steps=0)` — a step count computed from an empty
+    loader: the schedule's lr is 0 at every step."""
+    from transformers import get_linear_schedule_with_warmup
+
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=0)
+    lrs = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 4):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            schedule.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
+    outcome.facts.update(lr=lrs, weights_changed=moved)
+    outcome.check("lr 0 at every step; not one weight changed", lrs == [0.0] * 4 and moved == 0)
+    return outcome
+
+
+def warmup_to_mistyped_peak_user_loop(world: World, tmp: Path) -> Outcome:
+    """AdamW(lr=1.0) — meant 1e-4 — under a 10-step linear warm-up: step 1's lr is 0, step 2's 0.1 already moves
+    the weights by more than their size."""
+    from transformers import get_linear_schedule_with_warmup
+
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=10, num_training_steps=100)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    ratios, lrs, losses = [], [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 6):
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            before = [p.detach().clone() for p in matrices]
+            opt.step()
+            delta = math.sqrt(sum(float((p - b).pow(2).sum()) for p, b in zip(matrices, before, strict=True)))
+            ratios.append(delta / math.sqrt(sum(float(b.pow(2).sum()) for b in before)))
+            probes.step(loss=loss, labels=ids)
+            schedule.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(lr=[round(v, 2) for v in lrs], update_ratio=[round(v, 3) for v in ratios],
+                         losses=[round(v, 2) for v in losses])
+    outcome.check("step 2 (lr 0.1, a tenth of the peak) moves the weight matrices by more than their size",
+                  lrs[1] == 0.1 and ratios[1] > 1 and max(ratios[:1]) < 1)
+    return outcome
+
+
+def fp16_attention_scores_overflow(world: World, tmp: Path) -> Outcome:
+    """Autocast fp16 + GradScaler, eager attention; block 1's query and key projections ×700 (large q/k norms): every
+    q, k fits fp16 (c_attn's output ~270), their dot products do not."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    model.config._attn_implementation = "eager"
+    attn = model.transformer.h[1].attn
+    with torch.no_grad():
+        attn.c_attn.weight[:, :2 * attn.embed_dim].mul_(700.0)  # the query and key columns
+    ids = token_batches(world, 1)[0]
+    qkv = {}
+    handle = attn.c_attn.register_forward_hook(lambda _m, _i, out: qkv.setdefault("out", out.detach()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    q, k, _ = qkv["out"].split(attn.embed_dim, -1)
+    heads = (*q.shape[:2], attn.num_heads, attn.head_dim)
+    scores = q.view(heads).transpose(1, 2) @ k.view(heads).transpose(1, 2).transpose(-1, -2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(c_attn_amax=round(float(qkv["out"].abs().max()), 1),
+                         qk_amax_fp32=round(float(scores.abs().max()), 1), losses=losses)
+    outcome.check("q and k within fp16's range, their products beyond it (fp32); the fp16 loss NaN",
+                  float(qkv["out"].abs().max()) < FP16_MAX < float(scores.abs().max()) and math.isnan(losses[0]))
+    return outcome
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as often written by hand, with no upcast: x · rsqrt(mean(x²) + eps)."""
+
+    def __init__(self, width: int, eps: float = 1e-12):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class NormedLM(nn.Module):
+    """embed (padding row 0, zero-initialised as nn.Embedding does) -> norm (RMSNorm) -> head."""
+
+    def __init__(self, vocab: int, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.norm = RMSNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.embed(ids)))
+
+
+def rmsnorm_eps_pure_fp16(world: World, tmp: Path) -> Outcome:
+    """A hand-written RMSNorm (eps 1e-12) in a model trained in fp16 weights: a padding position's embedding is 0,
+    mean(x²) is 0, and 1e-12 is 0 in fp16 — rsqrt(0) = inf, 0 · inf = NaN; in fp32 the same model is finite."""
+    outcome = Outcome()
+    model = NormedLM(world.vocab)
+    ids = token_batches(world, 1)[0].clone()
+    ids[:, -4:] = 0  # padded
+    with torch.no_grad():
+        fp32_ok = finite(model(ids))
+    model.half()
+    with torch.no_grad():
+        normed = model.norm(model.embed(ids))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 2):
+            ids = ids.clone()
+            ids[:, -4:] = 0
+            logits = model(ids)
+            loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                               ignore_index=0)
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(eps_in_fp16=float(torch.tensor(1e-12, dtype=torch.float16)), fp32_finite=fp32_ok,
+                         losses=losses)
+    outcome.check("1e-12 is 0 in fp16; the fp16 norm is NaN exactly on the padded positions; fp32 finite",
+                  outcome.facts["eps_in_fp16"] == 0.0 and fp32_ok and normed[:, -4:].isnan().all()
+                  and finite(normed[:, :-4]))
+    return outcome
+
+
+def kd_masked_teacher_vocab(world: World, tmp: Path) -> Outcome:
+    """The teacher's logits of tokens the student must never produce set to -inf before the KD term, which is taken
+    as KL with `log_target=True`: exp(-inf) · (-inf − log p) = 0 · -inf = NaN."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        masked = teacher_logits.clone()
+        masked[..., -8:] = -math.inf
+        return nn.functional.kl_div(nn.functional.log_softmax(student_logits, -1).flatten(0, 1),
+                                    nn.functional.log_softmax(masked, -1).flatten(0, 1), log_target=True,
+                                    reduction="batchmean")
+
+    outcome = kd_user_loop(world, tmp, kd, steps=2)
+    outcome.check("the loss is NaN from step 1", math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
+
+
+LOW_TEMPERATURE = 0.05
+
+
+def kd_exp_softmax_low_temperature(world: World, tmp: Path) -> Outcome:
+    """KD at T = 0.05 with the teacher's softmax written by hand, exp(z/T)/Σexp(z/T), without subtracting the max: a
+    confident teacher's logits (~20, well below fp32's exp limit of 88.7) become ~400 at that temperature and exp
+    overflows to inf — inf/inf = NaN."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        e = (teacher_logits / LOW_TEMPERATURE).exp()
+        q = e / e.sum(-1, keepdim=True)
+        log_p = nn.functional.log_softmax(student_logits / LOW_TEMPERATURE, -1)
+        return (q * (q.clamp_min(1e-30).log() - log_p)).sum(-1).mean() * LOW_TEMPERATURE**2
+
+    teacher = kd_teacher(world, confidence=30.0)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad():
+        logits = teacher(input_ids=ids).logits
+    outcome = kd_user_loop(world, tmp, kd, steps=2, teacher=teacher)
+    outcome.facts["teacher_logit_amax"] = round(float(logits.abs().max()), 2)
+    outcome.check("the teacher's logits are below 88.7, exp of them at T = 0.05 is inf; the loss NaN",
+                  float(logits.abs().max()) < math.log(torch.finfo(torch.float32).max)
+                  and not finite((logits / LOW_TEMPERATURE).exp()) and math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
+
+
+def mistyped_clip_threshold(world: World, tmp: Path) -> Outcome:
+    """`--max-grad-norm 1e-12` (meant 1.0): every gradient is scaled to a norm of 1e-12, below AdamW's eps, and the
+    updates vanish in the fp32 weights."""
+    from safetensors.torch import load_file
+
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--max-grad-norm", "1e-12", steps=3,
+                           teacher=world.dense_teacher)
+    before = load_file(str(world.student / "model.safetensors"))
+    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
+    same = sum(int((before[n] == w).sum()) for n, w in after.items() if n in before)
+    total = sum(w.numel() for n, w in after.items() if n in before)
+    norms = [r.get("grad_norm") for r in run["metrics"]]
+    outcome.facts.update(unchanged_weight_fraction=round(same / total, 3) if total else None, grad_norm=norms)
+    outcome.check("the gradients' norm is far above 1e-12; most weights did not move in 3 steps",
+                  norms and all(n is not None and n > 1e-6 for n in norms) and total and same / total > 0.5)
+    return outcome
+
+
+def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
+    """AdamW(lr=1e-3, weight_decay=0.01) under a linear warm-up from lr 0 (its first step updates nothing)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=8)
+    losses, lrs = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 8):
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            schedule.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
+    outcome.check("lr 0 at step 1 only; finite losses, falling", lrs[0] == 0 and all(lrs[1:])
+                  and all(map(math.isfinite, losses)) and losses[-1] < losses[0])
+    return outcome
+
+
 # ------------------------------------------------------------------------------------------ the catalog
 CLEAN = Expected(None)
 
@@ -1020,6 +1366,51 @@ SCENARIOS: list[Scenario] = [
              "ulp)", "fp32", "user loop", tiny_lr_fp32_user_loop,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="schedule",
                       fix_lacks="autocast")),
+    Scenario("corrupted teacher checkpoint", f"a dense teacher saved with one NaN in `{TEACHER_HOT}`'s weight, "
+             "`train --precision fp32`", "fp32", "CLI", corrupted_teacher_checkpoint,
+             Expected("nonfinite_input", "critical", "teacher", TEACHER_HOT, first_step=1, fix_contains="checkpoint",
+                      fix_lacks="--precision", absent=("teacher_overflow",))),
+    Scenario("NaN embedding row of a rare token", "user loop: fp32 GPT-2 (untied head) whose checkpoint has a NaN "
+             "embedding row for a token first seen at step 3", "fp32", "user loop", nan_embedding_row_user_loop,
+             Expected("nonfinite_input", "critical", "student", "transformer.wte", first_step=1,
+                      fix_contains="checkpoint", absent=("optimizer_nonfinite",))),
+    Scenario("RMSE feature loss, student initialised from its teacher", "user loop: fp32; CE + sqrt(mse(student, "
+             "teacher hidden states after block 0)), the student's embeddings and block 0 copied from the teacher",
+             "fp32", "user loop", rmse_feature_kd_user_loop,
+             Expected("divergence", "critical", "student", "transformer.h.0.mlp.c_proj", first_step=1,
+                      fix_contains="derivative", fix_lacks="autocast", absent=("gradient_overflow",))),
+    Scenario("weight decay typed 1e2", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=1e2)` (meant 1e-2), "
+             "10 steps", "fp32", "user loop", weight_decay_typo_user_loop,
+             Expected("weight_collapse", "warning", "student", ANY, first_step=(6, 10), fix_contains="weight_decay",
+                      evidence_contains="weight_decay")),
+    Scenario("lr schedule sized for 0 steps", "user loop: fp32 GPT-2, AdamW under "
+             "`get_linear_schedule_with_warmup(opt, 0, num_training_steps=0)`: lr 0 at every step", "fp32",
+             "user loop", zero_step_schedule_user_loop,
+             Expected("lr_zero", "warning", "student", ANY, first_step=1, fix_contains="schedule")),
+    Scenario("warm-up to a mistyped peak lr", "user loop: fp32 GPT-2, `AdamW(lr=1.0)` (meant 1e-4) under a 10-step "
+             "linear warm-up, 6 steps", "fp32", "user loop", warmup_to_mistyped_peak_user_loop,
+             Expected("divergence", None, "student", ANY, first_step=2, fix_contains="at lr 0.1",
+                      evidence_contains="update_ratio")),
+    Scenario("fp16 attention scores overflow", "user loop: autocast fp16 + GradScaler, eager attention; block 1's "
+             "query and key weights ×700: q, k fit fp16, q·k does not", "mixed", "user loop",
+             fp16_attention_scores_overflow,
+             Expected("activation_overflow", "critical", "student", "transformer.h.1.attn", first_step=1)),
+    Scenario("RMSNorm eps 1e-12 in fp16", "user loop: fp16 weights, SGD; a hand-written RMSNorm (eps 1e-12, 0 in "
+             "fp16) over a padded batch (zero embedding rows)", "pure-fp16", "user loop", rmsnorm_eps_pure_fp16,
+             Expected("activation_overflow", "critical", "student", "norm", first_step=1, fix_contains="1e-12")),
+    Scenario("KD over a teacher with masked vocabulary", "user loop: fp32; teacher logits of 8 tokens set to −inf, "
+             "KL with `log_target=True` (0 · −inf)", "fp32", "user loop", kd_masked_teacher_vocab,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="log of 0",
+                      absent=("teacher_overflow", "gradient_overflow"))),
+    Scenario("KD at T = 0.05 with a hand-written softmax", "user loop: fp32; the teacher's softmax as exp(z/T)/Σ "
+             "without the max subtracted, logits ~20 (exp overflows)", "fp32", "user loop",
+             kd_exp_softmax_low_temperature,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="exp()/sum()",
+                      absent=("teacher_overflow", "gradient_overflow"))),
+    Scenario("clip threshold typed 1e-12", "`train --precision fp32 --max-grad-norm 1e-12` (meant 1.0; dense "
+             "teacher)", "fp32", "CLI", mistyped_clip_threshold,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
+                      fix_lacks="--precision")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),
@@ -1029,6 +1420,8 @@ SCENARIOS: list[Scenario] = [
              "user loop", clean_amp_user_loop, CLEAN),
     Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "bf16-mixed",
              "user loop", clean_bf16_user_loop, CLEAN),
+    Scenario("clean warm-up with weight decay", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=0.01)` under "
+             "a linear warm-up from lr 0", "fp32", "user loop", clean_warmup_with_weight_decay, CLEAN),
 ]
 BY_NAME = {**{s.name: s for s in SCENARIOS}, **{s.slug: s for s in SCENARIOS}}
 

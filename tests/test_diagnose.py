@@ -376,3 +376,146 @@ def test_a_nan_loss_from_a_float16_teachers_finite_outputs_names_the_teacher(cal
         assert cause["evidence"]["teacher_dtype"] == "float16"
     else:
         assert cause["cause"] == "divergence" and cause["fix"].startswith("check the loss computation")
+
+
+LOADED_NAN = {"kind": "nonfinite_at_load", "severity": "critical", "step": 1, "phase": "setup", "model": "teacher",
+              "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": math.nan,
+              "nan_count": 1, "numel": 4096}
+TEACHER_NAN = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+               "model": "teacher", "module": "h.0.mlp.c_fc", "value": math.nan, "dtype": "float32"}
+
+
+def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_an_overflow():
+    """The frozen teacher's NaN output comes from its loaded weights: no wider dtype fixes that (the old answer,
+    `teacher_overflow` "hold the teacher in a wider dtype", in an fp32 run) — the checkpoint does."""
+    diagnosis = causes(log(LOADED_NAN, TEACHER_NAN, {**NAN_LOSS, "tensor": "kd"}, *AFTER_IT), MEASURED, mode="fp32")
+    root = diagnosis[0]
+    assert (root["cause"], root["severity"], root["model"], root["tensor"], root["first_step"]) == (
+        "nonfinite_input", "critical", "teacher", "h.0.mlp.c_fc.weight", 1)
+    assert root["evidence"]["holds"] == "NaN" and root["evidence"]["nonfinite_before_first_step"] is True
+    assert "checkpoint" in root["fix"] and "--precision" not in root["fix"]
+    assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
+
+
+def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimizers_doing():
+    finite_grads = pd.DataFrame({"step": [1], "split": "train", "nonfinite_grad_tensors": [0], "grad_amax": [0.4]})
+    loaded = {**LOADED_NAN, "model": "student", "module": "wte", "tensor": "wte.weight"}
+    diagnosis = causes(log(loaded, {**NAN_WEIGHTS, "step": 1, "tensor": "wte.weight"}), finite_grads, mode="fp32")
+    assert [(c["cause"], c["tensor"]) for c in diagnosis] == [("nonfinite_input", "wte.weight")]
+
+
+GRAD_NAN = {"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 1,
+            "phase": "backward", "model": "student", "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.bias",
+            "dtype": "float32", "value": math.nan, "nan_count": 32, "numel": 32}
+NAN_AFTER = {"kind": "nonfinite_param", "severity": "critical", "step": 1, "phase": "optimizer", "model": "student",
+             "tensor": "wte.weight"}
+SMALL_GRADS = pd.DataFrame({"step": [1], "split": "train", "grad_amax": [0.6], "act_amax_student": [3.7],
+                            "act_amax_teacher": [3.9], "nonfinite_grad_tensors": [14]})
+
+
+@pytest.mark.parametrize("mode, dtype", [("fp32", "float32"), ("bf16-mixed", "float32"), ("pure-bf16", "bfloat16")])
+def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_derivative(mode, dtype):
+    """sqrt(mse(a, b)) with a == b: d√x/dx at 0 is inf, times the 0 of the difference: NaN gradients, a finite loss,
+    nothing large anywhere — no backward product overflowed (the old answer: `gradient_overflow`, "train with a
+    loss scaler"). Named where the NaN first reached a weight, the fix an eps, not a precision change."""
+    (cause,) = causes(log({**GRAD_NAN, "dtype": dtype}, NAN_AFTER), SMALL_GRADS, mode=mode, caller="loop")
+    assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
+        "divergence", "critical", "h.0.mlp.c_proj", 1)
+    assert cause["evidence"]["in_backward"] is True and cause["evidence"]["largest_measured"] == 3.9
+    assert "derivative" in cause["fix"] and "eps" in cause["fix"] and "autocast" not in cause["fix"]
+
+
+@pytest.mark.parametrize("change", [
+    {"mode": "mixed"},  # float16 compute: a backward overflow is likely
+    {"metrics": {"act_amax_student": [1e30]}},  # values beyond fp32's √max: a product of them overflows
+    {"metrics": {"grad_amax": [math.nan]}},  # no finite gradient of the step measured
+    {"before": NAN_LOSS},  # the loss was non-finite: the gradient follows from it
+    {"before": {**NAN_OUTPUT, "model": "student"}},  # a forward NaN came first
+])
+def test_a_nan_gradient_is_an_overflow_where_large_values_fp16_or_an_earlier_nan_can_explain_it(change):
+    frame = log(*[change["before"]] if "before" in change else [], GRAD_NAN, NAN_AFTER)
+    diagnosis = causes(frame, SMALL_GRADS.assign(**change.get("metrics", {})), mode=change.get("mode", "fp32"))
+    assert not any("derivative" in c["fix"] for c in diagnosis)
+    if change.get("mode") == "mixed" or "metrics" in change:
+        assert diagnosis[0]["cause"] == "gradient_overflow"
+
+
+def test_a_gradient_overflow_among_large_values_in_bf16_keeps_the_bf16_wording():
+    (cause,) = causes(log(GRAD_NAN, NAN_AFTER), SMALL_GRADS.assign(grad_amax=[1e25]), mode="bf16-mixed")
+    assert cause["cause"] == "gradient_overflow" and "no precision setting" in cause["fix"]
+
+
+def test_every_group_at_lr_0_is_named_with_how_long():
+    zero = {"kind": "zero_lr", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+            "tensor": "student: 28 tensors", "value": 0.0}
+    metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "lr": [0.0, 0.0, 0.0, 0.0]})
+    (cause,) = causes(log(zero), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "lr_zero", "warning", "student: 28 tensors", 1)
+    assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
+
+
+DECAY = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_large", "step": 1,
+         "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 0.1}
+
+
+def _amax(*values):
+    return pd.DataFrame({"step": range(1, len(values) + 1), "split": "train", "param_amax": values})
+
+
+def test_weights_halving_within_the_window_under_large_decay_collapse_at_that_group():
+    (cause,) = causes(log(DECAY), _amax(0.9, 0.81, 0.73, 0.66, 0.59, 0.53, 0.48, 0.43), mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "weight_collapse", "warning", "student: 28 tensors", 8)
+    assert cause["evidence"]["lr_times_weight_decay"] == 0.1 and "0.9" in cause["fix"]
+    assert "`weight_decay`" in cause["fix"]
+
+
+@pytest.mark.parametrize("events, amax", [
+    ((), (0.9, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84)),  # a slow drift: no collapse
+    ((DECAY,), (0.9, 0.9, 0.91)),  # predicted, not measured: nothing claimed
+    (({"kind": "extreme_update", "severity": "warning", "step": 2, "model": "student", "tensor": "w",
+       "value": 3.0},), (1.0, 0.2, 0.1)),  # a step as large as the weights: divergence's
+    (({**NAN_WEIGHTS, "step": 3},), (1.0, 0.9, 0.1)),  # the largest finite weight after one turned NaN says nothing
+])
+def test_no_collapse_is_claimed_without_a_measured_halving_before_anything_extreme(events, amax):
+    assert "weight_collapse" not in [c["cause"] for c in causes(log(*events), _amax(*amax), mode="fp32")]
+
+
+def test_measured_collapse_without_a_multiplicative_decay_still_names_weight_decay():
+    (cause,) = causes(log(), _amax(0.5, 0.4, 0.3, 0.2), mode="fp32", caller="loop")
+    assert (cause["cause"], cause["model"], cause["first_step"]) == ("weight_collapse", "student", 4)
+    assert "weight decay" in cause["fix"]
+
+
+def test_fp16_activation_fix_names_an_eps_that_is_zero_in_fp16():
+    (cause,) = causes(log({**NAN_OUTPUT, "dtype": "float16"}), SMALL_VALUES, mode="pure-fp16", caller="loop")
+    assert cause["cause"] == "activation_overflow" and "1e-12" in cause["fix"]
+
+
+def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limit():
+    """A softmax written as exp()/sum() overflows where e^x leaves the dtype (x ≈ 88.7 in fp32), sooner at a small
+    temperature: one of the few ways a loss turns NaN from finite, modest outputs."""
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    assert "exp()/sum()" in cause["fix"] and "88.7 in float32" in cause["fix"] and "temperature" in cause["fix"]
+
+
+@pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
+def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
+    """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight
+    beyond 65504 cast to float16 at load. The checkpoint may be sound: the remedy is the dtype, as for an overflow."""
+    loaded = {**LOADED_NAN, "module": module, "tensor": module + ".weight", "nan_count": 0, "posinf_count": 3}
+    cfg = {"precision": {"mode": "mixed", "param_dtypes": {"teacher": {"frozen": {"float16": 10},
+                                                                       "trainable": {"float32": 2}}}}}
+    root = diagnose(log(loaded, TEACHER_NAN), None, cfg)[0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == ("teacher_overflow", "teacher",
+                                                                                  module, 1)
+    assert root["evidence"]["weights_beyond_float16"] is True and "checkpoint" not in root["fix"]
+    assert ("router" in root["fix"]) is router and "--precision bf16-mixed" in root["fix"]
+
+
+def test_student_weights_inf_in_float16_at_load_name_the_dtype():
+    loaded = {**LOADED_NAN, "model": "student", "dtype": "float16", "nan_count": 0, "posinf_count": 1}
+    (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop")
+    assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
+    assert "GradScaler" in cause["fix"] and "corrupt" not in cause["fix"]

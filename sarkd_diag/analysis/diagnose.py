@@ -28,8 +28,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
-    "no_gradients", "update_underflow",
+    "optimizer_nonfinite", "lr_zero", "weight_collapse", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -66,6 +66,8 @@ PHRASES = {
         "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
+    "weight_decay": {"cli": "`--weight-decay`", "loop": "the optimizer's `weight_decay`",
+                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
            "accelerate": "the optimizer's `lr`"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
@@ -89,6 +91,20 @@ FIXES = {
     "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
                            "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
                            "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
+    "lr_zero": "the learning rate of {group} is 0 on every step since step {step}: the optimizer changes no weight "
+               "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
+               "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
+               "and the value given to {lr}",
+    "weight_collapse_decay": "weight decay collapses the weights of {group}: each step multiplies every weight "
+                             "by 1 − lr × weight_decay = {factor} (lr × weight_decay = {decay}; "
+                             "healthy ~1e-5), and the largest weight fell from {before} to {after} by step "
+                             "{step} — lower {weight_decay} (AdamW's usual 0.01–0.1 at lr 1e-4–1e-3); precision "
+                             "is not the cause",
+    "weight_collapse": "the weights shrink toward zero instead of training: the largest weight fell from "
+                       "{before} to {after} within {window} steps by step {step}, every weight finite and no "
+                       "update extreme — weight decay too strong for the learning rate (with Adam's coupled L2 the "
+                       "decay term outweighs the gradient), or code that rescales the weights: lower "
+                       "{weight_decay}; precision is not the cause",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -96,6 +112,10 @@ FIXES = {
                                          "fp32 master weights and fp32 Adam moments",
     "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range), or keep this op "
                            "in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_overflow_fp16": "{module} overflows float16 — a value beyond its 65504, or a division by a value "
+                                "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
+                                "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
+                                "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -134,13 +154,25 @@ FIXES = {
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
+    "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
+                                "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
+                                "again or re-export it (a torn download or write, an export that overflowed), and "
+                                "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: a weight "
+                              "beyond 65504, from a checkpoint saved wider, turns Inf when cast to float16 at load — "
+                              "the dtype, not the checkpoint: keep the weights in fp32 and compute in float16 — "
+                              "{mixed} — or train with {bf16_mixed}",
+    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: cast to float16 at load they are "
+                            "Inf before any step — hold the teacher in a wider dtype — {fp32_teacher}",
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
-                         "steps are ~1e-3×): the learning rate is far too high for this model — lower {lr} and "
+                         "steps are ~1e-3×){at_lr}: the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
     "loss_computation": "check the loss computation: the {term} turned non-finite from finite weights and module "
                         "outputs (the largest {amax}) — look for a division by zero (a temperature or token count "
-                        "of 0), the log of 0, or an input the probes do not watch, such as a teacher's logits "
-                        "(watch it as `teacher`); lowering {lr} will not help",
+                        "of 0), the log of 0, an exp that overflows (e^x is Inf above x ≈ {exp_limit} in {dtype}: "
+                        "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
+                        "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
+                        "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
     "loss_computation_low": "compute the loss in fp32: the {term} turned non-finite in {dtype} from finite weights "
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
@@ -150,6 +182,15 @@ FIXES = {
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
                     "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
                     "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
+    "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
+                         "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
+                         "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
+                         "input — sqrt of exactly 0 (an RMSE, or a distance written as the sqrt of a sum of "
+                         "squares, between equal tensors, as when a student starts from its teacher's weights), "
+                         "pow(x, p < 1) at 0, acos/asin at ±1, a log or division at 0 in a branch `torch.where` "
+                         "discards (its gradient is still 0 × inf); keep "
+                         "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
+                         "instead of the distance); a precision change, a loss scaler or a lower {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
@@ -262,6 +303,15 @@ class RunRecord:
         precision = self.config.get("precision") or {}
         return self.mode in ("bf16-mixed", "pure-bf16") or precision.get("compute_dtype") == "bfloat16"
 
+    def held_in_fp16(self, model: str | None) -> bool:
+        """Whether this run holds some of a model's weights in float16: `precision.model_dtypes` (a user's loop) or
+        `precision.param_dtypes` ({model: {role: {dtype: count}}}, `train`)."""
+        precision = self.config.get("precision") or {}
+        listed = (precision.get("model_dtypes") or {}).get(model) or []
+        held = (precision.get("param_dtypes") or {}).get(model) or {}
+        roles = held.values() if isinstance(held, dict) else []
+        return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
+
     def computes_in_fp16(self) -> bool:
         """Whether the forwards ran in float16: fp16 weights, or fp16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -277,7 +327,8 @@ class RunRecord:
         row = _first(losses)
         step = int(row["step"])
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
-                  "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1}
+                  "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1,
+                  "nonfinite_at_load": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
@@ -290,7 +341,7 @@ class RunRecord:
             return None
         step = int(params["step"].min())
         limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
-                  "empty_targets": step + 1, "extreme_update": step}
+                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1}
         if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         bad_grads = self.train_column("nonfinite_grad_tensors")
@@ -333,7 +384,7 @@ class RunRecord:
             return None
         step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
-                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         if "step" not in self.metrics or "split" not in self.metrics:
@@ -348,6 +399,37 @@ class RunRecord:
         weights = self.train_column("param_amax")
         measured = pd.concat([outputs, weights[weights.index < step]])
         largest = float(measured[measured.map(math.isfinite)].max())
+        return (row, largest) if largest < limit ** RANGE_EXPONENT else None
+
+    def nonfinite_grad_op(self) -> tuple[pd.Series, float] | None:
+        """The run's first non-finite gradient that reached the optimizer when an operation whose derivative is
+        undefined (or infinite) at its input made it, not an overflow — with the largest value measured up to it:
+        nothing computed in float16 (its backward overflows are the other rules'), it is the run's first
+        non-finite value (no weight, loaded or updated, no activation, loss or batch at or before its step, no
+        extreme update before it), and every magnitude measured up to it — the finite gradients of its own step and
+        those before, module outputs, weights — is nowhere near the gradient dtype's range (below
+        DTYPE_MAX ** RANGE_EXPONENT: no product of two of them overflows). A backward overflow needs huge values
+        somewhere; a derivative at its singular point (d√x/dx at 0 = inf, times the 0 of an equal distance: NaN)
+        needs none. Unmeasured magnitudes prove nothing: then None."""
+        grads = self.of("nonfinite_grad", "grad_nonfinite_applied")
+        if not len(grads) or self.computes_in_fp16():
+            return None
+        row = _first(grads)
+        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        limits = {"nonfinite_grad": step, "nonfinite_param": step, "extreme_update": step,
+                  "nonfinite_at_load": step + 1, "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1}
+        if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
+            return None
+        grad_amax = self.train_column("grad_amax")
+        if step not in grad_amax.index or not math.isfinite(float(grad_amax.loc[[step]].iloc[-1])):
+            return None  # no finite gradient measured on its step
+        measured = [grad_amax[grad_amax.index <= step], self.train_column("param_amax").loc[lambda s: s.index < step]]
+        measured += [self.train_column(c).loc[lambda s: s.index <= step]
+                     for c in self.metrics.columns if str(c).startswith("act_amax_")]
+        values = pd.concat(measured)
+        values = values[values.map(math.isfinite)]
+        largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
     def unplaced_fp16_loss(self) -> pd.Series | None:
@@ -377,6 +459,25 @@ class RunRecord:
             return None
         earlier = amax.rolling(WEIGHT_GROWTH_WINDOW, min_periods=1).min().shift(1)
         return float((amax / earlier).max())
+
+    def weight_shrink(self) -> tuple[int, float, float] | None:
+        """The first step at which the largest weight (`param_amax`, finite readings before any weight turned
+        non-finite — then the largest finite one says nothing) fell below 1/WEIGHT_GROWTH_FACTOR of its largest
+        value within the WEIGHT_GROWTH_WINDOW steps before: (step, that value, the fallen one). The mirror of
+        `weight_growth`: healthy training does not halve its largest weight in ten steps."""
+        amax = self.train_column("param_amax")
+        bad = self.first_nonfinite_param_step()
+        if bad is not None:
+            amax = amax[amax.index < bad]
+        amax = amax[amax.map(math.isfinite) & (amax > 0)]
+        if len(amax) < 2:
+            return None
+        earlier = amax.rolling(WEIGHT_GROWTH_WINDOW, min_periods=1).max().shift(1)
+        fallen = amax[amax * WEIGHT_GROWTH_FACTOR < earlier]
+        if not len(fallen):
+            return None
+        step = fallen.index[0]
+        return int(step), float(earlier.loc[step]), float(fallen.iloc[0])
 
     def updates_inflated(self) -> bool:
         """An optimizer step far beyond healthy training, or the weights growing: updates are not being lost."""
@@ -408,6 +509,13 @@ def _first(frame: pd.DataFrame) -> pd.Series:
     return frame.sort_values(["step", "time"], kind="stable").iloc[0]
 
 
+def _holds(row: pd.Series) -> str:
+    """Which of NaN, +Inf and -Inf an event's tensor holds, from its counts ("NaN/Inf" where none was counted)."""
+    held = [kind for kind, column in (("NaN", "nan_count"), ("+Inf", "posinf_count"), ("-Inf", "neginf_count"))
+            if number_or_none(row.get(column)) or 0]
+    return ", ".join(held) or "NaN/Inf"
+
+
 def _where(row: pd.Series) -> dict:
     """The place an event names: its model, module and tensor, its first step, phase and rank."""
     def text(value):
@@ -418,10 +526,36 @@ def _where(row: pd.Series) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ rules
+def _cast_to_fp16(r: RunRecord, row: pd.Series) -> bool:
+    """A weight non-finite as loaded that float16 itself made: ±Inf and no NaN, in a model this run holds in float16
+    (the tensor itself, or the model's other weights: mixed precision loads the teacher in float16 and only then
+    gives its routers fp32 master weights) — a value beyond 65504 in a checkpoint saved wider, cast to float16 at
+    load. The checkpoint may be sound; its dtype here is not."""
+    inf_only = not number_or_none(row.get("nan_count")) and \
+        bool(number_or_none(row.get("posinf_count")) or number_or_none(row.get("neginf_count")))
+    return inf_only and (row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
+
+
 def nonfinite_input(r: RunRecord) -> list[Cause]:
     """Bad data: NaN in a batch's inputs, or a batch without target tokens (0/0) — critical when its loss
-    turned non-finite, a warning while it did not."""
+    turned non-finite, a warning while it did not. Or bad weights: a model's weight non-finite before the first
+    optimizer step (`nonfinite_at_load`), as loaded — a corrupt checkpoint, the earliest thing any run can get
+    wrong; every non-finite value after it follows from it. (The teacher's float16 weights that are Inf only, which
+    the cast to float16 made, are `teacher_overflow`'s: its dtype, not its checkpoint.)"""
     causes = []
+    loaded = r.of("nonfinite_at_load")
+    loaded = loaded[~loaded.apply(lambda row: row.get("model") == "teacher" and _cast_to_fp16(r, row), axis=1)] \
+        if len(loaded) else loaded
+    if len(loaded):
+        row = _first(loaded)
+        holds, cast = _holds(row), _cast_to_fp16(r, row)
+        causes.append(Cause("nonfinite_input", "critical", **_where(row),
+                            evidence={"nonfinite_before_first_step": True, "holds": holds, "dtype": row.get("dtype"),
+                                      "cast_to_float16": cast, "nan_count": row.get("nan_count"),
+                                      "numel": row.get("numel"),
+                                      "models": ", ".join(sorted(set(loaded["model"].dropna())))},
+                            fix=r.fix("nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded",
+                                      model=row.get("model"), tensor=row.get("tensor"), holds=holds)))
     batch = r.of("nonfinite_batch")
     if len(batch):
         causes.append(Cause("nonfinite_input", "critical", **_where(_first(batch)),
@@ -443,6 +577,20 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"] == "teacher"]
+    loaded = r.of("nonfinite_at_load")
+    loaded = loaded[loaded["model"] == "teacher"]
+    if len(loaded):
+        row = _first(loaded)
+        if not _cast_to_fp16(r, row):
+            acts = acts[:0]  # corrupt as loaded (`nonfinite_input`): no overflow made its outputs
+        else:  # float16 made its weights Inf at load: the same remedy as an overflow, placed at the weight
+            where = _where(row)
+            router = r.is_router(where["module"])
+            return [Cause("teacher_overflow", "critical", **where,
+                          evidence={"dtype": "float16", "holds": _holds(row), "weights_beyond_float16": True,
+                                    "router": router},
+                          fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
+                                    module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
     if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
         row, outputs = measured
@@ -503,6 +651,44 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
+def lr_zero(r: RunRecord) -> list[Cause]:
+    """Every parameter group that holds trainable weights at lr 0 on consecutive optimizer steps (a `zero_lr` event:
+    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics."""
+    zero = r.of("zero_lr")
+    if not len(zero):
+        return []
+    row = _first(zero)
+    lr = r.train_column("lr")
+    steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
+    return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
+                  fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
+
+
+def weight_collapse(r: RunRecord) -> list[Cause]:
+    """The weights shrink toward zero (`RunRecord.weight_shrink`: the largest weight halved within
+    WEIGHT_GROWTH_WINDOW steps) with nothing extreme before it — measured, never predicted alone; placed at a
+    group whose lr × weight_decay alone halves its weights that fast (a `weight_decay_large` preflight event),
+    when there is one."""
+    shrink = r.weight_shrink()
+    if shrink is None:
+        return []
+    step, before, after = shrink
+    if (r.of("extreme_update")["step"] <= step).any():
+        return []  # steps as large as the weights: `divergence`
+    decay = r.of("optimizer_preflight", "weight_decay_large")
+    evidence = {"largest_weight_before": before, "largest_weight_after": after, "window": WEIGHT_GROWTH_WINDOW}
+    if len(decay):
+        row = _first(decay)
+        value = float(row["value"])
+        return [Cause("weight_collapse", "warning", **{**_where(row), "first_step": step},
+                      evidence={**evidence, "lr_times_weight_decay": value},
+                      fix=r.fix("weight_collapse_decay", group=row.get("tensor"), factor=f"{1 - value:.3g}",
+                                decay=f"{value:.3g}", before=f"{before:.3g}", after=f"{after:.3g}", step=step))]
+    return [Cause("weight_collapse", "warning", first_step=step, model="student", evidence=evidence,
+                  fix=r.fix("weight_collapse", before=f"{before:.3g}", after=f"{after:.3g}", step=step,
+                            window=WEIGHT_GROWTH_WINDOW))]
+
+
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
     updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
@@ -532,7 +718,8 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
-                            fix=r.fix("activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+                            fix=r.fix("activation_overflow_fp16" if row.get("dtype") == "float16"
+                                      else "activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
     unplaced = r.unplaced_fp16_loss()
     if unplaced is not None:
         step = int(unplaced["step"])
@@ -556,7 +743,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
 def gradient_overflow(r: RunRecord) -> list[Cause]:
     """A non-finite gradient reached an optimizer that nothing protects (no loss scaler to skip the step)."""
     grads = r.of("nonfinite_grad", "grad_nonfinite_applied")
-    if not len(grads):
+    if not len(grads) or r.nonfinite_grad_op() is not None:  # else not an overflow: an undefined derivative
         return []
     row = _first(grads)
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
@@ -670,6 +857,16 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
                       fix=r.fix("nonfinite_op", module=row.get("module") or row.get("model"), holds=holds,
                                 dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
+    grad_op = r.nonfinite_grad_op()
+    if grad_op is not None:
+        row, largest = grad_op
+        holds = _holds(row)
+        return [Cause("divergence", "critical", **_where(row),
+                      evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds, "in_backward": True,
+                                "loss_finite": True, "largest_measured": largest,
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+                      fix=r.fix("nonfinite_grad_op", tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
+                                amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
@@ -688,11 +885,15 @@ def divergence(r: RunRecord) -> list[Cause]:
         if len(blown[blown.index >= step]):
             after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
+        lrs = r.train_column("lr")
+        lr_at = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None  # the step's (scheduled) lr
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
                       evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
+                                "lr": lr_at,
                                 "then": ", ".join(after) or None, "first_loss": first_loss,
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
-                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor")))]
+                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor"),
+                                at_lr=f" at lr {lr_at:.3g}" if lr_at is not None else ""))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):
         return []  # the optimizer's own numbers: `optimizer_nonfinite`
@@ -727,11 +928,13 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                  evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
                            "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
                  fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
+                           exp_limit=f"{math.log(DTYPE_MAX.get(dtype or 'float32', DTYPE_MAX['float32'])):.1f}",
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients, update_underflow, divergence)
+         lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -20,9 +20,9 @@ SEVERITIES = ("info", "warning", "critical")
 PHASES = ("setup", "forward", "backward", "optimizer", "loss", "eval", "policy")
 KINDS = (
     "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
-    "nonfinite_param", "nonfinite_grad", "zero_gradients", "nonfinite_activation", "nonfinite_batch",
-    "fp16_overflow_risk",
-    "nonfinite_lr", "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
+    "nonfinite_param", "nonfinite_at_load", "nonfinite_grad", "zero_gradients", "nonfinite_activation",
+    "nonfinite_batch", "fp16_overflow_risk", "nonfinite_lr", "zero_lr", "optimizer_state_underflow", "lost_updates",
+    "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
 )
@@ -38,8 +38,11 @@ CODES = {
     "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
     "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
     "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
+    "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
+    "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",
     "nonfinite_lr": "a parameter group's learning rate is NaN/Inf when the optimizer is about to step",
+    "zero_lr": "every parameter group's learning rate is 0 on consecutive optimizer steps: nothing trains",
     "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
     "zero_gradients": "most trainable tensors that have a gradient have an all-zero one (flushed, or unreached)",

@@ -11,6 +11,11 @@ EXTREME_UPDATE_RATIO = 1.0
 # More than this fraction of intended weight updates lost to rounding (measured, or predicted before the first
 # step from lr against the weights' ulp) is a warning: the weights train noticeably less than fp32's would.
 LOST_UPDATE_WARNING = 0.10
+# Weight decay that alone halves every weight within this many steps outpaces training: each step multiplies the
+# weights by 1 − lr × weight_decay (AdamW's decoupled decay; SGD's), so lr × weight_decay ≥ 1 − 0.5 ** (1 / N)
+# (0.067 for N = 10) collapses them toward zero. Healthy AdamW: lr × weight_decay ~1e-5, a half-life of ~70,000 steps.
+# The diagnosis measures the same thing after the fact: the largest weight halving within as many steps.
+WEIGHT_HALVING_STEPS = 10
 
 
 def dtype_name(dtype) -> str:

@@ -308,7 +308,7 @@ class Probes:
         return self.set.ctx
 
     def _watch_for_ruin(self, event) -> None:
-        self.critical = self.critical or event.kind == "nonfinite_param"
+        self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 
     # ------------------------------------------------------------------------ the run directory
     def _open_run_dir(self) -> int:

@@ -18,12 +18,21 @@ from collections import Counter
 
 import torch
 
-from ..contract.numerics import LOST_UPDATE_WARNING
+from ..contract.numerics import LOST_UPDATE_WARNING, WEIGHT_HALVING_STEPS
 from ..contract.numerics import dtype_name as _dtype_name
 from ..contract.shards import local_shard
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
+# lr × weight_decay at which decay alone halves the weights within WEIGHT_HALVING_STEPS steps
+LARGE_DECAY = 1 - 0.5 ** (1 / WEIGHT_HALVING_STEPS)
+
+
+def decays_multiplicatively(group: dict) -> bool:
+    """Whether the group's weight decay multiplies each weight by 1 − lr × weight_decay every step: AdamW's
+    decoupled decay (`decoupled_weight_decay`), or SGD's (its L2 term is not normalised away: momentum only
+    amplifies it). Adam's, RMSprop's and Adagrad's coupled L2 is divided by the second moment: no fixed factor."""
+    return bool(group.get("decoupled_weight_decay")) or {"momentum", "dampening", "nesterov"} <= group.keys()
 
 
 def group_label(index: int, group: dict, watched: dict) -> str:
@@ -58,6 +67,8 @@ class OptimizerProbe(Probe):
         self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
         self._reported_state = False
         self._reported_lr: set[int] = set()
+        self._zero_lr_since: int | None = None  # first step of the current stretch with every group at lr 0
+        self._reported_zero_lr = False
 
     def before_optimizer_step(self) -> None:
         if self.ctx.optimizer is None:
@@ -68,7 +79,10 @@ class OptimizerProbe(Probe):
         self._check_learning_rates()
 
     def _check_learning_rates(self) -> None:
-        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group."""
+        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group; and
+        every group that holds trainable weights at lr 0 on two optimizer steps in a row (a warm-up starts at 0 for
+        one step), once: the optimizer changes nothing from there."""
+        self._check_zero_lr()
         for index, group in enumerate(self.ctx.optimizer.param_groups):
             lr = group.get("lr")
             if isinstance(lr, (int, float)) and not math.isfinite(lr) and index not in self._reported_lr:
@@ -82,6 +96,26 @@ class OptimizerProbe(Probe):
                     "it updates with NaN, whatever the gradients (a schedule that divides by 0 or runs past its end?)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, value=float(lr),
                     step=self.ctx.step)
+
+    def _check_zero_lr(self) -> None:
+        groups = [g for g in self.ctx.optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+        zero = bool(groups) and all(isinstance(g.get("lr"), (int, float)) and g["lr"] == 0 for g in groups)
+        if not zero:
+            self._zero_lr_since = None
+            return
+        if self._zero_lr_since is None:
+            self._zero_lr_since = self.ctx.step
+        elif not self._reported_zero_lr:
+            self._reported_zero_lr = True
+            names = {id(w.param): w for w in self.ctx.watched}
+            index = self.ctx.optimizer.param_groups.index(groups[0])
+            label = group_label(index, groups[0], names) if len(groups) == 1 else f"all {len(groups)} parameter groups"
+            model = next((names[id(p)].model for g in groups for p in g["params"] if id(p) in names), None)
+            self.ctx.events.record(
+                "zero_lr", "warning",
+                f"{label}: the learning rate is 0 on every step since step {self._zero_lr_since}: the optimizer "
+                "changes no weight (a schedule sized for 0 steps, or one that ended before the run?)",
+                probe=self.name, phase="optimizer", model=model, tensor=label, value=0.0, step=self._zero_lr_since)
 
     def _preflight(self) -> None:
         names = {id(w.param): w for w in self.ctx.watched}
@@ -126,6 +160,14 @@ class OptimizerProbe(Probe):
                     "does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lr * wd, step=self.ctx.step, code="weight_decay_zero")
+            if wd > 0 and lr * wd >= LARGE_DECAY and decays_multiplicatively(group):
+                self.ctx.events.record(
+                    "optimizer_preflight", "warning",
+                    f"{label}: {lr_name}×weight_decay={lr * wd:g}: every step multiplies each weight by "
+                    f"{1 - lr * wd:g}, so weight decay alone halves the weights within {WEIGHT_HALVING_STEPS} steps "
+                    "(healthy: ~1e-5 per step)",
+                    probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
+                    value=lr * wd, step=self.ctx.step, code="weight_decay_large")
             lost = self._fraction_below_half_ulp(params, lr) if lr > 0 else 0.0
             if lost > LOST_UPDATE_WARNING:
                 self.ctx.events.record(

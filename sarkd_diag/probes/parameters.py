@@ -1,4 +1,12 @@
-"""Weights after each optimizer step: which tensors turned non-finite, how many elements, first step."""
+"""Weights: which tensors turned non-finite after each optimizer step (how many elements, first step) — and,
+once, before the run's first step, whether any weight of any watched model already holds NaN/Inf as loaded.
+
+The check as loaded reads every floating parameter of every model (the frozen teacher's too, which nothing else
+reads: its weights never change, so a NaN there came with the checkpoint) in one absolute-max pass, moved to the
+host with the first step's readings. A weight that is non-finite before any update is a corrupt checkpoint (a
+torn download, a conversion that overflowed float16) — every later NaN follows from it, and no learning rate,
+precision or loss explains it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import math
 
 import torch
 
+from ..contract.numerics import dtype_name
 from .base import Probe, abs_max, nonfinite_counts
 
 
@@ -17,6 +26,31 @@ class ParameterProbe(Probe):
         self._amax: torch.Tensor | None = None
         self._params = [w.param for w in ctx.watched]
         self._reported: set[str] = set()
+        self._loaded_checked = False
+        self._loaded: list[tuple[str, str, torch.Tensor]] = []  # (model, name, weight) read as loaded
+        self._loaded_amax: torch.Tensor | None = None
+
+    def begin_step(self) -> None:
+        if not self._loaded_checked:
+            self._loaded_checked = True
+            self._read_as_loaded()
+
+    def _read_as_loaded(self) -> None:
+        """Every floating weight of every model, before the first step: one absolute max per tensor, on the
+        device (grouped by device: an offloaded teacher's lie on the CPU), gathered where the readings go."""
+        self._loaded = [(model, name, p) for model, m in self.ctx.models.items() for name, p in m.named_parameters()
+                        if p.is_floating_point() and not p.is_meta and p.numel()]
+        if not self._loaded:
+            return
+        target = self._params[0].device if self._params else self._loaded[0][2].device
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, p) in enumerate(self._loaded):
+            by_device.setdefault(p.device, []).append(i)
+        amax = torch.empty(len(self._loaded), device=target)
+        for indices in by_device.values():
+            values = abs_max([self._loaded[i][2] for i in indices]).float().to(target)
+            amax[torch.tensor(indices, device=target)] = values
+        self._loaded_amax = amax
 
     def after_optimizer_step(self) -> None:
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
@@ -24,9 +58,14 @@ class ParameterProbe(Probe):
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None
-        return {"param_amax": amax} if amax is not None else {}
+        out = {"param_amax": amax} if amax is not None else {}
+        if self._loaded_amax is not None:
+            out["loaded_amax"], self._loaded_amax = self._loaded_amax, None
+        return out
 
     def record(self, host: dict) -> dict:
+        if host.get("loaded_amax") is not None:
+            self._record_loaded(host["loaded_amax"])
         amax = host.get("param_amax")
         if amax is None:
             return {}
@@ -46,3 +85,23 @@ class ParameterProbe(Probe):
                 tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=amax[i], **counts)
         finite = [v for v in amax if math.isfinite(v)]
         return {"param_amax": max(finite) if finite else math.nan, "nonfinite_param_tensors": len(bad)}
+
+    def _record_loaded(self, amax: list[float]) -> None:
+        """One event per model whose weights hold NaN/Inf as loaded: its first such tensor, with how many."""
+        loaded, self._loaded = self._loaded, []
+        bad: dict[str, list[int]] = {}
+        for i, value in enumerate(amax):
+            if not math.isfinite(value):
+                bad.setdefault(loaded[i][0], []).append(i)
+        for model, indices in bad.items():
+            first = indices[0]
+            _, name, p = loaded[first]
+            counts = nonfinite_counts(p.detach())
+            total = sum(1 for m, _, _ in loaded if m == model)
+            self.ctx.events.record(
+                "nonfinite_at_load", "critical",
+                f"{model} weight {name} holds {counts['nan_count']} NaN, {counts['posinf_count']} +Inf and "
+                f"{counts['neginf_count']} -Inf of {counts['numel']} before the first optimizer step, as loaded "
+                f"({len(indices)} of {total} weight tensors of {model} non-finite): the checkpoint is corrupt",
+                step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
+                tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)

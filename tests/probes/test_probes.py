@@ -80,17 +80,79 @@ def test_nonfinite_weights_after_a_step_are_named_with_their_counts():
 
 
 @pytest.mark.parametrize("level", ["standard", "full"])
-def test_the_first_nonfinite_gradient_in_backward_order_is_named(level):
+@pytest.mark.parametrize("dtype, cause", [(torch.float32, "divergence"), (torch.float16, "gradient_overflow")])
+def test_the_first_nonfinite_gradient_in_backward_order_is_named(level, dtype, cause):
+    """The place is the same in any dtype. What made it differs: in float16 a backward overflows easily; in fp32,
+    with every value measured of order 1, nothing overflowed — the op's derivative is infinite there (`divergence`,
+    the undefined-derivative reading; an lr of 0 keeps the weights finite, so the gradient is the only sign)."""
     torch.manual_seed(0)
-    model = Net(blow_up_backward=True)
+    model = Net(blow_up_backward=True).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt, level=level) as probes:
-        _train(model, probes, opt, steps=2)
+        _train(model, probes, opt, steps=2, dtype=dtype)
     events = _events(probes, "nonfinite_grad")
     assert len(events) == 1  # a first occurrence, not one row per step
     # backward reaches `third` first (finite), then `second` — where the inf begins — then `first`
     assert (events[0].model, events[0].module, events[0].step) == ("student", "second", 1)
-    assert _causes(probes)[0] == "gradient_overflow"
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["module"]) == (cause, "second")
+    assert ("derivative" in root["fix"]) is (dtype == torch.float32)
+
+
+def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_frozen():
+    torch.manual_seed(0)
+    model, teacher = Net(), Net().requires_grad_(False)
+    with torch.no_grad():
+        teacher.second.weight[2, 3] = math.nan
+        teacher.third.bias.fill_(math.inf)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes({"student": model, "teacher": teacher}, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=2)
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.model, event.module, event.tensor, event.step, event.phase) == (
+        "teacher", "second", "second.weight", 1, "setup")
+    assert (event.nan_count, event.posinf_count, event.numel) == (1, 0, 64)
+    assert "2 of 6 weight tensors" in event.message
+
+
+def test_finite_weights_as_loaded_are_no_event():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1)
+    assert _events(probes, "nonfinite_at_load") == []
+
+
+@pytest.mark.parametrize("lrs, since", [([0.0, 0.0, 0.0], 1), ([0.0, 0.1, 0.1], None), ([0.1, 0.0, 0.0], 2),
+                                        ([0.1, 0.0, 0.1], None)])
+def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_step_is_not(lrs, since):
+    model = Net()
+    opt = torch.optim.SGD([{"params": model.first.parameters()}, {"params": model.second.parameters()},
+                           {"params": model.third.parameters(), "lr": 0.0}], lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for lr in lrs:
+            for group in opt.param_groups[:2]:
+                group["lr"] = lr
+            _train(model, probes, opt, steps=1)
+    events = _events(probes, "zero_lr")
+    assert [e.step for e in events] == ([since] if since else [])
+    if since:
+        assert events[0].tensor == "all 3 parameter groups" and _causes(probes) == ["lr_zero"]
+
+
+@pytest.mark.parametrize("make, flagged", [
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=100.0), True),  # decoupled: ×0.9 every step
+    (lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=1.0), True),  # SGD's L2 is not normalised away
+    (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), False),  # healthy: 1e-4 per step
+    (lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=100.0), False),  # coupled L2 divided by √v: no factor
+])
+def test_weight_decay_that_alone_halves_the_weights_within_a_few_steps_is_a_preflight_warning(make, flagged):
+    model = Net()
+    opt = make(model.parameters())
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1)
+    events = [e for e in _events(probes, "optimizer_preflight") if e.code == "weight_decay_large"]
+    assert len(events) == int(flagged)
 
 
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
