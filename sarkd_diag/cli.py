@@ -25,6 +25,7 @@ from typer.models import ParamMeta
 
 from .contract.config import COMPARE_DEFAULTS, FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
 from .contract.errors import BadInput
+from .contract.wording import counted
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -291,7 +292,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
             _rebuild_run(mode_dir.parent)
         result = rebuild_comparison(run_dir)
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
-        typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
+        typer.echo(f"{run_dir}: {counted(len(result.table), 'mode')} compared; wrote {', '.join(written)}")
         return 0
     if recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
         raise not_a_run(run_dir)
@@ -316,8 +317,8 @@ def _rebuild_run(run_dir: Path) -> dict:
     after = _modified(run_dir)
     written = [name for name in after if after[name] != before.get(name)]  # what closing wrote, as it wrote it
     steps = summary["steps_completed"]
-    typer.echo(f"{run_dir}: {summary['status']}, {steps} step{'' if steps == 1 else 's'}, "
-               f"{len(summary['diagnosis'])} cause(s); wrote {', '.join(written)}")
+    typer.echo(f"{run_dir}: {summary['status']}, {counted(steps, 'step')}, "
+               f"{counted(len(summary['diagnosis']), 'cause')}; wrote {', '.join(written)}")
     return summary
 
 
@@ -425,7 +426,8 @@ def check(
     for line in failures:
         typer.echo(line)
     if not failures:
-        typer.echo(f"{run_dir}: ok — {', '.join(checks)} hold for {runs} run(s)")
+        typer.echo(f"{run_dir}: ok — {', '.join(checks)} {'holds' if len(checks) == 1 else 'hold'} for "
+                   f"{counted(runs, 'run')}")
     return 1 if failures else 0
 
 
@@ -439,7 +441,6 @@ def estimate_memory_command(
 ) -> int:
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
     from rich.console import Console
-
     from .train.memory import breakdown_table, estimate_memory
 
     report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
@@ -448,8 +449,9 @@ def estimate_memory_command(
         return 0
     console = Console()
     for shape in (report.teacher, report.student):
-        console.print(f"{shape.name}: {shape.params:,} parameters ({shape.router_params:,} in routers), "
-                      f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
+        params = counted(shape.params, "parameter", number=f"{shape.params:,}")
+        console.print(f"{shape.name}: {params} ({shape.router_params:,} in routers), "
+                      f"{counted(shape.layers, 'layer')}, hidden {shape.hidden}, vocab {shape.vocab}")
     per_gpu = f", per GPU of {report.ranks}" if report.ranks > 1 else ""
     console.print(breakdown_table(report.estimates, title=f"estimated device memory, batch {report.batch} × "
                                                           f"block {report.block}{per_gpu}"))

@@ -39,6 +39,7 @@ from .contract.rundir import (
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
+from .contract.wording import counted
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 
@@ -289,7 +290,8 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     write_json_atomic(config_file, {"options": run_options, "modes": chosen})
 
     console = console or Console(quiet=quiet)
-    console.print(f"[bold]sarkd-diag compare-precision[/]: {', '.join(chosen)} × {base.train_steps} steps → {out}")
+    console.print(f"[bold]sarkd-diag compare-precision[/]: {', '.join(chosen)} × {counted(base.train_steps, 'step')} "
+                  f"→ {out}")
     results = []
     for i, mode in enumerate(chosen, 1):
         with console.status(f"[{i}/{len(chosen)}] {mode} …"):

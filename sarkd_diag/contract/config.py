@@ -227,7 +227,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     options = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(options) - FIELD_NAMES)
     if unknown:
-        raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} {', '.join(unknown)}")
     return options
 
 

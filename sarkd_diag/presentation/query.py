@@ -28,6 +28,7 @@ from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
+from ..contract.wording import counted
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")
@@ -215,7 +216,7 @@ class EventFilter:
         if self.rank is not None:
             ranks = sorted({0, *(int(r) for r in events["rank"].dropna().unique())})
             if self.rank not in ranks:
-                processes = "one process" if ranks == [0] else f"{len(ranks)} processes"
+                processes = "one process" if ranks == [0] else counted(len(ranks), "process")
                 raise BadInput(f"--rank {self.rank}: not a rank of this run ({processes}); choose one of "
                                f"{', '.join(map(str, ranks))}")
 
@@ -315,7 +316,7 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
         events.to_csv(sys.stdout, index=False)
     else:
         console = console or Console()
-        console.print(events_table(events, title=f"{len(events)} of {total} events", width=console.width))
+        console.print(events_table(events, title=f"{len(events)} of {counted(total, 'event')}", width=console.width))
 
 
 def _line(row: dict) -> str:
@@ -498,7 +499,7 @@ def _first(events: pd.DataFrame) -> str:
 
 def _no_nonfinite_params(run: Run) -> str | None:
     bad = run.events[run.events["kind"] == "nonfinite_param"]
-    return f"{len(bad)} nonfinite_param event(s), {_first(bad)}" if len(bad) else None
+    return f"{counted(len(bad), 'nonfinite_param event')}, {_first(bad)}" if len(bad) else None
 
 
 def _no_critical(run: Run) -> str | None:
@@ -507,7 +508,7 @@ def _no_critical(run: Run) -> str | None:
     if not len(bad) and not causes:
         return None
     counts = ", ".join(f"{k} {n}" for k, n in bad["kind"].value_counts().items())
-    parts = [f"{len(bad)} critical event(s) ({counts}), {_first(bad)}"] if len(bad) else []
+    parts = [f"{counted(len(bad), 'critical event')} ({counts}), {_first(bad)}"] if len(bad) else []
     if causes:
         parts.append(f"critical diagnosis: {', '.join(causes)}")
     return "; ".join(parts)
@@ -531,7 +532,7 @@ EXPECTATIONS: dict[str, Callable[[Run], str | None]] = {
 def _max_skipped(limit: int) -> Callable[[Run], str | None]:
     def check(run: Run) -> str | None:
         skipped = run.final["skipped_steps"]
-        return f"{skipped} skipped steps > {limit}" if skipped > limit else None
+        return f"{counted(skipped, 'skipped step')} > {limit}" if skipped > limit else None
     return check
 
 

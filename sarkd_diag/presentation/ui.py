@@ -17,6 +17,8 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..contract.wording import counted
+
 # Kinds that are a decision or a change of plan, told whatever their severity (setup warnings are told too).
 DECISIONS = ("dual_tokenizer", "router_frozen_dual", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
              "checkpoint_fallback", "out_of_memory")
@@ -27,10 +29,6 @@ def _fmt(value, spec: str = ".4g") -> str:
     if value is None:
         return "-"
     return format(value, spec)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _duration(seconds: float) -> str:
@@ -199,26 +197,26 @@ class TrainingDisplay:
             actions["rolled back"] = counts["policy_rollback"]
         parts = []
         if actions.get("skipped"):
-            parts.append(f"{_plural(actions['skipped'], 'step')} skipped (non-finite gradients)")
+            parts.append(f"{counted(actions['skipped'], 'step')} skipped (non-finite gradients)")
         if actions.get("restored"):
-            parts.append(f"{_plural(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
+            parts.append(f"{counted(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
         if actions.get("rolled back"):
-            parts.append(f"rolled back {_plural(actions['rolled back'], 'time')} to a checkpoint")
+            parts.append(f"rolled back {counted(actions['rolled back'], 'time')} to a checkpoint")
         scaler = ((summary.get("final") or {}).get("skipped_steps") or 0) - actions.get("skipped", 0) \
             - actions.get("restored", 0)
         if scaler > 0 and summary.get("precision", {}).get("loss_scaling"):
-            parts.append(f"{_plural(scaler, 'step')} skipped by the loss scaler")
+            parts.append(f"{counted(scaler, 'step')} skipped by the loss scaler")
         if not parts:
             return None
         steps = summary.get("steps_completed") or 0
-        return f"[yellow]--on-nonfinite / scaler[/]: {'; '.join(parts)} (of {_plural(steps, 'step')})"
+        return f"[yellow]--on-nonfinite / scaler[/]: {'; '.join(parts)} (of {counted(steps, 'step')})"
 
     def summary(self, summary: dict) -> None:
         if self.quiet:
             return
         steps = summary.get("steps_completed") or 0
         precision = summary.get("precision") or {}
-        lines = [f"status: {summary.get('status')} after {_plural(steps, 'step')} ({precision.get('mode')})"]
+        lines = [f"status: {summary.get('status')} after {counted(steps, 'step')} ({precision.get('mode')})"]
         ppl = self._eval_line(summary)
         if ppl:
             lines.append(ppl)

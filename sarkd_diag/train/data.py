@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..contract.errors import BadInput
+from ..contract.wording import counted
 
 IGNORE_INDEX = -100
 HELD_OUT_FRACTION = 0.05
@@ -169,7 +170,8 @@ def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool
     window = block_size + 1
     count = (len(ids) - 1) // block_size
     if count < 1 or len(ids) < window:
-        raise BadInput(f"{what} has {len(ids)} tokens, fewer than one block of --block-size {block_size} + 1")
+        raise BadInput(f"{what} has {counted(len(ids), 'token')}, fewer than one block of --block-size "
+                       f"{block_size} + 1")
     all_ids = torch.tensor(ids, dtype=torch.long)
     starts = torch.arange(count) * block_size
     block_ids = torch.stack([all_ids[s:s + window] for s in starts.tolist()])
@@ -189,8 +191,8 @@ def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool
 def split_validation(blocks: TokenBlocks, seed: int) -> tuple[TokenBlocks, TokenBlocks]:
     """Hold out ~5% of the blocks (at least one) when no validation text was given."""
     if len(blocks) < 2:
-        raise BadInput(f"the training data makes {len(blocks)} block(s): too few to hold out a validation split "
-                       "(give --validation-file or more text)")
+        raise BadInput(f"the training data makes {counted(len(blocks), 'block')}: too few to hold out a validation "
+                       "split (give --validation-file or more text)")
     held = max(1, round(len(blocks) * HELD_OUT_FRACTION))
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     return blocks.subset(order[held:].sort().values), blocks.subset(order[:held].sort().values)
@@ -224,8 +226,8 @@ class BatchStream:
                  shard: Callable[[torch.Tensor], torch.Tensor] | None = None):
         global_size = batch_size * ranks
         if len(blocks) < global_size:
-            per = f" × {ranks} ranks" if ranks > 1 else ""
-            raise BadInput(f"the training data makes {len(blocks)} block(s), fewer than one batch of "
+            per = f" × {counted(ranks, 'rank')}" if ranks > 1 else ""
+            raise BadInput(f"the training data makes {counted(len(blocks), 'block')}, fewer than one batch of "
                            f"--per-device-batch-size {batch_size}{per}")
         self.blocks, self.batch_size, self.seed = blocks, global_size, seed
         self.shard = shard or (lambda index: index)

@@ -43,6 +43,7 @@ from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name
 from ..contract.rundir import write_json_atomic
 from ..contract.version import __version__
+from ..contract.wording import counted
 from ..presentation.closing import finalize_run
 from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
@@ -190,7 +191,7 @@ def set_up_compute(cfg: DistillConfig) -> Compute:
     world, device = dist.init(resolve_device(cfg.device))
     if world.distributed:
         if cfg.nproc > 1 and cfg.nproc != world.size:
-            raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {world.size} processes")
+            raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {counted(world.size, 'process')}")
         cfg.nproc = world.size  # recorded, so a resume with another number of ranks is refused
     elif cfg.nproc > 1:
         raise BadInput(f"--nproc {cfg.nproc} runs under torchrun: `sarkd-diag train --nproc {cfg.nproc}` "
@@ -253,8 +254,9 @@ def _train_routers(cfg: DistillConfig, teacher: nn.Module, dual: bool, notes: li
                       f"{cfg.student_model} tokenize differently: the student matches the teacher's last "
                       "hidden states, aligned by character spans"})
         if routers:
+            stay = "stays" if len(routers) == 1 else "stay"
             notes.append({"kind": "router_frozen_dual", "model": "teacher",
-                          "message": f"{len(routers)} router(s) stay frozen in dual-tokenizer mode: the "
+                          "message": f"{counted(len(routers), 'router')} {stay} frozen in dual-tokenizer mode: the "
                           "teacher's hidden states are a fixed target"})
         return []
     if not routers:

@@ -119,7 +119,7 @@ CASES = [
     ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
      "validation data is empty"),
     ("validation set shorter than a block", lambda w, t, m: _args(
-        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 tokens"),
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 token,"),
     ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
     ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
     ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
