@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar, get_args, get_origin
+from typing import Any, ClassVar, NoReturn, get_args, get_origin
 
 import typer
 from typer.models import ParamMeta
@@ -440,7 +440,7 @@ def estimate_memory_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
 ) -> int:
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
-    from rich.console import Console
+    from .presentation.terminal import Console
     from .train.memory import breakdown_table, estimate_memory
 
     report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
@@ -482,29 +482,57 @@ def _check_flag_values(args: list[str]) -> None:
                            f"--no-{positive[2:]} to turn it off")
 
 
+def _invoke(args: list[str]) -> Any:
+    """Run the command line: the command's return value, or the code of an exit it asked for (--help, --version).
+
+    Typer's own runner is left out on purpose: it ends a broken pipe (`sarkd-diag events RUN | head`) with a silent
+    exit 1, where `main` ends it quietly with 141, whichever command was printing."""
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("sarkd-diag", args) as ctx:
+            return command.invoke(ctx)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except EOFError:  # a prompt's input ended
+        raise typer.Abort() from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
+    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted, 141
+    when the reader of the output went away (`| head`: quietly, as a Unix tool ends on SIGPIPE)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # the bare command: its help
     try:
         _check_flag_values(args)
-        code = app(args=args, prog_name="sarkd-diag", standalone_mode=False)
+        code = _invoke(args)
+        sys.stdout.flush()  # what is still buffered goes now: a closed pipe shows here, not in Python's exit
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         print("sarkd-diag: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError as exc:
+        from .presentation.terminal import PIPE_CLOSED, discard_output, output_closed
+
+        if not output_closed():  # a pipe of something else broke: that is an error, not the reader leaving
+            _internal_error(exc)
+        discard_output()
+        sys.exit(PIPE_CLOSED)
     except Exception as exc:
         if _is_usage_error(exc):
             print(f"sarkd-diag: error: {_one_line(exc.format_message())}", file=sys.stderr)
             sys.exit(2)
-        # an internal error: one line here, the traceback in a file
-        path = Path.cwd() / "sarkd-diag-error.txt"
-        try:
-            path.write_text(traceback.format_exc())
-            where = f" (traceback in {path})"
-        except OSError:
-            where = ""
-        print(f"sarkd-diag: internal error: {type(exc).__name__}: {_one_line(exc)}{where}", file=sys.stderr)
-        sys.exit(3)
+        _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    """An internal error: one line here, the traceback in a file, exit 3."""
+    path = Path.cwd() / "sarkd-diag-error.txt"
+    try:
+        path.write_text(traceback.format_exc())
+        where = f" (traceback in {path})"
+    except OSError:
+        where = ""
+    print(f"sarkd-diag: internal error: {type(exc).__name__}: {_one_line(exc)}{where}", file=sys.stderr)
+    sys.exit(3)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
 
 from .analysis.verdicts import THRESHOLDS, Verdict, verdict
 from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
@@ -42,6 +41,7 @@ from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
 from .contract.wording import counted
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
+from .presentation.terminal import Console
 
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pandas as pd
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from ..contract.errors import BadInput
@@ -29,6 +28,7 @@ from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
 from ..contract.wording import counted
+from .terminal import Console
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")

@@ -12,12 +12,12 @@ import sys
 import time
 from collections import Counter
 
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..contract.wording import counted
+from .terminal import Console
 
 # Kinds that are a decision or a change of plan, told whatever their severity (setup warnings are told too).
 DECISIONS = ("dual_tokenizer", "router_frozen_dual", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
@@ -80,6 +80,8 @@ class TrainingDisplay:
         self._started = 0.0
         self._tokens = 0
         self._lines = 0
+        self.output_closed = False  # the reader of the output went away (`train | head`): quiet from then on
+        self._on_closed: list = []
 
     # ------------------------------------------------------------------------------------ progress
     def start(self, total: int, done: int, run_dir) -> None:
@@ -165,7 +167,23 @@ class TrainingDisplay:
     def _line(self, text: str) -> None:
         """One record of the run — a log line, an evaluation, a notice — as one line however long: the console
         does not fold it at its width (a log file's 80 columns), so each stays one line to read or grep."""
-        self.console.print(text, soft_wrap=True)
+        self._print(text, soft_wrap=True)
+
+    def _print(self, *renderables, **options) -> None:
+        """Print, unless the reader has gone: a closed pipe (`sarkd-diag train | head`) makes the display quiet
+        and tells `when_closed`'s listener (the run then stops after its step, state saved, and exits 141)."""
+        try:
+            self.console.print(*renderables, **options)
+        except BrokenPipeError:
+            self.quiet, self.output_closed = True, True
+            for listener in self._on_closed:
+                listener()
+
+    def when_closed(self, listener) -> None:
+        """Call `listener()` once the output is closed (at once when it already is)."""
+        self._on_closed.append(listener)
+        if self.output_closed:
+            listener()
 
     def error(self, message: str) -> None:
         print("sarkd-diag: " + " ".join(message.split()), file=sys.stderr)
@@ -234,5 +252,5 @@ class TrainingDisplay:
         if not diagnosis:
             lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
                          else "[green]no numerical problems found[/]")
-        self.console.print(Panel("\n".join(lines), title="diagnosis", expand=False))
+        self._print(Panel("\n".join(lines), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")

@@ -533,6 +533,7 @@ class Trainer:
         status = "failed"
         self.probes = ProbeSet.for_trainer(self.run, self.logs.events)
         with StopRequests() as stops:
+            self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
             except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was

@@ -7,6 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,53 @@ def test_counted_agrees_with_its_number():
     assert counted(1, "process") == "1 process" and counted(2, "process") == "2 processes"
     assert counted(1, "critical event") == "1 critical event" and counted(3, "critical event") == "3 critical events"
     assert counted(1234, "parameter", number="1,234") == "1,234 parameters"
+
+
+# ------------------------------------------------------------------------------ a closed pipe
+def _reader_gone(args: list, cwd: Path) -> tuple[int, str]:
+    """Run the real CLI with its standard output a pipe whose reader has already gone (`... | head -0`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=cwd, env=env)
+    process.stdout.close()  # before the command has printed anything
+    err = process.stderr.read().decode()
+    return process.wait(timeout=300), err
+
+
+@pytest.mark.parametrize("args", [["-h"], ["train", "-h"], ["--version"], ["env"], ["events", "RUN"],
+                                  ["events", "RUN", "--format", "csv"], ["check", "RUN", "--expect", "completed"],
+                                  ["estimate-memory"]], ids=lambda a: " ".join(a))
+def test_a_closed_pipe_ends_the_command_quietly_with_141(one_step, tmp_path, args):
+    """`sarkd-diag events RUN | head`: exit 141 (128 + SIGPIPE, as a shell reports a Unix tool killed by it), nothing
+    on stderr — it was a silent exit 1 (rich, click) or Python's 'Exception ignored ... BrokenPipeError'."""
+    code, err = _reader_gone([one_step if a == "RUN" else a for a in args], tmp_path)
+    assert (code, err) == (141, "")
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
+
+
+def test_train_into_a_closed_pipe_stops_after_its_step_with_the_run_closed(tiny_world, tmp_path):
+    """`sarkd-diag train | head`: the run is not killed mid-step; it stops as on SIGINT (state saved, summary
+    written, status interrupted), says so on stderr and exits 141."""
+    run = tmp_path / "run"
+    args = ["train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"], "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", "50", "--precision", "fp32", "--output-dir", run]
+    code, err = _reader_gone(args, tmp_path)
+    assert code == 141, err
+    assert err == "sarkd-diag: the output was closed (SIGPIPE): stopping after this step, saving state\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps_completed"] < 50
+    stops = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["message"].split(":")[0] for e in stops if e["kind"] == "interrupted"] == ["SIGPIPE"]
+
+
+def test_a_broken_pipe_that_is_not_the_output_stays_an_internal_error(cli, tmp_path, monkeypatch):
+    import sarkd_diag.presentation.environment as environment
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(environment, "environment_report", broken)
+    code, _, err = cli("env")
+    assert code == 3 and err.startswith("sarkd-diag: internal error: BrokenPipeError")
