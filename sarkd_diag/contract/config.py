@@ -101,6 +101,11 @@ class DistillConfig:
     report_to: str | None = _opt(None, "Also write the metrics and events for: tensorboard (RUN_DIR/tensorboard/, "
                                  "needs the tensorboard extra) | none.", default_text="none")
 
+    @property
+    def resume_option(self) -> str:
+        """How this run was asked to continue, as errors about it name it: `--resume-from` or `--resume`."""
+        return resume_option(self.to_dict())
+
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
         for f in fields(self):
@@ -145,7 +150,7 @@ class DistillConfig:
         if self.resume and not self.output_dir:
             raise BadInput("--resume needs --output-dir (the run to continue)")
         if (self.resume or self.resume_from) and self.overwrite:
-            raise BadInput("--overwrite would delete the run that --resume continues; give one of them")
+            raise BadInput(f"--overwrite would delete the run that {self.resume_option} continues; give one of them")
         if self.shard_teacher and self.offload_teacher_to_cpu:
             raise BadInput("--shard-teacher and --offload-teacher-to-cpu: give one of them (a sharded teacher "
                            "already keeps 1/N of its weights per GPU)")
@@ -189,6 +194,14 @@ def value_type(hint: Any) -> Any:
 
 
 RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
+
+
+def resume_option(options: dict) -> str:
+    """The option a resume was asked with (`options`: a config's fields), as its errors must name it: the
+    user who typed --resume-from PATH is not told about --resume."""
+    return "--resume-from" if options.get("resume_from") else "--resume"
+
+
 RUN_LOCATION = ("output_dir", "overwrite", *RESUME_OPTIONS)  # where a run is written, not how it trains
 # compare-precision sets these itself for every mode (one precision each, --on-nonfinite continue, a fresh
 # start): the CLI parses them only to refuse them, and a --config file's values are ignored

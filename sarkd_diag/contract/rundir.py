@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none
@@ -106,6 +107,7 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
     may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
     """
     path = Path(path)
+    asked = resume_option(options)
     if path.exists() and not path.is_dir():
         raise BadInput(f"--output-dir {path} is a file, not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
@@ -115,16 +117,16 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         raise BadInput(f"--output-dir {path} is not writable")
     if not path.is_dir() or not any(path.iterdir()):
         if resume:
-            raise BadInput(f"--resume: nothing to resume, {path} holds no run")
+            raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     recorded = recorded_run(path)
     if resume:
         if recorded is None:
-            raise BadInput(f"--resume: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
+            raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
         differing = differing_options(recorded, options)
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
-            raise BadInput(f"--resume: the run in {path} was trained with other options ({shown}); resume with "
+            raise BadInput(f"{asked}: the run in {path} was trained with other options ({shown}); resume with "
                            f"its own options (--config {path / 'config.json'}) or start a new run")
         return
     if recorded is None:

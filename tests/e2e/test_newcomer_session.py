@@ -127,3 +127,22 @@ def test_a_broken_pipe_that_is_not_the_output_stays_an_internal_error(cli, tmp_p
     monkeypatch.setattr(environment, "environment_report", broken)
     code, _, err = cli("env")
     assert code == 3 and err.startswith("sarkd-diag: internal error: BrokenPipeError")
+
+
+# ------------------------------------------------------------------------- --resume-from's errors
+@pytest.mark.parametrize(("extra", "says"), [
+    ([], "is at step 1 and --train-steps is 1; raise --train-steps"),
+    (["--temperature", "3"], "was trained with other options (temperature 2.0 -> 3.0)"),
+    (["--train-steps", "3", "--overwrite"], "--overwrite would delete the run that --resume-from continues"),
+    (["--train-steps", "3", "--output-dir", "NEW", "--temperature", "3"], "was trained with other options"),
+], ids=["at its last step", "other options in place", "with --overwrite", "other options elsewhere"])
+def test_resume_from_errors_name_resume_from(cli, one_step, tmp_path, extra, says):
+    """`--resume-from CHECKPOINT` was told `--resume: ...`, an option the user had not typed."""
+    checkpoint = one_step / "checkpoints" / "step-00000001"
+    before = sorted(p.name for p in one_step.rglob("*"))
+    code, _, err = cli("train", "--resume-from", checkpoint, *[tmp_path / "new" if a == "NEW" else a for a in extra])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "--resume:" not in lines[0], lines
+    assert lines[0].startswith("sarkd-diag: error: --resume-from") or "--resume-from continues" in lines[0]
+    assert sorted(p.name for p in one_step.rglob("*")) == before and not (tmp_path / "new").exists()
