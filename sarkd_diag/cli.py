@@ -466,7 +466,142 @@ def _one_line(text: str) -> str:
 
 def _is_usage_error(exc: Exception) -> bool:
     """A command-line usage error (unknown option, bad value): click's, or the copy of click typer vendors."""
-    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
+    return "UsageError" in _kinds(exc) and hasattr(exc, "format_message")
+
+
+def _kinds(exc: Exception) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+# ------------------------------------------------------------------------------------ usage errors
+# Names other tools give these options (transformers' TrainingArguments, most training scripts): an unknown
+# option that is one of them is answered with this tool's own.
+KNOWN_ELSEWHERE = {
+    "--learning-rate": "--student-lr", "--lr": "--student-lr", "--max-steps": "--train-steps",
+    "--steps": "--train-steps", "--num-steps": "--train-steps", "--batch-size": "--per-device-batch-size",
+    "--per-device-train-batch-size": "--per-device-batch-size", "--train-batch-size": "--per-device-batch-size",
+    "--gradient-accumulation-steps": "--grad-accum-steps", "--lr-scheduler-type": "--scheduler-type",
+    "--logging-steps": "--log-every", "--max-seq-length": "--block-size", "--seq-len": "--block-size",
+    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--teacher": "--teacher-model",
+    "--student": "--student-model", "--model-name-or-path": "--student-model", "--output": "--output-dir",
+    "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
+    "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
+    "--precision": "--modes",  # estimate-memory takes the modes to estimate
+}
+
+
+def usage_message(exc: Exception, args: list[str]) -> str:
+    """click's usage error `exc` (of the command line `args`) as the one line this tool prints for bad input: what
+    was wrong, named as the user typed it, and what to type instead — click's own words say neither
+    ("Invalid value for '--train-steps' / '--train_steps': Input should be a valid integer, ...")."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        command = ctx.command
+        name = ctx.info_name if ctx.parent is not None else None  # None: sarkd-diag itself
+    else:  # click leaves some errors without their context: the command is the first word that names one
+        group = typer.main.get_command(app)
+        name = next((a for a in args if a in group.commands), None)
+        command = group.commands[name] if name else group
+    where = f"`sarkd-diag {name} -h`" if name else "`sarkd-diag -h`"
+    kinds = _kinds(exc)
+    message = _one_line(getattr(exc, "message", "") or exc.format_message())
+    if "NoSuchOption" in kinds and command is not None:
+        return _no_such_option(exc.option_name, command, name, where)
+    if "MissingParameter" in kinds and getattr(exc, "param", None) is not None and name:
+        param = exc.param
+        what = _help_of(param)
+        return f"{name} needs {_shown_name(param)}" + (f": {what}" if what else f" ({where})")
+    if "BadOptionUsage" in kinds and message.endswith("requires an argument."):
+        param = _param_of(command, exc.option_name)
+        what = _help_of(param) if param is not None else ""
+        return f"{exc.option_name} needs a value" + (f": {what}" if what else f" ({where})")
+    if "BadParameter" in kinds and getattr(exc, "param", None) is not None:
+        return _bad_value(exc.param, args, message)
+    if message.startswith("No such command") and command is not None:
+        typed = message.split("'")[1] if message.count("'") >= 2 else ""
+        return _no_such_command(typed, list(getattr(command, "commands", {})))
+    if message.startswith("Got unexpected extra argument") and command is not None:
+        extra = message[message.rfind(" (") + 2:message.rfind(")")]  # click's "... argument(s) (x y)"
+        arguments = [p for p in command.params if p.param_type_name == "argument"]
+        if not arguments:
+            return f"{name or 'sarkd-diag'} takes options only, no argument: {extra!r} is not an option ({where})"
+        return f"{name} takes one {_shown_name(arguments[0])}, not also {extra!r} (a path with spaces needs quotes)"
+    return f"{message} ({where})"
+
+
+def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
+    spelled = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed
+    here = _shown_options(command)
+    if spelled in here:  # the underscore spelling of an option that has none (`check --max_eval_ppl`)
+        return f"{typed}: write {spelled} ({where})"
+    config = {opt for option in CONFIG_OPTIONS.values() for opt in _dashed(option.declarations)}
+    owner = f"{name or 'sarkd-diag'} has no option {typed}"
+    elsewhere = KNOWN_ELSEWHERE.get(spelled)
+    if elsewhere is not None and elsewhere.split()[0] in here:
+        return f"{owner}: write {elsewhere}"
+    if spelled in config and name:  # one of train's options that this command does not take
+        return f"{owner} (a `train` option; {where} lists its own)"
+    import difflib
+
+    close = difflib.get_close_matches(spelled.lower(), sorted(here), n=1, cutoff=0.6)
+    if close:
+        return f"{owner}: did you mean {close[0]}?"
+    if not name and typed in config:  # `sarkd-diag --train-steps 3 train`: options go after the command
+        return f"{owner}: options of a command go after it (`sarkd-diag train {typed} ...`)"
+    return f"{owner} ({where} lists them)"
+
+
+def _no_such_command(typed: str, commands: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(typed.lower(), commands, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(commands)}"
+    return f"sarkd-diag has no command {typed!r}: {hint}"
+
+
+def _bad_value(param, args: list[str], message: str) -> str:
+    """A value that does not parse as its option's type: `--max-eval-ppl 'abc': not a number`."""
+    names = [*param.opts, *getattr(param, "secondary_opts", [])]
+    typed, value = names[0], None
+    for i, arg in enumerate(args):
+        for opt in names:
+            if arg == opt and i + 1 < len(args):
+                typed, value = opt, args[i + 1]
+            elif arg.startswith(opt + "="):
+                typed, value = opt, arg[len(opt) + 1:]
+    kind = value_type(getattr(getattr(param, "type_descriptor", None), "annotation", None))
+    kind = (get_args(kind) or (kind,))[0] if get_origin(kind) is list else kind
+    expected = {int: "not a whole number", float: "not a number"}.get(kind)
+    if param.param_type_name == "argument":
+        return f"{_shown_name(param)} {value!r}: {message}"
+    if expected is None:
+        return f"{typed} {value!r}: {message}" if value is not None else f"{typed}: {message}"
+    return f"{typed} {value!r}: {expected}" + (f" ({param.metavar})" if param.metavar else "")
+
+
+def _shown_options(command) -> set[str]:
+    """Every option `command` takes, as its help shows them (dashed; --no- forms of flags included)."""
+    return {opt for p in command.params if p.param_type_name == "option"
+            for opt in [*p.opts, *p.secondary_opts] if opt.startswith("--") and not _is_alias(opt)}
+
+
+def _dashed(declarations: list[str]) -> set[str]:
+    return {opt for decl in declarations for opt in decl.split("/") if not _is_alias(opt)}
+
+
+def _param_of(command, option: str):
+    return next((p for p in getattr(command, "params", []) if option in [*p.opts, *p.secondary_opts]), None)
+
+
+def _help_of(param) -> str:
+    """An option's or argument's help, without its `[default: ...]` and final stop, to follow a colon."""
+    text = _one_line(getattr(param, "help", None) or "")
+    text = text.split(" [default:")[0].rstrip(".")
+    return text[:1].lower() + text[1:] if len(text) > 1 and not text[1].isupper() else text  # not `YAML`
+
+
+def _shown_name(param) -> str:
+    return param.metavar or param.name.upper()
 
 
 BOOLEAN_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
@@ -520,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(PIPE_CLOSED)
     except Exception as exc:
         if _is_usage_error(exc):
-            print(f"sarkd-diag: error: {_one_line(exc.format_message())}", file=sys.stderr)
+            print(f"sarkd-diag: error: {usage_message(exc, args)}", file=sys.stderr)
             sys.exit(2)
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)

@@ -146,3 +146,54 @@ def test_resume_from_errors_name_resume_from(cli, one_step, tmp_path, extra, say
     assert len(lines) == 1 and says in lines[0] and "--resume:" not in lines[0], lines
     assert lines[0].startswith("sarkd-diag: error: --resume-from") or "--resume-from continues" in lines[0]
     assert sorted(p.name for p in one_step.rglob("*")) == before and not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------- usage errors
+# (command line, the whole of stderr after `sarkd-diag: error: `): click's own words named the option twice
+# ('--train-steps' / '--train_steps'), said "Input should be a valid integer, unable to parse string as an
+# integer", and offered aliases help does not show; a `train` option given to estimate-memory was just
+# "No such option".
+USAGE_ERRORS = [
+    (["check", "RUN", "--max-eval-ppl", "abc"], "--max-eval-ppl 'abc': not a number (X)"),
+    (["check", "RUN", "--max-skipped-steps", "1.5"], "--max-skipped-steps '1.5': not a whole number (N)"),
+    (["events", "RUN", "--idle-timeout=soon"], "--idle-timeout 'soon': not a number (SECONDS)"),
+    (["train", "--train-steps", "ten"], "--train-steps 'ten': not a whole number (N)"),
+    (["train", "--train_steps", "ten"], "--train_steps 'ten': not a whole number (N)"),
+    (["estimate-memory", "--block-size", "big"], "--block-size 'big': not a whole number (N)"),
+    (["compare-precision", "--steps", "x"], "--steps 'x': not a whole number (N)"),
+    (["estimate-memory", "--train-steps", "3"],
+     "estimate-memory has no option --train-steps (a `train` option; `sarkd-diag estimate-memory -h` lists its own)"),
+    (["estimate-memory", "--student_lr", "3"],
+     "estimate-memory has no option --student_lr (a `train` option; `sarkd-diag estimate-memory -h` lists its own)"),
+    (["estimate-memory", "--precision", "mixed"], "estimate-memory has no option --precision: write --modes"),
+    (["estimate-memory", "--block-siz", "3"], "estimate-memory has no option --block-siz: did you mean --block-size?"),
+    (["estimate-memory", "--bogus"],
+     "estimate-memory has no option --bogus (`sarkd-diag estimate-memory -h` lists them)"),
+    (["estimate-memory", "extra"],
+     "estimate-memory takes options only, no argument: 'extra' is not an option (`sarkd-diag estimate-memory -h`)"),
+    (["train", "--learning-rate", "1e-3"], "train has no option --learning-rate: write --student-lr"),
+    (["train", "--steps", "30"], "train has no option --steps: write --train-steps"),
+    (["train", "--fp16"], "train has no option --fp16: write --precision mixed"),
+    (["check", "RUN", "--max_eval_ppl", "3"], "--max_eval_ppl: write --max-eval-ppl (`sarkd-diag check -h`)"),
+    (["events", "RUN", "--kin", "x"], "events has no option --kin: did you mean --kind?"),
+    (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
+    (["--train-steps", "3", "train"],
+     "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
+    (["evnts"], "sarkd-diag has no command 'evnts': did you mean events?"),
+    (["events"], "events needs RUN_DIR: a run directory (a crashed one too) or a compare-precision directory"),
+    (["events", "RUN", "RUN"], "events takes one RUN_DIR, not also 'RUN' (a path with spaces needs quotes)"),
+    (["train", "--precision"],
+     "--precision needs a value: fp32 | mixed | bf16-mixed | pure-fp16 | pure-bf16 | auto (or an alias)"),
+    (["check", "RUN", "--max-eval-ppl"], "--max-eval-ppl needs a value: final validation perplexity at most X"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_a_usage_error_is_one_line_that_names_the_option_and_what_it_takes(cli, one_step, tmp_path, monkeypatch,
+                                                                           args, line):
+    monkeypatch.chdir(tmp_path)
+    run = str(one_step)
+    code, out, err = cli(*[run if a == "RUN" else a for a in args])
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: {line.replace(chr(39) + 'RUN' + chr(39), repr(run))}\n"
+    assert list(tmp_path.iterdir()) == []
