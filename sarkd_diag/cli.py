@@ -115,7 +115,32 @@ def _typer_parameter(meta: ParamMeta):
     return typer.main._get_param(meta)
 
 
-class ConfigCommand(typer.core.TyperCommand):
+class Command(typer.core.TyperCommand):
+    """Every command's help as a reader types it: an argument is `RUN_DIR` in the usage line (typer writes
+    `{RUN_DIR}`, as if braces were to be typed) and has no type placeholder beside it (`RUN_DIR <path>`), as
+    options show only their metavar; the underscore aliases of options (`--train_steps`, the original scripts'
+    spelling) parse but are not shown."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
+                for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        shown = copy.copy(self)
+        shown.params = [_as_shown(p) for p in self.params]
+        super(Command, shown).format_options(ctx, formatter)
+
+
+def _as_shown(param):
+    """`param` as help shows it: without underscore aliases; an argument without its type."""
+    shown = _without_aliases(param)
+    if param.param_type_name == "argument":
+        shown = copy.copy(shown)
+        shown.display_type_rich = lambda ctx: None
+    return shown
+
+
+class ConfigCommand(Command):
     """A command that takes DistillConfig's options (`options`) after its own parameters.
 
     `hidden` ones are parsed but not shown: a command that sets them itself refuses them with a clear message.
@@ -152,12 +177,6 @@ class ConfigCommand(typer.core.TyperCommand):
         # the command function declares only its own parameters: the config's options travel beside them
         ctx.meta[_OPTIONS] = {name: _as_given(ctx.params.pop(name, None)) for name in self.options}
         return super().invoke(ctx)
-
-    def format_options(self, ctx: typer.Context, formatter) -> None:
-        """Help without the underscore aliases (`--train_steps` still parses: the original scripts' spelling)."""
-        shown = copy.copy(self)
-        shown.params = [_without_aliases(p) for p in self.params]
-        super(ConfigCommand, shown).format_options(ctx, formatter)
 
 
 _ARGS, _OPTIONS = "sarkd_diag.args", "sarkd_diag.options"
@@ -197,7 +216,7 @@ CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
                            help="YAML or JSON file of options (a run's config.json works too).")
 
 
-@app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS))
+@app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS), short_help="Distil the teacher into the student.")
 def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
     cfg = build_config(given_options(ctx), config)
@@ -265,7 +284,7 @@ def _launch_torchrun(nproc: int, args: list[str]) -> int:
     return 128 + received[0] if received and code != 0 else code
 
 
-@app.command()
+@app.command(cls=Command, short_help="The device, its precision modes and what auto picks.")
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for programs.")) -> int:
     """The device, the modes it runs, what `auto` picks and why, embedded models and versions."""
     from .presentation.environment import environment_report, print_environment
@@ -278,7 +297,7 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for progr
     return 0
 
 
-@app.command()
+@app.command(cls=Command, short_help="Rebuild a run's reports and plots, a crashed one too.")
 def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, finished or not, or a "
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
@@ -334,7 +353,8 @@ MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_
 
 
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE,
-                                                            defaults=COMPARE_DEFAULTS))
+                                                            defaults=COMPARE_DEFAULTS),
+             short_help="One distillation in several precision modes, compared.")
 def compare_precision_command(
     ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
@@ -357,7 +377,7 @@ def compare_precision_command(
     return compare_precision(modes, steps=steps, **given).exit_code
 
 
-@app.command()
+@app.command(cls=Command, short_help="Query a run's recorded events: the grep replacement.")
 def events(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
                                    help="A run directory (a crashed one too) or a compare-precision directory."),
@@ -406,7 +426,7 @@ def events(
     return 0
 
 
-@app.command()
+@app.command(cls=Command, short_help="Assert expectations of recorded runs: a gate for CI.")
 def check(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
                                    help="A run directory or a compare-precision directory (every run)."),
@@ -431,7 +451,8 @@ def check(
     return 1 if failures else 0
 
 
-@app.command("estimate-memory", cls=ConfigCommand.taking(MEMORY_OPTIONS))
+@app.command("estimate-memory", cls=ConfigCommand.taking(MEMORY_OPTIONS),
+             short_help="Device memory per precision mode, before a run.")
 def estimate_memory_command(
     ctx: typer.Context,
     config: Path | None = CONFIG_FILE,

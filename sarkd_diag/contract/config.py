@@ -72,8 +72,8 @@ class DistillConfig:
     router_anchor_weight: float = _opt(0.01, "Weight of the L2 anchor of router weights to their initial values.")
     router_load_balance_weight: float = _opt(0.01, "Weight of the Switch-style load-balance term.")
     router_entropy_weight: float = _opt(0.001, "Weight of the gate-entropy bonus (subtracted from the loss).")
-    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (default: gate, router).",
-                                             metavar="REGEX")
+    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (repeat the option for "
+                                             "several).", metavar="REGEX", default_text="gate, router")
     # devices and memory
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
     offload_teacher_to_cpu: bool = _opt(False, "Keep the teacher on the CPU (CUDA runs; a recorded no-op on CPU).")

@@ -197,3 +197,30 @@ def test_a_usage_error_is_one_line_that_names_the_option_and_what_it_takes(cli, 
     assert (code, out) == (2, "")
     assert err == f"sarkd-diag: error: {line.replace(chr(39) + 'RUN' + chr(39), repr(run))}\n"
     assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["events", "check", "report"])
+def test_help_shows_an_argument_as_it_is_typed(cli, command):
+    """typer wrote `Usage: sarkd-diag events [OPTIONS] {RUN_DIR}` — braces to type? — and `RUN_DIR <path>`."""
+    code, out, _ = cli(command, "-h")
+    assert code == 0
+    assert out.startswith(f"Usage: sarkd-diag {command} [OPTIONS] RUN_DIR\n")
+    assert "{" not in out and "<path>" not in out
+    assert any(line.startswith("  RUN_DIR  A run directory") for line in out.splitlines())
+
+
+def test_the_command_list_is_not_cut_off(cli):
+    """The bare command's first screen: each command's summary whole at 80 columns, not 'Device memory per
+    precision mode — weights,...'."""
+    code, out, _ = cli("-h")
+    commands = out.split("Commands:\n", 1)[1].splitlines()
+    assert code == 0 and len(commands) == 7
+    assert all(len(line) <= 80 and not line.endswith("...") for line in commands), commands
+
+
+def test_help_of_router_patterns_states_one_default(cli):
+    """It said '(default: gate, router). [default: none]'."""
+    code, out, _ = cli("train", "-h")
+    text = " ".join(out.split())
+    assert "[default: gate, router]" in text and "[default: none]" not in text.split("--router-patterns")[1][:150]
