@@ -439,8 +439,9 @@ def check(
                                               help="Final validation perplexity at most X."),
 ) -> int:
     """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
-    from .presentation.query import check_runs, expectations
+    from .presentation.query import check_runs, expectations, find_runs
 
+    find_runs(run_dir)  # a wrong RUN_DIR is said first: it is the first thing typed
     checks = expectations(expect or [], max_skipped_steps, max_eval_ppl)
     failures, runs = check_runs(run_dir, checks)
     for line in failures:

@@ -100,6 +100,14 @@ def _writable(directory: Path) -> bool:
         return False
 
 
+def resume_command(run_dir: str | Path) -> str | None:
+    """The command that continues the run in `run_dir` from its newest checkpoint (what an interrupted run's panel
+    and `check` tell); None when it has no checkpoint to continue from."""
+    if not any(Path(run_dir).glob("checkpoints/step-*")):
+        return None
+    return f"sarkd-diag train --output-dir {run_dir} --resume"
+
+
 def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
     """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
 

@@ -26,7 +26,7 @@ from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
+from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
 from ..contract.wording import counted
 from .terminal import Console
 
@@ -98,7 +98,11 @@ def not_a_run(path: Path) -> BadInput:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
     if not held:
-        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+        what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
+                if (path / "config.json").is_file() else "it holds no config.json")
+        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory ({what}); "
+                        f"give the directory `sarkd-diag train` wrote (its --output-dir, by default "
+                        f"runs/<date-time>-<mode>/)")
     newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
     return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
                     "(the newest)")
@@ -518,7 +522,10 @@ def _completed(run: Run) -> str | None:
     if run.summary is None:
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
-    return None if status == "completed" else f"status is {status}"
+    if status == "completed":
+        return None
+    resume = resume_command(run.path) if status in ("interrupted", "crashed") else None
+    return f"status is {status}" + (f"; `{resume}` continues it" if resume else "")
 
 
 EXPECTATIONS: dict[str, Callable[[Run], str | None]] = {

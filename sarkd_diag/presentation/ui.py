@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..contract.rundir import resume_command
 from ..contract.wording import counted
 from .terminal import Console
 
@@ -252,5 +253,9 @@ class TrainingDisplay:
         if not diagnosis:
             lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
                          else "[green]no numerical problems found[/]")
+        resume = resume_command(summary["run_dir"]) if summary.get("status") == "interrupted" \
+            and summary.get("run_dir") else None
+        if resume:
+            lines.append(f"continue it: {escape(resume)}")
         self._print(Panel("\n".join(lines), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")

@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +226,53 @@ def test_help_of_router_patterns_states_one_default(cli):
     code, out, _ = cli("train", "-h")
     text = " ".join(out.split())
     assert "[default: gate, router]" in text and "[default: none]" not in text.split("--router-patterns")[1][:150]
+
+
+# ------------------------------------------------------------------------------ run directories
+@pytest.mark.parametrize("command", ["events", "report", "check"])
+@pytest.mark.parametrize("content", ["nothing", "a model"])
+def test_a_directory_that_holds_no_run_says_what_to_give(cli, tiny_world, tmp_path, command, content):
+    folder = tmp_path / "folder"
+    if content == "a model":
+        shutil.copytree(tiny_world["student"], folder)
+    else:
+        folder.mkdir()
+    code, out, err = cli(command, folder, *(["--expect", "completed"] if command == "check" else []))
+    assert (code, out) == (2, "")
+    why = "it is empty" if content == "nothing" else "its config.json is not a run's: a model's?"
+    assert err == (f"sarkd-diag: error: {folder} is neither a sarkd-diag run directory nor a compare-precision "
+                   f"directory ({why}); give the directory `sarkd-diag train` wrote (its --output-dir, by default "
+                   "runs/<date-time>-<mode>/)\n")
+
+
+def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
+    """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
+    code, _, err = cli("check", tmp_path / "typo")
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path / 'typo'}: no such directory\n"
+
+
+def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
+    """Ctrl-C: the panel said 'status: interrupted after N steps' and `check` 'status is interrupted', neither
+    what to type next. Both now give the command, and that command continues the run."""
+    run = tmp_path / "run"
+    args = ["train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"], "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", "400", "--precision", "fp32", "--log-every", "1",
+            "--output-dir", run]
+    process = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step "):  # training has begun: Ctrl-C
+            process.send_signal(signal.SIGINT)
+            break
+    out = process.stdout.read()
+    assert process.wait(timeout=300) == 130, process.stderr.read()
+    resume = f"sarkd-diag train --output-dir {run} --resume"
+    panel = " ".join(part.strip("│ ") for part in out.splitlines())
+    assert f"continue it: {resume}" in panel, out
+    code, out, _ = cli("check", run, "--expect", "completed")
+    assert code == 1 and out == f"{run}: completed: status is interrupted; `{resume}` continues it\n"
+    steps = json.loads((run / "summary.json").read_text())["steps_completed"]
+    code, out, err = cli(*resume.split()[1:], "--train-steps", steps + 1)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
