@@ -147,7 +147,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         return
     differing = differing_options(recorded, options)
     what = f"a different run (options differ: {', '.join(differing[:4])})" if differing else "a run already"
-    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it or --overwrite to replace it")
+    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it, --overwrite to replace it, or "
+                   "another --output-dir for a new run")
 
 
 def load_metrics(run_dir: Path) -> pd.DataFrame:

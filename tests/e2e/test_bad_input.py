@@ -140,7 +140,7 @@ CASES = [
     ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
      if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "holds a different run"),
     ("output dir holding the same run", lambda w, t, m: _args(w, t) if _recorded_run(t, **_options_of(w)) else [],
-     "--resume to continue it or --overwrite"),
+     "--resume to continue it, --overwrite to replace it, or another --output-dir for a new run"),
     ("overwrite of a directory that is no run", lambda w, t, m: _args(w, t, overwrite=True)
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),

@@ -276,3 +276,12 @@ def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
     code, out, err = cli(*resume.split()[1:], "--train-steps", steps + 1)
     assert code == 0, err
     assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
+
+
+def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
+    """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
+    offered --resume or --overwrite only, neither of them a new run from the same options."""
+    code, _, err = cli("train", "--config", one_step / "config.json")
+    assert code == 2
+    assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
+                   "--overwrite to replace it, or another --output-dir for a new run\n")
