@@ -44,7 +44,8 @@ class DistillConfig:
     dataset_config_name: str | None = _opt(None, "The datasets-hub configuration (e.g. wikitext-2-raw-v1).")
     train_file: str | None = _opt(None, "Local training text: .txt (one document a line), .jsonl (text field) or "
                                   ".csv (text column).")
-    validation_file: str | None = _opt(None, "Local validation text; without it ~5% is held out.")
+    validation_file: str | None = _opt(None, "Local validation text (with --dataset-name too); without it the hub "
+                                       "set's validation split, or ~5% held out.")
     block_size: int = _opt(64, "Tokens per training sequence (student tokens).")
     # schedule
     train_steps: int = _opt(120, "Optimizer steps.")
@@ -145,6 +146,9 @@ class DistillConfig:
                                "pip install 'sarkd-diag[tensorboard]'")
         if self.dataset_name and self.train_file:
             raise BadInput("give either --dataset-name or --train-file, not both")
+        if self.dataset_config_name and not self.dataset_name:
+            raise BadInput(f"--dataset-config-name {self.dataset_config_name} configures a --dataset-name, and none is "
+                           "given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)")
         if self.resume and self.resume_from:
             raise BadInput("give either --resume or --resume-from, not both")
         if self.resume and not self.output_dir:

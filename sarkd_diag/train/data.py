@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,9 +91,12 @@ def _csv_documents(path: str, text: str) -> list[str]:
 
 def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
                 train_file: str | None, validation_file: str | None) -> Corpus:
-    """The training text from a datasets-hub set, local files, or the embedded dialogues."""
+    """The training text from a datasets-hub set, local files, or the embedded dialogues; a --validation-file is
+    the validation text whichever the training text (a hub set's own validation split otherwise)."""
     if dataset_name:
-        return _load_hub_corpus(dataset_name, dataset_config_name)
+        validation = read_text_file(validation_file) if validation_file else None  # read first: no network for a typo
+        corpus = _load_hub_corpus(dataset_name, dataset_config_name)
+        return corpus if validation is None else replace(corpus, validation=validation)
     if train_file:
         validation = read_text_file(validation_file) if validation_file else None
         return Corpus(read_text_file(train_file), validation, f"file:{train_file}")

@@ -285,3 +285,30 @@ def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli
     assert code == 2
     assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
                    "--overwrite to replace it, or another --output-dir for a new run\n")
+
+
+# ---------------------------------------------------------------------------------- data options
+def test_dataset_config_name_without_dataset_name_is_refused(cli, tmp_path, monkeypatch):
+    """It was silently ignored: a whole run on the embedded corpus, not the wikitext the user asked for."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("train", "--dataset-config-name", "wikitext-2-raw-v1")
+    assert (code, out) == (2, "")
+    assert err == ("sarkd-diag: error: --dataset-config-name wikitext-2-raw-v1 configures a --dataset-name, and none "
+                   "is given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_validation_file_is_read_with_a_hub_dataset(cli, tiny_world, tmp_path, monkeypatch):
+    """--dataset-name with --validation-file: the file was silently ignored (the set's split, or a held-out 5%)."""
+    import sarkd_diag.train.data as data
+
+    train_text = data.read_text_file(str(tiny_world["train"]))
+    monkeypatch.setattr(data, "_load_hub_corpus", lambda name, config: data.Corpus(train_text, None, f"hub:{name}"))
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--dataset-name", "some/set", "--validation-file", tiny_world["valid"],
+                       "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                       "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "1", "--precision",
+                       "fp32", "--output-dir", run)
+    assert code == 0, err
+    recorded = json.loads((run / "config.json").read_text())["data"]
+    assert (recorded["source"], recorded["validation"]) == ("hub:some/set", "given")
