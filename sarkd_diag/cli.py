@@ -410,6 +410,8 @@ def events(
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise BadInput(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
+    if idle_timeout is not None and not follow:
+        raise BadInput("--idle-timeout only applies with --follow (it ends following after that long without a write)")
     flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
                       grep=grep)
     if follow:

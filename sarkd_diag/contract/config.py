@@ -107,6 +107,21 @@ class DistillConfig:
         """How this run was asked to continue, as errors about it name it: `--resume-from` or `--resume`."""
         return resume_option(self.to_dict())
 
+    def unused_options(self) -> list[str]:
+        """Options set away from their default that this run will not read, each as one sentence: `--warmup-steps
+        10` without `--use-scheduler` trains without warmup, and should say so rather than pass in silence."""
+        read_only_with = {  # option: (what makes this run read it, as the user would write that)
+            "warmup_steps": (self.use_scheduler, "--use-scheduler"),
+            "scheduler_type": (self.use_scheduler, "--use-scheduler"),
+            "jsd_beta": (self.kd_loss == "jsd", "--kd-loss jsd"),
+            "max_rollbacks": (self.on_nonfinite == "rollback", "--on-nonfinite rollback"),
+            "probe_every": (self.probes == "standard", "--probes standard"),
+        }
+        defaults = DistillConfig()
+        return [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
+                for name, (read, needed) in read_only_with.items()
+                if not read and getattr(self, name) != getattr(defaults, name)]
+
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
         for f in fields(self):

@@ -208,7 +208,8 @@ def set_up_compute(cfg: DistillConfig) -> Compute:
 def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     """Tokenizers and models, loaded in the dtypes the mode holds them in, checked, then converted by the mode;
     the teacher's routers made trainable (SAR)."""
-    notes: list[dict] = []
+    notes: list[dict] = [{"kind": "setup_note", "severity": "warning", "message": unused}
+                         for unused in cfg.unused_options()]
     student_tokenizer = load_tokenizer(cfg.student_model, cfg.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
     for tok, name in ((student_tokenizer, cfg.student_model), (teacher_tokenizer, cfg.teacher_model)):

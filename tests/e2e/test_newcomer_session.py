@@ -312,3 +312,24 @@ def test_a_validation_file_is_read_with_a_hub_dataset(cli, tiny_world, tmp_path,
     assert code == 0, err
     recorded = json.loads((run / "config.json").read_text())["data"]
     assert (recorded["source"], recorded["validation"]) == ("hub:some/set", "given")
+
+
+def test_options_this_run_will_not_read_are_said_at_setup(cli, tiny_world, tmp_path):
+    """`--warmup-steps 5` without `--use-scheduler` trained without warmup, in silence."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                         "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"],
+                         "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "1", "--precision",
+                         "fp32", "--output-dir", run, "--warmup-steps", "5", "--jsd-beta", "0.3")
+    assert code == 0, err
+    assert "warning: setup_note: --warmup-steps 5 has no effect without --use-scheduler\n" in out
+    assert "warning: setup_note: --jsd-beta 0.3 has no effect without --kd-loss jsd\n" in out
+    notes = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert sum("has no effect without" in e["message"] for e in notes if e["kind"] == "setup_note") == 2
+
+
+def test_idle_timeout_without_follow_is_refused(cli, one_step):
+    code, out, err = cli("events", one_step, "--idle-timeout", "5")
+    assert (code, out) == (2, "")
+    assert err == ("sarkd-diag: error: --idle-timeout only applies with --follow (it ends following after that long "
+                   "without a write)\n")
