@@ -320,6 +320,10 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
         events.to_csv(sys.stdout, index=False)
     else:
         console = console or Console()
+        if not len(events):  # one line, not a table of headers over nothing
+            console.print(f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
+                          else "this run recorded no events")
+            return
         console.print(events_table(events, title=f"{len(events)} of {counted(total, 'event')}", width=console.width))
 
 

@@ -333,3 +333,11 @@ def test_idle_timeout_without_follow_is_refused(cli, one_step):
     assert (code, out) == (2, "")
     assert err == ("sarkd-diag: error: --idle-timeout only applies with --follow (it ends following after that long "
                    "without a write)\n")
+
+
+def test_events_that_match_nothing_say_so_in_one_line(cli, one_step):
+    """It printed a table title and column headers over no rows."""
+    code, out, err = cli("events", one_step, "--severity", "critical")
+    total = len((one_step / "events.jsonl").read_text().splitlines())
+    assert code == 0, err
+    assert out == f"no event matches these filters (of {total} events recorded)\n"
