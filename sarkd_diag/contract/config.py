@@ -260,7 +260,57 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(options) - FIELD_NAMES)
     if unknown:
         raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} {', '.join(unknown)}")
-    return options
+    return {name: _file_value(path, name, value) for name, value in options.items()}
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _file_value(path: str | Path, name: str, value: Any) -> Any:
+    """A config file's `value` for option `name`, as the command line would have parsed it.
+
+    YAML reads `1e-3` as a string (it wants `1.0e-3`), `off` and `no` as booleans, and a single pattern as a
+    string where a list is meant; JSON may quote a number or a boolean. Each is taken as meant; a value that
+    cannot be is refused with the file and option named — not passed on (a quoted 'no' was a true flag)."""
+    kind = value_type(FIELD_TYPES[name])
+    where = f"--config {path}: {name}"
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise BadInput(f"{where}: {value!r} is not true or false")
+    if kind in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise BadInput(f"{where}: {value!r} is not a number")
+        if kind is int:
+            if not float(number).is_integer():
+                raise BadInput(f"{where}: {value!r} is not a whole number")
+            return int(number)
+        return float(number)
+    if kind is str:
+        if isinstance(value, bool):  # YAML's reading of a bare off / on (yes / no)
+            return "on" if value else "off"
+        if isinstance(value, int | float):
+            return str(value)
+        if not isinstance(value, str):
+            raise BadInput(f"{where}: {value!r} is not a single value")
+        return value
+    if get_origin(kind) is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise BadInput(f"{where}: {value!r} is not a list of strings")
+        return items
+    return value
 
 
 def recorded_options(given: dict[str, Any]) -> dict[str, Any]:

@@ -341,3 +341,37 @@ def test_events_that_match_nothing_say_so_in_one_line(cli, one_step):
     total = len((one_step / "events.jsonl").read_text().splitlines())
     assert code == 0, err
     assert out == f"no event matches these filters (of {total} events recorded)\n"
+
+
+# ------------------------------------------------------------------------------------ --config
+def test_a_yaml_config_is_read_as_meant(cli, tiny_world, tmp_path):
+    """PyYAML reads `1e-3` as a string (refused: 'expected a number, got '1e-3''), `probes: off` as False
+    (refused: 'got False'); a quoted 'no' for a flag was a true value (the scheduler ran); a single router pattern
+    became one regex per character."""
+    config = tmp_path / "run.yaml"
+    config.write_text("student_lr: 1e-3\nprobes: off\nuse_scheduler: 'no'\nrouter_patterns: gate\ntrain_steps: 1\n"
+                      f"teacher_model: {tiny_world['teacher']}\nstudent_model: {tiny_world['student']}\n"
+                      f"train_file: {tiny_world['train']}\nvalidation_file: {tiny_world['valid']}\n"
+                      "block_size: 16\nper_device_batch_size: 2\nprecision: fp32\n")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--config", config, "--output-dir", run)
+    assert code == 0, err
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert (options["student_lr"], options["probes"], options["use_scheduler"], options["router_patterns"]) == \
+        (1e-3, "off", False, ["gate"])
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("use_scheduler: maybe", "use_scheduler: 'maybe' is not true or false"),
+    ("train_steps: 1.5", "train_steps: 1.5 is not a whole number"),
+    ("student_lr: fast", "student_lr: 'fast' is not a number"),
+    ("router_patterns: [1]", "router_patterns: [1] is not a list of strings"),
+])
+def test_a_config_value_of_the_wrong_kind_names_the_file_and_option(cli, tmp_path, monkeypatch, line, says):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(line + "\n")
+    code, out, err = cli("train", "--config", config)
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: --config {config}: {says}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
