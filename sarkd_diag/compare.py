@@ -103,7 +103,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         raise BadInput(f"--output-dir {out} is a file, not a directory")
     previous = out.is_dir() and (is_compare_dir(out) or (out / "runs").exists())
     if previous and not overwrite:
-        raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it")
+        raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it, another "
+                       f"--output-dir for a new one, or `sarkd-diag report {out}` to rebuild its table from the modes "
+                       "that ran")
     if out.is_dir() and not previous and any(out.iterdir()) and not overwrite:
         raise BadInput(f"--output-dir {out} is not empty; choose another directory or pass --overwrite")
     if previous:

@@ -58,7 +58,7 @@ def test_the_events_table_counts_one_event_as_one(cli, tmp_path):
     assert "1 of 1 event" in out and "1 of 1 events" not in out
 
 
-def test_compare_precision_header_says_1_step(cli, tiny_world, tmp_path, monkeypatch):
+def test_compare_precision_header_says_1_step_and_a_second_run_what_to_do(cli, tiny_world, tmp_path, monkeypatch):
     """The header is printed before the first mode starts: an interrupted first mode is enough to read it."""
     import sarkd_diag.compare as compare
 
@@ -70,6 +70,10 @@ def test_compare_precision_header_says_1_step(cli, tiny_world, tmp_path, monkeyp
                        tiny_world["student"], "--modes", "fp32", "--steps", "1", "--output-dir", tmp_path / "cmp")
     assert code == 130
     assert "fp32 × 1 step →" in out and "1 steps" not in out
+    code, _, err = cli("compare-precision", "--modes", "fp32", "--output-dir", tmp_path / "cmp")
+    assert code == 2 and err == (f"sarkd-diag: error: --output-dir {tmp_path / 'cmp'} holds a comparison already; pass "
+                                 "--overwrite to replace it, another --output-dir for a new one, or `sarkd-diag report "
+                                 f"{tmp_path / 'cmp'}` to rebuild its table from the modes that ran\n")
 
 
 def test_counted_agrees_with_its_number():
