@@ -18,13 +18,14 @@ import traceback
 from collections.abc import Iterable
 from dataclasses import Field, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar, get_args, get_origin
+from typing import Any, ClassVar, NoReturn, get_args, get_origin
 
 import typer
 from typer.models import ParamMeta
 
 from .contract.config import COMPARE_DEFAULTS, FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
 from .contract.errors import BadInput
+from .contract.wording import counted
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -114,7 +115,32 @@ def _typer_parameter(meta: ParamMeta):
     return typer.main._get_param(meta)
 
 
-class ConfigCommand(typer.core.TyperCommand):
+class Command(typer.core.TyperCommand):
+    """Every command's help as a reader types it: an argument is `RUN_DIR` in the usage line (typer writes
+    `{RUN_DIR}`, as if braces were to be typed) and has no type placeholder beside it (`RUN_DIR <path>`), as
+    options show only their metavar; the underscore aliases of options (`--train_steps`, the original scripts'
+    spelling) parse but are not shown."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
+                for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx: typer.Context, formatter) -> None:
+        shown = copy.copy(self)
+        shown.params = [_as_shown(p) for p in self.params]
+        super(Command, shown).format_options(ctx, formatter)
+
+
+def _as_shown(param):
+    """`param` as help shows it: without underscore aliases; an argument without its type."""
+    shown = _without_aliases(param)
+    if param.param_type_name == "argument":
+        shown = copy.copy(shown)
+        shown.display_type_rich = lambda ctx: None
+    return shown
+
+
+class ConfigCommand(Command):
     """A command that takes DistillConfig's options (`options`) after its own parameters.
 
     `hidden` ones are parsed but not shown: a command that sets them itself refuses them with a clear message.
@@ -151,12 +177,6 @@ class ConfigCommand(typer.core.TyperCommand):
         # the command function declares only its own parameters: the config's options travel beside them
         ctx.meta[_OPTIONS] = {name: _as_given(ctx.params.pop(name, None)) for name in self.options}
         return super().invoke(ctx)
-
-    def format_options(self, ctx: typer.Context, formatter) -> None:
-        """Help without the underscore aliases (`--train_steps` still parses: the original scripts' spelling)."""
-        shown = copy.copy(self)
-        shown.params = [_without_aliases(p) for p in self.params]
-        super(ConfigCommand, shown).format_options(ctx, formatter)
 
 
 _ARGS, _OPTIONS = "sarkd_diag.args", "sarkd_diag.options"
@@ -196,7 +216,7 @@ CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
                            help="YAML or JSON file of options (a run's config.json works too).")
 
 
-@app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS))
+@app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS), short_help="Distil the teacher into the student.")
 def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
     cfg = build_config(given_options(ctx), config)
@@ -264,7 +284,7 @@ def _launch_torchrun(nproc: int, args: list[str]) -> int:
     return 128 + received[0] if received and code != 0 else code
 
 
-@app.command()
+@app.command(cls=Command, short_help="The device, its precision modes and what auto picks.")
 def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for programs.")) -> int:
     """The device, the modes it runs, what `auto` picks and why, embedded models and versions."""
     from .presentation.environment import environment_report, print_environment
@@ -277,7 +297,7 @@ def env(as_json: bool = typer.Option(False, "--json", help="Print JSON for progr
     return 0
 
 
-@app.command()
+@app.command(cls=Command, short_help="Rebuild a run's reports and plots, a crashed one too.")
 def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, finished or not, or a "
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
@@ -291,7 +311,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
             _rebuild_run(mode_dir.parent)
         result = rebuild_comparison(run_dir)
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
-        typer.echo(f"{run_dir}: {len(result.table)} mode(s) compared; wrote {', '.join(written)}")
+        typer.echo(f"{run_dir}: {counted(len(result.table), 'mode')} compared; wrote {', '.join(written)}")
         return 0
     if recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
         raise not_a_run(run_dir)
@@ -316,8 +336,8 @@ def _rebuild_run(run_dir: Path) -> dict:
     after = _modified(run_dir)
     written = [name for name in after if after[name] != before.get(name)]  # what closing wrote, as it wrote it
     steps = summary["steps_completed"]
-    typer.echo(f"{run_dir}: {summary['status']}, {steps} step{'' if steps == 1 else 's'}, "
-               f"{len(summary['diagnosis'])} cause(s); wrote {', '.join(written)}")
+    typer.echo(f"{run_dir}: {summary['status']}, {counted(steps, 'step')}, "
+               f"{counted(len(summary['diagnosis']), 'cause')}; wrote {', '.join(written)}")
     return summary
 
 
@@ -333,7 +353,8 @@ MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_
 
 
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE,
-                                                            defaults=COMPARE_DEFAULTS))
+                                                            defaults=COMPARE_DEFAULTS),
+             short_help="One distillation in several precision modes, compared.")
 def compare_precision_command(
     ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
@@ -356,7 +377,7 @@ def compare_precision_command(
     return compare_precision(modes, steps=steps, **given).exit_code
 
 
-@app.command()
+@app.command(cls=Command, short_help="Query a run's recorded events: the grep replacement.")
 def events(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
                                    help="A run directory (a crashed one too) or a compare-precision directory."),
@@ -389,6 +410,8 @@ def events(
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise BadInput(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
+    if idle_timeout is not None and not follow:
+        raise BadInput("--idle-timeout only applies with --follow (it ends following after that long without a write)")
     flt = EventFilter(kinds=kind or [], severity=severity, model=model, rank=rank, module=module, steps=step,
                       grep=grep)
     if follow:
@@ -405,7 +428,7 @@ def events(
     return 0
 
 
-@app.command()
+@app.command(cls=Command, short_help="Assert expectations of recorded runs: a gate for CI.")
 def check(
     run_dir: Path = typer.Argument(..., metavar="RUN_DIR",
                                    help="A run directory or a compare-precision directory (every run)."),
@@ -418,18 +441,21 @@ def check(
                                               help="Final validation perplexity at most X."),
 ) -> int:
     """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
-    from .presentation.query import check_runs, expectations
+    from .presentation.query import check_runs, expectations, find_runs
 
+    find_runs(run_dir)  # a wrong RUN_DIR is said first: it is the first thing typed
     checks = expectations(expect or [], max_skipped_steps, max_eval_ppl)
     failures, runs = check_runs(run_dir, checks)
     for line in failures:
         typer.echo(line)
     if not failures:
-        typer.echo(f"{run_dir}: ok — {', '.join(checks)} hold for {runs} run(s)")
+        typer.echo(f"{run_dir}: ok — {', '.join(checks)} {'holds' if len(checks) == 1 else 'hold'} for "
+                   f"{counted(runs, 'run')}")
     return 1 if failures else 0
 
 
-@app.command("estimate-memory", cls=ConfigCommand.taking(MEMORY_OPTIONS))
+@app.command("estimate-memory", cls=ConfigCommand.taking(MEMORY_OPTIONS),
+             short_help="Device memory per precision mode, before a run.")
 def estimate_memory_command(
     ctx: typer.Context,
     config: Path | None = CONFIG_FILE,
@@ -438,8 +464,7 @@ def estimate_memory_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
 ) -> int:
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
-    from rich.console import Console
-
+    from .presentation.terminal import Console
     from .train.memory import breakdown_table, estimate_memory
 
     report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
@@ -448,8 +473,9 @@ def estimate_memory_command(
         return 0
     console = Console()
     for shape in (report.teacher, report.student):
-        console.print(f"{shape.name}: {shape.params:,} parameters ({shape.router_params:,} in routers), "
-                      f"{shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}")
+        params = counted(shape.params, "parameter", number=f"{shape.params:,}")
+        console.print(f"{shape.name}: {params} ({shape.router_params:,} in routers), "
+                      f"{counted(shape.layers, 'layer')}, hidden {shape.hidden}, vocab {shape.vocab}")
     per_gpu = f", per GPU of {report.ranks}" if report.ranks > 1 else ""
     console.print(breakdown_table(report.estimates, title=f"estimated device memory, batch {report.batch} × "
                                                           f"block {report.block}{per_gpu}"))
@@ -464,7 +490,142 @@ def _one_line(text: str) -> str:
 
 def _is_usage_error(exc: Exception) -> bool:
     """A command-line usage error (unknown option, bad value): click's, or the copy of click typer vendors."""
-    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
+    return "UsageError" in _kinds(exc) and hasattr(exc, "format_message")
+
+
+def _kinds(exc: Exception) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+# ------------------------------------------------------------------------------------ usage errors
+# Names other tools give these options (transformers' TrainingArguments, most training scripts): an unknown
+# option that is one of them is answered with this tool's own.
+KNOWN_ELSEWHERE = {
+    "--learning-rate": "--student-lr", "--lr": "--student-lr", "--max-steps": "--train-steps",
+    "--steps": "--train-steps", "--num-steps": "--train-steps", "--batch-size": "--per-device-batch-size",
+    "--per-device-train-batch-size": "--per-device-batch-size", "--train-batch-size": "--per-device-batch-size",
+    "--gradient-accumulation-steps": "--grad-accum-steps", "--lr-scheduler-type": "--scheduler-type",
+    "--logging-steps": "--log-every", "--max-seq-length": "--block-size", "--seq-len": "--block-size",
+    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--teacher": "--teacher-model",
+    "--student": "--student-model", "--model-name-or-path": "--student-model", "--output": "--output-dir",
+    "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
+    "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
+    "--precision": "--modes",  # estimate-memory takes the modes to estimate
+}
+
+
+def usage_message(exc: Exception, args: list[str]) -> str:
+    """click's usage error `exc` (of the command line `args`) as the one line this tool prints for bad input: what
+    was wrong, named as the user typed it, and what to type instead — click's own words say neither
+    ("Invalid value for '--train-steps' / '--train_steps': Input should be a valid integer, ...")."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        command = ctx.command
+        name = ctx.info_name if ctx.parent is not None else None  # None: sarkd-diag itself
+    else:  # click leaves some errors without their context: the command is the first word that names one
+        group = typer.main.get_command(app)
+        name = next((a for a in args if a in group.commands), None)
+        command = group.commands[name] if name else group
+    where = f"`sarkd-diag {name} -h`" if name else "`sarkd-diag -h`"
+    kinds = _kinds(exc)
+    message = _one_line(getattr(exc, "message", "") or exc.format_message())
+    if "NoSuchOption" in kinds and command is not None:
+        return _no_such_option(exc.option_name, command, name, where)
+    if "MissingParameter" in kinds and getattr(exc, "param", None) is not None and name:
+        param = exc.param
+        what = _help_of(param)
+        return f"{name} needs {_shown_name(param)}" + (f": {what}" if what else f" ({where})")
+    if "BadOptionUsage" in kinds and message.endswith("requires an argument."):
+        param = _param_of(command, exc.option_name)
+        what = _help_of(param) if param is not None else ""
+        return f"{exc.option_name} needs a value" + (f": {what}" if what else f" ({where})")
+    if "BadParameter" in kinds and getattr(exc, "param", None) is not None:
+        return _bad_value(exc.param, args, message)
+    if message.startswith("No such command") and command is not None:
+        typed = message.split("'")[1] if message.count("'") >= 2 else ""
+        return _no_such_command(typed, list(getattr(command, "commands", {})))
+    if message.startswith("Got unexpected extra argument") and command is not None:
+        extra = message[message.rfind(" (") + 2:message.rfind(")")]  # click's "... argument(s) (x y)"
+        arguments = [p for p in command.params if p.param_type_name == "argument"]
+        if not arguments:
+            return f"{name or 'sarkd-diag'} takes options only, no argument: {extra!r} is not an option ({where})"
+        return f"{name} takes one {_shown_name(arguments[0])}, not also {extra!r} (a path with spaces needs quotes)"
+    return f"{message} ({where})"
+
+
+def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
+    spelled = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed
+    here = _shown_options(command)
+    if spelled in here:  # the underscore spelling of an option that has none (`check --max_eval_ppl`)
+        return f"{typed}: write {spelled} ({where})"
+    config = {opt for option in CONFIG_OPTIONS.values() for opt in _dashed(option.declarations)}
+    owner = f"{name or 'sarkd-diag'} has no option {typed}"
+    elsewhere = KNOWN_ELSEWHERE.get(spelled)
+    if elsewhere is not None and elsewhere.split()[0] in here:
+        return f"{owner}: write {elsewhere}"
+    if spelled in config and name:  # one of train's options that this command does not take
+        return f"{owner} (a `train` option; {where} lists its own)"
+    import difflib
+
+    close = difflib.get_close_matches(spelled.lower(), sorted(here), n=1, cutoff=0.6)
+    if close:
+        return f"{owner}: did you mean {close[0]}?"
+    if not name and typed in config:  # `sarkd-diag --train-steps 3 train`: options go after the command
+        return f"{owner}: options of a command go after it (`sarkd-diag train {typed} ...`)"
+    return f"{owner} ({where} lists them)"
+
+
+def _no_such_command(typed: str, commands: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(typed.lower(), commands, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(commands)}"
+    return f"sarkd-diag has no command {typed!r}: {hint}"
+
+
+def _bad_value(param, args: list[str], message: str) -> str:
+    """A value that does not parse as its option's type: `--max-eval-ppl 'abc': not a number`."""
+    names = [*param.opts, *getattr(param, "secondary_opts", [])]
+    typed, value = names[0], None
+    for i, arg in enumerate(args):
+        for opt in names:
+            if arg == opt and i + 1 < len(args):
+                typed, value = opt, args[i + 1]
+            elif arg.startswith(opt + "="):
+                typed, value = opt, arg[len(opt) + 1:]
+    kind = value_type(getattr(getattr(param, "type_descriptor", None), "annotation", None))
+    kind = (get_args(kind) or (kind,))[0] if get_origin(kind) is list else kind
+    expected = {int: "not a whole number", float: "not a number"}.get(kind)
+    if param.param_type_name == "argument":
+        return f"{_shown_name(param)} {value!r}: {message}"
+    if expected is None:
+        return f"{typed} {value!r}: {message}" if value is not None else f"{typed}: {message}"
+    return f"{typed} {value!r}: {expected}" + (f" ({param.metavar})" if param.metavar else "")
+
+
+def _shown_options(command) -> set[str]:
+    """Every option `command` takes, as its help shows them (dashed; --no- forms of flags included)."""
+    return {opt for p in command.params if p.param_type_name == "option"
+            for opt in [*p.opts, *p.secondary_opts] if opt.startswith("--") and not _is_alias(opt)}
+
+
+def _dashed(declarations: list[str]) -> set[str]:
+    return {opt for decl in declarations for opt in decl.split("/") if not _is_alias(opt)}
+
+
+def _param_of(command, option: str):
+    return next((p for p in getattr(command, "params", []) if option in [*p.opts, *p.secondary_opts]), None)
+
+
+def _help_of(param) -> str:
+    """An option's or argument's help, without its `[default: ...]` and final stop, to follow a colon."""
+    text = _one_line(getattr(param, "help", None) or "")
+    text = text.split(" [default:")[0].rstrip(".")
+    return text[:1].lower() + text[1:] if len(text) > 1 and not text[1].isupper() else text  # not `YAML`
+
+
+def _shown_name(param) -> str:
+    return param.metavar or param.name.upper()
 
 
 BOOLEAN_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
@@ -480,29 +641,57 @@ def _check_flag_values(args: list[str]) -> None:
                            f"--no-{positive[2:]} to turn it off")
 
 
+def _invoke(args: list[str]) -> Any:
+    """Run the command line: the command's return value, or the code of an exit it asked for (--help, --version).
+
+    Typer's own runner is left out on purpose: it ends a broken pipe (`sarkd-diag events RUN | head`) with a silent
+    exit 1, where `main` ends it quietly with 141, whichever command was printing."""
+    command = typer.main.get_command(app)
+    try:
+        with command.make_context("sarkd-diag", args) as ctx:
+            return command.invoke(ctx)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except EOFError:  # a prompt's input ended
+        raise typer.Abort() from None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted."""
+    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted, 141
+    when the reader of the output went away (`| head`: quietly, as a Unix tool ends on SIGPIPE)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # the bare command: its help
     try:
         _check_flag_values(args)
-        code = app(args=args, prog_name="sarkd-diag", standalone_mode=False)
+        code = _invoke(args)
+        sys.stdout.flush()  # what is still buffered goes now: a closed pipe shows here, not in Python's exit
     except BadInput as exc:
         print(f"sarkd-diag: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         print("sarkd-diag: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError as exc:
+        from .presentation.terminal import PIPE_CLOSED, discard_output, output_closed
+
+        if not output_closed():  # a pipe of something else broke: that is an error, not the reader leaving
+            _internal_error(exc)
+        discard_output()
+        sys.exit(PIPE_CLOSED)
     except Exception as exc:
         if _is_usage_error(exc):
-            print(f"sarkd-diag: error: {_one_line(exc.format_message())}", file=sys.stderr)
+            print(f"sarkd-diag: error: {usage_message(exc, args)}", file=sys.stderr)
             sys.exit(2)
-        # an internal error: one line here, the traceback in a file
-        path = Path.cwd() / "sarkd-diag-error.txt"
-        try:
-            path.write_text(traceback.format_exc())
-            where = f" (traceback in {path})"
-        except OSError:
-            where = ""
-        print(f"sarkd-diag: internal error: {type(exc).__name__}: {_one_line(exc)}{where}", file=sys.stderr)
-        sys.exit(3)
+        _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _internal_error(exc: Exception) -> NoReturn:
+    """An internal error: one line here, the traceback in a file, exit 3."""
+    path = Path.cwd() / "sarkd-diag-error.txt"
+    try:
+        path.write_text(traceback.format_exc())
+        where = f" (traceback in {path})"
+    except OSError:
+        where = ""
+    print(f"sarkd-diag: internal error: {type(exc).__name__}: {_one_line(exc)}{where}", file=sys.stderr)
+    sys.exit(3)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from rich.console import Console
 
 from .analysis.verdicts import THRESHOLDS, Verdict, verdict
 from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
@@ -39,8 +38,10 @@ from .contract.rundir import (
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
+from .contract.wording import counted
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
+from .presentation.terminal import Console
 
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
@@ -102,7 +103,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         raise BadInput(f"--output-dir {out} is a file, not a directory")
     previous = out.is_dir() and (is_compare_dir(out) or (out / "runs").exists())
     if previous and not overwrite:
-        raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it")
+        raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it, another "
+                       f"--output-dir for a new one, or `sarkd-diag report {out}` to rebuild its table from the modes "
+                       "that ran")
     if out.is_dir() and not previous and any(out.iterdir()) and not overwrite:
         raise BadInput(f"--output-dir {out} is not empty; choose another directory or pass --overwrite")
     if previous:
@@ -289,7 +292,8 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     write_json_atomic(config_file, {"options": run_options, "modes": chosen})
 
     console = console or Console(quiet=quiet)
-    console.print(f"[bold]sarkd-diag compare-precision[/]: {', '.join(chosen)} × {base.train_steps} steps → {out}")
+    console.print(f"[bold]sarkd-diag compare-precision[/]: {', '.join(chosen)} × {counted(base.train_steps, 'step')} "
+                  f"→ {out}")
     results = []
     for i, mode in enumerate(chosen, 1):
         with console.status(f"[{i}/{len(chosen)}] {mode} …"):

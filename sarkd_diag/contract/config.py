@@ -44,7 +44,8 @@ class DistillConfig:
     dataset_config_name: str | None = _opt(None, "The datasets-hub configuration (e.g. wikitext-2-raw-v1).")
     train_file: str | None = _opt(None, "Local training text: .txt (one document a line), .jsonl (text field) or "
                                   ".csv (text column).")
-    validation_file: str | None = _opt(None, "Local validation text; without it ~5% is held out.")
+    validation_file: str | None = _opt(None, "Local validation text (with --dataset-name too); without it the hub "
+                                       "set's validation split, or ~5% held out.")
     block_size: int = _opt(64, "Tokens per training sequence (student tokens).")
     # schedule
     train_steps: int = _opt(120, "Optimizer steps.")
@@ -72,8 +73,8 @@ class DistillConfig:
     router_anchor_weight: float = _opt(0.01, "Weight of the L2 anchor of router weights to their initial values.")
     router_load_balance_weight: float = _opt(0.01, "Weight of the Switch-style load-balance term.")
     router_entropy_weight: float = _opt(0.001, "Weight of the gate-entropy bonus (subtracted from the loss).")
-    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (default: gate, router).",
-                                             metavar="REGEX")
+    router_patterns: list[str] | None = _opt(None, "Regexes narrowing which routers train (repeat the option for "
+                                             "several).", metavar="REGEX", default_text="gate, router")
     # devices and memory
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N.")
     offload_teacher_to_cpu: bool = _opt(False, "Keep the teacher on the CPU (CUDA runs; a recorded no-op on CPU).")
@@ -100,6 +101,26 @@ class DistillConfig:
     resume_from: str | None = _opt(None, "Continue from this checkpoint directory.")
     report_to: str | None = _opt(None, "Also write the metrics and events for: tensorboard (RUN_DIR/tensorboard/, "
                                  "needs the tensorboard extra) | none.", default_text="none")
+
+    @property
+    def resume_option(self) -> str:
+        """How this run was asked to continue, as errors about it name it: `--resume-from` or `--resume`."""
+        return resume_option(self.to_dict())
+
+    def unused_options(self) -> list[str]:
+        """Options set away from their default that this run will not read, each as one sentence: `--warmup-steps
+        10` without `--use-scheduler` trains without warmup, and should say so rather than pass in silence."""
+        read_only_with = {  # option: (what makes this run read it, as the user would write that)
+            "warmup_steps": (self.use_scheduler, "--use-scheduler"),
+            "scheduler_type": (self.use_scheduler, "--use-scheduler"),
+            "jsd_beta": (self.kd_loss == "jsd", "--kd-loss jsd"),
+            "max_rollbacks": (self.on_nonfinite == "rollback", "--on-nonfinite rollback"),
+            "probe_every": (self.probes == "standard", "--probes standard"),
+        }
+        defaults = DistillConfig()
+        return [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
+                for name, (read, needed) in read_only_with.items()
+                if not read and getattr(self, name) != getattr(defaults, name)]
 
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
@@ -140,12 +161,15 @@ class DistillConfig:
                                "pip install 'sarkd-diag[tensorboard]'")
         if self.dataset_name and self.train_file:
             raise BadInput("give either --dataset-name or --train-file, not both")
+        if self.dataset_config_name and not self.dataset_name:
+            raise BadInput(f"--dataset-config-name {self.dataset_config_name} configures a --dataset-name, and none is "
+                           "given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)")
         if self.resume and self.resume_from:
             raise BadInput("give either --resume or --resume-from, not both")
         if self.resume and not self.output_dir:
             raise BadInput("--resume needs --output-dir (the run to continue)")
         if (self.resume or self.resume_from) and self.overwrite:
-            raise BadInput("--overwrite would delete the run that --resume continues; give one of them")
+            raise BadInput(f"--overwrite would delete the run that {self.resume_option} continues; give one of them")
         if self.shard_teacher and self.offload_teacher_to_cpu:
             raise BadInput("--shard-teacher and --offload-teacher-to-cpu: give one of them (a sharded teacher "
                            "already keeps 1/N of its weights per GPU)")
@@ -189,6 +213,14 @@ def value_type(hint: Any) -> Any:
 
 
 RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
+
+
+def resume_option(options: dict) -> str:
+    """The option a resume was asked with (`options`: a config's fields), as its errors must name it: the
+    user who typed --resume-from PATH is not told about --resume."""
+    return "--resume-from" if options.get("resume_from") else "--resume"
+
+
 RUN_LOCATION = ("output_dir", "overwrite", *RESUME_OPTIONS)  # where a run is written, not how it trains
 # compare-precision sets these itself for every mode (one precision each, --on-nonfinite continue, a fresh
 # start): the CLI parses them only to refuse them, and a --config file's values are ignored
@@ -227,8 +259,58 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     options = {key.replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(options) - FIELD_NAMES)
     if unknown:
-        raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    return options
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} {', '.join(unknown)}")
+    return {name: _file_value(path, name, value) for name, value in options.items()}
+
+
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _file_value(path: str | Path, name: str, value: Any) -> Any:
+    """A config file's `value` for option `name`, as the command line would have parsed it.
+
+    YAML reads `1e-3` as a string (it wants `1.0e-3`), `off` and `no` as booleans, and a single pattern as a
+    string where a list is meant; JSON may quote a number or a boolean. Each is taken as meant; a value that
+    cannot be is refused with the file and option named — not passed on (a quoted 'no' was a true flag)."""
+    kind = value_type(FIELD_TYPES[name])
+    where = f"--config {path}: {name}"
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS + FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise BadInput(f"{where}: {value!r} is not true or false")
+    if kind in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise BadInput(f"{where}: {value!r} is not a number")
+        if kind is int:
+            if not float(number).is_integer():
+                raise BadInput(f"{where}: {value!r} is not a whole number")
+            return int(number)
+        return float(number)
+    if kind is str:
+        if isinstance(value, bool):  # YAML's reading of a bare off / on (yes / no)
+            return "on" if value else "off"
+        if isinstance(value, int | float):
+            return str(value)
+        if not isinstance(value, str):
+            raise BadInput(f"{where}: {value!r} is not a single value")
+        return value
+    if get_origin(kind) is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise BadInput(f"{where}: {value!r} is not a list of strings")
+        return items
+    return value
 
 
 def recorded_options(given: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none
@@ -99,6 +100,14 @@ def _writable(directory: Path) -> bool:
         return False
 
 
+def resume_command(run_dir: str | Path) -> str | None:
+    """The command that continues the run in `run_dir` from its newest checkpoint (what an interrupted run's panel
+    and `check` tell); None when it has no checkpoint to continue from."""
+    if not any(Path(run_dir).glob("checkpoints/step-*")):
+        return None
+    return f"sarkd-diag train --output-dir {run_dir} --resume"
+
+
 def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
     """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
 
@@ -106,6 +115,7 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
     may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
     """
     path = Path(path)
+    asked = resume_option(options)
     if path.exists() and not path.is_dir():
         raise BadInput(f"--output-dir {path} is a file, not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
@@ -115,16 +125,16 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         raise BadInput(f"--output-dir {path} is not writable")
     if not path.is_dir() or not any(path.iterdir()):
         if resume:
-            raise BadInput(f"--resume: nothing to resume, {path} holds no run")
+            raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     recorded = recorded_run(path)
     if resume:
         if recorded is None:
-            raise BadInput(f"--resume: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
+            raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
         differing = differing_options(recorded, options)
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
-            raise BadInput(f"--resume: the run in {path} was trained with other options ({shown}); resume with "
+            raise BadInput(f"{asked}: the run in {path} was trained with other options ({shown}); resume with "
                            f"its own options (--config {path / 'config.json'}) or start a new run")
         return
     if recorded is None:
@@ -137,7 +147,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         return
     differing = differing_options(recorded, options)
     what = f"a different run (options differ: {', '.join(differing[:4])})" if differing else "a run already"
-    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it or --overwrite to replace it")
+    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it, --overwrite to replace it, or "
+                   "another --output-dir for a new run")
 
 
 def load_metrics(run_dir: Path) -> pd.DataFrame:

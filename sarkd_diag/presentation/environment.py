@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-from rich.console import Console
 from rich.table import Table
 
 from ..contract.errors import BadInput
 from ..contract.modes import detect_capabilities, resolve_mode
+from .terminal import Console
 
 LIBRARIES = ("sarkd-diag", "torch", "transformers", "datasets", "pandas", "pyarrow", "rich", "typer", "matplotlib")
 

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pandas as pd
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run
+from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
+from ..contract.wording import counted
+from .terminal import Console
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 FORMATS = ("table", "json", "csv")
@@ -97,7 +98,11 @@ def not_a_run(path: Path) -> BadInput:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
     if not held:
-        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory")
+        what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
+                if (path / "config.json").is_file() else "it holds no config.json")
+        return BadInput(f"{path} is neither a sarkd-diag run directory nor a compare-precision directory ({what}); "
+                        f"give the directory `sarkd-diag train` wrote (its --output-dir, by default "
+                        f"runs/<date-time>-<mode>/)")
     newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
     return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
                     "(the newest)")
@@ -215,7 +220,7 @@ class EventFilter:
         if self.rank is not None:
             ranks = sorted({0, *(int(r) for r in events["rank"].dropna().unique())})
             if self.rank not in ranks:
-                processes = "one process" if ranks == [0] else f"{len(ranks)} processes"
+                processes = "one process" if ranks == [0] else counted(len(ranks), "process")
                 raise BadInput(f"--rank {self.rank}: not a rank of this run ({processes}); choose one of "
                                f"{', '.join(map(str, ranks))}")
 
@@ -315,7 +320,11 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
         events.to_csv(sys.stdout, index=False)
     else:
         console = console or Console()
-        console.print(events_table(events, title=f"{len(events)} of {total} events", width=console.width))
+        if not len(events):  # one line, not a table of headers over nothing
+            console.print(f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
+                          else "this run recorded no events")
+            return
+        console.print(events_table(events, title=f"{len(events)} of {counted(total, 'event')}", width=console.width))
 
 
 def _line(row: dict) -> str:
@@ -498,7 +507,7 @@ def _first(events: pd.DataFrame) -> str:
 
 def _no_nonfinite_params(run: Run) -> str | None:
     bad = run.events[run.events["kind"] == "nonfinite_param"]
-    return f"{len(bad)} nonfinite_param event(s), {_first(bad)}" if len(bad) else None
+    return f"{counted(len(bad), 'nonfinite_param event')}, {_first(bad)}" if len(bad) else None
 
 
 def _no_critical(run: Run) -> str | None:
@@ -507,7 +516,7 @@ def _no_critical(run: Run) -> str | None:
     if not len(bad) and not causes:
         return None
     counts = ", ".join(f"{k} {n}" for k, n in bad["kind"].value_counts().items())
-    parts = [f"{len(bad)} critical event(s) ({counts}), {_first(bad)}"] if len(bad) else []
+    parts = [f"{counted(len(bad), 'critical event')} ({counts}), {_first(bad)}"] if len(bad) else []
     if causes:
         parts.append(f"critical diagnosis: {', '.join(causes)}")
     return "; ".join(parts)
@@ -517,7 +526,10 @@ def _completed(run: Run) -> str | None:
     if run.summary is None:
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
-    return None if status == "completed" else f"status is {status}"
+    if status == "completed":
+        return None
+    resume = resume_command(run.path) if status in ("interrupted", "crashed") else None
+    return f"status is {status}" + (f"; `{resume}` continues it" if resume else "")
 
 
 EXPECTATIONS: dict[str, Callable[[Run], str | None]] = {
@@ -531,7 +543,7 @@ EXPECTATIONS: dict[str, Callable[[Run], str | None]] = {
 def _max_skipped(limit: int) -> Callable[[Run], str | None]:
     def check(run: Run) -> str | None:
         skipped = run.final["skipped_steps"]
-        return f"{skipped} skipped steps > {limit}" if skipped > limit else None
+        return f"{counted(skipped, 'skipped step')} > {limit}" if skipped > limit else None
     return check
 
 

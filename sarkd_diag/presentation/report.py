@@ -12,6 +12,7 @@ from rich.table import Table
 
 from ..analysis.verdicts import Verdict
 from ..contract.rundir import COMPARISON_COLUMNS
+from ..contract.wording import counted
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -149,7 +150,7 @@ def events_table_html(events: pd.DataFrame, extra: dict[str, str] | None = None)
         cells = [*(record.get(c) for c in extra), *(record.get(f) for f in fields)]
         rows.append(f'<tr class="{_e(record.get("severity"))}">' + "".join(f"<td>{_e(c)}</td>" for c in cells)
                     + "</tr>")
-    note = (f"<p>The first {MAX_EVENT_ROWS} of {len(events)} events; all of them are in events.parquet.</p>"
+    note = (f"<p>The first {MAX_EVENT_ROWS} of {counted(len(events), 'event')}; all of them are in events.parquet.</p>"
             if len(events) > MAX_EVENT_ROWS else "")
     return f'<table class="events"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{note}'
 
@@ -273,7 +274,7 @@ def legend(summary: dict) -> list[str]:
     reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
     return [
         f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
-        f"seed {summary['options']['seed']}; probes every {summary['options']['probe_every']} steps; "
+        f"seed {summary['options']['seed']}; probes every {counted(summary['options']['probe_every'], 'step')}; "
         f"drift reference: {reference}.",
         f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
         f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "

@@ -12,10 +12,13 @@ import sys
 import time
 from collections import Counter
 
-from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..contract.rundir import resume_command
+from ..contract.wording import counted
+from .terminal import Console
 
 # Kinds that are a decision or a change of plan, told whatever their severity (setup warnings are told too).
 DECISIONS = ("dual_tokenizer", "router_frozen_dual", "policy_skip", "policy_rollback", "policy_stop", "interrupted",
@@ -27,10 +30,6 @@ def _fmt(value, spec: str = ".4g") -> str:
     if value is None:
         return "-"
     return format(value, spec)
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _duration(seconds: float) -> str:
@@ -82,6 +81,8 @@ class TrainingDisplay:
         self._started = 0.0
         self._tokens = 0
         self._lines = 0
+        self.output_closed = False  # the reader of the output went away (`train | head`): quiet from then on
+        self._on_closed: list = []
 
     # ------------------------------------------------------------------------------------ progress
     def start(self, total: int, done: int, run_dir) -> None:
@@ -167,7 +168,23 @@ class TrainingDisplay:
     def _line(self, text: str) -> None:
         """One record of the run — a log line, an evaluation, a notice — as one line however long: the console
         does not fold it at its width (a log file's 80 columns), so each stays one line to read or grep."""
-        self.console.print(text, soft_wrap=True)
+        self._print(text, soft_wrap=True)
+
+    def _print(self, *renderables, **options) -> None:
+        """Print, unless the reader has gone: a closed pipe (`sarkd-diag train | head`) makes the display quiet
+        and tells `when_closed`'s listener (the run then stops after its step, state saved, and exits 141)."""
+        try:
+            self.console.print(*renderables, **options)
+        except BrokenPipeError:
+            self.quiet, self.output_closed = True, True
+            for listener in self._on_closed:
+                listener()
+
+    def when_closed(self, listener) -> None:
+        """Call `listener()` once the output is closed (at once when it already is)."""
+        self._on_closed.append(listener)
+        if self.output_closed:
+            listener()
 
     def error(self, message: str) -> None:
         print("sarkd-diag: " + " ".join(message.split()), file=sys.stderr)
@@ -199,26 +216,26 @@ class TrainingDisplay:
             actions["rolled back"] = counts["policy_rollback"]
         parts = []
         if actions.get("skipped"):
-            parts.append(f"{_plural(actions['skipped'], 'step')} skipped (non-finite gradients)")
+            parts.append(f"{counted(actions['skipped'], 'step')} skipped (non-finite gradients)")
         if actions.get("restored"):
-            parts.append(f"{_plural(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
+            parts.append(f"{counted(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
         if actions.get("rolled back"):
-            parts.append(f"rolled back {_plural(actions['rolled back'], 'time')} to a checkpoint")
+            parts.append(f"rolled back {counted(actions['rolled back'], 'time')} to a checkpoint")
         scaler = ((summary.get("final") or {}).get("skipped_steps") or 0) - actions.get("skipped", 0) \
             - actions.get("restored", 0)
         if scaler > 0 and summary.get("precision", {}).get("loss_scaling"):
-            parts.append(f"{_plural(scaler, 'step')} skipped by the loss scaler")
+            parts.append(f"{counted(scaler, 'step')} skipped by the loss scaler")
         if not parts:
             return None
         steps = summary.get("steps_completed") or 0
-        return f"[yellow]--on-nonfinite / scaler[/]: {'; '.join(parts)} (of {_plural(steps, 'step')})"
+        return f"[yellow]--on-nonfinite / scaler[/]: {'; '.join(parts)} (of {counted(steps, 'step')})"
 
     def summary(self, summary: dict) -> None:
         if self.quiet:
             return
         steps = summary.get("steps_completed") or 0
         precision = summary.get("precision") or {}
-        lines = [f"status: {summary.get('status')} after {_plural(steps, 'step')} ({precision.get('mode')})"]
+        lines = [f"status: {summary.get('status')} after {counted(steps, 'step')} ({precision.get('mode')})"]
         ppl = self._eval_line(summary)
         if ppl:
             lines.append(ppl)
@@ -236,5 +253,9 @@ class TrainingDisplay:
         if not diagnosis:
             lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
                          else "[green]no numerical problems found[/]")
-        self.console.print(Panel("\n".join(lines), title="diagnosis", expand=False))
+        resume = resume_command(summary["run_dir"]) if summary.get("status") == "interrupted" \
+            and summary.get("run_dir") else None
+        if resume:
+            lines.append(f"continue it: {escape(resume)}")
+        self._print(Panel("\n".join(lines), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from ..contract.wording import counted
 from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
@@ -142,8 +143,8 @@ class GradientProbe(Probe):
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",
-            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first of {bad_count} "
-            f"tensor(s) in backward order; {outcome}",
+            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first in backward order "
+            f"of {counted(bad_count, 'non-finite tensor')}; {outcome}",
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
@@ -153,11 +154,11 @@ class GradientProbe(Probe):
         grad = self._grads[first]
         computed = self.ctx.autocast or (grad if grad is not None else w.param).dtype  # what the backward ran in
         if present:
-            what = (f"the gradients of {zero} of the {present} trainable tensors are exactly zero on every step since "
-                    f"step {since}, from {w.model} {w.tensor} (backward order) on")
+            what = (f"the gradients of {zero} of the {counted(present, 'trainable tensor')} are exactly zero on every "
+                    f"step since step {since}, from {w.model} {w.tensor} (backward order) on")
         else:
-            what = (f"none of the {len(self._grads)} trainable tensors has a gradient at the optimizer step on every "
-                    f"step since step {since} (cleared before the step, or the loss does not reach them)")
+            what = (f"none of the {counted(len(self._grads), 'trainable tensor')} has a gradient at the optimizer step "
+                    f"on every step since step {since} (cleared before the step, or the loss does not reach them)")
         self.ctx.events.record(
             "zero_gradients", "warning",
             f"{what}: no update reaches them (backward computed in {dtype_name(computed)}, "

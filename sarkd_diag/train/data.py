@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..contract.errors import BadInput
+from ..contract.wording import counted
 
 IGNORE_INDEX = -100
 HELD_OUT_FRACTION = 0.05
@@ -90,9 +91,12 @@ def _csv_documents(path: str, text: str) -> list[str]:
 
 def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
                 train_file: str | None, validation_file: str | None) -> Corpus:
-    """The training text from a datasets-hub set, local files, or the embedded dialogues."""
+    """The training text from a datasets-hub set, local files, or the embedded dialogues; a --validation-file is
+    the validation text whichever the training text (a hub set's own validation split otherwise)."""
     if dataset_name:
-        return _load_hub_corpus(dataset_name, dataset_config_name)
+        validation = read_text_file(validation_file) if validation_file else None  # read first: no network for a typo
+        corpus = _load_hub_corpus(dataset_name, dataset_config_name)
+        return corpus if validation is None else replace(corpus, validation=validation)
     if train_file:
         validation = read_text_file(validation_file) if validation_file else None
         return Corpus(read_text_file(train_file), validation, f"file:{train_file}")
@@ -169,7 +173,8 @@ def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool
     window = block_size + 1
     count = (len(ids) - 1) // block_size
     if count < 1 or len(ids) < window:
-        raise BadInput(f"{what} has {len(ids)} tokens, fewer than one block of --block-size {block_size} + 1")
+        raise BadInput(f"{what} has {counted(len(ids), 'token')}, fewer than one block of --block-size "
+                       f"{block_size} + 1")
     all_ids = torch.tensor(ids, dtype=torch.long)
     starts = torch.arange(count) * block_size
     block_ids = torch.stack([all_ids[s:s + window] for s in starts.tolist()])
@@ -189,8 +194,8 @@ def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool
 def split_validation(blocks: TokenBlocks, seed: int) -> tuple[TokenBlocks, TokenBlocks]:
     """Hold out ~5% of the blocks (at least one) when no validation text was given."""
     if len(blocks) < 2:
-        raise BadInput(f"the training data makes {len(blocks)} block(s): too few to hold out a validation split "
-                       "(give --validation-file or more text)")
+        raise BadInput(f"the training data makes {counted(len(blocks), 'block')}: too few to hold out a validation "
+                       "split (give --validation-file or more text)")
     held = max(1, round(len(blocks) * HELD_OUT_FRACTION))
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
     return blocks.subset(order[held:].sort().values), blocks.subset(order[:held].sort().values)
@@ -224,8 +229,8 @@ class BatchStream:
                  shard: Callable[[torch.Tensor], torch.Tensor] | None = None):
         global_size = batch_size * ranks
         if len(blocks) < global_size:
-            per = f" × {ranks} ranks" if ranks > 1 else ""
-            raise BadInput(f"the training data makes {len(blocks)} block(s), fewer than one batch of "
+            per = f" × {counted(ranks, 'rank')}" if ranks > 1 else ""
+            raise BadInput(f"the training data makes {counted(len(blocks), 'block')}, fewer than one batch of "
                            f"--per-device-batch-size {batch_size}{per}")
         self.blocks, self.batch_size, self.seed = blocks, global_size, seed
         self.shard = shard or (lambda index: index)

@@ -43,6 +43,7 @@ from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name
 from ..contract.rundir import write_json_atomic
 from ..contract.version import __version__
+from ..contract.wording import counted
 from ..presentation.closing import finalize_run
 from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
@@ -190,7 +191,7 @@ def set_up_compute(cfg: DistillConfig) -> Compute:
     world, device = dist.init(resolve_device(cfg.device))
     if world.distributed:
         if cfg.nproc > 1 and cfg.nproc != world.size:
-            raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {world.size} processes")
+            raise BadInput(f"--nproc {cfg.nproc}, but torchrun started {counted(world.size, 'process')}")
         cfg.nproc = world.size  # recorded, so a resume with another number of ranks is refused
     elif cfg.nproc > 1:
         raise BadInput(f"--nproc {cfg.nproc} runs under torchrun: `sarkd-diag train --nproc {cfg.nproc}` "
@@ -207,7 +208,8 @@ def set_up_compute(cfg: DistillConfig) -> Compute:
 def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     """Tokenizers and models, loaded in the dtypes the mode holds them in, checked, then converted by the mode;
     the teacher's routers made trainable (SAR)."""
-    notes: list[dict] = []
+    notes: list[dict] = [{"kind": "setup_note", "severity": "warning", "message": unused}
+                         for unused in cfg.unused_options()]
     student_tokenizer = load_tokenizer(cfg.student_model, cfg.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
     for tok, name in ((student_tokenizer, cfg.student_model), (teacher_tokenizer, cfg.teacher_model)):
@@ -253,8 +255,9 @@ def _train_routers(cfg: DistillConfig, teacher: nn.Module, dual: bool, notes: li
                       f"{cfg.student_model} tokenize differently: the student matches the teacher's last "
                       "hidden states, aligned by character spans"})
         if routers:
+            stay = "stays" if len(routers) == 1 else "stay"
             notes.append({"kind": "router_frozen_dual", "model": "teacher",
-                          "message": f"{len(routers)} router(s) stay frozen in dual-tokenizer mode: the "
+                          "message": f"{counted(len(routers), 'router')} {stay} frozen in dual-tokenizer mode: the "
                           "teacher's hidden states are a fixed target"})
         return []
     if not routers:
@@ -531,6 +534,7 @@ class Trainer:
         status = "failed"
         self.probes = ProbeSet.for_trainer(self.run, self.logs.events)
         with StopRequests() as stops:
+            self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
             except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was

@@ -32,6 +32,7 @@ from torch import nn
 from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
+from ..contract.wording import counted
 from .fused_loss import chunk_rows
 from .precision import MODES
 
@@ -190,8 +191,9 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss, dual),
     )
     if fused_loss and not dual:
-        estimate.notes.append(f"--fused-loss: the logits exist {min(tokens, chunk_rows(student.vocab))} rows at a "
-                              "time (--no-fused-loss: every token's at once)")
+        rows = counted(min(tokens, chunk_rows(student.vocab)), "row")
+        estimate.notes.append(f"--fused-loss: the logits exist {rows} at a time (--no-fused-loss: every token's "
+                              "at once)")
     if offload_teacher:
         estimate.host, estimate.teacher_weights = teacher_frozen, estimate.teacher_weights - teacher_frozen
         estimate.notes.append("--offload-teacher-to-cpu: the teacher's frozen weights are on the host")
@@ -203,9 +205,9 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         else:
             router_bytes = (routers_held + layer_routers) * keep
         estimate.teacher_weights = (held - routers_held + gathered - layer_routers) * frozen + router_bytes
-        estimate.notes.append(f"--shard-teacher over {teacher_shards} ranks: teacher = 1/{teacher_shards} of its "
-                              "weights, routers included + its output head (whole) + its embeddings and one "
-                              "decoder layer, gathered during the forward")
+        estimate.notes.append(f"--shard-teacher over {counted(teacher_shards, 'rank')}: teacher = "
+                              f"1/{teacher_shards} of its weights, routers included + its output head (whole) + "
+                              "its embeddings and one decoder layer, gathered during the forward")
     return estimate
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..contract.events import EventLog
 from ..contract.shards import local_shard
+from ..contract.wording import counted
 from .checkpoint import StepSnapshot
 from .distributed import World
 
@@ -78,7 +79,8 @@ class NonFinitePolicy:
             bad = [(model, name) for model, name, p in self.named_trainable
                    if p.grad is not None and not bool(torch.isfinite(local_shard(p.grad)).all())]  # this rank's
             model, name = bad[-1] if bad else (None, None)  # the last registered is the first reached in backward
-            where = f"{len(bad)} gradient tensor(s) non-finite, first in backward order {model} {name}" if bad \
+            where = f"{counted(len(bad), 'gradient tensor')} non-finite, first in backward order {model} {name}" \
+                if bad \
                 else "the norm overflows its dtype" if not torch.isfinite(grad_norm) else \
                 "a non-finite gradient on another rank"
             events.record("policy_skip", "warning", f"gradient norm {float(grad_norm)} at step {step} "

@@ -130,18 +130,18 @@ def resume_run(cfg: DistillConfig, run_dir: Path, source: Path, mode: str,
     meta, step = state["meta"], int(state["step"])
     differing = differing_options(meta.get("options") or {}, cfg.to_dict())
     if differing:
-        raise BadInput(f"--resume: {path} was trained with other options ({', '.join(differing[:4])}); resume "
-                       "with the run's own options")
+        raise BadInput(f"{cfg.resume_option}: {path} was trained with other options ({', '.join(differing[:4])}); "
+                       "resume with the run's own options")
     if meta.get("mode", mode) != mode:
-        raise BadInput(f"--resume: {path} was trained in {meta['mode']}, this run would train in {mode}; "
+        raise BadInput(f"{cfg.resume_option}: {path} was trained in {meta['mode']}, this run would train in {mode}; "
                        f"give --precision {meta['mode']}")
     if step >= cfg.train_steps:
-        raise BadInput(f"--resume: {path} is at step {step} and --train-steps is {cfg.train_steps}; raise "
+        raise BadInput(f"{cfg.resume_option}: {path} is at step {step} and --train-steps is {cfg.train_steps}; raise "
                        "--train-steps to train further")
     try:
         restore(state)
     except ckpt.CheckpointError as exc:
-        raise BadInput(f"--resume: {path}: {exc}") from None
+        raise BadInput(f"{cfg.resume_option}: {path}: {exc}") from None
     return Resumed(path, source, _in_place(source, run_dir), step, dict(state["log_offsets"]), fallbacks)
 
 

@@ -2,7 +2,9 @@
 
 The loop looks at `signal` between steps: it then writes a checkpoint, the logs and summary.json (status
 `interrupted`) and exits 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C stops at once (KeyboardInterrupt):
-the newest checkpoint is then the one to resume from.
+the newest checkpoint is then the one to resume from. A closed output (`sarkd-diag train | head`, once `head`
+has exited) is asked for the same way, as SIGPIPE, exit 141 (`output_closed`): where a Unix tool would die of
+SIGPIPE at its next write, the run stops after its step with its state saved.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import signal
 import threading
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGPIPE: 141}
+HANDLED = (signal.SIGINT, signal.SIGTERM)  # SIGPIPE stays ignored, as Python has it: a closed pipe raises instead
 
 
 class StopRequests:
@@ -23,7 +26,7 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
-            for sig in EXIT_CODES:
+            for sig in HANDLED:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -40,6 +43,15 @@ class StopRequests:
             self.signal = signal.Signals(signum)
             os.write(2, f"sarkd-diag: {self.signal.name}: stopping after this step, saving state (Ctrl-C again "
                         "stops at once)\n".encode())  # unbuffered: safe inside a signal handler
+
+    def output_closed(self) -> None:
+        """The reader of the run's output went away: stop after this step, as on SIGPIPE (exit 141)."""
+        if self.signal is None:
+            self.signal = signal.SIGPIPE
+            try:  # stderr may be the same closed pipe (`2>&1 | head`)
+                os.write(2, b"sarkd-diag: the output was closed (SIGPIPE): stopping after this step, saving state\n")
+            except OSError:
+                pass
 
     @property
     def exit_code(self) -> int:

@@ -119,7 +119,7 @@ CASES = [
     ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
      "validation data is empty"),
     ("validation set shorter than a block", lambda w, t, m: _args(
-        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 tokens"),
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 token,"),
     ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
     ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
     ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
@@ -140,7 +140,7 @@ CASES = [
     ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
      if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "holds a different run"),
     ("output dir holding the same run", lambda w, t, m: _args(w, t) if _recorded_run(t, **_options_of(w)) else [],
-     "--resume to continue it or --overwrite"),
+     "--resume to continue it, --overwrite to replace it, or another --output-dir for a new run"),
     ("overwrite of a directory that is no run", lambda w, t, m: _args(w, t, overwrite=True)
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
@@ -167,7 +167,8 @@ CASES = [
      "conflicts"),
     ("ambiguous fp16", lambda w, t, m: _args(w, t, precision="fp16"), "ambiguous"),
     ("cuda without a GPU", lambda w, t, m: _args(w, t, device="cuda"), "no CUDA device"),
-    ("unknown option", lambda w, t, m: [*_args(w, t), "--learning-rate", "1e-3"], "No such option"),
+    ("unknown option", lambda w, t, m: [*_args(w, t), "--learning-rate", "1e-3"],
+     "train has no option --learning-rate: write --student-lr"),
     ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
     ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
      "YAML"),

@@ -102,7 +102,7 @@ def test_report_rebuilds_an_interrupted_comparison(cli, compared, tmp_path):
         (out / name).unlink()
     code, stdout, err = cli("report", out)
     assert code == 0, err
-    assert "2 mode(s) compared" in stdout
+    assert "2 modes compared" in stdout
     table = pd.read_csv(out / "comparison.csv")
     assert list(table["mode"]) == ["fp32", "pure-fp16"] and table["verdict"][0] == "stable"
     assert table["verdict"][1] == pd.read_csv(compared[0] / "comparison.csv")["verdict"][1]

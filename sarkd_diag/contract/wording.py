@@ -1,0 +1,23 @@
+"""How the tool words a count for the reader: `1 step`, `2 steps`, `0 causes` — never `1 steps` or `run(s)`.
+
+Every message, console line and report that prints a count of something goes through `counted`."""
+
+from __future__ import annotations
+
+IRREGULAR = {"process": "processes", "entry": "entries", "batch": "batches"}
+
+
+def plural(noun: str) -> str:
+    """`noun` in the plural: `step` → `steps`, `process` → `processes`, `entry` → `entries`."""
+    if noun in IRREGULAR:
+        return IRREGULAR[noun]
+    head, _, last = noun.rpartition(" ")  # `nonfinite_param event` → `nonfinite_param events`
+    return (head + " " if head else "") + IRREGULAR.get(last, last + "s")
+
+
+def counted(n: int, noun: str, *, number: str | None = None) -> str:
+    """`n noun` with the noun agreeing: `counted(1, "step")` is `1 step`, `counted(3, "cause")` `3 causes`.
+
+    `number` replaces how `n` is written (`f"{n:,}"`, say) while `n` still decides singular or plural."""
+    shown = str(n) if number is None else number
+    return f"{shown} {noun if n == 1 else plural(noun)}"

@@ -1,0 +1,381 @@
+"""A second newcomer session at the command line: counts worded for one (`1 step`, never `1 steps`), a closed
+pipe (`events RUN | head`), the option a user typed named in its error, click's usage errors in the project's
+one-line form, help that shows what to type, and the messages of empty, wrong and interrupted run directories."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_step(tiny_world, tmp_path_factory) -> Path:
+    """A real run of one step on the tiny world (a checkpoint at its end)."""
+    from sarkd_diag.cli import main
+
+    run = tmp_path_factory.mktemp("one_step") / "run"
+    args = ["train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"], "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", "1", "--precision", "fp32", "--output-dir", run]
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    assert exit_.value.code == 0
+    return run
+
+
+# ------------------------------------------------------------------------------------ counts of one
+def test_report_of_one_step_says_1_step_and_0_causes(cli, one_step):
+    code, out, err = cli("report", one_step)
+    assert code == 0, err
+    assert f"{one_step}: completed, 1 step, 0 causes; wrote " in out
+
+
+def test_check_of_one_run_says_1_run(cli, one_step):
+    code, out, err = cli("check", one_step, "--expect", "completed")
+    assert code == 0, err
+    assert out == f"{one_step}: ok — completed holds for 1 run\n"
+    code, out, _ = cli("check", one_step, "--expect", "completed,no-critical")
+    assert out == f"{one_step}: ok — completed, no-critical hold for 1 run\n"
+
+
+def test_the_events_table_counts_one_event_as_one(cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    (run / "events.jsonl").write_text(json.dumps({"kind": "precision_setup", "severity": "info", "message": "fp32",
+                                                  "step": 0, "rank": 0, "phase": "setup", "probe": "loop"}) + "\n")
+    code, out, err = cli("events", run)
+    assert code == 0, err
+    assert "1 of 1 event" in out and "1 of 1 events" not in out
+
+
+def test_compare_precision_header_says_1_step_and_a_second_run_what_to_do(cli, tiny_world, tmp_path, monkeypatch):
+    """The header is printed before the first mode starts: an interrupted first mode is enough to read it."""
+    import sarkd_diag.compare as compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_mode", interrupted)
+    code, out, _ = cli("compare-precision", "--teacher-model", tiny_world["teacher"], "--student-model",
+                       tiny_world["student"], "--modes", "fp32", "--steps", "1", "--output-dir", tmp_path / "cmp")
+    assert code == 130
+    assert "fp32 × 1 step →" in out and "1 steps" not in out
+    code, _, err = cli("compare-precision", "--modes", "fp32", "--output-dir", tmp_path / "cmp")
+    assert code == 2 and err == (f"sarkd-diag: error: --output-dir {tmp_path / 'cmp'} holds a comparison already; pass "
+                                 "--overwrite to replace it, another --output-dir for a new one, or `sarkd-diag report "
+                                 f"{tmp_path / 'cmp'}` to rebuild its table from the modes that ran\n")
+
+
+def test_counted_agrees_with_its_number():
+    from sarkd_diag.contract.wording import counted
+
+    assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert counted(1, "process") == "1 process" and counted(2, "process") == "2 processes"
+    assert counted(1, "critical event") == "1 critical event" and counted(3, "critical event") == "3 critical events"
+    assert counted(1234, "parameter", number="1,234") == "1,234 parameters"
+
+
+# ------------------------------------------------------------------------------ a closed pipe
+def _reader_gone(args: list, cwd: Path) -> tuple[int, str]:
+    """Run the real CLI with its standard output a pipe whose reader has already gone (`... | head -0`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=cwd, env=env)
+    process.stdout.close()  # before the command has printed anything
+    err = process.stderr.read().decode()
+    return process.wait(timeout=300), err
+
+
+@pytest.mark.parametrize("args", [["-h"], ["train", "-h"], ["--version"], ["env"], ["events", "RUN"],
+                                  ["events", "RUN", "--format", "csv"], ["check", "RUN", "--expect", "completed"],
+                                  ["estimate-memory"]], ids=lambda a: " ".join(a))
+def test_a_closed_pipe_ends_the_command_quietly_with_141(one_step, tmp_path, args):
+    """`sarkd-diag events RUN | head`: exit 141 (128 + SIGPIPE, as a shell reports a Unix tool killed by it), nothing
+    on stderr — it was a silent exit 1 (rich, click) or Python's 'Exception ignored ... BrokenPipeError'."""
+    code, err = _reader_gone([one_step if a == "RUN" else a for a in args], tmp_path)
+    assert (code, err) == (141, "")
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
+
+
+def test_train_into_a_closed_pipe_stops_after_its_step_with_the_run_closed(tiny_world, tmp_path):
+    """`sarkd-diag train | head`: the run is not killed mid-step; it stops as on SIGINT (state saved, summary
+    written, status interrupted), says so on stderr and exits 141."""
+    run = tmp_path / "run"
+    args = ["train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"], "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", "50", "--precision", "fp32", "--output-dir", run]
+    code, err = _reader_gone(args, tmp_path)
+    assert code == 141, err
+    assert err == "sarkd-diag: the output was closed (SIGPIPE): stopping after this step, saving state\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps_completed"] < 50
+    stops = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["message"].split(":")[0] for e in stops if e["kind"] == "interrupted"] == ["SIGPIPE"]
+
+
+def test_a_broken_pipe_that_is_not_the_output_stays_an_internal_error(cli, tmp_path, monkeypatch):
+    import sarkd_diag.presentation.environment as environment
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(environment, "environment_report", broken)
+    code, _, err = cli("env")
+    assert code == 3 and err.startswith("sarkd-diag: internal error: BrokenPipeError")
+
+
+# ------------------------------------------------------------------------- --resume-from's errors
+@pytest.mark.parametrize(("extra", "says"), [
+    ([], "is at step 1 and --train-steps is 1; raise --train-steps"),
+    (["--temperature", "3"], "was trained with other options (temperature 2.0 -> 3.0)"),
+    (["--train-steps", "3", "--overwrite"], "--overwrite would delete the run that --resume-from continues"),
+    (["--train-steps", "3", "--output-dir", "NEW", "--temperature", "3"], "was trained with other options"),
+], ids=["at its last step", "other options in place", "with --overwrite", "other options elsewhere"])
+def test_resume_from_errors_name_resume_from(cli, one_step, tmp_path, extra, says):
+    """`--resume-from CHECKPOINT` was told `--resume: ...`, an option the user had not typed."""
+    checkpoint = one_step / "checkpoints" / "step-00000001"
+    before = sorted(p.name for p in one_step.rglob("*"))
+    code, _, err = cli("train", "--resume-from", checkpoint, *[tmp_path / "new" if a == "NEW" else a for a in extra])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "--resume:" not in lines[0], lines
+    assert lines[0].startswith("sarkd-diag: error: --resume-from") or "--resume-from continues" in lines[0]
+    assert sorted(p.name for p in one_step.rglob("*")) == before and not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------- usage errors
+# (command line, the whole of stderr after `sarkd-diag: error: `): click's own words named the option twice
+# ('--train-steps' / '--train_steps'), said "Input should be a valid integer, unable to parse string as an
+# integer", and offered aliases help does not show; a `train` option given to estimate-memory was just
+# "No such option".
+USAGE_ERRORS = [
+    (["check", "RUN", "--max-eval-ppl", "abc"], "--max-eval-ppl 'abc': not a number (X)"),
+    (["check", "RUN", "--max-skipped-steps", "1.5"], "--max-skipped-steps '1.5': not a whole number (N)"),
+    (["events", "RUN", "--idle-timeout=soon"], "--idle-timeout 'soon': not a number (SECONDS)"),
+    (["train", "--train-steps", "ten"], "--train-steps 'ten': not a whole number (N)"),
+    (["train", "--train_steps", "ten"], "--train_steps 'ten': not a whole number (N)"),
+    (["estimate-memory", "--block-size", "big"], "--block-size 'big': not a whole number (N)"),
+    (["compare-precision", "--steps", "x"], "--steps 'x': not a whole number (N)"),
+    (["estimate-memory", "--train-steps", "3"],
+     "estimate-memory has no option --train-steps (a `train` option; `sarkd-diag estimate-memory -h` lists its own)"),
+    (["estimate-memory", "--student_lr", "3"],
+     "estimate-memory has no option --student_lr (a `train` option; `sarkd-diag estimate-memory -h` lists its own)"),
+    (["estimate-memory", "--precision", "mixed"], "estimate-memory has no option --precision: write --modes"),
+    (["estimate-memory", "--block-siz", "3"], "estimate-memory has no option --block-siz: did you mean --block-size?"),
+    (["estimate-memory", "--bogus"],
+     "estimate-memory has no option --bogus (`sarkd-diag estimate-memory -h` lists them)"),
+    (["estimate-memory", "extra"],
+     "estimate-memory takes options only, no argument: 'extra' is not an option (`sarkd-diag estimate-memory -h`)"),
+    (["train", "--learning-rate", "1e-3"], "train has no option --learning-rate: write --student-lr"),
+    (["train", "--steps", "30"], "train has no option --steps: write --train-steps"),
+    (["train", "--fp16"], "train has no option --fp16: write --precision mixed"),
+    (["check", "RUN", "--max_eval_ppl", "3"], "--max_eval_ppl: write --max-eval-ppl (`sarkd-diag check -h`)"),
+    (["events", "RUN", "--kin", "x"], "events has no option --kin: did you mean --kind?"),
+    (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
+    (["--train-steps", "3", "train"],
+     "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
+    (["evnts"], "sarkd-diag has no command 'evnts': did you mean events?"),
+    (["events"], "events needs RUN_DIR: a run directory (a crashed one too) or a compare-precision directory"),
+    (["events", "RUN", "RUN"], "events takes one RUN_DIR, not also 'RUN' (a path with spaces needs quotes)"),
+    (["train", "--precision"],
+     "--precision needs a value: fp32 | mixed | bf16-mixed | pure-fp16 | pure-bf16 | auto (or an alias)"),
+    (["check", "RUN", "--max-eval-ppl"], "--max-eval-ppl needs a value: final validation perplexity at most X"),
+]
+
+
+@pytest.mark.parametrize(("args", "line"), USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_a_usage_error_is_one_line_that_names_the_option_and_what_it_takes(cli, one_step, tmp_path, monkeypatch,
+                                                                           args, line):
+    monkeypatch.chdir(tmp_path)
+    run = str(one_step)
+    code, out, err = cli(*[run if a == "RUN" else a for a in args])
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: {line.replace(chr(39) + 'RUN' + chr(39), repr(run))}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", ["events", "check", "report"])
+def test_help_shows_an_argument_as_it_is_typed(cli, command):
+    """typer wrote `Usage: sarkd-diag events [OPTIONS] {RUN_DIR}` — braces to type? — and `RUN_DIR <path>`."""
+    code, out, _ = cli(command, "-h")
+    assert code == 0
+    assert out.startswith(f"Usage: sarkd-diag {command} [OPTIONS] RUN_DIR\n")
+    assert "{" not in out and "<path>" not in out
+    assert any(line.startswith("  RUN_DIR  A run directory") for line in out.splitlines())
+
+
+def test_the_command_list_is_not_cut_off(cli):
+    """The bare command's first screen: each command's summary whole at 80 columns, not 'Device memory per
+    precision mode — weights,...'."""
+    code, out, _ = cli("-h")
+    commands = out.split("Commands:\n", 1)[1].splitlines()
+    assert code == 0 and len(commands) == 7
+    assert all(len(line) <= 80 and not line.endswith("...") for line in commands), commands
+
+
+def test_help_of_router_patterns_states_one_default(cli):
+    """It said '(default: gate, router). [default: none]'."""
+    code, out, _ = cli("train", "-h")
+    text = " ".join(out.split())
+    assert "[default: gate, router]" in text and "[default: none]" not in text.split("--router-patterns")[1][:150]
+
+
+# ------------------------------------------------------------------------------ run directories
+@pytest.mark.parametrize("command", ["events", "report", "check"])
+@pytest.mark.parametrize("content", ["nothing", "a model"])
+def test_a_directory_that_holds_no_run_says_what_to_give(cli, tiny_world, tmp_path, command, content):
+    folder = tmp_path / "folder"
+    if content == "a model":
+        shutil.copytree(tiny_world["student"], folder)
+    else:
+        folder.mkdir()
+    code, out, err = cli(command, folder, *(["--expect", "completed"] if command == "check" else []))
+    assert (code, out) == (2, "")
+    why = "it is empty" if content == "nothing" else "its config.json is not a run's: a model's?"
+    assert err == (f"sarkd-diag: error: {folder} is neither a sarkd-diag run directory nor a compare-precision "
+                   f"directory ({why}); give the directory `sarkd-diag train` wrote (its --output-dir, by default "
+                   "runs/<date-time>-<mode>/)\n")
+
+
+def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
+    """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
+    code, _, err = cli("check", tmp_path / "typo")
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path / 'typo'}: no such directory\n"
+
+
+def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
+    """Ctrl-C: the panel said 'status: interrupted after N steps' and `check` 'status is interrupted', neither
+    what to type next. Both now give the command, and that command continues the run."""
+    run = tmp_path / "run"
+    args = ["train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"], "--block-size", "16",
+            "--per-device-batch-size", "2", "--train-steps", "400", "--precision", "fp32", "--log-every", "1",
+            "--output-dir", run]
+    process = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:
+        if line.startswith("step "):  # training has begun: Ctrl-C
+            process.send_signal(signal.SIGINT)
+            break
+    out = process.stdout.read()
+    assert process.wait(timeout=300) == 130, process.stderr.read()
+    resume = f"sarkd-diag train --output-dir {run} --resume"
+    panel = " ".join(part.strip("│ ") for part in out.splitlines())
+    assert f"continue it: {resume}" in panel, out
+    code, out, _ = cli("check", run, "--expect", "completed")
+    assert code == 1 and out == f"{run}: completed: status is interrupted; `{resume}` continues it\n"
+    steps = json.loads((run / "summary.json").read_text())["steps_completed"]
+    code, out, err = cli(*resume.split()[1:], "--train-steps", steps + 1)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
+
+
+def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
+    """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
+    offered --resume or --overwrite only, neither of them a new run from the same options."""
+    code, _, err = cli("train", "--config", one_step / "config.json")
+    assert code == 2
+    assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
+                   "--overwrite to replace it, or another --output-dir for a new run\n")
+
+
+# ---------------------------------------------------------------------------------- data options
+def test_dataset_config_name_without_dataset_name_is_refused(cli, tmp_path, monkeypatch):
+    """It was silently ignored: a whole run on the embedded corpus, not the wikitext the user asked for."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("train", "--dataset-config-name", "wikitext-2-raw-v1")
+    assert (code, out) == (2, "")
+    assert err == ("sarkd-diag: error: --dataset-config-name wikitext-2-raw-v1 configures a --dataset-name, and none "
+                   "is given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_validation_file_is_read_with_a_hub_dataset(cli, tiny_world, tmp_path, monkeypatch):
+    """--dataset-name with --validation-file: the file was silently ignored (the set's split, or a held-out 5%)."""
+    import sarkd_diag.train.data as data
+
+    train_text = data.read_text_file(str(tiny_world["train"]))
+    monkeypatch.setattr(data, "_load_hub_corpus", lambda name, config: data.Corpus(train_text, None, f"hub:{name}"))
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--dataset-name", "some/set", "--validation-file", tiny_world["valid"],
+                       "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                       "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "1", "--precision",
+                       "fp32", "--output-dir", run)
+    assert code == 0, err
+    recorded = json.loads((run / "config.json").read_text())["data"]
+    assert (recorded["source"], recorded["validation"]) == ("hub:some/set", "given")
+
+
+def test_options_this_run_will_not_read_are_said_at_setup(cli, tiny_world, tmp_path):
+    """`--warmup-steps 5` without `--use-scheduler` trained without warmup, in silence."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                         "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"],
+                         "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "1", "--precision",
+                         "fp32", "--output-dir", run, "--warmup-steps", "5", "--jsd-beta", "0.3")
+    assert code == 0, err
+    assert "warning: setup_note: --warmup-steps 5 has no effect without --use-scheduler\n" in out
+    assert "warning: setup_note: --jsd-beta 0.3 has no effect without --kd-loss jsd\n" in out
+    notes = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert sum("has no effect without" in e["message"] for e in notes if e["kind"] == "setup_note") == 2
+
+
+def test_idle_timeout_without_follow_is_refused(cli, one_step):
+    code, out, err = cli("events", one_step, "--idle-timeout", "5")
+    assert (code, out) == (2, "")
+    assert err == ("sarkd-diag: error: --idle-timeout only applies with --follow (it ends following after that long "
+                   "without a write)\n")
+
+
+def test_events_that_match_nothing_say_so_in_one_line(cli, one_step):
+    """It printed a table title and column headers over no rows."""
+    code, out, err = cli("events", one_step, "--severity", "critical")
+    total = len((one_step / "events.jsonl").read_text().splitlines())
+    assert code == 0, err
+    assert out == f"no event matches these filters (of {total} events recorded)\n"
+
+
+# ------------------------------------------------------------------------------------ --config
+def test_a_yaml_config_is_read_as_meant(cli, tiny_world, tmp_path):
+    """PyYAML reads `1e-3` as a string (refused: 'expected a number, got '1e-3''), `probes: off` as False
+    (refused: 'got False'); a quoted 'no' for a flag was a true value (the scheduler ran); a single router pattern
+    became one regex per character."""
+    config = tmp_path / "run.yaml"
+    config.write_text("student_lr: 1e-3\nprobes: off\nuse_scheduler: 'no'\nrouter_patterns: gate\ntrain_steps: 1\n"
+                      f"teacher_model: {tiny_world['teacher']}\nstudent_model: {tiny_world['student']}\n"
+                      f"train_file: {tiny_world['train']}\nvalidation_file: {tiny_world['valid']}\n"
+                      "block_size: 16\nper_device_batch_size: 2\nprecision: fp32\n")
+    run = tmp_path / "run"
+    code, _, err = cli("train", "--config", config, "--output-dir", run)
+    assert code == 0, err
+    options = json.loads((run / "config.json").read_text())["options"]
+    assert (options["student_lr"], options["probes"], options["use_scheduler"], options["router_patterns"]) == \
+        (1e-3, "off", False, ["gate"])
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("use_scheduler: maybe", "use_scheduler: 'maybe' is not true or false"),
+    ("train_steps: 1.5", "train_steps: 1.5 is not a whole number"),
+    ("student_lr: fast", "student_lr: 'fast' is not a number"),
+    ("router_patterns: [1]", "router_patterns: [1] is not a list of strings"),
+])
+def test_a_config_value_of_the_wrong_kind_names_the_file_and_option(cli, tmp_path, monkeypatch, line, says):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(line + "\n")
+    code, out, err = cli("train", "--config", config)
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: --config {config}: {says}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
