@@ -36,7 +36,7 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import ProbeContext, Watched, to_host
+from .base import ProbeContext, Watched, group_lr, to_host
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
 from .loss import LossProbe
@@ -78,6 +78,7 @@ class ProbeSet:
         self._gradients_read = False
         self._order_noted = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
+        self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self._removers = []
         if ctx.optimizer is not None and self.probes:
             hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -114,7 +115,7 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained = None, False
-        self._gradients_read = False
+        self._gradients_read = self.lr_read = False
         for probe in self.probes:
             probe.begin_step()
 
@@ -134,7 +135,8 @@ class ProbeSet:
         """The lr this step's update uses, read before the optimizer steps (also on a step the loss scaler skips):
         a scheduler changes it after the step (the Trainer and accelerate call `scheduler.step()` after
         `optimizer.step()`), so read at `Probes.step()` it would be the next step's."""
-        self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
+        self.lr_read = True
+        self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         if self.closed_without_optimizer_step and not self.ctx.trained:
@@ -340,15 +342,19 @@ class Probes:
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
         if self.ctx.optimizer is None:
             self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
-        (host,) = to_host(self.set.take_readings())
+        optimizer = self.ctx.optimizer
+        self.set.closed_without_optimizer_step = optimizer is not None and not self.set.lr_read  # no pre-step hook
+        lr = self.ctx.lr if self.set.lr_read or optimizer is None else group_lr(optimizer.param_groups[0])
+        readings = self.set.take_readings()
+        if torch.is_tensor(lr):  # a tensor lr joins the step's one transfer
+            readings["lr"] = lr
+        (host,) = to_host(readings)
+        lr = host.pop("lr", lr)
         metrics = self.set.record(host)
         if self.ranks.distributed:  # the step's loss is every rank's batch's: their mean (one small gather)
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
-        optimizer = self.ctx.optimizer
-        self.set.closed_without_optimizer_step = optimizer is not None and self.ctx.lr is None  # no pre-step hook
-        lr = self.ctx.lr if self.ctx.lr is not None or optimizer is None else optimizer.param_groups[0]["lr"]
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:

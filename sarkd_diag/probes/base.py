@@ -74,6 +74,16 @@ class ProbeContext:
         return dtype_name(p.dtype)
 
 
+def group_lr(group: dict) -> float | torch.Tensor | None:
+    """The lr a parameter group steps at: a number; a tensor (torch's optimizers take one) as a copy, which the
+    owner moves to the host with the step's readings (a scheduler rewrites it in place); or None where the
+    optimizer holds none (transformers' `Adafactor(relative_step=True)` computes its own, per tensor)."""
+    lr = group.get("lr")
+    if torch.is_tensor(lr):
+        return lr.detach().clone()
+    return None if lr is None else float(lr)
+
+
 SAMPLE_LIMIT = 4096  # elements per tensor that estimate a fraction (lost updates, underflow)
 
 

@@ -43,9 +43,9 @@ def scheduled_lr(group: dict) -> tuple[float, str]:
     """The lr a group trains at, and its name: a scheduler's `initial_lr` (its base lr) where one is attached —
     under warmup the first step's `lr` is 0 or tiny, which would hide a real problem and invent others — else
     `lr`. A group at lr 0 throughout is frozen."""
-    if "initial_lr" in group:
+    if group.get("initial_lr") is not None:
         return float(group["initial_lr"]), "the scheduler's initial_lr"
-    return float(group.get("lr", 0.0)), "lr"
+    return float(group.get("lr") or 0.0), "lr"  # None: an optimizer that picks its own lr (Adafactor's relative step)
 
 
 class OptimizerProbe(Probe):

@@ -23,12 +23,13 @@ VOCAB, STEPS = 64, 4
 
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
-          eval_mode=False, **call) -> list[float]:
+          eval_mode=False, make_optimizer=None, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
     `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
-    trained in eval mode (no dropout), as some do."""
+    trained in eval mode (no dropout), as some do; `make_optimizer`: the optimizer of the model's parameters
+    (AdamW at lr 1e-3 by default)."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -37,7 +38,7 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
         overflow_fp16(model.transformer.h[1])
     if infinite_grad:
         model.transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * math.inf)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = (make_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3)))(model.parameters())
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_mode:
@@ -125,3 +126,17 @@ def test_a_gradient_overflow_in_a_bf16_run_advises_no_precision_switch(tmp_path)
     assert "mixed_precision" not in found["fix"], found["fix"]
     assert "`accelerator.clip_grad_norm_`" in found["fix"] and "the optimizer's `lr`" in found["fix"]
     np.testing.assert_array_equal(_loop(infinite_grad=True), losses)  # NaN where the weights turned NaN
+
+
+def test_adafactor_with_its_own_relative_step_trains_and_records_no_lr(tmp_path):
+    """transformers' `Adafactor(params)` (relative step: lr=None in its groups) picks its lr per tensor: the lr column
+    is not known (null). Reading it as a number raised TypeError inside the optimizer's pre-step hook, killing the
+    run."""
+    from transformers.optimization import Adafactor
+
+    losses = _loop(tmp_path / "run", make_optimizer=Adafactor)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["metrics"]["lr"].isna().all() and run["metrics"]["update_ratio"].notna().all()
+    assert run["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert _loop(make_optimizer=Adafactor) == losses
