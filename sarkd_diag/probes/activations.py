@@ -32,7 +32,7 @@ import weakref
 import torch
 from torch import nn
 
-from .base import FP16_MAX, Probe, dtype_name
+from .base import FP16_MAX, Probe, dtype_name, eager
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -71,10 +71,10 @@ class ActivationProbe(Probe):
                 for module_name, module in model.named_modules():
                     if module_name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
                         self._handles.append(module.register_forward_pre_hook(
-                            self._before(model_name, module_name), with_kwargs=True))
-                        self._handles.append(module.register_forward_hook(self._hook(model_name, module_name)))
+                            eager(self._before(model_name, module_name)), with_kwargs=True))
+                        self._handles.append(module.register_forward_hook(eager(self._hook(model_name, module_name))))
                     elif not module_name:  # the root: its inputs are the data, not a module's making
-                        self._handles.append(module.register_forward_pre_hook(self._root(model_name),
+                        self._handles.append(module.register_forward_pre_hook(eager(self._root(model_name)),
                                                                               with_kwargs=True))
 
     def _counts(self, model_name: str) -> bool:

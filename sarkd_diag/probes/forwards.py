@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Probe
+from .base import Probe, eager
 
 
 def is_generating(kwargs: dict) -> bool:
@@ -33,7 +33,7 @@ class ForwardProbe(Probe):
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
-        self._handles = [model.register_forward_pre_hook(self._before_forward(name), with_kwargs=True)
+        self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
 
     def _training(self) -> bool:
