@@ -84,6 +84,15 @@ def eager(hook: Callable) -> Callable:
     return torch.compiler.disable(hook)
 
 
+def in_backward() -> bool:
+    """A forward that runs inside a backward pass: gradient checkpointing recomputing a layer's forward (both the
+    reentrant and the non-reentrant kind), not a forward of the step — its outputs were read the first time."""
+    return _graph_task_id() != -1
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def group_lr(group: dict) -> float | torch.Tensor | None:
     """The lr a parameter group steps at: a number; a tensor (torch's optimizers take one) as a copy, which the
     owner moves to the host with the step's readings (a scheduler rewrites it in place); or None where the

@@ -283,3 +283,31 @@ def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
     found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "activation_overflow")
     assert found["severity"] == "warning" and found["module"] == "transformer.h.1.mlp.c_proj"
     assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
+
+
+@pytest.mark.parametrize("where", ["recomputation", "every forward"])
+def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where):
+    """`gradient_checkpointing=True` runs each layer's forward a second time inside backward. Its outputs were read
+    in the step's forward; read again, a step's statistics cost twice as much, and what the recomputation does
+    (here a hook that pushes an output beyond fp16's range only there) would be reported as the step's."""
+    model = tiny.make_gpt2(VOCAB)
+    recomputing = where == "recomputation"
+
+    def beyond_fp16(_module, _inputs, output):
+        if not recomputing or torch._C._current_graph_task_id() != -1:  # a forward run inside backward
+            return output * 0 + 1e5
+        return None
+
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(beyond_fp16)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", gradient_checkpointing=True, max_steps=2),
+                      train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run", level="full")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    causes = [d["cause"] for d in run["summary"]["diagnosis"]]
+    if recomputing:
+        assert "activation_overflow" not in causes
+    else:  # the same hook in the step's forward is seen: the test above can fail
+        found = cause(run["summary"]["diagnosis"], "activation_overflow")
+        assert (found["module"], found["first_step"]) == ("transformer.h.0.mlp.c_fc", 1)
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
