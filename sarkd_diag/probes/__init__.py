@@ -14,14 +14,15 @@ Usable on their own, in anyone's loop:
 
 `ProbeSet` is the probes of one run and the hooks that drive them (sarkd-diag's own loop holds one);
 `Probes` is what a user holds: a ProbeSet plus a run directory, a step clock, the metrics rows and the
-diagnosis. Gradients are read after a loss scaler unscales them (or at the optimizer's pre-step hook
-without one), weights through the optimizer's step hooks, activations through forward hooks attached on
-statistics steps only; every probe keeps its statistics on the device, and a step moves all of them to the
-host in one transfer.
+diagnosis. Gradients are read after a loss scaler unscales them (without one, when accelerate unscales them
+for its clipping, else at the optimizer's pre-step hook), weights through the optimizer's step hooks,
+activations through forward hooks attached on statistics steps only; every probe keeps its statistics on the
+device, and a step moves all of them to the host in one transfer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -171,6 +172,12 @@ class ProbeSet:
         for probe in self.probes:
             probe.after_optimizer_step()
 
+    def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
+        """The total gradient norm the loop's clipping computed (unscaled, before clipping): the `grad_norm` column."""
+        probe = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
+        if probe is not None:
+            probe.observe_norm(norm)
+
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""
         if self.loss is not None:
@@ -215,6 +222,27 @@ class ProbeSet:
         readings = probe.take_readings()
         host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
         probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
+
+    def wrap(self, owner, name: str, after: Callable) -> None:
+        """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
+        put back at `close()` unless something replaced it again since."""
+        original, had_own = getattr(owner, name), name in vars(owner)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            after(result)
+            return result
+
+        def restore() -> None:
+            if vars(owner).get(name) is wrapper:
+                if had_own:
+                    setattr(owner, name, original)
+                else:
+                    delattr(owner, name)
+
+        setattr(owner, name, wrapper)
+        self._removers.append(restore)
 
     def close(self) -> None:
         for remove in self._removers:
@@ -303,7 +331,22 @@ class Probes:
         kwargs.setdefault("precision", precision)
         kwargs.setdefault("caller", "accelerate")
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
-        return cls(models, optimizer, accelerator.scaler, **kwargs)
+        probes = cls(models, optimizer, accelerator.scaler, **kwargs)
+        probes.watch_accelerator(accelerator)
+        return probes
+
+    def watch_accelerator(self, accelerator) -> None:
+        """Read the gradients when accelerate has them complete: at `accelerator.unscale_gradients`, which its
+        `clip_grad_norm_` and `clip_grad_value_` call before they clip (the Trainer clips every step, to
+        `max_grad_norm` or to inf for its logged norm). At the optimizer's pre-step hook they are clipped already,
+        and clipping by a NaN total norm turns every tensor's gradient NaN: the module a NaN came from is lost.
+        `clip_grad_norm_`'s return — the total norm before clipping — becomes the `grad_norm` column. Only on a
+        step that ends an accumulation (`accelerator.sync_gradients`); the methods are restored at `close()`."""
+        if self.set.probes:
+            self.set.wrap(accelerator, "unscale_gradients", after=lambda _: (
+                self.set.gradients_ready() if accelerator.sync_gradients else None))
+            self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
+                self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
     @property
     def ctx(self) -> ProbeContext:

@@ -124,10 +124,12 @@ class SarkdDiagCallback(TrainerCallback):
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
-        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
-        self.probes = Probes(models, optimizer=optimizer, scaler=scaler,
+        accelerator = getattr(self._trainer, "accelerator", None)
+        self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir, level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer")
+        if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
+            self.probes.watch_accelerator(accelerator)
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
         # checkpoint's step, so the first step of this run is the one after it. A train() from global_step 0
         # into a directory that holds steps (a second train() call) continues after them instead of at 1

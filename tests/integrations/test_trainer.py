@@ -5,6 +5,7 @@ hand-written KD Trainer whose teacher overflows."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -311,3 +312,49 @@ def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where
         found = cause(run["summary"]["diagnosis"], "activation_overflow")
         assert (found["module"], found["first_step"]) == ("transformer.h.0.mlp.c_fc", 1)
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+
+def _logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_under_accumulation_and_clipping_the_rows_are_the_trainers_steps(tmp_path):
+    """gradient_accumulation_steps=2 with max_grad_norm=0.5: a row per optimizer step whose loss, lr and gradient
+    norm (unscaled, before clipping: what `clip_grad_norm_` returns) are what the Trainer logged."""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", gradient_accumulation_steps=2,
+                        max_grad_norm=0.5, learning_rate=1e-3, lr_scheduler_type="linear")
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4]
+    assert _train_losses(load_run(tmp_path / "run")) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    assert metrics["lr"].tolist() == pytest.approx(_logged(trainer, "learning_rate"))
+    assert metrics["grad_norm"].tolist() == pytest.approx(_logged(trainer, "grad_norm"), rel=1e-6)
+    assert max(metrics["grad_norm"]) > 0.5  # clipped: the norm before clipping, not after
+
+
+class _NanGradientAt(TrainerCallback):
+    """One weight's gradient made NaN in the backward of one optimizer step."""
+
+    def __init__(self, param, step):
+        self.step, self.current = step, 0
+        param.register_hook(lambda g: g * math.nan if self.current == self.step else g)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = state.global_step + 1
+
+
+def test_a_nan_gradient_is_placed_at_its_module_although_the_trainer_clips(tmp_path):
+    """The Trainer clips every step (to max_grad_norm, 1.0 by default, or to inf for the norm it logs): a NaN total
+    norm makes every gradient NaN before the optimizer's pre-step hook, which named the output end (ln_f). Read when
+    accelerate unscales them for the clip, the gradients name the tensor the NaN came from."""
+    model = tiny.make_gpt2(VOCAB)
+    nan = _NanGradientAt(model.transformer.h[0].mlp.c_fc.weight, step=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), callbacks=[nan])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["tensor"], root["first_step"]) == (
+        "gradient_overflow", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 2)
+    assert run["metrics"]["nonfinite_grad_tensors"].tolist() == [0, 1]  # one tensor, not all of them
+    assert trainer.state.global_step == 2  # stopped: the weights are NaN from here on
