@@ -358,3 +358,16 @@ def test_a_nan_gradient_is_placed_at_its_module_although_the_trainer_clips(tmp_p
         "gradient_overflow", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 2)
     assert run["metrics"]["nonfinite_grad_tensors"].tolist() == [0, 1]  # one tensor, not all of them
     assert trainer.state.global_step == 2  # stopped: the weights are NaN from here on
+
+
+def test_adafactor_on_fp16_weights_is_not_blamed_for_an_eps_it_adds_in_fp32(tmp_path):
+    """`optim="adafactor"` on a model cast to fp16: transformers' Adafactor upcasts each weight and gradient to fp32
+    and keeps fp32 state, so its eps=1e-30 is added in fp32, not the weights' fp16 (where it is 0.0). The eps is
+    checked in the dtype of the state the first step made: no critical eps underflow for a run whose weights stay
+    finite. (The same check with torch's AdamW, state in fp16, is the test of the unnamed parameter groups above.)"""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", optim="adafactor",
+                        learning_rate=1e-3)
+    run = load_run(tmp_path / "run")
+    assert "optimizer_eps_underflow" not in [d["cause"] for d in run["summary"]["diagnosis"]]
+    assert run["events"].query("kind == 'optimizer_preflight' and code == 'eps_zero'").empty
+    assert run["summary"]["status"] == "completed" and torch.isfinite(torch.tensor(logged_losses(trainer))).all()
