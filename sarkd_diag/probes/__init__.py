@@ -219,7 +219,7 @@ class ProbeSet:
                 forward()
         finally:
             self.ctx.replaying = False
-        readings = probe.take_readings()
+            readings = probe.take_readings()  # detaches the hooks, also when the forward raised
         host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
         probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
 

@@ -371,3 +371,38 @@ def test_adafactor_on_fp16_weights_is_not_blamed_for_an_eps_it_adds_in_fp32(tmp_
     assert "optimizer_eps_underflow" not in [d["cause"] for d in run["summary"]["diagnosis"]]
     assert run["events"].query("kind == 'optimizer_preflight' and code == 'eps_zero'").empty
     assert run["summary"]["status"] == "completed" and torch.isfinite(torch.tensor(logged_losses(trainer))).all()
+
+
+class _InfWeightAt(TrainerCallback):
+    """One element of a weight set to +Inf as an optimizer step begins (a bad edit of the weights, a corrupt load)."""
+
+    def __init__(self, param, step):
+        self.param, self.step = param, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                self.param.view(-1)[0] = math.inf
+
+
+@pytest.mark.parametrize("model_name", ["student", "teacher"])
+def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model_name):
+    """Step 3 is no statistics step (1 and every 10th are): the loss turns non-finite with no module statistics, and
+    after the optimizer step every weight is NaN. The callback replays the micro-batch's `compute_loss` with them on,
+    before the optimizer step — student and teacher forwards of a hand-written KD Trainer alike."""
+    def trainer_with_fault():
+        student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
+        broken = (student if model_name == "student" else teacher).transformer.h[1].mlp.c_fc.weight
+        return KDTrainer(model=student, teacher=teacher, args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                         train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(broken, step=3)])
+
+    trainer = trainer_with_fault()
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    expected = "teacher_overflow" if model_name == "teacher" else "divergence"
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        expected, model_name, "transformer.h.1.mlp.c_fc", 3)
+    plain = trainer_with_fault()
+    plain.train()
+    assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed

@@ -135,3 +135,29 @@ def test_statistics_come_from_training_forwards_not_from_generation(world, tmp_p
         found = cause(diagnosis, "activation_overflow")
         assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
             "warning", "student", "transformer.h.0.mlp.c_proj", 1)
+
+
+def test_a_teacher_fault_between_statistics_steps_is_named_by_a_replay(world, tmp_path):
+    """Step 2 is no statistics step: the teacher's weight made Inf there turns the loss non-finite with no module
+    statistics. The callback replays the micro-batch's `compute_loss` (what TRL computes from the generated
+    completions, teacher forward included) with them on, before the optimizer step."""
+    from transformers import TrainerCallback
+
+    class InfTeacherWeight(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 2:
+                with torch.no_grad():
+                    teacher.transformer.h[1].mlp.c_fc.weight.view(-1)[0] = float("inf")
+
+    student, teacher = _pair(world)
+    config = dict(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                  save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3,
+                  max_completion_length=6)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=trl.DistillationConfig(**config),
+                                      train_dataset=world["dataset"], processing_class=world["tokenizer"],
+                                      callbacks=[InfTeacherWeight()])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2)
