@@ -37,7 +37,7 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import ProbeContext, Watched, group_lr, to_host
+from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
 from .loss import LossProbe
@@ -80,11 +80,15 @@ class ProbeSet:
         self._order_noted = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
+        self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
+        self._optimizers = optimizers_of(ctx.optimizer)
+        self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._removers = []
-        if ctx.optimizer is not None and self.probes:
-            hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
-                     ctx.optimizer.register_step_post_hook(self._after_optimizer_step))
-            self._removers = [h.remove for h in hooks]
+        if self._optimizers and self.probes:
+            for optimizer in self._optimizers:
+                self._removers.append(optimizer.register_step_pre_hook(self._before_optimizer_step).remove)
+                if len(self._optimizers) == 1:  # several: the post-step moment is the owner's close of the step
+                    self._removers.append(optimizer.register_step_post_hook(self._after_optimizer_step).remove)
             if ctx.loss_scaler.enabled:
                 self._removers.append(ctx.loss_scaler.on_unscaled(self._unscaled))
 
@@ -116,7 +120,8 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained = None, False
-        self._gradients_read = self.lr_read = False
+        self._gradients_read = self.lr_read = self.optimizer_stepping = False
+        self._unscaled_ones = set()
         for probe in self.probes:
             probe.begin_step()
 
@@ -128,9 +133,17 @@ class ProbeSet:
                 probe.gradients_ready()
 
     def _unscaled(self, optimizer) -> None:
-        if optimizer is self.ctx.optimizer:
+        """The loss scaler unscaled an optimizer's gradients: read them once every optimizer's are (with several,
+        the ones unscaled first are read true while the others are still scaled)."""
+        if any(optimizer is o for o in self._optimizers):
+            self._unscaled_ones.add(id(optimizer))
             self._read_lr()
-            self.gradients_ready()
+            if len(self._unscaled_ones) == len(self._optimizers):
+                self.gradients_ready()
+
+    @property
+    def several_optimizers(self) -> bool:
+        return len(self._optimizers) > 1
 
     def _read_lr(self) -> None:
         """The lr this step's update uses, read before the optimizer steps (also on a step the loss scaler skips):
@@ -140,11 +153,15 @@ class ProbeSet:
         self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
+            return
+        self.optimizer_stepping = True
         if self.closed_without_optimizer_step and not self.ctx.trained:
             self._stepped_before_a_forward()
         self.closed_without_optimizer_step = False
         self._read_lr()
-        self.gradients_ready()
+        if not self.ctx.loss_scaler.enabled or len(self._unscaled_ones) == len(self._optimizers):
+            self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self.probes:
             probe.before_optimizer_step()
 
@@ -260,7 +277,8 @@ class Probes:
     `load_run` read like one of `train`'s.
 
     models: a module (the student) or {"student": m, "teacher": t}; frozen models get forward statistics.
-    optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too.
+    optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too. A loop
+    with several optimizers (one per part of the model, at their own settings) passes them all, as a list.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
     knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
     "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
@@ -284,7 +302,10 @@ class Probes:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
         models = models if isinstance(models, dict) else {"student": models}
         models = {name: unwrap_model(m) for name, m in models.items()}
-        optimizer, wrapped_scaler = unwrap_optimizer(optimizer)
+        unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
+        optimizers = [o for o, _ in unwrapped if o is not None]
+        optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
+        wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
@@ -314,6 +335,8 @@ class Probes:
         self._write_config()
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
+        if self.ctx.optimizer is not None:
+            self._check_unoptimized(first_step)
         self.set.begin_step(first_step)
 
     @classmethod
@@ -383,8 +406,8 @@ class Probes:
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
-        if self.ctx.optimizer is None:
-            self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
+        if self.ctx.optimizer is None or (self.set.several_optimizers and self.set.optimizer_stepping):
+            self.set.optimizer_stepped()  # the weights after the loop's optimizer step(s), read here
         optimizer = self.ctx.optimizer
         self.set.closed_without_optimizer_step = optimizer is not None and not self.set.lr_read  # no pre-step hook
         lr = self.ctx.lr if self.set.lr_read or optimizer is None else group_lr(optimizer.param_groups[0])
@@ -412,6 +435,20 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _check_unoptimized(self, step: int) -> None:
+        """Trainable tensors of a model the optimizer trains that none of its parameter groups holds: a second
+        optimizer the probes were not given (they watch only what they are given), or a layer left out by mistake."""
+        held = {id(p) for group in self.ctx.optimizer.param_groups for p in group["params"]}
+        for name, model in self.ctx.models.items():
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            left = [n for n, p in params if id(p) not in held]
+            if left and len(left) < len(params):
+                self.events.record("setup_note", "warning",
+                                   f"{len(left)} of {name}'s {len(params)} trainable tensors (e.g. {left[0]}) are in "
+                                   "no parameter group of the optimizer the probes were given: nothing of them is "
+                                   "watched — a second optimizer? Pass every one: optimizer=[...]",
+                                   step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
 
     def _check_optimizer_given(self, step: int) -> None:
         """Without the optimizer the weights are still read at each `step()`, but what only its hooks and

@@ -165,3 +165,57 @@ def test_gradients_are_read_before_accelerate_clips_them(tmp_path):
     assert metrics["nonfinite_grad_tensors"].tolist()[:3] == [0, 0, 1]  # one tensor, not all of them
     assert metrics["grad_norm"].tolist()[:2] == pytest.approx(norms[:2], rel=1e-6)  # one per optimizer step
     assert math.isnan(metrics["grad_norm"].iloc[2])
+
+
+def _two_optimizers(run_dir, split: bool, optimizers_given: str = "both", nan_grad_at=None) -> list[float]:
+    """transformer.h.1 trained by an optimizer of its own (`split`), or the same settings as a second parameter
+    group of one optimizer; `optimizers_given`: "both" (a list) or "first" to the probes."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(VOCAB)
+    own = [p for n, p in model.named_parameters() if n.startswith("transformer.h.1.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("transformer.h.1.")]
+    if split:
+        optimizers = [torch.optim.AdamW(rest, lr=1e-3), torch.optim.AdamW(own, lr=3e-3)]
+    else:
+        optimizers = [torch.optim.AdamW([{"params": rest}, {"params": own, "lr": 3e-3}], lr=1e-3)]
+    steps = [1]
+    if nan_grad_at is not None:
+        model.transformer.h[1].mlp.c_fc.weight.register_hook(lambda g: g * math.nan if steps[0] == nan_grad_at else g)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
+    given = optimizers if optimizers_given == "both" else optimizers[0]
+    losses = []
+    with Probes.from_accelerator(accelerator, model, given, run_dir=run_dir) as probes:
+        for _, batch in zip(range(STEPS), loader, strict=False):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+            probes.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            steps[0] += 1
+    return losses
+
+
+def test_several_optimizers_are_watched_as_one(tmp_path):
+    """A layer with an optimizer of its own: given both, the probes read it as they read the same settings in a
+    parameter group — the same update ratio every step (the post-step reading waits for the last optimizer) — and a
+    NaN gradient there is named. Given only the first, its tensors are unwatched: a setup note says so."""
+    split = _two_optimizers(tmp_path / "split", split=True)
+    grouped = _two_optimizers(tmp_path / "grouped", split=False)
+    assert split == grouped  # the same training
+    ratios = [load_run(tmp_path / name)["metrics"]["update_ratio"].tolist() for name in ("split", "grouped")]
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-5)
+    assert load_run(tmp_path / "split")["summary"]["diagnosis"] == []
+
+    _two_optimizers(tmp_path / "nan", split=True, nan_grad_at=2)
+    found = cause(load_run(tmp_path / "nan")["summary"]["diagnosis"], "gradient_overflow")
+    assert (found["tensor"], found["first_step"]) == ("transformer.h.1.mlp.c_fc.weight", 2)
+
+    _two_optimizers(tmp_path / "first", split=True, optimizers_given="first")
+    notes = load_run(tmp_path / "first")["events"].query("code == 'unwatched_params'")
+    assert len(notes) == 1 and notes.iloc[0]["tensor"].startswith("transformer.h.1.")

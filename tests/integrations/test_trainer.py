@@ -406,3 +406,18 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     plain = trainer_with_fault()
     plain.train()
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
+
+
+def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
+    """Embeddings and the first block frozen (`requires_grad=False`, left out of the Trainer's optimizer): they are
+    not watched, so neither a missing gradient nor an update that does not move them is an event — over a
+    statistics step too (10)."""
+    model = tiny.make_gpt2(VOCAB)
+    for name, p in model.named_parameters():
+        if name.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")):
+            p.requires_grad_(False)
+    trainer, _ = _train(tmp_path, model, tmp_path / "run", max_steps=10, learning_rate=1e-3)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["diagnosis"] == [] and run["events"].empty
+    assert (run["metrics"]["zero_grad_tensors"] == 0).all() and run["metrics"]["update_ratio"].notna().all()
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
