@@ -76,6 +76,7 @@ class ProbeSet:
         self.probes = [] if ctx.level == "off" else [cls(ctx) for cls in PROBE_TYPES]
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
+        self._gradients = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
         self._gradients_read = False
         self._order_noted = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
@@ -191,9 +192,8 @@ class ProbeSet:
 
     def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
         """The total gradient norm the loop's clipping computed (unscaled, before clipping): the `grad_norm` column."""
-        probe = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
-        if probe is not None:
-            probe.observe_norm(norm)
+        if self._gradients is not None:
+            self._gradients.observe_norm(norm)
 
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""

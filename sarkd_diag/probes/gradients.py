@@ -71,8 +71,10 @@ class GradientProbe(Probe):
 
     def observe_norm(self, norm: torch.Tensor | float) -> None:
         """The total norm the loop's clipping computed (before clipping): kept on the device for the step's transfer."""
-        self._norm = local_shard(norm).detach().reshape(()).float() if torch.is_tensor(norm) else torch.tensor(
-            float(norm))
+        if torch.is_tensor(norm):
+            self._norm = (norm if type(norm) is torch.Tensor else local_shard(norm)).detach().float()
+        else:
+            self._norm = torch.tensor(float(norm))
 
     def gradients_ready(self) -> None:
         self._grads = [w.param.grad for w in self.ctx.watched]

@@ -142,7 +142,7 @@ class SarkdDiagCallback(TrainerCallback):
         if (probes is None or call is None or probes.critical or probes.ranks.distributed
                 or self._replayed_at == probes.ctx.step
                 or not getattr(self._trainer.args, "logging_nan_inf_filter", False)
-                or not probes.set.needs_replay(math.nan) or bool(torch.isfinite(loss.detach()).all())):
+                or not probes.set.needs_replay(math.nan) or _finite(loss)):
             return
         self._replayed_at = probes.ctx.step
         compute_loss, args, kwargs = call
@@ -194,3 +194,8 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def _finite(loss: torch.Tensor) -> bool:
+    """Whether a training_step's loss is finite, read on the host (one value: `item`, the cheapest read)."""
+    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss.detach()).all())
