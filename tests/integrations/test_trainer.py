@@ -421,3 +421,22 @@ def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
     assert run["summary"]["diagnosis"] == [] and run["events"].empty
     assert (run["metrics"]["zero_grad_tensors"] == 0).all() and run["metrics"]["update_ratio"].notna().all()
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+
+def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
+    """`eval_strategy="steps"` evaluates after every step, between the probes' steps, with per-module hooks on at
+    `full`: its forwards (the model in eval mode) are not training forwards. A module made NaN only in evaluation
+    is not reported, and the rows are the four training steps, their losses the Trainer's."""
+    model = tiny.make_gpt2(VOCAB)
+    model.transformer.h[0].mlp.c_proj.register_forward_hook(
+        lambda module, _inputs, output: None if module.training else output * math.nan)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", eval_strategy="steps", eval_steps=1,
+                                                      learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run", level="full")
+    trainer.train()
+    assert math.isnan(trainer.state.log_history[1]["eval_loss"])  # evaluation did see the NaN
+    run = load_run(tmp_path / "run")
+    assert run["events"].empty and run["summary"]["diagnosis"] == []
+    assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
