@@ -2,9 +2,11 @@
 
 A wall-clock A/B of ~10-50 ms steps on a shared 2-core machine is mostly noise, so the probes' own time is
 measured directly: every hook the probes register (forward hooks, optimizer step pre/post hooks, tensor
-hooks) is wrapped with a timer at registration, and so are the callback's Trainer events and `Probes.step`
-(nested timers are not double counted). Each figure is a fraction of the same run's step time; the A/B step
-times with and without the callback are printed beside it, runs alternating A B A B ..., medians over rounds.
+hooks) is wrapped with a timer at registration, and so are the callback's Trainer events, `Probes.step` and
+what runs inside the framework methods the probes wrap (the gradients' reading at accelerate's unscale, the
+clipped norm, the non-finite loss check after `training_step`); nested timers are not double counted. Each
+figure is a fraction of the same run's step time; the A/B step times with and without the callback are printed
+beside it, runs alternating A B A B ..., medians over rounds.
 
     python benchmarks/bench_hooks.py                 # 41 steps (5 statistics steps at every=10), 5 rounds
     python benchmarks/bench_hooks.py --steps 81 --rounds 7 --teacher
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+from sarkd_diag.probes import ProbeSet  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 GOAL = 0.05
@@ -83,8 +86,15 @@ def timed_probe_hooks(clock: Clock):
         return register
 
     global_hooks = nn.modules.module.register_module_forward_hook
+    # what runs inside the framework's own methods the probes wrap (accelerate's unscale_gradients and
+    # clip_grad_norm_, the Trainer's training_step): the gradients' reading, the norm, the non-finite loss check
+    methods = [(ProbeSet, "gradients_ready"), (ProbeSet, "observe_grad_norm"),
+               (SarkdDiagCallback, "_replay_if_nonfinite")]
+    saved += [(owner, name, getattr(owner, name)) for owner, name in methods]
     try:
-        for owner, name, original in saved:
+        for owner, name in methods:
+            setattr(owner, name, clock.wrap(getattr(owner, name)))
+        for owner, name, original in saved[:len(registrars)]:
             setattr(owner, name, patched(original))
         nn.modules.module.register_module_forward_hook = lambda hook, **kw: global_hooks(
             clock.wrap(hook) if _is_probe(hook) else hook, **kw)

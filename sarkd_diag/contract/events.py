@@ -71,6 +71,8 @@ CODES = {
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
     "step_order": "setup_note: the optimizer stepped before any training forward of the step: Probes.step() is "
                   "called before optimizer.step()",
+    "unwatched_params": "setup_note: trainable tensors of a model the optimizer trains are in none of its parameter "
+                        "groups (a second optimizer the probes were not given)",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
 }
 

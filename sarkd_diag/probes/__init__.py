@@ -14,14 +14,15 @@ Usable on their own, in anyone's loop:
 
 `ProbeSet` is the probes of one run and the hooks that drive them (sarkd-diag's own loop holds one);
 `Probes` is what a user holds: a ProbeSet plus a run directory, a step clock, the metrics rows and the
-diagnosis. Gradients are read after a loss scaler unscales them (or at the optimizer's pre-step hook
-without one), weights through the optimizer's step hooks, activations through forward hooks attached on
-statistics steps only; every probe keeps its statistics on the device, and a step moves all of them to the
-host in one transfer.
+diagnosis. Gradients are read after a loss scaler unscales them (without one, when accelerate unscales them
+for its clipping, else at the optimizer's pre-step hook), weights through the optimizer's step hooks,
+activations through forward hooks attached on statistics steps only; every probe keeps its statistics on the
+device, and a step moves all of them to the host in one transfer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import ProbeContext, Watched, to_host
+from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
 from .loss import LossProbe
@@ -75,14 +76,20 @@ class ProbeSet:
         self.probes = [] if ctx.level == "off" else [cls(ctx) for cls in PROBE_TYPES]
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
+        self._gradients = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
         self._gradients_read = False
         self._order_noted = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
+        self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
+        self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
+        self._optimizers = optimizers_of(ctx.optimizer)
+        self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._removers = []
-        if ctx.optimizer is not None and self.probes:
-            hooks = (ctx.optimizer.register_step_pre_hook(self._before_optimizer_step),
-                     ctx.optimizer.register_step_post_hook(self._after_optimizer_step))
-            self._removers = [h.remove for h in hooks]
+        if self._optimizers and self.probes:
+            for optimizer in self._optimizers:
+                self._removers.append(optimizer.register_step_pre_hook(self._before_optimizer_step).remove)
+                if len(self._optimizers) == 1:  # several: the post-step moment is the owner's close of the step
+                    self._removers.append(optimizer.register_step_post_hook(self._after_optimizer_step).remove)
             if ctx.loss_scaler.enabled:
                 self._removers.append(ctx.loss_scaler.on_unscaled(self._unscaled))
 
@@ -114,7 +121,8 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained = None, False
-        self._gradients_read = False
+        self._gradients_read = self.lr_read = self.optimizer_stepping = False
+        self._unscaled_ones = set()
         for probe in self.probes:
             probe.begin_step()
 
@@ -126,22 +134,35 @@ class ProbeSet:
                 probe.gradients_ready()
 
     def _unscaled(self, optimizer) -> None:
-        if optimizer is self.ctx.optimizer:
+        """The loss scaler unscaled an optimizer's gradients: read them once every optimizer's are (with several,
+        the ones unscaled first are read true while the others are still scaled)."""
+        if any(optimizer is o for o in self._optimizers):
+            self._unscaled_ones.add(id(optimizer))
             self._read_lr()
-            self.gradients_ready()
+            if len(self._unscaled_ones) == len(self._optimizers):
+                self.gradients_ready()
+
+    @property
+    def several_optimizers(self) -> bool:
+        return len(self._optimizers) > 1
 
     def _read_lr(self) -> None:
         """The lr this step's update uses, read before the optimizer steps (also on a step the loss scaler skips):
         a scheduler changes it after the step (the Trainer and accelerate call `scheduler.step()` after
         `optimizer.step()`), so read at `Probes.step()` it would be the next step's."""
-        self.ctx.lr = float(self.ctx.optimizer.param_groups[0]["lr"])
+        self.lr_read = True
+        self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
+            return
+        self.optimizer_stepping = True
         if self.closed_without_optimizer_step and not self.ctx.trained:
             self._stepped_before_a_forward()
         self.closed_without_optimizer_step = False
         self._read_lr()
-        self.gradients_ready()
+        if not self.ctx.loss_scaler.enabled or len(self._unscaled_ones) == len(self._optimizers):
+            self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self.probes:
             probe.before_optimizer_step()
 
@@ -168,6 +189,11 @@ class ProbeSet:
         optimizer to hook — from `Probes.step()`, which comes after the loop's optimizer step."""
         for probe in self.probes:
             probe.after_optimizer_step()
+
+    def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
+        """The total gradient norm the loop's clipping computed (unscaled, before clipping): the `grad_norm` column."""
+        if self._gradients is not None:
+            self._gradients.observe_norm(norm)
 
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""
@@ -210,9 +236,30 @@ class ProbeSet:
                 forward()
         finally:
             self.ctx.replaying = False
-        readings = probe.take_readings()
+            readings = probe.take_readings()  # detaches the hooks, also when the forward raised
         host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
         probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
+
+    def wrap(self, owner, name: str, after: Callable) -> None:
+        """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
+        put back at `close()` unless something replaced it again since."""
+        original, had_own = getattr(owner, name), name in vars(owner)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            result = original(*args, **kwargs)
+            after(result)
+            return result
+
+        def restore() -> None:
+            if vars(owner).get(name) is wrapper:
+                if had_own:
+                    setattr(owner, name, original)
+                else:
+                    delattr(owner, name)
+
+        setattr(owner, name, wrapper)
+        self._removers.append(restore)
 
     def close(self) -> None:
         for remove in self._removers:
@@ -230,7 +277,8 @@ class Probes:
     `load_run` read like one of `train`'s.
 
     models: a module (the student) or {"student": m, "teacher": t}; frozen models get forward statistics.
-    optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too.
+    optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too. A loop
+    with several optimizers (one per part of the model, at their own settings) passes them all, as a list.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
     knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
     "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
@@ -254,7 +302,10 @@ class Probes:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
         models = models if isinstance(models, dict) else {"student": models}
         models = {name: unwrap_model(m) for name, m in models.items()}
-        optimizer, wrapped_scaler = unwrap_optimizer(optimizer)
+        unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
+        optimizers = [o for o, _ in unwrapped if o is not None]
+        optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
+        wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
@@ -284,6 +335,8 @@ class Probes:
         self._write_config()
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
+        if self.ctx.optimizer is not None:
+            self._check_unoptimized(first_step)
         self.set.begin_step(first_step)
 
     @classmethod
@@ -301,7 +354,22 @@ class Probes:
         kwargs.setdefault("precision", precision)
         kwargs.setdefault("caller", "accelerate")
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
-        return cls(models, optimizer, accelerator.scaler, **kwargs)
+        probes = cls(models, optimizer, accelerator.scaler, **kwargs)
+        probes.watch_accelerator(accelerator)
+        return probes
+
+    def watch_accelerator(self, accelerator) -> None:
+        """Read the gradients when accelerate has them complete: at `accelerator.unscale_gradients`, which its
+        `clip_grad_norm_` and `clip_grad_value_` call before they clip (the Trainer clips every step, to
+        `max_grad_norm` or to inf for its logged norm). At the optimizer's pre-step hook they are clipped already,
+        and clipping by a NaN total norm turns every tensor's gradient NaN: the module a NaN came from is lost.
+        `clip_grad_norm_`'s return — the total norm before clipping — becomes the `grad_norm` column. Only on a
+        step that ends an accumulation (`accelerator.sync_gradients`); the methods are restored at `close()`."""
+        if self.set.probes:
+            self.set.wrap(accelerator, "unscale_gradients", after=lambda _: (
+                self.set.gradients_ready() if accelerator.sync_gradients else None))
+            self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
+                self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
     @property
     def ctx(self) -> ProbeContext:
@@ -338,17 +406,21 @@ class Probes:
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
-        if self.ctx.optimizer is None:
-            self.set.optimizer_stepped()  # the weights after the loop's optimizer step, read here
-        (host,) = to_host(self.set.take_readings())
+        if self.ctx.optimizer is None or (self.set.several_optimizers and self.set.optimizer_stepping):
+            self.set.optimizer_stepped()  # the weights after the loop's optimizer step(s), read here
+        optimizer = self.ctx.optimizer
+        self.set.closed_without_optimizer_step = optimizer is not None and not self.set.lr_read  # no pre-step hook
+        lr = self.ctx.lr if self.set.lr_read or optimizer is None else group_lr(optimizer.param_groups[0])
+        readings = self.set.take_readings()
+        if torch.is_tensor(lr):  # a tensor lr joins the step's one transfer
+            readings["lr"] = lr
+        (host,) = to_host(readings)
+        lr = host.pop("lr", lr)
         metrics = self.set.record(host)
         if self.ranks.distributed:  # the step's loss is every rank's batch's: their mean (one small gather)
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
-        optimizer = self.ctx.optimizer
-        self.set.closed_without_optimizer_step = optimizer is not None and self.ctx.lr is None  # no pre-step hook
-        lr = self.ctx.lr if self.ctx.lr is not None or optimizer is None else optimizer.param_groups[0]["lr"]
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
@@ -363,6 +435,20 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _check_unoptimized(self, step: int) -> None:
+        """Trainable tensors of a model the optimizer trains that none of its parameter groups holds: a second
+        optimizer the probes were not given (they watch only what they are given), or a layer left out by mistake."""
+        held = {id(p) for group in self.ctx.optimizer.param_groups for p in group["params"]}
+        for name, model in self.ctx.models.items():
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            left = [n for n, p in params if id(p) not in held]
+            if left and len(left) < len(params):
+                self.events.record("setup_note", "warning",
+                                   f"{len(left)} of {name}'s {len(params)} trainable tensors (e.g. {left[0]}) are in "
+                                   "no parameter group of the optimizer the probes were given: nothing of them is "
+                                   "watched — a second optimizer? Pass every one: optimizer=[...]",
+                                   step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
 
     def _check_optimizer_given(self, step: int) -> None:
         """Without the optimizer the weights are still read at each `step()`, but what only its hooks and

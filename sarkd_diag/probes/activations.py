@@ -11,7 +11,8 @@ output of each statistics step goes to activations.jsonl when the owner keeps on
 (module × step) is drawn from it. Under torchrun each rank names its own non-finite modules (its events),
 and the map and the `act_amax_<model>` columns are the largest over every rank's batch: one gather of the
 per-module maxima per statistics step (`ProbeContext.gather`). Only training forwards
-count (`forwards.py` decides which): not evaluation, not generation.
+count (`forwards.py` decides which): not evaluation, not generation; and a layer that gradient checkpointing
+recomputes in backward is not read a second time.
 
 A module's own code also computes between its children (a residual sum, a masked softmax, a log): a NaN made
 there first shows in the output of the child it is handed to, whose own work was fine. So on statistics steps
@@ -32,7 +33,7 @@ import weakref
 import torch
 from torch import nn
 
-from .base import FP16_MAX, Probe, dtype_name
+from .base import FP16_MAX, Probe, dtype_name, eager, in_backward
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -71,14 +72,15 @@ class ActivationProbe(Probe):
                 for module_name, module in model.named_modules():
                     if module_name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
                         self._handles.append(module.register_forward_pre_hook(
-                            self._before(model_name, module_name), with_kwargs=True))
-                        self._handles.append(module.register_forward_hook(self._hook(model_name, module_name)))
+                            eager(self._before(model_name, module_name)), with_kwargs=True))
+                        self._handles.append(module.register_forward_hook(eager(self._hook(model_name, module_name))))
                     elif not module_name:  # the root: its inputs are the data, not a module's making
-                        self._handles.append(module.register_forward_pre_hook(self._root(model_name),
+                        self._handles.append(module.register_forward_pre_hook(eager(self._root(model_name)),
                                                                               with_kwargs=True))
 
     def _counts(self, model_name: str) -> bool:
-        return self.ctx.training_forward.get(model_name, True) or self.ctx.replaying
+        """A training forward's module (or a replay's); not a layer gradient checkpointing recomputes in backward."""
+        return (self.ctx.training_forward.get(model_name, True) or self.ctx.replaying) and not in_backward()
 
     def _root(self, model_name: str):
         def hook(_module, args, kwargs):

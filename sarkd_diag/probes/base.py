@@ -14,7 +14,7 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +40,7 @@ class Watched:
 class ProbeContext:
     models: dict[str, nn.Module]
     events: EventLog
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: torch.optim.Optimizer | Optimizers | None = None  # several: `Optimizers`
     loss_scaler: LossScaler = field(default_factory=lambda: LossScaler(None))
     level: str = "standard"
     every: int = 10
@@ -72,6 +72,78 @@ class ProbeContext:
 
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
+
+
+def eager(hook: Callable) -> Callable:
+    """A module hook that torch.compile calls as it is instead of tracing it into the compiled graph.
+
+    Traced, a hook's bookkeeping (lists that grow with every module's reading) becomes guards of the graph: the
+    hooks recompiled at every call and every statistics step, up to dynamo's recompile limit (a tiny GPT-2's first
+    step took 19 s instead of 2.4 s). Run eagerly, a hook costs a graph break around it; on a model that is not
+    compiled, ~0.5 µs a call."""
+    return torch.compiler.disable(hook)
+
+
+def in_backward() -> bool:
+    """A forward that runs inside a backward pass: gradient checkpointing recomputing a layer's forward (both the
+    reentrant and the non-reentrant kind), not a forward of the step — its outputs were read the first time."""
+    return _graph_task_id() != -1
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def group_lr(group: dict) -> float | torch.Tensor | None:
+    """The lr a parameter group steps at: a number; a tensor (torch's optimizers take one) as a copy, which the
+    owner moves to the host with the step's readings (a scheduler rewrites it in place); or None where the
+    optimizer holds none (transformers' `Adafactor(relative_step=True)` computes its own, per tensor)."""
+    lr = group.get("lr")
+    if torch.is_tensor(lr):
+        return lr.detach().clone()
+    return None if lr is None else float(lr)
+
+
+class Optimizers:
+    """Several optimizers of one loop (a student's and a head's, at their own settings) seen as the one the probes
+    read: their parameter groups in order and their state. The step's moments come from each one's hooks
+    (`ProbeSet`): the pre-step moment at the first of them, the post-step one when the owner closes the step."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @property
+    def state(self) -> _States:
+        return _States([optimizer.state for optimizer in self.optimizers])
+
+
+class _States(Mapping):
+    """The optimizers' state dicts read as one, without inserting into their defaultdicts (a ChainMap would)."""
+
+    def __init__(self, states: list):
+        self._states = states
+
+    def __getitem__(self, param):
+        for state in self._states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self):
+        return (param for state in self._states for param in state)
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self._states)
+
+
+def optimizers_of(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers behind what the probes read: one, several (`Optimizers`) or none."""
+    if optimizer is None:
+        return []
+    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
 SAMPLE_LIMIT = 4096  # elements per tensor that estimate a fraction (lost updates, underflow)

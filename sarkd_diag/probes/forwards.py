@@ -5,7 +5,8 @@ forward belongs to a training step: a model this run trains (in mode `train()` o
 mode whose routers train counts) is in training mode, it is not generating (a forward handed a KV cache is
 a generation step), and — for a model with weights the run updates — gradients are on. So a frozen
 teacher's no-grad forward during a step counts; evaluation (the student in eval mode), generation (TRL's
-on-policy samples) and the student's no-grad forwards do not, and the per-module statistics skip them.
+on-policy samples), the student's no-grad forwards and forwards run inside a backward pass (gradient
+checkpointing's recomputation) do not, and the per-module statistics skip them.
 
 The same hook reads what the weights cannot tell: whether autocast was on, and in which dtype (a Trainer
 or accelerate run under bf16 autocast holds fp32 weights), and whether a floating-point input holds NaN
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Probe
+from .base import Probe, eager, in_backward
 
 
 def is_generating(kwargs: dict) -> bool:
@@ -33,7 +34,7 @@ class ForwardProbe(Probe):
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
-        self._handles = [model.register_forward_pre_hook(self._before_forward(name), with_kwargs=True)
+        self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
 
     def _training(self) -> bool:
@@ -42,7 +43,7 @@ class ForwardProbe(Probe):
 
     def _before_forward(self, model_name: str):
         def hook(model: nn.Module, args: tuple, kwargs: dict):
-            training = (self._training() and not is_generating(kwargs)
+            training = (self._training() and not is_generating(kwargs) and not in_backward()
                         and (torch.is_grad_enabled() or not self._trainable[model_name]))
             self.ctx.training_forward[model_name] = training
             if not training:

@@ -2,8 +2,10 @@
 and magnitudes fp16 could not hold (metrics, not warnings: nearly every run has some).
 
 Gradients are read at `gradients_ready`: after a loss scaler unscales them and before it decides to skip
-the step — so the steps a scaler skips, where overflows live, are seen too — or, without a scaler, at the
-optimizer's pre-step hook. One reduction per tensor; nothing moves to the host until the step ends.
+the step — so the steps a scaler skips, where overflows live, are seen too — or, without a scaler, when
+accelerate unscales them for its clipping (before a NaN total norm makes every gradient NaN: the Trainer and
+accelerate loops), else at the optimizer's pre-step hook. One reduction per tensor; nothing moves to the host
+until the step ends. The total norm the loop's clipping returns, where the probes see it, is `grad_norm`.
 
 A non-finite gradient on a step a loss scaler skips is the scaler working (info); one that reaches an
 optimizer without a scaler corrupts the weights (critical). An event is recorded where a stretch of such
@@ -33,6 +35,7 @@ import math
 
 import torch
 
+from ..contract.shards import local_shard
 from ..contract.wording import counted
 from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, sampled
 
@@ -47,6 +50,7 @@ class GradientProbe(Probe):
         self._amax = None
         self._grads: list[torch.Tensor | None] = []
         self._underflow = None
+        self._norm = None  # the total norm the loop's clipping returned, this step
         self._arrival: dict[int, int] = {}
         self._clock = itertools.count()
         self._handles = []
@@ -65,6 +69,13 @@ class GradientProbe(Probe):
 
     def begin_step(self) -> None:
         self._arrival.clear()
+
+    def observe_norm(self, norm: torch.Tensor | float) -> None:
+        """The total norm the loop's clipping computed (before clipping): kept on the device for the step's transfer."""
+        if torch.is_tensor(norm):
+            self._norm = (norm if type(norm) is torch.Tensor else local_shard(norm)).detach().float()
+        else:
+            self._norm = torch.tensor(float(norm))
 
     def gradients_ready(self) -> None:
         self._grads = [w.param.grad for w in self.ctx.watched]
@@ -88,12 +99,14 @@ class GradientProbe(Probe):
             out["grad_amax"] = self._amax
         if self._underflow is not None:
             out["grad_underflow"] = self._underflow
-        self._amax = self._underflow = None
+        if self._norm is not None:
+            out["grad_norm"] = self._norm
+        self._amax = self._underflow = self._norm = None
         return out
 
     def record(self, host: dict) -> dict:
         amax = host.get("grad_amax")
-        metrics: dict = {}
+        metrics: dict = {} if host.get("grad_norm") is None else {"grad_norm": host["grad_norm"]}
         if host.get("grad_underflow") is not None:
             tiny, nonzero = host["grad_underflow"]
             metrics["grad_fp16_underflow_fraction"] = tiny / nonzero if nonzero else 0.0

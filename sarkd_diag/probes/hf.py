@@ -9,12 +9,16 @@
 model, the accelerate-wrapped optimizer, `args` and `state`), which holds neither a distillation trainer's
 teacher nor the loss of a trainer whose student forward returns no `loss` (TRL's DistillationTrainer runs
 the student's backbone and a chunked divergence, never `model(...).loss`). `attach` reads both from the
-trainer itself; `Trainer(..., callbacks=[SarkdDiagCallback(dir)])` still works for a plain Trainer.
+trainer itself, reads the gradients before the Trainer clips them, and replays a micro-batch's `compute_loss`
+whose loss turned non-finite between statistics steps; `Trainer(..., callbacks=[SarkdDiagCallback(dir)])` still
+works for a plain Trainer, without those.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -93,6 +97,8 @@ class SarkdDiagCallback(TrainerCallback):
         self._trainer = None
         self._losses: list[torch.Tensor] = []
         self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
+        self._loss_call = None  # (compute_loss, args, kwargs) of the micro-batch under way (attach)
+        self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
 
     @classmethod
     def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
@@ -103,17 +109,47 @@ class SarkdDiagCallback(TrainerCallback):
             kwargs["teacher"] = trainer_teacher(trainer)
         callback = cls(run_dir, **kwargs)
         callback._trainer = trainer
-        training_step = trainer.training_step
+        training_step, compute_loss = trainer.training_step, trainer.compute_loss
 
         @functools.wraps(training_step)
         def recorded_training_step(*args, **kw):
+            callback._loss_call = None
             loss = training_step(*args, **kw)
             callback._losses.append(loss.detach())
+            callback._replay_if_nonfinite(loss)
             return loss
 
+        @functools.wraps(compute_loss)
+        def recorded_compute_loss(*args, **kw):
+            callback._loss_call = (compute_loss, args, kw)  # what a replay calls again
+            return compute_loss(*args, **kw)
+
         trainer.training_step = recorded_training_step
+        trainer.compute_loss = recorded_compute_loss
         trainer.add_callback(callback)
         return callback
+
+    def _replay_if_nonfinite(self, loss: torch.Tensor) -> None:
+        """A micro-batch's loss is non-finite on a step without per-module statistics: run its `compute_loss` again,
+        under no_grad with them on — before the optimizer step, so from the weights that made the loss (the
+        student's and a teacher's forwards, whatever the trainer's loss does) — to name the module where the
+        non-finite value began. The Trainer reads every micro-batch's loss on the host anyway
+        (`logging_nan_inf_filter`, on by default), so checking it here costs no transfer more; the replay (one
+        forward, on the failure path only) draws no random numbers the run would (`fork_rng`). Once a step, before
+        any weight is non-finite (after that every module's output is), in a single process (a replay on one rank
+        of a sharded or DDP model would wait on the others)."""
+        probes, call, self._loss_call = self.probes, self._loss_call, None
+        if (probes is None or call is None or probes.critical or probes.ranks.distributed
+                or self._replayed_at == probes.ctx.step
+                or not getattr(self._trainer.args, "logging_nan_inf_filter", False)
+                or not probes.set.needs_replay(math.nan) or _finite(loss)):
+            return
+        self._replayed_at = probes.ctx.step
+        compute_loss, args, kwargs = call
+        devices = sorted({p.device.index or 0 for m in probes.ctx.models.values() for p in m.parameters()
+                          if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):  # a failed replay names nothing
+            probes.set.replay_forward(lambda: compute_loss(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -124,10 +160,12 @@ class SarkdDiagCallback(TrainerCallback):
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
-        scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
-        self.probes = Probes(models, optimizer=optimizer, scaler=scaler,
+        accelerator = getattr(self._trainer, "accelerator", None)
+        self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir, level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer")
+        if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
+            self.probes.watch_accelerator(accelerator)
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
         # checkpoint's step, so the first step of this run is the one after it. A train() from global_step 0
         # into a directory that holds steps (a second train() call) continues after them instead of at 1
@@ -156,3 +194,8 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def _finite(loss: torch.Tensor) -> bool:
+    """Whether a training_step's loss is finite, read on the host (one value: `item`, the cheapest read)."""
+    return math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss.detach()).all())

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import Probe, dtype_name
+from .base import Probe, dtype_name, eager
 
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
@@ -60,8 +60,8 @@ class LossProbe(Probe):
         trainable models from their outputs, so no one needs to hand them over."""
         for name, model in self.ctx.models.items():
             if self.ctx.trains(name):
-                self._handles += [model.register_forward_pre_hook(self._read_labels(name), with_kwargs=True),
-                                  model.register_forward_hook(self._read_loss(name))]
+                self._handles += [model.register_forward_pre_hook(eager(self._read_labels(name)), with_kwargs=True),
+                                  model.register_forward_hook(eager(self._read_loss(name)))]
 
     def _read_labels(self, model_name: str):
         def hook(_model, args, kwargs):

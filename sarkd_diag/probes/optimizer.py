@@ -2,9 +2,11 @@
 
 Before every step: is each parameter group's learning rate finite (a schedule can make it NaN at any step; the
 optimizer then fills every weight of the group with NaN, whatever the gradients).
-Before the first step: is eps set to 0 (then Adam divides 0 by 0 wherever a second moment is 0), is it
-representable (AdamW's 1e-8 is 0.0 in fp16; torch's fused kernels do their arithmetic in fp32 and are exempt),
-is weight decay, and how
+After the first step, once its state shows the dtype the optimizer computes in (before it where a resumed run's
+state or a fused kernel says so already): is eps set to 0 (then Adam divides 0 by 0 wherever a second moment is
+0), is it representable in that dtype (AdamW's 1e-8 is 0.0 in fp16, where torch's Adam keeps its moments;
+transformers' Adafactor keeps fp32 state for fp16 weights, and torch's fused kernels do their arithmetic in
+fp32). Before the first step: is weight decay representable, and how
 many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away —
 the last two only for a group that steps (lr > 0): a frozen group's lr × weight_decay is 0 in any dtype.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
@@ -52,9 +54,9 @@ def scheduled_lr(group: dict) -> tuple[float, str]:
     """The lr a group trains at, and its name: a scheduler's `initial_lr` (its base lr) where one is attached —
     under warmup the first step's `lr` is 0 or tiny, which would hide a real problem and invent others — else
     `lr`. A group at lr 0 throughout is frozen."""
-    if "initial_lr" in group:
+    if group.get("initial_lr") is not None:
         return float(group["initial_lr"]), "the scheduler's initial_lr"
-    return float(group.get("lr", 0.0)), "lr"
+    return float(group.get("lr") or 0.0), "lr"  # None: an optimizer that picks its own lr (Adafactor's relative step)
 
 
 class OptimizerProbe(Probe):
@@ -69,6 +71,7 @@ class OptimizerProbe(Probe):
         self._reported_lr: set[int] = set()
         self._zero_lr_since: int | None = None  # first step of the current stretch with every group at lr 0
         self._reported_zero_lr = False
+        self._eps_pending: list[int] = []  # parameter groups whose eps is checked once the first step made the state
 
     def before_optimizer_step(self) -> None:
         if self.ctx.optimizer is None:
@@ -126,33 +129,12 @@ class OptimizerProbe(Probe):
             dtype = Counter(p.dtype for p in params).most_common(1)[0][0]
             label = group_label(index, group, names)
             model = next((names[id(p)].model for p in params if id(p) in names), None)
-            eps, wd = group.get("eps"), float(group.get("weight_decay", 0.0))
+            wd = float(group.get("weight_decay", 0.0))
             lr, lr_name = scheduled_lr(group)
-            if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
-                eps = eps[0]
-            tiny = torch.finfo(dtype).tiny
-            if eps == 0:  # set so: in every dtype and kernel, a zero second moment divides 0 by 0
-                self.ctx.events.record(
-                    "optimizer_preflight", "warning",
-                    f"{label}: optimizer eps is 0: any entry whose second moment is 0 (a gradient entry exactly 0 — "
-                    "an embedding row not in the batch, a dead unit) divides 0 by 0 and turns the weight NaN",
-                    probe=self.name, phase="optimizer", model=model, tensor=label,
-                    dtype=_dtype_name(dtype), value=0.0, step=self.ctx.step, code="eps_zero")
-            elif eps is not None and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
-                rounded = torch.tensor(eps, dtype=dtype).item()
-                if rounded == 0.0:
-                    self.ctx.events.record(
-                        "optimizer_preflight", "critical",
-                        f"{label}: optimizer eps={eps:g} is 0.0 in {_dtype_name(dtype)}: any entry whose squared "
-                        "gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN",
-                        probe=self.name, phase="optimizer", model=model, tensor=label,
-                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_zero")
-                elif abs(rounded) < tiny:
-                    self.ctx.events.record(
-                        "optimizer_preflight", "warning",
-                        f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
-                        probe=self.name, phase="optimizer", model=model, tensor=label,
-                        dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
+            if _state_dtype(self.ctx.optimizer.state, params) is not None or group.get("fused"):
+                self._check_eps(index, group)  # the state (a resumed run's) or the kernel says what eps is added in
+            else:
+                self._eps_pending.append(index)  # known once the first step has made the state
             if wd > 0 and lr > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:  # lr 0: a frozen group
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
@@ -177,6 +159,41 @@ class OptimizerProbe(Probe):
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lost, step=self.ctx.step, code="update_below_half_ulp")
 
+    def _check_eps(self, index: int, group: dict) -> None:
+        """eps against the dtype the optimizer adds it in: that of the state it keeps (torch's Adam keeps its moments
+        in the weights' dtype; transformers' Adafactor upcasts fp16 weights and keeps fp32 state), the weights' where
+        it keeps none; fp32 in torch's fused kernels."""
+        params = [p for p in group["params"] if p.requires_grad]
+        names = {id(w.param): w for w in self.ctx.watched}
+        label = group_label(index, group, names)
+        model = next((names[id(p)].model for p in params if id(p) in names), None)
+        dtype = _state_dtype(self.ctx.optimizer.state, params) or Counter(p.dtype for p in params).most_common(1)[0][0]
+        eps = group.get("eps")
+        if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
+            eps = eps[0]
+        if eps == 0:  # set so: in every dtype and kernel, a zero second moment divides 0 by 0
+            self.ctx.events.record(
+                "optimizer_preflight", "warning",
+                f"{label}: optimizer eps is 0: any entry whose second moment is 0 (a gradient entry exactly 0 — "
+                "an embedding row not in the batch, a dead unit) divides 0 by 0 and turns the weight NaN",
+                probe=self.name, phase="optimizer", model=model, tensor=label,
+                dtype=_dtype_name(dtype), value=0.0, step=self.ctx.step, code="eps_zero")
+        elif isinstance(eps, (int, float)) and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
+            rounded = torch.tensor(eps, dtype=dtype).item()
+            if rounded == 0.0:
+                self.ctx.events.record(
+                    "optimizer_preflight", "critical",
+                    f"{label}: optimizer eps={eps:g} is 0.0 in {_dtype_name(dtype)}: any entry whose squared "
+                    "gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN",
+                    probe=self.name, phase="optimizer", model=model, tensor=label,
+                    dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_zero")
+            elif abs(rounded) < torch.finfo(dtype).tiny:
+                self.ctx.events.record(
+                    "optimizer_preflight", "warning",
+                    f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
+                    probe=self.name, phase="optimizer", model=model, tensor=label,
+                    dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
+
     @staticmethod
     def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float) -> float:
         """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype."""
@@ -189,7 +206,12 @@ class OptimizerProbe(Probe):
         return lost / total if total else 0.0
 
     def after_optimizer_step(self) -> None:
-        if not self.ctx.stats_step or self.ctx.optimizer is None:
+        if self.ctx.optimizer is None:
+            return
+        pending, self._eps_pending = self._eps_pending, []
+        for index in pending:
+            self._check_eps(index, self.ctx.optimizer.param_groups[index])
+        if not self.ctx.stats_step:
             return
         state = self.ctx.optimizer.state
         self._half = [w for w in self.ctx.watched
@@ -227,3 +249,11 @@ class OptimizerProbe(Probe):
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(sum(live)),
                 model=worst.model, module=worst.module, tensor=worst.tensor, dtype=state_dtype)
         return {"state_underflow_fraction": fraction}
+
+
+def _state_dtype(state, params: list[torch.Tensor]) -> torch.dtype | None:
+    """The dtype an optimizer keeps its per-element state in for these weights (its moments: floating tensors of one
+    dimension or more, not a 0-dim step count), the most common; None before it has any."""
+    dtypes = Counter(v.dtype for p in params for v in state.get(p, {}).values()
+                     if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0)
+    return dtypes.most_common(1)[0][0] if dtypes else None

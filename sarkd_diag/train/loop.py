@@ -677,6 +677,7 @@ class Trainer:
             self.world.average_gradients(opt.outside_ddp)  # DDP averaged the student's during the last backward
             precision.unscale_gradients(opt.optimizer)
             self.world.agree_on_overflow(precision.loss_scaler, opt.optimizer)
+            self.probes.gradients_ready()  # before clipping: a NaN total norm would make every gradient NaN
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             grad_norm = self.world.clip_grad_norm(opt.trainable, max_norm)
             if self.policy.runs_step(self.step, grad_norm, self.logs.events):

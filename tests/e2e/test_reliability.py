@@ -378,3 +378,17 @@ def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_rec
     assert config["options"]["trust_remote_code"] is True
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "completed"
+
+
+def test_a_nan_gradient_is_placed_at_its_tensor_although_the_loop_clips(tiny_world, tmp_path):
+    """--max-grad-norm (1.0 by default) clips by the total norm, and one tensor's NaN makes it NaN and every gradient
+    NaN: read at the optimizer's pre-step hook, the gradients named the backward-first trainable tensor (a teacher
+    router). They are read before the clip."""
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", probes="standard"), TrainingDisplay(quiet=True))
+    names = {id(p): name for name, p in trainer.run.models.student.named_parameters()}
+    weight = next(p for p in trainer.trainable if names.get(id(p), "").endswith("h.0.ln_1.bias"))
+    weight.register_hook(lambda g: g * math.nan if trainer.step == 2 else g)
+    result = trainer.train()
+    root = result.summary["diagnosis"][0]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
+        "gradient_overflow", "student", names[id(weight)], 2)

@@ -23,12 +23,14 @@ VOCAB, STEPS = 64, 4
 
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
-          eval_mode=False, **call) -> list[float]:
+          eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
     `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
-    trained in eval mode (no dropout), as some do."""
+    trained in eval mode (no dropout), as some do; `make_optimizer`: the optimizer of the model's parameters
+    (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync, its
+    norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -37,7 +39,10 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
         overflow_fp16(model.transformer.h[1])
     if infinite_grad:
         model.transformer.h[1].mlp.c_proj.weight.register_hook(lambda g: g * math.inf)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = [1]
+    if nan_grad_at is not None:
+        model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda g: g * math.nan if steps[0] == nan_grad_at else g)
+    optimizer = (make_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3)))(model.parameters())
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_mode:
@@ -49,12 +54,17 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
             outputs = model(**batch, **call)
             loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
+            if clip is not None and accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                if norms is not None:
+                    norms.append(norm.item())
             if probes is not None and probes_first:
                 probes.step()
             optimizer.step()
             if probes is not None and not probes_first:
                 probes.step()  # the loss of the step: read from the model's outputs
             optimizer.zero_grad()
+            steps[0] += accelerator.sync_gradients
         losses.append(loss.item())
     if probes is not None:
         probes.close()
@@ -126,3 +136,87 @@ def test_an_infinite_gradient_in_a_bf16_run_advises_no_precision_switch(tmp_path
     assert "mixed_precision" not in found["fix"], found["fix"]
     assert "derivative" in found["fix"] and found["module"] == "transformer.h.1.mlp.c_proj"
     np.testing.assert_array_equal(_loop(infinite_grad=True), losses)  # NaN where the weights turned NaN
+
+
+def test_adafactor_with_its_own_relative_step_trains_and_records_no_lr(tmp_path):
+    """transformers' `Adafactor(params)` (relative step: lr=None in its groups) picks its lr per tensor: the lr column
+    is not known (null). Reading it as a number raised TypeError inside the optimizer's pre-step hook, killing the
+    run."""
+    from transformers.optimization import Adafactor
+
+    losses = _loop(tmp_path / "run", make_optimizer=Adafactor)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["metrics"]["lr"].isna().all() and run["metrics"]["update_ratio"].notna().all()
+    assert run["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
+    assert _loop(make_optimizer=Adafactor) == losses
+
+
+def test_gradients_are_read_before_accelerate_clips_them(tmp_path):
+    """`accelerator.clip_grad_norm_` under `accumulate`: a NaN in one tensor's gradient makes the total norm NaN, and
+    clipping by it turns every gradient NaN before the optimizer's pre-step hook. Read when accelerate unscales them
+    for the clip, the gradients still say where the NaN came from; the norm clip_grad_norm_ returned is `grad_norm`."""
+    norms = []
+    _loop(tmp_path / "run", accumulation=2, clip=1.0, norms=norms, nan_grad_at=3)
+    run = load_run(tmp_path / "run")
+    found = cause(run["summary"]["diagnosis"], "gradient_overflow")
+    assert (found["module"], found["tensor"], found["first_step"]) == (
+        "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 3)
+    metrics = run["metrics"]
+    assert metrics["nonfinite_grad_tensors"].tolist()[:3] == [0, 0, 1]  # one tensor, not all of them
+    assert metrics["grad_norm"].tolist()[:2] == pytest.approx(norms[:2], rel=1e-6)  # one per optimizer step
+    assert math.isnan(metrics["grad_norm"].iloc[2])
+
+
+def _two_optimizers(run_dir, split: bool, optimizers_given: str = "both", nan_grad_at=None) -> list[float]:
+    """transformer.h.1 trained by an optimizer of its own (`split`), or the same settings as a second parameter
+    group of one optimizer; `optimizers_given`: "both" (a list) or "first" to the probes."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(VOCAB)
+    own = [p for n, p in model.named_parameters() if n.startswith("transformer.h.1.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("transformer.h.1.")]
+    if split:
+        optimizers = [torch.optim.AdamW(rest, lr=1e-3), torch.optim.AdamW(own, lr=3e-3)]
+    else:
+        optimizers = [torch.optim.AdamW([{"params": rest}, {"params": own, "lr": 3e-3}], lr=1e-3)]
+    steps = [1]
+    if nan_grad_at is not None:
+        model.transformer.h[1].mlp.c_fc.weight.register_hook(lambda g: g * math.nan if steps[0] == nan_grad_at else g)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
+    given = optimizers if optimizers_given == "both" else optimizers[0]
+    losses = []
+    with Probes.from_accelerator(accelerator, model, given, run_dir=run_dir) as probes:
+        for _, batch in zip(range(STEPS), loader, strict=False):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            for optimizer in optimizers:
+                optimizer.step()
+            probes.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            steps[0] += 1
+    return losses
+
+
+def test_several_optimizers_are_watched_as_one(tmp_path):
+    """A layer with an optimizer of its own: given both, the probes read it as they read the same settings in a
+    parameter group — the same update ratio every step (the post-step reading waits for the last optimizer) — and a
+    NaN gradient there is named. Given only the first, its tensors are unwatched: a setup note says so."""
+    split = _two_optimizers(tmp_path / "split", split=True)
+    grouped = _two_optimizers(tmp_path / "grouped", split=False)
+    assert split == grouped  # the same training
+    ratios = [load_run(tmp_path / name)["metrics"]["update_ratio"].tolist() for name in ("split", "grouped")]
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-5)
+    assert load_run(tmp_path / "split")["summary"]["diagnosis"] == []
+
+    _two_optimizers(tmp_path / "nan", split=True, nan_grad_at=2)
+    found = cause(load_run(tmp_path / "nan")["summary"]["diagnosis"], "gradient_overflow")
+    assert (found["tensor"], found["first_step"]) == ("transformer.h.1.mlp.c_fc.weight", 2)
+
+    _two_optimizers(tmp_path / "first", split=True, optimizers_given="first")
+    notes = load_run(tmp_path / "first")["events"].query("code == 'unwatched_params'")
+    assert len(notes) == 1 and notes.iloc[0]["tensor"].startswith("transformer.h.1.")

@@ -75,3 +75,34 @@ def test_head_is_the_only_module_whose_gradient_overflows(scale):
     (loss * scale).backward()
     bad = {name.rpartition(".")[0] for name, p in model.named_parameters() if not torch.isfinite(p.grad).all()}
     assert "head" in bad and (bad == {"head"} or scale > 1)
+
+
+def _two_optimizers(run_dir, split: bool):
+    """fp32 weights, a GradScaler, the head on an optimizer of its own (`split`) or in the same one."""
+    model = _model()
+    head = list(model.head.parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizers = [torch.optim.AdamW(rest, lr=1e-3), torch.optim.AdamW(head, lr=1e-3)] if split else [
+        torch.optim.AdamW(model.parameters(), lr=1e-3)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = torch.Generator().manual_seed(1)
+    with Probes(model, optimizer=optimizers, scaler=scaler, run_dir=run_dir) as probes:
+        for _ in range(3):
+            loss = nn.functional.mse_loss(model(torch.randn(16, 16, generator=g)), torch.randn(16, 1, generator=g))
+            scaler.scale(loss).backward()
+            for optimizer in optimizers:
+                scaler.step(optimizer)  # unscales that optimizer's gradients, then steps it
+            scaler.update()
+            probes.step(loss=loss)
+            for optimizer in optimizers:
+                optimizer.zero_grad()
+    return load_run(run_dir)["metrics"]
+
+
+def test_with_several_optimizers_gradients_are_read_once_all_are_unscaled(tmp_path):
+    """`scaler.step(first)` unscales only the first optimizer's gradients: read then (at its unscale or its pre-step
+    hook), the second's would still carry the loss scale (×1024 here). Read once every optimizer's are unscaled,
+    they are what one optimizer over all the weights reads."""
+    split, whole = _two_optimizers(tmp_path / "split", True), _two_optimizers(tmp_path / "whole", False)
+    assert split["grad_amax"].tolist() == pytest.approx(whole["grad_amax"].tolist(), rel=1e-6)
+    assert split["update_ratio"].tolist() == pytest.approx(whole["update_ratio"].tolist(), rel=1e-5)

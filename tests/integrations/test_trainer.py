@@ -5,6 +5,7 @@ hand-written KD Trainer whose teacher overflows."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -283,3 +284,159 @@ def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
     found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "activation_overflow")
     assert found["severity"] == "warning" and found["module"] == "transformer.h.1.mlp.c_proj"
     assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
+
+
+@pytest.mark.parametrize("where", ["recomputation", "every forward"])
+def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where):
+    """`gradient_checkpointing=True` runs each layer's forward a second time inside backward. Its outputs were read
+    in the step's forward; read again, a step's statistics cost twice as much, and what the recomputation does
+    (here a hook that pushes an output beyond fp16's range only there) would be reported as the step's."""
+    model = tiny.make_gpt2(VOCAB)
+    recomputing = where == "recomputation"
+
+    def beyond_fp16(_module, _inputs, output):
+        if not recomputing or torch._C._current_graph_task_id() != -1:  # a forward run inside backward
+            return output * 0 + 1e5
+        return None
+
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(beyond_fp16)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", gradient_checkpointing=True, max_steps=2),
+                      train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run", level="full")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    causes = [d["cause"] for d in run["summary"]["diagnosis"]]
+    if recomputing:
+        assert "activation_overflow" not in causes
+    else:  # the same hook in the step's forward is seen: the test above can fail
+        found = cause(run["summary"]["diagnosis"], "activation_overflow")
+        assert (found["module"], found["first_step"]) == ("transformer.h.0.mlp.c_fc", 1)
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+
+def _logged(trainer, key: str) -> list[float]:
+    return [h[key] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_under_accumulation_and_clipping_the_rows_are_the_trainers_steps(tmp_path):
+    """gradient_accumulation_steps=2 with max_grad_norm=0.5: a row per optimizer step whose loss, lr and gradient
+    norm (unscaled, before clipping: what `clip_grad_norm_` returns) are what the Trainer logged."""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", gradient_accumulation_steps=2,
+                        max_grad_norm=0.5, learning_rate=1e-3, lr_scheduler_type="linear")
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4]
+    assert _train_losses(load_run(tmp_path / "run")) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    assert metrics["lr"].tolist() == pytest.approx(_logged(trainer, "learning_rate"))
+    assert metrics["grad_norm"].tolist() == pytest.approx(_logged(trainer, "grad_norm"), rel=1e-6)
+    assert max(metrics["grad_norm"]) > 0.5  # clipped: the norm before clipping, not after
+
+
+class _NanGradientAt(TrainerCallback):
+    """One weight's gradient made NaN in the backward of one optimizer step."""
+
+    def __init__(self, param, step):
+        self.step, self.current = step, 0
+        param.register_hook(lambda g: g * math.nan if self.current == self.step else g)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = state.global_step + 1
+
+
+def test_a_nan_gradient_is_placed_at_its_module_although_the_trainer_clips(tmp_path):
+    """The Trainer clips every step (to max_grad_norm, 1.0 by default, or to inf for the norm it logs): a NaN total
+    norm makes every gradient NaN before the optimizer's pre-step hook, which named the output end (ln_f). Read when
+    accelerate unscales them for the clip, the gradients name the tensor the NaN came from."""
+    model = tiny.make_gpt2(VOCAB)
+    nan = _NanGradientAt(model.transformer.h[0].mlp.c_fc.weight, step=2)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), callbacks=[nan])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["tensor"], root["first_step"]) == (
+        "gradient_overflow", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 2)
+    assert run["metrics"]["nonfinite_grad_tensors"].tolist() == [0, 1]  # one tensor, not all of them
+    assert trainer.state.global_step == 2  # stopped: the weights are NaN from here on
+
+
+def test_adafactor_on_fp16_weights_is_not_blamed_for_an_eps_it_adds_in_fp32(tmp_path):
+    """`optim="adafactor"` on a model cast to fp16: transformers' Adafactor upcasts each weight and gradient to fp32
+    and keeps fp32 state, so its eps=1e-30 is added in fp32, not the weights' fp16 (where it is 0.0). The eps is
+    checked in the dtype of the state the first step made: no critical eps underflow for a run whose weights stay
+    finite. (The same check with torch's AdamW, state in fp16, is the test of the unnamed parameter groups above.)"""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", optim="adafactor",
+                        learning_rate=1e-3)
+    run = load_run(tmp_path / "run")
+    assert "optimizer_eps_underflow" not in [d["cause"] for d in run["summary"]["diagnosis"]]
+    assert run["events"].query("kind == 'optimizer_preflight' and code == 'eps_zero'").empty
+    assert run["summary"]["status"] == "completed" and torch.isfinite(torch.tensor(logged_losses(trainer))).all()
+
+
+class _InfWeightAt(TrainerCallback):
+    """One element of a weight set to +Inf as an optimizer step begins (a bad edit of the weights, a corrupt load)."""
+
+    def __init__(self, param, step):
+        self.param, self.step = param, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                self.param.view(-1)[0] = math.inf
+
+
+@pytest.mark.parametrize("model_name", ["student", "teacher"])
+def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model_name):
+    """Step 3 is no statistics step (1 and every 10th are): the loss turns non-finite with no module statistics, and
+    after the optimizer step every weight is NaN. The callback replays the micro-batch's `compute_loss` with them on,
+    before the optimizer step — student and teacher forwards of a hand-written KD Trainer alike."""
+    def trainer_with_fault():
+        student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
+        broken = (student if model_name == "student" else teacher).transformer.h[1].mlp.c_fc.weight
+        return KDTrainer(model=student, teacher=teacher, args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                         train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(broken, step=3)])
+
+    trainer = trainer_with_fault()
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    expected = "teacher_overflow" if model_name == "teacher" else "divergence"
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        expected, model_name, "transformer.h.1.mlp.c_fc", 3)
+    plain = trainer_with_fault()
+    plain.train()
+    assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
+
+
+def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
+    """Embeddings and the first block frozen (`requires_grad=False`, left out of the Trainer's optimizer): they are
+    not watched, so neither a missing gradient nor an update that does not move them is an event — over a
+    statistics step too (10)."""
+    model = tiny.make_gpt2(VOCAB)
+    for name, p in model.named_parameters():
+        if name.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.")):
+            p.requires_grad_(False)
+    trainer, _ = _train(tmp_path, model, tmp_path / "run", max_steps=10, learning_rate=1e-3)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["diagnosis"] == [] and run["events"].empty
+    assert (run["metrics"]["zero_grad_tensors"] == 0).all() and run["metrics"]["update_ratio"].notna().all()
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+
+def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
+    """`eval_strategy="steps"` evaluates after every step, between the probes' steps, with per-module hooks on at
+    `full`: its forwards (the model in eval mode) are not training forwards. A module made NaN only in evaluation
+    is not reported, and the rows are the four training steps, their losses the Trainer's."""
+    model = tiny.make_gpt2(VOCAB)
+    model.transformer.h[0].mlp.c_proj.register_forward_hook(
+        lambda module, _inputs, output: None if module.training else output * math.nan)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", eval_strategy="steps", eval_steps=1,
+                                                      learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run", level="full")
+    trainer.train()
+    assert math.isnan(trainer.state.log_history[1]["eval_loss"])  # evaluation did see the NaN
+    run = load_run(tmp_path / "run")
+    assert run["events"].empty and run["summary"]["diagnosis"] == []
+    assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)

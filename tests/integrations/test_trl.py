@@ -135,3 +135,80 @@ def test_statistics_come_from_training_forwards_not_from_generation(world, tmp_p
         found = cause(diagnosis, "activation_overflow")
         assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
             "warning", "student", "transformer.h.0.mlp.c_proj", 1)
+
+
+def test_a_teacher_fault_between_statistics_steps_is_named_by_a_replay(world, tmp_path):
+    """Step 2 is no statistics step: the teacher's weight made Inf there turns the loss non-finite with no module
+    statistics. The callback replays the micro-batch's `compute_loss` (what TRL computes from the generated
+    completions, teacher forward included) with them on, before the optimizer step."""
+    from transformers import TrainerCallback
+
+    class InfTeacherWeight(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == 2:
+                with torch.no_grad():
+                    teacher.transformer.h[1].mlp.c_fc.weight.view(-1)[0] = float("inf")
+
+    student, teacher = _pair(world)
+    config = dict(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                  save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3,
+                  max_completion_length=6)
+    trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=trl.DistillationConfig(**config),
+                                      train_dataset=world["dataset"], processing_class=world["tokenizer"],
+                                      callbacks=[InfTeacherWeight()])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2)
+
+
+def _other_trainer(world, kind, out, student, run_dir=None):
+    """TRL's SFTTrainer, DPOTrainer and (experimental) GKDTrainer on the tiny world, 3 steps on the CPU."""
+    lines = [f"{p}{' the sky is blue .'}" for p in world["dataset"]["prompt"]]
+    config = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, report_to=[], save_strategy="no",
+                  logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3)
+    tokenizer = world["tokenizer"]
+    if kind == "sft":
+        trainer = trl.SFTTrainer(model=student, args=trl.SFTConfig(**config, max_length=32),
+                                 train_dataset=Dataset.from_dict({"text": lines}), processing_class=tokenizer)
+    elif kind == "dpo":
+        prompts = list(world["dataset"]["prompt"])
+        data = Dataset.from_dict({"prompt": prompts, "chosen": [" the sky is blue ."] * len(prompts),
+                                  "rejected": [" blue is sky the ."] * len(prompts)})
+        trainer = trl.DPOTrainer(model=student, ref_model=tiny.make_gpt2(world["vocab"], seed=0),
+                                 args=trl.DPOConfig(**config, max_length=48), train_dataset=data,
+                                 processing_class=tokenizer)
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+        data = Dataset.from_list([{"messages": [{"role": "user", "content": p},
+                                                {"role": "assistant", "content": "the sky is blue ."}]}
+                                  for p in world["dataset"]["prompt"]])
+        trainer = GKDTrainer(model=student, teacher_model=tiny.make_gpt2(world["vocab"], seed=3),
+                             args=GKDConfig(**config, lmbda=1.0, max_new_tokens=6, max_length=48), train_dataset=data,
+                             processing_class=tokenizer)
+    if run_dir is not None:
+        SarkdDiagCallback.attach(trainer, run_dir)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "gkd"])
+def test_sft_dpo_and_gkd_trainers_record_their_steps(world, tmp_path, kind):
+    """The same callback on TRL's other trainers: each step's loss is the one the trainer logs, bf16 (TRL's default)
+    is recorded as asked, and a clean run is diagnosed clean. GKD is on-policy (lmbda=1: the student generates every
+    step): a student module beyond fp16's range only while generating is not reported."""
+    student = tiny.make_gpt2(world["vocab"], seed=0)
+    if kind == "gkd":
+        _beyond_fp16_in(student.transformer.h[0].mlp.c_proj, lambda: not torch.is_grad_enabled())
+    trainer = _other_trainer(world, kind, tmp_path / "t", student, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 3
+    assert run["summary"]["diagnosis"] == []
+    assert run["summary"]["precision"]["requested"] == "TrainingArguments(bf16=True)"
+    metrics = run["metrics"]
+    assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
+    assert metrics["grad_norm"].tolist() == pytest.approx([h["grad_norm"] for h in trainer.state.log_history
+                                                           if "loss" in h], rel=1e-6)
