@@ -17,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/sarkd-diag train
 
+# Two pytest-xdist workers, one per core of CI's 2-core machine: the tests train single-threaded
+# (tests/conftest.py), so a second worker nearly halves the wall time. Whole files go to one worker
+# (--dist loadfile), so a module's shared runs (module-scoped fixtures) are trained once.
+# `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

@@ -31,9 +31,10 @@ def tiny_args(tiny_world, tmp_path) -> list[str]:
             "--student-lr", "3e-3", "--output-dir", str(tmp_path / "run")]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli():
-    """Run the real CLI entry point in-process: returns (exit code, stdout, stderr)."""
+    """Run the real CLI entry point in-process: returns (exit code, stdout, stderr). It holds no state, so
+    module-scoped fixtures may train through it too (one run that several tests read)."""
     import contextlib
     import io
 
