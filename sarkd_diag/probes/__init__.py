@@ -120,7 +120,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
-        ctx.lr, ctx.trained = None, False
+        ctx.lr, ctx.trained, ctx.optimizer_ran = None, False, False
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
         self._unscaled_ones = set()
         for probe in self.probes:
@@ -157,6 +157,7 @@ class ProbeSet:
         if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
             return
         self.optimizer_stepping = True
+        self.ctx.optimizer_ran = True
         if self.closed_without_optimizer_step and not self.ctx.trained:
             self._stepped_before_a_forward()
         self.closed_without_optimizer_step = False

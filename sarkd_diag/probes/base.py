@@ -55,6 +55,7 @@ class ProbeContext:
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)
     trained: bool = False  # a training forward has run in this step (what an optimizer step's gradients come from)
     lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
+    optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)

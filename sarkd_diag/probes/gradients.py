@@ -151,8 +151,11 @@ class GradientProbe(Probe):
         w = self.ctx.watched[first]
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
-        skipped = self.ctx.loss_scaler.enabled  # a scaler skips every step whose gradients are non-finite
-        outcome = ("the loss scaler skips the step" if skipped else
+        # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer
+        scaled, held_back = self.ctx.loss_scaler.enabled, self.ctx.optimizer is not None and not self.ctx.optimizer_ran
+        skipped = scaled or held_back
+        outcome = ("the loss scaler skips the step" if scaled else
+                   "the step was skipped before the optimizer ran" if held_back else
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",

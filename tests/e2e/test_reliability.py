@@ -391,4 +391,4 @@ def test_a_nan_gradient_is_placed_at_its_tensor_although_the_loop_clips(tiny_wor
     result = trainer.train()
     root = result.summary["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
-        "gradient_overflow", "student", names[id(weight)], 2)
+        "divergence", "student", names[id(weight)], 2)  # a NaN among small fp32 values: an undefined derivative

@@ -159,7 +159,7 @@ def test_gradients_are_read_before_accelerate_clips_them(tmp_path):
     norms = []
     _loop(tmp_path / "run", accumulation=2, clip=1.0, norms=norms, nan_grad_at=3)
     run = load_run(tmp_path / "run")
-    found = cause(run["summary"]["diagnosis"], "gradient_overflow")
+    found = cause(run["summary"]["diagnosis"], "divergence")  # fp32, small values: an undefined derivative
     assert (found["module"], found["tensor"], found["first_step"]) == (
         "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 3)
     metrics = run["metrics"]
@@ -214,7 +214,7 @@ def test_several_optimizers_are_watched_as_one(tmp_path):
     assert load_run(tmp_path / "split")["summary"]["diagnosis"] == []
 
     _two_optimizers(tmp_path / "nan", split=True, nan_grad_at=2)
-    found = cause(load_run(tmp_path / "nan")["summary"]["diagnosis"], "gradient_overflow")
+    found = cause(load_run(tmp_path / "nan")["summary"]["diagnosis"], "divergence")  # fp32: no overflow
     assert (found["tensor"], found["first_step"]) == ("transformer.h.1.mlp.c_fc.weight", 2)
 
     _two_optimizers(tmp_path / "first", split=True, optimizers_given="first")

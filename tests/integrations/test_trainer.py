@@ -355,7 +355,7 @@ def test_a_nan_gradient_is_placed_at_its_module_although_the_trainer_clips(tmp_p
     run = load_run(tmp_path / "run")
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["module"], root["tensor"], root["first_step"]) == (
-        "gradient_overflow", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 2)
+        "divergence", "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc.weight", 2)  # fp32: no overflow
     assert run["metrics"]["nonfinite_grad_tensors"].tolist() == [0, 1]  # one tensor, not all of them
     assert trainer.state.global_step == 2  # stopped: the weights are NaN from here on
 
