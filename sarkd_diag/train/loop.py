@@ -566,7 +566,9 @@ class Trainer:
             self._evaluate()
         while self.step < cfg.train_steps:
             if self._stop_requested(stops):
-                events.record("interrupted", "warning", f"{stops.signal.name}: stopped after step {self.step}; "
+                # under torchrun every rank stops after the same step, some before their own signal arrives
+                why = stops.signal.name if stops.signal is not None else "a stop signal on another rank"
+                events.record("interrupted", "warning", f"{why}: stopped after step {self.step}; "
                               "state saved", step=self.step, phase="policy")
                 self._save_checkpoint()
                 return "interrupted"
