@@ -481,6 +481,26 @@ def _probes(model, opt, scaler, run_dir):
     return Probes(model, optimizer=opt, scaler=scaler, run_dir=run_dir)
 
 
+def plain_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path, schedule=None,
+                    after_step: Callable[[], None] | None = None) -> list[float]:
+    """The loop most people write, watched by Probes: forward, backward, the optimizer's step (`after_step()` right
+    after it), `probes.step`, the schedule's step, zero_grad. Returns each step's loss."""
+    losses = []
+    with _probes(model, opt, None, run_dir) as probes:
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                after_step()
+            probes.step(loss=loss, labels=ids)
+            if schedule is not None:
+                schedule.step()
+            opt.zero_grad()
+    return losses
+
+
 def fused_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab).half()
@@ -756,15 +776,7 @@ def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    losses = []
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in token_batches(world, 6):
-            loss = model(input_ids=ids, labels=ids).loss
-            losses.append(float(loss.detach()))
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+    losses = plain_user_loop(model, opt, token_batches(world, 6), tmp / "run")
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     above = next((i + 1 for i, v in enumerate(losses) if v > 3 * losses[0]), None)
     outcome.facts.update(losses=[round(v, 2) for v in losses], first_step_above_3x=above)
@@ -780,13 +792,7 @@ def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
     model = tiny.make_gpt2(world.vocab)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-10)
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in token_batches(world, 3):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+    plain_user_loop(model, opt, token_batches(world, 3), tmp / "run")
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     same = sum(int((before[n] == p).sum()) for n, p in model.named_parameters())
     total = sum(p.numel() for p in model.parameters())
@@ -957,15 +963,7 @@ def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
         model.transformer.wte.weight[rare] = math.nan
     batches[2][0, 5] = rare  # one rare token in step 3's batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in batches:
-            loss = model(input_ids=ids, labels=ids).loss
-            losses.append(float(loss.detach()))
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+    losses = plain_user_loop(model, opt, batches, tmp / "run")
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(rare_token=rare, losses=[round(v, 3) for v in losses])
     outcome.check("the loss is finite until the batch holding the token, NaN from step 3",
@@ -1013,14 +1011,8 @@ def weight_decay_typo_user_loop(world: World, tmp: Path) -> Outcome:
     model = tiny.make_gpt2(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e2)
     amax = [max_weight(model)]
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in token_batches(world, 10):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
-            amax.append(max_weight(model))
+    plain_user_loop(model, opt, token_batches(world, 10), tmp / "run",
+                    after_step=lambda: amax.append(max_weight(model)))
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts["max_weight"] = [round(v, 3) for v in amax]
     outcome.check("the largest weight fell below half its initial value in 10 steps, every weight finite",
@@ -1038,16 +1030,9 @@ def zero_step_schedule_user_loop(world: World, tmp: Path) -> Outcome:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=0)
-    lrs = []
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in token_batches(world, 4):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            schedule.step()
-            opt.zero_grad()
+    lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
+    plain_user_loop(model, opt, token_batches(world, 4), tmp / "run", schedule=schedule,
+                    after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
     outcome.facts.update(lr=lrs, weights_changed=moved)
@@ -1252,17 +1237,9 @@ def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
     model = tiny.make_gpt2(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=8)
-    losses, lrs = [], []
-    with _probes(model, opt, None, tmp / "run") as probes:
-        for ids in token_batches(world, 8):
-            loss = model(input_ids=ids, labels=ids).loss
-            losses.append(float(loss.detach()))
-            loss.backward()
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            probes.step(loss=loss, labels=ids)
-            schedule.step()
-            opt.zero_grad()
+    lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
+    losses = plain_user_loop(model, opt, token_batches(world, 8), tmp / "run", schedule=schedule,
+                             after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
     outcome.check("lr 0 at step 1 only; finite losses, falling", lrs[0] == 0 and all(lrs[1:])
