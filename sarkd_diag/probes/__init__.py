@@ -38,6 +38,7 @@ from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
 from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host
+from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
 from .loss import LossProbe
@@ -84,6 +85,7 @@ class ProbeSet:
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
         self._optimizers = optimizers_of(ctx.optimizer)
         self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
+        self._watched_ids = {id(w.param) for w in ctx.watched}
         self._removers = []
         if self._optimizers and self.probes:
             for optimizer in self._optimizers:
@@ -142,6 +144,13 @@ class ProbeSet:
             if len(self._unscaled_ones) == len(self._optimizers):
                 self.gradients_ready()
 
+    def gradients_unscaled(self) -> bool:
+        """No loss scaler scales the gradients, or it has unscaled every optimizer's this step."""
+        return not self.ctx.loss_scaler.enabled or len(self._unscaled_ones) == len(self._optimizers)
+
+    def watches_any(self, params: list) -> bool:
+        return any(id(p) in self._watched_ids for p in params)
+
     @property
     def several_optimizers(self) -> bool:
         return len(self._optimizers) > 1
@@ -162,7 +171,7 @@ class ProbeSet:
             self._stepped_before_a_forward()
         self.closed_without_optimizer_step = False
         self._read_lr()
-        if not self.ctx.loss_scaler.enabled or len(self._unscaled_ones) == len(self._optimizers):
+        if self.gradients_unscaled():
             self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self.probes:
             probe.before_optimizer_step()
@@ -260,7 +269,11 @@ class ProbeSet:
                     delattr(owner, name)
 
         setattr(owner, name, wrapper)
-        self._removers.append(restore)
+        self.until_close(restore)
+
+    def until_close(self, remove: Callable[[], None]) -> None:
+        """Call `remove` (a hook's remover) at `close()`."""
+        self._removers.append(remove)
 
     def close(self) -> None:
         for remove in self._removers:
@@ -324,6 +337,8 @@ class Probes:
                                          activations_log=activations, gather=self.ranks.gather))
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
+        if self.set.probes:
+            self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._closed = False
@@ -371,6 +386,15 @@ class Probes:
                 self.set.gradients_ready() if accelerator.sync_gradients else None))
             self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
                 self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
+
+    def _before_clipping(self, parameters: list, total_norm: torch.Tensor) -> None:
+        """torch is about to clip gradients by `total_norm` (`clipping.py`): read them first — the step's, once
+        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`."""
+        if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
+            return
+        if self.set.gradients_unscaled():
+            self.set.gradients_ready()
+            self.set.observe_grad_norm(total_norm)
 
     @property
     def ctx(self) -> ProbeContext:

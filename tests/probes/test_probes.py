@@ -1,6 +1,7 @@
 """Each probe provoked on a tiny model, in a hand-written loop that never imports the training core:
 the event's kind, model, module and step, and the cause the diagnosis draws from it."""
 
+import contextlib
 import math
 
 import pandas as pd
@@ -8,8 +9,11 @@ import pytest
 import torch
 from contract import assert_conforms, assert_run_dir
 from torch import nn
+from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
+
+ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
 
 class Blowup(torch.autograd.Function):
@@ -97,6 +101,53 @@ def test_the_first_nonfinite_gradient_in_backward_order_is_named(level, dtype, c
     root = probes.diagnosis()[0]
     assert (root["cause"], root["module"]) == (cause, "second")
     assert ("derivative" in root["fix"]) is (dtype == torch.float32)
+
+
+def _clipped_steps(model, probes, opt, steps: int, max_norm: float = 1.0) -> tuple[list[float], list[float]]:
+    """A loop that clips as most do, with the name imported before the probes existed: each step's total norm and
+    largest gradient before clipping."""
+    norms, amaxes = [], []
+    for x in torch.randn(steps, 4, 8, generator=torch.Generator().manual_seed(0)):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        amaxes.append(max(float(p.grad.abs().max()) for p in model.parameters()))
+        norms.append(float(clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+        if probes is not None:
+            probes.step(loss=loss)
+        opt.zero_grad()
+    return norms, amaxes
+
+
+def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
+    """A NaN gradient in `second` makes the total norm NaN, and clip_grad_norm_ multiplies every gradient by NaN:
+    read at the optimizer's step, the first non-finite one in backward order would be `third`, the output end."""
+    torch.manual_seed(0)
+    model = Net(blow_up_backward=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        norms, _ = _clipped_steps(model, probes, opt, steps=1)
+    assert math.isnan(norms[0])
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.module, event.step) == ("second", 1)
+    assert math.isnan(probes.rows[0]["grad_norm"])  # the norm the loop clipped by: the grad_norm column
+    assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
+
+
+def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+            norms, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=0.1)
+        runs.append((norms, [p.detach().clone() for p in model.parameters()], probes))
+    (plain_norms, plain_weights, _), (norms, weights, probes) = runs
+    assert norms == plain_norms and all(torch.equal(a, b) for a, b in zip(plain_weights, weights, strict=True))
+    assert min(norms) > 0.1  # every step was clipped, by a factor of 1.5 and more
+    assert [row["grad_norm"] for row in probes.rows] == pytest.approx(norms)
+    assert [row["grad_amax"] for row in probes.rows] == pytest.approx(amaxes)  # the gradients before clipping
 
 
 def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_frozen():
