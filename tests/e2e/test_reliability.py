@@ -187,6 +187,21 @@ def test_a_signal_finishes_the_step_saves_everything_and_resume_continues(cli, t
     assert [r["step"] for r in _rows(out)] == list(range(1, done + 3))
 
 
+def test_a_rank_that_another_ranks_signal_stops_saves_and_says_why(tiny_world, tmp_path, monkeypatch):
+    """Under torchrun every rank stops after the same step (an all-reduced flag), some before their own signal has
+    arrived: such a rank saves as interrupted and names the other rank's signal (it used to crash on its own)."""
+    from sarkd_diag.train.distributed import World
+
+    trainer = Trainer(_config(tiny_world, tmp_path / "run"), TrainingDisplay(quiet=True))
+    monkeypatch.setattr(World, "any_host_flag", lambda self, flag: flag or trainer.step >= 2)  # another rank's
+    result = trainer.train()
+    assert (result.status, result.exit_code, result.summary["steps_completed"]) == ("interrupted", 130, 2)
+    (event,) = _events(result.run_dir, "interrupted")
+    assert event["message"].startswith("a stop signal on another rank: stopped after step 2")
+    assert [p.name for p in ckpt.list_checkpoints(result.run_dir)] == ["step-00000002"]
+    _summary(result.run_dir)
+
+
 def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_world, out, "--train-steps", "100000", "--save-steps", "2")
