@@ -184,7 +184,8 @@ class SarkdDiagCallback(TrainerCallback):
             return
         # training_step returns each micro-batch's loss already divided for gradient accumulation: their sum is
         # the step's loss, as the Trainer logs it
-        loss = torch.stack(self._losses).sum() if self._losses else None
+        losses = self._losses
+        loss = None if not losses else losses[0] if len(losses) == 1 else torch.stack(losses).sum()
         self._losses = []
         self.probes.step(loss=loss)
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:

@@ -88,7 +88,7 @@ class LossProbe(Probe):
         if labels is not None:
             targets = count_targets(labels)
         else:
-            targets = torch.stack(captured).min() if captured else None
+            targets = None if not captured else captured[0] if len(captured) == 1 else torch.stack(captured).min()
         self.observe({"loss": loss}, targets)
 
     def begin_step(self) -> None:
