@@ -33,9 +33,14 @@ _replaced: list = []  # the modules whose name for the function now holds the wr
 def _clips_with_norm(parameters, max_norm, total_norm, foreach=None):
     """torch's clipping by a given total norm, after telling the listeners which parameters and which norm."""
     parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)  # a generator is read twice
+    _tell(parameters, total_norm)
+    return _original(parameters, max_norm, total_norm, foreach)
+
+
+@torch.compiler.disable  # a compiled training step that clips runs the probes eagerly, as a graph break
+def _tell(parameters: list, total_norm: torch.Tensor) -> None:
     for listener in list(_listeners):
         listener(parameters, total_norm)
-    return _original(parameters, max_norm, total_norm, foreach)
 
 
 def watch_gradient_clipping(listener: Listener) -> Callable[[], None]:
