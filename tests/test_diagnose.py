@@ -271,6 +271,22 @@ def test_a_nonfinite_loss_on_a_step_without_module_statistics_stays_unexplained_
     assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")
 
 
+TRIPLED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": [4.0, 6.0, 13.0, 20.0]})
+
+
+@pytest.mark.parametrize("mode, master, blown", [("fp32", None, True), ("mixed", "float32", True),
+                                                 ("bf16-mixed", None, True), ("external", "float32", True),
+                                                 ("pure-bf16", "bfloat16", False), ("pure-fp16", None, False)])
+def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_fp32(mode, master, blown):
+    """Trainer(bf16=True) or a GradScaler loop keeps fp32 master weights: a loss that triples with nothing
+    non-finite is a step too large there as in fp32. In bf16 or fp16 weights precision may have inflated the
+    updates: the precision rules speak, not this one."""
+    precision = {"mode": mode, **({"master_dtype": master} if master else {})}
+    found = diagnose(log(), TRIPLED, {"precision": precision, "caller": "trainer"})
+    assert [(c["cause"], c["severity"], c["first_step"]) for c in found] == (
+        [("divergence", "critical", 3)] if blown else [])
+
+
 SKIPPED_NAN = ({**NAN_LOSS, "step": 5},
                {"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 5,
                 "phase": "backward", "model": "student", "module": "ln_f", "tensor": "ln_f.weight"},

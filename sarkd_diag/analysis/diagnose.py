@@ -312,6 +312,15 @@ class RunRecord:
         roles = held.values() if isinstance(held, dict) else []
         return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
 
+    def updates_wide_weights(self) -> bool:
+        """Whether the optimizer updates fp32 weights: fp32, or mixed precision's fp32 master weights (the
+        `precision.master_dtype`, else the mode). Precision then inflates no update — a forward overflow is
+        non-finite, and a step a loss scaler skips changes nothing — so a finite loss that triples is the step's
+        size. In weights held in fp16 or bf16 it may be precision's doing (state underflow inflates updates):
+        the rules for those speak."""
+        master = (self.config.get("precision") or {}).get("master_dtype")
+        return master in WIDE_WEIGHT_DTYPES if master else self.mode in ("fp32", "mixed", "bf16-mixed")
+
     def computes_in_fp16(self) -> bool:
         """Whether the forwards ran in float16: fp16 weights, or fp16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -844,7 +853,8 @@ def divergence(r: RunRecord) -> list[Cause]:
     After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
     mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
-    explanation when one exists), or an fp32 training loss above DIVERGENCE_FACTOR× its first value.
+    explanation when one exists), or a training loss above DIVERGENCE_FACTOR× its first value where the
+    optimizer updates fp32 weights (`RunRecord.updates_wide_weights`: fp32, or a mixed mode's master weights).
     """
     op = r.nonfinite_op()
     if op is not None:
@@ -907,7 +917,7 @@ def divergence(r: RunRecord) -> list[Cause]:
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
-    if r.mode == "fp32" and len(blown):
+    if r.updates_wide_weights() and len(blown):
         return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
                                 "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
