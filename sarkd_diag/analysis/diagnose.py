@@ -136,6 +136,11 @@ FIXES = {
                     "logits `.detach()`ed or computed under `torch.no_grad()` (a `loss.requires_grad_()` hides "
                     "that), a frozen path — or the gradients are cleared between `backward()` and the optimizer "
                     "step (`zero_grad()` before `step()`); nothing trains",
+    "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
+                                "was built from other parameters — another model, a copy, or the model before it was "
+                                "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
+                                "change nothing of {model} and the loss cannot move; build the optimizer from this "
+                                "model's `parameters()` after the last wrap",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
@@ -793,7 +798,15 @@ def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
 
 def no_gradients(r: RunRecord) -> list[Cause]:
     """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
-    it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights."""
+    it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
+    Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
+    reach tensors it never updates."""
+    unoptimized = r.of("setup_note", "unoptimized_models")
+    if len(unoptimized):
+        row = _first(unoptimized)
+        return [Cause("no_gradients", "warning", **_where(row),
+                      evidence={"trainable_tensors_in_optimizer": 0, "trainable_tensors": row.get("numel")},
+                      fix=r.fix("no_gradients_unoptimized", model=row.get("model"), tensor=row.get("tensor")))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
     if not len(zero):

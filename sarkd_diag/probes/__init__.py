@@ -464,9 +464,17 @@ class Probes:
     def _check_unoptimized(self, step: int) -> None:
         """Trainable tensors of a model the optimizer trains that none of its parameter groups holds: a second
         optimizer the probes were not given (they watch only what they are given), or a layer left out by mistake."""
-        held = {id(p) for group in self.ctx.optimizer.param_groups for p in group["params"]}
-        for name, model in self.ctx.models.items():
-            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        held_tensors = [p for group in self.ctx.optimizer.param_groups for p in group["params"]]
+        held = set(map(id, held_tensors))
+        trainable = {name: [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                     for name, model in self.ctx.models.items()}
+        # a framework that steps flat copies of the weights (DeepSpeed's ZeRO partitions) holds plain tensors, never
+        # a module's Parameter: only an optimizer of Parameters, none of them these models', was built from others
+        if (held and all(isinstance(p, nn.Parameter) for p in held_tensors)
+                and not any(id(p) in held for params in trainable.values() for _, p in params)):
+            self._optimizes_none_of_them(trainable, step)
+            return
+        for name, params in trainable.items():
             left = [n for n, p in params if id(p) not in held]
             if left and len(left) < len(params):
                 self.events.record("setup_note", "warning",
@@ -474,6 +482,19 @@ class Probes:
                                    "no parameter group of the optimizer the probes were given: nothing of them is "
                                    "watched — a second optimizer? Pass every one: optimizer=[...]",
                                    step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
+
+    def _optimizes_none_of_them(self, trainable: dict[str, list], step: int) -> None:
+        """The optimizer holds parameters, but not one trainable tensor of the models given: built from another
+        model, a copy, or before the model was re-created or wrapped (adapters added after the optimizer was made
+        are trainable tensors it never saw). Its step changes nothing of them: the loss cannot move."""
+        name, params = next(((n, ps) for n, ps in trainable.items() if ps), (None, []))
+        if name is None:
+            return  # nothing the probes were given is trainable: nothing for the optimizer to miss
+        self.events.record("setup_note", "warning",
+                           f"the optimizer holds none of {name}'s {len(params)} trainable tensors (e.g. {params[0][0]})"
+                           f" — it was built from other parameters: its steps change nothing of {name}",
+                           step=step, probe="optimizer", model=name, tensor=params[0][0], numel=len(params),
+                           code="unoptimized_models")
 
     def _check_optimizer_given(self, step: int) -> None:
         """Without the optimizer the weights are still read at each `step()`, but what only its hooks and

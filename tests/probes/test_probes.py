@@ -150,6 +150,52 @@ def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_no
     assert [row["grad_amax"] for row in probes.rows] == pytest.approx(amaxes)  # the gradients before clipping
 
 
+def _adapted_after_the_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The optimizer made, then the base frozen and an adapter added (PEFT's order mistaken): the optimizer holds the
+    frozen base, not one of the tensors that train."""
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.requires_grad_(False)
+    model.second = nn.Sequential(model.second, nn.Linear(8, 8))
+    return model, opt
+
+
+@pytest.mark.parametrize("mistake", ["another model", "adapter after the optimizer"])
+def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_the_first_step(mistake):
+    """The loss stays where it is and nothing is non-finite: only the optimizer's parameter list tells why."""
+    torch.manual_seed(0)
+    if mistake == "another model":
+        model, opt = Net(), torch.optim.AdamW(Net().parameters(), lr=1e-3)
+    else:
+        model, opt = _adapted_after_the_optimizer()
+    with Probes(model, optimizer=opt) as probes:
+        before = [p.detach().clone() for p in model.parameters()]
+        _train(model, probes, opt, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing trained
+    (event,) = [e for e in probes.events.events if e.code == "unoptimized_models"]
+    assert (event.model, event.step, event.severity) == ("student", 1, "warning")
+    (root,) = probes.diagnosis()
+    assert (root["cause"], root["model"], root["first_step"]) == ("no_gradients", "student", 1)
+    assert "built from other parameters" in root["fix"]
+
+
+def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_model():
+    """DeepSpeed's ZeRO steps flat fp32 copies of the weights (plain tensors, no module's Parameter): no mistake."""
+    model = Net()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).requires_grad_()
+    with Probes(model, optimizer=torch.optim.SGD([flat], lr=0.1)) as probes:
+        pass
+    assert not [e for e in probes.events.events if e.code == "unoptimized_models"]
+
+
+def test_a_teacher_left_trainable_beside_an_optimized_student_is_no_unoptimized_note():
+    student, teacher = Net(), Net()  # the teacher's requires_grad left on, as often: it is not in the optimizer
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        _train(student, probes, opt, steps=1)
+    assert not [e for e in probes.events.events if e.code in ("unoptimized_models", "unwatched_params")]
+
+
 def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_frozen():
     torch.manual_seed(0)
     model, teacher = Net(), Net().requires_grad_(False)
