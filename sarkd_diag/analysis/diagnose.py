@@ -141,6 +141,10 @@ FIXES = {
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
                                 "change nothing of {model} and the loss cannot move; build the optimizer from this "
                                 "model's `parameters()` after the last wrap",
+    "no_gradients_no_step": "the optimizer never stepped in the {steps} steps of the run: the gradients reached the "
+                            "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
+                            "gradient accumulation, check that the condition that steps it holds within the run), "
+                            "and `probes.step()` after it",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
@@ -807,6 +811,12 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **_where(row),
                       evidence={"trainable_tensors_in_optimizer": 0, "trainable_tensors": row.get("numel")},
                       fix=r.fix("no_gradients_unoptimized", model=row.get("model"), tensor=row.get("tensor")))]
+    never = r.of("setup_note", "optimizer_never_stepped")
+    if len(never):
+        row = _first(never)
+        return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
+                      evidence={"optimizer_steps": 0, "steps_closed": row.get("numel")},
+                      fix=r.fix("no_gradients_no_step", steps=row.get("numel")))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
     if not len(zero):

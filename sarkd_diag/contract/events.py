@@ -73,6 +73,8 @@ CODES = {
                   "called before optimizer.step()",
     "unwatched_params": "setup_note: trainable tensors of a model the optimizer trains are in none of its parameter "
                         "groups (a second optimizer the probes were not given)",
+    "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "
+                               "were given: optimizer.step() is never called",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

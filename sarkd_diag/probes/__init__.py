@@ -341,6 +341,7 @@ class Probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
+        self._steps_reaching_the_optimizer = 0
         self._closed = False
         first_step = 1
         if self.run_dir is not None:
@@ -435,6 +436,7 @@ class Probes:
             self.set.optimizer_stepped()  # the weights after the loop's optimizer step(s), read here
         optimizer = self.ctx.optimizer
         self.set.closed_without_optimizer_step = optimizer is not None and not self.set.lr_read  # no pre-step hook
+        self._steps_reaching_the_optimizer += self.set.lr_read
         lr = self.ctx.lr if self.set.lr_read or optimizer is None else group_lr(optimizer.param_groups[0])
         readings = self.set.take_readings()
         if torch.is_tensor(lr):  # a tensor lr joins the step's one transfer
@@ -495,6 +497,19 @@ class Probes:
                            f" — it was built from other parameters: its steps change nothing of {name}",
                            step=step, probe="optimizer", model=name, tensor=params[0][0], numel=len(params),
                            code="unoptimized_models")
+
+    def _check_optimizer_stepped(self) -> None:
+        """Steps closed, and not one reached the optimizer given (its pre-step hook, or a loss scaler's unscale — so
+        a step the scaler skips counts as reached): `optimizer.step()` is never called — missing, or behind a
+        condition that never holds (an accumulation count larger than the run) — and nothing trained."""
+        if self.ctx.optimizer is None or self._steps_reaching_the_optimizer or self._steps_recorded < 2:
+            return
+        w = next(iter(self.ctx.watched), None)
+        self.events.record("setup_note", "warning",
+                           f"not one of the {self._steps_recorded} steps closed by probes.step() reached the "
+                           "optimizer: optimizer.step() was never called, and no weight changed",
+                           step=self.ctx.step - 1, probe="optimizer", model=w.model if w else None,
+                           tensor=w.tensor if w else None, numel=self._steps_recorded, code="optimizer_never_stepped")
 
     def _check_optimizer_given(self, step: int) -> None:
         """Without the optimizer the weights are still read at each `step()`, but what only its hooks and
@@ -596,6 +611,8 @@ class Probes:
 
     def close(self, status: str = "completed") -> None:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
+        if not self._closed:
+            self._check_optimizer_stepped()
         self.set.close()
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run

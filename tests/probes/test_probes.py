@@ -179,6 +179,25 @@ def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_t
     assert "built from other parameters" in root["fix"]
 
 
+def test_a_loop_whose_optimizer_never_steps_is_told_why_nothing_trained(tmp_path):
+    """Gradient accumulation whose condition never holds within the run (or a missing optimizer.step()): the
+    gradients are there, finite, and nothing applies them."""
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for i, x in enumerate(torch.randn(3, 4, 8), start=1):
+            (model(x).pow(2).mean() / 8).backward()
+            if i % 8 == 0:
+                opt.step()
+                opt.zero_grad()
+            probes.step()
+    (event,) = [e for e in probes.events.events if e.code == "optimizer_never_stepped"]
+    assert (event.step, event.numel) == (3, 3)
+    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    assert (root["cause"], root["first_step"], root["evidence"]["optimizer_steps"]) == ("no_gradients", 1, 0)
+    assert "optimizer.step()" in root["fix"]
+
+
 def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_model():
     """DeepSpeed's ZeRO steps flat fp32 copies of the weights (plain tensors, no module's Parameter): no mistake."""
     model = Net()
