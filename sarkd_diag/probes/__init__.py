@@ -314,8 +314,7 @@ class Probes:
             raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
         if caller not in CALLERS:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
-        models = models if isinstance(models, dict) else {"student": models}
-        models = {name: unwrap_model(m) for name, m in models.items()}
+        models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
         optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
@@ -632,6 +631,19 @@ class Probes:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("completed" if exc_type is None else "interrupted" if exc_type is KeyboardInterrupt
                    else "failed")
+
+
+def _by_role(models) -> dict[str, nn.Module]:
+    """The models by role — a module alone is the student — or a TypeError that says what Probes takes."""
+    if isinstance(models, (list, tuple)):
+        raise TypeError("Probes takes one model (the student) or a dict by role, {'student': model, 'teacher': "
+                        f"teacher}}, not a {type(models).__name__}")
+    by_role = models if isinstance(models, dict) else {"student": models}
+    for role, model in by_role.items():
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Probes watches torch modules: {role} is a {type(model).__name__}, not an nn.Module "
+                            "(load it first, e.g. AutoModelForCausalLM.from_pretrained)")
+    return by_role
 
 
 def _read_rows(path: Path) -> list[dict]:

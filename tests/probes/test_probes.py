@@ -541,6 +541,13 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
     assert_conforms(tmp_path / "mine")
 
 
+@pytest.mark.parametrize("models, says", [([Net(), Net()], "dict by role"), ({"student": Net(), "teacher": "gpt2"},
+                                                                             "teacher is a str")])
+def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(models, says):
+    with pytest.raises(TypeError, match=says):
+        Probes(models)
+
+
 def test_a_loss_handed_over_as_a_number_is_recorded_like_the_tensor():
     """Loops log `loss.item()`, and hand that over too: the same row, NaN kept NaN."""
     model = Net()
