@@ -418,14 +418,13 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> dict | None:
+    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
-        `loss`: what the loop optimises (a tensor, or a number such as `loss.item()`); without it, the mean
-        loss of the step's training forwards as the model returned it. `labels`: the step's labels, to tell a
-        batch without targets; without them, the labels the model was called with. Returns the step's metrics
-        row — or None on a micro-batch of gradient accumulation (`sync_gradients` False): its loss joins the
-        step's, whose gradients are still partial.
+        `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
+        returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
+        the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
+        accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         """
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)

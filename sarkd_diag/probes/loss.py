@@ -79,13 +79,10 @@ class LossProbe(Probe):
                 self._captured.append((loss.detach(), self._labels, self._share))
         return hook
 
-    def observe_caller_loss(self, loss: torch.Tensor | float, labels: torch.Tensor | None = None) -> None:
+    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly: it replaces the losses read from the outputs; its
         target count comes from `labels`, else from the labels the model was called with this step — the
-        fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0. A number
-        (`loss.item()`, as loops log it) is taken as an fp32 value."""
-        if not torch.is_tensor(loss):
-            loss = torch.tensor(float(loss))
+        fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
         captured = [targets for _, targets, _ in self._captured if targets is not None]
         self._captured = []
         if labels is not None:

@@ -548,20 +548,6 @@ def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(
         Probes(models)
 
 
-def test_a_loss_handed_over_as_a_number_is_recorded_like_the_tensor():
-    """Loops log `loss.item()`, and hand that over too: the same row, NaN kept NaN."""
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Probes(model, optimizer=opt) as probes:
-        for value in (1.5, math.nan):
-            model(torch.ones(2, 8)).sum().backward()
-            opt.step()
-            probes.step(loss=value)
-            opt.zero_grad()
-    assert probes.rows[0]["loss"] == 1.5 and math.isnan(probes.rows[1]["loss"])
-    assert [e.step for e in probes.events.events if e.kind == "nonfinite_loss"] == [2]
-
-
 def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     """‖Δw‖/‖w‖ over the matrices (biases left out), and an extreme step named at its tensor with its lr."""
     model = Net()
