@@ -410,8 +410,21 @@ def _last_write(path: Path) -> float:
 
 
 def holds_open(files: list[Path]) -> bool | None:
-    """Whether a process of this machine has one of `files` open: True, False, or None when that cannot be
-    known (no /proc; a process of the files' owner whose open files cannot be read; no such files yet)."""
+    """Whether a process of this machine has one of `files` open for writing: True, False, or None when that
+    cannot be known (no /proc; a process of the files' owner whose open files cannot be read; no such files yet)."""
+    found, unknown = _writers(files)
+    return True if found else None if unknown else False
+
+
+def writing_processes(files: list[Path]) -> list[int]:
+    """The ids of the other processes of this machine that hold one of `files` open for writing: a run they are
+    still writing (as far as /proc shows; empty where it cannot be read)."""
+    return sorted(pid for pid in _writers(files)[0] if pid != os.getpid())
+
+
+def _writers(files: list[Path]) -> tuple[set[int], bool]:
+    """The processes holding one of `files` open for writing (a reader such as `tail -f` is not one), and whether
+    some could not be looked at (no /proc, no such files yet, or a process of the owner whose files are hidden)."""
     proc = Path("/proc")
     targets = set()
     owners = set()
@@ -422,8 +435,8 @@ def holds_open(files: list[Path]) -> bool | None:
         except OSError:
             continue
     if not targets or not (proc / "self" / "fd").is_dir():
-        return None
-    unknown = False
+        return set(), True
+    found, unknown = set(), False
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -438,11 +451,30 @@ def holds_open(files: list[Path]) -> bool | None:
             continue
         for fd in fds:
             try:
-                if os.readlink(fd) in targets:
-                    return True
+                if os.readlink(fd) in targets and _open_for_writing(entry / "fdinfo" / fd.name):
+                    found.add(int(entry.name))
+                    break
             except OSError:
                 continue
-    return None if unknown else False
+    return found, unknown
+
+
+def _open_for_writing(fdinfo: Path) -> bool:
+    """Whether a descriptor was opened to write (its `flags:` line in /proc/PID/fdinfo, octal open(2) flags)."""
+    for line in fdinfo.read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return True  # no flags shown: a writer, to be safe
+
+
+def refuse_while_written(path: Path) -> None:
+    """Refuse to close a run (or comparison) that another process is still writing: `report` would declare a live
+    run crashed, and `--follow` and `check` would then read it as closed."""
+    pids = writing_processes(_log_files(path))
+    if pids:
+        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: `sarkd-diag events "
+                       f"{path} --follow` shows it as it goes; report it once that process has ended (a notebook "
+                       "whose loop stopped: close its probes first)")
 
 
 def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:

@@ -282,6 +282,53 @@ def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
 
 
+@contextlib.contextmanager
+def _held_open(path: Path, mode: str):
+    """Another process holding `path` open in `mode` ('a': a run's writer; 'r': a reader, as `tail -f` is) until
+    the block ends; yields its pid."""
+    code = f"import sys; f = open({str(path)!r}, {mode!r}); print('open', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "open\n"
+        yield child.pid
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+
+
+def _unclosed_copy(run: Path, tmp_path: Path) -> Path:
+    """The run as it stands while it trains (or after kill -9): its logs without summary.json."""
+    copy = Path(shutil.copytree(run, tmp_path / "live"))
+    (copy / "summary.json").unlink()
+    return copy
+
+
+def test_report_refuses_a_run_another_process_is_still_writing(cli, one_step, tmp_path):
+    """`report` of a run still training in another terminal closed it as crashed: summary.json said so, `check
+    --expect completed` failed it and `events --follow` stopped following a run that went on."""
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with _held_open(run / "events.jsonl", "a") as pid:
+        code, out, err = cli("report", run)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(f"sarkd-diag: error: {run} is still being written by process "
+                                                    f"{pid}: `sarkd-diag events {run} --follow` shows it"), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    code, out, err = cli("report", run)  # its process gone: closed as crashed
+    assert code == 0 and out.startswith(f"{run}: crashed, 1 step"), err
+
+
+def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_path):
+    """`tail -f events.jsonl` in another terminal made a killed run look alive: `events --follow` waited for it."""
+    from sarkd_diag.presentation.query import holds_open
+
+    run = _unclosed_copy(one_step, tmp_path)
+    with _held_open(run / "events.jsonl", "r"):
+        assert holds_open([run / "events.jsonl"]) is False
+        code, out, err = cli("report", run)
+    assert code == 0 and out.startswith(f"{run}: crashed, 1 step"), err
+
+
 def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
     """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
     offered --resume or --overwrite only, neither of them a new run from the same options."""
