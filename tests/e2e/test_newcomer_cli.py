@@ -252,3 +252,40 @@ def test_compare_precision_help_shows_its_own_defaults(cli):
     assert code == 0 and COMPARE_DEFAULTS["probe_every"] == 5
     assert "every N-th step. [default: 5]" in text and "[default: 10]" not in text
     assert "every N-th step. [default: 10]" in " ".join(_train_help(cli).split())
+
+
+# ------------------------------------------------------------------------------------------ the Python API
+@pytest.mark.parametrize(("options", "says"), [
+    ({"train_steps": "2"}, "--train-steps must be a whole number, got '2'"),
+    ({"train_steps": 2.5}, "--train-steps must be a whole number, got 2.5"),
+    ({"student_lr": "fast"}, "--student-lr must be a number, got 'fast'"),
+    ({"use_scheduler": "no"}, "--use-scheduler must be True or False, got 'no'"),
+    ({"router_patterns": "gate"}, "--router-patterns must be a list of strings or None, got 'gate'"),
+    ({"output_dir": 3}, "--output-dir must be a string or None, got 3"),
+])
+def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, monkeypatch, options, says):
+    """`distill(train_steps="2")` was `TypeError: '<=' not supported between instances of 'str' and 'int'`, and
+    `train_steps=2.5` trained: a notebook's typo met no option name, or no error at all."""
+    import sarkd_diag
+    from sarkd_diag.contract.errors import BadInput
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(quiet=True, **options)
+    assert str(refused.value) == says
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_a_path_and_numpy_numbers_are_taken_as_meant():
+    """A numpy number from a sweep passed validation and was recorded in config.json as a string (`"3"`, json's
+    default=str); a Path stayed a Path in the options. Each is now the option's own type."""
+    import numpy as np
+
+    from sarkd_diag import DistillConfig
+
+    config = DistillConfig(output_dir=Path("runs/x"), train_steps=np.int64(3), student_lr=np.float32(0.5),
+                           router_patterns=("gate",)).validate()
+    assert config.to_dict() == {**DistillConfig().to_dict(), "output_dir": "runs/x", "train_steps": 3,
+                                "student_lr": 0.5, "router_patterns": ["gate"]}
+    assert type(config.train_steps) is int and type(config.student_lr) is float
+    json.dumps(config.to_dict())
