@@ -19,6 +19,7 @@ from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none
+from .writers import run_logs, writing_processes
 
 SCHEMA_VERSION = 1
 # compare-precision's table (comparison.csv/.parquet/.md/.html), in this order
@@ -128,6 +129,10 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     recorded = recorded_run(path)
+    writers = writing_processes(run_logs(path)) if recorded is not None else []
+    if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
+        raise BadInput(f"--output-dir {path} is still being written by process {', '.join(map(str, writers))}, a run "
+                       "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
     if resume:
         if recorded is None:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")

@@ -318,6 +318,20 @@ def test_report_refuses_a_run_another_process_is_still_writing(cli, one_step, tm
     assert code == 0 and out.startswith(f"{run}: crashed, 1 step"), err
 
 
+@pytest.mark.parametrize("extra", [["--overwrite"], ["--resume", "--train-steps", "2"], []],
+                         ids=["overwrite", "resume", "same options"])
+def test_train_refuses_an_output_dir_another_process_is_still_writing(cli, one_step, tmp_path, extra):
+    """`train --output-dir RUN --overwrite` while RUN still trained in another terminal deleted the live run's logs
+    under it; `--resume` would have had two processes append to them."""
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with _held_open(run / "metrics.jsonl", "a") as pid:
+        code, out, err = cli("train", "--config", one_step / "config.json", "--output-dir", run, *extra)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"sarkd-diag: error: --output-dir {run} is still being written by process {pid}"), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_path):
     """`tail -f events.jsonl` in another terminal made a killed run look alive: `events --follow` waited for it."""
     from sarkd_diag.presentation.query import holds_open
