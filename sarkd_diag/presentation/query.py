@@ -27,6 +27,7 @@ from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
+from ..contract.rundir import load_run as read_run
 from ..contract.wording import counted
 from ..contract.writers import holds_open, writing_processes
 from .terminal import Console
@@ -107,6 +108,20 @@ def not_a_run(path: Path) -> BadInput:
     newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
     return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
                     "(the newest)")
+
+
+def load_run(path: str | Path) -> dict:
+    """`sarkd_diag.load_run`: a run's config and summary (dicts), metrics and events (DataFrames), its directory
+    checked as the commands check it — a run's student/ (a model's config.json) read as an empty run, and a file
+    of the run was 'not a run directory (no config.json)'."""
+    path = run_directory(path)
+    if is_compare_dir(path):
+        runs = _comparison_runs(path)
+        raise BadInput(f"{path} is a compare-precision directory: load one of its runs" +
+                       (f", e.g. {runs[0]}" if runs else "") + f" (the comparison itself: {path}/comparison.parquet)")
+    if recorded_run(path) is None:
+        raise not_a_run(path)
+    return read_run(path)
 
 
 def _enclosing_run(path: Path) -> Path | None:
