@@ -568,8 +568,10 @@ class Trainer:
             if self._stop_requested(stops):
                 # under torchrun every rank stops after the same step, some before their own signal arrives
                 why = stops.signal.name if stops.signal is not None else "a stop signal on another rank"
-                events.record("interrupted", "warning", f"{why}: stopped after step {self.step}; "
-                              "state saved", step=self.step, phase="policy")
+                saved = "state saved" if self._checkpointable(self.step) else \
+                    "no checkpoint (none is written of step 0 or of non-finite weights)"
+                events.record("interrupted", "warning", f"{why}: stopped after step {self.step}; {saved}",
+                              step=self.step, phase="policy")
                 self._save_checkpoint()
                 return "interrupted"
             row = self._step()
@@ -788,12 +790,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, rewind: bool = False) -> None:
-        """A checkpoint of this step or, after a failure mid-step, of the one before it (`rewind`).
-
-        None is written of step 0 (nothing trained yet) or of non-finite weights (nothing to resume).
-        """
+        """A checkpoint of this step or, after a failure mid-step, of the one before it (`rewind`), when there is
+        one to write (`_checkpointable`)."""
         step, run_dir = self.step - 1 if rewind else self.step, self.run.run_dir
-        if step == 0 or not self.policy.weights_finite:
+        if not self._checkpointable(step):
             return
         event_sizes = self.world.gather((run_dir / self.logs.events_name).stat().st_size)
         trained = self.run.state.state_dict()  # on every rank: a sharded teacher's routers are gathered whole
@@ -807,6 +807,11 @@ class Trainer:
             ckpt.save(run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
                       meta={"mode": self.run.compute.mode, "options": cfg.to_dict()})
         self.world.barrier()
+
+    def _checkpointable(self, step: int) -> bool:
+        """Whether a checkpoint of `step` is written: not of step 0 (nothing trained yet) nor of non-finite weights
+        (nothing to resume)."""
+        return step > 0 and self.policy.weights_finite
 
     def _load_state(self, state: dict) -> None:
         """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, step, policy."""

@@ -282,6 +282,29 @@ def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
 
 
+def test_ctrl_c_before_the_first_step_does_not_claim_a_saved_state(cli, tiny_args, monkeypatch):
+    """Ctrl-C during the evaluation before step 1 said `stopped after step 0; state saved`, and `--resume` then
+    answered that the run had no checkpoint: none is written of step 0."""
+    from sarkd_diag.train import loop
+
+    evaluate = loop.Trainer._evaluate
+
+    def evaluate_then_ctrl_c(self):
+        evaluate(self)
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler `train` installed takes it, as from a terminal
+
+    monkeypatch.setattr(loop.Trainer, "_evaluate", evaluate_then_ctrl_c)
+    code, out, err = cli("train", *tiny_args, "--precision", "fp32")
+    assert code == 130, err
+    run = Path(tiny_args[-1])
+    interrupted = [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+                   if e["kind"] == "interrupted"]
+    assert [e["message"] for e in interrupted] == ["SIGINT: stopped after step 0; no checkpoint (none is written of "
+                                                   "step 0 or of non-finite weights)"]
+    assert not (run / "checkpoints").exists() and "state saved" not in out
+
+
 @contextlib.contextmanager
 def _held_open(path: Path, mode: str):
     """Another process holding `path` open in `mode` ('a': a run's writer; 'r': a reader, as `tail -f` is) until
