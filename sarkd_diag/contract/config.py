@@ -264,7 +264,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise BadInput(f"--config {path}: no such file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) would fail json.loads
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 

@@ -157,6 +157,29 @@ def test_csv_train_files_read_their_text_column_and_unknown_extensions_are_refus
         read_text_file(str(other))
 
 
+@pytest.mark.parametrize(("name", "content", "documents"), [
+    ("d.csv", 'text,id\n"hello, world",1\n', ["hello, world"]),
+    ("d.jsonl", '{"text": "hello"}\n', ["hello"]),
+    ("d.txt", "hello\n", ["hello"]),
+])
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, content, documents):
+    """Excel's "CSV UTF-8" and Windows editors begin a file with a UTF-8 byte-order mark: a .csv was refused for
+    lacking the `text` column it showed (`columns: \ufefftext, id`), a .jsonl as `not valid JSON (Unexpected UTF-8
+    BOM)`, and a .txt trained on the mark as part of its first document."""
+    from sarkd_diag.train.data import read_text_file
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8-sig")
+    assert read_text_file(str(path)) == documents
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """`--config run.json` saved by a Windows editor was `not valid JSON (Unexpected UTF-8 BOM ...)`."""
+    config = tmp_path / "run.json"
+    config.write_text('{"train_steps": 3}', encoding="utf-8-sig")
+    assert build_config({}, config).train_steps == 3
+
+
 def test_a_csv_without_text_column_is_one_line_at_the_cli(cli, tiny_args, tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("a,b\n1,2\n")
