@@ -29,7 +29,7 @@ from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
 from ..contract.rundir import load_run as read_run
 from ..contract.wording import counted
-from ..contract.writers import holds_open, writing_processes
+from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
@@ -514,6 +514,9 @@ def _no_critical(run: Run) -> str | None:
 
 def _completed(run: Run) -> str | None:
     if run.summary is None:
+        writers = writing_processes(run_logs(run.path))
+        if writers:  # `report` would refuse it: say what is known instead of offering it
+            return f"no summary.json yet: the run is still training (process {', '.join(map(str, writers))} writes it)"
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
     if status == "completed":

@@ -355,6 +355,16 @@ def test_train_refuses_an_output_dir_another_process_is_still_writing(cli, one_s
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
+    """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
+    whose process was plainly alive, and `report` refuses such a run."""
+    run = _unclosed_copy(one_step, tmp_path)
+    with _held_open(run / "events.jsonl", "a") as pid:
+        code, out, err = cli("check", run, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert out == f"{run}: completed: no summary.json yet: the run is still training (process {pid} writes it)\n"
+
+
 def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_path):
     """`tail -f events.jsonl` in another terminal made a killed run look alive: `events --follow` waited for it."""
     from sarkd_diag.presentation.query import holds_open
