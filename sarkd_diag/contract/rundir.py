@@ -37,13 +37,20 @@ RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_
 
 
 def default_run_dir(mode: str) -> Path:
+    """A new runs/<date-time>-<mode>/, created here: runs started in the same second (a sweep launched with `&`)
+    each get their own, where a name found free and created later let both write one directory. Where it cannot
+    be created, the name alone (check_output_dir then says why)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / f"{stamp}-{mode}"
     n = 1
-    while path.exists():
-        n += 1
-        path = Path("runs") / f"{stamp}-{mode}-{n}"
-    return path
+    while True:
+        path = Path("runs") / (f"{stamp}-{mode}" if n == 1 else f"{stamp}-{mode}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+        except OSError:
+            return path
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

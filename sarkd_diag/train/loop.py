@@ -23,6 +23,7 @@ device-side copy of the trainable weights and optimizer state before each step (
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -176,11 +177,19 @@ def build_run(config: DistillConfig) -> Run:
     dual-mode projection trains too)."""
     compute = set_up_compute(config)
     run_dir, resume_source = locate_run(config, compute.world, compute.mode)
-    corpus = load_corpus(config.dataset_name, config.dataset_config_name, config.train_file, config.validation_file)
-    models = load_models(config, compute)
-    data = load_data(config, corpus, models, compute.world)
-    objective = make_objective(config, models, compute)
-    optimization = make_optimization(config, models, objective)
+    try:
+        corpus = load_corpus(config.dataset_name, config.dataset_config_name, config.train_file,
+                             config.validation_file)
+        models = load_models(config, compute)
+        data = load_data(config, corpus, models, compute.world)
+        objective = make_objective(config, models, compute)
+        optimization = make_optimization(config, models, objective)
+    except BaseException:
+        if not (config.output_dir or config.resume_from):  # the default directory, made for this run: none is left
+            with contextlib.suppress(OSError):  # rmdir removes only an empty directory
+                run_dir.rmdir()
+                run_dir.parent.rmdir()  # runs/, when this run was to be its first
+        raise
     state = TrainingState(models.student, models.teacher, objective.projection, optimization.optimizer,
                           compute.precision, optimization.scheduler, data.batches)
     return Run(config, compute, run_dir, resume_source, models, data, objective, optimization, state)

@@ -385,6 +385,33 @@ def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli
                    "--overwrite to replace it, or another --output-dir for a new run\n")
 
 
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
+    """A sweep launched with `&` and the default --output-dir: each run found runs/<date-time>-<mode>/ free, and
+    created it only once its models had loaded, so runs started in the same second wrote one directory."""
+    import datetime
+
+    from sarkd_diag.contract import rundir
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 5, 8, 31, 59)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first, second = rundir.default_run_dir("fp32"), rundir.default_run_dir("fp32")
+    assert (first, second) == (Path("runs/20261205-083159-fp32"), Path("runs/20261205-083159-fp32-2"))
+    assert first.is_dir() and second.is_dir()
+
+
+def test_bad_input_found_after_the_default_directory_was_made_leaves_none(cli, tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                       "--train-file", tmp_path / "typo.txt")
+    assert code == 2 and "no such file" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------- data options
 def test_dataset_config_name_without_dataset_name_is_refused(cli, tmp_path, monkeypatch):
     """It was silently ignored: a whole run on the embedded corpus, not the wikitext the user asked for."""
