@@ -41,7 +41,7 @@ from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
-from .loss import LossProbe
+from .loss import LossProbe, caller_loss
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -418,14 +418,16 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict | None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
-        `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
-        returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
+        `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
+        outputs; a loss per sample is refused (TypeError). Without it, the mean loss of the step's training forwards
+        as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
         the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
         accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         """
+        loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)
         if self._sync_gradients is not None and not self._sync_gradients():

@@ -548,6 +548,41 @@ def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(
         Probes(models)
 
 
+def _step_with_loss(handed_over) -> tuple[dict, Probes, float]:
+    """One step of `Net` whose loss is handed to `probes.step` as `handed_over(loss)` makes it."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(torch.ones(2, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=handed_over(loss))
+    return row, probes, loss.item()
+
+
+@pytest.mark.parametrize("handed_over", [lambda loss: loss.item(), lambda loss: loss.reshape(1),
+                                         lambda loss: {"loss": loss}, lambda loss: (loss, None)],
+                         ids=["item", "one-element", "outputs", "tuple"])
+def test_a_loss_handed_over_as_a_number_or_the_outputs_is_recorded_as_the_tensor(handed_over):
+    """Loops log `loss.item()` and hand that over too; others hand over what the model returned."""
+    row, _, value = _step_with_loss(handed_over)
+    assert row["loss"] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, 3])
+def test_a_nonfinite_number_is_kept_nonfinite_and_named(number):
+    row, probes, _ = _step_with_loss(lambda _: number)
+    assert row["loss"] == number or (math.isnan(row["loss"]) and math.isnan(number))
+    assert [e.step for e in _events(probes, "nonfinite_loss")] == ([] if math.isfinite(number) else [1])
+
+
+def test_a_loss_per_sample_is_refused_with_what_to_pass():
+    with pytest.raises(TypeError, match=r"2 values.*reduced loss.*loss.mean\(\)"):
+        _step_with_loss(lambda loss: torch.stack([loss, loss]))
+    with pytest.raises(TypeError, match="not str"):
+        _step_with_loss(lambda _: "1.5")
+
+
 def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     """‖Δw‖/‖w‖ over the matrices (biases left out), and an extreme step named at its tensor with its lr."""
     model = Net()
