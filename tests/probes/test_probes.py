@@ -366,6 +366,67 @@ def test_teacher_overflow_is_told_apart_from_the_student():
     assert _causes(probes)[0] == "teacher_overflow"
 
 
+def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
+    """Two steps of a loop that never calls `model.train()` (`from_pretrained` returns a model in eval mode): the
+    frozen fp16 teacher first, under no_grad, then the student; between them an evaluation of the student under
+    no_grad, where a hook makes `second`'s output NaN."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher, student = Net().half().eval(), Net().eval()
+        with torch.no_grad():
+            teacher.second.weight.fill_(3000.0)
+        student.second.register_forward_hook(lambda _m, _i, out: None if torch.is_grad_enabled() else out * math.nan)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01)
+        probes = Probes({"student": student, "teacher": teacher}, optimizer=opt, level="full") if probes_on else None
+        losses = []
+        for _ in range(2):
+            x = torch.randn(4, 8)
+            with torch.no_grad():
+                target = teacher(x.half() * 10).float().nan_to_num(0.0, 1.0, -1.0)
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if probes:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+            if evaluate:
+                with torch.no_grad():
+                    student(torch.randn(4, 8))
+        if probes:
+            probes.close()
+    return losses, probes
+
+
+def test_a_model_trained_in_eval_mode_is_watched_and_its_evaluation_is_not():
+    """Forwards with gradients on are training forwards whatever the mode, and the teacher's forwards of those
+    steps count (the student trains in the mode it is in); the no-grad evaluation's NaN is not the training's."""
+    losses, probes = _distil_in_eval_mode(probes_on=True)
+    rows = probes.rows
+    assert [r["act_amax_student"] is not None for r in rows] == [True, True]
+    first = _events(probes, "nonfinite_activation")[0]
+    assert (first.model, first.module, first.step) == ("teacher", "second", 1)
+    assert {e.model for e in _events(probes, "nonfinite_activation")} == {"teacher"}  # not the evaluation's NaN
+    assert _causes(probes)[0] == "teacher_overflow"
+    assert [r["loss"] for r in rows] == pytest.approx(losses)
+    assert _distil_in_eval_mode(probes_on=False)[0] == losses  # the probes changed nothing
+
+
+def test_a_huggingface_model_left_in_eval_mode_still_gives_its_loss():
+    """The loss read from the outputs of a model trained in eval mode: the loop hands nothing over."""
+    import tiny
+
+    model = tiny.make_gpt2(64).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        row = probes.step()
+    assert row["loss"] == pytest.approx(loss.item()) and row["act_amax_student"] > 0
+
+
 def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
     torch.manual_seed(0)
     model = Net().half()
