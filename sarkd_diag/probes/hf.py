@@ -53,19 +53,19 @@ def trainer_precision(args, model: nn.Module) -> dict:
             "reason": f"transformers Trainer: {requested} with {name} trainable weights"}
 
 
-TEACHER_ATTRIBUTES = ("teacher_model", "teacher")  # TRL's trainers; the usual name in a hand-written KD Trainer
-
-
 def trainer_teacher(trainer) -> nn.Module | None:
-    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: TRL's DistillationTrainer
-    and GKDTrainer keep it as `trainer.teacher_model` (prepared with `accelerator.prepare_model`); a Trainer
-    subclass written for KD by hand usually as `self.teacher`."""
-    teacher = next((t for t in (getattr(trainer, name, None) for name in TEACHER_ATTRIBUTES)
-                    if isinstance(t, nn.Module)), None)
-    if teacher is None:
-        return None
+    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: the module of the first
+    attribute whose name says "teacher" — TRL's DistillationTrainer and GKDTrainer keep it as `teacher_model`
+    (prepared with `accelerator.prepare_model`), a Trainer subclass written for KD by hand as `self.teacher`,
+    `self.ref_teacher`, `self.teacher_net` … — other than the student itself (a self-distillation's alias)."""
     accelerator = getattr(trainer, "accelerator", None)
-    return accelerator.unwrap_model(teacher) if accelerator is not None else getattr(teacher, "module", teacher)
+    unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: getattr(m, "module", m))
+    student = getattr(trainer, "model", None)
+    student = unwrap(student) if isinstance(student, nn.Module) else None
+    for name, value in vars(trainer).items():
+        if "teacher" in name.lower() and isinstance(value, nn.Module) and unwrap(value) is not student:
+            return unwrap(value)
+    return None
 
 
 class SarkdDiagCallback(TrainerCallback):

@@ -158,16 +158,18 @@ def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_p
 
 
 class KDTrainer(Trainer):
-    """Distillation as people write it on the Trainer: a frozen `self.teacher`, KL on the logits plus the CE."""
+    """Distillation as people write it on the Trainer: a frozen `self.teacher` (or another name), KL on the logits
+    plus the CE."""
 
-    def __init__(self, *args, teacher, **kwargs):
+    def __init__(self, *args, teacher, teacher_attribute="teacher", **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval()
+        self.teacher_attribute = teacher_attribute
+        setattr(self, teacher_attribute, teacher.eval())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+            teacher_logits = getattr(self, self.teacher_attribute)(input_ids=inputs["input_ids"]).logits
         kd = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1),
                                         teacher_logits.float().log_softmax(-1), log_target=True,
                                         reduction="batchmean")
@@ -175,10 +177,11 @@ class KDTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_path):
+@pytest.mark.parametrize("attribute", ["teacher", "ref_teacher"])
+def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_path, attribute):
     teacher = tiny.make_gpt2(VOCAB, seed=3).half()
     overflow_fp16(teacher.transformer.h[1])
-    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher,
+    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher, teacher_attribute=attribute,
                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
     callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
     assert callback.teacher is teacher
