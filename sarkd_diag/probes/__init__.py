@@ -67,6 +67,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None]:
+    """Set `owner.name` (a method of a framework's object) to `replacement`; returns what puts the original back —
+    unless something replaced it again since, whose replacement stays."""
+    had_own, original = name in vars(owner), vars(owner).get(name)
+
+    def restore() -> None:
+        if vars(owner).get(name) is replacement:
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+    setattr(owner, name, replacement)
+    return restore
+
+
 class ProbeSet:
     """The probes of one run and the hooks that drive them: the optimizer's step hooks and the loss
     scaler's unscale. The owner's loop calls `begin_step`, hands over its loss terms (`observe_terms`),
@@ -253,7 +269,7 @@ class ProbeSet:
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
         put back at `close()` unless something replaced it again since."""
-        original, had_own = getattr(owner, name), name in vars(owner)
+        original = getattr(owner, name)
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
@@ -261,15 +277,7 @@ class ProbeSet:
             after(result)
             return result
 
-        def restore() -> None:
-            if vars(owner).get(name) is wrapper:
-                if had_own:
-                    setattr(owner, name, original)
-                else:
-                    delattr(owner, name)
-
-        setattr(owner, name, wrapper)
-        self.until_close(restore)
+        self.until_close(replace_method(owner, name, wrapper))
 
     def until_close(self, remove: Callable[[], None]) -> None:
         """Call `remove` (a hook's remover) at `close()`."""
@@ -653,4 +661,4 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-__all__ = ["Probes", "ProbeSet", "unwrap_model"]
+__all__ = ["Probes", "ProbeSet", "replace_method", "unwrap_model"]

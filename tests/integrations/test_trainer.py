@@ -191,6 +191,60 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
 
 
+def _overflowing_teacher():
+    teacher = tiny.make_gpt2(VOCAB, seed=3).half()
+    overflow_fp16(teacher.transformer.h[1])
+    return teacher
+
+
+@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
+def test_a_plain_callback_finds_its_trainer(tmp_path, how):
+    """`callbacks=[SarkdDiagCallback(dir)]` or `trainer.add_callback(...)` after construction: transformers hands a
+    callback no trainer, yet the callback reads the KD Trainer's teacher, the gradient norm the Trainer clips by and the
+    loss `training_step` returns, as `attach` does."""
+    def kd_trainer(callbacks):
+        return KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=callbacks,
+                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
+
+    callback = SarkdDiagCallback(tmp_path / "run")
+    trainer = kd_trainer([callback] if how == "callbacks" else [])
+    if how == "add_callback":
+        trainer.add_callback(callback)
+    trainer.train()
+    assert callback.teacher is trainer.teacher
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    # stopped at step 1, whose NaN loss is the one training_step returned (the Trainer logs 0 for it) and whose
+    # gradient norm is the one the Trainer clipped by
+    assert trainer.state.global_step == 1 and math.isnan(_train_losses(run)[0])
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isnan(row["grad_norm"]) and math.isnan(_logged(trainer, "grad_norm")[0])  # measured, not null
+    plain = kd_trainer([])
+    plain.train()
+    assert logged_losses(plain)[:1] == logged_losses(trainer)
+
+
+def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
+    """One callback object given to two Trainers in turn: the second run reads the second trainer's teacher, and the
+    first trainer's methods are its own again."""
+    callback = SarkdDiagCallback(tmp_path / "run", level="full")
+    first = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=tiny.make_gpt2(VOCAB, seed=3), callbacks=[callback],
+                      args=training_args(tmp_path / "first", max_steps=2), train_dataset=Sequences(VOCAB))
+    first.train()
+    second = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=[callback],
+                       args=training_args(tmp_path / "second", max_steps=2), train_dataset=Sequences(VOCAB))
+    second.train()
+    assert callback.teacher is second.teacher
+    assert "training_step" not in vars(first) and "compute_loss" not in vars(first)
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2, 3]  # the second run stopped at its first step, the NaN one
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 3)
+
+
 def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
     """The Trainer steps its scheduler after the optimizer and before `on_step_end`: the lr of a step is read at
     the optimizer's pre-step hook, as the Trainer logs it — not the next step's (0 at the last step here)."""
