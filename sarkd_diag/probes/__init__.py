@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
@@ -349,7 +350,7 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
-        self._closed = False
+        self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
@@ -470,6 +471,28 @@ class Probes:
             if self.ctx.autocast is not self._autocast_written:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
+        return row
+
+    def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None) -> dict:
+        """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
+        summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
+        per-token loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN
+        for a NaN loss, not Infinity. After `close()` (a Trainer's `evaluate()` after `train()`) the row is appended
+        still, and the closed run's summary and report are rebuilt with it. Returns the row."""
+        loss = caller_loss(loss).item()
+        row = {"step": step, "split": "eval", "eval_loss": loss,
+               "eval_ppl": numerics.perplexity(loss) if perplexity is None else float(perplexity)}
+        if self.run_dir is None:
+            self.rows.append(row)
+        elif not self._closed:
+            self._metrics.write_line(json.dumps(row))
+        elif self.ranks.is_main:
+            from ..presentation.closing import finalize_run
+
+            metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+            metrics.write_line(json.dumps(row))
+            metrics.close()
+            finalize_run(self.run_dir, self._closed_as)
         return row
 
     def _check_unoptimized(self, step: int) -> None:
@@ -626,7 +649,7 @@ class Probes:
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run
 
-            self._closed = True
+            self._closed, self._closed_as = True, status
             self.events.close()
             self._metrics.close()
             if status in ("completed", "stopped"):  # a rank that failed closes alone: the others may never come

@@ -206,6 +206,13 @@ class SarkdDiagCallback(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_training_stop = True
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
+        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. Before the first
+        `train()` there is no run to record it in (the probes are built at `on_train_begin`)."""
+        if self.probes is not None and metrics and "eval_loss" in metrics:
+            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"])
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")

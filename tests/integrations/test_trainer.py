@@ -480,10 +480,12 @@ def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
 
 
-def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
+def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(tmp_path):
     """`eval_strategy="steps"` evaluates after every step, between the probes' steps, with per-module hooks on at
     `full`: its forwards (the model in eval mode) are not training forwards. A module made NaN only in evaluation
-    is not reported, and the rows are the four training steps, their losses the Trainer's."""
+    is not reported, and the train rows are the four training steps, their losses the Trainer's. Each evaluation is
+    an eval row after its step, its NaN loss NaN (its perplexity NaN, not Infinity); `trainer.evaluate()` after
+    `train()` adds its row to the closed run."""
     model = tiny.make_gpt2(VOCAB)
     model.transformer.h[0].mlp.c_proj.register_forward_hook(
         lambda module, _inputs, output: None if module.training else output * math.nan)
@@ -495,5 +497,18 @@ def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
     assert math.isnan(trainer.state.log_history[1]["eval_loss"])  # evaluation did see the NaN
     run = load_run(tmp_path / "run")
     assert run["events"].empty and run["summary"]["diagnosis"] == []
-    assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    train = run["metrics"].query("split == 'train'")
+    assert train["step"].tolist() == [1, 2, 3, 4]
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [1, 2, 3, 4]
+    assert evals["eval_loss"].isna().all() and evals["eval_ppl"].isna().all()
+    assert "Infinity" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    model.transformer.h[0].mlp.c_proj._forward_hooks.clear()  # a finite evaluation now
+    loss = trainer.evaluate()["eval_loss"]
+    run = load_run(tmp_path / "run")
+    last = run["metrics"].query("split == 'eval'").iloc[-1]
+    assert (last["step"], last["eval_loss"]) == (4, pytest.approx(loss)) and math.isfinite(loss)
+    assert run["summary"]["status"] == "completed"
+    assert run["summary"]["final"]["eval_ppl"] == pytest.approx(math.exp(loss))

@@ -609,6 +609,29 @@ def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(
         Probes(models)
 
 
+def test_evaluations_are_eval_rows_nan_kept_nan_also_after_close(tmp_path):
+    """`probes.evaluation(step, loss)` writes the contract's eval row (perplexity exp(loss)); a NaN evaluation is
+    NaN, not an Infinity perplexity; and one after `close()` joins the closed run's rows and summary."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        _train(model, probes, opt, steps=2)
+        probes.evaluation(2, torch.tensor(2.0))
+        nan_row = probes.evaluation(2, math.nan)
+    assert math.isnan(nan_row["eval_ppl"])
+    probes.evaluation(2, 1.0)  # after close, as a Trainer's evaluate() after train()
+    run = load_run(tmp_path / "run")
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [2, 2, 2]
+    assert evals["eval_loss"].tolist()[::2] == [2.0, 1.0] and math.isnan(evals["eval_loss"].iloc[1])
+    assert evals["eval_ppl"].tolist()[::2] == pytest.approx([math.exp(2.0), math.e])
+    assert math.isnan(evals["eval_ppl"].iloc[1])  # NaN, not Infinity
+    assert '"eval_ppl": NaN' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    summary = run["summary"]
+    assert summary["status"] == "completed" and summary["final"]["eval_ppl"] == pytest.approx(math.e)
+    assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2]
+
+
 def _step_with_loss(handed_over) -> tuple[dict, Probes, float]:
     """One step of `Net` whose loss is handed to `probes.step` as `handed_over(loss)` makes it."""
     model = Net()
