@@ -223,7 +223,8 @@ def _sft(world, out, kind, run_dir=None):
     if kind == "packing":
         data, config["packing"] = Dataset.from_dict({"text": corpus}), True
     else:
-        data = Dataset.from_dict({"prompt": list(world["dataset"]["prompt"]), "completion": [" the sky is blue ."] * 16})
+        prompts = list(world["dataset"]["prompt"])
+        data = Dataset.from_dict({"prompt": prompts, "completion": [" the sky is blue ."] * len(prompts)})
         config["completion_only_loss"] = True
     student = tiny.make_gpt2(world["vocab"], seed=0)
     _beyond_fp16_in(student.transformer.h[0].mlp.c_proj, lambda: True)
