@@ -197,7 +197,8 @@ class ProbeSet:
         """The optimizer steps before any training forward of the step, right after a step that closed without
         one: `Probes.step()` closed the step before the loop's `optimizer.step()` (the wrong order), so each update
         lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
-        accident, the order is. (Both signs, not one: a model trained in eval mode shows no training forward.)"""
+        accident, the order is. (Both signs, not one: each alone has other causes — a step the loop skipped, forwards
+        the probes do not see.)"""
         if self._order_noted:
             return
         self._order_noted = True
