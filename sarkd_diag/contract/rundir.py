@@ -7,6 +7,7 @@ is presentation/closing.py's, one layer up, since it needs the diagnosis and the
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime
@@ -200,7 +201,11 @@ def load_run(run_dir: str | Path) -> dict:
 
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
-    evals = metrics[metrics["split"] == "eval"]  # every evaluation: one that computed NaN is the last, when it is
+    evals = metrics[metrics["split"] == "eval"]
+    # the evaluations that measured a perplexity, a NaN one (of a NaN loss) too — the last is NaN, not the finite one
+    # before it — but not one that wrote none (a distillation objective's loss, whose exp is no perplexity)
+    losses = evals["eval_loss"] if "eval_loss" in evals else pd.Series(math.nan, index=evals.index)
+    evals = evals[evals["eval_ppl"].notna() | losses.isna()]
     last = train.iloc[-1] if len(train) else None
     return {
         "loss": number_or_none(last["loss"]) if last is not None else None,

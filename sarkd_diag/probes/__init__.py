@@ -474,15 +474,19 @@ class Probes:
         self.set.begin_step(step + 1)
         return row
 
-    def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None) -> dict:
+    def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
+                   cross_entropy: bool = True) -> dict:
         """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
         summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
-        per-token loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN
-        for a NaN loss, not Infinity. After `close()` (a Trainer's `evaluate()` after `train()`) the row is appended
-        still, and the closed run's summary and report are rebuilt with it. Returns the row."""
+        loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN for a NaN
+        loss, not Infinity — where the loss is a per-token cross-entropy; `cross_entropy=False` (a distillation
+        objective, whose exp is no perplexity) leaves `eval_ppl` unmeasured. After `close()` (a Trainer's `evaluate()`
+        after `train()`) the row is appended still, and the closed run's summary and report are rebuilt with it.
+        Returns the row."""
         loss = caller_loss(loss).item()
-        row = {"step": step, "split": "eval", "eval_loss": loss,
-               "eval_ppl": numerics.perplexity(loss) if perplexity is None else float(perplexity)}
+        row = {"step": step, "split": "eval", "eval_loss": loss}
+        if perplexity is not None or cross_entropy:
+            row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
         if self.run_dir is None:
             self.rows.append(row)
         elif not self._closed:

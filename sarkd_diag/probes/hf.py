@@ -208,10 +208,13 @@ class SarkdDiagCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
-        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. Before the first
-        `train()` there is no run to record it in (the probes are built at `on_train_begin`)."""
+        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
+        (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
+        `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
+        built at `on_train_begin`)."""
         if self.probes is not None and metrics and "eval_loss" in metrics:
-            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"])
+            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"],
+                                   cross_entropy=self.teacher is None)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:

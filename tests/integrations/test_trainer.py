@@ -226,6 +226,20 @@ def test_a_plain_callback_finds_its_trainer(tmp_path, how):
     assert logged_losses(plain)[:1] == logged_losses(trainer)
 
 
+def test_a_distillation_trainers_evaluation_is_no_perplexity(tmp_path):
+    """A KD Trainer evaluates its compute_loss — CE and KL mixed: the eval row holds that loss, and no perplexity (its
+    exp is none), so the summary names no validation perplexity it did not measure."""
+    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=tiny.make_gpt2(VOCAB, seed=3),
+                        args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps", eval_steps=2),
+                        train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8),
+                        callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["split"] == "eval"]
+    assert row["step"] == 2 and row["eval_loss"] == pytest.approx(trainer.state.log_history[-2]["eval_loss"])
+    assert "eval_ppl" not in row and load_run(tmp_path / "run")["summary"]["final"]["eval_ppl"] is None
+
+
 def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
     """One callback object given to two Trainers in turn: the second run reads the second trainer's teacher, and the
     first trainer's methods are its own again."""
