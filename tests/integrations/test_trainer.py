@@ -526,3 +526,28 @@ def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(
     assert (last["step"], last["eval_loss"]) == (4, pytest.approx(loss)) and math.isfinite(loss)
     assert run["summary"]["status"] == "completed"
     assert run["summary"]["final"]["eval_ppl"] == pytest.approx(math.exp(loss))
+
+
+def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path):
+    """peft's LoRA on the student: only the adapters train, so they are what the probes watch (the frozen base is not
+    reported as receiving no gradient), the teacher's overflow is named at its module, and training is unchanged."""
+    peft = pytest.importorskip("peft")
+
+    def lora_trainer(callbacks):
+        student = peft.get_peft_model(tiny.make_gpt2(VOCAB), peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                             fan_in_fan_out=True))
+        return KDTrainer(model=student, teacher=_overflowing_teacher(), callbacks=callbacks,
+                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
+
+    callback = SarkdDiagCallback(tmp_path / "run", on_critical="record")
+    trainer = lora_trainer([callback])
+    trainer.train()
+    assert {w.tensor.split(".")[-2] for w in callback.probes.ctx.watched} == {"default"}  # lora_A/B.default.weight
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    assert run["events"].query("kind == 'zero_gradients'").empty and (run["metrics"]["zero_grad_tensors"] == 0).all()
+    plain = lora_trainer([])
+    plain.train()
+    assert logged_losses(plain) == logged_losses(trainer)
