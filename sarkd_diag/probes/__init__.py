@@ -50,7 +50,8 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
-CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (analysis/diagnose.py)
+# whose words a fix is written in (analysis/diagnose.py)
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -294,11 +295,11 @@ class Probes:
     optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too. A loop
     with several optimizers (one per part of the model, at their own settings) passes them all, as a list.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
-    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
-    "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
-    accumulates gradients over several `step()` calls, a function that is False on the calls that end a
-    micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
-    passes it). Call `step()` after each optimizer step.
+    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer",
+    "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
+    whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
+    that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
+    `from_accelerator` and the Lightning callback pass one). Call `step()` after each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
