@@ -127,3 +127,21 @@ def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teac
     assert lightning_models(Wrapped()) == {"student": student, "teacher": teacher}
     both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
     assert lightning_models(both_train)["student"] is student  # the attribute named `student`
+
+
+def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
+    def fit(steps, ckpt_path=None):
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path),
+                             callbacks=[SarkdDiagLightningCallback(tmp_path / "run")])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Distil(tiny.make_gpt2(VOCAB)), torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4),
+                        ckpt_path=ckpt_path)
+        return trainer
+
+    first = fit(2)
+    fit(4, first.checkpoint_callback.best_model_path)
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]  # numbered by global_step
+    fit(1)  # a new fit from step 0 into the same directory: numbered on
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4, 5]
