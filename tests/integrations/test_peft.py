@@ -127,3 +127,23 @@ def test_an_optimizer_built_before_the_adapters_were_added_is_named_before_the_f
     root = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "no_gradients")
     assert root["model"] == "student" and "lora_" in root["tensor"] and root["first_step"] == 1
     assert root["evidence"]["trainable_tensors_in_optimizer"] == 0
+
+
+def test_trls_sft_trainer_with_a_peft_config_over_an_fp16_base_is_recorded_as_it_computes(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from frameworks import tiny_tokenizer
+
+    tokenizer, corpus = tiny_tokenizer(tmp_path)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=3,
+                         report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0,
+                         learning_rate=1e-3, bf16=False, max_length=32)
+    trainer = trl.SFTTrainer(model=tiny.make_gpt2(len(tokenizer)).half(), args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"text": corpus.read_text().splitlines()[:16]}),
+                             peft_config=LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["precision"]["mode"] == "mixed" and run["summary"]["precision"]["compute_dtype"] == "float16"
+    assert _setup_notes(run)["tensor"].str.contains("lora_A").all() and len(_setup_notes(run)) == 1
+    assert run["metrics"]["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
