@@ -73,7 +73,9 @@ class SarkdDiagLightningCallback(Callback):
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
         self._offset = 0  # added to global_step: the steps an earlier fit recorded in this directory
-        self._closes_step = True  # the batch under way ends an accumulation: its backward is followed by a step
+        self._scheduled_step = True  # automatic optimization: the batch under way ends an accumulation
+        self._step_at_batch_start = 0  # global_step when the batch under way began
+        self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
         self._open_step: int | None = None  # the global_step of the optimizer step under way
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -88,17 +90,26 @@ class SarkdDiagLightningCallback(Callback):
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": f'Trainer(precision="{precision}")',
                                         "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
-                             sync_gradients=lambda: self._closes_step)
+                             sync_gradients=lambda: self._closes_step(trainer, pl_module))
         # a fit resumed from a checkpoint starts at its global_step; a fit from 0 into a directory that holds steps
         # (a second fit) continues after them
         self._offset = self.probes.first_step - 1 if trainer.global_step == 0 else 0
         self.stopped_at, self._open_step = None, None
 
+    def _closes_step(self, trainer, pl_module) -> bool:
+        """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
+        every accumulate_grad_batches-th batch of an epoch and on its last one: known from the batch's start, so the
+        gradients are read before Lightning clips them, inside the step. Under manual optimization the module steps
+        when it chooses: a batch that ended without moving global_step only accumulated, and until a batch ends a
+        clipping is taken to come before a step."""
+        if pl_module.automatic_optimization:
+            return self._scheduled_step
+        return not self._batch_ended or trainer.global_step != self._step_at_batch_start
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # Lightning steps the optimizer on every accumulate_grad_batches-th batch of an epoch and on its last one
-        # (known from the start of the batch: the probes read the gradients before its clipping, inside the step)
         last = trainer.num_training_batches
-        self._closes_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == last
+        self._scheduled_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == last
+        self._step_at_batch_start, self._batch_ended = trainer.global_step, False
         if self.probes is not None and self._open_step != trainer.global_step:  # the first micro-batch of a step
             self._open_step = trainer.global_step
             self.probes.begin_step(self._offset + trainer.global_step + 1)
@@ -113,6 +124,7 @@ class SarkdDiagLightningCallback(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches
+        self._batch_ended = True
         self.probes.step(loss=loss)
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = trainer.global_step

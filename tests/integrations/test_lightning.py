@@ -145,3 +145,39 @@ def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
     assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]  # numbered by global_step
     fit(1)  # a new fit from step 0 into the same directory: numbered on
     assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4, 5]
+
+
+class ManualAccumulation(pl.LightningModule):
+    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = tiny.make_gpt2(VOCAB)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = self.model(**batch).loss
+        self.manual_backward(loss / 2)
+        self.losses.append(loss.item())
+        if batch_idx % 2 == 1:
+            self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
+    module = ManualAccumulation()
+    trainer = _fit(module, tmp_path / "run", gradient_clip_val=None)
+    run = load_run(tmp_path / "run")
+    metrics = run["metrics"]
+    assert trainer.global_step == 4 and metrics["step"].tolist() == [1, 2, 3, 4]  # not a row per batch
+    assert metrics["loss"].tolist() == pytest.approx(
+        [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
+    assert metrics["grad_norm"].notna().all()  # read at the module's own clipping, before it clips
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
