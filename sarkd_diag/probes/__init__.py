@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
@@ -41,7 +42,7 @@ from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
-from .loss import LossProbe
+from .loss import LossProbe, caller_loss
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -66,6 +67,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None]:
+    """Set `owner.name` (a method of a framework's object) to `replacement`; returns what puts the original back —
+    unless something replaced it again since, whose replacement stays."""
+    had_own, original = name in vars(owner), vars(owner).get(name)
+
+    def restore() -> None:
+        if vars(owner).get(name) is replacement:
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+    setattr(owner, name, replacement)
+    return restore
 
 
 class ProbeSet:
@@ -181,7 +198,8 @@ class ProbeSet:
         """The optimizer steps before any training forward of the step, right after a step that closed without
         one: `Probes.step()` closed the step before the loop's `optimizer.step()` (the wrong order), so each update
         lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
-        accident, the order is. (Both signs, not one: a model trained in eval mode shows no training forward.)"""
+        accident, the order is. (Both signs, not one: each alone has other causes — a step the loop skipped, forwards
+        the probes do not see.)"""
         if self._order_noted:
             return
         self._order_noted = True
@@ -254,7 +272,7 @@ class ProbeSet:
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
         put back at `close()` unless something replaced it again since."""
-        original, had_own = getattr(owner, name), name in vars(owner)
+        original = getattr(owner, name)
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
@@ -262,15 +280,7 @@ class ProbeSet:
             after(result)
             return result
 
-        def restore() -> None:
-            if vars(owner).get(name) is wrapper:
-                if had_own:
-                    setattr(owner, name, original)
-                else:
-                    delattr(owner, name)
-
-        setattr(owner, name, wrapper)
-        self.until_close(restore)
+        self.until_close(replace_method(owner, name, wrapper))
 
     def until_close(self, remove: Callable[[], None]) -> None:
         """Call `remove` (a hook's remover) at `close()`."""
@@ -342,7 +352,7 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
-        self._closed = False
+        self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
@@ -419,14 +429,16 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict | None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
-        `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
-        returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
+        `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
+        outputs; a loss per sample is refused (TypeError). Without it, the mean loss of the step's training forwards
+        as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
         the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
         accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         """
+        loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)
         if self._sync_gradients is not None and not self._sync_gradients():
@@ -461,6 +473,32 @@ class Probes:
             if self.ctx.autocast is not self._autocast_written:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
+        return row
+
+    def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
+                   cross_entropy: bool = True) -> dict:
+        """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
+        summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
+        loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN for a NaN
+        loss, not Infinity — where the loss is a per-token cross-entropy; `cross_entropy=False` (a distillation
+        objective, whose exp is no perplexity) leaves `eval_ppl` unmeasured. After `close()` (a Trainer's `evaluate()`
+        after `train()`) the row is appended still, and the closed run's summary and report are rebuilt with it.
+        Returns the row."""
+        loss = caller_loss(loss).item()
+        row = {"step": step, "split": "eval", "eval_loss": loss}
+        if perplexity is not None or cross_entropy:
+            row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
+        if self.run_dir is None:
+            self.rows.append(row)
+        elif not self._closed:
+            self._metrics.write_line(json.dumps(row))
+        elif self.ranks.is_main:
+            from ..presentation.closing import finalize_run
+
+            metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+            metrics.write_line(json.dumps(row))
+            metrics.close()
+            finalize_run(self.run_dir, self._closed_as)
         return row
 
     def _check_unoptimized(self, step: int) -> None:
@@ -648,7 +686,7 @@ class Probes:
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run
 
-            self._closed = True
+            self._closed, self._closed_as = True, status
             self.events.close()
             self._metrics.close()
             if status in ("completed", "stopped"):  # a rank that failed closes alone: the others may never come
@@ -683,4 +721,4 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-__all__ = ["Probes", "ProbeSet", "unwrap_model"]
+__all__ = ["Probes", "ProbeSet", "replace_method", "unwrap_model"]

@@ -49,6 +49,7 @@ class ProbeContext:
     watched: list[Watched] = field(default_factory=list)
     weights_read_by_owner: bool = False  # the owner's loop hands over the weights' per-tensor amax
     training_forward: dict[str, bool] = field(default_factory=dict)  # per model: is its current forward training
+    training_mode: dict[str, bool] = field(default_factory=dict)  # per trained model: its mode in its training forwards
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step

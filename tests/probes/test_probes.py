@@ -366,6 +366,67 @@ def test_teacher_overflow_is_told_apart_from_the_student():
     assert _causes(probes)[0] == "teacher_overflow"
 
 
+def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
+    """Two steps of a loop that never calls `model.train()` (`from_pretrained` returns a model in eval mode): the
+    frozen fp16 teacher first, under no_grad, then the student; between them an evaluation of the student under
+    no_grad, where a hook makes `second`'s output NaN."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher, student = Net().half().eval(), Net().eval()
+        with torch.no_grad():
+            teacher.second.weight.fill_(3000.0)
+        student.second.register_forward_hook(lambda _m, _i, out: None if torch.is_grad_enabled() else out * math.nan)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01)
+        probes = Probes({"student": student, "teacher": teacher}, optimizer=opt, level="full") if probes_on else None
+        losses = []
+        for _ in range(2):
+            x = torch.randn(4, 8)
+            with torch.no_grad():
+                target = teacher(x.half() * 10).float().nan_to_num(0.0, 1.0, -1.0)
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if probes:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+            if evaluate:
+                with torch.no_grad():
+                    student(torch.randn(4, 8))
+        if probes:
+            probes.close()
+    return losses, probes
+
+
+def test_a_model_trained_in_eval_mode_is_watched_and_its_evaluation_is_not():
+    """Forwards with gradients on are training forwards whatever the mode, and the teacher's forwards of those
+    steps count (the student trains in the mode it is in); the no-grad evaluation's NaN is not the training's."""
+    losses, probes = _distil_in_eval_mode(probes_on=True)
+    rows = probes.rows
+    assert [r["act_amax_student"] is not None for r in rows] == [True, True]
+    first = _events(probes, "nonfinite_activation")[0]
+    assert (first.model, first.module, first.step) == ("teacher", "second", 1)
+    assert {e.model for e in _events(probes, "nonfinite_activation")} == {"teacher"}  # not the evaluation's NaN
+    assert _causes(probes)[0] == "teacher_overflow"
+    assert [r["loss"] for r in rows] == pytest.approx(losses)
+    assert _distil_in_eval_mode(probes_on=False)[0] == losses  # the probes changed nothing
+
+
+def test_a_huggingface_model_left_in_eval_mode_still_gives_its_loss():
+    """The loss read from the outputs of a model trained in eval mode: the loop hands nothing over."""
+    import tiny
+
+    model = tiny.make_gpt2(64).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        row = probes.step()
+    assert row["loss"] == pytest.approx(loss.item()) and row["act_amax_student"] > 0
+
+
 def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
     torch.manual_seed(0)
     model = Net().half()
@@ -546,6 +607,64 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
 def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(models, says):
     with pytest.raises(TypeError, match=says):
         Probes(models)
+
+
+def test_evaluations_are_eval_rows_nan_kept_nan_also_after_close(tmp_path):
+    """`probes.evaluation(step, loss)` writes the contract's eval row (perplexity exp(loss)); a NaN evaluation is
+    NaN, not an Infinity perplexity; and one after `close()` joins the closed run's rows and summary."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        _train(model, probes, opt, steps=2)
+        probes.evaluation(2, torch.tensor(2.0))
+        nan_row = probes.evaluation(2, math.nan)
+    assert math.isnan(nan_row["eval_ppl"])
+    probes.evaluation(2, 1.0)  # after close, as a Trainer's evaluate() after train()
+    assert "eval_ppl" not in probes.evaluation(2, 3.0, cross_entropy=False)  # a distillation loss: exp is no ppl
+    run = load_run(tmp_path / "run")
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [2, 2, 2, 2]
+    assert evals["eval_loss"].tolist()[::2] == [2.0, 1.0] and math.isnan(evals["eval_loss"].iloc[1])
+    assert evals["eval_ppl"].tolist()[:3:2] == pytest.approx([math.exp(2.0), math.e])
+    assert math.isnan(evals["eval_ppl"].iloc[1])  # NaN, not Infinity
+    assert '"eval_ppl": NaN' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert run["summary"]["status"] == "completed"
+    assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2]
+
+
+def _step_with_loss(handed_over) -> tuple[dict, Probes, float]:
+    """One step of `Net` whose loss is handed to `probes.step` as `handed_over(loss)` makes it."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(torch.ones(2, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=handed_over(loss))
+    return row, probes, loss.item()
+
+
+@pytest.mark.parametrize("handed_over", [lambda loss: loss.item(), lambda loss: loss.reshape(1),
+                                         lambda loss: {"loss": loss}, lambda loss: (loss, None)],
+                         ids=["item", "one-element", "outputs", "tuple"])
+def test_a_loss_handed_over_as_a_number_or_the_outputs_is_recorded_as_the_tensor(handed_over):
+    """Loops log `loss.item()` and hand that over too; others hand over what the model returned."""
+    row, _, value = _step_with_loss(handed_over)
+    assert row["loss"] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, 3])
+def test_a_nonfinite_number_is_kept_nonfinite_and_named(number):
+    row, probes, _ = _step_with_loss(lambda _: number)
+    assert row["loss"] == number or (math.isnan(row["loss"]) and math.isnan(number))
+    assert [e.step for e in _events(probes, "nonfinite_loss")] == ([] if math.isfinite(number) else [1])
+
+
+def test_a_loss_per_sample_is_refused_with_what_to_pass():
+    with pytest.raises(TypeError, match=r"2 values.*reduced loss.*loss.mean\(\)"):
+        _step_with_loss(lambda loss: torch.stack([loss, loss]))
+    with pytest.raises(TypeError, match="not str"):
+        _step_with_loss(lambda _: "1.5")
 
 
 def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
