@@ -60,16 +60,18 @@ class SarkdDiagLightningCallback(Callback):
     """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
 
     run_dir, level, every: as for `Probes`. student, teacher: attribute names of the LightningModule, where
-    `lightning_models` would not find them. on_critical: "stop" (default) sets `trainer.should_stop` once the
-    probes record a critical event (non-finite weights), and the run closes as `stopped`; "record" keeps training.
+    `lightning_models` would not find them. eval_metric: the name the module logs its validation loss under
+    (`self.log("val_loss", ...)`), recorded as the run's eval rows. on_critical: "stop" (default) sets
+    `trainer.should_stop` once the probes record a critical event (non-finite weights), and the run closes as
+    `stopped`; "record" keeps training.
     """
 
     def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
-                 student: str | None = None, teacher: str | None = None):
+                 student: str | None = None, teacher: str | None = None, eval_metric: str = "val_loss"):
         if on_critical not in ON_CRITICAL:
             raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
         self.run_dir, self.level, self.every, self.on_critical = Path(run_dir), level, every, on_critical
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.eval_metric = student, teacher, eval_metric
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
         self._offset = 0  # added to global_step: the steps an earlier fit recorded in this directory
@@ -129,6 +131,15 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = trainer.global_step
             trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
+        `eval_metric` becomes the eval row after the step it evaluated. With a teacher watched it is a distillation
+        objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the Trainer."""
+        value = trainer.callback_metrics.get(self.eval_metric)
+        if self.probes is not None and not trainer.sanity_checking and value is not None:
+            self.probes.evaluation(self._offset + trainer.global_step, value,
+                                   cross_entropy="teacher" not in self.probes.ctx.models)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probes is not None:

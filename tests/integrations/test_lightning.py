@@ -5,6 +5,7 @@ mid-fit."""
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import pytest
@@ -180,4 +181,34 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
     assert metrics["loss"].tolist() == pytest.approx(
         [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
     assert metrics["grad_norm"].notna().all()  # read at the module's own clipping, before it clips
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+class Validated(Distil):
+    def validation_step(self, batch, batch_idx):
+        loss = self.student(**batch).loss
+        self.log("val_loss", loss)
+        return loss
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.validated.append(float(self.trainer.callback_metrics["val_loss"]))
+
+
+def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_path):
+    module = Validated(tiny.make_gpt2(VOCAB))
+    module.validated = []
+    val = torch.utils.data.DataLoader(Sequences(VOCAB, n=8), batch_size=4)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+                         callbacks=[SarkdDiagLightningCallback(tmp_path / "run")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), val)
+    run = load_run(tmp_path / "run")
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [2, 4]  # the sanity check before training is not recorded
+    assert evals["eval_loss"].tolist() == pytest.approx(module.validated, rel=1e-6)
+    assert evals["eval_ppl"].tolist() == pytest.approx([math.exp(v) for v in module.validated], rel=1e-6)
+    assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2, 3, 4]
     assert not {"warning", "critical"} & set(run["events"]["severity"])
