@@ -860,6 +860,24 @@ def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def linear_decay_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
+    """A linear decay `1 - step / 3` sized for 3 steps (a total computed for one epoch) run for 8: from step 5 the
+    lr is negative — no error, every value finite — and the optimizer climbs the loss."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 3)
+    lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
+    losses = plain_user_loop(model, opt, token_batches(world, 8), tmp / "run", schedule=schedule,
+                             after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
+    outcome.check("lr below 0 from step 5; the loss fell until then and rose after, every loss finite",
+                  min(lrs[:4]) >= 0 and max(lrs[4:]) < 0 and all(map(math.isfinite, losses))
+                  and losses[4] < losses[0] and losses[-1] > losses[4])
+    return outcome
+
+
 def no_gradient_user_loop(bug: str):
     """fp32 GPT-2, AdamW: from step 2 on the weights get no gradient — `zero_grad()` between backward and step
     ("cleared"), or the logits detached with the loss's `requires_grad_()` silencing backward's error ("detached")."""
@@ -1330,6 +1348,10 @@ SCENARIOS: list[Scenario] = [
              "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
              Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",
                       evidence_contains="lr_nonfinite", absent=("divergence",))),
+    Scenario("linear lr decay run past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay 1 − step/3 run for "
+             "8 steps: lr negative from step 5", "fp32", "user loop", linear_decay_past_its_end_user_loop,
+             Expected("lr_negative", "warning", "student", ANY, first_step=5, fix_contains="max(0.0",
+                      absent=("divergence",))),
     Scenario("gradients cleared before the step", "user loop: fp32 GPT-2, AdamW; `zero_grad()` between "
              "`backward()` and `step()` from step 2", "fp32", "user loop", no_gradient_user_loop("cleared"),
              Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="zero_grad",

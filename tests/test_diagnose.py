@@ -471,6 +471,24 @@ def test_every_group_at_lr_0_is_named_with_how_long():
     assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
 
 
+NEGATIVE_LR = {"kind": "negative_lr", "severity": "warning", "step": 5, "phase": "optimizer", "model": "student",
+               "tensor": "student: 28 tensors", "value": -3e-4}
+
+
+def test_a_negative_learning_rate_explains_a_loss_that_climbs_in_fp32_weights():
+    """A loss that triples in fp32 weights is a blow-up — unless the lr went negative before it: then the optimizer
+    climbed the loss as told, and the schedule is the fix, not a lower lr or clipping."""
+    metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "lr": [1e-3, 7e-4, 3e-4, 0, -3e-4, -7e-4, -1e-3,
+                                                                           -1.3e-3],
+                            "loss": [5.5, 5.4, 5.3, 5.3, 5.3, 8.0, 14.0, 20.0]})
+    (cause,) = causes(log(NEGATIVE_LR), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "lr_negative", "warning", "student: 28 tensors", 5)
+    assert cause["evidence"]["steps_at_negative_lr"] == 4 and cause["evidence"]["last_loss"] == 20.0
+    assert "max(0.0" in cause["fix"] and "the optimizer's `lr`" in cause["fix"]
+    assert causes(log(), metrics, mode="fp32", caller="loop")[0]["cause"] == "divergence"  # without the event
+
+
 DECAY = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_large", "step": 1,
          "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 0.1}
 

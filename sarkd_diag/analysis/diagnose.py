@@ -28,8 +28,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_zero", "weight_collapse", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -95,6 +95,11 @@ FIXES = {
                "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
                "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
                "and the value given to {lr}",
+    "lr_negative": "the learning rate of {group} is {lr_value}, below 0, from step {step}: the optimizer steps up "
+                   "the gradient and the loss climbs ({loss_then} at step {step}, {loss_last} at step {last}) with "
+                   "every value finite — check the schedule (a linear decay such as `1 - step / total` run past its "
+                   "total, a total computed for fewer steps or epochs than the run: clamp it with `max(0.0, ...)`; a "
+                   "sign error) and the value given to {lr}; precision is not the cause",
     "weight_collapse_decay": "weight decay collapses the weights of {group}: each step multiplies every weight "
                              "by 1 − lr × weight_decay = {factor} (lr × weight_decay = {decay}; "
                              "healthy ~1e-5), and the largest weight fell from {before} to {after} by step "
@@ -682,6 +687,27 @@ def lr_zero(r: RunRecord) -> list[Cause]:
                   fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
 
 
+def lr_negative(r: RunRecord) -> list[Cause]:
+    """A parameter group's learning rate below 0 (a `negative_lr` event): the optimizer climbs the loss, every value
+    finite — the schedule's doing (torch's optimizers refuse a negative lr at construction), not the numerics. A
+    warning: an ascent can be meant (unlearning); the evidence says what the loss did from there."""
+    negative = r.of("negative_lr")
+    if not len(negative):
+        return []
+    row = _first(negative)
+    step = int(row["step"])
+    lr, loss = r.train_column("lr"), r.train_column("loss")
+    loss = loss[loss.index >= step]
+    then, last = (number_or_none(loss.iloc[0]), number_or_none(loss.iloc[-1])) if len(loss) else (None, None)
+    return [Cause("lr_negative", "warning", **_where(row),
+                  evidence={"lr_value": float(row["value"]), "steps_at_negative_lr": int((lr < 0).sum()),
+                            "loss_at_first_negative_step": then, "last_loss": last},
+                  fix=r.fix("lr_negative", group=row.get("tensor"), lr_value=f"{float(row['value']):.3g}", step=step,
+                            loss_then=f"{then:.4g}" if then is not None else "?",
+                            loss_last=f"{last:.4g}" if last is not None else "?",
+                            last=int(loss.index[-1]) if len(loss) else "?"))]
+
+
 def weight_collapse(r: RunRecord) -> list[Cause]:
     """The weights shrink toward zero (`RunRecord.weight_shrink`: the largest weight halved within
     WEIGHT_GROWTH_WINDOW steps) with nothing extreme before it — measured, never predicted alone; placed at a
@@ -940,6 +966,9 @@ def divergence(r: RunRecord) -> list[Cause]:
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
+    negative = r.of("negative_lr")
+    if len(negative):  # a loss that climbs under a negative learning rate is the ascent it asked for: `lr_negative`
+        blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
         return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
@@ -966,8 +995,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients,
-         update_underflow, divergence)
+         lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse,
+         no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -422,6 +422,32 @@ def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_th
     assert "divergence" not in _causes(probes)
 
 
+def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
+    """A linear decay sized for 2 steps run for 5 hands the optimizer a negative lr from step 3 (torch refuses one
+    only at construction): finite everything, the loss climbs. Named once per group, written as it was, and a run
+    directory with negative lrs closes (report, figures) as any other."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 2)
+    rows = []
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for _ in range(5):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            schedule.step()
+            opt.zero_grad()
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2, 5e-3, 0.0, -5e-3, -1e-2])
+    (event,) = _events(probes, "negative_lr")
+    assert (event.step, event.severity, event.model, event.value) == (4, "warning", "student", pytest.approx(-5e-3))
+    assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "loss_curves.png").exists()
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["first_step"]) == ("lr_negative", 4) and "schedule" in cause["fix"]
+
+
 def test_an_eps_set_to_zero_is_named_with_its_own_fix_not_a_precision_change():
     """fp32 AdamW with eps=0: the embedding rows no token of the batch uses have a zero gradient, so a zero second
     moment: 0/0 at step 1, NaN weights from finite gradients. Said before the first step; the fix is eps > 0."""
