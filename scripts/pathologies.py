@@ -1154,6 +1154,45 @@ class NormedLM(nn.Module):
         return self.head(self.norm(self.embed(ids)))
 
 
+class CosineLM(nn.Module):
+    """embed (padding row 0) -> each vector divided by its norm in the model's own forward (no norm module) -> head:
+    a cosine-similarity head, as a user writes one."""
+
+    def __init__(self, vocab: int, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.head(x / x.norm(dim=-1, keepdim=True))
+
+
+def root_forward_division_user_loop(world: World, tmp: Path) -> Outcome:
+    """`CosineLM.forward` divides each embedding by its norm itself: a padded position's embedding is 0, 0/0 is NaN,
+    made by no module — the model's own code — and handed to `head`, whose own work is fine."""
+    outcome = Outcome()
+    model = CosineLM(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batches(world, 1)[0].clone()
+    ids[:, -4:] = 0  # padded
+    with torch.no_grad():  # outside the tool: NaN exactly on the padded positions, from embeddings of order 1
+        x = model.embed(ids)
+        unit = x / x.norm(dim=-1, keepdim=True)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(largest_embedding=round(float(x.abs().max()), 3), loss=float(loss.detach()))
+    outcome.check("the division is NaN exactly on the padded positions, finite elsewhere; the loss is NaN",
+                  unit[:, -4:].isnan().all() and finite(unit[:, :-4]) and math.isnan(float(loss.detach())))
+    return outcome
+
+
 def rmsnorm_eps_pure_fp16(world: World, tmp: Path) -> Outcome:
     """A hand-written RMSNorm (eps 1e-12) in a model trained in fp16 weights: a padding position's embedding is 0,
     mean(x²) is 0, and 1e-12 is 0 in fp16 — rsqrt(0) = inf, 0 · inf = NaN; in fp32 the same model is finite."""
@@ -1397,6 +1436,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("RMSNorm eps 1e-12 in fp16", "user loop: fp16 weights, SGD; a hand-written RMSNorm (eps 1e-12, 0 in "
              "fp16) over a padded batch (zero embedding rows)", "pure-fp16", "user loop", rmsnorm_eps_pure_fp16,
              Expected("activation_overflow", "critical", "student", "norm", first_step=1, fix_contains="1e-12")),
+    Scenario("a division by zero in the model's own forward", "user loop: fp32; `CosineLM.forward` divides each "
+             "embedding by its norm itself (no module does), a padded batch (zero embedding rows: 0/0)", "fp32",
+             "user loop", root_forward_division_user_loop,
+             Expected("divergence", "critical", "student", "CosineLM.forward", first_step=1,
+                      fix_contains="division by zero", absent=("activation_overflow",))),
     Scenario("KD over a teacher with masked vocabulary", "user loop: fp32; teacher logits of 8 tokens set to −inf, "
              "KL with `log_target=True` (0 · −inf)", "fp32", "user loop", kd_masked_teacher_vocab,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="log of 0",

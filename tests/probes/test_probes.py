@@ -311,6 +311,44 @@ def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_ch
     assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
 
 
+class NormalisedEmbeddings(nn.Module):
+    """embed -> each vector divided by its norm, in the model's own forward -> head: a padding row of zeros is 0/0."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 6)
+
+    def forward(self, ids, divide_last=False):
+        x = self.embed(ids)
+        if divide_last:  # the division made after the last child: the model's output is its own code's
+            return self.head(x) / self.head(x).sum(-1, keepdim=True).mul(0)
+        return self.head(x / x.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("divide_last, handed_to", [(False, "head"), (True, "its caller")])
+def test_a_nan_made_in_the_models_own_forward_is_placed_at_it_not_at_the_child_it_is_handed_to(divide_last,
+                                                                                                 handed_to):
+    """No module of the model runs the division: the root's own `forward` does — before its last child (the NaN
+    handed to `head`) or after it (the model's output). Named `NormalisedEmbeddings.forward`, not `head` and not
+    left to the loss; a division by zero that makes +Inf (x / 0) counts as a NaN does, a -Inf mask does not."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NormalisedEmbeddings()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 1, 2]])  # one padding token
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(ids, divide_last).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_activation")
+    assert (event.module, event.step, event.dtype) == ("NormalisedEmbeddings.forward", 1, "float32")
+    assert "own code" in event.message and handed_to in event.message
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["module"]) == ("divergence", "NormalisedEmbeddings.forward")
+    assert "division by zero" in cause["fix"]
+
+
 def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
     """-Inf written into scores as a mask, then a softmax module (nn.Softmax): the usual way; only NaN made between
     modules counts, so nothing is reported while every row keeps a key."""
