@@ -434,6 +434,27 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def checkpoint_beyond_fp16(world: World, tmp: Path, value: float = 1e5) -> tuple[nn.Module, Path]:
+    """The tiny student saved in fp32 with one weight of `STUDENT_HOT` at `value` (beyond fp16's 65504): a checkpoint
+    trained or exported wide, sound in fp32."""
+    model = tiny.make_gpt2(world.vocab)
+    with torch.no_grad():
+        model.get_parameter(STUDENT_HOT + ".weight")[0, 0] = value
+    return model, tiny.save(model, world.tokenizer, tmp / "wide_student")
+
+
+def checkpoint_beyond_fp16_mixed(world: World, tmp: Path) -> Outcome:
+    _, student = checkpoint_beyond_fp16(world, tmp)
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", steps=3, student=student)
+    half = torch.tensor(1e5).half()
+    outcome.facts["weight_in_fp16"] = float(half)
+    rows = run["metrics"]
+    outcome.facts["losses"] = _losses(rows)
+    outcome.check("1e5 is +Inf in fp16; every step's loss is non-finite under fp16 autocast",
+                  float(half) == math.inf and rows and not any(map(math.isfinite, _losses(rows))))
+    return outcome
+
+
 def clean_cli(mode: str):
     def run(world: World, tmp: Path) -> Outcome:
         outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "3e-3", steps=6)
@@ -875,6 +896,23 @@ def linear_decay_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     outcome.check("lr below 0 from step 5; the loss fell until then and rose after, every loss finite",
                   min(lrs[:4]) >= 0 and max(lrs[4:]) < 0 and all(map(math.isfinite, losses))
                   and losses[4] < losses[0] and losses[-1] > losses[4])
+    return outcome
+
+
+def checkpoint_beyond_fp16_half_user_loop(world: World, tmp: Path) -> Outcome:
+    """The same checkpoint loaded and trained in fp16 (`model.half()`, SGD): the cast makes the weight +Inf before any
+    step; the first step turns it (and the rest of the tensor) NaN."""
+    outcome = Outcome()
+    model, _ = checkpoint_beyond_fp16(world, tmp)
+    model.half()
+    weight = model.get_parameter(STUDENT_HOT + ".weight")
+    at_load = (int(weight.isnan().sum()), int((weight == math.inf).sum()))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = plain_user_loop(model, opt, token_batches(world, 2), tmp / "run")
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(nan_and_inf_at_load=at_load, nan_after=int(weight.isnan().sum()), losses=losses)
+    outcome.check("one +Inf and no NaN as loaded, NaN after the first step", at_load == (0, 1)
+                  and outcome.facts["nan_after"] > 0)
     return outcome
 
 
@@ -1454,6 +1492,16 @@ SCENARIOS: list[Scenario] = [
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
                       fix_lacks="--precision")),
+    Scenario("checkpoint beyond fp16, mixed", f"a student saved in fp32 with one `{STUDENT_HOT}` weight of 1e5, "
+             "`train --precision mixed`", "mixed", "CLI", checkpoint_beyond_fp16_mixed,
+             Expected("activation_overflow", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
+                      fix_contains="checkpoint holds values", fix_lacks="--precision mixed",
+                      evidence_contains="loaded_weight_amax")),
+    Scenario("checkpoint beyond fp16, loaded with .half()", f"user loop: the same checkpoint (`{STUDENT_HOT}` weight "
+             "1e5, saved in fp32) loaded with `model.half()`, SGD", "pure-fp16", "user loop",
+             checkpoint_beyond_fp16_half_user_loop,
+             Expected("nonfinite_input", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
+                      fix_contains="beyond float16's 65504", fix_lacks="GradScaler")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -413,6 +413,30 @@ def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_
     assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
 
 
+BEYOND_FP16 = {"kind": "weight_beyond_fp16", "severity": "warning", "step": 1, "phase": "setup", "model": "student",
+               "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": 1e5}
+FP16_OVERFLOW = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+                 "model": "student", "module": "h.0.mlp.c_fc", "value": math.inf, "dtype": "float16"}
+
+
+@pytest.mark.parametrize("caller, wide", [("cli", "`--precision bf16-mixed` or `--precision fp32`"),
+                                          ("loop", "no float16 autocast")])
+def test_a_float16_overflow_of_a_weight_beyond_fp16_as_loaded_is_placed_at_the_weight_not_fixed_by_mixed(caller,
+                                                                                                         wide):
+    """fp32 master weights under fp16 autocast (`mixed`, an AMP loop): a weight of 1e5 in the checkpoint is cast to
+    Inf at every matmul — `mixed` is the failing setup, not the fix. The cause is placed at the loaded tensor."""
+    (cause,) = causes(log(BEYOND_FP16, FP16_OVERFLOW), mode="mixed", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "activation_overflow", "critical", "h.0.mlp.c_fc.weight", 1)
+    assert cause["evidence"]["loaded_weight_amax"] == 1e5 and "checkpoint holds values" in cause["fix"]
+    assert wide in cause["fix"] and "GradScaler" not in cause["fix"] and "--precision mixed" not in cause["fix"]
+    teacher = causes(log({**BEYOND_FP16, "model": "teacher"}, {**FP16_OVERFLOW, "model": "teacher"}), mode="mixed")
+    assert (teacher[0]["cause"], teacher[0]["tensor"]) == ("teacher_overflow", "h.0.mlp.c_fc.weight")
+    (elsewhere,) = causes(log({**BEYOND_FP16, "model": "teacher"}, FP16_OVERFLOW), mode="mixed")  # another model's
+    assert (elsewhere["cause"], elsewhere["module"], elsewhere["tensor"]) == ("activation_overflow", "h.0.mlp.c_fc",
+                                                                               None)
+
+
 def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimizers_doing():
     finite_grads = pd.DataFrame({"step": [1], "split": "train", "nonfinite_grad_tensors": [0], "grad_amax": [0.4]})
     loaded = {**LOADED_NAN, "model": "student", "module": "wte", "tensor": "wte.weight"}
@@ -544,12 +568,15 @@ def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_no
     root = diagnose(log(loaded, TEACHER_NAN), None, cfg)[0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == ("teacher_overflow", "teacher",
                                                                                   module, 1)
-    assert root["evidence"]["weights_beyond_float16"] is True and "checkpoint" not in root["fix"]
+    assert root["evidence"]["weights_beyond_float16"] is True and "corrupt" not in root["fix"]
     assert ("router" in root["fix"]) is router and "--precision bf16-mixed" in root["fix"]
 
 
-def test_student_weights_inf_in_float16_at_load_name_the_dtype():
+def test_student_weights_inf_in_float16_at_load_name_the_dtype_and_fp32_range_not_fp16_autocast():
+    """A checkpoint value beyond 65504 that the cast to float16 made Inf: fp32 weights under fp16 autocast (the old
+    advice, `mixed`) are cast again at each matmul and overflow the same way; fp32's range or a rescale fixes it."""
     loaded = {**LOADED_NAN, "model": "student", "dtype": "float16", "nan_count": 0, "posinf_count": 1}
     (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop")
     assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
-    assert "GradScaler" in cause["fix"] and "corrupt" not in cause["fix"]
+    assert "beyond float16's 65504" in cause["fix"] and "rescale" in cause["fix"] and "corrupt" not in cause["fix"]
+    assert "GradScaler" not in cause["fix"]

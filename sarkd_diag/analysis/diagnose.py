@@ -66,6 +66,13 @@ PHRASES = {
         "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
+    "wide_compute": {
+        "cli": "`--precision bf16-mixed` or `--precision fp32`",
+        "loop": "the model loaded in float32 (or bfloat16) and no float16 autocast — "
+                "`torch.autocast(dtype=torch.bfloat16)` if you want one",
+        "trainer": "`TrainingArguments(bf16=True)` (or neither fp16 nor bf16) with the model loaded in fp32",
+        "accelerate": "`Accelerator(mixed_precision=\"bf16\")` (or \"no\") with the model in fp32",
+    },
     "weight_decay": {"cli": "`--weight-decay`", "loop": "the optimizer's `weight_decay`",
                      "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
@@ -172,12 +179,18 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
-    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: a weight "
-                              "beyond 65504, from a checkpoint saved wider, turns Inf when cast to float16 at load — "
-                              "the dtype, not the checkpoint: keep the weights in fp32 and compute in float16 — "
-                              "{mixed} — or train with {bf16_mixed}",
-    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: cast to float16 at load they are "
-                            "Inf before any step — hold the teacher in a wider dtype — {fp32_teacher}",
+    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: the "
+                              "checkpoint holds values beyond float16's 65504 (it was saved wider) and the cast to "
+                              "float16 at load made them Inf (the file is sound): load and compute it with fp32's "
+                              "range — {wide_compute} — or rescale those weights into float16's range; fp32 weights "
+                              "under float16 autocast are cast again at each matmul and overflow the same way",
+    "weights_beyond_fp16": "{model}'s {tensor} holds {amax} as loaded, beyond float16's 65504: the checkpoint holds "
+                           "values float16 cannot, and computing in float16 casts them to Inf ({module} overflows "
+                           "first) — compute with fp32's range — {wide_compute} — or rescale that weight into "
+                           "float16's range; a loss scaler cannot fix it",
+    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: the checkpoint holds values "
+                            "beyond 65504, Inf once cast to float16 — hold the teacher in a wider dtype — "
+                            "{fp32_teacher} — or rescale those weights into float16's range",
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
                          "steps are ~1e-3×){at_lr}: the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
@@ -626,6 +639,9 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     if not len(acts):
         return []
     row = _first(acts)
+    beyond = _loaded_beyond_fp16(r, row)
+    if beyond is not None:
+        return [beyond]
     where = _where(row)
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
@@ -748,6 +764,24 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
                             dtype=row.get("dtype")))]
 
 
+def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
+    """A float16 forward overflow of a model whose weights, as loaded, already hold a value beyond float16's range
+    (a `weight_beyond_fp16` event): the checkpoint's doing, not the data's or the step's — placed at that weight, the
+    fix a dtype with fp32's range or a rescaled weight (fp32 master weights under fp16 autocast overflow the same)."""
+    beyond = r.of("weight_beyond_fp16")
+    beyond = beyond[beyond["model"] == act.get("model")]
+    if act.get("dtype") != "float16" or not len(beyond):
+        return None
+    row = _first(beyond)
+    cause = "teacher_overflow" if act.get("model") == "teacher" else "activation_overflow"
+    return Cause(cause, "critical", **{**_where(row), "first_step": int(act["step"]), "phase": "forward"},
+                 evidence={"loaded_weight_amax": float(row["value"]), "weight_dtype": row.get("dtype"),
+                           "weight_beyond_float16": True, "first_nonfinite_module": act.get("module"),
+                           "dtype": "float16"},
+                 fix=r.fix("weights_beyond_fp16", model=row.get("model"), tensor=row.get("tensor"),
+                           amax=f"{float(row['value']):.4g}", module=act.get("module")))
+
+
 def activation_overflow(r: RunRecord) -> list[Cause]:
     """A student module's forward output is non-finite (critical), or beyond fp16's range in a wider dtype
     (a warning: where fp16 compute would overflow). Outputs that turned bad after the weights did are not
@@ -759,6 +793,11 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
     if len(acts) and r.nonfinite_op() is None:  # else not an overflow: an undefined operation (`divergence`)
+        row = _first(acts)
+        beyond = _loaded_beyond_fp16(r, row)
+        if beyond is not None:
+            causes.append(beyond)
+    if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},

@@ -231,6 +231,31 @@ def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_fr
     assert "2 of 6 weight tensors" in event.message
 
 
+def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_largest_weight():
+    """A checkpoint saved in fp32 with a weight of 1e5: loaded into float16 it is +Inf — counted before the first
+    step, not after it (one SGD step turns the +Inf into NaN, which read as a corrupt file); kept in fp32 it is a
+    `weight_beyond_fp16` warning at that tensor, and each model's largest weight as loaded is in step 1's row."""
+    torch.manual_seed(0)
+    half, wide = Net().half(), Net()
+    with torch.no_grad():
+        half.second.weight[0, 0] = 1e5  # +Inf in float16
+        wide.second.weight[0, 0] = 1e5
+    opt = torch.optim.SGD(half.parameters(), lr=0.1)
+    with Probes(half, optimizer=opt) as probes:
+        _train(half, probes, opt, steps=1, dtype=torch.float16)
+    assert not all(torch.isfinite(half.second.weight).view(-1)[1:])  # the step spread it
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.tensor, event.nan_count, event.posinf_count, event.neginf_count) == ("second.weight", 0, 1, 0)
+    assert probes.diagnosis()[0]["evidence"]["cast_to_float16"] is True
+    opt = torch.optim.SGD(wide.parameters(), lr=0.0)
+    with Probes(wide, optimizer=opt) as probes:
+        _train(wide, probes, opt, steps=2)
+    (event,) = _events(probes, "weight_beyond_fp16")
+    assert (event.model, event.tensor, event.value, event.dtype, event.phase) == (
+        "student", "second.weight", 1e5, "float32", "setup")
+    assert [row.get("loaded_amax_student") for row in probes.rows] == [1e5, None]
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
