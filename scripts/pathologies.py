@@ -854,6 +854,43 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+class AdditiveMaskAttention(tiny.MaskedAttention):
+    """The masked softmax with the mask added as `(1 - keep) * -1e9`, as much code written for fp32 does: in fp32 a
+    row whose every key is masked is uniform (every score -1e9); in float16 -1e9 is -inf, and that row is 0/0."""
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        mask = (1 - keep[:, None, :].to(scores.dtype)) * -1e9
+        return self.proj((scores + mask).softmax(-1) @ self.v(x))
+
+
+def mask_fill_beyond_fp16_user_loop(world: World, tmp: Path) -> Outcome:
+    """`tiny.MaskedAttentionNet` with `AdditiveMaskAttention`, trained in fp16 weights (`.half()`, SGD) on a batch
+    whose second sequence is all padding: finite in fp32, NaN in float16 from scores of order 1."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    model.attn = AdditiveMaskAttention(model.attn.q.in_features)
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False
+    with torch.no_grad():
+        fp32_ok = finite(model(ids, keep))
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids, keep)
+        loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    fill = float(torch.tensor(-1e9).half())
+    outcome.facts.update(fill_in_fp16=fill, fp32_finite=fp32_ok, nan_rows=int(logits.isnan().any(-1).sum()))
+    outcome.check("-1e9 is -inf in fp16; the model is finite in fp32, NaN on the padded sequence alone in fp16",
+                  fill == -math.inf and fp32_ok and logits[1].isnan().all() and finite(logits[0]))
+    return outcome
+
+
 def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     """A decay schedule sized for 2 steps, run for 5: sqrt(1 − step/2) computed with tensors is NaN past its end
     (no error), so step 4's learning rate is NaN while the gradients are finite."""
@@ -1421,6 +1458,11 @@ SCENARIOS: list[Scenario] = [
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("mask fill -1e9 in fp16", "user loop: fp16 weights, SGD; a hand-written attention adds the mask as "
+             "`(1 - keep) * -1e9` (-inf in fp16); one sequence of the batch is all padding", "pure-fp16", "user loop",
+             mask_fill_beyond_fp16_user_loop,
+             Expected("activation_overflow", "critical", "student", "attn", first_step=1,
+                      fix_contains="torch.finfo(scores.dtype).min", evidence_contains="largest_measured")),
     Scenario("lr schedule past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay sqrt(1 − step/2) run "
              "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
              Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",

@@ -350,7 +350,7 @@ def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can
                 *THEN_RUINED)
     metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
     diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
-    assert not any("mask" in c["fix"] for c in diagnosis)
+    assert not any("guard the mask" in c["fix"] for c in diagnosis)  # the undefined operation's fix
 
 
 NAN_WEIGHTS = {"kind": "nonfinite_param", "severity": "critical", "step": 3, "model": "student", "module": "mid",
@@ -549,6 +549,24 @@ def test_measured_collapse_without_a_multiplicative_decay_still_names_weight_dec
 def test_fp16_activation_fix_names_an_eps_that_is_zero_in_fp16():
     (cause,) = causes(log({**NAN_OUTPUT, "dtype": "float16"}), SMALL_VALUES, mode="pure-fp16", caller="loop")
     assert cause["cause"] == "activation_overflow" and "1e-12" in cause["fix"]
+
+
+FP16_NAN = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+            "module": "attn", "value": math.nan, "dtype": "float16"}
+
+
+@pytest.mark.parametrize("act_amax, loaded_amax, constant", [(4.1, 0.3, True), (4.1, 900.0, False),
+                                                             (300.0, 0.3, False)])
+def test_a_float16_nan_from_small_values_names_the_constant_float16_cannot_hold(act_amax, loaded_amax, constant):
+    """A mask filled with -1e9 (or float32's min) is -inf in float16 and a fully masked row's softmax 0/0: NaN from
+    scores of order 1. The fix names the fill value and what to write instead — not only "overflows float16". Large
+    outputs or weights (as loaded) measured before it leave it an overflow."""
+    metrics = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [act_amax],
+                            "loaded_amax_student": [loaded_amax]})
+    cause = causes(log(FP16_NAN), metrics, mode="pure-fp16", caller="loop")[0]
+    assert (cause["cause"], cause["severity"], cause["module"]) == ("activation_overflow", "critical", "attn")
+    assert ("torch.finfo(scores.dtype).min" in cause["fix"] and "-1e9" in cause["fix"]) is constant
+    assert ("largest_measured" in cause["evidence"]) is constant
 
 
 def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limit():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
+from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
@@ -128,6 +128,15 @@ FIXES = {
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
                                 "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
                                 "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
+                                "largest measured {amax}): most likely a constant of its code that float16 cannot "
+                                "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
+                                "`torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) is -inf in "
+                                "float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
+                                "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
+                                "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use "
+                                "an eps float16 holds (1e-5); if its code writes no such constant, a sum of many "
+                                "products overflowed: compute with fp32's range — {wide_compute}",
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -412,13 +421,23 @@ class RunRecord:
         update), and every module output and weight measured up to its step nowhere near its dtype's range
         (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None — so never in the
         teacher, whose frozen weights no probe reads (an infinite weight there makes the same output)."""
+        return None if self.computes_in_fp16() else self._nonfinite_from_small_values(DTYPE_MAX)
+
+    def fp16_constant_op(self) -> tuple[pd.Series, float] | None:
+        """The same reading in a run computing in float16: a float16 module output non-finite although every value
+        measured up to it is below FP16_MAX ** RANGE_EXPONENT — no product of the data overflowed, so a constant of
+        the code that float16 cannot hold did: a mask's fill value beyond 65504 (-1e9, float32's min) turns -inf and
+        a fully masked row's softmax 0/0, an eps below 6e-8 turns 0 and a division by it Inf."""
+        return self._nonfinite_from_small_values({"float16": FP16_MAX}) if self.computes_in_fp16() else None
+
+    def _nonfinite_from_small_values(self, maxima: dict[str, float]) -> tuple[pd.Series, float] | None:
         acts = self.of("nonfinite_activation")
-        if not len(acts) or self.computes_in_fp16():
+        if not len(acts):
             return None
         row = _first(acts)
         if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
             return None
-        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
                   "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
@@ -432,8 +451,10 @@ class RunRecord:
         outputs = pd.to_numeric(train[columns].stack(), errors="coerce").dropna()
         if not len(outputs):
             return None
+        loaded = [c for c in train.columns if c.startswith("loaded_amax_")]  # the weights before any update
         weights = self.train_column("param_amax")
-        measured = pd.concat([outputs, weights[weights.index < step]])
+        measured = pd.concat([outputs, weights[weights.index < step],
+                              pd.to_numeric(train[loaded].stack(), errors="coerce").dropna()])
         largest = float(measured[measured.map(math.isfinite)].max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
@@ -550,6 +571,12 @@ def _holds(row: pd.Series) -> str:
     held = [kind for kind, column in (("NaN", "nan_count"), ("+Inf", "posinf_count"), ("-Inf", "neginf_count"))
             if number_or_none(row.get(column)) or 0]
     return ", ".join(held) or "NaN/Inf"
+
+
+def _holds_value(row: pd.Series) -> str:
+    """NaN or Inf, from an uncounted event's value (an activation's: NaN where its one-pass min/max was NaN)."""
+    value = number_or_none(row.get("value"))
+    return "NaN" if value is None or math.isnan(value) else "Inf"
 
 
 def _where(row: pd.Series) -> dict:
@@ -797,6 +824,14 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         beyond = _loaded_beyond_fp16(r, row)
         if beyond is not None:
             causes.append(beyond)
+    constant = r.fp16_constant_op()
+    if constant is not None and not causes:
+        row, largest = constant
+        causes.append(Cause("activation_overflow", "critical", **_where(row),
+                            evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
+                                      "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT},
+                            fix=r.fix("activation_fp16_constant", module=row.get("module"), holds=_holds_value(row),
+                                      amax=f"{largest:.3g}")))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
@@ -947,8 +982,7 @@ def divergence(r: RunRecord) -> list[Cause]:
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op
-        value = row.get("value")
-        holds = "NaN" if value is None or math.isnan(value) else "Inf"
+        holds = _holds_value(row)
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
                                 "largest_measured_before": largest,
