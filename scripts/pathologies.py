@@ -733,6 +733,22 @@ def kd_of_softmax_log(temperature: float):
     return kd
 
 
+def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
+    """The KD temperature annealed linearly from 2 to 0 over 3 steps (`T = 2 · (1 − (step − 1) / 3)`): at step 4 —
+    no statistics step — T is 0 and the KL is NaN; nothing in the user's loop replays it with module statistics."""
+    temperatures = []
+
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        temperatures.append(2.0 * (1 - len(temperatures) / 3))
+        return kd_divergence(temperatures[-1])(student_logits, teacher_logits)
+    outcome = kd_user_loop(world, tmp, kd, steps=5)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.facts["temperatures"] = [round(t, 3) for t in temperatures]
+    outcome.check("finite losses on steps 1-3, NaN from step 4, where T is 0",
+                  all(map(math.isfinite, losses[:3])) and math.isnan(losses[3]) and temperatures[3] == 0.0)
+    return outcome
+
+
 def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
     """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
     wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
@@ -1444,6 +1460,11 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
                       absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
+    Scenario("KD temperature annealed to 0", "user loop: fp32 student + teacher; the KD temperature annealed "
+             "linearly 2 → 0 over 3 steps: NaN at step 4, a step without module statistics", "fp32", "user loop",
+             annealed_temperature_kd,
+             Expected("divergence", "critical", "student", "loss", first_step=4, fix_contains="temperature",
+                      evidence_contains="unplaced")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",

@@ -265,10 +265,20 @@ def test_the_loss_computation_is_not_blamed_when_something_went_wrong_before_the
     assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis)
 
 
-def test_a_nonfinite_loss_on_a_step_without_module_statistics_stays_unexplained_divergence():
+@pytest.mark.parametrize("caller, unplaced", [("loop", True), ("accelerate", True), ("cli", False),
+                                              ("trainer", False)])
+def test_a_nonfinite_loss_on_a_step_without_module_statistics_is_unplaced_divergence(caller, unplaced):
+    """A KD temperature annealed to 0 on a step between statistics steps: the loss is the run's first non-finite
+    value and nothing measured the modules. The fix says it is unplaced and how to place it, and what can reach 0
+    in a loss — not only "lower the lr". `train` and the Trainer's callback replay such a step with statistics on:
+    there the missing statistics are not the reason."""
     unmeasured = MEASURED.assign(act_amax_student=[None], act_amax_teacher=[None])
-    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller="loop")
+    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller=caller)
     assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")
+    assert ("no module statistics" in cause["fix"] and "temperature" in cause["fix"]) is unplaced
+    assert cause["evidence"].get("unplaced", False) is unplaced
+    if unplaced:
+        assert cause["tensor"] == "loss" and "level=\"full\")`" in cause["fix"]
 
 
 TRIPLED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": [4.0, 6.0, 13.0, 20.0]})
@@ -285,6 +295,9 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
     found = diagnose(log(), TRIPLED, {"precision": precision, "caller": "trainer"})
     assert [(c["cause"], c["severity"], c["first_step"]) for c in found] == (
         [("divergence", "critical", 3)] if blown else [])
+    if blown:  # no module, weight or update measured it: said so, with the loss code among the checks
+        assert found[0]["evidence"]["unplaced"] is True and "from 4 to 20" in found[0]["fix"]
+        assert "loss code" in found[0]["fix"] and "`learning_rate`" in found[0]["fix"]
 
 
 SKIPPED_NAN = ({**NAN_LOSS, "step": 5},

@@ -44,6 +44,9 @@ DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38
 RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
+# callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
+# replay that forward with them on (and place it, or find every module finite)
+UNREPLAYED = ("loop", "accelerate")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -228,6 +231,15 @@ FIXES = {
                          "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
                          "instead of the distance); a precision change, a loss scaler or a lower {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
+    "loss_unplaced": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
+                     "finite and no update as large as the weights: no module, weight or update places it — lower "
+                     "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
+                     "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
+                               "step that took no module statistics: nothing places it — {full_probes} tells whether a "
+                               "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
+                               "on that step (a temperature or token count annealed or computed to 0, a log of 0) and "
+                               "that batch; if the weights grew fast before it, lower {lr} and clip with {clip}",
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
 # advise bf16 or fp16 compute, which such a run already has (bf16) or which would narrow its range (fp16). bf16
@@ -1036,6 +1048,14 @@ def divergence(r: RunRecord) -> list[Cause]:
             return [computed]
         if r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param")):
             return []  # a contained float16 overflow (activation_overflow): nothing blew up
+        loss = r.first_nonfinite_loss()
+        if loss is not None and r.caller in UNREPLAYED and not r.computes_in_fp16() \
+                and not r.module_outputs_at(int(loss["step"])):
+            term = "loss" if loss.get("tensor") == "loss" else f"{loss.get('tensor')} loss term"
+            return [Cause("divergence", "critical", **_where(loss),
+                          evidence={"mode": r.mode, "unplaced": True, "module_statistics": False,
+                                    "nonfinite_param_events": len(r.of("nonfinite_param"))},
+                          fix=r.fix("loss_unplaced_nonfinite", term=term, step=int(loss["step"])))]
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
@@ -1045,7 +1065,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     if r.updates_wide_weights() and len(blown):
         return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
-                                "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
+                                "factor": DIVERGENCE_FACTOR, "unplaced": True},
+                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{float(finite_loss.max()):.4g}",
+                                factor=f"{DIVERGENCE_FACTOR:g}", step=int(blown.index[0])))]
     return []
 
 
