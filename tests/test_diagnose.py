@@ -476,6 +476,7 @@ def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_deri
         "divergence", "critical", "h.0.mlp.c_proj", 1)
     assert cause["evidence"]["in_backward"] is True and cause["evidence"]["largest_measured"] == 3.9
     assert "derivative" in cause["fix"] and "eps" in cause["fix"] and "autocast" not in cause["fix"]
+    assert "lowering the optimizer's `lr` will not help" in cause["fix"]  # the caller's words read as a sentence
 
 
 @pytest.mark.parametrize("change", [

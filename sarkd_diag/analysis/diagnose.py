@@ -220,7 +220,7 @@ FIXES = {
                     "measured {amax}): an operation undefined on its inputs, not an overflow — a softmax over a row "
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
                     "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
-                    "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
+                    "or a division (`x.clamp_min(eps)`); a precision change or lowering {lr} will not help",
     "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
                          "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
                          "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
@@ -229,7 +229,7 @@ FIXES = {
                          "pow(x, p < 1) at 0, acos/asin at ±1, a log or division at 0 in a branch `torch.where` "
                          "discards (its gradient is still 0 × inf); keep "
                          "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
-                         "instead of the distance); a precision change, a loss scaler or a lower {lr} will not help",
+                         "instead of the distance); a precision change, a loss scaler or lowering {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
     "loss_unplaced": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
