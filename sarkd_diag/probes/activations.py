@@ -106,10 +106,11 @@ class ActivationProbe(Probe):
         return hook
 
     def _root_output(self, model_name: str, label: str):
-        """The root's output when its own code made it (not a child's output handed on): read as made by it."""
+        """The root's output when its own code made it (not a child's output handed on): read as made by it — not a
+        scalar, which is a loss the model computed (`return_dict=False` puts it first), the loss probe's reading."""
         def hook(_module, _inputs, output):
             t = _first_tensor(output)
-            if t is not None and t.is_floating_point() and t.numel() and self._counts(model_name):
+            if t is not None and t.is_floating_point() and t.dim() and t.numel() and self._counts(model_name):
                 self._read_made(t, model_name, label, "its caller")
         return hook
 

@@ -374,6 +374,47 @@ def test_a_nan_made_in_the_models_own_forward_is_placed_at_it_not_at_the_child_i
     assert "division by zero" in cause["fix"]
 
 
+def test_a_loss_the_model_returns_first_is_not_read_as_its_forwards_making():
+    """`return_dict=False` with labels puts the model's loss first in its output: a NaN loss of a batch without
+    targets (0/0) is the loss probe's and the data's (`nonfinite_input`), not a NaN made by
+    `GPT2LMHeadModel.forward`."""
+    from tiny import make_gpt2
+
+    with torch.random.fork_rng():
+        model = make_gpt2(16)
+        ids = torch.randint(0, 16, (2, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=torch.full_like(ids, -100), return_dict=False)[0]
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss, labels=torch.full_like(ids, -100))
+    assert math.isnan(float(loss)) and _events(probes, "nonfinite_activation") == []
+    assert probes.diagnosis()[0]["cause"] == "nonfinite_input"
+
+
+def test_an_empty_output_made_by_the_models_own_forward_is_not_read():
+    """A model that returns no positions (`logits_to_keep`, as `train`'s fused loss asks of it): nothing to read,
+    and no reduction over an empty tensor (aminmax refuses one)."""
+    class NoPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x)[:, :0] * 2  # made by its own code, empty
+
+    model = NoPositions()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        out = model(torch.ones(2, 5, 4))
+        loss = model.head(torch.ones(2, 4)).sum() + out.sum()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    assert out.numel() == 0 and probes.diagnosis() == []
+
+
 def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
     """-Inf written into scores as a mask, then a softmax module (nn.Softmax): the usual way; only NaN made between
     modules counts, so nothing is reported while every row keeps a key."""
