@@ -300,6 +300,13 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
         assert "loss code" in found[0]["fix"] and "`learning_rate`" in found[0]["fix"]
 
 
+def test_a_negative_loss_is_not_above_three_times_itself():
+    """A loss may be negative (a log-density, a term subtracted): 3 × a negative first loss is below it, so every
+    such loss read as a blow-up from step 1."""
+    negative = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [-2.0, -2.5, -2.4]})
+    assert causes(log(), negative, mode="fp32", caller="loop") == []
+
+
 SKIPPED_NAN = ({**NAN_LOSS, "step": 5},
                {"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 5,
                 "phase": "backward", "model": "student", "module": "ln_f", "tensor": "ln_f.weight"},

@@ -1014,7 +1014,10 @@ def divergence(r: RunRecord) -> list[Cause]:
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
-    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None else finite_loss[:0]
+    # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
+    # a term subtracted) is above three times itself from the start
+    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None and first_loss > 0 \
+        else finite_loss[:0]
     extreme = r.of("extreme_update")
     if len(extreme):
         row = _first(extreme)
