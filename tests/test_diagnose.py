@@ -265,8 +265,8 @@ def test_the_loss_computation_is_not_blamed_when_something_went_wrong_before_the
     assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis)
 
 
-@pytest.mark.parametrize("caller, unplaced", [("loop", True), ("accelerate", True), ("cli", False),
-                                              ("trainer", False)])
+@pytest.mark.parametrize("caller, unplaced", [("loop", True), ("accelerate", True), ("lightning", True),
+                                              ("cli", False), ("trainer", False)])
 def test_a_nonfinite_loss_on_a_step_without_module_statistics_is_unplaced_divergence(caller, unplaced):
     """A KD temperature annealed to 0 on a step between statistics steps: the loss is the run's first non-finite
     value and nothing measured the modules. The fix says it is unplaced and how to place it, and what can reach 0

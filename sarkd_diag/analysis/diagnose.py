@@ -46,7 +46,7 @@ RANGE_EXPONENT = 0.5
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 # callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
 # replay that forward with them on (and place it, or find every module finite)
-UNREPLAYED = ("loop", "accelerate")
+UNREPLAYED = ("loop", "accelerate", "lightning")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -56,18 +56,21 @@ PHRASES = {
         "loop": "fp32 weights, `torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
         "trainer": "`TrainingArguments(fp16=True)` with the model loaded in fp32",
         "accelerate": "`Accelerator(mixed_precision=\"fp16\")` with the model in fp32",
+        "lightning": "`Trainer(precision=\"16-mixed\")` with the module's weights in fp32",
     },
     "bf16_mixed": {
         "cli": "`--precision bf16-mixed`",
         "loop": "fp32 weights and `torch.autocast(dtype=torch.bfloat16)`",
         "trainer": "`TrainingArguments(bf16=True)` with the model loaded in fp32",
         "accelerate": "`Accelerator(mixed_precision=\"bf16\")` with the model in fp32",
+        "lightning": "`Trainer(precision=\"bf16-mixed\")` with the module's weights in fp32",
     },
     "fp32_teacher": {
         "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
         "loop": "the teacher loaded in bfloat16 or float32 instead of float16",
         "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
+        "lightning": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
     "wide_compute": {
         "cli": "`--precision bf16-mixed` or `--precision fp32`",
@@ -75,18 +78,22 @@ PHRASES = {
                 "`torch.autocast(dtype=torch.bfloat16)` if you want one",
         "trainer": "`TrainingArguments(bf16=True)` (or neither fp16 nor bf16) with the model loaded in fp32",
         "accelerate": "`Accelerator(mixed_precision=\"bf16\")` (or \"no\") with the model in fp32",
+        "lightning": "`Trainer(precision=\"bf16-mixed\")` (or \"32-true\") with the module's weights in fp32",
     },
     "weight_decay": {"cli": "`--weight-decay`", "loop": "the optimizer's `weight_decay`",
-                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`"},
+                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`",
+                     "lightning": "the optimizer's `weight_decay` (`configure_optimizers`)"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
-           "accelerate": "the optimizer's `lr`"},
+           "accelerate": "the optimizer's `lr`", "lightning": "the optimizer's `lr` (`configure_optimizers`)"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
-             "accelerate": "`accelerator.clip_grad_norm_`"},
+             "accelerate": "`accelerator.clip_grad_norm_`", "lightning": "`Trainer(gradient_clip_val=...)`"},
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
-                     "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms"},
+                     "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
+                     "lightning": "the weights of the loss's terms"},
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
-                    "accelerate": "`Probes.from_accelerator(..., level=\"full\")`"},
+                    "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
+                    "lightning": "`SarkdDiagLightningCallback(..., level=\"full\")`"},
 }
 
 FIXES = {

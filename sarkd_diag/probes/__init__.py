@@ -37,7 +37,7 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host
+from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
@@ -50,7 +50,8 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
-CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (analysis/diagnose.py)
+# whose words a fix is written in (analysis/diagnose.py)
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -294,11 +295,11 @@ class Probes:
     optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too. A loop
     with several optimizers (one per part of the model, at their own settings) passes them all, as a list.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
-    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
-    "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
-    accumulates gradients over several `step()` calls, a function that is False on the calls that end a
-    micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
-    passes it). Call `step()` after each optimizer step.
+    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer",
+    "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
+    whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
+    that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
+    `from_accelerator` and the Lightning callback pass one). Call `step()` after each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -451,7 +452,7 @@ class Probes:
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
             self._check_requested_autocast()
-            self._check_unscaled_fp16_autocast()
+            self._check_unscaled_fp16_compute()
         self._steps_recorded += 1
         if self.run_dir is None:
             self.rows.append(row)
@@ -533,23 +534,40 @@ class Probes:
                                step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
                                dtype="float16")
 
-    def _check_unscaled_fp16_autocast(self) -> None:
-        """After the first step: training forwards under float16 autocast with no loss scaler. The backward then
+    def _check_unscaled_fp16_compute(self) -> None:
+        """After the first step: a trained model computing in float16 with no loss scaler — under float16 autocast,
+        or trainable fp32 tensors over frozen fp16 weights (LoRA over a base loaded in fp16). The backward then
         runs in fp16 unprotected — gradients below 6e-8 flush to zero, overflows reach the optimizer — which is
         what GradScaler exists for; said once, as a setup fact, before any of it shows."""
-        if self.ctx.autocast == torch.float16 and not self.scaler.enabled:
+        if self.scaler.enabled:
+            return
+        if self.ctx.autocast == torch.float16:
             self.events.record("setup_note", "warning",
                                "training forwards run under float16 autocast with no loss scaler: the backward's "
                                "small gradients flush to zero in fp16 and its overflows reach the optimizer — "
                                "scale the loss with a GradScaler, or use bfloat16 autocast (fp32's range)",
                                step=self.ctx.step, probe="precision", dtype="float16")
+            return
+        frozen = None if self.ctx.autocast else self._frozen_low_precision()
+        if frozen is not None and frozen[1] == torch.float16:
+            w = next(w for w in self.ctx.watched if w.model == frozen[0])
+            self.events.record("setup_note", "warning",
+                               f"{w.model}'s trainable tensors ({w.tensor}, …) are {dtype_name(w.param.dtype)} but "
+                               "most of its weights are frozen in float16: its forward and backward compute in fp16 "
+                               "with no loss scaler, so small gradients flush to zero before they reach the "
+                               "trainable tensors and overflows reach the optimizer — scale the loss with a "
+                               "GradScaler, or load the frozen weights in bfloat16 (fp32's range)",
+                               step=self.ctx.step, probe="precision", model=w.model, tensor=w.tensor,
+                               dtype="float16")
 
     def _check_requested_autocast(self) -> None:
         """After the first step: a caller that asked for a mixed mode whose training forwards ran without
         autocast (TRL's DistillationTrainer under bf16=True runs them in fp32) is told so, once."""
         requested = self._precision_override.get("mode")
         expected = {"mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(requested)
-        if expected is not None and self.ctx.autocast != expected and self.ctx.stats_step:
+        frozen = self._frozen_low_precision()  # frozen fp16 weights compute in fp16 unasked
+        computed = self.ctx.autocast or (frozen[1] if frozen else None)
+        if expected is not None and computed != expected and self.ctx.stats_step:
             seen = dtype_name(self.ctx.autocast) + " autocast" if self.ctx.autocast else "no autocast"
             self.events.record("setup_note", "info",
                                f"{self._precision_override.get('requested') or requested} asks for {requested}, but "
@@ -572,20 +590,34 @@ class Probes:
         """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
         dtypes = sorted({dtype_name(w.param.dtype) for w in self.ctx.watched})
         autocast = self.ctx.autocast
+        frozen = self._frozen_low_precision() if dtypes == ["float32"] and not autocast else None
+        frozen = frozen[1] if frozen else None
         if dtypes == ["float32"]:
-            mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast)
+            mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast or frozen)
             mode = mode or ("mixed" if self.scaler.enabled else "fp32")
         else:
             mode = {("float16",): "pure-fp16", ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
         seen = f"{', '.join(dtypes) or 'no'} weights" + (f", {dtype_name(autocast)} autocast" if autocast else "") \
+            + (f" over frozen {dtype_name(frozen)} ones" if frozen else "") \
             + (", a loss scaler" if self.scaler.enabled else "")
+        compute = autocast or frozen
         info = {"mode": mode, "requested": "external loop", "reason": f"inferred: {seen}",
                 "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes,
-                "compute_dtype": dtype_name(autocast) if autocast else None, "loss_scaling": self.scaler.enabled,
+                "compute_dtype": dtype_name(compute) if compute else None, "loss_scaling": self.scaler.enabled,
                 "model_dtypes": {name: sorted({dtype_name(p.dtype) for p in m.parameters() if p.is_floating_point()})
                                  for name, m in self.ctx.models.items()}}  # frozen ones too: what a teacher outputs
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
+
+    def _frozen_low_precision(self) -> tuple[str, torch.dtype] | None:
+        """A trained model whose fp32 trainable tensors sit over frozen float16 or bfloat16 weights that hold most of
+        it (LoRA's adapters over a base loaded in fp16), and that dtype: what it computes in without autocast."""
+        low = (torch.float16, torch.bfloat16)
+        for name in dict.fromkeys(w.model for w in self.ctx.watched):
+            dtype = weights_compute_dtype(self.ctx.models[name])
+            if dtype in low and not any(w.param.dtype in low for w in self.ctx.watched if w.model == name):
+                return name, dtype
+        return None
 
     def _config(self) -> dict:
         return {"options": {}, "precision": self.precision_info(), "source": "sarkd_diag.Probes in a user loop",

@@ -74,6 +74,25 @@ class ProbeContext:
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
 
+    def computes_in(self, model_name: str) -> torch.dtype:
+        """The dtype a model's training forward and backward compute in: its autocast's where the training forwards
+        ran under one (the student's), else `weights_compute_dtype`."""
+        if self.autocast is not None and self.trains(model_name):
+            return self.autocast
+        return weights_compute_dtype(self.models[model_name])
+
+
+def weights_compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype that holds most of a model's weights, frozen ones included: what its forward multiplies
+    in without autocast, and so what the backward's gradients pass through. LoRA adapters kept in fp32 over a base
+    loaded in fp16 compute in fp16 — their gradients flush or overflow in it — though every trainable tensor is
+    fp32."""
+    elements: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+    return max(elements, key=elements.get) if elements else torch.float32
+
 
 def eager(hook: Callable) -> Callable:
     """A module hook that torch.compile calls as it is instead of tracing it into the compiled graph.

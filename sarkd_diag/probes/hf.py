@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes
+from .base import weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -37,20 +38,25 @@ def trainer_precision(args, model: nn.Module) -> dict:
     The weights alone say `fp32` for a run under bf16 autocast (`bf16=True` keeps fp32 master weights), so
     the mode comes from what the user asked the Trainer for, in the same vocabulary as sarkd-diag's own
     runs: fp16=True with fp32 weights is `mixed` (autocast + GradScaler), bf16=True is `bf16-mixed`, and a
-    model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`).
+    model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`). Without either,
+    fp32 trainable tensors over frozen fp16/bf16 weights (LoRA over a base loaded in fp16) compute in the frozen
+    weights' dtype: `mixed`/`bf16-mixed` without autocast.
     """
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     weights = dtypes.pop() if len(dtypes) == 1 else None
     name = dtype_name(weights) if weights is not None else "mixed dtypes"
     pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
+    frozen = weights_compute_dtype(model) if weights == torch.float32 else None
+    over = f" over frozen {dtype_name(frozen)} weights" if frozen in (torch.float16, torch.bfloat16) else ""
     if getattr(args, "fp16", False):
         requested, mode = "TrainingArguments(fp16=True)", pure.get(weights, "mixed")
     elif getattr(args, "bf16", False):
         requested, mode = "TrainingArguments(bf16=True)", pure.get(weights, "bf16-mixed")
     else:
-        requested, mode = "TrainingArguments()", {**pure, torch.float32: "fp32"}.get(weights, "external")
+        wider = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(frozen, "fp32")
+        requested, mode = "TrainingArguments()", {**pure, torch.float32: wider}.get(weights, "external")
     return {"mode": mode, "requested": requested,
-            "reason": f"transformers Trainer: {requested} with {name} trainable weights"}
+            "reason": f"transformers Trainer: {requested} with {name} trainable weights{over}"}
 
 
 TEACHER_ATTRIBUTES = ("teacher_model", "teacher")  # TRL's trainers; the usual name in a hand-written KD Trainer
