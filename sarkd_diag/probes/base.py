@@ -252,12 +252,18 @@ def _extremes_buffer(dtype: torch.dtype, device: torch.device, count: int) -> tu
     return _EXTREMES[key]
 
 
+def nonfinite_count_tensor(t: torch.Tensor) -> torch.Tensor:
+    """NaN, +Inf and -Inf counted apart, on the device: [3]; of a sharded tensor, this rank's shard."""
+    t = local_shard(t).detach()
+    return torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()])
+
+
 def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:
     """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host); of a
     sharded tensor, this rank's shard."""
-    t = local_shard(t)
-    counts = torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()]).tolist()
-    return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2], "numel": t.numel()}
+    counts = nonfinite_count_tensor(t).tolist()
+    return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2],
+            "numel": local_shard(t).numel()}
 
 
 class Probe:

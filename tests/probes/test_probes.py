@@ -231,6 +231,31 @@ def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_fr
     assert "2 of 6 weight tensors" in event.message
 
 
+def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_largest_weight():
+    """A checkpoint saved in fp32 with a weight of 1e5: loaded into float16 it is +Inf — counted before the first
+    step, not after it (one SGD step turns the +Inf into NaN, which read as a corrupt file); kept in fp32 it is a
+    `weight_beyond_fp16` warning at that tensor, and each model's largest weight as loaded is in step 1's row."""
+    torch.manual_seed(0)
+    half, wide = Net().half(), Net()
+    with torch.no_grad():
+        half.second.weight[0, 0] = 1e5  # +Inf in float16
+        wide.second.weight[0, 0] = 1e5
+    opt = torch.optim.SGD(half.parameters(), lr=0.1)
+    with Probes(half, optimizer=opt) as probes:
+        _train(half, probes, opt, steps=1, dtype=torch.float16)
+    assert not all(torch.isfinite(half.second.weight).view(-1)[1:])  # the step spread it
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.tensor, event.nan_count, event.posinf_count, event.neginf_count) == ("second.weight", 0, 1, 0)
+    assert probes.diagnosis()[0]["evidence"]["cast_to_float16"] is True
+    opt = torch.optim.SGD(wide.parameters(), lr=0.0)
+    with Probes(wide, optimizer=opt) as probes:
+        _train(wide, probes, opt, steps=2)
+    (event,) = _events(probes, "weight_beyond_fp16")
+    assert (event.model, event.tensor, event.value, event.dtype, event.phase) == (
+        "student", "second.weight", 1e5, "float32", "setup")
+    assert [row.get("loaded_amax_student") for row in probes.rows] == [1e5, None]
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -309,6 +334,87 @@ def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_ch
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["module"], cause["first_step"]) == ("divergence", "attn", 1)
     assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
+
+
+class NormalisedEmbeddings(nn.Module):
+    """embed -> each vector divided by its norm, in the model's own forward -> head: a padding row of zeros is 0/0."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 6)
+
+    def forward(self, ids, divide_last=False):
+        x = self.embed(ids)
+        if divide_last:  # the division made after the last child: the model's output is its own code's
+            return self.head(x) / self.head(x).sum(-1, keepdim=True).mul(0)
+        return self.head(x / x.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("divide_last, handed_to", [(False, "head"), (True, "its caller")])
+def test_a_nan_made_in_the_models_own_forward_is_placed_at_it_not_at_the_child_it_is_handed_to(divide_last,
+                                                                                                 handed_to):
+    """No module of the model runs the division: the root's own `forward` does — before its last child (the NaN
+    handed to `head`) or after it (the model's output). Named `NormalisedEmbeddings.forward`, not `head` and not
+    left to the loss; a division by zero that makes +Inf (x / 0) counts as a NaN does, a -Inf mask does not."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NormalisedEmbeddings()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 1, 2]])  # one padding token
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(ids, divide_last).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_activation")
+    assert (event.module, event.step, event.dtype) == ("NormalisedEmbeddings.forward", 1, "float32")
+    assert "own code" in event.message and handed_to in event.message
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["module"]) == ("divergence", "NormalisedEmbeddings.forward")
+    assert "division by zero" in cause["fix"]
+
+
+def test_a_loss_the_model_returns_first_is_not_read_as_its_forwards_making():
+    """`return_dict=False` with labels puts the model's loss first in its output: a NaN loss of a batch without
+    targets (0/0) is the loss probe's and the data's (`nonfinite_input`), not a NaN made by
+    `GPT2LMHeadModel.forward`."""
+    from tiny import make_gpt2
+
+    with torch.random.fork_rng():
+        model = make_gpt2(16)
+        ids = torch.randint(0, 16, (2, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=torch.full_like(ids, -100), return_dict=False)[0]
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss, labels=torch.full_like(ids, -100))
+    assert math.isnan(float(loss)) and _events(probes, "nonfinite_activation") == []
+    assert probes.diagnosis()[0]["cause"] == "nonfinite_input"
+
+
+def test_an_empty_output_made_by_the_models_own_forward_is_not_read():
+    """A model that returns no positions (`logits_to_keep`, as `train`'s fused loss asks of it): nothing to read,
+    and no reduction over an empty tensor (aminmax refuses one)."""
+    class NoPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x)[:, :0] * 2  # made by its own code, empty
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NoPositions()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        out = model(torch.ones(2, 5, 4))
+        loss = model.head(torch.ones(2, 4)).sum() + out.sum()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    assert out.numel() == 0 and probes.diagnosis() == []
 
 
 def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
@@ -481,6 +587,32 @@ def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_th
     assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["lr_value"] == "nan"
     assert "schedule" in cause["fix"] and "lower" not in cause["fix"]
     assert "divergence" not in _causes(probes)
+
+
+def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
+    """A linear decay sized for 2 steps run for 5 hands the optimizer a negative lr from step 3 (torch refuses one
+    only at construction): finite everything, the loss climbs. Named once per group, written as it was, and a run
+    directory with negative lrs closes (report, figures) as any other."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 2)
+    rows = []
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for _ in range(5):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            schedule.step()
+            opt.zero_grad()
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2, 5e-3, 0.0, -5e-3, -1e-2])
+    (event,) = _events(probes, "negative_lr")
+    assert (event.step, event.severity, event.model, event.value) == (4, "warning", "student", pytest.approx(-5e-3))
+    assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "loss_curves.png").exists()
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["first_step"]) == ("lr_negative", 4) and "schedule" in cause["fix"]
 
 
 def test_an_eps_set_to_zero_is_named_with_its_own_fix_not_a_precision_change():
