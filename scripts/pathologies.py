@@ -434,6 +434,27 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def checkpoint_beyond_fp16(world: World, tmp: Path, value: float = 1e5) -> tuple[nn.Module, Path]:
+    """The tiny student saved in fp32 with one weight of `STUDENT_HOT` at `value` (beyond fp16's 65504): a checkpoint
+    trained or exported wide, sound in fp32."""
+    model = tiny.make_gpt2(world.vocab)
+    with torch.no_grad():
+        model.get_parameter(STUDENT_HOT + ".weight")[0, 0] = value
+    return model, tiny.save(model, world.tokenizer, tmp / "wide_student")
+
+
+def checkpoint_beyond_fp16_mixed(world: World, tmp: Path) -> Outcome:
+    _, student = checkpoint_beyond_fp16(world, tmp)
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", steps=3, student=student)
+    half = torch.tensor(1e5).half()
+    outcome.facts["weight_in_fp16"] = float(half)
+    rows = run["metrics"]
+    outcome.facts["losses"] = _losses(rows)
+    outcome.check("1e5 is +Inf in fp16; every step's loss is non-finite under fp16 autocast",
+                  float(half) == math.inf and rows and not any(map(math.isfinite, _losses(rows))))
+    return outcome
+
+
 def clean_cli(mode: str):
     def run(world: World, tmp: Path) -> Outcome:
         outcome, run_ = run_cli(world, tmp, "--precision", mode, "--student-lr", "3e-3", steps=6)
@@ -712,6 +733,22 @@ def kd_of_softmax_log(temperature: float):
     return kd
 
 
+def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
+    """The KD temperature annealed linearly from 2 to 0 over 3 steps (`T = 2 · (1 − (step − 1) / 3)`): at step 4 —
+    no statistics step — T is 0 and the KL is NaN; nothing in the user's loop replays it with module statistics."""
+    temperatures = []
+
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        temperatures.append(2.0 * (1 - len(temperatures) / 3))
+        return kd_divergence(temperatures[-1])(student_logits, teacher_logits)
+    outcome = kd_user_loop(world, tmp, kd, steps=5)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.facts["temperatures"] = [round(t, 3) for t in temperatures]
+    outcome.check("finite losses on steps 1-3, NaN from step 4, where T is 0",
+                  all(map(math.isfinite, losses[:3])) and math.isnan(losses[3]) and temperatures[3] == 0.0)
+    return outcome
+
+
 def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
     """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
     wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
@@ -833,6 +870,43 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+class AdditiveMaskAttention(tiny.MaskedAttention):
+    """The masked softmax with the mask added as `(1 - keep) * -1e9`, as much code written for fp32 does: in fp32 a
+    row whose every key is masked is uniform (every score -1e9); in float16 -1e9 is -inf, and that row is 0/0."""
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        mask = (1 - keep[:, None, :].to(scores.dtype)) * -1e9
+        return self.proj((scores + mask).softmax(-1) @ self.v(x))
+
+
+def mask_fill_beyond_fp16_user_loop(world: World, tmp: Path) -> Outcome:
+    """`tiny.MaskedAttentionNet` with `AdditiveMaskAttention`, trained in fp16 weights (`.half()`, SGD) on a batch
+    whose second sequence is all padding: finite in fp32, NaN in float16 from scores of order 1."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    model.attn = AdditiveMaskAttention(model.attn.q.in_features)
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False
+    with torch.no_grad():
+        fp32_ok = finite(model(ids, keep))
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids, keep)
+        loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    fill = float(torch.tensor(-1e9).half())
+    outcome.facts.update(fill_in_fp16=fill, fp32_finite=fp32_ok, nan_rows=int(logits.isnan().any(-1).sum()))
+    outcome.check("-1e9 is -inf in fp16; the model is finite in fp32, NaN on the padded sequence alone in fp16",
+                  fill == -math.inf and fp32_ok and logits[1].isnan().all() and finite(logits[0]))
+    return outcome
+
+
 def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     """A decay schedule sized for 2 steps, run for 5: sqrt(1 − step/2) computed with tensors is NaN past its end
     (no error), so step 4's learning rate is NaN while the gradients are finite."""
@@ -857,6 +931,41 @@ def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     outcome.check("finite gradients through step 4, weights NaN first after step 4",
                   all(grads_finite[:4]) and weights_finite[:4] == [True, True, True, False])
     outcome.check("metrics.jsonl keeps step 4's lr as NaN", lrs[3] is not None and math.isnan(lrs[3]))
+    return outcome
+
+
+def linear_decay_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
+    """A linear decay `1 - step / 3` sized for 3 steps (a total computed for one epoch) run for 8: from step 5 the
+    lr is negative — no error, every value finite — and the optimizer climbs the loss."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 3)
+    lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
+    losses = plain_user_loop(model, opt, token_batches(world, 8), tmp / "run", schedule=schedule,
+                             after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
+    outcome.check("lr below 0 from step 5; the loss fell until then and rose after, every loss finite",
+                  min(lrs[:4]) >= 0 and max(lrs[4:]) < 0 and all(map(math.isfinite, losses))
+                  and losses[4] < losses[0] and losses[-1] > losses[4])
+    return outcome
+
+
+def checkpoint_beyond_fp16_half_user_loop(world: World, tmp: Path) -> Outcome:
+    """The same checkpoint loaded and trained in fp16 (`model.half()`, SGD): the cast makes the weight +Inf before any
+    step; the first step turns it (and the rest of the tensor) NaN."""
+    outcome = Outcome()
+    model, _ = checkpoint_beyond_fp16(world, tmp)
+    model.half()
+    weight = model.get_parameter(STUDENT_HOT + ".weight")
+    at_load = (int(weight.isnan().sum()), int((weight == math.inf).sum()))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = plain_user_loop(model, opt, token_batches(world, 2), tmp / "run")
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(nan_and_inf_at_load=at_load, nan_after=int(weight.isnan().sum()), losses=losses)
+    outcome.check("one +Inf and no NaN as loaded, NaN after the first step", at_load == (0, 1)
+                  and outcome.facts["nan_after"] > 0)
     return outcome
 
 
@@ -1136,6 +1245,45 @@ class NormedLM(nn.Module):
         return self.head(self.norm(self.embed(ids)))
 
 
+class CosineLM(nn.Module):
+    """embed (padding row 0) -> each vector divided by its norm in the model's own forward (no norm module) -> head:
+    a cosine-similarity head, as a user writes one."""
+
+    def __init__(self, vocab: int, width: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, width, padding_idx=0)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        return self.head(x / x.norm(dim=-1, keepdim=True))
+
+
+def root_forward_division_user_loop(world: World, tmp: Path) -> Outcome:
+    """`CosineLM.forward` divides each embedding by its norm itself: a padded position's embedding is 0, 0/0 is NaN,
+    made by no module — the model's own code — and handed to `head`, whose own work is fine."""
+    outcome = Outcome()
+    model = CosineLM(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = token_batches(world, 1)[0].clone()
+    ids[:, -4:] = 0  # padded
+    with torch.no_grad():  # outside the tool: NaN exactly on the padded positions, from embeddings of order 1
+        x = model.embed(ids)
+        unit = x / x.norm(dim=-1, keepdim=True)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        logits = model(ids)
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(largest_embedding=round(float(x.abs().max()), 3), loss=float(loss.detach()))
+    outcome.check("the division is NaN exactly on the padded positions, finite elsewhere; the loss is NaN",
+                  unit[:, -4:].isnan().all() and finite(unit[:, :-4]) and math.isnan(float(loss.detach())))
+    return outcome
+
+
 def rmsnorm_eps_pure_fp16(world: World, tmp: Path) -> Outcome:
     """A hand-written RMSNorm (eps 1e-12) in a model trained in fp16 weights: a padding position's embedding is 0,
     mean(x²) is 0, and 1e-12 is 0 in fp16 — rsqrt(0) = inf, 0 · inf = NaN; in fp32 the same model is finite."""
@@ -1312,6 +1460,11 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
                       absent=("gradient_overflow", "teacher_overflow", "activation_overflow"))),
+    Scenario("KD temperature annealed to 0", "user loop: fp32 student + teacher; the KD temperature annealed "
+             "linearly 2 → 0 over 3 steps: NaN at step 4, a step without module statistics", "fp32", "user loop",
+             annealed_temperature_kd,
+             Expected("divergence", "critical", "student", "loss", first_step=4, fix_contains="temperature",
+                      evidence_contains="unplaced")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
@@ -1326,10 +1479,19 @@ SCENARIOS: list[Scenario] = [
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("mask fill -1e9 in fp16", "user loop: fp16 weights, SGD; a hand-written attention adds the mask as "
+             "`(1 - keep) * -1e9` (-inf in fp16); one sequence of the batch is all padding", "pure-fp16", "user loop",
+             mask_fill_beyond_fp16_user_loop,
+             Expected("activation_overflow", "critical", "student", "attn", first_step=1,
+                      fix_contains="torch.finfo(scores.dtype).min", evidence_contains="largest_measured")),
     Scenario("lr schedule past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay sqrt(1 − step/2) run "
              "for 5 steps: lr NaN at step 4", "fp32", "user loop", schedule_past_its_end_user_loop,
              Expected("optimizer_nonfinite", "critical", "student", ANY, first_step=4, fix_contains="schedule",
                       evidence_contains="lr_nonfinite", absent=("divergence",))),
+    Scenario("linear lr decay run past its end", "user loop: fp32 GPT-2, AdamW; a LambdaLR decay 1 − step/3 run for "
+             "8 steps: lr negative from step 5", "fp32", "user loop", linear_decay_past_its_end_user_loop,
+             Expected("lr_negative", "warning", "student", ANY, first_step=5, fix_contains="max(0.0",
+                      absent=("divergence",))),
     Scenario("gradients cleared before the step", "user loop: fp32 GPT-2, AdamW; `zero_grad()` between "
              "`backward()` and `step()` from step 2", "fp32", "user loop", no_gradient_user_loop("cleared"),
              Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="zero_grad",
@@ -1375,6 +1537,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("RMSNorm eps 1e-12 in fp16", "user loop: fp16 weights, SGD; a hand-written RMSNorm (eps 1e-12, 0 in "
              "fp16) over a padded batch (zero embedding rows)", "pure-fp16", "user loop", rmsnorm_eps_pure_fp16,
              Expected("activation_overflow", "critical", "student", "norm", first_step=1, fix_contains="1e-12")),
+    Scenario("a division by zero in the model's own forward", "user loop: fp32; `CosineLM.forward` divides each "
+             "embedding by its norm itself (no module does), a padded batch (zero embedding rows: 0/0)", "fp32",
+             "user loop", root_forward_division_user_loop,
+             Expected("divergence", "critical", "student", "CosineLM.forward", first_step=1,
+                      fix_contains="division by zero", absent=("activation_overflow",))),
     Scenario("KD over a teacher with masked vocabulary", "user loop: fp32; teacher logits of 8 tokens set to −inf, "
              "KL with `log_target=True` (0 · −inf)", "fp32", "user loop", kd_masked_teacher_vocab,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="log of 0",
@@ -1388,6 +1555,16 @@ SCENARIOS: list[Scenario] = [
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
                       fix_lacks="--precision")),
+    Scenario("checkpoint beyond fp16, mixed", f"a student saved in fp32 with one `{STUDENT_HOT}` weight of 1e5, "
+             "`train --precision mixed`", "mixed", "CLI", checkpoint_beyond_fp16_mixed,
+             Expected("activation_overflow", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
+                      fix_contains="checkpoint holds values", fix_lacks="--precision mixed",
+                      evidence_contains="loaded_weight_amax")),
+    Scenario("checkpoint beyond fp16, loaded with .half()", f"user loop: the same checkpoint (`{STUDENT_HOT}` weight "
+             "1e5, saved in fp32) loaded with `model.half()`, SGD", "pure-fp16", "user loop",
+             checkpoint_beyond_fp16_half_user_loop,
+             Expected("nonfinite_input", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
+                      fix_contains="beyond float16's 65504", fix_lacks="GradScaler")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -265,10 +265,20 @@ def test_the_loss_computation_is_not_blamed_when_something_went_wrong_before_the
     assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis)
 
 
-def test_a_nonfinite_loss_on_a_step_without_module_statistics_stays_unexplained_divergence():
+@pytest.mark.parametrize("caller, unplaced", [("loop", True), ("accelerate", True), ("lightning", True),
+                                              ("cli", False), ("trainer", False)])
+def test_a_nonfinite_loss_on_a_step_without_module_statistics_is_unplaced_divergence(caller, unplaced):
+    """A KD temperature annealed to 0 on a step between statistics steps: the loss is the run's first non-finite
+    value and nothing measured the modules. The fix says it is unplaced and how to place it, and what can reach 0
+    in a loss — not only "lower the lr". `train` and the Trainer's callback replay such a step with statistics on:
+    there the missing statistics are not the reason."""
     unmeasured = MEASURED.assign(act_amax_student=[None], act_amax_teacher=[None])
-    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller="loop")
+    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller=caller)
     assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")
+    assert ("no module statistics" in cause["fix"] and "temperature" in cause["fix"]) is unplaced
+    assert cause["evidence"].get("unplaced", False) is unplaced
+    if unplaced:
+        assert cause["tensor"] == "loss" and "level=\"full\")`" in cause["fix"]
 
 
 TRIPLED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": [4.0, 6.0, 13.0, 20.0]})
@@ -285,6 +295,16 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
     found = diagnose(log(), TRIPLED, {"precision": precision, "caller": "trainer"})
     assert [(c["cause"], c["severity"], c["first_step"]) for c in found] == (
         [("divergence", "critical", 3)] if blown else [])
+    if blown:  # no module, weight or update measured it: said so, with the loss code among the checks
+        assert found[0]["evidence"]["unplaced"] is True and "from 4 to 20" in found[0]["fix"]
+        assert "loss code" in found[0]["fix"] and "`learning_rate`" in found[0]["fix"]
+
+
+def test_a_negative_loss_is_not_above_three_times_itself():
+    """A loss may be negative (a log-density, a term subtracted): 3 × a negative first loss is below it, so every
+    such loss read as a blow-up from step 1."""
+    negative = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [-2.0, -2.5, -2.4]})
+    assert causes(log(), negative, mode="fp32", caller="loop") == []
 
 
 SKIPPED_NAN = ({**NAN_LOSS, "step": 5},
@@ -350,7 +370,7 @@ def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can
                 *THEN_RUINED)
     metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
     diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
-    assert not any("mask" in c["fix"] for c in diagnosis)
+    assert not any("guard the mask" in c["fix"] for c in diagnosis)  # the undefined operation's fix
 
 
 NAN_WEIGHTS = {"kind": "nonfinite_param", "severity": "critical", "step": 3, "model": "student", "module": "mid",
@@ -413,6 +433,30 @@ def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_
     assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
 
 
+BEYOND_FP16 = {"kind": "weight_beyond_fp16", "severity": "warning", "step": 1, "phase": "setup", "model": "student",
+               "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": 1e5}
+FP16_OVERFLOW = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+                 "model": "student", "module": "h.0.mlp.c_fc", "value": math.inf, "dtype": "float16"}
+
+
+@pytest.mark.parametrize("caller, wide", [("cli", "`--precision bf16-mixed` or `--precision fp32`"),
+                                          ("loop", "no float16 autocast")])
+def test_a_float16_overflow_of_a_weight_beyond_fp16_as_loaded_is_placed_at_the_weight_not_fixed_by_mixed(caller,
+                                                                                                         wide):
+    """fp32 master weights under fp16 autocast (`mixed`, an AMP loop): a weight of 1e5 in the checkpoint is cast to
+    Inf at every matmul — `mixed` is the failing setup, not the fix. The cause is placed at the loaded tensor."""
+    (cause,) = causes(log(BEYOND_FP16, FP16_OVERFLOW), mode="mixed", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "activation_overflow", "critical", "h.0.mlp.c_fc.weight", 1)
+    assert cause["evidence"]["loaded_weight_amax"] == 1e5 and "checkpoint holds values" in cause["fix"]
+    assert wide in cause["fix"] and "GradScaler" not in cause["fix"] and "--precision mixed" not in cause["fix"]
+    teacher = causes(log({**BEYOND_FP16, "model": "teacher"}, {**FP16_OVERFLOW, "model": "teacher"}), mode="mixed")
+    assert (teacher[0]["cause"], teacher[0]["tensor"]) == ("teacher_overflow", "h.0.mlp.c_fc.weight")
+    (elsewhere,) = causes(log({**BEYOND_FP16, "model": "teacher"}, FP16_OVERFLOW), mode="mixed")  # another model's
+    assert (elsewhere["cause"], elsewhere["module"], elsewhere["tensor"]) == ("activation_overflow", "h.0.mlp.c_fc",
+                                                                               None)
+
+
 def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimizers_doing():
     finite_grads = pd.DataFrame({"step": [1], "split": "train", "nonfinite_grad_tensors": [0], "grad_amax": [0.4]})
     loaded = {**LOADED_NAN, "model": "student", "module": "wte", "tensor": "wte.weight"}
@@ -439,6 +483,7 @@ def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_deri
         "divergence", "critical", "h.0.mlp.c_proj", 1)
     assert cause["evidence"]["in_backward"] is True and cause["evidence"]["largest_measured"] == 3.9
     assert "derivative" in cause["fix"] and "eps" in cause["fix"] and "autocast" not in cause["fix"]
+    assert "lowering the optimizer's `lr` will not help" in cause["fix"]  # the caller's words read as a sentence
 
 
 @pytest.mark.parametrize("change", [
@@ -469,6 +514,24 @@ def test_every_group_at_lr_0_is_named_with_how_long():
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "lr_zero", "warning", "student: 28 tensors", 1)
     assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
+
+
+NEGATIVE_LR = {"kind": "negative_lr", "severity": "warning", "step": 5, "phase": "optimizer", "model": "student",
+               "tensor": "student: 28 tensors", "value": -3e-4}
+
+
+def test_a_negative_learning_rate_explains_a_loss_that_climbs_in_fp32_weights():
+    """A loss that triples in fp32 weights is a blow-up — unless the lr went negative before it: then the optimizer
+    climbed the loss as told, and the schedule is the fix, not a lower lr or clipping."""
+    metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "lr": [1e-3, 7e-4, 3e-4, 0, -3e-4, -7e-4, -1e-3,
+                                                                           -1.3e-3],
+                            "loss": [5.5, 5.4, 5.3, 5.3, 5.3, 8.0, 14.0, 20.0]})
+    (cause,) = causes(log(NEGATIVE_LR), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "lr_negative", "warning", "student: 28 tensors", 5)
+    assert cause["evidence"]["steps_at_negative_lr"] == 4 and cause["evidence"]["last_loss"] == 20.0
+    assert "max(0.0" in cause["fix"] and "the optimizer's `lr`" in cause["fix"]
+    assert causes(log(), metrics, mode="fp32", caller="loop")[0]["cause"] == "divergence"  # without the event
 
 
 DECAY = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_large", "step": 1,
@@ -509,6 +572,24 @@ def test_fp16_activation_fix_names_an_eps_that_is_zero_in_fp16():
     assert cause["cause"] == "activation_overflow" and "1e-12" in cause["fix"]
 
 
+FP16_NAN = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+            "module": "attn", "value": math.nan, "dtype": "float16"}
+
+
+@pytest.mark.parametrize("act_amax, loaded_amax, constant", [(4.1, 0.3, True), (4.1, 900.0, False),
+                                                             (300.0, 0.3, False)])
+def test_a_float16_nan_from_small_values_names_the_constant_float16_cannot_hold(act_amax, loaded_amax, constant):
+    """A mask filled with -1e9 (or float32's min) is -inf in float16 and a fully masked row's softmax 0/0: NaN from
+    scores of order 1. The fix names the fill value and what to write instead — not only "overflows float16". Large
+    outputs or weights (as loaded) measured before it leave it an overflow."""
+    metrics = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [act_amax],
+                            "loaded_amax_student": [loaded_amax]})
+    cause = causes(log(FP16_NAN), metrics, mode="pure-fp16", caller="loop")[0]
+    assert (cause["cause"], cause["severity"], cause["module"]) == ("activation_overflow", "critical", "attn")
+    assert ("torch.finfo(scores.dtype).min" in cause["fix"] and "-1e9" in cause["fix"]) is constant
+    assert ("largest_measured" in cause["evidence"]) is constant
+
+
 def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limit():
     """A softmax written as exp()/sum() overflows where e^x leaves the dtype (x ≈ 88.7 in fp32), sooner at a small
     temperature: one of the few ways a loss turns NaN from finite, modest outputs."""
@@ -526,12 +607,15 @@ def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_no
     root = diagnose(log(loaded, TEACHER_NAN), None, cfg)[0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == ("teacher_overflow", "teacher",
                                                                                   module, 1)
-    assert root["evidence"]["weights_beyond_float16"] is True and "checkpoint" not in root["fix"]
+    assert root["evidence"]["weights_beyond_float16"] is True and "corrupt" not in root["fix"]
     assert ("router" in root["fix"]) is router and "--precision bf16-mixed" in root["fix"]
 
 
-def test_student_weights_inf_in_float16_at_load_name_the_dtype():
+def test_student_weights_inf_in_float16_at_load_name_the_dtype_and_fp32_range_not_fp16_autocast():
+    """A checkpoint value beyond 65504 that the cast to float16 made Inf: fp32 weights under fp16 autocast (the old
+    advice, `mixed`) are cast again at each matmul and overflow the same way; fp32's range or a rescale fixes it."""
     loaded = {**LOADED_NAN, "model": "student", "dtype": "float16", "nan_count": 0, "posinf_count": 1}
     (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop")
     assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
-    assert "GradScaler" in cause["fix"] and "corrupt" not in cause["fix"]
+    assert "beyond float16's 65504" in cause["fix"] and "rescale" in cause["fix"] and "corrupt" not in cause["fix"]
+    assert "GradScaler" not in cause["fix"]

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..contract.numerics import EXTREME_UPDATE_RATIO, number_or_none
+from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_zero", "weight_collapse", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -44,6 +44,9 @@ DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38
 RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
+# callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
+# replay that forward with them on (and place it, or find every module finite)
+UNREPLAYED = ("loop", "accelerate", "lightning")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
 # what a fix tells each kind of caller to do, by concept
@@ -53,30 +56,44 @@ PHRASES = {
         "loop": "fp32 weights, `torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
         "trainer": "`TrainingArguments(fp16=True)` with the model loaded in fp32",
         "accelerate": "`Accelerator(mixed_precision=\"fp16\")` with the model in fp32",
+        "lightning": "`Trainer(precision=\"16-mixed\")` with the module's weights in fp32",
     },
     "bf16_mixed": {
         "cli": "`--precision bf16-mixed`",
         "loop": "fp32 weights and `torch.autocast(dtype=torch.bfloat16)`",
         "trainer": "`TrainingArguments(bf16=True)` with the model loaded in fp32",
         "accelerate": "`Accelerator(mixed_precision=\"bf16\")` with the model in fp32",
+        "lightning": "`Trainer(precision=\"bf16-mixed\")` with the module's weights in fp32",
     },
     "fp32_teacher": {
         "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
         "loop": "the teacher loaded in bfloat16 or float32 instead of float16",
         "trainer": "the teacher model loaded in bfloat16 or float32 instead of float16",
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
+        "lightning": "the teacher loaded in bfloat16 or float32 instead of float16",
+    },
+    "wide_compute": {
+        "cli": "`--precision bf16-mixed` or `--precision fp32`",
+        "loop": "the model loaded in float32 (or bfloat16) and no float16 autocast — "
+                "`torch.autocast(dtype=torch.bfloat16)` if you want one",
+        "trainer": "`TrainingArguments(bf16=True)` (or neither fp16 nor bf16) with the model loaded in fp32",
+        "accelerate": "`Accelerator(mixed_precision=\"bf16\")` (or \"no\") with the model in fp32",
+        "lightning": "`Trainer(precision=\"bf16-mixed\")` (or \"32-true\") with the module's weights in fp32",
     },
     "weight_decay": {"cli": "`--weight-decay`", "loop": "the optimizer's `weight_decay`",
-                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`"},
+                     "trainer": "`weight_decay`", "accelerate": "the optimizer's `weight_decay`",
+                     "lightning": "the optimizer's `weight_decay` (`configure_optimizers`)"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
-           "accelerate": "the optimizer's `lr`"},
+           "accelerate": "the optimizer's `lr`", "lightning": "the optimizer's `lr` (`configure_optimizers`)"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
-             "accelerate": "`accelerator.clip_grad_norm_`"},
+             "accelerate": "`accelerator.clip_grad_norm_`", "lightning": "`Trainer(gradient_clip_val=...)`"},
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
-                     "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms"},
+                     "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
+                     "lightning": "the weights of the loss's terms"},
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
-                    "accelerate": "`Probes.from_accelerator(..., level=\"full\")`"},
+                    "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
+                    "lightning": "`SarkdDiagLightningCallback(..., level=\"full\")`"},
 }
 
 FIXES = {
@@ -95,6 +112,11 @@ FIXES = {
                "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
                "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
                "and the value given to {lr}",
+    "lr_negative": "the learning rate of {group} is {lr_value}, below 0, from step {step}: the optimizer steps up "
+                   "the gradient and the loss climbs ({loss_then} at step {step}, {loss_last} at step {last}) with "
+                   "every value finite — check the schedule (a linear decay such as `1 - step / total` run past its "
+                   "total, a total computed for fewer steps or epochs than the run: clamp it with `max(0.0, ...)`; a "
+                   "sign error) and the value given to {lr}; precision is not the cause",
     "weight_collapse_decay": "weight decay collapses the weights of {group}: each step multiplies every weight "
                              "by 1 − lr × weight_decay = {factor} (lr × weight_decay = {decay}; "
                              "healthy ~1e-5), and the largest weight fell from {before} to {after} by step "
@@ -116,6 +138,15 @@ FIXES = {
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
                                 "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
                                 "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
+                                "largest measured {amax}): most likely a constant of its code that float16 cannot "
+                                "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
+                                "`torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) is -inf in "
+                                "float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
+                                "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
+                                "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use "
+                                "an eps float16 holds (1e-5); if its code writes no such constant, a sum of many "
+                                "products overflowed: compute with fp32's range — {wide_compute}",
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -167,12 +198,18 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
-    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: a weight "
-                              "beyond 65504, from a checkpoint saved wider, turns Inf when cast to float16 at load — "
-                              "the dtype, not the checkpoint: keep the weights in fp32 and compute in float16 — "
-                              "{mixed} — or train with {bf16_mixed}",
-    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: cast to float16 at load they are "
-                            "Inf before any step — hold the teacher in a wider dtype — {fp32_teacher}",
+    "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: the "
+                              "checkpoint holds values beyond float16's 65504 (it was saved wider) and the cast to "
+                              "float16 at load made them Inf (the file is sound): load and compute it with fp32's "
+                              "range — {wide_compute} — or rescale those weights into float16's range; fp32 weights "
+                              "under float16 autocast are cast again at each matmul and overflow the same way",
+    "weights_beyond_fp16": "{model}'s {tensor} holds {amax} as loaded, beyond float16's 65504: the checkpoint holds "
+                           "values float16 cannot, and computing in float16 casts them to Inf ({module} overflows "
+                           "first) — compute with fp32's range — {wide_compute} — or rescale that weight into "
+                           "float16's range; a loss scaler cannot fix it",
+    "teacher_weights_fp16": "the teacher's {module} weights exceed float16's range: the checkpoint holds values "
+                            "beyond 65504, Inf once cast to float16 — hold the teacher in a wider dtype — "
+                            "{fp32_teacher} — or rescale those weights into float16's range",
     "divergence_update": "one optimizer step changed the weights by {ratio}× their size ({tensor} most; healthy "
                          "steps are ~1e-3×){at_lr}: the learning rate is far too high for this model — lower {lr} and "
                          "clip with {clip}; precision is not the cause",
@@ -190,7 +227,7 @@ FIXES = {
                     "measured {amax}): an operation undefined on its inputs, not an overflow — a softmax over a row "
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
                     "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
-                    "or a division (`x.clamp_min(eps)`); a precision change or a lower {lr} will not help",
+                    "or a division (`x.clamp_min(eps)`); a precision change or lowering {lr} will not help",
     "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
                          "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
                          "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
@@ -199,8 +236,17 @@ FIXES = {
                          "pow(x, p < 1) at 0, acos/asin at ±1, a log or division at 0 in a branch `torch.where` "
                          "discards (its gradient is still 0 × inf); keep "
                          "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
-                         "instead of the distance); a precision change, a loss scaler or a lower {lr} will not help",
+                         "instead of the distance); a precision change, a loss scaler or lowering {lr} will not help",
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
+    "loss_unplaced": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
+                     "finite and no update as large as the weights: no module, weight or update places it — lower "
+                     "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
+                     "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
+                               "step that took no module statistics: nothing places it — {full_probes} tells whether a "
+                               "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
+                               "on that step (a temperature or token count annealed or computed to 0, a log of 0) and "
+                               "that batch; if the weights grew fast before it, lower {lr} and clip with {clip}",
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
 # advise bf16 or fp16 compute, which such a run already has (bf16) or which would narrow its range (fp16). bf16
@@ -394,13 +440,23 @@ class RunRecord:
         update), and every module output and weight measured up to its step nowhere near its dtype's range
         (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None — so never in the
         teacher, whose frozen weights no probe reads (an infinite weight there makes the same output)."""
+        return None if self.computes_in_fp16() else self._nonfinite_from_small_values(DTYPE_MAX)
+
+    def fp16_constant_op(self) -> tuple[pd.Series, float] | None:
+        """The same reading in a run computing in float16: a float16 module output non-finite although every value
+        measured up to it is below FP16_MAX ** RANGE_EXPONENT — no product of the data overflowed, so a constant of
+        the code that float16 cannot hold did: a mask's fill value beyond 65504 (-1e9, float32's min) turns -inf and
+        a fully masked row's softmax 0/0, an eps below 6e-8 turns 0 and a division by it Inf."""
+        return self._nonfinite_from_small_values({"float16": FP16_MAX}) if self.computes_in_fp16() else None
+
+    def _nonfinite_from_small_values(self, maxima: dict[str, float]) -> tuple[pd.Series, float] | None:
         acts = self.of("nonfinite_activation")
-        if not len(acts) or self.computes_in_fp16():
+        if not len(acts):
             return None
         row = _first(acts)
         if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
             return None
-        step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
+        step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
                   "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
@@ -414,8 +470,10 @@ class RunRecord:
         outputs = pd.to_numeric(train[columns].stack(), errors="coerce").dropna()
         if not len(outputs):
             return None
+        loaded = [c for c in train.columns if c.startswith("loaded_amax_")]  # the weights before any update
         weights = self.train_column("param_amax")
-        measured = pd.concat([outputs, weights[weights.index < step]])
+        measured = pd.concat([outputs, weights[weights.index < step],
+                              pd.to_numeric(train[loaded].stack(), errors="coerce").dropna()])
         largest = float(measured[measured.map(math.isfinite)].max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
@@ -534,6 +592,12 @@ def _holds(row: pd.Series) -> str:
     return ", ".join(held) or "NaN/Inf"
 
 
+def _holds_value(row: pd.Series) -> str:
+    """NaN or Inf, from an uncounted event's value (an activation's: NaN where its one-pass min/max was NaN)."""
+    value = number_or_none(row.get("value"))
+    return "NaN" if value is None or math.isnan(value) else "Inf"
+
+
 def _where(row: pd.Series) -> dict:
     """The place an event names: its model, module and tensor, its first step, phase and rank."""
     def text(value):
@@ -621,6 +685,9 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     if not len(acts):
         return []
     row = _first(acts)
+    beyond = _loaded_beyond_fp16(r, row)
+    if beyond is not None:
+        return [beyond]
     where = _where(row)
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
@@ -682,6 +749,27 @@ def lr_zero(r: RunRecord) -> list[Cause]:
                   fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
 
 
+def lr_negative(r: RunRecord) -> list[Cause]:
+    """A parameter group's learning rate below 0 (a `negative_lr` event): the optimizer climbs the loss, every value
+    finite — the schedule's doing (torch's optimizers refuse a negative lr at construction), not the numerics. A
+    warning: an ascent can be meant (unlearning); the evidence says what the loss did from there."""
+    negative = r.of("negative_lr")
+    if not len(negative):
+        return []
+    row = _first(negative)
+    step = int(row["step"])
+    lr, loss = r.train_column("lr"), r.train_column("loss")
+    loss = loss[loss.index >= step]
+    then, last = (number_or_none(loss.iloc[0]), number_or_none(loss.iloc[-1])) if len(loss) else (None, None)
+    return [Cause("lr_negative", "warning", **_where(row),
+                  evidence={"lr_value": float(row["value"]), "steps_at_negative_lr": int((lr < 0).sum()),
+                            "loss_at_first_negative_step": then, "last_loss": last},
+                  fix=r.fix("lr_negative", group=row.get("tensor"), lr_value=f"{float(row['value']):.3g}", step=step,
+                            loss_then=f"{then:.4g}" if then is not None else "?",
+                            loss_last=f"{last:.4g}" if last is not None else "?",
+                            last=int(loss.index[-1]) if len(loss) else "?"))]
+
+
 def weight_collapse(r: RunRecord) -> list[Cause]:
     """The weights shrink toward zero (`RunRecord.weight_shrink`: the largest weight halved within
     WEIGHT_GROWTH_WINDOW steps) with nothing extreme before it — measured, never predicted alone; placed at a
@@ -722,6 +810,24 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
                             dtype=row.get("dtype")))]
 
 
+def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
+    """A float16 forward overflow of a model whose weights, as loaded, already hold a value beyond float16's range
+    (a `weight_beyond_fp16` event): the checkpoint's doing, not the data's or the step's — placed at that weight, the
+    fix a dtype with fp32's range or a rescaled weight (fp32 master weights under fp16 autocast overflow the same)."""
+    beyond = r.of("weight_beyond_fp16")
+    beyond = beyond[beyond["model"] == act.get("model")]
+    if act.get("dtype") != "float16" or not len(beyond):
+        return None
+    row = _first(beyond)
+    cause = "teacher_overflow" if act.get("model") == "teacher" else "activation_overflow"
+    return Cause(cause, "critical", **{**_where(row), "first_step": int(act["step"]), "phase": "forward"},
+                 evidence={"loaded_weight_amax": float(row["value"]), "weight_dtype": row.get("dtype"),
+                           "weight_beyond_float16": True, "first_nonfinite_module": act.get("module"),
+                           "dtype": "float16"},
+                 fix=r.fix("weights_beyond_fp16", model=row.get("model"), tensor=row.get("tensor"),
+                           amax=f"{float(row['value']):.4g}", module=act.get("module")))
+
+
 def activation_overflow(r: RunRecord) -> list[Cause]:
     """A student module's forward output is non-finite (critical), or beyond fp16's range in a wider dtype
     (a warning: where fp16 compute would overflow). Outputs that turned bad after the weights did are not
@@ -733,6 +839,19 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
     if len(acts) and r.nonfinite_op() is None:  # else not an overflow: an undefined operation (`divergence`)
+        row = _first(acts)
+        beyond = _loaded_beyond_fp16(r, row)
+        if beyond is not None:
+            causes.append(beyond)
+    constant = r.fp16_constant_op()
+    if constant is not None and not causes:
+        row, largest = constant
+        causes.append(Cause("activation_overflow", "critical", **_where(row),
+                            evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
+                                      "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT},
+                            fix=r.fix("activation_fp16_constant", module=row.get("module"), holds=_holds_value(row),
+                                      amax=f"{largest:.3g}")))
+    if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         causes.append(Cause("activation_overflow", "critical", **_where(row),
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
@@ -882,8 +1001,7 @@ def divergence(r: RunRecord) -> list[Cause]:
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op
-        value = row.get("value")
-        holds = "NaN" if value is None or math.isnan(value) else "Inf"
+        holds = _holds_value(row)
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
                                 "largest_measured_before": largest,
@@ -903,7 +1021,10 @@ def divergence(r: RunRecord) -> list[Cause]:
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
-    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None else finite_loss[:0]
+    # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
+    # a term subtracted) is above three times itself from the start
+    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None and first_loss > 0 \
+        else finite_loss[:0]
     extreme = r.of("extreme_update")
     if len(extreme):
         row = _first(extreme)
@@ -937,13 +1058,26 @@ def divergence(r: RunRecord) -> list[Cause]:
             return [computed]
         if r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param")):
             return []  # a contained float16 overflow (activation_overflow): nothing blew up
+        loss = r.first_nonfinite_loss()
+        if loss is not None and r.caller in UNREPLAYED and not r.computes_in_fp16() \
+                and not r.module_outputs_at(int(loss["step"])):
+            term = "loss" if loss.get("tensor") == "loss" else f"{loss.get('tensor')} loss term"
+            return [Cause("divergence", "critical", **_where(loss),
+                          evidence={"mode": r.mode, "unplaced": True, "module_statistics": False,
+                                    "nonfinite_param_events": len(r.of("nonfinite_param"))},
+                          fix=r.fix("loss_unplaced_nonfinite", term=term, step=int(loss["step"])))]
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "nonfinite_param_events": len(r.of("nonfinite_param")),
                                 "nonfinite_loss_events": len(r.of("nonfinite_loss"))}, fix=r.fix("divergence"))]
+    negative = r.of("negative_lr")
+    if len(negative):  # a loss that climbs under a negative learning rate is the ascent it asked for: `lr_negative`
+        blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
         return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
                       evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
-                                "factor": DIVERGENCE_FACTOR}, fix=r.fix("divergence"))]
+                                "factor": DIVERGENCE_FACTOR, "unplaced": True},
+                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{float(finite_loss.max()):.4g}",
+                                factor=f"{DIVERGENCE_FACTOR:g}", step=int(blown.index[0])))]
     return []
 
 
@@ -966,8 +1100,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse, no_gradients,
-         update_underflow, divergence)
+         lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse,
+         no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..contract.numerics import number_or_none
+from ..contract.numerics import number_or_none, reading_or_none
 
 STAGNANT_LOST_UPDATES = 0.50  # median lost-update fraction above this: the weights barely move
 DRIFTING_LOST_UPDATES = 0.10  # above this (and up to the stagnant threshold): trains, but not as fp32 does
@@ -65,7 +65,7 @@ def verdict(row: dict, causes: list[str], failure: str | None = None) -> Verdict
                        else top or "skipped steps")
     if lost > DRIFTING_LOST_UPDATES:
         return Verdict("drifting", cause="update_underflow")
-    drift, ppl = number_or_none(row.get("drift_vs_fp32")), number_or_none(row.get("final_eval_ppl"))
+    drift, ppl = number_or_none(row.get("drift_vs_fp32")), reading_or_none(row.get("final_eval_ppl"))  # NaN counts
     if drift is not None and abs(drift) > DRIFT_VS_FP32:
         return Verdict("drifting", cause=top or f"eval ppl {drift:+.1%} vs fp32")
     if ppl is not None and not math.isfinite(ppl):

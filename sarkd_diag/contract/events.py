@@ -21,8 +21,8 @@ PHASES = ("setup", "forward", "backward", "optimizer", "loss", "eval", "policy")
 KINDS = (
     "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
     "nonfinite_param", "nonfinite_at_load", "nonfinite_grad", "zero_gradients", "nonfinite_activation",
-    "nonfinite_batch", "fp16_overflow_risk", "nonfinite_lr", "zero_lr", "optimizer_state_underflow", "lost_updates",
-    "extreme_update", "scaler_skip", "scaler_backoff",
+    "nonfinite_batch", "fp16_overflow_risk", "weight_beyond_fp16", "nonfinite_lr", "negative_lr", "zero_lr",
+    "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
 )
@@ -41,7 +41,10 @@ CODES = {
     "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",
+    "weight_beyond_fp16": "a finite weight as loaded beyond fp16's range, in a wider dtype: Inf once cast to float16",
     "nonfinite_lr": "a parameter group's learning rate is NaN/Inf when the optimizer is about to step",
+    "negative_lr": "a parameter group's learning rate is below 0 when the optimizer is about to step: it climbs "
+                   "the loss",
     "zero_lr": "every parameter group's learning rate is 0 on consecutive optimizer steps: nothing trains",
     "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",

@@ -23,6 +23,14 @@ def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def perplexity(loss: float) -> float:
+    """exp of a per-token cross-entropy: Infinity above a loss of 700 (exp overflows a float there), and NaN for a
+    NaN loss — an evaluation that computed NaN is not one whose perplexity is merely too large to write."""
+    if math.isnan(loss):
+        return math.nan
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def number_or_none(value) -> float | None:
     """A measured figure as a float, or None where nothing was measured (None, NaN, pandas NA).
 

@@ -7,6 +7,7 @@ is presentation/closing.py's, one layer up, since it needs the diagnosis and the
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from datetime import datetime
@@ -18,7 +19,7 @@ import pandas as pd
 from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
-from .numerics import number_or_none
+from .numerics import number_or_none, reading_or_none
 from .writers import run_logs, writing_processes
 
 SCHEMA_VERSION = 1
@@ -212,14 +213,18 @@ def load_run(run_dir: str | Path) -> dict:
 
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
-    evals = metrics[metrics["split"] == "eval"].dropna(subset=["eval_ppl"])
+    evals = metrics[metrics["split"] == "eval"]
+    # the evaluations that measured a perplexity, a NaN one (of a NaN loss) too — the last is NaN, not the finite one
+    # before it — but not one that wrote none (a distillation objective's loss, whose exp is no perplexity)
+    losses = evals["eval_loss"] if "eval_loss" in evals else pd.Series(math.nan, index=evals.index)
+    evals = evals[evals["eval_ppl"].notna() | losses.isna()]
     last = train.iloc[-1] if len(train) else None
     return {
         "loss": number_or_none(last["loss"]) if last is not None else None,
         "kd_loss": number_or_none(last["kd_loss"]) if last is not None else None,
         "ce_loss": number_or_none(last["ce_loss"]) if last is not None else None,
-        "eval_ppl": number_or_none(evals["eval_ppl"].iloc[-1]) if len(evals) else None,
-        "first_eval_ppl": number_or_none(evals["eval_ppl"].iloc[0]) if len(evals) else None,
+        "eval_ppl": reading_or_none(evals["eval_ppl"].iloc[-1]) if len(evals) else None,
+        "first_eval_ppl": reading_or_none(evals["eval_ppl"].iloc[0]) if len(evals) else None,
         "best_eval_ppl": number_or_none(evals["eval_ppl"].min()) if len(evals) else None,
         "tokens_per_s": number_or_none(train["tokens_per_s"].median()) if len(train) else None,
         "skipped_steps": int(train["skipped"].fillna(0).sum()) if "skipped" in train else 0,

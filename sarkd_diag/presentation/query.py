@@ -545,6 +545,8 @@ def _max_eval_ppl(limit: float) -> Callable[[Run], str | None]:
         ppl = run.final["eval_ppl"]
         if ppl is None:
             return "no evaluation was recorded"
+        if math.isnan(ppl):
+            return "final eval perplexity is NaN: the last evaluation computed a NaN loss"
         return None if ppl <= limit else f"final eval perplexity {ppl:.4g} > {limit:g}"
     return check
 

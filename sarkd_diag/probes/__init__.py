@@ -31,17 +31,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host
+from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
-from .loss import LossProbe
+from .loss import LossProbe, caller_loss
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -50,7 +51,8 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
-CALLERS = ("cli", "loop", "trainer", "accelerate")  # whose words a fix is written in (analysis/diagnose.py)
+# whose words a fix is written in (analysis/diagnose.py)
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -65,6 +67,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None]:
+    """Set `owner.name` (a method of a framework's object) to `replacement`; returns what puts the original back —
+    unless something replaced it again since, whose replacement stays."""
+    had_own, original = name in vars(owner), vars(owner).get(name)
+
+    def restore() -> None:
+        if vars(owner).get(name) is replacement:
+            if had_own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+    setattr(owner, name, replacement)
+    return restore
 
 
 class ProbeSet:
@@ -180,7 +198,8 @@ class ProbeSet:
         """The optimizer steps before any training forward of the step, right after a step that closed without
         one: `Probes.step()` closed the step before the loop's `optimizer.step()` (the wrong order), so each update
         lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
-        accident, the order is. (Both signs, not one: a model trained in eval mode shows no training forward.)"""
+        accident, the order is. (Both signs, not one: each alone has other causes — a step the loop skipped, forwards
+        the probes do not see.)"""
         if self._order_noted:
             return
         self._order_noted = True
@@ -253,7 +272,7 @@ class ProbeSet:
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
         put back at `close()` unless something replaced it again since."""
-        original, had_own = getattr(owner, name), name in vars(owner)
+        original = getattr(owner, name)
 
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
@@ -261,15 +280,7 @@ class ProbeSet:
             after(result)
             return result
 
-        def restore() -> None:
-            if vars(owner).get(name) is wrapper:
-                if had_own:
-                    setattr(owner, name, original)
-                else:
-                    delattr(owner, name)
-
-        setattr(owner, name, wrapper)
-        self.until_close(restore)
+        self.until_close(replace_method(owner, name, wrapper))
 
     def until_close(self, remove: Callable[[], None]) -> None:
         """Call `remove` (a hook's remover) at `close()`."""
@@ -294,11 +305,11 @@ class Probes:
     optimizer: a torch optimizer or a framework's wrapper of one (accelerate's); its scaler is taken too. A loop
     with several optimizers (one per part of the model, at their own settings) passes them all, as a list.
     scaler: the `GradScaler` of an AMP loop. precision: {"mode", "requested", "reason"} where the caller
-    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer" or
-    "accelerate" — the words the diagnosis's fixes are written in. sync_gradients: for a loop whose framework
-    accumulates gradients over several `step()` calls, a function that is False on the calls that end a
-    micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`; `from_accelerator`
-    passes it). Call `step()` after each optimizer step.
+    knows better than the weights and the autocast state the probes observe. caller: "loop", "trainer",
+    "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
+    whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
+    that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
+    `from_accelerator` and the Lightning callback pass one). Call `step()` after each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -341,7 +352,7 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
-        self._closed = False
+        self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
@@ -418,14 +429,16 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict | None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
-        `loss`: what the loop optimises; without it, the mean loss of the step's training forwards as the model
-        returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
+        `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
+        outputs; a loss per sample is refused (TypeError). Without it, the mean loss of the step's training forwards
+        as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
         the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
         accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         """
+        loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)
         if self._sync_gradients is not None and not self._sync_gradients():
@@ -451,7 +464,7 @@ class Probes:
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
             self._check_requested_autocast()
-            self._check_unscaled_fp16_autocast()
+            self._check_unscaled_fp16_compute()
         self._steps_recorded += 1
         if self.run_dir is None:
             self.rows.append(row)
@@ -460,6 +473,32 @@ class Probes:
             if self.ctx.autocast is not self._autocast_written:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
+        return row
+
+    def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
+                   cross_entropy: bool = True) -> dict:
+        """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
+        summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
+        loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN for a NaN
+        loss, not Infinity — where the loss is a per-token cross-entropy; `cross_entropy=False` (a distillation
+        objective, whose exp is no perplexity) leaves `eval_ppl` unmeasured. After `close()` (a Trainer's `evaluate()`
+        after `train()`) the row is appended still, and the closed run's summary and report are rebuilt with it.
+        Returns the row."""
+        loss = caller_loss(loss).item()
+        row = {"step": step, "split": "eval", "eval_loss": loss}
+        if perplexity is not None or cross_entropy:
+            row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
+        if self.run_dir is None:
+            self.rows.append(row)
+        elif not self._closed:
+            self._metrics.write_line(json.dumps(row))
+        elif self.ranks.is_main:
+            from ..presentation.closing import finalize_run
+
+            metrics = JsonlLog(self.run_dir / "metrics.jsonl")
+            metrics.write_line(json.dumps(row))
+            metrics.close()
+            finalize_run(self.run_dir, self._closed_as)
         return row
 
     def _check_unoptimized(self, step: int) -> None:
@@ -533,23 +572,40 @@ class Probes:
                                step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
                                dtype="float16")
 
-    def _check_unscaled_fp16_autocast(self) -> None:
-        """After the first step: training forwards under float16 autocast with no loss scaler. The backward then
+    def _check_unscaled_fp16_compute(self) -> None:
+        """After the first step: a trained model computing in float16 with no loss scaler — under float16 autocast,
+        or trainable fp32 tensors over frozen fp16 weights (LoRA over a base loaded in fp16). The backward then
         runs in fp16 unprotected — gradients below 6e-8 flush to zero, overflows reach the optimizer — which is
         what GradScaler exists for; said once, as a setup fact, before any of it shows."""
-        if self.ctx.autocast == torch.float16 and not self.scaler.enabled:
+        if self.scaler.enabled:
+            return
+        if self.ctx.autocast == torch.float16:
             self.events.record("setup_note", "warning",
                                "training forwards run under float16 autocast with no loss scaler: the backward's "
                                "small gradients flush to zero in fp16 and its overflows reach the optimizer — "
                                "scale the loss with a GradScaler, or use bfloat16 autocast (fp32's range)",
                                step=self.ctx.step, probe="precision", dtype="float16")
+            return
+        frozen = None if self.ctx.autocast else self._frozen_low_precision()
+        if frozen is not None and frozen[1] == torch.float16:
+            w = next(w for w in self.ctx.watched if w.model == frozen[0])
+            self.events.record("setup_note", "warning",
+                               f"{w.model}'s trainable tensors ({w.tensor}, …) are {dtype_name(w.param.dtype)} but "
+                               "most of its weights are frozen in float16: its forward and backward compute in fp16 "
+                               "with no loss scaler, so small gradients flush to zero before they reach the "
+                               "trainable tensors and overflows reach the optimizer — scale the loss with a "
+                               "GradScaler, or load the frozen weights in bfloat16 (fp32's range)",
+                               step=self.ctx.step, probe="precision", model=w.model, tensor=w.tensor,
+                               dtype="float16")
 
     def _check_requested_autocast(self) -> None:
         """After the first step: a caller that asked for a mixed mode whose training forwards ran without
         autocast (TRL's DistillationTrainer under bf16=True runs them in fp32) is told so, once."""
         requested = self._precision_override.get("mode")
         expected = {"mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(requested)
-        if expected is not None and self.ctx.autocast != expected and self.ctx.stats_step:
+        frozen = self._frozen_low_precision()  # frozen fp16 weights compute in fp16 unasked
+        computed = self.ctx.autocast or (frozen[1] if frozen else None)
+        if expected is not None and computed != expected and self.ctx.stats_step:
             seen = dtype_name(self.ctx.autocast) + " autocast" if self.ctx.autocast else "no autocast"
             self.events.record("setup_note", "info",
                                f"{self._precision_override.get('requested') or requested} asks for {requested}, but "
@@ -572,20 +628,34 @@ class Probes:
         """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
         dtypes = sorted({dtype_name(w.param.dtype) for w in self.ctx.watched})
         autocast = self.ctx.autocast
+        frozen = self._frozen_low_precision() if dtypes == ["float32"] and not autocast else None
+        frozen = frozen[1] if frozen else None
         if dtypes == ["float32"]:
-            mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast)
+            mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast or frozen)
             mode = mode or ("mixed" if self.scaler.enabled else "fp32")
         else:
             mode = {("float16",): "pure-fp16", ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
         seen = f"{', '.join(dtypes) or 'no'} weights" + (f", {dtype_name(autocast)} autocast" if autocast else "") \
+            + (f" over frozen {dtype_name(frozen)} ones" if frozen else "") \
             + (", a loss scaler" if self.scaler.enabled else "")
+        compute = autocast or frozen
         info = {"mode": mode, "requested": "external loop", "reason": f"inferred: {seen}",
                 "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes,
-                "compute_dtype": dtype_name(autocast) if autocast else None, "loss_scaling": self.scaler.enabled,
+                "compute_dtype": dtype_name(compute) if compute else None, "loss_scaling": self.scaler.enabled,
                 "model_dtypes": {name: sorted({dtype_name(p.dtype) for p in m.parameters() if p.is_floating_point()})
                                  for name, m in self.ctx.models.items()}}  # frozen ones too: what a teacher outputs
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
+
+    def _frozen_low_precision(self) -> tuple[str, torch.dtype] | None:
+        """A trained model whose fp32 trainable tensors sit over frozen float16 or bfloat16 weights that hold most of
+        it (LoRA's adapters over a base loaded in fp16), and that dtype: what it computes in without autocast."""
+        low = (torch.float16, torch.bfloat16)
+        for name in dict.fromkeys(w.model for w in self.ctx.watched):
+            dtype = weights_compute_dtype(self.ctx.models[name])
+            if dtype in low and not any(w.param.dtype in low for w in self.ctx.watched if w.model == name):
+                return name, dtype
+        return None
 
     def _config(self) -> dict:
         return {"options": {}, "precision": self.precision_info(), "source": "sarkd_diag.Probes in a user loop",
@@ -616,7 +686,7 @@ class Probes:
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run
 
-            self._closed = True
+            self._closed, self._closed_as = True, status
             self.events.close()
             self._metrics.close()
             if status in ("completed", "stopped"):  # a rank that failed closes alone: the others may never come
@@ -651,4 +721,4 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-__all__ = ["Probes", "ProbeSet", "unwrap_model"]
+__all__ = ["Probes", "ProbeSet", "replace_method", "unwrap_model"]

@@ -18,10 +18,12 @@ A module's own code also computes between its children (a residual sum, a masked
 there first shows in the output of the child it is handed to, whose own work was fine. So on statistics steps
 a hook before each module also reads its floating inputs that no watched module produced (each tensor once;
 the outputs already read, and the model's own inputs — the data, which `forwards.py` checks — are skipped):
-a NaN there was made by the module running when it was handed over — the innermost watched one — and that
-module is named, before the child. Only NaN counts in these readings: -Inf is how a mask is written into
-scores that a softmax module then takes, and a finite value made between modules is no module's output (the
-headroom map and `act_amax_<model>` stay module outputs).
+a NaN there was made by the module running when it was handed over — the innermost watched one, or the model's
+own `forward` (named `<Class>.forward`) when none of its modules is — and that module is named, before the child;
+the model's output, when its own code made it rather than a child, is read so too. Only NaN and +Inf count in
+these readings (a division by zero makes either): -Inf is how a mask is written into scores that a softmax module
+then takes, and a finite value made between modules is no module's output (the headroom map and
+`act_amax_<model>` stay module outputs).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class ActivationProbe(Probe):
         self._highs: list[torch.Tensor] = []
         self._reported: set[tuple[str, str, str]] = set()
         self._hooks: list | None = None
+        self._root_labels: dict[str, str] = {}  # model -> how its root's own code is named (`root_label`)
 
     def begin_step(self) -> None:
         self._running, self._read = [], {}
@@ -86,7 +89,8 @@ class ActivationProbe(Probe):
                         self._hooks.append((module, eager(self._before(model_name, module_name)),
                                             eager(self._hook(model_name, module_name))))
                     elif not module_name:  # the root: its inputs are the data, not a module's making
-                        self._hooks.append((module, eager(self._root(model_name)), None))
+                        self._hooks.append((module, eager(self._root(model_name)),
+                                            eager(self._root_output(model_name, root_label(module)))))
         return self._hooks
 
     def _counts(self, model_name: str) -> bool:
@@ -101,23 +105,38 @@ class ActivationProbe(Probe):
                     self._read[id(t)] = weakref.ref(t)
         return hook
 
+    def _root_output(self, model_name: str, label: str):
+        """The root's output when its own code made it (not a child's output handed on): read as made by it — not a
+        scalar, which is a loss the model computed (`return_dict=False` puts it first), the loss probe's reading."""
+        def hook(_module, _inputs, output):
+            t = _first_tensor(output)
+            if t is not None and t.is_floating_point() and t.dim() and t.numel() and self._counts(model_name):
+                self._read_made(t, model_name, label, "its caller")
+        return hook
+
     def _before(self, model_name: str, module_name: str):
-        """Read the inputs no watched module produced, as made by the innermost running module's own code."""
+        """Read the inputs no watched module produced, as made by the innermost running module's own code — the
+        root's (`root_label`) when no module of the model is running."""
+        root = self._root_labels.setdefault(model_name, root_label(self.ctx.models[model_name]))
+
         def hook(_module, args, kwargs):
             if not self._counts(model_name):
                 return
-            maker = self._running[-1] if self._running and self._running[-1][0] == model_name else None
+            running = self._running[-1][1] if self._running and self._running[-1][0] == model_name else root
             self._running.append((model_name, module_name))
-            if maker is None:  # handed over by the root's own code: no module of the model is running
-                return
             for t in _floating(args, kwargs):
-                if not self._was_read(t):
-                    self._read[id(t)] = weakref.ref(t)
-                    low = torch.aminmax(t.detach())[0]  # NaN if any element is (the only thing read here)
-                    self._lows.append(low)
-                    self._highs.append(low)
-                    self._seen.append((model_name, maker[1], dtype_name(t.dtype), t.numel(), module_name))
+                self._read_made(t, model_name, running, module_name)
         return hook
+
+    def _read_made(self, t: torch.Tensor, model_name: str, maker: str, handed_to: str) -> None:
+        """A tensor `maker`'s own code made and hands to `handed_to`, unless already read: its NaN check."""
+        if self._was_read(t):
+            return
+        self._read[id(t)] = weakref.ref(t)
+        low, high = torch.aminmax(t.detach())  # NaN if any element is
+        self._lows.append(low)
+        self._highs.append(high)
+        self._seen.append((model_name, maker, dtype_name(t.dtype), t.numel(), handed_to))
 
     def _was_read(self, t: torch.Tensor) -> bool:
         ref = self._read.get(id(t))
@@ -174,16 +193,17 @@ class ActivationProbe(Probe):
         largest: dict[tuple[str, str], tuple[str, float]] = {}
         for (model, module, dtype, numel, handed_to), low, high in zip(seen, extremes[:len(seen)],
                                                                         extremes[len(seen):], strict=True):
-            if handed_to is not None:  # made by `module`'s own code: only a NaN counts (see the docstring)
-                if math.isnan(low) and model not in models_gone_bad:
+            if handed_to is not None:  # made by `module`'s own code: NaN and +Inf count, -Inf is a mask (docstring)
+                made = "a NaN" if math.isnan(low) else "+Inf" if high == math.inf else None
+                if made and model not in models_gone_bad:
                     models_gone_bad.add(model)
                     self._report_once(
                         (model, module, "nonfinite"), "nonfinite_activation", "critical",
-                        f"{model} {module} made a NaN in its own code at step {self.ctx.step} (in {dtype}, handed "
+                        f"{model} {module} made {made} in its own code at step {self.ctx.step} (in {dtype}, handed "
                         f"to {handed_to}, no watched module's output) — the first non-finite value in forward "
                         "order" + note,
-                        model=model, module=module, dtype=dtype, value=math.nan, numel=numel,
-                        nan_count=None, posinf_count=None, neginf_count=None)
+                        model=model, module=module, dtype=dtype, value=math.nan if math.isnan(low) else math.inf,
+                        numel=numel, nan_count=None, posinf_count=None, neginf_count=None)
                 continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
@@ -220,6 +240,12 @@ class ActivationProbe(Probe):
 
     def close(self) -> None:
         self._detach()
+
+
+def root_label(model: nn.Module) -> str:
+    """How a model's own forward code is named where it made a NaN: `<Class>.forward` (a root module has no dotted
+    name, and the class is what the user wrote)."""
+    return f"{type(model).__name__}.forward"
 
 
 def _floating(args: tuple, kwargs: dict) -> list[torch.Tensor]:

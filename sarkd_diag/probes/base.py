@@ -49,6 +49,7 @@ class ProbeContext:
     watched: list[Watched] = field(default_factory=list)
     weights_read_by_owner: bool = False  # the owner's loop hands over the weights' per-tensor amax
     training_forward: dict[str, bool] = field(default_factory=dict)  # per model: is its current forward training
+    training_mode: dict[str, bool] = field(default_factory=dict)  # per trained model: its mode in its training forwards
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
@@ -73,6 +74,25 @@ class ProbeContext:
 
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
+
+    def computes_in(self, model_name: str) -> torch.dtype:
+        """The dtype a model's training forward and backward compute in: its autocast's where the training forwards
+        ran under one (the student's), else `weights_compute_dtype`."""
+        if self.autocast is not None and self.trains(model_name):
+            return self.autocast
+        return weights_compute_dtype(self.models[model_name])
+
+
+def weights_compute_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype that holds most of a model's weights, frozen ones included: what its forward multiplies
+    in without autocast, and so what the backward's gradients pass through. LoRA adapters kept in fp32 over a base
+    loaded in fp16 compute in fp16 — their gradients flush or overflow in it — though every trainable tensor is
+    fp32."""
+    elements: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
+    return max(elements, key=elements.get) if elements else torch.float32
 
 
 def eager(hook: Callable) -> Callable:
@@ -232,12 +252,18 @@ def _extremes_buffer(dtype: torch.dtype, device: torch.device, count: int) -> tu
     return _EXTREMES[key]
 
 
+def nonfinite_count_tensor(t: torch.Tensor) -> torch.Tensor:
+    """NaN, +Inf and -Inf counted apart, on the device: [3]; of a sharded tensor, this rank's shard."""
+    t = local_shard(t).detach()
+    return torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()])
+
+
 def nonfinite_counts(t: torch.Tensor) -> dict[str, int]:
     """NaN, +Inf and -Inf counted apart (the failure path only: it moves three numbers to the host); of a
     sharded tensor, this rank's shard."""
-    t = local_shard(t)
-    counts = torch.stack([t.isnan().sum(), (t == math.inf).sum(), (t == -math.inf).sum()]).tolist()
-    return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2], "numel": t.numel()}
+    counts = nonfinite_count_tensor(t).tolist()
+    return {"nan_count": counts[0], "posinf_count": counts[1], "neginf_count": counts[2],
+            "numel": local_shard(t).numel()}
 
 
 class Probe:

@@ -1,12 +1,16 @@
 """Which forwards are training forwards, what precision they ran in, and whether their inputs were finite.
 
 A hook before each watched model's own forward (the root module, not its layers) decides whether this
-forward belongs to a training step: a model this run trains (in mode `train()` or not: a teacher in eval
-mode whose routers train counts) is in training mode, it is not generating (a forward handed a KV cache is
-a generation step), and — for a model with weights the run updates — gradients are on. So a frozen
-teacher's no-grad forward during a step counts; evaluation (the student in eval mode), generation (TRL's
-on-policy samples), the student's no-grad forwards and forwards run inside a backward pass (gradient
-checkpointing's recomputation) do not, and the per-module statistics skip them.
+forward belongs to a training step. Nothing in it generates (a forward handed a KV cache is a generation step)
+nor runs inside a backward pass (gradient checkpointing's recomputation). A model with weights the run updates
+trains in a forward with gradients on, whatever its mode: a loop that never calls `model.train()` (a model as
+`from_pretrained` returns it, in eval mode) trains in eval mode, and its statistics must not go blind. A frozen
+model (the teacher) runs under no_grad in training and in evaluation alike, so its forward counts while a
+trained model is in the mode its training forwards ran in (`ProbeContext.training_mode`, followed as modes are
+switched during the run; before its first one, in `train()` mode or not yet seen in a no-grad forward). So a
+frozen teacher's forward during a step counts; evaluation and generation (no-grad forwards: the student in eval
+mode, TRL's on-policy samples) do not, and the per-module statistics skip them. The one case this cannot tell
+apart: a loop that trains in eval mode and evaluates a teacher too — its evaluation's teacher forwards count.
 
 The same hook reads what the weights cannot tell: whether autocast was on, and in which dtype (a Trainer
 or accelerate run under bf16 autocast holds fp32 weights), and whether a floating-point input holds NaN
@@ -37,17 +41,26 @@ class ForwardProbe(Probe):
         self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
 
-    def _training(self) -> bool:
-        """A training step is under way: some model this run trains is in training mode."""
-        return any(self.ctx.models[name].training for name, trainable in self._trainable.items() if trainable)
+    def _step_under_way(self) -> bool:
+        """A training step is under way: some model this run trains is in the mode its training forwards ran in —
+        before its first, in `train()` mode, or not yet seen in a no-grad forward (an evaluation)."""
+        ctx = self.ctx
+        for name in (name for name, trainable in self._trainable.items() if trainable):
+            mode, training = ctx.training_mode.get(name), ctx.models[name].training
+            if training == mode or (mode is None and (training or ctx.training_forward.get(name, True))):
+                return True
+        return False
 
     def _before_forward(self, model_name: str):
         def hook(model: nn.Module, args: tuple, kwargs: dict):
-            training = (self._training() and not is_generating(kwargs) and not in_backward()
-                        and (torch.is_grad_enabled() or not self._trainable[model_name]))
+            trainable = self._trainable[model_name]
+            training = (not is_generating(kwargs) and not in_backward()
+                        and (torch.is_grad_enabled() if trainable else self._step_under_way()))
             self.ctx.training_forward[model_name] = training
             if not training:
                 return
+            if trainable:
+                self.ctx.training_mode[model_name] = model.training
             self.ctx.trained = True
             if self._trainable[model_name]:
                 device = next(model.parameters()).device.type

@@ -167,8 +167,7 @@ class GradientProbe(Probe):
 
     def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
         w = self.ctx.watched[first]
-        grad = self._grads[first]
-        computed = self.ctx.autocast or (grad if grad is not None else w.param).dtype  # what the backward ran in
+        computed = self.ctx.computes_in(w.model)  # what the backward ran in: a frozen fp16 base under fp32 adapters too
         if present:
             what = (f"the gradients of {zero} of the {counted(present, 'trainable tensor')} are exactly zero on every "
                     f"step since step {since}, from {w.model} {w.tensor} (backward order) on")

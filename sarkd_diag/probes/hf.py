@@ -5,19 +5,21 @@
     trainer.train()
     print(diag.probes.diagnosis())
 
-`attach` is the one-call entry: a callback alone only sees what transformers hands every callback (the
-model, the accelerate-wrapped optimizer, `args` and `state`), which holds neither a distillation trainer's
-teacher nor the loss of a trainer whose student forward returns no `loss` (TRL's DistillationTrainer runs
-the student's backbone and a chunked divergence, never `model(...).loss`). `attach` reads both from the
-trainer itself, reads the gradients before the Trainer clips them, and replays a micro-batch's `compute_loss`
-whose loss turned non-finite between statistics steps; `Trainer(..., callbacks=[SarkdDiagCallback(dir)])` still
-works for a plain Trainer, without those.
+A callback is handed only what transformers hands every callback (the model, the accelerate-wrapped optimizer,
+`args` and `state`), which holds neither a distillation trainer's teacher nor the loss of a trainer whose student
+forward returns no `loss` (TRL's DistillationTrainer runs the student's backbone and a chunked divergence, never
+`model(...).loss`). So the callback binds to its trainer (`_bind`): `attach` at once, and a callback passed in
+`Trainer(..., callbacks=[SarkdDiagCallback(dir)])` or `trainer.add_callback(...)` at `on_train_begin`, where it
+finds the Trainer calling it up the call stack. Bound, it reads both from the trainer itself, reads the gradients
+before the Trainer clips them, and replays a micro-batch's `compute_loss` whose loss turned non-finite between
+statistics steps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 from pathlib import Path
 
@@ -26,7 +28,8 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
-from . import Probes
+from . import Probes, replace_method
+from .base import weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -37,35 +40,40 @@ def trainer_precision(args, model: nn.Module) -> dict:
     The weights alone say `fp32` for a run under bf16 autocast (`bf16=True` keeps fp32 master weights), so
     the mode comes from what the user asked the Trainer for, in the same vocabulary as sarkd-diag's own
     runs: fp16=True with fp32 weights is `mixed` (autocast + GradScaler), bf16=True is `bf16-mixed`, and a
-    model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`).
+    model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`). Without either,
+    fp32 trainable tensors over frozen fp16/bf16 weights (LoRA over a base loaded in fp16) compute in the frozen
+    weights' dtype: `mixed`/`bf16-mixed` without autocast.
     """
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     weights = dtypes.pop() if len(dtypes) == 1 else None
     name = dtype_name(weights) if weights is not None else "mixed dtypes"
     pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
+    frozen = weights_compute_dtype(model) if weights == torch.float32 else None
+    over = f" over frozen {dtype_name(frozen)} weights" if frozen in (torch.float16, torch.bfloat16) else ""
     if getattr(args, "fp16", False):
         requested, mode = "TrainingArguments(fp16=True)", pure.get(weights, "mixed")
     elif getattr(args, "bf16", False):
         requested, mode = "TrainingArguments(bf16=True)", pure.get(weights, "bf16-mixed")
     else:
-        requested, mode = "TrainingArguments()", {**pure, torch.float32: "fp32"}.get(weights, "external")
+        wider = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(frozen, "fp32")
+        requested, mode = "TrainingArguments()", {**pure, torch.float32: wider}.get(weights, "external")
     return {"mode": mode, "requested": requested,
-            "reason": f"transformers Trainer: {requested} with {name} trainable weights"}
-
-
-TEACHER_ATTRIBUTES = ("teacher_model", "teacher")  # TRL's trainers; the usual name in a hand-written KD Trainer
+            "reason": f"transformers Trainer: {requested} with {name} trainable weights{over}"}
 
 
 def trainer_teacher(trainer) -> nn.Module | None:
-    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: TRL's DistillationTrainer
-    and GKDTrainer keep it as `trainer.teacher_model` (prepared with `accelerator.prepare_model`); a Trainer
-    subclass written for KD by hand usually as `self.teacher`."""
-    teacher = next((t for t in (getattr(trainer, name, None) for name in TEACHER_ATTRIBUTES)
-                    if isinstance(t, nn.Module)), None)
-    if teacher is None:
-        return None
+    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: the module of the first
+    attribute whose name says "teacher" — TRL's DistillationTrainer and GKDTrainer keep it as `teacher_model`
+    (prepared with `accelerator.prepare_model`), a Trainer subclass written for KD by hand as `self.teacher`,
+    `self.ref_teacher`, `self.teacher_net` … — other than the student itself (a self-distillation's alias)."""
     accelerator = getattr(trainer, "accelerator", None)
-    return accelerator.unwrap_model(teacher) if accelerator is not None else getattr(teacher, "module", teacher)
+    unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: getattr(m, "module", m))
+    student = getattr(trainer, "model", None)
+    student = unwrap(student) if isinstance(student, nn.Module) else None
+    for name, value in vars(trainer).items():
+        if "teacher" in name.lower() and isinstance(value, nn.Module) and unwrap(value) is not student:
+            return unwrap(value)
+    return None
 
 
 class SarkdDiagCallback(TrainerCallback):
@@ -91,10 +99,11 @@ class SarkdDiagCallback(TrainerCallback):
         if on_critical not in ON_CRITICAL:
             raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
         self.run_dir, self.level, self.every = Path(run_dir), level, every
-        self.on_critical, self.teacher = on_critical, teacher
+        self.on_critical, self.teacher, self._given_teacher = on_critical, teacher, teacher
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
-        self._trainer = None
+        self._trainer = None  # bound by `attach`, else at `on_train_begin` to the Trainer that runs it
+        self._unbind: list = []  # what puts the bound trainer's methods back
         self._losses: list[torch.Tensor] = []
         self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
         self._loss_call = None  # (compute_loss, args, kwargs) of the micro-batch under way (attach)
@@ -102,32 +111,40 @@ class SarkdDiagCallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
-        """Add the callback to `trainer` and let it read what callbacks are not handed: the teacher of a
-        distillation trainer (watched as `teacher`, so an overflowing teacher is named as such), the loss
-        scaler of the trainer's accelerator, and the loss `training_step` returns (recorded, not changed)."""
-        if kwargs.get("teacher") is None:
-            kwargs["teacher"] = trainer_teacher(trainer)
+        """Add the callback to `trainer`, bound to it now (`_bind`): its teacher is known before `train()`."""
         callback = cls(run_dir, **kwargs)
-        callback._trainer = trainer
+        callback._bind(trainer)
+        trainer.add_callback(callback)
+        return callback
+
+    def _bind(self, trainer) -> None:
+        """Read from `trainer` what callbacks are not handed: the teacher of a distillation trainer (watched as
+        `teacher`, so an overflowing teacher is named as such; unless one was given), the loss scaler of the trainer's
+        accelerator, and the loss `training_step` returns (recorded, not changed) with the `compute_loss` call a
+        replay repeats. Bound to another trainer before (a callback object reused), that one's methods are put back."""
+        if trainer is self._trainer:
+            return
+        for restore in self._unbind:
+            restore()
+        self._trainer = trainer
+        self.teacher = self._given_teacher if self._given_teacher is not None else trainer_teacher(trainer)
         training_step, compute_loss = trainer.training_step, trainer.compute_loss
 
         @functools.wraps(training_step)
         def recorded_training_step(*args, **kw):
-            callback._loss_call = None
+            self._loss_call = None
             loss = training_step(*args, **kw)
-            callback._losses.append(loss.detach())
-            callback._replay_if_nonfinite(loss)
+            self._losses.append(loss.detach())
+            self._replay_if_nonfinite(loss)
             return loss
 
         @functools.wraps(compute_loss)
         def recorded_compute_loss(*args, **kw):
-            callback._loss_call = (compute_loss, args, kw)  # what a replay calls again
+            self._loss_call = (compute_loss, args, kw)  # what a replay calls again
             return compute_loss(*args, **kw)
 
-        trainer.training_step = recorded_training_step
-        trainer.compute_loss = recorded_compute_loss
-        trainer.add_callback(callback)
-        return callback
+        self._unbind = [replace_method(trainer, "training_step", recorded_training_step),
+                        replace_method(trainer, "compute_loss", recorded_compute_loss)]
 
     def _replay_if_nonfinite(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss is non-finite on a step without per-module statistics: run its `compute_loss` again,
@@ -155,6 +172,9 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probes is not None:  # a second train() on the same callback appends to the same directory
             self.probes.close("completed")
+        trainer = running_trainer(self)
+        if trainer is not None:
+            self._bind(trainer)
         models = {"student": model}
         if self.teacher is not None:
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
@@ -192,9 +212,38 @@ class SarkdDiagCallback(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_training_stop = True
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
+        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
+        (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
+        `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
+        built at `on_train_begin`)."""
+        if self.probes is not None and metrics and "eval_loss" in metrics:
+            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"],
+                                   cross_entropy=self.teacher is None)
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def running_trainer(callback: TrainerCallback):
+    """The Trainer whose callback handler is calling `callback` now, found up the call stack: transformers hands a
+    callback the model and optimizer, never the trainer, so `Trainer(callbacks=[SarkdDiagCallback(dir)])` and
+    `trainer.add_callback(...)` would miss the teacher, the accelerator and the loss `training_step` returns. None
+    when no Trainer that holds this callback is calling (a loop that drives callbacks by itself)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer) and any(c is callback for c in owner.callback_handler.callbacks):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
 
 
 def _finite(loss: torch.Tensor) -> bool:

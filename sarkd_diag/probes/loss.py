@@ -10,6 +10,7 @@ than bad numerics.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -35,6 +36,22 @@ def output_loss(output, labelled: bool) -> torch.Tensor | None:
         first = output[0] if output and labelled else None
         return first if torch.is_tensor(first) and first.dim() == 0 and first.is_floating_point() else None
     return getattr(output, "loss", None)
+
+
+def caller_loss(loss) -> torch.Tensor:
+    """The loss a caller hands over, as a 0-dim tensor: a tensor (one value), a number (`loss.item()`, as loops
+    log it), or the model's outputs (a ModelOutput, dict or `return_dict=False` tuple, read as `output_loss` reads
+    them). A loss of several values is not the step's loss: averaging it here would hide what the loop optimises."""
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return torch.tensor(float(loss))
+    value = loss if torch.is_tensor(loss) else output_loss(loss, labelled=True)
+    if not torch.is_tensor(value):
+        raise TypeError(f"loss must be a tensor, a number or the model's outputs holding one, not "
+                        f"{type(loss).__name__}")
+    if value.numel() != 1:
+        raise TypeError(f"loss has {value.numel()} values (shape {tuple(value.shape)}): pass the reduced loss the "
+                        "loop optimises (e.g. loss.mean()), not a loss per sample or per token")
+    return value.reshape(())
 
 
 class LossProbe(Probe):
@@ -80,9 +97,9 @@ class LossProbe(Probe):
         return hook
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """The loss the caller optimises, given explicitly: it replaces the losses read from the outputs; its
-        target count comes from `labels`, else from the labels the model was called with this step — the
-        fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
+        """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
+        from the outputs; its target count comes from `labels`, else from the labels the model was called with this
+        step — the fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
         captured = [targets for _, targets, _ in self._captured if targets is not None]
         self._captured = []
         if labels is not None:

@@ -1,7 +1,8 @@
 """The optimizer, checked against the dtype of the weights it updates.
 
 Before every step: is each parameter group's learning rate finite (a schedule can make it NaN at any step; the
-optimizer then fills every weight of the group with NaN, whatever the gradients).
+optimizer then fills every weight of the group with NaN, whatever the gradients), and not negative (a linear decay
+run past its end: the optimizer then climbs the loss, every value finite).
 After the first step, once its state shows the dtype the optimizer computes in (before it where a resumed run's
 state or a fused kernel says so already): is eps set to 0 (then Adam divides 0 by 0 wherever a second moment is
 0), is it representable in that dtype (AdamW's 1e-8 is 0.0 in fp16, where torch's Adam keeps its moments;
@@ -68,7 +69,7 @@ class OptimizerProbe(Probe):
         self._underflow = None
         self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
         self._reported_state = False
-        self._reported_lr: set[int] = set()
+        self._reported_lr: set[tuple[str, int]] = set()  # (event kind, parameter group) recorded once
         self._zero_lr_since: int | None = None  # first step of the current stretch with every group at lr 0
         self._reported_zero_lr = False
         self._eps_pending: list[int] = []  # parameter groups whose eps is checked once the first step made the state
@@ -82,23 +83,34 @@ class OptimizerProbe(Probe):
         self._check_learning_rates()
 
     def _check_learning_rates(self) -> None:
-        """A group's lr that is NaN/Inf (a Python number: a tensor lr would cost a host sync), once per group; and
-        every group that holds trainable weights at lr 0 on two optimizer steps in a row (a warm-up starts at 0 for
-        one step), once: the optimizer changes nothing from there."""
+        """A group's lr that is NaN/Inf or negative (a Python number: a tensor lr would cost a host sync), once per
+        group and kind; and every group that holds trainable weights at lr 0 on two optimizer steps in a row (a
+        warm-up starts at 0 for one step), once: the optimizer changes nothing from there."""
         self._check_zero_lr()
         for index, group in enumerate(self.ctx.optimizer.param_groups):
             lr = group.get("lr")
-            if isinstance(lr, (int, float)) and not math.isfinite(lr) and index not in self._reported_lr:
-                self._reported_lr.add(index)
-                names = {id(w.param): w for w in self.ctx.watched}
-                label = group_label(index, group, names)
-                model = next((names[id(p)].model for p in group["params"] if id(p) in names), None)
-                self.ctx.events.record(
-                    "nonfinite_lr", "critical",
-                    f"{label}: the learning rate is {lr} at step {self.ctx.step}: the optimizer fills every weight "
-                    "it updates with NaN, whatever the gradients (a schedule that divides by 0 or runs past its end?)",
-                    probe=self.name, phase="optimizer", model=model, tensor=label, value=float(lr),
-                    step=self.ctx.step)
+            if not isinstance(lr, (int, float)):
+                continue
+            if not math.isfinite(lr):
+                self._record_lr(index, group, "nonfinite_lr", "critical",
+                                "the optimizer fills every weight it updates with NaN, whatever the gradients (a "
+                                "schedule that divides by 0 or runs past its end?)")
+            elif lr < 0:  # torch's optimizers refuse one at construction: a schedule made it so
+                self._record_lr(index, group, "negative_lr", "warning",
+                                "the optimizer steps up the gradient and the loss rises, every value finite (a "
+                                "linear decay run past its end, or a sign error in the schedule?)")
+
+    def _record_lr(self, index: int, group: dict, kind: str, severity: str, consequence: str) -> None:
+        if (kind, index) in self._reported_lr:
+            return
+        self._reported_lr.add((kind, index))
+        names = {id(w.param): w for w in self.ctx.watched}
+        label = group_label(index, group, names)
+        model = next((names[id(p)].model for p in group["params"] if id(p) in names), None)
+        self.ctx.events.record(
+            kind, severity, f"{label}: the learning rate is {group['lr']} at step {self.ctx.step}: {consequence}",
+            probe=self.name, phase="optimizer", model=model, tensor=label, value=float(group["lr"]),
+            step=self.ctx.step)
 
     def _check_zero_lr(self) -> None:
         groups = [g for g in self.ctx.optimizer.param_groups if any(p.requires_grad for p in g["params"])]

@@ -1,5 +1,7 @@
 """Weights: which tensors turned non-finite after each optimizer step (how many elements, first step) — and,
-once, before the run's first step, whether any weight of any watched model already holds NaN/Inf as loaded.
+once, before the run's first step, whether any weight of any watched model already holds NaN/Inf as loaded, or a
+finite value beyond fp16's range that a cast to float16 (autocast's, or `.half()`) makes Inf; and each model's
+largest weight as loaded (`loaded_amax_<model>`, in the first step's row).
 
 The check as loaded reads every floating parameter of every model (the frozen teacher's too, which nothing else
 reads: its weights never change, so a NaN there came with the checkpoint) in one absolute-max pass, moved to the
@@ -15,7 +17,7 @@ import math
 import torch
 
 from ..contract.numerics import dtype_name
-from .base import Probe, abs_max, nonfinite_counts
+from .base import FP16_MAX, Probe, abs_max, nonfinite_count_tensor, nonfinite_counts
 
 
 class ParameterProbe(Probe):
@@ -50,7 +52,10 @@ class ParameterProbe(Probe):
         for indices in by_device.values():
             values = abs_max([self._loaded[i][2] for i in indices]).float().to(target)
             amax[torch.tensor(indices, device=target)] = values
-        self._loaded_amax = amax
+        # NaN, +Inf and -Inf counted now, as loaded: by the time the host reads them the first step has changed
+        # the trainable weights (an Inf that float16 made at load is NaN after one update)
+        counts = torch.stack([nonfinite_count_tensor(p).float().to(target) for _, _, p in self._loaded])
+        self._loaded_amax = torch.cat([amax, counts.reshape(-1)])
 
     def after_optimizer_step(self) -> None:
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
@@ -64,11 +69,10 @@ class ParameterProbe(Probe):
         return out
 
     def record(self, host: dict) -> dict:
-        if host.get("loaded_amax") is not None:
-            self._record_loaded(host["loaded_amax"])
+        as_loaded = self._record_loaded(host["loaded_amax"]) if host.get("loaded_amax") is not None else {}
         amax = host.get("param_amax")
         if amax is None:
-            return {}
+            return as_loaded
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         for i in bad:
             w = self.ctx.watched[i]
@@ -84,19 +88,37 @@ class ParameterProbe(Probe):
                 step=self.ctx.step, phase="optimizer", probe=self.name, model=w.model, module=w.module,
                 tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=amax[i], **counts)
         finite = [v for v in amax if math.isfinite(v)]
-        return {"param_amax": max(finite) if finite else math.nan, "nonfinite_param_tensors": len(bad)}
+        return {**as_loaded, "param_amax": max(finite) if finite else math.nan, "nonfinite_param_tensors": len(bad)}
 
-    def _record_loaded(self, amax: list[float]) -> None:
-        """One event per model whose weights hold NaN/Inf as loaded: its first such tensor, with how many."""
+    def _record_loaded(self, readings: list[float]) -> dict:
+        """One event per model whose weights hold NaN/Inf as loaded: its first such tensor, with how many (counted
+        as loaded); one per model whose largest finite weight lies beyond fp16's range in a wider dtype. Returns
+        each model's largest finite absolute weight as loaded (`loaded_amax_<model>`)."""
         loaded, self._loaded = self._loaded, []
+        amax, counted = readings[:len(loaded)], readings[len(loaded):]
         bad: dict[str, list[int]] = {}
+        largest: dict[str, int] = {}
         for i, value in enumerate(amax):
+            model = loaded[i][0]
             if not math.isfinite(value):
-                bad.setdefault(loaded[i][0], []).append(i)
+                bad.setdefault(model, []).append(i)
+            elif model not in largest or value > amax[largest[model]]:
+                largest[model] = i
+        for model, i in largest.items():
+            _, name, p = loaded[i]
+            if amax[i] > FP16_MAX and p.dtype != torch.float16:
+                self.ctx.events.record(
+                    "weight_beyond_fp16", "warning",
+                    f"{model} weight {name} holds {amax[i]:.4g} as loaded, beyond fp16's {FP16_MAX:.0f} (in "
+                    f"{dtype_name(p.dtype)}): cast to float16 — by autocast or `.half()` — it is Inf",
+                    step=self.ctx.step, phase="setup", probe=self.name, model=model,
+                    module=name.rpartition(".")[0], tensor=name, dtype=dtype_name(p.dtype), value=amax[i],
+                    numel=p.numel())
         for model, indices in bad.items():
             first = indices[0]
             _, name, p = loaded[first]
-            counts = nonfinite_counts(p.detach())
+            nan, posinf, neginf = (int(c) for c in counted[3 * first:3 * first + 3])
+            counts = {"nan_count": nan, "posinf_count": posinf, "neginf_count": neginf, "numel": p.numel()}
             total = sum(1 for m, _, _ in loaded if m == model)
             self.ctx.events.record(
                 "nonfinite_at_load", "critical",
@@ -105,3 +127,4 @@ class ParameterProbe(Probe):
                 f"({len(indices)} of {total} weight tensors of {model} non-finite): the checkpoint is corrupt",
                 step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
                 tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)
+        return {f"loaded_amax_{model}": amax[i] for model, i in largest.items()}

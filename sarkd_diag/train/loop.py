@@ -41,7 +41,7 @@ from ..contract.config import DistillConfig, with_config_options
 from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
-from ..contract.numerics import dtype_name
+from ..contract.numerics import dtype_name, perplexity
 from ..contract.rundir import write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted
@@ -790,7 +790,7 @@ class Trainer:
                 targets += batch["n_targets"]
             student.train()
             eval_loss = (ce_sum / max(targets, 1)).item()
-        ppl = math.exp(eval_loss) if eval_loss < 700 else math.inf
+        ppl = perplexity(eval_loss)
         row = {"step": self.step, "split": "eval", "eval_loss": eval_loss, "eval_ppl": ppl, "eval_tokens": targets}
         self.logs.metrics.write_line(json.dumps(row))
         self.display.eval_line(self.step, ppl, eval_loss)

@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import pathologies as catalog  # noqa: E402
 
-CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_zero", "weight_collapse",
-          "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
-          "teacher_overflow", "nonfinite_input", "divergence")
+CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
+          "weight_collapse", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients",
+          "update_underflow", "teacher_overflow", "nonfinite_input", "divergence")
 
 _runs: dict[str, tuple[catalog.Outcome, float]] = {}
 

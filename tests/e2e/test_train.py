@@ -48,6 +48,18 @@ def test_pure_fp16_reports_nonfinite_weights_and_exits_1(cli, tiny_args, tmp_pat
     assert summary["precision"]["master_dtype"] == "float16"
 
 
+def test_an_evaluation_of_nan_weights_is_nan_not_an_infinite_perplexity(cli, tiny_args, tmp_path):
+    """pure-fp16 with `--on-nonfinite continue`: the weights turn NaN at step 1, and the evaluations after it compute
+    a NaN loss — their perplexity is NaN too, not Infinity (a finite model whose loss is merely too large)."""
+    args = [a if a != "6" else "2" for a in tiny_args]
+    code, _, err = cli("train", *args, "--precision", "pure-fp16", "--on-nonfinite", "continue", "--eval-steps", "1")
+    assert code == 1, err
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    after = evals[evals["eval_loss"].isna()]
+    assert len(after) >= 1 and after["eval_ppl"].isna().all()
+    assert "Infinity" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 def test_pure_bf16_runs_to_the_end(cli, tiny_args, tmp_path):
     code, _, err = cli("train", *tiny_args, "--precision", "pure-bf16")
     assert code in (0, 1), err

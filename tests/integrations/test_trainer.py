@@ -158,16 +158,18 @@ def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_p
 
 
 class KDTrainer(Trainer):
-    """Distillation as people write it on the Trainer: a frozen `self.teacher`, KL on the logits plus the CE."""
+    """Distillation as people write it on the Trainer: a frozen `self.teacher` (or another name), KL on the logits
+    plus the CE."""
 
-    def __init__(self, *args, teacher, **kwargs):
+    def __init__(self, *args, teacher, teacher_attribute="teacher", **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval()
+        self.teacher_attribute = teacher_attribute
+        setattr(self, teacher_attribute, teacher.eval())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+            teacher_logits = getattr(self, self.teacher_attribute)(input_ids=inputs["input_ids"]).logits
         kd = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1),
                                         teacher_logits.float().log_softmax(-1), log_target=True,
                                         reduction="batchmean")
@@ -175,10 +177,11 @@ class KDTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_path):
+@pytest.mark.parametrize("attribute", ["teacher", "ref_teacher"])
+def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_path, attribute):
     teacher = tiny.make_gpt2(VOCAB, seed=3).half()
     overflow_fp16(teacher.transformer.h[1])
-    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher,
+    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher, teacher_attribute=attribute,
                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
     callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
     assert callback.teacher is teacher
@@ -186,6 +189,74 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+
+
+def _overflowing_teacher():
+    teacher = tiny.make_gpt2(VOCAB, seed=3).half()
+    overflow_fp16(teacher.transformer.h[1])
+    return teacher
+
+
+@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
+def test_a_plain_callback_finds_its_trainer(tmp_path, how):
+    """`callbacks=[SarkdDiagCallback(dir)]` or `trainer.add_callback(...)` after construction: transformers hands a
+    callback no trainer, yet the callback reads the KD Trainer's teacher, the gradient norm the Trainer clips by and the
+    loss `training_step` returns, as `attach` does."""
+    def kd_trainer(callbacks):
+        return KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=callbacks,
+                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
+
+    callback = SarkdDiagCallback(tmp_path / "run")
+    trainer = kd_trainer([callback] if how == "callbacks" else [])
+    if how == "add_callback":
+        trainer.add_callback(callback)
+    trainer.train()
+    assert callback.teacher is trainer.teacher
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    # stopped at step 1, whose NaN loss is the one training_step returned (the Trainer logs 0 for it) and whose
+    # gradient norm is the one the Trainer clipped by
+    assert trainer.state.global_step == 1 and math.isnan(_train_losses(run)[0])
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isnan(row["grad_norm"]) and math.isnan(_logged(trainer, "grad_norm")[0])  # measured, not null
+    plain = kd_trainer([])
+    plain.train()
+    assert logged_losses(plain)[:1] == logged_losses(trainer)
+
+
+def test_a_distillation_trainers_evaluation_is_no_perplexity(tmp_path):
+    """A KD Trainer evaluates its compute_loss — CE and KL mixed: the eval row holds that loss, and no perplexity (its
+    exp is none), so the summary names no validation perplexity it did not measure."""
+    trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=tiny.make_gpt2(VOCAB, seed=3),
+                        args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps", eval_steps=2),
+                        train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8),
+                        callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["split"] == "eval"]
+    assert row["step"] == 2 and row["eval_loss"] == pytest.approx(trainer.state.log_history[-2]["eval_loss"])
+    assert "eval_ppl" not in row and load_run(tmp_path / "run")["summary"]["final"]["eval_ppl"] is None
+
+
+def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
+    """One callback object given to two Trainers in turn: the second run reads the second trainer's teacher, and the
+    first trainer's methods are its own again."""
+    callback = SarkdDiagCallback(tmp_path / "run", level="full")
+    first = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=tiny.make_gpt2(VOCAB, seed=3), callbacks=[callback],
+                      args=training_args(tmp_path / "first", max_steps=2), train_dataset=Sequences(VOCAB))
+    first.train()
+    second = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=[callback],
+                       args=training_args(tmp_path / "second", max_steps=2), train_dataset=Sequences(VOCAB))
+    second.train()
+    assert callback.teacher is second.teacher
+    assert "training_step" not in vars(first) and "compute_loss" not in vars(first)
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2, 3]  # the second run stopped at its first step, the NaN one
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 3)
 
 
 def test_the_recorded_lr_is_the_one_each_step_used(tmp_path):
@@ -423,10 +494,12 @@ def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
 
 
-def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
+def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(tmp_path):
     """`eval_strategy="steps"` evaluates after every step, between the probes' steps, with per-module hooks on at
     `full`: its forwards (the model in eval mode) are not training forwards. A module made NaN only in evaluation
-    is not reported, and the rows are the four training steps, their losses the Trainer's."""
+    is not reported, and the train rows are the four training steps, their losses the Trainer's. Each evaluation is
+    an eval row after its step, its NaN loss NaN (its perplexity NaN, not Infinity); `trainer.evaluate()` after
+    `train()` adds its row to the closed run."""
     model = tiny.make_gpt2(VOCAB)
     model.transformer.h[0].mlp.c_proj.register_forward_hook(
         lambda module, _inputs, output: None if module.training else output * math.nan)
@@ -438,5 +511,43 @@ def test_evaluation_during_training_leaves_the_statistics_alone(tmp_path):
     assert math.isnan(trainer.state.log_history[1]["eval_loss"])  # evaluation did see the NaN
     run = load_run(tmp_path / "run")
     assert run["events"].empty and run["summary"]["diagnosis"] == []
-    assert run["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    train = run["metrics"].query("split == 'train'")
+    assert train["step"].tolist() == [1, 2, 3, 4]
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [1, 2, 3, 4]
+    assert evals["eval_loss"].isna().all() and evals["eval_ppl"].isna().all()
+    assert "Infinity" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    model.transformer.h[0].mlp.c_proj._forward_hooks.clear()  # a finite evaluation now
+    loss = trainer.evaluate()["eval_loss"]
+    run = load_run(tmp_path / "run")
+    last = run["metrics"].query("split == 'eval'").iloc[-1]
+    assert (last["step"], last["eval_loss"]) == (4, pytest.approx(loss)) and math.isfinite(loss)
+    assert run["summary"]["status"] == "completed"
+    assert run["summary"]["final"]["eval_ppl"] == pytest.approx(math.exp(loss))
+
+
+def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path):
+    """peft's LoRA on the student: only the adapters train, so they are what the probes watch (the frozen base is not
+    reported as receiving no gradient), the teacher's overflow is named at its module, and training is unchanged."""
+    peft = pytest.importorskip("peft")
+
+    def lora_trainer(callbacks):
+        student = peft.get_peft_model(tiny.make_gpt2(VOCAB), peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                             fan_in_fan_out=True))
+        return KDTrainer(model=student, teacher=_overflowing_teacher(), callbacks=callbacks,
+                         args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
+
+    callback = SarkdDiagCallback(tmp_path / "run", on_critical="record")
+    trainer = lora_trainer([callback])
+    trainer.train()
+    assert {w.tensor.split(".")[-2] for w in callback.probes.ctx.watched} == {"default"}  # lora_A/B.default.weight
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    assert run["events"].query("kind == 'zero_gradients'").empty and (run["metrics"]["zero_grad_tensors"] == 0).all()
+    plain = lora_trainer([])
+    plain.train()
+    assert logged_losses(plain) == logged_losses(trainer)

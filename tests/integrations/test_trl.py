@@ -212,3 +212,40 @@ def test_sft_dpo_and_gkd_trainers_record_their_steps(world, tmp_path, kind):
     assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
     assert metrics["grad_norm"].tolist() == pytest.approx([h["grad_norm"] for h in trainer.state.log_history
                                                            if "loss" in h], rel=1e-6)
+
+
+def _sft(world, out, kind, run_dir=None):
+    """SFTTrainer as users run it, with packing (sequences packed into rows of max_length) or with the loss on the
+    completions only (prompt tokens masked from the labels); the callback passed plainly, in `callbacks=[...]`."""
+    corpus = [f"{p} the sky is blue ." for p in world["dataset"]["prompt"]]
+    config = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, report_to=[], save_strategy="no",
+                  logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3, max_length=32)
+    if kind == "packing":
+        data, config["packing"] = Dataset.from_dict({"text": corpus}), True
+    else:
+        prompts = list(world["dataset"]["prompt"])
+        data = Dataset.from_dict({"prompt": prompts, "completion": [" the sky is blue ."] * len(prompts)})
+        config["completion_only_loss"] = True
+    student = tiny.make_gpt2(world["vocab"], seed=0)
+    _beyond_fp16_in(student.transformer.h[0].mlp.c_proj, lambda: True)
+    trainer = trl.SFTTrainer(model=student, args=trl.SFTConfig(**config), train_dataset=data,
+                             processing_class=world["tokenizer"],
+                             callbacks=[SarkdDiagCallback(run_dir)] if run_dir is not None else [])
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["packing", "completion_only"])
+def test_sft_with_packing_or_completion_only_loss_records_its_steps(world, tmp_path, kind):
+    """Each step's loss is the one SFTTrainer logs (packed rows, or a loss over the completion tokens alone), the
+    module beyond fp16's range is named at its step, and the probes change no loss."""
+    trainer = _sft(world, tmp_path / "t", kind, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "completed"
+    metrics = run["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3]
+    assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
+    found = cause(run["summary"]["diagnosis"], "activation_overflow")
+    assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
+        "warning", "student", "transformer.h.0.mlp.c_proj", 1)
+    assert logged_losses(_sft(world, tmp_path / "p", kind)) == logged_losses(trainer)

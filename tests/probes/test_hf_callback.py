@@ -1,5 +1,7 @@
 """The shipped TrainerCallback on a real transformers.Trainer and a tiny model."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from contract import assert_conforms  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
-from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
+from sarkd_diag.probes.hf import SarkdDiagCallback, trainer_teacher  # noqa: E402
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -61,3 +63,14 @@ def test_fused_adamw_adds_eps_in_fp32_so_no_eps_underflow_is_claimed(tmp_path):
     assert "optimizer_eps_underflow" not in causes
     assert run["summary"]["event_counts"].get("nonfinite_param", 0) == 0
     assert "optimizer_state_underflow" in causes  # the fp16 second moments still flush to zero
+
+
+@pytest.mark.parametrize("attribute", ["teacher_model", "teacher", "ref_teacher", "Teacher_Net"])
+def test_the_teacher_is_found_under_any_attribute_that_names_it(attribute):
+    """TRL's `teacher_model`, a hand-written KD Trainer's `self.teacher` or `self.ref_teacher`: one rule, not a list of
+    names; a DataParallel wrapper is taken off, and the student aliased as its teacher (self-distillation) is not."""
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wrapped = torch.nn.DataParallel(teacher)
+    assert trainer_teacher(SimpleNamespace(model=student, **{attribute: teacher})) is teacher
+    assert trainer_teacher(SimpleNamespace(model=student, **{attribute: wrapped})) is teacher
+    assert trainer_teacher(SimpleNamespace(model=student, teacher=student, teacher_name="gpt2")) is None

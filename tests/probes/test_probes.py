@@ -231,6 +231,31 @@ def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_fr
     assert "2 of 6 weight tensors" in event.message
 
 
+def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_largest_weight():
+    """A checkpoint saved in fp32 with a weight of 1e5: loaded into float16 it is +Inf — counted before the first
+    step, not after it (one SGD step turns the +Inf into NaN, which read as a corrupt file); kept in fp32 it is a
+    `weight_beyond_fp16` warning at that tensor, and each model's largest weight as loaded is in step 1's row."""
+    torch.manual_seed(0)
+    half, wide = Net().half(), Net()
+    with torch.no_grad():
+        half.second.weight[0, 0] = 1e5  # +Inf in float16
+        wide.second.weight[0, 0] = 1e5
+    opt = torch.optim.SGD(half.parameters(), lr=0.1)
+    with Probes(half, optimizer=opt) as probes:
+        _train(half, probes, opt, steps=1, dtype=torch.float16)
+    assert not all(torch.isfinite(half.second.weight).view(-1)[1:])  # the step spread it
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.tensor, event.nan_count, event.posinf_count, event.neginf_count) == ("second.weight", 0, 1, 0)
+    assert probes.diagnosis()[0]["evidence"]["cast_to_float16"] is True
+    opt = torch.optim.SGD(wide.parameters(), lr=0.0)
+    with Probes(wide, optimizer=opt) as probes:
+        _train(wide, probes, opt, steps=2)
+    (event,) = _events(probes, "weight_beyond_fp16")
+    assert (event.model, event.tensor, event.value, event.dtype, event.phase) == (
+        "student", "second.weight", 1e5, "float32", "setup")
+    assert [row.get("loaded_amax_student") for row in probes.rows] == [1e5, None]
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -311,6 +336,87 @@ def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_ch
     assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
 
 
+class NormalisedEmbeddings(nn.Module):
+    """embed -> each vector divided by its norm, in the model's own forward -> head: a padding row of zeros is 0/0."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 6)
+
+    def forward(self, ids, divide_last=False):
+        x = self.embed(ids)
+        if divide_last:  # the division made after the last child: the model's output is its own code's
+            return self.head(x) / self.head(x).sum(-1, keepdim=True).mul(0)
+        return self.head(x / x.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("divide_last, handed_to", [(False, "head"), (True, "its caller")])
+def test_a_nan_made_in_the_models_own_forward_is_placed_at_it_not_at_the_child_it_is_handed_to(divide_last,
+                                                                                                 handed_to):
+    """No module of the model runs the division: the root's own `forward` does — before its last child (the NaN
+    handed to `head`) or after it (the model's output). Named `NormalisedEmbeddings.forward`, not `head` and not
+    left to the loss; a division by zero that makes +Inf (x / 0) counts as a NaN does, a -Inf mask does not."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NormalisedEmbeddings()
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 1, 2]])  # one padding token
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(ids, divide_last).logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_activation")
+    assert (event.module, event.step, event.dtype) == ("NormalisedEmbeddings.forward", 1, "float32")
+    assert "own code" in event.message and handed_to in event.message
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["module"]) == ("divergence", "NormalisedEmbeddings.forward")
+    assert "division by zero" in cause["fix"]
+
+
+def test_a_loss_the_model_returns_first_is_not_read_as_its_forwards_making():
+    """`return_dict=False` with labels puts the model's loss first in its output: a NaN loss of a batch without
+    targets (0/0) is the loss probe's and the data's (`nonfinite_input`), not a NaN made by
+    `GPT2LMHeadModel.forward`."""
+    from tiny import make_gpt2
+
+    with torch.random.fork_rng():
+        model = make_gpt2(16)
+        ids = torch.randint(0, 16, (2, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=torch.full_like(ids, -100), return_dict=False)[0]
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss, labels=torch.full_like(ids, -100))
+    assert math.isnan(float(loss)) and _events(probes, "nonfinite_activation") == []
+    assert probes.diagnosis()[0]["cause"] == "nonfinite_input"
+
+
+def test_an_empty_output_made_by_the_models_own_forward_is_not_read():
+    """A model that returns no positions (`logits_to_keep`, as `train`'s fused loss asks of it): nothing to read,
+    and no reduction over an empty tensor (aminmax refuses one)."""
+    class NoPositions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(x)[:, :0] * 2  # made by its own code, empty
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NoPositions()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        out = model(torch.ones(2, 5, 4))
+        loss = model.head(torch.ones(2, 4)).sum() + out.sum()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    assert out.numel() == 0 and probes.diagnosis() == []
+
+
 def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
     """-Inf written into scores as a mask, then a softmax module (nn.Softmax): the usual way; only NaN made between
     modules counts, so nothing is reported while every row keeps a key."""
@@ -364,6 +470,67 @@ def test_teacher_overflow_is_told_apart_from_the_student():
     event = _events(probes, "nonfinite_activation")[0]
     assert (event.model, event.module) == ("teacher", "second")
     assert _causes(probes)[0] == "teacher_overflow"
+
+
+def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
+    """Two steps of a loop that never calls `model.train()` (`from_pretrained` returns a model in eval mode): the
+    frozen fp16 teacher first, under no_grad, then the student; between them an evaluation of the student under
+    no_grad, where a hook makes `second`'s output NaN."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        teacher, student = Net().half().eval(), Net().eval()
+        with torch.no_grad():
+            teacher.second.weight.fill_(3000.0)
+        student.second.register_forward_hook(lambda _m, _i, out: None if torch.is_grad_enabled() else out * math.nan)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01)
+        probes = Probes({"student": student, "teacher": teacher}, optimizer=opt, level="full") if probes_on else None
+        losses = []
+        for _ in range(2):
+            x = torch.randn(4, 8)
+            with torch.no_grad():
+                target = teacher(x.half() * 10).float().nan_to_num(0.0, 1.0, -1.0)
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if probes:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+            if evaluate:
+                with torch.no_grad():
+                    student(torch.randn(4, 8))
+        if probes:
+            probes.close()
+    return losses, probes
+
+
+def test_a_model_trained_in_eval_mode_is_watched_and_its_evaluation_is_not():
+    """Forwards with gradients on are training forwards whatever the mode, and the teacher's forwards of those
+    steps count (the student trains in the mode it is in); the no-grad evaluation's NaN is not the training's."""
+    losses, probes = _distil_in_eval_mode(probes_on=True)
+    rows = probes.rows
+    assert [r["act_amax_student"] is not None for r in rows] == [True, True]
+    first = _events(probes, "nonfinite_activation")[0]
+    assert (first.model, first.module, first.step) == ("teacher", "second", 1)
+    assert {e.model for e in _events(probes, "nonfinite_activation")} == {"teacher"}  # not the evaluation's NaN
+    assert _causes(probes)[0] == "teacher_overflow"
+    assert [r["loss"] for r in rows] == pytest.approx(losses)
+    assert _distil_in_eval_mode(probes_on=False)[0] == losses  # the probes changed nothing
+
+
+def test_a_huggingface_model_left_in_eval_mode_still_gives_its_loss():
+    """The loss read from the outputs of a model trained in eval mode: the loop hands nothing over."""
+    import tiny
+
+    model = tiny.make_gpt2(64).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        row = probes.step()
+    assert row["loss"] == pytest.approx(loss.item()) and row["act_amax_student"] > 0
 
 
 def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
@@ -420,6 +587,32 @@ def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_th
     assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["lr_value"] == "nan"
     assert "schedule" in cause["fix"] and "lower" not in cause["fix"]
     assert "divergence" not in _causes(probes)
+
+
+def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
+    """A linear decay sized for 2 steps run for 5 hands the optimizer a negative lr from step 3 (torch refuses one
+    only at construction): finite everything, the loss climbs. Named once per group, written as it was, and a run
+    directory with negative lrs closes (report, figures) as any other."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 2)
+    rows = []
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for _ in range(5):
+            loss = model(torch.ones(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            schedule.step()
+            opt.zero_grad()
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2, 5e-3, 0.0, -5e-3, -1e-2])
+    (event,) = _events(probes, "negative_lr")
+    assert (event.step, event.severity, event.model, event.value) == (4, "warning", "student", pytest.approx(-5e-3))
+    assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "loss_curves.png").exists()
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["first_step"]) == ("lr_negative", 4) and "schedule" in cause["fix"]
 
 
 def test_an_eps_set_to_zero_is_named_with_its_own_fix_not_a_precision_change():
@@ -546,6 +739,64 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
 def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(models, says):
     with pytest.raises(TypeError, match=says):
         Probes(models)
+
+
+def test_evaluations_are_eval_rows_nan_kept_nan_also_after_close(tmp_path):
+    """`probes.evaluation(step, loss)` writes the contract's eval row (perplexity exp(loss)); a NaN evaluation is
+    NaN, not an Infinity perplexity; and one after `close()` joins the closed run's rows and summary."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        _train(model, probes, opt, steps=2)
+        probes.evaluation(2, torch.tensor(2.0))
+        nan_row = probes.evaluation(2, math.nan)
+    assert math.isnan(nan_row["eval_ppl"])
+    probes.evaluation(2, 1.0)  # after close, as a Trainer's evaluate() after train()
+    assert "eval_ppl" not in probes.evaluation(2, 3.0, cross_entropy=False)  # a distillation loss: exp is no ppl
+    run = load_run(tmp_path / "run")
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [2, 2, 2, 2]
+    assert evals["eval_loss"].tolist()[::2] == [2.0, 1.0] and math.isnan(evals["eval_loss"].iloc[1])
+    assert evals["eval_ppl"].tolist()[:3:2] == pytest.approx([math.exp(2.0), math.e])
+    assert math.isnan(evals["eval_ppl"].iloc[1])  # NaN, not Infinity
+    assert '"eval_ppl": NaN' in (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert run["summary"]["status"] == "completed"
+    assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2]
+
+
+def _step_with_loss(handed_over) -> tuple[dict, Probes, float]:
+    """One step of `Net` whose loss is handed to `probes.step` as `handed_over(loss)` makes it."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(torch.ones(2, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        row = probes.step(loss=handed_over(loss))
+    return row, probes, loss.item()
+
+
+@pytest.mark.parametrize("handed_over", [lambda loss: loss.item(), lambda loss: loss.reshape(1),
+                                         lambda loss: {"loss": loss}, lambda loss: (loss, None)],
+                         ids=["item", "one-element", "outputs", "tuple"])
+def test_a_loss_handed_over_as_a_number_or_the_outputs_is_recorded_as_the_tensor(handed_over):
+    """Loops log `loss.item()` and hand that over too; others hand over what the model returned."""
+    row, _, value = _step_with_loss(handed_over)
+    assert row["loss"] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize("number", [math.nan, math.inf, 3])
+def test_a_nonfinite_number_is_kept_nonfinite_and_named(number):
+    row, probes, _ = _step_with_loss(lambda _: number)
+    assert row["loss"] == number or (math.isnan(row["loss"]) and math.isnan(number))
+    assert [e.step for e in _events(probes, "nonfinite_loss")] == ([] if math.isfinite(number) else [1])
+
+
+def test_a_loss_per_sample_is_refused_with_what_to_pass():
+    with pytest.raises(TypeError, match=r"2 values.*reduced loss.*loss.mean\(\)"):
+        _step_with_loss(lambda loss: torch.stack([loss, loss]))
+    with pytest.raises(TypeError, match="not str"):
+        _step_with_loss(lambda _: "1.5")
 
 
 def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():

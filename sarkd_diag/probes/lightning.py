@@ -1,0 +1,150 @@
+"""sarkd-diag in a PyTorch Lightning run: a Callback that gives `Probes` what Lightning knows.
+
+Plain `Probes` inside a LightningModule record a run, but they cannot tell a micro-batch of
+`accumulate_grad_batches` from an optimizer step (a row per batch, and a false "step order" warning), they go
+on recording while Lightning trains NaN weights to the last step, and their fixes speak of a plain loop. The
+callback numbers steps by `trainer.global_step` (optimizer steps: a resume appends), closes a step only on a
+batch that stepped the optimizer, takes the optimizers and the loss scaler from the Trainer and the precision
+from `Trainer(precision=...)`, watches the LightningModule's student and teacher, stops training on a critical
+event (`trainer.should_stop`) and closes the run when training ends or fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import Probes
+
+try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
+    from lightning.pytorch import Callback
+except ImportError:
+    from pytorch_lightning import Callback
+
+ON_CRITICAL = ("stop", "record")
+# Trainer(precision=...) by what it does to the module: the true-half modes train its weights in that dtype, the
+# mixed ones compute under autocast over fp32 weights; "32-true" and others are read off the weights and autocast
+PRECISION_MODES = {"16-mixed": "mixed", "bf16-mixed": "bf16-mixed", "16-true": "pure-fp16", "bf16-true": "pure-bf16"}
+
+
+def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None) -> dict:
+    """The models a LightningModule trains and distils from, by role.
+
+    The student is the attribute named `student`, else the one child module that holds every trainable tensor
+    (`self.model`), else the LightningModule itself: the probes hook the forward that `training_step` calls, and
+    causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
+    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`)."""
+    children = dict(module.named_children())
+    if student is not None:
+        found = getattr(module, student)
+    elif isinstance(children.get("student"), nn.Module):
+        found = children["student"]
+    else:
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        holders = [child for child in children.values()
+                   if trainable and trainable <= {id(p) for p in child.parameters()}]
+        found = holders[0] if len(holders) == 1 else module
+    models = {"student": found}
+    if teacher is not None:
+        models["teacher"] = getattr(module, teacher)
+    else:
+        named = next((child for name, child in children.items() if "teacher" in name.lower()), None)
+        if named is not None:
+            models["teacher"] = named
+    return models
+
+
+class SarkdDiagLightningCallback(Callback):
+    """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
+
+    run_dir, level, every: as for `Probes`. student, teacher: attribute names of the LightningModule, where
+    `lightning_models` would not find them. eval_metric: the name the module logs its validation loss under
+    (`self.log("val_loss", ...)`), recorded as the run's eval rows. on_critical: "stop" (default) sets
+    `trainer.should_stop` once the probes record a critical event (non-finite weights), and the run closes as
+    `stopped`; "record" keeps training.
+    """
+
+    def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
+                 student: str | None = None, teacher: str | None = None, eval_metric: str = "val_loss"):
+        if on_critical not in ON_CRITICAL:
+            raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
+        self.run_dir, self.level, self.every, self.on_critical = Path(run_dir), level, every, on_critical
+        self.student, self.teacher, self.eval_metric = student, teacher, eval_metric
+        self.probes: Probes | None = None
+        self.stopped_at: int | None = None  # the step whose critical event stopped training
+        self._offset = 0  # added to global_step: the steps an earlier fit recorded in this directory
+        self._scheduled_step = True  # automatic optimization: the batch under way ends an accumulation
+        self._step_at_batch_start = 0  # global_step when the batch under way began
+        self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
+        self._open_step: int | None = None  # the global_step of the optimizer step under way
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.probes is not None:  # a second fit on the same callback appends to the same directory
+            self.probes.close("completed")
+        optimizers = list(trainer.optimizers)
+        precision = str(trainer.precision)
+        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher),
+                             optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
+                             scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
+                             level=self.level, every=self.every, caller="lightning",
+                             precision={"mode": PRECISION_MODES.get(precision),
+                                        "requested": f'Trainer(precision="{precision}")',
+                                        "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
+                             sync_gradients=lambda: self._closes_step(trainer, pl_module))
+        # a fit resumed from a checkpoint starts at its global_step; a fit from 0 into a directory that holds steps
+        # (a second fit) continues after them
+        self._offset = self.probes.first_step - 1 if trainer.global_step == 0 else 0
+        self.stopped_at, self._open_step = None, None
+
+    def _closes_step(self, trainer, pl_module) -> bool:
+        """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
+        every accumulate_grad_batches-th batch of an epoch and on its last one: known from the batch's start, so the
+        gradients are read before Lightning clips them, inside the step. Under manual optimization the module steps
+        when it chooses: a batch that ended without moving global_step only accumulated, and until a batch ends a
+        clipping is taken to come before a step."""
+        if pl_module.automatic_optimization:
+            return self._scheduled_step
+        return not self._batch_ended or trainer.global_step != self._step_at_batch_start
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        last = trainer.num_training_batches
+        self._scheduled_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == last
+        self._step_at_batch_start, self._batch_ended = trainer.global_step, False
+        if self.probes is not None and self._open_step != trainer.global_step:  # the first micro-batch of a step
+            self._open_step = trainer.global_step
+            self.probes.begin_step(self._offset + trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """After the batch's backward and, on the last micro-batch of a step, its optimizer step: the batch's loss
+        joins the step's (their mean), and a batch that stepped the optimizer closes the step. Lightning hands over
+        the loss it backpropagated, `training_step`'s divided by `accumulate_grad_batches`: multiplied back, the mean
+        of a step's batches is the loss it optimised."""
+        if self.probes is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss) and trainer.accumulate_grad_batches > 1:
+            loss = loss * trainer.accumulate_grad_batches
+        self._batch_ended = True
+        self.probes.step(loss=loss)
+        if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
+            self.stopped_at = trainer.global_step
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
+        `eval_metric` becomes the eval row after the step it evaluated. With a teacher watched it is a distillation
+        objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the Trainer."""
+        value = trainer.callback_metrics.get(self.eval_metric)
+        if self.probes is not None and not trainer.sanity_checking and value is not None:
+            self.probes.evaluation(self._offset + trainer.global_step, value,
+                                   cross_entropy="teacher" not in self.probes.ctx.models)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.probes is not None:
+            self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.probes is not None:
+            self.probes.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")

@@ -1,0 +1,214 @@
+"""SarkdDiagLightningCallback on a real PyTorch Lightning Trainer (CPU, tiny GPT-2s): accumulated batches, a
+teacher that overflows fp16, pure fp16 with its fixes in Lightning's terms, a clean bf16 run, and an exception
+mid-fit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import tiny  # noqa: E402
+from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
+
+from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag.probes.lightning import SarkdDiagLightningCallback, lightning_models  # noqa: E402
+
+VOCAB = 64
+
+
+class Distil(pl.LightningModule):
+    """CE plus KL to a frozen teacher when there is one; keeps each batch's loss to compare runs by."""
+
+    def __init__(self, student, teacher=None, lr=1e-3):
+        super().__init__()
+        self.student, self.teacher, self.lr = student, teacher, lr
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        out = self.student(**batch)
+        loss = out.loss
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=batch["input_ids"]).logits
+            loss = loss + torch.nn.functional.kl_div(out.logits.float().log_softmax(-1),
+                                                     teacher_logits.float().log_softmax(-1),
+                                                     log_target=True, reduction="batchmean")
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.student.parameters() if p.requires_grad], lr=self.lr)
+
+
+def _fit(module, run_dir=None, dataset=None, **trainer_args):
+    kwargs = dict(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
+    kwargs.update(trainer_args)
+    callbacks = [SarkdDiagLightningCallback(run_dir)] if run_dir is not None else []
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(callbacks=callbacks, **kwargs)
+        trainer.fit(module, torch.utils.data.DataLoader(dataset or Sequences(VOCAB), batch_size=4))
+    return trainer
+
+
+def test_accumulated_batches_close_one_step_each_and_training_is_unchanged(tmp_path):
+    module = Distil(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, tmp_path / "run", accumulate_grad_batches=2)
+    run = load_run(tmp_path / "run")
+    metrics = run["metrics"]
+    assert trainer.global_step == 4 and metrics["step"].tolist() == [1, 2, 3, 4]  # not a row per batch
+    assert metrics["loss"].tolist() == pytest.approx(  # the step's loss: the mean of its two batches'
+        [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
+    assert metrics["grad_norm"].notna().all()  # read before Lightning's clipping, on the batch that steps
+    assert not {"warning", "critical"} & set(run["events"]["severity"])  # no "step order" note
+    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+
+    plain = Distil(tiny.make_gpt2(VOCAB))
+    _fit(plain, accumulate_grad_batches=2)
+    assert plain.losses == module.losses  # the probes did not change training
+    assert all(torch.equal(a, b) for a, b in zip(plain.student.parameters(), module.student.parameters(), strict=True))
+
+
+def test_a_teacher_that_overflows_fp16_is_named_and_training_stops_on_the_nan_weights(tmp_path):
+    teacher = tiny.make_gpt2(VOCAB, seed=3)
+    overflow_fp16(teacher.transformer.h[0])
+    module = Distil(tiny.make_gpt2(VOCAB), teacher.half().eval().requires_grad_(False))
+    trainer = _fit(module, tmp_path / "run", max_steps=6)
+    summary = load_run(tmp_path / "run")["summary"]
+    root = summary["diagnosis"][0]
+    assert root["cause"] == "teacher_overflow" and root["model"] == "teacher"
+    assert root["module"] == "transformer.h.0.mlp.c_proj" and root["first_step"] == 1
+    assert summary["status"] == "stopped" and trainer.global_step == 1 < 6
+
+
+def test_pure_fp16_is_named_from_the_trainers_precision_and_fixed_in_its_terms(tmp_path):
+    student = tiny.make_gpt2(VOCAB)
+    overflow_fp16(student.transformer.h[1])
+    _fit(Distil(student), tmp_path / "run", precision="16-true")
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["precision"]["mode"] == "pure-fp16"
+    assert summary["precision"]["requested"] == 'Trainer(precision="16-true")'
+    root = cause(summary["diagnosis"], "activation_overflow")
+    assert root["module"] == "transformer.h.1.mlp.c_proj" and root["first_step"] == 1 and root["model"] == "student"
+    assert 'Trainer(precision="bf16-mixed")' in root["fix"]
+
+
+def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path):
+    _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision="bf16-mixed")
+    run = load_run(tmp_path / "run")
+    precision = run["summary"]["precision"]
+    assert precision["mode"] == "bf16-mixed" and precision["compute_dtype"] == "bfloat16"
+    assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
+    with pytest.raises(RuntimeError, match="corrupt record"):
+        _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10))
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "failed"
+    assert run["metrics"]["step"].tolist() == list(range(1, len(run["metrics"]) + 1)) and len(run["metrics"]) >= 1
+
+
+def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teacher_found_by_name():
+    student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3).requires_grad_(False)
+
+    class Wrapped(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.teacher_model = student, teacher
+
+    assert lightning_models(Wrapped()) == {"student": student, "teacher": teacher}
+    both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
+    assert lightning_models(both_train)["student"] is student  # the attribute named `student`
+
+
+def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
+    def fit(steps, ckpt_path=None):
+        trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path),
+                             callbacks=[SarkdDiagLightningCallback(tmp_path / "run")])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Distil(tiny.make_gpt2(VOCAB)), torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4),
+                        ckpt_path=ckpt_path)
+        return trainer
+
+    first = fit(2)
+    fit(4, first.checkpoint_callback.best_model_path)
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]  # numbered by global_step
+    fit(1)  # a new fit from step 0 into the same directory: numbered on
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4, 5]
+
+
+class ManualAccumulation(pl.LightningModule):
+    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = tiny.make_gpt2(VOCAB)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = self.model(**batch).loss
+        self.manual_backward(loss / 2)
+        self.losses.append(loss.item())
+        if batch_idx % 2 == 1:
+            self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad()
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
+    module = ManualAccumulation()
+    trainer = _fit(module, tmp_path / "run", gradient_clip_val=None)
+    run = load_run(tmp_path / "run")
+    metrics = run["metrics"]
+    assert trainer.global_step == 4 and metrics["step"].tolist() == [1, 2, 3, 4]  # not a row per batch
+    assert metrics["loss"].tolist() == pytest.approx(
+        [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
+    assert metrics["grad_norm"].notna().all()  # read at the module's own clipping, before it clips
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+class Validated(Distil):
+    def validation_step(self, batch, batch_idx):
+        loss = self.student(**batch).loss
+        self.log("val_loss", loss)
+        return loss
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.validated.append(float(self.trainer.callback_metrics["val_loss"]))
+
+
+def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_path):
+    module = Validated(tiny.make_gpt2(VOCAB))
+    module.validated = []
+    val = torch.utils.data.DataLoader(Sequences(VOCAB, n=8), batch_size=4)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+                         callbacks=[SarkdDiagLightningCallback(tmp_path / "run")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), val)
+    run = load_run(tmp_path / "run")
+    evals = run["metrics"].query("split == 'eval'")
+    assert evals["step"].tolist() == [2, 4]  # the sanity check before training is not recorded
+    assert evals["eval_loss"].tolist() == pytest.approx(module.validated, rel=1e-6)
+    assert evals["eval_ppl"].tolist() == pytest.approx([math.exp(v) for v in module.validated], rel=1e-6)
+    assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2, 3, 4]
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
