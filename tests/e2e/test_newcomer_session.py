@@ -365,6 +365,22 @@ def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one
     assert out == f"{run}: completed: no summary.json yet: the run is still training (process {pid} writes it)\n"
 
 
+def test_compare_precision_overwrite_refuses_a_comparison_still_running(cli, one_step, tmp_path):
+    """`compare-precision --overwrite --output-dir OUT` while OUT's comparison still ran removed its runs/ and logs/
+    under the running modes."""
+    out = tmp_path / "cmp"
+    shutil.copytree(one_step, out / "runs" / "fp32")
+    (out / "logs").mkdir()
+    (out / "logs" / "fp32.log").write_text("")
+    (out / "compare_options.json").write_text(json.dumps({"options": {}, "modes": ["fp32"]}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with _held_open(out / "logs" / "fp32.log", "a") as pid:
+        code, _, err = cli("compare-precision", "--modes", "fp32", "--output-dir", out, "--overwrite")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"sarkd-diag: error: --output-dir {out} is still being written by process {pid}"), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_path):
     """`tail -f events.jsonl` in another terminal made a killed run look alive: `events --follow` waited for it."""
     from sarkd_diag.presentation.query import holds_open
