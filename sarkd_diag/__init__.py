@@ -3,7 +3,7 @@
 from .contract.config import DistillConfig, with_config_options  # light: no torch, no pandas
 from .contract.version import __version__
 
-_LAZY = {"Probes": ("probes", "Probes"), "load_run": ("contract.rundir", "load_run")}
+_LAZY = {"Probes": ("probes", "Probes"), "load_run": ("presentation.query", "load_run")}
 
 
 def __getattr__(name: str):

@@ -303,18 +303,20 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
     from .contract.rundir import recorded_run
-    from .presentation.query import not_a_run, run_directory
+    from .presentation.query import not_a_run, refuse_while_written, run_directory
 
     run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
-    if is_compare_dir(run_dir):
+    comparison = is_compare_dir(run_dir)
+    if not comparison and recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
+        raise not_a_run(run_dir)
+    refuse_while_written(run_dir)
+    if comparison:
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
             _rebuild_run(mode_dir.parent)
         result = rebuild_comparison(run_dir)
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
         typer.echo(f"{run_dir}: {counted(len(result.table), 'mode')} compared; wrote {', '.join(written)}")
         return 0
-    if recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
-        raise not_a_run(run_dir)
     _rebuild_run(run_dir)
     return 0
 

@@ -39,6 +39,7 @@ from .contract.rundir import (
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
 from .contract.wording import counted
+from .contract.writers import run_logs, writing_processes
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 from .presentation.terminal import Console
@@ -109,11 +110,22 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if out.is_dir() and not previous and any(out.iterdir()) and not overwrite:
         raise BadInput(f"--output-dir {out} is not empty; choose another directory or pass --overwrite")
     if previous:
+        _refuse_while_running(out)
         shutil.rmtree(out / "runs", ignore_errors=True)
         shutil.rmtree(out / "logs", ignore_errors=True)
         for name in (*OUTPUTS, COMPARE_OPTIONS):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _refuse_while_running(out: Path) -> None:
+    """A comparison whose logs another process still writes is not cleared: its running modes would lose their
+    runs under them."""
+    writers = writing_processes([*out.glob("logs/*.log"), *(f for run in out.glob("runs/*") for f in run_logs(run))])
+    if writers:
+        raise BadInput(f"--output-dir {out} is still being written by process {', '.join(map(str, writers))}, a "
+                       "comparison running now: let it end (or stop it with Ctrl-C) first, or give another "
+                       "--output-dir")
 
 
 def _train_command(mode: str, config_file: Path, run_dir: Path) -> list[str]:

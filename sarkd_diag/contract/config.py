@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import NoneType, UnionType
@@ -125,14 +127,13 @@ class DistillConfig:
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
         for f in fields(self):
+            setattr(self, f.name, _as_declared(f.name, getattr(self, f.name)))
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
         _positive(self, "block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "eval_steps",
                   "eval_max_batches", "probe_every", "nproc", "save_total_limit")
         if self.log_every is not None:
-            if isinstance(self.log_every, bool) or not isinstance(self.log_every, int):
-                raise BadInput(f"--log-every must be a whole number of steps, got {self.log_every!r}")
             _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
                       "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
@@ -212,6 +213,33 @@ def value_type(hint: Any) -> Any:
     return members[0] if len(members) == 1 else hint
 
 
+KIND_WORDS = {bool: "True or False", int: "a whole number", float: "a number", str: "a string",
+              list[str]: "a list of strings"}
+
+
+def _as_declared(name: str, value: Any) -> Any:
+    """`value` as field `name`'s declared type — a Path for a str, a numpy integer for an int, an int for a float —
+    or BadInput naming the option: the Python API's `train_steps="2"` or `2.5` failed as a TypeError deep in
+    training, or trained; a numpy integer passed and was recorded in config.json as a string ("3")."""
+    hint = FIELD_TYPES[name]
+    kind = value_type(hint)
+    if value is None and kind is not hint:
+        return None
+    if kind is bool and isinstance(value, bool):
+        return value
+    if not isinstance(value, bool):  # bool is an Integral too, never meant as a count or a rate
+        if kind is int and isinstance(value, numbers.Integral):
+            return int(value)
+        if kind is float and isinstance(value, numbers.Real):
+            return float(value)
+    if kind is str and isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if kind == list[str] and isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadInput(f"--{_flag(name)} must be {KIND_WORDS[kind]}{' or None' if kind is not hint else ''}, "
+                   f"got {value!r}")
+
+
 RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
 
 
@@ -236,7 +264,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise BadInput(f"--config {path}: no such file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) would fail json.loads
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
@@ -344,9 +372,6 @@ def build_config(cli_options: dict[str, Any], config_file: str | Path | None = N
     given = read_config_file(config_file) if config_file else {}
     given.update({k: v for k, v in cli_options.items() if v is not None})
     merged = {**recorded_options(given), **given}
-    for name, value in merged.items():
-        if value_type(FIELD_TYPES[name]) in (int, float) and isinstance(value, str):
-            raise BadInput(f"option {name}: expected a number, got {value!r}")
     try:
         return DistillConfig(**merged).validate()
     except TypeError as exc:

@@ -20,6 +20,7 @@ from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none, reading_or_none
+from .writers import run_logs, writing_processes
 
 SCHEMA_VERSION = 1
 # compare-precision's table (comparison.csv/.parquet/.md/.html), in this order
@@ -37,13 +38,20 @@ RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_
 
 
 def default_run_dir(mode: str) -> Path:
+    """A new runs/<date-time>-<mode>/, created here: runs started in the same second (a sweep launched with `&`)
+    each get their own, where a name found free and created later let both write one directory. Where it cannot
+    be created, the name alone (check_output_dir then says why)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / f"{stamp}-{mode}"
     n = 1
-    while path.exists():
-        n += 1
-        path = Path("runs") / f"{stamp}-{mode}-{n}"
-    return path
+    while True:
+        path = Path("runs") / (f"{stamp}-{mode}" if n == 1 else f"{stamp}-{mode}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+        except OSError:
+            return path
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -129,6 +137,10 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     recorded = recorded_run(path)
+    writers = writing_processes(run_logs(path)) if recorded is not None else []
+    if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
+        raise BadInput(f"--output-dir {path} is still being written by process {', '.join(map(str, writers))}, a run "
+                       "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
     if resume:
         if recorded is None:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")

@@ -27,7 +27,9 @@ from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
+from ..contract.rundir import load_run as read_run
 from ..contract.wording import counted
+from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
@@ -106,6 +108,20 @@ def not_a_run(path: Path) -> BadInput:
     newest = max(held, key=lambda p: (p.stat().st_mtime, p.name))
     return BadInput(f"{path} is not a run directory but holds {len(held)}: give one of them, e.g. {newest} "
                     "(the newest)")
+
+
+def load_run(path: str | Path) -> dict:
+    """`sarkd_diag.load_run`: a run's config and summary (dicts), metrics and events (DataFrames), its directory
+    checked as the commands check it — a run's student/ (a model's config.json) read as an empty run, and a file
+    of the run was 'not a run directory (no config.json)'."""
+    path = run_directory(path)
+    if is_compare_dir(path):
+        runs = _comparison_runs(path)
+        raise BadInput(f"{path} is a compare-precision directory: load one of its runs" +
+                       (f", e.g. {runs[0]}" if runs else "") + f" (the comparison itself: {path}/comparison.parquet)")
+    if recorded_run(path) is None:
+        raise not_a_run(path)
+    return read_run(path)
 
 
 def _enclosing_run(path: Path) -> Path | None:
@@ -409,40 +425,14 @@ def _last_write(path: Path) -> float:
     return newest
 
 
-def holds_open(files: list[Path]) -> bool | None:
-    """Whether a process of this machine has one of `files` open: True, False, or None when that cannot be
-    known (no /proc; a process of the files' owner whose open files cannot be read; no such files yet)."""
-    proc = Path("/proc")
-    targets = set()
-    owners = set()
-    for f in files:
-        try:
-            owners.add(f.stat().st_uid)
-            targets.add(os.path.realpath(f))
-        except OSError:
-            continue
-    if not targets or not (proc / "self" / "fd").is_dir():
-        return None
-    unknown = False
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid not in owners:  # a run is written by the user who owns its files
-                continue
-            fds = list((entry / "fd").iterdir())
-        except PermissionError:
-            unknown = True
-            continue
-        except OSError:  # the process ended meanwhile
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(fd) in targets:
-                    return True
-            except OSError:
-                continue
-    return None if unknown else False
+def refuse_while_written(path: Path) -> None:
+    """Refuse to close a run (or comparison) that another process is still writing: `report` would declare a live
+    run crashed, and `--follow` and `check` would then read it as closed."""
+    pids = writing_processes(_log_files(path))
+    if pids:
+        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: `sarkd-diag events "
+                       f"{path} --follow` shows it as it goes; report it once that process has ended (a notebook "
+                       "whose loop stopped: close its probes first)")
 
 
 def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:
@@ -524,6 +514,9 @@ def _no_critical(run: Run) -> str | None:
 
 def _completed(run: Run) -> str | None:
     if run.summary is None:
+        writers = writing_processes(run_logs(run.path))
+        if writers:  # `report` would refuse it: say what is known instead of offering it
+            return f"no summary.json yet: the run is still training (process {', '.join(map(str, writers))} writes it)"
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
     if status == "completed":

@@ -50,7 +50,7 @@ def read_text_file(path: str) -> list[str]:
     if b"\x00" in raw:
         raise BadInput(f"{path} looks binary (it holds NUL bytes), expected UTF-8 text")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark (Excel's "CSV UTF-8", Notepad) is not text
     except UnicodeDecodeError as exc:
         raise BadInput(f"{path} is not UTF-8 text (byte {exc.start})") from None
     if suffix == ".csv":

@@ -23,6 +23,7 @@ device-side copy of the trainable weights and optimizer state before each step (
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -176,11 +177,19 @@ def build_run(config: DistillConfig) -> Run:
     dual-mode projection trains too)."""
     compute = set_up_compute(config)
     run_dir, resume_source = locate_run(config, compute.world, compute.mode)
-    corpus = load_corpus(config.dataset_name, config.dataset_config_name, config.train_file, config.validation_file)
-    models = load_models(config, compute)
-    data = load_data(config, corpus, models, compute.world)
-    objective = make_objective(config, models, compute)
-    optimization = make_optimization(config, models, objective)
+    try:
+        corpus = load_corpus(config.dataset_name, config.dataset_config_name, config.train_file,
+                             config.validation_file)
+        models = load_models(config, compute)
+        data = load_data(config, corpus, models, compute.world)
+        objective = make_objective(config, models, compute)
+        optimization = make_optimization(config, models, objective)
+    except BaseException:
+        if not (config.output_dir or config.resume_from):  # the default directory, made for this run: none is left
+            with contextlib.suppress(OSError):  # rmdir removes only an empty directory
+                run_dir.rmdir()
+                run_dir.parent.rmdir()  # runs/, when this run was to be its first
+        raise
     state = TrainingState(models.student, models.teacher, objective.projection, optimization.optimizer,
                           compute.precision, optimization.scheduler, data.batches)
     return Run(config, compute, run_dir, resume_source, models, data, objective, optimization, state)
@@ -568,8 +577,10 @@ class Trainer:
             if self._stop_requested(stops):
                 # under torchrun every rank stops after the same step, some before their own signal arrives
                 why = stops.signal.name if stops.signal is not None else "a stop signal on another rank"
-                events.record("interrupted", "warning", f"{why}: stopped after step {self.step}; "
-                              "state saved", step=self.step, phase="policy")
+                saved = "state saved" if self._checkpointable(self.step) else \
+                    "no checkpoint (none is written of step 0 or of non-finite weights)"
+                events.record("interrupted", "warning", f"{why}: stopped after step {self.step}; {saved}",
+                              step=self.step, phase="policy")
                 self._save_checkpoint()
                 return "interrupted"
             row = self._step()
@@ -788,12 +799,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, rewind: bool = False) -> None:
-        """A checkpoint of this step or, after a failure mid-step, of the one before it (`rewind`).
-
-        None is written of step 0 (nothing trained yet) or of non-finite weights (nothing to resume).
-        """
+        """A checkpoint of this step or, after a failure mid-step, of the one before it (`rewind`), when there is
+        one to write (`_checkpointable`)."""
         step, run_dir = self.step - 1 if rewind else self.step, self.run.run_dir
-        if step == 0 or not self.policy.weights_finite:
+        if not self._checkpointable(step):
             return
         event_sizes = self.world.gather((run_dir / self.logs.events_name).stat().st_size)
         trained = self.run.state.state_dict()  # on every rank: a sharded teacher's routers are gathered whole
@@ -807,6 +816,11 @@ class Trainer:
             ckpt.save(run_dir, step, state, cfg.save_total_limit, eval_ppl if eval_step == step else None,
                       meta={"mode": self.run.compute.mode, "options": cfg.to_dict()})
         self.world.barrier()
+
+    def _checkpointable(self, step: int) -> bool:
+        """Whether a checkpoint of `step` is written: not of step 0 (nothing trained yet) nor of non-finite weights
+        (nothing to resume)."""
+        return step > 0 and self.policy.weights_finite
 
     def _load_state(self, state: dict) -> None:
         """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, step, policy."""

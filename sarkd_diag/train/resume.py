@@ -58,7 +58,7 @@ def _run_and_source(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, 
     if not cfg.resume_from:
         if cfg.output_dir:
             return Path(cfg.output_dir), None
-        return world.broadcast(default_run_dir(mode)), None  # one directory for all ranks
+        return world.broadcast(default_run_dir(mode) if world.is_main else None), None  # rank 0's, for all
     checkpoint = Path(cfg.resume_from)
     if not (checkpoint / ckpt.META).is_file():
         raise _not_a_checkpoint(checkpoint)

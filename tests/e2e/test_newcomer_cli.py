@@ -157,6 +157,29 @@ def test_csv_train_files_read_their_text_column_and_unknown_extensions_are_refus
         read_text_file(str(other))
 
 
+@pytest.mark.parametrize(("name", "content", "documents"), [
+    ("d.csv", 'text,id\n"hello, world",1\n', ["hello, world"]),
+    ("d.jsonl", '{"text": "hello"}\n', ["hello"]),
+    ("d.txt", "hello\n", ["hello"]),
+])
+def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, content, documents):
+    """Excel's "CSV UTF-8" and Windows editors begin a file with a UTF-8 byte-order mark: a .csv was refused for
+    lacking the `text` column it showed (`columns: \ufefftext, id`), a .jsonl as `not valid JSON (Unexpected UTF-8
+    BOM)`, and a .txt trained on the mark as part of its first document."""
+    from sarkd_diag.train.data import read_text_file
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8-sig")
+    assert read_text_file(str(path)) == documents
+
+
+def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """`--config run.json` saved by a Windows editor was `not valid JSON (Unexpected UTF-8 BOM ...)`."""
+    config = tmp_path / "run.json"
+    config.write_text('{"train_steps": 3}', encoding="utf-8-sig")
+    assert build_config({}, config).train_steps == 3
+
+
 def test_a_csv_without_text_column_is_one_line_at_the_cli(cli, tiny_args, tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("a,b\n1,2\n")
@@ -252,3 +275,40 @@ def test_compare_precision_help_shows_its_own_defaults(cli):
     assert code == 0 and COMPARE_DEFAULTS["probe_every"] == 5
     assert "every N-th step. [default: 5]" in text and "[default: 10]" not in text
     assert "every N-th step. [default: 10]" in " ".join(_train_help(cli).split())
+
+
+# ------------------------------------------------------------------------------------------ the Python API
+@pytest.mark.parametrize(("options", "says"), [
+    ({"train_steps": "2"}, "--train-steps must be a whole number, got '2'"),
+    ({"train_steps": 2.5}, "--train-steps must be a whole number, got 2.5"),
+    ({"student_lr": "fast"}, "--student-lr must be a number, got 'fast'"),
+    ({"use_scheduler": "no"}, "--use-scheduler must be True or False, got 'no'"),
+    ({"router_patterns": "gate"}, "--router-patterns must be a list of strings or None, got 'gate'"),
+    ({"output_dir": 3}, "--output-dir must be a string or None, got 3"),
+])
+def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, monkeypatch, options, says):
+    """`distill(train_steps="2")` was `TypeError: '<=' not supported between instances of 'str' and 'int'`, and
+    `train_steps=2.5` trained: a notebook's typo met no option name, or no error at all."""
+    import sarkd_diag
+    from sarkd_diag.contract.errors import BadInput
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(quiet=True, **options)
+    assert str(refused.value) == says
+    assert not any(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_a_path_and_numpy_numbers_are_taken_as_meant():
+    """A numpy number from a sweep passed validation and was recorded in config.json as a string (`"3"`, json's
+    default=str); a Path stayed a Path in the options. Each is now the option's own type."""
+    import numpy as np
+
+    from sarkd_diag import DistillConfig
+
+    config = DistillConfig(output_dir=Path("runs/x"), train_steps=np.int64(3), student_lr=np.float32(0.5),
+                           router_patterns=("gate",)).validate()
+    assert config.to_dict() == {**DistillConfig().to_dict(), "output_dir": "runs/x", "train_steps": 3,
+                                "student_lr": 0.5, "router_patterns": ["gate"]}
+    assert type(config.train_steps) is int and type(config.student_lr) is float
+    json.dumps(config.to_dict())

@@ -133,6 +133,33 @@ def test_a_filter_nothing_can_match_is_refused_not_an_empty_table(cli, tmp_path,
     assert code == 0 and len(json.loads(out)) == 2
 
 
+def test_load_run_checks_its_directory_as_the_commands_do(tmp_path):
+    """README's `sarkd_diag.load_run(RUN_DIR)`: a run's student/ (a model's config.json) loaded as a run with no
+    metrics and no events, and a file of the run was 'not a sarkd-diag run directory (no config.json)'."""
+    from sarkd_diag import load_run
+    from sarkd_diag.contract.errors import BadInput
+
+    run = _run(tmp_path)
+    (run / "student").mkdir()
+    (run / "student" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    (comparison / "compare_options.json").write_text("{}")
+    mode_run = _run(comparison / "runs").rename(comparison / "runs" / "fp32")
+    for path, message in [
+        (run / "student", f"{run / 'student'} is inside the run directory {run}, not one itself: give {run}"),
+        (run / "summary.json", f"{run / 'summary.json'} is a file; give the run directory that holds it: {run}"),
+        (tmp_path / "missing", f"{tmp_path / 'missing'}: no such directory"),
+        (comparison, f"{comparison} is a compare-precision directory: load one of its runs, e.g. {mode_run} (the "
+                     f"comparison itself: {comparison}/comparison.parquet)"),
+    ]:
+        with pytest.raises(BadInput) as refused:
+            load_run(path)
+        assert str(refused.value) == message
+    loaded = load_run(run)
+    assert loaded["summary"] == {"status": "completed"} and len(loaded["events"]) == 4
+
+
 def test_check_completed_of_a_run_without_summary_says_what_to_do(cli, tmp_path):
     """It said `completed: status is no summary.json (crashed?)`."""
     run = _run(tmp_path, summary=False)

@@ -282,6 +282,116 @@ def test_an_interrupted_run_says_how_to_continue_it(cli, tiny_world, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps_completed"] == steps + 1
 
 
+def test_ctrl_c_before_the_first_step_does_not_claim_a_saved_state(cli, tiny_args, monkeypatch):
+    """Ctrl-C during the evaluation before step 1 said `stopped after step 0; state saved`, and `--resume` then
+    answered that the run had no checkpoint: none is written of step 0."""
+    from sarkd_diag.train import loop
+
+    evaluate = loop.Trainer._evaluate
+
+    def evaluate_then_ctrl_c(self):
+        evaluate(self)
+        if self.step == 0:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler `train` installed takes it, as from a terminal
+
+    monkeypatch.setattr(loop.Trainer, "_evaluate", evaluate_then_ctrl_c)
+    code, out, err = cli("train", *tiny_args, "--precision", "fp32")
+    assert code == 130, err
+    run = Path(tiny_args[-1])
+    interrupted = [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+                   if e["kind"] == "interrupted"]
+    assert [e["message"] for e in interrupted] == ["SIGINT: stopped after step 0; no checkpoint (none is written of "
+                                                   "step 0 or of non-finite weights)"]
+    assert not (run / "checkpoints").exists() and "state saved" not in out
+
+
+@contextlib.contextmanager
+def _held_open(path: Path, mode: str):
+    """Another process holding `path` open in `mode` ('a': a run's writer; 'r': a reader, as `tail -f` is) until
+    the block ends; yields its pid."""
+    code = f"import sys; f = open({str(path)!r}, {mode!r}); print('open', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "open\n"
+        yield child.pid
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+
+
+def _unclosed_copy(run: Path, tmp_path: Path) -> Path:
+    """The run as it stands while it trains (or after kill -9): its logs without summary.json."""
+    copy = Path(shutil.copytree(run, tmp_path / "live"))
+    (copy / "summary.json").unlink()
+    return copy
+
+
+def test_report_refuses_a_run_another_process_is_still_writing(cli, one_step, tmp_path):
+    """`report` of a run still training in another terminal closed it as crashed: summary.json said so, `check
+    --expect completed` failed it and `events --follow` stopped following a run that went on."""
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with _held_open(run / "events.jsonl", "a") as pid:
+        code, out, err = cli("report", run)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(f"sarkd-diag: error: {run} is still being written by process "
+                                                    f"{pid}: `sarkd-diag events {run} --follow` shows it"), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    code, out, err = cli("report", run)  # its process gone: closed as crashed
+    assert code == 0 and out.startswith(f"{run}: crashed, 1 step"), err
+
+
+@pytest.mark.parametrize("extra", [["--overwrite"], ["--resume", "--train-steps", "2"], []],
+                         ids=["overwrite", "resume", "same options"])
+def test_train_refuses_an_output_dir_another_process_is_still_writing(cli, one_step, tmp_path, extra):
+    """`train --output-dir RUN --overwrite` while RUN still trained in another terminal deleted the live run's logs
+    under it; `--resume` would have had two processes append to them."""
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with _held_open(run / "metrics.jsonl", "a") as pid:
+        code, out, err = cli("train", "--config", one_step / "config.json", "--output-dir", run, *extra)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"sarkd-diag: error: --output-dir {run} is still being written by process {pid}"), err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
+    """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
+    whose process was plainly alive, and `report` refuses such a run."""
+    run = _unclosed_copy(one_step, tmp_path)
+    with _held_open(run / "events.jsonl", "a") as pid:
+        code, out, err = cli("check", run, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert out == f"{run}: completed: no summary.json yet: the run is still training (process {pid} writes it)\n"
+
+
+def test_compare_precision_overwrite_refuses_a_comparison_still_running(cli, one_step, tmp_path):
+    """`compare-precision --overwrite --output-dir OUT` while OUT's comparison still ran removed its runs/ and logs/
+    under the running modes."""
+    out = tmp_path / "cmp"
+    shutil.copytree(one_step, out / "runs" / "fp32")
+    (out / "logs").mkdir()
+    (out / "logs" / "fp32.log").write_text("")
+    (out / "compare_options.json").write_text(json.dumps({"options": {}, "modes": ["fp32"]}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with _held_open(out / "logs" / "fp32.log", "a") as pid:
+        code, _, err = cli("compare-precision", "--modes", "fp32", "--output-dir", out, "--overwrite")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"sarkd-diag: error: --output-dir {out} is still being written by process {pid}"), err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_path):
+    """`tail -f events.jsonl` in another terminal made a killed run look alive: `events --follow` waited for it."""
+    from sarkd_diag.presentation.query import holds_open
+
+    run = _unclosed_copy(one_step, tmp_path)
+    with _held_open(run / "events.jsonl", "r"):
+        assert holds_open([run / "events.jsonl"]) is False
+        code, out, err = cli("report", run)
+    assert code == 0 and out.startswith(f"{run}: crashed, 1 step"), err
+
+
 def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
     """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
     offered --resume or --overwrite only, neither of them a new run from the same options."""
@@ -289,6 +399,33 @@ def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli
     assert code == 2
     assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
                    "--overwrite to replace it, or another --output-dir for a new run\n")
+
+
+def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
+    """A sweep launched with `&` and the default --output-dir: each run found runs/<date-time>-<mode>/ free, and
+    created it only once its models had loaded, so runs started in the same second wrote one directory."""
+    import datetime
+
+    from sarkd_diag.contract import rundir
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 5, 8, 31, 59)
+
+    monkeypatch.setattr(rundir, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    first, second = rundir.default_run_dir("fp32"), rundir.default_run_dir("fp32")
+    assert (first, second) == (Path("runs/20261205-083159-fp32"), Path("runs/20261205-083159-fp32-2"))
+    assert first.is_dir() and second.is_dir()
+
+
+def test_bad_input_found_after_the_default_directory_was_made_leaves_none(cli, tiny_world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                       "--train-file", tmp_path / "typo.txt")
+    assert code == 2 and "no such file" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------- data options
