@@ -312,6 +312,17 @@ def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp
     assert pd.isna(row.nan_count) and pd.isna(row.posinf_count) and row.numel == event.numel  # null, not 0
 
 
+def _one_step_at_lr_zero(model: nn.Module, loss_of) -> Probes:
+    """One probed step of `model` at lr 0 (nothing moves: what the forward made is all there is), probes closed."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    return probes
+
+
 def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_child_it_is_handed_to():
     """The masked softmax is `attn`'s own code: with a row whose every key is masked it makes NaN (0/0), which
     `attn.proj` then receives — proj's own work is fine. The first non-finite module is `attn`, not `attn.proj`;
@@ -321,13 +332,8 @@ def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_ch
     with torch.random.fork_rng():  # the tests after this one draw from the global generator as before
         model = MaskedAttentionNet(vocab_size=12)
         ids, keep = torch.randint(0, 12, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
     keep[1] = False  # the second sequence is all padding
-    with Probes(model, optimizer=opt) as probes:
-        loss = model(ids, keep).logsumexp(-1).mean()
-        loss.backward()
-        opt.step()
-        probes.step(loss=loss)
+    probes = _one_step_at_lr_zero(model, lambda: model(ids, keep).logsumexp(-1).mean())
     (event,) = _events(probes, "nonfinite_activation")
     assert (event.model, event.module, event.step, event.dtype) == ("student", "attn", 1, "float32")
     assert math.isnan(event.value) and "own code" in event.message and "attn.proj" in event.message
@@ -360,12 +366,7 @@ def test_a_nan_made_in_the_models_own_forward_is_placed_at_it_not_at_the_child_i
         torch.manual_seed(0)
         model = NormalisedEmbeddings()
     ids = torch.tensor([[1, 2, 3, 0], [4, 5, 1, 2]])  # one padding token
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    with Probes(model, optimizer=opt) as probes:
-        loss = model(ids, divide_last).logsumexp(-1).mean()
-        loss.backward()
-        opt.step()
-        probes.step(loss=loss)
+    probes = _one_step_at_lr_zero(model, lambda: model(ids, divide_last).logsumexp(-1).mean())
     (event,) = _events(probes, "nonfinite_activation")
     assert (event.module, event.step, event.dtype) == ("NormalisedEmbeddings.forward", 1, "float32")
     assert "own code" in event.message and handed_to in event.message
@@ -565,20 +566,8 @@ def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_th
     """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
     optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
     cause — not a blow-up to fix with a lower learning rate."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Net()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(torch.tensor(1.0 - s / 1.0).sqrt()))
-    rows = []
-    with Probes(model, optimizer=opt) as probes:
-        for _ in range(4):
-            loss = model(torch.ones(4, 8)).pow(2).mean()
-            loss.backward()
-            opt.step()
-            rows.append(probes.step(loss=loss))
-            schedule.step()
-            opt.zero_grad()
+    probes, rows = _train_on_a_schedule(lambda params: torch.optim.AdamW(params, lr=1e-3),
+                                        lambda s: float(torch.tensor(1.0 - s / 1.0).sqrt()), steps=4)
     assert rows[0]["lr"] == 1e-3 and rows[1]["lr"] == 0.0 and math.isnan(rows[2]["lr"])  # NaN kept, not 0 or None
     (event,) = _events(probes, "nonfinite_lr")
     assert (event.step, event.severity, event.model) == (3, "critical", "student") and math.isnan(event.value)
@@ -589,24 +578,32 @@ def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_th
     assert "divergence" not in _causes(probes)
 
 
-def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
-    """A linear decay sized for 2 steps run for 5 hands the optimizer a negative lr from step 3 (torch refuses one
-    only at construction): finite everything, the loss climbs. Named once per group, written as it was, and a run
-    directory with negative lrs closes (report, figures) as any other."""
+def _train_on_a_schedule(make_optimizer, lr_lambda, steps: int, run_dir=None):
+    """Net trained on a constant batch, its lr scaled by `lr_lambda` each step (stepped after probes.step, as loops
+    do): the probes (closed) and their rows."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 2)
+    opt = make_optimizer(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     rows = []
-    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
-        for _ in range(5):
+    with Probes(model, optimizer=opt, run_dir=run_dir) as probes:
+        for _ in range(steps):
             loss = model(torch.ones(4, 8)).pow(2).mean()
             loss.backward()
             opt.step()
             rows.append(probes.step(loss=loss))
             schedule.step()
             opt.zero_grad()
+    return probes, rows
+
+
+def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
+    """A linear decay sized for 2 steps run for 5 hands the optimizer a negative lr from step 3 (torch refuses one
+    only at construction): finite everything, the loss climbs. Named once per group, written as it was, and a run
+    directory with negative lrs closes (report, figures) as any other."""
+    probes, rows = _train_on_a_schedule(lambda params: torch.optim.SGD(params, lr=1e-2), lambda s: 1 - s / 2,
+                                        steps=5, run_dir=tmp_path / "run")
     assert [row["lr"] for row in rows] == pytest.approx([1e-2, 5e-3, 0.0, -5e-3, -1e-2])
     (event,) = _events(probes, "negative_lr")
     assert (event.step, event.severity, event.model, event.value) == (4, "warning", "student", pytest.approx(-5e-3))
