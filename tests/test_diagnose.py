@@ -64,6 +64,22 @@ def test_an_extreme_update_with_nothing_wrong_yet_is_a_warning():
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning")
 
 
+@pytest.mark.parametrize("caller, lr_word, lr", [("cli", "`--router-lr`", 2e4),
+                                                 ("loop", "the teacher's parameter group", None)])
+def test_a_teachers_extreme_update_names_the_lr_its_tensors_train_at(caller, lr_word, lr):
+    """The routers `train` trains sit in a parameter group of their own, at `--router-lr` (scheduled like the
+    student's, whose lr the rows record): a router's blow-up names that option and its scheduled lr, not the
+    student's. Where no record says a teacher group's lr, none is quoted."""
+    frame = log({"kind": "extreme_update", "severity": "warning", "step": 2, "phase": "optimizer", "model": "teacher",
+                 "module": "layers.0.mlp.gate", "tensor": "layers.0.mlp.gate.weight", "value": 7e4})
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": [2e-3, 1e-3], "loss": [10.0, 8e8]})
+    (cause,) = causes(frame, metrics, caller=caller, mode="fp32",
+                      options={"student_lr": 2e-3, "router_lr": 4e4})
+    assert (cause["cause"], cause["model"], cause["severity"]) == ("divergence", "teacher", "critical")
+    assert lr_word in cause["fix"] and "student" not in cause["fix"] and cause["evidence"].get("lr") == lr
+    assert (f"at lr {lr:.3g}" in cause["fix"]) if lr else ("at lr" not in cause["fix"])
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(
