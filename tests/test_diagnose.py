@@ -80,6 +80,20 @@ def test_a_teachers_extreme_update_names_the_lr_its_tensors_train_at(caller, lr_
     assert (f"at lr {lr:.3g}" in cause["fix"]) if lr else ("at lr" not in cause["fix"])
 
 
+def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_problem():
+    """In a float16 optimizer state, second moments flushed to 0 leave Adam dividing by eps alone: the step that
+    follows is extreme because of precision. That step is the state underflow's evidence (critical), not a second
+    cause whose fix says "lower the lr; precision is not the cause"."""
+    frame = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "phase": "optimizer",
+                 "model": "student", "tensor": "wte.weight", "dtype": "float16", "value": 0.4},
+                {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+                 "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 1.16})
+    (cause,) = causes(frame, mode="pure-fp16")
+    assert (cause["cause"], cause["severity"], cause["evidence"]["extreme_updates"]) == (
+        "optimizer_state_underflow", "critical", 1)
+    assert "precision is not the cause" not in cause["fix"]
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(

@@ -1054,6 +1054,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(extreme):
         row = _first(extreme)
         step = int(row["step"])
+        state = r.of("optimizer_state_underflow")
+        if len(state) and int(state["step"].min()) <= step:
+            return []  # second moments flushed to 0 inflated the step: precision's doing (`optimizer_state_underflow`)
         after = []
         for kind in ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "scale_below_one",
                      "scaler_backoff"):
