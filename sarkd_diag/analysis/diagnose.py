@@ -593,7 +593,7 @@ class RunRecord:
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         if model == "teacher":
             words["lr"] = words["teacher_lr"]
-        words.update({k: ("?" if v is None else v) for k, v in values.items()})
+        words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
 
