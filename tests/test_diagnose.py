@@ -94,6 +94,20 @@ def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_pr
     assert "precision is not the cause" not in cause["fix"]
 
 
+@pytest.mark.parametrize("losses, severity", [([4, 3.8, 3.7, 15, 3.6, 3.5, 3.4, 3.3], "warning"),
+                                               ([4, 3.8, 3.7, 15, 14, 13, 12, 12.5], "critical"),
+                                               ([4, 3.8, 3.7, 3.6, 3.5, 3.4, 3.3, 15], "critical")])
+def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losses, severity):
+    """One outlier batch makes the loss jump 4× for a step; the next steps are back below where it was before: a
+    transient spike, a warning that points at that step — not a critical divergence. A loss that stays up, or whose
+    jump is the run's last step, still is one."""
+    metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "loss": losses, "lr": 1e-3})
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, losses.index(15) + 1)
+    assert cause["evidence"].get("recovered", False) is (severity == "warning")
+    assert ("transient spike" in cause["fix"]) is (severity == "warning")
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(

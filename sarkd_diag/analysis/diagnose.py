@@ -247,6 +247,10 @@ FIXES = {
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
                      "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
                      "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_spike": "the loss jumped from {before} to {top} at step {step} (beyond {factor}× its first, {first}) with "
+                  "every value finite, then came back ({last} at step {last_step}): a transient spike, not a "
+                  "divergence — an outlier batch or one step too large; if spikes recur or grow, lower {lr} and clip "
+                  "with {clip}, and look at the batches of step {step}",
     "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
                                "step that took no module statistics: nothing places it — {full_probes} tells whether a "
                                "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
@@ -1101,11 +1105,19 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(negative):  # a loss that climbs under a negative learning rate is the ascent it asked for: `lr_negative`
         blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
-        return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
-                      evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
-                                "factor": DIVERGENCE_FACTOR, "unplaced": True},
-                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{float(finite_loss.max()):.4g}",
-                                factor=f"{DIVERGENCE_FACTOR:g}", step=int(blown.index[0])))]
+        step, top = int(blown.index[0]), float(finite_loss.max())
+        evidence = {"first_loss": first_loss, "max_loss": top, "factor": DIVERGENCE_FACTOR, "unplaced": True}
+        before = finite_loss[finite_loss.index < step]
+        settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
+        if finite_loss.index[-1] > blown.index[-1] and last <= settled:  # back to where it was before the spike
+            return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
+                          evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
+                          fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
+                                    factor=f"{DIVERGENCE_FACTOR:g}", step=step, last=f"{last:.4g}",
+                                    last_step=int(finite_loss.index[-1])))]
+        return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
+                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
+                                factor=f"{DIVERGENCE_FACTOR:g}", step=step))]
     return []
 
 
