@@ -1396,6 +1396,40 @@ def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
 
 
 # ------------------------------------------------------------------------------------------ the catalog
+def feature_kd_lr_above_stability(world: World, tmp: Path) -> Outcome:
+    """Feature distillation through a linear projection (the student's features regressed onto the teacher's with
+    MSE), full batch, SGD at 1.02× the stability limit 2/λmax of the loss's curvature: the loss falls along the
+    flat directions, then the steepest one oscillates with a growing amplitude (×1.08 a step) — a slow climb,
+    every value finite, well below three times the first loss."""
+    outcome = Outcome()
+    torch.manual_seed(0)
+    student_features, teacher_features = torch.randn(64, 32), torch.randn(64, 16)
+    student_features[:, 0] *= 4  # one direction much larger than the rest: the steepest curvature
+    projection = nn.Linear(32, 16)
+    with_bias = torch.cat([student_features, torch.ones(64, 1)], 1)
+    curvature = float(torch.linalg.eigvalsh(2 * with_bias.T @ with_bias / teacher_features.numel()).max())
+    lr = 1.02 * 2 / curvature
+    opt = torch.optim.SGD(projection.parameters(), lr=lr)
+    losses = []
+    with _probes({"student": projection}, opt, None, tmp / "run") as probes:
+        for _ in range(16):
+            loss = nn.functional.mse_loss(projection(student_features), teacher_features)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    lowest = losses.index(min(losses))
+    outcome.facts.update(lr=round(lr, 4), stability_limit=round(2 / curvature, 4), losses=[round(v, 3) for v in losses],
+                         lowest_at_step=lowest + 1)
+    outcome.check("lr above 2/λmax; the loss falls, then rises at every step after its lowest, all finite and "
+                  "below 3x the first", lr > 2 / curvature and all(map(math.isfinite, losses))
+                  and 0 < lowest < 8 and all(b > a for a, b in zip(losses[lowest:-1], losses[lowest + 1:], strict=True))
+                  and losses[-1] > 1.2 * min(losses) and max(losses) < 3 * losses[0])
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1565,6 +1599,11 @@ SCENARIOS: list[Scenario] = [
              checkpoint_beyond_fp16_half_user_loop,
              Expected("nonfinite_input", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
                       fix_contains="beyond float16's 65504", fix_lacks="GradScaler")),
+    Scenario("feature KD, lr a little above stability", "user loop: fp32; a linear projection's MSE onto teacher "
+             "features, full batch, SGD at 1.02 × 2/λmax: the loss falls, then climbs (finite, < 3x)", "fp32",
+             "user loop", feature_kd_lr_above_stability,
+             Expected("divergence", "warning", "student", None, first_step=(5, 9), fix_contains="climbs steadily",
+                      evidence_contains="slope")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

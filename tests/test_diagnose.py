@@ -619,3 +619,46 @@ def test_student_weights_inf_in_float16_at_load_name_the_dtype_and_fp32_range_no
     assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
     assert "beyond float16's 65504" in cause["fix"] and "rescale" in cause["fix"] and "corrupt" not in cause["fix"]
     assert "GradScaler" not in cause["fix"]
+
+
+def _losses(values) -> pd.DataFrame:
+    return pd.DataFrame({"step": range(1, len(values) + 1), "split": "train", "loss": list(values)})
+
+
+@pytest.mark.parametrize("caller", ["loop", "cli"])
+def test_a_loss_that_climbs_steadily_below_the_blow_up_is_an_unplaced_warning(caller):
+    """Finite, less than 3× its first value, yet rising step after step well beyond its noise: a warning that
+    says so (unplaced: nothing measured locates it), from the window where the climb was judged."""
+    climbing = [2.0 + 0.05 * i + 0.01 * (-1) ** i for i in range(12)]
+    (cause,) = causes(log(), _losses(climbing), mode="fp32", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
+        "divergence", "warning", None, 1)
+    assert cause["evidence"]["unplaced"] is True and cause["evidence"]["slope_standard_errors"] > 5
+    assert "climbs steadily from step 1 to 12" in cause["fix"]
+    fell_then_climbed = [3.0 - 0.2 * i for i in range(8)] + [1.6 + 0.1 * i + 0.02 * (-1) ** i for i in range(8)]
+    (cause,) = causes(log(), _losses(fell_then_climbed), mode="fp32", caller=caller)
+    assert cause["first_step"] == 9 and cause["evidence"]["window"] == "9-16"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_noisy_healthy_losses_read_no_climb(seed):
+    """Small-batch noise (10% of the loss, step to step) around a loss that falls, or has levelled off, or a run too
+    short to judge: no trend is claimed. A slope stands out of that noise only when it is steady."""
+    import numpy as np
+
+    noise = np.random.default_rng(seed).normal(0, 0.1, 40)
+    falling = [3.0 * math.exp(-i / 10) + 1.0 + n for i, n in enumerate(noise)]
+    flat = [1.0 + n for n in noise]
+    for values in (falling, flat, falling[:7]):
+        assert causes(log(), _losses(values), mode="fp32", caller="loop") == []
+
+
+def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_this_warning():
+    """A rise of 5% over the run stands out of tiny noise but is a plateau's drift, not a climb; a climb after the
+    lr went negative is the ascent the lr asked for (`lr_negative`)."""
+    drift = [5.0 + 0.02 * i for i in range(12)]
+    assert causes(log(), _losses(drift), mode="fp32", caller="loop") == []
+    climbing = _losses([2.0 + 0.1 * i for i in range(12)]).assign(lr=[1e-3] * 4 + [-1e-4] * 8)
+    negative = {**NEGATIVE_LR, "step": 5}
+    assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop")] == [
+        "lr_negative"]

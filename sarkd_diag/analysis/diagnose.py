@@ -35,6 +35,14 @@ SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_colla
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
+# A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
+# window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
+# errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
+# measures, and iid noise reaches 5 standard errors by chance about once in a thousand windows of 8 — and a fitted
+# rise over the window of at least LOSS_TREND_RISE of the fitted start (a real climb, not a drift of a plateau)
+LOSS_TREND_MIN_STEPS = 8
+LOSS_TREND_T = 5.0
+LOSS_TREND_RISE = 0.1
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -242,6 +250,11 @@ FIXES = {
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
                      "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
                      "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_rising": "the training loss climbs steadily from step {first} to {last} (the fitted line from {start} to "
+                   "{end}, {t} standard errors of its step-to-step noise above flat) with every value finite: an "
+                   "optimizer that steps too far — {lr} a little too high for this model, or a schedule that raises "
+                   "it — or a loss that is being maximised (a sign error in a term, a term's weight); nothing places "
+                   "it — lower {lr} (and clip with {clip}), and check the loss code and its terms' weights",
     "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
                                "step that took no module statistics: nothing places it — {full_probes} tells whether a "
                                "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
@@ -517,6 +530,22 @@ class RunRecord:
             return None
         return row
 
+    def loss_trend(self, before: int | None = None) -> dict | None:
+        """A training loss that climbs steadily (finite, below the blow-up): over the whole run, else its second half
+        (a loss that fell, then climbed), the least-squares slope per step is LOSS_TREND_T standard errors above 0
+        and the fitted rise over the window is at least LOSS_TREND_RISE of the fitted start's magnitude. Losses from
+        step `before` on are left out. A healthy run's loss falls or levels off, its noise around that
+        (small batches) measured by the residuals: only a rise that stands out of that noise is a trend."""
+        loss = self.train_column("loss")
+        loss = loss[loss.map(math.isfinite)]
+        if before is not None:
+            loss = loss[loss.index < before]
+        for window in (loss, loss.iloc[len(loss) // 2:]):
+            fit = _rising(window)
+            if fit is not None:
+                return fit
+        return None
+
     def module_outputs_at(self, step: int) -> dict[str, float]:
         """Each model's largest module output on a training step that measured them (a statistics step): the
         `act_amax_<model>` columns; empty where that step did not measure them."""
@@ -583,6 +612,26 @@ class _Blank(dict):
 
 def _first(frame: pd.DataFrame) -> pd.Series:
     return frame.sort_values(["step", "time"], kind="stable").iloc[0]
+
+
+def _rising(loss: pd.Series) -> dict | None:
+    """The least-squares line through a window of losses when it rises by LOSS_TREND_T standard errors and by
+    LOSS_TREND_RISE of its start: its first and last step, slope per step, t, start and rise; else None."""
+    if len(loss) < LOSS_TREND_MIN_STEPS:
+        return None
+    steps, values = loss.index.to_numpy(dtype=float), loss.to_numpy(dtype=float)
+    centred = steps - steps.mean()
+    spread = float((centred**2).sum())
+    slope = float((centred * (values - values.mean())).sum() / spread)
+    residuals = values - values.mean() - slope * centred
+    noise = math.sqrt(float((residuals**2).sum()) / (len(values) - 2))
+    t = slope / (noise / math.sqrt(spread)) if noise > 0 else (math.inf if slope > 0 else 0.0)
+    start = float(values.mean() + slope * centred[0])
+    rise = slope * float(steps[-1] - steps[0])
+    if t < LOSS_TREND_T or rise < LOSS_TREND_RISE * abs(start):
+        return None
+    return {"first": int(steps[0]), "last": int(steps[-1]), "slope": slope, "t": t, "start": start, "rise": rise,
+            "noise": noise}
 
 
 def _holds(row: pd.Series) -> str:
@@ -1078,6 +1127,15 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "factor": DIVERGENCE_FACTOR, "unplaced": True},
                       fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{float(finite_loss.max()):.4g}",
                                 factor=f"{DIVERGENCE_FACTOR:g}", step=int(blown.index[0])))]
+    trend = r.loss_trend(before=int(negative["step"].min()) if len(negative) else None)
+    if trend is not None and not len(blown):
+        return [Cause("divergence", "warning", first_step=trend["first"], phase="loss", model="student",
+                      evidence={"unplaced": True, "rising": True, "window": f"{trend['first']}-{trend['last']}",
+                                "loss_slope_per_step": trend["slope"], "slope_standard_errors": trend["t"],
+                                "fitted_start": trend["start"], "fitted_rise": trend["rise"],
+                                "step_noise": trend["noise"]},
+                      fix=r.fix("loss_rising", first=trend["first"], last=trend["last"], start=f"{trend['start']:.4g}",
+                                end=f"{trend['start'] + trend['rise']:.4g}", t=f"{trend['t']:.3g}"))]
     return []
 
 
