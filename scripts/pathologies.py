@@ -1430,6 +1430,61 @@ def feature_kd_lr_above_stability(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def unit_norm_embeddings_with_a_zero_row(world: World, tmp: Path) -> Outcome:
+    """After each optimizer step the loop renormalises the student's token embeddings to unit norm, as cosine-
+    similarity models do (`wte.weight.div_(wte.weight.norm(dim=1, keepdim=True))`); one row is all zero — a padding
+    embedding, as `nn.Embedding(padding_idx=...)` initialises it, never in a batch, so no update moves it: 0/0 writes
+    NaN into it between step 1's update and step 2's forward. The forwards never read that row: every loss and
+    gradient stays finite, and the next update (weight decay multiplies the NaN) is the first to show it."""
+    outcome = Outcome()
+    model = tiny_gpt2_untied(world.vocab)
+    batches = token_batches(world, 3)
+    pad = next(i for i in range(world.vocab) if not any((b == i).any() for b in batches))
+    with torch.no_grad():
+        model.transformer.wte.weight[pad].zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    finite_after_update = []
+
+    def renormalise() -> None:
+        finite_after_update.append(finite(model.transformer.wte.weight))
+        with torch.no_grad():
+            weight = model.transformer.wte.weight
+            weight.div_(weight.norm(dim=1, keepdim=True))
+    losses = plain_user_loop(model, opt, batches, tmp / "run", after_step=renormalise)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(pad_token=pad, losses=[round(v, 3) for v in losses], finite_after_update=finite_after_update,
+                         nan_rows_at_end=int(model.transformer.wte.weight.isnan().any(1).sum()))
+    outcome.check("the embeddings are finite after step 1's update, the zero row NaN after the renormalisation; "
+                  "every loss finite", finite_after_update[0] and outcome.facts["nan_rows_at_end"] == 1
+                  and all(map(math.isfinite, losses)))
+    return outcome
+
+
+def head_retied_with_the_embedding_scale(world: World, tmp: Path) -> Outcome:
+    """A student with its own head (untied) that the loop ties back to the embeddings after each optimizer step,
+    copying `wte.weight * n_embd ** 0.5` — the √d scale some models (T5, Gemma) apply to the embeddings' outputs,
+    applied here to the weights: between step 1's update and step 2's forward the head grows ~5.7×."""
+    outcome = Outcome()
+    model = tiny_gpt2_untied(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    head, embeddings = model.lm_head.weight, model.transformer.wte.weight
+    head_before, head_after = [], []
+
+    def retie() -> None:
+        head_before.append(float(head.detach().abs().max()))
+        with torch.no_grad():
+            head.copy_(embeddings * model.config.n_embd ** 0.5)  # meant: the same tensor, or no scale
+        head_after.append(float(head.detach().abs().max()))
+    losses = plain_user_loop(model, opt, token_batches(world, 4), tmp / "run", after_step=retie)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses],
+                         head_amax_after_update=[round(v, 3) for v in head_before],
+                         head_amax_after_retie=[round(v, 3) for v in head_after])
+    outcome.check("the first re-tie makes the head's largest weight > 2x what the update left; every loss finite",
+                  head_after[0] > 2 * head_before[0] and all(map(math.isfinite, losses)))
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1604,6 +1659,16 @@ SCENARIOS: list[Scenario] = [
              "user loop", feature_kd_lr_above_stability,
              Expected("divergence", "warning", "student", None, first_step=(5, 9), fix_contains="climbs steadily",
                       evidence_contains="slope")),
+    Scenario("unit-norm embeddings with a zero row", "user loop: fp32 GPT-2 (untied head), AdamW; after each step "
+             "the loop divides the embeddings by their norms, a padding row all zero (0/0: NaN, a row no batch "
+             "reads)", "fp32", "user loop", unit_norm_embeddings_with_a_zero_row,
+             Expected("weights_edited", "critical", "student", "transformer.wte", first_step=2,
+                      fix_contains="no_grad", absent=("optimizer_nonfinite",))),
+    Scenario("head re-tied with the embedding scale", "user loop: fp32 GPT-2 (untied head), AdamW; after each step "
+             "the loop copies `wte.weight * n_embd ** 0.5` into the head (√d applied to the weights)", "fp32",
+             "user loop", head_retied_with_the_embedding_scale,
+             Expected("weights_edited", None, "student", "lm_head", first_step=2,
+                      fix_contains="outside the optimizer")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

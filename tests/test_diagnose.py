@@ -662,3 +662,34 @@ def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_
     negative = {**NEGATIVE_LR, "step": 5}
     assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop")] == [
         "lr_negative"]
+
+
+EDITED_NAN = {"kind": "nonfinite_between_steps", "severity": "critical", "step": 4, "phase": "forward",
+              "model": "student", "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": math.nan,
+              "dtype": "float32", "nan_count": None, "posinf_count": None, "neginf_count": None}
+UPDATED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [2.0, 2.0, 2.0, math.nan],
+                        "act_amax_student": [9.0, None, None, 9.0]})
+
+
+def test_a_weight_written_nonfinite_between_steps_is_the_root_at_the_edit_and_what_follows_its_symptoms():
+    """The NaN a loop's own code wrote after step 3's update is the first non-finite value: the NaN activation,
+    loss, gradients and weights of step 4 follow from it — not an undefined operation (values were small), not
+    the loss computation, not a divergence at step 4's update."""
+    frame = log(EDITED_NAN, {**NAN_OUTPUT, "step": 4, "module": "h.0.mlp"}, *({**e, "step": 4} for e in THEN_RUINED))
+    (root,) = causes(frame, UPDATED, mode="fp32", caller="loop")
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "h.0.mlp.weight", 4)
+    assert root["evidence"]["finite_after_optimizer_step"] == 3 and root["evidence"]["holds"] == "NaN"
+    assert "after optimizer step 3" in root["fix"] and "divergence@4" in root["evidence"]["followed_by"]
+
+
+@pytest.mark.parametrize("severity, then, found", [("warning", (), [("weights_edited", "warning")]),
+                                                   ("warning", ({**NAN_LOSS, "step": 4},), [("weights_edited",
+                                                                                             "critical")]),
+                                                   ("info", (), [])])
+def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_follows_and_else_nothing(severity, then,
+                                                                                                     found):
+    edit = {"kind": "weights_edited", "severity": severity, "step": 4, "phase": "forward", "model": "student",
+            "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": 1e6 if severity == "warning" else 1.001}
+    diagnosis = causes(log(edit, *then), UPDATED.assign(param_amax=2.0), mode="fp32", caller="loop")
+    assert [(c["cause"], c["severity"]) for c in diagnosis] == found

@@ -27,7 +27,7 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
+    "nonfinite_input", "weights_edited", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
     "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
@@ -206,6 +206,16 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "weights_edited_nonfinite": "{model}'s {tensor} was finite after optimizer step {after} and holds {holds} at "
+                                "step {step}'s first training forward: code between the optimizer step and the next "
+                                "forward wrote it — an in-place edit under `torch.no_grad()` (a rescale, a weight "
+                                "copied or tied from another tensor, an EMA or model average written back, a mask "
+                                "or clamp with a NaN in it) — find that code; the optimizer, the data and the "
+                                "precision are not the cause",
+    "weights_edited": "code outside the optimizer changed {model}'s {tensor} between optimizer step {after} and step "
+                      "{step}'s first training forward, its largest absolute value {factor}× larger or smaller in "
+                      "one go — an in-place rescale under `torch.no_grad()`, a weight copied or tied from another "
+                      "tensor, an average written back; check that code: training did not make the change",
     "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: the "
                               "checkpoint holds values beyond float16's 65504 (it was saved wider) and the cast to "
                               "float16 at load made them Inf (the file is sound): load and compute it with fp32's "
@@ -405,7 +415,7 @@ class RunRecord:
         step = int(row["step"])
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
                   "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1,
-                  "nonfinite_at_load": step + 1}
+                  "nonfinite_at_load": step + 1, "nonfinite_between_steps": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
@@ -418,7 +428,8 @@ class RunRecord:
             return None
         step = int(params["step"].min())
         limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
-                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1}
+                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1,
+                  "nonfinite_between_steps": step + 1}
         if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         bad_grads = self.train_column("nonfinite_grad_tensors")
@@ -471,7 +482,8 @@ class RunRecord:
             return None
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
-                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1,
+                  "nonfinite_between_steps": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         if "step" not in self.metrics or "split" not in self.metrics:
@@ -506,7 +518,8 @@ class RunRecord:
         row = _first(grads)
         step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
         limits = {"nonfinite_grad": step, "nonfinite_param": step, "extreme_update": step,
-                  "nonfinite_at_load": step + 1, "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
+                  "nonfinite_at_load": step + 1, "nonfinite_between_steps": step + 1,
+                  "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
                   "nonfinite_batch": step + 1, "empty_targets": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
@@ -699,6 +712,43 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
                             evidence={"empty_target_batches": len(empty), "nonfinite_loss_events": len(losses),
                                       "nonfinite_loss_on_empty_step": bool(len(hit))},
                             fix=r.fix("nonfinite_input")))
+    return causes
+
+
+# what a blow-up leaves in the events: a non-finite value anywhere, or an update as large as the weights
+BLOW_UPS = ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "extreme_update")
+
+
+def weights_edited(r: RunRecord) -> list[Cause]:
+    """The caller's code changed the weights between an optimizer step and the next training forward: critical where
+    it made a weight non-finite (`nonfinite_between_steps`: every NaN after it follows from it, placed at the edit
+    and the step whose forward first saw it, not at the next update), a warning where it rescaled a tensor by more
+    than WEIGHT_EDIT_FACTOR (a `weights_edited` warning) — critical once something blew up from its step on (a
+    non-finite value, an update as large as the weights: the rescaled weights' doing, which `rank` folds into it).
+    A smaller edit (a clamp, an EMA swap) is the event alone."""
+    causes = []
+    updated = r.train_column("param_amax").index
+    for kind, severity, template in (("nonfinite_between_steps", "critical", "weights_edited_nonfinite"),
+                                     ("weights_edited", "warning", "weights_edited")):
+        events = r.of(kind)
+        events = events[events["severity"] == severity]
+        if not len(events):
+            continue
+        row = _first(events)
+        step = int(row["step"])
+        after = int(updated[updated < step].max()) if (updated < step).any() else None
+        holds = _holds_value(row)
+        evidence = {"finite_after_optimizer_step": after, "edited_before_forward_of_step": step}
+        if kind == "weights_edited":
+            then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
+                    if (r.of(later)["step"] >= step).any()]
+            severity = "critical" if then else severity
+            evidence.update(largest_value_factor=row["value"], then=", ".join(then) or None)
+        else:
+            evidence["holds"] = holds
+        causes.append(Cause("weights_edited", severity, **_where(row), evidence=evidence,
+                            fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
+                                      after=after, step=step, factor=f"{float(row['value']):.3g}")))
     return causes
 
 
@@ -1157,9 +1207,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse,
-         no_gradients, update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
+         optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow,
+         loss_scale_collapse, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

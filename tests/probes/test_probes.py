@@ -264,6 +264,72 @@ def test_finite_weights_as_loaded_are_no_event():
     assert _events(probes, "nonfinite_at_load") == []
 
 
+def _edited_after_step_2(edit, optimizer_given: bool = True) -> Probes:
+    """Four steps of `Net`; after step 2's optimizer step and before step 3's forward, `edit(model)` runs under
+    no_grad — between `opt.step()` and `probes.step()` as the loop's code would (the order of a plain loop)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt if optimizer_given else None) as probes:
+        for step in range(1, 5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if step == 2:
+                with torch.no_grad():
+                    edit(model)
+            probes.step(loss=loss)
+            opt.zero_grad()
+    return probes
+
+
+def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the_next_update():
+    """Read again at step 3's first training forward, the weight that was finite after step 2's update and NaN now
+    is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late."""
+    probes = _edited_after_step_2(lambda m: m.second.weight.__setitem__((0, 0), math.nan))
+    (event,) = _events(probes, "nonfinite_between_steps")
+    assert (event.severity, event.tensor, event.step, event.phase) == ("critical", "second.weight", 3, "forward")
+    assert math.isnan(event.value) and event.nan_count is None  # NaN, not counted: the update has spread it since
+    (root, *_) = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "second.weight", 3)
+    assert root["evidence"]["finite_after_optimizer_step"] == 2 and "no_grad" in root["fix"]
+
+
+@pytest.mark.parametrize("edit, severity", [(lambda m: m.first.weight.mul_(1e6), "warning"),
+                                            (lambda m: m.first.weight.mul_(0.999), "info")])
+def test_finite_weights_rescaled_between_steps_are_an_edit_whose_size_decides_the_warning(edit, severity):
+    """×1e6 is an edit worth a warning — here critical, as step 3's update then blows up (folded into it); ×0.999
+    (an EMA-like nudge) is recorded and claims nothing."""
+    probes = _edited_after_step_2(edit)
+    (event,) = _events(probes, "weights_edited")
+    assert (event.severity, event.tensor, event.step) == (severity, "first.weight", 3)
+    found = probes.diagnosis()
+    if severity == "info":
+        assert found == []
+        return
+    (root,) = found
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "first.weight", 3)
+    assert "extreme_update@3" in root["evidence"]["then"] and "divergence@3" in root["evidence"]["followed_by"]
+
+
+def test_an_untouched_loop_has_no_edit_and_trains_alike_with_the_reading():
+    probes = _edited_after_step_2(lambda m: None)
+    assert _events(probes, "weights_edited") == _events(probes, "nonfinite_between_steps") == []
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(4):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+    assert [row["loss"] for row in probes.rows] == pytest.approx(losses, rel=0, abs=0)
+
+
 @pytest.mark.parametrize("lrs, since", [([0.0, 0.0, 0.0], 1), ([0.0, 0.1, 0.1], None), ([0.1, 0.0, 0.0], 2),
                                         ([0.1, 0.0, 0.1], None)])
 def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_step_is_not(lrs, since):
