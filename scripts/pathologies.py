@@ -1485,6 +1485,37 @@ def head_retied_with_the_embedding_scale(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def amp_loop_clips_before_unscaling(world: World, tmp: Path) -> Outcome:
+    """The AMP loop with clipping in the wrong order: `clip_grad_norm_(model.parameters(), 1.0)` right after
+    `scaler.scale(loss).backward()`, with no `scaler.unscale_(opt)` before it — the norm it clips by is the true one ×
+    the loss scale (2**16), so every step is clipped, and once unscaled each gradient is ~65536× below the
+    threshold."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    clipped_by, true_norms = [], []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            true_norms.append(float(torch.stack([p.grad.float().norm() for p in model.parameters()]).norm())
+                              / scaler.get_scale())  # outside the tool: the norm the clipping was meant to see
+            clipped_by.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))  # meant after unscale_
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    ratios = [c / t for c, t in zip(clipped_by, true_norms, strict=True)]
+    outcome.facts.update(clipped_by=[f"{v:.3g}" for v in clipped_by], true_norms=[round(v, 3) for v in true_norms],
+                         ratio=[round(v) for v in ratios])
+    outcome.check("the clipping saw the true norm × 65536: every step clipped although the true norm is near the "
+                  "threshold", all(abs(r / 65536 - 1) < 1e-2 for r in ratios) and all(c > 1.0 for c in clipped_by))
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1669,6 +1700,11 @@ SCENARIOS: list[Scenario] = [
              "user loop", head_retied_with_the_embedding_scale,
              Expected("weights_edited", None, "student", "lm_head", first_step=2,
                       fix_contains="outside the optimizer")),
+    Scenario("AMP loop clips before unscaling", "user loop: autocast fp16 + GradScaler, AdamW; "
+             "`clip_grad_norm_(..., 1.0)` with no `scaler.unscale_(opt)` before it", "mixed", "user loop",
+             amp_loop_clips_before_unscaling,
+             Expected("clip_before_unscale", "warning", first_step=1, fix_contains="scaler.unscale_(optimizer)",
+                      absent=("update_underflow",))),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

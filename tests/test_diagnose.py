@@ -693,3 +693,16 @@ def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_fol
             "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": 1e6 if severity == "warning" else 1.001}
     diagnosis = causes(log(edit, *then), UPDATED.assign(param_amax=2.0), mode="fp32", caller="loop")
     assert [(c["cause"], c["severity"]) for c in diagnosis] == found
+
+
+def test_updates_shrunk_by_clipping_scaled_gradients_are_that_loop_order_not_a_step_size_problem():
+    """Lost updates in fp32 weights read as a step too small (the lr, the clip threshold) — unless the loop clipped
+    the gradients before unscaling them: then the scale shrank every update, and the fix is the order."""
+    note = {"kind": "setup_note", "severity": "warning", "code": "clip_before_unscale", "step": 1,
+            "phase": "backward", "probe": "gradients", "value": 65536.0}
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+            "module": "h.0", "tensor": "h.0.weight", "value": 0.4, "dtype": "float32"}
+    assert [c["cause"] for c in causes(log(lost), mode="mixed", caller="loop")] == ["update_underflow"]
+    (cause,) = causes(log(note, lost), mode="mixed", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("clip_before_unscale", "warning", 1)
+    assert "`scaler.unscale_(optimizer)` right before" in cause["fix"] and cause["evidence"]["loss_scale"] == 65536.0

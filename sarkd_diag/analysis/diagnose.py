@@ -28,8 +28,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "divergence", "activation_overflow",
-    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "clip_before_unscale", "divergence",
+    "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -98,6 +98,13 @@ PHRASES = {
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
                      "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
                      "lightning": "the weights of the loss's terms"},
+    "unscale_then_clip": {
+        "cli": "`train`'s own order (it unscales before it clips)",
+        "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
+        "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
+        "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
+        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -184,6 +191,11 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
+                           "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
+                           "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
+                           "moves; Adam sees only the gradient's direction) — clip after unscaling: "
+                           "{unscale_then_clip}",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
@@ -1018,6 +1030,19 @@ def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
 
 
+def clip_before_unscale(r: RunRecord) -> list[Cause]:
+    """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
+    compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
+    precision (what looks like lost updates follows from it: `update_underflow` leaves them to this)."""
+    note = r.of("setup_note", "clip_before_unscale")
+    if not len(note):
+        return []
+    row = _first(note)
+    scale = number_or_none(row.get("value"))
+    return [Cause("clip_before_unscale", "warning", **_where(row), evidence={"loss_scale": scale},
+                  fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else "?"))]
+
+
 def no_gradients(r: RunRecord) -> list[Cause]:
     """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
@@ -1061,8 +1086,8 @@ def update_underflow(r: RunRecord) -> list[Cause]:
                       evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
                                 "loss_scaling": False},
                       fix=r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")))]
-    if r.updates_inflated():
-        return []
+    if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
+        return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")
     predicted = r.of("optimizer_preflight", "update_below_half_ulp")
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
@@ -1209,7 +1234,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 RULES = (nonfinite_input, weights_edited, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
          optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow,
-         loss_scale_collapse, no_gradients, update_underflow, divergence)
+         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -352,6 +352,7 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
+        self._scaled_clip_noted = False  # the loop clipped gradients still scaled (said once)
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
@@ -406,6 +407,22 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             self.set.observe_grad_norm(total_norm)
+        elif not self._scaled_clip_noted:
+            self._scaled_clip_noted = True
+            self._clipped_while_scaled()
+
+    def _clipped_while_scaled(self) -> None:
+        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` before `scaler.unscale_` — so it
+        clips by their norm × the scale: gradients the threshold should leave alone are cut, and after the scaler
+        unscales them each is about scale× smaller than `max_norm` meant. Said once, with the scale (read once)."""
+        scale = self.ctx.loss_scaler.scale()
+        scale = None if scale is None else float(scale)
+        self.events.record("setup_note", "warning",
+                           f"the loop clips the gradients at step {self.ctx.step} while the loss scaler still scales "
+                           f"them (by {scale}): clip_grad_norm_ before scaler.unscale_(optimizer) clips by the "
+                           "scaled norm, and once unscaled the gradients are ~scale× smaller than max_norm meant — "
+                           "call scaler.unscale_(optimizer) before clipping", step=self.ctx.step, probe="gradients",
+                           phase="backward", code="clip_before_unscale", value=scale)
 
     @property
     def ctx(self) -> ProbeContext:

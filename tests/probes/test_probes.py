@@ -134,6 +134,36 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
+    """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
+    Unscaled first (the order torch's AMP recipe gives), nothing is said."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if unscaled:
+                scaler.unscale_(opt)
+            clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "clip_before_unscale"]
+    if unscaled:
+        assert notes == [] and "clip_before_unscale" not in _causes(probes)
+        return
+    (note,) = notes
+    assert (note.severity, note.step, note.value) == ("warning", 1, 65536.0)
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "clip_before_unscale"]
+    assert "scaler.unscale_(optimizer)" in cause["fix"] and "65536" in cause["fix"]
+
+
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
     runs = []
     for probed in (False, True):
