@@ -1516,6 +1516,40 @@ def amp_loop_clips_before_unscaling(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def hidden_state_kd_with_teacher_states_in_fp16(world: World, tmp: Path) -> Outcome:
+    """Hidden-state KD whose loop keeps the teacher's hidden states in float16 to save memory (`.half()`, then
+    `.float()` for the loss). The fp32 teacher has a massive-activation channel (one hidden unit at 1e5 after block 0,
+    as large LMs have): finite in fp32, Inf once cast — the MSE is Inf at step 1, every module output finite."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    with torch.no_grad():  # a massive activation: channel 5 of block 0's MLP output is 1e5 whatever the input
+        teacher.transformer.h[0].mlp.c_proj.weight[:, 5] = 0
+        teacher.transformer.h[0].mlp.c_proj.bias[5] = 1e5
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses, states = [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 2, batch=4, block=32):
+            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                kept = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1]
+                states.append(kept)
+                kept = kept.half()  # stored in float16 to save memory
+            loss = out.loss + nn.functional.mse_loss(out.hidden_states[1], kept.float())
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, teacher_state_amax=float(states[0].abs().max()))
+    outcome.check("the teacher's fp32 hidden states are finite and beyond 65504, Inf in float16; the loss is not "
+                  "finite from step 1", finite(states[0]) and float(states[0].abs().max()) > FP16_MAX
+                  and not finite(states[0].half()) and not math.isfinite(losses[0]))
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1705,6 +1739,11 @@ SCENARIOS: list[Scenario] = [
              amp_loop_clips_before_unscaling,
              Expected("clip_before_unscale", "warning", first_step=1, fix_contains="scaler.unscale_(optimizer)",
                       absent=("update_underflow",))),
+    Scenario("hidden-state KD with the teacher's states in fp16", "user loop: fp32; the teacher's hidden states "
+             "(one massive-activation unit at 1e5) kept as `.half()` for an MSE term", "fp32", "user loop",
+             hidden_state_kd_with_teacher_states_in_fp16,
+             Expected("divergence", "critical", "teacher", "transformer.h.0.mlp.c_proj", first_step=1,
+                      fix_contains=".half()", fix_lacks="autocast")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -706,3 +706,19 @@ def test_updates_shrunk_by_clipping_scaled_gradients_are_that_loop_order_not_a_s
     (cause,) = causes(log(note, lost), mode="mixed", caller="loop")
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("clip_before_unscale", "warning", 1)
     assert "`scaler.unscale_(optimizer)` right before" in cause["fix"] and cause["evidence"]["loss_scale"] == 65536.0
+
+
+def test_a_nonfinite_loss_from_finite_outputs_beyond_fp16_names_the_cast_and_the_model_that_made_them():
+    """The teacher's fp32 hidden states reach 1e5 (finite, beyond float16's 65504) and the loss turns Inf: a cast to
+    float16 on the way to the loss (`.half()` to save memory) is the likeliest maker — placed at the teacher's first
+    module beyond fp16's range, the fix says to keep them in float32. Below 65504 the loss computation reads as
+    before."""
+    risk = {"kind": "fp16_overflow_risk", "severity": "warning", "step": 1, "phase": "forward", "model": "teacher",
+            "module": "h.0.mlp", "value": 1e5, "dtype": "float32"}
+    (root, *_) = causes(log(risk, NAN_LOSS, *AFTER_IT), MEASURED.assign(act_amax_teacher=1e5), mode="fp32",
+                        caller="loop")
+    assert (root["cause"], root["severity"], root["model"], root["module"], root["first_step"]) == (
+        "divergence", "critical", "teacher", "h.0.mlp", 1)
+    assert ".half()" in root["fix"] and "1e+05" in root["fix"] and root["evidence"]["beyond_float16"] is True
+    (plain, *_) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    assert plain["fix"].startswith("check the loss computation") and plain["model"] == "student"

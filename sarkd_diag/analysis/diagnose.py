@@ -249,6 +249,13 @@ FIXES = {
                         "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
                         "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
+    "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
+                      "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "
+                      "the loss — `.half()` or `.to(torch.float16)` on its logits or hidden states (often to save "
+                      "memory), a float16 buffer they are copied into — makes them Inf, and the loss Inf or NaN; keep "
+                      "them in float32 (or bfloat16, fp32's range) up to the loss, or scale them down first; if "
+                      "nothing casts them, look for a division by zero or the log of 0 in the loss; lowering {lr} "
+                      "will not help",
     "loss_computation_low": "compute the loss in fp32: the {term} turned non-finite in {dtype} from finite weights "
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
@@ -1224,6 +1231,18 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     row, outputs = measured
     dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
     term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+    wide = max(outputs, key=outputs.get)
+    if outputs[wide] > FP16_MAX:
+        # finite, measured beyond float16's range, then a non-finite loss: a float16 cast on the way to it makes Inf
+        risk = r.of("fp16_overflow_risk")
+        risk = risk[(risk["model"] == wide) & (risk["step"] <= row["step"])]
+        where = {**_where(row), "model": wide, "module": _where(_first(risk))["module"] if len(risk) else None}
+        return Cause("divergence", "critical", **where,
+                     evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
+                               "module_outputs_finite": True, "beyond_float16": True,
+                               **{f"act_amax_{model}": v for model, v in outputs.items()}},
+                     fix=r.fix("loss_fp16_cast", term=term, model=wide, amax=f"{outputs[wide]:.3g}",
+                               module=where["module"] or wide))
     return Cause("divergence", "critical", **_where(row),
                  evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
                            "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
