@@ -1550,6 +1550,35 @@ def hidden_state_kd_with_teacher_states_in_fp16(world: World, tmp: Path) -> Outc
     return outcome
 
 
+def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
+    """An fp32 loop converted to AMP that kept its `opt.step()` after the new `scaler.step(opt)`; the scaler starts
+    at 2**24 (a larger initial scale than the default), so the first steps overflow float16 and the scaler skips them
+    — and the leftover `opt.step()` applies those non-finite gradients: NaN weights at step 1."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    skipped, finite_after = [], []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)
+            opt.step()  # left over from the fp32 loop
+            finite_after.append(all(finite(p) for p in model.parameters()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(scaler_skipped=skipped, weights_finite=finite_after)
+    outcome.check("the scaler skipped step 1 (overflow) and the weights are NaN after it",
+                  skipped[0] and not finite_after[0])
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1744,6 +1773,11 @@ SCENARIOS: list[Scenario] = [
              hidden_state_kd_with_teacher_states_in_fp16,
              Expected("divergence", "critical", "teacher", "transformer.h.0.mlp.c_proj", first_step=1,
                       fix_contains=".half()", fix_lacks="autocast")),
+    Scenario("AMP loop that also calls optimizer.step()", "user loop: autocast fp16 + GradScaler(init_scale=2**24), "
+             "AdamW; `opt.step()` left after `scaler.step(opt)`", "mixed", "user loop",
+             amp_loop_that_also_calls_optimizer_step,
+             Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
+                      absent=("divergence", "gradient_overflow"))),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -722,3 +722,20 @@ def test_a_nonfinite_loss_from_finite_outputs_beyond_fp16_names_the_cast_and_the
     assert ".half()" in root["fix"] and "1e+05" in root["fix"] and root["evidence"]["beyond_float16"] is True
     (plain, *_) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
     assert plain["fix"].startswith("check the loss computation") and plain["model"] == "student"
+
+
+@pytest.mark.parametrize("nonfinite_after, severity", [(False, "warning"), (True, "critical")])
+def test_an_optimizer_stepped_twice_is_a_warning_until_the_weights_turn_nonfinite_then_the_root(nonfinite_after,
+                                                                                               severity):
+    """Applying each gradient twice is a warning; under a scaler the extra step applies the gradients it skipped,
+    and the NaN weights that follow are its doing — not a divergence to fix with the lr."""
+    note = {"kind": "setup_note", "severity": "warning", "code": "optimizer_stepped_twice", "step": 1,
+            "phase": "optimizer", "probe": "scaler"}
+    after = ({"kind": "nonfinite_param", "severity": "critical", "step": 1, "phase": "optimizer", "model": "student",
+              "tensor": "w"},) \
+        if nonfinite_after else ()
+    (cause,) = causes(log(note, *after), mode="mixed", caller="loop",
+                      precision={"mode": "mixed", "loss_scaling": True})
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_stepped_twice", severity, 1)
+    assert "`scaler.step(optimizer)` alone" in cause["fix"]
+    assert ("divergence@1" in cause["evidence"].get("followed_by", "")) is nonfinite_after

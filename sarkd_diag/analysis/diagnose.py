@@ -27,9 +27,10 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "clip_before_unscale", "divergence",
-    "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
+    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
+    "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
+    "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -191,6 +192,10 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
+                               "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
+                               "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
+                               "step",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1037,6 +1042,29 @@ def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
 
 
+def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
+    """An optimizer stepped twice within one step (an `optimizer_stepped_twice` note): each gradient applied twice,
+    and under a loss scaler the second `optimizer.step()` applies even the non-finite gradients the scaler skipped —
+    critical once a weight turned non-finite at or after it (the blow-up that follows is folded into it), else a
+    warning."""
+    note = r.of("setup_note", "optimizer_stepped_twice")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    bad = r.of("nonfinite_param")
+    bad = bad[bad["step"] >= step]
+    scaled = bool((r.config.get("precision") or {}).get("loss_scaling"))
+    return [Cause("optimizer_stepped_twice", "critical" if len(bad) else "warning", **_where(row),
+                  evidence={"loss_scaling": scaled,
+                            "first_nonfinite_param_step": int(bad["step"].min()) if len(bad) else None},
+                  fix=r.fix("optimizer_stepped_twice", step=step,
+                            scaler=" and a gradient the loss scaler skipped as non-finite is applied anyway, making "
+                                   "the weights NaN" if scaled else "",
+                            one_step="`scaler.step(optimizer)` alone: it calls `optimizer.step()` itself" if scaled
+                            else "one `optimizer.step()` after each `backward()`"))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -1251,9 +1279,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
-         optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow,
-         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow,
+         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -83,6 +83,8 @@ CODES = {
                         "groups (a second optimizer the probes were not given)",
     "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "
                                "were given: optimizer.step() is never called",
+    "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
+                               "twice per batch (scaler.step and optimizer.step both)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
                            "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "

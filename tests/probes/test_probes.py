@@ -164,6 +164,39 @@ def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale
     assert "scaler.unscale_(optimizer)" in cause["fix"] and "65536" in cause["fix"]
 
 
+@pytest.mark.parametrize("init_scale, extra_step", [(2.0**16, True), (1e12, True), (2.0**16, False),
+                                                    (None, True), (None, False)])
+def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_step):
+    """`opt.step()` left beside `scaler.step(opt)` (the fp32 loop's line): a second step in the same step — or, on a
+    step the scaler skips for an overflow (1e12 overflows at once), a step the scaler never takes, applying the
+    gradients it skipped. Without a scaler, two `opt.step()` per batch. One step per batch: nothing."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale else None
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            if extra_step:
+                opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
+    assert [(e.severity, e.step) for e in notes] == ([("warning", 1)] if extra_step else [])
+    if extra_step:
+        (cause, *_) = probes.diagnosis()
+        assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
+        assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
+
+
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
     runs = []
     for probed in (False, True):
