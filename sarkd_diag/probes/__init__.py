@@ -59,14 +59,26 @@ NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "e
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers: the one whose names a person knows."""
+    """The model inside DDP / DataParallel / torch.compile wrappers, and any other wrapper whose `.module` holds
+    every weight it has (Lightning Fabric's `_FabricModule`, DeepSpeed's engine): the one whose names a person knows
+    (`transformer.h.1.mlp`, not `_forward_module.transformer.h.1.mlp`)."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
             model = model._orig_mod
+        elif _wraps_all_of(model, getattr(model, "module", None)):
+            model = model.module
         else:
             return model
+
+
+def _wraps_all_of(wrapper: nn.Module, inner) -> bool:
+    """`inner` is a module holding every parameter `wrapper` has: the wrapper adds nothing but a prefix to names."""
+    if not isinstance(inner, nn.Module) or inner is wrapper:
+        return False
+    held = {id(p) for p in inner.parameters()}
+    return all(id(p) in held for p in wrapper.parameters())
 
 
 def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None]:
