@@ -180,15 +180,17 @@ class SarkdDiagCallback(TrainerCallback):
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
+        # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
+        # checkpoint's step, and what the directory recorded after it (steps redone now) is cut away
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir, level=self.level, every=self.every,
-                             precision=trainer_precision(args, model), caller="trainer")
+                             precision=trainer_precision(args, model), caller="trainer",
+                             resumed_from=state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
             self.probes.watch_accelerator(accelerator)
-        # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
-        # checkpoint's step, so the first step of this run is the one after it. A train() from global_step 0
-        # into a directory that holds steps (a second train() call) continues after them instead of at 1
+        # a train() from global_step 0 into a directory that holds steps (a second train() call) continues after
+        # them instead of at 1
         self._offset = self.probes.first_step - 1 if state.global_step == 0 else 0
         self.probes.begin_step(self._offset + state.global_step + 1)
         self.stopped_at = None

@@ -145,6 +145,51 @@ def test_resume_from_a_trainer_checkpoint_appends_to_the_same_run(tmp_path):
     assert torch.isfinite(torch.tensor(_train_losses(run))).all()
 
 
+class _OverflowAt(TrainerCallback):
+    """A student module beyond fp16's range during one step (a fault of the run that died, not of its resume)."""
+
+    def __init__(self, module, step: int):
+        self.module, self.step, self.handle = module, step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.handle = self.module.register_forward_hook(lambda _m, _i, output: output * 0 + 1e5)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_a_resume_from_an_earlier_checkpoint_records_each_redone_step_once(tmp_path):
+    """Killed at step 6 with its last checkpoint at 4, the run resumes (`resume_from_checkpoint=True`) and redoes
+    steps 5 and 6: the run directory holds each step once, with the resumed run's values, and the fault the dead
+    run met at step 5 — which the resume does not meet — is no longer in its events."""
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=1e-3)
+    model = tiny.make_gpt2(VOCAB)
+    first = Trainer(model=model, args=training_args(tmp_path / "trainer", **args), train_dataset=Sequences(VOCAB),
+                    callbacks=[_Crash(at_step=6), _OverflowAt(model.transformer.h[0].mlp.c_proj, step=5)])
+    SarkdDiagCallback.attach(first, tmp_path / "run", level="full")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    died = load_run(tmp_path / "run")
+    assert died["metrics"]["step"].tolist() == list(range(1, 7))
+    assert set(died["events"].query("kind == 'fp16_overflow_risk'")["step"]) == {5}  # the fault was seen
+
+    second = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", **args),
+                     train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(second, tmp_path / "run", level="full")
+    second.train(resume_from_checkpoint=True)
+
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 5 and 6 once, not twice
+    assert _train_losses(run) == pytest.approx(logged_losses(second), rel=1e-6)  # the resumed run's 5..8
+    assert run["events"].query("kind == 'fp16_overflow_risk'").empty and run["summary"]["diagnosis"] == []
+    rows = [json.loads(line)["step"] for line in (tmp_path / "run" / "activations.jsonl").read_text().splitlines()]
+    assert sorted(set(rows)) == list(range(1, 9)) and len({rows.count(s) for s in set(rows)}) == 1  # one set a step
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
+
+
 def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_path):
     """The Trainer's two groups (with and without weight decay) carry no names: a cause located at one says
     which tensors it holds, in the Trainer's words — not "group 0"."""
