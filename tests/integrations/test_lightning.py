@@ -184,6 +184,75 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
     assert not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with a student optimizer stepping every batch and a projection's (a hidden-state KD
+    head) every second one: Lightning's global_step counts both, 3 per two batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.student = tiny.make_gpt2(VOCAB)
+        self.projection = torch.nn.Linear(self.student.config.n_embd, self.student.config.n_embd)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        student_optimizer, projection_optimizer = self.optimizers()
+        out = self.student(**batch, output_hidden_states=True)
+        loss = out.loss + 1e-3 * self.projection(out.hidden_states[-1]).pow(2).mean()
+        self.manual_backward(loss)
+        self.losses.append(loss.item())
+        student_optimizer.step()
+        student_optimizer.zero_grad()
+        if batch_idx % 2 == 1:
+            projection_optimizer.step()
+            projection_optimizer.zero_grad()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.AdamW(self.student.parameters(), lr=1e-3),
+                torch.optim.SGD(self.projection.parameters(), lr=1e-2)]
+
+
+def test_two_optimizers_stepping_in_one_batch_are_one_step(tmp_path):
+    module = TwoOptimizers()
+    trainer = _fit(module, tmp_path / "run", max_steps=6, gradient_clip_val=None)
+    run = load_run(tmp_path / "run")
+    metrics = run["metrics"]
+    assert trainer.global_step == 6 and len(module.losses) == 4  # global_step counts each optimizer's steps
+    assert metrics["step"].tolist() == [1, 2, 3, 4]  # a row per batch that stepped, numbered without gaps
+    assert metrics["loss"].tolist() == pytest.approx(module.losses, rel=1e-6)
+    assert metrics["update_ratio"].notna().all()
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+    plain = TwoOptimizers()
+    _fit(plain, max_steps=6, gradient_clip_val=None)
+    assert plain.losses == module.losses  # the probes did not change training
+
+
+def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorded(tmp_path):
+    """Checkpoints every 3 optimizer steps (global_step 3 is the end of the second batch, step 2); the fit goes on to
+    step 4, and a new fit resumes from that checkpoint: steps 3 and 4 are redone and recorded once, numbered from the
+    checkpoint's own count — not from its global_step, 3 — and the resumed rows hold the resumed losses."""
+    def fit(max_steps, ckpt_path=None):
+        module = TwoOptimizers()
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), checkpoints])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), ckpt_path=ckpt_path)
+        return module
+
+    first = fit(6)
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    (checkpoint,) = [path for path in (tmp_path / "ckpt").iterdir() if "step=3" in path.name]
+    resumed = fit(9, checkpoint)
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss"].tolist() == pytest.approx(first.losses[:2] + resumed.losses, rel=1e-6)
+
+
 class Validated(Distil):
     def validation_step(self, batch, batch_idx):
         loss = self.student(**batch).loss
