@@ -82,6 +82,12 @@ class SarkdDiagLightningCallback(Callback):
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
 
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: one per run directory, so callbacks recording
+        into two directories can share a Trainer (Lightning refuses two stateful callbacks under one key)."""
+        return self._generate_state_key(run_dir=str(self.run_dir))
+
     def state_dict(self) -> dict:
         """Saved in Lightning's checkpoints: the steps recorded so far, where a fit resumed from one continues."""
         return {"step": self.step}

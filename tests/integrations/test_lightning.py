@@ -50,7 +50,7 @@ def _fit(module, run_dir=None, dataset=None, **trainer_args):
     kwargs = dict(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
     kwargs.update(trainer_args)
-    callbacks = [SarkdDiagLightningCallback(run_dir)] if run_dir is not None else []
+    callbacks = kwargs.pop("callbacks", [SarkdDiagLightningCallback(run_dir)] if run_dir is not None else [])
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -251,6 +251,15 @@ def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorde
     metrics = load_run(tmp_path / "run")["metrics"]
     assert metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert metrics["loss"].tolist() == pytest.approx(first.losses[:2] + resumed.losses, rel=1e-6)
+
+
+def test_callbacks_into_two_run_directories_share_a_trainer(tmp_path):
+    """Each keeps its step count in the checkpoint under a key of its own (two under one key are refused)."""
+    module = Distil(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, callbacks=[SarkdDiagLightningCallback(tmp_path / "a"),
+                                      SarkdDiagLightningCallback(tmp_path / "b", level="full")])
+    runs = [load_run(tmp_path / name)["metrics"]["step"].tolist() for name in ("a", "b")]
+    assert trainer.global_step == 4 and runs == [[1, 2, 3, 4]] * 2
 
 
 class Validated(Distil):
