@@ -437,13 +437,15 @@ class Probes:
 
     def _cut_to(self, step: int, events: str) -> None:
         """The run directory cut back to the checkpoint of `step` (`drop_steps_after`): each rank its own events, rank 0
-        the logs it alone writes."""
+        the logs it alone writes and the summary of the run before, so a resume that dies unfinished reads as crashed
+        (as `--resume` does)."""
         from ..contract.rundir import drop_steps_after
 
         drop_steps_after(self.run_dir / events, step)
         if self.ranks.is_main:
             for name in ("metrics.jsonl", "activations.jsonl"):
                 drop_steps_after(self.run_dir / name, step)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
 
     def begin_step(self, step: int) -> None:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
