@@ -101,11 +101,14 @@ def test_pure_fp16_is_named_from_the_trainers_precision_and_fixed_in_its_terms(t
     assert 'Trainer(precision="bf16-mixed")' in root["fix"]
 
 
-def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path):
-    _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision="bf16-mixed")
+@pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])
+def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked):
+    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran."""
+    _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision=asked)
     run = load_run(tmp_path / "run")
     precision = run["summary"]["precision"]
     assert precision["mode"] == "bf16-mixed" and precision["compute_dtype"] == "bfloat16"
+    assert not precision["loss_scaling"]
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
