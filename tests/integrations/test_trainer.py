@@ -596,3 +596,47 @@ def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path
     plain = lora_trainer([])
     plain.train()
     assert logged_losses(plain) == logged_losses(trainer)
+
+
+class _TeacherSamples(TrainerCallback):
+    """Samples from the teacher at the end of every step (a callback that logs generations), without a KV cache
+    (`use_cache=False`, as gradient checkpointing's users set it), while the student is still in train mode."""
+
+    def __init__(self, teacher):
+        self.teacher, self.generating = teacher, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.generating = True
+        try:
+            self.teacher.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False,
+                                  use_cache=False, pad_token_id=0)
+        finally:
+            self.generating = False
+
+
+@pytest.mark.parametrize("where", ["generation", "every forward"])
+def test_a_teachers_generate_in_a_callback_between_steps_is_not_read_as_its_training(tmp_path, where):
+    """A teacher module beyond fp16's range only while a callback samples from it is not reported (the user's
+    callback runs before the probes' own `on_step_end`, inside the step); in the teacher's training forward it is."""
+    def kd_trainer(run_dir=None):
+        teacher = tiny.make_gpt2(VOCAB, seed=3)
+        samples = _TeacherSamples(teacher)
+        teacher.transformer.h[0].mlp.c_proj.register_forward_hook(
+            lambda _m, _i, output: output * 0 + 1e5 if samples.generating or where == "every forward" else None)
+        trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher, callbacks=[samples],
+                            args=training_args(tmp_path / "trainer", max_steps=2, learning_rate=1e-3),
+                            train_dataset=Sequences(VOCAB))
+        if run_dir is not None:
+            SarkdDiagCallback.attach(trainer, run_dir, level="full")
+        trainer.train()
+        return trainer
+
+    trainer = kd_trainer(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    if where == "generation":
+        assert run["summary"]["diagnosis"] == [] and run["metrics"]["act_amax_teacher"].notna().all()
+    else:
+        found = cause(run["summary"]["diagnosis"], "activation_overflow")
+        assert (found["model"], found["module"], found["first_step"]) == ("teacher", "transformer.h.0.mlp.c_proj", 1)
+    assert logged_losses(kd_trainer()) == logged_losses(trainer)
