@@ -57,6 +57,18 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
     return models
 
 
+def ends_accumulation(trainer) -> bool:
+    """Whether automatic optimization steps the optimizer at the end of the batch about to run — Lightning's own rule
+    (the negation of its epoch loop's `_should_accumulate`), read from the loop's public progress, which Lightning has
+    counted before `on_train_batch_start`: every accumulate_grad_batches-th batch of the epoch, and its last — also the
+    last of a stream of unknown length (`is_last_batch`, known once the batch after it failed to come), unless the
+    strategy accumulates over the epoch's end itself (DeepSpeed)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    ready = progress.current.ready
+    last = ready == trainer.num_training_batches or progress.is_last_batch
+    return ready % trainer.accumulate_grad_batches == 0 or (last and not trainer.strategy.handles_gradient_accumulation)
+
+
 class SarkdDiagLightningCallback(Callback):
     """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
 
@@ -119,17 +131,16 @@ class SarkdDiagLightningCallback(Callback):
 
     def _closes_step(self, trainer, pl_module) -> bool:
         """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
-        every accumulate_grad_batches-th batch of an epoch and on its last one: known from the batch's start, so the
-        gradients are read before Lightning clips them, inside the step. Under manual optimization the module steps
-        when it chooses: a batch that ended without moving global_step only accumulated, and until a batch ends a
-        clipping is taken to come before a step."""
+        every accumulate_grad_batches-th batch of an epoch and on its last one (`ends_accumulation`): known from the
+        batch's start, so the gradients are read before Lightning clips them, inside the step. Under manual
+        optimization the module steps when it chooses: a batch that ended without moving global_step only accumulated,
+        and until a batch ends a clipping is taken to come before a step."""
         if pl_module.automatic_optimization:
             return self._scheduled_step
         return not self._batch_ended or trainer.global_step != self._step_at_batch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        last = trainer.num_training_batches
-        self._scheduled_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == last
+        self._scheduled_step = ends_accumulation(trainer)
         self._step_at_batch_start, self._batch_ended = trainer.global_step, False
         if self.probes is not None and not self._step_open:  # the first micro-batch of a step
             self._step_open = True

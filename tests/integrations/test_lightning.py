@@ -77,6 +77,34 @@ def test_accumulated_batches_close_one_step_each_and_training_is_unchanged(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(plain.student.parameters(), module.student.parameters(), strict=True))
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """The sequences as a stream: Lightning knows no length, and learns an epoch's last batch as it fetches it."""
+
+    def __init__(self, n: int):
+        self.sequences = Sequences(VOCAB, n=n)
+
+    def __iter__(self):
+        return (self.sequences[i] for i in range(len(self.sequences)))
+
+
+def test_a_streams_last_batch_closes_the_step_it_ends(tmp_path):
+    """5 batches an epoch, accumulated in twos: Lightning steps after batches 2, 4 and 5 (the epoch's last), 3 steps an
+    epoch — the partial step at the end of an epoch is a step of its own, not merged with the next epoch's first."""
+    module = Distil(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, tmp_path / "run", dataset=Stream(20), max_steps=-1, max_epochs=2,
+                   accumulate_grad_batches=2)
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert trainer.global_step == 6 and metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    batches = [module.losses[i:j] for epoch in (0, 5) for i, j in ((epoch, epoch + 2), (epoch + 2, epoch + 4),
+                                                                     (epoch + 4, epoch + 5))]
+    assert metrics["loss"].tolist() == pytest.approx([sum(b) / len(b) for b in batches], rel=1e-6)
+    assert metrics["grad_norm"].notna().all()  # every step's gradients read, before Lightning clipped them
+
+    plain = Distil(tiny.make_gpt2(VOCAB))
+    _fit(plain, dataset=Stream(20), max_steps=-1, max_epochs=2, accumulate_grad_batches=2)
+    assert plain.losses == module.losses
+
+
 def test_a_teacher_that_overflows_fp16_is_named_and_training_stops_on_the_nan_weights(tmp_path):
     teacher = tiny.make_gpt2(VOCAB, seed=3)
     overflow_fp16(teacher.transformer.h[0])
