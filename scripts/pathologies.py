@@ -147,6 +147,8 @@ def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> l
     if expected.evidence_contains and not any(expected.evidence_contains in k for k in top.get("evidence") or {}):
         wrong.append(f"no {expected.evidence_contains!r} in the evidence")
     for c in diagnosis:
+        if "?" in (c.get("fix") or ""):  # no template holds one: a value the fix names was not found ("?")
+            wrong.append(f"the fix of {c['cause']} leaves a value unfilled: {c['fix'][:120]!r}")
         if c.get("cause") in expected.absent:
             wrong.append(f"also claims {c['cause']} ({c['severity']})")
         elif c.get("cause") in expected.not_critical and c.get("severity") == "critical":

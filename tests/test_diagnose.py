@@ -64,6 +64,36 @@ def test_an_extreme_update_with_nothing_wrong_yet_is_a_warning():
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning")
 
 
+@pytest.mark.parametrize("caller, lr_word, lr", [("cli", "`--router-lr`", 2e4),
+                                                 ("loop", "the teacher's parameter group", None)])
+def test_a_teachers_extreme_update_names_the_lr_its_tensors_train_at(caller, lr_word, lr):
+    """The routers `train` trains sit in a parameter group of their own, at `--router-lr` (scheduled like the
+    student's, whose lr the rows record): a router's blow-up names that option and its scheduled lr, not the
+    student's. Where no record says a teacher group's lr, none is quoted."""
+    frame = log({"kind": "extreme_update", "severity": "warning", "step": 2, "phase": "optimizer", "model": "teacher",
+                 "module": "layers.0.mlp.gate", "tensor": "layers.0.mlp.gate.weight", "value": 7e4})
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": [2e-3, 1e-3], "loss": [10.0, 8e8]})
+    (cause,) = causes(frame, metrics, caller=caller, mode="fp32",
+                      options={"student_lr": 2e-3, "router_lr": 4e4})
+    assert (cause["cause"], cause["model"], cause["severity"]) == ("divergence", "teacher", "critical")
+    assert lr_word in cause["fix"] and "student" not in cause["fix"] and cause["evidence"].get("lr") == lr
+    assert (f"at lr {lr:.3g}" in cause["fix"]) if lr else ("at lr" not in cause["fix"])
+
+
+def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_problem():
+    """In a float16 optimizer state, second moments flushed to 0 leave Adam dividing by eps alone: the step that
+    follows is extreme because of precision. That step is the state underflow's evidence (critical), not a second
+    cause whose fix says "lower the lr; precision is not the cause"."""
+    frame = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "phase": "optimizer",
+                 "model": "student", "tensor": "wte.weight", "dtype": "float16", "value": 0.4},
+                {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+                 "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 1.16})
+    (cause,) = causes(frame, mode="pure-fp16")
+    assert (cause["cause"], cause["severity"], cause["evidence"]["extreme_updates"]) == (
+        "optimizer_state_underflow", "critical", 1)
+    assert "precision is not the cause" not in cause["fix"]
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(

@@ -85,6 +85,11 @@ PHRASES = {
                      "lightning": "the optimizer's `weight_decay` (`configure_optimizers`)"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
            "accelerate": "the optimizer's `lr`", "lightning": "the optimizer's `lr` (`configure_optimizers`)"},
+    # the lr of what a teacher trains: in `train` its routers (SAR), at their own option, never the student's
+    "teacher_lr": {"cli": "`--router-lr`", "loop": "the lr of the teacher's parameter group",
+                   "trainer": "the lr of the teacher's parameter group (`optimizers=`)",
+                   "accelerate": "the lr of the teacher's parameter group",
+                   "lightning": "the lr of the teacher's parameter group (`configure_optimizers`)"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
              "accelerate": "`accelerator.clip_grad_norm_`", "lightning": "`Trainer(gradient_clip_val=...)`"},
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
@@ -353,6 +358,19 @@ class RunRecord:
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
+    def lr_at(self, step: int, model: str | None) -> float | None:
+        """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
+        a teacher's trainable tensors — the routers `train` trains — are a group of their own, in `train` at
+        `--router-lr` scheduled by the same factor as the student's; elsewhere their lr is not recorded (None)."""
+        lrs = self.train_column("lr")
+        row_lr = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None
+        if model != "teacher" or row_lr is None:
+            return row_lr
+        options = self.config.get("options") or {}
+        if self.caller == "cli" and options.get("student_lr") and options.get("router_lr") is not None:
+            return row_lr * options["router_lr"] / options["student_lr"]
+        return None
+
     def computes_in_bf16(self) -> bool:
         """Whether the forwards ran in bfloat16: bf16 weights, or bf16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -568,10 +586,14 @@ class RunRecord:
         *parents, last = module.split(".")
         return last in ROUTER_NAMES and not any("expert" in p for p in parents)
 
-    def fix(self, template: str, **values) -> str:
-        """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16)."""
+    def fix(self, template: str, *, model: str | None = None, **values) -> str:
+        """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
+        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, so that is
+        the lr the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
-        words.update({k: ("?" if v is None else v) for k, v in values.items()})
+        if model == "teacher":
+            words["lr"] = words["teacher_lr"]
+        words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
 
@@ -731,8 +753,8 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
         lr = _first(lrs)
         evidence.update(lr_nonfinite=lr.get("tensor"), lr_value=str(lr["value"]), lr_step=int(lr["step"]))
         return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
-                      fix=r.fix("optimizer_lr_nonfinite", group=lr.get("tensor"), lr_value=str(lr["value"]),
-                                step=int(lr["step"])))]
+                      fix=r.fix("optimizer_lr_nonfinite", model=lr.get("model"), group=lr.get("tensor"),
+                                lr_value=str(lr["value"]), step=int(lr["step"])))]
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
@@ -746,7 +768,7 @@ def lr_zero(r: RunRecord) -> list[Cause]:
     lr = r.train_column("lr")
     steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
     return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
-                  fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
+                  fix=r.fix("lr_zero", model=row.get("model"), group=row.get("tensor"), step=int(row["step"])))]
 
 
 def lr_negative(r: RunRecord) -> list[Cause]:
@@ -764,7 +786,8 @@ def lr_negative(r: RunRecord) -> list[Cause]:
     return [Cause("lr_negative", "warning", **_where(row),
                   evidence={"lr_value": float(row["value"]), "steps_at_negative_lr": int((lr < 0).sum()),
                             "loss_at_first_negative_step": then, "last_loss": last},
-                  fix=r.fix("lr_negative", group=row.get("tensor"), lr_value=f"{float(row['value']):.3g}", step=step,
+                  fix=r.fix("lr_negative", model=row.get("model"), group=row.get("tensor"),
+                            lr_value=f"{float(row['value']):.3g}", step=step,
                             loss_then=f"{then:.4g}" if then is not None else "?",
                             loss_last=f"{last:.4g}" if last is not None else "?",
                             last=int(loss.index[-1]) if len(loss) else "?"))]
@@ -884,7 +907,7 @@ def gradient_overflow(r: RunRecord) -> list[Cause]:
         return []
     row = _first(grads)
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
-                  fix=r.fix("gradient_overflow", dtype=row.get("dtype")))]
+                  fix=r.fix("gradient_overflow", model=row.get("model"), dtype=row.get("dtype")))]
 
 
 def loss_scale_collapse(r: RunRecord) -> list[Cause]:
@@ -910,7 +933,7 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
                             "min_scale": float(collapse["value"].min()),
                             "overflowing_gradient_step": int(located["step"]) if located is not None else None},
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
-                            module=where["module"] or where["tensor"]))]
+                            model=where["model"], module=where["module"] or where["tensor"]))]
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
@@ -975,13 +998,15 @@ def update_underflow(r: RunRecord) -> list[Cause]:
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
                                 "dtype": row.get("dtype")},
                       fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
-                                dtype=row.get("dtype"), tensor=row.get("tensor"), half_ulp=f"{half_ulp or 0:.0e}"))]
+                                model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                                half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"predicted_fraction": predicted_fraction, "measured": False},
-                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+                      fix=r.fix("update_underflow", model=row.get("model"), dtype=row.get("dtype"),
+                                tensor=row.get("tensor")))]
     return []
 
 
@@ -1029,6 +1054,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(extreme):
         row = _first(extreme)
         step = int(row["step"])
+        state = r.of("optimizer_state_underflow")
+        if len(state) and int(state["step"].min()) <= step:
+            return []  # second moments flushed to 0 inflated the step: precision's doing (`optimizer_state_underflow`)
         after = []
         for kind in ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "scale_below_one",
                      "scaler_backoff"):
@@ -1039,14 +1067,14 @@ def divergence(r: RunRecord) -> list[Cause]:
         if len(blown[blown.index >= step]):
             after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
-        lrs = r.train_column("lr")
-        lr_at = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None  # the step's (scheduled) lr
+        lr_at = r.lr_at(step, row.get("model"))  # the step's (scheduled) lr, of the group that moved most
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
                       evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
                                 "lr": lr_at,
                                 "then": ", ".join(after) or None, "first_loss": first_loss,
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
-                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor"),
+                      fix=r.fix("divergence_update", model=row.get("model"), ratio=f"{ratio:.3g}",
+                                tensor=row.get("tensor"),
                                 at_lr=f" at lr {lr_at:.3g}" if lr_at is not None else ""))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):

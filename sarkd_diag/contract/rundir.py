@@ -185,13 +185,25 @@ def load_metrics(run_dir: Path) -> pd.DataFrame:
     rows = read_jsonl(path) if path.is_file() else []
     frame = pd.DataFrame(rows)
     for col in ("step", "split", "loss", "kd_loss", "ce_loss", "router_loss", "lr", "grad_norm", "loss_scale",
-                "tokens", "tokens_per_s", "eval_ppl"):
+                "tokens", "tokens_per_s", "eval_ppl", "eval_set"):
         if col not in frame.columns:
             frame[col] = None
     for col in frame.columns:
-        if col != "split":
+        if col not in TEXT_METRICS:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
+
+
+TEXT_METRICS = ("split", "eval_set")  # the metrics columns that hold names, not numbers
+
+
+def primary_evaluations(evals: pd.DataFrame) -> pd.DataFrame:
+    """The eval rows of the run's first evaluation set: where a run evaluates on several (`eval_set`), the summary's
+    perplexities follow one of them — a mix would read a harder set as a regression."""
+    if not len(evals):
+        return evals
+    first = evals["eval_set"].iloc[0]
+    return evals[evals["eval_set"].isna()] if pd.isna(first) else evals[evals["eval_set"] == first]
 
 
 def load_activations(run_dir: Path) -> pd.DataFrame:
@@ -229,7 +241,7 @@ def load_run(run_dir: str | Path) -> dict:
 
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
-    evals = metrics[metrics["split"] == "eval"]
+    evals = primary_evaluations(metrics[metrics["split"] == "eval"])
     # the evaluations that measured a perplexity, a NaN one (of a NaN loss) too — the last is NaN, not the finite one
     # before it — but not one that wrote none (a distillation objective's loss, whose exp is no perplexity)
     losses = evals["eval_loss"] if "eval_loss" in evals else pd.Series(math.nan, index=evals.index)

@@ -498,16 +498,17 @@ class Probes:
         return row
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
-                   cross_entropy: bool = True) -> dict:
+                   cross_entropy: bool = True, eval_set: str | None = None) -> dict:
         """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
         summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
         loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN for a NaN
         loss, not Infinity — where the loss is a per-token cross-entropy; `cross_entropy=False` (a distillation
         objective, whose exp is no perplexity) leaves `eval_ppl` unmeasured. After `close()` (a Trainer's `evaluate()`
         after `train()`) the row is appended still, and the closed run's summary and report are rebuilt with it.
-        Returns the row."""
+        `eval_set` names the evaluation data where a run evaluates on several (the summary's perplexities are the
+        first set's). Returns the row."""
         loss = caller_loss(loss).item()
-        row = {"step": step, "split": "eval", "eval_loss": loss}
+        row = {"step": step, "split": "eval", "eval_set": eval_set, "eval_loss": loss}
         if perplexity is not None or cross_entropy:
             row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
         if self.run_dir is None:

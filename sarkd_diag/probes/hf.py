@@ -216,17 +216,34 @@ class SarkdDiagCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
-        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
+        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
         (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
         `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
         built at `on_train_begin`)."""
-        if self.probes is not None and metrics and "eval_loss" in metrics:
-            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"],
-                                   cross_entropy=self.teacher is None)
+        if self.probes is None or not metrics:
+            return
+        prefix = evaluation_prefix(metrics)
+        if prefix is not None and f"{prefix}_loss" in metrics:
+            self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
+                                   cross_entropy=self.teacher is None, eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def evaluation_prefix(metrics: dict) -> str | None:
+    """The `metric_key_prefix` of one `Trainer.evaluate()`'s metrics: `eval` by default, `eval_<name>` for each set
+    of an `eval_dataset` dict, whatever the caller passed otherwise — read off the `<prefix>_runtime` every
+    evaluation reports (its loss is `<prefix>_loss`)."""
+    return next((key.removesuffix("_runtime") for key in metrics if key.endswith("_runtime")),
+                "eval" if "eval_loss" in metrics else None)
+
+
+def evaluation_set(prefix: str) -> str | None:
+    """The name of the evaluation data a prefix stands for: None for the Trainer's one unnamed `eval` set, the dict
+    key of `eval_<name>`, the prefix itself where the caller chose one (`evaluate(metric_key_prefix="test")`)."""
+    return None if prefix == "eval" else prefix.removeprefix("eval_")
 
 
 def running_trainer(callback: TrainerCallback):

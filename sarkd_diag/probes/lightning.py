@@ -166,12 +166,17 @@ class SarkdDiagLightningCallback(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
-        `eval_metric` becomes the eval row after the step it evaluated. With a teacher watched it is a distillation
-        objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the Trainer."""
-        value = trainer.callback_metrics.get(self.eval_metric)
-        if self.probes is not None and not trainer.sanity_checking and value is not None:
-            self.probes.evaluation(self.step, value,
-                                   cross_entropy="teacher" not in self.probes.ctx.models)
+        `eval_metric` becomes the eval row after the step it evaluated — one per validation dataloader, each named by
+        the suffix Lightning logs it under (`val_loss/dataloader_idx_1`: `eval_set` "dataloader_idx_1"). With a teacher
+        watched it is a distillation objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the
+        Trainer."""
+        if self.probes is None or trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            name, _, eval_set = key.partition("/")
+            if name == self.eval_metric and (not eval_set or eval_set.startswith("dataloader_idx_")):
+                self.probes.evaluation(self.step, value, eval_set=eval_set or None,
+                                       cross_entropy="teacher" not in self.probes.ctx.models)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probes is not None:

@@ -56,6 +56,7 @@ def test_the_expectations_are_checked_as_stated():
              "tensor": "mid.weight", "first_step": 2, "evidence": {"update_ratio": 1.0}, "fix": "lower the lr"}
     located = catalog.Expected("gradient_overflow", "critical", "student", "mid", first_step=2)
     assert catalog.mismatches(located, [cause], "user loop") == []
+    assert catalog.mismatches(located, [{**cause, "fix": "?'s mid.weight overflows"}], "user loop") != []
     assert catalog.mismatches(catalog.Expected(None), [cause]) != []
     assert catalog.mismatches(catalog.Expected(None), [{**cause, "severity": "info"}]) == []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", "critical", "student", "out"), [cause]) != []

@@ -321,3 +321,36 @@ def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_p
     assert evals["eval_ppl"].tolist() == pytest.approx([math.exp(v) for v in module.validated], rel=1e-6)
     assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2, 3, 4]
     assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_each_validation_dataloader_is_an_evaluation_set_of_its_own(tmp_path):
+    """With several validation dataloaders Lightning logs `val_loss/dataloader_idx_0`, `…_1` (never `val_loss`): each
+    is an eval row named by its dataloader (`eval_set`), its loss what Lightning logged."""
+    class OnSeveral(Validated):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+        def on_validation_epoch_end(self):  # `val_loss` alone is not logged with several dataloaders
+            pass
+
+    module = OnSeveral(tiny.make_gpt2(VOCAB))
+    logged = []
+
+    class Logged(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_loss")})
+
+    vals = [torch.utils.data.DataLoader(Sequences(VOCAB, n=8, length=length), batch_size=4) for length in (12, 6)]
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+                         callbacks=[Logged(), SarkdDiagLightningCallback(tmp_path / "run")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), vals)
+    assert [sorted(entry) for entry in logged] == [["val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"]] * 2
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert list(zip(evals["step"], evals["eval_set"], strict=True)) == [
+        (2, "dataloader_idx_0"), (2, "dataloader_idx_1"), (4, "dataloader_idx_0"), (4, "dataloader_idx_1")]
+    assert evals["eval_loss"].tolist() == pytest.approx(
+        [entry[f"val_loss/dataloader_idx_{i}"] for entry in logged for i in (0, 1)], rel=1e-6)

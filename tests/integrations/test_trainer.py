@@ -601,6 +601,43 @@ def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path
     assert logged_losses(plain) == logged_losses(trainer)
 
 
+def test_each_of_several_evaluation_sets_is_recorded_under_its_name(tmp_path):
+    """`eval_dataset={"near": ..., "far": ...}` makes the Trainer evaluate each set apart, logging `eval_near_loss` and
+    `eval_far_loss` (never `eval_loss`), and `evaluate(metric_key_prefix="test")` logs `test_loss`: each is an eval row
+    named by its set (`eval_set`), its loss the Trainer's. The summary's perplexities are those of the first set, not
+    a mix of both; one evaluation set alone stays unnamed."""
+    near, far = Sequences(VOCAB, n=8), Sequences(VOCAB, n=8, length=6)
+    trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", eval_strategy="steps",
+                                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset={"near": near, "far": far})
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    logged = [(entry["step"], name, entry[f"eval_{name}_loss"]) for entry in trainer.state.log_history
+              for name in ("near", "far") if f"eval_{name}_loss" in entry]
+    assert [(step, name) for step, name, _ in logged] == [(2, "near"), (2, "far"), (4, "near"), (4, "far")]
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert list(zip(evals["step"], evals["eval_set"], strict=True)) == [(step, name) for step, name, _ in logged]
+    assert evals["eval_loss"].tolist() == pytest.approx([loss for _, _, loss in logged])
+
+    test_loss = trainer.evaluate(near, metric_key_prefix="test")["test_loss"]
+    run = load_run(tmp_path / "run")
+    last = run["metrics"].query("split == 'eval'").iloc[-1]
+    assert (last["step"], last["eval_set"], last["eval_loss"]) == (4, "test", pytest.approx(test_loss))
+    near_losses = [loss for _, name, loss in logged if name == "near"]
+    final = run["summary"]["final"]
+    assert final["first_eval_ppl"] == pytest.approx(math.exp(near_losses[0]))
+    assert final["eval_ppl"] == pytest.approx(math.exp(near_losses[-1]))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "validation perplexity of near:" in report and "| 4 | far |" in report and "| 4 | test |" in report
+
+    single = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "single", eval_strategy="steps",
+                                                                     eval_steps=2),
+                     train_dataset=Sequences(VOCAB), eval_dataset=near)
+    SarkdDiagCallback.attach(single, tmp_path / "single-run")
+    single.train()
+    assert load_run(tmp_path / "single-run")["metrics"].query("split == 'eval'")["eval_set"].isna().all()
+
+
 class _TeacherSamples(TrainerCallback):
     """Samples from the teacher at the end of every step (a callback that logs generations), without a KV cache
     (`use_cache=False`, as gradient checkpointing's users set it), while the student is still in train mode."""

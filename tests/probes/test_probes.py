@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
+from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -685,6 +686,30 @@ def test_bf16_weights_lose_small_updates():
     (event,) = _events(probes, "lost_updates")
     assert event.step == 1
     assert "update_underflow" in _causes(probes)
+
+
+def test_a_parameter_group_that_loses_its_updates_is_named_though_the_run_loses_few():
+    """A small group at an lr of its own (SAR's routers, adapters, a head at a smaller lr) in bf16 loses every update
+    while the run as a whole loses under LOST_UPDATE_WARNING: the group is named, at its tensor, and read as lost
+    updates; the run's own fraction stays the run's."""
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    head = list(model.third.parameters())  # 9 weights, at 1e-7: below half a bf16 ulp of anything but 0
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = torch.optim.AdamW([{"params": rest, "lr": 1e-2}, {"params": head, "lr": 1e-7, "name": "head"}])
+    with Probes(model, optimizer=opt) as probes:
+        rows = []
+        for _ in range(2):
+            loss = model(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            opt.zero_grad()
+    assert 0 < rows[0]["lost_update_fraction"] < LOST_UPDATE_WARNING
+    (event,) = _events(probes, "lost_updates")
+    assert (event.step, event.tensor, event.value) == (1, "third.weight", 1.0) and "group head" in event.message
+    (cause,) = [d for d in probes.diagnosis() if d["cause"] == "update_underflow"]
+    assert cause["tensor"] == "third.weight"
 
 
 def test_fp32_weights_lose_no_updates():
