@@ -14,12 +14,14 @@ pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
 from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
+from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 VOCAB = 64
+ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
 
 def _train(tmp_path, model, run_dir=None, dataset=None, **args):
@@ -86,29 +88,34 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     assert logged_losses(plain) == logged_losses(trainer)
 
 
-def _dies(trainer, callback, exception, **match) -> None:
-    """`trainer.train()` dies with `exception`, and the probes' hooks go with the process, as in a real crash:
-    transformers calls no callback on an exception, and left in this one the probes would still watch torch's
-    clipping in the tests that run after."""
-    with pytest.raises(exception, **match):
-        trainer.train()
-    callback.probes.set.close()
-
-
-def test_an_exception_inside_the_trainer_leaves_a_readable_run_that_report_closes_as_crashed(tmp_path, cli):
+@pytest.mark.parametrize("how", ["attach", "callbacks"])
+def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, how):
+    """transformers calls no callback on an exception. Attached, the callback wraps `trainer.train` and closes the run
+    as `failed` with its finished steps, and lets go of the hooks and the log files (in a notebook, the kernel holding
+    them open would make `sarkd-diag report` refuse the run as live). Passed in `callbacks=[...]`, it binds inside the
+    first `train()`, too late to wrap it: the run stays open, readable, and `report` closes it as `crashed`."""
+    callback = SarkdDiagCallback(tmp_path / "run")
     trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=8),
-                      train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1))  # a corrupt record read in step 3 or 4
-    _dies(trainer, SarkdDiagCallback.attach(trainer, tmp_path / "run"), RuntimeError, match="corrupt record")
+                      train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1),  # a corrupt record read in step 3 or 4
+                      callbacks=[callback] if how == "callbacks" else [])
+    if how == "attach":
+        callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="corrupt record"):
+        trainer.train()
     died_after = trainer.state.global_step
     assert 1 <= died_after < 8
     run_dir = tmp_path / "run"
     assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
-    assert not (run_dir / "summary.json").exists()
-
-    code, out, err = cli("report", run_dir)
-    assert code == 0, err
+    if how == "attach":
+        assert clip_grad._clip_grads_with_norm_ is ORIGINAL_CLIPPING  # the hooks are gone with the run
+        assert load_run(run_dir)["summary"]["status"] == "failed"
+    else:
+        assert not (run_dir / "summary.json").exists()
+        code, _, err = cli("report", run_dir)
+        assert code == 0, err
+        assert load_run(run_dir)["summary"]["status"] == "crashed"
+        callback.probes.set.close()  # the hooks go with the process, as in a real crash (none left for later tests)
     run = load_run(run_dir)
-    assert run["summary"]["status"] == "crashed"
     assert run["summary"]["steps_completed"] == died_after
     assert run["metrics"]["step"].tolist() == list(range(1, died_after + 1))
 
@@ -134,7 +141,9 @@ def test_resume_from_a_trainer_checkpoint_appends_to_the_same_run(tmp_path):
     args = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=1e-3)
     first = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", **args),
                     train_dataset=Sequences(VOCAB), callbacks=[_Crash(at_step=4)])
-    _dies(first, SarkdDiagCallback.attach(first, tmp_path / "run"), KeyboardInterrupt)
+    SarkdDiagCallback.attach(first, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
     assert (tmp_path / "trainer" / "checkpoint-4").is_dir()
 
     spy = _StateAtBegin()
@@ -174,8 +183,11 @@ def test_a_resume_from_an_earlier_checkpoint_records_each_redone_step_once(tmp_p
     model = tiny.make_gpt2(VOCAB)
     first = Trainer(model=model, args=training_args(tmp_path / "trainer", **args), train_dataset=Sequences(VOCAB),
                     callbacks=[_Crash(at_step=6), _OverflowAt(model.transformer.h[0].mlp.c_proj, step=5)])
-    _dies(first, SarkdDiagCallback.attach(first, tmp_path / "run", level="full"), KeyboardInterrupt)
+    SarkdDiagCallback.attach(first, tmp_path / "run", level="full")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
     died = load_run(tmp_path / "run")
+    assert died["summary"]["status"] == "interrupted"  # closed by the attached callback as train() raised
     assert died["metrics"]["step"].tolist() == list(range(1, 7))
     assert set(died["events"].query("kind == 'fp16_overflow_risk'")["step"]) == {5}  # the fault was seen
 
