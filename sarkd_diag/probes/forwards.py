@@ -34,16 +34,22 @@ def is_generating(kwargs: dict) -> bool:
 
 
 def in_generate() -> bool:
-    """A forward that a module's `generate` runs, found up the call stack: generation without a KV cache
+    """A forward that a generation model's `generate` runs, found up the call stack: generation without a KV cache
     (`use_cache=False`, as gradient checkpointing sets it and TRL's GKD then generates the teacher's sequences with)
-    looks like any no-grad forward by its arguments. Frame names are compared first; only a `generate` frame's
-    locals are read."""
+    looks like any no-grad forward by its arguments. A generation model is a module with transformers' generation
+    API (`prepare_inputs_for_generation`: its models, PEFT's wrappers of them), not any module with a method of that
+    name (a GAN-style module's `generate` that runs the training step). Frame names are compared first; only a
+    `generate` frame's locals are read."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "generate" and isinstance(frame.f_locals.get("self"), nn.Module):
+        if frame.f_code.co_name == "generate" and _generates_text(frame.f_locals.get("self")):
             return True
         frame = frame.f_back
     return False
+
+
+def _generates_text(owner) -> bool:
+    return isinstance(owner, nn.Module) and callable(getattr(owner, "prepare_inputs_for_generation", None))
 
 
 class ForwardProbe(Probe):

@@ -467,6 +467,27 @@ def test_a_run_directory_resumed_from_a_checkpoint_is_cut_back_to_it(tmp_path):
     assert load_run(run)["metrics"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_frozen_teachers_forward_in_a_generate_method_of_no_generation_model_is_read():
+    """A module's own method named `generate` (a GAN-style module's) that runs the step's forwards is no text
+    generation: the frozen teacher's forward in it is a training forward, and its statistics are taken."""
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = Net(), Net().requires_grad_(False)
+
+        def generate(self, x):
+            return self.student(x) - self.teacher(x)
+
+    torch.manual_seed(0)
+    pair = Pair()
+    opt = torch.optim.SGD(pair.student.parameters(), lr=1e-3)
+    with Probes({"student": pair.student, "teacher": pair.teacher}, optimizer=opt, level="full") as probes:
+        pair.generate(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        probes.step()
+    assert probes.rows[0]["act_amax_teacher"] is not None
+
+
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
