@@ -1,8 +1,8 @@
 """Which forwards are training forwards, what precision they ran in, and whether their inputs were finite.
 
 A hook before each watched model's own forward (the root module, not its layers) decides whether this
-forward belongs to a training step. Nothing in it generates (a forward handed a KV cache, or one that a module's
-`generate` runs — with `use_cache=False` no cache is handed) nor runs inside a backward pass (gradient
+forward belongs to a training step. Nothing in it generates (a forward handed a KV cache, or one that a generation
+model's `generate` runs — with `use_cache=False` no cache is handed) nor runs inside a backward pass (gradient
 checkpointing's recomputation). A model with weights the run updates
 trains in a forward with gradients on, whatever its mode: a loop that never calls `model.train()` (a model as
 `from_pretrained` returns it, in eval mode) trains in eval mode, and its statistics must not go blind. A frozen
