@@ -98,7 +98,7 @@ class SarkdDiagLightningCallback(Callback):
     def state_key(self) -> str:
         """Where Lightning keeps this callback's state in a checkpoint: one per run directory, so callbacks recording
         into two directories can share a Trainer (Lightning refuses two stateful callbacks under one key)."""
-        return self._generate_state_key(run_dir=str(self.run_dir))
+        return self._generate_state_key(run_dir=str(self.run_dir.resolve()))
 
     def state_dict(self) -> dict:
         """Saved in Lightning's checkpoints: the steps recorded so far, where a fit resumed from one continues."""

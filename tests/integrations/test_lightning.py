@@ -260,16 +260,17 @@ def test_two_optimizers_stepping_in_one_batch_are_one_step(tmp_path):
     assert plain.losses == module.losses  # the probes did not change training
 
 
-def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorded(tmp_path):
+def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorded(tmp_path, monkeypatch):
     """Checkpoints every 3 optimizer steps (global_step 3 is the end of the second batch, step 2); the fit goes on to
     step 4, and a new fit resumes from that checkpoint: steps 3 and 4 are redone and recorded once, numbered from the
-    checkpoint's own count — not from its global_step, 3 — and the resumed rows hold the resumed losses."""
-    def fit(max_steps, ckpt_path=None):
+    checkpoint's own count — not from its global_step, 3 — and the resumed rows hold the resumed losses. The resumed
+    fit names the same run directory by a relative path: the count is found all the same."""
+    def fit(max_steps, ckpt_path=None, run_dir=tmp_path / "run"):
         module = TwoOptimizers()
         checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
         trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
                              enable_model_summary=False,
-                             callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), checkpoints])
+                             callbacks=[SarkdDiagLightningCallback(run_dir), checkpoints])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), ckpt_path=ckpt_path)
@@ -278,7 +279,8 @@ def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorde
     first = fit(6)
     assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]
     (checkpoint,) = [path for path in (tmp_path / "ckpt").iterdir() if "step=3" in path.name]
-    resumed = fit(9, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    resumed = fit(9, checkpoint, run_dir="run")
     metrics = load_run(tmp_path / "run")["metrics"]
     assert metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert metrics["loss"].tolist() == pytest.approx(first.losses[:2] + resumed.losses, rel=1e-6)
