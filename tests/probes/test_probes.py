@@ -491,7 +491,8 @@ def test_a_frozen_teachers_forward_in_a_generate_method_of_no_generation_model_i
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
-        model.second.weight.fill_(3000.0)
+        model.first.weight.fill_(1.0)  # not left to the random init (and so to the tests run before): `second` reads
+        model.second.weight.fill_(3000.0)  # each row's input sum (tens) and outputs beyond 65504
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt) as probes:
         _train(model, probes, opt, steps=1, scale_input=10.0)
