@@ -101,6 +101,8 @@ class ProbeSet:
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
+        self._stepped: set[int] = set()  # the optimizers whose pre-step hook ran in this step
+        self._twice_noted = False
         self._optimizers = optimizers_of(ctx.optimizer)
         self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._watched_ids = {id(w.param) for w in ctx.watched}
@@ -142,6 +144,7 @@ class ProbeSet:
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran = None, False, False
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
+        self._stepped = set()
         self._unscaled_ones = set()
         for probe in self.probes:
             probe.begin_step()
@@ -181,6 +184,9 @@ class ProbeSet:
         self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if id(optimizer) in self._stepped:
+            self._stepped_twice()
+        self._stepped.add(id(optimizer))
         if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
             return
         self.optimizer_stepping = True
@@ -193,6 +199,23 @@ class ProbeSet:
             self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self.probes:
             probe.before_optimizer_step()
+
+    def _stepped_twice(self) -> None:
+        """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients
+        are applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
+        non-finite gradients of a step the scaler skips — or the owner closes a step only every few optimizer steps.
+        Said once."""
+        if self._twice_noted:
+            return
+        self._twice_noted = True
+        scaler = " (a loss scaler steps it too: `scaler.step(optimizer)` already calls `optimizer.step()`)" \
+            if self.ctx.loss_scaler.enabled else ""
+        self.ctx.events.record("setup_note", "warning",
+                               f"an optimizer stepped twice in step {self.ctx.step}{scaler}: optimizer.step() is "
+                               "called twice per batch — every gradient applied twice, and a gradient the scaler "
+                               "skipped as non-finite applied anyway — or probes.step() is not called after every "
+                               "optimizer step",
+                               step=self.ctx.step, probe="optimizer", phase="optimizer", code="optimizer_stepped_twice")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
@@ -360,6 +383,7 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
+        self._scaled_clip_noted = False  # the loop clipped gradients still scaled (said once)
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
@@ -416,6 +440,22 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             self.set.observe_grad_norm(total_norm)
+        elif not self._scaled_clip_noted:
+            self._scaled_clip_noted = True
+            self._clipped_while_scaled()
+
+    def _clipped_while_scaled(self) -> None:
+        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` before `scaler.unscale_` — so it
+        clips by their norm × the scale: gradients the threshold should leave alone are cut, and after the scaler
+        unscales them each is about scale× smaller than `max_norm` meant. Said once, with the scale (read once)."""
+        scale = self.ctx.loss_scaler.scale()
+        scale = None if scale is None else float(scale)
+        self.events.record("setup_note", "warning",
+                           f"the loop clips the gradients at step {self.ctx.step} while the loss scaler still scales "
+                           f"them (by {scale}): clip_grad_norm_ before scaler.unscale_(optimizer) clips by the "
+                           "scaled norm, and once unscaled the gradients are ~scale× smaller than max_norm meant — "
+                           "call scaler.unscale_(optimizer) before clipping", step=self.ctx.step, probe="gradients",
+                           phase="backward", code="clip_before_unscale", value=scale)
 
     @property
     def ctx(self) -> ProbeContext:

@@ -60,6 +60,9 @@ class ForwardProbe(Probe):
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
+        # a weight of each model, whose device says where it computes: `next(model.parameters())` walks the module
+        # tree, 20 µs a forward on a tiny GPT-2 (a weight moved by `.to()` keeps its object and reads its new device)
+        self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
         self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
 
@@ -86,10 +89,9 @@ class ForwardProbe(Probe):
             if trainable:
                 self.ctx.training_mode[model_name] = model.training
             self.ctx.trained = True
-            if self._trainable[model_name]:
-                device = next(model.parameters()).device.type
-                if torch.is_autocast_enabled(device):
-                    self.ctx.autocast = torch.get_autocast_dtype(device)
+            weight = self._a_weight[model_name]
+            if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
+                self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():

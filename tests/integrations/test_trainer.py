@@ -519,8 +519,10 @@ class _InfWeightAt(TrainerCallback):
 @pytest.mark.parametrize("model_name", ["student", "teacher"])
 def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model_name):
     """Step 3 is no statistics step (1 and every 10th are): the loss turns non-finite with no module statistics, and
-    after the optimizer step every weight is NaN. The callback replays the micro-batch's `compute_loss` with them on,
-    before the optimizer step — student and teacher forwards of a hand-written KD Trainer alike."""
+    after the optimizer step every weight is NaN. The teacher's Inf (frozen weights, read as loaded only) is placed
+    by the callback's replay of the micro-batch's `compute_loss` with statistics on, before the optimizer step; the
+    student's, a trained weight, is read again at step 3's first training forward: finite after step 2's update, Inf
+    now — written between the steps (`weights_edited`), at the same module and step."""
     def trainer_with_fault():
         student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
         broken = (student if model_name == "student" else teacher).transformer.h[1].mlp.c_fc.weight
@@ -531,7 +533,7 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
-    expected = "teacher_overflow" if model_name == "teacher" else "divergence"
+    expected = "teacher_overflow" if model_name == "teacher" else "weights_edited"
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         expected, model_name, "transformer.h.1.mlp.c_fc", 3)
     plain = trainer_with_fault()

@@ -136,6 +136,69 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
+    """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
+    Unscaled first (the order torch's AMP recipe gives), nothing is said."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if unscaled:
+                scaler.unscale_(opt)
+            clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "clip_before_unscale"]
+    if unscaled:
+        assert notes == [] and "clip_before_unscale" not in _causes(probes)
+        return
+    (note,) = notes
+    assert (note.severity, note.step, note.value) == ("warning", 1, 65536.0)
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "clip_before_unscale"]
+    assert "scaler.unscale_(optimizer)" in cause["fix"] and "65536" in cause["fix"]
+
+
+@pytest.mark.parametrize("init_scale, extra_step", [(2.0**16, True), (1e12, True), (2.0**16, False),
+                                                    (None, True), (None, False)])
+def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_step):
+    """`opt.step()` left beside `scaler.step(opt)` (the fp32 loop's line): a second step in the same step — or, on a
+    step the scaler skips for an overflow (1e12 overflows at once), a step the scaler never takes, applying the
+    gradients it skipped. Without a scaler, two `opt.step()` per batch. One step per batch: nothing."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale else None
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            if extra_step:
+                opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
+    assert [(e.severity, e.step) for e in notes] == ([("warning", 1)] if extra_step else [])
+    if extra_step:
+        (cause, *_) = probes.diagnosis()
+        assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
+        assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
+
+
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
     runs = []
     for probed in (False, True):
@@ -264,6 +327,72 @@ def test_finite_weights_as_loaded_are_no_event():
     with Probes(model, optimizer=opt) as probes:
         _train(model, probes, opt, steps=1)
     assert _events(probes, "nonfinite_at_load") == []
+
+
+def _edited_after_step_2(edit, optimizer_given: bool = True) -> Probes:
+    """Four steps of `Net`; after step 2's optimizer step and before step 3's forward, `edit(model)` runs under
+    no_grad — between `opt.step()` and `probes.step()` as the loop's code would (the order of a plain loop)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt if optimizer_given else None) as probes:
+        for step in range(1, 5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if step == 2:
+                with torch.no_grad():
+                    edit(model)
+            probes.step(loss=loss)
+            opt.zero_grad()
+    return probes
+
+
+def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the_next_update():
+    """Read again at step 3's first training forward, the weight that was finite after step 2's update and NaN now
+    is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late."""
+    probes = _edited_after_step_2(lambda m: m.second.weight.__setitem__((0, 0), math.nan))
+    (event,) = _events(probes, "nonfinite_between_steps")
+    assert (event.severity, event.tensor, event.step, event.phase) == ("critical", "second.weight", 3, "forward")
+    assert math.isnan(event.value) and event.nan_count is None  # NaN, not counted: the update has spread it since
+    (root, *_) = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "second.weight", 3)
+    assert root["evidence"]["finite_after_optimizer_step"] == 2 and "no_grad" in root["fix"]
+
+
+@pytest.mark.parametrize("edit, severity", [(lambda m: m.first.weight.mul_(1e6), "warning"),
+                                            (lambda m: m.first.weight.mul_(0.999), "info")])
+def test_finite_weights_rescaled_between_steps_are_an_edit_whose_size_decides_the_warning(edit, severity):
+    """×1e6 is an edit worth a warning — here critical, as step 3's update then blows up (folded into it); ×0.999
+    (an EMA-like nudge) is recorded and claims nothing."""
+    probes = _edited_after_step_2(edit)
+    (event,) = _events(probes, "weights_edited")
+    assert (event.severity, event.tensor, event.step) == (severity, "first.weight", 3)
+    found = probes.diagnosis()
+    if severity == "info":
+        assert found == []
+        return
+    (root,) = found
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "first.weight", 3)
+    assert "extreme_update@3" in root["evidence"]["then"] and "divergence@3" in root["evidence"]["followed_by"]
+
+
+def test_an_untouched_loop_has_no_edit_and_trains_alike_with_the_reading():
+    probes = _edited_after_step_2(lambda m: None)
+    assert _events(probes, "weights_edited") == _events(probes, "nonfinite_between_steps") == []
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(4):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+    assert [row["loss"] for row in probes.rows] == pytest.approx(losses, rel=0, abs=0)
 
 
 @pytest.mark.parametrize("lrs, since", [([0.0, 0.0, 0.0], 1), ([0.0, 0.1, 0.1], None), ([0.1, 0.0, 0.0], 2),
