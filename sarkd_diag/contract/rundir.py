@@ -55,6 +55,11 @@ def default_run_dir(mode: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON through a temporary file and rename (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file.
 
     The file is created like any other (0666 less the umask: 0644 usually), not mkstemp's private 0600."""
@@ -68,11 +73,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
             continue
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Cut a run's JSON-lines log (metrics, events, activations) back to a checkpoint of `step` that a framework's
+    loop resumed from: the records of later steps — redone now, or lost with the process that wrote them — go, so
+    each step appears once, as `--resume` cuts its own logs; records of no step stay, a torn last line goes."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [row for row in read_jsonl(path) if row.get("step") is None or row["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def differing_options(previous: dict, options: dict) -> list[str]:

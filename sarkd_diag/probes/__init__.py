@@ -344,7 +344,11 @@ class Probes:
     "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
     whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
     that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
-    `from_accelerator` and the Lightning callback pass one). Call `step()` after each optimizer step.
+    `from_accelerator` and the Lightning callback pass one). resumed_from: the step of the checkpoint the loop
+    resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
+    and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
+    step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
+    each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -355,11 +359,13 @@ class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
-                 sync_gradients: Callable[[], bool] | None = None):
+                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
         if level not in LEVELS:
             raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
         if caller not in CALLERS:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
+            raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
@@ -370,9 +376,11 @@ class Probes:
         self._sync_gradients = sync_gradients
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
+        events = events_file_name(self.ranks.rank, self.ranks.size)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        events = events_file_name(self.ranks.rank, self.ranks.size)
+            if resumed_from is not None:  # before the logs open for appending
+                self._cut_to(resumed_from, events)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
@@ -392,7 +400,9 @@ class Probes:
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
-        self.first_step = first_step  # after the last step the run directory holds: a second run continues it
+        if resumed_from is not None:
+            first_step = resumed_from + 1
+        self.first_step = first_step  # after the checkpoint resumed from, else after the last step the directory holds
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
@@ -476,6 +486,18 @@ class Probes:
             first = max((row.get("step", 0) for row in _read_rows(metrics)), default=0) + 1
         self._metrics = JsonlLog(metrics) if self.ranks.is_main else NullLog()
         return self.ranks.broadcast(first)
+
+    def _cut_to(self, step: int, events: str) -> None:
+        """The run directory cut back to the checkpoint of `step` (`drop_steps_after`): each rank its own events, rank 0
+        the logs it alone writes and the summary of the run before, so a resume that dies unfinished reads as crashed
+        (as `--resume` does)."""
+        from ..contract.rundir import drop_steps_after
+
+        drop_steps_after(self.run_dir / events, step)
+        if self.ranks.is_main:
+            for name in ("metrics.jsonl", "activations.jsonl"):
+                drop_steps_after(self.run_dir / name, step)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
 
     def begin_step(self, step: int) -> None:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""

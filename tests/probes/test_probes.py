@@ -2,6 +2,7 @@
 the event's kind, model, module and step, and the cause the diagnosis draws from it."""
 
 import contextlib
+import json
 import math
 
 import pandas as pd
@@ -571,10 +572,56 @@ def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
     assert not _events(probes, "nonfinite_activation") and probes.diagnosis() == []
 
 
+def test_a_run_directory_resumed_from_a_checkpoint_is_cut_back_to_it(tmp_path):
+    """Six steps recorded (a fault at 5 and 6), the process dies mid-line, and the loop resumes from its checkpoint
+    of step 3: rows and events after step 3 are gone (the resume redoes those steps), the torn line with them, and
+    the closed run's summary too, so a resume that dies unfinished reads as crashed, not as the run before it."""
+    model, run = Net(), tmp_path / "run"
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt, run_dir=run, level="full") as probes:
+        _train(model, probes, opt, steps=4)
+        _train(model, probes, opt, steps=2, scale_input=1e5)
+    assert min(e.step for e in _events(probes, "fp16_overflow_risk")) == 5  # the fault, after the checkpoint
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 7, "split": "tr')  # the process died writing it
+
+    resumed = Probes(model, optimizer=opt, run_dir=run, level="full", resumed_from=3)
+    assert resumed.first_step == 4 and not (run / "summary.json").exists()
+    assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    events = load_run(run)["events"]
+    assert not events.empty and events["step"].max() <= 3  # the setup notes of step 1 stay
+    assert {json.loads(line)["step"] for line in (run / "activations.jsonl").read_text().splitlines()} == {1, 2, 3}
+    _train(model, resumed, opt, steps=3)
+    resumed.close()
+    assert load_run(run)["metrics"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_frozen_teachers_forward_in_a_generate_method_of_no_generation_model_is_read():
+    """A module's own method named `generate` (a GAN-style module's) that runs the step's forwards is no text
+    generation: the frozen teacher's forward in it is a training forward, and its statistics are taken."""
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = Net(), Net().requires_grad_(False)
+
+        def generate(self, x):
+            return self.student(x) - self.teacher(x)
+
+    torch.manual_seed(0)
+    pair = Pair()
+    opt = torch.optim.SGD(pair.student.parameters(), lr=1e-3)
+    with Probes({"student": pair.student, "teacher": pair.teacher}, optimizer=opt, level="full") as probes:
+        pair.generate(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        probes.step()
+    assert probes.rows[0]["act_amax_teacher"] is not None
+
+
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
-        model.second.weight.fill_(3000.0)
+        model.first.weight.fill_(1.0)  # not left to the random init (and so to the tests run before): `second` reads
+        model.second.weight.fill_(3000.0)  # each row's input sum (tens) and outputs beyond 65504
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt) as probes:
         _train(model, probes, opt, steps=1, scale_input=10.0)
