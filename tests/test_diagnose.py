@@ -698,10 +698,13 @@ def test_noisy_healthy_losses_read_no_climb(seed):
 
 
 def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_this_warning():
-    """A rise of 5% over the run stands out of tiny noise but is a plateau's drift, not a climb; a climb after the
-    lr went negative is the ascent the lr asked for (`lr_negative`)."""
+    """A rise of 5% over the run stands out of tiny noise but is a plateau's drift, not a climb; a loss that reaches
+    0 (an RL surrogate) is no objective falling toward a floor; a climb after the lr went negative is the ascent the
+    lr asked for (`lr_negative`)."""
     drift = [5.0 + 0.02 * i for i in range(12)]
     assert causes(log(), _losses(drift), mode="fp32", caller="loop") == []
+    policy = [0.0] + [0.002 * i + 0.001 * (-1) ** i for i in range(1, 12)]  # an RL surrogate (GRPO's): 0 at step 1
+    assert causes(log(), _losses(policy), mode="fp32", caller="trainer") == []
     climbing = _losses([2.0 + 0.1 * i for i in range(12)]).assign(lr=[1e-3] * 4 + [-1e-4] * 8)
     negative = {**NEGATIVE_LR, "step": 5}
     assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop")] == [

@@ -680,8 +680,9 @@ def _first(frame: pd.DataFrame) -> pd.Series:
 def _rising(loss: pd.Series) -> dict | None:
     """The least-squares line through a window of losses when it rises by LOSS_TREND_T standard errors and by
     LOSS_TREND_RISE of its start: its first and last step, slope per step, t, start and rise; else None."""
-    if len(loss) < LOSS_TREND_MIN_STEPS:
-        return None
+    if len(loss) < LOSS_TREND_MIN_STEPS or (loss <= 0).any():
+        return None  # a loss that reaches 0 or below is no CE/KD/MSE falling toward a floor (an RL surrogate, a
+        # log-ratio: GRPO's starts at 0 and wanders): its rise says nothing, and 10% of a start near 0 is no bar
     steps, values = loss.index.to_numpy(dtype=float), loss.to_numpy(dtype=float)
     centred = steps - steps.mean()
     spread = float((centred**2).sum())
