@@ -128,6 +128,9 @@ class DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
         for f in fields(self):
             setattr(self, f.name, _as_declared(f.name, getattr(self, f.name)))
+        for name in PATH_OPTIONS:
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
@@ -201,6 +204,17 @@ def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
         raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
 
 
+# options that name a file or directory (a model's too, when it is local): `~` is expanded in them
+PATH_OPTIONS = ("teacher_model", "student_model", "train_file", "validation_file", "output_dir", "resume_from")
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as a user gives it, `~` expanded. The shell leaves `--output-dir=~/runs/a` and a config file's
+    `~/data.txt` as they are, and pathlib does not expand them while pandas does: a run trained into ./~/runs/a
+    and then failed to write its parquet files into $HOME/runs/a."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 FIELD_NAMES = frozenset(f.name for f in fields(DistillConfig))
 FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
 
@@ -260,7 +274,7 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
-    p = Path(path)
+    p = user_path(path)
     if not p.is_file():
         raise BadInput(f"--config {path}: no such file")
     try:
@@ -348,10 +362,10 @@ def recorded_options(given: dict[str, Any]) -> dict[str, Any]:
     there is nothing readable (the run directory's own checks then say what is wrong).
     """
     if given.get("resume_from"):
-        checkpoint = Path(str(given["resume_from"]))
+        checkpoint = user_path(str(given["resume_from"]))
         sources = [checkpoint / "meta.json", checkpoint.parent.parent / "config.json"]
     elif given.get("resume") and given.get("output_dir"):
-        sources = [Path(str(given["output_dir"])) / "config.json"]
+        sources = [user_path(str(given["output_dir"])) / "config.json"]
     else:
         return {}
     for path in sources:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
+from ..contract.config import user_path
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
@@ -333,7 +334,7 @@ class Probes:
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = user_path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)

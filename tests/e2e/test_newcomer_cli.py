@@ -312,3 +312,40 @@ def test_a_path_and_numpy_numbers_are_taken_as_meant():
                                 "student_lr": 0.5, "router_patterns": ["gate"]}
     assert type(config.train_steps) is int and type(config.student_lr) is float
     json.dumps(config.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ paths given with ~
+def test_a_path_given_with_a_tilde_is_the_home_directory(cli, tiny_args, tiny_world, tmp_path, monkeypatch):
+    """The shell leaves `--output-dir=~/runs/a` (and a config file's `~/...`) alone: the run trained into ./~/runs/a,
+    then pandas, which does expand `~`, failed to write its parquet files into $HOME/runs/a — exit 3 after the last
+    step, no summary; `--train-file=~/corpus.txt` was 'no such file'. Every path a user gives has `~` expanded."""
+    import shutil
+
+    import torch
+
+    import sarkd_diag
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    shutil.copy(tiny_world["train"], home / "corpus.txt")
+    (home / "run.yaml").write_text("validation_file: ~/corpus.txt\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    args = [a for a in tiny_args[:-2] if a not in ("--validation-file", str(tiny_world["valid"]))]
+    code, _, err = cli("train", *args, "--train-steps", "1", "--train-file=~/corpus.txt", "--config", "~/run.yaml",
+                       "--output-dir=~/runs/a")
+    assert code == 0 and err == "", err
+    run = home / "runs" / "a"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((run / "config.json").read_text())["options"]["train_file"] == str(home / "corpus.txt")
+    assert not any(cwd.iterdir())
+    for command in (["check", "~/runs/a", "--expect", "completed"], ["events", "~/runs/a"], ["report", "~/runs/a"]):
+        code, _, err = cli(*command)
+        assert code == 0, err
+    assert sarkd_diag.load_run("~/runs/a")["summary"]["steps_completed"] == 1
+    model = torch.nn.Linear(2, 2)
+    with sarkd_diag.Probes(model, run_dir="~/loop") as probes:
+        model(torch.ones(1, 2)).sum().backward()
+        probes.step()
+    assert (home / "loop" / "summary.json").is_file() and not any(cwd.iterdir())
