@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +35,12 @@ from torch import nn
 from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.config import user_path
+from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
+from ..contract.writers import run_logs, writing_processes
 from .activations import ActivationProbe
 from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
 from .clipping import watch_gradient_clipping
@@ -337,6 +340,7 @@ class Probes:
         self.run_dir = user_path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
         if self.run_dir is not None:
+            self._refuse_a_live_run()
             self.run_dir.mkdir(parents=True, exist_ok=True)
         events = events_file_name(self.ranks.rank, self.ranks.size)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
@@ -416,6 +420,17 @@ class Probes:
         self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 
     # ------------------------------------------------------------------------ the run directory
+    def _refuse_a_live_run(self) -> None:
+        """Another process still writing `run_dir` (`train`, another script's probes, a notebook's open `Probes`):
+        appending to its logs numbered steps twice and closed its run under it. Refused before any hook is placed;
+        the ranks of this job write it together and do not count. BadInput (a ValueError) with the writer's pid."""
+        job = self.ranks.gather(os.getpid())
+        writers = writing_processes(run_logs(self.run_dir), besides=job) if self.ranks.is_main else None
+        writers = self.ranks.broadcast(writers)
+        if writers:
+            raise BadInput(f"run_dir {self.run_dir} is still being written by process "
+                           f"{', '.join(map(str, writers))}: let that run end first, or give another run_dir")
+
     def _open_run_dir(self) -> int:
         """Open the metrics log (continuing the run the directory holds); returns the first step to record, as
         rank 0 reads it before it writes a row."""

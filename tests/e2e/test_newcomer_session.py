@@ -355,6 +355,29 @@ def test_train_refuses_an_output_dir_another_process_is_still_writing(cli, one_s
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("held", ["metrics.jsonl", "events.jsonl"])
+def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_path, held):
+    """`Probes(model, run_dir=RUN)` while RUN still trained (or another script's probes wrote it) appended to the live
+    logs: steps numbered twice, and its close() wrote summary.json of a run still going. Refused, with the pid,
+    before a hook is placed; once the writer is gone the directory is continued as before."""
+    import torch
+
+    from sarkd_diag import Probes
+    from sarkd_diag.contract.errors import BadInput
+
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    model = torch.nn.Linear(2, 2)
+    with _held_open(run / held, "a") as pid, pytest.raises(BadInput) as refused:
+        Probes(model, run_dir=run)
+    assert str(refused.value) == (f"run_dir {run} is still being written by process {pid}: let that run end first, "
+                                  "or give another run_dir")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    with Probes(model, run_dir=run) as probes:
+        assert probes.first_step == 2  # the writer gone: continued after the run's last step
+
+
 def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
     """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
     whose process was plainly alive, and `report` refuses such a run."""
