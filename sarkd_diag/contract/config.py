@@ -254,6 +254,18 @@ def _as_declared(name: str, value: Any) -> Any:
                    f"got {value!r}")
 
 
+def whole_number(text: str) -> int:
+    """A count as it is typed on the command line: `1000`, `1_000`, `1e3`, `3.0` — a number whose value is whole, as a
+    --config file's count is read; anything else (`2.5`, `abc`) is ValueError."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+    if not number.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
+
+
 RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
 
 

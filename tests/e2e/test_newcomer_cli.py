@@ -14,7 +14,7 @@ import typer
 
 from sarkd_diag import __version__
 from sarkd_diag.cli import app
-from sarkd_diag.contract.config import build_config
+from sarkd_diag.contract.config import build_config, value_type
 
 COMMANDS = [[], ["train"], ["env"], ["report"], ["compare-precision"], ["events"], ["check"], ["estimate-memory"]]
 
@@ -61,6 +61,22 @@ def test_underscore_aliases_are_hidden_from_help_but_still_parse(cli):
     cfg = build_config({k: v for k, v in params.items() if k != "config"})
     assert (cfg.train_steps, cfg.use_scheduler, cfg.log_every) == (3, True, 2)
     assert any("--train_steps" in p.opts for p in command.params)  # declared: the original scripts' spelling
+
+
+@pytest.mark.parametrize(("typed", "count"), [("1e3", 1000), ("1_000", 1000), ("3.0", 3), ("-2", -2)])
+def test_a_count_is_read_as_typed_by_every_command(typed, count):
+    """`--train-steps 1e3` was refused as 'not a whole number' although a --config file's `train_steps: 1e3` trained
+    1000 steps: every whole-number option of every command reads a number whose value is whole (a negative one is
+    then refused by its range check, with the option named)."""
+    group = typer.main.get_command(app)
+    counts = [(name, p) for name, command in group.commands.items() for p in command.params
+              if p.param_type_name == "option" and value_type(p.type_descriptor.annotation) is int]
+    shown = {p.opts[0] for _, p in counts}
+    assert {"--train-steps", "--steps", "--rank", "--max-skipped-steps", "--block-size"} <= shown
+    for name, param in counts:
+        arguments = ["RUN"] * sum(p.param_type_name == "argument" for p in group.commands[name].params)
+        params = group.commands[name].make_context(name, [*arguments, param.opts[0], typed]).params
+        assert params[param.name] == count, (name, param.opts[0])
 
 
 HEAVY = ("torch", "transformers", "pandas", "matplotlib", "datasets")
