@@ -648,11 +648,15 @@ class Trainer:
         return "failed"
 
     def _save_traceback(self, exc: Exception) -> None:
-        self.internal_error = True
+        """The error's traceback in the run directory, one line on the console. A second error of the run — closing
+        it failed too, as on a full disk — goes after the first, which is the cause: it replaced it before."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
-        path.write_text(traceback.format_exc())
-        self.display.error(f"internal error: {type(exc).__name__}: {exc} (traceback in {path})")
+        with path.open("a" if self.internal_error else "w") as file:
+            file.write(traceback.format_exc())
+        what = "closing the run failed too" if self.internal_error else "internal error"
+        self.internal_error = True
+        self.display.error(f"{what}: {type(exc).__name__}: {exc} (traceback in {path})")
 
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""
