@@ -200,8 +200,13 @@ def _non_negative(cfg: DistillConfig, *names: str) -> None:
 
 
 def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
-    if getattr(cfg, name) not in allowed:
-        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+    """One of `allowed`, in whatever case it was typed (`--probes Full`, a YAML file's `Stop`), as --precision and the
+    names `events` filters by are read; recorded as allowed spells it."""
+    typed = getattr(cfg, name)
+    chosen = next((choice for choice in allowed if choice == typed.strip().lower()), None)
+    if chosen is None:
+        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}")
+    setattr(cfg, name, chosen)
 
 
 # options that name a file or directory (a model's too, when it is local): `~` is expanded in them

@@ -556,7 +556,7 @@ def _max_eval_ppl(limit: float) -> Callable[[Run], str | None]:
 def expectations(expect: list[str], max_skipped_steps: int | None = None,
                  max_eval_ppl: float | None = None) -> dict[str, Callable[[Run], str | None]]:
     """Named checks from `--expect NAME` (repeatable, or comma-separated) and the numeric limits."""
-    names = [n.strip() for item in expect for n in item.split(",") if n.strip()]
+    names = [n.strip().lower() for item in expect for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPECTATIONS]
     if unknown:
         raise BadInput(f"--expect {', '.join(unknown)}: unknown; expectations: {', '.join(EXPECTATIONS)}")

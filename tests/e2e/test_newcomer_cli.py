@@ -79,6 +79,20 @@ def test_a_count_is_read_as_typed_by_every_command(typed, count):
         assert params[param.name] == count, (name, param.opts[0])
 
 
+def test_a_choice_typed_in_another_case_is_the_choice_meant(tmp_path):
+    """`--precision BF16-mixed` and `events --severity Warning` were read as meant, but `--probes Full`, `--on-nonfinite
+    Stop`, a YAML file's `kd_loss: Forward-KL` and `check --expect Completed` were refused: every choice is read in any
+    case and recorded as the choices spell it."""
+    from sarkd_diag.presentation.query import expectations
+
+    (tmp_path / "run.yaml").write_text("kd_loss: Forward-KL\nreport_to: NONE\n")
+    typed = {"probes": "Full", "on_nonfinite": " Stop", "scheduler_type": "LINEAR", "model_dtype": "BFloat16"}
+    config = build_config(typed, tmp_path / "run.yaml")
+    assert (config.probes, config.on_nonfinite, config.scheduler_type, config.model_dtype, config.kd_loss,
+            config.report_to) == ("full", "stop", "linear", "bfloat16", "forward-kl", "none")
+    assert list(expectations(["Completed,No-Critical", "MASTER-FP32"])) == ["completed", "no-critical", "master-fp32"]
+
+
 HEAVY = ("torch", "transformers", "pandas", "matplotlib", "datasets")
 
 
