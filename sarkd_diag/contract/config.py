@@ -96,7 +96,7 @@ class DistillConfig:
                                  "default none in a terminal (the progress bar shows them) and about ten per run "
                                  "elsewhere (CI, nohup, a notebook); 0: none.", default_text="auto")
     # run directory
-    seed: int = _opt(42, "Seed of weights init, data order and dropout.")
+    seed: int = _opt(42, f"Seed of weights init, data order and dropout (0 to {2**32 - 1:,}).")
     output_dir: str | None = _opt(None, "Run directory (default: a new runs/<date-time>-<mode>/).")
     overwrite: bool = _opt(False, "Replace an existing run directory that holds a different run.")
     resume: bool = _opt(False, "Continue from the newest checkpoint of --output-dir.")
@@ -140,6 +140,8 @@ class DistillConfig:
             _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
                       "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
+        if not 0 <= self.seed < 2**32:  # numpy's range (torch's is wider): `--seed $(date +%s%N)` was exit 3
+            raise BadInput(f"--seed must lie in 0 … {2**32 - 1}, got {self.seed}")
         if self.temperature <= 0:
             raise BadInput(f"--temperature must be > 0, got {self.temperature}")
         if self.alpha_kd < 0 or self.alpha_ce < 0:
