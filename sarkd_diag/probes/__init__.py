@@ -301,6 +301,9 @@ class ProbeSet:
             self.ctx.activations_log = None
 
 
+_OPEN: dict[str, Probes] = {}  # the Probes of this process whose run directory is open, by its real path
+
+
 class Probes:
     """Probes in a user's own loop, recording into a run directory that `sarkd-diag report`, `events` and
     `load_run` read like one of `train`'s.
@@ -339,9 +342,11 @@ class Probes:
         self._sync_gradients = sync_gradients
         self.run_dir = user_path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
+        stale = None
         if self.run_dir is not None:
             self._refuse_a_live_run()
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            stale = self._close_a_stale_probes()
         events = events_file_name(self.ranks.rank, self.ranks.size)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
@@ -365,6 +370,11 @@ class Probes:
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
+        if stale is not None:
+            self.events.record("setup_note", "warning", f"a Probes of this process on this run directory was still "
+                               f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
+                               f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
+                               f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -430,6 +440,18 @@ class Probes:
         if writers:
             raise BadInput(f"run_dir {self.run_dir} is still being written by process "
                            f"{', '.join(map(str, writers))}: let that run end first, or give another run_dir")
+
+    def _close_a_stale_probes(self) -> int | None:
+        """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell
+        run again after its loop failed, a Trainer run again after an interrupt — and take its place: its hooks stayed
+        on the model and recorded every event a second time, into the same logs. Returns its last step, if any."""
+        key = os.path.realpath(self.run_dir)
+        stale = _OPEN.get(key)
+        _OPEN[key] = self
+        if stale is None or stale._closed:
+            return None
+        stale.close("interrupted")
+        return stale.ctx.step - 1
 
     def _open_run_dir(self) -> int:
         """Open the metrics log (continuing the run the directory holds); returns the first step to record, as
@@ -698,6 +720,8 @@ class Probes:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
         if not self._closed:
             self._check_optimizer_stepped()
+        if self.run_dir is not None and _OPEN.get(os.path.realpath(self.run_dir)) is self:
+            del _OPEN[os.path.realpath(self.run_dir)]
         self.set.close()
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run

@@ -378,6 +378,37 @@ def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_
         assert probes.first_step == 2  # the writer gone: continued after the run's last step
 
 
+def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir(tmp_path):
+    """A notebook cell `probes = Probes(model, run_dir=RUN)` run again after its loop raised (never closed): the first
+    probes' hooks stayed on the model and recorded every event a second time into the same logs. The new one closes it
+    as interrupted, removes its hooks and continues the run."""
+    import torch
+
+    from sarkd_diag import Probes, load_run
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(probes):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        probes.step()
+        optimizer.zero_grad()
+
+    first = Probes(model, optimizer, run_dir=tmp_path / "run")
+    train_step(first)
+    with Probes(model, optimizer, run_dir=tmp_path / "run") as second:
+        assert first._closed and second.first_step == 2
+        train_step(second)
+    assert not (model._forward_hooks or model._forward_pre_hooks or optimizer._optimizer_step_pre_hooks
+                or optimizer._optimizer_step_post_hooks)  # the first's went with it
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2] and run["summary"]["status"] == "completed"
+    (note,) = run["events"].query("code == 'stale_probes_closed'").to_dict("records")
+    assert note["step"] == 2 and "still open after step 1" in note["message"]
+    assert run["events"]["code"].value_counts().max() == 1  # nothing recorded twice
+
+
 def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
     """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
     whose process was plainly alive, and `report` refuses such a run."""
