@@ -40,7 +40,6 @@ from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
-from ..contract.writers import run_logs, writing_processes
 from .activations import ActivationProbe
 from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
 from .clipping import watch_gradient_clipping
@@ -344,7 +343,7 @@ class Probes:
         self.ranks = Ranks.joined()
         stale = None
         if self.run_dir is not None:
-            self._refuse_a_live_run()
+            self._check_run_dir()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stale = self._close_a_stale_probes()
         events = events_file_name(self.ranks.rank, self.ranks.size)
@@ -430,16 +429,16 @@ class Probes:
         self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 
     # ------------------------------------------------------------------------ the run directory
-    def _refuse_a_live_run(self) -> None:
-        """Another process still writing `run_dir` (`train`, another script's probes, a notebook's open `Probes`):
-        appending to its logs numbered steps twice and closed its run under it. Refused before any hook is placed;
-        the ranks of this job write it together and do not count. BadInput (a ValueError) with the writer's pid."""
+    def _check_run_dir(self) -> None:
+        """Refuse, before any hook is placed or file written, a run directory the probes may not write
+        (`contract.rundir.probes_run_dir_problem`): BadInput, a ValueError. Rank 0 decides for the job."""
+        from ..contract.rundir import probes_run_dir_problem
+
         job = self.ranks.gather(os.getpid())
-        writers = writing_processes(run_logs(self.run_dir), besides=job) if self.ranks.is_main else None
-        writers = self.ranks.broadcast(writers)
-        if writers:
-            raise BadInput(f"run_dir {self.run_dir} is still being written by process "
-                           f"{', '.join(map(str, writers))}: let that run end first, or give another run_dir")
+        problem = probes_run_dir_problem(self.run_dir, besides=job) if self.ranks.is_main else None
+        problem = self.ranks.broadcast(problem)
+        if problem:
+            raise BadInput(problem)
 
     def _close_a_stale_probes(self) -> int | None:
         """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell

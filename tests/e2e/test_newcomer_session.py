@@ -378,6 +378,54 @@ def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_
         assert probes.first_step == 2  # the writer gone: continued after the run's last step
 
 
+def _model_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32}')
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def _notes_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("mine\n")
+    return path
+
+
+def _a_file(path: Path) -> Path:
+    path.write_text("x")
+    return path
+
+
+def _comparison(path: Path) -> Path:
+    path.mkdir()
+    (path / "compare_options.json").write_text('{"options": {}, "modes": ["fp32"]}')
+    return path
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (_model_dir, "holds a config.json that is not a sarkd-diag run's: give a new or empty directory (or a run "
+                 "directory to continue)"),
+    (_notes_dir, "holds files and no sarkd-diag run: give a new or empty directory (or a run directory to continue)"),
+    (_a_file, "is a file, not a directory"),
+    (_comparison, "is a compare-precision directory: give the probes a directory of their own"),
+], ids=["model directory", "other files", "file", "comparison"])
+def test_probes_refuse_a_run_dir_that_holds_something_else(tmp_path, make, says):
+    """`SarkdDiagCallback.attach(trainer, trainer.args.output_dir)` after a save, or `Probes(model, run_dir=".")`:
+    the probes wrote their logs and parquet files among a model's files and then failed at close with KeyError
+    'precision' on the model's config.json; a file was FileExistsError. Refused, as train's --output-dir is."""
+    import torch
+
+    from sarkd_diag import Probes
+    from sarkd_diag.contract.errors import BadInput
+
+    path = make(tmp_path / "target")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(BadInput) as refused:
+        Probes(torch.nn.Linear(2, 2), run_dir=path)
+    assert str(refused.value) == f"run_dir {path} {says}"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir(tmp_path):
     """A notebook cell `probes = Probes(model, run_dir=RUN)` run again after its loop raised (never closed): the first
     probes' hooks stayed on the model and recorded every event a second time into the same logs. The new one closes it
