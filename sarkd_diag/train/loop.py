@@ -30,7 +30,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -865,8 +865,9 @@ def distill(config: DistillConfig | None = None, *, quiet: bool = False, display
             **options) -> RunResult:
     """Distil a teacher into a student (the embedded default without arguments); returns the run's result.
 
-    `distill(student_model="gpt2", precision="mixed", train_steps=100)`, or a DistillConfig. `quiet`: no
+    `distill(student_model="gpt2", precision="mixed", train_steps=100)`, or a DistillConfig — with options, a copy of it
+    with those changed (they were ignored: `distill(config, train_steps=2)` trained config's steps). `quiet`: no
     console output (the run directory is written as always).
     """
-    config = (config or DistillConfig(**options)).validate()
+    config = (replace(config, **options) if config is not None else DistillConfig(**options)).validate()
     return Trainer(config, display or TrainingDisplay(quiet=quiet, log_every=config.log_every)).train()

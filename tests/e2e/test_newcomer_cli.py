@@ -329,6 +329,30 @@ def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, m
     assert not any(tmp_path.iterdir())  # refused before a run directory was made
 
 
+def test_distill_of_a_config_with_options_changes_those_options(monkeypatch):
+    """`distill(config, train_steps=2)` trained the config's 120 steps: the options beside a DistillConfig were
+    dropped without a word. They change a copy of it; the caller's config is left as it was."""
+    import sarkd_diag
+    import sarkd_diag.train.loop as loop
+    from sarkd_diag import DistillConfig
+
+    trained = []
+
+    class Recorded:
+        def __init__(self, config, display):
+            trained.append(config)
+
+        def train(self):
+            return "result"
+
+    monkeypatch.setattr(loop, "Trainer", Recorded)
+    config = DistillConfig(probes="off", output_dir="~/runs/a")
+    assert sarkd_diag.distill(config, train_steps=2, student_lr=1e-3, quiet=True) == "result"
+    (used,) = trained
+    assert (used.train_steps, used.student_lr, used.probes) == (2, 1e-3, "off")
+    assert config == DistillConfig(probes="off", output_dir="~/runs/a")  # not validated in place either
+
+
 def test_a_path_and_numpy_numbers_are_taken_as_meant():
     """A numpy number from a sweep passed validation and was recorded in config.json as a string (`"3"`, json's
     default=str); a Path stayed a Path in the options. Each is now the option's own type."""
