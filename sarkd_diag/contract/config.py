@@ -128,12 +128,12 @@ class DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
         for f in fields(self):
             setattr(self, f.name, _as_declared(f.name, getattr(self, f.name)))
-        for name in PATH_OPTIONS:
-            if getattr(self, name) is not None:
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
+        for name in PATH_OPTIONS:
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         _positive(self, "block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "eval_steps",
                   "eval_max_batches", "probe_every", "nproc", "save_total_limit")
         if self.log_every is not None:

@@ -4,6 +4,7 @@ messages of bad model paths, offline hub ids, train files of other formats and -
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -351,6 +352,21 @@ def test_distill_of_a_config_with_options_changes_those_options(monkeypatch):
     (used,) = trained
     assert (used.train_steps, used.student_lr, used.probes) == (2, 1e-3, "off")
     assert config == DistillConfig(probes="off", output_dir="~/runs/a")  # not validated in place either
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_every_number_option_refuses_nan_and_inf(value):
+    """Only the last field was checked for a while (the check slipped out of the loop over the fields): NaN and Inf
+    are refused in every number option, by name."""
+    from sarkd_diag import DistillConfig
+    from sarkd_diag.contract.config import FIELD_TYPES
+    from sarkd_diag.contract.errors import BadInput
+
+    numbers = [name for name, hint in FIELD_TYPES.items() if value_type(hint) is float]
+    assert {"student_lr", "temperature", "max_grad_norm"} <= set(numbers)
+    for name in numbers:
+        with pytest.raises(BadInput, match=f"^--{name.replace('_', '-')} must be a finite number, got {value}$"):
+            DistillConfig(**{name: value}).validate()
 
 
 def test_a_path_and_numpy_numbers_are_taken_as_meant():
