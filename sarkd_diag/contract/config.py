@@ -131,6 +131,9 @@ class DistillConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
+            if isinstance(value, str) and not value.strip():  # `--train-file "$DATA"`, DATA unset: the default corpus
+                raise BadInput(f"--{_flag(f.name)} is empty ({value!r}: an unset shell variable?); give a value, or "
+                               "leave the option out")
         for name in PATH_OPTIONS:
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
