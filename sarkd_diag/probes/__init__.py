@@ -379,6 +379,8 @@ class Probes:
         if self.ctx.optimizer is not None:
             self._check_unoptimized(first_step)
         self.set.begin_step(first_step)
+        if self.run_dir is not None:  # built: the next Probes on this directory closes it if it is left open
+            _OPEN[os.path.realpath(self.run_dir)] = self
 
     @classmethod
     def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,
@@ -444,9 +446,7 @@ class Probes:
         """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell
         run again after its loop failed, a Trainer run again after an interrupt — and take its place: its hooks stayed
         on the model and recorded every event a second time, into the same logs. Returns its last step, if any."""
-        key = os.path.realpath(self.run_dir)
-        stale = _OPEN.get(key)
-        _OPEN[key] = self
+        stale = _OPEN.get(os.path.realpath(self.run_dir))
         if stale is None or stale._closed:
             return None
         stale.close("interrupted")

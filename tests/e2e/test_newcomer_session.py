@@ -457,6 +457,28 @@ def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir
     assert run["events"]["code"].value_counts().max() == 1  # nothing recorded twice
 
 
+def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, monkeypatch):
+    """A Probes whose construction raised after its run directory opened was registered as open: the next one on the
+    directory 'closed' the half-built object — a summary written for it and a stale_probes_closed note for a run
+    that never was."""
+    import torch
+
+    import sarkd_diag.probes as probes_module
+    from sarkd_diag import Probes, load_run
+
+    def broken(self, step):
+        raise RuntimeError("setup failed")
+
+    model = torch.nn.Linear(2, 2)
+    with monkeypatch.context() as patched:
+        patched.setattr(probes_module.Probes, "_check_scaler_dtypes", broken)
+        with pytest.raises(RuntimeError, match="setup failed"):
+            Probes(model, run_dir=tmp_path / "run")
+    with Probes(model, run_dir=tmp_path / "run"):
+        pass
+    assert "stale_probes_closed" not in load_run(tmp_path / "run")["events"]["code"].tolist()
+
+
 def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
     """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
     whose process was plainly alive, and `report` refuses such a run."""
