@@ -354,6 +354,19 @@ class Probes:
             if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
                                          activations_log=activations, gather=self.ranks.gather))
+        self._metrics = NullLog()  # the run directory's metrics log once it is open
+        try:
+            self._start(stale)
+        except BaseException:  # a Probes that fails to build leaves no hook on the model, the optimizer or torch
+            self.set.close()
+            self.events.close()
+            self._metrics.close()
+            raise
+        if self.run_dir is not None:  # built: the next Probes on this directory closes it if it is left open
+            _OPEN[os.path.realpath(self.run_dir)] = self
+
+    def _start(self, stale: int | None) -> None:
+        """The hooks beyond the probes' own, the run directory opened, the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         if self.set.probes:
@@ -379,8 +392,6 @@ class Probes:
         if self.ctx.optimizer is not None:
             self._check_unoptimized(first_step)
         self.set.begin_step(first_step)
-        if self.run_dir is not None:  # built: the next Probes on this directory closes it if it is left open
-            _OPEN[os.path.realpath(self.run_dir)] = self
 
     @classmethod
     def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,

@@ -460,7 +460,7 @@ def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir
 def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, monkeypatch):
     """A Probes whose construction raised after its run directory opened was registered as open: the next one on the
     directory 'closed' the half-built object — a summary written for it and a stale_probes_closed note for a run
-    that never was."""
+    that never was. It left its hooks on the model and torch's clipping function replaced, too."""
     import torch
 
     import sarkd_diag.probes as probes_module
@@ -470,10 +470,13 @@ def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, 
         raise RuntimeError("setup failed")
 
     model = torch.nn.Linear(2, 2)
+    clipping = torch.nn.utils.clip_grads_with_norm_
     with monkeypatch.context() as patched:
         patched.setattr(probes_module.Probes, "_check_scaler_dtypes", broken)
         with pytest.raises(RuntimeError, match="setup failed"):
             Probes(model, run_dir=tmp_path / "run")
+    assert not (model._forward_hooks or model._forward_pre_hooks)  # and torch's clipping is its own again:
+    assert torch.nn.utils.clip_grads_with_norm_ is clipping  # a failed Probes left both in place
     with Probes(model, run_dir=tmp_path / "run"):
         pass
     assert "stale_probes_closed" not in load_run(tmp_path / "run")["events"]["code"].tolist()
