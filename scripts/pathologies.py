@@ -147,6 +147,8 @@ def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> l
     if expected.evidence_contains and not any(expected.evidence_contains in k for k in top.get("evidence") or {}):
         wrong.append(f"no {expected.evidence_contains!r} in the evidence")
     for c in diagnosis:
+        if "?" in (c.get("fix") or ""):  # no template holds one: a value the fix names was not found ("?")
+            wrong.append(f"the fix of {c['cause']} leaves a value unfilled: {c['fix'][:120]!r}")
         if c.get("cause") in expected.absent:
             wrong.append(f"also claims {c['cause']} ({c['severity']})")
         elif c.get("cause") in expected.not_critical and c.get("severity") == "critical":
@@ -1396,6 +1398,189 @@ def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
 
 
 # ------------------------------------------------------------------------------------------ the catalog
+def feature_kd_lr_above_stability(world: World, tmp: Path) -> Outcome:
+    """Feature distillation through a linear projection (the student's features regressed onto the teacher's with
+    MSE), full batch, SGD at 1.02× the stability limit 2/λmax of the loss's curvature: the loss falls along the
+    flat directions, then the steepest one oscillates with a growing amplitude (×1.08 a step) — a slow climb,
+    every value finite, well below three times the first loss."""
+    outcome = Outcome()
+    torch.manual_seed(0)
+    student_features, teacher_features = torch.randn(64, 32), torch.randn(64, 16)
+    student_features[:, 0] *= 4  # one direction much larger than the rest: the steepest curvature
+    projection = nn.Linear(32, 16)
+    with_bias = torch.cat([student_features, torch.ones(64, 1)], 1)
+    curvature = float(torch.linalg.eigvalsh(2 * with_bias.T @ with_bias / teacher_features.numel()).max())
+    lr = 1.02 * 2 / curvature
+    opt = torch.optim.SGD(projection.parameters(), lr=lr)
+    losses = []
+    with _probes({"student": projection}, opt, None, tmp / "run") as probes:
+        for _ in range(16):
+            loss = nn.functional.mse_loss(projection(student_features), teacher_features)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    lowest = losses.index(min(losses))
+    outcome.facts.update(lr=round(lr, 4), stability_limit=round(2 / curvature, 4), losses=[round(v, 3) for v in losses],
+                         lowest_at_step=lowest + 1)
+    outcome.check("lr above 2/λmax; the loss falls, then rises at every step after its lowest, all finite and "
+                  "below 3x the first", lr > 2 / curvature and all(map(math.isfinite, losses))
+                  and 0 < lowest < 8 and all(b > a for a, b in zip(losses[lowest:-1], losses[lowest + 1:], strict=True))
+                  and losses[-1] > 1.2 * min(losses) and max(losses) < 3 * losses[0])
+    return outcome
+
+
+def unit_norm_embeddings_with_a_zero_row(world: World, tmp: Path) -> Outcome:
+    """After each optimizer step the loop renormalises the student's token embeddings to unit norm, as cosine-
+    similarity models do (`wte.weight.div_(wte.weight.norm(dim=1, keepdim=True))`); one row is all zero — a padding
+    embedding, as `nn.Embedding(padding_idx=...)` initialises it, never in a batch, so no update moves it: 0/0 writes
+    NaN into it between step 1's update and step 2's forward. The forwards never read that row: every loss and
+    gradient stays finite, and the next update (weight decay multiplies the NaN) is the first to show it."""
+    outcome = Outcome()
+    model = tiny_gpt2_untied(world.vocab)
+    batches = token_batches(world, 3)
+    pad = next(i for i in range(world.vocab) if not any((b == i).any() for b in batches))
+    with torch.no_grad():
+        model.transformer.wte.weight[pad].zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    finite_after_update = []
+
+    def renormalise() -> None:
+        finite_after_update.append(finite(model.transformer.wte.weight))
+        with torch.no_grad():
+            weight = model.transformer.wte.weight
+            weight.div_(weight.norm(dim=1, keepdim=True))
+    losses = plain_user_loop(model, opt, batches, tmp / "run", after_step=renormalise)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(pad_token=pad, losses=[round(v, 3) for v in losses], finite_after_update=finite_after_update,
+                         nan_rows_at_end=int(model.transformer.wte.weight.isnan().any(1).sum()))
+    outcome.check("the embeddings are finite after step 1's update, the zero row NaN after the renormalisation; "
+                  "every loss finite", finite_after_update[0] and outcome.facts["nan_rows_at_end"] == 1
+                  and all(map(math.isfinite, losses)))
+    return outcome
+
+
+def head_retied_with_the_embedding_scale(world: World, tmp: Path) -> Outcome:
+    """A student with its own head (untied) that the loop ties back to the embeddings after each optimizer step,
+    copying `wte.weight * n_embd ** 0.5` — the √d scale some models (T5, Gemma) apply to the embeddings' outputs,
+    applied here to the weights: between step 1's update and step 2's forward the head grows ~5.7×."""
+    outcome = Outcome()
+    model = tiny_gpt2_untied(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    head, embeddings = model.lm_head.weight, model.transformer.wte.weight
+    head_before, head_after = [], []
+
+    def retie() -> None:
+        head_before.append(float(head.detach().abs().max()))
+        with torch.no_grad():
+            head.copy_(embeddings * model.config.n_embd ** 0.5)  # meant: the same tensor, or no scale
+        head_after.append(float(head.detach().abs().max()))
+    losses = plain_user_loop(model, opt, token_batches(world, 4), tmp / "run", after_step=retie)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses],
+                         head_amax_after_update=[round(v, 3) for v in head_before],
+                         head_amax_after_retie=[round(v, 3) for v in head_after])
+    outcome.check("the first re-tie makes the head's largest weight > 2x what the update left; every loss finite",
+                  head_after[0] > 2 * head_before[0] and all(map(math.isfinite, losses)))
+    return outcome
+
+
+def amp_loop_clips_before_unscaling(world: World, tmp: Path) -> Outcome:
+    """The AMP loop with clipping in the wrong order: `clip_grad_norm_(model.parameters(), 1.0)` right after
+    `scaler.scale(loss).backward()`, with no `scaler.unscale_(opt)` before it — the norm it clips by is the true one ×
+    the loss scale (2**16), so every step is clipped, and once unscaled each gradient is ~65536× below the
+    threshold."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    clipped_by, true_norms = [], []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            true_norms.append(float(torch.stack([p.grad.float().norm() for p in model.parameters()]).norm())
+                              / scaler.get_scale())  # outside the tool: the norm the clipping was meant to see
+            clipped_by.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))  # meant after unscale_
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    ratios = [c / t for c, t in zip(clipped_by, true_norms, strict=True)]
+    outcome.facts.update(clipped_by=[f"{v:.3g}" for v in clipped_by], true_norms=[round(v, 3) for v in true_norms],
+                         ratio=[round(v) for v in ratios])
+    outcome.check("the clipping saw the true norm × 65536: every step clipped although the true norm is near the "
+                  "threshold", all(abs(r / 65536 - 1) < 1e-2 for r in ratios) and all(c > 1.0 for c in clipped_by))
+    return outcome
+
+
+def hidden_state_kd_with_teacher_states_in_fp16(world: World, tmp: Path) -> Outcome:
+    """Hidden-state KD whose loop keeps the teacher's hidden states in float16 to save memory (`.half()`, then
+    `.float()` for the loss). The fp32 teacher has a massive-activation channel (one hidden unit at 1e5 after block 0,
+    as large LMs have): finite in fp32, Inf once cast — the MSE is Inf at step 1, every module output finite."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    with torch.no_grad():  # a massive activation: channel 5 of block 0's MLP output is 1e5 whatever the input
+        teacher.transformer.h[0].mlp.c_proj.weight[:, 5] = 0
+        teacher.transformer.h[0].mlp.c_proj.bias[5] = 1e5
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    losses, states = [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 2, batch=4, block=32):
+            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                kept = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1]
+                states.append(kept)
+                kept = kept.half()  # stored in float16 to save memory
+            loss = out.loss + nn.functional.mse_loss(out.hidden_states[1], kept.float())
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, teacher_state_amax=float(states[0].abs().max()))
+    outcome.check("the teacher's fp32 hidden states are finite and beyond 65504, Inf in float16; the loss is not "
+                  "finite from step 1", finite(states[0]) and float(states[0].abs().max()) > FP16_MAX
+                  and not finite(states[0].half()) and not math.isfinite(losses[0]))
+    return outcome
+
+
+def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
+    """An fp32 loop converted to AMP that kept its `opt.step()` after the new `scaler.step(opt)`; the scaler starts
+    at 2**24 (a larger initial scale than the default), so the first steps overflow float16 and the scaler skips them
+    — and the leftover `opt.step()` applies those non-finite gradients: NaN weights at step 1."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    skipped, finite_after = [], []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            skipped.append(scaler.get_scale() < before)
+            opt.step()  # left over from the fp32 loop
+            finite_after.append(all(finite(p) for p in model.parameters()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(scaler_skipped=skipped, weights_finite=finite_after)
+    outcome.check("the scaler skipped step 1 (overflow) and the weights are NaN after it",
+                  skipped[0] and not finite_after[0])
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1565,6 +1750,36 @@ SCENARIOS: list[Scenario] = [
              checkpoint_beyond_fp16_half_user_loop,
              Expected("nonfinite_input", "critical", "student", STUDENT_HOT + ".weight", first_step=1,
                       fix_contains="beyond float16's 65504", fix_lacks="GradScaler")),
+    Scenario("feature KD, lr a little above stability", "user loop: fp32; a linear projection's MSE onto teacher "
+             "features, full batch, SGD at 1.02 × 2/λmax: the loss falls, then climbs (finite, < 3x)", "fp32",
+             "user loop", feature_kd_lr_above_stability,
+             Expected("divergence", "warning", "student", None, first_step=(5, 9), fix_contains="climbs steadily",
+                      evidence_contains="slope")),
+    Scenario("unit-norm embeddings with a zero row", "user loop: fp32 GPT-2 (untied head), AdamW; after each step "
+             "the loop divides the embeddings by their norms, a padding row all zero (0/0: NaN, a row no batch "
+             "reads)", "fp32", "user loop", unit_norm_embeddings_with_a_zero_row,
+             Expected("weights_edited", "critical", "student", "transformer.wte", first_step=2,
+                      fix_contains="no_grad", absent=("optimizer_nonfinite",))),
+    Scenario("head re-tied with the embedding scale", "user loop: fp32 GPT-2 (untied head), AdamW; after each step "
+             "the loop copies `wte.weight * n_embd ** 0.5` into the head (√d applied to the weights)", "fp32",
+             "user loop", head_retied_with_the_embedding_scale,
+             Expected("weights_edited", None, "student", "lm_head", first_step=2,
+                      fix_contains="outside the optimizer")),
+    Scenario("AMP loop clips before unscaling", "user loop: autocast fp16 + GradScaler, AdamW; "
+             "`clip_grad_norm_(..., 1.0)` with no `scaler.unscale_(opt)` before it", "mixed", "user loop",
+             amp_loop_clips_before_unscaling,
+             Expected("clip_before_unscale", "warning", first_step=1, fix_contains="scaler.unscale_(optimizer)",
+                      absent=("update_underflow",))),
+    Scenario("hidden-state KD with the teacher's states in fp16", "user loop: fp32; the teacher's hidden states "
+             "(one massive-activation unit at 1e5) kept as `.half()` for an MSE term", "fp32", "user loop",
+             hidden_state_kd_with_teacher_states_in_fp16,
+             Expected("divergence", "critical", "teacher", "transformer.h.0.mlp.c_proj", first_step=1,
+                      fix_contains=".half()", fix_lacks="autocast")),
+    Scenario("AMP loop that also calls optimizer.step()", "user loop: autocast fp16 + GradScaler(init_scale=2**24), "
+             "AdamW; `opt.step()` left after `scaler.step(opt)`", "mixed", "user loop",
+             amp_loop_that_also_calls_optimizer_step,
+             Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
+                      absent=("divergence", "gradient_overflow"))),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

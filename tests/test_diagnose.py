@@ -64,6 +64,50 @@ def test_an_extreme_update_with_nothing_wrong_yet_is_a_warning():
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning")
 
 
+@pytest.mark.parametrize("caller, lr_word, lr", [("cli", "`--router-lr`", 2e4),
+                                                 ("loop", "the teacher's parameter group", None)])
+def test_a_teachers_extreme_update_names_the_lr_its_tensors_train_at(caller, lr_word, lr):
+    """The routers `train` trains sit in a parameter group of their own, at `--router-lr` (scheduled like the
+    student's, whose lr the rows record): a router's blow-up names that option and its scheduled lr, not the
+    student's. Where no record says a teacher group's lr, none is quoted."""
+    frame = log({"kind": "extreme_update", "severity": "warning", "step": 2, "phase": "optimizer", "model": "teacher",
+                 "module": "layers.0.mlp.gate", "tensor": "layers.0.mlp.gate.weight", "value": 7e4})
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": [2e-3, 1e-3], "loss": [10.0, 8e8]})
+    (cause,) = causes(frame, metrics, caller=caller, mode="fp32",
+                      options={"student_lr": 2e-3, "router_lr": 4e4})
+    assert (cause["cause"], cause["model"], cause["severity"]) == ("divergence", "teacher", "critical")
+    assert lr_word in cause["fix"] and "student" not in cause["fix"] and cause["evidence"].get("lr") == lr
+    assert (f"at lr {lr:.3g}" in cause["fix"]) if lr else ("at lr" not in cause["fix"])
+
+
+def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_problem():
+    """In a float16 optimizer state, second moments flushed to 0 leave Adam dividing by eps alone: the step that
+    follows is extreme because of precision. That step is the state underflow's evidence (critical), not a second
+    cause whose fix says "lower the lr; precision is not the cause"."""
+    frame = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "phase": "optimizer",
+                 "model": "student", "tensor": "wte.weight", "dtype": "float16", "value": 0.4},
+                {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+                 "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 1.16})
+    (cause,) = causes(frame, mode="pure-fp16")
+    assert (cause["cause"], cause["severity"], cause["evidence"]["extreme_updates"]) == (
+        "optimizer_state_underflow", "critical", 1)
+    assert "precision is not the cause" not in cause["fix"]
+
+
+@pytest.mark.parametrize("losses, severity", [([4, 3.8, 3.7, 15, 3.6, 3.5, 3.4, 3.3], "warning"),
+                                               ([4, 3.8, 3.7, 15, 14, 13, 12, 12.5], "critical"),
+                                               ([4, 3.8, 3.7, 3.6, 3.5, 3.4, 3.3, 15], "critical")])
+def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losses, severity):
+    """One outlier batch makes the loss jump 4× for a step; the next steps are back below where it was before: a
+    transient spike, a warning that points at that step — not a critical divergence. A loss that stays up, or whose
+    jump is the run's last step, still is one."""
+    metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "loss": losses, "lr": 1e-3})
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, losses.index(15) + 1)
+    assert cause["evidence"].get("recovered", False) is (severity == "warning")
+    assert ("transient spike" in cause["fix"]) is (severity == "warning")
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(
@@ -619,3 +663,123 @@ def test_student_weights_inf_in_float16_at_load_name_the_dtype_and_fp32_range_no
     assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
     assert "beyond float16's 65504" in cause["fix"] and "rescale" in cause["fix"] and "corrupt" not in cause["fix"]
     assert "GradScaler" not in cause["fix"]
+
+
+def _losses(values) -> pd.DataFrame:
+    return pd.DataFrame({"step": range(1, len(values) + 1), "split": "train", "loss": list(values)})
+
+
+@pytest.mark.parametrize("caller", ["loop", "cli"])
+def test_a_loss_that_climbs_steadily_below_the_blow_up_is_an_unplaced_warning(caller):
+    """Finite, less than 3× its first value, yet rising step after step well beyond its noise: a warning that
+    says so (unplaced: nothing measured locates it), from the window where the climb was judged."""
+    climbing = [2.0 + 0.05 * i + 0.01 * (-1) ** i for i in range(12)]
+    (cause,) = causes(log(), _losses(climbing), mode="fp32", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
+        "divergence", "warning", None, 1)
+    assert cause["evidence"]["unplaced"] is True and cause["evidence"]["slope_standard_errors"] > 5
+    assert "climbs steadily from step 1 to 12" in cause["fix"]
+    fell_then_climbed = [3.0 - 0.2 * i for i in range(8)] + [1.6 + 0.1 * i + 0.02 * (-1) ** i for i in range(8)]
+    (cause,) = causes(log(), _losses(fell_then_climbed), mode="fp32", caller=caller)
+    assert cause["first_step"] == 9 and cause["evidence"]["window"] == "9-16"
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_noisy_healthy_losses_read_no_climb(seed):
+    """Small-batch noise (10% of the loss, step to step) around a loss that falls, or has levelled off, or a run too
+    short to judge: no trend is claimed. A slope stands out of that noise only when it is steady."""
+    import numpy as np
+
+    noise = np.random.default_rng(seed).normal(0, 0.1, 40)
+    falling = [3.0 * math.exp(-i / 10) + 1.0 + n for i, n in enumerate(noise)]
+    flat = [1.0 + n for n in noise]
+    for values in (falling, flat, falling[:7]):
+        assert causes(log(), _losses(values), mode="fp32", caller="loop") == []
+
+
+def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_this_warning():
+    """A rise of 5% over the run stands out of tiny noise but is a plateau's drift, not a climb; a climb after the
+    lr went negative is the ascent the lr asked for (`lr_negative`)."""
+    drift = [5.0 + 0.02 * i for i in range(12)]
+    assert causes(log(), _losses(drift), mode="fp32", caller="loop") == []
+    climbing = _losses([2.0 + 0.1 * i for i in range(12)]).assign(lr=[1e-3] * 4 + [-1e-4] * 8)
+    negative = {**NEGATIVE_LR, "step": 5}
+    assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop")] == [
+        "lr_negative"]
+
+
+EDITED_NAN = {"kind": "nonfinite_between_steps", "severity": "critical", "step": 4, "phase": "forward",
+              "model": "student", "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": math.nan,
+              "dtype": "float32", "nan_count": None, "posinf_count": None, "neginf_count": None}
+UPDATED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [2.0, 2.0, 2.0, math.nan],
+                        "act_amax_student": [9.0, None, None, 9.0]})
+
+
+def test_a_weight_written_nonfinite_between_steps_is_the_root_at_the_edit_and_what_follows_its_symptoms():
+    """The NaN a loop's own code wrote after step 3's update is the first non-finite value: the NaN activation,
+    loss, gradients and weights of step 4 follow from it — not an undefined operation (values were small), not
+    the loss computation, not a divergence at step 4's update."""
+    frame = log(EDITED_NAN, {**NAN_OUTPUT, "step": 4, "module": "h.0.mlp"}, *({**e, "step": 4} for e in THEN_RUINED))
+    (root,) = causes(frame, UPDATED, mode="fp32", caller="loop")
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "h.0.mlp.weight", 4)
+    assert root["evidence"]["finite_after_optimizer_step"] == 3 and root["evidence"]["holds"] == "NaN"
+    assert "after optimizer step 3" in root["fix"] and "divergence@4" in root["evidence"]["followed_by"]
+
+
+@pytest.mark.parametrize("severity, then, found", [("warning", (), [("weights_edited", "warning")]),
+                                                   ("warning", ({**NAN_LOSS, "step": 4},), [("weights_edited",
+                                                                                             "critical")]),
+                                                   ("info", (), [])])
+def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_follows_and_else_nothing(severity, then,
+                                                                                                     found):
+    edit = {"kind": "weights_edited", "severity": severity, "step": 4, "phase": "forward", "model": "student",
+            "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": 1e6 if severity == "warning" else 1.001}
+    diagnosis = causes(log(edit, *then), UPDATED.assign(param_amax=2.0), mode="fp32", caller="loop")
+    assert [(c["cause"], c["severity"]) for c in diagnosis] == found
+
+
+def test_updates_shrunk_by_clipping_scaled_gradients_are_that_loop_order_not_a_step_size_problem():
+    """Lost updates in fp32 weights read as a step too small (the lr, the clip threshold) — unless the loop clipped
+    the gradients before unscaling them: then the scale shrank every update, and the fix is the order."""
+    note = {"kind": "setup_note", "severity": "warning", "code": "clip_before_unscale", "step": 1,
+            "phase": "backward", "probe": "gradients", "value": 65536.0}
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+            "module": "h.0", "tensor": "h.0.weight", "value": 0.4, "dtype": "float32"}
+    assert [c["cause"] for c in causes(log(lost), mode="mixed", caller="loop")] == ["update_underflow"]
+    (cause,) = causes(log(note, lost), mode="mixed", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("clip_before_unscale", "warning", 1)
+    assert "`scaler.unscale_(optimizer)` right before" in cause["fix"] and cause["evidence"]["loss_scale"] == 65536.0
+
+
+def test_a_nonfinite_loss_from_finite_outputs_beyond_fp16_names_the_cast_and_the_model_that_made_them():
+    """The teacher's fp32 hidden states reach 1e5 (finite, beyond float16's 65504) and the loss turns Inf: a cast to
+    float16 on the way to the loss (`.half()` to save memory) is the likeliest maker — placed at the teacher's first
+    module beyond fp16's range, the fix says to keep them in float32. Below 65504 the loss computation reads as
+    before."""
+    risk = {"kind": "fp16_overflow_risk", "severity": "warning", "step": 1, "phase": "forward", "model": "teacher",
+            "module": "h.0.mlp", "value": 1e5, "dtype": "float32"}
+    (root, *_) = causes(log(risk, NAN_LOSS, *AFTER_IT), MEASURED.assign(act_amax_teacher=1e5), mode="fp32",
+                        caller="loop")
+    assert (root["cause"], root["severity"], root["model"], root["module"], root["first_step"]) == (
+        "divergence", "critical", "teacher", "h.0.mlp", 1)
+    assert ".half()" in root["fix"] and "1e+05" in root["fix"] and root["evidence"]["beyond_float16"] is True
+    (plain, *_) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    assert plain["fix"].startswith("check the loss computation") and plain["model"] == "student"
+
+
+@pytest.mark.parametrize("nonfinite_after, severity", [(False, "warning"), (True, "critical")])
+def test_an_optimizer_stepped_twice_is_a_warning_until_the_weights_turn_nonfinite_then_the_root(nonfinite_after,
+                                                                                               severity):
+    """Applying each gradient twice is a warning; under a scaler the extra step applies the gradients it skipped,
+    and the NaN weights that follow are its doing — not a divergence to fix with the lr."""
+    note = {"kind": "setup_note", "severity": "warning", "code": "optimizer_stepped_twice", "step": 1,
+            "phase": "optimizer", "probe": "scaler"}
+    after = ({"kind": "nonfinite_param", "severity": "critical", "step": 1, "phase": "optimizer", "model": "student",
+              "tensor": "w"},) \
+        if nonfinite_after else ()
+    (cause,) = causes(log(note, *after), mode="mixed", caller="loop",
+                      precision={"mode": "mixed", "loss_scaling": True})
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_stepped_twice", severity, 1)
+    assert "`scaler.step(optimizer)` alone" in cause["fix"]
+    assert ("divergence@1" in cause["evidence"].get("followed_by", "")) is nonfinite_after

@@ -27,14 +27,23 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "divergence", "activation_overflow",
-    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
+    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
+    "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
+    "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
+# A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
+# window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
+# errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
+# measures, and iid noise reaches 5 standard errors by chance about once in a thousand windows of 8 — and a fitted
+# rise over the window of at least LOSS_TREND_RISE of the fitted start (a real climb, not a drift of a plateau)
+LOSS_TREND_MIN_STEPS = 8
+LOSS_TREND_T = 5.0
+LOSS_TREND_RISE = 0.1
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -85,11 +94,23 @@ PHRASES = {
                      "lightning": "the optimizer's `weight_decay` (`configure_optimizers`)"},
     "lr": {"cli": "`--student-lr`", "loop": "the optimizer's `lr`", "trainer": "`learning_rate`",
            "accelerate": "the optimizer's `lr`", "lightning": "the optimizer's `lr` (`configure_optimizers`)"},
+    # the lr of what a teacher trains: in `train` its routers (SAR), at their own option, never the student's
+    "teacher_lr": {"cli": "`--router-lr`", "loop": "the lr of the teacher's parameter group",
+                   "trainer": "the lr of the teacher's parameter group (`optimizers=`)",
+                   "accelerate": "the lr of the teacher's parameter group",
+                   "lightning": "the lr of the teacher's parameter group (`configure_optimizers`)"},
     "clip": {"cli": "`--max-grad-norm`", "loop": "`torch.nn.utils.clip_grad_norm_`", "trainer": "`max_grad_norm`",
              "accelerate": "`accelerator.clip_grad_norm_`", "lightning": "`Trainer(gradient_clip_val=...)`"},
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
                      "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
                      "lightning": "the weights of the loss's terms"},
+    "unscale_then_clip": {
+        "cli": "`train`'s own order (it unscales before it clips)",
+        "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
+        "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
+        "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
+        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -176,6 +197,15 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
+                               "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
+                               "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
+                               "step",
+    "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
+                           "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
+                           "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
+                           "moves; Adam sees only the gradient's direction) — clip after unscaling: "
+                           "{unscale_then_clip}",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
@@ -198,6 +228,16 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "weights_edited_nonfinite": "{model}'s {tensor} was finite after optimizer step {after} and holds {holds} at "
+                                "step {step}'s first training forward: code between the optimizer step and the next "
+                                "forward wrote it — an in-place edit under `torch.no_grad()` (a rescale, a weight "
+                                "copied or tied from another tensor, an EMA or model average written back, a mask "
+                                "or clamp with a NaN in it) — find that code; the optimizer, the data and the "
+                                "precision are not the cause",
+    "weights_edited": "code outside the optimizer changed {model}'s {tensor} between optimizer step {after} and step "
+                      "{step}'s first training forward, its largest absolute value {factor}× larger or smaller in "
+                      "one go — an in-place rescale under `torch.no_grad()`, a weight copied or tied from another "
+                      "tensor, an average written back; check that code: training did not make the change",
     "nonfinite_weights_fp16": "{model}'s {tensor} holds {holds} in float16 before the first optimizer step: the "
                               "checkpoint holds values beyond float16's 65504 (it was saved wider) and the cast to "
                               "float16 at load made them Inf (the file is sound): load and compute it with fp32's "
@@ -219,6 +259,13 @@ FIXES = {
                         "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
                         "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
+    "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
+                      "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "
+                      "the loss — `.half()` or `.to(torch.float16)` on its logits or hidden states (often to save "
+                      "memory), a float16 buffer they are copied into — makes them Inf, and the loss Inf or NaN; keep "
+                      "them in float32 (or bfloat16, fp32's range) up to the loss, or scale them down first; if "
+                      "nothing casts them, look for a division by zero or the log of 0 in the loss; lowering {lr} "
+                      "will not help",
     "loss_computation_low": "compute the loss in fp32: the {term} turned non-finite in {dtype} from finite weights "
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
@@ -242,6 +289,15 @@ FIXES = {
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
                      "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
                      "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_spike": "the loss jumped from {before} to {top} at step {step} (beyond {factor}× its first, {first}) with "
+                  "every value finite, then came back ({last} at step {last_step}): a transient spike, not a "
+                  "divergence — an outlier batch or one step too large; if spikes recur or grow, lower {lr} and clip "
+                  "with {clip}, and look at the batches of step {step}",
+    "loss_rising": "the training loss climbs steadily from step {first} to {last} (the fitted line from {start} to "
+                   "{end}, {t} standard errors of its step-to-step noise above flat) with every value finite: an "
+                   "optimizer that steps too far — {lr} a little too high for this model, or a schedule that raises "
+                   "it — or a loss that is being maximised (a sign error in a term, a term's weight); nothing places "
+                   "it — lower {lr} (and clip with {clip}), and check the loss code and its terms' weights",
     "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
                                "step that took no module statistics: nothing places it — {full_probes} tells whether a "
                                "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
@@ -353,6 +409,19 @@ class RunRecord:
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
+    def lr_at(self, step: int, model: str | None) -> float | None:
+        """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
+        a teacher's trainable tensors — the routers `train` trains — are a group of their own, in `train` at
+        `--router-lr` scheduled by the same factor as the student's; elsewhere their lr is not recorded (None)."""
+        lrs = self.train_column("lr")
+        row_lr = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None
+        if model != "teacher" or row_lr is None:
+            return row_lr
+        options = self.config.get("options") or {}
+        if self.caller == "cli" and options.get("student_lr") and options.get("router_lr") is not None:
+            return row_lr * options["router_lr"] / options["student_lr"]
+        return None
+
     def computes_in_bf16(self) -> bool:
         """Whether the forwards ran in bfloat16: bf16 weights, or bf16 autocast over wider ones."""
         precision = self.config.get("precision") or {}
@@ -392,7 +461,7 @@ class RunRecord:
         step = int(row["step"])
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step,
                   "nonfinite_activation": step + 1, "nonfinite_batch": step + 1, "empty_targets": step + 1,
-                  "nonfinite_at_load": step + 1}
+                  "nonfinite_at_load": step + 1, "nonfinite_between_steps": step + 1}
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
@@ -405,7 +474,8 @@ class RunRecord:
             return None
         step = int(params["step"].min())
         limits = {"nonfinite_grad": step + 1, "nonfinite_loss": step + 1, "nonfinite_batch": step + 1,
-                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1}
+                  "empty_targets": step + 1, "extreme_update": step, "nonfinite_at_load": step + 1,
+                  "nonfinite_between_steps": step + 1}
         if any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         bad_grads = self.train_column("nonfinite_grad_tensors")
@@ -458,7 +528,8 @@ class RunRecord:
             return None
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
-                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1}
+                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1,
+                  "nonfinite_between_steps": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         if "step" not in self.metrics or "split" not in self.metrics:
@@ -493,7 +564,8 @@ class RunRecord:
         row = _first(grads)
         step, limit = int(row["step"]), DTYPE_MAX.get(row.get("dtype"))
         limits = {"nonfinite_grad": step, "nonfinite_param": step, "extreme_update": step,
-                  "nonfinite_at_load": step + 1, "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
+                  "nonfinite_at_load": step + 1, "nonfinite_between_steps": step + 1,
+                  "nonfinite_activation": step + 1, "nonfinite_loss": step + 1,
                   "nonfinite_batch": step + 1, "empty_targets": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
@@ -516,6 +588,22 @@ class RunRecord:
         if row is None or not self.computes_in_fp16() or self.module_outputs_at(int(row["step"])):
             return None
         return row
+
+    def loss_trend(self, before: int | None = None) -> dict | None:
+        """A training loss that climbs steadily (finite, below the blow-up): over the whole run, else its second half
+        (a loss that fell, then climbed), the least-squares slope per step is LOSS_TREND_T standard errors above 0
+        and the fitted rise over the window is at least LOSS_TREND_RISE of the fitted start's magnitude. Losses from
+        step `before` on are left out. A healthy run's loss falls or levels off, its noise around that
+        (small batches) measured by the residuals: only a rise that stands out of that noise is a trend."""
+        loss = self.train_column("loss")
+        loss = loss[loss.map(math.isfinite)]
+        if before is not None:
+            loss = loss[loss.index < before]
+        for window in (loss, loss.iloc[len(loss) // 2:]):
+            fit = _rising(window)
+            if fit is not None:
+                return fit
+        return None
 
     def module_outputs_at(self, step: int) -> dict[str, float]:
         """Each model's largest module output on a training step that measured them (a statistics step): the
@@ -568,10 +656,14 @@ class RunRecord:
         *parents, last = module.split(".")
         return last in ROUTER_NAMES and not any("expert" in p for p in parents)
 
-    def fix(self, template: str, **values) -> str:
-        """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16)."""
+    def fix(self, template: str, *, model: str | None = None, **values) -> str:
+        """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
+        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, so that is
+        the lr the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
-        words.update({k: ("?" if v is None else v) for k, v in values.items()})
+        if model == "teacher":
+            words["lr"] = words["teacher_lr"]
+        words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
 
@@ -583,6 +675,26 @@ class _Blank(dict):
 
 def _first(frame: pd.DataFrame) -> pd.Series:
     return frame.sort_values(["step", "time"], kind="stable").iloc[0]
+
+
+def _rising(loss: pd.Series) -> dict | None:
+    """The least-squares line through a window of losses when it rises by LOSS_TREND_T standard errors and by
+    LOSS_TREND_RISE of its start: its first and last step, slope per step, t, start and rise; else None."""
+    if len(loss) < LOSS_TREND_MIN_STEPS:
+        return None
+    steps, values = loss.index.to_numpy(dtype=float), loss.to_numpy(dtype=float)
+    centred = steps - steps.mean()
+    spread = float((centred**2).sum())
+    slope = float((centred * (values - values.mean())).sum() / spread)
+    residuals = values - values.mean() - slope * centred
+    noise = math.sqrt(float((residuals**2).sum()) / (len(values) - 2))
+    t = slope / (noise / math.sqrt(spread)) if noise > 0 else (math.inf if slope > 0 else 0.0)
+    start = float(values.mean() + slope * centred[0])
+    rise = slope * float(steps[-1] - steps[0])
+    if t < LOSS_TREND_T or rise < LOSS_TREND_RISE * abs(start):
+        return None
+    return {"first": int(steps[0]), "last": int(steps[-1]), "slope": slope, "t": t, "start": start, "rise": rise,
+            "noise": noise}
 
 
 def _holds(row: pd.Series) -> str:
@@ -650,6 +762,43 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
                             evidence={"empty_target_batches": len(empty), "nonfinite_loss_events": len(losses),
                                       "nonfinite_loss_on_empty_step": bool(len(hit))},
                             fix=r.fix("nonfinite_input")))
+    return causes
+
+
+# what a blow-up leaves in the events: a non-finite value anywhere, or an update as large as the weights
+BLOW_UPS = ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "extreme_update")
+
+
+def weights_edited(r: RunRecord) -> list[Cause]:
+    """The caller's code changed the weights between an optimizer step and the next training forward: critical where
+    it made a weight non-finite (`nonfinite_between_steps`: every NaN after it follows from it, placed at the edit
+    and the step whose forward first saw it, not at the next update), a warning where it rescaled a tensor by more
+    than WEIGHT_EDIT_FACTOR (a `weights_edited` warning) — critical once something blew up from its step on (a
+    non-finite value, an update as large as the weights: the rescaled weights' doing, which `rank` folds into it).
+    A smaller edit (a clamp, an EMA swap) is the event alone."""
+    causes = []
+    updated = r.train_column("param_amax").index
+    for kind, severity, template in (("nonfinite_between_steps", "critical", "weights_edited_nonfinite"),
+                                     ("weights_edited", "warning", "weights_edited")):
+        events = r.of(kind)
+        events = events[events["severity"] == severity]
+        if not len(events):
+            continue
+        row = _first(events)
+        step = int(row["step"])
+        after = int(updated[updated < step].max()) if (updated < step).any() else None
+        holds = _holds_value(row)
+        evidence = {"finite_after_optimizer_step": after, "edited_before_forward_of_step": step}
+        if kind == "weights_edited":
+            then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
+                    if (r.of(later)["step"] >= step).any()]
+            severity = "critical" if then else severity
+            evidence.update(largest_value_factor=row["value"], then=", ".join(then) or None)
+        else:
+            evidence["holds"] = holds
+        causes.append(Cause("weights_edited", severity, **_where(row), evidence=evidence,
+                            fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
+                                      after=after, step=step, factor=f"{float(row['value']):.3g}")))
     return causes
 
 
@@ -731,8 +880,8 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
         lr = _first(lrs)
         evidence.update(lr_nonfinite=lr.get("tensor"), lr_value=str(lr["value"]), lr_step=int(lr["step"]))
         return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
-                      fix=r.fix("optimizer_lr_nonfinite", group=lr.get("tensor"), lr_value=str(lr["value"]),
-                                step=int(lr["step"])))]
+                      fix=r.fix("optimizer_lr_nonfinite", model=lr.get("model"), group=lr.get("tensor"),
+                                lr_value=str(lr["value"]), step=int(lr["step"])))]
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
@@ -746,7 +895,7 @@ def lr_zero(r: RunRecord) -> list[Cause]:
     lr = r.train_column("lr")
     steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
     return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
-                  fix=r.fix("lr_zero", group=row.get("tensor"), step=int(row["step"])))]
+                  fix=r.fix("lr_zero", model=row.get("model"), group=row.get("tensor"), step=int(row["step"])))]
 
 
 def lr_negative(r: RunRecord) -> list[Cause]:
@@ -764,7 +913,8 @@ def lr_negative(r: RunRecord) -> list[Cause]:
     return [Cause("lr_negative", "warning", **_where(row),
                   evidence={"lr_value": float(row["value"]), "steps_at_negative_lr": int((lr < 0).sum()),
                             "loss_at_first_negative_step": then, "last_loss": last},
-                  fix=r.fix("lr_negative", group=row.get("tensor"), lr_value=f"{float(row['value']):.3g}", step=step,
+                  fix=r.fix("lr_negative", model=row.get("model"), group=row.get("tensor"),
+                            lr_value=f"{float(row['value']):.3g}", step=step,
                             loss_then=f"{then:.4g}" if then is not None else "?",
                             loss_last=f"{last:.4g}" if last is not None else "?",
                             last=int(loss.index[-1]) if len(loss) else "?"))]
@@ -884,7 +1034,7 @@ def gradient_overflow(r: RunRecord) -> list[Cause]:
         return []
     row = _first(grads)
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
-                  fix=r.fix("gradient_overflow", dtype=row.get("dtype")))]
+                  fix=r.fix("gradient_overflow", model=row.get("model"), dtype=row.get("dtype")))]
 
 
 def loss_scale_collapse(r: RunRecord) -> list[Cause]:
@@ -910,13 +1060,49 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
                             "min_scale": float(collapse["value"].min()),
                             "overflowing_gradient_step": int(located["step"]) if located is not None else None},
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
-                            module=where["module"] or where["tensor"]))]
+                            model=where["model"], module=where["module"] or where["tensor"]))]
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero)."""
     unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
     return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+
+
+def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
+    """An optimizer stepped twice within one step (an `optimizer_stepped_twice` note): each gradient applied twice,
+    and under a loss scaler the second `optimizer.step()` applies even the non-finite gradients the scaler skipped —
+    critical once a weight turned non-finite at or after it (the blow-up that follows is folded into it), else a
+    warning."""
+    note = r.of("setup_note", "optimizer_stepped_twice")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    bad = r.of("nonfinite_param")
+    bad = bad[bad["step"] >= step]
+    scaled = bool((r.config.get("precision") or {}).get("loss_scaling"))
+    return [Cause("optimizer_stepped_twice", "critical" if len(bad) else "warning", **_where(row),
+                  evidence={"loss_scaling": scaled,
+                            "first_nonfinite_param_step": int(bad["step"].min()) if len(bad) else None},
+                  fix=r.fix("optimizer_stepped_twice", step=step,
+                            scaler=" and a gradient the loss scaler skipped as non-finite is applied anyway, making "
+                                   "the weights NaN" if scaled else "",
+                            one_step="`scaler.step(optimizer)` alone: it calls `optimizer.step()` itself" if scaled
+                            else "one `optimizer.step()` after each `backward()`"))]
+
+
+def clip_before_unscale(r: RunRecord) -> list[Cause]:
+    """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
+    compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
+    precision (what looks like lost updates follows from it: `update_underflow` leaves them to this)."""
+    note = r.of("setup_note", "clip_before_unscale")
+    if not len(note):
+        return []
+    row = _first(note)
+    scale = number_or_none(row.get("value"))
+    return [Cause("clip_before_unscale", "warning", **_where(row), evidence={"loss_scale": scale},
+                  fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else "?"))]
 
 
 def no_gradients(r: RunRecord) -> list[Cause]:
@@ -962,8 +1148,8 @@ def update_underflow(r: RunRecord) -> list[Cause]:
                       evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
                                 "loss_scaling": False},
                       fix=r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")))]
-    if r.updates_inflated():
-        return []
+    if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
+        return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")
     predicted = r.of("optimizer_preflight", "update_below_half_ulp")
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
@@ -975,13 +1161,15 @@ def update_underflow(r: RunRecord) -> list[Cause]:
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
                                 "dtype": row.get("dtype")},
                       fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
-                                dtype=row.get("dtype"), tensor=row.get("tensor"), half_ulp=f"{half_ulp or 0:.0e}"))]
+                                model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                                half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"predicted_fraction": predicted_fraction, "measured": False},
-                      fix=r.fix("update_underflow", dtype=row.get("dtype"), tensor=row.get("tensor")))]
+                      fix=r.fix("update_underflow", model=row.get("model"), dtype=row.get("dtype"),
+                                tensor=row.get("tensor")))]
     return []
 
 
@@ -1029,6 +1217,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(extreme):
         row = _first(extreme)
         step = int(row["step"])
+        state = r.of("optimizer_state_underflow")
+        if len(state) and int(state["step"].min()) <= step:
+            return []  # second moments flushed to 0 inflated the step: precision's doing (`optimizer_state_underflow`)
         after = []
         for kind in ("nonfinite_param", "nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "scale_below_one",
                      "scaler_backoff"):
@@ -1039,14 +1230,14 @@ def divergence(r: RunRecord) -> list[Cause]:
         if len(blown[blown.index >= step]):
             after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
-        lrs = r.train_column("lr")
-        lr_at = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None  # the step's (scheduled) lr
+        lr_at = r.lr_at(step, row.get("model"))  # the step's (scheduled) lr, of the group that moved most
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
                       evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
                                 "lr": lr_at,
                                 "then": ", ".join(after) or None, "first_loss": first_loss,
                                 "max_loss": float(finite_loss.max()) if len(finite_loss) else None},
-                      fix=r.fix("divergence_update", ratio=f"{ratio:.3g}", tensor=row.get("tensor"),
+                      fix=r.fix("divergence_update", model=row.get("model"), ratio=f"{ratio:.3g}",
+                                tensor=row.get("tensor"),
                                 at_lr=f" at lr {lr_at:.3g}" if lr_at is not None else ""))]
     blowups = pd.concat([r.of("nonfinite_param"), r.of("nonfinite_loss")])
     if len(blowups) and (len(r.of("nonfinite_lr")) or r.optimizer_made_nonfinite() is not None):
@@ -1073,11 +1264,28 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(negative):  # a loss that climbs under a negative learning rate is the ascent it asked for: `lr_negative`
         blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
-        return [Cause("divergence", "critical", first_step=int(blown.index[0]), phase="loss", model="student",
-                      evidence={"first_loss": first_loss, "max_loss": float(finite_loss.max()),
-                                "factor": DIVERGENCE_FACTOR, "unplaced": True},
-                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{float(finite_loss.max()):.4g}",
-                                factor=f"{DIVERGENCE_FACTOR:g}", step=int(blown.index[0])))]
+        step, top = int(blown.index[0]), float(finite_loss.max())
+        evidence = {"first_loss": first_loss, "max_loss": top, "factor": DIVERGENCE_FACTOR, "unplaced": True}
+        before = finite_loss[finite_loss.index < step]
+        settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
+        if finite_loss.index[-1] > blown.index[-1] and last <= settled:  # back to where it was before the spike
+            return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
+                          evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
+                          fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
+                                    factor=f"{DIVERGENCE_FACTOR:g}", step=step, last=f"{last:.4g}",
+                                    last_step=int(finite_loss.index[-1])))]
+        return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
+                      fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
+                                factor=f"{DIVERGENCE_FACTOR:g}", step=step))]
+    trend = r.loss_trend(before=int(negative["step"].min()) if len(negative) else None)
+    if trend is not None and not len(blown):
+        return [Cause("divergence", "warning", first_step=trend["first"], phase="loss", model="student",
+                      evidence={"unplaced": True, "rising": True, "window": f"{trend['first']}-{trend['last']}",
+                                "loss_slope_per_step": trend["slope"], "slope_standard_errors": trend["t"],
+                                "fitted_start": trend["start"], "fitted_rise": trend["rise"],
+                                "step_noise": trend["noise"]},
+                      fix=r.fix("loss_rising", first=trend["first"], last=trend["last"], start=f"{trend['start']:.4g}",
+                                end=f"{trend['start'] + trend['rise']:.4g}", t=f"{trend['t']:.3g}"))]
     return []
 
 
@@ -1091,6 +1299,18 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     row, outputs = measured
     dtype = row.get("dtype") if isinstance(row.get("dtype"), str) else None
     term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+    wide = max(outputs, key=outputs.get)
+    if outputs[wide] > FP16_MAX:
+        # finite, measured beyond float16's range, then a non-finite loss: a float16 cast on the way to it makes Inf
+        risk = r.of("fp16_overflow_risk")
+        risk = risk[(risk["model"] == wide) & (risk["step"] <= row["step"])]
+        where = {**_where(row), "model": wide, "module": _where(_first(risk))["module"] if len(risk) else None}
+        return Cause("divergence", "critical", **where,
+                     evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
+                               "module_outputs_finite": True, "beyond_float16": True,
+                               **{f"act_amax_{model}": v for model, v in outputs.items()}},
+                     fix=r.fix("loss_fp16_cast", term=term, model=wide, amax=f"{outputs[wide]:.3g}",
+                               module=where["module"] or wide))
     return Cause("divergence", "critical", **_where(row),
                  evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
                            "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
@@ -1099,9 +1319,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
-         lr_negative, lr_zero, weight_collapse, activation_overflow, gradient_overflow, loss_scale_collapse,
-         no_gradients, update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow,
+         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -25,6 +25,7 @@ KINDS = (
     "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
+    "nonfinite_between_steps", "weights_edited",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -41,6 +42,10 @@ CODES = {
     "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",
+    "nonfinite_between_steps": "a weight finite after an optimizer step holds NaN/Inf at the next training forward: "
+                               "written by code outside the optimizer",
+    "weights_edited": "finite weights changed between an optimizer step and the next training forward: code "
+                      "outside the optimizer edited them",
     "weight_beyond_fp16": "a finite weight as loaded beyond fp16's range, in a wider dtype: Inf once cast to float16",
     "nonfinite_lr": "a parameter group's learning rate is NaN/Inf when the optimizer is about to step",
     "negative_lr": "a parameter group's learning rate is below 0 when the optimizer is about to step: it climbs "
@@ -78,6 +83,10 @@ CODES = {
                         "groups (a second optimizer the probes were not given)",
     "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "
                                "were given: optimizer.step() is never called",
+    "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
+                               "twice per batch (scaler.step and optimizer.step both)",
+    "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
+                           "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "

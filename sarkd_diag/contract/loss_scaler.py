@@ -93,10 +93,13 @@ def unwrap_optimizer(optimizer) -> tuple[torch.optim.Optimizer | None, torch.amp
     """The torch optimizer inside a framework's wrapper and the loss scaler such a wrapper carries, if any.
 
     accelerate's AcceleratedOptimizer subclasses Optimizer without being one underneath (it has no hooks of
-    its own), so a wrapper is anything whose `.optimizer` is another optimizer, subclass or not."""
+    its own), so a wrapper is anything whose `.optimizer` is another optimizer, subclass or not. Its scaler:
+    accelerate's `.scaler`, or Lightning Fabric's, in the precision plugin of the strategy the wrapper steps
+    through (`._strategy.precision.scaler`)."""
     scaler = None
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        scaler = scaler or getattr(optimizer, "scaler", None)
+        plugin = getattr(getattr(optimizer, "_strategy", None), "precision", None)
+        scaler = scaler or getattr(optimizer, "scaler", None) or getattr(plugin, "scaler", None)
         optimizer = optimizer.optimizer
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"{type(optimizer).__name__} is not a torch optimizer and wraps none (.optimizer)")

@@ -16,6 +16,11 @@ LOST_UPDATE_WARNING = 0.10
 # (0.067 for N = 10) collapses them toward zero. Healthy AdamW: lr × weight_decay ~1e-5, a half-life of ~70,000 steps.
 # The diagnosis measures the same thing after the fact: the largest weight halving within as many steps.
 WEIGHT_HALVING_STEPS = 10
+# Weights that changed between an optimizer step and the next training forward were changed by code outside the
+# optimizer (an in-place rescale, a copy, an average written back): an edit that multiplies or divides a tensor's
+# largest absolute value by more than this is a warning (`weights_edited`); a smaller one — a clamp, an EMA swap,
+# tied weights copied — is recorded as information.
+WEIGHT_EDIT_FACTOR = 2.0
 
 
 def dtype_name(dtype) -> str:

@@ -55,6 +55,11 @@ def default_run_dir(mode: str) -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as JSON through a temporary file and rename (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file.
 
     The file is created like any other (0666 less the umask: 0644 usually), not mkstemp's private 0600."""
@@ -68,11 +73,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
             continue
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def drop_steps_after(path: Path, step: int) -> None:
+    """Cut a run's JSON-lines log (metrics, events, activations) back to a checkpoint of `step` that a framework's
+    loop resumed from: the records of later steps — redone now, or lost with the process that wrote them — go, so
+    each step appears once, as `--resume` cuts its own logs; records of no step stay, a torn last line goes."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [row for row in read_jsonl(path) if row.get("step") is None or row["step"] <= step]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def differing_options(previous: dict, options: dict) -> list[str]:
@@ -189,13 +205,25 @@ def load_metrics(run_dir: Path) -> pd.DataFrame:
     rows = read_jsonl(path) if path.is_file() else []
     frame = pd.DataFrame(rows)
     for col in ("step", "split", "loss", "kd_loss", "ce_loss", "router_loss", "lr", "grad_norm", "loss_scale",
-                "tokens", "tokens_per_s", "eval_ppl"):
+                "tokens", "tokens_per_s", "eval_ppl", "eval_set"):
         if col not in frame.columns:
             frame[col] = None
     for col in frame.columns:
-        if col != "split":
+        if col not in TEXT_METRICS:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     return frame
+
+
+TEXT_METRICS = ("split", "eval_set")  # the metrics columns that hold names, not numbers
+
+
+def primary_evaluations(evals: pd.DataFrame) -> pd.DataFrame:
+    """The eval rows of the run's first evaluation set: where a run evaluates on several (`eval_set`), the summary's
+    perplexities follow one of them — a mix would read a harder set as a regression."""
+    if not len(evals):
+        return evals
+    first = evals["eval_set"].iloc[0]
+    return evals[evals["eval_set"].isna()] if pd.isna(first) else evals[evals["eval_set"] == first]
 
 
 def load_activations(run_dir: Path) -> pd.DataFrame:
@@ -233,7 +261,7 @@ def load_run(run_dir: str | Path) -> dict:
 
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
-    evals = metrics[metrics["split"] == "eval"]
+    evals = primary_evaluations(metrics[metrics["split"] == "eval"])
     # the evaluations that measured a perplexity, a NaN one (of a NaN loss) too — the last is NaN, not the finite one
     # before it — but not one that wrote none (a distillation objective's loss, whose exp is no perplexity)
     losses = evals["eval_loss"] if "eval_loss" in evals else pd.Series(math.nan, index=evals.index)

@@ -13,6 +13,7 @@ vanishing from the line.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable
@@ -155,8 +156,13 @@ def _log_axis(ax) -> None:
 
 def _panel_loss(ax, rows: list[dict]) -> bool:
     drawn = _draw(ax, *_series(rows, "loss"), "training loss", log=True, colour="tab:blue")
-    drawn |= _draw(ax, *_series(rows, "eval_loss", "eval"), "evaluation loss", log=True, colour="tab:orange",
-                   row=1, linestyle="--")
+    sets = list(dict.fromkeys(row.get("eval_set") for row in rows if row.get("split") == "eval"))
+    colours = itertools.cycle(["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"])
+    for name, colour in zip(sets, colours, strict=False):  # one line per evaluation set: theirs are not one curve
+        of_set = [row for row in rows if row.get("eval_set") == name]
+        drawn |= _draw(ax, *_series(of_set, "eval_loss", "eval"),
+                       "evaluation loss" + (f" ({name})" if name is not None else ""), log=True, colour=colour,
+                       row=1, linestyle="--")
     _log_axis(ax)
     ax.yaxis.set_minor_formatter(_PLAIN)
     ax.set(title="training and evaluation loss", ylabel="loss (log)")

@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from ..analysis.verdicts import Verdict
-from ..contract.rundir import COMPARISON_COLUMNS
+from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations
 from ..contract.wording import counted
 
 
@@ -25,7 +25,9 @@ def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
         return (f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} at step 0; no evaluation "
                 "after step 0 (the run ended before its first --eval-steps evaluation)")
     first, last, best = (_fmt(final.get(k), ".3f") for k in ("first_eval_ppl", "eval_ppl", "best_eval_ppl"))
-    return f"- validation perplexity: {first} → {last} (best {best})"
+    named = primary_evaluations(evals)["eval_set"] if "eval_set" in evals else evals.iloc[0:0]
+    of = f" of {named.iloc[0]}" if len(named) and pd.notna(named.iloc[0]) else ""
+    return f"- validation perplexity{of}: {first} → {last} (best {best})"
 
 
 def _where(d: dict) -> str:
@@ -83,7 +85,11 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     else:
         lines.append("No events were recorded.")
     evals = metrics[metrics["split"] == "eval"] if len(metrics) else metrics
-    if len(evals):
+    if len(evals) and evals["eval_set"].notna().any():  # several evaluation sets: each row says which
+        lines += ["", "## Evaluations", "", "| step | evaluation set | validation perplexity |", "|---:|---|---:|"]
+        lines += [f"| {int(r.step)} | {_fmt(r.eval_set, 's')} | {_fmt(r.eval_ppl, '.3f')} |"
+                  for r in evals.itertuples()]
+    elif len(evals):
         lines += ["", "## Evaluations", "", "| step | validation perplexity |", "|---:|---:|"]
         lines += [f"| {int(r.step)} | {_fmt(r.eval_ppl, '.3f')} |" for r in evals.itertuples()]
     path = Path(run_dir) / "report.md"

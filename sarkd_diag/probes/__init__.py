@@ -62,14 +62,26 @@ NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "e
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel / torch.compile wrappers: the one whose names a person knows."""
+    """The model inside DDP / DataParallel / torch.compile wrappers, and any other wrapper whose `.module` holds
+    every weight it has (Lightning Fabric's `_FabricModule`, DeepSpeed's engine): the one whose names a person knows
+    (`transformer.h.1.mlp`, not `_forward_module.transformer.h.1.mlp`)."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
             model = model._orig_mod
+        elif _wraps_all_of(model, getattr(model, "module", None)):
+            model = model.module
         else:
             return model
+
+
+def _wraps_all_of(wrapper: nn.Module, inner) -> bool:
+    """`inner` is a module holding every parameter `wrapper` has: the wrapper adds nothing but a prefix to names."""
+    if not isinstance(inner, nn.Module) or inner is wrapper:
+        return False
+    held = {id(p) for p in inner.parameters()}
+    return all(id(p) in held for p in wrapper.parameters())
 
 
 def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None]:
@@ -104,6 +116,8 @@ class ProbeSet:
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
+        self._stepped: set[int] = set()  # the optimizers whose pre-step hook ran in this step
+        self._twice_noted = False
         self._optimizers = optimizers_of(ctx.optimizer)
         self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._watched_ids = {id(w.param) for w in ctx.watched}
@@ -145,6 +159,7 @@ class ProbeSet:
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran = None, False, False
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
+        self._stepped = set()
         self._unscaled_ones = set()
         for probe in self.probes:
             probe.begin_step()
@@ -184,6 +199,9 @@ class ProbeSet:
         self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if id(optimizer) in self._stepped:
+            self._stepped_twice()
+        self._stepped.add(id(optimizer))
         if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
             return
         self.optimizer_stepping = True
@@ -196,6 +214,23 @@ class ProbeSet:
             self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self.probes:
             probe.before_optimizer_step()
+
+    def _stepped_twice(self) -> None:
+        """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients
+        are applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
+        non-finite gradients of a step the scaler skips — or the owner closes a step only every few optimizer steps.
+        Said once."""
+        if self._twice_noted:
+            return
+        self._twice_noted = True
+        scaler = " (a loss scaler steps it too: `scaler.step(optimizer)` already calls `optimizer.step()`)" \
+            if self.ctx.loss_scaler.enabled else ""
+        self.ctx.events.record("setup_note", "warning",
+                               f"an optimizer stepped twice in step {self.ctx.step}{scaler}: optimizer.step() is "
+                               "called twice per batch — every gradient applied twice, and a gradient the scaler "
+                               "skipped as non-finite applied anyway — or probes.step() is not called after every "
+                               "optimizer step",
+                               step=self.ctx.step, probe="optimizer", phase="optimizer", code="optimizer_stepped_twice")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
@@ -315,7 +350,11 @@ class Probes:
     "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
     whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
     that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
-    `from_accelerator` and the Lightning callback pass one). Call `step()` after each optimizer step.
+    `from_accelerator` and the Lightning callback pass one). resumed_from: the step of the checkpoint the loop
+    resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
+    and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
+    step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
+    each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -326,11 +365,13 @@ class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
-                 sync_gradients: Callable[[], bool] | None = None):
+                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
         if level not in LEVELS:
             raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
         if caller not in CALLERS:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
+            raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
@@ -341,12 +382,14 @@ class Probes:
         self._sync_gradients = sync_gradients
         self.run_dir = user_path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
+        events = events_file_name(self.ranks.rank, self.ranks.size)
         stale = None
         if self.run_dir is not None:
             self._check_run_dir()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             stale = self._close_a_stale_probes()
-        events = events_file_name(self.ranks.rank, self.ranks.size)
+            if resumed_from is not None:  # before the logs open for appending
+                self._cut_to(resumed_from, events)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
@@ -356,7 +399,7 @@ class Probes:
                                          activations_log=activations, gather=self.ranks.gather))
         self._metrics = NullLog()  # the run directory's metrics log once it is open
         try:
-            self._start(stale)
+            self._start(stale, resumed_from)
         except BaseException:  # a Probes that fails to build leaves no hook on the model, the optimizer or torch
             self.set.close()
             self.events.close()
@@ -365,8 +408,9 @@ class Probes:
         if self.run_dir is not None:  # built: the next Probes on this directory closes it if it is left open
             _OPEN[os.path.realpath(self.run_dir)] = self
 
-    def _start(self, stale: int | None) -> None:
-        """The hooks beyond the probes' own, the run directory opened, the checks before the first step."""
+    def _start(self, stale: int | None, resumed_from: int | None) -> None:
+        """The hooks beyond the probes' own, the run directory opened (numbered on after `resumed_from`, else after its
+        last step), the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         if self.set.probes:
@@ -374,11 +418,14 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
+        self._scaled_clip_noted = False  # the loop clipped gradients still scaled (said once)
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
             first_step = self._open_run_dir()
-        self.first_step = first_step  # after the last step the run directory holds: a second run continues it
+        if resumed_from is not None:
+            first_step = resumed_from + 1
+        self.first_step = first_step  # after the checkpoint resumed from, else after the last step the directory holds
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
@@ -433,6 +480,22 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             self.set.observe_grad_norm(total_norm)
+        elif not self._scaled_clip_noted:
+            self._scaled_clip_noted = True
+            self._clipped_while_scaled()
+
+    def _clipped_while_scaled(self) -> None:
+        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` before `scaler.unscale_` — so it
+        clips by their norm × the scale: gradients the threshold should leave alone are cut, and after the scaler
+        unscales them each is about scale× smaller than `max_norm` meant. Said once, with the scale (read once)."""
+        scale = self.ctx.loss_scaler.scale()
+        scale = None if scale is None else float(scale)
+        self.events.record("setup_note", "warning",
+                           f"the loop clips the gradients at step {self.ctx.step} while the loss scaler still scales "
+                           f"them (by {scale}): clip_grad_norm_ before scaler.unscale_(optimizer) clips by the "
+                           "scaled norm, and once unscaled the gradients are ~scale× smaller than max_norm meant — "
+                           "call scaler.unscale_(optimizer) before clipping", step=self.ctx.step, probe="gradients",
+                           phase="backward", code="clip_before_unscale", value=scale)
 
     @property
     def ctx(self) -> ProbeContext:
@@ -472,6 +535,18 @@ class Probes:
             first = max((row.get("step", 0) for row in _read_rows(metrics)), default=0) + 1
         self._metrics = JsonlLog(metrics) if self.ranks.is_main else NullLog()
         return self.ranks.broadcast(first)
+
+    def _cut_to(self, step: int, events: str) -> None:
+        """The run directory cut back to the checkpoint of `step` (`drop_steps_after`): each rank its own events, rank 0
+        the logs it alone writes and the summary of the run before, so a resume that dies unfinished reads as crashed
+        (as `--resume` does)."""
+        from ..contract.rundir import drop_steps_after
+
+        drop_steps_after(self.run_dir / events, step)
+        if self.ranks.is_main:
+            for name in ("metrics.jsonl", "activations.jsonl"):
+                drop_steps_after(self.run_dir / name, step)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
 
     def begin_step(self, step: int) -> None:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
@@ -524,16 +599,17 @@ class Probes:
         return row
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
-                   cross_entropy: bool = True) -> dict:
+                   cross_entropy: bool = True, eval_set: str | None = None) -> dict:
         """Record an evaluation after `step` as the run directory's eval row (`eval_loss`, `eval_ppl`): what the
         summary's perplexities, the report's evaluations and the figure's evaluation loss read. `loss`: the mean
         loss on the evaluation data (a number or a one-value tensor); `perplexity` defaults to its exp — NaN for a NaN
         loss, not Infinity — where the loss is a per-token cross-entropy; `cross_entropy=False` (a distillation
         objective, whose exp is no perplexity) leaves `eval_ppl` unmeasured. After `close()` (a Trainer's `evaluate()`
         after `train()`) the row is appended still, and the closed run's summary and report are rebuilt with it.
-        Returns the row."""
+        `eval_set` names the evaluation data where a run evaluates on several (the summary's perplexities are the
+        first set's). Returns the row."""
         loss = caller_loss(loss).item()
-        row = {"step": step, "split": "eval", "eval_loss": loss}
+        row = {"step": step, "split": "eval", "eval_set": eval_set, "eval_loss": loss}
         if perplexity is not None or cross_entropy:
             row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
         if self.run_dir is None:

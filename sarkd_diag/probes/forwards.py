@@ -1,8 +1,9 @@
 """Which forwards are training forwards, what precision they ran in, and whether their inputs were finite.
 
 A hook before each watched model's own forward (the root module, not its layers) decides whether this
-forward belongs to a training step. Nothing in it generates (a forward handed a KV cache is a generation step)
-nor runs inside a backward pass (gradient checkpointing's recomputation). A model with weights the run updates
+forward belongs to a training step. Nothing in it generates (a forward handed a KV cache, or one that a generation
+model's `generate` runs — with `use_cache=False` no cache is handed) nor runs inside a backward pass (gradient
+checkpointing's recomputation). A model with weights the run updates
 trains in a forward with gradients on, whatever its mode: a loop that never calls `model.train()` (a model as
 `from_pretrained` returns it, in eval mode) trains in eval mode, and its statistics must not go blind. A frozen
 model (the teacher) runs under no_grad in training and in evaluation alike, so its forward counts while a
@@ -19,6 +20,8 @@ or accelerate run under bf16 autocast holds fp32 weights), and whether a floatin
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -30,6 +33,25 @@ def is_generating(kwargs: dict) -> bool:
     return kwargs.get("past_key_values") is not None or kwargs.get("use_cache") is True
 
 
+def in_generate() -> bool:
+    """A forward that a generation model's `generate` runs, found up the call stack: generation without a KV cache
+    (`use_cache=False`, as gradient checkpointing sets it and TRL's GKD then generates the teacher's sequences with)
+    looks like any no-grad forward by its arguments. A generation model is a module with transformers' generation
+    API (`prepare_inputs_for_generation`: its models, PEFT's wrappers of them), not any module with a method of that
+    name (a GAN-style module's `generate` that runs the training step). Frame names are compared first; only a
+    `generate` frame's locals are read."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "generate" and _generates_text(frame.f_locals.get("self")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _generates_text(owner) -> bool:
+    return isinstance(owner, nn.Module) and callable(getattr(owner, "prepare_inputs_for_generation", None))
+
+
 class ForwardProbe(Probe):
     name = "forwards"
 
@@ -38,6 +60,9 @@ class ForwardProbe(Probe):
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
+        # a weight of each model, whose device says where it computes: `next(model.parameters())` walks the module
+        # tree, 20 µs a forward on a tiny GPT-2 (a weight moved by `.to()` keeps its object and reads its new device)
+        self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
         self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
 
@@ -54,18 +79,19 @@ class ForwardProbe(Probe):
     def _before_forward(self, model_name: str):
         def hook(model: nn.Module, args: tuple, kwargs: dict):
             trainable = self._trainable[model_name]
+            # a trained model's generation runs under no_grad (generate's own decorator); a frozen model's forwards
+            # run under no_grad in training too, so whether a `generate` runs them is looked up
             training = (not is_generating(kwargs) and not in_backward()
-                        and (torch.is_grad_enabled() if trainable else self._step_under_way()))
+                        and (torch.is_grad_enabled() if trainable else self._step_under_way() and not in_generate()))
             self.ctx.training_forward[model_name] = training
             if not training:
                 return
             if trainable:
                 self.ctx.training_mode[model_name] = model.training
             self.ctx.trained = True
-            if self._trainable[model_name]:
-                device = next(model.parameters()).device.type
-                if torch.is_autocast_enabled(device):
-                    self.ctx.autocast = torch.get_autocast_dtype(device)
+            weight = self._a_weight[model_name]
+            if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
+                self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():

@@ -90,8 +90,9 @@ class SarkdDiagCallback(TrainerCallback):
     them as checkpoints. The run closes as `stopped` with its diagnosis. "record" keeps training.
 
     The run directory holds config.json from the first step, and events and metrics are flushed as they
-    are written: when training dies inside the Trainer (which calls no callback on an exception), the
-    directory stays readable and `sarkd-diag report RUN` closes it as `crashed`.
+    are written. The Trainer calls no callback on an exception: a bound callback wraps `trainer.train` and closes
+    the run as `failed` (`interrupted` on Ctrl-C) when it raises; a `train()` it was not bound before (a plain
+    callback's first) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
     """
 
     def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
@@ -143,8 +144,27 @@ class SarkdDiagCallback(TrainerCallback):
             self._loss_call = (compute_loss, args, kw)  # what a replay calls again
             return compute_loss(*args, **kw)
 
+        train = trainer.train
+
+        @functools.wraps(train)
+        def closing_train(*args, **kw):
+            try:
+                return train(*args, **kw)
+            except BaseException as exc:
+                self._close_on(exc)
+                raise
+
         self._unbind = [replace_method(trainer, "training_step", recorded_training_step),
-                        replace_method(trainer, "compute_loss", recorded_compute_loss)]
+                        replace_method(trainer, "compute_loss", recorded_compute_loss),
+                        replace_method(trainer, "train", closing_train)]
+
+    def _close_on(self, exc: BaseException) -> None:
+        """`train()` raised, and transformers calls no callback on an exception: the run is closed here as `interrupted`
+        (Ctrl-C) or `failed`, with its finished steps and diagnosis, and the hooks and log files are let go — left open
+        in a notebook's kernel, they would go on watching the model, and `sarkd-diag report` would refuse the run as one
+        a live process still writes."""
+        if self.probes is not None:
+            self.probes.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
 
     def _replay_if_nonfinite(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss is non-finite on a step without per-module statistics: run its `compute_loss` again,
@@ -180,15 +200,17 @@ class SarkdDiagCallback(TrainerCallback):
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
+        # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
+        # checkpoint's step, and what the directory recorded after it (steps redone now) is cut away
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir, level=self.level, every=self.every,
-                             precision=trainer_precision(args, model), caller="trainer")
+                             precision=trainer_precision(args, model), caller="trainer",
+                             resumed_from=state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
             self.probes.watch_accelerator(accelerator)
-        # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
-        # checkpoint's step, so the first step of this run is the one after it. A train() from global_step 0
-        # into a directory that holds steps (a second train() call) continues after them instead of at 1
+        # a train() from global_step 0 into a directory that holds steps (a second train() call) continues after
+        # them instead of at 1
         self._offset = self.probes.first_step - 1 if state.global_step == 0 else 0
         self.probes.begin_step(self._offset + state.global_step + 1)
         self.stopped_at = None
@@ -214,17 +236,34 @@ class SarkdDiagCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
-        run): its `eval_loss` becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
+        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
         (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
         `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
         built at `on_train_begin`)."""
-        if self.probes is not None and metrics and "eval_loss" in metrics:
-            self.probes.evaluation(self._offset + state.global_step, metrics["eval_loss"],
-                                   cross_entropy=self.teacher is None)
+        if self.probes is None or not metrics:
+            return
+        prefix = evaluation_prefix(metrics)
+        if prefix is not None and f"{prefix}_loss" in metrics:
+            self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
+                                   cross_entropy=self.teacher is None, eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def evaluation_prefix(metrics: dict) -> str | None:
+    """The `metric_key_prefix` of one `Trainer.evaluate()`'s metrics: `eval` by default, `eval_<name>` for each set
+    of an `eval_dataset` dict, whatever the caller passed otherwise — read off the `<prefix>_runtime` every
+    evaluation reports (its loss is `<prefix>_loss`)."""
+    return next((key.removesuffix("_runtime") for key in metrics if key.endswith("_runtime")),
+                "eval" if "eval_loss" in metrics else None)
+
+
+def evaluation_set(prefix: str) -> str | None:
+    """The name of the evaluation data a prefix stands for: None for the Trainer's one unnamed `eval` set, the dict
+    key of `eval_<name>`, the prefix itself where the caller chose one (`evaluate(metric_key_prefix="test")`)."""
+    return None if prefix == "eval" else prefix.removeprefix("eval_")
 
 
 def running_trainer(callback: TrainerCallback):

@@ -3,10 +3,11 @@
 Plain `Probes` inside a LightningModule record a run, but they cannot tell a micro-batch of
 `accumulate_grad_batches` from an optimizer step (a row per batch, and a false "step order" warning), they go
 on recording while Lightning trains NaN weights to the last step, and their fixes speak of a plain loop. The
-callback numbers steps by `trainer.global_step` (optimizer steps: a resume appends), closes a step only on a
-batch that stepped the optimizer, takes the optimizers and the loss scaler from the Trainer and the precision
-from `Trainer(precision=...)`, watches the LightningModule's student and teacher, stops training on a critical
-event (`trainer.should_stop`) and closes the run when training ends or fails.
+callback numbers steps by the batches that stepped an optimizer (`trainer.global_step` counts every optimizer's
+steps: two optimizers stepping in one batch are one step; the count travels in Lightning's checkpoints, so a
+resume continues it), closes a step only on such a batch, takes the optimizers and the loss scaler from the
+Trainer and the precision from `Trainer(precision=...)`, watches the LightningModule's student and teacher,
+stops training on a critical event (`trainer.should_stop`) and closes the run when training ends or fails.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
     return models
 
 
+def ends_accumulation(trainer) -> bool:
+    """Whether automatic optimization steps the optimizer at the end of the batch about to run — Lightning's own rule
+    (the negation of its epoch loop's `_should_accumulate`), read from the loop's public progress, which Lightning has
+    counted before `on_train_batch_start`: every accumulate_grad_batches-th batch of the epoch, and its last — also the
+    last of a stream of unknown length (`is_last_batch`, known once the batch after it failed to come), unless the
+    strategy accumulates over the epoch's end itself (DeepSpeed)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    ready = progress.current.ready
+    last = ready == trainer.num_training_batches or progress.is_last_batch
+    return ready % trainer.accumulate_grad_batches == 0 or (last and not trainer.strategy.handles_gradient_accumulation)
+
+
 class SarkdDiagLightningCallback(Callback):
     """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
 
@@ -74,17 +87,38 @@ class SarkdDiagLightningCallback(Callback):
         self.student, self.teacher, self.eval_metric = student, teacher, eval_metric
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
-        self._offset = 0  # added to global_step: the steps an earlier fit recorded in this directory
+        self.step = 0  # the last step closed, as the run directory numbers it
+        self._checkpointed_step: int | None = None  # `step` as the checkpoint a fit resumes from saved it
+        self._step_open = False  # a step has begun and not closed
         self._scheduled_step = True  # automatic optimization: the batch under way ends an accumulation
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
-        self._open_step: int | None = None  # the global_step of the optimizer step under way
+
+    @property
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: one per run directory, so callbacks recording
+        into two directories can share a Trainer (Lightning refuses two stateful callbacks under one key)."""
+        return self._generate_state_key(run_dir=str(self.run_dir.resolve()))
+
+    def state_dict(self) -> dict:
+        """Saved in Lightning's checkpoints: the steps recorded so far, where a fit resumed from one continues."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._checkpointed_step = state_dict.get("step")
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probes is not None:  # a second fit on the same callback appends to the same directory
             self.probes.close("completed")
         optimizers = list(trainer.optimizers)
         precision = str(trainer.precision)
+        # a fit resumed from a checkpoint continues at the step it saved: its own count, or — a checkpoint saved
+        # without this callback — global_step, which is that count with a single optimizer. A fit from 0 into a
+        # directory that holds steps (a second fit) continues after them
+        resumed_from = None
+        if trainer.global_step > 0:
+            resumed_from = self._checkpointed_step if self._checkpointed_step is not None else trainer.global_step
+        self._checkpointed_step = None
         self.probes = Probes(lightning_models(pl_module, self.student, self.teacher),
                              optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
@@ -92,29 +126,25 @@ class SarkdDiagLightningCallback(Callback):
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": f'Trainer(precision="{precision}")',
                                         "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
-                             sync_gradients=lambda: self._closes_step(trainer, pl_module))
-        # a fit resumed from a checkpoint starts at its global_step; a fit from 0 into a directory that holds steps
-        # (a second fit) continues after them
-        self._offset = self.probes.first_step - 1 if trainer.global_step == 0 else 0
-        self.stopped_at, self._open_step = None, None
+                             sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
+        self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
 
     def _closes_step(self, trainer, pl_module) -> bool:
         """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
-        every accumulate_grad_batches-th batch of an epoch and on its last one: known from the batch's start, so the
-        gradients are read before Lightning clips them, inside the step. Under manual optimization the module steps
-        when it chooses: a batch that ended without moving global_step only accumulated, and until a batch ends a
-        clipping is taken to come before a step."""
+        every accumulate_grad_batches-th batch of an epoch and on its last one (`ends_accumulation`): known from the
+        batch's start, so the gradients are read before Lightning clips them, inside the step. Under manual
+        optimization the module steps when it chooses: a batch that ended without moving global_step only accumulated,
+        and until a batch ends a clipping is taken to come before a step."""
         if pl_module.automatic_optimization:
             return self._scheduled_step
         return not self._batch_ended or trainer.global_step != self._step_at_batch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        last = trainer.num_training_batches
-        self._scheduled_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == last
+        self._scheduled_step = ends_accumulation(trainer)
         self._step_at_batch_start, self._batch_ended = trainer.global_step, False
-        if self.probes is not None and self._open_step != trainer.global_step:  # the first micro-batch of a step
-            self._open_step = trainer.global_step
-            self.probes.begin_step(self._offset + trainer.global_step + 1)
+        if self.probes is not None and not self._step_open:  # the first micro-batch of a step
+            self._step_open = True
+            self.probes.begin_step(self.step + 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """After the batch's backward and, on the last micro-batch of a step, its optimizer step: the batch's loss
@@ -127,19 +157,26 @@ class SarkdDiagLightningCallback(Callback):
         if torch.is_tensor(loss) and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches
         self._batch_ended = True
-        self.probes.step(loss=loss)
+        if self.probes.step(loss=loss) is not None:  # the batch stepped an optimizer: the step is closed
+            self.step += 1
+            self._step_open = False
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
-            self.stopped_at = trainer.global_step
+            self.stopped_at = self.step
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
-        `eval_metric` becomes the eval row after the step it evaluated. With a teacher watched it is a distillation
-        objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the Trainer."""
-        value = trainer.callback_metrics.get(self.eval_metric)
-        if self.probes is not None and not trainer.sanity_checking and value is not None:
-            self.probes.evaluation(self._offset + trainer.global_step, value,
-                                   cross_entropy="teacher" not in self.probes.ctx.models)
+        `eval_metric` becomes the eval row after the step it evaluated — one per validation dataloader, each named by
+        the suffix Lightning logs it under (`val_loss/dataloader_idx_1`: `eval_set` "dataloader_idx_1"). With a teacher
+        watched it is a distillation objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the
+        Trainer."""
+        if self.probes is None or trainer.sanity_checking:
+            return
+        for key, value in trainer.callback_metrics.items():
+            name, _, eval_set = key.partition("/")
+            if name == self.eval_metric and (not eval_set or eval_set.startswith("dataloader_idx_")):
+                self.probes.evaluation(self.step, value, eval_set=eval_set or None,
+                                       cross_entropy="teacher" not in self.probes.ctx.models)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probes is not None:

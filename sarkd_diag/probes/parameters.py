@@ -8,6 +8,15 @@ reads: its weights never change, so a NaN there came with the checkpoint) in one
 host with the first step's readings. A weight that is non-finite before any update is a corrupt checkpoint (a
 torn download, a conversion that overflowed float16) — every later NaN follows from it, and no learning rate,
 precision or loss explains it.
+
+In a caller's loop the trainable weights are read once more, at each step's first training forward: nothing but
+the optimizer should change them between its step and that forward, so a tensor whose largest absolute value
+differs from the one read after the last optimizer step was written by the caller's code in between (a rescale
+under `torch.no_grad()`, a weight copied or tied, an EMA or average written back, a NaN). Read there, a NaN is
+placed at the edit and its step, not one step late at the next update (`nonfinite_between_steps`); a finite edit is
+recorded once as information and once, as a warning, where it rescales a tensor beyond `WEIGHT_EDIT_FACTOR`
+(`weights_edited`). sarkd-diag's own loop writes no weights between steps (its policy's rollback is its own) and
+takes no such reading.
 """
 
 from __future__ import annotations
@@ -16,8 +25,8 @@ import math
 
 import torch
 
-from ..contract.numerics import dtype_name
-from .base import FP16_MAX, Probe, abs_max, nonfinite_count_tensor, nonfinite_counts
+from ..contract.numerics import WEIGHT_EDIT_FACTOR, dtype_name
+from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts
 
 
 class ParameterProbe(Probe):
@@ -31,11 +40,28 @@ class ParameterProbe(Probe):
         self._loaded_checked = False
         self._loaded: list[tuple[str, str, torch.Tensor]] = []  # (model, name, weight) read as loaded
         self._loaded_amax: torch.Tensor | None = None
+        self._after_step: tuple[int, list[float]] | None = None  # the step and per-tensor amax of the last update
+        self._at_forward: torch.Tensor | None = None  # per-tensor amax at this step's first training forward
+        self._forward_read = False
+        self._edits_noted: set[str] = set()  # severities of `weights_edited` recorded (each once)
+        self._handles = [] if ctx.weights_read_by_owner else [
+            model.register_forward_pre_hook(eager(self._before_forward(name)))
+            for name, model in ctx.models.items() if ctx.trains(name)]
 
     def begin_step(self) -> None:
+        self._forward_read = False
         if not self._loaded_checked:
             self._loaded_checked = True
             self._read_as_loaded()
+
+    def _before_forward(self, model_name: str):
+        """At the step's first training forward, after a step whose weights were read: the weights again."""
+        def hook(_model, _args) -> None:
+            if self._forward_read or self._after_step is None or not self.ctx.training_forward.get(model_name):
+                return
+            self._forward_read = True
+            self._at_forward = abs_max(self._params)
+        return hook
 
     def _read_as_loaded(self) -> None:
         """Every floating weight of every model, before the first step: one absolute max per tensor, on the
@@ -64,15 +90,20 @@ class ParameterProbe(Probe):
     def take_readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None
         out = {"param_amax": amax} if amax is not None else {}
+        if self._at_forward is not None:
+            out["param_amax_at_forward"], self._at_forward = self._at_forward, None
         if self._loaded_amax is not None:
             out["loaded_amax"], self._loaded_amax = self._loaded_amax, None
         return out
 
     def record(self, host: dict) -> dict:
         as_loaded = self._record_loaded(host["loaded_amax"]) if host.get("loaded_amax") is not None else {}
+        if host.get("param_amax_at_forward") is not None and self._after_step is not None:
+            self._record_edits(*self._after_step, host["param_amax_at_forward"])
         amax = host.get("param_amax")
         if amax is None:
             return as_loaded
+        self._after_step = self.ctx.step, amax
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         for i in bad:
             w = self.ctx.watched[i]
@@ -89,6 +120,48 @@ class ParameterProbe(Probe):
                 tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=amax[i], **counts)
         finite = [v for v in amax if math.isfinite(v)]
         return {**as_loaded, "param_amax": max(finite) if finite else math.nan, "nonfinite_param_tensors": len(bad)}
+
+    def _record_edits(self, updated_at: int, after_step: list[float], at_forward: list[float]) -> None:
+        """Compare each tensor's largest absolute value after the last optimizer step with the one at this step's
+        first training forward: a tensor finite then and non-finite now is `nonfinite_between_steps` (critical, the
+        first such tensor, once); a finite change is `weights_edited` — information the first time, a warning the
+        first time it multiplies or divides a tensor's largest value by more than WEIGHT_EDIT_FACTOR."""
+        step = self.ctx.step
+        where = f"after optimizer step {updated_at} and before step {step}'s first training forward"
+        poisoned = [i for i, (a, b) in enumerate(zip(after_step, at_forward, strict=True))
+                    if math.isfinite(a) and not math.isfinite(b)]
+        if poisoned and "critical" not in self._edits_noted:
+            self._edits_noted.add("critical")
+            w = self.ctx.watched[poisoned[0]]
+            holds = "NaN" if math.isnan(at_forward[poisoned[0]]) else "Inf"
+            # not counted: by now this step's update has spread the value through the tensor (value: NaN or Inf)
+            self.ctx.events.record(
+                "nonfinite_between_steps", "critical",
+                f"{w.model} weight {w.tensor} turned {holds} {where} ({len(poisoned)} tensor(s)): code outside the "
+                "optimizer wrote it", step=step, phase="forward", probe=self.name, model=w.model, module=w.module,
+                tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=at_forward[poisoned[0]], nan_count=None,
+                posinf_count=None, neginf_count=None, numel=w.param.numel())
+        factors = {i: _change_factor(a, b) for i, (a, b) in enumerate(zip(after_step, at_forward, strict=True))
+                   if math.isfinite(a) and math.isfinite(b) and a != b}
+        if not factors:
+            return
+        i = max(factors, key=factors.get)
+        severity = "warning" if factors[i] > WEIGHT_EDIT_FACTOR else "info"
+        if severity in self._edits_noted:
+            return
+        self._edits_noted.add(severity)
+        w = self.ctx.watched[i]
+        self.ctx.events.record(
+            "weights_edited", severity,
+            f"{len(factors)} weight tensor(s) changed {where}, outside the optimizer; {w.model} {w.tensor} most: its "
+            f"largest absolute value went from {after_step[i]:.4g} to {at_forward[i]:.4g}",
+            step=step, phase="forward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            dtype=self.ctx.dtype_of(w.param), value=factors[i], numel=w.param.numel())
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _record_loaded(self, readings: list[float]) -> dict:
         """One event per model whose weights hold NaN/Inf as loaded: its first such tensor, with how many (counted
@@ -128,3 +201,9 @@ class ParameterProbe(Probe):
                 step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
                 tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)
         return {f"loaded_amax_{model}": amax[i] for model, i in largest.items()}
+
+
+def _change_factor(before: float, after: float) -> float:
+    """By how many times a largest absolute value grew or shrank (infinite from or to 0)."""
+    low, high = sorted((before, after))
+    return high / low if low > 0 else math.inf

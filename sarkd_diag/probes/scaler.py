@@ -4,13 +4,17 @@ GradScaler skips a step exactly when it backs off, so a fall of the scale is a s
 consecutive skips of the first steps, while the scaler finds its scale, are it working (info); after
 that more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps, is a warning,
 and a scale below 1 is critical (gradients are being shrunk, not protected).
+
+GradScaler never steps the optimizer on a step it skips: where the one optimizer stepped on such a step (its
+pre-step hook ran) someone else called it — `optimizer.step()` left in a loop beside `scaler.step(optimizer)` — and
+applied the very gradients the scaler skipped as non-finite (an `optimizer_stepped_twice` note, once).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import Probe
+from .base import Probe, optimizers_of
 
 MAX_SKIP_STREAK = 5
 MAX_SKIP_FRACTION = 0.10
@@ -26,6 +30,12 @@ class ScalerProbe(Probe):
         self._warming_up = True
         self._streak = self._skips = self._steps = 0
         self._warned_streak = self._warned_fraction = self._below_one = False
+        self._noted_step_past_skip = False
+        self._initial: float | None = None  # the scale the first step started from (once, before it)
+
+    def begin_step(self) -> None:
+        if self._initial is None and self._previous is None and self.ctx.loss_scaler.enabled:
+            self._initial = float(self.ctx.loss_scaler.factor())
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         scale = self.ctx.loss_scaler.scale()
@@ -35,12 +45,14 @@ class ScalerProbe(Probe):
         scale = host.get("loss_scale")
         if scale is None:
             return {}
-        skipped = self._previous is not None and scale < self._previous
+        skipped = scale < (self._previous if self._previous is not None else self._initial or 0.0)
         grew = self._previous is not None and scale > self._previous
         first_reading = self._previous is None
         self._previous = scale
+        if skipped and self.ctx.optimizer_ran and len(optimizers_of(self.ctx.optimizer)) == 1:
+            self._stepped_past_skip()
         if first_reading:
-            return {"loss_scale": scale}  # the scale before any update: nothing to compare yet
+            return {"loss_scale": scale}  # the first step's skip is the scaler finding its scale: no event
         self._steps += 1
         self._warming_up = self._warming_up and skipped
         if skipped:
@@ -68,6 +80,17 @@ class ScalerProbe(Probe):
                                    "even unscaled", step=self.ctx.step, phase="optimizer", probe=self.name,
                                    value=scale)
         return {"loss_scale": scale, "scaler_grew": int(grew)}
+
+    def _stepped_past_skip(self) -> None:
+        if self._noted_step_past_skip:
+            return
+        self._noted_step_past_skip = True
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step}, a step the loss scaler skipped for "
+                               "non-finite gradients — scaler.step(optimizer) never steps then, so optimizer.step() "
+                               "is called besides it and applied the gradients it skipped: call "
+                               "scaler.step(optimizer) alone", step=self.ctx.step, phase="optimizer",
+                               probe=self.name, code="optimizer_stepped_twice")
 
     def _backoff(self, what: str, scale: float, code: str) -> None:
         self.ctx.events.record("scaler_backoff", "warning",

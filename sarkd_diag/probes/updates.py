@@ -28,6 +28,7 @@ import torch
 from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
 from ..contract.shards import local_shard
 from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
+from .optimizer import group_label
 
 
 class UpdateProbe(Probe):
@@ -146,20 +147,46 @@ class UpdateProbe(Probe):
         lost, intended, estimated = flat[:n], flat[n:2 * n], flat[2 * n:]
         total_intended = sum(intended)
         fraction = sum(lost) / total_intended if total_intended else 0.0
-        if fraction > LOST_UPDATE_WARNING and not self._reported_lost:
+        if self._reported_lost:
+            return {"lost_update_fraction": fraction}
+        members, share_lost, what = list(range(n)), fraction, "intended weight updates"
+        if fraction <= LOST_UPDATE_WARNING:  # the run loses few: a group of its own may still lose all of its
+            members, share_lost, label = self._group_losing_most(lost, intended)
+            what = f"the intended updates of parameter group {label} (of the run's, {fraction:.0%})"
+        if share_lost > LOST_UPDATE_WARNING:
             self._reported_lost = True
-            worst = max(range(n), key=lambda i: estimated[i])
+            worst = max(members, key=lambda i: estimated[i])
             w = self._moving[worst]
-            share = estimated[worst] / sum(estimated) if sum(estimated) else 0.0
+            total = sum(estimated[i] for i in members)
+            share = estimated[worst] / total if total else 0.0
             own = lost[worst] / intended[worst] if intended[worst] else 0.0
             self.ctx.events.record(
                 "lost_updates", "warning",
-                f"{fraction:.0%} of intended weight updates were lost to rounding at step {self.ctx.step}; "
-                f"{w.model} {w.tensor} ({self.ctx.dtype_of(w.param)}) loses the largest share, {share:.0%} of "
-                f"them ({own:.0%} of its own)",
-                step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(total_intended),
-                model=w.model, module=w.module, tensor=w.tensor, dtype=self.ctx.dtype_of(w.param))
+                f"{share_lost:.0%} of {what} were lost to rounding at step {self.ctx.step}; {w.model} {w.tensor} "
+                f"({self.ctx.dtype_of(w.param)}) loses the largest share, {share:.0%} of them ({own:.0%} of its own)",
+                step=self.ctx.step, phase="optimizer", probe=self.name, value=share_lost,
+                numel=int(sum(intended[i] for i in members)), model=w.model, module=w.module, tensor=w.tensor,
+                dtype=self.ctx.dtype_of(w.param))
         return {"lost_update_fraction": fraction}
+
+    def _group_losing_most(self, lost: list[float], intended: list[float]) -> tuple[list[int], float, str]:
+        """The optimizer parameter group that loses the largest share of its own intended updates — a group at an lr
+        of its own (SAR's routers, adapters, a head at a smaller lr) can lose every update while the run as a whole
+        loses few: the run's fraction hides a part that does not train. Its tensors (indices into the moving ones),
+        that share and the group's name."""
+        groups = list(self.ctx.optimizer.param_groups) if self.ctx.optimizer is not None else []
+        index_of = {id(g): i for i, g in enumerate(groups)}
+        members: dict[int | None, list[int]] = {}
+        for i, w in enumerate(self._moving):
+            members.setdefault(index_of.get(id(self._group_of.get(id(w.param)))), []).append(i)
+        watched = {id(w.param): w for w in self.ctx.watched}
+        best: tuple[list[int], float, str] = ([], 0.0, "")
+        for index, indices in members.items():
+            wanted = sum(intended[i] for i in indices)
+            share = sum(lost[i] for i in indices) / wanted if wanted else 0.0
+            if share > best[1]:
+                best = (indices, share, group_label(index, groups[index], watched) if index is not None else "?")
+        return best
 
 
 def _sample_or_zeros(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

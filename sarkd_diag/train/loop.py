@@ -315,9 +315,11 @@ def make_objective(cfg: DistillConfig, models: Models, compute: Compute) -> Logi
     trained = compute.world.wrap(models.student, compute.device)  # itself in one process
     weights = dict(alpha_kd=cfg.alpha_kd, alpha_ce=cfg.alpha_ce)
     if models.dual:
-        return HiddenStateKD(models.teacher, trained, models.teacher_tokenizer,
-                             student_hidden_size=models.student.config.hidden_size,
-                             teacher_max_tokens=max_positions(models.teacher), device=compute.device, **weights)
+        objective = HiddenStateKD(models.teacher, trained, models.teacher_tokenizer,
+                                  student_hidden_size=models.student.config.hidden_size,
+                                  teacher_max_tokens=max_positions(models.teacher), device=compute.device, **weights)
+        compute.precision.convert(objective.projection)  # trained with the student: held as the mode holds it
+        return objective
     fused = cfg.fused_loss and _fuses(models, compute)
     router_terms = None
     if models.routers:

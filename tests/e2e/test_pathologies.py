@@ -19,7 +19,8 @@ import pathologies as catalog  # noqa: E402
 
 CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
           "weight_collapse", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients",
-          "update_underflow", "teacher_overflow", "nonfinite_input", "divergence")
+          "update_underflow", "teacher_overflow", "nonfinite_input", "divergence", "weights_edited",
+          "clip_before_unscale", "optimizer_stepped_twice")
 
 _runs: dict[str, tuple[catalog.Outcome, float]] = {}
 
@@ -56,6 +57,7 @@ def test_the_expectations_are_checked_as_stated():
              "tensor": "mid.weight", "first_step": 2, "evidence": {"update_ratio": 1.0}, "fix": "lower the lr"}
     located = catalog.Expected("gradient_overflow", "critical", "student", "mid", first_step=2)
     assert catalog.mismatches(located, [cause], "user loop") == []
+    assert catalog.mismatches(located, [{**cause, "fix": "?'s mid.weight overflows"}], "user loop") != []
     assert catalog.mismatches(catalog.Expected(None), [cause]) != []
     assert catalog.mismatches(catalog.Expected(None), [{**cause, "severity": "info"}]) == []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", "critical", "student", "out"), [cause]) != []

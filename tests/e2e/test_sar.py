@@ -101,6 +101,21 @@ def test_dual_tokenizer_mode_trains_the_student_on_hidden_states(cli, tiny_args,
     assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
 
 
+@pytest.mark.parametrize("precision, dtype", [("pure-bf16", "bfloat16"), ("pure-fp16", "float16")])
+def test_dual_tokenizer_mode_holds_its_projection_as_a_pure_mode_holds_the_student(cli, tiny_args, tiny_world,
+                                                                                    tmp_path, precision, dtype):
+    """The projection trains with the student: in a pure mode it is held in the mode's dtype like the student's weights
+    (it was left in fp32, and its matmul with the student's half hidden states stopped the run with an internal
+    error before step 1)."""
+    args = [str(tiny_world["dual_student"]) if a == str(tiny_world["student"]) else a for a in tiny_args]
+    args = [a if a != "6" else "2" for a in args]
+    code, _, err = cli("train", *args, "--precision", precision, "--adam-eps", "1e-4")
+    run = load_run(tmp_path / "run")
+    assert code != 3 and "internal error" not in err and not list((tmp_path / "run").glob("traceback*"))
+    assert run["summary"]["steps_completed"] == 2
+    assert set(run["config"]["precision"]["param_dtypes"]["projection"]["trainable"]) == {dtype}
+
+
 def test_dual_batches_carry_student_offsets_into_their_own_text(tiny_world, tmp_path):
     trainer = Trainer(_config(tiny_world, tmp_path / "run", student_model=str(tiny_world["dual_student"])),
                       TrainingDisplay(quiet=True))

@@ -220,3 +220,43 @@ def test_several_optimizers_are_watched_as_one(tmp_path):
     _two_optimizers(tmp_path / "first", split=True, optimizers_given="first")
     notes = load_run(tmp_path / "first")["events"].query("code == 'unwatched_params'")
     assert len(notes) == 1 and notes.iloc[0]["tensor"].startswith("transformer.h.1.")
+
+
+def _resumable(run_dir, checkpoint, steps, save_at=None, resume_from=None) -> list[float]:
+    """An accelerate loop that saves its state (`accelerator.save_state`) after optimizer step `save_at`, or starts
+    from the one saved (`load_state`) as step `resume_from`, skipping the batches that checkpoint has trained; the
+    loss of each step it trains."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if resume_from is not None:
+        accelerator.load_state(checkpoint)
+        loader = accelerator.skip_first_batches(loader, resume_from)
+    probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir, resumed_from=resume_from)
+    losses = []
+    for step, batch in zip(range((resume_from or 0) + 1, steps + 1), loader, strict=False):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        probes.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step == save_at:
+            accelerator.save_state(checkpoint)
+    probes.close("interrupted" if resume_from is None else "completed")
+    return losses
+
+
+def test_a_loop_resumed_with_load_state_records_each_redone_step_once(tmp_path):
+    """Saved at step 4, the loop goes on to 6 and dies; resumed from the saved state with `resumed_from=4` it redoes 5
+    and 6: the run directory holds each step once, the resumed run's losses at 5 to 8."""
+    first = _resumable(tmp_path / "run", tmp_path / "state", steps=6, save_at=4)
+    resumed = _resumable(tmp_path / "run", tmp_path / "state", steps=8, resume_from=4)
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == list(range(1, 9))
+    assert metrics["loss"].tolist() == pytest.approx(first[:4] + resumed, rel=1e-6)
+    assert resumed[:2] == pytest.approx(first[4:], rel=1e-6)  # the same steps redone from the saved state

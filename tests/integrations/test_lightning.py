@@ -50,7 +50,7 @@ def _fit(module, run_dir=None, dataset=None, **trainer_args):
     kwargs = dict(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0)
     kwargs.update(trainer_args)
-    callbacks = [SarkdDiagLightningCallback(run_dir)] if run_dir is not None else []
+    callbacks = kwargs.pop("callbacks", [SarkdDiagLightningCallback(run_dir)] if run_dir is not None else [])
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -77,6 +77,34 @@ def test_accumulated_batches_close_one_step_each_and_training_is_unchanged(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(plain.student.parameters(), module.student.parameters(), strict=True))
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """The sequences as a stream: Lightning knows no length, and learns an epoch's last batch as it fetches it."""
+
+    def __init__(self, n: int):
+        self.sequences = Sequences(VOCAB, n=n)
+
+    def __iter__(self):
+        return (self.sequences[i] for i in range(len(self.sequences)))
+
+
+def test_a_streams_last_batch_closes_the_step_it_ends(tmp_path):
+    """5 batches an epoch, accumulated in twos: Lightning steps after batches 2, 4 and 5 (the epoch's last), 3 steps an
+    epoch — the partial step at the end of an epoch is a step of its own, not merged with the next epoch's first."""
+    module = Distil(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, tmp_path / "run", dataset=Stream(20), max_steps=-1, max_epochs=2,
+                   accumulate_grad_batches=2)
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert trainer.global_step == 6 and metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    batches = [module.losses[i:j] for epoch in (0, 5) for i, j in ((epoch, epoch + 2), (epoch + 2, epoch + 4),
+                                                                     (epoch + 4, epoch + 5))]
+    assert metrics["loss"].tolist() == pytest.approx([sum(b) / len(b) for b in batches], rel=1e-6)
+    assert metrics["grad_norm"].notna().all()  # every step's gradients read, before Lightning clipped them
+
+    plain = Distil(tiny.make_gpt2(VOCAB))
+    _fit(plain, dataset=Stream(20), max_steps=-1, max_epochs=2, accumulate_grad_batches=2)
+    assert plain.losses == module.losses
+
+
 def test_a_teacher_that_overflows_fp16_is_named_and_training_stops_on_the_nan_weights(tmp_path):
     teacher = tiny.make_gpt2(VOCAB, seed=3)
     overflow_fp16(teacher.transformer.h[0])
@@ -101,11 +129,14 @@ def test_pure_fp16_is_named_from_the_trainers_precision_and_fixed_in_its_terms(t
     assert 'Trainer(precision="bf16-mixed")' in root["fix"]
 
 
-def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path):
-    _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision="bf16-mixed")
+@pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])
+def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked):
+    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran."""
+    _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision=asked)
     run = load_run(tmp_path / "run")
     precision = run["summary"]["precision"]
     assert precision["mode"] == "bf16-mixed" and precision["compute_dtype"] == "bfloat16"
+    assert not precision["loss_scaling"]
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
@@ -184,6 +215,86 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
     assert not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with a student optimizer stepping every batch and a projection's (a hidden-state KD
+    head) every second one: Lightning's global_step counts both, 3 per two batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.student = tiny.make_gpt2(VOCAB)
+        self.projection = torch.nn.Linear(self.student.config.n_embd, self.student.config.n_embd)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        student_optimizer, projection_optimizer = self.optimizers()
+        out = self.student(**batch, output_hidden_states=True)
+        loss = out.loss + 1e-3 * self.projection(out.hidden_states[-1]).pow(2).mean()
+        self.manual_backward(loss)
+        self.losses.append(loss.item())
+        student_optimizer.step()
+        student_optimizer.zero_grad()
+        if batch_idx % 2 == 1:
+            projection_optimizer.step()
+            projection_optimizer.zero_grad()
+        return loss
+
+    def configure_optimizers(self):
+        return [torch.optim.AdamW(self.student.parameters(), lr=1e-3),
+                torch.optim.SGD(self.projection.parameters(), lr=1e-2)]
+
+
+def test_two_optimizers_stepping_in_one_batch_are_one_step(tmp_path):
+    module = TwoOptimizers()
+    trainer = _fit(module, tmp_path / "run", max_steps=6, gradient_clip_val=None)
+    run = load_run(tmp_path / "run")
+    metrics = run["metrics"]
+    assert trainer.global_step == 6 and len(module.losses) == 4  # global_step counts each optimizer's steps
+    assert metrics["step"].tolist() == [1, 2, 3, 4]  # a row per batch that stepped, numbered without gaps
+    assert metrics["loss"].tolist() == pytest.approx(module.losses, rel=1e-6)
+    assert metrics["update_ratio"].notna().all()
+    assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+    plain = TwoOptimizers()
+    _fit(plain, max_steps=6, gradient_clip_val=None)
+    assert plain.losses == module.losses  # the probes did not change training
+
+
+def test_a_fit_resumed_from_an_earlier_checkpoint_continues_the_steps_it_recorded(tmp_path, monkeypatch):
+    """Checkpoints every 3 optimizer steps (global_step 3 is the end of the second batch, step 2); the fit goes on to
+    step 4, and a new fit resumes from that checkpoint: steps 3 and 4 are redone and recorded once, numbered from the
+    checkpoint's own count — not from its global_step, 3 — and the resumed rows hold the resumed losses. The resumed
+    fit names the same run directory by a relative path: the count is found all the same."""
+    def fit(max_steps, ckpt_path=None, run_dir=tmp_path / "run"):
+        module = TwoOptimizers()
+        checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False,
+                             callbacks=[SarkdDiagLightningCallback(run_dir), checkpoints])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), ckpt_path=ckpt_path)
+        return module
+
+    first = fit(6)
+    assert load_run(tmp_path / "run")["metrics"]["step"].tolist() == [1, 2, 3, 4]
+    (checkpoint,) = [path for path in (tmp_path / "ckpt").iterdir() if "step=3" in path.name]
+    monkeypatch.chdir(tmp_path)
+    resumed = fit(9, checkpoint, run_dir="run")
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert metrics["loss"].tolist() == pytest.approx(first.losses[:2] + resumed.losses, rel=1e-6)
+
+
+def test_callbacks_into_two_run_directories_share_a_trainer(tmp_path):
+    """Each keeps its step count in the checkpoint under a key of its own (two under one key are refused)."""
+    module = Distil(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, callbacks=[SarkdDiagLightningCallback(tmp_path / "a"),
+                                      SarkdDiagLightningCallback(tmp_path / "b", level="full")])
+    runs = [load_run(tmp_path / name)["metrics"]["step"].tolist() for name in ("a", "b")]
+    assert trainer.global_step == 4 and runs == [[1, 2, 3, 4]] * 2
+
+
 class Validated(Distil):
     def validation_step(self, batch, batch_idx):
         loss = self.student(**batch).loss
@@ -212,3 +323,36 @@ def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_p
     assert evals["eval_ppl"].tolist() == pytest.approx([math.exp(v) for v in module.validated], rel=1e-6)
     assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2, 3, 4]
     assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_each_validation_dataloader_is_an_evaluation_set_of_its_own(tmp_path):
+    """With several validation dataloaders Lightning logs `val_loss/dataloader_idx_0`, `…_1` (never `val_loss`): each
+    is an eval row named by its dataloader (`eval_set`), its loss what Lightning logged."""
+    class OnSeveral(Validated):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+        def on_validation_epoch_end(self):  # `val_loss` alone is not logged with several dataloaders
+            pass
+
+    module = OnSeveral(tiny.make_gpt2(VOCAB))
+    logged = []
+
+    class Logged(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                logged.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_loss")})
+
+    vals = [torch.utils.data.DataLoader(Sequences(VOCAB, n=8, length=length), batch_size=4) for length in (12, 6)]
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, val_check_interval=2,
+                         callbacks=[Logged(), SarkdDiagLightningCallback(tmp_path / "run")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4), vals)
+    assert [sorted(entry) for entry in logged] == [["val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"]] * 2
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert list(zip(evals["step"], evals["eval_set"], strict=True)) == [
+        (2, "dataloader_idx_0"), (2, "dataloader_idx_1"), (4, "dataloader_idx_0"), (4, "dataloader_idx_1")]
+    assert evals["eval_loss"].tolist() == pytest.approx(
+        [entry[f"val_loss/dataloader_idx_{i}"] for entry in logged for i in (0, 1)], rel=1e-6)

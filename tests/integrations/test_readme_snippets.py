@@ -19,7 +19,7 @@ from frameworks import Sequences, tiny_tokenizer
 README = Path(__file__).resolve().parents[2] / "README.md"
 SNIPPET = re.compile(r"<!-- readme-snippet: (\w+) -->\n```python\n(.*?)```", re.S)
 EXPECTED = {"trainer": "runs/trainer", "trl": "runs/trl", "accelerate": "runs/accelerate", "loop": "runs/loop",
-            "lightning": "runs/lightning"}
+            "lightning": "runs/lightning", "fabric": "runs/fabric"}
 
 
 def snippets() -> dict[str, str]:
@@ -46,8 +46,8 @@ def _names(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_snippet_runs_as_written(name, tmp_path, monkeypatch, capsys):
-    if name in ("trl", "lightning"):
-        pytest.importorskip({"trl": "trl", "lightning": "pytorch_lightning"}[name])
+    if name in ("trl", "lightning", "fabric"):
+        pytest.importorskip({"trl": "trl", "lightning": "pytorch_lightning", "fabric": "lightning_fabric"}[name])
     if name in ("trainer", "trl", "accelerate"):
         pytest.importorskip("accelerate")
         from accelerate.state import AcceleratorState

@@ -14,12 +14,14 @@ pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
 from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
+from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 VOCAB = 64
+ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
 
 def _train(tmp_path, model, run_dir=None, dataset=None, **args):
@@ -86,22 +88,34 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     assert logged_losses(plain) == logged_losses(trainer)
 
 
-def test_an_exception_inside_the_trainer_leaves_a_readable_run_that_report_closes_as_crashed(tmp_path, cli):
+@pytest.mark.parametrize("how", ["attach", "callbacks"])
+def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, how):
+    """transformers calls no callback on an exception. Attached, the callback wraps `trainer.train` and closes the run
+    as `failed` with its finished steps, and lets go of the hooks and the log files (in a notebook, the kernel holding
+    them open would make `sarkd-diag report` refuse the run as live). Passed in `callbacks=[...]`, it binds inside the
+    first `train()`, too late to wrap it: the run stays open, readable, and `report` closes it as `crashed`."""
+    callback = SarkdDiagCallback(tmp_path / "run")
     trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=8),
-                      train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1))  # a corrupt record read in step 3 or 4
-    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+                      train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1),  # a corrupt record read in step 3 or 4
+                      callbacks=[callback] if how == "callbacks" else [])
+    if how == "attach":
+        callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
     with pytest.raises(RuntimeError, match="corrupt record"):
         trainer.train()
     died_after = trainer.state.global_step
     assert 1 <= died_after < 8
     run_dir = tmp_path / "run"
     assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
-    assert not (run_dir / "summary.json").exists()
-
-    code, out, err = cli("report", run_dir)
-    assert code == 0, err
+    if how == "attach":
+        assert clip_grad._clip_grads_with_norm_ is ORIGINAL_CLIPPING  # the hooks are gone with the run
+        assert load_run(run_dir)["summary"]["status"] == "failed"
+    else:
+        assert not (run_dir / "summary.json").exists()
+        code, _, err = cli("report", run_dir)
+        assert code == 0, err
+        assert load_run(run_dir)["summary"]["status"] == "crashed"
+        callback.probes.set.close()  # the hooks go with the process, as in a real crash (none left for later tests)
     run = load_run(run_dir)
-    assert run["summary"]["status"] == "crashed"
     assert run["summary"]["steps_completed"] == died_after
     assert run["metrics"]["step"].tolist() == list(range(1, died_after + 1))
 
@@ -143,6 +157,52 @@ def test_resume_from_a_trainer_checkpoint_appends_to_the_same_run(tmp_path):
     assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 1..8, not 1..4 then 1..4 again
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
     assert torch.isfinite(torch.tensor(_train_losses(run))).all()
+
+
+class _OverflowAt(TrainerCallback):
+    """A student module beyond fp16's range during one step (a fault of the run that died, not of its resume)."""
+
+    def __init__(self, module, step: int):
+        self.module, self.step, self.handle = module, step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.handle = self.module.register_forward_hook(lambda _m, _i, output: output * 0 + 1e5)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_a_resume_from_an_earlier_checkpoint_records_each_redone_step_once(tmp_path):
+    """Killed at step 6 with its last checkpoint at 4, the run resumes (`resume_from_checkpoint=True`) and redoes
+    steps 5 and 6: the run directory holds each step once, with the resumed run's values, and the fault the dead
+    run met at step 5 — which the resume does not meet — is no longer in its events."""
+    args = dict(max_steps=8, save_strategy="steps", save_steps=4, learning_rate=1e-3)
+    model = tiny.make_gpt2(VOCAB)
+    first = Trainer(model=model, args=training_args(tmp_path / "trainer", **args), train_dataset=Sequences(VOCAB),
+                    callbacks=[_Crash(at_step=6), _OverflowAt(model.transformer.h[0].mlp.c_proj, step=5)])
+    SarkdDiagCallback.attach(first, tmp_path / "run", level="full")
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    died = load_run(tmp_path / "run")
+    assert died["summary"]["status"] == "interrupted"  # closed by the attached callback as train() raised
+    assert died["metrics"]["step"].tolist() == list(range(1, 7))
+    assert set(died["events"].query("kind == 'fp16_overflow_risk'")["step"]) == {5}  # the fault was seen
+
+    second = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", **args),
+                     train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(second, tmp_path / "run", level="full")
+    second.train(resume_from_checkpoint=True)
+
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 5 and 6 once, not twice
+    assert _train_losses(run) == pytest.approx(logged_losses(second), rel=1e-6)  # the resumed run's 5..8
+    assert run["events"].query("kind == 'fp16_overflow_risk'").empty and run["summary"]["diagnosis"] == []
+    rows = [json.loads(line)["step"] for line in (tmp_path / "run" / "activations.jsonl").read_text().splitlines()]
+    assert sorted(set(rows)) == list(range(1, 9)) and len({rows.count(s) for s in set(rows)}) == 1  # one set a step
+    assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
 
 
 def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_path):
@@ -459,8 +519,10 @@ class _InfWeightAt(TrainerCallback):
 @pytest.mark.parametrize("model_name", ["student", "teacher"])
 def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model_name):
     """Step 3 is no statistics step (1 and every 10th are): the loss turns non-finite with no module statistics, and
-    after the optimizer step every weight is NaN. The callback replays the micro-batch's `compute_loss` with them on,
-    before the optimizer step — student and teacher forwards of a hand-written KD Trainer alike."""
+    after the optimizer step every weight is NaN. The teacher's Inf (frozen weights, read as loaded only) is placed
+    by the callback's replay of the micro-batch's `compute_loss` with statistics on, before the optimizer step; the
+    student's, a trained weight, is read again at step 3's first training forward: finite after step 2's update, Inf
+    now — written between the steps (`weights_edited`), at the same module and step."""
     def trainer_with_fault():
         student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
         broken = (student if model_name == "student" else teacher).transformer.h[1].mlp.c_fc.weight
@@ -471,7 +533,7 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
-    expected = "teacher_overflow" if model_name == "teacher" else "divergence"
+    expected = "teacher_overflow" if model_name == "teacher" else "weights_edited"
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         expected, model_name, "transformer.h.1.mlp.c_fc", 3)
     plain = trainer_with_fault()
@@ -551,3 +613,84 @@ def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path
     plain = lora_trainer([])
     plain.train()
     assert logged_losses(plain) == logged_losses(trainer)
+
+
+def test_each_of_several_evaluation_sets_is_recorded_under_its_name(tmp_path):
+    """`eval_dataset={"near": ..., "far": ...}` makes the Trainer evaluate each set apart, logging `eval_near_loss` and
+    `eval_far_loss` (never `eval_loss`), and `evaluate(metric_key_prefix="test")` logs `test_loss`: each is an eval row
+    named by its set (`eval_set`), its loss the Trainer's. The summary's perplexities are those of the first set, not
+    a mix of both; one evaluation set alone stays unnamed."""
+    near, far = Sequences(VOCAB, n=8), Sequences(VOCAB, n=8, length=6)
+    trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", eval_strategy="steps",
+                                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset={"near": near, "far": far})
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    logged = [(entry["step"], name, entry[f"eval_{name}_loss"]) for entry in trainer.state.log_history
+              for name in ("near", "far") if f"eval_{name}_loss" in entry]
+    assert [(step, name) for step, name, _ in logged] == [(2, "near"), (2, "far"), (4, "near"), (4, "far")]
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert list(zip(evals["step"], evals["eval_set"], strict=True)) == [(step, name) for step, name, _ in logged]
+    assert evals["eval_loss"].tolist() == pytest.approx([loss for _, _, loss in logged])
+
+    test_loss = trainer.evaluate(near, metric_key_prefix="test")["test_loss"]
+    run = load_run(tmp_path / "run")
+    last = run["metrics"].query("split == 'eval'").iloc[-1]
+    assert (last["step"], last["eval_set"], last["eval_loss"]) == (4, "test", pytest.approx(test_loss))
+    near_losses = [loss for _, name, loss in logged if name == "near"]
+    final = run["summary"]["final"]
+    assert final["first_eval_ppl"] == pytest.approx(math.exp(near_losses[0]))
+    assert final["eval_ppl"] == pytest.approx(math.exp(near_losses[-1]))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "validation perplexity of near:" in report and "| 4 | far |" in report and "| 4 | test |" in report
+
+    single = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "single", eval_strategy="steps",
+                                                                     eval_steps=2),
+                     train_dataset=Sequences(VOCAB), eval_dataset=near)
+    SarkdDiagCallback.attach(single, tmp_path / "single-run")
+    single.train()
+    assert load_run(tmp_path / "single-run")["metrics"].query("split == 'eval'")["eval_set"].isna().all()
+
+
+class _TeacherSamples(TrainerCallback):
+    """Samples from the teacher at the end of every step (a callback that logs generations), without a KV cache
+    (`use_cache=False`, as gradient checkpointing's users set it), while the student is still in train mode."""
+
+    def __init__(self, teacher):
+        self.teacher, self.generating = teacher, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.generating = True
+        try:
+            self.teacher.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False,
+                                  use_cache=False, pad_token_id=0)
+        finally:
+            self.generating = False
+
+
+@pytest.mark.parametrize("where", ["generation", "every forward"])
+def test_a_teachers_generate_in_a_callback_between_steps_is_not_read_as_its_training(tmp_path, where):
+    """A teacher module beyond fp16's range only while a callback samples from it is not reported (the user's
+    callback runs before the probes' own `on_step_end`, inside the step); in the teacher's training forward it is."""
+    def kd_trainer(run_dir=None):
+        teacher = tiny.make_gpt2(VOCAB, seed=3)
+        samples = _TeacherSamples(teacher)
+        teacher.transformer.h[0].mlp.c_proj.register_forward_hook(
+            lambda _m, _i, output: output * 0 + 1e5 if samples.generating or where == "every forward" else None)
+        trainer = KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=teacher, callbacks=[samples],
+                            args=training_args(tmp_path / "trainer", max_steps=2, learning_rate=1e-3),
+                            train_dataset=Sequences(VOCAB))
+        if run_dir is not None:
+            SarkdDiagCallback.attach(trainer, run_dir, level="full")
+        trainer.train()
+        return trainer
+
+    trainer = kd_trainer(tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
+    if where == "generation":
+        assert run["summary"]["diagnosis"] == [] and run["metrics"]["act_amax_teacher"].notna().all()
+    else:
+        found = cause(run["summary"]["diagnosis"], "activation_overflow")
+        assert (found["model"], found["module"], found["first_step"]) == ("teacher", "transformer.h.0.mlp.c_proj", 1)
+    assert logged_losses(kd_trainer()) == logged_losses(trainer)

@@ -180,15 +180,28 @@ def _other_trainer(world, kind, out, student, run_dir=None):
                                  args=trl.DPOConfig(**config, max_length=48), train_dataset=data,
                                  processing_class=tokenizer)
     else:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        return _gkd(world, out, student, tiny.make_gpt2(world["vocab"], seed=3), run_dir, lmbda=1.0)
+    if run_dir is not None:
+        SarkdDiagCallback.attach(trainer, run_dir)
+    trainer.train()
+    return trainer
 
-        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-        data = Dataset.from_list([{"messages": [{"role": "user", "content": p},
-                                                {"role": "assistant", "content": "the sky is blue ."}]}
-                                  for p in world["dataset"]["prompt"]])
-        trainer = GKDTrainer(model=student, teacher_model=tiny.make_gpt2(world["vocab"], seed=3),
-                             args=GKDConfig(**config, lmbda=1.0, max_new_tokens=6, max_length=48), train_dataset=data,
-                             processing_class=tokenizer)
+
+def _gkd(world, out, student, teacher, run_dir=None, **gkd):
+    """TRL's (experimental) GKDTrainer, 3 steps on the CPU; `gkd`: lmbda (the share of steps on which the student
+    generates) and seq_kd (on the others, the teacher generates)."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tokenizer = world["tokenizer"]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": p},
+                                            {"role": "assistant", "content": "the sky is blue ."}]}
+                              for p in world["dataset"]["prompt"]])
+    config = GKDConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, report_to=[],
+                       save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3,
+                       max_new_tokens=6, max_length=48, **gkd)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data,
+                         processing_class=tokenizer)
     if run_dir is not None:
         SarkdDiagCallback.attach(trainer, run_dir)
     trainer.train()
@@ -249,3 +262,45 @@ def test_sft_with_packing_or_completion_only_loss_records_its_steps(world, tmp_p
     assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
         "warning", "student", "transformer.h.0.mlp.c_proj", 1)
     assert logged_losses(_sft(world, tmp_path / "p", kind)) == logged_losses(trainer)
+
+
+def _generating(model):
+    """A flag that is True while `model.generate` runs (set by wrapping it, for the test's hook to read)."""
+    flag, generate = [False], model.generate
+
+    def wrapped(*args, **kwargs):
+        flag[0] = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            flag[0] = False
+    model.generate = wrapped
+    return flag
+
+
+@pytest.mark.parametrize("where", ["teacher generation", "every forward"])
+def test_gkd_sequence_kd_reads_the_teachers_training_forwards_not_its_generation(world, tmp_path, where):
+    """GKD with seq_kd (lmbda=0: every step the teacher generates the completions the student learns): the frozen
+    teacher generates under no_grad while the student is in train mode, with `use_cache=False` (no KV cache is handed
+    to its forwards) — so neither the gradient mode nor the arguments tell generation from the teacher's training
+    forward. A teacher module beyond fp16's range only while generating is not reported; in every forward it is."""
+    def pair():
+        student, teacher = _pair(world)
+        generating = _generating(teacher)
+        _beyond_fp16_in(teacher.transformer.h[0].mlp.c_proj,
+                        lambda: generating[0] if where == "teacher generation" else True)
+        return student, teacher
+
+    trainer = _gkd(world, tmp_path / "t", *pair(), tmp_path / "run", lmbda=0.0, seq_kd=True)
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2, 3]
+    assert run["metrics"]["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
+    if where == "teacher generation":
+        assert run["summary"]["diagnosis"] == []
+        assert run["metrics"]["act_amax_teacher"].notna().any()  # its training forward was read
+    else:
+        found = cause(run["summary"]["diagnosis"], "activation_overflow")
+        assert (found["severity"], found["model"], found["module"], found["first_step"]) == (
+            "warning", "teacher", "transformer.h.0.mlp.c_proj", 1)
+    plain = _gkd(world, tmp_path / "p", *pair(), lmbda=0.0, seq_kd=True)
+    assert logged_losses(plain) == logged_losses(trainer)

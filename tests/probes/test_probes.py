@@ -2,6 +2,7 @@
 the event's kind, model, module and step, and the cause the diagnosis draws from it."""
 
 import contextlib
+import json
 import math
 
 import pandas as pd
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
+from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -132,6 +134,69 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert (event.module, event.step) == ("second", 1)
     assert math.isnan(probes.rows[0]["grad_norm"])  # the norm the loop clipped by: the grad_norm column
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
+
+
+@pytest.mark.parametrize("unscaled", [False, True])
+def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
+    """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
+    Unscaled first (the order torch's AMP recipe gives), nothing is said."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if unscaled:
+                scaler.unscale_(opt)
+            clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "clip_before_unscale"]
+    if unscaled:
+        assert notes == [] and "clip_before_unscale" not in _causes(probes)
+        return
+    (note,) = notes
+    assert (note.severity, note.step, note.value) == ("warning", 1, 65536.0)
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "clip_before_unscale"]
+    assert "scaler.unscale_(optimizer)" in cause["fix"] and "65536" in cause["fix"]
+
+
+@pytest.mark.parametrize("init_scale, extra_step", [(2.0**16, True), (1e12, True), (2.0**16, False),
+                                                    (None, True), (None, False)])
+def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_step):
+    """`opt.step()` left beside `scaler.step(opt)` (the fp32 loop's line): a second step in the same step — or, on a
+    step the scaler skips for an overflow (1e12 overflows at once), a step the scaler never takes, applying the
+    gradients it skipped. Without a scaler, two `opt.step()` per batch. One step per batch: nothing."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale else None
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            if extra_step:
+                opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
+    assert [(e.severity, e.step) for e in notes] == ([("warning", 1)] if extra_step else [])
+    if extra_step:
+        (cause, *_) = probes.diagnosis()
+        assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
+        assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
 
 
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
@@ -262,6 +327,72 @@ def test_finite_weights_as_loaded_are_no_event():
     with Probes(model, optimizer=opt) as probes:
         _train(model, probes, opt, steps=1)
     assert _events(probes, "nonfinite_at_load") == []
+
+
+def _edited_after_step_2(edit, optimizer_given: bool = True) -> Probes:
+    """Four steps of `Net`; after step 2's optimizer step and before step 3's forward, `edit(model)` runs under
+    no_grad — between `opt.step()` and `probes.step()` as the loop's code would (the order of a plain loop)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt if optimizer_given else None) as probes:
+        for step in range(1, 5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            if step == 2:
+                with torch.no_grad():
+                    edit(model)
+            probes.step(loss=loss)
+            opt.zero_grad()
+    return probes
+
+
+def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the_next_update():
+    """Read again at step 3's first training forward, the weight that was finite after step 2's update and NaN now
+    is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late."""
+    probes = _edited_after_step_2(lambda m: m.second.weight.__setitem__((0, 0), math.nan))
+    (event,) = _events(probes, "nonfinite_between_steps")
+    assert (event.severity, event.tensor, event.step, event.phase) == ("critical", "second.weight", 3, "forward")
+    assert math.isnan(event.value) and event.nan_count is None  # NaN, not counted: the update has spread it since
+    (root, *_) = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "second.weight", 3)
+    assert root["evidence"]["finite_after_optimizer_step"] == 2 and "no_grad" in root["fix"]
+
+
+@pytest.mark.parametrize("edit, severity", [(lambda m: m.first.weight.mul_(1e6), "warning"),
+                                            (lambda m: m.first.weight.mul_(0.999), "info")])
+def test_finite_weights_rescaled_between_steps_are_an_edit_whose_size_decides_the_warning(edit, severity):
+    """×1e6 is an edit worth a warning — here critical, as step 3's update then blows up (folded into it); ×0.999
+    (an EMA-like nudge) is recorded and claims nothing."""
+    probes = _edited_after_step_2(edit)
+    (event,) = _events(probes, "weights_edited")
+    assert (event.severity, event.tensor, event.step) == (severity, "first.weight", 3)
+    found = probes.diagnosis()
+    if severity == "info":
+        assert found == []
+        return
+    (root,) = found
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "weights_edited", "critical", "first.weight", 3)
+    assert "extreme_update@3" in root["evidence"]["then"] and "divergence@3" in root["evidence"]["followed_by"]
+
+
+def test_an_untouched_loop_has_no_edit_and_trains_alike_with_the_reading():
+    probes = _edited_after_step_2(lambda m: None)
+    assert _events(probes, "weights_edited") == _events(probes, "nonfinite_between_steps") == []
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(4):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+    assert [row["loss"] for row in probes.rows] == pytest.approx(losses, rel=0, abs=0)
 
 
 @pytest.mark.parametrize("lrs, since", [([0.0, 0.0, 0.0], 1), ([0.0, 0.1, 0.1], None), ([0.1, 0.0, 0.0], 2),
@@ -441,10 +572,56 @@ def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
     assert not _events(probes, "nonfinite_activation") and probes.diagnosis() == []
 
 
+def test_a_run_directory_resumed_from_a_checkpoint_is_cut_back_to_it(tmp_path):
+    """Six steps recorded (a fault at 5 and 6), the process dies mid-line, and the loop resumes from its checkpoint
+    of step 3: rows and events after step 3 are gone (the resume redoes those steps), the torn line with them, and
+    the closed run's summary too, so a resume that dies unfinished reads as crashed, not as the run before it."""
+    model, run = Net(), tmp_path / "run"
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt, run_dir=run, level="full") as probes:
+        _train(model, probes, opt, steps=4)
+        _train(model, probes, opt, steps=2, scale_input=1e5)
+    assert min(e.step for e in _events(probes, "fp16_overflow_risk")) == 5  # the fault, after the checkpoint
+    with (run / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 7, "split": "tr')  # the process died writing it
+
+    resumed = Probes(model, optimizer=opt, run_dir=run, level="full", resumed_from=3)
+    assert resumed.first_step == 4 and not (run / "summary.json").exists()
+    assert [row["step"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    events = load_run(run)["events"]
+    assert not events.empty and events["step"].max() <= 3  # the setup notes of step 1 stay
+    assert {json.loads(line)["step"] for line in (run / "activations.jsonl").read_text().splitlines()} == {1, 2, 3}
+    _train(model, resumed, opt, steps=3)
+    resumed.close()
+    assert load_run(run)["metrics"]["step"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_frozen_teachers_forward_in_a_generate_method_of_no_generation_model_is_read():
+    """A module's own method named `generate` (a GAN-style module's) that runs the step's forwards is no text
+    generation: the frozen teacher's forward in it is a training forward, and its statistics are taken."""
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.student, self.teacher = Net(), Net().requires_grad_(False)
+
+        def generate(self, x):
+            return self.student(x) - self.teacher(x)
+
+    torch.manual_seed(0)
+    pair = Pair()
+    opt = torch.optim.SGD(pair.student.parameters(), lr=1e-3)
+    with Probes({"student": pair.student, "teacher": pair.teacher}, optimizer=opt, level="full") as probes:
+        pair.generate(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        probes.step()
+    assert probes.rows[0]["act_amax_teacher"] is not None
+
+
 def test_fp32_run_warns_where_fp16_would_overflow():
     model = Net()
     with torch.no_grad():
-        model.second.weight.fill_(3000.0)
+        model.first.weight.fill_(1.0)  # not left to the random init (and so to the tests run before): `second` reads
+        model.second.weight.fill_(3000.0)  # each row's input sum (tens) and outputs beyond 65504
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt) as probes:
         _train(model, probes, opt, steps=1, scale_input=10.0)
@@ -660,6 +837,30 @@ def test_bf16_weights_lose_small_updates():
     (event,) = _events(probes, "lost_updates")
     assert event.step == 1
     assert "update_underflow" in _causes(probes)
+
+
+def test_a_parameter_group_that_loses_its_updates_is_named_though_the_run_loses_few():
+    """A small group at an lr of its own (SAR's routers, adapters, a head at a smaller lr) in bf16 loses every update
+    while the run as a whole loses under LOST_UPDATE_WARNING: the group is named, at its tensor, and read as lost
+    updates; the run's own fraction stays the run's."""
+    torch.manual_seed(0)
+    model = Net().to(torch.bfloat16)
+    head = list(model.third.parameters())  # 9 weights, at 1e-7: below half a bf16 ulp of anything but 0
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    opt = torch.optim.AdamW([{"params": rest, "lr": 1e-2}, {"params": head, "lr": 1e-7, "name": "head"}])
+    with Probes(model, optimizer=opt) as probes:
+        rows = []
+        for _ in range(2):
+            loss = model(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            rows.append(probes.step(loss=loss))
+            opt.zero_grad()
+    assert 0 < rows[0]["lost_update_fraction"] < LOST_UPDATE_WARNING
+    (event,) = _events(probes, "lost_updates")
+    assert (event.step, event.tensor, event.value) == (1, "third.weight", 1.0) and "group head" in event.message
+    (cause,) = [d for d in probes.diagnosis() if d["cause"] == "update_underflow"]
+    assert cause["tensor"] == "third.weight"
 
 
 def test_fp32_weights_lose_no_updates():
