@@ -20,8 +20,9 @@ def __getattr__(name: str):
 
 @with_config_options
 def distill(config: DistillConfig | None = None, *, quiet: bool = False, **options):
-    """Distil a teacher into a student (the embedded default without arguments); returns the run's result
-    (run_dir, status, summary, exit_code). `quiet`: no console output."""
+    """Distil a teacher into a student (the embedded default without arguments; a DistillConfig, with options:
+    a copy of it with those changed); returns the run's result (run_dir, status, summary, exit_code). `quiet`: no
+    console output."""
     from .train.loop import distill as _distill
 
     return _distill(config, quiet=quiet, **options)

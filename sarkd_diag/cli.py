@@ -23,7 +23,15 @@ from typing import Any, ClassVar, NoReturn, get_args, get_origin
 import typer
 from typer.models import ParamMeta
 
-from .contract.config import COMPARE_DEFAULTS, FIELD_TYPES, SET_BY_COMPARE, DistillConfig, build_config, value_type
+from .contract.config import (
+    COMPARE_DEFAULTS,
+    FIELD_TYPES,
+    SET_BY_COMPARE,
+    DistillConfig,
+    build_config,
+    value_type,
+    whole_number,
+)
 from .contract.errors import BadInput
 from .contract.wording import counted
 
@@ -87,7 +95,7 @@ class ConfigOption:
     def parameter(self, hidden: bool = False):
         """A new Typer option (each command gets its own; nothing built here is shared or changed later)."""
         info = typer.Option(None, *self.declarations, help=self.help, show_default=False, metavar=self.metavar,
-                            hidden=hidden)
+                            hidden=hidden, parser=whole_number if self.value_type is int else None)
         return _typer_parameter(ParamMeta(name=self.name, default=info, annotation=self.value_type | None))
 
 
@@ -362,7 +370,7 @@ def compare_precision_command(
     config: Path | None = CONFIG_FILE,
     modes: list[str] | None = typer.Option(None, "--modes", metavar="MODES", help="Precision modes, comma-separated "
                                            "or repeated (default: every mode this device runs)."),
-    steps: int | None = typer.Option(None, "--steps", metavar="N",
+    steps: int | None = typer.Option(None, "--steps", metavar="N", parser=whole_number,
                                      help="Optimizer steps per mode (an alias of --train-steps; wins over --config)."),
 ) -> int:
     """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
@@ -389,7 +397,8 @@ def events(
                                         help="This level and above: info | warning | critical."),
     model: str | None = typer.Option(None, "--model", metavar="MODEL",
                                      help="student | teacher | projection (or a model your own loop named)."),
-    rank: int | None = typer.Option(None, "--rank", metavar="N", help="Events of this process only (torchrun runs)."),
+    rank: int | None = typer.Option(None, "--rank", metavar="N", parser=whole_number,
+                                    help="Events of this process only (torchrun runs)."),
     module: str | None = typer.Option(None, "--module", metavar="REGEX",
                                       help="Regex searched in module and tensor names."),
     step: str | None = typer.Option(None, "--step", metavar="A:B", help="A:B inclusive, either end open (10:, :20)."),
@@ -437,7 +446,7 @@ def check(
     expect: list[str] | None = typer.Option(None, "--expect", metavar="NAMES", help="master-fp32 | "
                                             "no-nonfinite-params | no-critical | completed; comma-separated or "
                                             "repeated."),
-    max_skipped_steps: int | None = typer.Option(None, "--max-skipped-steps", metavar="N",
+    max_skipped_steps: int | None = typer.Option(None, "--max-skipped-steps", metavar="N", parser=whole_number,
                                                  help="At most N skipped steps."),
     max_eval_ppl: float | None = typer.Option(None, "--max-eval-ppl", metavar="X",
                                               help="Final validation perplexity at most X."),

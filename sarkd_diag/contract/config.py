@@ -96,7 +96,7 @@ class DistillConfig:
                                  "default none in a terminal (the progress bar shows them) and about ten per run "
                                  "elsewhere (CI, nohup, a notebook); 0: none.", default_text="auto")
     # run directory
-    seed: int = _opt(42, "Seed of weights init, data order and dropout.")
+    seed: int = _opt(42, f"Seed of weights init, data order and dropout (0 to {2**32 - 1:,}).")
     output_dir: str | None = _opt(None, "Run directory (default: a new runs/<date-time>-<mode>/).")
     overwrite: bool = _opt(False, "Replace an existing run directory that holds a different run.")
     resume: bool = _opt(False, "Continue from the newest checkpoint of --output-dir.")
@@ -131,12 +131,20 @@ class DistillConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
+            if isinstance(value, str) and not value.strip():  # `--train-file "$DATA"`, DATA unset: the default corpus
+                raise BadInput(f"--{_flag(f.name)} is empty ({value!r}: an unset shell variable?); give a value, or "
+                               "leave the option out")
+        for name in PATH_OPTIONS:
+            if getattr(self, name) is not None:
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         _positive(self, "block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "eval_steps",
                   "eval_max_batches", "probe_every", "nproc", "save_total_limit")
         if self.log_every is not None:
             _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
                       "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
+        if not 0 <= self.seed < 2**32:  # numpy's range (torch's is wider): `--seed $(date +%s%N)` was exit 3
+            raise BadInput(f"--seed must lie in 0 … {2**32 - 1}, got {self.seed}")
         if self.temperature <= 0:
             raise BadInput(f"--temperature must be > 0, got {self.temperature}")
         if self.alpha_kd < 0 or self.alpha_ce < 0:
@@ -197,8 +205,24 @@ def _non_negative(cfg: DistillConfig, *names: str) -> None:
 
 
 def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
-    if getattr(cfg, name) not in allowed:
-        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+    """One of `allowed`, in whatever case it was typed (`--probes Full`, a YAML file's `Stop`), as --precision and the
+    names `events` filters by are read; recorded as allowed spells it."""
+    typed = getattr(cfg, name)
+    chosen = next((choice for choice in allowed if choice == typed.strip().lower()), None)
+    if chosen is None:
+        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}")
+    setattr(cfg, name, chosen)
+
+
+# options that name a file or directory (a model's too, when it is local): `~` is expanded in them
+PATH_OPTIONS = ("teacher_model", "student_model", "train_file", "validation_file", "output_dir", "resume_from")
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """A path as a user gives it, `~` expanded. The shell leaves `--output-dir=~/runs/a` and a config file's
+    `~/data.txt` as they are, and pathlib does not expand them while pandas does: a run trained into ./~/runs/a
+    and then failed to write its parquet files into $HOME/runs/a."""
+    return Path(os.path.expanduser(os.fspath(path)))
 
 
 FIELD_NAMES = frozenset(f.name for f in fields(DistillConfig))
@@ -240,6 +264,18 @@ def _as_declared(name: str, value: Any) -> Any:
                    f"got {value!r}")
 
 
+def whole_number(text: str) -> int:
+    """A count as it is typed on the command line: `1000`, `1_000`, `1e3`, `3.0` — a number whose value is whole, as a
+    --config file's count is read; anything else (`2.5`, `abc`) is ValueError."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+    if not number.is_integer():
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
+
+
 RESUME_OPTIONS = ("resume", "resume_from")  # continue a run rather than start one
 
 
@@ -260,7 +296,7 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
-    p = Path(path)
+    p = user_path(path)
     if not p.is_file():
         raise BadInput(f"--config {path}: no such file")
     try:
@@ -348,10 +384,10 @@ def recorded_options(given: dict[str, Any]) -> dict[str, Any]:
     there is nothing readable (the run directory's own checks then say what is wrong).
     """
     if given.get("resume_from"):
-        checkpoint = Path(str(given["resume_from"]))
+        checkpoint = user_path(str(given["resume_from"]))
         sources = [checkpoint / "meta.json", checkpoint.parent.parent / "config.json"]
     elif given.get("resume") and given.get("output_dir"):
-        sources = [Path(str(given["output_dir"])) / "config.json"]
+        sources = [user_path(str(given["output_dir"])) / "config.json"]
     else:
         return {}
     for path in sources:

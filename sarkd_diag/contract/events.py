@@ -89,6 +89,8 @@ CODES = {
                            "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
+    "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
+                           "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
 }
 

@@ -5,6 +5,7 @@ killed run from a quiet one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -15,10 +16,12 @@ def holds_open(files: list[Path]) -> bool | None:
     return True if found else None if unknown else False
 
 
-def writing_processes(files: list[Path]) -> list[int]:
+def writing_processes(files: list[Path], besides: Iterable[int] = ()) -> list[int]:
     """The ids of the other processes of this machine that hold one of `files` open for writing: a run they are
-    still writing (as far as /proc shows; empty where it cannot be read)."""
-    return sorted(pid for pid in _writers(files)[0] if pid != os.getpid())
+    still writing (as far as /proc shows; empty where it cannot be read). `besides`: processes that write the run
+    with this one (the other ranks of its torchrun job), not counted."""
+    ours = {os.getpid(), *besides}
+    return sorted(pid for pid in _writers(files)[0] if pid not in ours)
 
 
 def _writers(files: list[Path]) -> tuple[set[int], bool]:

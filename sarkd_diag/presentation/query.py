@@ -22,6 +22,7 @@ import pandas as pd
 from rich import box
 from rich.table import Table
 
+from ..contract.config import user_path
 from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
@@ -134,8 +135,9 @@ def _what(path: Path) -> str:
 
 
 def run_directory(path: str | Path) -> Path:
-    """The directory a user named; a file in a run directory (summary.json, events.jsonl) is pointed back to it."""
-    path = Path(path)
+    """The directory a user named (`~` expanded); a file in a run directory (summary.json, events.jsonl) is pointed
+    back to it."""
+    path = user_path(path)
     if path.is_file():
         holder = _enclosing_run(path)
         if holder is None:
@@ -554,7 +556,7 @@ def _max_eval_ppl(limit: float) -> Callable[[Run], str | None]:
 def expectations(expect: list[str], max_skipped_steps: int | None = None,
                  max_eval_ppl: float | None = None) -> dict[str, Callable[[Run], str | None]]:
     """Named checks from `--expect NAME` (repeatable, or comma-separated) and the numeric limits."""
-    names = [n.strip() for item in expect for n in item.split(",") if n.strip()]
+    names = [n.strip().lower() for item in expect for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPECTATIONS]
     if unknown:
         raise BadInput(f"--expect {', '.join(unknown)}: unknown; expectations: {', '.join(EXPECTATIONS)}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from torch import nn
 
 from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
+from ..contract.config import user_path
+from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
@@ -332,6 +335,9 @@ class ProbeSet:
             self.ctx.activations_log = None
 
 
+_OPEN: dict[str, Probes] = {}  # the Probes of this process whose run directory is open, by its real path
+
+
 class Probes:
     """Probes in a user's own loop, recording into a run directory that `sarkd-diag report`, `events` and
     `load_run` read like one of `train`'s.
@@ -374,11 +380,14 @@ class Probes:
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
         self.caller, self._precision_override = caller, precision or {}
         self._sync_gradients = sync_gradients
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = user_path(run_dir) if run_dir is not None else None
         self.ranks = Ranks.joined()
         events = events_file_name(self.ranks.rank, self.ranks.size)
+        stale = None
         if self.run_dir is not None:
+            self._check_run_dir()
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            stale = self._close_a_stale_probes()
             if resumed_from is not None:  # before the logs open for appending
                 self._cut_to(resumed_from, events)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
@@ -388,6 +397,20 @@ class Probes:
             if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
                                          activations_log=activations, gather=self.ranks.gather))
+        self._metrics = NullLog()  # the run directory's metrics log once it is open
+        try:
+            self._start(stale, resumed_from)
+        except BaseException:  # a Probes that fails to build leaves no hook on the model, the optimizer or torch
+            self.set.close()
+            self.events.close()
+            self._metrics.close()
+            raise
+        if self.run_dir is not None:  # built: the next Probes on this directory closes it if it is left open
+            _OPEN[os.path.realpath(self.run_dir)] = self
+
+    def _start(self, stale: int | None, resumed_from: int | None) -> None:
+        """The hooks beyond the probes' own, the run directory opened (numbered on after `resumed_from`, else after its
+        last step), the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
         if self.set.probes:
@@ -406,6 +429,11 @@ class Probes:
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
+        if stale is not None:
+            self.events.record("setup_note", "warning", f"a Probes of this process on this run directory was still "
+                               f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
+                               f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
+                               f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -477,6 +505,27 @@ class Probes:
         self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 
     # ------------------------------------------------------------------------ the run directory
+    def _check_run_dir(self) -> None:
+        """Refuse, before any hook is placed or file written, a run directory the probes may not write
+        (`contract.rundir.probes_run_dir_problem`): BadInput, a ValueError. Rank 0 decides for the job."""
+        from ..contract.rundir import probes_run_dir_problem
+
+        job = self.ranks.gather(os.getpid())
+        problem = probes_run_dir_problem(self.run_dir, besides=job) if self.ranks.is_main else None
+        problem = self.ranks.broadcast(problem)
+        if problem:
+            raise BadInput(problem)
+
+    def _close_a_stale_probes(self) -> int | None:
+        """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell
+        run again after its loop failed, a Trainer run again after an interrupt — and take its place: its hooks stayed
+        on the model and recorded every event a second time, into the same logs. Returns its last step, if any."""
+        stale = _OPEN.get(os.path.realpath(self.run_dir))
+        if stale is None or stale._closed:
+            return None
+        stale.close("interrupted")
+        return stale.ctx.step - 1
+
     def _open_run_dir(self) -> int:
         """Open the metrics log (continuing the run the directory holds); returns the first step to record, as
         rank 0 reads it before it writes a row."""
@@ -757,6 +806,8 @@ class Probes:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
         if not self._closed:
             self._check_optimizer_stepped()
+        if self.run_dir is not None and _OPEN.get(os.path.realpath(self.run_dir)) is self:
+            del _OPEN[os.path.realpath(self.run_dir)]
         self.set.close()
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run

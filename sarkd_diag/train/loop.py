@@ -30,7 +30,7 @@ import math
 import random
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,7 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
@@ -650,11 +650,15 @@ class Trainer:
         return "failed"
 
     def _save_traceback(self, exc: Exception) -> None:
-        self.internal_error = True
+        """The error's traceback in the run directory, one line on the console. A second error of the run — closing
+        it failed too, as on a full disk — goes after the first, which is the cause: it replaced it before."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
-        path.write_text(traceback.format_exc())
-        self.display.error(f"internal error: {type(exc).__name__}: {exc} (traceback in {path})")
+        with path.open("a" if self.internal_error else "w") as file:
+            file.write(traceback.format_exc())
+        what = "closing the run failed too" if self.internal_error else "internal error"
+        self.internal_error = True
+        self.display.error(f"{what}: {type(exc).__name__}: {exc} (traceback in {path})")
 
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""
@@ -863,8 +867,9 @@ def distill(config: DistillConfig | None = None, *, quiet: bool = False, display
             **options) -> RunResult:
     """Distil a teacher into a student (the embedded default without arguments); returns the run's result.
 
-    `distill(student_model="gpt2", precision="mixed", train_steps=100)`, or a DistillConfig. `quiet`: no
+    `distill(student_model="gpt2", precision="mixed", train_steps=100)`, or a DistillConfig — with options, a copy of it
+    with those changed (they were ignored: `distill(config, train_steps=2)` trained config's steps). `quiet`: no
     console output (the run directory is written as always).
     """
-    config = (config or DistillConfig(**options)).validate()
+    config = (replace(config, **options) if config is not None else DistillConfig(**options)).validate()
     return Trainer(config, display or TrainingDisplay(quiet=quiet, log_every=config.log_every)).train()

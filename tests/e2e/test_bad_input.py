@@ -130,6 +130,12 @@ CASES = [
     ("NaN learning rate", lambda w, t, m: _args(w, t, student_lr="nan"), "finite number"),
     ("Inf temperature", lambda w, t, m: _args(w, t, temperature="inf"), "finite number"),
     ("text for a number", lambda w, t, m: _args(w, t, train_steps="ten"), "--train-steps"),
+    ("seed of the clock in nanoseconds", lambda w, t, m: _args(w, t, seed=1796524207872889996),
+     "--seed must lie in 0 … 4294967295, got 1796524207872889996"),
+    ("negative seed", lambda w, t, m: _args(w, t, seed=-1), "--seed must lie in 0"),
+    ("empty train file (an unset variable)", lambda w, t, m: _args(w, t, train_file=""),
+     "--train-file is empty ('': an unset shell variable?); give a value, or leave the option out"),
+    ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
     ("model directory without weights", lambda w, t, m: _args(

@@ -4,6 +4,7 @@ messages of bad model paths, offline hub ids, train files of other formats and -
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import typer
 
 from sarkd_diag import __version__
 from sarkd_diag.cli import app
-from sarkd_diag.contract.config import build_config
+from sarkd_diag.contract.config import build_config, value_type
 
 COMMANDS = [[], ["train"], ["env"], ["report"], ["compare-precision"], ["events"], ["check"], ["estimate-memory"]]
 
@@ -61,6 +62,36 @@ def test_underscore_aliases_are_hidden_from_help_but_still_parse(cli):
     cfg = build_config({k: v for k, v in params.items() if k != "config"})
     assert (cfg.train_steps, cfg.use_scheduler, cfg.log_every) == (3, True, 2)
     assert any("--train_steps" in p.opts for p in command.params)  # declared: the original scripts' spelling
+
+
+@pytest.mark.parametrize(("typed", "count"), [("1e3", 1000), ("1_000", 1000), ("3.0", 3), ("-2", -2)])
+def test_a_count_is_read_as_typed_by_every_command(typed, count):
+    """`--train-steps 1e3` was refused as 'not a whole number' although a --config file's `train_steps: 1e3` trained
+    1000 steps: every whole-number option of every command reads a number whose value is whole (a negative one is
+    then refused by its range check, with the option named)."""
+    group = typer.main.get_command(app)
+    counts = [(name, p) for name, command in group.commands.items() for p in command.params
+              if p.param_type_name == "option" and value_type(p.type_descriptor.annotation) is int]
+    shown = {p.opts[0] for _, p in counts}
+    assert {"--train-steps", "--steps", "--rank", "--max-skipped-steps", "--block-size"} <= shown
+    for name, param in counts:
+        arguments = ["RUN"] * sum(p.param_type_name == "argument" for p in group.commands[name].params)
+        params = group.commands[name].make_context(name, [*arguments, param.opts[0], typed]).params
+        assert params[param.name] == count, (name, param.opts[0])
+
+
+def test_a_choice_typed_in_another_case_is_the_choice_meant(tmp_path):
+    """`--precision BF16-mixed` and `events --severity Warning` were read as meant, but `--probes Full`, `--on-nonfinite
+    Stop`, a YAML file's `kd_loss: Forward-KL` and `check --expect Completed` were refused: every choice is read in any
+    case and recorded as the choices spell it."""
+    from sarkd_diag.presentation.query import expectations
+
+    (tmp_path / "run.yaml").write_text("kd_loss: Forward-KL\nreport_to: NONE\n")
+    typed = {"probes": "Full", "on_nonfinite": " Stop", "scheduler_type": "LINEAR", "model_dtype": "BFloat16"}
+    config = build_config(typed, tmp_path / "run.yaml")
+    assert (config.probes, config.on_nonfinite, config.scheduler_type, config.model_dtype, config.kd_loss,
+            config.report_to) == ("full", "stop", "linear", "bfloat16", "forward-kl", "none")
+    assert list(expectations(["Completed,No-Critical", "MASTER-FP32"])) == ["completed", "no-critical", "master-fp32"]
 
 
 HEAVY = ("torch", "transformers", "pandas", "matplotlib", "datasets")
@@ -299,6 +330,45 @@ def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, m
     assert not any(tmp_path.iterdir())  # refused before a run directory was made
 
 
+def test_distill_of_a_config_with_options_changes_those_options(monkeypatch):
+    """`distill(config, train_steps=2)` trained the config's 120 steps: the options beside a DistillConfig were
+    dropped without a word. They change a copy of it; the caller's config is left as it was."""
+    import sarkd_diag
+    import sarkd_diag.train.loop as loop
+    from sarkd_diag import DistillConfig
+
+    trained = []
+
+    class Recorded:
+        def __init__(self, config, display):
+            trained.append(config)
+
+        def train(self):
+            return "result"
+
+    monkeypatch.setattr(loop, "Trainer", Recorded)
+    config = DistillConfig(probes="off", output_dir="~/runs/a")
+    assert sarkd_diag.distill(config, train_steps=2, student_lr=1e-3, quiet=True) == "result"
+    (used,) = trained
+    assert (used.train_steps, used.student_lr, used.probes) == (2, 1e-3, "off")
+    assert config == DistillConfig(probes="off", output_dir="~/runs/a")  # not validated in place either
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_every_number_option_refuses_nan_and_inf(value):
+    """Only the last field was checked for a while (the check slipped out of the loop over the fields): NaN and Inf
+    are refused in every number option, by name."""
+    from sarkd_diag import DistillConfig
+    from sarkd_diag.contract.config import FIELD_TYPES
+    from sarkd_diag.contract.errors import BadInput
+
+    numbers = [name for name, hint in FIELD_TYPES.items() if value_type(hint) is float]
+    assert {"student_lr", "temperature", "max_grad_norm"} <= set(numbers)
+    for name in numbers:
+        with pytest.raises(BadInput, match=f"^--{name.replace('_', '-')} must be a finite number, got {value}$"):
+            DistillConfig(**{name: value}).validate()
+
+
 def test_a_path_and_numpy_numbers_are_taken_as_meant():
     """A numpy number from a sweep passed validation and was recorded in config.json as a string (`"3"`, json's
     default=str); a Path stayed a Path in the options. Each is now the option's own type."""
@@ -312,3 +382,40 @@ def test_a_path_and_numpy_numbers_are_taken_as_meant():
                                 "student_lr": 0.5, "router_patterns": ["gate"]}
     assert type(config.train_steps) is int and type(config.student_lr) is float
     json.dumps(config.to_dict())
+
+
+# ------------------------------------------------------------------------------------------ paths given with ~
+def test_a_path_given_with_a_tilde_is_the_home_directory(cli, tiny_args, tiny_world, tmp_path, monkeypatch):
+    """The shell leaves `--output-dir=~/runs/a` (and a config file's `~/...`) alone: the run trained into ./~/runs/a,
+    then pandas, which does expand `~`, failed to write its parquet files into $HOME/runs/a — exit 3 after the last
+    step, no summary; `--train-file=~/corpus.txt` was 'no such file'. Every path a user gives has `~` expanded."""
+    import shutil
+
+    import torch
+
+    import sarkd_diag
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    shutil.copy(tiny_world["train"], home / "corpus.txt")
+    (home / "run.yaml").write_text("validation_file: ~/corpus.txt\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    args = [a for a in tiny_args[:-2] if a not in ("--validation-file", str(tiny_world["valid"]))]
+    code, _, err = cli("train", *args, "--train-steps", "1", "--train-file=~/corpus.txt", "--config", "~/run.yaml",
+                       "--output-dir=~/runs/a")
+    assert code == 0 and err == "", err
+    run = home / "runs" / "a"
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((run / "config.json").read_text())["options"]["train_file"] == str(home / "corpus.txt")
+    assert not any(cwd.iterdir())
+    for command in (["check", "~/runs/a", "--expect", "completed"], ["events", "~/runs/a"], ["report", "~/runs/a"]):
+        code, _, err = cli(*command)
+        assert code == 0, err
+    assert sarkd_diag.load_run("~/runs/a")["summary"]["steps_completed"] == 1
+    model = torch.nn.Linear(2, 2)
+    with sarkd_diag.Probes(model, run_dir="~/loop") as probes:
+        model(torch.ones(1, 2)).sum().backward()
+        probes.step()
+    assert (home / "loop" / "summary.json").is_file() and not any(cwd.iterdir())

@@ -355,6 +355,133 @@ def test_train_refuses_an_output_dir_another_process_is_still_writing(cli, one_s
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("held", ["metrics.jsonl", "events.jsonl"])
+def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_path, held):
+    """`Probes(model, run_dir=RUN)` while RUN still trained (or another script's probes wrote it) appended to the live
+    logs: steps numbered twice, and its close() wrote summary.json of a run still going. Refused, with the pid,
+    before a hook is placed; once the writer is gone the directory is continued as before."""
+    import torch
+
+    from sarkd_diag import Probes
+    from sarkd_diag.contract.errors import BadInput
+
+    run = _unclosed_copy(one_step, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    model = torch.nn.Linear(2, 2)
+    with _held_open(run / held, "a") as pid, pytest.raises(BadInput) as refused:
+        Probes(model, run_dir=run)
+    assert str(refused.value) == (f"run_dir {run} is still being written by process {pid}: let that run end first, "
+                                  "or give another run_dir")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    with Probes(model, run_dir=run) as probes:
+        assert probes.first_step == 2  # the writer gone: continued after the run's last step
+
+
+def _model_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32}')
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+def _notes_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("mine\n")
+    return path
+
+
+def _a_file(path: Path) -> Path:
+    path.write_text("x")
+    return path
+
+
+def _comparison(path: Path) -> Path:
+    path.mkdir()
+    (path / "compare_options.json").write_text('{"options": {}, "modes": ["fp32"]}')
+    return path
+
+
+@pytest.mark.parametrize(("make", "says"), [
+    (_model_dir, "holds a config.json that is not a sarkd-diag run's: give a new or empty directory (or a run "
+                 "directory to continue)"),
+    (_notes_dir, "holds files and no sarkd-diag run: give a new or empty directory (or a run directory to continue)"),
+    (_a_file, "is a file, not a directory"),
+    (_comparison, "is a compare-precision directory: give the probes a directory of their own"),
+], ids=["model directory", "other files", "file", "comparison"])
+def test_probes_refuse_a_run_dir_that_holds_something_else(tmp_path, make, says):
+    """`SarkdDiagCallback.attach(trainer, trainer.args.output_dir)` after a save, or `Probes(model, run_dir=".")`:
+    the probes wrote their logs and parquet files among a model's files and then failed at close with KeyError
+    'precision' on the model's config.json; a file was FileExistsError. Refused, as train's --output-dir is."""
+    import torch
+
+    from sarkd_diag import Probes
+    from sarkd_diag.contract.errors import BadInput
+
+    path = make(tmp_path / "target")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(BadInput) as refused:
+        Probes(torch.nn.Linear(2, 2), run_dir=path)
+    assert str(refused.value) == f"run_dir {path} {says}"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir(tmp_path):
+    """A notebook cell `probes = Probes(model, run_dir=RUN)` run again after its loop raised (never closed): the first
+    probes' hooks stayed on the model and recorded every event a second time into the same logs. The new one closes it
+    as interrupted, removes its hooks and continues the run."""
+    import torch
+
+    from sarkd_diag import Probes, load_run
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(probes):
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        probes.step()
+        optimizer.zero_grad()
+
+    first = Probes(model, optimizer, run_dir=tmp_path / "run")
+    train_step(first)
+    with Probes(model, optimizer, run_dir=tmp_path / "run") as second:
+        assert first._closed and second.first_step == 2
+        train_step(second)
+    assert not (model._forward_hooks or model._forward_pre_hooks or optimizer._optimizer_step_pre_hooks
+                or optimizer._optimizer_step_post_hooks)  # the first's went with it
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2] and run["summary"]["status"] == "completed"
+    (note,) = run["events"].query("code == 'stale_probes_closed'").to_dict("records")
+    assert note["step"] == 2 and "still open after step 1" in note["message"]
+    assert run["events"]["code"].value_counts().max() == 1  # nothing recorded twice
+
+
+def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, monkeypatch):
+    """A Probes whose construction raised after its run directory opened was registered as open: the next one on the
+    directory 'closed' the half-built object — a summary written for it and a stale_probes_closed note for a run
+    that never was. It left its hooks on the model and torch's clipping function replaced, too."""
+    import torch
+
+    import sarkd_diag.probes as probes_module
+    from sarkd_diag import Probes, load_run
+
+    def broken(self, step):
+        raise RuntimeError("setup failed")
+
+    model = torch.nn.Linear(2, 2)
+    clipping = torch.nn.utils.clip_grads_with_norm_
+    with monkeypatch.context() as patched:
+        patched.setattr(probes_module.Probes, "_check_scaler_dtypes", broken)
+        with pytest.raises(RuntimeError, match="setup failed"):
+            Probes(model, run_dir=tmp_path / "run")
+    assert not (model._forward_hooks or model._forward_pre_hooks)  # and torch's clipping is its own again:
+    assert torch.nn.utils.clip_grads_with_norm_ is clipping  # a failed Probes left both in place
+    with Probes(model, run_dir=tmp_path / "run"):
+        pass
+    assert "stale_probes_closed" not in load_run(tmp_path / "run")["events"]["code"].tolist()
+
+
 def test_check_of_a_run_still_training_says_so_rather_than_offer_report(cli, one_step, tmp_path):
     """`check --expect completed` said `still running, or it crashed (sarkd-diag report RUN closes it)` of a run
     whose process was plainly alive, and `report` refuses such a run."""

@@ -375,6 +375,29 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_the_run_di
     assert _summary(out)["status"] == "failed"
 
 
+def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cli, tiny_world, tmp_path, monkeypatch):
+    """A disk that fills up at the final checkpoint then fails the close too (report.html): the close's traceback
+    replaced the checkpoint's in traceback.txt, so the file named the symptom and lost the cause."""
+    import errno
+
+    import sarkd_diag.presentation.report as report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save", full)
+    monkeypatch.setattr(report, "write_html_report", full)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 3
+    where, full = f"(traceback in {out / 'traceback.txt'})", "OSError: [Errno 28] No space left on device"
+    assert err.splitlines() == [f"sarkd-diag: internal error: {full} {where}",
+                                f"sarkd-diag: closing the run failed too: {full} {where}"]
+    first, second = (out / "traceback.txt").read_text().split("Traceback (most recent call last):")[1:]
+    assert "_save_checkpoint" in first and "finalize_run" in second
+    assert [r["step"] for r in _rows(out) if r["split"] == "train"] == [1, 2]
+
+
 def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,
                                                                                       monkeypatch):
     secret = "hf_SECRETtoken1234567890"
