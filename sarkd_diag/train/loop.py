@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import random
@@ -462,9 +463,20 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
+def _no_space_left(exc: BaseException) -> bool:
+    """The error, or one it was raised from, is a write that found the disk (or the user's quota) full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def exit_code(status: str, *, internal_error: bool, critical: bool, stops: StopRequests) -> int:
-    """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory),
-    stopped, or completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
+    """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory, no
+    space left), stopped, or completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
     if internal_error:
         return 3
     return {"completed": 1 if critical else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
@@ -524,6 +536,7 @@ class Trainer:
         self.notes = run.models.notes + self.policy.setup_notes(run.compute.device.type)  # recorded by open_logs
         self.out_of_memory: str | None = None
         self.internal_error = False
+        self.no_space = False  # a write failed for want of disk space (ENOSPC, EDQUOT): a failure, not a bug
         self.resumed: Resumed | None = None
         if run.resume_source is not None:
             self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
@@ -651,14 +664,27 @@ class Trainer:
 
     def _save_traceback(self, exc: Exception) -> None:
         """The error's traceback in the run directory, one line on the console. A second error of the run — closing
-        it failed too, as on a full disk — goes after the first, which is the cause: it replaced it before."""
+        it failed too, as on a full disk — goes after the first, which is the cause: it replaced it before. A disk
+        that is full is no bug of this tool (a failure, exit 1, as out of memory is): the line says so, and what
+        brings the run back once there is space."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
-        with path.open("a" if self.internal_error else "w") as file:
-            file.write(traceback.format_exc())
-        what = "closing the run failed too" if self.internal_error else "internal error"
-        self.internal_error = True
-        self.display.error(f"{what}: {type(exc).__name__}: {exc} (traceback in {path})")
+        second = self.internal_error or self.no_space
+        try:
+            with path.open("a" if second else "w") as file:
+                file.write(traceback.format_exc())
+            where = f" (traceback in {path})"
+        except OSError:  # the disk that is full takes no traceback either
+            where = ""
+        full = _no_space_left(exc)
+        what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
+        if full:
+            self.no_space = True
+            where += (f" — free space, then `sarkd-diag report {self.run.run_dir}` rebuilds its summary and `--resume` "
+                      "continues it from its last checkpoint") if not second else ""
+        else:
+            self.internal_error = True
+        self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")
 
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""

@@ -377,7 +377,8 @@ def test_an_internal_error_exits_3_with_one_line_and_the_traceback_in_the_run_di
 
 def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cli, tiny_world, tmp_path, monkeypatch):
     """A disk that fills up at the final checkpoint then fails the close too (report.html): the close's traceback
-    replaced the checkpoint's in traceback.txt, so the file named the symptom and lost the cause."""
+    replaced the checkpoint's in traceback.txt, so the file named the symptom and lost the cause. A full disk is no
+    internal error: it fails the run (exit 1, as out of memory does) and says how to bring the run back."""
     import errno
 
     import sarkd_diag.presentation.report as report
@@ -389,9 +390,10 @@ def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cl
     monkeypatch.setattr(report, "write_html_report", full)
     out = tmp_path / "run"
     code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
-    assert code == 3
+    assert code == 1
     where, full = f"(traceback in {out / 'traceback.txt'})", "OSError: [Errno 28] No space left on device"
-    assert err.splitlines() == [f"sarkd-diag: internal error: {full} {where}",
+    advice = f" — free space, then `sarkd-diag report {out}` rebuilds its summary and `--resume` continues it"
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: {full} {where}{advice} from its last checkpoint",
                                 f"sarkd-diag: closing the run failed too: {full} {where}"]
     first, second = (out / "traceback.txt").read_text().split("Traceback (most recent call last):")[1:]
     assert "_save_checkpoint" in first and "finalize_run" in second
