@@ -260,6 +260,17 @@ ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "p
                   "module": "ln_f", "tensor": "ln_f.bias", "value": 1.0}
 
 
+def test_no_gradients_after_a_critical_failure_are_its_symptom():
+    """A loop that guards its loss (`if not torch.isfinite(loss): return None`, Lightning's skip) steps with no
+    gradients once a teacher's overflow poisons every batch: that is the overflow's doing, not a loss "cut off from
+    the weights" with a fix about detached logits."""
+    overflow = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
+                "model": "teacher", "module": "h.1.mlp.c_proj", "dtype": "float16", "value": math.inf}
+    (root,) = causes(log(overflow, {**ZERO_GRADIENTS, "phase": "optimizer", "dtype": "float32"}), mode="fp32",
+                     caller="lightning")
+    assert root["cause"] == "teacher_overflow" and "no_gradients@1" in root["evidence"]["followed_by"]
+
+
 def test_gradients_flushed_to_zero_by_an_unscaled_fp16_backward_are_update_underflow_with_the_scaler_fix():
     frame = log({**ZERO_GRADIENTS, "dtype": "float16"})
     (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": False}, "caller": "loop"})

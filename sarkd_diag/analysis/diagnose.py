@@ -9,7 +9,8 @@ the data has a place, with its evidence. `rank` then chooses among them, in this
    which puts explanations before the failures they produce (bad data, a teacher that overflows, an eps
    that is 0 before the non-finite weights they cause).
 2. The first cause is the root. A later cause that a non-finite value or a blow-up can produce
-   (`SYMPTOM_CAPABLE`: an activation or gradient overflow, a loss-scale collapse, a divergence) is taken
+   (`SYMPTOM_CAPABLE`: an activation or gradient overflow, a loss-scale collapse, a divergence, gradients
+   that stop reaching the weights) is taken
    for its symptom: it leaves the list and is named in the root's evidence (`followed_by`).
 
 Fixes are written in the caller's own terms (`PHRASES`): `train`'s options on the command line, torch and
@@ -32,7 +33,9 @@ CAUSE_ORDER = (
     "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
     "no_gradients", "update_underflow",
 )
-SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
+# no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
+# None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
+SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence", "no_gradients"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
