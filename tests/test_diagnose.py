@@ -199,11 +199,15 @@ def test_every_fix_is_written_in_its_callers_terms(caller):
             assert "Probes(" not in text, (name, text)
 
 
-def test_a_bf16_fix_advises_no_precision_switch():
-    """A run that computes in bfloat16 already has bf16 (and fp32's range); fp16 would narrow it."""
+def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lose():
+    """A run that computes in bfloat16 already has bf16 (and fp32's range); fp16 would narrow it. Only rounding in
+    bfloat16-held weights or optimizer state — which bf16-mixed's fp32 master weights and state cannot have — is
+    fixed by bf16-mixed; every other bf16 fix names the step's size, not a precision."""
     assert set(BF16_FIXES) <= set(FIXES)
+    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning"}
     for name, template in BF16_FIXES.items():
-        assert "{mixed}" not in template and "{bf16_mixed}" not in template, name
+        assert "{mixed}" not in template, name
+        assert ("{bf16_mixed}" in template) == (name in rounding), name
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():
@@ -253,7 +257,24 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["lr"] in fp32["fix"] and words["clip"] in fp32["fix"] and "schedule" in fp32["fix"]
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
     (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
-    assert words["mixed"] in bf16["fix"] and words["bf16_mixed"] in bf16["fix"]  # low-precision weights: as before
+    assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_a_bf16_runs_rounding_losses_are_fixed_with_fp32_master_weights_under_its_bf16_not_with_fp16(caller):
+    """Pure bf16 (the Trainer's `bf16=True` over a model loaded in bfloat16, AdamW's state in bf16 with it) loses
+    updates or flushes Adam's state: fp32 master weights under the same bf16 compute keep both. Advising fp16 AMP
+    (`TrainingArguments(fp16=True)`) would trade bf16's range for a loss scaler the run does not need."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    lost = log({"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+                "value": 0.8, "dtype": "bfloat16"})
+    state = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "model": "student",
+                 "tensor": "h.0.w", "value": 0.5, "dtype": "bfloat16"})
+    for frame in (lost, state):
+        (root,) = causes(frame, mode="pure-bf16", caller=caller)
+        assert words["bf16_mixed"] in root["fix"] and words["mixed"] not in root["fix"], root["fix"]
+        (fp16,) = causes(frame.assign(dtype="float16"), mode="pure-fp16", caller=caller)
+        assert words["mixed"] in fp16["fix"]  # fp16 weights: fp16 AMP stays an answer
 
 
 ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "phase": "backward", "model": "student",

@@ -306,8 +306,17 @@ FIXES = {
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
 # advise bf16 or fp16 compute, which such a run already has (bf16) or which would narrow its range (fp16). bf16
-# has fp32's range: what overflows there blows up in any precision, and the fix is the step's size.
+# has fp32's range: what overflows there blows up in any precision, and the fix is the step's size. What bf16
+# weights or state lose to rounding, fp32 master weights under the same bf16 compute keep: fp16 compute would
+# trade the range the run has for nothing it lacks.
 BF16_FIXES = {
+    "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): keep the "
+                        "bfloat16 compute and give it fp32 master weights — train with {bf16_mixed} — or raise {lr}",
+    "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 compute "
+                                 "kept, fp32 master weights and fp32 Adam moments; with the state in {dtype}, Adam "
+                                 "divides by eps alone and its updates grow instead of shrinking",
+    "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 "
+                                         "compute kept, fp32 master weights and fp32 Adam moments",
     "activation_overflow": "{module} overflows {dtype}, whose range is fp32's: no precision setting holds it — its "
                            "outputs blow up; lower {lr}, clip with {clip}, or keep this op's inputs bounded",
     "fp16_risk": "{module} exceeds fp16's range in {dtype}: bfloat16, as this run computes, holds it — keep this "

@@ -357,6 +357,19 @@ def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
     assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
 
 
+def test_pure_bf16_under_the_trainer_is_fixed_with_the_model_loaded_in_fp32_not_with_fp16(tmp_path):
+    """`bf16=True` over a model loaded in bfloat16 trains pure bf16 (weights and AdamW's state in bf16): an lr of
+    1e-5 rounds most updates away. The fix keeps `bf16=True` and loads the model in fp32, in the Trainer's terms."""
+    _train(tmp_path, tiny.make_gpt2(VOCAB).to(torch.bfloat16), tmp_path / "run", bf16=True, learning_rate=1e-5,
+           max_steps=2)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["precision"]["mode"] == "pure-bf16"
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["evidence"]["dtype"]) == ("update_underflow", "bfloat16")
+    assert "`TrainingArguments(bf16=True)` with the model loaded in fp32" in root["fix"], root["fix"]
+    assert "fp16=True" not in root["fix"], root["fix"]
+
+
 @pytest.mark.parametrize("where", ["recomputation", "every forward"])
 def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where):
     """`gradient_checkpointing=True` runs each layer's forward a second time inside backward. Its outputs were read
