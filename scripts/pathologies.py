@@ -436,6 +436,19 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def sar_router_terms_weighted_too_high(world: World, tmp: Path) -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--router-load-balance-weight", "1e6", steps=10)
+    rows = run["metrics"]
+    scales = [r.get("loss_scale") for r in rows]
+    router, kd = [abs(r.get("router_loss") or 0.0) for r in rows], [abs(r.get("kd_loss") or 0.0) for r in rows]
+    outcome.facts.update(loss_scales=scales, router_loss=f"{max(router, default=0):.3g}",
+                         kd_loss=f"{max(kd, default=0):.3g}")
+    outcome.check("every step skipped while the scale fell from 2**16 to 128 or below; the router term dwarfs KD",
+                  rows and all(r.get("skipped") for r in rows[:9]) and min(scales) <= 128
+                  and min(router) > 1e3 * max(kd))
+    return outcome
+
+
 def checkpoint_beyond_fp16(world: World, tmp: Path, value: float = 1e5) -> tuple[nn.Module, Path]:
     """The tiny student saved in fp32 with one weight of `STUDENT_HOT` at `value` (beyond fp16's 65504): a checkpoint
     trained or exported wide, sound in fp32."""
@@ -484,6 +497,7 @@ def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
 STUDENT_HOT = "transformer.h.1.mlp.c_fc"  # scaled so its forward output leaves fp16's range (finite in fp32)
 TEACHER_HOT = "transformer.h.0.mlp.c_fc"
 ROUTER = "model.layers.0.mlp.gate"
+ROUTERS = tuple(f"model.layers.{i}.mlp.gate" for i in range(2))  # the tiny Mixtral teacher's two routers
 STUDENT_FACTOR = 1e6
 ROUTER_FACTOR = 1e7
 
@@ -1633,6 +1647,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("MoE router overflows fp16", f"Mixtral teacher's router `{ROUTER}` ×1e7, `train --precision mixed`",
              "mixed", "CLI", router_teacher_overflow,
              Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router")),
+    Scenario("SAR router terms weighted too high, mixed", "`train --precision mixed --router-load-balance-weight 1e6` "
+             "(meant 1e-2), 10 steps: the teacher's router gradients overflow fp16 down to a loss scale of 128",
+             "mixed", "CLI", sar_router_terms_weighted_too_high,
+             Expected("loss_scale_collapse", "warning", "teacher", ROUTERS, first_step=9,
+                      fix_contains="--router-load-balance-weight", fix_lacks="--alpha-ce")),
     Scenario("pure-fp16 gradient overflow", "user loop: fp16 weights, SGD, no scaler; backward hook ×1e30 on `mid` "
              "from step 2", "pure-fp16", "user loop", pure_fp16_grad_overflow,
              Expected("gradient_overflow", "critical", "student", "mid", first_step=2)),

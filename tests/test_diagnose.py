@@ -155,6 +155,26 @@ def test_loss_scale_collapse_is_placed_where_gradients_overflowed_when_the_scale
     assert "mid" in cause["fix"] and "--" not in cause["fix"]
 
 
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teacher(caller):
+    """SAR's router terms weighted 1e6: the teacher's router gradients overflow fp16 from 2**16 down to a scale of
+    128 (`warmup_scale_low`). Its gradients come from the router terms and the KD term, at the teacher's lr — the
+    student's CE weight and lr do not reach it."""
+    frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
+                 "model": "teacher", "module": "model.layers.1.mlp.gate", "tensor": "model.layers.1.mlp.gate.weight"},
+                {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
+                 "value": 128.0})
+    (cause,) = causes(frame, caller=caller)
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"]) == (
+        "loss_scale_collapse", "warning", "teacher", "model.layers.1.mlp.gate")
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    assert words["teacher_loss_weights"] in cause["fix"] and words["teacher_lr"] in cause["fix"], cause["fix"]
+    if caller == "cli":
+        assert "--alpha-ce" not in cause["fix"] and "--student-lr" not in cause["fix"], cause["fix"]
+    student = causes(frame.assign(model="student", module="lm_head", tensor="lm_head.weight"), caller=caller)
+    assert words["loss_weights"] in student[0]["fix"] and words["lr"] in student[0]["fix"]
+
+
 def test_gradients_a_scaler_skipped_are_no_gradient_overflow():
     frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
                  "model": "student", "module": "lm_head"})

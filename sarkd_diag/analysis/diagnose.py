@@ -104,6 +104,15 @@ PHRASES = {
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
                      "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
                      "lightning": "the weights of the loss's terms"},
+    # the weights of what reaches a teacher's trainable tensors: in `train` the router terms (SAR) and the KD term
+    "teacher_loss_weights": {
+        "cli": "`--router-load-balance-weight`/`--router-entropy-weight`/`--router-anchor-weight` (the router terms) "
+               "and `--alpha-kd`",
+        "loop": "the weights of the loss's terms that reach the teacher",
+        "trainer": "the weights of the loss's terms that reach the teacher",
+        "accelerate": "the weights of the loss's terms that reach the teacher",
+        "lightning": "the weights of the loss's terms that reach the teacher",
+    },
     "unscale_then_clip": {
         "cli": "`train`'s own order (it unscales before it clips)",
         "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
@@ -667,11 +676,11 @@ class RunRecord:
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
-        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, so that is
-        the lr the fix names."""
+        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, from the
+        loss terms that reach the teacher, so those are the lr and the weights the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         if model == "teacher":
-            words["lr"] = words["teacher_lr"]
+            words["lr"], words["loss_weights"] = words["teacher_lr"], words["teacher_loss_weights"]
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))

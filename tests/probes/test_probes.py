@@ -13,6 +13,7 @@ from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
+from sarkd_diag.probes.scaler import MIN_WARMUP_SCALE
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -854,6 +855,47 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert _events(probes, "scaler_skip")
     assert not _events(probes, "scaler_backoff")
     assert probes.diagnosis() == []
+
+
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[float]:
+    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler("cpu")
+    scales = []
+    with probes_of(model, opt, scaler) as probes:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean() * weight
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+    return scales
+
+
+def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the_scaler_finding_its_scale():
+    """A loss weighted 1e4: every step skips from 2**16 down to 8 (gradients above fp16's range unscaled by 128,
+    each halving a lost step) — not the few halvings of a healthy warm-up (a weight of 100 settles at 1024)."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e4)
+    assert scales[8] == MIN_WARMUP_SCALE and min(scales) < MIN_WARMUP_SCALE  # the provocation, measured
+    (backoff,) = _events(made[-1], "scaler_backoff")
+    assert (backoff.code, backoff.step, backoff.value, backoff.severity) == ("warmup_scale_low", 9, MIN_WARMUP_SCALE,
+                                                                             "warning")
+    (cause,) = made[-1].diagnosis()
+    assert (cause["cause"], cause["severity"], cause["module"]) == ("loss_scale_collapse", "warning", "third")
+    healthy = _weighted_amp_scales(probes_of, 1e2)
+    assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
 
 
 def test_nonfinite_loss_is_reported_and_never_masked():
