@@ -436,6 +436,22 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def moe_expert_teacher_overflow(world: World, tmp: Path) -> Outcome:
+    """An expert MLP, not the router: layer 0's experts' weights ×300 (gate_up) and ×3e4 (down), every weight within
+    fp16's range (the largest ~2.4e3), their output beyond it."""
+    model = tiny.make_mixtral(world.vocab)
+    with torch.no_grad():
+        model.get_parameter(EXPERTS + ".gate_up_proj").mul_(300)
+    teacher = scaled_copy(model, EXPERTS + ".down_proj", 3e4, world.tokenizer, tmp / "hot_expert_teacher")
+    first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
+    outcome, _ = run_cli(world, tmp, "--precision", "mixed", steps=2, teacher=teacher)
+    outcome.facts["largest_teacher_weight"] = f"{max_weight(model):.3g}"
+    outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
+    outcome.check(f"every teacher weight fits fp16 and {EXPERTS} is the first module beyond its range",
+                  max_weight(model) < FP16_MAX and first and first[0] == EXPERTS and math.isfinite(first[1]))
+    return outcome
+
+
 def sar_router_terms_weighted_too_high(world: World, tmp: Path) -> Outcome:
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--router-load-balance-weight", "1e6", steps=10)
     rows = run["metrics"]
@@ -497,6 +513,7 @@ def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
 STUDENT_HOT = "transformer.h.1.mlp.c_fc"  # scaled so its forward output leaves fp16's range (finite in fp32)
 TEACHER_HOT = "transformer.h.0.mlp.c_fc"
 ROUTER = "model.layers.0.mlp.gate"
+EXPERTS = "model.layers.0.mlp.experts"  # the Mixtral layer's experts: one module, their weights stacked
 ROUTERS = tuple(f"model.layers.{i}.mlp.gate" for i in range(2))  # the tiny Mixtral teacher's two routers
 STUDENT_FACTOR = 1e6
 ROUTER_FACTOR = 1e7
@@ -1647,6 +1664,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("MoE router overflows fp16", f"Mixtral teacher's router `{ROUTER}` ×1e7, `train --precision mixed`",
              "mixed", "CLI", router_teacher_overflow,
              Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router")),
+    Scenario("MoE expert overflows fp16", f"Mixtral teacher's experts `{EXPERTS}`: gate_up ×300, down ×3e4 (weights "
+             "within fp16's range, outputs beyond), `train --precision mixed`", "mixed", "CLI",
+             moe_expert_teacher_overflow, Expected("teacher_overflow", "critical", "teacher", EXPERTS, first_step=1,
+                                                   fix_lacks="router")),
     Scenario("SAR router terms weighted too high, mixed", "`train --precision mixed --router-load-balance-weight 1e6` "
              "(meant 1e-2), 10 steps: the teacher's router gradients overflow fp16 down to a loss scale of 128",
              "mixed", "CLI", sar_router_terms_weighted_too_high,
