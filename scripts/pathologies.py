@@ -349,6 +349,18 @@ def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
+    outcome, _ = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "1e-3", "--weight-decay", "0.01",
+                         steps=2, teacher=world.dense_teacher)
+    weights = [p.detach().to(torch.bfloat16) for p in tiny.make_gpt2(world.vocab).parameters()]
+    nonzero = [w[w != 0] for w in weights]
+    kept = sum(int((w * (1 - 1e-3 * 0.01) == w).sum()) for w in nonzero) / sum(w.numel() for w in nonzero)
+    outcome.facts["bf16_weights_one_decay_step_leaves_unchanged"] = f"{kept:.1%}"
+    outcome.check("AdamW's decay factor 1 − 1e-5 rounds back to every nonzero bf16 weight of the student", kept == 1.0)
+    outcome.check("the run completed", outcome.exit_code == 0)
+    return outcome
+
+
 def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
     student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8",
@@ -1628,6 +1640,10 @@ SCENARIOS: list[Scenario] = [
              "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1,
                                                   fix_contains="--precision bf16-mixed",
                                                   fix_lacks="--precision mixed")),
+    Scenario("pure-bf16 weight decay rounds away", "`train --precision pure-bf16 --student-lr 1e-3 --weight-decay "
+             "0.01` (dense teacher): AdamW multiplies each bf16 weight by 1 − 1e-5", "pure-bf16", "CLI",
+             pure_bf16_weight_decay, Expected("weight_decay_lost", "warning", "student", ANY, first_step=1,
+                                              fix_contains="--precision bf16-mixed", fix_lacks="--precision mixed")),
     Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
              "mixed", "CLI", mixed_kd_weight_overflow,
              Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),

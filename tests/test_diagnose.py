@@ -224,10 +224,32 @@ def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lo
     bfloat16-held weights or optimizer state — which bf16-mixed's fp32 master weights and state cannot have — is
     fixed by bf16-mixed; every other bf16 fix names the step's size, not a precision."""
     assert set(BF16_FIXES) <= set(FIXES)
-    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning"}
+    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning",
+                "weight_decay_lost"}
     for name, template in BF16_FIXES.items():
         assert "{mixed}" not in template, name
         assert ("{bf16_mixed}" in template) == (name in rounding), name
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_weight_decay_that_rounds_away_is_a_warning_fixed_by_the_dtype_it_rounds_in(caller):
+    """AdamW's usual lr × weight_decay (1e-5) is below half a bf16 ulp: in pure bf16 the decay does nothing, and fp32
+    master weights under the bf16 compute keep it; in fp16 either mixed mode does; in fp32 weights only a mistyped
+    weight_decay is that small."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    event = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_zero", "step": 1,
+             "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 1e-5,
+             "dtype": "bfloat16"}
+    (bf16,) = causes(log(event), mode="pure-bf16", caller=caller)
+    assert (bf16["cause"], bf16["severity"], bf16["model"], bf16["tensor"], bf16["first_step"]) == (
+        "weight_decay_lost", "warning", "student", "student: 28 tensors", 1)
+    assert bf16["evidence"] == {"lr_times_weight_decay": 1e-5, "dtype": "bfloat16"}
+    assert words["bf16_mixed"] in bf16["fix"] and words["mixed"] not in bf16["fix"] and "0.99999" in bf16["fix"]
+    (fp16,) = causes(log({**event, "dtype": "float16"}), mode="pure-fp16", caller=caller)
+    assert words["mixed"] in fp16["fix"] and words["bf16_mixed"] in fp16["fix"]
+    (fp32,) = causes(log({**event, "value": 1e-45, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert words["weight_decay"] in fp32["fix"] and "precision is not the cause" in fp32["fix"]
+    assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"]
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():

@@ -29,8 +29,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
     "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
-    "no_gradients", "update_underflow",
+    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_collapse", "divergence"}
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
@@ -157,6 +157,13 @@ FIXES = {
                        "update extreme — weight decay too strong for the learning rate (with Adam's coupled L2 the "
                        "decay term outweighs the gradient), or code that rescales the weights: lower "
                        "{weight_decay}; precision is not the cause",
+    "weight_decay_lost": "weight decay does nothing: each step multiplies the {dtype} weights of {group} by {factor} "
+                         "(lr × weight_decay = {decay}), a change below half an ulp of most of them, so they round "
+                         "back unchanged — keep fp32 master weights, where the decay applies: train with {mixed} or "
+                         "{bf16_mixed}; or set {weight_decay} to 0 and say so",
+    "weight_decay_lost_wide": "weight decay does nothing: lr × weight_decay = {decay} is below half an ulp of the "
+                              "{dtype} weights of {group} (~{half_ulp} of a weight), so each step's decay rounds "
+                              "away — a mistyped {weight_decay} (an exponent off); precision is not the cause",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -326,6 +333,10 @@ BF16_FIXES = {
                                  "divides by eps alone and its updates grow instead of shrinking",
     "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 "
                                          "compute kept, fp32 master weights and fp32 Adam moments",
+    "weight_decay_lost": "weight decay does nothing: each step multiplies the {dtype} weights of {group} by {factor} "
+                         "(lr × weight_decay = {decay}), a change below half an ulp of most of them, so they round "
+                         "back unchanged — keep the bfloat16 compute over fp32 master weights, where the decay "
+                         "applies: train with {bf16_mixed}; or set {weight_decay} to 0 and say so",
     "activation_overflow": "{module} overflows {dtype}, whose range is fp32's: no precision setting holds it — its "
                            "outputs blow up; lower {lr}, clip with {clip}, or keep this op's inputs bounded",
     "fp16_risk": "{module} exceeds fp16's range in {dtype}: bfloat16, as this run computes, holds it — keep this "
@@ -963,6 +974,23 @@ def weight_collapse(r: RunRecord) -> list[Cause]:
                             window=WEIGHT_GROWTH_WINDOW))]
 
 
+def weight_decay_lost(r: RunRecord) -> list[Cause]:
+    """Weight decay that rounds away (a `weight_decay_zero` preflight event): each step's factor 1 − lr × weight_decay
+    leaves the weights as they were in their dtype — predicted before the first step, measured on the weights. In
+    low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake."""
+    lost = r.of("optimizer_preflight", "weight_decay_zero")
+    if not len(lost):
+        return []
+    row = _first(lost)
+    decay, dtype = float(row["value"]), row.get("dtype")
+    half_ulp = WIDE_WEIGHT_DTYPES.get(dtype)
+    return [Cause("weight_decay_lost", "warning", **_where(row),
+                  evidence={"lr_times_weight_decay": decay, "dtype": dtype},
+                  fix=r.fix("weight_decay_lost" if half_ulp is None else "weight_decay_lost_wide",
+                            model=row.get("model"), group=row.get("tensor"), dtype=dtype, factor=f"{1 - decay:.10g}",
+                            decay=f"{decay:.3g}", half_ulp=f"{half_ulp or 0:.0e}"))]
+
+
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
     updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
@@ -1338,8 +1366,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow,
-         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
+         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -693,6 +693,26 @@ def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
     assert warned == {"live": "weight_decay_zero"}  # 1e-8 is 0 in float16; the frozen group: nothing
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adamws_usual_weight_decay_rounds_away_in_bf16_weights_and_is_said_to(dtype):
+    """AdamW(lr=1e-3, weight_decay=0.01) multiplies each weight by 1 − 1e-5 per step: representable in bfloat16, yet
+    below half a bf16 ulp of every weight (8 significant bits), so the product rounds back and decay does nothing.
+    fp32 weights (mixed precision's master weights) keep it."""
+    model = Net().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=dtype)
+    assert torch.tensor(1e-5, dtype=dtype).item() != 0  # the product itself is representable: not the question
+    kept = [bool((b * (1 - 1e-5) == b).all()) for b in before]
+    warned = [(e.code, e.dtype, e.value) for e in _events(probes, "optimizer_preflight")]
+    if dtype == torch.bfloat16:
+        assert all(kept)  # the provocation, measured: the decay alone moves no bf16 weight
+        assert warned == [("weight_decay_zero", "bfloat16", pytest.approx(1e-5))]
+    else:
+        assert not any(kept) and warned == []
+
+
 def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_the_metrics():
     """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
     optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
