@@ -342,6 +342,18 @@ def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype
     assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
 
 
+@pytest.mark.parametrize("caller", ["loop", "trainer", "accelerate", "lightning"])
+def test_a_loss_cut_off_from_the_weights_is_named_in_the_code_the_caller_writes(caller):
+    """Under the Trainer the user writes no backward and no `zero_grad()`: what cuts the loss off is their
+    `compute_loss` (or a callback), so the fix names that, not a loop's `zero_grad()` before `step()`."""
+    (cause,) = causes(log({**ZERO_GRADIENTS, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert cause["cause"] == "no_gradients" and PHRASES["loss_cut_off"][caller] in cause["fix"]
+    if caller == "trainer":
+        assert "`compute_loss`" in cause["fix"] and "before `step()`" not in cause["fix"], cause["fix"]
+    if caller == "lightning":
+        assert "`training_step`" in cause["fix"], cause["fix"]
+
+
 NAN_LOSS = {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 1, "phase": "loss",
             "model": "student", "tensor": "loss", "value": math.nan, "dtype": "float32"}
 AFTER_IT = ({"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 1,

@@ -58,6 +58,11 @@ WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 UNREPLAYED = ("loop", "accelerate", "lightning")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
 
+# a loss cut off from the weights in code that calls backward itself
+LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed or computed under `torch.no_grad()` (a "
+                        "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
+                        "`backward()` and the optimizer step (`zero_grad()` before `step()`)")
+
 # what a fix tells each kind of caller to do, by concept
 PHRASES = {
     "mixed": {
@@ -119,6 +124,21 @@ PHRASES = {
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
         "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
+    # what cuts a loss off from the weights, in the code each caller writes around the backward
+    "loss_cut_off": {
+        "cli": LOSS_CUT_OFF_IN_CODE,
+        "loop": LOSS_CUT_OFF_IN_CODE,
+        "trainer": "the loss your `compute_loss` returns is cut off from them — the model's outputs `.detach()`ed or "
+                   "computed under `torch.no_grad()` (a `loss.requires_grad_()` hides that), or returned as a new "
+                   "tensor (`torch.tensor(loss.item())`) — or a callback clears the gradients before the optimizer "
+                   "step (`model.zero_grad()` in `on_pre_optimizer_step`)",
+        "accelerate": "the loss is cut off from them — outputs `.detach()`ed or computed under `torch.no_grad()` (a "
+                      "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
+                      "`accelerator.backward(loss)` and `optimizer.step()`",
+        "lightning": "the loss your `training_step` returns is cut off from them — outputs `.detach()`ed or computed "
+                     "under `torch.no_grad()` (a `loss.requires_grad_()` hides that) — or the gradients are cleared "
+                     "before the optimizer step (`zero_grad()` in `on_before_optimizer_step`)",
     },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
@@ -200,10 +220,7 @@ FIXES = {
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
-                    "step since step {step}) and no float16 flush explains it: the loss is cut off from them — "
-                    "logits `.detach()`ed or computed under `torch.no_grad()` (a `loss.requires_grad_()` hides "
-                    "that), a frozen path — or the gradients are cleared between `backward()` and the optimizer "
-                    "step (`zero_grad()` before `step()`); nothing trains",
+                    "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
     "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
                                 "was built from other parameters — another model, a copy, or the model before it was "
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "

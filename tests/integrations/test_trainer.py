@@ -370,6 +370,25 @@ def test_pure_bf16_under_the_trainer_is_fixed_with_the_model_loaded_in_fp32_not_
     assert "fp16=True" not in root["fix"], root["fix"]
 
 
+class DetachedLossTrainer(Trainer):
+    """A `compute_loss` of one's own that returns the loss detached (and `requires_grad_()` to silence backward)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        outputs = model(**inputs)
+        loss = outputs.loss.detach().requires_grad_()
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_compute_loss_that_detaches_the_loss_is_named_in_the_trainers_terms(tmp_path):
+    trainer = DetachedLossTrainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=2),
+                                  train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    assert (root["cause"], root["first_step"]) == ("no_gradients", 1)
+    assert "`compute_loss`" in root["fix"] and "before `step()`" not in root["fix"], root["fix"]
+
+
 @pytest.mark.parametrize("where", ["recomputation", "every forward"])
 def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where):
     """`gradient_checkpointing=True` runs each layer's forward a second time inside backward. Its outputs were read
