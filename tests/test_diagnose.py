@@ -250,6 +250,10 @@ def test_weight_decay_that_rounds_away_is_a_warning_fixed_by_the_dtype_it_rounds
     (fp32,) = causes(log({**event, "value": 1e-45, "dtype": "float32"}), mode="fp32", caller=caller)
     assert words["weight_decay"] in fp32["fix"] and "precision is not the cause" in fp32["fix"]
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"]
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+            "value": 0.9, "dtype": "float32"}  # an lr of 1e-10: the decay goes with the updates, the lr is the cause
+    assert [c["cause"] for c in causes(log({**event, "value": 1e-12, "dtype": "float32"}, lost), mode="fp32",
+                                       caller=caller)] == ["update_underflow"]
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():

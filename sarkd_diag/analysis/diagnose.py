@@ -994,9 +994,11 @@ def weight_collapse(r: RunRecord) -> list[Cause]:
 def weight_decay_lost(r: RunRecord) -> list[Cause]:
     """Weight decay that rounds away (a `weight_decay_zero` preflight event): each step's factor 1 − lr × weight_decay
     leaves the weights as they were in their dtype — predicted before the first step, measured on the weights. In
-    low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake."""
+    low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake. Where updates
+    are lost to rounding too (`update_underflow`), the lr is too small for the weights and the decay, lr × a
+    weight_decay below 1, goes with them: that cause and its fix cover both."""
     lost = r.of("optimizer_preflight", "weight_decay_zero")
-    if not len(lost):
+    if not len(lost) or len(r.of("lost_updates")) or len(r.of("optimizer_preflight", "update_below_half_ulp")):
         return []
     row = _first(lost)
     decay, dtype = float(row["value"]), row.get("dtype")
