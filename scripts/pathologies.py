@@ -349,6 +349,18 @@ def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
+    outcome, _ = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "1e-3", "--weight-decay", "0.01",
+                         steps=2, teacher=world.dense_teacher)
+    weights = [p.detach().to(torch.bfloat16) for p in tiny.make_gpt2(world.vocab).parameters()]
+    nonzero = [w[w != 0] for w in weights]
+    kept = sum(int((w * (1 - 1e-3 * 0.01) == w).sum()) for w in nonzero) / sum(w.numel() for w in nonzero)
+    outcome.facts["bf16_weights_one_decay_step_leaves_unchanged"] = f"{kept:.1%}"
+    outcome.check("AdamW's decay factor 1 − 1e-5 rounds back to every nonzero bf16 weight of the student", kept == 1.0)
+    outcome.check("the run completed", outcome.exit_code == 0)
+    return outcome
+
+
 def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
     student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8",
@@ -436,6 +448,35 @@ def router_teacher_overflow(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def moe_expert_teacher_overflow(world: World, tmp: Path) -> Outcome:
+    """An expert MLP, not the router: layer 0's experts' weights ×300 (gate_up) and ×3e4 (down), every weight within
+    fp16's range (the largest ~2.4e3), their output beyond it."""
+    model = tiny.make_mixtral(world.vocab)
+    with torch.no_grad():
+        model.get_parameter(EXPERTS + ".gate_up_proj").mul_(300)
+    teacher = scaled_copy(model, EXPERTS + ".down_proj", 3e4, world.tokenizer, tmp / "hot_expert_teacher")
+    first = first_beyond_fp16(forward_extremes(model, token_batches(world, 1)[0]))
+    outcome, _ = run_cli(world, tmp, "--precision", "mixed", steps=2, teacher=teacher)
+    outcome.facts["largest_teacher_weight"] = f"{max_weight(model):.3g}"
+    outcome.facts["first_teacher_module_beyond_fp16_in_fp32"] = first and (first[0], f"{first[1]:.3g}")
+    outcome.check(f"every teacher weight fits fp16 and {EXPERTS} is the first module beyond its range",
+                  max_weight(model) < FP16_MAX and first and first[0] == EXPERTS and math.isfinite(first[1]))
+    return outcome
+
+
+def sar_router_terms_weighted_too_high(world: World, tmp: Path) -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--router-load-balance-weight", "1e6", steps=10)
+    rows = run["metrics"]
+    scales = [r.get("loss_scale") for r in rows]
+    router, kd = [abs(r.get("router_loss") or 0.0) for r in rows], [abs(r.get("kd_loss") or 0.0) for r in rows]
+    outcome.facts.update(loss_scales=scales, router_loss=f"{max(router, default=0):.3g}",
+                         kd_loss=f"{max(kd, default=0):.3g}")
+    outcome.check("every step skipped while the scale fell from 2**16 to 128 or below; the router term dwarfs KD",
+                  rows and all(r.get("skipped") for r in rows[:9]) and min(scales) <= 128
+                  and min(router) > 1e3 * max(kd))
+    return outcome
+
+
 def checkpoint_beyond_fp16(world: World, tmp: Path, value: float = 1e5) -> tuple[nn.Module, Path]:
     """The tiny student saved in fp32 with one weight of `STUDENT_HOT` at `value` (beyond fp16's 65504): a checkpoint
     trained or exported wide, sound in fp32."""
@@ -484,6 +525,8 @@ def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
 STUDENT_HOT = "transformer.h.1.mlp.c_fc"  # scaled so its forward output leaves fp16's range (finite in fp32)
 TEACHER_HOT = "transformer.h.0.mlp.c_fc"
 ROUTER = "model.layers.0.mlp.gate"
+EXPERTS = "model.layers.0.mlp.experts"  # the Mixtral layer's experts: one module, their weights stacked
+ROUTERS = tuple(f"model.layers.{i}.mlp.gate" for i in range(2))  # the tiny Mixtral teacher's two routers
 STUDENT_FACTOR = 1e6
 ROUTER_FACTOR = 1e7
 
@@ -1594,7 +1637,13 @@ SCENARIOS: list[Scenario] = [
              "pure-fp16", "user loop", foreach_adamw_pure_fp16,
              Expected("optimizer_eps_underflow", "critical", "student", first_step=1)),
     Scenario("pure-bf16 tiny lr", "`train --precision pure-bf16 --student-lr 5e-6` (dense teacher)", "pure-bf16",
-             "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1)),
+             "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1,
+                                                  fix_contains="--precision bf16-mixed",
+                                                  fix_lacks="--precision mixed")),
+    Scenario("pure-bf16 weight decay rounds away", "`train --precision pure-bf16 --student-lr 1e-3 --weight-decay "
+             "0.01` (dense teacher): AdamW multiplies each bf16 weight by 1 − 1e-5", "pure-bf16", "CLI",
+             pure_bf16_weight_decay, Expected("weight_decay_lost", "warning", "student", ANY, first_step=1,
+                                              fix_contains="--precision bf16-mixed", fix_lacks="--precision mixed")),
     Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
              "mixed", "CLI", mixed_kd_weight_overflow,
              Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
@@ -1631,6 +1680,15 @@ SCENARIOS: list[Scenario] = [
     Scenario("MoE router overflows fp16", f"Mixtral teacher's router `{ROUTER}` ×1e7, `train --precision mixed`",
              "mixed", "CLI", router_teacher_overflow,
              Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router")),
+    Scenario("MoE expert overflows fp16", f"Mixtral teacher's experts `{EXPERTS}`: gate_up ×300, down ×3e4 (weights "
+             "within fp16's range, outputs beyond), `train --precision mixed`", "mixed", "CLI",
+             moe_expert_teacher_overflow, Expected("teacher_overflow", "critical", "teacher", EXPERTS, first_step=1,
+                                                   fix_lacks="router")),
+    Scenario("SAR router terms weighted too high, mixed", "`train --precision mixed --router-load-balance-weight 1e6` "
+             "(meant 1e-2), 10 steps: the teacher's router gradients overflow fp16 down to a loss scale of 128",
+             "mixed", "CLI", sar_router_terms_weighted_too_high,
+             Expected("loss_scale_collapse", "warning", "teacher", ROUTERS, first_step=9,
+                      fix_contains="--router-load-balance-weight", fix_lacks="--alpha-ce")),
     Scenario("pure-fp16 gradient overflow", "user loop: fp16 weights, SGD, no scaler; backward hook ×1e30 on `mid` "
              "from step 2", "pure-fp16", "user loop", pure_fp16_grad_overflow,
              Expected("gradient_overflow", "critical", "student", "mid", first_step=2)),

@@ -155,6 +155,26 @@ def test_loss_scale_collapse_is_placed_where_gradients_overflowed_when_the_scale
     assert "mid" in cause["fix"] and "--" not in cause["fix"]
 
 
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teacher(caller):
+    """SAR's router terms weighted 1e6: the teacher's router gradients overflow fp16 from 2**16 down to a scale of
+    128 (`warmup_scale_low`). Its gradients come from the router terms and the KD term, at the teacher's lr — the
+    student's CE weight and lr do not reach it."""
+    frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
+                 "model": "teacher", "module": "model.layers.1.mlp.gate", "tensor": "model.layers.1.mlp.gate.weight"},
+                {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
+                 "value": 128.0})
+    (cause,) = causes(frame, caller=caller)
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"]) == (
+        "loss_scale_collapse", "warning", "teacher", "model.layers.1.mlp.gate")
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    assert words["teacher_loss_weights"] in cause["fix"] and words["teacher_lr"] in cause["fix"], cause["fix"]
+    if caller == "cli":
+        assert "--alpha-ce" not in cause["fix"] and "--student-lr" not in cause["fix"], cause["fix"]
+    student = causes(frame.assign(model="student", module="lm_head", tensor="lm_head.weight"), caller=caller)
+    assert words["loss_weights"] in student[0]["fix"] and words["lr"] in student[0]["fix"]
+
+
 def test_gradients_a_scaler_skipped_are_no_gradient_overflow():
     frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
                  "model": "student", "module": "lm_head"})
@@ -199,11 +219,41 @@ def test_every_fix_is_written_in_its_callers_terms(caller):
             assert "Probes(" not in text, (name, text)
 
 
-def test_a_bf16_fix_advises_no_precision_switch():
-    """A run that computes in bfloat16 already has bf16 (and fp32's range); fp16 would narrow it."""
+def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lose():
+    """A run that computes in bfloat16 already has bf16 (and fp32's range); fp16 would narrow it. Only rounding in
+    bfloat16-held weights or optimizer state — which bf16-mixed's fp32 master weights and state cannot have — is
+    fixed by bf16-mixed; every other bf16 fix names the step's size, not a precision."""
     assert set(BF16_FIXES) <= set(FIXES)
+    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning",
+                "weight_decay_lost"}
     for name, template in BF16_FIXES.items():
-        assert "{mixed}" not in template and "{bf16_mixed}" not in template, name
+        assert "{mixed}" not in template, name
+        assert ("{bf16_mixed}" in template) == (name in rounding), name
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_weight_decay_that_rounds_away_is_a_warning_fixed_by_the_dtype_it_rounds_in(caller):
+    """AdamW's usual lr × weight_decay (1e-5) is below half a bf16 ulp: in pure bf16 the decay does nothing, and fp32
+    master weights under the bf16 compute keep it; in fp16 either mixed mode does; in fp32 weights only a mistyped
+    weight_decay is that small."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    event = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_zero", "step": 1,
+             "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 1e-5,
+             "dtype": "bfloat16"}
+    (bf16,) = causes(log(event), mode="pure-bf16", caller=caller)
+    assert (bf16["cause"], bf16["severity"], bf16["model"], bf16["tensor"], bf16["first_step"]) == (
+        "weight_decay_lost", "warning", "student", "student: 28 tensors", 1)
+    assert bf16["evidence"] == {"lr_times_weight_decay": 1e-5, "dtype": "bfloat16"}
+    assert words["bf16_mixed"] in bf16["fix"] and words["mixed"] not in bf16["fix"] and "0.99999" in bf16["fix"]
+    (fp16,) = causes(log({**event, "dtype": "float16"}), mode="pure-fp16", caller=caller)
+    assert words["mixed"] in fp16["fix"] and words["bf16_mixed"] in fp16["fix"]
+    (fp32,) = causes(log({**event, "value": 1e-45, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert words["weight_decay"] in fp32["fix"] and "precision is not the cause" in fp32["fix"]
+    assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"]
+    lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+            "value": 0.9, "dtype": "float32"}  # an lr of 1e-10: the decay goes with the updates, the lr is the cause
+    assert [c["cause"] for c in causes(log({**event, "value": 1e-12, "dtype": "float32"}, lost), mode="fp32",
+                                       caller=caller)] == ["update_underflow"]
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():
@@ -253,7 +303,24 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["lr"] in fp32["fix"] and words["clip"] in fp32["fix"] and "schedule" in fp32["fix"]
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
     (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
-    assert words["mixed"] in bf16["fix"] and words["bf16_mixed"] in bf16["fix"]  # low-precision weights: as before
+    assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_a_bf16_runs_rounding_losses_are_fixed_with_fp32_master_weights_under_its_bf16_not_with_fp16(caller):
+    """Pure bf16 (the Trainer's `bf16=True` over a model loaded in bfloat16, AdamW's state in bf16 with it) loses
+    updates or flushes Adam's state: fp32 master weights under the same bf16 compute keep both. Advising fp16 AMP
+    (`TrainingArguments(fp16=True)`) would trade bf16's range for a loss scaler the run does not need."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    lost = log({"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
+                "value": 0.8, "dtype": "bfloat16"})
+    state = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "model": "student",
+                 "tensor": "h.0.w", "value": 0.5, "dtype": "bfloat16"})
+    for frame in (lost, state):
+        (root,) = causes(frame, mode="pure-bf16", caller=caller)
+        assert words["bf16_mixed"] in root["fix"] and words["mixed"] not in root["fix"], root["fix"]
+        (fp16,) = causes(frame.assign(dtype="float16"), mode="pure-fp16", caller=caller)
+        assert words["mixed"] in fp16["fix"]  # fp16 weights: fp16 AMP stays an answer
 
 
 ZERO_GRADIENTS = {"kind": "zero_gradients", "severity": "warning", "step": 1, "phase": "backward", "model": "student",
@@ -288,6 +355,18 @@ def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype
     (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"})
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
     assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
+
+
+@pytest.mark.parametrize("caller", ["loop", "trainer", "accelerate", "lightning"])
+def test_a_loss_cut_off_from_the_weights_is_named_in_the_code_the_caller_writes(caller):
+    """Under the Trainer the user writes no backward and no `zero_grad()`: what cuts the loss off is their
+    `compute_loss` (or a callback), so the fix names that, not a loop's `zero_grad()` before `step()`."""
+    (cause,) = causes(log({**ZERO_GRADIENTS, "dtype": "float32"}), mode="fp32", caller=caller)
+    assert cause["cause"] == "no_gradients" and PHRASES["loss_cut_off"][caller] in cause["fix"]
+    if caller == "trainer":
+        assert "`compute_loss`" in cause["fix"] and "before `step()`" not in cause["fix"], cause["fix"]
+    if caller == "lightning":
+        assert "`training_step`" in cause["fix"], cause["fix"]
 
 
 NAN_LOSS = {"kind": "nonfinite_loss", "severity": "critical", "code": "loss_nonfinite", "step": 1, "phase": "loss",

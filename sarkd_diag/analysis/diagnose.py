@@ -30,8 +30,8 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
     "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse",
-    "no_gradients", "update_underflow",
+    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -60,6 +60,11 @@ WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 # replay that forward with them on (and place it, or find every module finite)
 UNREPLAYED = ("loop", "accelerate", "lightning")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
+
+# a loss cut off from the weights in code that calls backward itself
+LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed or computed under `torch.no_grad()` (a "
+                        "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
+                        "`backward()` and the optimizer step (`zero_grad()` before `step()`)")
 
 # what a fix tells each kind of caller to do, by concept
 PHRASES = {
@@ -107,12 +112,36 @@ PHRASES = {
     "loss_weights": {"cli": "`--alpha-kd`/`--alpha-ce`", "loop": "the weights of the loss's terms",
                      "trainer": "the weights of the loss's terms", "accelerate": "the weights of the loss's terms",
                      "lightning": "the weights of the loss's terms"},
+    # the weights of what reaches a teacher's trainable tensors: in `train` the router terms (SAR) and the KD term
+    "teacher_loss_weights": {
+        "cli": "`--router-load-balance-weight`/`--router-entropy-weight`/`--router-anchor-weight` (the router terms) "
+               "and `--alpha-kd`",
+        "loop": "the weights of the loss's terms that reach the teacher",
+        "trainer": "the weights of the loss's terms that reach the teacher",
+        "accelerate": "the weights of the loss's terms that reach the teacher",
+        "lightning": "the weights of the loss's terms that reach the teacher",
+    },
     "unscale_then_clip": {
         "cli": "`train`'s own order (it unscales before it clips)",
         "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
         "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
+    # what cuts a loss off from the weights, in the code each caller writes around the backward
+    "loss_cut_off": {
+        "cli": LOSS_CUT_OFF_IN_CODE,
+        "loop": LOSS_CUT_OFF_IN_CODE,
+        "trainer": "the loss your `compute_loss` returns is cut off from them — the model's outputs `.detach()`ed or "
+                   "computed under `torch.no_grad()` (a `loss.requires_grad_()` hides that), or returned as a new "
+                   "tensor (`torch.tensor(loss.item())`) — or a callback clears the gradients before the optimizer "
+                   "step (`model.zero_grad()` in `on_pre_optimizer_step`)",
+        "accelerate": "the loss is cut off from them — outputs `.detach()`ed or computed under `torch.no_grad()` (a "
+                      "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
+                      "`accelerator.backward(loss)` and `optimizer.step()`",
+        "lightning": "the loss your `training_step` returns is cut off from them — outputs `.detach()`ed or computed "
+                     "under `torch.no_grad()` (a `loss.requires_grad_()` hides that) — or the gradients are cleared "
+                     "before the optimizer step (`zero_grad()` in `on_before_optimizer_step`)",
     },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
@@ -151,6 +180,13 @@ FIXES = {
                        "update extreme — weight decay too strong for the learning rate (with Adam's coupled L2 the "
                        "decay term outweighs the gradient), or code that rescales the weights: lower "
                        "{weight_decay}; precision is not the cause",
+    "weight_decay_lost": "weight decay does nothing: each step multiplies the {dtype} weights of {group} by {factor} "
+                         "(lr × weight_decay = {decay}), a change below half an ulp of most of them, so they round "
+                         "back unchanged — keep fp32 master weights, where the decay applies: train with {mixed} or "
+                         "{bf16_mixed}; or set {weight_decay} to 0 and say so",
+    "weight_decay_lost_wide": "weight decay does nothing: lr × weight_decay = {decay} is below half an ulp of the "
+                              "{dtype} weights of {group} (~{half_ulp} of a weight), so each step's decay rounds "
+                              "away — a mistyped {weight_decay} (an exponent off); precision is not the cause",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -187,10 +223,7 @@ FIXES = {
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
-                    "step since step {step}) and no float16 flush explains it: the loss is cut off from them — "
-                    "logits `.detach()`ed or computed under `torch.no_grad()` (a `loss.requires_grad_()` hides "
-                    "that), a frozen path — or the gradients are cleared between `backward()` and the optimizer "
-                    "step (`zero_grad()` before `step()`); nothing trains",
+                    "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
     "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
                                 "was built from other parameters — another model, a copy, or the model before it was "
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
@@ -309,8 +342,21 @@ FIXES = {
 }
 # A fix's wording where the run already computes in bfloat16 (`RunRecord.computes_in_bf16`): the templates above
 # advise bf16 or fp16 compute, which such a run already has (bf16) or which would narrow its range (fp16). bf16
-# has fp32's range: what overflows there blows up in any precision, and the fix is the step's size.
+# has fp32's range: what overflows there blows up in any precision, and the fix is the step's size. What bf16
+# weights or state lose to rounding, fp32 master weights under the same bf16 compute keep: fp16 compute would
+# trade the range the run has for nothing it lacks.
 BF16_FIXES = {
+    "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): keep the "
+                        "bfloat16 compute and give it fp32 master weights — train with {bf16_mixed} — or raise {lr}",
+    "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 compute "
+                                 "kept, fp32 master weights and fp32 Adam moments; with the state in {dtype}, Adam "
+                                 "divides by eps alone and its updates grow instead of shrinking",
+    "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 "
+                                         "compute kept, fp32 master weights and fp32 Adam moments",
+    "weight_decay_lost": "weight decay does nothing: each step multiplies the {dtype} weights of {group} by {factor} "
+                         "(lr × weight_decay = {decay}), a change below half an ulp of most of them, so they round "
+                         "back unchanged — keep the bfloat16 compute over fp32 master weights, where the decay "
+                         "applies: train with {bf16_mixed}; or set {weight_decay} to 0 and say so",
     "activation_overflow": "{module} overflows {dtype}, whose range is fp32's: no precision setting holds it — its "
                            "outputs blow up; lower {lr}, clip with {clip}, or keep this op's inputs bounded",
     "fp16_risk": "{module} exceeds fp16's range in {dtype}: bfloat16, as this run computes, holds it — keep this "
@@ -661,11 +707,11 @@ class RunRecord:
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
-        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, so that is
-        the lr the fix names."""
+        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, from the
+        loss terms that reach the teacher, so those are the lr and the weights the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         if model == "teacher":
-            words["lr"] = words["teacher_lr"]
+            words["lr"], words["loss_weights"] = words["teacher_lr"], words["teacher_loss_weights"]
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
@@ -947,6 +993,25 @@ def weight_collapse(r: RunRecord) -> list[Cause]:
     return [Cause("weight_collapse", "warning", first_step=step, model="student", evidence=evidence,
                   fix=r.fix("weight_collapse", before=f"{before:.3g}", after=f"{after:.3g}", step=step,
                             window=WEIGHT_GROWTH_WINDOW))]
+
+
+def weight_decay_lost(r: RunRecord) -> list[Cause]:
+    """Weight decay that rounds away (a `weight_decay_zero` preflight event): each step's factor 1 − lr × weight_decay
+    leaves the weights as they were in their dtype — predicted before the first step, measured on the weights. In
+    low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake. Where updates
+    are lost to rounding too (`update_underflow`), the lr is too small for the weights and the decay, lr × a
+    weight_decay below 1, goes with them: that cause and its fix cover both."""
+    lost = r.of("optimizer_preflight", "weight_decay_zero")
+    if not len(lost) or len(r.of("lost_updates")) or len(r.of("optimizer_preflight", "update_below_half_ulp")):
+        return []
+    row = _first(lost)
+    decay, dtype = float(row["value"]), row.get("dtype")
+    half_ulp = WIDE_WEIGHT_DTYPES.get(dtype)
+    return [Cause("weight_decay_lost", "warning", **_where(row),
+                  evidence={"lr_times_weight_decay": decay, "dtype": dtype},
+                  fix=r.fix("weight_decay_lost" if half_ulp is None else "weight_decay_lost_wide",
+                            model=row.get("model"), group=row.get("tensor"), dtype=dtype, factor=f"{1 - decay:.10g}",
+                            decay=f"{decay:.3g}", half_ulp=f"{half_ulp or 0:.0e}"))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -1324,8 +1389,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, activation_overflow,
-         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
+         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -7,9 +7,11 @@ After the first step, once its state shows the dtype the optimizer computes in (
 state or a fused kernel says so already): is eps set to 0 (then Adam divides 0 by 0 wherever a second moment is
 0), is it representable in that dtype (AdamW's 1e-8 is 0.0 in fp16, where torch's Adam keeps its moments;
 transformers' Adafactor keeps fp32 state for fp16 weights, and torch's fused kernels do their arithmetic in
-fp32). Before the first step: is weight decay representable, and how
+fp32). Before the first step: does weight decay change the weights at all — a decay that multiplies each weight
+by 1 − lr × weight_decay (AdamW's, SGD's) is lost wherever that factor rounds back to the weight in its dtype
+(bf16 keeps 8 significant bits: any lr × weight_decay below ~2e-3, AdamW's usual 1e-5 included) — and how
 many weights are so large that an Adam-sized update (≈ lr) is below half their ulp and will round away —
-the last two only for a group that steps (lr > 0): a frozen group's lr × weight_decay is 0 in any dtype.
+the last two only for a group that steps (lr > 0): a frozen group's decay and updates are 0 in any dtype.
 On statistics steps: second-moment entries that flushed to zero although their gradient was not zero.
 Fractions are estimated on a fixed sample of each tensor (`base.sample`).
 """
@@ -147,11 +149,12 @@ class OptimizerProbe(Probe):
                 self._check_eps(index, group)  # the state (a resumed run's) or the kernel says what eps is added in
             else:
                 self._eps_pending.append(index)  # known once the first step has made the state
-            if wd > 0 and lr > 0 and torch.tensor(lr * wd, dtype=dtype).item() == 0.0:  # lr 0: a frozen group
+            rounded = self._fraction_decay_rounded(params, 1 - lr * wd) if wd > 0 and lr > 0 else 0.0
+            if rounded > LOST_UPDATE_WARNING and decays_multiplicatively(group):  # lr 0: a frozen group
                 self.ctx.events.record(
                     "optimizer_preflight", "warning",
-                    f"{label}: {lr_name}×weight_decay={lr * wd:g} is 0.0 in {_dtype_name(dtype)}: weight decay "
-                    "does nothing",
+                    f"{label}: {lr_name}×weight_decay={lr * wd:g}: multiplying by {1 - lr * wd:.10g} rounds back to "
+                    f"the weight for {rounded:.0%} of the {_dtype_name(dtype)} weights: weight decay does nothing",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lr * wd, step=self.ctx.step, code="weight_decay_zero")
             if wd > 0 and lr * wd >= LARGE_DECAY and decays_multiplicatively(group):
@@ -205,6 +208,18 @@ class OptimizerProbe(Probe):
                     f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
                     probe=self.name, phase="optimizer", model=model, tensor=label,
                     dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
+
+    @staticmethod
+    def _fraction_decay_rounded(params: list[torch.Tensor], factor: float) -> float:
+        """The share of nonzero weights that one step's decay, w × factor in the weight's dtype (as the optimizer
+        computes it), leaves exactly as they were."""
+        kept = total = 0
+        for p in params:
+            w = sample(p.detach())
+            w = w[w != 0]
+            kept += int((w * factor == w).sum())
+            total += w.numel()
+        return kept / total if total else 0.0
 
     @staticmethod
     def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float) -> float:

@@ -1,9 +1,11 @@
 """The dynamic loss scaler: its scale each step, skipped steps, backoffs and growths.
 
 GradScaler skips a step exactly when it backs off, so a fall of the scale is a skipped step. The
-consecutive skips of the first steps, while the scaler finds its scale, are it working (info); after
-that more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps, is a warning,
-and a scale below 1 is critical (gradients are being shrunk, not protected).
+consecutive skips of the first steps, while the scaler finds its scale, are it working (info) — unless they
+bring the scale down to MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's
+largest value over twice that scale before any scaling (a loss term weighted far too high), and each halving was
+a step lost; after the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps,
+is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected).
 
 GradScaler never steps the optimizer on a step it skips: where the one optimizer stepped on such a step (its
 pre-step hook ran) someone else called it — `optimizer.step()` left in a loop beside `scaler.step(optimizer)` — and
@@ -14,8 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from ..contract.numerics import FP16_MAX
 from .base import Probe, optimizers_of
 
+# a warm-up that halves the scale down to this has met gradients above FP16_MAX / (2 × 128) ≈ 256: a healthy loss's
+# gradients settle GradScaler within a few halvings of its 2**16 (a KD term weighted 1e3 settles at 8192)
+MIN_WARMUP_SCALE = 128.0
 MAX_SKIP_STREAK = 5
 MAX_SKIP_FRACTION = 0.10
 MIN_STEPS_FOR_FRACTION = 20
@@ -29,7 +35,7 @@ class ScalerProbe(Probe):
         self._previous: float | None = None
         self._warming_up = True
         self._streak = self._skips = self._steps = 0
-        self._warned_streak = self._warned_fraction = self._below_one = False
+        self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
         self._noted_step_past_skip = False
         self._initial: float | None = None  # the scale the first step started from (once, before it)
 
@@ -65,6 +71,11 @@ class ScalerProbe(Probe):
                                    code="scaler_skip_warmup" if self._warming_up else "scaler_skip_overflow")
         else:
             self._streak = 0
+        if self._warming_up and scale <= MIN_WARMUP_SCALE and not self._warned_warmup:
+            self._warned_warmup = True
+            self._backoff(f"its warm-up skipped every step up to step {self.ctx.step}, down to a scale of {scale:g} — "
+                          f"some gradient exceeds {FP16_MAX / (2 * scale):.3g} before any scaling", scale,
+                          "warmup_scale_low")
         if not self._warming_up and self._streak > MAX_SKIP_STREAK and not self._warned_streak:
             self._warned_streak = True
             self._backoff(f"{self._streak} skipped steps in a row", scale, "skip_streak")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sarkd_diag import Probes, load_run
+from sarkd_diag.probes.scaler import MIN_WARMUP_SCALE
 
 STEPS = 20  # 65536 halves below 1 after 17 skipped steps
 
@@ -57,7 +58,9 @@ def test_the_module_whose_backward_overflows_is_named_in_the_loss_scale_collapse
     collapse = next(d for d in diagnosis if d["cause"] == "loss_scale_collapse")
     assert collapse["severity"] == "critical" and collapse["model"] == "student"
     assert collapse["module"] == "head"
-    assert collapse["first_step"] == 17 == 1 + next(i for i, s in enumerate(scales) if s < 1)
+    # it shows once the warm-up has halved the scale down to its floor (every step skipped), before it falls below 1
+    assert collapse["first_step"] == 9 == 1 + next(i for i, s in enumerate(scales) if s <= MIN_WARMUP_SCALE)
+    assert collapse["evidence"]["min_scale"] < 1
     grads = run["events"].query("kind == 'nonfinite_grad'")
     assert grads["module"].iloc[0] == "head" and int(grads["step"].min()) == 1
     assert run["summary"]["precision"]["mode"] == "mixed"  # fp32 weights, autocast fp16 and a scaler

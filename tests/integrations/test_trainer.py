@@ -417,6 +417,38 @@ def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
     assert "TrainingArguments" not in found["fix"] and "fp16 compute" in found["fix"], found["fix"]
 
 
+def test_pure_bf16_under_the_trainer_is_fixed_with_the_model_loaded_in_fp32_not_with_fp16(tmp_path):
+    """`bf16=True` over a model loaded in bfloat16 trains pure bf16 (weights and AdamW's state in bf16): an lr of
+    1e-5 rounds most updates away. The fix keeps `bf16=True` and loads the model in fp32, in the Trainer's terms."""
+    _train(tmp_path, tiny.make_gpt2(VOCAB).to(torch.bfloat16), tmp_path / "run", bf16=True, learning_rate=1e-5,
+           max_steps=2)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["precision"]["mode"] == "pure-bf16"
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["evidence"]["dtype"]) == ("update_underflow", "bfloat16")
+    assert "`TrainingArguments(bf16=True)` with the model loaded in fp32" in root["fix"], root["fix"]
+    assert "fp16=True" not in root["fix"], root["fix"]
+
+
+class DetachedLossTrainer(Trainer):
+    """A `compute_loss` of one's own that returns the loss detached (and `requires_grad_()` to silence backward)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        outputs = model(**inputs)
+        loss = outputs.loss.detach().requires_grad_()
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_compute_loss_that_detaches_the_loss_is_named_in_the_trainers_terms(tmp_path):
+    trainer = DetachedLossTrainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=2),
+                                  train_dataset=Sequences(VOCAB))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    assert (root["cause"], root["first_step"]) == ("no_gradients", 1)
+    assert "`compute_loss`" in root["fix"] and "before `step()`" not in root["fix"], root["fix"]
+
+
 @pytest.mark.parametrize("where", ["recomputation", "every forward"])
 def test_gradient_checkpointings_recomputation_is_not_read_again(tmp_path, where):
     """`gradient_checkpointing=True` runs each layer's forward a second time inside backward. Its outputs were read

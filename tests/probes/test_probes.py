@@ -14,6 +14,7 @@ from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
+from sarkd_diag.probes.scaler import MIN_WARMUP_SCALE
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -739,6 +740,26 @@ def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
     assert warned == {"live": "weight_decay_zero"}  # 1e-8 is 0 in float16; the frozen group: nothing
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adamws_usual_weight_decay_rounds_away_in_bf16_weights_and_is_said_to(dtype):
+    """AdamW(lr=1e-3, weight_decay=0.01) multiplies each weight by 1 − 1e-5 per step: representable in bfloat16, yet
+    below half a bf16 ulp of every weight (8 significant bits), so the product rounds back and decay does nothing.
+    fp32 weights (mixed precision's master weights) keep it."""
+    model = Net().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=1, dtype=dtype)
+    assert torch.tensor(1e-5, dtype=dtype).item() != 0  # the product itself is representable: not the question
+    kept = [bool((b * (1 - 1e-5) == b).all()) for b in before]
+    warned = [(e.code, e.dtype, e.value) for e in _events(probes, "optimizer_preflight")]
+    if dtype == torch.bfloat16:
+        assert all(kept)  # the provocation, measured: the decay alone moves no bf16 weight
+        assert warned == [("weight_decay_zero", "bfloat16", pytest.approx(1e-5))]
+    else:
+        assert not any(kept) and warned == []
+
+
 def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_the_metrics():
     """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
     optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
@@ -901,6 +922,47 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert _events(probes, "scaler_skip")
     assert not _events(probes, "scaler_backoff")
     assert probes.diagnosis() == []
+
+
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[float]:
+    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    scaler = torch.amp.GradScaler("cpu")
+    scales = []
+    with probes_of(model, opt, scaler) as probes:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean() * weight
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            scales.append(scaler.get_scale())
+    return scales
+
+
+def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the_scaler_finding_its_scale():
+    """A loss weighted 1e4: every step skips from 2**16 down to 8 (gradients above fp16's range unscaled by 128,
+    each halving a lost step) — not the few halvings of a healthy warm-up (a weight of 100 settles at 1024)."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e4)
+    assert scales[8] == MIN_WARMUP_SCALE and min(scales) < MIN_WARMUP_SCALE  # the provocation, measured
+    (backoff,) = _events(made[-1], "scaler_backoff")
+    assert (backoff.code, backoff.step, backoff.value, backoff.severity) == ("warmup_scale_low", 9, MIN_WARMUP_SCALE,
+                                                                             "warning")
+    (cause,) = made[-1].diagnosis()
+    assert (cause["cause"], cause["severity"], cause["module"]) == ("loss_scale_collapse", "warning", "third")
+    healthy = _weighted_amp_scales(probes_of, 1e2)
+    assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
 
 
 def test_nonfinite_loss_is_reported_and_never_masked():
