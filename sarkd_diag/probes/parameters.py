@@ -16,7 +16,10 @@ under `torch.no_grad()`, a weight copied or tied, an EMA or average written back
 placed at the edit and its step, not one step late at the next update (`nonfinite_between_steps`); a finite edit is
 recorded once as information and once, as a warning, where it rescales a tensor beyond `WEIGHT_EDIT_FACTOR`
 (`weights_edited`). sarkd-diag's own loop writes no weights between steps (its policy's rollback is its own) and
-takes no such reading.
+takes no such reading. The read costs a pass over the weights, so it is taken where a write may have happened: a
+tensor's version counter moves with every in-place write to it (under no_grad or not: `mul_`, `copy_`,
+`load_state_dict`) and its storage with `.data = ...`; a write through `.data` (`p.data.mul_(...)`) moves neither,
+and is read on statistics steps, where the weights are read again whatever their marks say.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import torch
 
 from ..contract.numerics import WEIGHT_EDIT_FACTOR, dtype_name
+from ..contract.shards import local_shard
 from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts
 
 
@@ -43,6 +47,7 @@ class ParameterProbe(Probe):
         self._after_step: tuple[int, list[float]] | None = None  # the step and per-tensor amax of the last update
         self._at_forward: torch.Tensor | None = None  # per-tensor amax at this step's first training forward
         self._forward_read = False
+        self._marks: list[tuple[int, int]] = []  # each weight's version and storage after the last update
         self._edits_noted: set[str] = set()  # severities of `weights_edited` recorded (each once)
         self._handles = [] if ctx.weights_read_by_owner else [
             model.register_forward_pre_hook(eager(self._before_forward(name)))
@@ -60,7 +65,8 @@ class ParameterProbe(Probe):
             if self._forward_read or self._after_step is None or not self.ctx.training_forward.get(model_name):
                 return
             self._forward_read = True
-            self._at_forward = abs_max(self._params)
+            if self.ctx.stats_step or _write_marks(self._params) != self._marks:
+                self._at_forward = abs_max(self._params)
         return hook
 
     def _read_as_loaded(self) -> None:
@@ -86,6 +92,7 @@ class ParameterProbe(Probe):
     def after_optimizer_step(self) -> None:
         if not self.ctx.weights_read_by_owner:  # sarkd-diag's loop reads them for its guard and hands them over
             self._amax = abs_max(self._params)
+            self._marks = _write_marks(self._params)
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         amax, self._amax = self._amax, None
@@ -201,6 +208,12 @@ class ParameterProbe(Probe):
                 step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
                 tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)
         return {f"loaded_amax_{model}": amax[i] for model, i in largest.items()}
+
+
+def _write_marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """Each tensor's version counter and storage address (of a sharded one, its local shard's): what a write to it
+    outside the optimizer moves — any in-place op bumps the first, `.data = ...` moves the second."""
+    return [(t._version, t.data_ptr()) for t in map(local_shard, params)]
 
 
 def _change_factor(before: float, after: float) -> float:

@@ -330,13 +330,13 @@ def test_finite_weights_as_loaded_are_no_event():
     assert _events(probes, "nonfinite_at_load") == []
 
 
-def _edited_after_step_2(edit, optimizer_given: bool = True) -> Probes:
+def _edited_after_step_2(edit, optimizer_given: bool = True, every: int = 10) -> Probes:
     """Four steps of `Net`; after step 2's optimizer step and before step 3's forward, `edit(model)` runs under
     no_grad — between `opt.step()` and `probes.step()` as the loop's code would (the order of a plain loop)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with Probes(model, optimizer=opt if optimizer_given else None) as probes:
+    with Probes(model, optimizer=opt if optimizer_given else None, every=every) as probes:
         for step in range(1, 5):
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward()
@@ -378,6 +378,14 @@ def test_finite_weights_rescaled_between_steps_are_an_edit_whose_size_decides_th
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "weights_edited", "critical", "first.weight", 3)
     assert "extreme_update@3" in root["evidence"]["then"] and "divergence@3" in root["evidence"]["followed_by"]
+
+
+def test_a_write_through_data_that_moves_no_version_is_read_on_a_statistics_step():
+    """`p.data.mul_(...)` moves neither the tensor's version counter nor its storage, the marks that spare the other
+    steps their read of the weights: a statistics step reads them whatever the marks say (step 3 at every=3)."""
+    probes = _edited_after_step_2(lambda m: m.first.weight.data.mul_(1e6), every=3)
+    (event,) = _events(probes, "weights_edited")
+    assert (event.severity, event.tensor, event.step) == ("warning", "first.weight", 3)
 
 
 def test_an_untouched_loop_has_no_edit_and_trains_alike_with_the_reading():
