@@ -643,13 +643,21 @@ BOOLEAN_VALUES = ("true", "false", "yes", "no", "on", "off", "1", "0")
 
 
 def _check_flag_values(args: list[str]) -> None:
-    """`--use-scheduler true`: a flag takes no value; say so rather than 'unexpected extra argument (true)'."""
+    """`--use-scheduler true`: a flag takes no value; say so rather than 'unexpected extra argument (true)'. And an
+    empty argument where a command takes its RUN_DIR (`sarkd-diag report "$RUN"` with RUN unset): click reads '' as
+    the current directory, which is no run the user meant."""
     flags = set().union(*(option.flags for option in CONFIG_OPTIONS.values()))
     for flag, value in zip(args, args[1:], strict=False):
         if flag in flags and value.lower() in BOOLEAN_VALUES:
             positive = flag.replace("--no-", "--").replace("--no_", "--").replace("_", "-")
             raise BadInput(f"{flag} is a flag and takes no value ({value!r}): write {positive} to turn it on, "
                            f"--no-{positive[2:]} to turn it off")
+    if len(args) > 1 and args[0] in RUN_DIR_COMMANDS and not args[1].strip():
+        raise BadInput(f"an empty argument ({args[1]!r}: an unset shell variable?) where {args[0]} takes RUN_DIR; "
+                       "give a run directory")
+
+
+RUN_DIR_COMMANDS = ("report", "events", "check")  # the commands whose first argument is a run directory
 
 
 def _invoke(args: list[str]) -> Any:

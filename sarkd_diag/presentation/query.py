@@ -162,6 +162,9 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     except ValueError:
         raise BadInput(f"--step {text!r}: expected A:B (inclusive; either end may be left out), e.g. 10:20") \
             from None
+    if any(b is not None and b < 0 for b in bounds):
+        raise BadInput(f"--step {text!r}: steps count from 0 (the evaluation before the first step); a negative step "
+                       "is none")
     if None not in bounds and bounds[0] > bounds[1]:
         raise BadInput(f"--step {text!r}: no step is in it ({bounds[0]} is after {bounds[1]}); write A:B with A ≤ B, "
                        f"e.g. {bounds[1]}:{bounds[0]}")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..contract.config import user_path
 from ..contract.shards import is_sharded
 from .distributed import full_tensor
 
@@ -272,7 +273,7 @@ def apply_router_update(model: nn.Module, path_or_state: str | os.PathLike | dic
     if isinstance(path_or_state, dict):
         state = path_or_state
     else:
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        state = torch.load(user_path(path_or_state), map_location="cpu", weights_only=True)
     params = dict(model.named_parameters())
     missing = sorted(name for name in state if name not in params)
     mismatched = sorted(

@@ -302,3 +302,11 @@ def test_apply_rejects_an_update_for_another_model(tmp_path):
     with pytest.raises(ValueError, match="unknown parameters"):
         apply_router_update(other, {"model.layers.9.mlp.gate.weight": torch.zeros(3, 16)})
     assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+
+
+def test_a_router_update_path_given_with_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """A path as a notebook user types it: `~` is the home directory, as for every other path sarkd-diag takes."""
+    model = tiny_mixtral()
+    save_router_update(router_state(model, find_routers(model)), tmp_path / "router_update.pt")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert apply_router_update(tiny_mixtral(), "~/router_update.pt")
