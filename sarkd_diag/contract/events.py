@@ -179,6 +179,7 @@ class EventLog:
         self.events: list[Event] = []
         self._file = JsonlLog(path) if path else None
         self._listeners: list[Callable[[Event], None]] = []
+        self._said: set[str] = set()  # the codes of the checks said once per run (`say_once`)
 
     def on_event(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
@@ -191,6 +192,15 @@ class EventLog:
         for listener in self._listeners:
             listener(event)
         return event
+
+    def say_once(self, code: str) -> bool:
+        """True the first time a check said once per run asks with its `code`, False after — whichever probe found
+        it (an optimizer stepped twice is seen by the step hooks and by the loss scaler alike). Asked before the
+        message is built: building it may cost a read of the device."""
+        if code in self._said:
+            return False
+        self._said.add(code)
+        return True
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(e.kind for e in self.events))

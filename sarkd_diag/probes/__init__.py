@@ -112,12 +112,10 @@ class ProbeSet:
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
         self._gradients_read = False
-        self._order_noted = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
         self._stepped: set[int] = set()  # the optimizers whose pre-step hook ran in this step
-        self._twice_noted = False
         self._optimizers = optimizers_of(ctx.optimizer)
         self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._watched_ids = {id(w.param) for w in ctx.watched}
@@ -220,9 +218,8 @@ class ProbeSet:
         are applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
         non-finite gradients of a step the scaler skips — or the owner closes a step only every few optimizer steps.
         Said once."""
-        if self._twice_noted:
+        if not self.ctx.events.say_once("optimizer_stepped_twice"):
             return
-        self._twice_noted = True
         scaler = " (a loss scaler steps it too: `scaler.step(optimizer)` already calls `optimizer.step()`)" \
             if self.ctx.loss_scaler.enabled else ""
         self.ctx.events.record("setup_note", "warning",
@@ -238,9 +235,8 @@ class ProbeSet:
         lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
         accident, the order is. (Both signs, not one: each alone has other causes — a step the loop skipped, forwards
         the probes do not see.)"""
-        if self._order_noted:
+        if not self.ctx.events.say_once("step_order"):
             return
-        self._order_noted = True
         self.ctx.events.record("setup_note", "warning",
                                f"the optimizer stepped at step {self.ctx.step} before any training forward of it: "
                                "probes.step() is called before optimizer.step(), so every row's update statistics "
@@ -418,7 +414,6 @@ class Probes:
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
         self._steps_reaching_the_optimizer = 0
-        self._scaled_clip_noted = False  # the loop clipped gradients still scaled (said once)
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
         if self.run_dir is not None:
@@ -480,8 +475,7 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             self.set.observe_grad_norm(total_norm)
-        elif not self._scaled_clip_noted:
-            self._scaled_clip_noted = True
+        elif self.events.say_once("clip_before_unscale"):
             self._clipped_while_scaled()
 
     def _clipped_while_scaled(self) -> None:

@@ -36,7 +36,6 @@ class ScalerProbe(Probe):
         self._warming_up = True
         self._streak = self._skips = self._steps = 0
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
-        self._noted_step_past_skip = False
         self._initial: float | None = None  # the scale the first step started from (once, before it)
 
     def begin_step(self) -> None:
@@ -93,9 +92,8 @@ class ScalerProbe(Probe):
         return {"loss_scale": scale, "scaler_grew": int(grew)}
 
     def _stepped_past_skip(self) -> None:
-        if self._noted_step_past_skip:
+        if not self.ctx.events.say_once("optimizer_stepped_twice"):  # also seen by the step hooks: said once
             return
-        self._noted_step_past_skip = True
         self.ctx.events.record("setup_note", "warning",
                                f"the optimizer stepped at step {self.ctx.step}, a step the loss scaler skipped for "
                                "non-finite gradients — scaler.step(optimizer) never steps then, so optimizer.step() "
