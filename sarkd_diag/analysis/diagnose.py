@@ -1171,7 +1171,7 @@ def clip_before_unscale(r: RunRecord) -> list[Cause]:
     row = _first(note)
     scale = number_or_none(row.get("value"))
     return [Cause("clip_before_unscale", "warning", **_where(row), evidence={"loss_scale": scale},
-                  fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else "?"))]
+                  fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else None))]
 
 
 def no_gradients(r: RunRecord) -> list[Cause]:
