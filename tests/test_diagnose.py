@@ -4,6 +4,7 @@ cause, orders the rest and folds symptoms into the root — the one place where 
 import math
 from collections import defaultdict
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -106,6 +107,17 @@ def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losse
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, losses.index(15) + 1)
     assert cause["evidence"].get("recovered", False) is (severity == "warning")
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
+
+
+@pytest.mark.parametrize("shift, severity", [(1, None), (300, "critical")])
+def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severity):
+    """Losses that scatter tenfold from batch to batch (a few samples each; here one is 13× the first): three times
+    the first is no blow-up there. A loss that leaves that scatter — up 300-fold from step 13 on — still is."""
+    scatter = np.random.default_rng(8).lognormal(0.0, 0.8, 20) * 0.01
+    losses = np.concatenate([scatter[:12], scatter[12:] * shift])
+    metrics = pd.DataFrame({"step": range(1, 21), "split": "train", "loss": losses, "lr": 1e-3})
+    found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    assert found == ([("divergence", severity, 13)] if severity else [])
 
 
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():

@@ -39,6 +39,12 @@ SYMPTOM_CAPABLE = {"activation_overflow", "gradient_overflow", "loss_scale_colla
 PHASE_ORDER = {"setup": 0, "forward": 1, "loss": 2, "backward": 3, "optimizer": 4, "policy": 5, "eval": 6}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
+# ... unless the run's losses scatter more than that from batch to batch (a regression loss over a few samples varies
+# tenfold): then the blow-up must stand LOSS_SCATTER_Z robust spreads of the step-to-step log changes above the first
+# value (`RunRecord.blow_up_factor`), judged once there are LOSS_SCATTER_MIN_CHANGES changes — a blow-up makes one
+# change and a recovered spike two, which a median over five leaves out
+LOSS_SCATTER_Z = 4.0
+LOSS_SCATTER_MIN_CHANGES = 5
 # A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
 # window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
 # errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
@@ -457,6 +463,19 @@ class RunRecord:
             return pd.Series(dtype="float64")
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
+
+    def blow_up_factor(self) -> float:
+        """How many times its first value a training loss must reach to be a blow-up: DIVERGENCE_FACTOR, or more where
+        the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
+        1.4826 × the median absolute deviation, of their log changes). A steady climb or fall changes by the same
+        amount each step (no spread); a few samples per batch make losses that differ tenfold, the first among them."""
+        loss = self.train_column("loss")
+        loss = loss[loss.map(math.isfinite) & (loss > 0)]
+        if len(loss) <= LOSS_SCATTER_MIN_CHANGES:
+            return DIVERGENCE_FACTOR
+        changes = pd.Series(loss.map(math.log).to_numpy()).diff().dropna()
+        spread = 1.4826 * float((changes - changes.median()).abs().median())
+        return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
 
     def lr_at(self, step: int, model: str | None) -> float | None:
         """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
@@ -1252,7 +1271,8 @@ def divergence(r: RunRecord) -> list[Cause]:
     After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
     mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
-    explanation when one exists), or a training loss above DIVERGENCE_FACTOR× its first value where the
+    explanation when one exists), or a training loss above `RunRecord.blow_up_factor`× its first value (3×,
+    more where batches scatter more) where the
     optimizer updates fp32 weights (`RunRecord.updates_wide_weights`: fp32, or a mixed mode's master weights).
     """
     op = r.nonfinite_op()
@@ -1280,7 +1300,8 @@ def divergence(r: RunRecord) -> list[Cause]:
     first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
     # a term subtracted) is above three times itself from the start
-    blown = finite_loss[finite_loss > DIVERGENCE_FACTOR * first_loss] if first_loss is not None and first_loss > 0 \
+    factor = r.blow_up_factor()
+    blown = finite_loss[finite_loss > factor * first_loss] if first_loss is not None and first_loss > 0 \
         else finite_loss[:0]
     extreme = r.of("extreme_update")
     if len(extreme):
@@ -1297,7 +1318,7 @@ def divergence(r: RunRecord) -> list[Cause]:
             if len(later):
                 after.append(f"{kind}@{int(later['step'].min())}")
         if len(blown[blown.index >= step]):
-            after.append(f"loss_above_{DIVERGENCE_FACTOR:g}x@{int(blown[blown.index >= step].index[0])}")
+            after.append(f"loss_above_{factor:.3g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
         lr_at = r.lr_at(step, row.get("model"))  # the step's (scheduled) lr, of the group that moved most
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
@@ -1334,18 +1355,18 @@ def divergence(r: RunRecord) -> list[Cause]:
         blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
         step, top = int(blown.index[0]), float(finite_loss.max())
-        evidence = {"first_loss": first_loss, "max_loss": top, "factor": DIVERGENCE_FACTOR, "unplaced": True}
+        evidence = {"first_loss": first_loss, "max_loss": top, "factor": factor, "unplaced": True}
         before = finite_loss[finite_loss.index < step]
         settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
         if finite_loss.index[-1] > blown.index[-1] and last <= settled:  # back to where it was before the spike
             return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
                           evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
-                                    factor=f"{DIVERGENCE_FACTOR:g}", step=step, last=f"{last:.4g}",
+                                    factor=f"{factor:.3g}", step=step, last=f"{last:.4g}",
                                     last_step=int(finite_loss.index[-1])))]
         return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
                       fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
-                                factor=f"{DIVERGENCE_FACTOR:g}", step=step))]
+                                factor=f"{factor:.3g}", step=step))]
     trend = r.loss_trend(before=int(negative["step"].min()) if len(negative) else None)
     if trend is not None and not len(blown):
         return [Cause("divergence", "warning", first_step=trend["first"], phase="loss", model="student",
