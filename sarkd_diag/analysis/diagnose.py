@@ -1271,9 +1271,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     After an extreme update (an optimizer step as large as the weights) whatever goes wrong next — in any
     mode — is divergence, with the update-to-weight ratio as evidence; an extreme update with nothing
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
-    explanation when one exists), or a training loss above `RunRecord.blow_up_factor`× its first value (3×,
-    more where batches scatter more) where the
-    optimizer updates fp32 weights (`RunRecord.updates_wide_weights`: fp32, or a mixed mode's master weights).
+    explanation when one exists), or a training loss above `RunRecord.blow_up_factor`× its first value (3×, more
+    where batches scatter more) where the optimizer updates fp32 weights (`RunRecord.updates_wide_weights`: fp32,
+    or a mixed mode's master weights).
     """
     op = r.nonfinite_op()
     if op is not None:
