@@ -149,6 +149,12 @@ PHRASES = {
                      "under `torch.no_grad()` (a `loss.requires_grad_()` hides that) — or the gradients are cleared "
                      "before the optimizer step (`zero_grad()` in `on_before_optimizer_step`)",
     },
+    "skip_call": {"cli": "`--on-nonfinite skip` skipped each one",
+                  "loop": "the loop called `probes.step(skipped=True)` on each (a guard that drops every batch)",
+                  "trainer": "each step was closed as skipped (a guard that drops every batch)",
+                  "accelerate": "the loop called `probes.step(skipped=True)` on each (a guard that drops every batch)",
+                  "lightning": "`training_step` returned None on every batch (a missing `return loss`, or a guard "
+                               "that drops every batch)"},
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -239,6 +245,10 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "no_gradients_every_step_skipped": "the training loop skipped every one of the {steps} steps of the run — no "
+                                       "backward, no update: {skip_call} — so nothing trained; if a guard skips "
+                                       "non-finite losses, the first non-finite value is the cause (see the causes "
+                                       "above), else return the loss",
     "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
@@ -1204,6 +1214,12 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **_where(row),
                       evidence={"trainable_tensors_in_optimizer": 0, "trainable_tensors": row.get("numel")},
                       fix=r.fix("no_gradients_unoptimized", model=row.get("model"), tensor=row.get("tensor")))]
+    every = r.of("setup_note", "every_step_skipped")
+    if len(every):
+        row = _first(every)
+        return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
+                      evidence={"steps_skipped": row.get("numel"), "steps_closed": row.get("numel")},
+                      fix=r.fix("no_gradients_every_step_skipped", steps=row.get("numel")))]
     never = r.of("setup_note", "optimizer_never_stepped")
     if len(never):
         row = _first(never)

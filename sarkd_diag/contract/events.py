@@ -25,7 +25,7 @@ KINDS = (
     "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
-    "nonfinite_between_steps", "weights_edited",
+    "nonfinite_between_steps", "weights_edited", "caller_skip",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -71,12 +71,15 @@ CODES = {
     "empty_targets": "a micro-batch without target tokens: its per-token loss is 0/0",
     "skip_nonfinite_gradients": "policy_skip: --on-nonfinite skip did not run a step whose gradients are non-finite",
     "skip_undone_update": "policy_skip: --on-nonfinite skip undid a step whose update made the weights non-finite",
+    "caller_skipped_step": "caller_skip: the caller's loop skipped the step's backward and update on purpose "
+                           "(`Probes.step(skipped=True)`; Lightning: `training_step` returned None)",
     "policy_rollback": "--on-nonfinite rollback: weights put back from a checkpoint",
     "policy_stop": "the non-finite policy stopped the run",
     "interrupted": "a stop signal: the run stopped after a step, state saved",
     "out_of_memory": "the device ran out of memory",
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
+    "every_step_skipped": "setup_note: every step the caller closed was one its loop skipped: nothing trained",
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
     "step_order": "setup_note: the optimizer stepped before any training forward of the step: Probes.step() is "
                   "called before optimizer.step()",

@@ -221,8 +221,11 @@ class TrainingDisplay:
             parts.append(f"{counted(actions['restored'], 'step')} undone (weights restored from the pre-step copy)")
         if actions.get("rolled back"):
             parts.append(f"rolled back {counted(actions['rolled back'], 'time')} to a checkpoint")
+        by_the_loop = counts.get("caller_skip", 0)  # `Probes.step(skipped=True)`: Lightning's None training_step
+        if by_the_loop:
+            parts.append(f"{counted(by_the_loop, 'step')} skipped by the training loop")
         scaler = ((summary.get("final") or {}).get("skipped_steps") or 0) - actions.get("skipped", 0) \
-            - actions.get("restored", 0)
+            - actions.get("restored", 0) - by_the_loop
         if scaler > 0 and summary.get("precision", {}).get("loss_scaling"):
             parts.append(f"{counted(scaler, 'step')} skipped by the loss scaler")
         if not parts:

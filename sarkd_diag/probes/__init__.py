@@ -196,10 +196,29 @@ class ProbeSet:
         self.lr_read = True
         self.ctx.lr = group_lr(self.ctx.optimizer.param_groups[0])
 
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> tuple | None:
+        """The optimizer's pre-step hook. Stepped with a closure (Lightning's automatic optimization, LBFGS), the
+        step calls it to run the forward and backward: the gradients and the moment before the update come after
+        it, so the closure is handed on wrapped (same arguments, same result) and the moment is taken when it
+        returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
             self._stepped_twice()
         self._stepped.add(id(optimizer))
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, *step's arguments)
+        if not callable(closure):
+            self._before_update()
+            return None
+
+        def closure_then_before_update():
+            result = closure()
+            self._before_update()
+            return result
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_before_update}
+        return (args[0], closure_then_before_update, *args[2:]), kwargs
+
+    def _before_update(self) -> None:
+        """The moment before an optimizer's update: its gradients complete, its weights not yet changed."""
         if self.optimizer_stepping:  # a second optimizer of the same step: the moment has passed
             return
         self.optimizer_stepping = True
@@ -413,6 +432,7 @@ class Probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
+        self._steps_skipped = 0  # steps the caller's loop skipped on purpose (`step(skipped=True)`)
         self._steps_reaching_the_optimizer = 0
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
@@ -546,7 +566,8 @@ class Probes:
         """Number the step about to run (the Trainer's `global_step + 1`); by default steps count from 1."""
         self.set.begin_step(step)
 
-    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None) -> dict | None:
+    def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None, *,
+             skipped: bool = False) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
         `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
@@ -554,12 +575,16 @@ class Probes:
         as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
         the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
         accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
+        `skipped`: the loop skipped this step's backward and update on purpose (a guard that drops a batch;
+        Lightning's `training_step` returning None): recorded as skipped, its missing gradients no sign of a loss
+        cut off from the weights.
         """
         loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
         if loss is not None and self.set.loss is not None:
             self.set.loss.observe_caller_loss(loss, labels)
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
+        self.ctx.caller_skipped = skipped
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
         if self.ctx.optimizer is None or (self.set.several_optimizers and self.set.optimizer_stepping):
             self.set.optimizer_stepped()  # the weights after the loop's optimizer step(s), read here
@@ -583,6 +608,12 @@ class Probes:
             self._check_requested_autocast()
             self._check_unscaled_fp16_compute()
         self._steps_recorded += 1
+        if skipped:
+            row["skipped"] = 1
+            self._steps_skipped += 1
+            self.events.record("caller_skip", "info", f"step {step} was skipped by the training loop (no backward, "
+                               "no update; in Lightning, `training_step` returned None)", step=step, phase="optimizer",
+                               probe="optimizer", code="caller_skipped_step")
         if self.run_dir is None:
             self.rows.append(row)
         else:
@@ -657,7 +688,16 @@ class Probes:
     def _check_optimizer_stepped(self) -> None:
         """Steps closed, and not one reached the optimizer given (its pre-step hook, or a loss scaler's unscale — so
         a step the scaler skips counts as reached): `optimizer.step()` is never called — missing, or behind a
-        condition that never holds (an accumulation count larger than the run) — and nothing trained."""
+        condition that never holds (an accumulation count larger than the run) — and nothing trained. Or every step
+        closed was one the loop skipped on purpose (`step(skipped=True)`): a guard that drops every batch, a
+        `training_step` that never returns its loss."""
+        if self._steps_recorded >= 2 and self._steps_skipped == self._steps_recorded:
+            self.events.record("setup_note", "warning",
+                               f"every one of the {self._steps_recorded} steps closed was skipped by the training "
+                               "loop (in Lightning, `training_step` returned None): nothing trained",
+                               step=self.ctx.step - 1, probe="optimizer", numel=self._steps_recorded,
+                               code="every_step_skipped")
+            return
         if self.ctx.optimizer is None or self._steps_reaching_the_optimizer or self._steps_recorded < 2:
             return
         w = next(iter(self.ctx.watched), None)

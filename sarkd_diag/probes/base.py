@@ -57,6 +57,7 @@ class ProbeContext:
     trained: bool = False  # a training forward has run in this step (what an optimizer step's gradients come from)
     lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
     optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
+    caller_skipped: bool = False  # the caller's loop skipped this step's backward and update on purpose
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)

@@ -111,7 +111,8 @@ class GradientProbe(Probe):
             tiny, nonzero = host["grad_underflow"]
             metrics["grad_fp16_underflow_fraction"] = tiny / nonzero if nonzero else 0.0
         if amax is None:
-            if self._none_reached:  # nothing reached the weights: the same stretch as all-zero gradients
+            if self._none_reached and not self.ctx.caller_skipped:  # nothing reached the weights (a step the loop
+                # skipped on purpose ran no backward: no sign of a loss cut off): as all-zero gradients
                 metrics["zero_grad_tensors"] = 0
                 self._track_zero(True, list(range(len(self._grads))), 0, 0)
             self._grads, self._none_reached = [], False
@@ -122,7 +123,8 @@ class GradientProbe(Probe):
         present = [i for i, g in enumerate(self._grads) if g is not None]
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
-        self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
+        if not self.ctx.caller_skipped:
+            self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None

@@ -143,21 +143,24 @@ class SarkdDiagLightningCallback(Callback):
         self._scheduled_step = ends_accumulation(trainer)
         self._step_at_batch_start, self._batch_ended = trainer.global_step, False
         if self.probes is not None and not self._step_open:  # the first micro-batch of a step
-            self._step_open = True
+            self._step_open, self._step_backpropagated = True, False
             self.probes.begin_step(self.step + 1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """After the batch's backward and, on the last micro-batch of a step, its optimizer step: the batch's loss
         joins the step's (their mean), and a batch that stepped the optimizer closes the step. Lightning hands over
         the loss it backpropagated, `training_step`'s divided by `accumulate_grad_batches`: multiplied back, the mean
-        of a step's batches is the loss it optimised."""
+        of a step's batches is the loss it optimised. Under automatic optimization a `training_step` that returns
+        None skips its batch (no backward): a step none of whose batches returned a loss is closed as skipped."""
         if self.probes is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if torch.is_tensor(loss) and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches
         self._batch_ended = True
-        if self.probes.step(loss=loss) is not None:  # the batch stepped an optimizer: the step is closed
+        self._step_backpropagated |= loss is not None
+        skipped = pl_module.automatic_optimization and not self._step_backpropagated
+        if self.probes.step(loss=loss, skipped=skipped) is not None:  # the batch stepped: the step is closed
             self.step += 1
             self._step_open = False
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:

@@ -356,3 +356,50 @@ def test_each_validation_dataloader_is_an_evaluation_set_of_its_own(tmp_path):
         (2, "dataloader_idx_0"), (2, "dataloader_idx_1"), (4, "dataloader_idx_0"), (4, "dataloader_idx_1")]
     assert evals["eval_loss"].tolist() == pytest.approx(
         [entry[f"val_loss/dataloader_idx_{i}"] for entry in logged for i in (0, 1)], rel=1e-6)
+
+
+class GradientsSeen(Distil):
+    """Keeps the largest absolute gradient of each step as Lightning hands it to the optimizer, before clipping."""
+
+    def __init__(self, student):
+        super().__init__(student)
+        self.grad_amax: list[float] = []
+
+    def on_before_optimizer_step(self, optimizer):
+        self.grad_amax.append(max(p.grad.abs().max().item() for p in self.student.parameters() if p.grad is not None))
+
+
+def test_each_steps_gradients_are_read_after_the_closure_that_computes_them(tmp_path):
+    """Lightning's automatic optimization hands the optimizer a closure that runs the forward and backward inside
+    `optimizer.step()`, after its pre-step hooks: read at the hook, the gradients are the previous step's (or none).
+    Each row holds its own step's, as the module saw them before clipping."""
+    module = GradientsSeen(tiny.make_gpt2(VOCAB))
+    _fit(module, tmp_path / "run")
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["grad_amax"].tolist() == pytest.approx(module.grad_amax, rel=1e-6)
+
+
+class Skipping(Distil):
+    """Drops some batches the way Lightning documents it: `training_step` returns None."""
+
+    def __init__(self, student, skip):
+        super().__init__(student)
+        self.skip = skip
+
+    def training_step(self, batch, batch_idx):
+        return None if self.skip(batch_idx) else super().training_step(batch, batch_idx)
+
+
+def test_batches_a_training_step_drops_are_skipped_steps_and_no_loss_cut_off(tmp_path):
+    """Two batches dropped in a row ran no backward: recorded as skipped, with no claim that the loss is cut off
+    from the weights. A `training_step` that never returns its loss trained nothing, and the fix says why."""
+    _fit(Skipping(tiny.make_gpt2(VOCAB), skip=lambda i: i in (1, 2)), tmp_path / "some", max_steps=6)
+    run = load_run(tmp_path / "some")
+    assert run["metrics"]["skipped"].fillna(0).tolist() == [0, 1, 1, 0, 0, 0]
+    assert run["events"]["code"].tolist() == ["caller_skipped_step"] * 2
+    assert run["summary"]["diagnosis"] == []
+
+    _fit(Skipping(tiny.make_gpt2(VOCAB), skip=lambda i: True), tmp_path / "all")
+    (found,) = load_run(tmp_path / "all")["summary"]["diagnosis"]
+    assert (found["cause"], found["severity"], found["first_step"]) == ("no_gradients", "warning", 1)
+    assert "`training_step` returned None on every batch" in found["fix"]

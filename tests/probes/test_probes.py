@@ -1253,3 +1253,28 @@ def test_without_an_optimizer_the_weights_are_still_read_at_each_step_and_the_us
     assert (event.tensor, event.step) == ("second.weight", 1)
     (note,) = [e for e in _events(probes, "setup_note") if "no optimizer" in e.message]
     assert note.severity == "info" and "optimizer=" in note.message
+
+
+def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after_it(tmp_path):
+    """LBFGS (and Lightning) pass `optimizer.step()` the closure that runs the forward and backward; the pre-step
+    hooks run before it. Each row's gradients are those the step's first closure call computed, not the step
+    before's (nor none on the first step)."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    probes = Probes(model, optimizer=opt, run_dir=tmp_path)
+    x, first_calls = torch.randn(16, 8), []
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if len(first_calls) < probes.ctx.step:
+            first_calls.append(max(p.grad.abs().max().item() for p in model.parameters()))
+        return loss
+
+    for _ in range(3):
+        probes.step(loss=opt.step(closure))
+    probes.close()
+    metrics = load_run(tmp_path)["metrics"]
+    assert metrics["grad_amax"].tolist() == pytest.approx(first_calls, rel=1e-6)
