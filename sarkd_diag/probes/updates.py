@@ -16,7 +16,10 @@ elements, `base.sample`) and compares it with the weights after the step, on the
   gradient or, for Adam, a non-zero first moment of a tensor that has a gradient this step: the optimizer
   skips one without) but whose stored value did not change — the update was
   below half an ulp of the weight's dtype: the stagnation of pure-bf16 and pure-fp16 training. Counted per
-  tensor, so the event names the tensor that loses the largest share.
+  tensor, so the event names the tensor that loses the largest share. Not where a schedule has brought the
+  group's lr below SCHEDULED_LR_FLOOR of its base (`initial_lr`, set by torch's schedulers): a warm-up's first
+  steps and an annealing tail (OneCycleLR ends at 1/250,000 of its peak, a linear decay at 0) are meant to move
+  the weights by almost nothing, and those updates lost are the schedule's design, not a precision fault.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ..contract.shards import local_shard
 from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
 from .optimizer import group_label
 
+SCHEDULED_LR_FLOOR = 0.01  # a group's lr below this fraction of its scheduler's base lr: a warm-up's start, a tail
+
 
 class UpdateProbe(Probe):
     name = "updates"
@@ -39,6 +44,7 @@ class UpdateProbe(Probe):
         self._moving: list = []  # this step's tensors meant to move, weight matrices first
         self._layout: tuple | None = None  # (ids of the moving tensors, sample lengths, matrices, numel per sample)
         self._group_of: dict[int, dict] = {}  # id of a parameter: its optimizer parameter group
+        self._lr_used: dict[int, object] = {}  # id of a group: the lr of this statistics step's update
         self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
         self._before: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (before, after) samples of the last step
@@ -49,6 +55,8 @@ class UpdateProbe(Probe):
     def before_optimizer_step(self) -> None:
         self._moving = self._meant_to_move()
         self._before = self._weights.cat([w.param for w in self._moving]) if self._moving else None
+        if self.ctx.stats_step:  # the lr each group's update uses (a scheduler moves it on before `record`)
+            self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
 
     def _meant_to_move(self) -> list:
         """The watched tensors the optimizer means to change (a learning rate of 0 intends no update), weight
@@ -153,9 +161,9 @@ class UpdateProbe(Probe):
         if fraction <= LOST_UPDATE_WARNING:  # the run loses few: a group of its own may still lose all of its
             members, share_lost, label = self._group_losing_most(lost, intended)
             what = f"the intended updates of parameter group {label} (of the run's, {fraction:.0%})"
-        if share_lost > LOST_UPDATE_WARNING:
+        worst = max(members, key=lambda i: estimated[i]) if members else None
+        if share_lost > LOST_UPDATE_WARNING and not self._scheduled_far_below_base(worst):
             self._reported_lost = True
-            worst = max(members, key=lambda i: estimated[i])
             w = self._moving[worst]
             total = sum(estimated[i] for i in members)
             share = estimated[worst] / total if total else 0.0
@@ -168,6 +176,15 @@ class UpdateProbe(Probe):
                 numel=int(sum(intended[i] for i in members)), model=w.model, module=w.module, tensor=w.tensor,
                 dtype=self.ctx.dtype_of(w.param))
         return {"lost_update_fraction": fraction}
+
+    def _scheduled_far_below_base(self, index: int) -> bool:
+        """A scheduler had brought the lr of the `index`-th moving tensor's group below SCHEDULED_LR_FLOOR of its
+        base lr (`initial_lr`) for this step's update."""
+        group = self._group_of.get(id(self._moving[index].param), {})
+        lr, base = self._lr_used.get(id(group)), group.get("initial_lr")
+        if lr is None or base is None:
+            return False
+        return float(lr) < SCHEDULED_LR_FLOOR * float(base)
 
     def _group_losing_most(self, lost: list[float], intended: list[float]) -> tuple[list[int], float, str]:
         """The optimizer parameter group that loses the largest share of its own intended updates — a group at an lr

@@ -1278,3 +1278,27 @@ def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after
     probes.close()
     metrics = load_run(tmp_path)["metrics"]
     assert metrics["grad_amax"].tolist() == pytest.approx(first_calls, rel=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["one_cycle", "warm_up"])
+def test_updates_a_schedule_means_to_be_tiny_are_no_lost_updates(schedule, tmp_path):
+    """OneCycleLR ends at 1/250,000 of its peak, a long warm-up starts at a small fraction of it: those steps are
+    meant to move the weights by almost nothing, and the weights round such updates away (fp32 at OneCycle's end,
+    bf16 at the warm-up's start). That is the schedule's design, not updates lost to precision — no
+    `lost_updates`, no `update_underflow`."""
+    torch.manual_seed(0)
+    model = Net() if schedule == "one_cycle" else Net().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3 if schedule == "one_cycle" else 1e-2, weight_decay=0.0)
+    steps = 30 if schedule == "one_cycle" else 3
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps) if schedule == "one_cycle"
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 500))
+    probes = Probes(model, optimizer=opt, run_dir=tmp_path, every=1)
+    for _ in range(steps):
+        model(torch.randn(16, 8, dtype=next(model.parameters()).dtype)).float().pow(2).mean().backward()
+        opt.step()
+        if sched.last_epoch < steps - 1:
+            sched.step()
+        probes.step()
+        opt.zero_grad()
+    assert _events(probes, "lost_updates") == [] and _causes(probes) == []
+    probes.close()
