@@ -95,11 +95,13 @@ class SarkdDiagCallback(TrainerCallback):
     callback's first) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
     """
 
-    def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
-                 teacher: nn.Module | None = None):
+    def __init__(self, run_dir: str | Path | None = None, level: str = "standard", every: int = 10,
+                 on_critical: str = "stop", teacher: nn.Module | None = None):
         if on_critical not in ON_CRITICAL:
             raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
-        self.run_dir, self.level, self.every = Path(run_dir), level, every
+        # None: `<output_dir>/sarkd-diag` of the Trainer that runs it (see `trainer_run_dir`)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.level, self.every = level, every
         self.on_critical, self.teacher, self._given_teacher = on_critical, teacher, teacher
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
@@ -111,7 +113,7 @@ class SarkdDiagCallback(TrainerCallback):
         self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
 
     @classmethod
-    def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
+    def attach(cls, trainer, run_dir: str | Path | None = None, **kwargs) -> SarkdDiagCallback:
         """Add the callback to `trainer`, bound to it now (`_bind`): its teacher is known before `train()`."""
         callback = cls(run_dir, **kwargs)
         callback._bind(trainer)
@@ -204,7 +206,7 @@ class SarkdDiagCallback(TrainerCallback):
         # checkpoint's step, and what the directory recorded after it (steps redone now) is cut away
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
-                             run_dir=self.run_dir, level=self.level, every=self.every,
+                             run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer",
                              resumed_from=state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
@@ -250,6 +252,13 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def trainer_run_dir(args) -> Path:
+    """The run directory of a callback given none — `callbacks=[SarkdDiagCallback]`, the class, which transformers
+    builds with no arguments as it does its own callbacks: `sarkd-diag` inside the Trainer's `output_dir`, beside its
+    checkpoints, as the TensorBoard callback logs under `output_dir/runs`."""
+    return Path(args.output_dir) / "sarkd-diag"
 
 
 def evaluation_prefix(metrics: dict) -> str | None:

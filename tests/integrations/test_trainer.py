@@ -257,29 +257,35 @@ def _overflowing_teacher():
     return teacher
 
 
-@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
+@pytest.mark.parametrize("how", ["callbacks", "add_callback", "class"])
 def test_a_plain_callback_finds_its_trainer(tmp_path, how):
     """`callbacks=[SarkdDiagCallback(dir)]` or `trainer.add_callback(...)` after construction: transformers hands a
     callback no trainer, yet the callback reads the KD Trainer's teacher, the gradient norm the Trainer clips by and the
-    loss `training_step` returns, as `attach` does."""
+    loss `training_step` returns, as `attach` does. `callbacks=[SarkdDiagCallback]`, the class, which transformers
+    builds with no arguments, records into `sarkd-diag` inside the Trainer's output_dir."""
     def kd_trainer(callbacks):
         return KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=callbacks,
                          args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
 
-    callback = SarkdDiagCallback(tmp_path / "run")
-    trainer = kd_trainer([callback] if how == "callbacks" else [])
+    if how == "class":
+        trainer = kd_trainer([SarkdDiagCallback])
+        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SarkdDiagCallback)]
+        run_dir = tmp_path / "trainer" / "sarkd-diag"
+    else:
+        callback, run_dir = SarkdDiagCallback(tmp_path / "run"), tmp_path / "run"
+        trainer = kd_trainer([callback] if how == "callbacks" else [])
     if how == "add_callback":
         trainer.add_callback(callback)
     trainer.train()
     assert callback.teacher is trainer.teacher
-    run = load_run(tmp_path / "run")
+    run = load_run(run_dir)
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
     # stopped at step 1, whose NaN loss is the one training_step returned (the Trainer logs 0 for it) and whose
     # gradient norm is the one the Trainer clipped by
     assert trainer.state.global_step == 1 and math.isnan(_train_losses(run)[0])
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert math.isnan(row["grad_norm"]) and math.isnan(_logged(trainer, "grad_norm")[0])  # measured, not null
     plain = kd_trainer([])
     plain.train()
