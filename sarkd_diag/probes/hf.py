@@ -8,11 +8,11 @@
 A callback is handed only what transformers hands every callback (the model, the accelerate-wrapped optimizer,
 `args` and `state`), which holds neither a distillation trainer's teacher nor the loss of a trainer whose student
 forward returns no `loss` (TRL's DistillationTrainer runs the student's backbone and a chunked divergence, never
-`model(...).loss`). So the callback binds to its trainer (`_bind`): `attach` at once, and a callback passed in
-`Trainer(..., callbacks=[SarkdDiagCallback(dir)])` or `trainer.add_callback(...)` at `on_train_begin`, where it
-finds the Trainer calling it up the call stack. Bound, it reads both from the trainer itself, reads the gradients
-before the Trainer clips them, and replays a micro-batch's `compute_loss` whose loss turned non-finite between
-statistics steps.
+`model(...).loss`). So the callback binds to its trainer (`_bind`): `attach` at once, a callback passed in
+`Trainer(..., callbacks=[SarkdDiagCallback(dir)])` at `on_init_end` (the end of `Trainer.__init__`), one given by
+`trainer.add_callback(...)` at `on_train_begin` — each where it finds the Trainer calling it up the call stack.
+Bound, it reads both from the trainer itself, reads the gradients before the Trainer clips them, and replays a
+micro-batch's `compute_loss` whose loss turned non-finite between statistics steps.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class SarkdDiagCallback(TrainerCallback):
 
     The run directory holds config.json from the first step, and events and metrics are flushed as they
     are written. The Trainer calls no callback on an exception: a bound callback wraps `trainer.train` and closes
-    the run as `failed` (`interrupted` on Ctrl-C) when it raises; a `train()` it was not bound before (a plain
-    callback's first) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
+    the run as `failed` (`interrupted` on Ctrl-C) when it raises; a `train()` it was not bound before (the first of a
+    callback given by `add_callback`) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
     """
 
     def __init__(self, run_dir: str | Path | None = None, level: str = "standard", every: int = 10,
@@ -109,7 +109,7 @@ class SarkdDiagCallback(TrainerCallback):
         self.on_critical, self.teacher, self._given_teacher = on_critical, teacher, teacher
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
-        self._trainer = None  # bound by `attach`, else at `on_train_begin` to the Trainer that runs it
+        self._trainer = None  # bound by `attach`, else at `on_init_end`/`on_train_begin` to the Trainer calling it
         self._unbind: list = []  # what puts the bound trainer's methods back
         self._losses: list[torch.Tensor] = []
         self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
@@ -134,7 +134,7 @@ class SarkdDiagCallback(TrainerCallback):
         for restore in self._unbind:
             restore()
         self._trainer = trainer
-        self.teacher = self._given_teacher if self._given_teacher is not None else trainer_teacher(trainer)
+        self._find_teacher()
         training_step, compute_loss = trainer.training_step, trainer.compute_loss
 
         @functools.wraps(training_step)
@@ -163,6 +163,11 @@ class SarkdDiagCallback(TrainerCallback):
         self._unbind = [replace_method(trainer, "training_step", recorded_training_step),
                         replace_method(trainer, "compute_loss", recorded_compute_loss),
                         replace_method(trainer, "train", closing_train)]
+
+    def _find_teacher(self) -> None:
+        """The teacher to watch: the one given, else the bound trainer's (`trainer_teacher`)."""
+        if self._given_teacher is None and self._trainer is not None:
+            self.teacher = trainer_teacher(self._trainer)
 
     def _close_on(self, exc: BaseException) -> None:
         """`train()` raised, and transformers calls no callback on an exception: the run is closed here as `interrupted`
@@ -195,12 +200,22 @@ class SarkdDiagCallback(TrainerCallback):
             probes.set.replay_forward(lambda: compute_loss(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, **kwargs):
+        """`Trainer(..., callbacks=[...])` is building its trainer: bound now, the callback wraps the first `train()`
+        too, so one that raises closes its run (see `_bind`). A subclass sets its teacher after `Trainer.__init__`:
+        it is looked up again at `on_train_begin`. A callback bound already (attached to another trainer) stays so
+        until this one trains: building a trainer is not running it."""
+        trainer = running_trainer(self)
+        if trainer is not None and self._trainer is None:
+            self._bind(trainer)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probes is not None:  # a second train() on the same callback appends to the same directory
             self.probes.close("completed")
         trainer = running_trainer(self)
         if trainer is not None:
             self._bind(trainer)
+        self._find_teacher()
         models = {"student": model}
         if self.teacher is not None:
             models["teacher"] = getattr(self.teacher, "module", self.teacher)

@@ -88,25 +88,28 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     assert logged_losses(plain) == logged_losses(trainer)
 
 
-@pytest.mark.parametrize("how", ["attach", "callbacks"])
+@pytest.mark.parametrize("how", ["attach", "callbacks", "add_callback"])
 def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, how):
-    """transformers calls no callback on an exception. Attached, the callback wraps `trainer.train` and closes the run
-    as `failed` with its finished steps, and lets go of the hooks and the log files (in a notebook, the kernel holding
-    them open would make `sarkd-diag report` refuse the run as live). Passed in `callbacks=[...]`, it binds inside the
-    first `train()`, too late to wrap it: the run stays open, readable, and `report` closes it as `crashed`."""
+    """transformers calls no callback on an exception. Attached, or passed in `callbacks=[...]` (bound as the Trainer
+    is built), the callback wraps `trainer.train` and closes the run as `failed` with its finished steps, and lets go
+    of the hooks and the log files (in a notebook, the kernel holding them open would make `sarkd-diag report` refuse
+    the run as live). Given by `add_callback`, it binds inside the first `train()`, too late to wrap it: the run stays
+    open, readable, and `report` closes it as `crashed`."""
     callback = SarkdDiagCallback(tmp_path / "run")
     trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=8),
                       train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1),  # a corrupt record read in step 3 or 4
                       callbacks=[callback] if how == "callbacks" else [])
     if how == "attach":
         callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    if how == "add_callback":
+        trainer.add_callback(callback)
     with pytest.raises(RuntimeError, match="corrupt record"):
         trainer.train()
     died_after = trainer.state.global_step
     assert 1 <= died_after < 8
     run_dir = tmp_path / "run"
     assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
-    if how == "attach":
+    if how != "add_callback":
         assert clip_grad._clip_grads_with_norm_ is ORIGINAL_CLIPPING  # the hooks are gone with the run
         assert load_run(run_dir)["summary"]["status"] == "failed"
     else:
@@ -118,6 +121,20 @@ def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, ho
     run = load_run(run_dir)
     assert run["summary"]["steps_completed"] == died_after
     assert run["metrics"]["step"].tolist() == list(range(1, died_after + 1))
+
+
+def test_building_a_second_trainer_with_an_attached_callback_leaves_it_bound_to_the_first(tmp_path):
+    """A callback attached to one trainer, then passed to a second one built before the first trains (a notebook
+    comparing two setups): building is not running, so the first trainer's `train()` is still wrapped, and its
+    exception closes the run as `failed`."""
+    first = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "first", max_steps=8),
+                    train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1))
+    callback = SarkdDiagCallback.attach(first, tmp_path / "run")
+    Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "second"), train_dataset=Sequences(VOCAB),
+            callbacks=[callback])
+    with pytest.raises(RuntimeError, match="corrupt record"):
+        first.train()
+    assert load_run(tmp_path / "run")["summary"]["status"] == "failed"
 
 
 class _Crash(TrainerCallback):
