@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, replace_method
-from .base import weights_compute_dtype
+from .base import teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -62,22 +62,16 @@ def trainer_precision(args, model: nn.Module) -> dict:
 
 
 def trainer_teacher(trainer) -> nn.Module | None:
-    """The frozen model a trainer's loss compares the student against, unwrapped from accelerate/DeepSpeed, watched
-    as `teacher`: the module of the first attribute whose name says "teacher" — TRL's DistillationTrainer and
-    GKDTrainer keep it as `teacher_model` (prepared with `accelerator.prepare_model`), a Trainer subclass written for KD
-    by hand as `self.teacher`, `self.ref_teacher`, `self.teacher_net` … — else the reference model of a preference or
-    RL trainer (TRL's DPO, GRPO, KTO: `ref_model`), numerically a teacher: frozen, run in each training step, its
-    outputs part of the loss, so a reference loaded in fp16 that overflows poisons the loss as a teacher does. Never
-    the student itself (a self-distillation's alias, PEFT's reference with the adapters off)."""
+    """The teacher a trainer holds (`teacher_by_name` of its attributes), unwrapped from accelerate/DeepSpeed: TRL's
+    DistillationTrainer and GKDTrainer keep it as `teacher_model` (prepared with `accelerator.prepare_model`), a
+    Trainer subclass written for KD by hand as `self.teacher`, `self.ref_teacher` …, TRL's DPO its reference as
+    `ref_model`."""
     accelerator = getattr(trainer, "accelerator", None)
     unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: getattr(m, "module", m))
     student = getattr(trainer, "model", None)
     student = unwrap(student) if isinstance(student, nn.Module) else None
-    named = [value for name, value in vars(trainer).items() if "teacher" in name.lower()]
-    for value in [*named, getattr(trainer, "ref_model", None)]:
-        if isinstance(value, nn.Module) and unwrap(value) is not student:
-            return unwrap(value)
-    return None
+    modules = ((name, unwrap(value)) for name, value in vars(trainer).items() if isinstance(value, nn.Module))
+    return teacher_by_name(modules, other_than=student)
 
 
 class SarkdDiagCallback(TrainerCallback):
