@@ -14,7 +14,7 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +94,20 @@ def weights_compute_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
     return max(elements, key=elements.get) if elements else torch.float32
+
+
+def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module | None = None) -> nn.Module | None:
+    """The frozen model a student's loss compares it against, among a trainer's named attributes: the first module
+    whose name says "teacher" (`teacher_model`, `teacher`, `ref_teacher` …), else a preference or RL trainer's
+    reference model, `ref_model` (TRL's DPO, KTO, GRPO hold it so) — numerically a teacher: frozen, run in every
+    training step, its outputs part of the loss, so a reference held in fp16 that overflows poisons the loss as a
+    teacher does. Never `other_than`, the student itself (a self-distillation's alias)."""
+    candidates = [(name, m) for name, m in modules if isinstance(m, nn.Module) and m is not other_than]
+    for wanted in (lambda name: "teacher" in name.lower(), lambda name: name == "ref_model"):
+        for name, m in candidates:
+            if wanted(name):
+                return m
+    return None
 
 
 def eager(hook: Callable) -> Callable:

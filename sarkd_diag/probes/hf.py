@@ -8,11 +8,11 @@
 A callback is handed only what transformers hands every callback (the model, the accelerate-wrapped optimizer,
 `args` and `state`), which holds neither a distillation trainer's teacher nor the loss of a trainer whose student
 forward returns no `loss` (TRL's DistillationTrainer runs the student's backbone and a chunked divergence, never
-`model(...).loss`). So the callback binds to its trainer (`_bind`): `attach` at once, and a callback passed in
-`Trainer(..., callbacks=[SarkdDiagCallback(dir)])` or `trainer.add_callback(...)` at `on_train_begin`, where it
-finds the Trainer calling it up the call stack. Bound, it reads both from the trainer itself, reads the gradients
-before the Trainer clips them, and replays a micro-batch's `compute_loss` whose loss turned non-finite between
-statistics steps.
+`model(...).loss`). So the callback binds to its trainer (`_bind`): `attach` at once, a callback passed in
+`Trainer(..., callbacks=[SarkdDiagCallback(dir)])` at `on_init_end` (the end of `Trainer.__init__`), one given by
+`trainer.add_callback(...)` at `on_train_begin` — each where it finds the Trainer calling it up the call stack.
+Bound, it reads both from the trainer itself, reads the gradients before the Trainer clips them, and replays a
+micro-batch's `compute_loss` whose loss turned non-finite between statistics steps.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, replace_method
-from .base import weights_compute_dtype
+from .base import teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -62,18 +62,16 @@ def trainer_precision(args, model: nn.Module) -> dict:
 
 
 def trainer_teacher(trainer) -> nn.Module | None:
-    """The teacher a distillation trainer holds, unwrapped from accelerate/DeepSpeed: the module of the first
-    attribute whose name says "teacher" — TRL's DistillationTrainer and GKDTrainer keep it as `teacher_model`
-    (prepared with `accelerator.prepare_model`), a Trainer subclass written for KD by hand as `self.teacher`,
-    `self.ref_teacher`, `self.teacher_net` … — other than the student itself (a self-distillation's alias)."""
+    """The teacher a trainer holds (`teacher_by_name` of its attributes), unwrapped from accelerate/DeepSpeed: TRL's
+    DistillationTrainer and GKDTrainer keep it as `teacher_model` (prepared with `accelerator.prepare_model`), a
+    Trainer subclass written for KD by hand as `self.teacher`, `self.ref_teacher` …, TRL's DPO its reference as
+    `ref_model`."""
     accelerator = getattr(trainer, "accelerator", None)
     unwrap = accelerator.unwrap_model if accelerator is not None else (lambda m: getattr(m, "module", m))
     student = getattr(trainer, "model", None)
     student = unwrap(student) if isinstance(student, nn.Module) else None
-    for name, value in vars(trainer).items():
-        if "teacher" in name.lower() and isinstance(value, nn.Module) and unwrap(value) is not student:
-            return unwrap(value)
-    return None
+    modules = ((name, unwrap(value)) for name, value in vars(trainer).items() if isinstance(value, nn.Module))
+    return teacher_by_name(modules, other_than=student)
 
 
 class SarkdDiagCallback(TrainerCallback):
@@ -91,19 +89,21 @@ class SarkdDiagCallback(TrainerCallback):
 
     The run directory holds config.json from the first step, and events and metrics are flushed as they
     are written. The Trainer calls no callback on an exception: a bound callback wraps `trainer.train` and closes
-    the run as `failed` (`interrupted` on Ctrl-C) when it raises; a `train()` it was not bound before (a plain
-    callback's first) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
+    the run as `failed` (`interrupted` on Ctrl-C) when it raises; a `train()` it was not bound before (the first of a
+    callback given by `add_callback`) leaves the directory readable, and `sarkd-diag report RUN` closes it as `crashed`.
     """
 
-    def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
-                 teacher: nn.Module | None = None):
+    def __init__(self, run_dir: str | Path | None = None, level: str = "standard", every: int = 10,
+                 on_critical: str = "stop", teacher: nn.Module | None = None):
         if on_critical not in ON_CRITICAL:
             raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
-        self.run_dir, self.level, self.every = Path(run_dir), level, every
+        # None: `<output_dir>/sarkd-diag` of the Trainer that runs it (see `trainer_run_dir`)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.level, self.every = level, every
         self.on_critical, self.teacher, self._given_teacher = on_critical, teacher, teacher
         self.probes: Probes | None = None
         self.stopped_at: int | None = None  # the step whose critical event stopped training
-        self._trainer = None  # bound by `attach`, else at `on_train_begin` to the Trainer that runs it
+        self._trainer = None  # bound by `attach`, else at `on_init_end`/`on_train_begin` to the Trainer calling it
         self._unbind: list = []  # what puts the bound trainer's methods back
         self._losses: list[torch.Tensor] = []
         self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
@@ -111,7 +111,7 @@ class SarkdDiagCallback(TrainerCallback):
         self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
 
     @classmethod
-    def attach(cls, trainer, run_dir: str | Path, **kwargs) -> SarkdDiagCallback:
+    def attach(cls, trainer, run_dir: str | Path | None = None, **kwargs) -> SarkdDiagCallback:
         """Add the callback to `trainer`, bound to it now (`_bind`): its teacher is known before `train()`."""
         callback = cls(run_dir, **kwargs)
         callback._bind(trainer)
@@ -128,7 +128,7 @@ class SarkdDiagCallback(TrainerCallback):
         for restore in self._unbind:
             restore()
         self._trainer = trainer
-        self.teacher = self._given_teacher if self._given_teacher is not None else trainer_teacher(trainer)
+        self._find_teacher()
         training_step, compute_loss = trainer.training_step, trainer.compute_loss
 
         @functools.wraps(training_step)
@@ -157,6 +157,11 @@ class SarkdDiagCallback(TrainerCallback):
         self._unbind = [replace_method(trainer, "training_step", recorded_training_step),
                         replace_method(trainer, "compute_loss", recorded_compute_loss),
                         replace_method(trainer, "train", closing_train)]
+
+    def _find_teacher(self) -> None:
+        """The teacher to watch: the one given, else the bound trainer's (`trainer_teacher`)."""
+        if self._given_teacher is None and self._trainer is not None:
+            self.teacher = trainer_teacher(self._trainer)
 
     def _close_on(self, exc: BaseException) -> None:
         """`train()` raised, and transformers calls no callback on an exception: the run is closed here as `interrupted`
@@ -189,12 +194,22 @@ class SarkdDiagCallback(TrainerCallback):
             probes.set.replay_forward(lambda: compute_loss(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ Trainer events
+    def on_init_end(self, args, state, control, **kwargs):
+        """`Trainer(..., callbacks=[...])` is building its trainer: bound now, the callback wraps the first `train()`
+        too, so one that raises closes its run (see `_bind`). A subclass sets its teacher after `Trainer.__init__`:
+        it is looked up again at `on_train_begin`. A callback bound already (attached to another trainer) stays so
+        until this one trains: building a trainer is not running it."""
+        trainer = running_trainer(self)
+        if trainer is not None and self._trainer is None:
+            self._bind(trainer)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probes is not None:  # a second train() on the same callback appends to the same directory
             self.probes.close("completed")
         trainer = running_trainer(self)
         if trainer is not None:
             self._bind(trainer)
+        self._find_teacher()
         models = {"student": model}
         if self.teacher is not None:
             models["teacher"] = getattr(self.teacher, "module", self.teacher)
@@ -204,7 +219,7 @@ class SarkdDiagCallback(TrainerCallback):
         # checkpoint's step, and what the directory recorded after it (steps redone now) is cut away
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
-                             run_dir=self.run_dir, level=self.level, every=self.every,
+                             run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
                              precision=trainer_precision(args, model), caller="trainer",
                              resumed_from=state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
@@ -250,6 +265,13 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def trainer_run_dir(args) -> Path:
+    """The run directory of a callback given none — `callbacks=[SarkdDiagCallback]`, the class, which transformers
+    builds with no arguments as it does its own callbacks: `sarkd-diag` inside the Trainer's `output_dir`, beside its
+    checkpoints, as the TensorBoard callback logs under `output_dir/runs`."""
+    return Path(args.output_dir) / "sarkd-diag"
 
 
 def evaluation_prefix(metrics: dict) -> str | None:

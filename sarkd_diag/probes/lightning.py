@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import Probes
+from .base import teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
@@ -36,7 +37,8 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
     The student is the attribute named `student`, else the one child module that holds every trainable tensor
     (`self.model`), else the LightningModule itself: the probes hook the forward that `training_step` calls, and
     causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
-    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`)."""
+    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
+    model `self.ref_model` (a DPO-style module's: `teacher_by_name`)."""
     children = dict(module.named_children())
     if student is not None:
         found = getattr(module, student)
@@ -51,7 +53,7 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
     if teacher is not None:
         models["teacher"] = getattr(module, teacher)
     else:
-        named = next((child for name, child in children.items() if "teacher" in name.lower()), None)
+        named = teacher_by_name(children.items(), other_than=found)
         if named is not None:
             models["teacher"] = named
     return models

@@ -20,11 +20,19 @@ IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cros
 
 
 def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
-    """Target tokens in a causal LM's labels (a device count): the model shifts them, so the first position
-    of each row is never a target."""
+    """Target tokens in a model's labels (a device count). A causal LM shifts them (`shifted`), so the first
+    position of each row is never a target."""
     if shifted and labels.dim() >= 2:
         labels = labels[..., 1:]
     return (labels != IGNORE_INDEX).sum()
+
+
+def shifts_labels(model) -> bool:
+    """Whether `model` shifts its labels: a causal LM predicts position t+1 at t, so it drops each row's first label;
+    an encoder-decoder (T5, BART: `config.is_encoder_decoder`) shifts its labels right into the decoder's inputs and
+    scores every one of them — counted as a causal LM's, one-token targets would read as no target at all."""
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model as `module`
+    return not getattr(config, "is_encoder_decoder", False)
 
 
 def output_loss(output, labelled: bool) -> torch.Tensor | None:
@@ -81,11 +89,11 @@ class LossProbe(Probe):
                                   model.register_forward_hook(eager(self._read_loss(name)))]
 
     def _read_labels(self, model_name: str):
-        def hook(_model, args, kwargs):
+        def hook(model, args, kwargs):
             labels = kwargs.get("labels")
             training = self.ctx.training_forward.get(model_name, False)
             self._labelled = training and torch.is_tensor(labels)
-            self._labels = count_targets(labels) if self._labelled else None
+            self._labels = count_targets(labels, shifts_labels(model)) if self._labelled else None
             self._share = kwargs.get("num_items_in_batch") is not None
         return hook
 
@@ -103,7 +111,7 @@ class LossProbe(Probe):
         captured = [targets for _, targets, _ in self._captured if targets is not None]
         self._captured = []
         if labels is not None:
-            targets = count_targets(labels)
+            targets = count_targets(labels, shifts_labels(self.ctx.models.get(self._model)))
         else:
             targets = None if not captured else captured[0] if len(captured) == 1 else torch.stack(captured).min()
         self.observe({"loss": loss}, targets)

@@ -157,6 +157,13 @@ def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teac
             self.model, self.teacher_model = student, teacher
 
     assert lightning_models(Wrapped()) == {"student": student, "teacher": teacher}
+
+    class Preference(pl.LightningModule):  # a DPO-style module: its frozen reference is watched as the teacher
+        def __init__(self):
+            super().__init__()
+            self.policy, self.ref_model = student, teacher
+
+    assert lightning_models(Preference()) == {"student": student, "teacher": teacher}
     both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
     assert lightning_models(both_train)["student"] is student  # the attribute named `student`
 

@@ -88,25 +88,28 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     assert logged_losses(plain) == logged_losses(trainer)
 
 
-@pytest.mark.parametrize("how", ["attach", "callbacks"])
+@pytest.mark.parametrize("how", ["attach", "callbacks", "add_callback"])
 def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, how):
-    """transformers calls no callback on an exception. Attached, the callback wraps `trainer.train` and closes the run
-    as `failed` with its finished steps, and lets go of the hooks and the log files (in a notebook, the kernel holding
-    them open would make `sarkd-diag report` refuse the run as live). Passed in `callbacks=[...]`, it binds inside the
-    first `train()`, too late to wrap it: the run stays open, readable, and `report` closes it as `crashed`."""
+    """transformers calls no callback on an exception. Attached, or passed in `callbacks=[...]` (bound as the Trainer
+    is built), the callback wraps `trainer.train` and closes the run as `failed` with its finished steps, and lets go
+    of the hooks and the log files (in a notebook, the kernel holding them open would make `sarkd-diag report` refuse
+    the run as live). Given by `add_callback`, it binds inside the first `train()`, too late to wrap it: the run stays
+    open, readable, and `report` closes it as `crashed`."""
     callback = SarkdDiagCallback(tmp_path / "run")
     trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", max_steps=8),
                       train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1),  # a corrupt record read in step 3 or 4
                       callbacks=[callback] if how == "callbacks" else [])
     if how == "attach":
         callback = SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    if how == "add_callback":
+        trainer.add_callback(callback)
     with pytest.raises(RuntimeError, match="corrupt record"):
         trainer.train()
     died_after = trainer.state.global_step
     assert 1 <= died_after < 8
     run_dir = tmp_path / "run"
     assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
-    if how == "attach":
+    if how != "add_callback":
         assert clip_grad._clip_grads_with_norm_ is ORIGINAL_CLIPPING  # the hooks are gone with the run
         assert load_run(run_dir)["summary"]["status"] == "failed"
     else:
@@ -118,6 +121,20 @@ def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, ho
     run = load_run(run_dir)
     assert run["summary"]["steps_completed"] == died_after
     assert run["metrics"]["step"].tolist() == list(range(1, died_after + 1))
+
+
+def test_building_a_second_trainer_with_an_attached_callback_leaves_it_bound_to_the_first(tmp_path):
+    """A callback attached to one trainer, then passed to a second one built before the first trains (a notebook
+    comparing two setups): building is not running, so the first trainer's `train()` is still wrapped, and its
+    exception closes the run as `failed`."""
+    first = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "first", max_steps=8),
+                    train_dataset=Sequences(VOCAB, fail_at=4 * 3 + 1))
+    callback = SarkdDiagCallback.attach(first, tmp_path / "run")
+    Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "second"), train_dataset=Sequences(VOCAB),
+            callbacks=[callback])
+    with pytest.raises(RuntimeError, match="corrupt record"):
+        first.train()
+    assert load_run(tmp_path / "run")["summary"]["status"] == "failed"
 
 
 class _Crash(TrainerCallback):
@@ -257,29 +274,35 @@ def _overflowing_teacher():
     return teacher
 
 
-@pytest.mark.parametrize("how", ["callbacks", "add_callback"])
+@pytest.mark.parametrize("how", ["callbacks", "add_callback", "class"])
 def test_a_plain_callback_finds_its_trainer(tmp_path, how):
     """`callbacks=[SarkdDiagCallback(dir)]` or `trainer.add_callback(...)` after construction: transformers hands a
     callback no trainer, yet the callback reads the KD Trainer's teacher, the gradient norm the Trainer clips by and the
-    loss `training_step` returns, as `attach` does."""
+    loss `training_step` returns, as `attach` does. `callbacks=[SarkdDiagCallback]`, the class, which transformers
+    builds with no arguments, records into `sarkd-diag` inside the Trainer's output_dir."""
     def kd_trainer(callbacks):
         return KDTrainer(model=tiny.make_gpt2(VOCAB), teacher=_overflowing_teacher(), callbacks=callbacks,
                          args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB))
 
-    callback = SarkdDiagCallback(tmp_path / "run")
-    trainer = kd_trainer([callback] if how == "callbacks" else [])
+    if how == "class":
+        trainer = kd_trainer([SarkdDiagCallback])
+        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, SarkdDiagCallback)]
+        run_dir = tmp_path / "trainer" / "sarkd-diag"
+    else:
+        callback, run_dir = SarkdDiagCallback(tmp_path / "run"), tmp_path / "run"
+        trainer = kd_trainer([callback] if how == "callbacks" else [])
     if how == "add_callback":
         trainer.add_callback(callback)
     trainer.train()
     assert callback.teacher is trainer.teacher
-    run = load_run(tmp_path / "run")
+    run = load_run(run_dir)
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
     # stopped at step 1, whose NaN loss is the one training_step returned (the Trainer logs 0 for it) and whose
     # gradient norm is the one the Trainer clipped by
     assert trainer.state.global_step == 1 and math.isnan(_train_losses(run)[0])
-    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert math.isnan(row["grad_norm"]) and math.isnan(_logged(trainer, "grad_norm")[0])  # measured, not null
     plain = kd_trainer([])
     plain.train()

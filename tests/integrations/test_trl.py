@@ -163,11 +163,12 @@ def test_a_teacher_fault_between_statistics_steps_is_named_by_a_replay(world, tm
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2)
 
 
-def _other_trainer(world, kind, out, student, run_dir=None):
-    """TRL's SFTTrainer, DPOTrainer and (experimental) GKDTrainer on the tiny world, 3 steps on the CPU."""
+def _other_trainer(world, kind, out, student, run_dir=None, ref_model=None, **args):
+    """TRL's SFTTrainer, DPOTrainer (its reference model `ref_model`, a fresh fp32 GPT-2 unless given) and
+    (experimental) GKDTrainer on the tiny world, 3 steps on the CPU; `args`: more of the trainer's config."""
     lines = [f"{p}{' the sky is blue .'}" for p in world["dataset"]["prompt"]]
     config = dict(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, report_to=[], save_strategy="no",
-                  logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3)
+                  logging_steps=1, use_cpu=True, disable_tqdm=True, seed=0, learning_rate=1e-3, **args)
     tokenizer = world["tokenizer"]
     if kind == "sft":
         trainer = trl.SFTTrainer(model=student, args=trl.SFTConfig(**config, max_length=32),
@@ -176,7 +177,8 @@ def _other_trainer(world, kind, out, student, run_dir=None):
         prompts = list(world["dataset"]["prompt"])
         data = Dataset.from_dict({"prompt": prompts, "chosen": [" the sky is blue ."] * len(prompts),
                                   "rejected": [" blue is sky the ."] * len(prompts)})
-        trainer = trl.DPOTrainer(model=student, ref_model=tiny.make_gpt2(world["vocab"], seed=0),
+        ref_model = ref_model if ref_model is not None else tiny.make_gpt2(world["vocab"], seed=0)
+        trainer = trl.DPOTrainer(model=student, ref_model=ref_model,
                                  args=trl.DPOConfig(**config, max_length=48), train_dataset=data,
                                  processing_class=tokenizer)
     else:
@@ -225,6 +227,21 @@ def test_sft_dpo_and_gkd_trainers_record_their_steps(world, tmp_path, kind):
     assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
     assert metrics["grad_norm"].tolist() == pytest.approx([h["grad_norm"] for h in trainer.state.log_history
                                                            if "loss" in h], rel=1e-6)
+
+
+def test_a_dpo_reference_that_overflows_fp16_is_named_as_the_teacher(world, tmp_path):
+    """DPO's reference model (`ref_model`) is frozen and runs in every training step, its log-probabilities part of the
+    loss: a reference loaded in fp16 to save memory that overflows is `teacher_overflow` at its module, not an unplaced
+    non-finite loss whose fix points at the loss code. Training stops on the NaN weights it leaves."""
+    reference = tiny.make_gpt2(world["vocab"], seed=0).half()
+    overflow_fp16(reference.transformer.h[1])
+    trainer = _other_trainer(world, "dpo", tmp_path / "t", tiny.make_gpt2(world["vocab"], seed=0), tmp_path / "run",
+                             ref_model=reference, bf16=False)
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
+    assert run["summary"]["status"] == "stopped" and trainer.state.global_step == 1
 
 
 def _sft(world, out, kind, run_dir=None):
