@@ -218,7 +218,10 @@ FIXES = {
                                 "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
                                 "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use "
                                 "an eps float16 holds (1e-5); if its code writes no such constant, a sum of many "
-                                "products overflowed: compute with fp32's range — {wide_compute}",
+                                "products overflowed: compute with fp32's range — {wide_compute}; or an operation "
+                                "undefined on its inputs made it in any precision (the sqrt or log of a negative, "
+                                "0/0): where the same run under {wide_compute} is NaN at {module} too, guard that "
+                                "operation (`clamp_min`) instead",
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "

@@ -1302,3 +1302,24 @@ def test_updates_a_schedule_means_to_be_tiny_are_no_lost_updates(schedule, tmp_p
         opt.zero_grad()
     assert _events(probes, "lost_updates") == [] and _causes(probes) == []
     probes.close()
+
+
+class Root(nn.Module):
+    def forward(self, h):
+        return torch.sqrt(h)  # no clamp: NaN for every negative entry, in any precision
+
+
+@pytest.mark.parametrize("autocast, cause", [(None, "divergence"), (torch.float16, "activation_overflow")])
+def test_a_sqrt_of_negative_values_is_placed_and_its_fix_names_the_undefined_operation(autocast, cause, tmp_path):
+    """NaN from values nowhere near the range: without float16 an undefined operation; under float16 autocast the
+    output alone cannot tell it from a constant float16 cannot hold, so the fix names both, and how to tell."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), Root(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=autocast is not None)
+    probes = Probes(model, optimizer=opt, scaler=scaler if autocast else None, run_dir=tmp_path)
+    _train(model, probes, opt, scaler=scaler if autocast else None, autocast=autocast)
+    (found,) = probes.diagnosis()
+    assert (found["cause"], found["module"], found["first_step"]) == (cause, "1", 1)
+    assert "log of" in found["fix"] and ("sqrt or log of a negative" in found["fix"]) is (autocast is not None)
+    probes.close()
