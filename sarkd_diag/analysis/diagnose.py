@@ -330,6 +330,12 @@ FIXES = {
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
                     "mask (keep at least one position per row, or zero the fully masked rows) and clamp before a log "
                     "or a division (`x.clamp_min(eps)`); a precision change or lowering {lr} will not help",
+    "nonfinite_op_replayed": "{module} made {holds} in float16, and run again in float32 on the same finite inputs "
+                             "and weights it made {wide_holds} too: an operation undefined on its inputs, not "
+                             "float16's range — the sqrt or log of a negative, a softmax over a row whose every "
+                             "position is masked (0/0), a division by zero; guard it (`x.clamp_min(eps)` before a "
+                             "sqrt, a log or a division; keep at least one position per row unmasked); "
+                             "a wider precision ({wide_compute}) will not help, nor will lowering {lr}",
     "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
                          "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
                          "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
@@ -586,19 +592,38 @@ class RunRecord:
 
     def nonfinite_op(self) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
-        overflow — with the largest value measured up to it: nothing computed in float16 (its overflows are
-        `activation_overflow`'s), nothing non-finite or extreme before it (bad data, weights, gradients, an
-        update), and every module output and weight measured up to its step nowhere near its dtype's range
-        (below DTYPE_MAX ** RANGE_EXPONENT). Unmeasured magnitudes prove nothing: then None — so never in the
-        teacher, whose frozen weights no probe reads (an infinite weight there makes the same output)."""
-        return None if self.computes_in_fp16() else self._nonfinite_from_small_values(DTYPE_MAX)
+        overflow — with the largest value measured up to it: nothing non-finite or extreme before it (bad data,
+        weights, gradients, an update), and either nothing computed in float16 (its overflows are
+        `activation_overflow`'s) and every module output and weight measured up to its step nowhere near its
+        dtype's range (below DTYPE_MAX ** RANGE_EXPONENT), or a float16 output that, run again in float32 on the
+        same finite inputs (`wide_replay`), was non-finite there too. Unmeasured magnitudes prove nothing: then
+        None — so never in the teacher, whose frozen weights no probe reads (an infinite weight there makes the
+        same output)."""
+        if not self.computes_in_fp16():
+            return self._nonfinite_from_small_values(DTYPE_MAX)
+        replay = self.wide_replay()
+        if replay is None or math.isfinite(float(replay["value"])):
+            return None
+        return self._nonfinite_from_small_values({"float16": math.inf})
+
+    def wide_replay(self) -> pd.Series | None:
+        """The `wide_replay` event of the run's first non-finite module output: that float16 module run again in
+        float32 on finite inputs (its value: what it made there, NaN/Inf or its largest finite output)."""
+        acts, replays = self.of("nonfinite_activation"), self.of("wide_replay")
+        if not len(acts) or not len(replays):
+            return None
+        row = _first(acts)
+        same = replays[(replays["model"] == row.get("model")) & (replays["module"] == row.get("module"))]
+        return _first(same) if len(same) else None
 
     def fp16_constant_op(self) -> tuple[pd.Series, float] | None:
         """The same reading in a run computing in float16: a float16 module output non-finite although every value
         measured up to it is below FP16_MAX ** RANGE_EXPONENT — no product of the data overflowed, so a constant of
         the code that float16 cannot hold did: a mask's fill value beyond 65504 (-1e9, float32's min) turns -inf and
         a fully masked row's softmax 0/0, an eps below 6e-8 turns 0 and a division by it Inf."""
-        return self._nonfinite_from_small_values({"float16": FP16_MAX}) if self.computes_in_fp16() else None
+        if not self.computes_in_fp16() or self.nonfinite_op() is not None:
+            return None
+        return self._nonfinite_from_small_values({"float16": FP16_MAX})
 
     def _nonfinite_from_small_values(self, maxima: dict[str, float]) -> tuple[pd.Series, float] | None:
         acts = self.of("nonfinite_activation")
@@ -1297,7 +1322,13 @@ def divergence(r: RunRecord) -> list[Cause]:
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op
-        holds = _holds_value(row)
+        holds, replay = _holds_value(row), r.wide_replay()
+        if replay is not None:  # float16's NaN, NaN in float32 too
+            return [Cause("divergence", "critical", **_where(row),
+                          evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
+                                    "float32_replay": _holds_value(replay), "replay_step": int(replay["step"])},
+                          fix=r.fix("nonfinite_op_replayed", module=row.get("module") or row.get("model"),
+                                    holds=holds, wide_holds=_holds_value(replay)))]
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
                                 "largest_measured_before": largest,

@@ -24,6 +24,16 @@ the model's output, when its own code made it rather than a child, is read so to
 these readings (a division by zero makes either): -Inf is how a mask is written into scores that a softmax module
 then takes, and a finite value made between modules is no module's output (the headroom map and
 `act_amax_<model>` stay module outputs).
+
+A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
+(a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
+inputs (the sqrt or log of a negative, 0/0), NaN in any precision. So the first such module is watched on the
+forwards that follow (its output checked, one sync a forward, on this failure path only): the first time its
+float16 output is non-finite again from finite inputs and finite weights, it is run once more on those inputs in
+float32 — float32 copies of its weights and buffers (`torch.func.functional_call`), autocast off, no gradients,
+the RNG state forked, its children's statistics not counted — and the result is a `wide_replay` event: finite
+there, float16 could not hold what it computes; non-finite there too, the operation is undefined on its inputs.
+Nothing of the training changes.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import json
 import math
 import weakref
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 from torch import nn
@@ -65,6 +76,9 @@ class ActivationProbe(Probe):
         self._reported: set[tuple[str, str, str]] = set()
         self._hooks: list | None = None
         self._root_labels: dict[str, str] = {}  # model -> how its root's own code is named (`root_label`)
+        self._suspect: tuple[str, str] | None = None  # (model, module) whose float16 output was non-finite
+        self._suspect_handles: list = []  # its hooks until it is run in float32 (`_replay_wide`)
+        self._suspect_inputs: tuple | None = None
 
     def begin_step(self) -> None:
         self._running, self._read = [], {}
@@ -208,6 +222,8 @@ class ActivationProbe(Probe):
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
             if not math.isfinite(amax):
+                if dtype == "float16" and self._suspect is None:
+                    self._watch_suspect(model, module)
                 if model not in models_gone_bad:
                     models_gone_bad.add(model)
                     holds = [kind for kind, present in (("NaN", math.isnan(amax)), ("+Inf", high == math.inf),
@@ -227,6 +243,60 @@ class ActivationProbe(Probe):
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
         return largest
 
+    def _watch_suspect(self, model_name: str, module_name: str) -> None:
+        """Watch the module whose float16 output turned non-finite, to run it once in float32 (module docstring)."""
+        self._suspect = (model_name, module_name)
+        module = self.ctx.models[model_name].get_submodule(module_name)
+
+        def keep_inputs(_module, args, kwargs):
+            self._suspect_inputs = (args, kwargs) if self._counts(model_name) else None
+
+        def check(module, _inputs, output):
+            inputs, self._suspect_inputs = self._suspect_inputs, None
+            t = _first_tensor(output)
+            if inputs is None or t is None or t.dtype != torch.float16 or bool(torch.isfinite(t).all()):
+                return
+            tensors = chain(_floating(*inputs), (p for p in module.parameters() if p.is_floating_point()))
+            if all(bool(torch.isfinite(x).all()) for x in tensors):  # else what it was handed was non-finite
+                self._replay_wide(model_name, module_name, module, *inputs)
+        self._suspect_handles = [module.register_forward_pre_hook(eager(keep_inputs), with_kwargs=True),
+                                 module.register_forward_hook(eager(check))]
+
+    def _replay_wide(self, model_name: str, module_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Run the module once more on the same inputs in float32 and record what it makes (`wide_replay`)."""
+        for h in self._suspect_handles:
+            h.remove()
+        self._suspect_handles = []
+        wide = {name: t.float() if t.is_floating_point() else t
+                for name, t in chain(module.named_parameters(), module.named_buffers())}
+        cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        kwcast = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        device = next(iter(wide.values())).device if wide else torch.device("cpu")
+        counted = self.ctx.training_forward.get(model_name)
+        self.ctx.training_forward[model_name] = False  # its children's hooks: no statistics of this run
+        try:
+            with torch.no_grad(), torch.autocast(device.type, enabled=False), torch.random.fork_rng(
+                    devices=[] if device.type == "cpu" else [device], device_type=device.type):
+                t = _first_tensor(torch.func.functional_call(module, wide, tuple(cast), kwcast))
+        finally:
+            if counted is None:
+                self.ctx.training_forward.pop(model_name, None)
+            else:
+                self.ctx.training_forward[model_name] = counted
+        if t is None:
+            return
+        low, high = (float(v) for v in torch.aminmax(t.float()))
+        amax = math.nan if math.isnan(low) else max(-low, high)
+        verdict = (f"finite (largest {amax:.4g}): float16 cannot hold what it computes" if math.isfinite(amax) else
+                   f"{'NaN' if math.isnan(amax) else 'Inf'} there too: an operation undefined on its inputs, in "
+                   "any precision")
+        self.ctx.events.record(
+            "wide_replay", "info",
+            f"{model_name} {module_name}, whose float16 output turned non-finite, run again in float32 on the "
+            f"inputs of step {self.ctx.step} (finite, as are its weights): {verdict}",
+            step=self.ctx.step, phase="forward", probe=self.name, model=model_name, module=module_name,
+            dtype="float32", value=amax, numel=t.numel())
+
     def _report_once(self, key: tuple, kind: str, severity: str, message: str, **fields) -> None:
         if key not in self._reported:
             self._reported.add(key)
@@ -240,6 +310,9 @@ class ActivationProbe(Probe):
 
     def close(self) -> None:
         self._detach()
+        for h in self._suspect_handles:
+            h.remove()
+        self._suspect_handles = []
 
 
 def root_label(model: nn.Module) -> str:

@@ -1309,17 +1309,31 @@ class Root(nn.Module):
         return torch.sqrt(h)  # no clamp: NaN for every negative entry, in any precision
 
 
-@pytest.mark.parametrize("autocast, cause", [(None, "divergence"), (torch.float16, "activation_overflow")])
-def test_a_sqrt_of_negative_values_is_placed_and_its_fix_names_the_undefined_operation(autocast, cause, tmp_path):
-    """NaN from values nowhere near the range: without float16 an undefined operation; under float16 autocast the
-    output alone cannot tell it from a constant float16 cannot hold, so the fix names both, and how to tell."""
+class FullyMaskedRow(nn.Module):
+    def forward(self, h):
+        mask = torch.zeros_like(h)
+        mask[0] = 1.0  # the first row masked everywhere: -1e9 is -inf in float16, and its softmax 0/0
+        return (h + mask * -1e9).softmax(-1)
+
+
+@pytest.mark.parametrize("made_by, autocast, cause", [(Root, None, "divergence"),
+                                                      (Root, torch.float16, "divergence"),
+                                                      (FullyMaskedRow, torch.float16, "activation_overflow")])
+def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module_in_float32(made_by, autocast, cause,
+                                                                                             tmp_path):
+    """NaN from small values. Without float16, an operation undefined on its inputs. Under float16 autocast the
+    output alone cannot tell a sqrt of negatives from a constant float16 cannot hold; the module, run again on the
+    next step's finite inputs in float32, can: NaN there too is the operation (`divergence`, precision no fix),
+    finite there is float16's range (`activation_overflow`, the constant named)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), Root(), nn.Linear(16, 1))
+    model = nn.Sequential(nn.Linear(8, 16), made_by(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=autocast is not None)
     probes = Probes(model, optimizer=opt, scaler=scaler if autocast else None, run_dir=tmp_path)
     _train(model, probes, opt, scaler=scaler if autocast else None, autocast=autocast)
     (found,) = probes.diagnosis()
     assert (found["cause"], found["module"], found["first_step"]) == (cause, "1", 1)
-    assert "log of" in found["fix"] and ("sqrt or log of a negative" in found["fix"]) is (autocast is not None)
+    replays = [(e.step, math.isnan(e.value)) for e in _events(probes, "wide_replay")]
+    assert replays == ([] if autocast is None else [(2, made_by is Root)])
+    assert ("(1 - mask) * -1e9" in found["fix"]) is (made_by is FullyMaskedRow)
     probes.close()
