@@ -1667,6 +1667,42 @@ def t5_feed_forward_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+MOE_STUDENT_ROUTER = "model.layers.1.mlp.gate"
+
+
+def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """An MoE student (Qwen2-MoE: routed experts, a shared expert, `output_router_logits=True` so the load-balancing
+    aux loss is in its loss) whose router logits leave fp16's range while every weight fits it (gate ×4e5)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    outcome = Outcome()
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=world.vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01, pad_token_id=0))
+    with torch.no_grad():
+        model.get_parameter(MOE_STUDENT_ROUTER + ".weight").mul_(4e5)
+    batches = token_batches(world, 2)
+    first, largest_weight = first_beyond_fp16(forward_extremes(model, batches[0])), max_weight(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
+    outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
+                  first is not None and first[0] == MOE_STUDENT_ROUTER and largest_weight < FP16_MAX)
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1886,6 +1922,11 @@ SCENARIOS: list[Scenario] = [
              "user loop", t5_feed_forward_overflow_amp_loop,
              Expected("activation_overflow", "critical", "student", T5_FF_OUT, first_step=1,
                       absent=("nonfinite_input",))),
+    Scenario("MoE student's router overflows fp16", "user loop: Qwen2-MoE student (shared expert, router aux loss), "
+             f"autocast fp16 + GradScaler; router `{MOE_STUDENT_ROUTER}` ×4e5 (weights within fp16, logits beyond)",
+             "mixed", "user loop", moe_student_router_overflow_amp_loop,
+             Expected("activation_overflow", "critical", "student", MOE_STUDENT_ROUTER, first_step=1,
+                      fix_contains="router in fp32")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

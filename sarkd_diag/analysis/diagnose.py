@@ -210,6 +210,9 @@ FIXES = {
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
                                 "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
                                 "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — compute the "
+                            "router in fp32 (its weights and matmul outside float16 autocast, as MoE training in "
+                            "float16 does), or train with {bf16_mixed}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
                                 "largest measured {amax}): most likely a constant of its code that float16 cannot "
                                 "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
@@ -1104,10 +1107,11 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
                                       amax=f"{largest:.3g}")))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
+        fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
+        template = ("router_overflow_fp16" if router else "activation_overflow_fp16") if fp16 else "activation_overflow"
         causes.append(Cause("activation_overflow", "critical", **_where(row),
-                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
-                            fix=r.fix("activation_overflow_fp16" if row.get("dtype") == "float16"
-                                      else "activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router},
+                            fix=r.fix(template, module=row.get("module"), dtype=row.get("dtype"))))
     unplaced = r.unplaced_fp16_loss()
     if unplaced is not None:
         step = int(unplaced["step"])
