@@ -223,11 +223,13 @@ def test_an_overflowing_student_router_gets_the_router_fix():
     router."""
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
            "dtype": "float16", "value": math.inf}
-    (router,) = causes(log({**act, "module": "model.layers.1.mlp.gate"}), caller="loop")
-    assert router["cause"] == "activation_overflow" and router["evidence"]["router"] is True
-    assert "MoE router" in router["fix"] and "router in fp32" in router["fix"]
-    (expert,) = causes(log({**act, "module": "model.layers.1.mlp.experts.1.gate_proj"}), caller="loop")
-    assert "router" not in expert["fix"] and expert["evidence"]["router"] is False
+    for module in ("model.layers.1.mlp.gate", "encoder.block.1.layer.1.mlp.router.classifier"):  # Switch's: a layer
+        (router,) = causes(log({**act, "module": module}), caller="loop")
+        assert router["cause"] == "activation_overflow" and router["evidence"]["router"] is True
+        assert "MoE router" in router["fix"] and "router in fp32" in router["fix"]
+    for module in ("model.layers.1.mlp.experts.1.gate_proj", "model.layers.1.mlp.shared_expert_gate"):
+        (expert,) = causes(log({**act, "module": module}), caller="loop")
+        assert "router" not in expert["fix"] and expert["evidence"]["router"] is False
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer", "accelerate"])

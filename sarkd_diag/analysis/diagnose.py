@@ -65,7 +65,7 @@ WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 # callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
 # replay that forward with them on (and place it, or find every module finite)
 UNREPLAYED = ("loop", "accelerate", "lightning")
-ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
+ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so, or its parent's (never an expert's gate_proj)
 
 # a loss cut off from the weights in code that calls backward itself
 LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed or computed under `torch.no_grad()` (a "
@@ -733,12 +733,16 @@ class RunRecord:
         return len(self.of("extreme_update")) > 0 or (growth is not None and growth > WEIGHT_GROWTH_FACTOR)
 
     def is_router(self, module: str | None) -> bool:
+        """A module `train` found as a router, or one named as routers are — or the layer a router holds (Switch
+        Transformers' and NLLB-MoE's `router.classifier`, DeepSpeed-MoE's `gate.wg`: the first to overflow is that
+        layer) — outside any expert (whose `gate_proj` is no router)."""
         if not module:
             return False
         if module in self.routers:
             return True
         *parents, last = module.split(".")
-        return last in ROUTER_NAMES and not any("expert" in p for p in parents)
+        return not any("expert" in p for p in parents) and (
+            last in ROUTER_NAMES or (bool(parents) and parents[-1] in ROUTER_NAMES))
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
