@@ -1140,6 +1140,27 @@ def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss()
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2)
 
 
+def test_a_classifiers_one_column_labels_are_targets_not_an_empty_batch():
+    """A binary classifier trained with BCE (`problem_type="multi_label_classification"`, one label): its labels are
+    [batch, 1], one target each where they stand — no causal shift drops the column, so no false `empty_targets` and
+    no 'fix the data' on a healthy run."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, problem_type="multi_label_classification", pad_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for labels_to_step in (None, torch.ones(4, 1)):
+            loss = model(input_ids=torch.randint(1, 64, (4, 10)), labels=torch.ones(4, 1)).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=labels_to_step)
+            opt.zero_grad()
+    assert _events(probes, "empty_targets") == [] and probes.diagnosis() == []
+
+
 def test_an_unscaled_fp16_backward_that_flushes_every_gradient_is_named_and_explained():
     """Autocast fp16 without a GradScaler and a small loss: every gradient flushes to zero in the fp16 backward,
     the weights never move, and the fix is the loss scaler."""
