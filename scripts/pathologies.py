@@ -264,8 +264,9 @@ def scaled_copy(model: nn.Module, weight: str, factor: float, tokenizer, path: P
     return tiny.save(model, tokenizer, path)
 
 
-def forward_extremes(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, float]]:
-    """Each module's output absolute max in an fp32 forward, in forward order (outside any tool)."""
+def forward_extremes(model: nn.Module, ids: torch.Tensor, **inputs) -> list[tuple[str, float]]:
+    """Each module's output absolute max in an fp32 forward, in forward order (outside any tool); `inputs`: what
+    else the forward needs (an encoder-decoder's labels)."""
     seen: list[tuple[str, float]] = []
     handles = []
     for name, module in model.named_modules():
@@ -279,7 +280,7 @@ def forward_extremes(model: nn.Module, ids: torch.Tensor) -> list[tuple[str, flo
                 seen.append((name, float(t.detach().abs().max())))
         handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
-        model.float()(ids)
+        model.float()(ids, **inputs)
     for h in handles:
         h.remove()
     return seen
@@ -1624,6 +1625,84 @@ def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+T5_FF_OUT = "encoder.block.1.layer.1.DenseReluDense.wo"
+
+
+def t5_feed_forward_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """T5's best-known fp16 failure: the encoder's feed-forward output projection `wo` leaves fp16's range (its
+    ReLU(wi x) grows with training; here wi and wo ×300). An encoder-decoder whose answers are one token each (a class
+    as text): every label is a target — the decoder's inputs are the labels shifted right — so no batch is empty."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    outcome = Outcome()
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=world.vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                                dropout_rate=0.0))
+    feed_forward = model.get_submodule(T5_FF_OUT.rpartition(".")[0])
+    with torch.no_grad():
+        feed_forward.wi.weight.mul_(300.0)
+        feed_forward.wo.weight.mul_(300.0)
+    texts = token_batches(world, 2, batch=4, block=12)
+    ff_out = forward_extremes(model, texts[0][:, :-1], labels=texts[0][:, -1:])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in texts:
+            answers = ids[:, -1:]  # one token each
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids[:, :-1], labels=answers).loss
+            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    first = first_beyond_fp16(ff_out)
+    outcome.facts.update(first_beyond_fp16_fp32=first, losses=losses)
+    outcome.check("in fp32, wo's output is the first beyond fp16's range; the fp16 loss is NaN",
+                  first is not None and first[0] == T5_FF_OUT and math.isnan(losses[0]))
+    return outcome
+
+
+MOE_STUDENT_ROUTER = "model.layers.1.mlp.gate"
+
+
+def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """An MoE student (Qwen2-MoE: routed experts, a shared expert, `output_router_logits=True` so the load-balancing
+    aux loss is in its loss) whose router logits leave fp16's range while every weight fits it (gate ×4e5)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    outcome = Outcome()
+    torch.manual_seed(0)
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=world.vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01, pad_token_id=0))
+    with torch.no_grad():
+        model.get_parameter(MOE_STUDENT_ROUTER + ".weight").mul_(4e5)
+    batches = token_batches(world, 2)
+    first, largest_weight = first_beyond_fp16(forward_extremes(model, batches[0])), max_weight(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
+    outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
+                  first is not None and first[0] == MOE_STUDENT_ROUTER and largest_weight < FP16_MAX)
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1838,6 +1917,16 @@ SCENARIOS: list[Scenario] = [
              amp_loop_that_also_calls_optimizer_step,
              Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
                       absent=("divergence", "gradient_overflow"))),
+    Scenario("T5 feed-forward overflows fp16, one-token answers", "user loop: T5 (encoder-decoder), autocast fp16 + "
+             f"GradScaler; `{T5_FF_OUT}` beyond fp16 (wi, wo ×300), labels one token per example", "mixed",
+             "user loop", t5_feed_forward_overflow_amp_loop,
+             Expected("activation_overflow", "critical", "student", T5_FF_OUT, first_step=1,
+                      absent=("nonfinite_input",))),
+    Scenario("MoE student's router overflows fp16", "user loop: Qwen2-MoE student (shared expert, router aux loss), "
+             f"autocast fp16 + GradScaler; router `{MOE_STUDENT_ROUTER}` ×4e5 (weights within fp16, logits beyond)",
+             "mixed", "user loop", moe_student_router_overflow_amp_loop,
+             Expected("activation_overflow", "critical", "student", MOE_STUDENT_ROUTER, first_step=1,
+                      fix_contains="router in fp32")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -217,6 +217,21 @@ def test_an_overflowing_teacher_router_gets_the_router_fix():
     assert "router" not in expert["fix"]
 
 
+def test_an_overflowing_student_router_gets_the_router_fix():
+    """An MoE student (Qwen2-MoE, OLMoE trained in a caller's loop) whose router logits leave float16: the fix is the
+    router's — its logits in fp32 — as for a teacher's router, not the generic op advice; an expert's gate_proj is no
+    router."""
+    act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+           "dtype": "float16", "value": math.inf}
+    for module in ("model.layers.1.mlp.gate", "encoder.block.1.layer.1.mlp.router.classifier"):  # Switch's: a layer
+        (router,) = causes(log({**act, "module": module}), caller="loop")
+        assert router["cause"] == "activation_overflow" and router["evidence"]["router"] is True
+        assert "MoE router" in router["fix"] and "router in fp32" in router["fix"]
+    for module in ("model.layers.1.mlp.experts.1.gate_proj", "model.layers.1.mlp.shared_expert_gate"):
+        (expert,) = causes(log({**act, "module": module}), caller="loop")
+        assert "router" not in expert["fix"] and expert["evidence"]["router"] is False
+
+
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer", "accelerate"])
 def test_every_fix_is_written_in_its_callers_terms(caller):
     """No fix names an option its caller does not have: CLI flags only for the CLI."""

@@ -65,7 +65,7 @@ WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 # callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
 # replay that forward with them on (and place it, or find every module finite)
 UNREPLAYED = ("loop", "accelerate", "lightning")
-ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so (never an expert's gate_proj)
+ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so, or its parent's (never an expert's gate_proj)
 
 # a loss cut off from the weights in code that calls backward itself
 LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed or computed under `torch.no_grad()` (a "
@@ -210,6 +210,9 @@ FIXES = {
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
                                 "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
                                 "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — compute the "
+                            "router in fp32 (its weights and matmul outside float16 autocast, as MoE training in "
+                            "float16 does), or train with {bf16_mixed}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
                                 "largest measured {amax}): most likely a constant of its code that float16 cannot "
                                 "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
@@ -755,12 +758,16 @@ class RunRecord:
         return len(self.of("extreme_update")) > 0 or (growth is not None and growth > WEIGHT_GROWTH_FACTOR)
 
     def is_router(self, module: str | None) -> bool:
+        """A module `train` found as a router, or one named as routers are — or the layer a router holds (Switch
+        Transformers' and NLLB-MoE's `router.classifier`, DeepSpeed-MoE's `gate.wg`: the first to overflow is that
+        layer) — outside any expert (whose `gate_proj` is no router)."""
         if not module:
             return False
         if module in self.routers:
             return True
         *parents, last = module.split(".")
-        return last in ROUTER_NAMES and not any("expert" in p for p in parents)
+        return not any("expert" in p for p in parents) and (
+            last in ROUTER_NAMES or (bool(parents) and parents[-1] in ROUTER_NAMES))
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
@@ -1129,10 +1136,11 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
                                       amax=f"{largest:.3g}")))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
+        fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
+        template = ("router_overflow_fp16" if router else "activation_overflow_fp16") if fp16 else "activation_overflow"
         causes.append(Cause("activation_overflow", "critical", **_where(row),
-                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype")},
-                            fix=r.fix("activation_overflow_fp16" if row.get("dtype") == "float16"
-                                      else "activation_overflow", module=row.get("module"), dtype=row.get("dtype"))))
+                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router},
+                            fix=r.fix(template, module=row.get("module"), dtype=row.get("dtype"))))
     unplaced = r.unplaced_fp16_loss()
     if unplaced is not None:
         step = int(unplaced["step"])

@@ -27,12 +27,19 @@ def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
     return (labels != IGNORE_INDEX).sum()
 
 
+# transformers' `loss_type`s whose labels are each a target where they stand (a classifier's, a masked LM's)
+UNSHIFTED_LOSSES = ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
+
+
 def shifts_labels(model) -> bool:
     """Whether `model` shifts its labels: a causal LM predicts position t+1 at t, so it drops each row's first label;
     an encoder-decoder (T5, BART: `config.is_encoder_decoder`) shifts its labels right into the decoder's inputs and
-    scores every one of them — counted as a causal LM's, one-token targets would read as no target at all."""
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model as `module`
-    return not getattr(config, "is_encoder_decoder", False)
+    scores every one of them — counted as a causal LM's, one-token targets would read as no target at all. Nor does
+    a classifier or a masked LM (its `loss_type`): a binary multi-label head's [batch, 1] labels are one target each."""
+    model = getattr(model, "module", model)  # DDP keeps the model as `module`
+    config = getattr(model, "config", None)
+    return not getattr(config, "is_encoder_decoder", False) and \
+        getattr(model, "loss_type", None) not in UNSHIFTED_LOSSES
 
 
 def output_loss(output, labelled: bool) -> torch.Tensor | None:

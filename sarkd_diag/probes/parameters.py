@@ -200,11 +200,15 @@ class ParameterProbe(Probe):
             nan, posinf, neginf = (int(c) for c in counted[3 * first:3 * first + 3])
             counts = {"nan_count": nan, "posinf_count": posinf, "neginf_count": neginf, "numel": p.numel()}
             total = sum(1 for m, _, _ in loaded if m == model)
+            held_in_fp16 = any(q.dtype == torch.float16 for m, _, q in loaded if m == model)
+            verdict = ("Inf alone, in a model held in float16: values beyond fp16's 65504 in a checkpoint saved "
+                       "wider, made Inf by the cast to float16 (the file may be sound), or a corrupt checkpoint"
+                       if held_in_fp16 and not nan else "the checkpoint is corrupt")
             self.ctx.events.record(
                 "nonfinite_at_load", "critical",
                 f"{model} weight {name} holds {counts['nan_count']} NaN, {counts['posinf_count']} +Inf and "
                 f"{counts['neginf_count']} -Inf of {counts['numel']} before the first optimizer step, as loaded "
-                f"({len(indices)} of {total} weight tensors of {model} non-finite): the checkpoint is corrupt",
+                f"({len(indices)} of {total} weight tensors of {model} non-finite): {verdict}",
                 step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
                 tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)
         return {f"loaded_amax_{model}": amax[i] for model, i in largest.items()}

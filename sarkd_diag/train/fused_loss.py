@@ -333,11 +333,17 @@ def unfusable_reason(model: nn.Module) -> str | None:
         with torch.no_grad():
             plain = model(input_ids=ids).logits
             fused, hidden = _forward_to_last_hidden(model, {"input_ids": ids, "output_hidden_states": True})
-            same = (fused.logits.numel() == 0 and torch.equal(head(hidden), plain)
-                    and torch.equal(fused.hidden_states[-1], hidden))  # both ways of reading it (with autograd or not)
+            same = (fused.logits.numel() == 0 and _identical(head(hidden), plain)
+                    and _identical(fused.hidden_states[-1], hidden))  # both ways of reading it (with autograd or not)
     finally:
         model.train(was_training)
     if not same:
         return ("its logits are not its output head applied to its last hidden state (a soft cap or a scale on "
                 "the logits, or a projection in between)")
     return None
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, a NaN equal to a NaN: a model whose forward already overflows (a checkpoint beyond
+    fp16's range under fp16 autocast) gives NaN both ways, and is no less fusable for it (torch.equal says unequal)."""
+    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)

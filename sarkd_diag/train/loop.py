@@ -338,8 +338,8 @@ def _fuses(models: Models, compute: Compute) -> bool:
             reason = unfusable_reason(model)
         if reason is not None:
             models.notes.append({"kind": "setup_note", "code": "loss_unfused", "severity": "warning", "model": name,
-                                 "message": f"--fused-loss: the {name}'s {reason}; the loss takes both models' "
-                                 "complete logits instead (more memory, same result)"})
+                                 "message": f"--fused-loss: the {name} does not fuse, {reason}; the loss takes both "
+                                            "models' complete logits instead (more memory, same result)"})
             return False
     return True
 

@@ -89,4 +89,5 @@ def test_a_head_that_does_not_fuse_falls_back_with_a_note(cli, tiny_args, tiny_w
     events = load_run(run_dir)["events"]
     notes = events[events["code"] == "loss_unfused"]
     assert len(notes) == 1 and notes.iloc[0]["model"] == "student" and "soft cap" in notes.iloc[0]["message"]
+    assert notes.iloc[0]["message"].startswith("--fused-loss: the student does not fuse, its logits are not")
     assert json.loads((run_dir / "config.json").read_text())["objective"]["fused_loss"] is False

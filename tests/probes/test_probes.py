@@ -315,7 +315,7 @@ def test_weights_that_are_nan_as_loaded_are_named_once_per_model_trainable_or_fr
     assert (event.model, event.module, event.tensor, event.step, event.phase) == (
         "teacher", "second", "second.weight", 1, "setup")
     assert (event.nan_count, event.posinf_count, event.numel) == (1, 0, 64)
-    assert "2 of 6 weight tensors" in event.message
+    assert "2 of 6 weight tensors" in event.message and event.message.endswith("the checkpoint is corrupt")
 
 
 def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_largest_weight():
@@ -334,6 +334,8 @@ def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_
     (event,) = _events(probes, "nonfinite_at_load")
     assert (event.tensor, event.nan_count, event.posinf_count, event.neginf_count) == ("second.weight", 0, 1, 0)
     assert probes.diagnosis()[0]["evidence"]["cast_to_float16"] is True
+    # the event says what the diagnosis says: the cast may have made it, not necessarily a corrupt file
+    assert "made Inf by the cast to float16" in event.message and "the checkpoint is corrupt" not in event.message
     opt = torch.optim.SGD(wide.parameters(), lr=0.0)
     with Probes(wide, optimizer=opt) as probes:
         _train(wide, probes, opt, steps=2)
@@ -1136,6 +1138,27 @@ def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss()
             opt.zero_grad()
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2)
+
+
+def test_a_classifiers_one_column_labels_are_targets_not_an_empty_batch():
+    """A binary classifier trained with BCE (`problem_type="multi_label_classification"`, one label): its labels are
+    [batch, 1], one target each where they stand — no causal shift drops the column, so no false `empty_targets` and
+    no 'fix the data' on a healthy run."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, problem_type="multi_label_classification", pad_token_id=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for labels_to_step in (None, torch.ones(4, 1)):
+            loss = model(input_ids=torch.randint(1, 64, (4, 10)), labels=torch.ones(4, 1)).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=labels_to_step)
+            opt.zero_grad()
+    assert _events(probes, "empty_targets") == [] and probes.diagnosis() == []
 
 
 def test_an_unscaled_fp16_backward_that_flushes_every_gradient_is_named_and_explained():

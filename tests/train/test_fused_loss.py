@@ -331,6 +331,21 @@ def test_gpt2_and_mixtral_fuse(tiny_world):
         assert unfusable_reason(AutoModelForCausalLM.from_pretrained(tiny_world[name])) is None
 
 
+def test_a_model_whose_forward_is_already_nan_still_fuses():
+    """A Llama-style student whose MLP overflows: its logits are NaN both ways, which is no projection in between
+    (torch.equal calls two NaNs unequal, and the run fell back with a false `loss_unfused` warning)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(math.inf)
+    assert model(input_ids=torch.arange(4).unsqueeze(0)).logits.isnan().any()
+    assert unfusable_reason(model) is None
+
+
 def test_a_soft_capped_head_does_not_fuse():
     """Gemma 2 caps its logits (tanh) after the head: the head applied to the last hidden state is not the logits."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
