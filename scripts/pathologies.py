@@ -1624,6 +1624,33 @@ def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
+    """The AMP recipe over a model already in float16: `model.half()`, autocast fp16 and a GradScaler. GradScaler
+    refuses to unscale float16 gradients: `scaler.step(opt)` raises at step 1, before anything numerical shows."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    raised = None
+    try:
+        with _probes(model, opt, scaler, tmp / "run") as probes:
+            for ids in token_batches(world, 2):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                probes.step(loss=loss, labels=ids)
+                opt.zero_grad()
+    except ValueError as exc:
+        raised = str(exc)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(raised=raised, status=json.loads((tmp / "run" / "summary.json").read_text())["status"])
+    outcome.check("scaler.step raised 'Attempting to unscale FP16 gradients' at step 1 and the run closed as failed",
+                  raised is not None and "unscale FP16 gradients" in raised and outcome.facts["status"] == "failed")
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1838,6 +1865,10 @@ SCENARIOS: list[Scenario] = [
              amp_loop_that_also_calls_optimizer_step,
              Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
                       absent=("divergence", "gradient_overflow"))),
+    Scenario("GradScaler over model.half()", "user loop: `model.half()`, autocast fp16 + GradScaler, AdamW: "
+             "`scaler.step(opt)` raises at step 1", "pure-fp16", "user loop", grad_scaler_over_half_weights,
+             Expected("scaler_fp16_weights", "critical", "student", "transformer.wte", first_step=1,
+                      fix_contains="load the model in fp32")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -28,10 +28,10 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
-    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "teacher_overflow",
+    "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
+    "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -256,6 +256,11 @@ FIXES = {
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
                                "step",
+    "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
+                           "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
+                           "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
+                           "float16: load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and let "
+                           "autocast compute in float16 — {mixed}",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1193,6 +1198,22 @@ def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
                             else "one `optimizer.step()` after each `backward()`"))]
 
 
+def scaler_fp16_weights(r: RunRecord) -> list[Cause]:
+    """A loss scaler over float16 trainable weights (a `scaler_fp16_weights` note): GradScaler raises at the first
+    `unscale_`, so the run ends before its first step completes — critical when no step completed from the note on
+    (the crash it predicts, which the logs cannot otherwise explain), else a warning (a scaler that took them)."""
+    note = r.of("setup_note", "scaler_fp16_weights")
+    if not len(note):
+        return []
+    row = _first(note)
+    steps = r.metrics["step"][r.metrics["split"] == "train"] if {"step", "split"} <= set(r.metrics) else []
+    completed = int((pd.to_numeric(pd.Series(steps), errors="coerce") >= int(row["step"])).sum())
+    return [Cause("scaler_fp16_weights", "warning" if completed else "critical", **_where(row),
+                  evidence={"float16_trainable_tensors": int(row.get("numel") or 0), "steps_completed": completed},
+                  fix=r.fix("scaler_fp16_weights", model=row.get("model"), tensor=row.get("tensor"),
+                            others=max(int(row.get("numel") or 1) - 1, 0)))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -1428,10 +1449,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
-         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
-         update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, teacher_overflow,
+         optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
+         weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
+         no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

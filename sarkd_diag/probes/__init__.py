@@ -728,7 +728,7 @@ class Probes:
                                "float16 gradients ('Attempting to unscale FP16 gradients'); keep the weights in "
                                "float32 and compute in float16 under autocast — the scaler is for that",
                                step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
-                               dtype="float16")
+                               dtype="float16", numel=len(half), code="scaler_fp16_weights")
 
     def _check_unscaled_fp16_compute(self) -> None:
         """After the first step: a trained model computing in float16 with no loss scaler — under float16 autocast,

@@ -1212,7 +1212,8 @@ def test_a_zero_initialised_partner_is_no_event():
 
 def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
     """A newcomer's `model.half()` plus GradScaler: torch raises at the first unscale; the run directory
-    already says why and what to do, and the probes do not stop torch from raising."""
+    already says why and what to do, and the probes do not stop torch from raising. The diagnosis of the failed run
+    names it as its cause — not "no numerical problem was found" with the explanation only among the events."""
     model = Net().half()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
@@ -1224,6 +1225,13 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     events = load_run(tmp_path / "run")["events"]
     (note,) = events[events["kind"] == "setup_note"].itertuples()
     assert note.severity == "warning" and "float32" in note.message and note.tensor == "first.weight"
+    run = load_run(tmp_path / "run")
+    (root,) = run["summary"]["diagnosis"]
+    assert (root["cause"], root["severity"], root["model"], root["tensor"], root["first_step"]) == \
+        ("scaler_fp16_weights", "critical", "student", "first.weight", 1)
+    assert "load the model in fp32" in root["fix"] and "autocast" in root["fix"] and "--" not in root["fix"]
+    assert root["evidence"] == {"float16_trainable_tensors": 6, "steps_completed": 0}
+    assert "No numerical problem" not in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("scaled", [False, True])
