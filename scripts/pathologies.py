@@ -1651,6 +1651,36 @@ def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def amp_loop_without_zero_grad(world: World, tmp: Path) -> Outcome:
+    """An AMP loop that never calls `opt.zero_grad()`, and one batch whose backward overflows float16 at step 1 (a
+    backward hook ×1e30 on `mid`, that step only). The scaler skips it as it should — but the Inf stays in `.grad`,
+    each later backward adds to it, and every later step overflows and is skipped while the scale falls."""
+    outcome = Outcome()
+    model = named_mlp()
+    step_no = [0]
+    blow_up_backward(model.mid, when=lambda: step_no[0] == 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    finite_grads = {}
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step in range(1, 13):
+            step_no[0] = step
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            finite_grads[step] = all(finite(p.grad) for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)  # and no opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(final_scale=scaler.get_scale(), finite_grads=[finite_grads[s] for s in sorted(finite_grads)])
+    outcome.check("the overflow was made at step 1 only, yet every step's gradients are non-finite and the scale "
+                  "fell below 128", not any(finite_grads.values()) and scaler.get_scale() < 128)
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1869,6 +1899,10 @@ SCENARIOS: list[Scenario] = [
              "`scaler.step(opt)` raises at step 1", "pure-fp16", "user loop", grad_scaler_over_half_weights,
              Expected("scaler_fp16_weights", "critical", "student", "transformer.wte", first_step=1,
                       fix_contains="load the model in fp32")),
+    Scenario("AMP loop without zero_grad()", "user loop: autocast fp16 + GradScaler, AdamW, no `opt.zero_grad()`; "
+             "a backward hook ×1e30 on `mid` at step 1 only", "mixed", "user loop", amp_loop_without_zero_grad,
+             Expected("gradients_not_cleared", "critical", "student", ANY, first_step=2,
+                      absent=("loss_scale_collapse",), fix_contains="optimizer.zero_grad()")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

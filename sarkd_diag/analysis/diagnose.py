@@ -28,9 +28,9 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "teacher_overflow",
-    "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
-    "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "gradients_not_cleared",
+    "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative",
+    "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
@@ -133,6 +133,18 @@ PHRASES = {
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
         "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
+    # where the gradients a step used are cleared before the next backward adds to them
+    "clear_gradients": {
+        "cli": "`train`'s own `zero_grad()` after each step",
+        "loop": "`optimizer.zero_grad()` after each `optimizer.step()` (`scaler.step(optimizer)`), or before each "
+                "step's first `backward()`",
+        "trainer": "the Trainer's own `model.zero_grad()` after each optimizer step — an override of `training_step` "
+                   "or of the optimizer's step that skips it keeps them",
+        "accelerate": "`optimizer.zero_grad()` after each `optimizer.step()` (inside `accelerator.accumulate`, on "
+                      "every batch: the wrapper clears only when it steps)",
+        "lightning": "Lightning's own `zero_grad()` after each step — with manual optimization, `opt.zero_grad()` "
+                     "in `training_step`",
     },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
@@ -261,6 +273,10 @@ FIXES = {
                            "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
                            "float16: load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and let "
                            "autocast compute in float16 — {mixed}",
+    "gradients_not_cleared": "the gradients are not cleared between optimizer steps (from step {step}): each "
+                             "backward adds to the gradients the step before already used, so every update applies "
+                             "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
+                             "{clear_gradients}; the learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1214,6 +1230,26 @@ def scaler_fp16_weights(r: RunRecord) -> list[Cause]:
                             others=max(int(row.get("numel") or 1) - 1, 0)))]
 
 
+def gradients_not_cleared(r: RunRecord) -> list[Cause]:
+    """A step's backward added to gradients the step before had already used (a `gradients_not_cleared` note): every
+    update is the sum of all gradients so far, and under a loss scaler one overflow stays in them and every later step
+    is skipped — critical once something goes wrong at or after it (what follows is folded into it), else a
+    warning."""
+    note = r.of("setup_note", "gradients_not_cleared")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    then = [f"{kind}@{int(r.of(kind)['step'].min())}" for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")
+            if (r.of(kind)["step"] >= step).any()]
+    scaled = bool((r.config.get("precision") or {}).get("loss_scaling"))
+    return [Cause("gradients_not_cleared", "critical" if then else "warning", **_where(row),
+                  evidence={"loss_scaling": scaled, "then": ", ".join(then) or None},
+                  fix=r.fix("gradients_not_cleared", step=step,
+                            scaler=", and a gradient the loss scaler found non-finite stays in them, so it skips "
+                                   "every later step as its scale falls" if scaled else ""))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -1449,10 +1485,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, teacher_overflow,
-         optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
-         weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
-         no_gradients, update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, gradients_not_cleared,
+         teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative,
+         lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse,
+         clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -1234,6 +1234,62 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     assert "No numerical problem" not in (tmp_path / "run" / "report.md").read_text()
 
 
+@pytest.mark.parametrize(("clearing", "noted"), [("never", True), ("after the step", False),
+                                                 ("after the forward", False), ("to zeros", False)])
+def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_them(clearing, noted):
+    """No `zero_grad()` between optimizer steps: each backward adds to the gradients already applied, every update is
+    the sum of all so far. Said at the first backward that finds the previous step's values in `.grad` — not for a
+    loop that clears them after its step, after its forward (the tutorials' order), or to zeros instead of None, nor
+    for the micro-batches of an accumulation, whose adding up is meant."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(3):
+            for _micro_batch in range(2):
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                if clearing == "after the forward" and _micro_batch == 0:
+                    opt.zero_grad()
+                loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            if clearing in ("after the step", "to zeros"):
+                opt.zero_grad(set_to_none=clearing == "after the step")
+    notes = [e for e in _events(probes, "setup_note") if e.code == "gradients_not_cleared"]
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if not noted:
+        assert notes == [] and "gradients_not_cleared" not in causes
+        return
+    (note,) = notes
+    assert (note.step, note.severity, note.model, note.tensor) == (2, "warning", "student", "third.bias")
+    cause = causes["gradients_not_cleared"]
+    assert (cause["severity"], cause["first_step"]) == ("warning", 2)
+    assert "`optimizer.zero_grad()` after each `optimizer.step()`" in cause["fix"] and "--" not in cause["fix"]
+
+
+def test_gradients_not_cleared_under_a_loss_scaler_are_the_root_of_the_scale_collapse_they_cause():
+    """One overflow at step 1, and a loop without `zero_grad()`: the Inf stays in `.grad`, every later step overflows
+    and is skipped, and the scale falls to nothing. The root is the uncleared gradients, not the loss's size that a
+    `loss_scale_collapse` fix would name."""
+    torch.manual_seed(0)
+    model = Net(blow_up_backward=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for step in range(1, 13):
+            model.blow_up_backward = step == 1
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+    assert scaler.get_scale() <= MIN_WARMUP_SCALE  # outside the tool: every step after the first was skipped too
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["first_step"]) == ("gradients_not_cleared", "critical", 2)
+    assert "loss_scale_collapse" in root["evidence"]["followed_by"] and "skips every later step" in root["fix"]
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_fp16_autocast_without_a_loss_scaler_is_a_setup_warning(scaled):
     model = Net()
