@@ -1234,6 +1234,30 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     assert "No numerical problem" not in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_a_run_that_failed_on_an_error_its_logs_do_not_explain_is_not_reported_healthy(tmp_path):
+    """An AMP loop that never calls `scaler.update()`: torch raises at step 2's `scaler.step` ("step() has already been
+    called since the last update()"). Nothing numerical went wrong, and the report must not read as a healthy run's
+    ("no numerical problem was found ... stayed finite"): it says the run failed and sends the reader to the error."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match="since the last update"):
+        with Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "run") as probes:
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(torch.randn(4, 8)).float().pow(2).mean()
+                scaler.scale(loss).backward()
+                scaler.step(opt)  # and no scaler.update()
+                probes.step(loss=loss)
+                opt.zero_grad()
+    summary = load_run(tmp_path / "run")["summary"]
+    assert (summary["status"], summary["steps_completed"], summary["diagnosis"]) == ("failed", 1, [])
+    for page in ("report.md", "report.html"):
+        text = (tmp_path / "run" / page).read_text()
+        assert "No numerical problem" not in text and "The run failed with no numerical cause" in text
+        assert "up to step 1" in text and "the error it raised" in text
+
+
 @pytest.mark.parametrize(("clearing", "noted"), [("never", True), ("after the step", False),
                                                  ("after the forward", False), ("to zeros", False)])
 def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_them(clearing, noted):
