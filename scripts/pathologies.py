@@ -1681,6 +1681,34 @@ def amp_loop_without_zero_grad(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
+    """A KD loop whose `requires_grad_(False)` went to the student instead of the teacher, and whose teacher forward
+    has no `torch.no_grad()`: backward runs — through the teacher — and nothing of the student trains."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), tiny.make_gpt2(world.vocab, seed=3)
+    student.requires_grad_(False)  # meant: teacher.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in student.parameters()]
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            student_logits, teacher_logits = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+            loss = nn.functional.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    outcome.facts.update(student_unchanged=unchanged, teacher_has_gradients=any(
+        p.grad is not None for p in teacher.parameters()))
+    outcome.check("the student did not change, the teacher got gradients",
+                  unchanged and outcome.facts["teacher_has_gradients"])
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -1903,6 +1931,10 @@ SCENARIOS: list[Scenario] = [
              "a backward hook ×1e30 on `mid` at step 1 only", "mixed", "user loop", amp_loop_without_zero_grad,
              Expected("gradients_not_cleared", "critical", "student", ANY, first_step=2,
                       absent=("loss_scale_collapse",), fix_contains="optimizer.zero_grad()")),
+    Scenario("student frozen instead of the teacher", "user loop: fp32 KD; `student.requires_grad_(False)` (meant the "
+             "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
+             student_frozen_instead_of_the_teacher,
+             Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="student is frozen")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

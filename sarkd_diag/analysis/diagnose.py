@@ -256,6 +256,12 @@ FIXES = {
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
                                 "change nothing of {model} and the loss cannot move; build the optimizer from this "
                                 "model's `parameters()` after the last wrap",
+    "no_gradients_frozen": "{model} is frozen: the optimizer holds its tensors ({tensor} and the rest) but none "
+                           "requires grad, so backward gives them no gradient and its steps change nothing — a "
+                           "`requires_grad_(False)` (or `p.requires_grad = False`; often one meant for the teacher) "
+                           "reached it, or a wrapper froze it; make what should train trainable again "
+                           "(`requires_grad_(True)` on it, or on the adapters meant to train) before the optimizer "
+                           "steps",
     "no_gradients_no_step": "the optimizer never stepped in the {steps} steps of the run: the gradients reached the "
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
@@ -1268,6 +1274,12 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
     Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
     reach tensors it never updates."""
+    frozen = r.of("setup_note", "optimizer_holds_frozen")
+    if len(frozen):
+        row = _first(frozen)
+        return [Cause("no_gradients", "warning", **_where(row),
+                      evidence={"frozen_tensors_in_optimizer": row.get("numel"), "trainable_tensors_in_optimizer": 0},
+                      fix=r.fix("no_gradients_frozen", model=row.get("model"), tensor=row.get("tensor")))]
     unoptimized = r.of("setup_note", "unoptimized_models")
     if len(unoptimized):
         row = _first(unoptimized)

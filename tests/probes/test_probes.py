@@ -266,6 +266,31 @@ def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_t
     assert "built from other parameters" in root["fix"]
 
 
+@pytest.mark.parametrize("teacher_unfrozen", [True, False])
+def test_a_frozen_student_is_named_not_the_teacher_left_trainable(tmp_path, teacher_unfrozen):
+    """`requires_grad_(False)` on the student by mistake. With a teacher left trainable (no `torch.no_grad()` around
+    it) backward runs and nothing of the student trains: the diagnosis named the teacher as a model the optimizer
+    was not built from — and told the user to build it from the teacher's parameters. Alone, the student's backward
+    raises; the failed run says why. Either way: the student, frozen."""
+    student, teacher = Net(), Net()
+    student.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    models = {"student": student, "teacher": teacher} if teacher_unfrozen else student
+    with contextlib.nullcontext() if teacher_unfrozen else pytest.raises(RuntimeError, match="does not require grad"):
+        with Probes(models, optimizer=opt, run_dir=tmp_path / "run") as probes:
+            for x in torch.randn(3, 4, 8):
+                loss = (student(x) - teacher(x)).pow(2).mean() if teacher_unfrozen else student(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                probes.step(loss=loss)
+                opt.zero_grad()
+    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == \
+        ("no_gradients", "student", "first.weight", 1)
+    assert "student is frozen" in root["fix"] and "requires_grad_(True)" in root["fix"]
+    assert root["evidence"] == {"frozen_tensors_in_optimizer": 6, "trainable_tensors_in_optimizer": 0}
+
+
 def test_a_loop_whose_optimizer_never_steps_is_told_why_nothing_trained(tmp_path):
     """Gradient accumulation whose condition never holds within the run (or a missing optimizer.step()): the
     gradients are there, finite, and nothing applies them."""
