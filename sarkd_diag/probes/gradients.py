@@ -30,7 +30,8 @@ post-accumulate hooks record the order in which gradients actually arrived.
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
 arrives at one watched tensor — the smallest that had a gradient, so the check costs one small reduction — after
-the previous step's gradients were ready, that tensor's `.grad` must be None or zero. Holding values, it holds the
+the previous step's gradients were used (an optimizer step, or a loss scaler's unscale), that tensor's `.grad` must
+be None or zero. Holding values, it holds the
 previous steps' gradients: each update then applies the sum of every gradient so far, and under a loss scaler one
 overflow stays in the gradients and every later step is skipped (a `gradients_not_cleared` note, once).
 """
