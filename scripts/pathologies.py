@@ -1700,6 +1700,88 @@ def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
     outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
                   first is not None and first[0] == MOE_STUDENT_ROUTER and largest_weight < FP16_MAX)
+def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
+    """The AMP recipe over a model already in float16: `model.half()`, autocast fp16 and a GradScaler. GradScaler
+    refuses to unscale float16 gradients: `scaler.step(opt)` raises at step 1, before anything numerical shows."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    raised = None
+    try:
+        with _probes(model, opt, scaler, tmp / "run") as probes:
+            for ids in token_batches(world, 2):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(input_ids=ids, labels=ids).loss
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                probes.step(loss=loss, labels=ids)
+                opt.zero_grad()
+    except ValueError as exc:
+        raised = str(exc)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(raised=raised, status=json.loads((tmp / "run" / "summary.json").read_text())["status"])
+    outcome.check("scaler.step raised 'Attempting to unscale FP16 gradients' at step 1 and the run closed as failed",
+                  raised is not None and "unscale FP16 gradients" in raised and outcome.facts["status"] == "failed")
+    return outcome
+
+
+def amp_loop_without_zero_grad(world: World, tmp: Path) -> Outcome:
+    """An AMP loop that never calls `opt.zero_grad()`, and one batch whose backward overflows float16 at step 1 (a
+    backward hook ×1e30 on `mid`, that step only). The scaler skips it as it should — but the Inf stays in `.grad`,
+    each later backward adds to it, and every later step overflows and is skipped while the scale falls."""
+    outcome = Outcome()
+    model = named_mlp()
+    step_no = [0]
+    blow_up_backward(model.mid, when=lambda: step_no[0] == 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    finite_grads = {}
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step in range(1, 13):
+            step_no[0] = step
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            finite_grads[step] = all(finite(p.grad) for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)  # and no opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(final_scale=scaler.get_scale(), finite_grads=[finite_grads[s] for s in sorted(finite_grads)])
+    outcome.check("the overflow was made at step 1 only, yet every step's gradients are non-finite and the scale "
+                  "fell below 128", not any(finite_grads.values()) and scaler.get_scale() < 128)
+    return outcome
+
+
+def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
+    """A KD loop whose `requires_grad_(False)` went to the student instead of the teacher, and whose teacher forward
+    has no `torch.no_grad()`: backward runs — through the teacher — and nothing of the student trains."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), tiny.make_gpt2(world.vocab, seed=3)
+    student.requires_grad_(False)  # meant: teacher.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in student.parameters()]
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            student_logits, teacher_logits = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+            loss = nn.functional.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    outcome.facts.update(student_unchanged=unchanged, teacher_has_gradients=any(
+        p.grad is not None for p in teacher.parameters()))
+    outcome.check("the student did not change, the teacher got gradients",
+                  unchanged and outcome.facts["teacher_has_gradients"])
     return outcome
 
 
@@ -1927,6 +2009,18 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", moe_student_router_overflow_amp_loop,
              Expected("activation_overflow", "critical", "student", MOE_STUDENT_ROUTER, first_step=1,
                       fix_contains="router in fp32")),
+    Scenario("GradScaler over model.half()", "user loop: `model.half()`, autocast fp16 + GradScaler, AdamW: "
+             "`scaler.step(opt)` raises at step 1", "pure-fp16", "user loop", grad_scaler_over_half_weights,
+             Expected("scaler_fp16_weights", "critical", "student", "transformer.wte", first_step=1,
+                      fix_contains="load the model in fp32")),
+    Scenario("AMP loop without zero_grad()", "user loop: autocast fp16 + GradScaler, AdamW, no `opt.zero_grad()`; "
+             "a backward hook ×1e30 on `mid` at step 1 only", "mixed", "user loop", amp_loop_without_zero_grad,
+             Expected("gradients_not_cleared", "critical", "student", ANY, first_step=2,
+                      absent=("loss_scale_collapse",), fix_contains="optimizer.zero_grad()")),
+    Scenario("student frozen instead of the teacher", "user loop: fp32 KD; `student.requires_grad_(False)` (meant the "
+             "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
+             student_frozen_instead_of_the_teacher,
+             Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="student is frozen")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -859,6 +859,19 @@ def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_fol
     assert [(c["cause"], c["severity"]) for c in diagnosis] == found
 
 
+@pytest.mark.parametrize(("rows", "severity"), [(0, "critical"), (2, "warning")])
+def test_a_loss_scaler_over_fp16_weights_is_the_crash_it_predicts_and_a_warning_where_steps_completed(rows, severity):
+    """GradScaler refuses float16 gradients at the first unscale: a run that completed no step after the note died of
+    it (critical: nothing else in its logs explains the crash); one that completed steps had a scaler that took them."""
+    note = {"kind": "setup_note", "severity": "warning", "code": "scaler_fp16_weights", "step": 1, "phase": "setup",
+            "probe": "precision", "model": "student", "tensor": "h.0.weight", "numel": 4, "dtype": "float16"}
+    metrics = pd.DataFrame({"split": ["train"] * rows, "step": list(range(1, rows + 1)), "loss": [1.0] * rows})
+    (cause,) = causes(log(note), metrics, mode="pure-fp16", caller="trainer")
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("scaler_fp16_weights", severity, "h.0.weight")
+    assert "h.0.weight and 3 more" in cause["fix"]
+    assert "`TrainingArguments(fp16=True)` with the model loaded in fp32" in cause["fix"]
+
+
 def test_updates_shrunk_by_clipping_scaled_gradients_are_that_loop_order_not_a_step_size_problem():
     """Lost updates in fp32 weights read as a step too small (the lr, the clip threshold) — unless the loop clipped
     the gradients before unscaling them: then the scale shrank every update, and the fix is the order."""

@@ -28,10 +28,10 @@ import pandas as pd
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "optimizer_stepped_twice", "teacher_overflow", "optimizer_eps_underflow",
-    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "gradients_not_cleared",
+    "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative",
+    "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -133,6 +133,18 @@ PHRASES = {
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
         "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+    },
+    # where the gradients a step used are cleared before the next backward adds to them
+    "clear_gradients": {
+        "cli": "`train`'s own `zero_grad()` after each step",
+        "loop": "`optimizer.zero_grad()` after each `optimizer.step()` (`scaler.step(optimizer)`), or before each "
+                "step's first `backward()`",
+        "trainer": "the Trainer's own `model.zero_grad()` after each optimizer step — an override of `training_step` "
+                   "or of the optimizer's step that skips it keeps them",
+        "accelerate": "`optimizer.zero_grad()` after each `optimizer.step()` (inside `accelerator.accumulate`, on "
+                      "every batch: the wrapper clears only when it steps)",
+        "lightning": "Lightning's own `zero_grad()` after each step — with manual optimization, `opt.zero_grad()` "
+                     "in `training_step`",
     },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
@@ -247,6 +259,12 @@ FIXES = {
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
                                 "change nothing of {model} and the loss cannot move; build the optimizer from this "
                                 "model's `parameters()` after the last wrap",
+    "no_gradients_frozen": "{model} is frozen: the optimizer holds its tensors ({tensor} and the rest) but none "
+                           "requires grad, so backward gives them no gradient and its steps change nothing — a "
+                           "`requires_grad_(False)` (or `p.requires_grad = False`; often one meant for the teacher) "
+                           "reached it, or a wrapper froze it; make what should train trainable again "
+                           "(`requires_grad_(True)` on it, or on the adapters meant to train) before the optimizer "
+                           "steps",
     "no_gradients_no_step": "the optimizer never stepped in the {steps} steps of the run: the gradients reached the "
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
@@ -259,6 +277,15 @@ FIXES = {
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
                                "step",
+    "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
+                           "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
+                           "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
+                           "float16: load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and let "
+                           "autocast compute in float16 — {mixed}",
+    "gradients_not_cleared": "the gradients are not cleared between optimizer steps (from step {step}): each "
+                             "backward adds to the gradients the step before already used, so every update applies "
+                             "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
+                             "{clear_gradients}; the learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1226,6 +1253,42 @@ def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
                             else "one `optimizer.step()` after each `backward()`"))]
 
 
+def scaler_fp16_weights(r: RunRecord) -> list[Cause]:
+    """A loss scaler over float16 trainable weights (a `scaler_fp16_weights` note): GradScaler raises at the first
+    `unscale_`, so the run ends before its first step completes — critical when no step completed from the note on
+    (the crash it predicts, which the logs cannot otherwise explain), else a warning (a scaler that took them)."""
+    note = r.of("setup_note", "scaler_fp16_weights")
+    if not len(note):
+        return []
+    row = _first(note)
+    steps = r.metrics["step"][r.metrics["split"] == "train"] if {"step", "split"} <= set(r.metrics) else []
+    completed = int((pd.to_numeric(pd.Series(steps), errors="coerce") >= int(row["step"])).sum())
+    return [Cause("scaler_fp16_weights", "warning" if completed else "critical", **_where(row),
+                  evidence={"float16_trainable_tensors": int(row.get("numel") or 0), "steps_completed": completed},
+                  fix=r.fix("scaler_fp16_weights", model=row.get("model"), tensor=row.get("tensor"),
+                            others=max(int(row.get("numel") or 1) - 1, 0)))]
+
+
+def gradients_not_cleared(r: RunRecord) -> list[Cause]:
+    """A step's backward added to gradients the step before had already used (a `gradients_not_cleared` note): every
+    update is the sum of all gradients so far, and under a loss scaler one overflow stays in them and every later step
+    is skipped — critical once something goes wrong at or after it (what follows is folded into it), else a
+    warning."""
+    note = r.of("setup_note", "gradients_not_cleared")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    then = [f"{kind}@{int(r.of(kind)['step'].min())}" for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")
+            if (r.of(kind)["step"] >= step).any()]
+    scaled = bool((r.config.get("precision") or {}).get("loss_scaling"))
+    return [Cause("gradients_not_cleared", "critical" if then else "warning", **_where(row),
+                  evidence={"loss_scaling": scaled, "then": ", ".join(then) or None},
+                  fix=r.fix("gradients_not_cleared", step=step,
+                            scaler=", and a gradient the loss scaler found non-finite stays in them, so it skips "
+                                   "every later step as its scale falls" if scaled else ""))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -1244,6 +1307,12 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
     Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
     reach tensors it never updates."""
+    frozen = r.of("setup_note", "optimizer_holds_frozen")
+    if len(frozen):
+        row = _first(frozen)
+        return [Cause("no_gradients", "warning", **_where(row),
+                      evidence={"frozen_tensors_in_optimizer": row.get("numel"), "trainable_tensors_in_optimizer": 0},
+                      fix=r.fix("no_gradients_frozen", model=row.get("model"), tensor=row.get("tensor")))]
     unoptimized = r.of("setup_note", "unoptimized_models")
     if len(unoptimized):
         row = _first(unoptimized)
@@ -1467,10 +1536,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, optimizer_stepped_twice, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
-         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
-         update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, gradients_not_cleared,
+         teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative,
+         lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse,
+         clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

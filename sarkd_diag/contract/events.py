@@ -93,6 +93,12 @@ CODES = {
                                "twice per batch (scaler.step and optimizer.step both)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
                            "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
+    "scaler_fp16_weights": "setup_note: a loss scaler over float16 trainable weights: GradScaler refuses to unscale "
+                           "their float16 gradients, so the first optimizer step raises",
+    "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "
+                             "optimizer.zero_grad() is not called between optimizer steps",
+    "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
+                              "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "

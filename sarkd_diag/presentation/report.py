@@ -55,8 +55,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
         "",
     ]
     if not summary["diagnosis"]:
-        lines.append("No numerical problem was found: weights, gradients, activations and the loss stayed finite, "
-                     "and no update was lost to rounding beyond the warning threshold.")
+        lines.append(no_cause_text(summary))
     for i, d in enumerate(summary["diagnosis"], 1):  # read with .get: the diagnosis' keys are still growing
         where = _where(d)
         evidence = d.get("evidence") or {}
@@ -124,10 +123,22 @@ def embedded_image(path: Path, alt: str) -> str:
            "</figure>"
 
 
-def _diagnosis_html(diagnosis: list[dict]) -> str:
+def no_cause_text(summary: dict) -> str:
+    """What an empty diagnosis says. A run that failed or crashed ended on something its logs do not show — "no
+    problem was found" would read as a healthy run, and send its reader away from the error that ended it."""
+    status = summary.get("status")
+    if status in ("failed", "crashed"):
+        return (f"The run {status} with no numerical cause in its logs: what was measured stayed finite up to step "
+                f"{summary.get('steps_completed', 0)}, so what ended it is not there — read the error it raised "
+                "(its traceback; `traceback.txt` in this directory when `train` raised it) or what killed it.")
+    return ("No numerical problem was found: weights, gradients, activations and the loss stayed finite, and no "
+            "update was lost to rounding beyond the warning threshold.")
+
+
+def _diagnosis_html(summary: dict) -> str:
+    diagnosis = summary.get("diagnosis") or []
     if not diagnosis:
-        return ("<p>No numerical problem was found: weights, gradients, activations and the loss stayed finite, "
-                "and no update was lost to rounding beyond the warning threshold.</p>")
+        return f"<p>{_e(no_cause_text(summary))}</p>"
     parts = []
     for i, d in enumerate(diagnosis, 1):
         where, evidence = _where(d), d.get("evidence") or {}
@@ -187,7 +198,7 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
     figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
     title = f"sarkd-diag run: {summary['status']}"
     body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
-            f"<h2>Diagnosis</h2>{_diagnosis_html(summary['diagnosis'])}<h2>Figures</h2>{figures}"
+            f"<h2>Diagnosis</h2>{_diagnosis_html(summary)}<h2>Figures</h2>{figures}"
             f"<h2>Events ({len(events)})</h2>{events_table_html(events)}")
     path = run_dir / "report.html"
     path.write_text(_page(title, body), encoding="utf-8")
@@ -214,8 +225,8 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     modes, tables = [], []
     for mode, run_dir in runs.items():
         run_summary = run_dir / "summary.json"
-        diagnosis = json.loads(run_summary.read_text()).get("diagnosis", []) if run_summary.is_file() else []
-        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(diagnosis)}")
+        mode_summary = json.loads(run_summary.read_text()) if run_summary.is_file() else {}
+        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(mode_summary)}")
         events = load_events(run_dir) if run_dir.is_dir() else pd.DataFrame()
         tables.append(events.assign(mode=mode) if len(events) else events)
     everything = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \

@@ -661,7 +661,8 @@ class Probes:
         # a module's Parameter: only an optimizer of Parameters, none of them these models', was built from others
         if (held and all(isinstance(p, nn.Parameter) for p in held_tensors)
                 and not any(id(p) in held for params in trainable.values() for _, p in params)):
-            self._optimizes_none_of_them(trainable, step)
+            if not self._holds_frozen_model(held, trainable, step):
+                self._optimizes_none_of_them(trainable, step)
             return
         for name, params in trainable.items():
             left = [n for n, p in params if id(p) not in held]
@@ -671,6 +672,23 @@ class Probes:
                                    "no parameter group of the optimizer the probes were given: nothing of them is "
                                    "watched — a second optimizer? Pass every one: optimizer=[...]",
                                    step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
+
+    def _holds_frozen_model(self, held: set[int], trainable: dict[str, list], step: int) -> bool:
+        """The optimizer holds a model's own tensors and the model has no trainable tensor at all: it was frozen (a
+        `requires_grad_(False)` meant for the teacher) — not an optimizer built from other parameters. Backward gives
+        them nothing; said at the model frozen, not at another model that happens to be trainable (a teacher left
+        unfrozen). (A model with trainable tensors the optimizer lacks — adapters added after it was built over the
+        base they froze — is the other case.)"""
+        for name, model in self.ctx.models.items():
+            frozen = [n for n, p in model.named_parameters() if id(p) in held]
+            if frozen and not trainable[name]:
+                self.events.record("setup_note", "warning",
+                                   f"the optimizer holds {len(frozen)} of {name}'s tensors (e.g. {frozen[0]}) and "
+                                   f"none of them requires grad: {name} is frozen, so backward gives them no "
+                                   "gradient and nothing of it trains", step=step, probe="optimizer", model=name,
+                                   tensor=frozen[0], numel=len(frozen), code="optimizer_holds_frozen")
+                return True
+        return False
 
     def _optimizes_none_of_them(self, trainable: dict[str, list], step: int) -> None:
         """The optimizer holds parameters, but not one trainable tensor of the models given: built from another
@@ -728,7 +746,7 @@ class Probes:
                                "float16 gradients ('Attempting to unscale FP16 gradients'); keep the weights in "
                                "float32 and compute in float16 under autocast — the scaler is for that",
                                step=step, probe="precision", model=half[0].model, tensor=half[0].tensor,
-                               dtype="float16")
+                               dtype="float16", numel=len(half), code="scaler_fp16_weights")
 
     def _check_unscaled_fp16_compute(self) -> None:
         """After the first step: a trained model computing in float16 with no loss scaler — under float16 autocast,

@@ -26,6 +26,14 @@ a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of 
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
 post-accumulate hooks record the order in which gradients actually arrived.
+
+A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
+that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
+arrives at one watched tensor — the smallest that had a gradient, so the check costs one small reduction — after
+the previous step's gradients were used (an optimizer step, or a loss scaler's unscale), that tensor's `.grad` must
+be None or zero. Holding values, it holds the
+previous steps' gradients: each update then applies the sum of every gradient so far, and under a loss scaler one
+overflow stays in the gradients and every later step is skipped (a `gradients_not_cleared` note, once).
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ import math
 
 import torch
 
-from ..contract.shards import local_shard
+from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import counted
-from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, sampled
+from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, optimizers_of, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -58,6 +66,9 @@ class GradientProbe(Probe):
         self._mostly_zero_since: int | None = None  # first step of the current stretch of mostly-zero gradients
         self._none_reached = False  # this step: no watched tensor has a gradient at all
         self._reported_zero = False
+        self._sentinel: int | None = None  # the watched tensor whose first gradient of a step checks the `.grad` held
+        self._armed = False  # the previous step's gradients were used: the next arrival at the sentinel checks
+        self._held = None  # the check: did `.grad` hold non-zero values when the step's first gradient arrived
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -77,12 +88,41 @@ class GradientProbe(Probe):
         else:
             self._norm = torch.tensor(float(norm))
 
+    def _first_gradient_of_step(self, _grad) -> None:
+        """A tensor hook: runs before the arriving gradient is added to `.grad`, so what `.grad` holds here is what
+        the loop left from the steps before."""
+        if self._armed:
+            self._armed = False
+            held = self.ctx.watched[self._sentinel].param.grad
+            if held is not None:
+                self._held = local_shard(held).detach().ne(0).any()
+
+    def _arm(self) -> None:
+        """The step's gradients were used — the optimizer stepped with them, or a loss scaler unscaled them to step
+        or skip —: the next arrival must find them cleared. (A step closed without either is a micro-batch of an
+        accumulation, whose gradients are meant to add up.) The sentinel is chosen once, among the tensors that
+        have a gradient now. What its first arrival found counts only if the sum is used: a loop that cleared the
+        gradients since (between backward and step) applies none of it."""
+        if self._held is not None:
+            used = self.ctx.watched[self._sentinel].param.grad
+            self._held = None if used is None else self._held & local_shard(used).detach().ne(0).any()
+        if self._sentinel is None:
+            whole = [i for i, w in enumerate(self.ctx.watched)  # FSDP fills a shard's .grad by its reduce-scatter,
+                     if w.param.grad is not None and not is_sharded(w.param)]  # not the accumulation a hook precedes
+            if not whole:
+                return
+            self._sentinel = min(whole, key=lambda i: self.ctx.watched[i].param.numel())
+            self._handles.append(self.ctx.watched[self._sentinel].param.register_hook(self._first_gradient_of_step))
+        self._armed = True
+
     def gradients_ready(self) -> None:
         self._grads = [w.param.grad for w in self.ctx.watched]
         present = [g for g in self._grads if g is not None]
         if not present:
             self._none_reached = bool(self._grads)  # not one trainable tensor has a gradient at the step
             return
+        if any(self.ctx.loss_scaler.found_inf(o) for o in optimizers_of(self.ctx.optimizer)):
+            self._arm()  # unscaled: the scaler steps or skips with them (a skipped step never reaches the optimizer)
         amax = abs_max(present).float()
         if len(present) < len(self._grads):  # tensors without a gradient this step read 0
             where = torch.tensor([g is not None for g in self._grads], device=amax.device)
@@ -93,6 +133,9 @@ class GradientProbe(Probe):
             live = s != 0
             self._underflow = torch.stack([(live & (s.abs() < FP16_TINY)).sum(), live.sum()]).float()
 
+    def after_optimizer_step(self) -> None:
+        self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside
+
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {}
         if self._amax is not None:
@@ -101,10 +144,14 @@ class GradientProbe(Probe):
             out["grad_underflow"] = self._underflow
         if self._norm is not None:
             out["grad_norm"] = self._norm
-        self._amax = self._underflow = self._norm = None
+        if self._held is not None:
+            out["grads_held"] = self._held
+        self._amax = self._underflow = self._norm = self._held = None
         return out
 
     def record(self, host: dict) -> dict:
+        if host.get("grads_held") and self.ctx.events.say_once("gradients_not_cleared"):
+            self._report_not_cleared()
         amax = host.get("grad_amax")
         metrics: dict = {} if host.get("grad_norm") is None else {"grad_norm": host["grad_norm"]}
         if host.get("grad_underflow") is not None:
@@ -166,6 +213,17 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
+
+    def _report_not_cleared(self) -> None:
+        w = self.ctx.watched[self._sentinel]
+        self.ctx.events.record(
+            "setup_note", "warning",
+            f"the gradients were not cleared after step {self.ctx.step - 1}: when step {self.ctx.step}'s backward "
+            f"reached {w.model} {w.tensor}, its .grad still held the earlier steps' values, and the backward added to "
+            "them — each update applies the sum of every gradient so far (call optimizer.zero_grad() after each "
+            "optimizer step)",
+            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            code="gradients_not_cleared")
 
     def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
         w = self.ctx.watched[first]

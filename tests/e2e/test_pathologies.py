@@ -20,7 +20,8 @@ import pathologies as catalog  # noqa: E402
 CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
           "weight_collapse", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients",
           "update_underflow", "teacher_overflow", "nonfinite_input", "divergence", "weights_edited",
-          "clip_before_unscale", "optimizer_stepped_twice", "weight_decay_lost")
+          "clip_before_unscale", "optimizer_stepped_twice", "weight_decay_lost", "scaler_fp16_weights",
+          "gradients_not_cleared")
 
 _runs: dict[str, tuple[catalog.Outcome, float]] = {}
 

@@ -266,6 +266,31 @@ def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_t
     assert "built from other parameters" in root["fix"]
 
 
+@pytest.mark.parametrize("teacher_unfrozen", [True, False])
+def test_a_frozen_student_is_named_not_the_teacher_left_trainable(tmp_path, teacher_unfrozen):
+    """`requires_grad_(False)` on the student by mistake. With a teacher left trainable (no `torch.no_grad()` around
+    it) backward runs and nothing of the student trains: the diagnosis named the teacher as a model the optimizer
+    was not built from — and told the user to build it from the teacher's parameters. Alone, the student's backward
+    raises; the failed run says why. Either way: the student, frozen."""
+    student, teacher = Net(), Net()
+    student.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    models = {"student": student, "teacher": teacher} if teacher_unfrozen else student
+    with contextlib.nullcontext() if teacher_unfrozen else pytest.raises(RuntimeError, match="does not require grad"):
+        with Probes(models, optimizer=opt, run_dir=tmp_path / "run") as probes:
+            for x in torch.randn(3, 4, 8):
+                loss = (student(x) - teacher(x)).pow(2).mean() if teacher_unfrozen else student(x).pow(2).mean()
+                loss.backward()
+                opt.step()
+                probes.step(loss=loss)
+                opt.zero_grad()
+    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == \
+        ("no_gradients", "student", "first.weight", 1)
+    assert "student is frozen" in root["fix"] and "requires_grad_(True)" in root["fix"]
+    assert root["evidence"] == {"frozen_tensors_in_optimizer": 6, "trainable_tensors_in_optimizer": 0}
+
+
 def test_a_loop_whose_optimizer_never_steps_is_told_why_nothing_trained(tmp_path):
     """Gradient accumulation whose condition never holds within the run (or a missing optimizer.step()): the
     gradients are there, finite, and nothing applies them."""
@@ -1235,7 +1260,8 @@ def test_a_zero_initialised_partner_is_no_event():
 
 def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
     """A newcomer's `model.half()` plus GradScaler: torch raises at the first unscale; the run directory
-    already says why and what to do, and the probes do not stop torch from raising."""
+    already says why and what to do, and the probes do not stop torch from raising. The diagnosis of the failed run
+    names it as its cause — not "no numerical problem was found" with the explanation only among the events."""
     model = Net().half()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
@@ -1247,6 +1273,93 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     events = load_run(tmp_path / "run")["events"]
     (note,) = events[events["kind"] == "setup_note"].itertuples()
     assert note.severity == "warning" and "float32" in note.message and note.tensor == "first.weight"
+    run = load_run(tmp_path / "run")
+    (root,) = run["summary"]["diagnosis"]
+    assert (root["cause"], root["severity"], root["model"], root["tensor"], root["first_step"]) == \
+        ("scaler_fp16_weights", "critical", "student", "first.weight", 1)
+    assert "load the model in fp32" in root["fix"] and "autocast" in root["fix"] and "--" not in root["fix"]
+    assert root["evidence"] == {"float16_trainable_tensors": 6, "steps_completed": 0}
+    assert "No numerical problem" not in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_a_run_that_failed_on_an_error_its_logs_do_not_explain_is_not_reported_healthy(tmp_path):
+    """An AMP loop that never calls `scaler.update()`: torch raises at step 2's `scaler.step` ("step() has already been
+    called since the last update()"). Nothing numerical went wrong, and the report must not read as a healthy run's
+    ("no numerical problem was found ... stayed finite"): it says the run failed and sends the reader to the error."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match="since the last update"):
+        with Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "run") as probes:
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(torch.randn(4, 8)).float().pow(2).mean()
+                scaler.scale(loss).backward()
+                scaler.step(opt)  # and no scaler.update()
+                probes.step(loss=loss)
+                opt.zero_grad()
+    summary = load_run(tmp_path / "run")["summary"]
+    assert (summary["status"], summary["steps_completed"], summary["diagnosis"]) == ("failed", 1, [])
+    for page in ("report.md", "report.html"):
+        text = (tmp_path / "run" / page).read_text()
+        assert "No numerical problem" not in text and "The run failed with no numerical cause" in text
+        assert "up to step 1" in text and "the error it raised" in text
+
+
+@pytest.mark.parametrize(("clearing", "noted"), [("never", True), ("after the step", False),
+                                                 ("after the forward", False), ("to zeros", False)])
+def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_them(clearing, noted):
+    """No `zero_grad()` between optimizer steps: each backward adds to the gradients already applied, every update is
+    the sum of all so far. Said at the first backward that finds the previous step's values in `.grad` — not for a
+    loop that clears them after its step, after its forward (the tutorials' order), or to zeros instead of None, nor
+    for the micro-batches of an accumulation, whose adding up is meant."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(3):
+            for _micro_batch in range(2):
+                loss = model(torch.randn(4, 8)).pow(2).mean()
+                if clearing == "after the forward" and _micro_batch == 0:
+                    opt.zero_grad()
+                loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            if clearing in ("after the step", "to zeros"):
+                opt.zero_grad(set_to_none=clearing == "after the step")
+    notes = [e for e in _events(probes, "setup_note") if e.code == "gradients_not_cleared"]
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if not noted:
+        assert notes == [] and "gradients_not_cleared" not in causes
+        return
+    (note,) = notes
+    assert (note.step, note.severity, note.model, note.tensor) == (2, "warning", "student", "third.bias")
+    cause = causes["gradients_not_cleared"]
+    assert (cause["severity"], cause["first_step"]) == ("warning", 2)
+    assert "`optimizer.zero_grad()` after each `optimizer.step()`" in cause["fix"] and "--" not in cause["fix"]
+
+
+def test_gradients_not_cleared_under_a_loss_scaler_are_the_root_of_the_scale_collapse_they_cause():
+    """One overflow at step 1, and a loop without `zero_grad()`: the Inf stays in `.grad`, every later step overflows
+    and is skipped, and the scale falls to nothing. The root is the uncleared gradients, not the loss's size that a
+    `loss_scale_collapse` fix would name."""
+    torch.manual_seed(0)
+    model = Net(blow_up_backward=True)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for step in range(1, 13):
+            model.blow_up_backward = step == 1
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+    assert scaler.get_scale() <= MIN_WARMUP_SCALE  # outside the tool: every step after the first was skipped too
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["first_step"]) == ("gradients_not_cleared", "critical", 2)
+    assert "loss_scale_collapse" in root["evidence"]["followed_by"] and "skips every later step" in root["fix"]
 
 
 @pytest.mark.parametrize("scaled", [False, True])
