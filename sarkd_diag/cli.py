@@ -29,6 +29,7 @@ from .contract.config import (
     SET_BY_COMPARE,
     DistillConfig,
     build_config,
+    empty_value,
     value_type,
     whole_number,
 )
@@ -133,10 +134,32 @@ class Command(typer.core.TyperCommand):
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
                 for piece in super().collect_usage_pieces(ctx)]
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        _refuse_empty_values(self, args)
+        return super().parse_args(ctx, args)
+
     def format_options(self, ctx: typer.Context, formatter) -> None:
         shown = copy.copy(self)
         shown.params = [_as_shown(p) for p in self.params]
         super(Command, shown).format_options(ctx, formatter)
+
+
+def _refuse_empty_values(command, args: list[str]) -> None:
+    """An option given nothing (`--modes "$MODES"`, `--kind ''`, `--expect ,`) would parse as left out: every mode
+    compared, every event listed, one expectation fewer checked — so it is refused, as typed. A repeatable option
+    is empty when no comma-separated item has text."""
+    takes_value = {opt: p for p in command.params if p.param_type_name == "option" and not p.is_flag
+                   for opt in [*p.opts, *p.secondary_opts]}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return
+        typed, equals, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if typed not in takes_value or (not equals and i + 1 == len(args)):
+            continue
+        value = value if equals else args[i + 1]
+        items = value.split(",") if takes_value[typed].multiple else [value]
+        if not any(item.strip() for item in items):
+            raise BadInput(empty_value(typed, value))
 
 
 def _as_shown(param):

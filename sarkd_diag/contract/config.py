@@ -132,8 +132,7 @@ class DistillConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
             if isinstance(value, str) and not value.strip():  # `--train-file "$DATA"`, DATA unset: the default corpus
-                raise BadInput(f"--{_flag(f.name)} is empty ({value!r}: an unset shell variable?); give a value, or "
-                               "leave the option out")
+                raise BadInput(empty_value(f"--{_flag(f.name)}", value))
         for name in PATH_OPTIONS:
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
@@ -186,6 +185,12 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def empty_value(option: str, value: str) -> str:
+    """The refusal of an option given nothing (`--train-file "$DATA"` with DATA unset): read as left out, it would
+    quietly mean the default — the default corpus, every mode, every event."""
+    return f"{option} is empty ({value!r}: an unset shell variable?); give a value, or leave the option out"
 
 
 def _flag(name: str) -> str:

@@ -141,6 +141,13 @@ CASES = [
      "--step '-3': steps count from 0"),
     ("empty train file (an unset variable)", lambda w, t, m: _args(w, t, train_file=""),
      "--train-file is empty ('': an unset shell variable?); give a value, or leave the option out"),
+    ("events of an empty --kind (it listed every event)", lambda w, t, m: ["events", _recorded_run(
+        t, **_options_of(w)), "--kind", ""], "--kind is empty ('': an unset shell variable?)"),
+    ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
+        "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
+    ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
+        "compare-precision", *_args(w, t, drop=("--precision",))[1:], "--modes", " , "],
+     "--modes is empty (' , ': an unset shell variable?)"),
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
