@@ -141,19 +141,16 @@ class DistillConfig:
         if self.log_every is not None:
             _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
-                      "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
+                      "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight", "adam_eps")
+        _above_zero(self, "temperature", "student_lr", "router_lr")
         if not 0 <= self.seed < 2**32:  # numpy's range (torch's is wider): `--seed $(date +%s%N)` was exit 3
             raise BadInput(f"--seed must lie in 0 … {2**32 - 1}, got {self.seed}")
-        if self.temperature <= 0:
-            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
         if self.alpha_kd < 0 or self.alpha_ce < 0:
             raise BadInput(f"--alpha-kd and --alpha-ce must be ≥ 0, got {self.alpha_kd} and {self.alpha_ce}")
         if self.alpha_kd == 0 and self.alpha_ce == 0:
             raise BadInput("--alpha-kd and --alpha-ce are both 0: nothing would be trained")
         if not 0 < self.jsd_beta < 1:
             raise BadInput(f"--jsd-beta must lie in (0, 1), got {self.jsd_beta}")
-        if self.student_lr <= 0 or self.router_lr <= 0 or self.adam_eps < 0:
-            raise BadInput("--student-lr and --router-lr must be > 0, --adam-eps ≥ 0")
         _choice(self, "kd_loss", KD_LOSSES)
         _choice(self, "probes", PROBE_LEVELS)
         _choice(self, "on_nonfinite", NONFINITE_POLICIES)
@@ -207,6 +204,13 @@ def _non_negative(cfg: DistillConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
             raise BadInput(f"--{_flag(name)} must be ≥ 0, got {getattr(cfg, name)}")
+
+
+def _above_zero(cfg: DistillConfig, *names: str) -> None:
+    """A real number that must be positive: the message names the one option typed wrong and its value."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"--{_flag(name)} must be > 0, got {getattr(cfg, name)}")
 
 
 def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:

@@ -128,6 +128,11 @@ CASES = [
     ("zero eval steps", lambda w, t, m: _args(w, t, eval_steps=0), "--eval-steps must be"),
     ("block larger than the model", lambda w, t, m: _args(w, t, block_size=1000), "exceeds"),
     ("NaN learning rate", lambda w, t, m: _args(w, t, student_lr="nan"), "finite number"),
+    ("negative adam eps (it was named after --student-lr)", lambda w, t, m: _args(w, t, adam_eps=-1),
+     "--adam-eps must be ≥ 0, got -1.0"),
+    ("zero steps of a comparison (it was named --train-steps)", lambda w, t, m: [
+        "compare-precision", *_args(w, t, drop=("--precision", "--train-steps"))[1:], "--steps", "0"],
+     "--steps must be ≥ 1, got 0"),
     ("Inf temperature", lambda w, t, m: _args(w, t, temperature="inf"), "finite number"),
     ("text for a number", lambda w, t, m: _args(w, t, train_steps="ten"), "--train-steps"),
     ("seed of the clock in nanoseconds", lambda w, t, m: _args(w, t, seed=1796524207872889996),
