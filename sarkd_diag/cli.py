@@ -279,14 +279,29 @@ def _check_resumable(cfg: DistillConfig) -> None:
 
     if differing_options(recorded, cfg.to_dict()):
         return  # trained with other options: that is what to say first (the run directory's check)
-    every = recorded.get("save_steps")
-    if every == 0:
+    every, closed = recorded.get("save_steps"), _closed_as(run)
+    if closed is not None:  # it ended its own way and would have saved its last step: that step was not saveable
+        why = (f"it was {closed[0]} after {counted(closed[1], 'step')}, and no checkpoint is written of step 0 or "
+               "of non-finite weights. Start it again (--overwrite)")
+    elif every == 0:
         why = ("it ran with --save-steps 0 (the default), which writes a checkpoint only when a run ends or is "
-               "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none")
+               "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none. Start it again (--overwrite), "
+               "with --save-steps N to be able to resume it")
     else:
-        why = f"it was stopped before its first checkpoint (--save-steps {every})"
-    raise BadInput(f"--resume: nothing to resume, {run} has no checkpoint yet: {why}. Start it again (--overwrite), "
-                   "with --save-steps N to be able to resume it")
+        why = (f"it was stopped before its first checkpoint (--save-steps {every}). Start it again (--overwrite), "
+               "with --save-steps N to be able to resume it")
+    raise BadInput(f"--resume: nothing to resume, {run} has no checkpoint yet: {why}")
+
+
+def _closed_as(run: Path) -> tuple[str, int] | None:
+    """(status, steps completed) of a run that closed itself — interrupted, stopped or completed, each of which
+    checkpoints its last step when it can — from its summary.json; None for a run that did not (killed, failed)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        status, steps = summary["status"], int(summary["steps_completed"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return (status, steps) if status in ("interrupted", "stopped", "completed") else None
 
 
 def _launch_torchrun(nproc: int, args: list[str]) -> int:
