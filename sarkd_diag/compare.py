@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import shutil
 import signal
 import subprocess
@@ -280,7 +281,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
             raise BadInput(REFUSED_MESSAGES[name])
     given.update({k: v for k, v in options.items() if k not in SET_BY_COMPARE})
     if steps is not None:  # wins over a config's train_steps; an explicit, different train_steps is a conflict
-        if steps < 1:  # named as typed: validate() would name --train-steps, which was not given
+        if isinstance(steps, numbers.Real) and steps < 1:  # named as typed: validate() would name --train-steps
             raise BadInput(f"--steps must be ≥ 1, got {steps}")
         if options.get("train_steps") not in (None, steps):
             raise BadInput(f"--steps {steps} and --train-steps {options['train_steps']} disagree; give one")
