@@ -181,24 +181,28 @@ class ConfigCommand(Command):
     options: ClassVar[tuple[str, ...]] = ()
     hidden: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {}
+    texts: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *args: Any, params: list | None = None, **kwargs: Any) -> None:
         shown = {name: CONFIG_OPTIONS[name] for name in self.options}
         shown.update({name: replace(shown[name], default=str(value)) for name, value in self.defaults.items()})
+        shown.update({name: replace(shown[name], text=text) for name, text in self.texts.items()})
         config = [option.parameter(hidden=name in self.hidden) for name, option in shown.items()]
         super().__init__(*args, params=[*(params or []), *config], **kwargs)
 
     @classmethod
-    def taking(cls, options: Iterable[str], hidden: Iterable[str] = (),
-               defaults: dict[str, Any] | None = None) -> type[ConfigCommand]:
+    def taking(cls, options: Iterable[str], hidden: Iterable[str] = (), defaults: dict[str, Any] | None = None,
+               texts: dict[str, str] | None = None) -> type[ConfigCommand]:
         """The command class for a command taking these options (shown in the config's order); `defaults`: the
-        command's own defaults of some, shown in its help instead of the config's."""
-        wanted, hidden, defaults = set(options), frozenset(hidden), dict(defaults or {})
-        unknown = (wanted | hidden | set(defaults)) - set(CONFIG_OPTIONS)
-        assert not unknown and hidden <= wanted and set(defaults) <= wanted, \
+        command's own defaults of some, shown in its help instead of the config's; `texts`: its own help of some
+        (an option that means something else here)."""
+        wanted, hidden, defaults, texts = set(options), frozenset(hidden), dict(defaults or {}), dict(texts or {})
+        unknown = (wanted | hidden | set(defaults) | set(texts)) - set(CONFIG_OPTIONS)
+        assert not unknown and hidden <= wanted and set(defaults) | set(texts) <= wanted, \
             f"not DistillConfig options: {sorted(unknown)}"
         chosen = tuple(name for name in CONFIG_OPTIONS if name in wanted)
-        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden, "defaults": defaults})
+        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden, "defaults": defaults,
+                                              "texts": texts})
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         ctx.meta[_ARGS] = list(args)  # as typed: `train --nproc N` hands them to torchrun
@@ -400,8 +404,14 @@ MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_
                   "shard_teacher")
 
 
+# the comparison's own directory, not one run's (each mode's run is OUT/runs/MODE)
+COMPARE_TEXTS = {"output_dir": "Comparison directory, each mode's run in its runs/MODE/ (default: a new "
+                               "runs/<date-time>-compare/).",
+                 "overwrite": "Replace an existing comparison directory."}
+
+
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE,
-                                                            defaults=COMPARE_DEFAULTS),
+                                                            defaults=COMPARE_DEFAULTS, texts=COMPARE_TEXTS),
              short_help="One distillation in several precision modes, compared.")
 def compare_precision_command(
     ctx: typer.Context,
