@@ -306,8 +306,12 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
     p = user_path(path)
+    if p.is_dir():  # a run directory, given where its config.json was meant
+        recorded = p / "config.json"
+        hint = f"; the options this run was given are in {recorded}" if recorded.is_file() else ""
+        raise BadInput(f"--config {path} is a directory, not a YAML or JSON file{hint}")
     if not p.is_file():
-        raise BadInput(f"--config {path}: no such file")
+        raise BadInput(f"--config {path}: " + ("not a regular file" if p.exists() else "no such file"))
     try:
         text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) would fail json.loads
         if p.suffix.lower() in (".yaml", ".yml"):

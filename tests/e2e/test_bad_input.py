@@ -194,6 +194,10 @@ CASES = [
     ("unknown option", lambda w, t, m: [*_args(w, t), "--learning-rate", "1e-3"],
      "train has no option --learning-rate: write --student-lr"),
     ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
+    ("a run directory as config file (it said no such file)", lambda w, t, m: [
+        *_args(w, t, output_dir=t / "new"), "--config", _recorded_run(t, **_options_of(w))],
+     "--config {tmp}/run is a directory, not a YAML or JSON file; the options this run was given are in "
+     "{tmp}/run/config.json"),
     ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
      "YAML"),
     ("config file of another extension", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.txt", "seed: 1\n")],
