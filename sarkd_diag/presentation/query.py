@@ -570,8 +570,8 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
             raise BadInput(f"--max-skipped-steps must be ≥ 0, got {max_skipped_steps}")
         checks["max-skipped-steps"] = _max_skipped(max_skipped_steps)
     if max_eval_ppl is not None:
-        if not max_eval_ppl > 0:
-            raise BadInput(f"--max-eval-ppl must be > 0, got {max_eval_ppl}")
+        if not 0 < max_eval_ppl < math.inf:  # inf would pass every run, a diverged one's infinite perplexity too
+            raise BadInput(f"--max-eval-ppl must be a finite number > 0, got {max_eval_ppl}")
         checks["max-eval-ppl"] = _max_eval_ppl(max_eval_ppl)
     if not checks:
         raise BadInput("give at least one expectation: --expect " + "|".join(EXPECTATIONS)

@@ -142,6 +142,9 @@ CASES = [
      "an empty argument ('': an unset shell variable?) where report takes RUN_DIR"),
     ("events of an empty RUN_DIR", lambda w, t, m: ["events", "", "--severity", "critical"],
      "an empty argument ('': an unset shell variable?) where events takes RUN_DIR"),
+    ("check with an infinite --max-eval-ppl (it passed every run, a diverged one too)", lambda w, t, m: [
+        "check", _recorded_run(t, **_options_of(w)), "--max-eval-ppl", "inf"],
+     "--max-eval-ppl must be a finite number > 0, got inf"),
     ("events at a negative step", lambda w, t, m: ["events", _recorded_run(t, **_options_of(w)), "--step", "-3"],
      "--step '-3': steps count from 0"),
     ("empty train file (an unset variable)", lambda w, t, m: _args(w, t, train_file=""),
