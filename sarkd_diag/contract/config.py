@@ -110,8 +110,9 @@ class DistillConfig:
         return resume_option(self.to_dict())
 
     def unused_options(self) -> list[str]:
-        """Options set away from their default that this run will not read, each as one sentence: `--warmup-steps
-        10` without `--use-scheduler` trains without warmup, and should say so rather than pass in silence."""
+        """Options set away from their default that this run will not read, or not as meant, each as one sentence:
+        `--warmup-steps 10` without `--use-scheduler` trains without warmup, and a warm-up as long as the run never
+        reaches `--student-lr`; each should say so rather than pass in silence."""
         read_only_with = {  # option: (what makes this run read it, as the user would write that)
             "warmup_steps": (self.use_scheduler, "--use-scheduler"),
             "scheduler_type": (self.use_scheduler, "--use-scheduler"),
@@ -120,9 +121,13 @@ class DistillConfig:
             "probe_every": (self.probes == "standard", "--probes standard"),
         }
         defaults = DistillConfig()
-        return [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
-                for name, (read, needed) in read_only_with.items()
-                if not read and getattr(self, name) != getattr(defaults, name)]
+        notes = [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
+                 for name, (read, needed) in read_only_with.items()
+                 if not read and getattr(self, name) != getattr(defaults, name)]
+        if self.use_scheduler and self.warmup_steps >= self.train_steps:  # the lr climbs to the last step
+            notes.append(f"--warmup-steps {self.warmup_steps} is not below --train-steps {self.train_steps}: the "
+                         f"learning rate rises for the whole run and never reaches --student-lr {self.student_lr:g}")
+        return notes
 
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""

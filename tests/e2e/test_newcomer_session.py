@@ -596,6 +596,22 @@ def test_options_this_run_will_not_read_are_said_at_setup(cli, tiny_world, tmp_p
     assert sum("has no effect without" in e["message"] for e in notes if e["kind"] == "setup_note") == 2
 
 
+def test_a_warm_up_as_long_as_the_run_is_said_at_setup(cli, tiny_world, tmp_path):
+    """`--use-scheduler --warmup-steps 5 --train-steps 2` trained at 0 and then 40% of --student-lr, in silence: a
+    warm-up the run never finishes (a typo of 500 for 50 does the same to a long run)."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                         "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"],
+                         "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "2", "--precision",
+                         "fp32", "--probes", "off", "--output-dir", run, "--use-scheduler", "--warmup-steps", "5")
+    assert code == 0, err
+    said = ("--warmup-steps 5 is not below --train-steps 2: the learning rate rises for the whole run and never "
+            "reaches --student-lr 0.002")
+    assert f"warning: setup_note: {said}\n" in out
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert lrs == pytest.approx([0.0, 0.002 * 1 / 5])  # what the note says: the warm-up was still rising
+
+
 def test_idle_timeout_without_follow_is_refused(cli, one_step):
     code, out, err = cli("events", one_step, "--idle-timeout", "5")
     assert (code, out) == (2, "")
