@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -385,6 +386,11 @@ class Probes:
             raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
         if caller not in CALLERS:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:  # `step % every` decides
+            raise ValueError(f"every must be a whole number of steps, at least 1, got {every!r}")
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+            raise TypeError(f"scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a "
+                            f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
             raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
