@@ -93,6 +93,22 @@ def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
     return ["train", "--output-dir", _run_with_checkpoint(world, tmp), "--resume", "--train-steps", "4"]
 
 
+def _project_with_runs(tmp: Path) -> Path:
+    """A project directory as `train` leaves it: its runs/ of earlier runs, and a file of the user's."""
+    run = _recorded_run(tmp)
+    project = tmp / "project"
+    (project / "runs").mkdir(parents=True)
+    run.rename(project / "runs" / "first")
+    (project / "notes.txt").write_text("mine\n")
+    return project
+
+
+def _compare(world, tmp: Path, *extra) -> list[str]:
+    """`compare-precision` of fp32 on the tiny world, one step, with `extra` options."""
+    return ["compare-precision", *_args(world, tmp, drop=("--precision", "--train-steps", "--output-dir"))[1:],
+            "--modes", "fp32", "--steps", "1", *map(str, extra)]
+
+
 def _options_of(world) -> dict:
     return {"teacher_model": str(world["teacher"]), "student_model": str(world["student"]),
             "train_file": str(world["train"]), "validation_file": str(world["valid"]), "block_size": 16,
@@ -172,6 +188,13 @@ CASES = [
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
      "not a sarkd-diag run"),
+    ("comparison over a project's runs/ (--overwrite deleted them)", lambda w, t, m: _compare(
+        w, t, "--output-dir", _project_with_runs(t), "--overwrite"),
+     "--output-dir {tmp}/project is not empty and holds no comparison; choose another directory (--overwrite only "
+     "replaces a comparison)"),
+    ("comparison over a train run (--overwrite replaced its summary.json)", lambda w, t, m: _compare(
+        w, t, "--output-dir", _recorded_run(t, **_options_of(w)), "--overwrite"),
+     "--output-dir {tmp}/run holds a `train` run; choose another directory"),
     ("output path that is a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x")), "is a file"),
     ("output path below a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x") / "run"),
      "is a file"),
