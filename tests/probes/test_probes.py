@@ -1049,6 +1049,22 @@ def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_pat
     assert not (tmp_path / "run").exists() and not model._forward_hooks
 
 
+@pytest.mark.parametrize("callback", ["transformers", "lightning"])
+@pytest.mark.parametrize("options, says", [({"every": 0}, "every must be a whole number of steps, at least 1, got 0"),
+                                           ({"level": "max"}, "probe level must be one of off, standard, full")],
+                         ids=["every 0", "level max"])
+def test_a_framework_callback_refuses_what_probes_would_when_it_is_made(tmp_path, callback, options, says):
+    """SarkdDiagCallback(run_dir, every=0) was taken, and the error came inside trainer.train(), after the models and
+    data were loaded; it is refused where it is written, as Probes refuses it."""
+    if callback == "transformers":
+        from sarkd_diag.probes.hf import SarkdDiagCallback as Callback
+    else:  # needs lightning or pytorch_lightning installed
+        Callback = pytest.importorskip("sarkd_diag.probes.lightning").SarkdDiagLightningCallback
+    with pytest.raises(ValueError, match=says):
+        Callback(tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluations_are_eval_rows_nan_kept_nan_also_after_close(tmp_path):
     """`probes.evaluation(step, loss)` writes the contract's eval row (perplexity exp(loss)); a NaN evaluation is
     NaN, not an Infinity perplexity; and one after `close()` joins the closed run's rows and summary."""
