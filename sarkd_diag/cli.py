@@ -570,6 +570,7 @@ KNOWN_ELSEWHERE = {
     "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
     "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
+    "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }
 
 

@@ -182,6 +182,8 @@ USAGE_ERRORS = [
     (["train", "--fp16"], "train has no option --fp16: write --precision mixed"),
     (["check", "RUN", "--max_eval_ppl", "3"], "--max_eval_ppl: write --max-eval-ppl (`sarkd-diag check -h`)"),
     (["events", "RUN", "--kin", "x"], "events has no option --kin: did you mean --kind?"),
+    (["events", "RUN", "--json"], "events has no option --json: write --format json"),
+    (["estimate-memory", "--format", "json"], "estimate-memory has no option --format: write --json"),
     (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
     (["--train-steps", "3", "train"],
      "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
