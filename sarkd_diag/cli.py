@@ -29,6 +29,7 @@ from .contract.config import (
     SET_BY_COMPARE,
     DistillConfig,
     build_config,
+    empty_value,
     value_type,
     whole_number,
 )
@@ -133,10 +134,32 @@ class Command(typer.core.TyperCommand):
         return [piece[1:-1] if piece.startswith("{") and piece.endswith("}") else piece
                 for piece in super().collect_usage_pieces(ctx)]
 
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        _refuse_empty_values(self, args)
+        return super().parse_args(ctx, args)
+
     def format_options(self, ctx: typer.Context, formatter) -> None:
         shown = copy.copy(self)
         shown.params = [_as_shown(p) for p in self.params]
         super(Command, shown).format_options(ctx, formatter)
+
+
+def _refuse_empty_values(command, args: list[str]) -> None:
+    """An option given nothing (`--modes "$MODES"`, `--kind ''`, `--expect ,`) would parse as left out: every mode
+    compared, every event listed, one expectation fewer checked — so it is refused, as typed. A repeatable option
+    is empty when no comma-separated item has text."""
+    takes_value = {opt: p for p in command.params if p.param_type_name == "option" and not p.is_flag
+                   for opt in [*p.opts, *p.secondary_opts]}
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return
+        typed, equals, value = arg.partition("=") if arg.startswith("--") else (arg, "", "")
+        if typed not in takes_value or (not equals and i + 1 == len(args)):
+            continue
+        value = value if equals else args[i + 1]
+        items = value.split(",") if takes_value[typed].multiple else [value]
+        if not any(item.strip() for item in items):
+            raise BadInput(empty_value(typed, value))
 
 
 def _as_shown(param):
@@ -158,24 +181,28 @@ class ConfigCommand(Command):
     options: ClassVar[tuple[str, ...]] = ()
     hidden: ClassVar[frozenset[str]] = frozenset()
     defaults: ClassVar[dict[str, Any]] = {}
+    texts: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *args: Any, params: list | None = None, **kwargs: Any) -> None:
         shown = {name: CONFIG_OPTIONS[name] for name in self.options}
         shown.update({name: replace(shown[name], default=str(value)) for name, value in self.defaults.items()})
+        shown.update({name: replace(shown[name], text=text) for name, text in self.texts.items()})
         config = [option.parameter(hidden=name in self.hidden) for name, option in shown.items()]
         super().__init__(*args, params=[*(params or []), *config], **kwargs)
 
     @classmethod
-    def taking(cls, options: Iterable[str], hidden: Iterable[str] = (),
-               defaults: dict[str, Any] | None = None) -> type[ConfigCommand]:
+    def taking(cls, options: Iterable[str], hidden: Iterable[str] = (), defaults: dict[str, Any] | None = None,
+               texts: dict[str, str] | None = None) -> type[ConfigCommand]:
         """The command class for a command taking these options (shown in the config's order); `defaults`: the
-        command's own defaults of some, shown in its help instead of the config's."""
-        wanted, hidden, defaults = set(options), frozenset(hidden), dict(defaults or {})
-        unknown = (wanted | hidden | set(defaults)) - set(CONFIG_OPTIONS)
-        assert not unknown and hidden <= wanted and set(defaults) <= wanted, \
+        command's own defaults of some, shown in its help instead of the config's; `texts`: its own help of some
+        (an option that means something else here)."""
+        wanted, hidden, defaults, texts = set(options), frozenset(hidden), dict(defaults or {}), dict(texts or {})
+        unknown = (wanted | hidden | set(defaults) | set(texts)) - set(CONFIG_OPTIONS)
+        assert not unknown and hidden <= wanted and set(defaults) | set(texts) <= wanted, \
             f"not DistillConfig options: {sorted(unknown)}"
         chosen = tuple(name for name in CONFIG_OPTIONS if name in wanted)
-        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden, "defaults": defaults})
+        return type("ConfigCommand", (cls,), {"options": chosen, "hidden": hidden, "defaults": defaults,
+                                              "texts": texts})
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         ctx.meta[_ARGS] = list(args)  # as typed: `train --nproc N` hands them to torchrun
@@ -256,14 +283,29 @@ def _check_resumable(cfg: DistillConfig) -> None:
 
     if differing_options(recorded, cfg.to_dict()):
         return  # trained with other options: that is what to say first (the run directory's check)
-    every = recorded.get("save_steps")
-    if every == 0:
+    every, closed = recorded.get("save_steps"), _closed_as(run)
+    if closed is not None:  # it ended its own way and would have saved its last step: that step was not saveable
+        why = (f"it was {closed[0]} after {counted(closed[1], 'step')}, and no checkpoint is written of step 0 or "
+               "of non-finite weights. Start it again (--overwrite)")
+    elif every == 0:
         why = ("it ran with --save-steps 0 (the default), which writes a checkpoint only when a run ends or is "
-               "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none")
+               "interrupted (Ctrl-C, SIGTERM); after kill -9 or a crash there is none. Start it again (--overwrite), "
+               "with --save-steps N to be able to resume it")
     else:
-        why = f"it was stopped before its first checkpoint (--save-steps {every})"
-    raise BadInput(f"--resume: nothing to resume, {run} has no checkpoint yet: {why}. Start it again (--overwrite), "
-                   "with --save-steps N to be able to resume it")
+        why = (f"it was stopped before its first checkpoint (--save-steps {every}). Start it again (--overwrite), "
+               "with --save-steps N to be able to resume it")
+    raise BadInput(f"--resume: nothing to resume, {run} has no checkpoint yet: {why}")
+
+
+def _closed_as(run: Path) -> tuple[str, int] | None:
+    """(status, steps completed) of a run that closed itself — interrupted, stopped or completed, each of which
+    checkpoints its last step when it can — from its summary.json; None for a run that did not (killed, failed)."""
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        status, steps = summary["status"], int(summary["steps_completed"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return (status, steps) if status in ("interrupted", "stopped", "completed") else None
 
 
 def _launch_torchrun(nproc: int, args: list[str]) -> int:
@@ -362,8 +404,14 @@ MEMORY_OPTIONS = ("teacher_model", "student_model", "trust_remote_code", "block_
                   "shard_teacher")
 
 
+# the comparison's own directory, not one run's (each mode's run is OUT/runs/MODE)
+COMPARE_TEXTS = {"output_dir": "Comparison directory, each mode's run in its runs/MODE/ (default: a new "
+                               "runs/<date-time>-compare/).",
+                 "overwrite": "Replace an existing comparison directory."}
+
+
 @app.command("compare-precision", cls=ConfigCommand.taking(CONFIG_OPTIONS, hidden=SET_BY_COMPARE,
-                                                            defaults=COMPARE_DEFAULTS),
+                                                            defaults=COMPARE_DEFAULTS, texts=COMPARE_TEXTS),
              short_help="One distillation in several precision modes, compared.")
 def compare_precision_command(
     ctx: typer.Context,
@@ -522,6 +570,7 @@ KNOWN_ELSEWHERE = {
     "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
     "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
+    "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }
 
 

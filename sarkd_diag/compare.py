@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from .contract.rundir import (
     is_compare_dir,
     load_events,
     load_metrics,
+    recorded_run,
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
@@ -99,16 +101,20 @@ def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse a directory holding something else; with --overwrite clear a previous comparison's outputs."""
+    """Refuse a directory holding something else, even with --overwrite: clearing a comparison deletes its runs/,
+    and a project's own runs/ of `train` runs, or a run's summary.json and report, are no comparison's to replace.
+    With --overwrite, clear a previous comparison's outputs (it is one when it holds compare_options.json)."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--output-dir {out} is a file, not a directory")
-    previous = out.is_dir() and (is_compare_dir(out) or (out / "runs").exists())
+    previous = out.is_dir() and is_compare_dir(out)
     if previous and not overwrite:
         raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it, another "
                        f"--output-dir for a new one, or `sarkd-diag report {out}` to rebuild its table from the modes "
                        "that ran")
-    if out.is_dir() and not previous and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"--output-dir {out} is not empty; choose another directory or pass --overwrite")
+    if out.is_dir() and not previous and any(out.iterdir()):
+        what = "holds a `train` run" if recorded_run(out) is not None else "is not empty and holds no comparison"
+        raise BadInput(f"--output-dir {out} {what}; choose another directory (--overwrite only replaces a "
+                       "comparison)")
     if previous:
         _refuse_while_running(out)
         shutil.rmtree(out / "runs", ignore_errors=True)
@@ -280,6 +286,8 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
             raise BadInput(REFUSED_MESSAGES[name])
     given.update({k: v for k, v in options.items() if k not in SET_BY_COMPARE})
     if steps is not None:  # wins over a config's train_steps; an explicit, different train_steps is a conflict
+        if isinstance(steps, numbers.Real) and steps < 1:  # named as typed: validate() would name --train-steps
+            raise BadInput(f"--steps must be ≥ 1, got {steps}")
         if options.get("train_steps") not in (None, steps):
             raise BadInput(f"--steps {steps} and --train-steps {options['train_steps']} disagree; give one")
         given["train_steps"] = steps

@@ -162,3 +162,18 @@ def test_the_out_of_memory_message_of_a_sharded_run_counts_the_teacher_sharded_a
     sharded = estimate_mode("fp32", model_shape(teacher), model_shape(student), configs[2].per_device_batch_size,
                             configs[2].block_size, teacher_shards=2)
     assert format_breakdown(sharded) in messages[2]
+
+
+def test_a_block_longer_than_a_models_positions_is_refused_as_train_refuses_it(tiny_world, cli):
+    """estimate-memory printed figures for `--block-size 100000000000` on a 256-position GPT-2 (a run that cannot
+    start): it is refused with train's own line."""
+    from transformers import AutoConfig
+
+    student = str(tiny_world["student"])
+    positions = AutoConfig.from_pretrained(student).n_positions
+    models = ("--teacher-model", tiny_world["teacher"], "--student-model", student, "--modes", "fp32")
+    code, out, err = cli("estimate-memory", *models, "--block-size", positions + 1)
+    assert (code, out, err) == (2, "", f"sarkd-diag: error: --block-size {positions + 1} exceeds {student}'s "
+                                      f"{positions} positions\n")
+    code, out, err = cli("estimate-memory", *models, "--block-size", positions, "--json")
+    assert code == 0 and json.loads(out)["block"] == positions, err

@@ -110,8 +110,9 @@ class DistillConfig:
         return resume_option(self.to_dict())
 
     def unused_options(self) -> list[str]:
-        """Options set away from their default that this run will not read, each as one sentence: `--warmup-steps
-        10` without `--use-scheduler` trains without warmup, and should say so rather than pass in silence."""
+        """Options set away from their default that this run will not read, or not as meant, each as one sentence:
+        `--warmup-steps 10` without `--use-scheduler` trains without warmup, and a warm-up as long as the run never
+        reaches `--student-lr`; each should say so rather than pass in silence."""
         read_only_with = {  # option: (what makes this run read it, as the user would write that)
             "warmup_steps": (self.use_scheduler, "--use-scheduler"),
             "scheduler_type": (self.use_scheduler, "--use-scheduler"),
@@ -120,9 +121,13 @@ class DistillConfig:
             "probe_every": (self.probes == "standard", "--probes standard"),
         }
         defaults = DistillConfig()
-        return [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
-                for name, (read, needed) in read_only_with.items()
-                if not read and getattr(self, name) != getattr(defaults, name)]
+        notes = [f"--{_flag(name)} {getattr(self, name)} has no effect without {needed}"
+                 for name, (read, needed) in read_only_with.items()
+                 if not read and getattr(self, name) != getattr(defaults, name)]
+        if self.use_scheduler and self.warmup_steps >= self.train_steps:  # the lr climbs to the last step
+            notes.append(f"--warmup-steps {self.warmup_steps} is not below --train-steps {self.train_steps}: the "
+                         f"learning rate rises for the whole run and never reaches --student-lr {self.student_lr:g}")
+        return notes
 
     def validate(self) -> DistillConfig:
         """Reject settings that cannot work, with a message that says what to change."""
@@ -132,8 +137,7 @@ class DistillConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise BadInput(f"--{_flag(f.name)} must be a finite number, got {value}")
             if isinstance(value, str) and not value.strip():  # `--train-file "$DATA"`, DATA unset: the default corpus
-                raise BadInput(f"--{_flag(f.name)} is empty ({value!r}: an unset shell variable?); give a value, or "
-                               "leave the option out")
+                raise BadInput(empty_value(f"--{_flag(f.name)}", value))
         for name in PATH_OPTIONS:
             if getattr(self, name) is not None:
                 setattr(self, name, os.path.expanduser(getattr(self, name)))
@@ -142,19 +146,16 @@ class DistillConfig:
         if self.log_every is not None:
             _non_negative(self, "log_every")
         _non_negative(self, "save_steps", "warmup_steps", "max_rollbacks", "weight_decay", "max_grad_norm",
-                      "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight")
+                      "router_anchor_weight", "router_load_balance_weight", "router_entropy_weight", "adam_eps")
+        _above_zero(self, "temperature", "student_lr", "router_lr")
         if not 0 <= self.seed < 2**32:  # numpy's range (torch's is wider): `--seed $(date +%s%N)` was exit 3
             raise BadInput(f"--seed must lie in 0 … {2**32 - 1}, got {self.seed}")
-        if self.temperature <= 0:
-            raise BadInput(f"--temperature must be > 0, got {self.temperature}")
         if self.alpha_kd < 0 or self.alpha_ce < 0:
             raise BadInput(f"--alpha-kd and --alpha-ce must be ≥ 0, got {self.alpha_kd} and {self.alpha_ce}")
         if self.alpha_kd == 0 and self.alpha_ce == 0:
             raise BadInput("--alpha-kd and --alpha-ce are both 0: nothing would be trained")
         if not 0 < self.jsd_beta < 1:
             raise BadInput(f"--jsd-beta must lie in (0, 1), got {self.jsd_beta}")
-        if self.student_lr <= 0 or self.router_lr <= 0 or self.adam_eps < 0:
-            raise BadInput("--student-lr and --router-lr must be > 0, --adam-eps ≥ 0")
         _choice(self, "kd_loss", KD_LOSSES)
         _choice(self, "probes", PROBE_LEVELS)
         _choice(self, "on_nonfinite", NONFINITE_POLICIES)
@@ -188,6 +189,12 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
+def empty_value(option: str, value: str) -> str:
+    """The refusal of an option given nothing (`--train-file "$DATA"` with DATA unset): read as left out, it would
+    quietly mean the default — the default corpus, every mode, every event."""
+    return f"{option} is empty ({value!r}: an unset shell variable?); give a value, or leave the option out"
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -202,6 +209,13 @@ def _non_negative(cfg: DistillConfig, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
             raise BadInput(f"--{_flag(name)} must be ≥ 0, got {getattr(cfg, name)}")
+
+
+def _above_zero(cfg: DistillConfig, *names: str) -> None:
+    """A real number that must be positive: the message names the one option typed wrong and its value."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"--{_flag(name)} must be > 0, got {getattr(cfg, name)}")
 
 
 def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
@@ -297,8 +311,12 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
     p = user_path(path)
+    if p.is_dir():  # a run directory, given where its config.json was meant
+        recorded = p / "config.json"
+        hint = f"; the options this run was given are in {recorded}" if recorded.is_file() else ""
+        raise BadInput(f"--config {path} is a directory, not a YAML or JSON file{hint}")
     if not p.is_file():
-        raise BadInput(f"--config {path}: no such file")
+        raise BadInput(f"--config {path}: " + ("not a regular file" if p.exists() else "no such file"))
     try:
         text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) would fail json.loads
         if p.suffix.lower() in (".yaml", ".yml"):

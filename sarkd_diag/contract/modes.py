@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import empty_value
 from .errors import BadInput
 
 MODE_NAMES = ("fp32", "mixed", "bf16-mixed", "pure-fp16", "pure-bf16")
@@ -89,8 +90,13 @@ def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") 
     [] when none is given. `auto` is refused: a list of modes names each one."""
     if isinstance(requested, str):
         requested = [requested]
+    if requested is not None and not (isinstance(requested, Sequence) and all(isinstance(i, str) for i in requested)):
+        raise BadInput(f"{option} takes mode names (a string, comma-separated, or a list of them), got {requested!r}")
+    names = [n.strip() for item in requested or [] for n in item.split(",") if n.strip()]
+    if requested and not names:  # `--modes "$MODES"` with MODES unset: not a request for every mode
+        raise BadInput(empty_value(option, ",".join(requested)))
     modes: list[str] = []
-    for name in (n.strip() for item in requested or [] for n in item.split(",") if n.strip()):
+    for name in names:
         mode = canonical_mode(name, option)
         if mode == "auto":
             raise BadInput(f"{option} takes precision modes, not auto: " + ", ".join(MODE_NAMES))

@@ -21,3 +21,9 @@ def counted(n: int, noun: str, *, number: str | None = None) -> str:
     `number` replaces how `n` is written (`f"{n:,}"`, say) while `n` still decides singular or plural."""
     shown = str(n) if number is None else number
     return f"{shown} {noun if n == 1 else plural(noun)}"
+
+
+def evaluated_at_step_0_only(steps: int) -> str:
+    """How a run whose one evaluation is step 0's reports its perplexity: 'A → A' would claim a second one."""
+    why = "its first step" if steps == 0 else "its first --eval-steps evaluation"
+    return f"at step 0; no evaluation after step 0 (the run ended before {why})"

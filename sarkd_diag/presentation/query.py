@@ -320,11 +320,12 @@ def events_table(events: pd.DataFrame, title: str | None = None, width: int = 80
     table.add_column("severity", no_wrap=True)
     fixed = [max([len("mode")] + [len(str(r.get("mode"))) for r in records])] if with_mode else []
     fixed += [max([4] + [len(str(r["step"])) for r in records]), len("severity")]
-    padding = 2 * (len(fixed) + 2)  # one space each side of every column
+    columns = len(fixed) + 2
+    padding = 2 * columns + columns + 1  # one space each side of every column, and the box's edges and dividers
     longest = max([len("kind / where")] + [max(len(r["kind"]), len(_where(r))) for r in records])
     where_width = max(16, min(longest, width - sum(fixed) - padding - MESSAGE_MIN_WIDTH))
     table.add_column("kind / where", no_wrap=True, width=where_width)
-    table.add_column("message", ratio=1, min_width=MESSAGE_MIN_WIDTH, overflow="fold")
+    table.add_column("message", ratio=1, overflow="fold")  # no minimum: one rich could not meet was cropped away
     for row in records:
         where = fold_identifier(_where(row), where_width)
         table.add_row(*([row["mode"]] if with_mode else []), str(row["step"]), row["severity"],
@@ -569,8 +570,8 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
             raise BadInput(f"--max-skipped-steps must be ≥ 0, got {max_skipped_steps}")
         checks["max-skipped-steps"] = _max_skipped(max_skipped_steps)
     if max_eval_ppl is not None:
-        if not max_eval_ppl > 0:
-            raise BadInput(f"--max-eval-ppl must be > 0, got {max_eval_ppl}")
+        if not 0 < max_eval_ppl < math.inf:  # inf would pass every run, a diverged one's infinite perplexity too
+            raise BadInput(f"--max-eval-ppl must be a finite number > 0, got {max_eval_ppl}")
         checks["max-eval-ppl"] = _max_eval_ppl(max_eval_ppl)
     if not checks:
         raise BadInput("give at least one expectation: --expect " + "|".join(EXPECTATIONS)

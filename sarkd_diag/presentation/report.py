@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..analysis.verdicts import Verdict
 from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations
-from ..contract.wording import counted
+from ..contract.wording import counted, evaluated_at_step_0_only
 
 
 def _fmt(value, spec: str = ".4g") -> str:
@@ -21,9 +21,8 @@ def _fmt(value, spec: str = ".4g") -> str:
 
 def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
     evals = metrics[metrics["split"] == "eval"] if len(metrics) and "split" in metrics else metrics.iloc[0:0]
-    if steps > 0 and len(evals) and "step" in evals and not (evals["step"] > 0).any():
-        return (f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} at step 0; no evaluation "
-                "after step 0 (the run ended before its first --eval-steps evaluation)")
+    if len(evals) and "step" in evals and not (evals["step"] > 0).any():
+        return f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} {evaluated_at_step_0_only(steps)}"
     first, last, best = (_fmt(final.get(k), ".3f") for k in ("first_eval_ppl", "eval_ppl", "best_eval_ppl"))
     named = primary_evaluations(evals)["eval_set"] if "eval_set" in evals else evals.iloc[0:0]
     of = f" of {named.iloc[0]}" if len(named) and pd.notna(named.iloc[0]) else ""

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..contract.rundir import resume_command
-from ..contract.wording import counted
+from ..contract.wording import counted, evaluated_at_step_0_only
 from .terminal import Console
 
 # Kinds that are a decision or a change of plan, told whatever their severity (setup warnings are told too).
@@ -202,9 +202,8 @@ class TrainingDisplay:
             return None
         steps = summary.get("steps_completed") or 0
         evaluated_since_start = any(s > 0 for s in self._evals) if self._evals else None
-        if steps > 0 and (evaluated_since_start is False or (evaluated_since_start is None and first == last)):
-            return (f"validation perplexity: {first:.3f} at step 0; no evaluation after step 0 "
-                    f"(the run ended before its first --eval-steps evaluation)")
+        if steps == 0 or evaluated_since_start is False or (evaluated_since_start is None and first == last):
+            return f"validation perplexity: {first:.3f} {evaluated_at_step_0_only(steps)}"
         return f"validation perplexity: {first:.3f} → {last:.3f}"
 
     def _policy_line(self, summary: dict) -> str | None:

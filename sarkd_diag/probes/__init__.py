@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -353,6 +354,16 @@ class ProbeSet:
 _OPEN: dict[str, Probes] = {}  # the Probes of this process whose run directory is open, by its real path
 
 
+
+def check_probe_settings(level: str, every: int) -> None:
+    """`level` and `every` as Probes reads them — `step % every` picks the statistics steps —, checked where they are
+    given: by Probes, and by the framework callbacks when they are made rather than inside the framework's train()."""
+    if level not in LEVELS:
+        raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"every must be a whole number of steps, at least 1, got {every!r}")
+
+
 class Probes:
     """Probes in a user's own loop, recording into a run directory that `sarkd-diag report`, `events` and
     `load_run` read like one of `train`'s.
@@ -381,10 +392,12 @@ class Probes:
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
                  sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
-        if level not in LEVELS:
-            raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
+        check_probe_settings(level, every)
         if caller not in CALLERS:
             raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
+            raise TypeError(f"scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a "
+                            f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
             raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
@@ -899,4 +912,4 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-__all__ = ["Probes", "ProbeSet", "replace_method", "unwrap_model"]
+__all__ = ["Probes", "ProbeSet", "check_probe_settings", "replace_method", "unwrap_model"]

@@ -55,7 +55,14 @@ from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .distributed import World
 from .fused_loss import unfusable_reason
-from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
+from .models import (
+    check_block_fits,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    same_vocabulary,
+)
 from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
@@ -231,9 +238,8 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     teacher = load_causal_lm(cfg.teacher_model, cfg.trust_remote_code, compute.precision.frozen_dtype)
     dual = not same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     for model, name in ((student, cfg.student_model), (teacher, cfg.teacher_model)):
-        limit = max_positions(model)
-        if limit is not None and cfg.block_size > limit and (model is student or not dual):
-            raise BadInput(f"--block-size {cfg.block_size} exceeds {name}'s {limit} positions")
+        if model is student or not dual:  # in dual-tokenizer mode the teacher's tokens are its own
+            check_block_fits(cfg.block_size, max_positions(model), name)
     if dual:
         for tok, name in ((student_tokenizer, cfg.student_model), (teacher_tokenizer, cfg.teacher_model)):
             if not getattr(tok, "is_fast", False):

@@ -34,6 +34,7 @@ from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from ..contract.wording import counted
 from .fused_loss import chunk_rows
+from .models import check_block_fits, max_positions
 from .precision import MODES
 
 GIB = 2**30
@@ -65,6 +66,7 @@ class ModelShape:
     experts_per_token: int
     vocab: int
     layer_params: int  # the largest decoder layer's: what a sharded teacher gathers at a time
+    positions: int | None = None  # the longest sequence its position table holds (None: no table)
 
 
 def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None) -> ModelShape:
@@ -86,6 +88,7 @@ def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str
         experts_per_token=routers[0].top_k if routers else 1,
         vocab=_config_value(config, "vocab_size", default=0),
         layer_params=max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)), default=0),
+        positions=max_positions(model),
     )
 
 
@@ -252,6 +255,9 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
             raise BadInput(f"--router-patterns {pattern!r} is not a valid regular expression: {exc}") from None
     teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns, "--teacher-model")
     student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
+    dual = teacher.vocab != student.vocab  # as estimate_mode tells it: the teacher then reads its own tokens
+    for shape in (student,) if dual else (student, teacher):
+        check_block_fits(cfg.block_size, shape.positions, shape.name)
     estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
                                gradient_checkpointing=cfg.gradient_checkpointing,
                                offload_teacher=cfg.offload_teacher_to_cpu, fused_loss=cfg.fused_loss,

@@ -189,6 +189,13 @@ def max_positions(model) -> int | None:
     return None
 
 
+def check_block_fits(block_size: int, positions: int | None, name: str) -> None:
+    """A block longer than a model's position table would fail in its first forward, deep in the embedding; train
+    refuses it before loading any data, and estimate-memory before estimating a run that cannot start."""
+    if positions is not None and block_size > positions:
+        raise BadInput(f"--block-size {block_size} exceeds {name}'s {positions} positions")
+
+
 def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> bool:
     """Logit KD needs one vocabulary: equal vocab_size and identical ids on probe strings."""
     if teacher_model.config.vocab_size != student_model.config.vocab_size:

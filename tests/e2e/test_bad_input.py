@@ -93,6 +93,22 @@ def _corrupt_checkpoint(world, tmp: Path) -> list[str]:
     return ["train", "--output-dir", _run_with_checkpoint(world, tmp), "--resume", "--train-steps", "4"]
 
 
+def _project_with_runs(tmp: Path) -> Path:
+    """A project directory as `train` leaves it: its runs/ of earlier runs, and a file of the user's."""
+    run = _recorded_run(tmp)
+    project = tmp / "project"
+    (project / "runs").mkdir(parents=True)
+    run.rename(project / "runs" / "first")
+    (project / "notes.txt").write_text("mine\n")
+    return project
+
+
+def _compare(world, tmp: Path, *extra) -> list[str]:
+    """`compare-precision` of fp32 on the tiny world, one step, with `extra` options."""
+    return ["compare-precision", *_args(world, tmp, drop=("--precision", "--train-steps", "--output-dir"))[1:],
+            "--modes", "fp32", "--steps", "1", *map(str, extra)]
+
+
 def _options_of(world) -> dict:
     return {"teacher_model": str(world["teacher"]), "student_model": str(world["student"]),
             "train_file": str(world["train"]), "validation_file": str(world["valid"]), "block_size": 16,
@@ -128,6 +144,11 @@ CASES = [
     ("zero eval steps", lambda w, t, m: _args(w, t, eval_steps=0), "--eval-steps must be"),
     ("block larger than the model", lambda w, t, m: _args(w, t, block_size=1000), "exceeds"),
     ("NaN learning rate", lambda w, t, m: _args(w, t, student_lr="nan"), "finite number"),
+    ("negative adam eps (it was named after --student-lr)", lambda w, t, m: _args(w, t, adam_eps=-1),
+     "--adam-eps must be ≥ 0, got -1.0"),
+    ("zero steps of a comparison (it was named --train-steps)", lambda w, t, m: [
+        "compare-precision", *_args(w, t, drop=("--precision", "--train-steps"))[1:], "--steps", "0"],
+     "--steps must be ≥ 1, got 0"),
     ("Inf temperature", lambda w, t, m: _args(w, t, temperature="inf"), "finite number"),
     ("text for a number", lambda w, t, m: _args(w, t, train_steps="ten"), "--train-steps"),
     ("seed of the clock in nanoseconds", lambda w, t, m: _args(w, t, seed=1796524207872889996),
@@ -137,10 +158,20 @@ CASES = [
      "an empty argument ('': an unset shell variable?) where report takes RUN_DIR"),
     ("events of an empty RUN_DIR", lambda w, t, m: ["events", "", "--severity", "critical"],
      "an empty argument ('': an unset shell variable?) where events takes RUN_DIR"),
+    ("check with an infinite --max-eval-ppl (it passed every run, a diverged one too)", lambda w, t, m: [
+        "check", _recorded_run(t, **_options_of(w)), "--max-eval-ppl", "inf"],
+     "--max-eval-ppl must be a finite number > 0, got inf"),
     ("events at a negative step", lambda w, t, m: ["events", _recorded_run(t, **_options_of(w)), "--step", "-3"],
      "--step '-3': steps count from 0"),
     ("empty train file (an unset variable)", lambda w, t, m: _args(w, t, train_file=""),
      "--train-file is empty ('': an unset shell variable?); give a value, or leave the option out"),
+    ("events of an empty --kind (it listed every event)", lambda w, t, m: ["events", _recorded_run(
+        t, **_options_of(w)), "--kind", ""], "--kind is empty ('': an unset shell variable?)"),
+    ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
+        "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
+    ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
+        "compare-precision", *_args(w, t, drop=("--precision",))[1:], "--modes", " , "],
+     "--modes is empty (' , ': an unset shell variable?)"),
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
@@ -157,6 +188,13 @@ CASES = [
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
      "not a sarkd-diag run"),
+    ("comparison over a project's runs/ (--overwrite deleted them)", lambda w, t, m: _compare(
+        w, t, "--output-dir", _project_with_runs(t), "--overwrite"),
+     "--output-dir {tmp}/project is not empty and holds no comparison; choose another directory (--overwrite only "
+     "replaces a comparison)"),
+    ("comparison over a train run (--overwrite replaced its summary.json)", lambda w, t, m: _compare(
+        w, t, "--output-dir", _recorded_run(t, **_options_of(w)), "--overwrite"),
+     "--output-dir {tmp}/run holds a `train` run; choose another directory"),
     ("output path that is a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x")), "is a file"),
     ("output path below a file", lambda w, t, m: _args(w, t, output_dir=_file(t, "out", "x") / "run"),
      "is a file"),
@@ -182,6 +220,10 @@ CASES = [
     ("unknown option", lambda w, t, m: [*_args(w, t), "--learning-rate", "1e-3"],
      "train has no option --learning-rate: write --student-lr"),
     ("missing config file", lambda w, t, m: [*_args(w, t), "--config", t / "c.yaml"], "no such file"),
+    ("a run directory as config file (it said no such file)", lambda w, t, m: [
+        *_args(w, t, output_dir=t / "new"), "--config", _recorded_run(t, **_options_of(w))],
+     "--config {tmp}/run is a directory, not a YAML or JSON file; the options this run was given are in "
+     "{tmp}/run/config.json"),
     ("config file that is not YAML", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.yaml", "a: [1\n")],
      "YAML"),
     ("config file of another extension", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.txt", "seed: 1\n")],

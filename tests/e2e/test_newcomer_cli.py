@@ -308,6 +308,20 @@ def test_compare_precision_help_shows_its_own_defaults(cli):
     assert "every N-th step. [default: 10]" in " ".join(_train_help(cli).split())
 
 
+def test_compare_precision_help_describes_its_own_output_directory(cli, tmp_path, monkeypatch):
+    """compare-precision's help said --output-dir was a 'Run directory (default: a new runs/<date-time>-<mode>/)' and
+    --overwrite replaced 'a run directory that holds a different run': it writes a comparison, named -compare."""
+    from sarkd_diag.contract.rundir import default_run_dir
+
+    code, out, _ = cli("compare-precision", "--help")
+    text, unwrapped = " ".join(out.split()), "".join(out.split())  # help wraps paths at their dashes
+    assert code == 0 and "<mode>" not in text and "holds a different run" not in text, text
+    assert "runs/<date-time>-compare/" in unwrapped and "Replace an existing comparison directory." in text
+    monkeypatch.chdir(tmp_path)
+    assert default_run_dir("compare").name.endswith("-compare")  # what the help promises
+    assert "runs/<date-time>-<mode>/" in "".join(_train_help(cli).split())
+
+
 # ------------------------------------------------------------------------------------------ the Python API
 @pytest.mark.parametrize(("options", "says"), [
     ({"train_steps": "2"}, "--train-steps must be a whole number, got '2'"),

@@ -119,6 +119,34 @@ def test_no_evaluation_after_step_0_is_said_so():
     assert "522.162 → 522.162" not in text and "no evaluation after step 0" in text
 
 
+def test_a_run_interrupted_before_its_first_step_reports_its_step_0_evaluation_only(tiny_world, tmp_path):
+    """Ctrl-C during step 0's evaluation: the panel and report.md said 'validation perplexity: 522.154 → 522.154',
+    a second evaluation that never happened."""
+    import os
+    import signal
+
+    from sarkd_diag.contract.config import DistillConfig
+    from sarkd_diag.train.loop import Trainer
+
+    class InterruptedAtStep0(TrainingDisplay):
+        def eval_line(self, step, ppl, loss):
+            super().eval_line(step, ppl, loss)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = io.StringIO()
+    display = InterruptedAtStep0(console=Console(file=out, width=200, color_system=None, highlight=False))
+    config = DistillConfig(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
+                           train_file=str(tiny_world["train"]), validation_file=str(tiny_world["valid"]),
+                           block_size=16, per_device_batch_size=2, train_steps=4, precision="fp32", probes="off",
+                           output_dir=str(tmp_path / "run")).validate()
+    result = Trainer(config, display).train()
+    assert (result.status, result.summary["steps_completed"]) == ("interrupted", 0)
+    first = f"{result.summary['final']['first_eval_ppl']:.3f}"
+    said = f"validation perplexity: {first} at step 0; no evaluation after step 0 (the run ended before its first step)"
+    assert said in out.getvalue() and f"{first} → {first}" not in out.getvalue(), out.getvalue()
+    assert f"- {said}\n" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+
 def test_log_lines_without_a_terminal():
     display, out = _display(log_every=2)
     display.start(5, 0, "runs/x")

@@ -202,6 +202,21 @@ def test_identifiers_stay_whole_in_a_narrow_table(tmp_path, width):
             assert re.search(rf"(^|[\s./]){re.escape(segment)}([\s./]|$)", text, re.M), (segment, text)
 
 
+@pytest.mark.parametrize("width", [80, 60])
+def test_every_word_of_a_message_is_in_the_table(tmp_path, width):
+    """At 80 columns the table came out wider than the terminal and rich cropped it: 'any entry whose squared
+    gradient' read 'any entry who' and a line's last characters were gone. The layout now counts the box's edges and
+    dividers, and the message column takes what is left."""
+    frame = events_frame(read_jsonl(_run(tmp_path) / "events.jsonl"))
+    said = ("optimizer eps=1e-08 is 0.0 in float16: any entry whose squared gradient also rounds to 0 divides by "
+            "zero and fills the weights with Inf/NaN")
+    frame.loc[frame["module"] == LONG_MODULE, "message"] = said
+    text = _rendered(frame, width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    shown = " ".join(text.split())
+    assert [word for word in said.split() if word not in shown] == [], text
+
+
 def test_fold_identifier_breaks_after_dots():
     assert query.fold_identifier("student/transformer.h.0.mlp.c_fc.bias", 16).split("\n") == [
         "student/", "transformer.h.0.", "mlp.c_fc.bias"]

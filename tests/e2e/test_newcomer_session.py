@@ -182,6 +182,8 @@ USAGE_ERRORS = [
     (["train", "--fp16"], "train has no option --fp16: write --precision mixed"),
     (["check", "RUN", "--max_eval_ppl", "3"], "--max_eval_ppl: write --max-eval-ppl (`sarkd-diag check -h`)"),
     (["events", "RUN", "--kin", "x"], "events has no option --kin: did you mean --kind?"),
+    (["events", "RUN", "--json"], "events has no option --json: write --format json"),
+    (["estimate-memory", "--format", "json"], "estimate-memory has no option --format: write --json"),
     (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
     (["--train-steps", "3", "train"],
      "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
@@ -594,6 +596,22 @@ def test_options_this_run_will_not_read_are_said_at_setup(cli, tiny_world, tmp_p
     assert "warning: setup_note: --jsd-beta 0.3 has no effect without --kd-loss jsd\n" in out
     notes = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert sum("has no effect without" in e["message"] for e in notes if e["kind"] == "setup_note") == 2
+
+
+def test_a_warm_up_as_long_as_the_run_is_said_at_setup(cli, tiny_world, tmp_path):
+    """`--use-scheduler --warmup-steps 5 --train-steps 2` trained at 0 and then 40% of --student-lr, in silence: a
+    warm-up the run never finishes (a typo of 500 for 50 does the same to a long run)."""
+    run = tmp_path / "run"
+    code, out, err = cli("train", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+                         "--train-file", tiny_world["train"], "--validation-file", tiny_world["valid"],
+                         "--block-size", "16", "--per-device-batch-size", "2", "--train-steps", "2", "--precision",
+                         "fp32", "--probes", "off", "--output-dir", run, "--use-scheduler", "--warmup-steps", "5")
+    assert code == 0, err
+    said = ("--warmup-steps 5 is not below --train-steps 2: the learning rate rises for the whole run and never "
+            "reaches --student-lr 0.002")
+    assert f"warning: setup_note: {said}\n" in out
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert lrs == pytest.approx([0.0, 0.002 * 1 / 5])  # what the note says: the warm-up was still rising
 
 
 def test_idle_timeout_without_follow_is_refused(cli, one_step):

@@ -250,6 +250,19 @@ def test_stop_writes_everything_and_exits_1(tiny_world, tmp_path):
     _summary(result.run_dir)
 
 
+def test_resume_of_a_run_that_ended_with_nothing_saveable_says_why_there_is_no_checkpoint(cli, tiny_world, tmp_path):
+    """A run stopped on NaN weights at step 2 (--save-steps 0) has no checkpoint: --resume said it ran with --save-steps
+    0 and that after kill -9 or a crash there is none — neither of which happened. Its summary says what did."""
+    trainer = Trainer(_config(tiny_world, tmp_path / "run"), TrainingDisplay(quiet=True))
+    _poison_weights(trainer, {2})
+    assert trainer.train().status == "stopped"
+    code, out, err = cli("train", "--output-dir", tmp_path / "run", "--resume")
+    assert (code, out) == (2, "")
+    assert err == (f"sarkd-diag: error: --resume: nothing to resume, {tmp_path / 'run'} has no checkpoint yet: it was "
+                   "stopped after 2 steps, and no checkpoint is written of step 0 or of non-finite weights. Start it "
+                   "again (--overwrite)\n")
+
+
 def test_skip_puts_back_the_pre_step_weights_and_optimizer_state(tiny_world, tmp_path):
     trainer = Trainer(_config(tiny_world, tmp_path / "run", on_nonfinite="skip"), TrainingDisplay(quiet=True))
     _poison_weights(trainer, {3})

@@ -1060,6 +1060,38 @@ def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(
         Probes(models)
 
 
+@pytest.mark.parametrize("options, error, says", [
+    ({"every": 0}, ValueError, "every must be a whole number of steps, at least 1, got 0"),
+    ({"every": -1}, ValueError, "got -1"),
+    ({"every": 2.5}, ValueError, "got 2.5"),
+    ({"scaler": "yes"}, TypeError, "scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a str"),
+], ids=["every 0", "every -1", "every 2.5", "a scaler that is none"])
+def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_path, options, error, says):
+    """every=0 was accepted and the first statistics decision raised ZeroDivisionError mid-training; every=-1 and 2.5
+    were taken as they came; scaler="yes" raised AttributeError after the run directory was made."""
+    model = Net()
+    with pytest.raises(error) as caught:
+        Probes(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), run_dir=tmp_path / "run", **options)
+    assert str(caught.value) == says or says in str(caught.value)
+    assert not (tmp_path / "run").exists() and not model._forward_hooks
+
+
+@pytest.mark.parametrize("callback", ["transformers", "lightning"])
+@pytest.mark.parametrize("options, says", [({"every": 0}, "every must be a whole number of steps, at least 1, got 0"),
+                                           ({"level": "max"}, "probe level must be one of off, standard, full")],
+                         ids=["every 0", "level max"])
+def test_a_framework_callback_refuses_what_probes_would_when_it_is_made(tmp_path, callback, options, says):
+    """SarkdDiagCallback(run_dir, every=0) was taken, and the error came inside trainer.train(), after the models and
+    data were loaded; it is refused where it is written, as Probes refuses it."""
+    if callback == "transformers":
+        from sarkd_diag.probes.hf import SarkdDiagCallback as Callback
+    else:  # needs lightning or pytorch_lightning installed
+        Callback = pytest.importorskip("sarkd_diag.probes.lightning").SarkdDiagLightningCallback
+    with pytest.raises(ValueError, match=says):
+        Callback(tmp_path / "run", **options)
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluations_are_eval_rows_nan_kept_nan_also_after_close(tmp_path):
     """`probes.evaluation(step, loss)` writes the contract's eval row (perplexity exp(loss)); a NaN evaluation is
     NaN, not an Infinity perplexity; and one after `close()` joins the closed run's rows and summary."""
