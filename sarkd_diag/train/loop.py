@@ -55,7 +55,7 @@ from . import distributed as dist
 from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .distributed import World
 from .fused_loss import unfusable_reason
-from .models import ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
+from .models import check_causal, ensure_pad_token, load_causal_lm, load_tokenizer, max_positions, same_vocabulary
 from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
@@ -247,6 +247,8 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     compute.precision.convert(student.to(compute.device))
     teacher.to(_teacher_home(cfg, compute.device, notes))
     compute.precision.convert(teacher)
+    check_causal(student, "--student-model", cfg.student_model)
+    check_causal(teacher, "--teacher-model", cfg.teacher_model)
     compute.teacher_holding.hold(teacher)  # sharded: the routers become DTensors (every use of them follows)
     return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
 
