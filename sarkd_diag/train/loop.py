@@ -57,6 +57,7 @@ from .distributed import World
 from .fused_loss import unfusable_reason
 from .models import (
     check_block_fits,
+    check_causal,
     ensure_pad_token,
     load_causal_lm,
     load_tokenizer,
@@ -253,6 +254,8 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     compute.precision.convert(student.to(compute.device))
     teacher.to(_teacher_home(cfg, compute.device, notes))
     compute.precision.convert(teacher)
+    check_causal(student, "--student-model", cfg.student_model)
+    check_causal(teacher, "--teacher-model", cfg.teacher_model)
     compute.teacher_holding.hold(teacher)  # sharded: the routers become DTensors (every use of them follows)
     return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
 

@@ -180,6 +180,33 @@ def load_causal_lm(name: str, trust_remote_code: bool, dtype: torch.dtype):
     return model
 
 
+def check_causal(model, option: str, name: str) -> None:
+    """Refuse a model that sees the tokens it is to predict. AutoModelForCausalLM also loads encoders (BERT,
+    RoBERTa, Electra as `...LMHeadModel` / `...ForCausalLM`), which attend in both directions unless their config
+    says `is_decoder=True`: trained on next-token prediction, such a model reads the answer at every position, its
+    loss falls to nothing and no numerical check can tell. One forward pair of three tokens, in eval mode (no
+    dropout), tells: the logits at the first position must not change when only the last token does (beyond what
+    a kernel's rounding could; NaN where both are NaN — a forward that overflows is still causal)."""
+    vocab = model.config.vocab_size
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2, 3]], device=device) % vocab
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % vocab
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first, changed = (model(input_ids=batch).logits[0, 0].float() for batch in (ids, other))
+    finally:
+        model.train(training)
+    same = torch.isclose(first, changed, rtol=1e-3, atol=1e-3 * float(first.nan_to_num().abs().max()),
+                         equal_nan=True)
+    if not bool(same.all()):
+        raise BadInput(f"{option} {name} is not a causal LM: its prediction for the first token changes with the "
+                       "tokens after it, so it would read every answer it is trained to predict (a bidirectional "
+                       "encoder such as BERT; its config needs is_decoder=True, or give a decoder-only model)")
+
+
 def max_positions(model) -> int | None:
     config = model.config
     for attr in ("n_positions", "max_position_embeddings"):

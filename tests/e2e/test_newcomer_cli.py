@@ -433,3 +433,25 @@ def test_a_path_given_with_a_tilde_is_the_home_directory(cli, tiny_args, tiny_wo
         model(torch.ones(1, 2)).sum().backward()
         probes.step()
     assert (home / "loop" / "summary.json").is_file() and not any(cwd.iterdir())
+
+
+@pytest.mark.parametrize("role", ["--student-model", "--teacher-model"])
+def test_a_bidirectional_encoder_is_refused_as_no_causal_lm(cli, tiny_args, tiny_world, tmp_path, role):
+    """AutoModelForCausalLM loads a BERT checkpoint (as BertLMHeadModel) without complaint: trained on next-token
+    prediction it would see every answer, its loss fall to nothing and no numerical check tell. One line, exit 2,
+    before a run directory exists."""
+    import shutil
+
+    from transformers import AutoConfig, BertConfig, BertForMaskedLM
+
+    vocab = AutoConfig.from_pretrained(tiny_world["student"]).vocab_size
+    bert = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=64)).save_pretrained(bert)
+    for file in tiny_world["student"].iterdir():
+        if "token" in file.name or file.name in ("vocab.json", "merges.txt"):
+            shutil.copy(file, bert / file.name)
+    code, _, err = cli("train", *tiny_args, role, bert)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{role} {bert} is not a causal LM" in err and "is_decoder=True" in err
+    assert not Path(tiny_args[-1]).exists()
