@@ -916,3 +916,24 @@ def test_an_optimizer_stepped_twice_is_a_warning_until_the_weights_turn_nonfinit
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_stepped_twice", severity, 1)
     assert "`scaler.step(optimizer)` alone" in cause["fix"]
     assert ("divergence@1" in cause["evidence"].get("followed_by", "")) is nonfinite_after
+
+
+@pytest.mark.parametrize("caller, options, note, says", [
+    ("cli", {"max_grad_norm": 1.0}, None, "clips at 1 already"),
+    ("cli", {"max_grad_norm": 0.0}, None, None),
+    ("loop", {}, 0.5, "clips at 0.5 already"),
+    ("loop", {}, None, None)])
+def test_a_fix_that_says_to_clip_knows_the_run_clips_already(caller, options, note, says):
+    """'Lower the lr and clip' to a run that clips at 1 (train's default, or the loop's clip_grad_norm_) names
+    the threshold it already has and what a lower one cannot do; a run that does not clip is told to, as before."""
+    rows = [{"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
+             "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 50.0},
+            {"kind": "nonfinite_param", "severity": "critical", "step": 2, "phase": "optimizer", "model": "student",
+             "tensor": "h.0.mlp.c_proj.weight"}]
+    if note is not None:
+        rows.append({"kind": "setup_note", "code": "clipping", "severity": "info", "step": 1, "phase": "backward",
+                     "value": note})
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": 1.0, "loss": [4.0, math.nan]})
+    (cause,) = causes(log(*rows), metrics, caller=caller, mode="fp32", options=options)
+    assert cause["cause"] == "divergence" and "clip with" in cause["fix"]
+    assert (says in cause["fix"]) if says else ("already" not in cause["fix"])

@@ -526,6 +526,16 @@ class RunRecord:
         spread = 1.4826 * float((changes - changes.median()).abs().median())
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
 
+    def clip_threshold(self) -> float | None:
+        """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the
+        `clipping` note the probes write at the loop's first `clip_grad_norm_` (Trainer, accelerate and Lightning
+        clip through it); None where nothing clipped."""
+        if self.caller == "cli":
+            value = number_or_none((self.config.get("options") or {}).get("max_grad_norm"))
+            return value if value else None
+        notes = self.of("setup_note", "clipping")
+        return number_or_none(_first(notes).get("value")) if len(notes) else None
+
     def lr_at(self, step: int, model: str | None) -> float | None:
         """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
         a teacher's trainable tensors — the routers `train` trains — are a group of their own, in `train` at
@@ -801,6 +811,10 @@ class RunRecord:
         the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, from the
         loss terms that reach the teacher, so those are the lr and the weights the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
+        threshold = self.clip_threshold()
+        if threshold is not None:  # "clip with X" to a run that clips: say at what, and what clipping cannot do
+            words["clip"] += (f" (the run clips at {threshold:g} already: a lower threshold bounds the gradient, but "
+                              "an Adam-type step is about the lr whatever the gradient)")
         if model == "teacher":
             words["lr"], words["loss_weights"] = words["teacher_lr"], words["teacher_loss_weights"]
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})

@@ -500,11 +500,16 @@ class Probes:
             self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
                 self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
-    def _before_clipping(self, parameters: list, total_norm: torch.Tensor) -> None:
+    def _before_clipping(self, parameters: list, total_norm: torch.Tensor, max_norm: float) -> None:
         """torch is about to clip gradients by `total_norm` (`clipping.py`): read them first — the step's, once
-        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`."""
+        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`. The
+        threshold is said once (a `clipping` note): a fix that would tell the loop to clip knows it already does."""
         if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
             return
+        if self.events.say_once("clipping") and math.isfinite(float(max_norm)):
+            self.events.record("setup_note", "info", f"the loop clips the gradients' total norm at {float(max_norm):g}",
+                               step=self.ctx.step, probe="gradients", phase="backward", code="clipping",
+                               value=float(max_norm))
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             self.set.observe_grad_norm(total_norm)

@@ -254,8 +254,9 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     compute.precision.convert(student.to(compute.device))
     teacher.to(_teacher_home(cfg, compute.device, notes))
     compute.precision.convert(teacher)
-    check_causal(student, "--student-model", cfg.student_model)
-    check_causal(teacher, "--teacher-model", cfg.teacher_model)
+    with compute.precision.forward_context():  # as the loop runs them: under mixed, fp16 weights beside fp32 ones
+        check_causal(student, "--student-model", cfg.student_model)
+        check_causal(teacher, "--teacher-model", cfg.teacher_model)
     compute.teacher_holding.hold(teacher)  # sharded: the routers become DTensors (every use of them follows)
     return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
 
