@@ -1700,6 +1700,9 @@ def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
     outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
                   first is not None and first[0] == MOE_STUDENT_ROUTER and largest_weight < FP16_MAX)
+    return outcome
+
+
 def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
     """The AMP recipe over a model already in float16: `model.half()`, autocast fp16 and a GradScaler. GradScaler
     refuses to unscale float16 gradients: `scaler.step(opt)` raises at step 1, before anything numerical shows."""
