@@ -937,3 +937,15 @@ def test_a_fix_that_says_to_clip_knows_the_run_clips_already(caller, options, no
     (cause,) = causes(log(*rows), metrics, caller=caller, mode="fp32", options=options)
     assert cause["cause"] == "divergence" and "clip with" in cause["fix"]
     assert (says in cause["fix"]) if says else ("already" not in cause["fix"])
+
+
+@pytest.mark.parametrize("module", ["transformer.h.1.mlp.c_proj", "model.layers.0.mlp.gate"])
+def test_a_forward_overflow_offers_a_code_change_only_where_the_caller_writes_the_code(module):
+    """`train` runs checkpoints as they are: its fix for a float16 forward overflow is a precision flag, never
+    'keep this op in fp32 under autocast'. A caller's own loop gets both."""
+    act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
+           "module": module, "dtype": "float16", "value": math.inf}
+    (cli,) = causes(log(act), caller="cli")
+    (loop,) = causes(log(act), caller="loop")
+    assert "--precision bf16-mixed" in cli["fix"] and "autocast" not in cli["fix"]
+    assert "in fp32" in loop["fix"] and "autocast" in loop["fix"]

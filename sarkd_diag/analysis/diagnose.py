@@ -167,6 +167,14 @@ PHRASES = {
                   "accelerate": "the loop called `probes.step(skipped=True)` on each (a guard that drops every batch)",
                   "lightning": "`training_step` returned None on every batch (a missing `return loss`, or a guard "
                                "that drops every batch)"},
+    # a change to the model's code: offered where the caller writes it, not to `train`, which runs checkpoints as
+    # they are
+    "op_in_fp32": {"cli": "", **dict.fromkeys(("loop", "trainer", "accelerate", "lightning"),
+                                              ", or keep this op in fp32 under autocast (`torch.autocast(..., "
+                                              "enabled=False)` around it, its inputs `.float()`)")},
+    "router_in_fp32": {"cli": "", **dict.fromkeys(("loop", "trainer", "accelerate", "lightning"),
+                                                  ", or compute the router in fp32 (its weights and matmul outside "
+                                                  "float16 autocast, as MoE training in float16 does)")},
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -216,15 +224,14 @@ FIXES = {
                                  "alone and its updates grow instead of shrinking",
     "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: "
                                          "fp32 master weights and fp32 Adam moments",
-    "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range), or keep this op "
-                           "in fp32 under autocast; a loss scaler cannot fix a forward overflow",
+    "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range){op_in_fp32}; a loss "
+                           "scaler cannot fix a forward overflow",
     "activation_overflow_fp16": "{module} overflows float16 — a value beyond its 65504, or a division by a value "
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
-                                "float16): train with {bf16_mixed} (fp32's range and smallest values), or keep this "
-                                "op in fp32 under autocast; a loss scaler cannot fix a forward overflow",
-    "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — compute the "
-                            "router in fp32 (its weights and matmul outside float16 autocast, as MoE training in "
-                            "float16 does), or train with {bf16_mixed}; a loss scaler cannot fix a forward overflow",
+                                "float16): train with {bf16_mixed} (fp32's range and smallest values){op_in_fp32}; a "
+                                "loss scaler cannot fix a forward overflow",
+    "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — train with "
+                            "{bf16_mixed}{router_in_fp32}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
                                 "largest measured {amax}): most likely a constant of its code that float16 cannot "
                                 "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
