@@ -3,8 +3,12 @@
 import dataclasses
 import inspect
 
+import pytest
+
 import sarkd_diag
+from sarkd_diag import load_run
 from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.contract.errors import BadInput
 
 
 def test_distill_shows_every_option_with_its_default():
@@ -24,3 +28,14 @@ def test_a_quiet_distill_prints_nothing_and_still_writes_its_run(tiny_world, tmp
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert result.status == "completed" and (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("path", ["", "  "])
+def test_load_run_of_an_empty_path_is_refused_not_the_current_directory(tmp_path, monkeypatch, path):
+    """`load_run(os.environ.get("RUN", ""))` with RUN unset would read whatever run the notebook sits in: refused,
+    as the CLI refuses an empty RUN_DIR."""
+    (tmp_path / "config.json").write_text("{}")  # the current directory looks like a run
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput, match="empty run directory"):
+        load_run(path)
+

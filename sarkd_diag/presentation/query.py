@@ -136,7 +136,10 @@ def _what(path: Path) -> str:
 
 def run_directory(path: str | Path) -> Path:
     """The directory a user named (`~` expanded); a file in a run directory (summary.json, events.jsonl) is pointed
-    back to it."""
+    back to it. An empty path is refused, not read as the current directory (`load_run(os.environ.get("RUN", ""))`
+    with RUN unset, as the commands refuse an empty RUN_DIR)."""
+    if not str(path).strip():
+        raise BadInput(f"an empty run directory ({str(path)!r}: an unset variable?); give the run's directory")
     path = user_path(path)
     if path.is_file():
         holder = _enclosing_run(path)
