@@ -334,9 +334,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             from None
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: how it trained,
-        # not where it was written — run again from it, a new run directory, not "holds a run already" for its own
-        data = {k: v for k, v in data["options"].items() if k not in RUN_LOCATION}
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
+        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
     if not isinstance(data, dict):
         raise BadInput(f"--config {path}: expected a mapping of option names to values")
     options = {key.replace("-", "_"): value for key, value in data.items()}
