@@ -930,10 +930,9 @@ def test_a_fix_that_says_to_clip_knows_the_run_clips_already(caller, options, no
              "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 50.0},
             {"kind": "nonfinite_param", "severity": "critical", "step": 2, "phase": "optimizer", "model": "student",
              "tensor": "h.0.mlp.c_proj.weight"}]
-    if note is not None:
-        rows.append({"kind": "setup_note", "code": "clipping", "severity": "info", "step": 1, "phase": "backward",
-                     "value": note})
     metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": 1.0, "loss": [4.0, math.nan]})
+    if note is not None:
+        metrics["clip_max_norm"] = note
     (cause,) = causes(log(*rows), metrics, caller=caller, mode="fp32", options=options)
     assert cause["cause"] == "divergence" and "clip with" in cause["fix"]
     assert (says in cause["fix"]) if says else ("already" not in cause["fix"])

@@ -534,14 +534,14 @@ class RunRecord:
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
 
     def clip_threshold(self) -> float | None:
-        """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the
-        `clipping` note the probes write at the loop's first `clip_grad_norm_` (Trainer, accelerate and Lightning
-        clip through it); None where nothing clipped."""
+        """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the last
+        `clip_max_norm` the probes read at the loop's `clip_grad_norm_` (the Trainer, accelerate and Lightning clip
+        through it); None where nothing clipped."""
         if self.caller == "cli":
             value = number_or_none((self.config.get("options") or {}).get("max_grad_norm"))
             return value if value else None
-        notes = self.of("setup_note", "clipping")
-        return number_or_none(_first(notes).get("value")) if len(notes) else None
+        thresholds = self.train_column("clip_max_norm")
+        return float(thresholds.iloc[-1]) if len(thresholds) else None
 
     def lr_at(self, step: int, model: str | None) -> float | None:
         """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;

@@ -91,7 +91,6 @@ CODES = {
                                "were given: optimizer.step() is never called",
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
-    "clipping": "setup_note: the loop clips the gradients' total norm (value: the threshold), said once",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
                            "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
     "scaler_fp16_weights": "setup_note: a loss scaler over float16 trainable weights: GradScaler refuses to unscale "

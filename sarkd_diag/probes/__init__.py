@@ -273,10 +273,11 @@ class ProbeSet:
         for probe in self.probes:
             probe.after_optimizer_step()
 
-    def observe_grad_norm(self, norm: torch.Tensor | float) -> None:
-        """The total gradient norm the loop's clipping computed (unscaled, before clipping): the `grad_norm` column."""
+    def observe_grad_norm(self, norm: torch.Tensor | float, max_norm: float | None = None) -> None:
+        """The total gradient norm the loop's clipping computed (unscaled, before clipping): the `grad_norm` column;
+        the threshold it clips at (when known): `clip_max_norm`."""
         if self._gradients is not None:
-            self._gradients.observe_norm(norm)
+            self._gradients.observe_norm(norm, max_norm)
 
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""
@@ -502,17 +503,13 @@ class Probes:
 
     def _before_clipping(self, parameters: list, total_norm: torch.Tensor, max_norm: float) -> None:
         """torch is about to clip gradients by `total_norm` (`clipping.py`): read them first — the step's, once
-        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`. The
-        threshold is said once (a `clipping` note): a fix that would tell the loop to clip knows it already does."""
+        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`, the
+        threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already does)."""
         if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
             return
-        if self.events.say_once("clipping") and math.isfinite(float(max_norm)):
-            self.events.record("setup_note", "info", f"the loop clips the gradients' total norm at {float(max_norm):g}",
-                               step=self.ctx.step, probe="gradients", phase="backward", code="clipping",
-                               value=float(max_norm))
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
-            self.set.observe_grad_norm(total_norm)
+            self.set.observe_grad_norm(total_norm, max_norm)
         elif self.events.say_once("clip_before_unscale"):
             self._clipped_while_scaled()
 

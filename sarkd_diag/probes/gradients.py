@@ -59,6 +59,7 @@ class GradientProbe(Probe):
         self._grads: list[torch.Tensor | None] = []
         self._underflow = None
         self._norm = None  # the total norm the loop's clipping returned, this step
+        self._clip_max_norm: float | None = None  # the threshold it clipped at, this step (finite: a clipping)
         self._arrival: dict[int, int] = {}
         self._clock = itertools.count()
         self._handles = []
@@ -81,8 +82,11 @@ class GradientProbe(Probe):
     def begin_step(self) -> None:
         self._arrival.clear()
 
-    def observe_norm(self, norm: torch.Tensor | float) -> None:
-        """The total norm the loop's clipping computed (before clipping): kept on the device for the step's transfer."""
+    def observe_norm(self, norm: torch.Tensor | float, max_norm: float | None = None) -> None:
+        """The total norm the loop's clipping computed (before clipping): kept on the device for the step's transfer;
+        and the threshold it clips at, when known and finite (a fix that says to clip names it)."""
+        if max_norm is not None and math.isfinite(float(max_norm)):
+            self._clip_max_norm = float(max_norm)
         if torch.is_tensor(norm):
             self._norm = (norm if type(norm) is torch.Tensor else local_shard(norm)).detach().float()
         else:
@@ -154,6 +158,8 @@ class GradientProbe(Probe):
             self._report_not_cleared()
         amax = host.get("grad_amax")
         metrics: dict = {} if host.get("grad_norm") is None else {"grad_norm": host["grad_norm"]}
+        if self._clip_max_norm is not None:
+            metrics["clip_max_norm"], self._clip_max_norm = self._clip_max_norm, None
         if host.get("grad_underflow") is not None:
             tiny, nonzero = host["grad_underflow"]
             metrics["grad_fp16_underflow_fraction"] = tiny / nonzero if nonzero else 0.0

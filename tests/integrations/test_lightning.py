@@ -403,7 +403,7 @@ def test_batches_a_training_step_drops_are_skipped_steps_and_no_loss_cut_off(tmp
     _fit(Skipping(tiny.make_gpt2(VOCAB), skip=lambda i: i in (1, 2)), tmp_path / "some", max_steps=6)
     run = load_run(tmp_path / "some")
     assert run["metrics"]["skipped"].fillna(0).tolist() == [0, 1, 1, 0, 0, 0]
-    assert [c for c in run["events"]["code"] if c != "clipping"] == ["caller_skipped_step"] * 2
+    assert run["events"]["code"].tolist() == ["caller_skipped_step"] * 2
     assert run["summary"]["diagnosis"] == []
 
     _fit(Skipping(tiny.make_gpt2(VOCAB), skip=lambda i: True), tmp_path / "all")
