@@ -548,6 +548,23 @@ def _probes(model, opt, scaler, run_dir):
     return Probes(model, optimizer=opt, scaler=scaler, run_dir=run_dir)
 
 
+def amp_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path) -> list[float]:
+    """The AMP recipe a user writes: float16 autocast, a GradScaler's scaled backward, step and update, then
+    `probes.step()` and `zero_grad()`; returns each step's loss."""
+    scaler, losses = torch.amp.GradScaler("cpu"), []
+    with _probes(model, opt, scaler, run_dir) as probes:
+        for ids in batches:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    return losses
+
+
 def plain_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path, schedule=None,
                     after_step: Callable[[], None] | None = None) -> list[float]:
     """The loop most people write, watched by Probes: forward, backward, the optimizer's step (`after_step()` right
@@ -1245,19 +1262,7 @@ def fp16_attention_scores_overflow(world: World, tmp: Path) -> Outcome:
     q, k, _ = qkv["out"].split(attn.embed_dim, -1)
     heads = (*q.shape[:2], attn.num_heads, attn.head_dim)
     scores = q.view(heads).transpose(1, 2) @ k.view(heads).transpose(1, 2).transpose(-1, -2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu")
-    losses = []
-    with _probes(model, opt, scaler, tmp / "run") as probes:
-        for ids in token_batches(world, 3):
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(input_ids=ids, labels=ids).loss
-            losses.append(float(loss.detach()))
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+    losses = amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 3), tmp / "run")
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(c_attn_amax=round(float(qkv["out"].abs().max()), 1),
                          qk_amax_fp32=round(float(scores.abs().max()), 1), losses=losses)
@@ -1685,17 +1690,7 @@ def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
         model.get_parameter(MOE_STUDENT_ROUTER + ".weight").mul_(4e5)
     batches = token_batches(world, 2)
     first, largest_weight = first_beyond_fp16(forward_extremes(model, batches[0])), max_weight(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu")
-    with _probes(model, opt, scaler, tmp / "run") as probes:
-        for ids in batches:
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(input_ids=ids, labels=ids).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+    amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches, tmp / "run")
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
     outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
@@ -1708,19 +1703,9 @@ def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
     refuses to unscale float16 gradients: `scaler.step(opt)` raises at step 1, before anything numerical shows."""
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab).half()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu")
     raised = None
     try:
-        with _probes(model, opt, scaler, tmp / "run") as probes:
-            for ids in token_batches(world, 2):
-                with torch.autocast("cpu", dtype=torch.float16):
-                    loss = model(input_ids=ids, labels=ids).loss
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                probes.step(loss=loss, labels=ids)
-                opt.zero_grad()
+        amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 2), tmp / "run")
     except ValueError as exc:
         raised = str(exc)
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
