@@ -278,6 +278,8 @@ class ActivationProbe(Probe):
             with torch.no_grad(), torch.autocast(device.type, enabled=False), torch.random.fork_rng(
                     devices=[] if device.type == "cpu" else [device], device_type=device.type):
                 t = _first_tensor(torch.func.functional_call(module, wide, tuple(cast), kwcast))
+        except Exception:  # noqa: BLE001 — a module that cannot run apart (sharded weights, a stateful forward)
+            t = None  # tells nothing; the probes never break the training they watch
         finally:
             if counted is None:
                 self.ctx.training_forward.pop(model_name, None)

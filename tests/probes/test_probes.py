@@ -1506,3 +1506,24 @@ def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module
     assert replays == ([] if autocast is None else [(2, made_by is Root)])
     assert ("(1 - mask) * -1e9" in found["fix"]) is (made_by is FullyMaskedRow)
     probes.close()
+
+
+class HalfOnlyRoot(Root):
+    def forward(self, h):
+        if h.dtype != torch.float16:
+            raise TypeError("this kernel takes float16 only")  # as a fused half-precision kernel would
+        return super().forward(h)
+
+
+def test_a_module_that_cannot_run_in_float32_is_not_replayed_and_training_goes_on():
+    """The float32 replay runs a module apart from its model; one that cannot (a float16-only kernel, sharded
+    weights) tells nothing — the probes never break the training they watch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), HalfOnlyRoot(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    probes = Probes(model, optimizer=opt, scaler=scaler)
+    _train(model, probes, opt, steps=3, scaler=scaler, autocast=torch.float16)
+    assert _events(probes, "wide_replay") == [] and len(probes.rows) == 3
+    assert probes.diagnosis()[0]["cause"] == "activation_overflow"
+    probes.close()
