@@ -28,7 +28,8 @@ then takes, and a finite value made between modules is no module's output (the h
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
 inputs (the sqrt or log of a negative, 0/0), NaN in any precision. So the first such module is watched on the
-forwards that follow (its output checked, one sync a forward, on this failure path only): the first time its
+training forwards that follow (its output checked, one sync a forward, on this failure path only, and for at most
+WIDE_REPLAY_TRIES of them — a fault that does not come back costs no sync for the rest of the run): the first time its
 float16 output is non-finite again from finite inputs and finite weights, it is run once more on those inputs in
 float32 — float32 copies of its weights and buffers (`torch.func.functional_call`), autocast off, no gradients,
 the RNG state forked, its children's statistics not counted — and the result is a `wide_replay` event: finite
@@ -48,6 +49,8 @@ import torch
 from torch import nn
 
 from .base import FP16_MAX, Probe, dtype_name, eager, in_backward
+
+WIDE_REPLAY_TRIES = 16  # training forwards of the suspect module checked for a non-finite output to run in float32
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -79,6 +82,7 @@ class ActivationProbe(Probe):
         self._suspect: tuple[str, str] | None = None  # (model, module) whose float16 output was non-finite
         self._suspect_handles: list = []  # its hooks until it is run in float32 (`_replay_wide`)
         self._suspect_inputs: tuple | None = None
+        self._suspect_tries = 0  # its training forwards checked so far
 
     def begin_step(self) -> None:
         self._running, self._read = [], {}
@@ -254,7 +258,13 @@ class ActivationProbe(Probe):
         def check(module, _inputs, output):
             inputs, self._suspect_inputs = self._suspect_inputs, None
             t = _first_tensor(output)
-            if inputs is None or t is None or t.dtype != torch.float16 or bool(torch.isfinite(t).all()):
+            if inputs is None or t is None or t.dtype != torch.float16:
+                return
+            self._suspect_tries += 1
+            if self._suspect_tries > WIDE_REPLAY_TRIES:
+                self._stop_watching_suspect()
+                return
+            if bool(torch.isfinite(t).all()):
                 return
             tensors = chain(_floating(*inputs), (p for p in module.parameters() if p.is_floating_point()))
             if all(bool(torch.isfinite(x).all()) for x in tensors):  # else what it was handed was non-finite
@@ -264,9 +274,7 @@ class ActivationProbe(Probe):
 
     def _replay_wide(self, model_name: str, module_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the module once more on the same inputs in float32 and record what it makes (`wide_replay`)."""
-        for h in self._suspect_handles:
-            h.remove()
-        self._suspect_handles = []
+        self._stop_watching_suspect()
         wide = {name: t.float() if t.is_floating_point() else t
                 for name, t in chain(module.named_parameters(), module.named_buffers())}
         cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
@@ -299,6 +307,11 @@ class ActivationProbe(Probe):
             step=self.ctx.step, phase="forward", probe=self.name, model=model_name, module=module_name,
             dtype="float32", value=amax, numel=t.numel())
 
+    def _stop_watching_suspect(self) -> None:
+        for h in self._suspect_handles:
+            h.remove()
+        self._suspect_handles = []
+
     def _report_once(self, key: tuple, kind: str, severity: str, message: str, **fields) -> None:
         if key not in self._reported:
             self._reported.add(key)
@@ -312,9 +325,7 @@ class ActivationProbe(Probe):
 
     def close(self) -> None:
         self._detach()
-        for h in self._suspect_handles:
-            h.remove()
-        self._suspect_handles = []
+        self._stop_watching_suspect()
 
 
 def root_label(model: nn.Module) -> str:

@@ -1527,3 +1527,29 @@ def test_a_module_that_cannot_run_in_float32_is_not_replayed_and_training_goes_o
     assert _events(probes, "wide_replay") == [] and len(probes.rows) == 3
     assert probes.diagnosis()[0]["cause"] == "activation_overflow"
     probes.close()
+
+
+class NegativeOnce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return torch.sqrt(h - 1e3) if self.calls == 1 else h  # NaN on the first batch only
+
+
+def test_a_float16_fault_that_does_not_come_back_is_watched_for_a_bounded_number_of_forwards():
+    """The module whose float16 output turned non-finite is checked (a host sync) on the forwards after it, to be
+    run in float32 if the fault comes back; one that never does is let go after WIDE_REPLAY_TRIES forwards."""
+    from sarkd_diag.probes.activations import WIDE_REPLAY_TRIES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NegativeOnce(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    probes = Probes(model, optimizer=opt, scaler=scaler)
+    _train(model, probes, opt, steps=WIDE_REPLAY_TRIES + 2, scaler=scaler, autocast=torch.float16)
+    assert _events(probes, "nonfinite_activation") and _events(probes, "wide_replay") == []
+    assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+    probes.close()
