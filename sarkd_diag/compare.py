@@ -5,7 +5,7 @@ continue`) from the same options — so the same initial weights, data order and
 run directory under OUT/runs/MODE/. A process per mode keeps peak memory apart (the CPU's peak resident
 set, or CUDA's max_memory_allocated, of that process alone) and means a mode that crashes is recorded
 as `failed (reason)` while the others still run. The table is read back from each run's summary.json and
-events; verdicts come from analysis/verdicts.py.
+events; verdicts and the recommendation across them come from analysis/verdicts.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+from rich.markup import escape
 
-from .analysis.verdicts import THRESHOLDS, Verdict, verdict
+from .analysis.verdicts import THRESHOLDS, Recommendation, Verdict, recommend, verdict
 from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
 from .contract.errors import BadInput
 from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
@@ -75,13 +77,14 @@ class ModeRun:
 @dataclass
 class CompareResult:
     """The comparison: its directory, the table (as comparison.csv/.parquet hold it, verdicts as text), the
-    summary, the exit code, and each mode's verdict as a value, in the table's order."""
+    summary, the exit code, each mode's verdict as a value, in the table's order, and the recommendation."""
 
     output_dir: Path
     table: pd.DataFrame
     summary: dict
     exit_code: int = 0
     verdicts: list[Verdict] = field(default_factory=list)
+    recommendation: Recommendation | None = None
 
 
 def resolve_modes(requested: Sequence[str] | str | None, model_dtype: str | None, caps) -> list[str]:
@@ -183,15 +186,16 @@ def _figure(value) -> float:
     return math.nan if number is None else number
 
 
-def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
-    """One mode's row (without verdict and drift, which need the other modes), its cause codes and its
-    failure, if any (the process failed, or the run closed as failed or crashed)."""
+def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | None]:
+    """One mode's row (without verdict and drift, which need the other modes), its cause codes, its
+    failure, if any (the process failed, or the run closed as failed or crashed), and its root cause's fix."""
     summary_path = result.run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     final = summary.get("final") or {}
     events = load_events(result.run_dir) if result.run_dir.is_dir() else None
     params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
-    causes = [d["cause"] for d in summary.get("diagnosis", [])]
+    diagnosis = summary.get("diagnosis", [])
+    causes = [d["cause"] for d in diagnosis]
     status = summary.get("status")
     failure = result.failure or (f"run {status}" if status in ("failed", "crashed") else None)
     row = {
@@ -207,23 +211,33 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None]:
         "tokens_per_s": _figure(final.get("tokens_per_s")),
         "peak_memory_mb": _figure(final.get("peak_memory_mb")),
     }
-    return row, causes, failure
+    return row, causes, failure, diagnosis[0].get("fix") if diagnosis else None
 
 
-def comparison_table(results: list[ModeRun]) -> tuple[pd.DataFrame, list[Verdict]]:
-    """docs/run-directory.md's columns, one row per mode, and each mode's verdict; the table holds the verdict
-    as its text. drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
+class Comparison(NamedTuple):
+    """The table (docs/run-directory.md's columns, verdicts as text), each mode's verdict, and the recommendation."""
+
+    table: pd.DataFrame
+    verdicts: list[Verdict]
+    recommendation: Recommendation
+
+
+def comparison_table(results: list[ModeRun]) -> Comparison:
+    """docs/run-directory.md's columns, one row per mode, each mode's verdict (the table holds it as its text)
+    and the recommendation across them. drift_vs_fp32 is NaN (shown `n/a`) when fp32 did not run."""
     rows = [comparison_row(r) for r in results]
-    reference = next((row["final_eval_ppl"] for row, _, _ in rows if row["mode"] == "fp32"), math.nan)
+    reference = next((row["final_eval_ppl"] for row, *_ in rows if row["mode"] == "fp32"), math.nan)
     verdicts = []
-    for row, causes, failure in rows:
+    for row, causes, failure, _ in rows:
         ppl = row["final_eval_ppl"]
         finite_reference = math.isfinite(reference) and reference > 0
         row["drift_vs_fp32"] = (ppl - reference) / reference if finite_reference and not math.isnan(ppl) else math.nan
         verdicts.append(verdict(row, causes, failure))
         row["verdict"] = str(verdicts[-1])
-    frame = pd.DataFrame([row for row, _, _ in rows], columns=COLUMNS)
-    return frame.astype({"first_nonfinite_step": "Int64"}), verdicts
+    frame = pd.DataFrame([row for row, *_ in rows], columns=COLUMNS)
+    fp32_fix = next((fix for row, *_, fix in rows if row["mode"] == "fp32"), None)
+    recommendation = recommend([row for row, *_ in rows], verdicts, fp32_fix)
+    return Comparison(frame.astype({"first_nonfinite_step": "Int64"}), verdicts, recommendation)
 
 
 def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summary: dict,
@@ -250,9 +264,9 @@ def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summa
     return [name for name in OUTPUTS if (out / name).exists()]
 
 
-def _summary(out: Path, table: pd.DataFrame, results: list[ModeRun], options: dict, device: dict) -> dict:
+def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options: dict, device: dict) -> dict:
     rows = []
-    for row in table.astype(object).to_dict("records"):
+    for row in comparison.table.astype(object).to_dict("records"):
         clean = {k: (None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v)
                  for k, v in row.items()}
         clean["drift_vs_fp32"] = "n/a" if clean["drift_vs_fp32"] is None else clean["drift_vs_fp32"]
@@ -266,6 +280,7 @@ def _summary(out: Path, table: pd.DataFrame, results: list[ModeRun], options: di
         "options": options,
         "thresholds": THRESHOLDS,
         "rows": rows,
+        "recommendation": {"mode": comparison.recommendation.mode, "text": comparison.recommendation.text},
         "runs": {r.mode: {"run_dir": str(r.run_dir), "exit_code": r.returncode, "seconds": round(r.seconds, 2),
                           "failure": r.failure} for r in results},
         "output_dir": str(out),
@@ -321,13 +336,14 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")
-    table, verdicts = comparison_table(results)
-    summary = _summary(out, table, results, run_options, {"type": caps.device_type, "name": caps.name})
+    table, verdicts, recommendation = comparison = comparison_table(results)
+    summary = _summary(out, comparison, results, run_options, {"type": caps.device_type, "name": caps.name})
     written = write_outputs(out, table, verdicts, summary, results)
     console.print(rich_table(table, verdicts))
+    console.print(f"[bold]recommendation[/]: {escape(recommendation.text)}")
     others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
     console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
-    return CompareResult(out, table, summary, 0, verdicts)
+    return CompareResult(out, table, summary, 0, verdicts, recommendation)
 
 
 def rebuild_comparison(out: str | Path) -> CompareResult:
@@ -342,8 +358,8 @@ def rebuild_comparison(out: str | Path) -> CompareResult:
     known = previous.get("runs", {})
     results = [ModeRun(m, out / "runs" / m, known.get(m, {}).get("exit_code", 0), known.get(m, {}).get("seconds", 0.0),
                        known.get(m, {}).get("failure")) for m in ran]
-    table, verdicts = comparison_table(results)
+    table, verdicts, recommendation = comparison = comparison_table(results)
     device = previous.get("device") or json.loads((out / "runs" / ran[0] / "config.json").read_text())["device"]
-    summary = _summary(out, table, results, started["options"], device)
+    summary = _summary(out, comparison, results, started["options"], device)
     write_outputs(out, table, verdicts, summary, results)
-    return CompareResult(out, table, summary, 0, verdicts)
+    return CompareResult(out, table, summary, 0, verdicts, recommendation)

@@ -115,9 +115,9 @@ def test_a_comparison_report_html_holds_the_table_figures_diagnoses_and_events(t
     out = tmp_path / "compare"
     results = [ModeRun("fp32", user_loop(out / "runs" / "fp32", bad_step=None, steps=2), 0, 1.0),
                ModeRun("pure-fp16", user_loop(out / "runs" / "pure-fp16"), 0, 1.0)]
-    table, verdicts = comparison_table(results)
+    table, verdicts, _ = comparison = comparison_table(results)
     options = {"train_steps": 4, "student_lr": 1e-3, "seed": 0, "probe_every": 1}
-    summary = _summary(out, table, results, options, {"type": "cpu", "name": "cpu"})
+    summary = _summary(out, comparison, results, options, {"type": "cpu", "name": "cpu"})
     written = write_outputs(out, table, verdicts, summary, results)
     assert "report.html" in written
     page = Page((out / "report.html").read_text(encoding="utf-8"))

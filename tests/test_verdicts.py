@@ -8,9 +8,11 @@ from sarkd_diag.analysis.verdicts import (
     DRIFT_VS_FP32,
     DRIFTING_LOST_UPDATES,
     KINDS,
+    SPEED_TIE,
     STAGNANT_LOST_UPDATES,
     THRESHOLDS,
     Verdict,
+    recommend,
     verdict,
 )
 
@@ -85,3 +87,63 @@ def test_a_verdict_is_a_value_whose_fields_say_what_its_text_says():
 @pytest.mark.parametrize("name", sorted(THRESHOLDS))
 def test_thresholds_are_fractions(name):
     assert 0 < THRESHOLDS[name] < 1
+
+
+# ------------------------------------------------------------------------------------ the recommendation
+def mode(name: str, tokens_per_s: float = 1000.0, peak_memory_mb: float = 500.0) -> dict:
+    return {"mode": name, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak_memory_mb}
+
+
+STABLE = Verdict("stable")
+
+
+def test_no_mode_is_recommended_when_fp32_itself_fails_and_its_fix_is_given():
+    """Every mode diverges at a huge lr: lower precision only rounds more, so the run's own fix is the answer."""
+    divergence = Verdict("drifting", cause="divergence")
+    advice = recommend([mode("fp32"), mode("bf16-mixed")], [divergence, divergence], "lower `--student-lr`")
+    assert advice.mode is None
+    assert advice.text.startswith("fp32 itself is `drifting (divergence)`, as is every mode")
+    assert advice.text.endswith("fix the run first: lower `--student-lr`")
+    alone = recommend([mode("fp32"), mode("bf16-mixed")], [Verdict("corrupted", 3, "loss_nonfinite"), STABLE])
+    assert alone.mode is None and "as is every mode" not in alone.text and "runs/fp32/report.md" in alone.text
+
+
+def test_the_fastest_stable_mode_is_recommended_with_its_cost_against_fp32():
+    rows = [mode("fp32", 600, 583), mode("mixed", 282, 541), mode("bf16-mixed", 1829, 847), mode("pure-fp16", 926)]
+    verdicts = [STABLE, STABLE, STABLE, Verdict("corrupted", 1, "optimizer_eps_underflow")]
+    advice = recommend(rows, verdicts)
+    assert advice.mode == "bf16-mixed"
+    assert advice.text.startswith("train in `bf16-mixed` (`--precision bf16-mixed`): stable, at 3× the tokens/s "
+                                  "and 1.5× the peak memory of `fp32`.")
+    assert "Also stable: `fp32` (0.33× its tokens/s, 0.69× its peak memory), `mixed` (0.15× its tokens/s, 0.64× its " \
+           "peak memory)." in advice.text
+    assert "`pure-fp16` is `corrupted@1 (optimizer_eps_underflow)`" in advice.text
+    assert "drift" not in advice.text  # fp32 ran: drift was measured
+
+
+def test_within_the_speed_tie_the_least_memory_wins():
+    near = 1000 * (1 - SPEED_TIE / 2)
+    assert recommend([mode("fp32", 1000, 900), mode("bf16-mixed", near, 600)], [STABLE, STABLE]).mode == "bf16-mixed"
+    far = 1000 * (1 - SPEED_TIE * 2)
+    fastest = recommend([mode("fp32", 1000, 900), mode("bf16-mixed", far, 600)], [STABLE, STABLE])
+    assert fastest.mode == "fp32" and "the fastest stable mode here" in fastest.text
+    unmeasured = recommend([mode("fp32", math.nan, math.nan), mode("mixed", math.nan, math.nan)], [STABLE, STABLE])
+    assert unmeasured.mode == "fp32" and unmeasured.text.startswith(
+        "train in `fp32` (`--precision fp32`): stable, and the fastest stable mode here. Also stable: `mixed`.")
+    partly = recommend([mode("mixed", math.nan, 400), mode("fp32", 1000, 800)], [STABLE, STABLE])
+    assert partly.mode == "fp32"  # the only speed measured is the fastest
+    assert "Also stable: `mixed` (0.5× its peak memory)." in partly.text
+
+
+def test_without_a_stable_fp32_the_recommendation_says_what_was_not_measured():
+    lost = Verdict("stagnant", cause="update_underflow")
+    advice = recommend([mode("mixed"), mode("pure-bf16")], [Verdict("failed", cause="exit 3"), lost])
+    assert advice.mode is None and "run fp32 too (add it to --modes)" in advice.text
+    oom = recommend([mode("fp32"), mode("bf16-mixed")], [Verdict("failed", cause="killed by SIGKILL"), STABLE])
+    assert oom.mode == "bf16-mixed"  # fp32 ran out of memory: that is no numerical failure of the run
+    assert oom.text.endswith("fp32 failed (killed by SIGKILL): drift from full precision was not measured.")
+    alone = recommend([mode("bf16-mixed")], [STABLE])
+    assert alone.text == ("train in `bf16-mixed` (`--precision bf16-mixed`): stable. fp32 was not among the modes: "
+                          "drift from full precision was not measured.")
+    neither = recommend([mode("fp32"), mode("bf16-mixed")], [Verdict("failed", cause="exit 3"), lost])
+    assert neither.mode is None and "fp32 failed as well (exit 3)" in neither.text

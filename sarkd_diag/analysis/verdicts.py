@@ -6,6 +6,10 @@ skipped by the loss scaler) → `stagnant (cause)`; some were lost, or the final
 fp32's → `drifting (cause)`; otherwise `stable`. Stagnation is judged from lost updates, never from slow
 loss progress: a slow but exact fp32 run at a tiny learning rate is `stable`. A verdict is a value (kind,
 step, cause), written as that text by `str()`: what reads one uses its fields, not the text.
+
+Across the modes, `recommend` answers the question a comparison is run for — which mode to train in — or
+says why none can be named: when fp32 itself fails, no precision is the fix, and the run's own fix is
+given instead.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ STAGNANT_LOST_UPDATES = 0.50  # median lost-update fraction above this: the weig
 DRIFTING_LOST_UPDATES = 0.10  # above this (and up to the stagnant threshold): trains, but not as fp32 does
 DRIFT_VS_FP32 = 0.05  # final validation perplexity more than 5% (relative) away from the fp32 run's
 STAGNANT_SKIPPED_FRACTION = 0.50  # more than half of the optimizer steps skipped by the loss scaler
+SPEED_TIE = 0.10  # stable modes within this fraction of the fastest one's tokens/s count as fast as it (a short
+#                   comparison's speeds scatter about this much on a shared machine): the least memory decides
 
 THRESHOLDS = {
     "stagnant_lost_update_fraction": STAGNANT_LOST_UPDATES,
     "drifting_lost_update_fraction": DRIFTING_LOST_UPDATES,
     "drifting_eval_ppl_vs_fp32": DRIFT_VS_FP32,
     "stagnant_skipped_step_fraction": STAGNANT_SKIPPED_FRACTION,
+    "recommend_speed_tie": SPEED_TIE,
 }
 
 
@@ -71,3 +78,90 @@ def verdict(row: dict, causes: list[str], failure: str | None = None) -> Verdict
     if ppl is not None and not math.isfinite(ppl):
         return Verdict("drifting", cause=top or "non-finite eval ppl")
     return Verdict("stable")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The comparison's answer: the mode to train in (None when none can be named) and why, one or two
+    sentences (markdown code spans), as comparison.md, the .html files, summary.json and the terminal give it."""
+
+    mode: str | None
+    text: str
+
+
+def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = None) -> Recommendation:
+    """Which mode to train in, from the table's rows (`mode`, `tokens_per_s`, `peak_memory_mb`), their
+    verdicts, and the fix of fp32's root cause when fp32 has one.
+
+    fp32 is the reference: when it is not stable for a numerical reason, no precision can fix the run (a
+    lower one only rounds more), so none is recommended and fp32's fix is given. Otherwise the fastest stable
+    mode is recommended (the least memory among those within SPEED_TIE of it), with its cost against fp32
+    and the trade-off of every other stable mode.
+    """
+    judged = {row["mode"]: v for row, v in zip(rows, verdicts, strict=True)}
+    unstable = [f"`{mode}` is `{v}`" for mode, v in judged.items() if v.kind != "stable"]
+    fp32 = judged.get("fp32")
+    if fp32 is not None and fp32.kind not in ("stable", "failed"):
+        every = len(judged) > 1 and all(v.kind != "stable" and v.cause == fp32.cause for v in judged.values())
+        return Recommendation(None, f"fp32 itself is `{fp32}`{', as is every mode' if every else ''}: no "
+                                    "precision mode fixes this run, so none is recommended — fix the run first: "
+                                    + (fp32_fix or "see runs/fp32/report.md"))
+    stable = [row for row in rows if judged[row["mode"]].kind == "stable"]
+    if not stable:
+        why = ("run fp32 too (add it to --modes) to tell whether precision is the cause" if fp32 is None else
+               f"fp32 failed as well ({fp32.cause}), so whether precision is the cause is not known")
+        return Recommendation(None, f"no mode is stable ({'; '.join(unstable)}): {why}")
+    best = _fastest(stable)
+    sentences = [f"train in `{best['mode']}` (`--precision {best['mode']}`): {_cost(best, rows, len(stable))}"]
+    if len(stable) > 1:
+        sentences.append("Also stable: " + ", ".join(
+            f"`{row['mode']}`" + (f" ({', '.join(f'{r:.2g}× its {label}' for r, label in ratios)})"
+                                   if (ratios := _ratios(row, best)) else "")
+            for row in stable if row is not best))
+    if unstable:
+        sentences.append("; ".join(unstable))
+    if fp32 is None or fp32.kind == "failed":
+        sentences.append("fp32 " + ("was not among the modes" if fp32 is None else f"failed ({fp32.cause})")
+                         + ": drift from full precision was not measured")
+    return Recommendation(best["mode"], ". ".join(sentences) + ".")
+
+
+def _fastest(stable: list[dict]) -> dict:
+    """The fastest row (tokens/s), or among the rows within SPEED_TIE of it the one with the least peak memory;
+    the first row when nothing was measured."""
+    speeds = [_figure(row, "tokens_per_s") or 0.0 for row in stable]
+    near = [row for row, speed in zip(stable, speeds, strict=True) if speed >= (1 - SPEED_TIE) * max(speeds)]
+    return min(near, key=lambda row: _figure(row, "peak_memory_mb") or math.inf)
+
+
+def _cost(best: dict, rows: list[dict], n_stable: int) -> str:
+    fp32 = next((row for row in rows if row["mode"] == "fp32"), None)
+    if best["mode"] == "fp32":
+        return "the only stable mode" if n_stable == 1 else "stable, and the fastest stable mode here"
+    if fp32 is None:
+        return "stable"
+    return f"stable, at {_against(best, fp32)}"
+
+
+def _against(row: dict, reference: dict) -> str:
+    """`1.6× the tokens/s and 0.7× the peak memory of `fp32``, leaving out what either did not measure."""
+    ratios = _ratios(row, reference)
+    if not ratios:
+        return "a speed and memory not measured"
+    return " and ".join(f"{r:.2g}× the {label}" for r, label in ratios) + f" of `{reference['mode']}`"
+
+
+def _ratios(row: dict, reference: dict) -> list[tuple[float, str]]:
+    """The row's tokens/s and peak memory as multiples of the reference's, those both measured."""
+    return [(ratio, label) for column, label in (("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory"))
+            if (ratio := _ratio(row, reference, column)) is not None]
+
+
+def _ratio(row: dict, reference: dict, column: str) -> float | None:
+    a, b = _figure(row, column), _figure(reference, column)
+    return a / b if a is not None and b else None
+
+
+def _figure(row: dict, column: str) -> float | None:
+    value = number_or_none(row.get(column))
+    return value if value is not None and math.isfinite(value) and value > 0 else None

@@ -286,9 +286,11 @@ def rich_table(table: pd.DataFrame, verdicts: list[Verdict], title: str = "compa
 
 
 def legend(summary: dict) -> list[str]:
+    """What a comparison's files say above its table: the recommendation, the setting, the verdicts' meaning."""
     t = summary["thresholds"]
     reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
     return [
+        f"Recommendation: {summary['recommendation']['text']}",
         f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
         f"seed {summary['options']['seed']}; probes every {counted(summary['options']['probe_every'], 'step')}; "
         f"drift reference: {reference}.",
@@ -301,7 +303,7 @@ def legend(summary: dict) -> list[str]:
 
 
 def write_comparison_markdown(table: pd.DataFrame, summary: dict, path: Path, loss_scale: bool = True) -> None:
-    lines = ["# sarkd-diag compare-precision", "", *legend(summary), "",
+    lines = ["# sarkd-diag compare-precision", ""] + [part for line in legend(summary) for part in (line, "")] + [
              "| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(table)]
     lines += ["", "Each mode's run directory, report and diagnosis: `runs/<mode>/` (`sarkd-diag events` and "

@@ -47,6 +47,7 @@ def test_every_mode_ran_and_the_command_exits_0(compared):
         assert (out / "runs" / mode / "summary.json").is_file()
         assert mode in stdout
     assert "stagnant" in stdout and "corrupted@1" in stdout  # the rich table
+    assert "recommendation: train in `fp32` (`--precision fp32`): the only stable mode" in " ".join(stdout.split())
 
 
 def test_verdicts_at_the_originals_learning_rate(compared):
@@ -89,6 +90,9 @@ def test_output_files_conform_to_the_contract(compared):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["modes"] == ["fp32", "pure-fp16", "pure-bf16"] and summary["fp32_reference"]
     assert {r["mode"]: r["verdict"] for r in summary["rows"]}["fp32"] == "stable"
+    assert summary["recommendation"]["mode"] == "fp32"
+    assert f"Recommendation: {summary['recommendation']['text']}" in markdown
+    assert "`pure-fp16` is `corrupted@1 (" in summary["recommendation"]["text"]
     assert png_size(out / "runs" / "fp32" / "loss_curves.png")[0] >= 640  # each run's own plots
 
 
@@ -136,6 +140,8 @@ def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch):
     assert set(csv["drift_vs_fp32"]) == {"n/a"}
     assert "n/a" in (tmp_path / "cmp" / "comparison.md").read_text()
     assert not result.summary["fp32_reference"]
+    assert result.recommendation.mode is None and "run fp32 too" in result.recommendation.text
+    assert result.summary["recommendation"] == {"mode": None, "text": result.recommendation.text}
 
 
 @pytest.mark.parametrize(("flag", "named", "advice"), [
