@@ -49,8 +49,13 @@ def group_label(index: int, group: dict, watched: dict) -> str:
     if not names:
         return f"parameter group {index}"
     models = sorted({w.model for w in names})
+    return f"{'/'.join(models)}: {tensor_span(names)}"
+
+
+def tensor_span(names: list) -> str:
+    """`14 tensors, first.weight … last.weight` of watched tensors, in their order."""
     span = names[0].tensor if len(names) == 1 else f"{names[0].tensor} … {names[-1].tensor}"
-    return f"{'/'.join(models)}: {len(names)} tensor{'s' if len(names) != 1 else ''}, {span}"
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''}, {span}"
 
 
 def scheduled_lr(group: dict) -> tuple[float, str]:
@@ -175,39 +180,32 @@ class OptimizerProbe(Probe):
                     value=lost, step=self.ctx.step, code="update_below_half_ulp")
 
     def _check_eps(self, index: int, group: dict) -> None:
-        """eps against the dtype the optimizer adds it in: that of the state it keeps (torch's Adam keeps its moments
-        in the weights' dtype; transformers' Adafactor upcasts fp16 weights and keeps fp32 state), the weights' where
-        it keeps none; fp32 in torch's fused kernels."""
+        """eps against each dtype the optimizer adds it in: that of the state it keeps for a weight (torch's Adam keeps
+        its moments in the weight's dtype; transformers' Adafactor upcasts fp16 weights and keeps fp32 state), the
+        weight's where it keeps none; fp32 in torch's fused kernels. Each dtype of a group is checked, not its most
+        common one: a group of fp32 norms and biases with a few fp16 matrices divides by zero in those matrices."""
         params = [p for p in group["params"] if p.requires_grad]
         names = {id(w.param): w for w in self.ctx.watched}
-        label = group_label(index, group, names)
-        model = next((names[id(p)].model for p in params if id(p) in names), None)
-        dtype = _state_dtype(self.ctx.optimizer.state, params) or Counter(p.dtype for p in params).most_common(1)[0][0]
         eps = group.get("eps")
         if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
             eps = eps[0]
-        if eps == 0:  # set so: in every dtype and kernel, a zero second moment divides 0 by 0
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for param in params:
+            by_dtype.setdefault(_state_dtype(self.ctx.optimizer.state, [param]) or param.dtype, []).append(param)
+        for dtype, held in sorted(by_dtype.items(), key=lambda kv: torch.finfo(kv[0]).tiny, reverse=True):
+            finding = _eps_finding(eps, dtype, fused=bool(group.get("fused")))
+            if finding is None:
+                continue
+            severity, code, text = finding
+            label = group_label(index, group, names)
+            watched = [names[id(p)] for p in held if id(p) in names]
+            if len(held) < len(params) and watched:  # say which of the group's tensors
+                label += f" (its {_dtype_name(dtype)} state: {tensor_span(watched)})"
             self.ctx.events.record(
-                "optimizer_preflight", "warning",
-                f"{label}: optimizer eps is 0: any entry whose second moment is 0 (a gradient entry exactly 0 — "
-                "an embedding row not in the batch, a dead unit) divides 0 by 0 and turns the weight NaN",
-                probe=self.name, phase="optimizer", model=model, tensor=label,
-                dtype=_dtype_name(dtype), value=0.0, step=self.ctx.step, code="eps_zero")
-        elif isinstance(eps, (int, float)) and eps > 0 and not group.get("fused"):  # fused kernels add eps in fp32
-            rounded = torch.tensor(eps, dtype=dtype).item()
-            if rounded == 0.0:
-                self.ctx.events.record(
-                    "optimizer_preflight", "critical",
-                    f"{label}: optimizer eps={eps:g} is 0.0 in {_dtype_name(dtype)}: any entry whose squared "
-                    "gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN",
-                    probe=self.name, phase="optimizer", model=model, tensor=label,
-                    dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_zero")
-            elif abs(rounded) < torch.finfo(dtype).tiny:
-                self.ctx.events.record(
-                    "optimizer_preflight", "warning",
-                    f"{label}: optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as {rounded:g})",
-                    probe=self.name, phase="optimizer", model=model, tensor=label,
-                    dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code="eps_subnormal")
+                "optimizer_preflight", severity, f"{label}: {text}", probe=self.name, phase="optimizer",
+                model=next((names[id(p)].model for p in held if id(p) in names), None), tensor=label,
+                dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code=code)
+            return  # the dtype of least range first: its finding is the one that matters
 
     @staticmethod
     def _fraction_decay_rounded(params: list[torch.Tensor], factor: float) -> float:
@@ -276,6 +274,23 @@ class OptimizerProbe(Probe):
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(sum(live)),
                 model=worst.model, module=worst.module, tensor=worst.tensor, dtype=state_dtype)
         return {"state_underflow_fraction": fraction}
+
+
+def _eps_finding(eps, dtype: torch.dtype, fused: bool) -> tuple[str, str, str] | None:
+    """(severity, code, what happens) when eps added in `dtype` is 0 or subnormal there; None when it is fine."""
+    if eps == 0:  # set so: in every dtype and kernel, a zero second moment divides 0 by 0
+        return ("warning", "eps_zero", "optimizer eps is 0: any entry whose second moment is 0 (a gradient entry "
+                "exactly 0 — an embedding row not in the batch, a dead unit) divides 0 by 0 and turns the weight NaN")
+    if not isinstance(eps, (int, float)) or eps < 0 or fused:  # fused kernels add eps in fp32
+        return None
+    rounded = torch.tensor(eps, dtype=dtype).item()
+    if rounded == 0.0:
+        return ("critical", "eps_zero", f"optimizer eps={eps:g} is 0.0 in {_dtype_name(dtype)}: any entry whose "
+                "squared gradient also rounds to 0 divides by zero and fills the weights with Inf/NaN")
+    if abs(rounded) < torch.finfo(dtype).tiny:
+        return ("warning", "eps_subnormal", f"optimizer eps={eps:g} is subnormal in {_dtype_name(dtype)} (stored as "
+                f"{rounded:g})")
+    return None
 
 
 def _state_dtype(state, params: list[torch.Tensor]) -> torch.dtype | None:

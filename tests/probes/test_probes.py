@@ -782,6 +782,35 @@ def test_fp16_adamw_eps_is_caught_before_the_first_step_and_is_the_root_cause():
     assert "GradScaler" in diagnosis[0]["fix"] and "--" not in diagnosis[0]["fix"]  # a loop's words, no CLI flag
 
 
+class HalfHead(nn.Module):
+    """Three fp32 layers and an fp16 output layer in one optimizer group: most tensors (not most elements) are fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1).half()
+
+    def forward(self, x):
+        return self.head(self.third(self.second(torch.relu(self.first(x)))).half()).float() * 1e-3
+
+
+def test_adam_eps_is_checked_in_every_dtype_of_a_group_not_only_its_most_common_one():
+    """Adam keeps each weight's moments in that weight's dtype: eps=1e-8 is 0 in the fp16 head's state although
+    six of the group's eight tensors are fp32. The head's weights turn NaN at the first step; the root cause is
+    that eps, named with the tensors that hold fp16 state — not the non-finite gradient the NaN weights make next."""
+    torch.manual_seed(0)
+    model = HalfHead()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        _train(model, probes, opt, steps=2)
+    assert not torch.isfinite(model.head.weight).all()  # what the eps did
+    (event,) = [e for e in _events(probes, "optimizer_preflight") if e.severity == "critical"]
+    assert (event.step, event.dtype, event.code) == (1, "float16", "eps_zero")
+    assert event.tensor.endswith("(its float16 state: 2 tensors, head.weight … head.bias)")
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"]) == ("optimizer_eps_underflow", 1)
+
+
 def test_a_frozen_parameter_group_gets_no_warning_about_its_learning_rate():
     """lr × weight_decay is 0 in any dtype when lr is 0: a frozen group takes no step, so nothing that depends on
     the lr's size (weight decay that rounds away, updates below half an ulp) is said of it; a live group whose
