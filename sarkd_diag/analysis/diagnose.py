@@ -285,6 +285,11 @@ FIXES = {
                                        "backward, no update: {skip_call} — so nothing trained; if a guard skips "
                                        "non-finite losses, the first non-finite value is the cause (see the causes "
                                        "above), else return the loss",
+    "no_gradients_scaler_never_settled": "the loss scaler skipped all {steps} steps of the run while finding its "
+                                         "scale — each one overflowed, so no update was applied and nothing "
+                                         "trained; it started too high for a run this short: start it at or below "
+                                         "{scale} (GradScaler's `init_scale`; its default is 2**16) or run more "
+                                         "steps; precision and the learning rate are not the cause",
     "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
@@ -1362,6 +1367,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
                       evidence={"steps_skipped": row.get("numel"), "steps_closed": row.get("numel")},
                       fix=r.fix("no_gradients_every_step_skipped", steps=row.get("numel")))]
+    unsettled = r.of("setup_note", "scaler_never_settled")
+    if len(unsettled):
+        row = _first(unsettled)
+        return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
+                      evidence={"steps_skipped": row.get("numel"), "loss_scale": row["value"]},
+                      fix=r.fix("no_gradients_scaler_never_settled", steps=row.get("numel"),
+                                scale=f"{row['value']:g}"))]
     never = r.of("setup_note", "optimizer_never_stepped")
     if len(never):
         row = _first(never)
