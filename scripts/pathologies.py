@@ -510,6 +510,17 @@ def clean_cli(mode: str):
     return run
 
 
+def self_distillation_kd_only(world: World, tmp: Path) -> Outcome:
+    """The student distilled from itself on KD alone (a pipeline's sanity check): the KD term is exactly 0, its
+    minimum, and so is every gradient — nothing to learn, nothing broken."""
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--alpha-ce", "0", teacher=world.student, steps=4)
+    losses = _losses(run["metrics"])
+    outcome.facts["losses"] = losses
+    outcome.check("completed with a loss of exactly 0 on every step", outcome.exit_code == 0 and losses
+                  and all(v == 0.0 for v in losses))
+    return outcome
+
+
 def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e3", steps=8)
     rows = run["metrics"]
@@ -2014,6 +2025,8 @@ SCENARIOS: list[Scenario] = [
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),
     Scenario("clean mixed, early scaler skips", "`train --precision mixed --alpha-kd 1e3`: the scaler halves its "
              "scale on the first steps, then trains", "mixed", "CLI", clean_mixed_early_skips, CLEAN),
+    Scenario("self-distillation, KD alone", "`train --precision fp32 --alpha-ce 0` with the student as its own "
+             "teacher: KD and every gradient exactly 0", "fp32", "CLI", self_distillation_kd_only, CLEAN),
     Scenario("clean AMP loop", "user loop: autocast fp16 + GradScaler, fp32 weights, AdamW 1e-3", "mixed",
              "user loop", clean_amp_user_loop, CLEAN),
     Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "bf16-mixed",

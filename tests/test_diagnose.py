@@ -384,6 +384,24 @@ def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype
     assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
 
 
+@pytest.mark.parametrize("dtype, loss_scaling", [("float32", False), ("float16", False), ("float16", True)])
+def test_zero_gradients_of_a_loss_at_exactly_0_are_its_minimum_not_a_cut_off_or_a_flush(dtype, loss_scaling):
+    """A student identical to its teacher trained on KD alone: the KD term is exactly 0 and so is every gradient.
+    Nothing was cut off (no `.detach()`) nor flushed by float16 (no GradScaler needed): the loss sits at its minimum.
+    Said as information, with what makes a loss 0 — never as a warning with the wrong remedy."""
+    frame = log({**ZERO_GRADIENTS, "dtype": dtype})
+    metrics = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [0.0, 0.0, 0.0]})
+    config = {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"}
+    (cause,) = diagnose(frame, metrics, config)
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "info", 1)
+    assert cause["evidence"]["loss_zero"] is True and cause["evidence"]["steps_at_zero_loss"] == 3
+    assert "identical to its teacher" in cause["fix"] and "detach" not in cause["fix"]
+    assert "GradScaler" not in cause["fix"]
+    # a loss that is not 0 on the step keeps the structural reading
+    (cut,) = diagnose(frame, metrics.assign(loss=[2.5, 2.5, 2.5]), config)
+    assert cut["severity"] == "warning" and cut["cause"] in ("no_gradients", "update_underflow")
+
+
 @pytest.mark.parametrize("caller", ["loop", "trainer", "accelerate", "lightning"])
 def test_a_loss_cut_off_from_the_weights_is_named_in_the_code_the_caller_writes(caller):
     """Under the Trainer the user writes no backward and no `zero_grad()`: what cuts the loss off is their

@@ -261,6 +261,11 @@ FIXES = {
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
                     "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
+    "no_gradients_zero_loss": "the loss is exactly 0 from step {step}, where every gradient is 0, so nothing trains — "
+                              "and nothing is broken: that is the loss's minimum (a student identical to its teacher "
+                              "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
+                              "If the run should learn, check what makes it 0: a teacher that is the student itself, "
+                              "or {loss_weights} set to 0",
     "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
                                 "was built from other parameters — another model, a copy, or the model before it was "
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
@@ -280,6 +285,11 @@ FIXES = {
                                        "backward, no update: {skip_call} — so nothing trained; if a guard skips "
                                        "non-finite losses, the first non-finite value is the cause (see the causes "
                                        "above), else return the loss",
+    "no_gradients_scaler_never_settled": "the loss scaler skipped all {steps} steps of the run while finding its "
+                                         "scale — each one overflowed, so no update was applied and nothing "
+                                         "trained; it started too high for a run this short: start it at or below "
+                                         "{scale} (GradScaler's `init_scale`; its default is 2**16) or run more "
+                                         "steps; precision and the learning rate are not the cause",
     "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
@@ -1246,9 +1256,20 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
-    """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero)."""
+    """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero) — not those of a
+    step whose loss was exactly 0, which the loss explains (`_at_zero_loss`)."""
     unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
+    zero = zero[~zero.index.isin(_at_zero_loss(r, zero).index)]
     return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+
+
+def _at_zero_loss(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
+    """The `zero_gradients` events of a step whose training loss was exactly 0: a loss at 0 — the minimum of a KD
+    term between identical distributions, of a cross-entropy whose probabilities saturated at 1, or a loss weighted
+    0 — has a gradient of exactly 0 everywhere, so nothing was cut off or flushed on the way to the weights."""
+    loss = r.train_column("loss")
+    zero_steps = set(loss[loss == 0].index)
+    return zero[zero["step"].astype(int).isin(zero_steps)]
 
 
 def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
@@ -1346,6 +1367,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
                       evidence={"steps_skipped": row.get("numel"), "steps_closed": row.get("numel")},
                       fix=r.fix("no_gradients_every_step_skipped", steps=row.get("numel")))]
+    unsettled = r.of("setup_note", "scaler_never_settled")
+    if len(unsettled):
+        row = _first(unsettled)
+        return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
+                      evidence={"steps_skipped": row.get("numel"), "loss_scale": row["value"]},
+                      fix=r.fix("no_gradients_scaler_never_settled", steps=row.get("numel"),
+                                scale=f"{row['value']:g}"))]
     never = r.of("setup_note", "optimizer_never_stepped")
     if len(never):
         row = _first(never)
@@ -1354,6 +1382,15 @@ def no_gradients(r: RunRecord) -> list[Cause]:
                       fix=r.fix("no_gradients_no_step", steps=row.get("numel")))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
+    at_zero_loss = _at_zero_loss(r, zero)
+    if len(at_zero_loss) == len(zero) and len(zero):  # nothing to learn, nothing broken: said, as information
+        row = _first(at_zero_loss)
+        loss = r.train_column("loss")
+        return [Cause("no_gradients", "info", **_where(row),
+                      evidence={"loss_zero": True, "steps_at_zero_loss": int((loss == 0).sum()),
+                                "zero_gradient_tensor_fraction": row["value"]},
+                      fix=r.fix("no_gradients_zero_loss", step=int(row["step"])))]
+    zero = zero[~zero.index.isin(at_zero_loss.index)]
     if not len(zero):
         return []
     row = _first(zero)

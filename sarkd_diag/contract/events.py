@@ -67,6 +67,8 @@ CODES = {
     "skip_streak": "scaler_backoff: more skipped steps in a row than the limit",
     "skip_fraction": "scaler_backoff: more than the limit's fraction of steps skipped",
     "warmup_scale_low": "scaler_backoff: the first steps' skips brought the scale down to the warm-up's floor",
+    "scaler_never_settled": "setup_note: the run ended while the loss scaler was still finding its scale: it skipped "
+                            "every step, no update was applied",
     "scale_below_one": "the loss scale fell below 1: gradients overflow even unscaled",
     "loss_nonfinite": "nonfinite_loss: the loss the caller optimises is non-finite",
     "loss_term_nonfinite": "nonfinite_loss: one term of sarkd-diag's loss (kd, ce, router) is non-finite",

@@ -5,7 +5,9 @@ consecutive skips of the first steps, while the scaler finds its scale, are it w
 bring the scale down to MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's
 largest value over twice that scale before any scaling (a loss term weighted far too high), and each halving was
 a step lost; after the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps,
-is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected).
+is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected). A run that ends
+with the warm-up still going — every step skipped, the scale never low enough — applied no update at all: the
+scaler started too high for the run's length (a `scaler_never_settled` note, when the probes close).
 
 GradScaler never steps the optimizer on a step it skips: where the one optimizer stepped on such a step (its
 pre-step hook ran) someone else called it — `optimizer.step()` left in a loop beside `scaler.step(optimizer)` — and
@@ -36,6 +38,7 @@ class ScalerProbe(Probe):
         self._warming_up = True
         self._streak = self._skips = self._steps = 0
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
+        self._first_skipped = False
         self._initial: float | None = None  # the scale the first step started from (once, before it)
 
     def begin_step(self) -> None:
@@ -57,6 +60,7 @@ class ScalerProbe(Probe):
         if skipped and self.ctx.optimizer_ran and len(optimizers_of(self.ctx.optimizer)) == 1:
             self._stepped_past_skip()
         if first_reading:
+            self._first_skipped = skipped
             return {"loss_scale": scale}  # the first step's skip is the scaler finding its scale: no event
         self._steps += 1
         self._warming_up = self._warming_up and skipped
@@ -90,6 +94,18 @@ class ScalerProbe(Probe):
                                    "even unscaled", step=self.ctx.step, phase="optimizer", probe=self.name,
                                    value=scale)
         return {"loss_scale": scale, "scaler_grew": int(grew)}
+
+    def close(self) -> None:
+        """Every step of the run skipped while the scaler was still finding its scale (and no floor or scale below 1
+        said why): not one update was applied — the run ended before the scale came down to one that fits."""
+        if not (self._first_skipped and self._warming_up and self._steps) or self._warned_warmup or self._below_one:
+            return
+        steps = self._steps + 1
+        self.ctx.events.record("setup_note", "warning",
+                               f"the loss scaler skipped all {steps} steps of the run while finding its scale (now "
+                               f"{self._previous:g}): no update was applied, nothing trained",
+                               step=self.ctx.step - 1, phase="optimizer", probe=self.name, value=self._previous,
+                               numel=steps, code="scaler_never_settled")
 
     def _stepped_past_skip(self) -> None:
         if not self.ctx.events.say_once("optimizer_stepped_twice"):  # also seen by the step hooks: said once

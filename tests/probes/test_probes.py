@@ -1054,6 +1054,27 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
 
 
+
+def test_a_run_that_ends_while_the_scaler_still_finds_its_scale_trained_nothing():
+    """A loss weighted 1e2 settles GradScaler at 1024 after six halvings from 2**16: a run of three steps ends with
+    every one skipped — no update applied, the weights as they began. That is said (`no_gradients`, the scale to
+    start at), not a clean run; the same loss over twelve steps settles and is clean."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e2, steps=3)
+    assert scales == [2.0 ** 15, 2.0 ** 14, 2.0 ** 13]  # the provocation: each step skipped, none applied
+    (note,) = [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
+    assert (note.severity, note.numel, note.value) == ("warning", 3, 2.0 ** 13)
+    (cause,) = made[-1].diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
+    assert cause["evidence"]["steps_skipped"] == 3 and "8192" in cause["fix"]
+    _weighted_amp_scales(probes_of, 1e2, steps=12)
+    assert made[-1].diagnosis() == []
+
 def test_nonfinite_loss_is_reported_and_never_masked():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
