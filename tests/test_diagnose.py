@@ -507,6 +507,54 @@ def test_a_nonfinite_loss_under_fp16_compute_between_statistics_steps_is_an_unpl
     assert "divergence@5" in root["evidence"]["followed_by"]
 
 
+def _overflow_from_step_4_named_at_step_10(model: str, recovered_at: int | None = None):
+    """An AMP loop at `standard` (statistics on steps 1 and 10): from step 4 on every batch's forward overflows
+    float16 in `h.0.mlp.c_fc` of `model`; the scaler skips each step (the scale halves to below 1 by step 12), and
+    step 10's statistics name the module. `recovered_at`: a step in between whose loss was finite."""
+    skips = [{"kind": "scaler_skip", "severity": "info", "code": "scaler_skip_overflow", "step": s,
+              "phase": "optimizer", "value": 2.0 ** (8 - s + 3)} for s in range(4, 13) if s != recovered_at]
+    frame = log({**NAN_LOSS, "step": 4},
+                {"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 4,
+                 "phase": "backward", "model": "student", "module": "ln_f", "tensor": "ln_f.bias"},
+                *skips[:6],
+                {"kind": "scaler_backoff", "severity": "warning", "code": "skip_streak", "step": 9,
+                 "phase": "optimizer", "value": 4.0},
+                {"kind": "nonfinite_activation", "severity": "critical", "step": 10, "phase": "forward",
+                 "model": model, "module": "h.0.mlp.c_fc", "value": math.inf, "dtype": "float16"},
+                *skips[6:],
+                {"kind": "scale_below_one", "severity": "critical", "step": 12, "phase": "optimizer", "value": 0.5})
+    steps = list(range(1, 13))
+    loss = [5.5, 5.4, 5.3] + [5.2 if s == recovered_at else math.nan for s in range(4, 13)]
+    metrics = pd.DataFrame({"step": steps, "split": "train", "loss": loss,
+                            f"act_amax_{model}": [3.5 if s in (1, 10) else None for s in steps]})
+    return frame, metrics
+
+
+@pytest.mark.parametrize("model, cause", [("student", "activation_overflow"), ("teacher", "teacher_overflow")])
+def test_a_forward_overflow_named_at_a_later_statistics_step_began_at_the_first_of_the_steps_that_failed_alike(
+        model, cause):
+    """A user's loop does not replay a step: a forward that overflows from step 4 on is named at step 10, the next
+    statistics step. Every step in between had a non-finite loss and was skipped — the same weights, failing alike —
+    so the overflow began at step 4, and the loss scale that collapsed under it (every skipped step halves it) is its
+    symptom, not the root (it was: `loss_scale_collapse` at the streak's step 9, the overflow at step 10 folded in)."""
+    root, *rest = causes(*_overflow_from_step_4_named_at_step_10(model), mode="mixed", caller="loop")
+    assert (root["cause"], root["severity"], root["model"], root["module"], root["first_step"]) == (
+        cause, "critical", model, "h.0.mlp.c_fc", 4)
+    assert root["evidence"]["module_named_at_step"] == 10 and root["evidence"]["loss_nonfinite_since"] == 4
+    assert "loss_scale_collapse" in root["evidence"]["followed_by"]
+    assert not [c for c in rest if c["cause"] == "activation_overflow"]  # not said a second time, unplaced
+
+
+def test_a_forward_overflow_after_a_finite_step_began_at_the_first_step_after_it():
+    """A finite loss in between (step 7): the steps before it failed for a reason of their own, said apart (an
+    unplaced overflow at step 4) — the overflow named at step 10 began at step 8, not back at step 4."""
+    frame, metrics = _overflow_from_step_4_named_at_step_10("student", recovered_at=7)
+    root, *rest = causes(frame, metrics, mode="mixed", caller="loop")
+    assert (root["cause"], root["module"], root["first_step"]) == ("activation_overflow", "h.0.mlp.c_fc", 8)
+    assert root["evidence"]["module_named_at_step"] == 10 and root["evidence"]["loss_nonfinite_since"] == 8
+    assert [(c["cause"], c["module"], c["first_step"]) for c in rest] == [("activation_overflow", None, 4)]
+
+
 def test_the_same_loss_in_fp32_or_with_the_modules_measured_is_not_called_an_fp16_overflow():
     (fp32,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="fp32", caller="loop")
     assert fp32["cause"] == "divergence"

@@ -690,9 +690,10 @@ class RunRecord:
         if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
             return None
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
-        limits = {"nonfinite_param": step, "nonfinite_grad": step, "extreme_update": step, "nonfinite_loss": step,
-                  "nonfinite_batch": step + 1, "empty_targets": step + 1, "nonfinite_at_load": step + 1,
-                  "nonfinite_between_steps": step + 1}
+        began = self.forward_fault_began(row)  # the steps before it that failed alike are its own
+        limits = {"nonfinite_param": began, "nonfinite_grad": began, "extreme_update": began,
+                  "nonfinite_loss": began, "nonfinite_batch": began + 1, "empty_targets": began + 1,
+                  "nonfinite_at_load": began + 1, "nonfinite_between_steps": began + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         if "step" not in self.metrics or "split" not in self.metrics:
@@ -777,6 +778,35 @@ class RunRecord:
         columns = [c for c in rows.columns if c.startswith("act_amax_")]
         values = {c.removeprefix("act_amax_"): number_or_none(rows[c].iloc[-1]) for c in columns if len(rows)}
         return {model: v for model, v in values.items() if v is not None}
+
+    def forward_fault_began(self, act: pd.Series) -> int:
+        """The step a non-finite module output (`act`, a `nonfinite_activation` event) began: the first of the steps
+        just before it, back to the run's first non-finite loss at most, that had a non-finite loss, took no module
+        statistics and changed no weight (a loss scaler, or the loop, skipped each), when the event's own loss is
+        non-finite too: those steps ran the weights the event's step ran and failed alike, where no module could be
+        named — a caller's loop does not replay a step, so the module shows only at the next statistics step."""
+        step, first = int(act["step"]), self.first_nonfinite_loss()
+        if first is None or int(first["step"]) >= step or "loss" not in self.metrics:
+            return step
+        train = self.metrics[self.metrics["split"] == "train"].drop_duplicates("step", keep="last").set_index("step")
+        loss = pd.to_numeric(train["loss"], errors="coerce")
+        skipped = set(self.of("scaler_skip")["step"].astype(int))
+        if "skipped" in train:
+            skipped |= set(train.index[pd.to_numeric(train["skipped"], errors="coerce") == 1].astype(int))
+        if step not in loss.index or math.isfinite(loss[step]):
+            return step
+        began = step
+        while (began > int(first["step"]) and began - 1 in loss.index and not math.isfinite(loss[began - 1])
+               and began - 1 in skipped and not self.module_outputs_at(began - 1)):
+            began -= 1
+        return began
+
+    def forward_fault_began_at(self, step: int) -> bool:
+        """Whether either model's first non-finite module output began at `step` (`forward_fault_began`): a loss
+        that failed there is placed, in the student (`activation_overflow`) or the teacher (`teacher_overflow`)."""
+        acts = self.of("nonfinite_activation")
+        by_model = acts.groupby(acts["model"].astype(str))
+        return any(self.forward_fault_began(_first(rows)) == step for _, rows in by_model)
 
     def weight_growth(self) -> float | None:
         """How many times the largest weight grew, at most, within WEIGHT_GROWTH_WINDOW steps (finite readings)."""
@@ -889,6 +919,16 @@ def _where(row: pd.Series) -> dict:
     return {"model": text(row.get("model")), "module": text(row.get("module")), "tensor": text(row.get("tensor")),
             "first_step": int(row["step"]), "phase": text(row.get("phase")) or "optimizer",
             "rank": int(row.get("rank") or 0)}
+
+
+def _where_began(r: RunRecord, act: pd.Series) -> tuple[dict, dict]:
+    """Where a non-finite module output is placed — its model and module, at the step its fault began
+    (`RunRecord.forward_fault_began`) — and, where that is before the step that named the module, the evidence
+    that says so."""
+    where, named = _where(act), int(act["step"])
+    began = r.forward_fault_began(act)
+    return {**where, "first_step": began}, ({"loss_nonfinite_since": began, "module_named_at_step": named}
+                                            if began < named else {})
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -1009,10 +1049,11 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     beyond = _loaded_beyond_fp16(r, row)
     if beyond is not None:
         return [beyond]
-    where = _where(row)
+    where, named = _where_began(r, row)
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
-                  evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router},
+                  evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
+                            **named},
                   fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", module=where["module"],
                             dtype=row.get("dtype")))]
 
@@ -1161,10 +1202,11 @@ def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
         return None
     row = _first(beyond)
     cause = "teacher_overflow" if act.get("model") == "teacher" else "activation_overflow"
-    return Cause(cause, "critical", **{**_where(row), "first_step": int(act["step"]), "phase": "forward"},
+    began, named = _where_began(r, act)
+    return Cause(cause, "critical", **{**_where(row), "first_step": began["first_step"], "phase": "forward"},
                  evidence={"loaded_weight_amax": float(row["value"]), "weight_dtype": row.get("dtype"),
                            "weight_beyond_float16": True, "first_nonfinite_module": act.get("module"),
-                           "dtype": "float16"},
+                           "dtype": "float16", **named},
                  fix=r.fix("weights_beyond_fp16", model=row.get("model"), tensor=row.get("tensor"),
                            amax=f"{float(row['value']):.4g}", module=act.get("module")))
 
@@ -1187,20 +1229,24 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     constant = r.fp16_constant_op()
     if constant is not None and not causes:
         row, largest = constant
-        causes.append(Cause("activation_overflow", "critical", **_where(row),
+        where, named = _where_began(r, row)
+        causes.append(Cause("activation_overflow", "critical", **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
-                                      "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT},
+                                      "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT,
+                                      **named},
                             fix=r.fix("activation_fp16_constant", module=row.get("module"), holds=_holds_value(row),
                                       amax=f"{largest:.3g}")))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
         template = ("router_overflow_fp16" if router else "activation_overflow_fp16") if fp16 else "activation_overflow"
-        causes.append(Cause("activation_overflow", "critical", **_where(row),
-                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router},
+        where, named = _where_began(r, row)
+        causes.append(Cause("activation_overflow", "critical", **where,
+                            evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
+                                      **named},
                             fix=r.fix(template, module=row.get("module"), dtype=row.get("dtype"))))
     unplaced = r.unplaced_fp16_loss()
-    if unplaced is not None:
+    if unplaced is not None and not r.forward_fault_began_at(int(unplaced["step"])):
         step = int(unplaced["step"])
         corrupted = first_bad is not None
         skipped = r.of("scaler_skip")
