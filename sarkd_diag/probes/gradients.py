@@ -152,7 +152,7 @@ class GradientProbe(Probe):
         return sentinel
 
     def gradients_ready(self) -> None:
-        self._grads = [w.param.grad for w in self.ctx.watched]
+        self._grads = self._unscaled_gradients()
         present = [g for g in self._grads if g is not None]
         if not present:
             self._none_reached = bool(self._grads)  # not one trainable tensor has a gradient at the step
@@ -168,6 +168,15 @@ class GradientProbe(Probe):
             s = sampled(present)
             live = s != 0
             self._underflow = torch.stack([(live & (s.abs() < FP16_TINY)).sum(), live.sum()]).float()
+
+    def _unscaled_gradients(self) -> list[torch.Tensor | None]:
+        """Each watched tensor's gradient as its optimizer uses it. Under a loss scaler, one of several optimizers
+        that does not step this step (its own cadence: a critic stepping five times per generator step, a head every
+        few batches) is not unscaled: its gradients are still multiplied by the scale — read as they are, a healthy
+        fp32 run's gradients would seem thousands of times larger than they are — and belong to the step that uses
+        them, so they are read as none."""
+        used = self.ctx.gradients_used() if self.ctx.loss_scaler.enabled else None
+        return [w.param.grad if not used or id(w.param) in used else None for w in self.ctx.watched]
 
     def after_optimizer_step(self) -> None:
         self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside
