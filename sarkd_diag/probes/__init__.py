@@ -160,6 +160,7 @@ class ProbeSet:
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
         self._stepped = set()
         self._unscaled_ones = set()
+        ctx.optimizers_used = set()
         for probe in self.probes:
             probe.begin_step()
 
@@ -175,6 +176,7 @@ class ProbeSet:
         the ones unscaled first are read true while the others are still scaled)."""
         if any(optimizer is o for o in self._optimizers):
             self._unscaled_ones.add(id(optimizer))
+            self.ctx.optimizers_used.add(id(optimizer))
             self._read_lr()
             if len(self._unscaled_ones) == len(self._optimizers):
                 self.gradients_ready()
@@ -205,6 +207,7 @@ class ProbeSet:
         if id(optimizer) in self._stepped:
             self._stepped_twice()
         self._stepped.add(id(optimizer))
+        self.ctx.optimizers_used.add(id(optimizer))
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, *step's arguments)
         if not callable(closure):
             self._before_update()

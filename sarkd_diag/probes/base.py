@@ -58,6 +58,7 @@ class ProbeContext:
     lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
     optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
     caller_skipped: bool = False  # the caller's loop skipped this step's backward and update on purpose
+    optimizers_used: set[int] = field(default_factory=set)  # ids of the optimizers that used this step's gradients
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
@@ -72,6 +73,17 @@ class ProbeContext:
     def trains(self, model_name: str) -> bool:
         """Whether a model has weights this run updates (the student; the teacher only through its routers)."""
         return any(w.model == model_name for w in self.watched)
+
+    def gradients_used(self) -> set[int] | None:
+        """The ids of the tensors whose optimizer used this step's gradients — stepped with them, or had a loss scaler
+        unscale them to step or skip —; None where that is every tensor (one optimizer, or none given). Several
+        optimizers may keep cadences of their own (alternating ones, a router's stepping every few steps): one that
+        did not step leaves its tensors' gradients to a later step, and no update of them was meant, lost or left
+        uncleared."""
+        optimizers = optimizers_of(self.optimizer)
+        if len(optimizers) < 2:
+            return None
+        return {id(p) for o in optimizers if id(o) in self.optimizers_used for g in o.param_groups for p in g["params"]}
 
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)

@@ -29,17 +29,20 @@ post-accumulate hooks record the order in which gradients actually arrived.
 
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
-arrives at one watched tensor — the smallest that had a gradient, so the check costs one small reduction — after
-the previous step's gradients were used (an optimizer step, or a loss scaler's unscale), that tensor's `.grad` must
-be None or zero. Holding values, it holds the
-previous steps' gradients: each update then applies the sum of every gradient so far, and under a loss scaler one
-overflow stays in the gradients and every later step is skipped (a `gradients_not_cleared` note, once).
+arrives at a sentinel tensor of each optimizer — the smallest of its tensors that had a gradient, so the check costs
+one small reduction — after that optimizer used the previous gradients (its step, or a loss scaler's unscale), the
+tensor's `.grad` must be None or zero. Holding values, it holds the previous steps' gradients: each update then
+applies the sum of every gradient so far, and under a loss scaler one overflow stays in the gradients and every later
+step is skipped (a `gradients_not_cleared` note, once). One sentinel per optimizer, since several may keep cadences
+of their own (alternating ones, a router's stepping every few steps): one that has not stepped yet is meant to let
+its gradients add up, and one that steps without clearing is found whichever it is.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +51,15 @@ from ..contract.wording import counted
 from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, optimizers_of, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
+
+
+@dataclass
+class Sentinel:
+    """The watched tensor whose first gradient of a step checks what `.grad` held, for one optimizer."""
+
+    index: int  # into the watched tensors
+    armed: bool = False  # its optimizer used the gradients since: the next arrival checks
+    held: torch.Tensor | None = None  # did `.grad` hold non-zero values when that arrival came
 
 
 class GradientProbe(Probe):
@@ -67,9 +79,9 @@ class GradientProbe(Probe):
         self._mostly_zero_since: int | None = None  # first step of the current stretch of mostly-zero gradients
         self._none_reached = False  # this step: no watched tensor has a gradient at all
         self._reported_zero = False
-        self._sentinel: int | None = None  # the watched tensor whose first gradient of a step checks the `.grad` held
-        self._armed = False  # the previous step's gradients were used: the next arrival at the sentinel checks
-        self._held = None  # the check: did `.grad` hold non-zero values when the step's first gradient arrived
+        self._sentinels: dict[int | None, Sentinel] = {}  # per optimizer (its id; None: one optimizer, or none)
+        self._held: list[tuple[int, torch.Tensor]] = []  # this step's checks of gradients used since: (index, held)
+        self._held_at: list[int] = []  # the sentinels of the checks handed over, in order
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -92,35 +104,55 @@ class GradientProbe(Probe):
         else:
             self._norm = torch.tensor(float(norm))
 
-    def _first_gradient_of_step(self, _grad) -> None:
-        """A tensor hook: runs before the arriving gradient is added to `.grad`, so what `.grad` holds here is what
-        the loop left from the steps before."""
-        if self._armed:
-            self._armed = False
-            held = self.ctx.watched[self._sentinel].param.grad
-            if held is not None:
-                self._held = local_shard(held).detach().ne(0).any()
+    def _first_gradient_of_step(self, sentinel: Sentinel):
+        def hook(_grad) -> None:
+            """A tensor hook: runs before the arriving gradient is added to `.grad`, so what `.grad` holds here is
+            what the loop left from the steps before."""
+            if sentinel.armed:
+                sentinel.armed = False
+                held = self.ctx.watched[sentinel.index].param.grad
+                if held is not None:
+                    sentinel.held = local_shard(held).detach().ne(0).any()
+        return hook
 
     def _arm(self) -> None:
-        """The step's gradients were used — the optimizer stepped with them, or a loss scaler unscaled them to step
-        or skip —: the next arrival must find them cleared. (A step closed without either is a micro-batch of an
-        accumulation, whose gradients are meant to add up.) The sentinel is chosen once, among the tensors that
+        """The gradients were used — an optimizer stepped with them, or a loss scaler unscaled them to step or skip
+        —: the next arrival at the sentinel of each optimizer that used them must find them cleared. (A step closed
+        without either is a micro-batch of an accumulation, whose gradients are meant to add up; so is, for one of
+        several optimizers, a step it did not take.) A sentinel is chosen once, among its optimizer's tensors that
         have a gradient now. What its first arrival found counts only if the sum is used: a loop that cleared the
         gradients since (between backward and step) applies none of it."""
-        if self._held is not None:
-            used = self.ctx.watched[self._sentinel].param.grad
-            self._held = None if used is None else self._held & local_shard(used).detach().ne(0).any()
-        if self._sentinel is None:
-            whole = [i for i, w in enumerate(self.ctx.watched)  # FSDP fills a shard's .grad by its reduce-scatter,
-                     if w.param.grad is not None and not is_sharded(w.param)]  # not the accumulation a hook precedes
-            if not whole:
-                return
-            self._sentinel = min(whole, key=lambda i: self.ctx.watched[i].param.numel())
-            self._handles.append(self.ctx.watched[self._sentinel].param.register_hook(self._first_gradient_of_step))
-        self._armed = True
+        used = self.ctx.gradients_used()
+        optimizers = optimizers_of(self.ctx.optimizer)
+        for optimizer in optimizers if used is not None else [None]:
+            if optimizer is not None and id(optimizer) not in self.ctx.optimizers_used:
+                continue
+            key = None if optimizer is None else id(optimizer)
+            sentinel = self._sentinels.get(key) or self._choose_sentinel(key, optimizer)
+            if sentinel is None:
+                continue
+            if sentinel.held is not None:
+                grad = self.ctx.watched[sentinel.index].param.grad
+                if grad is not None:
+                    self._held.append((sentinel.index, sentinel.held & local_shard(grad).detach().ne(0).any()))
+                sentinel.held = None
+            sentinel.armed = True
+
+    def _choose_sentinel(self, key: int | None, optimizer) -> Sentinel | None:
+        """The smallest of an optimizer's watched tensors (every watched one for `None`) that has a gradient now."""
+        held = None if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+        whole = [i for i, w in enumerate(self.ctx.watched)  # FSDP fills a shard's .grad by its reduce-scatter,
+                 if w.param.grad is not None and not is_sharded(w.param)  # not the accumulation a hook precedes
+                 and (held is None or id(w.param) in held)]
+        if not whole:
+            return None
+        sentinel = Sentinel(min(whole, key=lambda i: self.ctx.watched[i].param.numel()))
+        self._sentinels[key] = sentinel
+        self._handles.append(self.ctx.watched[sentinel.index].param.register_hook(self._first_gradient_of_step(sentinel)))
+        return sentinel
 
     def gradients_ready(self) -> None:
-        self._grads = [w.param.grad for w in self.ctx.watched]
+        self._grads = self._unscaled_gradients()
         present = [g for g in self._grads if g is not None]
         if not present:
             self._none_reached = bool(self._grads)  # not one trainable tensor has a gradient at the step
@@ -137,6 +169,15 @@ class GradientProbe(Probe):
             live = s != 0
             self._underflow = torch.stack([(live & (s.abs() < FP16_TINY)).sum(), live.sum()]).float()
 
+    def _unscaled_gradients(self) -> list[torch.Tensor | None]:
+        """Each watched tensor's gradient as its optimizer uses it. Under a loss scaler, one of several optimizers
+        that does not step this step (its own cadence: a critic stepping five times per generator step, a head every
+        few batches) is not unscaled: its gradients are still multiplied by the scale — read as they are, a healthy
+        fp32 run's gradients would seem thousands of times larger than they are — and belong to the step that uses
+        them, so they are read as none."""
+        used = self.ctx.gradients_used() if self.ctx.loss_scaler.enabled else None
+        return [w.param.grad if not used or id(w.param) in used else None for w in self.ctx.watched]
+
     def after_optimizer_step(self) -> None:
         self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside
 
@@ -148,14 +189,18 @@ class GradientProbe(Probe):
             out["grad_underflow"] = self._underflow
         if self._norm is not None:
             out["grad_norm"] = self._norm
-        if self._held is not None:
-            out["grads_held"] = self._held
-        self._amax = self._underflow = self._norm = self._held = None
+        if self._held:
+            self._held_at = [index for index, _ in self._held]
+            out["grads_held"] = torch.stack([flag for _, flag in self._held]).float()
+        self._amax = self._underflow = self._norm = None
+        self._held = []
         return out
 
     def record(self, host: dict) -> dict:
-        if host.get("grads_held") and self.ctx.events.say_once("gradients_not_cleared"):
-            self._report_not_cleared()
+        held = [index for index, flag in zip(self._held_at, host["grads_held"], strict=True)
+                if flag] if "grads_held" in host else []
+        if held and self.ctx.events.say_once("gradients_not_cleared"):
+            self._report_not_cleared(held[0])
         amax = host.get("grad_amax")
         metrics: dict = {} if host.get("grad_norm") is None else {"grad_norm": host["grad_norm"]}
         if self._clip_max_norm is not None:
@@ -220,8 +265,8 @@ class GradientProbe(Probe):
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
 
-    def _report_not_cleared(self) -> None:
-        w = self.ctx.watched[self._sentinel]
+    def _report_not_cleared(self, index: int) -> None:
+        w = self.ctx.watched[index]
         self.ctx.events.record(
             "setup_note", "warning",
             f"the gradients were not cleared after step {self.ctx.step - 1}: when step {self.ctx.step}'s backward "

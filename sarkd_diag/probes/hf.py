@@ -34,7 +34,7 @@ from .base import teacher_by_name, weights_compute_dtype
 ON_CRITICAL = ("stop", "record")
 
 
-def trainer_precision(args, model: nn.Module) -> dict:
+def trainer_precision(args, model: nn.Module, autocast: bool = True) -> dict:
     """The precision a Trainer runs in, named from `TrainingArguments` and the weights' dtype.
 
     The weights alone say `fp32` for a run under bf16 autocast (`bf16=True` keeps fp32 master weights), so
@@ -42,7 +42,9 @@ def trainer_precision(args, model: nn.Module) -> dict:
     runs: fp16=True with fp32 weights is `mixed` (autocast + GradScaler), bf16=True is `bf16-mixed`, and a
     model already cast to fp16/bf16 trains its weights in that dtype (`pure-fp16`/`pure-bf16`). Without either,
     fp32 trainable tensors over frozen fp16/bf16 weights (LoRA over a base loaded in fp16) compute in the frozen
-    weights' dtype: `mixed`/`bf16-mixed` without autocast.
+    weights' dtype: `mixed`/`bf16-mixed` without autocast. `autocast`: whether the Trainer's accelerator applies the
+    one asked for (`native_amp`) — accelerate runs fp16=True on the CPU with neither autocast nor a loss scaler, in
+    the weights' dtype, and the mode is then the weights'.
     """
     dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
     weights = dtypes.pop() if len(dtypes) == 1 else None
@@ -50,15 +52,16 @@ def trainer_precision(args, model: nn.Module) -> dict:
     pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
     frozen = weights_compute_dtype(model) if weights == torch.float32 else None
     over = f" over frozen {dtype_name(frozen)} weights" if frozen in (torch.float16, torch.bfloat16) else ""
-    if getattr(args, "fp16", False):
-        requested, mode = "TrainingArguments(fp16=True)", pure.get(weights, "mixed")
-    elif getattr(args, "bf16", False):
-        requested, mode = "TrainingArguments(bf16=True)", pure.get(weights, "bf16-mixed")
+    asked = "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else None
+    requested = f"TrainingArguments({asked}=True)" if asked else "TrainingArguments()"
+    if asked and autocast:
+        mode = pure.get(weights, {"fp16": "mixed", "bf16": "bf16-mixed"}[asked])
     else:
         wider = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(frozen, "fp32")
-        requested, mode = "TrainingArguments()", {**pure, torch.float32: wider}.get(weights, "external")
+        mode = {**pure, torch.float32: wider}.get(weights, "external")
+    unapplied = ", which its accelerator runs without autocast on this device" if asked and not autocast else ""
     return {"mode": mode, "requested": requested,
-            "reason": f"transformers Trainer: {requested} with {name} trainable weights{over}"}
+            "reason": f"transformers Trainer: {requested}{unapplied} with {name} trainable weights{over}"}
 
 
 def trainer_teacher(trainer) -> nn.Module | None:
@@ -221,7 +224,8 @@ class SarkdDiagCallback(TrainerCallback):
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
-                             precision=trainer_precision(args, model), caller="trainer",
+                             precision=trainer_precision(args, model, getattr(accelerator, "native_amp", True)),
+                             caller="trainer",
                              resumed_from=state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
             self.probes.watch_accelerator(accelerator)

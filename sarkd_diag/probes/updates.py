@@ -108,10 +108,14 @@ class UpdateProbe(Probe):
     def _count_lost(self, after: torch.Tensor, lengths: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
         """[lost, intended, estimated lost elements] per moving tensor, concatenated."""
         state = self.ctx.optimizer.state if self.ctx.optimizer is not None else {}
-        meant = torch.cat([_sample_or_zeros(w.param.grad, w.param) for w in self._moving]) != 0
-        # a tensor without a gradient is skipped by the optimizer (torch's step only updates those with one): its
-        # first moment, left from earlier steps, intends nothing this step — no update of it can be lost
-        moments = [state.get(w.param, {}).get("exp_avg") if w.param.grad is not None else None for w in self._moving]
+        # a tensor without a gradient is skipped by the optimizer (torch's step only updates those with one), and so
+        # is one whose optimizer did not step (several on cadences of their own): its gradient and its first moment,
+        # left from earlier steps, intend nothing this step — no update of it can be lost
+        used = self.ctx.gradients_used()
+        grads = [w.param.grad if used is None or id(w.param) in used else None for w in self._moving]
+        meant = torch.cat([_sample_or_zeros(g, w.param) for g, w in zip(grads, self._moving, strict=True)]) != 0
+        moments = [state.get(w.param, {}).get("exp_avg") if g is not None else None
+                   for g, w in zip(grads, self._moving, strict=True)]
         if any(m is not None for m in moments):
             meant |= torch.cat([_sample_or_zeros(m, w.param) for m, w in zip(moments, self._moving, strict=True)]) != 0
         lost = per_tensor_sum(((after == self._before) & meant).float(), lengths)

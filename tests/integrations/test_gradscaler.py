@@ -109,3 +109,30 @@ def test_with_several_optimizers_gradients_are_read_once_all_are_unscaled(tmp_pa
     split, whole = _two_optimizers(tmp_path / "split", True), _two_optimizers(tmp_path / "whole", False)
     assert split["grad_amax"].tolist() == pytest.approx(whole["grad_amax"].tolist(), rel=1e-6)
     assert split["update_ratio"].tolist() == pytest.approx(whole["update_ratio"].tolist(), rel=1e-5)
+
+
+def test_an_optimizer_that_does_not_step_leaves_its_still_scaled_gradients_unread(tmp_path):
+    """Under a GradScaler the head's optimizer steps every third step on gradients it lets add up: between its
+    steps `scaler.step` unscales only the body's, and the head's still carry the loss scale (×65536). A step's
+    gradients are the ones its optimizers used, unscaled — not the head's scaled ones, ×65536 too large."""
+    model = _model()
+    body = torch.optim.AdamW([p for name, p in model.named_parameters() if not name.startswith("head")], lr=1e-3)
+    head = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    g = torch.Generator().manual_seed(1)
+    used_amax = []  # the largest gradient each step's optimizers used, unscaled in place by scaler.step
+    with Probes(model, optimizer=[body, head], scaler=scaler, run_dir=tmp_path / "run") as probes:
+        for step in range(1, 7):
+            loss = nn.functional.mse_loss(model(torch.randn(16, 16, generator=g)), torch.randn(16, 1, generator=g))
+            scaler.scale(loss).backward()
+            stepping = [body, head] if step % 3 == 0 else [body]
+            for optimizer in stepping:
+                scaler.step(optimizer)
+            scaler.update()
+            used_amax.append(max(p.grad.abs().max().item() for o in stepping for group in o.param_groups
+                                 for p in group["params"]))
+            probes.step(loss=loss)
+            for optimizer in stepping:
+                optimizer.zero_grad()
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["grad_amax"].tolist() == pytest.approx(used_amax, rel=1e-6)

@@ -64,6 +64,16 @@ def test_pure_fp16_with_the_default_optimizer_is_diagnosed_and_stopped(tmp_path)
     assert _train_losses(run)[:first_bad - 1] == pytest.approx(logged_losses(trainer)[:first_bad - 1], rel=1e-6)
 
 
+def test_fp16_on_the_cpu_which_accelerate_runs_in_fp32_is_recorded_as_fp32(tmp_path):
+    """accelerate runs TrainingArguments(fp16=True) on the CPU with neither autocast nor a loss scaler: the run trains
+    in fp32, and its record says so (not `mixed`, beside 'no autocast' and no scaler) and why."""
+    trainer, _ = _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", fp16=True, learning_rate=1e-3)
+    assert not trainer.accelerator.native_amp and trainer.accelerator.scaler is None  # outside the tool
+    precision = load_run(tmp_path / "run")["summary"]["precision"]
+    assert (precision["mode"], precision["compute_dtype"], precision["loss_scaling"]) == ("fp32", None, False)
+    assert precision["requested"] == "TrainingArguments(fp16=True)" and "without autocast" in precision["reason"]
+
+
 def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     model = tiny.make_gpt2(VOCAB)
     callback = SarkdDiagCallback(tmp_path / "run")  # the plain callbacks=[...] path, without attach

@@ -1603,3 +1603,37 @@ def test_a_float16_fault_that_does_not_come_back_is_watched_for_a_bounded_number
     assert _events(probes, "nonfinite_activation") and _events(probes, "wide_replay") == []
     assert not model[1]._forward_hooks and not model[1]._forward_pre_hooks
     probes.close()
+
+
+@pytest.mark.parametrize(("loop", "uncleared"), [("alternating", None), ("head every second step", None),
+                                                 ("body never cleared", "first.bias")])
+def test_two_optimizers_on_cadences_of_their_own_are_judged_each_by_its_own_steps(loop, uncleared):
+    """Two optimizers, one for the body and one for the head, that do not step together: alternating (GAN-style,
+    every gradient cleared before each backward), or a head stepping every second step on gradients it lets add up
+    over two batches. An optimizer that did not step intends no update (none is lost to rounding) and keeps its
+    gradients for the step it takes (none is left uncleared). A body whose gradients are never cleared is still
+    said, although the head's are."""
+    torch.manual_seed(0)
+    model = Net()
+    body = torch.optim.SGD([*model.first.parameters(), *model.second.parameters()], lr=1e-2)
+    head = torch.optim.SGD(model.third.parameters(), lr=1e-2)
+    stepping = {"alternating": lambda step: [body] if step % 2 else [head],
+                "head every second step": lambda step: [body] if step % 2 else [body, head],
+                "body never cleared": lambda step: [body, head]}[loop]
+    with Probes(model, optimizer=[body, head]) as probes:
+        for step in range(1, 7):
+            if loop == "alternating":  # every gradient cleared before the backward
+                body.zero_grad()
+                head.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            for optimizer in stepping(step):
+                optimizer.step()
+            probes.step()
+            if loop != "alternating":  # each clears the gradients it stepped with (the body's never, there)
+                for optimizer in stepping(step):
+                    if optimizer is head or loop != "body never cleared":
+                        optimizer.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "gradients_not_cleared"]
+    assert _events(probes, "lost_updates") == []
+    assert [(note.step, note.tensor) for note in notes] == ([] if uncleared is None else [(2, uncleared)])
+    assert ("gradients_not_cleared" in _causes(probes)) == (uncleared is not None)
