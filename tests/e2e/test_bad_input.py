@@ -54,6 +54,18 @@ def _no_special_tokens(world, tmp: Path) -> Path:
     return model
 
 
+def _fewer_embeddings(world, tmp: Path) -> Path:
+    """The student's tokenizer beside a model with fewer token embeddings than its ids need (tokens added to a
+    tokenizer without resizing the model, or another model's tokenizer copied in)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _model_copy(world, tmp)
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    lm.resize_token_embeddings(8)
+    lm.save_pretrained(model)
+    return model
+
+
 def _recorded_run(tmp: Path, **options) -> Path:
     """A run directory as a previous run left it (config.json and a metrics line), no checkpoint."""
     run = tmp / "run"
@@ -175,6 +187,11 @@ CASES = [
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
+    ("tokenizer ids beyond the student's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
+        w, t, student_model=_fewer_embeddings(w, t)), "--student-model {tmp}/model has 8 token embeddings, but the "
+     "tokenizer of {tmp}/model gives the data token id"),
+    ("tokenizer ids beyond a dual-tokenizer teacher's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
+        w, t, teacher_model=_fewer_embeddings(w, t)), "--teacher-model {tmp}/model has 8 token embeddings"),
     ("model directory without weights", lambda w, t, m: _args(
         w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "cannot load model"),
     ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
