@@ -321,13 +321,14 @@ def _check_ids_fit(cfg: DistillConfig, models: Models, blocks: tuple[TokenBlocks
 def load_data(cfg: DistillConfig, corpus: Corpus, models: Models, world: World) -> Data:
     """The corpus in blocks of the student's tokens (with their text in dual mode), a validation set held out
     when none is given, this rank's batch stream and the evaluation batches."""
-    train_blocks = tokenize_blocks(corpus.train, models.student_tokenizer, cfg.block_size, keep_text=models.dual)
+    train_blocks = tokenize_blocks(corpus.train, models.student_tokenizer, cfg.block_size, keep_text=models.dual,
+                                   what=corpus.train_origin)
     if corpus.validation is None:
         train_blocks, val_blocks = split_validation(train_blocks, cfg.seed)
         validation_source = f"held out {len(val_blocks)} of {len(train_blocks) + len(val_blocks)} blocks"
     else:
         val_blocks = tokenize_blocks(corpus.validation, models.student_tokenizer, cfg.block_size,
-                                     keep_text=models.dual, what="validation data")
+                                     keep_text=models.dual, what=corpus.validation_origin)
         validation_source = "given"
     _check_ids_fit(cfg, models, (train_blocks, val_blocks))
     batches = BatchStream(train_blocks, cfg.per_device_batch_size, cfg.seed, world.size, world.shard)
