@@ -23,9 +23,13 @@ HELD_OUT_FRACTION = 0.05
 
 @dataclass
 class Corpus:
+    """The documents, and where each part came from as the user named it, for a message about that part."""
+
     train: list[str]
     validation: list[str] | None
     source: str
+    train_origin: str = "the training data"
+    validation_origin: str = "the validation data"
 
 
 PLAIN_SUFFIXES = (".txt", ".text")
@@ -96,14 +100,17 @@ def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
     if dataset_name:
         validation = read_text_file(validation_file) if validation_file else None  # read first: no network for a typo
         corpus = _load_hub_corpus(dataset_name, dataset_config_name)
-        return corpus if validation is None else replace(corpus, validation=validation)
+        return corpus if validation is None else replace(corpus, validation=validation,
+                                                         validation_origin=f"--validation-file {validation_file}")
+    given_validation = {"validation_origin": f"--validation-file {validation_file}"} if validation_file else {}
     if train_file:
         validation = read_text_file(validation_file) if validation_file else None
-        return Corpus(read_text_file(train_file), validation, f"file:{train_file}")
+        return Corpus(read_text_file(train_file), validation, f"file:{train_file}",
+                      train_origin=f"--train-file {train_file}", **given_validation)
     from ..assets import corpus_path
 
     validation = read_text_file(validation_file) if validation_file else read_text_file(corpus_path("validation"))
-    return Corpus(read_text_file(corpus_path("train")), validation, "embedded:dialogues")
+    return Corpus(read_text_file(corpus_path("train")), validation, "embedded:dialogues", **given_validation)
 
 
 def _load_hub_corpus(name: str, config_name: str | None) -> Corpus:
@@ -127,7 +134,9 @@ def _load_hub_corpus(name: str, config_name: str | None) -> Corpus:
     validation = None
     if "validation" in splits:
         validation = [t for t in splits["validation"][text_column] if isinstance(t, str) and t.strip()]
-    return Corpus(docs, validation, f"hub:{name}" + (f"/{config_name}" if config_name else ""))
+    named = f"dataset {name!r}" + (f" ({config_name})" if config_name else "")
+    return Corpus(docs, validation, f"hub:{name}" + (f"/{config_name}" if config_name else ""),
+                  train_origin=f"{named}'s train split", validation_origin=f"{named}'s validation split")
 
 
 @dataclass
@@ -148,14 +157,16 @@ class TokenBlocks:
 
 
 def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool = False,
-                    what: str = "training data") -> TokenBlocks:
+                    what: str = "the training data") -> TokenBlocks:
     """Concatenate documents (eos between them) and cut windows of block_size + 1 tokens, stride block_size.
 
     With keep_text, each block also keeps its characters and the student tokens' offsets into them, so a
     second tokenizer can see exactly the same text (dual-tokenizer mode).
+    `what` names the text as the user gave it (`--train-file PATH`), so a refusal says which file to fix.
     """
     if not docs:
-        raise BadInput(f"{what} is empty")
+        raise BadInput(f"{what} holds no text (blank lines and empty `text` values are skipped); give at least "
+                       "one document")
     eos = tokenizer.eos_token_id
     encoded = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=keep_text)
     ids: list[int] = []
@@ -174,7 +185,7 @@ def tokenize_blocks(docs: list[str], tokenizer, block_size: int, keep_text: bool
     count = (len(ids) - 1) // block_size
     if count < 1 or len(ids) < window:
         raise BadInput(f"{what} has {counted(len(ids), 'token')}, fewer than one block of --block-size "
-                       f"{block_size} + 1")
+                       f"{block_size} + 1; give more text or a smaller --block-size")
     all_ids = torch.tensor(ids, dtype=torch.long)
     starts = torch.arange(count) * block_size
     block_ids = torch.stack([all_ids[s:s + window] for s in starts.tolist()])

@@ -52,12 +52,13 @@ from ..probes import ProbeSet
 from ..probes.base import abs_max, to_host
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .data import BatchStream, Corpus, eval_batches, load_corpus, split_validation, tokenize_blocks
+from .data import BatchStream, Corpus, TokenBlocks, eval_batches, load_corpus, split_validation, tokenize_blocks
 from .distributed import World
 from .fused_loss import unfusable_reason
 from .models import (
     check_block_fits,
     check_causal,
+    check_ids_fit,
     ensure_pad_token,
     load_causal_lm,
     load_tokenizer,
@@ -303,17 +304,33 @@ def _teacher_home(cfg: DistillConfig, device: torch.device, notes: list[dict]) -
     return torch.device("cpu") if cfg.offload_teacher_to_cpu else device
 
 
+def _check_ids_fit(cfg: DistillConfig, models: Models, blocks: tuple[TokenBlocks, ...]) -> None:
+    """The student's token ids index the student's embeddings, and the teacher's too, unless it tokenizes the
+    blocks' text for itself (dual-tokenizer mode: then its own ids, once, for the whole corpus)."""
+    ids = torch.cat([b.ids.flatten() for b in blocks])
+    check_ids_fit(ids, models.student, "--student-model", cfg.student_model, cfg.student_model)
+    if models.dual:
+        texts = [text for b in blocks for text in b.texts]
+        encoded = models.teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        teacher_ids = torch.tensor([max(row, default=0) for row in encoded])
+        check_ids_fit(teacher_ids, models.teacher, "--teacher-model", cfg.teacher_model, cfg.teacher_model)
+    else:
+        check_ids_fit(ids, models.teacher, "--teacher-model", cfg.teacher_model, cfg.student_model)
+
+
 def load_data(cfg: DistillConfig, corpus: Corpus, models: Models, world: World) -> Data:
     """The corpus in blocks of the student's tokens (with their text in dual mode), a validation set held out
     when none is given, this rank's batch stream and the evaluation batches."""
-    train_blocks = tokenize_blocks(corpus.train, models.student_tokenizer, cfg.block_size, keep_text=models.dual)
+    train_blocks = tokenize_blocks(corpus.train, models.student_tokenizer, cfg.block_size, keep_text=models.dual,
+                                   what=corpus.train_origin)
     if corpus.validation is None:
         train_blocks, val_blocks = split_validation(train_blocks, cfg.seed)
         validation_source = f"held out {len(val_blocks)} of {len(train_blocks) + len(val_blocks)} blocks"
     else:
         val_blocks = tokenize_blocks(corpus.validation, models.student_tokenizer, cfg.block_size,
-                                     keep_text=models.dual, what="validation data")
+                                     keep_text=models.dual, what=corpus.validation_origin)
         validation_source = "given"
+    _check_ids_fit(cfg, models, (train_blocks, val_blocks))
     batches = BatchStream(train_blocks, cfg.per_device_batch_size, cfg.seed, world.size, world.shard)
     return Data(batches, eval_batches(val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches),
                 {"train_blocks": len(train_blocks), "validation_blocks": len(val_blocks)}, corpus.source,

@@ -54,6 +54,18 @@ def _no_special_tokens(world, tmp: Path) -> Path:
     return model
 
 
+def _fewer_embeddings(world, tmp: Path) -> Path:
+    """The student's tokenizer beside a model with fewer token embeddings than its ids need (tokens added to a
+    tokenizer without resizing the model, or another model's tokenizer copied in)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _model_copy(world, tmp)
+    lm = AutoModelForCausalLM.from_pretrained(model)
+    lm.resize_token_embeddings(8)
+    lm.save_pretrained(model)
+    return model
+
+
 def _recorded_run(tmp: Path, **options) -> Path:
     """A run directory as a previous run left it (config.json and a metrics line), no checkpoint."""
     run = tmp / "run"
@@ -129,13 +141,13 @@ CASES = [
      "must be a string"),
     ("binary file", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", b"\x7fELF\x00\x01\x02")), "binary"),
     ("non-utf8 text", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", b"caf\xe9 au lait\n")), "UTF-8"),
-    ("empty corpus", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", "")), "empty"),
+    ("empty corpus", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", "")), "d.txt holds no text"),
     ("corpus shorter than a block", lambda w, t, m: _args(w, t, train_file=_file(t, "d.txt", "the sky\n")),
-     "fewer than one block"),
+     "fewer than one block of --block-size 16 + 1; give more text or a smaller --block-size"),
     ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
-     "validation data is empty"),
+     "--validation-file"),
     ("validation set shorter than a block", lambda w, t, m: _args(
-        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "validation data has 1 token,"),
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "v.jsonl has 1 token,"),
     ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
     ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
     ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
@@ -175,6 +187,11 @@ CASES = [
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
+    ("tokenizer ids beyond the student's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
+        w, t, student_model=_fewer_embeddings(w, t)), "--student-model {tmp}/model has 8 token embeddings, but the "
+     "tokenizer of {tmp}/model gives the data token id"),
+    ("tokenizer ids beyond a dual-tokenizer teacher's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
+        w, t, teacher_model=_fewer_embeddings(w, t)), "--teacher-model {tmp}/model has 8 token embeddings"),
     ("model directory without weights", lambda w, t, m: _args(
         w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "cannot load model"),
     ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
