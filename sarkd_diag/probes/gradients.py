@@ -122,9 +122,8 @@ class GradientProbe(Probe):
         several optimizers, a step it did not take.) A sentinel is chosen once, among its optimizer's tensors that
         have a gradient now. What its first arrival found counts only if the sum is used: a loop that cleared the
         gradients since (between backward and step) applies none of it."""
-        used = self.ctx.gradients_used()
         optimizers = optimizers_of(self.ctx.optimizer)
-        for optimizer in optimizers if used is not None else [None]:
+        for optimizer in optimizers if len(optimizers) > 1 else [None]:  # one optimizer: one sentinel, every step
             if optimizer is not None and id(optimizer) not in self.ctx.optimizers_used:
                 continue
             key = None if optimizer is None else id(optimizer)

@@ -307,15 +307,15 @@ def _teacher_home(cfg: DistillConfig, device: torch.device, notes: list[dict]) -
 def _check_ids_fit(cfg: DistillConfig, models: Models, blocks: tuple[TokenBlocks, ...]) -> None:
     """The student's token ids index the student's embeddings, and the teacher's too, unless it tokenizes the
     blocks' text for itself (dual-tokenizer mode: then its own ids, once, for the whole corpus)."""
-    ids = torch.cat([b.ids.flatten() for b in blocks])
-    check_ids_fit(ids, models.student, "--student-model", cfg.student_model, cfg.student_model)
+    largest = max(int(b.ids.max()) for b in blocks)
+    check_ids_fit(largest, models.student, "--student-model", cfg.student_model, cfg.student_model)
     if models.dual:
         texts = [text for b in blocks for text in b.texts]
         encoded = models.teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
-        teacher_ids = torch.tensor([max(row, default=0) for row in encoded])
-        check_ids_fit(teacher_ids, models.teacher, "--teacher-model", cfg.teacher_model, cfg.teacher_model)
+        teacher_largest = max((max(row, default=0) for row in encoded), default=0)
+        check_ids_fit(teacher_largest, models.teacher, "--teacher-model", cfg.teacher_model, cfg.teacher_model)
     else:
-        check_ids_fit(ids, models.teacher, "--teacher-model", cfg.teacher_model, cfg.student_model)
+        check_ids_fit(largest, models.teacher, "--teacher-model", cfg.teacher_model, cfg.student_model)
 
 
 def load_data(cfg: DistillConfig, corpus: Corpus, models: Models, world: World) -> Data:

@@ -207,12 +207,11 @@ def check_causal(model, option: str, name: str) -> None:
                        "encoder such as BERT; its config needs is_decoder=True, or give a decoder-only model)")
 
 
-def check_ids_fit(ids: torch.Tensor, model, option: str, name: str, tokenizer_name: str) -> None:
+def check_ids_fit(largest: int, model, option: str, name: str, tokenizer_name: str) -> None:
     """A token id beyond the model's embedding rows fails in the first forward as an IndexError deep in torch: the
     tokenizer is not the model's, or tokens were added to it without resizing the embeddings. Refused once the
-    data is tokenized, from the ids the model will see (a tokenizer's unused added tokens do no harm)."""
+    data is tokenized, from the largest id the model will see (a tokenizer's unused added tokens do no harm)."""
     rows = model.get_input_embeddings().num_embeddings
-    largest = int(ids.max())
     if largest >= rows:
         raise BadInput(f"{option} {name} has {rows} token embeddings, but the tokenizer of {tokenizer_name} gives "
                        f"the data token id {largest}: the tokenizer is not this model's, or tokens were added to it "
