@@ -306,10 +306,14 @@ def _teacher_home(cfg: DistillConfig, device: torch.device, notes: list[dict]) -
 
 def _check_ids_fit(cfg: DistillConfig, models: Models, blocks: tuple[TokenBlocks, ...]) -> None:
     """The student's token ids index the student's embeddings, and the teacher's too, unless it tokenizes the
-    blocks' text for itself (dual-tokenizer mode: then its own ids, once, for the whole corpus)."""
+    blocks' text for itself (dual-tokenizer mode: then its own ids, for the whole corpus — read only when its
+    tokenizer has more tokens than the teacher has embeddings: otherwise no id it gives can be out of range, and
+    the corpus, which training tokenizes batch by batch, is not tokenized once more at setup)."""
     largest = max(int(b.ids.max()) for b in blocks)
     check_ids_fit(largest, models.student, "--student-model", cfg.student_model, cfg.student_model)
     if models.dual:
+        if len(models.teacher_tokenizer) <= models.teacher.get_input_embeddings().num_embeddings:
+            return
         texts = [text for b in blocks for text in b.texts]
         encoded = models.teacher_tokenizer(texts, add_special_tokens=False)["input_ids"]
         teacher_largest = max((max(row, default=0) for row in encoded), default=0)
