@@ -521,6 +521,20 @@ def self_distillation_kd_only(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def self_distillation_kd_only_mixed(world: World, tmp: Path) -> Outcome:
+    """The same in mixed precision: the teacher is held in fp16, the student computes under fp16 autocast, so KD
+    starts at rounding's ~1e-7, not 0; AdamW turns those noise gradients into lr-sized steps and KD settles at ~1e-3
+    nats per token — thousands of times its first value, and nothing the student predicts has changed that shows."""
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-ce", "0", teacher=world.student, steps=8)
+    rows = run["metrics"]
+    losses, ce = _losses(rows), [r.get("ce_loss") for r in rows]
+    outcome.facts.update(losses=[float(f"{v:.3g}") for v in losses], ce_loss=[round(v, 3) for v in ce if v])
+    outcome.check("KD began at rounding's floor and grew far beyond 3x it, while the CE stayed within 5%",
+                  outcome.exit_code is not None and losses and all(map(math.isfinite, losses)) and losses[0] < 1e-5
+                  and max(losses) > 100 * losses[0] and max(ce) < 1.05 * ce[0])
+    return outcome
+
+
 def clean_mixed_early_skips(world: World, tmp: Path) -> Outcome:
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e3", steps=8)
     rows = run["metrics"]
@@ -2027,6 +2041,9 @@ SCENARIOS: list[Scenario] = [
              "scale on the first steps, then trains", "mixed", "CLI", clean_mixed_early_skips, CLEAN),
     Scenario("self-distillation, KD alone", "`train --precision fp32 --alpha-ce 0` with the student as its own "
              "teacher: KD and every gradient exactly 0", "fp32", "CLI", self_distillation_kd_only, CLEAN),
+    Scenario("self-distillation, KD alone, mixed", "`train --precision mixed --alpha-ce 0` with the student as its "
+             "own teacher: KD starts at fp16 rounding's ~1e-7 and settles near 1e-3", "mixed", "CLI",
+             self_distillation_kd_only_mixed, CLEAN),
     Scenario("clean AMP loop", "user loop: autocast fp16 + GradScaler, fp32 weights, AdamW 1e-3", "mixed",
              "user loop", clean_amp_user_loop, CLEAN),
     Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "bf16-mixed",

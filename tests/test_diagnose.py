@@ -479,6 +479,25 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
         assert "loss code" in found[0]["fix"] and "`learning_rate`" in found[0]["fix"]
 
 
+KD_CONFIG = {"objective": {"kind": "logit-kd"}, "options": {"alpha_kd": 0.5, "alpha_ce": 0.0}}
+
+
+@pytest.mark.parametrize("loss, ce, caller, blown_at", [
+    ([1e-7, 1.1e-3, 3e-4, 3.5e-4, 3.3e-4], [5.56, 5.6, 5.57, 5.58, 5.55], "cli", None),  # at its floor
+    ([1e-7, 1.1e-3, 3e-4, 3.5e-4, 3.3e-4], [5.56, 5.6, 5.57, 5.58, 5.55], "loop", 2),  # no scale known
+    ([0.01, 0.02, 2.5, 4.0, 4.2], [0.03, 0.05, 6.0, 8.0, 8.5], "cli", 3)])  # a fitted student blowing up
+def test_a_kd_loss_grown_from_its_rounding_floor_is_judged_against_the_students_cross_entropy(loss, ce, caller,
+                                                                                              blown_at):
+    """A student distilled from its own copy in mixed precision: KD starts at fp16 rounding's ~1e-7, and the first
+    lr-sized steps take it to ~1e-3 nats per token — ten thousand times its first value, a millionth of what the
+    student's cross-entropy (5.6 nats) could show. Where the objective's terms are known (`train`'s logit KD) the
+    rise must also be a tenth of that scale; a well-fitted student whose loss leaves 0.01 for 4 still blows up."""
+    metrics = pd.DataFrame({"step": range(1, 6), "split": "train", "loss": loss, "ce_loss": ce, "lr": 1e-3})
+    found = [(c["cause"], c["severity"], c["first_step"]) for c in
+             diagnose(log(), metrics, {"precision": {"mode": "mixed"}, "caller": caller, **KD_CONFIG})]
+    assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
+
+
 def test_a_negative_loss_is_not_above_three_times_itself():
     """A loss may be negative (a log-density, a term subtracted): 3 × a negative first loss is below it, so every
     such loss read as a blow-up from step 1."""

@@ -543,6 +543,23 @@ class RunRecord:
         spread = 1.4826 * float((changes - changes.median()).abs().median())
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
 
+    def loss_floor_rise(self) -> float:
+        """The least rise of the training loss that can be a blow-up, whatever its factor: LOSS_TREND_RISE of the
+        objective's natural scale where its terms are known — `train`'s logit KD weighs KD and CE in nats per token,
+        and KD (the excess of the student's cross-entropy on the teacher's distribution over the teacher's entropy)
+        is of the order of the student's own cross-entropy on the data, so (alpha_kd + alpha_ce) × the first
+        `ce_loss`. A loss that starts at its floor (a student distilled from its own copy: KD ≈ 1e-7, rounding's
+        doing) grows by any factor from there without the student's predictions changing by anything that shows;
+        elsewhere (a caller's own loss, hidden-state KD) no scale is known: 0."""
+        objective = (self.config.get("objective") or {}).get("kind")
+        ce = self.train_column("ce_loss")
+        ce = ce[ce.map(math.isfinite)]
+        if self.caller != "cli" or objective != "logit-kd" or not len(ce):
+            return 0.0
+        options = self.config.get("options") or {}
+        weights = sum(number_or_none(options.get(name)) or 0.0 for name in ("alpha_kd", "alpha_ce"))
+        return LOSS_TREND_RISE * weights * float(ce.iloc[0])
+
     def clip_threshold(self) -> float | None:
         """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the last
         `clip_max_norm` the probes read at the loop's `clip_grad_norm_` (the Trainer, accelerate and Lightning clip
@@ -1532,8 +1549,8 @@ def divergence(r: RunRecord) -> list[Cause]:
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
     # a term subtracted) is above three times itself from the start
     factor = r.blow_up_factor()
-    blown = finite_loss[finite_loss > factor * first_loss] if first_loss is not None and first_loss > 0 \
-        else finite_loss[:0]
+    blown = finite_loss[(finite_loss > factor * first_loss) & (finite_loss - first_loss >= r.loss_floor_rise())] \
+        if first_loss is not None and first_loss > 0 else finite_loss[:0]
     extreme = r.of("extreme_update")
     if len(extreme):
         row = _first(extreme)
