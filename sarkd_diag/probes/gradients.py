@@ -25,7 +25,12 @@ step — the gradients cleared between backward and the step, or a loss cut off 
 a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a stretch.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
-post-accumulate hooks record the order in which gradients actually arrived.
+post-accumulate hooks record the order in which gradients actually arrived. A tensor that several modules use — an
+lm_head tied to the token embedding, a layer shared across depths — gets its gradient once every use has added to it,
+so its arrival, and its registration under its first owner, both put it at the input end; backward computed it first
+where its last owner in the forward ran, the output end. Such a tensor is placed, and named, at its last registered
+owner: at `standard` just after the tensors registered before that owner, at `full` just before the first of them
+arrives.
 
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
@@ -82,6 +87,7 @@ class GradientProbe(Probe):
         self._sentinels: dict[int | None, Sentinel] = {}  # per optimizer (its id; None: one optimizer, or none)
         self._held: list[tuple[int, torch.Tensor]] = []  # this step's checks of gradients used since: (index, held)
         self._held_at: list[int] = []  # the sentinels of the checks handed over, in order
+        self._shared = self._shared_tensors()  # watched index → its owners (module names), in registration order
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -90,6 +96,20 @@ class GradientProbe(Probe):
         def hook(_param):
             self._arrival.setdefault(index, next(self._clock))
         return hook
+
+    def _shared_tensors(self) -> dict[int, list[str]]:
+        """The watched tensors that more than one module of their model holds (tied or shared weights): their owners,
+        in registration order."""
+        index = {id(w.param): i for i, w in enumerate(self.ctx.watched)}
+        owners: dict[int, list[str]] = {}
+        for model_name in dict.fromkeys(w.model for w in self.ctx.watched):
+            model = self.ctx.models.get(model_name)
+            for name, module in model.named_modules(remove_duplicate=False) if model is not None else ():
+                for p in module._parameters.values():
+                    i = index.get(id(p)) if p is not None else None
+                    if i is not None and self.ctx.watched[i].model == model_name:
+                        owners.setdefault(i, []).append(name)
+        return {i: names for i, names in owners.items() if len(set(names)) > 1}
 
     def begin_step(self) -> None:
         self._arrival.clear()
@@ -243,11 +263,49 @@ class GradientProbe(Probe):
 
     def _first_in_backward_order(self, bad: list[int]) -> int:
         if self._arrival:
-            return min(bad, key=lambda i: self._arrival.get(i, math.inf))
-        return max(bad)
+            return min(bad, key=self._arrived_at)
+        return max(bad, key=self._registered_at)
+
+    def _arrived_at(self, index: int) -> float:
+        """When a watched tensor's gradient arrived; a shared tensor's, just before the first arrival among the tensors
+        upstream of its last owner (`_upstream`): backward computed it at that owner — as a module, or inside a fused
+        loss that takes its weight — before reaching them, while it arrives only once every use has added to it."""
+        upstream = self._upstream(index)
+        if not upstream:
+            return self._arrival.get(index, math.inf)
+        return min(self._arrival.get(i, math.inf) for i in upstream) - 0.5
+
+    def _registered_at(self, index: int) -> float:
+        """Where a watched tensor sits in registration order: its index; a shared tensor's, just after the tensors
+        upstream of its last owner."""
+        upstream = self._upstream(index)
+        return max(upstream) + 0.5 if upstream else index
+
+    def _upstream(self, index: int) -> list[int]:
+        """For a shared tensor, the other watched tensors of its model whose modules are registered before its last
+        owner (the owner backward reaches first); empty for a tensor of one module."""
+        owners = self._shared.get(index)
+        if not owners:
+            return []
+        model = self.ctx.watched[index].model
+        order = {name: n for n, (name, _m) in enumerate(self.ctx.models[model].named_modules(remove_duplicate=False))}
+        last = order[owners[-1]]
+        return [i for i, w in enumerate(self.ctx.watched)
+                if w.model == model and i != index and order.get(w.module, last) < last]
+
+    def _named_at(self, index: int) -> tuple[str, str]:
+        """The module and tensor name of a watched tensor where backward first computed its gradient: for a shared
+        tensor, its last owner."""
+        w = self.ctx.watched[index]
+        owners = self._shared.get(index)
+        if not owners:
+            return w.module, w.tensor
+        return owners[-1], f"{owners[-1]}.{w.tensor.rpartition('.')[2]}"
 
     def _report(self, first: int, bad_count: int, value: float) -> None:
         w = self.ctx.watched[first]
+        module, tensor = self._named_at(first)
+        shared = f" (the same tensor as {w.tensor}: backward computed it there first)" if tensor != w.tensor else ""
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
         # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer
@@ -258,10 +316,10 @@ class GradientProbe(Probe):
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",
-            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first in backward order "
-            f"of {counted(bad_count, 'non-finite tensor')}; {outcome}",
-            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
-            tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
+            f"gradient of {w.model} {tensor}{shared} is non-finite at step {self.ctx.step} — the first in backward "
+            f"order of {counted(bad_count, 'non-finite tensor')}; {outcome}",
+            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=module,
+            tensor=tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
 
     def _report_not_cleared(self, index: int) -> None:

@@ -158,6 +158,38 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+class TiedLM(nn.Module):
+    """A token embedding whose weight is also the output head's (GPT-2's tie); backward overflows at the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return Blowup.apply(self.head(self.norm(self.mid(self.embed(ids)))))
+
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+def test_a_tied_heads_overflow_is_placed_at_the_head_not_at_the_embedding_or_what_follows_it(level):
+    """Backward computes the tied weight's gradient first at the head, then everything upstream overflows with it.
+    Registered under the embedding (the first module, the input end) and arriving once the embedding's use has
+    added to it (last), it read as the last in backward order: `norm` was named. It is the head's."""
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt, level=level) as probes:
+        model(torch.randint(0, 16, (2, 5))).float().pow(2).mean().backward()
+        opt.step()
+        probes.step()
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.module, event.tensor, event.step) == ("head", "head.weight", 1)
+    assert "embed.weight" in event.message
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
