@@ -868,9 +868,10 @@ def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
-    """One outlier batch: at step 5 (between statistics steps) an MLP's output is ×1e6 for that batch only."""
-    outcome = Outcome()
+def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overflows: Callable[[int], bool],
+                                      outcome: Outcome) -> list[float]:
+    """An AMP loop (GradScaler from 2**8) over the tiny GPT-2 whose `h.1.mlp.c_fc` output is ×1e6 on the steps
+    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`."""
     model = tiny.make_gpt2(world.vocab)
     outlier = [False]
     model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
@@ -878,8 +879,8 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     losses = []
     with _probes(model, opt, scaler, tmp / "run") as probes:
-        for step, ids in enumerate(token_batches(world, 8), start=1):
-            outlier[0] = step == 5
+        for step, ids in enumerate(token_batches(world, steps), start=1):
+            outlier[0] = overflows(step)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(input_ids=ids, labels=ids).loss
             scaler.scale(loss).backward()
@@ -891,9 +892,27 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], final_scale=scaler.get_scale(),
                          weights_finite=all(bool(p.isfinite().all()) for p in model.parameters()))
+    return losses
+
+
+def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """One outlier batch: at step 5 (between statistics steps) an MLP's output is ×1e6 for that batch only."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome)
     outcome.check("the loss is non-finite at step 5 only; the weights stay finite",
                   [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == [5]
                   and outcome.facts["weights_finite"])
+    return outcome
+
+
+def fp16_overflow_from_step_4_amp_loop(world: World, tmp: Path) -> Outcome:
+    """From step 4 on every batch overflows the MLP: the scaler skips each step, and the module is named only at
+    step 10, the next statistics step (a caller's loop replays no step) — the overflow began at step 4."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 12, lambda step: step >= 4, outcome)
+    outcome.check("the loss is non-finite from step 4 on, the scale fell below 1, the weights stay finite",
+                  [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == list(range(4, 13))
+                  and outcome.facts["final_scale"] < 1 and outcome.facts["weights_finite"])
     return outcome
 
 
@@ -1891,6 +1910,11 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
                       absent=("divergence",))),
+    Scenario("fp16 overflow from step 4, named at step 10, AMP loop",
+             "user loop: autocast fp16 + GradScaler; from step 4 every batch overflows an MLP, whose name the next "
+             "statistics step (10) gives", "mixed", "user loop", fp16_overflow_from_step_4_amp_loop,
+             Expected("activation_overflow", "critical", "student", "transformer.h.1.mlp.c_fc", first_step=4,
+                      evidence_contains="module_named_at_step", absent=("divergence", "loss_scale_collapse"))),
     Scenario("softmax over a fully masked row", "user loop: fp32, a hand-written attention whose masked softmax is "
              "its own code; one sequence of the batch is all padding (0/0)", "fp32", "user loop",
              fully_masked_row_user_loop,
