@@ -1045,8 +1045,10 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert probes.diagnosis() == []
 
 
-def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[float]:
-    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale."""
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None
+                         ) -> list[float]:
+    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale.
+    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
@@ -1062,6 +1064,8 @@ def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[floa
             probes.step(loss=loss)
             opt.zero_grad()
             scales.append(scaler.get_scale())
+        if ended_by is not None:
+            raise ended_by
     return scales
 
 
@@ -1106,6 +1110,26 @@ def test_a_run_that_ends_while_the_scaler_still_finds_its_scale_trained_nothing(
     assert cause["evidence"]["steps_skipped"] == 3 and "8192" in cause["fix"]
     _weighted_amp_scales(probes_of, 1e2, steps=12)
     assert made[-1].diagnosis() == []
+
+@pytest.mark.parametrize("ended_by, status", [(RuntimeError("a data loader broke"), "failed"),
+                                              (KeyboardInterrupt(), "interrupted")])
+def test_a_run_that_failed_or_was_interrupted_while_the_scaler_found_its_scale_is_not_said_to_have_trained_nothing(
+        ended_by, status, tmp_path):
+    """The same three skipped steps, then the loop raised (or Ctrl-C): the run ended for its own reason, not because
+    the scaler started too high for its length — no `scaler_never_settled`, no `no_gradients` telling the scale to
+    start at."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "run"))
+        return made[-1]
+
+    with pytest.raises(type(ended_by)):
+        _weighted_amp_scales(probes_of, 1e2, steps=3, ended_by=ended_by)
+    assert not [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == status and summary["diagnosis"] == []
+
 
 def test_nonfinite_loss_is_reported_and_never_masked():
     model = Net()
