@@ -29,8 +29,9 @@ post-accumulate hooks record the order in which gradients actually arrived. A te
 lm_head tied to the token embedding, a layer shared across depths — gets its gradient once every use has added to it,
 so its arrival, and its registration under its first owner, both put it at the input end; backward computed it first
 where its last owner in the forward ran, the output end. Such a tensor is placed, and named, at its last registered
-owner: at `standard` just after the tensors registered before that owner, at `full` just before the first of them
-arrives.
+owner — at `standard` just after the tensors registered before that owner, at `full` just before the first of them
+arrives — unless the tensor just upstream of that owner is finite while ones further up are not: then the fault
+began up there and reached it through an earlier use.
 
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
@@ -248,7 +249,7 @@ class GradientProbe(Probe):
         begins = first is not None and self._last_first_bad is None
         moved = first is not None and first != self._last_first_bad and self.ctx.loss_scaler.enabled
         if begins or moved:
-            self._report(first, len(bad), amax[first])
+            self._report(first, bad, amax[first])
         self._last_first_bad = first
         self._grads = []
         return metrics
@@ -263,48 +264,54 @@ class GradientProbe(Probe):
 
     def _first_in_backward_order(self, bad: list[int]) -> int:
         if self._arrival:
-            return min(bad, key=self._arrived_at)
-        return max(bad, key=self._registered_at)
+            return min(bad, key=lambda i: self._arrived_at(i, bad))
+        return max(bad, key=lambda i: self._registered_at(i, bad))
 
-    def _arrived_at(self, index: int) -> float:
-        """When a watched tensor's gradient arrived; a shared tensor's, just before the first arrival among the tensors
-        upstream of its last owner (`_upstream`): backward computed it at that owner — as a module, or inside a fused
-        loss that takes its weight — before reaching them, while it arrives only once every use has added to it."""
-        upstream = self._upstream(index)
+    def _arrived_at(self, index: int, bad: list[int]) -> float:
+        """When a watched tensor's gradient arrived; a shared tensor's made at its last owner (`_made_at_last_owner`),
+        just before the first arrival among the tensors upstream of that owner: backward computed it there — as a
+        module, or inside a fused loss that takes its weight — while it arrives once every use has added to it."""
+        upstream = self._made_at_last_owner(index, bad)
         if not upstream:
             return self._arrival.get(index, math.inf)
         return min(self._arrival.get(i, math.inf) for i in upstream) - 0.5
 
-    def _registered_at(self, index: int) -> float:
-        """Where a watched tensor sits in registration order: its index; a shared tensor's, just after the tensors
-        upstream of its last owner."""
-        upstream = self._upstream(index)
+    def _registered_at(self, index: int, bad: list[int]) -> float:
+        """Where a watched tensor sits in registration order: its index; a shared tensor's made at its last owner,
+        just after the tensors upstream of that owner."""
+        upstream = self._made_at_last_owner(index, bad)
         return max(upstream) + 0.5 if upstream else index
 
-    def _upstream(self, index: int) -> list[int]:
-        """For a shared tensor, the other watched tensors of its model whose modules are registered before its last
-        owner (the owner backward reaches first); empty for a tensor of one module."""
+    def _made_at_last_owner(self, index: int, bad: list[int]) -> list[int]:
+        """For a shared tensor whose gradient is among `bad` because of its last owner's use, the watched tensors of
+        its model upstream of that owner (their modules registered before it); else empty. Backward reaches the
+        tensor just upstream of an owner right after it, so a fault made at the owner shows there too — or nowhere
+        upstream, when the owner's own product overflowed (a float16 head's sum over the tokens). A bad tensor just
+        upstream of it finite while ones further up are bad: the fault began up there and reached the tensor through
+        an earlier use (the embedding's)."""
         owners = self._shared.get(index)
         if not owners:
             return []
         model = self.ctx.watched[index].model
         order = {name: n for n, (name, _m) in enumerate(self.ctx.models[model].named_modules(remove_duplicate=False))}
         last = order[owners[-1]]
-        return [i for i, w in enumerate(self.ctx.watched)
-                if w.model == model and i != index and order.get(w.module, last) < last]
+        upstream = [i for i, w in enumerate(self.ctx.watched)
+                    if w.model == model and i != index and order.get(w.module, last) < last]
+        bad_upstream = set(upstream) & set(bad)
+        return upstream if upstream and (not bad_upstream or max(upstream) in bad_upstream) else []
 
-    def _named_at(self, index: int) -> tuple[str, str]:
-        """The module and tensor name of a watched tensor where backward first computed its gradient: for a shared
-        tensor, its last owner."""
+    def _named_at(self, index: int, bad: list[int]) -> tuple[str, str]:
+        """The module and tensor name of a watched tensor where backward first computed its gradient: a shared
+        tensor's last owner, where its gradient was made there."""
         w = self.ctx.watched[index]
-        owners = self._shared.get(index)
-        if not owners:
+        if not self._made_at_last_owner(index, bad):
             return w.module, w.tensor
-        return owners[-1], f"{owners[-1]}.{w.tensor.rpartition('.')[2]}"
+        owner = self._shared[index][-1]
+        return owner, f"{owner}.{w.tensor.rpartition('.')[2]}"
 
-    def _report(self, first: int, bad_count: int, value: float) -> None:
+    def _report(self, first: int, bad: list[int], value: float) -> None:
         w = self.ctx.watched[first]
-        module, tensor = self._named_at(first)
+        module, tensor = self._named_at(first, bad)
         shared = f" (the same tensor as {w.tensor}: backward computed it there first)" if tensor != w.tensor else ""
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
@@ -317,7 +324,7 @@ class GradientProbe(Probe):
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",
             f"gradient of {w.model} {tensor}{shared} is non-finite at step {self.ctx.step} — the first in backward "
-            f"order of {counted(bad_count, 'non-finite tensor')}; {outcome}",
+            f"order of {counted(len(bad), 'non-finite tensor')}; {outcome}",
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=module,
             tensor=tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)

@@ -159,35 +159,43 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
 
 
 class TiedLM(nn.Module):
-    """A token embedding whose weight is also the output head's (GPT-2's tie); backward overflows at the logits."""
+    """A token embedding whose weight is also the output head's (GPT-2's tie); backward overflows at the output of
+    `overflows` (`head`: the logits)."""
 
-    def __init__(self):
+    def __init__(self, overflows: str):
         super().__init__()
         self.embed = nn.Embedding(16, 8)
         self.mid = nn.Linear(8, 8)
         self.norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 16, bias=False)
         self.head.weight = self.embed.weight
+        self.overflows = overflows
 
     def forward(self, ids):
-        return Blowup.apply(self.head(self.norm(self.mid(self.embed(ids)))))
+        h = self.mid(self.embed(ids))
+        h = Blowup.apply(h) if self.overflows == "mid" else h
+        logits = self.head(self.norm(h))
+        return Blowup.apply(logits) if self.overflows == "head" else logits
 
 
 @pytest.mark.parametrize("level", ["standard", "full"])
-def test_a_tied_heads_overflow_is_placed_at_the_head_not_at_the_embedding_or_what_follows_it(level):
+@pytest.mark.parametrize("overflows, named", [("head", "head.weight"), ("mid", "mid.bias")])
+def test_a_tied_heads_overflow_is_placed_at_the_head_not_at_the_embedding_or_what_follows_it(level, overflows, named):
     """Backward computes the tied weight's gradient first at the head, then everything upstream overflows with it.
     Registered under the embedding (the first module, the input end) and arriving once the embedding's use has
-    added to it (last), it read as the last in backward order: `norm` was named. It is the head's."""
+    added to it (last), it read as the last in backward order: `norm` was named. It is the head's. An overflow made
+    inside the model (at `mid`: `norm`, just upstream of the head, stays finite) reaches the tied weight only
+    through the embedding: `mid` is named, not the head."""
     torch.manual_seed(0)
-    model = TiedLM()
+    model = TiedLM(overflows)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt, level=level) as probes:
         model(torch.randint(0, 16, (2, 5))).float().pow(2).mean().backward()
         opt.step()
         probes.step()
     (event,) = _events(probes, "nonfinite_grad")
-    assert (event.module, event.tensor, event.step) == ("head", "head.weight", 1)
-    assert "embed.weight" in event.message
+    assert (event.tensor, event.step) == (named, 1)
+    assert ("embed.weight" in event.message) is (overflows == "head")
 
 
 @pytest.mark.parametrize("unscaled", [False, True])
