@@ -916,6 +916,32 @@ def fp16_overflow_from_step_4_amp_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def fp16_loss_summed_over_tokens_user_loop(world: World, tmp: Path) -> Outcome:
+    """`model.half()` and a cross-entropy summed over the batch's ~15,000 tokens (`reduction="sum"`): ~5.5 each, the
+    sum leaves float16's 65504 — Inf at step 1, while its gradient (the sum's, finite) is thousands of times a
+    mean's, so SGD at 1e-4 soon takes a step as large as the weights."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 4, batch=128, block=120):
+            logits = model(input_ids=ids).logits
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                               reduction="sum")
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, loss_dtype=str(loss.dtype), tokens=int(ids[:, 1:].numel()))
+    outcome.check("the float16 sum is Inf at step 1; each token's loss (sum / tokens) is an ordinary ~5",
+                  losses[0] == math.inf and any(3 < v / outcome.facts["tokens"] < 8 for v in losses
+                                                if math.isfinite(v)))
+    return outcome
+
+
 def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -1915,6 +1941,11 @@ SCENARIOS: list[Scenario] = [
              "statistics step (10) gives", "mixed", "user loop", fp16_overflow_from_step_4_amp_loop,
              Expected("activation_overflow", "critical", "student", "transformer.h.1.mlp.c_fc", first_step=4,
                       evidence_contains="module_named_at_step", absent=("divergence", "loss_scale_collapse"))),
+    Scenario("float16 loss summed over tokens", "user loop: `model.half()`, SGD lr 1e-4; cross-entropy with "
+             "`reduction=\"sum\"` over ~15,000 tokens a batch", "pure-fp16", "user loop",
+             fp16_loss_summed_over_tokens_user_loop,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="take the mean",
+                      evidence_contains="largest_finite_loss")),
     Scenario("softmax over a fully masked row", "user loop: fp32, a hand-written attention whose masked softmax is "
              "its own code; one sequence of the batch is all padding (0/0)", "fp32", "user loop",
              fully_masked_row_user_loop,

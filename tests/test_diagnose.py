@@ -432,6 +432,25 @@ def test_a_loss_that_is_the_first_nonfinite_value_from_measured_finite_outputs_i
     assert low["fix"].startswith("compute the loss in fp32")
 
 
+@pytest.mark.parametrize("losses, fix", [([math.inf, 63072.0, math.inf, math.inf], "take the mean"),
+                                         ([math.inf, 5.1, 5.0, 4.9], "compute the loss in fp32")])
+def test_a_float16_loss_that_overflowed_before_an_extreme_update_is_the_root_and_a_sum_is_named(losses, fix):
+    """A float16 loss summed over 15,000 tokens is Inf at step 1 while every module output is ~4: its gradient is
+    finite (the sum's), and 15,000× a mean's — SGD's step 3 is as large as the weights. The extreme update's
+    warning ('the lr is far too high; precision is not the cause') was the whole diagnosis, the Inf loss at step 1
+    claimed by nothing. It is the root, at step 1, and a loss whose finite values reach 63072 is named a sum."""
+    frame = log({**NAN_LOSS, "value": math.inf, "dtype": "float16"},
+                {"kind": "extreme_update", "severity": "warning", "step": 3, "phase": "optimizer", "model": "student",
+                 "module": "wte", "tensor": "wte.weight", "value": 1.36})
+    metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": losses,
+                            "act_amax_student": [4.3, None, None, None]})
+    (cause,) = causes(frame, metrics, mode="pure-fp16", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "divergence", "critical", "loss", 1)
+    assert fix in cause["fix"] and cause["evidence"]["then"] == "extreme_update@3"
+    assert ("largest_finite_loss" in cause["evidence"]) is (fix == "take the mean")
+
+
 @pytest.mark.parametrize("before", [
     {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
      "module": "h.0", "value": math.inf},  # the same step's forward came first: the teacher explains it
