@@ -1003,6 +1003,40 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
+    """The same attention and padding-only sequence under float16 autocast and a GradScaler: the softmax over -inf
+    alone is 0/0 in float16 as in fp32, every step — no float16 range is at fault, so no precision helps."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False  # the second sequence is padding only
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.float16):
+                logits = model(ids, keep)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    with torch.no_grad():  # outside the tool: the same softmax in fp32
+        x = model.embed(ids)
+        scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, largest_score=round(float(scores.abs().max()), 3))
+    outcome.check("every loss NaN; in fp32 the padded rows' softmax is NaN too, from scores of order 1",
+                  all(math.isnan(v) for v in losses) and weights[1].isnan().all() and finite(scores)
+                  and float(scores.abs().max()) < 100)
+    return outcome
+
+
 class AdditiveMaskAttention(tiny.MaskedAttention):
     """The masked softmax with the mask added as `(1 - keep) * -1e9`, as much code written for fp32 does: in fp32 a
     row whose every key is masked is uniform (every score -1e9); in float16 -1e9 is -inf, and that row is 0/0."""
@@ -1951,6 +1985,10 @@ SCENARIOS: list[Scenario] = [
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("softmax over a fully masked row, AMP loop", "user loop: the same attention and padding-only "
+             "sequence under autocast fp16 + GradScaler", "mixed", "user loop", fully_masked_row_amp_loop,
+             Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="will not help",
+                      evidence_contains="float32_replay", absent=("activation_overflow",))),
     Scenario("mask fill -1e9 in fp16", "user loop: fp16 weights, SGD; a hand-written attention adds the mask as "
              "`(1 - keep) * -1e9` (-inf in fp16); one sequence of the batch is all padding", "pure-fp16", "user loop",
              mask_fill_beyond_fp16_user_loop,
