@@ -362,8 +362,10 @@ def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
-    student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
+def mixed_kd_weight_overflow(world: World, tmp: Path, tied: bool = False) -> Outcome:
+    """`tied`: the student's lm_head is its token embedding (GPT-2's default), whose gradient arrives last."""
+    student = world.student if tied else tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer,
+                                                   tmp / "untied_student")
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8",
                            steps=18, teacher=world.dense_teacher, student=student)
     rows = run["metrics"]
@@ -377,6 +379,10 @@ def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
     outcome.check("a KD loss ×1e8 overflows lm_head's fp16 gradient at loss scale 1", not finite(grad))
     outcome.check("the loss scale fell below 1", scales and scales[-1] is not None and scales[-1] < 1)
     return outcome
+
+
+def mixed_kd_weight_overflow_tied(world: World, tmp: Path) -> Outcome:
+    return mixed_kd_weight_overflow(world, tmp, tied=True)
 
 
 def kd_lm_head_gradient(world: World, alpha: float, temperature: float = 2.0) -> torch.Tensor:
@@ -1899,6 +1905,9 @@ SCENARIOS: list[Scenario] = [
                                               fix_contains="--precision bf16-mixed", fix_lacks="--precision mixed")),
     Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
              "mixed", "CLI", mixed_kd_weight_overflow,
+             Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
+    Scenario("KD loss weighted too high, tied lm_head", "`train --precision mixed --alpha-kd 1e8` (lm_head tied to "
+             "wte, GPT-2's default), 18 steps", "mixed", "CLI", mixed_kd_weight_overflow_tied,
              Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
     Scenario("GradScaler loop, backward overflow in one module",
              "user loop: autocast fp16 + GradScaler; a backward hook ×1e30 on module `mid`, 18 steps", "mixed",
