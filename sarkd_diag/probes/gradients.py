@@ -232,7 +232,7 @@ class GradientProbe(Probe):
             if self._none_reached and not self.ctx.caller_skipped:  # nothing reached the weights (a step the loop
                 # skipped on purpose ran no backward: no sign of a loss cut off): as all-zero gradients
                 metrics["zero_grad_tensors"] = 0
-                self._track_zero(True, list(range(len(self._grads))), 0, 0)
+                self._track_zero(True, list(range(len(self._grads))), 0)
             self._grads, self._none_reached = [], False
             return metrics
         finite = [v for v in amax if math.isfinite(v)]
@@ -242,7 +242,7 @@ class GradientProbe(Probe):
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
         if not self.ctx.caller_skipped:
-            self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
+            self._track_zero(2 * len(zero) > len(present), zero, len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
@@ -254,12 +254,12 @@ class GradientProbe(Probe):
         self._grads = []
         return metrics
 
-    def _track_zero(self, mostly_zero: bool, zero: list[int], count: int, present: int) -> None:
+    def _track_zero(self, mostly_zero: bool, zero: list[int], present: int) -> None:
         """A stretch of steps where most tensors with a gradient have an all-zero one, or none has a gradient at
-        all (`count` 0 of `present` 0): reported once, at its first step, when it lasts two steps."""
+        all (`present` 0): reported once, at its first step, when it lasts two steps."""
         if mostly_zero and self._mostly_zero_since is not None and not self._reported_zero:
             self._reported_zero = True
-            self._report_zero(self._first_in_backward_order(zero), count, present, self._mostly_zero_since)
+            self._report_zero(self._first_in_backward_order(zero), zero, present, self._mostly_zero_since)
         self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
 
     def _first_in_backward_order(self, bad: list[int]) -> int:
@@ -340,12 +340,13 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
             code="gradients_not_cleared")
 
-    def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
-        w = self.ctx.watched[first]
+    def _report_zero(self, first: int, zeros: list[int], present: int, since: int) -> None:
+        w, zero = self.ctx.watched[first], len(zeros) if present else 0
+        module, tensor = self._named_at(first, zeros)
         computed = self.ctx.computes_in(w.model)  # what the backward ran in: a frozen fp16 base under fp32 adapters too
         if present:
             what = (f"the gradients of {zero} of the {counted(present, 'trainable tensor')} are exactly zero on every "
-                    f"step since step {since}, from {w.model} {w.tensor} (backward order) on")
+                    f"step since step {since}, from {w.model} {tensor} (backward order) on")
         else:
             what = (f"none of the {counted(len(self._grads), 'trainable tensor')} has a gradient at the optimizer step "
                     f"on every step since step {since} (cleared before the step, or the loss does not reach them)")
@@ -353,7 +354,7 @@ class GradientProbe(Probe):
             "zero_gradients", "warning",
             f"{what}: no update reaches them (backward computed in {dtype_name(computed)}, "
             f"{'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
-            step=since, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            step=since, phase="backward", probe=self.name, model=w.model, module=module, tensor=tensor,
             dtype=dtype_name(computed), value=zero / present if present else 1.0, numel=present)
 
     def close(self) -> None:

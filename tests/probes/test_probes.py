@@ -198,6 +198,22 @@ def test_a_tied_heads_overflow_is_placed_at_the_head_not_at_the_embedding_or_wha
     assert ("embed.weight" in event.message) is (overflows == "head")
 
 
+def test_a_tied_heads_zero_gradients_are_named_from_the_head():
+    """All-zero gradients on two steps (the loss multiplied by 0) are named from the first in backward order: the
+    tied head, as its overflow is — not the embedding, not `norm`."""
+    torch.manual_seed(0)
+    model = TiedLM(overflows="none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            (model(torch.randint(0, 16, (2, 5))).float().pow(2).mean() * 0.0).backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    (event,) = _events(probes, "zero_gradients")
+    assert (event.module, event.tensor, event.step) == ("head", "head.weight", 1)
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
