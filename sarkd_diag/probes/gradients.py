@@ -88,7 +88,7 @@ class GradientProbe(Probe):
         self._sentinels: dict[int | None, Sentinel] = {}  # per optimizer (its id; None: one optimizer, or none)
         self._held: list[tuple[int, torch.Tensor]] = []  # this step's checks of gradients used since: (index, held)
         self._held_at: list[int] = []  # the sentinels of the checks handed over, in order
-        self._shared = self._shared_tensors()  # watched index → its owners (module names), in registration order
+        self._shared = self._shared_tensors()  # watched index → (its last owner, the tensors upstream of it)
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -98,19 +98,28 @@ class GradientProbe(Probe):
             self._arrival.setdefault(index, next(self._clock))
         return hook
 
-    def _shared_tensors(self) -> dict[int, list[str]]:
-        """The watched tensors that more than one module of their model holds (tied or shared weights): their owners,
-        in registration order."""
+    def _shared_tensors(self) -> dict[int, tuple[str, list[int]]]:
+        """The watched tensors that more than one module of their model holds (tied or shared weights): the last of
+        those owners in registration order, and the model's other watched tensors upstream of it (their modules
+        registered before it)."""
         index = {id(w.param): i for i, w in enumerate(self.ctx.watched)}
-        owners: dict[int, list[str]] = {}
+        shared: dict[int, tuple[str, list[int]]] = {}
         for model_name in dict.fromkeys(w.model for w in self.ctx.watched):
             model = self.ctx.models.get(model_name)
-            for name, module in model.named_modules(remove_duplicate=False) if model is not None else ():
-                for p in module._parameters.values():
-                    i = index.get(id(p)) if p is not None else None
+            modules = list(model.named_modules(remove_duplicate=False)) if model is not None else []
+            order = {name: n for n, (name, _m) in enumerate(modules)}
+            owners: dict[int, list[str]] = {}
+            for name, module in modules:
+                for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                    i = index.get(id(p))
                     if i is not None and self.ctx.watched[i].model == model_name:
                         owners.setdefault(i, []).append(name)
-        return {i: names for i, names in owners.items() if len(set(names)) > 1}
+            for i, names in owners.items():
+                if len(set(names)) > 1:
+                    last = order[names[-1]]
+                    shared[i] = (names[-1], [j for j, w in enumerate(self.ctx.watched) if w.model == model_name
+                                             and j != i and order.get(w.module, last) < last])
+        return shared
 
     def begin_step(self) -> None:
         self._arrival.clear()
@@ -283,20 +292,12 @@ class GradientProbe(Probe):
         return max(upstream) + 0.5 if upstream else index
 
     def _made_at_last_owner(self, index: int, bad: list[int]) -> list[int]:
-        """For a shared tensor whose gradient is among `bad` because of its last owner's use, the watched tensors of
-        its model upstream of that owner (their modules registered before it); else empty. Backward reaches the
-        tensor just upstream of an owner right after it, so a fault made at the owner shows there too — or nowhere
-        upstream, when the owner's own product overflowed (a float16 head's sum over the tokens). A bad tensor just
-        upstream of it finite while ones further up are bad: the fault began up there and reached the tensor through
-        an earlier use (the embedding's)."""
-        owners = self._shared.get(index)
-        if not owners:
-            return []
-        model = self.ctx.watched[index].model
-        order = {name: n for n, (name, _m) in enumerate(self.ctx.models[model].named_modules(remove_duplicate=False))}
-        last = order[owners[-1]]
-        upstream = [i for i, w in enumerate(self.ctx.watched)
-                    if w.model == model and i != index and order.get(w.module, last) < last]
+        """For a shared tensor whose gradient is among `bad` because of its last owner's use, the watched tensors
+        upstream of that owner; else empty. Backward reaches the tensor just upstream of an owner right after it, so
+        a fault made at the owner shows there too — or nowhere upstream, when the owner's own product overflowed (a
+        float16 head's sum over the tokens). That tensor finite while ones further up are bad: the fault began up
+        there and reached the shared tensor through an earlier use (the embedding's)."""
+        _, upstream = self._shared.get(index, (None, []))
         bad_upstream = set(upstream) & set(bad)
         return upstream if upstream and (not bad_upstream or max(upstream) in bad_upstream) else []
 
@@ -306,7 +307,7 @@ class GradientProbe(Probe):
         w = self.ctx.watched[index]
         if not self._made_at_last_owner(index, bad):
             return w.module, w.tensor
-        owner = self._shared[index][-1]
+        owner = self._shared[index][0]
         return owner, f"{owner}.{w.tensor.rpartition('.')[2]}"
 
     def _report(self, first: int, bad: list[int], value: float) -> None:
