@@ -362,8 +362,10 @@ def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
-    student = tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer, tmp / "untied_student")
+def mixed_kd_weight_overflow(world: World, tmp: Path, tied: bool = False) -> Outcome:
+    """`tied`: the student's lm_head is its token embedding (GPT-2's default), whose gradient arrives last."""
+    student = world.student if tied else tiny.save(tiny_gpt2_untied(world.vocab), world.tokenizer,
+                                                   tmp / "untied_student")
     outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8",
                            steps=18, teacher=world.dense_teacher, student=student)
     rows = run["metrics"]
@@ -377,6 +379,10 @@ def mixed_kd_weight_overflow(world: World, tmp: Path) -> Outcome:
     outcome.check("a KD loss ×1e8 overflows lm_head's fp16 gradient at loss scale 1", not finite(grad))
     outcome.check("the loss scale fell below 1", scales and scales[-1] is not None and scales[-1] < 1)
     return outcome
+
+
+def mixed_kd_weight_overflow_tied(world: World, tmp: Path) -> Outcome:
+    return mixed_kd_weight_overflow(world, tmp, tied=True)
 
 
 def kd_lm_head_gradient(world: World, alpha: float, temperature: float = 2.0) -> torch.Tensor:
@@ -518,6 +524,20 @@ def self_distillation_kd_only(world: World, tmp: Path) -> Outcome:
     outcome.facts["losses"] = losses
     outcome.check("completed with a loss of exactly 0 on every step", outcome.exit_code == 0 and losses
                   and all(v == 0.0 for v in losses))
+    return outcome
+
+
+def self_distillation_kd_only_mixed(world: World, tmp: Path) -> Outcome:
+    """The same in mixed precision: the teacher is held in fp16, the student computes under fp16 autocast, so KD
+    starts at rounding's ~1e-7, not 0; AdamW turns those noise gradients into lr-sized steps and KD settles at ~1e-3
+    nats per token — thousands of times its first value, and nothing the student predicts has changed that shows."""
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-ce", "0", teacher=world.student, steps=8)
+    rows = run["metrics"]
+    losses, ce = _losses(rows), [r.get("ce_loss") for r in rows]
+    outcome.facts.update(losses=[float(f"{v:.3g}") for v in losses], ce_loss=[round(v, 3) for v in ce if v])
+    outcome.check("KD began at rounding's floor and grew far beyond 3x it, while the CE stayed within 5%",
+                  outcome.exit_code is not None and losses and all(map(math.isfinite, losses)) and losses[0] < 1e-5
+                  and max(losses) > 100 * losses[0] and max(ce) < 1.05 * ce[0])
     return outcome
 
 
@@ -854,9 +874,10 @@ def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
-    """One outlier batch: at step 5 (between statistics steps) an MLP's output is ×1e6 for that batch only."""
-    outcome = Outcome()
+def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overflows: Callable[[int], bool],
+                                      outcome: Outcome) -> list[float]:
+    """An AMP loop (GradScaler from 2**8) over the tiny GPT-2 whose `h.1.mlp.c_fc` output is ×1e6 on the steps
+    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`."""
     model = tiny.make_gpt2(world.vocab)
     outlier = [False]
     model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
@@ -864,8 +885,8 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     losses = []
     with _probes(model, opt, scaler, tmp / "run") as probes:
-        for step, ids in enumerate(token_batches(world, 8), start=1):
-            outlier[0] = step == 5
+        for step, ids in enumerate(token_batches(world, steps), start=1):
+            outlier[0] = overflows(step)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(input_ids=ids, labels=ids).loss
             scaler.scale(loss).backward()
@@ -877,9 +898,53 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], final_scale=scaler.get_scale(),
                          weights_finite=all(bool(p.isfinite().all()) for p in model.parameters()))
+    return losses
+
+
+def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
+    """One outlier batch: at step 5 (between statistics steps) an MLP's output is ×1e6 for that batch only."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome)
     outcome.check("the loss is non-finite at step 5 only; the weights stay finite",
                   [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == [5]
                   and outcome.facts["weights_finite"])
+    return outcome
+
+
+def fp16_overflow_from_step_4_amp_loop(world: World, tmp: Path) -> Outcome:
+    """From step 4 on every batch overflows the MLP: the scaler skips each step, and the module is named only at
+    step 10, the next statistics step (a caller's loop replays no step) — the overflow began at step 4."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 12, lambda step: step >= 4, outcome)
+    outcome.check("the loss is non-finite from step 4 on, the scale fell below 1, the weights stay finite",
+                  [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == list(range(4, 13))
+                  and outcome.facts["final_scale"] < 1 and outcome.facts["weights_finite"])
+    return outcome
+
+
+def fp16_loss_summed_over_tokens_user_loop(world: World, tmp: Path) -> Outcome:
+    """`model.half()` and a cross-entropy summed over the batch's ~15,000 tokens (`reduction="sum"`): ~5.5 each, the
+    sum leaves float16's 65504 — Inf at step 1, while its gradient (the sum's, finite) is thousands of times a
+    mean's, so SGD at 1e-4 soon takes a step as large as the weights."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 4, batch=128, block=120):
+            logits = model(input_ids=ids).logits
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                               reduction="sum")
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, loss_dtype=str(loss.dtype), tokens=int(ids[:, 1:].numel()))
+    outcome.check("the float16 sum is Inf at step 1; each token's loss (sum / tokens) is an ordinary ~5",
+                  losses[0] == math.inf and any(3 < v / outcome.facts["tokens"] < 8 for v in losses
+                                                if math.isfinite(v)))
     return outcome
 
 
@@ -941,6 +1006,40 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
                   finite(scores) and float(scores.abs().max()) < 100 and weights[1].isnan().all()
                   and finite(weights[0]))
     outcome.check("the loss is NaN", math.isnan(float(loss.detach())))
+    return outcome
+
+
+def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
+    """The same attention and padding-only sequence under float16 autocast and a GradScaler: the softmax over -inf
+    alone is 0/0 in float16 as in fp32, every step — no float16 range is at fault, so no precision helps."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False  # the second sequence is padding only
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.float16):
+                logits = model(ids, keep)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    with torch.no_grad():  # outside the tool: the same softmax in fp32
+        x = model.embed(ids)
+        scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, largest_score=round(float(scores.abs().max()), 3))
+    outcome.check("every loss NaN; in fp32 the padded rows' softmax is NaN too, from scores of order 1",
+                  all(math.isnan(v) for v in losses) and weights[1].isnan().all() and finite(scores)
+                  and float(scores.abs().max()) < 100)
     return outcome
 
 
@@ -1807,6 +1906,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("KD loss weighted too high", "`train --precision mixed --alpha-kd 1e8` (untied lm_head), 18 steps",
              "mixed", "CLI", mixed_kd_weight_overflow,
              Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
+    Scenario("KD loss weighted too high, tied lm_head", "`train --precision mixed --alpha-kd 1e8` (lm_head tied to "
+             "wte, GPT-2's default), 18 steps", "mixed", "CLI", mixed_kd_weight_overflow_tied,
+             Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
     Scenario("GradScaler loop, backward overflow in one module",
              "user loop: autocast fp16 + GradScaler; a backward hook ×1e30 on module `mid`, 18 steps", "mixed",
              "user loop", user_scaler_module_overflow,
@@ -1877,11 +1979,25 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", first_step=5, fix_contains="names the module",
                       absent=("divergence",))),
+    Scenario("fp16 overflow from step 4, named at step 10, AMP loop",
+             "user loop: autocast fp16 + GradScaler; from step 4 every batch overflows an MLP, whose name the next "
+             "statistics step (10) gives", "mixed", "user loop", fp16_overflow_from_step_4_amp_loop,
+             Expected("activation_overflow", "critical", "student", "transformer.h.1.mlp.c_fc", first_step=4,
+                      evidence_contains="module_named_at_step", absent=("divergence", "loss_scale_collapse"))),
+    Scenario("float16 loss summed over tokens", "user loop: `model.half()`, SGD lr 1e-4; cross-entropy with "
+             "`reduction=\"sum\"` over ~15,000 tokens a batch", "pure-fp16", "user loop",
+             fp16_loss_summed_over_tokens_user_loop,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="take the mean",
+                      evidence_contains="largest_finite_loss")),
     Scenario("softmax over a fully masked row", "user loop: fp32, a hand-written attention whose masked softmax is "
              "its own code; one sequence of the batch is all padding (0/0)", "fp32", "user loop",
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("softmax over a fully masked row, AMP loop", "user loop: the same attention and padding-only "
+             "sequence under autocast fp16 + GradScaler", "mixed", "user loop", fully_masked_row_amp_loop,
+             Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="will not help",
+                      evidence_contains="float32_replay", absent=("activation_overflow",))),
     Scenario("mask fill -1e9 in fp16", "user loop: fp16 weights, SGD; a hand-written attention adds the mask as "
              "`(1 - keep) * -1e9` (-inf in fp16); one sequence of the batch is all padding", "pure-fp16", "user loop",
              mask_fill_beyond_fp16_user_loop,
@@ -2027,6 +2143,9 @@ SCENARIOS: list[Scenario] = [
              "scale on the first steps, then trains", "mixed", "CLI", clean_mixed_early_skips, CLEAN),
     Scenario("self-distillation, KD alone", "`train --precision fp32 --alpha-ce 0` with the student as its own "
              "teacher: KD and every gradient exactly 0", "fp32", "CLI", self_distillation_kd_only, CLEAN),
+    Scenario("self-distillation, KD alone, mixed", "`train --precision mixed --alpha-ce 0` with the student as its "
+             "own teacher: KD starts at fp16 rounding's ~1e-7 and settles near 1e-3", "mixed", "CLI",
+             self_distillation_kd_only_mixed, CLEAN),
     Scenario("clean AMP loop", "user loop: autocast fp16 + GradScaler, fp32 weights, AdamW 1e-3", "mixed",
              "user loop", clean_amp_user_loop, CLEAN),
     Scenario("clean bf16 autocast loop", "user loop: autocast bf16, fp32 weights, AdamW 1e-3", "bf16-mixed",

@@ -432,6 +432,25 @@ def test_a_loss_that_is_the_first_nonfinite_value_from_measured_finite_outputs_i
     assert low["fix"].startswith("compute the loss in fp32")
 
 
+@pytest.mark.parametrize("losses, fix", [([math.inf, 63072.0, math.inf, math.inf], "take the mean"),
+                                         ([math.inf, 5.1, 5.0, 4.9], "compute the loss in fp32")])
+def test_a_float16_loss_that_overflowed_before_an_extreme_update_is_the_root_and_a_sum_is_named(losses, fix):
+    """A float16 loss summed over 15,000 tokens is Inf at step 1 while every module output is ~4: its gradient is
+    finite (the sum's), and 15,000× a mean's — SGD's step 3 is as large as the weights. The extreme update's
+    warning ('the lr is far too high; precision is not the cause') was the whole diagnosis, the Inf loss at step 1
+    claimed by nothing. It is the root, at step 1, and a loss whose finite values reach 63072 is named a sum."""
+    frame = log({**NAN_LOSS, "value": math.inf, "dtype": "float16"},
+                {"kind": "extreme_update", "severity": "warning", "step": 3, "phase": "optimizer", "model": "student",
+                 "module": "wte", "tensor": "wte.weight", "value": 1.36})
+    metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": losses,
+                            "act_amax_student": [4.3, None, None, None]})
+    (cause,) = causes(frame, metrics, mode="pure-fp16", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
+        "divergence", "critical", "loss", 1)
+    assert fix in cause["fix"] and cause["evidence"]["then"] == "extreme_update@3"
+    assert ("largest_finite_loss" in cause["evidence"]) is (fix == "take the mean")
+
+
 @pytest.mark.parametrize("before", [
     {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
      "module": "h.0", "value": math.inf},  # the same step's forward came first: the teacher explains it
@@ -477,6 +496,25 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
     if blown:  # no module, weight or update measured it: said so, with the loss code among the checks
         assert found[0]["evidence"]["unplaced"] is True and "from 4 to 20" in found[0]["fix"]
         assert "loss code" in found[0]["fix"] and "`learning_rate`" in found[0]["fix"]
+
+
+KD_CONFIG = {"objective": {"kind": "logit-kd"}, "options": {"alpha_kd": 0.5, "alpha_ce": 0.0}}
+
+
+@pytest.mark.parametrize("loss, ce, caller, blown_at", [
+    ([1e-7, 1.1e-3, 3e-4, 3.5e-4, 3.3e-4], [5.56, 5.6, 5.57, 5.58, 5.55], "cli", None),  # at its floor
+    ([1e-7, 1.1e-3, 3e-4, 3.5e-4, 3.3e-4], [5.56, 5.6, 5.57, 5.58, 5.55], "loop", 2),  # no scale known
+    ([0.01, 0.02, 2.5, 4.0, 4.2], [0.03, 0.05, 6.0, 8.0, 8.5], "cli", 3)])  # a fitted student blowing up
+def test_a_kd_loss_grown_from_its_rounding_floor_is_judged_against_the_students_cross_entropy(loss, ce, caller,
+                                                                                              blown_at):
+    """A student distilled from its own copy in mixed precision: KD starts at fp16 rounding's ~1e-7, and the first
+    lr-sized steps take it to ~1e-3 nats per token — ten thousand times its first value, a millionth of what the
+    student's cross-entropy (5.6 nats) could show. Where the objective's terms are known (`train`'s logit KD) the
+    rise must also be a tenth of that scale; a well-fitted student whose loss leaves 0.01 for 4 still blows up."""
+    metrics = pd.DataFrame({"step": range(1, 6), "split": "train", "loss": loss, "ce_loss": ce, "lr": 1e-3})
+    found = [(c["cause"], c["severity"], c["first_step"]) for c in
+             diagnose(log(), metrics, {"precision": {"mode": "mixed"}, "caller": caller, **KD_CONFIG})]
+    assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
 
 def test_a_negative_loss_is_not_above_three_times_itself():

@@ -372,6 +372,11 @@ FIXES = {
                             "and module outputs (the largest {amax}) — cast the logits with `.float()` before the "
                             "softmax and the divergence; if it persists, look for a division by zero or the log "
                             "of 0; lowering {lr} will not help",
+    "loss_sum_low": "the {term} itself left {dtype}'s range: its finite values reach {largest}, where {dtype} holds at "
+                    "most {limit} — far above a per-token mean (a cross-entropy is at most the log of the vocabulary): "
+                    "a sum over the tokens (`reduction=\"sum\"`), or a term weighted that high; take the mean (a sum's "
+                    "gradient is as many times larger too, and so is each step), or compute the loss in fp32 with "
+                    "`.float()`",
     "nonfinite_op": "{module} made {holds} in {dtype} from values nowhere near {dtype}'s range (the largest "
                     "measured {amax}): an operation undefined on its inputs, not an overflow — a softmax over a row "
                     "whose every position is masked (0/0), the log of 0, a division by zero, inf − inf; guard the "
@@ -542,6 +547,23 @@ class RunRecord:
         changes = pd.Series(loss.map(math.log).to_numpy()).diff().dropna()
         spread = 1.4826 * float((changes - changes.median()).abs().median())
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
+
+    def loss_floor_rise(self) -> float:
+        """The least rise of the training loss that can be a blow-up, whatever its factor: LOSS_TREND_RISE of the
+        objective's natural scale where its terms are known — `train`'s logit KD weighs KD and CE in nats per token,
+        and KD (the excess of the student's cross-entropy on the teacher's distribution over the teacher's entropy)
+        is of the order of the student's own cross-entropy on the data, so (alpha_kd + alpha_ce) × the first
+        `ce_loss`. A loss that starts at its floor (a student distilled from its own copy: KD ≈ 1e-7, rounding's
+        doing) grows by any factor from there without the student's predictions changing by anything that shows;
+        elsewhere (a caller's own loss, hidden-state KD) no scale is known: 0."""
+        objective = (self.config.get("objective") or {}).get("kind")
+        ce = self.train_column("ce_loss")
+        ce = ce[ce.map(math.isfinite)]
+        if self.caller != "cli" or objective != "logit-kd" or not len(ce):
+            return 0.0
+        options = self.config.get("options") or {}
+        weights = sum(number_or_none(options.get(name)) or 0.0 for name in ("alpha_kd", "alpha_ce"))
+        return LOSS_TREND_RISE * weights * float(ce.iloc[0])
 
     def clip_threshold(self) -> float | None:
         """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the last
@@ -1532,10 +1554,13 @@ def divergence(r: RunRecord) -> list[Cause]:
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
     # a term subtracted) is above three times itself from the start
     factor = r.blow_up_factor()
-    blown = finite_loss[finite_loss > factor * first_loss] if first_loss is not None and first_loss > 0 \
-        else finite_loss[:0]
+    blown = finite_loss[(finite_loss > factor * first_loss) & (finite_loss - first_loss >= r.loss_floor_rise())] \
+        if first_loss is not None and first_loss > 0 else finite_loss[:0]
     extreme = r.of("extreme_update")
-    if len(extreme):
+    computed = _nonfinite_loss_computation(r)  # the run's first non-finite value: at or before any extreme update
+    if computed is not None and len(extreme):
+        computed.evidence["then"] = f"extreme_update@{int(extreme['step'].min())}"
+    if len(extreme) and computed is None:
         row = _first(extreme)
         step = int(row["step"])
         state = r.of("optimizer_state_underflow")
@@ -1565,7 +1590,6 @@ def divergence(r: RunRecord) -> list[Cause]:
         return []  # the optimizer's own numbers: `optimizer_nonfinite`
     if len(blowups):
         row = _first(blowups)
-        computed = _nonfinite_loss_computation(r)
         if computed is not None:
             return [computed]
         if r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param")):
@@ -1632,9 +1656,15 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                                **{f"act_amax_{model}": v for model, v in outputs.items()}},
                      fix=r.fix("loss_fp16_cast", term=term, model=wide, amax=f"{outputs[wide]:.3g}",
                                module=where["module"] or wide))
-    return Cause("divergence", "critical", **_where(row),
-                 evidence={"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype,
-                           "module_outputs_finite": True, **{f"act_amax_{model}": v for model, v in outputs.items()}},
+    evidence = {"mode": r.mode, "loss_term": row.get("tensor"), "loss_dtype": dtype, "module_outputs_finite": True,
+                **{f"act_amax_{model}": v for model, v in outputs.items()}}
+    losses = r.train_column("loss")
+    largest = float(losses[losses.map(math.isfinite)].abs().max()) if len(losses) else math.nan
+    limit = FP16_MAX if dtype == "float16" else DTYPE_MAX.get(dtype or "", math.inf)
+    if largest > limit ** RANGE_EXPONENT:  # the loss's own size is near its dtype's range: the sum, not one value
+        return Cause("divergence", "critical", **_where(row), evidence={**evidence, "largest_finite_loss": largest},
+                     fix=r.fix("loss_sum_low", term=term, dtype=dtype, largest=f"{largest:.5g}", limit=f"{limit:.5g}"))
+    return Cause("divergence", "critical", **_where(row), evidence=evidence,
                  fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
                            exp_limit=f"{math.log(DTYPE_MAX.get(dtype or 'float32', DTYPE_MAX['float32'])):.1f}",
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))

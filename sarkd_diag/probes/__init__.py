@@ -344,7 +344,11 @@ class ProbeSet:
         """Call `remove` (a hook's remover) at `close()`."""
         self._removers.append(remove)
 
-    def close(self) -> None:
+    def close(self, completed: bool = False) -> None:
+        """Remove every hook; a run that `completed` is concluded first (`Probe.conclude`)."""
+        if completed:
+            for probe in self.probes:
+                probe.conclude()
         for remove in self._removers:
             remove()
         self._removers = []
@@ -874,11 +878,12 @@ class Probes:
 
     def close(self, status: str = "completed") -> None:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
-        if not self._closed:
+        completed = status == "completed" and not self._closed
+        if completed:
             self._check_optimizer_stepped()
         if self.run_dir is not None and _OPEN.get(os.path.realpath(self.run_dir)) is self:
             del _OPEN[os.path.realpath(self.run_dir)]
-        self.set.close()
+        self.set.close(completed)
         if self.run_dir is not None and not self._closed:
             from ..presentation.closing import finalize_run
 

@@ -213,6 +213,9 @@ class ActivationProbe(Probe):
                                                                         extremes[len(seen):], strict=True):
             if handed_to is not None:  # made by `module`'s own code: NaN and +Inf count, -Inf is a mask (docstring)
                 made = "a NaN" if math.isnan(low) else "+Inf" if high == math.inf else None
+                if made and dtype == "float16" and self._suspect is None and module != root_label(
+                        self.ctx.models[model]):  # its own output carries what it made: run it in float32
+                    self._watch_suspect(model, module)
                 if made and model not in models_gone_bad:
                     models_gone_bad.add(model)
                     self._report_once(

@@ -317,6 +317,10 @@ class Probe:
         """The step's readings on the host (all probes' together) into events; returns metrics columns."""
         return {}
 
+    def conclude(self) -> None:
+        """The run completed: what only its whole length shows (a failed or interrupted run ended for its own
+        reason, and says nothing about what a full run would have done)."""
+
     def close(self) -> None: ...
 
 

@@ -25,7 +25,13 @@ step — the gradients cleared between backward and the step, or a loss cut off 
 a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a stretch.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
-post-accumulate hooks record the order in which gradients actually arrived.
+post-accumulate hooks record the order in which gradients actually arrived. A tensor that several modules use — an
+lm_head tied to the token embedding, a layer shared across depths — gets its gradient once every use has added to it,
+so its arrival, and its registration under its first owner, both put it at the input end; backward computed it first
+where its last owner in the forward ran, the output end. Such a tensor is placed, and named, at its last registered
+owner — at `standard` just after the tensors registered before that owner, at `full` just before the first of them
+arrives — unless the tensor just upstream of that owner is finite while ones further up are not: then the fault
+began up there and reached it through an earlier use.
 
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
@@ -82,6 +88,7 @@ class GradientProbe(Probe):
         self._sentinels: dict[int | None, Sentinel] = {}  # per optimizer (its id; None: one optimizer, or none)
         self._held: list[tuple[int, torch.Tensor]] = []  # this step's checks of gradients used since: (index, held)
         self._held_at: list[int] = []  # the sentinels of the checks handed over, in order
+        self._shared = self._shared_tensors()  # watched index → (its last owner, the tensors upstream of it)
         if ctx.level == "full":
             for i, w in enumerate(ctx.watched):
                 self._handles.append(w.param.register_post_accumulate_grad_hook(self._arrived(i)))
@@ -90,6 +97,29 @@ class GradientProbe(Probe):
         def hook(_param):
             self._arrival.setdefault(index, next(self._clock))
         return hook
+
+    def _shared_tensors(self) -> dict[int, tuple[str, list[int]]]:
+        """The watched tensors that more than one module of their model holds (tied or shared weights): the last of
+        those owners in registration order, and the model's other watched tensors upstream of it (their modules
+        registered before it)."""
+        index = {id(w.param): i for i, w in enumerate(self.ctx.watched)}
+        shared: dict[int, tuple[str, list[int]]] = {}
+        for model_name in dict.fromkeys(w.model for w in self.ctx.watched):
+            model = self.ctx.models.get(model_name)
+            modules = list(model.named_modules(remove_duplicate=False)) if model is not None else []
+            order = {name: n for n, (name, _m) in enumerate(modules)}
+            owners: dict[int, list[str]] = {}
+            for name, module in modules:
+                for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                    i = index.get(id(p))
+                    if i is not None and self.ctx.watched[i].model == model_name:
+                        owners.setdefault(i, []).append(name)
+            for i, names in owners.items():
+                if len(set(names)) > 1:
+                    last = order[names[-1]]
+                    shared[i] = (names[-1], [j for j, w in enumerate(self.ctx.watched) if w.model == model_name
+                                             and j != i and order.get(w.module, last) < last])
+        return shared
 
     def begin_step(self) -> None:
         self._arrival.clear()
@@ -211,7 +241,7 @@ class GradientProbe(Probe):
             if self._none_reached and not self.ctx.caller_skipped:  # nothing reached the weights (a step the loop
                 # skipped on purpose ran no backward: no sign of a loss cut off): as all-zero gradients
                 metrics["zero_grad_tensors"] = 0
-                self._track_zero(True, list(range(len(self._grads))), 0, 0)
+                self._track_zero(True, list(range(len(self._grads))), 0)
             self._grads, self._none_reached = [], False
             return metrics
         finite = [v for v in amax if math.isfinite(v)]
@@ -221,33 +251,69 @@ class GradientProbe(Probe):
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
         if not self.ctx.caller_skipped:
-            self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
+            self._track_zero(2 * len(zero) > len(present), zero, len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
         begins = first is not None and self._last_first_bad is None
         moved = first is not None and first != self._last_first_bad and self.ctx.loss_scaler.enabled
         if begins or moved:
-            self._report(first, len(bad), amax[first])
+            self._report(first, bad, amax[first])
         self._last_first_bad = first
         self._grads = []
         return metrics
 
-    def _track_zero(self, mostly_zero: bool, zero: list[int], count: int, present: int) -> None:
+    def _track_zero(self, mostly_zero: bool, zero: list[int], present: int) -> None:
         """A stretch of steps where most tensors with a gradient have an all-zero one, or none has a gradient at
-        all (`count` 0 of `present` 0): reported once, at its first step, when it lasts two steps."""
+        all (`present` 0): reported once, at its first step, when it lasts two steps."""
         if mostly_zero and self._mostly_zero_since is not None and not self._reported_zero:
             self._reported_zero = True
-            self._report_zero(self._first_in_backward_order(zero), count, present, self._mostly_zero_since)
+            self._report_zero(self._first_in_backward_order(zero), zero, present, self._mostly_zero_since)
         self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
 
     def _first_in_backward_order(self, bad: list[int]) -> int:
         if self._arrival:
-            return min(bad, key=lambda i: self._arrival.get(i, math.inf))
-        return max(bad)
+            return min(bad, key=lambda i: self._arrived_at(i, bad))
+        return max(bad, key=lambda i: self._registered_at(i, bad))
 
-    def _report(self, first: int, bad_count: int, value: float) -> None:
+    def _arrived_at(self, index: int, bad: list[int]) -> float:
+        """When a watched tensor's gradient arrived; a shared tensor's made at its last owner (`_made_at_last_owner`),
+        just before the first arrival among the tensors upstream of that owner: backward computed it there — as a
+        module, or inside a fused loss that takes its weight — while it arrives once every use has added to it."""
+        upstream = self._made_at_last_owner(index, bad)
+        if not upstream:
+            return self._arrival.get(index, math.inf)
+        return min(self._arrival.get(i, math.inf) for i in upstream) - 0.5
+
+    def _registered_at(self, index: int, bad: list[int]) -> float:
+        """Where a watched tensor sits in registration order: its index; a shared tensor's made at its last owner,
+        just after the tensors upstream of that owner."""
+        upstream = self._made_at_last_owner(index, bad)
+        return max(upstream) + 0.5 if upstream else index
+
+    def _made_at_last_owner(self, index: int, bad: list[int]) -> list[int]:
+        """For a shared tensor whose gradient is among `bad` because of its last owner's use, the watched tensors
+        upstream of that owner; else empty. Backward reaches the tensor just upstream of an owner right after it, so
+        a fault made at the owner shows there too — or nowhere upstream, when the owner's own product overflowed (a
+        float16 head's sum over the tokens). That tensor finite while ones further up are bad: the fault began up
+        there and reached the shared tensor through an earlier use (the embedding's)."""
+        _, upstream = self._shared.get(index, (None, []))
+        bad_upstream = set(upstream) & set(bad)
+        return upstream if upstream and (not bad_upstream or max(upstream) in bad_upstream) else []
+
+    def _named_at(self, index: int, bad: list[int]) -> tuple[str, str]:
+        """The module and tensor name of a watched tensor where backward first computed its gradient: a shared
+        tensor's last owner, where its gradient was made there."""
+        w = self.ctx.watched[index]
+        if not self._made_at_last_owner(index, bad):
+            return w.module, w.tensor
+        owner = self._shared[index][0]
+        return owner, f"{owner}.{w.tensor.rpartition('.')[2]}"
+
+    def _report(self, first: int, bad: list[int], value: float) -> None:
         w = self.ctx.watched[first]
+        module, tensor = self._named_at(first, bad)
+        shared = f" (the same tensor as {w.tensor}: backward computed it there first)" if tensor != w.tensor else ""
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
         # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer
@@ -258,10 +324,10 @@ class GradientProbe(Probe):
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",
-            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first in backward order "
-            f"of {counted(bad_count, 'non-finite tensor')}; {outcome}",
-            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
-            tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
+            f"gradient of {w.model} {tensor}{shared} is non-finite at step {self.ctx.step} — the first in backward "
+            f"order of {counted(len(bad), 'non-finite tensor')}; {outcome}",
+            step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=module,
+            tensor=tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
 
     def _report_not_cleared(self, index: int) -> None:
@@ -275,12 +341,13 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
             code="gradients_not_cleared")
 
-    def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
-        w = self.ctx.watched[first]
+    def _report_zero(self, first: int, zeros: list[int], present: int, since: int) -> None:
+        w, zero = self.ctx.watched[first], len(zeros) if present else 0
+        module, tensor = self._named_at(first, zeros)
         computed = self.ctx.computes_in(w.model)  # what the backward ran in: a frozen fp16 base under fp32 adapters too
         if present:
             what = (f"the gradients of {zero} of the {counted(present, 'trainable tensor')} are exactly zero on every "
-                    f"step since step {since}, from {w.model} {w.tensor} (backward order) on")
+                    f"step since step {since}, from {w.model} {tensor} (backward order) on")
         else:
             what = (f"none of the {counted(len(self._grads), 'trainable tensor')} has a gradient at the optimizer step "
                     f"on every step since step {since} (cleared before the step, or the loss does not reach them)")
@@ -288,7 +355,7 @@ class GradientProbe(Probe):
             "zero_gradients", "warning",
             f"{what}: no update reaches them (backward computed in {dtype_name(computed)}, "
             f"{'with' if self.ctx.loss_scaler.enabled else 'without'} a loss scaler)",
-            step=since, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
+            step=since, phase="backward", probe=self.name, model=w.model, module=module, tensor=tensor,
             dtype=dtype_name(computed), value=zero / present if present else 1.0, numel=present)
 
     def close(self) -> None:

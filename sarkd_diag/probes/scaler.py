@@ -95,7 +95,7 @@ class ScalerProbe(Probe):
                                    value=scale)
         return {"loss_scale": scale, "scaler_grew": int(grew)}
 
-    def close(self) -> None:
+    def conclude(self) -> None:
         """Every step of the run skipped while the scaler was still finding its scale (and no floor or scale below 1
         said why): not one update was applied — the run ended before the scale came down to one that fits."""
         if not (self._first_skipped and self._warming_up and self._steps) or self._warned_warmup or self._below_one:

@@ -600,7 +600,7 @@ class Trainer:
                 status = self._failed(exc)
             finally:
                 self.display.stop()
-                self.probes.close()
+                self.probes.close(completed=status == "completed")
         if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
             self._handle_out_of_memory(self.out_of_memory)
         try:

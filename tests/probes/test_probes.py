@@ -158,6 +158,62 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+class TiedLM(nn.Module):
+    """A token embedding whose weight is also the output head's (GPT-2's tie); backward overflows at the output of
+    `overflows` (`head`: the logits)."""
+
+    def __init__(self, overflows: str):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+        self.overflows = overflows
+
+    def forward(self, ids):
+        h = self.mid(self.embed(ids))
+        h = Blowup.apply(h) if self.overflows == "mid" else h
+        logits = self.head(self.norm(h))
+        return Blowup.apply(logits) if self.overflows == "head" else logits
+
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+@pytest.mark.parametrize("overflows, named", [("head", "head.weight"), ("mid", "mid.bias")])
+def test_a_tied_heads_overflow_is_placed_at_the_head_not_at_the_embedding_or_what_follows_it(level, overflows, named):
+    """Backward computes the tied weight's gradient first at the head, then everything upstream overflows with it.
+    Registered under the embedding (the first module, the input end) and arriving once the embedding's use has
+    added to it (last), it read as the last in backward order: `norm` was named. It is the head's. An overflow made
+    inside the model (at `mid`: `norm`, just upstream of the head, stays finite) reaches the tied weight only
+    through the embedding: `mid` is named, not the head."""
+    torch.manual_seed(0)
+    model = TiedLM(overflows)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Probes(model, optimizer=opt, level=level) as probes:
+        model(torch.randint(0, 16, (2, 5))).float().pow(2).mean().backward()
+        opt.step()
+        probes.step()
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.tensor, event.step) == (named, 1)
+    assert ("embed.weight" in event.message) is (overflows == "head")
+
+
+def test_a_tied_heads_zero_gradients_are_named_from_the_head():
+    """All-zero gradients on two steps (the loss multiplied by 0) are named from the first in backward order: the
+    tied head, as its overflow is — not the embedding, not `norm`."""
+    torch.manual_seed(0)
+    model = TiedLM(overflows="none")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            (model(torch.randint(0, 16, (2, 5))).float().pow(2).mean() * 0.0).backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    (event,) = _events(probes, "zero_gradients")
+    assert (event.module, event.tensor, event.step) == ("head", "head.weight", 1)
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
@@ -1013,8 +1069,10 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert probes.diagnosis() == []
 
 
-def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[float]:
-    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale."""
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None
+                         ) -> list[float]:
+    """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale.
+    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
@@ -1030,6 +1088,8 @@ def _weighted_amp_scales(probes_of, weight: float, steps: int = 12) -> list[floa
             probes.step(loss=loss)
             opt.zero_grad()
             scales.append(scaler.get_scale())
+        if ended_by is not None:
+            raise ended_by
     return scales
 
 
@@ -1074,6 +1134,26 @@ def test_a_run_that_ends_while_the_scaler_still_finds_its_scale_trained_nothing(
     assert cause["evidence"]["steps_skipped"] == 3 and "8192" in cause["fix"]
     _weighted_amp_scales(probes_of, 1e2, steps=12)
     assert made[-1].diagnosis() == []
+
+@pytest.mark.parametrize("ended_by, status", [(RuntimeError("a data loader broke"), "failed"),
+                                              (KeyboardInterrupt(), "interrupted")])
+def test_a_run_that_failed_or_was_interrupted_while_the_scaler_found_its_scale_is_not_said_to_have_trained_nothing(
+        ended_by, status, tmp_path):
+    """The same three skipped steps, then the loop raised (or Ctrl-C): the run ended for its own reason, not because
+    the scaler started too high for its length — no `scaler_never_settled`, no `no_gradients` telling the scale to
+    start at."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path / "run"))
+        return made[-1]
+
+    with pytest.raises(type(ended_by)):
+        _weighted_amp_scales(probes_of, 1e2, steps=3, ended_by=ended_by)
+    assert not [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == status and summary["diagnosis"] == []
+
 
 def test_nonfinite_loss_is_reported_and_never_masked():
     model = Net()
