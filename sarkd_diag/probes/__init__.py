@@ -42,7 +42,16 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
+from .base import (
+    Optimizers,
+    ProbeContext,
+    Watched,
+    dtype_of_most,
+    group_lr,
+    optimizers_of,
+    to_host,
+    weights_compute_dtype,
+)
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
@@ -821,15 +830,18 @@ class Probes:
     def precision_info(self) -> dict:
         """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
         dtypes = sorted({dtype_name(w.param.dtype) for w in self.ctx.watched})
+        held = dtype_of_most(w.param for w in self.ctx.watched)  # a few tensors kept in fp32 do not make it fp32
         autocast = self.ctx.autocast
-        frozen = self._frozen_low_precision() if dtypes == ["float32"] and not autocast else None
+        frozen = self._frozen_low_precision() if held == torch.float32 and not autocast else None
         frozen = frozen[1] if frozen else None
-        if dtypes == ["float32"]:
+        if held == torch.float32:
             mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast or frozen)
             mode = mode or ("mixed" if self.scaler.enabled else "fp32")
         else:
-            mode = {("float16",): "pure-fp16", ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
-        seen = f"{', '.join(dtypes) or 'no'} weights" + (f", {dtype_name(autocast)} autocast" if autocast else "") \
+            mode = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}.get(held, "external")
+        most = f" (most in {dtype_name(held)})" if len(dtypes) > 1 else ""
+        seen = f"{', '.join(dtypes) or 'no'} weights{most}" \
+            + (f", {dtype_name(autocast)} autocast" if autocast else "") \
             + (f" over frozen {dtype_name(frozen)} ones" if frozen else "") \
             + (", a loss scaler" if self.scaler.enabled else "")
         compute = autocast or frozen

@@ -101,11 +101,17 @@ def weights_compute_dtype(model: nn.Module) -> torch.dtype:
     in without autocast, and so what the backward's gradients pass through. LoRA adapters kept in fp32 over a base
     loaded in fp16 compute in fp16 — their gradients flush or overflow in it — though every trainable tensor is
     fp32."""
+    return dtype_of_most(model.parameters()) or torch.float32
+
+
+def dtype_of_most(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype that holds most of these tensors' elements; None without any. A model loaded in bf16 that
+    keeps a few modules in fp32 (transformers' `_keep_in_fp32_modules`: MoE router gates, norms) trains in bf16."""
     elements: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
-    return max(elements, key=elements.get) if elements else torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            elements[t.dtype] = elements.get(t.dtype, 0) + t.numel()
+    return max(elements, key=elements.get) if elements else None
 
 
 def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module | None = None) -> nn.Module | None:

@@ -17,7 +17,7 @@ from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_
 from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag import Probes, load_run  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 VOCAB = 64
@@ -461,6 +461,29 @@ def test_pure_bf16_under_the_trainer_is_fixed_with_the_model_loaded_in_fp32_not_
     assert (root["cause"], root["evidence"]["dtype"]) == ("update_underflow", "bfloat16")
     assert "`TrainingArguments(bf16=True)` with the model loaded in fp32" in root["fix"], root["fix"]
     assert "fp16=True" not in root["fix"], root["fix"]
+
+
+@pytest.mark.parametrize("caller", ["trainer", "loop"])
+def test_a_bf16_model_that_keeps_its_router_gate_in_fp32_is_pure_bf16(tmp_path, caller):
+    """`from_pretrained(dtype=torch.bfloat16)` keeps a MoE's router gates in fp32 (`_keep_in_fp32_modules_strict`):
+    the weights and AdamW's state are bf16 but for a few thousand elements, and an lr of 1e-5 rounds most updates
+    away. The run is pure bf16 — not a mode of no name, whose fix then told a bf16 run to switch to fp16."""
+    model = tiny.load_moe_keeping_gates_in_fp32(tmp_path / "model", torch.bfloat16, VOCAB)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # transformers' doing
+    if caller == "trainer":
+        _train(tmp_path, model, tmp_path / "run", optim="adamw_torch", learning_rate=1e-5, max_steps=2)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        with Probes(model, optimizer, run_dir=tmp_path / "run") as probes:
+            for batch in torch.utils.data.DataLoader(Sequences(VOCAB, n=8), batch_size=4):
+                model(**batch).loss.backward()
+                optimizer.step()
+                probes.step()
+                optimizer.zero_grad()
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["precision"]["mode"] == "pure-bf16", summary["precision"]
+    found = cause(summary["diagnosis"], "update_underflow")
+    assert found["evidence"]["dtype"] == "bfloat16" and "fp16" not in found["fix"].replace("bf16", ""), found["fix"]
 
 
 class DetachedLossTrainer(Trainer):
