@@ -94,7 +94,8 @@ CODES = {
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
-                           "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
+                           "or clip_grad_value_ before scaler.unscale_): updates ~scale x smaller than the threshold "
+                           "meant",
     "scaler_fp16_weights": "setup_note: a loss scaler over float16 trainable weights: GradScaler refuses to unscale "
                            "their float16 gradients, so the first optimizer step raises",
     "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "

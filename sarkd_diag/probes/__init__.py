@@ -513,28 +513,31 @@ class Probes:
             self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
                 self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
-    def _before_clipping(self, parameters: list, total_norm: torch.Tensor, max_norm: float) -> None:
-        """torch is about to clip gradients by `total_norm` (`clipping.py`): read them first — the step's, once
-        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`, the
-        threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already does)."""
+    def _before_clipping(self, parameters: list, total_norm: torch.Tensor | None, max_norm: float | None) -> None:
+        """torch is about to clip gradients, by `total_norm` or (None) each entry by value (`clipping.py`): read them
+        first — the step's, once complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm
+        as `grad_norm`, the threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already
+        does)."""
         if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
             return
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
-            self.set.observe_grad_norm(total_norm, max_norm)
+            if total_norm is not None:
+                self.set.observe_grad_norm(total_norm, max_norm)
         elif self.events.say_once("clip_before_unscale"):
             self._clipped_while_scaled()
 
     def _clipped_while_scaled(self) -> None:
-        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` before `scaler.unscale_` — so it
-        clips by their norm × the scale: gradients the threshold should leave alone are cut, and after the scaler
-        unscales them each is about scale× smaller than `max_norm` meant. Said once, with the scale (read once)."""
+        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` or `clip_grad_value_` before
+        `scaler.unscale_` — so it clips their values × the scale: gradients the threshold should leave alone are cut,
+        and after the scaler unscales them each is about scale× smaller than the threshold meant. Said once, with the
+        scale (read once)."""
         scale = self.ctx.loss_scaler.scale()
         scale = None if scale is None else float(scale)
         self.events.record("setup_note", "warning",
                            f"the loop clips the gradients at step {self.ctx.step} while the loss scaler still scales "
-                           f"them (by {scale}): clip_grad_norm_ before scaler.unscale_(optimizer) clips by the "
-                           "scaled norm, and once unscaled the gradients are ~scale× smaller than max_norm meant — "
+                           f"them (by {scale}): clipping before scaler.unscale_(optimizer) clips the scaled values, "
+                           "and once unscaled the gradients are ~scale× smaller than the threshold meant — "
                            "call scaler.unscale_(optimizer) before clipping", step=self.ctx.step, probe="gradients",
                            phase="backward", code="clip_before_unscale", value=scale)
 

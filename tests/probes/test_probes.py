@@ -10,7 +10,7 @@ import pytest
 import torch
 from contract import assert_conforms, assert_run_dir
 from torch import nn
-from torch.nn.utils import clip_grad, clip_grad_norm_
+from torch.nn.utils import clip_grad, clip_grad_norm_, clip_grad_value_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
@@ -127,15 +127,17 @@ def test_the_first_nonfinite_gradient_in_backward_order_is_named(level, dtype, c
     assert ("derivative" in root["fix"]) is (dtype == torch.float32)
 
 
-def _clipped_steps(model, probes, opt, steps: int, max_norm: float = 1.0) -> tuple[list[float], list[float]]:
-    """A loop that clips as most do, with the name imported before the probes existed: each step's total norm and
-    largest gradient before clipping."""
+def _clipped_steps(model, probes, opt, steps: int, max_norm: float = 1.0,
+                   clip=clip_grad_norm_) -> tuple[list[float | None], list[float]]:
+    """A loop that clips as most do, with the name imported before the probes existed: what each step's clipping
+    returned (clip_grad_norm_: the total norm; clip_grad_value_: None) and its largest gradient before clipping."""
     norms, amaxes = [], []
     for x in torch.randn(steps, 4, 8, generator=torch.Generator().manual_seed(0)):
         loss = model(x).pow(2).mean()
         loss.backward()
         amaxes.append(max(float(p.grad.abs().max()) for p in model.parameters()))
-        norms.append(float(clip_grad_norm_(model.parameters(), max_norm)))
+        norm = clip(model.parameters(), max_norm)
+        norms.append(None if norm is None else float(norm))
         opt.step()
         if probes is not None:
             probes.step(loss=loss)
@@ -219,6 +221,26 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
         (cause, *_) = probes.diagnosis()
         assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
+
+
+def test_gradients_are_read_before_the_loop_clamps_them_by_value():
+    """clip_grad_value_ clamps each gradient entry to ±clip_value — an overflow's Inf to a finite value: the gradients
+    are read before it (`grad_amax` is theirs, not the clip value), training is unchanged, and torch's function is as
+    it was after close."""
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+            _, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=0.01, clip=clip_grad_value_)
+        runs.append(([p.detach().clone() for p in model.parameters()], amaxes, probes))
+    (plain, _, _), (weights, amaxes, probes) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, weights, strict=True))
+    assert min(amaxes) > 0.01  # every step was clamped
+    assert [row["grad_amax"] for row in probes.rows] == pytest.approx(amaxes)
+    clamping = clip_grad.clip_grad_value_
+    assert [c.cell_contents for c in clamping.__closure__] == [clamping.__wrapped__]  # put back
 
 
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
