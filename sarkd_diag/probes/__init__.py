@@ -389,7 +389,8 @@ class Probes:
     "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
     whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
     that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
-    `from_accelerator` and the Lightning callback pass one). resumed_from: the step of the checkpoint the loop
+    `from_accelerator` and the Lightning callback pass one; an optimizer accelerate prepared brings its own).
+    resumed_from: the step of the checkpoint the loop
     resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
     and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
     step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
@@ -416,6 +417,7 @@ class Probes:
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
+        sync_gradients = sync_gradients or accumulation_clock(optimizer)
         optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
         wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
@@ -911,6 +913,17 @@ class Probes:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("completed" if exc_type is None else "interrupted" if exc_type is KeyboardInterrupt
                    else "failed")
+
+
+def accumulation_clock(optimizer) -> Callable[[], bool] | None:
+    """Whether the batch under way ends an accumulation, as an optimizer accelerate prepared knows it (its
+    `gradient_state.sync_gradients`, False on the batches whose `optimizer.step()` it skips): a loop that hands
+    `Probes` its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+    for wrapper in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+        state = getattr(wrapper, "gradient_state", None)
+        if isinstance(getattr(state, "sync_gradients", None), bool):
+            return lambda: state.sync_gradients
+    return None
 
 
 def _by_role(models) -> dict[str, nn.Module]:
