@@ -221,14 +221,28 @@ class ProbeSet:
         if not callable(closure):
             self._before_update()
             return None
+        calls = 0
 
         def closure_then_before_update():
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+                return self._reevaluation(closure)
             result = closure()
             self._before_update()
             return result
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_before_update}
         return (args[0], closure_then_before_update, *args[2:]), kwargs
+
+    def _reevaluation(self, closure):
+        """Run an optimizer's closure again within its step, its forwards marked as re-evaluations (`ctx.reevaluating`):
+        their loss is at weights the step tries, not the step's loss (LBFGS calls it up to max_iter × 1.25 times)."""
+        self.ctx.reevaluating = True
+        try:
+            return closure()
+        finally:
+            self.ctx.reevaluating = False
 
     def _before_update(self) -> None:
         """The moment before an optimizer's update: its gradients complete, its weights not yet changed."""

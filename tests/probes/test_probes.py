@@ -1496,29 +1496,44 @@ def test_without_an_optimizer_the_weights_are_still_read_at_each_step_and_the_us
     assert note.severity == "info" and "optimizer=" in note.message
 
 
-def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after_it(tmp_path):
+class Squared(nn.Module):
+    """Net's squared output as its loss, returned as transformers models return theirs (read from the outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        return {"loss": self.net(x).pow(2).mean()}
+
+
+@pytest.mark.parametrize("loss_given", [True, False])
+def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after_it(tmp_path, loss_given):
     """LBFGS (and Lightning) pass `optimizer.step()` the closure that runs the forward and backward; the pre-step
     hooks run before it. Each row's gradients are those the step's first closure call computed, not the step
-    before's (nor none on the first step)."""
+    before's (nor none on the first step); its loss, read from the outputs, is the first call's too — what
+    `step()` returns — not the mean of the line search's re-evaluations at trial weights."""
     torch.manual_seed(0)
-    model = Net()
+    model = Squared()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
     probes = Probes(model, optimizer=opt, run_dir=tmp_path)
-    x, first_calls = torch.randn(16, 8), []
+    x, first_calls, losses = torch.randn(16, 8), [], []
 
     def closure():
         opt.zero_grad()
-        loss = model(x).pow(2).mean()
+        loss = model(x)["loss"]
         loss.backward()
         if len(first_calls) < probes.ctx.step:
             first_calls.append(max(p.grad.abs().max().item() for p in model.parameters()))
         return loss
 
     for _ in range(3):
-        probes.step(loss=opt.step(closure))
+        losses.append(opt.step(closure))
+        probes.step(loss=losses[-1] if loss_given else None)
     probes.close()
     metrics = load_run(tmp_path)["metrics"]
     assert metrics["grad_amax"].tolist() == pytest.approx(first_calls, rel=1e-6)
+    assert metrics["loss"].tolist() == pytest.approx([loss.item() for loss in losses], rel=1e-6)
 
 
 @pytest.mark.parametrize("schedule", ["one_cycle", "warm_up"])
