@@ -337,6 +337,8 @@ class ProbeSet:
         loop replays the step's first micro-batch — from weights that are still the pre-step ones (the
         loss scaler skipped the step, or the policy restored them) — and the first non-finite module is
         recorded as if the statistics had been on. The failure path only: it costs one forward and a sync.
+        A forward that raises part-way has what it read recorded all the same: readings taken and not recorded would
+        be paired with the next step's modules (and, unmatched, fail its readings).
         """
         probe = self._activations
         probe.attach()
@@ -346,9 +348,9 @@ class ProbeSet:
                 forward()
         finally:
             self.ctx.replaying = False
-            readings = probe.take_readings()  # detaches the hooks, also when the forward raised
-        host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
-        probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
+            readings = probe.take_readings()  # detaches the hooks
+            host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
+            probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
 
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;

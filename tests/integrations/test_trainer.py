@@ -629,6 +629,24 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
 
 
+def test_a_replay_whose_compute_loss_raises_still_names_the_module_and_training_goes_on(tmp_path):
+    """`label_smoothing_factor` makes the Trainer's `compute_loss` pop the labels out of the inputs it is handed: the
+    replay of a non-finite loss calls it again on those inputs and raises (no labels), after the model's forward has
+    run. What that forward read still names the module (a frozen weight set to Inf at step 3, no statistics step), and
+    the readings are not left behind to fail the step's own: the probes do not crash the run."""
+    model = tiny.make_gpt2(VOCAB)
+    frozen = model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3,
+                                                      label_smoothing_factor=0.1),
+                      train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(frozen, step=3)])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    summary = load_run(tmp_path / "run")["summary"]
+    root = summary["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+    assert summary["steps_completed"] == trainer.state.global_step >= 3
+
+
 def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
     """Embeddings and the first block frozen (`requires_grad=False`, left out of the Trainer's optimizer): they are
     not watched, so neither a missing gradient nor an update that does not move them is an event — over a
