@@ -104,6 +104,8 @@ CODES = {
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
+    "compiled_before_probes": "setup_note: torch.compile had compiled a watched model before the probes' hooks existed "
+                              "(compiled code runs without hooks added later): dynamo's caches reset, one recompile",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

@@ -49,6 +49,7 @@ from .base import (
     dtype_of_most,
     group_lr,
     optimizers_of,
+    recompile_with_hooks,
     to_host,
     weights_compute_dtype,
 )
@@ -493,6 +494,11 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
+        if self.set.probes and recompile_with_hooks(self.ctx.models.values()):
+            self.events.record("setup_note", "info", "torch.compile had compiled the model before the probes' hooks "
+                               "existed, and compiled code does not notice hooks added later: its caches were reset "
+                               "(torch._dynamo.reset()), so the next call compiles again, once, with them",
+                               code="compiled_before_probes", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:

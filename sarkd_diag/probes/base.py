@@ -13,7 +13,9 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -127,6 +129,27 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
             if wanted(name):
                 return m
     return None
+
+
+def recompile_with_hooks(models: Iterable[nn.Module]) -> bool:
+    """Drop torch.compile's code when some of these models' forwards were compiled before the probes' hooks existed.
+
+    Dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): code traced without them
+    goes on running without them, so a compiled model warmed up, evaluated or trained before `Probes` were made (a
+    notebook's second run, a Trainer's `torch_compile` after an earlier trainer compiled the same class) would have no
+    module statistics at all — a fault inside it unplaced. `torch._dynamo.reset()`, dynamo's own remedy, makes the next
+    call compile again, with the hooks. Returns whether it reset; nothing where torch was never asked to compile."""
+    dynamo = sys.modules.get("torch._dynamo")
+    compiled = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "_debug_get_cache_entry_list", None)  # the compiled entries of a code object
+    if dynamo is None or compiled is None:
+        return False
+    classes = {type(m) for model in models for m in model.modules()}
+    forwards = {f for cls in classes for f in (cls.forward, inspect.unwrap(cls.forward))}  # and what decorators wrap
+    if not any(compiled(f.__code__) for f in forwards if hasattr(f, "__code__")):
+        return False
+    dynamo.reset()
+    return True
 
 
 def eager(hook: Callable) -> Callable:
