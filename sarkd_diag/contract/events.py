@@ -51,7 +51,8 @@ CODES = {
     "negative_lr": "a parameter group's learning rate is below 0 when the optimizer is about to step: it climbs "
                    "the loss",
     "zero_lr": "every parameter group's learning rate is 0 on consecutive optimizer steps: nothing trains",
-    "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
+    "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler, or "
+                              "ended a loop that raised on it",
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
     "zero_gradients": "most trainable tensors that have a gradient have an all-zero one (flushed, or unreached)",
     "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",

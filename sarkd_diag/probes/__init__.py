@@ -914,6 +914,8 @@ class Probes:
     def close(self, status: str = "completed") -> None:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
         if not self._closed:
+            if status in ("failed", "interrupted"):
+                self._record_unfinished_step()
             self._check_optimizer_stepped()
         if self.run_dir is not None and _OPEN.get(os.path.realpath(self.run_dir)) is self:
             del _OPEN[os.path.realpath(self.run_dir)]
@@ -928,6 +930,20 @@ class Probes:
                 self.ranks.barrier()  # every rank's events are on disk before rank 0 reads them all
             if self.ranks.is_main:
                 finalize_run(self.run_dir, status)
+
+    def _record_unfinished_step(self) -> None:
+        """The loop raised inside a step, after its training forward — `clip_grad_norm_(..., error_if_nonfinite=True)`
+        on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
+        its module statistics, its gradients once unscaled) becomes its events, without a metrics row (the step never
+        finished). It is the step the diagnosis needs most; closed without it, the run read as failed for no cause.
+        Not under torchrun: recording holds collectives, and the other ranks may never come."""
+        if not self.ctx.trained or self.ranks.distributed or not self.set.probes:
+            return
+        self.ctx.unfinished = True
+        if self.set.gradients_unscaled():
+            self.set.gradients_ready()
+        (host,) = to_host(self.set.take_readings())
+        self.set.record(host)
 
     def __enter__(self) -> Probes:
         return self

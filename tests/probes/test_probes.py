@@ -160,6 +160,27 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
+    """`clip_grad_norm_(..., error_if_nonfinite=True)` raises on step 2's NaN gradient, before `probes.step()`: the run
+    closes as failed — and the step that ended it, the one the diagnosis needs, is recorded as far as it got (its
+    gradients: where the NaN is), with no metrics row. It closed with no cause at all."""
+    torch.manual_seed(0)
+    model = Net()
+    model.second.weight.register_hook(lambda grad: grad * math.nan if probes.ctx.step == 2 else grad)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="non-finite"), Probes(model, optimizer=opt, run_dir=tmp_path) as probes:
+        for x in torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0)):
+            model(x).pow(2).mean().backward()
+            clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    run = load_run(tmp_path)
+    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["module"], root["first_step"], root["severity"]) == ("second", 2, "critical"), root
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
