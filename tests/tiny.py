@@ -59,6 +59,21 @@ def make_mixtral(vocab_size: int, seed: int = 1, hidden: int = 32, layers: int =
     return MixtralForCausalLM(config)
 
 
+def load_moe_keeping_gates_in_fp32(path: Path, dtype, vocab_size: int, seed: int = 0):
+    """A tiny Dots1 MoE (one routed layer) saved to `path` and loaded in `dtype`, as `from_pretrained` loads it: its
+    router gate stays fp32 (`_keep_in_fp32_modules_strict`), a few thousand elements beside the model's dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("dots1", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+                                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                  max_position_embeddings=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
 def save(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -51,7 +51,8 @@ CODES = {
     "negative_lr": "a parameter group's learning rate is below 0 when the optimizer is about to step: it climbs "
                    "the loss",
     "zero_lr": "every parameter group's learning rate is 0 on consecutive optimizer steps: nothing trains",
-    "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler",
+    "grad_nonfinite_applied": "nonfinite_grad: a non-finite gradient reached an optimizer with no loss scaler, or "
+                              "ended a loop that raised on it",
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
     "zero_gradients": "most trainable tensors that have a gradient have an all-zero one (flushed, or unreached)",
     "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",
@@ -94,7 +95,8 @@ CODES = {
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
-                           "before scaler.unscale_): updates ~scale x smaller than max_norm meant",
+                           "or clip_grad_value_ before scaler.unscale_): updates ~scale x smaller than the threshold "
+                           "meant",
     "scaler_fp16_weights": "setup_note: a loss scaler over float16 trainable weights: GradScaler refuses to unscale "
                            "their float16 gradients, so the first optimizer step raises",
     "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "
@@ -103,6 +105,8 @@ CODES = {
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
+    "compiled_before_probes": "setup_note: torch.compile had compiled a watched model before the probes' hooks existed "
+                              "(compiled code runs without hooks added later): dynamo's caches reset, one recompile",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

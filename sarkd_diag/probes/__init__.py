@@ -42,7 +42,17 @@ from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
 from .activations import ActivationProbe
-from .base import Optimizers, ProbeContext, Watched, group_lr, optimizers_of, to_host, weights_compute_dtype
+from .base import (
+    Optimizers,
+    ProbeContext,
+    Watched,
+    dtype_of_most,
+    group_lr,
+    optimizers_of,
+    recompile_with_hooks,
+    to_host,
+    weights_compute_dtype,
+)
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe
 from .gradients import GradientProbe
@@ -212,14 +222,28 @@ class ProbeSet:
         if not callable(closure):
             self._before_update()
             return None
+        calls = 0
 
         def closure_then_before_update():
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+                return self._reevaluation(closure)
             result = closure()
             self._before_update()
             return result
         if "closure" in kwargs:
             return args, {**kwargs, "closure": closure_then_before_update}
         return (args[0], closure_then_before_update, *args[2:]), kwargs
+
+    def _reevaluation(self, closure):
+        """Run an optimizer's closure again within its step, its forwards marked as re-evaluations (`ctx.reevaluating`):
+        their loss is at weights the step tries, not the step's loss (LBFGS calls it up to max_iter × 1.25 times)."""
+        self.ctx.reevaluating = True
+        try:
+            return closure()
+        finally:
+            self.ctx.reevaluating = False
 
     def _before_update(self) -> None:
         """The moment before an optimizer's update: its gradients complete, its weights not yet changed."""
@@ -314,6 +338,8 @@ class ProbeSet:
         loop replays the step's first micro-batch — from weights that are still the pre-step ones (the
         loss scaler skipped the step, or the policy restored them) — and the first non-finite module is
         recorded as if the statistics had been on. The failure path only: it costs one forward and a sync.
+        A forward that raises part-way has what it read recorded all the same: readings taken and not recorded would
+        be paired with the next step's modules (and, unmatched, fail its readings).
         """
         probe = self._activations
         probe.attach()
@@ -323,9 +349,9 @@ class ProbeSet:
                 forward()
         finally:
             self.ctx.replaying = False
-            readings = probe.take_readings()  # detaches the hooks, also when the forward raised
-        host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
-        probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
+            readings = probe.take_readings()  # detaches the hooks
+            host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
+            probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
 
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;
@@ -384,7 +410,8 @@ class Probes:
     "accelerate" or "lightning" — the words the diagnosis's fixes are written in. sync_gradients: for a loop
     whose framework accumulates gradients over several `step()` calls, a function that is False on the calls
     that end a micro-batch without an optimizer step (accelerate's `Accelerator.sync_gradients`;
-    `from_accelerator` and the Lightning callback pass one). resumed_from: the step of the checkpoint the loop
+    `from_accelerator` and the Lightning callback pass one; an optimizer accelerate prepared brings its own).
+    resumed_from: the step of the checkpoint the loop
     resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
     and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
     step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
@@ -411,6 +438,7 @@ class Probes:
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
+        sync_gradients = sync_gradients or accumulation_clock(optimizer)
         optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
         wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
@@ -470,6 +498,11 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
+        if self.set.probes and recompile_with_hooks(self.ctx.models.values()):
+            self.events.record("setup_note", "info", "torch.compile had compiled the model before the probes' hooks "
+                               "existed, and compiled code does not notice hooks added later: its caches were reset "
+                               "(torch._dynamo.reset()), so the next call compiles again, once, with them",
+                               code="compiled_before_probes", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -508,28 +541,31 @@ class Probes:
             self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
                 self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
-    def _before_clipping(self, parameters: list, total_norm: torch.Tensor, max_norm: float) -> None:
-        """torch is about to clip gradients by `total_norm` (`clipping.py`): read them first — the step's, once
-        complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm as `grad_norm`, the
-        threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already does)."""
+    def _before_clipping(self, parameters: list, total_norm: torch.Tensor | None, max_norm: float | None) -> None:
+        """torch is about to clip gradients, by `total_norm` or (None) each entry by value (`clipping.py`): read them
+        first — the step's, once complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm
+        as `grad_norm`, the threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already
+        does)."""
         if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
             return
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
-            self.set.observe_grad_norm(total_norm, max_norm)
+            if total_norm is not None:
+                self.set.observe_grad_norm(total_norm, max_norm)
         elif self.events.say_once("clip_before_unscale"):
             self._clipped_while_scaled()
 
     def _clipped_while_scaled(self) -> None:
-        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` before `scaler.unscale_` — so it
-        clips by their norm × the scale: gradients the threshold should leave alone are cut, and after the scaler
-        unscales them each is about scale× smaller than `max_norm` meant. Said once, with the scale (read once)."""
+        """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` or `clip_grad_value_` before
+        `scaler.unscale_` — so it clips their values × the scale: gradients the threshold should leave alone are cut,
+        and after the scaler unscales them each is about scale× smaller than the threshold meant. Said once, with the
+        scale (read once)."""
         scale = self.ctx.loss_scaler.scale()
         scale = None if scale is None else float(scale)
         self.events.record("setup_note", "warning",
                            f"the loop clips the gradients at step {self.ctx.step} while the loss scaler still scales "
-                           f"them (by {scale}): clip_grad_norm_ before scaler.unscale_(optimizer) clips by the "
-                           "scaled norm, and once unscaled the gradients are ~scale× smaller than max_norm meant — "
+                           f"them (by {scale}): clipping before scaler.unscale_(optimizer) clips the scaled values, "
+                           "and once unscaled the gradients are ~scale× smaller than the threshold meant — "
                            "call scaler.unscale_(optimizer) before clipping", step=self.ctx.step, probe="gradients",
                            phase="backward", code="clip_before_unscale", value=scale)
 
@@ -825,15 +861,18 @@ class Probes:
     def precision_info(self) -> dict:
         """The precision this loop runs in: the weights' dtypes, the loss scaler, the autocast seen in training."""
         dtypes = sorted({dtype_name(w.param.dtype) for w in self.ctx.watched})
+        held = dtype_of_most(w.param for w in self.ctx.watched)  # a few tensors kept in fp32 do not make it fp32
         autocast = self.ctx.autocast
-        frozen = self._frozen_low_precision() if dtypes == ["float32"] and not autocast else None
+        frozen = self._frozen_low_precision() if held == torch.float32 and not autocast else None
         frozen = frozen[1] if frozen else None
-        if dtypes == ["float32"]:
+        if held == torch.float32:
             mode = {torch.float16: "mixed", torch.bfloat16: "bf16-mixed"}.get(autocast or frozen)
             mode = mode or ("mixed" if self.scaler.enabled else "fp32")
         else:
-            mode = {("float16",): "pure-fp16", ("bfloat16",): "pure-bf16"}.get(tuple(dtypes), "external")
-        seen = f"{', '.join(dtypes) or 'no'} weights" + (f", {dtype_name(autocast)} autocast" if autocast else "") \
+            mode = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}.get(held, "external")
+        most = f" (most in {dtype_name(held)})" if len(dtypes) > 1 else ""
+        seen = f"{', '.join(dtypes) or 'no'} weights{most}" \
+            + (f", {dtype_name(autocast)} autocast" if autocast else "") \
             + (f" over frozen {dtype_name(frozen)} ones" if frozen else "") \
             + (", a loss scaler" if self.scaler.enabled else "")
         compute = autocast or frozen
@@ -878,6 +917,8 @@ class Probes:
 
     def close(self, status: str = "completed") -> None:
         """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
+        if not self._closed and status in ("failed", "interrupted"):
+            self._record_unfinished_step()
         completed = status == "completed" and not self._closed
         if completed:
             self._check_optimizer_stepped()
@@ -895,12 +936,37 @@ class Probes:
             if self.ranks.is_main:
                 finalize_run(self.run_dir, status)
 
+    def _record_unfinished_step(self) -> None:
+        """The loop raised inside a step, after its training forward — `clip_grad_norm_(..., error_if_nonfinite=True)`
+        on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
+        its module statistics, its gradients once unscaled) becomes its events, without a metrics row (the step never
+        finished). It is the step the diagnosis needs most; closed without it, the run read as failed for no cause.
+        Not under torchrun: recording holds collectives, and the other ranks may never come."""
+        if not self.ctx.trained or self.ranks.distributed or not self.set.probes:
+            return
+        self.ctx.unfinished = True
+        if self.set.gradients_unscaled():
+            self.set.gradients_ready()
+        (host,) = to_host(self.set.take_readings())
+        self.set.record(host)
+
     def __enter__(self) -> Probes:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("completed" if exc_type is None else "interrupted" if exc_type is KeyboardInterrupt
                    else "failed")
+
+
+def accumulation_clock(optimizer) -> Callable[[], bool] | None:
+    """Whether the batch under way ends an accumulation, as an optimizer accelerate prepared knows it (its
+    `gradient_state.sync_gradients`, False on the batches whose `optimizer.step()` it skips): a loop that hands
+    `Probes` its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+    for wrapper in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+        state = getattr(wrapper, "gradient_state", None)
+        if isinstance(getattr(state, "sync_gradients", None), bool):
+            return lambda: state.sync_gradients
+    return None
 
 
 def _by_role(models) -> dict[str, nn.Module]:

@@ -13,7 +13,9 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -52,6 +54,8 @@ class ProbeContext:
     training_mode: dict[str, bool] = field(default_factory=dict)  # per trained model: its mode in its training forwards
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
+    reevaluating: bool = False  # an optimizer's step calls its closure again (LBFGS): not the step's loss
+    unfinished: bool = False  # the caller's loop raised inside this step: recorded as far as it got, at close
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)
     trained: bool = False  # a training forward has run in this step (what an optimizer step's gradients come from)
@@ -101,11 +105,17 @@ def weights_compute_dtype(model: nn.Module) -> torch.dtype:
     in without autocast, and so what the backward's gradients pass through. LoRA adapters kept in fp32 over a base
     loaded in fp16 compute in fp16 — their gradients flush or overflow in it — though every trainable tensor is
     fp32."""
+    return dtype_of_most(model.parameters()) or torch.float32
+
+
+def dtype_of_most(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype that holds most of these tensors' elements; None without any. A model loaded in bf16 that
+    keeps a few modules in fp32 (transformers' `_keep_in_fp32_modules`: MoE router gates, norms) trains in bf16."""
     elements: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            elements[p.dtype] = elements.get(p.dtype, 0) + p.numel()
-    return max(elements, key=elements.get) if elements else torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            elements[t.dtype] = elements.get(t.dtype, 0) + t.numel()
+    return max(elements, key=elements.get) if elements else None
 
 
 def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module | None = None) -> nn.Module | None:
@@ -120,6 +130,27 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
             if wanted(name):
                 return m
     return None
+
+
+def recompile_with_hooks(models: Iterable[nn.Module]) -> bool:
+    """Drop torch.compile's code when some of these models' forwards were compiled before the probes' hooks existed.
+
+    Dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): code traced without them
+    goes on running without them, so a compiled model warmed up, evaluated or trained before `Probes` were made (a
+    notebook's second run, a Trainer's `torch_compile` after an earlier trainer compiled the same class) would have no
+    module statistics at all — a fault inside it unplaced. `torch._dynamo.reset()`, dynamo's own remedy, makes the next
+    call compile again, with the hooks. Returns whether it reset; nothing where torch was never asked to compile."""
+    dynamo = sys.modules.get("torch._dynamo")
+    compiled = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "_debug_get_cache_entry_list", None)  # the compiled entries of a code object
+    if dynamo is None or compiled is None:
+        return False
+    classes = {type(m) for model in models for m in model.modules()}
+    forwards = {f for cls in classes for f in (cls.forward, inspect.unwrap(cls.forward))}  # and what decorators wrap
+    if not any(compiled(f.__code__) for f in forwards if hasattr(f, "__code__")):
+        return False
+    dynamo.reset()
+    return True
 
 
 def eager(hook: Callable) -> Callable:

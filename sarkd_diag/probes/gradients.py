@@ -316,10 +316,14 @@ class GradientProbe(Probe):
         shared = f" (the same tensor as {w.tensor}: backward computed it there first)" if tensor != w.tensor else ""
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
-        # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer
-        scaled, held_back = self.ctx.loss_scaler.enabled, self.ctx.optimizer is not None and not self.ctx.optimizer_ran
+        # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer;
+        # a loop that raised inside the step ended on it (`Probes.close` records the step it left unfinished)
+        raised = self.ctx.unfinished
+        scaled = self.ctx.loss_scaler.enabled and not raised
+        held_back = self.ctx.optimizer is not None and not self.ctx.optimizer_ran and not raised
         skipped = scaled or held_back
-        outcome = ("the loss scaler skips the step" if scaled else
+        outcome = ("the loop raised before its optimizer step: training ended on it" if raised else
+                   "the loss scaler skips the step" if scaled else
                    "the step was skipped before the optimizer ran" if held_back else
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(

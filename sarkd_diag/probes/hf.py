@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, check_probe_settings, replace_method
-from .base import teacher_by_name, weights_compute_dtype
+from .base import dtype_of_most, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -46,9 +46,10 @@ def trainer_precision(args, model: nn.Module, autocast: bool = True) -> dict:
     one asked for (`native_amp`) — accelerate runs fp16=True on the CPU with neither autocast nor a loss scaler, in
     the weights' dtype, and the mode is then the weights'.
     """
-    dtypes = {p.dtype for p in model.parameters() if p.requires_grad}
-    weights = dtypes.pop() if len(dtypes) == 1 else None
-    name = dtype_name(weights) if weights is not None else "mixed dtypes"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = dtype_of_most(trainable)  # a few modules kept in fp32 (`_keep_in_fp32_modules`) leave a bf16 model bf16
+    several = len({p.dtype for p in trainable}) > 1
+    name = f"mostly {dtype_name(weights)}" if several else dtype_name(weights) if weights is not None else "no"
     pure = {torch.float16: "pure-fp16", torch.bfloat16: "pure-bf16"}
     frozen = weights_compute_dtype(model) if weights == torch.float32 else None
     over = f" over frozen {dtype_name(frozen)} weights" if frozen in (torch.float16, torch.bfloat16) else ""

@@ -107,7 +107,7 @@ class LossProbe(Probe):
     def _read_loss(self, model_name: str):
         def hook(_model, _args, output):
             loss = output_loss(output, self._labelled)
-            if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss):
+            if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss) and not self.ctx.reevaluating:
                 self._captured.append((loss.detach(), self._labels, self._share))
         return hook
 

@@ -23,14 +23,16 @@ VOCAB, STEPS = 64, 4
 
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
-          eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, **call) -> list[float]:
+          eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, plain_probes=False,
+          **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
     `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
     trained in eval mode (no dropout), as some do; `make_optimizer`: the optimizer of the model's parameters
     (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync, its
-    norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step."""
+    norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step; `plain_probes`:
+    `Probes(model, optimizer)` of the prepared pair instead of `Probes.from_accelerator`."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -47,7 +49,8 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if eval_mode:
         model.eval()
-    probes = Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir) if run_dir else None
+    probes = None if not run_dir else Probes(model, optimizer, run_dir=run_dir) if plain_probes else \
+        Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir)
     losses = []
     for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
         with accelerator.accumulate(model):
@@ -94,10 +97,13 @@ def test_a_module_beyond_fp16s_range_is_warned_by_name(tmp_path):
     assert _loop(break_module=True) == losses
 
 
-def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path):
+@pytest.mark.parametrize("plain_probes", [False, True])
+def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path, plain_probes):
     """`probes.step()` on every batch of `accelerator.accumulate`: one row per optimizer step, numbered as such,
-    whose loss is the mean of its micro-batches' and whose update is the step's."""
-    losses = _loop(tmp_path / "run", accumulation=2)
+    whose loss is the mean of its micro-batches' and whose update is the step's — also for `Probes` handed the
+    prepared optimizer rather than built by `from_accelerator` (it was a row per batch, half of them without an
+    update)."""
+    losses = _loop(tmp_path / "run", accumulation=2, plain_probes=plain_probes)
     metrics = load_run(tmp_path / "run")["metrics"]
     assert metrics["step"].tolist() == [1, 2, 3, 4]
     means = [sum(losses[i:i + 2]) / 2 for i in range(0, len(losses), 2)]

@@ -3,6 +3,7 @@ without a C++ compiler's minutes): the hooks run as they are instead of being tr
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch._dynamo.utils
 from torch import nn
@@ -21,14 +22,18 @@ class MLP(nn.Module):
         return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
 
 
-def _loop(run_dir=None, steps=9, inf_weight_at=None):
-    """Losses of a compiled MLP's training, and the graphs dynamo had compiled after each step."""
+def _loop(run_dir=None, steps=9, inf_weight_at=None, warmed_up=False):
+    """Losses of a compiled MLP's training, and the graphs dynamo had compiled after each step. `warmed_up`: the
+    compiled model ran a forward and backward before the probes were made (its gradients then cleared)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
     model = MLP()
     compiled = torch.compile(model, backend="eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if warmed_up:
+        compiled(torch.zeros(8, 16)).square().mean().backward()
+        optimizer.zero_grad()
     probes = Probes(compiled, optimizer=optimizer, run_dir=run_dir, every=EVERY) if run_dir else None
     losses, graphs = [], []
     data = torch.randn(steps, 8, 16, generator=torch.Generator().manual_seed(0))
@@ -62,7 +67,14 @@ def test_statistics_steps_do_not_recompile_a_compiled_model(tmp_path):
     assert _loop()[0] == losses  # the probes changed nothing the compiled model computes
 
 
-def test_a_fault_in_a_compiled_model_is_named_at_its_module_and_step(tmp_path):
-    _loop(tmp_path / "run", inf_weight_at=6)
-    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+@pytest.mark.parametrize("warmed_up", [False, True])
+def test_a_fault_in_a_compiled_model_is_named_at_its_module_and_step(tmp_path, warmed_up):
+    """Also when the model was compiled before the probes existed: code compiled without hooks never calls hooks added
+    later, and the probes read no module at all — so dynamo's caches are reset once, said in a note."""
+    _loop(tmp_path / "run", inf_weight_at=6, warmed_up=warmed_up)
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
     assert (root["model"], root["module"], root["first_step"]) == ("student", "mid", 6)
+    assert run["metrics"]["act_amax_student"].notna().any()
+    notes = run["events"].query("code == 'compiled_before_probes'")
+    assert len(notes) == warmed_up

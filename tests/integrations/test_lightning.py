@@ -129,6 +129,24 @@ def test_pure_fp16_is_named_from_the_trainers_precision_and_fixed_in_its_terms(t
     assert 'Trainer(precision="bf16-mixed")' in root["fix"]
 
 
+class StaticallyScaled(Distil):
+    """Pure fp16 with a loss scale of one's own, fixed and too large: some gradients overflow to Inf (no NaN)."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 5e5
+
+
+def test_a_gradient_overflow_is_read_before_clipping_by_value_clamps_it_finite(tmp_path):
+    """`gradient_clip_algorithm="value"` clamps each gradient entry to ±gradient_clip_val, an Inf included: read after
+    the clipping (the closure's end), the overflow was a finite 1.0 and the run looked clean."""
+    _fit(StaticallyScaled(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision="16-true",
+         gradient_clip_algorithm="value", max_steps=1)
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["nonfinite_grad_tensors"].iloc[0] > 0  # the c_proj biases, +-Inf before the clamp
+    found = cause(run["summary"]["diagnosis"], "gradient_overflow")
+    assert found["first_step"] == 1 and found["module"].endswith("c_proj"), found
+
+
 @pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])
 def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked):
     """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran."""

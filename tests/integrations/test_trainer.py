@@ -17,7 +17,7 @@ from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_
 from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag import Probes, load_run  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 VOCAB = 64
@@ -463,6 +463,29 @@ def test_pure_bf16_under_the_trainer_is_fixed_with_the_model_loaded_in_fp32_not_
     assert "fp16=True" not in root["fix"], root["fix"]
 
 
+@pytest.mark.parametrize("caller", ["trainer", "loop"])
+def test_a_bf16_model_that_keeps_its_router_gate_in_fp32_is_pure_bf16(tmp_path, caller):
+    """`from_pretrained(dtype=torch.bfloat16)` keeps a MoE's router gates in fp32 (`_keep_in_fp32_modules_strict`):
+    the weights and AdamW's state are bf16 but for a few thousand elements, and an lr of 1e-5 rounds most updates
+    away. The run is pure bf16 — not a mode of no name, whose fix then told a bf16 run to switch to fp16."""
+    model = tiny.load_moe_keeping_gates_in_fp32(tmp_path / "model", torch.bfloat16, VOCAB)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.float32}  # transformers' doing
+    if caller == "trainer":
+        _train(tmp_path, model, tmp_path / "run", optim="adamw_torch", learning_rate=1e-5, max_steps=2)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        with Probes(model, optimizer, run_dir=tmp_path / "run") as probes:
+            for batch in torch.utils.data.DataLoader(Sequences(VOCAB, n=8), batch_size=4):
+                model(**batch).loss.backward()
+                optimizer.step()
+                probes.step()
+                optimizer.zero_grad()
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["precision"]["mode"] == "pure-bf16", summary["precision"]
+    found = cause(summary["diagnosis"], "update_underflow")
+    assert found["evidence"]["dtype"] == "bfloat16" and "fp16" not in found["fix"].replace("bf16", ""), found["fix"]
+
+
 class DetachedLossTrainer(Trainer):
     """A `compute_loss` of one's own that returns the loss detached (and `requires_grad_()` to silence backward)."""
 
@@ -604,6 +627,24 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     plain = trainer_with_fault()
     plain.train()
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
+
+
+def test_a_replay_whose_compute_loss_raises_still_names_the_module_and_training_goes_on(tmp_path):
+    """`label_smoothing_factor` makes the Trainer's `compute_loss` pop the labels out of the inputs it is handed: the
+    replay of a non-finite loss calls it again on those inputs and raises (no labels), after the model's forward has
+    run. What that forward read still names the module (a frozen weight set to Inf at step 3, no statistics step), and
+    the readings are not left behind to fail the step's own: the probes do not crash the run."""
+    model = tiny.make_gpt2(VOCAB)
+    frozen = model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3,
+                                                      label_smoothing_factor=0.1),
+                      train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(frozen, step=3)])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    summary = load_run(tmp_path / "run")["summary"]
+    root = summary["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+    assert summary["steps_completed"] == trainer.state.global_step >= 3
 
 
 def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):

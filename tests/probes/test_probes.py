@@ -10,7 +10,7 @@ import pytest
 import torch
 from contract import assert_conforms, assert_run_dir
 from torch import nn
-from torch.nn.utils import clip_grad, clip_grad_norm_
+from torch.nn.utils import clip_grad, clip_grad_norm_, clip_grad_value_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
@@ -127,15 +127,17 @@ def test_the_first_nonfinite_gradient_in_backward_order_is_named(level, dtype, c
     assert ("derivative" in root["fix"]) is (dtype == torch.float32)
 
 
-def _clipped_steps(model, probes, opt, steps: int, max_norm: float = 1.0) -> tuple[list[float], list[float]]:
-    """A loop that clips as most do, with the name imported before the probes existed: each step's total norm and
-    largest gradient before clipping."""
+def _clipped_steps(model, probes, opt, steps: int, max_norm: float = 1.0,
+                   clip=clip_grad_norm_) -> tuple[list[float | None], list[float]]:
+    """A loop that clips as most do, with the name imported before the probes existed: what each step's clipping
+    returned (clip_grad_norm_: the total norm; clip_grad_value_: None) and its largest gradient before clipping."""
     norms, amaxes = [], []
     for x in torch.randn(steps, 4, 8, generator=torch.Generator().manual_seed(0)):
         loss = model(x).pow(2).mean()
         loss.backward()
         amaxes.append(max(float(p.grad.abs().max()) for p in model.parameters()))
-        norms.append(float(clip_grad_norm_(model.parameters(), max_norm)))
+        norm = clip(model.parameters(), max_norm)
+        norms.append(None if norm is None else float(norm))
         opt.step()
         if probes is not None:
             probes.step(loss=loss)
@@ -214,6 +216,27 @@ def test_a_tied_heads_zero_gradients_are_named_from_the_head():
     assert (event.module, event.tensor, event.step) == ("head", "head.weight", 1)
 
 
+def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
+    """`clip_grad_norm_(..., error_if_nonfinite=True)` raises on step 2's NaN gradient, before `probes.step()`: the run
+    closes as failed — and the step that ended it, the one the diagnosis needs, is recorded as far as it got (its
+    gradients: where the NaN is), with no metrics row. It closed with no cause at all."""
+    torch.manual_seed(0)
+    model = Net()
+    model.second.weight.register_hook(lambda grad: grad * math.nan if probes.ctx.step == 2 else grad)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="non-finite"), Probes(model, optimizer=opt, run_dir=tmp_path) as probes:
+        for x in torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0)):
+            model(x).pow(2).mean().backward()
+            clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    run = load_run(tmp_path)
+    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["module"], root["first_step"], root["severity"]) == ("second", 2, "critical"), root
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
@@ -275,6 +298,26 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
         (cause, *_) = probes.diagnosis()
         assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
+
+
+def test_gradients_are_read_before_the_loop_clamps_them_by_value():
+    """clip_grad_value_ clamps each gradient entry to ±clip_value — an overflow's Inf to a finite value: the gradients
+    are read before it (`grad_amax` is theirs, not the clip value), training is unchanged, and torch's function is as
+    it was after close."""
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+            _, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=0.01, clip=clip_grad_value_)
+        runs.append(([p.detach().clone() for p in model.parameters()], amaxes, probes))
+    (plain, _, _), (weights, amaxes, probes) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, weights, strict=True))
+    assert min(amaxes) > 0.01  # every step was clamped
+    assert [row["grad_amax"] for row in probes.rows] == pytest.approx(amaxes)
+    clamping = clip_grad.clip_grad_value_
+    assert [c.cell_contents for c in clamping.__closure__] == [clamping.__wrapped__]  # put back
 
 
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
@@ -1554,29 +1597,44 @@ def test_without_an_optimizer_the_weights_are_still_read_at_each_step_and_the_us
     assert note.severity == "info" and "optimizer=" in note.message
 
 
-def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after_it(tmp_path):
+class Squared(nn.Module):
+    """Net's squared output as its loss, returned as transformers models return theirs (read from the outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        return {"loss": self.net(x).pow(2).mean()}
+
+
+@pytest.mark.parametrize("loss_given", [True, False])
+def test_an_optimizer_stepped_with_a_closure_has_each_steps_gradients_read_after_it(tmp_path, loss_given):
     """LBFGS (and Lightning) pass `optimizer.step()` the closure that runs the forward and backward; the pre-step
     hooks run before it. Each row's gradients are those the step's first closure call computed, not the step
-    before's (nor none on the first step)."""
+    before's (nor none on the first step); its loss, read from the outputs, is the first call's too — what
+    `step()` returns — not the mean of the line search's re-evaluations at trial weights."""
     torch.manual_seed(0)
-    model = Net()
+    model = Squared()
     opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
     probes = Probes(model, optimizer=opt, run_dir=tmp_path)
-    x, first_calls = torch.randn(16, 8), []
+    x, first_calls, losses = torch.randn(16, 8), [], []
 
     def closure():
         opt.zero_grad()
-        loss = model(x).pow(2).mean()
+        loss = model(x)["loss"]
         loss.backward()
         if len(first_calls) < probes.ctx.step:
             first_calls.append(max(p.grad.abs().max().item() for p in model.parameters()))
         return loss
 
     for _ in range(3):
-        probes.step(loss=opt.step(closure))
+        losses.append(opt.step(closure))
+        probes.step(loss=losses[-1] if loss_given else None)
     probes.close()
     metrics = load_run(tmp_path)["metrics"]
     assert metrics["grad_amax"].tolist() == pytest.approx(first_calls, rel=1e-6)
+    assert metrics["loss"].tolist() == pytest.approx([loss.item() for loss in losses], rel=1e-6)
 
 
 @pytest.mark.parametrize("schedule", ["one_cycle", "warm_up"])
