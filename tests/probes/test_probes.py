@@ -14,7 +14,7 @@ from torch.nn.utils import clip_grad, clip_grad_norm_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
-from sarkd_diag.probes.scaler import MIN_WARMUP_SCALE
+from sarkd_diag.probes.scaler import MAX_SKIP_FRACTION, MIN_STEPS_FOR_FRACTION, MIN_WARMUP_SCALE
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -1051,6 +1051,21 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     assert (cause["cause"], cause["severity"], cause["module"]) == ("loss_scale_collapse", "warning", "third")
     healthy = _weighted_amp_scales(probes_of, 1e2)
     assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+
+
+def test_a_healthy_warm_up_does_not_count_toward_the_fraction_of_skipped_steps_in_a_longer_run():
+    """The same healthy weight of 1e2 run past MIN_STEPS_FOR_FRACTION: its six warm-up halvings are the scaler finding
+    its scale, not 30% of the run's steps lost — after it, one overflow in twenty steps is the scaler working."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e2, steps=MIN_STEPS_FOR_FRACTION + 10)
+    halvings = sum(later < earlier for earlier, later in zip([2.0**16, *scales[:-1]], scales, strict=True))
+    assert halvings / MIN_STEPS_FOR_FRACTION > MAX_SKIP_FRACTION  # counted from the start, the warm-up alone is over
     assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
 
 
