@@ -968,8 +968,8 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
                             evidence={"nan_input_batches": len(batch)}, fix=r.fix("nonfinite_input")))
     empty, losses = r.of("empty_targets"), r.of("nonfinite_loss")
     if len(empty):
-        row = _first(empty)
         hit = losses[losses["step"].isin(empty["step"])]
+        row = _first(empty[empty["step"].isin(hit["step"])] if len(hit) else empty)  # the batch that made the NaN
         causes.append(Cause("nonfinite_input", "critical" if len(hit) else "warning", **_where(row),
                             evidence={"empty_target_batches": len(empty), "nonfinite_loss_events": len(losses),
                                       "nonfinite_loss_on_empty_step": bool(len(hit))},
