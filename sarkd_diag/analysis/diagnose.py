@@ -175,6 +175,16 @@ PHRASES = {
     "router_in_fp32": {"cli": "", **dict.fromkeys(("loop", "trainer", "accelerate", "lightning"),
                                                   ", or compute the router in fp32 (its weights and matmul outside "
                                                   "float16 autocast, as MoE training in float16 does)")},
+    # how a schedule advances once per optimizer step, where a warm-up stepped once per epoch holds its lr at 0
+    "schedule_per_step": {
+        "cli": "`train`'s own schedule, which advances every optimizer step",
+        "loop": "`scheduler.step()` after every `optimizer.step()`, not once per epoch",
+        "trainer": "a scheduler the Trainer steps (`optimizers=(optimizer, scheduler)`), not one a callback steps once "
+                   "per epoch",
+        "accelerate": "`scheduler.step()` after every `optimizer.step()`, not once per epoch",
+        "lightning": "`\"interval\": \"step\"` in the `lr_scheduler` dict `configure_optimizers` returns (its default, "
+                     "`\"epoch\"`, steps a warm-up once per epoch)",
+    },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -197,6 +207,10 @@ FIXES = {
                "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
                "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
                "and the value given to {lr}",
+    "lr_zero_ended": "the learning rate of {group} was 0 on every step from {step} to {last} ({steps} steps) and "
+                     "rose only at step {rose} (to {lr_after}): those steps changed no weight — a warm-up that starts "
+                     "at 0 and advances once per epoch instead of once per optimizer step, or a delay longer than "
+                     "meant; advance it every step — {schedule_per_step} — or start it above 0",
     "lr_negative": "the learning rate of {group} is {lr_value}, below 0, from step {step}: the optimizer steps up "
                    "the gradient and the loss climbs ({loss_then} at step {step}, {loss_last} at step {last}) with "
                    "every value finite — check the schedule (a linear decay such as `1 - step / total` run past its "
@@ -1100,15 +1114,24 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
 
 def lr_zero(r: RunRecord) -> list[Cause]:
     """Every parameter group that holds trainable weights at lr 0 on consecutive optimizer steps (a `zero_lr` event:
-    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics."""
+    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics — or, where the
+    recorded lr rose from 0 later in the run, nothing trained on those steps (a warm-up from 0 stepped once per
+    epoch): the fix says which steps, not that the run cannot move."""
     zero = r.of("zero_lr")
     if not len(zero):
         return []
     row = _first(zero)
-    lr = r.train_column("lr")
-    steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
-    return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
-                  fix=r.fix("lr_zero", model=row.get("model"), group=row.get("tensor"), step=int(row["step"])))]
+    step, lr = int(row["step"]), r.train_column("lr")
+    since = lr[lr.index >= step]
+    rose = since[since != 0]
+    held = since[since.index < rose.index[0]] if len(rose) else since
+    steps = int((held == 0).sum()) if len(lr) else None
+    words = {"model": row.get("model"), "group": row.get("tensor"), "step": step}
+    fix = r.fix("lr_zero_ended", **words, last=int(held.index[-1]), steps=steps, rose=int(rose.index[0]),
+                lr_after=f"{float(rose.iloc[0]):.3g}") if len(rose) and len(held) else r.fix("lr_zero", **words)
+    return [Cause("lr_zero", "warning", **_where(row),
+                  evidence={"lr": 0.0, "steps_at_lr_0": steps,
+                            "lr_rose_at_step": int(rose.index[0]) if len(rose) else None}, fix=fix)]
 
 
 def lr_negative(r: RunRecord) -> list[Cause]:

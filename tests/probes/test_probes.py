@@ -470,6 +470,23 @@ def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_
         assert events[0].tensor == "all 3 parameter groups" and _causes(probes) == ["lr_zero"]
 
 
+
+def test_a_warm_up_from_0_stepped_once_per_epoch_is_named_with_the_steps_it_held_the_lr_at_0():
+    """`LambdaLR(lambda epoch: epoch / 2)` stepped once per epoch of 5 batches (Lightning's default interval, or
+    `scheduler.step()` outside the batch loop): the lr is 0 for the whole first epoch, then rises. Those 5 steps
+    trained nothing — said so, with where it rose — not that the run's loss cannot move."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, epoch / 2))
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(3):
+            _train(model, probes, opt, steps=5)
+            schedule.step()
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("lr_zero", "warning", 1)
+    assert (cause["evidence"]["steps_at_lr_0"], cause["evidence"]["lr_rose_at_step"]) == (5, 6)
+    assert "from 1 to 5" in cause["fix"] and "once per epoch" in cause["fix"] and "cannot move" not in cause["fix"]
+
 @pytest.mark.parametrize("make, flagged", [
     (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=100.0), True),  # decoupled: ×0.9 every step
     (lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=1.0), True),  # SGD's L2 is not normalised away
