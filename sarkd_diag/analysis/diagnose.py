@@ -529,6 +529,12 @@ class RunRecord:
         self.mode = (config.get("precision") or {}).get("mode")
         self.caller = config.get("caller") or "cli"
         self.routers = {r.get("module") for r in config.get("routers") or []}
+        # the teacher, and the other frozen models a caller watches beside the student (several teachers, an RL
+        # reference): their outputs are targets computed by weights no one trains
+        self.teachers = {"teacher", *((config.get("precision") or {}).get("frozen_models") or [])}
+
+    def is_teacher(self, model) -> bool:
+        return model in self.teachers
 
     def of(self, kind: str, *codes: str) -> pd.DataFrame:
         rows = self.events[self.events["kind"] == kind]
@@ -652,14 +658,16 @@ class RunRecord:
             return None
         return row, outputs
 
-    def teacher_alone_in_fp16(self) -> bool:
+    def teacher_alone_in_fp16(self) -> str | None:
         """A caller's own loss (sarkd-diag's `train` computes its KD term in fp32 whatever the teacher holds) over a
         teacher whose weights are all float16 while the student computes wider: its outputs reach the loss in
-        float16."""
+        float16. That teacher's name, or None."""
         precision = self.config.get("precision") or {}
         dtypes = precision.get("model_dtypes") or {}
-        return (self.caller != "cli" and dtypes.get("teacher") == ["float16"]
-                and "float16" not in dtypes.get("student", []) and precision.get("compute_dtype") != "float16")
+        student_fp16 = "float16" in dtypes.get("student", []) or precision.get("compute_dtype") == "float16"
+        if self.caller == "cli" or student_fp16:
+            return None
+        return next((t for t in sorted(self.teachers) if dtypes.get(t) == ["float16"]), None)
 
     def nonfinite_op(self) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
@@ -701,7 +709,7 @@ class RunRecord:
         if not len(acts):
             return None
         row = _first(acts)
-        if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
+        if self.is_teacher(row.get("model")):  # its frozen weights are read by no probe: an Inf weight is as likely
             return None
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         began = self.forward_fault_began(row)  # the steps before it that failed alike are its own
@@ -964,7 +972,7 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
     the cast to float16 made, are `teacher_overflow`'s: its dtype, not its checkpoint.)"""
     causes = []
     loaded = r.of("nonfinite_at_load")
-    loaded = loaded[~loaded.apply(lambda row: row.get("model") == "teacher" and _cast_to_fp16(r, row), axis=1)] \
+    loaded = loaded[~loaded.apply(lambda row: r.is_teacher(row.get("model")) and _cast_to_fp16(r, row), axis=1)] \
         if len(loaded) else loaded
     if len(loaded):
         row = _first(loaded)
@@ -1033,9 +1041,9 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
     softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
-    acts = acts[acts["model"] == "teacher"]
+    acts = acts[acts["model"].isin(r.teachers)]
     loaded = r.of("nonfinite_at_load")
-    loaded = loaded[loaded["model"] == "teacher"]
+    loaded = loaded[loaded["model"].isin(r.teachers)]
     if len(loaded):
         row = _first(loaded)
         if not _cast_to_fp16(r, row):
@@ -1049,14 +1057,15 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
                           fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
                                     module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
-    if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
+    teacher = r.teacher_alone_in_fp16()
+    if not len(acts) and measured is not None and teacher:
         row, outputs = measured
         term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
-        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": "teacher"},
+        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": teacher},
                       evidence={"teacher_dtype": "float16", "loss_term": row.get("tensor"),
                                 "module_outputs_finite": True,
                                 **{f"act_amax_{model}": v for model, v in outputs.items()}},
-                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get('teacher', math.nan):.3g}"))]
+                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get(teacher, math.nan):.3g}"))]
     if not len(acts):
         return []
     row = _first(acts)
@@ -1224,7 +1233,7 @@ def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
     if act.get("dtype") != "float16" or not len(beyond):
         return None
     row = _first(beyond)
-    cause = "teacher_overflow" if act.get("model") == "teacher" else "activation_overflow"
+    cause = "teacher_overflow" if r.is_teacher(act.get("model")) else "activation_overflow"
     began, named = _where_began(r, act)
     return Cause(cause, "critical", **{**_where(row), "first_step": began["first_step"], "phase": "forward"},
                  evidence={"loaded_weight_amax": float(row["value"]), "weight_dtype": row.get("dtype"),
@@ -1240,7 +1249,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     looked at: once weights are non-finite every activation is."""
     causes = []
     acts = r.of("nonfinite_activation")
-    acts = acts[acts["model"] != "teacher"]
+    acts = acts[~acts["model"].isin(r.teachers)]
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]

@@ -707,22 +707,28 @@ def test_fp32_run_warns_where_fp16_would_overflow():
     assert probes.diagnosis()[0]["severity"] == "warning"
 
 
-def test_teacher_overflow_is_told_apart_from_the_student():
-    teacher, student = Net().half(), Net()
-    with torch.no_grad():
-        teacher.second.weight.fill_(3000.0)
+@pytest.mark.parametrize("roles", [("student", "teacher"), ("student", "teacher_a", "teacher_b"), ("policy", "ref")])
+def test_teacher_overflow_is_told_apart_from_the_student(roles):
+    """Whatever the frozen models are called — the teacher, the second of two teachers, an RL loop's reference —
+    the one whose float16 forward overflows is a teacher to hold wider, not a student module to train otherwise."""
+    student, *teachers = Net(), *(Net().half().requires_grad_(False) for _ in roles[1:])
+    with torch.no_grad():  # positive inputs through `first` at 1 reach `second` at ~40: ×3000 × 8 is beyond 65504
+        teachers[-1].first.weight.fill_(1.0)
+        teachers[-1].second.weight.fill_(3000.0)
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
-        x = torch.randn(4, 8) * 10
+    with Probes(dict(zip(roles, [student, *teachers], strict=True)), optimizer=opt) as probes:
+        x = torch.rand(4, 8) * 10
         with torch.no_grad():
-            target = teacher(x.half()).float()
+            target = sum(teacher(x.half()).float() for teacher in teachers)
         loss = (student(x) - target).pow(2).mean()
         loss.backward()
         opt.step()
         probes.step(loss=loss)
     event = _events(probes, "nonfinite_activation")[0]
-    assert (event.model, event.module) == ("teacher", "second")
-    assert _causes(probes)[0] == "teacher_overflow"
+    assert (event.model, event.module) == (roles[-1], "second")
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["model"], cause["module"]) == ("teacher_overflow", roles[-1], "second")
+    assert "hold the teacher in a wider dtype" in cause["fix"]
 
 
 def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
