@@ -109,6 +109,17 @@ def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losse
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
 
 
+@pytest.mark.parametrize("losses, severity", [([4.0, 4.2, 3.9, 4.1, 15.0, 3.8, 4.2, 3.9, 4.1, 4.15], "warning"),
+                                               ([4.0, 4.2, 3.9, 4.1, 15.0, 14.0, 14.5, 13.8, 14.2, 14.1], "critical")])
+def test_a_spike_on_a_noisy_plateau_came_back_though_its_last_loss_is_above_the_one_before_it(losses, severity):
+    """A plateau whose losses stray ~5% from step to step: after the 4× spike the loss is back where it was, its last
+    value (4.15) a little above the one before the spike (4.1) — as likely as below it. Back within the run's own
+    scatter is back: a transient spike, not a divergence. A loss that stays near the spike still is one."""
+    metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": losses, "lr": 1e-3})
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, 5)
+    assert ("transient spike" in cause["fix"]) is (severity == "warning")
+
 @pytest.mark.parametrize("shift, severity", [(1, None), (300, "critical")])
 def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severity):
     """Losses that scatter tenfold from batch to batch (a few samples each; here one is 13× the first): three times

@@ -555,13 +555,18 @@ class RunRecord:
         the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
         1.4826 × the median absolute deviation, of their log changes). A steady climb or fall changes by the same
         amount each step (no spread); a few samples per batch make losses that differ tenfold, the first among them."""
+        return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * self.loss_scatter()))
+
+    def loss_scatter(self) -> float:
+        """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
+        run's positive finite training losses: how far one step's loss strays from the last by chance. 0 where there
+        are LOSS_SCATTER_MIN_CHANGES changes or fewer."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite) & (loss > 0)]
         if len(loss) <= LOSS_SCATTER_MIN_CHANGES:
-            return DIVERGENCE_FACTOR
+            return 0.0
         changes = pd.Series(loss.map(math.log).to_numpy()).diff().dropna()
-        spread = 1.4826 * float((changes - changes.median()).abs().median())
-        return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
+        return 1.4826 * float((changes - changes.median()).abs().median())
 
     def clip_threshold(self) -> float | None:
         """The gradient-norm threshold the run clipped at: `train`'s `--max-grad-norm` (0: none), elsewhere the last
@@ -1621,7 +1626,10 @@ def divergence(r: RunRecord) -> list[Cause]:
         evidence = {"first_loss": first_loss, "max_loss": top, "factor": factor, "unplaced": True}
         before = finite_loss[finite_loss.index < step]
         settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
-        if finite_loss.index[-1] > blown.index[-1] and last <= settled:  # back to where it was before the spike
+        # back to where it was before the spike, within the run's step-to-step scatter (a noisy plateau's last loss
+        # is above its loss before the spike half the time)
+        back = last <= settled * math.exp(LOSS_SCATTER_Z * r.loss_scatter())
+        if finite_loss.index[-1] > blown.index[-1] and back:
             return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
                           evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
