@@ -42,9 +42,10 @@ DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 # ... unless the run's losses scatter more than that from batch to batch (a regression loss over a few samples varies
 # tenfold): then the blow-up must stand LOSS_SCATTER_Z robust spreads of the step-to-step log changes above the first
 # value (`RunRecord.blow_up_factor`), judged once there are LOSS_SCATTER_MIN_CHANGES changes — a blow-up makes one
-# change and a recovered spike two, which a median over five leaves out
+# change, which a median over three leaves out (a recovered spike makes two: over three or four changes it reads as
+# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder)
 LOSS_SCATTER_Z = 4.0
-LOSS_SCATTER_MIN_CHANGES = 5
+LOSS_SCATTER_MIN_CHANGES = 3
 # A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
 # window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
 # errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
@@ -560,7 +561,7 @@ class RunRecord:
     def loss_scatter(self) -> float:
         """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
         run's positive finite training losses: how far one step's loss strays from the last by chance. 0 where there
-        are LOSS_SCATTER_MIN_CHANGES changes or fewer."""
+        are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite) & (loss > 0)]
         if len(loss) <= LOSS_SCATTER_MIN_CHANGES:
