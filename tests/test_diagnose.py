@@ -109,6 +109,17 @@ def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losse
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
 
 
+@pytest.mark.parametrize("losses, severity", [([4.0, 4.2, 3.9, 4.1, 15.0, 3.8, 4.2, 3.9, 4.1, 4.15], "warning"),
+                                               ([4.0, 4.2, 3.9, 4.1, 15.0, 14.0, 14.5, 13.8, 14.2, 14.1], "critical")])
+def test_a_spike_on_a_noisy_plateau_came_back_though_its_last_loss_is_above_the_one_before_it(losses, severity):
+    """A plateau whose losses stray ~5% from step to step: after the 4× spike the loss is back where it was, its last
+    value (4.15) a little above the one before the spike (4.1) — as likely as below it. Back within the run's own
+    scatter is back: a transient spike, not a divergence. A loss that stays near the spike still is one."""
+    metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": losses, "lr": 1e-3})
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, 5)
+    assert ("transient spike" in cause["fix"]) is (severity == "warning")
+
 @pytest.mark.parametrize("shift, severity", [(1, None), (300, "critical")])
 def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severity):
     """Losses that scatter tenfold from batch to batch (a few samples each; here one is 13× the first): three times
@@ -119,6 +130,18 @@ def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severit
     found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
     assert found == ([("divergence", severity, 13)] if severity else [])
 
+
+@pytest.mark.parametrize("losses, blown_at", [([0.82, 1.37, 2.13, 1.32, 3.57], None),
+                                               ([0.39, 1.69, 1.12, 0.83, 1.57], None),
+                                               ([4.0, 4.1, 3.9, 13.0], 4), ([4.0, 6.0, 13.0, 20.0], 3)])
+def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(losses, blown_at):
+    """Five steps of a pretrained tiny GPT-2 fine-tuned at batch 1 on 8-token windows (the losses measured so): one
+    window is easy, another four times harder — the first happened to be easy. Four step-to-step changes measure
+    that scatter (a blow-up is one change, which their median leaves out): no blow-up. A loss that jumps out of
+    steady values, or climbs step after step, still is one."""
+    metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
+    found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""

@@ -42,9 +42,10 @@ DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 # ... unless the run's losses scatter more than that from batch to batch (a regression loss over a few samples varies
 # tenfold): then the blow-up must stand LOSS_SCATTER_Z robust spreads of the step-to-step log changes above the first
 # value (`RunRecord.blow_up_factor`), judged once there are LOSS_SCATTER_MIN_CHANGES changes — a blow-up makes one
-# change and a recovered spike two, which a median over five leaves out
+# change, which a median over three leaves out (a recovered spike makes two: over three or four changes it reads as
+# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder)
 LOSS_SCATTER_Z = 4.0
-LOSS_SCATTER_MIN_CHANGES = 5
+LOSS_SCATTER_MIN_CHANGES = 3
 # A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
 # window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
 # errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
@@ -175,6 +176,16 @@ PHRASES = {
     "router_in_fp32": {"cli": "", **dict.fromkeys(("loop", "trainer", "accelerate", "lightning"),
                                                   ", or compute the router in fp32 (its weights and matmul outside "
                                                   "float16 autocast, as MoE training in float16 does)")},
+    # how a schedule advances once per optimizer step, where a warm-up stepped once per epoch holds its lr at 0
+    "schedule_per_step": {
+        "cli": "`train`'s own schedule, which advances every optimizer step",
+        "loop": "`scheduler.step()` after every `optimizer.step()`, not once per epoch",
+        "trainer": "a scheduler the Trainer steps (`optimizers=(optimizer, scheduler)`), not one a callback steps once "
+                   "per epoch",
+        "accelerate": "`scheduler.step()` after every `optimizer.step()`, not once per epoch",
+        "lightning": "`\"interval\": \"step\"` in the `lr_scheduler` dict `configure_optimizers` returns (its default, "
+                     "`\"epoch\"`, steps a warm-up once per epoch)",
+    },
     "full_probes": {"cli": "`--probes full`", "loop": "`Probes(..., level=\"full\")`",
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
@@ -197,6 +208,10 @@ FIXES = {
                "and the loss cannot move — check the schedule (a total or warm-up step count of 0, such as a "
                "`num_training_steps` computed from an empty or mis-sized loader; a decay that ended before the run) "
                "and the value given to {lr}",
+    "lr_zero_ended": "the learning rate of {group} was 0 on every step from {step} to {last} ({steps} steps) and "
+                     "rose only at step {rose} (to {lr_after}): those steps changed no weight — a warm-up that starts "
+                     "at 0 and advances once per epoch instead of once per optimizer step, or a delay longer than "
+                     "meant; advance it every step — {schedule_per_step} — or start it above 0",
     "lr_negative": "the learning rate of {group} is {lr_value}, below 0, from step {step}: the optimizer steps up "
                    "the gradient and the loss climbs ({loss_then} at step {step}, {loss_last} at step {last}) with "
                    "every value finite — check the schedule (a linear decay such as `1 - step / total` run past its "
@@ -520,6 +535,12 @@ class RunRecord:
         self.mode = (config.get("precision") or {}).get("mode")
         self.caller = config.get("caller") or "cli"
         self.routers = {r.get("module") for r in config.get("routers") or []}
+        # the teacher, and the other frozen models a caller watches beside the student (several teachers, an RL
+        # reference): their outputs are targets computed by weights no one trains
+        self.teachers = {"teacher", *((config.get("precision") or {}).get("frozen_models") or [])}
+
+    def is_teacher(self, model) -> bool:
+        return model in self.teachers
 
     def of(self, kind: str, *codes: str) -> pd.DataFrame:
         rows = self.events[self.events["kind"] == kind]
@@ -540,13 +561,18 @@ class RunRecord:
         the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
         1.4826 × the median absolute deviation, of their log changes). A steady climb or fall changes by the same
         amount each step (no spread); a few samples per batch make losses that differ tenfold, the first among them."""
+        return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * self.loss_scatter()))
+
+    def loss_scatter(self) -> float:
+        """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
+        run's positive finite training losses: how far one step's loss strays from the last by chance. 0 where there
+        are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite) & (loss > 0)]
         if len(loss) <= LOSS_SCATTER_MIN_CHANGES:
-            return DIVERGENCE_FACTOR
+            return 0.0
         changes = pd.Series(loss.map(math.log).to_numpy()).diff().dropna()
-        spread = 1.4826 * float((changes - changes.median()).abs().median())
-        return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * spread))
+        return 1.4826 * float((changes - changes.median()).abs().median())
 
     def loss_floor_rise(self) -> float:
         """The least rise of the training loss that can be a blow-up, whatever its factor: LOSS_TREND_RISE of the
@@ -660,14 +686,16 @@ class RunRecord:
             return None
         return row, outputs
 
-    def teacher_alone_in_fp16(self) -> bool:
+    def teacher_alone_in_fp16(self) -> str | None:
         """A caller's own loss (sarkd-diag's `train` computes its KD term in fp32 whatever the teacher holds) over a
         teacher whose weights are all float16 while the student computes wider: its outputs reach the loss in
-        float16."""
+        float16. That teacher's name, or None."""
         precision = self.config.get("precision") or {}
         dtypes = precision.get("model_dtypes") or {}
-        return (self.caller != "cli" and dtypes.get("teacher") == ["float16"]
-                and "float16" not in dtypes.get("student", []) and precision.get("compute_dtype") != "float16")
+        student_fp16 = "float16" in dtypes.get("student", []) or precision.get("compute_dtype") == "float16"
+        if self.caller == "cli" or student_fp16:
+            return None
+        return next((t for t in sorted(self.teachers) if dtypes.get(t) == ["float16"]), None)
 
     def nonfinite_op(self) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
@@ -709,7 +737,7 @@ class RunRecord:
         if not len(acts):
             return None
         row = _first(acts)
-        if row.get("model") == "teacher":  # its frozen weights are read by no probe: an Inf weight is as likely
+        if self.is_teacher(row.get("model")):  # its frozen weights are read by no probe: an Inf weight is as likely
             return None
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         began = self.forward_fault_began(row)  # the steps before it that failed alike are its own
@@ -972,7 +1000,7 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
     the cast to float16 made, are `teacher_overflow`'s: its dtype, not its checkpoint.)"""
     causes = []
     loaded = r.of("nonfinite_at_load")
-    loaded = loaded[~loaded.apply(lambda row: row.get("model") == "teacher" and _cast_to_fp16(r, row), axis=1)] \
+    loaded = loaded[~loaded.apply(lambda row: r.is_teacher(row.get("model")) and _cast_to_fp16(r, row), axis=1)] \
         if len(loaded) else loaded
     if len(loaded):
         row = _first(loaded)
@@ -990,8 +1018,8 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
                             evidence={"nan_input_batches": len(batch)}, fix=r.fix("nonfinite_input")))
     empty, losses = r.of("empty_targets"), r.of("nonfinite_loss")
     if len(empty):
-        row = _first(empty)
         hit = losses[losses["step"].isin(empty["step"])]
+        row = _first(empty[empty["step"].isin(hit["step"])] if len(hit) else empty)  # the batch that made the NaN
         causes.append(Cause("nonfinite_input", "critical" if len(hit) else "warning", **_where(row),
                             evidence={"empty_target_batches": len(empty), "nonfinite_loss_events": len(losses),
                                       "nonfinite_loss_on_empty_step": bool(len(hit))},
@@ -1041,9 +1069,9 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
     softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
     acts = r.of("nonfinite_activation")
-    acts = acts[acts["model"] == "teacher"]
+    acts = acts[acts["model"].isin(r.teachers)]
     loaded = r.of("nonfinite_at_load")
-    loaded = loaded[loaded["model"] == "teacher"]
+    loaded = loaded[loaded["model"].isin(r.teachers)]
     if len(loaded):
         row = _first(loaded)
         if not _cast_to_fp16(r, row):
@@ -1057,14 +1085,15 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
                           fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
                                     module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
-    if not len(acts) and measured is not None and r.teacher_alone_in_fp16():
+    teacher = r.teacher_alone_in_fp16()
+    if not len(acts) and measured is not None and teacher:
         row, outputs = measured
         term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
-        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": "teacher"},
+        return [Cause("teacher_overflow", "critical", **{**_where(row), "model": teacher},
                       evidence={"teacher_dtype": "float16", "loss_term": row.get("tensor"),
                                 "module_outputs_finite": True,
                                 **{f"act_amax_{model}": v for model, v in outputs.items()}},
-                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get('teacher', math.nan):.3g}"))]
+                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get(teacher, math.nan):.3g}"))]
     if not len(acts):
         return []
     row = _first(acts)
@@ -1122,15 +1151,24 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
 
 def lr_zero(r: RunRecord) -> list[Cause]:
     """Every parameter group that holds trainable weights at lr 0 on consecutive optimizer steps (a `zero_lr` event:
-    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics."""
+    a warm-up's lr is 0 for its first step only): nothing trains from there, whatever the numerics — or, where the
+    recorded lr rose from 0 later in the run, nothing trained on those steps (a warm-up from 0 stepped once per
+    epoch): the fix says which steps, not that the run cannot move."""
     zero = r.of("zero_lr")
     if not len(zero):
         return []
     row = _first(zero)
-    lr = r.train_column("lr")
-    steps = int((lr[lr.index >= row["step"]] == 0).sum()) if len(lr) else None
-    return [Cause("lr_zero", "warning", **_where(row), evidence={"lr": 0.0, "steps_at_lr_0": steps},
-                  fix=r.fix("lr_zero", model=row.get("model"), group=row.get("tensor"), step=int(row["step"])))]
+    step, lr = int(row["step"]), r.train_column("lr")
+    since = lr[lr.index >= step]
+    rose = since[since != 0]
+    held = since[since.index < rose.index[0]] if len(rose) else since
+    steps = int((held == 0).sum()) if len(lr) else None
+    words = {"model": row.get("model"), "group": row.get("tensor"), "step": step}
+    fix = r.fix("lr_zero_ended", **words, last=int(held.index[-1]), steps=steps, rose=int(rose.index[0]),
+                lr_after=f"{float(rose.iloc[0]):.3g}") if len(rose) and len(held) else r.fix("lr_zero", **words)
+    return [Cause("lr_zero", "warning", **_where(row),
+                  evidence={"lr": 0.0, "steps_at_lr_0": steps,
+                            "lr_rose_at_step": int(rose.index[0]) if len(rose) else None}, fix=fix)]
 
 
 def lr_negative(r: RunRecord) -> list[Cause]:
@@ -1223,7 +1261,7 @@ def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
     if act.get("dtype") != "float16" or not len(beyond):
         return None
     row = _first(beyond)
-    cause = "teacher_overflow" if act.get("model") == "teacher" else "activation_overflow"
+    cause = "teacher_overflow" if r.is_teacher(act.get("model")) else "activation_overflow"
     began, named = _where_began(r, act)
     return Cause(cause, "critical", **{**_where(row), "first_step": began["first_step"], "phase": "forward"},
                  evidence={"loaded_weight_amax": float(row["value"]), "weight_dtype": row.get("dtype"),
@@ -1239,7 +1277,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     looked at: once weights are non-finite every activation is."""
     causes = []
     acts = r.of("nonfinite_activation")
-    acts = acts[acts["model"] != "teacher"]
+    acts = acts[~acts["model"].isin(r.teachers)]
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
@@ -1613,7 +1651,10 @@ def divergence(r: RunRecord) -> list[Cause]:
         evidence = {"first_loss": first_loss, "max_loss": top, "factor": factor, "unplaced": True}
         before = finite_loss[finite_loss.index < step]
         settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
-        if finite_loss.index[-1] > blown.index[-1] and last <= settled:  # back to where it was before the spike
+        # back to where it was before the spike, within the run's step-to-step scatter (a noisy plateau's last loss
+        # is above its loss before the spike half the time)
+        back = last <= settled * math.exp(LOSS_SCATTER_Z * r.loss_scatter())
+        if finite_loss.index[-1] > blown.index[-1] and back:
             return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
                           evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",

@@ -66,7 +66,7 @@ CODES = {
     "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
     "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
     "skip_streak": "scaler_backoff: more skipped steps in a row than the limit",
-    "skip_fraction": "scaler_backoff: more than the limit's fraction of steps skipped",
+    "skip_fraction": "scaler_backoff: more than the limit's fraction of the steps after the warm-up skipped",
     "warmup_scale_low": "scaler_backoff: the first steps' skips brought the scale down to the warm-up's floor",
     "scaler_never_settled": "setup_note: the run ended while the loss scaler was still finding its scale: it skipped "
                             "every step, no update was applied",

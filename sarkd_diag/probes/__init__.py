@@ -880,7 +880,10 @@ class Probes:
                 "master_dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes), "param_dtypes": dtypes,
                 "compute_dtype": dtype_name(compute) if compute else None, "loss_scaling": self.scaler.enabled,
                 "model_dtypes": {name: sorted({dtype_name(p.dtype) for p in m.parameters() if p.is_floating_point()})
-                                 for name, m in self.ctx.models.items()}}  # frozen ones too: what a teacher outputs
+                                 for name, m in self.ctx.models.items()},  # frozen ones too: what a teacher outputs
+                # the models besides the student that nothing trains — a second teacher, an RL loop's reference —: the
+                # diagnosis reads them as it reads the teacher
+                "frozen_models": [name for name in self.ctx.models if name != "student" and not self.ctx.trains(name)]}
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
 

@@ -4,7 +4,10 @@ sarkd-diag's loop hands over its terms (kd, ce, router); a user's loop its loss 
 `Probes.step(loss=...)` or read from the model's outputs. A non-finite value is an event with the term's
 name. The target count comes with the loss (an int the loop knows, or a device count from the labels the
 model was called with): a micro-batch without target tokens has a per-token loss of 0/0, bad data rather
-than bad numerics.
+than bad numerics — unless its loss is a share of the step's (divided by the step's target count, the Trainer's
+`num_items_in_batch`) and another micro-batch of the step has targets: then it adds 0, harmlessly. The first empty
+micro-batch is recorded, and the first one on a step whose loss turned non-finite, if that is a later one: that
+one explains the NaN, whatever came before it.
 """
 
 from __future__ import annotations
@@ -76,9 +79,10 @@ class LossProbe(Probe):
         super().__init__(ctx)
         self._terms: list[torch.Tensor] = []
         self._names: list[tuple[tuple[str, torch.dtype], ...]] = []  # (name, dtype) of each micro-batch's terms
-        self._targets: list[torch.Tensor] = []  # device counts, one per micro-batch that had labels
+        self._targets: list[tuple[torch.Tensor, bool]] = []  # (device count, share) per micro-batch that had labels
         self._reported: set[str] = set()
         self._shares: list[bool] = []  # per micro-batch with terms: is its loss a share of the step's (see observe)
+        self._target_shares: list[bool] = []  # the same, per target count handed over
         self._micro = 0
         # (loss, targets, share) of each training forward's outputs
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
@@ -114,13 +118,18 @@ class LossProbe(Probe):
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
         from the outputs; its target count comes from `labels`, else from the labels the model was called with this
-        step — the fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0."""
-        captured = [targets for _, targets, _ in self._captured if targets is not None]
+        step — the fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0 —
+        or, where every forward's loss was a share of the step's (`num_items_in_batch`), their sum: each was divided by
+        that, 0 only where the whole step has no target."""
+        captured = [(targets, share) for _, targets, share in self._captured if targets is not None]
         self._captured = []
         if labels is not None:
             targets = count_targets(labels, shifts_labels(self.ctx.models.get(self._model)))
+        elif captured:
+            counts = torch.stack([count for count, _ in captured])
+            targets = counts.sum() if all(share for _, share in captured) else counts.min()
         else:
-            targets = None if not captured else captured[0] if len(captured) == 1 else torch.stack(captured).min()
+            targets = None
         self.observe({"loss": loss}, targets)
 
     def begin_step(self) -> None:
@@ -138,7 +147,7 @@ class LossProbe(Probe):
             if targets == 0:
                 self._empty(self._micro)
         elif targets is not None:
-            self._targets.append(targets.detach().reshape(()).float())
+            self._targets.append((targets.detach().reshape(()).float(), share))
         names = tuple((name, t.dtype) for name, t in terms.items() if t is not None)
         if names:
             values = [terms[name].detach().float().reshape(()) for name, _ in names]
@@ -147,9 +156,21 @@ class LossProbe(Probe):
             self._names.append(names)
             self._shares.append(share)
 
-    def _empty(self, micro: int) -> None:
-        if "empty" not in self._reported:
-            self._reported.add("empty")
+    def _record_empty(self, counts: list[float], nonfinite: bool) -> None:
+        """The micro-batches of this step without targets whose loss is 0/0: all of them, except a share of a step
+        that has targets elsewhere (0 over the step's count)."""
+        shares, self._target_shares = self._target_shares, []
+        step_has_targets = sum(counts) > 0
+        for micro, (count, share) in enumerate(zip(counts, shares, strict=True), start=1):
+            if count == 0 and not (share and step_has_targets):
+                self._empty(micro, nonfinite)
+
+    def _empty(self, micro: int, nonfinite: bool = False) -> None:
+        """Recorded the first time, and once more the first time the step's loss is non-finite with it (the one that
+        explains the NaN)."""
+        key = "empty_nonfinite" if nonfinite and "empty" in self._reported else "empty"
+        if key not in self._reported:
+            self._reported.update({key, "empty_nonfinite"} if nonfinite else {key})
             self.ctx.events.record("empty_targets", "warning",
                                    f"micro-batch {micro} of step {self.ctx.step} has no target tokens: its "
                                    "per-token loss is 0/0", step=self.ctx.step, micro_step=micro,
@@ -163,18 +184,17 @@ class LossProbe(Probe):
         if self._terms:
             out["loss_terms"] = torch.cat(self._terms)
         if self._targets:
-            out["loss_targets"] = torch.stack(self._targets)
+            out["loss_targets"] = torch.stack([count for count, _ in self._targets])
+            self._target_shares = [share for _, share in self._targets]
         self._terms, self._targets = [], []
         return out
 
     def record(self, host: dict) -> dict:
         names, self._names = self._names, []
         shares, self._shares = self._shares, []
-        for micro, count in enumerate(host.get("loss_targets") or [], start=1):
-            if count == 0:
-                self._empty(micro)
-        flat = host.get("loss_terms")
-        if flat is None:
+        flat = host.get("loss_terms") or []
+        self._record_empty(host.get("loss_targets") or [], not all(map(math.isfinite, flat)))
+        if not names:
             return {}
         losses, i = [], 0
         for micro, (terms, share) in enumerate(zip(names, shares, strict=True), start=1):

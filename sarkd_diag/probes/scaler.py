@@ -1,13 +1,14 @@
 """The dynamic loss scaler: its scale each step, skipped steps, backoffs and growths.
 
-GradScaler skips a step exactly when it backs off, so a fall of the scale is a skipped step. The
-consecutive skips of the first steps, while the scaler finds its scale, are it working (info) — unless they
-bring the scale down to MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's
-largest value over twice that scale before any scaling (a loss term weighted far too high), and each halving was
-a step lost; after the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps,
-is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected). A run that ends
-with the warm-up still going — every step skipped, the scale never low enough — applied no update at all: the
-scaler started too high for the run's length (a `scaler_never_settled` note, when the probes close).
+GradScaler skips a step exactly when it backs off, so a fall of the scale is a skipped step. The consecutive skips
+of the first steps, while the scaler finds its scale, are it working (info) — unless they bring the scale down to
+MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's largest value over twice that
+scale before any scaling (a loss term weighted far too high), and each halving was a step lost; after the warm-up
+more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps since it ended (its own skips are
+the floor's to judge: six halvings are not 30% of a 20-step run lost), is a warning, and a scale below 1 is
+critical (gradients are being shrunk, not protected). A run that ends with the warm-up still going — every step
+skipped, the scale never low enough — applied no update at all: the scaler started too high for the run's length (a
+`scaler_never_settled` note, when the probes close).
 
 GradScaler never steps the optimizer on a step it skips: where the one optimizer stepped on such a step (its
 pre-step hook ran) someone else called it — `optimizer.step()` left in a loop beside `scaler.step(optimizer)` — and
@@ -36,7 +37,8 @@ class ScalerProbe(Probe):
         super().__init__(ctx)
         self._previous: float | None = None
         self._warming_up = True
-        self._streak = self._skips = self._steps = 0
+        self._streak = self._steps = 0
+        self._settled_steps = self._settled_skips = 0  # steps after the warm-up, and those of them skipped
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
         self._first_skipped = False
         self._initial: float | None = None  # the scale the first step started from (once, before it)
@@ -64,8 +66,10 @@ class ScalerProbe(Probe):
             return {"loss_scale": scale}  # the first step's skip is the scaler finding its scale: no event
         self._steps += 1
         self._warming_up = self._warming_up and skipped
+        if not self._warming_up:
+            self._settled_steps += 1
+            self._settled_skips += int(skipped)
         if skipped:
-            self._skips += 1
             self._streak += 1
             phase = "while finding its scale" if self._warming_up else "after an overflow"
             self.ctx.events.record("scaler_skip", "info",
@@ -82,11 +86,11 @@ class ScalerProbe(Probe):
         if not self._warming_up and self._streak > MAX_SKIP_STREAK and not self._warned_streak:
             self._warned_streak = True
             self._backoff(f"{self._streak} skipped steps in a row", scale, "skip_streak")
-        fraction = self._skips / self._steps
-        if (self._steps >= MIN_STEPS_FOR_FRACTION and fraction > MAX_SKIP_FRACTION and not self._warned_fraction
-                and not self._warming_up):
+        fraction = self._settled_skips / max(self._settled_steps, 1)
+        if self._settled_steps >= MIN_STEPS_FOR_FRACTION and fraction > MAX_SKIP_FRACTION and not self._warned_fraction:
             self._warned_fraction = True
-            self._backoff(f"{fraction:.0%} of {self._steps} steps skipped", scale, "skip_fraction")
+            self._backoff(f"{fraction:.0%} of the {self._settled_steps} steps since its warm-up skipped", scale,
+                          "skip_fraction")
         if scale < 1 and not self._below_one:
             self._below_one = True
             self.ctx.events.record("scale_below_one", "critical",

@@ -49,6 +49,35 @@ def test_a_batch_without_targets_is_bad_data(tmp_path):
     assert [d["cause"] for d in run["summary"]["diagnosis"]] == ["nonfinite_input"]  # the NaN weights: its symptom
 
 
+def test_the_batch_without_targets_that_made_the_nan_is_the_one_named_not_an_earlier_harmless_one(tmp_path):
+    """Step 1's batch has no targets but its loss is a guarded mean (0 over at least 1): 0, harmless. Step 3's has
+    none either and its loss is the plain mean, 0/0 = NaN: that batch is the cause of every NaN after it — critical
+    at step 3, not a warning at step 1 beside a divergence nothing explains."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for step in (1, 2, 3):
+            labels = torch.full((2, 5), -100) if step != 2 else torch.randint(0, 3, (2, 5))
+            logits = model(torch.randn(2, 5, 4)).transpose(1, 2)
+            if step == 1:
+                total = nn.functional.cross_entropy(logits, labels, reduction="sum")
+                loss = total / (labels != -100).sum().clamp(min=1)
+            else:
+                loss = nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=labels)
+            opt.zero_grad()
+            losses.append(loss.item())
+    assert losses[0] == 0 and torch.tensor(losses[2]).isnan()  # the provocation
+    run = load_run(tmp_path / "run")
+    (cause, *_) = run["summary"]["diagnosis"]
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 3)
+    assert run["events"].query("kind == 'empty_targets'")["step"].tolist() == [1, 3]
+
+
 def test_a_loss_that_blows_up_in_fp32_is_divergence(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)

@@ -417,6 +417,38 @@ def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp
 
 
 
+class PromptOnlyEveryOther(Sequences):
+    """Completion-only SFT whose completion was cut off: every other sequence is all prompt (labels -100). Records
+    which reads were empty, in the order the Trainer reads them."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.empty_reads: list[bool] = []
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        self.empty_reads.append(bool(i % 2))
+        return {**item, "labels": torch.full_like(item["labels"], -100)} if i % 2 else item
+
+
+def test_an_empty_micro_batch_under_num_items_in_batch_adds_0_and_only_a_step_without_targets_is_bad_data(tmp_path):
+    """Under gradient accumulation the Trainer divides each micro-batch's summed loss by the step's target count
+    (`num_items_in_batch`): a micro-batch without targets adds 0 to a finite step loss — no bad data to report. A
+    step whose every micro-batch is empty divides 0 by 0: that step's NaN is the data's doing, named there."""
+    dataset = PromptOnlyEveryOther(VOCAB)
+    _train(tmp_path, tiny.make_gpt2(VOCAB), tmp_path / "run", dataset=dataset, per_device_train_batch_size=1,
+           gradient_accumulation_steps=2, learning_rate=1e-3, max_steps=6)
+    run = load_run(tmp_path / "run")
+    losses = _train_losses(run)
+    steps = [dataset.empty_reads[i:i + 2] for i in range(0, 12, 2)]
+    nan_steps = [step for step, loss in enumerate(losses, start=1) if math.isnan(loss)]
+    assert nan_steps == [step for step, reads in enumerate(steps, start=1) if all(reads)]  # 0/0 where all are empty
+    assert nan_steps and any(any(reads) and not all(reads) for reads in steps)  # and finite with one empty
+    assert run["events"].query("kind == 'empty_targets'")["step"].tolist() == nan_steps[:1]
+    (cause, *_) = run["summary"]["diagnosis"]
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", nan_steps[0])
+
+
 def test_a_second_train_call_continues_the_step_numbering(tmp_path):
     """A second `trainer.train()` starts the Trainer's global_step at 0 again; the run directory already holds
     steps 1..4, so the second run's steps are 5..8, not 1..4 a second time."""

@@ -14,7 +14,7 @@ from torch.nn.utils import clip_grad, clip_grad_norm_, clip_grad_value_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
-from sarkd_diag.probes.scaler import MIN_WARMUP_SCALE
+from sarkd_diag.probes.scaler import MAX_SKIP_FRACTION, MIN_STEPS_FOR_FRACTION, MIN_WARMUP_SCALE
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
 
@@ -569,6 +569,23 @@ def test_every_group_at_lr_0_two_steps_in_a_row_is_an_event_and_a_warmups_first_
         assert events[0].tensor == "all 3 parameter groups" and _causes(probes) == ["lr_zero"]
 
 
+
+def test_a_warm_up_from_0_stepped_once_per_epoch_is_named_with_the_steps_it_held_the_lr_at_0():
+    """`LambdaLR(lambda epoch: epoch / 2)` stepped once per epoch of 5 batches (Lightning's default interval, or
+    `scheduler.step()` outside the batch loop): the lr is 0 for the whole first epoch, then rises. Those 5 steps
+    trained nothing — said so, with where it rose — not that the run's loss cannot move."""
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, epoch / 2))
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(3):
+            _train(model, probes, opt, steps=5)
+            schedule.step()
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("lr_zero", "warning", 1)
+    assert (cause["evidence"]["steps_at_lr_0"], cause["evidence"]["lr_rose_at_step"]) == (5, 6)
+    assert "from 1 to 5" in cause["fix"] and "once per epoch" in cause["fix"] and "cannot move" not in cause["fix"]
+
 @pytest.mark.parametrize("make, flagged", [
     (lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=100.0), True),  # decoupled: ×0.9 every step
     (lambda p: torch.optim.SGD(p, lr=0.5, weight_decay=1.0), True),  # SGD's L2 is not normalised away
@@ -789,22 +806,28 @@ def test_fp32_run_warns_where_fp16_would_overflow():
     assert probes.diagnosis()[0]["severity"] == "warning"
 
 
-def test_teacher_overflow_is_told_apart_from_the_student():
-    teacher, student = Net().half(), Net()
-    with torch.no_grad():
-        teacher.second.weight.fill_(3000.0)
+@pytest.mark.parametrize("roles", [("student", "teacher"), ("student", "teacher_a", "teacher_b"), ("policy", "ref")])
+def test_teacher_overflow_is_told_apart_from_the_student(roles):
+    """Whatever the frozen models are called — the teacher, the second of two teachers, an RL loop's reference —
+    the one whose float16 forward overflows is a teacher to hold wider, not a student module to train otherwise."""
+    student, *teachers = Net(), *(Net().half().requires_grad_(False) for _ in roles[1:])
+    with torch.no_grad():  # positive inputs through `first` at 1 reach `second` at ~40: ×3000 × 8 is beyond 65504
+        teachers[-1].first.weight.fill_(1.0)
+        teachers[-1].second.weight.fill_(3000.0)
     opt = torch.optim.SGD(student.parameters(), lr=0.01)
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
-        x = torch.randn(4, 8) * 10
+    with Probes(dict(zip(roles, [student, *teachers], strict=True)), optimizer=opt) as probes:
+        x = torch.rand(4, 8) * 10
         with torch.no_grad():
-            target = teacher(x.half()).float()
+            target = sum(teacher(x.half()).float() for teacher in teachers)
         loss = (student(x) - target).pow(2).mean()
         loss.backward()
         opt.step()
         probes.step(loss=loss)
     event = _events(probes, "nonfinite_activation")[0]
-    assert (event.model, event.module) == ("teacher", "second")
-    assert _causes(probes)[0] == "teacher_overflow"
+    assert (event.model, event.module) == (roles[-1], "second")
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["model"], cause["module"]) == ("teacher_overflow", roles[-1], "second")
+    assert "hold the teacher in a wider dtype" in cause["fix"]
 
 
 def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
@@ -1154,6 +1177,21 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     assert (cause["cause"], cause["severity"], cause["module"]) == ("loss_scale_collapse", "warning", "third")
     healthy = _weighted_amp_scales(probes_of, 1e2)
     assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+
+
+def test_a_healthy_warm_up_does_not_count_toward_the_fraction_of_skipped_steps_in_a_longer_run():
+    """The same healthy weight of 1e2 run past MIN_STEPS_FOR_FRACTION: its six warm-up halvings are the scaler finding
+    its scale, not 30% of the run's steps lost — after it, one overflow in twenty steps is the scaler working."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e2, steps=MIN_STEPS_FOR_FRACTION + 10)
+    halvings = sum(later < earlier for earlier, later in zip([2.0**16, *scales[:-1]], scales, strict=True))
+    assert halvings / MIN_STEPS_FOR_FRACTION > MAX_SKIP_FRACTION  # counted from the start, the warm-up alone is over
     assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
 
 
