@@ -86,8 +86,9 @@ def canonical_mode(requested: str, option: str = "--precision") -> str:
 
 
 def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") -> list[str]:
-    """The modes of a `--modes` option (comma-separated or repeated), canonical, in the order given, each once;
-    [] when none is given. `auto` is refused: a list of modes names each one."""
+    """The modes of a `--modes` option (comma-separated or repeated), canonical, in the order given; [] when none
+    is given. `auto` is refused: a list of modes names each one. A mode named twice (`fp32,fp32`, `fp32,float32`)
+    is refused too: each mode runs once, so the repeat is almost surely a typo for a mode that would be missing."""
     if isinstance(requested, str):
         requested = [requested]
     if requested is not None and not (isinstance(requested, Sequence) and all(isinstance(i, str) for i in requested)):
@@ -100,8 +101,13 @@ def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") 
         mode = canonical_mode(name, option)
         if mode == "auto":
             raise BadInput(f"{option} takes precision modes, not auto: " + ", ".join(MODE_NAMES))
-        if mode not in modes:
-            modes.append(mode)
+        if mode in modes:
+            first = names[modes.index(mode)]
+            same = f"{mode} twice" if first == name == mode else f"{mode} twice ({first}, {name})"
+            unnamed = [m for m in MODE_NAMES if m not in modes]
+            raise BadInput(f"{option} {','.join(names)} names {same}: each mode runs once; drop the repeat, or "
+                           f"name the mode you meant" + (f" (not yet named: {', '.join(unnamed)})" if unnamed else ""))
+        modes.append(mode)
     return modes
 
 

@@ -184,6 +184,9 @@ CASES = [
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
         "compare-precision", *_args(w, t, drop=("--precision",))[1:], "--modes", " , "],
      "--modes is empty (' , ': an unset shell variable?)"),
+    ("compare-precision of a mode named twice (it ran the mode once, the mode meant not at all)", lambda w, t, m:
+     _compare(w, t, "--modes", "float32"), "--modes fp32,float32 names fp32 twice (fp32, float32): each mode runs "
+     "once; drop the repeat, or name the mode you meant (not yet named: mixed, bf16-mixed, pure-fp16, pure-bf16)"),
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
