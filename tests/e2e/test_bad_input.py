@@ -196,7 +196,8 @@ CASES = [
     ("tokenizer ids beyond a dual-tokenizer teacher's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
         w, t, teacher_model=_fewer_embeddings(w, t)), "--teacher-model {tmp}/model has 8 token embeddings"),
     ("model directory without weights", lambda w, t, m: _args(
-        w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "cannot load model"),
+        w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "model path {tmp}/model has no weights "
+     "(*.safetensors or *.bin): save the model (model.save_pretrained) there"),
     ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
     ("file as model directory", lambda w, t, m: _args(w, t, student_model=w["train"]), "is a file"),
     ("unknown embedded model", lambda w, t, m: _args(w, t, teacher_model="embedded:huge"), "unknown embedded"),

@@ -149,13 +149,65 @@ def test_a_run_directory_as_model_points_at_its_student(cli, tiny_args, tmp_path
     assert not (Path(tiny_args[-1])).exists()
 
 
-def test_a_model_directory_without_a_tokenizer_is_one_complete_line(cli, tiny_args, tiny_world, tmp_path):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "config.json").write_bytes((tiny_world["student"] / "config.json").read_bytes())
-    code, _, err = cli("train", *tiny_args, "--student-model", bare)
+@pytest.mark.parametrize("kept, says", [
+    (("config.json", "model.safetensors"), "has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+     "vocab.json, ...): save its tokenizer (tokenizer.save_pretrained) there"),
+    (("config.json",), "has no weights (*.safetensors or *.bin) and no tokenizer files (tokenizer.json, "
+     "tokenizer_config.json, vocab.json, ...): save the model (model.save_pretrained) and its tokenizer "
+     "(tokenizer.save_pretrained) there"),
+    (("tokenizer.json", "tokenizer_config.json"), "has no config.json and no weights (*.safetensors or *.bin): save "
+     "the model (model.save_pretrained) there"),
+    ((), "holds no model: it has no config.json, no weights (*.safetensors or *.bin) and no tokenizer files "
+     "(tokenizer.json, tokenizer_config.json, vocab.json, ...); give a directory written by save_pretrained (the "
+     "model's and its tokenizer's)"),
+], ids=["no tokenizer", "config only (it was told to save a tokenizer)", "tokenizer only", "empty"])
+def test_a_model_directory_missing_parts_names_all_it_lacks(cli, tiny_args, tiny_world, tmp_path, kept, says):
+    """transformers names one missing file at a time, and the tokenizer loads first: a directory holding only a
+    config.json was told to save a tokenizer, and would then be told it has no weights."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in kept:
+        (partial / name).write_bytes((tiny_world["student"] / name).read_bytes())
+    code, _, err = cli("train", *tiny_args, "--student-model", partial)
+    assert code == 2 and err == f"sarkd-diag: error: model path {partial} {says}\n"
+    assert not Path(tiny_args[-1]).exists()
+
+
+def test_a_trainers_output_directory_points_at_the_model_directories_inside(cli, tiny_args, tiny_world, tmp_path):
+    import shutil
+
+    output = tmp_path / "trainer-output"
+    for name in ("checkpoint-500", "checkpoint-1000"):
+        shutil.copytree(tiny_world["student"], output / name)
+    code, _, err = cli("train", *tiny_args, "--student-model", output)
     assert code == 2 and err.count("\n") == 1
-    assert "holds no tokenizer files" in err and not err.rstrip().endswith(":")
+    assert err.rstrip().endswith("give the model directory inside it: checkpoint-1000, checkpoint-500")
+
+
+@pytest.mark.parametrize("kind", ["t5", "vit"])
+def test_a_model_of_another_kind_is_named_not_an_unrecognized_configuration_class(cli, tiny_args, tiny_world,
+                                                                                 tmp_path, kind):
+    """An encoder-decoder (T5) or a vision model (ViT, which has no tokenizer either) in a local directory: one line
+    naming what the directory holds, not transformers' "Unrecognized configuration class", nor a missing tokenizer;
+    estimate-memory, which needs only the config, says the same."""
+    from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+    model = tmp_path / kind
+    if kind == "t5":
+        T5ForConditionalGeneration(T5Config(vocab_size=257, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                            d_kv=8)).save_pretrained(model)
+        (model / "tokenizer.json").write_bytes((tiny_world["student"] / "tokenizer.json").read_bytes())
+        holds = "a t5 model (T5ForConditionalGeneration, an encoder-decoder)"
+    else:
+        ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=32, patch_size=8)).save_pretrained(model)
+        holds = "a vit model (ViTModel)"
+    for command in (["train", *tiny_args], ["estimate-memory"]):
+        code, _, err = cli(*command, "--teacher-model", model)
+        assert code == 2 and err == (f"sarkd-diag: error: model path {model} holds {holds}, not a causal language "
+                                     "model: sarkd-diag distils decoder-only LMs (GPT-2, Llama, Mistral, Qwen, "
+                                     "Mixtral, ...); give one of those\n")
+    assert not Path(tiny_args[-1]).exists()
 
 
 def test_a_load_error_is_joined_into_one_complete_line():
