@@ -263,11 +263,22 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert build_config({}, config).train_steps == 3
 
 
-def test_a_csv_without_text_column_is_one_line_at_the_cli(cli, tiny_args, tmp_path):
-    data = tmp_path / "d.csv"
-    data.write_text("a,b\n1,2\n")
+@pytest.mark.parametrize("name, content, says", [
+    ("d.csv", "prompt,answer\n1,2\n", "d.csv: a .csv needs a header row with a `text` column; its header has 2 "
+     "columns (`prompt`, `answer`); the documents are read from `text` only: rename the column that holds them to "
+     "`text`, or give a .txt file of one document a line"),
+    ("d.jsonl", '{"text": "a"}\n{"prompt": "hi", "completion": "there"}\n', "d.jsonl:2: expected an object with a "
+     "`text` field; this one has 2 fields (`prompt`, `completion`); the documents are read from `text` only: rename "
+     "the field that holds them to `text`, or give a .txt file of one document a line"),
+    ("d.jsonl", '["hi", "there"]\n', "d.jsonl:1: expected an object with a `text` field, got an array"),
+])
+def test_a_file_without_a_text_field_names_the_fields_it_has_and_what_to_do(cli, tiny_args, tmp_path, name,
+                                                                            content, says):
+    """It said `expected an object with a `text` field` alone: which field holds the documents, and what then?"""
+    data = tmp_path / name
+    data.write_text(content)
     code, _, err = cli("train", *tiny_args, "--train-file", data)
-    assert code == 2 and err.count("\n") == 1 and "`text` column" in err
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path}/{says}\n"
 
 
 # --------------------------------------------------------------------------------------- resume
