@@ -125,7 +125,11 @@ def embedded_image(path: Path, alt: str) -> str:
 def no_cause_text(summary: dict) -> str:
     """What an empty diagnosis says. A run that failed or crashed ended on something its logs do not show — "no
     problem was found" would read as a healthy run, and send its reader away from the error that ended it."""
-    status = summary.get("status")
+    status, error = summary.get("status"), summary.get("error")
+    if error:
+        return (f"The run {status} on an error, not on a numerical cause: {error['message']} (at step "
+                f"{error.get('step')}, {error.get('phase')}). What was measured stayed finite up to step "
+                f"{summary.get('steps_completed', 0)}.")
     if status in ("failed", "crashed"):
         return (f"The run {status} with no numerical cause in its logs: what was measured stayed finite up to step "
                 f"{summary.get('steps_completed', 0)}, so what ended it is not there — read the error it raised "

@@ -661,3 +661,31 @@ def test_a_config_value_of_the_wrong_kind_names_the_file_and_option(cli, tmp_pat
     assert (code, out) == (2, "")
     assert err == f"sarkd-diag: error: --config {config}: {says}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_a_run_that_raises_says_what_failed_and_where_the_details_are(cli, tiny_args, monkeypatch):
+    """An exception in training (exit 3) ended in a panel of `status: failed` and `no numerical problems found`:
+    nothing said what failed. Now the panel, report.md, summary.json and `events` carry the exception's line, the
+    step and phase it was raised in, and the file that holds its traceback; the console says it once (stderr)."""
+    from sarkd_diag.train.loop import Trainer
+
+    real = Trainer._forward_backward
+
+    def fails_at_step_2(self, *args, **kwargs):
+        if self.step == 2:
+            raise RuntimeError("expected scalar type Float but found\nHalf")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", fails_at_step_2)
+    code, out, err = cli("train", *tiny_args, "--precision", "fp32")
+    run = Path(tiny_args[-1])
+    said = "RuntimeError: expected scalar type Float but found Half; traceback in traceback.txt"
+    assert code == 3 and err.count("\n") == 1 and "expected scalar type Float" in err
+    panel = " ".join(out[out.index("diagnosis"):].replace("│", " ").split())
+    assert f"error at step 2 (forward): {said}" in panel and "no numerical problems found" not in panel
+    assert "no numerical cause: what was measured stayed finite up to step 1" in panel
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == {"message": said, "step": 2, "phase": "forward"}
+    assert said in " ".join((run / "report.md").read_text().split()) and (run / "traceback.txt").is_file()
+    code, out, _ = cli("events", run, "--kind", "run_error", "--format", "json")
+    assert code == 0 and [e["step"] for e in json.loads(out)] == [2]
