@@ -462,7 +462,15 @@ def events(
 
     Names (kinds, severity, model, format) are case-insensitive.
     """
-    from .presentation.query import FORMATS, EventFilter, RunEnded, follow_events, print_events, query_events
+    from .presentation.query import (
+        FORMATS,
+        EventFilter,
+        RunEnded,
+        follow_events,
+        last_step,
+        print_events,
+        query_events,
+    )
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
@@ -483,7 +491,7 @@ def events(
         return 0
     everything = query_events(run_dir)
     flt.check_against(everything)
-    print_events(flt.apply(everything), fmt, total=len(everything))
+    print_events(flt.apply(everything), fmt, total=len(everything), why_none=flt.past_the_end(last_step(run_dir)))
     return 0
 
 

@@ -234,6 +234,14 @@ class EventFilter:
         return events[keep]
 
 
+    def past_the_end(self, last_step: int | None) -> str | None:
+        """Why nothing can match a --step range that begins after the last step recorded (a run that ended earlier
+        than the user thought); None when it does not."""
+        start = self._step_range[0]
+        if start is None or last_step is None or start <= last_step:
+            return None
+        return f"--step {self.steps!r} begins after step {last_step}, the last step recorded"
+
     def check_against(self, events: pd.DataFrame) -> None:
         """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of), --rank
         one of their processes: a name or number they do not have would only print an empty table."""
@@ -262,6 +270,15 @@ def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFra
     flt = flt or EventFilter()
     flt.check_against(frame)
     return flt.apply(frame)
+
+
+def last_step(path: str | Path) -> int | None:
+    """The largest step the run at `path` (or any run of a comparison) recorded, in its metrics or events; None when
+    it recorded none."""
+    steps = [frame["step"].max() for run in find_runs(path) for frame in (load_metrics(run.path), run.events)
+             if len(frame)]
+    steps = [int(s) for s in steps if pd.notna(s)]
+    return max(steps) if steps else None
 
 
 def _plain(value):
@@ -337,8 +354,10 @@ def events_table(events: pd.DataFrame, title: str | None = None, width: int = 80
     return table
 
 
-def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | None = None) -> None:
-    """All matching events at once: a rich table (with a count), one JSON array, or CSV."""
+def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | None = None,
+                 why_none: str | None = None) -> None:
+    """All matching events at once: a rich table (with a count), one JSON array, or CSV. An empty table is one line,
+    with `why_none` when a filter is known to match nothing."""
     if fmt == "json":
         sys.stdout.write(json.dumps(_records(events), indent=1, allow_nan=False) + "\n")
     elif fmt == "csv":
@@ -346,8 +365,8 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
     else:
         console = console or Console()
         if not len(events):  # one line, not a table of headers over nothing
-            console.print(f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
-                          else "this run recorded no events")
+            console.print((f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
+                           else "this run recorded no events") + (f": {why_none}" if why_none else ""))
             return
         console.print(events_table(events, title=f"{len(events)} of {counted(total, 'event')}", width=console.width))
 
