@@ -34,7 +34,7 @@ from .contract.config import (
     whole_number,
 )
 from .contract.errors import BadInput
-from .contract.wording import counted
+from .contract.wording import counted, did_you_mean
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -474,7 +474,7 @@ def events(
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"--format {fmt!r}{did_you_mean(fmt, FORMATS)}: choose one of {', '.join(FORMATS)}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise BadInput(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     if idle_timeout is not None and not follow:

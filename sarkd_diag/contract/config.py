@@ -17,6 +17,7 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import BadInput
+from .wording import did_you_mean
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tuple too (probes.LEVELS)
@@ -224,7 +225,8 @@ def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
     typed = getattr(cfg, name)
     chosen = next((choice for choice in allowed if choice == typed.strip().lower()), None)
     if chosen is None:
-        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}")
+        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}"
+                       + did_you_mean(str(typed), allowed))
     setattr(cfg, name, chosen)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import empty_value
 from .errors import BadInput
+from .wording import did_you_mean
 
 MODE_NAMES = ("fp32", "mixed", "bf16-mixed", "pure-fp16", "pure-bf16")
 
@@ -81,7 +82,8 @@ def canonical_mode(requested: str, option: str = "--precision") -> str:
     if name in ("fp16", "float16", "half"):
         raise BadInput(f"{option} {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
                        "loss scaling — what you want) or `pure-fp16` (everything fp16: reproduces the failure)")
-    raise BadInput(f"{option} {requested}: not a precision mode; choose one of auto, {', '.join(MODE_NAMES)} "
+    raise BadInput(f"{option} {requested}: not a precision mode{did_you_mean(name, [*MODE_NAMES, *ALIASES])}; "
+                   f"choose one of auto, {', '.join(MODE_NAMES)} "
                    f"(aliases: {', '.join(ALIASES)})")
 
 

@@ -29,7 +29,7 @@ from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
 from ..contract.rundir import load_run as read_run
-from ..contract.wording import counted
+from ..contract.wording import counted, did_you_mean
 from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
@@ -200,11 +200,13 @@ class EventFilter:
         self.kinds = [k.strip().lower() for item in self.kinds for k in item.split(",") if k.strip()]
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
-            raise BadInput(f"--kind {', '.join(unknown)}: not an event kind; kinds: {', '.join(KINDS)}")
+            hint = did_you_mean(unknown[0], KINDS) if len(unknown) == 1 else ""
+            raise BadInput(f"--kind {', '.join(unknown)}: not an event kind{hint}; kinds: {', '.join(KINDS)}")
         if self.severity is not None:
             self.severity = self.severity.strip().lower()
             if self.severity not in SEVERITIES:
-                raise BadInput(f"--severity {self.severity!r}: choose one of {', '.join(SEVERITIES)}")
+                raise BadInput(f"--severity {self.severity!r}{did_you_mean(self.severity, SEVERITIES)}: choose one of "
+                               f"{', '.join(SEVERITIES)}")
         if self.model is not None:
             self.model = self.model.strip().lower()
         self._step_range = parse_steps(self.steps)
@@ -585,7 +587,8 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
     names = [n.strip().lower() for item in expect for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPECTATIONS]
     if unknown:
-        raise BadInput(f"--expect {', '.join(unknown)}: unknown; expectations: {', '.join(EXPECTATIONS)}")
+        hint = did_you_mean(unknown[0], EXPECTATIONS) if len(unknown) == 1 else ""
+        raise BadInput(f"--expect {', '.join(unknown)}: unknown{hint}; expectations: {', '.join(EXPECTATIONS)}")
     checks = {name: EXPECTATIONS[name] for name in names}
     if max_skipped_steps is not None:
         if max_skipped_steps < 0:

@@ -360,6 +360,31 @@ def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, says", [
+    (["train", "--precision", "bf16mixed"], "--precision bf16mixed: not a precision mode (did you mean bf16-mixed?); "),
+    (["compare-precision", "--modes", "fp32,mixd"], "--modes mixd: not a precision mode (did you mean mixed?); "),
+    (["train", "--probes", "ful"], "--probes must be one of off, standard, full; got 'ful' (did you mean full?)"),
+    (["train", "--kd-loss", "reverse_kl"], "--kd-loss must be one of forward-kl, reverse-kl, jsd; got 'reverse_kl' "
+     "(did you mean reverse-kl?)"),
+    (["events", "RUN", "--kind", "nonfinite-params"], "--kind nonfinite-params: not an event kind (did you mean "
+     "nonfinite_param?); kinds: "),
+    (["events", "RUN", "--severity", "crit"], "--severity 'crit' (did you mean critical?): choose one of info, "),
+    (["events", "RUN", "--format", "jsn"], "--format 'jsn' (did you mean json?): choose one of table, json, csv"),
+    (["check", "RUN", "--expect", "complete"], "--expect complete: unknown (did you mean completed?); expectations: "),
+    (["train", "--probes", "verbose"], "--probes must be one of off, standard, full; got 'verbose'\n"),
+])
+def test_a_mistyped_choice_is_answered_with_the_choice_meant(cli, tmp_path, monkeypatch, args, says):
+    """A mistyped option name got `did you mean --block-size?`, a mistyped value only the list of choices to search
+    (37 event kinds for `--kind`); a value close to none gets the list alone."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    code, out, err = cli(*[str(run) if a == "RUN" else a for a in args])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"sarkd-diag: error: {says}" in err, err
+
+
 def test_compare_precision_help_shows_its_own_defaults(cli):
     """compare-precision probes every 5 steps unless told (README), but its help showed train's `[default: 10]`."""
     from sarkd_diag.contract.config import COMPARE_DEFAULTS
