@@ -374,6 +374,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 def _rebuild_run(run_dir: Path) -> dict:
     from .contract.rundir import STATUSES
     from .presentation.closing import finalize_run
+    from .presentation.report import continuation
 
     status = "crashed"
     summary_path = run_dir / "summary.json"
@@ -390,6 +391,9 @@ def _rebuild_run(run_dir: Path) -> dict:
     steps = summary["steps_completed"]
     typer.echo(f"{run_dir}: {summary['status']}, {counted(steps, 'step')}, "
                f"{counted(len(summary['diagnosis']), 'cause')}; wrote {', '.join(written)}")
+    resume = continuation(run_dir, summary)
+    if resume:
+        typer.echo(f"continue it: {resume}")
     return summary
 
 

@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from ..analysis.verdicts import Verdict
-from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations
+from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations, resume_command
 from ..contract.wording import counted, evaluated_at_step_0_only
 
 
@@ -27,6 +27,12 @@ def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
     named = primary_evaluations(evals)["eval_set"] if "eval_set" in evals else evals.iloc[0:0]
     of = f" of {named.iloc[0]}" if len(named) and pd.notna(named.iloc[0]) else ""
     return f"- validation perplexity{of}: {first} → {last} (best {best})"
+
+
+def continuation(run_dir: Path, summary: dict) -> str | None:
+    """The command that continues a run that stopped short of its steps — interrupted, or crashed — from its
+    newest checkpoint, as its panel and `check` say it; None for a run that ended on its own, or has none."""
+    return resume_command(run_dir) if summary.get("status") in ("interrupted", "crashed") else None
 
 
 def _where(d: dict) -> str:
@@ -49,6 +55,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
         f"- steps completed: {summary['steps_completed']}",
         _perplexity_line(final, metrics, summary["steps_completed"]),
         f"- final training loss: {_fmt(final.get('loss'))}; median tokens/s: {_fmt(final.get('tokens_per_s'), '.0f')}",
+        *(f"- continue it: `{resume}`" for resume in [continuation(run_dir, summary)] if resume),
         "",
         "## Diagnosis",
         "",
@@ -197,7 +204,8 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
              f"steps completed: {_e(summary['steps_completed'])}",
              _e(_perplexity_line(final, metrics, summary["steps_completed"]).removeprefix("- ")),
              f"final training loss: {_e(_fmt(final.get('loss')))}; median tokens/s: "
-             f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}"]
+             f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}",
+             *(f"continue it: <code>{_e(resume)}</code>" for resume in [continuation(run_dir, summary)] if resume)]
     figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
     title = f"sarkd-diag run: {summary['status']}"
     body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"

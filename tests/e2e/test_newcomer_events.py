@@ -181,7 +181,7 @@ def test_report_says_every_file_it_wrote(cli, tiny_args):
     code, out, err = cli("report", run)
     assert code == 0, err
     assert out.startswith(f"{run}: crashed, 2 steps, ")
-    assert sorted(out.strip().split("; wrote ")[1].split(", ")) == sorted(closing)
+    assert sorted(out.splitlines()[0].split("; wrote ")[1].split(", ")) == sorted(closing)
 
 
 def _rendered(frame, width: int) -> str:

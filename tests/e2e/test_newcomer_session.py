@@ -689,3 +689,18 @@ def test_a_run_that_raises_says_what_failed_and_where_the_details_are(cli, tiny_
     assert said in " ".join((run / "report.md").read_text().split()) and (run / "traceback.txt").is_file()
     code, out, _ = cli("events", run, "--kind", "run_error", "--format", "json")
     assert code == 0 and [e["step"] for e in json.loads(out)] == [2]
+
+
+@pytest.mark.parametrize("status", [None, "interrupted", "completed"])
+def test_report_of_a_run_that_stopped_short_says_how_to_continue_it(cli, one_step, tmp_path, status):
+    """A run killed (closed as crashed by `report`) or interrupted, with a checkpoint: its panel and `check` gave the
+    command that continues it, `report` and report.md/.html did not — what to do next was in neither."""
+    run = Path(shutil.copytree(one_step, tmp_path / "run"))
+    (run / "summary.json").unlink()
+    if status:
+        (run / "summary.json").write_text(json.dumps({"status": status}))
+    code, out, _ = cli("report", run)
+    said = f"continue it: sarkd-diag train --output-dir {run} --resume"
+    assert code == 0 and (said in out.splitlines()) == (status != "completed"), out
+    assert (f"- {said.replace(': ', ': `', 1)}`" in (run / "report.md").read_text()) == (status != "completed")
+    assert (said.replace(": ", ": <code>", 1) in (run / "report.html").read_text()) == (status != "completed")
