@@ -522,7 +522,8 @@ def _master_fp32(run: Run) -> str | None:
 def _first(events: pd.DataFrame) -> str:
     row = _records(events.head(1))[0]
     where = _where(row)
-    return f"first at step {row['step']}" + (f" in {where}" if where else "") + f": {row['message']}"
+    message = " ".join(str(row["message"]).split())  # `check` says one line per failed expectation
+    return f"first at step {row['step']}" + (f" in {where}" if where else "") + f": {message}"
 
 
 def _no_nonfinite_params(run: Run) -> str | None:

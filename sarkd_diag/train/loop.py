@@ -689,7 +689,8 @@ class Trainer:
             traceback_file = self._save_traceback(exc)
             if self.internal_error:  # not a full disk: the events log takes the error too
                 where = f"; traceback in {traceback_file}" if traceback_file else ""
-                self.logs.events.record("run_error", "critical", f"{type(exc).__name__}: {exc}{where}",
+                said = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, as the console's
+                self.logs.events.record("run_error", "critical", f"{said}{where}",
                                         step=self.step, phase=self.phase.current, probe="loop")
         return "failed"
 

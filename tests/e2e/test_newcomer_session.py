@@ -688,7 +688,23 @@ def test_a_run_that_raises_says_what_failed_and_where_the_details_are(cli, tiny_
     assert summary["status"] == "failed" and summary["error"] == {"message": said, "step": 2, "phase": "forward"}
     assert said in " ".join((run / "report.md").read_text().split()) and (run / "traceback.txt").is_file()
     code, out, _ = cli("events", run, "--kind", "run_error", "--format", "json")
-    assert code == 0 and [e["step"] for e in json.loads(out)] == [2]
+    assert code == 0 and [(e["step"], e["message"]) for e in json.loads(out)] == [(2, said)]
+    code, out, _ = cli("check", run, "--expect", "no-critical")
+    assert (code, out) == (1, f"{run}: no-critical: 1 critical event (run_error 1), first at step 2: {said}\n")
+
+
+def test_check_says_one_line_per_failed_expectation_whatever_the_event_message(cli, tmp_path):
+    """An event message of several lines (an exception's, a user loop's) made `check` print a line that was not one
+    of its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    event = {"kind": "nonfinite_param", "severity": "critical", "message": "NaN in\n  the weights", "step": 3,
+             "micro_step": 0, "rank": 0, "phase": "optimizer", "probe": "loop", "model": "student", "time": 1.0}
+    (run / "events.jsonl").write_text(json.dumps(event) + "\n")
+    code, out, _ = cli("check", run, "--expect", "no-critical")
+    assert (code, out) == (1, f"{run}: no-critical: 1 critical event (nonfinite_param 1), first at step 3 in student: "
+                              "NaN in the weights\n")
 
 
 @pytest.mark.parametrize("status", [None, "interrupted", "completed"])
