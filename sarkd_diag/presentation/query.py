@@ -71,8 +71,12 @@ class Run:
         return load_events(self.path)
 
     @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return load_metrics(self.path)
+
+    @cached_property
     def final(self) -> dict:
-        return final_figures(load_metrics(self.path))
+        return final_figures(self.metrics)
 
 
 def find_runs(path: str | Path) -> list[Run]:
@@ -576,6 +580,10 @@ def _max_eval_ppl(limit: float) -> Callable[[Run], str | None]:
         ppl = run.final["eval_ppl"]
         if ppl is None:
             return "no evaluation was recorded"
+        splits = run.metrics["split"]
+        if (splits == "train").any() and not (run.metrics["step"][splits == "eval"] > 0).any():
+            return (f"no evaluation after step 0: its one perplexity, {ppl:.4g} at step 0, is the student's before "
+                    "training (the run ended before it evaluated again)")
         if math.isnan(ppl):
             return "final eval perplexity is NaN: the last evaluation computed a NaN loss"
         return None if ppl <= limit else f"final eval perplexity {ppl:.4g} > {limit:g}"

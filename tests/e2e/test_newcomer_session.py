@@ -720,3 +720,22 @@ def test_report_of_a_run_that_stopped_short_says_how_to_continue_it(cli, one_ste
     assert code == 0 and (said in out.splitlines()) == (status != "completed"), out
     assert (f"- {said.replace(': ', ': `', 1)}`" in (run / "report.md").read_text()) == (status != "completed")
     assert (said.replace(": ", ": <code>", 1) in (run / "report.html").read_text()) == (status != "completed")
+
+
+@pytest.mark.parametrize("evaluated", [(0,), (0, 3)], ids=["at step 0 only", "at steps 0 and 3"])
+def test_max_eval_ppl_is_not_met_by_the_perplexity_before_training(cli, tmp_path, evaluated):
+    """A run that stopped after its first step (pure fp16's NaN weights) has one evaluation, step 0's: `check
+    --max-eval-ppl` passed it on the untrained student's perplexity, as if training had reached it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    rows = [{"step": s, "split": "eval", "eval_loss": 5.0, "eval_ppl": 148.4} for s in evaluated]
+    rows += [{"step": s, "split": "train", "loss": 5.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
+    code, out, _ = cli("check", run, "--max-eval-ppl", "1000")
+    if evaluated == (0,):
+        assert (code, out) == (1, f"{run}: max-eval-ppl: no evaluation after step 0: its one perplexity, 148.4 at "
+                                  "step 0, is the student's before training (the run ended before it evaluated "
+                                  "again)\n")
+    else:
+        assert (code, out) == (0, f"{run}: ok — max-eval-ppl holds for 1 run\n")
