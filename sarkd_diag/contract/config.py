@@ -340,10 +340,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
     if not isinstance(data, dict):
         raise BadInput(f"--config {path}: expected a mapping of option names to values")
-    options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - FIELD_NAMES)
-    if unknown:
-        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} {', '.join(unknown)}")
+    options = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
+    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
+        hint = did_you_mean(unknown[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if len(unknown) == 1 else ""
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
+                       f"{', '.join(unknown)}{hint}")
     return {name: _file_value(path, name, value) for name, value in options.items()}
 
 

@@ -385,6 +385,23 @@ def test_a_mistyped_choice_is_answered_with_the_choice_meant(cli, tmp_path, monk
     assert f"sarkd-diag: error: {says}" in err, err
 
 
+@pytest.mark.parametrize("content, says", [
+    ("train_step: 3\n", "unknown option train_step (did you mean train_steps?)"),
+    ("--train-steps: 3\n", "unknown option --train-steps (did you mean train_steps?)"),
+    ("1: 3\n", "unknown option 1"),  # a key YAML reads as a number: it was an internal error, exit 3
+    ("train_step: 3\nlr: 1\n", "unknown options lr, train_step"),
+])
+def test_an_unknown_config_key_is_named_as_written_with_the_key_meant(cli, tmp_path, monkeypatch, content, says):
+    """A key of a --config file got no suggestion where the same typo on the command line did, `--train-steps:`
+    (an option copied into YAML) was named `__train_steps`, and a number as a key raised AttributeError."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    code, out, err = cli("train", "--config", config)
+    assert (code, out, err) == (2, "", f"sarkd-diag: error: --config {config}: {says}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
 def test_compare_precision_help_shows_its_own_defaults(cli):
     """compare-precision probes every 5 steps unless told (README), but its help showed train's `[default: 10]`."""
     from sarkd_diag.contract.config import COMPARE_DEFAULTS
