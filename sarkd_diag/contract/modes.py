@@ -79,7 +79,7 @@ def canonical_mode(requested: str, option: str = "--precision") -> str:
         return name
     if name in ALIASES:
         return ALIASES[name]
-    if name in ("fp16", "float16", "half"):
+    if name in ("fp16", "float16", "half", "16"):  # Lightning's `precision=16` meant AMP, a script's `16` may not
         raise BadInput(f"{option} {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
                        "loss scaling — what you want) or `pure-fp16` (everything fp16: reproduces the failure)")
     raise BadInput(f"{option} {requested}: not a precision mode{did_you_mean(name, [*MODE_NAMES, *ALIASES])}; "

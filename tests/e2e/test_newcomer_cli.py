@@ -372,6 +372,7 @@ def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, mo
     (["events", "RUN", "--format", "jsn"], "--format 'jsn' (did you mean json?): choose one of table, json, csv"),
     (["check", "RUN", "--expect", "complete"], "--expect complete: unknown (did you mean completed?); expectations: "),
     (["train", "--probes", "verbose"], "--probes must be one of off, standard, full; got 'verbose'\n"),
+    (["train", "--precision", "16"], "--precision 16 is ambiguous: say `mixed` "),  # not `did you mean bf16?`
 ])
 def test_a_mistyped_choice_is_answered_with_the_choice_meant(cli, tmp_path, monkeypatch, args, says):
     """A mistyped option name got `did you mean --block-size?`, a mistyped value only the list of choices to search
