@@ -46,7 +46,8 @@ def read_text_file(path: str) -> list[str]:
         raise BadInput(f"{path}: no such file")
     suffix = p.suffix.lower()
     if suffix not in (*PLAIN_SUFFIXES, ".jsonl", ".csv"):
-        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}")
+        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}"
+                       + (_json_advice(p) if suffix == ".json" else ""))
     try:
         raw = p.read_bytes()
     except OSError as exc:
@@ -78,6 +79,24 @@ def read_text_file(path: str) -> list[str]:
             raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
         docs.append(row["text"])
     return docs
+
+
+def _json_advice(path: Path) -> str:
+    """What to do with a .json file, from how it begins: JSON Lines under a .json name (what `datasets`' to_json
+    writes) only needs renaming; a JSON array, one object a line."""
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as file:
+            first = next((line.strip() for line in file if line.strip()), "")
+    except OSError:
+        return ""
+    if first.startswith("["):
+        return f" — it holds a JSON array: write one object a line as .jsonl (`jq -c '.[]' {path} > data.jsonl`)"
+    try:
+        is_object = isinstance(json.loads(first), dict)
+    except ValueError:
+        is_object = False
+    return f" — it holds one JSON object a line (JSON Lines): rename it to {path.with_suffix('.jsonl').name}" \
+        if is_object else ""
 
 
 NO_TEXT_ADVICE = ("the documents are read from `text` only: rename the {part} that holds them to `text`, or give a "

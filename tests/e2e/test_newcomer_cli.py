@@ -561,3 +561,20 @@ def test_a_bidirectional_encoder_is_refused_as_no_causal_lm(cli, tiny_args, tiny
     assert code == 2 and err.count("\n") == 1
     assert f"{role} {bert} is not a causal LM" in err and "is_decoder=True" in err
     assert not Path(tiny_args[-1]).exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"text": "a"}\n{"text": "b"}\n', " — it holds one JSON object a line (JSON Lines): rename it to d.jsonl"),
+    ('[{"text": "a"}, {"text": "b"}]\n', " — it holds a JSON array: write one object a line as .jsonl (`jq -c '.[]' "
+     "{path} > data.jsonl`)"),
+    ('{\n  "text": "a"\n}\n', ""),
+], ids=["JSON Lines", "array", "one object"])
+def test_a_json_train_file_is_told_what_to_do_with_it(cli, tiny_args, tmp_path, content, says):
+    """`datasets`' to_json writes JSON Lines under a .json name: it was refused with the formats alone, as a JSON
+    array was, when the one is a rename away and the other a jq line."""
+    data = tmp_path / "d.json"
+    data.write_text(content)
+    code, out, err = cli("train", *tiny_args, "--train-file", data)
+    assert (code, out) == (2, "")
+    assert err == (f"sarkd-diag: error: {data}: unknown text format '.json'; give `.txt` (one document a line), "
+                   f"`.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")
