@@ -202,7 +202,9 @@ CASES = [
     ("file as model directory", lambda w, t, m: _args(w, t, student_model=w["train"]), "is a file"),
     ("unknown embedded model", lambda w, t, m: _args(w, t, teacher_model="embedded:huge"), "unknown embedded"),
     ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
-     if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "holds a different run"),
+     if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "--output-dir {tmp}/run holds a different "
+     "run (options differ: student_lr); give another --output-dir for a new run, --overwrite to replace it, or "
+     "continue it with its own options: sarkd-diag train --config {tmp}/run/config.json --resume"),
     ("output dir holding the same run", lambda w, t, m: _args(w, t) if _recorded_run(t, **_options_of(w)) else [],
      "--resume to continue it, --overwrite to replace it, or another --output-dir for a new run"),
     ("overwrite of a directory that is no run", lambda w, t, m: _args(w, t, overwrite=True)
