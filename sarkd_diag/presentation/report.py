@@ -65,7 +65,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     for i, d in enumerate(summary["diagnosis"], 1):  # read with .get: the diagnosis' keys are still growing
         where = _where(d)
         evidence = d.get("evidence") or {}
-        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
+        rank = _rank_of(d, events)
         lines += [
             f"### {i}. `{d.get('cause')}` ({d.get('severity')})",
             "",
@@ -145,14 +145,21 @@ def no_cause_text(summary: dict) -> str:
             "update was lost to rounding beyond the warning threshold.")
 
 
-def _diagnosis_html(summary: dict) -> str:
+def _rank_of(cause: dict, events: pd.DataFrame) -> str:
+    """` (rank N)` where the run had several processes (torchrun): in one process's run the rank says nothing, and
+    reads as a setting the reader never made."""
+    several = "rank" in events and events["rank"].nunique() > 1
+    return f" (rank {cause['rank']})" if several and cause.get("rank") is not None else ""
+
+
+def _diagnosis_html(summary: dict, events: pd.DataFrame) -> str:
     diagnosis = summary.get("diagnosis") or []
     if not diagnosis:
         return f"<p>{_e(no_cause_text(summary))}</p>"
     parts = []
     for i, d in enumerate(diagnosis, 1):
         where, evidence = _where(d), d.get("evidence") or {}
-        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
+        rank = _rank_of(d, events)
         body = [f"<h3>{i}. <code>{_e(d.get('cause'))}</code> ({_e(d.get('severity'))})</h3>",
                 f"<p>First seen at step {_e(d.get('first_step'))}" + (f" in {_e(where)}" if where else "")
                 + f"{_e(rank)}.</p>"]
@@ -209,7 +216,7 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
     figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
     title = f"sarkd-diag run: {summary['status']}"
     body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
-            f"<h2>Diagnosis</h2>{_diagnosis_html(summary)}<h2>Figures</h2>{figures}"
+            f"<h2>Diagnosis</h2>{_diagnosis_html(summary, events)}<h2>Figures</h2>{figures}"
             f"<h2>Events ({len(events)})</h2>{events_table_html(events)}")
     path = run_dir / "report.html"
     path.write_text(_page(title, body), encoding="utf-8")
@@ -237,8 +244,8 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     for mode, run_dir in runs.items():
         run_summary = run_dir / "summary.json"
         mode_summary = json.loads(run_summary.read_text()) if run_summary.is_file() else {}
-        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(mode_summary)}")
         events = load_events(run_dir) if run_dir.is_dir() else pd.DataFrame()
+        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(mode_summary, events)}")
         tables.append(events.assign(mode=mode) if len(events) else events)
     everything = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
         else pd.DataFrame()

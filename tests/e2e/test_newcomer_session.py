@@ -739,3 +739,24 @@ def test_max_eval_ppl_is_not_met_by_the_perplexity_before_training(cli, tmp_path
                                   "again)\n")
     else:
         assert (code, out) == (0, f"{run}: ok — max-eval-ppl holds for 1 run\n")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_report_names_a_causes_rank_only_in_a_run_of_several(cli, tmp_path, ranks):
+    """report.md and report.html said `First seen at step 2 in student (rank 0).` of every one-process run: a rank the
+    reader never set, read as something to look into."""
+    run = tmp_path / "run"
+    run.mkdir()
+    precision = {"mode": "fp32", "requested": "fp32", "reason": "requested", "master_dtype": "float32"}
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": precision}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n"
+                                               for s in (1, 2)))
+    base = {"severity": "critical", "step": 2, "micro_step": 0, "phase": "optimizer", "probe": "parameters",
+            "model": "student", "tensor": "w", "time": 1.0, "kind": "nonfinite_param", "message": "NaN in w"}
+    (run / "events.jsonl").write_text(json.dumps({**base, "rank": 0}) + "\n")
+    if ranks == 2:
+        (run / "events.rank1.jsonl").write_text(json.dumps({**base, "rank": 1, "step": 3}) + "\n")
+    code, _, err = cli("report", run)
+    assert code == 0, err
+    said = "First seen at step 2 in student / w" + (" (rank 0)." if ranks == 2 else ".")
+    assert said in (run / "report.md").read_text() and said in (run / "report.html").read_text()
