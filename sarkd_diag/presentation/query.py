@@ -97,6 +97,17 @@ def _comparison_runs(path: Path) -> list[Path]:
                   key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
+def _invalid_json(path: Path) -> str | None:
+    """Why the file at `path` is not JSON (`Expecting value: line 2 column 1`), or None: valid, or no file."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def not_a_run(path: Path) -> BadInput:
     """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
     student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
@@ -104,6 +115,10 @@ def not_a_run(path: Path) -> BadInput:
     if holder is not None:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
+    damaged = _invalid_json(path / "config.json")
+    if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
+        return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
+                        "restore it whole, or give another directory")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")

@@ -251,6 +251,19 @@ def test_a_directory_that_holds_no_run_says_what_to_give(cli, tiny_world, tmp_pa
                    "runs/<date-time>-<mode>/)\n")
 
 
+def test_a_run_whose_config_json_is_damaged_is_said_so_not_called_a_model(cli, one_step, tmp_path):
+    """A run's config.json cut short or mis-edited: `report` called the run `not a run's: a model's?` while `events`
+    read it and `check` sent the user to `report` to close it."""
+    run = Path(shutil.copytree(one_step, tmp_path / "run"))
+    (run / "summary.json").unlink()
+    (run / "config.json").write_text('{"options": {\n')
+    code, out, err = cli("report", run)
+    assert (code, out) == (2, "")
+    assert err == (f"sarkd-diag: error: {run}/config.json is not valid JSON (Expecting property name enclosed in "
+                   "double quotes: line 2 column 1 (char 14)): a run directory is read through it; restore it whole, "
+                   "or give another directory\n")
+
+
 def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
     """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
     code, _, err = cli("check", tmp_path / "typo")
