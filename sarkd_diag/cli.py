@@ -34,7 +34,7 @@ from .contract.config import (
     whole_number,
 )
 from .contract.errors import BadInput
-from .contract.wording import counted
+from .contract.wording import counted, did_you_mean
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -374,6 +374,7 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
 def _rebuild_run(run_dir: Path) -> dict:
     from .contract.rundir import STATUSES
     from .presentation.closing import finalize_run
+    from .presentation.report import continuation
 
     status = "crashed"
     summary_path = run_dir / "summary.json"
@@ -390,6 +391,9 @@ def _rebuild_run(run_dir: Path) -> dict:
     steps = summary["steps_completed"]
     typer.echo(f"{run_dir}: {summary['status']}, {counted(steps, 'step')}, "
                f"{counted(len(summary['diagnosis']), 'cause')}; wrote {', '.join(written)}")
+    resume = continuation(run_dir, summary)
+    if resume:
+        typer.echo(f"continue it: {resume}")
     return summary
 
 
@@ -462,11 +466,19 @@ def events(
 
     Names (kinds, severity, model, format) are case-insensitive.
     """
-    from .presentation.query import FORMATS, EventFilter, RunEnded, follow_events, print_events, query_events
+    from .presentation.query import (
+        FORMATS,
+        EventFilter,
+        RunEnded,
+        follow_events,
+        last_step,
+        print_events,
+        query_events,
+    )
 
     fmt = fmt.strip().lower()
     if fmt not in FORMATS:
-        raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        raise BadInput(f"--format {fmt!r}{did_you_mean(fmt, FORMATS)}: choose one of {', '.join(FORMATS)}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise BadInput(f"--idle-timeout must be > 0 seconds, got {idle_timeout}")
     if idle_timeout is not None and not follow:
@@ -483,7 +495,7 @@ def events(
         return 0
     everything = query_events(run_dir)
     flt.check_against(everything)
-    print_events(flt.apply(everything), fmt, total=len(everything))
+    print_events(flt.apply(everything), fmt, total=len(everything), why_none=flt.past_the_end(last_step(run_dir)))
     return 0
 
 

@@ -10,6 +10,7 @@ events; verdicts and the recommendation across them come from analysis/verdicts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -48,6 +49,7 @@ from .presentation.closing import finalize_run
 from .presentation.report import rich_table
 from .presentation.terminal import Console
 
+MAX_FAILURE_CHARS = 200  # a failed mode's reason, as its table row and summary.json hold it
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
@@ -120,11 +122,26 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                        "comparison)")
     if previous:
         _refuse_while_running(out)
-        shutil.rmtree(out / "runs", ignore_errors=True)
-        shutil.rmtree(out / "logs", ignore_errors=True)
-        for name in (*OUTPUTS, COMPARE_OPTIONS):
-            (out / name).unlink(missing_ok=True)
+        _clear_comparison(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _clear_comparison(out: Path) -> None:
+    """Remove what a comparison writes into `out`, and nothing else."""
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
+    for name in (*OUTPUTS, COMPARE_OPTIONS):
+        (out / name).unlink(missing_ok=True)
+
+
+def _take_back(out: Path, made: list[Path]) -> None:
+    """Undo a comparison that no mode ran in: its files go, and the directories it made (deepest first; one that
+    holds anything else stays), so the same command, its input fixed, runs again (it said `holds a comparison
+    already; pass --overwrite`)."""
+    _clear_comparison(out)
+    with contextlib.suppress(OSError):  # rmdir removes only an empty directory
+        for directory in made:
+            directory.rmdir()
 
 
 def _refuse_while_running(out: Path) -> None:
@@ -143,10 +160,11 @@ def _train_command(mode: str, config_file: Path, run_dir: Path) -> list[str]:
 
 
 def _last_error_line(log: Path) -> str:
+    """The mode's last error line, without the program's `sarkd-diag: error:` (the comparison's own line says it)."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
     text = (errors or lines or ["no output"])[-1]
-    return text.removeprefix("sarkd-diag: ")[:200]
+    return text.removeprefix("sarkd-diag: ").removeprefix("error: ")
 
 
 def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
@@ -172,7 +190,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
     if code < 0:
         failure = f"killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
     elif code not in (0, 1):
-        failure = f"exit {code}: {_last_error_line(log)}"
+        failure = f"exit {code}: {_last_error_line(log)[:MAX_FAILURE_CHARS]}"
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
         finalize_run(run_dir, "crashed")  # what `sarkd-diag report` does for a run that died
     if failure is None and not (run_dir / "summary.json").is_file():
@@ -320,6 +338,9 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     for name in (base.teacher_model, base.student_model):
         resolve_model_source(name)  # a missing local model is bad input before any mode starts
     out = Path(base.output_dir) if base.output_dir else default_run_dir("compare")
+    # the directories this comparison makes, deepest first: default_run_dir has made runs/<date-time>-compare/ (and
+    # runs/, when new); _prepare_output makes a missing --output-dir and its missing parents
+    made = [out, out.parent] if not base.output_dir else [p for p in (out, *out.parents) if not p.exists()]
     _prepare_output(out, base.overwrite)
     run_options = {k: v for k, v in base.to_dict().items() if k not in SET_BY_COMPARE}
     run_options.update(output_dir=None, overwrite=False)  # each mode's --output-dir is OUT/runs/MODE
@@ -332,7 +353,12 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     results = []
     for i, mode in enumerate(chosen, 1):
         with console.status(f"[{i}/{len(chosen)}] {mode} …"):
-            result = run_mode(mode, config_file, out)
+            try:
+                result = run_mode(mode, config_file, out)
+            except BadInput:
+                if not results:  # bad input, found before any mode ran: leave nothing that refuses the rerun
+                    _take_back(out, made)
+                raise
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")

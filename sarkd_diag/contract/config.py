@@ -17,6 +17,7 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import BadInput
+from .wording import did_you_mean
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tuple too (probes.LEVELS)
@@ -224,7 +225,8 @@ def _choice(cfg: DistillConfig, name: str, allowed: tuple[str, ...]) -> None:
     typed = getattr(cfg, name)
     chosen = next((choice for choice in allowed if choice == typed.strip().lower()), None)
     if chosen is None:
-        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}")
+        raise BadInput(f"--{_flag(name)} must be one of {', '.join(allowed)}; got {typed!r}"
+                       + did_you_mean(str(typed), allowed))
     setattr(cfg, name, chosen)
 
 
@@ -338,10 +340,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
     if not isinstance(data, dict):
         raise BadInput(f"--config {path}: expected a mapping of option names to values")
-    options = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(options) - FIELD_NAMES)
-    if unknown:
-        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} {', '.join(unknown)}")
+    options = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
+    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
+        hint = did_you_mean(unknown[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if len(unknown) == 1 else ""
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
+                       f"{', '.join(unknown)}{hint}")
     return {name: _file_value(path, name, value) for name, value in options.items()}
 
 

@@ -25,7 +25,7 @@ KINDS = (
     "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
-    "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay",
+    "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "run_error",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -82,6 +82,8 @@ CODES = {
     "policy_stop": "the non-finite policy stopped the run",
     "interrupted": "a stop signal: the run stopped after a step, state saved",
     "out_of_memory": "the device ran out of memory",
+    "run_error": "an exception other than out of memory ended the run: its type and message, and the file that holds "
+                 "its traceback",
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
     "every_step_skipped": "setup_note: every step the caller closed was one its loop skipped: nothing trained",

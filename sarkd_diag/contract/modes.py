@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import empty_value
 from .errors import BadInput
+from .wording import did_you_mean
 
 MODE_NAMES = ("fp32", "mixed", "bf16-mixed", "pure-fp16", "pure-bf16")
 
@@ -78,16 +79,18 @@ def canonical_mode(requested: str, option: str = "--precision") -> str:
         return name
     if name in ALIASES:
         return ALIASES[name]
-    if name in ("fp16", "float16", "half"):
+    if name in ("fp16", "float16", "half", "16"):  # Lightning's `precision=16` meant AMP, a script's `16` may not
         raise BadInput(f"{option} {requested} is ambiguous: say `mixed` (fp16 compute, fp32 master weights, "
                        "loss scaling — what you want) or `pure-fp16` (everything fp16: reproduces the failure)")
-    raise BadInput(f"{option} {requested}: not a precision mode; choose one of auto, {', '.join(MODE_NAMES)} "
+    raise BadInput(f"{option} {requested}: not a precision mode{did_you_mean(name, [*MODE_NAMES, *ALIASES])}; "
+                   f"choose one of auto, {', '.join(MODE_NAMES)} "
                    f"(aliases: {', '.join(ALIASES)})")
 
 
 def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") -> list[str]:
-    """The modes of a `--modes` option (comma-separated or repeated), canonical, in the order given, each once;
-    [] when none is given. `auto` is refused: a list of modes names each one."""
+    """The modes of a `--modes` option (comma-separated or repeated), canonical, in the order given; [] when none
+    is given. `auto` is refused: a list of modes names each one. A mode named twice (`fp32,fp32`, `fp32,float32`)
+    is refused too: each mode runs once, so the repeat is almost surely a typo for a mode that would be missing."""
     if isinstance(requested, str):
         requested = [requested]
     if requested is not None and not (isinstance(requested, Sequence) and all(isinstance(i, str) for i in requested)):
@@ -100,8 +103,13 @@ def parse_modes(requested: Sequence[str] | str | None, option: str = "--modes") 
         mode = canonical_mode(name, option)
         if mode == "auto":
             raise BadInput(f"{option} takes precision modes, not auto: " + ", ".join(MODE_NAMES))
-        if mode not in modes:
-            modes.append(mode)
+        if mode in modes:
+            first = names[modes.index(mode)]
+            same = f"{mode} twice" if first == name == mode else f"{mode} twice ({first}, {name})"
+            unnamed = [m for m in MODE_NAMES if m not in modes]
+            raise BadInput(f"{option} {','.join(names)} names {same}: each mode runs once; drop the repeat, or "
+                           f"name the mode you meant" + (f" (not yet named: {', '.join(unnamed)})" if unnamed else ""))
+        modes.append(mode)
     return modes
 
 

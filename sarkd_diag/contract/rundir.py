@@ -175,9 +175,12 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
     if overwrite:
         return
     differing = differing_options(recorded, options)
-    what = f"a different run (options differ: {', '.join(differing[:4])})" if differing else "a run already"
-    raise BadInput(f"--output-dir {path} holds {what}; pass --resume to continue it, --overwrite to replace it, or "
-                   "another --output-dir for a new run")
+    if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
+        raise BadInput(f"--output-dir {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
+                       "another --output-dir for a new run, --overwrite to replace it, or continue it with its own "
+                       f"options: sarkd-diag train --config {path / 'config.json'} --resume")
+    raise BadInput(f"--output-dir {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
+                   "or another --output-dir for a new run")
 
 
 def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:

@@ -1,8 +1,12 @@
 """How the tool words a count for the reader: `1 step`, `2 steps`, `0 causes` — never `1 steps` or `run(s)`.
 
-Every message, console line and report that prints a count of something goes through `counted`."""
+Every message, console line and report that prints a count of something goes through `counted`; every refusal of
+a mistyped choice offers the one meant through `did_you_mean`."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 IRREGULAR = {"process": "processes", "entry": "entries", "batch": "batches"}
 
@@ -27,3 +31,11 @@ def evaluated_at_step_0_only(steps: int) -> str:
     """How a run whose one evaluation is step 0's reports its perplexity: 'A → A' would claim a second one."""
     why = "its first step" if steps == 0 else "its first --eval-steps evaluation"
     return f"at step 0; no evaluation after step 0 (the run ended before {why})"
+
+
+def did_you_mean(typed: str, choices: Iterable[str]) -> str:
+    """` (did you mean X?)` when what was typed is a near miss of one choice (`ful` of `full`, `bf16mixed` of
+    `bf16-mixed`), as a mistyped option name gets; '' otherwise. The list of choices alone leaves the reader to spot
+    the typo, among 37 event kinds."""
+    close = difflib.get_close_matches(typed.strip().lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

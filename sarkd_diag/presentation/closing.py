@@ -22,6 +22,16 @@ from ..contract.rundir import (
 )
 
 
+def run_error(events) -> dict | None:
+    """The exception that ended the run, as its `run_error` event recorded it (the first: under torchrun, the rank
+    where it happened first), or None: what a failed run's reader needs first, and no numerical cause tells."""
+    errors = events[events["kind"] == "run_error"]
+    if not len(errors):
+        return None
+    first = errors.iloc[0]
+    return {"message": " ".join(str(first["message"]).split()), "step": int(first["step"]), "phase": first["phase"]}
+
+
 def finalize_run(run_dir: str | Path, status: str) -> dict:
     """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
     options ask for it) the TensorBoard export from the run's own logs. The renderers are imported here, when
@@ -47,6 +57,7 @@ def finalize_run(run_dir: str | Path, status: str) -> dict:
         "final": final_figures(metrics),
         "event_counts": {k: int(v) for k, v in events["kind"].value_counts().items()},
         "diagnosis": diagnose(events, metrics, config),
+        "error": run_error(events),
         "run_dir": str(run_dir),
     }
     write_json_atomic(run_dir / "summary.json", summary)

@@ -29,7 +29,7 @@ from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
 from ..contract.rundir import load_run as read_run
-from ..contract.wording import counted
+from ..contract.wording import counted, did_you_mean
 from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
@@ -71,8 +71,12 @@ class Run:
         return load_events(self.path)
 
     @cached_property
+    def metrics(self) -> pd.DataFrame:
+        return load_metrics(self.path)
+
+    @cached_property
     def final(self) -> dict:
-        return final_figures(load_metrics(self.path))
+        return final_figures(self.metrics)
 
 
 def find_runs(path: str | Path) -> list[Run]:
@@ -93,6 +97,17 @@ def _comparison_runs(path: Path) -> list[Path]:
                   key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
+def _invalid_json(path: Path) -> str | None:
+    """Why the file at `path` is not JSON (`Expecting value: line 2 column 1`), or None: valid, or no file."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def not_a_run(path: Path) -> BadInput:
     """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
     student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
@@ -100,6 +115,10 @@ def not_a_run(path: Path) -> BadInput:
     if holder is not None:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
+    damaged = _invalid_json(path / "config.json")
+    if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
+        return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
+                        "restore it whole, or give another directory")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -200,11 +219,13 @@ class EventFilter:
         self.kinds = [k.strip().lower() for item in self.kinds for k in item.split(",") if k.strip()]
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown:
-            raise BadInput(f"--kind {', '.join(unknown)}: not an event kind; kinds: {', '.join(KINDS)}")
+            hint = did_you_mean(unknown[0], KINDS) if len(unknown) == 1 else ""
+            raise BadInput(f"--kind {', '.join(unknown)}: not an event kind{hint}; kinds: {', '.join(KINDS)}")
         if self.severity is not None:
             self.severity = self.severity.strip().lower()
             if self.severity not in SEVERITIES:
-                raise BadInput(f"--severity {self.severity!r}: choose one of {', '.join(SEVERITIES)}")
+                raise BadInput(f"--severity {self.severity!r}{did_you_mean(self.severity, SEVERITIES)}: choose one of "
+                               f"{', '.join(SEVERITIES)}")
         if self.model is not None:
             self.model = self.model.strip().lower()
         self._step_range = parse_steps(self.steps)
@@ -234,6 +255,14 @@ class EventFilter:
         return events[keep]
 
 
+    def past_the_end(self, last_step: int | None) -> str | None:
+        """Why nothing can match a --step range that begins after the last step recorded (a run that ended earlier
+        than the user thought); None when it does not."""
+        start = self._step_range[0]
+        if start is None or last_step is None or start <= last_step:
+            return None
+        return f"--step {self.steps!r} begins after step {last_step}, the last step recorded"
+
     def check_against(self, events: pd.DataFrame) -> None:
         """--model names a model of these runs (sarkd-diag's own, or one a user's loop recorded events of), --rank
         one of their processes: a name or number they do not have would only print an empty table."""
@@ -262,6 +291,15 @@ def query_events(path: str | Path, flt: EventFilter | None = None) -> pd.DataFra
     flt = flt or EventFilter()
     flt.check_against(frame)
     return flt.apply(frame)
+
+
+def last_step(path: str | Path) -> int | None:
+    """The largest step the run at `path` (or any run of a comparison) recorded, in its metrics or events; None when
+    it recorded none."""
+    steps = [frame["step"].max() for run in find_runs(path) for frame in (load_metrics(run.path), run.events)
+             if len(frame)]
+    steps = [int(s) for s in steps if pd.notna(s)]
+    return max(steps) if steps else None
 
 
 def _plain(value):
@@ -337,8 +375,10 @@ def events_table(events: pd.DataFrame, title: str | None = None, width: int = 80
     return table
 
 
-def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | None = None) -> None:
-    """All matching events at once: a rich table (with a count), one JSON array, or CSV."""
+def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | None = None,
+                 why_none: str | None = None) -> None:
+    """All matching events at once: a rich table (with a count), one JSON array, or CSV. An empty table is one line,
+    with `why_none` when a filter is known to match nothing."""
     if fmt == "json":
         sys.stdout.write(json.dumps(_records(events), indent=1, allow_nan=False) + "\n")
     elif fmt == "csv":
@@ -346,8 +386,8 @@ def print_events(events: pd.DataFrame, fmt: str, total: int, console: Console | 
     else:
         console = console or Console()
         if not len(events):  # one line, not a table of headers over nothing
-            console.print(f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
-                          else "this run recorded no events")
+            console.print((f"no event matches these filters (of {counted(total, 'event')} recorded)" if total
+                           else "this run recorded no events") + (f": {why_none}" if why_none else ""))
             return
         console.print(events_table(events, title=f"{len(events)} of {counted(total, 'event')}", width=console.width))
 
@@ -501,7 +541,8 @@ def _master_fp32(run: Run) -> str | None:
 def _first(events: pd.DataFrame) -> str:
     row = _records(events.head(1))[0]
     where = _where(row)
-    return f"first at step {row['step']}" + (f" in {where}" if where else "") + f": {row['message']}"
+    message = " ".join(str(row["message"]).split())  # `check` says one line per failed expectation
+    return f"first at step {row['step']}" + (f" in {where}" if where else "") + f": {message}"
 
 
 def _no_nonfinite_params(run: Run) -> str | None:
@@ -554,6 +595,10 @@ def _max_eval_ppl(limit: float) -> Callable[[Run], str | None]:
         ppl = run.final["eval_ppl"]
         if ppl is None:
             return "no evaluation was recorded"
+        splits = run.metrics["split"]
+        if (splits == "train").any() and not (run.metrics["step"][splits == "eval"] > 0).any():
+            return (f"no evaluation after step 0: its one perplexity, {ppl:.4g} at step 0, is the student's before "
+                    "training (the run ended before it evaluated again)")
         if math.isnan(ppl):
             return "final eval perplexity is NaN: the last evaluation computed a NaN loss"
         return None if ppl <= limit else f"final eval perplexity {ppl:.4g} > {limit:g}"
@@ -566,7 +611,8 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
     names = [n.strip().lower() for item in expect for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPECTATIONS]
     if unknown:
-        raise BadInput(f"--expect {', '.join(unknown)}: unknown; expectations: {', '.join(EXPECTATIONS)}")
+        hint = did_you_mean(unknown[0], EXPECTATIONS) if len(unknown) == 1 else ""
+        raise BadInput(f"--expect {', '.join(unknown)}: unknown{hint}; expectations: {', '.join(EXPECTATIONS)}")
     checks = {name: EXPECTATIONS[name] for name in names}
     if max_skipped_steps is not None:
         if max_skipped_steps < 0:

@@ -11,7 +11,7 @@ from rich import box
 from rich.table import Table
 
 from ..analysis.verdicts import Verdict
-from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations
+from ..contract.rundir import COMPARISON_COLUMNS, primary_evaluations, resume_command
 from ..contract.wording import counted, evaluated_at_step_0_only
 
 
@@ -27,6 +27,12 @@ def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
     named = primary_evaluations(evals)["eval_set"] if "eval_set" in evals else evals.iloc[0:0]
     of = f" of {named.iloc[0]}" if len(named) and pd.notna(named.iloc[0]) else ""
     return f"- validation perplexity{of}: {first} → {last} (best {best})"
+
+
+def continuation(run_dir: Path, summary: dict) -> str | None:
+    """The command that continues a run that stopped short of its steps — interrupted, or crashed — from its
+    newest checkpoint, as its panel and `check` say it; None for a run that ended on its own, or has none."""
+    return resume_command(run_dir) if summary.get("status") in ("interrupted", "crashed") else None
 
 
 def _where(d: dict) -> str:
@@ -49,6 +55,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
         f"- steps completed: {summary['steps_completed']}",
         _perplexity_line(final, metrics, summary["steps_completed"]),
         f"- final training loss: {_fmt(final.get('loss'))}; median tokens/s: {_fmt(final.get('tokens_per_s'), '.0f')}",
+        *(f"- continue it: `{resume}`" for resume in [continuation(run_dir, summary)] if resume),
         "",
         "## Diagnosis",
         "",
@@ -58,7 +65,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     for i, d in enumerate(summary["diagnosis"], 1):  # read with .get: the diagnosis' keys are still growing
         where = _where(d)
         evidence = d.get("evidence") or {}
-        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
+        rank = _rank_of(d, events)
         lines += [
             f"### {i}. `{d.get('cause')}` ({d.get('severity')})",
             "",
@@ -125,7 +132,11 @@ def embedded_image(path: Path, alt: str) -> str:
 def no_cause_text(summary: dict) -> str:
     """What an empty diagnosis says. A run that failed or crashed ended on something its logs do not show — "no
     problem was found" would read as a healthy run, and send its reader away from the error that ended it."""
-    status = summary.get("status")
+    status, error = summary.get("status"), summary.get("error")
+    if error:
+        return (f"The run {status} on an error, not on a numerical cause: {error['message']} (at step "
+                f"{error.get('step')}, {error.get('phase')}). What was measured stayed finite up to step "
+                f"{summary.get('steps_completed', 0)}.")
     if status in ("failed", "crashed"):
         return (f"The run {status} with no numerical cause in its logs: what was measured stayed finite up to step "
                 f"{summary.get('steps_completed', 0)}, so what ended it is not there — read the error it raised "
@@ -134,14 +145,21 @@ def no_cause_text(summary: dict) -> str:
             "update was lost to rounding beyond the warning threshold.")
 
 
-def _diagnosis_html(summary: dict) -> str:
+def _rank_of(cause: dict, events: pd.DataFrame) -> str:
+    """` (rank N)` where the run had several processes (torchrun): in one process's run the rank says nothing, and
+    reads as a setting the reader never made."""
+    several = "rank" in events and events["rank"].nunique() > 1
+    return f" (rank {cause['rank']})" if several and cause.get("rank") is not None else ""
+
+
+def _diagnosis_html(summary: dict, events: pd.DataFrame) -> str:
     diagnosis = summary.get("diagnosis") or []
     if not diagnosis:
         return f"<p>{_e(no_cause_text(summary))}</p>"
     parts = []
     for i, d in enumerate(diagnosis, 1):
         where, evidence = _where(d), d.get("evidence") or {}
-        rank = f" (rank {d['rank']})" if d.get("rank") is not None else ""
+        rank = _rank_of(d, events)
         body = [f"<h3>{i}. <code>{_e(d.get('cause'))}</code> ({_e(d.get('severity'))})</h3>",
                 f"<p>First seen at step {_e(d.get('first_step'))}" + (f" in {_e(where)}" if where else "")
                 + f"{_e(rank)}.</p>"]
@@ -193,11 +211,12 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
              f"steps completed: {_e(summary['steps_completed'])}",
              _e(_perplexity_line(final, metrics, summary["steps_completed"]).removeprefix("- ")),
              f"final training loss: {_e(_fmt(final.get('loss')))}; median tokens/s: "
-             f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}"]
+             f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}",
+             *(f"continue it: <code>{_e(resume)}</code>" for resume in [continuation(run_dir, summary)] if resume)]
     figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
     title = f"sarkd-diag run: {summary['status']}"
     body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
-            f"<h2>Diagnosis</h2>{_diagnosis_html(summary)}<h2>Figures</h2>{figures}"
+            f"<h2>Diagnosis</h2>{_diagnosis_html(summary, events)}<h2>Figures</h2>{figures}"
             f"<h2>Events ({len(events)})</h2>{events_table_html(events)}")
     path = run_dir / "report.html"
     path.write_text(_page(title, body), encoding="utf-8")
@@ -225,8 +244,8 @@ def write_comparison_report(out: Path, table: pd.DataFrame, verdicts: list, summ
     for mode, run_dir in runs.items():
         run_summary = run_dir / "summary.json"
         mode_summary = json.loads(run_summary.read_text()) if run_summary.is_file() else {}
-        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(mode_summary)}")
         events = load_events(run_dir) if run_dir.is_dir() else pd.DataFrame()
+        modes.append(f"<h3>{_e(mode)}</h3>{_diagnosis_html(mode_summary, events)}")
         tables.append(events.assign(mode=mode) if len(events) else events)
     everything = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) \
         else pd.DataFrame()

@@ -141,7 +141,7 @@ class TrainingDisplay:
             self.actions["restored" if getattr(event, "code", None) == "skip_undone_update" else "skipped"] += 1
         elif kind == "policy_rollback":
             self.actions["rolled back"] += 1
-        if self.quiet:
+        if self.quiet or kind == "run_error":  # `error` has said it, on stderr, as the exception ended the run
             return
         where = where_of(event.model, event.module, event.tensor)
         text = escape(_message(where, message))
@@ -252,12 +252,28 @@ class TrainingDisplay:
             lines.append(f"[{'red' if severity == 'critical' else 'yellow'}]{severity}[/] {escape(str(d.get('cause')))}"
                          + (f" at step {step}" if step is not None else "") + (f" in {escape(where)}" if where else "")
                          + (f"\n  fix: {escape(str(d['fix']))}" if d.get("fix") else ""))
+        error = summary.get("error")
+        if error:
+            lines.append(f"[red]error[/] at step {error.get('step')} ({error.get('phase')}): "
+                         + escape(str(error.get("message"))))
         if not diagnosis:
-            lines.append("[yellow]no cause diagnosed, but steps were left out: see above[/]" if policy
-                         else "[green]no numerical problems found[/]")
+            lines.append(_no_cause_line(summary, policy is not None))
         resume = resume_command(summary["run_dir"]) if summary.get("status") == "interrupted" \
             and summary.get("run_dir") else None
         if resume:
             lines.append(f"continue it: {escape(resume)}")
         self._print(Panel("\n".join(lines), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")
+
+
+def _no_cause_line(summary: dict, steps_left_out: bool) -> str:
+    """The panel's line for an empty diagnosis. A run that failed or crashed ended on something the logs do not
+    measure: "no numerical problems found" would read as a healthy run."""
+    if steps_left_out:
+        return "[yellow]no cause diagnosed, but steps were left out: see above[/]"
+    if summary.get("status") not in ("failed", "crashed"):
+        return "[green]no numerical problems found[/]"
+    unknown = "" if summary.get("error") else \
+        " — read the error that ended it (traceback.txt, or what killed the process)"
+    return f"[yellow]no numerical cause: what was measured stayed finite up to step " \
+           f"{summary.get('steps_completed') or 0}{escape(unknown)}[/]"

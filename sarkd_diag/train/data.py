@@ -46,7 +46,8 @@ def read_text_file(path: str) -> list[str]:
         raise BadInput(f"{path}: no such file")
     suffix = p.suffix.lower()
     if suffix not in (*PLAIN_SUFFIXES, ".jsonl", ".csv"):
-        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}")
+        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}"
+                       + (_json_advice(p) if suffix == ".json" else ""))
     try:
         raw = p.read_bytes()
     except OSError as exc:
@@ -69,12 +70,50 @@ def read_text_file(path: str) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise BadInput(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or "text" not in row:
-            raise BadInput(f"{path}:{number}: expected an object with a `text` field")
+        if not isinstance(row, dict):
+            raise BadInput(f"{path}:{number}: expected an object with a `text` field, got {_json_kind(row)}")
+        if "text" not in row:
+            raise BadInput(f"{path}:{number}: expected an object with a `text` field; this one has "
+                           f"{_named('field', list(row))}; {NO_TEXT_ADVICE.format(part='field')}")
         if not isinstance(row["text"], str):
             raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
         docs.append(row["text"])
     return docs
+
+
+def _json_advice(path: Path) -> str:
+    """What to do with a .json file, from how it begins: JSON Lines under a .json name (what `datasets`' to_json
+    writes) only needs renaming; a JSON array, one object a line."""
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as file:
+            first = next((line.strip() for line in file if line.strip()), "")
+    except OSError:
+        return ""
+    if first.startswith("["):
+        return f" — it holds a JSON array: write one object a line as .jsonl (`jq -c '.[]' {path} > data.jsonl`)"
+    try:
+        is_object = isinstance(json.loads(first), dict)
+    except ValueError:
+        is_object = False
+    return f" — it holds one JSON object a line (JSON Lines): rename it to {path.with_suffix('.jsonl').name}" \
+        if is_object else ""
+
+
+NO_TEXT_ADVICE = ("the documents are read from `text` only: rename the {part} that holds them to `text`, or give a "
+                  ".txt file of one document a line")
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+              float: "a number", type(None): "null"}
+
+
+def _json_kind(value) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _named(part: str, names: list) -> str:
+    """The fields or columns a record has, by name, so the user sees which one holds the documents."""
+    if not names:
+        return f"no {part}s"
+    return counted(len(names), part) + " (" + ", ".join(f"`{name}`" for name in names) + ")"
 
 
 def _csv_documents(path: str, text: str) -> list[str]:
@@ -86,8 +125,8 @@ def _csv_documents(path: str, text: str) -> list[str]:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = reader.fieldnames or []
         if "text" not in columns:
-            raise BadInput(f"{path}: a .csv needs a header row with a `text` column (columns: "
-                           f"{', '.join(columns) or 'none'})")
+            raise BadInput(f"{path}: a .csv needs a header row with a `text` column; its header has "
+                           f"{_named('column', columns)}; {NO_TEXT_ADVICE.format(part='column')}")
         return [row["text"] for row in reader if isinstance(row.get("text"), str) and row["text"].strip()]
     except csv.Error as exc:
         raise BadInput(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None

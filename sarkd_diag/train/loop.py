@@ -690,14 +690,20 @@ class Trainer:
             text = str(exc).strip()
             self.out_of_memory = text.splitlines()[0] if text else type(exc).__name__
         else:
-            self._save_traceback(exc)
+            traceback_file = self._save_traceback(exc)
+            if self.internal_error:  # not a full disk: the events log takes the error too
+                where = f"; traceback in {traceback_file}" if traceback_file else ""
+                said = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line, as the console's
+                self.logs.events.record("run_error", "critical", f"{said}{where}",
+                                        step=self.step, phase=self.phase.current, probe="loop")
         return "failed"
 
-    def _save_traceback(self, exc: Exception) -> None:
-        """The error's traceback in the run directory, one line on the console. A second error of the run — closing
-        it failed too, as on a full disk — goes after the first, which is the cause: it replaced it before. A disk
-        that is full is no bug of this tool (a failure, exit 1, as out of memory is): the line says so, and what
-        brings the run back once there is space."""
+    def _save_traceback(self, exc: Exception) -> str | None:
+        """The error's traceback in the run directory, one line on the console; returns the file's name (None when
+        it could not be written). A second error of the run — closing it failed too, as on a full disk — goes after
+        the first, which is the cause: it replaced it before. A disk that is full is no bug of this tool (a
+        failure, exit 1, as out of memory is): the line says so, and what brings the run back once there is
+        space."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
         second = self.internal_error or self.no_space
@@ -706,7 +712,7 @@ class Trainer:
                 file.write(traceback.format_exc())
             where = f" (traceback in {path})"
         except OSError:  # the disk that is full takes no traceback either
-            where = ""
+            where, name = "", None
         full = _no_space_left(exc)
         what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
         if full:
@@ -716,6 +722,7 @@ class Trainer:
         else:
             self.internal_error = True
         self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")
+        return name
 
     def _handle_out_of_memory(self, error: str) -> None:
         """Record the run's memory breakdown, keep the last good step in a checkpoint, say what to change."""

@@ -99,7 +99,7 @@ def shape_from_config(name: str, trust_remote_code: bool = False,
 
     from .models import model_load_error, resolve_model_source
 
-    source = resolve_model_source(name)
+    source = resolve_model_source(name, config_only=True)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -15,8 +16,9 @@ from ..contract.rundir import is_compare_dir, recorded_run
 EMBEDDED_PREFIX = "embedded:"
 
 
-def resolve_model_source(name: str) -> str:
-    """A loadable path or hub id; `embedded:NAME` maps to the packaged model, a missing local path is an error."""
+def resolve_model_source(name: str, config_only: bool = False) -> str:
+    """A loadable path or hub id; `embedded:NAME` maps to the packaged model, a missing local path is an error, and
+    so is a local directory that holds no causal LM, or lacks a part of one (only its config, with config_only)."""
     if name.startswith(EMBEDDED_PREFIX):
         from ..assets import EMBEDDED_MODELS, embedded_model_path
 
@@ -30,6 +32,7 @@ def resolve_model_source(name: str) -> str:
         if not path.is_dir():
             raise BadInput(f"model path {name} is a file, expected a directory written by save_pretrained")
         _refuse_run_directory(name, path)
+        _check_model_directory(name, path, config_only)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
@@ -53,15 +56,62 @@ def _refuse_run_directory(name: str, path: Path) -> None:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+WEIGHT_FILES = ("*.safetensors", "*.bin")  # single files and shards (their index sits beside them)
+MODEL_PARTS = {  # what a directory needs to train, how its absence is named, and what writes it
+    "config": ("config.json", "the model (model.save_pretrained)"),
+    "weights": ("weights (*.safetensors or *.bin)", "the model (model.save_pretrained)"),
+    "tokenizer": ("tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, ...)",
+                  "its tokenizer (tokenizer.save_pretrained)"),
+}
 
 
-def _check_tokenizer_files(name: str, source: str) -> None:
-    """A local model directory without any tokenizer file: say so, instead of transformers' cut-off sentence."""
-    path = Path(source)
-    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise BadInput(f"cannot load tokenizer of {name!r}: the directory holds no tokenizer files (tokenizer.json, "
-                       "tokenizer_config.json, vocab.json, ...); save the model's tokenizer there with "
-                       "tokenizer.save_pretrained")
+def _check_model_directory(name: str, path: Path, config_only: bool) -> None:
+    """Say what a local model directory holds when it cannot be trained, before any part of it loads: a model of
+    another kind (an encoder-decoder, a vision model: transformers' "Unrecognized configuration class"), or the
+    parts it lacks, all of them (transformers names one at a time, the tokenizer's first whatever else is absent)."""
+    if (path / "adapter_config.json").is_file():
+        return  # a PEFT adapter: transformers loads its base model and applies it
+    config_file = path / "config.json"
+    if config_file.is_file():
+        _refuse_non_causal(name, config_file)
+    present = {"config": config_file.is_file(),
+               "weights": any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES),
+               "tokenizer": any((path / f).is_file() for f in TOKENIZER_FILES)}
+    missing = [part for part in (("config",) if config_only else MODEL_PARTS) if not present[part]]
+    if not missing:
+        return
+    absent = [f"no {MODEL_PARTS[part][0]}" for part in missing]
+    lacks = " and ".join(filter(None, (", ".join(absent[:-1]), absent[-1])))
+    if not any(present.values()):
+        models = sorted(sub.name for sub in path.iterdir() if (sub / "config.json").is_file())
+        where = (f"give the model directory inside it: {', '.join(models[:3])}" if models
+                 else "give a directory written by save_pretrained (the model's and its tokenizer's)")
+        raise BadInput(f"model path {name} holds no model: it has {lacks}; {where}")
+    writers = " and ".join(dict.fromkeys(MODEL_PARTS[part][1] for part in missing))
+    raise BadInput(f"model path {name} has {lacks}: save {writers} there")
+
+
+def _refuse_non_causal(name: str, config_file: Path) -> None:
+    """A model type transformers knows but cannot load as a causal LM: name what the directory holds instead of
+    "Unrecognized configuration class ... for AutoModelForCausalLM". A type transformers does not know, or one
+    whose own code says it is a causal LM (auto_map), is for transformers to load or refuse."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable or not JSON: transformers says so
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if (model_type not in CONFIG_MAPPING_NAMES or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            or (isinstance(auto_map, dict) and "AutoModelForCausalLM" in auto_map)):
+        return
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    kind = ", ".join([*architectures, *(["an encoder-decoder"] if config.get("is_encoder_decoder") else [])])
+    raise BadInput(f"model path {name} holds a {model_type} model{f' ({kind})' if kind else ''}, not a causal "
+                   "language model: sarkd-diag distils decoder-only LMs (GPT-2, Llama, Mistral, Qwen, Mixtral, ...); "
+                   "give one of those")
 
 
 HUB_CONNECT_TIMEOUT_S = 10
@@ -149,7 +199,6 @@ def load_tokenizer(name: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(name)
-    _check_tokenizer_files(name, source)
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -184,6 +184,9 @@ CASES = [
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
         "compare-precision", *_args(w, t, drop=("--precision",))[1:], "--modes", " , "],
      "--modes is empty (' , ': an unset shell variable?)"),
+    ("compare-precision of a mode named twice (it ran the mode once, the mode meant not at all)", lambda w, t, m:
+     _compare(w, t, "--modes", "float32"), "--modes fp32,float32 names fp32 twice (fp32, float32): each mode runs "
+     "once; drop the repeat, or name the mode you meant (not yet named: mixed, bf16-mixed, pure-fp16, pure-bf16)"),
     ("empty student model", lambda w, t, m: _args(w, t, student_model=" "), "--student-model is empty"),
     ("tokenizer without pad and eos", lambda w, t, m: _args(w, t, student_model=_no_special_tokens(w, t)),
      "neither a pad nor an eos token"),
@@ -193,12 +196,15 @@ CASES = [
     ("tokenizer ids beyond a dual-tokenizer teacher's embeddings (an IndexError, exit 3)", lambda w, t, m: _args(
         w, t, teacher_model=_fewer_embeddings(w, t)), "--teacher-model {tmp}/model has 8 token embeddings"),
     ("model directory without weights", lambda w, t, m: _args(
-        w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "cannot load model"),
+        w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "model path {tmp}/model has no weights "
+     "(*.safetensors or *.bin): save the model (model.save_pretrained) there"),
     ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
     ("file as model directory", lambda w, t, m: _args(w, t, student_model=w["train"]), "is a file"),
     ("unknown embedded model", lambda w, t, m: _args(w, t, teacher_model="embedded:huge"), "unknown embedded"),
     ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
-     if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "holds a different run"),
+     if _recorded_run(t, **{**_options_of(w), "student_lr": 0.1}) else [], "--output-dir {tmp}/run holds a different "
+     "run (options differ: student_lr); give another --output-dir for a new run, --overwrite to replace it, or "
+     "continue it with its own options: sarkd-diag train --config {tmp}/run/config.json --resume"),
     ("output dir holding the same run", lambda w, t, m: _args(w, t) if _recorded_run(t, **_options_of(w)) else [],
      "--resume to continue it, --overwrite to replace it, or another --output-dir for a new run"),
     ("overwrite of a directory that is no run", lambda w, t, m: _args(w, t, overwrite=True)

@@ -171,11 +171,19 @@ def test_bad_input_exits_2_before_any_mode_runs(cli, tiny_world, tmp_path, extra
     assert not (tmp_path / "cmp" / "runs").exists()
 
 
-def test_bad_input_found_by_the_first_mode_stops_the_comparison(cli, tiny_world, tmp_path):
-    code, _, err = cli("compare-precision", *world_options(tiny_world, tmp_path / "cmp", "1e-3"),
-                       "--modes", "fp32,pure-bf16", "--block-size", "4096")
-    assert code == 2 and err.startswith("sarkd-diag: error: fp32:") and "block-size" in err
-    assert not (tmp_path / "cmp" / "runs" / "pure-bf16").exists()
+@pytest.mark.parametrize("out", ["new/cmp", "empty", "default"])
+def test_bad_input_found_by_the_first_mode_stops_the_comparison_and_leaves_nothing(cli, tiny_world, tmp_path,
+                                                                                 monkeypatch, out):
+    """It left OUT/compare_options.json and OUT/logs/ behind: the same command, its input fixed, was refused with
+    `holds a comparison already; pass --overwrite`. And its line said `error: fp32: error: ...`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    options = world_options(tiny_world, tmp_path / out, "1e-3")
+    options = options[:-2] if out == "default" else options
+    code, _, err = cli("compare-precision", *options, "--modes", "fp32,pure-bf16", "--block-size", "4096")
+    assert (code, err) == (2, f"sarkd-diag: error: fp32: --block-size 4096 exceeds {tiny_world['student']}'s 128 "
+                              "positions\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and not any((tmp_path / "empty").iterdir())
 
 
 def test_an_existing_comparison_needs_overwrite(cli, compared, tiny_world):

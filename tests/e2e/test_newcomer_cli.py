@@ -149,13 +149,65 @@ def test_a_run_directory_as_model_points_at_its_student(cli, tiny_args, tmp_path
     assert not (Path(tiny_args[-1])).exists()
 
 
-def test_a_model_directory_without_a_tokenizer_is_one_complete_line(cli, tiny_args, tiny_world, tmp_path):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    (bare / "config.json").write_bytes((tiny_world["student"] / "config.json").read_bytes())
-    code, _, err = cli("train", *tiny_args, "--student-model", bare)
+@pytest.mark.parametrize("kept, says", [
+    (("config.json", "model.safetensors"), "has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+     "vocab.json, ...): save its tokenizer (tokenizer.save_pretrained) there"),
+    (("config.json",), "has no weights (*.safetensors or *.bin) and no tokenizer files (tokenizer.json, "
+     "tokenizer_config.json, vocab.json, ...): save the model (model.save_pretrained) and its tokenizer "
+     "(tokenizer.save_pretrained) there"),
+    (("tokenizer.json", "tokenizer_config.json"), "has no config.json and no weights (*.safetensors or *.bin): save "
+     "the model (model.save_pretrained) there"),
+    ((), "holds no model: it has no config.json, no weights (*.safetensors or *.bin) and no tokenizer files "
+     "(tokenizer.json, tokenizer_config.json, vocab.json, ...); give a directory written by save_pretrained (the "
+     "model's and its tokenizer's)"),
+], ids=["no tokenizer", "config only (it was told to save a tokenizer)", "tokenizer only", "empty"])
+def test_a_model_directory_missing_parts_names_all_it_lacks(cli, tiny_args, tiny_world, tmp_path, kept, says):
+    """transformers names one missing file at a time, and the tokenizer loads first: a directory holding only a
+    config.json was told to save a tokenizer, and would then be told it has no weights."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in kept:
+        (partial / name).write_bytes((tiny_world["student"] / name).read_bytes())
+    code, _, err = cli("train", *tiny_args, "--student-model", partial)
+    assert code == 2 and err == f"sarkd-diag: error: model path {partial} {says}\n"
+    assert not Path(tiny_args[-1]).exists()
+
+
+def test_a_trainers_output_directory_points_at_the_model_directories_inside(cli, tiny_args, tiny_world, tmp_path):
+    import shutil
+
+    output = tmp_path / "trainer-output"
+    for name in ("checkpoint-500", "checkpoint-1000"):
+        shutil.copytree(tiny_world["student"], output / name)
+    code, _, err = cli("train", *tiny_args, "--student-model", output)
     assert code == 2 and err.count("\n") == 1
-    assert "holds no tokenizer files" in err and not err.rstrip().endswith(":")
+    assert err.rstrip().endswith("give the model directory inside it: checkpoint-1000, checkpoint-500")
+
+
+@pytest.mark.parametrize("kind", ["t5", "vit"])
+def test_a_model_of_another_kind_is_named_not_an_unrecognized_configuration_class(cli, tiny_args, tiny_world,
+                                                                                 tmp_path, kind):
+    """An encoder-decoder (T5) or a vision model (ViT, which has no tokenizer either) in a local directory: one line
+    naming what the directory holds, not transformers' "Unrecognized configuration class", nor a missing tokenizer;
+    estimate-memory, which needs only the config, says the same."""
+    from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
+
+    model = tmp_path / kind
+    if kind == "t5":
+        T5ForConditionalGeneration(T5Config(vocab_size=257, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                            d_kv=8)).save_pretrained(model)
+        (model / "tokenizer.json").write_bytes((tiny_world["student"] / "tokenizer.json").read_bytes())
+        holds = "a t5 model (T5ForConditionalGeneration, an encoder-decoder)"
+    else:
+        ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           image_size=32, patch_size=8)).save_pretrained(model)
+        holds = "a vit model (ViTModel)"
+    for command in (["train", *tiny_args], ["estimate-memory"]):
+        code, _, err = cli(*command, "--teacher-model", model)
+        assert code == 2 and err == (f"sarkd-diag: error: model path {model} holds {holds}, not a causal language "
+                                     "model: sarkd-diag distils decoder-only LMs (GPT-2, Llama, Mistral, Qwen, "
+                                     "Mixtral, ...); give one of those\n")
+    assert not Path(tiny_args[-1]).exists()
 
 
 def test_a_load_error_is_joined_into_one_complete_line():
@@ -211,11 +263,22 @@ def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert build_config({}, config).train_steps == 3
 
 
-def test_a_csv_without_text_column_is_one_line_at_the_cli(cli, tiny_args, tmp_path):
-    data = tmp_path / "d.csv"
-    data.write_text("a,b\n1,2\n")
+@pytest.mark.parametrize("name, content, says", [
+    ("d.csv", "prompt,answer\n1,2\n", "d.csv: a .csv needs a header row with a `text` column; its header has 2 "
+     "columns (`prompt`, `answer`); the documents are read from `text` only: rename the column that holds them to "
+     "`text`, or give a .txt file of one document a line"),
+    ("d.jsonl", '{"text": "a"}\n{"prompt": "hi", "completion": "there"}\n', "d.jsonl:2: expected an object with a "
+     "`text` field; this one has 2 fields (`prompt`, `completion`); the documents are read from `text` only: rename "
+     "the field that holds them to `text`, or give a .txt file of one document a line"),
+    ("d.jsonl", '["hi", "there"]\n', "d.jsonl:1: expected an object with a `text` field, got an array"),
+])
+def test_a_file_without_a_text_field_names_the_fields_it_has_and_what_to_do(cli, tiny_args, tmp_path, name,
+                                                                            content, says):
+    """It said `expected an object with a `text` field` alone: which field holds the documents, and what then?"""
+    data = tmp_path / name
+    data.write_text(content)
     code, _, err = cli("train", *tiny_args, "--train-file", data)
-    assert code == 2 and err.count("\n") == 1 and "`text` column" in err
+    assert code == 2 and err == f"sarkd-diag: error: {tmp_path}/{says}\n"
 
 
 # --------------------------------------------------------------------------------------- resume
@@ -295,6 +358,49 @@ def test_a_wrong_mode_is_named_with_the_option_it_was_typed_in(cli, tmp_path, mo
     assert code == 2 and out == "" and err.count("\n") == 1
     assert err.startswith(f"sarkd-diag: error: {start}"), err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["train", "--precision", "bf16mixed"], "--precision bf16mixed: not a precision mode (did you mean bf16-mixed?); "),
+    (["compare-precision", "--modes", "fp32,mixd"], "--modes mixd: not a precision mode (did you mean mixed?); "),
+    (["train", "--probes", "ful"], "--probes must be one of off, standard, full; got 'ful' (did you mean full?)"),
+    (["train", "--kd-loss", "reverse_kl"], "--kd-loss must be one of forward-kl, reverse-kl, jsd; got 'reverse_kl' "
+     "(did you mean reverse-kl?)"),
+    (["events", "RUN", "--kind", "nonfinite-params"], "--kind nonfinite-params: not an event kind (did you mean "
+     "nonfinite_param?); kinds: "),
+    (["events", "RUN", "--severity", "crit"], "--severity 'crit' (did you mean critical?): choose one of info, "),
+    (["events", "RUN", "--format", "jsn"], "--format 'jsn' (did you mean json?): choose one of table, json, csv"),
+    (["check", "RUN", "--expect", "complete"], "--expect complete: unknown (did you mean completed?); expectations: "),
+    (["train", "--probes", "verbose"], "--probes must be one of off, standard, full; got 'verbose'\n"),
+    (["train", "--precision", "16"], "--precision 16 is ambiguous: say `mixed` "),  # not `did you mean bf16?`
+])
+def test_a_mistyped_choice_is_answered_with_the_choice_meant(cli, tmp_path, monkeypatch, args, says):
+    """A mistyped option name got `did you mean --block-size?`, a mistyped value only the list of choices to search
+    (37 event kinds for `--kind`); a value close to none gets the list alone."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    code, out, err = cli(*[str(run) if a == "RUN" else a for a in args])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"sarkd-diag: error: {says}" in err, err
+
+
+@pytest.mark.parametrize("content, says", [
+    ("train_step: 3\n", "unknown option train_step (did you mean train_steps?)"),
+    ("--train-steps: 3\n", "unknown option --train-steps (did you mean train_steps?)"),
+    ("1: 3\n", "unknown option 1"),  # a key YAML reads as a number: it was an internal error, exit 3
+    ("train_step: 3\nlr: 1\n", "unknown options lr, train_step"),
+])
+def test_an_unknown_config_key_is_named_as_written_with_the_key_meant(cli, tmp_path, monkeypatch, content, says):
+    """A key of a --config file got no suggestion where the same typo on the command line did, `--train-steps:`
+    (an option copied into YAML) was named `__train_steps`, and a number as a key raised AttributeError."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(content)
+    code, out, err = cli("train", "--config", config)
+    assert (code, out, err) == (2, "", f"sarkd-diag: error: --config {config}: {says}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
 
 def test_compare_precision_help_shows_its_own_defaults(cli):
@@ -455,3 +561,20 @@ def test_a_bidirectional_encoder_is_refused_as_no_causal_lm(cli, tiny_args, tiny
     assert code == 2 and err.count("\n") == 1
     assert f"{role} {bert} is not a causal LM" in err and "is_decoder=True" in err
     assert not Path(tiny_args[-1]).exists()
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"text": "a"}\n{"text": "b"}\n', " — it holds one JSON object a line (JSON Lines): rename it to d.jsonl"),
+    ('[{"text": "a"}, {"text": "b"}]\n', " — it holds a JSON array: write one object a line as .jsonl (`jq -c '.[]' "
+     "{path} > data.jsonl`)"),
+    ('{\n  "text": "a"\n}\n', ""),
+], ids=["JSON Lines", "array", "one object"])
+def test_a_json_train_file_is_told_what_to_do_with_it(cli, tiny_args, tmp_path, content, says):
+    """`datasets`' to_json writes JSON Lines under a .json name: it was refused with the formats alone, as a JSON
+    array was, when the one is a rename away and the other a jq line."""
+    data = tmp_path / "d.json"
+    data.write_text(content)
+    code, out, err = cli("train", *tiny_args, "--train-file", data)
+    assert (code, out) == (2, "")
+    assert err == (f"sarkd-diag: error: {data}: unknown text format '.json'; give `.txt` (one document a line), "
+                   f"`.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")

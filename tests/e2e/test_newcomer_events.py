@@ -181,7 +181,7 @@ def test_report_says_every_file_it_wrote(cli, tiny_args):
     code, out, err = cli("report", run)
     assert code == 0, err
     assert out.startswith(f"{run}: crashed, 2 steps, ")
-    assert sorted(out.strip().split("; wrote ")[1].split(", ")) == sorted(closing)
+    assert sorted(out.splitlines()[0].split("; wrote ")[1].split(", ")) == sorted(closing)
 
 
 def _rendered(frame, width: int) -> str:
@@ -294,3 +294,17 @@ def test_follow_prints_each_event_on_one_line_at_80_columns(tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 4 and lines[3].startswith("step 3 critical nonfinite_activation teacher/" + LONG_MODULE)
     assert lines[3].endswith("NaN in the output") and len(lines[3]) > 80
+
+
+def test_a_step_range_after_the_last_step_says_where_the_run_ended(cli, tmp_path):
+    """`events --step 90:` of a run that ended at step 3 said `no event matches these filters`, as if no event had
+    happened there, not that the run never got there."""
+    run = _run(tmp_path)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n"
+                                               for s in (1, 2, 3, 4)))
+    code, out, err = cli("events", run, "--step", "90:")
+    assert code == 0 and err == ""
+    assert " ".join(out.split()) == ("no event matches these filters (of 4 events recorded): --step '90:' begins "
+                                     "after step 4, the last step recorded")
+    code, out, _ = cli("events", run, "--step", "4:", "--kind", "no_router")
+    assert code == 0 and " ".join(out.split()) == "no event matches these filters (of 4 events recorded)"

@@ -251,6 +251,19 @@ def test_a_directory_that_holds_no_run_says_what_to_give(cli, tiny_world, tmp_pa
                    "runs/<date-time>-<mode>/)\n")
 
 
+def test_a_run_whose_config_json_is_damaged_is_said_so_not_called_a_model(cli, one_step, tmp_path):
+    """A run's config.json cut short or mis-edited: `report` called the run `not a run's: a model's?` while `events`
+    read it and `check` sent the user to `report` to close it."""
+    run = Path(shutil.copytree(one_step, tmp_path / "run"))
+    (run / "summary.json").unlink()
+    (run / "config.json").write_text('{"options": {\n')
+    code, out, err = cli("report", run)
+    assert (code, out) == (2, "")
+    assert err == (f"sarkd-diag: error: {run}/config.json is not valid JSON (Expecting property name enclosed in "
+                   "double quotes: line 2 column 1 (char 14)): a run directory is read through it; restore it whole, "
+                   "or give another directory\n")
+
+
 def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
     """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
     code, _, err = cli("check", tmp_path / "typo")
@@ -661,3 +674,102 @@ def test_a_config_value_of_the_wrong_kind_names_the_file_and_option(cli, tmp_pat
     assert (code, out) == (2, "")
     assert err == f"sarkd-diag: error: --config {config}: {says}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_a_run_that_raises_says_what_failed_and_where_the_details_are(cli, tiny_args, monkeypatch):
+    """An exception in training (exit 3) ended in a panel of `status: failed` and `no numerical problems found`:
+    nothing said what failed. Now the panel, report.md, summary.json and `events` carry the exception's line, the
+    step and phase it was raised in, and the file that holds its traceback; the console says it once (stderr)."""
+    from sarkd_diag.train.loop import Trainer
+
+    real = Trainer._forward_backward
+
+    def fails_at_step_2(self, *args, **kwargs):
+        if self.step == 2:
+            raise RuntimeError("expected scalar type Float but found\nHalf")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", fails_at_step_2)
+    code, out, err = cli("train", *tiny_args, "--precision", "fp32")
+    run = Path(tiny_args[-1])
+    said = "RuntimeError: expected scalar type Float but found Half; traceback in traceback.txt"
+    assert code == 3 and err.count("\n") == 1 and "expected scalar type Float" in err
+    panel = " ".join(out[out.index("diagnosis"):].replace("│", " ").split())
+    assert f"error at step 2 (forward): {said}" in panel and "no numerical problems found" not in panel
+    assert "no numerical cause: what was measured stayed finite up to step 1" in panel
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == {"message": said, "step": 2, "phase": "forward"}
+    assert said in " ".join((run / "report.md").read_text().split()) and (run / "traceback.txt").is_file()
+    code, out, _ = cli("events", run, "--kind", "run_error", "--format", "json")
+    assert code == 0 and [(e["step"], e["message"]) for e in json.loads(out)] == [(2, said)]
+    code, out, _ = cli("check", run, "--expect", "no-critical")
+    assert (code, out) == (1, f"{run}: no-critical: 1 critical event (run_error 1), first at step 2: {said}\n")
+
+
+def test_check_says_one_line_per_failed_expectation_whatever_the_event_message(cli, tmp_path):
+    """An event message of several lines (an exception's, a user loop's) made `check` print a line that was not one
+    of its own."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    event = {"kind": "nonfinite_param", "severity": "critical", "message": "NaN in\n  the weights", "step": 3,
+             "micro_step": 0, "rank": 0, "phase": "optimizer", "probe": "loop", "model": "student", "time": 1.0}
+    (run / "events.jsonl").write_text(json.dumps(event) + "\n")
+    code, out, _ = cli("check", run, "--expect", "no-critical")
+    assert (code, out) == (1, f"{run}: no-critical: 1 critical event (nonfinite_param 1), first at step 3 in student: "
+                              "NaN in the weights\n")
+
+
+@pytest.mark.parametrize("status", [None, "interrupted", "completed"])
+def test_report_of_a_run_that_stopped_short_says_how_to_continue_it(cli, one_step, tmp_path, status):
+    """A run killed (closed as crashed by `report`) or interrupted, with a checkpoint: its panel and `check` gave the
+    command that continues it, `report` and report.md/.html did not — what to do next was in neither."""
+    run = Path(shutil.copytree(one_step, tmp_path / "run"))
+    (run / "summary.json").unlink()
+    if status:
+        (run / "summary.json").write_text(json.dumps({"status": status}))
+    code, out, _ = cli("report", run)
+    said = f"continue it: sarkd-diag train --output-dir {run} --resume"
+    assert code == 0 and (said in out.splitlines()) == (status != "completed"), out
+    assert (f"- {said.replace(': ', ': `', 1)}`" in (run / "report.md").read_text()) == (status != "completed")
+    assert (said.replace(": ", ": <code>", 1) in (run / "report.html").read_text()) == (status != "completed")
+
+
+@pytest.mark.parametrize("evaluated", [(0,), (0, 3)], ids=["at step 0 only", "at steps 0 and 3"])
+def test_max_eval_ppl_is_not_met_by_the_perplexity_before_training(cli, tmp_path, evaluated):
+    """A run that stopped after its first step (pure fp16's NaN weights) has one evaluation, step 0's: `check
+    --max-eval-ppl` passed it on the untrained student's perplexity, as if training had reached it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    rows = [{"step": s, "split": "eval", "eval_loss": 5.0, "eval_ppl": 148.4} for s in evaluated]
+    rows += [{"step": s, "split": "train", "loss": 5.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["step"])))
+    code, out, _ = cli("check", run, "--max-eval-ppl", "1000")
+    if evaluated == (0,):
+        assert (code, out) == (1, f"{run}: max-eval-ppl: no evaluation after step 0: its one perplexity, 148.4 at "
+                                  "step 0, is the student's before training (the run ended before it evaluated "
+                                  "again)\n")
+    else:
+        assert (code, out) == (0, f"{run}: ok — max-eval-ppl holds for 1 run\n")
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_report_names_a_causes_rank_only_in_a_run_of_several(cli, tmp_path, ranks):
+    """report.md and report.html said `First seen at step 2 in student (rank 0).` of every one-process run: a rank the
+    reader never set, read as something to look into."""
+    run = tmp_path / "run"
+    run.mkdir()
+    precision = {"mode": "fp32", "requested": "fp32", "reason": "requested", "master_dtype": "float32"}
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": precision}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n"
+                                               for s in (1, 2)))
+    base = {"severity": "critical", "step": 2, "micro_step": 0, "phase": "optimizer", "probe": "parameters",
+            "model": "student", "tensor": "w", "time": 1.0, "kind": "nonfinite_param", "message": "NaN in w"}
+    (run / "events.jsonl").write_text(json.dumps({**base, "rank": 0}) + "\n")
+    if ranks == 2:
+        (run / "events.rank1.jsonl").write_text(json.dumps({**base, "rank": 1, "step": 3}) + "\n")
+    code, _, err = cli("report", run)
+    assert code == 0, err
+    said = "First seen at step 2 in student / w" + (" (rank 0)." if ranks == 2 else ".")
+    assert said in (run / "report.md").read_text() and said in (run / "report.html").read_text()
