@@ -918,10 +918,14 @@ class Probes:
             write_json_atomic(path, config)
             self._precision_written = config["precision"]
 
-    def close(self, status: str = "completed") -> None:
-        """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once)."""
+    def close(self, status: str = "completed", error: BaseException | None = None) -> None:
+        """Remove the hooks and, with a run directory, close it: summary, parquet files, report (once). `error`: the
+        exception that ended a `failed` run, recorded as its `run_error` event — the panel, report and summary name
+        it, where they said "failed" with no reason."""
         if not self._closed and status in ("failed", "interrupted"):
             self._record_unfinished_step()
+            if error is not None and status == "failed":
+                self._record_error(error)
         completed = status == "completed" and not self._closed
         if completed:
             self._check_optimizer_stepped()
@@ -953,12 +957,22 @@ class Probes:
         (host,) = to_host(self.set.take_readings())
         self.set.record(host)
 
+    def _record_error(self, error: BaseException) -> None:
+        """The exception as `train` records its own: one line, its type and message, at the step it ended, in the phase
+        the step had reached as far as the probes saw it: the optimizer's pre-step hook ran, or a training forward ran
+        and the watched tensors hold gradients (backward), else the forward — reading its batch included (the caller's
+        traceback is the caller's to print)."""
+        graded = any(w.param.grad is not None for w in self.ctx.watched)
+        phase = ("optimizer" if self.ctx.optimizer_ran else "backward" if self.ctx.trained and graded else "forward")
+        self.events.record("run_error", "critical", " ".join(f"{type(error).__name__}: {error}".split()),
+                           step=self.ctx.step, phase=phase, probe="loop")
+
     def __enter__(self) -> Probes:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("completed" if exc_type is None else "interrupted" if exc_type is KeyboardInterrupt
-                   else "failed")
+                   else "failed", exc)
 
 
 def accumulation_clock(optimizer) -> Callable[[], bool] | None:

@@ -174,7 +174,7 @@ class SarkdDiagCallback(TrainerCallback):
         in a notebook's kernel, they would go on watching the model, and `sarkd-diag report` would refuse the run as one
         a live process still writes."""
         if self.probes is not None:
-            self.probes.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            self.probes.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
 
     def _replay_if_nonfinite(self, loss: torch.Tensor) -> None:
         """A micro-batch's loss is non-finite on a step without per-module statistics: run its `compute_loss` again,

@@ -190,4 +190,4 @@ class SarkdDiagLightningCallback(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.probes is not None:
-            self.probes.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
+            self.probes.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)

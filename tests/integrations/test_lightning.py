@@ -163,6 +163,7 @@ def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_pa
         _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10))
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "failed"
+    assert run["summary"]["error"]["message"].startswith("RuntimeError: corrupt record")  # what failed, said
     assert run["metrics"]["step"].tolist() == list(range(1, len(run["metrics"]) + 1)) and len(run["metrics"]) >= 1
 
 

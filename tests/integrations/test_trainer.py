@@ -121,7 +121,9 @@ def test_an_exception_inside_the_trainer_closes_the_run_it_can(tmp_path, cli, ho
     assert (run_dir / "config.json").is_file()  # written when the run dir opened, not at close
     if how != "add_callback":
         assert clip_grad._clip_grads_with_norm_ is ORIGINAL_CLIPPING  # the hooks are gone with the run
-        assert load_run(run_dir)["summary"]["status"] == "failed"
+        summary = load_run(run_dir)["summary"]
+        assert summary["status"] == "failed" and summary["error"]["step"] == died_after + 1  # and what failed
+        assert summary["error"]["message"].startswith("RuntimeError: corrupt record"), summary["error"]
     else:
         assert not (run_dir / "summary.json").exists()
         code, _, err = cli("report", run_dir)

@@ -235,6 +235,9 @@ def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
     assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1]
     root = run["summary"]["diagnosis"][0]
     assert (root["module"], root["first_step"], root["severity"]) == ("second", 2, "critical"), root
+    error = run["summary"]["error"]  # what ended the run is said too, as `train`'s own errors are
+    assert (error["step"], error["phase"]) == (2, "backward") and error["message"].startswith(
+        "RuntimeError: The total norm of order 2.0 for gradients from `parameters` is non-finite"), error
 
 
 @pytest.mark.parametrize("unscaled", [False, True])
