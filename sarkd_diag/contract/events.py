@@ -58,7 +58,8 @@ CODES = {
     "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
                    "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
-    "fp16_overflow_risk": "a finite forward output beyond fp16's range, in a wider dtype",
+    "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
+                          "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
     "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
     "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",

@@ -22,8 +22,10 @@ a NaN there was made by the module running when it was handed over — the inner
 own `forward` (named `<Class>.forward`) when none of its modules is — and that module is named, before the child;
 the model's output, when its own code made it rather than a child, is read so too. Only NaN and +Inf count in
 these readings (a division by zero makes either): -Inf is how a mask is written into scores that a softmax module
-then takes, and a finite value made between modules is no module's output (the headroom map and
-`act_amax_<model>` stay module outputs).
+then takes. A finite value beyond fp16's range made there in a wider dtype is that module's fp16 risk (a SwiGLU MLP's
+silu(gate) · up, handed to down_proj, overflows fp16 though gate, up and down_proj all fit): its high side only, as
+a large negative value is how a mask is written (float32's min, -1e9). The headroom map and `act_amax_<model>` stay
+module outputs.
 
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
@@ -222,6 +224,13 @@ class ActivationProbe(Probe):
                         "order" + note,
                         model=model, module=module, dtype=dtype, value=math.nan if math.isnan(low) else math.inf,
                         numel=numel, nan_count=None, posinf_count=None, neginf_count=None)
+                elif not made and high > FP16_MAX and dtype != "float16":  # the high side: a mask is large negative
+                    self._report_once(
+                        (model, module, "risk"), "fp16_overflow_risk", "warning",
+                        f"{model} {module} makes values reaching {high:.4g} in its own code (in {dtype}, handed to "
+                        f"{handed_to}, no watched module's output), beyond fp16's {FP16_MAX:.0f}: this overflows in "
+                        "fp16 compute",
+                        model=model, module=module, dtype=dtype, value=high, numel=numel)
                 continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))

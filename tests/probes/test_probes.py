@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 import pytest
+import tiny
 import torch
 from contract import assert_conforms, assert_run_dir
 from torch import nn
@@ -1637,3 +1638,48 @@ def test_two_optimizers_on_cadences_of_their_own_are_judged_each_by_its_own_step
     assert _events(probes, "lost_updates") == []
     assert [(note.step, note.tensor) for note in notes] == ([] if uncleared is None else [(2, uncleared)])
     assert ("gradients_not_cleared" in _causes(probes)) == (uncleared is not None)
+
+
+def _swiglu_llama_step(scale: float, attention: str = "eager") -> tuple[Probes, float, float]:
+    """One fp32 step of a tiny Llama whose layer-1 MLP has gate and up ×`scale`: the probes, the largest module
+    output and the largest SwiGLU product silu(gate)·up (the MLP's own code, handed to down_proj) — measured apart."""
+    model = tiny.make_llama(96, attention=attention)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(scale)
+        mlp.up_proj.weight.mul_(scale)
+    outputs, products = [0.0], [0.0]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(float(out.detach().abs().max())))
+               for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles.append(mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: products.append(float(args[0].detach().abs().max()))))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    for h in handles:
+        h.remove()
+    return probes, max(outputs), max(products)
+
+
+def test_a_swiglu_product_beyond_fp16_in_fp32_is_the_mlps_fp16_risk():
+    """silu(gate(x)) · up(x) is no module's output: gate, up and down_proj all fit fp16, their product does not.
+    An fp16 run overflows there, so the fp32 run warns at the MLP whose code makes it — not silence because no
+    module's output crossed 65504."""
+    probes, largest_output, largest_product = _swiglu_llama_step(2000.0)
+    assert largest_output < 65504 < largest_product
+    (event,) = _events(probes, "fp16_overflow_risk")
+    assert (event.model, event.module, event.dtype) == ("student", "model.layers.1.mlp", "float32")
+    assert "down_proj" in event.message and event.value > 65504
+    top = probes.diagnosis()[0]
+    assert (top["cause"], top["severity"], top["module"]) == ("activation_overflow", "warning", "model.layers.1.mlp")
+
+
+def test_an_additive_mask_of_float32s_min_handed_between_modules_is_no_fp16_risk():
+    """Eager attention's causal mask is torch.finfo(float32).min, made in the model's code and handed to each layer:
+    a large negative value between modules is how masks are written, no overflow; a healthy run stays clean."""
+    probes, _, largest_product = _swiglu_llama_step(1.0, attention="eager")
+    assert largest_product < 10 and not _events(probes, "fp16_overflow_risk") and probes.diagnosis() == []
