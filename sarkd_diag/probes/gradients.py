@@ -25,7 +25,12 @@ step — the gradients cleared between backward and the step, or a loss cut off 
 a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a stretch.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
-post-accumulate hooks record the order in which gradients actually arrived.
+post-accumulate hooks record the order in which gradients actually arrived. A tensor a model registers under several
+names — a head tied to the token embedding — is named first as the embedding and its gradient is complete only at
+the input end, but backward reaches it first by its last name, the head. Where the tensor registered just ahead of
+that name (the final norm) is bad too — what the head's backward hands on flows into it — the tied tensor takes the
+head's place in the order (just before that tensor, whose arrival stands for it at `full`) and is named by it
+(`lm_head.weight`, not `model.embed_tokens.weight`); else the fault came in at the embedding, and so it is named.
 
 A backward adds its gradients to what `.grad` holds, so a loop must clear them once the optimizer (or a loss scaler
 that skipped the step) has used them. Whether it did is read where it shows: when the first gradient of a step
@@ -48,7 +53,7 @@ import torch
 
 from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import counted
-from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, optimizers_of, sampled
+from .base import FP16_MAX, Probe, Watched, abs_max, dtype_name, nonfinite_counts, optimizers_of, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -73,6 +78,7 @@ class GradientProbe(Probe):
         self._norm = None  # the total norm the loop's clipping returned, this step
         self._clip_max_norm: float | None = None  # the threshold it clipped at, this step (finite: a clipping)
         self._arrival: dict[int, int] = {}
+        self._tied = _tied_output_ends(ctx)
         self._clock = itertools.count()
         self._handles = []
         self._last_first_bad: int | None = None  # the first bad tensor of the previous step, None if it was clean
@@ -224,11 +230,11 @@ class GradientProbe(Probe):
             self._track_zero(2 * len(zero) > len(present), zero, len(zero), len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
-        first = self._first_in_backward_order(bad) if bad else None
+        first, by_last = self._first_in_backward_order(bad) if bad else (None, False)
         begins = first is not None and self._last_first_bad is None
         moved = first is not None and first != self._last_first_bad and self.ctx.loss_scaler.enabled
         if begins or moved:
-            self._report(first, len(bad), amax[first])
+            self._report(first, by_last, len(bad), amax[first])
         self._last_first_bad = first
         self._grads = []
         return metrics
@@ -241,13 +247,29 @@ class GradientProbe(Probe):
             self._report_zero(self._first_in_backward_order(zero), count, present, self._mostly_zero_since)
         self._mostly_zero_since = (self._mostly_zero_since or self.ctx.step) if mostly_zero else None
 
-    def _first_in_backward_order(self, bad: list[int]) -> int:
+    def _first_in_backward_order(self, among: list[int]) -> tuple[int, bool]:
+        """The first of `among` in backward order, and whether backward reached it by its last name (a tied head's):
+        taken so only where the tensor it stands after is among them too — what the head's backward hands on flows
+        into that one; else the fault came in by its first name (the embedding's)."""
+        chosen = set(among)
+        by_last = {i for i in chosen if i in self._tied and self._tied[i][0] in chosen}
         if self._arrival:
-            return min(bad, key=lambda i: self._arrival.get(i, math.inf))
-        return max(bad)
+            first = min(among, key=lambda i: self._arrival.get(self._tied[i][0], math.inf) - 0.5 if i in by_last
+                        else self._arrival.get(i, math.inf))
+        else:
+            first = max(among, key=lambda i: self._tied[i][0] + 0.5 if i in by_last else i)
+        return first, first in by_last
 
-    def _report(self, first: int, bad_count: int, value: float) -> None:
-        w = self.ctx.watched[first]
+    def _named(self, index: int, by_last: bool) -> tuple[Watched, str]:
+        """The watched tensor under the name backward reached it by, and a note naming the tensor it is tied to."""
+        w = self.ctx.watched[index]
+        if not by_last:
+            return w, ""
+        name = self._tied[index][1]
+        return Watched(w.model, name.rpartition(".")[0], name, w.param), f" (tied: the same tensor as {w.tensor})"
+
+    def _report(self, first: int, by_last: bool, bad_count: int, value: float) -> None:
+        w, tied = self._named(first, by_last)
         grad = self._grads[first]
         counts = nonfinite_counts(grad) if grad is not None else {}
         # a scaler skips every step whose gradients are non-finite; a loop's policy may skip it before the optimizer
@@ -258,8 +280,8 @@ class GradientProbe(Probe):
                    "no loss scaler: the optimizer applies it")
         self.ctx.events.record(
             "nonfinite_grad", "info" if skipped else "critical",
-            f"gradient of {w.model} {w.tensor} is non-finite at step {self.ctx.step} — the first in backward order "
-            f"of {counted(bad_count, 'non-finite tensor')}; {outcome}",
+            f"gradient of {w.model} {w.tensor}{tied} is non-finite at step {self.ctx.step} — the "
+            f"first in backward order of {counted(bad_count, 'non-finite tensor')}; {outcome}",
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module,
             tensor=w.tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
@@ -275,12 +297,12 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
             code="gradients_not_cleared")
 
-    def _report_zero(self, first: int, zero: int, present: int, since: int) -> None:
-        w = self.ctx.watched[first]
+    def _report_zero(self, first: tuple[int, bool], zero: int, present: int, since: int) -> None:
+        w, tied = self._named(*first)
         computed = self.ctx.computes_in(w.model)  # what the backward ran in: a frozen fp16 base under fp32 adapters too
         if present:
             what = (f"the gradients of {zero} of the {counted(present, 'trainable tensor')} are exactly zero on every "
-                    f"step since step {since}, from {w.model} {w.tensor} (backward order) on")
+                    f"step since step {since}, from {w.model} {w.tensor}{tied} (backward order) on")
         else:
             what = (f"none of the {counted(len(self._grads), 'trainable tensor')} has a gradient at the optimizer step "
                     f"on every step since step {since} (cleared before the step, or the loss does not reach them)")
@@ -294,3 +316,22 @@ class GradientProbe(Probe):
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def _tied_output_ends(ctx) -> dict[int, tuple[int, str]]:
+    """{watched index: (the watched tensor it stands after in registration order, its last name)} for each trainable
+    tensor a model registers under several names (a head tied to the token embedding), where a watched tensor of
+    that model is registered ahead of that last name."""
+    index = {id(w.param): i for i, w in enumerate(ctx.watched)}
+    tied: dict[int, tuple[int, str]] = {}
+    for model_name, model in ctx.models.items():
+        registered: list[int] = []  # this model's watched tensors in registration order, each once
+        for name, p in model.named_parameters(remove_duplicate=False):
+            i = index.get(id(p))
+            if i is None or ctx.watched[i].model != model_name:
+                continue
+            if i not in registered:
+                registered.append(i)
+            elif ahead := [j for j in registered if j != i]:
+                tied[i] = (max(ahead), name)
+    return tied

@@ -1683,3 +1683,31 @@ def test_an_additive_mask_of_float32s_min_handed_between_modules_is_no_fp16_risk
     a large negative value between modules is how masks are written, no overflow; a healthy run stays clean."""
     probes, _, largest_product = _swiglu_llama_step(1.0, attention="eager")
     assert largest_product < 10 and not _events(probes, "fp16_overflow_risk") and probes.diagnosis() == []
+
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("where", ["lm_head", "model.embed_tokens"])
+def test_a_gradient_overflow_at_a_tied_head_is_placed_at_the_head(where, tied, level):
+    """A backward hook ×inf at `where`'s output: at the head, every gradient after it in backward is non-finite too;
+    at the token embedding, only its own. A head tied to the token embedding (Llama-3.2, Qwen2, Gemma, GPT-2) is one
+    tensor, registered first under the embedding's name and complete only at the input end of backward: still, where
+    the head's backward went bad it is the head that is named — not the final norm, the first tensor of its own in
+    backward order — and where only the embedding's did, the embedding."""
+    model = tiny.make_llama(96, tied=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+    def overflow_backward_here(_module, _inputs, out):
+        out.register_hook(lambda grad: grad * math.inf)
+
+    model.get_submodule(where).register_forward_hook(overflow_backward_here)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    with Probes(model, optimizer=opt, level=level) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.module, event.tensor) == (where, f"{where}.weight")
+    assert probes.diagnosis()[0]["module"] == where
