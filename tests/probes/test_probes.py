@@ -1711,3 +1711,30 @@ def test_a_gradient_overflow_at_a_tied_head_is_placed_at_the_head(where, tied, l
     (event,) = _events(probes, "nonfinite_grad")
     assert (event.module, event.tensor) == (where, f"{where}.weight")
     assert probes.diagnosis()[0]["module"] == where
+
+
+def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_cache():
+    """A Llama decoder layer in float16 whose residual sum leaves fp16's range (two MLPs write ~4.7e4 and ~2.7e4 into
+    one channel). transformers hands each layer the key-value cache it builds in every forward: the float32 replay
+    runs without it — replayed with it, the layer appends its keys a second time (the cache the training forward
+    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op."""
+    model = tiny.make_llama(96, attention="eager")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(40.0)
+            layer.mlp.up_proj.weight.mul_(40.0)
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight[5] = 200.0
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    cached = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):  # the loop skips a step whose loss is not finite: the weights stay as they were
+            out = model(input_ids=ids, labels=ids)
+            cached.append(out.cache.get_seq_length(1))  # the replayed layer's keys
+            probes.step(loss=out.loss, skipped=True)
+    assert math.isnan(float(out.loss.detach())) and cached == [16, 16]
+    (replay,) = _events(probes, "wide_replay")
+    assert (replay.module, replay.step) == ("model.layers.1", 2) and 65504 < replay.value < math.inf
+    assert probes.diagnosis()[0]["module"] == "model.layers.1"
