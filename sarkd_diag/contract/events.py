@@ -62,6 +62,8 @@ CODES = {
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
     "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
+    "lost_updates_whole_tensors": "lost_updates: every intended update of 16-bit tensors lost, where the run and "
+                                  "each parameter group lose few",
     "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",
     "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
     "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
