@@ -1883,6 +1883,41 @@ def clean_llama_cli(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def pure_bf16_norm_gains(world: World, tmp: Path) -> Outcome:
+    """`train --precision pure-bf16 --student-lr 1e-3`, a Llama student: its matrices (near 0.02, half a bf16 ulp
+    ~6e-5) take Adam's lr-sized steps, its RMSNorm gains (1.0, half an ulp 0.0039) lose every one."""
+    from safetensors.torch import load_file
+
+    student = tiny.save(tiny.make_llama(world.vocab, tied=True), world.tokenizer, tmp / "llama_student")
+    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "1e-3", steps=4,
+                           teacher=world.dense_teacher, student=student)
+    before = load_file(str(student / "model.safetensors"))
+    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
+    norms = [name for name in after if "norm" in name]
+    moved = {name: not torch.equal(before[name].to(after[name].dtype), after[name]) for name in after if name in before}
+    lost = [r.get("lost_update_fraction") for r in run["metrics"] if r.get("lost_update_fraction") is not None]
+    outcome.facts.update(norm_gains_moved=sum(moved[n] for n in norms), norm_gains=len(norms),
+                         other_tensors_moved=sum(v for n, v in moved.items() if n not in norms),
+                         lost_update_fraction=lost)
+    outcome.check("no norm gain moved, every other tensor did, the run lost under 10% of its updates",
+                  norms and not any(moved[n] for n in norms) and all(v for n, v in moved.items() if n not in norms)
+                  and lost and lost[0] < 0.1)
+    return outcome
+
+
+def padded_teacher_vocabulary(world: World, tmp: Path) -> Outcome:
+    """`train --precision fp32` from a Llama teacher on the student's own tokenizer, its head padded 32 rows past it
+    (as Qwen2.5-7B's 152064 rows against 0.5B's 151936)."""
+    teacher = tiny.save(tiny.make_llama(world.vocab + 32, seed=5), world.tokenizer, tmp / "padded_teacher")
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--student-lr", "3e-3", teacher=teacher)
+    config = json.loads((run["dir"] / "config.json").read_text()) if run["dir"].exists() else {}
+    kd = [r.get("kd_loss") for r in run["metrics"]]
+    outcome.facts.update(objective=(config.get("objective") or {}).get("kind"), kd_loss=kd)
+    outcome.check("logit KD over the shared ids, finite", outcome.facts["objective"] == "logit-kd" and kd
+                  and all(v is not None and math.isfinite(v) for v in kd))
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -2149,6 +2184,12 @@ SCENARIOS: list[Scenario] = [
              Expected("activation_overflow", "critical", "student", "model.layers.1", first_step=1)),
     Scenario("clean bf16-mixed, Llama student", "`train --precision bf16-mixed`, Llama student (tied head) and "
              "teacher", "bf16-mixed", "CLI", clean_llama_cli, CLEAN),
+    Scenario("pure-bf16 norm gains never move", "`train --precision pure-bf16 --student-lr 1e-3`, a Llama student: "
+             "RMSNorm gains at 1.0 lose every update, the run under 10%", "pure-bf16", "CLI", pure_bf16_norm_gains,
+             Expected("update_underflow", "warning", "student", "model.layers.0.input_layernorm", first_step=1,
+                      fix_contains="--precision bf16-mixed")),
+    Scenario("clean fp32, teacher vocabulary padded", "`train --precision fp32`, a Llama teacher on the student's "
+             "tokenizer, its head padded 32 rows past it", "fp32", "CLI", padded_teacher_vocabulary, CLEAN),
 ]
 BY_NAME = {**{s.name: s for s in SCENARIOS}, **{s.slug: s for s in SCENARIOS}}
 
