@@ -325,13 +325,13 @@ def _tied_output_ends(ctx) -> dict[int, tuple[int, str]]:
     index = {id(w.param): i for i, w in enumerate(ctx.watched)}
     tied: dict[int, tuple[int, str]] = {}
     for model_name, model in ctx.models.items():
-        registered: list[int] = []  # this model's watched tensors in registration order, each once
+        registered: set[int] = set()  # this model's watched tensors registered so far
         for name, p in model.named_parameters(remove_duplicate=False):
             i = index.get(id(p))
             if i is None or ctx.watched[i].model != model_name:
                 continue
             if i not in registered:
-                registered.append(i)
-            elif ahead := [j for j in registered if j != i]:
-                tied[i] = (max(ahead), name)
+                registered.add(i)
+            elif (ahead := max((j for j in registered if j != i), default=None)) is not None:
+                tied[i] = (ahead, name)
     return tied
