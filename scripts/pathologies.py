@@ -579,13 +579,15 @@ def _probes(model, opt, scaler, run_dir):
     return Probes(model, optimizer=opt, scaler=scaler, run_dir=run_dir)
 
 
-def amp_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path) -> list[float]:
-    """The AMP recipe a user writes: float16 autocast, a GradScaler's scaled backward, step and update, then
-    `probes.step()` and `zero_grad()`; returns each step's loss."""
-    scaler, losses = torch.amp.GradScaler("cpu"), []
-    with _probes(model, opt, scaler, run_dir) as probes:
+def amp_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path,
+                  dtype: torch.dtype = torch.float16) -> list[float]:
+    """The AMP recipe a user writes: autocast, a GradScaler's scaled backward, step and update (bfloat16 needs no
+    scaler: a plain backward and step), then `probes.step()` and `zero_grad()`; returns each step's loss."""
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    losses = []
+    with _probes(model, opt, scaler if scaler.is_enabled() else None, run_dir) as probes:
         for ids in batches:
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
                 loss = model(input_ids=ids, labels=ids).loss
             losses.append(float(loss.detach()))
             scaler.scale(loss).backward()
@@ -1883,6 +1885,138 @@ def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+# ------------------------------------------------------------------------------------------ Llama-style students
+SWIGLU_MLP = "model.layers.1.mlp"  # silu(gate_proj(x)) * up_proj(x) is its own code, handed to down_proj
+
+
+def swiglu_beyond_fp16(world: World) -> tuple[nn.Module, dict]:
+    """A tiny Llama (RMSNorm, rotary, GQA, SwiGLU) whose block-1 MLP has gate and up ×2000, and what its fp32 forward
+    shows: every module output within fp16's range, the SwiGLU product silu(gate)·up beyond it."""
+    model = tiny.make_llama(world.vocab)
+    mlp = model.get_submodule(SWIGLU_MLP)
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(2000.0)
+        mlp.up_proj.weight.mul_(2000.0)
+    product = []
+    handle = mlp.down_proj.register_forward_pre_hook(lambda _m, args: product.append(float(args[0].abs().max())))
+    outputs = forward_extremes(model, token_batches(world, 1)[0])
+    handle.remove()
+    return model, {"largest_module_output": round(max(v for _, v in outputs), 1),
+                   "swiglu_product": round(product[0], 1)}
+
+
+def swiglu_overflow(dtype: torch.dtype):
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome = Outcome()
+        model, fp32 = swiglu_beyond_fp16(world)
+        losses = amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 2),
+                               tmp / "run", dtype=dtype)
+        outcome.diagnosis = user_run_diagnosis(tmp / "run")
+        outcome.facts.update(fp32, losses=losses)
+        outcome.check("in fp32 every module output fits fp16, the SwiGLU product does not",
+                      fp32["largest_module_output"] < FP16_MAX < fp32["swiglu_product"])
+        outcome.check("the loss is NaN in fp16, finite in bf16",
+                      math.isnan(losses[0]) if dtype == torch.float16 else all(map(math.isfinite, losses)))
+        return outcome
+    return run
+
+
+def kd_weighted_too_high_tied_head(world: World, tmp: Path) -> Outcome:
+    """The KD term ×1e8 under fp16 (as "KD loss weighted too high") for a Llama student whose head is tied to its
+    token embedding, as small Llama, Qwen2 and Gemma checkpoints ship: one tensor, registered as the embedding."""
+    student = tiny.save(tiny.make_llama(world.vocab, tied=True), world.tokenizer, tmp / "tied_student")
+    outcome, run = run_cli(world, tmp, "--precision", "mixed", "--alpha-kd", "1e8", steps=18,
+                           teacher=world.dense_teacher, student=student)
+    scales, losses = [r.get("loss_scale") for r in run["metrics"]], _losses(run["metrics"])
+    outcome.facts.update(final_loss_scale=scales[-1] if scales else None)
+    outcome.check("finite losses, the loss scale below 1", losses and all(map(math.isfinite, losses))
+                  and scales[-1] is not None and scales[-1] < 1)
+    return outcome
+
+
+RESIDUAL_CHANNEL = 5
+
+
+def residual_stream_beyond_fp16(world: World, tmp: Path) -> Outcome:
+    """A "massive activation": both blocks' MLPs write into one residual channel (down_proj's row 5 only), ~4.7e4 and
+    ~2.7e4 — each fits fp16, their sum in the residual stream does not. The model in float16 (`.half()`), a loop that
+    skips a step whose loss is not finite (so the weights stay finite and the fault comes back)."""
+    outcome = Outcome()
+    model = tiny.make_llama(world.vocab, attention="eager")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(40.0)
+            layer.mlp.up_proj.weight.mul_(40.0)
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight[RESIDUAL_CHANNEL] = 200.0
+    batches = token_batches(world, 3)
+    fp32 = dict(forward_extremes(model, batches[0]))
+    model.half()
+    opt, losses = torch.optim.SGD(model.parameters(), lr=1e-3), []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            if math.isfinite(losses[-1]):
+                loss.backward()
+                opt.step()
+            probes.step(loss=loss, labels=ids, skipped=not math.isfinite(losses[-1]))
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    mlps = [round(fp32[f"model.layers.{i}.mlp"], 1) for i in (0, 1)]
+    outcome.facts.update(mlp_outputs_fp32=mlps, layer1_output_fp32=round(fp32["model.layers.1"], 1), losses=losses)
+    outcome.check("each MLP's output fits fp16, the residual sum does not; the fp16 loss is NaN",
+                  max(mlps) < FP16_MAX < fp32["model.layers.1"] and all(map(math.isnan, losses)))
+    return outcome
+
+
+def clean_llama_cli(world: World, tmp: Path) -> Outcome:
+    """`train` between Llama-style models (tied student head, untied teacher; GQA, sdpa, RMSNorm, SwiGLU)."""
+    student = tiny.save(tiny.make_llama(world.vocab, tied=True), world.tokenizer, tmp / "llama_student")
+    teacher = tiny.save(tiny.make_llama(world.vocab, seed=5, hidden=48), world.tokenizer, tmp / "llama_teacher")
+    outcome, run = run_cli(world, tmp, "--precision", "bf16-mixed", "--student-lr", "3e-3", teacher=teacher,
+                           student=student)
+    losses = _losses(run["metrics"])
+    outcome.facts["losses"] = [round(v, 3) for v in losses]
+    outcome.check("completed with finite losses", outcome.exit_code == 0 and losses and all(map(math.isfinite, losses)))
+    return outcome
+
+
+def pure_bf16_norm_gains(world: World, tmp: Path) -> Outcome:
+    """`train --precision pure-bf16 --student-lr 1e-3`, a Llama student: its matrices (near 0.02, half a bf16 ulp
+    ~6e-5) take Adam's lr-sized steps, its RMSNorm gains (1.0, half an ulp 0.0039) lose every one."""
+    from safetensors.torch import load_file
+
+    student = tiny.save(tiny.make_llama(world.vocab, tied=True), world.tokenizer, tmp / "llama_student")
+    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "1e-3", steps=4,
+                           teacher=world.dense_teacher, student=student)
+    before = load_file(str(student / "model.safetensors"))
+    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
+    norms = [name for name in after if "norm" in name]
+    moved = {name: not torch.equal(before[name].to(after[name].dtype), after[name]) for name in after if name in before}
+    lost = [r.get("lost_update_fraction") for r in run["metrics"] if r.get("lost_update_fraction") is not None]
+    outcome.facts.update(norm_gains_moved=sum(moved[n] for n in norms), norm_gains=len(norms),
+                         other_tensors_moved=sum(v for n, v in moved.items() if n not in norms),
+                         lost_update_fraction=lost)
+    outcome.check("no norm gain moved, every other tensor did, the run lost under 10% of its updates",
+                  norms and not any(moved[n] for n in norms) and all(v for n, v in moved.items() if n not in norms)
+                  and lost and lost[0] < 0.1)
+    return outcome
+
+
+def padded_teacher_vocabulary(world: World, tmp: Path) -> Outcome:
+    """`train --precision fp32` from a Llama teacher on the student's own tokenizer, its head padded 32 rows past it
+    (as Qwen2.5-7B's 152064 rows against 0.5B's 151936)."""
+    teacher = tiny.save(tiny.make_llama(world.vocab + 32, seed=5), world.tokenizer, tmp / "padded_teacher")
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--student-lr", "3e-3", teacher=teacher)
+    config = json.loads((run["dir"] / "config.json").read_text()) if run["dir"].exists() else {}
+    kd = [r.get("kd_loss") for r in run["metrics"]]
+    outcome.facts.update(objective=(config.get("objective") or {}).get("kind"), kd_loss=kd)
+    outcome.check("logit KD over the shared ids, finite", outcome.facts["objective"] == "logit-kd" and kd
+                  and all(v is not None and math.isfinite(v) for v in kd))
+    return outcome
+
+
 CLEAN = Expected(None)
 
 SCENARIOS: list[Scenario] = [
@@ -2152,6 +2286,29 @@ SCENARIOS: list[Scenario] = [
              "user loop", clean_bf16_user_loop, CLEAN),
     Scenario("clean warm-up with weight decay", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=0.01)` under "
              "a linear warm-up from lr 0", "fp32", "user loop", clean_warmup_with_weight_decay, CLEAN),
+    Scenario("SwiGLU product overflows fp16", "user loop: Llama, autocast fp16 + GradScaler; block 1's gate and up "
+             "×2000: each output fits fp16, silu(gate)·up does not", "mixed", "user loop",
+             swiglu_overflow(torch.float16),
+             Expected("activation_overflow", "critical", "student", SWIGLU_MLP, first_step=1)),
+    Scenario("SwiGLU product beyond fp16, in bf16", "user loop: the same Llama, autocast bf16: no module output beyond "
+             "fp16, the product is", "bf16-mixed", "user loop", swiglu_overflow(torch.bfloat16),
+             Expected("activation_overflow", "warning", "student", SWIGLU_MLP, first_step=1,
+                      not_critical=("activation_overflow", "divergence"))),
+    Scenario("KD loss weighted too high, tied head", "`train --precision mixed --alpha-kd 1e8`, a Llama student "
+             "whose lm_head is tied to its embedding, 18 steps", "mixed", "CLI", kd_weighted_too_high_tied_head,
+             Expected("loss_scale_collapse", "critical", "student", "lm_head", first_step=(1, 17))),
+    Scenario("residual stream beyond fp16", "user loop: Llama `.half()`, SGD, non-finite steps skipped; both MLPs "
+             "write ~4.7e4 and ~2.7e4 into one residual channel", "pure-fp16", "user loop",
+             residual_stream_beyond_fp16,
+             Expected("activation_overflow", "critical", "student", "model.layers.1", first_step=1)),
+    Scenario("clean bf16-mixed, Llama student", "`train --precision bf16-mixed`, Llama student (tied head) and "
+             "teacher", "bf16-mixed", "CLI", clean_llama_cli, CLEAN),
+    Scenario("pure-bf16 norm gains never move", "`train --precision pure-bf16 --student-lr 1e-3`, a Llama student: "
+             "RMSNorm gains at 1.0 lose every update, the run under 10%", "pure-bf16", "CLI", pure_bf16_norm_gains,
+             Expected("update_underflow", "warning", "student", "model.layers.0.input_layernorm", first_step=1,
+                      fix_contains="--precision bf16-mixed")),
+    Scenario("clean fp32, teacher vocabulary padded", "`train --precision fp32`, a Llama teacher on the student's "
+             "tokenizer, its head padded 32 rows past it", "fp32", "CLI", padded_teacher_vocabulary, CLEAN),
 ]
 BY_NAME = {**{s.name: s for s in SCENARIOS}, **{s.slug: s for s in SCENARIOS}}
 

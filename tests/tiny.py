@@ -74,6 +74,20 @@ def load_moe_keeping_gates_in_fp32(path: Path, dtype, vocab_size: int, seed: int
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def make_llama(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, positions: int = 128,
+               attention: str = "sdpa", tied: bool = False):
+    """A tiny Llama-style decoder: RMSNorm, rotary positions, grouped-query attention (2 heads, 1 key-value head),
+    a SwiGLU MLP (down(silu(gate(x)) * up(x)): the product is the MLP's own code, no module's output)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=positions, tie_word_embeddings=tied, attn_implementation=attention,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return LlamaForCausalLM(config)
+
+
 def save(model, tokenizer, path: Path) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

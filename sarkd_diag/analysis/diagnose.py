@@ -1223,9 +1223,11 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
     leaves the weights as they were in their dtype — predicted before the first step, measured on the weights. In
     low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake. Where updates
     are lost to rounding too (`update_underflow`), the lr is too small for the weights and the decay, lr × a
-    weight_decay below 1, goes with them: that cause and its fix cover both."""
+    weight_decay below 1, goes with them: that cause and its fix cover both — not where only a few whole tensors
+    lose their updates (a norm's gain at 1.0), while the decay of every weight rounds away."""
     lost = r.of("optimizer_preflight", "weight_decay_zero")
-    if not len(lost) or len(r.of("lost_updates")) or len(r.of("optimizer_preflight", "update_below_half_ulp")):
+    if (not len(lost) or len(r.of("lost_updates", "lost_updates"))
+            or len(r.of("optimizer_preflight", "update_below_half_ulp"))):
         return []
     row = _first(lost)
     decay, dtype = float(row["value"]), row.get("dtype")

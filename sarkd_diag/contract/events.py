@@ -59,9 +59,12 @@ CODES = {
     "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
                    "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
-    "fp16_overflow_risk": "a finite forward output beyond fp16's range, in a wider dtype",
+    "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
+                          "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
     "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
+    "lost_updates_whole_tensors": "lost_updates: every intended update of 16-bit tensors lost, where the run and "
+                                  "each parameter group lose few",
     "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",
     "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
     "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
@@ -86,6 +89,7 @@ CODES = {
                  "its traceback",
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
+    "padded_vocabulary": "setup_note: one tokenizer, heads padded to different sizes: KD compares the shared ids",
     "every_step_skipped": "setup_note: every step the caller closed was one its loop skipped: nothing trained",
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
     "step_order": "setup_note: the optimizer stepped before any training forward of the step: Probes.step() is "

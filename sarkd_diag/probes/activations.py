@@ -22,8 +22,10 @@ a NaN there was made by the module running when it was handed over — the inner
 own `forward` (named `<Class>.forward`) when none of its modules is — and that module is named, before the child;
 the model's output, when its own code made it rather than a child, is read so too. Only NaN and +Inf count in
 these readings (a division by zero makes either): -Inf is how a mask is written into scores that a softmax module
-then takes, and a finite value made between modules is no module's output (the headroom map and
-`act_amax_<model>` stay module outputs).
+then takes. A finite value beyond fp16's range made there in a wider dtype is that module's fp16 risk (a SwiGLU MLP's
+silu(gate) · up, handed to down_proj, overflows fp16 though gate, up and down_proj all fit): its high side only, as
+a large negative value is how a mask is written (float32's min, -1e9). The headroom map and `act_amax_<model>` stay
+module outputs.
 
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
@@ -32,7 +34,8 @@ training forwards that follow (its output checked, one sync a forward, on this f
 WIDE_REPLAY_TRIES of them — a fault that does not come back costs no sync for the rest of the run): the first time its
 float16 output is non-finite again from finite inputs and finite weights, it is run once more on those inputs in
 float32 — float32 copies of its weights and buffers (`torch.func.functional_call`), autocast off, no gradients,
-the RNG state forked, its children's statistics not counted — and the result is a `wide_replay` event: finite
+the RNG state forked, its children's statistics not counted, no object of the forward's handed over (a key-value
+cache, which the replay would extend a second time: None in its place) — and the result is a `wide_replay` event: finite
 there, float16 could not hold what it computes; non-finite there too, the operation is undefined on its inputs.
 Nothing of the training changes.
 """
@@ -225,6 +228,13 @@ class ActivationProbe(Probe):
                         "order" + note,
                         model=model, module=module, dtype=dtype, value=math.nan if math.isnan(low) else math.inf,
                         numel=numel, nan_count=None, posinf_count=None, neginf_count=None)
+                elif not made and high > FP16_MAX and dtype != "float16":  # the high side: a mask is large negative
+                    self._report_once(
+                        (model, module, "risk"), "fp16_overflow_risk", "warning",
+                        f"{model} {module} makes values reaching {high:.4g} in its own code (in {dtype}, handed to "
+                        f"{handed_to}, no watched module's output), beyond fp16's {FP16_MAX:.0f}: this overflows in "
+                        "fp16 compute",
+                        model=model, module=module, dtype=dtype, value=high, numel=numel)
                 continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
@@ -280,15 +290,14 @@ class ActivationProbe(Probe):
         self._stop_watching_suspect()
         wide = {name: t.float() if t.is_floating_point() else t
                 for name, t in chain(module.named_parameters(), module.named_buffers())}
-        cast = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-        kwcast = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        cast, kwcast = _widened(args), _widened(kwargs)
         device = next(iter(wide.values())).device if wide else torch.device("cpu")
         counted = self.ctx.training_forward.get(model_name)
         self.ctx.training_forward[model_name] = False  # its children's hooks: no statistics of this run
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False), torch.random.fork_rng(
                     devices=[] if device.type == "cpu" else [device], device_type=device.type):
-                t = _first_tensor(torch.func.functional_call(module, wide, tuple(cast), kwcast))
+                t = _first_tensor(torch.func.functional_call(module, wide, cast, kwcast))
         except Exception:  # noqa: BLE001 — a module that cannot run apart (sharded weights, a stateful forward)
             t = None  # tells nothing; the probes never break the training they watch
         finally:
@@ -335,6 +344,21 @@ def root_label(model: nn.Module) -> str:
     """How a model's own forward code is named where it made a NaN: `<Class>.forward` (a root module has no dotted
     name, and the class is what the user wrote)."""
     return f"{type(model).__name__}.forward"
+
+
+def _widened(value):
+    """A replay's copy of a forward's arguments: floating tensors in float32, in containers too (a layer's rotary
+    (cos, sin)); values and tensors as they are; any other object — state a forward changes, such as the key-value
+    cache transformers hands each layer in every forward, which a replay would extend a second time — as None."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if type(value) in (tuple, list):
+        return type(value)(_widened(v) for v in value)
+    if type(value) is dict:
+        return {k: _widened(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)):
+        return value
+    return None
 
 
 def _floating(args: tuple, kwargs: dict) -> list[torch.Tensor]:

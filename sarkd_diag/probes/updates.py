@@ -16,7 +16,10 @@ elements, `base.sample`) and compares it with the weights after the step, on the
   gradient or, for Adam, a non-zero first moment of a tensor that has a gradient this step: the optimizer
   skips one without) but whose stored value did not change — the update was
   below half an ulp of the weight's dtype: the stagnation of pure-bf16 and pure-fp16 training. Counted per
-  tensor, so the event names the tensor that loses the largest share. Not where a schedule has brought the
+  tensor, so the event names the tensor that loses the largest share. Where the run and every group lose few, a
+  16-bit tensor can still lose every update — an RMSNorm's gain at 1.0 in bfloat16 (half an ulp 0.0039) under an lr
+  of 1e-3 never moves while the matrices around it, near 0.02, train —: such tensors are named too, once
+  (`lost_updates_whole_tensors`). Not where a schedule has brought the
   group's lr below SCHEDULED_LR_FLOOR of its base (`initial_lr`, set by torch's schedulers): a warm-up's first
   steps and an annealing tail (OneCycleLR ends at 1/250,000 of its peak, a linear decay at 0) are meant to move
   the weights by almost nothing, and those updates lost are the schedule's design, not a precision fault.
@@ -30,6 +33,7 @@ import torch
 
 from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
 from ..contract.shards import local_shard
+from ..contract.wording import counted
 from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
 from .optimizer import group_label
 
@@ -50,7 +54,7 @@ class UpdateProbe(Probe):
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (before, after) samples of the last step
         self._weights = SampleViews()
         self._ratio = self._lost = None
-        self._reported_lost = self._reported_extreme = False
+        self._reported_lost = self._reported_extreme = self._reported_untrained = False
 
     def before_optimizer_step(self) -> None:
         self._moving = self._meant_to_move()
@@ -179,7 +183,26 @@ class UpdateProbe(Probe):
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=share_lost,
                 numel=int(sum(intended[i] for i in members)), model=w.model, module=w.module, tensor=w.tensor,
                 dtype=self.ctx.dtype_of(w.param))
+        elif share_lost <= LOST_UPDATE_WARNING and not self._reported_untrained:
+            self._report_untrained(lost, intended, fraction)
         return {"lost_update_fraction": fraction}
+
+    def _report_untrained(self, lost: list[float], intended: list[float], fraction: float) -> None:
+        """The 16-bit tensors that lost every intended update of this step, where the run and each group lose few."""
+        untrained = [i for i, w in enumerate(self._moving) if intended[i] and lost[i] == intended[i]
+                     and w.param.dtype in (torch.float16, torch.bfloat16) and not self._scheduled_far_below_base(i)]
+        if not untrained:
+            return
+        self._reported_untrained = True
+        w = self._moving[max(untrained, key=lambda i: intended[i])]
+        others = f" and {counted(len(untrained) - 1, 'other tensor')}" if len(untrained) > 1 else ""
+        self.ctx.events.record(
+            "lost_updates", "warning",
+            f"every intended update of {w.model} {w.tensor}{others} ({self.ctx.dtype_of(w.param)}) was lost to "
+            f"rounding at step {self.ctx.step}: they do not train, though the run loses {fraction:.0%} of its updates",
+            step=self.ctx.step, phase="optimizer", probe=self.name, value=1.0,
+            numel=int(sum(intended[i] for i in untrained)), model=w.model, module=w.module, tensor=w.tensor,
+            dtype=self.ctx.dtype_of(w.param), code="lost_updates_whole_tensors")
 
     def _scheduled_far_below_base(self, index: int) -> bool:
         """A scheduler had brought the lr of the `index`-th moving tensor's group below SCHEDULED_LR_FLOOR of its

@@ -63,7 +63,7 @@ from .models import (
     load_causal_lm,
     load_tokenizer,
     max_positions,
-    same_vocabulary,
+    shared_vocabulary,
 )
 from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
@@ -137,6 +137,7 @@ class Models:
     dual: bool
     routers: list[RouterInfo]
     notes: list[dict]
+    kd_vocab: int | None = None  # the logit columns logit KD compares (`models.shared_vocabulary`); None: dual
 
 
 @dataclass
@@ -238,7 +239,14 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     seed_everything(cfg.seed)
     student = load_causal_lm(cfg.student_model, cfg.trust_remote_code, compute.precision.trainable_dtype)
     teacher = load_causal_lm(cfg.teacher_model, cfg.trust_remote_code, compute.precision.frozen_dtype)
-    dual = not same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
+    kd_vocab = shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
+    dual = kd_vocab is None
+    sizes = (teacher.config.vocab_size, student.config.vocab_size)
+    if not dual and sizes[0] != sizes[1]:
+        notes.append({"kind": "setup_note", "code": "padded_vocabulary",
+                      "message": f"teacher {cfg.teacher_model} ({sizes[0]} logits) and student {cfg.student_model} "
+                                 f"({sizes[1]}) share one tokenizer, their heads padded past it: KD compares the "
+                                 f"first {kd_vocab} logits, the ids both have"})
     for model, name in ((student, cfg.student_model), (teacher, cfg.teacher_model)):
         if model is student or not dual:  # in dual-tokenizer mode the teacher's tokens are its own
             check_block_fits(cfg.block_size, max_positions(model), name)
@@ -259,7 +267,7 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
         check_causal(student, "--student-model", cfg.student_model)
         check_causal(teacher, "--teacher-model", cfg.teacher_model)
     compute.teacher_holding.hold(teacher)  # sharded: the routers become DTensors (every use of them follows)
-    return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes)
+    return Models(student, teacher, student_tokenizer, teacher_tokenizer, dual, routers, notes, kd_vocab)
 
 
 def _train_routers(cfg: DistillConfig, teacher: nn.Module, dual: bool, notes: list[dict]) -> list[RouterInfo]:
@@ -358,15 +366,18 @@ def make_objective(cfg: DistillConfig, models: Models, compute: Compute) -> Logi
         router_terms = RouterTerms(models.teacher, models.routers, cfg.router_anchor_weight,
                                    cfg.router_load_balance_weight, cfg.router_entropy_weight)
     return LogitKD(models.teacher, trained, kind=cfg.kd_loss, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                   fused=fused, router_terms=router_terms, **weights)
+                   fused=fused, router_terms=router_terms, vocab=models.kd_vocab, **weights)
 
 
 def _fuses(models: Models, compute: Compute) -> bool:
     """Whether both models' logits can be taken chunk by chunk inside the loss; if not, a setup note says why.
-    Checked under the mode's autocast, the way the loop will call them."""
+    Checked under the mode's autocast, the way the loop will call them; heads of two sizes (a padded vocabulary)
+    do not fuse: the KD term compares only the logits of the ids both have."""
+    padded = models.teacher.config.vocab_size != models.student.config.vocab_size
     for name, model in (("student", models.student), ("teacher", models.teacher)):
         with compute.precision.forward_context():
-            reason = unfusable_reason(model)
+            reason = "its head's size differs from the other's (a padded vocabulary)" if padded else (
+                unfusable_reason(model))
         if reason is not None:
             models.notes.append({"kind": "setup_note", "code": "loss_unfused", "severity": "warning", "model": name,
                                  "message": f"--fused-loss: the {name} does not fuse, {reason}; the loss takes both "

@@ -283,10 +283,17 @@ def check_block_fits(block_size: int, positions: int | None, name: str) -> None:
         raise BadInput(f"--block-size {block_size} exceeds {name}'s {positions} positions")
 
 
-def same_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> bool:
-    """Logit KD needs one vocabulary: equal vocab_size and identical ids on probe strings."""
-    if teacher_model.config.vocab_size != student_model.config.vocab_size:
-        return False
+def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int | None:
+    """How many logit columns logit KD compares, or None where it cannot (two tokenizers: identical ids on probe
+    strings tell one). Equal vocab sizes: all of them. Sizes that differ only by padding rows — a vocab_size rounded
+    up past the tokenizer, as Qwen2.5-7B's 152064 against 0.5B's 151936 over one tokenizer — where every id of the
+    tokenizers lies below both: the smaller, the ids they share."""
     probes = ["Hello, how are you?", "A: hi . B: the sky is blue .", " 12345 !?", "über naïve café"]
-    return all(teacher_tokenizer(s, add_special_tokens=False)["input_ids"]
-               == student_tokenizer(s, add_special_tokens=False)["input_ids"] for s in probes)
+    if not all(teacher_tokenizer(s, add_special_tokens=False)["input_ids"]
+               == student_tokenizer(s, add_special_tokens=False)["input_ids"] for s in probes):
+        return None
+    sizes = (teacher_model.config.vocab_size, student_model.config.vocab_size)
+    if sizes[0] == sizes[1]:
+        return sizes[0]
+    ids = max(len(teacher_tokenizer), len(student_tokenizer))
+    return min(sizes) if len(teacher_tokenizer) == len(student_tokenizer) and ids <= min(sizes) else None

@@ -62,8 +62,10 @@ class LogitKD:
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, *, kind: str, temperature: float,
-                 jsd_beta: float, alpha_kd: float, alpha_ce: float, fused: bool, router_terms=None):
+                 jsd_beta: float, alpha_kd: float, alpha_ce: float, fused: bool, router_terms=None,
+                 vocab: int | None = None):
         self.teacher, self.student = teacher, student  # the student as trained: DDP's wrapper under torchrun
+        self.vocab = vocab  # the logit columns the KD term compares (heads padded past one tokenizer); None: all
         self.kind, self.temperature, self.jsd_beta = kind, temperature, jsd_beta
         self.alpha_kd, self.alpha_ce = alpha_kd, alpha_ce
         self.fused = fused
@@ -106,7 +108,9 @@ class LogitKD:
                                alpha_kd=self.alpha_kd, alpha_ce=self.alpha_ce, grad_factor=grad_factor, **options)
             parts = LossParts(*sums, targets=int(batch["n_targets"]))
         else:
-            kd_sum = kd_loss_sum(student_out, teacher_out.to(labels.device), labels != -100, **options)
+            shared = slice(None, self.vocab)
+            kd_sum = kd_loss_sum(student_out[..., shared], teacher_out[..., shared].to(labels.device), labels != -100,
+                                 **options)
             ce_sum = ce_loss_sum(student_out, labels)
             parts = LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
         if self.router_terms is not None:

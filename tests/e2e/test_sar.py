@@ -1,9 +1,12 @@
 """SAR end to end: only the teacher's routers train, their update re-applies, dual-tokenizer KD runs."""
 
+import math
+
 import pytest
+import tiny
 import torch
 from contract import assert_run_dir
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sarkd_diag import load_run
 from sarkd_diag.contract.config import DistillConfig
@@ -99,6 +102,25 @@ def test_dual_tokenizer_mode_trains_the_student_on_hidden_states(cli, tiny_args,
     ppls = run["metrics"].query("split == 'eval'")["eval_ppl"].tolist()
     assert ppls[-1] < ppls[0]
     assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
+
+
+def test_a_teacher_whose_vocabulary_is_padded_is_distilled_on_logits_over_the_shared_ids(cli, tiny_args, tiny_world,
+                                                                                        tmp_path):
+    """The student's own tokenizer, the teacher's vocab_size rounded up past it (Qwen2.5-7B's 152064 rows against
+    0.5B's 151936, one tokenizer): every id lies below both, so it is logit KD over the shared ids — not hidden-state
+    KD, as between two tokenizers. The heads differ in size, so the loss takes complete logits."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world["student"])
+    teacher = tiny.save(tiny.make_llama(len(tokenizer) + 32, seed=5), tokenizer, tmp_path / "padded_teacher")
+    args = [str(teacher) if a == str(tiny_world["teacher"]) else a for a in tiny_args]
+    code, _, err = cli("train", *args, "--precision", "fp32")
+    assert code == 0, err
+    run = load_run(tmp_path / "run")
+    events = run["events"]
+    assert run["config"]["objective"]["kind"] == "logit-kd" and "dual_tokenizer" not in set(events["kind"])
+    assert not run["config"]["objective"]["fused_loss"] and set(events["code"]) >= {"padded_vocabulary", "loss_unfused"}
+    train = run["metrics"].query("split == 'train'")
+    assert all(math.isfinite(v) and v > 0 for v in train["kd_loss"])
+    assert not [d for d in run["summary"]["diagnosis"] if d["severity"] != "info"]
 
 
 @pytest.mark.parametrize("precision, dtype", [("pure-bf16", "bfloat16"), ("pure-fp16", "float16")])

@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 import pytest
+import tiny
 import torch
 from contract import assert_conforms, assert_run_dir
 from torch import nn
@@ -1816,3 +1817,131 @@ def test_two_optimizers_on_cadences_of_their_own_are_judged_each_by_its_own_step
     assert _events(probes, "lost_updates") == []
     assert [(note.step, note.tensor) for note in notes] == ([] if uncleared is None else [(2, uncleared)])
     assert ("gradients_not_cleared" in _causes(probes)) == (uncleared is not None)
+
+
+def _swiglu_llama_step(scale: float, attention: str = "eager") -> tuple[Probes, float, float]:
+    """One fp32 step of a tiny Llama whose layer-1 MLP has gate and up ×`scale`: the probes, the largest module
+    output and the largest SwiGLU product silu(gate)·up (the MLP's own code, handed to down_proj) — measured apart."""
+    model = tiny.make_llama(96, attention=attention)
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(scale)
+        mlp.up_proj.weight.mul_(scale)
+    outputs, products = [0.0], [0.0]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(float(out.detach().abs().max())))
+               for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    handles.append(mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: products.append(float(args[0].detach().abs().max()))))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    for h in handles:
+        h.remove()
+    return probes, max(outputs), max(products)
+
+
+def test_a_swiglu_product_beyond_fp16_in_fp32_is_the_mlps_fp16_risk():
+    """silu(gate(x)) · up(x) is no module's output: gate, up and down_proj all fit fp16, their product does not.
+    An fp16 run overflows there, so the fp32 run warns at the MLP whose code makes it — not silence because no
+    module's output crossed 65504."""
+    probes, largest_output, largest_product = _swiglu_llama_step(2000.0)
+    assert largest_output < 65504 < largest_product
+    (event,) = _events(probes, "fp16_overflow_risk")
+    assert (event.model, event.module, event.dtype) == ("student", "model.layers.1.mlp", "float32")
+    assert "down_proj" in event.message and event.value > 65504
+    top = probes.diagnosis()[0]
+    assert (top["cause"], top["severity"], top["module"]) == ("activation_overflow", "warning", "model.layers.1.mlp")
+
+
+def test_an_additive_mask_of_float32s_min_handed_between_modules_is_no_fp16_risk():
+    """Eager attention's causal mask is torch.finfo(float32).min, made in the model's code and handed to each layer:
+    a large negative value between modules is how masks are written, no overflow; a healthy run stays clean."""
+    probes, _, largest_product = _swiglu_llama_step(1.0, attention="eager")
+    assert largest_product < 10 and not _events(probes, "fp16_overflow_risk") and probes.diagnosis() == []
+
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("where", ["lm_head", "model.embed_tokens"])
+def test_a_gradient_overflow_at_a_tied_head_is_placed_at_the_head(where, tied, level):
+    """A backward hook ×inf at `where`'s output: at the head, every gradient after it in backward is non-finite too;
+    at the token embedding, only its own. A head tied to the token embedding (Llama-3.2, Qwen2, Gemma, GPT-2) is one
+    tensor, registered first under the embedding's name and complete only at the input end of backward: still, where
+    the head's backward went bad it is the head that is named — not the final norm, the first tensor of its own in
+    backward order — and where only the embedding's did, the embedding."""
+    model = tiny.make_llama(96, tied=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+
+    def overflow_backward_here(_module, _inputs, out):
+        out.register_hook(lambda grad: grad * math.inf)
+
+    model.get_submodule(where).register_forward_hook(overflow_backward_here)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    with Probes(model, optimizer=opt, level=level) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.module, event.tensor) == (where, f"{where}.weight")
+    assert probes.diagnosis()[0]["module"] == where
+
+
+def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_cache():
+    """A Llama decoder layer in float16 whose residual sum leaves fp16's range (two MLPs write ~4.7e4 and ~2.7e4 into
+    one channel). transformers hands each layer the key-value cache it builds in every forward: the float32 replay
+    runs without it — replayed with it, the layer appends its keys a second time (the cache the training forward
+    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op."""
+    model = tiny.make_llama(96, attention="eager")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.mul_(40.0)
+            layer.mlp.up_proj.weight.mul_(40.0)
+            layer.mlp.down_proj.weight.zero_()
+            layer.mlp.down_proj.weight[5] = 200.0
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    cached = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):  # the loop skips a step whose loss is not finite: the weights stay as they were
+            out = model(input_ids=ids, labels=ids)
+            cached.append(out.cache.get_seq_length(1))  # the replayed layer's keys
+            probes.step(loss=out.loss, skipped=True)
+    assert math.isnan(float(out.loss.detach())) and cached == [16, 16]
+    (replay,) = _events(probes, "wide_replay")
+    assert (replay.module, replay.step) == ("model.layers.1", 2) and 65504 < replay.value < math.inf
+    assert probes.diagnosis()[0]["module"] == "model.layers.1"
+
+
+def _bf16_llama_steps(dtype: torch.dtype) -> Probes:
+    """Two AdamW steps (lr 1e-3, no weight decay) of a tiny Llama held in `dtype`."""
+    model = tiny.make_llama(96).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    return probes
+
+
+def test_norm_gains_that_never_move_in_bf16_are_named_though_the_run_loses_few_updates():
+    """Pure bf16 at lr 1e-3: the matrices (near 0.02, half an ulp ~6e-5) take Adam's lr-sized steps, the RMSNorm
+    gains (1.0, half an ulp 0.0039) lose every one — they never train, though the run loses far fewer than 10% of its
+    updates. Named at a gain, the fix fp32 master weights; in fp32 nothing is lost and nothing is said."""
+    probes = _bf16_llama_steps(torch.bfloat16)
+    (event,) = _events(probes, "lost_updates")
+    assert event.code == "lost_updates_whole_tensors" and event.tensor.endswith("layernorm.weight")
+    assert probes.rows[0]["lost_update_fraction"] < 0.1 and "4 other tensors" in event.message
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "update_underflow"]
+    assert cause["severity"] == "warning" and cause["tensor"] == event.tensor
+    assert not _events(_bf16_llama_steps(torch.float32), "lost_updates")

@@ -3,10 +3,12 @@
 import math
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
 
 from sarkd_diag.train.losses import KD_KINDS, ce_loss_sum, default_chunk_tokens, kd_loss_sum
+from sarkd_diag.train.objective import LogitKD
 
 BATCH, LENGTH, VOCAB = 3, 5, 37
 
@@ -249,3 +251,22 @@ def test_mismatched_shapes_are_rejected():
         kd_loss_sum(random_logits(24), random_logits(25, shape=(BATCH, LENGTH, VOCAB + 1)), target_mask(False))
     with pytest.raises(ValueError, match="target_mask"):
         kd_loss_sum(random_logits(24), random_logits(25), target_mask(False).long())
+
+
+def test_a_teacher_padded_past_the_tokenizer_gives_the_kd_of_its_unpadded_self():
+    """Logit KD over the shared ids: a teacher with 32 padding rows beyond the student's 96 (any values there) gives
+    exactly the KD and CE of the same teacher without them — the padding takes no probability from the real ids."""
+    torch.manual_seed(0)
+    padded = tiny.make_llama(128, seed=5)
+    unpadded = tiny.make_llama(96, seed=5)
+    with torch.no_grad():
+        for name, p in unpadded.named_parameters():
+            p.copy_(padded.get_parameter(name)[:96] if p.shape[0] == 96 else padded.get_parameter(name))
+        padded.lm_head.weight[96:].normal_(std=5.0)  # padding rows the tokenizer never uses
+    student = tiny.make_llama(96, seed=0)
+    ids = torch.arange(32).reshape(2, 16) % 96
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "n_targets": 30}
+    options = dict(kind="forward-kl", temperature=2.0, jsd_beta=0.5, alpha_kd=1.0, alpha_ce=1.0, fused=False)
+    parts = [LogitKD(teacher, student, vocab=96, **options)(batch) for teacher in (padded, unpadded)]
+    assert parts[0].kd_sum > 0 and torch.equal(parts[0].kd_sum, parts[1].kd_sum)
+    assert torch.equal(parts[0].ce_sum, parts[1].ce_sum)
