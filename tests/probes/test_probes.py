@@ -304,19 +304,26 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
 
 
-def test_gradients_are_read_before_the_loop_clamps_them_by_value():
-    """clip_grad_value_ clamps each gradient entry to ±clip_value — an overflow's Inf to a finite value: the gradients
-    are read before it (`grad_amax` is theirs, not the clip value), training is unchanged, and torch's function is as
-    it was after close."""
+def _clipped_with_and_without_probes(threshold: float, clip=clip_grad_norm_):
+    """Three clipped steps of the same model, without then with probes: (norms, weights) of the plain run and
+    (norms, largest gradients before clipping, weights, probes) of the probed one."""
     runs = []
     for probed in (False, True):
         torch.manual_seed(0)
         model = Net()
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
-            _, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=0.01, clip=clip_grad_value_)
-        runs.append(([p.detach().clone() for p in model.parameters()], amaxes, probes))
-    (plain, _, _), (weights, amaxes, probes) = runs
+            norms, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=threshold, clip=clip)
+        runs.append((norms, amaxes, [p.detach().clone() for p in model.parameters()], probes))
+    (plain_norms, _, plain_weights, _), probed_run = runs
+    return (plain_norms, plain_weights), probed_run
+
+
+def test_gradients_are_read_before_the_loop_clamps_them_by_value():
+    """clip_grad_value_ clamps each gradient entry to ±clip_value — an overflow's Inf to a finite value: the gradients
+    are read before it (`grad_amax` is theirs, not the clip value), training is unchanged, and torch's function is as
+    it was after close."""
+    (_, plain), (_, amaxes, weights, probes) = _clipped_with_and_without_probes(0.01, clip_grad_value_)
     assert all(torch.equal(a, b) for a, b in zip(plain, weights, strict=True))
     assert min(amaxes) > 0.01  # every step was clamped
     assert [row["grad_amax"] for row in probes.rows] == pytest.approx(amaxes)
@@ -325,15 +332,7 @@ def test_gradients_are_read_before_the_loop_clamps_them_by_value():
 
 
 def test_a_clipping_loop_trains_alike_with_and_without_probes_and_records_the_norm_before_clipping():
-    runs = []
-    for probed in (False, True):
-        torch.manual_seed(0)
-        model = Net()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
-            norms, amaxes = _clipped_steps(model, probes, opt, steps=3, max_norm=0.1)
-        runs.append((norms, [p.detach().clone() for p in model.parameters()], probes))
-    (plain_norms, plain_weights, _), (norms, weights, probes) = runs
+    (plain_norms, plain_weights), (norms, amaxes, weights, probes) = _clipped_with_and_without_probes(0.1)
     assert norms == plain_norms and all(torch.equal(a, b) for a, b in zip(plain_weights, weights, strict=True))
     assert min(norms) > 0.1  # every step was clipped, by a factor of 1.5 and more
     assert [row["grad_norm"] for row in probes.rows] == pytest.approx(norms)
