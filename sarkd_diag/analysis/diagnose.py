@@ -63,6 +63,7 @@ DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38
 RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
+NARROW_WEIGHT_DTYPES = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half an ulp, relative to the weight's value
 # callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
 # replay that forward with them on (and place it, or find every module finite)
 UNREPLAYED = ("loop", "accelerate", "lightning")
@@ -325,6 +326,12 @@ FIXES = {
                            "{unscale_then_clip}",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
+    "update_underflow_whole_tensors": "every update of {tensor} ({dtype}) and of the tensors named with it rounds "
+                                      "away while the rest of the run trains: an update below ~{half_ulp} of a "
+                                      "weight's value is lost in {dtype}, and under Adam each step moves a weight by "
+                                      "about the lr, so values near 1 (a norm's gain) would need {lr} above "
+                                      "~{half_ulp} — far above what trains the rest; keep them in fp32 master "
+                                      "weights instead: train with {mixed} or {bf16_mixed}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
@@ -440,6 +447,12 @@ FIXES = {
 BF16_FIXES = {
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): keep the "
                         "bfloat16 compute and give it fp32 master weights — train with {bf16_mixed} — or raise {lr}",
+    "update_underflow_whole_tensors": "every update of {tensor} ({dtype}) and of the tensors named with it rounds "
+                                      "away while the rest of the run trains: an update below ~{half_ulp} of a "
+                                      "weight's value is lost in {dtype}, and under Adam each step moves a weight by "
+                                      "about the lr, so values near 1 (a norm's gain) would need {lr} above "
+                                      "~{half_ulp} — far above what trains the rest; keep the bfloat16 compute and "
+                                      "give it fp32 master weights: train with {bf16_mixed}",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 compute "
                                  "kept, fp32 master weights and fp32 Adam moments; with the state in {dtype}, Adam "
                                  "divides by eps alone and its updates grow instead of shrinking",
@@ -1236,7 +1249,7 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
                   evidence={"lr_times_weight_decay": decay, "dtype": dtype},
                   fix=r.fix("weight_decay_lost" if half_ulp is None else "weight_decay_lost_wide",
                             model=row.get("model"), group=row.get("tensor"), dtype=dtype, factor=f"{1 - decay:.10g}",
-                            decay=f"{decay:.3g}", half_ulp=f"{half_ulp or 0:.0e}"))]
+                            decay=f"{decay:.3g}", half_ulp=None if half_ulp is None else f"{half_ulp:.0e}"))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -1532,11 +1545,15 @@ def update_underflow(r: RunRecord) -> list[Cause]:
         row = _first(lost)
         # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
         half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
+        # whole tensors lost while the run trains: an lr that moved them would overshoot the rest
+        whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
+        template = "update_underflow_wide" if half_ulp is not None else (
+            "update_underflow_whole_tensors" if whole else "update_underflow")
+        half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
                                 "dtype": row.get("dtype")},
-                      fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
-                                model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                      fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
                                 half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
