@@ -1523,6 +1523,56 @@ def test_a_zero_initialised_partner_is_no_event():
     assert _events(probes, "zero_gradients") == []
 
 
+class NaiveMoE(nn.Module):
+    """A top-1 MoE written as a loop over its experts, each called on the tokens routed to it — an empty selection
+    for most of them when a step has few tokens."""
+
+    def __init__(self, width: int = 16, experts: int = 16, vocab: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+                                     for _ in range(experts))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).flatten(0, -2)
+        weight, choice = self.router(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            routed = choice == i
+            out[routed] = expert(x[routed]) * weight[routed, None]
+        return self.head(x + out)
+
+
+@pytest.mark.parametrize("cleared_before_the_step", [False, True])
+def test_moe_experts_no_token_reached_are_no_sign_of_a_cut_off_loss(cleared_before_the_step):
+    """Four tokens over sixteen experts: most experts run on an empty selection and their all-zero gradients are most
+    of the model's tensors, step after step — though the loss reaches every weight that took part. No
+    `zero_gradients`, no `no_gradients` (the forward hooks that tell this are gone when the probes close). The same
+    model with its gradients cleared before each step is still found: its modules that ran have zero gradients."""
+    torch.manual_seed(0)
+    model = NaiveMoE()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        rows = []
+        for _ in range(4):
+            ids = torch.randint(0, 32, (1, 4))
+            nn.functional.cross_entropy(model(ids), ids.flatten()).backward()
+            if cleared_before_the_step:
+                opt.zero_grad(set_to_none=False)
+            opt.step()
+            rows.append(probes.step())
+            opt.zero_grad()
+    assert all(2 * row["zero_grad_tensors"] > 69 for row in rows)  # the provocation: most of 69 tensors zero
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    if cleared_before_the_step:
+        (event,) = _events(probes, "zero_gradients")
+        assert event.step == 1 and _causes(probes) == ["no_gradients"]
+    else:
+        assert _events(probes, "zero_gradients") == [] and probes.diagnosis() == []
+
+
 def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
     """A newcomer's `model.half()` plus GradScaler: torch raises at the first unscale; the run directory
     already says why and what to do, and the probes do not stop torch from raising. The diagnosis of the failed run
