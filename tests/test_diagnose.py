@@ -274,8 +274,8 @@ def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lo
     bfloat16-held weights or optimizer state — which bf16-mixed's fp32 master weights and state cannot have — is
     fixed by bf16-mixed; every other bf16 fix names the step's size, not a precision."""
     assert set(BF16_FIXES) <= set(FIXES)
-    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning",
-                "weight_decay_lost"}
+    rounding = {"update_underflow", "update_underflow_whole_tensors", "optimizer_state_underflow",
+                "optimizer_state_underflow_warning", "weight_decay_lost"}
     for name, template in BF16_FIXES.items():
         assert "{mixed}" not in template, name
         assert ("{bf16_mixed}" in template) == (name in rounding), name
