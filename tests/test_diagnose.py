@@ -945,6 +945,27 @@ def test_a_loss_that_climbs_steadily_below_the_blow_up_is_an_unplaced_warning(ca
     assert cause["first_step"] == 9 and cause["evidence"]["window"] == "9-16"
 
 
+@pytest.mark.parametrize("caller", ["loop", "cli", "trainer"])
+def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbounded_below(caller):
+    """A KD term with its sign flipped: the loss starts at a CE's 3.5 and falls without bound, every value finite —
+    no CE, KL or squared error goes below 0, so the loss is being maximised somewhere: a warning naming the sign,
+    not the lr or the precision. A loss that falls to a floor above 0, an RL surrogate wandering around 0 from 0, and
+    one that dips below 0 by less than it began above are not."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).normal(0, 0.2, 16)
+    unbounded = [3.5 - 1.5 * i + n for i, n in enumerate(noise)]
+    (cause,) = causes(log(), _losses(unbounded), mode="mixed", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
+    assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["slope_standard_errors"] < -5
+    assert "below 0" in cause["fix"] and "sign" in cause["fix"] and f"from {unbounded[0]:.4g} (step 1)" in cause["fix"]
+    falling_to_a_floor = [3.5 * math.exp(-i / 4) + 0.5 + n / 10 for i, n in enumerate(noise)]
+    wandering = [0.0, *(0.05 * n for n in noise[1:])]
+    shallow = [1.0 - 0.1 * i + n / 100 for i, n in enumerate(noise)]  # ends at -0.5: less below 0 than it began
+    for values in (falling_to_a_floor, wandering, shallow):
+        assert causes(log(), _losses(values), mode="mixed", caller=caller) == []
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_noisy_healthy_losses_read_no_climb(seed):
     """Small-batch noise (10% of the loss, step to step) around a loss that falls, or has levelled off, or a run too
