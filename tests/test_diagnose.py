@@ -274,8 +274,8 @@ def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lo
     bfloat16-held weights or optimizer state — which bf16-mixed's fp32 master weights and state cannot have — is
     fixed by bf16-mixed; every other bf16 fix names the step's size, not a precision."""
     assert set(BF16_FIXES) <= set(FIXES)
-    rounding = {"update_underflow", "optimizer_state_underflow", "optimizer_state_underflow_warning",
-                "weight_decay_lost"}
+    rounding = {"update_underflow", "update_underflow_whole_tensors", "optimizer_state_underflow",
+                "optimizer_state_underflow_warning", "weight_decay_lost"}
     for name, template in BF16_FIXES.items():
         assert "{mixed}" not in template, name
         assert ("{bf16_mixed}" in template) == (name in rounding), name
@@ -354,6 +354,23 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
     (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
     assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
+def test_whole_tensors_that_never_train_while_the_run_does_are_fixed_with_master_weights_not_a_higher_lr(caller):
+    """bf16 RMSNorm gains at 1.0 lose every update while the run loses few (`lost_updates_whole_tensors`): the fix
+    does not say the tensor "loses most" of a run that loses few, nor offer a higher lr as an equal answer — Adam's
+    step is about the lr, and moving a value of 1.0 in bfloat16 needs one above half its ulp (~4e-3), far above what
+    trains the rest. fp32 master weights keep such tensors; the threshold is said for the dtype held."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    whole = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student",
+             "tensor": "model.norm.weight", "value": 1.0, "code": "lost_updates_whole_tensors"}
+    (bf16,) = causes(log({**whole, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    assert bf16["cause"] == "update_underflow" and bf16["tensor"] == "model.norm.weight"
+    assert "loses most" not in bf16["fix"] and "raise" not in bf16["fix"] and "4e-03" in bf16["fix"]
+    assert words["bf16_mixed"] in bf16["fix"] and words["mixed"] not in bf16["fix"], bf16["fix"]
+    (fp16,) = causes(log({**whole, "dtype": "float16"}), mode="pure-fp16", caller=caller)
+    assert "loses most" not in fp16["fix"] and "5e-04" in fp16["fix"] and words["mixed"] in fp16["fix"]
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
@@ -926,6 +943,27 @@ def test_a_loss_that_climbs_steadily_below_the_blow_up_is_an_unplaced_warning(ca
     fell_then_climbed = [3.0 - 0.2 * i for i in range(8)] + [1.6 + 0.1 * i + 0.02 * (-1) ** i for i in range(8)]
     (cause,) = causes(log(), _losses(fell_then_climbed), mode="fp32", caller=caller)
     assert cause["first_step"] == 9 and cause["evidence"]["window"] == "9-16"
+
+
+@pytest.mark.parametrize("caller", ["loop", "cli", "trainer"])
+def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbounded_below(caller):
+    """A KD term with its sign flipped: the loss starts at a CE's 3.5 and falls without bound, every value finite —
+    no CE, KL or squared error goes below 0, so the loss is being maximised somewhere: a warning naming the sign,
+    not the lr or the precision. A loss that falls to a floor above 0, an RL surrogate wandering around 0 from 0, and
+    one that dips below 0 by less than it began above are not."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).normal(0, 0.2, 16)
+    unbounded = [3.5 - 1.5 * i + n for i, n in enumerate(noise)]
+    (cause,) = causes(log(), _losses(unbounded), mode="mixed", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
+    assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["slope_standard_errors"] < -5
+    assert "below 0" in cause["fix"] and "sign" in cause["fix"] and f"from {unbounded[0]:.4g} (step 1)" in cause["fix"]
+    falling_to_a_floor = [3.5 * math.exp(-i / 4) + 0.5 + n / 10 for i, n in enumerate(noise)]
+    wandering = [0.0, *(0.05 * n for n in noise[1:])]
+    shallow = [1.0 - 0.1 * i + n / 100 for i, n in enumerate(noise)]  # ends at -0.5: less below 0 than it began
+    for values in (falling_to_a_floor, wandering, shallow):
+        assert causes(log(), _losses(values), mode="mixed", caller=caller) == []
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -63,6 +63,7 @@ DTYPE_MAX = {"float32": 3.4028234663852886e38, "bfloat16": 3.3895313892515355e38
 RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
+NARROW_WEIGHT_DTYPES = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half an ulp, relative to the weight's value
 # callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
 # replay that forward with them on (and place it, or find every module finite)
 UNREPLAYED = ("loop", "accelerate", "lightning")
@@ -325,6 +326,12 @@ FIXES = {
                            "{unscale_then_clip}",
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): train with "
                         "{mixed} or {bf16_mixed} (fp32 master weights), or raise {lr}",
+    "update_underflow_whole_tensors": "every update of {tensor} ({dtype}) and of the tensors named with it rounds "
+                                      "away while the rest of the run trains: an update below ~{half_ulp} of a "
+                                      "weight's value is lost in {dtype}, and under Adam each step moves a weight by "
+                                      "about the lr, so values near 1 (a norm's gain) would need {lr} above "
+                                      "~{half_ulp} — far above what trains the rest; keep them in fp32 master "
+                                      "weights instead: train with {mixed} or {bf16_mixed}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
@@ -426,6 +433,12 @@ FIXES = {
                    "optimizer that steps too far — {lr} a little too high for this model, or a schedule that raises "
                    "it — or a loss that is being maximised (a sign error in a term, a term's weight); nothing places "
                    "it — lower {lr} (and clip with {clip}), and check the loss code and its terms' weights",
+    "loss_unbounded_below": "the training loss falls steadily from {start} (step {first}) to {end} (step {last}), {t} "
+                            "standard errors of its step-to-step noise below flat, every value finite: far below 0, "
+                            "where no cross-entropy, KL divergence or squared error goes — the loss is unbounded "
+                            "below: a term is being maximised (a sign error: a KL or CE subtracted, a term's weight "
+                            "below 0) and the outputs grow without limit; the precision and {lr} are not the cause — "
+                            "check the loss code's signs and its terms' weights",
     "loss_unplaced_nonfinite": "the {term} turned non-finite at step {step}, the run's first non-finite value, on a "
                                "step that took no module statistics: nothing places it — {full_probes} tells whether a "
                                "module or the loss code made it; meanwhile check the loss code for what can reach 0 "
@@ -440,6 +453,12 @@ FIXES = {
 BF16_FIXES = {
     "update_underflow": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): keep the "
                         "bfloat16 compute and give it fp32 master weights — train with {bf16_mixed} — or raise {lr}",
+    "update_underflow_whole_tensors": "every update of {tensor} ({dtype}) and of the tensors named with it rounds "
+                                      "away while the rest of the run trains: an update below ~{half_ulp} of a "
+                                      "weight's value is lost in {dtype}, and under Adam each step moves a weight by "
+                                      "about the lr, so values near 1 (a norm's gain) would need {lr} above "
+                                      "~{half_ulp} — far above what trains the rest; keep the bfloat16 compute and "
+                                      "give it fp32 master weights: train with {bf16_mixed}",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {bf16_mixed}: the bfloat16 compute "
                                  "kept, fp32 master weights and fp32 Adam moments; with the state in {dtype}, Adam "
                                  "divides by eps alone and its updates grow instead of shrinking",
@@ -819,6 +838,13 @@ class RunRecord:
                 return fit
         return None
 
+    def loss_unbounded_below(self, before: int | None = None) -> dict | None:
+        """A training loss that started above 0 and falls steadily to as far below it (`_falling_below_zero`), its
+        finite losses before step `before`."""
+        loss = self.train_column("loss")
+        loss = loss[loss.map(math.isfinite)]
+        return _falling_below_zero(loss if before is None else loss[loss.index < before])
+
     def module_outputs_at(self, step: int) -> dict[str, float]:
         """Each model's largest module output on a training step that measured them (a statistics step): the
         `act_amax_<model>` columns; empty where that step did not measure them."""
@@ -934,17 +960,32 @@ def _rising(loss: pd.Series) -> dict | None:
     if len(loss) < LOSS_TREND_MIN_STEPS or (loss <= 0).any():
         return None  # a loss that reaches 0 or below is no CE/KD/MSE falling toward a floor (an RL surrogate, a
         # log-ratio: GRPO's starts at 0 and wanders): its rise says nothing, and 10% of a start near 0 is no bar
+    fit = _line(loss)
+    return fit if fit["t"] >= LOSS_TREND_T and fit["rise"] >= LOSS_TREND_RISE * abs(fit["start"]) else None
+
+
+def _falling_below_zero(loss: pd.Series) -> dict | None:
+    """The least-squares line through the run's losses when it started above 0, ended at least as far below 0, and
+    fell LOSS_TREND_T standard errors of its noise below flat: a loss unbounded below. A CE, KL or squared error
+    never goes below 0; an RL surrogate that wanders around 0 falls no steady line that far; else None."""
+    if len(loss) < LOSS_TREND_MIN_STEPS or not loss.iloc[0] > 0 or loss.iloc[-1] > -loss.iloc[0]:
+        return None
+    fit = _line(loss)
+    return fit if fit["t"] <= -LOSS_TREND_T else None
+
+
+def _line(loss: pd.Series) -> dict:
+    """The least-squares line through losses by step: first and last step, slope per step, its standard errors
+    (`t`, against the residuals' noise), fitted start and rise over the window."""
     steps, values = loss.index.to_numpy(dtype=float), loss.to_numpy(dtype=float)
     centred = steps - steps.mean()
     spread = float((centred**2).sum())
     slope = float((centred * (values - values.mean())).sum() / spread)
     residuals = values - values.mean() - slope * centred
     noise = math.sqrt(float((residuals**2).sum()) / (len(values) - 2))
-    t = slope / (noise / math.sqrt(spread)) if noise > 0 else (math.inf if slope > 0 else 0.0)
+    t = slope / (noise / math.sqrt(spread)) if noise > 0 else math.copysign(math.inf, slope) if slope else 0.0
     start = float(values.mean() + slope * centred[0])
     rise = slope * float(steps[-1] - steps[0])
-    if t < LOSS_TREND_T or rise < LOSS_TREND_RISE * abs(start):
-        return None
     return {"first": int(steps[0]), "last": int(steps[-1]), "slope": slope, "t": t, "start": start, "rise": rise,
             "noise": noise}
 
@@ -1236,7 +1277,7 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
                   evidence={"lr_times_weight_decay": decay, "dtype": dtype},
                   fix=r.fix("weight_decay_lost" if half_ulp is None else "weight_decay_lost_wide",
                             model=row.get("model"), group=row.get("tensor"), dtype=dtype, factor=f"{1 - decay:.10g}",
-                            decay=f"{decay:.3g}", half_ulp=f"{half_ulp or 0:.0e}"))]
+                            decay=f"{decay:.3g}", half_ulp=None if half_ulp is None else f"{half_ulp:.0e}"))]
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
@@ -1532,11 +1573,15 @@ def update_underflow(r: RunRecord) -> list[Cause]:
         row = _first(lost)
         # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
         half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
+        # whole tensors lost while the run trains: an lr that moved them would overshoot the rest
+        whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
+        template = "update_underflow_wide" if half_ulp is not None else (
+            "update_underflow_whole_tensors" if whole else "update_underflow")
+        half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
                                 "dtype": row.get("dtype")},
-                      fix=r.fix("update_underflow" if half_ulp is None else "update_underflow_wide",
-                                model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                      fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
                                 half_ulp=f"{half_ulp or 0:.0e}"))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
@@ -1560,7 +1605,8 @@ def divergence(r: RunRecord) -> list[Cause]:
     wrong yet is a warning. Otherwise: non-finite weights or loss (any mode; `rank` folds them into an
     explanation when one exists), or a training loss above `RunRecord.blow_up_factor`× its first value (3×, more
     where batches scatter more) where the optimizer updates fp32 weights (`RunRecord.updates_wide_weights`: fp32,
-    or a mixed mode's master weights).
+    or a mixed mode's master weights). Below that, a finite loss that climbs steadily (`RunRecord.loss_trend`), or
+    one unbounded below (`RunRecord.loss_unbounded_below`: no CE, KL or squared error falls below 0) — warnings.
     """
     op = r.nonfinite_op()
     if op is not None:
@@ -1674,6 +1720,16 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "step_noise": trend["noise"]},
                       fix=r.fix("loss_rising", first=trend["first"], last=trend["last"], start=f"{trend['start']:.4g}",
                                 end=f"{trend['start'] + trend['rise']:.4g}", t=f"{trend['t']:.3g}"))]
+    falling = r.loss_unbounded_below(before=int(negative["step"].min()) if len(negative) else None)
+    if falling is not None:
+        return [Cause("divergence", "warning", first_step=falling["first"], phase="loss", model="student",
+                      evidence={"unplaced": True, "unbounded_below": True,
+                                "window": f"{falling['first']}-{falling['last']}", "first_loss": first_loss,
+                                "last_loss": float(finite_loss.iloc[-1]), "loss_slope_per_step": falling["slope"],
+                                "slope_standard_errors": falling["t"], "step_noise": falling["noise"]},
+                      fix=r.fix("loss_unbounded_below", first=falling["first"], last=falling["last"],
+                                start=f"{first_loss:.4g}", end=f"{float(finite_loss.iloc[-1]):.4g}",
+                                t=f"{-falling['t']:.3g}"))]
     return []
 
 

@@ -20,9 +20,14 @@ loss stays where it was. A tensor the loss reaches has an all-zero gradient only
 structural zero: a dead unit, or a zero-initialised partner (LoRA's B is 0, so its A's gradient is 0 until
 the first update moves B) — which lasts one step. So an event (`zero_gradients`) is recorded when most of
 the tensors that have a gradient have an all-zero one on two consecutive steps, at the first of them, and
-`zero_grad_tensors` counts them every step. A step where not one trainable tensor has a gradient at the optimizer
-step — the gradients cleared between backward and the step, or a loss cut off from the weights (logits detached,
-a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a stretch.
+`zero_grad_tensors` counts them every step. An MoE expert no token was routed to (skipped, or called on an empty
+selection) has an all-zero gradient too, though the loss reaches every weight that took part: while most gradients
+are zero, hooks before the forward of the watched tensors' modules note which ran with input, and from the next step
+on the tensors of those that did not are left out of the count (the hooks go once most are non-zero: on every module,
+every step, they would cost a compiled model a graph break each). A step where not one trainable tensor has a
+gradient at the optimizer step — the gradients cleared between backward and the step, or a loss cut off from the
+weights (logits detached, a forward under no_grad hidden by `loss.requires_grad_()`) — counts as one of such a
+stretch.
 
 At `standard` backward order is taken as the reverse of registration (the output end first); at `full`,
 post-accumulate hooks record the order in which gradients actually arrived. A tensor that several modules use — an
@@ -54,7 +59,7 @@ import torch
 
 from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import counted
-from .base import FP16_MAX, Probe, abs_max, dtype_name, nonfinite_counts, optimizers_of, sampled
+from .base import FP16_MAX, Probe, abs_max, dtype_name, eager, nonfinite_counts, optimizers_of, sampled
 
 FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
@@ -85,6 +90,10 @@ class GradientProbe(Probe):
         self._mostly_zero_since: int | None = None  # first step of the current stretch of mostly-zero gradients
         self._none_reached = False  # this step: no watched tensor has a gradient at all
         self._reported_zero = False
+        self._participation: list = []  # forward hooks of the watched tensors' modules, while most gradients are zero
+        self._hooked: set[tuple[str, str]] = set()  # the (model, module) those hooks watch
+        self._participation_known = False  # they were on for the whole of this step
+        self._ran: set[tuple[str, str]] = set()  # (model, module) that ran a forward with input this step
         self._sentinels: dict[int | None, Sentinel] = {}  # per optimizer (its id; None: one optimizer, or none)
         self._held: list[tuple[int, torch.Tensor]] = []  # this step's checks of gradients used since: (index, held)
         self._held_at: list[int] = []  # the sentinels of the checks handed over, in order
@@ -123,6 +132,42 @@ class GradientProbe(Probe):
 
     def begin_step(self) -> None:
         self._arrival.clear()
+        self._ran.clear()
+        self._participation_known = bool(self._participation)
+
+    def _watch_participation(self, on: bool) -> None:
+        """Hooks before the forward of each module that holds watched tensors, on while most gradients are zero (off
+        otherwise: a hook on every module would cost a compiled model a graph break each, every step)."""
+        if on == bool(self._participation):
+            return
+        for h in self._participation:
+            h.remove()
+        self._participation, self._hooked = [], set()
+        if not on:
+            return
+        for key in dict.fromkeys((w.model, w.module) for w in self.ctx.watched):
+            model = self.ctx.models.get(key[0])  # a tensor of no watched model (a KD projection): not followed
+            module = model.get_submodule(key[1]) if model is not None else None
+            if module is not None:
+                self._hooked.add(key)
+                self._participation.append(module.register_forward_pre_hook(eager(self._ran_with_input(key)),
+                                                                            with_kwargs=True))
+
+    def _ran_with_input(self, key: tuple[str, str]):
+        def hook(_module, args: tuple, kwargs: dict) -> None:
+            tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+            if not tensors or any(t.numel() for t in tensors):
+                self._ran.add(key)
+        return hook
+
+    def _took_part(self, indices: list[int]) -> list[int]:
+        """The watched tensors among `indices` whose module ran a forward with input this step (all of them where
+        that was not watched for the whole step): an MoE expert no token was routed to — skipped, or called on an
+        empty selection — has an all-zero gradient that says nothing of whether the loss reaches the weights."""
+        if not self._participation_known:
+            return indices
+        keys = ((i, (self.ctx.watched[i].model, self.ctx.watched[i].module)) for i in indices)
+        return [i for i, key in keys if key not in self._hooked or key in self._ran]
 
     def observe_norm(self, norm: torch.Tensor | float, max_norm: float | None = None) -> None:
         """The total norm the loop's clipping computed (before clipping): kept on the device for the step's transfer;
@@ -251,7 +296,9 @@ class GradientProbe(Probe):
         zero = [i for i in present if amax[i] == 0]
         metrics["zero_grad_tensors"] = len(zero)
         if not self.ctx.caller_skipped:
-            self._track_zero(2 * len(zero) > len(present), zero, len(present))
+            zero_in, present_in = self._took_part(zero), self._took_part(present)
+            self._track_zero(2 * len(zero_in) > len(present_in), zero_in, len(present_in))
+            self._watch_participation(2 * len(zero) > len(present))
         bad = [i for i, v in enumerate(amax) if not math.isfinite(v)]
         metrics["nonfinite_grad_tensors"] = len(bad)
         first = self._first_in_backward_order(bad) if bad else None
@@ -363,5 +410,6 @@ class GradientProbe(Probe):
             dtype=dtype_name(computed), value=zero / present if present else 1.0, numel=present)
 
     def close(self) -> None:
+        self._watch_participation(False)
         for h in self._handles:
             h.remove()

@@ -3,12 +3,14 @@
 GradScaler skips a step exactly when it backs off, so a fall of the scale is a skipped step. The consecutive skips
 of the first steps, while the scaler finds its scale, are it working (info) — unless they bring the scale down to
 MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's largest value over twice that
-scale before any scaling (a loss term weighted far too high), and each halving was a step lost; after the warm-up
-more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps since it ended (its own skips are
-the floor's to judge: six halvings are not 30% of a 20-step run lost), is a warning, and a scale below 1 is
+scale before any scaling (a loss term weighted far too high), and each halving was a step lost (unless a skip of
+the warm-up had a non-finite loss, whose gradients are non-finite at any scale: the floor then says nothing); after
+the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps since it ended (its own
+skips are the floor's to judge: six halvings are not 30% of a 20-step run lost), is a warning, and a scale below 1 is
 critical (gradients are being shrunk, not protected). A run that ends with the warm-up still going — every step
 skipped, the scale never low enough — applied no update at all: the scaler started too high for the run's length (a
-`scaler_never_settled` note, when the probes close).
+`scaler_never_settled` note, when the probes close) — unless every step's loss was itself non-finite: gradients of a
+NaN loss are non-finite at any scale, and that is the loss's cause, not the scale's.
 
 GradScaler never steps the optimizer on a step it skips: where the one optimizer stepped on such a step (its
 pre-step hook ran) someone else called it — `optimizer.step()` left in a loop beside `scaler.step(optimizer)` — and
@@ -16,6 +18,8 @@ applied the very gradients the scaler skipped as non-finite (an `optimizer_stepp
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -41,6 +45,8 @@ class ScalerProbe(Probe):
         self._settled_steps = self._settled_skips = 0  # steps after the warm-up, and those of them skipped
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
         self._first_skipped = False
+        self._skip_beyond_the_loss = False  # a step skipped with its loss finite (or not handed over): for the scale
+        self._skip_for_the_loss = False  # a step skipped with its loss non-finite: at any scale
         self._initial: float | None = None  # the scale the first step started from (once, before it)
 
     def begin_step(self) -> None:
@@ -59,6 +65,11 @@ class ScalerProbe(Probe):
         grew = self._previous is not None and scale > self._previous
         first_reading = self._previous is None
         self._previous = scale
+        terms = host.get("loss_terms") or []
+        # a non-finite loss makes non-finite gradients at any scale: that skip says nothing of the scale
+        loss_finite = all(map(math.isfinite, terms))
+        self._skip_beyond_the_loss |= skipped and loss_finite
+        self._skip_for_the_loss |= skipped and not loss_finite
         if skipped and self.ctx.optimizer_ran and len(optimizers_of(self.ctx.optimizer)) == 1:
             self._stepped_past_skip()
         if first_reading:
@@ -78,7 +89,8 @@ class ScalerProbe(Probe):
                                    code="scaler_skip_warmup" if self._warming_up else "scaler_skip_overflow")
         else:
             self._streak = 0
-        if self._warming_up and scale <= MIN_WARMUP_SCALE and not self._warned_warmup:
+        # the floor's claim — gradients this large before any scaling — stands only on halvings the gradients made
+        if self._warming_up and scale <= MIN_WARMUP_SCALE and not self._warned_warmup and not self._skip_for_the_loss:
             self._warned_warmup = True
             self._backoff(f"its warm-up skipped every step up to step {self.ctx.step}, down to a scale of {scale:g} — "
                           f"some gradient exceeds {FP16_MAX / (2 * scale):.3g} before any scaling", scale,
@@ -101,8 +113,10 @@ class ScalerProbe(Probe):
 
     def conclude(self) -> None:
         """Every step of the run skipped while the scaler was still finding its scale (and no floor or scale below 1
-        said why): not one update was applied — the run ended before the scale came down to one that fits."""
-        if not (self._first_skipped and self._warming_up and self._steps) or self._warned_warmup or self._below_one:
+        said why): not one update was applied — the run ended before the scale came down to one that fits. Not where
+        the loss itself was non-finite on every step: those skips are the loss's (`nonfinite_loss`), at any scale."""
+        if not (self._first_skipped and self._warming_up and self._steps and self._skip_beyond_the_loss) \
+                or self._warned_warmup or self._below_one:
             return
         steps = self._steps + 1
         self.ctx.events.record("setup_note", "warning",

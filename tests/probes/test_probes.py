@@ -1219,6 +1219,26 @@ def test_a_run_that_ends_while_the_scaler_still_finds_its_scale_trained_nothing(
     _weighted_amp_scales(probes_of, 1e2, steps=12)
     assert made[-1].diagnosis() == []
 
+@pytest.mark.parametrize("steps", [3, 12])
+def test_a_run_whose_loss_is_nan_on_every_step_is_not_said_to_have_a_scaler_that_started_too_high(steps):
+    """Every step's loss NaN under a GradScaler: each step is skipped and the scale halves, as in a warm-up, but the
+    gradients of a NaN loss are non-finite at any scale — no `scaler_never_settled` note and no `no_gradients`
+    telling the scale to start at (3 steps), no warm-up floor claiming gradients above 256 before any scaling and no
+    `loss_scale_collapse` (12 steps, down to 16): the non-finite loss is the one cause."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    assert _weighted_amp_scales(probes_of, math.nan, steps=steps)[-1] == 2.0 ** (16 - steps)
+    assert not [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
+    assert not _events(made[-1], "scaler_backoff")
+    (cause,) = made[-1].diagnosis()
+    assert cause["cause"] == "divergence" and cause["evidence"]["loss_term"] == "loss"
+    assert "followed_by" not in cause["evidence"]
+
+
 @pytest.mark.parametrize("ended_by, status", [(RuntimeError("a data loader broke"), "failed"),
                                               (KeyboardInterrupt(), "interrupted")])
 def test_a_run_that_failed_or_was_interrupted_while_the_scaler_found_its_scale_is_not_said_to_have_trained_nothing(
@@ -1503,6 +1523,56 @@ def test_a_zero_initialised_partner_is_no_event():
             opt.zero_grad()
     assert [row["zero_grad_tensors"] for row in rows] == [2, 0, 0]
     assert _events(probes, "zero_gradients") == []
+
+
+class NaiveMoE(nn.Module):
+    """A top-1 MoE written as a loop over its experts, each called on the tokens routed to it — an empty selection
+    for most of them when a step has few tokens."""
+
+    def __init__(self, width: int = 16, experts: int = 16, vocab: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+                                     for _ in range(experts))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).flatten(0, -2)
+        weight, choice = self.router(x).softmax(-1).max(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            routed = choice == i
+            out[routed] = expert(x[routed]) * weight[routed, None]
+        return self.head(x + out)
+
+
+@pytest.mark.parametrize("cleared_before_the_step", [False, True])
+def test_moe_experts_no_token_reached_are_no_sign_of_a_cut_off_loss(cleared_before_the_step):
+    """Four tokens over sixteen experts: most experts run on an empty selection and their all-zero gradients are most
+    of the model's tensors, step after step — though the loss reaches every weight that took part. No
+    `zero_gradients`, no `no_gradients` (the forward hooks that tell this are gone when the probes close). The same
+    model with its gradients cleared before each step is still found: its modules that ran have zero gradients."""
+    torch.manual_seed(0)
+    model = NaiveMoE()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        rows = []
+        for _ in range(4):
+            ids = torch.randint(0, 32, (1, 4))
+            nn.functional.cross_entropy(model(ids), ids.flatten()).backward()
+            if cleared_before_the_step:
+                opt.zero_grad(set_to_none=False)
+            opt.step()
+            rows.append(probes.step())
+            opt.zero_grad()
+    assert all(2 * row["zero_grad_tensors"] > 69 for row in rows)  # the provocation: most of 69 tensors zero
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    if cleared_before_the_step:
+        (event,) = _events(probes, "zero_gradients")
+        assert event.step == 1 and _causes(probes) == ["no_gradients"]
+    else:
+        assert _events(probes, "zero_gradients") == [] and probes.diagnosis() == []
 
 
 def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
@@ -1945,3 +2015,29 @@ def test_norm_gains_that_never_move_in_bf16_are_named_though_the_run_loses_few_u
     (cause,) = [c for c in probes.diagnosis() if c["cause"] == "update_underflow"]
     assert cause["severity"] == "warning" and cause["tensor"] == event.tensor
     assert not _events(_bf16_llama_steps(torch.float32), "lost_updates")
+
+
+def test_a_kd_term_subtracted_in_a_loop_is_named_as_a_loss_unbounded_below():
+    """A user's loop with a sign error — `ce - kl` — on a tiny GPT-2, AdamW at 1e-2: the loss starts at a CE's ~4.4
+    and falls, finite, to far below 0 as the student pulls away from its teacher. The diagnosis names the loss's sign
+    (a divergence warning, unbounded below), not a clean run."""
+    student, teacher = tiny.make_gpt2(96, seed=0), tiny.make_gpt2(96, seed=1).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    ids = torch.arange(64).reshape(4, 16) % 96
+    losses = []
+    with Probes(student, optimizer=opt) as probes:
+        for _ in range(12):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            kl = nn.functional.kl_div(out.logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+            loss = out.loss - kl  # the bug: the KD term subtracted
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    assert losses[0] > 0 and losses[-1] < -losses[0] and all(map(math.isfinite, losses))  # the provocation
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"]) == ("divergence", "warning") and cause["evidence"]["unbounded_below"]
+    assert "sign" in cause["fix"]
