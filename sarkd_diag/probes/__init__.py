@@ -166,7 +166,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
-        ctx.lr, ctx.trained, ctx.optimizer_ran = None, False, False
+        ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
         self._stepped = set()
         self._unscaled_ones = set()
@@ -222,14 +222,14 @@ class ProbeSet:
         if not callable(closure):
             self._before_update()
             return None
-        calls = 0
+        first_result = []
 
         def closure_then_before_update():
-            nonlocal calls
-            calls += 1
-            if calls > 1:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+            if first_result:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+                self.ctx.first_closure_loss = first_result[0]
                 return self._reevaluation(closure)
             result = closure()
+            first_result.append(result.detach() if torch.is_tensor(result) else result)
             self._before_update()
             return result
         if "closure" in kwargs:
