@@ -493,6 +493,11 @@ class Probes:
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
+        if resumed_from is None and first_step > 1:
+            self.events.record("setup_note", "info", f"a new training run continues this run directory at step "
+                               f"{first_step} (a second train() or fit, a hyperparameter-search trial, a script run "
+                               f"again): its loss starts afresh here, and the diagnosis judges its trend on its own",
+                               code="run_continued", step=first_step, probe="loop")
         if stale is not None:
             self.events.record("setup_note", "warning", f"a Probes of this process on this run directory was still "
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "

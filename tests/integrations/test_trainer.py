@@ -877,3 +877,25 @@ def test_a_teachers_generate_in_a_callback_between_steps_is_not_read_as_its_trai
         found = cause(run["summary"]["diagnosis"], "activation_overflow")
         assert (found["model"], found["module"], found["first_step"]) == ("teacher", "transformer.h.0.mlp.c_proj", 1)
     assert logged_losses(kd_trainer()) == logged_losses(trainer)
+
+
+def test_hyperparameter_trials_in_one_run_are_marked_and_judged_each_on_its_own(tmp_path):
+    """Three `train()` calls of a Trainer built with `model_init` (a hyperparameter search's trials), numbered on in
+    one run directory: two at a learning rate that brings a learnable sequence's loss down from ln(vocab), the last
+    at one that leaves it there. Read as one curve, the loss of the second half climbs (steps 25-48, seven standard
+    errors); it is three fresh starts. Each later trial begins with a `run_continued` note at its first step, and
+    the loss rules judge each trial on its own: no divergence."""
+    dataset = Sequences(VOCAB)
+    dataset.ids = (torch.arange(12)[None] + torch.arange(len(dataset.ids))[:, None]) % (VOCAB - 1) + 1  # learnable
+    trainer = Trainer(model_init=lambda: tiny.make_gpt2(VOCAB),
+                      args=training_args(tmp_path / "trainer", max_steps=16), train_dataset=dataset)
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    for lr in (1e-2, 1e-2, 1e-5):
+        trainer.args.learning_rate = lr
+        trainer.train()
+    run = load_run(tmp_path / "run")
+    losses = _train_losses(run)
+    assert len(losses) == 48 and losses[15] < 0.8 * losses[16]  # the trial boundary the curve jumps at
+    notes = run["events"].query("code == 'run_continued'")
+    assert notes["step"].tolist() == [17, 33] and set(notes["severity"]) == {"info"}
+    assert run["summary"]["diagnosis"] == []
