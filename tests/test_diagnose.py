@@ -109,6 +109,22 @@ def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losse
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
 
 
+@pytest.mark.parametrize("continued", [False, True])
+def test_a_later_training_runs_first_loss_is_judged_against_its_own_start(continued):
+    """Two training runs in one directory (a second `train()`: a search trial whose model starts from a larger
+    loss). Without a boundary the second run's losses are 4x the first run's first: a blow-up. With the
+    `run_continued` note at its first step each run is judged against its own first loss: both fall, nothing is
+    wrong. A blow-up within the second run is still one, judged against that run's start."""
+    losses = [4, 3.8, 3.7, 3.6, 16, 15.5, 15, 14.8]
+    note = {"kind": "setup_note", "code": "run_continued", "severity": "info", "step": 5, "phase": "setup"}
+    metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "loss": losses, "lr": 1e-3})
+    frame = log(note) if continued else log()
+    assert bool(causes(frame, metrics, mode="fp32", caller="loop")) is not continued
+    blown = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [*losses, 60, 62], "lr": 1e-3})
+    (cause,) = causes(log(note), blown, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["first_step"], cause["evidence"]["first_loss"]) == ("divergence", 9, 16)
+
+
 @pytest.mark.parametrize("losses, severity", [([4.0, 4.2, 3.9, 4.1, 15.0, 3.8, 4.2, 3.9, 4.1, 4.15], "warning"),
                                                ([4.0, 4.2, 3.9, 4.1, 15.0, 14.0, 14.5, 13.8, 14.2, 14.1], "critical")])
 def test_a_spike_on_a_noisy_plateau_came_back_though_its_last_loss_is_above_the_one_before_it(losses, severity):

@@ -20,6 +20,7 @@ settings under accelerate — never an option the caller does not have.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -575,6 +576,17 @@ class RunRecord:
         train = self.metrics[self.metrics["split"] == "train"]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
+    def train_loss_runs(self) -> list[pd.Series]:
+        """The finite training loss, split where a new training run continued the directory (`run_continued`: a second
+        train() or fit, a hyperparameter-search trial): each starts afresh from its own first loss, so a rise or a
+        blow-up is judged within one, never from one's last loss to the next one's first."""
+        loss = self.train_column("loss")
+        loss = loss[loss.map(math.isfinite)]
+        starts = sorted(int(step) for step in self.of("setup_note", "run_continued")["step"])
+        edges = [-math.inf, *starts, math.inf]
+        parts = [loss[(loss.index >= start) & (loss.index < end)] for start, end in itertools.pairwise(edges)]
+        return [part for part in parts if len(part)]
+
     def blow_up_factor(self) -> float:
         """How many times its first value a training loss must reach to be a blow-up: DIVERGENCE_FACTOR, or more where
         the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
@@ -584,13 +596,12 @@ class RunRecord:
 
     def loss_scatter(self) -> float:
         """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
-        run's positive finite training losses: how far one step's loss strays from the last by chance. 0 where there
-        are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
-        loss = self.train_column("loss")
-        loss = loss[loss.map(math.isfinite) & (loss > 0)]
-        if len(loss) <= LOSS_SCATTER_MIN_CHANGES:
+        run's positive finite training losses, within each training run (`train_loss_runs`): how far one step's loss
+        strays from the last by chance. 0 where there are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
+        changes = pd.concat([pd.Series(part[part > 0].map(math.log).to_numpy()).diff().dropna()
+                             for part in self.train_loss_runs()] or [pd.Series(dtype="float64")])
+        if len(changes) < LOSS_SCATTER_MIN_CHANGES:
             return 0.0
-        changes = pd.Series(loss.map(math.log).to_numpy()).diff().dropna()
         return 1.4826 * float((changes - changes.median()).abs().median())
 
     def loss_floor_rise(self) -> float:
@@ -823,19 +834,19 @@ class RunRecord:
         return row
 
     def loss_trend(self, before: int | None = None) -> dict | None:
-        """A training loss that climbs steadily (finite, below the blow-up): over the whole run, else its second half
+        """A training loss that climbs steadily (finite, below the blow-up): over a whole training run (each of
+        `train_loss_runs` on its own), else its second half
         (a loss that fell, then climbed), the least-squares slope per step is LOSS_TREND_T standard errors above 0
         and the fitted rise over the window is at least LOSS_TREND_RISE of the fitted start's magnitude. Losses from
         step `before` on are left out. A healthy run's loss falls or levels off, its noise around that
         (small batches) measured by the residuals: only a rise that stands out of that noise is a trend."""
-        loss = self.train_column("loss")
-        loss = loss[loss.map(math.isfinite)]
-        if before is not None:
-            loss = loss[loss.index < before]
-        for window in (loss, loss.iloc[len(loss) // 2:]):
-            fit = _rising(window)
-            if fit is not None:
-                return fit
+        for loss in self.train_loss_runs():  # each training run on its own
+            if before is not None:
+                loss = loss[loss.index < before]
+            for window in (loss, loss.iloc[len(loss) // 2:]):
+                fit = _rising(window)
+                if fit is not None:
+                    return fit
         return None
 
     def loss_unbounded_below(self, before: int | None = None) -> dict | None:
@@ -1636,12 +1647,14 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
-    first_loss = float(finite_loss.iloc[0]) if len(finite_loss) else None
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
-    # a term subtracted) is above three times itself from the start
-    factor = r.blow_up_factor()
-    blown = finite_loss[(finite_loss > factor * first_loss) & (finite_loss - first_loss >= r.loss_floor_rise())] \
-        if first_loss is not None and first_loss > 0 else finite_loss[:0]
+    # a term subtracted) is above three times itself from the start. Each training run against its own first loss
+    factor, floor, runs = r.blow_up_factor(), r.loss_floor_rise(), r.train_loss_runs()
+    blown = pd.concat([finite_loss[:0], *(part[(part > factor * part.iloc[0]) & (part - part.iloc[0] >= floor)]
+                                          for part in runs if part.iloc[0] > 0)])
+    # the run whose loss blew up (else the first): the first loss it is judged against, the losses before the blow-up
+    blown_run = next((part for part in runs if len(blown) and blown.index[0] in part.index), runs[0] if runs else None)
+    first_loss = float(blown_run.iloc[0]) if blown_run is not None else None
     extreme = r.of("extreme_update")
     computed = _nonfinite_loss_computation(r)  # the run's first non-finite value: at or before any extreme update
     if computed is not None and len(extreme):
@@ -1695,19 +1708,19 @@ def divergence(r: RunRecord) -> list[Cause]:
     if len(negative):  # a loss that climbs under a negative learning rate is the ascent it asked for: `lr_negative`
         blown = blown[blown.index < negative["step"].min()]
     if r.updates_wide_weights() and len(blown):
-        step, top = int(blown.index[0]), float(finite_loss.max())
+        step, top = int(blown.index[0]), float(blown_run.max())
         evidence = {"first_loss": first_loss, "max_loss": top, "factor": factor, "unplaced": True}
-        before = finite_loss[finite_loss.index < step]
-        settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(finite_loss.iloc[-1])
+        before = blown_run[blown_run.index < step]
+        settled, last = float(before.iloc[-1]) if len(before) else first_loss, float(blown_run.iloc[-1])
         # back to where it was before the spike, within the run's step-to-step scatter (a noisy plateau's last loss
         # is above its loss before the spike half the time)
         back = last <= settled * math.exp(LOSS_SCATTER_Z * r.loss_scatter())
-        if finite_loss.index[-1] > blown.index[-1] and back:
+        if blown_run.index[-1] > blown[blown.index <= blown_run.index[-1]].index[-1] and back:
             return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
                           evidence={**evidence, "recovered": True, "loss_before": settled, "last_loss": last},
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
                                     factor=f"{factor:.3g}", step=step, last=f"{last:.4g}",
-                                    last_step=int(finite_loss.index[-1])))]
+                                    last_step=int(blown_run.index[-1])))]
         return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
                       fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
                                 factor=f"{factor:.3g}", step=step))]

@@ -113,6 +113,8 @@ CODES = {
                           "were given: it was built from other parameters, and nothing of them trains",
     "compiled_before_probes": "setup_note: torch.compile had compiled a watched model before the probes' hooks existed "
                               "(compiled code runs without hooks added later): dynamo's caches reset, one recompile",
+    "run_continued": "setup_note: a new training run (a second train() or fit, a search trial) continues the run "
+                     "directory from this step on: its loss starts afresh, and the loss rules do not judge across it",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

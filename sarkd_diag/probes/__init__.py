@@ -166,7 +166,7 @@ class ProbeSet:
         ctx = self.ctx
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
-        ctx.lr, ctx.trained, ctx.optimizer_ran = None, False, False
+        ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
         self._gradients_read = self.lr_read = self.optimizer_stepping = False
         self._stepped = set()
         self._unscaled_ones = set()
@@ -222,14 +222,14 @@ class ProbeSet:
         if not callable(closure):
             self._before_update()
             return None
-        calls = 0
+        first_result = []
 
         def closure_then_before_update():
-            nonlocal calls
-            calls += 1
-            if calls > 1:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+            if first_result:  # LBFGS re-evaluates the loss at trial weights: the step's batch was the first call's
+                self.ctx.first_closure_loss = first_result[0]
                 return self._reevaluation(closure)
             result = closure()
+            first_result.append(result.detach() if torch.is_tensor(result) else result)
             self._before_update()
             return result
         if "closure" in kwargs:
@@ -493,6 +493,11 @@ class Probes:
         self._precision_written = None
         self._autocast_written = self.ctx.autocast
         self._write_config()
+        if resumed_from is None and first_step > 1:
+            self.events.record("setup_note", "info", f"a new training run continues this run directory at step "
+                               f"{first_step} (a second train() or fit, a hyperparameter-search trial, a script run "
+                               f"again): its loss starts afresh here, and the diagnosis judges its trend on its own",
+                               code="run_continued", step=first_step, probe="loop")
         if stale is not None:
             self.events.record("setup_note", "warning", f"a Probes of this process on this run directory was still "
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "

@@ -55,6 +55,9 @@ class ProbeContext:
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
     reevaluating: bool = False  # an optimizer's step calls its closure again (LBFGS): not the step's loss
+    # on a step whose optimizer called its closure again (LBFGS), the first call's result: the step's loss, which a
+    # framework handing back the closure's last result (Lightning's outputs) does not carry
+    first_closure_loss: torch.Tensor | float | None = None
     unfinished: bool = False  # the caller's loop raised inside this step: recorded as far as it got, at close
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)

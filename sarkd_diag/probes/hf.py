@@ -18,9 +18,11 @@ micro-batch's `compute_loss` whose loss turned non-finite between statistics ste
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -146,7 +148,10 @@ class SarkdDiagCallback(TrainerCallback):
 
         @functools.wraps(compute_loss)
         def recorded_compute_loss(*args, **kw):
-            self._loss_call = (compute_loss, args, kw)  # what a replay calls again
+            # what a replay calls again: the inputs as handed, since `compute_loss` pops the labels out of its dict
+            # (label smoothing, a `compute_loss_func`); a shallow copy, the tensors are not copied
+            self._loss_call = (compute_loss, tuple(_as_handed(a) for a in args),
+                               {k: _as_handed(v) for k, v in kw.items()})
             return compute_loss(*args, **kw)
 
         train = trainer.train
@@ -311,6 +316,12 @@ def running_trainer(callback: TrainerCallback):
     finally:
         del frame
     return None
+
+
+def _as_handed(value):
+    """A mutable mapping (the batch's inputs: a dict, a BatchEncoding) as it is now, for a call to be repeated after the
+    callee changed it: a shallow copy, its tensors shared; anything else as it is."""
+    return copy.copy(value) if isinstance(value, MutableMapping) else value
 
 
 def _finite(loss: torch.Tensor) -> bool:

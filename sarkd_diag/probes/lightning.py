@@ -158,6 +158,8 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if self.probes.ctx.first_closure_loss is not None:  # LBFGS: outputs hold its line search's last trial
+            loss = self.probes.ctx.first_closure_loss
         if torch.is_tensor(loss) and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches
         self._batch_ended = True

@@ -429,3 +429,32 @@ def test_batches_a_training_step_drops_are_skipped_steps_and_no_loss_cut_off(tmp
     (found,) = load_run(tmp_path / "all")["summary"]["diagnosis"]
     assert (found["cause"], found["severity"], found["first_step"]) == ("no_gradients", "warning", 1)
     assert "`training_step` returned None on every batch" in found["fix"]
+
+
+class LineSearched(Distil):
+    """Distillation fitted with LBFGS: its step calls Lightning's closure again at the weights its line search tries;
+    keeps the loss each step's first call computed (the step's batch at the step's weights)."""
+
+    def __init__(self, student):
+        super().__init__(student)
+        self.step_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if len(self.step_losses) == self.trainer.global_step:  # the first call of this step's closure
+            self.step_losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.student.parameters(), lr=0.5, max_iter=4)
+
+
+def test_an_lbfgs_steps_loss_is_its_first_closure_call_as_in_a_plain_loop(tmp_path):
+    """Lightning hands `on_train_batch_end` the result of the closure's last call — the line search's last trial
+    weights, not the step's. The recorded loss is the first call's, what LBFGS's `step()` returns and a plain loop
+    records; the line search did call the closure again (else the test would compare equal losses)."""
+    module = LineSearched(tiny.make_gpt2(VOCAB))
+    trainer = _fit(module, tmp_path / "run", max_steps=3, gradient_clip_val=None)
+    assert trainer.global_step == 3 and len(module.losses) > 3  # re-evaluations ran
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["loss"].tolist() == pytest.approx(module.step_losses, rel=1e-6)

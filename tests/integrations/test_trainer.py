@@ -663,16 +663,59 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
 
 
-def test_a_replay_whose_compute_loss_raises_still_names_the_module_and_training_goes_on(tmp_path):
-    """`label_smoothing_factor` makes the Trainer's `compute_loss` pop the labels out of the inputs it is handed: the
-    replay of a non-finite loss calls it again on those inputs and raises (no labels), after the model's forward has
-    run. What that forward read still names the module (a frozen weight set to Inf at step 3, no statistics step), and
-    the readings are not left behind to fail the step's own: the probes do not crash the run."""
+def _fault_trainer(tmp_path, **args):
+    """A Trainer whose frozen weight (never updated, read only as loaded) is set to Inf at step 3, no statistics
+    step: the loss turns non-finite there and the callback replays the micro-batch's `compute_loss`."""
     model = tiny.make_gpt2(VOCAB)
     frozen = model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
-    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3,
-                                                      label_smoothing_factor=0.1),
-                      train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(frozen, step=3)])
+    compute_loss_func = args.pop("compute_loss_func", None)
+    return Trainer(model=model, args=training_args(tmp_path / "trainer", learning_rate=1e-3, **args),
+                   train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(frozen, step=3)],
+                   compute_loss_func=compute_loss_func)
+
+
+def _next_token_loss(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("args", [{"label_smoothing_factor": 0.1}, {"compute_loss_func": _next_token_loss}],
+                         ids=["label_smoothing", "compute_loss_func"])
+def test_the_replay_repeats_the_call_with_the_labels_compute_loss_popped(tmp_path, args):
+    """Label smoothing and a `compute_loss_func` make the Trainer's `compute_loss` pop the labels out of the inputs
+    dict it is handed. The replay of the non-finite loss calls it with the inputs as they were handed, labels and
+    all: the loss is computed as in the step — not a model output with no loss (which raised), nor a loss function
+    handed `labels=None` (which raised on them) — and the module is named."""
+    trainer = _fault_trainer(tmp_path, **args)
+    compute_loss, calls = trainer.compute_loss, []
+
+    def outcome_recorded(model, inputs, *rest, **kw):
+        try:
+            loss = compute_loss(model, inputs, *rest, **kw)
+        except Exception as exc:
+            calls.append(type(exc).__name__)
+            raise
+        calls.append("replayed" if not torch.is_grad_enabled() else "step")
+        return loss
+
+    trainer.compute_loss = outcome_recorded  # bound to the trainer before the callback wraps it
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    assert calls == ["step"] * 3 + ["replayed"] + ["step"] * (trainer.state.global_step - 3)
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+
+
+def test_a_replay_whose_compute_loss_raises_still_names_the_module_and_training_goes_on(tmp_path):
+    """A loss with a gradient penalty (`torch.autograd.grad` of the loss) cannot be computed under the replay's
+    no_grad: the replay raises after the model's forward has run. What that forward read still names the module, and
+    the readings are not left behind to fail the step's own: the probes do not crash the run."""
+    def with_gradient_penalty(outputs, labels, num_items_in_batch=None):
+        loss = _next_token_loss(outputs, labels)
+        (logits_grad,) = torch.autograd.grad(loss, outputs.logits, create_graph=True)
+        return loss + 1e-3 * logits_grad.pow(2).sum()
+
+    trainer = _fault_trainer(tmp_path, compute_loss_func=with_gradient_penalty)
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     summary = load_run(tmp_path / "run")["summary"]
@@ -834,3 +877,25 @@ def test_a_teachers_generate_in_a_callback_between_steps_is_not_read_as_its_trai
         found = cause(run["summary"]["diagnosis"], "activation_overflow")
         assert (found["model"], found["module"], found["first_step"]) == ("teacher", "transformer.h.0.mlp.c_proj", 1)
     assert logged_losses(kd_trainer()) == logged_losses(trainer)
+
+
+def test_hyperparameter_trials_in_one_run_are_marked_and_judged_each_on_its_own(tmp_path):
+    """Three `train()` calls of a Trainer built with `model_init` (a hyperparameter search's trials), numbered on in
+    one run directory: two at a learning rate that brings a learnable sequence's loss down from ln(vocab), the last
+    at one that leaves it there. Read as one curve, the loss of the second half climbs (steps 25-48, seven standard
+    errors); it is three fresh starts. Each later trial begins with a `run_continued` note at its first step, and
+    the loss rules judge each trial on its own: no divergence."""
+    dataset = Sequences(VOCAB)
+    dataset.ids = (torch.arange(12)[None] + torch.arange(len(dataset.ids))[:, None]) % (VOCAB - 1) + 1  # learnable
+    trainer = Trainer(model_init=lambda: tiny.make_gpt2(VOCAB),
+                      args=training_args(tmp_path / "trainer", max_steps=16), train_dataset=dataset)
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    for lr in (1e-2, 1e-2, 1e-5):
+        trainer.args.learning_rate = lr
+        trainer.train()
+    run = load_run(tmp_path / "run")
+    losses = _train_losses(run)
+    assert len(losses) == 48 and losses[15] < 0.8 * losses[16]  # the trial boundary the curve jumps at
+    notes = run["events"].query("code == 'run_continued'")
+    assert notes["step"].tolist() == [17, 33] and set(notes["severity"]) == {"info"}
+    assert run["summary"]["diagnosis"] == []
