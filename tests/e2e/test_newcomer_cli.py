@@ -578,3 +578,25 @@ def test_a_json_train_file_is_told_what_to_do_with_it(cli, tiny_args, tmp_path, 
     assert (code, out) == (2, "")
     assert err == (f"sarkd-diag: error: {data}: unknown text format '.json'; give `.txt` (one document a line), "
                    f"`.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")
+
+
+@pytest.mark.parametrize(("precision", "shown"), [
+    ({"mode": "fp32"}, ["- precision: **fp32**\n"]),
+    ({"mode": "mixed", "requested": "auto", "reason": "CUDA with fp16", "master_dtype": "torch.float32"},
+     ["- precision: **mixed** (requested `auto`: CUDA with fp16)\n", "- trainable weights held in: torch.float32\n"]),
+])
+def test_report_reads_the_precision_fields_a_config_holds(cli, tmp_path, precision, shown):
+    """`report RUN` of a hand-written or older config.json whose precision block lacked `requested` or `reason`
+    ended in exit 3 (a KeyError): the report shows the fields there are and leaves out the ones there are not."""
+    from sarkd_diag import DistillConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": DistillConfig().to_dict(), "precision": precision}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    code, _, err = cli("report", str(run))
+    assert code == 0, err
+    report = (run / "report.md").read_text()
+    assert all(line in report for line in shown), report
+    assert ("trainable weights" in report) == ("master_dtype" in precision)
+    assert f"<b>{precision['mode']}</b>" in (run / "report.html").read_text()
