@@ -352,13 +352,13 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
-    from .contract.rundir import recorded_run
-    from .presentation.query import not_a_run, refuse_while_written, run_directory
+    from .presentation.query import refuse_while_written, report_refusal, run_directory
 
     run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
+    refused = report_refusal(run_dir)  # a model's config.json (a run's student/) is not a run's
+    if refused:
+        raise refused
     comparison = is_compare_dir(run_dir)
-    if not comparison and recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
-        raise not_a_run(run_dir)
     refuse_while_written(run_dir)
     if comparison:
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):

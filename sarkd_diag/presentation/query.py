@@ -108,6 +108,21 @@ def _invalid_json(path: Path) -> str | None:
     return None
 
 
+def damaged_config(path: Path) -> BadInput | None:
+    """The error for a directory whose config.json is not valid JSON (a run's, edited or cut short); None otherwise."""
+    damaged = _invalid_json(path / "config.json")
+    if damaged is None:
+        return None
+    return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
+                    "restore it whole, or give another directory")
+
+
+def report_refusal(path: Path) -> BadInput | None:
+    """Why `report` cannot rebuild the directory at `path`, or None when it can (a comparison, or a recorded run):
+    what `check` offers to run is what `report` accepts."""
+    return None if is_compare_dir(path) or recorded_run(path) is not None else not_a_run(path)
+
+
 def not_a_run(path: Path) -> BadInput:
     """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
     student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
@@ -115,10 +130,9 @@ def not_a_run(path: Path) -> BadInput:
     if holder is not None:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
-    damaged = _invalid_json(path / "config.json")
+    damaged = damaged_config(path)
     if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
-        return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
-                        "restore it whole, or give another directory")
+        return damaged
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -567,6 +581,9 @@ def _completed(run: Run) -> str | None:
         writers = writing_processes(run_logs(run.path))
         if writers:  # `report` would refuse it: say what is known instead of offering it
             return f"no summary.json yet: the run is still training (process {', '.join(map(str, writers))} writes it)"
+        refused = report_refusal(run.path)
+        if refused:  # offering `report` sent the user to a command that refuses the directory
+            return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
     if status == "completed":
@@ -631,6 +648,9 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
 def check_runs(path: str | Path, checks: dict[str, Callable[[Run], str | None]]) -> tuple[list[str], int]:
     """Every check on every run at `path`: the failure lines (`RUN: NAME: why`) and how many runs were checked."""
     runs = find_runs(path)
+    damaged = next(filter(None, (damaged_config(run.path) for run in runs)), None)
+    if damaged:  # the checks read a run through its config.json, as `report` does: refused in report's words
+        raise damaged
     failures = [f"{run.label}: {name}: {why}" for run in runs for name, check in checks.items()
                 if (why := check(run)) is not None]
     return failures, len(runs)

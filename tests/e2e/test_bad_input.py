@@ -76,6 +76,15 @@ def _recorded_run(tmp: Path, **options) -> Path:
     return run
 
 
+def _damaged_run(tmp: Path) -> Path:
+    """A run that logged events and whose config.json was cut short (an edit, a full disk)."""
+    run = _recorded_run(tmp)
+    (run / "config.json").write_text('{"options": \n')
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "nonfinite_loss", "severity": "critical", '
+                                      '"message": "loss is nan"}\n')
+    return run
+
+
 def _unreadable(tmp: Path, monkeypatch) -> Path:
     path = _file(tmp, "secret.txt", "some text\n")
     path.chmod(0)
@@ -179,6 +188,10 @@ CASES = [
      "--train-file is empty ('': an unset shell variable?); give a value, or leave the option out"),
     ("events of an empty --kind (it listed every event)", lambda w, t, m: ["events", _recorded_run(
         t, **_options_of(w)), "--kind", ""], "--kind is empty ('': an unset shell variable?)"),
+    *((f"check --expect {name} of a run whose config.json is damaged ({before})", lambda w, t, m, name=name: [
+        "check", "--expect", name, _damaged_run(t)], "{tmp}/run/config.json is not valid JSON (Expecting value: "
+       "line 2 column 1 (char 13)): a run directory is read through it; restore it whole")
+      for name, before in (("completed", "it said to run `report`, which refused it"), ("master-fp32", "exit 3"))),
     ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
         "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [

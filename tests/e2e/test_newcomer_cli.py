@@ -600,3 +600,18 @@ def test_report_reads_the_precision_fields_a_config_holds(cli, tmp_path, precisi
     assert all(line in report for line in shown), report
     assert ("trainable weights" in report) == ("master_dtype" in precision)
     assert f"<b>{precision['mode']}</b>" in (run / "report.html").read_text()
+
+
+def test_check_completed_offers_report_only_where_report_accepts_the_directory(cli, tmp_path):
+    """`check --expect completed` of a directory of events whose config.json is no run's said `sarkd-diag report
+    RUN` closes it, and `report` then refused the directory: check now says what report says of it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"precision": {"mode": "fp32"}}')  # no options: not a run's
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "x", "severity": "info", "message": "m"}\n')
+    code, out, _ = cli("check", "--expect", "completed", str(run))
+    assert code == 1
+    report_code, _, refusal = cli("report", str(run))
+    assert report_code == 2
+    assert out.strip().endswith(refusal.strip().removeprefix("sarkd-diag: error: ")), (out, refusal)
+    assert "closes it" not in out
