@@ -124,6 +124,15 @@ def _project_with_runs(tmp: Path) -> Path:
     return project
 
 
+def _comparison(tmp: Path) -> Path:
+    """A directory as compare-precision leaves it: its compare_options.json and a run per mode under runs/."""
+    comparison = tmp / "comparison"
+    (comparison / "runs").mkdir(parents=True)
+    _recorded_run(tmp).rename(comparison / "runs" / "fp32")
+    (comparison / "compare_options.json").write_text(json.dumps({"modes": ["fp32"]}))
+    return comparison
+
+
 def _compare(world, tmp: Path, *extra) -> list[str]:
     """`compare-precision` of fp32 on the tiny world, one step, with `extra` options."""
     return ["compare-precision", *_args(world, tmp, drop=("--precision", "--train-steps", "--output-dir"))[1:],
@@ -224,6 +233,11 @@ CASES = [
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
      "not a sarkd-diag run"),
+    *((f"train {' '.join(extra)} into a comparison (it was 'not empty and holds no sarkd-diag run')".replace(
+        "  ", " "), lambda w, t, m, extra=extra: [*_args(w, t, output_dir=_comparison(t)), *extra],
+       "--output-dir {tmp}/comparison holds a compare-precision comparison (compare_options.json, runs/<mode>/), "
+       "not a run; give train another directory (to continue one mode's run: sarkd-diag train --output-dir "
+       "{tmp}/comparison/runs/<mode> --resume)") for extra in ((), ("--overwrite",))),
     ("comparison over a project's runs/ (--overwrite deleted them)", lambda w, t, m: _compare(
         w, t, "--output-dir", _project_with_runs(t), "--overwrite"),
      "--output-dir {tmp}/project is not empty and holds no comparison; choose another directory (--overwrite only "
