@@ -615,3 +615,42 @@ def test_check_completed_offers_report_only_where_report_accepts_the_directory(c
     assert report_code == 2
     assert out.strip().endswith(refusal.strip().removeprefix("sarkd-diag: error: ")), (out, refusal)
     assert "closes it" not in out
+
+
+def _cache_as_hub_model(model: Path, hf_home: Path, repo_id: str) -> None:
+    """Put a saved model in a Hugging Face cache at `hf_home` as the hub download of `repo_id` leaves it."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in model.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.mark.parametrize("command", ["train", "estimate-memory"])
+def test_a_cached_hub_model_of_another_kind_is_named_as_a_local_one_is(tiny_world, tmp_path, command):
+    """A T5 named by its hub id, found in the local cache (offline), ended in transformers' "Unrecognized
+    configuration class" where the same model in a local directory got one clear line: its config is read first."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    saved = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=257, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(saved)
+    (saved / "tokenizer.json").write_bytes((tiny_world["student"] / "tokenizer.json").read_bytes())
+    (saved / "tokenizer_config.json").write_bytes((tiny_world["student"] / "tokenizer_config.json").read_bytes())
+    _cache_as_hub_model(saved, tmp_path / "hf", "acme/t5-tiny")
+    env = {**{k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}, "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    args = ["--teacher-model", "acme/t5-tiny"]
+    if command == "train":
+        args += ["--student-model", str(tiny_world["student"]), "--train-file", str(tiny_world["train"]),
+                 "--block-size", "16", "--train-steps", "1", "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-m", "sarkd_diag", command, *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("sarkd-diag: error: hub model acme/t5-tiny is a t5 model (T5ForConditionalGeneration, "
+                             "an encoder-decoder), not a causal language model: sarkd-diag distils decoder-only LMs "
+                             "(GPT-2, Llama, Mistral, Qwen, Mixtral, ...); give one of those\n")
+    assert not (tmp_path / "run").exists()
