@@ -26,6 +26,7 @@ from typer.models import ParamMeta
 from .contract.config import (
     COMPARE_DEFAULTS,
     FIELD_TYPES,
+    OTHER_TOOLS_NAMES,
     SET_BY_COMPARE,
     DistillConfig,
     build_config,
@@ -572,15 +573,8 @@ def _kinds(exc: Exception) -> set[str]:
 # Names other tools give these options (transformers' TrainingArguments, most training scripts): an unknown
 # option that is one of them is answered with this tool's own.
 KNOWN_ELSEWHERE = {
-    "--learning-rate": "--student-lr", "--lr": "--student-lr", "--max-steps": "--train-steps",
-    "--steps": "--train-steps", "--num-steps": "--train-steps", "--batch-size": "--per-device-batch-size",
-    "--per-device-train-batch-size": "--per-device-batch-size", "--train-batch-size": "--per-device-batch-size",
-    "--gradient-accumulation-steps": "--grad-accum-steps", "--lr-scheduler-type": "--scheduler-type",
-    "--logging-steps": "--log-every", "--max-seq-length": "--block-size", "--seq-len": "--block-size",
-    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--teacher": "--teacher-model",
-    "--student": "--student-model", "--model-name-or-path": "--student-model", "--output": "--output-dir",
-    "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
-    "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
+    **{f"--{name.replace('_', '-')}": f"--{meant.replace('_', '-')}" for name, meant in OTHER_TOOLS_NAMES.items()},
+    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--precisions": "--modes", "--mode": "--modes",
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
     "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }

@@ -654,3 +654,28 @@ def test_a_cached_hub_model_of_another_kind_is_named_as_a_local_one_is(tiny_worl
                              "an encoder-decoder), not a causal language model: sarkd-diag distils decoder-only LMs "
                              "(GPT-2, Llama, Mistral, Qwen, Mixtral, ...); give one of those\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("call", "typed", "meant"), [
+    ("distill", "learning_rate", "student_lr"), ("distill", "train_step", "train_steps"),
+    ("compare_precision", "max_steps", "train_steps"),
+])
+def test_an_option_of_another_name_given_to_the_python_api_names_the_option_meant(call, typed, meant):
+    """`sarkd_diag.distill(learning_rate=1e-3)` raised a bare TypeError (DistillConfig's "unexpected keyword
+    argument"), where the CLI's `--learning-rate` says to write --student-lr: the API names the option meant too,
+    before anything loads or is written."""
+    import sarkd_diag
+
+    with pytest.raises(TypeError) as raised:
+        getattr(sarkd_diag, call)(**{typed: 3})
+    assert str(raised.value) == f"{call}() got an unexpected keyword argument {typed!r}: did you mean {meant}?"
+
+
+def test_a_config_file_key_of_another_tool_names_the_option_meant(cli, tmp_path):
+    """A --config file's `learning_rate:` (transformers' name) was only 'unknown': it names student_lr, as
+    `--learning-rate` on the command line does."""
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.001\n")
+    code, _, err = cli("train", "--config", str(config))
+    assert code == 2 and err == f"sarkd-diag: error: --config {config}: unknown option learning_rate (did you mean " \
+                                "student_lr?)\n"
