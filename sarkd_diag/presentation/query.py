@@ -64,6 +64,11 @@ class Run:
 
     @cached_property
     def summary(self) -> dict | None:
+        """The run's summary.json; one cut short (a full disk, an edit) is refused with how to write it again."""
+        damaged = _invalid_json(self.path / "summary.json")
+        if damaged:
+            raise BadInput(f"{self.path / 'summary.json'} is not valid JSON ({damaged}): `sarkd-diag report "
+                           f"{self.path}` writes it again from the run's logs")
         return self._json("summary.json")
 
     @cached_property

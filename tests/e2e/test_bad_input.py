@@ -85,6 +85,13 @@ def _damaged_run(tmp: Path) -> Path:
     return run
 
 
+def _cut_summary(tmp: Path) -> Path:
+    """A recorded run whose summary.json was cut short."""
+    run = _recorded_run(tmp)
+    (run / "summary.json").write_text('{"status": ')
+    return run
+
+
 def _unreadable(tmp: Path, monkeypatch) -> Path:
     path = _file(tmp, "secret.txt", "some text\n")
     path.chmod(0)
@@ -201,6 +208,10 @@ CASES = [
         "check", "--expect", name, _damaged_run(t)], "{tmp}/run/config.json is not valid JSON (Expecting value: "
        "line 2 column 1 (char 13)): a run directory is read through it; restore it whole")
       for name, before in (("completed", "it said to run `report`, which refused it"), ("master-fp32", "exit 3"))),
+    ("check of a run whose summary.json is damaged (exit 3)", lambda w, t, m: [
+        "check", "--expect", "completed", _cut_summary(t)],
+     "{tmp}/run/summary.json is not valid JSON (Expecting value: line 1 column 12 (char 11)): `sarkd-diag report "
+     "{tmp}/run` writes it again from the run's logs"),
     ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
         "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
