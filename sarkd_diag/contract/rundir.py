@@ -109,7 +109,8 @@ def recorded_run(path: Path) -> dict | None:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or not isinstance(config.get("options"), dict) or "precision" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("options"), dict) or \
+            not isinstance(config.get("precision"), dict):
         return None
     return config["options"]
 

@@ -114,12 +114,20 @@ def _invalid_json(path: Path) -> str | None:
 
 
 def damaged_config(path: Path) -> BadInput | None:
-    """The error for a directory whose config.json is not valid JSON (a run's, edited or cut short); None otherwise."""
-    damaged = _invalid_json(path / "config.json")
-    if damaged is None:
+    """The error for a directory whose config.json is a run's, damaged — edited or cut short: not valid JSON, or a
+    precision that is no mapping (`"precision": "fp32"`, written by hand as the option is) — None otherwise."""
+    config_file = path / "config.json"
+    damaged = _invalid_json(config_file)
+    if damaged is not None:
+        return BadInput(f"{config_file} is not valid JSON ({damaged}): a run directory is read through it; "
+                        "restore it whole, or give another directory")
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    if not (isinstance(config, dict) and isinstance(config.get("options"), dict)) or "precision" not in config \
+            or isinstance(config["precision"], dict):
         return None
-    return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
-                    "restore it whole, or give another directory")
+    return BadInput(f"{config_file}: its precision is {config['precision']!r}, where a run records a mapping of "
+                    "what ran ({\"mode\": ...}; the option asked for is options.precision); restore it, or give "
+                    "another directory")
 
 
 def report_refusal(path: Path) -> BadInput | None:

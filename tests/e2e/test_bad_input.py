@@ -70,8 +70,9 @@ def _recorded_run(tmp: Path, **options) -> Path:
     """A run directory as a previous run left it (config.json and a metrics line), no checkpoint."""
     run = tmp / "run"
     run.mkdir()
+    precision = options.pop("precision_block", {"mode": "fp32"})
     recorded = {**DistillConfig().to_dict(), **options}
-    (run / "config.json").write_text(json.dumps({"options": recorded, "precision": {"mode": "fp32"}}))
+    (run / "config.json").write_text(json.dumps({"options": recorded, "precision": precision}))
     (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
     return run
 
@@ -208,6 +209,10 @@ CASES = [
         "check", "--expect", name, _damaged_run(t)], "{tmp}/run/config.json is not valid JSON (Expecting value: "
        "line 2 column 1 (char 13)): a run directory is read through it; restore it whole")
       for name, before in (("completed", "it said to run `report`, which refused it"), ("master-fp32", "exit 3"))),
+    *((f"{command} of a run whose config.json records its precision as a string (exit 3)",
+       lambda w, t, m, command=command, extra=extra: [command, *extra, _recorded_run(t, precision_block="fp32")],
+       "{tmp}/run/config.json: its precision is 'fp32', where a run records a mapping of what ran")
+      for command, extra in (("report", ()), ("check", ("--expect", "completed")))),
     ("check of a run whose summary.json is damaged (exit 3)", lambda w, t, m: [
         "check", "--expect", "completed", _cut_summary(t)],
      "{tmp}/run/summary.json is not valid JSON (Expecting value: line 1 column 12 (char 11)): `sarkd-diag report "
