@@ -26,6 +26,7 @@ from typer.models import ParamMeta
 from .contract.config import (
     COMPARE_DEFAULTS,
     FIELD_TYPES,
+    OTHER_TOOLS_NAMES,
     SET_BY_COMPARE,
     DistillConfig,
     build_config,
@@ -352,13 +353,13 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
                                           "compare-precision directory.")) -> int:
     """Rebuild summary.json, the parquet files, report.md and plots of any run, even one that crashed."""
     from .compare import OUTPUTS, is_compare_dir, rebuild_comparison
-    from .contract.rundir import recorded_run
-    from .presentation.query import not_a_run, refuse_while_written, run_directory
+    from .presentation.query import refuse_while_written, report_refusal, run_directory
 
     run_dir = run_directory(run_dir)  # as events and check read it: a file points back to its directory
+    refused = report_refusal(run_dir)  # a model's config.json (a run's student/) is not a run's
+    if refused:
+        raise refused
     comparison = is_compare_dir(run_dir)
-    if not comparison and recorded_run(run_dir) is None:  # a model's config.json (a run's student/) is not a run's
-        raise not_a_run(run_dir)
     refuse_while_written(run_dir)
     if comparison:
         for mode_dir in sorted((run_dir / "runs").glob("*/config.json")):
@@ -572,15 +573,8 @@ def _kinds(exc: Exception) -> set[str]:
 # Names other tools give these options (transformers' TrainingArguments, most training scripts): an unknown
 # option that is one of them is answered with this tool's own.
 KNOWN_ELSEWHERE = {
-    "--learning-rate": "--student-lr", "--lr": "--student-lr", "--max-steps": "--train-steps",
-    "--steps": "--train-steps", "--num-steps": "--train-steps", "--batch-size": "--per-device-batch-size",
-    "--per-device-train-batch-size": "--per-device-batch-size", "--train-batch-size": "--per-device-batch-size",
-    "--gradient-accumulation-steps": "--grad-accum-steps", "--lr-scheduler-type": "--scheduler-type",
-    "--logging-steps": "--log-every", "--max-seq-length": "--block-size", "--seq-len": "--block-size",
-    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--teacher": "--teacher-model",
-    "--student": "--student-model", "--model-name-or-path": "--student-model", "--output": "--output-dir",
-    "--out": "--output-dir", "--eval-every": "--eval-steps", "--save-every": "--save-steps",
-    "--dataset": "--dataset-name", "--data": "--train-file", "--precisions": "--modes", "--mode": "--modes",
+    **{f"--{name.replace('_', '-')}": f"--{meant.replace('_', '-')}" for name, meant in OTHER_TOOLS_NAMES.items()},
+    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--precisions": "--modes", "--mode": "--modes",
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
     "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }

@@ -28,7 +28,7 @@ import pandas as pd
 from rich.markup import escape
 
 from .analysis.verdicts import THRESHOLDS, Recommendation, Verdict, recommend, verdict
-from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig
+from .contract.config import COMPARE_DEFAULTS, SET_BY_COMPARE, DistillConfig, refuse_unknown_options
 from .contract.errors import BadInput
 from .contract.modes import MODE_NAMES, MODEL_DTYPE_FAMILY, detect_capabilities, parse_modes, resolve_mode
 from .contract.numerics import number_or_none
@@ -313,6 +313,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     `options` are DistillConfig's fields (as for `distill`), except precision, on_nonfinite and resume,
     which the comparison sets itself. Returns the table (pandas), the summary and the output directory.
     """
+    refuse_unknown_options(options, "compare_precision()")
     given = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in SET_BY_COMPARE}
     for name in SET_BY_COMPARE:
         if options.get(name) not in (None, False):

@@ -17,7 +17,7 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .errors import BadInput
-from .wording import did_you_mean
+from .wording import closest, did_you_mean
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tuple too (probes.LEVELS)
@@ -242,6 +242,38 @@ def user_path(path: str | os.PathLike) -> Path:
 
 
 FIELD_NAMES = frozenset(f.name for f in fields(DistillConfig))
+# what other tools (transformers' TrainingArguments, run_clm.py, ...) call an option, and the option meant here
+OTHER_TOOLS_NAMES = {
+    "learning_rate": "student_lr", "lr": "student_lr", "max_steps": "train_steps", "steps": "train_steps",
+    "num_steps": "train_steps", "batch_size": "per_device_batch_size",
+    "per_device_train_batch_size": "per_device_batch_size", "train_batch_size": "per_device_batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "lr_scheduler_type": "scheduler_type",
+    "logging_steps": "log_every", "max_seq_length": "block_size", "seq_len": "block_size",
+    "teacher": "teacher_model", "student": "student_model", "model_name_or_path": "student_model",
+    "output": "output_dir", "out": "output_dir", "eval_every": "eval_steps", "save_every": "save_steps",
+    "dataset": "dataset_name", "data": "train_file",
+}
+
+
+def meant_option(typed: str) -> str | None:
+    """The option a name DistillConfig lacks means: another tool's name for it (`learning_rate`: student_lr), or
+    a near miss (`train_step`, `--train-steps`); None when neither."""
+    name = str(typed).lstrip("-").replace("-", "_")
+    return OTHER_TOOLS_NAMES.get(name) or closest(name, FIELD_NAMES)
+
+
+def refuse_unknown_options(options: dict, caller: str) -> None:
+    """Options given to `caller` (`distill()`) that DistillConfig lacks, refused as Python refuses an unexpected
+    keyword argument, with the option meant: the bare TypeError left its user to find `student_lr` alone."""
+    unknown = sorted(name for name in options if name not in FIELD_NAMES)
+    if not unknown:
+        return
+    meant = meant_option(unknown[0]) if len(unknown) == 1 else None
+    arguments = "an unexpected keyword argument" if len(unknown) == 1 else "unexpected keyword arguments"
+    raise TypeError(f"{caller} got {arguments} {', '.join(map(repr, unknown))}"
+                    + (f": did you mean {meant}?" if meant else "; its options are DistillConfig's fields"))
+
+
 FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
 
 
@@ -343,7 +375,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     options = {str(key).replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
     if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
-        hint = did_you_mean(unknown[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if len(unknown) == 1 else ""
+        meant = meant_option(unknown[0]) if len(unknown) == 1 else None
+        hint = f" (did you mean {meant}?)" if meant else ""
         raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
                        f"{', '.join(unknown)}{hint}")
     return {name: _file_value(path, name, value) for name, value in options.items()}

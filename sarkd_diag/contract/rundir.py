@@ -109,7 +109,8 @@ def recorded_run(path: Path) -> dict | None:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or not isinstance(config.get("options"), dict) or "precision" not in config:
+    if not isinstance(config, dict) or not isinstance(config.get("options"), dict) or \
+            not isinstance(config.get("precision"), dict):
         return None
     return config["options"]
 
@@ -152,6 +153,10 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         if resume:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
+    if is_compare_dir(path):  # "holds no sarkd-diag run" sent its owner looking for what else was in it
+        raise BadInput(f"--output-dir {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
+                       f"not a run; give train another directory (to continue one mode's run: sarkd-diag train "
+                       f"--output-dir {path / 'runs' / '<mode>'} --resume)")
     recorded = recorded_run(path)
     writers = writing_processes(run_logs(path)) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two

@@ -37,5 +37,11 @@ def did_you_mean(typed: str, choices: Iterable[str]) -> str:
     """` (did you mean X?)` when what was typed is a near miss of one choice (`ful` of `full`, `bf16mixed` of
     `bf16-mixed`), as a mistyped option name gets; '' otherwise. The list of choices alone leaves the reader to spot
     the typo, among 37 event kinds."""
+    close = closest(typed, choices)
+    return f" (did you mean {close}?)" if close else ""
+
+
+def closest(typed: str, choices: Iterable[str]) -> str | None:
+    """The one choice `typed` is a near miss of, or None."""
     close = difflib.get_close_matches(typed.strip().lower(), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return close[0] if close else None

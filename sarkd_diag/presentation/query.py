@@ -64,6 +64,11 @@ class Run:
 
     @cached_property
     def summary(self) -> dict | None:
+        """The run's summary.json; one cut short (a full disk, an edit) is refused with how to write it again."""
+        damaged = _invalid_json(self.path / "summary.json")
+        if damaged:
+            raise BadInput(f"{self.path / 'summary.json'} is not valid JSON ({damaged}): `sarkd-diag report "
+                           f"{self.path}` writes it again from the run's logs")
         return self._json("summary.json")
 
     @cached_property
@@ -108,6 +113,29 @@ def _invalid_json(path: Path) -> str | None:
     return None
 
 
+def damaged_config(path: Path) -> BadInput | None:
+    """The error for a directory whose config.json is a run's, damaged — edited or cut short: not valid JSON, or a
+    precision that is no mapping (`"precision": "fp32"`, written by hand as the option is) — None otherwise."""
+    config_file = path / "config.json"
+    damaged = _invalid_json(config_file)
+    if damaged is not None:
+        return BadInput(f"{config_file} is not valid JSON ({damaged}): a run directory is read through it; "
+                        "restore it whole, or give another directory")
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    if not (isinstance(config, dict) and isinstance(config.get("options"), dict)) or "precision" not in config \
+            or isinstance(config["precision"], dict):
+        return None
+    return BadInput(f"{config_file}: its precision is {config['precision']!r}, where a run records a mapping of "
+                    "what ran ({\"mode\": ...}; the option asked for is options.precision); restore it, or give "
+                    "another directory")
+
+
+def report_refusal(path: Path) -> BadInput | None:
+    """Why `report` cannot rebuild the directory at `path`, or None when it can (a comparison, or a recorded run):
+    what `check` offers to run is what `report` accepts."""
+    return None if is_compare_dir(path) or recorded_run(path) is not None else not_a_run(path)
+
+
 def not_a_run(path: Path) -> BadInput:
     """The error for a directory that is neither a run nor a comparison: it names the run it lies in (a run's
     student/, a comparison's runs/), or the newest of the runs it holds (the `runs/` that `train` fills)."""
@@ -115,10 +143,9 @@ def not_a_run(path: Path) -> BadInput:
     if holder is not None:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
     held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
-    damaged = _invalid_json(path / "config.json")
+    damaged = damaged_config(path)
     if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
-        return BadInput(f"{path / 'config.json'} is not valid JSON ({damaged}): a run directory is read through it; "
-                        "restore it whole, or give another directory")
+        return damaged
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -567,6 +594,9 @@ def _completed(run: Run) -> str | None:
         writers = writing_processes(run_logs(run.path))
         if writers:  # `report` would refuse it: say what is known instead of offering it
             return f"no summary.json yet: the run is still training (process {', '.join(map(str, writers))} writes it)"
+        refused = report_refusal(run.path)
+        if refused:  # offering `report` sent the user to a command that refuses the directory
+            return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
     if status == "completed":
@@ -631,6 +661,9 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
 def check_runs(path: str | Path, checks: dict[str, Callable[[Run], str | None]]) -> tuple[list[str], int]:
     """Every check on every run at `path`: the failure lines (`RUN: NAME: why`) and how many runs were checked."""
     runs = find_runs(path)
+    damaged = next(filter(None, (damaged_config(run.path) for run in runs)), None)
+    if damaged:  # the checks read a run through its config.json, as `report` does: refused in report's words
+        raise damaged
     failures = [f"{run.label}: {name}: {why}" for run in runs for name, check in checks.items()
                 if (why := check(run)) is not None]
     return failures, len(runs)

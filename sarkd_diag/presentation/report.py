@@ -43,6 +43,16 @@ def _where(d: dict) -> str:
     return " / ".join(parts)
 
 
+def _precision_facts(precision: dict, escape=str, bold: str = "**{}**", code: str = "`{}`") -> list[str]:
+    """The report's precision lines, from the fields the config holds: a hand-written or older config.json may
+    lack `requested`, `reason` or `master_dtype`, and a field it lacks is left out, not the report."""
+    requested, reason, master = (precision.get(k) for k in ("requested", "reason", "master_dtype"))
+    detail = ": ".join(part for part in (requested is not None and f"requested {code.format(escape(requested))}",
+                                         reason is not None and escape(reason)) if part)
+    facts = [f"precision: {bold.format(escape(precision.get('mode')))}" + (f" ({detail})" if detail else "")]
+    return facts + ([f"trainable weights held in: {escape(master)}"] if master is not None else [])
+
+
 def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
     precision = summary["precision"]
     final = summary["final"]
@@ -50,8 +60,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
         f"# sarkd-diag run: {summary['status']}",
         "",
         f"- run directory: `{run_dir}`",
-        f"- precision: **{precision['mode']}** (requested `{precision['requested']}`: {precision['reason']})",
-        f"- trainable weights held in: {precision['master_dtype']}",
+        *(f"- {fact}" for fact in _precision_facts(precision)),
         f"- steps completed: {summary['steps_completed']}",
         _perplexity_line(final, metrics, summary["steps_completed"]),
         f"- final training loss: {_fmt(final.get('loss'))}; median tokens/s: {_fmt(final.get('tokens_per_s'), '.0f')}",
@@ -205,9 +214,7 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
     run_dir = Path(run_dir)
     precision, final = summary["precision"], summary["final"]
     facts = [f"run directory: <code>{_e(run_dir)}</code>",
-             f"precision: <b>{_e(precision.get('mode'))}</b> (requested <code>{_e(precision.get('requested'))}"
-             f"</code>: {_e(precision.get('reason'))})",
-             f"trainable weights held in: {_e(precision.get('master_dtype'))}",
+             *_precision_facts(precision, escape=_e, bold="<b>{}</b>", code="<code>{}</code>"),
              f"steps completed: {_e(summary['steps_completed'])}",
              _e(_perplexity_line(final, metrics, summary["steps_completed"]).removeprefix("- ")),
              f"final training loss: {_e(_fmt(final.get('loss')))}; median tokens/s: "

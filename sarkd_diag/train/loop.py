@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..contract.config import DistillConfig, with_config_options
+from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options
 from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
@@ -946,5 +946,6 @@ def distill(config: DistillConfig | None = None, *, quiet: bool = False, display
     with those changed (they were ignored: `distill(config, train_steps=2)` trained config's steps). `quiet`: no
     console output (the run directory is written as always).
     """
+    refuse_unknown_options(options, "distill()")
     config = (replace(config, **options) if config is not None else DistillConfig(**options)).validate()
     return Trainer(config, display or TrainingDisplay(quiet=quiet, log_every=config.log_every)).train()

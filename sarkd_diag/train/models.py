@@ -37,7 +37,21 @@ def resolve_model_source(name: str, config_only: bool = False) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
     check_hub_reachable(name)
+    hub_config = _hub_config_file(name)
+    if hub_config is not None:
+        _refuse_non_causal(hub_config, f"hub model {name} is")
     return name  # a hub id
+
+
+def _hub_config_file(repo_id: str) -> Path | None:
+    """The config.json of hub model `repo_id`, from the cache or fetched (transformers fetches it first anyway);
+    None when it cannot be had, for the load to say why."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception:  # not found, offline and not cached, an id the hub refuses: loading it names the problem
+        return None
 
 
 def _refuse_run_directory(name: str, path: Path) -> None:
@@ -73,7 +87,7 @@ def _check_model_directory(name: str, path: Path, config_only: bool) -> None:
         return  # a PEFT adapter: transformers loads its base model and applies it
     config_file = path / "config.json"
     if config_file.is_file():
-        _refuse_non_causal(name, config_file)
+        _refuse_non_causal(config_file, f"model path {name} holds")
     present = {"config": config_file.is_file(),
                "weights": any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES),
                "tokenizer": any((path / f).is_file() for f in TOKENIZER_FILES)}
@@ -91,8 +105,9 @@ def _check_model_directory(name: str, path: Path, config_only: bool) -> None:
     raise BadInput(f"model path {name} has {lacks}: save {writers} there")
 
 
-def _refuse_non_causal(name: str, config_file: Path) -> None:
-    """A model type transformers knows but cannot load as a causal LM: name what the directory holds instead of
+def _refuse_non_causal(config_file: Path, subject: str) -> None:
+    """A model type transformers knows but cannot load as a causal LM (`subject`: what holds it, a local directory
+    or a hub model, cached or not): name what it holds instead of
     "Unrecognized configuration class ... for AutoModelForCausalLM". A type transformers does not know, or one
     whose own code says it is a causal LM (auto_map), is for transformers to load or refuse."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -109,7 +124,7 @@ def _refuse_non_causal(name: str, config_file: Path) -> None:
         return
     architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     kind = ", ".join([*architectures, *(["an encoder-decoder"] if config.get("is_encoder_decoder") else [])])
-    raise BadInput(f"model path {name} holds a {model_type} model{f' ({kind})' if kind else ''}, not a causal "
+    raise BadInput(f"{subject} a {model_type} model{f' ({kind})' if kind else ''}, not a causal "
                    "language model: sarkd-diag distils decoder-only LMs (GPT-2, Llama, Mistral, Qwen, Mixtral, ...); "
                    "give one of those")
 

@@ -70,9 +70,26 @@ def _recorded_run(tmp: Path, **options) -> Path:
     """A run directory as a previous run left it (config.json and a metrics line), no checkpoint."""
     run = tmp / "run"
     run.mkdir()
+    precision = options.pop("precision_block", {"mode": "fp32"})
     recorded = {**DistillConfig().to_dict(), **options}
-    (run / "config.json").write_text(json.dumps({"options": recorded, "precision": {"mode": "fp32"}}))
+    (run / "config.json").write_text(json.dumps({"options": recorded, "precision": precision}))
     (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    return run
+
+
+def _damaged_run(tmp: Path) -> Path:
+    """A run that logged events and whose config.json was cut short (an edit, a full disk)."""
+    run = _recorded_run(tmp)
+    (run / "config.json").write_text('{"options": \n')
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "nonfinite_loss", "severity": "critical", '
+                                      '"message": "loss is nan"}\n')
+    return run
+
+
+def _cut_summary(tmp: Path) -> Path:
+    """A recorded run whose summary.json was cut short."""
+    run = _recorded_run(tmp)
+    (run / "summary.json").write_text('{"status": ')
     return run
 
 
@@ -113,6 +130,15 @@ def _project_with_runs(tmp: Path) -> Path:
     run.rename(project / "runs" / "first")
     (project / "notes.txt").write_text("mine\n")
     return project
+
+
+def _comparison(tmp: Path) -> Path:
+    """A directory as compare-precision leaves it: its compare_options.json and a run per mode under runs/."""
+    comparison = tmp / "comparison"
+    (comparison / "runs").mkdir(parents=True)
+    _recorded_run(tmp).rename(comparison / "runs" / "fp32")
+    (comparison / "compare_options.json").write_text(json.dumps({"modes": ["fp32"]}))
+    return comparison
 
 
 def _compare(world, tmp: Path, *extra) -> list[str]:
@@ -179,6 +205,18 @@ CASES = [
      "--train-file is empty ('': an unset shell variable?); give a value, or leave the option out"),
     ("events of an empty --kind (it listed every event)", lambda w, t, m: ["events", _recorded_run(
         t, **_options_of(w)), "--kind", ""], "--kind is empty ('': an unset shell variable?)"),
+    *((f"check --expect {name} of a run whose config.json is damaged ({before})", lambda w, t, m, name=name: [
+        "check", "--expect", name, _damaged_run(t)], "{tmp}/run/config.json is not valid JSON (Expecting value: "
+       "line 2 column 1 (char 13)): a run directory is read through it; restore it whole")
+      for name, before in (("completed", "it said to run `report`, which refused it"), ("master-fp32", "exit 3"))),
+    *((f"{command} of a run whose config.json records its precision as a string (exit 3)",
+       lambda w, t, m, command=command, extra=extra: [command, *extra, _recorded_run(t, precision_block="fp32")],
+       "{tmp}/run/config.json: its precision is 'fp32', where a run records a mapping of what ran")
+      for command, extra in (("report", ()), ("check", ("--expect", "completed")))),
+    ("check of a run whose summary.json is damaged (exit 3)", lambda w, t, m: [
+        "check", "--expect", "completed", _cut_summary(t)],
+     "{tmp}/run/summary.json is not valid JSON (Expecting value: line 1 column 12 (char 11)): `sarkd-diag report "
+     "{tmp}/run` writes it again from the run's logs"),
     ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
         "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [
@@ -211,6 +249,11 @@ CASES = [
      if _file(t, "run", b"") and _swap_for_dir(t / "run") else [], "holds no sarkd-diag run"),
     ("overwrite of a model directory", lambda w, t, m: _args(w, t, output_dir=_model_copy(w, t), overwrite=True),
      "not a sarkd-diag run"),
+    *((f"train {' '.join(extra)} into a comparison (it was 'not empty and holds no sarkd-diag run')".replace(
+        "  ", " "), lambda w, t, m, extra=extra: [*_args(w, t, output_dir=_comparison(t)), *extra],
+       "--output-dir {tmp}/comparison holds a compare-precision comparison (compare_options.json, runs/<mode>/), "
+       "not a run; give train another directory (to continue one mode's run: sarkd-diag train --output-dir "
+       "{tmp}/comparison/runs/<mode> --resume)") for extra in ((), ("--overwrite",))),
     ("comparison over a project's runs/ (--overwrite deleted them)", lambda w, t, m: _compare(
         w, t, "--output-dir", _project_with_runs(t), "--overwrite"),
      "--output-dir {tmp}/project is not empty and holds no comparison; choose another directory (--overwrite only "

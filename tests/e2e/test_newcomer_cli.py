@@ -578,3 +578,104 @@ def test_a_json_train_file_is_told_what_to_do_with_it(cli, tiny_args, tmp_path, 
     assert (code, out) == (2, "")
     assert err == (f"sarkd-diag: error: {data}: unknown text format '.json'; give `.txt` (one document a line), "
                    f"`.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")
+
+
+@pytest.mark.parametrize(("precision", "shown"), [
+    ({"mode": "fp32"}, ["- precision: **fp32**\n"]),
+    ({"mode": "mixed", "requested": "auto", "reason": "CUDA with fp16", "master_dtype": "torch.float32"},
+     ["- precision: **mixed** (requested `auto`: CUDA with fp16)\n", "- trainable weights held in: torch.float32\n"]),
+])
+def test_report_reads_the_precision_fields_a_config_holds(cli, tmp_path, precision, shown):
+    """`report RUN` of a hand-written or older config.json whose precision block lacked `requested` or `reason`
+    ended in exit 3 (a KeyError): the report shows the fields there are and leaves out the ones there are not."""
+    from sarkd_diag import DistillConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": DistillConfig().to_dict(), "precision": precision}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    code, _, err = cli("report", str(run))
+    assert code == 0, err
+    report = (run / "report.md").read_text()
+    assert all(line in report for line in shown), report
+    assert ("trainable weights" in report) == ("master_dtype" in precision)
+    assert f"<b>{precision['mode']}</b>" in (run / "report.html").read_text()
+
+
+def test_check_completed_offers_report_only_where_report_accepts_the_directory(cli, tmp_path):
+    """`check --expect completed` of a directory of events whose config.json is no run's said `sarkd-diag report
+    RUN` closes it, and `report` then refused the directory: check now says what report says of it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"precision": {"mode": "fp32"}}')  # no options: not a run's
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "x", "severity": "info", "message": "m"}\n')
+    code, out, _ = cli("check", "--expect", "completed", str(run))
+    assert code == 1
+    report_code, _, refusal = cli("report", str(run))
+    assert report_code == 2
+    assert out.strip().endswith(refusal.strip().removeprefix("sarkd-diag: error: ")), (out, refusal)
+    assert "closes it" not in out
+
+
+def _cache_as_hub_model(model: Path, hf_home: Path, repo_id: str) -> None:
+    """Put a saved model in a Hugging Face cache at `hf_home` as the hub download of `repo_id` leaves it."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in model.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.mark.parametrize("command", ["train", "estimate-memory"])
+def test_a_cached_hub_model_of_another_kind_is_named_as_a_local_one_is(tiny_world, tmp_path, command):
+    """A T5 named by its hub id, found in the local cache (offline), ended in transformers' "Unrecognized
+    configuration class" where the same model in a local directory got one clear line: its config is read first."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    saved = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=257, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(saved)
+    (saved / "tokenizer.json").write_bytes((tiny_world["student"] / "tokenizer.json").read_bytes())
+    (saved / "tokenizer_config.json").write_bytes((tiny_world["student"] / "tokenizer_config.json").read_bytes())
+    _cache_as_hub_model(saved, tmp_path / "hf", "acme/t5-tiny")
+    env = {**{k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}, "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    args = ["--teacher-model", "acme/t5-tiny"]
+    if command == "train":
+        args += ["--student-model", str(tiny_world["student"]), "--train-file", str(tiny_world["train"]),
+                 "--block-size", "16", "--train-steps", "1", "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-m", "sarkd_diag", command, *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("sarkd-diag: error: hub model acme/t5-tiny is a t5 model (T5ForConditionalGeneration, "
+                             "an encoder-decoder), not a causal language model: sarkd-diag distils decoder-only LMs "
+                             "(GPT-2, Llama, Mistral, Qwen, Mixtral, ...); give one of those\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("call", "typed", "meant"), [
+    ("distill", "learning_rate", "student_lr"), ("distill", "train_step", "train_steps"),
+    ("compare_precision", "max_steps", "train_steps"),
+])
+def test_an_option_of_another_name_given_to_the_python_api_names_the_option_meant(call, typed, meant):
+    """`sarkd_diag.distill(learning_rate=1e-3)` raised a bare TypeError (DistillConfig's "unexpected keyword
+    argument"), where the CLI's `--learning-rate` says to write --student-lr: the API names the option meant too,
+    before anything loads or is written."""
+    import sarkd_diag
+
+    with pytest.raises(TypeError) as raised:
+        getattr(sarkd_diag, call)(**{typed: 3})
+    assert str(raised.value) == f"{call}() got an unexpected keyword argument {typed!r}: did you mean {meant}?"
+
+
+def test_a_config_file_key_of_another_tool_names_the_option_meant(cli, tmp_path):
+    """A --config file's `learning_rate:` (transformers' name) was only 'unknown': it names student_lr, as
+    `--learning-rate` on the command line does."""
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.001\n")
+    code, _, err = cli("train", "--config", str(config))
+    assert code == 2 and err == f"sarkd-diag: error: --config {config}: unknown option learning_rate (did you mean " \
+                                "student_lr?)\n"
