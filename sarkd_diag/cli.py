@@ -35,7 +35,7 @@ from .contract.config import (
     whole_number,
 )
 from .contract.errors import BadInput
-from .contract.wording import counted, did_you_mean
+from .contract.wording import closest, counted, did_you_mean
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -631,21 +631,17 @@ def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
         return f"{owner}: write {elsewhere}"
     if spelled in config and name:  # one of train's options that this command does not take
         return f"{owner} (a `train` option; {where} lists its own)"
-    import difflib
-
-    close = difflib.get_close_matches(spelled.lower(), sorted(here), n=1, cutoff=0.6)
+    close = closest(spelled, sorted(here))
     if close:
-        return f"{owner}: did you mean {close[0]}?"
+        return f"{owner}: did you mean {close}?"
     if not name and typed in config:  # `sarkd-diag --train-steps 3 train`: options go after the command
         return f"{owner}: options of a command go after it (`sarkd-diag train {typed} ...`)"
     return f"{owner} ({where} lists them)"
 
 
 def _no_such_command(typed: str, commands: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(typed.lower(), commands, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else f"the commands are {', '.join(commands)}"
+    close = closest(typed, commands)
+    hint = f"did you mean {close}?" if close else f"the commands are {', '.join(commands)}"
     return f"sarkd-diag has no command {typed!r}: {hint}"
 
 
