@@ -142,13 +142,17 @@ def recompile_with_hooks(models: Iterable[nn.Module]) -> bool:
     goes on running without them, so a compiled model warmed up, evaluated or trained before `Probes` were made (a
     notebook's second run, a Trainer's `torch_compile` after an earlier trainer compiled the same class) would have no
     module statistics at all — a fault inside it unplaced. `torch._dynamo.reset()`, dynamo's own remedy, makes the next
-    call compile again, with the hooks. Returns whether it reset; nothing where torch was never asked to compile."""
+    call compile again, with the hooks. Returns whether it reset; nothing where torch was never asked to compile.
+
+    Only forwards that call other modules count: the hooks compiled code skips are those of the modules it calls, and
+    a leaf's hooks run in its caller. A leaf class's code (`nn.Linear.forward`) holds compiled entries after any
+    compiled model that used it ran with a graph break, though this model was never compiled."""
     dynamo = sys.modules.get("torch._dynamo")
     compiled = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
     compiled = getattr(compiled, "_debug_get_cache_entry_list", None)  # the compiled entries of a code object
     if dynamo is None or compiled is None:
         return False
-    classes = {type(m) for model in models for m in model.modules()}
+    classes = {type(m) for model in models for m in model.modules() if next(m.children(), None) is not None}
     forwards = {f for cls in classes for f in (cls.forward, inspect.unwrap(cls.forward))}  # and what decorators wrap
     if not any(compiled(f.__code__) for f in forwards if hasattr(f, "__code__")):
         return False

@@ -78,3 +78,30 @@ def test_a_fault_in_a_compiled_model_is_named_at_its_module_and_step(tmp_path, w
     assert run["metrics"]["act_amax_student"].notna().any()
     notes = run["events"].query("code == 'compiled_before_probes'")
     assert len(notes) == warmed_up
+
+
+class OtherMLP(nn.Module):
+    """A model never compiled that shares only the leaf class `nn.Linear` with the compiled MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_another_model_compiled_in_the_process_is_no_reason_to_reset(tmp_path):
+    """A compiled model's graph breaks leave compiled entries on leaf classes' code (`nn.Linear.forward`) that every
+    later model shares: they are no sign that this model was compiled, and it gets no note (CI read one on a T5 run
+    that followed this file's tests in the same worker)."""
+    _loop(tmp_path / "compiled", steps=3)
+    assert torch._C._dynamo.eval_frame._debug_get_cache_entry_list(nn.Linear.forward.__code__)
+    model = OtherMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=optimizer, run_dir=tmp_path / "run") as probes:
+        loss = model(torch.ones(2, 16)).square().mean()
+        loss.backward()
+        optimizer.step()
+        probes.step(loss=loss)
+    assert load_run(tmp_path / "run")["events"].query("code == 'compiled_before_probes'").empty
