@@ -34,6 +34,7 @@ from sarkd_diag.probes import ProbeSet  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 GOAL = 0.05
+EVERY = 10  # the probes' default: step 1 and every 10th step take the per-module statistics
 
 
 class Clock:
@@ -115,14 +116,24 @@ class StepTimes(TrainerCallback):
     def __init__(self, clock: Clock):
         self.begins: list[float] = []
         self.clock = clock
+        self.probe_seconds: dict[int, float] = {}  # per step the clock counted (the probes' numbering): its seconds
+        self._counted = 0.0  # the clock's seconds when the step under way began
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self._close_step(state.global_step)
         self.begins.append(time.perf_counter())
         self.clock.counting = len(self.begins) >= 2
 
     def on_train_end(self, args, state, control, **kwargs):
         self.begins.append(time.perf_counter())
+        self._close_step(state.global_step)
         self.clock.counting = False
+
+    def _close_step(self, step: int) -> None:
+        """The probes' seconds of the step that just ended (`global_step` counts it), when the clock counted it."""
+        if self.clock.counting:
+            self.probe_seconds[step] = self.clock.seconds - self._counted
+        self._counted = self.clock.seconds
 
     def seconds(self) -> list[float]:
         return [b - a for a, b in zip(self.begins, self.begins[1:], strict=False)][1:]  # step 1: one-time work
@@ -140,8 +151,10 @@ class Data(torch.utils.data.Dataset):
 
 
 def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, length: int,
-            where: dict[str, float] | None = None) -> tuple[float, float]:
-    """(median step seconds, probe seconds per step) of one Trainer run; `where` adds up seconds per hook."""
+            where: dict[str, float] | None = None,
+            by_step: dict[int, list[float]] | None = None) -> tuple[float, float]:
+    """(median step seconds, probe seconds per step) of one Trainer run; `where` adds up seconds per hook, `by_step`
+    collects the probes' seconds of each step."""
     vocab = 96
     model = tiny.make_gpt2(vocab)
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch, max_steps=steps,
@@ -152,7 +165,7 @@ def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, leng
     trainer = Trainer(model=model, args=args, train_dataset=Data(vocab, length), callbacks=[timer])
     with timed_probe_hooks(clock):
         if probed:
-            callback = SarkdDiagCallback.attach(trainer, out / "run", level="standard",
+            callback = SarkdDiagCallback.attach(trainer, out / "run", level="standard", every=EVERY,
                                                 teacher=tiny.make_gpt2(vocab, seed=3).eval() if teacher else None)
             for event in ("on_step_begin", "on_step_end"):
                 setattr(callback, event, clock.wrap(getattr(callback, event)))
@@ -160,6 +173,9 @@ def one_run(out: Path, steps: int, probed: bool, teacher: bool, batch: int, leng
     if where is not None:
         for name, spent in clock.by_name.items():
             where[name] = where.get(name, 0.0) + spent / (steps - 1)
+    if by_step is not None:
+        for step, spent in timer.probe_seconds.items():
+            by_step.setdefault(step, []).append(spent)
     return statistics.median(timer.seconds()), clock.seconds / (steps - 1)
 
 
@@ -172,23 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", action="store_true", help="also watch a frozen tiny GPT-2 teacher")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    plain, probed, inside, where = [], [], [], {}
+    plain, probed, inside, where, by_step = [], [], [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for with_probes in (False, True):  # A B A B ...: machine noise hits both alike
                 step, probe = one_run(Path(tmp) / f"{r}-{int(with_probes)}", args.steps, with_probes, args.teacher,
-                                      args.batch, args.length, where)
+                                      args.batch, args.length, where, by_step if with_probes else None)
                 (probed if with_probes else plain).append(step)
                 if with_probes:
                     inside.append(probe)
     step_plain, step_probed, probe = (statistics.median(v) for v in (plain, probed, inside))
     fraction = probe / step_probed
     print(f"tiny GPT-2 (n_embd 32, 2 layers), batch {args.batch} x {args.length} tokens, {args.steps} steps, "
-          f"{args.rounds} rounds, level standard, every 10{', with a teacher' if args.teacher else ''}")
+          f"{args.rounds} rounds, level standard, every {EVERY}{', with a teacher' if args.teacher else ''}")
     print(f"Trainer step, median: {step_plain * 1e3:.2f} ms without the callback, {step_probed * 1e3:.2f} ms with "
           f"(A/B ratio {step_probed / step_plain:.3f}, noise included)")
     print(f"time inside the probes: {probe * 1e3:.3f} ms per step = {fraction:.1%} of a step "
           f"(goal <= {GOAL:.0%}: {'met' if fraction <= GOAL else 'NOT met'})")
+    statistics_steps = [statistics.median(v) for step, v in by_step.items() if step % EVERY == 0]
+    other_steps = [statistics.median(v) for step, v in by_step.items() if step % EVERY]
+    print(f"  of which {statistics.median(other_steps) * 1e3:.3f} ms on a step without statistics, "
+          f"{statistics.median(statistics_steps) * 1e3:.3f} ms on a statistics step (every {EVERY}th; medians)")
     for name, spent in sorted(where.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {spent / args.rounds * 1e3:8.3f} ms/step  {name}")
     return 0

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # checked first: the probes ask about every tensor every step
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # checked first: the probes ask about every tensor every step
 
 
 def is_sharded(t) -> bool:
@@ -23,3 +23,11 @@ def local_shard(t):
     """What this rank holds of `t`: a DTensor's local shard, any other tensor itself. Reading it never starts a
     collective (a DTensor op would, per tensor)."""
     return t.to_local() if is_sharded(t) else t
+
+
+def local_shards(tensors: list) -> list:
+    """`local_shard` of each tensor; the list itself when none is sharded (told by type alone: what the probes read
+    every step, where a call per tensor cost more than the reading's bookkeeping)."""
+    if _PLAIN.issuperset(map(type, tensors)):
+        return tensors
+    return [local_shard(t) for t in tensors]

@@ -44,6 +44,7 @@ from ..contract.ranks import Ranks
 from .activations import ActivationProbe
 from .base import (
     Optimizers,
+    Probe,
     ProbeContext,
     Watched,
     dtype_of_most,
@@ -65,6 +66,8 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
+# the moments of a step, each called only on the probes that implement it: not a no-op call per probe and moment
+MOMENTS = ("begin_step", "gradients_ready", "before_optimizer_step", "after_optimizer_step", "take_readings", "record")
 # whose words a fix is written in (analysis/diagnose.py)
 CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
@@ -119,6 +122,8 @@ class ProbeSet:
     def __init__(self, ctx: ProbeContext):
         self.ctx = ctx
         self.probes = [] if ctx.level == "off" else [cls(ctx) for cls in PROBE_TYPES]
+        self._at = {moment: [p for p in self.probes if getattr(type(p), moment) is not getattr(Probe, moment)]
+                    for moment in MOMENTS}
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
@@ -171,14 +176,14 @@ class ProbeSet:
         self._stepped = set()
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
-        for probe in self.probes:
+        for probe in self._at["begin_step"]:
             probe.begin_step()
 
     def gradients_ready(self) -> None:
         """Read the gradients now (once a step): after unscaling, or before the optimizer uses them."""
         if not self._gradients_read:
             self._gradients_read = True
-            for probe in self.probes:
+            for probe in self._at["gradients_ready"]:
                 probe.gradients_ready()
 
     def _unscaled(self, optimizer) -> None:
@@ -257,7 +262,7 @@ class ProbeSet:
         self._read_lr()
         if self.gradients_unscaled():
             self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
-        for probe in self.probes:
+        for probe in self._at["before_optimizer_step"]:
             probe.before_optimizer_step()
 
     def _stepped_twice(self) -> None:
@@ -297,7 +302,7 @@ class ProbeSet:
     def optimizer_stepped(self) -> None:
         """The moment after an optimizer step: from the optimizer's hook, or — in a loop that gave the probes no
         optimizer to hook — from `Probes.step()`, which comes after the loop's optimizer step."""
-        for probe in self.probes:
+        for probe in self._at["after_optimizer_step"]:
             probe.after_optimizer_step()
 
     def observe_grad_norm(self, norm: torch.Tensor | float, max_norm: float | None = None) -> None:
@@ -314,14 +319,14 @@ class ProbeSet:
     def take_readings(self) -> dict[str, torch.Tensor]:
         """Every probe's device readings of this step, handed over once (the probes forget them)."""
         out: dict[str, torch.Tensor] = {}
-        for probe in self.probes:
+        for probe in self._at["take_readings"]:
             out.update(probe.take_readings())
         return out
 
     def record(self, host: dict) -> dict:
         """The step's host readings into events; returns the metrics columns."""
         metrics: dict = {}
-        for probe in self.probes:
+        for probe in self._at["record"]:
             metrics.update(probe.record(host))
         return metrics
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..contract.events import EventLog, JsonlLog, NullLog
 from ..contract.loss_scaler import LossScaler
 from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - the probes' shared threshold and names
-from ..contract.shards import local_shard
+from ..contract.shards import local_shard, local_shards
 
 
 @dataclass
@@ -261,7 +261,7 @@ class SampleViews:
         self._views: list[torch.Tensor] = []
 
     def cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        key = (*map(id, tensors), *(local_shard(t).data_ptr() for t in tensors))
+        key = (*map(id, tensors), *map(torch.Tensor.data_ptr, local_shards(tensors)))
         if key != self._key:
             self._key, self._views = key, [sample(t.detach()) for t in tensors]
         return torch.cat(self._views)
@@ -288,13 +288,13 @@ def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
     no_grad rather than detaching each tensor (a detach per tensor is half the cost on small models). A sharded
     tensor reads its local shard (the ranks' finiteness is combined by the caller's all-reduce).
     """
-    tensors = [local_shard(t) for t in tensors]
+    tensors = local_shards(tensors)
     if not tensors:
         return torch.empty(0)
     if tensors[0].is_cuda:
         return torch.stack(torch._foreach_norm(tensors, math.inf))
     dtype, device = tensors[0].dtype, tensors[0].device
-    if any(t.dtype != dtype for t in tensors):
+    if len({t.dtype for t in tensors}) > 1:
         lows, highs = zip(*(torch.aminmax(t) for t in tensors), strict=True)
         return torch.maximum(torch.stack(highs).abs(), torch.stack(lows).abs())  # abs, not neg: never -0.0
     extremes, outs = _extremes_buffer(dtype, device, len(tensors))

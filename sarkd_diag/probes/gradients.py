@@ -79,6 +79,7 @@ class GradientProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._amax = None
+        self._params = [w.param for w in ctx.watched]
         self._grads: list[torch.Tensor | None] = []
         self._underflow = None
         self._norm = None  # the total norm the loop's clipping returned, this step
@@ -250,7 +251,9 @@ class GradientProbe(Probe):
         fp32 run's gradients would seem thousands of times larger than they are — and belong to the step that uses
         them, so they are read as none."""
         used = self.ctx.gradients_used() if self.ctx.loss_scaler.enabled else None
-        return [w.param.grad if not used or id(w.param) in used else None for w in self.ctx.watched]
+        if not used:
+            return [p.grad for p in self._params]
+        return [p.grad if id(p) in used else None for p in self._params]
 
     def after_optimizer_step(self) -> None:
         self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside

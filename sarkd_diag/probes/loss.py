@@ -69,7 +69,13 @@ def caller_loss(loss) -> torch.Tensor:
     if value.numel() != 1:
         raise TypeError(f"loss has {value.numel()} values (shape {tuple(value.shape)}): pass the reduced loss the "
                         "loop optimises (e.g. loss.mean()), not a loss per sample or per token")
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    """A one-value reading as a 0-dim tensor, detached (`to_host` converts it with the step's other readings)."""
+    value = value.detach()
+    return value if value.dim() == 0 else value.reshape(())
 
 
 class LossProbe(Probe):
@@ -100,11 +106,16 @@ class LossProbe(Probe):
                                   model.register_forward_hook(eager(self._read_loss(name)))]
 
     def _read_labels(self, model_name: str):
+        shifts = None  # whether the model shifts its labels, read once: its class and config say, not the batch
+
         def hook(model, args, kwargs):
+            nonlocal shifts
             labels = kwargs.get("labels")
             training = self.ctx.training_forward.get(model_name, False)
             self._labelled = training and torch.is_tensor(labels)
-            self._labels = count_targets(labels, shifts_labels(model)) if self._labelled else None
+            if self._labelled and shifts is None:
+                shifts = shifts_labels(model)
+            self._labels = count_targets(labels, shifts) if self._labelled else None
             self._share = kwargs.get("num_items_in_batch") is not None
         return hook
 
@@ -125,6 +136,8 @@ class LossProbe(Probe):
         self._captured = []
         if labels is not None:
             targets = count_targets(labels, shifts_labels(self.ctx.models.get(self._model)))
+        elif len(captured) == 1:  # one forward: its count (a stack and a reduction of one value cost two ops)
+            targets = captured[0][0]
         elif captured:
             counts = torch.stack([count for count, _ in captured])
             targets = counts.sum() if all(share for _, share in captured) else counts.min()
@@ -147,12 +160,12 @@ class LossProbe(Probe):
             if targets == 0:
                 self._empty(self._micro)
         elif targets is not None:
-            self._targets.append((targets.detach().reshape(()).float(), share))
+            self._targets.append((_scalar(targets), share))
         names = tuple((name, t.dtype) for name, t in terms.items() if t is not None)
         if names:
-            values = [terms[name].detach().float().reshape(()) for name, _ in names]
+            values = [_scalar(terms[name]) for name, _ in names]
             device = next((v.device for v in values if v.device.type != "cpu"), values[0].device)
-            self._terms.append(torch.stack([v.to(device) for v in values]))
+            self._terms.extend(v.to(device) for v in values)  # stacked once, at take_readings
             self._names.append(names)
             self._shares.append(share)
 
@@ -182,7 +195,7 @@ class LossProbe(Probe):
             self.observe({"loss": loss}, targets, share)
         out = {}
         if self._terms:
-            out["loss_terms"] = torch.cat(self._terms)
+            out["loss_terms"] = torch.stack(self._terms)  # mixed dtypes promote exactly to the widest
         if self._targets:
             out["loss_targets"] = torch.stack([count for count, _ in self._targets])
             self._target_shares = [share for _, share in self._targets]

@@ -120,7 +120,10 @@ class OptimizerProbe(Probe):
             step=self.ctx.step)
 
     def _check_zero_lr(self) -> None:
-        groups = [g for g in self.ctx.optimizer.param_groups if any(p.requires_grad for p in g["params"])]
+        every = self.ctx.optimizer.param_groups
+        # no group at lr 0 (every step of a run that trains): no need to find which groups hold trainable weights
+        groups = [g for g in every if any(p.requires_grad for p in g["params"])] if any(
+            isinstance(g.get("lr"), (int, float)) and g["lr"] == 0 for g in every) else []
         zero = bool(groups) and all(isinstance(g.get("lr"), (int, float)) and g["lr"] == 0 for g in groups)
         if not zero:
             self._zero_lr_since = None

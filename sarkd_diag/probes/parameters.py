@@ -29,7 +29,7 @@ import math
 import torch
 
 from ..contract.numerics import WEIGHT_EDIT_FACTOR, dtype_name
-from ..contract.shards import local_shard
+from ..contract.shards import local_shards
 from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts
 
 
@@ -217,7 +217,7 @@ class ParameterProbe(Probe):
 def _write_marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:
     """Each tensor's version counter and storage address (of a sharded one, its local shard's): what a write to it
     outside the optimizer moves — any in-place op bumps the first, `.data = ...` moves the second."""
-    return [(t._version, t.data_ptr()) for t in map(local_shard, params)]
+    return [(t._version, t.data_ptr()) for t in local_shards(params)]
 
 
 def _change_factor(before: float, after: float) -> float:

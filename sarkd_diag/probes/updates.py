@@ -46,7 +46,8 @@ class UpdateProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._moving: list = []  # this step's tensors meant to move, weight matrices first
-        self._layout: tuple | None = None  # (ids of the moving tensors, sample lengths, matrices, numel per sample)
+        self._moving_params: list[torch.Tensor] = []  # their tensors
+        self._layout: tuple | None = None  # of the moving tensors: (sample lengths, matrices, numel per sample)
         self._group_of: dict[int, dict] = {}  # id of a parameter: its optimizer parameter group
         self._lr_used: dict[int, object] = {}  # id of a group: the lr of this statistics step's update
         self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
@@ -58,7 +59,7 @@ class UpdateProbe(Probe):
 
     def before_optimizer_step(self) -> None:
         self._moving = self._meant_to_move()
-        self._before = self._weights.cat([w.param for w in self._moving]) if self._moving else None
+        self._before = self._weights.cat(self._moving_params) if self._moving else None
         if self.ctx.stats_step:  # the lr each group's update uses (a scheduler moves it on before `record`)
             self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
 
@@ -72,25 +73,26 @@ class UpdateProbe(Probe):
             self._group_of = {id(p): g for g in groups for p in g["params"]}
             watched = [w for w in self.ctx.watched if self._group_of.get(id(w.param), {}).get("lr", 1.0) != 0]
             self._moving = sorted(watched, key=lambda w: w.param.dim() < 2)
+            self._moving_params, self._layout = [w.param for w in self._moving], None
         return self._moving
 
     def _layout_of_moving(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         """Sample lengths per tensor, how many tensors are matrices and how many sampled elements they hold
-        (all tensors where none is a matrix), and each tensor's numel per sampled element."""
-        key = tuple(id(w.param) for w in self._moving)
-        if self._layout is None or self._layout[0] != key:
-            params = [w.param for w in self._moving]
+        (all tensors where none is a matrix), and each tensor's numel per sampled element: made once per choice of
+        the moving tensors."""
+        if self._layout is None:
+            params = self._moving_params
             lengths = sample_lengths(params)
             matrices = sum(p.dim() >= 2 for p in params) or len(params)
             per_sample = torch.tensor([local_shard(p).numel() / sample(p).numel() for p in params],
                                       device=params[0].device)
-            self._layout = (key, lengths, matrices, int(lengths[:matrices].sum()), per_sample)
-        return self._layout[1:]
+            self._layout = (lengths, matrices, int(lengths[:matrices].sum()), per_sample)
+        return self._layout
 
     def after_optimizer_step(self) -> None:
         if self._before is None:
             return
-        after = self._weights.cat([w.param for w in self._moving])
+        after = self._weights.cat(self._moving_params)
         lengths, _, matrix_elements, per_sample = self._layout_of_moving()
         before, moved = self._before[:matrix_elements].float(), after[:matrix_elements].float()
         self._ratio = torch.linalg.vector_norm(moved - before) / torch.linalg.vector_norm(before)
