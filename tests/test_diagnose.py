@@ -982,6 +982,25 @@ def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbou
         assert causes(log(), _losses(values), mode="mixed", caller=caller) == []
 
 
+@pytest.mark.parametrize("caller", ["loop", "trainer"])
+def test_a_wholly_negated_loss_that_falls_from_below_zero_to_three_times_its_start_is_unbounded_below(caller):
+    """`-(ce + kd)`: the loss starts at minus a CE's 4.8 and falls, every value finite, to nine times that — the
+    mirror of a blow-up. Named as a loss unbounded below from step 1, as a sign flipped midway is. A negative loss
+    that falls by less than twice its start (a log-density settling) and one wandering below 0 are not."""
+    import numpy as np
+
+    noise = np.random.default_rng(1).normal(0, 0.2, 12)
+    negated = [-4.8 - 0.3 * i * i + n for i, n in enumerate(noise)]
+    (cause,) = causes(log(), _losses(negated), mode="fp32", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
+    assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["last_loss"] == negated[-1]
+    assert f"from {negated[0]:.4g} (step 1)" in cause["fix"] and "sign" in cause["fix"]
+    settling = [-1.0 - 1.5 * (1 - math.exp(-i / 3)) + n / 20 for i, n in enumerate(noise)]  # -1 to about -2.4
+    wandering = [-0.5 + 0.1 * n for n in noise]
+    for values in (settling, wandering):
+        assert causes(log(), _losses(values), mode="fp32", caller=caller) == []
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_noisy_healthy_losses_read_no_climb(seed):
     """Small-batch noise (10% of the loss, step to step) around a loss that falls, or has levelled off, or a run too

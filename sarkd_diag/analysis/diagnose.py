@@ -850,8 +850,8 @@ class RunRecord:
         return None
 
     def loss_unbounded_below(self, before: int | None = None) -> dict | None:
-        """A training loss that started above 0 and falls steadily to as far below it (`_falling_below_zero`), its
-        finite losses before step `before`."""
+        """A training loss that falls steadily far below 0 (`_falling_below_zero`), its finite losses before step
+        `before`."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite)]
         return _falling_below_zero(loss if before is None else loss[loss.index < before])
@@ -976,10 +976,13 @@ def _rising(loss: pd.Series) -> dict | None:
 
 
 def _falling_below_zero(loss: pd.Series) -> dict | None:
-    """The least-squares line through the run's losses when it started above 0, ended at least as far below 0, and
-    fell LOSS_TREND_T standard errors of its noise below flat: a loss unbounded below. A CE, KL or squared error
-    never goes below 0; an RL surrogate that wanders around 0 falls no steady line that far; else None."""
-    if len(loss) < LOSS_TREND_MIN_STEPS or not loss.iloc[0] > 0 or loss.iloc[-1] > -loss.iloc[0]:
+    """The least-squares line through the run's losses when it ended below 0, fell by at least twice its first
+    value's magnitude — from above 0 to as far below it, or, wholly negated (`-(ce + kd)`), from below 0 to three
+    times its first value, the mirror of a blow-up — and fell LOSS_TREND_T standard errors of its noise below flat:
+    a loss unbounded below. A CE, KL or squared error never goes below 0; an RL surrogate that wanders around 0
+    falls no steady line that far; else None."""
+    first, last = loss.iloc[0] if len(loss) else 0.0, loss.iloc[-1] if len(loss) else 0.0
+    if len(loss) < LOSS_TREND_MIN_STEPS or first == 0 or not last < 0 or first - last < 2 * abs(first):
         return None
     fit = _line(loss)
     return fit if fit["t"] <= -LOSS_TREND_T else None

@@ -2017,10 +2017,12 @@ def test_norm_gains_that_never_move_in_bf16_are_named_though_the_run_loses_few_u
     assert not _events(_bf16_llama_steps(torch.float32), "lost_updates")
 
 
-def test_a_kd_term_subtracted_in_a_loop_is_named_as_a_loss_unbounded_below():
-    """A user's loop with a sign error — `ce - kl` — on a tiny GPT-2, AdamW at 1e-2: the loss starts at a CE's ~4.4
-    and falls, finite, to far below 0 as the student pulls away from its teacher. The diagnosis names the loss's sign
-    (a divergence warning, unbounded below), not a clean run."""
+@pytest.mark.parametrize("signs", [(1, -1), (-1, -1)], ids=["kd-subtracted", "wholly-negated"])
+def test_a_loss_with_a_flipped_sign_in_a_loop_is_named_as_a_loss_unbounded_below(signs):
+    """A user's loop with a sign error on a tiny GPT-2, AdamW at 1e-2: `ce - kl` starts at a CE's ~4.4, `-(ce + kl)`
+    at minus that; either falls, finite, far below 0 as the student pulls away from its data or its teacher. The
+    diagnosis names the loss's sign (a divergence warning, unbounded below), not a clean run."""
+    ce_sign, kl_sign = signs
     student, teacher = tiny.make_gpt2(96, seed=0), tiny.make_gpt2(96, seed=1).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     ids = torch.arange(64).reshape(4, 16) % 96
@@ -2031,13 +2033,13 @@ def test_a_kd_term_subtracted_in_a_loop_is_named_as_a_loss_unbounded_below():
             with torch.no_grad():
                 target = teacher(input_ids=ids).logits.log_softmax(-1)
             kl = nn.functional.kl_div(out.logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
-            loss = out.loss - kl  # the bug: the KD term subtracted
+            loss = ce_sign * out.loss + kl_sign * kl  # the bug: a term, or the whole loss, negated
             loss.backward()
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
             losses.append(float(loss.detach()))
-    assert losses[0] > 0 and losses[-1] < -losses[0] and all(map(math.isfinite, losses))  # the provocation
+    assert losses[-1] < -abs(losses[0]) and all(map(math.isfinite, losses))  # the provocation
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning") and cause["evidence"]["unbounded_below"]
     assert "sign" in cause["fix"]
