@@ -148,13 +148,15 @@ def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severit
 
 
 @pytest.mark.parametrize("losses, blown_at", [([0.82, 1.37, 2.13, 1.32, 3.57], None),
-                                               ([0.39, 1.69, 1.12, 0.83, 1.57], None),
-                                               ([4.0, 4.1, 3.9, 13.0], 4), ([4.0, 6.0, 13.0, 20.0], 3)])
+                                               ([0.39, 1.69, 1.12, 0.83, 1.57], None), ([0.39, 1.69, 1.12], None),
+                                               ([4.0, 4.1, 3.9, 13.0], 4), ([4.0, 6.0, 13.0, 20.0], 3),
+                                               ([4.0, 7.0, 13.0], 3)])
 def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(losses, blown_at):
     """Five steps of a pretrained tiny GPT-2 fine-tuned at batch 1 on 8-token windows (the losses measured so): one
     window is easy, another four times harder — the first happened to be easy. Four step-to-step changes measure
-    that scatter (a blow-up is one change, which their median leaves out): no blow-up. A loss that jumps out of
-    steady values, or climbs step after step, still is one."""
+    that scatter (a blow-up is one change, which their median leaves out): no blow-up; nor in the first three steps
+    alone, whose two changes read a lone jump as scatter. A loss that jumps out of steady values, or climbs step after
+    step — in three steps too —, still is one."""
     metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
     found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])

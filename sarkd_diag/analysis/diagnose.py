@@ -44,9 +44,11 @@ DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 # tenfold): then the blow-up must stand LOSS_SCATTER_Z robust spreads of the step-to-step log changes above the first
 # value (`RunRecord.blow_up_factor`), judged once there are LOSS_SCATTER_MIN_CHANGES changes — a blow-up makes one
 # change, which a median over three leaves out (a recovered spike makes two: over three or four changes it reads as
-# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder)
+# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder). Over two
+# (a 3-step run) a lone jump reads as scatter too — three losses cannot tell a blow-up from one harder batch — while
+# a steady climb, two changes alike, has none and is still a blow-up
 LOSS_SCATTER_Z = 4.0
-LOSS_SCATTER_MIN_CHANGES = 3
+LOSS_SCATTER_MIN_CHANGES = 2
 # A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
 # window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
 # errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
