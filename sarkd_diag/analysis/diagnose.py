@@ -1043,10 +1043,12 @@ def _cast_to_fp16(r: RunRecord, row: pd.Series) -> bool:
     """A weight non-finite as loaded that float16 itself made: ±Inf and no NaN, in a model this run holds in float16
     (the tensor itself, or the model's other weights: mixed precision loads the teacher in float16 and only then
     gives its routers fp32 master weights) — a value beyond 65504 in a checkpoint saved wider, cast to float16 at
-    load. The checkpoint may be sound; its dtype here is not."""
+    load. The checkpoint may be sound; its dtype here is not — unless the file it was loaded from was read and holds
+    the Inf itself (`nonfinite_in_checkpoint`: an fp16 export that overflowed, a torn write): then it is the file's."""
     inf_only = not number_or_none(row.get("nan_count")) and \
         bool(number_or_none(row.get("posinf_count")) or number_or_none(row.get("neginf_count")))
-    return inf_only and (row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
+    return inf_only and row.get("code") != "nonfinite_in_checkpoint" and (
+        row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
 
 
 def nonfinite_input(r: RunRecord) -> list[Cause]:

@@ -473,6 +473,38 @@ def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_
     assert [row.get("loaded_amax_student") for row in probes.rows] == [1e5, None]
 
 
+@pytest.mark.parametrize("stored_dtype, stored_value, in_file", [(torch.float16, math.inf, True),
+                                                                  (torch.float32, 1e5, False)])
+def test_an_inf_as_loaded_in_float16_is_the_checkpoints_where_its_file_holds_it(tmp_path, stored_dtype, stored_value,
+                                                                                 in_file):
+    """A tiny GPT-2 loaded with `from_pretrained(dtype=torch.float16)` holds +Inf in one weight before any step. Saved
+    in float16 with that Inf (an fp16 export that overflowed), the file is corrupt — loading it wider keeps the Inf,
+    so the diagnosis names the checkpoint, not float16's range. Saved in fp32 with 1e5, the file is sound and the
+    cast to float16 made the Inf: float16's range, as before."""
+    from transformers import AutoModelForCausalLM
+
+    saved = tiny.make_gpt2(64).to(stored_dtype)
+    tensor = "transformer.h.0.mlp.c_fc.weight"
+    with torch.no_grad():
+        saved.get_parameter(tensor)[0, 0] = stored_value
+    saved.save_pretrained(tmp_path / "checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", dtype=torch.float16)
+    assert model.get_parameter(tensor)[0, 0] == math.inf  # either way, +Inf as loaded
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(16).reshape(2, 8)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.tensor, event.code) == (tensor, "nonfinite_in_checkpoint" if in_file else "nonfinite_at_load")
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["tensor"], cause["evidence"]["cast_to_float16"]) == (
+        "nonfinite_input", tensor, not in_file)
+    assert ("the checkpoint is corrupt" in cause["fix"]) is in_file and ("65504" in cause["fix"]) is not in_file
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
