@@ -756,6 +756,24 @@ def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_
     assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
 
 
+def test_a_weight_nan_as_loaded_that_reached_nothing_is_a_warning_and_critical_once_it_does():
+    """NaN rows of a frozen embedding for tokens the data never holds: every loss finite over the run's steps — the
+    checkpoint is corrupt (named, with the re-export), but nothing was harmed yet: a warning, not a critical failure.
+    The same event followed by a NaN loss (a batch that reached them) is critical, as before; so is one with no loss
+    measured at all."""
+    finite = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [4.5, 4.4, 4.4]})
+    (cause,) = causes(log(LOADED_NAN), finite, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
+                                                                    "h.0.mlp.c_fc.weight")
+    assert cause["evidence"]["reached_nothing_in_steps"] == 3
+    assert "no batch reached so far" in cause["fix"] and "re-export" in cause["fix"]
+    nan_at_3 = finite.assign(loss=[4.5, 4.4, math.nan])
+    for frame, metrics in ((log(LOADED_NAN, {**NAN_LOSS, "step": 3}), nan_at_3), (log(LOADED_NAN), None)):
+        root = causes(frame, metrics, mode="fp32", caller="loop")[0]
+        assert (root["cause"], root["severity"]) == ("nonfinite_input", "critical")
+        assert "reached_nothing_in_steps" not in root["evidence"]
+
+
 BEYOND_FP16 = {"kind": "weight_beyond_fp16", "severity": "warning", "step": 1, "phase": "setup", "model": "student",
                "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": 1e5}
 FP16_OVERFLOW = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",

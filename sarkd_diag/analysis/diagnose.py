@@ -355,6 +355,12 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "nonfinite_weights_latent": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded — yet "
+                                "nothing it feeds turned non-finite in this run's {steps} steps (every loss and "
+                                "module output finite): entries no batch reached so far, such as the embedding rows "
+                                "of tokens the data never holds; the checkpoint is still corrupt, and the first batch "
+                                "that reaches them will be NaN — load it again or re-export it, and check a "
+                                "checkpoint's weights with `torch.isfinite` before training from it",
     "weights_edited_nonfinite": "{model}'s {tensor} was finite after optimizer step {after} and holds {holds} at "
                                 "step {step}'s first training forward: code between the optimizer step and the next "
                                 "forward wrote it — an in-place edit under `torch.no_grad()` (a rescale, a weight "
@@ -1064,13 +1070,21 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
     if len(loaded):
         row = _first(loaded)
         holds, cast = _holds(row), _cast_to_fp16(r, row)
-        causes.append(Cause("nonfinite_input", "critical", **_where(row),
+        # a bad weight that reached nothing — no non-finite value anywhere over steps whose losses were all finite
+        # (entries no batch used: the embedding rows of tokens the data never holds) — has harmed no step yet
+        loss = r.train_column("loss")
+        latent = len(loss) > 0 and bool(loss.map(math.isfinite).all()) and not any(
+            len(r.of(kind)) for kind in ("nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "nonfinite_param"))
+        template = "nonfinite_weights_latent" if latent else \
+            "nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded"
+        causes.append(Cause("nonfinite_input", "warning" if latent else "critical", **_where(row),
                             evidence={"nonfinite_before_first_step": True, "holds": holds, "dtype": row.get("dtype"),
                                       "cast_to_float16": cast, "nan_count": row.get("nan_count"),
                                       "numel": row.get("numel"),
-                                      "models": ", ".join(sorted(set(loaded["model"].dropna())))},
-                            fix=r.fix("nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded",
-                                      model=row.get("model"), tensor=row.get("tensor"), holds=holds)))
+                                      "models": ", ".join(sorted(set(loaded["model"].dropna()))),
+                                      **({"reached_nothing_in_steps": len(loss)} if latent else {})},
+                            fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
+                                      steps=len(loss))))
     batch = r.of("nonfinite_batch")
     if len(batch):
         causes.append(Cause("nonfinite_input", "critical", **_where(_first(batch)),

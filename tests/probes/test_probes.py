@@ -505,6 +505,33 @@ def test_an_inf_as_loaded_in_float16_is_the_checkpoints_where_its_file_holds_it(
     assert ("the checkpoint is corrupt" in cause["fix"]) is in_file and ("65504" in cause["fix"]) is not in_file
 
 
+def test_nan_embedding_rows_no_batch_uses_are_named_as_a_warning_in_a_run_that_stays_finite():
+    """A GPT-2 with its own head whose frozen token embedding holds NaN in the rows of tokens the data never holds
+    (80-95): every loss finite for six steps. The checkpoint is named corrupt, at that tensor — as a warning, since
+    nothing of the run was harmed, not as the critical failure of a run that went NaN."""
+    model = tiny.make_gpt2_untied(96)
+    with torch.no_grad():
+        model.transformer.wte.weight[80:] = math.nan
+    model.transformer.wte.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(0)
+    losses = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(6):
+            ids = torch.randint(0, 80, (2, 16))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    assert all(map(math.isfinite, losses))  # the provocation: the NaN rows reach nothing
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
+                                                                    "transformer.wte.weight")
+    assert "re-export" in cause["fix"]
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
