@@ -1846,23 +1846,32 @@ class FullyMaskedRow(nn.Module):
 
 @pytest.mark.parametrize("made_by, autocast, cause", [(Root, None, "divergence"),
                                                       (Root, torch.float16, "divergence"),
-                                                      (FullyMaskedRow, torch.float16, "activation_overflow")])
+                                                      (FullyMaskedRow, torch.float16, "activation_overflow"),
+                                                      (Root, "half", "divergence"),
+                                                      (FullyMaskedRow, "half", "activation_overflow")])
 def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module_in_float32(made_by, autocast, cause,
                                                                                              tmp_path):
     """NaN from small values. Without float16, an operation undefined on its inputs. Under float16 autocast the
     output alone cannot tell a sqrt of negatives from a constant float16 cannot hold; the module, run again on the
     next step's finite inputs in float32, can: NaN there too is the operation (`divergence`, precision no fix),
-    finite there is float16's range (`activation_overflow`, the constant named)."""
+    finite there is float16's range (`activation_overflow`, the constant named). With float16 weights (`.half()`) and
+    no loss scaler the first step's update makes every weight NaN, so no later forward is left: the module is run in
+    float32 at the end of the very forward that failed, on the inputs it was handed there."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), made_by(), nn.Linear(16, 1))
+    half = autocast == "half"
+    if half:
+        model.half()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=autocast is not None)
-    probes = Probes(model, optimizer=opt, scaler=scaler if autocast else None, run_dir=tmp_path)
-    _train(model, probes, opt, scaler=scaler if autocast else None, autocast=autocast)
-    (found,) = probes.diagnosis()
+    scaled = autocast is not None and not half
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+    probes = Probes(model, optimizer=opt, scaler=scaler if scaled else None, run_dir=tmp_path)
+    _train(model, probes, opt, scaler=scaler if scaled else None, autocast=autocast if scaled else None,
+           dtype=torch.float16 if half else torch.float32)
+    (found,) = [c for c in probes.diagnosis() if c["cause"] != "update_underflow"]  # SGD on float16 weights
     assert (found["cause"], found["module"], found["first_step"]) == (cause, "1", 1)
     replays = [(e.step, math.isnan(e.value)) for e in _events(probes, "wide_replay")]
-    assert replays == ([] if autocast is None else [(2, made_by is Root)])
+    assert replays == ([] if autocast is None else [(1 if half else 2, made_by is Root)])
     assert ("(1 - mask) * -1e9" in found["fix"]) is (made_by is FullyMaskedRow)
     probes.close()
 
@@ -2025,7 +2034,8 @@ def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_c
     """A Llama decoder layer in float16 whose residual sum leaves fp16's range (two MLPs write ~4.7e4 and ~2.7e4 into
     one channel). transformers hands each layer the key-value cache it builds in every forward: the float32 replay
     runs without it — replayed with it, the layer appends its keys a second time (the cache the training forward
-    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op."""
+    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op.
+    Without a loss scaler the layer is replayed at the end of the forward that failed, step 1's."""
     model = tiny.make_llama(96, attention="eager")
     with torch.no_grad():
         for layer in model.model.layers:
@@ -2044,7 +2054,7 @@ def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_c
             probes.step(loss=out.loss, skipped=True)
     assert math.isnan(float(out.loss.detach())) and cached == [16, 16]
     (replay,) = _events(probes, "wide_replay")
-    assert (replay.module, replay.step) == ("model.layers.1", 2) and 65504 < replay.value < math.inf
+    assert (replay.module, replay.step) == ("model.layers.1", 1) and 65504 < replay.value < math.inf
     assert probes.diagnosis()[0]["module"] == "model.layers.1"
 
 
