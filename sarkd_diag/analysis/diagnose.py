@@ -196,6 +196,15 @@ PHRASES = {
                     "lightning": "`SarkdDiagLightningCallback(..., level=\"full\")`"},
 }
 
+# what float16 cannot hold in a module's own code, and the fix: the text two fixes of `activation_overflow` share
+FP16_CONSTANTS = ("a constant of its code that float16 cannot hold — a mask's fill value beyond 65504 "
+                  "(`masked_fill(mask, -1e9)`, `torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) "
+                  "is -inf in float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
+                  "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
+                  "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use an eps float16 "
+                  "holds (1e-5); if its code writes no such constant, a sum of many products overflowed: compute with "
+                  "fp32's range — {wide_compute}")
+
 FIXES = {
     "optimizer_eps_underflow": "train with {mixed}: fp32 master weights and optimizer state keep eps={eps} "
                                "representable (in pure fp16 a larger eps avoids the NaNs but updates stagnate)",
@@ -252,17 +261,14 @@ FIXES = {
     "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — train with "
                             "{bf16_mixed}{router_in_fp32}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
-                                "largest measured {amax}): most likely a constant of its code that float16 cannot "
-                                "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
-                                "`torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) is -inf in "
-                                "float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
-                                "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
-                                "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use "
-                                "an eps float16 holds (1e-5); if its code writes no such constant, a sum of many "
-                                "products overflowed: compute with fp32's range — {wide_compute}; or an operation "
+                                "largest measured {amax}): most likely " + FP16_CONSTANTS + "; or an operation "
                                 "undefined on its inputs made it in any precision (the sqrt or log of a negative, "
                                 "0/0): where the same run under {wide_compute} is NaN at {module} too, guard that "
                                 "operation (`clamp_min`) instead",
+    "activation_fp16_constant_replayed": "{module} made {holds} in float16 from values far below float16's range "
+                                         "(the largest measured {amax}), and run again in float32 on the same inputs "
+                                         "and weights it is finite (largest {wide_amax}): not an operation undefined "
+                                         "on its inputs but " + FP16_CONSTANTS,
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -1365,12 +1371,15 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     if constant is not None and not causes:
         row, largest = constant
         where, named = _where_began(r, row)
+        replay = r.wide_replay()  # finite in float32 where it ran: float16's doing, no undefined operation
+        replayed = {"float32_replay": float(replay["value"])} if replay is not None else {}
         causes.append(Cause("activation_overflow", "critical", **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
                                       "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT,
-                                      **named},
-                            fix=r.fix("activation_fp16_constant", module=row.get("module"), holds=_holds_value(row),
-                                      amax=f"{largest:.3g}")))
+                                      **replayed, **named},
+                            fix=r.fix("activation_fp16_constant_replayed" if replayed else "activation_fp16_constant",
+                                      module=row.get("module"), holds=_holds_value(row), amax=f"{largest:.3g}",
+                                      wide_amax=f"{float(replay['value']):.3g}" if replayed else None)))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
