@@ -57,6 +57,10 @@ LOSS_SCATTER_MIN_CHANGES = 2
 LOSS_TREND_MIN_STEPS = 8
 LOSS_TREND_T = 5.0
 LOSS_TREND_RISE = 0.1
+# A loss unbounded below (`_falling_below_zero`) keeps falling: its second half's slope at least this fraction of its
+# first half's. A loss bounded below (-cosine similarity, a log-density) slows as it settles toward its floor — an
+# approach at rate k over n steps keeps e^(-k n / 2) of its first half's slope, below this once k n / 2 > 0.29
+SLOWEST_UNBOUNDED_FALL = 0.75
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -992,14 +996,16 @@ def _rising(loss: pd.Series) -> dict | None:
 def _falling_below_zero(loss: pd.Series) -> dict | None:
     """The least-squares line through the run's losses when it ended below 0, fell by at least twice its first
     value's magnitude — from above 0 to as far below it, or, wholly negated (`-(ce + kd)`), from below 0 to three
-    times its first value, the mirror of a blow-up — and fell LOSS_TREND_T standard errors of its noise below flat:
-    a loss unbounded below. A CE, KL or squared error never goes below 0; an RL surrogate that wanders around 0
-    falls no steady line that far; else None."""
+    times its first value, the mirror of a blow-up — fell LOSS_TREND_T standard errors of its noise below flat, and
+    did not slow: a loss unbounded below. A CE, KL or squared error never goes below 0; an RL surrogate that wanders
+    around 0 falls no steady line that far; else None."""
     first, last = loss.iloc[0] if len(loss) else 0.0, loss.iloc[-1] if len(loss) else 0.0
     if len(loss) < LOSS_TREND_MIN_STEPS or first == 0 or not last < 0 or first - last < 2 * abs(first):
         return None
     fit = _line(loss)
-    return fit if fit["t"] <= -LOSS_TREND_T else None
+    # and it keeps falling: a loss bounded below slows as it settles toward its floor (SLOWEST_UNBOUNDED_FALL)
+    early, late = _line(loss.iloc[:len(loss) // 2 + 1]), _line(loss.iloc[len(loss) // 2:])
+    return fit if fit["t"] <= -LOSS_TREND_T and late["slope"] <= SLOWEST_UNBOUNDED_FALL * early["slope"] else None
 
 
 def _line(loss: pd.Series) -> dict:

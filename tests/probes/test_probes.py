@@ -2114,3 +2114,27 @@ def test_a_loss_with_a_flipped_sign_in_a_loop_is_named_as_a_loss_unbounded_below
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning") and cause["evidence"]["unbounded_below"]
     assert "sign" in cause["fix"]
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-4])
+def test_a_negative_cosine_feature_loss_settling_toward_its_floor_is_no_loss_unbounded_below(lr):
+    """Hidden-state KD written as `-cosine_similarity(student, teacher)`: it starts near 0 and falls, finite and
+    steadily, to many times its start — yet it is bounded by -1 and slows as it settles there, which a loss being
+    maximised (a negated CE or KL) never does. No sign error is claimed."""
+    student, teacher = tiny.make_gpt2(96, seed=0), tiny.make_gpt2(96, seed=1).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    ids = torch.arange(64).reshape(4, 16) % 96
+    losses = []
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(16):
+            hidden = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            with torch.no_grad():
+                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            loss = -nn.functional.cosine_similarity(hidden, target, dim=-1).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    assert losses[0] < 0 and losses[-1] < 3 * losses[0] and losses[-1] > -1  # the provocation: far below its start
+    assert probes.diagnosis() == []
