@@ -310,6 +310,11 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "no_gradients_clip_zero": "the loop clips the gradients at max_norm {max_norm} ({steps} steps, from step "
+                              "{step}): {clip} multiplies every gradient by max_norm / total_norm (capped at 1), so at "
+                              "0 every gradient reaching the optimizer is 0 and nothing trains (below 0 each is "
+                              "reversed: the loss is climbed) — clip at a positive threshold (1.0 is usual), or not at "
+                              "all; the lr, the precision and the data are not the cause",
     "no_gradients_every_step_skipped": "the training loop skipped every one of the {steps} steps of the run — no "
                                        "backward, no update: {skip_call} — so nothing trained; if a guard skips "
                                        "non-finite losses, the first non-finite value is the cause (see the causes "
@@ -964,7 +969,7 @@ class RunRecord:
         loss terms that reach the teacher, so those are the lr and the weights the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         threshold = self.clip_threshold()
-        if threshold is not None:  # "clip with X" to a run that clips: say at what, and what clipping cannot do
+        if threshold is not None and threshold > 0:  # "clip with X" to a run that clips: at what, what it cannot do
             words["clip"] += (f" (the run clips at {threshold:g} already: a lower threshold bounds the gradient, but "
                               "an Adam-type step is about the lr whatever the gradient)")
         if model == "teacher":
@@ -1544,7 +1549,8 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
     Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
-    reach tensors it never updates."""
+    reach tensors it never updates. Or the loop clips at a max_norm of 0 (`clip_max_norm`), which zeroes every
+    gradient after the probes read it."""
     frozen = r.of("setup_note", "optimizer_holds_frozen")
     if len(frozen):
         row = _first(frozen)
@@ -1576,6 +1582,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
                       evidence={"optimizer_steps": 0, "steps_closed": row.get("numel")},
                       fix=r.fix("no_gradients_no_step", steps=row.get("numel")))]
+    thresholds = r.train_column("clip_max_norm")
+    zeroed = thresholds[thresholds <= 0]  # clipped by a factor max_norm / total_norm of 0 (or below 0)
+    if len(zeroed):
+        step, value = int(zeroed.index[0]), float(zeroed.iloc[0])
+        return [Cause("no_gradients", "warning", model="student", first_step=step, phase="backward",
+                      evidence={"clip_max_norm": value, "steps_clipped_at_or_below_0": len(zeroed)},
+                      fix=r.fix("no_gradients_clip_zero", max_norm=f"{value:g}", steps=len(zeroed), step=step))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
     at_zero_loss = _at_zero_loss(r, zero)

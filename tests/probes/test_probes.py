@@ -2138,3 +2138,32 @@ def test_a_negative_cosine_feature_loss_settling_toward_its_floor_is_no_loss_unb
             losses.append(float(loss.detach()))
     assert losses[0] < 0 and losses[-1] < 3 * losses[0] and losses[-1] > -1  # the provocation: far below its start
     assert probes.diagnosis() == []
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_a_loop_that_clips_at_max_norm_0_is_told_that_nothing_trains(max_norm):
+    """`clip_grad_norm_(params, 0.0)` — a threshold meant as 'off', as the Trainer's `max_grad_norm=0` is — multiplies
+    every gradient by 0 after the probes read them: AdamW moves nothing and every value stays finite. Named (no
+    gradients, at the clip), not a clean run; clipping at 1.0 is."""
+    model = tiny.make_gpt2(96)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(4):
+            ids = torch.randint(0, 96, (2, 16))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert unchanged is (max_norm == 0)  # the provocation: nothing moved
+    if max_norm:
+        assert probes.diagnosis() == []
+        return
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
+    assert cause["evidence"]["clip_max_norm"] == 0 and "positive threshold" in cause["fix"]
+    assert "clips at 0 already" not in cause["fix"]
