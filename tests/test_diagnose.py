@@ -1168,3 +1168,18 @@ def test_a_forward_overflow_offers_a_code_change_only_where_the_caller_writes_th
     (loop,) = causes(log(act), caller="loop")
     assert "--precision bf16-mixed" in cli["fix"] and "autocast" not in cli["fix"]
     assert "in fp32" in loop["fix"] and "autocast" in loop["fix"]
+
+
+@pytest.mark.parametrize("losses, severity", [([0.4, 1.7], "warning"), ([4.0, 13.0], "warning"),
+                                              ([0.4, 1.7, 1.2], None), ([4.0, 13.0, 45.0], "critical")])
+def test_a_two_step_runs_rise_cannot_be_judged_a_blow_up(losses, severity):
+    """A two-step smoke run at batch 1 whose second batch is four times harder than its first: one step-to-step change
+    holds no scatter to judge it by, so a rise beyond 3× is said (a warning: run more steps to tell), never a critical
+    divergence — iid batch-1 losses made that one run in ten. From three losses the scatter is measured again: a lone
+    jump reads as scatter, a steady climb is critical."""
+    metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
+    found = [(c["cause"], c["severity"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    assert found == ([("divergence", severity)] if severity else [])
+    if severity == "warning":
+        (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+        assert cause["evidence"]["scatter_measured"] is False and "run more steps" in cause["fix"]

@@ -448,6 +448,11 @@ FIXES = {
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
                      "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
                      "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_rise_unjudged": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
+                          "finite, in a run of {losses} losses — too few to measure how far its losses scatter from "
+                          "batch to batch, and a batch several times harder than the first (a few samples each) does "
+                          "as much: run more steps to tell; if it keeps climbing, lower {lr} and clip with {clip}, "
+                          "and check the loss code's sign and its terms' weights",
     "loss_spike": "the loss jumped from {before} to {top} at step {step} (beyond {factor}× its first, {first}) with "
                   "every value finite, then came back ({last} at step {last_step}): a transient spike, not a "
                   "divergence — an outlier batch or one step too large; if spikes recur or grow, lower {lr} and clip "
@@ -617,12 +622,16 @@ class RunRecord:
         amount each step (no spread); a few samples per batch make losses that differ tenfold, the first among them."""
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * self.loss_scatter()))
 
+    def loss_changes(self) -> pd.Series:
+        """The step-to-step changes of the log of the run's positive finite training losses, within each training
+        run (`train_loss_runs`)."""
+        return pd.concat([pd.Series(part[part > 0].map(math.log).to_numpy()).diff().dropna()
+                          for part in self.train_loss_runs()] or [pd.Series(dtype="float64")])
+
     def loss_scatter(self) -> float:
-        """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
-        run's positive finite training losses, within each training run (`train_loss_runs`): how far one step's loss
+        """The robust spread (1.4826 × the median absolute deviation) of `loss_changes`: how far one step's loss
         strays from the last by chance. 0 where there are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
-        changes = pd.concat([pd.Series(part[part > 0].map(math.log).to_numpy()).diff().dropna()
-                             for part in self.train_loss_runs()] or [pd.Series(dtype="float64")])
+        changes = self.loss_changes()
         if len(changes) < LOSS_SCATTER_MIN_CHANGES:
             return 0.0
         return 1.4826 * float((changes - changes.median()).abs().median())
@@ -1770,6 +1779,11 @@ def divergence(r: RunRecord) -> list[Cause]:
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
                                     factor=f"{factor:.3g}", step=step, last=f"{last:.4g}",
                                     last_step=int(blown_run.index[-1])))]
+        if len(r.loss_changes()) < LOSS_SCATTER_MIN_CHANGES:  # one change (two losses): no scatter to judge it by
+            return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
+                          evidence={**evidence, "scatter_measured": False, "losses": len(finite_loss)},
+                          fix=r.fix("loss_rise_unjudged", first=f"{first_loss:.4g}", top=f"{top:.4g}",
+                                    factor=f"{factor:.3g}", step=step, losses=len(finite_loss)))]
         return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
                       fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
                                 factor=f"{factor:.3g}", step=step))]
