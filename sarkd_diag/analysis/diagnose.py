@@ -310,11 +310,10 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
-    "no_gradients_clip_zero": "the loop clips the gradients at max_norm {max_norm} ({steps} steps, from step "
-                              "{step}): {clip} multiplies every gradient by max_norm / total_norm (capped at 1), so at "
-                              "0 every gradient reaching the optimizer is 0 and nothing trains (below 0 each is "
-                              "reversed: the loss is climbed) — clip at a positive threshold (1.0 is usual), or not at "
-                              "all; the lr, the precision and the data are not the cause",
+    "no_gradients_clip_zero": "the loop clips the gradients at {threshold} ({steps} steps, from step {step}): "
+                              "{how}, so at 0 every gradient reaching the optimizer is 0 and nothing trains — clip at "
+                              "a positive threshold (1.0 is usual), or not at all; the lr, the precision and the data "
+                              "are not the cause",
     "no_gradients_every_step_skipped": "the training loop skipped every one of the {steps} steps of the run — no "
                                        "backward, no update: {skip_call} — so nothing trained; if a guard skips "
                                        "non-finite losses, the first non-finite value is the cause (see the causes "
@@ -1554,12 +1553,18 @@ def clip_before_unscale(r: RunRecord) -> list[Cause]:
                   fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else None))]
 
 
+# what a loop's clipping at a threshold of 0 or below does (the column the probes record it in): every gradient 0
+CLIPS_AT_ZERO = {"clip_max_norm": "`clip_grad_norm_` multiplies every gradient by max_norm / total_norm (capped at 1; "
+                                  "below 0 it reverses each, and the loss is climbed)",
+                 "clip_value": "`clip_grad_value_` clamps every gradient entry into [-clip_value, clip_value]"}
+
+
 def no_gradients(r: RunRecord) -> list[Cause]:
     """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
     Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
-    reach tensors it never updates. Or the loop clips at a max_norm of 0 (`clip_max_norm`), which zeroes every
-    gradient after the probes read it."""
+    reach tensors it never updates. Or the loop clips at a max_norm or clip_value of 0 (`CLIPS_AT_ZERO`), which
+    zeroes every gradient after the probes read it."""
     frozen = r.of("setup_note", "optimizer_holds_frozen")
     if len(frozen):
         row = _first(frozen)
@@ -1591,13 +1596,15 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
                       evidence={"optimizer_steps": 0, "steps_closed": row.get("numel")},
                       fix=r.fix("no_gradients_no_step", steps=row.get("numel")))]
-    thresholds = r.train_column("clip_max_norm")
-    zeroed = thresholds[thresholds <= 0]  # clipped by a factor max_norm / total_norm of 0 (or below 0)
-    if len(zeroed):
-        step, value = int(zeroed.index[0]), float(zeroed.iloc[0])
-        return [Cause("no_gradients", "warning", model="student", first_step=step, phase="backward",
-                      evidence={"clip_max_norm": value, "steps_clipped_at_or_below_0": len(zeroed)},
-                      fix=r.fix("no_gradients_clip_zero", max_norm=f"{value:g}", steps=len(zeroed), step=step))]
+    for column, how in CLIPS_AT_ZERO.items():
+        thresholds = r.train_column(column)
+        zeroed = thresholds[thresholds <= 0]
+        if len(zeroed):
+            step, value = int(zeroed.index[0]), float(zeroed.iloc[0])
+            return [Cause("no_gradients", "warning", model="student", first_step=step, phase="backward",
+                          evidence={column: value, "steps_clipped_at_or_below_0": len(zeroed)},
+                          fix=r.fix("no_gradients_clip_zero", threshold=f"{column.removeprefix('clip_')} {value:g}",
+                                    how=how, steps=len(zeroed), step=step))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
     at_zero_loss = _at_zero_loss(r, zero)

@@ -2140,11 +2140,11 @@ def test_a_negative_cosine_feature_loss_settling_toward_its_floor_is_no_loss_unb
     assert probes.diagnosis() == []
 
 
-@pytest.mark.parametrize("max_norm", [0.0, 1.0])
-def test_a_loop_that_clips_at_max_norm_0_is_told_that_nothing_trains(max_norm):
+@pytest.mark.parametrize("clip, threshold", [("norm", 0.0), ("norm", 1.0), ("value", 0.0), ("value", 1.0)])
+def test_a_loop_that_clips_at_0_is_told_that_nothing_trains(clip, threshold):
     """`clip_grad_norm_(params, 0.0)` — a threshold meant as 'off', as the Trainer's `max_grad_norm=0` is — multiplies
-    every gradient by 0 after the probes read them: AdamW moves nothing and every value stays finite. Named (no
-    gradients, at the clip), not a clean run; clipping at 1.0 is."""
+    every gradient by 0 after the probes read them, and `clip_grad_value_(params, 0.0)` clamps each to 0: AdamW moves
+    nothing and every value stays finite. Named (no gradients, at the clip), not a clean run; clipping at 1.0 is."""
     model = tiny.make_gpt2(96)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
@@ -2154,16 +2154,17 @@ def test_a_loop_that_clips_at_max_norm_0_is_told_that_nothing_trains(max_norm):
             ids = torch.randint(0, 96, (2, 16))
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            clip_grad_norm_(model.parameters(), max_norm)
+            (clip_grad_norm_ if clip == "norm" else clip_grad_value_)(model.parameters(), threshold)
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
     unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
-    assert unchanged is (max_norm == 0)  # the provocation: nothing moved
-    if max_norm:
+    assert unchanged is (threshold == 0)  # the provocation: nothing moved
+    if threshold:
         assert probes.diagnosis() == []
         return
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
-    assert cause["evidence"]["clip_max_norm"] == 0 and "positive threshold" in cause["fix"]
+    column = "clip_max_norm" if clip == "norm" else "clip_value"
+    assert cause["evidence"][column] == 0 and "positive threshold" in cause["fix"]
     assert "clips at 0 already" not in cause["fix"]
