@@ -1045,6 +1045,33 @@ def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def fully_masked_row_half_loop(world: World, tmp: Path) -> Outcome:
+    """The same attention and padding-only sequence with float16 weights (`.half()`), SGD and no loss scaler: the
+    softmax over -inf alone is 0/0 in float16 as in fp32, and the first update makes every weight NaN — no later
+    forward is left to run the attention again on finite weights."""
+    outcome = Outcome()
+    model = tiny.MaskedAttentionNet(world.vocab).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False  # the second sequence is padding only
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for _ in range(2):
+            logits = model(ids, keep)
+            loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, weights_finite_after=all(finite(p) for p in model.parameters()))
+    outcome.check("every loss NaN, and the weights NaN after the first step",
+                  all(math.isnan(v) for v in losses) and not outcome.facts["weights_finite_after"])
+    return outcome
+
+
 class AdditiveMaskAttention(tiny.MaskedAttention):
     """The masked softmax with the mask added as `(1 - keep) * -1e9`, as much code written for fp32 does: in fp32 a
     row whose every key is masked is uniform (every score -1e9); in float16 -1e9 is -inf, and that row is 0/0."""
@@ -2130,6 +2157,10 @@ SCENARIOS: list[Scenario] = [
                       fix_lacks="autocast", absent=("activation_overflow",))),
     Scenario("softmax over a fully masked row, AMP loop", "user loop: the same attention and padding-only "
              "sequence under autocast fp16 + GradScaler", "mixed", "user loop", fully_masked_row_amp_loop,
+             Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="will not help",
+                      evidence_contains="float32_replay", absent=("activation_overflow",))),
+    Scenario("softmax over a fully masked row, model.half()", "user loop: the same attention and padding-only "
+             "sequence with fp16 weights, SGD, no loss scaler", "pure-fp16", "user loop", fully_masked_row_half_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="will not help",
                       evidence_contains="float32_replay", absent=("activation_overflow",))),
     Scenario("mask fill -1e9 in fp16", "user loop: fp16 weights, SGD; a hand-written attention adds the mask as "

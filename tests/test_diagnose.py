@@ -148,13 +148,15 @@ def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severit
 
 
 @pytest.mark.parametrize("losses, blown_at", [([0.82, 1.37, 2.13, 1.32, 3.57], None),
-                                               ([0.39, 1.69, 1.12, 0.83, 1.57], None),
-                                               ([4.0, 4.1, 3.9, 13.0], 4), ([4.0, 6.0, 13.0, 20.0], 3)])
+                                               ([0.39, 1.69, 1.12, 0.83, 1.57], None), ([0.39, 1.69, 1.12], None),
+                                               ([4.0, 4.1, 3.9, 13.0], 4), ([4.0, 6.0, 13.0, 20.0], 3),
+                                               ([4.0, 7.0, 13.0], 3)])
 def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(losses, blown_at):
     """Five steps of a pretrained tiny GPT-2 fine-tuned at batch 1 on 8-token windows (the losses measured so): one
     window is easy, another four times harder — the first happened to be easy. Four step-to-step changes measure
-    that scatter (a blow-up is one change, which their median leaves out): no blow-up. A loss that jumps out of
-    steady values, or climbs step after step, still is one."""
+    that scatter (a blow-up is one change, which their median leaves out): no blow-up; nor in the first three steps
+    alone, whose two changes read a lone jump as scatter. A loss that jumps out of steady values, or climbs step after
+    step — in three steps too —, still is one."""
     metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
     found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
@@ -754,6 +756,24 @@ def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_
     assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
 
 
+def test_a_weight_nan_as_loaded_that_reached_nothing_is_a_warning_and_critical_once_it_does():
+    """NaN rows of a frozen embedding for tokens the data never holds: every loss finite over the run's steps — the
+    checkpoint is corrupt (named, with the re-export), but nothing was harmed yet: a warning, not a critical failure.
+    The same event followed by a NaN loss (a batch that reached them) is critical, as before; so is one with no loss
+    measured at all."""
+    finite = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [4.5, 4.4, 4.4]})
+    (cause,) = causes(log(LOADED_NAN), finite, mode="fp32", caller="loop")
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
+                                                                    "h.0.mlp.c_fc.weight")
+    assert cause["evidence"]["reached_nothing_in_steps"] == 3
+    assert "no batch reached so far" in cause["fix"] and "re-export" in cause["fix"]
+    nan_at_3 = finite.assign(loss=[4.5, 4.4, math.nan])
+    for frame, metrics in ((log(LOADED_NAN, {**NAN_LOSS, "step": 3}), nan_at_3), (log(LOADED_NAN), None)):
+        root = causes(frame, metrics, mode="fp32", caller="loop")[0]
+        assert (root["cause"], root["severity"]) == ("nonfinite_input", "critical")
+        assert "reached_nothing_in_steps" not in root["evidence"]
+
+
 BEYOND_FP16 = {"kind": "weight_beyond_fp16", "severity": "warning", "step": 1, "phase": "setup", "model": "student",
                "module": "h.0.mlp.c_fc", "tensor": "h.0.mlp.c_fc.weight", "dtype": "float32", "value": 1e5}
 FP16_OVERFLOW = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
@@ -982,6 +1002,25 @@ def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbou
         assert causes(log(), _losses(values), mode="mixed", caller=caller) == []
 
 
+@pytest.mark.parametrize("caller", ["loop", "trainer"])
+def test_a_wholly_negated_loss_that_falls_from_below_zero_to_three_times_its_start_is_unbounded_below(caller):
+    """`-(ce + kd)`: the loss starts at minus a CE's 4.8 and falls, every value finite, to nine times that — the
+    mirror of a blow-up. Named as a loss unbounded below from step 1, as a sign flipped midway is. A negative loss
+    that falls by less than twice its start (a log-density settling) and one wandering below 0 are not."""
+    import numpy as np
+
+    noise = np.random.default_rng(1).normal(0, 0.2, 12)
+    negated = [-4.8 - 0.3 * i * i + n for i, n in enumerate(noise)]
+    (cause,) = causes(log(), _losses(negated), mode="fp32", caller=caller)
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
+    assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["last_loss"] == negated[-1]
+    assert f"from {negated[0]:.4g} (step 1)" in cause["fix"] and "sign" in cause["fix"]
+    settling = [-1.0 - 1.5 * (1 - math.exp(-i / 3)) + n / 20 for i, n in enumerate(noise)]  # -1 to about -2.4
+    wandering = [-0.5 + 0.1 * n for n in noise]
+    for values in (settling, wandering):
+        assert causes(log(), _losses(values), mode="fp32", caller=caller) == []
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_noisy_healthy_losses_read_no_climb(seed):
     """Small-batch noise (10% of the loss, step to step) around a loss that falls, or has levelled off, or a run too
@@ -1129,3 +1168,18 @@ def test_a_forward_overflow_offers_a_code_change_only_where_the_caller_writes_th
     (loop,) = causes(log(act), caller="loop")
     assert "--precision bf16-mixed" in cli["fix"] and "autocast" not in cli["fix"]
     assert "in fp32" in loop["fix"] and "autocast" in loop["fix"]
+
+
+@pytest.mark.parametrize("losses, severity", [([0.4, 1.7], "warning"), ([4.0, 13.0], "warning"),
+                                              ([0.4, 1.7, 1.2], None), ([4.0, 13.0, 45.0], "critical")])
+def test_a_two_step_runs_rise_cannot_be_judged_a_blow_up(losses, severity):
+    """A two-step smoke run at batch 1 whose second batch is four times harder than its first: one step-to-step change
+    holds no scatter to judge it by, so a rise beyond 3× is said (a warning: run more steps to tell), never a critical
+    divergence — iid batch-1 losses made that one run in ten. From three losses the scatter is measured again: a lone
+    jump reads as scatter, a steady climb is critical."""
+    metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
+    found = [(c["cause"], c["severity"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    assert found == ([("divergence", severity)] if severity else [])
+    if severity == "warning":
+        (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+        assert cause["evidence"]["scatter_measured"] is False and "run more steps" in cause["fix"]

@@ -44,9 +44,11 @@ DIVERGENCE_FACTOR = 3.0  # a training loss above 3x its first value is a blow-up
 # tenfold): then the blow-up must stand LOSS_SCATTER_Z robust spreads of the step-to-step log changes above the first
 # value (`RunRecord.blow_up_factor`), judged once there are LOSS_SCATTER_MIN_CHANGES changes — a blow-up makes one
 # change, which a median over three leaves out (a recovered spike makes two: over three or four changes it reads as
-# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder)
+# scatter, as it may be — a 4-step run at batch 1 can find its first batch easy and its third 4x harder). Over two
+# (a 3-step run) a lone jump reads as scatter too — three losses cannot tell a blow-up from one harder batch — while
+# a steady climb, two changes alike, has none and is still a blow-up
 LOSS_SCATTER_Z = 4.0
-LOSS_SCATTER_MIN_CHANGES = 3
+LOSS_SCATTER_MIN_CHANGES = 2
 # A steady rise below the blow-up (`RunRecord.loss_trend`): the least-squares slope of the training loss over a
 # window of at least LOSS_TREND_MIN_STEPS finite steps (the whole run, then its second half), LOSS_TREND_T standard
 # errors above 0 — the step-to-step noise of a healthy run's losses (small batches) is what the standard error
@@ -55,6 +57,10 @@ LOSS_SCATTER_MIN_CHANGES = 3
 LOSS_TREND_MIN_STEPS = 8
 LOSS_TREND_T = 5.0
 LOSS_TREND_RISE = 0.1
+# A loss unbounded below (`_falling_below_zero`) keeps falling: its second half's slope at least this fraction of its
+# first half's. A loss bounded below (-cosine similarity, a log-density) slows as it settles toward its floor — an
+# approach at rate k over n steps keeps e^(-k n / 2) of its first half's slope, below this once k n / 2 > 0.29
+SLOWEST_UNBOUNDED_FALL = 0.75
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -194,6 +200,15 @@ PHRASES = {
                     "lightning": "`SarkdDiagLightningCallback(..., level=\"full\")`"},
 }
 
+# what float16 cannot hold in a module's own code, and the fix: the text two fixes of `activation_overflow` share
+FP16_CONSTANTS = ("a constant of its code that float16 cannot hold — a mask's fill value beyond 65504 "
+                  "(`masked_fill(mask, -1e9)`, `torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) "
+                  "is -inf in float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
+                  "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
+                  "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use an eps float16 "
+                  "holds (1e-5); if its code writes no such constant, a sum of many products overflowed: compute with "
+                  "fp32's range — {wide_compute}")
+
 FIXES = {
     "optimizer_eps_underflow": "train with {mixed}: fp32 master weights and optimizer state keep eps={eps} "
                                "representable (in pure fp16 a larger eps avoids the NaNs but updates stagnate)",
@@ -250,17 +265,14 @@ FIXES = {
     "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — train with "
                             "{bf16_mixed}{router_in_fp32}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
-                                "largest measured {amax}): most likely a constant of its code that float16 cannot "
-                                "hold — a mask's fill value beyond 65504 (`masked_fill(mask, -1e9)`, "
-                                "`torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) is -inf in "
-                                "float16, and a row whose every position is masked is then 0/0 in the softmax; an eps "
-                                "below 6e-8 (a norm's 1e-12) is 0 and a division by it Inf — fill with "
-                                "`torch.finfo(scores.dtype).min` (or a constant float16 holds, such as -1e4) and use "
-                                "an eps float16 holds (1e-5); if its code writes no such constant, a sum of many "
-                                "products overflowed: compute with fp32's range — {wide_compute}; or an operation "
+                                "largest measured {amax}): most likely " + FP16_CONSTANTS + "; or an operation "
                                 "undefined on its inputs made it in any precision (the sqrt or log of a negative, "
                                 "0/0): where the same run under {wide_compute} is NaN at {module} too, guard that "
                                 "operation (`clamp_min`) instead",
+    "activation_fp16_constant_replayed": "{module} made {holds} in float16 from values far below float16's range "
+                                         "(the largest measured {amax}), and run again in float32 on the same inputs "
+                                         "and weights it is finite (largest {wide_amax}): not an operation undefined "
+                                         "on its inputs but " + FP16_CONSTANTS,
     "activation_overflow_unplaced": "the loss turned non-finite under float16 compute on a step without module "
                                     "statistics — most likely a forward output beyond float16's range: "
                                     "{full_probes} names the module; {bf16_mixed} avoids it (fp32's range); a loss "
@@ -298,6 +310,10 @@ FIXES = {
                             "weights but nothing applied them — call `optimizer.step()` after `backward()` (with "
                             "gradient accumulation, check that the condition that steps it holds within the run), "
                             "and `probes.step()` after it",
+    "no_gradients_clip_zero": "the loop clips the gradients at {threshold} ({steps} steps, from step {step}): "
+                              "{how}, so at 0 every gradient reaching the optimizer is 0 and nothing trains — clip at "
+                              "a positive threshold (1.0 is usual), or not at all; the lr, the precision and the data "
+                              "are not the cause",
     "no_gradients_every_step_skipped": "the training loop skipped every one of the {steps} steps of the run — no "
                                        "backward, no update: {skip_call} — so nothing trained; if a guard skips "
                                        "non-finite losses, the first non-finite value is the cause (see the causes "
@@ -353,6 +369,12 @@ FIXES = {
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
                                 "again or re-export it (a torn download or write, an export that overflowed), and "
                                 "check a checkpoint's weights with `torch.isfinite` before training from it",
+    "nonfinite_weights_latent": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded — yet "
+                                "nothing it feeds turned non-finite in this run's {steps} steps (every loss and "
+                                "module output finite): entries no batch reached so far, such as the embedding rows "
+                                "of tokens the data never holds; the checkpoint is still corrupt, and the first batch "
+                                "that reaches them will be NaN — load it again or re-export it, and check a "
+                                "checkpoint's weights with `torch.isfinite` before training from it",
     "weights_edited_nonfinite": "{model}'s {tensor} was finite after optimizer step {after} and holds {holds} at "
                                 "step {step}'s first training forward: code between the optimizer step and the next "
                                 "forward wrote it — an in-place edit under `torch.no_grad()` (a rescale, a weight "
@@ -425,6 +447,11 @@ FIXES = {
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
                      "{lr} and clip with {clip}; if it still climbs at a small lr, check the loss code (its sign — a "
                      "loss maximised instead of minimised — and the weights of its terms) and the data",
+    "loss_rise_unjudged": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
+                          "finite, in a run of {losses} losses — too few to measure how far its losses scatter from "
+                          "batch to batch, and a batch several times harder than the first (a few samples each) does "
+                          "as much: run more steps to tell; if it keeps climbing, lower {lr} and clip with {clip}, "
+                          "and check the loss code's sign and its terms' weights",
     "loss_spike": "the loss jumped from {before} to {top} at step {step} (beyond {factor}× its first, {first}) with "
                   "every value finite, then came back ({last} at step {last_step}): a transient spike, not a "
                   "divergence — an outlier batch or one step too large; if spikes recur or grow, lower {lr} and clip "
@@ -594,12 +621,16 @@ class RunRecord:
         amount each step (no spread); a few samples per batch make losses that differ tenfold, the first among them."""
         return max(DIVERGENCE_FACTOR, math.exp(LOSS_SCATTER_Z * self.loss_scatter()))
 
+    def loss_changes(self) -> pd.Series:
+        """The step-to-step changes of the log of the run's positive finite training losses, within each training
+        run (`train_loss_runs`)."""
+        return pd.concat([pd.Series(part[part > 0].map(math.log).to_numpy()).diff().dropna()
+                          for part in self.train_loss_runs()] or [pd.Series(dtype="float64")])
+
     def loss_scatter(self) -> float:
-        """The robust spread (1.4826 × the median absolute deviation) of the step-to-step changes of the log of the
-        run's positive finite training losses, within each training run (`train_loss_runs`): how far one step's loss
+        """The robust spread (1.4826 × the median absolute deviation) of `loss_changes`: how far one step's loss
         strays from the last by chance. 0 where there are fewer than LOSS_SCATTER_MIN_CHANGES changes."""
-        changes = pd.concat([pd.Series(part[part > 0].map(math.log).to_numpy()).diff().dropna()
-                             for part in self.train_loss_runs()] or [pd.Series(dtype="float64")])
+        changes = self.loss_changes()
         if len(changes) < LOSS_SCATTER_MIN_CHANGES:
             return 0.0
         return 1.4826 * float((changes - changes.median()).abs().median())
@@ -850,8 +881,8 @@ class RunRecord:
         return None
 
     def loss_unbounded_below(self, before: int | None = None) -> dict | None:
-        """A training loss that started above 0 and falls steadily to as far below it (`_falling_below_zero`), its
-        finite losses before step `before`."""
+        """A training loss that falls steadily far below 0 (`_falling_below_zero`), its finite losses before step
+        `before`."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite)]
         return _falling_below_zero(loss if before is None else loss[loss.index < before])
@@ -946,7 +977,7 @@ class RunRecord:
         loss terms that reach the teacher, so those are the lr and the weights the fix names."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         threshold = self.clip_threshold()
-        if threshold is not None:  # "clip with X" to a run that clips: say at what, and what clipping cannot do
+        if threshold is not None and threshold > 0:  # "clip with X" to a run that clips: at what, what it cannot do
             words["clip"] += (f" (the run clips at {threshold:g} already: a lower threshold bounds the gradient, but "
                               "an Adam-type step is about the lr whatever the gradient)")
         if model == "teacher":
@@ -976,13 +1007,18 @@ def _rising(loss: pd.Series) -> dict | None:
 
 
 def _falling_below_zero(loss: pd.Series) -> dict | None:
-    """The least-squares line through the run's losses when it started above 0, ended at least as far below 0, and
-    fell LOSS_TREND_T standard errors of its noise below flat: a loss unbounded below. A CE, KL or squared error
-    never goes below 0; an RL surrogate that wanders around 0 falls no steady line that far; else None."""
-    if len(loss) < LOSS_TREND_MIN_STEPS or not loss.iloc[0] > 0 or loss.iloc[-1] > -loss.iloc[0]:
+    """The least-squares line through the run's losses when it ended below 0, fell by at least twice its first
+    value's magnitude — from above 0 to as far below it, or, wholly negated (`-(ce + kd)`), from below 0 to three
+    times its first value, the mirror of a blow-up — fell LOSS_TREND_T standard errors of its noise below flat, and
+    did not slow: a loss unbounded below. A CE, KL or squared error never goes below 0; an RL surrogate that wanders
+    around 0 falls no steady line that far; else None."""
+    first, last = loss.iloc[0] if len(loss) else 0.0, loss.iloc[-1] if len(loss) else 0.0
+    if len(loss) < LOSS_TREND_MIN_STEPS or first == 0 or not last < 0 or first - last < 2 * abs(first):
         return None
     fit = _line(loss)
-    return fit if fit["t"] <= -LOSS_TREND_T else None
+    # and it keeps falling: a loss bounded below slows as it settles toward its floor (SLOWEST_UNBOUNDED_FALL)
+    early, late = _line(loss.iloc[:len(loss) // 2 + 1]), _line(loss.iloc[len(loss) // 2:])
+    return fit if fit["t"] <= -LOSS_TREND_T and late["slope"] <= SLOWEST_UNBOUNDED_FALL * early["slope"] else None
 
 
 def _line(loss: pd.Series) -> dict:
@@ -1038,10 +1074,12 @@ def _cast_to_fp16(r: RunRecord, row: pd.Series) -> bool:
     """A weight non-finite as loaded that float16 itself made: ±Inf and no NaN, in a model this run holds in float16
     (the tensor itself, or the model's other weights: mixed precision loads the teacher in float16 and only then
     gives its routers fp32 master weights) — a value beyond 65504 in a checkpoint saved wider, cast to float16 at
-    load. The checkpoint may be sound; its dtype here is not."""
+    load. The checkpoint may be sound; its dtype here is not — unless the file it was loaded from was read and holds
+    the Inf itself (`nonfinite_in_checkpoint`: an fp16 export that overflowed, a torn write): then it is the file's."""
     inf_only = not number_or_none(row.get("nan_count")) and \
         bool(number_or_none(row.get("posinf_count")) or number_or_none(row.get("neginf_count")))
-    return inf_only and (row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
+    return inf_only and row.get("code") != "nonfinite_in_checkpoint" and (
+        row.get("dtype") == "float16" or r.held_in_fp16(row.get("model")))
 
 
 def nonfinite_input(r: RunRecord) -> list[Cause]:
@@ -1057,13 +1095,21 @@ def nonfinite_input(r: RunRecord) -> list[Cause]:
     if len(loaded):
         row = _first(loaded)
         holds, cast = _holds(row), _cast_to_fp16(r, row)
-        causes.append(Cause("nonfinite_input", "critical", **_where(row),
+        # a bad weight that reached nothing — no non-finite value anywhere over steps whose losses were all finite
+        # (entries no batch used: the embedding rows of tokens the data never holds) — has harmed no step yet
+        loss = r.train_column("loss")
+        latent = len(loss) > 0 and bool(loss.map(math.isfinite).all()) and not any(
+            len(r.of(kind)) for kind in ("nonfinite_activation", "nonfinite_loss", "nonfinite_grad", "nonfinite_param"))
+        template = "nonfinite_weights_latent" if latent else \
+            "nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded"
+        causes.append(Cause("nonfinite_input", "warning" if latent else "critical", **_where(row),
                             evidence={"nonfinite_before_first_step": True, "holds": holds, "dtype": row.get("dtype"),
                                       "cast_to_float16": cast, "nan_count": row.get("nan_count"),
                                       "numel": row.get("numel"),
-                                      "models": ", ".join(sorted(set(loaded["model"].dropna())))},
-                            fix=r.fix("nonfinite_weights_fp16" if cast else "nonfinite_weights_loaded",
-                                      model=row.get("model"), tensor=row.get("tensor"), holds=holds)))
+                                      "models": ", ".join(sorted(set(loaded["model"].dropna()))),
+                                      **({"reached_nothing_in_steps": len(loss)} if latent else {})},
+                            fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
+                                      steps=len(loss))))
     batch = r.of("nonfinite_batch")
     if len(batch):
         causes.append(Cause("nonfinite_input", "critical", **_where(_first(batch)),
@@ -1344,12 +1390,15 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     if constant is not None and not causes:
         row, largest = constant
         where, named = _where_began(r, row)
+        replay = r.wide_replay()  # finite in float32 where it ran: float16's doing, no undefined operation
+        replayed = {"float32_replay": float(replay["value"])} if replay is not None else {}
         causes.append(Cause("activation_overflow", "critical", **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
                                       "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT,
-                                      **named},
-                            fix=r.fix("activation_fp16_constant", module=row.get("module"), holds=_holds_value(row),
-                                      amax=f"{largest:.3g}")))
+                                      **replayed, **named},
+                            fix=r.fix("activation_fp16_constant_replayed" if replayed else "activation_fp16_constant",
+                                      module=row.get("module"), holds=_holds_value(row), amax=f"{largest:.3g}",
+                                      wide_amax=f"{float(replay['value']):.3g}" if replayed else None)))
     if len(acts) and r.nonfinite_op() is None and not causes:
         row = _first(acts)
         fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
@@ -1504,11 +1553,18 @@ def clip_before_unscale(r: RunRecord) -> list[Cause]:
                   fix=r.fix("clip_before_unscale", scale=f"{scale:g}" if scale is not None else None))]
 
 
+# what a loop's clipping at a threshold of 0 or below does (the column the probes record it in): every gradient 0
+CLIPS_AT_ZERO = {"clip_max_norm": "`clip_grad_norm_` multiplies every gradient by max_norm / total_norm (capped at 1; "
+                                  "below 0 it reverses each, and the loss is climbed)",
+                 "clip_value": "`clip_grad_value_` clamps every gradient entry into [-clip_value, clip_value]"}
+
+
 def no_gradients(r: RunRecord) -> list[Cause]:
     """Most trainable tensors get no gradient, or an all-zero one, step after step, where no float16 flush explains
     it (the backward ran wider, or a loss scaler kept the gradients above the flush): nothing reaches the weights.
     Or, known before the first step, the optimizer holds none of the models' trainable tensors: the gradients
-    reach tensors it never updates."""
+    reach tensors it never updates. Or the loop clips at a max_norm or clip_value of 0 (`CLIPS_AT_ZERO`), which
+    zeroes every gradient after the probes read it."""
     frozen = r.of("setup_note", "optimizer_holds_frozen")
     if len(frozen):
         row = _first(frozen)
@@ -1540,6 +1596,15 @@ def no_gradients(r: RunRecord) -> list[Cause]:
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
                       evidence={"optimizer_steps": 0, "steps_closed": row.get("numel")},
                       fix=r.fix("no_gradients_no_step", steps=row.get("numel")))]
+    for column, how in CLIPS_AT_ZERO.items():
+        thresholds = r.train_column(column)
+        zeroed = thresholds[thresholds <= 0]
+        if len(zeroed):
+            step, value = int(zeroed.index[0]), float(zeroed.iloc[0])
+            return [Cause("no_gradients", "warning", model="student", first_step=step, phase="backward",
+                          evidence={column: value, "steps_clipped_at_or_below_0": len(zeroed)},
+                          fix=r.fix("no_gradients_clip_zero", threshold=f"{column.removeprefix('clip_')} {value:g}",
+                                    how=how, steps=len(zeroed), step=step))]
     zero = r.of("zero_gradients")
     zero = zero[~zero.index.isin(_flushed_by_fp16(r, zero).index)]
     at_zero_loss = _at_zero_loss(r, zero)
@@ -1721,6 +1786,11 @@ def divergence(r: RunRecord) -> list[Cause]:
                           fix=r.fix("loss_spike", before=f"{settled:.4g}", top=f"{top:.4g}", first=f"{first_loss:.4g}",
                                     factor=f"{factor:.3g}", step=step, last=f"{last:.4g}",
                                     last_step=int(blown_run.index[-1])))]
+        if len(r.loss_changes()) < LOSS_SCATTER_MIN_CHANGES:  # one change (two losses): no scatter to judge it by
+            return [Cause("divergence", "warning", first_step=step, phase="loss", model="student",
+                          evidence={**evidence, "scatter_measured": False, "losses": len(finite_loss)},
+                          fix=r.fix("loss_rise_unjudged", first=f"{first_loss:.4g}", top=f"{top:.4g}",
+                                    factor=f"{factor:.3g}", step=step, losses=len(finite_loss)))]
         return [Cause("divergence", "critical", first_step=step, phase="loss", model="student", evidence=evidence,
                       fix=r.fix("loss_unplaced", first=f"{first_loss:.4g}", top=f"{top:.4g}",
                                 factor=f"{factor:.3g}", step=step))]

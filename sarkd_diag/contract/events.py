@@ -42,6 +42,8 @@ CODES = {
     "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",
+    "nonfinite_in_checkpoint": "nonfinite_at_load: a float16 weight Inf before the first step, and the file the model "
+                               "was loaded from holds it so: the checkpoint's, not the cast to float16's",
     "nonfinite_between_steps": "a weight finite after an optimizer step holds NaN/Inf at the next training forward: "
                                "written by code outside the optimizer",
     "weights_edited": "finite weights changed between an optimizer step and the next training forward: code "

@@ -311,6 +311,11 @@ class ProbeSet:
         if self._gradients is not None:
             self._gradients.observe_norm(norm, max_norm)
 
+    def observe_clip_value(self, clip_value: float) -> None:
+        """The value the loop's `clip_grad_value_` clamps each gradient entry at: the `clip_value` column."""
+        if self._gradients is not None:
+            self._gradients.observe_clip_value(clip_value)
+
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""
         if self.loss is not None:
@@ -551,17 +556,19 @@ class Probes:
             self.set.wrap(accelerator, "clip_grad_norm_", after=lambda norm: (
                 self.set.observe_grad_norm(norm) if accelerator.sync_gradients and norm is not None else None))
 
-    def _before_clipping(self, parameters: list, total_norm: torch.Tensor | None, max_norm: float | None) -> None:
-        """torch is about to clip gradients, by `total_norm` or (None) each entry by value (`clipping.py`): read them
-        first — the step's, once complete (not a micro-batch of accumulation) and no longer scaled — and keep the norm
-        as `grad_norm`, the threshold as `clip_max_norm` (a fix that would tell the loop to clip knows it already
-        does)."""
+    def _before_clipping(self, parameters: list, total_norm: torch.Tensor | None, threshold: float | None) -> None:
+        """torch is about to clip gradients, by `total_norm` at `threshold` (max_norm), or (None) each entry by value
+        at `threshold` (clip_value) (`clipping.py`): read them first — the step's, once complete (not a micro-batch of
+        accumulation) and no longer scaled — and keep the norm as `grad_norm`, the threshold as `clip_max_norm` (a
+        fix that would tell the loop to clip knows it already does) or `clip_value`."""
         if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
             return
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
             if total_norm is not None:
-                self.set.observe_grad_norm(total_norm, max_norm)
+                self.set.observe_grad_norm(total_norm, threshold)
+            elif threshold is not None:
+                self.set.observe_clip_value(threshold)
         elif self.events.say_once("clip_before_unscale"):
             self._clipped_while_scaled()
 

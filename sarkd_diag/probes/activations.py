@@ -37,6 +37,10 @@ float32 — float32 copies of its weights and buffers (`torch.func.functional_ca
 the RNG state forked, its children's statistics not counted, no object of the forward's handed over (a key-value
 cache, which the replay would extend a second time: None in its place) — and the result is a `wide_replay` event: finite
 there, float16 could not hold what it computes; non-finite there too, the operation is undefined on its inputs.
+Without a loss scaler (float16 weights, `.half()`) no later forward is left: the step's update makes every weight
+non-finite. So on a statistics step of a model that computes in float16 without one, each module's inputs are kept
+until the model's forward ends, where one sync reads that forward's float16 readings; the first non-finite module is
+run in float32 there, on the inputs it was handed and the weights that made it (until a module is so named).
 Nothing of the training changes.
 """
 
@@ -86,9 +90,14 @@ class ActivationProbe(Probe):
         self._suspect_handles: list = []  # its hooks until it is run in float32 (`_replay_wide`)
         self._suspect_inputs: tuple | None = None
         self._suspect_tries = 0  # its training forwards checked so far
+        # without a loss scaler, float16 weights a non-finite step makes non-finite at once: no later forward is left
+        # to replay, so on statistics steps each module's inputs are kept until its model's forward ends (`_root`)
+        self._forward_start: dict[str, int] = {}  # model -> where its forward's readings begin in `_seen`
+        self._inputs: dict[tuple[str, str], tuple | None] = {}  # (model, module) -> (args, kwargs) of this forward
 
     def begin_step(self) -> None:
         self._running, self._read = [], {}
+        self._forward_start, self._inputs = {}, {}
         if self.ctx.stats_step:
             self.attach()
 
@@ -119,11 +128,13 @@ class ActivationProbe(Probe):
         return (self.ctx.training_forward.get(model_name, True) or self.ctx.replaying) and not in_backward()
 
     def _root(self, model_name: str):
-        def hook(_module, args, kwargs):
+        def hook(module, args, kwargs):
             self._running = []
             if self._counts(model_name):
                 for t in _floating(args, kwargs):
                     self._read[id(t)] = weakref.ref(t)
+                if self._suspect is None and not self.ctx.loss_scaler.enabled and _computes_in_fp16(module):
+                    self._forward_start[model_name] = len(self._seen)
         return hook
 
     def _root_output(self, model_name: str, label: str):
@@ -133,6 +144,9 @@ class ActivationProbe(Probe):
             t = _first_tensor(output)
             if t is not None and t.is_floating_point() and t.dim() and t.numel() and self._counts(model_name):
                 self._read_made(t, model_name, label, "its caller")
+            if model_name in self._forward_start:
+                self._replay_first_fault(model_name, self._forward_start.pop(model_name))
+                self._inputs = {key: kept for key, kept in self._inputs.items() if key[0] != model_name}
         return hook
 
     def _before(self, model_name: str, module_name: str):
@@ -145,6 +159,9 @@ class ActivationProbe(Probe):
                 return
             running = self._running[-1][1] if self._running and self._running[-1][0] == model_name else root
             self._running.append((model_name, module_name))
+            if model_name in self._forward_start:  # a module called twice: which call failed is not known (None)
+                key = (model_name, module_name)
+                self._inputs[key] = None if key in self._inputs else (args, kwargs)
             for t in _floating(args, kwargs):
                 self._read_made(t, model_name, running, module_name)
         return hook
@@ -260,6 +277,33 @@ class ActivationProbe(Probe):
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
         return largest
 
+    def _replay_first_fault(self, model_name: str, start: int) -> None:
+        """At the end of a statistics step's forward without a loss scaler (`_root`): the first float16 module in it
+        whose output — or what its own code made — is non-finite, run once in float32 on the inputs it was handed,
+        while its weights are still those that made it (one sync, for this forward's readings; the update would make
+        them non-finite before any later forward). Nothing non-finite, or no such module: nothing more."""
+        root = self._root_labels.setdefault(model_name, root_label(self.ctx.models[model_name]))
+        mine = [i for i in range(start, len(self._seen))
+                if self._seen[i][0] == model_name and self._seen[i][2] == "float16"]
+        if not mine:
+            return
+        values = torch.stack([self._lows[i] for i in mine] + [self._highs[i] for i in mine]).float().tolist()
+        for i, low, high in zip(mine, values[:len(mine)], values[len(mine):], strict=True):
+            _, module_name, _, _, handed_to = self._seen[i]
+            made = math.isnan(low) or high == math.inf or (handed_to is None and low == -math.inf)
+            if not made:
+                continue
+            if module_name == root:  # the model's own forward made it: not a module that can run apart
+                return
+            inputs = self._inputs.get((model_name, module_name))
+            module = self.ctx.models[model_name].get_submodule(module_name)
+            tensors = chain(_floating(*inputs), (p for p in module.parameters() if p.is_floating_point())) \
+                if inputs is not None else ()
+            if inputs is not None and all(bool(torch.isfinite(x).all()) for x in tensors):
+                self._suspect = (model_name, module_name)  # named and replayed: no later forward is watched
+                self._replay_wide(model_name, module_name, module, *inputs)
+            return
+
     def _watch_suspect(self, model_name: str, module_name: str) -> None:
         """Watch the module whose float16 output turned non-finite, to run it once in float32 (module docstring)."""
         self._suspect = (model_name, module_name)
@@ -359,6 +403,16 @@ def _widened(value):
     if value is None or isinstance(value, (bool, int, float, complex, str, torch.dtype, torch.device, torch.Size)):
         return value
     return None
+
+
+def _computes_in_fp16(model: nn.Module) -> bool:
+    """Whether a model's forward computes in float16: its weights (`.half()`), or float16 autocast around it."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return False
+    autocast = torch.is_autocast_enabled(weight.device.type) and \
+        torch.get_autocast_dtype(weight.device.type) == torch.float16
+    return autocast or any(p.dtype == torch.float16 for p in model.parameters())
 
 
 def _floating(args: tuple, kwargs: dict) -> list[torch.Tensor]:

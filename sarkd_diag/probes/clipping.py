@@ -19,7 +19,7 @@ function, nothing is installed and the gradients are read at the optimizer's pre
 is gone without a trace. It calls no helper of its own: its public function is torch's `_no_grad` wrapper around the
 function that clips, which it looks up in its closure at call time, so the closure's cell is pointed at a wrapper
 instead — every caller, a name imported before the probes existed included, reaches it. The listener is then told
-no norm (None).
+no norm (None) and the value it clamps at.
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ def _clips_with_norm(parameters, max_norm, total_norm, foreach=None):
 
 
 def _clips_by_value(parameters, *args, **kwargs):
-    """torch's clamping of each gradient entry, after telling the listeners which parameters (and no norm)."""
+    """torch's clamping of each gradient entry, after telling the listeners which parameters, no norm, and the value
+    it clamps at."""
     parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)
-    _tell(parameters, None, None)
+    clip_value = args[0] if args else kwargs.get("clip_value")
+    _tell(parameters, None, float(clip_value) if isinstance(clip_value, (int, float)) else None)
     return _clamps_original(parameters, *args, **kwargs)
 
 
 @torch.compiler.disable  # a compiled training step that clips runs the probes eagerly, as a graph break
-def _tell(parameters: list, total_norm: torch.Tensor | None, max_norm: float | None) -> None:
+def _tell(parameters: list, total_norm: torch.Tensor | None, threshold: float | None) -> None:
     for listener in list(_listeners):
-        listener(parameters, total_norm, max_norm)
+        listener(parameters, total_norm, threshold)
 
 
 def _clamping_cell():
@@ -71,7 +73,7 @@ def _clamping_cell():
 
 def watch_gradient_clipping(listener: Listener) -> Callable[[], None]:
     """Call `listener(parameters, total_norm, max_norm)` before torch clips gradients by a total norm, and
-    `listener(parameters, None, None)` before it clamps them by value; returns the remover."""
+    `listener(parameters, None, clip_value)` before it clamps them by value; returns the remover."""
     global _original, _value_cell, _clamps_original
     if not _listeners:
         _original = getattr(clip_grad, NAME, None)

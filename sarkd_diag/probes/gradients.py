@@ -84,6 +84,7 @@ class GradientProbe(Probe):
         self._underflow = None
         self._norm = None  # the total norm the loop's clipping returned, this step
         self._clip_max_norm: float | None = None  # the threshold it clipped at, this step (finite: a clipping)
+        self._clip_value: float | None = None  # the value `clip_grad_value_` clamped each entry at, this step
         self._arrival: dict[int, int] = {}
         self._clock = itertools.count()
         self._handles = []
@@ -179,6 +180,11 @@ class GradientProbe(Probe):
             self._norm = (norm if type(norm) is torch.Tensor else local_shard(norm)).detach().float()
         else:
             self._norm = torch.tensor(float(norm))
+
+    def observe_clip_value(self, clip_value: float) -> None:
+        """The value the loop clamps each gradient entry at (`clip_grad_value_`), when finite."""
+        if math.isfinite(clip_value):
+            self._clip_value = clip_value
 
     def _first_gradient_of_step(self, sentinel: Sentinel):
         def hook(_grad) -> None:
@@ -282,6 +288,8 @@ class GradientProbe(Probe):
         metrics: dict = {} if host.get("grad_norm") is None else {"grad_norm": host["grad_norm"]}
         if self._clip_max_norm is not None:
             metrics["clip_max_norm"], self._clip_max_norm = self._clip_max_norm, None
+        if self._clip_value is not None:
+            metrics["clip_value"], self._clip_value = self._clip_value, None
         if host.get("grad_underflow") is not None:
             tiny, nonzero = host["grad_underflow"]
             metrics["grad_fp16_underflow_fraction"] = tiny / nonzero if nonzero else 0.0

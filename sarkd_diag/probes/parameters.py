@@ -24,7 +24,9 @@ and is read on statistics steps, where the weights are read again whatever their
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -201,17 +203,68 @@ class ParameterProbe(Probe):
             counts = {"nan_count": nan, "posinf_count": posinf, "neginf_count": neginf, "numel": p.numel()}
             total = sum(1 for m, _, _ in loaded if m == model)
             held_in_fp16 = any(q.dtype == torch.float16 for m, _, q in loaded if m == model)
-            verdict = ("Inf alone, in a model held in float16: values beyond fp16's 65504 in a checkpoint saved "
-                       "wider, made Inf by the cast to float16 (the file may be sound), or a corrupt checkpoint"
-                       if held_in_fp16 and not nan else "the checkpoint is corrupt")
+            stored = stored_tensor(self.ctx.models[model], name) if held_in_fp16 and not nan else None
+            code = "nonfinite_at_load"
+            if stored is not None and not bool(torch.isfinite(stored).all()):
+                code, verdict = "nonfinite_in_checkpoint", (
+                    f"the checkpoint file holds it so ({dtype_name(stored.dtype)}, non-finite as stored): the "
+                    "checkpoint is corrupt, not float16's cast")
+            elif stored is not None:
+                verdict = (f"stored finite in {dtype_name(stored.dtype)} (largest {float(stored.abs().max()):.4g}): "
+                           "values beyond fp16's 65504, made Inf by the cast to float16 — the file is sound")
+            elif held_in_fp16 and not nan:
+                verdict = ("Inf alone, in a model held in float16: values beyond fp16's 65504 in a checkpoint saved "
+                           "wider, made Inf by the cast to float16 (the file may be sound), or a corrupt checkpoint")
+            else:
+                verdict = "the checkpoint is corrupt"
             self.ctx.events.record(
                 "nonfinite_at_load", "critical",
                 f"{model} weight {name} holds {counts['nan_count']} NaN, {counts['posinf_count']} +Inf and "
                 f"{counts['neginf_count']} -Inf of {counts['numel']} before the first optimizer step, as loaded "
                 f"({len(indices)} of {total} weight tensors of {model} non-finite): {verdict}",
                 step=self.ctx.step, phase="setup", probe=self.name, model=model, module=name.rpartition(".")[0],
-                tensor=name, dtype=dtype_name(p.dtype), value=amax[first], **counts)
+                tensor=name, dtype=dtype_name(p.dtype), value=amax[first], code=code, **counts)
         return {f"loaded_amax_{model}": amax[i] for model, i in largest.items()}
+
+
+def stored_tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor `name` as the file the model was loaded from holds it — safetensors in the directory of its
+    `name_or_path` (transformers' `from_pretrained` sets it), or in the Hugging Face cache for a hub id, never the
+    network — in its stored dtype; None where there is no such file or tensor. Read once, on the failure path, to
+    tell a value the cast to float16 made Inf (stored finite, wider) from an Inf the checkpoint itself holds."""
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+
+    source = getattr(model, "name_or_path", None)
+    if not isinstance(source, str) or not source:
+        return None
+
+    def located(filename: str) -> Path | None:
+        if Path(source).is_dir():
+            return Path(source, filename) if Path(source, filename).is_file() else None
+        try:
+            found = try_to_load_from_cache(source, filename)
+        except Exception:  # noqa: BLE001 — not a hub id either: no file to read
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    prefix = getattr(model, "base_model_prefix", "")
+    keys = [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
+    try:
+        index = located("model.safetensors.index.json")
+        if index is not None:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            key = next((k for k in keys if k in weight_map), None)
+            path = index.with_name(weight_map[key]) if key else None
+        else:
+            path = located("model.safetensors")
+        if path is None:
+            return None
+        with safe_open(path, framework="pt") as stored:
+            key = next((k for k in keys if k in stored.keys()), None)
+            return stored.get_tensor(key) if key else None
+    except Exception:  # noqa: BLE001 — a file torn or of another format tells nothing; the probes never break a run
+        return None
 
 
 def _write_marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:

@@ -473,6 +473,65 @@ def test_weights_beyond_fp16_as_loaded_are_counted_as_loaded_and_named_with_the_
     assert [row.get("loaded_amax_student") for row in probes.rows] == [1e5, None]
 
 
+@pytest.mark.parametrize("stored_dtype, stored_value, in_file", [(torch.float16, math.inf, True),
+                                                                  (torch.float32, 1e5, False)])
+def test_an_inf_as_loaded_in_float16_is_the_checkpoints_where_its_file_holds_it(tmp_path, stored_dtype, stored_value,
+                                                                                 in_file):
+    """A tiny GPT-2 loaded with `from_pretrained(dtype=torch.float16)` holds +Inf in one weight before any step. Saved
+    in float16 with that Inf (an fp16 export that overflowed), the file is corrupt — loading it wider keeps the Inf,
+    so the diagnosis names the checkpoint, not float16's range. Saved in fp32 with 1e5, the file is sound and the
+    cast to float16 made the Inf: float16's range, as before."""
+    from transformers import AutoModelForCausalLM
+
+    saved = tiny.make_gpt2(64).to(stored_dtype)
+    tensor = "transformer.h.0.mlp.c_fc.weight"
+    with torch.no_grad():
+        saved.get_parameter(tensor)[0, 0] = stored_value
+    saved.save_pretrained(tmp_path / "checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", dtype=torch.float16)
+    assert model.get_parameter(tensor)[0, 0] == math.inf  # either way, +Inf as loaded
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ids = torch.arange(16).reshape(2, 8)
+    with Probes(model, optimizer=opt) as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    (event,) = _events(probes, "nonfinite_at_load")
+    assert (event.tensor, event.code) == (tensor, "nonfinite_in_checkpoint" if in_file else "nonfinite_at_load")
+    cause = probes.diagnosis()[0]
+    assert (cause["cause"], cause["tensor"], cause["evidence"]["cast_to_float16"]) == (
+        "nonfinite_input", tensor, not in_file)
+    assert ("the checkpoint is corrupt" in cause["fix"]) is in_file and ("65504" in cause["fix"]) is not in_file
+
+
+def test_nan_embedding_rows_no_batch_uses_are_named_as_a_warning_in_a_run_that_stays_finite():
+    """A GPT-2 with its own head whose frozen token embedding holds NaN in the rows of tokens the data never holds
+    (80-95): every loss finite for six steps. The checkpoint is named corrupt, at that tensor — as a warning, since
+    nothing of the run was harmed, not as the critical failure of a run that went NaN."""
+    model = tiny.make_gpt2_untied(96)
+    with torch.no_grad():
+        model.transformer.wte.weight[80:] = math.nan
+    model.transformer.wte.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(0)
+    losses = []
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(6):
+            ids = torch.randint(0, 80, (2, 16))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    assert all(map(math.isfinite, losses))  # the provocation: the NaN rows reach nothing
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
+                                                                    "transformer.wte.weight")
+    assert "re-export" in cause["fix"]
+
+
 def test_finite_weights_as_loaded_are_no_event():
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -1787,24 +1846,35 @@ class FullyMaskedRow(nn.Module):
 
 @pytest.mark.parametrize("made_by, autocast, cause", [(Root, None, "divergence"),
                                                       (Root, torch.float16, "divergence"),
-                                                      (FullyMaskedRow, torch.float16, "activation_overflow")])
+                                                      (FullyMaskedRow, torch.float16, "activation_overflow"),
+                                                      (Root, "half", "divergence"),
+                                                      (FullyMaskedRow, "half", "activation_overflow")])
 def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module_in_float32(made_by, autocast, cause,
                                                                                              tmp_path):
     """NaN from small values. Without float16, an operation undefined on its inputs. Under float16 autocast the
     output alone cannot tell a sqrt of negatives from a constant float16 cannot hold; the module, run again on the
     next step's finite inputs in float32, can: NaN there too is the operation (`divergence`, precision no fix),
-    finite there is float16's range (`activation_overflow`, the constant named)."""
+    finite there is float16's range (`activation_overflow`, the constant named). With float16 weights (`.half()`) and
+    no loss scaler the first step's update makes every weight NaN, so no later forward is left: the module is run in
+    float32 at the end of the very forward that failed, on the inputs it was handed there."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), made_by(), nn.Linear(16, 1))
+    half = autocast == "half"
+    if half:
+        model.half()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=autocast is not None)
-    probes = Probes(model, optimizer=opt, scaler=scaler if autocast else None, run_dir=tmp_path)
-    _train(model, probes, opt, scaler=scaler if autocast else None, autocast=autocast)
-    (found,) = probes.diagnosis()
+    scaled = autocast is not None and not half
+    scaler = torch.amp.GradScaler("cpu", enabled=scaled)
+    probes = Probes(model, optimizer=opt, scaler=scaler if scaled else None, run_dir=tmp_path)
+    _train(model, probes, opt, scaler=scaler if scaled else None, autocast=autocast if scaled else None,
+           dtype=torch.float16 if half else torch.float32)
+    (found,) = [c for c in probes.diagnosis() if c["cause"] != "update_underflow"]  # SGD on float16 weights
     assert (found["cause"], found["module"], found["first_step"]) == (cause, "1", 1)
     replays = [(e.step, math.isnan(e.value)) for e in _events(probes, "wide_replay")]
-    assert replays == ([] if autocast is None else [(2, made_by is Root)])
+    assert replays == ([] if autocast is None else [(1 if half else 2, made_by is Root)])
     assert ("(1 - mask) * -1e9" in found["fix"]) is (made_by is FullyMaskedRow)
+    if found["cause"] == "activation_overflow":  # finite in float32: the fix no longer offers an undefined operation
+        assert found["evidence"]["float32_replay"] < 65504 and "guard that operation" not in found["fix"]
     probes.close()
 
 
@@ -1966,7 +2036,8 @@ def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_c
     """A Llama decoder layer in float16 whose residual sum leaves fp16's range (two MLPs write ~4.7e4 and ~2.7e4 into
     one channel). transformers hands each layer the key-value cache it builds in every forward: the float32 replay
     runs without it — replayed with it, the layer appends its keys a second time (the cache the training forward
-    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op."""
+    returns grows) and the replay fails on the doubled keys, so nothing told float16's range from an undefined op.
+    Without a loss scaler the layer is replayed at the end of the forward that failed, step 1's."""
     model = tiny.make_llama(96, attention="eager")
     with torch.no_grad():
         for layer in model.model.layers:
@@ -1985,7 +2056,7 @@ def test_a_decoder_layer_is_replayed_in_float32_without_touching_its_key_value_c
             probes.step(loss=out.loss, skipped=True)
     assert math.isnan(float(out.loss.detach())) and cached == [16, 16]
     (replay,) = _events(probes, "wide_replay")
-    assert (replay.module, replay.step) == ("model.layers.1", 2) and 65504 < replay.value < math.inf
+    assert (replay.module, replay.step) == ("model.layers.1", 1) and 65504 < replay.value < math.inf
     assert probes.diagnosis()[0]["module"] == "model.layers.1"
 
 
@@ -2017,10 +2088,12 @@ def test_norm_gains_that_never_move_in_bf16_are_named_though_the_run_loses_few_u
     assert not _events(_bf16_llama_steps(torch.float32), "lost_updates")
 
 
-def test_a_kd_term_subtracted_in_a_loop_is_named_as_a_loss_unbounded_below():
-    """A user's loop with a sign error — `ce - kl` — on a tiny GPT-2, AdamW at 1e-2: the loss starts at a CE's ~4.4
-    and falls, finite, to far below 0 as the student pulls away from its teacher. The diagnosis names the loss's sign
-    (a divergence warning, unbounded below), not a clean run."""
+@pytest.mark.parametrize("signs", [(1, -1), (-1, -1)], ids=["kd-subtracted", "wholly-negated"])
+def test_a_loss_with_a_flipped_sign_in_a_loop_is_named_as_a_loss_unbounded_below(signs):
+    """A user's loop with a sign error on a tiny GPT-2, AdamW at 1e-2: `ce - kl` starts at a CE's ~4.4, `-(ce + kl)`
+    at minus that; either falls, finite, far below 0 as the student pulls away from its data or its teacher. The
+    diagnosis names the loss's sign (a divergence warning, unbounded below), not a clean run."""
+    ce_sign, kl_sign = signs
     student, teacher = tiny.make_gpt2(96, seed=0), tiny.make_gpt2(96, seed=1).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     ids = torch.arange(64).reshape(4, 16) % 96
@@ -2031,13 +2104,67 @@ def test_a_kd_term_subtracted_in_a_loop_is_named_as_a_loss_unbounded_below():
             with torch.no_grad():
                 target = teacher(input_ids=ids).logits.log_softmax(-1)
             kl = nn.functional.kl_div(out.logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
-            loss = out.loss - kl  # the bug: the KD term subtracted
+            loss = ce_sign * out.loss + kl_sign * kl  # the bug: a term, or the whole loss, negated
             loss.backward()
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
             losses.append(float(loss.detach()))
-    assert losses[0] > 0 and losses[-1] < -losses[0] and all(map(math.isfinite, losses))  # the provocation
+    assert losses[-1] < -abs(losses[0]) and all(map(math.isfinite, losses))  # the provocation
     (cause,) = probes.diagnosis()
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning") and cause["evidence"]["unbounded_below"]
     assert "sign" in cause["fix"]
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-4])
+def test_a_negative_cosine_feature_loss_settling_toward_its_floor_is_no_loss_unbounded_below(lr):
+    """Hidden-state KD written as `-cosine_similarity(student, teacher)`: it starts near 0 and falls, finite and
+    steadily, to many times its start — yet it is bounded by -1 and slows as it settles there, which a loss being
+    maximised (a negated CE or KL) never does. No sign error is claimed."""
+    student, teacher = tiny.make_gpt2(96, seed=0), tiny.make_gpt2(96, seed=1).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    ids = torch.arange(64).reshape(4, 16) % 96
+    losses = []
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(16):
+            hidden = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            with torch.no_grad():
+                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            loss = -nn.functional.cosine_similarity(hidden, target, dim=-1).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    assert losses[0] < 0 and losses[-1] < 3 * losses[0] and losses[-1] > -1  # the provocation: far below its start
+    assert probes.diagnosis() == []
+
+
+@pytest.mark.parametrize("clip, threshold", [("norm", 0.0), ("norm", 1.0), ("value", 0.0), ("value", 1.0)])
+def test_a_loop_that_clips_at_0_is_told_that_nothing_trains(clip, threshold):
+    """`clip_grad_norm_(params, 0.0)` — a threshold meant as 'off', as the Trainer's `max_grad_norm=0` is — multiplies
+    every gradient by 0 after the probes read them, and `clip_grad_value_(params, 0.0)` clamps each to 0: AdamW moves
+    nothing and every value stays finite. Named (no gradients, at the clip), not a clean run; clipping at 1.0 is."""
+    model = tiny.make_gpt2(96)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(4):
+            ids = torch.randint(0, 96, (2, 16))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            (clip_grad_norm_ if clip == "norm" else clip_grad_value_)(model.parameters(), threshold)
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert unchanged is (threshold == 0)  # the provocation: nothing moved
+    if threshold:
+        assert probes.diagnosis() == []
+        return
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
+    column = "clip_max_norm" if clip == "norm" else "clip_value"
+    assert cause["evidence"][column] == 0 and "positive threshold" in cause["fix"]
+    assert "clips at 0 already" not in cause["fix"]
