@@ -75,6 +75,22 @@ LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed 
                         "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
                         "`backward()` and the optimizer step (`zero_grad()` before `step()`)")
 
+# whose words a fix is written in: `train`'s (cli), and those of each caller of the probes
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
+
+# A model trained through adapters (`precision.adapted_models`: its trainable tensors hold under half its weights, the
+# rest frozen — LoRA): its master weights are the trainable tensors alone, so fp32 master weights mean fp32 adapters,
+# not the whole model loaded in fp32 (twice the memory of the frozen base for nothing the base needs). Each caller's
+# mixed precision: its autocast (and loss scaler), over the adapters' fp32 and the frozen base's dtype
+ADAPTERS_IN_FP32 = ("fp32 adapters (the trainable tensors: PEFT's default, `get_peft_model(..., "
+                    "autocast_adapter_dtype=True)`, or `.float()` on each)")
+AUTOCAST_FP16 = {"loop": "`torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
+                 "trainer": "`TrainingArguments(fp16=True)`", "accelerate": "`Accelerator(mixed_precision=\"fp16\")`",
+                 "lightning": "`Trainer(precision=\"16-mixed\")`"}
+AUTOCAST_BF16 = {"loop": "`torch.autocast(dtype=torch.bfloat16)`", "trainer": "`TrainingArguments(bf16=True)`",
+                 "accelerate": "`Accelerator(mixed_precision=\"bf16\")`",
+                 "lightning": "`Trainer(precision=\"bf16-mixed\")`"}
+
 # what a fix tells each kind of caller to do, by concept
 PHRASES = {
     "mixed": {
@@ -91,6 +107,16 @@ PHRASES = {
         "accelerate": "`Accelerator(mixed_precision=\"bf16\")` with the model in fp32",
         "lightning": "`Trainer(precision=\"bf16-mixed\")` with the module's weights in fp32",
     },
+    "mixed_adapters": {"cli": "`--precision mixed`",
+                       **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen base in float16"
+                          for caller, autocast in AUTOCAST_FP16.items()}},
+    "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
+                            **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen base in bfloat16"
+                               for caller, autocast in AUTOCAST_BF16.items()}},
+    # the weights a loss scaler needs in fp32, where a model's were loaded in float16
+    "fp32_weights": dict.fromkeys(CALLERS, "load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and "
+                                           "let autocast compute in float16"),
+    "fp32_weights_adapters": dict.fromkeys(CALLERS, "keep the adapters in fp32 over the frozen float16 base"),
     "fp32_teacher": {
         "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
         "loop": "the teacher loaded in bfloat16 or float32 instead of float16",
@@ -314,8 +340,7 @@ FIXES = {
     "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
                            "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
                            "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
-                           "float16: load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and let "
-                           "autocast compute in float16 — {mixed}",
+                           "float16: {fp32_weights} — {mixed}",
     "gradients_not_cleared": "the gradients are not cleared between optimizer steps (from step {step}): each "
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
@@ -558,6 +583,8 @@ class RunRecord:
         # the teacher, and the other frozen models a caller watches beside the student (several teachers, an RL
         # reference): their outputs are targets computed by weights no one trains
         self.teachers = {"teacher", *((config.get("precision") or {}).get("frozen_models") or [])}
+        # the models trained through adapters over a frozen base (LoRA): fp32 master weights are fp32 adapters there
+        self.adapted_models = set((config.get("precision") or {}).get("adapted_models") or [])
 
     def is_teacher(self, model) -> bool:
         return model in self.teachers
@@ -942,8 +969,9 @@ class RunRecord:
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
-        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, from the
-        loss terms that reach the teacher, so those are the lr and the weights the fix names."""
+        the model of the tensor the fix is about (the student where none is named) — a teacher's trainable tensors train
+        at the teacher's lr, from the loss terms that reach the teacher, so those are the lr and the weights the fix
+        names; a model trained through adapters gets its mixed precision from fp32 adapters, its base left frozen."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         threshold = self.clip_threshold()
         if threshold is not None:  # "clip with X" to a run that clips: say at what, and what clipping cannot do
@@ -951,6 +979,9 @@ class RunRecord:
                               "an Adam-type step is about the lr whatever the gradient)")
         if model == "teacher":
             words["lr"], words["loss_weights"] = words["teacher_lr"], words["teacher_loss_weights"]
+        if (model or "student") in self.adapted_models:
+            words["mixed"], words["bf16_mixed"] = words["mixed_adapters"], words["bf16_mixed_adapters"]
+            words["fp32_weights"] = words["fp32_weights_adapters"]
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..analysis.diagnose import CALLERS
 from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.config import user_path
@@ -65,8 +66,6 @@ from .updates import UpdateProbe
 # forward-hook order matters: ForwardProbe decides which forwards are training ones before the others look
 PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, OptimizerProbe, UpdateProbe,
                ParameterProbe, ScalerProbe)
-# whose words a fix is written in (analysis/diagnose.py)
-CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -888,7 +887,8 @@ class Probes:
                                  for name, m in self.ctx.models.items()},  # frozen ones too: what a teacher outputs
                 # the models besides the student that nothing trains — a second teacher, an RL loop's reference —: the
                 # diagnosis reads them as it reads the teacher
-                "frozen_models": [name for name in self.ctx.models if name != "student" and not self.ctx.trains(name)]}
+                "frozen_models": [name for name in self.ctx.models if name != "student" and not self.ctx.trains(name)],
+                "adapted_models": [name for name, m in self.ctx.models.items() if self.ctx.trains(name) and adapted(m)]}
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
 
@@ -989,6 +989,16 @@ def accumulation_clock(optimizer) -> Callable[[], bool] | None:
         if isinstance(getattr(state, "sync_gradients", None), bool):
             return lambda: state.sync_gradients
     return None
+
+
+def adapted(model: nn.Module) -> bool:
+    """Whether a model trains through adapters: its trainable tensors hold under half its weights, the rest frozen
+    (LoRA, or the lower layers frozen). Its master weights are those tensors alone — a fix that asks for fp32 master
+    weights asks for fp32 adapters, not for the frozen base in fp32."""
+    sizes = {True: 0, False: 0}
+    for p in model.parameters():
+        sizes[p.requires_grad] += p.numel()
+    return 0 < sizes[True] < sizes[False]
 
 
 def _by_role(models) -> dict[str, nn.Module]:
