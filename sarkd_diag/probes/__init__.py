@@ -518,13 +518,21 @@ class Probes:
                          **kwargs) -> Probes:
         """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler,
         its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight) and its
-        gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch)."""
+        gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch). A setting
+        the Accelerator does not apply on this device (`native_amp` off: "fp16" on the CPU runs with neither autocast
+        nor a loss scaler) is recorded as asked, and the mode is what the weights compute in."""
         models = {"student": accelerator.unwrap_model(model)}
         if teacher is not None:
             models["teacher"] = accelerator.unwrap_model(teacher)
         mode = {"fp16": "mixed", "bf16": "bf16-mixed"}.get(str(accelerator.mixed_precision))
-        precision = {"mode": mode, "requested": f"Accelerator(mixed_precision={accelerator.mixed_precision!r})",
-                     "reason": "the Accelerator's setting"} if mode else None
+        requested = f"Accelerator(mixed_precision={accelerator.mixed_precision!r})"
+        precision = None
+        if mode and getattr(accelerator, "native_amp", True):
+            precision = {"mode": mode, "requested": requested, "reason": "the Accelerator's setting"}
+        elif mode:
+            precision = {"requested": requested, "reason": f"{requested}, which the Accelerator runs without autocast "
+                                                           "or a loss scaler on this device: the weights' dtype is "
+                                                           "what the run computes in"}
         kwargs.setdefault("precision", precision)
         kwargs.setdefault("caller", "accelerate")
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
