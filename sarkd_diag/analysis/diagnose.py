@@ -1828,13 +1828,23 @@ def rank(causes: list[Cause]) -> list[Cause]:
     root, kept, symptoms = causes[0], [causes[0]], []
     for cause in causes[1:]:
         later = (cause.when, order[cause.cause]) >= (root.when, order[root.cause])
-        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when):
+        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when) \
+                and not _forward_apart(cause, root):
             symptoms.append(cause.summary())
         else:
             kept.append(cause)
     if symptoms:
         root.evidence["followed_by"] = "; ".join(symptoms)
     return kept
+
+
+def _forward_apart(cause: Cause, root: Cause) -> bool:
+    """`cause` is a fault of one model's forward in the step where `root`, in another model, began: a model's forward
+    reads its own weights and inputs, never another model's outputs — those reach it only through a backward and an
+    update, from the next step on. A policy and the frozen copy DPO holds as its reference, both loaded in fp16,
+    overflow alike in the same step: each is a cause to fix, neither the other's symptom."""
+    return (cause.phase == "forward" and cause.first_step == root.first_step
+            and None not in (cause.model, root.model) and cause.model != root.model)
 
 
 def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> Diagnosis:
