@@ -260,22 +260,34 @@ class SarkdDiagCallback(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_training_stop = True
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
-        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
-        (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
-        `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
-        built at `on_train_begin`)."""
+        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. Its exp is a perplexity only
+        where the loss is a language model's cross-entropy over its tokens: a distillation trainer (a teacher watched)
+        evaluates its distillation objective, a sequence classifier or regressor (`ForSequenceClassification`) its
+        labels' cross-entropy or squared error — there `eval_ppl` is left unmeasured. Before the first `train()`
+        there is no run to record it in (the probes are built at `on_train_begin`)."""
         if self.probes is None or not metrics:
             return
         prefix = evaluation_prefix(metrics)
         if prefix is not None and f"{prefix}_loss" in metrics:
             self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
-                                   cross_entropy=self.teacher is None, eval_set=evaluation_set(prefix))
+                                   cross_entropy=self.teacher is None and scores_tokens(model),
+                                   eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
+
+
+def scores_tokens(model) -> bool:
+    """Whether a Trainer's model is a language model, whose loss is a cross-entropy over its vocabulary's tokens (its
+    exp a perplexity): a transformers model that can generate (`can_generate()`: causal and seq2seq LMs, not a
+    `ForSequenceClassification` head scoring labels or regressing values). A model of the caller's own, which says
+    nothing, is taken for the Trainer's usual language model."""
+    model = getattr(model, "module", model)
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
 
 
 def trainer_run_dir(args) -> Path:

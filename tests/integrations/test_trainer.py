@@ -335,6 +335,39 @@ def test_a_distillation_trainers_evaluation_is_no_perplexity(tmp_path):
     assert "eval_ppl" not in row and load_run(tmp_path / "run")["summary"]["final"]["eval_ppl"] is None
 
 
+class Graded(torch.utils.data.Dataset):
+    """Random token sequences, each with one real-valued grade (a regression target)."""
+
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.ids, self.grades = torch.randint(1, VOCAB, (n, 12), generator=g), torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.grades[i]}
+
+
+def test_a_sequence_regressors_evaluation_is_no_perplexity(tmp_path):
+    """A `ForSequenceClassification` head fine-tuned to regress a grade evaluates a squared error: its exp is no
+    perplexity, and the run names none (a language model's eval rows keep theirs: the test above)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                     num_labels=1, pad_token_id=0))
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps",
+                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Graded(), eval_dataset=Graded(8), callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    assert model.config.problem_type == "regression"
+    run = load_run(tmp_path / "run")
+    (row,) = run["metrics"].query("split == 'eval'").itertuples()
+    assert row.eval_loss == pytest.approx(trainer.state.log_history[-2]["eval_loss"]) and math.isnan(row.eval_ppl)
+    assert run["summary"]["final"]["eval_ppl"] is None
+
+
 def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
     """One callback object given to two Trainers in turn: the second run reads the second trainer's teacher, and the
     first trainer's methods are its own again."""
