@@ -366,6 +366,9 @@ def test_a_sequence_regressors_evaluation_is_no_perplexity(tmp_path):
     (row,) = run["metrics"].query("split == 'eval'").itertuples()
     assert row.eval_loss == pytest.approx(trainer.state.log_history[-2]["eval_loss"]) and math.isnan(row.eval_ppl)
     assert run["summary"]["final"]["eval_ppl"] is None
+    report = (tmp_path / "run" / "report.md").read_text()  # the loss it measured, where a perplexity would read —
+    assert "perplexity: —" not in report and f"| 2 | {row.eval_loss:.4g} |" in report
+    assert f"validation loss (its exp is no perplexity): {row.eval_loss:.4g}" in report
 
 
 def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
