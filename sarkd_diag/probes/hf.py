@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, check_probe_settings, replace_method
-from .base import dtype_of_most, teacher_by_name, weights_compute_dtype
+from .base import dtype_of_most, scores_tokens, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -278,16 +278,6 @@ class SarkdDiagCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
-
-
-def scores_tokens(model) -> bool:
-    """Whether a Trainer's model is a language model, whose loss is a cross-entropy over its vocabulary's tokens (its
-    exp a perplexity): a transformers model that can generate (`can_generate()`: causal and seq2seq LMs, not a
-    `ForSequenceClassification` head scoring labels or regressing values). A model of the caller's own, which says
-    nothing, is taken for the Trainer's usual language model."""
-    model = getattr(model, "module", model)
-    can_generate = getattr(model, "can_generate", None)
-    return bool(can_generate()) if callable(can_generate) else True
 
 
 def trainer_run_dir(args) -> Path:

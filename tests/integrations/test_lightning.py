@@ -351,6 +351,31 @@ def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_p
     assert not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+def test_a_classifier_students_validation_is_no_perplexity(tmp_path):
+    """A LightningModule fine-tuning a transformers sequence classifier logs its labels' cross-entropy as `val_loss`:
+    its exp is no perplexity, and the eval rows hold the loss alone."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    class Labelled(Sequences):
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 3}
+
+    torch.manual_seed(0)
+    module = Validated(GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                                                num_labels=3, pad_token_id=0)))
+    module.validated = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, val_check_interval=2,
+                   callbacks=[SarkdDiagLightningCallback(tmp_path / "run")]).fit(
+            module, torch.utils.data.DataLoader(Labelled(VOCAB), batch_size=4),
+            torch.utils.data.DataLoader(Labelled(VOCAB, n=8), batch_size=4))
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert evals["eval_loss"].tolist() == pytest.approx(module.validated, rel=1e-6)
+    assert evals["eval_ppl"].isna().all()
+
+
 def test_each_validation_dataloader_is_an_evaluation_set_of_its_own(tmp_path):
     """With several validation dataloaders Lightning logs `val_loss/dataloader_idx_0`, `…_1` (never `val_loss`): each
     is an eval row named by its dataloader (`eval_set`), its loss what Lightning logged."""
