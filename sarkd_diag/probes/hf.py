@@ -91,7 +91,8 @@ class SarkdDiagCallback(TrainerCallback):
 
     on_critical: "stop" (default) sets `control.should_training_stop` once the probes record a critical
     event (non-finite weights): every later step would only train NaN weights, and the Trainer would save
-    them as checkpoints. The run closes as `stopped` with its diagnosis. "record" keeps training.
+    them as checkpoints — nor is the checkpoint of the stopping step itself saved. The run closes as `stopped` with
+    its diagnosis. "record" keeps training.
 
     The run directory holds config.json from the first step, and events and metrics are flushed as they
     are written. The Trainer calls no callback on an exception: a bound callback wraps `trainer.train` and closes
@@ -259,6 +260,17 @@ class SarkdDiagCallback(TrainerCallback):
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = state.global_step
             control.should_training_stop = True
+        self._unsaved_once_stopped(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._unsaved_once_stopped(control)
+
+    def _unsaved_once_stopped(self, control) -> None:
+        """Stopped on non-finite weights: the checkpoint the Trainer would save of them now — the stopping step a
+        `save_steps` multiple, the epoch's end under `save_strategy="epoch"` — holds only NaN, and under
+        `save_total_limit` it would rotate out the last good checkpoint, the one to resume from. It is not saved."""
+        if self.stopped_at is not None:
+            control.should_save = False
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed

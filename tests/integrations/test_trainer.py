@@ -64,6 +64,20 @@ def test_pure_fp16_with_the_default_optimizer_is_diagnosed_and_stopped(tmp_path)
     assert _train_losses(run)[:first_bad - 1] == pytest.approx(logged_losses(trainer)[:first_bad - 1], rel=1e-6)
 
 
+@pytest.mark.parametrize("save", [dict(save_strategy="steps", save_steps=1, save_total_limit=1),
+                                  dict(save_strategy="epoch")])
+def test_stopping_on_nan_weights_saves_no_checkpoint_of_them(tmp_path, save):
+    """The step whose weights turned NaN is not saved: under `save_total_limit` its checkpoint would have rotated out
+    the last good one (the one to resume from), and under `save_strategy="epoch"` the epoch's end, reached by the
+    stop, would have saved it."""
+    trainer, callback = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", learning_rate=1e-2,
+                               max_steps=10, **save)
+    stopped = callback.stopped_at
+    assert stopped is not None and trainer.state.global_step == stopped < 10
+    kept = sorted(path.name for path in (tmp_path / "trainer").glob("checkpoint-*"))
+    assert kept == ([f"checkpoint-{stopped - 1}"] if save["save_strategy"] == "steps" else [])
+
+
 def test_fp16_on_the_cpu_which_accelerate_runs_in_fp32_is_recorded_as_fp32(tmp_path):
     """accelerate runs TrainingArguments(fp16=True) on the CPU with neither autocast nor a loss scaler: the run trains
     in fp32, and its record says so (not `mixed`, beside 'no autocast' and no scaler) and why."""
