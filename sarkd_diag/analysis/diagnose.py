@@ -309,6 +309,13 @@ FIXES = {
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
                               "If the run should learn, check what makes it 0: a teacher that is the student itself, "
                               "or {loss_weights} set to 0",
+    "no_gradients_zero_loss_alone": "the loss is exactly 0 from step {step}, where every gradient is 0, so "
+                                    "nothing trains: with no teacher to match, a loss of exactly 0 from the start is "
+                                    "a product with 0 — {loss_weights} set to 0, or a policy-gradient objective "
+                                    "(GRPO, RLOO) whose advantages are all 0: every completion of a prompt earned the "
+                                    "same reward, so none is preferred — check what the reward function returns (a "
+                                    "format it never matches scores every completion 0) and that its rewards differ "
+                                    "between completions",
     "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
                                 "was built from other parameters — another model, a copy, or the model before it was "
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
@@ -588,6 +595,12 @@ class RunRecord:
 
     def is_teacher(self, model) -> bool:
         return model in self.teachers
+
+    def watches_no_teacher(self) -> bool:
+        """The run is known to hold no frozen model to match (a caller's models, `precision.model_dtypes`, without a
+        teacher): its loss has no KD term whose minimum is 0."""
+        models = (self.config.get("precision") or {}).get("model_dtypes")
+        return models is not None and not set(models) & self.teachers
 
     def of(self, kind: str, *codes: str) -> pd.DataFrame:
         rows = self.events[self.events["kind"] == kind]
@@ -1577,10 +1590,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     if len(at_zero_loss) == len(zero) and len(zero):  # nothing to learn, nothing broken: said, as information
         row = _first(at_zero_loss)
         loss = r.train_column("loss")
-        return [Cause("no_gradients", "info", **_where(row),
+        # no KD term to reach its minimum, and no training yet to saturate a cross-entropy: a loss multiplied by 0
+        alone = r.watches_no_teacher() and len(loss) > 0 and int(row["step"]) == int(loss.index.min())
+        return [Cause("no_gradients", "warning" if alone else "info", **_where(row),
                       evidence={"loss_zero": True, "steps_at_zero_loss": int((loss == 0).sum()),
                                 "zero_gradient_tensor_fraction": row["value"]},
-                      fix=r.fix("no_gradients_zero_loss", step=int(row["step"])))]
+                      fix=r.fix("no_gradients_zero_loss_alone" if alone else "no_gradients_zero_loss",
+                                step=int(row["step"])))]
     zero = zero[~zero.index.isin(at_zero_loss.index)]
     if not len(zero):
         return []

@@ -263,6 +263,23 @@ def test_a_dpo_policy_and_its_reference_overflowing_alike_are_each_named(world, 
         "student", "transformer.h.1.mlp.c_proj", 1, "critical")
 
 
+def test_grpo_whose_reward_never_differs_is_told_its_advantages_are_zero(world, tmp_path):
+    """GRPO with a reward function that scores every completion alike (a format it never matches): each group's
+    advantages are 0, so the loss and every gradient are exactly 0 and nothing trains. With no teacher to match, that
+    is no loss at its minimum (information) but a loss multiplied by 0 — a warning that names the reward function."""
+    config = trl.GRPOConfig(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, num_generations=4,
+                            max_steps=3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                            disable_tqdm=True, seed=0, learning_rate=1e-3, bf16=False, max_completion_length=6)
+    trainer = trl.GRPOTrainer(model=tiny.make_gpt2(world["vocab"]), reward_funcs=lambda completions, **_: [0.0] * len(
+        completions), args=config, train_dataset=world["dataset"], processing_class=world["tokenizer"])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    assert logged_losses(trainer) == [0.0, 0.0, 0.0]
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "no_gradients")
+    assert (found["severity"], found["first_step"]) == ("warning", 1)
+    assert "reward function" in found["fix"] and "identical to its teacher" not in found["fix"]
+
+
 def _sft(world, out, kind, run_dir=None):
     """SFTTrainer as users run it, with packing (sequences packed into rows of max_length) or with the loss on the
     completions only (prompt tokens masked from the labels); the callback passed plainly, in `callbacks=[...]`."""
