@@ -672,6 +672,8 @@ class Probes:
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
+        if metrics.get("loss") is None and self.ctx.trained and not skipped:
+            self._loss_unseen(step)
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
@@ -692,6 +694,19 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _loss_unseen(self, step: int) -> None:
+        """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called
+        without labels — a loop that computes its own loss, a KD term from the logits). Without it a non-finite loss,
+        a climb or a blow-up is never seen, and a NaN the loss code makes reaches the diagnosis as gradients that
+        turned NaN. Said once."""
+        if self.events.say_once("loss_unseen"):
+            self.events.record("setup_note", "warning",
+                               f"step {step} closed with no loss: probes.step() was given none and the model's "
+                               "outputs hold none (it was called without labels): a non-finite loss, or one that "
+                               "climbs or blows up, goes unseen, and a NaN the loss code makes reads as gradients "
+                               "gone NaN — pass the loss the loop optimises: probes.step(loss=loss)",
+                               step=step, probe="loss", phase="loss", code="loss_unseen")
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
                    cross_entropy: bool = True, eval_set: str | None = None) -> dict:
