@@ -161,7 +161,10 @@ PHRASES = {
         "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
-        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module — "
+                     "with manual optimization (which that option does not serve), `self.clip_gradients(...)` in the "
+                     "module's `on_before_optimizer_step`, which Lightning calls once it has unscaled, not before "
+                     "`opt.step()`",
     },
     # where the gradients a step used are cleared before the next backward adds to them
     "clear_gradients": {

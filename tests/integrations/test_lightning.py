@@ -241,6 +241,21 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
     assert not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_lightnings_terms(tmp_path):
+    """Under 16-mixed (a CPU GradScaler given to Lightning's precision plugin) the plugin unscales inside `opt.step()`:
+    `self.clip_gradients` called before it, as Lightning's manual-optimization docs show, clips the scaled gradients.
+    Said so, and the fix is where Lightning has unscaled — `on_before_optimizer_step` — not only
+    `Trainer(gradient_clip_val)`, which manual optimization refuses."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    module = ManualAccumulation()
+    _fit(module, tmp_path / "run", gradient_clip_val=None,
+         plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "clip_before_unscale")
+    assert "on_before_optimizer_step" in found["fix"] and "manual optimization" in found["fix"], found["fix"]
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with a student optimizer stepping every batch and a projection's (a hidden-state KD
     head) every second one: Lightning's global_step counts both, 3 per two batches."""
