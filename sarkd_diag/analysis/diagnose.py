@@ -82,8 +82,8 @@ CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 # rest frozen — LoRA): its master weights are the trainable tensors alone, so fp32 master weights mean fp32 adapters,
 # not the whole model loaded in fp32 (twice the memory of the frozen base for nothing the base needs). Each caller's
 # mixed precision: its autocast (and loss scaler), over the adapters' fp32 and the frozen base's dtype
-ADAPTERS_IN_FP32 = ("fp32 adapters (the trainable tensors: PEFT's default, `get_peft_model(..., "
-                    "autocast_adapter_dtype=True)`, or `.float()` on each)")
+ADAPTERS_IN_FP32 = ("the trainable tensors in fp32 (LoRA adapters: PEFT's default, `get_peft_model(..., "
+                    "autocast_adapter_dtype=True)`; any other: `.float()` on it)")
 AUTOCAST_FP16 = {"loop": "`torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
                  "trainer": "`TrainingArguments(fp16=True)`", "accelerate": "`Accelerator(mixed_precision=\"fp16\")`",
                  "lightning": "`Trainer(precision=\"16-mixed\")`"}
@@ -108,15 +108,16 @@ PHRASES = {
         "lightning": "`Trainer(precision=\"bf16-mixed\")` with the module's weights in fp32",
     },
     "mixed_adapters": {"cli": "`--precision mixed`",
-                       **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen base in float16"
+                       **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in float16"
                           for caller, autocast in AUTOCAST_FP16.items()}},
     "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
-                            **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen base in bfloat16"
+                            **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
                                for caller, autocast in AUTOCAST_BF16.items()}},
     # the weights a loss scaler needs in fp32, where a model's were loaded in float16
     "fp32_weights": dict.fromkeys(CALLERS, "load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and "
                                            "let autocast compute in float16"),
-    "fp32_weights_adapters": dict.fromkeys(CALLERS, "keep the adapters in fp32 over the frozen float16 base"),
+    "fp32_weights_adapters": dict.fromkeys(CALLERS, "keep the trainable tensors (the adapters) in fp32 over the "
+                                                    "frozen float16 weights"),
     "fp32_teacher": {
         "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
         "loop": "the teacher loaded in bfloat16 or float32 instead of float16",

@@ -140,7 +140,7 @@ def test_fp16_adapters_under_a_grad_scaler_are_told_to_keep_the_adapters_in_fp32
         scaler.step(optimizer)
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert root["cause"] == "scaler_fp16_weights" and "lora_" in root["tensor"]
-    assert "keep the adapters in fp32 over the frozen float16 base" in root["fix"]
+    assert "keep the trainable tensors (the adapters) in fp32 over the frozen float16 weights" in root["fix"]
     assert "load the model in fp32" not in root["fix"]
 
 
@@ -153,7 +153,7 @@ def test_fp16_adapters_over_an_fp16_base_are_told_to_keep_the_adapters_in_fp32_n
     assert summary["precision"]["mode"] == "pure-fp16" and summary["precision"]["adapted_models"] == ["student"]
     root = summary["diagnosis"][0]
     assert root["cause"] == "optimizer_eps_underflow" and "lora_" in root["tensor"]
-    assert "fp32 adapters" in root["fix"] and "autocast_adapter_dtype=True" in root["fix"]
+    assert "trainable tensors in fp32" in root["fix"] and "autocast_adapter_dtype=True" in root["fix"]
     assert "TrainingArguments(fp16=True)" in root["fix"] and "model loaded in fp32" not in root["fix"]
     plain = _trainer(tmp_path, _fp16_adapters(), learning_rate=1e-2, optim="adamw_torch")
     assert logged_losses(plain)[:1] == logged_losses(trainer)  # the probes did not change training
