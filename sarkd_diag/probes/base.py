@@ -123,12 +123,15 @@ def dtype_of_most(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
 
 def scores_tokens(model) -> bool:
     """Whether a model is a language model, whose loss is a cross-entropy over its vocabulary's tokens (its exp a
-    perplexity): a transformers model that can generate (`can_generate()`: causal and seq2seq LMs, not a
-    `ForSequenceClassification` head scoring labels or regressing values). A model of the caller's own, which says
-    nothing, is taken for the usual language model."""
+    perplexity): a transformers model that can generate (`can_generate()`: causal and seq2seq LMs) or a masked LM
+    (`loss_type` "ForMaskedLM": BERT's, DistilBERT's), not a head that scores labels or regresses values
+    (`ForSequenceClassification`, `ForTokenClassification`, `ForQuestionAnswering`). A model of the caller's own, which
+    says nothing, is taken for the usual language model."""
     model = getattr(model, "module", model)
     can_generate = getattr(model, "can_generate", None)
-    return bool(can_generate()) if callable(can_generate) else True
+    if not callable(can_generate):
+        return True
+    return bool(can_generate()) or getattr(model, "loss_type", None) == "ForMaskedLM"
 
 
 def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module | None = None) -> nn.Module | None:

@@ -385,6 +385,23 @@ def test_a_sequence_regressors_evaluation_is_no_perplexity(tmp_path):
     assert f"validation loss (its exp is no perplexity): {row.eval_loss:.4g}" in report
 
 
+def test_a_masked_lms_evaluation_keeps_its_perplexity(tmp_path):
+    """A masked LM (BERT's, DistilBERT's: it cannot `generate`) evaluates a cross-entropy over its vocabulary: its exp
+    is the perplexity MLM training reports, unlike a classifier's or a regressor's."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64))
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps",
+                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8),
+                      callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    (row,) = load_run(tmp_path / "run")["metrics"].query("split == 'eval'").itertuples()
+    assert row.eval_ppl == pytest.approx(math.exp(row.eval_loss))
+
+
 def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):
     """One callback object given to two Trainers in turn: the second run reads the second trainer's teacher, and the
     first trainer's methods are its own again."""
