@@ -699,13 +699,15 @@ class Probes:
         """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called
         without labels — a loop that computes its own loss, a KD term from the logits). Without it a non-finite loss,
         a climb or a blow-up is never seen, and a NaN the loss code makes reaches the diagnosis as gradients that
-        turned NaN. Said once."""
+        turned NaN. Said once, in the caller's terms: a Lightning module hands its loss over by returning it."""
         if self.events.say_once("loss_unseen"):
+            given, remedy = (
+                ("`training_step` returned none", "return it from `training_step`") if self.caller == "lightning"
+                else ("probes.step() was given none", "pass the loss the loop optimises: probes.step(loss=loss)"))
             self.events.record("setup_note", "warning",
-                               f"step {step} closed with no loss: probes.step() was given none and the model's "
-                               "outputs hold none (it was called without labels): a non-finite loss, or one that "
-                               "climbs or blows up, goes unseen, and a NaN the loss code makes reads as gradients "
-                               "gone NaN — pass the loss the loop optimises: probes.step(loss=loss)",
+                               f"step {step} closed with no loss: {given} and the model's outputs hold none (it was "
+                               "called without labels): a non-finite loss, or one that climbs or blows up, goes "
+                               f"unseen, and a NaN the loss code makes reads as gradients gone NaN — {remedy}",
                                step=step, probe="loss", phase="loss", code="loss_unseen")
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,

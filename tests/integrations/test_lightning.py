@@ -256,6 +256,28 @@ def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_light
     assert "on_before_optimizer_step" in found["fix"] and "manual optimization" in found["fix"], found["fix"]
 
 
+class ManualKD(ManualAccumulation):
+    """Manual optimization that computes its loss from the logits (the model called without labels) and returns
+    nothing, as manual-optimization modules may."""
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        logits = self.model(input_ids=batch["input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_manual_module_that_returns_no_loss_is_told_to_return_it(tmp_path):
+    """Nothing hands the callback the loss: the note says so in Lightning's terms (return it from `training_step`),
+    not as `probes.step(loss=...)`, which a Lightning user never calls."""
+    _fit(ManualKD(), tmp_path / "run", gradient_clip_val=None)
+    notes = load_run(tmp_path / "run")["events"].query("code == 'loss_unseen'")
+    assert len(notes) == 1 and "return it from `training_step`" in notes["message"].iloc[0]
+    assert "probes.step" not in notes["message"].iloc[0]
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with a student optimizer stepping every batch and a projection's (a hidden-state KD
     head) every second one: Lightning's global_step counts both, 3 per two batches."""
