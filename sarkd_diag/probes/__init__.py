@@ -1019,7 +1019,7 @@ def accumulation_clock(optimizer) -> Callable[[], bool] | None:
 def adapted(model: nn.Module) -> bool:
     """Whether a model trains through adapters: its trainable tensors hold under half its weights, the rest frozen
     (LoRA, or the lower layers frozen). Its master weights are those tensors alone — a fix that asks for fp32 master
-    weights asks for fp32 adapters, not for the frozen base in fp32."""
+    weights asks for them in fp32, not for the frozen weights too."""
     sizes = {True: 0, False: 0}
     for p in model.parameters():
         sizes[p.requires_grad] += p.numel()
