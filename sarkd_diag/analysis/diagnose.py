@@ -81,6 +81,22 @@ LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed 
                         "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
                         "`backward()` and the optimizer step (`zero_grad()` before `step()`)")
 
+# whose words a fix is written in: `train`'s (cli), and those of each caller of the probes
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
+
+# A model trained through adapters (`precision.adapted_models`: its trainable tensors hold under half its weights, the
+# rest frozen — LoRA): its master weights are the trainable tensors alone, so fp32 master weights mean fp32 adapters,
+# not the whole model loaded in fp32 (twice the memory of the frozen base for nothing the base needs). Each caller's
+# mixed precision: its autocast (and loss scaler), over the adapters' fp32 and the frozen base's dtype
+ADAPTERS_IN_FP32 = ("the trainable tensors in fp32 (LoRA adapters: PEFT's default, `get_peft_model(..., "
+                    "autocast_adapter_dtype=True)`; any other: `.float()` on it)")
+AUTOCAST_FP16 = {"loop": "`torch.autocast(dtype=torch.float16)` and a `torch.amp.GradScaler`",
+                 "trainer": "`TrainingArguments(fp16=True)`", "accelerate": "`Accelerator(mixed_precision=\"fp16\")`",
+                 "lightning": "`Trainer(precision=\"16-mixed\")`"}
+AUTOCAST_BF16 = {"loop": "`torch.autocast(dtype=torch.bfloat16)`", "trainer": "`TrainingArguments(bf16=True)`",
+                 "accelerate": "`Accelerator(mixed_precision=\"bf16\")`",
+                 "lightning": "`Trainer(precision=\"bf16-mixed\")`"}
+
 # what a fix tells each kind of caller to do, by concept
 PHRASES = {
     "mixed": {
@@ -97,6 +113,17 @@ PHRASES = {
         "accelerate": "`Accelerator(mixed_precision=\"bf16\")` with the model in fp32",
         "lightning": "`Trainer(precision=\"bf16-mixed\")` with the module's weights in fp32",
     },
+    "mixed_adapters": {"cli": "`--precision mixed`",
+                       **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in float16"
+                          for caller, autocast in AUTOCAST_FP16.items()}},
+    "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
+                            **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
+                               for caller, autocast in AUTOCAST_BF16.items()}},
+    # the weights a loss scaler needs in fp32, where a model's were loaded in float16
+    "fp32_weights": dict.fromkeys(CALLERS, "load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and "
+                                           "let autocast compute in float16"),
+    "fp32_weights_adapters": dict.fromkeys(CALLERS, "keep the trainable tensors (the adapters) in fp32 over the "
+                                                    "frozen float16 weights"),
     "fp32_teacher": {
         "cli": "`--precision bf16-mixed` (the teacher in bf16) or `--precision fp32`",
         "loop": "the teacher loaded in bfloat16 or float32 instead of float16",
@@ -141,7 +168,10 @@ PHRASES = {
         "loop": "`scaler.unscale_(optimizer)` right before `torch.nn.utils.clip_grad_norm_`",
         "trainer": "the Trainer's own clipping (`max_grad_norm`), which unscales first",
         "accelerate": "`accelerator.clip_grad_norm_`, which unscales first, instead of torch's",
-        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module",
+        "lightning": "`Trainer(gradient_clip_val=...)`, which unscales first, instead of clipping in the module — "
+                     "with manual optimization (which that option does not serve), `self.clip_gradients(...)` in the "
+                     "module's `on_before_optimizer_step`, which Lightning calls once it has unscaled, not before "
+                     "`opt.step()`",
     },
     # where the gradients a step used are cleared before the next backward adds to them
     "clear_gradients": {
@@ -295,6 +325,13 @@ FIXES = {
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
                               "If the run should learn, check what makes it 0: a teacher that is the student itself, "
                               "or {loss_weights} set to 0",
+    "no_gradients_zero_loss_alone": "the loss is exactly 0 from step {step}, where every gradient is 0, so "
+                                    "nothing trains: with no teacher to match, a loss of exactly 0 from the start is "
+                                    "a product with 0 — {loss_weights} set to 0, or a policy-gradient objective "
+                                    "(GRPO, RLOO) whose advantages are all 0: every completion of a prompt earned the "
+                                    "same reward, so none is preferred — check what the reward function returns (a "
+                                    "format it never matches scores every completion 0) and that its rewards differ "
+                                    "between completions",
     "no_gradients_unoptimized": "the optimizer holds none of {model}'s trainable tensors ({tensor} and the rest): it "
                                 "was built from other parameters — another model, a copy, or the model before it was "
                                 "re-created or wrapped (adapters added after the optimizer was made) — so its steps "
@@ -330,8 +367,7 @@ FIXES = {
     "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
                            "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
                            "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
-                           "float16: load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and let "
-                           "autocast compute in float16 — {mixed}",
+                           "float16: {fp32_weights} — {mixed}",
     "gradients_not_cleared": "the gradients are not cleared between optimizer steps (from step {step}): each "
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
@@ -585,9 +621,17 @@ class RunRecord:
         # the teacher, and the other frozen models a caller watches beside the student (several teachers, an RL
         # reference): their outputs are targets computed by weights no one trains
         self.teachers = {"teacher", *((config.get("precision") or {}).get("frozen_models") or [])}
+        # the models trained through adapters over a frozen base (LoRA): fp32 master weights are fp32 adapters there
+        self.adapted_models = set((config.get("precision") or {}).get("adapted_models") or [])
 
     def is_teacher(self, model) -> bool:
         return model in self.teachers
+
+    def watches_no_teacher(self) -> bool:
+        """The run is known to hold no frozen model to match (a caller's models, `precision.model_dtypes`, without a
+        teacher): its loss has no KD term whose minimum is 0."""
+        models = (self.config.get("precision") or {}).get("model_dtypes")
+        return models is not None and not set(models) & self.teachers
 
     def of(self, kind: str, *codes: str) -> pd.DataFrame:
         rows = self.events[self.events["kind"] == kind]
@@ -973,8 +1017,9 @@ class RunRecord:
 
     def fix(self, template: str, *, model: str | None = None, **values) -> str:
         """A fix in the caller's words, for the precision the run computes in (`BF16_FIXES` under bfloat16). `model`:
-        the model of the tensor the fix is about — a teacher's trainable tensors train at the teacher's lr, from the
-        loss terms that reach the teacher, so those are the lr and the weights the fix names."""
+        the model of the tensor the fix is about (the student where none is named) — a teacher's trainable tensors train
+        at the teacher's lr, from the loss terms that reach the teacher, so those are the lr and the weights the fix
+        names; a model trained through adapters gets its mixed precision from fp32 adapters, its base left frozen."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
         threshold = self.clip_threshold()
         if threshold is not None and threshold > 0:  # "clip with X" to a run that clips: at what, what it cannot do
@@ -982,6 +1027,9 @@ class RunRecord:
                               "an Adam-type step is about the lr whatever the gradient)")
         if model == "teacher":
             words["lr"], words["loss_weights"] = words["teacher_lr"], words["teacher_loss_weights"]
+        if (model or "student") in self.adapted_models:
+            words["mixed"], words["bf16_mixed"] = words["mixed_adapters"], words["bf16_mixed_adapters"]
+            words["fp32_weights"] = words["fp32_weights_adapters"]
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
@@ -1611,10 +1659,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     if len(at_zero_loss) == len(zero) and len(zero):  # nothing to learn, nothing broken: said, as information
         row = _first(at_zero_loss)
         loss = r.train_column("loss")
-        return [Cause("no_gradients", "info", **_where(row),
+        # no KD term to reach its minimum, and no training yet to saturate a cross-entropy: a loss multiplied by 0
+        alone = r.watches_no_teacher() and len(loss) > 0 and int(row["step"]) == int(loss.index.min())
+        return [Cause("no_gradients", "warning" if alone else "info", **_where(row),
                       evidence={"loss_zero": True, "steps_at_zero_loss": int((loss == 0).sum()),
                                 "zero_gradient_tensor_fraction": row["value"]},
-                      fix=r.fix("no_gradients_zero_loss", step=int(row["step"])))]
+                      fix=r.fix("no_gradients_zero_loss_alone" if alone else "no_gradients_zero_loss",
+                                step=int(row["step"])))]
     zero = zero[~zero.index.isin(at_zero_loss.index)]
     if not len(zero):
         return []
@@ -1867,13 +1918,23 @@ def rank(causes: list[Cause]) -> list[Cause]:
     root, kept, symptoms = causes[0], [causes[0]], []
     for cause in causes[1:]:
         later = (cause.when, order[cause.cause]) >= (root.when, order[root.cause])
-        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when):
+        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when) \
+                and not _forward_apart(cause, root):
             symptoms.append(cause.summary())
         else:
             kept.append(cause)
     if symptoms:
         root.evidence["followed_by"] = "; ".join(symptoms)
     return kept
+
+
+def _forward_apart(cause: Cause, root: Cause) -> bool:
+    """`cause` is a fault of one model's forward in the step where `root`, in another model, began: a model's forward
+    reads its own weights and inputs, never another model's outputs — those reach it only through a backward and an
+    update, from the next step on. A policy and the frozen copy DPO holds as its reference, both loaded in fp16,
+    overflow alike in the same step: each is a cause to fix, neither the other's symptom."""
+    return (cause.phase == "forward" and cause.first_step == root.first_step
+            and None not in (cause.model, root.model) and cause.model != root.model)
 
 
 def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> Diagnosis:

@@ -19,8 +19,19 @@ def _fmt(value, spec: str = ".4g") -> str:
     return "—" if value is None or (isinstance(value, float) and pd.isna(value)) else format(value, spec)
 
 
+def _losses_only(evals: pd.DataFrame) -> bool:
+    """The evaluations measured a loss whose exp is no perplexity (a distillation objective, a classifier's or a
+    regressor's): none wrote `eval_ppl`, and one loss at least is there to show instead."""
+    return (len(evals) > 0 and {"eval_ppl", "eval_loss"} <= set(evals) and evals["eval_ppl"].isna().all()
+            and evals["eval_loss"].notna().any())
+
+
 def _perplexity_line(final: dict, metrics: pd.DataFrame, steps: int) -> str:
     evals = metrics[metrics["split"] == "eval"] if len(metrics) and "split" in metrics else metrics.iloc[0:0]
+    if _losses_only(evals):
+        losses = primary_evaluations(evals)["eval_loss"]
+        first, last, best = (_fmt(v, ".4g") for v in (losses.iloc[0], losses.iloc[-1], losses.min()))
+        return f"- validation loss (its exp is no perplexity): {first} → {last} (best {best})"
     if len(evals) and "step" in evals and not (evals["step"] > 0).any():
         return f"- validation perplexity: {_fmt(final.get('first_eval_ppl'), '.3f')} {evaluated_at_step_0_only(steps)}"
     first, last, best = (_fmt(final.get(k), ".3f") for k in ("first_eval_ppl", "eval_ppl", "best_eval_ppl"))
@@ -99,13 +110,15 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     else:
         lines.append("No events were recorded.")
     evals = metrics[metrics["split"] == "eval"] if len(metrics) else metrics
+    shown, spec = ("eval_loss", ".4g") if _losses_only(evals) else ("eval_ppl", ".3f")
+    heading = "validation loss" if shown == "eval_loss" else "validation perplexity"
     if len(evals) and evals["eval_set"].notna().any():  # several evaluation sets: each row says which
-        lines += ["", "## Evaluations", "", "| step | evaluation set | validation perplexity |", "|---:|---|---:|"]
-        lines += [f"| {int(r.step)} | {_fmt(r.eval_set, 's')} | {_fmt(r.eval_ppl, '.3f')} |"
+        lines += ["", "## Evaluations", "", f"| step | evaluation set | {heading} |", "|---:|---|---:|"]
+        lines += [f"| {int(r.step)} | {_fmt(r.eval_set, 's')} | {_fmt(getattr(r, shown), spec)} |"
                   for r in evals.itertuples()]
     elif len(evals):
-        lines += ["", "## Evaluations", "", "| step | validation perplexity |", "|---:|---:|"]
-        lines += [f"| {int(r.step)} | {_fmt(r.eval_ppl, '.3f')} |" for r in evals.itertuples()]
+        lines += ["", "## Evaluations", "", f"| step | {heading} |", "|---:|---:|"]
+        lines += [f"| {int(r.step)} | {_fmt(getattr(r, shown), spec)} |" for r in evals.itertuples()]
     path = Path(run_dir) / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

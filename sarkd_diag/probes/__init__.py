@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..analysis.diagnose import CALLERS
 from ..contract import numerics
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
 from ..contract.config import user_path
@@ -68,8 +69,6 @@ PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, Optimize
                ParameterProbe, ScalerProbe)
 # the moments of a step, each called only on the probes that implement it: not a no-op call per probe and moment
 MOMENTS = ("begin_step", "gradients_ready", "before_optimizer_step", "after_optimizer_step", "take_readings", "record")
-# whose words a fix is written in (analysis/diagnose.py)
-CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
@@ -529,13 +528,21 @@ class Probes:
                          **kwargs) -> Probes:
         """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler,
         its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight) and its
-        gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch)."""
+        gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch). A setting
+        the Accelerator does not apply on this device (`native_amp` off: "fp16" on the CPU runs with neither autocast
+        nor a loss scaler) is recorded as asked, and the mode is what the weights compute in."""
         models = {"student": accelerator.unwrap_model(model)}
         if teacher is not None:
             models["teacher"] = accelerator.unwrap_model(teacher)
         mode = {"fp16": "mixed", "bf16": "bf16-mixed"}.get(str(accelerator.mixed_precision))
-        precision = {"mode": mode, "requested": f"Accelerator(mixed_precision={accelerator.mixed_precision!r})",
-                     "reason": "the Accelerator's setting"} if mode else None
+        requested = f"Accelerator(mixed_precision={accelerator.mixed_precision!r})"
+        precision = None
+        if mode and getattr(accelerator, "native_amp", True):
+            precision = {"mode": mode, "requested": requested, "reason": "the Accelerator's setting"}
+        elif mode:
+            precision = {"requested": requested, "reason": f"{requested}, which the Accelerator runs without autocast "
+                                                           "or a loss scaler on this device: the weights' dtype is "
+                                                           "what the run computes in"}
         kwargs.setdefault("precision", precision)
         kwargs.setdefault("caller", "accelerate")
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
@@ -677,6 +684,8 @@ class Probes:
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
+        if metrics.get("loss") is None and self.ctx.trained and not skipped:
+            self._loss_unseen(step)
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
@@ -697,6 +706,21 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _loss_unseen(self, step: int) -> None:
+        """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called
+        without labels — a loop that computes its own loss, a KD term from the logits). Without it a non-finite loss,
+        a climb or a blow-up is never seen, and a NaN the loss code makes reaches the diagnosis as gradients that
+        turned NaN. Said once, in the caller's terms: a Lightning module hands its loss over by returning it."""
+        if self.events.say_once("loss_unseen"):
+            given, remedy = (
+                ("`training_step` returned none", "return it from `training_step`") if self.caller == "lightning"
+                else ("probes.step() was given none", "pass the loss the loop optimises: probes.step(loss=loss)"))
+            self.events.record("setup_note", "warning",
+                               f"step {step} closed with no loss: {given} and the model's outputs hold none (it was "
+                               "called without labels): a non-finite loss, or one that climbs or blows up, goes "
+                               f"unseen, and a NaN the loss code makes reads as gradients gone NaN — {remedy}",
+                               step=step, probe="loss", phase="loss", code="loss_unseen")
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
                    cross_entropy: bool = True, eval_set: str | None = None) -> dict:
@@ -900,7 +924,8 @@ class Probes:
                                  for name, m in self.ctx.models.items()},  # frozen ones too: what a teacher outputs
                 # the models besides the student that nothing trains — a second teacher, an RL loop's reference —: the
                 # diagnosis reads them as it reads the teacher
-                "frozen_models": [name for name in self.ctx.models if name != "student" and not self.ctx.trains(name)]}
+                "frozen_models": [name for name in self.ctx.models if name != "student" and not self.ctx.trains(name)],
+                "adapted_models": [name for name, m in self.ctx.models.items() if self.ctx.trains(name) and adapted(m)]}
         info.update({k: v for k, v in self._precision_override.items() if v is not None})
         return info
 
@@ -1001,6 +1026,16 @@ def accumulation_clock(optimizer) -> Callable[[], bool] | None:
         if isinstance(getattr(state, "sync_gradients", None), bool):
             return lambda: state.sync_gradients
     return None
+
+
+def adapted(model: nn.Module) -> bool:
+    """Whether a model trains through adapters: its trainable tensors hold under half its weights, the rest frozen
+    (LoRA, or the lower layers frozen). Its master weights are those tensors alone — a fix that asks for fp32 master
+    weights asks for them in fp32, not for the frozen weights too."""
+    sizes = {True: 0, False: 0}
+    for p in model.parameters():
+        sizes[p.requires_grad] += p.numel()
+    return 0 < sizes[True] < sizes[False]
 
 
 def _by_role(models) -> dict[str, nn.Module]:

@@ -121,6 +121,19 @@ def dtype_of_most(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
     return max(elements, key=elements.get) if elements else None
 
 
+def scores_tokens(model) -> bool:
+    """Whether a model is a language model, whose loss is a cross-entropy over its vocabulary's tokens (its exp a
+    perplexity): a transformers model that can generate (`can_generate()`: causal and seq2seq LMs) or a masked LM
+    (`loss_type` "ForMaskedLM": BERT's, DistilBERT's), not a head that scores labels or regresses values
+    (`ForSequenceClassification`, `ForTokenClassification`, `ForQuestionAnswering`). A model of the caller's own, which
+    says nothing, is taken for the usual language model."""
+    model = getattr(model, "module", model)
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate):
+        return True
+    return bool(can_generate()) or getattr(model, "loss_type", None) == "ForMaskedLM"
+
+
 def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module | None = None) -> nn.Module | None:
     """The frozen model a student's loss compares it against, among a trainer's named attributes: the first module
     whose name says "teacher" (`teacher_model`, `teacher`, `ref_teacher` …), else a preference or RL trainer's

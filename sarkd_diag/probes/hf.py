@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, check_probe_settings, replace_method
-from .base import dtype_of_most, teacher_by_name, weights_compute_dtype
+from .base import dtype_of_most, scores_tokens, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -91,7 +91,8 @@ class SarkdDiagCallback(TrainerCallback):
 
     on_critical: "stop" (default) sets `control.should_training_stop` once the probes record a critical
     event (non-finite weights): every later step would only train NaN weights, and the Trainer would save
-    them as checkpoints. The run closes as `stopped` with its diagnosis. "record" keeps training.
+    them as checkpoints — nor is the checkpoint of the stopping step itself saved. The run closes as `stopped` with
+    its diagnosis. "record" keeps training.
 
     The run directory holds config.json from the first step, and events and metrics are flushed as they
     are written. The Trainer calls no callback on an exception: a bound callback wraps `trainer.train` and closes
@@ -259,19 +260,32 @@ class SarkdDiagCallback(TrainerCallback):
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = state.global_step
             control.should_training_stop = True
+        self._unsaved_once_stopped(control)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._unsaved_once_stopped(control)
+
+    def _unsaved_once_stopped(self, control) -> None:
+        """Stopped on non-finite weights: the checkpoint the Trainer would save of them now — the stopping step a
+        `save_steps` multiple, the epoch's end under `save_strategy="epoch"` — holds only NaN, and under
+        `save_total_limit` it would rotate out the last good checkpoint, the one to resume from. It is not saved."""
+        if self.stopped_at is not None:
+            control.should_save = False
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         """The Trainer evaluated (`eval_strategy`, or `trainer.evaluate()` — also after `train()`, into the closed
-        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. A distillation trainer
-        (a teacher watched) evaluates its `compute_loss`, the distillation objective: its exp is no perplexity, and
-        `eval_ppl` is left unmeasured. Before the first `train()` there is no run to record it in (the probes are
-        built at `on_train_begin`)."""
+        run): its loss becomes the eval row after the step it evaluated, NaN kept NaN. Its exp is a perplexity only
+        where the loss is a language model's cross-entropy over its tokens: a distillation trainer (a teacher watched)
+        evaluates its distillation objective, a sequence classifier or regressor (`ForSequenceClassification`) its
+        labels' cross-entropy or squared error — there `eval_ppl` is left unmeasured. Before the first `train()`
+        there is no run to record it in (the probes are built at `on_train_begin`)."""
         if self.probes is None or not metrics:
             return
         prefix = evaluation_prefix(metrics)
         if prefix is not None and f"{prefix}_loss" in metrics:
             self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
-                                   cross_entropy=self.teacher is None, eval_set=evaluation_set(prefix))
+                                   cross_entropy=self.teacher is None and scores_tokens(model),
+                                   eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probes is not None:

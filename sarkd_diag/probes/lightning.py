@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import Probes, check_probe_settings
-from .base import teacher_by_name
+from .base import scores_tokens, teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
@@ -176,15 +176,17 @@ class SarkdDiagLightningCallback(Callback):
         """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
         `eval_metric` becomes the eval row after the step it evaluated — one per validation dataloader, each named by
         the suffix Lightning logs it under (`val_loss/dataloader_idx_1`: `eval_set` "dataloader_idx_1"). With a teacher
-        watched it is a distillation objective, whose exp is no perplexity: `eval_ppl` is left unmeasured, as for the
-        Trainer."""
+        watched it is a distillation objective, and a student that is no language model (a transformers classifier or
+        regressor, `scores_tokens`) is scored on its labels: their exp is no perplexity, and `eval_ppl` is left
+        unmeasured, as for the Trainer."""
         if self.probes is None or trainer.sanity_checking:
             return
         for key, value in trainer.callback_metrics.items():
             name, _, eval_set = key.partition("/")
             if name == self.eval_metric and (not eval_set or eval_set.startswith("dataloader_idx_")):
+                models = self.probes.ctx.models
                 self.probes.evaluation(self.step, value, eval_set=eval_set or None,
-                                       cross_entropy="teacher" not in self.probes.ctx.models)
+                                       cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.probes is not None:

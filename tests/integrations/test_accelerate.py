@@ -24,7 +24,7 @@ VOCAB, STEPS = 64, 4
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
           eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, plain_probes=False,
-          **call) -> list[float]:
+          mixed_precision="bf16", **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
@@ -32,9 +32,10 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
     trained in eval mode (no dropout), as some do; `make_optimizer`: the optimizer of the model's parameters
     (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync, its
     norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step; `plain_probes`:
-    `Probes(model, optimizer)` of the prepared pair instead of `Probes.from_accelerator`."""
+    `Probes(model, optimizer)` of the prepared pair instead of `Probes.from_accelerator`; `mixed_precision`: the
+    Accelerator's."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model = tiny.make_gpt2(VOCAB)
     if break_module:
@@ -156,6 +157,20 @@ def test_adafactor_with_its_own_relative_step_trains_and_records_no_lr(tmp_path)
     assert run["metrics"]["lr"].isna().all() and run["metrics"]["update_ratio"].notna().all()
     assert run["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
     assert _loop(make_optimizer=Adafactor) == losses
+
+
+def test_fp16_that_the_accelerator_runs_without_autocast_on_the_cpu_is_recorded_and_diagnosed_as_fp32(tmp_path):
+    """accelerate runs `mixed_precision="fp16"` on the CPU with neither autocast nor a loss scaler (`native_amp` off):
+    the run computes in fp32. Recorded as `mixed`, it was diagnosed as fp16 compute — an infinite derivative in it read
+    as an fp16 overflow, to be fixed by a precision switch."""
+    losses = _loop(tmp_path / "run", infinite_grad=True, mixed_precision="fp16")
+    summary = load_run(tmp_path / "run")["summary"]
+    precision = summary["precision"]
+    assert (precision["mode"], precision["compute_dtype"], precision["loss_scaling"]) == ("fp32", None, False)
+    assert precision["requested"] == "Accelerator(mixed_precision='fp16')" and "without autocast" in precision["reason"]
+    found = cause(summary["diagnosis"], "divergence")
+    assert "derivative" in found["fix"] and "mixed_precision" not in found["fix"], found["fix"]
+    np.testing.assert_array_equal(_loop(infinite_grad=True, mixed_precision="fp16"), losses)
 
 
 def test_gradients_are_read_before_accelerate_clips_them(tmp_path):

@@ -241,6 +241,43 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
     assert not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_lightnings_terms(tmp_path):
+    """Under 16-mixed (a CPU GradScaler given to Lightning's precision plugin) the plugin unscales inside `opt.step()`:
+    `self.clip_gradients` called before it, as Lightning's manual-optimization docs show, clips the scaled gradients.
+    Said so, and the fix is where Lightning has unscaled — `on_before_optimizer_step` — not only
+    `Trainer(gradient_clip_val)`, which manual optimization refuses."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    module = ManualAccumulation()
+    _fit(module, tmp_path / "run", gradient_clip_val=None,
+         plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "clip_before_unscale")
+    assert "on_before_optimizer_step" in found["fix"] and "manual optimization" in found["fix"], found["fix"]
+
+
+class ManualKD(ManualAccumulation):
+    """Manual optimization that computes its loss from the logits (the model called without labels) and returns
+    nothing, as manual-optimization modules may."""
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        logits = self.model(input_ids=batch["input_ids"]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_manual_module_that_returns_no_loss_is_told_to_return_it(tmp_path):
+    """Nothing hands the callback the loss: the note says so in Lightning's terms (return it from `training_step`),
+    not as `probes.step(loss=...)`, which a Lightning user never calls."""
+    _fit(ManualKD(), tmp_path / "run", gradient_clip_val=None)
+    notes = load_run(tmp_path / "run")["events"].query("code == 'loss_unseen'")
+    assert len(notes) == 1 and "return it from `training_step`" in notes["message"].iloc[0]
+    assert "probes.step" not in notes["message"].iloc[0]
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization with a student optimizer stepping every batch and a projection's (a hidden-state KD
     head) every second one: Lightning's global_step counts both, 3 per two batches."""
@@ -349,6 +386,31 @@ def test_validations_are_the_runs_eval_rows_and_leave_the_statistics_alone(tmp_p
     assert evals["eval_ppl"].tolist() == pytest.approx([math.exp(v) for v in module.validated], rel=1e-6)
     assert run["metrics"].query("split == 'train'")["step"].tolist() == [1, 2, 3, 4]
     assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_a_classifier_students_validation_is_no_perplexity(tmp_path):
+    """A LightningModule fine-tuning a transformers sequence classifier logs its labels' cross-entropy as `val_loss`:
+    its exp is no perplexity, and the eval rows hold the loss alone."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    class Labelled(Sequences):
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 3}
+
+    torch.manual_seed(0)
+    module = Validated(GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                                                num_labels=3, pad_token_id=0)))
+    module.validated = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, val_check_interval=2,
+                   callbacks=[SarkdDiagLightningCallback(tmp_path / "run")]).fit(
+            module, torch.utils.data.DataLoader(Labelled(VOCAB), batch_size=4),
+            torch.utils.data.DataLoader(Labelled(VOCAB, n=8), batch_size=4))
+    evals = load_run(tmp_path / "run")["metrics"].query("split == 'eval'")
+    assert evals["eval_loss"].tolist() == pytest.approx(module.validated, rel=1e-6)
+    assert evals["eval_ppl"].isna().all()
 
 
 def test_each_validation_dataloader_is_an_evaluation_set_of_its_own(tmp_path):

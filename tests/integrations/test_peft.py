@@ -117,6 +117,48 @@ def test_a_trainer_over_an_fp16_base_is_mixed_and_its_overflow_named_at_the_wrap
     assert summary["status"] == "stopped" and trainer.state.global_step == 1
 
 
+def _fp16_adapters() -> torch.nn.Module:
+    """LoRA adapters left in the fp16 of their base (`autocast_adapter_dtype=False`)."""
+    model = get_peft_model(tiny.make_gpt2(VOCAB).half(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                           fan_in_fan_out=True), autocast_adapter_dtype=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float16}
+    return model
+
+
+def test_fp16_adapters_under_a_grad_scaler_are_told_to_keep_the_adapters_in_fp32(tmp_path):
+    """GradScaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"): for adapters over an fp16 base the
+    weights it needs in fp32 are the adapters, not the model."""
+    model = _fp16_adapters()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unscale FP16 gradients"), Probes(model, optimizer, scaler,
+                                                                            run_dir=tmp_path / "run"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert root["cause"] == "scaler_fp16_weights" and "lora_" in root["tensor"]
+    assert "keep the trainable tensors (the adapters) in fp32 over the frozen float16 weights" in root["fix"]
+    assert "load the model in fp32" not in root["fix"]
+
+
+def test_fp16_adapters_over_an_fp16_base_are_told_to_keep_the_adapters_in_fp32_not_to_load_the_model_so(tmp_path):
+    """Adapters left in fp16 (`autocast_adapter_dtype=False`) train in pure fp16: Adam's eps is 0 there and the
+    adapters turn NaN on step 1. Their master weights are the adapters alone, so the fix is fp32 adapters over the
+    frozen fp16 base — loading the whole model in fp32, as for a fully trained model, doubles the base for nothing."""
+    trainer = _trainer(tmp_path, _fp16_adapters(), tmp_path / "run", learning_rate=1e-2, optim="adamw_torch")
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["precision"]["mode"] == "pure-fp16" and summary["precision"]["adapted_models"] == ["student"]
+    root = summary["diagnosis"][0]
+    assert root["cause"] == "optimizer_eps_underflow" and "lora_" in root["tensor"]
+    assert "trainable tensors in fp32" in root["fix"] and "autocast_adapter_dtype=True" in root["fix"]
+    assert "TrainingArguments(fp16=True)" in root["fix"] and "model loaded in fp32" not in root["fix"]
+    plain = _trainer(tmp_path, _fp16_adapters(), learning_rate=1e-2, optim="adamw_torch")
+    assert logged_losses(plain)[:1] == logged_losses(trainer)  # the probes did not change training
+
+
 def test_an_optimizer_built_before_the_adapters_were_added_is_named_before_the_first_step(tmp_path):
     base = tiny.make_gpt2(VOCAB)
     optimizer = torch.optim.AdamW(base.parameters(), lr=1e-3)  # the base's tensors, frozen by get_peft_model

@@ -64,6 +64,20 @@ def test_pure_fp16_with_the_default_optimizer_is_diagnosed_and_stopped(tmp_path)
     assert _train_losses(run)[:first_bad - 1] == pytest.approx(logged_losses(trainer)[:first_bad - 1], rel=1e-6)
 
 
+@pytest.mark.parametrize("save", [dict(save_strategy="steps", save_steps=1, save_total_limit=1),
+                                  dict(save_strategy="epoch")])
+def test_stopping_on_nan_weights_saves_no_checkpoint_of_them(tmp_path, save):
+    """The step whose weights turned NaN is not saved: under `save_total_limit` its checkpoint would have rotated out
+    the last good one (the one to resume from), and under `save_strategy="epoch"` the epoch's end, reached by the
+    stop, would have saved it."""
+    trainer, callback = _train(tmp_path, tiny.make_gpt2(VOCAB).half(), tmp_path / "run", learning_rate=1e-2,
+                               max_steps=10, **save)
+    stopped = callback.stopped_at
+    assert stopped is not None and trainer.state.global_step == stopped < 10
+    kept = sorted(path.name for path in (tmp_path / "trainer").glob("checkpoint-*"))
+    assert kept == ([f"checkpoint-{stopped - 1}"] if save["save_strategy"] == "steps" else [])
+
+
 def test_fp16_on_the_cpu_which_accelerate_runs_in_fp32_is_recorded_as_fp32(tmp_path):
     """accelerate runs TrainingArguments(fp16=True) on the CPU with neither autocast nor a loss scaler: the run trains
     in fp32, and its record says so (not `mixed`, beside 'no autocast' and no scaler) and why."""
@@ -333,6 +347,59 @@ def test_a_distillation_trainers_evaluation_is_no_perplexity(tmp_path):
     (row,) = [r for r in rows if r["split"] == "eval"]
     assert row["step"] == 2 and row["eval_loss"] == pytest.approx(trainer.state.log_history[-2]["eval_loss"])
     assert "eval_ppl" not in row and load_run(tmp_path / "run")["summary"]["final"]["eval_ppl"] is None
+
+
+class Graded(torch.utils.data.Dataset):
+    """Random token sequences, each with one real-valued grade (a regression target)."""
+
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.ids, self.grades = torch.randint(1, VOCAB, (n, 12), generator=g), torch.randn(n, generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.grades[i]}
+
+
+def test_a_sequence_regressors_evaluation_is_no_perplexity(tmp_path):
+    """A `ForSequenceClassification` head fine-tuned to regress a grade evaluates a squared error: its exp is no
+    perplexity, and the run names none (a language model's eval rows keep theirs: the test above)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                     num_labels=1, pad_token_id=0))
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps",
+                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Graded(), eval_dataset=Graded(8), callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    assert model.config.problem_type == "regression"
+    run = load_run(tmp_path / "run")
+    (row,) = run["metrics"].query("split == 'eval'").itertuples()
+    assert row.eval_loss == pytest.approx(trainer.state.log_history[-2]["eval_loss"]) and math.isnan(row.eval_ppl)
+    assert run["summary"]["final"]["eval_ppl"] is None
+    report = (tmp_path / "run" / "report.md").read_text()  # the loss it measured, where a perplexity would read —
+    assert "perplexity: —" not in report and f"| 2 | {row.eval_loss:.4g} |" in report
+    assert f"validation loss (its exp is no perplexity): {row.eval_loss:.4g}" in report
+
+
+def test_a_masked_lms_evaluation_keeps_its_perplexity(tmp_path):
+    """A masked LM (BERT's, DistilBERT's: it cannot `generate`) evaluates a cross-entropy over its vocabulary: its exp
+    is the perplexity MLM training reports, unlike a classifier's or a regressor's."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64))
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps",
+                                                      eval_steps=2, learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8),
+                      callbacks=[SarkdDiagCallback(tmp_path / "run")])
+    trainer.train()
+    (row,) = load_run(tmp_path / "run")["metrics"].query("split == 'eval'").itertuples()
+    assert row.eval_ppl == pytest.approx(math.exp(row.eval_loss))
 
 
 def test_a_callback_reused_by_a_second_trainer_binds_to_it(tmp_path):

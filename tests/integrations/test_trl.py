@@ -9,6 +9,8 @@ computed, which is why `attach` records the loss `training_step` returns.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -242,6 +244,40 @@ def test_a_dpo_reference_that_overflows_fp16_is_named_as_the_teacher(world, tmp_
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
     assert run["summary"]["status"] == "stopped" and trainer.state.global_step == 1
+
+
+def test_a_dpo_policy_and_its_reference_overflowing_alike_are_each_named(world, tmp_path):
+    """A policy and the reference DPO copies from it, both loaded in fp16, overflow at the same module in the same
+    step. The policy's forward reads none of the reference's outputs: its overflow is a cause of its own, not a symptom
+    folded into the reference's — fixing the reference alone would leave the policy overflowing."""
+    policy = tiny.make_gpt2(world["vocab"], seed=0)
+    overflow_fp16(policy.transformer.h[1])
+    policy = policy.half()
+    _other_trainer(world, "dpo", tmp_path / "t", policy, tmp_path / "run", ref_model=copy.deepcopy(policy),
+                   bf16=False)
+    diagnosis = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    reference, own = cause(diagnosis, "teacher_overflow"), cause(diagnosis, "activation_overflow")
+    assert (reference["model"], reference["module"], reference["first_step"]) == (
+        "teacher", "transformer.h.1.mlp.c_proj", 1)
+    assert (own["model"], own["module"], own["first_step"], own["severity"]) == (
+        "student", "transformer.h.1.mlp.c_proj", 1, "critical")
+
+
+def test_grpo_whose_reward_never_differs_is_told_its_advantages_are_zero(world, tmp_path):
+    """GRPO with a reward function that scores every completion alike (a format it never matches): each group's
+    advantages are 0, so the loss and every gradient are exactly 0 and nothing trains. With no teacher to match, that
+    is no loss at its minimum (information) but a loss multiplied by 0 — a warning that names the reward function."""
+    config = trl.GRPOConfig(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, num_generations=4,
+                            max_steps=3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                            disable_tqdm=True, seed=0, learning_rate=1e-3, bf16=False, max_completion_length=6)
+    trainer = trl.GRPOTrainer(model=tiny.make_gpt2(world["vocab"]), reward_funcs=lambda completions, **_: [0.0] * len(
+        completions), args=config, train_dataset=world["dataset"], processing_class=world["tokenizer"])
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    assert logged_losses(trainer) == [0.0, 0.0, 0.0]
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "no_gradients")
+    assert (found["severity"], found["first_step"]) == ("warning", 1)
+    assert "reward function" in found["fix"] and "identical to its teacher" not in found["fix"]
 
 
 def _sft(world, out, kind, run_dir=None):

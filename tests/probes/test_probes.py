@@ -2168,3 +2168,29 @@ def test_a_loop_that_clips_at_0_is_told_that_nothing_trains(clip, threshold):
     column = "clip_max_norm" if clip == "norm" else "clip_value"
     assert cause["evidence"][column] == 0 and "positive threshold" in cause["fix"]
     assert "clips at 0 already" not in cause["fix"]
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_loop_that_computes_its_own_loss_and_gives_none_is_told_it_goes_unseen(given):
+    """A KD loop calls the model without labels and computes its loss from the logits: its outputs hold no loss.
+    `probes.step()` given none then records none, and a NaN the loss code makes reaches the diagnosis as NaN gradients
+    (an fp32 'gradient overflow'). Said once, at the first such step; given the loss, nothing is said."""
+    student, teacher = tiny.make_gpt2(64), tiny.make_gpt2(64, seed=3).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(3):
+            kd = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1),
+                                      teacher(input_ids=ids).logits.log_softmax(-1), log_target=True,
+                                      reduction="batchmean")
+            kd.backward()
+            opt.step()
+            probes.step(loss=kd) if given else probes.step()
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "loss_unseen"]
+    if given:
+        assert notes == [] and probes.rows[-1]["loss"] == pytest.approx(kd.item())
+    else:
+        (note,) = notes
+        assert (note.step, note.severity) == (1, "warning") and "probes.step(loss=loss)" in note.message
+        assert all(row["loss"] is None for row in probes.rows)
