@@ -453,9 +453,10 @@ def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def train_step(probes):
-        model(torch.ones(1, 2)).sum().backward()
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
         optimizer.step()
-        probes.step()
+        probes.step(loss=loss)
         optimizer.zero_grad()
 
     first = Probes(model, optimizer, run_dir=tmp_path / "run")
