@@ -665,7 +665,9 @@ def test_weight_decay_that_alone_halves_the_weights_within_a_few_steps_is_a_pref
 
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
-    with torch.no_grad():
+    with torch.no_grad():  # `first` passes the input on as it is, whatever the random draws of the tests before
+        model.first.weight.copy_(torch.eye(8))
+        model.first.bias.zero_()
         model.second.weight.fill_(3000.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
