@@ -228,7 +228,17 @@ PHRASES = {
                     "trainer": "`SarkdDiagCallback(..., level=\"full\")`",
                     "accelerate": "`Probes.from_accelerator(..., level=\"full\")`",
                     "lightning": "`SarkdDiagLightningCallback(..., level=\"full\")`"},
+    "hand_loss": {"cli": "`probes.step(loss=loss)`", "loop": "`probes.step(loss=loss)`",
+                  "trainer": "the loss `compute_loss` returns", "accelerate": "`probes.step(loss=loss)`",
+                  "lightning": "the loss `training_step` returns"},
 }
+
+# every gradient non-finite at once, from values far from the dtype's range: what came from the loss, not an overflow
+AT_LOSS_END = ("every gradient turned {{holds}} at once in backward, in {{dtype}}, from values nowhere near "
+               "{{dtype}}'s range (the largest measured up to it {{amax}}): not an overflow — the non-finite value "
+               "entered at the loss end, {origin}; keep the loss's inputs off such points (`x.clamp_min(eps)`, "
+               "`(x + eps).sqrt()`, `log_softmax` rather than the log of a softmax); a precision change, a loss "
+               "scaler or lowering {{lr}} will not help")
 
 # what float16 cannot hold in a module's own code, and the fix: the text two fixes of `activation_overflow` share
 FP16_CONSTANTS = ("a constant of its code that float16 cannot hold — a mask's fill value beyond 65504 "
@@ -478,6 +488,13 @@ FIXES = {
                          "discards (its gradient is still 0 × inf); keep "
                          "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
                          "instead of the distance); a precision change, a loss scaler or lowering {lr} will not help",
+    "nonfinite_grad_at_loss": AT_LOSS_END.format(
+        origin="from a finite loss: an operation in the loss's own computation whose derivative is infinite or "
+               "undefined at its input (sqrt of exactly 0, a log or division at 0)"),
+    "nonfinite_grad_loss_unseen": AT_LOSS_END.format(
+        origin="where the probes saw no loss: a loss gone non-finite, or an operation in the loss whose derivative "
+               "is undefined at its input (sqrt of exactly 0, a log or division at 0) — hand the loss over "
+               "({hand_loss}) and the run tells which"),
     "divergence": "the loss blows up without a precision cause: lower {lr}, clip with {clip}, or check the data",
     "loss_unplaced": "the loss grew from {first} to {top} (beyond {factor}× by step {step}) with every value "
                      "finite and no update as large as the weights: no module, weight or update places it — lower "
@@ -876,7 +893,9 @@ class RunRecord:
         those before, module outputs, weights — is nowhere near the gradient dtype's range (below
         DTYPE_MAX ** RANGE_EXPONENT: no product of two of them overflows). A backward overflow needs huge values
         somewhere; a derivative at its singular point (d√x/dx at 0 = inf, times the 0 of an equal distance: NaN)
-        needs none. Unmeasured magnitudes prove nothing: then None."""
+        needs none. Every gradient of its step non-finite (no finite one measured on it): the value entered at the
+        loss end, and the gradients' scale is that of the steps before it — none measured then, None. Unmeasured
+        magnitudes prove nothing: then None."""
         grads = self.of("nonfinite_grad", "grad_nonfinite_applied")
         if not len(grads) or self.computes_in_fp16():
             return None
@@ -889,9 +908,10 @@ class RunRecord:
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
         grad_amax = self.train_column("grad_amax")
-        if step not in grad_amax.index or not math.isfinite(float(grad_amax.loc[[step]].iloc[-1])):
-            return None  # no finite gradient measured on its step
-        measured = [grad_amax[grad_amax.index <= step], self.train_column("param_amax").loc[lambda s: s.index < step]]
+        grads_up_to_it = grad_amax[grad_amax.index <= step]  # finite ones: a step whose every gradient is not, none
+        if step not in self.train_column("nonfinite_grad_tensors").index or not len(grads_up_to_it):
+            return None  # its step's gradients unmeasured, or no finite gradient measured on it or before it
+        measured = [grads_up_to_it, self.train_column("param_amax").loc[lambda s: s.index < step]]
         measured += [self.train_column(c).loc[lambda s: s.index <= step]
                      for c in self.metrics.columns if str(c).startswith("act_amax_")]
         values = pd.concat(measured)
@@ -1754,12 +1774,17 @@ def divergence(r: RunRecord) -> list[Cause]:
     grad_op = r.nonfinite_grad_op()
     if grad_op is not None:
         row, largest = grad_op
-        holds = _holds(row)
+        holds, step = _holds(row), int(row["step"])
+        every = step not in r.train_column("grad_amax").index  # no finite gradient on its step: from the loss end
+        seen = step in r.train_column("loss").index  # finite: a non-finite loss before it leaves no `grad_op`
+        template = ("nonfinite_grad_op" if not every else
+                    "nonfinite_grad_at_loss" if seen else "nonfinite_grad_loss_unseen")
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds, "in_backward": True,
-                                "loss_finite": True, "largest_measured": largest,
+                                "every_gradient": every, "loss_finite": True if seen else None,
+                                "largest_measured": largest,
                                 "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
-                      fix=r.fix("nonfinite_grad_op", tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
+                      fix=r.fix(template, tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
                                 amax=f"{largest:.3g}"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]

@@ -235,6 +235,7 @@ def stored_tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
     from huggingface_hub import try_to_load_from_cache
     from safetensors import safe_open
 
+    model, name = _as_saved(model, name)
     source = getattr(model, "name_or_path", None)
     if not isinstance(source, str) or not source:
         return None
@@ -265,6 +266,30 @@ def stored_tensor(model: torch.nn.Module, name: str) -> torch.Tensor | None:
             return stored.get_tensor(key) if key else None
     except Exception:  # noqa: BLE001 — a file torn or of another format tells nothing; the probes never break a run
         return None
+
+
+def _as_saved(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The pretrained model inside `model` that holds tensor `name` (the outermost one), and the tensor's name in it
+    as its file knows it: wrappers around it add a prefix (PEFT's `base_model.model.`, a LightningModule's attribute)
+    and an adapter layer adds its base layer's name (PEFT's `get_base_layer()`: `c_fc.base_layer.weight` was saved
+    as `c_fc.weight`). `model` and `name` as given where no pretrained model holds it."""
+    from transformers import PreTrainedModel
+
+    *path, leaf = name.split(".")
+    module, owner, saved = model, None, []
+    for segment in path:
+        child = module._modules.get(segment)
+        if child is None:
+            return model, name
+        if owner is None and isinstance(module, PreTrainedModel):
+            owner = module
+        base_layer = getattr(module, "get_base_layer", None)
+        if owner is not None and not (callable(base_layer) and base_layer() is child):
+            saved.append(segment)
+        module = child
+    if owner is None and isinstance(module, PreTrainedModel):
+        owner = module
+    return (owner, ".".join([*saved, leaf])) if owner is not None else (model, name)
 
 
 def _write_marks(params: list[torch.Tensor]) -> list[tuple[int, int]]:

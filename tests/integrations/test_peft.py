@@ -189,3 +189,36 @@ def test_trls_sft_trainer_with_a_peft_config_over_an_fp16_base_is_recorded_as_it
     assert run["summary"]["precision"]["mode"] == "mixed" and run["summary"]["precision"]["compute_dtype"] == "float16"
     assert _setup_notes(run)["tensor"].str.contains("lora_A").all() and len(_setup_notes(run)) == 1
     assert run["metrics"]["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
+
+
+@pytest.mark.parametrize("stored_dtype, stored_value, in_file", [(torch.float16, float("inf"), True),
+                                                                  (torch.float32, 1e5, False)])
+def test_an_inf_as_loaded_under_lora_is_read_back_from_the_checkpoint_under_its_saved_name(tmp_path, stored_dtype,
+                                                                                          stored_value, in_file):
+    """The base of a LoRA model, loaded in float16, holds +Inf in an adapted layer. The file knows that weight as
+    `transformer.h.0.mlp.c_fc.weight`; the PEFT model names it `base_model.model.transformer.h.0.mlp.c_fc.base_layer
+    .weight`. Before, the read-back found no such key and the event said the file "may be sound" either way; now a
+    file holding the Inf is named corrupt, and one holding 1e5 in fp32 is named sound (float16's cast made it)."""
+    from transformers import AutoModelForCausalLM
+
+    saved = tiny.make_gpt2(VOCAB).to(stored_dtype)
+    with torch.no_grad():
+        saved.get_parameter("transformer.h.0.mlp.c_fc.weight")[0, 0] = stored_value
+    saved.save_pretrained(tmp_path / "checkpoint")
+    model = lora(AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint", dtype=torch.float16))
+    tensor = "base_model.model.transformer.h.0.mlp.c_fc.base_layer.weight"
+    assert model.get_parameter(tensor)[0, 0] == float("inf")  # either way, +Inf as loaded
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.arange(16).reshape(2, 8)
+    with Probes(model, optimizer=optimizer, run_dir=tmp_path / "run") as probes:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        probes.step(loss=loss)
+    events = load_run(tmp_path / "run")["events"]
+    (event,) = events[events["kind"] == "nonfinite_at_load"].itertuples()
+    assert (event.tensor, event.code) == (tensor, "nonfinite_in_checkpoint" if in_file else "nonfinite_at_load")
+    assert ("the file is sound" in event.message) is not in_file and "may be sound" not in event.message
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["tensor"]) == ("nonfinite_input", tensor)
+    assert ("the checkpoint is corrupt" in root["fix"]) is in_file and ("65504" in root["fix"]) is not in_file

@@ -665,7 +665,9 @@ def test_weight_decay_that_alone_halves_the_weights_within_a_few_steps_is_a_pref
 
 def test_activation_overflow_in_fp16_names_the_first_module_in_forward_order(tmp_path):
     model = Net().half()
-    with torch.no_grad():
+    with torch.no_grad():  # `first` passes the input on as it is, whatever the random draws of the tests before
+        model.first.weight.copy_(torch.eye(8))
+        model.first.bias.zero_()
         model.second.weight.fill_(3000.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
@@ -2194,3 +2196,38 @@ def test_a_loop_that_computes_its_own_loss_and_gives_none_is_told_it_goes_unseen
         (note,) = notes
         assert (note.step, note.severity) == (1, "warning") and "probes.step(loss=loss)" in note.message
         assert all(row["loss"] is None for row in probes.rows)
+
+
+@pytest.mark.parametrize("term, given", [("masked_mean", False), ("masked_mean", True), ("distance", True)])
+def test_every_gradient_nan_at_once_in_fp32_from_the_loss_end_is_not_called_an_overflow(term, given):
+    """An fp32 KD loop whose loss term turns undefined at step 3, gradients up to it ~1e-3: a mean over a mask the
+    batch leaves empty (0/0: a NaN loss), or a feature distance written as the sqrt of a sum of squares at exactly 0
+    (a finite loss, an undefined derivative). Every gradient is NaN at once. Before, that read as a float32 gradient
+    overflow, fixed by fp16 autocast and a GradScaler; now the NaN is placed at the loss end — the loss named where
+    it was seen NaN, the loss's own derivative where it was finite, and both said possible where no loss was given."""
+    student, teacher = tiny.make_gpt2(64), tiny.make_gpt2(64, seed=3).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for step in range(1, 5):
+            logits, target = student(input_ids=ids).logits, teacher(input_ids=ids).logits
+            per_token = nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                             reduction="none").sum(-1)
+            mask = torch.full_like(per_token, float(step != 3))  # step 3's batch: every position padding
+            loss = (per_token * mask).sum() / mask.sum() if term == "masked_mean" else per_token.mean()
+            if term == "distance" and step == 3:
+                loss = loss + (logits - logits.detach()).pow(2).sum().sqrt()  # sqrt at exactly 0: d/dx = inf × 0
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss) if given else probes.step()
+            opt.zero_grad()
+    assert probes.rows[2]["nonfinite_grad_tensors"] == len(list(student.parameters()))
+    root = probes.diagnosis()[0]
+    assert root["first_step"] == 3 and "GradScaler" not in root["fix"] and "overflow" not in root["cause"]
+    if term == "masked_mean" and given:
+        assert (root["cause"], root["tensor"]) == ("divergence", "loss")  # the NaN loss, seen
+    else:
+        assert root["cause"] == "divergence" and root["evidence"]["every_gradient"] is True
+        assert "not an overflow" in root["fix"] and "the loss end" in root["fix"]
+        assert ("hand the loss over (`probes.step(loss=loss)`)" in root["fix"]) is not given
+        assert ("from a finite loss" in root["fix"]) is given
