@@ -377,14 +377,14 @@ def _rebuild_run(run_dir: Path) -> dict:
     from .presentation.closing import finalize_run
     from .presentation.report import continuation
 
-    status = "crashed"
+    status = None  # no summary, or a damaged one: the status the logs prove
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         try:
             previous = json.loads(summary_path.read_text()).get("status")
-        except ValueError:
+        except (ValueError, AttributeError):
             previous = None
-        status = previous if previous in STATUSES else "crashed"
+        status = previous if previous in STATUSES else None
     before = _modified(run_dir)
     summary = finalize_run(run_dir, status)
     after = _modified(run_dir)

@@ -168,7 +168,7 @@ def _last_error_line(log: Path) -> str:
 
 
 def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
-    """Train one mode in its own process; a process that dies is closed as a crashed run and recorded."""
+    """Train one mode in its own process; a run whose process died is closed as its logs show, and recorded."""
     run_dir, log = out / "runs" / mode, out / "logs" / f"{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -192,7 +192,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
     elif code not in (0, 1):
         failure = f"exit {code}: {_last_error_line(log)[:MAX_FAILURE_CHARS]}"
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
-        finalize_run(run_dir, "crashed")  # what `sarkd-diag report` does for a run that died
+        finalize_run(run_dir)  # what `sarkd-diag report` does for a run that died: the status its logs prove
     if failure is None and not (run_dir / "summary.json").is_file():
         failure = "no summary.json was written"
     return ModeRun(mode, run_dir, code, seconds, failure)

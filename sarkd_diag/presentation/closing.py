@@ -32,20 +32,44 @@ def run_error(events) -> dict | None:
     return {"message": " ".join(str(first["message"]).split()), "step": int(first["step"]), "phase": first["phase"]}
 
 
-def finalize_run(run_dir: str | Path, status: str) -> dict:
+# what a run records as it decides its own end, before it closes: a process that died while closing still said it
+ENDING_EVENTS = {"run_error": "failed", "out_of_memory": "failed", "policy_stop": "stopped",
+                 "interrupted": "interrupted"}
+
+
+def status_from_logs(config: dict, metrics, events) -> str:
+    """The status of a run closed by someone other than its own process, as far as its logs prove it: the end the
+    run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
+    `completed` where a `train` run evaluated after its last step — only a completed run does —, else `crashed`."""
+    starts = events.index[events["code"].isin(("resumed", "run_continued"))]
+    since = events.loc[starts[-1]:] if len(starts) else events
+    ended = since[since["kind"].isin(ENDING_EVENTS)]
+    if len(ended):
+        return ENDING_EVENTS[ended["kind"].iloc[-1]]
+    last_step = (config.get("options") or {}).get("train_steps")
+    evaluated = metrics["step"][metrics["split"] == "eval"]
+    trained = metrics["step"][metrics["split"] == "train"]
+    if last_step and (evaluated == last_step).any() and (trained == last_step).any():
+        return "completed"
+    return "crashed"
+
+
+def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
     """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
-    options ask for it) the TensorBoard export from the run's own logs. The renderers are imported here, when
-    a run closes, so that importing the training loop does not load matplotlib."""
+    options ask for it) the TensorBoard export from the run's own logs; without a `status`, the one the logs
+    prove (`status_from_logs`). The renderers are imported here, when a run closes, so that importing the
+    training loop does not load matplotlib."""
     from ..analysis.diagnose import diagnose
     from .plots import write_run_plots
     from .report import write_html_report, write_report
     from .tensorboard_export import export_tensorboard
 
-    if status not in STATUSES:
+    if status is not None and status not in STATUSES:
         raise ValueError(f"status {status!r} not in {STATUSES}")
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     metrics, events = load_metrics(run_dir), load_events(run_dir)
+    status = status or status_from_logs(config, metrics, events)
     train = metrics[metrics["split"] == "train"]
     metrics.to_parquet(run_dir / "metrics.parquet", index=False)
     events.to_parquet(run_dir / "events.parquet", index=False)
