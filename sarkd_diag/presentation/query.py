@@ -146,6 +146,11 @@ def not_a_run(path: Path) -> BadInput:
     damaged = damaged_config(path)
     if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
         return damaged
+    if any(path.glob("events*.jsonl")):  # a run's logs: `events` and `check` read them as the run they are
+        what = "a config.json that is no run's" if (path / "config.json").is_file() else "no config.json"
+        return BadInput(f"{path} holds a run's logs but {what}: closing or loading a run reads its precision and "
+                        f"options there; copy the run's config.json back beside its logs (`sarkd-diag events {path}` "
+                        "reads the events alone)")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -550,7 +555,7 @@ def _new_rows(path: Path, offsets: dict[Path, int]) -> Iterator[tuple[str | None
 # ----------------------------------------------------------------------------------------- check
 def _master_fp32(run: Run) -> str | None:
     if run.config is None:
-        return "no config.json: the run did not record how its weights were held"
+        return "no config.json, which records how the run held its weights"
     dtypes = (run.config.get("precision") or {}).get("param_dtypes")
     if isinstance(dtypes, list):  # a run recorded by Probes in a user's loop: the watched weights' dtypes
         dtypes = {"watched": {"trainable": {d: 0 for d in dtypes}}}

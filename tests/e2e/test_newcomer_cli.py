@@ -617,6 +617,29 @@ def test_check_completed_offers_report_only_where_report_accepts_the_directory(c
     assert "closes it" not in out
 
 
+@pytest.mark.parametrize("config", [None, '{"precision": {"mode": "fp32"}}'], ids=["no-config", "no-runs-config"])
+def test_a_directory_of_a_runs_logs_without_its_config_is_called_one_thing(cli, tmp_path, config):
+    """Event logs without a run's config.json: `check` read the directory as a run ('no-critical holds for 1 run')
+    and said, through report's refusal, that it was 'neither a sarkd-diag run directory nor a compare-precision
+    directory'. check, report and load_run now all say what it is: a run's logs whose config.json is missing."""
+    from sarkd_diag import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if config is not None:
+        (run / "config.json").write_text(config)
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "x", "severity": "info", "message": "m"}\n')
+    code, out, _ = cli("check", "--expect", "no-critical,completed", str(run))
+    assert code == 1 and out.startswith(f"{run}: completed: no summary.json, and `sarkd-diag report` cannot write one")
+    report_code, _, refusal = cli("report", str(run))
+    said = refusal.strip().removeprefix("sarkd-diag: error: ")
+    assert report_code == 2 and said.startswith(f"{run} holds a run's logs but ") and "neither" not in said
+    assert out.strip().endswith(said)
+    with pytest.raises(ValueError) as loading:
+        load_run(run)
+    assert str(loading.value) == said
+
+
 def _cache_as_hub_model(model: Path, hf_home: Path, repo_id: str) -> None:
     """Put a saved model in a Hugging Face cache at `hf_home` as the hub download of `repo_id` leaves it."""
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
