@@ -681,12 +681,13 @@ def test_a_cached_hub_model_of_another_kind_is_named_as_a_local_one_is(tiny_worl
 
 @pytest.mark.parametrize(("call", "typed", "meant"), [
     ("distill", "learning_rate", "student_lr"), ("distill", "train_step", "train_steps"),
-    ("compare_precision", "max_steps", "train_steps"),
+    ("compare_precision", "max_steps", "train_steps"), ("DistillConfig", "learning_rate", "student_lr"),
+    ("DistillConfig", "batch_size", "per_device_batch_size"), ("DistillConfig", "train_step", "train_steps"),
 ])
 def test_an_option_of_another_name_given_to_the_python_api_names_the_option_meant(call, typed, meant):
     """`sarkd_diag.distill(learning_rate=1e-3)` raised a bare TypeError (DistillConfig's "unexpected keyword
     argument"), where the CLI's `--learning-rate` says to write --student-lr: the API names the option meant too,
-    before anything loads or is written."""
+    before anything loads or is written; so does the DistillConfig a notebook builds itself."""
     import sarkd_diag
 
     with pytest.raises(TypeError) as raised:
