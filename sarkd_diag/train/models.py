@@ -298,7 +298,7 @@ def check_block_fits(block_size: int, positions: int | None, name: str) -> None:
         raise BadInput(f"--block-size {block_size} exceeds {name}'s {positions} positions")
 
 
-def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int | None:
+def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int) -> int | None:
     """How many logit columns logit KD compares, or None where it cannot (two tokenizers: identical ids on probe
     strings tell one). Equal vocab sizes: all of them. Sizes that differ only by padding rows — a vocab_size rounded
     up past the tokenizer, as Qwen2.5-7B's 152064 against 0.5B's 151936 over one tokenizer — where every id of the
@@ -307,7 +307,7 @@ def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, stude
     if not all(teacher_tokenizer(s, add_special_tokens=False)["input_ids"]
                == student_tokenizer(s, add_special_tokens=False)["input_ids"] for s in probes):
         return None
-    sizes = (teacher_model.config.vocab_size, student_model.config.vocab_size)
+    sizes = (teacher_vocab, student_vocab)  # the heads' sizes: each model's vocab_size
     if sizes[0] == sizes[1]:
         return sizes[0]
     ids = max(len(teacher_tokenizer), len(student_tokenizer))
