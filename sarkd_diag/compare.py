@@ -40,6 +40,7 @@ from .contract.rundir import (
     load_events,
     load_metrics,
     recorded_run,
+    scaler_warmup_skips,
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
@@ -212,6 +213,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
     final = summary.get("final") or {}
     events = load_events(result.run_dir) if result.run_dir.is_dir() else None
     params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
+    warmup = scaler_warmup_skips(load_metrics(result.run_dir), events) if events is not None else 0
     diagnosis = summary.get("diagnosis", [])
     causes = [d["cause"] for d in diagnosis]
     status = summary.get("status")
@@ -223,6 +225,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
         "first_nonfinite_step": int(params["step"].min()) if len(params) else None,
         "nonfinite_param_events": int(len(params)),
         "skipped_steps": int(final.get("skipped_steps") or 0),
+        "scaler_warmup_skips": warmup,  # for the verdict; not a column of the table
         "final_eval_ppl": _figure(final.get("eval_ppl")),
         "best_eval_ppl": _figure(final.get("best_eval_ppl")),
         "lost_update_fraction": _figure(final.get("lost_update_fraction")),

@@ -267,6 +267,16 @@ def load_run(run_dir: str | Path) -> dict:
     }
 
 
+def scaler_warmup_skips(metrics: pd.DataFrame, events: pd.DataFrame) -> int:
+    """The steps the loss scaler skipped while finding its scale, as its probe told them from overflows: the first
+    step's skip (which records no event) and each `scaler_skip_warmup` — the scaler working, not steps lost."""
+    train = metrics[metrics["split"] == "train"]
+    first = train.iloc[0] if len(train) and "skipped" in train else None
+    first_skipped = first is not None and number_or_none(first["skipped"]) == 1 \
+        and number_or_none(first["loss_scale"]) is not None
+    return int(first_skipped) + int((events["code"] == "scaler_skip_warmup").sum())
+
+
 def final_figures(metrics: pd.DataFrame) -> dict:
     train = metrics[metrics["split"] == "train"]
     evals = primary_evaluations(metrics[metrics["split"] == "eval"])

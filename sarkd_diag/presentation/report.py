@@ -326,9 +326,9 @@ def legend(summary: dict) -> list[str]:
         f"drift reference: {reference}.",
         f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
         f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "
-        f"{t['stagnant_skipped_step_fraction']:.0%} of steps were skipped; `drifting` when over "
-        f"{t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is more than "
-        f"{t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
+        f"{t['stagnant_skipped_step_fraction']:.0%} of the steps after the loss scaler's warm-up were skipped; "
+        f"`drifting` when over {t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is "
+        f"more than {t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
     ]
 
 

@@ -40,6 +40,21 @@ def compared(tiny_world, tmp_path_factory):
     return out, exit_.value.code, stdout.getvalue()
 
 
+def test_a_short_comparison_whose_loss_scaler_warms_up_is_not_called_stagnant(cli, tiny_world, tmp_path):
+    """`mixed` over 5 steps with a loss term weighted 20x: GradScaler halves its scale on steps 1-4 while it finds
+    one that fits, then trains. compare-precision called the mode `stagnant` (80% of the steps skipped), where the
+    diagnosis reads those skips as the scaler's warm-up: the verdict now counts only the skips after it."""
+    out = tmp_path / "cmp"
+    code, _, err = cli("compare-precision", *world_options(tiny_world, out, "2e-3", steps=5), "--modes", "mixed",
+                       "--alpha-ce", "20")
+    assert code == 0, err
+    mixed = pd.read_csv(out / "comparison.csv").set_index("mode").loc["mixed"]
+    events = pd.read_json(out / "runs" / "mixed" / "events.jsonl", lines=True)
+    warmup = int((events["code"] == "scaler_skip_warmup").sum())
+    assert mixed["skipped_steps"] == warmup + 1 >= 3  # step 1's skip, then the warm-up's events
+    assert not mixed["verdict"].startswith("stagnant"), mixed["verdict"]
+
+
 def test_every_mode_ran_and_the_command_exits_0(compared):
     out, code, stdout = compared
     assert code == 0
