@@ -596,7 +596,7 @@ def usage_message(exc: Exception, args: list[str]) -> str:
     kinds = _kinds(exc)
     message = _one_line(getattr(exc, "message", "") or exc.format_message())
     if "NoSuchOption" in kinds and command is not None:
-        return _no_such_option(exc.option_name, command, name, where)
+        return _no_such_option(exc.option_name, command, name, where, args)
     if "MissingParameter" in kinds and getattr(exc, "param", None) is not None and name:
         param = exc.param
         what = _help_of(param)
@@ -619,7 +619,7 @@ def usage_message(exc: Exception, args: list[str]) -> str:
     return f"{message} ({where})"
 
 
-def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
+def _no_such_option(typed: str, command, name: str | None, where: str, args: list[str]) -> str:
     spelled = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed
     here = _shown_options(command)
     if spelled in here:  # the underscore spelling of an option that has none (`check --max_eval_ppl`)
@@ -631,11 +631,13 @@ def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
         return f"{owner}: write {elsewhere}"
     if spelled in config and name:  # one of train's options that this command does not take
         return f"{owner} (a `train` option; {where} lists its own)"
+    takers = [] if name else [n for n, c in command.commands.items() if spelled in _shown_options(c)]
+    if takers:  # `sarkd-diag --precision fp32 train`: a command's option, typed before the command (not --version)
+        meant = next((a for a in args if a in takers), takers[0])
+        return f"{owner}: options of a command go after it (`sarkd-diag {meant} {typed} ...`)"
     close = closest(spelled, sorted(here))
     if close:
         return f"{owner}: did you mean {close}?"
-    if not name and typed in config:  # `sarkd-diag --train-steps 3 train`: options go after the command
-        return f"{owner}: options of a command go after it (`sarkd-diag train {typed} ...`)"
     return f"{owner} ({where} lists them)"
 
 

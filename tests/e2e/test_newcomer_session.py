@@ -187,6 +187,12 @@ USAGE_ERRORS = [
     (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
     (["--train-steps", "3", "train"],
      "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
+    (["--precision", "fp32", "train"],  # not `did you mean --version?`: a command's option, before the command
+     "sarkd-diag has no option --precision: options of a command go after it (`sarkd-diag train --precision ...`)"),
+    (["--kind", "nonfinite_param", "events", "RUN"],
+     "sarkd-diag has no option --kind: options of a command go after it (`sarkd-diag events --kind ...`)"),
+    (["--modes", "fp32", "estimate-memory"],  # the command typed, of those that take it
+     "sarkd-diag has no option --modes: options of a command go after it (`sarkd-diag estimate-memory --modes ...`)"),
     (["evnts"], "sarkd-diag has no command 'evnts': did you mean events?"),
     (["events"], "events needs RUN_DIR: a run directory (a crashed one too) or a compare-precision directory"),
     (["events", "RUN", "RUN"], "events takes one RUN_DIR, not also 'RUN' (a path with spaces needs quotes)"),
