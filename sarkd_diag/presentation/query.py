@@ -64,12 +64,17 @@ class Run:
 
     @cached_property
     def summary(self) -> dict | None:
-        """The run's summary.json; one cut short (a full disk, an edit) is refused with how to write it again."""
-        damaged = _invalid_json(self.path / "summary.json")
-        if damaged:
-            raise BadInput(f"{self.path / 'summary.json'} is not valid JSON ({damaged}): `sarkd-diag report "
-                           f"{self.path}` writes it again from the run's logs")
-        return self._json("summary.json")
+        """The run's summary.json; one cut short (a full disk, an edit) or holding no object (`[]`) is refused with
+        how to write it again."""
+        path = self.path / "summary.json"
+        damaged = _invalid_json(path)
+        summary = self._json("summary.json") if damaged is None else None
+        why = f"is not valid JSON ({damaged})" if damaged else None
+        if summary is not None and not isinstance(summary, dict):
+            why = f"holds a JSON {type(summary).__name__}, where a run's summary is an object"
+        if why:
+            raise BadInput(f"{path} {why}: `sarkd-diag report {self.path}` writes it again from the run's logs")
+        return summary
 
     @cached_property
     def events(self) -> pd.DataFrame:
