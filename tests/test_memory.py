@@ -205,3 +205,23 @@ def test_a_block_longer_than_a_models_positions_is_refused_as_train_refuses_it(t
                                       f"{positions} positions\n")
     code, out, err = cli("estimate-memory", *models, "--block-size", positions, "--json")
     assert code == 0 and json.loads(out)["block"] == positions, err
+
+
+def test_a_model_directory_without_weights_is_estimated_and_one_without_a_tokenizer_is_told_so(tiny_world, cli,
+                                                                                              tmp_path):
+    """estimate-memory reads a model's config (its shapes) and its tokenizer (dual-tokenizer mode or not, as train
+    decides it), never its weights: a directory saved before the weights were downloaded is estimated, and one
+    without a tokenizer is told it lacks only that — not weights, which the estimate never reads."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_bytes((tiny_world["student"] / "config.json").read_bytes())
+    code, _, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", partial)
+    assert code == 2 and err == (f"sarkd-diag: error: model path {partial} has no tokenizer files (tokenizer.json, "
+                                 "tokenizer_config.json, vocab.json, ...): save its tokenizer "
+                                 "(tokenizer.save_pretrained) there\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (partial / name).write_bytes((tiny_world["student"] / name).read_bytes())
+    code, out, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", partial,
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["student"]["params"] == shape_from_config(str(tiny_world["student"])).params

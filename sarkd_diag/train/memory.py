@@ -99,7 +99,7 @@ def shape_from_config(name: str, trust_remote_code: bool = False,
 
     from .models import model_load_error, resolve_model_source
 
-    source = resolve_model_source(name, config_only=True)
+    source = resolve_model_source(name, weights=False)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -256,8 +256,8 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
             raise BadInput(f"--router-patterns {pattern!r} is not a valid regular expression: {exc}") from None
     teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns, "--teacher-model")
     student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
-    tokenizers = (load_tokenizer(cfg.teacher_model, cfg.trust_remote_code),
-                  load_tokenizer(cfg.student_model, cfg.trust_remote_code))
+    tokenizers = (load_tokenizer(cfg.teacher_model, cfg.trust_remote_code, weights=False),
+                  load_tokenizer(cfg.student_model, cfg.trust_remote_code, weights=False))
     dual = shared_vocabulary(*tokenizers, teacher.vocab, student.vocab) is None  # as train decides: its own tokens
     for shape in (student,) if dual else (student, teacher):
         check_block_fits(cfg.block_size, shape.positions, shape.name)

@@ -189,7 +189,7 @@ def test_a_model_of_another_kind_is_named_not_an_unrecognized_configuration_clas
                                                                                  tmp_path, kind):
     """An encoder-decoder (T5) or a vision model (ViT, which has no tokenizer either) in a local directory: one line
     naming what the directory holds, not transformers' "Unrecognized configuration class", nor a missing tokenizer;
-    estimate-memory, which needs only the config, says the same."""
+    estimate-memory, which reads no weights, says the same."""
     from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
 
     model = tmp_path / kind
