@@ -363,6 +363,9 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
                 if not results:  # bad input, found before any mode ran: leave nothing that refuses the rerun
                     _take_back(out, made)
                 raise
+            except KeyboardInterrupt:
+                console.print(_after_interrupt(out, mode))
+                raise
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")
@@ -374,6 +377,16 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
     console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
     return CompareResult(out, table, summary, 0, verdicts, recommendation)
+
+
+def _after_interrupt(out: Path, mode: str) -> str:
+    """What a comparison stopped during `mode` leaves, and the command that reads it: `report` compares the modes
+    whose runs closed (the interrupted one too, when it saved its state), which the interrupt alone does not say."""
+    closed = [p.parent.name for p in sorted((out / "runs").glob("*/summary.json"))]
+    if not closed:
+        return f"interrupted during {mode}, before any mode closed: `--overwrite` starts the comparison again"
+    return (f"interrupted during {mode}; closed: {', '.join(closed)} — `sarkd-diag report {out}` compares them, "
+            "`--overwrite` starts the comparison again")
 
 
 def rebuild_comparison(out: str | Path) -> CompareResult:

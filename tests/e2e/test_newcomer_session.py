@@ -76,6 +76,32 @@ def test_compare_precision_header_says_1_step_and_a_second_run_what_to_do(cli, t
                                  f"{tmp_path / 'cmp'}` to rebuild its table from the modes that ran\n")
 
 
+def test_an_interrupted_comparison_says_what_it_left_and_how_to_read_it(cli, tiny_world, tmp_path, monkeypatch):
+    """Ctrl-C during compare-precision printed only `sarkd-diag: interrupted`: which modes had closed, and that
+    `report` compares them, the user learnt only from the refusal of the next run."""
+    import sarkd_diag.compare as compare
+
+    def fp32_done_then_ctrl_c(mode, config_file, out):
+        if mode == "bf16-mixed":
+            raise KeyboardInterrupt
+        (out / "runs" / mode).mkdir(parents=True)
+        (out / "runs" / mode / "summary.json").write_text("{}")  # as a mode that closed leaves its run
+        return compare.ModeRun(mode, out / "runs" / mode, 0, 1.0)
+
+    monkeypatch.setattr(compare, "run_mode", fp32_done_then_ctrl_c)
+    args = ["compare-precision", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--steps", "1"]
+    code, out, err = cli(*args, "--modes", "bf16-mixed", "--output-dir", tmp_path / "none")
+    assert (code, err) == (130, "sarkd-diag: interrupted\n")
+    assert "interrupted during bf16-mixed, before any mode closed: `--overwrite` starts the comparison again" \
+        in " ".join(out.split())
+    code, out, err = cli(*args, "--modes", "fp32,bf16-mixed", "--output-dir", tmp_path / "cmp")
+    assert code == 130
+    said = " ".join(out.split())
+    assert (f"interrupted during bf16-mixed; closed: fp32 — `sarkd-diag report {tmp_path / 'cmp'}` compares them, "
+            "`--overwrite` starts the comparison again") in said
+
+
 def test_counted_agrees_with_its_number():
     from sarkd_diag.contract.wording import counted
 
