@@ -267,6 +267,28 @@ def load_run(run_dir: str | Path) -> dict:
     }
 
 
+# what a run records as it decides its own end, before it closes: a process that died while closing still said it
+ENDING_EVENTS = {"run_error": "failed", "out_of_memory": "failed", "policy_stop": "stopped",
+                 "interrupted": "interrupted"}
+
+
+def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
+    """The status of a run closed by someone other than its own process, as far as its logs prove it: the end the
+    run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
+    `completed` where a `train` run evaluated after its last step — only a completed run does —, else `crashed`."""
+    starts = events.index[events["code"].isin(("resumed", "run_continued"))]
+    since = events.loc[starts[-1]:] if len(starts) else events
+    ended = since[since["kind"].isin(ENDING_EVENTS)]
+    if len(ended):
+        return ENDING_EVENTS[ended["kind"].iloc[-1]]
+    last_step = (config.get("options") or {}).get("train_steps")
+    evaluated = metrics["step"][metrics["split"] == "eval"]
+    trained = metrics["step"][metrics["split"] == "train"]
+    if last_step and (evaluated == last_step).any() and (trained == last_step).any():
+        return "completed"
+    return "crashed"
+
+
 def scaler_warmup_skips(metrics: pd.DataFrame, events: pd.DataFrame) -> int:
     """The steps the loss scaler skipped while finding its scale, as its probe told them from overflows: the first
     step's skip (which records no event) and each `scaler_skip_warmup` — the scaler working, not steps lost."""

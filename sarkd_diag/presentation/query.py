@@ -27,7 +27,15 @@ from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
+from ..contract.rundir import (
+    final_figures,
+    is_compare_dir,
+    load_events,
+    load_metrics,
+    recorded_run,
+    resume_command,
+    status_from_logs,
+)
 from ..contract.rundir import load_run as read_run
 from ..contract.wording import counted, did_you_mean
 from ..contract.writers import holds_open, run_logs, writing_processes
@@ -607,6 +615,10 @@ def _completed(run: Run) -> str | None:
         refused = report_refusal(run.path)
         if refused:  # offering `report` sent the user to a command that refuses the directory
             return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
+        ended = status_from_logs(run.config, run.metrics, run.events)  # the status `report` would write
+        if ended != "crashed":
+            return (f"no summary.json, though its logs show how the run ended: {ended} (`sarkd-diag report "
+                    f"{run.path}` writes it)")
         return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
     status = run.summary.get("status")
     if status == "completed":

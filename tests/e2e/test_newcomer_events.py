@@ -311,20 +311,27 @@ def test_a_step_range_after_the_last_step_says_where_the_run_ended(cli, tmp_path
 
 
 def _closed_again(cli, run: Path, summary: str | None) -> str:
-    """`report` on `run` after its summary.json was lost (None) or damaged (the text it holds): the status it wrote."""
+    """`report` on `run` after its summary.json was lost (None) or damaged (the text it holds): the status it wrote,
+    which `check --expect completed` of the run without a summary said first."""
     (run / "summary.json").unlink()
+    code, said, _ = cli("check", run, "--expect", "completed")
     if summary is not None:
         (run / "summary.json").write_text(summary)
     code, out, err = cli("report", run)
     assert code == 0, err
-    return json.loads((run / "summary.json").read_text())["status"]
+    status = json.loads((run / "summary.json").read_text())["status"]
+    assert said == (f"{run}: completed: no summary.json: the run is still running, or it crashed (`sarkd-diag report "
+                    f"{run}` closes it)\n" if status == "crashed" else f"{run}: completed: no summary.json, though its "
+                    f"logs show how the run ended: {status} (`sarkd-diag report {run}` writes it)\n")
+    return status
 
 
 @pytest.mark.parametrize("summary", [None, '{"status": "compl', "[]"], ids=["lost", "torn", "not-an-object"])
 def test_report_of_a_run_without_its_summary_writes_the_status_its_logs_prove(cli, tiny_args, monkeypatch, summary):
     """A run that reached its last step and evaluated, whose summary.json was then lost or damaged, was closed again
     by `report` as `crashed`; so was one that recorded its own Ctrl-C. Each now gets the end its logs recorded,
-    only a run whose logs stop short of an ending is crashed, and an end before a resume is not the run's."""
+    only a run whose logs stop short of an ending is crashed, and an end before a resume is not the run's; `check`
+    says that end before `report` writes it."""
     import signal
 
     from sarkd_diag.train import loop
