@@ -44,7 +44,7 @@ from .contract.rundir import (
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
-from .contract.wording import counted
+from .contract.wording import counted, shell_command
 from .contract.writers import run_logs, writing_processes
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
@@ -115,8 +115,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     previous = out.is_dir() and is_compare_dir(out)
     if previous and not overwrite:
         raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it, another "
-                       f"--output-dir for a new one, or `sarkd-diag report {out}` to rebuild its table from the modes "
-                       "that ran")
+                       f"--output-dir for a new one, or `{shell_command('report', out)}` to rebuild its table from the "
+                       "modes that ran")
     if out.is_dir() and not previous and any(out.iterdir()):
         what = "holds a `train` run" if recorded_run(out) is not None else "is not empty and holds no comparison"
         raise BadInput(f"--output-dir {out} {what}; choose another directory (--overwrite only replaces a "
@@ -385,7 +385,7 @@ def _after_interrupt(out: Path, mode: str) -> str:
     closed = [p.parent.name for p in sorted((out / "runs").glob("*/summary.json"))]
     if not closed:
         return f"interrupted during {mode}, before any mode closed: `--overwrite` starts the comparison again"
-    return (f"interrupted during {mode}; closed: {', '.join(closed)} — `sarkd-diag report {out}` compares them, "
+    return (f"interrupted during {mode}; closed: {', '.join(closed)} — `{shell_command('report', out)}` compares them, "
             "`--overwrite` starts the comparison again")
 
 

@@ -20,6 +20,7 @@ from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none, reading_or_none
+from .wording import shell_command
 from .writers import run_logs, writing_processes
 
 SCHEMA_VERSION = 1
@@ -131,7 +132,7 @@ def resume_command(run_dir: str | Path) -> str | None:
     and `check` tell); None when it has no checkpoint to continue from."""
     if not any(Path(run_dir).glob("checkpoints/step-*")):
         return None
-    return f"sarkd-diag train --output-dir {run_dir} --resume"
+    return shell_command("train", "--output-dir", run_dir, "--resume")
 
 
 def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
@@ -183,7 +184,7 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
     if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
         raise BadInput(f"--output-dir {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
                        "another --output-dir for a new run, --overwrite to replace it, or continue it with its own "
-                       f"options: sarkd-diag train --config {path / 'config.json'} --resume")
+                       f"options: {shell_command('train', '--config', path / 'config.json', '--resume')}")
     raise BadInput(f"--output-dir {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
                    "or another --output-dir for a new run")
 

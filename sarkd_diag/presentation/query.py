@@ -37,7 +37,7 @@ from ..contract.rundir import (
     status_from_logs,
 )
 from ..contract.rundir import load_run as read_run
-from ..contract.wording import counted, did_you_mean
+from ..contract.wording import counted, did_you_mean, shell_command
 from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
@@ -81,7 +81,7 @@ class Run:
         if summary is not None and not isinstance(summary, dict):
             why = f"holds a JSON {type(summary).__name__}, where a run's summary is an object"
         if why:
-            raise BadInput(f"{path} {why}: `sarkd-diag report {self.path}` writes it again from the run's logs")
+            raise BadInput(f"{path} {why}: `{shell_command('report', self.path)}` writes it again from the run's logs")
         return summary
 
     @cached_property
@@ -162,8 +162,8 @@ def not_a_run(path: Path) -> BadInput:
     if any(path.glob("events*.jsonl")):  # a run's logs: `events` and `check` read them as the run they are
         what = "a config.json that is no run's" if (path / "config.json").is_file() else "no config.json"
         return BadInput(f"{path} holds a run's logs but {what}: closing or loading a run reads its precision and "
-                        f"options there; copy the run's config.json back beside its logs (`sarkd-diag events {path}` "
-                        "reads the events alone)")
+                        "options there; copy the run's config.json back beside its logs "
+                        f"(`{shell_command('events', path)}` reads the events alone)")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -615,11 +615,10 @@ def _completed(run: Run) -> str | None:
         refused = report_refusal(run.path)
         if refused:  # offering `report` sent the user to a command that refuses the directory
             return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
-        ended = status_from_logs(run.config, run.metrics, run.events)  # the status `report` would write
+        ended, report = status_from_logs(run.config, run.metrics, run.events), shell_command("report", run.path)
         if ended != "crashed":
-            return (f"no summary.json, though its logs show how the run ended: {ended} (`sarkd-diag report "
-                    f"{run.path}` writes it)")
-        return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
+            return f"no summary.json, though its logs show how the run ended: {ended} (`{report}` writes it)"
+        return f"no summary.json: the run is still running, or it crashed (`{report}` closes it)"
     status = run.summary.get("status")
     if status == "completed":
         return None

@@ -45,7 +45,7 @@ from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
 from ..contract.rundir import write_json_atomic
 from ..contract.version import __version__
-from ..contract.wording import counted
+from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
 from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
@@ -728,8 +728,9 @@ class Trainer:
         what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
         if full:
             self.no_space = True
-            where += (f" — free space, then `sarkd-diag report {self.run.run_dir}` rebuilds its summary and `--resume` "
-                      "continues it from its last checkpoint") if not second else ""
+            report = shell_command("report", self.run.run_dir)
+            where += (f" — free space, then `{report}` rebuilds its summary and `--resume` continues it from its last "
+                      "checkpoint") if not second else ""
         else:
             self.internal_error = True
         self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")

@@ -296,6 +296,22 @@ def test_a_run_whose_config_json_is_damaged_is_said_so_not_called_a_model(cli, o
                    "or give another directory\n")
 
 
+def test_a_command_offered_for_a_run_whose_path_has_spaces_runs_as_printed(cli, one_step, tmp_path):
+    """A run in `my runs/a b`: report and check offered `sarkd-diag train --output-dir my runs/a b --resume`, which a
+    shell splits into three words; every command a message offers now quotes such a path."""
+    import shlex
+
+    (tmp_path / "my runs").mkdir()
+    run = _unclosed_copy(one_step, tmp_path / "my runs", "a b")
+    code, said, _ = cli("check", run, "--expect", "completed")
+    assert code == 1 and f"(`sarkd-diag report '{run}'` closes it)" in said
+    code, out, err = cli("report", run)
+    assert code == 0, err
+    offered = out.splitlines()[-1].removeprefix("continue it: ")
+    assert shlex.split(offered) == ["sarkd-diag", "train", "--output-dir", str(run), "--resume"]
+    assert f"- continue it: `{offered}`" in (run / "report.md").read_text()
+
+
 def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
     """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
     code, _, err = cli("check", tmp_path / "typo")
@@ -366,10 +382,14 @@ def _held_open(path: Path, mode: str):
         child.wait(timeout=60)
 
 
-def _unclosed_copy(run: Path, tmp_path: Path) -> Path:
-    """The run as it stands while it trains (or after kill -9): its logs without summary.json."""
-    copy = Path(shutil.copytree(run, tmp_path / "live"))
+def _unclosed_copy(run: Path, tmp_path: Path, name: str = "live") -> Path:
+    """The run as it stands while it trains (or after kill -9): its logs without summary.json, and without the final
+    evaluation only a completed run has."""
+    copy = Path(shutil.copytree(run, tmp_path / name))
     (copy / "summary.json").unlink()
+    rows = (copy / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["split"] == "eval"
+    (copy / "metrics.jsonl").write_text("".join(row + "\n" for row in rows[:-1]))
     return copy
 
 
@@ -756,8 +776,7 @@ def test_check_says_one_line_per_failed_expectation_whatever_the_event_message(c
 def test_report_of_a_run_that_stopped_short_says_how_to_continue_it(cli, one_step, tmp_path, status):
     """A run killed (closed as crashed by `report`) or interrupted, with a checkpoint: its panel and `check` gave the
     command that continues it, `report` and report.md/.html did not — what to do next was in neither."""
-    run = Path(shutil.copytree(one_step, tmp_path / "run"))
-    (run / "summary.json").unlink()
+    run = _unclosed_copy(one_step, tmp_path, "run")
     if status:
         (run / "summary.json").write_text(json.dumps({"status": status}))
     code, out, _ = cli("report", run)
