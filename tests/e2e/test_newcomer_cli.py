@@ -256,6 +256,28 @@ def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, co
     assert read_text_file(str(path)) == documents
 
 
+@pytest.mark.parametrize(("name", "content"), [
+    ("d.jsonl", '{"text": ""}\n{"text": "hello"}\n\n{"text": " \\t "}\n'),
+    ("d.csv", 'text\n""\nhello\n" \t "\n'),
+    ("d.txt", "\nhello\n \t \n"),
+])
+def test_empty_and_blank_documents_are_skipped_in_every_format(cli, tiny_args, tmp_path, name, content):
+    """A .jsonl's empty or blank `text` values were read as documents (each an end-of-text token in the training
+    stream), although the refusal of an empty corpus says `empty text values are skipped`, as a .txt's blank lines
+    and a .csv's empty values are: a .jsonl of blank texts was 'N tokens, fewer than one block' — not 'holds no
+    text'."""
+    from sarkd_diag.train.data import read_text_file
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert read_text_file(str(path)) == ["hello"]
+    blank = "\n".join(line for line in content.splitlines() if "hello" not in line) + "\n"
+    path.write_text(blank, encoding="utf-8")
+    code, _, err = cli("train", *tiny_args, "--train-file", path)
+    assert code == 2 and err == (f"sarkd-diag: error: --train-file {path} holds no text (blank lines and empty `text` "
+                                 "values are skipped); give at least one document\n")
+
+
 def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     """`--config run.json` saved by a Windows editor was `not valid JSON (Unexpected UTF-8 BOM ...)`."""
     config = tmp_path / "run.json"
