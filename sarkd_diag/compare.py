@@ -35,6 +35,7 @@ from .contract.numerics import number_or_none
 from .contract.rundir import (
     COMPARE_OPTIONS,
     SCHEMA_VERSION,
+    built_then_moved,
     default_run_dir,
     is_compare_dir,
     load_events,
@@ -263,26 +264,29 @@ def comparison_table(results: list[ModeRun]) -> Comparison:
 
 def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summary: dict,
                   results: list[ModeRun]) -> list[str]:
-    """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
-    written."""
+    """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs, all built before
+    any is moved into `out` (`built_then_moved`: one that fails leaves the comparison's files as they were); the
+    names written."""
     from .presentation.plots import has_loss_scale, plot_loss_curves, plot_loss_scale
     from .presentation.report import cell, write_comparison_html, write_comparison_markdown, write_comparison_report
 
-    table.to_parquet(out / "comparison.parquet", index=False)
-    table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
-        .to_csv(out / "comparison.csv", index=False)
-    metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
-    scaled = any(has_loss_scale(m) for m in metrics.values())
-    write_comparison_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
-    write_comparison_html(table, verdicts, summary, out / "comparison.html", loss_scale=scaled)
-    plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
-    # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
-    # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
-    # show a figure without data
-    plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
-    write_comparison_report(out, table, verdicts, summary, {r.mode: r.run_dir for r in results}, scaled)
-    write_json_atomic(out / "summary.json", summary)
-    return [name for name in OUTPUTS if (out / name).exists()]
+    with built_then_moved(out) as staging:
+        table.to_parquet(staging / "comparison.parquet", index=False)
+        table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
+            .to_csv(staging / "comparison.csv", index=False)
+        metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
+        scaled = any(has_loss_scale(m) for m in metrics.values())
+        write_comparison_markdown(table, summary, staging / "comparison.md", loss_scale=scaled)
+        write_comparison_html(table, verdicts, summary, staging / "comparison.html", loss_scale=scaled)
+        plot_loss_curves(metrics, staging / "loss_curves.png", "training loss per precision mode")
+        # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
+        # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
+        # show a figure without data
+        plot_loss_scale(metrics, staging / "loss_scale.png", "dynamic loss scale per precision mode")
+        write_comparison_report(staging, table, verdicts, summary, {r.mode: r.run_dir for r in results}, scaled)
+        write_json_atomic(staging / "summary.json", summary)
+        written = [name for name in OUTPUTS if (staging / name).exists()]
+    return written
 
 
 def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options: dict, device: dict) -> dict:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,23 @@ def default_run_dir(mode: str) -> Path:
             n += 1
         except OSError:
             return path
+
+
+@contextmanager
+def built_then_moved(directory: Path) -> Iterator[Path]:
+    """A hidden directory inside `directory` to build a set of outputs in; when the block ends without an error each
+    is moved into `directory`, one rename each (a directory replaces its namesake), and the hidden one goes either
+    way — so a build that fails half-way (a renderer's bug, a full disk) leaves `directory` as it was."""
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=directory))
+    try:
+        yield staging
+        for built in sorted(staging.iterdir()):
+            target = directory / built.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(built, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -9,14 +9,12 @@ on a mode whose process died.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..contract.rundir import (
     SCHEMA_VERSION,
     STATUSES,
+    built_then_moved,
     final_figures,
     load_activations,
     load_events,
@@ -40,9 +38,9 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
     """Write summary.json, metrics.parquet, events.parquet, report.md, the figures, report.html and (when the
     options ask for it) the TensorBoard export from the run's own logs; without a `status`, the one the logs
     prove (`status_from_logs`). All are built in a hidden directory of the run and moved into place once every
-    one is, so closing that fails (a bug in a renderer, a full disk) leaves the run directory as it was. The
-    renderers are imported here, when a run closes, so that importing the training loop does not load
-    matplotlib."""
+    one is (`built_then_moved`), so closing that fails (a bug in a renderer, a full disk) leaves the run directory
+    as it was. The renderers are imported here, when a run closes, so that importing the training loop does not
+    load matplotlib."""
     from ..analysis.diagnose import diagnose
     from .plots import RUN_FIGURES, write_run_plots
     from .report import write_html_report, write_report
@@ -55,8 +53,7 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
     metrics, events = load_metrics(run_dir), load_events(run_dir)
     status = status or status_from_logs(config, metrics, events)
     train = metrics[metrics["split"] == "train"]
-    staging = Path(tempfile.mkdtemp(prefix=".closing-", dir=run_dir))
-    try:
+    with built_then_moved(run_dir) as staging:
         metrics.to_parquet(staging / "metrics.parquet", index=False)
         events.to_parquet(staging / "events.parquet", index=False)
         summary = {
@@ -72,25 +69,11 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
         }
         write_json_atomic(staging / "summary.json", summary)
         write_report(run_dir, summary, config, metrics, events, into=staging)
-        write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run",
-                        activations=load_activations(run_dir), into=staging)
+        drawn = write_run_plots(run_dir, metrics, label=(config.get("precision") or {}).get("mode") or "run",
+                                activations=load_activations(run_dir), into=staging)
         write_html_report(run_dir, summary, metrics, events, into=staging)
         if (config.get("options") or {}).get("report_to") == "tensorboard":
             export_tensorboard(run_dir, summary, into=staging)
-        _move_into_place(staging, run_dir, figures=RUN_FIGURES)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for stale in set(RUN_FIGURES) - {path.name for path in drawn}:  # an earlier closing's, of what the logs no
+        (run_dir / stale).unlink(missing_ok=True)  # longer hold: the directory's figures are those its report shows
     return summary
-
-
-def _move_into_place(staging: Path, run_dir: Path, figures: tuple[str, ...]) -> None:
-    """What closing built, moved into the run directory one rename each; a figure this closing did not draw goes
-    (an earlier closing's, of what the logs no longer hold), so the directory's figures are those its report shows."""
-    built = {path.name for path in staging.iterdir()}
-    for name in sorted(built):
-        target = run_dir / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(staging / name, target)
-    for name in set(figures) - built:
-        (run_dir / name).unlink(missing_ok=True)

@@ -111,6 +111,27 @@ def test_output_files_conform_to_the_contract(compared):
     assert png_size(out / "runs" / "fp32" / "loss_curves.png")[0] >= 640  # each run's own plots
 
 
+def test_a_comparison_whose_rebuild_fails_keeps_its_files_as_they_were(cli, compared, tmp_path, monkeypatch):
+    """`report` of a comparison wrote comparison.csv/.parquet/.md/.html and the figures one by one: a failure in the
+    last page left a new table beside an old report.html and summary.json. They are now built first and moved into
+    place together, so a failure leaves the comparison's files as they were."""
+    import sarkd_diag.presentation.report as report
+
+    out = Path(shutil.copytree(compared[0], tmp_path / "cmp"))
+    shutil.rmtree(out / "runs" / "pure-bf16")  # the table `report` builds differs from the one on disk
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a renderer's bug")
+
+    monkeypatch.setattr(report, "write_comparison_report", broken)
+    monkeypatch.chdir(tmp_path)  # where an internal error leaves its traceback
+    code, _, err = cli("report", out)
+    assert code == 3 and "a renderer's bug" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_report_rebuilds_an_interrupted_comparison(cli, compared, tmp_path):
     """A comparison stopped before its last mode: `report` compares the modes that ran."""
     out = tmp_path / "cmp"
