@@ -180,7 +180,7 @@ CASES = [
     ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
      "--validation-file"),
     ("validation set shorter than a block", lambda w, t, m: _args(
-        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "v.jsonl has 1 token,"),
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": "hi"}\n')), "v.jsonl has 3 tokens, fewer than one block"),
     ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
     ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
     ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
