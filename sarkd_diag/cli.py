@@ -708,6 +708,23 @@ def _check_flag_values(args: list[str]) -> None:
     if len(args) > 1 and args[0] in RUN_DIR_COMMANDS and not args[1].strip():
         raise BadInput(f"an empty argument ({args[1]!r}: an unset shell variable?) where {args[0]} takes RUN_DIR; "
                        "give a run directory")
+    _check_forgotten_values(args)
+
+
+def _check_forgotten_values(args: list[str]) -> None:
+    """`train --output-dir --train-steps 3`: click takes the next option as the value (a run directory named
+    `--train-steps`) and then calls `3` an argument train does not take. An option followed by one of its command's
+    options had its value left out: say that."""
+    command = typer.main.get_command(app).commands.get(args[0]) if args else None
+    if command is None:
+        return
+    options = {opt: p for p in command.params if p.param_type_name == "option" for opt in [*p.opts, *p.secondary_opts]}
+    for typed, following in zip(args, args[1:], strict=False):
+        param = options.get(typed)
+        if param is not None and not param.is_flag and following in options:
+            what = _help_of(param)
+            raise BadInput(f"{typed} needs a value, and the next word is the option {following}"
+                           + (f" ({typed}: {what})" if what else ""))
 
 
 RUN_DIR_COMMANDS = ("report", "events", "check")  # the commands whose first argument is a run directory

@@ -219,6 +219,12 @@ USAGE_ERRORS = [
      "sarkd-diag has no option --kind: options of a command go after it (`sarkd-diag events --kind ...`)"),
     (["--modes", "fp32", "estimate-memory"],  # the command typed, of those that take it
      "sarkd-diag has no option --modes: options of a command go after it (`sarkd-diag estimate-memory --modes ...`)"),
+    (["train", "--output-dir", "--train-steps", "3"],  # it said `'3' is not an option`, --train-steps the run dir
+     "--output-dir needs a value, and the next word is the option --train-steps (--output-dir: run directory "
+     "(default: a new runs/<date-time>-<mode>/))"),
+    (["events", "RUN", "--kind", "--severity", "warning"],
+     "--kind needs a value, and the next word is the option --severity (--kind: event kinds, comma-separated or "
+     "repeated)"),
     (["evnts"], "sarkd-diag has no command 'evnts': did you mean events?"),
     (["events"], "events needs RUN_DIR: a run directory (a crashed one too) or a compare-precision directory"),
     (["events", "RUN", "RUN"], "events takes one RUN_DIR, not also 'RUN' (a path with spaces needs quotes)"),
