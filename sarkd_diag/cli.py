@@ -377,14 +377,14 @@ def _rebuild_run(run_dir: Path) -> dict:
     from .presentation.closing import finalize_run
     from .presentation.report import continuation
 
-    status = "crashed"
+    status = None  # no summary, or a damaged one: the status the logs prove
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         try:
             previous = json.loads(summary_path.read_text()).get("status")
-        except ValueError:
+        except (ValueError, AttributeError):
             previous = None
-        status = previous if previous in STATUSES else "crashed"
+        status = previous if previous in STATUSES else None
     before = _modified(run_dir)
     summary = finalize_run(run_dir, status)
     after = _modified(run_dir)
@@ -596,7 +596,7 @@ def usage_message(exc: Exception, args: list[str]) -> str:
     kinds = _kinds(exc)
     message = _one_line(getattr(exc, "message", "") or exc.format_message())
     if "NoSuchOption" in kinds and command is not None:
-        return _no_such_option(exc.option_name, command, name, where)
+        return _no_such_option(exc.option_name, command, name, where, args)
     if "MissingParameter" in kinds and getattr(exc, "param", None) is not None and name:
         param = exc.param
         what = _help_of(param)
@@ -619,7 +619,7 @@ def usage_message(exc: Exception, args: list[str]) -> str:
     return f"{message} ({where})"
 
 
-def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
+def _no_such_option(typed: str, command, name: str | None, where: str, args: list[str]) -> str:
     spelled = "--" + typed[2:].replace("_", "-") if typed.startswith("--") else typed
     here = _shown_options(command)
     if spelled in here:  # the underscore spelling of an option that has none (`check --max_eval_ppl`)
@@ -631,11 +631,13 @@ def _no_such_option(typed: str, command, name: str | None, where: str) -> str:
         return f"{owner}: write {elsewhere}"
     if spelled in config and name:  # one of train's options that this command does not take
         return f"{owner} (a `train` option; {where} lists its own)"
+    takers = [] if name else [n for n, c in command.commands.items() if spelled in _shown_options(c)]
+    if takers:  # `sarkd-diag --precision fp32 train`: a command's option, typed before the command (not --version)
+        meant = next((a for a in args if a in takers), takers[0])
+        return f"{owner}: options of a command go after it (`sarkd-diag {meant} {typed} ...`)"
     close = closest(spelled, sorted(here))
     if close:
         return f"{owner}: did you mean {close}?"
-    if not name and typed in config:  # `sarkd-diag --train-steps 3 train`: options go after the command
-        return f"{owner}: options of a command go after it (`sarkd-diag train {typed} ...`)"
     return f"{owner} ({where} lists them)"
 
 
@@ -706,6 +708,23 @@ def _check_flag_values(args: list[str]) -> None:
     if len(args) > 1 and args[0] in RUN_DIR_COMMANDS and not args[1].strip():
         raise BadInput(f"an empty argument ({args[1]!r}: an unset shell variable?) where {args[0]} takes RUN_DIR; "
                        "give a run directory")
+    _check_forgotten_values(args)
+
+
+def _check_forgotten_values(args: list[str]) -> None:
+    """`train --output-dir --train-steps 3`: click takes the next option as the value (a run directory named
+    `--train-steps`) and then calls `3` an argument train does not take. An option followed by one of its command's
+    options had its value left out: say that."""
+    command = typer.main.get_command(app).commands.get(args[0]) if args else None
+    if command is None:
+        return
+    options = {opt: p for p in command.params if p.param_type_name == "option" for opt in [*p.opts, *p.secondary_opts]}
+    for typed, following in zip(args, args[1:], strict=False):
+        param = options.get(typed)
+        if param is not None and not param.is_flag and following in options:
+            what = _help_of(param)
+            raise BadInput(f"{typed} needs a value, and the next word is the option {following}"
+                           + (f" ({typed}: {what})" if what else ""))
 
 
 RUN_DIR_COMMANDS = ("report", "events", "check")  # the commands whose first argument is a run directory

@@ -35,15 +35,17 @@ from .contract.numerics import number_or_none
 from .contract.rundir import (
     COMPARE_OPTIONS,
     SCHEMA_VERSION,
+    built_then_moved,
     default_run_dir,
     is_compare_dir,
     load_events,
     load_metrics,
     recorded_run,
+    scaler_warmup_skips,
     write_json_atomic,
 )
 from .contract.rundir import COMPARISON_COLUMNS as COLUMNS
-from .contract.wording import counted
+from .contract.wording import counted, shell_command
 from .contract.writers import run_logs, writing_processes
 from .presentation.closing import finalize_run
 from .presentation.report import rich_table
@@ -114,8 +116,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     previous = out.is_dir() and is_compare_dir(out)
     if previous and not overwrite:
         raise BadInput(f"--output-dir {out} holds a comparison already; pass --overwrite to replace it, another "
-                       f"--output-dir for a new one, or `sarkd-diag report {out}` to rebuild its table from the modes "
-                       "that ran")
+                       f"--output-dir for a new one, or `{shell_command('report', out)}` to rebuild its table from the "
+                       "modes that ran")
     if out.is_dir() and not previous and any(out.iterdir()):
         what = "holds a `train` run" if recorded_run(out) is not None else "is not empty and holds no comparison"
         raise BadInput(f"--output-dir {out} {what}; choose another directory (--overwrite only replaces a "
@@ -168,7 +170,7 @@ def _last_error_line(log: Path) -> str:
 
 
 def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
-    """Train one mode in its own process; a process that dies is closed as a crashed run and recorded."""
+    """Train one mode in its own process; a run whose process died is closed as its logs show, and recorded."""
     run_dir, log = out / "runs" / mode, out / "logs" / f"{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -192,7 +194,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
     elif code not in (0, 1):
         failure = f"exit {code}: {_last_error_line(log)[:MAX_FAILURE_CHARS]}"
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
-        finalize_run(run_dir, "crashed")  # what `sarkd-diag report` does for a run that died
+        finalize_run(run_dir)  # what `sarkd-diag report` does for a run that died: the status its logs prove
     if failure is None and not (run_dir / "summary.json").is_file():
         failure = "no summary.json was written"
     return ModeRun(mode, run_dir, code, seconds, failure)
@@ -212,6 +214,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
     final = summary.get("final") or {}
     events = load_events(result.run_dir) if result.run_dir.is_dir() else None
     params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
+    warmup = scaler_warmup_skips(load_metrics(result.run_dir), events) if events is not None else 0
     diagnosis = summary.get("diagnosis", [])
     causes = [d["cause"] for d in diagnosis]
     status = summary.get("status")
@@ -223,6 +226,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
         "first_nonfinite_step": int(params["step"].min()) if len(params) else None,
         "nonfinite_param_events": int(len(params)),
         "skipped_steps": int(final.get("skipped_steps") or 0),
+        "scaler_warmup_skips": warmup,  # for the verdict; not a column of the table
         "final_eval_ppl": _figure(final.get("eval_ppl")),
         "best_eval_ppl": _figure(final.get("best_eval_ppl")),
         "lost_update_fraction": _figure(final.get("lost_update_fraction")),
@@ -260,26 +264,29 @@ def comparison_table(results: list[ModeRun]) -> Comparison:
 
 def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summary: dict,
                   results: list[ModeRun]) -> list[str]:
-    """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs; the names
-    written."""
+    """comparison.csv/.parquet/.md/.html, the plots and summary.json, from the table and the runs, all built before
+    any is moved into `out` (`built_then_moved`: one that fails leaves the comparison's files as they were); the
+    names written."""
     from .presentation.plots import has_loss_scale, plot_loss_curves, plot_loss_scale
     from .presentation.report import cell, write_comparison_html, write_comparison_markdown, write_comparison_report
 
-    table.to_parquet(out / "comparison.parquet", index=False)
-    table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
-        .to_csv(out / "comparison.csv", index=False)
-    metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
-    scaled = any(has_loss_scale(m) for m in metrics.values())
-    write_comparison_markdown(table, summary, out / "comparison.md", loss_scale=scaled)
-    write_comparison_html(table, verdicts, summary, out / "comparison.html", loss_scale=scaled)
-    plot_loss_curves(metrics, out / "loss_curves.png", "training loss per precision mode")
-    # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
-    # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
-    # show a figure without data
-    plot_loss_scale(metrics, out / "loss_scale.png", "dynamic loss scale per precision mode")
-    write_comparison_report(out, table, verdicts, summary, {r.mode: r.run_dir for r in results}, scaled)
-    write_json_atomic(out / "summary.json", summary)
-    return [name for name in OUTPUTS if (out / name).exists()]
+    with built_then_moved(out) as staging:
+        table.to_parquet(staging / "comparison.parquet", index=False)
+        table.assign(drift_vs_fp32=[cell("drift_vs_fp32", v) if pd.isna(v) else v for v in table["drift_vs_fp32"]]) \
+            .to_csv(staging / "comparison.csv", index=False)
+        metrics = {r.mode: load_metrics(r.run_dir) for r in results if r.run_dir.is_dir()}
+        scaled = any(has_loss_scale(m) for m in metrics.values())
+        write_comparison_markdown(table, summary, staging / "comparison.md", loss_scale=scaled)
+        write_comparison_html(table, verdicts, summary, staging / "comparison.html", loss_scale=scaled)
+        plot_loss_curves(metrics, staging / "loss_curves.png", "training loss per precision mode")
+        # the contract (docs/run-directory.md, A compare-precision directory) keeps loss_scale.png in every
+        # comparison: without a scaled mode it says so in words, and the .md and .html leave it out rather than
+        # show a figure without data
+        plot_loss_scale(metrics, staging / "loss_scale.png", "dynamic loss scale per precision mode")
+        write_comparison_report(staging, table, verdicts, summary, {r.mode: r.run_dir for r in results}, scaled)
+        write_json_atomic(staging / "summary.json", summary)
+        written = [name for name in OUTPUTS if (staging / name).exists()]
+    return written
 
 
 def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options: dict, device: dict) -> dict:
@@ -360,6 +367,9 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
                 if not results:  # bad input, found before any mode ran: leave nothing that refuses the rerun
                     _take_back(out, made)
                 raise
+            except KeyboardInterrupt:
+                console.print(_after_interrupt(out, mode))
+                raise
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")
@@ -371,6 +381,16 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
     console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
     return CompareResult(out, table, summary, 0, verdicts, recommendation)
+
+
+def _after_interrupt(out: Path, mode: str) -> str:
+    """What a comparison stopped during `mode` leaves, and the command that reads it: `report` compares the modes
+    whose runs closed (the interrupted one too, when it saved its state), which the interrupt alone does not say."""
+    closed = [p.parent.name for p in sorted((out / "runs").glob("*/summary.json"))]
+    if not closed:
+        return f"interrupted during {mode}, before any mode closed: `--overwrite` starts the comparison again"
+    return (f"interrupted during {mode}; closed: {', '.join(closed)} — `{shell_command('report', out)}` compares them, "
+            "`--overwrite` starts the comparison again")
 
 
 def rebuild_comparison(out: str | Path) -> CompareResult:

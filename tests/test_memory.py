@@ -76,10 +76,38 @@ def test_a_dual_tokenizer_teacher_costs_its_last_hidden_states_not_its_logits(sh
     teacher = replace(shapes["teacher"][0], vocab=151936, hidden=1024, router_params=0)  # SAR needs one vocabulary
     tokens = 4 * 512
     student_only = replace(teacher, vocab=student.vocab)  # same vocabulary: the teacher's logits are counted
-    dual = estimate_mode("fp32", teacher, student, 4, 512, fused_loss=False).activations
+    dual = estimate_mode("fp32", teacher, student, 4, 512, fused_loss=False, dual=True).activations
     same = estimate_mode("fp32", student_only, student, 4, 512, fused_loss=False).activations
     assert dual - same == tokens * teacher.hidden * 4 - tokens * student.vocab * 4
-    assert estimate_mode("fp32", teacher, student, 4, 512).activations == dual  # --fused-loss does not apply
+    assert estimate_mode("fp32", teacher, student, 4, 512, dual=True).activations == dual  # no --fused-loss here
+
+
+@pytest.mark.parametrize("pair", ["padded", "dual"])
+def test_estimate_memory_tells_dual_tokenizer_mode_as_train_does(tiny_world, cli, tmp_path, pair):
+    """A teacher whose head is padded past the student's own tokenizer (Qwen2.5-7B over 0.5B's) is logit KD in
+    `train`; estimate-memory called it dual-tokenizer mode whenever the vocab sizes differed, counting a projection
+    that never trains and no teacher logits. Both now decide through `models.shared_vocabulary`, from the tokenizers."""
+    import tiny
+    from transformers import AutoTokenizer
+
+    from sarkd_diag.train.models import load_tokenizer, shared_vocabulary
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world["student"])
+    teacher = tiny.save(tiny.make_llama(len(tokenizer) + 32, seed=5), tokenizer, tmp_path / "padded_teacher")
+    student = tiny_world["student"] if pair == "padded" else tiny_world["dual_student"]
+    code, out, err = cli("estimate-memory", "--teacher-model", teacher, "--student-model", student, "--block-size",
+                         "32", "--per-device-batch-size", "4", "--modes", "fp32", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    shapes = {role: shape_from_config(str(path)) for role, path in (("teacher", teacher), ("student", student))}
+    assert shapes["teacher"].vocab != shapes["student"].vocab
+    dual = pair == "dual"
+    projection = shapes["student"].hidden * shapes["teacher"].hidden + shapes["teacher"].hidden if dual else 0
+    assert report["modes"][0]["student_weights"] == 4 * (shapes["student"].params + projection)
+    assert dual == (shared_vocabulary(load_tokenizer(str(teacher), False), load_tokenizer(str(student), False),
+                                      shapes["teacher"].vocab, shapes["student"].vocab) is None)  # train's decision
+    expected = estimate_mode("fp32", shapes["teacher"], shapes["student"], 4, 32, dual=dual)
+    assert report["modes"][0]["total"] == expected.total
 
 
 def test_offloading_moves_the_frozen_teacher_to_the_host(shapes):
@@ -155,8 +183,8 @@ def test_the_out_of_memory_message_of_a_sharded_run_counts_the_teacher_sharded_a
 
     teacher, student = tiny.make_mixtral(96), tiny.make_gpt2(96)
     configs = {1: DistillConfig(), 2: DistillConfig(shard_teacher=True)}
-    messages = {shards: out_of_memory_message(cfg, "fp32", teacher, student, torch.device("cpu"), error="x",
-                                              phase="forward", step=3, saved=None, teacher_shards=shards)
+    messages = {shards: out_of_memory_message(cfg, "fp32", teacher, student, torch.device("cpu"), dual=False,
+                                              error="x", phase="forward", step=3, saved=None, teacher_shards=shards)
                 for shards, cfg in configs.items()}
     assert "--offload-teacher-to-cpu" in messages[1] and "--offload-teacher-to-cpu" not in messages[2]
     sharded = estimate_mode("fp32", model_shape(teacher), model_shape(student), configs[2].per_device_batch_size,
@@ -177,3 +205,23 @@ def test_a_block_longer_than_a_models_positions_is_refused_as_train_refuses_it(t
                                       f"{positions} positions\n")
     code, out, err = cli("estimate-memory", *models, "--block-size", positions, "--json")
     assert code == 0 and json.loads(out)["block"] == positions, err
+
+
+def test_a_model_directory_without_weights_is_estimated_and_one_without_a_tokenizer_is_told_so(tiny_world, cli,
+                                                                                              tmp_path):
+    """estimate-memory reads a model's config (its shapes) and its tokenizer (dual-tokenizer mode or not, as train
+    decides it), never its weights: a directory saved before the weights were downloaded is estimated, and one
+    without a tokenizer is told it lacks only that — not weights, which the estimate never reads."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_bytes((tiny_world["student"] / "config.json").read_bytes())
+    code, _, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", partial)
+    assert code == 2 and err == (f"sarkd-diag: error: model path {partial} has no tokenizer files (tokenizer.json, "
+                                 "tokenizer_config.json, vocab.json, ...): save its tokenizer "
+                                 "(tokenizer.save_pretrained) there\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (partial / name).write_bytes((tiny_world["student"] / name).read_bytes())
+    code, out, err = cli("estimate-memory", "--teacher-model", tiny_world["teacher"], "--student-model", partial,
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["student"]["params"] == shape_from_config(str(tiny_world["student"])).params

@@ -109,6 +109,46 @@ def test_a_healthy_run_says_so_and_a_rebuilt_one_matches(tmp_path):
     assert (event_rows(again) if first else []) == first and len(again.images) == len(page.images)
 
 
+def _files(directory: Path) -> dict[str, bytes | None]:
+    """Every entry of `directory`, hidden ones too, with a file's bytes (None for a directory)."""
+    return {p.name: None if p.is_dir() else p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["closed-before", "never-closed"])
+def test_a_report_that_fails_leaves_the_run_directory_as_it_was(cli, tmp_path, monkeypatch, closed):
+    """`sarkd-diag report` wrote summary.json and the parquet files before building report.md, the figures and
+    report.html: one failing left new files beside old ones (a summary of this closing, a page of the last). Closing
+    now builds every file first and moves them into place together, so a failure leaves the directory as it was."""
+    import sarkd_diag.presentation.report as report
+
+    run = user_loop(tmp_path / "run")
+    if not closed:  # as a run killed before it closed leaves its directory
+        for name in ("summary.json", "metrics.parquet", "events.parquet", "report.md", "report.html",
+                     "loss_curves.png", "fp16_headroom.png"):
+            (run / name).unlink()
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"step": 5, "split": "train"}\n')
+    before = _files(run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a renderer's bug")
+
+    monkeypatch.setattr(report, "write_html_report", broken)
+    monkeypatch.chdir(tmp_path)  # where an internal error leaves its traceback
+    code, _, err = cli("report", run)
+    assert code == 3 and "a renderer's bug" in err
+    assert _files(run) == before
+
+
+def test_closing_again_removes_a_figure_the_logs_no_longer_give(tmp_path):
+    """The fp16 headroom map of an earlier closing stays only while the run has activations to draw it from."""
+    run = user_loop(tmp_path / "run")
+    assert (run / "fp16_headroom.png").is_file()
+    (run / "activations.jsonl").unlink()
+    finalize_run(run, "completed")
+    assert not (run / "fp16_headroom.png").exists() and (run / "loss_curves.png").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # nothing of the closing stays behind
+
+
 def test_a_comparison_report_html_holds_the_table_figures_diagnoses_and_events(tmp_path):
     from sarkd_diag.compare import ModeRun, _summary, comparison_table, write_outputs
 

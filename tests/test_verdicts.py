@@ -57,6 +57,17 @@ def test_stagnant_when_the_loss_scaler_skips_most_steps():
     assert text(row(skipped_steps=20), ["loss_scale_collapse"]) == "stagnant (loss_scale_collapse)"
 
 
+def test_the_loss_scalers_warm_up_is_not_stagnation_unless_it_never_ends():
+    """A short comparison's scaler spends most of its steps finding its scale (4 of 5 skipped): those skips are not
+    steps lost after it settled, as the scaler probe's own skip fraction judges; one that never settled applied
+    no update at all."""
+    assert text(row(steps_completed=5, skipped_steps=4, scaler_warmup_skips=4), []) == "stable"
+    assert text(row(steps_completed=30, skipped_steps=17, scaler_warmup_skips=4), []) == "stable"  # 13 of 26
+    assert text(row(steps_completed=30, skipped_steps=18, scaler_warmup_skips=4), []) == "stagnant (skipped steps)"
+    assert text(row(steps_completed=5, skipped_steps=5, scaler_warmup_skips=5), ["no_gradients"]) \
+        == "stagnant (no_gradients)"
+
+
 def test_drifting_from_moderate_lost_updates_or_perplexity_drift():
     assert text(row(lost_update_fraction=DRIFTING_LOST_UPDATES + 0.01), []) == "drifting (update_underflow)"
     assert text(row(lost_update_fraction=DRIFTING_LOST_UPDATES), []) == "stable"

@@ -2,7 +2,7 @@
 
 A verdict is read from what a run recorded, in this order: the process failed → `failed (reason)`; a
 weight turned non-finite → `corrupted@STEP (cause)`; most intended updates were lost to rounding (or
-skipped by the loss scaler) → `stagnant (cause)`; some were lost, or the final perplexity is far from
+skipped by the loss scaler after its warm-up) → `stagnant (cause)`; some were lost, or the final perplexity is far from
 fp32's → `drifting (cause)`; otherwise `stable`. Stagnation is judged from lost updates, never from slow
 loss progress: a slow but exact fp32 run at a tiny learning rate is `stable`. A verdict is a value (kind,
 step, cause), written as that text by `str()`: what reads one uses its fields, not the text.
@@ -22,7 +22,7 @@ from ..contract.numerics import number_or_none, reading_or_none
 STAGNANT_LOST_UPDATES = 0.50  # median lost-update fraction above this: the weights barely move
 DRIFTING_LOST_UPDATES = 0.10  # above this (and up to the stagnant threshold): trains, but not as fp32 does
 DRIFT_VS_FP32 = 0.05  # final validation perplexity more than 5% (relative) away from the fp32 run's
-STAGNANT_SKIPPED_FRACTION = 0.50  # more than half of the optimizer steps skipped by the loss scaler
+STAGNANT_SKIPPED_FRACTION = 0.50  # more than half of the optimizer steps after the loss scaler's warm-up skipped
 SPEED_TIE = 0.10  # stable modes within this fraction of the fastest one's tokens/s count as fast as it (a short
 #                   comparison's speeds scatter about this much on a shared machine): the least memory decides
 
@@ -63,8 +63,7 @@ def verdict(row: dict, causes: list[str], failure: str | None = None) -> Verdict
     if first_bad is not None:
         return Verdict("corrupted", int(first_bad), top or "nonfinite weights")
     lost = number_or_none(row.get("lost_update_fraction")) or 0.0
-    steps = row.get("steps_completed") or 0
-    skipped = (row.get("skipped_steps") or 0) / steps if steps else 0.0
+    skipped = _skipped_fraction(row)
     if lost > STAGNANT_LOST_UPDATES:
         return Verdict("stagnant", cause="update_underflow")
     if skipped > STAGNANT_SKIPPED_FRACTION:
@@ -78,6 +77,16 @@ def verdict(row: dict, causes: list[str], failure: str | None = None) -> Verdict
     if ppl is not None and not math.isfinite(ppl):
         return Verdict("drifting", cause=top or "non-finite eval ppl")
     return Verdict("stable")
+
+
+def _skipped_fraction(row: dict) -> float:
+    """The fraction of the steps after the loss scaler's warm-up that were skipped, as the scaler probe judges its
+    `skip_fraction`: the warm-up's skips (`scaler_warmup_skips`) are it finding its scale, which a short run spends
+    most of its steps on. A run that never left its warm-up applied no update: every step skipped (1.0)."""
+    steps, warmup = row.get("steps_completed") or 0, row.get("scaler_warmup_skips") or 0
+    if steps <= warmup:
+        return 1.0 if warmup else 0.0
+    return ((row.get("skipped_steps") or 0) - warmup) / (steps - warmup)
 
 
 @dataclass(frozen=True)

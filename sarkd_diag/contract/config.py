@@ -105,6 +105,12 @@ class DistillConfig:
     report_to: str | None = _opt(None, "Also write the metrics and events for: tensorboard (RUN_DIR/tensorboard/, "
                                  "needs the tensorboard extra) | none.", default_text="none")
 
+    def __new__(cls, *args: Any, **options: Any) -> DistillConfig:
+        """An option of another name (`learning_rate`) refused with the one meant, as `distill()` and the CLI do:
+        the dataclass's bare TypeError left a notebook's user to find `student_lr` alone."""
+        refuse_unknown_options(options, f"{cls.__name__}()")
+        return super().__new__(cls)
+
     @property
     def resume_option(self) -> str:
         """How this run was asked to continue, as errors about it name it: `--resume-from` or `--resume`."""

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from .config import resume_option
 from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none, reading_or_none
+from .wording import shell_command
 from .writers import run_logs, writing_processes
 
 SCHEMA_VERSION = 1
@@ -52,6 +56,23 @@ def default_run_dir(mode: str) -> Path:
             n += 1
         except OSError:
             return path
+
+
+@contextmanager
+def built_then_moved(directory: Path) -> Iterator[Path]:
+    """A hidden directory inside `directory` to build a set of outputs in; when the block ends without an error each
+    is moved into `directory`, one rename each (a directory replaces its namesake), and the hidden one goes either
+    way — so a build that fails half-way (a renderer's bug, a full disk) leaves `directory` as it was."""
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=directory))
+    try:
+        yield staging
+        for built in sorted(staging.iterdir()):
+            target = directory / built.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(built, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -131,7 +152,7 @@ def resume_command(run_dir: str | Path) -> str | None:
     and `check` tell); None when it has no checkpoint to continue from."""
     if not any(Path(run_dir).glob("checkpoints/step-*")):
         return None
-    return f"sarkd-diag train --output-dir {run_dir} --resume"
+    return shell_command("train", "--output-dir", run_dir, "--resume")
 
 
 def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
@@ -183,7 +204,7 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
     if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
         raise BadInput(f"--output-dir {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
                        "another --output-dir for a new run, --overwrite to replace it, or continue it with its own "
-                       f"options: sarkd-diag train --config {path / 'config.json'} --resume")
+                       f"options: {shell_command('train', '--config', path / 'config.json', '--resume')}")
     raise BadInput(f"--output-dir {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
                    "or another --output-dir for a new run")
 
@@ -265,6 +286,38 @@ def load_run(run_dir: str | Path) -> dict:
         "metrics": load_metrics(run_dir),
         "events": load_events(run_dir),
     }
+
+
+# what a run records as it decides its own end, before it closes: a process that died while closing still said it
+ENDING_EVENTS = {"run_error": "failed", "out_of_memory": "failed", "policy_stop": "stopped",
+                 "interrupted": "interrupted"}
+
+
+def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
+    """The status of a run closed by someone other than its own process, as far as its logs prove it: the end the
+    run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
+    `completed` where a `train` run evaluated after its last step — only a completed run does —, else `crashed`."""
+    starts = events.index[events["code"].isin(("resumed", "run_continued"))]
+    since = events.loc[starts[-1]:] if len(starts) else events
+    ended = since[since["kind"].isin(ENDING_EVENTS)]
+    if len(ended):
+        return ENDING_EVENTS[ended["kind"].iloc[-1]]
+    last_step = (config.get("options") or {}).get("train_steps")
+    evaluated = metrics["step"][metrics["split"] == "eval"]
+    trained = metrics["step"][metrics["split"] == "train"]
+    if last_step and (evaluated == last_step).any() and (trained == last_step).any():
+        return "completed"
+    return "crashed"
+
+
+def scaler_warmup_skips(metrics: pd.DataFrame, events: pd.DataFrame) -> int:
+    """The steps the loss scaler skipped while finding its scale, as its probe told them from overflows: the first
+    step's skip (which records no event) and each `scaler_skip_warmup` — the scaler working, not steps lost."""
+    train = metrics[metrics["split"] == "train"]
+    first = train.iloc[0] if len(train) and "skipped" in train else None
+    first_skipped = first is not None and number_or_none(first["skipped"]) == 1 \
+        and number_or_none(first["loss_scale"]) is not None
+    return int(first_skipped) + int((events["code"] == "scaler_skip_warmup").sum())
 
 
 def final_figures(metrics: pd.DataFrame) -> dict:

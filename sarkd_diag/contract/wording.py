@@ -6,6 +6,7 @@ a mistyped choice offers the one meant through `did_you_mean`."""
 from __future__ import annotations
 
 import difflib
+import shlex
 from collections.abc import Iterable
 
 IRREGULAR = {"process": "processes", "entry": "entries", "batch": "batches"}
@@ -31,6 +32,12 @@ def evaluated_at_step_0_only(steps: int) -> str:
     """How a run whose one evaluation is step 0's reports its perplexity: 'A → A' would claim a second one."""
     why = "its first step" if steps == 0 else "its first --eval-steps evaluation"
     return f"at step 0; no evaluation after step 0 (the run ended before {why})"
+
+
+def shell_command(*words: object) -> str:
+    """`sarkd-diag WORDS...` as a line to paste into a shell: a word the shell would split or expand (a run directory
+    `my runs/a`) quoted, so the command every message offers runs as printed."""
+    return " ".join(["sarkd-diag", *(shlex.quote(str(word)) for word in words)])
 
 
 def did_you_mean(typed: str, choices: Iterable[str]) -> str:

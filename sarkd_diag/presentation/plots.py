@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,7 +33,9 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, reading_or_none 
 
 SIZE_INCHES, DPI = (10, 6), 100  # 1000 × 600 pixels
 RUN_FIGURE = "loss_curves.png"
+LOSS_SCALE_FIGURE = "loss_scale.png"
 HEADROOM_FIGURE = "fp16_headroom.png"
+RUN_FIGURES = (RUN_FIGURE, LOSS_SCALE_FIGURE, HEADROOM_FIGURE)  # all a run's figures; each closing draws some
 NONFINITE_COLOUR, OVERFLOW_COLOUR, MISSING_COLOUR = "black", "#e8168b", "#f2f2f2"
 MAX_LABELS = 40  # axis labels of the headroom map: beyond this, every k-th
 _PLAIN = FuncFormatter(lambda v, _: f"{v:g}")  # 10.6, not 1.06×10¹, when the range is narrow
@@ -387,21 +388,19 @@ def plot_fp16_headroom(activations: pd.DataFrame, path: str | Path, title: str =
 
 # ------------------------------------------------------------------------------------------ a run's files
 def write_run_plots(run_dir: str | Path, metrics: pd.DataFrame | None = None, label: str = "run",
-                    activations: pd.DataFrame | None = None) -> list[Path]:
-    """A run's own figures: loss_curves.png (the run's panels) always; loss_scale.png when the run scaled the
-    loss; fp16_headroom.png when it recorded activations (a stale one from an earlier run is removed)."""
+                    activations: pd.DataFrame | None = None, into: str | Path | None = None) -> list[Path]:
+    """A run's own figures, drawn into `into` (default: the run directory): loss_curves.png (the run's panels)
+    always; loss_scale.png when the run scaled the loss; fp16_headroom.png when it recorded activations."""
     run_dir = Path(run_dir)
+    into = Path(into or run_dir)
     rows = _metrics_rows(run_dir, metrics)
     fig = run_figure(rows, label if run_dir.name == label else f"{label} — {run_dir.name}")
-    fig.savefig(run_dir / RUN_FIGURE, format="png")
+    fig.savefig(into / RUN_FIGURE, format="png")
     plt.close(fig)
-    paths = [run_dir / RUN_FIGURE]
+    paths = [into / RUN_FIGURE]
     if metrics is not None and has_loss_scale(metrics):
-        paths.append(plot_loss_scale({label: metrics}, run_dir / "loss_scale.png", f"loss scale — {label}"))
-    headroom = run_dir / HEADROOM_FIGURE
+        paths.append(plot_loss_scale({label: metrics}, into / LOSS_SCALE_FIGURE, f"loss scale — {label}"))
     if activations is not None and len(activations):
-        paths.append(plot_fp16_headroom(activations, headroom, "fp16 headroom: each module's largest output as a "
-                                        f"fraction of fp16's range — {label}"))
-    elif headroom.exists():
-        os.unlink(headroom)
+        paths.append(plot_fp16_headroom(activations, into / HEADROOM_FIGURE, "fp16 headroom: each module's largest "
+                                        f"output as a fraction of fp16's range — {label}"))
     return paths

@@ -27,9 +27,17 @@ from ..contract.errors import BadInput
 from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
-from ..contract.rundir import final_figures, is_compare_dir, load_events, load_metrics, recorded_run, resume_command
+from ..contract.rundir import (
+    final_figures,
+    is_compare_dir,
+    load_events,
+    load_metrics,
+    recorded_run,
+    resume_command,
+    status_from_logs,
+)
 from ..contract.rundir import load_run as read_run
-from ..contract.wording import counted, did_you_mean
+from ..contract.wording import counted, did_you_mean, shell_command
 from ..contract.writers import holds_open, run_logs, writing_processes
 from .terminal import Console
 
@@ -64,12 +72,17 @@ class Run:
 
     @cached_property
     def summary(self) -> dict | None:
-        """The run's summary.json; one cut short (a full disk, an edit) is refused with how to write it again."""
-        damaged = _invalid_json(self.path / "summary.json")
-        if damaged:
-            raise BadInput(f"{self.path / 'summary.json'} is not valid JSON ({damaged}): `sarkd-diag report "
-                           f"{self.path}` writes it again from the run's logs")
-        return self._json("summary.json")
+        """The run's summary.json; one cut short (a full disk, an edit) or holding no object (`[]`) is refused with
+        how to write it again."""
+        path = self.path / "summary.json"
+        damaged = _invalid_json(path)
+        summary = self._json("summary.json") if damaged is None else None
+        why = f"is not valid JSON ({damaged})" if damaged else None
+        if summary is not None and not isinstance(summary, dict):
+            why = f"holds a JSON {type(summary).__name__}, where a run's summary is an object"
+        if why:
+            raise BadInput(f"{path} {why}: `{shell_command('report', self.path)}` writes it again from the run's logs")
+        return summary
 
     @cached_property
     def events(self) -> pd.DataFrame:
@@ -146,6 +159,11 @@ def not_a_run(path: Path) -> BadInput:
     damaged = damaged_config(path)
     if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
         return damaged
+    if any(path.glob("events*.jsonl")):  # a run's logs: `events` and `check` read them as the run they are
+        what = "a config.json that is no run's" if (path / "config.json").is_file() else "no config.json"
+        return BadInput(f"{path} holds a run's logs but {what}: closing or loading a run reads its precision and "
+                        "options there; copy the run's config.json back beside its logs "
+                        f"(`{shell_command('events', path)}` reads the events alone)")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -550,7 +568,7 @@ def _new_rows(path: Path, offsets: dict[Path, int]) -> Iterator[tuple[str | None
 # ----------------------------------------------------------------------------------------- check
 def _master_fp32(run: Run) -> str | None:
     if run.config is None:
-        return "no config.json: the run did not record how its weights were held"
+        return "no config.json, which records how the run held its weights"
     dtypes = (run.config.get("precision") or {}).get("param_dtypes")
     if isinstance(dtypes, list):  # a run recorded by Probes in a user's loop: the watched weights' dtypes
         dtypes = {"watched": {"trainable": {d: 0 for d in dtypes}}}
@@ -597,7 +615,10 @@ def _completed(run: Run) -> str | None:
         refused = report_refusal(run.path)
         if refused:  # offering `report` sent the user to a command that refuses the directory
             return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
-        return f"no summary.json: the run is still running, or it crashed (`sarkd-diag report {run.path}` closes it)"
+        ended, report = status_from_logs(run.config, run.metrics, run.events), shell_command("report", run.path)
+        if ended != "crashed":
+            return f"no summary.json, though its logs show how the run ended: {ended} (`{report}` writes it)"
+        return f"no summary.json: the run is still running, or it crashed (`{report}` closes it)"
     status = run.summary.get("status")
     if status == "completed":
         return None

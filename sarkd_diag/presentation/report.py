@@ -64,7 +64,9 @@ def _precision_facts(precision: dict, escape=str, bold: str = "**{}**", code: st
     return facts + ([f"trainable weights held in: {escape(master)}"] if master is not None else [])
 
 
-def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
+def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFrame, events: pd.DataFrame,
+                 into: Path | None = None) -> Path:
+    """report.md of the run at `run_dir`, written into `into` (default: the run directory)."""
     precision = summary["precision"]
     final = summary["final"]
     lines = [
@@ -119,7 +121,7 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     elif len(evals):
         lines += ["", "## Evaluations", "", f"| step | {heading} |", "|---:|---:|"]
         lines += [f"| {int(r.step)} | {_fmt(getattr(r, shown), spec)} |" for r in evals.itertuples()]
-    path = Path(run_dir) / "report.md"
+    path = Path(into or run_dir) / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -221,10 +223,12 @@ RUN_FIGURES = (("loss_curves.png", "the run: loss, learning rate, gradient norm,
                ("fp16_headroom.png", "fp16 headroom: each module's largest output as a fraction of fp16's range"))
 
 
-def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> Path:
+def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, events: pd.DataFrame,
+                      into: Path | None = None) -> Path:
     """report.html: one self-contained page of the run — the facts, the diagnosis, the figures (embedded) and
-    every event. Written after the figures."""
+    every event. Written into `into` (default: the run directory), after the figures drawn there."""
     run_dir = Path(run_dir)
+    into = Path(into or run_dir)
     precision, final = summary["precision"], summary["final"]
     facts = [f"run directory: <code>{_e(run_dir)}</code>",
              *_precision_facts(precision, escape=_e, bold="<b>{}</b>", code="<code>{}</code>"),
@@ -233,12 +237,12 @@ def write_html_report(run_dir: Path, summary: dict, metrics: pd.DataFrame, event
              f"final training loss: {_e(_fmt(final.get('loss')))}; median tokens/s: "
              f"{_e(_fmt(final.get('tokens_per_s'), '.0f'))}; skipped steps: {_e(final.get('skipped_steps'))}",
              *(f"continue it: <code>{_e(resume)}</code>" for resume in [continuation(run_dir, summary)] if resume)]
-    figures = "".join(embedded_image(run_dir / name, alt) for name, alt in RUN_FIGURES if (run_dir / name).is_file())
+    figures = "".join(embedded_image(into / name, alt) for name, alt in RUN_FIGURES if (into / name).is_file())
     title = f"sarkd-diag run: {summary['status']}"
     body = (f"<h1>{_e(title)}</h1><ul>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>"
             f"<h2>Diagnosis</h2>{_diagnosis_html(summary, events)}<h2>Figures</h2>{figures}"
             f"<h2>Events ({len(events)})</h2>{events_table_html(events)}")
-    path = run_dir / "report.html"
+    path = into / "report.html"
     path.write_text(_page(title, body), encoding="utf-8")
     return path
 
@@ -335,9 +339,9 @@ def legend(summary: dict) -> list[str]:
         f"drift reference: {reference}.",
         f"Verdicts: `corrupted@STEP` when a weight turned non-finite; `stagnant` when over "
         f"{t['stagnant_lost_update_fraction']:.0%} of intended updates were lost to rounding (median) or over "
-        f"{t['stagnant_skipped_step_fraction']:.0%} of steps were skipped; `drifting` when over "
-        f"{t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is more than "
-        f"{t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
+        f"{t['stagnant_skipped_step_fraction']:.0%} of the steps after the loss scaler's warm-up were skipped; "
+        f"`drifting` when over {t['drifting_lost_update_fraction']:.0%} were lost or the final eval perplexity is "
+        f"more than {t['drifting_eval_ppl_vs_fp32']:.0%} from fp32's.",
     ]
 
 

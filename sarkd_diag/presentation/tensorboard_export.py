@@ -35,9 +35,9 @@ def _cell(value) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def export_tensorboard(run_dir: str | Path, summary: dict | None = None) -> Path | None:
-    """Write RUN_DIR/tensorboard/ from metrics.jsonl and the events; the directory written. Without the
-    tensorboard package (a run closed on another machine by `report`): a warning, and None."""
+def export_tensorboard(run_dir: str | Path, summary: dict | None = None, into: str | Path | None = None) -> Path | None:
+    """Write tensorboard/ into `into` (default: RUN_DIR) from the run's metrics.jsonl and events; the directory
+    written. Without the tensorboard package (a run closed on another machine by `report`): a warning, and None."""
     if not tensorboard_available():
         import warnings
 
@@ -50,7 +50,7 @@ def export_tensorboard(run_dir: str | Path, summary: dict | None = None) -> Path
     from ..contract.rundir import load_events
 
     run_dir = Path(run_dir)
-    target = run_dir / TENSORBOARD_DIR
+    target = Path(into or run_dir) / TENSORBOARD_DIR
     shutil.rmtree(target, ignore_errors=True)
     metrics_path = run_dir / "metrics.jsonl"
     rows = read_jsonl(metrics_path) if metrics_path.is_file() else []

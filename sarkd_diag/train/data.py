@@ -77,7 +77,8 @@ def read_text_file(path: str) -> list[str]:
                            f"{_named('field', list(row))}; {NO_TEXT_ADVICE.format(part='field')}")
         if not isinstance(row["text"], str):
             raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
-        docs.append(row["text"])
+        if row["text"].strip():  # an empty or blank `text` is skipped, as a .txt's blank line and a .csv's value are
+            docs.append(row["text"])
     return docs
 
 

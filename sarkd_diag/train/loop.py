@@ -45,7 +45,7 @@ from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
 from ..contract.rundir import write_json_atomic
 from ..contract.version import __version__
-from ..contract.wording import counted
+from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
 from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
@@ -239,9 +239,9 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     seed_everything(cfg.seed)
     student = load_causal_lm(cfg.student_model, cfg.trust_remote_code, compute.precision.trainable_dtype)
     teacher = load_causal_lm(cfg.teacher_model, cfg.trust_remote_code, compute.precision.frozen_dtype)
-    kd_vocab = shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
-    dual = kd_vocab is None
     sizes = (teacher.config.vocab_size, student.config.vocab_size)
+    kd_vocab = shared_vocabulary(teacher_tokenizer, student_tokenizer, *sizes)
+    dual = kd_vocab is None
     if not dual and sizes[0] != sizes[1]:
         notes.append({"kind": "setup_note", "code": "padded_vocabulary",
                       "message": f"teacher {cfg.teacher_model} ({sizes[0]} logits) and student {cfg.student_model} "
@@ -728,8 +728,9 @@ class Trainer:
         what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
         if full:
             self.no_space = True
-            where += (f" — free space, then `sarkd-diag report {self.run.run_dir}` rebuilds its summary and `--resume` "
-                      "continues it from its last checkpoint") if not second else ""
+            report = shell_command("report", self.run.run_dir)
+            where += (f" — free space, then `{report}` rebuilds its summary and `--resume` continues it from its last "
+                      "checkpoint") if not second else ""
         else:
             self.internal_error = True
         self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")
@@ -746,7 +747,7 @@ class Trainer:
         savable = phase in ("forward", "backward", "eval") and keep > 0 and self.policy.weights_finite \
             and not run.state.sharded  # this rank failed alone: sharded routers cannot be gathered without the rest
         message = out_of_memory_message(self.config, run.compute.mode, run.models.teacher, run.models.student,
-                                        run.compute.device, error=error, phase=phase, step=step,
+                                        run.compute.device, dual=run.models.dual, error=error, phase=phase, step=step,
                                         saved=keep if savable else None,
                                         teacher_shards=run.compute.teacher_holding.size)
         self.logs.events.record("out_of_memory", "critical", message, step=step, phase=phase, probe="loop")

@@ -34,7 +34,7 @@ from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from ..contract.wording import counted
 from .fused_loss import chunk_rows
-from .models import check_block_fits, max_positions
+from .models import check_block_fits, load_tokenizer, max_positions, shared_vocabulary
 from .precision import MODES
 
 GIB = 2**30
@@ -99,7 +99,7 @@ def shape_from_config(name: str, trust_remote_code: bool = False,
 
     from .models import model_load_error, resolve_model_source
 
-    source = resolve_model_source(name, config_only=True)
+    source = resolve_model_source(name, weights=False)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -162,15 +162,16 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
 
 def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: int, block: int, *,
                   gradient_checkpointing: bool = False, offload_teacher: bool = False, fused_loss: bool = True,
-                  teacher_shards: int = 1) -> MemoryEstimate:
+                  teacher_shards: int = 1, dual: bool = False) -> MemoryEstimate:
     """The breakdown of one precision mode for these shapes and one micro-batch of batch × block tokens, on one
-    GPU; `teacher_shards` > 1: the teacher sharded over that many ranks (--shard-teacher)."""
+    GPU; `teacher_shards` > 1: the teacher sharded over that many ranks (--shard-teacher); `dual`: two tokenizers,
+    hidden-state KD (where `models.shared_vocabulary` finds no shared ids, as `train` decides it)."""
     strategy = MODES[canonical_mode(mode)]
     keep, frozen = strategy.trainable_dtype.itemsize, strategy.frozen_dtype.itemsize
     compute = (strategy.autocast_dtype or strategy.trainable_dtype).itemsize
     teacher_compute = (strategy.autocast_dtype or strategy.frozen_dtype).itemsize
     mixed = strategy.autocast_dtype is not None
-    dual = teacher.vocab != student.vocab
+    fused = fused_loss and not dual and teacher.vocab == student.vocab  # heads of two sizes do not fuse (as in train)
     routers = 0 if dual else teacher.router_params
     projection = student.hidden * teacher.hidden + teacher.hidden if dual else 0
     trainable_student = student.params + projection
@@ -191,9 +192,9 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         optimizer_state=2 * trainable * keep,  # AdamW's exp_avg and exp_avg_sq, in the weights' dtype
         activations=_activation_elements(student, tokens, gradient_checkpointing) * compute
         + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
-        + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused_loss, dual),
+        + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused, dual),
     )
-    if fused_loss and not dual:
+    if fused:
         rows = counted(min(tokens, chunk_rows(student.vocab)), "row")
         estimate.notes.append(f"--fused-loss: the logits exist {rows} at a time (--no-fused-loss: every token's "
                               "at once)")
@@ -255,13 +256,16 @@ def estimate_memory(config: DistillConfig | None = None, modes: list[str] | None
             raise BadInput(f"--router-patterns {pattern!r} is not a valid regular expression: {exc}") from None
     teacher = shape_from_config(cfg.teacher_model, cfg.trust_remote_code, cfg.router_patterns, "--teacher-model")
     student = shape_from_config(cfg.student_model, cfg.trust_remote_code, option="--student-model")
-    dual = teacher.vocab != student.vocab  # as estimate_mode tells it: the teacher then reads its own tokens
+    tokenizers = (load_tokenizer(cfg.teacher_model, cfg.trust_remote_code, weights=False),
+                  load_tokenizer(cfg.student_model, cfg.trust_remote_code, weights=False))
+    dual = shared_vocabulary(*tokenizers, teacher.vocab, student.vocab) is None  # as train decides: its own tokens
     for shape in (student,) if dual else (student, teacher):
         check_block_fits(cfg.block_size, shape.positions, shape.name)
     estimates = [estimate_mode(m, teacher, student, cfg.per_device_batch_size, cfg.block_size,
                                gradient_checkpointing=cfg.gradient_checkpointing,
                                offload_teacher=cfg.offload_teacher_to_cpu, fused_loss=cfg.fused_loss,
-                               teacher_shards=cfg.nproc if cfg.shard_teacher else 1) for m in dict.fromkeys(chosen)]
+                               teacher_shards=cfg.nproc if cfg.shard_teacher else 1, dual=dual)
+                 for m in dict.fromkeys(chosen)]
     return MemoryReport(teacher, student, cfg.per_device_batch_size, cfg.block_size, estimates, cfg.nproc)
 
 

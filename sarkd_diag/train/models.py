@@ -16,9 +16,10 @@ from ..contract.rundir import is_compare_dir, recorded_run
 EMBEDDED_PREFIX = "embedded:"
 
 
-def resolve_model_source(name: str, config_only: bool = False) -> str:
+def resolve_model_source(name: str, weights: bool = True) -> str:
     """A loadable path or hub id; `embedded:NAME` maps to the packaged model, a missing local path is an error, and
-    so is a local directory that holds no causal LM, or lacks a part of one (only its config, with config_only)."""
+    so is a local directory that holds no causal LM, or lacks a part of one (not its weights, with `weights` False:
+    estimate-memory reads only the config and the tokenizer)."""
     if name.startswith(EMBEDDED_PREFIX):
         from ..assets import EMBEDDED_MODELS, embedded_model_path
 
@@ -32,7 +33,7 @@ def resolve_model_source(name: str, config_only: bool = False) -> str:
         if not path.is_dir():
             raise BadInput(f"model path {name} is a file, expected a directory written by save_pretrained")
         _refuse_run_directory(name, path)
-        _check_model_directory(name, path, config_only)
+        _check_model_directory(name, path, weights)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
@@ -79,7 +80,7 @@ MODEL_PARTS = {  # what a directory needs to train, how its absence is named, an
 }
 
 
-def _check_model_directory(name: str, path: Path, config_only: bool) -> None:
+def _check_model_directory(name: str, path: Path, weights: bool) -> None:
     """Say what a local model directory holds when it cannot be trained, before any part of it loads: a model of
     another kind (an encoder-decoder, a vision model: transformers' "Unrecognized configuration class"), or the
     parts it lacks, all of them (transformers names one at a time, the tokenizer's first whatever else is absent)."""
@@ -91,7 +92,7 @@ def _check_model_directory(name: str, path: Path, config_only: bool) -> None:
     present = {"config": config_file.is_file(),
                "weights": any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES),
                "tokenizer": any((path / f).is_file() for f in TOKENIZER_FILES)}
-    missing = [part for part in (("config",) if config_only else MODEL_PARTS) if not present[part]]
+    missing = [part for part in MODEL_PARTS if not present[part] and (weights or part != "weights")]
     if not missing:
         return
     absent = [f"no {MODEL_PARTS[part][0]}" for part in missing]
@@ -210,10 +211,11 @@ def _load_error(what: str, name: str, exc: Exception) -> BadInput:
     return model_load_error(what, name, exc)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool):
+def load_tokenizer(name: str, trust_remote_code: bool, weights: bool = True):
+    """`name`'s tokenizer; `weights` False: of a directory that may hold no weights (`resolve_model_source`)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(name)
+    source = resolve_model_source(name, weights)
     _quiet_transformers()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -298,7 +300,7 @@ def check_block_fits(block_size: int, positions: int | None, name: str) -> None:
         raise BadInput(f"--block-size {block_size} exceeds {name}'s {positions} positions")
 
 
-def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, student_model) -> int | None:
+def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_vocab: int, student_vocab: int) -> int | None:
     """How many logit columns logit KD compares, or None where it cannot (two tokenizers: identical ids on probe
     strings tell one). Equal vocab sizes: all of them. Sizes that differ only by padding rows — a vocab_size rounded
     up past the tokenizer, as Qwen2.5-7B's 152064 against 0.5B's 151936 over one tokenizer — where every id of the
@@ -307,7 +309,7 @@ def shared_vocabulary(teacher_tokenizer, student_tokenizer, teacher_model, stude
     if not all(teacher_tokenizer(s, add_special_tokens=False)["input_ids"]
                == student_tokenizer(s, add_special_tokens=False)["input_ids"] for s in probes):
         return None
-    sizes = (teacher_model.config.vocab_size, student_model.config.vocab_size)
+    sizes = (teacher_vocab, student_vocab)  # the heads' sizes: each model's vocab_size
     if sizes[0] == sizes[1]:
         return sizes[0]
     ids = max(len(teacher_tokenizer), len(student_tokenizer))

@@ -93,6 +93,13 @@ def _cut_summary(tmp: Path) -> Path:
     return run
 
 
+def _listed_summary(tmp: Path) -> Path:
+    """A recorded run whose summary.json holds valid JSON that is no object (an edit, another tool's file)."""
+    run = _recorded_run(tmp)
+    (run / "summary.json").write_text("[]\n")
+    return run
+
+
 def _unreadable(tmp: Path, monkeypatch) -> Path:
     path = _file(tmp, "secret.txt", "some text\n")
     path.chmod(0)
@@ -173,7 +180,7 @@ CASES = [
     ("validation set with no tokens", lambda w, t, m: _args(w, t, validation_file=_file(t, "v.txt", "\n  \n")),
      "--validation-file"),
     ("validation set shorter than a block", lambda w, t, m: _args(
-        w, t, validation_file=_file(t, "v.jsonl", '{"text": ""}\n')), "v.jsonl has 1 token,"),
+        w, t, validation_file=_file(t, "v.jsonl", '{"text": "hi"}\n')), "v.jsonl has 3 tokens, fewer than one block"),
     ("zero train steps", lambda w, t, m: _args(w, t, train_steps=0), "--train-steps must be"),
     ("negative train steps", lambda w, t, m: _args(w, t, train_steps=-5), "--train-steps must be"),
     ("zero block size", lambda w, t, m: _args(w, t, block_size=0), "--block-size must be"),
@@ -217,6 +224,10 @@ CASES = [
         "check", "--expect", "completed", _cut_summary(t)],
      "{tmp}/run/summary.json is not valid JSON (Expecting value: line 1 column 12 (char 11)): `sarkd-diag report "
      "{tmp}/run` writes it again from the run's logs"),
+    ("check of a run whose summary.json holds a list, not an object (exit 3)", lambda w, t, m: [
+        "check", "--expect", "completed", _listed_summary(t)],
+     "{tmp}/run/summary.json holds a JSON list, where a run's summary is an object: `sarkd-diag report {tmp}/run` "
+     "writes it again from the run's logs"),
     ("check with an empty --expect (it checked one expectation fewer)", lambda w, t, m: [
         "check", _recorded_run(t, **_options_of(w)), "--expect", "", "--max-eval-ppl", "30"], "--expect is empty"),
     ("compare-precision of an empty --modes (it ran every mode)", lambda w, t, m: [

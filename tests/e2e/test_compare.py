@@ -40,6 +40,21 @@ def compared(tiny_world, tmp_path_factory):
     return out, exit_.value.code, stdout.getvalue()
 
 
+def test_a_short_comparison_whose_loss_scaler_warms_up_is_not_called_stagnant(cli, tiny_world, tmp_path):
+    """`mixed` over 5 steps with a loss term weighted 20x: GradScaler halves its scale on steps 1-4 while it finds
+    one that fits, then trains. compare-precision called the mode `stagnant` (80% of the steps skipped), where the
+    diagnosis reads those skips as the scaler's warm-up: the verdict now counts only the skips after it."""
+    out = tmp_path / "cmp"
+    code, _, err = cli("compare-precision", *world_options(tiny_world, out, "2e-3", steps=5), "--modes", "mixed",
+                       "--alpha-ce", "20")
+    assert code == 0, err
+    mixed = pd.read_csv(out / "comparison.csv").set_index("mode").loc["mixed"]
+    events = pd.read_json(out / "runs" / "mixed" / "events.jsonl", lines=True)
+    warmup = int((events["code"] == "scaler_skip_warmup").sum())
+    assert mixed["skipped_steps"] == warmup + 1 >= 3  # step 1's skip, then the warm-up's events
+    assert not mixed["verdict"].startswith("stagnant"), mixed["verdict"]
+
+
 def test_every_mode_ran_and_the_command_exits_0(compared):
     out, code, stdout = compared
     assert code == 0
@@ -94,6 +109,27 @@ def test_output_files_conform_to_the_contract(compared):
     assert f"Recommendation: {summary['recommendation']['text']}" in markdown
     assert "`pure-fp16` is `corrupted@1 (" in summary["recommendation"]["text"]
     assert png_size(out / "runs" / "fp32" / "loss_curves.png")[0] >= 640  # each run's own plots
+
+
+def test_a_comparison_whose_rebuild_fails_keeps_its_files_as_they_were(cli, compared, tmp_path, monkeypatch):
+    """`report` of a comparison wrote comparison.csv/.parquet/.md/.html and the figures one by one: a failure in the
+    last page left a new table beside an old report.html and summary.json. They are now built first and moved into
+    place together, so a failure leaves the comparison's files as they were."""
+    import sarkd_diag.presentation.report as report
+
+    out = Path(shutil.copytree(compared[0], tmp_path / "cmp"))
+    shutil.rmtree(out / "runs" / "pure-bf16")  # the table `report` builds differs from the one on disk
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a renderer's bug")
+
+    monkeypatch.setattr(report, "write_comparison_report", broken)
+    monkeypatch.chdir(tmp_path)  # where an internal error leaves its traceback
+    code, _, err = cli("report", out)
+    assert code == 3 and "a renderer's bug" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_report_rebuilds_an_interrupted_comparison(cli, compared, tmp_path):

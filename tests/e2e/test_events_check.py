@@ -36,10 +36,15 @@ def runs(tiny_world, tmp_path_factory):
 
 
 def crashed_copy(run, dest, keep=("config.json", "events.jsonl", "metrics.jsonl")):
-    """A run as a crash leaves it: the .jsonl logs (the last line torn), no summary, no parquet, no plots."""
+    """A run as a crash after its last step leaves it: the .jsonl logs (the last line torn), not the final evaluation
+    (a completed run's), no summary, no parquet, no plots."""
     dest.mkdir()
     for name in keep:
         shutil.copy(run / name, dest / name)
+    if "metrics.jsonl" in keep:
+        rows = (dest / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[-1])["split"] == "eval"
+        (dest / "metrics.jsonl").write_text("".join(row + "\n" for row in rows[:-1]))
     with open(dest / "events.jsonl", "a") as f:
         f.write('{"kind": "nonfinite_par')
     return dest

@@ -189,7 +189,7 @@ def test_a_model_of_another_kind_is_named_not_an_unrecognized_configuration_clas
                                                                                  tmp_path, kind):
     """An encoder-decoder (T5) or a vision model (ViT, which has no tokenizer either) in a local directory: one line
     naming what the directory holds, not transformers' "Unrecognized configuration class", nor a missing tokenizer;
-    estimate-memory, which needs only the config, says the same."""
+    estimate-memory, which reads no weights, says the same."""
     from transformers import T5Config, T5ForConditionalGeneration, ViTConfig, ViTModel
 
     model = tmp_path / kind
@@ -254,6 +254,28 @@ def test_a_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, co
     path = tmp_path / name
     path.write_text(content, encoding="utf-8-sig")
     assert read_text_file(str(path)) == documents
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("d.jsonl", '{"text": ""}\n{"text": "hello"}\n\n{"text": " \\t "}\n'),
+    ("d.csv", 'text\n""\nhello\n" \t "\n'),
+    ("d.txt", "\nhello\n \t \n"),
+])
+def test_empty_and_blank_documents_are_skipped_in_every_format(cli, tiny_args, tmp_path, name, content):
+    """A .jsonl's empty or blank `text` values were read as documents (each an end-of-text token in the training
+    stream), although the refusal of an empty corpus says `empty text values are skipped`, as a .txt's blank lines
+    and a .csv's empty values are: a .jsonl of blank texts was 'N tokens, fewer than one block' — not 'holds no
+    text'."""
+    from sarkd_diag.train.data import read_text_file
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    assert read_text_file(str(path)) == ["hello"]
+    blank = "\n".join(line for line in content.splitlines() if "hello" not in line) + "\n"
+    path.write_text(blank, encoding="utf-8")
+    code, _, err = cli("train", *tiny_args, "--train-file", path)
+    assert code == 2 and err == (f"sarkd-diag: error: --train-file {path} holds no text (blank lines and empty `text` "
+                                 "values are skipped); give at least one document\n")
 
 
 def test_a_config_file_saved_with_a_byte_order_mark_is_read(tmp_path):
@@ -617,6 +639,29 @@ def test_check_completed_offers_report_only_where_report_accepts_the_directory(c
     assert "closes it" not in out
 
 
+@pytest.mark.parametrize("config", [None, '{"precision": {"mode": "fp32"}}'], ids=["no-config", "no-runs-config"])
+def test_a_directory_of_a_runs_logs_without_its_config_is_called_one_thing(cli, tmp_path, config):
+    """Event logs without a run's config.json: `check` read the directory as a run ('no-critical holds for 1 run')
+    and said, through report's refusal, that it was 'neither a sarkd-diag run directory nor a compare-precision
+    directory'. check, report and load_run now all say what it is: a run's logs whose config.json is missing."""
+    from sarkd_diag import load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if config is not None:
+        (run / "config.json").write_text(config)
+    (run / "events.jsonl").write_text('{"step": 1, "time": 0, "kind": "x", "severity": "info", "message": "m"}\n')
+    code, out, _ = cli("check", "--expect", "no-critical,completed", str(run))
+    assert code == 1 and out.startswith(f"{run}: completed: no summary.json, and `sarkd-diag report` cannot write one")
+    report_code, _, refusal = cli("report", str(run))
+    said = refusal.strip().removeprefix("sarkd-diag: error: ")
+    assert report_code == 2 and said.startswith(f"{run} holds a run's logs but ") and "neither" not in said
+    assert out.strip().endswith(said)
+    with pytest.raises(ValueError) as loading:
+        load_run(run)
+    assert str(loading.value) == said
+
+
 def _cache_as_hub_model(model: Path, hf_home: Path, repo_id: str) -> None:
     """Put a saved model in a Hugging Face cache at `hf_home` as the hub download of `repo_id` leaves it."""
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
@@ -658,12 +703,13 @@ def test_a_cached_hub_model_of_another_kind_is_named_as_a_local_one_is(tiny_worl
 
 @pytest.mark.parametrize(("call", "typed", "meant"), [
     ("distill", "learning_rate", "student_lr"), ("distill", "train_step", "train_steps"),
-    ("compare_precision", "max_steps", "train_steps"),
+    ("compare_precision", "max_steps", "train_steps"), ("DistillConfig", "learning_rate", "student_lr"),
+    ("DistillConfig", "batch_size", "per_device_batch_size"), ("DistillConfig", "train_step", "train_steps"),
 ])
 def test_an_option_of_another_name_given_to_the_python_api_names_the_option_meant(call, typed, meant):
     """`sarkd_diag.distill(learning_rate=1e-3)` raised a bare TypeError (DistillConfig's "unexpected keyword
     argument"), where the CLI's `--learning-rate` says to write --student-lr: the API names the option meant too,
-    before anything loads or is written."""
+    before anything loads or is written; so does the DistillConfig a notebook builds itself."""
     import sarkd_diag
 
     with pytest.raises(TypeError) as raised:

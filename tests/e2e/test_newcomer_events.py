@@ -180,7 +180,7 @@ def test_report_says_every_file_it_wrote(cli, tiny_args):
         (run / name).unlink()
     code, out, err = cli("report", run)
     assert code == 0, err
-    assert out.startswith(f"{run}: crashed, 2 steps, ")
+    assert out.startswith(f"{run}: completed, 2 steps, ")
     assert sorted(out.splitlines()[0].split("; wrote ")[1].split(", ")) == sorted(closing)
 
 
@@ -308,3 +308,50 @@ def test_a_step_range_after_the_last_step_says_where_the_run_ended(cli, tmp_path
                                      "after step 4, the last step recorded")
     code, out, _ = cli("events", run, "--step", "4:", "--kind", "no_router")
     assert code == 0 and " ".join(out.split()) == "no event matches these filters (of 4 events recorded)"
+
+
+def _closed_again(cli, run: Path, summary: str | None) -> str:
+    """`report` on `run` after its summary.json was lost (None) or damaged (the text it holds): the status it wrote,
+    which `check --expect completed` of the run without a summary said first."""
+    (run / "summary.json").unlink()
+    code, said, _ = cli("check", run, "--expect", "completed")
+    if summary is not None:
+        (run / "summary.json").write_text(summary)
+    code, out, err = cli("report", run)
+    assert code == 0, err
+    status = json.loads((run / "summary.json").read_text())["status"]
+    assert said == (f"{run}: completed: no summary.json: the run is still running, or it crashed (`sarkd-diag report "
+                    f"{run}` closes it)\n" if status == "crashed" else f"{run}: completed: no summary.json, though its "
+                    f"logs show how the run ended: {status} (`sarkd-diag report {run}` writes it)\n")
+    return status
+
+
+@pytest.mark.parametrize("summary", [None, '{"status": "compl', "[]"], ids=["lost", "torn", "not-an-object"])
+def test_report_of_a_run_without_its_summary_writes_the_status_its_logs_prove(cli, tiny_args, monkeypatch, summary):
+    """A run that reached its last step and evaluated, whose summary.json was then lost or damaged, was closed again
+    by `report` as `crashed`; so was one that recorded its own Ctrl-C. Each now gets the end its logs recorded,
+    only a run whose logs stop short of an ending is crashed, and an end before a resume is not the run's; `check`
+    says that end before `report` writes it."""
+    import signal
+
+    from sarkd_diag.train import loop
+
+    args = [*tiny_args, "--train-steps", "2", "--eval-steps", "2", "--probes", "off", "--precision", "fp32"]
+    run = Path(tiny_args[-1])
+    evaluate = loop.Trainer._evaluate
+
+    def ctrl_c_after_step_1(self):
+        evaluate(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler `train` installed takes it, as from a terminal
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop.Trainer, "_evaluate", ctrl_c_after_step_1)
+        assert cli("train", *args, "--eval-steps", "1")[0] == 130
+    assert _closed_again(cli, run, summary) == "interrupted"
+    code, _, err = cli("train", *args, "--resume")
+    assert code == 0, err
+    assert _closed_again(cli, run, summary) == "completed"
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n")  # killed before its final evaluation
+    assert _closed_again(cli, run, summary) == "crashed"

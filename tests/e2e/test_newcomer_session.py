@@ -76,6 +76,32 @@ def test_compare_precision_header_says_1_step_and_a_second_run_what_to_do(cli, t
                                  f"{tmp_path / 'cmp'}` to rebuild its table from the modes that ran\n")
 
 
+def test_an_interrupted_comparison_says_what_it_left_and_how_to_read_it(cli, tiny_world, tmp_path, monkeypatch):
+    """Ctrl-C during compare-precision printed only `sarkd-diag: interrupted`: which modes had closed, and that
+    `report` compares them, the user learnt only from the refusal of the next run."""
+    import sarkd_diag.compare as compare
+
+    def fp32_done_then_ctrl_c(mode, config_file, out):
+        if mode == "bf16-mixed":
+            raise KeyboardInterrupt
+        (out / "runs" / mode).mkdir(parents=True)
+        (out / "runs" / mode / "summary.json").write_text("{}")  # as a mode that closed leaves its run
+        return compare.ModeRun(mode, out / "runs" / mode, 0, 1.0)
+
+    monkeypatch.setattr(compare, "run_mode", fp32_done_then_ctrl_c)
+    args = ["compare-precision", "--teacher-model", tiny_world["teacher"], "--student-model", tiny_world["student"],
+            "--steps", "1"]
+    code, out, err = cli(*args, "--modes", "bf16-mixed", "--output-dir", tmp_path / "none")
+    assert (code, err) == (130, "sarkd-diag: interrupted\n")
+    assert "interrupted during bf16-mixed, before any mode closed: `--overwrite` starts the comparison again" \
+        in " ".join(out.split())
+    code, out, err = cli(*args, "--modes", "fp32,bf16-mixed", "--output-dir", tmp_path / "cmp")
+    assert code == 130
+    said = " ".join(out.split())
+    assert (f"interrupted during bf16-mixed; closed: fp32 — `sarkd-diag report {tmp_path / 'cmp'}` compares them, "
+            "`--overwrite` starts the comparison again") in said
+
+
 def test_counted_agrees_with_its_number():
     from sarkd_diag.contract.wording import counted
 
@@ -187,6 +213,18 @@ USAGE_ERRORS = [
     (["--verson"], "sarkd-diag has no option --verson: did you mean --version?"),
     (["--train-steps", "3", "train"],
      "sarkd-diag has no option --train-steps: options of a command go after it (`sarkd-diag train --train-steps ...`)"),
+    (["--precision", "fp32", "train"],  # not `did you mean --version?`: a command's option, before the command
+     "sarkd-diag has no option --precision: options of a command go after it (`sarkd-diag train --precision ...`)"),
+    (["--kind", "nonfinite_param", "events", "RUN"],
+     "sarkd-diag has no option --kind: options of a command go after it (`sarkd-diag events --kind ...`)"),
+    (["--modes", "fp32", "estimate-memory"],  # the command typed, of those that take it
+     "sarkd-diag has no option --modes: options of a command go after it (`sarkd-diag estimate-memory --modes ...`)"),
+    (["train", "--output-dir", "--train-steps", "3"],  # it said `'3' is not an option`, --train-steps the run dir
+     "--output-dir needs a value, and the next word is the option --train-steps (--output-dir: run directory "
+     "(default: a new runs/<date-time>-<mode>/))"),
+    (["events", "RUN", "--kind", "--severity", "warning"],
+     "--kind needs a value, and the next word is the option --severity (--kind: event kinds, comma-separated or "
+     "repeated)"),
     (["evnts"], "sarkd-diag has no command 'evnts': did you mean events?"),
     (["events"], "events needs RUN_DIR: a run directory (a crashed one too) or a compare-precision directory"),
     (["events", "RUN", "RUN"], "events takes one RUN_DIR, not also 'RUN' (a path with spaces needs quotes)"),
@@ -264,6 +302,22 @@ def test_a_run_whose_config_json_is_damaged_is_said_so_not_called_a_model(cli, o
                    "or give another directory\n")
 
 
+def test_a_command_offered_for_a_run_whose_path_has_spaces_runs_as_printed(cli, one_step, tmp_path):
+    """A run in `my runs/a b`: report and check offered `sarkd-diag train --output-dir my runs/a b --resume`, which a
+    shell splits into three words; every command a message offers now quotes such a path."""
+    import shlex
+
+    (tmp_path / "my runs").mkdir()
+    run = _unclosed_copy(one_step, tmp_path / "my runs", "a b")
+    code, said, _ = cli("check", run, "--expect", "completed")
+    assert code == 1 and f"(`sarkd-diag report '{run}'` closes it)" in said
+    code, out, err = cli("report", run)
+    assert code == 0, err
+    offered = out.splitlines()[-1].removeprefix("continue it: ")
+    assert shlex.split(offered) == ["sarkd-diag", "train", "--output-dir", str(run), "--resume"]
+    assert f"- continue it: `{offered}`" in (run / "report.md").read_text()
+
+
 def test_check_names_a_wrong_run_directory_before_missing_expectations(cli, tmp_path):
     """`check runs/typo` said 'give at least one expectation'; fixed that, the user then learnt the path was wrong."""
     code, _, err = cli("check", tmp_path / "typo")
@@ -334,10 +388,14 @@ def _held_open(path: Path, mode: str):
         child.wait(timeout=60)
 
 
-def _unclosed_copy(run: Path, tmp_path: Path) -> Path:
-    """The run as it stands while it trains (or after kill -9): its logs without summary.json."""
-    copy = Path(shutil.copytree(run, tmp_path / "live"))
+def _unclosed_copy(run: Path, tmp_path: Path, name: str = "live") -> Path:
+    """The run as it stands while it trains (or after kill -9): its logs without summary.json, and without the final
+    evaluation only a completed run has."""
+    copy = Path(shutil.copytree(run, tmp_path / name))
     (copy / "summary.json").unlink()
+    rows = (copy / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["split"] == "eval"
+    (copy / "metrics.jsonl").write_text("".join(row + "\n" for row in rows[:-1]))
     return copy
 
 
@@ -725,8 +783,7 @@ def test_check_says_one_line_per_failed_expectation_whatever_the_event_message(c
 def test_report_of_a_run_that_stopped_short_says_how_to_continue_it(cli, one_step, tmp_path, status):
     """A run killed (closed as crashed by `report`) or interrupted, with a checkpoint: its panel and `check` gave the
     command that continues it, `report` and report.md/.html did not — what to do next was in neither."""
-    run = Path(shutil.copytree(one_step, tmp_path / "run"))
-    (run / "summary.json").unlink()
+    run = _unclosed_copy(one_step, tmp_path, "run")
     if status:
         (run / "summary.json").write_text(json.dumps({"status": status}))
     code, out, _ = cli("report", run)
