@@ -111,6 +111,8 @@ CODES = {
                            "their float16 gradients, so the first optimizer step raises",
     "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "
                              "optimizer.zero_grad() is not called between optimizer steps",
+    "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
+                            "weight: micro-batches accumulated without dividing each loss by their count",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
