@@ -7,7 +7,8 @@ model was called with): a micro-batch without target tokens has a per-token loss
 than bad numerics — unless its loss is a share of the step's (divided by the step's target count, the Trainer's
 `num_items_in_batch`) and another micro-batch of the step has targets: then it adds 0, harmlessly. The first empty
 micro-batch is recorded, and the first one on a step whose loss turned non-finite, if that is a later one: that
-one explains the NaN, whatever came before it.
+one explains the NaN, whatever came before it. The gradient backward brings each loss a model returns is its weight
+in the step's gradient: several of one model's at full weight are micro-batches summed, not averaged.
 """
 
 from __future__ import annotations
