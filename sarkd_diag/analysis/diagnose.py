@@ -373,9 +373,10 @@ FIXES = {
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
     "micro_batches_summed": "{model}'s gradient is the sum of {count} losses, not their mean (from step {step}): each "
-                            "micro-batch's loss is backpropagated at full weight, so every update is {count}× the "
-                            "batch's — with SGD {count}× the step, and the clipping threshold and weight decay no "
-                            "longer mean what they say — divide each micro-batch's loss by the number of "
+                            "micro-batch's loss is backpropagated at full weight, so each step's gradient is {count}× "
+                            "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
+                            "gradient's size), a clipping threshold meets a {count}× norm, and L2 weight decay in "
+                            "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
                             "micro-batches before `backward()` (`(loss / accumulation_steps).backward()`); the "
                             "learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
@@ -1602,9 +1603,9 @@ def _went_wrong_from(r: RunRecord, step: int) -> list[str]:
 
 def micro_batches_summed(r: RunRecord) -> list[Cause]:
     """A step backpropagated several losses of one model's forwards each at full weight (a `micro_batches_summed`
-    note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so every update is
-    that many times the batch's — critical once something goes wrong at or after it (the blow-up, which reads as an
-    lr far too high, is folded into it), else a warning."""
+    note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so the gradient is
+    that many times the batch's (SGD's update with it) — critical once something goes wrong at or after it (the
+    blow-up, which reads as an lr far too high, is folded into it), else a warning."""
     note = r.of("setup_note", "micro_batches_summed")
     if not len(note):
         return []

@@ -246,9 +246,9 @@ class LossProbe(Probe):
 
     def _check_summed(self, weights: list[float]) -> None:
         """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is
-        their sum, not their mean — micro-batches accumulated without dividing each loss by their count, so every
-        update is that many times the batch's (SGD's step, the clipping threshold's meaning and weight decay's share
-        with it). Two models' losses each at full weight are two objectives, not this. Said once."""
+        their sum, not their mean — micro-batches accumulated without dividing each loss by their count, so the
+        gradient is that many times the batch's (SGD's step and the norm a clipping threshold meets with it). Two
+        models' losses each at full weight are two objectives, not this. Said once."""
         models, self._weighed_models = self._weighed_models, []
         for model in dict.fromkeys(models):
             mine = [w for m, w in zip(models, weights, strict=True) if m == model]
