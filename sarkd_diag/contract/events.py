@@ -224,6 +224,11 @@ class EventLog:
             listener(event)
         return event
 
+    def said_before(self, codes) -> None:
+        """The codes a run already holds, from the log this one continues: a check said once per run is not said again
+        by the next Probes on it (a notebook cell run again, a second `train()`)."""
+        self._said.update(codes)
+
     def say_once(self, code: str) -> bool:
         """True the first time a check said once per run asks with its `code`, False after — whichever probe found
         it (an optimizer stepped twice is seen by the step hooks and by the loss scaler alike). Asked before the
