@@ -1884,6 +1884,37 @@ def amp_loop_without_zero_grad(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def accumulation_summing_micro_batches(world: World, tmp: Path) -> Outcome:
+    """Gradient accumulation over 8 micro-batches that calls `loss.backward()` on each loss as the model returned it
+    (no division by 8): every step's gradient is the sum of 8, and SGD at an lr their mean takes blows up."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batches = token_batches(world, 16)
+    summed, averaged = _accumulated_gradient(model, batches[:8], 1), _accumulated_gradient(model, batches[:8], 8)
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for start in (0, 8):
+            for ids in batches[start:start + 8]:
+                model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(summed_over_averaged_gradient=round(float(summed.norm() / averaged.norm()), 3))
+    outcome.check("the step's gradient is 8x the mean's", abs(float(summed.norm() / averaged.norm()) - 8) < 1e-3)
+    return outcome
+
+
+def _accumulated_gradient(model: nn.Module, batches: list[torch.Tensor], divide_by: int) -> torch.Tensor:
+    """The gradient of the lm_head accumulated over `batches`, each loss divided by `divide_by` (outside any tool)."""
+    model.zero_grad()
+    for ids in batches:
+        (model(input_ids=ids, labels=ids).loss / divide_by).backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    return grad
+
+
 def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
     """A KD loop whose `requires_grad_(False)` went to the student instead of the teacher, and whose teacher forward
     has no `torch.no_grad()`: backward runs — through the teacher — and nothing of the student trains."""
@@ -2297,6 +2328,10 @@ SCENARIOS: list[Scenario] = [
              "a backward hook ×1e30 on `mid` at step 1 only", "mixed", "user loop", amp_loop_without_zero_grad,
              Expected("gradients_not_cleared", "critical", "student", ANY, first_step=2,
                       absent=("loss_scale_collapse",), fix_contains="optimizer.zero_grad()")),
+    Scenario("accumulation summing micro-batch losses", "user loop: fp32 GPT-2, SGD lr 0.5, 8 micro-batches a step, "
+             "`loss.backward()` on each undivided loss", "fp32", "user loop", accumulation_summing_micro_batches,
+             Expected("micro_batches_summed", "critical", "student", None, first_step=1, absent=("divergence",),
+                      fix_contains="(loss / accumulation_steps).backward()", fix_lacks="far too high")),
     Scenario("student frozen instead of the teacher", "user loop: fp32 KD; `student.requires_grad_(False)` (meant the "
              "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
              student_frozen_instead_of_the_teacher,

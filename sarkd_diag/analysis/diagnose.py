@@ -30,9 +30,9 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "gradients_not_cleared",
-    "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative",
-    "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
-    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
+    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale",
+    "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -382,6 +382,13 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "micro_batches_summed": "{model}'s gradient is the sum of {count} losses, not their mean (from step {step}): each "
+                            "micro-batch's loss is backpropagated at full weight, so each step's gradient is {count}× "
+                            "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
+                            "gradient's size), a clipping threshold meets a {count}× norm, and L2 weight decay in "
+                            "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
+                            "micro-batches before `backward()` (`(loss / accumulation_steps).backward()`); the "
+                            "learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1598,14 +1605,36 @@ def gradients_not_cleared(r: RunRecord) -> list[Cause]:
         return []
     row = _first(note)
     step = int(row["step"])
-    then = [f"{kind}@{int(r.of(kind)['step'].min())}" for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")
-            if (r.of(kind)["step"] >= step).any()]
+    then = _went_wrong_from(r, step)
     scaled = bool((r.config.get("precision") or {}).get("loss_scaling"))
     return [Cause("gradients_not_cleared", "critical" if then else "warning", **_where(row),
                   evidence={"loss_scaling": scaled, "then": ", ".join(then) or None},
                   fix=r.fix("gradients_not_cleared", step=step,
                             scaler=", and a gradient the loss scaler found non-finite stays in them, so it skips "
                                    "every later step as its scale falls" if scaled else ""))]
+
+
+def _went_wrong_from(r: RunRecord, step: int) -> list[str]:
+    """What went wrong at or after `step` (a blow-up, a loss scale that fell), as `kind@first step`: what a loop bug
+    that inflates the updates is blamed for."""
+    return [f"{kind}@{int(r.of(kind)['step'].min())}" for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")
+            if (r.of(kind)["step"] >= step).any()]
+
+
+def micro_batches_summed(r: RunRecord) -> list[Cause]:
+    """A step backpropagated several losses of one model's forwards each at full weight (a `micro_batches_summed`
+    note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so the gradient is
+    that many times the batch's (SGD's update with it) — critical once something goes wrong at or after it (the
+    blow-up, which reads as an lr far too high, is folded into it), else a warning."""
+    note = r.of("setup_note", "micro_batches_summed")
+    if not len(note):
+        return []
+    row = _first(note)
+    then = _went_wrong_from(r, int(row["step"]))
+    count = int(row["value"])
+    return [Cause("micro_batches_summed", "critical" if then else "warning", **_where(row),
+                  evidence={"losses_per_step": count, "then": ", ".join(then) or None},
+                  fix=r.fix("micro_batches_summed", step=int(row["step"]), count=count, model=row.get("model")))]
 
 
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
@@ -1929,9 +1958,9 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, gradients_not_cleared,
-         teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative,
-         lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse,
-         clip_before_unscale, no_gradients, update_underflow, divergence)
+         micro_batches_summed, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
+         optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow,
+         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

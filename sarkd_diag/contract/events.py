@@ -111,6 +111,8 @@ CODES = {
                            "their float16 gradients, so the first optimizer step raises",
     "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "
                              "optimizer.zero_grad() is not called between optimizer steps",
+    "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
+                            "weight: micro-batches accumulated without dividing each loss by their count",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
@@ -221,6 +223,11 @@ class EventLog:
         for listener in self._listeners:
             listener(event)
         return event
+
+    def said_before(self, codes) -> None:
+        """The codes a run already holds, from the log this one continues: a check said once per run is not said again
+        by the next Probes on it (a notebook cell run again, a second `train()`)."""
+        self._said.update(codes)
 
     def say_once(self, code: str) -> bool:
         """True the first time a check said once per run asks with its `code`, False after — whichever probe found

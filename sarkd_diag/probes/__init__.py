@@ -464,6 +464,8 @@ class Probes:
             if resumed_from is not None:  # before the logs open for appending
                 self._cut_to(resumed_from, events)
         self.events = EventLog(self.run_dir / events if self.run_dir else None, rank=self.ranks.rank)
+        if self.run_dir is not None:
+            self.events.said_before(row["code"] for row in _read_rows(self.run_dir / events) if row.get("code"))
         self.critical = False  # a weight turned non-finite: training is ruined from here on
         self.events.on_event(self._watch_for_ruin)
         activations = JsonlLog(self.run_dir / "activations.jsonl") \

@@ -7,7 +7,8 @@ model was called with): a micro-batch without target tokens has a per-token loss
 than bad numerics — unless its loss is a share of the step's (divided by the step's target count, the Trainer's
 `num_items_in_batch`) and another micro-batch of the step has targets: then it adds 0, harmlessly. The first empty
 micro-batch is recorded, and the first one on a step whose loss turned non-finite, if that is a later one: that
-one explains the NaN, whatever came before it.
+one explains the NaN, whatever came before it. The gradient backward brings each loss a model returns is its weight
+in the step's gradient: several of one model's at full weight are micro-batches summed, not averaged.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
+# a loss backpropagated as is gets a gradient of exactly 1 (to the scale's rounding under a loss scaler)
+SUMMED_WEIGHT_TOLERANCE = 1e-3
+
+
 class LossProbe(Probe):
     name = "loss"
 
@@ -92,6 +97,9 @@ class LossProbe(Probe):
         self._micro = 0
         # (loss, targets, share) of each training forward's outputs
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
+        # (model, the gradient backward brought a captured loss, unscaled): that loss's weight in the step's gradient
+        self._weights: list[tuple[str, torch.Tensor]] = []
+        self._weighed_models: list[str] = []  # the model of each weight handed to the step's readings
         self._labels: torch.Tensor | None = None  # target count of the forward under way
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
@@ -124,6 +132,15 @@ class LossProbe(Probe):
             loss = output_loss(output, self._labelled)
             if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss) and not self.ctx.reevaluating:
                 self._captured.append((loss.detach(), self._labels, self._share))
+                if loss.requires_grad and not self._share:  # a share is divided by the step's count already
+                    loss.register_hook(self._weigh(model_name))
+        return hook
+
+    def _weigh(self, model_name: str):
+        """Note the weight backward gives a loss the model returned (1 where it is backpropagated as is), reading the
+        gradient without changing it; under a loss scaler, divided by the scale it was multiplied by."""
+        def hook(grad: torch.Tensor) -> None:
+            self._weights.append((model_name, grad.detach().reshape(()).float() / self.ctx.loss_scaler.factor()))
         return hook
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -199,7 +216,10 @@ class LossProbe(Probe):
         if self._targets:
             out["loss_targets"] = torch.stack([count for count, _ in self._targets])
             self._target_shares = [share for _, share in self._targets]
-        self._terms, self._targets = [], []
+        if self._weights:
+            out["loss_weights"] = torch.stack([weight for _, weight in self._weights])
+        self._weighed_models = [model for model, _ in self._weights]
+        self._terms, self._targets, self._weights = [], [], []
         return out
 
     def record(self, host: dict) -> dict:
@@ -207,6 +227,7 @@ class LossProbe(Probe):
         shares, self._shares = self._shares, []
         flat = host.get("loss_terms") or []
         self._record_empty(host.get("loss_targets") or [], not all(map(math.isfinite, flat)))
+        self._check_summed(host.get("loss_weights") or [])
         if not names:
             return {}
         losses, i = [], 0
@@ -222,6 +243,22 @@ class LossProbe(Probe):
             return {}
         total = sum(value for value, _ in losses)
         return {"loss": total if all(share for _, share in losses) else total / len(losses)}
+
+    def _check_summed(self, weights: list[float]) -> None:
+        """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is
+        their sum, not their mean — micro-batches accumulated without dividing each loss by their count, so the
+        gradient is that many times the batch's (SGD's step and the norm a clipping threshold meets with it). Two
+        models' losses each at full weight are two objectives, not this. Said once."""
+        models, self._weighed_models = self._weighed_models, []
+        for model in dict.fromkeys(models):
+            mine = [w for m, w in zip(models, weights, strict=True) if m == model]
+            if len(mine) > 1 and all(abs(w - 1) <= SUMMED_WEIGHT_TOLERANCE for w in mine) \
+                    and self.ctx.events.say_once("micro_batches_summed"):
+                self.ctx.events.record("setup_note", "warning",
+                                       f"step {self.ctx.step} backpropagated {len(mine)} losses of {model}'s forwards "
+                                       f"each at full weight: the gradient is their sum, {len(mine)}× their mean's",
+                                       step=self.ctx.step, phase="loss", probe=self.name, model=model,
+                                       value=float(len(mine)), code="micro_batches_summed")
 
     def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
         if term in self._reported:

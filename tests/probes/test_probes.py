@@ -1718,6 +1718,60 @@ def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_
     assert "`optimizer.zero_grad()` after each `optimizer.step()`" in cause["fix"] and "--" not in cause["fix"]
 
 
+@pytest.mark.parametrize(("accumulation", "noted"), [("summed", True), ("summed under a scaler", True),
+                                                     ("averaged", False), ("averaged under a scaler", False),
+                                                     ("one forward a step", False)])
+def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gradient(accumulation, noted):
+    """Gradient accumulation that calls `loss.backward()` on each micro-batch's loss as the model returned it: the
+    step's gradient is the sum of four, so each update is 4x the batch's. Read from the gradient backward brings the
+    model's loss (unscaled under a GradScaler): not for a loop that divides each by their count, nor one forward a
+    step."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled="scaler" in accumulation)
+    micro = 1 if accumulation == "one forward a step" else 4
+    with Probes(model, optimizer=opt, scaler=scaler if scaler.is_enabled() else None) as probes:
+        for _ in range(2):
+            for _micro_batch in range(micro):
+                ids = torch.randint(0, 32, (2, 8))
+                loss = model(input_ids=ids, labels=ids).loss
+                scaler.scale(loss if "summed" in accumulation else loss / micro).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step()
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if not noted:
+        assert notes == [] and "micro_batches_summed" not in causes
+        return
+    (note,) = notes
+    assert (note.step, note.severity, note.model, note.value) == (1, "warning", "student", 4.0)
+    cause = causes["micro_batches_summed"]
+    assert (cause["severity"], cause["first_step"]) == ("warning", 1)
+    assert "(loss / accumulation_steps).backward()" in cause["fix"] and "4×" in cause["fix"]
+
+
+def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
+    """Eight micro-batches summed under SGD at an lr that their mean would take: the 8x updates blow up. The root
+    is the summing, not an lr 'far too high' that the blow-up alone would name."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            for _micro_batch in range(8):
+                ids = torch.randint(0, 32, (2, 8))
+                model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["first_step"]) == ("micro_batches_summed", "critical", 1)
+    assert "divergence" in root["evidence"]["followed_by"]
+
+
 def test_gradients_not_cleared_under_a_loss_scaler_are_the_root_of_the_scale_collapse_they_cause():
     """One overflow at step 1, and a loop without `zero_grad()`: the Inf stays in `.grad`, every later step overflows
     and is skipped, and the scale falls to nothing. The root is the uncleared gradients, not the loss's size that a
