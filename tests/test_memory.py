@@ -51,13 +51,13 @@ def test_activations_scale_with_the_batch_and_shrink_with_checkpointing(shapes):
 
 
 def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
-    """Over a 50k vocabulary the fused loss holds one chunk of rows (83 at 50,257) of the loss rows' fp32
-    buffers — fp32 logits are two of them — plus the student's hidden-state gradient; unfused, every token's
-    logits."""
+    """Over a 50k vocabulary the fused loss holds one chunk of the student's logits (83 rows at 50,257), the
+    teacher's of half of them and five fp32 buffers of a row group (2 rows), plus the student's hidden-state
+    gradient; unfused, every token's logits."""
     from dataclasses import replace
 
     teacher, student = (replace(shapes[k][0], vocab=50257) for k in ("teacher", "student"))
-    one_chunk = 83 * 50257 * 5 * 4
+    one_chunk = (83 + 42 + 2 * 5) * 50257 * 4
     for batch in (4, 8):
         tokens = batch * 512
         every_token = tokens * 50257 * (4 + 4 + 4 + 4)  # student logits, log-softmax, gradient; teacher logits

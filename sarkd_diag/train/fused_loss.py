@@ -5,6 +5,9 @@ Over a 50k–150k vocabulary the logits are the largest tensors of a distillatio
 logits from the hidden states and the heads, its KD and CE rows and their gradient with respect to those
 logits (the row functions of `losses.py`, unchanged), and that gradient is pushed through the head at
 once — into the hidden states' gradient and the head weight's — so a chunk's logits die with the chunk.
+Within a chunk the loss rows run a few rows at a time on a small fp32 workspace, and each group's gradient is
+written over the student logits it came from: what a chunk holds is its student logits and half of its
+teacher logits (`_run_chunks`), not fp32 copies of them.
 What outlives the forward pass is the gradient of what backward must return anyway: the hidden states'
 (`[tokens, hidden]`) and the head weight's (`[vocab, hidden]`, which becomes the weight's `.grad`).
 
@@ -36,15 +39,23 @@ from torch.autograd.function import once_differentiable
 
 from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
-CHUNK_VALUES = 2**22  # fp32 values of one [rows, vocab] buffer (16 MiB); a chunk holds four (fp32 logits are two)
+CHUNK_VALUES = 2**22  # values of one chunk of the student's logits, [rows, vocab] (16 MiB in fp32)
 MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
+TEACHER_PARTS = 2  # the teacher's logits are made this many parts of a chunk at a time (see _run_chunks)
+ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspace (512 KiB): it stays in cache
 
 
 def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: a buffer of at most CHUNK_VALUES (83 rows at 50,257 tokens), never fewer than
+    """Rows per chunk: the student's logits of at most CHUNK_VALUES (83 rows at 50,257 tokens), never fewer than
     MIN_CHUNK_ROWS (from 52,429 tokens on). Measured with benchmarks/bench_fused_loss.py's shapes on this
     project's CPU: 83 rows cost what 166 do (within 2 %), 64 and fewer cost more."""
     return max(MIN_CHUNK_ROWS, CHUNK_VALUES // vocab)
+
+
+def group_rows(vocab: int) -> int:
+    """Rows per group of the loss rows (2 at 50,257 tokens, 1 from 65,537 on): their element-wise passes run
+    on a workspace that fits in cache, three times faster than over a whole chunk on this project's CPU."""
+    return max(1, ROW_GROUP_VALUES // vocab)
 
 
 class FusedSums(NamedTuple):
@@ -94,7 +105,7 @@ def fused_kd_ce(
     flat_labels = labels.reshape(-1)
     plan = _Plan(
         student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
-        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, KD_BUFFERS[kind] + 1,
+        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, group_rows(vocab), KD_BUFFERS[kind] + 1,
         alpha_kd, alpha_ce, grad_factor,
     )
     if plan.chunk_tokens < 1:
@@ -125,7 +136,8 @@ class _Plan(NamedTuple):
     ce: RowFn
     flat_mask: torch.Tensor  # [batch · length] bool, True at target rows
     chunk_tokens: int
-    buffers: int  # fp32 [chunk rows, vocab] buffers: the KD rows' workspace and one for the CE gradient
+    group_rows: int
+    buffers: int  # fp32 [group rows, vocab] buffers: the KD rows' workspace and one for the CE gradient
     alpha_kd: float
     alpha_ce: float
     grad_factor: float | torch.Tensor  # what backward is expected to bring: the products run on scaled gradients
@@ -147,9 +159,13 @@ class _HeadGradient:
         self.need_weight, self.weight_grad = need_weight, None  # the first chunk's product starts the sum
         self.bias_grad = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
 
-    def add_chunk(self, rows: slice, hidden: torch.Tensor, logits_grad: torch.Tensor) -> None:
-        """Push one chunk's logits gradient (fp32, [chunk rows, vocab], scaled) through the head."""
-        grad = logits_grad.to(self.dtype)
+    def add_bias(self, logits_grad: torch.Tensor) -> None:
+        """A row group's logits gradient (fp32, scaled) into the bias's, before it is rounded to the logits' dtype."""
+        if self.bias_grad is not None:
+            self.bias_grad += logits_grad.sum(0)
+
+    def add_chunk(self, rows: slice, hidden: torch.Tensor, grad: torch.Tensor) -> None:
+        """Push one chunk's logits gradient ([chunk rows, vocab], scaled, in the logits' dtype) through the head."""
         device = grad.device.type
         if self.hidden is not None:
             with torch.autocast(device, dtype=self.dtype, enabled=self.weight.dtype != self.dtype):
@@ -161,8 +177,6 @@ class _HeadGradient:
                     self.weight_grad = torch.mm(grad.t(), chunk_hidden)
                 else:
                     self.weight_grad.addmm_(grad.t(), chunk_hidden)
-        if self.bias_grad is not None:
-            self.bias_grad += logits_grad.sum(0)
 
     def grads(self) -> list[torch.Tensor | None]:
         return [self.hidden, self.weight_grad, self.bias_grad]
@@ -173,63 +187,77 @@ def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
 
     Returns the weighted objective, the kd and ce sums (0-dim fp32) and the gradients of the inputs (None where
     not needed). Like `losses._run_chunks`: fixed chunks known from the shapes (no host sync), non-target rows
-    selected away with `where`, one workspace reused by every chunk. A chunk's logits are the loop's own (the
-    heads' forward hooks have read them by then): fp32 logits become their own log-softmax buffers, and each
-    chunk's die before the next chunk's are made.
+    selected away with `where`, one workspace reused by every chunk. What a chunk holds at once is its student
+    logits, which become their own gradient row group by row group (the heads' forward hooks have read them by
+    then), one part of its teacher logits (`TEACHER_PARTS`: the student's feed three wide products, the
+    teacher's one, so it is the teacher's that are made narrower), and the row groups' small fp32 workspace.
     """
     n_rows, device = h_s.shape[0], h_s.device
-    chunks = -(-n_rows // plan.chunk_tokens)
-    rows_per_chunk = -(-n_rows // chunks)  # equal chunks: no small last one, whose products run least efficiently
-    totals = torch.zeros(2, dtype=torch.float32, device=device)  # kd, ce
+    chunks = _split(slice(0, n_rows), -(-n_rows // plan.chunk_tokens))
+    group = min(plan.group_rows, chunks[0].stop)
+    workspace = [torch.empty((group, w_s.shape[0]), dtype=torch.float32, device=device) for _ in range(plan.buffers)]
+    row_values = torch.empty(2, n_rows, dtype=torch.float32, device=device)  # each row's kd and ce
     heads: list[_HeadGradient | None] = [None, None]  # student, teacher
-    workspace: list[torch.Tensor] = []
-    for start in range(0, n_rows, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, n_rows))
-        logits = (plan.student_head(h_s[rows]), plan.teacher_head(h_t[rows]).to(device))
-        if not workspace:  # the logits' dtypes are known now
-            own = sum(_is_own_buffer(x) for x in logits)
-            workspace = [torch.empty((rows_per_chunk, w_s.shape[0]), dtype=torch.float32, device=device)
-                         for _ in range(plan.buffers - own)]
-        _add_chunk(plan, rows, [w[: rows.stop - start] for w in workspace], logits, (h_s, w_s, b_s, h_t), needs,
-                   totals, heads)
-        del logits
-    kd_total, ce_total = totals.unbind()
+    need_student, need_teacher = any(needs[:3]), needs[3]
+    for chunk in chunks:
+        logits_s = plan.student_head(h_s[chunk])
+        if need_student and heads[0] is None:  # the logits' dtype is known now
+            heads[0] = _HeadGradient(h_s, w_s, b_s, logits_s.dtype, needs[:3])
+        for part in _split(chunk, TEACHER_PARTS):
+            logits_t = plan.teacher_head(h_t[part]).to(device)
+            if need_teacher and heads[1] is None:
+                heads[1] = _HeadGradient(h_t, plan.teacher_head.weight, None, logits_t.dtype, (True, False, False))
+            for rows in _slices(part.start, part.stop, group):
+                _add_rows(plan, rows, workspace, logits_s[_shift(rows, chunk)], logits_t[_shift(rows, part)],
+                          row_values, heads, needs)
+            if need_teacher:
+                heads[1].add_chunk(part, h_t, logits_t.to(h_t.device))
+            del logits_t
+        if need_student:
+            heads[0].add_chunk(chunk, h_s, logits_s)
+        del logits_s
+    kd_total, ce_total = torch.where(plan.flat_mask, row_values, 0.0).sum(1).unbind()
     objective = plan.alpha_kd * kd_total + plan.alpha_ce * ce_total
     student, teacher = heads
     grads = (student.grads() if student else [None] * 3) + (teacher.grads()[:1] if teacher else [None])
     return objective, kd_total, ce_total, grads
 
 
-def _is_own_buffer(logits: torch.Tensor) -> bool:
-    """fp32 logits can hold their own log-softmax: the loss rows copy them to scratch first."""
-    return logits.dtype == torch.float32
+def _split(rows: slice, parts: int) -> list[slice]:
+    """`rows` in `parts` slices whose sizes differ by at most one row, the first as large as any: no small last
+    one, whose products run least efficiently (and may take the BLAS library's buffers for one more shape)."""
+    size = rows.stop - rows.start
+    ends = [rows.stop - size * (parts - i) // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(ends[:-1], ends[1:], strict=True) if b > a]
 
 
-def _add_chunk(plan: _Plan, rows: slice, workspace: list[torch.Tensor], logits: tuple[torch.Tensor, torch.Tensor],
-               inputs: tuple, needs: tuple[bool, ...], totals: torch.Tensor, heads: list) -> None:
-    """One chunk's loss rows into `totals` and its logits' gradient through the heads (`heads`, made at the first
-    chunk). The CE rows read the student's logits before the KD rows overwrite fp32 ones with their log-softmax."""
-    logits_s, logits_t = logits
-    h_s, w_s, b_s, h_t = inputs
+def _slices(start: int, stop: int, step: int) -> list[slice]:
+    return [slice(at, min(at + step, stop)) for at in range(start, stop, step)]
+
+
+def _shift(rows: slice, within: slice) -> slice:
+    """`rows` (flat row numbers) as rows of the tensor that holds `within`'s."""
+    return slice(rows.start - within.start, rows.stop - within.start)
+
+
+def _add_rows(plan: _Plan, rows: slice, workspace: list[torch.Tensor], logits_s: torch.Tensor,
+              logits_t: torch.Tensor, row_values: torch.Tensor, heads: list, needs: tuple[bool, ...]) -> None:
+    """One row group's loss rows into `row_values`, and their gradient written over the logits they came from, in
+    the logits' dtype: the row functions have copied the logits to the fp32 workspace before."""
+    n = rows.stop - rows.start
+    scratch, ce_buffer, log_s, log_t, *extra = [w[:n] for w in workspace]
     need_student, need_teacher = any(needs[:3]), needs[3]
-    spare = iter(workspace)
-    scratch, ce_buffer = next(spare), next(spare)
-    log_s, log_t = (x if _is_own_buffer(x) else next(spare) for x in logits)
-    keep = plan.flat_mask[rows]
     ce_values, (ce_grad,) = plan.ce(rows, [scratch, ce_buffer], [logits_s], (need_student,))
-    kd_values, (kd_grad_s, kd_grad_t) = plan.kd(rows, [scratch, log_s, log_t, *spare], [logits_s, logits_t],
+    kd_values, (kd_grad_s, kd_grad_t) = plan.kd(rows, [scratch, log_s, log_t, *extra], [logits_s, logits_t],
                                                 (need_student, need_teacher))
-    totals += torch.stack([torch.where(keep, kd_values, 0.0).sum(), torch.where(keep, ce_values, 0.0).sum()])
+    row_values[0, rows], row_values[1, rows] = kd_values, ce_values
+    dropped = ~plan.flat_mask[rows][:, None]
     if need_student:
-        if heads[0] is None:
-            heads[0] = _HeadGradient(h_s, w_s, b_s, logits_s.dtype, needs[:3])
         grad = ce_grad.mul_(plan.alpha_ce).add_(kd_grad_s, alpha=plan.alpha_kd).mul_(plan.grad_factor)
-        heads[0].add_chunk(rows, h_s, grad.masked_fill_(~keep[:, None], 0.0))
+        heads[0].add_bias(grad.masked_fill_(dropped, 0.0))
+        logits_s.copy_(grad)
     if need_teacher:
-        if heads[1] is None:
-            heads[1] = _HeadGradient(h_t, plan.teacher_head.weight, None, logits_t.dtype, (True, False, False))
-        grad = kd_grad_t.mul_(plan.alpha_kd).mul_(plan.grad_factor).masked_fill_(~keep[:, None], 0.0)
-        heads[1].add_chunk(rows, h_t, grad.to(h_t.device))
+        logits_t.copy_(kd_grad_t.mul_(plan.alpha_kd).mul_(plan.grad_factor).masked_fill_(dropped, 0.0))
 
 
 class _FusedKDCE(torch.autograd.Function):

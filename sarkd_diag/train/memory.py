@@ -6,10 +6,11 @@ moments are exact byte counts for the way each mode holds them (train/precision.
 estimate for one micro-batch (batch × block), with attention through SDPA (no seq² score matrix kept):
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
-    logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch —
-        chunk rows (fused_loss.chunk_rows) × vocab × (5 × 4 + each model's logits' bytes unless fp32), the
-        fp32 buffers of the loss rows (the JSD's four and the CE gradient's; fp32 logits are two of them),
-        plus the student's last hidden states' gradient
+    logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch — the
+        student's logits of a chunk (fused_loss.chunk_rows rows, which become their own gradient), the
+        teacher's of half of them, the fp32 buffers of one row group of the loss rows (fused_loss.group_rows
+        rows × vocab × 5 × 4: the JSD's four and the CE gradient's), plus the student's last hidden states'
+        gradient
     logits, unfused, per token:  vocab × (compute bytes + 4 + 4) for the student — the logits, their fp32
         log-softmax and its gradient — and vocab × compute bytes for the teacher
     dual-tokenizer mode, per token: the student's unfused logits, and the teacher's last hidden state (hidden ×
@@ -33,7 +34,7 @@ from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from ..contract.wording import counted
-from .fused_loss import chunk_rows
+from .fused_loss import TEACHER_PARTS, chunk_rows, group_rows
 from .models import check_block_fits, load_tokenizer, max_positions, shared_vocabulary
 from .precision import MODES
 
@@ -155,8 +156,9 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
         return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.hidden * teacher_compute
     if fused:
         rows = min(tokens, chunk_rows(student.vocab))
-        logits = sum(size for size in (compute, teacher_compute) if size != 4)  # fp32 ones are loss buffers too
-        return rows * student.vocab * (5 * 4 + logits) + tokens * student.hidden * compute
+        teacher_rows, group = -(-rows // TEACHER_PARTS), min(rows, group_rows(student.vocab))
+        return (student.vocab * (rows * compute + teacher_rows * teacher_compute + group * 5 * 4)
+                + tokens * student.hidden * compute)
     return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.vocab * teacher_compute
 
 

@@ -144,9 +144,9 @@ def test_fp16_products_carry_the_loss_scale_like_the_unfused_backward():
     assert not all(torch.isfinite(g).all() for g in fused_grads(overflowing))
 
 
-class MostLiveChunks(TorchDispatchMode):
-    """The most [rows, vocab] floating tensors alive at once, by storage (the heads' weights aside): how many
-    chunk-sized buffers the loss holds at its peak."""
+class MostLiveVocabBytes(TorchDispatchMode):
+    """The most bytes of [rows, vocab] floating tensors alive at once, by storage (the heads' weights aside): what
+    the loss holds of vocabulary width at its peak."""
 
     def __init__(self, vocab: int, weights: list[torch.Tensor]):
         super().__init__()
@@ -159,25 +159,28 @@ class MostLiveChunks(TorchDispatchMode):
             if torch.is_tensor(t) and t.dim() == 2 and t.shape[-1] == self.vocab and t.is_floating_point() \
                     and t.untyped_storage().data_ptr() not in self.weight_storages:
                 self.refs.append(weakref.ref(t))
-        alive = {t.untyped_storage().data_ptr() for t in (r() for r in self.refs) if t is not None}
-        self.most = max(self.most, len(alive))
+        alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                 for t in (r() for r in self.refs) if t is not None}
+        self.most = max(self.most, sum(alive.values()))
         return out
 
 
-@pytest.mark.parametrize(("kind", "dtype", "most"), [("forward-kl", torch.float32, 4),
-                                                     ("reverse-kl", torch.float32, 4),
-                                                     ("forward-kl", torch.float16, 7)])
-def test_a_chunk_holds_its_buffers_and_no_more(kind, dtype, most):
-    """Forward and backward, with the teacher side training (SAR): the CE and KD rows' four fp32 buffers (scratch,
-    the CE gradient, both log-softmaxes), of which fp32 logits are two; fp16 logits are not, and the head's
-    products take an fp16 copy of the gradient. A chunk's logits die before the next chunk's are made."""
+@pytest.mark.parametrize(("kind", "dtype"), [("forward-kl", torch.float32), ("reverse-kl", torch.float32),
+                                             ("forward-kl", torch.float16)])
+def test_a_chunk_holds_its_student_logits_half_its_teacher_logits_and_a_row_group_workspace(kind, dtype,
+                                                                                           monkeypatch):
+    """Forward and backward, with the teacher side training (SAR): the student's logits of the chunk, which become
+    their own gradient in place, the teacher's for half of its rows at a time, and four fp32 buffers of one row
+    group (scratch, the CE gradient, both log-softmaxes) — nothing else of vocabulary width, in any dtype."""
+    monkeypatch.setattr(fused_loss, "ROW_GROUP_VALUES", VOCAB)  # one row a group
     h_s, head_s, h_t, head_t, labels, _ = inputs(bias=True)
     if dtype != torch.float32:
         h_s, h_t = h_s.detach().to(dtype).requires_grad_(), h_t.detach().to(dtype).requires_grad_()
         head_s, head_t = head_s.to(dtype), head_t.to(dtype)
-    with MostLiveChunks(VOCAB, [head_s.weight, head_t.weight]) as chunks:
+    with MostLiveVocabBytes(VOCAB, [head_s.weight, head_t.weight]) as held:
         fused_kd_ce(h_s, head_s, h_t, head_t, labels, kind=kind, chunk_tokens=4, **OPTIONS).objective.backward()
-    assert chunks.most == most
+    logits = (4 + 2) * VOCAB * dtype.itemsize  # 15 rows: four chunks of 4 rows, the teacher's 2 at a time
+    assert held.most == logits + 4 * VOCAB * 4
 
 
 def test_evaluations_cross_entropy_from_hidden_states_equals_the_unfused_one():
