@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ..contract.config import CALLERS
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
@@ -81,8 +82,6 @@ LOSS_CUT_OFF_IN_CODE = ("the loss is cut off from them — logits `.detach()`ed 
                         "`loss.requires_grad_()` hides that), a frozen path — or the gradients are cleared between "
                         "`backward()` and the optimizer step (`zero_grad()` before `step()`)")
 
-# whose words a fix is written in: `train`'s (cli), and those of each caller of the probes
-CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 
 # A model trained through adapters (`precision.adapted_models`: its trainable tensors hold under half its weights, the
 # rest frozen — LoRA): its master weights are the trainable tensors alone, so fp32 master weights mean fp32 adapters,

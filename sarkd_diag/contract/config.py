@@ -21,6 +21,8 @@ from .wording import closest, did_you_mean
 
 KD_LOSSES = ("forward-kl", "reverse-kl", "jsd")
 PROBE_LEVELS = ("off", "standard", "full")  # --probes; the probes use this tuple too (probes.LEVELS)
+# config.json's `caller`, whose words a fix is written in: `train`'s (cli), and those of each caller of the probes
+CALLERS = ("cli", "loop", "trainer", "accelerate", "lightning")
 NONFINITE_POLICIES = ("stop", "skip", "rollback", "continue")
 SCHEDULERS = ("linear", "cosine")
 MODEL_DTYPES = ("float16", "bfloat16", "float32")

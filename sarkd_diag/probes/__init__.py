@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..analysis.diagnose import CALLERS
 from ..contract import numerics
+from ..contract.config import CALLERS, user_path
 from ..contract.config import PROBE_LEVELS as LEVELS  # defined once, beside the --probes option
-from ..contract.config import user_path
 from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
