@@ -43,6 +43,10 @@ CHUNK_VALUES = 2**22  # values of one chunk of the student's logits, [rows, voca
 MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
 TEACHER_PARTS = 2  # the teacher's logits are made this many parts of a chunk at a time (see _run_chunks)
 ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspace (512 KiB): it stays in cache
+# on an accelerator each element-wise op of a group is a kernel launch: CPU-sized groups (2 rows at 50,257 tokens)
+# run ~48,000 ops for a 4 × 512 step, groups of this many values ~7,500, one group a chunk ~3,000 (counted aten ops;
+# the time not measured on a GPU yet); each fp32 buffer 4 MiB
+ACCELERATOR_ROW_GROUP_VALUES = 2**20
 
 
 def chunk_rows(vocab: int) -> int:
@@ -52,10 +56,12 @@ def chunk_rows(vocab: int) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_VALUES // vocab)
 
 
-def group_rows(vocab: int) -> int:
-    """Rows per group of the loss rows (2 at 50,257 tokens, 1 from 65,537 on): their element-wise passes run
-    on a workspace that fits in cache, three times faster than over a whole chunk on this project's CPU."""
-    return max(1, ROW_GROUP_VALUES // vocab)
+def group_rows(vocab: int, device_type: str = "cpu") -> int:
+    """Rows per group of the loss rows (on the CPU 2 at 50,257 tokens, 1 from 65,537 on): their element-wise passes
+    run on a workspace that fits in cache, three times faster than over a whole chunk on this project's CPU. On an
+    accelerator, groups of ACCELERATOR_ROW_GROUP_VALUES: enough values per kernel to pay for its launch."""
+    values = ROW_GROUP_VALUES if device_type == "cpu" else ACCELERATOR_ROW_GROUP_VALUES
+    return max(1, values // vocab)
 
 
 class FusedSums(NamedTuple):
@@ -105,7 +111,8 @@ def fused_kd_ce(
     flat_labels = labels.reshape(-1)
     plan = _Plan(
         student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
-        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, group_rows(vocab), KD_BUFFERS[kind] + 1,
+        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, group_rows(vocab, student_hidden.device.type),
+        KD_BUFFERS[kind] + 1,
         alpha_kd, alpha_ce, grad_factor,
     )
     if plan.chunk_tokens < 1:
