@@ -486,7 +486,7 @@ FIXES = {
                              "sqrt, a log or a division; keep at least one position per row unmasked); "
                              "a wider precision ({wide_compute}) will not help, nor will lowering {lr}",
     "nonfinite_grad_op": "the gradients turned {holds} in backward — first at {tensor} in backward order — in {dtype}, "
-                         "from a finite loss and finite values nowhere near {dtype}'s range (the largest measured "
+                         "from {loss} and finite values nowhere near {dtype}'s range (the largest measured "
                          "{amax}): not an overflow but an operation whose derivative is infinite or undefined at its "
                          "input — sqrt of exactly 0 (an RMSE, or a distance written as the sqrt of a sum of "
                          "squares, between equal tensors, as when a student starts from its teacher's weights), "
@@ -1813,7 +1813,9 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 "largest_measured": largest,
                                 "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
                       fix=r.fix(template, tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
-                                amax=f"{largest:.3g}"))]
+                                amax=f"{largest:.3g}", loss="a finite loss" if seen else
+                                "a loss the probes never saw (hand it over: " + PHRASES["hand_loss"][r.caller] +
+                                "; then the run tells whether it was finite)"))]
     loss = r.train_column("loss")
     finite_loss = loss[loss.map(math.isfinite)]
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,

@@ -2285,3 +2285,29 @@ def test_every_gradient_nan_at_once_in_fp32_from_the_loss_end_is_not_called_an_o
         assert "not an overflow" in root["fix"] and "the loss end" in root["fix"]
         assert ("hand the loss over (`probes.step(loss=loss)`)" in root["fix"]) is not given
         assert ("from a finite loss" in root["fix"]) is given
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_an_undefined_derivative_in_part_of_the_gradients_claims_a_finite_loss_only_when_one_was_seen(given):
+    """An fp32 loop adds a weight-distance term, the sqrt of a sum of squares, which is exactly 0 on the step the
+    student's head sits at its anchor: that head's gradient turns NaN (d√x/dx at 0), the others stay finite. The
+    fix said "from a finite loss" even where the loop handed no loss over: unverified, it now says the loss was not
+    seen and how to hand it over."""
+    student = tiny.make_gpt2(64)
+    opt = torch.optim.SGD(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    head = student.get_output_embeddings().weight
+    with Probes({"student": student}, optimizer=opt) as probes:
+        for step in range(1, 4):
+            anchor = head.detach().clone() if step == 2 else head.detach() + 0.01
+            logits = student(input_ids=ids).logits  # no labels: the model's outputs hold no loss either
+            ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss = ce + (head - anchor).pow(2).sum().sqrt()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss) if given else probes.step()
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"]) == ("divergence", 2) and root["evidence"]["every_gradient"] is False
+    assert ("from a finite loss" in root["fix"]) is given
+    assert ("a loss the probes never saw (hand it over: `probes.step(loss=loss)`" in root["fix"]) is not given
