@@ -72,8 +72,9 @@ RANGE_EXPONENT = 0.5
 # weights as wide as mixed precision's master weights (no wider dtype to train in): half an ulp relative to the weight
 WIDE_WEIGHT_DTYPES = {"float32": 2.0**-24, "float64": 2.0**-53}
 NARROW_WEIGHT_DTYPES = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # half an ulp, relative to the weight's value
-# callers whose non-finite loss on a step without module statistics stays so: `train` and the Trainer's callback
-# replay that forward with them on (and place it, or find every module finite)
+# callers whose non-finite loss on a step without module statistics may stay so: `train` and the Trainer's callback
+# replay that forward from its loss (and place it, or find every module finite); the others replay it only where the
+# optimizer's pre-step hook saw its gradients non-finite (`ProbeSet.replays_steps`: no scaler skipped it, one process)
 UNREPLAYED = ("loop", "accelerate", "lightning")
 ROUTER_NAMES = ("gate", "router")  # an MoE router's module name ends so, or its parent's (never an expert's gate_proj)
 
@@ -958,8 +959,13 @@ class RunRecord:
         return _falling_below_zero(loss if before is None else loss[loss.index < before])
 
     def module_outputs_at(self, step: int) -> dict[str, float]:
-        """Each model's largest module output on a training step that measured them (a statistics step): the
-        `act_amax_<model>` columns; empty where that step did not measure them."""
+        """Each model's largest module output on a training step that measured them: a statistics step's
+        `act_amax_<model>` columns, or the `forward_replay` events of a step replayed after its non-finite loss
+        (every output finite there); empty where neither measured them."""
+        replayed = self.of("forward_replay")
+        replayed = replayed[replayed["step"] == step]
+        if len(replayed):
+            return {str(e["model"]): float(e["value"]) for _, e in replayed.iterrows()}
         if "step" not in self.metrics or "split" not in self.metrics:
             return {}
         rows = self.metrics[(self.metrics["split"] == "train") & (self.metrics["step"] == step)]

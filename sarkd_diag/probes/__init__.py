@@ -22,6 +22,7 @@ device, and a step moves all of them to the host in one transfer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -112,12 +113,19 @@ def replace_method(owner, name: str, replacement: Callable) -> Callable[[], None
     return restore
 
 
+def _run_as_it_ran(model: nn.Module, args: tuple, kwargs: dict, autocast: torch.dtype | None) -> None:
+    """One recorded forward again, under the autocast it ran in (the replay runs outside the loop's context)."""
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+        model(*args, **kwargs)
+
+
 class ProbeSet:
     """The probes of one run and the hooks that drive them: the optimizer's step hooks and the loss
     scaler's unscale. The owner's loop calls `begin_step`, hands over its loss terms (`observe_terms`),
     moves `take_readings()` to the host with its own values and hands them back to `record`."""
 
-    def __init__(self, ctx: ProbeContext):
+    def __init__(self, ctx: ProbeContext, replays_steps: bool = False):
         self.ctx = ctx
         self.probes = [] if ctx.level == "off" else [cls(ctx) for cls in PROBE_TYPES]
         self._at = {moment: [p for p in self.probes if getattr(type(p), moment) is not getattr(Probe, moment)]
@@ -125,12 +133,16 @@ class ProbeSet:
         self.loss = next((p for p in self.probes if isinstance(p, LossProbe)), None)
         self._activations = next((p for p in self.probes if isinstance(p, ActivationProbe)), None)
         self._gradients = next((p for p in self.probes if isinstance(p, GradientProbe)), None)
+        self._optimizers = optimizers_of(ctx.optimizer)
+        # where no owner replays a failing step (a caller's loop; the Trainer's callback and `train` replay their own):
+        # one process, statistics off on most steps, an optimizer whose pre-step hook sees the gradients
+        self.replays_steps = (replays_steps and self._activations is not None and self._gradients is not None
+                              and bool(self._optimizers))
         self._gradients_read = False
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
         self._stepped: set[int] = set()  # the optimizers whose pre-step hook ran in this step
-        self._optimizers = optimizers_of(ctx.optimizer)
         self._unscaled_ones: set[int] = set()  # the optimizers the loss scaler unscaled this step
         self._watched_ids = {id(w.param) for w in ctx.watched}
         self._removers = []
@@ -174,6 +186,7 @@ class ProbeSet:
         self._stepped = set()
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
+        ctx.step_forwards = [] if self.replays_steps and not ctx.stats_step else None
         for probe in self._at["begin_step"]:
             probe.begin_step()
 
@@ -262,6 +275,25 @@ class ProbeSet:
             self.gradients_ready()  # else a later optimizer's gradients are still scaled: read when they are not
         for probe in self._at["before_optimizer_step"]:
             probe.before_optimizer_step()
+        self._replay_if_gradients_nonfinite()
+
+    def _replay_if_gradients_nonfinite(self) -> None:
+        """The optimizer is about to apply non-finite gradients on a step without per-module statistics: replay the
+        step's training forwards, as they ran (same arguments, same autocast), with the statistics on — from the
+        weights that made them, which the update is about to ruin — so the module where the non-finite value began
+        is named, or every module output is found finite and the loss's own arithmetic made it. What a loss scaler
+        lets through is finite, so this runs where nothing skips the step: the first such step of the run only
+        (after it every weight is NaN). It costs one host sync a step (the gradients' finiteness) in the loops that
+        keep their forwards here; the replay itself, the failure path's: the forwards again under no_grad, drawing no
+        random numbers the run would (`fork_rng`)."""
+        forwards, self.ctx.step_forwards = self.ctx.step_forwards, None
+        if not forwards or not self._gradients.nonfinite():
+            return
+        self.replays_steps = False
+        devices = sorted({p.device.index or 0 for m in self.ctx.models.values() for p in m.parameters()
+                          if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):  # a failed replay names nothing
+            self.replay_forward(lambda: [_run_as_it_ran(*forward) for forward in forwards])
 
     def _stepped_twice(self) -> None:
         """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients
@@ -470,7 +502,8 @@ class Probes:
         activations = JsonlLog(self.run_dir / "activations.jsonl") \
             if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
-                                         activations_log=activations, gather=self.ranks.gather))
+                                         activations_log=activations, gather=self.ranks.gather),
+                            replays_steps=caller != "trainer" and not self.ranks.distributed)
         self._metrics = NullLog()  # the run directory's metrics log once it is open
         try:
             self._start(stale, resumed_from)

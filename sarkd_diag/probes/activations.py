@@ -210,9 +210,13 @@ class ActivationProbe(Probe):
     def record(self, host: dict, note: str = "") -> dict:
         extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
-        largest = self._record_events(seen, extremes, note) if extremes is not None else {}
-        if note or not self.ctx.stats_step:
-            return {}  # a replay tells where, nothing more; a step without statistics has none to tell
+        largest, gone_bad = self._record_events(seen, extremes, note) if extremes is not None else ({}, set())
+        if note:  # a replay tells where — or, every output finite, that the forwards did not make it
+            if largest and not gone_bad:
+                self._record_finite_replay(largest)
+            return {}
+        if not self.ctx.stats_step:
+            return {}  # a step without statistics has none to tell
         largest = _largest_over_ranks(self.ctx.gather(largest))  # one collective per statistics step
         if self.ctx.activations_log is not None:
             self.ctx.activations_log.write_lines([
@@ -224,9 +228,10 @@ class ActivationProbe(Probe):
                 metrics[f"act_amax_{model}"] = max(metrics.get(f"act_amax_{model}", 0.0), amax)
         return metrics
 
-    def _record_events(self, seen: list, extremes: list[float], note: str) -> dict:
-        """This rank's events (the first non-finite module in forward order per model, fp16 headroom) and each
-        module's largest output over the step's micro-batches: {(model, module): (dtype, amax)}."""
+    def _record_events(self, seen: list, extremes: list[float], note: str) -> tuple[dict, set[str]]:
+        """This rank's events (the first non-finite module in forward order per model, fp16 headroom); returns each
+        module's largest output over the step's micro-batches, {(model, module): (dtype, amax)}, and the models
+        one of whose modules made or output a non-finite value."""
         models_gone_bad: set[str] = set()
         largest: dict[tuple[str, str], tuple[str, float]] = {}
         for (model, module, dtype, numel, handed_to), low, high in zip(seen, extremes[:len(seen)],
@@ -275,7 +280,21 @@ class ActivationProbe(Probe):
                     f"{model} {module} output reaches {amax:.4g} in {dtype}, beyond fp16's {FP16_MAX:.0f}: "
                     "this module overflows in fp16 compute",
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
-        return largest
+        return largest, models_gone_bad
+
+    def _record_finite_replay(self, largest: dict) -> None:
+        """A replay after a non-finite loss found every module output of its forwards finite: one `forward_replay`
+        event per model, with its largest output — the non-finite value was made after the models' forwards, in the
+        loss's own arithmetic, which the diagnosis reads as it reads a statistics step's finite outputs."""
+        by_model: dict[str, float] = {}
+        for (model, _), (_, amax) in largest.items():
+            by_model[model] = max(by_model.get(model, 0.0), amax)
+        for model, amax in by_model.items():
+            self.ctx.events.record(
+                "forward_replay", "info",
+                f"step {self.ctx.step}'s forwards, replayed with per-module statistics after a non-finite loss: every "
+                f"{model} module's output finite (the largest {amax:.3g}) — the loss was made non-finite after them",
+                step=self.ctx.step, phase="forward", probe=self.name, model=model, value=amax)
 
     def _replay_first_fault(self, model_name: str, start: int) -> None:
         """At the end of a statistics step's forward without a loss scaler (`_root`): the first float16 module in it

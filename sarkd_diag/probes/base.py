@@ -54,6 +54,9 @@ class ProbeContext:
     training_mode: dict[str, bool] = field(default_factory=dict)  # per trained model: its mode in its training forwards
     autocast: torch.dtype | None = None  # the autocast dtype of the student's latest training forward
     replaying: bool = False  # the loop replays a forward to name a module: its statistics count
+    # this step's training forwards as (model, args, kwargs, autocast), kept where the probes replay a step themselves
+    # (`ProbeSet.replays_steps`) on a step without statistics; None where nothing keeps them
+    step_forwards: list | None = None
     reevaluating: bool = False  # an optimizer's step calls its closure again (LBFGS): not the step's loss
     # on a step whose optimizer called its closure again (LBFGS), the first call's result: the step's loss, which a
     # framework handing back the closure's last result (Lightning's outputs) does not carry

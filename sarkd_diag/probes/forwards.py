@@ -92,6 +92,10 @@ class ForwardProbe(Probe):
             weight = self._a_weight[model_name]
             if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
                 self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)
+            if self.ctx.step_forwards is not None and weight is not None and not self.ctx.replaying:
+                device = weight.device.type
+                autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+                self.ctx.step_forwards.append((model, args, kwargs, autocast))
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():

@@ -261,6 +261,10 @@ class GradientProbe(Probe):
             return [p.grad for p in self._params]
         return [p.grad if id(p) in used else None for p in self._params]
 
+    def nonfinite(self) -> bool:
+        """Whether a gradient read this step holds NaN/Inf (a host sync: the failure path's trigger only)."""
+        return self._amax is not None and not bool(self._amax.isfinite().all())
+
     def after_optimizer_step(self) -> None:
         self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside
 

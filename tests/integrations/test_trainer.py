@@ -966,3 +966,23 @@ def test_hyperparameter_trials_in_one_run_are_marked_and_judged_each_on_its_own(
     notes = run["events"].query("code == 'run_continued'")
     assert notes["step"].tolist() == [17, 33] and set(notes["severity"]) == {"info"}
     assert run["summary"]["diagnosis"] == []
+
+
+def test_a_loss_made_nonfinite_by_its_own_arithmetic_between_statistics_steps_is_placed_at_the_loss(tmp_path):
+    """Step 3 (no statistics step) divides the loss by a token count of 0: the callback replays the micro-batch and
+    finds every module output finite. That was read as no measurement at all — "the loss blows up without a precision
+    cause: lower the lr" —; the replay's finite outputs (`forward_replay`) now place it in the loss's own arithmetic."""
+    def zero_count_at_step_3(outputs, labels, num_items_in_batch=None):
+        count = torch.tensor(0.0 if trainer.state.global_step + 1 == 3 else 1.0)
+        return _next_token_loss(outputs, labels) * count / count
+
+    trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=training_args(tmp_path / "trainer", learning_rate=1e-3),
+                      train_dataset=Sequences(VOCAB), compute_loss_func=zero_count_at_step_3)
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["tensor"], root["first_step"]) == ("divergence", "loss", 3)
+    assert root["evidence"]["module_outputs_finite"] is True and "check the loss computation" in root["fix"]
+    replayed = run["events"].query("kind == 'forward_replay'")
+    assert replayed[["step", "model"]].values.tolist() == [[3, "student"]]

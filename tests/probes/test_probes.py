@@ -2311,3 +2311,59 @@ def test_an_undefined_derivative_in_part_of_the_gradients_claims_a_finite_loss_o
     assert (root["cause"], root["first_step"]) == ("divergence", 2) and root["evidence"]["every_gradient"] is False
     assert ("from a finite loss" in root["fix"]) is given
     assert ("a loss the probes never saw (hand it over: `probes.step(loss=loss)`" in root["fix"]) is not given
+
+
+def _loop_with_fault(fault: str, precision: str, probed: bool, steps: int = 6):
+    """A plain loop, no loss scaler, statistics on step 1 only (every 10): from step 4 on, `fault` — `module`: a
+    forward hook scales one MLP's output past the dtype's range; `loss`: the loss is divided by a count of 0.
+    Dropout on, so a replay that drew random numbers would change the run. Returns (probes or None, losses)."""
+    model = tiny.make_gpt2(64)
+    model.config.resid_pdrop = 0.1
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.1
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    state = {"step": 0}
+    model.transformer.h[1].mlp.c_fc.register_forward_hook(
+        lambda _m, _a, out: out * 1e39 if fault == "module" and state["step"] >= 4 else out)
+    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    losses = []
+    torch.manual_seed(0)
+    with Probes({"student": model}, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+        for step in range(1, steps + 1):
+            state["step"] = step
+            with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss = model(input_ids=ids, labels=ids).loss
+            if fault == "loss" and step >= 4:
+                count = torch.tensor(0.0)
+                loss = loss * count / count
+            loss.backward()
+            opt.step()
+            if probes is not None:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+    return probes, losses
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("fault", ["module", "loss"])
+def test_a_plain_loops_fault_between_statistics_steps_is_replayed_and_placed(fault, precision):
+    """A caller's loop cannot be asked to run a step again, and its loss reaches the probes only after the update: a
+    fault on a step without statistics (9 steps in 10) was left unplaced ("nothing places it — level full"). The
+    optimizer's pre-step hook now sees the non-finite gradients before the update and replays the step's forwards as
+    they ran (bf16 autocast too) with statistics on: the module is named, or every output is finite and the loss's
+    arithmetic is. The replay changes nothing the run computes (dropout's random numbers included)."""
+    probes, losses = _loop_with_fault(fault, precision, probed=True)
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"]) == ("divergence", 4)
+    if fault == "module":
+        assert root["module"] == "transformer.h.1.mlp.c_fc" and "unplaced" not in root["evidence"]
+        (act,) = _events(probes, "nonfinite_activation")
+        assert act.dtype == ("bfloat16" if precision == "bf16-mixed" else "float32")  # replayed under its autocast
+    else:
+        assert root["tensor"] == "loss" and root["evidence"]["module_outputs_finite"] is True
+        assert [(e.step, e.model) for e in _events(probes, "forward_replay")] == [(4, "student")]
+    _, unprobed = _loop_with_fault(fault, precision, probed=False)
+    assert str(losses) == str(unprobed)  # NaN where NaN: the same run with and without the probes
