@@ -279,16 +279,25 @@ class ProbeSet:
 
     def _replay_if_gradients_nonfinite(self) -> None:
         """The optimizer is about to apply non-finite gradients on a step without per-module statistics: replay the
-        step's training forwards, as they ran (same arguments, same autocast), with the statistics on — from the
-        weights that made them, which the update is about to ruin — so the module where the non-finite value began
-        is named, or every module output is found finite and the loss's own arithmetic made it. What a loss scaler
-        lets through is finite, so this runs where nothing skips the step: the first such step of the run only
-        (after it every weight is NaN). It costs one host sync a step (the gradients' finiteness) in the loops that
-        keep their forwards here; the replay itself, the failure path's: the forwards again under no_grad, drawing no
-        random numbers the run would (`fork_rng`)."""
+        step's training forwards with the statistics on, from the weights that made them, which the update is about
+        to ruin. What a loss scaler lets through is finite: this is the loop nothing skips. It costs one host sync a
+        step (the gradients' finiteness) where forwards are kept (`replays_steps`)."""
         forwards, self.ctx.step_forwards = self.ctx.step_forwards, None
-        if not forwards or not self._gradients.nonfinite():
-            return
+        if forwards and self._gradients.nonfinite():
+            self._replay(forwards)
+
+    def replay_if_loss_nonfinite(self, loss: float | None) -> None:
+        """The step closes with a non-finite loss and no optimizer step (a loss scaler skipped it): the weights are
+        still those that made it — replay the step's training forwards with the statistics on."""
+        forwards, self.ctx.step_forwards = self.ctx.step_forwards, None
+        if forwards and loss is not None and not math.isfinite(loss) and not self.ctx.optimizer_ran:
+            self._replay(forwards)
+
+    def _replay(self, forwards: list) -> None:
+        """Replay a step's recorded forwards as they ran (same arguments, same autocast) with per-module statistics
+        on, where no owner replays a step (`replays_steps`), so the module where a non-finite value began is named —
+        or every output is found finite and the loss's own arithmetic made it. The first failing step of the run
+        only; under no_grad, drawing no random numbers the run would (`fork_rng`)."""
         self.replays_steps = False
         devices = sorted({p.device.index or 0 for m in self.ctx.models.values() for p in m.parameters()
                           if p.device.type == "cuda"})
@@ -714,6 +723,7 @@ class Probes:
         (host,) = to_host(readings)
         lr = host.pop("lr", lr)
         metrics = self.set.record(host)
+        self.set.replay_if_loss_nonfinite(metrics.get("loss"))
         if self.ranks.distributed:  # the step's loss is every rank's batch's: their mean (one small gather)
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None

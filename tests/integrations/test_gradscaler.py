@@ -136,3 +136,58 @@ def test_an_optimizer_that_does_not_step_leaves_its_still_scaled_gradients_unrea
                 optimizer.zero_grad()
     metrics = load_run(tmp_path / "run")["metrics"]
     assert metrics["grad_amax"].tolist() == pytest.approx(used_amax, rel=1e-6)
+
+
+def _loop_with_a_fault_at_step_4(fault: str, probed: bool) -> tuple[Probes | None, list[float]]:
+    """A tiny GPT-2 in fp16 autocast with a GradScaler; from step 4 (no statistics step) on, `fault` — `module`: a
+    forward hook scales one MLP's output by 1e6, beyond float16's range and well inside float32's; `loss`: a KL term
+    takes the log of a probability that is exactly 0. The scaler skips those steps, the weights stay finite."""
+    import tiny
+
+    model = tiny.make_gpt2(64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    step_now = [0]
+    model.transformer.h[1].mlp.c_fc.register_forward_hook(
+        lambda _m, _a, out: out * 1e6 if fault == "module" and step_now[0] >= 4 else out)
+    probes = Probes(model, optimizer=optimizer, scaler=scaler) if probed else None
+    losses = []
+    for step in range(1, 7):
+        step_now[0] = step
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(input_ids=ids, labels=ids)
+        loss = out.loss
+        if fault == "loss" and step >= 4:
+            p = out.logits.float().softmax(-1)
+            target = torch.zeros_like(p)
+            target[..., 0] = 1.0  # a one-hot "teacher": log(0) where it is 0, 0 × -inf = NaN
+            loss = loss + (target * (target.log() - p.log())).sum()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if probes is not None:
+            probes.step(loss=loss)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    if probes is not None:
+        probes.close()
+    return probes, losses
+
+
+@pytest.mark.parametrize("fault", ["module", "loss"])
+def test_a_fault_the_scaler_skips_between_statistics_steps_is_replayed_and_placed(fault):
+    """Under a GradScaler the step is skipped and the weights stay those that made the loss: once the step closes with
+    a non-finite loss, its forwards are replayed with statistics on. Before, a forward overflow and a loss-code NaN
+    both read "most likely a forward overflow, unplaced"; now the module is named (float16's range: the float32
+    replay of it is finite) or every output is finite and the loss's arithmetic is named. Training is unchanged."""
+    probes, losses = _loop_with_a_fault_at_step_4(fault, probed=True)
+    root = probes.diagnosis()[0]
+    assert root["first_step"] == 4 and "unplaced" not in root["evidence"]
+    if fault == "module":
+        assert (root["cause"], root["module"]) == ("activation_overflow", "transformer.h.1.mlp.c_fc")
+    else:
+        assert (root["cause"], root["tensor"]) == ("divergence", "loss")
+        assert root["evidence"]["module_outputs_finite"] is True
+    _, unprobed = _loop_with_a_fault_at_step_4(fault, probed=False)
+    assert str(losses) == str(unprobed)
