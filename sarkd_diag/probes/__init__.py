@@ -280,10 +280,10 @@ class ProbeSet:
     def _replay_if_gradients_nonfinite(self) -> None:
         """The optimizer is about to apply non-finite gradients on a step without per-module statistics: replay the
         step's training forwards with the statistics on, from the weights that made them, which the update is about
-        to ruin. What a loss scaler lets through is finite: this is the loop nothing skips. It costs one host sync a
-        step (the gradients' finiteness) where forwards are kept (`replays_steps`)."""
+        to ruin. Gradients a loss scaler unscaled and let through are finite (it skips the others): this is the loop
+        nothing skips, where it costs one host sync a step (the gradients' finiteness)."""
         forwards, self.ctx.step_forwards = self.ctx.step_forwards, None
-        if forwards and self._gradients.nonfinite():
+        if forwards and not self._unscaled_ones and self._gradients.nonfinite():
             self._replay(forwards)
 
     def replay_if_loss_nonfinite(self, loss: float | None) -> None:
