@@ -665,6 +665,14 @@ class RunRecord:
         params = self.of("nonfinite_param")
         return int(params["step"].min()) if len(params) else None
 
+    def contained(self) -> bool:
+        """No weight turned non-finite and the run's last training step had a finite loss: a fault it went through (a
+        step a loss scaler skipped) was contained, and training went on. Unknown (no loss recorded): not contained."""
+        loss = self.train_column("loss")  # finite values only: NaN rows are dropped
+        if self.first_nonfinite_param_step() is not None or not len(loss):
+            return False
+        return bool(loss.index[-1] == self.metrics.loc[self.metrics["split"] == "train", "step"].max())
+
     def train_column(self, name: str) -> pd.Series:
         if name not in self.metrics or "split" not in self.metrics:
             return pd.Series(dtype="float64")
@@ -1452,8 +1460,9 @@ def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
 
 
 def activation_overflow(r: RunRecord) -> list[Cause]:
-    """A student module's forward output is non-finite (critical), or beyond fp16's range in a wider dtype
-    (a warning: where fp16 compute would overflow). Outputs that turned bad after the weights did are not
+    """A student module's forward output is non-finite (critical; a warning where the run contained it — a loss scaler
+    skipped the step, the weights stayed finite and the last step's loss is finite), or beyond fp16's range in a wider
+    dtype (a warning: where fp16 compute would overflow). Outputs that turned bad after the weights did are not
     looked at: once weights are non-finite every activation is."""
     causes = []
     acts = r.of("nonfinite_activation")
@@ -1472,7 +1481,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         where, named = _where_began(r, row)
         replay = r.wide_replay()  # finite in float32 where it ran: float16's doing, no undefined operation
         replayed = {"float32_replay": float(replay["value"])} if replay is not None else {}
-        causes.append(Cause("activation_overflow", "critical", **where,
+        causes.append(Cause("activation_overflow", "warning" if r.contained() else "critical", **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
                                       "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT,
                                       **replayed, **named},
@@ -1484,7 +1493,7 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
         template = ("router_overflow_fp16" if router else "activation_overflow_fp16") if fp16 else "activation_overflow"
         where, named = _where_began(r, row)
-        causes.append(Cause("activation_overflow", "critical", **where,
+        causes.append(Cause("activation_overflow", "warning" if r.contained() else "critical", **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
                                       **named},
                             fix=r.fix(template, module=row.get("module"), dtype=row.get("dtype"))))
@@ -1868,8 +1877,10 @@ def divergence(r: RunRecord) -> list[Cause]:
         row = _first(blowups)
         if computed is not None:
             return [computed]
-        if r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param")):
-            return []  # a contained float16 overflow (activation_overflow): nothing blew up
+        overflowed = r.of("nonfinite_activation")  # a student module's, placed: `activation_overflow` tells it
+        if (r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param"))) \
+                or (r.contained() and len(overflowed[~overflowed["model"].isin(r.teachers)])):
+            return []  # a contained overflow (activation_overflow, a warning): nothing blew up
         loss = r.first_nonfinite_loss()
         if loss is not None and r.caller in UNREPLAYED and not r.computes_in_fp16() \
                 and not r.module_outputs_at(int(loss["step"])):
