@@ -692,6 +692,8 @@ class Probes:
         if not self._steps_recorded:
             self._check_requested_autocast()
             self._check_unscaled_fp16_compute()
+        if self.ctx.trained and self.ctx.stats_step and self.events.say_once("frozen_model_unseen"):
+            self._frozen_models_unseen(step, metrics)
         self._steps_recorded += 1
         if skipped:
             row["skipped"] = 1
@@ -707,6 +709,21 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _frozen_models_unseen(self, step: int, metrics: dict) -> None:
+        """The run's first statistics step that trained read no module output of a frozen model the probes watch (a
+        teacher, DPO's reference): what that model hands the loss was computed where no probe looks — before training
+        (TRL's `precompute_ref_log_probs` runs the reference in the trainer's constructor), or cached — so none of its
+        modules is read, and a non-finite value it made shows only in the loss. Said once, on the first such step."""
+        for name in self.ctx.models:
+            if not self.ctx.trains(name) and metrics.get(f"act_amax_{name}") is None:
+                self.events.record("setup_note", "info",
+                                   f"{name} ran no training forward in step {step}: the outputs of it that the loss "
+                                   "uses were computed before the probes watched (precomputed before training, as "
+                                   "TRL's precompute_ref_log_probs does, or cached), so none of its modules is read "
+                                   "and a non-finite value it made shows only in the loss",
+                                   step=step, probe="forwards", phase="forward", model=name,
+                                   code="frozen_model_unseen")
 
     def _loss_unseen(self, step: int) -> None:
         """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called
