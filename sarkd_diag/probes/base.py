@@ -202,6 +202,13 @@ def group_lr(group: dict) -> float | torch.Tensor | None:
     return None if lr is None else float(lr)
 
 
+def intends_no_update(group: dict) -> bool:
+    """A parameter group at lr 0: its optimizer changes none of its weights — unless the optimizer picks its own step
+    size and `lr` only reports it (Adafactor's `relative_step`: transformers' `AdafactorSchedule` writes 0 there until
+    the first step has computed one, and that step moves every weight)."""
+    return not group.get("relative_step", False) and group.get("lr", 1.0) == 0
+
+
 class Optimizers:
     """Several optimizers of one loop (a student's and a head's, at their own settings) seen as the one the probes
     read: their parameter groups in order and their state. The step's moments come from each one's hooks
