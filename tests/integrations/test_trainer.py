@@ -701,8 +701,8 @@ def test_adafactors_relative_step_under_its_schedule_is_measured_from_the_first_
 
     model = tiny.make_gpt2(VOCAB)
     optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, scale_parameter=True, warmup_init=False)
-    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2), train_dataset=Sequences(VOCAB),
-                      optimizers=(optimizer, AdafactorSchedule(optimizer)))
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, AdafactorSchedule(optimizer)))
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     metrics = load_run(tmp_path / "run")["metrics"]
