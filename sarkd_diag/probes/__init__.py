@@ -513,10 +513,13 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
-        if self.set.probes and recompile_with_hooks(self.ctx.models.values()):
-            self.events.record("setup_note", "info", "torch.compile had compiled the model before the probes' hooks "
-                               "existed, and compiled code does not notice hooks added later: its caches were reset "
-                               "(torch._dynamo.reset()), so the next call compiles again, once, with them",
+        compiled = recompile_with_hooks(self.ctx.models.values()) if self.set.probes else []
+        if compiled:
+            forwards = ", ".join(f"{name}.forward" for name in compiled)
+            self.events.record("setup_note", "info", f"torch.compile had compiled {forwards} before the probes' hooks "
+                               "existed — for a watched model, or another of its class earlier in this process — and "
+                               "a compiled call runs that code without noticing hooks added later: dynamo's caches "
+                               "were reset (torch._dynamo.reset()), so a compiled call compiles again, once, with them",
                                code="compiled_before_probes", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
