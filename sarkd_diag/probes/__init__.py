@@ -177,6 +177,10 @@ class ProbeSet:
         for probe in self._at["begin_step"]:
             probe.begin_step()
 
+    def models_read(self) -> set[str]:
+        """The models whose module outputs the last statistics step read (none without the activation probe)."""
+        return self._activations.models_read if self._activations is not None else set()
+
     def gradients_ready(self) -> None:
         """Read the gradients now (once a step): after unscaling, or before the optimizer uses them."""
         if not self._gradients_read:
@@ -696,7 +700,7 @@ class Probes:
             self._check_requested_autocast()
             self._check_unscaled_fp16_compute()
         if self.ctx.trained and self.ctx.stats_step and self.events.say_once("frozen_model_unseen"):
-            self._frozen_models_unseen(step, metrics)
+            self._frozen_models_unseen(step)
         self._steps_recorded += 1
         if skipped:
             row["skipped"] = 1
@@ -713,13 +717,13 @@ class Probes:
         self.set.begin_step(step + 1)
         return row
 
-    def _frozen_models_unseen(self, step: int, metrics: dict) -> None:
+    def _frozen_models_unseen(self, step: int) -> None:
         """The run's first statistics step that trained read no module output of a frozen model the probes watch (a
         teacher, DPO's reference): what that model hands the loss was computed where no probe looks — before training
         (TRL's `precompute_ref_log_probs` runs the reference in the trainer's constructor), or cached — so none of its
         modules is read, and a non-finite value it made shows only in the loss. Said once, on the first such step."""
         for name in self.ctx.models:
-            if not self.ctx.trains(name) and metrics.get(f"act_amax_{name}") is None:
+            if not self.ctx.trains(name) and name not in self.set.models_read():
                 self.events.record("setup_note", "info",
                                    f"{name} ran no training forward in step {step}: the outputs of it that the loss "
                                    "uses were computed before the probes watched (precomputed before training, as "
