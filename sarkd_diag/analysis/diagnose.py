@@ -415,9 +415,9 @@ FIXES = {
                          "{fp32_teacher}",
     "teacher_unseen_fp16": "the teacher computes in float16 and the {term} turned non-finite while no forward of it "
                            "ran in the steps the probes watched: what it hands the loss was computed before them "
-                           "(reference log-probabilities precomputed before training), where float16 overflows "
-                           "unseen — hold the teacher in a wider dtype — {fp32_teacher} — and compute those outputs "
-                           "again",
+                           "(precomputed before training: DPO's reference log-probabilities, cached teacher logits), "
+                           "where float16 overflows unseen — hold the teacher in a wider dtype — {fp32_teacher} — and "
+                           "compute those outputs again",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
