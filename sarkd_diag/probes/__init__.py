@@ -725,10 +725,11 @@ class Probes:
         for name in self.ctx.models:
             if not self.ctx.trains(name) and name not in self.set.models_read():
                 self.events.record("setup_note", "info",
-                                   f"{name} ran no training forward in step {step}: the outputs of it that the loss "
-                                   "uses were computed before the probes watched (precomputed before training, as "
-                                   "TRL's precompute_ref_log_probs does, or cached), so none of its modules is read "
-                                   "and a non-finite value it made shows only in the loss",
+                                   f"{name} ran no training forward in step {step}: it is not used yet, or the "
+                                   "outputs of it that the loss uses were computed before the probes watched "
+                                   "(precomputed before training, as TRL's precompute_ref_log_probs does, or cached), "
+                                   "so none of its modules is read and a non-finite value it made shows only in the "
+                                   "loss",
                                    step=step, probe="forwards", phase="forward", model=name,
                                    code="frozen_model_unseen")
 
