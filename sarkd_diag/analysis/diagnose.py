@@ -414,6 +414,11 @@ FIXES = {
                          "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
                          "(and take log_softmax, not log(softmax)), or hold the teacher in a wider dtype — "
                          "{fp32_teacher}",
+    "teacher_unseen_fp16": "the teacher computes in float16 and the {term} turned non-finite while no forward of it "
+                           "ran in the steps the probes watched: what it hands the loss was computed before them "
+                           "(precomputed before training: DPO's reference log-probabilities, cached teacher logits), "
+                           "where float16 overflows unseen — hold the teacher in a wider dtype — {fp32_teacher} — and "
+                           "compute those outputs again",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
                                "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
                                "the teacher in a wider dtype — {fp32_teacher}",
@@ -1275,11 +1280,15 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     if not len(acts) and measured is not None and teacher:
         row, outputs = measured
         term = "loss" if row.get("tensor") == "loss" else f"{row.get('tensor')} loss term"
+        # a teacher that ran no forward on that step (its outputs precomputed) made them where no probe looked
+        seen = teacher in outputs
+        fix = (r.fix("teacher_loss_fp16", term=term, amax=f"{outputs[teacher]:.3g}") if seen
+               else r.fix("teacher_unseen_fp16", term=term))
         return [Cause("teacher_overflow", "critical", **{**_where(row), "model": teacher},
                       evidence={"teacher_dtype": "float16", "loss_term": row.get("tensor"),
-                                "module_outputs_finite": True,
+                                "module_outputs_finite": True, "teacher_outputs_measured": seen,
                                 **{f"act_amax_{model}": v for model, v in outputs.items()}},
-                      fix=r.fix("teacher_loss_fp16", term=term, amax=f"{outputs.get(teacher, math.nan):.3g}"))]
+                      fix=fix)]
     if not len(acts):
         return []
     row = _first(acts)

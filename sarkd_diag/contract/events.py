@@ -120,8 +120,12 @@ CODES = {
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
                           "were given: it was built from other parameters, and nothing of them trains",
-    "compiled_before_probes": "setup_note: torch.compile had compiled a watched model before the probes' hooks existed "
-                              "(compiled code runs without hooks added later): dynamo's caches reset, one recompile",
+    "frozen_model_unseen": "setup_note: the first statistics step that trained read no module of a watched frozen "
+                           "model (a teacher, a reference): its outputs were computed before the probes watched "
+                           "(precomputed, cached), and a non-finite value it made shows only in the loss",
+    "compiled_before_probes": "setup_note: torch.compile had compiled the forward of a watched model's class (that "
+                              "model's, or another's of its class) before the probes' hooks existed (compiled code "
+                              "runs without hooks added later): dynamo's caches reset, one recompile",
     "run_continued": "setup_note: a new training run (a second train() or fit, a search trial) continues the run "
                      "directory from this step on: its loss starts afresh, and the loss rules do not judge across it",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "

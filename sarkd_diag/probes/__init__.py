@@ -190,6 +190,10 @@ class ProbeSet:
         for probe in self._at["begin_step"]:
             probe.begin_step()
 
+    def models_read(self) -> set[str]:
+        """The models whose module outputs the last statistics step read (none without the activation probe)."""
+        return self._activations.models_read if self._activations is not None else set()
+
     def gradients_ready(self) -> None:
         """Read the gradients now (once a step): after unscaling, or before the optimizer uses them."""
         if not self._gradients_read:
@@ -555,10 +559,13 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
-        if self.set.probes and recompile_with_hooks(self.ctx.models.values()):
-            self.events.record("setup_note", "info", "torch.compile had compiled the model before the probes' hooks "
-                               "existed, and compiled code does not notice hooks added later: its caches were reset "
-                               "(torch._dynamo.reset()), so the next call compiles again, once, with them",
+        compiled = recompile_with_hooks(self.ctx.models.values()) if self.set.probes else []
+        if compiled:
+            forwards = ", ".join(f"{name}.forward" for name in compiled)
+            self.events.record("setup_note", "info", f"torch.compile had compiled {forwards} before the probes' hooks "
+                               "existed — for a watched model, or another of its class earlier in this process — and "
+                               "a compiled call runs that code without noticing hooks added later: dynamo's caches "
+                               "were reset (torch._dynamo.reset()), so a compiled call compiles again, once, with them",
                                code="compiled_before_probes", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
@@ -735,6 +742,8 @@ class Probes:
         if not self._steps_recorded:
             self._check_requested_autocast()
             self._check_unscaled_fp16_compute()
+        if self.ctx.trained and self.ctx.stats_step and self.events.say_once("frozen_model_unseen"):
+            self._frozen_models_unseen(step)
         self._steps_recorded += 1
         if skipped:
             row["skipped"] = 1
@@ -750,6 +759,22 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    def _frozen_models_unseen(self, step: int) -> None:
+        """The run's first statistics step that trained read no module output of a frozen model the probes watch (a
+        teacher, DPO's reference): what that model hands the loss was computed where no probe looks — before training
+        (TRL's `precompute_ref_log_probs` runs the reference in the trainer's constructor), or cached — so none of its
+        modules is read, and a non-finite value it made shows only in the loss. Said once, on the first such step."""
+        for name in self.ctx.models:
+            if not self.ctx.trains(name) and name not in self.set.models_read():
+                self.events.record("setup_note", "info",
+                                   f"{name} ran no training forward in step {step}: it is not used yet, or the "
+                                   "outputs of it that the loss uses were computed before the probes watched "
+                                   "(precomputed before training, as TRL's precompute_ref_log_probs does, or cached), "
+                                   "so none of its modules is read and a non-finite value it made shows only in the "
+                                   "loss",
+                                   step=step, probe="forwards", phase="forward", model=name,
+                                   code="frozen_model_unseen")
 
     def _loss_unseen(self, step: int) -> None:
         """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called

@@ -86,6 +86,7 @@ class ActivationProbe(Probe):
         self._reported: set[tuple[str, str, str]] = set()
         self._hooks: list | None = None
         self._root_labels: dict[str, str] = {}  # model -> how its root's own code is named (`root_label`)
+        self.models_read: set[str] = set()  # the models whose module outputs the last statistics step read
         self._suspect: tuple[str, str] | None = None  # (model, module) whose float16 output was non-finite
         self._suspect_handles: list = []  # its hooks until it is run in float32 (`_replay_wide`)
         self._suspect_inputs: tuple | None = None
@@ -217,6 +218,7 @@ class ActivationProbe(Probe):
             return {}
         if not self.ctx.stats_step:
             return {}  # a step without statistics has none to tell
+        self.models_read = {model for model, *_ in seen}  # NaN outputs too: `act_amax_<model>` counts finite ones
         largest = _largest_over_ranks(self.ctx.gather(largest))  # one collective per statistics step
         if self.ctx.activations_log is not None:
             self.ctx.activations_log.write_lines([

@@ -151,14 +151,17 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
     return None
 
 
-def recompile_with_hooks(models: Iterable[nn.Module]) -> bool:
+def recompile_with_hooks(models: Iterable[nn.Module]) -> list[str]:
     """Drop torch.compile's code when some of these models' forwards were compiled before the probes' hooks existed.
 
     Dynamo does not guard on module hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`): code traced without them
     goes on running without them, so a compiled model warmed up, evaluated or trained before `Probes` were made (a
     notebook's second run, a Trainer's `torch_compile` after an earlier trainer compiled the same class) would have no
     module statistics at all — a fault inside it unplaced. `torch._dynamo.reset()`, dynamo's own remedy, makes the next
-    call compile again, with the hooks. Returns whether it reset; nothing where torch was never asked to compile.
+    call compile again, with the hooks. Returns the classes whose compiled forward made it reset (none: nothing done,
+    as where torch was never asked to compile). Code is kept per class, not per model: a model never compiled whose
+    class another model compiled earlier in the process (a notebook's earlier run) resets too — a compiled call of it
+    could run that code.
 
     Only forwards that call other modules count: the hooks compiled code skips are those of the modules it calls, and
     a leaf's hooks run in its caller. A leaf class's code (`nn.Linear.forward`) holds compiled entries after any
@@ -167,13 +170,14 @@ def recompile_with_hooks(models: Iterable[nn.Module]) -> bool:
     compiled = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
     compiled = getattr(compiled, "_debug_get_cache_entry_list", None)  # the compiled entries of a code object
     if dynamo is None or compiled is None:
-        return False
+        return []
     classes = {type(m) for model in models for m in model.modules() if next(m.children(), None) is not None}
-    forwards = {f for cls in classes for f in (cls.forward, inspect.unwrap(cls.forward))}  # and what decorators wrap
-    if not any(compiled(f.__code__) for f in forwards if hasattr(f, "__code__")):
-        return False
-    dynamo.reset()
-    return True
+    found = sorted(cls.__name__ for cls in classes  # the forward and what decorators wrap
+                   if any(compiled(f.__code__) for f in {cls.forward, inspect.unwrap(cls.forward)}
+                          if hasattr(f, "__code__")))
+    if found:
+        dynamo.reset()
+    return found
 
 
 def eager(hook: Callable) -> Callable:
@@ -203,6 +207,13 @@ def group_lr(group: dict) -> float | torch.Tensor | None:
     if torch.is_tensor(lr):
         return lr.detach().clone()
     return None if lr is None else float(lr)
+
+
+def intends_no_update(group: dict) -> bool:
+    """A parameter group at lr 0: its optimizer changes none of its weights — unless the optimizer picks its own step
+    size and `lr` only reports it (Adafactor's `relative_step`: transformers' `AdafactorSchedule` writes 0 there until
+    the first step has computed one, and that step moves every weight)."""
+    return not group.get("relative_step", False) and group.get("lr", 1.0) == 0
 
 
 class Optimizers:

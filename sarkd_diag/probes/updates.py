@@ -34,7 +34,7 @@ import torch
 from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
 from ..contract.shards import local_shard
 from ..contract.wording import counted
-from .base import Probe, SampleViews, per_tensor_sum, sample, sample_lengths
+from .base import Probe, SampleViews, intends_no_update, per_tensor_sum, sample, sample_lengths
 from .optimizer import group_label
 
 SCHEDULED_LR_FLOOR = 0.01  # a group's lr below this fraction of its scheduler's base lr: a warm-up's start, a tail
@@ -64,14 +64,14 @@ class UpdateProbe(Probe):
             self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
 
     def _meant_to_move(self) -> list:
-        """The watched tensors the optimizer means to change (a learning rate of 0 intends no update), weight
+        """The watched tensors the optimizer means to change (none of a group at lr 0: `intends_no_update`), weight
         matrices first so that their samples are one slice of the concatenated sample."""
         groups = self.ctx.optimizer.param_groups if self.ctx.optimizer is not None else []
-        frozen = tuple(g.get("lr", 1.0) == 0 for g in groups)
+        frozen = tuple(intends_no_update(g) for g in groups)
         if frozen != self._frozen_groups or not self._moving:  # chosen again only when a group starts or stops
             self._frozen_groups = frozen
             self._group_of = {id(p): g for g in groups for p in g["params"]}
-            watched = [w for w in self.ctx.watched if self._group_of.get(id(w.param), {}).get("lr", 1.0) != 0]
+            watched = [w for w in self.ctx.watched if not intends_no_update(self._group_of.get(id(w.param), {}))]
             self._moving = sorted(watched, key=lambda w: w.param.dim() < 2)
             self._moving_params, self._layout = [w.param for w in self._moving], None
         return self._moving

@@ -105,3 +105,19 @@ def test_another_model_compiled_in_the_process_is_no_reason_to_reset(tmp_path):
         optimizer.step()
         probes.step(loss=loss)
     assert load_run(tmp_path / "run")["events"].query("code == 'compiled_before_probes'").empty
+
+
+def test_a_model_never_compiled_whose_class_was_is_not_said_to_be_compiled(tmp_path):
+    """Dynamo keeps compiled code per class (`MLP.forward`), not per model: after a compiled MLP trained (a notebook's
+    earlier run), a fresh MLP that is never compiled still gets the reset — a compiled call of it could run that code —
+    but the note says what was compiled, and for which model it may be, not that this model was compiled."""
+    _loop(steps=2)
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=optimizer, run_dir=tmp_path / "run") as probes:
+        loss = model(torch.ones(2, 16)).square().mean()
+        loss.backward()
+        optimizer.step()
+        probes.step(loss=loss)
+    (note,) = load_run(tmp_path / "run")["events"].query("code == 'compiled_before_probes'")["message"]
+    assert "compiled MLP.forward" in note and "another of its class" in note, note

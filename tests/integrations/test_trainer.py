@@ -693,6 +693,24 @@ def test_adafactor_on_fp16_weights_is_not_blamed_for_an_eps_it_adds_in_fp32(tmp_
     assert run["summary"]["status"] == "completed" and torch.isfinite(torch.tensor(logged_losses(trainer))).all()
 
 
+def test_adafactors_relative_step_under_its_schedule_is_measured_from_the_first_step(tmp_path):
+    """transformers' recipe for Adafactor's own step size: `Adafactor(lr=None, relative_step=True)` with
+    `AdafactorSchedule`, which writes lr 0 into the group until the first step has computed one. That first step moves
+    every weight: it is no frozen group, and its update and lost updates are measured like any other step's."""
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    model = tiny.make_gpt2(VOCAB)
+    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, scale_parameter=True, warmup_init=False)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=2),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, AdafactorSchedule(optimizer)))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    metrics = load_run(tmp_path / "run")["metrics"]
+    assert metrics["lr"].iloc[0] == 0  # what the schedule reports for step 1 (the Trainer logs it too)
+    assert metrics["update_ratio"].notna().all() and metrics["update_ratio"].iloc[0] > 0
+    assert metrics["lost_update_fraction"].iloc[0] == 0  # measured: fp32 weights lose none
+
+
 class _InfWeightAt(TrainerCallback):
     """One element of a weight set to +Inf as an optimizer step begins (a bad edit of the weights, a corrupt load)."""
 

@@ -263,6 +263,39 @@ def test_a_dpo_policy_and_its_reference_overflowing_alike_are_each_named(world, 
         "student", "transformer.h.1.mlp.c_proj", 1, "critical")
 
 
+@pytest.mark.parametrize("reference, precomputed", [("healthy", True), ("fp16_overflow", True), ("nan_weights", False)])
+def test_a_dpo_reference_precomputed_before_training_is_said_unseen(world, tmp_path, reference, precomputed):
+    """`precompute_ref_log_probs=True`: DPOTrainer runs its reference over the whole dataset in its constructor, before
+    any callback is called, and never during training. The run says the reference was not watched; a float16 reference
+    that overflowed there is blamed without claiming its outputs were measured finite (the largest was never read).
+    A reference that runs in the step is read, also where nothing it made is finite (NaN weights): no such note."""
+    model = tiny.make_gpt2(world["vocab"], seed=0)
+    if reference == "fp16_overflow":
+        model = model.half()
+        overflow_fp16(model.transformer.h[1])
+    elif reference == "nan_weights":
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.fill_(float("nan"))
+    trainer = _other_trainer(world, "dpo", tmp_path / "t", tiny.make_gpt2(world["vocab"], seed=0), tmp_path / "run",
+                             ref_model=model, bf16=False, precompute_ref_log_probs=precomputed)
+    run = load_run(tmp_path / "run")
+    notes = run["events"].query("code == 'frozen_model_unseen'")
+    assert notes[["model", "step"]].values.tolist() == ([["teacher", 1]] if precomputed else [])
+    diagnosis = run["summary"]["diagnosis"]
+    if reference == "nan_weights":
+        assert diagnosis[0]["model"] == "teacher"
+        return
+    if reference == "healthy":
+        assert diagnosis == [] and run["summary"]["steps_completed"] == 3
+        return
+    root = diagnosis[0]
+    assert (root["cause"], root["model"], root["first_step"]) == ("teacher_overflow", "teacher", 1)
+    assert root["evidence"]["teacher_outputs_measured"] is False
+    assert "finite outputs" not in root["fix"] and "nan" not in root["fix"] and "precomputed" in root["fix"]
+    assert trainer.state.global_step == 1
+
+
 def test_grpo_whose_reward_never_differs_is_told_its_advantages_are_zero(world, tmp_path):
     """GRPO with a reward function that scores every completion alike (a format it never matches): each group's
     advantages are 0, so the loss and every gradient are exactly 0 and nothing trains. With no teacher to match, that
