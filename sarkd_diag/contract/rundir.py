@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,7 +64,8 @@ def built_then_moved(directory: Path) -> Iterator[Path]:
     """A hidden directory inside `directory` to build a set of outputs in; when the block ends without an error each
     is moved into `directory`, one rename each (a directory replaces its namesake), and the hidden one goes either
     way — so a build that fails half-way (a renderer's bug, a full disk) leaves `directory` as it was."""
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=directory))
+    remove_abandoned(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{_owner_tag()}-", dir=directory))
     try:
         yield staging
         for built in sorted(staging.iterdir()):
@@ -73,6 +75,44 @@ def built_then_moved(directory: Path) -> Iterator[Path]:
             os.replace(built, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+LEFTOVER_PREFIXES = (".building-", ".tmp-")  # the hidden names a write in progress has in a run directory
+
+
+def _owner_tag() -> str:
+    """`PID@HOST`, put in the hidden names a write in progress uses, so a later one can tell a write whose process
+    was killed (its leftover, removable) from one a live process is making now."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a hidden `.building-*` / `.tmp-*` entry was left by a process that is gone: one of this machine whose
+    id no process holds, or one of an older sarkd-diag that named no owner. Another machine's (a shared disk) stays."""
+    tag = name.split("-", 1)[1]
+    pid, at, rest = tag.partition("@")
+    if not at or not pid.isdigit():
+        return True
+    if not rest.startswith(f"{socket.gethostname()}-"):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_abandoned(directory: Path) -> None:
+    """Remove what a process killed while writing into `directory` left behind (a closing's `.building-*` directory,
+    an atomic write's `.tmp-*` file): never a finished file — those have their own names — nor a live write."""
+    for entry in Path(directory).glob(".*"):
+        if entry.name.startswith(LEFTOVER_PREFIXES) and _abandoned(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -86,7 +126,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     The file is created like any other (0666 less the umask: 0644 usually), not mkstemp's private 0600."""
     path = Path(path)
     while True:
-        tmp = path.parent / f".tmp-{os.urandom(6).hex()}-{path.name}"
+        tmp = path.parent / f".tmp-{_owner_tag()}-{os.urandom(6).hex()}-{path.name}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..contract.rundir import remove_abandoned
 from ..contract.shards import local_shard
 
 CHECKPOINTS = "checkpoints"
@@ -261,7 +262,9 @@ def _copy_into(buffer, value):
 
 
 def clear_run_files(run_dir: Path) -> None:
-    """--overwrite: remove the previous run's files (only names this tool writes)."""
+    """--overwrite: remove the previous run's files (only names this tool writes), and what a process killed while
+    writing them left (`remove_abandoned`)."""
+    remove_abandoned(Path(run_dir))
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
     for pattern in ("events.rank*.jsonl", "traceback.rank*.txt"):  # a torchrun run's files of each rank

@@ -222,6 +222,40 @@ def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_contin
     assert _summary(out)["status"] == "completed"
 
 
+def _kill_while_closing(run_dir: Path) -> None:
+    """Close `run_dir` in a real process that is killed (SIGKILL) half-way through, as the report is rendered."""
+    script = ("import os, signal, sys\n"
+              "from sarkd_diag.presentation import closing, report\n"
+              "report.write_html_report = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "closing.finalize_run(sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _hidden(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name.startswith("."))
+
+
+def test_a_closing_killed_half_way_leaves_nothing_once_report_or_overwrite_runs(cli, tiny_world, tmp_path):
+    """A process killed while closing a run left its hidden `.building-*` folder in the run directory for good: a later
+    `report` and `--overwrite` built beside it and kept it. Now each removes what a dead process left, and only that."""
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 0, err
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _kill_while_closing(out)
+    assert [name.split("-")[0] for name in _hidden(out)] == [".building"]  # what the killed closing left
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished  # its finished files intact
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _hidden(out) == []
+    assert _summary(out)["status"] == "completed"
+    _kill_while_closing(out)
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2", "--overwrite"))
+    assert code == 0, err
+    assert _hidden(out) == []
+
+
 # ---------------------------------------------------------------------------- non-finite policy
 def _poison_weights(trainer: Trainer, at: set[int], once: bool = False):
     """Make the optimizer step of the given steps leave a NaN in the student's weights."""
