@@ -333,10 +333,11 @@ ENDING_EVENTS = {"run_error": "failed", "out_of_memory": "failed", "policy_stop"
                  "interrupted": "interrupted"}
 
 
-def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
-    """The status of a run closed by someone other than its own process, as far as its logs prove it: the end the
-    run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
-    `completed` where a `train` run evaluated after its last step — only a completed run does —, else `crashed`."""
+def status_from_logs(run_dir: Path, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
+    """The status of a run closed by someone other than its own process, as far as its directory proves it: the end
+    the run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
+    `completed` where a `train` run evaluated after its last step and then saved its student (`student/` appears
+    whole, after the run's last start: a process killed before it saved completed nothing), else `crashed`."""
     starts = events.index[events["code"].isin(("resumed", "run_continued"))]
     since = events.loc[starts[-1]:] if len(starts) else events
     ended = since[since["kind"].isin(ENDING_EVENTS)]
@@ -345,9 +346,22 @@ def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) 
     last_step = (config.get("options") or {}).get("train_steps")
     evaluated = metrics["step"][metrics["split"] == "eval"]
     trained = metrics["step"][metrics["split"] == "train"]
-    if last_step and (evaluated == last_step).any() and (trained == last_step).any():
+    started = since["time"].iloc[0] if len(starts) else 0.0
+    if last_step and (evaluated == last_step).any() and (trained == last_step).any() \
+            and _saved_since(Path(run_dir) / STUDENT, started):
         return "completed"
     return "crashed"
+
+
+STUDENT = "student"  # where `train` saves the trained student, moved into place whole once saved
+
+
+def _saved_since(path: Path, started: float) -> bool:
+    """Whether `path` exists and was written after `started` (a resumed run's student/ may be its interruption's)."""
+    try:
+        return path.stat().st_mtime >= started
+    except OSError:
+        return False
 
 
 def scaler_warmup_skips(metrics: pd.DataFrame, events: pd.DataFrame) -> int:

@@ -615,7 +615,8 @@ def _completed(run: Run) -> str | None:
         refused = report_refusal(run.path)
         if refused:  # offering `report` sent the user to a command that refuses the directory
             return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
-        ended, report = status_from_logs(run.config, run.metrics, run.events), shell_command("report", run.path)
+        ended = status_from_logs(run.path, run.config, run.metrics, run.events)
+        report = shell_command("report", run.path)
         if ended != "crashed":
             return f"no summary.json, though its logs show how the run ended: {ended} (`{report}` writes it)"
         return f"no summary.json: the run is still running, or it crashed (`{report}` closes it)"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..contract.rundir import remove_abandoned
+from ..contract.rundir import STUDENT, remove_abandoned
 from ..contract.shards import local_shard
 
 CHECKPOINTS = "checkpoints"
@@ -270,5 +270,5 @@ def clear_run_files(run_dir: Path) -> None:
     for pattern in ("events.rank*.jsonl", "traceback.rank*.txt"):  # a torchrun run's files of each rank
         for per_rank in Path(run_dir).glob(pattern):
             per_rank.unlink()
-    for name in (CHECKPOINTS, "student", "tensorboard"):
+    for name in (CHECKPOINTS, STUDENT, "tensorboard"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)

@@ -43,7 +43,7 @@ from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
-from ..contract.rundir import write_json_atomic
+from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
@@ -653,7 +653,8 @@ class Trainer:
                 self._evaluate()
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.train_steps:
                 self._save_checkpoint()
-        self._evaluate()
+        if self.last_eval[0] != self.step:
+            self._evaluate()
         self._save_checkpoint()
         return "completed"
 
@@ -680,11 +681,12 @@ class Trainer:
         fails (an internal error, its traceback saved)."""
         run_dir, models = self.run.run_dir, self.run.models
         try:
-            if status in ("completed", "interrupted"):
-                models.student.save_pretrained(run_dir / "student")
-                models.student_tokenizer.save_pretrained(run_dir / "student")
-                if routers is not None:
-                    save_router_update(routers, run_dir / "router_update.pt")
+            if status in ("completed", "interrupted"):  # built aside and moved in: student/ is there only whole
+                with built_then_moved(run_dir) as staging:
+                    models.student.save_pretrained(staging / STUDENT)
+                    models.student_tokenizer.save_pretrained(staging / STUDENT)
+                    if routers is not None:  # moved before student/ (sorted): a whole student/ proves it too
+                        save_router_update(routers, staging / "router_update.pt")
             summary = finalize_run(run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)
@@ -908,6 +910,8 @@ class Trainer:
         """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, step, policy."""
         self.run.state.load_state_dict(state)
         self.step = int(state["step"])
+        if state["meta"].get("eval_ppl") is not None:  # evaluated at that step: the end of a run is not evaluated twice
+            self.last_eval = (self.step, state["meta"]["eval_ppl"])
         self.policy.load_state_dict(state["policy"])
 
     def _restore_before(self, step: int) -> tuple[Path, int] | None:

@@ -256,6 +256,37 @@ def test_a_closing_killed_half_way_leaves_nothing_once_report_or_overwrite_runs(
     assert _hidden(out) == []
 
 
+def test_a_run_killed_before_its_student_is_saved_is_not_completed(cli, tiny_world, tmp_path):
+    """A `train` run killed after its final evaluation, while saving its student, was closed by `report` as
+    `completed` with no student/ to show for it. Now the status is what the directory proves: crashed, and `--resume`
+    finishes it (the student saved)."""
+    out = tmp_path / "run"
+    script = ("import os, signal, sys\n"
+              "from transformers import PreTrainedModel\n"
+              "from sarkd_diag.cli import main\n"
+              "def killed(self, path, *args, **kwargs):\n"
+              "    os.makedirs(path, exist_ok=True)\n"
+              "    open(os.path.join(path, 'config.json'), 'w').close()\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "PreTrainedModel.save_pretrained = killed\n"
+              "main(sys.argv[1:])\n")
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "2")]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert [r["step"] for r in _rows(out, "eval")] == [0, 2]  # killed after its final evaluation
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _summary(out)["status"] == "crashed"
+    assert not (out / "student").exists()
+    code, _, err = cli("train", "--output-dir", out, "--resume")
+    assert code == 0, err
+    assert _summary(out)["status"] == "completed"
+    assert (out / "student" / "model.safetensors").is_file()
+    assert [r["step"] for r in _rows(out, "eval")] == [0, 2]  # its final evaluation not redone
+    code, _, err = cli("train", "--output-dir", out, "--resume")  # a completed run has nothing left to do
+    assert code == 2 and "raise --train-steps to train further" in err
+
+
 # ---------------------------------------------------------------------------- non-finite policy
 def _poison_weights(trainer: Trainer, at: set[int], once: bool = False):
     """Make the optimizer step of the given steps leave a NaN in the student's weights."""
