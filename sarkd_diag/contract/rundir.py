@@ -253,12 +253,14 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     """Why a `Probes` may not write `path`, or None: a file; a comparison; a directory of other files — a model's (its
     config.json is no run's: the probes appended their logs beside it and failed at close on it) or the working
     directory; a run another process still writes (appended to, its steps were numbered twice and its run closed
-    under it). `besides`: the processes of the caller's own job (torchrun ranks), which write the run together."""
+    under it); a `train` run (its options recorded: a Probes run records none). `besides`: the processes of the
+    caller's own job (torchrun ranks), which write the run together."""
     if path.exists() and not path.is_dir():
         return f"run_dir {path} is a file, not a directory"
     if is_compare_dir(path):
         return f"run_dir {path} is a compare-precision directory: give the probes a directory of their own"
-    if path.is_dir() and any(path.iterdir()) and recorded_run(path) is None:
+    recorded = recorded_run(path) if path.is_dir() else None
+    if path.is_dir() and any(path.iterdir()) and recorded is None:
         held = "a config.json that is not a sarkd-diag run's" if (path / "config.json").exists() else \
             "files and no sarkd-diag run"
         return f"run_dir {path} holds {held}: give a new or empty directory (or a run directory to continue)"
@@ -266,6 +268,9 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     if writers:
         return (f"run_dir {path} is still being written by process {', '.join(map(str, writers))}: let that run end "
                 "first, or give another run_dir")
+    if recorded:  # a `train` run's options: continued, its config.json was replaced by the probes' own
+        return (f"run_dir {path} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
+                "config.json would replace its own): give a new or empty directory (or a Probes run to continue)")
     return None
 
 

@@ -439,6 +439,8 @@ def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_
     from sarkd_diag.contract.errors import BadInput
 
     run = _unclosed_copy(one_step, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "options": {}}))  # the probes' run, no train run's
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model = torch.nn.Linear(2, 2)
     with _held_open(run / held, "a") as pid, pytest.raises(BadInput) as refused:
@@ -469,6 +471,15 @@ def _a_file(path: Path) -> Path:
     return path
 
 
+def _train_run(path: Path) -> Path:
+    """What `sarkd-diag train` leaves: its config.json (every option, the precision) and its logs."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"options": {"train_steps": 6, "student_lr": 3e-3},
+                                                  "precision": {"mode": "fp32"}}))
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 2.0}) + "\n")
+    return path
+
+
 def _comparison(path: Path) -> Path:
     path.mkdir()
     (path / "compare_options.json").write_text('{"options": {}, "modes": ["fp32"]}')
@@ -481,7 +492,9 @@ def _comparison(path: Path) -> Path:
     (_notes_dir, "holds files and no sarkd-diag run: give a new or empty directory (or a run directory to continue)"),
     (_a_file, "is a file, not a directory"),
     (_comparison, "is a compare-precision directory: give the probes a directory of their own"),
-], ids=["model directory", "other files", "file", "comparison"])
+    (_train_run, "holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their config.json would "
+                 "replace its own): give a new or empty directory (or a Probes run to continue)"),
+], ids=["model directory", "other files", "file", "comparison", "train run"])
 def test_probes_refuse_a_run_dir_that_holds_something_else(tmp_path, make, says):
     """`SarkdDiagCallback.attach(trainer, trainer.args.output_dir)` after a save, or `Probes(model, run_dir=".")`:
     the probes wrote their logs and parquet files among a model's files and then failed at close with KeyError
