@@ -256,6 +256,11 @@ CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
 def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
     cfg = build_config(given_options(ctx), config)
+    if config is not None and given_options(ctx).get("output_dir") is None and cfg.output_dir and not cfg.resume_from:
+        from .contract.rundir import check_output_dir  # a run's config.json names its own directory: say so
+
+        check_output_dir(Path(cfg.output_dir), cfg.to_dict(), cfg.overwrite, resume=cfg.resume,
+                         named=f"--config {config}'s output_dir")
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
         return _launch_torchrun(cfg.nproc, given_args(ctx))
     _check_resumable(cfg)

@@ -195,33 +195,34 @@ def resume_command(run_dir: str | Path) -> str | None:
     return shell_command("train", "--output-dir", run_dir, "--resume")
 
 
-def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
+def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, named: str = "--output-dir") -> None:
     """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
 
     --overwrite replaces a sarkd-diag run only: a directory of other files is never cleared (its config.json
     may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
+    `named`: where the directory was given, as the refusals name it (a --config file's output_dir, say).
     """
     path = Path(path)
     asked = resume_option(options)
     if path.exists() and not path.is_dir():
-        raise BadInput(f"--output-dir {path} is a file, not a directory")
+        raise BadInput(f"{named} {path} is a file, not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
-        raise BadInput(f"--output-dir {path} cannot be created: {parent} is a file")
+        raise BadInput(f"{named} {path} cannot be created: {parent} is a file")
     if not _writable(parent):
-        raise BadInput(f"--output-dir {path} is not writable")
+        raise BadInput(f"{named} {path} is not writable")
     if not path.is_dir() or not any(path.iterdir()):
         if resume:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     if is_compare_dir(path):  # "holds no sarkd-diag run" sent its owner looking for what else was in it
-        raise BadInput(f"--output-dir {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
+        raise BadInput(f"{named} {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
                        f"not a run; give train another directory (to continue one mode's run: sarkd-diag train "
                        f"--output-dir {path / 'runs' / '<mode>'} --resume)")
     recorded = recorded_run(path)
     writers = writing_processes(run_logs(path)) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
-        raise BadInput(f"--output-dir {path} is still being written by process {', '.join(map(str, writers))}, a run "
+        raise BadInput(f"{named} {path} is still being written by process {', '.join(map(str, writers))}, a run "
                        "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
     if resume:
         if recorded is None:
@@ -234,18 +235,18 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         return
     if recorded is None:
         if (path / "config.json").exists():
-            raise BadInput(f"--output-dir {path} holds a config.json that is not a sarkd-diag run's; choose another "
+            raise BadInput(f"{named} {path} holds a config.json that is not a sarkd-diag run's; choose another "
                            "directory (--overwrite only replaces a sarkd-diag run)")
-        raise BadInput(f"--output-dir {path} is not empty and holds no sarkd-diag run; choose another directory "
+        raise BadInput(f"{named} {path} is not empty and holds no sarkd-diag run; choose another directory "
                        "(--overwrite only replaces a sarkd-diag run)")
     if overwrite:
         return
     differing = differing_options(recorded, options)
     if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
-        raise BadInput(f"--output-dir {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
+        raise BadInput(f"{named} {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
                        "another --output-dir for a new run, --overwrite to replace it, or continue it with its own "
                        f"options: {shell_command('train', '--config', path / 'config.json', '--resume')}")
-    raise BadInput(f"--output-dir {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
+    raise BadInput(f"{named} {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
                    "or another --output-dir for a new run")
 
 

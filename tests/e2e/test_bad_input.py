@@ -310,6 +310,10 @@ CASES = [
     ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
                                                                                        '{"lr": 1}')], "unknown"),
     ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
+    ("a run's config.json without --output-dir (refused as --output-dir, which was never typed)", lambda w, t, m: [
+        "train", "--config", _recorded_run(t, output_dir=str(t / "run"), **_options_of(w)) / "config.json"],
+     "--config {tmp}/run/config.json's output_dir {tmp}/run holds a run already; pass --resume to continue it, "
+     "--overwrite to replace it, or another --output-dir for a new run"),
 ]
 
 
