@@ -544,6 +544,35 @@ def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir
     assert run["events"]["code"].value_counts().max() == 1  # nothing recorded twice
 
 
+def test_an_error_inside_the_probes_recording_is_the_error_the_loop_sees(tmp_path, monkeypatch):
+    """A probe's own recording that raised inside `probes.step()` (a full disk as its events are written, a bug) was
+    followed at close by a second error — the step's readings taken again from an empty stack — which the notebook
+    saw in place of the first. Now the first is what the `with` block raises, and the run reads as failed by it."""
+    import errno
+
+    import torch
+
+    from sarkd_diag import Probes, load_run
+    from sarkd_diag.probes.gradients import GradientProbe
+
+    def full_disk(self, host):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(GradientProbe, "record", full_disk)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(OSError, match="No space left on device") as raised, \
+            Probes(model, optimizer, run_dir=tmp_path / "run") as probes:
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        probes.step(loss=loss)
+    assert raised.value.__context__ is None  # the first error itself, no second one raised while closing
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["status"] == "failed"
+    assert summary["error"]["message"] == "OSError: [Errno 28] No space left on device"
+
+
 def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, monkeypatch):
     """A Probes whose construction raised after its run directory opened was registered as open: the next one on the
     directory 'closed' the half-built object — a summary written for it and a stale_probes_closed note for a run
