@@ -501,7 +501,8 @@ def events(
         return 0
     everything = query_events(run_dir)
     flt.check_against(everything)
-    print_events(flt.apply(everything), fmt, total=len(everything), why_none=flt.past_the_end(last_step(run_dir)))
+    why_none = flt.past_the_end(last_step(run_dir)) or flt.unmatched_module(everything)
+    print_events(flt.apply(everything), fmt, total=len(everything), why_none=why_none)
     return 0
 
 
