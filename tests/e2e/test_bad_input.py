@@ -43,6 +43,14 @@ def _model_copy(world, tmp: Path, name: str = "model") -> Path:
     return Path(shutil.copytree(world["student"], tmp / name))
 
 
+def _cut_short_weights(world, tmp: Path) -> Path:
+    """The student with its model.safetensors cut in half, as a copy or download that stopped part-way leaves it."""
+    model = _model_copy(world, tmp)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return model
+
+
 def _no_special_tokens(world, tmp: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
@@ -310,6 +318,9 @@ CASES = [
     ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
                                                                                        '{"lr": 1}')], "unknown"),
     ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
+    ("student weights cut short (the library said: incomplete metadata, file not fully covered)",
+     lambda w, t, m: _args(w, t, student_model=_cut_short_weights(w, t)),
+     "{tmp}/model/model.safetensors is cut short ("),
     ("a run's config.json without --output-dir (refused as --output-dir, which was never typed)", lambda w, t, m: [
         "train", "--config", _recorded_run(t, output_dir=str(t / "run"), **_options_of(w)) / "config.json"],
      "--config {tmp}/run/config.json's output_dir {tmp}/run holds a run already; pass --resume to continue it, "
