@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import NoneType, UnionType
@@ -283,6 +284,24 @@ def refuse_unknown_options(options: dict, caller: str) -> None:
 
 
 FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
+
+
+COMMANDS_IN_A_MESSAGE = re.compile(r"(`[^`]*`|sarkd-diag [^;`)]*)")  # quoted or offered commands: kept as written
+CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+def in_keyword_terms(message: str) -> str:
+    """A refusal worded for the command line (`--student-lr must be > 0`), reworded for a caller of the Python API:
+    each option becomes the keyword argument it is there (`student_lr`, a switch `resume=True`); the commands it
+    offers to run are left as they are."""
+    def keyword(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        if name not in FIELD_NAMES:
+            return match.group(0)
+        return f"{name}=True" if FIELD_TYPES[name] is bool else name
+
+    return "".join(part if i % 2 else CLI_OPTION.sub(keyword, part)
+                   for i, part in enumerate(COMMANDS_IN_A_MESSAGE.split(message)))
 
 
 def value_type(hint: Any) -> Any:
