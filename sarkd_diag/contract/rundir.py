@@ -88,11 +88,12 @@ def _owner_tag() -> str:
 
 def _abandoned(name: str) -> bool:
     """Whether a hidden `.building-*` / `.tmp-*` entry was left by a process that is gone: one of this machine whose
-    id no process holds, or one of an older sarkd-diag that named no owner. Another machine's (a shared disk) stays."""
-    tag = name.split("-", 1)[1]
+    id no process holds, or a `.building-*` of an older sarkd-diag that named no owner (a `.tmp-*` without one may be
+    anyone's: it stays). Another machine's (a shared disk) stays too."""
+    kind, _, tag = name.partition("-")
     pid, at, rest = tag.partition("@")
     if not at or not pid.isdigit():
-        return True
+        return kind == ".building"
     if not rest.startswith(f"{socket.gethostname()}-"):
         return False
     try:
