@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 import torch
 
 from ..contract.errors import BadInput
-from ..contract.rundir import is_compare_dir, recorded_run
+from ..contract.rundir import STUDENT, is_compare_dir, recorded_run
+from . import checkpoint as ckpt
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -56,13 +57,20 @@ def _hub_config_file(repo_id: str) -> Path | None:
 
 
 def _refuse_run_directory(name: str, path: Path) -> None:
-    """A sarkd-diag run (or comparison) directory is not a model: point at the student it saved."""
+    """A sarkd-diag run (or comparison) directory, or a checkpoint of a run, is not a model: point at the student it
+    saved (a checkpoint holds the trainable weights alone, for --resume-from)."""
+    if (path / ckpt.META).is_file() and (path / ckpt.STATE).is_file():
+        student = path.parent.parent / STUDENT
+        where = f"the run's trained student is in {student}" if (student / "config.json").is_file() else \
+            f"its run has no saved student; continue it with --resume-from {path}"
+        raise BadInput(f"model path {name} is a sarkd-diag checkpoint (the trainable weights and training state "
+                       f"--resume-from continues), not a model: {where}")
     if is_compare_dir(path):
         raise BadInput(f"model path {name} is a compare-precision directory; each mode's trained student is in "
                        f"{path / 'runs' / 'MODE' / 'student'}")
     if recorded_run(path) is None:
         return  # a model's own config.json
-    student = path / "student"
+    student = path / STUDENT
     if (student / "config.json").is_file():
         raise BadInput(f"model path {name} is a sarkd-diag run directory; its trained student is in {student}")
     raise BadInput(f"model path {name} is a sarkd-diag run directory without a trained student (student/ is saved "

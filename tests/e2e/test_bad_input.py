@@ -51,6 +51,19 @@ def _cut_short_weights(world, tmp: Path) -> Path:
     return model
 
 
+def _checkpoint_of_a_run(world, tmp: Path) -> Path:
+    """`RUN/checkpoints/step-00000002` of a run that saved its student: what --resume-from takes, mistaken for a model
+    (it said: no config.json and no tokenizer files, save the model there)."""
+    run = _recorded_run(tmp)
+    shutil.copytree(world["student"], run / "student")
+    checkpoint = run / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    for name, content in (("model.safetensors", b"weights"), ("trainer_state.pt", b"state"),
+                          ("meta.json", '{"step": 2}')):
+        _file(checkpoint, name, content)
+    return checkpoint
+
+
 def _no_special_tokens(world, tmp: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
@@ -321,6 +334,10 @@ CASES = [
     ("student weights cut short (the library said: incomplete metadata, file not fully covered)",
      lambda w, t, m: _args(w, t, student_model=_cut_short_weights(w, t)),
      "{tmp}/model/model.safetensors is cut short ("),
+    ("a run's checkpoint as the student", lambda w, t, m: _args(w, t, output_dir=t / "new",
+                                                                student_model=_checkpoint_of_a_run(w, t)),
+     "is a sarkd-diag checkpoint (the trainable weights and training state --resume-from continues), not a model: "
+     "the run's trained student is in {tmp}/run/student"),
     ("a run's config.json without --output-dir (refused as --output-dir, which was never typed)", lambda w, t, m: [
         "train", "--config", _recorded_run(t, output_dir=str(t / "run"), **_options_of(w)) / "config.json"],
      "--config {tmp}/run/config.json's output_dir {tmp}/run holds a run already; pass --resume to continue it, "
