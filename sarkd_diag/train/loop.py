@@ -603,9 +603,9 @@ class Trainer:
             self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
-            except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was
-                self.logs.events.record("interrupted", "warning", f"stopped during step {self.step}; nothing saved "
-                                        "since the newest checkpoint", step=self.step, phase="policy")
+            except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the newest checkpoint is kept as it was
+                self.logs.events.record("interrupted", "warning", self._stopped_at_once(), step=self.step,
+                                        phase="policy")
                 status = "interrupted"
             except Exception as exc:
                 status = self._failed(exc)
@@ -657,6 +657,15 @@ class Trainer:
             self._evaluate()
         self._save_checkpoint()
         return "completed"
+
+    def _stopped_at_once(self) -> str:
+        """What a second Ctrl-C left, as the directory shows it: the step it came during (or after: between steps, in
+        an evaluation or a checkpoint's save) and the checkpoint a resume starts from — none, when none was written
+        yet (it said "nothing saved since the newest checkpoint" of a run that had none)."""
+        between = self.phase.current in ("policy", "eval")
+        newest = ckpt.list_checkpoints(self.run.run_dir)
+        kept = f"nothing saved since {newest[-1].name}" if newest else "no checkpoint was written yet to resume from"
+        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}"
 
     def _stop_requested(self, stops: StopRequests) -> bool:
         """A stop signal, acted on by all ranks after the same step (each rank receives it at its own moment)."""

@@ -202,6 +202,30 @@ def test_a_rank_that_another_ranks_signal_stops_saves_and_says_why(tiny_world, t
     _summary(result.run_dir)
 
 
+class SecondCtrlCAt(TrainingDisplay):
+    """A quiet display that stops the run as a second Ctrl-C does (KeyboardInterrupt) once a given step is logged."""
+
+    def __init__(self, step: int):
+        super().__init__(quiet=True)
+        self.at = step
+
+    def update(self, step, row):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("save_steps, kept", [(0, "no checkpoint was written yet to resume from"),
+                                              (1, "nothing saved since step-00000001")])
+def test_a_second_ctrl_c_says_which_step_it_stopped_and_what_a_resume_has(tiny_world, tmp_path, save_steps, kept):
+    """A second Ctrl-C after step 2 was logged said "stopped during step 2; nothing saved since the newest checkpoint"
+    — of a step whose row was written, and of a run that had no checkpoint at all."""
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", save_steps=save_steps), SecondCtrlCAt(2))
+    result = trainer.train()
+    assert (result.status, result.summary["steps_completed"]) == ("interrupted", 2)
+    (event,) = _events(result.run_dir, "interrupted")
+    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}"
+
+
 def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_world, out, "--train-steps", "100000", "--save-steps", "2")
