@@ -36,18 +36,18 @@ def compare_precision(modes=None, **options):
     """Run the same distillation in several precision modes, side by side (see sarkd_diag.compare)."""
     from .compare import compare_precision as _compare
 
-    with keyword_terms():
+    with keyword_terms("modes", "steps"):
         return _compare(modes, **options)
 
 
 @contextmanager
-def keyword_terms():
+def keyword_terms(*also: str):
     """The refusals of an API call worded for its caller: `student_lr must be > 0`, where the CLI's own say
-    `--student-lr` (`contract.config.in_keyword_terms`)."""
+    `--student-lr` (`contract.config.in_keyword_terms`); `also`: its arguments besides DistillConfig's fields."""
     try:
         yield
     except BadInput as exc:
-        raise BadInput(in_keyword_terms(str(exc))) from None
+        raise BadInput(in_keyword_terms(str(exc), also)) from None
 
 
 __all__ = ["DistillConfig", "Probes", "compare_precision", "distill", "load_run", "__version__"]
