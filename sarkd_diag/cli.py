@@ -283,7 +283,7 @@ def _check_resumable(cfg: DistillConfig) -> None:
         recorded = json.loads((run / "config.json").read_text(encoding="utf-8")).get("options") or {}
     except (OSError, ValueError, AttributeError):
         return
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded:  # a Probes run records no options: check_output_dir says so
         return
     from .contract.rundir import differing_options
 

@@ -225,9 +225,12 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
         raise BadInput(f"{named} {path} is still being written by process {', '.join(map(str, writers))}, a run "
                        "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
+    probes_run = f"{path} holds the run a training loop's Probes wrote, not a `train` run"  # no options recorded
     if resume:
         if recorded is None:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
+        if not recorded:
+            raise BadInput(f"{asked}: nothing to resume, {probes_run}; give another --output-dir for a new run")
         differing = differing_options(recorded, options)
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
@@ -242,6 +245,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
                        "(--overwrite only replaces a sarkd-diag run)")
     if overwrite:
         return
+    if not recorded:
+        raise BadInput(f"{named} {probes_run}; give another --output-dir for a new run, or --overwrite to replace it")
     differing = differing_options(recorded, options)
     if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
         raise BadInput(f"{named} {path} holds a different run (options differ: {', '.join(differing[:4])}); give "

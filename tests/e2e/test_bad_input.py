@@ -98,6 +98,15 @@ def _recorded_run(tmp: Path, **options) -> Path:
     return run
 
 
+def _probes_run(tmp: Path) -> Path:
+    """A run directory as `Probes` in a user's own loop leaves it: config.json records no options."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    return run
+
+
 def _damaged_run(tmp: Path) -> Path:
     """A run that logged events and whose config.json was cut short (an edit, a full disk)."""
     run = _recorded_run(tmp)
@@ -338,6 +347,12 @@ CASES = [
                                                                 student_model=_checkpoint_of_a_run(w, t)),
      "is a sarkd-diag checkpoint (the trainable weights and training state --resume-from continues), not a model: "
      "the run's trained student is in {tmp}/run/student"),
+    ("a Probes run as the output dir (it offered --resume)", lambda w, t, m: _args(w, t, output_dir=_probes_run(t)),
+     "--output-dir {tmp}/run holds the run a training loop's Probes wrote, not a `train` run; give another "
+     "--output-dir for a new run, or --overwrite to replace it"),
+    ("--resume of a Probes run (it said --save-steps None)",
+     lambda w, t, m: _args(w, t, output_dir=_probes_run(t), resume=True),
+     "--resume: nothing to resume, {tmp}/run holds the run a training loop's Probes wrote, not a `train` run"),
     ("a run's config.json without --output-dir (refused as --output-dir, which was never typed)", lambda w, t, m: [
         "train", "--config", _recorded_run(t, output_dir=str(t / "run"), **_options_of(w)) / "config.json"],
      "--config {tmp}/run/config.json's output_dir {tmp}/run holds a run already; pass --resume to continue it, "
