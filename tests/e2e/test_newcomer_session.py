@@ -637,11 +637,13 @@ def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_pa
 
 def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
     """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
-    offered --resume or --overwrite only, neither of them a new run from the same options."""
+    offered --resume or --overwrite only, neither of them a new run from the same options; and it named an
+    --output-dir the user never typed, not the config file it came from."""
     code, _, err = cli("train", "--config", one_step / "config.json")
     assert code == 2
-    assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
-                   "--overwrite to replace it, or another --output-dir for a new run\n")
+    assert err == (f"sarkd-diag: error: --config {one_step / 'config.json'}'s output_dir {one_step} holds a run "
+                   "already; pass --resume to continue it, --overwrite to replace it, or another --output-dir for a "
+                   "new run\n")
 
 
 def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):
