@@ -245,6 +245,24 @@ def test_a_usage_error_is_one_line_that_names_the_option_and_what_it_takes(cli, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["report", "--output-dir", "{run}"],
+     "report has no option --output-dir: report takes the RUN_DIR as its argument (`sarkd-diag report {run}`)"),
+    (["check", "--run={run}", "--expect", "completed"],
+     "check has no option --run: check takes the RUN_DIR as its argument (`sarkd-diag check {run} --expect "
+     "completed`)"),
+    (["train", "{run}", "--resume"],
+     "train takes options only, no argument: '{run}' is not an option; a run directory is given as --output-dir {run} "
+     "(`sarkd-diag train -h`)"),
+], ids=["report --output-dir RUN", "check --run=RUN", "train RUN"])
+def test_a_run_directory_typed_in_the_wrong_form_is_answered_with_the_right_one(cli, one_step, args, line):
+    """`report --output-dir RUN` said it was `a train option`, `check --run RUN` only `no option --run`, and
+    `train RUN --resume` that RUN `is not an option`: the directory was right there, the form to give it in was not."""
+    code, out, err = cli(*[a.format(run=one_step) for a in args])
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: {line.format(run=one_step)}\n"
+
+
 # -------------------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", ["events", "check", "report"])
 def test_help_shows_an_argument_as_it_is_typed(cli, command):
