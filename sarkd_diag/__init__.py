@@ -1,6 +1,9 @@
 """sarkd-diag: precision debugging for knowledge distillation of causal language models."""
 
-from .contract.config import DistillConfig, with_config_options  # light: no torch, no pandas
+from contextlib import contextmanager
+
+from .contract.config import DistillConfig, in_keyword_terms, with_config_options  # light: no torch, no pandas
+from .contract.errors import BadInput
 from .contract.version import __version__
 
 _LAZY = {"Probes": ("probes", "Probes"), "load_run": ("presentation.query", "load_run")}
@@ -22,17 +25,29 @@ def __getattr__(name: str):
 def distill(config: DistillConfig | None = None, *, quiet: bool = False, **options):
     """Distil a teacher into a student (the embedded default without arguments; a DistillConfig, with options:
     a copy of it with those changed); returns the run's result (run_dir, status, summary, exit_code). `quiet`: no
-    console output."""
+    console output. A refusal (BadInput, a ValueError) names the keyword arguments, not the CLI's options."""
     from .train.loop import distill as _distill
 
-    return _distill(config, quiet=quiet, **options)
+    with keyword_terms():
+        return _distill(config, quiet=quiet, **options)
 
 
 def compare_precision(modes=None, **options):
     """Run the same distillation in several precision modes, side by side (see sarkd_diag.compare)."""
     from .compare import compare_precision as _compare
 
-    return _compare(modes, **options)
+    with keyword_terms("modes", "steps"):
+        return _compare(modes, **options)
+
+
+@contextmanager
+def keyword_terms(*also: str):
+    """The refusals of an API call worded for its caller: `student_lr must be > 0`, where the CLI's own say
+    `--student-lr` (`contract.config.in_keyword_terms`); `also`: its arguments besides DistillConfig's fields."""
+    try:
+        yield
+    except BadInput as exc:
+        raise BadInput(in_keyword_terms(str(exc), also)) from None
 
 
 __all__ = ["DistillConfig", "Probes", "compare_precision", "distill", "load_run", "__version__"]

@@ -35,7 +35,7 @@ from .contract.config import (
     whole_number,
 )
 from .contract.errors import BadInput
-from .contract.wording import closest, counted, did_you_mean
+from .contract.wording import closest, counted, did_you_mean, shell_command
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
 # `-h` works for every command; torch, transformers and pandas are imported inside the commands that need them,
@@ -256,6 +256,11 @@ CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
 def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
     cfg = build_config(given_options(ctx), config)
+    if config is not None and given_options(ctx).get("output_dir") is None and cfg.output_dir and not cfg.resume_from:
+        from .contract.rundir import check_output_dir  # a run's config.json names its own directory: say so
+
+        check_output_dir(Path(cfg.output_dir), cfg.to_dict(), cfg.overwrite, resume=cfg.resume,
+                         named=f"--config {config}'s output_dir")
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: launch it
         return _launch_torchrun(cfg.nproc, given_args(ctx))
     _check_resumable(cfg)
@@ -278,7 +283,7 @@ def _check_resumable(cfg: DistillConfig) -> None:
         recorded = json.loads((run / "config.json").read_text(encoding="utf-8")).get("options") or {}
     except (OSError, ValueError, AttributeError):
         return
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not recorded:  # a Probes run records no options: check_output_dir says so
         return
     from .contract.rundir import differing_options
 
@@ -496,7 +501,8 @@ def events(
         return 0
     everything = query_events(run_dir)
     flt.check_against(everything)
-    print_events(flt.apply(everything), fmt, total=len(everything), why_none=flt.past_the_end(last_step(run_dir)))
+    why_none = flt.past_the_end(last_step(run_dir)) or flt.unmatched_module(everything)
+    print_events(flt.apply(everything), fmt, total=len(everything), why_none=why_none)
     return 0
 
 
@@ -614,6 +620,9 @@ def usage_message(exc: Exception, args: list[str]) -> str:
         extra = message[message.rfind(" (") + 2:message.rfind(")")]  # click's "... argument(s) (x y)"
         arguments = [p for p in command.params if p.param_type_name == "argument"]
         if not arguments:
+            if name and Path(extra).expanduser().is_dir() and "--output-dir" in _shown_options(command):
+                return (f"{name} takes options only, no argument: {extra!r} is not an option; a run directory is given "
+                        f"as --output-dir {extra} ({where})")
             return f"{name or 'sarkd-diag'} takes options only, no argument: {extra!r} is not an option ({where})"
         return f"{name} takes one {_shown_name(arguments[0])}, not also {extra!r} (a path with spaces needs quotes)"
     return f"{message} ({where})"
@@ -629,6 +638,13 @@ def _no_such_option(typed: str, command, name: str | None, where: str, args: lis
     elsewhere = KNOWN_ELSEWHERE.get(spelled)
     if elsewhere is not None and elsewhere.split()[0] in here:
         return f"{owner}: write {elsewhere}"
+    argument = next((p for p in command.params if p.param_type_name == "argument"), None)
+    given = _given_as_option(typed, args)
+    if argument is not None and given is not None and name in args and Path(given[1]).expanduser().exists():
+        # `report --output-dir RUN`, `check --run RUN ...`: the run directory typed as an option
+        fixed = [*args[:args.index(name) + 1], given[1], *(a for i, a in enumerate(args)
+                                                         if i > args.index(name) and i not in given[0])]
+        return f"{owner}: {name} takes the {_shown_name(argument)} as its argument (`{shell_command(*fixed)}`)"
     if spelled in config and name:  # one of train's options that this command does not take
         return f"{owner} (a `train` option; {where} lists its own)"
     takers = [] if name else [n for n, c in command.commands.items() if spelled in _shown_options(c)]
@@ -639,6 +655,17 @@ def _no_such_option(typed: str, command, name: str | None, where: str, args: lis
     if close:
         return f"{owner}: did you mean {close}?"
     return f"{owner} ({where} lists them)"
+
+
+def _given_as_option(option: str, args: list[str]) -> tuple[set[int], str] | None:
+    """Where `option` and its value were typed (`--run-dir RUN` or `--run-dir=RUN`: their places in `args`) and the
+    value; None when it came without one."""
+    for i, arg in enumerate(args):
+        if arg == option and i + 1 < len(args):
+            return {i, i + 1}, args[i + 1]
+        if arg.startswith(option + "="):
+            return {i}, arg[len(option) + 1:]
+    return None
 
 
 def _no_such_command(typed: str, commands: list[str]) -> str:

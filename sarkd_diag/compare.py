@@ -41,6 +41,7 @@ from .contract.rundir import (
     load_events,
     load_metrics,
     recorded_run,
+    remove_abandoned,
     scaler_warmup_skips,
     write_json_atomic,
 )
@@ -129,7 +130,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 
 def _clear_comparison(out: Path) -> None:
-    """Remove what a comparison writes into `out`, and nothing else."""
+    """Remove what a comparison writes into `out` (a killed closing's leftovers too), and nothing else."""
+    remove_abandoned(out)
     shutil.rmtree(out / "runs", ignore_errors=True)
     shutil.rmtree(out / "logs", ignore_errors=True)
     for name in (*OUTPUTS, COMPARE_OPTIONS):

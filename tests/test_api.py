@@ -39,3 +39,23 @@ def test_load_run_of_an_empty_path_is_refused_not_the_current_directory(tmp_path
     with pytest.raises(BadInput, match="empty run directory"):
         load_run(path)
 
+
+
+def test_distill_refusals_name_its_keyword_arguments_not_the_cli_options(tmp_path):
+    """`distill(student_lr=-1)` was refused with `--student-lr must be > 0`: an option the notebook never typed and
+    cannot pass. A refusal of the API names the keyword argument; a command it offers to run stays as written."""
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(student_lr=-1, quiet=True)
+    assert str(refused.value) == "student_lr must be > 0, got -1.0"
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(resume=True, quiet=True)
+    assert str(refused.value) == "resume=True needs output_dir (the run to continue)"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"options": {"block_size": 999}, "precision": {"mode": "fp32"}}')
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(output_dir=str(run), quiet=True)
+    assert str(refused.value) == (
+        f"output_dir {run} holds a different run (options differ: block_size); give another output_dir for a new run, "
+        f"overwrite=True to replace it, or continue it with its own options: sarkd-diag train --config "
+        f"{run / 'config.json'} --resume")

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import NoneType, UnionType
@@ -283,6 +284,25 @@ def refuse_unknown_options(options: dict, caller: str) -> None:
 
 
 FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
+
+
+COMMANDS_IN_A_MESSAGE = re.compile(r"(`[^`]*`|sarkd-diag [^;`)]*)")  # quoted or offered commands: kept as written
+CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( must)?")
+
+
+def in_keyword_terms(message: str, also: tuple[str, ...] = ()) -> str:
+    """A refusal worded for the command line (`--student-lr must be > 0`), reworded for a caller of the Python API:
+    each option becomes the keyword argument it is there (`student_lr`; a switch to pass, `resume=True`, but
+    `use_scheduler must be True or False` of its value); the commands it offers to run are left as they are.
+    `also`: the call's own arguments besides DistillConfig's fields (compare_precision's `modes`)."""
+    def keyword(match: re.Match) -> str:
+        name, judged = match.group(1).replace("-", "_"), match.group(2) or ""
+        if name not in FIELD_NAMES and name not in also:
+            return match.group(0)
+        return (f"{name}=True" if FIELD_TYPES.get(name) is bool and not judged else name) + judged
+
+    return "".join(part if i % 2 else CLI_OPTION.sub(keyword, part)
+                   for i, part in enumerate(COMMANDS_IN_A_MESSAGE.split(message)))
 
 
 def value_type(hint: Any) -> Any:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,7 +64,8 @@ def built_then_moved(directory: Path) -> Iterator[Path]:
     """A hidden directory inside `directory` to build a set of outputs in; when the block ends without an error each
     is moved into `directory`, one rename each (a directory replaces its namesake), and the hidden one goes either
     way — so a build that fails half-way (a renderer's bug, a full disk) leaves `directory` as it was."""
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=directory))
+    remove_abandoned(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".building-{_owner_tag()}-", dir=directory))
     try:
         yield staging
         for built in sorted(staging.iterdir()):
@@ -73,6 +75,45 @@ def built_then_moved(directory: Path) -> Iterator[Path]:
             os.replace(built, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+LEFTOVER_PREFIXES = (".building-", ".tmp-")  # the hidden names a write in progress has in a run directory
+
+
+def _owner_tag() -> str:
+    """`PID@HOST`, put in the hidden names a write in progress uses, so a later one can tell a write whose process
+    was killed (its leftover, removable) from one a live process is making now."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _abandoned(name: str) -> bool:
+    """Whether a hidden `.building-*` / `.tmp-*` entry was left by a process that is gone: one of this machine whose
+    id no process holds, or a `.building-*` of an older sarkd-diag that named no owner (a `.tmp-*` without one may be
+    anyone's: it stays). Another machine's (a shared disk) stays too."""
+    kind, _, tag = name.partition("-")
+    pid, at, rest = tag.partition("@")
+    if not at or not pid.isdigit():
+        return kind == ".building"
+    if not rest.startswith(f"{socket.gethostname()}-"):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_abandoned(directory: Path) -> None:
+    """Remove what a process killed while writing into `directory` left behind (a closing's `.building-*` directory,
+    an atomic write's `.tmp-*` file): never a finished file — those have their own names — nor a live write."""
+    for entry in Path(directory).glob(".*"):
+        if entry.name.startswith(LEFTOVER_PREFIXES) and _abandoned(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -86,7 +127,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     The file is created like any other (0666 less the umask: 0644 usually), not mkstemp's private 0600."""
     path = Path(path)
     while True:
-        tmp = path.parent / f".tmp-{os.urandom(6).hex()}-{path.name}"
+        tmp = path.parent / f".tmp-{_owner_tag()}-{os.urandom(6).hex()}-{path.name}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             break
@@ -155,37 +196,41 @@ def resume_command(run_dir: str | Path) -> str | None:
     return shell_command("train", "--output-dir", run_dir, "--resume")
 
 
-def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -> None:
+def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, named: str = "--output-dir") -> None:
     """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
 
     --overwrite replaces a sarkd-diag run only: a directory of other files is never cleared (its config.json
     may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
+    `named`: where the directory was given, as the refusals name it (a --config file's output_dir, say).
     """
     path = Path(path)
     asked = resume_option(options)
     if path.exists() and not path.is_dir():
-        raise BadInput(f"--output-dir {path} is a file, not a directory")
+        raise BadInput(f"{named} {path} is a file, not a directory")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
     if not parent.is_dir():
-        raise BadInput(f"--output-dir {path} cannot be created: {parent} is a file")
+        raise BadInput(f"{named} {path} cannot be created: {parent} is a file")
     if not _writable(parent):
-        raise BadInput(f"--output-dir {path} is not writable")
+        raise BadInput(f"{named} {path} is not writable")
     if not path.is_dir() or not any(path.iterdir()):
         if resume:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
     if is_compare_dir(path):  # "holds no sarkd-diag run" sent its owner looking for what else was in it
-        raise BadInput(f"--output-dir {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
+        raise BadInput(f"{named} {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
                        f"not a run; give train another directory (to continue one mode's run: sarkd-diag train "
                        f"--output-dir {path / 'runs' / '<mode>'} --resume)")
     recorded = recorded_run(path)
     writers = writing_processes(run_logs(path)) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
-        raise BadInput(f"--output-dir {path} is still being written by process {', '.join(map(str, writers))}, a run "
+        raise BadInput(f"{named} {path} is still being written by process {', '.join(map(str, writers))}, a run "
                        "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
+    probes_run = f"{path} holds the run a training loop's Probes wrote, not a `train` run"  # no options recorded
     if resume:
         if recorded is None:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no sarkd-diag run (no readable config.json)")
+        if not recorded:
+            raise BadInput(f"{asked}: nothing to resume, {probes_run}; give another --output-dir for a new run")
         differing = differing_options(recorded, options)
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
@@ -194,18 +239,20 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool) -
         return
     if recorded is None:
         if (path / "config.json").exists():
-            raise BadInput(f"--output-dir {path} holds a config.json that is not a sarkd-diag run's; choose another "
+            raise BadInput(f"{named} {path} holds a config.json that is not a sarkd-diag run's; choose another "
                            "directory (--overwrite only replaces a sarkd-diag run)")
-        raise BadInput(f"--output-dir {path} is not empty and holds no sarkd-diag run; choose another directory "
+        raise BadInput(f"{named} {path} is not empty and holds no sarkd-diag run; choose another directory "
                        "(--overwrite only replaces a sarkd-diag run)")
     if overwrite:
         return
+    if not recorded:
+        raise BadInput(f"{named} {probes_run}; give another --output-dir for a new run, or --overwrite to replace it")
     differing = differing_options(recorded, options)
     if differing:  # --resume alone would be refused for those very options: continuing takes the run's own
-        raise BadInput(f"--output-dir {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
+        raise BadInput(f"{named} {path} holds a different run (options differ: {', '.join(differing[:4])}); give "
                        "another --output-dir for a new run, --overwrite to replace it, or continue it with its own "
                        f"options: {shell_command('train', '--config', path / 'config.json', '--resume')}")
-    raise BadInput(f"--output-dir {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
+    raise BadInput(f"{named} {path} holds a run already; pass --resume to continue it, --overwrite to replace it, "
                    "or another --output-dir for a new run")
 
 
@@ -213,12 +260,14 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     """Why a `Probes` may not write `path`, or None: a file; a comparison; a directory of other files — a model's (its
     config.json is no run's: the probes appended their logs beside it and failed at close on it) or the working
     directory; a run another process still writes (appended to, its steps were numbered twice and its run closed
-    under it). `besides`: the processes of the caller's own job (torchrun ranks), which write the run together."""
+    under it); a `train` run (its options recorded: a Probes run records none). `besides`: the processes of the
+    caller's own job (torchrun ranks), which write the run together."""
     if path.exists() and not path.is_dir():
         return f"run_dir {path} is a file, not a directory"
     if is_compare_dir(path):
         return f"run_dir {path} is a compare-precision directory: give the probes a directory of their own"
-    if path.is_dir() and any(path.iterdir()) and recorded_run(path) is None:
+    recorded = recorded_run(path) if path.is_dir() else None
+    if path.is_dir() and any(path.iterdir()) and recorded is None:
         held = "a config.json that is not a sarkd-diag run's" if (path / "config.json").exists() else \
             "files and no sarkd-diag run"
         return f"run_dir {path} holds {held}: give a new or empty directory (or a run directory to continue)"
@@ -226,6 +275,9 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     if writers:
         return (f"run_dir {path} is still being written by process {', '.join(map(str, writers))}: let that run end "
                 "first, or give another run_dir")
+    if recorded:  # a `train` run's options: continued, its config.json was replaced by the probes' own
+        return (f"run_dir {path} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
+                "config.json would replace its own): give a new or empty directory (or a Probes run to continue)")
     return None
 
 
@@ -293,10 +345,11 @@ ENDING_EVENTS = {"run_error": "failed", "out_of_memory": "failed", "policy_stop"
                  "interrupted": "interrupted"}
 
 
-def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
-    """The status of a run closed by someone other than its own process, as far as its logs prove it: the end the
-    run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
-    `completed` where a `train` run evaluated after its last step — only a completed run does —, else `crashed`."""
+def status_from_logs(run_dir: Path, config: dict, metrics: pd.DataFrame, events: pd.DataFrame) -> str:
+    """The status of a run closed by someone other than its own process, as far as its directory proves it: the end
+    the run recorded deciding (since its last resume or continuation: the logs before it tell of an earlier end), or
+    `completed` where a `train` run evaluated after its last step and then saved its student (`student/` appears
+    whole, after the run's last start: a process killed before it saved completed nothing), else `crashed`."""
     starts = events.index[events["code"].isin(("resumed", "run_continued"))]
     since = events.loc[starts[-1]:] if len(starts) else events
     ended = since[since["kind"].isin(ENDING_EVENTS)]
@@ -305,9 +358,22 @@ def status_from_logs(config: dict, metrics: pd.DataFrame, events: pd.DataFrame) 
     last_step = (config.get("options") or {}).get("train_steps")
     evaluated = metrics["step"][metrics["split"] == "eval"]
     trained = metrics["step"][metrics["split"] == "train"]
-    if last_step and (evaluated == last_step).any() and (trained == last_step).any():
+    started = since["time"].iloc[0] if len(starts) else 0.0
+    if last_step and (evaluated == last_step).any() and (trained == last_step).any() \
+            and _saved_since(Path(run_dir) / STUDENT, started):
         return "completed"
     return "crashed"
+
+
+STUDENT = "student"  # where `train` saves the trained student, moved into place whole once saved
+
+
+def _saved_since(path: Path, started: float) -> bool:
+    """Whether `path` exists and was written after `started` (a resumed run's student/ may be its interruption's)."""
+    try:
+        return path.stat().st_mtime >= started
+    except OSError:
+        return False
 
 
 def scaler_warmup_skips(metrics: pd.DataFrame, events: pd.DataFrame) -> int:

@@ -51,7 +51,7 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     metrics, events = load_metrics(run_dir), load_events(run_dir)
-    status = status or status_from_logs(config, metrics, events)
+    status = status or status_from_logs(run_dir, config, metrics, events)
     train = metrics[metrics["split"] == "train"]
     with built_then_moved(run_dir) as staging:
         metrics.to_parquet(staging / "metrics.parquet", index=False)

@@ -247,6 +247,9 @@ def _regex(text: str | None, option: str) -> re.Pattern | None:
         raise BadInput(f"{option} {text!r} is not a valid regular expression: {exc}") from None
 
 
+LISTED_MODULES = 8  # modules named when a --module regex matches none
+
+
 @dataclass
 class EventFilter:
     """Which events to show: kinds, a severity and above, a model, a rank, module and message regexes, a step
@@ -293,12 +296,27 @@ class EventFilter:
         if end is not None:
             keep &= events["step"] <= end
         if self._module is not None:
-            where = events["module"].fillna("") + " " + events["tensor"].fillna("")
-            keep &= where.map(lambda s: bool(self._module.search(s)))
+            keep &= self._module_matches(events)
         if self._grep is not None:
             keep &= events["message"].fillna("").map(lambda s: bool(self._grep.search(s)))
         return events[keep]
 
+
+    def _module_matches(self, events: pd.DataFrame) -> pd.Series:
+        where = events["module"].fillna("") + " " + events["tensor"].fillna("")
+        return where.map(lambda s: bool(self._module.search(s)))
+
+    def unmatched_module(self, events: pd.DataFrame) -> str | None:
+        """Why nothing can match a --module regex that no event of the run matches (a typo, another model's naming):
+        the modules its events do name, to write it against; None when it matches some event."""
+        if self._module is None or self._module_matches(events).any():
+            return None
+        modules = [m for m in dict.fromkeys(events["module"].dropna()) if m]
+        if not modules:
+            return f"--module {self.module!r}: no event of this run names a module"
+        shown = ", ".join(modules[:LISTED_MODULES]) + \
+            (f" and {len(modules) - LISTED_MODULES} more" if len(modules) > LISTED_MODULES else "")
+        return f"--module {self.module!r} matches no module; the events name {counted(len(modules), 'module')}: {shown}"
 
     def past_the_end(self, last_step: int | None) -> str | None:
         """Why nothing can match a --step range that begins after the last step recorded (a run that ended earlier
@@ -615,7 +633,8 @@ def _completed(run: Run) -> str | None:
         refused = report_refusal(run.path)
         if refused:  # offering `report` sent the user to a command that refuses the directory
             return f"no summary.json, and `sarkd-diag report` cannot write one: {refused}"
-        ended, report = status_from_logs(run.config, run.metrics, run.events), shell_command("report", run.path)
+        ended = status_from_logs(run.path, run.config, run.metrics, run.events)
+        report = shell_command("report", run.path)
         if ended != "crashed":
             return f"no summary.json, though its logs show how the run ended: {ended} (`{report}` writes it)"
         return f"no summary.json: the run is still running, or it crashed (`{report}` closes it)"

@@ -139,6 +139,7 @@ class ProbeSet:
         self.replays_steps = (replays_steps and self._activations is not None and self._gradients is not None
                               and bool(self._optimizers))
         self._gradients_read = False
+        self.readings_taken = False  # this step's readings were handed over (its recording began)
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
         self.optimizer_stepping = False  # this step's (first) optimizer pre-step hook ran
@@ -182,7 +183,7 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
-        self._gradients_read = self.lr_read = self.optimizer_stepping = False
+        self._gradients_read = self.lr_read = self.optimizer_stepping = self.readings_taken = False
         self._stepped = set()
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
@@ -367,6 +368,7 @@ class ProbeSet:
     def take_readings(self) -> dict[str, torch.Tensor]:
         """Every probe's device readings of this step, handed over once (the probes forget them)."""
         out: dict[str, torch.Tensor] = {}
+        self.readings_taken = True
         for probe in self._at["take_readings"]:
             out.update(probe.take_readings())
         return out
@@ -1059,8 +1061,10 @@ class Probes:
         on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
         its module statistics, its gradients once unscaled) becomes its events, without a metrics row (the step never
         finished). It is the step the diagnosis needs most; closed without it, the run read as failed for no cause.
-        Not under torchrun: recording holds collectives, and the other ranks may never come."""
-        if not self.ctx.trained or self.ranks.distributed or not self.set.probes:
+        Not under torchrun: recording holds collectives, and the other ranks may never come. Nor when `step()` took the
+        step's readings already and raised recording them (a probe's own error): taken twice, the second error hid the
+        first from the caller."""
+        if not self.ctx.trained or self.ranks.distributed or not self.set.probes or self.set.readings_taken:
             return
         self.ctx.unfinished = True
         if self.set.gradients_unscaled():

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..contract.rundir import STUDENT, remove_abandoned
 from ..contract.shards import local_shard
 
 CHECKPOINTS = "checkpoints"
@@ -261,11 +262,13 @@ def _copy_into(buffer, value):
 
 
 def clear_run_files(run_dir: Path) -> None:
-    """--overwrite: remove the previous run's files (only names this tool writes)."""
+    """--overwrite: remove the previous run's files (only names this tool writes), and what a process killed while
+    writing them left (`remove_abandoned`)."""
+    remove_abandoned(Path(run_dir))
     for name in RUN_FILES:
         (Path(run_dir) / name).unlink(missing_ok=True)
     for pattern in ("events.rank*.jsonl", "traceback.rank*.txt"):  # a torchrun run's files of each rank
         for per_rank in Path(run_dir).glob(pattern):
             per_rank.unlink()
-    for name in (CHECKPOINTS, "student", "tensorboard"):
+    for name in (CHECKPOINTS, STUDENT, "tensorboard"):
         shutil.rmtree(Path(run_dir) / name, ignore_errors=True)

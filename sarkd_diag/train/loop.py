@@ -43,7 +43,7 @@ from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
-from ..contract.rundir import write_json_atomic
+from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
@@ -603,9 +603,9 @@ class Trainer:
             self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
-            except KeyboardInterrupt:  # a second Ctrl-C: stopped mid-step; the newest checkpoint is kept as it was
-                self.logs.events.record("interrupted", "warning", f"stopped during step {self.step}; nothing saved "
-                                        "since the newest checkpoint", step=self.step, phase="policy")
+            except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the newest checkpoint is kept as it was
+                self.logs.events.record("interrupted", "warning", self._stopped_at_once(), step=self.step,
+                                        phase="policy")
                 status = "interrupted"
             except Exception as exc:
                 status = self._failed(exc)
@@ -653,9 +653,19 @@ class Trainer:
                 self._evaluate()
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.train_steps:
                 self._save_checkpoint()
-        self._evaluate()
+        if self.last_eval[0] != self.step:
+            self._evaluate()
         self._save_checkpoint()
         return "completed"
+
+    def _stopped_at_once(self) -> str:
+        """What a second Ctrl-C left, as the directory shows it: the step it came during (or after: between steps, in
+        an evaluation or a checkpoint's save) and the checkpoint a resume starts from — none, when none was written
+        yet (it said "nothing saved since the newest checkpoint" of a run that had none)."""
+        between = self.phase.current in ("policy", "eval")
+        newest = ckpt.list_checkpoints(self.run.run_dir)
+        kept = f"nothing saved since {newest[-1].name}" if newest else "no checkpoint was written yet to resume from"
+        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}"
 
     def _stop_requested(self, stops: StopRequests) -> bool:
         """A stop signal, acted on by all ranks after the same step (each rank receives it at its own moment)."""
@@ -680,11 +690,12 @@ class Trainer:
         fails (an internal error, its traceback saved)."""
         run_dir, models = self.run.run_dir, self.run.models
         try:
-            if status in ("completed", "interrupted"):
-                models.student.save_pretrained(run_dir / "student")
-                models.student_tokenizer.save_pretrained(run_dir / "student")
-                if routers is not None:
-                    save_router_update(routers, run_dir / "router_update.pt")
+            if status in ("completed", "interrupted"):  # built aside and moved in: student/ is there only whole
+                with built_then_moved(run_dir) as staging:
+                    models.student.save_pretrained(staging / STUDENT)
+                    models.student_tokenizer.save_pretrained(staging / STUDENT)
+                    if routers is not None:  # moved before student/ (sorted): a whole student/ proves it too
+                        save_router_update(routers, staging / "router_update.pt")
             summary = finalize_run(run_dir, status)
         except Exception as exc:
             self._save_traceback(exc)
@@ -908,6 +919,8 @@ class Trainer:
         """Put a checkpoint back: weights, optimizer, loss scaler, scheduler, data position, RNG, step, policy."""
         self.run.state.load_state_dict(state)
         self.step = int(state["step"])
+        if state["meta"].get("eval_ppl") is not None:  # evaluated at that step: the end of a run is not evaluated twice
+            self.last_eval = (self.step, state["meta"]["eval_ppl"])
         self.policy.load_state_dict(state["policy"])
 
     def _restore_before(self, step: int) -> tuple[Path, int] | None:

@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 import torch
 
 from ..contract.errors import BadInput
-from ..contract.rundir import is_compare_dir, recorded_run
+from ..contract.rundir import STUDENT, is_compare_dir, recorded_run
+from . import checkpoint as ckpt
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -56,13 +57,20 @@ def _hub_config_file(repo_id: str) -> Path | None:
 
 
 def _refuse_run_directory(name: str, path: Path) -> None:
-    """A sarkd-diag run (or comparison) directory is not a model: point at the student it saved."""
+    """A sarkd-diag run (or comparison) directory, or a checkpoint of a run, is not a model: point at the student it
+    saved (a checkpoint holds the trainable weights alone, for --resume-from)."""
+    if (path / ckpt.META).is_file() and (path / ckpt.STATE).is_file():
+        student = path.parent.parent / STUDENT
+        where = f"the run's trained student is in {student}" if (student / "config.json").is_file() else \
+            f"its run has no saved student; continue it with --resume-from {path}"
+        raise BadInput(f"model path {name} is a sarkd-diag checkpoint (the trainable weights and training state "
+                       f"--resume-from continues), not a model: {where}")
     if is_compare_dir(path):
         raise BadInput(f"model path {name} is a compare-precision directory; each mode's trained student is in "
                        f"{path / 'runs' / 'MODE' / 'student'}")
     if recorded_run(path) is None:
         return  # a model's own config.json
-    student = path / "student"
+    student = path / STUDENT
     if (student / "config.json").is_file():
         raise BadInput(f"model path {name} is a sarkd-diag run directory; its trained student is in {student}")
     raise BadInput(f"model path {name} is a sarkd-diag run directory without a trained student (student/ is saved "
@@ -204,7 +212,34 @@ def model_load_error(what: str, name: str, exc: Exception) -> BadInput:
         if "couldn't connect" in text.lower():
             return BadInput(f"cannot load {what} {name!r}: the hub ({constants.ENDPOINT}) cannot be reached and "
                             "it is not in the local cache; check the network, or give a local directory")
+    cut = _cut_short_weights(Path(name).expanduser())
+    if cut is not None:  # the library says "incomplete metadata, file not fully covered"
+        return BadInput(f"cannot load {what} {name!r}: {cut}")
     return BadInput(f"cannot load {what} {name!r}: {_reason(exc)}")
+
+
+def _cut_short_weights(directory: Path) -> str | None:
+    """A safetensors file of a model directory that is shorter than its own header says (a copy or download that
+    stopped part-way), said as such; None when each is whole (or it is no local directory)."""
+    if not directory.is_dir():
+        return None
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size)) if size >= 8 + header_size else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            return f"{path} is no whole safetensors file ({size:,} bytes, no readable header): copy or download it " \
+                "again"
+        ends = [t["data_offsets"][1] for t in header.values() if isinstance(t, dict) and "data_offsets" in t]
+        expected = 8 + header_size + max(ends, default=0)
+        if size < expected:
+            return (f"{path} is cut short ({size:,} bytes of the {expected:,} its header describes): a copy or "
+                    "download that did not finish; copy or download it again")
+    return None
 
 
 def _load_error(what: str, name: str, exc: Exception) -> BadInput:

@@ -8,6 +8,7 @@ run's logs end where the checkpoint was taken, so the steps redone after it are 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -135,7 +136,7 @@ def resume_run(cfg: DistillConfig, run_dir: Path, source: Path, mode: str,
     if meta.get("mode", mode) != mode:
         raise BadInput(f"{cfg.resume_option}: {path} was trained in {meta['mode']}, this run would train in {mode}; "
                        f"give --precision {meta['mode']}")
-    if step >= cfg.train_steps:
+    if step > cfg.train_steps or (step == cfg.train_steps and not _left_unclosed(meta, source)):
         raise BadInput(f"{cfg.resume_option}: {path} is at step {step} and --train-steps is {cfg.train_steps}; raise "
                        "--train-steps to train further")
     try:
@@ -143,6 +144,17 @@ def resume_run(cfg: DistillConfig, run_dir: Path, source: Path, mode: str,
     except ckpt.CheckpointError as exc:
         raise BadInput(f"{cfg.resume_option}: {path}: {exc}") from None
     return Resumed(path, source, _in_place(source, run_dir), step, dict(state["log_offsets"]), fallbacks)
+
+
+def _left_unclosed(meta: dict, source: Path) -> bool:
+    """Whether a checkpoint of the last step is of a run that evaluated that step and died before it closed as
+    completed (killed while saving its student): resumed, the run only closes — saves the student, writes its
+    summary."""
+    try:
+        status = json.loads((source / "summary.json").read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    return meta.get("eval_ppl") is not None and status != "completed"
 
 
 def log_offsets(run_dir: Path, event_sizes: list[int]) -> dict[str, int]:

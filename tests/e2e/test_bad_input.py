@@ -43,6 +43,27 @@ def _model_copy(world, tmp: Path, name: str = "model") -> Path:
     return Path(shutil.copytree(world["student"], tmp / name))
 
 
+def _cut_short_weights(world, tmp: Path) -> Path:
+    """The student with its model.safetensors cut in half, as a copy or download that stopped part-way leaves it."""
+    model = _model_copy(world, tmp)
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return model
+
+
+def _checkpoint_of_a_run(world, tmp: Path) -> Path:
+    """`RUN/checkpoints/step-00000002` of a run that saved its student: what --resume-from takes, mistaken for a model
+    (it said: no config.json and no tokenizer files, save the model there)."""
+    run = _recorded_run(tmp)
+    shutil.copytree(world["student"], run / "student")
+    checkpoint = run / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    for name, content in (("model.safetensors", b"weights"), ("trainer_state.pt", b"state"),
+                          ("meta.json", '{"step": 2}')):
+        _file(checkpoint, name, content)
+    return checkpoint
+
+
 def _no_special_tokens(world, tmp: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
@@ -73,6 +94,15 @@ def _recorded_run(tmp: Path, **options) -> Path:
     precision = options.pop("precision_block", {"mode": "fp32"})
     recorded = {**DistillConfig().to_dict(), **options}
     (run / "config.json").write_text(json.dumps({"options": recorded, "precision": precision}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
+    return run
+
+
+def _probes_run(tmp: Path) -> Path:
+    """A run directory as `Probes` in a user's own loop leaves it: config.json records no options."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"options": {}, "precision": {"mode": "fp32"}}))
     (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 1.0}\n')
     return run
 
@@ -310,6 +340,23 @@ CASES = [
     ("config file with an unknown key", lambda w, t, m: [*_args(w, t), "--config", _file(t, "c.json",
                                                                                        '{"lr": 1}')], "unknown"),
     ("dataset and train file", lambda w, t, m: _args(w, t, dataset_name="wikitext"), "not both"),
+    ("student weights cut short (the library said: incomplete metadata, file not fully covered)",
+     lambda w, t, m: _args(w, t, student_model=_cut_short_weights(w, t)),
+     "{tmp}/model/model.safetensors is cut short ("),
+    ("a run's checkpoint as the student", lambda w, t, m: _args(w, t, output_dir=t / "new",
+                                                                student_model=_checkpoint_of_a_run(w, t)),
+     "is a sarkd-diag checkpoint (the trainable weights and training state --resume-from continues), not a model: "
+     "the run's trained student is in {tmp}/run/student"),
+    ("a Probes run as the output dir (it offered --resume)", lambda w, t, m: _args(w, t, output_dir=_probes_run(t)),
+     "--output-dir {tmp}/run holds the run a training loop's Probes wrote, not a `train` run; give another "
+     "--output-dir for a new run, or --overwrite to replace it"),
+    ("--resume of a Probes run (it said --save-steps None)",
+     lambda w, t, m: _args(w, t, output_dir=_probes_run(t), resume=True),
+     "--resume: nothing to resume, {tmp}/run holds the run a training loop's Probes wrote, not a `train` run"),
+    ("a run's config.json without --output-dir (refused as --output-dir, which was never typed)", lambda w, t, m: [
+        "train", "--config", _recorded_run(t, output_dir=str(t / "run"), **_options_of(w)) / "config.json"],
+     "--config {tmp}/run/config.json's output_dir {tmp}/run holds a run already; pass --resume to continue it, "
+     "--overwrite to replace it, or another --output-dir for a new run"),
 ]
 
 

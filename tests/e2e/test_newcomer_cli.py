@@ -452,12 +452,12 @@ def test_compare_precision_help_describes_its_own_output_directory(cli, tmp_path
 
 # ------------------------------------------------------------------------------------------ the Python API
 @pytest.mark.parametrize(("options", "says"), [
-    ({"train_steps": "2"}, "--train-steps must be a whole number, got '2'"),
-    ({"train_steps": 2.5}, "--train-steps must be a whole number, got 2.5"),
-    ({"student_lr": "fast"}, "--student-lr must be a number, got 'fast'"),
-    ({"use_scheduler": "no"}, "--use-scheduler must be True or False, got 'no'"),
-    ({"router_patterns": "gate"}, "--router-patterns must be a list of strings or None, got 'gate'"),
-    ({"output_dir": 3}, "--output-dir must be a string or None, got 3"),
+    ({"train_steps": "2"}, "train_steps must be a whole number, got '2'"),
+    ({"train_steps": 2.5}, "train_steps must be a whole number, got 2.5"),
+    ({"student_lr": "fast"}, "student_lr must be a number, got 'fast'"),
+    ({"use_scheduler": "no"}, "use_scheduler must be True or False, got 'no'"),
+    ({"router_patterns": "gate"}, "router_patterns must be a list of strings or None, got 'gate'"),
+    ({"output_dir": 3}, "output_dir must be a string or None, got 3"),
 ])
 def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, monkeypatch, options, says):
     """`distill(train_steps="2")` was `TypeError: '<=' not supported between instances of 'str' and 'int'`, and

@@ -296,6 +296,18 @@ def test_follow_prints_each_event_on_one_line_at_80_columns(tmp_path):
     assert lines[3].endswith("NaN in the output") and len(lines[3]) > 80
 
 
+def test_a_module_regex_that_matches_nothing_names_the_modules_there_are(cli, tmp_path):
+    """`events --module attn` of a run whose events name other modules said only `no event matches these filters`:
+    the user could not tell a typo, or another model's naming, from a module that had no problem."""
+    run = _run(tmp_path)
+    code, out, err = cli("events", run, "--module", "attn")
+    assert code == 0 and err == ""
+    assert " ".join(out.split()) == (f"no event matches these filters (of 4 events recorded): --module 'attn' matches "
+                                     f"no module; the events name 1 module: {LONG_MODULE}")
+    code, out, _ = cli("events", run, "--module", "layers", "--kind", "no_router")  # it matches: other filters empty it
+    assert code == 0 and " ".join(out.split()) == "no event matches these filters (of 4 events recorded)"
+
+
 def test_a_step_range_after_the_last_step_says_where_the_run_ended(cli, tmp_path):
     """`events --step 90:` of a run that ended at step 3 said `no event matches these filters`, as if no event had
     happened there, not that the run never got there."""

@@ -245,6 +245,24 @@ def test_a_usage_error_is_one_line_that_names_the_option_and_what_it_takes(cli, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["report", "--output-dir", "{run}"],
+     "report has no option --output-dir: report takes the RUN_DIR as its argument (`sarkd-diag report {run}`)"),
+    (["check", "--run={run}", "--expect", "completed"],
+     "check has no option --run: check takes the RUN_DIR as its argument (`sarkd-diag check {run} --expect "
+     "completed`)"),
+    (["train", "{run}", "--resume"],
+     "train takes options only, no argument: '{run}' is not an option; a run directory is given as --output-dir {run} "
+     "(`sarkd-diag train -h`)"),
+], ids=["report --output-dir RUN", "check --run=RUN", "train RUN"])
+def test_a_run_directory_typed_in_the_wrong_form_is_answered_with_the_right_one(cli, one_step, args, line):
+    """`report --output-dir RUN` said it was `a train option`, `check --run RUN` only `no option --run`, and
+    `train RUN --resume` that RUN `is not an option`: the directory was right there, the form to give it in was not."""
+    code, out, err = cli(*[a.format(run=one_step) for a in args])
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: {line.format(run=one_step)}\n"
+
+
 # -------------------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", ["events", "check", "report"])
 def test_help_shows_an_argument_as_it_is_typed(cli, command):
@@ -439,6 +457,8 @@ def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_
     from sarkd_diag.contract.errors import BadInput
 
     run = _unclosed_copy(one_step, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "options": {}}))  # the probes' run, no train run's
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     model = torch.nn.Linear(2, 2)
     with _held_open(run / held, "a") as pid, pytest.raises(BadInput) as refused:
@@ -469,6 +489,15 @@ def _a_file(path: Path) -> Path:
     return path
 
 
+def _train_run(path: Path) -> Path:
+    """What `sarkd-diag train` leaves: its config.json (every option, the precision) and its logs."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"options": {"train_steps": 6, "student_lr": 3e-3},
+                                                  "precision": {"mode": "fp32"}}))
+    (path / "metrics.jsonl").write_text(json.dumps({"step": 1, "split": "train", "loss": 2.0}) + "\n")
+    return path
+
+
 def _comparison(path: Path) -> Path:
     path.mkdir()
     (path / "compare_options.json").write_text('{"options": {}, "modes": ["fp32"]}')
@@ -481,7 +510,9 @@ def _comparison(path: Path) -> Path:
     (_notes_dir, "holds files and no sarkd-diag run: give a new or empty directory (or a run directory to continue)"),
     (_a_file, "is a file, not a directory"),
     (_comparison, "is a compare-precision directory: give the probes a directory of their own"),
-], ids=["model directory", "other files", "file", "comparison"])
+    (_train_run, "holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their config.json would "
+                 "replace its own): give a new or empty directory (or a Probes run to continue)"),
+], ids=["model directory", "other files", "file", "comparison", "train run"])
 def test_probes_refuse_a_run_dir_that_holds_something_else(tmp_path, make, says):
     """`SarkdDiagCallback.attach(trainer, trainer.args.output_dir)` after a save, or `Probes(model, run_dir=".")`:
     the probes wrote their logs and parquet files among a model's files and then failed at close with KeyError
@@ -529,6 +560,35 @@ def test_a_probes_left_open_in_this_process_is_closed_by_the_next_on_its_run_dir
     (note,) = run["events"].query("code == 'stale_probes_closed'").to_dict("records")
     assert note["step"] == 2 and "still open after step 1" in note["message"]
     assert run["events"]["code"].value_counts().max() == 1  # nothing recorded twice
+
+
+def test_an_error_inside_the_probes_recording_is_the_error_the_loop_sees(tmp_path, monkeypatch):
+    """A probe's own recording that raised inside `probes.step()` (a full disk as its events are written, a bug) was
+    followed at close by a second error — the step's readings taken again from an empty stack — which the notebook
+    saw in place of the first. Now the first is what the `with` block raises, and the run reads as failed by it."""
+    import errno
+
+    import torch
+
+    from sarkd_diag import Probes, load_run
+    from sarkd_diag.probes.gradients import GradientProbe
+
+    def full_disk(self, host):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(GradientProbe, "record", full_disk)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(OSError, match="No space left on device") as raised, \
+            Probes(model, optimizer, run_dir=tmp_path / "run") as probes:
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        probes.step(loss=loss)
+    assert raised.value.__context__ is None  # the first error itself, no second one raised while closing
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["status"] == "failed"
+    assert summary["error"]["message"] == "OSError: [Errno 28] No space left on device"
 
 
 def test_a_probes_that_failed_to_build_is_not_taken_for_one_left_open(tmp_path, monkeypatch):
@@ -595,11 +655,13 @@ def test_a_process_that_only_reads_the_logs_is_no_live_run(cli, one_step, tmp_pa
 
 def test_a_runs_config_as_a_template_says_a_new_run_needs_another_output_dir(cli, one_step, tmp_path):
     """`train --config RUN/config.json` (README: a run's config.json works) reuses the run's --output-dir: the error
-    offered --resume or --overwrite only, neither of them a new run from the same options."""
+    offered --resume or --overwrite only, neither of them a new run from the same options; and it named an
+    --output-dir the user never typed, not the config file it came from."""
     code, _, err = cli("train", "--config", one_step / "config.json")
     assert code == 2
-    assert err == (f"sarkd-diag: error: --output-dir {one_step} holds a run already; pass --resume to continue it, "
-                   "--overwrite to replace it, or another --output-dir for a new run\n")
+    assert err == (f"sarkd-diag: error: --config {one_step / 'config.json'}'s output_dir {one_step} holds a run "
+                   "already; pass --resume to continue it, --overwrite to replace it, or another --output-dir for a "
+                   "new run\n")
 
 
 def test_runs_started_in_the_same_second_get_a_directory_each(tmp_path, monkeypatch):

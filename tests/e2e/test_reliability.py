@@ -202,6 +202,30 @@ def test_a_rank_that_another_ranks_signal_stops_saves_and_says_why(tiny_world, t
     _summary(result.run_dir)
 
 
+class SecondCtrlCAt(TrainingDisplay):
+    """A quiet display that stops the run as a second Ctrl-C does (KeyboardInterrupt) once a given step is logged."""
+
+    def __init__(self, step: int):
+        super().__init__(quiet=True)
+        self.at = step
+
+    def update(self, step, row):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("save_steps, kept", [(0, "no checkpoint was written yet to resume from"),
+                                              (1, "nothing saved since step-00000001")])
+def test_a_second_ctrl_c_says_which_step_it_stopped_and_what_a_resume_has(tiny_world, tmp_path, save_steps, kept):
+    """A second Ctrl-C after step 2 was logged said "stopped during step 2; nothing saved since the newest checkpoint"
+    — of a step whose row was written, and of a run that had no checkpoint at all."""
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", save_steps=save_steps), SecondCtrlCAt(2))
+    result = trainer.train()
+    assert (result.status, result.summary["steps_completed"]) == ("interrupted", 2)
+    (event,) = _events(result.run_dir, "interrupted")
+    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}"
+
+
 def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(tiny_world, out, "--train-steps", "100000", "--save-steps", "2")
@@ -220,6 +244,71 @@ def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_contin
     assert code == 0, err
     assert [r["step"] for r in _rows(out)] == list(range(1, steps[-1] + 3))  # redone steps are not duplicated
     assert _summary(out)["status"] == "completed"
+
+
+def _kill_while_closing(run_dir: Path) -> None:
+    """Close `run_dir` in a real process that is killed (SIGKILL) half-way through, as the report is rendered."""
+    script = ("import os, signal, sys\n"
+              "from sarkd_diag.presentation import closing, report\n"
+              "report.write_html_report = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "closing.finalize_run(sys.argv[1])\n")
+    done = subprocess.run([sys.executable, "-c", script, str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def _hidden(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in Path(run_dir).iterdir() if p.name.startswith("."))
+
+
+def test_a_closing_killed_half_way_leaves_nothing_once_report_or_overwrite_runs(cli, tiny_world, tmp_path):
+    """A process killed while closing a run left its hidden `.building-*` folder in the run directory for good: a later
+    `report` and `--overwrite` built beside it and kept it. Now each removes what a dead process left, and only that."""
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 0, err
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _kill_while_closing(out)
+    assert [name.split("-")[0] for name in _hidden(out)] == [".building"]  # what the killed closing left
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == finished  # its finished files intact
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _hidden(out) == []
+    assert _summary(out)["status"] == "completed"
+    _kill_while_closing(out)
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2", "--overwrite"))
+    assert code == 0, err
+    assert _hidden(out) == []
+
+
+def test_a_run_killed_before_its_student_is_saved_is_not_completed(cli, tiny_world, tmp_path):
+    """A `train` run killed after its final evaluation, while saving its student, was closed by `report` as
+    `completed` with no student/ to show for it. Now the status is what the directory proves: crashed, and `--resume`
+    finishes it (the student saved)."""
+    out = tmp_path / "run"
+    script = ("import os, signal, sys\n"
+              "from transformers import PreTrainedModel\n"
+              "from sarkd_diag.cli import main\n"
+              "def killed(self, path, *args, **kwargs):\n"
+              "    os.makedirs(path, exist_ok=True)\n"
+              "    open(os.path.join(path, 'config.json'), 'w').close()\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "PreTrainedModel.save_pretrained = killed\n"
+              "main(sys.argv[1:])\n")
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "2")]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert [r["step"] for r in _rows(out, "eval")] == [0, 2]  # killed after its final evaluation
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _summary(out)["status"] == "crashed"
+    assert not (out / "student").exists()
+    code, _, err = cli("train", "--output-dir", out, "--resume")
+    assert code == 0, err
+    assert _summary(out)["status"] == "completed"
+    assert (out / "student" / "model.safetensors").is_file()
+    assert [r["step"] for r in _rows(out, "eval")] == [0, 2]  # its final evaluation not redone
+    code, _, err = cli("train", "--output-dir", out, "--resume")  # a completed run has nothing left to do
+    assert code == 2 and "raise --train-steps to train further" in err
 
 
 # ---------------------------------------------------------------------------- non-finite policy
