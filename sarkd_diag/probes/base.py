@@ -317,7 +317,7 @@ def abs_max(tensors: list[torch.Tensor]) -> torch.Tensor:
     extremes, outs = _extremes_buffer(dtype, device, len(tensors))
     for t, out in zip(tensors, outs, strict=True):
         torch.aminmax(t, out=out)
-    return extremes.abs().amax(0)  # abs, not neg: never -0.0
+    return torch.linalg.vector_norm(extremes, math.inf, dim=0)  # |min| or |max|, in one op: never -0.0
 
 
 _EXTREMES: dict[tuple, tuple[torch.Tensor, list]] = {}

@@ -3,6 +3,7 @@ calls of a step between statistics steps do not grow with the number of tensors 
 in torch's own loops (`abs_max`'s reductions, one `cat` of views kept from step to step) and in comprehensions;
 a generator or a helper called once per tensor and step cost a tiny GPT-2 more than its reductions."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -83,3 +84,32 @@ def test_a_tensor_whole_as_its_sample_costs_no_op_to_sample():
         samples = sample(bias), sample(matrix)
     assert counted.ops == ["aten.view.default"]  # the matrix's, flattened
     assert samples[0] is bias and torch.equal(samples[1], matrix.reshape(-1))
+
+
+def _aten_ops_per_step(probed: bool, steps: int = 3) -> float:
+    """The aten ops of a plain loop's step between statistics steps (steps 3 on), with or without the probes."""
+    model = tiny.make_gpt2(96)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    ops = 0
+    with Probes(model, optimizer=opt, every=1000) if probed else contextlib.nullcontext() as probes:
+        for step in range(2 + steps):
+            with _AtenOps() if step >= 2 else contextlib.nullcontext() as counted:
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if probes is not None:
+                    probes.step(loss=loss)
+                opt.zero_grad()
+            ops += len(counted.ops) if counted is not None else 0
+    return ops / steps
+
+
+def test_a_step_without_statistics_costs_two_reductions_per_tensor_and_a_few_ops_more():
+    """Between statistics steps the probes read each gradient and each weight once (one reduction each) and the
+    update's size from one sample of the weights before and after; everything else is a fixed handful of ops — on
+    an accelerator each is a launch, whatever the tensors' size."""
+    tensors = len(list(tiny.make_gpt2(96).parameters()))
+    probes_ops = _aten_ops_per_step(True) - _aten_ops_per_step(False)
+    assert probes_ops <= 2 * tensors + 23, f"{probes_ops:.0f} ops a step for {tensors} tensors"
