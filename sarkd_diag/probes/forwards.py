@@ -99,7 +99,7 @@ class ForwardProbe(Probe):
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():
-                    self._nan_inputs.append((model_name, name, value.detach().isnan().any()))
+                    self._nan_inputs.append((model_name, name, value.isnan().any()))  # untracked: no detach
         return hook
 
     def take_readings(self) -> dict[str, torch.Tensor]:

@@ -177,7 +177,8 @@ class GradientProbe(Probe):
         if max_norm is not None and math.isfinite(float(max_norm)):
             self._clip_max_norm = float(max_norm)
         if torch.is_tensor(norm):
-            self._norm = (norm if type(norm) is torch.Tensor else local_shard(norm)).detach().float()
+            norm = norm if type(norm) is torch.Tensor else local_shard(norm)
+            self._norm = (norm.detach() if norm.requires_grad else norm).float()
         else:
             self._norm = torch.tensor(float(norm))
 

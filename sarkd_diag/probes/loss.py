@@ -74,8 +74,9 @@ def caller_loss(loss) -> torch.Tensor:
 
 
 def _scalar(value: torch.Tensor) -> torch.Tensor:
-    """A one-value reading as a 0-dim tensor, detached (`to_host` converts it with the step's other readings)."""
-    value = value.detach()
+    """A one-value reading as a 0-dim tensor, detached where autograd tracks it (`to_host` converts it with the step's
+    other readings)."""
+    value = value.detach() if value.requires_grad else value
     return value if value.dim() == 0 else value.reshape(())
 
 
