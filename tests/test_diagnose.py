@@ -250,10 +250,15 @@ def test_an_empty_batch_whose_loss_is_nonfinite_is_bad_data_and_explains_what_fo
 
 
 def test_an_overflowing_teacher_router_gets_the_router_fix():
+    """`train` runs the teacher's checkpoint as it is: its fix is the precision flags alone, while a caller who writes
+    the model's code is also offered the router computed in fp32 (the advice `train` cannot follow)."""
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
            "dtype": "float16", "value": math.inf}
-    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}))
-    assert "router" in router["fix"] and "fp32" in router["fix"]
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), mode="pure-fp16")
+    assert "MoE router" in router["fix"] and "--precision bf16-mixed" in router["fix"]
+    assert "autocast" not in router["fix"] and "router in fp32" not in router["fix"]
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), caller="loop")
+    assert "the teacher loaded in bfloat16" in router["fix"] and "router in fp32" in router["fix"]
     (expert,) = causes(log({**act, "module": "model.layers.0.mlp.experts.1.gate_proj"}))
     assert "router" not in expert["fix"]
 

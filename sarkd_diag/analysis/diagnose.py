@@ -413,9 +413,8 @@ FIXES = {
                          "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
                          "(and take log_softmax, not log(softmax)), or hold the teacher in a wider dtype — "
                          "{fp32_teacher}",
-    "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
-                               "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
-                               "the teacher in a wider dtype — {fp32_teacher}",
+    "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: its logits need fp32's range — "
+                               "hold the teacher in a wider dtype — {fp32_teacher}{router_in_fp32}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
     "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
