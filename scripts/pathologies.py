@@ -332,8 +332,8 @@ def pure_fp16_adamw_eps(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
-    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "5e-6", steps=4,
+def pure_bf16_tiny_lr(world: World, tmp: Path, lr: str = "5e-6") -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", lr, steps=4,
                            teacher=world.dense_teacher)
     from safetensors.torch import load_file
 
@@ -348,6 +348,11 @@ def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
     outcome.check("most student weights did not move in 4 steps", total and same / total > 0.5)
     outcome.check("the run completed", outcome.exit_code == 0)
     return outcome
+
+
+def pure_bf16_lr_too_small_for_fp32(world: World, tmp: Path) -> Outcome:
+    """An lr of 1e-12 (a typo for 1e-4): below half an ulp of the weights in bfloat16 and in float32 alike."""
+    return pure_bf16_tiny_lr(world, tmp, lr="1e-12")
 
 
 def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
@@ -2091,6 +2096,11 @@ SCENARIOS: list[Scenario] = [
              "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1,
                                                   fix_contains="--precision bf16-mixed",
                                                   fix_lacks="--precision mixed")),
+    Scenario("pure-bf16 lr too small for fp32 too", "`train --precision pure-bf16 --student-lr 1e-12` (dense teacher): "
+             "updates below half an ulp even of fp32 master weights", "pure-bf16", "CLI",
+             pure_bf16_lr_too_small_for_fp32,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--student-lr",
+                      fix_lacks="--precision")),
     Scenario("pure-bf16 weight decay rounds away", "`train --precision pure-bf16 --student-lr 1e-3 --weight-decay "
              "0.01` (dense teacher): AdamW multiplies each bf16 weight by 1 − 1e-5", "pure-bf16", "CLI",
              pure_bf16_weight_decay, Expected("weight_decay_lost", "warning", "student", ANY, first_step=1,

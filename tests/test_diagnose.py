@@ -377,6 +377,16 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
     (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
     assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
+    # unless the lr is below half an ulp of those bf16 weights even held in fp32: master weights would lose them too
+    below_fp32 = {"kind": "optimizer_preflight", "code": "update_below_fp32_half_ulp", "severity": "warning",
+                  "step": 1, "phase": "optimizer", "model": "student", "tensor": "student", "dtype": "float32",
+                  "value": 0.96}
+    (tiny,) = causes(log(below_fp32, {**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    assert words["lr"] in tiny["fix"] and "96%" in tiny["fix"] and tiny["evidence"]["lost_in_float32_too"] == 0.96
+    assert words["bf16_mixed"] not in tiny["fix"] and words["mixed"] not in tiny["fix"], tiny["fix"]
+    (router,) = causes(log({**below_fp32, "model": "teacher"}, {**lost, "dtype": "bfloat16"}), mode="pure-bf16",
+                       caller=caller)
+    assert words["bf16_mixed"] in router["fix"]  # another model's lr too small says nothing of this one's
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])

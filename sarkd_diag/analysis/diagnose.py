@@ -401,6 +401,11 @@ FIXES = {
                                       "about the lr, so values near 1 (a norm's gain) would need {lr} above "
                                       "~{half_ulp} — far above what trains the rest; keep them in fp32 master "
                                       "weights instead: train with {mixed} or {bf16_mixed}",
+    "update_underflow_lr": "updates are below half an ulp of the {dtype} weights ({tensor} loses most), and the lr "
+                           "is below half an ulp of {share} of them even in float32 (an update below ~6e-08 of the "
+                           "weight, far below healthy training's ~1e-3 of it per step): fp32 master weights would "
+                           "lose them too, so the step size is the problem, not the precision: raise {lr} (too "
+                           "small, or a schedule that decayed it to ~0)",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
@@ -1743,28 +1748,45 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     lost = r.of("lost_updates")
     predicted = r.of("optimizer_preflight", "update_below_half_ulp")
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
+    # the lr below half an ulp of those 16-bit weights even held in float32: no wider dtype keeps the updates
+    below_fp32 = r.of("optimizer_preflight", "update_below_fp32_half_ulp")
     if len(lost):
         row = _first(lost)
         # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
         half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
         # whole tensors lost while the run trains: an lr that moved them would overshoot the rest
         whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
-        template = "update_underflow_wide" if half_ulp is not None else (
+        lr_too_small = half_ulp is None and (below_fp32["model"] == row.get("model")).any()
+        template = "update_underflow_wide" if half_ulp is not None else "update_underflow_lr" if lr_too_small else (
             "update_underflow_whole_tensors" if whole else "update_underflow")
         half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
-                                "dtype": row.get("dtype")},
+                                "dtype": row.get("dtype"), **_lost_in_fp32_too(below_fp32, row.get("model"))},
                       fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
-                                half_ulp=f"{half_ulp or 0:.0e}"))]
+                                half_ulp=f"{half_ulp or 0:.0e}", share=_share(below_fp32, row.get("model"))))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)
+        lr_too_small = (below_fp32["model"] == row.get("model")).any()
         return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"predicted_fraction": predicted_fraction, "measured": False},
-                      fix=r.fix("update_underflow", model=row.get("model"), dtype=row.get("dtype"),
-                                tensor=row.get("tensor")))]
+                      evidence={"predicted_fraction": predicted_fraction, "measured": False,
+                                **_lost_in_fp32_too(below_fp32, row.get("model"))},
+                      fix=r.fix("update_underflow_lr" if lr_too_small else "update_underflow", model=row.get("model"),
+                                dtype=row.get("dtype"), tensor=row.get("tensor"),
+                                share=_share(below_fp32, row.get("model"))))]
     return []
+
+
+def _lost_in_fp32_too(below_fp32: pd.DataFrame, model: str | None) -> dict:
+    """Evidence: the share of `model`'s 16-bit weights whose lr-sized update float32 would lose too, where recorded."""
+    rows = below_fp32[below_fp32["model"] == model]
+    return {"lost_in_float32_too": float(rows["value"].max())} if len(rows) else {}
+
+
+def _share(below_fp32: pd.DataFrame, model: str | None) -> str | None:
+    lost = _lost_in_fp32_too(below_fp32, model).get("lost_in_float32_too")
+    return None if lost is None else f"{lost:.0%}"
 
 
 def divergence(r: RunRecord) -> list[Cause]:

@@ -39,6 +39,8 @@ CODES = {
     "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
     "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
     "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
+    "update_below_fp32_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many 16-bit "
+                                  "weights even held in float32",
     "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",

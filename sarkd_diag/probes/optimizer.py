@@ -181,6 +181,23 @@ class OptimizerProbe(Probe):
                     f"{_dtype_name(dtype)} weights: those updates will round away (stagnation)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lost, step=self.ctx.step, code="update_below_half_ulp")
+                self._check_lr_below_fp32(params, lr, lr_name, label, model, dtype)
+
+    def _check_lr_below_fp32(self, params: list[torch.Tensor], lr: float, lr_name: str, label: str,
+                             model: str | None, dtype: torch.dtype) -> None:
+        """16-bit weights that lose lr-sized updates: would fp32 master weights keep them? Not where the lr is below
+        half an ulp of the same values in float32 too — then the lr is too small for any precision, and a fix that
+        only widens the weights would leave the run as stuck as it is."""
+        if torch.finfo(dtype).bits > 16:
+            return
+        lost = self._fraction_below_half_ulp(params, lr, as_dtype=torch.float32)
+        if lost > LOST_UPDATE_WARNING:
+            self.ctx.events.record(
+                "optimizer_preflight", "warning",
+                f"{label}: an update of size {lr_name}={lr:g} is below half an ulp for {lost:.0%} of these weights "
+                "even in float32: fp32 master weights would lose those updates too — the lr is too small",
+                probe=self.name, phase="optimizer", model=model, tensor=label, dtype="float32", value=lost,
+                step=self.ctx.step, code="update_below_fp32_half_ulp")
 
     def _check_eps(self, index: int, group: dict) -> None:
         """eps against each dtype the optimizer adds it in: that of the state it keeps for a weight (torch's Adam keeps
@@ -223,11 +240,12 @@ class OptimizerProbe(Probe):
         return kept / total if total else 0.0
 
     @staticmethod
-    def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float) -> float:
-        """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype."""
+    def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float, as_dtype: torch.dtype | None = None) -> float:
+        """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype (or in
+        `as_dtype`, the same values held wider)."""
         lost = total = 0
         for p in params:
-            w = sample(p.detach())
+            w = sample(p.detach()).to(as_dtype or p.dtype)
             ulp = torch.nextafter(w.abs(), torch.full_like(w, float("inf"))) - w.abs()
             lost += int((ulp.float() / 2 > lr).sum())
             total += w.numel()
