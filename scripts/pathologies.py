@@ -1554,22 +1554,44 @@ def kd_exp_softmax_low_temperature(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def unchanged_student_fraction(world: World, run: dict) -> float | None:
+    """Of the student's weights as loaded, the fraction its trained `student/` holds unchanged (None: none saved)."""
+    from safetensors.torch import load_file
+
+    trained = run["dir"] / "student" / "model.safetensors"
+    if not trained.exists():
+        return None
+    before, after = load_file(str(world.student / "model.safetensors")), load_file(str(trained))
+    same = sum(int((before[n] == w).sum()) for n, w in after.items() if n in before)
+    total = sum(w.numel() for n, w in after.items() if n in before)
+    return round(same / total, 3) if total else None
+
+
 def mistyped_clip_threshold(world: World, tmp: Path) -> Outcome:
     """`--max-grad-norm 1e-12` (meant 1.0): every gradient is scaled to a norm of 1e-12, below AdamW's eps, and the
     updates vanish in the fp32 weights."""
-    from safetensors.torch import load_file
-
     outcome, run = run_cli(world, tmp, "--precision", "fp32", "--max-grad-norm", "1e-12", steps=3,
                            teacher=world.dense_teacher)
-    before = load_file(str(world.student / "model.safetensors"))
-    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
-    same = sum(int((before[n] == w).sum()) for n, w in after.items() if n in before)
-    total = sum(w.numel() for n, w in after.items() if n in before)
+    unchanged = unchanged_student_fraction(world, run)
     norms = [r.get("grad_norm") for r in run["metrics"]]
-    outcome.facts.update(unchanged_weight_fraction=round(same / total, 3) if total else None, grad_norm=norms)
+    outcome.facts.update(unchanged_weight_fraction=unchanged, grad_norm=norms)
     outcome.check("the gradients' norm is far above 1e-12; most weights did not move in 3 steps",
-                  norms and all(n is not None and n > 1e-6 for n in norms) and total and same / total > 0.5)
+                  norms and all(n is not None and n > 1e-6 for n in norms) and unchanged and unchanged > 0.5)
     return outcome
+
+
+def loss_weighted_near_zero(mode: str):
+    """`--alpha-kd 1e-30 --alpha-ce 0` (a sum of weights that is all but 0): the student's gradients are ~1e-30 of
+    healthy ones — flushed to 0 in a float16 backward even times the loss scale, below AdamW's eps in fp32."""
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--alpha-kd", "1e-30", "--alpha-ce", "0", steps=3,
+                                teacher=world.dense_teacher)
+        unchanged = unchanged_student_fraction(world, run_)
+        outcome.facts["unchanged_weight_fraction"] = unchanged
+        outcome.check("the run completed and most student weights did not move in 3 steps",
+                      outcome.exit_code == 0 and unchanged and unchanged > 0.5)
+        return outcome
+    return run
 
 
 def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
@@ -2280,6 +2302,14 @@ SCENARIOS: list[Scenario] = [
     Scenario("clip threshold typed 1e-12", "`train --precision fp32 --max-grad-norm 1e-12` (meant 1.0; dense "
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
+                      fix_lacks="--precision")),
+    Scenario("loss weights near 0, mixed", "`train --precision mixed --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
+             "mixed", "CLI", loss_weighted_near_zero("mixed"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
+                      fix_lacks=".detach()")),
+    Scenario("loss weights near 0, fp32", "`train --precision fp32 --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
+             "fp32", "CLI", loss_weighted_near_zero("fp32"),
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
                       fix_lacks="--precision")),
     Scenario("checkpoint beyond fp16, mixed", f"a student saved in fp32 with one `{STUDENT_HOT}` weight of 1e5, "
              "`train --precision mixed`", "mixed", "CLI", checkpoint_beyond_fp16_mixed,

@@ -186,7 +186,10 @@ PHRASES = {
     },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
-        "cli": LOSS_CUT_OFF_IN_CODE,
+        # `train`'s own loss is never detached: what reaches the student is its loss times the options' weights
+        "cli": "`train` cuts no loss off itself — its loss reaches the student weighted by `--alpha-kd`/`--alpha-ce`, "
+               "and weights that small make every gradient round to 0 (float16 holds nothing below 6e-8, even times "
+               "the loss scale) — raise them; or the model's own code (`--trust-remote-code`) detaches its outputs",
         "loop": LOSS_CUT_OFF_IN_CODE,
         "trainer": "the loss your `compute_loss` returns is cut off from them — the model's outputs `.detach()`ed or "
                    "computed under `torch.no_grad()` (a `loss.requires_grad_()` hides that), or returned as a new "
@@ -328,7 +331,8 @@ FIXES = {
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
-                    "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
+                    "step since step {step}) and no flush of an unscaled float16 backward explains it: {loss_cut_off}; "
+                    "nothing trains",
     "no_gradients_zero_loss": "the loss is exactly 0 from step {step}, where every gradient is 0, so nothing trains — "
                               "and nothing is broken: that is the loss's minimum (a student identical to its teacher "
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
@@ -409,8 +413,10 @@ FIXES = {
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
-                             "check {lr} (too small, or a schedule that decayed it to ~0) and {clip} (a threshold "
-                             "that shrinks every gradient to almost nothing)",
+                             "check {lr} (too small, or a schedule that decayed it to ~0), {clip} (a threshold "
+                             "that shrinks every gradient to almost nothing) and {loss_weights} (weights so small that "
+                             "the gradients fall below the optimizer's eps, which Adam divides by, and the updates "
+                             "with them)",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
