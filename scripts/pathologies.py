@@ -1555,14 +1555,15 @@ def kd_exp_softmax_low_temperature(world: World, tmp: Path) -> Outcome:
 
 
 def unchanged_student_fraction(world: World, run: dict) -> float | None:
-    """Of the student's weights as loaded, the fraction its trained `student/` holds unchanged (None: none saved)."""
+    """Of the student's weights as loaded (in the dtype the run held them in), the fraction its trained `student/`
+    holds unchanged (None: none saved)."""
     from safetensors.torch import load_file
 
     trained = run["dir"] / "student" / "model.safetensors"
     if not trained.exists():
         return None
     before, after = load_file(str(world.student / "model.safetensors")), load_file(str(trained))
-    same = sum(int((before[n] == w).sum()) for n, w in after.items() if n in before)
+    same = sum(int((before[n].to(w.dtype) == w).sum()) for n, w in after.items() if n in before)
     total = sum(w.numel() for n, w in after.items() if n in before)
     return round(same / total, 3) if total else None
 
@@ -2311,6 +2312,11 @@ SCENARIOS: list[Scenario] = [
              "fp32", "CLI", loss_weighted_near_zero("fp32"),
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
                       fix_lacks="--precision")),
+    Scenario("loss weights near 0, pure-bf16", "`train --precision pure-bf16 --alpha-kd 1e-30 --alpha-ce 0` (dense "
+             "teacher): squared gradients below float32's range, in the bf16 state and any other", "pure-bf16", "CLI",
+             loss_weighted_near_zero("pure-bf16"),
+             Expected("optimizer_state_underflow", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
+                      fix_lacks="--precision", absent=("divergence",))),
     Scenario("checkpoint beyond fp16, mixed", f"a student saved in fp32 with one `{STUDENT_HOT}` weight of 1e5, "
              "`train --precision mixed`", "mixed", "CLI", checkpoint_beyond_fp16_mixed,
              Expected("activation_overflow", "critical", "student", STUDENT_HOT + ".weight", first_step=1,

@@ -389,6 +389,29 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["bf16_mixed"] in router["fix"]  # another model's lr too small says nothing of this one's
 
 
+@pytest.mark.parametrize("caller", ["cli", "loop"])
+def test_gradients_whose_squares_are_0_even_in_fp32_are_a_step_size_problem_not_the_states_precision(caller):
+    """Pure bf16 under a loss weighted 1e-30 (or a clip of 1e-20): the second moments flush in the bf16 state, and
+    (1 − beta2)·g² would be 0 in float32 too (`gradients_below_fp32`); fp32 state and master weights lose them as
+    well, so neither fix names a precision: the loss weights, the clipping (the option, not 'it clips already') and
+    the lr do."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    where = {"step": 1, "phase": "optimizer", "model": "student", "module": "wte", "tensor": "wte.weight"}
+    state = {"kind": "optimizer_state_underflow", "severity": "warning", "value": 0.98, "dtype": "bfloat16", **where}
+    lost = {"kind": "lost_updates", "severity": "warning", "value": 0.95, "dtype": "bfloat16", **where}
+    note = {"kind": "setup_note", "code": "gradients_below_fp32", "severity": "warning", "value": 1.0,
+            "dtype": "float32", **where}
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "loss": [9.7, 9.7], "clip_max_norm": 1e-20})
+    found = causes(log(state, note, lost), metrics, mode="pure-bf16", caller=caller, options={"max_grad_norm": 1e-20})
+    assert [c["cause"] for c in found] == ["optimizer_state_underflow", "update_underflow"]
+    for cause in found:
+        assert words["loss_weights"] in cause["fix"] and words["clip"] in cause["fix"], cause["fix"]
+        assert words["bf16_mixed"] not in cause["fix"] and "already" not in cause["fix"], cause["fix"]
+    assert found[0]["evidence"]["zeroed_in_float32_too"] == 1.0
+    (alone,) = causes(log(state), mode="pure-bf16", caller=caller)  # no note: the state's dtype is the fix
+    assert words["bf16_mixed"] in alone["fix"]
+
+
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
 def test_whole_tensors_that_never_train_while_the_run_does_are_fixed_with_master_weights_not_a_higher_lr(caller):
     """bf16 RMSNorm gains at 1.0 lose every update while the run loses few (`lost_updates_whole_tensors`): the fix

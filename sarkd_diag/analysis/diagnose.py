@@ -298,6 +298,12 @@ FIXES = {
                                  "alone and its updates grow instead of shrinking",
     "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: "
                                          "fp32 master weights and fp32 Adam moments",
+    "gradients_below_fp32": "the squared gradients of {tensor} flush to zero in the {dtype} optimizer state, and "
+                            "{share} of them would in a float32 state too: the gradients themselves are vanishingly "
+                            "small, so no precision keeps them (and an update below half an ulp of the weights is "
+                            "lost in fp32 master weights as well) — the step size is the problem, not the precision: "
+                            "check {loss_weights} (a weight all but 0), {clip_option} (a threshold that shrinks every "
+                            "gradient to almost nothing) and {lr}",
     "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range){op_in_fp32}; a loss "
                            "scaler cannot fix a forward overflow",
     "activation_overflow_fp16": "{module} overflows float16 — a value beyond its 65504, or a division by a value "
@@ -410,10 +416,17 @@ FIXES = {
                            "weight, far below healthy training's ~1e-3 of it per step): fp32 master weights would "
                            "lose them too, so the step size is the problem, not the precision: raise {lr} (too "
                            "small, or a schedule that decayed it to ~0)",
+    "update_underflow_tiny_gradients": "updates are below half an ulp of the {dtype} weights ({tensor} loses most), "
+                                       "and the gradients are so small that their squares are 0 even in float32 (an "
+                                       "`optimizer_state_underflow` in fp32 too): Adam divides them by eps alone, "
+                                       "and fp32 master weights would lose those updates as well — the step size "
+                                       "is the problem, not the precision: check {loss_weights} (a weight all but 0), "
+                                       "{clip_option} (a threshold that shrinks every gradient to almost nothing) "
+                                       "and {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
-                             "check {lr} (too small, or a schedule that decayed it to ~0), {clip} (a threshold "
+                             "check {lr} (too small, or a schedule that decayed it to ~0), {clip_option} (a threshold "
                              "that shrinks every gradient to almost nothing) and {loss_weights} (weights so small that "
                              "the gradients fall below the optimizer's eps, which Adam divides by, and the updates "
                              "with them)",
@@ -1039,6 +1052,13 @@ class RunRecord:
         growth = self.weight_growth()
         return len(self.of("extreme_update")) > 0 or (growth is not None and growth > WEIGHT_GROWTH_FACTOR)
 
+    def gradients_below_fp32(self, model: str | None) -> float | None:
+        """Of `model`'s second moments a 16-bit state flushed, the share a float32 state would flush too (a
+        `gradients_below_fp32` note): gradients too small for any precision. None where no such note was recorded."""
+        note = self.of("setup_note", "gradients_below_fp32")
+        note = note[note["model"] == model]
+        return float(note["value"].max()) if len(note) else None
+
     def is_router(self, module: str | None) -> bool:
         """A module `train` found as a router, or one named as routers are — or the layer a router holds (Switch
         Transformers' and NLLB-MoE's `router.classifier`, DeepSpeed-MoE's `gate.wg`: the first to overflow is that
@@ -1057,6 +1077,7 @@ class RunRecord:
         at the teacher's lr, from the loss terms that reach the teacher, so those are the lr and the weights the fix
         names; a model trained through adapters gets its mixed precision from fp32 adapters, its base left frozen."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
+        words["clip_option"] = words["clip"]  # the option alone, where a fix suspects a threshold that is too low
         threshold = self.clip_threshold()
         if threshold is not None and threshold > 0:  # "clip with X" to a run that clips: at what, what it cannot do
             words["clip"] += (f" (the run clips at {threshold:g} already: a lower threshold bounds the gradient, but "
@@ -1429,11 +1450,15 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
         return []
     row = _first(state)
     inflated = r.updates_inflated()
+    tiny = r.gradients_below_fp32(row.get("model"))
+    template = "gradients_below_fp32" if tiny is not None else (
+        "optimizer_state_underflow" if inflated else "optimizer_state_underflow_warning")
     return [Cause("optimizer_state_underflow", "critical" if inflated else "warning", **_where(row),
                   evidence={"zeroed_fraction": row["value"], "weight_growth": r.weight_growth(),
-                            "extreme_updates": len(r.of("extreme_update"))},
-                  fix=r.fix("optimizer_state_underflow" if inflated else "optimizer_state_underflow_warning",
-                            dtype=row.get("dtype")))]
+                            "extreme_updates": len(r.of("extreme_update")),
+                            **({} if tiny is None else {"zeroed_in_float32_too": tiny})},
+                  fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                            share=None if tiny is None else f"{tiny:.0%}"))]
 
 
 def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
@@ -1763,7 +1788,9 @@ def update_underflow(r: RunRecord) -> list[Cause]:
         # whole tensors lost while the run trains: an lr that moved them would overshoot the rest
         whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
         lr_too_small = half_ulp is None and (below_fp32["model"] == row.get("model")).any()
+        tiny_gradients = half_ulp is None and r.gradients_below_fp32(row.get("model")) is not None
         template = "update_underflow_wide" if half_ulp is not None else "update_underflow_lr" if lr_too_small else (
+            "update_underflow_tiny_gradients" if tiny_gradients else
             "update_underflow_whole_tensors" if whole else "update_underflow")
         half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),

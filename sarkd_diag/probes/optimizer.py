@@ -29,6 +29,9 @@ from ..contract.shards import local_shard
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
+# of the second moments a 16-bit state flushed, the share that a float32 state would flush too from which the gradients
+# themselves, not the state's dtype, are the problem (`gradients_below_fp32`)
+FLUSHED_IN_FP32_TOO = 0.5
 # lr × weight_decay at which decay alone halves the weights within WEIGHT_HALVING_STEPS steps
 LARGE_DECAY = 1 - 0.5 ** (1 / WEIGHT_HALVING_STEPS)
 
@@ -264,11 +267,22 @@ class OptimizerProbe(Probe):
                       if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
                       and v.dtype != torch.float32]
         if self._half:  # a gradient and its second moment share a shape: their samples line up
-            live = sampled([w.param.grad for w in self._half]) != 0
+            grads = sampled([w.param.grad for w in self._half])
+            live = grads != 0
             flushed = (sampled([state[w.param]["exp_avg_sq"] for w in self._half]) == 0) & live
             lengths = sample_lengths([w.param for w in self._half])
+            # the moment's first term, (1 - beta2)·g², zero in float32 too: a gradient so small (below ~1e-21) that no
+            # state dtype keeps it — the loss's weight or the clipping shrank it, not the state's precision
+            decay = torch.tensor([1 - self._beta2(w.param) for w in self._half], device=grads.device)
+            wide = flushed & (grads.float().square() * decay.repeat_interleave(lengths) == 0)
             self._underflow = torch.cat([per_tensor_sum(flushed.float(), lengths),
-                                         per_tensor_sum(live.float(), lengths)])
+                                         per_tensor_sum(live.float(), lengths), per_tensor_sum(wide.float(), lengths)])
+
+    def _beta2(self, param: torch.Tensor) -> float:
+        """The second moment's decay of `param`'s group (Adam's betas[1]; torch's default where a group has none)."""
+        group = next((g for g in self.ctx.optimizer.param_groups if any(p is param for p in g["params"])), {})
+        betas = group.get("betas")
+        return float(betas[1]) if isinstance(betas, (tuple, list)) and len(betas) > 1 else 0.999
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
@@ -279,8 +293,8 @@ class OptimizerProbe(Probe):
         flat = host.get("state_underflow")
         if flat is None:
             return {}
-        n = len(flat) // 2
-        flushed, live = flat[:n], flat[n:]
+        n = len(flat) // 3
+        flushed, live, wide = flat[:n], flat[n:2 * n], flat[2 * n:]
         fraction = sum(flushed) / sum(live) if sum(live) else 0.0
         if fraction > STATE_UNDERFLOW_WARNING and not self._reported_state:
             self._reported_state = True
@@ -294,6 +308,16 @@ class OptimizerProbe(Probe):
                 f"{worst.tensor}. Adam then divides by eps alone: those updates are inflated, not lost",
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(sum(live)),
                 model=worst.model, module=worst.module, tensor=worst.tensor, dtype=state_dtype)
+            in_fp32 = sum(wide) / sum(flushed)
+            if in_fp32 > FLUSHED_IN_FP32_TOO:
+                self.ctx.events.record(
+                    "setup_note", "warning",
+                    f"{in_fp32:.0%} of those second-moment entries would be 0 in a float32 state too: the gradients "
+                    "themselves are vanishingly small (their squares below float32's smallest value), so no precision "
+                    "keeps them — a loss weighted all but 0, or a clip threshold that shrinks every gradient",
+                    step=self.ctx.step, phase="optimizer", probe=self.name, value=in_fp32, numel=int(sum(flushed)),
+                    model=worst.model, module=worst.module, tensor=worst.tensor, dtype="float32",
+                    code="gradients_below_fp32")
         return {"state_underflow_fraction": fraction}
 
 
