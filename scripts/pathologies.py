@@ -332,8 +332,8 @@ def pure_fp16_adamw_eps(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
-    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", "5e-6", steps=4,
+def pure_bf16_tiny_lr(world: World, tmp: Path, lr: str = "5e-6") -> Outcome:
+    outcome, run = run_cli(world, tmp, "--precision", "pure-bf16", "--student-lr", lr, steps=4,
                            teacher=world.dense_teacher)
     from safetensors.torch import load_file
 
@@ -348,6 +348,11 @@ def pure_bf16_tiny_lr(world: World, tmp: Path) -> Outcome:
     outcome.check("most student weights did not move in 4 steps", total and same / total > 0.5)
     outcome.check("the run completed", outcome.exit_code == 0)
     return outcome
+
+
+def pure_bf16_lr_too_small_for_fp32(world: World, tmp: Path) -> Outcome:
+    """An lr of 1e-12 (a typo for 1e-4): below half an ulp of the weights in bfloat16 and in float32 alike."""
+    return pure_bf16_tiny_lr(world, tmp, lr="1e-12")
 
 
 def pure_bf16_weight_decay(world: World, tmp: Path) -> Outcome:
@@ -1550,22 +1555,45 @@ def kd_exp_softmax_low_temperature(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def unchanged_student_fraction(world: World, run: dict) -> float | None:
+    """Of the student's weights as loaded (in the dtype the run held them in), the fraction its trained `student/`
+    holds unchanged (None: none saved)."""
+    from safetensors.torch import load_file
+
+    trained = run["dir"] / "student" / "model.safetensors"
+    if not trained.exists():
+        return None
+    before, after = load_file(str(world.student / "model.safetensors")), load_file(str(trained))
+    same = sum(int((before[n].to(w.dtype) == w).sum()) for n, w in after.items() if n in before)
+    total = sum(w.numel() for n, w in after.items() if n in before)
+    return round(same / total, 3) if total else None
+
+
 def mistyped_clip_threshold(world: World, tmp: Path) -> Outcome:
     """`--max-grad-norm 1e-12` (meant 1.0): every gradient is scaled to a norm of 1e-12, below AdamW's eps, and the
     updates vanish in the fp32 weights."""
-    from safetensors.torch import load_file
-
     outcome, run = run_cli(world, tmp, "--precision", "fp32", "--max-grad-norm", "1e-12", steps=3,
                            teacher=world.dense_teacher)
-    before = load_file(str(world.student / "model.safetensors"))
-    after = load_file(str(run["dir"] / "student" / "model.safetensors"))
-    same = sum(int((before[n] == w).sum()) for n, w in after.items() if n in before)
-    total = sum(w.numel() for n, w in after.items() if n in before)
+    unchanged = unchanged_student_fraction(world, run)
     norms = [r.get("grad_norm") for r in run["metrics"]]
-    outcome.facts.update(unchanged_weight_fraction=round(same / total, 3) if total else None, grad_norm=norms)
+    outcome.facts.update(unchanged_weight_fraction=unchanged, grad_norm=norms)
     outcome.check("the gradients' norm is far above 1e-12; most weights did not move in 3 steps",
-                  norms and all(n is not None and n > 1e-6 for n in norms) and total and same / total > 0.5)
+                  norms and all(n is not None and n > 1e-6 for n in norms) and unchanged and unchanged > 0.5)
     return outcome
+
+
+def loss_weighted_near_zero(mode: str):
+    """`--alpha-kd 1e-30 --alpha-ce 0` (a sum of weights that is all but 0): the student's gradients are ~1e-30 of
+    healthy ones — flushed to 0 in a float16 backward even times the loss scale, below AdamW's eps in fp32."""
+    def run(world: World, tmp: Path) -> Outcome:
+        outcome, run_ = run_cli(world, tmp, "--precision", mode, "--alpha-kd", "1e-30", "--alpha-ce", "0", steps=3,
+                                teacher=world.dense_teacher)
+        unchanged = unchanged_student_fraction(world, run_)
+        outcome.facts["unchanged_weight_fraction"] = unchanged
+        outcome.check("the run completed and most student weights did not move in 3 steps",
+                      outcome.exit_code == 0 and unchanged and unchanged > 0.5)
+        return outcome
+    return run
 
 
 def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
@@ -2092,6 +2120,11 @@ SCENARIOS: list[Scenario] = [
              "CLI", pure_bf16_tiny_lr, Expected("update_underflow", "warning", "student", ANY, first_step=1,
                                                   fix_contains="--precision bf16-mixed",
                                                   fix_lacks="--precision mixed")),
+    Scenario("pure-bf16 lr too small for fp32 too", "`train --precision pure-bf16 --student-lr 1e-12` (dense teacher): "
+             "updates below half an ulp even of fp32 master weights", "pure-bf16", "CLI",
+             pure_bf16_lr_too_small_for_fp32,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--student-lr",
+                      fix_lacks="--precision")),
     Scenario("pure-bf16 weight decay rounds away", "`train --precision pure-bf16 --student-lr 1e-3 --weight-decay "
              "0.01` (dense teacher): AdamW multiplies each bf16 weight by 1 − 1e-5", "pure-bf16", "CLI",
              pure_bf16_weight_decay, Expected("weight_decay_lost", "warning", "student", ANY, first_step=1,
@@ -2134,7 +2167,8 @@ SCENARIOS: list[Scenario] = [
              Expected("teacher_overflow", "critical", "teacher", TEACHER_HOT, first_step=1)),
     Scenario("MoE router overflows fp16", f"Mixtral teacher's router `{ROUTER}` ×1e7, `train --precision mixed`",
              "mixed", "CLI", router_teacher_overflow,
-             Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router")),
+             Expected("teacher_overflow", "critical", "teacher", ROUTER, first_step=1, fix_contains="router",
+                      fix_lacks="autocast")),
     Scenario("MoE expert overflows fp16", f"Mixtral teacher's experts `{EXPERTS}`: gate_up ×300, down ×3e4 (weights "
              "within fp16's range, outputs beyond), `train --precision mixed`", "mixed", "CLI",
              moe_expert_teacher_overflow, Expected("teacher_overflow", "critical", "teacher", EXPERTS, first_step=1,
@@ -2271,6 +2305,19 @@ SCENARIOS: list[Scenario] = [
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
                       fix_lacks="--precision")),
+    Scenario("loss weights near 0, mixed", "`train --precision mixed --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
+             "mixed", "CLI", loss_weighted_near_zero("mixed"),
+             Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
+                      fix_lacks=".detach()")),
+    Scenario("loss weights near 0, fp32", "`train --precision fp32 --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
+             "fp32", "CLI", loss_weighted_near_zero("fp32"),
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
+                      fix_lacks="--precision")),
+    Scenario("loss weights near 0, pure-bf16", "`train --precision pure-bf16 --alpha-kd 1e-30 --alpha-ce 0` (dense "
+             "teacher): squared gradients below float32's range, in the bf16 state and any other", "pure-bf16", "CLI",
+             loss_weighted_near_zero("pure-bf16"),
+             Expected("optimizer_state_underflow", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",
+                      fix_lacks="--precision", absent=("divergence",))),
     Scenario("checkpoint beyond fp16, mixed", f"a student saved in fp32 with one `{STUDENT_HOT}` weight of 1e5, "
              "`train --precision mixed`", "mixed", "CLI", checkpoint_beyond_fp16_mixed,
              Expected("activation_overflow", "critical", "student", STUDENT_HOT + ".weight", first_step=1,

@@ -250,10 +250,15 @@ def test_an_empty_batch_whose_loss_is_nonfinite_is_bad_data_and_explains_what_fo
 
 
 def test_an_overflowing_teacher_router_gets_the_router_fix():
+    """`train` runs the teacher's checkpoint as it is: its fix is the precision flags alone, while a caller who writes
+    the model's code is also offered the router computed in fp32 (the advice `train` cannot follow)."""
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
            "dtype": "float16", "value": math.inf}
-    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}))
-    assert "router" in router["fix"] and "fp32" in router["fix"]
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), mode="pure-fp16")
+    assert "MoE router" in router["fix"] and "--precision bf16-mixed" in router["fix"]
+    assert "autocast" not in router["fix"] and "router in fp32" not in router["fix"]
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), caller="loop")
+    assert "the teacher loaded in bfloat16" in router["fix"] and "router in fp32" in router["fix"]
     (expert,) = causes(log({**act, "module": "model.layers.0.mlp.experts.1.gate_proj"}))
     assert "router" not in expert["fix"]
 
@@ -372,6 +377,39 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
     (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
     assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
+    # unless the lr is below half an ulp of those bf16 weights even held in fp32: master weights would lose them too
+    below_fp32 = {"kind": "optimizer_preflight", "code": "update_below_fp32_half_ulp", "severity": "warning",
+                  "step": 1, "phase": "optimizer", "model": "student", "tensor": "student", "dtype": "float32",
+                  "value": 0.96}
+    (tiny,) = causes(log(below_fp32, {**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    assert words["lr"] in tiny["fix"] and "96%" in tiny["fix"] and tiny["evidence"]["lost_in_float32_too"] == 0.96
+    assert words["bf16_mixed"] not in tiny["fix"] and words["mixed"] not in tiny["fix"], tiny["fix"]
+    (router,) = causes(log({**below_fp32, "model": "teacher"}, {**lost, "dtype": "bfloat16"}), mode="pure-bf16",
+                       caller=caller)
+    assert words["bf16_mixed"] in router["fix"]  # another model's lr too small says nothing of this one's
+
+
+@pytest.mark.parametrize("caller", ["cli", "loop"])
+def test_gradients_whose_squares_are_0_even_in_fp32_are_a_step_size_problem_not_the_states_precision(caller):
+    """Pure bf16 under a loss weighted 1e-30 (or a clip of 1e-20): the second moments flush in the bf16 state, and
+    (1 − beta2)·g² would be 0 in float32 too (`gradients_below_fp32`); fp32 state and master weights lose them as
+    well, so neither fix names a precision: the loss weights, the clipping (the option, not 'it clips already') and
+    the lr do."""
+    words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
+    where = {"step": 1, "phase": "optimizer", "model": "student", "module": "wte", "tensor": "wte.weight"}
+    state = {"kind": "optimizer_state_underflow", "severity": "warning", "value": 0.98, "dtype": "bfloat16", **where}
+    lost = {"kind": "lost_updates", "severity": "warning", "value": 0.95, "dtype": "bfloat16", **where}
+    note = {"kind": "setup_note", "code": "gradients_below_fp32", "severity": "warning", "value": 1.0,
+            "dtype": "float32", **where}
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "loss": [9.7, 9.7], "clip_max_norm": 1e-20})
+    found = causes(log(state, note, lost), metrics, mode="pure-bf16", caller=caller, options={"max_grad_norm": 1e-20})
+    assert [c["cause"] for c in found] == ["optimizer_state_underflow", "update_underflow"]
+    for cause in found:
+        assert words["loss_weights"] in cause["fix"] and words["clip"] in cause["fix"], cause["fix"]
+        assert words["bf16_mixed"] not in cause["fix"] and "already" not in cause["fix"], cause["fix"]
+    assert found[0]["evidence"]["zeroed_in_float32_too"] == 1.0
+    (alone,) = causes(log(state), mode="pure-bf16", caller=caller)  # no note: the state's dtype is the fix
+    assert words["bf16_mixed"] in alone["fix"]
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])

@@ -187,7 +187,10 @@ PHRASES = {
     },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
-        "cli": LOSS_CUT_OFF_IN_CODE,
+        # `train`'s own loss is never detached: what reaches the student is its loss times the options' weights
+        "cli": "`train` cuts no loss off itself — its loss reaches the student weighted by `--alpha-kd`/`--alpha-ce`, "
+               "and weights that small make every gradient round to 0 (float16 holds nothing below 6e-8, even times "
+               "the loss scale) — raise them; or the model's own code (`--trust-remote-code`) detaches its outputs",
         "loop": LOSS_CUT_OFF_IN_CODE,
         "trainer": "the loss your `compute_loss` returns is cut off from them — the model's outputs `.detach()`ed or "
                    "computed under `torch.no_grad()` (a `loss.requires_grad_()` hides that), or returned as a new "
@@ -296,6 +299,12 @@ FIXES = {
                                  "alone and its updates grow instead of shrinking",
     "optimizer_state_underflow_warning": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: "
                                          "fp32 master weights and fp32 Adam moments",
+    "gradients_below_fp32": "the squared gradients of {tensor} flush to zero in the {dtype} optimizer state, and "
+                            "{share} of them would in a float32 state too: the gradients themselves are vanishingly "
+                            "small, so no precision keeps them (and an update below half an ulp of the weights is "
+                            "lost in fp32 master weights as well) — the step size is the problem, not the precision: "
+                            "check {loss_weights} (a weight all but 0), {clip_option} (a threshold that shrinks every "
+                            "gradient to almost nothing) and {lr}",
     "activation_overflow": "{module} overflows {dtype}: train with {bf16_mixed} (fp32's range){op_in_fp32}; a loss "
                            "scaler cannot fix a forward overflow",
     "activation_overflow_fp16": "{module} overflows float16 — a value beyond its 65504, or a division by a value "
@@ -329,7 +338,8 @@ FIXES = {
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
-                    "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
+                    "step since step {step}) and no flush of an unscaled float16 backward explains it: {loss_cut_off}; "
+                    "nothing trains",
     "no_gradients_zero_loss": "the loss is exactly 0 from step {step}, where every gradient is 0, so nothing trains — "
                               "and nothing is broken: that is the loss's minimum (a student identical to its teacher "
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
@@ -402,11 +412,25 @@ FIXES = {
                                       "about the lr, so values near 1 (a norm's gain) would need {lr} above "
                                       "~{half_ulp} — far above what trains the rest; keep them in fp32 master "
                                       "weights instead: train with {mixed} or {bf16_mixed}",
+    "update_underflow_lr": "updates are below half an ulp of the {dtype} weights ({tensor} loses most), and the lr "
+                           "is below half an ulp of {share} of them even in float32 (an update below ~6e-08 of the "
+                           "weight, far below healthy training's ~1e-3 of it per step): fp32 master weights would "
+                           "lose them too, so the step size is the problem, not the precision: raise {lr} (too "
+                           "small, or a schedule that decayed it to ~0)",
+    "update_underflow_tiny_gradients": "updates are below half an ulp of the {dtype} weights ({tensor} loses most), "
+                                       "and the gradients are so small that their squares are 0 even in float32 (an "
+                                       "`optimizer_state_underflow` in fp32 too): Adam divides them by eps alone, "
+                                       "and fp32 master weights would lose those updates as well — the step size "
+                                       "is the problem, not the precision: check {loss_weights} (a weight all but 0), "
+                                       "{clip_option} (a threshold that shrinks every gradient to almost nothing) "
+                                       "and {lr}",
     "update_underflow_wide": "updates are below half an ulp of the {dtype} weights ({tensor} loses most): in "
                              "{dtype} that is an update below ~{half_ulp} of the weight, far below healthy "
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
-                             "check {lr} (too small, or a schedule that decayed it to ~0) and {clip} (a threshold "
-                             "that shrinks every gradient to almost nothing)",
+                             "check {lr} (too small, or a schedule that decayed it to ~0), {clip_option} (a threshold "
+                             "that shrinks every gradient to almost nothing) and {loss_weights} (weights so small that "
+                             "the gradients fall below the optimizer's eps, which Adam divides by, and the updates "
+                             "with them)",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
@@ -419,9 +443,8 @@ FIXES = {
                            "(precomputed before training: DPO's reference log-probabilities, cached teacher logits), "
                            "where float16 overflows unseen — hold the teacher in a wider dtype — {fp32_teacher} — and "
                            "compute those outputs again",
-    "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: compute the router logits "
-                               "in fp32 (the router weights and their matmul outside fp16 autocast), or hold "
-                               "the teacher in a wider dtype — {fp32_teacher}",
+    "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: its logits need fp32's range — "
+                               "hold the teacher in a wider dtype — {fp32_teacher}{router_in_fp32}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
     "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
@@ -1048,6 +1071,13 @@ class RunRecord:
         growth = self.weight_growth()
         return len(self.of("extreme_update")) > 0 or (growth is not None and growth > WEIGHT_GROWTH_FACTOR)
 
+    def gradients_below_fp32(self, model: str | None) -> float | None:
+        """Of `model`'s second moments a 16-bit state flushed, the share a float32 state would flush too (a
+        `gradients_below_fp32` note): gradients too small for any precision. None where no such note was recorded."""
+        note = self.of("setup_note", "gradients_below_fp32")
+        note = note[note["model"] == model]
+        return float(note["value"].max()) if len(note) else None
+
     def is_router(self, module: str | None) -> bool:
         """A module `train` found as a router, or one named as routers are — or the layer a router holds (Switch
         Transformers' and NLLB-MoE's `router.classifier`, DeepSpeed-MoE's `gate.wg`: the first to overflow is that
@@ -1066,6 +1096,7 @@ class RunRecord:
         at the teacher's lr, from the loss terms that reach the teacher, so those are the lr and the weights the fix
         names; a model trained through adapters gets its mixed precision from fp32 adapters, its base left frozen."""
         words = {concept: phrases[self.caller] for concept, phrases in PHRASES.items()}
+        words["clip_option"] = words["clip"]  # the option alone, where a fix suspects a threshold that is too low
         threshold = self.clip_threshold()
         if threshold is not None and threshold > 0:  # "clip with X" to a run that clips: at what, what it cannot do
             words["clip"] += (f" (the run clips at {threshold:g} already: a lower threshold bounds the gradient, but "
@@ -1442,11 +1473,15 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
         return []
     row = _first(state)
     inflated = r.updates_inflated()
+    tiny = r.gradients_below_fp32(row.get("model"))
+    template = "gradients_below_fp32" if tiny is not None else (
+        "optimizer_state_underflow" if inflated else "optimizer_state_underflow_warning")
     return [Cause("optimizer_state_underflow", "critical" if inflated else "warning", **_where(row),
                   evidence={"zeroed_fraction": row["value"], "weight_growth": r.weight_growth(),
-                            "extreme_updates": len(r.of("extreme_update"))},
-                  fix=r.fix("optimizer_state_underflow" if inflated else "optimizer_state_underflow_warning",
-                            dtype=row.get("dtype")))]
+                            "extreme_updates": len(r.of("extreme_update")),
+                            **({} if tiny is None else {"zeroed_in_float32_too": tiny})},
+                  fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
+                            share=None if tiny is None else f"{tiny:.0%}"))]
 
 
 def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
@@ -1768,28 +1803,47 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     lost = r.of("lost_updates")
     predicted = r.of("optimizer_preflight", "update_below_half_ulp")
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
+    # the lr below half an ulp of those 16-bit weights even held in float32: no wider dtype keeps the updates
+    below_fp32 = r.of("optimizer_preflight", "update_below_fp32_half_ulp")
     if len(lost):
         row = _first(lost)
         # in weights of fp32's precision or more there is no wider dtype to train in: only smaller steps lose updates
         half_ulp = WIDE_WEIGHT_DTYPES.get(row.get("dtype"))
         # whole tensors lost while the run trains: an lr that moved them would overshoot the rest
         whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
-        template = "update_underflow_wide" if half_ulp is not None else (
+        lr_too_small = half_ulp is None and (below_fp32["model"] == row.get("model")).any()
+        tiny_gradients = half_ulp is None and r.gradients_below_fp32(row.get("model")) is not None
+        template = "update_underflow_wide" if half_ulp is not None else "update_underflow_lr" if lr_too_small else (
+            "update_underflow_tiny_gradients" if tiny_gradients else
             "update_underflow_whole_tensors" if whole else "update_underflow")
         half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
-                                "dtype": row.get("dtype")},
+                                "dtype": row.get("dtype"), **_lost_in_fp32_too(below_fp32, row.get("model"))},
                       fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
-                                half_ulp=f"{half_ulp or 0:.0e}"))]
+                                half_ulp=f"{half_ulp or 0:.0e}", share=_share(below_fp32, row.get("model"))))]
     measured = r.train_column("lost_update_fraction")
     if len(predicted) and not len(measured) and r.mode in ("pure-fp16", "pure-bf16"):
         row = _first(predicted)
+        lr_too_small = (below_fp32["model"] == row.get("model")).any()
         return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"predicted_fraction": predicted_fraction, "measured": False},
-                      fix=r.fix("update_underflow", model=row.get("model"), dtype=row.get("dtype"),
-                                tensor=row.get("tensor")))]
+                      evidence={"predicted_fraction": predicted_fraction, "measured": False,
+                                **_lost_in_fp32_too(below_fp32, row.get("model"))},
+                      fix=r.fix("update_underflow_lr" if lr_too_small else "update_underflow", model=row.get("model"),
+                                dtype=row.get("dtype"), tensor=row.get("tensor"),
+                                share=_share(below_fp32, row.get("model"))))]
     return []
+
+
+def _lost_in_fp32_too(below_fp32: pd.DataFrame, model: str | None) -> dict:
+    """Evidence: the share of `model`'s 16-bit weights whose lr-sized update float32 would lose too, where recorded."""
+    rows = below_fp32[below_fp32["model"] == model]
+    return {"lost_in_float32_too": float(rows["value"].max())} if len(rows) else {}
+
+
+def _share(below_fp32: pd.DataFrame, model: str | None) -> str | None:
+    lost = _lost_in_fp32_too(below_fp32, model).get("lost_in_float32_too")
+    return None if lost is None else f"{lost:.0%}"
 
 
 def divergence(r: RunRecord) -> list[Cause]:

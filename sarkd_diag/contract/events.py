@@ -40,6 +40,8 @@ CODES = {
     "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
     "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
     "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
+    "update_below_fp32_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many 16-bit "
+                                  "weights even held in float32",
     "weight_decay_large": "optimizer_preflight: lr x weight_decay alone halves the weights within a few steps",
     "nonfinite_param": "a weight holds NaN/Inf after an optimizer step",
     "nonfinite_at_load": "a weight of a watched model (trainable or frozen) holds NaN/Inf before the first step",
@@ -95,6 +97,10 @@ CODES = {
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
     "padded_vocabulary": "setup_note: one tokenizer, heads padded to different sizes: KD compares the shared ids",
+    "gradients_below_fp32": "setup_note: most second moments that flushed to zero in a 16-bit optimizer state would "
+                            "flush in float32 too: the gradients are vanishingly small, whatever the precision",
+    "kd_targets_few": "setup_note: the KD term covered under KD_TARGETS_WARNING of a step's target tokens "
+                      "(dual-tokenizer mode: student tokens no teacher token's characters overlap)",
     "every_step_skipped": "setup_note: every step the caller closed was one its loop skipped: nothing trained",
     "resumed": "setup_note: the run continues from a checkpoint (which one, at which step)",
     "step_order": "setup_note: the optimizer stepped before any training forward of the step: Probes.step() is "

@@ -76,6 +76,7 @@ class TrainingDisplay:
         self._last_ppl: float | None = None
         self._evals: list[int] = []
         self._notices: Counter = Counter()
+        self._warned_checks: set[str] = set()  # the checks (event codes) a warning was printed for
         self.actions: Counter = Counter()  # policy decisions seen: skipped, restored, rolled back
         self._total = self._first_step = 0
         self._started = 0.0
@@ -134,7 +135,8 @@ class TrainingDisplay:
     def alert(self, event) -> None:
         """A listener of the run's event log: the first critical event, every decision (a policy action, the
         switch to dual-tokenizer mode, a resume) and every warning of setup, each as one line when it happens;
-        of other warnings the first of each kind."""
+        of other warnings the first of each check (its code: a kind such as `setup_note` holds several, and a
+        warning of setup must not silence a different one found while training)."""
         kind, severity = event.kind, event.severity
         message = str(event.message or "")
         if kind == "policy_skip":
@@ -152,8 +154,12 @@ class TrainingDisplay:
             return
         resumed = getattr(event, "code", None) == "resumed"
         setup = getattr(event, "phase", "setup") == "setup"
-        if not (kind in DECISIONS or resumed or (severity == "warning" and (setup or not self._notices[kind]))):
+        check = getattr(event, "code", None) or kind
+        first_of_its_check = check not in self._warned_checks
+        if not (kind in DECISIONS or resumed or (severity == "warning" and (setup or first_of_its_check))):
             return
+        if severity == "warning":
+            self._warned_checks.add(check)
         self._notices[kind] += 1
         if self._notices[kind] > NOTICES_PER_KIND:
             if self._notices[kind] == NOTICES_PER_KIND + 1:

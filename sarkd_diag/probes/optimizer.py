@@ -29,6 +29,9 @@ from ..contract.shards import local_shard
 from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
+# of the second moments a 16-bit state flushed, the share that a float32 state would flush too from which the gradients
+# themselves, not the state's dtype, are the problem (`gradients_below_fp32`)
+FLUSHED_IN_FP32_TOO = 0.5
 # lr × weight_decay at which decay alone halves the weights within WEIGHT_HALVING_STEPS steps
 LARGE_DECAY = 1 - 0.5 ** (1 / WEIGHT_HALVING_STEPS)
 
@@ -181,6 +184,23 @@ class OptimizerProbe(Probe):
                     f"{_dtype_name(dtype)} weights: those updates will round away (stagnation)",
                     probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype),
                     value=lost, step=self.ctx.step, code="update_below_half_ulp")
+                self._check_lr_below_fp32(params, lr, lr_name, label, model, dtype)
+
+    def _check_lr_below_fp32(self, params: list[torch.Tensor], lr: float, lr_name: str, label: str,
+                             model: str | None, dtype: torch.dtype) -> None:
+        """16-bit weights that lose lr-sized updates: would fp32 master weights keep them? Not where the lr is below
+        half an ulp of the same values in float32 too — then the lr is too small for any precision, and a fix that
+        only widens the weights would leave the run as stuck as it is."""
+        if torch.finfo(dtype).bits > 16:
+            return
+        lost = self._fraction_below_half_ulp(params, lr, as_dtype=torch.float32)
+        if lost > LOST_UPDATE_WARNING:
+            self.ctx.events.record(
+                "optimizer_preflight", "warning",
+                f"{label}: an update of size {lr_name}={lr:g} is below half an ulp for {lost:.0%} of these weights "
+                "even in float32: fp32 master weights would lose those updates too — the lr is too small",
+                probe=self.name, phase="optimizer", model=model, tensor=label, dtype="float32", value=lost,
+                step=self.ctx.step, code="update_below_fp32_half_ulp")
 
     def _check_eps(self, index: int, group: dict) -> None:
         """eps against each dtype the optimizer adds it in: that of the state it keeps for a weight (torch's Adam keeps
@@ -223,11 +243,12 @@ class OptimizerProbe(Probe):
         return kept / total if total else 0.0
 
     @staticmethod
-    def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float) -> float:
-        """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype."""
+    def _fraction_below_half_ulp(params: list[torch.Tensor], lr: float, as_dtype: torch.dtype | None = None) -> float:
+        """Adam moves each weight by about lr; that is lost where lr < ulp(|w|)/2 in the weight's dtype (or in
+        `as_dtype`, the same values held wider)."""
         lost = total = 0
         for p in params:
-            w = sample(p.detach())
+            w = sample(p.detach()).to(as_dtype or p.dtype)
             ulp = torch.nextafter(w.abs(), torch.full_like(w, float("inf"))) - w.abs()
             lost += int((ulp.float() / 2 > lr).sum())
             total += w.numel()
@@ -246,11 +267,22 @@ class OptimizerProbe(Probe):
                       if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
                       and v.dtype != torch.float32]
         if self._half:  # a gradient and its second moment share a shape: their samples line up
-            live = sampled([w.param.grad for w in self._half]) != 0
+            grads = sampled([w.param.grad for w in self._half])
+            live = grads != 0
             flushed = (sampled([state[w.param]["exp_avg_sq"] for w in self._half]) == 0) & live
             lengths = sample_lengths([w.param for w in self._half])
+            # the moment's first term, (1 - beta2)·g², zero in float32 too: a gradient so small (below ~1e-21) that no
+            # state dtype keeps it — the loss's weight or the clipping shrank it, not the state's precision
+            decay = torch.tensor([1 - self._beta2(w.param) for w in self._half], device=grads.device)
+            wide = flushed & (grads.float().square() * decay.repeat_interleave(lengths) == 0)
             self._underflow = torch.cat([per_tensor_sum(flushed.float(), lengths),
-                                         per_tensor_sum(live.float(), lengths)])
+                                         per_tensor_sum(live.float(), lengths), per_tensor_sum(wide.float(), lengths)])
+
+    def _beta2(self, param: torch.Tensor) -> float:
+        """The second moment's decay of `param`'s group (Adam's betas[1]; torch's default where a group has none)."""
+        group = next((g for g in self.ctx.optimizer.param_groups if any(p is param for p in g["params"])), {})
+        betas = group.get("betas")
+        return float(betas[1]) if isinstance(betas, (tuple, list)) and len(betas) > 1 else 0.999
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
@@ -261,8 +293,8 @@ class OptimizerProbe(Probe):
         flat = host.get("state_underflow")
         if flat is None:
             return {}
-        n = len(flat) // 2
-        flushed, live = flat[:n], flat[n:]
+        n = len(flat) // 3
+        flushed, live, wide = flat[:n], flat[n:2 * n], flat[2 * n:]
         fraction = sum(flushed) / sum(live) if sum(live) else 0.0
         if fraction > STATE_UNDERFLOW_WARNING and not self._reported_state:
             self._reported_state = True
@@ -276,6 +308,16 @@ class OptimizerProbe(Probe):
                 f"{worst.tensor}. Adam then divides by eps alone: those updates are inflated, not lost",
                 step=self.ctx.step, phase="optimizer", probe=self.name, value=fraction, numel=int(sum(live)),
                 model=worst.model, module=worst.module, tensor=worst.tensor, dtype=state_dtype)
+            in_fp32 = sum(wide) / sum(flushed)
+            if in_fp32 > FLUSHED_IN_FP32_TOO:
+                self.ctx.events.record(
+                    "setup_note", "warning",
+                    f"{in_fp32:.0%} of those second-moment entries would be 0 in a float32 state too: the gradients "
+                    "themselves are vanishingly small (their squares below float32's smallest value), so no precision "
+                    "keeps them — a loss weighted all but 0, or a clip threshold that shrinks every gradient",
+                    step=self.ctx.step, phase="optimizer", probe=self.name, value=in_fp32, numel=int(sum(flushed)),
+                    model=worst.model, module=worst.module, tensor=worst.tensor, dtype="float32",
+                    code="gradients_below_fp32")
         return {"state_underflow_fraction": fraction}
 
 

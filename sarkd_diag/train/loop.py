@@ -65,7 +65,7 @@ from .models import (
     max_positions,
     shared_vocabulary,
 )
-from .objective import HiddenStateKD, LogitKD, LossParts
+from .objective import KD_TARGETS_WARNING, HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .precision import Precision, make_precision
@@ -537,6 +537,7 @@ class StepSums:
     ce: torch.Tensor
     router: torch.Tensor
     readings: dict[str, torch.Tensor]  # the router's, of the last micro-batch
+    kd_targets: torch.Tensor | None = None  # the target tokens the KD term covered, where the objective counts them
 
     @classmethod
     def of(cls, micro: list[dict], ranks: int, device: torch.device) -> StepSums:
@@ -553,6 +554,14 @@ class StepSums:
         self.readings = parts.readings
         self.objective = self.objective + parts.objective.detach()
         self.kd, self.ce = self.kd + parts.kd_sum.detach(), self.ce + parts.ce_sum.detach()
+        if parts.kd_targets is not None:
+            self.kd_targets = parts.kd_targets + (0 if self.kd_targets is None else self.kd_targets)
+
+    def per_step(self) -> dict[str, torch.Tensor]:
+        """This rank's figures that sum over ranks into the step's: the router's readings (each rank's mean over
+        its tokens, so a share of the mean) and the KD term's target count."""
+        counts = {} if self.kd_targets is None else {"kd_targets": self.kd_targets}
+        return {**{name: r / self.ranks for name, r in self.readings.items()}, **counts}
 
 
 # ----------------------------------------------------------------------------------- executing a run
@@ -824,15 +833,15 @@ class Trainer:
         cfg, device = self.config, self.run.compute.device
         weights_amax = abs_max(self.run.optimization.trainable)  # the guard's per-tensor reading
         weights_finite = weights_amax.isfinite().all()
-        # global figures and one decision for all ranks: a single all-reduce (none in one process); the router's
-        # readings, each rank's mean over its tokens, averaged over ranks
+        # global figures and one decision for all ranks: a single all-reduce (none in one process)
+        per_step = sums.per_step()
         objective, kd, ce, router, weights_bad, *readings = self.world.all_sum(
             sums.objective / sums.denominator, sums.kd / sums.denominator, sums.ce / sums.denominator,
-            sums.router / sums.ranks, (~weights_finite).float(), *(r / sums.ranks for r in sums.readings.values()))
+            sums.router / sums.ranks, (~weights_finite).float(), *per_step.values())
         device_values = {
             "loss": objective + router, "kd_loss": kd, "ce_loss": ce,
             "router_loss": router, "grad_norm": grad_norm, "skipped": skipped,
-            "weights_finite": weights_bad == 0, **dict(zip(sums.readings, readings, strict=True)),
+            "weights_finite": weights_bad == 0, **dict(zip(per_step, readings, strict=True)),
         }
         scale = self.run.compute.precision.loss_scale()
         if scale is not None:
@@ -845,6 +854,9 @@ class Trainer:
                "tokens_per_s": tokens / elapsed, "targets": sums.targets, "peak_memory_mb": peak_memory_mb(device),
                "weights_finite": bool(host["weights_finite"]), "skipped": int(host["skipped"])}
         row.setdefault("loss_scale", None)
+        if "kd_targets" in row:
+            row["kd_targets"] = round(row["kd_targets"])
+            self._note_few_kd_targets(row["kd_targets"], sums.targets)
         if sums.targets == 0:
             for key in ("loss", "kd_loss", "ce_loss"):
                 row[key] = math.nan  # 0/0: no target tokens; recorded as such, never as 0
@@ -852,6 +864,19 @@ class Trainer:
         if row["weights_finite"] and self.probes.needs_replay(row["loss"]):  # the loss of all ranks: all replay
             self._replay_forward(first_batch)
         return row
+
+    def _note_few_kd_targets(self, covered: int, targets: int) -> None:
+        """A KD term over few of the step's target tokens (dual-tokenizer alignment nearly empty), said once: its
+        kd_loss, a mean over every target, would otherwise read as a small loss rather than a missing one."""
+        if not (self.world.is_main and targets and covered < KD_TARGETS_WARNING * targets
+                and self.logs.events.say_once("kd_targets_few")):
+            return
+        self.logs.events.record(
+            "setup_note", "warning", f"the KD term covered {covered} of the step's {targets} target tokens: "
+            f"{self.run.objective.few_targets_reason()}; the kd_loss is a mean over every target token, so it reads "
+            "small, and the tokens it misses learn from the cross-entropy alone", code="kd_targets_few",
+            step=self.step, phase="loss", probe="loop", tensor="kd", value=covered / targets,
+            numel=targets)
 
     def _on_device(self, batch: dict) -> dict:
         device = self.run.compute.device

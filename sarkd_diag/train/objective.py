@@ -10,7 +10,8 @@ Every objective offers the same: `__call__(batch, grad_factor)`, `fused` (whethe
 whole), `student` (the model it trains through: the student, or DDP's wrapper of it under torchrun, given at
 construction), `projection` (an identity where there is none), `extra_parameters()` (trained beside the
 student), `eval_ce_sum(student, batch)` (evaluation's loss, its logits taken as training takes them) and
-`close()`.
+`close()`. An objective whose KD term may miss target tokens counts those it covers (`LossParts.kd_targets`)
+and says why it missed the rest (`few_targets_reason()`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .align import align_teacher_to_student
+from .data import IGNORE_INDEX
 from .fused_loss import fused_ce_sum, fused_kd_ce, last_hidden_state
 from .losses import ce_loss_sum, kd_loss_sum
 
@@ -37,6 +39,7 @@ class LossParts:
     targets: int
     router_loss: torch.Tensor | None = None
     readings: dict[str, torch.Tensor] = field(default_factory=dict)
+    kd_targets: torch.Tensor | None = None  # the target tokens the KD term covers where it may miss some; None: all
 
     @classmethod
     def weighted(cls, kd_sum: torch.Tensor, ce_sum: torch.Tensor, alpha_kd: float, alpha_ce: float,
@@ -134,10 +137,17 @@ def _head(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
+# a KD term covering under this fraction of a step's target tokens is said (`kd_targets_few`): its kd_loss, a mean
+# over every target token, reads small, and the tokens it misses learn from the cross-entropy alone
+KD_TARGETS_WARNING = 0.5
+
+
 class HiddenStateKD:
     """Dual-tokenizer KD: the student's last hidden states, through a learned projection on the student
     side, match the teacher's — averaged over the teacher tokens whose characters overlap each student
-    token. The teacher's states are a fixed (detached) target, so shrinking both sides cannot help."""
+    token. The teacher's states are a fixed (detached) target, so shrinking both sides cannot help. A
+    student token no teacher token overlaps has no target: the KD term counts the tokens it covers
+    (`kd_targets`), so a run whose alignment is nearly empty says so instead of a quietly small kd_loss."""
 
     fused = False  # the student's CE takes its complete logits; the KD term has none
 
@@ -146,6 +156,7 @@ class HiddenStateKD:
         self.teacher, self.student, self.teacher_tokenizer = teacher, student, teacher_tokenizer  # student: as trained
         self.alpha_kd, self.alpha_ce = alpha_kd, alpha_ce
         self.teacher_max_tokens = teacher_max_tokens
+        self.teacher_cut_short = False  # a block's text needed more teacher tokens than its position table: cut
         self.projection = nn.Linear(student_hidden_size, teacher.config.hidden_size).to(device)
 
     def extra_parameters(self) -> list[nn.Parameter]:
@@ -161,9 +172,20 @@ class HiddenStateKD:
 
     def teacher_inputs(self, texts: list[str]) -> dict:
         """The same characters the student sees, tokenized by the teacher's tokenizer (with offsets)."""
-        return self.teacher_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
-                                      padding=True, truncation=self.teacher_max_tokens is not None,
-                                      max_length=self.teacher_max_tokens, return_tensors="pt")
+        inputs = self.teacher_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True,
+                                        padding=True, truncation=self.teacher_max_tokens is not None,
+                                        max_length=self.teacher_max_tokens, return_tensors="pt")
+        self.teacher_cut_short |= any(encoding.overflowing for encoding in inputs.encodings)  # fast tokenizers only
+        return inputs
+
+    def few_targets_reason(self) -> str:
+        """Why student tokens got no teacher target, for the `kd_targets_few` note."""
+        if self.teacher_cut_short:
+            return (f"the teacher reads at most {self.teacher_max_tokens} tokens of a block's text (its position "
+                    "table) and its tokenizer needs more for the characters of a student block: the text past them "
+                    "has no teacher state — a smaller --block-size keeps each block within the teacher's context")
+        return ("student tokens that no teacher token's character span overlaps (a tokenizer whose offsets give "
+                "empty spans) have no teacher state")
 
     def __call__(self, batch: dict, grad_factor: torch.Tensor | float = 1.0) -> LossParts:
         """The micro-batch's loss parts (`grad_factor`: taken by every objective, used by the fused loss only)."""
@@ -180,4 +202,6 @@ class HiddenStateKD:
         predicted = self.projection(out.hidden_states[-1])
         squared = (predicted.float() - target.float()).pow(2).mean(-1)
         kd_sum, ce_sum = (squared * valid).sum(), ce_loss_sum(out.logits, labels)
-        return LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
+        parts = LossParts.weighted(kd_sum, ce_sum, self.alpha_kd, self.alpha_ce, int(batch["n_targets"]))
+        parts.kd_targets = (valid & (labels != IGNORE_INDEX)).sum()
+        return parts

@@ -90,6 +90,19 @@ def test_a_training_warning_is_told_once_per_kind():
     assert out.getvalue().count("lost_updates") == 1
 
 
+def test_a_warning_found_while_training_is_told_after_a_setup_warning_of_another_check_of_its_kind():
+    """`setup_note` holds several checks: an unused option's warning at setup silenced the dual-tokenizer run's
+    `kd_targets_few` at step 1 (the KD term over few tokens), and a resumed run's note silenced every later one."""
+    display, out = _display()
+    display.alert(_event("setup_note", "warning", "--jsd-beta 0.3 has no effect without --kd-loss jsd"))
+    display.alert(_event("setup_note", message="resumed from step-00000002", step=2, code="resumed"))
+    for step in (3, 4):
+        display.alert(_event("setup_note", "warning", "the KD term covered 6 of 32 target tokens", step=step,
+                             phase="loss", code="kd_targets_few"))
+    text = out.getvalue()
+    assert "--jsd-beta" in text and text.count("the KD term covered") == 1
+
+
 def test_the_critical_line_and_the_panel_say_model_and_module_once():
     """README's pure-fp16 output: `in student:`, not `in student/student: student:`; the panel `in student`."""
     display, out = _display()

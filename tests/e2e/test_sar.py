@@ -99,9 +99,30 @@ def test_dual_tokenizer_mode_trains_the_student_on_hidden_states(cli, tiny_args,
     assert "projection" in run["config"]["precision"]["param_dtypes"]
     train = run["metrics"].query("split == 'train'")
     assert train["kd_loss"].notna().all() and (train["kd_loss"] > 0).all()
+    assert (train["kd_targets"] == train["targets"]).all() and "kd_targets_few" not in set(run["events"]["code"])
     ppls = run["metrics"].query("split == 'eval'")["eval_ppl"].tolist()
     assert ppls[-1] < ppls[0]
     assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
+
+
+def test_a_dual_tokenizer_kd_term_over_few_tokens_says_so(cli, tiny_args, tiny_world, tmp_path):
+    """A teacher whose position table holds fewer tokens than a student block's text needs: the text past them is cut,
+    and the student tokens there get no teacher state. The kd_loss, a mean over every target, read as a small loss
+    and nothing said why; now the step's covered targets are a column and the first step short of half says so."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world["teacher"])
+    teacher.config.max_position_embeddings = 8  # rotary positions: the table is the config's number alone
+    teacher_dir = tiny.save(teacher, AutoTokenizer.from_pretrained(tiny_world["teacher"]), tmp_path / "short_teacher")
+    args = [{str(tiny_world["student"]): str(tiny_world["dual_student"]), str(tiny_world["teacher"]): str(teacher_dir),
+             "6": "2"}.get(a, a) for a in tiny_args]
+    code, out, err = cli("train", *args, "--precision", "fp32")
+    assert code == 0, err
+    run = load_run(tmp_path / "run")
+    train = run["metrics"].query("split == 'train'")
+    assert (train["kd_targets"] < train["targets"] / 2).all()
+    (note,) = run["events"].query("code == 'kd_targets_few'").itertuples()
+    assert (note.severity, note.step, note.numel) == ("warning", 1, train["targets"].iloc[0])
+    assert "at most 8 tokens" in note.message and "--block-size" in note.message
+    assert "the KD term covered" in out + err
 
 
 def test_a_teacher_whose_vocabulary_is_padded_is_distilled_on_logits_over_the_shared_ids(cli, tiny_args, tiny_world,
