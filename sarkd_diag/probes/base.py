@@ -13,6 +13,7 @@ hooks: not on a skipped step); then `take_readings` and `record`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import sys
@@ -398,10 +399,14 @@ def to_host(*groups: dict[str, torch.Tensor]) -> list[dict[str, float | list[flo
 
     0-dim readings come back as floats, 1-D ones (per-tensor vectors) as lists; one dict per group. The 0-dim ones
     go in one stack, the rest as they are (detached only where autograd tracks them, a vector not reshaped): a step's
-    dozen readings cost four ops, not three each. cat promotes mixed dtypes to the widest, exactly, before the one
-    conversion to float32.
+    dozen readings cost four ops, not three each. cat promotes mixed dtypes to the widest, exactly — except integer
+    counts beside only 16-bit floats: then each reading is made float32 first.
     """
     readings = [v.detach() if v.requires_grad else v for group in groups for v in group.values()]
+    dtypes = {v.dtype for v in readings}
+    if functools.reduce(torch.promote_types, dtypes, torch.bool) in (torch.float16, torch.bfloat16) \
+            and any(not d.is_floating_point for d in dtypes):  # cat would make an integer count 16-bit: rounded
+        readings = [v.float() for v in readings]  # (bfloat16), or Inf past 65504 (float16)
     scalars = [v for v in readings if v.dim() == 0]
     parts = [torch.stack(scalars)] if scalars else []
     parts += [v if v.dim() == 1 else v.reshape(-1) for v in readings if v.dim()]

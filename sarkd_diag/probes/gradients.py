@@ -263,8 +263,9 @@ class GradientProbe(Probe):
         return [p.grad if id(p) in used else None for p in self._params]
 
     def nonfinite(self) -> bool:
-        """Whether a gradient read this step holds NaN/Inf (a host sync: the failure path's trigger only)."""
-        return self._amax is not None and not bool(self._amax.isfinite().all())
+        """Whether a gradient read this step holds NaN/Inf: the largest of the per-tensor maxima is finite exactly when
+        each is (max propagates NaN) — one op and a host sync."""
+        return self._amax is not None and len(self._amax) > 0 and not math.isfinite(self._amax.max().item())
 
     def after_optimizer_step(self) -> None:
         self._arm()  # after, not before: an optimizer stepped with a closure (Lightning's) runs the backward inside

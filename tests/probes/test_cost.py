@@ -77,6 +77,15 @@ def test_a_steps_readings_reach_the_host_in_a_few_ops_whatever_their_number():
     assert host["count"] == 7.0 and host["tracked"] == 3.0
 
 
+def test_an_integer_count_beside_16_bit_readings_reaches_the_host_exactly():
+    """A pure-fp16 run's weight maxima are float16 and a count beside them an integer: concatenated as they are, the
+    count took float16's dtype — Inf past 65504 — and bfloat16's, rounded to 8 bits."""
+    for dtype in (torch.float16, torch.bfloat16):
+        (host,) = to_host({"amax": torch.tensor([1.5, 2.0], dtype=dtype), "count": torch.tensor(70001),
+                           "scalar": torch.tensor(0.5, dtype=dtype), "elements": torch.tensor([123457])})
+        assert host == {"amax": [1.5, 2.0], "count": 70001.0, "scalar": 0.5, "elements": [123457.0]}
+
+
 def test_a_tensor_whole_as_its_sample_costs_no_op_to_sample():
     """Statistics steps sample every gradient, weight and moment; a small 1-D tensor is its own sample."""
     bias, matrix = torch.randn(32), torch.randn(32, 32)
@@ -112,4 +121,5 @@ def test_a_step_without_statistics_costs_two_reductions_per_tensor_and_a_few_ops
     an accelerator each is a launch, whatever the tensors' size."""
     tensors = len(list(tiny.make_gpt2(96).parameters()))
     probes_ops = _aten_ops_per_step(True) - _aten_ops_per_step(False)
-    assert probes_ops <= 2 * tensors + 23, f"{probes_ops:.0f} ops a step for {tensors} tensors"
+    # 2 of the few: the gradients' largest maximum, read on the host before the update (a failing step is replayed)
+    assert probes_ops <= 2 * tensors + 27, f"{probes_ops:.0f} ops a step for {tensors} tensors"
