@@ -693,13 +693,16 @@ class RunRecord:
         params = self.of("nonfinite_param")
         return int(params["step"].min()) if len(params) else None
 
-    def contained(self) -> bool:
-        """No weight turned non-finite and the run's last training step had a finite loss: a fault it went through (a
-        step a loss scaler skipped) was contained, and training went on. Unknown (no loss recorded): not contained."""
+    def contained(self, step: int) -> bool:
+        """A fault at `step` the run contained: that step's loss was non-finite (so a loss scaler or the loop skipped
+        it, and nothing of it reached the weights), no weight turned non-finite, and the run's last training step had a
+        finite loss — training went on. A non-finite value whose loss stayed finite was absorbed somewhere unseen (a
+        router's overflowing logits still route): not contained; nor where no loss was recorded."""
         loss = self.train_column("loss")  # finite values only: NaN rows are dropped
-        if self.first_nonfinite_param_step() is not None or not len(loss):
+        if self.first_nonfinite_param_step() is not None or not len(loss) or step in loss.index:
             return False
-        return bool(loss.index[-1] == self.metrics.loc[self.metrics["split"] == "train", "step"].max())
+        train_steps = self.metrics.loc[self.metrics["split"] == "train", "step"]
+        return bool(step in train_steps.values and loss.index[-1] == train_steps.max())
 
     def train_column(self, name: str) -> pd.Series:
         if name not in self.metrics or "split" not in self.metrics:
@@ -1525,7 +1528,8 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         where, named = _where_began(r, row)
         replay = r.wide_replay()  # finite in float32 where it ran: float16's doing, no undefined operation
         replayed = {"float32_replay": float(replay["value"])} if replay is not None else {}
-        causes.append(Cause("activation_overflow", "warning" if r.contained() else "critical", **where,
+        severity = "warning" if r.contained(where["first_step"]) else "critical"
+        causes.append(Cause("activation_overflow", severity, **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": "float16", "holds": _holds_value(row),
                                       "largest_measured": largest, "range_limit": FP16_MAX ** RANGE_EXPONENT,
                                       **replayed, **named},
@@ -1537,7 +1541,8 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
         fp16, router = row.get("dtype") == "float16", r.is_router(row.get("module"))
         template = ("router_overflow_fp16" if router else "activation_overflow_fp16") if fp16 else "activation_overflow"
         where, named = _where_began(r, row)
-        causes.append(Cause("activation_overflow", "warning" if r.contained() else "critical", **where,
+        causes.append(Cause("activation_overflow", "warning" if r.contained(where["first_step"]) else "critical",
+                            **where,
                             evidence={"nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
                                       **named},
                             fix=r.fix(template, module=row.get("module"), dtype=row.get("dtype"))))
@@ -1940,9 +1945,12 @@ def divergence(r: RunRecord) -> list[Cause]:
         row = _first(blowups)
         if computed is not None:
             return [computed]
-        overflowed = r.of("nonfinite_activation")  # a student module's, placed: `activation_overflow` tells it
+        overflowed = r.of("nonfinite_activation")  # a student module's at the step: `activation_overflow` tells it
+        overflowed = overflowed[~overflowed["model"].isin(r.teachers)]
+        losses = r.of("nonfinite_loss")
+        at = int(_first(losses)["step"]) if len(losses) else None
         if (r.unplaced_fp16_loss() is not None and not len(r.of("nonfinite_param"))) \
-                or (r.contained() and len(overflowed[~overflowed["model"].isin(r.teachers)])):
+                or (at is not None and (overflowed["step"] == at).any() and r.contained(at)):
             return []  # a contained overflow (activation_overflow, a warning): nothing blew up
         loss = r.first_nonfinite_loss()
         if loss is not None and r.caller in UNREPLAYED and not r.computes_in_fp16() \
