@@ -1753,6 +1753,27 @@ def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gr
     assert "(loss / accumulation_steps).backward()" in cause["fix"] and "4×" in cause["fix"]
 
 
+def test_one_forwards_loss_backpropagated_twice_is_no_micro_batch_summed():
+    """One forward a step, its loss backpropagated twice — `ce.backward(retain_graph=True)`, then the total `kd + ce`
+    through it again: one forward, so no micro-batches were summed (the note would tell the loop to divide by a
+    number of micro-batches it does not have). Two such forwards a step, each at full weight, still are."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            out = model(input_ids=ids, labels=ids)
+            kd = out.logits.float().pow(2).mean()
+            out.loss.backward(retain_graph=True)
+            (kd + out.loss).backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    assert not [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
+    assert "micro_batches_summed" not in {d["cause"] for d in probes.diagnosis()}
+
+
 def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
     """Eight micro-batches summed under SGD at an lr that their mean would take: the 8x updates blow up. The root
     is the summing, not an lr 'far too high' that the blow-up alone would name."""
