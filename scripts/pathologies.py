@@ -1769,6 +1769,31 @@ def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def amp_loop_that_steps_past_its_scaler(world: World, tmp: Path) -> Outcome:
+    """An AMP loop that scales its loss but steps with `opt.step()` itself, never `scaler.step(opt)` (nor
+    `scaler.update()`, which would raise for want of an inf check): SGD applies the gradients × 65536 — an update
+    hundreds of times the weights at step 1, which alone reads as an lr far too high."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            opt.step()  # where scaler.step(opt) belongs
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, scale=scaler.get_scale())
+    outcome.check("the scale stayed 65536 and the loss blew up after the first update",
+                  scaler.get_scale() == 2.0**16 and not losses[1] < 3 * losses[0])
+    return outcome
+
+
 T5_FF_OUT = "encoder.block.1.layer.1.DenseReluDense.wo"
 
 
@@ -2310,6 +2335,11 @@ SCENARIOS: list[Scenario] = [
              amp_loop_that_also_calls_optimizer_step,
              Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
                       absent=("divergence", "gradient_overflow"))),
+    Scenario("AMP loop that steps past its scaler", "user loop: autocast fp16 + GradScaler, SGD lr 1e-2; "
+             "`scaler.scale(loss).backward()` then `opt.step()` (no `scaler.step(opt)`)", "mixed", "user loop",
+             amp_loop_that_steps_past_its_scaler,
+             Expected("scaler_bypassed", "critical", first_step=1, fix_contains="scaler.step(optimizer)",
+                      absent=("divergence",))),
     Scenario("T5 feed-forward overflows fp16, one-token answers", "user loop: T5 (encoder-decoder), autocast fp16 + "
              f"GradScaler; `{T5_FF_OUT}` beyond fp16 (wi, wo ×300), labels one token per example", "mixed",
              "user loop", t5_feed_forward_overflow_amp_loop,

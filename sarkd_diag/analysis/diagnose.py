@@ -30,7 +30,8 @@ from ..contract.config import CALLERS
 from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "gradients_not_cleared",
+    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
+    "gradients_not_cleared",
     "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
     "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale",
     "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
@@ -373,6 +374,13 @@ FIXES = {
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
                                "step",
+    "scaler_bypassed": "the optimizer steps on gradients the loss scaler scaled and never unscaled (from step "
+                       "{step}, scale {scale}): `optimizer.step()` is called where `scaler.step(optimizer)` "
+                       "belongs, so every update applies the gradient × {scale} — SGD's and momentum's update "
+                       "{scale}× too large (Adam's divides most of it away, its eps {scale}× smaller) — and a step "
+                       "whose gradients overflowed is applied, not skipped: call `scaler.step(optimizer)` (it "
+                       "unscales, skips an overflowing step, else calls `optimizer.step()`), then `scaler.update()`; "
+                       "the learning rate is not the cause",
     "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
                            "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
                            "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
@@ -1578,6 +1586,23 @@ def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
                             else "one `optimizer.step()` after each `backward()`"))]
 
 
+def scaler_bypassed(r: RunRecord) -> list[Cause]:
+    """The optimizer stepped on gradients its loss scaler scaled and never unscaled (a `scaler_bypassed` note): every
+    update is the scale times too large for SGD (a blow-up that reads as an lr far too high) and overflowing steps are
+    applied — critical once something goes wrong at or after it (what follows is folded into it), else a warning
+    (Adam divides the scale away)."""
+    note = r.of("setup_note", "scaler_bypassed")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    then = _went_wrong_from(r, step)
+    scale = number_or_none(row.get("value"))
+    return [Cause("scaler_bypassed", "critical" if then else "warning", **_where(row),
+                  evidence={"loss_scale": scale, "then": ", ".join(then) or None},
+                  fix=r.fix("scaler_bypassed", step=step, scale=f"{scale:g}" if scale is not None else None))]
+
+
 def scaler_fp16_weights(r: RunRecord) -> list[Cause]:
     """A loss scaler over float16 trainable weights (a `scaler_fp16_weights` note): GradScaler raises at the first
     `unscale_`, so the run ends before its first step completes — critical when no step completed from the note on
@@ -1956,7 +1981,8 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, gradients_not_cleared,
+RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
+         gradients_not_cleared,
          micro_batches_summed, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
          optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow,
          gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)

@@ -104,6 +104,8 @@ CODES = {
                                "were given: optimizer.step() is never called",
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
+    "scaler_bypassed": "setup_note: an optimizer stepped on gradients the loss scaler scaled and never unscaled: "
+                       "optimizer.step() called instead of scaler.step(optimizer)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
                            "or clip_grad_value_ before scaler.unscale_): updates ~scale x smaller than the threshold "
                            "meant",

@@ -219,6 +219,8 @@ class ProbeSet:
         returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
             self._stepped_twice()
+        if self.ctx.loss_scaler.left_scaled(optimizer):
+            self._stepped_past_the_scaler()
         self._stepped.add(id(optimizer))
         self.ctx.optimizers_used.add(id(optimizer))
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, *step's arguments)
@@ -278,6 +280,22 @@ class ProbeSet:
                                "skipped as non-finite applied anyway — or probes.step() is not called after every "
                                "optimizer step",
                                step=self.ctx.step, probe="optimizer", phase="optimizer", code="optimizer_stepped_twice")
+
+    def _stepped_past_the_scaler(self) -> None:
+        """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls
+        `optimizer.step()` where `scaler.step(optimizer)` belongs (which unscales first, and skips a step whose
+        gradients overflowed), so every update applies the gradients × the scale, and non-finite ones too. Said once,
+        with the scale (read once)."""
+        if not self.ctx.events.say_once("scaler_bypassed"):
+            return
+        scale = float(self.ctx.loss_scaler.scale())
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled "
+                               f"(by {scale:g}) and never unscaled: optimizer.step() is called instead of "
+                               "scaler.step(optimizer), so every update is the gradient × the scale and no overflowing "
+                               "step is skipped — call scaler.step(optimizer), then scaler.update()",
+                               step=self.ctx.step, probe="optimizer", phase="optimizer", value=scale,
+                               code="scaler_bypassed")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
