@@ -782,6 +782,10 @@ class Probes:
             if not self._holds_frozen_model(held, trainable, step):
                 self._optimizes_none_of_them(trainable, step)
             return
+        holds_instead = [name for name, params in trainable.items() if any(id(p) in held for _, p in params)]
+        if trainable.get("student") and "student" not in holds_instead:  # built over the teacher's: a teacher
+            self._optimizes_none_of_them({"student": trainable["student"]}, step, holds_instead[0])  # left unfrozen
+            return
         for name, params in trainable.items():
             left = [n for n, p in params if id(p) not in held]
             if left and len(left) < len(params):
@@ -808,16 +812,18 @@ class Probes:
                 return True
         return False
 
-    def _optimizes_none_of_them(self, trainable: dict[str, list], step: int) -> None:
+    def _optimizes_none_of_them(self, trainable: dict[str, list], step: int, instead: str | None = None) -> None:
         """The optimizer holds parameters, but not one trainable tensor of the models given: built from another
         model, a copy, or before the model was re-created or wrapped (adapters added after the optimizer was made
-        are trainable tensors it never saw). Its step changes nothing of them: the loss cannot move."""
+        are trainable tensors it never saw). Or (`instead`) it holds only another watched model's — the teacher's,
+        left trainable — and none of the student's. Its step changes nothing of them: the loss cannot move."""
         name, params = next(((n, ps) for n, ps in trainable.items() if ps), (None, []))
         if name is None:
             return  # nothing the probes were given is trainable: nothing for the optimizer to miss
+        built_from = f"{instead}'s parameters" if instead else "other parameters"
         self.events.record("setup_note", "warning",
                            f"the optimizer holds none of {name}'s {len(params)} trainable tensors (e.g. {params[0][0]})"
-                           f" — it was built from other parameters: its steps change nothing of {name}",
+                           f" — it was built from {built_from}: its steps change nothing of {name}",
                            step=step, probe="optimizer", model=name, tensor=params[0][0], numel=len(params),
                            code="unoptimized_models")
 

@@ -422,6 +422,28 @@ def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_mod
     assert not [e for e in probes.events.events if e.code == "unoptimized_models"]
 
 
+def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student():
+    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`): the
+    student gets gradients nothing applies and the loss sits still. The diagnosis said the loss was cut off from the
+    teacher's weights; it is the optimizer that holds none of the student's."""
+    student, teacher = Net(), Net()
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for x in torch.randn(3, 4, 8):
+            with torch.no_grad():
+                target = teacher(x)
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = [e for e in probes.events.events if e.code == "unoptimized_models"]
+    assert (event.model, event.step) == ("student", 1) and "built from teacher's parameters" in event.message
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["model"], root["first_step"]) == ("no_gradients", "student", 1)
+    assert "holds none of student's trainable tensors" in root["fix"]
+
+
 def test_a_teacher_left_trainable_beside_an_optimized_student_is_no_unoptimized_note():
     student, teacher = Net(), Net()  # the teacher's requires_grad left on, as often: it is not in the optimizer
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
