@@ -219,7 +219,8 @@ class ProbeSet:
         returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
             self._stepped_twice()
-        if self.ctx.loss_scaler.left_scaled(optimizer):
+        # unscaled this step already: a scaler's update() between its step and this one forgets that, the probes not
+        if id(optimizer) not in self._stepped | self._unscaled_ones and self.ctx.loss_scaler.left_scaled(optimizer):
             self._stepped_past_the_scaler()
         self._stepped.add(id(optimizer))
         self.ctx.optimizers_used.add(id(optimizer))
@@ -783,8 +784,9 @@ class Probes:
                 self._optimizes_none_of_them(trainable, step)
             return
         holds_instead = [name for name, params in trainable.items() if any(id(p) in held for _, p in params)]
-        if trainable.get("student") and "student" not in holds_instead:  # built over the teacher's: a teacher
-            self._optimizes_none_of_them({"student": trainable["student"]}, step, holds_instead[0])  # left unfrozen
+        # built over another model's tensors (a teacher left trainable) and none of the student's
+        if holds_instead and trainable.get("student") and "student" not in holds_instead:
+            self._optimizes_none_of_them({"student": trainable["student"]}, step, holds_instead[0])
             return
         for name, params in trainable.items():
             left = [n for n, p in params if id(p) not in held]
