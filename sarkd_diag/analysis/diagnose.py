@@ -258,6 +258,11 @@ FIXES = {
     "optimizer_lr_nonfinite": "the learning rate of {group} is {lr_value} from step {step}: the optimizer turns every "
                               "weight it updates NaN whatever the gradients — check the schedule (a division by a "
                               "warm-up or total of 0, a decay run past its end) and the value given to {lr}",
+    "optimizer_state_overflow": "the optimizer's state of {tensor} (a momentum buffer, Adam's moments) overflowed "
+                                "float16 though every gradient was finite: held in float16, a momentum buffer sums "
+                                "gradients past 65504 (and a second moment squares any above 256) — keep the "
+                                "optimizer state in fp32: train with {mixed} (fp32 master weights and optimizer "
+                                "state); the learning rate is not the cause",
     "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
                            "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
                            "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
@@ -793,10 +798,11 @@ class RunRecord:
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
-        """The first `nonfinite_param` event holding NaN when the step that made it had every gradient measured
-        finite (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a
-        loss, a gradient, an update as large as the weights: then the optimizer's own arithmetic made the NaN.
-        (Inf alone can be an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
+        """The first `nonfinite_param` event holding NaN — or Inf where its optimizer state overflowed float16 with
+        it (`fp16_state_overflow`) — when the step that made it had every gradient measured finite
+        (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a loss, a
+        gradient, an update as large as the weights: then the optimizer's own arithmetic made it. (Inf alone can be
+        an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
         params = self.of("nonfinite_param")
         if not len(params):
             return None
@@ -809,8 +815,17 @@ class RunRecord:
         bad_grads = self.train_column("nonfinite_grad_tensors")
         if step not in bad_grads.index or float(bad_grads.loc[[step]].iloc[-1]) != 0:
             return None
-        made = params[(params["step"] == step) & (params["nan_count"].fillna(0) > 0)]
+        state = self.fp16_state_overflow()
+        made = params[(params["step"] == step) & ((params["nan_count"].fillna(0) > 0)
+                                                  | params["tensor"].eq(None if state is None else state["tensor"]))]
         return _first(made) if len(made) else None
+
+    def fp16_state_overflow(self) -> pd.Series | None:
+        """The `optimizer_state_nonfinite` note where the state is float16: a momentum buffer or moment held in
+        float16 that accumulated past 65504 (or a squared gradient beyond 256) — values no wider state overflows."""
+        note = self.of("setup_note", "optimizer_state_nonfinite")
+        note = note[note["dtype"] == "float16"]
+        return _first(note) if len(note) else None
 
     def loss_from_finite_outputs(self) -> tuple[pd.Series, dict[str, float]] | None:
         """The run's first non-finite loss, first of the run, on a step whose module outputs were all measured
@@ -1326,6 +1341,11 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
         return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
                       fix=r.fix("optimizer_lr_nonfinite", model=lr.get("model"), group=lr.get("tensor"),
                                 lr_value=str(lr["value"]), step=int(lr["step"])))]
+    state = r.fp16_state_overflow()
+    if state is not None and state["tensor"] == where["tensor"]:
+        evidence["state_dtype"] = "float16"
+        return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
+                      fix=r.fix("optimizer_state_overflow", model=where["model"], tensor=where["tensor"]))]
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 

@@ -104,6 +104,8 @@ CODES = {
                                "were given: optimizer.step() is never called",
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
+    "optimizer_state_nonfinite": "setup_note: the optimizer state of the run's first non-finite weight (a momentum "
+                                 "buffer, Adam's moments) is non-finite with it",
     "scaler_bypassed": "setup_note: an optimizer stepped on gradients the loss scaler scaled and never unscaled: "
                        "optimizer.step() called instead of scaler.step(optimizer)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "

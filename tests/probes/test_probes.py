@@ -2328,3 +2328,26 @@ def test_every_gradient_nan_at_once_in_fp32_from_the_loss_end_is_not_called_an_o
         assert "not an overflow" in root["fix"] and "the loss end" in root["fix"]
         assert ("hand the loss over (`probes.step(loss=loss)`)" in root["fix"]) is not given
         assert ("from a finite loss" in root["fix"]) is given
+
+
+def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_optimizers_state_not_the_lr():
+    """Pure float16 with SGD's momentum: every gradient is 20000 (finite in float16), the buffer sums them past
+    65504 at step 4 and turns Inf, and so does the weight — at an lr of 1e-8. It read as a blow-up 'without a
+    precision cause: lower the lr'; the state overflowed float16, and fp32 state is the fix."""
+    model = nn.Linear(8, 1, bias=False).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-8, momentum=0.999)
+    x = torch.ones(4, 8, dtype=torch.float16)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(5):
+            loss = model(x).sum() * 5000  # d loss / d weight = 5000 × 4 per element
+            loss.backward()
+            assert torch.isfinite(model.weight.grad).all()
+            opt.step()
+            probes.step(loss=loss.float())
+            opt.zero_grad()
+    (note,) = [e for e in probes.events.events if e.code == "optimizer_state_nonfinite"]
+    assert (note.step, note.tensor, note.dtype) == (4, "weight", "float16")
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == \
+        ("optimizer_nonfinite", "critical", "weight", 4)
+    assert "keep the optimizer state in fp32" in root["fix"] and root["evidence"]["gradients_finite"]
