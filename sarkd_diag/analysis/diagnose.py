@@ -329,6 +329,13 @@ FIXES = {
     "loss_scale_collapse": "gradients overflow fp16 even at a small loss scale, from {module} backwards: the "
                            "loss or its gradients are too large for fp16 — lower {loss_weights} or {lr}, or "
                            "train with {bf16_mixed} (fp32's range)",
+    "loss_scale_collapse_sum": "gradients overflow fp16 even at a small loss scale, from {module} backwards, and the "
+                               "loss itself reaches {largest} — far above a per-token mean (a cross-entropy or a KL "
+                               "per token is at most about the log of the vocabulary): a sum over the tokens "
+                               "(`reduction=\"sum\"`, or a sum over the vocabulary and the tokens), whose gradients "
+                               "are as many times a mean's — divide it by the number of target tokens "
+                               "(`reduction=\"mean\"`, or the sum over the vocabulary divided by the tokens), or "
+                               "lower {loss_weights} if a term is weighted that high; precision is not the cause",
     "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
@@ -1558,10 +1565,19 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     if located is not None:
         where.update(model=_where(located)["model"], module=_where(located)["module"],
                      tensor=_where(located)["tensor"])
-    return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
-                  evidence={"backoff_warnings": len(backoff), "skipped_steps": len(r.of("scaler_skip")),
-                            "min_scale": float(collapse["value"].min()),
-                            "overflowing_gradient_step": int(located["step"]) if located is not None else None},
+    evidence = {"backoff_warnings": len(backoff), "skipped_steps": len(r.of("scaler_skip")),
+                "min_scale": float(collapse["value"].min()),
+                "overflowing_gradient_step": int(located["step"]) if located is not None else None}
+    losses = r.train_column("loss")
+    largest = float(losses[losses.map(math.isfinite)].abs().max()) if len(losses) else math.nan
+    # the caller's own loss (`train`'s is a per-token mean by construction, its weights its options), its size near
+    # float16's range as `loss_sum_low` judges it: a sum, whose gradients are as large
+    if r.caller != "cli" and largest > FP16_MAX ** RANGE_EXPONENT:
+        return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
+                      evidence={**evidence, "largest_finite_loss": largest},
+                      fix=r.fix("loss_scale_collapse_sum", model=where["model"], largest=f"{largest:.5g}",
+                                module=where["module"] or where["tensor"] or "the loss"))]
+    return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where, evidence=evidence,
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
                             model=where["model"], module=where["module"] or where["tensor"]))]
 
