@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..contract.config import CALLERS
-from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
+from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, number_or_none
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
@@ -426,6 +426,12 @@ FIXES = {
                              "training's ~1e-3 of it per step, so the step size is the problem, not the precision: "
                              "check {lr} (too small, or a schedule that decayed it to ~0) and {clip} (a threshold "
                              "that shrinks every gradient to almost nothing)",
+    "update_underflow_tiny_gradients": "updates are below half an ulp of the {dtype} weights ({tensor} loses most) "
+                                       "because the gradients themselves are vanishingly small — the largest entry "
+                                       "of any gradient is {grad_amax} (below 6e-8: float16 could not even hold it), "
+                                       "while the loss is {loss}: the loss is multiplied by a tiny factor before "
+                                       "`backward()` (a weight such as 1e-30, a division by a huge count) — fix that "
+                                       "factor; the learning rate and the precision are not the cause",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
@@ -1813,6 +1819,17 @@ def update_underflow(r: RunRecord) -> list[Cause]:
         whole = row.get("code") == "lost_updates_whole_tensors" and half_ulp is None
         template = "update_underflow_wide" if half_ulp is not None else (
             "update_underflow_whole_tensors" if whole else "update_underflow")
+        # no healthy loss has a largest gradient entry this small: the step size is not lr × a normal gradient
+        grad_amax = number_or_none(r.train_column("grad_amax").get(int(row["step"])))
+        tiny = half_ulp is not None and grad_amax is not None and grad_amax < FP16_TINY
+        if tiny:
+            loss = number_or_none(r.train_column("loss").get(int(row["step"])))
+            return [Cause("update_underflow", "warning", **_where(row),
+                          evidence={"lost_update_fraction": row["value"], "dtype": row.get("dtype"),
+                                    "grad_amax": grad_amax, "loss": loss},
+                          fix=r.fix("update_underflow_tiny_gradients", dtype=row.get("dtype"),
+                                    tensor=row.get("tensor"), grad_amax=f"{grad_amax:.3g}",
+                                    loss=f"{loss:.4g}" if loss is not None else "unknown"))]
         half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,

@@ -2351,3 +2351,24 @@ def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_o
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == \
         ("optimizer_nonfinite", "critical", "weight", 4)
     assert "keep the optimizer state in fp32" in root["fix"] and root["evidence"]["gradients_finite"]
+
+
+@pytest.mark.parametrize(("lr", "factor", "blamed"), [(0.1, 1e-30, "factor"), (1e-14, 1.0, "lr")])
+def test_fp32_updates_lost_to_a_tiny_loss_factor_blame_the_factor_not_the_lr(lr, factor, blamed):
+    """fp32 weights, SGD at lr 0.1, the loss multiplied by 1e-30 before backward: every gradient is ~1e-31 and every
+    update rounds away. It read as 'the step size is the problem: check the lr or the clipping'; the largest gradient
+    entry, far below anything a healthy loss makes, says the loss's factor is. A tiny lr with ordinary gradients is
+    still the lr's."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(3, 16, 8):
+            loss = model(x).pow(2).mean() + 1.0
+            (loss * factor).backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "update_underflow"]
+    assert ("multiplied by a tiny factor" in cause["fix"]) == (blamed == "factor"), cause["fix"]
+    assert ("check the optimizer's `lr`" in cause["fix"]) == (blamed == "lr"), cause["fix"]
