@@ -342,6 +342,13 @@ FIXES = {
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
                     "step since step {step}) and no float16 flush explains it: {loss_cut_off}; nothing trains",
+    "no_gradients_zero_activation": "no gradient reaches most weights, and {module}'s output is exactly 0 everywhere "
+                                    "(from step {step}) where the modules before it were not: nothing after it "
+                                    "depends on the input, so the loss is constant and no gradient passes back "
+                                    "through it — look at what zeroes it: a Dropout with p=1.0 on its input (a "
+                                    "dropout probability of 1, or a keep-probability passed as `p`), a mask or gate "
+                                    "that multiplies by 0, a scale of 0, ReLUs that all died; the learning rate and "
+                                    "the precision are not the cause",
     "no_gradients_zero_loss": "the loss is exactly 0 from step {step}, where every gradient is 0, so nothing trains — "
                               "and nothing is broken: that is the loss's minimum (a student identical to its teacher "
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
@@ -1785,6 +1792,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     if not len(zero):
         return []
     row = _first(zero)
+    dead = r.of("zero_activation")
+    dead = dead[(dead["model"] == row.get("model")) & (dead["step"] <= row["step"])]
+    if len(dead):  # the forward itself zeroes everything from a module on: nothing is cut off in the loss's code
+        at = _first(dead)
+        return [Cause("no_gradients", "warning", **{**_where(at), "first_step": int(row["step"])},
+                      evidence={"zero_gradient_tensor_fraction": row["value"], "zero_output_step": int(at["step"])},
+                      fix=r.fix("no_gradients_zero_activation", module=at.get("module"), step=int(at["step"])))]
     return [Cause("no_gradients", "warning", **_where(row),
                   evidence={"zero_gradient_tensor_fraction": row["value"], "tensors_with_a_gradient": row.get("numel"),
                             "compute_dtype": row.get("dtype")},

@@ -25,7 +25,7 @@ KINDS = (
     "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
-    "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "run_error",
+    "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "run_error", "zero_activation",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -61,6 +61,8 @@ CODES = {
     "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
                    "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
+    "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module's output of the "
+                       "same forward was not (the first such module in forward order, once)",
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",

@@ -4,6 +4,7 @@ the event's kind, model, module and step, and the cause the diagnosis draws from
 import contextlib
 import json
 import math
+from collections import OrderedDict
 
 import pandas as pd
 import pytest
@@ -2372,3 +2373,24 @@ def test_fp32_updates_lost_to_a_tiny_loss_factor_blame_the_factor_not_the_lr(lr,
     (cause,) = [c for c in probes.diagnosis() if c["cause"] == "update_underflow"]
     assert ("multiplied by a tiny factor" in cause["fix"]) == (blamed == "factor"), cause["fix"]
     assert ("check the optimizer's `lr`" in cause["fix"]) == (blamed == "lr"), cause["fix"]
+
+
+def test_a_dropout_of_p_one_is_named_as_a_forward_that_zeroes_everything_not_a_loss_cut_off():
+    """`nn.Dropout(p=1.0)` (a keep-probability passed as p): everything after it is 0, the loss is constant and no
+    gradient reaches the weights. It read as 'the loss is cut off from them (`.detach()`, `torch.no_grad()`)'; the
+    first module whose output is 0 everywhere, after one that was not, says where the forward zeroes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(inp=nn.Linear(8, 16), drop=nn.Dropout(p=1.0), out=nn.Linear(16, 1, bias=False)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(3, 4, 8):
+            loss = (model(x) - 1).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = [e for e in probes.events.events if e.kind == "zero_activation"]
+    assert (event.step, event.module, event.severity) == (1, "out", "info")
+    (root,) = probes.diagnosis()
+    assert (root["cause"], root["module"], root["first_step"]) == ("no_gradients", "out", 1)
+    assert "Dropout with p=1.0" in root["fix"] and ".detach()" not in root["fix"]
