@@ -1776,10 +1776,12 @@ def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gr
     assert "(loss / accumulation_steps).backward()" in cause["fix"] and "4×" in cause["fix"]
 
 
-def test_one_forwards_loss_backpropagated_twice_is_no_micro_batch_summed():
-    """One forward a step, its loss backpropagated twice — `ce.backward(retain_graph=True)`, then the total `kd + ce`
-    through it again: one forward, so no micro-batches were summed (the note would tell the loop to divide by a
-    number of micro-batches it does not have). Two such forwards a step, each at full weight, still are."""
+@pytest.mark.parametrize("objectives", ["one forward, two backwards", "two forwards of the same batch"])
+def test_two_objectives_of_one_batch_are_no_micro_batches_summed(objectives):
+    """One batch a step, two objectives at full weight: its loss backpropagated twice — `ce.backward(retain_graph=
+    True)`, then the total `kd + ce` through it again — or two forwards of the same batch, each loss backpropagated
+    (R-Drop's two dropout passes). No micro-batches were summed: the note would tell the loop to divide by a number of
+    micro-batches it does not have. Forwards of different batches, each at full weight, still are (the test above)."""
     torch.manual_seed(0)
     model = tiny.make_gpt2(32, n_layer=1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -1788,8 +1790,12 @@ def test_one_forwards_loss_backpropagated_twice_is_no_micro_batch_summed():
             ids = torch.randint(0, 32, (2, 8))
             out = model(input_ids=ids, labels=ids)
             kd = out.logits.float().pow(2).mean()
-            out.loss.backward(retain_graph=True)
-            (kd + out.loss).backward()
+            if objectives == "one forward, two backwards":
+                out.loss.backward(retain_graph=True)
+                (kd + out.loss).backward()
+            else:
+                (kd + out.loss).backward()
+                model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
             probes.step()
             opt.zero_grad()
