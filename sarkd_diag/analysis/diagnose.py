@@ -31,10 +31,10 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, numbe
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
-    "gradients_not_cleared",
-    "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale",
-    "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
+    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
+    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -1835,8 +1835,7 @@ def update_underflow(r: RunRecord) -> list[Cause]:
             "update_underflow_whole_tensors" if whole else "update_underflow")
         # no healthy loss has a largest gradient entry this small: the step size is not lr × a normal gradient
         grad_amax = number_or_none(r.train_column("grad_amax").get(int(row["step"])))
-        tiny = half_ulp is not None and grad_amax is not None and grad_amax < FP16_TINY
-        if tiny:
+        if half_ulp is not None and grad_amax is not None and grad_amax < FP16_TINY:
             loss = number_or_none(r.train_column("loss").get(int(row["step"])))
             return [Cause("update_underflow", "warning", **_where(row),
                           evidence={"lost_update_fraction": row["value"], "dtype": row.get("dtype"),
@@ -2049,10 +2048,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared,
-         micro_batches_summed, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
-         optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow,
-         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
+         gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
+         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

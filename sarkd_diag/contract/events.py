@@ -61,8 +61,8 @@ CODES = {
     "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
                    "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
-    "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module's output of the "
-                       "same forward was not (the first such module in forward order, once)",
+    "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
+                       "same model in the step was not (the first such module in forward order, once)",
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",

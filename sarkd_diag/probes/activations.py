@@ -27,8 +27,8 @@ silu(gate) · up, handed to down_proj, overflows fp16 though gate, up and down_p
 a large negative value is how a mask is written (float32's min, -1e9). The headroom map and `act_amax_<model>` stay
 module outputs.
 
-The first module output, in forward order, that is exactly 0 everywhere where an earlier module of the same model's
-forward was not is recorded once, as information (`zero_activation`): nothing after it depends on the input (a
+The first module output, in forward order, that is exactly 0 everywhere where an earlier module output of the same
+model in the step was not is recorded once, as information (`zero_activation`): nothing after it depends on the input (a
 Dropout with p=1.0 before it, a gate or mask that multiplies by 0, dead ReLUs) and no gradient passes back through it.
 Alone it is no fault (a LoRA adapter's B starts at 0); the diagnosis reads it where no gradient reaches the weights.
 
@@ -233,7 +233,7 @@ class ActivationProbe(Probe):
         """This rank's events (the first non-finite module in forward order per model, fp16 headroom) and each
         module's largest output over the step's micro-batches: {(model, module): (dtype, amax)}."""
         models_gone_bad: set[str] = set()
-        models_live: set[str] = set()  # a module output of the model was non-zero earlier in forward order
+        models_live: set[str] = set()  # a module output of the model was non-zero earlier in the step's forwards
         largest: dict[tuple[str, str], tuple[str, float]] = {}
         for (model, module, dtype, numel, handed_to), low, high in zip(seen, extremes[:len(seen)],
                                                                         extremes[len(seen):], strict=True):
@@ -267,7 +267,8 @@ class ActivationProbe(Probe):
                     f"{model} {module} output is exactly 0 everywhere at step {self.ctx.step} (in {dtype}), where an "
                     "earlier module's was not: nothing after it depends on the input, and no gradient passes back "
                     "through it", model=model, module=module, dtype=dtype, value=0.0, numel=numel)
-            models_live.update([model] if amax != 0 else [])
+            if amax != 0:
+                models_live.add(model)
             if not math.isfinite(amax):
                 if dtype == "float16" and self._suspect is None:
                     self._watch_suspect(model, module)
