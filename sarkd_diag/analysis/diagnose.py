@@ -326,6 +326,12 @@ FIXES = {
     "gradient_overflow": "gradients overflow {dtype} with nothing to catch them: train with {mixed} (dynamic "
                          "loss scaling skips overflowing steps) or {bf16_mixed}; lower {lr} or clip with {clip} if "
                          "it persists",
+    "gradient_overflow_norm_eps": "the gradients turn non-finite first at {module}, a float16 normalisation with eps "
+                                  "{eps}: a row whose variance is 0 (a constant or zeroed row — padding, a dropped "
+                                  "position) is normalised by 1/√eps = {divisor}, beyond float16's 65504, and its "
+                                  "backward makes Inf and NaN — raise the eps to one float16 serves (1e-5: the "
+                                  "config's `layer_norm_eps` / `rms_norm_eps`, or the module's `eps`), or keep the "
+                                  "norms in fp32: train with {mixed}",
     "loss_scale_collapse": "gradients overflow fp16 even at a small loss scale, from {module} backwards: the "
                            "loss or its gradients are too large for fp16 — lower {loss_weights} or {lr}, or "
                            "train with {bf16_mixed} (fp32's range)",
@@ -1556,6 +1562,14 @@ def gradient_overflow(r: RunRecord) -> list[Cause]:
     if not len(grads) or r.nonfinite_grad_op() is not None:  # else not an overflow: an undefined derivative
         return []
     row = _first(grads)
+    norm = r.of("setup_note", "norm_eps_beyond_fp16")
+    norm = norm[(norm["model"] == row.get("model")) & (norm["module"] == row.get("module"))]
+    if len(norm):  # it began at a float16 norm whose eps float16 cannot serve: that eps, not the scale of the loss
+        eps = float(_first(norm)["value"])
+        return [Cause("gradient_overflow", "critical", **_where(row),
+                      evidence={"nonfinite_grad_events": len(grads), "norm_eps": eps},
+                      fix=r.fix("gradient_overflow_norm_eps", model=row.get("model"), module=row.get("module"),
+                                eps=f"{eps:g}", divisor=f"{eps ** -0.5:.3g}"))]
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
                   fix=r.fix("gradient_overflow", model=row.get("model"), dtype=row.get("dtype")))]
 

@@ -106,6 +106,8 @@ CODES = {
                                "were given: optimizer.step() is never called",
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
+    "norm_eps_beyond_fp16": "setup_note: a normalisation held in float16 whose eps float16 cannot serve: 1/sqrt(eps) "
+                            "beyond 65504 (a row of variance 0 divides by it)",
     "optimizer_state_nonfinite": "setup_note: the optimizer state of the run's first non-finite weight (a momentum "
                                  "buffer, Adam's moments) is non-finite with it",
     "scaler_bypassed": "setup_note: an optimizer stepped on gradients the loss scaler scaled and never unscaled: "

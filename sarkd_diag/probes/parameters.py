@@ -62,6 +62,7 @@ class ParameterProbe(Probe):
         if not self._loaded_checked:
             self._loaded_checked = True
             self._read_as_loaded()
+            self._check_norm_eps()
 
     def _before_forward(self, model_name: str):
         """At the step's first training forward, after a step whose weights were read: the weights again."""
@@ -72,6 +73,25 @@ class ParameterProbe(Probe):
             if self.ctx.stats_step or _write_marks(self._params) != self._marks:
                 self._at_forward = abs_max(self._params)
         return hook
+
+    def _check_norm_eps(self) -> None:
+        """Once, before the first step: per model, the first normalisation held in float16 (its own weights float16)
+        whose eps (`eps`, or transformers' `variance_epsilon`) float16 cannot serve — a row whose variance is 0 (a
+        constant or zeroed row: padding, a dropped position) is divided by √eps, and 1/√eps beyond 65504 is Inf in
+        float16 (an eps below 2⁻²⁴ is 0 there: 0/0). Information: it matters where a fault is placed at that norm."""
+        for model_name, model in self.ctx.models.items():
+            for name, module in model.named_modules():
+                eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+                weights = list(module.parameters(recurse=False))
+                if isinstance(eps, float) and 0 < eps < FP16_MAX ** -2 and weights \
+                        and all(w.dtype == torch.float16 for w in weights):
+                    self.ctx.events.record(
+                        "setup_note", "info",
+                        f"{model_name} {name} normalises in float16 with eps {eps:g}: a row of variance 0 is "
+                        f"divided by {eps ** -0.5:.3g}, beyond float16's {FP16_MAX:.0f}",
+                        step=self.ctx.step, phase="setup", probe=self.name, model=model_name, module=name,
+                        dtype="float16", value=eps, code="norm_eps_beyond_fp16")
+                    break
 
     def _read_as_loaded(self) -> None:
         """Every floating weight of every model, before the first step: one absolute max per tensor, on the

@@ -2400,3 +2400,30 @@ def test_a_dropout_of_p_one_is_named_as_a_forward_that_zeroes_everything_not_a_l
     (root,) = probes.diagnosis()
     assert (root["cause"], root["module"], root["first_step"]) == ("no_gradients", "out", 1)
     assert "Dropout with p=1.0" in root["fix"] and ".detach()" not in root["fix"]
+
+
+def test_a_float16_layernorm_whose_eps_float16_cannot_serve_is_named_with_its_eps():
+    """A GPT-2 with `layer_norm_epsilon=1e-12` (BERT's) held in float16, one position's input a constant row: the row's
+    variance is 0, LayerNorm divides by 1/sqrt(1e-12) = 1e6 — beyond float16 — and its backward turns NaN there.
+    Placed at that norm, the fix named a loss scaler or a lower lr; it is the eps float16 cannot serve."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-12))
+    with torch.no_grad():
+        model.transformer.wte.weight[5].fill_(0.5)  # token 5's embedding is constant,
+        model.transformer.wpe.weight.zero_()  # and no position adds to it
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        ids = torch.randint(6, 32, (2, 8))
+        ids[0, 3] = 5
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        probes.step()
+    (note,) = [e for e in probes.events.events if e.code == "norm_eps_beyond_fp16"]
+    assert (note.module, note.value, note.severity) == ("transformer.h.0.ln_1", 1e-12, "info")
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["module"], root["first_step"]) == ("gradient_overflow", "transformer.h.0.ln_1", 1)
+    assert "eps 1e-12" in root["fix"] and "`layer_norm_eps`" in root["fix"], root["fix"]
