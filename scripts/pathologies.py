@@ -1211,6 +1211,49 @@ def no_gradient_user_loop(bug: str):
     return run
 
 
+def dropout_of_one_user_loop(world: World, tmp: Path) -> Outcome:
+    """A GPT-2 student configured with `embd_pdrop=1.0` and `resid_pdrop=1.0` (a keep-probability typed where the
+    drop probability belongs): past the embeddings' dropout every activation is 0, the logits are constant, and no
+    gradient but the final norm's bias reaches the weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    outcome = Outcome()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=world.vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                       embd_pdrop=1.0, resid_pdrop=1.0, attn_pdrop=0.0))
+    losses = plain_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 4),
+                             tmp / "run")
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 4) for v in losses])
+    outcome.check("the loss stays at its first value (to 1e-3)", max(losses) - min(losses) < 1e-3)
+    return outcome
+
+
+def momentum_buffer_overflow_half_loop(world: World, tmp: Path) -> Outcome:
+    """`model.half()` and SGD with momentum 0.999 at lr 1e-7, the loss summed with a weight of 2e4: every gradient
+    stays finite in float16 (~1e4), and the float16 momentum buffer sums them past 65504 within ten steps — Inf, and
+    the weight with it."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-7, momentum=0.999)
+    grads_finite, buffers = [], []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 12):
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss * 2e4).backward()
+            grads_finite.append(all(finite(p.grad) for p in model.parameters()))
+            opt.step()
+            buffers.append(max(float(opt.state[p]["momentum_buffer"].float().abs().max()) for p in model.parameters()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    first_inf = next((i for i, b in enumerate(buffers, start=1) if not math.isfinite(b)), None)
+    outcome.facts.update(buffer_amax=buffers, first_nonfinite_buffer_step=first_inf)
+    outcome.check("the gradients were finite up to the step the momentum buffer turned non-finite",
+                  first_inf is not None and all(grads_finite[:first_inf]))
+    return outcome
+
+
 def clean_amp_user_loop(world: World, tmp: Path) -> Outcome:
     return _clean_user_loop(world, tmp, torch.float16, scaled=True)
 
@@ -1798,6 +1841,31 @@ def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def amp_loop_that_steps_past_its_scaler(world: World, tmp: Path) -> Outcome:
+    """An AMP loop that scales its loss but steps with `opt.step()` itself, never `scaler.step(opt)` (nor
+    `scaler.update()`, which would raise for want of an inf check): SGD applies the gradients × 65536 — an update
+    hundreds of times the weights at step 1, which alone reads as an lr far too high."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            opt.step()  # where scaler.step(opt) belongs
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=losses, scale=scaler.get_scale())
+    outcome.check("the scale stayed 65536 and the loss blew up after the first update",
+                  scaler.get_scale() == 2.0**16 and not losses[1] < 3 * losses[0])
+    return outcome
+
+
 T5_FF_OUT = "encoder.block.1.layer.1.DenseReluDense.wo"
 
 
@@ -2246,6 +2314,14 @@ SCENARIOS: list[Scenario] = [
              "`backward()` and `step()` from step 2", "fp32", "user loop", no_gradient_user_loop("cleared"),
              Expected("no_gradients", "warning", "student", ANY, first_step=2, fix_contains="zero_grad",
                       absent=("update_underflow",))),
+    Scenario("dropout of 1.0 in the student", "user loop: fp32 GPT-2 with `embd_pdrop=1.0`, `resid_pdrop=1.0`, "
+             "AdamW", "fp32", "user loop", dropout_of_one_user_loop,
+             Expected("no_gradients", "warning", "student", "transformer.h.0.ln_1", first_step=1,
+                      fix_contains="Dropout with p=1.0", fix_lacks="detach")),
+    Scenario("float16 momentum buffer overflows", "user loop: `model.half()`, SGD momentum 0.999, lr 1e-7; loss "
+             "× 2e4: gradients ~1e4, finite", "pure-fp16", "user loop", momentum_buffer_overflow_half_loop,
+             Expected("optimizer_nonfinite", "critical", "student", first_step=(8, 12),
+                      fix_contains="keep the optimizer state in fp32", absent=("divergence",))),
     Scenario("logits detached", "user loop: fp32 GPT-2, AdamW; from step 2 the logits `.detach()`ed, "
              "`loss.requires_grad_()` silencing backward's error", "fp32", "user loop",
              no_gradient_user_loop("detached"),
@@ -2358,6 +2434,11 @@ SCENARIOS: list[Scenario] = [
              amp_loop_that_also_calls_optimizer_step,
              Expected("optimizer_stepped_twice", "critical", first_step=1, fix_contains="scaler.step(optimizer)` alone",
                       absent=("divergence", "gradient_overflow"))),
+    Scenario("AMP loop that steps past its scaler", "user loop: autocast fp16 + GradScaler, SGD lr 1e-2; "
+             "`scaler.scale(loss).backward()` then `opt.step()` (no `scaler.step(opt)`)", "mixed", "user loop",
+             amp_loop_that_steps_past_its_scaler,
+             Expected("scaler_bypassed", "critical", first_step=1, fix_contains="scaler.step(optimizer)",
+                      absent=("divergence",))),
     Scenario("T5 feed-forward overflows fp16, one-token answers", "user loop: T5 (encoder-decoder), autocast fp16 + "
              f"GradScaler; `{T5_FF_OUT}` beyond fp16 (wi, wo ×300), labels one token per example", "mixed",
              "user loop", t5_feed_forward_overflow_amp_loop,

@@ -208,6 +208,24 @@ def test_loss_scale_collapse_is_placed_where_gradients_overflowed_when_the_scale
     assert "mid" in cause["fix"] and "--" not in cause["fix"]
 
 
+@pytest.mark.parametrize(("caller", "loss", "summed"), [("loop", 68046.0, True), ("loop", 5.5, False),
+                                                       ("cli", 68046.0, False)])
+def test_a_loss_scale_collapse_under_a_loss_summed_over_the_tokens_says_to_divide_by_them(caller, loss, summed):
+    """A loop's KD loss summed over the vocabulary and the tokens (~68,000 where a per-token KL is ~1): the scaler
+    backs off to 128 and below. The fix said to lower the loss's weights or the lr; the loss's own size says it is a
+    sum — divide by the target tokens. Not for a per-token loss, nor for `train`'s, a mean by construction (a loss
+    that large there is a weight: `--alpha-kd`)."""
+    frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
+                 "phase": "backward", "model": "student", "module": "lm_head", "tensor": "lm_head.weight"},
+                {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
+                 "value": 128.0})
+    metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [loss] * 10})
+    (cause,) = causes(frame, metrics, caller=caller)
+    assert (cause["cause"], cause["module"], cause["first_step"]) == ("loss_scale_collapse", "lm_head", 9)
+    assert ("divide it by the number of target tokens" in cause["fix"]) == summed, cause["fix"]
+    assert (cause["evidence"].get("largest_finite_loss") == loss) == summed
+
+
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
 def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teacher(caller):
     """SAR's router terms weighted 1e6: the teacher's router gradients overflow fp16 from 2**16 down to a scale of

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..contract.config import CALLERS
-from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, number_or_none
+from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, number_or_none
 
 CAUSE_ORDER = (
-    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "optimizer_stepped_twice", "gradients_not_cleared",
-    "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow", "optimizer_state_underflow",
-    "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse", "weight_decay_lost", "clip_before_unscale",
-    "divergence", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
+    "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
+    "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
+    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
+    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -261,6 +262,11 @@ FIXES = {
     "optimizer_lr_nonfinite": "the learning rate of {group} is {lr_value} from step {step}: the optimizer turns every "
                               "weight it updates NaN whatever the gradients — check the schedule (a division by a "
                               "warm-up or total of 0, a decay run past its end) and the value given to {lr}",
+    "optimizer_state_overflow": "the optimizer's state of {tensor} (a momentum buffer, Adam's moments) overflowed "
+                                "float16 though every gradient was finite: held in float16, a momentum buffer sums "
+                                "gradients past 65504 (and a second moment squares any above 256) — keep the "
+                                "optimizer state in fp32: train with {mixed} (fp32 master weights and optimizer "
+                                "state); the learning rate is not the cause",
     "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
                            "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
                            "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
@@ -330,9 +336,22 @@ FIXES = {
     "gradient_overflow": "gradients overflow {dtype} with nothing to catch them: train with {mixed} (dynamic "
                          "loss scaling skips overflowing steps) or {bf16_mixed}; lower {lr} or clip with {clip} if "
                          "it persists",
+    "gradient_overflow_norm_eps": "the gradients turn non-finite first at {module}, a float16 normalisation with eps "
+                                  "{eps}: a row whose variance is 0 (a constant or zeroed row — padding, a dropped "
+                                  "position) is normalised by 1/√eps = {divisor}, beyond float16's 65504, and its "
+                                  "backward makes Inf and NaN — raise the eps to one float16 serves (1e-5: the "
+                                  "config's `layer_norm_eps` / `rms_norm_eps`, or the module's `eps`), or keep the "
+                                  "norms in fp32: train with {mixed}",
     "loss_scale_collapse": "gradients overflow fp16 even at a small loss scale, from {module} backwards: the "
                            "loss or its gradients are too large for fp16 — lower {loss_weights} or {lr}, or "
                            "train with {bf16_mixed} (fp32's range)",
+    "loss_scale_collapse_sum": "gradients overflow fp16 even at a small loss scale, from {module} backwards, and the "
+                               "loss itself reaches {largest} — far above a per-token mean (a cross-entropy or a KL "
+                               "per token is at most about the log of the vocabulary): a sum over the tokens "
+                               "(`reduction=\"sum\"`, or a sum over the vocabulary and the tokens), whose gradients "
+                               "are as many times a mean's — divide it by the number of target tokens "
+                               "(`reduction=\"mean\"`, or the sum over the vocabulary divided by the tokens), or "
+                               "lower {loss_weights} if a term is weighted that high; precision is not the cause",
     "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
@@ -340,6 +359,13 @@ FIXES = {
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
                     "step since step {step}) and no flush of an unscaled float16 backward explains it: {loss_cut_off}; "
                     "nothing trains",
+    "no_gradients_zero_activation": "no gradient reaches most weights, and {module}'s output is exactly 0 everywhere "
+                                    "(from step {step}) where the modules before it were not: nothing after it "
+                                    "depends on the input, so the loss is constant and no gradient passes back "
+                                    "through it — look at what zeroes it: a Dropout with p=1.0 on its input (a "
+                                    "dropout probability of 1, or a keep-probability passed as `p`), a mask or gate "
+                                    "that multiplies by 0, a scale of 0, ReLUs that all died; the learning rate and "
+                                    "the precision are not the cause",
     "no_gradients_zero_loss": "the loss is exactly 0 from step {step}, where every gradient is 0, so nothing trains — "
                               "and nothing is broken: that is the loss's minimum (a student identical to its teacher "
                               "has a KD term of exactly 0; a cross-entropy whose probabilities saturated at 1 is 0). "
@@ -384,6 +410,13 @@ FIXES = {
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
                                "step",
+    "scaler_bypassed": "the optimizer steps on gradients the loss scaler scaled and never unscaled (from step "
+                       "{step}, scale {scale}): `optimizer.step()` is called where `scaler.step(optimizer)` "
+                       "belongs, so every update applies the gradient × {scale} — SGD's and momentum's update "
+                       "{scale}× too large (Adam's divides most of it away, its eps {scale}× smaller) — and a step "
+                       "whose gradients overflowed is applied, not skipped: call `scaler.step(optimizer)` (it "
+                       "unscales, skips an overflowing step, else calls `optimizer.step()`), then `scaler.update()`; "
+                       "the learning rate is not the cause",
     "scaler_fp16_weights": "{model}'s trainable weights are float16 ({tensor} and {others} more) under a loss "
                            "scaler: GradScaler refuses to unscale float16 gradients ('Attempting to unscale FP16 "
                            "gradients' at the first optimizer step) — a loss scaler is for fp32 weights computing in "
@@ -431,6 +464,12 @@ FIXES = {
                              "that shrinks every gradient to almost nothing) and {loss_weights} (weights so small that "
                              "the gradients fall below the optimizer's eps, which Adam divides by, and the updates "
                              "with them)",
+    "update_underflow_loss_factor": "updates are below half an ulp of the {dtype} weights ({tensor} loses most) "
+                                    "because the gradients themselves are vanishingly small — the largest entry "
+                                    "of any gradient is {grad_amax} (below 6e-8: float16 could not even hold it), "
+                                    "while the loss is {loss}: the loss is multiplied by a tiny factor before "
+                                    "`backward()` (a weight such as 1e-30, a division by a huge count) — fix that "
+                                    "factor; the learning rate and the precision are not the cause",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
@@ -825,10 +864,11 @@ class RunRecord:
         return None if any((self.of(kind)["step"] < limit).any() for kind, limit in limits.items()) else row
 
     def optimizer_made_nonfinite(self) -> pd.Series | None:
-        """The first `nonfinite_param` event holding NaN when the step that made it had every gradient measured
-        finite (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a
-        loss, a gradient, an update as large as the weights: then the optimizer's own arithmetic made the NaN.
-        (Inf alone can be an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
+        """The first `nonfinite_param` event holding NaN — or Inf where its optimizer state overflowed float16 with
+        it (`fp16_state_overflow`) — when the step that made it had every gradient measured finite
+        (`nonfinite_grad_tensors` 0 in its row) and nothing non-finite or extreme came before — bad data, a loss, a
+        gradient, an update as large as the weights: then the optimizer's own arithmetic made it. (Inf alone can be
+        an update that overflows the weights' dtype: a learning-rate problem, `divergence`'s.)"""
         params = self.of("nonfinite_param")
         if not len(params):
             return None
@@ -841,8 +881,17 @@ class RunRecord:
         bad_grads = self.train_column("nonfinite_grad_tensors")
         if step not in bad_grads.index or float(bad_grads.loc[[step]].iloc[-1]) != 0:
             return None
-        made = params[(params["step"] == step) & (params["nan_count"].fillna(0) > 0)]
+        state = self.fp16_state_overflow()
+        made = params[(params["step"] == step) & ((params["nan_count"].fillna(0) > 0)
+                                                  | params["tensor"].eq(None if state is None else state["tensor"]))]
         return _first(made) if len(made) else None
+
+    def fp16_state_overflow(self) -> pd.Series | None:
+        """The `optimizer_state_nonfinite` note where the state is float16: a momentum buffer or moment held in
+        float16 that accumulated past 65504 (or a squared gradient beyond 256) — values no wider state overflows."""
+        note = self.of("setup_note", "optimizer_state_nonfinite")
+        note = note[note["dtype"] == "float16"]
+        return _first(note) if len(note) else None
 
     def loss_from_finite_outputs(self) -> tuple[pd.Series, dict[str, float]] | None:
         """The run's first non-finite loss, first of the run, on a step whose module outputs were all measured
@@ -1375,6 +1424,11 @@ def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
         return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
                       fix=r.fix("optimizer_lr_nonfinite", model=lr.get("model"), group=lr.get("tensor"),
                                 lr_value=str(lr["value"]), step=int(lr["step"])))]
+    state = r.fp16_state_overflow()
+    if state is not None and state["tensor"] == where["tensor"]:
+        evidence["state_dtype"] = "float16"
+        return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence,
+                      fix=r.fix("optimizer_state_overflow", model=where["model"], tensor=where["tensor"]))]
     return [Cause("optimizer_nonfinite", "critical", **where, evidence=evidence, fix=r.fix("optimizer_nonfinite"))]
 
 
@@ -1572,6 +1626,14 @@ def gradient_overflow(r: RunRecord) -> list[Cause]:
     if not len(grads) or r.nonfinite_grad_op() is not None:  # else not an overflow: an undefined derivative
         return []
     row = _first(grads)
+    norm = r.of("setup_note", "norm_eps_beyond_fp16")
+    norm = norm[(norm["model"] == row.get("model")) & (norm["module"] == row.get("module"))]
+    if len(norm):  # it began at a float16 norm whose eps float16 cannot serve: that eps, not the scale of the loss
+        eps = float(_first(norm)["value"])
+        return [Cause("gradient_overflow", "critical", **_where(row),
+                      evidence={"nonfinite_grad_events": len(grads), "norm_eps": eps},
+                      fix=r.fix("gradient_overflow_norm_eps", model=row.get("model"), module=row.get("module"),
+                                eps=f"{eps:g}", divisor=f"{eps ** -0.5:.3g}"))]
     return [Cause("gradient_overflow", "critical", **_where(row), evidence={"nonfinite_grad_events": len(grads)},
                   fix=r.fix("gradient_overflow", model=row.get("model"), dtype=row.get("dtype")))]
 
@@ -1594,10 +1656,19 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     if located is not None:
         where.update(model=_where(located)["model"], module=_where(located)["module"],
                      tensor=_where(located)["tensor"])
-    return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
-                  evidence={"backoff_warnings": len(backoff), "skipped_steps": len(r.of("scaler_skip")),
-                            "min_scale": float(collapse["value"].min()),
-                            "overflowing_gradient_step": int(located["step"]) if located is not None else None},
+    evidence = {"backoff_warnings": len(backoff), "skipped_steps": len(r.of("scaler_skip")),
+                "min_scale": float(collapse["value"].min()),
+                "overflowing_gradient_step": int(located["step"]) if located is not None else None}
+    losses = r.train_column("loss")
+    largest = float(losses[losses.map(math.isfinite)].abs().max()) if len(losses) else math.nan
+    # the caller's own loss (`train`'s is a per-token mean by construction, its weights its options), its size near
+    # float16's range as `loss_sum_low` judges it: a sum, whose gradients are as large
+    if r.caller != "cli" and largest > FP16_MAX ** RANGE_EXPONENT:
+        return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
+                      evidence={**evidence, "largest_finite_loss": largest},
+                      fix=r.fix("loss_scale_collapse_sum", model=where["model"], largest=f"{largest:.5g}",
+                                module=where["module"] or where["tensor"] or "the loss"))]
+    return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where, evidence=evidence,
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
                             model=where["model"], module=where["module"] or where["tensor"]))]
 
@@ -1640,6 +1711,23 @@ def optimizer_stepped_twice(r: RunRecord) -> list[Cause]:
                                    "the weights NaN" if scaled else "",
                             one_step="`scaler.step(optimizer)` alone: it calls `optimizer.step()` itself" if scaled
                             else "one `optimizer.step()` after each `backward()`"))]
+
+
+def scaler_bypassed(r: RunRecord) -> list[Cause]:
+    """The optimizer stepped on gradients its loss scaler scaled and never unscaled (a `scaler_bypassed` note): every
+    update is the scale times too large for SGD (a blow-up that reads as an lr far too high) and overflowing steps are
+    applied — critical once something goes wrong at or after it (what follows is folded into it), else a warning
+    (Adam divides the scale away)."""
+    note = r.of("setup_note", "scaler_bypassed")
+    if not len(note):
+        return []
+    row = _first(note)
+    step = int(row["step"])
+    then = _went_wrong_from(r, step)
+    scale = number_or_none(row.get("value"))
+    return [Cause("scaler_bypassed", "critical" if then else "warning", **_where(row),
+                  evidence={"loss_scale": scale, "then": ", ".join(then) or None},
+                  fix=r.fix("scaler_bypassed", step=step, scale=f"{scale:g}" if scale is not None else None))]
 
 
 def scaler_fp16_weights(r: RunRecord) -> list[Cause]:
@@ -1782,6 +1870,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     if not len(zero):
         return []
     row = _first(zero)
+    dead = r.of("zero_activation")
+    dead = dead[(dead["model"] == row.get("model")) & (dead["step"] <= row["step"])]
+    if len(dead):  # the forward itself zeroes everything from a module on: nothing is cut off in the loss's code
+        at = _first(dead)
+        return [Cause("no_gradients", "warning", **{**_where(at), "first_step": int(row["step"])},
+                      evidence={"zero_gradient_tensor_fraction": row["value"], "zero_output_step": int(at["step"])},
+                      fix=r.fix("no_gradients_zero_activation", module=at.get("module"), step=int(at["step"])))]
     return [Cause("no_gradients", "warning", **_where(row),
                   evidence={"zero_gradient_tensor_fraction": row["value"], "tensors_with_a_gradient": row.get("numel"),
                             "compute_dtype": row.get("dtype")},
@@ -1821,6 +1916,16 @@ def update_underflow(r: RunRecord) -> list[Cause]:
         template = "update_underflow_wide" if half_ulp is not None else "update_underflow_lr" if lr_too_small else (
             "update_underflow_tiny_gradients" if tiny_gradients else
             "update_underflow_whole_tensors" if whole else "update_underflow")
+        # no healthy loss has a largest gradient entry this small: the step size is not lr × a normal gradient
+        grad_amax = number_or_none(r.train_column("grad_amax").get(int(row["step"])))
+        if half_ulp is not None and grad_amax is not None and grad_amax < FP16_TINY:
+            loss = number_or_none(r.train_column("loss").get(int(row["step"])))
+            return [Cause("update_underflow", "warning", **_where(row),
+                          evidence={"lost_update_fraction": row["value"], "dtype": row.get("dtype"),
+                                    "grad_amax": grad_amax, "loss": loss},
+                          fix=r.fix("update_underflow_loss_factor", dtype=row.get("dtype"),
+                                    tensor=row.get("tensor"), grad_amax=f"{grad_amax:.3g}",
+                                    loss=f"{loss:.4g}" if loss is not None else "unknown"))]
         half_ulp = half_ulp if half_ulp is not None else NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
         return [Cause("update_underflow", "warning", **_where(row),
                       evidence={"lost_update_fraction": row["value"], "predicted_fraction": predicted_fraction,
@@ -2046,10 +2151,11 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
                            term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
 
 
-RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, optimizer_stepped_twice, gradients_not_cleared,
-         micro_batches_summed, teacher_overflow, optimizer_eps_underflow, optimizer_state_underflow,
-         optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow,
-         gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence)
+RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
+         gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
+         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
+         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
+         update_underflow, divergence)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

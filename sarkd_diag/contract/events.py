@@ -26,7 +26,7 @@ KINDS = (
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
     "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "forward_replay",
-    "run_error",
+    "run_error", "zero_activation",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -66,6 +66,8 @@ CODES = {
     "forward_replay": "a step's forwards, replayed with per-module statistics after a non-finite loss, made every "
                       "module output finite (value: the model's largest): the loss made it after them",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
+    "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
+                       "same model in the step was not (the first such module in forward order, once)",
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
@@ -113,6 +115,12 @@ CODES = {
                                "were given: optimizer.step() is never called",
     "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
                                "twice per batch (scaler.step and optimizer.step both)",
+    "norm_eps_beyond_fp16": "setup_note: a normalisation held in float16 whose eps float16 cannot serve: 1/sqrt(eps) "
+                            "beyond 65504 (a row of variance 0 divides by it)",
+    "optimizer_state_nonfinite": "setup_note: the optimizer state of the run's first non-finite weight (a momentum "
+                                 "buffer, Adam's moments) is non-finite with it",
+    "scaler_bypassed": "setup_note: an optimizer stepped on gradients the loss scaler scaled and never unscaled: "
+                       "optimizer.step() called instead of scaler.step(optimizer)",
     "clip_before_unscale": "setup_note: the loop clips gradients the loss scaler still scales (clip_grad_norm_ "
                            "or clip_grad_value_ before scaler.unscale_): updates ~scale x smaller than the threshold "
                            "meant",

@@ -48,6 +48,13 @@ class LossScaler:
             return []
         return list(self.scaler._found_inf_per_device(optimizer).values())
 
+    def left_scaled(self, optimizer: torch.optim.Optimizer) -> bool:
+        """A loss was scaled (the scale exists) and the scaler has not looked at this optimizer's gradients since its
+        last update: not unscaled them (`unscale_`, which `scaler.step` calls), nor checked them for an optimizer that
+        unscales in its own kernel (a fused one, which `scaler.step` hands the scale): an optimizer stepping now
+        applies them still multiplied by the scale."""
+        return self.enabled and self.scaler._scale is not None and not self.found_inf(optimizer)
+
     def on_unscaled(self, callback: Callable[[torch.optim.Optimizer], None]) -> Callable[[], None]:
         """Call `callback(optimizer)` right after every `unscale_`; returns a function that removes it."""
         if self.scaler is None:

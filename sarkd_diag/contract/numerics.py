@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 FP16_MAX = 65504.0  # torch.finfo(torch.float16).max, written out so this module needs no torch
+FP16_TINY = 2.0**-24  # float16's smallest subnormal: a value below it is 0 in float16
 # An optimizer step that changes the weight matrices by as much as their own size (‖Δw‖/‖w‖ = 1) is a
 # blow-up, not training: healthy steps are ~1e-3 (see probes/updates.py for where that comes from).
 EXTREME_UPDATE_RATIO = 1.0

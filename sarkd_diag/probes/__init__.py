@@ -237,6 +237,9 @@ class ProbeSet:
         returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
             self._stepped_twice()
+        # unscaled this step already: a scaler's update() between its step and this one forgets that, the probes not
+        if id(optimizer) not in self._stepped | self._unscaled_ones and self.ctx.loss_scaler.left_scaled(optimizer):
+            self._stepped_past_the_scaler()
         self._stepped.add(id(optimizer))
         self.ctx.optimizers_used.add(id(optimizer))
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, *step's arguments)
@@ -324,6 +327,22 @@ class ProbeSet:
                                "skipped as non-finite applied anyway — or probes.step() is not called after every "
                                "optimizer step",
                                step=self.ctx.step, probe="optimizer", phase="optimizer", code="optimizer_stepped_twice")
+
+    def _stepped_past_the_scaler(self) -> None:
+        """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls
+        `optimizer.step()` where `scaler.step(optimizer)` belongs (which unscales first, and skips a step whose
+        gradients overflowed), so every update applies the gradients × the scale, and non-finite ones too. Said once,
+        with the scale (read once)."""
+        if not self.ctx.events.say_once("scaler_bypassed"):
+            return
+        scale = float(self.ctx.loss_scaler.scale())
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled "
+                               f"(by {scale:g}) and never unscaled: optimizer.step() is called instead of "
+                               "scaler.step(optimizer), so every update is the gradient × the scale and no overflowing "
+                               "step is skipped — call scaler.step(optimizer), then scaler.update()",
+                               step=self.ctx.step, probe="optimizer", phase="optimizer", value=scale,
+                               code="scaler_bypassed")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
@@ -834,6 +853,11 @@ class Probes:
             if not self._holds_frozen_model(held, trainable, step):
                 self._optimizes_none_of_them(trainable, step)
             return
+        holds_instead = [name for name, params in trainable.items() if any(id(p) in held for _, p in params)]
+        # built over another model's tensors (a teacher left trainable) and none of the student's
+        if holds_instead and trainable.get("student") and "student" not in holds_instead:
+            self._optimizes_none_of_them({"student": trainable["student"]}, step, holds_instead[0])
+            return
         for name, params in trainable.items():
             left = [n for n, p in params if id(p) not in held]
             if left and len(left) < len(params):
@@ -860,16 +884,18 @@ class Probes:
                 return True
         return False
 
-    def _optimizes_none_of_them(self, trainable: dict[str, list], step: int) -> None:
+    def _optimizes_none_of_them(self, trainable: dict[str, list], step: int, instead: str | None = None) -> None:
         """The optimizer holds parameters, but not one trainable tensor of the models given: built from another
         model, a copy, or before the model was re-created or wrapped (adapters added after the optimizer was made
-        are trainable tensors it never saw). Its step changes nothing of them: the loss cannot move."""
+        are trainable tensors it never saw). Or (`instead`) it holds only another watched model's — the teacher's,
+        left trainable — and none of the student's. Its step changes nothing of them: the loss cannot move."""
         name, params = next(((n, ps) for n, ps in trainable.items() if ps), (None, []))
         if name is None:
             return  # nothing the probes were given is trainable: nothing for the optimizer to miss
+        built_from = f"{instead}'s parameters" if instead else "other parameters"
         self.events.record("setup_note", "warning",
                            f"the optimizer holds none of {name}'s {len(params)} trainable tensors (e.g. {params[0][0]})"
-                           f" — it was built from other parameters: its steps change nothing of {name}",
+                           f" — it was built from {built_from}: its steps change nothing of {name}",
                            step=step, probe="optimizer", model=name, tensor=params[0][0], numel=len(params),
                            code="unoptimized_models")
 

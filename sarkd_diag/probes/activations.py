@@ -27,6 +27,11 @@ silu(gate) · up, handed to down_proj, overflows fp16 though gate, up and down_p
 a large negative value is how a mask is written (float32's min, -1e9). The headroom map and `act_amax_<model>` stay
 module outputs.
 
+The first module output, in forward order, that is exactly 0 everywhere where an earlier module output of the same
+model in the step was not is recorded once, as information (`zero_activation`): nothing after it depends on the input (a
+Dropout with p=1.0 before it, a gate or mask that multiplies by 0, dead ReLUs) and no gradient passes back through it.
+Alone it is no fault (a LoRA adapter's B starts at 0); the diagnosis reads it where no gradient reaches the weights.
+
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
 inputs (the sqrt or log of a negative, 0/0), NaN in any precision. So the first such module is watched on the
@@ -235,6 +240,7 @@ class ActivationProbe(Probe):
         module's largest output over the step's micro-batches, {(model, module): (dtype, amax)}, and the models
         one of whose modules made or output a non-finite value."""
         models_gone_bad: set[str] = set()
+        models_live: set[str] = set()  # a module output of the model was non-zero earlier in the step's forwards
         largest: dict[tuple[str, str], tuple[str, float]] = {}
         for (model, module, dtype, numel, handed_to), low, high in zip(seen, extremes[:len(seen)],
                                                                         extremes[len(seen):], strict=True):
@@ -262,6 +268,14 @@ class ActivationProbe(Probe):
                 continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
+            if amax == 0 and model in models_live and not note:
+                self._report_once(
+                    (model, "zero"), "zero_activation", "info",
+                    f"{model} {module} output is exactly 0 everywhere at step {self.ctx.step} (in {dtype}), where an "
+                    "earlier module's was not: nothing after it depends on the input, and no gradient passes back "
+                    "through it", model=model, module=module, dtype=dtype, value=0.0, numel=numel)
+            if amax != 0:
+                models_live.add(model)
             if not math.isfinite(amax):
                 if dtype == "float16" and self._suspect is None:
                     self._watch_suspect(model, module)

@@ -57,11 +57,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract.numerics import FP16_TINY
 from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import counted
 from .base import FP16_MAX, Probe, abs_max, dtype_name, eager, nonfinite_counts, optimizers_of, sampled
-
-FP16_TINY = float(torch.finfo(torch.float16).tiny) * 2.0**-10  # smallest fp16 subnormal
 
 
 @dataclass

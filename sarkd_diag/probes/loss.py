@@ -8,7 +8,10 @@ than bad numerics — unless its loss is a share of the step's (divided by the s
 `num_items_in_batch`) and another micro-batch of the step has targets: then it adds 0, harmlessly. The first empty
 micro-batch is recorded, and the first one on a step whose loss turned non-finite, if that is a later one: that
 one explains the NaN, whatever came before it. The gradient backward brings each loss a model returns is its weight
-in the step's gradient: several of one model's at full weight are micro-batches summed, not averaged.
+in the step's gradient: several of one model's forwards each at full weight, on different batches, are micro-batches
+summed, not averaged. A weight is summed per batch (the input tensor a forward was handed): one forward's loss
+backpropagated twice (`backward(retain_graph=True)`, then again through a total that holds it), or two forwards of the
+same batch (two objectives, R-Drop's two dropout passes), are that batch's objectives, not a second micro-batch.
 """
 
 from __future__ import annotations
@@ -98,9 +101,12 @@ class LossProbe(Probe):
         self._micro = 0
         # (loss, targets, share) of each training forward's outputs
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
-        # (model, the gradient backward brought a captured loss, unscaled): that loss's weight in the step's gradient
-        self._weights: list[tuple[str, torch.Tensor]] = []
-        self._weighed_models: list[str] = []  # the model of each weight handed to the step's readings
+        # (model, the batch of its forward, the gradient backward brought that forward's loss, unscaled): the loss's
+        # weight in the step's gradient, once per backward through it
+        self._weights: list[tuple[str, int, torch.Tensor]] = []
+        self._weighed_batches: list[tuple[str, int]] = []  # (model, batch) of each weight handed to the readings
+        self._batches: list = []  # the step's distinct inputs, held for the step so none's identity is reused
+        self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
@@ -126,7 +132,17 @@ class LossProbe(Probe):
                 shifts = shifts_labels(model)
             self._labels = count_targets(labels, shifts) if self._labelled else None
             self._share = kwargs.get("num_items_in_batch") is not None
+            self._batch = self._batch_of(kwargs.get("input_ids", next(filter(torch.is_tensor, args), None)))
         return hook
+
+    def _batch_of(self, data: torch.Tensor | None) -> int:
+        """The number of the batch a forward was handed this step: the same tensor again is the same batch (a
+        forward without an input tensor is a batch of its own)."""
+        for number, seen in enumerate(self._batches):
+            if data is not None and seen is data:
+                return number
+        self._batches.append(data if data is not None else object())
+        return len(self._batches) - 1
 
     def _read_loss(self, model_name: str):
         def hook(_model, _args, output):
@@ -134,14 +150,15 @@ class LossProbe(Probe):
             if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss) and not self.ctx.reevaluating:
                 self._captured.append((loss.detach(), self._labels, self._share))
                 if loss.requires_grad and not self._share:  # a share is divided by the step's count already
-                    loss.register_hook(self._weigh(model_name))
+                    loss.register_hook(self._weigh(model_name, self._batch))
         return hook
 
-    def _weigh(self, model_name: str):
+    def _weigh(self, model_name: str, batch: int):
         """Note the weight backward gives a loss the model returned (1 where it is backpropagated as is), reading the
         gradient without changing it; under a loss scaler, divided by the scale it was multiplied by."""
         def hook(grad: torch.Tensor) -> None:
-            self._weights.append((model_name, grad.detach().reshape(()).float() / self.ctx.loss_scaler.factor()))
+            self._weights.append((model_name, batch,
+                                  grad.detach().reshape(()).float() / self.ctx.loss_scaler.factor()))
         return hook
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -165,6 +182,7 @@ class LossProbe(Probe):
 
     def begin_step(self) -> None:
         self._micro = 0
+        self._batches = []
 
     def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None,
                 share: bool = False) -> None:
@@ -218,8 +236,8 @@ class LossProbe(Probe):
             out["loss_targets"] = torch.stack([count for count, _ in self._targets])
             self._target_shares = [share for _, share in self._targets]
         if self._weights:
-            out["loss_weights"] = torch.stack([weight for _, weight in self._weights])
-        self._weighed_models = [model for model, _ in self._weights]
+            out["loss_weights"] = torch.stack([weight for _, _, weight in self._weights])
+        self._weighed_batches = [(model, batch) for model, batch, _ in self._weights]
         self._terms, self._targets, self._weights = [], [], []
         return out
 
@@ -249,10 +267,15 @@ class LossProbe(Probe):
         """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is
         their sum, not their mean — micro-batches accumulated without dividing each loss by their count, so the
         gradient is that many times the batch's (SGD's step and the norm a clipping threshold meets with it). Two
-        models' losses each at full weight are two objectives, not this. Said once."""
-        models, self._weighed_models = self._weighed_models, []
-        for model in dict.fromkeys(models):
-            mine = [w for m, w in zip(models, weights, strict=True) if m == model]
+        models' losses each at full weight are two objectives, not this; nor are the losses of one batch — one
+        forward's that two backwards went through, two forwards of the same input — weighed once, their sum. Said
+        once."""
+        batches, self._weighed_batches = self._weighed_batches, []
+        totals: dict[tuple[str, int], float] = {}  # each batch's loss weight, over its forwards and backwards
+        for batch, weight in zip(batches, weights, strict=True):
+            totals[batch] = totals.get(batch, 0.0) + weight
+        for model in dict.fromkeys(model for model, _ in totals):
+            mine = [w for (m, _), w in totals.items() if m == model]
             if len(mine) > 1 and all(abs(w - 1) <= SUMMED_WEIGHT_TOLERANCE for w in mine) \
                     and self.ctx.events.say_once("micro_batches_summed"):
                 self.ctx.events.record("setup_note", "warning",

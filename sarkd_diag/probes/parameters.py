@@ -1,7 +1,9 @@
 """Weights: which tensors turned non-finite after each optimizer step (how many elements, first step) — and,
 once, before the run's first step, whether any weight of any watched model already holds NaN/Inf as loaded, or a
 finite value beyond fp16's range that a cast to float16 (autocast's, or `.half()`) makes Inf; and each model's
-largest weight as loaded (`loaded_amax_<model>`, in the first step's row).
+largest weight as loaded (`loaded_amax_<model>`, in the first step's row). At the run's first non-finite weight,
+its optimizer state is read too (once): a state tensor non-finite with it (a momentum buffer, Adam's moments) is an
+`optimizer_state_nonfinite` note — from finite gradients, the state overflowed its own dtype.
 
 The check as loaded reads every floating parameter of every model (the frozen teacher's too, which nothing else
 reads: its weights never change, so a NaN there came with the checkpoint) in one absolute-max pass, moved to the
@@ -31,8 +33,8 @@ from pathlib import Path
 import torch
 
 from ..contract.numerics import WEIGHT_EDIT_FACTOR, dtype_name
-from ..contract.shards import local_shards
-from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts
+from ..contract.shards import local_shard, local_shards
+from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts, optimizers_of
 
 
 class ParameterProbe(Probe):
@@ -60,6 +62,7 @@ class ParameterProbe(Probe):
         if not self._loaded_checked:
             self._loaded_checked = True
             self._read_as_loaded()
+            self._check_norm_eps()
 
     def _before_forward(self, model_name: str):
         """At the step's first training forward, after a step whose weights were read: the weights again."""
@@ -70,6 +73,25 @@ class ParameterProbe(Probe):
             if self.ctx.stats_step or _write_marks(self._params) != self._marks:
                 self._at_forward = abs_max(self._params)
         return hook
+
+    def _check_norm_eps(self) -> None:
+        """Once, before the first step: per model, the first normalisation held in float16 (its own weights float16)
+        whose eps (`eps`, or transformers' `variance_epsilon`) float16 cannot serve — a row whose variance is 0 (a
+        constant or zeroed row: padding, a dropped position) is divided by √eps, and 1/√eps beyond 65504 is Inf in
+        float16 (an eps below 2⁻²⁴ is 0 there: 0/0). Information: it matters where a fault is placed at that norm."""
+        for model_name, model in self.ctx.models.items():
+            for name, module in model.named_modules():
+                eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+                weights = list(module.parameters(recurse=False))
+                if isinstance(eps, float) and 0 < eps < FP16_MAX ** -2 and weights \
+                        and all(w.dtype == torch.float16 for w in weights):
+                    self.ctx.events.record(
+                        "setup_note", "info",
+                        f"{model_name} {name} normalises in float16 with eps {eps:g}: a row of variance 0 is "
+                        f"divided by {eps ** -0.5:.3g}, beyond float16's {FP16_MAX:.0f}",
+                        step=self.ctx.step, phase="setup", probe=self.name, model=model_name, module=name,
+                        dtype="float16", value=eps, code="norm_eps_beyond_fp16")
+                    break
 
     def _read_as_loaded(self) -> None:
         """Every floating weight of every model, before the first step: one absolute max per tensor, on the
@@ -127,8 +149,27 @@ class ParameterProbe(Probe):
                 f"of {counts['numel']})",
                 step=self.ctx.step, phase="optimizer", probe=self.name, model=w.model, module=w.module,
                 tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=amax[i], **counts)
+            if self.ctx.events.say_once("optimizer_state_nonfinite"):
+                self._read_state_of(w)
         finite = [v for v in amax if math.isfinite(v)]
         return {**as_loaded, "param_amax": max(finite) if finite else math.nan, "nonfinite_param_tensors": len(bad)}
+
+    def _read_state_of(self, w) -> None:
+        """The optimizer state of the run's first non-finite weight: a state tensor that holds NaN/Inf too (read
+        once, on a failing step) is noted with its key and dtype — what the rules need to tell a state that overflowed
+        its dtype (a float16 momentum buffer past 65504, from finite gradients) from an update that overflowed the
+        weight."""
+        for optimizer in optimizers_of(self.ctx.optimizer):
+            for key, value in optimizer.state.get(w.param, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() \
+                        and not bool(torch.isfinite(local_shard(value)).all()):
+                    self.ctx.events.record(
+                        "setup_note", "warning",
+                        f"the optimizer's {key} of {w.model} {w.tensor} ({dtype_name(value.dtype)}) is non-finite "
+                        f"after step {self.ctx.step}, with the weight", step=self.ctx.step, phase="optimizer",
+                        probe=self.name, model=w.model, module=w.module, tensor=w.tensor, dtype=dtype_name(value.dtype),
+                        code="optimizer_state_nonfinite")
+                    return
 
     def _record_edits(self, updated_at: int, after_step: list[float], at_forward: list[float]) -> None:
         """Compare each tensor's largest absolute value after the last optimizer step with the one at this step's

@@ -191,3 +191,44 @@ def test_a_fault_the_scaler_skips_between_statistics_steps_is_replayed_and_place
         assert root["evidence"]["module_outputs_finite"] is True
     _, unprobed = _loop_with_a_fault_at_step_4(fault, probed=False)
     assert str(losses) == str(unprobed)
+
+
+@pytest.mark.parametrize(("optimizer", "steps_through", "root"), [
+    ("sgd", "optimizer", ("scaler_bypassed", "critical")), ("adamw", "optimizer", ("scaler_bypassed", "warning")),
+    ("sgd", "scaler", None), ("fused adamw", "scaler", None)])
+def test_an_optimizer_stepped_past_the_scaler_is_named_not_the_lr(tmp_path, optimizer, steps_through, root):
+    """A loop that scales its loss and then calls `optimizer.step()` itself, not `scaler.step(optimizer)`: the
+    gradients stay × 65536. Under SGD the first update is 65536x too large and the run blows up — the root is the
+    bypassed scaler, not an lr 'far too high'; under AdamW (which divides the scale away) a warning. Stepping through
+    the scaler — also a fused optimizer, which the scaler hands the scale instead of unscaling — is said nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))  # gradients well within fp16's range
+    params = model.parameters()
+    opt = (torch.optim.SGD(params, lr=1e-2) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=1e-3, fused=optimizer.startswith("fused")))
+    scaler = torch.amp.GradScaler("cpu")
+    g = torch.Generator().manual_seed(1)
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(4):
+            x = torch.randn(16, 16, generator=g)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if steps_through == "scaler":
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    notes = [e for e in probes.events.events if e.code == "scaler_bypassed"]
+    causes = probes.diagnosis()
+    if root is None:
+        assert notes == [] and "scaler_bypassed" not in {c["cause"] for c in causes}
+        return
+    (note,) = notes
+    assert (note.step, note.value) == (1, 65536.0)
+    first = causes[0]
+    assert (first["cause"], first["severity"], first["first_step"]) == (*root, 1)
+    assert "`scaler.step(optimizer)`" in first["fix"] and "65536" in first["fix"]
+    assert "divergence" not in {c["cause"] for c in causes}  # the blow-up is folded into its root

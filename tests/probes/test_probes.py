@@ -4,6 +4,7 @@ the event's kind, model, module and step, and the cause the diagnosis draws from
 import contextlib
 import json
 import math
+from collections import OrderedDict
 
 import pandas as pd
 import pytest
@@ -420,6 +421,28 @@ def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_mod
     with Probes(model, optimizer=torch.optim.SGD([flat], lr=0.1)) as probes:
         pass
     assert not [e for e in probes.events.events if e.code == "unoptimized_models"]
+
+
+def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student():
+    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`): the
+    student gets gradients nothing applies and the loss sits still. The diagnosis said the loss was cut off from the
+    teacher's weights; it is the optimizer that holds none of the student's."""
+    student, teacher = Net(), Net()
+    opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for x in torch.randn(3, 4, 8):
+            with torch.no_grad():
+                target = teacher(x)
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = [e for e in probes.events.events if e.code == "unoptimized_models"]
+    assert (event.model, event.step) == ("student", 1) and "built from teacher's parameters" in event.message
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["model"], root["first_step"]) == ("no_gradients", "student", 1)
+    assert "holds none of student's trainable tensors" in root["fix"]
 
 
 def test_a_teacher_left_trainable_beside_an_optimized_student_is_no_unoptimized_note():
@@ -1753,6 +1776,33 @@ def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gr
     assert "(loss / accumulation_steps).backward()" in cause["fix"] and "4×" in cause["fix"]
 
 
+@pytest.mark.parametrize("objectives", ["one forward, two backwards", "two forwards of the same batch"])
+def test_two_objectives_of_one_batch_are_no_micro_batches_summed(objectives):
+    """One batch a step, two objectives at full weight: its loss backpropagated twice — `ce.backward(retain_graph=
+    True)`, then the total `kd + ce` through it again — or two forwards of the same batch, each loss backpropagated
+    (R-Drop's two dropout passes). No micro-batches were summed: the note would tell the loop to divide by a number of
+    micro-batches it does not have. Forwards of different batches, each at full weight, still are (the test above)."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            out = model(input_ids=ids, labels=ids)
+            kd = out.logits.float().pow(2).mean()
+            if objectives == "one forward, two backwards":
+                out.loss.backward(retain_graph=True)
+                (kd + out.loss).backward()
+            else:
+                (kd + out.loss).backward()
+                model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    assert not [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
+    assert "micro_batches_summed" not in {d["cause"] for d in probes.diagnosis()}
+
+
 def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
     """Eight micro-batches summed under SGD at an lr that their mean would take: the 8x updates blow up. The root
     is the summing, not an lr 'far too high' that the blow-up alone would name."""
@@ -2367,3 +2417,95 @@ def test_a_plain_loops_fault_between_statistics_steps_is_replayed_and_placed(fau
         assert [(e.step, e.model) for e in _events(probes, "forward_replay")] == [(4, "student")]
     _, unprobed = _loop_with_fault(fault, precision, probed=False)
     assert str(losses) == str(unprobed)  # NaN where NaN: the same run with and without the probes
+
+
+def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_optimizers_state_not_the_lr():
+    """Pure float16 with SGD's momentum: every gradient is 20000 (finite in float16), the buffer sums them past
+    65504 at step 4 and turns Inf, and so does the weight — at an lr of 1e-8. It read as a blow-up 'without a
+    precision cause: lower the lr'; the state overflowed float16, and fp32 state is the fix."""
+    model = nn.Linear(8, 1, bias=False).half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-8, momentum=0.999)
+    x = torch.ones(4, 8, dtype=torch.float16)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(5):
+            loss = model(x).sum() * 5000  # d loss / d weight = 5000 × 4 per element
+            loss.backward()
+            assert torch.isfinite(model.weight.grad).all()
+            opt.step()
+            probes.step(loss=loss.float())
+            opt.zero_grad()
+    (note,) = [e for e in probes.events.events if e.code == "optimizer_state_nonfinite"]
+    assert (note.step, note.tensor, note.dtype) == (4, "weight", "float16")
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == \
+        ("optimizer_nonfinite", "critical", "weight", 4)
+    assert "keep the optimizer state in fp32" in root["fix"] and root["evidence"]["gradients_finite"]
+
+
+@pytest.mark.parametrize(("lr", "factor", "blamed"), [(0.1, 1e-30, "factor"), (1e-14, 1.0, "lr")])
+def test_fp32_updates_lost_to_a_tiny_loss_factor_blame_the_factor_not_the_lr(lr, factor, blamed):
+    """fp32 weights, SGD at lr 0.1, the loss multiplied by 1e-30 before backward: every gradient is ~1e-31 and every
+    update rounds away. It read as 'the step size is the problem: check the lr or the clipping'; the largest gradient
+    entry, far below anything a healthy loss makes, says the loss's factor is. A tiny lr with ordinary gradients is
+    still the lr's."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(3, 16, 8):
+            loss = model(x).pow(2).mean() + 1.0
+            (loss * factor).backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "update_underflow"]
+    assert ("multiplied by a tiny factor" in cause["fix"]) == (blamed == "factor"), cause["fix"]
+    assert ("check the optimizer's `lr`" in cause["fix"]) == (blamed == "lr"), cause["fix"]
+
+
+def test_a_dropout_of_p_one_is_named_as_a_forward_that_zeroes_everything_not_a_loss_cut_off():
+    """`nn.Dropout(p=1.0)` (a keep-probability passed as p): everything after it is 0, the loss is constant and no
+    gradient reaches the weights. It read as 'the loss is cut off from them (`.detach()`, `torch.no_grad()`)'; the
+    first module whose output is 0 everywhere, after one that was not, says where the forward zeroes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(inp=nn.Linear(8, 16), drop=nn.Dropout(p=1.0), out=nn.Linear(16, 1, bias=False)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(3, 4, 8):
+            loss = (model(x) - 1).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = [e for e in probes.events.events if e.kind == "zero_activation"]
+    assert (event.step, event.module, event.severity) == (1, "out", "info")
+    (root,) = probes.diagnosis()
+    assert (root["cause"], root["module"], root["first_step"]) == ("no_gradients", "out", 1)
+    assert "Dropout with p=1.0" in root["fix"] and ".detach()" not in root["fix"]
+
+
+def test_a_float16_layernorm_whose_eps_float16_cannot_serve_is_named_with_its_eps():
+    """A GPT-2 with `layer_norm_epsilon=1e-12` (BERT's) held in float16, one position's input a constant row: the row's
+    variance is 0, LayerNorm divides by 1/sqrt(1e-12) = 1e6 — beyond float16 — and its backward turns NaN there.
+    Placed at that norm, the fix named a loss scaler or a lower lr; it is the eps float16 cannot serve."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-12))
+    with torch.no_grad():
+        model.transformer.wte.weight[5].fill_(0.5)  # token 5's embedding is constant,
+        model.transformer.wpe.weight.zero_()  # and no position adds to it
+    model.half()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        ids = torch.randint(6, 32, (2, 8))
+        ids[0, 3] = 5
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        probes.step()
+    (note,) = [e for e in probes.events.events if e.code == "norm_eps_beyond_fp16"]
+    assert (note.module, note.value, note.severity) == ("transformer.h.0.ln_1", 1e-12, "info")
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["module"], root["first_step"]) == ("gradient_overflow", "transformer.h.0.ln_1", 1)
+    assert "eps 1e-12" in root["fix"] and "`layer_norm_eps`" in root["fix"], root["fix"]
