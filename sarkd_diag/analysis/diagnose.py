@@ -468,8 +468,8 @@ FIXES = {
                                     "because the gradients themselves are vanishingly small — the largest entry "
                                     "of any gradient is {grad_amax} (below 6e-8: float16 could not even hold it), "
                                     "while the loss is {loss}: the loss is multiplied by a tiny factor before "
-                                    "`backward()` (a weight such as 1e-30, a division by a huge count) — fix that "
-                                    "factor; the learning rate and the precision are not the cause",
+                                    "`backward()` — {loss_weights} (a weight such as 1e-30), a division by a huge "
+                                    "count — fix that factor; the learning rate and the precision are not the cause",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
                         "{fp32_teacher}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
