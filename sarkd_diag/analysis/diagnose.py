@@ -267,6 +267,13 @@ FIXES = {
                                 "gradients past 65504 (and a second moment squares any above 256) — keep the "
                                 "optimizer state in fp32: train with {mixed} (fp32 master weights and optimizer "
                                 "state); the learning rate is not the cause",
+    "optimizer_state_frozen": "{model}'s {tensor}: Adam's second moment (exp_avg_sq, in {dtype}) holds Inf in {frozen} "
+                              "of its entries by step {step}, the weight finite — a gradient entry once squared past "
+                              "{dtype}'s range (a gradient beyond ~{limit}), and from then on those entries' update is "
+                              "m / √Inf = 0: they never train again, silently (their updates read as lost). Find what "
+                              "made a gradient that large (a loss scaled by a huge factor, a gradient hook), clip with "
+                              "{clip}, and start the optimizer state afresh — rebuild the optimizer, or resume from a "
+                              "checkpoint before it; a lower {lr} will not help",
     "optimizer_nonfinite": "the optimizer step made the weights NaN from finite gradients: its own numbers did, not "
                            "the model or the data — check its hyperparameters ({lr}, eps > 0, betas below 1) and its "
                            "state (moments loaded from elsewhere, a custom optimizer's arithmetic)",
@@ -886,6 +893,18 @@ class RunRecord:
                                                   | params["tensor"].eq(None if state is None else state["tensor"]))]
         return _first(made) if len(made) else None
 
+    def frozen_second_moment(self) -> pd.Series | None:
+        """The `second_moment_inf` note: a second moment that holds Inf while its weight is finite, entries the
+        optimizer never updates again — unless that weight turned non-finite by then (the state ruined it: another
+        rule's)."""
+        note = self.of("setup_note", "second_moment_inf")
+        if not len(note):
+            return None
+        row = _first(note)
+        params = self.of("nonfinite_param")
+        ruined = params[(params["tensor"] == row.get("tensor")) & (params["step"] <= row["step"])]
+        return None if len(ruined) else row
+
     def fp16_state_overflow(self) -> pd.Series | None:
         """The `optimizer_state_nonfinite` note where the state is float16: a momentum buffer or moment held in
         float16 that accumulated past 65504 (or a squared gradient beyond 256) — values no wider state overflows."""
@@ -1406,10 +1425,33 @@ def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
                             eps=f"{row['value']:g}"))]
 
 
+def _second_moment_frozen(r: RunRecord) -> list[Cause]:
+    """`optimizer_nonfinite`'s other half: a second moment that holds Inf while its weight stays finite
+    (`RunRecord.frozen_second_moment`): those entries never update again (m / √Inf = 0) — critical, placed at the
+    tensor and the statistics step that found it (it happened at or before it); the updates it loses are its
+    evidence, not `update_underflow`'s."""
+    row = r.frozen_second_moment()
+    if row is None:
+        return []
+    dtype = row.get("dtype")
+    limit = DTYPE_MAX.get(dtype, FP16_MAX if dtype == "float16" else None)
+    return [Cause("optimizer_nonfinite", "critical", **_where(row),
+                  evidence={"state": "exp_avg_sq", "state_dtype": dtype, "weights_finite": True,
+                            "frozen_entries": number_or_none(row.get("value"))},
+                  fix=r.fix("optimizer_state_frozen", model=row.get("model"), tensor=row.get("tensor"), dtype=dtype,
+                            frozen=int(row["value"]) if number_or_none(row.get("value")) is not None else None,
+                            step=int(row["step"]), limit=f"{math.sqrt(limit):.3g}" if limit else None))]
+
+
 def optimizer_nonfinite(r: RunRecord) -> list[Cause]:
     """The optimizer's own numbers made the weights non-finite: a parameter group's learning rate that is NaN/Inf
     (a `nonfinite_lr` event), or NaN weights after a step whose gradients were all finite
-    (`RunRecord.optimizer_made_nonfinite`). An eps that is 0 and a flushed state have rules of their own."""
+    (`RunRecord.optimizer_made_nonfinite`). An eps that is 0 and a flushed state have rules of their own. Before them,
+    a second moment gone Inf under a finite weight (`_second_moment_frozen`): the optimizer's numbers froze it."""
+    return _second_moment_frozen(r) + _weights_made_nonfinite(r)
+
+
+def _weights_made_nonfinite(r: RunRecord) -> list[Cause]:
     lrs, made = r.of("nonfinite_lr"), r.optimizer_made_nonfinite()
     if (not len(lrs) and made is None) or len(r.of("optimizer_preflight", "eps_zero")) \
             or len(r.of("optimizer_state_underflow")):
@@ -1901,6 +1943,9 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
         return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")
+    frozen = r.frozen_second_moment()
+    if frozen is not None and len(lost) and _first(lost).get("tensor") == frozen.get("tensor"):
+        return []  # lost to a second moment gone Inf (`optimizer_state_frozen`), not to rounding
     predicted = r.of("optimizer_preflight", "update_below_half_ulp")
     predicted_fraction = float(predicted["value"].iloc[0]) if len(predicted) else None
     # the lr below half an ulp of those 16-bit weights even held in float32: no wider dtype keeps the updates

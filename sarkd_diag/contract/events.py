@@ -71,6 +71,8 @@ CODES = {
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
+    "second_moment_inf": "setup_note: a second moment (Adam's exp_avg_sq) holds Inf while its weight is finite: "
+                         "those entries never update again",
     "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
     "lost_updates_whole_tensors": "lost_updates: every intended update of 16-bit tensors lost, where the run and "
                                   "each parameter group lose few",

@@ -26,7 +26,7 @@ import torch
 from ..contract.numerics import LOST_UPDATE_WARNING, WEIGHT_HALVING_STEPS
 from ..contract.numerics import dtype_name as _dtype_name
 from ..contract.shards import local_shard
-from .base import Probe, per_tensor_sum, sample, sample_lengths, sampled
+from .base import Probe, abs_max, per_tensor_sum, sample, sample_lengths, sampled
 
 STATE_UNDERFLOW_WARNING = 0.01  # fraction of nonzero-gradient entries whose second moment is 0
 # of the second moments a 16-bit state flushed, the share that a float32 state would flush too from which the gradients
@@ -78,6 +78,9 @@ class OptimizerProbe(Probe):
         self._checked = False
         self._underflow = None
         self._half: list = []  # watched tensors whose second moment is held below fp32, this statistics step
+        self._moments: list = []  # watched tensors with a second moment (Adam's), this statistics step
+        self._moments_amax = None  # their second moments' largest values: Inf freezes those entries
+        self._reported_frozen = False
         self._reported_state = False
         self._reported_lr: set[tuple[str, int]] = set()  # (event kind, parameter group) recorded once
         self._zero_lr_since: int | None = None  # first step of the current stretch with every group at lr 0
@@ -263,6 +266,9 @@ class OptimizerProbe(Probe):
         if not self.ctx.stats_step:
             return
         state = self.ctx.optimizer.state
+        self._moments = [w for w in self.ctx.watched if state.get(w.param, {}).get("exp_avg_sq") is not None]
+        if self._moments and not self._reported_frozen:  # Inf there freezes those entries for good: m / √Inf = 0
+            self._moments_amax = abs_max([state[w.param]["exp_avg_sq"] for w in self._moments])
         self._half = [w for w in self.ctx.watched
                       if (v := state.get(w.param, {}).get("exp_avg_sq")) is not None and w.param.grad is not None
                       and v.dtype != torch.float32]
@@ -278,6 +284,29 @@ class OptimizerProbe(Probe):
             self._underflow = torch.cat([per_tensor_sum(flushed.float(), lengths),
                                          per_tensor_sum(live.float(), lengths), per_tensor_sum(wide.float(), lengths)])
 
+    def _record_frozen(self, amax: list[float]) -> None:
+        """A second moment (Adam's `exp_avg_sq`) that holds Inf while its weight is finite: a squared gradient entry
+        once passed the state dtype's range (a gradient beyond its square root: ~1.8e19 in float32, ~256 in float16),
+        and from then on the update of those entries is m / √Inf = 0 — they never move again, and nothing else shows
+        it but updates lost. Said once (a `second_moment_inf` note)."""
+        for w, value in zip(self._moments, amax, strict=True):
+            if math.isfinite(value) or not bool(torch.isfinite(local_shard(w.param.detach())).all()):
+                continue  # a non-finite weight is the parameter probe's to report, with its state
+            if not self.ctx.events.say_once("second_moment_inf"):
+                return
+            self._reported_frozen = True
+            moment = self.ctx.optimizer.state[w.param]["exp_avg_sq"]
+            frozen = int((~torch.isfinite(local_shard(moment))).sum())
+            self.ctx.events.record(
+                "setup_note", "warning",
+                f"the optimizer's exp_avg_sq of {w.model} {w.tensor} ({_dtype_name(moment.dtype)}) holds Inf in "
+                f"{frozen} of {local_shard(moment).numel()} entries by step {self.ctx.step}, its weight finite: a "
+                "gradient entry once squared past the state's range, and those entries never update again (m / √Inf "
+                "= 0)", step=self.ctx.step, phase="optimizer", probe=self.name, model=w.model, module=w.module,
+                tensor=w.tensor, dtype=_dtype_name(moment.dtype), value=frozen, numel=local_shard(moment).numel(),
+                code="second_moment_inf")
+            return
+
     def _beta2(self, param: torch.Tensor) -> float:
         """The second moment's decay of `param`'s group (Adam's betas[1]; torch's default where a group has none)."""
         group = next((g for g in self.ctx.optimizer.param_groups if any(p is param for p in g["params"])), {})
@@ -286,10 +315,14 @@ class OptimizerProbe(Probe):
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
-        self._underflow = None
+        if self._moments_amax is not None:
+            out["second_moment_amax"] = self._moments_amax
+        self._underflow = self._moments_amax = None
         return out
 
     def record(self, host: dict) -> dict:
+        if host.get("second_moment_amax") is not None:
+            self._record_frozen(host["second_moment_amax"])
         flat = host.get("state_underflow")
         if flat is None:
             return {}

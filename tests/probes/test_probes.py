@@ -2509,3 +2509,31 @@ def test_a_float16_layernorm_whose_eps_float16_cannot_serve_is_named_with_its_ep
     root, *_ = probes.diagnosis()
     assert (root["cause"], root["module"], root["first_step"]) == ("gradient_overflow", "transformer.h.0.ln_1", 1)
     assert "eps 1e-12" in root["fix"] and "`layer_norm_eps`" in root["fix"], root["fix"]
+
+
+def test_a_second_moment_gone_inf_with_its_weight_finite_is_named_not_read_as_updates_lost_to_rounding():
+    """An fp32 AdamW loop whose gradient hook multiplies one tensor's gradient by 1e36 at step 4 (finite: ~1e34):
+    its square passes float32's range, Adam's second moment turns Inf there, and from then on that tensor's update is
+    m / √Inf = 0 — it never trains again, its weight finite. Found at the next statistics step (10), that read as
+    `update_underflow` ("an update below ~6e-8 of the weight: check the lr"); the state is named now."""
+    model = tiny.make_gpt2(64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    step_now = [0]
+    weight.register_hook(lambda g: g * 1e36 if step_now[0] == 4 else g)
+    ids = torch.randint(1, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": model}, optimizer=opt) as probes:
+        for step in range(1, 12):
+            step_now[0] = step
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    assert bool(torch.isinf(opt.state[weight]["exp_avg_sq"]).all()) and bool(weight.isfinite().all())
+    causes = probes.diagnosis()
+    root = causes[0]
+    assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
+        "optimizer_nonfinite", "critical", "transformer.h.1.mlp.c_fc.weight", 10)
+    assert root["evidence"]["weights_finite"] is True and "m / √Inf = 0" in root["fix"]
+    assert "update_underflow" not in [c["cause"] for c in causes]
