@@ -987,6 +987,14 @@ def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def padded_batch(world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences of 8 tokens and the mask of the positions to keep: the second sequence is padding only."""
+    ids = token_batches(world, 1, batch=2, block=8)[0]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1] = False
+    return ids, keep
+
+
 def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     """A hand-written attention (`tiny.MaskedAttention`) whose masked softmax is its own code: a batch with one
     sequence that is all padding masks every key of its rows, and softmax over -inf alone is 0/0 — in fp32, from
@@ -994,9 +1002,7 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.MaskedAttentionNet(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = token_batches(world, 1, batch=2, block=8)[0]
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1] = False  # the second sequence is padding only
+    ids, keep = padded_batch(world)
     with torch.no_grad():  # outside the tool: where the first NaN is, and how large the values before it are
         x = model.embed(ids)
         scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
@@ -1024,9 +1030,7 @@ def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
     model = tiny.MaskedAttentionNet(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu")
-    ids = token_batches(world, 1, batch=2, block=8)[0]
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1] = False  # the second sequence is padding only
+    ids, keep = padded_batch(world)
     losses = []
     with _probes(model, opt, scaler, tmp / "run") as probes:
         for _ in range(4):
@@ -1058,9 +1062,7 @@ def fully_masked_row_half_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.MaskedAttentionNet(world.vocab).half()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    ids = token_batches(world, 1, batch=2, block=8)[0]
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1] = False  # the second sequence is padding only
+    ids, keep = padded_batch(world)
     losses = []
     with _probes(model, opt, None, tmp / "run") as probes:
         for _ in range(2):

@@ -305,12 +305,18 @@ class ProbeSet:
         """Replay a step's recorded forwards as they ran (same arguments, same autocast) with per-module statistics
         on, where no owner replays a step (`replays_steps`), so the module where a non-finite value began is named —
         or every output is found finite and the loss's own arithmetic made it. The first failing step of the run
-        only; under no_grad, drawing no random numbers the run would (`fork_rng`)."""
+        only (`replay_apart`)."""
         self.replays_steps = False
+        self.replay_apart(lambda: [_run_as_it_ran(*forward) for forward in forwards])
+
+    def replay_apart(self, forward) -> None:
+        """`replay_forward` between the run's own steps (the Trainer's callback, a caller's loop): it draws no random
+        numbers the run would (`fork_rng`, on every device the models use), and one that raises part-way names what it
+        read and nothing more — the run goes on as it would have."""
         devices = sorted({p.device.index or 0 for m in self.ctx.models.values() for p in m.parameters()
                           if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):  # a failed replay names nothing
-            self.replay_forward(lambda: [_run_as_it_ran(*forward) for forward in forwards])
+        with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):
+            self.replay_forward(forward)
 
     def _stepped_twice(self) -> None:
         """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients

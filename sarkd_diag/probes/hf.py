@@ -17,7 +17,6 @@ micro-batch's `compute_loss` whose loss turned non-finite between statistics ste
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import inspect
@@ -199,10 +198,7 @@ class SarkdDiagCallback(TrainerCallback):
             return
         self._replayed_at = probes.ctx.step
         compute_loss, args, kwargs = call
-        devices = sorted({p.device.index or 0 for m in probes.ctx.models.values() for p in m.parameters()
-                          if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):  # a failed replay names nothing
-            probes.set.replay_forward(lambda: compute_loss(*args, **kwargs))
+        probes.set.replay_apart(lambda: compute_loss(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, **kwargs):
