@@ -279,7 +279,8 @@ class OptimizerProbe(Probe):
             lengths = sample_lengths([w.param for w in self._half])
             # the moment's first term, (1 - beta2)·g², zero in float32 too: a gradient so small (below ~1e-21) that no
             # state dtype keeps it — the loss's weight or the clipping shrank it, not the state's precision
-            decay = torch.tensor([1 - self._beta2(w.param) for w in self._half], device=grads.device)
+            beta2 = self._beta2_by_tensor()
+            decay = torch.tensor([1 - beta2.get(id(w.param), 0.999) for w in self._half], device=grads.device)
             wide = flushed & (grads.float().square() * decay.repeat_interleave(lengths) == 0)
             self._underflow = torch.cat([per_tensor_sum(flushed.float(), lengths),
                                          per_tensor_sum(live.float(), lengths), per_tensor_sum(wide.float(), lengths)])
@@ -307,11 +308,15 @@ class OptimizerProbe(Probe):
                 code="second_moment_inf")
             return
 
-    def _beta2(self, param: torch.Tensor) -> float:
-        """The second moment's decay of `param`'s group (Adam's betas[1]; torch's default where a group has none)."""
-        group = next((g for g in self.ctx.optimizer.param_groups if any(p is param for p in g["params"])), {})
-        betas = group.get("betas")
-        return float(betas[1]) if isinstance(betas, (tuple, list)) and len(betas) > 1 else 0.999
+    def _beta2_by_tensor(self) -> dict[int, float]:
+        """Each tensor's second-moment decay, by id: its group's Adam betas[1] (torch's default where a group has
+        none) — one pass over the groups, not a search of them per tensor."""
+        decays = {}
+        for group in self.ctx.optimizer.param_groups:
+            betas = group.get("betas")
+            beta2 = float(betas[1]) if isinstance(betas, (tuple, list)) and len(betas) > 1 else 0.999
+            decays.update(dict.fromkeys(map(id, group["params"]), beta2))
+        return decays
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         out = {"state_underflow": self._underflow} if self._underflow is not None else {}
