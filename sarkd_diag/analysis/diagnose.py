@@ -767,6 +767,15 @@ class RunRecord:
         parts = [loss[(loss.index >= start) & (loss.index < end)] for start, end in itertools.pairwise(edges)]
         return [part for part in parts if len(part)]
 
+    def blown_up_losses(self) -> pd.Series:
+        """The finite training losses above `blow_up_factor`× the first of their training run (a positive one: "three
+        times" a negative loss means nothing) and risen at least `loss_floor_rise` above it, in step order."""
+        factor, floor = self.blow_up_factor(), self.loss_floor_rise()
+        runs = self.train_loss_runs()
+        blown = (part[(part > factor * part.iloc[0]) & (part - part.iloc[0] >= floor)] for part in runs
+                 if part.iloc[0] > 0)
+        return pd.concat([pd.Series(dtype=float), *blown])
+
     def blow_up_factor(self) -> float:
         """How many times its first value a training loss must reach to be a blow-up: DIVERGENCE_FACTOR, or more where
         the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
@@ -1347,6 +1356,10 @@ def weights_edited(r: RunRecord) -> list[Cause]:
         if kind == "weights_edited":
             then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
                     if (r.of(later)["step"] >= step).any()]
+            blown = r.blown_up_losses()
+            blown = blown[blown.index >= step]
+            if len(blown):  # a finite loss that blew up from the edit on is the rescaled weights' doing too
+                then.append(f"loss_blow_up@{int(blown.index[0])}")
             severity = "critical" if then else severity
             evidence.update(largest_value_factor=row["value"], then=", ".join(then) or None)
         else:
@@ -2053,9 +2066,7 @@ def divergence(r: RunRecord) -> list[Cause]:
     finite_loss = loss[loss.map(math.isfinite)]
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
     # a term subtracted) is above three times itself from the start. Each training run against its own first loss
-    factor, floor, runs = r.blow_up_factor(), r.loss_floor_rise(), r.train_loss_runs()
-    blown = pd.concat([finite_loss[:0], *(part[(part > factor * part.iloc[0]) & (part - part.iloc[0] >= floor)]
-                                          for part in runs if part.iloc[0] > 0)])
+    factor, runs, blown = r.blow_up_factor(), r.train_loss_runs(), r.blown_up_losses()
     # the run whose loss blew up (else the first): the first loss it is judged against, the losses before the blow-up
     blown_run = next((part for part in runs if len(blown) and blown.index[0] in part.index), runs[0] if runs else None)
     first_loss = float(blown_run.iloc[0]) if blown_run is not None else None
