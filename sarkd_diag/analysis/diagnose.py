@@ -971,13 +971,17 @@ class RunRecord:
         weights, gradients, an update), and either nothing computed in float16 (its overflows are
         `activation_overflow`'s) and every module output and weight measured up to its step nowhere near its
         dtype's range (below DTYPE_MAX ** RANGE_EXPONENT), or a float16 output that, run again in float32 on the
-        same finite inputs (`wide_replay`), was non-finite there too. Unmeasured magnitudes prove nothing: then
-        None — so never in the teacher, whose frozen weights no probe reads (an infinite weight there makes the
-        same output)."""
+        same finite inputs (`wide_replay`), was non-finite there too, or — computed in float16 elsewhere — a wider
+        output (a float32 norm under float16 autocast) with every value measured nowhere near float16's range.
+        Unmeasured magnitudes prove nothing: then None — so never in the teacher, whose frozen weights no probe reads
+        (an infinite weight there makes the same output)."""
         if not self.computes_in_fp16():
             return self._nonfinite_from_small_values(DTYPE_MAX)
         replay = self.wide_replay()
-        if replay is None or math.isfinite(float(replay["value"])):
+        if replay is None:  # a wider output (a norm autocast runs in float32) is no float16 output to replay: judged
+            # against float16's range, which what it computes inside may have run in
+            return self._nonfinite_from_small_values({"float32": FP16_MAX, "bfloat16": FP16_MAX})
+        if math.isfinite(float(replay["value"])):
             return None
         return self._nonfinite_from_small_values({"float16": math.inf})
 

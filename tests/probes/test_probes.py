@@ -2631,3 +2631,33 @@ def test_an_rmse_from_a_copied_student_under_a_gradscaler_is_not_blamed_on_the_s
     root = probes.diagnosis()[0]
     assert (root["cause"], root["evidence"]["loss_operation"]) == (cause, "sqrt")
     assert "applies sqrt" in root["fix"]
+
+
+def test_a_float32_norm_made_nan_under_float16_autocast_is_an_undefined_operation_not_an_overflow():
+    """A LLaMA whose RMSNorm eps is 0 (a config typo) meets a token whose embedding is all 0 (a padding row): the norm,
+    which autocast leaves in float32, computes 0 × rsqrt(0) = NaN from values of at most 1. Under fp16 autocast that
+    read as "input_layernorm overflows float32: train with bf16 autocast" — a float32 output has no float16 replay, so
+    nothing ruled an overflow out. Judged against float16's range (which what it computes may have run in), it is the
+    undefined operation it is, in every mode."""
+    model = tiny.make_llama(64)
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5].zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(6, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[0, 3] = 5
+    with Probes({"student": model}, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["module"], root["first_step"]) == ("divergence", "model.layers.0.input_layernorm", 1)
+    assert "not an overflow" in root["fix"] and "bfloat16" not in root["fix"]
