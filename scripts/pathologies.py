@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -1333,15 +1334,18 @@ def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def rmse_feature_kd_user_loop(world: World, tmp: Path) -> Outcome:
+def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False) -> Outcome:
     """Feature distillation with an RMSE, `sqrt(mse(student_hidden, teacher_hidden))`, the student initialised from
-    the teacher's embeddings and first block (as DistilBERT's are): at step 1 those hidden states are equal, the mse
-    exactly 0 — and d√x/dx at 0 is inf, times the difference's 0: NaN gradients from a finite loss."""
+    the teacher's embeddings and first block (as DistilBERT's are), the distance taken after block 0: at step 1 those
+    hidden states are equal, the mse exactly 0 — and d√x/dx at 0 is inf, times the difference's 0: NaN gradients from
+    a finite loss. `whole_copy`: the student is the teacher's whole copy and the distance is taken on the last hidden
+    states, so every gradient of step 1 is NaN and none was ever measured finite."""
     outcome = Outcome()
     teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
     student = tiny.make_gpt2(world.vocab)
-    student.load_state_dict({k: v for k, v in teacher.state_dict().items()
-                             if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))}, strict=False)
+    copied = ("transformer.",) if whole_copy else ("transformer.wte", "transformer.wpe", "transformer.h.0.")
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(copied)}, strict=False)
+    layer = -1 if whole_copy else 1
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     losses, mse, bad_grads = [], [], []
     from sarkd_diag import Probes
@@ -1350,8 +1354,8 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path) -> Outcome:
         for ids in token_batches(world, 2):
             out = student(input_ids=ids, labels=ids, output_hidden_states=True)
             with torch.no_grad():
-                hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states[1]
-            distance = nn.functional.mse_loss(out.hidden_states[1], hidden)
+                hidden = teacher(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+            distance = nn.functional.mse_loss(out.hidden_states[layer], hidden)
             loss = out.loss + distance.sqrt()
             losses.append(float(loss.detach()))
             mse.append(float(distance.detach()))
@@ -2346,6 +2350,11 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", rmse_feature_kd_user_loop,
              Expected("divergence", "critical", "student", "transformer.h.0.mlp.c_proj", first_step=1,
                       fix_contains="derivative", fix_lacks="autocast", absent=("gradient_overflow",))),
+    Scenario("RMSE feature loss, student a whole copy of its teacher", "user loop: fp32; CE + sqrt(mse(student, "
+             "teacher last hidden states)), the student a copy of the teacher: every gradient of step 1 NaN",
+             "fp32", "user loop", functools.partial(rmse_feature_kd_user_loop, whole_copy=True),
+             Expected("divergence", "critical", "student", "lm_head", first_step=1, fix_contains="applies sqrt",
+                      fix_lacks="autocast", absent=("gradient_overflow",), evidence_contains="loss_operation")),
     Scenario("weight decay typed 1e2", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=1e2)` (meant 1e-2), "
              "10 steps", "fp32", "user loop", weight_decay_typo_user_loop,
              Expected("weight_collapse", "warning", "student", ANY, first_step=(6, 10), fix_contains="weight_decay",

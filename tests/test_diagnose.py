@@ -1135,6 +1135,20 @@ def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_fol
     assert [(c["cause"], c["severity"]) for c in diagnosis] == found
 
 
+def test_a_finite_loss_blow_up_from_a_rescaling_edit_on_is_the_edits_not_an_unplaced_divergence():
+    """An embedding multiplied by 1e5 between steps 3 and 4: the loss jumps from 4 to 6e4 at step 4, every value
+    finite. That blow-up read as an unplaced divergence ("lower the lr and clip"), the edit a warning beside it; the
+    edit at the step the loss blew up is the root now, critical, and the divergence its symptom."""
+    edit = {"kind": "weights_edited", "severity": "warning", "step": 4, "phase": "forward", "model": "student",
+            "module": "wte", "tensor": "wte.weight", "value": 1e5}
+    losses = UPDATED.assign(param_amax=2.0, loss=[4.2, 4.1, 4.0, 5.8e4])
+    root, *rest = causes(log(edit), losses, mode="fp32", caller="loop")
+    assert (root["cause"], root["severity"], root["first_step"], rest) == ("weights_edited", "critical", 4, [])
+    assert root["evidence"]["then"] == "loss_blow_up@4" and "divergence@4" in root["evidence"]["followed_by"]
+    before = causes(log({**edit, "step": 5}), losses.assign(step=[1, 2, 3, 4]), mode="fp32", caller="loop")
+    assert [(c["cause"], c["severity"]) for c in before] == [("divergence", "critical"), ("weights_edited", "warning")]
+
+
 @pytest.mark.parametrize(("rows", "severity"), [(0, "critical"), (2, "warning")])
 def test_a_loss_scaler_over_fp16_weights_is_the_crash_it_predicts_and_a_warning_where_steps_completed(rows, severity):
     """GradScaler refuses float16 gradients at the first unscale: a run that completed no step after the note died of

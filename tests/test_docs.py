@@ -34,7 +34,8 @@ PATTERNS = [(re.compile(r"act_amax_\w+"), "act_amax_<model>"),
             (re.compile(r"expert_entropy_layer\w+"), "expert_entropy_layer<N>")]
 # modules whose module-level numeric constants are thresholds the doc's table must carry, with their values
 THRESHOLD_MODULES = ("contract.numerics", "analysis.diagnose", "analysis.verdicts", "probes.base", "probes.gradients",
-                     "probes.loss", "probes.optimizer", "probes.scaler", "probes.updates", "train.policy")
+                     "probes.loss", "probes.loss_graph", "probes.optimizer", "probes.scaler", "probes.updates",
+                     "train.policy")
 
 
 def named(path: Path) -> set[str]:

@@ -244,6 +244,12 @@ AT_LOSS_END = ("every gradient turned {{holds}} at once in backward, in {{dtype}
                "`(x + eps).sqrt()`, `log_softmax` rather than the log of a softmax); a precision change, a loss "
                "scaler or lowering {{lr}} will not help")
 
+# skips that no scale ends: the loss's own operation at its singular point (`singular_derivative`)
+SINGULAR_AT_ANY_SCALE = (" — unless the loss's own computation makes them: it applies {operation}, whose gradient is "
+                         "non-finite at any scale where its input sits at its singular point (sqrt or pow below 1 of "
+                         "0: an RMSE between equal tensors, as when a student starts from its teacher's weights, "
+                         "which the skipped steps never move; a log or division at 0) — check that input first")
+
 # what float16 cannot hold in a module's own code, and the fix: the text two fixes of `activation_overflow` share
 FP16_CONSTANTS = ("a constant of its code that float16 cannot hold — a mask's fill value beyond 65504 "
                   "(`masked_fill(mask, -1e9)`, `torch.finfo(torch.float32).min`, an additive mask `(1 - mask) * -1e9`) "
@@ -359,6 +365,14 @@ FIXES = {
                                "are as many times a mean's — divide it by the number of target tokens "
                                "(`reduction=\"mean\"`, or the sum over the vocabulary divided by the tokens), or "
                                "lower {loss_weights} if a term is weighted that high; precision is not the cause",
+    "loss_scale_collapse_singular": "the loss scale fell below 1 and the gradients stay non-finite, from {module} "
+                                    "backwards, while the loss is at most {largest}: at such a scale no such loss's "
+                                    "gradients overflow fp16 — the loss's own computation applies {operation}, whose "
+                                    "gradient is non-finite at any scale where its input sits at its singular point "
+                                    "(sqrt or pow below 1 of exactly 0: an RMSE between equal tensors, as when a "
+                                    "student starts from its teacher's weights, which the skipped steps never move; a "
+                                    "log or division at 0); keep its input off it (`(x + eps).sqrt()`, "
+                                    "`x.clamp_min(eps)`, the squared distance); precision is not the cause",
     "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
@@ -412,7 +426,7 @@ FIXES = {
                                          "scale — each one overflowed, so no update was applied and nothing "
                                          "trained; it started too high for a run this short: start it at or below "
                                          "{scale} (GradScaler's `init_scale`; its default is 2**16) or run more "
-                                         "steps; precision and the learning rate are not the cause",
+                                         "steps; precision and the learning rate are not the cause{singular}",
     "optimizer_stepped_twice": "the optimizer steps twice per batch (from step {step}): every gradient is applied "
                                "twice — about twice the learning rate —{scaler} — call the optimizer's step once per "
                                "batch ({one_step}); if it is called once, call `probes.step()` after every optimizer "
@@ -569,6 +583,15 @@ FIXES = {
                          "discards (its gradient is still 0 × inf); keep "
                          "the input off that point (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance "
                          "instead of the distance); a precision change, a loss scaler or lowering {lr} will not help",
+    "nonfinite_grad_singular": "the gradients turned {holds} in backward — first at {tensor} in backward order — in "
+                               "{dtype}, from a finite loss and values nowhere near {dtype}'s range (the largest "
+                               "measured {amax}), and the loss's own computation applies {operation}, whose derivative "
+                               "is infinite or undefined at some input: not an overflow — it entered at the loss end, "
+                               "where {operation} met such a point (sqrt or pow below 1 of exactly 0: an RMSE or a "
+                               "distance between equal tensors, as when a student starts from its teacher's weights; "
+                               "a log or division at 0); keep its input "
+                               "off it (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance instead of the "
+                               "distance); a precision change, a loss scaler or lowering {lr} will not help",
     "nonfinite_grad_at_loss": AT_LOSS_END.format(
         origin="from a finite loss: an operation in the loss's own computation whose derivative is infinite or "
                "undefined at its input (sqrt of exactly 0, a log or division at 0)"),
@@ -767,6 +790,15 @@ class RunRecord:
         parts = [loss[(loss.index >= start) & (loss.index < end)] for start, end in itertools.pairwise(edges)]
         return [part for part in parts if len(part)]
 
+    def blown_up_losses(self) -> pd.Series:
+        """The finite training losses above `blow_up_factor`× the first of their training run (a positive one: "three
+        times" a negative loss means nothing) and risen at least `loss_floor_rise` above it, in step order."""
+        factor, floor = self.blow_up_factor(), self.loss_floor_rise()
+        runs = self.train_loss_runs()
+        blown = (part[(part > factor * part.iloc[0]) & (part - part.iloc[0] >= floor)] for part in runs
+                 if part.iloc[0] > 0)
+        return pd.concat([pd.Series(dtype=float), *blown])
+
     def blow_up_factor(self) -> float:
         """How many times its first value a training loss must reach to be a blow-up: DIVERGENCE_FACTOR, or more where
         the run's positive finite losses scatter from step to step by more — e^(LOSS_SCATTER_Z × the robust spread,
@@ -939,13 +971,17 @@ class RunRecord:
         weights, gradients, an update), and either nothing computed in float16 (its overflows are
         `activation_overflow`'s) and every module output and weight measured up to its step nowhere near its
         dtype's range (below DTYPE_MAX ** RANGE_EXPONENT), or a float16 output that, run again in float32 on the
-        same finite inputs (`wide_replay`), was non-finite there too. Unmeasured magnitudes prove nothing: then
-        None — so never in the teacher, whose frozen weights no probe reads (an infinite weight there makes the
-        same output)."""
+        same finite inputs (`wide_replay`), was non-finite there too, or — computed in float16 elsewhere — a wider
+        output (a float32 norm under float16 autocast) with every value measured nowhere near float16's range.
+        Unmeasured magnitudes prove nothing: then None — so never in the teacher, whose frozen weights no probe reads
+        (an infinite weight there makes the same output)."""
         if not self.computes_in_fp16():
             return self._nonfinite_from_small_values(DTYPE_MAX)
         replay = self.wide_replay()
-        if replay is None or math.isfinite(float(replay["value"])):
+        if replay is None:  # a wider output (a norm autocast runs in float32) is no float16 output to replay: judged
+            # against float16's range, which what it computes inside may have run in
+            return self._nonfinite_from_small_values({"float32": FP16_MAX, "bfloat16": FP16_MAX})
+        if math.isfinite(float(replay["value"])):
             return None
         return self._nonfinite_from_small_values({"float16": math.inf})
 
@@ -1009,7 +1045,10 @@ class RunRecord:
         somewhere; a derivative at its singular point (d√x/dx at 0 = inf, times the 0 of an equal distance: NaN)
         needs none. Every gradient of its step non-finite (no finite one measured on it): the value entered at the
         loss end, and the gradients' scale is that of the steps before it — none measured then, None. Unmeasured
-        magnitudes prove nothing: then None."""
+        magnitudes prove nothing: then None — unless the loss's own computation holds an operation singular at
+        some input (`singular_derivative`, read off the loss's graph): then the loss and the forward's magnitudes up
+        to it stand for the gradients' (a student that starts from its teacher's weights makes every gradient of
+        step 1 NaN through the sqrt of an RMSE of 0)."""
         grads = self.of("nonfinite_grad", "grad_nonfinite_applied")
         if not len(grads) or self.computes_in_fp16():
             return None
@@ -1023,15 +1062,26 @@ class RunRecord:
             return None
         grad_amax = self.train_column("grad_amax")
         grads_up_to_it = grad_amax[grad_amax.index <= step]  # finite ones: a step whose every gradient is not, none
-        if step not in self.train_column("nonfinite_grad_tensors").index or not len(grads_up_to_it):
+        singular = self.singular_operation(step) is not None
+        if step not in self.train_column("nonfinite_grad_tensors").index or not (len(grads_up_to_it) or singular):
             return None  # its step's gradients unmeasured, or no finite gradient measured on it or before it
         measured = [grads_up_to_it, self.train_column("param_amax").loc[lambda s: s.index < step]]
+        if singular:  # no gradient measured: the loss's own magnitude bounds its gradient's scale instead
+            measured.append(self.train_column("loss").loc[lambda s: s.index <= step].abs())
         measured += [self.train_column(c).loc[lambda s: s.index <= step]
                      for c in self.metrics.columns if str(c).startswith("act_amax_")]
         values = pd.concat(measured)
         values = values[values.map(math.isfinite)]
         largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
+
+    def singular_operation(self, step: int | None = None) -> str | None:
+        """The operation of the caller's loss computation, singular at some input, that the probes read off the loss's
+        graph when the run's gradients first turned non-finite (`singular_derivative`) — at `step` when one is given;
+        None where none was."""
+        rows = self.of("singular_derivative")
+        rows = rows if step is None else rows[rows["step"] == step]
+        return str(rows["tensor"].iloc[0]) if len(rows) else None
 
     def unplaced_fp16_loss(self) -> pd.Series | None:
         """The first non-finite loss of a float16-compute run, first of the run, on a step that took no module
@@ -1347,6 +1397,10 @@ def weights_edited(r: RunRecord) -> list[Cause]:
         if kind == "weights_edited":
             then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
                     if (r.of(later)["step"] >= step).any()]
+            blown = r.blown_up_losses()
+            blown = blown[blown.index >= step]
+            if len(blown):  # a finite loss that blew up from the edit on is the rescaled weights' doing too
+                then.append(f"loss_blow_up@{int(blown.index[0])}")
             severity = "critical" if then else severity
             evidence.update(largest_value_factor=row["value"], then=", ".join(then) or None)
         else:
@@ -1710,6 +1764,12 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
                       evidence={**evidence, "largest_finite_loss": largest},
                       fix=r.fix("loss_scale_collapse_sum", model=where["model"], largest=f"{largest:.5g}",
                                 module=where["module"] or where["tensor"] or "the loss"))]
+    operation = r.singular_operation()
+    if len(below) and operation is not None and largest < FP16_MAX ** RANGE_EXPONENT:  # NaN at any scale
+        return [Cause("loss_scale_collapse", "critical", **where,
+                      evidence={**evidence, "largest_finite_loss": largest, "loss_operation": operation},
+                      fix=r.fix("loss_scale_collapse_singular", model=where["model"], largest=f"{largest:.3g}",
+                                operation=operation, module=where["module"] or where["tensor"] or "the loss"))]
     return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where, evidence=evidence,
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
                             model=where["model"], module=where["module"] or where["tensor"]))]
@@ -1876,10 +1936,13 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     unsettled = r.of("setup_note", "scaler_never_settled")
     if len(unsettled):
         row = _first(unsettled)
+        operation = r.singular_operation()
+        singular = "" if operation is None else SINGULAR_AT_ANY_SCALE.format(operation=operation)
         return [Cause("no_gradients", "warning", **{**_where(row), "first_step": 1},
-                      evidence={"steps_skipped": row.get("numel"), "loss_scale": row["value"]},
+                      evidence={"steps_skipped": row.get("numel"), "loss_scale": row["value"],
+                                **({"loss_operation": operation} if operation is not None else {})},
                       fix=r.fix("no_gradients_scaler_never_settled", steps=row.get("numel"),
-                                scale=f"{row['value']:g}"))]
+                                scale=f"{row['value']:g}", singular=singular))]
     never = r.of("setup_note", "optimizer_never_stepped")
     if len(never):
         row = _first(never)
@@ -2038,14 +2101,17 @@ def divergence(r: RunRecord) -> list[Cause]:
         holds, step = _holds(row), int(row["step"])
         every = step not in r.train_column("grad_amax").index  # no finite gradient on its step: from the loss end
         seen = step in r.train_column("loss").index  # finite: a non-finite loss before it leaves no `grad_op`
-        template = ("nonfinite_grad_op" if not every else
+        operation = r.singular_operation(step)
+        template = ("nonfinite_grad_singular" if operation is not None else "nonfinite_grad_op" if not every else
                     "nonfinite_grad_at_loss" if seen else "nonfinite_grad_loss_unseen")
         return [Cause("divergence", "critical", **_where(row),
                       evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds, "in_backward": True,
                                 "every_gradient": every, "loss_finite": True if seen else None,
                                 "largest_measured": largest,
-                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT,
+                                **({"loss_operation": operation} if operation is not None else {})},
                       fix=r.fix(template, tensor=row.get("tensor"), holds=holds, dtype=row.get("dtype"),
+                                operation=operation,
                                 amax=f"{largest:.3g}", loss="a finite loss" if seen else
                                 "a loss the probes never saw (hand it over: " + PHRASES["hand_loss"][r.caller] +
                                 "; then the run tells whether it was finite)"))]
@@ -2053,9 +2119,7 @@ def divergence(r: RunRecord) -> list[Cause]:
     finite_loss = loss[loss.map(math.isfinite)]
     # "three times the first loss" means something only for a positive first loss: a negative one (a log-density,
     # a term subtracted) is above three times itself from the start. Each training run against its own first loss
-    factor, floor, runs = r.blow_up_factor(), r.loss_floor_rise(), r.train_loss_runs()
-    blown = pd.concat([finite_loss[:0], *(part[(part > factor * part.iloc[0]) & (part - part.iloc[0] >= floor)]
-                                          for part in runs if part.iloc[0] > 0)])
+    factor, runs, blown = r.blow_up_factor(), r.train_loss_runs(), r.blown_up_losses()
     # the run whose loss blew up (else the first): the first loss it is judged against, the losses before the blow-up
     blown_run = next((part for part in runs if len(blown) and blown.index[0] in part.index), runs[0] if runs else None)
     first_loss = float(blown_run.iloc[0]) if blown_run is not None else None

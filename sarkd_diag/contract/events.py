@@ -26,7 +26,7 @@ KINDS = (
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
     "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "forward_replay",
-    "run_error", "zero_activation",
+    "run_error", "zero_activation", "singular_derivative",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -68,6 +68,9 @@ CODES = {
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
     "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
                        "same model in the step was not (the first such module in forward order, once)",
+    "singular_derivative": "the gradients turned non-finite and the caller's own loss computation (between the "
+                           "trained models' outputs and the loss) holds an operation whose derivative is infinite "
+                           "or undefined at some input (sqrt, pow below 1, log, division, acos/asin)",
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",

@@ -187,6 +187,7 @@ class ProbeSet:
         self._stepped = set()
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
+        ctx.output_nodes, ctx.loss_roots = [], []
         ctx.step_forwards = [] if self.replays_steps and not ctx.stats_step else None
         for probe in self._at["begin_step"]:
             probe.begin_step()

@@ -70,6 +70,10 @@ class ProbeContext:
     optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
     caller_skipped: bool = False  # the caller's loop skipped this step's backward and update on purpose
     optimizers_used: set[int] = field(default_factory=set)  # ids of the optimizers that used this step's gradients
+    # this step's autograd nodes of the trained models' training-forward outputs, and of the losses the caller
+    # handed over: the ends of the loss's own computation (`loss_graph`), read when gradients turn non-finite
+    output_nodes: list = field(default_factory=list)
+    loss_roots: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)

@@ -52,6 +52,18 @@ def _generates_text(owner) -> bool:
     return isinstance(owner, nn.Module) and callable(getattr(owner, "prepare_inputs_for_generation", None))
 
 
+def output_nodes(output) -> list:
+    """The autograd nodes of the tensors a forward returned: a tensor, a tuple or dict of them (a ModelOutput), one
+    level of nesting (the hidden states' tuple)."""
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else (output,)
+    nodes = []
+    for value in values:
+        for t in value if isinstance(value, (tuple, list)) else (value,):
+            if torch.is_tensor(t) and t.grad_fn is not None:
+                nodes.append(t.grad_fn)
+    return nodes
+
+
 class ForwardProbe(Probe):
     name = "forwards"
 
@@ -65,6 +77,8 @@ class ForwardProbe(Probe):
         self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
         self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
                          for name, model in ctx.models.items()]
+        self._handles += [model.register_forward_hook(eager(self._after_forward(name)))
+                          for name, model in ctx.models.items() if self._trainable[name]]
 
     def _step_under_way(self) -> bool:
         """A training step is under way: some model this run trains is in the mode its training forwards ran in —
@@ -100,6 +114,14 @@ class ForwardProbe(Probe):
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():
                     self._nan_inputs.append((model_name, name, value.isnan().any()))  # untracked: no detach
+        return hook
+
+    def _after_forward(self, model_name: str):
+        def hook(_model: nn.Module, _args: tuple, output) -> None:
+            """A trained model's training forward returned: the autograd nodes of what it returned (its loss, logits,
+            hidden states), where a caller's own loss computation begins (`loss_graph`)."""
+            if self.ctx.training_forward.get(model_name):
+                self.ctx.output_nodes.extend(output_nodes(output))
         return hook
 
     def take_readings(self) -> dict[str, torch.Tensor]:

@@ -61,6 +61,7 @@ from ..contract.numerics import FP16_TINY
 from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import counted
 from .base import FP16_MAX, Probe, abs_max, dtype_name, eager, nonfinite_counts, optimizers_of, sampled
+from .loss_graph import singular_operations
 
 
 @dataclass
@@ -322,6 +323,8 @@ class GradientProbe(Probe):
         moved = first is not None and first != self._last_first_bad and self.ctx.loss_scaler.enabled
         if begins or moved:
             self._report(first, bad, amax[first])
+        if begins and self.ctx.loss_roots and self.ctx.events.say_once("singular_derivative"):
+            self._report_singular_operations()
         self._last_first_bad = first
         self._grads = []
         return metrics
@@ -396,6 +399,19 @@ class GradientProbe(Probe):
             step=self.ctx.step, phase="backward", probe=self.name, model=w.model, module=module,
             tensor=tensor, dtype=self.ctx.dtype_of(grad if grad is not None else w.param), value=value,
             code="grad_nonfinite_skipped" if skipped else "grad_nonfinite_applied", **counts)
+
+    def _report_singular_operations(self) -> None:
+        """The gradients turned non-finite: the operations of the caller's own loss computation (between the trained
+        models' outputs and the loss) whose derivative is infinite or undefined at some input, read off the loss's
+        graph — what a backward from a finite loss and small values can only have met (`loss_graph`)."""
+        operations = singular_operations(self.ctx.loss_roots, self.ctx.output_nodes)
+        if operations:
+            self.ctx.events.record(
+                "singular_derivative", "info",
+                f"the loss's own computation at step {self.ctx.step} holds {', '.join(operations)} — an operation "
+                "whose derivative is infinite or undefined at some input (sqrt or pow below 1 at 0, a log or "
+                "division at 0, acos/asin at ±1)", step=self.ctx.step, phase="loss", probe=self.name,
+                tensor=operations[0])
 
     def _report_not_cleared(self, index: int) -> None:
         w = self.ctx.watched[index]

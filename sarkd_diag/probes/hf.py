@@ -152,7 +152,11 @@ class SarkdDiagCallback(TrainerCallback):
             # (label smoothing, a `compute_loss_func`); a shallow copy, the tensors are not copied
             self._loss_call = (compute_loss, tuple(_as_handed(a) for a in args),
                                {k: _as_handed(v) for k, v in kw.items()})
-            return compute_loss(*args, **kw)
+            result = compute_loss(*args, **kw)
+            loss = result[0] if isinstance(result, tuple) else result  # `return_outputs=True`: (loss, outputs)
+            if self.probes is not None and torch.is_tensor(loss) and loss.grad_fn is not None:
+                self.probes.ctx.loss_roots.append(loss.grad_fn)  # where the loss's own computation ends
+            return result
 
         train = trainer.train
 

@@ -178,6 +178,8 @@ class LossProbe(Probe):
             targets = counts.sum() if all(share for _, share in captured) else counts.min()
         else:
             targets = None
+        if loss.grad_fn is not None:
+            self.ctx.loss_roots.append(loss.grad_fn)
         self.observe({"loss": loss}, targets)
 
     def begin_step(self) -> None:

@@ -4,6 +4,7 @@ hand-written KD Trainer whose teacher overflows."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -1004,3 +1005,33 @@ def test_a_loss_made_nonfinite_by_its_own_arithmetic_between_statistics_steps_is
     assert root["evidence"]["module_outputs_finite"] is True and "check the loss computation" in root["fix"]
     replayed = run["events"].query("kind == 'forward_replay'")
     assert replayed[["step", "model"]].values.tolist() == [[3, "student"]]
+
+
+class HiddenRMSETrainer(Trainer):
+    """Hidden-state distillation as people write it on the Trainer: the CE plus the RMSE between the last hidden
+    states of the student and a frozen teacher."""
+
+    def __init__(self, *args, teacher, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs, output_hidden_states=True)
+        with torch.no_grad():
+            target = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states[-1]
+        loss = outputs.loss + torch.nn.functional.mse_loss(outputs.hidden_states[-1], target).sqrt()
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_the_trainer(tmp_path):
+    """The student starts as its teacher's copy: step 1's RMSE is the sqrt of exactly 0 and every gradient NaN. The
+    callback reads the graph of what `compute_loss` returned and names the sqrt, not a float32 overflow."""
+    teacher = tiny.make_gpt2(VOCAB, seed=3).requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    trainer = HiddenRMSETrainer(model=student, teacher=teacher, train_dataset=Sequences(VOCAB),
+                                args=training_args(tmp_path / "trainer", max_steps=2))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
+    assert "GradScaler" not in root["fix"]

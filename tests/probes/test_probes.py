@@ -2,6 +2,7 @@
 the event's kind, model, module and step, and the cause the diagnosis draws from it."""
 
 import contextlib
+import copy
 import json
 import math
 from collections import OrderedDict
@@ -16,6 +17,7 @@ from torch.nn.utils import clip_grad, clip_grad_norm_, clip_grad_value_
 
 from sarkd_diag import Probes, load_run
 from sarkd_diag.contract.numerics import LOST_UPDATE_WARNING
+from sarkd_diag.probes.loss_graph import singular_operations
 from sarkd_diag.probes.scaler import MAX_SKIP_FRACTION, MIN_STEPS_FOR_FRACTION, MIN_WARMUP_SCALE
 
 ORIGINAL_CLIPPING = clip_grad._clip_grads_with_norm_
@@ -2537,3 +2539,125 @@ def test_a_second_moment_gone_inf_with_its_weight_finite_is_named_not_read_as_up
         "optimizer_nonfinite", "critical", "transformer.h.1.mlp.c_fc.weight", 10)
     assert root["evidence"]["weights_finite"] is True and "m / √Inf = 0" in root["fix"]
     assert "update_underflow" not in [c["cause"] for c in causes]
+
+
+def _distilled_from_a_copy() -> tuple[nn.Module, nn.Module]:
+    """A student that starts as an exact copy of its teacher, the setup where a hidden-state distance is exactly 0 on
+    step 1."""
+    teacher = tiny.make_gpt2(64).eval().requires_grad_(False)
+    return copy.deepcopy(teacher).train().requires_grad_(True), teacher
+
+
+@pytest.mark.parametrize("term", ["sqrt", "pow"])
+def test_an_rmse_between_a_student_copied_from_its_teacher_is_named_on_step_1(term):
+    """Hidden-state KD with an RMSE (or the distance as a power ½) from a student copied from its teacher: on step 1
+    the difference is exactly 0 and its sqrt's derivative inf × 0 makes every gradient NaN at once. No gradient was
+    measured before, so nothing ruled an overflow out and the run read as a float32 gradient overflow, fixed by fp16
+    autocast and a GradScaler; the loss's graph now names the operation, and the step is an undefined derivative."""
+    student, teacher = _distilled_from_a_copy()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(3):
+            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            mse = nn.functional.mse_loss(out.hidden_states[-1], target)
+            loss = out.loss + 0.5 * (mse.sqrt() if term == "sqrt" else mse ** 0.5)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = _events(probes, "singular_derivative")
+    assert (event.step, event.tensor) == (1, term)
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, term)
+    assert "GradScaler" not in root["fix"] and f"applies {term}" in root["fix"]
+
+
+def test_the_loss_graph_stops_at_the_models_outputs():
+    """The walk names what the caller's loss computes after the models' outputs — not a model's own ops (a norm
+    dividing by a root its eps keeps off 0), and not a pow of exponent 2."""
+    x = torch.ones(3, requires_grad=True)
+    inside = (x / x.norm()).sqrt()  # a model's own output: its sqrt and division are not the loss's
+    loss = (inside.log().sum() + (inside ** 2).sum()) ** 0.5
+    assert singular_operations([loss.grad_fn], [inside.grad_fn]) == ["pow", "log"]
+    assert singular_operations([loss.grad_fn], []) == ["pow", "log", "sqrt", "division"]
+    assert singular_operations([(inside ** 2).sum().grad_fn], [inside.grad_fn]) == []
+
+
+def test_a_healthy_loss_with_a_sqrt_says_nothing_of_it():
+    """The loss's graph is read only when gradients turn non-finite: an RMSE away from 0 trains, silently."""
+    student, teacher = _distilled_from_a_copy()
+    with torch.no_grad():
+        teacher.transformer.ln_f.bias.add_(0.1)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(3):
+            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            loss = out.loss + nn.functional.mse_loss(out.hidden_states[-1], target).sqrt()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    assert not _events(probes, "singular_derivative") and not probes.diagnosis()
+
+
+@pytest.mark.parametrize("steps, cause", [(3, "no_gradients"), (19, "loss_scale_collapse")])
+def test_an_rmse_from_a_copied_student_under_a_gradscaler_is_not_blamed_on_the_scale(steps, cause):
+    """The same RMSE from a copied student under fp16 autocast and a GradScaler: every step's gradients are NaN at
+    any scale, so the scaler skips every step and the student never moves off its teacher. A short run read as a
+    scaler that "started too high: run more steps", a long one (the scale below 1) as gradients too large for fp16;
+    both now name the loss's sqrt."""
+    student, teacher = _distilled_from_a_copy()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+                loss = out.loss + nn.functional.mse_loss(out.hidden_states[-1].float(), target.float()).sqrt()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["evidence"]["loss_operation"]) == (cause, "sqrt")
+    assert "applies sqrt" in root["fix"]
+
+
+def test_a_float32_norm_made_nan_under_float16_autocast_is_an_undefined_operation_not_an_overflow():
+    """A LLaMA whose RMSNorm eps is 0 (a config typo) meets a token whose embedding is all 0 (a padding row): the norm,
+    which autocast leaves in float32, computes 0 × rsqrt(0) = NaN from values of at most 1. Under fp16 autocast that
+    read as "input_layernorm overflows float32: train with bf16 autocast" — a float32 output has no float16 replay, so
+    nothing ruled an overflow out. Judged against float16's range (which what it computes may have run in), it is the
+    undefined operation it is, in every mode."""
+    model = tiny.make_llama(64)
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.0
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5].zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    ids = torch.randint(6, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[0, 3] = 5
+    with Probes({"student": model}, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["module"], root["first_step"]) == ("divergence", "model.layers.0.input_layernorm", 1)
+    assert "not an overflow" in root["fix"] and "bfloat16" not in root["fix"]
