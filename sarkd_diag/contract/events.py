@@ -67,7 +67,8 @@ CODES = {
                       "module output finite (value: the model's largest): the loss made it after them",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
     "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
-                       "same model in the step was not (the first such module in forward order, once)",
+                       "same model in the step was not, and again at its next training forward (the first such module "
+                       "in forward order, once; step: where first seen)",
     "fp16_overflow_risk": "a finite forward output, or a value a module's own code makes, beyond fp16's range in "
                           "a wider dtype",
     "optimizer_state_underflow": "second-moment entries flushed to zero although their gradient is not",
