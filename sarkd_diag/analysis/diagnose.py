@@ -27,14 +27,20 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..contract.config import CALLERS
-from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, number_or_none
+from ..contract.numerics import (
+    EXTREME_UPDATE_RATIO,
+    FP16_MAX,
+    FP16_TINY,
+    KD_TARGETS_WARNING,
+    number_or_none,
+)
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
     "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
     "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
     "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -120,6 +126,8 @@ PHRASES = {
     "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
                             **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
                                for caller, autocast in AUTOCAST_BF16.items()}},
+    # the length of the text blocks the models read
+    "block_size": {caller: "--block-size" if caller == "cli" else "the sequence length" for caller in CALLERS},
     # the weights a loss scaler needs in fp32, where a model's were loaded in float16
     "fp32_weights": dict.fromkeys(CALLERS, "load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and "
                                            "let autocast compute in float16"),
@@ -432,6 +440,17 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "kd_targets_few": "the KD term covers {fraction} of the student's target tokens (from step {step}; {steps} "
+                      "short of {threshold}): {why} — those tokens learn from the cross-entropy alone, and kd_loss, "
+                      "a mean over every target token, reads small rather than missing; precision and the learning "
+                      "rate are not the cause",
+    "kd_targets_few_teacher_context": "the teacher reads fewer tokens than its tokenizer needs for the characters of "
+                                      "one student block, so the text past its position table has no teacher target "
+                                      "— a smaller {block_size} (now {length}) keeps each block's text within "
+                                      "the teacher's context (the note gives its size)",
+    "kd_targets_few_spans": "student tokens that no teacher token's character span overlaps have no teacher target "
+                            "— check that both tokenizers give character offsets (fast tokenizers; "
+                            "`return_offsets_mapping`) that cover the text",
     "micro_batches_summed": "{model}'s gradient is the sum of {count} losses, not their mean (from step {step}): each "
                             "micro-batch's loss is backpropagated at full weight, so each step's gradient is {count}× "
                             "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
@@ -1830,6 +1849,27 @@ def micro_batches_summed(r: RunRecord) -> list[Cause]:
                   fix=r.fix("micro_batches_summed", step=int(row["step"]), count=count, model=row.get("model")))]
 
 
+def kd_targets_few(r: RunRecord) -> list[Cause]:
+    """A dual-tokenizer KD term over few of a step's target tokens (a `kd_targets_few` note, at the teacher
+    where its position table cut the text short): most tokens learn from the cross-entropy alone while kd_loss reads
+    as a small loss — a warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "kd_targets_few")
+    if not len(note):
+        return []
+    row = _first(note)
+    fraction = (r.train_column("kd_targets") / r.train_column("targets")).dropna()
+    short = int((fraction < KD_TARGETS_WARNING).sum())
+    block_size = (r.config.get("options") or {}).get("block_size")
+    why = r.fix("kd_targets_few_teacher_context" if row.get("model") == "teacher" else "kd_targets_few_spans",
+                length=block_size)
+    return [Cause("kd_targets_few", "warning", **_where(row),
+                  evidence={"kd_target_fraction": float(row["value"]), "targets": int(row.get("numel") or 0),
+                            "steps_under_threshold": short, "steps": len(fraction)},
+                  fix=r.fix("kd_targets_few", step=int(row["step"]), fraction=f"{float(row['value']):.0%}",
+                            steps=f"{short} of {len(fraction)} steps", why=why,
+                            threshold=f"{KD_TARGETS_WARNING:.0%}"))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -2200,7 +2240,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
          optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
          activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
-         update_underflow, divergence)
+         update_underflow, divergence, kd_targets_few)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

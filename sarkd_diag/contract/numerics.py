@@ -22,6 +22,9 @@ WEIGHT_HALVING_STEPS = 10
 # largest absolute value by more than this is a warning (`weights_edited`); a smaller one — a clamp, an EMA swap,
 # tied weights copied — is recorded as information.
 WEIGHT_EDIT_FACTOR = 2.0
+# A dual-tokenizer KD term covering under this fraction of a step's target tokens (`kd_targets_few`): its kd_loss, a
+# mean over every target token, reads small, and the tokens it misses learn from the cross-entropy alone.
+KD_TARGETS_WARNING = 0.5
 
 
 def dtype_name(dtype) -> str:

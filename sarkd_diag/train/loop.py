@@ -42,7 +42,7 @@ from ..contract.config import DistillConfig, refuse_unknown_options, with_config
 from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
-from ..contract.numerics import dtype_name, perplexity
+from ..contract.numerics import KD_TARGETS_WARNING, dtype_name, perplexity
 from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
@@ -65,7 +65,7 @@ from .models import (
     max_positions,
     shared_vocabulary,
 )
-from .objective import KD_TARGETS_WARNING, HiddenStateKD, LogitKD, LossParts
+from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .precision import Precision, make_precision
@@ -875,8 +875,8 @@ class Trainer:
             "setup_note", "warning", f"the KD term covered {covered} of the step's {targets} target tokens: "
             f"{self.run.objective.few_targets_reason()}; the kd_loss is a mean over every target token, so it reads "
             "small, and the tokens it misses learn from the cross-entropy alone", code="kd_targets_few",
-            step=self.step, phase="loss", probe="loop", tensor="kd", value=covered / targets,
-            numel=targets)
+            step=self.step, phase="loss", probe="loop", tensor="kd", value=covered / targets, numel=targets,
+            model="teacher" if self.run.objective.teacher_cut_short else None)  # where the targets were lost
 
     def _on_device(self, batch: dict) -> dict:
         device = self.run.compute.device
