@@ -96,6 +96,13 @@ class ProbeContext:
             return None
         return {id(p) for o in optimizers if id(o) in self.optimizers_used for g in o.param_groups for p in g["params"]}
 
+    def model_stepped_by(self, optimizer) -> str | None:
+        """The watched model whose trainable tensors `optimizer` holds — the one a note about its steps is about; None
+        where it holds several models' (or none watched)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        models = {w.model for w in self.watched if id(w.param) in held}
+        return models.pop() if len(models) == 1 else None
+
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
 

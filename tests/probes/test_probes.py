@@ -298,10 +298,11 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
             probes.step(loss=loss)
             opt.zero_grad()
     notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
-    assert [(e.severity, e.step) for e in notes] == ([("warning", 1)] if extra_step else [])
+    assert [(e.severity, e.step, e.model) for e in notes] == ([("warning", 1, "student")] if extra_step else [])
     if extra_step:
         (cause, *_) = probes.diagnosis()
         assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
+        assert cause["model"] == "student"
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
 
 
