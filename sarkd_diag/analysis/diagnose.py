@@ -37,10 +37,10 @@ from ..contract.numerics import (
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
-    "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
-    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
+    "gradients_not_cleared", "micro_batches_summed", "loss_backpropagated_twice", "teacher_overflow",
+    "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
+    "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -451,6 +451,13 @@ FIXES = {
     "kd_targets_few_spans": "student tokens that no teacher token's character span overlaps have no teacher target "
                             "— check that both tokenizers give character offsets (fast tokenizers; "
                             "`return_offsets_mapping`) that cover the text",
+    "loss_backpropagated_twice": "one forward's loss of {model} is backpropagated {count} times at full weight (from "
+                                 "step {step}): each `backward()` through it adds its gradient to `.grad` again, so "
+                                 "the step applies it {count}× — SGD's update with it (Adam's barely changes), and the "
+                                 "norm a clipping threshold meets — call `backward()` once per forward, on the sum of "
+                                 "its terms (`(kd + ce).backward()`); a backward only to read a gradient belongs in "
+                                 "`torch.autograd.grad`, which adds nothing to `.grad`; the learning rate and the "
+                                 "precision are not the cause",
     "micro_batches_summed": "{model}'s gradient is the sum of {count} losses, not their mean (from step {step}): each "
                             "micro-batch's loss is backpropagated at full weight, so each step's gradient is {count}× "
                             "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
@@ -1836,17 +1843,28 @@ def _went_wrong_from(r: RunRecord, step: int) -> list[str]:
 def micro_batches_summed(r: RunRecord) -> list[Cause]:
     """A step backpropagated several losses of one model's forwards each at full weight (a `micro_batches_summed`
     note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so the gradient is
-    that many times the batch's (SGD's update with it) — critical once something goes wrong at or after it (the
-    blow-up, which reads as an lr far too high, is folded into it), else a warning."""
-    note = r.of("setup_note", "micro_batches_summed")
+    that many times the batch's (SGD's update with it)."""
+    return _gradient_multiplied(r, "micro_batches_summed", "losses_per_step")
+
+
+def loss_backpropagated_twice(r: RunRecord) -> list[Cause]:
+    """One forward's loss brought at full weight by several backwards that add to `.grad` (a
+    `loss_backpropagated_twice` note): its gradient is applied that many times (SGD's update with it)."""
+    return _gradient_multiplied(r, "loss_backpropagated_twice", "backwards_per_loss")
+
+
+def _gradient_multiplied(r: RunRecord, code: str, counted_as: str) -> list[Cause]:
+    """A loop bug that multiplies the step's gradient by the count its note holds (`value`): critical once something
+    goes wrong at or after it (the blow-up, which reads as an lr far too high, is folded into it), else a warning."""
+    note = r.of("setup_note", code)
     if not len(note):
         return []
     row = _first(note)
     then = _went_wrong_from(r, int(row["step"]))
     count = int(row["value"])
-    return [Cause("micro_batches_summed", "critical" if then else "warning", **_where(row),
-                  evidence={"losses_per_step": count, "then": ", ".join(then) or None},
-                  fix=r.fix("micro_batches_summed", step=int(row["step"]), count=count, model=row.get("model")))]
+    return [Cause(code, "critical" if then else "warning", **_where(row),
+                  evidence={counted_as: count, "then": ", ".join(then) or None},
+                  fix=r.fix(code, step=int(row["step"]), count=count, model=row.get("model")))]
 
 
 def kd_targets_few(r: RunRecord) -> list[Cause]:
@@ -2237,10 +2255,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
-         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
-         update_underflow, divergence, kd_targets_few)
+         gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow,
+         optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
+         weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
+         no_gradients, update_underflow, divergence, kd_targets_few)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -201,10 +201,10 @@ def eager(hook: Callable) -> Callable:
 def in_backward() -> bool:
     """A forward that runs inside a backward pass: gradient checkpointing recomputing a layer's forward (both the
     reentrant and the non-reentrant kind), not a forward of the step — its outputs were read the first time."""
-    return _graph_task_id() != -1
+    return graph_task_id() != -1
 
 
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # the backward under way; -1 outside one
 
 
 def group_lr(group: dict) -> float | torch.Tensor | None:

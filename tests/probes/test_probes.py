@@ -1802,6 +1802,41 @@ def test_two_objectives_of_one_batch_are_no_micro_batches_summed(objectives):
             opt.zero_grad()
     assert not [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
     assert "micro_batches_summed" not in {d["cause"] for d in probes.diagnosis()}
+    # the cross-entropy went through both backwards: applied twice (test below); R-Drop's two forwards once each
+    twice = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
+    assert len(twice) == (objectives == "one forward, two backwards")
+
+
+@pytest.mark.parametrize("second", ["backward again", "autograd.grad first", "none"])
+def test_one_forwards_loss_backpropagated_twice_is_named_and_a_gradient_only_read_is_not(second):
+    """`loss.backward(retain_graph=True)` then `loss.backward()` on the same forward: each adds the loss's gradient to
+    `.grad`, so SGD steps twice as far — and nothing said so (one batch: no micro-batches summed). Reading a gradient
+    with `torch.autograd.grad` before the one backward adds nothing to `.grad`, and is no finding."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            loss = model(input_ids=ids, labels=ids).loss
+            if second == "backward again":
+                loss.backward(retain_graph=True)
+            elif second == "autograd.grad first":
+                torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if second != "backward again":
+        assert notes == [] and causes == {}
+        return
+    (note,) = notes
+    assert (note.step, note.severity, note.model, note.value) == (1, "warning", "student", 2.0)
+    cause = causes["loss_backpropagated_twice"]
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
+    assert "once per forward" in cause["fix"] and "2×" in cause["fix"]
 
 
 def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
