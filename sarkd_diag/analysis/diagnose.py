@@ -41,6 +41,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
+    "kd_temperature_low",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -126,6 +127,9 @@ PHRASES = {
     "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
                             **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
                                for caller, autocast in AUTOCAST_BF16.items()}},
+    # the KD term's softmax temperature
+    "temperature_option": {caller: "--temperature" if caller == "cli" else "the KD loss's temperature"
+                           for caller in CALLERS},
     # the length of the text blocks the models read
     "block_size": {caller: "--block-size" if caller == "cli" else "the sequence length" for caller in CALLERS},
     # the weights a loss scaler needs in fp32, where a model's were loaded in float16
@@ -440,6 +444,13 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "kd_temperature_low": "the KD temperature {temperature} scales the KD term's gradient by T (T² · KL at logits / "
+                          "T has a gradient of T · (p_student − p_teacher) per logit) and makes the teacher's softmax "
+                          "at T all but one-hot: the KD term matches the teacher's argmax, not its distribution, and "
+                          "next to the cross-entropy it carries next to nothing of the gradient, while kd_loss reads "
+                          "small as if the student matched its teacher — set {temperature_option} to 1 or more (1 to "
+                          "4 is usual; the T² factor keeps the KD gradient comparable across such temperatures); "
+                          "precision and the learning rate are not the cause",
     "kd_targets_few": "the KD term covers {fraction} of the student's target tokens (from step {step}; {steps} "
                       "short of {threshold}): {why} — those tokens learn from the cross-entropy alone, and kd_loss, "
                       "a mean over every target token, reads small rather than missing; precision and the learning "
@@ -1888,6 +1899,22 @@ def kd_targets_few(r: RunRecord) -> list[Cause]:
                             threshold=f"{KD_TARGETS_WARNING:.0%}"))]
 
 
+def kd_temperature_low(r: RunRecord) -> list[Cause]:
+    """A KD temperature below KD_TEMPERATURE_FLOOR (a `kd_temperature_low` note): the KD term's gradient is T× its
+    size at T = 1 and the teacher's softmax one-hot, while kd_loss, T² · KL, reads as a KD term near its minimum — a
+    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured."""
+    note = r.of("setup_note", "kd_temperature_low")
+    if not len(note):
+        return []
+    row = _first(note)
+    kd, ce = r.train_column("kd_loss"), r.train_column("ce_loss")
+    return [Cause("kd_temperature_low", "warning", **_where(row),
+                  evidence={"temperature": float(row["value"]),
+                            "mean_kd_loss": float(kd.mean()) if len(kd) else None,
+                            "mean_ce_loss": float(ce.mean()) if len(ce) else None},
+                  fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -2258,7 +2285,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow,
          optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
          weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
-         no_gradients, update_underflow, divergence, kd_targets_few)
+         no_gradients, update_underflow, divergence, kd_targets_few, kd_temperature_low)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -133,6 +133,8 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "
+                          "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "
                                  "to .grad, each at full weight: its gradient is applied that many times",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
