@@ -38,6 +38,7 @@ from ..contract.numerics import (
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
     "gradients_not_cleared", "micro_batches_summed", "loss_backpropagated_twice", "teacher_overflow",
+    "teacher_dropout",
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
@@ -127,6 +128,18 @@ PHRASES = {
     "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
                             **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
                                for caller, autocast in AUTOCAST_BF16.items()}},
+    # how a frozen teacher is kept in eval mode, where the caller's code switches modes
+    "teacher_eval": {
+        "cli": "`train` holds the teacher in eval mode itself: report this",
+        "loop": "call `teacher.eval()` before the loop, and again after any `.train()` that reaches it (a module "
+                "holding both models switches the teacher with the student)",
+        "trainer": "call `teacher.eval()` before `trainer.train()`; a teacher held inside the trained model is "
+                   "switched to train mode with it at every step — hold it outside the model",
+        "accelerate": "call `teacher.eval()` before the loop, and again after any `.train()` that reaches it (a "
+                      "module holding both models switches the teacher with the student)",
+        "lightning": "call `self.teacher.eval()` in `on_train_epoch_start` and `on_validation_end`: Lightning's "
+                     "`train()` on the LightningModule reaches a teacher held as its attribute",
+    },
     # the KD term's softmax temperature
     "temperature_option": {caller: "--temperature" if caller == "cli" else "the KD loss's temperature"
                            for caller in CALLERS},
@@ -444,6 +457,9 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
+                       "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
+                       "forward — {teacher_eval}; precision and the learning rate are not the cause",
     "kd_temperature_low": "the KD temperature {temperature} scales the KD term's gradient by T (T² · KL at logits / "
                           "T has a gradient of T · (p_student − p_teacher) per logit) and makes the teacher's softmax "
                           "at T all but one-hot: the KD term matches the teacher's argmax, not its distribution, and "
@@ -1394,6 +1410,20 @@ def weights_edited(r: RunRecord) -> list[Cause]:
     return causes
 
 
+def teacher_dropout(r: RunRecord) -> list[Cause]:
+    """A frozen model's training forwards in train() mode with dropout on (a `teacher_dropout_on` note): the KD targets
+    come through a random mask each forward — noisy, not deterministic — while nothing of it trains. A warning:
+    nothing non-finite, and the loss reads as any noisy loss."""
+    note = r.of("setup_note", "teacher_dropout_on")
+    if not len(note):
+        return []
+    row = _first(note)
+    return [Cause("teacher_dropout", "warning", **_where(row),
+                  evidence={"dropout_p": float(row["value"]), "dropout_modules": int(row.get("numel") or 0)},
+                  fix=r.fix("teacher_dropout", model=row.get("model"), module=row.get("module"),
+                            p=f"{float(row['value']):g}"))]
+
+
 def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
@@ -2282,7 +2312,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow,
+         gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow, teacher_dropout,
          optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
          weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
          no_gradients, update_underflow, divergence, kd_targets_few, kd_temperature_low)

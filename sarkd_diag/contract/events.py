@@ -133,6 +133,8 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
+                          "dropout on: its outputs, the KD targets, are drawn through a random mask",
     "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "

@@ -2573,3 +2573,35 @@ def test_a_second_moment_gone_inf_with_its_weight_finite_is_named_not_read_as_up
         "optimizer_nonfinite", "critical", "transformer.h.1.mlp.c_fc.weight", 10)
     assert root["evidence"]["weights_finite"] is True and "m / √Inf = 0" in root["fix"]
     assert "update_underflow" not in [c["cause"] for c in causes]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_teacher_left_in_train_mode_with_dropout_is_named_and_one_in_eval_mode_is_not(mode):
+    """A frozen GPT-2 teacher (dropout 0.1) switched to `train()` — as a module holding both models, or Lightning's
+    `train()` on a LightningModule, does: every forward draws a new mask, so the KD targets are noisy and not
+    deterministic, and nothing said so. In eval mode: nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    student = tiny.make_gpt2(32, n_layer=1)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    teacher.requires_grad_(False).train(mode == "train")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            loss = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1), target, log_target=True,
+                                        reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if mode == "eval":
+        assert causes == {}
+        return
+    cause = causes["teacher_dropout"]
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
+    assert cause["evidence"]["dropout_p"] == 0.1 and "`teacher.eval()`" in cause["fix"]
