@@ -582,9 +582,11 @@ FIXES = {
                          "clip with {clip}; precision is not the cause",
     "loss_computation": "check the loss computation: the {term} turned non-finite from finite weights and module "
                         "outputs (the largest {amax}) — look for a division by zero (a temperature or token count "
-                        "of 0), the log of 0, an exp that overflows (e^x is Inf above x ≈ {exp_limit} in {dtype}: "
-                        "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
-                        "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
+                        "of 0), the log of 0 or of a negative number (`F.kl_div` handed log-probabilities as its "
+                        "target without `log_target=True` takes their log), an exp that overflows (e^x is Inf "
+                        "above x ≈ {exp_limit} in {dtype}: a softmax written as exp()/sum() without subtracting each "
+                        "row's max, or logits divided by a small temperature first — Inf/Inf is NaN), or an input "
+                        "the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
     "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
                       "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "

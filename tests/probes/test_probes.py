@@ -2605,3 +2605,26 @@ def test_a_teacher_left_in_train_mode_with_dropout_is_named_and_one_in_eval_mode
     cause = causes["teacher_dropout"]
     assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
     assert cause["evidence"]["dropout_p"] == 0.1 and "`teacher.eval()`" in cause["fix"]
+
+
+def test_kl_div_handed_log_probabilities_as_its_target_names_log_target():
+    """`F.kl_div(student_logp, teacher_logp)` without `log_target=True`: kl_div takes the log of its target, the
+    teacher's log-probabilities, all below 0 — NaN from the first step. Placed at the loss (every module output
+    finite); the fix named the log of 0 and a temperature of 0, not the log of a negative number kl_div takes."""
+    torch.manual_seed(0)
+    student = tiny.make_gpt2(32, n_layer=1)
+    teacher = tiny.make_gpt2(32, seed=3, n_layer=1).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            loss = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1), target, reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["tensor"], root["first_step"]) == ("divergence", "loss", 1)
+    assert "`log_target=True`" in root["fix"]
