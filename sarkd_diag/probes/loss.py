@@ -126,6 +126,7 @@ class LossProbe(Probe):
         self._weights: list[Weight] = []
         self._weighed: list[Weight] = []  # the weights handed to the readings, in order
         self._forwards = 0  # the step's training forwards whose loss was read: each one's number
+        self._accumulators: dict[str, list] = {}  # model -> its trainable tensors' gradient accumulators (autograd)
         self._batches: list = []  # the step's distinct inputs, held for the step so none's identity is reused
         self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
@@ -191,8 +192,11 @@ class LossProbe(Probe):
         if _will_execute is None:
             return False
         try:
-            return any(_will_execute(torch.autograd.graph.get_gradient_edge(w.param).node)
-                       for w in self.ctx.watched if w.model == model_name)
+            if model_name not in self._accumulators:  # each weight's node that adds to its `.grad`, taken once: held,
+                self._accumulators[model_name] = [  # it stays the one backward runs (the weight holds it weakly)
+                    torch.autograd.graph.get_gradient_edge(w.param).node
+                    for w in self.ctx.watched if w.model == model_name]
+            return any(_will_execute(node) for node in self._accumulators[model_name])
         except (RuntimeError, AttributeError, TypeError):
             return False
 
