@@ -2008,6 +2008,71 @@ def accumulation_summing_micro_batches(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def loss_backpropagated_twice(world: World, tmp: Path) -> Outcome:
+    """`loss.backward(retain_graph=True)` and then `loss.backward()` on the same forward's loss: each adds its gradient
+    to `.grad`, so every step applies it twice (one batch a step: no micro-batches summed)."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = token_batches(world, 4)
+    once, twice = (_head_gradient(model, batches[0], backwards) for backwards in (1, 2))
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in batches:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward(retain_graph=True)
+            loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(twice_over_once_gradient=round(float(twice.norm() / once.norm()), 3))
+    outcome.check("the step's gradient is 2x one backward's", abs(float(twice.norm() / once.norm()) - 2) < 1e-3)
+    return outcome
+
+
+def _head_gradient(model: nn.Module, ids: torch.Tensor, backwards: int) -> torch.Tensor:
+    """The lm_head's gradient after `backwards` backwards through one forward's loss (outside any tool)."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    for _ in range(backwards):
+        loss.backward(retain_graph=True)
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    return grad
+
+
+def teacher_left_in_train_mode(world: World, tmp: Path) -> Outcome:
+    """A GPT-2 teacher (dropout 0.1, as GPT-2 ships) switched to `train()` with the student — a module holding both
+    models does that —, then frozen: every forward draws a new dropout mask, so the KD targets are noisy."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sarkd_diag import Probes
+
+    outcome = Outcome()
+    torch.manual_seed(0)
+    student = tiny.make_gpt2(world.vocab)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=world.vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128))
+    teacher.requires_grad_(False).train()
+    batches = token_batches(world, 4)
+    with torch.no_grad():
+        differ = not torch.equal(teacher(input_ids=batches[0]).logits, teacher(input_ids=batches[0]).logits)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in batches:
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            loss = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1).flatten(0, 1),
+                                        target.flatten(0, 1), log_target=True, reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(teacher_outputs_differ_between_two_forwards=differ)
+    outcome.check("two teacher forwards of the same batch differ", differ)
+    return outcome
+
+
 def _accumulated_gradient(model: nn.Module, batches: list[torch.Tensor], divide_by: int) -> torch.Tensor:
     """The gradient of the lm_head accumulated over `batches`, each loss divided by `divide_by` (outside any tool)."""
     model.zero_grad()
@@ -2472,6 +2537,15 @@ SCENARIOS: list[Scenario] = [
              "`loss.backward()` on each undivided loss", "fp32", "user loop", accumulation_summing_micro_batches,
              Expected("micro_batches_summed", "critical", "student", None, first_step=1, absent=("divergence",),
                       fix_contains="(loss / accumulation_steps).backward()", fix_lacks="far too high")),
+    Scenario("one forward's loss backpropagated twice", "user loop: fp32 GPT-2, AdamW, "
+             "`loss.backward(retain_graph=True)` then `loss.backward()` on each step's loss", "fp32", "user loop",
+             loss_backpropagated_twice,
+             Expected("loss_backpropagated_twice", "warning", "student", None, first_step=1,
+                      absent=("micro_batches_summed",), fix_contains="once per forward")),
+    Scenario("teacher left in train mode", "user loop: fp32 KD from a GPT-2 teacher (dropout 0.1) left in `train()` "
+             "mode, frozen, its forward under `no_grad`", "fp32", "user loop", teacher_left_in_train_mode,
+             Expected("teacher_dropout", "warning", "teacher", "transformer.drop", first_step=1,
+                      fix_contains="teacher.eval()")),
     Scenario("student frozen instead of the teacher", "user loop: fp32 KD; `student.requires_grad_(False)` (meant the "
              "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
              student_frozen_instead_of_the_teacher,

@@ -27,14 +27,22 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..contract.config import CALLERS
-from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, number_or_none
+from ..contract.numerics import (
+    EXTREME_UPDATE_RATIO,
+    FP16_MAX,
+    FP16_TINY,
+    KD_TARGETS_WARNING,
+    number_or_none,
+)
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
-    "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
-    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "gradients_not_cleared", "micro_batches_summed", "loss_backpropagated_twice", "teacher_overflow",
+    "teacher_dropout",
+    "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
+    "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
+    "kd_temperature_low",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -120,6 +128,23 @@ PHRASES = {
     "bf16_mixed_adapters": {"cli": "`--precision bf16-mixed`",
                             **{caller: f"{autocast} with {ADAPTERS_IN_FP32} over the frozen weights in bfloat16"
                                for caller, autocast in AUTOCAST_BF16.items()}},
+    # how a frozen teacher is kept in eval mode, where the caller's code switches modes
+    "teacher_eval": {
+        "cli": "`train` holds the teacher in eval mode itself: report this",
+        "loop": "call `teacher.eval()` before the loop, and again after any `.train()` that reaches it (a module "
+                "holding both models switches the teacher with the student)",
+        "trainer": "call `teacher.eval()` before `trainer.train()`; a teacher held inside the trained model is "
+                   "switched to train mode with it at every step — hold it outside the model",
+        "accelerate": "call `teacher.eval()` before the loop, and again after any `.train()` that reaches it (a "
+                      "module holding both models switches the teacher with the student)",
+        "lightning": "call `self.teacher.eval()` in `on_train_epoch_start` and `on_validation_end`: Lightning's "
+                     "`train()` on the LightningModule reaches a teacher held as its attribute",
+    },
+    # the KD term's softmax temperature
+    "temperature_option": {caller: "--temperature" if caller == "cli" else "the KD loss's temperature"
+                           for caller in CALLERS},
+    # the length of the text blocks the models read
+    "block_size": {caller: "--block-size" if caller == "cli" else "the sequence length" for caller in CALLERS},
     # the weights a loss scaler needs in fp32, where a model's were loaded in float16
     "fp32_weights": dict.fromkeys(CALLERS, "load the model in fp32 (no `.half()`, no `torch_dtype=torch.float16`) and "
                                            "let autocast compute in float16"),
@@ -446,6 +471,34 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
+                       "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
+                       "forward — {teacher_eval}; precision and the learning rate are not the cause",
+    "kd_temperature_low": "the KD temperature {temperature} scales the KD term's gradient by T (T² · KL at logits / "
+                          "T has a gradient of T · (p_student − p_teacher) per logit) and makes the teacher's softmax "
+                          "at T all but one-hot: the KD term matches the teacher's argmax, not its distribution, and "
+                          "next to the cross-entropy it carries next to nothing of the gradient, while kd_loss reads "
+                          "small as if the student matched its teacher — set {temperature_option} to 1 or more (1 to "
+                          "4 is usual; the T² factor keeps the KD gradient comparable across such temperatures); "
+                          "precision and the learning rate are not the cause",
+    "kd_targets_few": "the KD term covers {fraction} of the student's target tokens (from step {step}; {steps} "
+                      "short of {threshold}): {why} — those tokens learn from the cross-entropy alone, and kd_loss, "
+                      "a mean over every target token, reads small rather than missing; precision and the learning "
+                      "rate are not the cause",
+    "kd_targets_few_teacher_context": "the teacher reads fewer tokens than its tokenizer needs for the characters of "
+                                      "one student block, so the text past its position table has no teacher target "
+                                      "— a smaller {block_size} (now {length}) keeps each block's text within "
+                                      "the teacher's context (the note gives its size)",
+    "kd_targets_few_spans": "student tokens that no teacher token's character span overlaps have no teacher target "
+                            "— check that both tokenizers give character offsets (fast tokenizers; "
+                            "`return_offsets_mapping`) that cover the text",
+    "loss_backpropagated_twice": "one forward's loss of {model} is backpropagated {count} times at full weight (from "
+                                 "step {step}): each `backward()` through it adds its gradient to `.grad` again, so "
+                                 "the step applies it {count}× — SGD's update with it (Adam's barely changes), and the "
+                                 "norm a clipping threshold meets — call `backward()` once per forward, on the sum of "
+                                 "its terms (`(kd + ce).backward()`); a backward only to read a gradient belongs in "
+                                 "`torch.autograd.grad`, which adds nothing to `.grad`; the learning rate and the "
+                                 "precision are not the cause",
     "micro_batches_summed": "{model}'s gradient is the sum of {count} losses, not their mean (from step {step}): each "
                             "micro-batch's loss is backpropagated at full weight, so each step's gradient is {count}× "
                             "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
@@ -543,9 +596,11 @@ FIXES = {
                          "clip with {clip}; precision is not the cause",
     "loss_computation": "check the loss computation: the {term} turned non-finite from finite weights and module "
                         "outputs (the largest {amax}) — look for a division by zero (a temperature or token count "
-                        "of 0), the log of 0, an exp that overflows (e^x is Inf above x ≈ {exp_limit} in {dtype}: "
-                        "a softmax written as exp()/sum() without subtracting each row's max, or logits divided by a "
-                        "small temperature first — Inf/Inf is NaN), or an input the probes do not watch, "
+                        "of 0), the log of 0 or of a negative number (`F.kl_div` handed log-probabilities as its "
+                        "target without `log_target=True` takes their log), an exp that overflows (e^x is Inf "
+                        "above x ≈ {exp_limit} in {dtype}: a softmax written as exp()/sum() without subtracting each "
+                        "row's max, or logits divided by a small temperature first — Inf/Inf is NaN), or an input "
+                        "the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
     "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
                       "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "
@@ -1411,6 +1466,20 @@ def weights_edited(r: RunRecord) -> list[Cause]:
     return causes
 
 
+def teacher_dropout(r: RunRecord) -> list[Cause]:
+    """A frozen model's training forwards in train() mode with dropout on (a `teacher_dropout_on` note): the KD targets
+    come through a random mask each forward — noisy, not deterministic — while nothing of it trains. A warning:
+    nothing non-finite, and the loss reads as any noisy loss."""
+    note = r.of("setup_note", "teacher_dropout_on")
+    if not len(note):
+        return []
+    row = _first(note)
+    return [Cause("teacher_dropout", "warning", **_where(row),
+                  evidence={"dropout_p": float(row["value"]), "dropout_modules": int(row.get("numel") or 0)},
+                  fix=r.fix("teacher_dropout", model=row.get("model"), module=row.get("module"),
+                            p=f"{float(row['value']):g}"))]
+
+
 def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
@@ -1877,17 +1946,65 @@ def _went_wrong_from(r: RunRecord, step: int) -> list[str]:
 def micro_batches_summed(r: RunRecord) -> list[Cause]:
     """A step backpropagated several losses of one model's forwards each at full weight (a `micro_batches_summed`
     note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so the gradient is
-    that many times the batch's (SGD's update with it) — critical once something goes wrong at or after it (the
-    blow-up, which reads as an lr far too high, is folded into it), else a warning."""
-    note = r.of("setup_note", "micro_batches_summed")
+    that many times the batch's (SGD's update with it)."""
+    return _gradient_multiplied(r, "micro_batches_summed", "losses_per_step")
+
+
+def loss_backpropagated_twice(r: RunRecord) -> list[Cause]:
+    """One forward's loss brought at full weight by several backwards that add to `.grad` (a
+    `loss_backpropagated_twice` note): its gradient is applied that many times (SGD's update with it)."""
+    return _gradient_multiplied(r, "loss_backpropagated_twice", "backwards_per_loss")
+
+
+def _gradient_multiplied(r: RunRecord, code: str, counted_as: str) -> list[Cause]:
+    """A loop bug that multiplies the step's gradient by the count its note holds (`value`): critical once something
+    goes wrong at or after it (the blow-up, which reads as an lr far too high, is folded into it), else a warning."""
+    note = r.of("setup_note", code)
     if not len(note):
         return []
     row = _first(note)
     then = _went_wrong_from(r, int(row["step"]))
     count = int(row["value"])
-    return [Cause("micro_batches_summed", "critical" if then else "warning", **_where(row),
-                  evidence={"losses_per_step": count, "then": ", ".join(then) or None},
-                  fix=r.fix("micro_batches_summed", step=int(row["step"]), count=count, model=row.get("model")))]
+    return [Cause(code, "critical" if then else "warning", **_where(row),
+                  evidence={counted_as: count, "then": ", ".join(then) or None},
+                  fix=r.fix(code, step=int(row["step"]), count=count, model=row.get("model")))]
+
+
+def kd_targets_few(r: RunRecord) -> list[Cause]:
+    """A dual-tokenizer KD term over few of a step's target tokens (a `kd_targets_few` note, at the teacher
+    where its position table cut the text short): most tokens learn from the cross-entropy alone while kd_loss reads
+    as a small loss — a warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "kd_targets_few")
+    if not len(note):
+        return []
+    row = _first(note)
+    fraction = (r.train_column("kd_targets") / r.train_column("targets")).dropna()
+    short = int((fraction < KD_TARGETS_WARNING).sum())
+    block_size = (r.config.get("options") or {}).get("block_size")
+    why = r.fix("kd_targets_few_teacher_context" if row.get("model") == "teacher" else "kd_targets_few_spans",
+                length=block_size)
+    return [Cause("kd_targets_few", "warning", **_where(row),
+                  evidence={"kd_target_fraction": float(row["value"]), "targets": int(row.get("numel") or 0),
+                            "steps_under_threshold": short, "steps": len(fraction)},
+                  fix=r.fix("kd_targets_few", step=int(row["step"]), fraction=f"{float(row['value']):.0%}",
+                            steps=f"{short} of {len(fraction)} steps", why=why,
+                            threshold=f"{KD_TARGETS_WARNING:.0%}"))]
+
+
+def kd_temperature_low(r: RunRecord) -> list[Cause]:
+    """A KD temperature below KD_TEMPERATURE_FLOOR (a `kd_temperature_low` note): the KD term's gradient is T× its
+    size at T = 1 and the teacher's softmax one-hot, while kd_loss, T² · KL, reads as a KD term near its minimum — a
+    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured."""
+    note = r.of("setup_note", "kd_temperature_low")
+    if not len(note):
+        return []
+    row = _first(note)
+    kd, ce = r.train_column("kd_loss"), r.train_column("ce_loss")
+    return [Cause("kd_temperature_low", "warning", **_where(row),
+                  evidence={"temperature": float(row["value"]),
+                            "mean_kd_loss": float(kd.mean()) if len(kd) else None,
+                            "mean_ce_loss": float(ce.mean()) if len(ce) else None},
+                  fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
 
 
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
@@ -2261,10 +2378,10 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
-         optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
-         activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
-         update_underflow, divergence)
+         gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow, teacher_dropout,
+         optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
+         weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
+         no_gradients, update_underflow, divergence, kd_targets_few, kd_temperature_low)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -67,7 +67,8 @@ CODES = {
                       "module output finite (value: the model's largest): the loss made it after them",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
     "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
-                       "same model in the step was not (the first such module in forward order, once)",
+                       "same model in the step was not, and again at its next training forward (the first such module "
+                       "in forward order, once; step: where first seen)",
     "singular_derivative": "the gradients turned non-finite and the caller's own loss computation (between the "
                            "trained models' outputs and the loss) holds an operation whose derivative is infinite "
                            "or undefined at some input (sqrt, pow below 1, log, division, acos/asin)",
@@ -135,6 +136,12 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
+                          "dropout on: its outputs, the KD targets, are drawn through a random mask",
+    "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "
+                          "size at T = 1 and the teacher's softmax at T is all but one-hot",
+    "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "
+                                 "to .grad, each at full weight: its gradient is applied that many times",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "

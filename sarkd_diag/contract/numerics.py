@@ -22,6 +22,14 @@ WEIGHT_HALVING_STEPS = 10
 # largest absolute value by more than this is a warning (`weights_edited`); a smaller one — a clamp, an EMA swap,
 # tied weights copied — is recorded as information.
 WEIGHT_EDIT_FACTOR = 2.0
+# A dual-tokenizer KD term covering under this fraction of a step's target tokens (`kd_targets_few`): its kd_loss, a
+# mean over every target token, reads small, and the tokens it misses learn from the cross-entropy alone.
+KD_TARGETS_WARNING = 0.5
+# Logit KD is T² · D(teacher ‖ student) at logits / T, whose gradient per logit is T · (p_student − p_teacher) at T:
+# below this temperature the KD term's gradient is under this fraction of its size at T = 1, and the teacher's softmax
+# at T is one-hot wherever its top logits differ by more than ~0.1 (`kd_temperature_low`): next to a cross-entropy
+# term the student learns from that alone, and the KD term matches the teacher's argmax, not its distribution.
+KD_TEMPERATURE_FLOOR = 0.01
 
 
 def dtype_name(dtype) -> str:

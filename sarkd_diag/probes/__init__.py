@@ -237,10 +237,10 @@ class ProbeSet:
         it, so the closure is handed on wrapped (same arguments, same result) and the moment is taken when it
         returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
-            self._stepped_twice()
+            self._stepped_twice(optimizer)
         # unscaled this step already: a scaler's update() between its step and this one forgets that, the probes not
         if id(optimizer) not in self._stepped | self._unscaled_ones and self.ctx.loss_scaler.left_scaled(optimizer):
-            self._stepped_past_the_scaler()
+            self._stepped_past_the_scaler(optimizer)
         self._stepped.add(id(optimizer))
         self.ctx.optimizers_used.add(id(optimizer))
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args: (optimizer, *step's arguments)
@@ -319,7 +319,7 @@ class ProbeSet:
         with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):
             self.replay_forward(forward)
 
-    def _stepped_twice(self) -> None:
+    def _stepped_twice(self, optimizer) -> None:
         """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients
         are applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
         non-finite gradients of a step the scaler skips — or the owner closes a step only every few optimizer steps.
@@ -333,9 +333,10 @@ class ProbeSet:
                                "called twice per batch — every gradient applied twice, and a gradient the scaler "
                                "skipped as non-finite applied anyway — or probes.step() is not called after every "
                                "optimizer step",
-                               step=self.ctx.step, probe="optimizer", phase="optimizer", code="optimizer_stepped_twice")
+                               step=self.ctx.step, probe="optimizer", phase="optimizer",
+                               model=self.ctx.model_stepped_by(optimizer), code="optimizer_stepped_twice")
 
-    def _stepped_past_the_scaler(self) -> None:
+    def _stepped_past_the_scaler(self, optimizer) -> None:
         """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls
         `optimizer.step()` where `scaler.step(optimizer)` belongs (which unscales first, and skips a step whose
         gradients overflowed), so every update applies the gradients × the scale, and non-finite ones too. Said once,
@@ -349,7 +350,7 @@ class ProbeSet:
                                "scaler.step(optimizer), so every update is the gradient × the scale and no overflowing "
                                "step is skipped — call scaler.step(optimizer), then scaler.update()",
                                step=self.ctx.step, probe="optimizer", phase="optimizer", value=scale,
-                               code="scaler_bypassed")
+                               model=self.ctx.model_stepped_by(optimizer), code="scaler_bypassed")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without

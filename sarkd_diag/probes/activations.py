@@ -30,7 +30,10 @@ module outputs.
 The first module output, in forward order, that is exactly 0 everywhere where an earlier module output of the same
 model in the step was not is recorded once, as information (`zero_activation`): nothing after it depends on the input (a
 Dropout with p=1.0 before it, a gate or mask that multiplies by 0, dead ReLUs) and no gradient passes back through it.
-Alone it is no fault (a LoRA adapter's B starts at 0); the diagnosis reads it where no gradient reaches the weights.
+Only a zero that lasts counts: that module's output is read again at its next training forward (one hook, read with the
+step's other readings) and the event is written, at the step first seen, only if that output is 0 everywhere too — a
+zero-initialised module (a LoRA adapter's B, a zero-init residual projection) outputs 0 until the first update moves
+its weights, which is how it is built, not a finding. The diagnosis reads it where no gradient reaches the weights.
 
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
@@ -100,6 +103,8 @@ class ActivationProbe(Probe):
         # to replay, so on statistics steps each module's inputs are kept until its model's forward ends (`_root`)
         self._forward_start: dict[str, int] = {}  # model -> where its forward's readings begin in `_seen`
         self._inputs: dict[tuple[str, str], tuple | None] = {}  # (model, module) -> (args, kwargs) of this forward
+        # model -> a module output found 0 everywhere, read again at its next training forward (`_watch_zero`)
+        self._zeros: dict[str, _ZeroOutput] = {}
 
     def begin_step(self) -> None:
         self._running, self._read = [], {}
@@ -207,13 +212,17 @@ class ActivationProbe(Probe):
     def take_readings(self) -> dict[str, torch.Tensor]:
         self._detach()
         self._running, self._read = [], {}
-        if not self._seen:
-            return {}
-        extremes = torch.stack(self._lows + self._highs)  # mixed dtypes promote exactly to the widest
-        self._lows, self._highs = [], []
-        return {"activation_extremes": extremes}
+        readings = {}
+        rereads = [amax for zero in self._zeros.values() for amax in zero.rereads]
+        if rereads:
+            readings["zero_rereads"] = torch.stack([amax.float() for amax in rereads])
+        if self._seen:
+            readings["activation_extremes"] = torch.stack(self._lows + self._highs)  # promotes exactly to the widest
+            self._lows, self._highs = [], []
+        return readings
 
     def record(self, host: dict, note: str = "") -> dict:
+        self._judge_zeros(host.get("zero_rereads", []))
         extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
         largest, gone_bad = self._record_events(seen, extremes, note) if extremes is not None else ({}, set())
@@ -268,12 +277,9 @@ class ActivationProbe(Probe):
                 continue
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
-            if amax == 0 and model in models_live and not note:
-                self._report_once(
-                    (model, "zero"), "zero_activation", "info",
-                    f"{model} {module} output is exactly 0 everywhere at step {self.ctx.step} (in {dtype}), where an "
-                    "earlier module's was not: nothing after it depends on the input, and no gradient passes back "
-                    "through it", model=model, module=module, dtype=dtype, value=0.0, numel=numel)
+            if amax == 0 and model in models_live and not note and model not in self._zeros \
+                    and (model, "zero") not in self._reported:
+                self._watch_zero(model, module, dtype, numel)
             if amax != 0:
                 models_live.add(model)
             if not math.isfinite(amax):
@@ -297,6 +303,37 @@ class ActivationProbe(Probe):
                     "this module overflows in fp16 compute",
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
         return largest, models_gone_bad
+
+    def _watch_zero(self, model_name: str, module_name: str, dtype: str, numel: int) -> None:
+        """Read a module whose output was 0 everywhere again at its next training forward (`_judge_zeros`)."""
+        zero = _ZeroOutput(module_name, dtype, numel, self.ctx.step)
+
+        def reread(_module, _inputs, output):
+            t = _first_tensor(output)
+            if t is not None and t.is_floating_point() and t.numel() and self._counts(model_name):
+                zero.rereads.append(t.detach().abs().amax())
+        module = self.ctx.models[model_name].get_submodule(module_name)
+        zero.handle = module.register_forward_hook(eager(reread))
+        self._zeros[model_name] = zero
+
+    def _judge_zeros(self, rereads: list[float]) -> None:
+        """Each watched zero output read again this step: 0 everywhere again, it lasts (`zero_activation`, at the
+        step first seen); else its weights moved it off 0 — a zero-initialised module, no finding."""
+        for model, zero in list(self._zeros.items()):
+            if not zero.rereads:
+                continue  # no training forward of it yet
+            mine, rereads = rereads[:len(zero.rereads)], rereads[len(zero.rereads):]
+            zero.handle.remove()
+            del self._zeros[model]
+            if all(amax == 0 for amax in mine):
+                self._reported.add((model, "zero"))
+                self.ctx.events.record(
+                    "zero_activation", "info",
+                    f"{model} {zero.module} output is exactly 0 everywhere at step {zero.step} (in {zero.dtype}), "
+                    f"where an earlier module's was not, and still at step {self.ctx.step}: nothing after it depends "
+                    "on the input, and no gradient passes back through it",
+                    step=zero.step, phase="forward", probe=self.name, model=model, module=zero.module,
+                    dtype=zero.dtype, value=0.0, numel=zero.numel)
 
     def _record_finite_replay(self, largest: dict) -> None:
         """A replay after a non-finite loss found every module output of its forwards finite: one `forward_replay`
@@ -417,6 +454,18 @@ class ActivationProbe(Probe):
     def close(self) -> None:
         self._detach()
         self._stop_watching_suspect()
+        for zero in self._zeros.values():
+            zero.handle.remove()
+        self._zeros = {}
+
+
+class _ZeroOutput:
+    """A module output found 0 everywhere on a statistics step, and its readings at the training forwards after."""
+
+    def __init__(self, module: str, dtype: str, numel: int, step: int):
+        self.module, self.dtype, self.numel, self.step = module, dtype, numel, step
+        self.rereads: list[torch.Tensor] = []
+        self.handle = None
 
 
 def root_label(model: nn.Module) -> str:

@@ -100,6 +100,13 @@ class ProbeContext:
             return None
         return {id(p) for o in optimizers if id(o) in self.optimizers_used for g in o.param_groups for p in g["params"]}
 
+    def model_stepped_by(self, optimizer) -> str | None:
+        """The watched model whose trainable tensors `optimizer` holds — the one a note about its steps is about; None
+        where it holds several models' (or none watched)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        models = {w.model for w in self.watched if id(w.param) in held}
+        return models.pop() if len(models) == 1 else None
+
     def dtype_of(self, p: torch.Tensor) -> str:
         return dtype_name(p.dtype)
 
@@ -198,10 +205,10 @@ def eager(hook: Callable) -> Callable:
 def in_backward() -> bool:
     """A forward that runs inside a backward pass: gradient checkpointing recomputing a layer's forward (both the
     reentrant and the non-reentrant kind), not a forward of the step — its outputs were read the first time."""
-    return _graph_task_id() != -1
+    return graph_task_id() != -1
 
 
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # the backward under way; -1 outside one
 
 
 def group_lr(group: dict) -> float | torch.Tensor | None:

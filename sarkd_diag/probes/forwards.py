@@ -13,6 +13,11 @@ frozen teacher's forward during a step counts; evaluation and generation (no-gra
 mode, TRL's on-policy samples) do not, and the per-module statistics skip them. The one case this cannot tell
 apart: a loop that trains in eval mode and evaluates a teacher too — its evaluation's teacher forwards count.
 
+A frozen model whose training forward runs in `train()` mode with dropout on — a Dropout module with p above 0, or a
+transformers attention's `config.attention_dropout` — draws a new mask each forward: the KD targets are noisy and the
+teacher's forward is not deterministic, while nothing it computes trains (a `teacher_dropout_on` note, once per model;
+a module that holds both models switched to `train()` — Lightning's, at every fit — switches the teacher with it).
+
 The same hook reads what the weights cannot tell: whether autocast was on, and in which dtype (a Trainer
 or accelerate run under bf16 autocast holds fp32 weights), and whether a floating-point input holds NaN
 (an `inputs_embeds` of bad data) — one device reduction per floating input, read with the step's readings.
@@ -79,6 +84,7 @@ class ForwardProbe(Probe):
                          for name, model in ctx.models.items()]
         self._handles += [model.register_forward_hook(eager(self._after_forward(name)))
                           for name, model in ctx.models.items() if self._trainable[name]]
+        self._dropout_read: set[str] = set()  # the frozen models whose dropout was read in train mode
 
     def _step_under_way(self) -> bool:
         """A training step is under way: some model this run trains is in the mode its training forwards ran in —
@@ -102,6 +108,9 @@ class ForwardProbe(Probe):
                 return
             if trainable:
                 self.ctx.training_mode[model_name] = model.training
+            elif model.training and model_name not in self._dropout_read:
+                self._dropout_read.add(model_name)
+                self._note_dropout(model_name, model)
             self.ctx.trained = True
             weight = self._a_weight[model_name]
             if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
@@ -123,6 +132,22 @@ class ForwardProbe(Probe):
             if self.ctx.training_forward.get(model_name):
                 self.ctx.output_nodes.extend(output_nodes(output))
         return hook
+    def _note_dropout(self, model_name: str, model: nn.Module) -> None:
+        """A frozen model in train mode with dropout on: its outputs, the KD targets, come through a random mask."""
+        active = [(name, float(m.p)) for name, m in model.named_modules()
+                  if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
+        attention = float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0)
+        if attention > 0:
+            active.append(("config.attention_dropout", attention))
+        if not active:
+            return
+        module, p = max(active, key=lambda found: found[1])
+        self.ctx.events.record("setup_note", "warning",
+                               f"{model_name} runs its forward in train() mode with dropout on ({module}, p={p:g}; "
+                               f"{len(active)} in all) though nothing of it trains: each forward draws a new mask, so "
+                               "its outputs — the KD targets — are noisy and not deterministic",
+                               step=self.ctx.step, phase="forward", probe=self.name, model=model_name, module=module,
+                               value=p, numel=len(active), code="teacher_dropout_on")
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         if not self._nan_inputs:

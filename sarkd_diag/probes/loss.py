@@ -12,16 +12,21 @@ in the step's gradient: several of one model's forwards each at full weight, on 
 summed, not averaged. A weight is summed per batch (the input tensor a forward was handed): one forward's loss
 backpropagated twice (`backward(retain_graph=True)`, then again through a total that holds it), or two forwards of the
 same batch (two objectives, R-Drop's two dropout passes), are that batch's objectives, not a second micro-batch.
+But one forward's loss that two backwards adding to `.grad` each brought at full weight (`loss.backward(retain_graph=
+True)` twice, or again through a total that holds it) is applied twice: its gradient is doubled (a
+`loss_backpropagated_twice` note). A backward that adds nothing to `.grad` (`torch.autograd.grad`, `backward(inputs=
+...)` over other tensors) does not count.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
-from .base import Probe, dtype_name, eager
+from .base import Probe, dtype_name, eager, graph_task_id
 
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
@@ -87,6 +92,22 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
 SUMMED_WEIGHT_TOLERANCE = 1e-3
 
 
+_will_execute = getattr(torch._C, "_will_engine_execute_node", None)  # within a backward: will it run this node
+
+
+@dataclass
+class Weight:
+    """One backward through a forward's loss: the gradient it brought (unscaled) is the loss's weight in the step's
+    gradient."""
+
+    model: str
+    batch: int  # the input the forward was handed (its number this step)
+    forward: int  # the forward (its number this step)
+    task: int  # the backward (autograd's graph task)
+    accumulates: bool  # it adds to the model's `.grad`
+    weight: torch.Tensor
+
+
 class LossProbe(Probe):
     name = "loss"
 
@@ -101,10 +122,11 @@ class LossProbe(Probe):
         self._micro = 0
         # (loss, targets, share) of each training forward's outputs
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
-        # (model, the batch of its forward, the gradient backward brought that forward's loss, unscaled): the loss's
-        # weight in the step's gradient, once per backward through it
-        self._weights: list[tuple[str, int, torch.Tensor]] = []
-        self._weighed_batches: list[tuple[str, int]] = []  # (model, batch) of each weight handed to the readings
+        # each backward through a forward's loss: the loss's weight in the step's gradient (`Weight`)
+        self._weights: list[Weight] = []
+        self._weighed: list[Weight] = []  # the weights handed to the readings, in order
+        self._forwards = 0  # the step's training forwards whose loss was read: each one's number
+        self._accumulators: dict[str, list] = {}  # model -> its trainable tensors' gradient accumulators (autograd)
         self._batches: list = []  # the step's distinct inputs, held for the step so none's identity is reused
         self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
@@ -150,16 +172,33 @@ class LossProbe(Probe):
             if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss) and not self.ctx.reevaluating:
                 self._captured.append((loss.detach(), self._labels, self._share))
                 if loss.requires_grad and not self._share:  # a share is divided by the step's count already
-                    loss.register_hook(self._weigh(model_name, self._batch))
+                    self._forwards += 1
+                    loss.register_hook(self._weigh(model_name, self._batch, self._forwards))
         return hook
 
-    def _weigh(self, model_name: str, batch: int):
+    def _weigh(self, model_name: str, batch: int, forward: int):
         """Note the weight backward gives a loss the model returned (1 where it is backpropagated as is), reading the
-        gradient without changing it; under a loss scaler, divided by the scale it was multiplied by."""
+        gradient without changing it; under a loss scaler, divided by the scale it was multiplied by — and whether
+        this backward adds to the model's `.grad`."""
         def hook(grad: torch.Tensor) -> None:
-            self._weights.append((model_name, batch,
-                                  grad.detach().reshape(()).float() / self.ctx.loss_scaler.factor()))
+            self._weights.append(Weight(model_name, batch, forward, graph_task_id(), self._accumulates(model_name),
+                                        grad.detach().reshape(()).float() / self.ctx.loss_scaler.factor()))
         return hook
+
+    def _accumulates(self, model_name: str) -> bool:
+        """Whether the backward under way adds to `.grad` of the model's trainable tensors: `backward()` does,
+        `torch.autograd.grad` (the engine refuses to say for a leaf there) and `backward(inputs=...)` over other tensors
+        do not. Not known (a torch without the engine's answer): False — nothing is claimed."""
+        if _will_execute is None:
+            return False
+        try:
+            if model_name not in self._accumulators:  # each weight's node that adds to its `.grad`, taken once: held,
+                self._accumulators[model_name] = [  # it stays the one backward runs (the weight holds it weakly)
+                    torch.autograd.graph.get_gradient_edge(w.param).node
+                    for w in self.ctx.watched if w.model == model_name]
+            return any(_will_execute(node) for node in self._accumulators[model_name])
+        except (RuntimeError, AttributeError, TypeError):
+            return False
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
@@ -185,6 +224,7 @@ class LossProbe(Probe):
     def begin_step(self) -> None:
         self._micro = 0
         self._batches = []
+        self._forwards = 0
 
     def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None,
                 share: bool = False) -> None:
@@ -238,8 +278,8 @@ class LossProbe(Probe):
             out["loss_targets"] = torch.stack([count for count, _ in self._targets])
             self._target_shares = [share for _, share in self._targets]
         if self._weights:
-            out["loss_weights"] = torch.stack([weight for _, _, weight in self._weights])
-        self._weighed_batches = [(model, batch) for model, batch, _ in self._weights]
+            out["loss_weights"] = torch.stack([w.weight for w in self._weights])
+        self._weighed = self._weights
         self._terms, self._targets, self._weights = [], [], []
         return out
 
@@ -248,7 +288,10 @@ class LossProbe(Probe):
         shares, self._shares = self._shares, []
         flat = host.get("loss_terms") or []
         self._record_empty(host.get("loss_targets") or [], not all(map(math.isfinite, flat)))
-        self._check_summed(host.get("loss_weights") or [])
+        weighed, self._weighed = self._weighed, []
+        weights = host.get("loss_weights") or []
+        self._check_summed(weighed, weights)
+        self._check_backpropagated_twice(weighed, weights)
         if not names:
             return {}
         losses, i = [], 0
@@ -265,17 +308,16 @@ class LossProbe(Probe):
         total = sum(value for value, _ in losses)
         return {"loss": total if all(share for _, share in losses) else total / len(losses)}
 
-    def _check_summed(self, weights: list[float]) -> None:
+    def _check_summed(self, weighed: list[Weight], weights: list[float]) -> None:
         """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is
         their sum, not their mean — micro-batches accumulated without dividing each loss by their count, so the
         gradient is that many times the batch's (SGD's step and the norm a clipping threshold meets with it). Two
         models' losses each at full weight are two objectives, not this; nor are the losses of one batch — one
         forward's that two backwards went through, two forwards of the same input — weighed once, their sum. Said
         once."""
-        batches, self._weighed_batches = self._weighed_batches, []
         totals: dict[tuple[str, int], float] = {}  # each batch's loss weight, over its forwards and backwards
-        for batch, weight in zip(batches, weights, strict=True):
-            totals[batch] = totals.get(batch, 0.0) + weight
+        for w, weight in zip(weighed, weights, strict=True):
+            totals[w.model, w.batch] = totals.get((w.model, w.batch), 0.0) + weight
         for model in dict.fromkeys(model for model, _ in totals):
             mine = [w for (m, _), w in totals.items() if m == model]
             if len(mine) > 1 and all(abs(w - 1) <= SUMMED_WEIGHT_TOLERANCE for w in mine) \
@@ -285,6 +327,23 @@ class LossProbe(Probe):
                                        f"each at full weight: the gradient is their sum, {len(mine)}× their mean's",
                                        step=self.ctx.step, phase="loss", probe=self.name, model=model,
                                        value=float(len(mine)), code="micro_batches_summed")
+
+    def _check_backpropagated_twice(self, weighed: list[Weight], weights: list[float]) -> None:
+        """One forward's loss that several backwards adding to `.grad` each brought at full weight: its gradient is
+        applied that many times — `loss.backward(retain_graph=True)` called again, or a total that holds the loss
+        backpropagated after it. Said once."""
+        passes: dict[tuple[str, int], set[int]] = {}  # (model, forward) -> the backwards that applied it in full
+        for w, weight in zip(weighed, weights, strict=True):
+            if w.accumulates and abs(weight - 1) <= SUMMED_WEIGHT_TOLERANCE:
+                passes.setdefault((w.model, w.forward), set()).add(w.task)
+        twice = next(((model, len(tasks)) for (model, _), tasks in passes.items() if len(tasks) > 1), None)
+        if twice and self.ctx.events.say_once("loss_backpropagated_twice"):
+            model, count = twice
+            self.ctx.events.record("setup_note", "warning",
+                                   f"step {self.ctx.step} backpropagated one forward's loss of {model} {count} times, "
+                                   f"each at full weight and each adding to .grad: its gradient is applied {count}×",
+                                   step=self.ctx.step, phase="loss", probe=self.name, model=model, value=float(count),
+                                   code="loss_backpropagated_twice")
 
     def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
         if term in self._reported:

@@ -133,7 +133,8 @@ class ScalerProbe(Probe):
                                "non-finite gradients — scaler.step(optimizer) never steps then, so optimizer.step() "
                                "is called besides it and applied the gradients it skipped: call "
                                "scaler.step(optimizer) alone", step=self.ctx.step, phase="optimizer",
-                               probe=self.name, code="optimizer_stepped_twice")
+                               probe=self.name, model=self.ctx.model_stepped_by(optimizers_of(self.ctx.optimizer)[0]),
+                               code="optimizer_stepped_twice")
 
     def _backoff(self, what: str, scale: float, code: str) -> None:
         self.ctx.events.record("scaler_backoff", "warning",

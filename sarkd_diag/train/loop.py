@@ -42,7 +42,7 @@ from ..contract.config import DistillConfig, refuse_unknown_options, with_config
 from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
-from ..contract.numerics import dtype_name, perplexity
+from ..contract.numerics import KD_TARGETS_WARNING, KD_TEMPERATURE_FLOOR, dtype_name, perplexity
 from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
@@ -65,7 +65,7 @@ from .models import (
     max_positions,
     shared_vocabulary,
 )
-from .objective import KD_TARGETS_WARNING, HiddenStateKD, LogitKD, LossParts
+from .objective import HiddenStateKD, LogitKD, LossParts
 from .out_of_memory import Phase, is_out_of_memory, out_of_memory_message
 from .policy import NonFinitePolicy
 from .precision import Precision, make_precision
@@ -361,12 +361,27 @@ def make_objective(cfg: DistillConfig, models: Models, compute: Compute) -> Logi
         compute.precision.convert(objective.projection)  # trained with the student: held as the mode holds it
         return objective
     fused = cfg.fused_loss and _fuses(models, compute)
+    _note_low_temperature(cfg, models.notes)
     router_terms = None
     if models.routers:
         router_terms = RouterTerms(models.teacher, models.routers, cfg.router_anchor_weight,
                                    cfg.router_load_balance_weight, cfg.router_entropy_weight)
     return LogitKD(models.teacher, trained, kind=cfg.kd_loss, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
                    fused=fused, router_terms=router_terms, vocab=models.kd_vocab, **weights)
+
+
+def _note_low_temperature(cfg: DistillConfig, notes: list[dict]) -> None:
+    """A KD temperature below KD_TEMPERATURE_FLOOR (`contract.numerics`): the KD term's gradient, T · (p_student −
+    p_teacher) per logit at T, is a sliver of its size at T = 1 and the teacher's softmax at T is one-hot, while its
+    value, T² · KL, reads as a KD term near its minimum."""
+    if cfg.alpha_kd and cfg.temperature < KD_TEMPERATURE_FLOOR:
+        notes.append({"kind": "setup_note", "code": "kd_temperature_low", "severity": "warning", "phase": "loss",
+                      "step": 1, "model": "student", "tensor": "kd", "value": cfg.temperature,
+                      "message": f"--temperature {cfg.temperature:g}: the KD term's gradient per logit is "
+                                 f"T · (p_student − p_teacher) at T, {cfg.temperature:g}× its size at T = 1, and the "
+                                 "teacher's softmax at T is all but one-hot: the KD term matches the teacher's "
+                                 "argmax, not its distribution, and next to the cross-entropy it trains next to "
+                                 "nothing"})
 
 
 def _fuses(models: Models, compute: Compute) -> bool:
@@ -875,8 +890,8 @@ class Trainer:
             "setup_note", "warning", f"the KD term covered {covered} of the step's {targets} target tokens: "
             f"{self.run.objective.few_targets_reason()}; the kd_loss is a mean over every target token, so it reads "
             "small, and the tokens it misses learn from the cross-entropy alone", code="kd_targets_few",
-            step=self.step, phase="loss", probe="loop", tensor="kd", value=covered / targets,
-            numel=targets)
+            step=self.step, phase="loss", probe="loop", tensor="kd", value=covered / targets, numel=targets,
+            model="teacher" if self.run.objective.teacher_cut_short else None)  # where the targets were lost
 
     def _on_device(self, batch: dict) -> dict:
         device = self.run.compute.device

@@ -137,11 +137,6 @@ def _head(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model).get_output_embeddings()
 
 
-# a KD term covering under this fraction of a step's target tokens is said (`kd_targets_few`): its kd_loss, a mean
-# over every target token, reads small, and the tokens it misses learn from the cross-entropy alone
-KD_TARGETS_WARNING = 0.5
-
-
 class HiddenStateKD:
     """Dual-tokenizer KD: the student's last hidden states, through a learned projection on the student
     side, match the teacher's — averaged over the teacher tokens whose characters overlap each student

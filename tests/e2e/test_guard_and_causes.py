@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 import torch
 from torch import nn
 
@@ -16,6 +17,26 @@ def test_the_guard_stops_pure_fp16_even_with_probes_off(cli, tiny_args, tmp_path
     assert run["summary"]["status"] == "stopped" and run["summary"]["steps_completed"] == 1
     assert "nonfinite_param" not in run["summary"]["event_counts"]  # no probe ran: the guard alone stopped it
     assert run["summary"]["event_counts"]["policy_stop"] == 1
+
+
+@pytest.mark.parametrize("temperature", ["1e-3", "2"])
+def test_a_temperature_that_scales_the_kd_gradient_away_is_named_and_the_default_is_not(cli, tiny_args, tmp_path,
+                                                                                         temperature):
+    """`--temperature 1e-3`: T² · KL at logits / T has a gradient of T · (p_s − p_t) per logit, a thousandth of the
+    cross-entropy's, so the student trains on the cross-entropy alone while kd_loss reads ~1e-3 — and the summary said
+    'no numerical problems'. The default temperature is said nothing."""
+    args = [a if a != "6" else "2" for a in tiny_args]
+    code, out, err = cli("train", *args, "--precision", "fp32", "--temperature", temperature)
+    assert code == 0, err
+    run = load_run(tmp_path / "run")
+    causes = {c["cause"]: c for c in run["summary"]["diagnosis"]}
+    if temperature == "2":
+        assert "kd_temperature_low" not in causes and "kd_temperature_low" not in set(run["events"]["code"])
+        return
+    cause = causes["kd_temperature_low"]
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
+    assert cause["evidence"]["temperature"] == 1e-3 and cause["evidence"]["mean_kd_loss"] < 0.01
+    assert "--temperature to 1 or more" in cause["fix"]
 
 
 def test_dual_mode_refuses_a_tokenizer_without_offsets(cli, tiny_args, tiny_world, tmp_path):

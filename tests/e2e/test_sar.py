@@ -123,6 +123,10 @@ def test_a_dual_tokenizer_kd_term_over_few_tokens_says_so(cli, tiny_args, tiny_w
     assert (note.severity, note.step, note.numel) == ("warning", 1, train["targets"].iloc[0])
     assert "at most 8 tokens" in note.message and "--block-size" in note.message
     assert "the KD term covered" in out + err
+    # a note the summary ignored: "no numerical problems" while most tokens had no teacher target
+    cause = next(c for c in run["summary"]["diagnosis"] if c["cause"] == "kd_targets_few")
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
+    assert cause["evidence"]["steps_under_threshold"] == len(train) and "--block-size (now" in cause["fix"]
 
 
 def test_a_teacher_whose_vocabulary_is_padded_is_distilled_on_logits_over_the_shared_ids(cli, tiny_args, tiny_world,

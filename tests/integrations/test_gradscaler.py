@@ -227,8 +227,8 @@ def test_an_optimizer_stepped_past_the_scaler_is_named_not_the_lr(tmp_path, opti
         assert notes == [] and "scaler_bypassed" not in {c["cause"] for c in causes}
         return
     (note,) = notes
-    assert (note.step, note.value) == (1, 65536.0)
+    assert (note.step, note.value, note.model) == (1, 65536.0, "student")  # the model its optimizer steps
     first = causes[0]
-    assert (first["cause"], first["severity"], first["first_step"]) == (*root, 1)
+    assert (first["cause"], first["severity"], first["first_step"], first["model"]) == (*root, 1, "student")
     assert "`scaler.step(optimizer)`" in first["fix"] and "65536" in first["fix"]
     assert "divergence" not in {c["cause"] for c in causes}  # the blow-up is folded into its root

@@ -222,3 +222,21 @@ def test_an_inf_as_loaded_under_lora_is_read_back_from_the_checkpoint_under_its_
     root = probes.diagnosis()[0]
     assert (root["cause"], root["tensor"]) == ("nonfinite_input", tensor)
     assert ("the checkpoint is corrupt" in root["fix"]) is in_file and ("65504" in root["fix"]) is not in_file
+
+
+def test_a_healthy_lora_runs_zero_initialised_adapters_are_no_finding():
+    """peft initialises each adapter's B to 0, so its output is exactly 0 until the first update moves it: every
+    healthy LoRA run read a `zero_activation` at step 1. A zero the first update ends is how the adapter is built;
+    only one still there at the next forward (a Dropout with p=1.0) is recorded."""
+    model = lora(tiny.make_gpt2(VOCAB))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    with Probes(model, optimizer=optimizer) as probes:
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probes.step(loss=loss)
+    assert [e.kind for e in probes.events.events if e.kind == "zero_activation"] == []
+    assert probes.diagnosis() == []

@@ -300,10 +300,11 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
             probes.step(loss=loss)
             opt.zero_grad()
     notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
-    assert [(e.severity, e.step) for e in notes] == ([("warning", 1)] if extra_step else [])
+    assert [(e.severity, e.step, e.model) for e in notes] == ([("warning", 1, "student")] if extra_step else [])
     if extra_step:
         (cause, *_) = probes.diagnosis()
         assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
+        assert cause["model"] == "student"
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
 
 
@@ -1803,6 +1804,41 @@ def test_two_objectives_of_one_batch_are_no_micro_batches_summed(objectives):
             opt.zero_grad()
     assert not [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
     assert "micro_batches_summed" not in {d["cause"] for d in probes.diagnosis()}
+    # the cross-entropy went through both backwards: applied twice (test below); R-Drop's two forwards once each
+    twice = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
+    assert len(twice) == (objectives == "one forward, two backwards")
+
+
+@pytest.mark.parametrize("second", ["backward again", "autograd.grad first", "none"])
+def test_one_forwards_loss_backpropagated_twice_is_named_and_a_gradient_only_read_is_not(second):
+    """`loss.backward(retain_graph=True)` then `loss.backward()` on the same forward: each adds the loss's gradient to
+    `.grad`, so SGD steps twice as far — and nothing said so (one batch: no micro-batches summed). Reading a gradient
+    with `torch.autograd.grad` before the one backward adds nothing to `.grad`, and is no finding."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Probes(model, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            loss = model(input_ids=ids, labels=ids).loss
+            if second == "backward again":
+                loss.backward(retain_graph=True)
+            elif second == "autograd.grad first":
+                torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    notes = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if second != "backward again":
+        assert notes == [] and causes == {}
+        return
+    (note,) = notes
+    assert (note.step, note.severity, note.model, note.value) == (1, "warning", "student", 2.0)
+    cause = causes["loss_backpropagated_twice"]
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
+    assert "once per forward" in cause["fix"] and "2×" in cause["fix"]
 
 
 def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
@@ -2661,3 +2697,56 @@ def test_a_float32_norm_made_nan_under_float16_autocast_is_an_undefined_operatio
     root = probes.diagnosis()[0]
     assert (root["cause"], root["module"], root["first_step"]) == ("divergence", "model.layers.0.input_layernorm", 1)
     assert "not an overflow" in root["fix"] and "bfloat16" not in root["fix"]
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_teacher_left_in_train_mode_with_dropout_is_named_and_one_in_eval_mode_is_not(mode):
+    """A frozen GPT-2 teacher (dropout 0.1) switched to `train()` — as a module holding both models, or Lightning's
+    `train()` on a LightningModule, does: every forward draws a new mask, so the KD targets are noisy and not
+    deterministic, and nothing said so. In eval mode: nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    student = tiny.make_gpt2(32, n_layer=1)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    teacher.requires_grad_(False).train(mode == "train")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            loss = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1), target, log_target=True,
+                                        reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    causes = {d["cause"]: d for d in probes.diagnosis()}
+    if mode == "eval":
+        assert causes == {}
+        return
+    cause = causes["teacher_dropout"]
+    assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
+    assert cause["evidence"]["dropout_p"] == 0.1 and "`teacher.eval()`" in cause["fix"]
+
+
+def test_kl_div_handed_log_probabilities_as_its_target_names_log_target():
+    """`F.kl_div(student_logp, teacher_logp)` without `log_target=True`: kl_div takes the log of its target, the
+    teacher's log-probabilities, all below 0 — NaN from the first step. Placed at the loss (every module output
+    finite); the fix named the log of 0 and a temperature of 0, not the log of a negative number kl_div takes."""
+    torch.manual_seed(0)
+    student = tiny.make_gpt2(32, n_layer=1)
+    teacher = tiny.make_gpt2(32, seed=3, n_layer=1).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            ids = torch.randint(0, 32, (2, 8))
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.log_softmax(-1)
+            loss = nn.functional.kl_div(student(input_ids=ids).logits.log_softmax(-1), target, reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root, *_ = probes.diagnosis()
+    assert (root["cause"], root["tensor"], root["first_step"]) == ("divergence", "loss", 1)
+    assert "`log_target=True`" in root["fix"]
