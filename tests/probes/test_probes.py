@@ -1742,22 +1742,28 @@ def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_
 
 
 @pytest.mark.parametrize(("accumulation", "noted"), [("summed", True), ("summed under a scaler", True),
+                                                     ("summed through one refilled buffer", True),
                                                      ("averaged", False), ("averaged under a scaler", False),
+                                                     ("averaged through one refilled buffer", False),
                                                      ("one forward a step", False)])
 def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gradient(accumulation, noted):
     """Gradient accumulation that calls `loss.backward()` on each micro-batch's loss as the model returned it: the
     step's gradient is the sum of four, so each update is 4x the batch's. Read from the gradient backward brings the
     model's loss (unscaled under a GradScaler): not for a loop that divides each by their count, nor one forward a
-    step."""
+    step. A loop that refills one preallocated input tensor for each micro-batch (`buf.copy_(batch)`, as static-shape
+    and CUDA-graph loops do) hands every forward the same tensor object, each time holding a new batch."""
     torch.manual_seed(0)
     model = tiny.make_gpt2(32, n_layer=1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled="scaler" in accumulation)
     micro = 1 if accumulation == "one forward a step" else 4
+    buffer = torch.zeros(2, 8, dtype=torch.long)
     with Probes(model, optimizer=opt, scaler=scaler if scaler.is_enabled() else None) as probes:
         for _ in range(2):
             for _micro_batch in range(micro):
                 ids = torch.randint(0, 32, (2, 8))
+                if "buffer" in accumulation:
+                    ids = buffer.copy_(ids)
                 loss = model(input_ids=ids, labels=ids).loss
                 scaler.scale(loss if "summed" in accumulation else loss / micro).backward()
             scaler.step(opt)
