@@ -132,6 +132,9 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer backwards than the Accelerator's "
+                              "gradient_accumulation_steps, by which accelerator.backward divides each loss: the loop "
+                              "never enters accelerator.accumulate, and each update has a fraction of the gradient",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "

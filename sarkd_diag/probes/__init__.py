@@ -42,6 +42,7 @@ from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
+from ..contract.wording import counted
 from .activations import ActivationProbe
 from .base import (
     Optimizers,
@@ -625,7 +626,46 @@ class Probes:
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
         probes = cls(models, optimizer, accelerator.scaler, **kwargs)
         probes.watch_accelerator(accelerator)
+        probes._watch_accumulation(accelerator)
         return probes
+
+    def _watch_accumulation(self, accelerator) -> None:
+        """`Accelerator(gradient_accumulation_steps=N)` divides every loss `accelerator.backward` is given by N, for
+        N backwards an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
+        optimizer's step on the others. A loop that never enters it has the optimizer step on every batch (accelerate
+        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Noted once, at the
+        first optimizer step after fewer than N backwards — not at an epoch's last batch, where accelerate ends a
+        short accumulation itself — in the Accelerator's terms."""
+        backwards = 0
+
+        def count_backward(_) -> None:
+            nonlocal backwards
+            backwards += 1
+
+        def check(*_) -> None:
+            nonlocal backwards
+            steps, counted_backwards, backwards = accelerator.gradient_accumulation_steps, backwards, 0
+            if 0 < counted_backwards < steps and not accelerator.gradient_state.end_of_dataloader \
+                    and self.events.say_once("accumulation_unmatched"):
+                self._accumulation_unmatched(counted_backwards, steps)
+
+        if self.set.probes:
+            self.set.wrap(accelerator, "backward", after=count_backward)
+            for optimizer in optimizers_of(self.ctx.optimizer):
+                self.set.until_close(optimizer.register_step_pre_hook(check).remove)
+
+    def _accumulation_unmatched(self, backwards: int, steps: int) -> None:
+        step = self.ctx.step
+        self.events.record("setup_note", "warning",
+                           f"the optimizer stepped at step {step} after {counted(backwards, 'backward')}, while "
+                           f"Accelerator(gradient_accumulation_steps={steps}) divides each loss accelerator.backward "
+                           f"is given by {steps}: the update has {backwards}/{steps} of the gradient the batches "
+                           f"make (SGD's step {steps / backwards:g}× smaller; the norm a clipping threshold meets with "
+                           "it) — run each batch's forward, backward and optimizer step inside `with "
+                           "accelerator.accumulate(model):`, which steps the optimizer on the last of "
+                           f"every {steps} batches only, or pass the number of batches the loop accumulates as "
+                           "gradient_accumulation_steps", step=step, probe="optimizer", phase="optimizer",
+                           code="accumulation_unmatched", value=float(steps))
 
     def watch_accelerator(self, accelerator) -> None:
         """Read the gradients when accelerate has them complete: at `accelerator.unscale_gradients`, which its
