@@ -12,6 +12,7 @@ stops training on a critical event (`trainer.should_stop`) and closes the run wh
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -22,13 +23,46 @@ from .base import scores_tokens, teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
+    from lightning.pytorch.trainer.connectors import accelerator_connector
 except ImportError:
     from pytorch_lightning import Callback
+    from pytorch_lightning.trainer.connectors import accelerator_connector
 
 ON_CRITICAL = ("stop", "record")
 # Trainer(precision=...) by what it does to the module: the true-half modes train its weights in that dtype, the
 # mixed ones compute under autocast over fp32 weights; "32-true" and others are read off the weights and autocast
 PRECISION_MODES = {"16-mixed": "mixed", "bf16-mixed": "bf16-mixed", "16-true": "pure-fp16", "bf16-true": "pure-bf16"}
+REQUESTED = "_sarkd_diag_requested_precision"  # where a Trainer's accelerator connector keeps `precision` as given
+
+
+def _keep_requested_precision(connector_type: type) -> None:
+    """Have each Trainer's accelerator connector keep the `precision` it was handed, observed and left as it is:
+    Lightning keeps only what it turned it into — on the CPU `Trainer(precision="16-mixed")` runs as "bf16-mixed" (with
+    a warning) — and that is all `trainer.precision` says by the time a callback runs. Done once, at import, before
+    the Trainer the callback is handed to is built."""
+    original = connector_type.__init__
+    if getattr(original, REQUESTED, False):
+        return
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        setattr(self, REQUESTED, kwargs.get("precision"))
+        original(self, *args, **kwargs)
+
+    setattr(init, REQUESTED, True)
+    connector_type.__init__ = init
+
+
+_keep_requested_precision(accelerator_connector._AcceleratorConnector)
+
+
+def requested_precision(trainer) -> str:
+    """`Trainer(precision=...)` as the Trainer was given it (`16`, `"16-mixed"`), else — a precision plugin given
+    instead, or a Trainer built before this module was imported — as it runs."""
+    asked = getattr(getattr(trainer, "_accelerator_connector", None), REQUESTED, None)
+    asked = str(trainer.precision) if asked is None else asked
+    shown = f'"{asked}"' if isinstance(asked, str) else str(asked)
+    return f"Trainer(precision={shown})"
 
 
 def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None) -> dict:
@@ -114,7 +148,8 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes is not None:  # a second fit on the same callback appends to the same directory
             self.probes.close("completed")
         optimizers = list(trainer.optimizers)
-        precision = str(trainer.precision)
+        precision, requested = str(trainer.precision), requested_precision(trainer)
+        ran_as = "" if requested == f'Trainer(precision="{precision}")' else f', which Lightning runs as "{precision}"'
         # a fit resumed from a checkpoint continues at the step it saved: its own count, or — a checkpoint saved
         # without this callback — global_step, which is that count with a single optimizer. A fit from 0 into a
         # directory that holds steps (a second fit) continues after them
@@ -127,8 +162,7 @@ class SarkdDiagLightningCallback(Callback):
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",
                              precision={"mode": PRECISION_MODES.get(precision),
-                                        "requested": f'Trainer(precision="{precision}")',
-                                        "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
+                                        "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
         self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
 

@@ -147,13 +147,18 @@ def test_a_gradient_overflow_is_read_before_clipping_by_value_clamps_it_finite(t
     assert found["first_step"] == 1 and found["module"].endswith("c_proj"), found
 
 
-@pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])
-def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked):
-    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran."""
+@pytest.mark.parametrize(("asked", "requested"), [("bf16-mixed", 'Trainer(precision="bf16-mixed")'),
+                                                  ("16-mixed", 'Trainer(precision="16-mixed")'),
+                                                  (16, "Trainer(precision=16)")])
+def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked, requested):
+    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran,
+    `requested` still what the Trainer was asked for, which Lightning keeps no longer."""
     _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision=asked)
     run = load_run(tmp_path / "run")
     precision = run["summary"]["precision"]
     assert precision["mode"] == "bf16-mixed" and precision["compute_dtype"] == "bfloat16"
+    assert precision["requested"] == requested
+    assert ('which Lightning runs as "bf16-mixed"' in precision["reason"]) == (asked != "bf16-mixed")
     assert not precision["loss_scaling"]
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
