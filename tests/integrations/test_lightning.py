@@ -163,6 +163,38 @@ def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_pat
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+class BlowsUpAtTheSecondBatch(Distil):
+    """A loss multiplied by Inf on the second batch: its gradients are non-finite, and AdamW makes the weights NaN."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * (math.inf if batch_idx == 1 else 1.0)
+
+
+@pytest.mark.parametrize("on_critical", ["stop", "record"])
+def test_no_checkpoint_of_non_finite_weights_replaces_the_last_good_one(tmp_path, on_critical):
+    """`ModelCheckpoint(every_n_train_steps=1)` keeps the latest checkpoint: at step 2 the weights turn NaN and the
+    callback stops training, but ModelCheckpoint reads no `should_stop` — it wrote step 2's NaN weights (and again at
+    the epoch's end) and removed step 1's, the one to resume from. Stopping: no checkpoint of NaN weights is written,
+    step 1's stays, and the run says what was withheld. Recording: written, and the run says which holds them."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    _fit(BlowsUpAtTheSecondBatch(tiny.make_gpt2(VOCAB)), enable_checkpointing=True, max_steps=3,
+         callbacks=[SarkdDiagLightningCallback(tmp_path / "run", on_critical=on_critical), saved])
+    files = sorted((tmp_path / "ckpt").iterdir())
+    finite = [all(torch.isfinite(t).all() for t in torch.load(f, weights_only=True)["state_dict"].values()
+                  if t.is_floating_point()) for f in files]
+    events = load_run(tmp_path / "run")["events"].query("kind == 'checkpoint_nonfinite'")
+    assert len(events) >= 1 and set(events["step"]) >= {2}
+    if on_critical == "stop":
+        assert [f.name for f in files] == ["epoch=0-step=1.ckpt"] and finite == [True]
+        assert set(events["severity"]) == {"info"} and all(events["message"].str.startswith("not written"))
+    else:
+        assert finite[-1:] == [False]  # the latest, as asked: written, and said
+        assert set(events["severity"]) == {"warning"} and all(events["message"].str.startswith("written"))
+    assert "student.transformer" in events["tensor"].iloc[0]
+
+
 def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
     with pytest.raises(RuntimeError, match="corrupt record"):
         _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10))
