@@ -26,7 +26,7 @@ KINDS = (
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
     "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "forward_replay",
-    "run_error", "zero_activation", "checkpoint_nonfinite",
+    "run_error", "zero_activation", "checkpoint_nonfinite", "nonfinite_eval",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -150,6 +150,7 @@ CODES = {
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
+    "nonfinite_eval": "an evaluation's loss is NaN/Inf while training's last loss and every weight are finite",
     "checkpoint_nonfinite": "a framework saved a checkpoint while a weight held NaN/Inf: not written (training stopped "
                             "on it), or written and said",
 }

@@ -565,6 +565,7 @@ class Probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
+        self._last_train_loss: float | None = None  # the training loss of the last step closed
         self._steps_skipped = 0  # steps the caller's loop skipped on purpose (`step(skipped=True)`)
         self._steps_reaching_the_optimizer = 0
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
@@ -812,6 +813,7 @@ class Probes:
         if self.ctx.trained and self.ctx.stats_step and self.events.say_once("frozen_model_unseen"):
             self._frozen_models_unseen(step)
         self._steps_recorded += 1
+        self._last_train_loss = row["loss"]
         if skipped:
             row["skipped"] = 1
             self._steps_skipped += 1
@@ -870,6 +872,8 @@ class Probes:
         first set's). Returns the row."""
         loss = caller_loss(loss).item()
         row = {"step": step, "split": "eval", "eval_set": eval_set, "eval_loss": loss}
+        if not math.isfinite(loss) and self._trains_finite() and self.events.say_once("nonfinite_eval"):
+            self._nonfinite_evaluation(step, loss, eval_set)
         if perplexity is not None or cross_entropy:
             row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
         if self.run_dir is None:
@@ -884,6 +888,29 @@ class Probes:
             metrics.close()
             finalize_run(self.run_dir, self._closed_as)
         return row
+
+    def _trains_finite(self) -> bool:
+        """The last step closed had a finite training loss, and no weight has turned non-finite."""
+        return self._last_train_loss is not None and math.isfinite(self._last_train_loss) and not self.critical
+
+    def _nonfinite_evaluation(self, step: int, loss: float, eval_set: str | None) -> None:
+        """An evaluation's loss is non-finite where training's is finite over finite weights: evaluation computes what
+        training does not, and the probes read no evaluation forward (they are no training forwards) — without this
+        the run reads as healthy beside a NaN evaluation. Said once; into a closed run's events too (an `evaluate()`
+        after `train()`), before its summary is rebuilt."""
+        events = self.events
+        if self._closed:
+            events = EventLog(self.run_dir / events_file_name(self.ranks.rank, self.ranks.size), rank=self.ranks.rank)
+        of_set = f" on {eval_set}" if eval_set else ""
+        events.record("nonfinite_eval", "warning",
+                      f"the evaluation after step {step}{of_set} has a loss of {loss} while training's last loss was "
+                      f"finite ({self._last_train_loss:.4g}) and every weight is: evaluation computes what training "
+                      "does not — a cast for evaluation (the Trainer's fp16_full_eval, a model.half() before "
+                      "evaluating), the model in eval mode (no dropout), or its data (a batch with no target token) — "
+                      "and the probes read no evaluation forward: evaluate in the precision training uses to tell",
+                      step=step, phase="eval", probe="loss", value=loss)
+        if events is not self.events:
+            events.close()
 
     def _check_unoptimized(self, step: int) -> None:
         """Trainable tensors of a model the optimizer trains that none of its parameter groups holds: a second
