@@ -186,6 +186,18 @@ PHRASES = {
         "lightning": "Lightning's own `zero_grad()` after each step — with manual optimization, `opt.zero_grad()` "
                      "in `training_step`",
     },
+    # where each micro-batch's loss is divided by their count before its backward
+    "divide_micro_batch_losses": {
+        "cli": "`train`'s own division of each micro-batch's loss by their count",
+        "loop": "`(loss / accumulation_steps).backward()`",
+        "trainer": "the Trainer's own division by `gradient_accumulation_steps` — an override of `training_step` that "
+                   "backpropagates the loss itself skips it: `self.accelerator.backward(loss / "
+                   "self.args.gradient_accumulation_steps)`",
+        "accelerate": "`accelerator.backward(loss)` inside `with accelerator.accumulate(model):`, which divides it by "
+                      "the Accelerator's `gradient_accumulation_steps`",
+        "lightning": "`Trainer(accumulate_grad_batches=N)` with automatic optimization, which divides each batch's "
+                     "loss — with manual optimization, `self.manual_backward(loss / accumulation_steps)`",
+    },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
         # `train`'s own loss is never detached: what reaches the student is its loss times the options' weights
@@ -437,7 +449,7 @@ FIXES = {
                             "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
                             "gradient's size), a clipping threshold meets a {count}× norm, and L2 weight decay in "
                             "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
-                            "micro-batches before `backward()` (`(loss / accumulation_steps).backward()`); the "
+                            "micro-batches before its backward: {divide_micro_batch_losses}; the "
                             "learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "

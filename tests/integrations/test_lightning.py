@@ -243,18 +243,20 @@ def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
 
 
 class ManualAccumulation(pl.LightningModule):
-    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do."""
+    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do; `divide`:
+    each batch's loss halved before `manual_backward` (else summed)."""
 
-    def __init__(self):
+    def __init__(self, divide: bool = True):
         super().__init__()
         self.automatic_optimization = False
         self.model = tiny.make_gpt2(VOCAB)
         self.losses: list[float] = []
+        self.divide = divide
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         loss = self.model(**batch).loss
-        self.manual_backward(loss / 2)
+        self.manual_backward(loss / 2 if self.divide else loss)
         self.losses.append(loss.item())
         if batch_idx % 2 == 1:
             self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
@@ -276,6 +278,15 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
         [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
     assert metrics["grad_norm"].notna().all()  # read at the module's own clipping, before it clips
     assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_manual_accumulation_of_undivided_losses_is_fixed_in_lightnings_terms(tmp_path):
+    """Manual optimization that sums two batches' `manual_backward(loss)` per step: the summing is named, and its
+    fix is Lightning's — `self.manual_backward(loss / accumulation_steps)` — not a plain loop's `.backward()`."""
+    _fit(ManualAccumulation(divide=False), tmp_path / "run", gradient_clip_val=None)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "micro_batches_summed")
+    assert found["first_step"] == 1 and "self.manual_backward(loss / accumulation_steps)" in found["fix"]
+    assert ".backward()`" not in found["fix"]
 
 
 def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_lightnings_terms(tmp_path):
