@@ -175,7 +175,8 @@ class SarkdDiagLightningCallback(Callback):
         removes the last good checkpoint to make room. While a weight is non-finite (looked for once the probes
         recorded a critical event) a checkpoint is not written and none is removed: the last good one is where to
         resume. Under on_critical="record" it is written, and the run says which holds them. Through the Trainer's
-        `save_checkpoint` and its strategy's `remove_checkpoint`, put back at teardown."""
+        `save_checkpoint` and its strategy's `remove_checkpoint`, put back when the fit ends (teardown, or an
+        exception)."""
         self._unguard_checkpoints()
         save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
 
@@ -276,7 +277,9 @@ class SarkdDiagLightningCallback(Callback):
                                        cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again."""
         self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
+        self._unguard_checkpoints()
 
     def _close(self, status: str, error: BaseException | None = None) -> None:
         if self.probes is not None:

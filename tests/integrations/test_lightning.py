@@ -163,6 +163,16 @@ def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_pat
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+class Remember(pl.Callback):
+    """Keeps the Trainer it is given at the start of training (`_fit` returns none when `fit` raises)."""
+
+    def __init__(self, trainers: list):
+        self.trainers = trainers
+
+    def on_train_start(self, trainer, pl_module):
+        self.trainers.append(trainer)
+
+
 class BlowsUpAtTheSecondBatch(Distil):
     """A loss multiplied by Inf on the second batch: its gradients are non-finite, and AdamW makes the weights NaN."""
 
@@ -196,8 +206,12 @@ def test_no_checkpoint_of_non_finite_weights_replaces_the_last_good_one(tmp_path
 
 
 def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
+    trainers = []
     with pytest.raises(RuntimeError, match="corrupt record"):
-        _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10))
+        _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10),
+             callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), Remember(trainers)])
+    (trainer,) = trainers  # its checkpointing is its own again: no guard of a closed run left on it
+    assert "save_checkpoint" not in vars(trainer) and "remove_checkpoint" not in vars(trainer.strategy)
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "failed"
     assert run["summary"]["error"]["message"].startswith("RuntimeError: corrupt record")  # what failed, said
