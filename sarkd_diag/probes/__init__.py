@@ -57,7 +57,7 @@ from .base import (
     weights_compute_dtype,
 )
 from .clipping import watch_gradient_clipping
-from .forwards import ForwardProbe
+from .forwards import ForwardProbe, as_it_ran
 from .gradients import GradientProbe
 from .loss import LossProbe, caller_loss
 from .optimizer import OptimizerProbe
@@ -306,9 +306,13 @@ class ProbeSet:
         """Replay a step's recorded forwards as they ran (same arguments, same autocast) with per-module statistics
         on, where no owner replays a step (`replays_steps`), so the module where a non-finite value began is named —
         or every output is found finite and the loss's own arithmetic made it. The first failing step of the run
-        only (`replay_apart`)."""
+        only (`replay_apart`). Not where an input was rewritten in place since it ran (a refilled buffer,
+        `forwards.as_it_ran`): another batch's data would be read as its own, and finite outputs would clear the
+        modules of a NaN that batch made."""
+        if not all(map(as_it_ran, forwards)):
+            return
         self.replays_steps = False
-        self.replay_apart(lambda: [_run_as_it_ran(*forward) for forward in forwards])
+        self.replay_apart(lambda: [_run_as_it_ran(*forward[:4]) for forward in forwards])
 
     def replay_apart(self, forward) -> None:
         """`replay_forward` between the run's own steps (the Trainer's callback, a caller's loop): it draws no random

@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from .base import Probe, dtype_name, eager
+from .base import Probe, dtype_name, eager, version_of
 
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
@@ -84,14 +84,6 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
-def _version(data: torch.Tensor | None) -> int | None:
-    """A tensor's version counter, which every in-place write moves; an inference tensor keeps none (None: it can be
-    written only inside inference mode, where no training forward runs)."""
-    if data is None or data.is_inference():
-        return None
-    return data._version
-
-
 # a loss backpropagated as is gets a gradient of exactly 1 (to the scale's rounding under a loss scaler)
 SUMMED_WEIGHT_TOLERANCE = 1e-3
 
@@ -148,7 +140,7 @@ class LossProbe(Probe):
         """The number of the batch a forward was handed this step: the same tensor again, unwritten since, is the same
         batch; one buffer a loop refills in place for each micro-batch (`buf.copy_(batch)`: its version counter moves)
         holds a new one each time (a forward without an input tensor is a batch of its own)."""
-        version = _version(data)
+        version = version_of(data)
         for number, (seen, seen_version) in enumerate(self._batches):
             if data is not None and seen is data and seen_version == version:
                 return number

@@ -2543,3 +2543,32 @@ def test_a_second_moment_gone_inf_with_its_weight_finite_is_named_not_read_as_up
         "optimizer_nonfinite", "critical", "transformer.h.1.mlp.c_fc.weight", 10)
     assert root["evidence"]["weights_finite"] is True and "m / √Inf = 0" in root["fix"]
     assert "update_underflow" not in [c["cause"] for c in causes]
+
+
+@pytest.mark.parametrize("bad_step", [2, 3])
+def test_a_fault_in_one_micro_batch_of_a_refilled_buffer_is_replayed_from_its_own_data(bad_step):
+    """A loop that copies each micro-batch into one preallocated input tensor, and one batch whose data makes a NaN at
+    the embedding (token 0 here, as a fully padded row can in a real model), on a step without statistics. By the
+    optimizer step the buffer holds the last micro-batch: a replay read its data for all four, found every output
+    finite and blamed the loss's arithmetic. The refill is seen from step 1 (a statistics step): the forwards are kept
+    with copies of their inputs, and the replay names the module."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    model.transformer.wte.register_forward_hook(
+        lambda _m, inputs, out: out * math.nan if (inputs[0] == 0).any() else out)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    buffer = torch.zeros(2, 8, dtype=torch.long)
+    with Probes(model, optimizer=opt) as probes:
+        for step in range(1, 4):
+            for micro in range(4):
+                ids = torch.randint(1, 32, (2, 8))
+                if step == bad_step and micro == 1:
+                    ids[0, 3] = 0
+                buffer.copy_(ids)
+                (model(input_ids=buffer, labels=buffer).loss / 4).backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["first_step"], root["module"]) == (bad_step, "transformer.wte")
+    assert not _events(probes, "forward_replay")  # no "every output finite": the loss's arithmetic is not blamed
