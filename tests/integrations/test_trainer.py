@@ -877,6 +877,8 @@ def test_a_nan_evaluate_after_train_is_said_in_the_closed_run(tmp_path):
     (note,) = run["events"].itertuples()
     assert (note.kind, note.step) == ("nonfinite_eval", 4) and "fp16_full_eval" in note.message
     assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    report = (tmp_path / "run" / "report.md").read_text()  # "no problem found" says training's, not evaluation's
+    assert "No numerical problem was found in training" in report and "evaluation's loss was not finite" in report
 
 
 def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path):
