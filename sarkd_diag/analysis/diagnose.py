@@ -31,10 +31,10 @@ from ..contract.numerics import EXTREME_UPDATE_RATIO, FP16_MAX, FP16_TINY, numbe
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
-    "gradients_not_cleared", "micro_batches_summed", "teacher_overflow", "optimizer_eps_underflow",
-    "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero", "weight_collapse",
-    "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow", "gradient_overflow",
-    "loss_scale_collapse", "no_gradients", "update_underflow",
+    "gradients_not_cleared", "micro_batches_summed", "accumulation_unmatched", "teacher_overflow",
+    "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
+    "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -451,6 +451,15 @@ FIXES = {
                             "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
                             "micro-batches before its backward: {divide_micro_batch_losses}; the "
                             "learning rate and the precision are not the cause",
+    "accumulation_unmatched": "the optimizer steps after fewer batches than `Accelerator(gradient_accumulation_steps="
+                              "{steps})` divides each loss by (from step {step}): the loop never enters `with "
+                              "accelerator.accumulate(model):`, so accelerate steps the optimizer on every batch, each "
+                              "update from a gradient up to {steps}× smaller than the batches' — SGD's update with it "
+                              "(Adam's barely changes: it divides by the gradient's size), and a clipping threshold "
+                              "meets that smaller norm — run each batch's forward, `accelerator.backward` and "
+                              "`optimizer.step()` inside `with accelerator.accumulate(model):`, or pass the number of "
+                              "batches the loop accumulates as `gradient_accumulation_steps` (1 if it steps on every "
+                              "batch); the learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -1842,6 +1851,19 @@ def micro_batches_summed(r: RunRecord) -> list[Cause]:
                   fix=r.fix("micro_batches_summed", step=int(row["step"]), count=count, model=row.get("model")))]
 
 
+def accumulation_unmatched(r: RunRecord) -> list[Cause]:
+    """An accelerate loop stepped the optimizer after fewer backwards than the Accelerator divides each loss by (an
+    `accumulation_unmatched` note): every update is a fraction of the gradient — a warning: slow training, not a
+    blow-up, and not the lr."""
+    note = r.of("setup_note", "accumulation_unmatched")
+    if not len(note):
+        return []
+    row = _first(note)
+    steps = int(row["value"])
+    return [Cause("accumulation_unmatched", "warning", **_where(row), evidence={"gradient_accumulation_steps": steps},
+                  fix=r.fix("accumulation_unmatched", step=int(row["step"]), steps=steps))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -2209,7 +2231,7 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared, micro_batches_summed, teacher_overflow, optimizer_eps_underflow,
+         gradients_not_cleared, micro_batches_summed, accumulation_unmatched, teacher_overflow, optimizer_eps_underflow,
          optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse, weight_decay_lost,
          activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale, no_gradients,
          update_underflow, divergence)

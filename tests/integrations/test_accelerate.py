@@ -136,6 +136,9 @@ def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_i
     (note,) = notes.itertuples()
     assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
     assert "after 1 backward," in note.message and "`with accelerator.accumulate(model):`" in note.message
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "accumulation_unmatched")
+    assert (found["severity"], found["first_step"]) == ("warning", 1)
+    assert "gradient_accumulation_steps=4" in found["fix"] and "accelerator.accumulate(model)" in found["fix"]
     assert _loop(accumulation=4, stepping=stepping) == losses
 
 
