@@ -37,8 +37,8 @@ from ..contract.numerics import (
 
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
-    "gradients_not_cleared", "micro_batches_summed", "loss_backpropagated_twice", "teacher_overflow",
-    "teacher_dropout",
+    "gradients_not_cleared", "micro_batches_summed", "accumulation_unmatched", "loss_backpropagated_twice",
+    "teacher_overflow", "teacher_dropout",
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
@@ -210,6 +210,18 @@ PHRASES = {
                       "every batch: the wrapper clears only when it steps)",
         "lightning": "Lightning's own `zero_grad()` after each step — with manual optimization, `opt.zero_grad()` "
                      "in `training_step`",
+    },
+    # where each micro-batch's loss is divided by their count before its backward
+    "divide_micro_batch_losses": {
+        "cli": "`train`'s own division of each micro-batch's loss by their count",
+        "loop": "`(loss / accumulation_steps).backward()`",
+        "trainer": "the Trainer's own division by `gradient_accumulation_steps` — an override of `training_step` that "
+                   "backpropagates the loss itself skips it: `self.accelerator.backward(loss / "
+                   "self.args.gradient_accumulation_steps)`",
+        "accelerate": "`accelerator.backward(loss)` inside `with accelerator.accumulate(model):`, which divides it by "
+                      "the Accelerator's `gradient_accumulation_steps`",
+        "lightning": "`Trainer(accumulate_grad_batches=N)` with automatic optimization, which divides each batch's "
+                     "loss — with manual optimization, `self.manual_backward(loss / accumulation_steps)`",
     },
     # what cuts a loss off from the weights, in the code each caller writes around the backward
     "loss_cut_off": {
@@ -504,8 +516,17 @@ FIXES = {
                             "the batch's — SGD's update {count}× with it (Adam's barely changes: it divides by the "
                             "gradient's size), a clipping threshold meets a {count}× norm, and L2 weight decay in "
                             "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
-                            "micro-batches before `backward()` (`(loss / accumulation_steps).backward()`); the "
+                            "micro-batches before its backward: {divide_micro_batch_losses}; the "
                             "learning rate and the precision are not the cause",
+    "accumulation_unmatched": "the optimizer steps after fewer batches than `Accelerator(gradient_accumulation_steps="
+                              "{steps})` divides each loss by (from step {step}): the loop never enters `with "
+                              "accelerator.accumulate(model):`, so accelerate steps the optimizer on every batch, each "
+                              "update from a gradient up to {steps}× smaller than the batches' — SGD's update with it "
+                              "(Adam's barely changes: it divides by the gradient's size), and a clipping threshold "
+                              "meets that smaller norm — run each batch's forward, `accelerator.backward` and "
+                              "`optimizer.step()` inside `with accelerator.accumulate(model):`, or pass the number of "
+                              "batches the loop accumulates as `gradient_accumulation_steps` (1 if it steps on every "
+                              "batch); the learning rate and the precision are not the cause",
     "clip_before_unscale": "the gradients are clipped while the loss scaler still scales them (by {scale}): the "
                            "clipping sees their norm × the scale, cuts gradients the threshold should leave alone, "
                            "and once unscaled every update is ~{scale}× smaller than the threshold meant (SGD barely "
@@ -2007,6 +2028,19 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
                   fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
 
 
+def accumulation_unmatched(r: RunRecord) -> list[Cause]:
+    """An accelerate loop stepped the optimizer after fewer backwards than the Accelerator divides each loss by (an
+    `accumulation_unmatched` note): every update is a fraction of the gradient — a warning: slow training, not a
+    blow-up, and not the lr."""
+    note = r.of("setup_note", "accumulation_unmatched")
+    if not len(note):
+        return []
+    row = _first(note)
+    steps = int(row["value"])
+    return [Cause("accumulation_unmatched", "warning", **_where(row), evidence={"gradient_accumulation_steps": steps},
+                  fix=r.fix("accumulation_unmatched", step=int(row["step"]), steps=steps))]
+
+
 def clip_before_unscale(r: RunRecord) -> list[Cause]:
     """The loop clipped gradients its loss scaler still scaled (a `clip_before_unscale` note): the threshold is
     compared with the scaled norm, and every update shrinks by the scale — a loop-order bug, not the lr or the
@@ -2378,10 +2412,11 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
-         gradients_not_cleared, micro_batches_summed, loss_backpropagated_twice, teacher_overflow, teacher_dropout,
-         optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite, lr_negative, lr_zero, weight_collapse,
-         weight_decay_lost, activation_overflow, gradient_overflow, loss_scale_collapse, clip_before_unscale,
-         no_gradients, update_underflow, divergence, kd_targets_few, kd_temperature_low)
+         gradients_not_cleared, micro_batches_summed, accumulation_unmatched, loss_backpropagated_twice,
+         teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
+         lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
+         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
+         kd_temperature_low)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

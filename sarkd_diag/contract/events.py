@@ -26,7 +26,7 @@ KINDS = (
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
     "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "forward_replay",
-    "run_error", "zero_activation", "singular_derivative",
+    "run_error", "zero_activation", "singular_derivative", "checkpoint_nonfinite", "nonfinite_eval",
 )
 # What exactly was checked: the closed vocabulary the diagnosis reads (never a message). A kind whose check
 # has one meaning uses its own name as its code; kinds with several checks have one code per check.
@@ -142,6 +142,9 @@ CODES = {
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "
                                  "to .grad, each at full weight: its gradient is applied that many times",
+    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer backwards than the Accelerator's "
+                              "gradient_accumulation_steps, by which accelerator.backward divides each loss: the loop "
+                              "never enters accelerator.accumulate, and each update has a fraction of the gradient",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "
                               "model was frozen, and nothing of it trains",
     "unoptimized_models": "setup_note: the optimizer holds none of the trainable tensors of the models the probes "
@@ -157,6 +160,9 @@ CODES = {
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",
+    "nonfinite_eval": "an evaluation's loss is NaN/Inf while training's last loss and every weight are finite",
+    "checkpoint_nonfinite": "a framework saved a checkpoint while a weight held NaN/Inf: not written (training stopped "
+                            "on it), or written and said",
 }
 
 

@@ -165,8 +165,12 @@ def no_cause_text(summary: dict) -> str:
         return (f"The run {status} with no numerical cause in its logs: what was measured stayed finite up to step "
                 f"{summary.get('steps_completed', 0)}, so what ended it is not there — read the error it raised "
                 "(its traceback; `traceback.txt` in this directory when `train` raised it) or what killed it.")
-    return ("No numerical problem was found: weights, gradients, activations and the loss stayed finite, and no "
-            "update was lost to rounding beyond the warning threshold.")
+    healthy = ("No numerical problem was found in training: weights, gradients, activations and the loss stayed "
+               "finite, and no update was lost to rounding beyond the warning threshold.")
+    if summary.get("event_counts", {}).get("nonfinite_eval"):  # evaluation is no training forward: nothing places it
+        healthy += (" An evaluation's loss was not finite (`nonfinite_eval`): evaluation computes what training does "
+                    "not, and no probe reads its forwards.")
+    return healthy
 
 
 def _rank_of(cause: dict, events: pd.DataFrame) -> str:

@@ -42,6 +42,7 @@ from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.loss_scaler import LossScaler, unwrap_optimizer
 from ..contract.numerics import dtype_name
 from ..contract.ranks import Ranks
+from ..contract.wording import counted
 from .activations import ActivationProbe
 from .base import (
     Optimizers,
@@ -56,7 +57,7 @@ from .base import (
     weights_compute_dtype,
 )
 from .clipping import watch_gradient_clipping
-from .forwards import ForwardProbe
+from .forwards import ForwardProbe, as_it_ran
 from .gradients import GradientProbe
 from .loss import LossProbe, caller_loss
 from .optimizer import OptimizerProbe
@@ -306,9 +307,13 @@ class ProbeSet:
         """Replay a step's recorded forwards as they ran (same arguments, same autocast) with per-module statistics
         on, where no owner replays a step (`replays_steps`), so the module where a non-finite value began is named —
         or every output is found finite and the loss's own arithmetic made it. The first failing step of the run
-        only (`replay_apart`)."""
+        only (`replay_apart`). Not where an input was rewritten in place since it ran (a refilled buffer,
+        `forwards.as_it_ran`): another batch's data would be read as its own, and finite outputs would clear the
+        modules of a NaN that batch made."""
+        if not all(map(as_it_ran, forwards)):
+            return
         self.replays_steps = False
-        self.replay_apart(lambda: [_run_as_it_ran(*forward) for forward in forwards])
+        self.replay_apart(lambda: [_run_as_it_ran(*forward[:4]) for forward in forwards])
 
     def replay_apart(self, forward) -> None:
         """`replay_forward` between the run's own steps (the Trainer's callback, a caller's loop): it draws no random
@@ -566,6 +571,7 @@ class Probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
         self._steps_recorded = 0
+        self._last_train_loss: float | None = None  # the training loss of the last step closed
         self._steps_skipped = 0  # steps the caller's loop skipped on purpose (`step(skipped=True)`)
         self._steps_reaching_the_optimizer = 0
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
@@ -627,7 +633,46 @@ class Probes:
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
         probes = cls(models, optimizer, accelerator.scaler, **kwargs)
         probes.watch_accelerator(accelerator)
+        probes._watch_accumulation(accelerator)
         return probes
+
+    def _watch_accumulation(self, accelerator) -> None:
+        """`Accelerator(gradient_accumulation_steps=N)` divides every loss `accelerator.backward` is given by N, for
+        N backwards an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
+        optimizer's step on the others. A loop that never enters it has the optimizer step on every batch (accelerate
+        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Noted once, at the
+        first optimizer step after fewer than N backwards — not at an epoch's last batch, where accelerate ends a
+        short accumulation itself — in the Accelerator's terms."""
+        backwards = 0
+
+        def count_backward(_) -> None:
+            nonlocal backwards
+            backwards += 1
+
+        def check(*_) -> None:
+            nonlocal backwards
+            steps, counted_backwards, backwards = accelerator.gradient_accumulation_steps, backwards, 0
+            if 0 < counted_backwards < steps and not accelerator.gradient_state.end_of_dataloader \
+                    and self.events.say_once("accumulation_unmatched"):
+                self._accumulation_unmatched(counted_backwards, steps)
+
+        if self.set.probes:
+            self.set.wrap(accelerator, "backward", after=count_backward)
+            for optimizer in optimizers_of(self.ctx.optimizer):
+                self.set.until_close(optimizer.register_step_pre_hook(check).remove)
+
+    def _accumulation_unmatched(self, backwards: int, steps: int) -> None:
+        step = self.ctx.step
+        self.events.record("setup_note", "warning",
+                           f"the optimizer stepped at step {step} after {counted(backwards, 'backward')}, while "
+                           f"Accelerator(gradient_accumulation_steps={steps}) divides each loss accelerator.backward "
+                           f"is given by {steps}: the update has {backwards}/{steps} of the gradient the batches "
+                           f"make (SGD's step {steps / backwards:g}× smaller; the norm a clipping threshold meets with "
+                           "it) — run each batch's forward, backward and optimizer step inside `with "
+                           "accelerator.accumulate(model):`, which steps the optimizer on the last of "
+                           f"every {steps} batches only, or pass the number of batches the loop accumulates as "
+                           "gradient_accumulation_steps", step=step, probe="optimizer", phase="optimizer",
+                           code="accumulation_unmatched", value=float(steps))
 
     def watch_accelerator(self, accelerator) -> None:
         """Read the gradients when accelerate has them complete: at `accelerator.unscale_gradients`, which its
@@ -774,6 +819,7 @@ class Probes:
         if self.ctx.trained and self.ctx.stats_step and self.events.say_once("frozen_model_unseen"):
             self._frozen_models_unseen(step)
         self._steps_recorded += 1
+        self._last_train_loss = row["loss"]
         if skipped:
             row["skipped"] = 1
             self._steps_skipped += 1
@@ -832,6 +878,8 @@ class Probes:
         first set's). Returns the row."""
         loss = caller_loss(loss).item()
         row = {"step": step, "split": "eval", "eval_set": eval_set, "eval_loss": loss}
+        if not math.isfinite(loss) and self._trains_finite() and self.events.say_once("nonfinite_eval"):
+            self._nonfinite_evaluation(step, loss, eval_set)
         if perplexity is not None or cross_entropy:
             row["eval_ppl"] = numerics.perplexity(loss) if perplexity is None else float(perplexity)
         if self.run_dir is None:
@@ -846,6 +894,29 @@ class Probes:
             metrics.close()
             finalize_run(self.run_dir, self._closed_as)
         return row
+
+    def _trains_finite(self) -> bool:
+        """The last step closed had a finite training loss, and no weight has turned non-finite."""
+        return self._last_train_loss is not None and math.isfinite(self._last_train_loss) and not self.critical
+
+    def _nonfinite_evaluation(self, step: int, loss: float, eval_set: str | None) -> None:
+        """An evaluation's loss is non-finite where training's is finite over finite weights: evaluation computes what
+        training does not, and the probes read no evaluation forward (they are no training forwards) — without this
+        the run reads as healthy beside a NaN evaluation. Said once; into a closed run's events too (an `evaluate()`
+        after `train()`), before its summary is rebuilt."""
+        events = self.events
+        if self._closed:
+            events = EventLog(self.run_dir / events_file_name(self.ranks.rank, self.ranks.size), rank=self.ranks.rank)
+        of_set = f" on {eval_set}" if eval_set else ""
+        events.record("nonfinite_eval", "warning",
+                      f"the evaluation after step {step}{of_set} has a loss of {loss} while training's last loss was "
+                      f"finite ({self._last_train_loss:.4g}) and every weight is: evaluation computes what training "
+                      "does not — a cast for evaluation (the Trainer's fp16_full_eval, a model.half() before "
+                      "evaluating), the model in eval mode (no dropout), or its data (a batch with no target token) — "
+                      "and the probes read no evaluation forward: evaluate in the precision training uses to tell",
+                      step=step, phase="eval", probe="loss", value=loss)
+        if events is not self.events:
+            events.close()
 
     def _check_unoptimized(self, step: int) -> None:
         """Trainable tensors of a model the optimizer trains that none of its parameter groups holds: a second

@@ -202,6 +202,14 @@ def eager(hook: Callable) -> Callable:
     return torch.compiler.disable(hook)
 
 
+def version_of(data: torch.Tensor | None) -> int | None:
+    """A tensor's version counter, which every in-place write moves (`copy_`, `buf[:] = ...`); an inference tensor keeps
+    none (None: it can be written only inside inference mode, where no training forward runs)."""
+    if data is None or data.is_inference():
+        return None
+    return data._version
+
+
 def in_backward() -> bool:
     """A forward that runs inside a backward pass: gradient checkpointing recomputing a layer's forward (both the
     reentrant and the non-reentrant kind), not a forward of the step — its outputs were read the first time."""

@@ -26,11 +26,12 @@ or accelerate run under bf16 autocast holds fp32 weights), and whether a floatin
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from torch import nn
 
-from .base import Probe, eager, in_backward
+from .base import Probe, eager, in_backward, version_of
 
 
 def is_generating(kwargs: dict) -> bool:
@@ -51,6 +52,20 @@ def in_generate() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def unwritten(versions: list[tuple[torch.Tensor, int | None]]) -> bool:
+    """Each tensor's version counter is the one noted beside it: none was written in place since."""
+    return all(version_of(t) == version for t, version in versions)
+
+
+def as_it_ran(forward: tuple) -> bool:
+    """A kept forward's tensor inputs hold what they held when it ran."""
+    return unwritten(forward[4])
+
+
+def _copied(value):
+    return value.detach().clone() if torch.is_tensor(value) else value
 
 
 def _generates_text(owner) -> bool:
@@ -77,6 +92,8 @@ class ForwardProbe(Probe):
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
+        self._copies_inputs = False  # the loop rewrites its input tensors in place: forwards are kept with copies
+        self._last_inputs: list[tuple[weakref.ref, int | None]] = []  # the last training forward's tensors
         # a weight of each model, whose device says where it computes: `next(model.parameters())` walks the module
         # tree, 20 µs a forward on a tiny GPT-2 (a weight moved by `.to()` keeps its object and reads its new device)
         self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
@@ -115,10 +132,11 @@ class ForwardProbe(Probe):
             weight = self._a_weight[model_name]
             if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
                 self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)
+            self._note_refill(args, kwargs)
             if self.ctx.step_forwards is not None and weight is not None and not self.ctx.replaying:
                 device = weight.device.type
                 autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-                self.ctx.step_forwards.append((model, args, kwargs, autocast))
+                self.ctx.step_forwards.append(self._kept_for_replay(model, args, kwargs, autocast))
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():
@@ -132,6 +150,7 @@ class ForwardProbe(Probe):
             if self.ctx.training_forward.get(model_name):
                 self.ctx.output_nodes.extend(output_nodes(output))
         return hook
+
     def _note_dropout(self, model_name: str, model: nn.Module) -> None:
         """A frozen model in train mode with dropout on: its outputs, the KD targets, come through a random mask."""
         active = [(name, float(m.p)) for name, m in model.named_modules()
@@ -148,6 +167,28 @@ class ForwardProbe(Probe):
                                "its outputs — the KD targets — are noisy and not deterministic",
                                step=self.ctx.step, phase="forward", probe=self.name, model=model_name, module=module,
                                value=p, numel=len(active), code="teacher_dropout_on")
+
+    def _kept_for_replay(self, model: nn.Module, args: tuple, kwargs: dict, autocast: torch.dtype | None) -> tuple:
+        """A training forward kept for a replay of its step: (model, args, kwargs, autocast, the version counter of
+        each tensor input). A loop that refills one input buffer for each micro-batch (`buf.copy_(batch)`) hands every
+        forward the same tensor, which holds the last batch by the time a replay runs: a replay would read that batch
+        as each one's and could find every output finite where one batch's data made the NaN. The versions tell (see
+        `as_it_ran`); once the loop is seen refilling (`_note_refill`), the inputs are kept as copies."""
+        if self._copies_inputs:
+            args, kwargs = tuple(map(_copied, args)), {name: _copied(value) for name, value in kwargs.items()}
+        versions = [(t, version_of(t)) for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+        return model, args, kwargs, autocast, versions
+
+    def _note_refill(self, args: tuple, kwargs: dict) -> None:
+        """Whether this training forward is handed a tensor the one before it was, written in place since: the loop
+        refills an input buffer. Watched on every step, statistics steps too, so the first step a replay may need
+        already keeps copies."""
+        if self._copies_inputs:
+            return
+        tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+        again = [(ref(), version) for ref, version in self._last_inputs if any(ref() is t for t in tensors)]
+        self._copies_inputs = not unwritten(again)
+        self._last_inputs = [(weakref.ref(t), version_of(t)) for t in tensors]  # weak: no batch held past its step
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         if not self._nan_inputs:

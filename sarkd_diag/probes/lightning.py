@@ -7,28 +7,63 @@ callback numbers steps by the batches that stepped an optimizer (`trainer.global
 steps: two optimizers stepping in one batch are one step; the count travels in Lightning's checkpoints, so a
 resume continues it), closes a step only on such a batch, takes the optimizers and the loss scaler from the
 Trainer and the precision from `Trainer(precision=...)`, watches the LightningModule's student and teacher,
-stops training on a critical event (`trainer.should_stop`) and closes the run when training ends or fails.
+stops training on a critical event (`trainer.should_stop`) without a checkpoint of the non-finite weights, and
+closes the run when training ends or fails.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import Probes, check_probe_settings
+from . import Probes, check_probe_settings, replace_method
 from .base import scores_tokens, teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
+    from lightning.pytorch.trainer.connectors import accelerator_connector
 except ImportError:
     from pytorch_lightning import Callback
+    from pytorch_lightning.trainer.connectors import accelerator_connector
 
 ON_CRITICAL = ("stop", "record")
 # Trainer(precision=...) by what it does to the module: the true-half modes train its weights in that dtype, the
 # mixed ones compute under autocast over fp32 weights; "32-true" and others are read off the weights and autocast
 PRECISION_MODES = {"16-mixed": "mixed", "bf16-mixed": "bf16-mixed", "16-true": "pure-fp16", "bf16-true": "pure-bf16"}
+REQUESTED = "_sarkd_diag_requested_precision"  # where a Trainer's accelerator connector keeps `precision` as given
+
+
+def _keep_requested_precision(connector_type: type) -> None:
+    """Have each Trainer's accelerator connector keep the `precision` it was handed, observed and left as it is:
+    Lightning keeps only what it turned it into — on the CPU `Trainer(precision="16-mixed")` runs as "bf16-mixed" (with
+    a warning) — and that is all `trainer.precision` says by the time a callback runs. Done once, at import, before
+    the Trainer the callback is handed to is built."""
+    original = connector_type.__init__
+    if getattr(original, REQUESTED, False):
+        return
+
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        setattr(self, REQUESTED, kwargs.get("precision"))
+        original(self, *args, **kwargs)
+
+    setattr(init, REQUESTED, True)
+    connector_type.__init__ = init
+
+
+_keep_requested_precision(accelerator_connector._AcceleratorConnector)
+
+
+def requested_precision(trainer) -> str:
+    """`Trainer(precision=...)` as the Trainer was given it (`16`, `"16-mixed"`), else — a precision plugin given
+    instead, or a Trainer built before this module was imported — as it runs."""
+    asked = getattr(getattr(trainer, "_accelerator_connector", None), REQUESTED, None)
+    asked = str(trainer.precision) if asked is None else asked
+    shown = f'"{asked}"' if isinstance(asked, str) else str(asked)
+    return f"Trainer(precision={shown})"
 
 
 def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None) -> dict:
@@ -77,8 +112,8 @@ class SarkdDiagLightningCallback(Callback):
     run_dir, level, every: as for `Probes`. student, teacher: attribute names of the LightningModule, where
     `lightning_models` would not find them. eval_metric: the name the module logs its validation loss under
     (`self.log("val_loss", ...)`), recorded as the run's eval rows. on_critical: "stop" (default) sets
-    `trainer.should_stop` once the probes record a critical event (non-finite weights), and the run closes as
-    `stopped`; "record" keeps training.
+    `trainer.should_stop` once the probes record a critical event (non-finite weights), writes no checkpoint while
+    a weight is non-finite (`_guard_checkpoints`), and the run closes as `stopped`; "record" keeps training.
     """
 
     def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
@@ -96,6 +131,7 @@ class SarkdDiagLightningCallback(Callback):
         self._scheduled_step = True  # automatic optimization: the batch under way ends an accumulation
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
+        self._unguards: list = []  # what puts the Trainer's checkpointing back (`_guard_checkpoints`)
 
     @property
     def state_key(self) -> str:
@@ -114,7 +150,8 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes is not None:  # a second fit on the same callback appends to the same directory
             self.probes.close("completed")
         optimizers = list(trainer.optimizers)
-        precision = str(trainer.precision)
+        precision, requested = str(trainer.precision), requested_precision(trainer)
+        ran_as = "" if requested == f'Trainer(precision="{precision}")' else f', which Lightning runs as "{precision}"'
         # a fit resumed from a checkpoint continues at the step it saved: its own count, or — a checkpoint saved
         # without this callback — global_step, which is that count with a single optimizer. A fit from 0 into a
         # directory that holds steps (a second fit) continues after them
@@ -127,10 +164,61 @@ class SarkdDiagLightningCallback(Callback):
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",
                              precision={"mode": PRECISION_MODES.get(precision),
-                                        "requested": f'Trainer(precision="{precision}")',
-                                        "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
+                                        "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
         self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
+        self._guard_checkpoints(trainer, pl_module)
+
+    def _guard_checkpoints(self, trainer, pl_module) -> None:
+        """Lightning's `ModelCheckpoint` reads no `should_stop`: stopped on non-finite weights, it still writes them
+        (at the epoch's end, at the step under `every_n_train_steps`, under `save_last`) and, keeping `save_top_k`,
+        removes the last good checkpoint to make room. While a weight is non-finite (looked for once the probes
+        recorded a critical event) a checkpoint is not written and none is removed: the last good one is where to
+        resume. Under on_critical="record" it is written, and the run says which holds them. Through the Trainer's
+        `save_checkpoint` and its strategy's `remove_checkpoint`, put back when the fit ends (teardown, or an
+        exception)."""
+        self._unguard_checkpoints()
+        save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
+
+        def guarded_save(filepath, *args, **kwargs):
+            tensor = self._nonfinite_weight(pl_module)
+            withheld = tensor is not None and self.on_critical == "stop"
+            if tensor is not None:
+                self.probes.events.record(
+                    "checkpoint_nonfinite", "info" if withheld else "warning",
+                    f"{'not written' if withheld else 'written'}: the checkpoint {filepath} after step {self.step} — "
+                    f"{tensor} holds a non-finite value" + (" (training stopped on it; resume from a checkpoint "
+                                                            "saved before it)" if withheld else ""),
+                    step=self.step, phase="optimizer", probe="parameters", tensor=tensor)
+            if not withheld:
+                save(filepath, *args, **kwargs)
+
+        def guarded_remove(filepath):
+            if not (self.on_critical == "stop" and self._nonfinite_weight(pl_module)):
+                remove(filepath)
+
+        self._unguards = [replace_method(trainer, "save_checkpoint", guarded_save),
+                          replace_method(trainer.strategy, "remove_checkpoint", guarded_remove)]
+
+    def _nonfinite_weight(self, pl_module) -> str | None:
+        """The first tensor of the module's state that holds NaN/Inf, looked for once the probes recorded a critical
+        event (none before: a save costs no scan of the weights)."""
+        if self.probes is None or not self.probes.critical:
+            return None
+        return next((name for name, t in pl_module.state_dict().items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+    def _unguard_checkpoints(self) -> None:
+        for restore in self._unguards:
+            restore()
+        self._unguards = []
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """After fit's last hook (`ModelCheckpoint.on_train_end`'s `save_last` too): the run closes, the Trainer's
+        checkpointing is its own again."""
+        if stage == "fit":
+            self._close("stopped" if self.stopped_at is not None else "completed")
+            self._unguard_checkpoints()
 
     def _closes_step(self, trainer, pl_module) -> bool:
         """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
@@ -188,10 +276,11 @@ class SarkdDiagLightningCallback(Callback):
                 self.probes.evaluation(self.step, value, eval_set=eval_set or None,
                                        cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.probes is not None:
-            self.probes.close("stopped" if self.stopped_at is not None else "completed")
-
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again."""
+        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
+        self._unguard_checkpoints()
+
+    def _close(self, status: str, error: BaseException | None = None) -> None:
         if self.probes is not None:
-            self.probes.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
+            self.probes.close(status, error)

@@ -9,7 +9,8 @@ than bad numerics — unless its loss is a share of the step's (divided by the s
 micro-batch is recorded, and the first one on a step whose loss turned non-finite, if that is a later one: that
 one explains the NaN, whatever came before it. The gradient backward brings each loss a model returns is its weight
 in the step's gradient: several of one model's forwards each at full weight, on different batches, are micro-batches
-summed, not averaged. A weight is summed per batch (the input tensor a forward was handed): one forward's loss
+summed, not averaged. A weight is summed per batch (the input tensor a forward was handed, as it held then: a
+buffer refilled in place holds a new batch): one forward's loss
 backpropagated twice (`backward(retain_graph=True)`, then again through a total that holds it), or two forwards of the
 same batch (two objectives, R-Drop's two dropout passes), are that batch's objectives, not a second micro-batch.
 But one forward's loss that two backwards adding to `.grad` each brought at full weight (`loss.backward(retain_graph=
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Probe, dtype_name, eager, graph_task_id
+from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
@@ -127,7 +128,7 @@ class LossProbe(Probe):
         self._weighed: list[Weight] = []  # the weights handed to the readings, in order
         self._forwards = 0  # the step's training forwards whose loss was read: each one's number
         self._accumulators: dict[str, list] = {}  # model -> its trainable tensors' gradient accumulators (autograd)
-        self._batches: list = []  # the step's distinct inputs, held for the step so none's identity is reused
+        self._batches: list = []  # (input, its version) per distinct batch, held for the step so no id is reused
         self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
@@ -158,12 +159,14 @@ class LossProbe(Probe):
         return hook
 
     def _batch_of(self, data: torch.Tensor | None) -> int:
-        """The number of the batch a forward was handed this step: the same tensor again is the same batch (a
-        forward without an input tensor is a batch of its own)."""
-        for number, seen in enumerate(self._batches):
-            if data is not None and seen is data:
+        """The number of the batch a forward was handed this step: the same tensor again, unwritten since, is the same
+        batch; one buffer a loop refills in place for each micro-batch (`buf.copy_(batch)`: its version counter moves)
+        holds a new one each time (a forward without an input tensor is a batch of its own)."""
+        version = version_of(data)
+        for number, (seen, seen_version) in enumerate(self._batches):
+            if data is not None and seen is data and seen_version == version:
                 return number
-        self._batches.append(data if data is not None else object())
+        self._batches.append((data if data is not None else object(), version))
         return len(self._batches) - 1
 
     def _read_loss(self, model_name: str):

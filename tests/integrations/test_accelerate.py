@@ -4,6 +4,7 @@ the CPU): a clean run, one with gradient accumulation, and a module whose output
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -24,7 +25,7 @@ VOCAB, STEPS = 64, 4
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
           eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, plain_probes=False,
-          mixed_precision="bf16", **call) -> list[float]:
+          mixed_precision="bf16", stepping="accumulate", **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
@@ -33,7 +34,9 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
     (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync, its
     norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step; `plain_probes`:
     `Probes(model, optimizer)` of the prepared pair instead of `Probes.from_accelerator`; `mixed_precision`: the
-    Accelerator's."""
+    Accelerator's; `stepping`: "accumulate" (accelerate's idiom), "every batch" (no `accumulate` context: the
+    optimizer steps on every batch) or "by hand" (no `accumulate` context: the loop calls `optimizer.step()` and
+    `probes.step()` on every `accumulation`-th batch itself)."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -53,8 +56,9 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
     probes = None if not run_dir else Probes(model, optimizer, run_dir=run_dir) if plain_probes else \
         Probes.from_accelerator(accelerator, model, optimizer, run_dir=run_dir)
     losses = []
-    for _, batch in zip(range(STEPS * accumulation), loader, strict=False):
-        with accelerator.accumulate(model):
+    for index, batch in zip(range(STEPS * accumulation), loader, strict=False):
+        ends_step = stepping != "by hand" or (index + 1) % accumulation == 0
+        with accelerator.accumulate(model) if stepping == "accumulate" else contextlib.nullcontext():
             outputs = model(**batch, **call)
             loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
@@ -64,10 +68,12 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
                     norms.append(norm.item())
             if probes is not None and probes_first:
                 probes.step()
-            optimizer.step()
-            if probes is not None and not probes_first:
+            if ends_step:
+                optimizer.step()
+            if probes is not None and not probes_first and ends_step:
                 probes.step()  # the loss of the step: read from the model's outputs
-            optimizer.zero_grad()
+            if ends_step:
+                optimizer.zero_grad()
             steps[0] += accelerator.sync_gradients
         losses.append(loss.item())
     if probes is not None:
@@ -113,6 +119,27 @@ def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path, plain
     assert metrics["loss"].tolist() == pytest.approx(means, rel=1e-6)
     assert metrics["update_ratio"].notna().all()  # every row saw its optimizer step
     assert _loop(accumulation=2) == losses
+
+
+@pytest.mark.parametrize(("stepping", "noted"), [("every batch", True), ("accumulate", False), ("by hand", False)])
+def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_is_noted(tmp_path, stepping, noted):
+    """`Accelerator(gradient_accumulation_steps=4)` divides each loss `accelerator.backward` is given by 4; a loop
+    that never enters `accelerator.accumulate(model)` has the optimizer step on every batch, each update from a quarter
+    of the batch's gradient — said once, at step 1. Not for accelerate's idiom, nor for a loop that steps on every 4th
+    batch itself (its 4 quarters make the mean)."""
+    losses = _loop(tmp_path / "run", accumulation=4, stepping=stepping)
+    events = load_run(tmp_path / "run")["events"]
+    notes = events[events["code"] == "accumulation_unmatched"]
+    if not noted:
+        assert notes.empty
+        return
+    (note,) = notes.itertuples()
+    assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
+    assert "after 1 backward," in note.message and "`with accelerator.accumulate(model):`" in note.message
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "accumulation_unmatched")
+    assert (found["severity"], found["first_step"]) == ("warning", 1)
+    assert "gradient_accumulation_steps=4" in found["fix"] and "accelerator.accumulate(model)" in found["fix"]
+    assert _loop(accumulation=4, stepping=stepping) == losses
 
 
 def test_a_model_called_with_return_dict_false_has_its_loss_recorded(tmp_path):

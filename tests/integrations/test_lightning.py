@@ -147,20 +147,71 @@ def test_a_gradient_overflow_is_read_before_clipping_by_value_clamps_it_finite(t
     assert found["first_step"] == 1 and found["module"].endswith("c_proj"), found
 
 
-@pytest.mark.parametrize("asked", ["bf16-mixed", "16-mixed"])
-def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked):
-    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran."""
+@pytest.mark.parametrize(("asked", "requested"), [("bf16-mixed", 'Trainer(precision="bf16-mixed")'),
+                                                  ("16-mixed", 'Trainer(precision="16-mixed")'),
+                                                  (16, "Trainer(precision=16)")])
+def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_path, asked, requested):
+    """On the CPU Lightning runs "16-mixed" as "bf16-mixed" (it warns: no fp16 AMP there): recorded as what it ran,
+    `requested` still what the Trainer was asked for, which Lightning keeps no longer."""
     _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", precision=asked)
     run = load_run(tmp_path / "run")
     precision = run["summary"]["precision"]
     assert precision["mode"] == "bf16-mixed" and precision["compute_dtype"] == "bfloat16"
+    assert precision["requested"] == requested
+    assert ('which Lightning runs as "bf16-mixed"' in precision["reason"]) == (asked != "bf16-mixed")
     assert not precision["loss_scaling"]
     assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
+class Remember(pl.Callback):
+    """Keeps the Trainer it is given at the start of training (`_fit` returns none when `fit` raises)."""
+
+    def __init__(self, trainers: list):
+        self.trainers = trainers
+
+    def on_train_start(self, trainer, pl_module):
+        self.trainers.append(trainer)
+
+
+class BlowsUpAtTheSecondBatch(Distil):
+    """A loss multiplied by Inf on the second batch: its gradients are non-finite, and AdamW makes the weights NaN."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * (math.inf if batch_idx == 1 else 1.0)
+
+
+@pytest.mark.parametrize("on_critical", ["stop", "record"])
+def test_no_checkpoint_of_non_finite_weights_replaces_the_last_good_one(tmp_path, on_critical):
+    """`ModelCheckpoint(every_n_train_steps=1)` keeps the latest checkpoint: at step 2 the weights turn NaN and the
+    callback stops training, but ModelCheckpoint reads no `should_stop` — it wrote step 2's NaN weights (and again at
+    the epoch's end) and removed step 1's, the one to resume from. Stopping: no checkpoint of NaN weights is written,
+    step 1's stays, and the run says what was withheld. Recording: written, and the run says which holds them."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1)
+    _fit(BlowsUpAtTheSecondBatch(tiny.make_gpt2(VOCAB)), enable_checkpointing=True, max_steps=3,
+         callbacks=[SarkdDiagLightningCallback(tmp_path / "run", on_critical=on_critical), saved])
+    files = sorted((tmp_path / "ckpt").iterdir())
+    finite = [all(torch.isfinite(t).all() for t in torch.load(f, weights_only=True)["state_dict"].values()
+                  if t.is_floating_point()) for f in files]
+    events = load_run(tmp_path / "run")["events"].query("kind == 'checkpoint_nonfinite'")
+    assert len(events) >= 1 and set(events["step"]) >= {2}
+    if on_critical == "stop":
+        assert [f.name for f in files] == ["epoch=0-step=1.ckpt"] and finite == [True]
+        assert set(events["severity"]) == {"info"} and all(events["message"].str.startswith("not written"))
+    else:
+        assert finite[-1:] == [False]  # the latest, as asked: written, and said
+        assert set(events["severity"]) == {"warning"} and all(events["message"].str.startswith("written"))
+    assert "student.transformer" in events["tensor"].iloc[0]
+
+
 def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
+    trainers = []
     with pytest.raises(RuntimeError, match="corrupt record"):
-        _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10))
+        _fit(Distil(tiny.make_gpt2(VOCAB)), tmp_path / "run", dataset=Sequences(VOCAB, fail_at=10),
+             callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), Remember(trainers)])
+    (trainer,) = trainers  # its checkpointing is its own again: no guard of a closed run left on it
+    assert "save_checkpoint" not in vars(trainer) and "remove_checkpoint" not in vars(trainer.strategy)
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "failed"
     assert run["summary"]["error"]["message"].startswith("RuntimeError: corrupt record")  # what failed, said
@@ -206,18 +257,20 @@ def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
 
 
 class ManualAccumulation(pl.LightningModule):
-    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do."""
+    """Manual optimization that steps every second batch, clipping first, as GAN- and KD-style modules do; `divide`:
+    each batch's loss halved before `manual_backward` (else summed)."""
 
-    def __init__(self):
+    def __init__(self, divide: bool = True):
         super().__init__()
         self.automatic_optimization = False
         self.model = tiny.make_gpt2(VOCAB)
         self.losses: list[float] = []
+        self.divide = divide
 
     def training_step(self, batch, batch_idx):
         optimizer = self.optimizers()
         loss = self.model(**batch).loss
-        self.manual_backward(loss / 2)
+        self.manual_backward(loss / 2 if self.divide else loss)
         self.losses.append(loss.item())
         if batch_idx % 2 == 1:
             self.clip_gradients(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
@@ -239,6 +292,15 @@ def test_manual_optimization_closes_a_step_where_the_module_stepped(tmp_path):
         [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
     assert metrics["grad_norm"].notna().all()  # read at the module's own clipping, before it clips
     assert not {"warning", "critical"} & set(run["events"]["severity"])
+
+
+def test_manual_accumulation_of_undivided_losses_is_fixed_in_lightnings_terms(tmp_path):
+    """Manual optimization that sums two batches' `manual_backward(loss)` per step: the summing is named, and its
+    fix is Lightning's — `self.manual_backward(loss / accumulation_steps)` — not a plain loop's `.backward()`."""
+    _fit(ManualAccumulation(divide=False), tmp_path / "run", gradient_clip_val=None)
+    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "micro_batches_summed")
+    assert found["first_step"] == 1 and "self.manual_backward(loss / accumulation_steps)" in found["fix"]
+    assert ".backward()`" not in found["fix"]
 
 
 def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_lightnings_terms(tmp_path):

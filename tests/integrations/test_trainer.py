@@ -829,8 +829,9 @@ def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(
     """`eval_strategy="steps"` evaluates after every step, between the probes' steps, with per-module hooks on at
     `full`: its forwards (the model in eval mode) are not training forwards. A module made NaN only in evaluation
     is not reported, and the train rows are the four training steps, their losses the Trainer's. Each evaluation is
-    an eval row after its step, its NaN loss NaN (its perplexity NaN, not Infinity); `trainer.evaluate()` after
-    `train()` adds its row to the closed run."""
+    an eval row after its step, its NaN loss NaN (its perplexity NaN, not Infinity), and the first is said once
+    (`nonfinite_eval`: the run was silent beside it); `trainer.evaluate()` after `train()` adds its row to the closed
+    run."""
     model = tiny.make_gpt2(VOCAB)
     model.transformer.h[0].mlp.c_proj.register_forward_hook(
         lambda module, _inputs, output: None if module.training else output * math.nan)
@@ -841,7 +842,9 @@ def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(
     trainer.train()
     assert math.isnan(trainer.state.log_history[1]["eval_loss"])  # evaluation did see the NaN
     run = load_run(tmp_path / "run")
-    assert run["events"].empty and run["summary"]["diagnosis"] == []
+    (note,) = run["events"].itertuples()
+    assert (note.kind, note.severity, note.step, note.phase) == ("nonfinite_eval", "warning", 1, "eval")
+    assert run["summary"]["diagnosis"] == []  # training is healthy
     train = run["metrics"].query("split == 'train'")
     assert train["step"].tolist() == [1, 2, 3, 4]
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
@@ -857,6 +860,26 @@ def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(
     assert (last["step"], last["eval_loss"]) == (4, pytest.approx(loss)) and math.isfinite(loss)
     assert run["summary"]["status"] == "completed"
     assert run["summary"]["final"]["eval_ppl"] == pytest.approx(math.exp(loss))
+
+
+def test_a_nan_evaluate_after_train_is_said_in_the_closed_run(tmp_path):
+    """`trainer.evaluate()` after a healthy `train()`, its loss NaN (a module NaN only in eval mode): the closed run
+    gets its eval row and a `nonfinite_eval` event, and its summary is rebuilt with both."""
+    model = tiny.make_gpt2(VOCAB)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer"), train_dataset=Sequences(VOCAB),
+                      eval_dataset=Sequences(VOCAB, n=8))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    assert load_run(tmp_path / "run")["events"].empty
+    model.transformer.h[0].mlp.c_proj.register_forward_hook(
+        lambda module, _inputs, output: None if module.training else output * math.nan)
+    assert math.isnan(trainer.evaluate()["eval_loss"])
+    run = load_run(tmp_path / "run")
+    (note,) = run["events"].itertuples()
+    assert (note.kind, note.step) == ("nonfinite_eval", 4) and "fp16_full_eval" in note.message
+    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    report = (tmp_path / "run" / "report.md").read_text()  # "no problem found" says training's, not evaluation's
+    assert "No numerical problem was found in training" in report and "evaluation's loss was not finite" in report
 
 
 def test_a_lora_student_of_a_kd_trainer_is_watched_through_its_adapters(tmp_path):

@@ -1745,22 +1745,28 @@ def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_
 
 
 @pytest.mark.parametrize(("accumulation", "noted"), [("summed", True), ("summed under a scaler", True),
+                                                     ("summed through one refilled buffer", True),
                                                      ("averaged", False), ("averaged under a scaler", False),
+                                                     ("averaged through one refilled buffer", False),
                                                      ("one forward a step", False)])
 def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gradient(accumulation, noted):
     """Gradient accumulation that calls `loss.backward()` on each micro-batch's loss as the model returned it: the
     step's gradient is the sum of four, so each update is 4x the batch's. Read from the gradient backward brings the
     model's loss (unscaled under a GradScaler): not for a loop that divides each by their count, nor one forward a
-    step."""
+    step. A loop that refills one preallocated input tensor for each micro-batch (`buf.copy_(batch)`, as static-shape
+    and CUDA-graph loops do) hands every forward the same tensor object, each time holding a new batch."""
     torch.manual_seed(0)
     model = tiny.make_gpt2(32, n_layer=1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", enabled="scaler" in accumulation)
     micro = 1 if accumulation == "one forward a step" else 4
+    buffer = torch.zeros(2, 8, dtype=torch.long)
     with Probes(model, optimizer=opt, scaler=scaler if scaler.is_enabled() else None) as probes:
         for _ in range(2):
             for _micro_batch in range(micro):
                 ids = torch.randint(0, 32, (2, 8))
+                if "buffer" in accumulation:
+                    ids = buffer.copy_(ids)
                 loss = model(input_ids=ids, labels=ids).loss
                 scaler.scale(loss if "summed" in accumulation else loss / micro).backward()
             scaler.step(opt)
@@ -2750,3 +2756,30 @@ def test_kl_div_handed_log_probabilities_as_its_target_names_log_target():
     root, *_ = probes.diagnosis()
     assert (root["cause"], root["tensor"], root["first_step"]) == ("divergence", "loss", 1)
     assert "`log_target=True`" in root["fix"]
+@pytest.mark.parametrize("bad_step", [2, 3])
+def test_a_fault_in_one_micro_batch_of_a_refilled_buffer_is_replayed_from_its_own_data(bad_step):
+    """A loop that copies each micro-batch into one preallocated input tensor, and one batch whose data makes a NaN at
+    the embedding (token 0 here, as a fully padded row can in a real model), on a step without statistics. By the
+    optimizer step the buffer holds the last micro-batch: a replay read its data for all four, found every output
+    finite and blamed the loss's arithmetic. The refill is seen from step 1 (a statistics step): the forwards are kept
+    with copies of their inputs, and the replay names the module."""
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(32, n_layer=1)
+    model.transformer.wte.register_forward_hook(
+        lambda _m, inputs, out: out * math.nan if (inputs[0] == 0).any() else out)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    buffer = torch.zeros(2, 8, dtype=torch.long)
+    with Probes(model, optimizer=opt) as probes:
+        for step in range(1, 4):
+            for micro in range(4):
+                ids = torch.randint(1, 32, (2, 8))
+                if step == bad_step and micro == 1:
+                    ids[0, 3] = 0
+                buffer.copy_(ids)
+                (model(input_ids=buffer, labels=buffer).loss / 4).backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    root = probes.diagnosis()[0]
+    assert (root["first_step"], root["module"]) == (bad_step, "transformer.wte")
+    assert not _events(probes, "forward_replay")  # no "every output finite": the loss's arithmetic is not blamed
