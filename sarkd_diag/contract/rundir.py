@@ -262,21 +262,22 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     directory; a run another process still writes (appended to, its steps were numbered twice and its run closed
     under it); a `train` run (its options recorded: a Probes run records none). `besides`: the processes of the
     caller's own job (torchrun ranks), which write the run together."""
+    named = f"run_dir={str(path)!r}"  # as the caller wrote it: a keyword argument
     if path.exists() and not path.is_dir():
-        return f"run_dir {path} is a file, not a directory"
+        return f"{named} is a file, not a directory"
     if is_compare_dir(path):
-        return f"run_dir {path} is a compare-precision directory: give the probes a directory of their own"
+        return f"{named} is a compare-precision directory: give the probes a directory of their own"
     recorded = recorded_run(path) if path.is_dir() else None
     if path.is_dir() and any(path.iterdir()) and recorded is None:
         held = "a config.json that is not a sarkd-diag run's" if (path / "config.json").exists() else \
             "files and no sarkd-diag run"
-        return f"run_dir {path} holds {held}: give a new or empty directory (or a run directory to continue)"
+        return f"{named} holds {held}: give a new or empty directory (or a run directory to continue)"
     writers = writing_processes(run_logs(path), besides=besides)
     if writers:
-        return (f"run_dir {path} is still being written by process {', '.join(map(str, writers))}: let that run end "
+        return (f"{named} is still being written by process {', '.join(map(str, writers))}: let that run end "
                 "first, or give another run_dir")
     if recorded:  # a `train` run's options: continued, its config.json was replaced by the probes' own
-        return (f"run_dir {path} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
+        return (f"{named} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
                 "config.json would replace its own): give a new or empty directory (or a Probes run to continue)")
     return None
 

@@ -473,9 +473,9 @@ def check_probe_settings(level: str, every: int) -> None:
     """`level` and `every` as Probes reads them — `step % every` picks the statistics steps —, checked where they are
     given: by Probes, and by the framework callbacks when they are made rather than inside the framework's train()."""
     if level not in LEVELS:
-        raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
+        raise ValueError(f"level= must be one of {', '.join(LEVELS)}, got {level!r}")
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-        raise ValueError(f"every must be a whole number of steps, at least 1, got {every!r}")
+        raise ValueError(f"every= must be a whole number of steps, at least 1, got {every!r}")
 
 
 class Probes:
@@ -509,12 +509,12 @@ class Probes:
                  sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
         check_probe_settings(level, every)
         if caller not in CALLERS:
-            raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+            raise ValueError(f"caller= must be one of {', '.join(CALLERS)}, got {caller!r}")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
-            raise TypeError(f"scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a "
+            raise TypeError(f"scaler= must be the loop's loss scaler (a torch.amp.GradScaler), got a "
                             f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
-            raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
+            raise ValueError(f"resumed_from= must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]

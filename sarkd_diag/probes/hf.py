@@ -102,7 +102,7 @@ class SarkdDiagCallback(TrainerCallback):
     def __init__(self, run_dir: str | Path | None = None, level: str = "standard", every: int = 10,
                  on_critical: str = "stop", teacher: nn.Module | None = None):
         if on_critical not in ON_CRITICAL:
-            raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
+            raise ValueError(f"on_critical= must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
         check_probe_settings(level, every)
         # None: `<output_dir>/sarkd-diag` of the Trainer that runs it (see `trainer_run_dir`)
         self.run_dir = Path(run_dir) if run_dir is not None else None
