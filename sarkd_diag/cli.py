@@ -458,7 +458,7 @@ def events(
     rank: int | None = typer.Option(None, "--rank", metavar="N", parser=whole_number,
                                     help="Events of this process only (torchrun runs)."),
     module: str | None = typer.Option(None, "--module", metavar="REGEX",
-                                      help="Regex searched in module and tensor names."),
+                                      help="Regex searched in module and tensor names, in any case."),
     step: str | None = typer.Option(None, "--step", metavar="A:B", help="A:B inclusive, either end open (10:, :20)."),
     grep: str | None = typer.Option(None, "--grep", metavar="REGEX", help="Regex searched in event messages."),
     fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="table | json (one array) | csv."),

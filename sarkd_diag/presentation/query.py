@@ -238,11 +238,11 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     return bounds[0], bounds[1]
 
 
-def _regex(text: str | None, option: str) -> re.Pattern | None:
+def _regex(text: str | None, option: str, flags: int = 0) -> re.Pattern | None:
     if text is None:
         return None
     try:
-        return re.compile(text)
+        return re.compile(text, flags)
     except re.error as exc:
         raise BadInput(f"{option} {text!r} is not a valid regular expression: {exc}") from None
 
@@ -277,7 +277,7 @@ class EventFilter:
         if self.model is not None:
             self.model = self.model.strip().lower()
         self._step_range = parse_steps(self.steps)
-        self._module = _regex(self.module, "--module")
+        self._module = _regex(self.module, "--module", re.IGNORECASE)  # a name, as --model is
         self._grep = _regex(self.grep, "--grep")
 
     def apply(self, events: pd.DataFrame) -> pd.DataFrame:

@@ -367,3 +367,12 @@ def test_report_of_a_run_without_its_summary_writes_the_status_its_logs_prove(cl
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n")  # killed before its final evaluation
     assert _closed_again(cli, run, summary) == "crashed"
+
+
+def test_module_names_match_in_any_case_as_the_other_names_do(cli, tmp_path):
+    """`events --model TEACHER` matched, `events --module LAYERS` did not: the one name filter that read case as typed,
+    though the help says names are case-insensitive."""
+    run = _run(tmp_path)
+    _, lower, _ = cli("events", run, "--module", "layers", "--format", "json")
+    code, upper, err = cli("events", run, "--module", "LAYERS", "--format", "json")
+    assert code == 0 and err == "" and json.loads(upper) == json.loads(lower) != []
