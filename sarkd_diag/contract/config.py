@@ -408,6 +408,32 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
+    data = _parsed_config_file(path)
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
+        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
+    if not isinstance(data, dict):
+        raise BadInput(f"--config {path}: expected a mapping of option names to values")
+    options = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
+    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
+        meant = meant_option(unknown[0]) if len(unknown) == 1 else None
+        hint = f" (did you mean {meant}?)" if meant else ""
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
+                       f"{', '.join(unknown)}{hint}")
+    return {name: _file_value(path, name, value) for name, value in options.items()}
+
+
+def comparison_modes(path: str | Path) -> list[str] | None:
+    """The modes of a compare-precision directory's compare_options.json given as a --config file (its `options`
+    beside its `modes`), None for any other file: its options alone would train one run, in no mode of them."""
+    data = _parsed_config_file(path)
+    if isinstance(data, dict) and isinstance(data.get("options"), dict) and isinstance(data.get("modes"), list):
+        return [str(mode) for mode in data["modes"]]
+    return None
+
+
+def _parsed_config_file(path: str | Path) -> Any:
+    """A --config file's content as parsed (YAML or JSON), or the reason it cannot be."""
     p = user_path(path)
     if p.is_dir():  # a run directory, given where its config.json was meant
         recorded = p / "config.json"
@@ -432,18 +458,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             from None
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
-        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
-    if not isinstance(data, dict):
-        raise BadInput(f"--config {path}: expected a mapping of option names to values")
-    options = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
-    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
-        meant = meant_option(unknown[0]) if len(unknown) == 1 else None
-        hint = f" (did you mean {meant}?)" if meant else ""
-        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
-                       f"{', '.join(unknown)}{hint}")
-    return {name: _file_value(path, name, value) for name, value in options.items()}
+    return data
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
