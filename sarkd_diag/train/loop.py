@@ -43,7 +43,7 @@ from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
-from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
+from ..contract.rundir import STUDENT, built_then_moved, resume_command, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
@@ -588,6 +588,7 @@ class Trainer:
         self.out_of_memory: str | None = None
         self.internal_error = False
         self.no_space = False  # a write failed for want of disk space (ENOSPC, EDQUOT): a failure, not a bug
+        self.stopped_at_once = False  # a second Ctrl-C: nothing more is saved, the run closes as it stands
         self.resumed: Resumed | None = None
         if run.resume_source is not None:
             self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
@@ -608,26 +609,26 @@ class Trainer:
         self.logs = open_logs(self.run, self.world, self.resumed, self.notes, self.display)
         status = "failed"
         self.probes = ProbeSet.for_trainer(self.run, self.logs.events)
-        with StopRequests() as stops:
+        with StopRequests() as stops:  # until the run is closed: a second Ctrl-C while it closes stops that too
             self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
             except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the newest checkpoint is kept as it was
                 self.logs.events.record("interrupted", "warning", self._stopped_at_once(), step=self.step,
                                         phase="policy")
-                status = "interrupted"
+                status, self.stopped_at_once = "interrupted", True
             except Exception as exc:
                 status = self._failed(exc)
             finally:
                 self.display.stop()
                 self.probes.close(completed=status == "completed")
-        if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
-            self._handle_out_of_memory(self.out_of_memory)
-        try:
-            return self._close(status, stops)
-        finally:
-            self.run.objective.close()  # router hooks off; DDP's wrapper goes before its process group
-            dist.teardown(self.world)
+            if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
+                self._handle_out_of_memory(self.out_of_memory)
+            try:
+                return self._close(status, stops)
+            finally:
+                self.run.objective.close()  # router hooks off; DDP's wrapper goes before its process group
+                dist.teardown(self.world)
 
     def _run(self, stops: StopRequests) -> str:
         """The steps, with evaluations and checkpoints on schedule; returns the run's status."""
@@ -674,7 +675,19 @@ class Trainer:
         between = self.phase.current in ("policy", "eval")
         newest = ckpt.list_checkpoints(self.run.run_dir)
         kept = f"nothing saved since {newest[-1].name}" if newest else "no checkpoint was written yet to resume from"
-        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}"
+        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}; the student " \
+               "was not saved"
+
+    def _left_at_once(self, student_saved: bool) -> str:
+        """What a run stopped at once (a second Ctrl-C) has and has not: the events and metrics so far, the student
+        (saved or not), no summary or report yet — and the commands that build them and continue the run."""
+        run_dir = self.run.run_dir
+        student = "after saving the student" if student_saved else "without saving the student"
+        resume = resume_command(run_dir)
+        then = f"; `{resume}` continues it from its newest checkpoint" if resume else \
+            "; it has no checkpoint to continue from"
+        return (f"a second Ctrl-C: stopped at once, {student}; its events and metrics so far are in {run_dir}: "
+                f"`{shell_command('report', run_dir)}` writes its summary and report{then}")
 
     def _stop_requested(self, stops: StopRequests) -> bool:
         """A stop signal, acted on by all ranks after the same step (each rank receives it at its own moment)."""
@@ -685,10 +698,11 @@ class Trainer:
         code, or with its own when it failed alone."""
         self.logs.close()
         self.world.barrier()  # every rank's events are on disk before rank 0 merges them
-        saved = status in ("completed", "interrupted")
+        saved = status in ("completed", "interrupted") and not self.stopped_at_once
         routers = router_state(self.run.models.teacher, self.run.models.routers) \
             if saved and self.run.models.routers else None  # every rank: a sharded router is gathered from all
         summary = self._summarize(status, routers) if self.world.is_main else {}
+        status = "interrupted" if self.stopped_at_once else status  # also of a run stopped while it closed
         critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
         code = exit_code(status, internal_error=self.internal_error, critical=critical, stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
@@ -696,8 +710,11 @@ class Trainer:
 
     def _summarize(self, status: str, routers: dict[str, torch.Tensor] | None) -> dict:
         """Rank 0: the student (and the `routers`' update) saved, the summary written and shown; {} when that
-        fails (an internal error, its traceback saved)."""
-        run_dir, models = self.run.run_dir, self.run.models
+        fails (an internal error, its traceback saved) or a second Ctrl-C stopped it (nothing more is saved)."""
+        run_dir, models, student_saved = self.run.run_dir, self.run.models, False
+        if self.stopped_at_once:
+            self.display.error(self._left_at_once(student_saved=False))
+            return {}
         try:
             if status in ("completed", "interrupted"):  # built aside and moved in: student/ is there only whole
                 with built_then_moved(run_dir) as staging:
@@ -705,7 +722,12 @@ class Trainer:
                     models.student_tokenizer.save_pretrained(staging / STUDENT)
                     if routers is not None:  # moved before student/ (sorted): a whole student/ proves it too
                         save_router_update(routers, staging / "router_update.pt")
+                student_saved = True
             summary = finalize_run(run_dir, status)
+        except KeyboardInterrupt:  # a second Ctrl-C while closing: what is written stays as it is
+            self.stopped_at_once = True
+            self.display.error(self._left_at_once(student_saved))
+            return {}
         except Exception as exc:
             self._save_traceback(exc)
             return {}

@@ -19,6 +19,7 @@ from contract import assert_conforms
 
 from sarkd_diag import load_run
 from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.closing import finalize_run
 from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train import checkpoint as ckpt
 from sarkd_diag.train.loop import Trainer
@@ -221,9 +222,66 @@ def test_a_second_ctrl_c_says_which_step_it_stopped_and_what_a_resume_has(tiny_w
     — of a step whose row was written, and of a run that had no checkpoint at all."""
     trainer = Trainer(_config(tiny_world, tmp_path / "run", save_steps=save_steps), SecondCtrlCAt(2))
     result = trainer.train()
-    assert (result.status, result.summary["steps_completed"]) == ("interrupted", 2)
+    assert (result.status, result.exit_code, result.summary) == ("interrupted", 130, {})  # closed as it stood
     (event,) = _events(result.run_dir, "interrupted")
-    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}"
+    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}; the student was not saved"
+    summary = finalize_run(result.run_dir)  # what `sarkd-diag report` writes of it
+    assert (summary["status"], summary["steps_completed"]) == ("interrupted", 2)
+
+
+SLOW_SAVES = {  # a save that has just begun (the marker written) and takes its time, as a real model's does
+    "checkpoint": ("from sarkd_diag.train import checkpoint\n"
+                   "saving = checkpoint.save\n"
+                   "def slow(*args, **kwargs):\n"
+                   "    saved = saving(*args, **kwargs)\n"
+                   "    open(os.environ['SAVING'], 'w').close()\n"
+                   "    time.sleep(120)\n"
+                   "    return saved\n"
+                   "checkpoint.save = slow\n"),
+    "student": ("from transformers import PreTrainedModel\n"
+                "def slow(self, path, *args, **kwargs):\n"
+                "    os.makedirs(path, exist_ok=True)\n"
+                "    open(os.environ['SAVING'], 'w').close()\n"
+                "    time.sleep(120)\n"
+                "PreTrainedModel.save_pretrained = slow\n"),
+}
+
+
+@pytest.mark.parametrize("during", SLOW_SAVES)
+def test_a_second_ctrl_c_stops_at_once_keeps_the_logs_and_says_the_student_was_not_saved(cli, tiny_world, tmp_path,
+                                                                                          during):
+    """A second Ctrl-C while the first one's checkpoint was written went on to save the student and close the run in
+    full (minutes for a real model); one while the student was saved left without a word on what was kept. Now
+    either stops at once: the events and metrics stay as written, the run is interrupted, the student is not
+    saved, and the line says so and what builds the rest."""
+    out, saving = tmp_path / "run", tmp_path / "saving"
+    script = "import os, sys, time\n" + SLOW_SAVES[during] + "from sarkd_diag.cli import main\nmain(sys.argv[1:])\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SAVING": str(saving)}
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "100000")]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        proc.err_file = err
+        _wait_for_rows(proc, out, 3)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert saving.exists(), "the save never began"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        stderr = _finish(proc, timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 30, stderr
+    assert "Traceback" not in stderr and "without saving the student" in stderr, stderr
+    assert f"`sarkd-diag report {out}` writes its summary and report" in " ".join(stderr.split()), stderr
+    assert not (out / "student").exists() and not (out / "summary.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no half-built student left
+    done = len(_rows(out))
+    assert done >= 3 and [p.name for p in ckpt.list_checkpoints(out)] == [ckpt.step_dir_name(done)]
+    assert _events(out, "interrupted")  # marked interrupted in its own log
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert (_summary(out)["status"], _summary(out)["steps_completed"]) == ("interrupted", done)
 
 
 def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
