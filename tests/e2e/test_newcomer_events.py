@@ -376,3 +376,15 @@ def test_module_names_match_in_any_case_as_the_other_names_do(cli, tmp_path):
     _, lower, _ = cli("events", run, "--module", "layers", "--format", "json")
     code, upper, err = cli("events", run, "--module", "LAYERS", "--format", "json")
     assert code == 0 and err == "" and json.loads(upper) == json.loads(lower) != []
+
+
+def test_a_kind_typed_as_a_part_of_several_names_them_all(cli, tmp_path):
+    """`events --kind nonfinite` answered `did you mean nonfinite_lr?` — the nearest name, one of eight kinds that
+    hold the word; the user was after the non-finite events, and learned of one kind, the rarest."""
+    run = _run(tmp_path)
+    code, out, err = cli("events", run, "--kind", "nonfinite")
+    assert (code, out) == (2, "")
+    assert "(did you mean one of nonfinite_param, nonfinite_at_load, nonfinite_grad, nonfinite_activation, " \
+           "nonfinite_batch, nonfinite_lr, nonfinite_loss, nonfinite_between_steps?)" in err, err
+    code, _, err = cli("events", run, "--kind", "nonfinite_gard")  # a near miss: the one meant
+    assert code == 2 and "(did you mean nonfinite_grad?)" in err, err
