@@ -509,15 +509,26 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                 next_check = time.monotonic() + dead_after_s  # /proc is read at most this often
                 held = holds_open(_log_files(path))
                 if held is False:
+                    report = shell_command("report", path)
                     raise RunEnded(f"{path}: {_not_closed(path)}, nothing in it has changed for {idle:.0f} s and no "
-                                   "process holds its logs open: the run is dead (killed?); `sarkd-diag report "
-                                   f"{path}` closes it")
+                                   f"process holds its logs open: {_how_it_ended(path)}; `{report}` closes it")
                 if held is None and idle_timeout is not None and idle >= idle_timeout:
                     raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and "
                                    f"{_not_closed(path)}; stopped following")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return
+
+
+def _how_it_ended(path: Path) -> str:
+    """The end of a run that is no longer written and was not closed, as its logs prove it: the one it recorded
+    deciding (a second Ctrl-C: interrupted), else dead — killed, or a comparison whose process was."""
+    if is_compare_dir(path):
+        return "the comparison is dead (killed?)"
+    run = read_run(path)
+    ended = status_from_logs(path, run["config"], run["metrics"], run["events"])
+    return "the run is dead (killed?)" if ended == "crashed" else \
+        f"the run ended {ended}, its logs say, and was not closed"
 
 
 def _log_files(path: Path) -> list[Path]:

@@ -239,6 +239,21 @@ def test_follow_on_a_killed_run_prints_what_exists_and_says_the_run_is_dead(cli,
     assert err.count("\n") == 1 and "the run is dead" in err and f"sarkd-diag report {run}" in err
 
 
+def test_follow_on_a_run_stopped_at_once_says_how_it_ended_not_that_it_was_killed(cli, tmp_path):
+    """A run stopped by a second Ctrl-C records its end (an `interrupted` event) and writes no summary: --follow
+    called it `dead (killed?)`, where `check` said its logs show it was interrupted."""
+    run = _run(tmp_path, summary=False)
+    with (run / "events.jsonl").open("a") as log:
+        log.write(json.dumps({"kind": "interrupted", "severity": "warning", "step": 3, "micro_step": 0, "rank": 0,
+                              "phase": "policy", "probe": "loop", "model": None, "module": None, "tensor": None,
+                              "time": 2.0, "message": "a second Ctrl-C: stopped during step 3"}) + "\n")
+    _age(run, 120)
+    code, _, err = cli("events", run, "--follow")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "the run ended interrupted, its logs say, and was not closed" in err and "killed" not in err, err
+    assert f"`sarkd-diag report {run}` closes it" in err, err
+
+
 def test_follow_on_a_dead_run_with_an_older_summary_does_not_say_it_has_none(cli, tmp_path):
     """A run copied without its files' times (or appended to after it closed) has a summary.json older than its
     events: --follow said `has no summary.json` of a directory that plainly held one."""
