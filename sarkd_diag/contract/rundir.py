@@ -218,8 +218,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
         return
     if is_compare_dir(path):  # "holds no sarkd-diag run" sent its owner looking for what else was in it
         raise BadInput(f"{named} {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
-                       f"not a run; give train another directory (to continue one mode's run: sarkd-diag train "
-                       f"--output-dir {path / 'runs' / '<mode>'} --resume)")
+                       "not a run; give train another directory (to continue one mode's run: "
+                       f"{shell_command('train', '--output-dir', path / 'runs' / '<mode>', '--resume')})")
     recorded = recorded_run(path)
     writers = writing_processes(run_logs(path)) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
@@ -235,7 +235,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
             raise BadInput(f"{asked}: the run in {path} was trained with other options ({shown}); resume with "
-                           f"its own options (--config {path / 'config.json'}) or start a new run")
+                           f"its own options ({shell_command('train', '--config', path / 'config.json', '--resume')}) "
+                           "or start a new run")
         return
     if recorded is None:
         if (path / "config.json").exists():

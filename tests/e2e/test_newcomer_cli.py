@@ -725,3 +725,20 @@ def test_a_config_file_key_of_another_tool_names_the_option_meant(cli, tmp_path)
     code, _, err = cli("train", "--config", str(config))
     assert code == 2 and err == f"sarkd-diag: error: --config {config}: unknown option learning_rate (did you mean " \
                                 "student_lr?)\n"
+
+
+def test_commands_offered_for_a_run_in_a_path_with_spaces_run_as_printed(cli, tmp_path, monkeypatch):
+    """`--resume-from 'my runs/a'` answered `(or continue the run itself: --output-dir my runs/a --resume)`, and a
+    resume with other options `(--config my runs/a/config.json)`: pasted, the shell split the path in two. The
+    commands offered are whole, the path quoted."""
+    from sarkd_diag.contract.config import DistillConfig
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("my runs") / "ä"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "meta.json").write_text('{"step": 2}')
+    (run / "config.json").write_text(json.dumps({"options": DistillConfig().to_dict(), "precision": {"mode": "fp32"}}))
+    code, _, err = cli("train", "--resume-from", run, "--output-dir", "new")
+    assert code == 2 and "(or continue the run itself: sarkd-diag train --output-dir 'my runs/ä' --resume)" in err, err
+    code, _, err = cli("train", "--output-dir", run, "--resume", "--temperature", "3")
+    assert code == 2 and "(sarkd-diag train --config 'my runs/ä/config.json' --resume)" in err, err
