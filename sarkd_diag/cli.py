@@ -281,8 +281,8 @@ def _refuse_comparison_options(config: Path) -> None:
     modes = comparison_modes(config)
     if modes:
         raise BadInput(f"--config {config} holds a comparison's options (modes {', '.join(modes)}): compare them "
-                       f"with `sarkd-diag compare-precision --config {config}`, or train one mode with `sarkd-diag "
-                       f"train --config {config} --precision {modes[0]}`")
+                       f"with `{shell_command('compare-precision', '--config', config)}`, or train one mode with "
+                       f"`{shell_command('train', '--config', config, '--precision', modes[0])}`")
 
 
 def _check_resumable(cfg: DistillConfig) -> None:

@@ -553,9 +553,9 @@ def refuse_while_written(path: Path) -> None:
     run crashed, and `--follow` and `check` would then read it as closed."""
     pids = writing_processes(_log_files(path))
     if pids:
-        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: `sarkd-diag events "
-                       f"{path} --follow` shows it as it goes; report it once that process has ended (a notebook "
-                       "whose loop stopped: close its probes first)")
+        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: "
+                       f"`{shell_command('events', path, '--follow')}` shows it as it goes; report it once that "
+                       "process has ended (a notebook whose loop stopped: close its probes first)")
 
 
 def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:

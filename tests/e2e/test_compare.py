@@ -312,7 +312,7 @@ def _comparison_options(tmp_path: Path) -> Path:
     from sarkd_diag.contract.config import SET_BY_COMPARE, DistillConfig
 
     options = {k: v for k, v in DistillConfig(train_steps=3).to_dict().items() if k not in SET_BY_COMPARE}
-    path = tmp_path / "cmp" / "compare_options.json"
+    path = tmp_path / "my cmp" / "compare_options.json"
     path.parent.mkdir()
     path.write_text(json.dumps({"options": options, "modes": ["fp32", "bf16-mixed"]}))
     return path
@@ -325,10 +325,11 @@ def test_train_with_a_comparisons_options_is_refused_and_pointed_to_compare(cli,
     options = _comparison_options(tmp_path)
     code, out, err = cli("train", "--config", options)
     assert (code, out) == (2, "")
+    quoted = f"'{options}'"  # the commands offered run as printed: the path has a space
     assert err == (f"sarkd-diag: error: --config {options} holds a comparison's options (modes fp32, bf16-mixed): "
-                   f"compare them with `sarkd-diag compare-precision --config {options}`, or train one mode with "
-                   f"`sarkd-diag train --config {options} --precision fp32`\n")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp"]  # no run directory was made
+                   f"compare them with `sarkd-diag compare-precision --config {quoted}`, or train one mode with "
+                   f"`sarkd-diag train --config {quoted} --precision fp32`\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my cmp"]  # no run directory was made
 
 
 def test_compare_precision_with_a_comparisons_options_compares_its_modes(tmp_path, monkeypatch):
