@@ -94,3 +94,21 @@ def test_probes_refusals_name_the_keyword_argument():
     with pytest.raises(ValueError) as refused:
         sarkd_diag.Probes(torch.nn.Linear(2, 2), level="max")
     assert str(refused.value) == "level= must be one of off, standard, full, got 'max'"
+
+
+@pytest.mark.parametrize("callback", ["transformers", "lightning"])
+def test_probe_choices_are_read_in_any_case_as_the_cli_reads_them(tmp_path, callback):
+    """`sarkd-diag train --probes Full` and `distill(probes="Full")` ran at `full`; `Probes(model, level="Full")` and
+    `SarkdDiagCallback(on_critical="Record")` were refused: the same choice, read two ways."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    with sarkd_diag.Probes(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run",
+                           level="Full", caller="Loop") as probes:
+        assert (probes.ctx.level, probes.caller) == ("full", "loop")
+    if callback == "transformers":
+        from sarkd_diag.probes.hf import SarkdDiagCallback as Callback
+    else:  # needs lightning or pytorch_lightning installed
+        Callback = pytest.importorskip("sarkd_diag.probes.lightning").SarkdDiagLightningCallback
+    made = Callback(tmp_path / "cb", level="OFF", on_critical="Record")
+    assert (made.level, made.on_critical) == ("off", "record")
