@@ -516,12 +516,13 @@ def _no_space_left(exc: BaseException) -> bool:
     return False
 
 
-def exit_code(status: str, *, internal_error: bool, critical: bool, stops: StopRequests) -> int:
+def exit_code(status: str, *, internal_error: bool, no_space: bool, critical: bool, stops: StopRequests) -> int:
     """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory, no
-    space left), stopped, or completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
+    space left — also to close a run that completed its steps: its summary and report are missing), stopped, or
+    completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
     if internal_error:
         return 3
-    return {"completed": 1 if critical else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
+    return {"completed": 1 if critical or no_space else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
 
 
 @dataclass
@@ -704,7 +705,8 @@ class Trainer:
         summary = self._summarize(status, routers) if self.world.is_main else {}
         status = "interrupted" if self.stopped_at_once else status  # also of a run stopped while it closed
         critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
-        code = exit_code(status, internal_error=self.internal_error, critical=critical, stops=stops)
+        code = exit_code(status, internal_error=self.internal_error, no_space=self.no_space, critical=critical,
+                         stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
         return RunResult(self.run.run_dir, status, summary, code if shared is None else shared)
 
@@ -729,7 +731,7 @@ class Trainer:
             self.display.error(self._left_at_once(student_saved))
             return {}
         except Exception as exc:
-            self._save_traceback(exc)
+            self._save_traceback(exc, completed=status == "completed")
             return {}
         self.display.summary(summary)
         return summary
@@ -751,12 +753,12 @@ class Trainer:
                                         step=self.step, phase=self.phase.current, probe="loop")
         return "failed"
 
-    def _save_traceback(self, exc: Exception) -> str | None:
+    def _save_traceback(self, exc: Exception, completed: bool = False) -> str | None:
         """The error's traceback in the run directory, one line on the console; returns the file's name (None when
         it could not be written). A second error of the run — closing it failed too, as on a full disk — goes after
         the first, which is the cause: it replaced it before. A disk that is full is no bug of this tool (a
         failure, exit 1, as out of memory is): the line says so, and what brings the run back once there is
-        space."""
+        space — for a run that `completed` its steps and failed to close, its summary and report alone."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
         second = self.internal_error or self.no_space
@@ -771,8 +773,9 @@ class Trainer:
         if full:
             self.no_space = True
             report = shell_command("report", self.run.run_dir)
-            where += (f" — free space, then `{report}` rebuilds its summary and `--resume` continues it from its last "
-                      "checkpoint") if not second else ""
+            then = f"`{report}` writes its summary and report" if completed else \
+                f"`{report}` rebuilds its summary and `--resume` continues it from its last checkpoint"
+            where += f" — free space, then {then}" if not second else ""
         else:
             self.internal_error = True
         self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")

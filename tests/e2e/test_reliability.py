@@ -560,6 +560,32 @@ def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cl
     assert [r["step"] for r in _rows(out) if r["split"] == "train"] == [1, 2]
 
 
+def test_a_disk_full_only_when_a_completed_run_closes_fails_the_run_and_says_what_is_missing(cli, tiny_world,
+                                                                                            tmp_path, monkeypatch):
+    """Every step trained and the student saved, then the disk filled as report.html was written: `train` exited 0
+    — a script went on without summary.json or a report — and offered a `--resume` that refuses a run at its last
+    step. It fails (exit 1) and names what brings the summary and report back."""
+    import errno
+
+    import sarkd_diag.presentation.report as report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html_report", full)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 1, err
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: OSError: [Errno 28] No space left on device "
+                                f"(traceback in {out / 'traceback.txt'}) — free space, then `sarkd-diag report {out}` "
+                                "writes its summary and report"]
+    assert (out / "student" / "model.safetensors").is_file() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _summary(out)["status"] == "completed"
+
+
 def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,
                                                                                       monkeypatch):
     secret = "hf_SECRETtoken1234567890"
