@@ -29,6 +29,7 @@ import errno
 import json
 import math
 import random
+import re
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -505,11 +506,19 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# how a library written in Rust (safetensors, tokenizers) words the OS error under its own exception type
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def _no_space_left(exc: BaseException) -> bool:
-    """The error, or one it was raised from, is a write that found the disk (or the user's quota) full."""
+    """The error, or one it was raised from, is a write that found the disk (or the user's quota) full: an OSError,
+    or safetensors' SafetensorError of a checkpoint or the student ('I/O error: ... (os error 28)')."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        if any(int(number) in NO_SPACE for number in RUST_OS_ERROR.findall(str(exc))):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -773,8 +782,10 @@ class Trainer:
         if full:
             self.no_space = True
             report = shell_command("report", self.run.run_dir)
+            resume = resume_command(self.run.run_dir)
             then = f"`{report}` writes its summary and report" if completed else \
-                f"`{report}` rebuilds its summary and `--resume` continues it from its last checkpoint"
+                f"`{report}` rebuilds its summary and `--resume` continues it from its last checkpoint" if resume \
+                else f"`{report}` rebuilds its summary (it has no checkpoint to continue from)"
             where += f" — free space, then {then}" if not second else ""
         else:
             self.internal_error = True

@@ -552,8 +552,8 @@ def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cl
     code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
     assert code == 1
     where, full = f"(traceback in {out / 'traceback.txt'})", "OSError: [Errno 28] No space left on device"
-    advice = f" — free space, then `sarkd-diag report {out}` rebuilds its summary and `--resume` continues it"
-    assert err.splitlines() == [f"sarkd-diag: no space left on device: {full} {where}{advice} from its last checkpoint",
+    advice = f" — free space, then `sarkd-diag report {out}` rebuilds its summary (it has no checkpoint to continue"
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: {full} {where}{advice} from)",
                                 f"sarkd-diag: closing the run failed too: {full} {where}"]
     first, second = (out / "traceback.txt").read_text().split("Traceback (most recent call last):")[1:]
     assert "_save_checkpoint" in first and "finalize_run" in second
@@ -584,6 +584,28 @@ def test_a_disk_full_only_when_a_completed_run_closes_fails_the_run_and_says_wha
     code, _, err = cli("report", out)
     assert code == 0, err
     assert _summary(out)["status"] == "completed"
+
+
+def test_a_full_disk_as_safetensors_reports_it_is_a_full_disk_and_the_partial_checkpoint_goes(cli, tiny_world,
+                                                                                               tmp_path, monkeypatch):
+    """On a 400 KB tmpfs the final checkpoint failed in safetensors ('I/O error: No space left on device (os error
+    28)', a SafetensorError, no OSError): `train` called it an internal error (exit 3) and left the checkpoint's
+    partial files, the space closing then needed; the line offered a --resume of a run with no checkpoint."""
+    from safetensors import SafetensorError
+
+    def full(tensors, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 1, err
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: SafetensorError: Error while serializing: I/O "
+                                f"error: No space left on device (os error 28) (traceback in {out / 'traceback.txt'}) "
+                                f"— free space, then `sarkd-diag report {out}` rebuilds its summary (it has no "
+                                "checkpoint to continue from)"]
+    assert list((out / "checkpoints").iterdir()) == []  # no partial checkpoint left to hold the space
 
 
 def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,
