@@ -34,7 +34,7 @@ from .contract.config import (
     value_type,
     whole_number,
 )
-from .contract.errors import BadInput
+from .contract.errors import BadInput, no_space_left
 from .contract.wording import closest, counted, did_you_mean, shell_command
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
@@ -792,8 +792,9 @@ def _invoke(args: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted, 141
-    when the reader of the output went away (`| head`: quietly, as a Unix tool ends on SIGPIPE)."""
+    """Entry point: exit 0/1 from the command (1 too for a full disk), 2 for bad input, 3 for an internal error,
+    130/143 interrupted, 141 when the reader of the output went away (`| head`: quietly, as a Unix tool ends on
+    SIGPIPE)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # the bare command: its help
     try:
         _check_flag_values(args)
@@ -816,6 +817,10 @@ def main(argv: list[str] | None = None) -> None:
         if _is_usage_error(exc):
             print(f"sarkd-diag: error: {usage_message(exc, args)}", file=sys.stderr)
             sys.exit(2)
+        if no_space_left(exc):  # `report` of a run on a full disk: no bug, and nothing a traceback file could hold
+            print(f"sarkd-diag: no space left on device: {type(exc).__name__}: {_one_line(exc)} — free space, then run "
+                  "the command again", file=sys.stderr)
+            sys.exit(1)
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import math
 import random
-import re
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -40,7 +38,7 @@ import torch
 from torch import nn
 
 from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options
-from ..contract.errors import BadInput
+from ..contract.errors import BadInput, no_space_left
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import dtype_name, perplexity
@@ -506,25 +504,6 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-# how a library written in Rust (safetensors, tokenizers) words the OS error under its own exception type
-RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def _no_space_left(exc: BaseException) -> bool:
-    """The error, or one it was raised from, is a write that found the disk (or the user's quota) full: an OSError,
-    or safetensors' SafetensorError of a checkpoint or the student ('I/O error: ... (os error 28)')."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            return True
-        if any(int(number) in NO_SPACE for number in RUST_OS_ERROR.findall(str(exc))):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def exit_code(status: str, *, internal_error: bool, no_space: bool, critical: bool, stops: StopRequests) -> int:
     """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory, no
     space left — also to close a run that completed its steps: its summary and report are missing), stopped, or
@@ -777,7 +756,7 @@ class Trainer:
             where = f" (traceback in {path})"
         except OSError:  # the disk that is full takes no traceback either
             where, name = "", None
-        full = _no_space_left(exc)
+        full = no_space_left(exc)
         what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
         if full:
             self.no_space = True

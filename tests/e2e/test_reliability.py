@@ -608,6 +608,31 @@ def test_a_full_disk_as_safetensors_reports_it_is_a_full_disk_and_the_partial_ch
     assert list((out / "checkpoints").iterdir()) == []  # no partial checkpoint left to hold the space
 
 
+def test_report_on_a_full_disk_is_a_full_disk_not_an_internal_error(cli, tiny_world, tmp_path, monkeypatch):
+    """`sarkd-diag report RUN` of a run on a full disk said `internal error: OSError: [Errno 28] No space left on
+    device` (exit 3, a traceback file to send in as a bug) — no bug: one line, exit 1, the run left as it was."""
+    import errno
+
+    import sarkd_diag.presentation.report as report
+
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "1"))
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html_report", full)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("report", out)
+    assert code == 1
+    assert err == ("sarkd-diag: no space left on device: OSError: [Errno 28] No space left on device — free space, "
+                   "then run the command again\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
+
+
 def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,
                                                                                       monkeypatch):
     secret = "hf_SECRETtoken1234567890"
