@@ -28,7 +28,7 @@ def distill(config: DistillConfig | None = None, *, quiet: bool = False, **optio
     console output. A refusal (BadInput, a ValueError) names the keyword arguments, not the CLI's options."""
     from .train.loop import distill as _distill
 
-    with keyword_terms():
+    with keyword_terms(options):
         return _distill(config, quiet=quiet, **options)
 
 
@@ -36,18 +36,19 @@ def compare_precision(modes=None, **options):
     """Run the same distillation in several precision modes, side by side (see sarkd_diag.compare)."""
     from .compare import compare_precision as _compare
 
-    with keyword_terms("modes", "steps"):
+    with keyword_terms({"modes": modes, "steps": None, **options}):
         return _compare(modes, **options)
 
 
 @contextmanager
-def keyword_terms(*also: str):
-    """The refusals of an API call worded for its caller: `student_lr must be > 0`, where the CLI's own say
-    `--student-lr` (`contract.config.in_keyword_terms`); `also`: its arguments besides DistillConfig's fields."""
+def keyword_terms(given: dict):
+    """The refusals of an API call worded for its caller: `student_lr= must be > 0`, `precision='fp16' is
+    ambiguous`, where the CLI's own say `--student-lr`, `--precision fp16` (`contract.config.in_keyword_terms`);
+    `given`: the call's keyword arguments, its own (compare_precision's `modes`) named even when left out."""
     try:
         yield
     except BadInput as exc:
-        raise BadInput(in_keyword_terms(str(exc), also)) from None
+        raise BadInput(in_keyword_terms(str(exc), given)) from None
 
 
 __all__ = ["DistillConfig", "Probes", "compare_precision", "distill", "load_run", "__version__"]

@@ -34,7 +34,7 @@ from .contract.config import (
     value_type,
     whole_number,
 )
-from .contract.errors import BadInput
+from .contract.errors import BadInput, no_space_left
 from .contract.wording import closest, counted, did_you_mean, shell_command
 
 # Plain (click) help: rich's renderer puts a `<bool>` after every flag (even --help) and costs an import.
@@ -255,6 +255,8 @@ CONFIG_FILE = typer.Option(None, "--config", metavar="FILE",
 @app.command(cls=ConfigCommand.taking(CONFIG_OPTIONS), short_help="Distil the teacher into the student.")
 def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
     """Distil the teacher into the student (the production path; --precision auto by default)."""
+    if config is not None and given_options(ctx).get("precision") is None:
+        _refuse_comparison_options(config)
     cfg = build_config(given_options(ctx), config)
     if config is not None and given_options(ctx).get("output_dir") is None and cfg.output_dir and not cfg.resume_from:
         from .contract.rundir import check_output_dir  # a run's config.json names its own directory: say so
@@ -269,6 +271,18 @@ def train(ctx: typer.Context, config: Path | None = CONFIG_FILE) -> int:
 
     result = distill(cfg, display=TrainingDisplay(log_every=cfg.log_every))
     return result.exit_code
+
+
+def _refuse_comparison_options(config: Path) -> None:
+    """A compare-precision directory's compare_options.json holds the options of several modes: `train` alone would
+    have run them once, in `auto`, and dropped the modes without a word. Training one of them takes --precision."""
+    from .contract.config import comparison_modes
+
+    modes = comparison_modes(config)
+    if modes:
+        raise BadInput(f"--config {config} holds a comparison's options (modes {', '.join(modes)}): compare them "
+                       f"with `{shell_command('compare-precision', '--config', config)}`, or train one mode with "
+                       f"`{shell_command('train', '--config', config, '--precision', modes[0])}`")
 
 
 def _check_resumable(cfg: DistillConfig) -> None:
@@ -433,10 +447,12 @@ def compare_precision_command(
 ) -> int:
     """Run the same distillation in several precision modes from the same start; one table, a verdict per mode."""
     from .compare import compare_precision
-    from .contract.config import read_config_file
+    from .contract.config import comparison_modes, read_config_file
 
     options = given_options(ctx)
     given = read_config_file(config) if config else {}
+    if config and modes is None:  # a comparison's own options file: its modes too
+        modes = comparison_modes(config)
     for name in SET_BY_COMPARE:  # a run's config.json names its own mode: here the comparison sets it
         given.pop(name, None)
     if steps is not None and options.get("train_steps") is None:
@@ -458,7 +474,7 @@ def events(
     rank: int | None = typer.Option(None, "--rank", metavar="N", parser=whole_number,
                                     help="Events of this process only (torchrun runs)."),
     module: str | None = typer.Option(None, "--module", metavar="REGEX",
-                                      help="Regex searched in module and tensor names."),
+                                      help="Regex searched in module and tensor names, in any case."),
     step: str | None = typer.Option(None, "--step", metavar="A:B", help="A:B inclusive, either end open (10:, :20)."),
     grep: str | None = typer.Option(None, "--grep", metavar="REGEX", help="Regex searched in event messages."),
     fmt: str = typer.Option("table", "--format", metavar="FORMAT", help="table | json (one array) | csv."),
@@ -542,9 +558,12 @@ def estimate_memory_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (bytes) for programs."),
 ) -> int:
     """Device memory per precision mode — weights, gradients, masters, optimizer state, activations — before a run."""
+    from .contract.config import comparison_modes
     from .presentation.terminal import Console
     from .train.memory import breakdown_table, estimate_memory
 
+    if config and modes is None:  # a comparison's own options file: its modes too
+        modes = comparison_modes(config)
     report = estimate_memory(build_config(given_options(ctx), config), modes=modes)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -773,8 +792,9 @@ def _invoke(args: list[str]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: exit 0/1 from the command, 2 for bad input, 3 for an internal error, 130/143 interrupted, 141
-    when the reader of the output went away (`| head`: quietly, as a Unix tool ends on SIGPIPE)."""
+    """Entry point: exit 0/1 from the command (1 too for a full disk), 2 for bad input, 3 for an internal error,
+    130/143 interrupted, 141 when the reader of the output went away (`| head`: quietly, as a Unix tool ends on
+    SIGPIPE)."""
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]  # the bare command: its help
     try:
         _check_flag_values(args)
@@ -797,6 +817,10 @@ def main(argv: list[str] | None = None) -> None:
         if _is_usage_error(exc):
             print(f"sarkd-diag: error: {usage_message(exc, args)}", file=sys.stderr)
             sys.exit(2)
+        if no_space_left(exc):  # `report` of a run on a full disk: no bug, and nothing a traceback file could hold
+            print(f"sarkd-diag: no space left on device: {type(exc).__name__}: {_one_line(exc)} — free space, then run "
+                  "the command again", file=sys.stderr)
+            sys.exit(1)
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -46,16 +46,69 @@ def test_distill_refusals_name_its_keyword_arguments_not_the_cli_options(tmp_pat
     cannot pass. A refusal of the API names the keyword argument; a command it offers to run stays as written."""
     with pytest.raises(BadInput) as refused:
         sarkd_diag.distill(student_lr=-1, quiet=True)
-    assert str(refused.value) == "student_lr must be > 0, got -1.0"
+    assert str(refused.value) == "student_lr= must be > 0, got -1.0"
     with pytest.raises(BadInput) as refused:
         sarkd_diag.distill(resume=True, quiet=True)
-    assert str(refused.value) == "resume=True needs output_dir (the run to continue)"
+    assert str(refused.value) == "resume=True needs output_dir= (the run to continue)"
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"options": {"block_size": 999}, "precision": {"mode": "fp32"}}')
     with pytest.raises(BadInput) as refused:
         sarkd_diag.distill(output_dir=str(run), quiet=True)
     assert str(refused.value) == (
-        f"output_dir {run} holds a different run (options differ: block_size); give another output_dir for a new run, "
-        f"overwrite=True to replace it, or continue it with its own options: sarkd-diag train --config "
+        f"output_dir={str(run)!r} holds a different run (options differ: block_size); give another output_dir= for a "
+        f"new run, overwrite=True to replace it, or continue it with its own options: sarkd-diag train --config "
         f"{run / 'config.json'} --resume")
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"precision": "fp16"}, "precision='fp16' is ambiguous: say `mixed`"),
+    ({"dataset_config_name": "x"}, "dataset_config_name='x' configures a dataset_name=, and none is given (e.g. "
+                                   "dataset_name='wikitext' dataset_config_name='wikitext-2-raw-v1')"),
+    ({"train_file": "nope.txt"}, "train_file='nope.txt': no such file"),
+    ({"validation_file": "nope.txt"}, "validation_file='nope.txt': no such file"),
+    ({"device": "tpu"}, "device='tpu' is not a device (auto, cpu, cuda, cuda:N)"),
+    ({"kd_loss": "kl"}, "kd_loss= must be one of forward-kl, reverse-kl, jsd; got 'kl'"),
+], ids=["precision", "dataset config", "train file", "validation file", "device", "kd loss"])
+def test_distill_refusals_name_the_keyword_as_the_call_wrote_it(tmp_path, monkeypatch, options, says):
+    """`distill(precision="fp16")` said `precision fp16 is ambiguous`, `distill(train_file="nope.txt")` said
+    `nope.txt: no such file` (which of two files?), dataset_config_name's advice was CLI words (`e.g. dataset_name
+    wikitext ...`): a keyword argument is named as the call writes it, with its value where the message shows one."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.distill(quiet=True, **options)
+    assert str(refused.value).startswith(says), str(refused.value)
+
+
+def test_compare_precision_refusals_name_one_mode_of_several_as_an_item_of_modes(tmp_path):
+    """`compare_precision(["fp16", "fp32"])` said `modes fp16 is ambiguous`, as if `modes` were "fp16"."""
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.compare_precision(["fp16", "fp32"], output_dir=str(tmp_path / "o"), quiet=True)
+    assert str(refused.value).startswith("'fp16' (of modes=) is ambiguous: say `mixed`"), str(refused.value)
+
+
+def test_probes_refusals_name_the_keyword_argument():
+    """`Probes(model, level="max")` said `probe level must be one of ...`: no keyword called that exists."""
+    import torch
+
+    with pytest.raises(ValueError) as refused:
+        sarkd_diag.Probes(torch.nn.Linear(2, 2), level="max")
+    assert str(refused.value) == "level= must be one of off, standard, full, got 'max'"
+
+
+@pytest.mark.parametrize("callback", ["transformers", "lightning"])
+def test_probe_choices_are_read_in_any_case_as_the_cli_reads_them(tmp_path, callback):
+    """`sarkd-diag train --probes Full` and `distill(probes="Full")` ran at `full`; `Probes(model, level="Full")` and
+    `SarkdDiagCallback(on_critical="Record")` were refused: the same choice, read two ways."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    with sarkd_diag.Probes(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run",
+                           level="Full", caller="Loop") as probes:
+        assert (probes.ctx.level, probes.caller) == ("full", "loop")
+    if callback == "transformers":
+        from sarkd_diag.probes.hf import SarkdDiagCallback as Callback
+    else:  # needs lightning or pytorch_lightning installed
+        Callback = pytest.importorskip("sarkd_diag.probes.lightning").SarkdDiagLightningCallback
+    made = Callback(tmp_path / "cb", level="OFF", on_critical="Record")
+    assert (made.level, made.on_critical) == ("off", "record")

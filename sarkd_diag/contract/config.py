@@ -183,7 +183,7 @@ class DistillConfig:
             raise BadInput("give either --dataset-name or --train-file, not both")
         if self.dataset_config_name and not self.dataset_name:
             raise BadInput(f"--dataset-config-name {self.dataset_config_name} configures a --dataset-name, and none is "
-                           "given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)")
+                           "given (e.g. --dataset-name 'wikitext' --dataset-config-name 'wikitext-2-raw-v1')")
         if self.resume and self.resume_from:
             raise BadInput("give either --resume or --resume-from, not both")
         if self.resume and not self.output_dir:
@@ -287,22 +287,58 @@ FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type
 
 
 COMMANDS_IN_A_MESSAGE = re.compile(r"(`[^`]*`|sarkd-diag [^;`)]*)")  # quoted or offered commands: kept as written
-CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( must)?")
+# an option, and the word after it (a value the message shows, or the message's next word): `--precision fp16 is`
+CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( ('[^']*'|[^\s,;()]*[^\s,;:()]))?")
 
 
-def in_keyword_terms(message: str, also: tuple[str, ...] = ()) -> str:
-    """A refusal worded for the command line (`--student-lr must be > 0`), reworded for a caller of the Python API:
-    each option becomes the keyword argument it is there (`student_lr`; a switch to pass, `resume=True`, but
-    `use_scheduler must be True or False` of its value); the commands it offers to run are left as they are.
-    `also`: the call's own arguments besides DistillConfig's fields (compare_precision's `modes`)."""
+def in_keyword_terms(message: str, given: dict[str, Any] | None = None) -> str:
+    """A refusal worded for the command line (`--student-lr must be > 0`, `--precision fp16 is ambiguous`), reworded
+    for a caller of the Python API: each option becomes the keyword argument as the call writes it — with the value
+    the message shows (`precision='fp16'`), else bare (`student_lr=`; a switch to pass, `resume=True`); the commands
+    it offers to run are left as they are. `given`: the call's keyword arguments, DistillConfig's fields and its own
+    (compare_precision's `modes`): a value the message shows is matched against what the caller passed."""
+    given = given or {}
+
     def keyword(match: re.Match) -> str:
-        name, judged = match.group(1).replace("-", "_"), match.group(2) or ""
-        if name not in FIELD_NAMES and name not in also:
+        name, word, value = match.group(1).replace("-", "_"), match.group(2) or "", match.group(3)
+        if name not in FIELD_NAMES and name not in given:
             return match.group(0)
-        return (f"{name}=True" if FIELD_TYPES.get(name) is bool and not judged else name) + judged
+        shown = _as_passed(name, value, given) if value else None
+        if shown is not None:
+            return shown
+        return (f"{name}=True" if FIELD_TYPES.get(name) is bool and value != "must" else f"{name}=") + word
 
     return "".join(part if i % 2 else CLI_OPTION.sub(keyword, part)
                    for i, part in enumerate(COMMANDS_IN_A_MESSAGE.split(message)))
+
+
+def _as_passed(name: str, word: str, given: dict[str, Any]) -> str | None:
+    """`name=VALUE` as a call writes it, when `word` (the word after the option in a refusal) is its value: the one
+    the caller passed (`output_dir='/tmp/x'`, followed by what the message adds to it: `train_file='a.jsonl':3`; one
+    item of several: `'fp16' (of modes=)`), or a number or quoted example the message shows for it
+    (`train_steps=120`); None when `word` is the message's next word."""
+    value = given.get(name)
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    items = value if isinstance(value, (list, tuple)) else value.split(",") if isinstance(value, str) else [value]
+    if value is not None:
+        for text in (str(value), repr(value), *([str(items[0])] if len(items) == 1 else [])):
+            if word == text or word.startswith(text + ":"):
+                return f"{name}={value!r}{word[len(text):]}"
+        if _number(word) is not None and _number(word) == _number(str(value)):
+            return f"{name}={value!r}"
+        if word in (str(item).strip() for item in items):
+            return f"{word!r} (of {name}=)"
+    if word.startswith("'") or (value_type(FIELD_TYPES.get(name)) in (int, float) and _number(word) is not None):
+        return f"{name}={word}"
+    return None
+
+
+def _number(word: str) -> float | None:
+    try:
+        return float(word)
+    except ValueError:
+        return None
 
 
 def value_type(hint: Any) -> Any:
@@ -372,6 +408,32 @@ COMPARE_DEFAULTS = {"probe_every": 5}
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML or JSON file; a run's own config.json (options under "options") works too."""
+    data = _parsed_config_file(path)
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
+        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
+    if not isinstance(data, dict):
+        raise BadInput(f"--config {path}: expected a mapping of option names to values")
+    options = {str(key).replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
+    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
+        meant = meant_option(unknown[0]) if len(unknown) == 1 else None
+        hint = f" (did you mean {meant}?)" if meant else ""
+        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
+                       f"{', '.join(unknown)}{hint}")
+    return {name: _file_value(path, name, value) for name, value in options.items()}
+
+
+def comparison_modes(path: str | Path) -> list[str] | None:
+    """The modes of a compare-precision directory's compare_options.json given as a --config file (its `options`
+    beside its `modes`), None for any other file: its options alone would train one run, in no mode of them."""
+    data = _parsed_config_file(path)
+    if isinstance(data, dict) and isinstance(data.get("options"), dict) and isinstance(data.get("modes"), list):
+        return [str(mode) for mode in data["modes"]]
+    return None
+
+
+def _parsed_config_file(path: str | Path) -> Any:
+    """A --config file's content as parsed (YAML or JSON), or the reason it cannot be."""
     p = user_path(path)
     if p.is_dir():  # a run directory, given where its config.json was meant
         recorded = p / "config.json"
@@ -396,18 +458,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             from None
     except Exception as exc:  # yaml.YAMLError does not derive from ValueError
         raise BadInput(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a run's config.json: what ran, not how
-        data = {k: v for k, v in data["options"].items() if k not in ("overwrite", *RESUME_OPTIONS)}
-    if not isinstance(data, dict):
-        raise BadInput(f"--config {path}: expected a mapping of option names to values")
-    options = {str(key).replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
-    if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
-        meant = meant_option(unknown[0]) if len(unknown) == 1 else None
-        hint = f" (did you mean {meant}?)" if meant else ""
-        raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
-                       f"{', '.join(unknown)}{hint}")
-    return {name: _file_value(path, name, value) for name, value in options.items()}
+    return data
 
 
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -218,8 +218,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
         return
     if is_compare_dir(path):  # "holds no sarkd-diag run" sent its owner looking for what else was in it
         raise BadInput(f"{named} {path} holds a compare-precision comparison ({COMPARE_OPTIONS}, runs/<mode>/), "
-                       f"not a run; give train another directory (to continue one mode's run: sarkd-diag train "
-                       f"--output-dir {path / 'runs' / '<mode>'} --resume)")
+                       "not a run; give train another directory (to continue one mode's run: "
+                       f"{shell_command('train', '--output-dir', path / 'runs' / '<mode>', '--resume')})")
     recorded = recorded_run(path)
     writers = writing_processes(run_logs(path)) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
@@ -235,7 +235,8 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
         if differing:
             shown = ", ".join(f"{k} {recorded[k]!r} -> {options[k]!r}" for k in differing[:4])
             raise BadInput(f"{asked}: the run in {path} was trained with other options ({shown}); resume with "
-                           f"its own options (--config {path / 'config.json'}) or start a new run")
+                           f"its own options ({shell_command('train', '--config', path / 'config.json', '--resume')}) "
+                           "or start a new run")
         return
     if recorded is None:
         if (path / "config.json").exists():
@@ -262,21 +263,22 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     directory; a run another process still writes (appended to, its steps were numbered twice and its run closed
     under it); a `train` run (its options recorded: a Probes run records none). `besides`: the processes of the
     caller's own job (torchrun ranks), which write the run together."""
+    named = f"run_dir={str(path)!r}"  # as the caller wrote it: a keyword argument
     if path.exists() and not path.is_dir():
-        return f"run_dir {path} is a file, not a directory"
+        return f"{named} is a file, not a directory"
     if is_compare_dir(path):
-        return f"run_dir {path} is a compare-precision directory: give the probes a directory of their own"
+        return f"{named} is a compare-precision directory: give the probes a directory of their own"
     recorded = recorded_run(path) if path.is_dir() else None
     if path.is_dir() and any(path.iterdir()) and recorded is None:
         held = "a config.json that is not a sarkd-diag run's" if (path / "config.json").exists() else \
             "files and no sarkd-diag run"
-        return f"run_dir {path} holds {held}: give a new or empty directory (or a run directory to continue)"
+        return f"{named} holds {held}: give a new or empty directory (or a run directory to continue)"
     writers = writing_processes(run_logs(path), besides=besides)
     if writers:
-        return (f"run_dir {path} is still being written by process {', '.join(map(str, writers))}: let that run end "
+        return (f"{named} is still being written by process {', '.join(map(str, writers))}: let that run end "
                 "first, or give another run_dir")
     if recorded:  # a `train` run's options: continued, its config.json was replaced by the probes' own
-        return (f"run_dir {path} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
+        return (f"{named} holds a `sarkd-diag train` run, which the probes of a loop cannot continue (their "
                 "config.json would replace its own): give a new or empty directory (or a Probes run to continue)")
     return None
 

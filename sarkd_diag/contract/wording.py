@@ -43,7 +43,13 @@ def shell_command(*words: object) -> str:
 def did_you_mean(typed: str, choices: Iterable[str]) -> str:
     """` (did you mean X?)` when what was typed is a near miss of one choice (`ful` of `full`, `bf16mixed` of
     `bf16-mixed`), as a mistyped option name gets; '' otherwise. The list of choices alone leaves the reader to spot
-    the typo, among 37 event kinds."""
+    the typo, among 37 event kinds. A part of the name of several (`nonfinite` of `nonfinite_grad`, `nonfinite_param`,
+    ...) names them all: the nearest one alone (`nonfinite_lr`) would send the reader after one of them."""
+    choices = list(choices)
+    word = typed.strip().lower()
+    holding = [c for c in choices if len(word) >= 3 and word in c.lower()] if word not in choices else []
+    if len(holding) > 1:
+        return f" (did you mean one of {', '.join(holding)}?)"
     close = closest(typed, choices)
     return f" (did you mean {close}?)" if close else ""
 

@@ -238,11 +238,11 @@ def parse_steps(text: str | None) -> tuple[int | None, int | None]:
     return bounds[0], bounds[1]
 
 
-def _regex(text: str | None, option: str) -> re.Pattern | None:
+def _regex(text: str | None, option: str, flags: int = 0) -> re.Pattern | None:
     if text is None:
         return None
     try:
-        return re.compile(text)
+        return re.compile(text, flags)
     except re.error as exc:
         raise BadInput(f"{option} {text!r} is not a valid regular expression: {exc}") from None
 
@@ -277,7 +277,7 @@ class EventFilter:
         if self.model is not None:
             self.model = self.model.strip().lower()
         self._step_range = parse_steps(self.steps)
-        self._module = _regex(self.module, "--module")
+        self._module = _regex(self.module, "--module", re.IGNORECASE)  # a name, as --model is
         self._grep = _regex(self.grep, "--grep")
 
     def apply(self, events: pd.DataFrame) -> pd.DataFrame:
@@ -509,15 +509,26 @@ def follow_events(path: str | Path, flt: EventFilter, fmt: str, console: Console
                 next_check = time.monotonic() + dead_after_s  # /proc is read at most this often
                 held = holds_open(_log_files(path))
                 if held is False:
+                    report = shell_command("report", path)
                     raise RunEnded(f"{path}: {_not_closed(path)}, nothing in it has changed for {idle:.0f} s and no "
-                                   "process holds its logs open: the run is dead (killed?); `sarkd-diag report "
-                                   f"{path}` closes it")
+                                   f"process holds its logs open: {_how_it_ended(path)}; `{report}` closes it")
                 if held is None and idle_timeout is not None and idle >= idle_timeout:
                     raise RunEnded(f"{path}: nothing written for {idle:.0f} s (--idle-timeout) and "
                                    f"{_not_closed(path)}; stopped following")
             time.sleep(poll_s)
     except KeyboardInterrupt:
         return
+
+
+def _how_it_ended(path: Path) -> str:
+    """The end of a run that is no longer written and was not closed, as its logs prove it: the one it recorded
+    deciding (a second Ctrl-C: interrupted), else dead — killed, or a comparison whose process was."""
+    if is_compare_dir(path):
+        return "the comparison is dead (killed?)"
+    run = read_run(path)
+    ended = status_from_logs(path, run["config"], run["metrics"], run["events"])
+    return "the run is dead (killed?)" if ended == "crashed" else \
+        f"the run ended {ended}, its logs say, and was not closed"
 
 
 def _log_files(path: Path) -> list[Path]:
@@ -542,9 +553,9 @@ def refuse_while_written(path: Path) -> None:
     run crashed, and `--follow` and `check` would then read it as closed."""
     pids = writing_processes(_log_files(path))
     if pids:
-        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: `sarkd-diag events "
-                       f"{path} --follow` shows it as it goes; report it once that process has ended (a notebook "
-                       "whose loop stopped: close its probes first)")
+        raise BadInput(f"{path} is still being written by process {', '.join(map(str, pids))}: "
+                       f"`{shell_command('events', path, '--follow')}` shows it as it goes; report it once that "
+                       "process has ended (a notebook whose loop stopped: close its probes first)")
 
 
 def _event_files(path: Path) -> Iterator[tuple[str | None, Path]]:

@@ -476,13 +476,22 @@ _OPEN: dict[str, Probes] = {}  # the Probes of this process whose run directory 
 
 
 
-def check_probe_settings(level: str, every: int) -> None:
+def check_probe_settings(level: str, every: int) -> str:
     """`level` and `every` as Probes reads them — `step % every` picks the statistics steps —, checked where they are
-    given: by Probes, and by the framework callbacks when they are made rather than inside the framework's train()."""
-    if level not in LEVELS:
-        raise ValueError(f"probe level must be one of {', '.join(LEVELS)}, got {level!r}")
+    given: by Probes, and by the framework callbacks when they are made rather than inside the framework's train().
+    Returns the level as LEVELS spell it."""
+    level = chosen(level, LEVELS, "level")
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-        raise ValueError(f"every must be a whole number of steps, at least 1, got {every!r}")
+        raise ValueError(f"every= must be a whole number of steps, at least 1, got {every!r}")
+    return level
+
+
+def chosen(value: str, choices: tuple[str, ...], keyword: str) -> str:
+    """`value` as `choices` spell it, typed in any case — as the CLI and DistillConfig read a choice (`--probes
+    Full`) —, else a ValueError that names the keyword argument."""
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    raise ValueError(f"{keyword}= must be one of {', '.join(choices)}, got {value!r}")
 
 
 class Probes:
@@ -514,14 +523,12 @@ class Probes:
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
                  sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
-        check_probe_settings(level, every)
-        if caller not in CALLERS:
-            raise ValueError(f"caller must be one of {', '.join(CALLERS)}, got {caller!r}")
+        level, caller = check_probe_settings(level, every), chosen(caller, CALLERS, "caller")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
-            raise TypeError(f"scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a "
+            raise TypeError(f"scaler= must be the loop's loss scaler (a torch.amp.GradScaler), got a "
                             f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
-            raise ValueError(f"resumed_from must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
+            raise ValueError(f"resumed_from= must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
@@ -1235,4 +1242,4 @@ def _read_rows(path: Path) -> list[dict]:
     return read_jsonl(path) if path.is_file() else []
 
 
-__all__ = ["Probes", "ProbeSet", "check_probe_settings", "replace_method", "unwrap_model"]
+__all__ = ["Probes", "ProbeSet", "check_probe_settings", "chosen", "replace_method", "unwrap_model"]

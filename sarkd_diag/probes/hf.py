@@ -29,7 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
-from . import Probes, check_probe_settings, replace_method
+from . import Probes, check_probe_settings, chosen, replace_method
 from .base import dtype_of_most, scores_tokens, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
@@ -101,9 +101,7 @@ class SarkdDiagCallback(TrainerCallback):
 
     def __init__(self, run_dir: str | Path | None = None, level: str = "standard", every: int = 10,
                  on_critical: str = "stop", teacher: nn.Module | None = None):
-        if on_critical not in ON_CRITICAL:
-            raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
-        check_probe_settings(level, every)
+        on_critical, level = chosen(on_critical, ON_CRITICAL, "on_critical"), check_probe_settings(level, every)
         # None: `<output_dir>/sarkd-diag` of the Trainer that runs it (see `trainer_run_dir`)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.level, self.every = level, every

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import Probes, check_probe_settings, replace_method
+from . import Probes, check_probe_settings, chosen, replace_method
 from .base import scores_tokens, teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
@@ -118,9 +118,7 @@ class SarkdDiagLightningCallback(Callback):
 
     def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
                  student: str | None = None, teacher: str | None = None, eval_metric: str = "val_loss"):
-        if on_critical not in ON_CRITICAL:
-            raise ValueError(f"on_critical must be one of {', '.join(ON_CRITICAL)}, got {on_critical!r}")
-        check_probe_settings(level, every)
+        on_critical, level = chosen(on_critical, ON_CRITICAL, "on_critical"), check_probe_settings(level, every)
         self.run_dir, self.level, self.every, self.on_critical = Path(run_dir), level, every, on_critical
         self.student, self.teacher, self.eval_metric = student, teacher, eval_metric
         self.probes: Probes | None = None

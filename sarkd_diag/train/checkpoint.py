@@ -105,7 +105,8 @@ def save(run_dir: Path, step: int, state: dict, keep: int, eval_ppl: float | Non
     """Write checkpoints/step-NNNNNNNN atomically, then prune to the newest `keep` plus the best by eval ppl.
 
     Everything is written into `.tmp-step-NNNNNNNN`, synced, and renamed into place: a crash at any point
-    leaves the previous checkpoints as they were (and at most a .tmp-* directory, removed by the next save).
+    leaves the previous checkpoints as they were (and at most a .tmp-* directory, removed by the next save). A save
+    that fails (a full disk) removes its partial files itself: the space they hold is what closing the run needs.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
@@ -113,13 +114,17 @@ def save(run_dir: Path, step: int, state: dict, keep: int, eval_ppl: float | Non
         shutil.rmtree(stale, ignore_errors=True)
     final, tmp = root / step_dir_name(step), root / f".tmp-{step_dir_name(step)}"
     tmp.mkdir()
-    save_file(_unique_weights(state["model"]), str(tmp / WEIGHTS))
-    torch.save({k: v for k, v in state.items() if k != "model"}, tmp / STATE)
-    record = {"step": step, "eval_ppl": eval_ppl, **(meta or {}),
-              "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}}
-    (tmp / META).write_text(json.dumps(record, indent=1, default=str))
-    for name in (WEIGHTS, STATE, META, ""):
-        _fsync(tmp / name)
+    try:
+        save_file(_unique_weights(state["model"]), str(tmp / WEIGHTS))
+        torch.save({k: v for k, v in state.items() if k != "model"}, tmp / STATE)
+        record = {"step": step, "eval_ppl": eval_ppl, **(meta or {}),
+                  "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}}
+        (tmp / META).write_text(json.dumps(record, indent=1, default=str))
+        for name in (WEIGHTS, STATE, META, ""):
+            _fsync(tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step written again (after a rollback): swap, never a moment without one
         old = root / f".tmp-old-{step_dir_name(step)}"
         final.rename(old)

@@ -36,30 +36,31 @@ PLAIN_SUFFIXES = (".txt", ".text")
 TEXT_FORMATS = "`.txt` (one document a line), `.jsonl` (a `text` field a line) or `.csv` (a `text` column)"
 
 
-def read_text_file(path: str) -> list[str]:
+def read_text_file(path: str, option: str = "") -> list[str]:
     """Documents of a .txt file (one per non-empty line), a .jsonl file (a string `text` field per line) or a
-    .csv file (a `text` column); any other extension is refused rather than read as something it is not."""
-    p = Path(path)
+    .csv file (a `text` column); any other extension is refused rather than read as something it is not. A refusal
+    names the `option` that gave the file (`--validation-file x.txt: no such file`): there may be two."""
+    p, named = Path(path), f"{option} {path}" if option else path
     if p.is_dir():
-        raise BadInput(f"{path} is a directory, expected a .txt, .jsonl or .csv file")
+        raise BadInput(f"{named} is a directory, expected a .txt, .jsonl or .csv file")
     if not p.is_file():
-        raise BadInput(f"{path}: no such file")
+        raise BadInput(f"{named}: no such file")
     suffix = p.suffix.lower()
     if suffix not in (*PLAIN_SUFFIXES, ".jsonl", ".csv"):
-        raise BadInput(f"{path}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}"
+        raise BadInput(f"{named}: unknown text format {suffix or '(no extension)'!r}; give {TEXT_FORMATS}"
                        + (_json_advice(p) if suffix == ".json" else ""))
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise BadInput(f"{path}: cannot be read ({exc.strerror})") from None
+        raise BadInput(f"{named}: cannot be read ({exc.strerror})") from None
     if b"\x00" in raw:
-        raise BadInput(f"{path} looks binary (it holds NUL bytes), expected UTF-8 text")
+        raise BadInput(f"{named} looks binary (it holds NUL bytes), expected UTF-8 text")
     try:
         text = raw.decode("utf-8-sig")  # a leading byte-order mark (Excel's "CSV UTF-8", Notepad) is not text
     except UnicodeDecodeError as exc:
-        raise BadInput(f"{path} is not UTF-8 text (byte {exc.start})") from None
+        raise BadInput(f"{named} is not UTF-8 text (byte {exc.start})") from None
     if suffix == ".csv":
-        return _csv_documents(path, text)
+        return _csv_documents(named, text)
     if suffix != ".jsonl":
         return [line for line in text.splitlines() if line.strip()]
     docs = []
@@ -69,14 +70,14 @@ def read_text_file(path: str) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BadInput(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            raise BadInput(f"{named}:{number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise BadInput(f"{path}:{number}: expected an object with a `text` field, got {_json_kind(row)}")
+            raise BadInput(f"{named}:{number}: expected an object with a `text` field, got {_json_kind(row)}")
         if "text" not in row:
-            raise BadInput(f"{path}:{number}: expected an object with a `text` field; this one has "
+            raise BadInput(f"{named}:{number}: expected an object with a `text` field; this one has "
                            f"{_named('field', list(row))}; {NO_TEXT_ADVICE.format(part='field')}")
         if not isinstance(row["text"], str):
-            raise BadInput(f"{path}:{number}: `text` must be a string, got {type(row['text']).__name__}")
+            raise BadInput(f"{named}:{number}: `text` must be a string, got {type(row['text']).__name__}")
         if row["text"].strip():  # an empty or blank `text` is skipped, as a .txt's blank line and a .csv's value are
             docs.append(row["text"])
     return docs
@@ -133,23 +134,28 @@ def _csv_documents(path: str, text: str) -> list[str]:
         raise BadInput(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
 
 
+def _read_validation(validation_file: str | None) -> list[str] | None:
+    """The --validation-file's documents, None without one."""
+    return read_text_file(validation_file, "--validation-file") if validation_file else None
+
+
 def load_corpus(dataset_name: str | None, dataset_config_name: str | None,
                 train_file: str | None, validation_file: str | None) -> Corpus:
     """The training text from a datasets-hub set, local files, or the embedded dialogues; a --validation-file is
     the validation text whichever the training text (a hub set's own validation split otherwise)."""
     if dataset_name:
-        validation = read_text_file(validation_file) if validation_file else None  # read first: no network for a typo
+        validation = _read_validation(validation_file)  # read first: no network for a typo
         corpus = _load_hub_corpus(dataset_name, dataset_config_name)
         return corpus if validation is None else replace(corpus, validation=validation,
                                                          validation_origin=f"--validation-file {validation_file}")
     given_validation = {"validation_origin": f"--validation-file {validation_file}"} if validation_file else {}
     if train_file:
-        validation = read_text_file(validation_file) if validation_file else None
-        return Corpus(read_text_file(train_file), validation, f"file:{train_file}",
+        validation = _read_validation(validation_file)
+        return Corpus(read_text_file(train_file, "--train-file"), validation, f"file:{train_file}",
                       train_origin=f"--train-file {train_file}", **given_validation)
     from ..assets import corpus_path
 
-    validation = read_text_file(validation_file) if validation_file else read_text_file(corpus_path("validation"))
+    validation = _read_validation(validation_file) if validation_file else read_text_file(corpus_path("validation"))
     return Corpus(read_text_file(corpus_path("train")), validation, "embedded:dialogues", **given_validation)
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import json
 import math
 import random
@@ -39,11 +38,11 @@ import torch
 from torch import nn
 
 from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options
-from ..contract.errors import BadInput
+from ..contract.errors import BadInput, no_space_left
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
 from ..contract.numerics import KD_TARGETS_WARNING, KD_TEMPERATURE_FLOOR, dtype_name, perplexity
-from ..contract.rundir import STUDENT, built_then_moved, write_json_atomic
+from ..contract.rundir import STUDENT, built_then_moved, resume_command, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
@@ -520,23 +519,13 @@ def _write_config(run: Run) -> None:
     write_json_atomic(run.run_dir / "config.json", config)
 
 
-def _no_space_left(exc: BaseException) -> bool:
-    """The error, or one it was raised from, is a write that found the disk (or the user's quota) full."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def exit_code(status: str, *, internal_error: bool, critical: bool, stops: StopRequests) -> int:
+def exit_code(status: str, *, internal_error: bool, no_space: bool, critical: bool, stops: StopRequests) -> int:
     """How `train` ends (docs/run-directory.md, Exit codes): 3 after an internal error; 1 failed (out of memory, no
-    space left), stopped, or completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
+    space left — also to close a run that completed its steps: its summary and report are missing), stopped, or
+    completed with a critical cause; 0 completed cleanly; 130/143 interrupted by a signal."""
     if internal_error:
         return 3
-    return {"completed": 1 if critical else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
+    return {"completed": 1 if critical or no_space else 0, "stopped": 1, "failed": 1}.get(status, stops.exit_code)
 
 
 @dataclass
@@ -603,6 +592,7 @@ class Trainer:
         self.out_of_memory: str | None = None
         self.internal_error = False
         self.no_space = False  # a write failed for want of disk space (ENOSPC, EDQUOT): a failure, not a bug
+        self.stopped_at_once = False  # a second Ctrl-C: nothing more is saved, the run closes as it stands
         self.resumed: Resumed | None = None
         if run.resume_source is not None:
             self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
@@ -623,26 +613,26 @@ class Trainer:
         self.logs = open_logs(self.run, self.world, self.resumed, self.notes, self.display)
         status = "failed"
         self.probes = ProbeSet.for_trainer(self.run, self.logs.events)
-        with StopRequests() as stops:
+        with StopRequests() as stops:  # until the run is closed: a second Ctrl-C while it closes stops that too
             self.display.when_closed(stops.output_closed)  # `train | head`: stop after the step, as on SIGPIPE
             try:
                 status = self._run(stops)
             except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; the newest checkpoint is kept as it was
                 self.logs.events.record("interrupted", "warning", self._stopped_at_once(), step=self.step,
                                         phase="policy")
-                status = "interrupted"
+                status, self.stopped_at_once = "interrupted", True
             except Exception as exc:
                 status = self._failed(exc)
             finally:
                 self.display.stop()
                 self.probes.close(completed=status == "completed")
-        if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
-            self._handle_out_of_memory(self.out_of_memory)
-        try:
-            return self._close(status, stops)
-        finally:
-            self.run.objective.close()  # router hooks off; DDP's wrapper goes before its process group
-            dist.teardown(self.world)
+            if self.out_of_memory is not None:  # handled out here, where the failed step's tensors are freed
+                self._handle_out_of_memory(self.out_of_memory)
+            try:
+                return self._close(status, stops)
+            finally:
+                self.run.objective.close()  # router hooks off; DDP's wrapper goes before its process group
+                dist.teardown(self.world)
 
     def _run(self, stops: StopRequests) -> str:
         """The steps, with evaluations and checkpoints on schedule; returns the run's status."""
@@ -689,7 +679,19 @@ class Trainer:
         between = self.phase.current in ("policy", "eval")
         newest = ckpt.list_checkpoints(self.run.run_dir)
         kept = f"nothing saved since {newest[-1].name}" if newest else "no checkpoint was written yet to resume from"
-        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}"
+        return f"a second Ctrl-C: stopped {'after' if between else 'during'} step {self.step}; {kept}; the student " \
+               "was not saved"
+
+    def _left_at_once(self, student_saved: bool) -> str:
+        """What a run stopped at once (a second Ctrl-C) has and has not: the events and metrics so far, the student
+        (saved or not), no summary or report yet — and the commands that build them and continue the run."""
+        run_dir = self.run.run_dir
+        student = "after saving the student" if student_saved else "without saving the student"
+        resume = resume_command(run_dir)
+        then = f"; `{resume}` continues it from its newest checkpoint" if resume else \
+            "; it has no checkpoint to continue from"
+        return (f"a second Ctrl-C: stopped at once, {student}; its events and metrics so far are in {run_dir}: "
+                f"`{shell_command('report', run_dir)}` writes its summary and report{then}")
 
     def _stop_requested(self, stops: StopRequests) -> bool:
         """A stop signal, acted on by all ranks after the same step (each rank receives it at its own moment)."""
@@ -700,19 +702,24 @@ class Trainer:
         code, or with its own when it failed alone."""
         self.logs.close()
         self.world.barrier()  # every rank's events are on disk before rank 0 merges them
-        saved = status in ("completed", "interrupted")
+        saved = status in ("completed", "interrupted") and not self.stopped_at_once
         routers = router_state(self.run.models.teacher, self.run.models.routers) \
             if saved and self.run.models.routers else None  # every rank: a sharded router is gathered from all
         summary = self._summarize(status, routers) if self.world.is_main else {}
+        status = "interrupted" if self.stopped_at_once else status  # also of a run stopped while it closed
         critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
-        code = exit_code(status, internal_error=self.internal_error, critical=critical, stops=stops)
+        code = exit_code(status, internal_error=self.internal_error, no_space=self.no_space, critical=critical,
+                         stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
         return RunResult(self.run.run_dir, status, summary, code if shared is None else shared)
 
     def _summarize(self, status: str, routers: dict[str, torch.Tensor] | None) -> dict:
         """Rank 0: the student (and the `routers`' update) saved, the summary written and shown; {} when that
-        fails (an internal error, its traceback saved)."""
-        run_dir, models = self.run.run_dir, self.run.models
+        fails (an internal error, its traceback saved) or a second Ctrl-C stopped it (nothing more is saved)."""
+        run_dir, models, student_saved = self.run.run_dir, self.run.models, False
+        if self.stopped_at_once:
+            self.display.error(self._left_at_once(student_saved=False))
+            return {}
         try:
             if status in ("completed", "interrupted"):  # built aside and moved in: student/ is there only whole
                 with built_then_moved(run_dir) as staging:
@@ -720,9 +727,14 @@ class Trainer:
                     models.student_tokenizer.save_pretrained(staging / STUDENT)
                     if routers is not None:  # moved before student/ (sorted): a whole student/ proves it too
                         save_router_update(routers, staging / "router_update.pt")
+                student_saved = True
             summary = finalize_run(run_dir, status)
+        except KeyboardInterrupt:  # a second Ctrl-C while closing: what is written stays as it is
+            self.stopped_at_once = True
+            self.display.error(self._left_at_once(student_saved))
+            return {}
         except Exception as exc:
-            self._save_traceback(exc)
+            self._save_traceback(exc, completed=status == "completed")
             return {}
         self.display.summary(summary)
         return summary
@@ -744,12 +756,12 @@ class Trainer:
                                         step=self.step, phase=self.phase.current, probe="loop")
         return "failed"
 
-    def _save_traceback(self, exc: Exception) -> str | None:
+    def _save_traceback(self, exc: Exception, completed: bool = False) -> str | None:
         """The error's traceback in the run directory, one line on the console; returns the file's name (None when
         it could not be written). A second error of the run — closing it failed too, as on a full disk — goes after
         the first, which is the cause: it replaced it before. A disk that is full is no bug of this tool (a
         failure, exit 1, as out of memory is): the line says so, and what brings the run back once there is
-        space."""
+        space — for a run that `completed` its steps and failed to close, its summary and report alone."""
         name = "traceback.txt" if self.world.size == 1 else f"traceback.rank{self.world.rank}.txt"
         path = self.run.run_dir / name
         second = self.internal_error or self.no_space
@@ -759,13 +771,16 @@ class Trainer:
             where = f" (traceback in {path})"
         except OSError:  # the disk that is full takes no traceback either
             where, name = "", None
-        full = _no_space_left(exc)
+        full = no_space_left(exc)
         what = "closing the run failed too" if second else "no space left on device" if full else "internal error"
         if full:
             self.no_space = True
             report = shell_command("report", self.run.run_dir)
-            where += (f" — free space, then `{report}` rebuilds its summary and `--resume` continues it from its last "
-                      "checkpoint") if not second else ""
+            resume = resume_command(self.run.run_dir)
+            then = f"`{report}` writes its summary and report" if completed else \
+                f"`{report}` rebuilds its summary and `--resume` continues it from its last checkpoint" if resume \
+                else f"`{report}` rebuilds its summary (it has no checkpoint to continue from)"
+            where += f" — free space, then {then}" if not second else ""
         else:
             self.internal_error = True
         self.display.error(f"{what}: {type(exc).__name__}: {exc}{where}")

@@ -24,6 +24,7 @@ from ..contract.errors import BadInput
 from ..contract.events import events_file_name
 from ..contract.rundir import check_output_dir, default_run_dir, differing_options
 from ..contract.shards import is_sharded, local_shard
+from ..contract.wording import shell_command
 from . import checkpoint as ckpt
 from .data import BatchStream
 from .distributed import World, full_tensor, shard_of
@@ -48,7 +49,7 @@ def _not_a_checkpoint(path: Path) -> BadInput:
     if held:
         return BadInput(f"--resume-from {path}: not a checkpoint but {'the checkpoints of ' if run != path else ''}"
                         f"a run directory; its newest checkpoint is {held[-1]} (or continue the run itself: "
-                        f"--output-dir {run} --resume)")
+                        f"{shell_command('train', '--output-dir', run, '--resume')})")
     return BadInput(f"--resume-from {path}: not a checkpoint (no {ckpt.META}); checkpoints are the directories "
                     f"RUN/{ckpt.CHECKPOINTS}/step-NNNNNNNN")
 

@@ -1,8 +1,9 @@
 """SIGINT/SIGTERM ask the loop to stop after the current step (state saved), instead of killing it mid-write.
 
 The loop looks at `signal` between steps: it then writes a checkpoint, the logs and summary.json (status
-`interrupted`) and exits 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C stops at once (KeyboardInterrupt):
-the newest checkpoint is then the one to resume from. A closed output (`sarkd-diag train | head`, once `head`
+`interrupted`) and exits 130 (SIGINT) or 143 (SIGTERM). A second Ctrl-C stops at once (KeyboardInterrupt), in a
+step or while the run closes: the student is not saved (unless it already was), the logs stay as written, and the
+newest checkpoint is the one to resume from. A closed output (`sarkd-diag train | head`, once `head`
 has exited) is asked for the same way, as SIGPIPE, exit 141 (`output_closed`): where a Unix tool would die of
 SIGPIPE at its next write, the run stops after its step with its state saved.
 """

@@ -294,7 +294,7 @@ CASES = [
         "  ", " "), lambda w, t, m, extra=extra: [*_args(w, t, output_dir=_comparison(t)), *extra],
        "--output-dir {tmp}/comparison holds a compare-precision comparison (compare_options.json, runs/<mode>/), "
        "not a run; give train another directory (to continue one mode's run: sarkd-diag train --output-dir "
-       "{tmp}/comparison/runs/<mode> --resume)") for extra in ((), ("--overwrite",))),
+       "'{tmp}/comparison/runs/<mode>' --resume)") for extra in ((), ("--overwrite",))),
     ("comparison over a project's runs/ (--overwrite deleted them)", lambda w, t, m: _compare(
         w, t, "--output-dir", _project_with_runs(t), "--overwrite"),
      "--output-dir {tmp}/project is not empty and holds no comparison; choose another directory (--overwrite only "
@@ -316,7 +316,8 @@ CASES = [
     ("resume-from a run directory", lambda w, t, m: _args(w, t, output_dir=t / "new",
                                                            resume_from=_run_with_checkpoint(w, t)),
      "--resume-from {tmp}/run: not a checkpoint but a run directory; its newest checkpoint is "
-     "{tmp}/run/checkpoints/step-00000002 (or continue the run itself: --output-dir {tmp}/run --resume)"),
+     "{tmp}/run/checkpoints/step-00000002 (or continue the run itself: sarkd-diag train --output-dir {tmp}/run "
+     "--resume)"),
     ("resume and overwrite", lambda w, t, m: _args(w, t, resume=True, overwrite=True), "give one of them"),
     ("resume-from a directory that is no checkpoint", lambda w, t, m: _args(w, t, resume_from=t),
      "not a checkpoint"),

@@ -286,16 +286,16 @@ def test_steps_and_a_config_train_steps_through_the_python_api(tmp_path):
 
     with pytest.raises(BadInput, match="disagree"):
         compare_precision(["fp32"], steps=2, train_steps=20, output_dir=str(tmp_path / "o"), quiet=True)
-    with pytest.raises(BadInput, match="modes fp8"):  # got past the steps check with config's 120 and steps 2
+    with pytest.raises(BadInput, match=r"modes=\['fp8'\]"):  # got past the steps check with config's 120 and steps 2
         compare_precision(["fp8"], config=DistillConfig(train_steps=120), steps=2, output_dir=str(tmp_path / "o"),
                           quiet=True)
 
 
 @pytest.mark.parametrize("modes, steps, said", [
-    (5, 2, "modes takes mode names (a string, comma-separated, or a list of them), got 5"),
-    ([5], 2, "modes takes mode names (a string, comma-separated, or a list of them), got [5]"),
-    ("", 2, "modes is empty"),
-    (["fp32"], "3", "train_steps must be a whole number, got '3'"),
+    (5, 2, "modes= takes mode names (a string, comma-separated, or a list of them), got 5"),
+    ([5], 2, "modes= takes mode names (a string, comma-separated, or a list of them), got [5]"),
+    ("", 2, "modes= is empty"),
+    (["fp32"], "3", "train_steps= must be a whole number, got '3'"),
 ], ids=["a number", "a list of numbers", "an empty string", "steps as text"])
 def test_modes_and_steps_of_the_wrong_kind_through_the_python_api_are_bad_input(tmp_path, modes, steps, said):
     """compare_precision(5) raised TypeError ('int' object is not iterable), ([5]) AttributeError, and ("") compared
@@ -305,3 +305,45 @@ def test_modes_and_steps_of_the_wrong_kind_through_the_python_api_are_bad_input(
     with pytest.raises(BadInput) as caught:
         compare_precision(modes, steps=steps, output_dir=str(tmp_path / "o"), quiet=True)
     assert str(caught.value).startswith(said) and not (tmp_path / "o").exists()
+
+
+def _comparison_options(tmp_path: Path) -> Path:
+    """A compare-precision directory's compare_options.json, as compare-precision writes it."""
+    from sarkd_diag.contract.config import SET_BY_COMPARE, DistillConfig
+
+    options = {k: v for k, v in DistillConfig(train_steps=3).to_dict().items() if k not in SET_BY_COMPARE}
+    path = tmp_path / "my cmp" / "compare_options.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"options": options, "modes": ["fp32", "bf16-mixed"]}))
+    return path
+
+
+def test_train_with_a_comparisons_options_is_refused_and_pointed_to_compare(cli, tmp_path, monkeypatch):
+    """`train --config CMP/compare_options.json` trained one run in `auto` and dropped the file's modes without a
+    word; now it says the file is a comparison's and what to run (one mode of it still trains, with --precision)."""
+    monkeypatch.chdir(tmp_path)
+    options = _comparison_options(tmp_path)
+    code, out, err = cli("train", "--config", options)
+    assert (code, out) == (2, "")
+    quoted = f"'{options}'"  # the commands offered run as printed: the path has a space
+    assert err == (f"sarkd-diag: error: --config {options} holds a comparison's options (modes fp32, bf16-mixed): "
+                   f"compare them with `sarkd-diag compare-precision --config {quoted}`, or train one mode with "
+                   f"`sarkd-diag train --config {quoted} --precision fp32`\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my cmp"]  # no run directory was made
+
+
+def test_compare_precision_with_a_comparisons_options_compares_its_modes(tmp_path, monkeypatch):
+    """`compare-precision --config CMP/compare_options.json` took the options and compared every mode the device
+    runs, not the file's; its modes are taken, unless --modes is given."""
+    import sarkd_diag.compare as compare
+    from sarkd_diag.cli import main
+
+    seen = []
+    monkeypatch.setattr(compare, "compare_precision",
+                        lambda modes, **options: seen.append(modes) or compare.CompareResult(tmp_path, None, {}, 0))
+    options = _comparison_options(tmp_path)
+    for extra in ([], ["--modes", "mixed"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare-precision", "--config", str(options), *extra])
+        assert exit_.value.code == 0
+    assert seen == [["fp32", "bf16-mixed"], ["mixed"]]

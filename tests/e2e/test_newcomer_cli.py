@@ -300,7 +300,7 @@ def test_a_file_without_a_text_field_names_the_fields_it_has_and_what_to_do(cli,
     data = tmp_path / name
     data.write_text(content)
     code, _, err = cli("train", *tiny_args, "--train-file", data)
-    assert code == 2 and err == f"sarkd-diag: error: {tmp_path}/{says}\n"
+    assert code == 2 and err == f"sarkd-diag: error: --train-file {tmp_path}/{says}\n"
 
 
 # --------------------------------------------------------------------------------------- resume
@@ -452,12 +452,12 @@ def test_compare_precision_help_describes_its_own_output_directory(cli, tmp_path
 
 # ------------------------------------------------------------------------------------------ the Python API
 @pytest.mark.parametrize(("options", "says"), [
-    ({"train_steps": "2"}, "train_steps must be a whole number, got '2'"),
-    ({"train_steps": 2.5}, "train_steps must be a whole number, got 2.5"),
-    ({"student_lr": "fast"}, "student_lr must be a number, got 'fast'"),
-    ({"use_scheduler": "no"}, "use_scheduler must be True or False, got 'no'"),
-    ({"router_patterns": "gate"}, "router_patterns must be a list of strings or None, got 'gate'"),
-    ({"output_dir": 3}, "output_dir must be a string or None, got 3"),
+    ({"train_steps": "2"}, "train_steps= must be a whole number, got '2'"),
+    ({"train_steps": 2.5}, "train_steps= must be a whole number, got 2.5"),
+    ({"student_lr": "fast"}, "student_lr= must be a number, got 'fast'"),
+    ({"use_scheduler": "no"}, "use_scheduler= must be True or False, got 'no'"),
+    ({"router_patterns": "gate"}, "router_patterns= must be a list of strings or None, got 'gate'"),
+    ({"output_dir": 3}, "output_dir= must be a string or None, got 3"),
 ])
 def test_distill_refuses_a_value_of_the_wrong_type_naming_the_option(tmp_path, monkeypatch, options, says):
     """`distill(train_steps="2")` was `TypeError: '<=' not supported between instances of 'str' and 'int'`, and
@@ -598,8 +598,8 @@ def test_a_json_train_file_is_told_what_to_do_with_it(cli, tiny_args, tmp_path, 
     data.write_text(content)
     code, out, err = cli("train", *tiny_args, "--train-file", data)
     assert (code, out) == (2, "")
-    assert err == (f"sarkd-diag: error: {data}: unknown text format '.json'; give `.txt` (one document a line), "
-                   f"`.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")
+    assert err == (f"sarkd-diag: error: --train-file {data}: unknown text format '.json'; give `.txt` (one document a "
+                   f"line), `.jsonl` (a `text` field a line) or `.csv` (a `text` column){says.format(path=data)}\n")
 
 
 @pytest.mark.parametrize(("precision", "shown"), [
@@ -725,3 +725,20 @@ def test_a_config_file_key_of_another_tool_names_the_option_meant(cli, tmp_path)
     code, _, err = cli("train", "--config", str(config))
     assert code == 2 and err == f"sarkd-diag: error: --config {config}: unknown option learning_rate (did you mean " \
                                 "student_lr?)\n"
+
+
+def test_commands_offered_for_a_run_in_a_path_with_spaces_run_as_printed(cli, tmp_path, monkeypatch):
+    """`--resume-from 'my runs/a'` answered `(or continue the run itself: --output-dir my runs/a --resume)`, and a
+    resume with other options `(--config my runs/a/config.json)`: pasted, the shell split the path in two. The
+    commands offered are whole, the path quoted."""
+    from sarkd_diag.contract.config import DistillConfig
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("my runs") / "ä"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "meta.json").write_text('{"step": 2}')
+    (run / "config.json").write_text(json.dumps({"options": DistillConfig().to_dict(), "precision": {"mode": "fp32"}}))
+    code, _, err = cli("train", "--resume-from", run, "--output-dir", "new")
+    assert code == 2 and "(or continue the run itself: sarkd-diag train --output-dir 'my runs/ä' --resume)" in err, err
+    code, _, err = cli("train", "--output-dir", run, "--resume", "--temperature", "3")
+    assert code == 2 and "(sarkd-diag train --config 'my runs/ä/config.json' --resume)" in err, err

@@ -239,6 +239,21 @@ def test_follow_on_a_killed_run_prints_what_exists_and_says_the_run_is_dead(cli,
     assert err.count("\n") == 1 and "the run is dead" in err and f"sarkd-diag report {run}" in err
 
 
+def test_follow_on_a_run_stopped_at_once_says_how_it_ended_not_that_it_was_killed(cli, tmp_path):
+    """A run stopped by a second Ctrl-C records its end (an `interrupted` event) and writes no summary: --follow
+    called it `dead (killed?)`, where `check` said its logs show it was interrupted."""
+    run = _run(tmp_path, summary=False)
+    with (run / "events.jsonl").open("a") as log:
+        log.write(json.dumps({"kind": "interrupted", "severity": "warning", "step": 3, "micro_step": 0, "rank": 0,
+                              "phase": "policy", "probe": "loop", "model": None, "module": None, "tensor": None,
+                              "time": 2.0, "message": "a second Ctrl-C: stopped during step 3"}) + "\n")
+    _age(run, 120)
+    code, _, err = cli("events", run, "--follow")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "the run ended interrupted, its logs say, and was not closed" in err and "killed" not in err, err
+    assert f"`sarkd-diag report {run}` closes it" in err, err
+
+
 def test_follow_on_a_dead_run_with_an_older_summary_does_not_say_it_has_none(cli, tmp_path):
     """A run copied without its files' times (or appended to after it closed) has a summary.json older than its
     events: --follow said `has no summary.json` of a directory that plainly held one."""
@@ -367,3 +382,24 @@ def test_report_of_a_run_without_its_summary_writes_the_status_its_logs_prove(cl
     metrics = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n")  # killed before its final evaluation
     assert _closed_again(cli, run, summary) == "crashed"
+
+
+def test_module_names_match_in_any_case_as_the_other_names_do(cli, tmp_path):
+    """`events --model TEACHER` matched, `events --module LAYERS` did not: the one name filter that read case as typed,
+    though the help says names are case-insensitive."""
+    run = _run(tmp_path)
+    _, lower, _ = cli("events", run, "--module", "layers", "--format", "json")
+    code, upper, err = cli("events", run, "--module", "LAYERS", "--format", "json")
+    assert code == 0 and err == "" and json.loads(upper) == json.loads(lower) != []
+
+
+def test_a_kind_typed_as_a_part_of_several_names_them_all(cli, tmp_path):
+    """`events --kind nonfinite` answered `did you mean nonfinite_lr?` — the nearest name, one of eight kinds that
+    hold the word; the user was after the non-finite events, and learned of one kind, the rarest."""
+    run = _run(tmp_path)
+    code, out, err = cli("events", run, "--kind", "nonfinite")
+    assert (code, out) == (2, "")
+    assert "(did you mean one of nonfinite_param, nonfinite_at_load, nonfinite_grad, nonfinite_activation, " \
+           "nonfinite_batch, nonfinite_lr, nonfinite_loss, nonfinite_between_steps?)" in err, err
+    code, _, err = cli("events", run, "--kind", "nonfinite_gard")  # a near miss: the one meant
+    assert code == 2 and "(did you mean nonfinite_grad?)" in err, err

@@ -463,8 +463,8 @@ def test_probes_refuse_a_run_dir_another_process_is_still_writing(one_step, tmp_
     model = torch.nn.Linear(2, 2)
     with _held_open(run / held, "a") as pid, pytest.raises(BadInput) as refused:
         Probes(model, run_dir=run)
-    assert str(refused.value) == (f"run_dir {run} is still being written by process {pid}: let that run end first, "
-                                  "or give another run_dir")
+    assert str(refused.value) == (f"run_dir={str(run)!r} is still being written by process {pid}: let that run end "
+                                  "first, or give another run_dir")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert not model._forward_hooks and not model._forward_pre_hooks
     with Probes(model, run_dir=run) as probes:
@@ -526,7 +526,7 @@ def test_probes_refuse_a_run_dir_that_holds_something_else(tmp_path, make, says)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(BadInput) as refused:
         Probes(torch.nn.Linear(2, 2), run_dir=path)
-    assert str(refused.value) == f"run_dir {path} {says}"
+    assert str(refused.value) == f"run_dir={str(path)!r} {says}"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
@@ -698,7 +698,7 @@ def test_dataset_config_name_without_dataset_name_is_refused(cli, tmp_path, monk
     code, out, err = cli("train", "--dataset-config-name", "wikitext-2-raw-v1")
     assert (code, out) == (2, "")
     assert err == ("sarkd-diag: error: --dataset-config-name wikitext-2-raw-v1 configures a --dataset-name, and none "
-                   "is given (e.g. --dataset-name wikitext --dataset-config-name wikitext-2-raw-v1)\n")
+                   "is given (e.g. --dataset-name 'wikitext' --dataset-config-name 'wikitext-2-raw-v1')\n")
     assert list(tmp_path.iterdir()) == []
 
 

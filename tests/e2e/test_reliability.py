@@ -19,6 +19,7 @@ from contract import assert_conforms
 
 from sarkd_diag import load_run
 from sarkd_diag.contract.config import DistillConfig
+from sarkd_diag.presentation.closing import finalize_run
 from sarkd_diag.presentation.ui import TrainingDisplay
 from sarkd_diag.train import checkpoint as ckpt
 from sarkd_diag.train.loop import Trainer
@@ -221,9 +222,66 @@ def test_a_second_ctrl_c_says_which_step_it_stopped_and_what_a_resume_has(tiny_w
     — of a step whose row was written, and of a run that had no checkpoint at all."""
     trainer = Trainer(_config(tiny_world, tmp_path / "run", save_steps=save_steps), SecondCtrlCAt(2))
     result = trainer.train()
-    assert (result.status, result.summary["steps_completed"]) == ("interrupted", 2)
+    assert (result.status, result.exit_code, result.summary) == ("interrupted", 130, {})  # closed as it stood
     (event,) = _events(result.run_dir, "interrupted")
-    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}"
+    assert event["message"] == f"a second Ctrl-C: stopped after step 2; {kept}; the student was not saved"
+    summary = finalize_run(result.run_dir)  # what `sarkd-diag report` writes of it
+    assert (summary["status"], summary["steps_completed"]) == ("interrupted", 2)
+
+
+SLOW_SAVES = {  # a save that has just begun (the marker written) and takes its time, as a real model's does
+    "checkpoint": ("from sarkd_diag.train import checkpoint\n"
+                   "saving = checkpoint.save\n"
+                   "def slow(*args, **kwargs):\n"
+                   "    saved = saving(*args, **kwargs)\n"
+                   "    open(os.environ['SAVING'], 'w').close()\n"
+                   "    time.sleep(120)\n"
+                   "    return saved\n"
+                   "checkpoint.save = slow\n"),
+    "student": ("from transformers import PreTrainedModel\n"
+                "def slow(self, path, *args, **kwargs):\n"
+                "    os.makedirs(path, exist_ok=True)\n"
+                "    open(os.environ['SAVING'], 'w').close()\n"
+                "    time.sleep(120)\n"
+                "PreTrainedModel.save_pretrained = slow\n"),
+}
+
+
+@pytest.mark.parametrize("during", SLOW_SAVES)
+def test_a_second_ctrl_c_stops_at_once_keeps_the_logs_and_says_the_student_was_not_saved(cli, tiny_world, tmp_path,
+                                                                                          during):
+    """A second Ctrl-C while the first one's checkpoint was written went on to save the student and close the run in
+    full (minutes for a real model); one while the student was saved left without a word on what was kept. Now
+    either stops at once: the events and metrics stay as written, the run is interrupted, the student is not
+    saved, and the line says so and what builds the rest."""
+    out, saving = tmp_path / "run", tmp_path / "saving"
+    script = "import os, sys, time\n" + SLOW_SAVES[during] + "from sarkd_diag.cli import main\nmain(sys.argv[1:])\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "SAVING": str(saving)}
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "100000")]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True)
+        proc.err_file = err
+        _wait_for_rows(proc, out, 3)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 120
+        while not saving.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert saving.exists(), "the save never began"
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        stderr = _finish(proc, timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - started < 30, stderr
+    assert "Traceback" not in stderr and "without saving the student" in stderr, stderr
+    assert f"`sarkd-diag report {out}` writes its summary and report" in " ".join(stderr.split()), stderr
+    assert not (out / "student").exists() and not (out / "summary.json").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no half-built student left
+    done = len(_rows(out))
+    assert done >= 3 and [p.name for p in ckpt.list_checkpoints(out)] == [ckpt.step_dir_name(done)]
+    assert _events(out, "interrupted")  # marked interrupted in its own log
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert (_summary(out)["status"], _summary(out)["steps_completed"]) == ("interrupted", done)
 
 
 def test_after_kill_9_the_logs_hold_every_step_report_rebuilds_and_resume_continues(cli, tiny_world, tmp_path):
@@ -494,12 +552,85 @@ def test_a_full_disk_keeps_the_cause_in_the_traceback_and_every_finished_step(cl
     code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
     assert code == 1
     where, full = f"(traceback in {out / 'traceback.txt'})", "OSError: [Errno 28] No space left on device"
-    advice = f" — free space, then `sarkd-diag report {out}` rebuilds its summary and `--resume` continues it"
-    assert err.splitlines() == [f"sarkd-diag: no space left on device: {full} {where}{advice} from its last checkpoint",
+    advice = f" — free space, then `sarkd-diag report {out}` rebuilds its summary (it has no checkpoint to continue"
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: {full} {where}{advice} from)",
                                 f"sarkd-diag: closing the run failed too: {full} {where}"]
     first, second = (out / "traceback.txt").read_text().split("Traceback (most recent call last):")[1:]
     assert "_save_checkpoint" in first and "finalize_run" in second
     assert [r["step"] for r in _rows(out) if r["split"] == "train"] == [1, 2]
+
+
+def test_a_disk_full_only_when_a_completed_run_closes_fails_the_run_and_says_what_is_missing(cli, tiny_world,
+                                                                                            tmp_path, monkeypatch):
+    """Every step trained and the student saved, then the disk filled as report.html was written: `train` exited 0
+    — a script went on without summary.json or a report — and offered a `--resume` that refuses a run at its last
+    step. It fails (exit 1) and names what brings the summary and report back."""
+    import errno
+
+    import sarkd_diag.presentation.report as report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html_report", full)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 1, err
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: OSError: [Errno 28] No space left on device "
+                                f"(traceback in {out / 'traceback.txt'}) — free space, then `sarkd-diag report {out}` "
+                                "writes its summary and report"]
+    assert (out / "student" / "model.safetensors").is_file() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    code, _, err = cli("report", out)
+    assert code == 0, err
+    assert _summary(out)["status"] == "completed"
+
+
+def test_a_full_disk_as_safetensors_reports_it_is_a_full_disk_and_the_partial_checkpoint_goes(cli, tiny_world,
+                                                                                               tmp_path, monkeypatch):
+    """On a 400 KB tmpfs the final checkpoint failed in safetensors ('I/O error: No space left on device (os error
+    28)', a SafetensorError, no OSError): `train` called it an internal error (exit 3) and left the checkpoint's
+    partial files, the space closing then needed; the line offered a --resume of a run with no checkpoint."""
+    from safetensors import SafetensorError
+
+    def full(tensors, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "2"))
+    assert code == 1, err
+    assert err.splitlines() == [f"sarkd-diag: no space left on device: SafetensorError: Error while serializing: I/O "
+                                f"error: No space left on device (os error 28) (traceback in {out / 'traceback.txt'}) "
+                                f"— free space, then `sarkd-diag report {out}` rebuilds its summary (it has no "
+                                "checkpoint to continue from)"]
+    assert list((out / "checkpoints").iterdir()) == []  # no partial checkpoint left to hold the space
+
+
+def test_report_on_a_full_disk_is_a_full_disk_not_an_internal_error(cli, tiny_world, tmp_path, monkeypatch):
+    """`sarkd-diag report RUN` of a run on a full disk said `internal error: OSError: [Errno 28] No space left on
+    device` (exit 3, a traceback file to send in as a bug) — no bug: one line, exit 1, the run left as it was."""
+    import errno
+
+    import sarkd_diag.presentation.report as report
+
+    out = tmp_path / "run"
+    code, _, err = cli(*_args(tiny_world, out, "--train-steps", "1"))
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_html_report", full)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("report", out)
+    assert code == 1
+    assert err == ("sarkd-diag: no space left on device: OSError: [Errno 28] No space left on device — free space, "
+                   "then run the command again\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "sarkd-diag-error.txt").exists()
 
 
 def test_no_secret_is_recorded_nothing_is_written_outside_and_remote_code_is_recorded(cli, tiny_world, tmp_path,

@@ -1383,10 +1383,10 @@ def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(
 
 
 @pytest.mark.parametrize("options, error, says", [
-    ({"every": 0}, ValueError, "every must be a whole number of steps, at least 1, got 0"),
+    ({"every": 0}, ValueError, "every= must be a whole number of steps, at least 1, got 0"),
     ({"every": -1}, ValueError, "got -1"),
     ({"every": 2.5}, ValueError, "got 2.5"),
-    ({"scaler": "yes"}, TypeError, "scaler must be the loop's loss scaler (a torch.amp.GradScaler), got a str"),
+    ({"scaler": "yes"}, TypeError, "scaler= must be the loop's loss scaler (a torch.amp.GradScaler), got a str"),
 ], ids=["every 0", "every -1", "every 2.5", "a scaler that is none"])
 def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_path, options, error, says):
     """every=0 was accepted and the first statistics decision raised ZeroDivisionError mid-training; every=-1 and 2.5
@@ -1399,8 +1399,8 @@ def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_pat
 
 
 @pytest.mark.parametrize("callback", ["transformers", "lightning"])
-@pytest.mark.parametrize("options, says", [({"every": 0}, "every must be a whole number of steps, at least 1, got 0"),
-                                           ({"level": "max"}, "probe level must be one of off, standard, full")],
+@pytest.mark.parametrize("options, says", [({"every": 0}, "every= must be a whole number of steps, at least 1, got 0"),
+                                           ({"level": "max"}, "level= must be one of off, standard, full, got .max.")],
                          ids=["every 0", "level max"])
 def test_a_framework_callback_refuses_what_probes_would_when_it_is_made(tmp_path, callback, options, says):
     """SarkdDiagCallback(run_dir, every=0) was taken, and the error came inside trainer.train(), after the models and
