@@ -66,6 +66,8 @@ def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
         fused = estimate_mode("fp32", teacher, student, batch, 512).activations
         assert unfused - fused == every_token - one_chunk - tokens * student.hidden * 4
     assert "86 rows at a time" in " ".join(estimate_mode("fp32", teacher, student, 4, 512).notes)
+    # bf16 logits: chunks of the same bytes, twice the rows (2,048 rows in twelve chunks of at least 166)
+    assert "171 rows at a time" in " ".join(estimate_mode("bf16-mixed", teacher, student, 4, 512).notes)
 
 
 def test_a_dual_tokenizer_teacher_costs_its_last_hidden_states_not_its_logits(shapes):

@@ -39,9 +39,11 @@ from torch.autograd.function import once_differentiable
 
 from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
-CHUNK_VALUES = 2**22  # values of one chunk of the student's logits, [rows, vocab] (16 MiB in fp32)
+# bytes of one chunk of the student's logits, [rows, vocab], in their dtype: 83.5 rows at 50,257 tokens in fp32, 167
+# in bf16 (whose products also run faster on wider chunks: 84 → 166 rows, the three products 6-10 % each)
+CHUNK_BYTES = 2**24
 # fewer rows make the head's forward product slow: on this project's CPU (MKL, fp32, one thread) 83 rows cost 25 % more
-# per row than 84 (608 against 486 ms per 512 rows at 768 inputs, 838 against 680 at 1024), at 2²² values 83.5 rows
+# per row than 84 (608 against 486 ms per 512 rows at 768 inputs, 838 against 680 at 1024)
 MIN_CHUNK_ROWS = 84
 TEACHER_PARTS = 2  # the teacher's logits are made this many parts of a chunk at a time (see _run_chunks)
 ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspace (512 KiB): it stays in cache
@@ -51,10 +53,10 @@ ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspac
 ACCELERATOR_ROW_GROUP_VALUES = 2**20
 
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: the student's logits of about CHUNK_VALUES, never fewer than MIN_CHUNK_ROWS (84 rows from
-    49,933 tokens on). A batch's chunks are never narrower than this (`_chunks`)."""
-    return max(MIN_CHUNK_ROWS, CHUNK_VALUES // vocab)
+def chunk_rows(vocab: int, logits_bytes: int = 4) -> int:
+    """Rows per chunk: the student's logits (`logits_bytes` an element) of about CHUNK_BYTES, never fewer than
+    MIN_CHUNK_ROWS (84 rows in fp32 from 49,933 tokens on). A batch's chunks are never narrower (`_chunks`)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * logits_bytes))
 
 
 def group_rows(vocab: int, device_type: str = "cpu") -> int:
@@ -65,9 +67,9 @@ def group_rows(vocab: int, device_type: str = "cpu") -> int:
     return max(1, values // vocab)
 
 
-def widest_chunk(n_rows: int, vocab: int) -> int:
+def widest_chunk(n_rows: int, vocab: int, logits_bytes: int) -> int:
     """Rows of the widest chunk that `n_rows` rows are cut into: what one chunk's logits hold at most."""
-    first = _chunks(n_rows, chunk_rows(vocab))[0]
+    first = _chunks(n_rows, chunk_rows(vocab, logits_bytes))[0]
     return first.stop - first.start
 
 
@@ -116,9 +118,11 @@ def fused_kd_ce(
         raise ValueError(f"student and teacher heads must share a vocabulary; got {vocab} and "
                          f"{teacher_head.weight.shape[0]}")
     flat_labels = labels.reshape(-1)
+    if chunk_tokens is None:
+        chunk_tokens = chunk_rows(vocab, _logits_dtype(student_head, student_hidden).itemsize)
     plan = _Plan(
         student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
-        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, group_rows(vocab, student_hidden.device.type),
+        chunk_tokens, group_rows(vocab, student_hidden.device.type),
         KD_BUFFERS[kind] + 1,
         alpha_kd, alpha_ce, grad_factor,
     )
@@ -138,9 +142,16 @@ def fused_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) ->
     step holds."""
     flat_hidden, flat_labels = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for rows in _chunks(flat_labels.shape[1], chunk_rows(head.weight.shape[0])):
+    for rows in _chunks(flat_labels.shape[1], chunk_rows(head.weight.shape[0], _logits_dtype(head, hidden).itemsize)):
         total += ce_loss_sum(head(flat_hidden[:, rows]), flat_labels[:, rows])
     return total
+
+
+def _logits_dtype(head: nn.Module, hidden: torch.Tensor) -> torch.dtype:
+    """The dtype a head's logits will have: the autocast dtype where autocast is on, else the weight's (only the
+    chunks' size rests on it)."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
 
 
 class _Plan(NamedTuple):

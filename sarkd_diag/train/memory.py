@@ -155,7 +155,7 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
     if dual:
         return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.hidden * teacher_compute
     if fused:
-        rows = widest_chunk(tokens, student.vocab)
+        rows = widest_chunk(tokens, student.vocab, compute)
         teacher_rows, group = -(-rows // TEACHER_PARTS), min(rows, group_rows(student.vocab))
         return (student.vocab * (rows * compute + teacher_rows * teacher_compute + group * 5 * 4)
                 + tokens * student.hidden * compute)
@@ -197,7 +197,7 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused, dual),
     )
     if fused:
-        rows = counted(widest_chunk(tokens, student.vocab), "row")
+        rows = counted(widest_chunk(tokens, student.vocab, compute), "row")
         estimate.notes.append(f"--fused-loss: the logits exist {rows} at a time (--no-fused-loss: every token's "
                               "at once)")
     if offload_teacher:
