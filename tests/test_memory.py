@@ -51,20 +51,23 @@ def test_activations_scale_with_the_batch_and_shrink_with_checkpointing(shapes):
 
 
 def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
-    """Over a 50k vocabulary the fused loss holds one chunk of the student's logits (83 rows at 50,257), the
+    """Over a 50k vocabulary the fused loss holds one chunk of the student's logits (86 rows at 50,257: 2,048 or
+    4,096 rows in chunks of at least 84), the
     teacher's of half of them and five fp32 buffers of a row group (2 rows), plus the student's hidden-state
     gradient; unfused, every token's logits."""
     from dataclasses import replace
 
     teacher, student = (replace(shapes[k][0], vocab=50257) for k in ("teacher", "student"))
-    one_chunk = (83 + 42 + 2 * 5) * 50257 * 4
+    one_chunk = (86 + 43 + 2 * 5) * 50257 * 4
     for batch in (4, 8):
         tokens = batch * 512
         every_token = tokens * 50257 * (4 + 4 + 4 + 4)  # student logits, log-softmax, gradient; teacher logits
         unfused = estimate_mode("fp32", teacher, student, batch, 512, fused_loss=False).activations
         fused = estimate_mode("fp32", teacher, student, batch, 512).activations
         assert unfused - fused == every_token - one_chunk - tokens * student.hidden * 4
-    assert "83 rows at a time" in " ".join(estimate_mode("fp32", teacher, student, 4, 512).notes)
+    assert "86 rows at a time" in " ".join(estimate_mode("fp32", teacher, student, 4, 512).notes)
+    # bf16 logits: chunks of the same bytes, twice the rows (2,048 rows in twelve chunks of at least 166)
+    assert "171 rows at a time" in " ".join(estimate_mode("bf16-mixed", teacher, student, 4, 512).notes)
 
 
 def test_a_dual_tokenizer_teacher_costs_its_last_hidden_states_not_its_logits(shapes):

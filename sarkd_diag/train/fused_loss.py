@@ -39,8 +39,12 @@ from torch.autograd.function import once_differentiable
 
 from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
-CHUNK_VALUES = 2**22  # values of one chunk of the student's logits, [rows, vocab] (16 MiB in fp32)
-MIN_CHUNK_ROWS = 80  # fewer rows make the head's products slow: 64 rows +7 %, 41 rows +29 % of the loss's time
+# bytes of one chunk of the student's logits, [rows, vocab], in their dtype: 83.5 rows at 50,257 tokens in fp32, 167
+# in bf16 (whose products also run faster on wider chunks: 84 → 166 rows, the three products 6-10 % each)
+CHUNK_BYTES = 2**24
+# fewer rows make the head's forward product slow: on this project's CPU (MKL, fp32, one thread) 83 rows cost 25 % more
+# per row than 84 (608 against 486 ms per 512 rows at 768 inputs, 838 against 680 at 1024)
+MIN_CHUNK_ROWS = 84
 TEACHER_PARTS = 2  # the teacher's logits are made this many parts of a chunk at a time (see _run_chunks)
 ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspace (512 KiB): it stays in cache
 # on an accelerator each element-wise op of a group is a kernel launch: CPU-sized groups (2 rows at 50,257 tokens)
@@ -49,11 +53,10 @@ ROW_GROUP_VALUES = 2**17  # fp32 values of one buffer of the loss rows' workspac
 ACCELERATOR_ROW_GROUP_VALUES = 2**20
 
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: the student's logits of at most CHUNK_VALUES (83 rows at 50,257 tokens), never fewer than
-    MIN_CHUNK_ROWS (from 52,429 tokens on). Measured with benchmarks/bench_fused_loss.py's shapes on this
-    project's CPU: 83 rows cost what 166 do (within 2 %), 64 and fewer cost more."""
-    return max(MIN_CHUNK_ROWS, CHUNK_VALUES // vocab)
+def chunk_rows(vocab: int, logits_bytes: int = 4) -> int:
+    """Rows per chunk: the student's logits (`logits_bytes` an element) of about CHUNK_BYTES, never fewer than
+    MIN_CHUNK_ROWS (84 rows in fp32 from 49,933 tokens on). A batch's chunks are never narrower (`_chunks`)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (vocab * logits_bytes))
 
 
 def group_rows(vocab: int, device_type: str = "cpu") -> int:
@@ -62,6 +65,12 @@ def group_rows(vocab: int, device_type: str = "cpu") -> int:
     accelerator, groups of ACCELERATOR_ROW_GROUP_VALUES: enough values per kernel to pay for its launch."""
     values = ROW_GROUP_VALUES if device_type == "cpu" else ACCELERATOR_ROW_GROUP_VALUES
     return max(1, values // vocab)
+
+
+def widest_chunk(n_rows: int, vocab: int, logits_bytes: int) -> int:
+    """Rows of the widest chunk that `n_rows` rows are cut into: what one chunk's logits hold at most."""
+    first = _chunks(n_rows, chunk_rows(vocab, logits_bytes))[0]
+    return first.stop - first.start
 
 
 class FusedSums(NamedTuple):
@@ -109,9 +118,11 @@ def fused_kd_ce(
         raise ValueError(f"student and teacher heads must share a vocabulary; got {vocab} and "
                          f"{teacher_head.weight.shape[0]}")
     flat_labels = labels.reshape(-1)
+    if chunk_tokens is None:
+        chunk_tokens = chunk_rows(vocab, _logits_dtype(student_head, student_hidden).itemsize)
     plan = _Plan(
         student_head, teacher_head, kd_rows(kind, temperature, jsd_beta), ce_rows(flat_labels), flat_labels != -100,
-        chunk_rows(vocab) if chunk_tokens is None else chunk_tokens, group_rows(vocab, student_hidden.device.type),
+        chunk_tokens, group_rows(vocab, student_hidden.device.type),
         KD_BUFFERS[kind] + 1,
         alpha_kd, alpha_ce, grad_factor,
     )
@@ -130,10 +141,17 @@ def fused_ce_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) ->
     loss, `ce_loss_sum` on one chunk of the head's logits at a time, so no more of them is alive than a training
     step holds."""
     flat_hidden, flat_labels = hidden.reshape(1, -1, hidden.shape[-1]), labels.reshape(1, -1)
-    rows, total = chunk_rows(head.weight.shape[0]), hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.shape[1], rows):
-        total += ce_loss_sum(head(flat_hidden[:, start:start + rows]), flat_labels[:, start:start + rows])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for rows in _chunks(flat_labels.shape[1], chunk_rows(head.weight.shape[0], _logits_dtype(head, hidden).itemsize)):
+        total += ce_loss_sum(head(flat_hidden[:, rows]), flat_labels[:, rows])
     return total
+
+
+def _logits_dtype(head: nn.Module, hidden: torch.Tensor) -> torch.dtype:
+    """The dtype a head's logits will have: the autocast dtype where autocast is on, else the weight's (only the
+    chunks' size rests on it)."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
 
 
 class _Plan(NamedTuple):
@@ -200,7 +218,7 @@ def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
     teacher's one, so it is the teacher's that are made narrower), and the row groups' small fp32 workspace.
     """
     n_rows, device = h_s.shape[0], h_s.device
-    chunks = _split(slice(0, n_rows), -(-n_rows // plan.chunk_tokens))
+    chunks = _chunks(n_rows, plan.chunk_tokens)
     group = min(plan.group_rows, chunks[0].stop)
     workspace = [torch.empty((group, w_s.shape[0]), dtype=torch.float32, device=device) for _ in range(plan.buffers)]
     row_values = torch.empty(2, n_rows, dtype=torch.float32, device=device)  # each row's kd and ce
@@ -228,6 +246,13 @@ def _run_chunks(plan: _Plan, h_s, w_s, b_s, h_t, needs: tuple[bool, ...]):
     student, teacher = heads
     grads = (student.grads() if student else [None] * 3) + (teacher.grads()[:1] if teacher else [None])
     return objective, kd_total, ce_total, grads
+
+
+def _chunks(n_rows: int, rows: int) -> list[slice]:
+    """`n_rows` in chunks of at least `rows` rows (fewer only when there are fewer in all), at most `2·rows - 1`
+    (as many as fit: 512 rows of at least 84 make six chunks of 85 or 86): a narrower chunk's forward product would
+    be the slow one that `MIN_CHUNK_ROWS` keeps away."""
+    return _split(slice(0, n_rows), max(1, n_rows // rows))
 
 
 def _split(rows: slice, parts: int) -> list[slice]:

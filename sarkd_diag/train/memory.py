@@ -7,7 +7,7 @@ estimate for one micro-batch (batch × block), with attention through SDPA (no s
 
     per layer and token, in the compute dtype:  8·hidden + 3·intermediate·experts_per_token elements
     logits, fused (--fused-loss, the default): one chunk of rows at a time, whatever the batch — the
-        student's logits of a chunk (fused_loss.chunk_rows rows, which become their own gradient), the
+        student's logits of a chunk (fused_loss.widest_chunk rows, which become their own gradient), the
         teacher's of half of them, the fp32 buffers of one row group of the loss rows (fused_loss.group_rows
         rows × vocab × 5 × 4: the JSD's four and the CE gradient's), plus the student's last hidden states'
         gradient
@@ -34,7 +34,7 @@ from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from ..contract.wording import counted
-from .fused_loss import TEACHER_PARTS, chunk_rows, group_rows
+from .fused_loss import TEACHER_PARTS, group_rows, widest_chunk
 from .models import check_block_fits, load_tokenizer, max_positions, shared_vocabulary
 from .precision import MODES
 
@@ -155,7 +155,7 @@ def _logits_bytes(student: ModelShape, teacher: ModelShape, tokens: int, compute
     if dual:
         return tokens * student.vocab * (compute + 4 + 4) + tokens * teacher.hidden * teacher_compute
     if fused:
-        rows = min(tokens, chunk_rows(student.vocab))
+        rows = widest_chunk(tokens, student.vocab, compute)
         teacher_rows, group = -(-rows // TEACHER_PARTS), min(rows, group_rows(student.vocab))
         return (student.vocab * (rows * compute + teacher_rows * teacher_compute + group * 5 * 4)
                 + tokens * student.hidden * compute)
@@ -197,7 +197,7 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused, dual),
     )
     if fused:
-        rows = counted(min(tokens, chunk_rows(student.vocab)), "row")
+        rows = counted(widest_chunk(tokens, student.vocab, compute), "row")
         estimate.notes.append(f"--fused-loss: the logits exist {rows} at a time (--no-fused-loss: every token's "
                               "at once)")
     if offload_teacher:
