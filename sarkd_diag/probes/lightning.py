@@ -12,12 +12,13 @@ stops training on a critical event (`trainer.should_stop`) and closes the run wh
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import Probes, check_probe_settings
+from . import Probes, check_probe_settings, replace_method
 from .base import scores_tokens, teacher_by_name
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
@@ -96,6 +97,7 @@ class SarkdDiagLightningCallback(Callback):
         self._scheduled_step = True  # automatic optimization: the batch under way ends an accumulation
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
+        self._unwrap_training_step = None  # puts the module's own `training_step` back (`_watch_training_step`)
 
     @property
     def state_key(self) -> str:
@@ -131,6 +133,26 @@ class SarkdDiagLightningCallback(Callback):
                                         "reason": f'PyTorch Lightning: Trainer(precision="{precision}")'},
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
         self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
+        self._watch_training_step(pl_module)
+
+    def _watch_training_step(self, pl_module) -> None:
+        """Wrap the module's `training_step` for the loss it returns before Lightning backpropagates it (what
+        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`)."""
+        self._unwatch_training_step()
+        training_step = pl_module.training_step
+
+        @functools.wraps(training_step)
+        def watched_training_step(*args, **kwargs):
+            output = training_step(*args, **kwargs)
+            if self.probes is not None:
+                self.probes.set.observe_loss_graph(output)
+            return output
+        self._unwrap_training_step = replace_method(pl_module, "training_step", watched_training_step)
+
+    def _unwatch_training_step(self) -> None:
+        if self._unwrap_training_step is not None:
+            self._unwrap_training_step()
+            self._unwrap_training_step = None
 
     def _closes_step(self, trainer, pl_module) -> bool:
         """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
@@ -189,9 +211,11 @@ class SarkdDiagLightningCallback(Callback):
                                        cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._unwatch_training_step()
         if self.probes is not None:
             self.probes.close("stopped" if self.stopped_at is not None else "completed")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._unwatch_training_step()
         if self.probes is not None:
             self.probes.close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
