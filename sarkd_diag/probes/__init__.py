@@ -59,7 +59,7 @@ from .base import (
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe, as_it_ran
 from .gradients import GradientProbe
-from .loss import LossProbe, caller_loss
+from .loss import LossProbe, caller_loss, output_loss
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -391,6 +391,14 @@ class ProbeSet:
         """The value the loop's `clip_grad_value_` clamps each gradient entry at: the `clip_value` column."""
         if self._gradients is not None:
             self._gradients.observe_clip_value(clip_value)
+
+    def observe_loss_graph(self, output) -> None:
+        """What a framework's loss hook returned before its backward (the Trainer's `compute_loss`, Lightning's
+        `training_step`: a loss, a `(loss, outputs)` tuple, a dict holding one): the root of the loss's graph, walked
+        only if the step's gradients turn non-finite (`loss_graph`). The loss handed to `Probes.step` is one too."""
+        loss = output if torch.is_tensor(output) else output_loss(output, labelled=True)
+        if torch.is_tensor(loss) and loss.grad_fn is not None:
+            self.ctx.loss_roots.append(loss.grad_fn)
 
     def observe_terms(self, terms: dict[str, torch.Tensor | None], targets: int | None) -> None:
         """The loop's loss terms of one micro-batch (kd, ce, router) and its target count."""

@@ -151,9 +151,8 @@ class SarkdDiagCallback(TrainerCallback):
             self._loss_call = (compute_loss, tuple(_as_handed(a) for a in args),
                                {k: _as_handed(v) for k, v in kw.items()})
             result = compute_loss(*args, **kw)
-            loss = result[0] if isinstance(result, tuple) else result  # `return_outputs=True`: (loss, outputs)
-            if self.probes is not None and torch.is_tensor(loss) and loss.grad_fn is not None:
-                self.probes.ctx.loss_roots.append(loss.grad_fn)  # where the loss's own computation ends
+            if self.probes is not None:
+                self.probes.set.observe_loss_graph(result)
             return result
 
         train = trainer.train

@@ -130,6 +130,7 @@ class SarkdDiagLightningCallback(Callback):
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
         self._unguards: list = []  # what puts the Trainer's checkpointing back (`_guard_checkpoints`)
+        self._unwrap_training_step = None  # puts the module's own `training_step` back (`_watch_training_step`)
 
     @property
     def state_key(self) -> str:
@@ -166,6 +167,26 @@ class SarkdDiagLightningCallback(Callback):
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
         self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
         self._guard_checkpoints(trainer, pl_module)
+        self._watch_training_step(pl_module)
+
+    def _watch_training_step(self, pl_module) -> None:
+        """Wrap the module's `training_step` for the loss it returns before Lightning backpropagates it (what
+        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`)."""
+        self._unwatch_training_step()
+        training_step = pl_module.training_step
+
+        @functools.wraps(training_step)
+        def watched_training_step(*args, **kwargs):
+            output = training_step(*args, **kwargs)
+            if self.probes is not None:
+                self.probes.set.observe_loss_graph(output)
+            return output
+        self._unwrap_training_step = replace_method(pl_module, "training_step", watched_training_step)
+
+    def _unwatch_training_step(self) -> None:
+        if self._unwrap_training_step is not None:
+            self._unwrap_training_step()
+            self._unwrap_training_step = None
 
     def _guard_checkpoints(self, trainer, pl_module) -> None:
         """Lightning's `ModelCheckpoint` reads no `should_stop`: stopped on non-finite weights, it still writes them
@@ -217,6 +238,7 @@ class SarkdDiagLightningCallback(Callback):
         if stage == "fit":
             self._close("stopped" if self.stopped_at is not None else "completed")
             self._unguard_checkpoints()
+            self._unwatch_training_step()
 
     def _closes_step(self, trainer, pl_module) -> bool:
         """Whether the batch under way ends with an optimizer step. Under automatic optimization Lightning steps on
@@ -278,6 +300,7 @@ class SarkdDiagLightningCallback(Callback):
         """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again."""
         self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
         self._unguard_checkpoints()
+        self._unwatch_training_step()
 
     def _close(self, status: str, error: BaseException | None = None) -> None:
         if self.probes is not None:

@@ -220,7 +220,7 @@ class LossProbe(Probe):
             targets = counts.sum() if all(share for _, share in captured) else counts.min()
         else:
             targets = None
-        if loss.grad_fn is not None:
+        if loss.grad_fn is not None:  # the root of its graph, as `ProbeSet.observe_loss_graph` keeps a framework's
             self.ctx.loss_roots.append(loss.grad_fn)
         self.observe({"loss": loss}, targets)
 

@@ -4,6 +4,7 @@ mid-fit."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -582,3 +583,33 @@ def test_an_lbfgs_steps_loss_is_its_first_closure_call_as_in_a_plain_loop(tmp_pa
     assert trainer.global_step == 3 and len(module.losses) > 3  # re-evaluations ran
     metrics = load_run(tmp_path / "run")["metrics"]
     assert metrics["loss"].tolist() == pytest.approx(module.step_losses, rel=1e-6)
+
+
+class HiddenRMSE(pl.LightningModule):
+    """Hidden-state distillation: the CE plus the RMSE between the last hidden states of the student and a frozen
+    teacher."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def training_step(self, batch, batch_idx):
+        out = self.student(**batch, output_hidden_states=True)
+        with torch.no_grad():
+            target = self.teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        return out.loss + torch.nn.functional.mse_loss(out.hidden_states[-1], target).sqrt()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.student.parameters(), lr=1e-3)
+
+
+def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_lightning(tmp_path):
+    """Step 1's RMSE is the sqrt of exactly 0 and every gradient NaN. What `on_train_batch_end` gets is the detached
+    loss; the callback reads the graph of what `training_step` returned (its own method, put back after the fit) and
+    names the sqrt, not a float32 overflow."""
+    teacher = tiny.make_gpt2(VOCAB, seed=3).eval().requires_grad_(False)
+    module = HiddenRMSE(copy.deepcopy(teacher).requires_grad_(True), teacher)
+    _fit(module, tmp_path / "run", max_steps=2)
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
+    assert "training_step" not in vars(module)
