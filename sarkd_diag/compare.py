@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -194,7 +195,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
     if code < 0:
         failure = f"killed by {signal.Signals(-code).name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
     elif code not in (0, 1):
-        failure = f"exit {code}: {_last_error_line(log)[:MAX_FAILURE_CHARS]}"
+        failure = f"exit {code}: {textwrap.shorten(_last_error_line(log), MAX_FAILURE_CHARS, placeholder=' …')}"
     if (run_dir / "config.json").is_file() and not (run_dir / "summary.json").is_file():
         finalize_run(run_dir)  # what `sarkd-diag report` does for a run that died: the status its logs prove
     if failure is None and not (run_dir / "summary.json").is_file():

@@ -5,7 +5,8 @@ The loop looks at `signal` between steps: it then writes a checkpoint, the logs 
 step or while the run closes: the student is not saved (unless it already was), the logs stay as written, and the
 newest checkpoint is the one to resume from. A closed output (`sarkd-diag train | head`, once `head`
 has exited) is asked for the same way, as SIGPIPE, exit 141 (`output_closed`): where a Unix tool would die of
-SIGPIPE at its next write, the run stops after its step with its state saved.
+SIGPIPE at its next write, the run stops after its step with its state saved. A signal the run was started
+ignoring (a script's `sarkd-diag train ... &`, `nohup`) stays ignored, as the one who started it asked.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class StopRequests:
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in HANDLED:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # `cmd &` in a script, nohup: asked not to stop
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

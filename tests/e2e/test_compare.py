@@ -347,3 +347,16 @@ def test_compare_precision_with_a_comparisons_options_compares_its_modes(tmp_pat
             main(["compare-precision", "--config", str(options), *extra])
         assert exit_.value.code == 0
     assert seen == [["fp32", "bf16-mixed"], ["mixed"]]
+
+
+def test_a_long_failure_is_cut_at_a_word_and_says_so(tmp_path, monkeypatch):
+    """A mode stopped by a second Ctrl-C failed as `exit 130: a second Ctrl-C: ... it has no checkpoin`: its reason
+    cut at 200 characters, mid-word, with nothing to tell the reader that more was said (in logs/<mode>.log)."""
+    import sarkd_diag.compare as compare
+
+    said = "sarkd-diag: error: " + " ".join(["checkpoint"] * 40)
+    monkeypatch.setattr(compare, "_train_command", lambda mode, config_file, run_dir: [
+        sys.executable, "-c", f"import sys; print({said!r}); sys.exit(3)"])
+    result = compare.run_mode("fp32", tmp_path / "compare_options.json", tmp_path)
+    assert result.failure.startswith("exit 3: checkpoint checkpoint") and result.failure.endswith("checkpoint …")
+    assert len(result.failure) <= len("exit 3: ") + compare.MAX_FAILURE_CHARS

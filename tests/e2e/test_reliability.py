@@ -188,6 +188,27 @@ def test_a_signal_finishes_the_step_saves_everything_and_resume_continues(cli, t
     assert [r["step"] for r in _rows(out)] == list(range(1, done + 3))
 
 
+def test_a_run_started_ignoring_sigint_keeps_ignoring_it(tiny_world, tmp_path):
+    """A script's `sarkd-diag train ... &` starts with SIGINT ignored (the shell's way of keeping a Ctrl-C meant for
+    the script's foreground job away from its background ones, as nohup does for SIGHUP): train put its own handler
+    in place, and the Ctrl-C stopped it too. It stays ignored; SIGTERM still stops the run, its state saved."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "100000")]
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sarkd_diag", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        proc.err_file = err
+        _wait_for_rows(proc, out, 2)
+        proc.send_signal(signal.SIGINT)
+        done = len(_rows(out))
+        _wait_for_rows(proc, out, done + 3)  # it trains on
+        proc.send_signal(signal.SIGTERM)
+        stderr = _finish(proc)
+    assert proc.returncode == 143 and "SIGINT" not in stderr, stderr
+    assert _summary(out)["status"] == "interrupted"
+
+
 def test_a_rank_that_another_ranks_signal_stops_saves_and_says_why(tiny_world, tmp_path, monkeypatch):
     """Under torchrun every rank stops after the same step (an all-reduced flag), some before their own signal has
     arrived: such a rank saves as interrupted and names the other rank's signal (it used to crash on its own)."""
