@@ -2590,26 +2590,38 @@ def _distilled_from_a_copy() -> tuple[nn.Module, nn.Module]:
     return copy.deepcopy(teacher).train().requires_grad_(True), teacher
 
 
+def _distil_with_an_rmse(student, teacher, steps: int = 3, term: str = "sqrt", scaler=None) -> Probes:
+    """Hidden-state KD as people write it: the CE plus the RMSE between the last hidden states (the distance as a
+    sqrt, or as a power ½), in fp32 — or under fp16 autocast with `scaler`, the distance taken in fp32."""
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler) as probes:
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                out = student(input_ids=ids, labels=ids, output_hidden_states=True)
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+                mse = nn.functional.mse_loss(out.hidden_states[-1].float(), target.float())
+                loss = out.loss + (mse.sqrt() if term == "sqrt" else mse ** 0.5)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    return probes
+
+
 @pytest.mark.parametrize("term", ["sqrt", "pow"])
 def test_an_rmse_between_a_student_copied_from_its_teacher_is_named_on_step_1(term):
     """Hidden-state KD with an RMSE (or the distance as a power ½) from a student copied from its teacher: on step 1
     the difference is exactly 0 and its sqrt's derivative inf × 0 makes every gradient NaN at once. No gradient was
     measured before, so nothing ruled an overflow out and the run read as a float32 gradient overflow, fixed by fp16
     autocast and a GradScaler; the loss's graph now names the operation, and the step is an undefined derivative."""
-    student, teacher = _distilled_from_a_copy()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
-        for _ in range(3):
-            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
-            with torch.no_grad():
-                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-            mse = nn.functional.mse_loss(out.hidden_states[-1], target)
-            loss = out.loss + 0.5 * (mse.sqrt() if term == "sqrt" else mse ** 0.5)
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss)
-            opt.zero_grad()
+    probes = _distil_with_an_rmse(*_distilled_from_a_copy(), term=term)
     (event,) = _events(probes, "singular_derivative")
     assert (event.step, event.tensor) == (1, term)
     root = probes.diagnosis()[0]
@@ -2633,18 +2645,7 @@ def test_a_healthy_loss_with_a_sqrt_says_nothing_of_it():
     student, teacher = _distilled_from_a_copy()
     with torch.no_grad():
         teacher.transformer.ln_f.bias.add_(0.1)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
-        for _ in range(3):
-            out = student(input_ids=ids, labels=ids, output_hidden_states=True)
-            with torch.no_grad():
-                target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-            loss = out.loss + nn.functional.mse_loss(out.hidden_states[-1], target).sqrt()
-            loss.backward()
-            opt.step()
-            probes.step(loss=loss)
-            opt.zero_grad()
+    probes = _distil_with_an_rmse(student, teacher)
     assert not _events(probes, "singular_derivative") and not probes.diagnosis()
 
 
@@ -2654,22 +2655,7 @@ def test_an_rmse_from_a_copied_student_under_a_gradscaler_is_not_blamed_on_the_s
     any scale, so the scaler skips every step and the student never moves off its teacher. A short run read as a
     scaler that "started too high: run more steps", a long one (the scale below 1) as gradients too large for fp16;
     both now name the loss's sqrt."""
-    student, teacher = _distilled_from_a_copy()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu")
-    ids = torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler) as probes:
-        for _ in range(steps):
-            with torch.autocast("cpu", dtype=torch.float16):
-                out = student(input_ids=ids, labels=ids, output_hidden_states=True)
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-                loss = out.loss + nn.functional.mse_loss(out.hidden_states[-1].float(), target.float()).sqrt()
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            probes.step(loss=loss)
-            opt.zero_grad()
+    probes = _distil_with_an_rmse(*_distilled_from_a_copy(), steps=steps, scaler=torch.amp.GradScaler("cpu"))
     root = probes.diagnosis()[0]
     assert (root["cause"], root["evidence"]["loss_operation"]) == (cause, "sqrt")
     assert "applies sqrt" in root["fix"]
