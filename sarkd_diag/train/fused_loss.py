@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from .losses import KD_BUFFERS, RowFn, ce_loss_sum, ce_rows, check_kd_options, kd_rows
 
 # bytes of one chunk of the student's logits, [rows, vocab], in their dtype: 83.5 rows at 50,257 tokens in fp32, 167
-# in bf16 (whose products also run faster on wider chunks: 84 → 166 rows, the three products 6-10 % each)
+# in bf16 (whose products also run faster on wider chunks: 84 → 128 rows, each of the three 6-9 % faster)
 CHUNK_BYTES = 2**24
 # fewer rows make the head's forward product slow: on this project's CPU (MKL, fp32, one thread) 83 rows cost 25 % more
 # per row than 84 (608 against 486 ms per 512 rows at 768 inputs, 838 against 680 at 1024)
