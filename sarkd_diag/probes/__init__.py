@@ -475,6 +475,7 @@ class ProbeSet:
         self._removers = []
         for probe in self.probes:
             probe.close()
+        self.ctx.output_nodes, self.ctx.loss_roots = [], []  # the last step's graph nodes are not held past the run
         if self.ctx.activations_log is not None:
             self.ctx.activations_log.close()
             self.ctx.activations_log = None
