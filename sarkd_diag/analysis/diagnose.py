@@ -281,11 +281,17 @@ AT_LOSS_END = ("every gradient turned {{holds}} at once in backward, in {{dtype}
                "`(x + eps).sqrt()`, `log_softmax` rather than the log of a softmax); a precision change, a loss "
                "scaler or lowering {{lr}} will not help")
 
-# skips that no scale ends: the loss's own operation at its singular point (`singular_derivative`)
+# where the loss's own operation (`singular_derivative`) meets its singular point, and how to keep it off: the text the
+# fixes naming that operation share
+SINGULAR_POINTS = ("(sqrt or pow below 1 of exactly 0: an RMSE or a distance between equal tensors, as when a student "
+                   "starts from its teacher's weights{never_moved}; a log or division at 0)")
+KEEP_OFF_THE_POINT = ("keep its input off it (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance instead of "
+                      "the distance)")
+UNDER_A_SCALER = ", which the skipped steps never move"  # a loss scaler skips every step: the student stays the copy
+# skips that no scale ends: the loss's own operation at its singular point
 SINGULAR_AT_ANY_SCALE = (" — unless the loss's own computation makes them: it applies {operation}, whose gradient is "
-                         "non-finite at any scale where its input sits at its singular point (sqrt or pow below 1 of "
-                         "0: an RMSE between equal tensors, as when a student starts from its teacher's weights, "
-                         "which the skipped steps never move; a log or division at 0) — check that input first")
+                         "non-finite at any scale where its input sits at its singular point "
+                         + SINGULAR_POINTS.format(never_moved=UNDER_A_SCALER) + " — check that input first")
 
 # what float16 cannot hold in a module's own code, and the fix: the text two fixes of `activation_overflow` share
 FP16_CONSTANTS = ("a constant of its code that float16 cannot hold — a mask's fill value beyond 65504 "
@@ -406,10 +412,8 @@ FIXES = {
                                     "backwards, while the loss is at most {largest}: at such a scale no such loss's "
                                     "gradients overflow fp16 — the loss's own computation applies {operation}, whose "
                                     "gradient is non-finite at any scale where its input sits at its singular point "
-                                    "(sqrt or pow below 1 of exactly 0: an RMSE between equal tensors, as when a "
-                                    "student starts from its teacher's weights, which the skipped steps never move; a "
-                                    "log or division at 0); keep its input off it (`(x + eps).sqrt()`, "
-                                    "`x.clamp_min(eps)`, the squared distance); precision is not the cause",
+                                    + SINGULAR_POINTS.format(never_moved=UNDER_A_SCALER) + "; " + KEEP_OFF_THE_POINT
+                                    + "; precision is not the cause",
     "loss_scale_collapse_unplaced": "gradients overflow fp16 every few steps: lower {loss_weights} or {lr}, or "
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
@@ -663,11 +667,9 @@ FIXES = {
                                "{dtype}, from a finite loss and values nowhere near {dtype}'s range (the largest "
                                "measured {amax}), and the loss's own computation applies {operation}, whose derivative "
                                "is infinite or undefined at some input: not an overflow — it entered at the loss end, "
-                               "where {operation} met such a point (sqrt or pow below 1 of exactly 0: an RMSE or a "
-                               "distance between equal tensors, as when a student starts from its teacher's weights; "
-                               "a log or division at 0); keep its input "
-                               "off it (`(x + eps).sqrt()`, `x.clamp_min(eps)`, the squared distance instead of the "
-                               "distance); a precision change, a loss scaler or lowering {lr} will not help",
+                               "where {operation} met such a point " + SINGULAR_POINTS.format(never_moved="") + "; "
+                               + KEEP_OFF_THE_POINT + "; a precision change, a loss scaler or lowering {lr} will not "
+                               "help",
     "nonfinite_grad_at_loss": AT_LOSS_END.format(
         origin="from a finite loss: an operation in the loss's own computation whose derivative is infinite or "
                "undefined at its input (sqrt of exactly 0, a log or division at 0)"),
