@@ -358,52 +358,88 @@ def _keeps_logits_selectively(model_class: type) -> bool:
     return NO_LOGITS_KEPT in inspect.signature(model_class.forward).parameters
 
 
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module whose output is the last hidden state: the decoder, which a forward may call past its base model
+    (OPT's calls `model.decoder`, so a hook on its base model never fires)."""
+    model = getattr(model, "module", model)
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
 def _forward_to_last_hidden(model: nn.Module, inputs: dict):
     """(the model's output, its decoder's output: the last hidden state)."""
     caught = []
-    handle = getattr(model, "module", model).base_model.register_forward_hook(
-        lambda _module, _args, out: caught.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    handle = _decoder(model).register_forward_hook(lambda _module, _args, out: caught.append(_state(out)))
     try:
         output = model(**inputs, **_no_logits(model, inputs))
     finally:
         handle.remove()
+    if not caught:
+        raise RuntimeError(f"{type(model).__name__}'s forward never ran its decoder ({type(_decoder(model)).__name__})")
     return output, caught[-1]
+
+
+def _state(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.last_hidden_state
 
 
 def unfusable_reason(model: nn.Module) -> str | None:
     """Why a causal LM's logits cannot be computed chunk by chunk from its last hidden state, or None if they can.
 
-    Checked, not assumed: the head is a linear layer, the forward takes `logits_to_keep`, and on a few tokens
-    (evaluation mode, no gradient) `last_hidden_state`'s forward computes no logits while the head applied to the
-    state it returns gives exactly the logits of a plain forward — which fails for a soft cap or a scale
-    on the logits, or any projection between the last hidden state and the head.
+    Checked, not assumed, by following the tensors of a forward on a few tokens (evaluation mode, no gradient):
+    the head is a linear layer the forward calls, its input is the decoder's output — the state
+    `last_hidden_state` returns, either way it reads it —, its output is the logits the model returns, and with
+    `logits_to_keep` empty there are none. Identity, not equal values, so it holds on the meta device too (what
+    `estimate-memory` builds) and for a model whose forward is already NaN; a soft cap or a scale on the logits
+    (Gemma 2, Cohere, Granite) or a projection between the state and the head makes new tensors and fails it.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         return f"its output head is {type(head).__name__}, not a linear layer"
     if not _keeps_logits_selectively(type(model)):
         return f"its forward ({type(model).__name__}) takes no {NO_LOGITS_KEPT}"
-    if model.base_model is model:
-        return f"it has no decoder apart from its head ({type(model).__name__}.base_model is itself)"
-    device = head.weight.device
-    ids = torch.arange(4, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
+    if _decoder(model) is model:
+        return f"it has no decoder apart from its head ({type(model).__name__} is its own decoder)"
+    ids = torch.arange(4, device=head.weight.device).remainder(head.weight.shape[0]).unsqueeze(0)
+    inputs = {"input_ids": ids}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            plain = model(input_ids=ids).logits
-            fused, hidden = _forward_to_last_hidden(model, {"input_ids": ids, "output_hidden_states": True})
-            same = (fused.logits.numel() == 0 and _identical(head(hidden), plain)
-                    and _identical(fused.hidden_states[-1], hidden))  # both ways of reading it (with autograd or not)
+            return _head_reason(model, head, inputs)
     finally:
         model.train(was_training)
-    if not same:
-        return ("its logits are not its output head applied to its last hidden state (a soft cap or a scale on "
-                "the logits, or a projection in between)")
+
+
+def _head_reason(model: nn.Module, head: nn.Linear, inputs: dict) -> str | None:
+    seen = {}
+    hooks = [_decoder(model).register_forward_hook(lambda _m, _args, out: seen.update(state=_state(out))),
+             head.register_forward_hook(lambda _m, args, out: seen.update(head_input=args[0], head_output=out))]
+    try:
+        plain = model(**inputs, output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if "state" not in seen:
+        return f"its forward never runs its decoder ({type(_decoder(model)).__name__})"
+    if "head_input" not in seen:
+        return "its forward does not call its output head as a module"
+    if not (_same_tensor(seen["head_input"], seen["state"]) and _same_tensor(plain.hidden_states[-1], seen["state"])):
+        return "its output head does not read its last hidden state (a projection in between)"
+    if plain.logits is not seen["head_output"]:
+        return "its logits are not its output head's output (a soft cap or a scale on the logits)"
+    unkept, state = _forward_to_last_hidden(model, {**inputs, "output_hidden_states": True})
+    if unkept.logits is not None and unkept.logits.numel() > 0:
+        return f"its forward computes logits with {NO_LOGITS_KEPT} empty"
+    if not _same_tensor(unkept.hidden_states[-1], state):
+        return "the last of its hidden states is not its decoder's output"
     return None
 
 
-def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal element for element, a NaN equal to a NaN: a model whose forward already overflows (a checkpoint beyond
-    fp16's range under fp16 autocast) gives NaN both ways, and is no less fusable for it (torch.equal says unequal)."""
-    return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements of the same storage: the tensor itself, or a view of it that takes all of it (the head's
+    input is the state sliced to the positions kept, all of them by default)."""
+    def storage_owner(t):
+        return t if t._base is None else t._base
+
+    return a is b or (storage_owner(a) is storage_owner(b) and a.shape == b.shape and a.stride() == b.stride()
+                      and a.storage_offset() == b.storage_offset())

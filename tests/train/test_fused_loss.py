@@ -402,6 +402,53 @@ def test_a_soft_capped_head_does_not_fuse():
     assert model.training  # checked in evaluation mode, put back
 
 
+def test_opt_whose_forward_skips_its_base_model_fuses():
+    """OPT's forward calls its decoder (`model.decoder`) past its base model: a hook on the base model never fired,
+    and every OPT student or teacher crashed before step 1 (IndexError)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from sarkd_diag.train.fused_loss import last_hidden_state
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                     num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64,
+                                     bos_token_id=0, eos_token_id=1, pad_token_id=2)).eval()
+    assert unfusable_reason(model) is None
+    ids = torch.arange(3, 11).unsqueeze(0)
+    with torch.no_grad():
+        caught = last_hidden_state(model, input_ids=ids)  # the decoder's output, caught as it leaves
+    read = last_hidden_state(model, input_ids=ids)  # under autograd: the last of the hidden states
+    assert torch.equal(caught, read.detach())
+    assert torch.allclose(model.lm_head(caught), model(input_ids=ids).logits)
+
+
+def test_a_forward_that_never_runs_its_decoder_does_not_fuse():
+    model = tiny.make_gpt2(64)
+    model.get_decoder = lambda: nn.Linear(2, 2)  # a decoder the forward never calls
+    assert "never runs its decoder" in unfusable_reason(model)
+
+
+def test_a_projection_between_the_state_and_the_head_does_not_fuse():
+    model = tiny.make_gpt2(64)
+    model.lm_head.register_forward_pre_hook(lambda _module, args: (args[0] * 2,))
+    assert "does not read its last hidden state" in unfusable_reason(model)
+
+
+def test_scaled_logits_do_not_fuse_on_the_meta_device_either():
+    """Identity of tensors, not values: the check gives the same answer on weights that have none (estimate-memory
+    builds its models on the meta device), for a scale on the logits (Cohere) and for an MoE teacher."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    config = CohereConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, logit_scale=0.5, pad_token_id=None)
+    with torch.device("meta"):
+        cohere = CohereForCausalLM(config)
+    assert "a scale on the logits" in unfusable_reason(cohere) == unfusable_reason(CohereForCausalLM(config))
+    with torch.device("meta"):
+        mixtral = tiny.make_mixtral(64)
+    assert unfusable_reason(mixtral.to(torch.bfloat16)) is None  # meta's grouped matrix products take bf16 only
+
+
 def test_a_head_that_is_not_linear_does_not_fuse():
     model = tiny.make_gpt2(64)
     model.lm_head = nn.Sequential(nn.Linear(32, 64, bias=False))
