@@ -70,6 +70,25 @@ def test_fused_logits_cost_one_chunk_of_rows_whatever_the_batch(shapes):
     assert "171 rows at a time" in " ".join(estimate_mode("bf16-mixed", teacher, student, 4, 512).notes)
 
 
+def test_a_student_whose_logits_do_not_fuse_is_counted_with_every_tokens_logits(tiny_world, tmp_path):
+    """train falls back to complete logits for a model whose head does not fuse (Gemma 2's soft cap); estimate-memory
+    counted one chunk of rows anyway, under the figure the run needs. It asks the meta model, as train asks the
+    loaded one, and says why."""
+    import tiny
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world["student"])
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)
+    student = tiny.save(Gemma2ForCausalLM(config), tokenizer, tmp_path / "gemma2")
+    report = estimate_memory(teacher_model=str(tiny_world["teacher"]), student_model=str(student), block_size=32,
+                             per_device_batch_size=4, modes=["fp32"])
+    assert "soft cap" in report.student.unfused and report.teacher.unfused is None
+    every_token = estimate_mode("fp32", report.teacher, report.student, 4, 32, fused_loss=False)
+    assert report.estimates[0].total == every_token.total
+    assert any(n.startswith(f"--fused-loss: the student ({student}) does not fuse") for n in report.notes)
+
+
 def test_a_dual_tokenizer_teacher_costs_its_last_hidden_states_not_its_logits(shapes):
     """Across vocabularies the teacher's logits are never computed (its head runs on no position): the loss reads
     its last hidden states, and the student's CE takes every token's logits, fused or not."""
@@ -187,12 +206,19 @@ def test_the_out_of_memory_message_of_a_sharded_run_counts_the_teacher_sharded_a
     teacher, student = tiny.make_mixtral(96), tiny.make_gpt2(96)
     configs = {1: DistillConfig(), 2: DistillConfig(shard_teacher=True)}
     messages = {shards: out_of_memory_message(cfg, "fp32", teacher, student, torch.device("cpu"), dual=False,
-                                              error="x", phase="forward", step=3, saved=None, teacher_shards=shards)
+                                              fused=True, error="x", phase="forward", step=3, saved=None,
+                                              teacher_shards=shards)
                 for shards, cfg in configs.items()}
     assert "--offload-teacher-to-cpu" in messages[1] and "--offload-teacher-to-cpu" not in messages[2]
     sharded = estimate_mode("fp32", model_shape(teacher), model_shape(student), configs[2].per_device_batch_size,
                             configs[2].block_size, teacher_shards=2)
     assert format_breakdown(sharded) in messages[2]
+    # a run that fell back to complete logits (a model that does not fuse) is counted as it holds them
+    unfused = out_of_memory_message(configs[1], "fp32", teacher, student, torch.device("cpu"), dual=False,
+                                    fused=False, error="x", phase="forward", step=3, saved=None)
+    every_token = estimate_mode("fp32", model_shape(teacher), model_shape(student), configs[1].per_device_batch_size,
+                                configs[1].block_size, fused_loss=False)
+    assert format_breakdown(every_token) in unfused
 
 
 def test_a_block_longer_than_a_models_positions_is_refused_as_train_refuses_it(tiny_world, cli):

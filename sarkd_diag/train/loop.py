@@ -797,7 +797,8 @@ class Trainer:
         savable = phase in ("forward", "backward", "eval") and keep > 0 and self.policy.weights_finite \
             and not run.state.sharded  # this rank failed alone: sharded routers cannot be gathered without the rest
         message = out_of_memory_message(self.config, run.compute.mode, run.models.teacher, run.models.student,
-                                        run.compute.device, dual=run.models.dual, error=error, phase=phase, step=step,
+                                        run.compute.device, dual=run.models.dual, fused=run.objective.fused,
+                                        error=error, phase=phase, step=step,
                                         saved=keep if savable else None,
                                         teacher_shards=run.compute.teacher_holding.size)
         self.logs.events.record("out_of_memory", "critical", message, step=step, phase=phase, probe="loop")

@@ -34,7 +34,7 @@ from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.modes import MODE_NAMES, canonical_mode, parse_modes
 from ..contract.wording import counted
-from .fused_loss import TEACHER_PARTS, group_rows, widest_chunk
+from .fused_loss import TEACHER_PARTS, group_rows, unfusable_reason, widest_chunk
 from .models import check_block_fits, load_tokenizer, max_positions, shared_vocabulary
 from .precision import MODES
 
@@ -68,9 +68,11 @@ class ModelShape:
     vocab: int
     layer_params: int  # the largest decoder layer's: what a sharded teacher gathers at a time
     positions: int | None = None  # the longest sequence its position table holds (None: no table)
+    unfused: str | None = None  # why its logits cannot be taken chunk by chunk (fused_loss.unfusable_reason)
 
 
-def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None) -> ModelShape:
+def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str] | None = None,
+                unfused: str | None = None) -> ModelShape:
     """The shape of a model, loaded or on the meta device; router parameters as SAR-KD finds them."""
     from .distributed import decoder_layers
     from .router import find_routers
@@ -90,6 +92,7 @@ def model_shape(model: nn.Module, name: str = "model", router_patterns: list[str
         vocab=_config_value(config, "vocab_size", default=0),
         layer_params=max((sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)), default=0),
         positions=max_positions(model),
+        unfused=unfused,
     )
 
 
@@ -107,7 +110,18 @@ def shape_from_config(name: str, trust_remote_code: bool = False,
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError (offline, not on the hub, no config.json), ValueError (unknown architecture)
         raise model_load_error(option, name, exc) from None
-    return model_shape(model, name, router_patterns)
+    return model_shape(model, name, router_patterns, _unfused_on_meta(model))
+
+
+def _unfused_on_meta(model: nn.Module) -> str | None:
+    """`fused_loss.unfusable_reason` of a model on the meta device, which follows tensors, not values: in bf16 (the
+    experts' grouped matrix products on meta take no other dtype) and with no padding id (a forward warns of
+    padding by reading ids, which meta tensors cannot). None where its forward cannot run there: counted fused."""
+    model.config.pad_token_id = None
+    try:
+        return unfusable_reason(model.to(torch.bfloat16))
+    except Exception:  # an architecture whose forward reads values (a data-dependent shape, .item())
+        return None
 
 
 @dataclass
@@ -173,7 +187,8 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
     compute = (strategy.autocast_dtype or strategy.trainable_dtype).itemsize
     teacher_compute = (strategy.autocast_dtype or strategy.frozen_dtype).itemsize
     mixed = strategy.autocast_dtype is not None
-    fused = fused_loss and not dual and teacher.vocab == student.vocab  # heads of two sizes do not fuse (as in train)
+    unfused = [shape for shape in (student, teacher) if shape.unfused]  # as train checks them: the student first
+    fused = fused_loss and not dual and teacher.vocab == student.vocab and not unfused  # nor do heads of two sizes
     routers = 0 if dual else teacher.router_params
     projection = student.hidden * teacher.hidden + teacher.hidden if dual else 0
     trainable_student = student.params + projection
@@ -196,6 +211,10 @@ def estimate_mode(mode: str, teacher: ModelShape, student: ModelShape, batch: in
         + (_activation_elements(teacher, tokens, False) * teacher_compute if routers else 0)
         + _logits_bytes(student, teacher, tokens, compute, teacher_compute, fused, dual),
     )
+    if fused_loss and not dual and unfused:
+        role = "student" if unfused[0] is student else "teacher"
+        estimate.notes.append(f"--fused-loss: the {role} ({unfused[0].name}) does not fuse, {unfused[0].unfused}; "
+                              "counted as train runs it, with every token's logits")
     if fused:
         rows = counted(widest_chunk(tokens, student.vocab, compute), "row")
         estimate.notes.append(f"--fused-loss: the logits exist {rows} at a time (--no-fused-loss: every token's "

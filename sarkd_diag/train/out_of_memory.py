@@ -40,11 +40,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory_message(cfg: DistillConfig, mode: str, teacher: nn.Module, student: nn.Module,
-                          device: torch.device, *, dual: bool, error: str, phase: str, step: int,
+                          device: torch.device, *, dual: bool, fused: bool, error: str, phase: str, step: int,
                           saved: int | None, teacher_shards: int = 1) -> str:
-    """The event's message: the failure, the run's memory breakdown (the teacher split `teacher_shards` ways
-    under --shard-teacher), and what to try — options a resume may change (when `saved`, the step a checkpoint
-    keeps) and options only a new run may."""
+    """The event's message: the failure, the run's memory breakdown (the logits as the run holds them, `fused` or
+    not; the teacher split `teacher_shards` ways under --shard-teacher), and what to try — options a resume may
+    change (when `saved`, the step a checkpoint keeps) and options only a new run may."""
     resumable = [flag for flag, on in (("--gradient-checkpointing", cfg.gradient_checkpointing),
                                        ("--offload-teacher-to-cpu", cfg.offload_teacher_to_cpu or cfg.shard_teacher))
                  if not on]  # a sharded teacher cannot also be offloaded
@@ -57,13 +57,13 @@ def out_of_memory_message(cfg: DistillConfig, mode: str, teacher: nn.Module, stu
         advice.append(" ".join(resumable) + (f" (then --resume: step {saved} is saved)" if saved is not None else ""))
     if fresh:
         advice.append("in a new run " + " or ".join(fresh))
-    breakdown = _memory_breakdown(cfg, mode, teacher, student, device, teacher_shards, dual)
+    breakdown = _memory_breakdown(cfg, mode, teacher, student, device, teacher_shards, dual, fused)
     return (f"out of memory in the {phase} of step {step} ({error}); {breakdown}. "
             + (f"Try {'; or '.join(advice)}" if advice else "The models do not fit this device"))
 
 
 def _memory_breakdown(cfg: DistillConfig, mode: str, teacher: nn.Module, student: nn.Module,
-                     device: torch.device, teacher_shards: int, dual: bool) -> str:
+                     device: torch.device, teacher_shards: int, dual: bool, fused: bool) -> str:
     """estimate-memory's breakdown for this run, and on CUDA what the allocator holds."""
     try:
         from .memory import estimate_mode, format_breakdown, model_shape
@@ -72,7 +72,7 @@ def _memory_breakdown(cfg: DistillConfig, mode: str, teacher: nn.Module, student
             mode, model_shape(teacher, cfg.teacher_model, cfg.router_patterns),
             model_shape(student, cfg.student_model), cfg.per_device_batch_size, cfg.block_size,
             gradient_checkpointing=cfg.gradient_checkpointing, offload_teacher=cfg.offload_teacher_to_cpu,
-            fused_loss=cfg.fused_loss, teacher_shards=teacher_shards, dual=dual))
+            fused_loss=fused, teacher_shards=teacher_shards, dual=dual))
     except Exception as exc:  # an estimate is a help, never a second failure
         text = f"no memory estimate ({type(exc).__name__})"
     if device.type == "cuda":
