@@ -600,6 +600,12 @@ def _kinds(exc: Exception) -> set[str]:
 KNOWN_ELSEWHERE = {
     **{f"--{name.replace('_', '-')}": f"--{meant.replace('_', '-')}" for name, meant in OTHER_TOOLS_NAMES.items()},
     "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--precisions": "--modes", "--mode": "--modes",
+    "--amp": "--precision mixed", "--fp32": "--precision fp32",
+    "--half": "--precision mixed (fp16 compute, fp32 master weights; --precision pure-fp16 is the model.half() run)",
+    "--cpu": "--device cpu", "--cuda": "--device cuda", "--gpu": "--device cuda",
+    "--model": "--student-model and --teacher-model",
+    **{f"--{epochs}": "--train-steps N: train counts optimizer steps, not passes over the data"
+       for epochs in ("epochs", "num-epochs", "num-train-epochs")},
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
     "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }
@@ -670,9 +676,9 @@ def _no_such_option(typed: str, command, name: str | None, where: str, args: lis
     if takers:  # `sarkd-diag --precision fp32 train`: a command's option, typed before the command (not --version)
         meant = next((a for a in args if a in takers), takers[0])
         return f"{owner}: options of a command go after it (`sarkd-diag {meant} {typed} ...`)"
-    close = closest(spelled, sorted(here))
+    close = closest(spelled[2:], sorted(option[2:] for option in here))  # the shared `--` is no likeness
     if close:
-        return f"{owner}: did you mean {close}?"
+        return f"{owner}: did you mean --{close}?"
     return f"{owner} ({where} lists them)"
 
 

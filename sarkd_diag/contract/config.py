@@ -260,7 +260,12 @@ OTHER_TOOLS_NAMES = {
     "logging_steps": "log_every", "max_seq_length": "block_size", "seq_len": "block_size",
     "teacher": "teacher_model", "student": "student_model", "model_name_or_path": "student_model",
     "output": "output_dir", "out": "output_dir", "eval_every": "eval_steps", "save_every": "save_steps",
-    "dataset": "dataset_name", "data": "train_file",
+    "dataset": "dataset_name", "data": "train_file", "bs": "per_device_batch_size",
+    "logging_dir": "output_dir", "log_dir": "output_dir", "save_dir": "output_dir", "out_dir": "output_dir",
+    "max_length": "block_size", "max_seq_len": "block_size", "context_length": "block_size",
+    "grad_clip": "max_grad_norm", "clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+    "gradient_clipping": "max_grad_norm",
+    "T": "temperature", "kd_temperature": "temperature", "kd_alpha": "alpha_kd", "ce_alpha": "alpha_ce",
 }
 
 

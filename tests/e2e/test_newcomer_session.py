@@ -206,6 +206,19 @@ USAGE_ERRORS = [
     (["train", "--learning-rate", "1e-3"], "train has no option --learning-rate: write --student-lr"),
     (["train", "--steps", "30"], "train has no option --steps: write --train-steps"),
     (["train", "--fp16"], "train has no option --fp16: write --precision mixed"),
+    # other tools' names, each answered with this tool's (`--amp` was `did you mean --adam-eps?`)
+    (["train", "--amp"], "train has no option --amp: write --precision mixed"),
+    (["train", "--half"], "train has no option --half: write --precision mixed (fp16 compute, fp32 master weights; "
+                          "--precision pure-fp16 is the model.half() run)"),
+    (["train", "--gpu"], "train has no option --gpu: write --device cuda"),
+    (["train", "--epochs", "3"],  # it said `did you mean --nproc?`
+     "train has no option --epochs: write --train-steps N: train counts optimizer steps, not passes over the data"),
+    (["train", "--grad_clip", "1"], "train has no option --grad_clip: write --max-grad-norm"),
+    # a near miss is measured without the `--` every option shares: `--bs` is not `--probes`, `--tokenizer` not
+    # `--block-size`
+    (["train", "--bs", "8"], "train has no option --bs: write --per-device-batch-size"),
+    (["train", "--tokenizer", "gpt2"], "train has no option --tokenizer (`sarkd-diag train -h` lists them)"),
+    (["train", "--no-eval"], "train has no option --no-eval (`sarkd-diag train -h` lists them)"),
     (["check", "RUN", "--max_eval_ppl", "3"], "--max_eval_ppl: write --max-eval-ppl (`sarkd-diag check -h`)"),
     (["events", "RUN", "--kin", "x"], "events has no option --kin: did you mean --kind?"),
     (["events", "RUN", "--json"], "events has no option --json: write --format json"),
