@@ -161,6 +161,23 @@ def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(lo
     found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
+def test_the_roots_own_cause_found_again_at_its_own_place_is_folded_into_it():
+    """A LayerNorm gain loaded beyond fp16 overflows under mixed: the critical cause at `ln_2` and the warning that its
+    fp32 output exceeds fp16's range, at `ln_2` too, were two entries of one problem in the panel. The same cause
+    elsewhere, or another cause at that place, is another finding and stays."""
+    def cause(code, severity, module, step=1, phase="forward"):
+        return Cause(code, severity, step, phase=phase, model="student", module=module)
+
+    root = cause("activation_overflow", "critical", "h.0.ln_2")
+    kept = rank([cause("activation_overflow", "warning", "h.0.ln_2"), root,
+                 cause("activation_overflow", "warning", "h.1.mlp.c_fc"),
+                 cause("update_underflow", "warning", "h.0.ln_2", phase="optimizer")])
+    assert [(c.cause, c.module) for c in kept] == [("activation_overflow", "h.0.ln_2"),
+                                                   ("activation_overflow", "h.1.mlp.c_fc"),
+                                                   ("update_underflow", "h.0.ln_2")]
+    assert kept[0].evidence["followed_by"] == "activation_overflow@1 (student h.0.ln_2)"
+
+
 def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
     """Step 1's forward runs before step 1's update: a headroom warning there is no symptom of it."""
     frame = log(

@@ -2422,7 +2422,8 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
 
 
 def rank(causes: list[Cause]) -> list[Cause]:
-    """The root cause first, then the rest by severity and time; symptoms of the root folded into it."""
+    """The root cause first, then the rest by severity and time; symptoms of the root folded into it, and so is a
+    lesser finding of the root's own cause at its own place (an fp16 overflow's forecast beside the overflow)."""
     order = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
     causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.cause]))
     if not causes or causes[0].severity != "critical":
@@ -2430,8 +2431,9 @@ def rank(causes: list[Cause]) -> list[Cause]:
     root, kept, symptoms = causes[0], [causes[0]], []
     for cause in causes[1:]:
         later = (cause.when, order[cause.cause]) >= (root.when, order[root.cause])
-        if cause.cause in SYMPTOM_CAPABLE and later and (cause.severity == "critical" or cause.when > root.when) \
-                and not _forward_apart(cause, root):
+        restated = (cause.cause, cause.model, cause.module) == (root.cause, root.model, root.module)
+        if later and restated or cause.cause in SYMPTOM_CAPABLE and later \
+                and (cause.severity == "critical" or cause.when > root.when) and not _forward_apart(cause, root):
             symptoms.append(cause.summary())
         else:
             kept.append(cause)
