@@ -161,6 +161,24 @@ def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(lo
     found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
+def test_warnings_no_rule_reads_are_the_diagnosis_notes_printed_after_its_causes():
+    """A loop's misuse of the probes (`step()` before `optimizer.step()`) is a warning and no numerical cause: the
+    diagnosis said "no numerical problems found", and a loop's `print(probes.diagnosis())` hid it. Notes a rule read
+    (whether or not it made them a cause) and info notes are not repeated; one line per check."""
+    def note(code, severity="warning", step=1):
+        return {"kind": "setup_note", "severity": severity, "code": code, "step": step, "model": "student",
+                "message": f"{code} said"}
+
+    diagnosis = causes(log(note("step_order", step=2), note("step_order", step=5), note("loss_unseen", step=3),
+                           note("optimizer_stepped_twice"), note("resumed", "info")))
+    assert [c["cause"] for c in diagnosis] == ["optimizer_stepped_twice"]
+    assert diagnosis.notes == [{"step": 2, "code": "step_order", "message": "step_order said"},
+                               {"step": 3, "code": "loss_unseen", "message": "loss_unseen said"}]
+    assert repr(diagnosis).endswith("Warnings (no numerical cause):\n- step 2 step_order: step_order said\n"
+                                    "- step 3 loss_unseen: loss_unseen said")
+    assert repr(causes(log(note("resumed", "info")))) == "Diagnosis: no numerical problems found"
+
+
 def test_the_roots_own_cause_found_again_at_its_own_place_is_folded_into_it():
     """A LayerNorm gain loaded beyond fp16 overflows under mixed: the critical cause at `ln_2` and the warning that its
     fp32 output exceeds fp16's range, at `ln_2` too, were two entries of one problem in the panel. The same cause

@@ -782,9 +782,27 @@ def _plain(value):
 
 
 class Diagnosis(list):
-    """The causes, most important first: a list of dicts (as summary.json holds them) that prints readably."""
+    """The causes, most important first: a list of dicts (as summary.json holds them) that prints readably.
+
+    `notes`: the run's warnings that no rule read — how the loop calls the probes (`step()` before
+    `optimizer.step()`, no loss given), what they could not watch — one per check. No numerical cause, yet each
+    makes the figures less than they seem; printed after the causes, since a loop's `print(probes.diagnosis())` is
+    all its author reads (`train` prints them as they happen, the report lists them with the events)."""
+
+    def __init__(self, causes=(), notes=()):
+        super().__init__(causes)
+        self.notes = list(notes)
 
     def __repr__(self) -> str:
+        return "\n".join([self._causes(), *self._notes()])
+
+    def _notes(self) -> list[str]:
+        if not self.notes:
+            return []
+        return ["Warnings (no numerical cause):", *(f"- step {n['step']} {n['code']}: {n['message']}"
+                                                   for n in self.notes)]
+
+    def _causes(self) -> str:
         if not self:
             return "Diagnosis: no numerical problems found"
         lines = []
@@ -822,6 +840,15 @@ class RunRecord:
         self.teachers = {"teacher", *((config.get("precision") or {}).get("frozen_models") or [])}
         # the models trained through adapters over a frozen base (LoRA): fp32 master weights are fp32 adapters there
         self.adapted_models = set((config.get("precision") or {}).get("adapted_models") or [])
+        self.notes_read: set[str] = set()  # the setup notes' codes some rule read (`of`)
+
+    def unread_warnings(self) -> list[dict]:
+        """The first of each setup note's warnings that no rule read (`Diagnosis.notes`)."""
+        events = self.events
+        notes = events[(events["kind"] == "setup_note") & events["severity"].isin(["warning", "critical"])
+                       & ~events["code"].isin(self.notes_read)]
+        return [{"step": _plain(row["step"]), "code": row["code"], "message": row.get("message")}
+                for _, row in notes.drop_duplicates("code").iterrows()]
 
     def is_teacher(self, model) -> bool:
         return model in self.teachers
@@ -833,6 +860,8 @@ class RunRecord:
         return models is not None and not set(models) & self.teachers
 
     def of(self, kind: str, *codes: str) -> pd.DataFrame:
+        if kind == "setup_note":
+            self.notes_read.update(codes)
         rows = self.events[self.events["kind"] == kind]
         return rows[rows["code"].isin(codes)] if codes else rows
 
@@ -2455,4 +2484,5 @@ def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: 
     """Causes, most important first, as dicts {cause, severity, model, module, tensor, rank, first_step,
     evidence, fix}."""
     record = RunRecord(events, metrics, config)
-    return Diagnosis(cause.as_dict() for cause in rank([c for rule in RULES for c in rule(record)]))
+    causes = rank([c for rule in RULES for c in rule(record)])
+    return Diagnosis((cause.as_dict() for cause in causes), record.unread_warnings())

@@ -119,8 +119,11 @@ CODES = {
                    "model's outputs hold none (a loop that computes its own loss)",
     "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "
                                "were given: optimizer.step() is never called",
-    "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step: optimizer.step() called "
-                               "twice per batch (scaler.step and optimizer.step both)",
+    "optimizer_stepped_twice": "setup_note: an optimizer stepped twice within one step with no training forward "
+                               "between: optimizer.step() called twice per batch (scaler.step and optimizer.step "
+                               "both)",
+    "steps_left_open": "setup_note: an optimizer stepped again within one step after another training forward: "
+                       "Probes.step() is not called after every optimizer step (one row holds several updates)",
     "norm_eps_beyond_fp16": "setup_note: a normalisation held in float16 whose eps float16 cannot serve: 1/sqrt(eps) "
                             "beyond 65504 (a row of variance 0 divides by it)",
     "optimizer_state_nonfinite": "setup_note: the optimizer state of the run's first non-finite weight (a momentum "

@@ -238,7 +238,8 @@ class ProbeSet:
         it, so the closure is handed on wrapped (same arguments, same result) and the moment is taken when it
         returns — read here, the gradients would be the previous step's, or none."""
         if id(optimizer) in self._stepped:
-            self._stepped_twice(optimizer)
+            (self._steps_left_open if self.ctx.forward_since_update else self._stepped_twice)(optimizer)
+        self.ctx.forward_since_update = False
         # unscaled this step already: a scaler's update() between its step and this one forgets that, the probes not
         if id(optimizer) not in self._stepped | self._unscaled_ones and self.ctx.loss_scaler.left_scaled(optimizer):
             self._stepped_past_the_scaler(optimizer)
@@ -325,21 +326,33 @@ class ProbeSet:
             self.replay_forward(forward)
 
     def _stepped_twice(self, optimizer) -> None:
-        """An optimizer steps a second time within one step (between two closes of the step): each batch's gradients
-        are applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
-        non-finite gradients of a step the scaler skips — or the owner closes a step only every few optimizer steps.
-        Said once."""
+        """An optimizer steps a second time within one step with no training forward between: the same batch's
+        gradients applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
+        non-finite gradients of a step the scaler skips. Said once."""
         if not self.ctx.events.say_once("optimizer_stepped_twice"):
             return
         scaler = " (a loss scaler steps it too: `scaler.step(optimizer)` already calls `optimizer.step()`)" \
             if self.ctx.loss_scaler.enabled else ""
         self.ctx.events.record("setup_note", "warning",
-                               f"an optimizer stepped twice in step {self.ctx.step}{scaler}: optimizer.step() is "
-                               "called twice per batch — every gradient applied twice, and a gradient the scaler "
-                               "skipped as non-finite applied anyway — or probes.step() is not called after every "
-                               "optimizer step",
+                               f"an optimizer stepped twice on one batch in step {self.ctx.step}{scaler}: "
+                               "optimizer.step() is called twice per batch — every gradient applied twice, and a "
+                               "gradient the scaler skipped as non-finite applied anyway",
                                step=self.ctx.step, probe="optimizer", phase="optimizer",
                                model=self.ctx.model_stepped_by(optimizer), code="optimizer_stepped_twice")
+
+    def _steps_left_open(self, optimizer) -> None:
+        """An optimizer steps again within one step after another training forward: a new batch's update, so the
+        loop calls `Probes.step()` less often than it steps (never, or only where it logs) — no gradient applied twice,
+        but one row holds several updates, numbered as the probes' steps, not the optimizer's. Said once."""
+        if not self.ctx.events.say_once("steps_left_open"):
+            return
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped again in step {self.ctx.step} after another training forward: "
+                               "probes.step() is not called after every optimizer step, so one step's row holds "
+                               "several updates (its statistics and loss the last batch's) and the steps are not "
+                               "numbered as the optimizer counts them — call probes.step() after every "
+                               "optimizer.step()", step=self.ctx.step, probe="optimizer", phase="optimizer",
+                               model=self.ctx.model_stepped_by(optimizer), code="steps_left_open")
 
     def _stepped_past_the_scaler(self, optimizer) -> None:
         """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls

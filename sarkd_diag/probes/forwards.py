@@ -128,7 +128,7 @@ class ForwardProbe(Probe):
             elif model.training and model_name not in self._dropout_read:
                 self._dropout_read.add(model_name)
                 self._note_dropout(model_name, model)
-            self.ctx.trained = True
+            self.ctx.trained = self.ctx.forward_since_update = True
             weight = self._a_weight[model_name]
             if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
                 self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)

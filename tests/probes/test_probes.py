@@ -308,6 +308,32 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
 
 
+@pytest.mark.parametrize("close_every", [None, 2])
+def test_a_loop_that_closes_steps_less_often_than_it_updates_is_told_so_not_that_it_steps_twice(close_every):
+    """A loop that never calls `probes.step()` (or only where it logs) updates on a new batch each time: it read as
+    `optimizer_stepped_twice`, "every gradient applied twice", a numerical cause that was not there. A second step
+    after another training forward is a `steps_left_open` note, which `print(probes.diagnosis())` shows beside the
+    causes — none here."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Probes(model, optimizer=opt) as probes:
+        for i in range(1, 5):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if close_every and i % close_every == 0:
+                probes.step(loss=loss)
+    codes = [e.code for e in _events(probes, "setup_note")]
+    assert "steps_left_open" in codes and "optimizer_stepped_twice" not in codes
+    diagnosis = probes.diagnosis()
+    assert list(diagnosis) == []
+    assert [n["code"] for n in diagnosis.notes] == ["steps_left_open"]
+    assert "probes.step() is not called after every optimizer step" in repr(diagnosis)
+    assert repr(diagnosis).startswith("Diagnosis: no numerical problems found\nWarnings (no numerical cause):")
+
+
 def _clipped_with_and_without_probes(threshold: float, clip=clip_grad_norm_):
     """Three clipped steps of the same model, without then with probes: (norms, weights) of the plain run and
     (norms, largest gradients before clipping, weights, probes) of the probed one."""
