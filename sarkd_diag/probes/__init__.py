@@ -1252,9 +1252,12 @@ def _by_role(models) -> dict[str, nn.Module]:
                         f"teacher}}, not a {type(models).__name__}")
     by_role = models if isinstance(models, dict) else {"student": models}
     for role, model in by_role.items():
+        if isinstance(model, torch.optim.Optimizer) or hasattr(model, "param_groups"):  # accelerate's wraps one
+            raise TypeError(f"Probes watches torch modules: {role} is the optimizer ({type(model).__name__}); pass "
+                            "the model first and the optimizer as optimizer=: Probes(model, optimizer=optimizer)")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"Probes watches torch modules: {role} is a {type(model).__name__}, not an nn.Module "
-                            "(load it first, e.g. AutoModelForCausalLM.from_pretrained)")
+            raise TypeError(f"Probes watches torch modules: {role} is of type {type(model).__name__}, not an "
+                            "nn.Module (load it first, e.g. AutoModelForCausalLM.from_pretrained)")
     return by_role
 
 

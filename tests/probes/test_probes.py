@@ -1401,11 +1401,16 @@ def test_a_users_loop_gets_a_run_directory(tmp_path):
     assert_conforms(tmp_path / "mine")
 
 
-@pytest.mark.parametrize("models, says", [([Net(), Net()], "dict by role"), ({"student": Net(), "teacher": "gpt2"},
-                                                                             "teacher is a str")])
-def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(models, says):
+@pytest.mark.parametrize("models, says", [
+    ([Net(), Net()], "dict by role"),
+    ({"student": Net(), "teacher": "gpt2"}, r"teacher is of type str, not an nn.Module \(load it first"),
+    # the model forgotten, the optimizer first: it said "student is a AdamW, not an nn.Module"
+    (torch.optim.AdamW(Net().parameters()), r"student is the optimizer \(AdamW\); pass the model first and the "
+                                            r"optimizer as optimizer=: Probes\(model, optimizer=optimizer\)")])
+def test_models_that_are_not_modules_by_role_are_refused_with_what_probes_takes(models, says, tmp_path):
     with pytest.raises(TypeError, match=says):
-        Probes(models)
+        Probes(models, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("options, error, says", [
@@ -2795,3 +2800,4 @@ def test_a_fault_in_one_micro_batch_of_a_refilled_buffer_is_replayed_from_its_ow
     root = probes.diagnosis()[0]
     assert (root["first_step"], root["module"]) == (bad_step, "transformer.wte")
     assert not _events(probes, "forward_replay")  # no "every output finite": the loss's arithmetic is not blamed
+
