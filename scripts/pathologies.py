@@ -1334,12 +1334,13 @@ def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False) -> Outcome:
+def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False, clip_raises: bool = False) -> Outcome:
     """Feature distillation with an RMSE, `sqrt(mse(student_hidden, teacher_hidden))`, the student initialised from
     the teacher's embeddings and first block (as DistilBERT's are), the distance taken after block 0: at step 1 those
     hidden states are equal, the mse exactly 0 — and d√x/dx at 0 is inf, times the difference's 0: NaN gradients from
     a finite loss. `whole_copy`: the student is the teacher's whole copy and the distance is taken on the last hidden
-    states, so every gradient of step 1 is NaN and none was ever measured finite."""
+    states, so every gradient of step 1 is NaN and none was ever measured finite. `clip_raises`: the loop clips with
+    `clip_grad_norm_(..., error_if_nonfinite=True)`, which raises on step 1's NaN before the optimizer step."""
     outcome = Outcome()
     teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
     student = tiny.make_gpt2(world.vocab)
@@ -1347,10 +1348,11 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False)
     student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(copied)}, strict=False)
     layer = -1 if whole_copy else 1
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    losses, mse, bad_grads = [], [], []
+    losses, mse, bad_grads, raised = [], [], [], None
     from sarkd_diag import Probes
 
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+    with contextlib.suppress(RuntimeError), \
+            Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
         for ids in token_batches(world, 2):
             out = student(input_ids=ids, labels=ids, output_hidden_states=True)
             with torch.no_grad():
@@ -1361,13 +1363,20 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False)
             mse.append(float(distance.detach()))
             loss.backward()
             bad_grads.append(sum(1 for p in student.parameters() if p.grad is not None and not finite(p.grad)))
+            if clip_raises:
+                raised = len(losses)  # until clipping returns
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0, error_if_nonfinite=True)
+                raised = None
             opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
-    outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads)
+    outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads,
+                         clipping_raised_at_step=raised)
     outcome.check("step 1: the distance is exactly 0, the loss finite, gradients NaN",
                   mse[0] == 0.0 and math.isfinite(losses[0]) and bad_grads[0] > 0)
+    if clip_raises:
+        outcome.check("the clipping raised at step 1, before the optimizer step", raised == 1)
     return outcome
 
 
@@ -2420,6 +2429,12 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", functools.partial(rmse_feature_kd_user_loop, whole_copy=True),
              Expected("divergence", "critical", "student", "lm_head", first_step=1, fix_contains="applies sqrt",
                       fix_lacks="autocast", absent=("gradient_overflow",), evidence_contains="loss_operation")),
+    Scenario("RMSE feature loss, clipping that raises on NaN", "user loop: fp32; the same RMSE feature loss (student "
+             "initialised from its teacher), `clip_grad_norm_(..., error_if_nonfinite=True)`: raises on step 1's NaN "
+             "gradients before the optimizer step", "fp32", "user loop",
+             functools.partial(rmse_feature_kd_user_loop, clip_raises=True),
+             Expected("divergence", "critical", "student", "transformer.h.0.mlp.c_proj", first_step=1,
+                      fix_contains="sqrt", fix_lacks="GradScaler", absent=("gradient_overflow",))),
     Scenario("weight decay typed 1e2", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=1e2)` (meant 1e-2), "
              "10 steps", "fp32", "user loop", weight_decay_typo_user_loop,
              Expected("weight_collapse", "warning", "student", ANY, first_step=(6, 10), fix_contains="weight_decay",

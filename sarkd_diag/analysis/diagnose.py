@@ -880,10 +880,14 @@ class RunRecord:
         train_steps = self.metrics.loc[self.metrics["split"] == "train", "step"]
         return bool(step in train_steps.values and loss.index[-1] == train_steps.max())
 
-    def train_column(self, name: str) -> pd.Series:
+    def train_column(self, name: str, unfinished: bool = False) -> pd.Series:
+        """A column of the train rows, by step (non-finite values kept, unmeasured ones dropped); `unfinished`: with
+        the row of the step a caller's loop raised in (`split` = `unfinished`), for what the probes measured there —
+        the magnitudes beside a NaN its clipping refused — never for what a completed step means (a loss curve, the
+        last step)."""
         if name not in self.metrics or "split" not in self.metrics:
             return pd.Series(dtype="float64")
-        train = self.metrics[self.metrics["split"] == "train"]
+        train = self.metrics[self.metrics["split"].isin(("train", "unfinished") if unfinished else ("train",))]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
     def train_loss_runs(self) -> list[pd.Series]:
@@ -1167,15 +1171,17 @@ class RunRecord:
                   "nonfinite_batch": step + 1, "empty_targets": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
-        grad_amax = self.train_column("grad_amax")
+        # its step read as far as it got where the loop raised in it (`clip_grad_norm_(..., error_if_nonfinite=True)`)
+        grad_amax = self.train_column("grad_amax", unfinished=True)
         grads_up_to_it = grad_amax[grad_amax.index <= step]  # finite ones: a step whose every gradient is not, none
         singular = self.singular_operation(step) is not None
-        if step not in self.train_column("nonfinite_grad_tensors").index or not (len(grads_up_to_it) or singular):
+        if step not in self.train_column("nonfinite_grad_tensors", unfinished=True).index \
+                or not (len(grads_up_to_it) or singular):
             return None  # its step's gradients unmeasured, or no finite gradient measured on it or before it
         measured = [grads_up_to_it, self.train_column("param_amax").loc[lambda s: s.index < step]]
         if singular:  # no gradient measured: the loss's own magnitude bounds its gradient's scale instead
-            measured.append(self.train_column("loss").loc[lambda s: s.index <= step].abs())
-        measured += [self.train_column(c).loc[lambda s: s.index <= step]
+            measured.append(self.train_column("loss", unfinished=True).loc[lambda s: s.index <= step].abs())
+        measured += [self.train_column(c, unfinished=True).loc[lambda s: s.index <= step]
                      for c in self.metrics.columns if str(c).startswith("act_amax_")]
         values = pd.concat(measured)
         values = values[values.map(math.isfinite)]
@@ -2281,8 +2287,10 @@ def divergence(r: RunRecord) -> list[Cause]:
     if grad_op is not None:
         row, largest = grad_op
         holds, step = _holds(row), int(row["step"])
-        every = step not in r.train_column("grad_amax").index  # no finite gradient on its step: from the loss end
-        seen = step in r.train_column("loss").index  # finite: a non-finite loss before it leaves no `grad_op`
+        every = step not in r.train_column("grad_amax", unfinished=True).index  # no finite gradient on its step: from
+        # the loss end
+        seen = step in r.train_column("loss", unfinished=True).index  # finite: a non-finite loss before it leaves no
+        # `grad_op`
         operation = r.singular_operation(step)
         template = ("nonfinite_grad_singular" if operation is not None else "nonfinite_grad_op" if not every else
                     "nonfinite_grad_at_loss" if seen else "nonfinite_grad_loss_unseen")

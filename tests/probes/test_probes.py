@@ -236,12 +236,48 @@ def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
             probes.step()
             opt.zero_grad()
     run = load_run(tmp_path)
-    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1]
+    metrics = run["metrics"]
+    assert run["summary"]["status"] == "failed" and run["summary"]["steps_completed"] == 1
+    assert metrics["split"].tolist() == ["train", "unfinished"] and metrics["step"].tolist() == [1, 2]
     root = run["summary"]["diagnosis"][0]
     assert (root["module"], root["first_step"], root["severity"]) == ("second", 2, "critical"), root
     error = run["summary"]["error"]  # what ended the run is said too, as `train`'s own errors are
     assert (error["step"], error["phase"]) == (2, "backward") and error["message"].startswith(
         "RuntimeError: The total norm of order 2.0 for gradients from `parameters` is non-finite"), error
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_nan_gradient_is_told_from_an_overflow_whether_or_not_the_clipping_raises_on_it(tmp_path, raises):
+    """A feature distance written as an RMSE between the student's first layer and its frozen copy's: 0 at step 1, and
+    d√x/dx at 0 makes that layer's gradients NaN from finite values of ~1 — an undefined derivative, not an overflow.
+    With `clip_grad_norm_(..., error_if_nonfinite=True)` the loop raises on it before `probes.step()`; the step's
+    magnitudes (its finite gradients and outputs) were then dropped with its metrics row, and the NaN read as float32
+    gradients that overflowed, the fix autocast and a loss scaler."""
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    features = {}
+    model.first.register_forward_hook(lambda _m, _i, out: features.__setitem__("student", out))
+    reference.first.register_forward_hook(lambda _m, _i, out: features.__setitem__("reference", out))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    ended = pytest.raises(RuntimeError, match="non-finite") if raises else contextlib.nullcontext()
+    with ended, Probes({"student": model, "teacher": reference}, optimizer=opt, run_dir=tmp_path) as probes:
+        for step in (1, 2):
+            with torch.no_grad():
+                reference(x)
+            loss = model(x).pow(2).mean() + (features["student"] - features["reference"]).pow(2).mean().sqrt()
+            loss.backward()
+            first_nan, third_finite = (not model.first.weight.grad.isfinite().all(),
+                                       bool(model.third.weight.grad.isfinite().all()))
+            assert step > 1 or (first_nan and third_finite)  # a NaN in one layer's gradients, beside finite ones
+            clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=raises)
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["first_step"]) == ("divergence", "first", 1), root
+    assert root["evidence"]["in_backward"] and "sqrt" in root["fix"] and "GradScaler" not in root["fix"], root
 
 
 @pytest.mark.parametrize("unscaled", [False, True])
