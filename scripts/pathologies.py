@@ -815,6 +815,46 @@ def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype 
     return outcome
 
 
+def teacher_overflow_under_amp_autocast(world: World, tmp: Path) -> Outcome:
+    """The usual AMP KD loop — fp32 student and teacher, both forwards inside one `torch.autocast(float16)`, a
+    GradScaler — over a teacher whose block-0 MLP (`c_fc` ×3e5: weights within fp16's range) makes outputs beyond
+    65504: finite in the teacher's own fp32, Inf once autocast computes it in float16. Loading the teacher wider
+    changes nothing (it is fp32): its forward must leave the autocast."""
+    outcome = Outcome()
+    teacher, student = kd_teacher(world), tiny.make_gpt2(world.vocab)
+    with torch.no_grad():
+        teacher.get_submodule(TEACHER_HOT).weight.mul_(3e5)
+    ids = token_batches(world, 1)[0]
+    beyond = first_beyond_fp16(forward_extremes(teacher, ids))
+    with torch.no_grad():
+        fp32_finite = finite(teacher(input_ids=ids).logits)
+        with torch.autocast("cpu", dtype=torch.float16):
+            fp16_finite = finite(teacher(input_ids=ids).logits)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = student(input_ids=ids, labels=ids)
+                with torch.no_grad():
+                    target = teacher(input_ids=ids).logits
+                loss = out.loss + kd_divergence(2.0)(out.logits.float(), target.float())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(first_beyond_fp16=beyond, teacher_weight_amax=round(max_weight(teacher), 1),
+                         fp32_forward_finite=fp32_finite, fp16_autocast_forward_finite=fp16_finite)
+    outcome.check(f"the teacher's weights fit fp16, {TEACHER_HOT}'s fp32 output does not; its fp32 forward is finite, "
+                  "under float16 autocast not", max_weight(teacher) < FP16_MAX and beyond is not None
+                  and beyond[0] == TEACHER_HOT and fp32_finite and not fp16_finite)
+    return outcome
+
+
 def kd_divergence(temperature: float, weight: float = 1.0):
     """The usual logit-KD term: weight × T² × KL(teacher ‖ student) at temperature T, per token."""
     def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -2345,6 +2385,11 @@ SCENARIOS: list[Scenario] = [
              annealed_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=4, fix_contains="temperature",
                       evidence_contains="module_outputs_finite")),
+    Scenario("teacher overflows under the loop's fp16 autocast", "user loop: fp32 student and teacher, both "
+             f"forwards in one `torch.autocast(float16)` + GradScaler; the teacher's `{TEACHER_HOT}` ×3e5 (weights "
+             "within fp16's range, outputs beyond)", "mixed", "user loop", teacher_overflow_under_amp_autocast,
+             Expected("teacher_overflow", "critical", "teacher", TEACHER_HOT, first_step=1,
+                      fix_contains="enabled=False", fix_lacks="instead of float16")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",

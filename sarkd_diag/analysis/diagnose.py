@@ -157,6 +157,25 @@ PHRASES = {
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
         "lightning": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
+    # a teacher whose weights are wider than float16 overflows float16 only where a float16 autocast computes its
+    # forward: taking that forward out of the autocast is the remedy, not loading the teacher in another dtype
+    "teacher_out_of_fp16_autocast": {
+        "cli": "compute the teacher in a wider dtype — `--precision bf16-mixed` (the teacher in bf16) or `--precision "
+               "fp32`",
+        "loop": "its weights are wider already, but its forward runs under the loop's float16 autocast, which casts "
+                "them to float16 at each matmul: take the teacher's forward out of it — under "
+                "`torch.autocast(device_type, enabled=False)` — or give it `torch.autocast(dtype=torch.bfloat16)`",
+        "trainer": "its weights are wider already, but `TrainingArguments(fp16=True)` autocasts all of `compute_loss`, "
+                   "the teacher's forward with it: run that forward under `torch.autocast(device_type, "
+                   "enabled=False)`, or train with `TrainingArguments(bf16=True)`",
+        "accelerate": "its weights are wider already, but its forward runs under the float16 autocast of "
+                      "`Accelerator(mixed_precision=\"fp16\")` (a model it prepared, or `accelerator.autocast()`): "
+                      "take the teacher's forward out of it — under `torch.autocast(device_type, enabled=False)`, the "
+                      "teacher not prepared — or use `Accelerator(mixed_precision=\"bf16\")`",
+        "lightning": "its weights are wider already, but `Trainer(precision=\"16-mixed\")` autocasts all of "
+                     "`training_step`, the teacher's forward with it: run that forward under "
+                     "`torch.autocast(device_type, enabled=False)`, or train with `Trainer(precision=\"bf16-mixed\")`",
+    },
     "wide_compute": {
         "cli": "`--precision bf16-mixed` or `--precision fp32`",
         "loop": "the model loaded in float32 (or bfloat16) and no float16 autocast — "
@@ -569,8 +588,7 @@ FIXES = {
                                     "while the loss is {loss}: the loss is multiplied by a tiny factor before "
                                     "`backward()` — {loss_weights} (a weight such as 1e-30), a division by a huge "
                                     "count — fix that factor; the learning rate and the precision are not the cause",
-    "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
-                        "{fp32_teacher}",
+    "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: {teacher_wider}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
                          "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
                          "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
@@ -582,7 +600,7 @@ FIXES = {
                            "where float16 overflows unseen — hold the teacher in a wider dtype — {fp32_teacher} — and "
                            "compute those outputs again",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: its logits need fp32's range — "
-                               "hold the teacher in a wider dtype — {fp32_teacher}{router_in_fp32}",
+                               "{teacher_wider}{router_in_fp32}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
     "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
@@ -985,6 +1003,14 @@ class RunRecord:
         roles = held.values() if isinstance(held, dict) else []
         return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
 
+    def autocast_made_fp16(self, model: str | None) -> bool:
+        """Whether a frozen model (`model`, else the teacher) computed in float16 only through a float16 autocast: the
+        run computes in float16 while that model's weights, as a caller's loop lists them (`precision.model_dtypes`),
+        hold no float16 — so loading it in another dtype changes nothing; its forward must leave the autocast."""
+        teacher = model if self.is_teacher(model) else "teacher"
+        listed = ((self.config.get("precision") or {}).get("model_dtypes") or {}).get(teacher) or []
+        return bool(listed) and "float16" not in listed and self.computes_in_fp16()
+
     def updates_wide_weights(self) -> bool:
         """Whether the optimizer updates fp32 weights: fp32, or mixed precision's fp32 master weights (the
         `precision.master_dtype`, else the mode). Precision then inflates no update — a forward overflow is
@@ -1340,6 +1366,8 @@ class RunRecord:
         if (model or "student") in self.adapted_models:
             words["mixed"], words["bf16_mixed"] = words["mixed_adapters"], words["bf16_mixed_adapters"]
             words["fp32_weights"] = words["fp32_weights_adapters"]
+        words["teacher_wider"] = (words["teacher_out_of_fp16_autocast"] if self.autocast_made_fp16(model)
+                                  else "hold the teacher in a wider dtype — " + words["fp32_teacher"])
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
@@ -1557,7 +1585,7 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
                           evidence={"dtype": "float16", "holds": _holds(row), "weights_beyond_float16": True,
                                     "router": router},
                           fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
-                                    module=where["module"], dtype="float16"))]
+                                    model=where["model"], module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
     teacher = r.teacher_alone_in_fp16()
     if not len(acts) and measured is not None and teacher:
@@ -1583,8 +1611,8 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     return [Cause("teacher_overflow", "critical", **where,
                   evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
                             **named},
-                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", module=where["module"],
-                            dtype=row.get("dtype")))]
+                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", model=where["model"],
+                            module=where["module"], dtype=row.get("dtype")))]
 
 
 def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:

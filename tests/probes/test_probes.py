@@ -982,6 +982,33 @@ def test_teacher_overflow_is_told_apart_from_the_student(roles):
     assert "hold the teacher in a wider dtype" in cause["fix"]
 
 
+def test_a_wide_teacher_that_overflows_under_the_loops_fp16_autocast_is_taken_out_of_it_not_loaded_wider():
+    """A teacher loaded in fp32 whose forward runs inside the loop's float16 autocast overflows there — the common AMP
+    KD loop, both forwards in one `with torch.autocast(...)`. The fix said "the teacher loaded in bfloat16 or float32
+    instead of float16": what it already is. Its forward must leave the autocast."""
+    student, teacher = Net(), Net().requires_grad_(False)
+    with torch.no_grad():  # as above: `second` reaches ~40 × 3000 × 8, beyond 65504 — once float16 computes it
+        teacher.first.weight.fill_(1.0)
+        teacher.second.weight.fill_(3000.0)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.rand(4, 8) * 10
+    assert teacher(x).isfinite().all()  # in its own float32, finite
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler) as probes:
+        with torch.autocast("cpu", dtype=torch.float16):
+            with torch.no_grad():
+                target = teacher(x).float()
+            loss = (student(x).float() - target).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        probes.step(loss=loss)
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["model"], cause["module"]) == ("teacher_overflow", "teacher", "second")
+    assert "torch.autocast(device_type, enabled=False)" in cause["fix"], cause["fix"]
+    assert "instead of float16" not in cause["fix"], cause["fix"]
+
+
 def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
     """Two steps of a loop that never calls `model.train()` (`from_pretrained` returns a model in eval mode): the
     frozen fp16 teacher first, under no_grad, then the student; between them an evaluation of the student under
