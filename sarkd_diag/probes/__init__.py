@@ -1206,7 +1206,11 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
         (host,) = to_host(self.set.take_readings())
-        row = {"step": self.ctx.step, "split": "unfinished", **self.set.record(host)}
+        metrics = self.set.record(host)
+        # raised on a non-finite loss before the optimizer stepped (`assert torch.isfinite(loss)`, or a clipping that
+        # refused the gradients it made): the weights are still those that made it, as after a step a scaler skipped
+        self.set.replay_if_loss_nonfinite(metrics.get("loss"))
+        row = {"step": self.ctx.step, "split": "unfinished", **metrics}
         if self.run_dir is None:
             self.rows.append(row)
         else:

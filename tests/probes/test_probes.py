@@ -246,6 +246,34 @@ def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
         "RuntimeError: The total norm of order 2.0 for gradients from `parameters` is non-finite"), error
 
 
+def test_a_loop_that_raises_on_a_nonfinite_loss_has_that_step_replayed_and_placed(tmp_path):
+    """An AMP loop that stops on a non-finite loss (`if not torch.isfinite(loss): raise`), at a step without module
+    statistics where one batch overflows an MLP in float16: no update ran, so the weights are still those that made
+    it and its forward is replayed with statistics on, as after a step the scaler skipped. It ended unplaced ("a
+    forward output beyond float16's range, most likely: `level="full"` names the module")."""
+    model = tiny.make_gpt2(64)
+    outlier = [False]
+    model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    batches = torch.randint(0, 64, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError), Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path) as probes:
+        for step, ids in enumerate(batches, start=1):
+            outlier[0] = step == 2
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["first_step"]) == (
+        "activation_overflow", "transformer.h.1.mlp.c_fc", 2), root
+
+
 @pytest.mark.parametrize("raises", [False, True])
 def test_a_nan_gradient_is_told_from_an_overflow_whether_or_not_the_clipping_raises_on_it(tmp_path, raises):
     """A feature distance written as an RMSE between the student's first layer and its frozen copy's: 0 at step 1, and
