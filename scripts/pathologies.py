@@ -924,20 +924,25 @@ def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
 
 
 def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overflows: Callable[[int], bool],
-                                      outcome: Outcome) -> list[float]:
+                                      outcome: Outcome, stops_on_nonfinite: bool = False) -> list[float]:
     """An AMP loop (GradScaler from 2**8) over the tiny GPT-2 whose `h.1.mlp.c_fc` output is ×1e6 on the steps
-    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`."""
+    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`.
+    `stops_on_nonfinite`: the loop raises on a non-finite loss before its backward (`if not torch.isfinite(loss):
+    raise`), as many loops guard themselves."""
     model = tiny.make_gpt2(world.vocab)
     outlier = [False]
     model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     losses = []
-    with _probes(model, opt, scaler, tmp / "run") as probes:
+    with contextlib.suppress(FloatingPointError), _probes(model, opt, scaler, tmp / "run") as probes:
         for step, ids in enumerate(token_batches(world, steps), start=1):
             outlier[0] = overflows(step)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(input_ids=ids, labels=ids).loss
+            if stops_on_nonfinite and not torch.isfinite(loss):
+                losses.append(float(loss.detach()))
+                raise FloatingPointError(f"non-finite loss at step {step}")
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -956,6 +961,17 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome)
     outcome.check("the loss is non-finite at step 5 only; the weights stay finite",
                   [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == [5]
+                  and outcome.facts["weights_finite"])
+    return outcome
+
+
+def amp_loop_stopping_on_a_nonfinite_loss(world: World, tmp: Path) -> Outcome:
+    """The same outlier batch at step 5, in a loop that raises on a non-finite loss before its backward: the run ends
+    there, with no update and no `probes.step()` — the probes record the step as far as it got, its forward replayed."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome, stops_on_nonfinite=True)
+    outcome.check("the loop stopped at step 5 on its non-finite loss; the weights stay finite",
+                  len(losses) == 5 and not math.isfinite(losses[-1]) and all(map(math.isfinite, losses[:4]))
                   and outcome.facts["weights_finite"])
     return outcome
 
@@ -2399,6 +2415,10 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", "transformer.h.1.mlp.c_fc", first_step=5,
                       absent=("divergence",))),
+    Scenario("AMP loop that stops on a NaN loss", "user loop: autocast fp16 + GradScaler; step 5's batch overflows an "
+             "MLP (no statistics step) and the loop raises on its non-finite loss before the backward", "mixed",
+             "user loop", amp_loop_stopping_on_a_nonfinite_loss,
+             Expected("activation_overflow", "critical", "student", "transformer.h.1.mlp.c_fc", first_step=5)),
     Scenario("fp16 overflow from step 4, AMP loop",
              "user loop: autocast fp16 + GradScaler; from step 4 every batch overflows an MLP (step 4 no statistics "
              "step: the skipped step replayed)", "mixed", "user loop", fp16_overflow_from_step_4_amp_loop,
