@@ -786,28 +786,34 @@ def kd_teacher(world: World, dtype: torch.dtype = torch.float32, confidence: flo
 
 
 def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None,
-                 teacher: nn.Module | None = None) -> Outcome:
+                 teacher: nn.Module | None = None, init_scale: float | None = None) -> Outcome:
     """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher (`kd_teacher` unless given)
-    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both
-    models watched. The student's logits reach `kd` as fp32, the teacher's as its forward made them."""
+    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler (a GradScaler from `init_scale` when
+    given), under `autocast` when given; both models watched. The student's logits reach `kd` as fp32, the teacher's
+    as its forward made them."""
     outcome = Outcome()
     student, teacher = tiny.make_gpt2(world.vocab), teacher if teacher is not None else kd_teacher(world)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale is not None else None
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
     losses, zero_grads = [], []
     from sarkd_diag import Probes
 
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler, run_dir=tmp / "run") as probes:
         for ids in token_batches(world, steps, batch=4, block=32):
             with context():
                 student_logits = student(input_ids=ids).logits
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids).logits
                 loss = kd(student_logits.float(), teacher_logits)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             losses.append(float(loss.detach()))
             zero_grads.append(all(p.grad is None or not p.grad.any() for p in student.parameters()))
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
@@ -912,6 +918,14 @@ def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
 def fp16_autocast_kd_without_scaler(world: World, tmp: Path) -> Outcome:
     outcome = kd_user_loop(world, tmp, kd_divergence(2.0, weight=1e-4), steps=4, autocast=torch.float16)
     outcome.check("every gradient of the student is exactly zero on every step",
+                  all(outcome.facts["all_gradients_zero"]))
+    return outcome
+
+
+def fp16_autocast_kd_with_a_scaler_at_1(world: World, tmp: Path) -> Outcome:
+    outcome = kd_user_loop(world, tmp, kd_divergence(2.0, weight=1e-4), steps=4, autocast=torch.float16,
+                           init_scale=1.0)
+    outcome.check("every gradient of the student is exactly zero on every step, a GradScaler running",
                   all(outcome.facts["all_gradients_zero"]))
     return outcome
 
@@ -2392,6 +2406,11 @@ SCENARIOS: list[Scenario] = [
              "user loop", fp16_autocast_kd_without_scaler,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="GradScaler",
                       evidence_contains="zero_gradient")),
+    Scenario("fp16 autocast KD, GradScaler(init_scale=1.0)", "user loop: fp32 student + teacher, autocast fp16, KD "
+             "term weighted 1e-4, a GradScaler started at scale 1 (taken for \"no scaling\")", "mixed", "user loop",
+             fp16_autocast_kd_with_a_scaler_at_1,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="init_scale",
+                      fix_lacks="detach", evidence_contains="loss_scale")),
     Scenario("KD at temperature 0", "user loop: fp32 student + teacher, logits / T with T = 0 in the KD term",
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",

@@ -218,6 +218,15 @@ PHRASES = {
                      "module's `on_before_optimizer_step`, which Lightning calls once it has unscaled, not before "
                      "`opt.step()`",
     },
+    # where a loss scaler's starting scale is set
+    "init_scale": {
+        "cli": "`train` starts its loss scaler at 2**16 itself and lowers it only on overflow: report this",
+        "loop": "`torch.amp.GradScaler(init_scale=...)` (its default, 2**16)",
+        "trainer": "the scaler's `init_scale` (accelerate's `GradScalerKwargs`; its default, 2**16)",
+        "accelerate": "`GradScalerKwargs(init_scale=...)` in `Accelerator(kwargs_handlers=[...])` (its default, 2**16)",
+        "lightning": "the `torch.amp.GradScaler(init_scale=...)` given to `MixedPrecision(..., scaler=...)` (its "
+                     "default, 2**16)",
+    },
     # where the gradients a step used are cleared before the next backward adds to them
     "clear_gradients": {
         "cli": "`train`'s own `zero_grad()` after each step",
@@ -437,6 +446,11 @@ FIXES = {
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
+    "gradient_underflow_low_scale": "gradients flush to zero in {dtype} ({tensor} backwards, from step {step}): the "
+                                    "loss scaler ran at a scale of {scale}, which multiplies nothing up, so the "
+                                    "backward flushes what it would flush unscaled (below 6e-8) — start the scale high "
+                                    "and let it back off on overflow: {init_scale}; or train with {bf16_mixed} "
+                                    "(fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
                     "step since step {step}) and no flush of an unscaled float16 backward explains it: {loss_cut_off}; "
                     "nothing trains",
@@ -975,6 +989,13 @@ class RunRecord:
             return value if value else None
         thresholds = self.train_column("clip_max_norm")
         return float(thresholds.iloc[-1]) if len(thresholds) else None
+
+    def loss_scale_at(self, step: int) -> float | None:
+        """The loss scale after a step, where recorded (`loss_scale`): a step whose gradients all flushed to zero
+        neither overflowed nor backed off, so its backward ran at that scale (at half of it where the scaler grew
+        then)."""
+        scales = self.train_column("loss_scale")
+        return number_or_none(scales.loc[[step]].iloc[-1]) if step in scales.index else None
 
     def lr_at(self, step: int, model: str | None) -> float | None:
         """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
@@ -1932,10 +1953,14 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero) — not those of a
-    step whose loss was exactly 0, which the loss explains (`_at_zero_loss`)."""
-    unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
+    step whose loss was exactly 0, which the loss explains (`_at_zero_loss`). Unscaled: no loss scaler, or one whose
+    scale at that step was at most 1 (`GradScaler(init_scale=1.0)`, a scale collapsed there), which multiplies
+    nothing above float16's flush."""
     zero = zero[~zero.index.isin(_at_zero_loss(r, zero).index)]
-    return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+    zero = zero[zero["dtype"] == "float16"]
+    if not (r.config.get("precision") or {}).get("loss_scaling"):
+        return zero
+    return zero[zero["step"].map(lambda step: (r.loss_scale_at(int(step)) or math.inf) <= 1)]
 
 
 def _at_zero_loss(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
@@ -2215,10 +2240,13 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     flushed = _flushed_by_fp16(r, r.of("zero_gradients"))
     if len(flushed):
         row = _first(flushed)
-        return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
-                                "loss_scaling": False},
-                      fix=r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")))]
+        scale = r.loss_scale_at(int(row["step"])) if (r.config.get("precision") or {}).get("loss_scaling") else None
+        evidence = {"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
+                    "loss_scaling": scale is not None, **({"loss_scale": scale} if scale is not None else {})}
+        fix = (r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")) if scale is None else
+               r.fix("gradient_underflow_low_scale", dtype="float16", tensor=row.get("tensor"),
+                     step=int(row["step"]), scale=f"{scale:g}"))
+        return [Cause("update_underflow", "warning", **_where(row), evidence=evidence, fix=fix)]
     if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
         return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")

@@ -308,6 +308,29 @@ def test_a_nan_gradient_is_told_from_an_overflow_whether_or_not_the_clipping_rai
     assert root["evidence"]["in_backward"] and "sqrt" in root["fix"] and "GradScaler" not in root["fix"], root
 
 
+def test_gradients_a_loss_scaler_at_scale_1_lets_flush_are_no_loss_cut_off(tmp_path):
+    """`GradScaler(init_scale=1.0)` (taken for "no scaling", or a scale collapsed to 1) over a float16 autocast backward
+    of small gradients: they flush to zero as with no scaler at all — a scale of 1 multiplies nothing up. That was read
+    as a loss cut off from the weights (`.detach()`, `no_grad`, `zero_grad()` before the step); the scale is the fix."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    with Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path) as probes:
+        for x in torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x).float().pow(2).mean() * 1e-9  # its gradients below float16's 6e-8
+            scaler.scale(loss).backward()
+            assert all(not p.grad.any() for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_scale"]) == ("update_underflow", 1, 1.0), root
+    assert "init_scale" in root["fix"] and "detach" not in root["fix"], root
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
