@@ -2120,6 +2120,39 @@ def _head_gradient(model: nn.Module, ids: torch.Tensor, backwards: int) -> torch
     return grad
 
 
+def ema_teacher_in_bf16(world: World, tmp: Path) -> Outcome:
+    """Self-distillation from an EMA of the student, the teacher held in bfloat16 to save memory: after each step the
+    loop writes t ← 0.999·t + 0.001·s in place — changes far below half a bfloat16 ulp, so most of the teacher never
+    moves from the student's first copy."""
+    from sarkd_diag import Probes
+
+    outcome = Outcome()
+    student = tiny.make_gpt2(world.vocab)
+    teacher = tiny.make_gpt2(world.vocab).requires_grad_(False).eval().to(torch.bfloat16)
+    teacher.load_state_dict(student.state_dict())
+    first = [p.clone() for p in teacher.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 5):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.float()
+            loss = out.loss + kd_divergence(1.0)(out.logits, target)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                    t.mul_(0.999).add_(s.to(torch.bfloat16), alpha=0.001)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    moved = sum(int((a != b).sum()) for a, b in zip(first, teacher.parameters(), strict=True))
+    total = sum(p.numel() for p in first)
+    outcome.facts.update(teacher_values_moved=round(moved / total, 3))
+    outcome.check("after 5 EMA writes most of the bfloat16 teacher holds its first values", moved < total / 2)
+    return outcome
+
+
 def teacher_left_in_train_mode(world: World, tmp: Path) -> Outcome:
     """A GPT-2 teacher (dropout 0.1, as GPT-2 ships) switched to `train()` with the student — a module holding both
     models does that —, then frozen: every forward draws a new dropout mask, so the KD targets are noisy."""
@@ -2641,6 +2674,10 @@ SCENARIOS: list[Scenario] = [
              loss_backpropagated_twice,
              Expected("loss_backpropagated_twice", "warning", "student", None, first_step=1,
                       absent=("micro_batches_summed",), fix_contains="once per forward")),
+    Scenario("EMA teacher held in bfloat16", "user loop: fp32 student; its EMA (t ← 0.999·t + 0.001·s, in place after "
+             "each step) held in bfloat16 as the KD teacher", "fp32", "user loop", ema_teacher_in_bf16,
+             Expected("update_underflow", "warning", "teacher", ANY, first_step=2, fix_contains="fp32",
+                      evidence_contains="written_values_unchanged")),
     Scenario("teacher left in train mode", "user loop: fp32 KD from a GPT-2 teacher (dropout 0.1) left in `train()` "
              "mode, frozen, its forward under `no_grad`", "fp32", "user loop", teacher_left_in_train_mode,
              Expected("teacher_dropout", "warning", "teacher", "transformer.drop", first_step=1,

@@ -446,6 +446,13 @@ FIXES = {
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
+    "frozen_writes_lost": "{model} is written between steps by the loop's own code, not by an optimizer — an EMA or "
+                          "average of the student's weights written into it in place — and {share} of the written "
+                          "values came back unchanged: in {dtype} a change below half an ulp of a weight (~{half_ulp} "
+                          "of its value) rounds away, and an EMA with momentum m moves each weight by (1 − m) × its "
+                          "distance to the student's, far below that, so {model} stays where it started — keep the "
+                          "average in fp32 (an fp32 copy of {model}'s weights updated in place and cast to {dtype} for "
+                          "its forward, or the whole of {model} in fp32)",
     "gradient_underflow_low_scale": "gradients flush to zero in {dtype} ({tensor} backwards, from step {step}): the "
                                     "loss scaler ran at a scale of {scale}, which multiplies nothing up, so the "
                                     "backward flushes what it would flush unscaled (below 6e-8) — start the scale high "
@@ -2230,6 +2237,22 @@ def no_gradients(r: RunRecord) -> list[Cause]:
 
 
 def update_underflow(r: RunRecord) -> list[Cause]:
+    """Updates lost to underflow: the optimizer's (`_updates_lost`), and the caller's own writes to a frozen model's
+    16-bit weights (an EMA teacher) that rounded away (`frozen_writes_lost`) — each a cause of its own."""
+    writes = r.of("lost_updates", "frozen_writes_lost")
+    if not len(writes):
+        return _updates_lost(r)
+    row = _first(writes)
+    half_ulp = NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
+    return _updates_lost(r) + [Cause(
+        "update_underflow", "warning", **_where(row),
+        evidence={"written_values_unchanged": row["value"], "written_tensors": row.get("numel"),
+                  "dtype": row.get("dtype"), "by_optimizer": False},
+        fix=r.fix("frozen_writes_lost", model=row.get("model"), dtype=row.get("dtype"), share=f"{row['value']:.0%}",
+                  half_ulp=f"{half_ulp or 0:.0e}"))]
+
+
+def _updates_lost(r: RunRecord) -> list[Cause]:
     """Updates lost to underflow (stagnation). Upstream first: gradients flushed to zero by a float16 backward
     that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
     Else updates lost to rounding in low-precision weights: claimed from measured lost updates — or, where
@@ -2250,6 +2273,7 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
         return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")
+    lost = lost[lost["code"] != "frozen_writes_lost"]  # the caller's writes, not the optimizer's updates
     frozen = r.frozen_second_moment()
     if frozen is not None and len(lost) and _first(lost).get("tensor") == frozen.get("tensor"):
         return []  # lost to a second moment gone Inf (`optimizer_state_frozen`), not to rounding

@@ -1060,6 +1060,40 @@ def test_a_wide_teacher_that_overflows_under_the_loops_fp16_autocast_is_taken_ou
     assert "instead of float16" not in cause["fix"], cause["fix"]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_ema_teacher_whose_writes_round_away_is_told(tmp_path, dtype):
+    """Self-distillation from an EMA of the student (t ← 0.999·t + 0.001·s after each step, in place): held in
+    bfloat16 the teacher hardly moves — each change is far below half an ulp and rounds away — so it stays the
+    student's first copy, silently. In float32 the same writes land."""
+    torch.manual_seed(0)
+    student = Net()
+    teacher = copy.deepcopy(student).requires_grad_(False).to(dtype)
+    first = [t.clone() for t in teacher.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path) as probes:
+        for x in torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0)):
+            with torch.no_grad():
+                target = teacher(x.to(dtype)).float() + 1.0
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                    t.mul_(0.999).add_(s.to(dtype), alpha=0.001)
+    moved = sum(int((a != b).sum()) for a, b in zip(first, teacher.parameters(), strict=True))
+    total = sum(t.numel() for t in first)
+    causes = [c for c in load_run(tmp_path)["summary"]["diagnosis"] if c["model"] == "teacher"]
+    if dtype == torch.float32:
+        assert moved > total / 2 and causes == [], causes
+        return
+    assert moved < total / 2  # most of the teacher never moved
+    (cause,) = causes
+    assert (cause["cause"], cause["first_step"], cause["evidence"]["by_optimizer"]) == ("update_underflow", 2, False)
+    assert "fp32" in cause["fix"] and cause["evidence"]["written_values_unchanged"] > 0.5, cause
+
+
 def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
     """Two steps of a loop that never calls `model.train()` (`from_pretrained` returns a model in eval mode): the
     frozen fp16 teacher first, under no_grad, then the student; between them an evaluation of the student under
