@@ -786,32 +786,78 @@ def kd_teacher(world: World, dtype: torch.dtype = torch.float32, confidence: flo
 
 
 def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype | None = None,
-                 teacher: nn.Module | None = None) -> Outcome:
+                 teacher: nn.Module | None = None, init_scale: float | None = None) -> Outcome:
     """A user's KD loop: an fp32 student learns from a frozen tiny GPT-2 teacher (`kd_teacher` unless given)
-    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler, under `autocast` when given; both
-    models watched. The student's logits reach `kd` as fp32, the teacher's as its forward made them."""
+    through `kd(student_logits, teacher_logits)`, with AdamW and no loss scaler (a GradScaler from `init_scale` when
+    given), under `autocast` when given; both models watched. The student's logits reach `kd` as fp32, the teacher's
+    as its forward made them."""
     outcome = Outcome()
     student, teacher = tiny.make_gpt2(world.vocab), teacher if teacher is not None else kd_teacher(world)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale) if init_scale is not None else None
     context = (lambda: torch.autocast("cpu", dtype=autocast)) if autocast else contextlib.nullcontext
     losses, zero_grads = [], []
     from sarkd_diag import Probes
 
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler, run_dir=tmp / "run") as probes:
         for ids in token_batches(world, steps, batch=4, block=32):
             with context():
                 student_logits = student(input_ids=ids).logits
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids).logits
                 loss = kd(student_logits.float(), teacher_logits)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             losses.append(float(loss.detach()))
             zero_grads.append(all(p.grad is None or not p.grad.any() for p in student.parameters()))
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[f"{v:.4g}" for v in losses], all_gradients_zero=zero_grads)
+    return outcome
+
+
+def teacher_overflow_under_amp_autocast(world: World, tmp: Path) -> Outcome:
+    """The usual AMP KD loop — fp32 student and teacher, both forwards inside one `torch.autocast(float16)`, a
+    GradScaler — over a teacher whose block-0 MLP (`c_fc` ×3e5: weights within fp16's range) makes outputs beyond
+    65504: finite in the teacher's own fp32, Inf once autocast computes it in float16. Loading the teacher wider
+    changes nothing (it is fp32): its forward must leave the autocast."""
+    outcome = Outcome()
+    teacher, student = kd_teacher(world), tiny.make_gpt2(world.vocab)
+    with torch.no_grad():
+        teacher.get_submodule(TEACHER_HOT).weight.mul_(3e5)
+    ids = token_batches(world, 1)[0]
+    beyond = first_beyond_fp16(forward_extremes(teacher, ids))
+    with torch.no_grad():
+        fp32_finite = finite(teacher(input_ids=ids).logits)
+        with torch.autocast("cpu", dtype=torch.float16):
+            fp16_finite = finite(teacher(input_ids=ids).logits)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = student(input_ids=ids, labels=ids)
+                with torch.no_grad():
+                    target = teacher(input_ids=ids).logits
+                loss = out.loss + kd_divergence(2.0)(out.logits.float(), target.float())
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(first_beyond_fp16=beyond, teacher_weight_amax=round(max_weight(teacher), 1),
+                         fp32_forward_finite=fp32_finite, fp16_autocast_forward_finite=fp16_finite)
+    outcome.check(f"the teacher's weights fit fp16, {TEACHER_HOT}'s fp32 output does not; its fp32 forward is finite, "
+                  "under float16 autocast not", max_weight(teacher) < FP16_MAX and beyond is not None
+                  and beyond[0] == TEACHER_HOT and fp32_finite and not fp16_finite)
     return outcome
 
 
@@ -876,6 +922,14 @@ def fp16_autocast_kd_without_scaler(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def fp16_autocast_kd_with_a_scaler_at_1(world: World, tmp: Path) -> Outcome:
+    outcome = kd_user_loop(world, tmp, kd_divergence(2.0, weight=1e-4), steps=4, autocast=torch.float16,
+                           init_scale=1.0)
+    outcome.check("every gradient of the student is exactly zero on every step, a GradScaler running",
+                  all(outcome.facts["all_gradients_zero"]))
+    return outcome
+
+
 def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
     outcome = kd_user_loop(world, tmp, kd_divergence(0.0), steps=2)
     losses = [float(v) for v in outcome.facts["losses"]]
@@ -884,20 +938,25 @@ def zero_temperature_kd(world: World, tmp: Path) -> Outcome:
 
 
 def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overflows: Callable[[int], bool],
-                                      outcome: Outcome) -> list[float]:
+                                      outcome: Outcome, stops_on_nonfinite: bool = False) -> list[float]:
     """An AMP loop (GradScaler from 2**8) over the tiny GPT-2 whose `h.1.mlp.c_fc` output is ×1e6 on the steps
-    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`."""
+    `overflows` picks (batches whose activations leave fp16's range); returns the losses, the facts in `outcome`.
+    `stops_on_nonfinite`: the loop raises on a non-finite loss before its backward (`if not torch.isfinite(loss):
+    raise`), as many loops guard themselves."""
     model = tiny.make_gpt2(world.vocab)
     outlier = [False]
     model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     losses = []
-    with _probes(model, opt, scaler, tmp / "run") as probes:
+    with contextlib.suppress(FloatingPointError), _probes(model, opt, scaler, tmp / "run") as probes:
         for step, ids in enumerate(token_batches(world, steps), start=1):
             outlier[0] = overflows(step)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(input_ids=ids, labels=ids).loss
+            if stops_on_nonfinite and not torch.isfinite(loss):
+                losses.append(float(loss.detach()))
+                raise FloatingPointError(f"non-finite loss at step {step}")
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -916,6 +975,17 @@ def sporadic_fp16_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome)
     outcome.check("the loss is non-finite at step 5 only; the weights stay finite",
                   [i + 1 for i, v in enumerate(losses) if not math.isfinite(v)] == [5]
+                  and outcome.facts["weights_finite"])
+    return outcome
+
+
+def amp_loop_stopping_on_a_nonfinite_loss(world: World, tmp: Path) -> Outcome:
+    """The same outlier batch at step 5, in a loop that raises on a non-finite loss before its backward: the run ends
+    there, with no update and no `probes.step()` — the probes record the step as far as it got, its forward replayed."""
+    outcome = Outcome()
+    losses = amp_loop_with_overflowing_batches(world, tmp, 8, lambda step: step == 5, outcome, stops_on_nonfinite=True)
+    outcome.check("the loop stopped at step 5 on its non-finite loss; the weights stay finite",
+                  len(losses) == 5 and not math.isfinite(losses[-1]) and all(map(math.isfinite, losses[:4]))
                   and outcome.facts["weights_finite"])
     return outcome
 
@@ -1334,12 +1404,13 @@ def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
-def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False) -> Outcome:
+def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False, clip_raises: bool = False) -> Outcome:
     """Feature distillation with an RMSE, `sqrt(mse(student_hidden, teacher_hidden))`, the student initialised from
     the teacher's embeddings and first block (as DistilBERT's are), the distance taken after block 0: at step 1 those
     hidden states are equal, the mse exactly 0 — and d√x/dx at 0 is inf, times the difference's 0: NaN gradients from
     a finite loss. `whole_copy`: the student is the teacher's whole copy and the distance is taken on the last hidden
-    states, so every gradient of step 1 is NaN and none was ever measured finite."""
+    states, so every gradient of step 1 is NaN and none was ever measured finite. `clip_raises`: the loop clips with
+    `clip_grad_norm_(..., error_if_nonfinite=True)`, which raises on step 1's NaN before the optimizer step."""
     outcome = Outcome()
     teacher = tiny.make_gpt2(world.vocab, seed=3).eval()
     student = tiny.make_gpt2(world.vocab)
@@ -1347,10 +1418,11 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False)
     student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k.startswith(copied)}, strict=False)
     layer = -1 if whole_copy else 1
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    losses, mse, bad_grads = [], [], []
+    losses, mse, bad_grads, raised = [], [], [], None
     from sarkd_diag import Probes
 
-    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+    with contextlib.suppress(RuntimeError), \
+            Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
         for ids in token_batches(world, 2):
             out = student(input_ids=ids, labels=ids, output_hidden_states=True)
             with torch.no_grad():
@@ -1361,13 +1433,20 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False)
             mse.append(float(distance.detach()))
             loss.backward()
             bad_grads.append(sum(1 for p in student.parameters() if p.grad is not None and not finite(p.grad)))
+            if clip_raises:
+                raised = len(losses)  # until clipping returns
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0, error_if_nonfinite=True)
+                raised = None
             opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
-    outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads)
+    outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads,
+                         clipping_raised_at_step=raised)
     outcome.check("step 1: the distance is exactly 0, the loss finite, gradients NaN",
                   mse[0] == 0.0 and math.isfinite(losses[0]) and bad_grads[0] > 0)
+    if clip_raises:
+        outcome.check("the clipping raised at step 1, before the optimizer step", raised == 1)
     return outcome
 
 
@@ -2041,6 +2120,39 @@ def _head_gradient(model: nn.Module, ids: torch.Tensor, backwards: int) -> torch
     return grad
 
 
+def ema_teacher_in_bf16(world: World, tmp: Path) -> Outcome:
+    """Self-distillation from an EMA of the student, the teacher held in bfloat16 to save memory: after each step the
+    loop writes t ← 0.999·t + 0.001·s in place — changes far below half a bfloat16 ulp, so most of the teacher never
+    moves from the student's first copy."""
+    from sarkd_diag import Probes
+
+    outcome = Outcome()
+    student = tiny.make_gpt2(world.vocab)
+    teacher = tiny.make_gpt2(world.vocab).requires_grad_(False).eval().to(torch.bfloat16)
+    teacher.load_state_dict(student.state_dict())
+    first = [p.clone() for p in teacher.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 5):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits.float()
+            loss = out.loss + kd_divergence(1.0)(out.logits, target)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                    t.mul_(0.999).add_(s.to(torch.bfloat16), alpha=0.001)
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    moved = sum(int((a != b).sum()) for a, b in zip(first, teacher.parameters(), strict=True))
+    total = sum(p.numel() for p in first)
+    outcome.facts.update(teacher_values_moved=round(moved / total, 3))
+    outcome.check("after 5 EMA writes most of the bfloat16 teacher holds its first values", moved < total / 2)
+    return outcome
+
+
 def teacher_left_in_train_mode(world: World, tmp: Path) -> Outcome:
     """A GPT-2 teacher (dropout 0.1, as GPT-2 ships) switched to `train()` with the student — a module holding both
     models does that —, then frozen: every forward draws a new dropout mask, so the KD targets are noisy."""
@@ -2327,6 +2439,11 @@ SCENARIOS: list[Scenario] = [
              "user loop", fp16_autocast_kd_without_scaler,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="GradScaler",
                       evidence_contains="zero_gradient")),
+    Scenario("fp16 autocast KD, GradScaler(init_scale=1.0)", "user loop: fp32 student + teacher, autocast fp16, KD "
+             "term weighted 1e-4, a GradScaler started at scale 1 (taken for \"no scaling\")", "mixed", "user loop",
+             fp16_autocast_kd_with_a_scaler_at_1,
+             Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="init_scale",
+                      fix_lacks="detach", evidence_contains="loss_scale")),
     Scenario("KD at temperature 0", "user loop: fp32 student + teacher, logits / T with T = 0 in the KD term",
              "fp32", "user loop", zero_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="loss computation",
@@ -2336,6 +2453,11 @@ SCENARIOS: list[Scenario] = [
              annealed_temperature_kd,
              Expected("divergence", "critical", "student", "loss", first_step=4, fix_contains="temperature",
                       evidence_contains="module_outputs_finite")),
+    Scenario("teacher overflows under the loop's fp16 autocast", "user loop: fp32 student and teacher, both "
+             f"forwards in one `torch.autocast(float16)` + GradScaler; the teacher's `{TEACHER_HOT}` ×3e5 (weights "
+             "within fp16's range, outputs beyond)", "mixed", "user loop", teacher_overflow_under_amp_autocast,
+             Expected("teacher_overflow", "critical", "teacher", TEACHER_HOT, first_step=1,
+                      fix_contains="enabled=False", fix_lacks="instead of float16")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
@@ -2345,6 +2467,10 @@ SCENARIOS: list[Scenario] = [
              "mixed", "user loop", sporadic_fp16_overflow_amp_loop,
              Expected("activation_overflow", "warning", "student", "transformer.h.1.mlp.c_fc", first_step=5,
                       absent=("divergence",))),
+    Scenario("AMP loop that stops on a NaN loss", "user loop: autocast fp16 + GradScaler; step 5's batch overflows an "
+             "MLP (no statistics step) and the loop raises on its non-finite loss before the backward", "mixed",
+             "user loop", amp_loop_stopping_on_a_nonfinite_loss,
+             Expected("activation_overflow", "critical", "student", "transformer.h.1.mlp.c_fc", first_step=5)),
     Scenario("fp16 overflow from step 4, AMP loop",
              "user loop: autocast fp16 + GradScaler; from step 4 every batch overflows an MLP (step 4 no statistics "
              "step: the skipped step replayed)", "mixed", "user loop", fp16_overflow_from_step_4_amp_loop,
@@ -2420,6 +2546,12 @@ SCENARIOS: list[Scenario] = [
              "fp32", "user loop", functools.partial(rmse_feature_kd_user_loop, whole_copy=True),
              Expected("divergence", "critical", "student", "lm_head", first_step=1, fix_contains="applies sqrt",
                       fix_lacks="autocast", absent=("gradient_overflow",), evidence_contains="loss_operation")),
+    Scenario("RMSE feature loss, clipping that raises on NaN", "user loop: fp32; the same RMSE feature loss (student "
+             "initialised from its teacher), `clip_grad_norm_(..., error_if_nonfinite=True)`: raises on step 1's NaN "
+             "gradients before the optimizer step", "fp32", "user loop",
+             functools.partial(rmse_feature_kd_user_loop, clip_raises=True),
+             Expected("divergence", "critical", "student", "transformer.h.0.mlp.c_proj", first_step=1,
+                      fix_contains="sqrt", fix_lacks="GradScaler", absent=("gradient_overflow",))),
     Scenario("weight decay typed 1e2", "user loop: fp32 GPT-2, `AdamW(lr=1e-3, weight_decay=1e2)` (meant 1e-2), "
              "10 steps", "fp32", "user loop", weight_decay_typo_user_loop,
              Expected("weight_collapse", "warning", "student", ANY, first_step=(6, 10), fix_contains="weight_decay",
@@ -2542,6 +2674,10 @@ SCENARIOS: list[Scenario] = [
              loss_backpropagated_twice,
              Expected("loss_backpropagated_twice", "warning", "student", None, first_step=1,
                       absent=("micro_batches_summed",), fix_contains="once per forward")),
+    Scenario("EMA teacher held in bfloat16", "user loop: fp32 student; its EMA (t ← 0.999·t + 0.001·s, in place after "
+             "each step) held in bfloat16 as the KD teacher", "fp32", "user loop", ema_teacher_in_bf16,
+             Expected("update_underflow", "warning", "teacher", ANY, first_step=2, fix_contains="fp32",
+                      evidence_contains="written_values_unchanged")),
     Scenario("teacher left in train mode", "user loop: fp32 KD from a GPT-2 teacher (dropout 0.1) left in `train()` "
              "mode, frozen, its forward under `no_grad`", "fp32", "user loop", teacher_left_in_train_mode,
              Expected("teacher_dropout", "warning", "teacher", "transformer.drop", first_step=1,

@@ -157,6 +157,25 @@ PHRASES = {
         "accelerate": "the teacher loaded in bfloat16 or float32 instead of float16",
         "lightning": "the teacher loaded in bfloat16 or float32 instead of float16",
     },
+    # a teacher whose weights are wider than float16 overflows float16 only where a float16 autocast computes its
+    # forward: taking that forward out of the autocast is the remedy, not loading the teacher in another dtype
+    "teacher_out_of_fp16_autocast": {
+        "cli": "compute the teacher in a wider dtype — `--precision bf16-mixed` (the teacher in bf16) or `--precision "
+               "fp32`",
+        "loop": "its weights are wider already, but its forward runs under the loop's float16 autocast, which casts "
+                "them to float16 at each matmul: take the teacher's forward out of it — under "
+                "`torch.autocast(device_type, enabled=False)` — or give it `torch.autocast(dtype=torch.bfloat16)`",
+        "trainer": "its weights are wider already, but `TrainingArguments(fp16=True)` autocasts all of `compute_loss`, "
+                   "the teacher's forward with it: run that forward under `torch.autocast(device_type, "
+                   "enabled=False)`, or train with `TrainingArguments(bf16=True)`",
+        "accelerate": "its weights are wider already, but its forward runs under the float16 autocast of "
+                      "`Accelerator(mixed_precision=\"fp16\")` (a model it prepared, or `accelerator.autocast()`): "
+                      "take the teacher's forward out of it — under `torch.autocast(device_type, enabled=False)`, the "
+                      "teacher not prepared — or use `Accelerator(mixed_precision=\"bf16\")`",
+        "lightning": "its weights are wider already, but `Trainer(precision=\"16-mixed\")` autocasts all of "
+                     "`training_step`, the teacher's forward with it: run that forward under "
+                     "`torch.autocast(device_type, enabled=False)`, or train with `Trainer(precision=\"bf16-mixed\")`",
+    },
     "wide_compute": {
         "cli": "`--precision bf16-mixed` or `--precision fp32`",
         "loop": "the model loaded in float32 (or bfloat16) and no float16 autocast — "
@@ -198,6 +217,15 @@ PHRASES = {
                      "with manual optimization (which that option does not serve), `self.clip_gradients(...)` in the "
                      "module's `on_before_optimizer_step`, which Lightning calls once it has unscaled, not before "
                      "`opt.step()`",
+    },
+    # where a loss scaler's starting scale is set
+    "init_scale": {
+        "cli": "`train` starts its loss scaler at 2**16 itself and lowers it only on overflow: report this",
+        "loop": "`torch.amp.GradScaler(init_scale=...)` (its default, 2**16)",
+        "trainer": "the scaler's `init_scale` (accelerate's `GradScalerKwargs`; its default, 2**16)",
+        "accelerate": "`GradScalerKwargs(init_scale=...)` in `Accelerator(kwargs_handlers=[...])` (its default, 2**16)",
+        "lightning": "the `torch.amp.GradScaler(init_scale=...)` given to `MixedPrecision(..., scaler=...)` (its "
+                     "default, 2**16)",
     },
     # where the gradients a step used are cleared before the next backward adds to them
     "clear_gradients": {
@@ -418,6 +446,18 @@ FIXES = {
                                     "train with {bf16_mixed}; {full_probes} names the overflowing module",
     "gradient_underflow": "gradients flush to zero in {dtype} without a loss scaler ({tensor} backwards): scale the "
                           "loss — train with {mixed} — or with {bf16_mixed} (fp32's range)",
+    "frozen_writes_lost": "{model} is written between steps by the loop's own code, not by an optimizer — an EMA or "
+                          "average of the student's weights written into it in place — and {share} of the written "
+                          "values came back unchanged: in {dtype} a change below half an ulp of a weight (~{half_ulp} "
+                          "of its value) rounds away, and an EMA with momentum m moves each weight by (1 − m) × its "
+                          "distance to the student's, far below that, so {model} stays where it started — keep the "
+                          "average in fp32 (an fp32 copy of {model}'s weights updated in place and cast to {dtype} for "
+                          "its forward, or the whole of {model} in fp32)",
+    "gradient_underflow_low_scale": "gradients flush to zero in {dtype} ({tensor} backwards, from step {step}): the "
+                                    "loss scaler ran at a scale of {scale}, which multiplies nothing up, so the "
+                                    "backward flushes what it would flush unscaled (below 6e-8) — start the scale high "
+                                    "and let it back off on overflow: {init_scale}; or train with {bf16_mixed} "
+                                    "(fp32's range)",
     "no_gradients": "no gradient reaches the weights ({tensor} and most others: none, or all zero, at the optimizer "
                     "step since step {step}) and no flush of an unscaled float16 backward explains it: {loss_cut_off}; "
                     "nothing trains",
@@ -569,8 +609,7 @@ FIXES = {
                                     "while the loss is {loss}: the loss is multiplied by a tiny factor before "
                                     "`backward()` — {loss_weights} (a weight such as 1e-30), a division by a huge "
                                     "count — fix that factor; the learning rate and the precision are not the cause",
-    "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: hold the teacher in a wider dtype — "
-                        "{fp32_teacher}",
+    "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: {teacher_wider}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
                          "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
                          "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
@@ -582,7 +621,7 @@ FIXES = {
                            "where float16 overflows unseen — hold the teacher in a wider dtype — {fp32_teacher} — and "
                            "compute those outputs again",
     "teacher_router_overflow": "the teacher's MoE router {module} overflows {dtype}: its logits need fp32's range — "
-                               "hold the teacher in a wider dtype — {fp32_teacher}{router_in_fp32}",
+                               "{teacher_wider}{router_in_fp32}",
     "nonfinite_input": "fix the data: every batch needs target tokens (labels other than -100) and finite inputs",
     "nonfinite_weights_loaded": "{model}'s {tensor} holds {holds} before the first optimizer step — as loaded: the "
                                 "checkpoint is corrupt, not the precision, the learning rate or the data; load it "
@@ -880,10 +919,14 @@ class RunRecord:
         train_steps = self.metrics.loc[self.metrics["split"] == "train", "step"]
         return bool(step in train_steps.values and loss.index[-1] == train_steps.max())
 
-    def train_column(self, name: str) -> pd.Series:
+    def train_column(self, name: str, unfinished: bool = False) -> pd.Series:
+        """A column of the train rows, by step (non-finite values kept, unmeasured ones dropped); `unfinished`: with
+        the row of the step a caller's loop raised in (`split` = `unfinished`), for what the probes measured there —
+        the magnitudes beside a NaN its clipping refused — never for what a completed step means (a loss curve, the
+        last step)."""
         if name not in self.metrics or "split" not in self.metrics:
             return pd.Series(dtype="float64")
-        train = self.metrics[self.metrics["split"] == "train"]
+        train = self.metrics[self.metrics["split"].isin(("train", "unfinished") if unfinished else ("train",))]
         return pd.to_numeric(train.set_index("step")[name], errors="coerce").dropna()
 
     def train_loss_runs(self) -> list[pd.Series]:
@@ -954,6 +997,13 @@ class RunRecord:
         thresholds = self.train_column("clip_max_norm")
         return float(thresholds.iloc[-1]) if len(thresholds) else None
 
+    def loss_scale_at(self, step: int) -> float | None:
+        """The loss scale after a step, where recorded (`loss_scale`): a step whose gradients all flushed to zero
+        neither overflowed nor backed off, so its backward ran at that scale (at half of it where the scaler grew
+        then)."""
+        scales = self.train_column("loss_scale")
+        return number_or_none(scales.loc[[step]].iloc[-1]) if step in scales.index else None
+
     def lr_at(self, step: int, model: str | None) -> float | None:
         """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
         a teacher's trainable tensors — the routers `train` trains — are a group of their own, in `train` at
@@ -980,6 +1030,14 @@ class RunRecord:
         held = (precision.get("param_dtypes") or {}).get(model) or {}
         roles = held.values() if isinstance(held, dict) else []
         return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
+
+    def autocast_made_fp16(self, model: str | None) -> bool:
+        """Whether a frozen model (`model`, else the teacher) computed in float16 only through a float16 autocast: the
+        run computes in float16 while that model's weights, as a caller's loop lists them (`precision.model_dtypes`),
+        hold no float16 — so loading it in another dtype changes nothing; its forward must leave the autocast."""
+        teacher = model if self.is_teacher(model) else "teacher"
+        listed = ((self.config.get("precision") or {}).get("model_dtypes") or {}).get(teacher) or []
+        return bool(listed) and "float16" not in listed and self.computes_in_fp16()
 
     def updates_wide_weights(self) -> bool:
         """Whether the optimizer updates fp32 weights: fp32, or mixed precision's fp32 master weights (the
@@ -1167,15 +1225,17 @@ class RunRecord:
                   "nonfinite_batch": step + 1, "empty_targets": step + 1}
         if limit is None or any((self.of(kind)["step"] < before).any() for kind, before in limits.items()):
             return None
-        grad_amax = self.train_column("grad_amax")
+        # its step read as far as it got where the loop raised in it (`clip_grad_norm_(..., error_if_nonfinite=True)`)
+        grad_amax = self.train_column("grad_amax", unfinished=True)
         grads_up_to_it = grad_amax[grad_amax.index <= step]  # finite ones: a step whose every gradient is not, none
         singular = self.singular_operation(step) is not None
-        if step not in self.train_column("nonfinite_grad_tensors").index or not (len(grads_up_to_it) or singular):
+        if step not in self.train_column("nonfinite_grad_tensors", unfinished=True).index \
+                or not (len(grads_up_to_it) or singular):
             return None  # its step's gradients unmeasured, or no finite gradient measured on it or before it
         measured = [grads_up_to_it, self.train_column("param_amax").loc[lambda s: s.index < step]]
         if singular:  # no gradient measured: the loss's own magnitude bounds its gradient's scale instead
-            measured.append(self.train_column("loss").loc[lambda s: s.index <= step].abs())
-        measured += [self.train_column(c).loc[lambda s: s.index <= step]
+            measured.append(self.train_column("loss", unfinished=True).loc[lambda s: s.index <= step].abs())
+        measured += [self.train_column(c, unfinished=True).loc[lambda s: s.index <= step]
                      for c in self.metrics.columns if str(c).startswith("act_amax_")]
         values = pd.concat(measured)
         values = values[values.map(math.isfinite)]
@@ -1334,6 +1394,8 @@ class RunRecord:
         if (model or "student") in self.adapted_models:
             words["mixed"], words["bf16_mixed"] = words["mixed_adapters"], words["bf16_mixed_adapters"]
             words["fp32_weights"] = words["fp32_weights_adapters"]
+        words["teacher_wider"] = (words["teacher_out_of_fp16_autocast"] if self.autocast_made_fp16(model)
+                                  else "hold the teacher in a wider dtype — " + words["fp32_teacher"])
         words.update({k: ("?" if v is None else v) for k, v in {**values, "model": model}.items()})
         text = BF16_FIXES.get(template) if self.computes_in_bf16() else None
         return (text or FIXES[template]).format_map(_Blank(words))
@@ -1551,7 +1613,7 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
                           evidence={"dtype": "float16", "holds": _holds(row), "weights_beyond_float16": True,
                                     "router": router},
                           fix=r.fix("teacher_router_overflow" if router else "teacher_weights_fp16",
-                                    module=where["module"], dtype="float16"))]
+                                    model=where["model"], module=where["module"], dtype="float16"))]
     measured = r.loss_from_finite_outputs()
     teacher = r.teacher_alone_in_fp16()
     if not len(acts) and measured is not None and teacher:
@@ -1577,8 +1639,8 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     return [Cause("teacher_overflow", "critical", **where,
                   evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
                             **named},
-                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", module=where["module"],
-                            dtype=row.get("dtype")))]
+                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", model=where["model"],
+                            module=where["module"], dtype=row.get("dtype")))]
 
 
 def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
@@ -1898,10 +1960,14 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     """The `zero_gradients` events that an unscaled float16 backward explains (its flush to zero) — not those of a
-    step whose loss was exactly 0, which the loss explains (`_at_zero_loss`)."""
-    unscaled = not (r.config.get("precision") or {}).get("loss_scaling")
+    step whose loss was exactly 0, which the loss explains (`_at_zero_loss`). Unscaled: no loss scaler, or one whose
+    scale at that step was at most 1 (`GradScaler(init_scale=1.0)`, a scale collapsed there), which multiplies
+    nothing above float16's flush."""
     zero = zero[~zero.index.isin(_at_zero_loss(r, zero).index)]
-    return zero[(zero["dtype"] == "float16")] if unscaled else zero[:0]
+    zero = zero[zero["dtype"] == "float16"]
+    if not (r.config.get("precision") or {}).get("loss_scaling"):
+        return zero
+    return zero[zero["step"].map(lambda step: (r.loss_scale_at(int(step)) or math.inf) <= 1)]
 
 
 def _at_zero_loss(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
@@ -2171,6 +2237,22 @@ def no_gradients(r: RunRecord) -> list[Cause]:
 
 
 def update_underflow(r: RunRecord) -> list[Cause]:
+    """Updates lost to underflow: the optimizer's (`_updates_lost`), and the caller's own writes to a frozen model's
+    16-bit weights (an EMA teacher) that rounded away (`frozen_writes_lost`) — each a cause of its own."""
+    writes = r.of("lost_updates", "frozen_writes_lost")
+    if not len(writes):
+        return _updates_lost(r)
+    row = _first(writes)
+    half_ulp = NARROW_WEIGHT_DTYPES.get(row.get("dtype"))
+    return _updates_lost(r) + [Cause(
+        "update_underflow", "warning", **_where(row),
+        evidence={"written_values_unchanged": row["value"], "written_tensors": row.get("numel"),
+                  "dtype": row.get("dtype"), "by_optimizer": False},
+        fix=r.fix("frozen_writes_lost", model=row.get("model"), dtype=row.get("dtype"), share=f"{row['value']:.0%}",
+                  half_ulp=f"{half_ulp or 0:.0e}"))]
+
+
+def _updates_lost(r: RunRecord) -> list[Cause]:
     """Updates lost to underflow (stagnation). Upstream first: gradients flushed to zero by a float16 backward
     that no loss scaler protects (a `zero_gradients` event computed in float16) never reach the optimizer.
     Else updates lost to rounding in low-precision weights: claimed from measured lost updates — or, where
@@ -2181,13 +2263,17 @@ def update_underflow(r: RunRecord) -> list[Cause]:
     flushed = _flushed_by_fp16(r, r.of("zero_gradients"))
     if len(flushed):
         row = _first(flushed)
-        return [Cause("update_underflow", "warning", **_where(row),
-                      evidence={"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
-                                "loss_scaling": False},
-                      fix=r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")))]
+        scale = r.loss_scale_at(int(row["step"])) if (r.config.get("precision") or {}).get("loss_scaling") else None
+        evidence = {"zero_gradient_tensor_fraction": row["value"], "compute_dtype": "float16",
+                    "loss_scaling": scale is not None, **({"loss_scale": scale} if scale is not None else {})}
+        fix = (r.fix("gradient_underflow", dtype="float16", tensor=row.get("tensor")) if scale is None else
+               r.fix("gradient_underflow_low_scale", dtype="float16", tensor=row.get("tensor"),
+                     step=int(row["step"]), scale=f"{scale:g}"))
+        return [Cause("update_underflow", "warning", **_where(row), evidence=evidence, fix=fix)]
     if r.updates_inflated() or len(r.of("setup_note", "clip_before_unscale")):
         return []  # inflated: not lost; clipped while scaled: shrunk by the scale (`clip_before_unscale`)
     lost = r.of("lost_updates")
+    lost = lost[lost["code"] != "frozen_writes_lost"]  # the caller's writes, not the optimizer's updates
     frozen = r.frozen_second_moment()
     if frozen is not None and len(lost) and _first(lost).get("tensor") == frozen.get("tensor"):
         return []  # lost to a second moment gone Inf (`optimizer_state_frozen`), not to rounding
@@ -2281,8 +2367,10 @@ def divergence(r: RunRecord) -> list[Cause]:
     if grad_op is not None:
         row, largest = grad_op
         holds, step = _holds(row), int(row["step"])
-        every = step not in r.train_column("grad_amax").index  # no finite gradient on its step: from the loss end
-        seen = step in r.train_column("loss").index  # finite: a non-finite loss before it leaves no `grad_op`
+        every = step not in r.train_column("grad_amax", unfinished=True).index  # no finite gradient on its step: from
+        # the loss end
+        seen = step in r.train_column("loss", unfinished=True).index  # finite: a non-finite loss before it leaves no
+        # `grad_op`
         operation = r.singular_operation(step)
         template = ("nonfinite_grad_singular" if operation is not None else "nonfinite_grad_op" if not every else
                     "nonfinite_grad_at_loss" if seen else "nonfinite_grad_loss_unseen")

@@ -78,6 +78,8 @@ CODES = {
     "second_moment_inf": "setup_note: a second moment (Adam's exp_avg_sq) holds Inf while its weight is finite: "
                          "those entries never update again",
     "lost_updates": "intended weight updates lost to rounding (the weight did not change)",
+    "frozen_writes_lost": "lost_updates: the caller's code wrote a frozen model's 16-bit weights between steps (an EMA "
+                          "teacher) and most written values came back unchanged: the changes rounded away",
     "lost_updates_whole_tensors": "lost_updates: every intended update of 16-bit tensors lost, where the run and "
                                   "each parameter group lose few",
     "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",

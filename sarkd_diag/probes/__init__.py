@@ -1193,8 +1193,10 @@ class Probes:
     def _record_unfinished_step(self) -> None:
         """The loop raised inside a step, after its training forward — `clip_grad_norm_(..., error_if_nonfinite=True)`
         on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
-        its module statistics, its gradients once unscaled) becomes its events, without a metrics row (the step never
-        finished). It is the step the diagnosis needs most; closed without it, the run read as failed for no cause.
+        its module statistics, its gradients once unscaled) becomes its events and an `unfinished` metrics row, not a
+        `train` one (the step never finished: no update, no step completed). It is the step the diagnosis needs most;
+        closed without it, the run read as failed for no cause — and without its magnitudes (the finite gradients and
+        outputs beside the NaN), a NaN gradient could not be told from an overflow.
         Not under torchrun: recording holds collectives, and the other ranks may never come. Nor when `step()` took the
         step's readings already and raised recording them (a probe's own error): taken twice, the second error hid the
         first from the caller."""
@@ -1204,7 +1206,15 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
         (host,) = to_host(self.set.take_readings())
-        self.set.record(host)
+        metrics = self.set.record(host)
+        # raised on a non-finite loss before the optimizer stepped (`assert torch.isfinite(loss)`, or a clipping that
+        # refused the gradients it made): the weights are still those that made it, as after a step a scaler skipped
+        self.set.replay_if_loss_nonfinite(metrics.get("loss"))
+        row = {"step": self.ctx.step, "split": "unfinished", **metrics}
+        if self.run_dir is None:
+            self.rows.append(row)
+        else:
+            self._metrics.write_line(json.dumps(row))
 
     def _record_error(self, error: BaseException) -> None:
         """The exception as `train` records its own: one line, its type and message, at the step it ended, in the phase

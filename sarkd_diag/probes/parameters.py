@@ -22,6 +22,12 @@ takes no such reading. The read costs a pass over the weights, so it is taken wh
 tensor's version counter moves with every in-place write to it (under no_grad or not: `mul_`, `copy_`,
 `load_state_dict`) and its storage with `.data = ...`; a write through `.data` (`p.data.mul_(...)`) moves neither,
 and is read on statistics steps, where the weights are read again whatever their marks say.
+
+A frozen model that the caller's code writes between steps (an EMA teacher, t ← m·t + (1 − m)·s in place) moves only
+where a change survives its dtype's rounding: in float16/bfloat16, (1 − m) × the distance to the student is far below
+half an ulp, and the teacher silently stays the student's first copy. Its 16-bit weights' write marks are read at each
+step's first training forward; where they moved, a fixed sample of each written tensor against the one held from
+before tells the share the write left unchanged (`frozen_writes_lost`).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from pathlib import Path
 
 import torch
 
-from ..contract.numerics import WEIGHT_EDIT_FACTOR, dtype_name
+from ..contract.numerics import LOST_UPDATE_WARNING, WEIGHT_EDIT_FACTOR, dtype_name
 from ..contract.shards import local_shard, local_shards
-from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts, optimizers_of
+from .base import FP16_MAX, Probe, abs_max, eager, nonfinite_count_tensor, nonfinite_counts, optimizers_of, sample
+
+NARROW_DTYPES = (torch.float16, torch.bfloat16)  # where a write's small change can round away
 
 
 class ParameterProbe(Probe):
@@ -53,6 +61,15 @@ class ParameterProbe(Probe):
         self._forward_read = False
         self._marks: list[tuple[int, int]] = []  # each weight's version and storage after the last update
         self._edits_noted: set[str] = set()  # severities of `weights_edited` recorded (each once)
+        # a frozen model's 16-bit weights, which the caller's code may write between steps (an EMA teacher): their
+        # write marks and samples as last read, and the written tensors' (changed, sampled) counts of this step
+        self._frozen = [] if ctx.weights_read_by_owner else [
+            (model, name, p) for model, m in ctx.models.items() if not ctx.trains(model)
+            for name, p in m.named_parameters() if p.dtype in NARROW_DTYPES and p.numel()]
+        self._frozen_marks: list[tuple[int, int]] | None = None
+        self._frozen_samples: list[torch.Tensor] = []
+        self._frozen_written: list[tuple[int, int]] = []  # (index, sampled values) of each tensor written this step
+        self._frozen_changed: torch.Tensor | None = None
         self._handles = [] if ctx.weights_read_by_owner else [
             model.register_forward_pre_hook(eager(self._before_forward(name)))
             for name, model in ctx.models.items() if ctx.trains(name)]
@@ -67,12 +84,33 @@ class ParameterProbe(Probe):
     def _before_forward(self, model_name: str):
         """At the step's first training forward, after a step whose weights were read: the weights again."""
         def hook(_model, _args) -> None:
-            if self._forward_read or self._after_step is None or not self.ctx.training_forward.get(model_name):
+            if self._forward_read or not self.ctx.training_forward.get(model_name):
                 return
             self._forward_read = True
-            if self.ctx.stats_step or _write_marks(self._params) != self._marks:
+            if self._frozen:
+                self._read_frozen_writes()
+            if self._after_step is not None and (self.ctx.stats_step or _write_marks(self._params) != self._marks):
                 self._at_forward = abs_max(self._params)
         return hook
+
+    def _read_frozen_writes(self) -> None:
+        """At the step's first training forward: a frozen model's 16-bit weights whose write marks moved since the last
+        step were written by the caller's code in between (an EMA teacher: t ← m·t + (1 − m)·s, in place). Their
+        samples against the ones held from before the write: the share the write left unchanged. A frozen weight
+        nobody writes costs a version read a step; the samples are read only where a write happened."""
+        params = [p for _, _, p in self._frozen]
+        marks = _write_marks(params)
+        if self._frozen_marks is None:
+            self._frozen_samples = [sample(p).clone() for p in params]
+        elif marks != self._frozen_marks:
+            written = [i for i, (a, b) in enumerate(zip(marks, self._frozen_marks, strict=True)) if a != b]
+            now = [sample(params[i]).clone() for i in written]
+            self._frozen_changed = torch.stack([(new != self._frozen_samples[i]).sum()
+                                                for i, new in zip(written, now, strict=True)]).float()
+            self._frozen_written = [(i, new.numel()) for i, new in zip(written, now, strict=True)]
+            for i, new in zip(written, now, strict=True):
+                self._frozen_samples[i] = new
+        self._frozen_marks = marks
 
     def _check_norm_eps(self) -> None:
         """Once, before the first step: per model, the first normalisation held in float16 (its own weights float16)
@@ -125,10 +163,14 @@ class ParameterProbe(Probe):
             out["param_amax_at_forward"], self._at_forward = self._at_forward, None
         if self._loaded_amax is not None:
             out["loaded_amax"], self._loaded_amax = self._loaded_amax, None
+        if self._frozen_changed is not None:
+            out["frozen_writes"], self._frozen_changed = self._frozen_changed, None
         return out
 
     def record(self, host: dict) -> dict:
         as_loaded = self._record_loaded(host["loaded_amax"]) if host.get("loaded_amax") is not None else {}
+        if host.get("frozen_writes") is not None:
+            self._record_frozen_writes(host["frozen_writes"])
         if host.get("param_amax_at_forward") is not None and self._after_step is not None:
             self._record_edits(*self._after_step, host["param_amax_at_forward"])
         amax = host.get("param_amax")
@@ -207,6 +249,26 @@ class ParameterProbe(Probe):
             f"largest absolute value went from {after_step[i]:.4g} to {at_forward[i]:.4g}",
             step=step, phase="forward", probe=self.name, model=w.model, module=w.module, tensor=w.tensor,
             dtype=self.ctx.dtype_of(w.param), value=factors[i], numel=w.param.numel())
+
+    def _record_frozen_writes(self, changed_counts: list[float]) -> None:
+        """The caller's writes to a frozen model's 16-bit weights that came back unchanged: beyond LOST_UPDATE_WARNING
+        of the written values (sampled), the write asked for changes below half an ulp (an EMA's (1 − m) × the
+        distance to the student) and float16/bfloat16 rounded them away — `frozen_writes_lost`, once, at the written
+        tensor that kept least."""
+        written, self._frozen_written = self._frozen_written, []
+        kept = [changed / n for changed, (_, n) in zip(changed_counts, written, strict=True)]
+        unchanged = 1 - sum(changed_counts) / sum(n for _, n in written)
+        if unchanged <= LOST_UPDATE_WARNING or not self.ctx.events.say_once("frozen_writes_lost"):
+            return
+        model, name, p = self._frozen[written[min(range(len(kept)), key=kept.__getitem__)][0]]
+        self.ctx.events.record(
+            "lost_updates", "warning",
+            f"{model}'s weights were written between step {self.ctx.step - 1}'s update and step {self.ctx.step}'s "
+            f"first training forward ({len(written)} tensor(s)), not by an optimizer, and {unchanged:.0%} of the "
+            f"written values came back unchanged: in {dtype_name(p.dtype)} the changes asked were below half an ulp "
+            f"({name} kept least)", step=self.ctx.step, phase="forward", probe=self.name, model=model,
+            module=name.rpartition(".")[0], tensor=name, dtype=dtype_name(p.dtype), value=unchanged,
+            numel=len(written), code="frozen_writes_lost")
 
     def close(self) -> None:
         for h in self._handles:

@@ -236,12 +236,99 @@ def test_the_step_a_loop_raises_in_is_recorded_as_far_as_it_got(tmp_path):
             probes.step()
             opt.zero_grad()
     run = load_run(tmp_path)
-    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1]
+    metrics = run["metrics"]
+    assert run["summary"]["status"] == "failed" and run["summary"]["steps_completed"] == 1
+    assert metrics["split"].tolist() == ["train", "unfinished"] and metrics["step"].tolist() == [1, 2]
     root = run["summary"]["diagnosis"][0]
     assert (root["module"], root["first_step"], root["severity"]) == ("second", 2, "critical"), root
     error = run["summary"]["error"]  # what ended the run is said too, as `train`'s own errors are
     assert (error["step"], error["phase"]) == (2, "backward") and error["message"].startswith(
         "RuntimeError: The total norm of order 2.0 for gradients from `parameters` is non-finite"), error
+
+
+def test_a_loop_that_raises_on_a_nonfinite_loss_has_that_step_replayed_and_placed(tmp_path):
+    """An AMP loop that stops on a non-finite loss (`if not torch.isfinite(loss): raise`), at a step without module
+    statistics where one batch overflows an MLP in float16: no update ran, so the weights are still those that made
+    it and its forward is replayed with statistics on, as after a step the scaler skipped. It ended unplaced ("a
+    forward output beyond float16's range, most likely: `level="full"` names the module")."""
+    model = tiny.make_gpt2(64)
+    outlier = [False]
+    model.transformer.h[1].mlp.c_fc.register_forward_hook(lambda _m, _i, out: out * 1e6 if outlier[0] else out)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    batches = torch.randint(0, 64, (3, 2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError), Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path) as probes:
+        for step, ids in enumerate(batches, start=1):
+            outlier[0] = step == 2
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["first_step"]) == (
+        "activation_overflow", "transformer.h.1.mlp.c_fc", 2), root
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_a_nan_gradient_is_told_from_an_overflow_whether_or_not_the_clipping_raises_on_it(tmp_path, raises):
+    """A feature distance written as an RMSE between the student's first layer and its frozen copy's: 0 at step 1, and
+    d√x/dx at 0 makes that layer's gradients NaN from finite values of ~1 — an undefined derivative, not an overflow.
+    With `clip_grad_norm_(..., error_if_nonfinite=True)` the loop raises on it before `probes.step()`; the step's
+    magnitudes (its finite gradients and outputs) were then dropped with its metrics row, and the NaN read as float32
+    gradients that overflowed, the fix autocast and a loss scaler."""
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    features = {}
+    model.first.register_forward_hook(lambda _m, _i, out: features.__setitem__("student", out))
+    reference.first.register_forward_hook(lambda _m, _i, out: features.__setitem__("reference", out))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    ended = pytest.raises(RuntimeError, match="non-finite") if raises else contextlib.nullcontext()
+    with ended, Probes({"student": model, "teacher": reference}, optimizer=opt, run_dir=tmp_path) as probes:
+        for step in (1, 2):
+            with torch.no_grad():
+                reference(x)
+            loss = model(x).pow(2).mean() + (features["student"] - features["reference"]).pow(2).mean().sqrt()
+            loss.backward()
+            first_nan, third_finite = (not model.first.weight.grad.isfinite().all(),
+                                       bool(model.third.weight.grad.isfinite().all()))
+            assert step > 1 or (first_nan and third_finite)  # a NaN in one layer's gradients, beside finite ones
+            clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=raises)
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["module"], root["first_step"]) == ("divergence", "first", 1), root
+    assert root["evidence"]["in_backward"] and "sqrt" in root["fix"] and "GradScaler" not in root["fix"], root
+
+
+def test_gradients_a_loss_scaler_at_scale_1_lets_flush_are_no_loss_cut_off(tmp_path):
+    """`GradScaler(init_scale=1.0)` (taken for "no scaling", or a scale collapsed to 1) over a float16 autocast backward
+    of small gradients: they flush to zero as with no scaler at all — a scale of 1 multiplies nothing up. That was read
+    as a loss cut off from the weights (`.detach()`, `no_grad`, `zero_grad()` before the step); the scale is the fix."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    with Probes(model, optimizer=opt, scaler=scaler, run_dir=tmp_path) as probes:
+        for x in torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(0)):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(x).float().pow(2).mean() * 1e-9  # its gradients below float16's 6e-8
+            scaler.scale(loss).backward()
+            assert all(not p.grad.any() for p in model.parameters())
+            scaler.step(opt)
+            scaler.update()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    root = load_run(tmp_path)["summary"]["diagnosis"][0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_scale"]) == ("update_underflow", 1, 1.0), root
+    assert "init_scale" in root["fix"] and "detach" not in root["fix"], root
 
 
 @pytest.mark.parametrize("unscaled", [False, True])
@@ -944,6 +1031,67 @@ def test_teacher_overflow_is_told_apart_from_the_student(roles):
     (cause, *_) = probes.diagnosis()
     assert (cause["cause"], cause["model"], cause["module"]) == ("teacher_overflow", roles[-1], "second")
     assert "hold the teacher in a wider dtype" in cause["fix"]
+
+
+def test_a_wide_teacher_that_overflows_under_the_loops_fp16_autocast_is_taken_out_of_it_not_loaded_wider():
+    """A teacher loaded in fp32 whose forward runs inside the loop's float16 autocast overflows there — the common AMP
+    KD loop, both forwards in one `with torch.autocast(...)`. The fix said "the teacher loaded in bfloat16 or float32
+    instead of float16": what it already is. Its forward must leave the autocast."""
+    student, teacher = Net(), Net().requires_grad_(False)
+    with torch.no_grad():  # as above: `second` reaches ~40 × 3000 × 8, beyond 65504 — once float16 computes it
+        teacher.first.weight.fill_(1.0)
+        teacher.second.weight.fill_(3000.0)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu")
+    x = torch.rand(4, 8) * 10
+    assert teacher(x).isfinite().all()  # in its own float32, finite
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, scaler=scaler) as probes:
+        with torch.autocast("cpu", dtype=torch.float16):
+            with torch.no_grad():
+                target = teacher(x).float()
+            loss = (student(x).float() - target).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        probes.step(loss=loss)
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["model"], cause["module"]) == ("teacher_overflow", "teacher", "second")
+    assert "torch.autocast(device_type, enabled=False)" in cause["fix"], cause["fix"]
+    assert "instead of float16" not in cause["fix"], cause["fix"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_ema_teacher_whose_writes_round_away_is_told(tmp_path, dtype):
+    """Self-distillation from an EMA of the student (t ← 0.999·t + 0.001·s after each step, in place): held in
+    bfloat16 the teacher hardly moves — each change is far below half an ulp and rounds away — so it stays the
+    student's first copy, silently. In float32 the same writes land."""
+    torch.manual_seed(0)
+    student = Net()
+    teacher = copy.deepcopy(student).requires_grad_(False).to(dtype)
+    first = [t.clone() for t in teacher.parameters()]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path) as probes:
+        for x in torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(0)):
+            with torch.no_grad():
+                target = teacher(x.to(dtype)).float() + 1.0
+            loss = (student(x) - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                    t.mul_(0.999).add_(s.to(dtype), alpha=0.001)
+    moved = sum(int((a != b).sum()) for a, b in zip(first, teacher.parameters(), strict=True))
+    total = sum(t.numel() for t in first)
+    causes = [c for c in load_run(tmp_path)["summary"]["diagnosis"] if c["model"] == "teacher"]
+    if dtype == torch.float32:
+        assert moved > total / 2 and causes == [], causes
+        return
+    assert moved < total / 2  # most of the teacher never moved
+    (cause,) = causes
+    assert (cause["cause"], cause["first_step"], cause["evidence"]["by_optimizer"]) == ("update_underflow", 2, False)
+    assert "fp32" in cause["fix"] and cause["evidence"]["written_values_unchanged"] > 0.5, cause
 
 
 def _distil_in_eval_mode(probes_on: bool, evaluate: bool = True) -> tuple[list[float], Probes | None]:
