@@ -13,6 +13,7 @@ closes the run when training ends or fails.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -130,6 +131,7 @@ class SarkdDiagLightningCallback(Callback):
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
         self._unguards: list = []  # what puts the Trainer's checkpointing back (`_guard_checkpoints`)
+        self._records: list = []  # (checkpoint callback, its state as the stopping step found it): `_keep_records`
         self._unwrap_training_step = None  # puts the module's own `training_step` back (`_watch_training_step`)
 
     @property
@@ -165,7 +167,7 @@ class SarkdDiagLightningCallback(Callback):
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
-        self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
+        self.step, self._step_open, self.stopped_at, self._records = self.probes.first_step - 1, False, None, []
         self._guard_checkpoints(trainer, pl_module)
         self._watch_training_step(pl_module)
 
@@ -195,9 +197,14 @@ class SarkdDiagLightningCallback(Callback):
         recorded a critical event) a checkpoint is not written and none is removed: the last good one is where to
         resume. Under on_critical="record" it is written, and the run says which holds them. Through the Trainer's
         `save_checkpoint` and its strategy's `remove_checkpoint`, put back when the fit ends (teardown, or an
-        exception)."""
+        exception). A checkpoint callback records the path it saves to before saving (`best_model_path`,
+        `best_k_models`, `last_model_path`): a checkpoint not written, its records are put back as the stopping step
+        found them, so `best_model_path` and `trainer.test(ckpt_path="best")` name the last good checkpoint, not a file
+        that does not exist; and under `save_last="link"` last.ckpt is not relinked to it (ModelCheckpoint links it
+        itself, not through the Trainer)."""
         self._unguard_checkpoints()
         save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
+        withheld_paths: set[str] = set()
 
         def guarded_save(filepath, *args, **kwargs):
             tensor = self._nonfinite_weight(pl_module)
@@ -211,13 +218,25 @@ class SarkdDiagLightningCallback(Callback):
                     step=self.step, phase="optimizer", probe="parameters", tensor=tensor)
             if not withheld:
                 save(filepath, *args, **kwargs)
+                return
+            withheld_paths.add(str(filepath))
+            for callback, records in self._records:
+                callback.load_state_dict({key: copy.copy(value) for key, value in records.items()})
 
         def guarded_remove(filepath):
             if not (self.on_critical == "stop" and self._nonfinite_weight(pl_module)):
                 remove(filepath)
 
+        def guarded_link(link):
+            def link_unless_withheld(trainer, filepath, linkpath):
+                if str(filepath) not in withheld_paths:
+                    link(trainer, filepath, linkpath)
+            return link_unless_withheld
+
         self._unguards = [replace_method(trainer, "save_checkpoint", guarded_save),
                           replace_method(trainer.strategy, "remove_checkpoint", guarded_remove)]
+        self._unguards += [replace_method(callback, "_link_checkpoint", guarded_link(callback._link_checkpoint))
+                           for callback in trainer.checkpoint_callbacks if hasattr(callback, "_link_checkpoint")]
 
     def _nonfinite_weight(self, pl_module) -> str | None:
         """The first tensor of the module's state that holds NaN/Inf, looked for once the probes recorded a critical
@@ -279,6 +298,15 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = self.step
             trainer.should_stop = True
+            self._keep_records(trainer)
+
+    def _keep_records(self, trainer) -> None:
+        """Keep the checkpoint callbacks' records (`ModelCheckpoint`'s best_model_path, best_k_models, last_model_path,
+        its `state_dict`) as they are when training stops on non-finite weights: Lightning calls checkpoint callbacks
+        after every other, so none has reacted to the stopping step yet. A checkpoint not written is put back out of
+        them (`_guard_checkpoints`)."""
+        self._records = [(callback, {key: copy.copy(value) for key, value in callback.state_dict().items()})
+                         for callback in trainer.checkpoint_callbacks]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation during fit (not the sanity check before it, which runs before there is a run): the logged

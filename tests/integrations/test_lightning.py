@@ -206,6 +206,30 @@ def test_no_checkpoint_of_non_finite_weights_replaces_the_last_good_one(tmp_path
     assert "student.transformer" in events["tensor"].iloc[0]
 
 
+class LogsItsLoss(BlowsUpAtTheSecondBatch):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("options", [dict(save_top_k=1), dict(monitor="train_loss", save_top_k=3, save_last="link")])
+def test_the_checkpoint_callbacks_records_name_the_last_good_checkpoint_not_one_withheld(tmp_path, options):
+    """ModelCheckpoint records a checkpoint's path before it saves it: with the step-2 save of NaN weights withheld,
+    its `best_model_path` named a file never written (`trainer.test(ckpt_path="best")` fails), a monitored NaN
+    (+inf to it) sat in `best_k_models`, `save_last="link"` relinked last.ckpt to the missing file. Now: step 1's."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, **options)
+    _fit(LogsItsLoss(tiny.make_gpt2(VOCAB)), enable_checkpointing=True, max_steps=3,
+         callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), saved])
+    good = str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+    assert saved.best_model_path == good
+    assert list(saved.best_k_models) == ([good] if "monitor" in options else [])
+    if options.get("save_last"):
+        assert (tmp_path / "ckpt" / "last.ckpt").resolve() == (tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+
+
 def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
     trainers = []
     with pytest.raises(RuntimeError, match="corrupt record"):
