@@ -1157,7 +1157,7 @@ class Probes:
         exception that ended a `failed` run, recorded as its `run_error` event — the panel, report and summary name
         it, where they said "failed" with no reason."""
         if not self._closed and status in ("failed", "interrupted"):
-            self._record_unfinished_step()
+            self._record_unfinished_step(replay=status == "failed")
             if error is not None and status == "failed":
                 self._record_error(error)
         completed = status == "completed" and not self._closed
@@ -1177,11 +1177,15 @@ class Probes:
             if self.ranks.is_main:
                 finalize_run(self.run_dir, status)
 
-    def _record_unfinished_step(self) -> None:
+    def _record_unfinished_step(self, replay: bool) -> None:
         """The loop raised inside a step, after its training forward — `clip_grad_norm_(..., error_if_nonfinite=True)`
         on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
         its module statistics, its gradients once unscaled) becomes its events, without a metrics row (the step never
         finished). It is the step the diagnosis needs most; closed without it, the run read as failed for no cause.
+        `replay`: the step raised before its optimizer step with a non-finite loss on a step without per-module
+        statistics (`detect_anomaly`'s "returned nan values" in the backward, a check of the loop's own) — the weights
+        are still those that made the loss, so its forwards are replayed with statistics on, as for a step a loss
+        scaler skipped, and the module where the value began is named (not on Ctrl-C: the user wants out).
         Not under torchrun: recording holds collectives, and the other ranks may never come. Nor when `step()` took the
         step's readings already and raised recording them (a probe's own error): taken twice, the second error hid the
         first from the caller."""
@@ -1191,7 +1195,9 @@ class Probes:
         if self.set.gradients_unscaled():
             self.set.gradients_ready()
         (host,) = to_host(self.set.take_readings())
-        self.set.record(host)
+        metrics = self.set.record(host)
+        if replay:
+            self.set.replay_if_loss_nonfinite(metrics.get("loss"))
 
     def _record_error(self, error: BaseException) -> None:
         """The exception as `train` records its own: one line, its type and message, at the step it ended, in the phase

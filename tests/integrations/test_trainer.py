@@ -1058,3 +1058,25 @@ def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_the_trainer(
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
     assert "GradScaler" not in root["fix"]
+
+
+@pytest.mark.parametrize("model_name", ["student", "teacher"])
+def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(tmp_path, model_name):
+    """Under `torch.autograd.detect_anomaly()` the backward of step 3's NaN loss (a batch with a token that makes one
+    module's output infinite; step 3 is no statistics step) raises inside `training_step`, before the callback's replay
+    of a non-finite micro-batch: the run closed failed with the loss non-finite at no module. The optimizer never
+    stepped: the micro-batch's `compute_loss` is replayed as `train()` raises, and the module is named."""
+    student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
+    broken = student if model_name == "student" else teacher
+    tiny.infinite_on_token(broken, broken.transformer.h[1].mlp.c_fc, token=0)
+    data = Sequences(VOCAB)
+    data.ids[9, 3] = 0  # in step 3's batch: samples 8-11 in order
+    trainer = KDTrainer(model=student, teacher=teacher, train_dataset=data, args=training_args(
+        tmp_path / "trainer", learning_rate=1e-3, train_sampling_strategy="sequential"))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="nan values"), torch.autograd.detect_anomaly(check_nan=True):
+        trainer.train()
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == (model_name, "transformer.h.1.mlp.c_fc", 3), root
