@@ -115,6 +115,8 @@ CODES = {
                   "called before optimizer.step()",
     "unwatched_params": "setup_note: trainable tensors of a model the optimizer trains are in none of its parameter "
                         "groups (a second optimizer the probes were not given)",
+    "optimizer_tensors_unwatched": "setup_note: the optimizer trains tensors of no model the probes were given (a "
+                                   "projection beside the student): their gradients and weights are not read",
     "loss_unseen": "setup_note: a step that trained closed with no loss: Probes.step() was given none and the "
                    "model's outputs hold none (a loop that computes its own loss)",
     "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "

@@ -625,14 +625,16 @@ class Probes:
         self.set.begin_step(first_step)
 
     @classmethod
-    def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,
-                         **kwargs) -> Probes:
-        """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler,
+    def from_accelerator(cls, accelerator, model: nn.Module | dict[str, nn.Module], optimizer, *,
+                         teacher: nn.Module | None = None, **kwargs) -> Probes:
+        """Probes for an accelerate loop: the prepared model (or models by role, as `Probes` takes them: a projection
+        the optimizer trains beside the student, `{'student': model, 'projection': projection}`) and optimizer, the
+        Accelerator's loss scaler,
         its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight) and its
         gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch). A setting
         the Accelerator does not apply on this device (`native_amp` off: "fp16" on the CPU runs with neither autocast
         nor a loss scaler) is recorded as asked, and the mode is what the weights compute in."""
-        models = {"student": accelerator.unwrap_model(model)}
+        models = {role: accelerator.unwrap_model(m) for role, m in _by_role(model).items()}
         if teacher is not None:
             models["teacher"] = accelerator.unwrap_model(teacher)
         mode = {"fp16": "mixed", "bf16": "bf16-mixed"}.get(str(accelerator.mixed_precision))
@@ -961,6 +963,33 @@ class Probes:
                                    "no parameter group of the optimizer the probes were given: nothing of them is "
                                    "watched — a second optimizer? Pass every one: optimizer=[...]",
                                    step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
+        owned = {id(p) for model in self.ctx.models.values() for p in model.parameters()}
+        loose = [p for p in held_tensors if p.requires_grad and id(p) not in owned]
+        if loose:
+            self._optimizer_tensors_unwatched(loose, step)
+
+    def _optimizer_tensors_unwatched(self, loose: list, step: int) -> None:
+        """The optimizer trains tensors of no model the probes were given (a projection head, a learned temperature
+        beside the student): their gradients and weights are not read. A NaN gradient made there reaches the watched
+        models only through the update — or at once through clipping, whose NaN total norm makes every gradient NaN —
+        and would be read as theirs (the optimizer blamed for weights gone NaN from finite gradients). Said before the
+        first step, with what to pass instead, in the caller's terms."""
+        shapes = ", ".join("×".join(map(str, p.shape)) or "scalar" for p in loose[:3])
+        remedy = {
+            "accelerate": "pass the module that holds them with the models by role: Probes.from_accelerator("
+                          "accelerator, {'student': model, 'projection': projection}, optimizer)",
+            "lightning": "hold them in a child module of the LightningModule (self.projection = nn.Linear(...)): "
+                         "each child that trains is watched under its attribute's name",
+            "trainer": "hold them in a submodule of the model the Trainer trains (model.projection = "
+                       "nn.Linear(...)), where they are watched as the student's",
+        }.get(self.caller, "pass the module that holds them with the models by role: "
+                           "Probes({'student': model, 'projection': projection}, optimizer)")
+        self.events.record("setup_note", "warning",
+                           f"the optimizer trains {counted(len(loose), 'tensor')} (shaped {shapes}"
+                           f"{', …' if len(loose) > 3 else ''}) of no model the probes were given: their gradients "
+                           "and weights are not read, and a NaN made there would be read as the models' own (through "
+                           f"the update, or a clipping by its NaN total norm) — {remedy}",
+                           step=step, probe="optimizer", numel=len(loose), code="optimizer_tensors_unwatched")
 
     def _holds_frozen_model(self, held: set[int], trainable: dict[str, list], step: int) -> bool:
         """The optimizer holds a model's own tensors and the model has no trainable tensor at all: it was frozen (a

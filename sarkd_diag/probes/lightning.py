@@ -67,14 +67,18 @@ def requested_precision(trainer) -> str:
     return f"Trainer(precision={shown})"
 
 
-def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None) -> dict:
+def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None,
+                     optimized: set[int] | None = None) -> dict:
     """The models a LightningModule trains and distils from, by role.
 
     The student is the attribute named `student`, else the one child module that holds every trainable tensor
     (`self.model`), else the LightningModule itself: the probes hook the forward that `training_step` calls, and
     causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
     else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
-    model `self.ref_model` (a DPO-style module's: `teacher_by_name`)."""
+    model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
+    train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
+    attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
+    norm makes every gradient NaN)."""
     children = dict(module.named_children())
     if student is not None:
         found = getattr(module, student)
@@ -92,6 +96,12 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
         named = teacher_by_name(children.items(), other_than=found)
         if named is not None:
             models["teacher"] = named
+    watched = {id(p) for model in models.values() for p in model.parameters()}
+    for name, child in children.items():
+        tensors = {id(p) for p in child.parameters()}
+        if name not in models and tensors & (optimized or set()) and not tensors & watched:
+            models[name] = child
+            watched |= tensors
     return models
 
 
@@ -160,7 +170,8 @@ class SarkdDiagLightningCallback(Callback):
         if trainer.global_step > 0:
             resumed_from = self._checkpointed_step if self._checkpointed_step is not None else trainer.global_step
         self._checkpointed_step = None
-        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher),
+        optimized = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher, optimized),
                              optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",

@@ -5,6 +5,7 @@ the CPU): a clean run, one with gradient accumulation, and a module whose output
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import numpy as np
@@ -310,3 +311,50 @@ def test_a_loop_resumed_with_load_state_records_each_redone_step_once(tmp_path):
     assert metrics["step"].tolist() == list(range(1, 9))
     assert metrics["loss"].tolist() == pytest.approx(first[:4] + resumed, rel=1e-6)
     assert resumed[:2] == pytest.approx(first[4:], rel=1e-6)  # the same steps redone from the saved state
+
+
+def _with_projection(run_dir, by_role: bool, nan_grad: bool = False) -> None:
+    """Hidden-state KD as people write it in accelerate: a projection of the student's last hidden states onto the
+    teacher's width, trained by the student's optimizer and clipped with it; `nan_grad`: its weight's gradient NaN."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    torch.manual_seed(0)
+    model, projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 48)
+    teacher = tiny.make_gpt2(VOCAB, seed=3, n_embd=48).eval().requires_grad_(False)
+    if nan_grad:
+        projection.weight.register_hook(lambda g: g * math.nan)
+    trained = list(model.parameters()) + list(projection.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=1e-3)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, projection, optimizer, loader = accelerator.prepare(model, projection, optimizer, loader)
+    models = {"student": model, "projection": projection} if by_role else model
+    with Probes.from_accelerator(accelerator, models, optimizer, teacher=teacher, run_dir=run_dir) as probes:
+        for batch in itertools.islice(loader, 2):
+            out = model(**batch, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+            loss = out.loss + torch.nn.functional.mse_loss(projection(out.hidden_states[-1]).float(), target)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            probes.step(loss=loss)
+            optimizer.zero_grad()
+
+
+def test_a_projection_the_optimizer_trains_beside_the_student_is_watched_when_given_and_said_when_not(tmp_path):
+    """The optimizer trains a projection that is no model given to `from_accelerator`: its gradients were not read, so
+    its NaN gradient — made every gradient NaN by the clipping — read as the student's weights gone NaN from finite
+    gradients, the optimizer blamed at the embeddings. Left out, a note says so before the first step; given by role
+    (`{'student': model, 'projection': projection}`), the NaN is named where it was made."""
+    _with_projection(tmp_path / "left_out", by_role=False)
+    notes = load_run(tmp_path / "left_out")["events"].query("code == 'optimizer_tensors_unwatched'")
+    assert notes[["step", "severity", "numel"]].values.tolist() == [[1, "warning", 2]]
+    message = notes.iloc[0]["message"]
+    assert "48×32, 48" in message and "Probes.from_accelerator(accelerator, {'student': model" in message
+
+    _with_projection(tmp_path / "given", by_role=True, nan_grad=True)
+    run = load_run(tmp_path / "given")
+    assert run["events"].query("code == 'optimizer_tensors_unwatched'").empty
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
+        "divergence", "projection", "weight", 1)

@@ -653,3 +653,41 @@ def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(
     assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
     root = run["summary"]["diagnosis"][0]
     assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+
+
+class HiddenKD(pl.LightningModule):
+    """Hidden-state KD as people write it in Lightning: the student, a frozen wider teacher and a projection onto its
+    width that the one optimizer trains beside the student; `nan_at`: the projection's gradient NaN at that batch."""
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        self.student, self.projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 48)
+        self.teacher = tiny.make_gpt2(VOCAB, seed=3, n_embd=48).eval().requires_grad_(False)
+        self.projection.weight.register_hook(lambda g: g * math.nan if self.batch == nan_at else g)
+        self.batch = None
+
+    def training_step(self, batch, batch_idx):
+        self.batch = batch_idx
+        out = self.student(**batch, output_hidden_states=True)
+        with torch.no_grad():
+            target = self.teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        return out.loss + torch.nn.functional.mse_loss(self.projection(out.hidden_states[-1]), target)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([*self.student.parameters(), *self.projection.parameters()], lr=1e-3)
+
+
+def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_path):
+    """The projection's tensors were watched by no model (the student is `self.student`): its NaN gradient at step 2,
+    made every gradient NaN by Lightning's clipping, read as the student's weights gone NaN from finite gradients —
+    the optimizer blamed at the embeddings. Each other child the optimizer trains is watched under its own name."""
+    module = HiddenKD(nan_at=1)
+    optimized = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert lightning_models(module, optimized=optimized) == {
+        "student": module.student, "teacher": module.teacher, "projection": module.projection}
+    _fit(module, tmp_path / "run", max_steps=3)
+    run = load_run(tmp_path / "run")
+    assert run["events"].query("code == 'optimizer_tensors_unwatched'").empty
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
+        "divergence", "projection", "weight", 2)

@@ -1080,3 +1080,18 @@ def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(
     assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
     root = run["summary"]["diagnosis"][0]
     assert (root["model"], root["module"], root["first_step"]) == (model_name, "transformer.h.1.mlp.c_fc", 3), root
+
+
+def test_an_optimizer_that_trains_a_projection_beside_the_student_is_said_to_leave_it_unwatched(tmp_path):
+    """`optimizers=(AdamW(student + projection), None)`, the projection held by the Trainer subclass: the callback
+    watches the student and teacher, so the projection's gradients are not read — said before the first step, with the
+    remedy in the Trainer's terms (hold it in the model the Trainer trains)."""
+    model, projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 32)
+    optimizer = torch.optim.AdamW([*model.parameters(), *projection.parameters()], lr=1e-3)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=1),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, None))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    notes = load_run(tmp_path / "run")["events"].query("code == 'optimizer_tensors_unwatched'")
+    assert notes[["step", "numel"]].values.tolist() == [[1, 2]]
+    assert "model.projection = nn.Linear(...)" in notes.iloc[0]["message"]
