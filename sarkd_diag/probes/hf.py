@@ -144,9 +144,14 @@ class SarkdDiagCallback(TrainerCallback):
                 loss = training_step(*args, **kw)
             except Exception:
                 # the backward raised on the micro-batch's non-finite loss (`torch.autograd.detect_anomaly()`'s
-                # "returned nan values"): no optimizer step came, the weights are still those that made it
-                if self._call_loss is not None:
-                    self._replay_if_nonfinite(self._call_loss, read_anyway=True)
+                # "returned nan values"), or `compute_loss` did on the model's (a guard of the user's): no optimizer
+                # step came, the weights are still those that made it
+                loss = self._call_loss
+                if loss is None and self.probes is not None and self.probes.set.loss is not None \
+                        and self.probes.set.loss.outputs_nonfinite():
+                    loss = torch.tensor(math.nan)
+                if loss is not None:
+                    self._replay_if_nonfinite(loss, read_anyway=True)
                 raise
             self._losses.append(loss.detach())
             self._replay_if_nonfinite(loss)
