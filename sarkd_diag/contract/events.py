@@ -144,7 +144,7 @@ CODES = {
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "
                                  "to .grad, each at full weight: its gradient is applied that many times",
-    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer backwards than the Accelerator's "
+    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer batches than the Accelerator's "
                               "gradient_accumulation_steps, by which accelerator.backward divides each loss: the loop "
                               "never enters accelerator.accumulate, and each update has a fraction of the gradient",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "

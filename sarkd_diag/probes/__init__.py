@@ -184,6 +184,7 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
+        ctx.training_forwards = 0
         self._gradients_read = self.lr_read = self.optimizer_stepping = self.readings_taken = False
         self._stepped = set()
         self._unscaled_ones = set()
@@ -541,7 +542,8 @@ class Probes:
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
-        sync_gradients = sync_gradients or accumulation_clock(optimizer)
+        self._gradient_state = accumulation_state(optimizer)
+        sync_gradients = sync_gradients or accumulation_clock(self._gradient_state)
         optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
         wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
@@ -622,6 +624,8 @@ class Probes:
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
             self._check_unoptimized(first_step)
+        if self._gradient_state is not None and self.set.probes and self.caller != "trainer":
+            self._watch_accumulation()  # the Trainer accumulates in its own loop, not the caller's
         self.set.begin_step(first_step)
 
     @classmethod
@@ -651,41 +655,34 @@ class Probes:
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
         probes = cls(models, optimizer, accelerator.scaler, **kwargs)
         probes.watch_accelerator(accelerator)
-        probes._watch_accumulation(accelerator)
         return probes
 
-    def _watch_accumulation(self, accelerator) -> None:
+    def _watch_accumulation(self) -> None:
         """`Accelerator(gradient_accumulation_steps=N)` divides every loss `accelerator.backward` is given by N, for
-        N backwards an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
+        N batches an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
         optimizer's step on the others. A loop that never enters it has the optimizer step on every batch (accelerate
-        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Noted once, at the
-        first optimizer step after fewer than N backwards — not at an epoch's last batch, where accelerate ends a
-        short accumulation itself — in the Accelerator's terms."""
-        backwards = 0
-
-        def count_backward(_) -> None:
-            nonlocal backwards
-            backwards += 1
+        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Read off the optimizer
+        accelerate prepared (`from_accelerator`, or `Probes` handed it): each batch runs at least one training forward
+        of the trained model, so an optimizer step after fewer than N of them came after fewer than N batches. Noted
+        once, at the first such step — not at an epoch's last batch, where accelerate ends a short accumulation
+        itself — in the Accelerator's terms."""
+        state = self._gradient_state
 
         def check(*_) -> None:
-            nonlocal backwards
-            steps, counted_backwards, backwards = accelerator.gradient_accumulation_steps, backwards, 0
-            if 0 < counted_backwards < steps and not accelerator.gradient_state.end_of_dataloader \
-                    and self.events.say_once("accumulation_unmatched"):
-                self._accumulation_unmatched(counted_backwards, steps)
+            forwards, steps = self.ctx.training_forwards, state.num_steps
+            if 0 < forwards < steps and not state.end_of_dataloader and self.events.say_once("accumulation_unmatched"):
+                self._accumulation_unmatched(forwards, steps)
 
-        if self.set.probes:
-            self.set.wrap(accelerator, "backward", after=count_backward)
-            for optimizer in optimizers_of(self.ctx.optimizer):
-                self.set.until_close(optimizer.register_step_pre_hook(check).remove)
+        for optimizer in optimizers_of(self.ctx.optimizer):
+            self.set.until_close(optimizer.register_step_pre_hook(check).remove)
 
-    def _accumulation_unmatched(self, backwards: int, steps: int) -> None:
+    def _accumulation_unmatched(self, forwards: int, steps: int) -> None:
         step = self.ctx.step
         self.events.record("setup_note", "warning",
-                           f"the optimizer stepped at step {step} after {counted(backwards, 'backward')}, while "
+                           f"the optimizer stepped at step {step} after {counted(forwards, 'batch')}, while "
                            f"Accelerator(gradient_accumulation_steps={steps}) divides each loss accelerator.backward "
-                           f"is given by {steps}: the update has {backwards}/{steps} of the gradient the batches "
-                           f"make (SGD's step {steps / backwards:g}× smaller; the norm a clipping threshold meets with "
+                           f"is given by {steps}: the update has {forwards}/{steps} of the gradient the batches "
+                           f"make (SGD's step {steps / forwards:g}× smaller; the norm a clipping threshold meets with "
                            "it) — run each batch's forward, backward and optimizer step inside `with "
                            "accelerator.accumulate(model):`, which steps the optimizer on the last of "
                            f"every {steps} batches only, or pass the number of batches the loop accumulates as "
@@ -1246,15 +1243,20 @@ class Probes:
                    else "failed", exc)
 
 
-def accumulation_clock(optimizer) -> Callable[[], bool] | None:
-    """Whether the batch under way ends an accumulation, as an optimizer accelerate prepared knows it (its
-    `gradient_state.sync_gradients`, False on the batches whose `optimizer.step()` it skips): a loop that hands
-    `Probes` its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+def accumulation_state(optimizer):
+    """The accumulation state of an optimizer accelerate prepared (its `gradient_state`: `sync_gradients`, False on the
+    batches whose `optimizer.step()` it skips; `num_steps`, the Accelerator's gradient_accumulation_steps), or None."""
     for wrapper in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
         state = getattr(wrapper, "gradient_state", None)
         if isinstance(getattr(state, "sync_gradients", None), bool):
-            return lambda: state.sync_gradients
+            return state
     return None
+
+
+def accumulation_clock(state) -> Callable[[], bool] | None:
+    """Whether the batch under way ends an accumulation, as accelerate's `state` knows it: a loop that hands `Probes`
+    its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+    return None if state is None else lambda: state.sync_gradients
 
 
 def adapted(model: nn.Module) -> bool:

@@ -66,6 +66,7 @@ class ProbeContext:
     activations_log: JsonlLog | NullLog | None = None  # activations.jsonl: each module's amax per statistics step
     gather: Callable[[object], list] = lambda value: [value]  # every rank's value in rank order (under torchrun)
     trained: bool = False  # a training forward has run in this step (what an optimizer step's gradients come from)
+    training_forwards: int = 0  # the trained models' training forwards in this step, its micro-batches' included
     lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
     optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
     caller_skipped: bool = False  # the caller's loop skipped this step's backward and update on purpose

@@ -122,13 +122,16 @@ def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path, plain
     assert _loop(accumulation=2) == losses
 
 
+@pytest.mark.parametrize("plain_probes", [False, True])
 @pytest.mark.parametrize(("stepping", "noted"), [("every batch", True), ("accumulate", False), ("by hand", False)])
-def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_is_noted(tmp_path, stepping, noted):
+def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_is_noted(tmp_path, stepping, noted,
+                                                                                         plain_probes):
     """`Accelerator(gradient_accumulation_steps=4)` divides each loss `accelerator.backward` is given by 4; a loop
     that never enters `accelerator.accumulate(model)` has the optimizer step on every batch, each update from a quarter
     of the batch's gradient — said once, at step 1. Not for accelerate's idiom, nor for a loop that steps on every 4th
-    batch itself (its 4 quarters make the mean)."""
-    losses = _loop(tmp_path / "run", accumulation=4, stepping=stepping)
+    batch itself (its 4 quarters make the mean). Read off the prepared optimizer, so also for a `Probes(model,
+    optimizer)` handed it rather than built by `from_accelerator` (it said nothing)."""
+    losses = _loop(tmp_path / "run", accumulation=4, stepping=stepping, plain_probes=plain_probes)
     events = load_run(tmp_path / "run")["events"]
     notes = events[events["code"] == "accumulation_unmatched"]
     if not noted:
@@ -136,7 +139,7 @@ def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_i
         return
     (note,) = notes.itertuples()
     assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
-    assert "after 1 backward," in note.message and "`with accelerator.accumulate(model):`" in note.message
+    assert "after 1 batch," in note.message and "`with accelerator.accumulate(model):`" in note.message
     found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "accumulation_unmatched")
     assert (found["severity"], found["first_step"]) == ("warning", 1)
     assert "gradient_accumulation_steps=4" in found["fix"] and "accelerator.accumulate(model)" in found["fix"]
