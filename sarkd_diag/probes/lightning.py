@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -143,6 +144,7 @@ class SarkdDiagLightningCallback(Callback):
         self._unguards: list = []  # what puts the Trainer's checkpointing back (`_guard_checkpoints`)
         self._records: list = []  # (checkpoint callback, its state as the stopping step found it): `_keep_records`
         self._unwrap_training_step = None  # puts the module's own `training_step` back (`_watch_training_step`)
+        self._returned_loss: torch.Tensor | None = None  # what the batch under way's `training_step` returned
 
     @property
     def state_key(self) -> str:
@@ -184,13 +186,16 @@ class SarkdDiagLightningCallback(Callback):
 
     def _watch_training_step(self, pl_module) -> None:
         """Wrap the module's `training_step` for the loss it returns before Lightning backpropagates it (what
-        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`)."""
+        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`), and the
+        loss a backward that raises was handed (`on_exception`)."""
         self._unwatch_training_step()
         training_step = pl_module.training_step
 
         @functools.wraps(training_step)
         def watched_training_step(*args, **kwargs):
             output = training_step(*args, **kwargs)
+            loss = output.get("loss") if isinstance(output, dict) else output
+            self._returned_loss = loss.detach() if torch.is_tensor(loss) else None
             if self.probes is not None:
                 self.probes.set.observe_loss_graph(output)
             return output
@@ -281,6 +286,7 @@ class SarkdDiagLightningCallback(Callback):
         return not self._batch_ended or trainer.global_step != self._step_at_batch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._returned_loss = None
         self._scheduled_step = ends_accumulation(trainer)
         self._step_at_batch_start, self._batch_ended = trainer.global_step, False
         if self.probes is not None and not self._step_open:  # the first micro-batch of a step
@@ -336,8 +342,16 @@ class SarkdDiagLightningCallback(Callback):
                                        cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again."""
-        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
+        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again. A
+        backward that raised on the non-finite loss `training_step` returned (`detect_anomaly=True`) — the teacher's NaN
+        in a KD term, which the student's own outputs do not show — has the step's forwards replayed first, as one the
+        optimizer is about to apply is: it never stepped, the weights are still those that made the loss."""
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        loss, self._returned_loss = self._returned_loss, None
+        if self.probes is not None and not interrupted and self._step_open and loss is not None \
+                and not bool(torch.isfinite(loss).all()):
+            self.probes.set.replay_if_loss_nonfinite(math.nan)
+        self._close("interrupted" if interrupted else "failed", exception)
         self._unguard_checkpoints()
         self._unwatch_training_step()
 

@@ -639,20 +639,23 @@ def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_lightning(tm
     assert "training_step" not in vars(module)
 
 
-def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(tmp_path):
+@pytest.mark.parametrize("model_name", ["student", "teacher"])
+def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(tmp_path, model_name):
     """`Trainer(detect_anomaly=True)`: the backward of step 3's NaN loss (a batch with a token that makes one module's
     output infinite; no statistics step) raises before the optimizer's pre-step hook, where a failing step is
-    replayed. The run closed failed with the loss non-finite at no module: its forwards are replayed at the close."""
-    student = tiny.make_gpt2(VOCAB)
-    tiny.infinite_on_token(student, student.transformer.h[1].mlp.c_fc, token=0)
+    replayed. The run closed failed with the loss non-finite at no module — a teacher's NaN, which the student's own
+    outputs do not show, with no cause at all: the step's forwards are replayed as the fit fails."""
+    student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3).eval().requires_grad_(False)
+    broken = student if model_name == "student" else teacher
+    tiny.infinite_on_token(broken, broken.transformer.h[1].mlp.c_fc, token=0)
     data = Sequences(VOCAB)
     data.ids[9, 3] = 0  # batch 2 (samples 8-11): step 3
     with pytest.raises(RuntimeError, match="nan values"):
-        _fit(Distil(student), tmp_path / "run", dataset=data, detect_anomaly=True)
+        _fit(Distil(student, teacher), tmp_path / "run", dataset=data, detect_anomaly=True)
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
     root = run["summary"]["diagnosis"][0]
-    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+    assert (root["model"], root["module"], root["first_step"]) == (model_name, "transformer.h.1.mlp.c_fc", 3), root
 
 
 class HiddenKD(pl.LightningModule):
