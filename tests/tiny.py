@@ -3,6 +3,7 @@ through the same path users take (nothing downloaded)."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def make_gpt2(vocab_size: int, seed: int = 0, n_embd: int = 32, n_layer: int = 2
     config = GPT2Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=2, n_positions=n_positions,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config)
+
+
+def infinite_on_token(model: torch.nn.Module, module: torch.nn.Module, token: int) -> None:
+    """Make `module`'s output infinite in each forward of `model` whose `input_ids` hold `token`: a fault that one batch
+    brings (a bad record), made again by a replay of that batch's forward and by no other batch."""
+    bad = [False]
+
+    def note_batch(_, args, kwargs):
+        bad[0] = bool((kwargs["input_ids"] == token).any())
+
+    model.register_forward_pre_hook(note_batch, with_kwargs=True)
+    module.register_forward_hook(lambda _, inputs, output: output * math.inf if bad[0] else output)
 
 
 def make_mixtral(vocab_size: int, seed: int = 1, hidden: int = 32, layers: int = 2, positions: int = 128):

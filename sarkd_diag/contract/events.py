@@ -117,6 +117,8 @@ CODES = {
                   "called before optimizer.step()",
     "unwatched_params": "setup_note: trainable tensors of a model the optimizer trains are in none of its parameter "
                         "groups (a second optimizer the probes were not given)",
+    "optimizer_tensors_unwatched": "setup_note: the optimizer trains tensors of no model the probes were given (a "
+                                   "projection beside the student): their gradients and weights are not read",
     "loss_unseen": "setup_note: a step that trained closed with no loss: Probes.step() was given none and the "
                    "model's outputs hold none (a loop that computes its own loss)",
     "optimizer_never_stepped": "setup_note: steps were closed, and not one of them reached the optimizer the probes "
@@ -147,7 +149,7 @@ CODES = {
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "
                                  "to .grad, each at full weight: its gradient is applied that many times",
-    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer backwards than the Accelerator's "
+    "accumulation_unmatched": "setup_note: the optimizer stepped after fewer batches than the Accelerator's "
                               "gradient_accumulation_steps, by which accelerator.backward divides each loss: the loop "
                               "never enters accelerator.accumulate, and each update has a fraction of the gradient",
     "optimizer_holds_frozen": "setup_note: the optimizer holds a model's tensors and none of them requires grad: the "

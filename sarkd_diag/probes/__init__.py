@@ -184,6 +184,7 @@ class ProbeSet:
         ctx.step = step
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
+        ctx.training_forwards = 0
         self._gradients_read = self.lr_read = self.optimizer_stepping = self.readings_taken = False
         self._stepped = set()
         self._unscaled_ones = set()
@@ -554,7 +555,8 @@ class Probes:
         models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
-        sync_gradients = sync_gradients or accumulation_clock(optimizer)
+        self._gradient_state = accumulation_state(optimizer)
+        sync_gradients = sync_gradients or accumulation_clock(self._gradient_state)
         optimizer = optimizers[0] if len(optimizers) == 1 else Optimizers(optimizers) if optimizers else None
         wrapped_scaler = next((s for _, s in unwrapped if s is not None), None)
         self.scaler = LossScaler(scaler if scaler is not None else wrapped_scaler)
@@ -635,17 +637,21 @@ class Probes:
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
             self._check_unoptimized(first_step)
+        if self._gradient_state is not None and self.set.probes and self.caller != "trainer":
+            self._watch_accumulation()  # the Trainer accumulates in its own loop, not the caller's
         self.set.begin_step(first_step)
 
     @classmethod
-    def from_accelerator(cls, accelerator, model: nn.Module, optimizer, *, teacher: nn.Module | None = None,
-                         **kwargs) -> Probes:
-        """Probes for an accelerate loop: the prepared model and optimizer, the Accelerator's loss scaler,
+    def from_accelerator(cls, accelerator, model: nn.Module | dict[str, nn.Module], optimizer, *,
+                         teacher: nn.Module | None = None, **kwargs) -> Probes:
+        """Probes for an accelerate loop: the prepared model (or models by role, as `Probes` takes them: a projection
+        the optimizer trains beside the student, `{'student': model, 'projection': projection}`) and optimizer, the
+        Accelerator's loss scaler,
         its mixed-precision setting (its autocast wraps the model's forward, out of the hooks' sight) and its
         gradient accumulation (under `accelerator.accumulate`, a step is an optimizer step, not a batch). A setting
         the Accelerator does not apply on this device (`native_amp` off: "fp16" on the CPU runs with neither autocast
         nor a loss scaler) is recorded as asked, and the mode is what the weights compute in."""
-        models = {"student": accelerator.unwrap_model(model)}
+        models = {role: accelerator.unwrap_model(m) for role, m in _by_role(model).items()}
         if teacher is not None:
             models["teacher"] = accelerator.unwrap_model(teacher)
         mode = {"fp16": "mixed", "bf16": "bf16-mixed"}.get(str(accelerator.mixed_precision))
@@ -662,41 +668,34 @@ class Probes:
         kwargs.setdefault("sync_gradients", lambda: accelerator.sync_gradients)
         probes = cls(models, optimizer, accelerator.scaler, **kwargs)
         probes.watch_accelerator(accelerator)
-        probes._watch_accumulation(accelerator)
         return probes
 
-    def _watch_accumulation(self, accelerator) -> None:
+    def _watch_accumulation(self) -> None:
         """`Accelerator(gradient_accumulation_steps=N)` divides every loss `accelerator.backward` is given by N, for
-        N backwards an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
+        N batches an optimizer step — which `with accelerator.accumulate(model):` makes so, by skipping the
         optimizer's step on the others. A loop that never enters it has the optimizer step on every batch (accelerate
-        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Noted once, at the
-        first optimizer step after fewer than N backwards — not at an epoch's last batch, where accelerate ends a
-        short accumulation itself — in the Accelerator's terms."""
-        backwards = 0
-
-        def count_backward(_) -> None:
-            nonlocal backwards
-            backwards += 1
+        syncs whenever it is not told otherwise), each update from 1/N of the batch's gradient. Read off the optimizer
+        accelerate prepared (`from_accelerator`, or `Probes` handed it): each batch runs at least one training forward
+        of the trained model, so an optimizer step after fewer than N of them came after fewer than N batches. Noted
+        once, at the first such step — not at an epoch's last batch, where accelerate ends a short accumulation
+        itself — in the Accelerator's terms."""
+        state = self._gradient_state
 
         def check(*_) -> None:
-            nonlocal backwards
-            steps, counted_backwards, backwards = accelerator.gradient_accumulation_steps, backwards, 0
-            if 0 < counted_backwards < steps and not accelerator.gradient_state.end_of_dataloader \
-                    and self.events.say_once("accumulation_unmatched"):
-                self._accumulation_unmatched(counted_backwards, steps)
+            forwards, steps = self.ctx.training_forwards, state.num_steps
+            if 0 < forwards < steps and not state.end_of_dataloader and self.events.say_once("accumulation_unmatched"):
+                self._accumulation_unmatched(forwards, steps)
 
-        if self.set.probes:
-            self.set.wrap(accelerator, "backward", after=count_backward)
-            for optimizer in optimizers_of(self.ctx.optimizer):
-                self.set.until_close(optimizer.register_step_pre_hook(check).remove)
+        for optimizer in optimizers_of(self.ctx.optimizer):
+            self.set.until_close(optimizer.register_step_pre_hook(check).remove)
 
-    def _accumulation_unmatched(self, backwards: int, steps: int) -> None:
+    def _accumulation_unmatched(self, forwards: int, steps: int) -> None:
         step = self.ctx.step
         self.events.record("setup_note", "warning",
-                           f"the optimizer stepped at step {step} after {counted(backwards, 'backward')}, while "
+                           f"the optimizer stepped at step {step} after {counted(forwards, 'batch')}, while "
                            f"Accelerator(gradient_accumulation_steps={steps}) divides each loss accelerator.backward "
-                           f"is given by {steps}: the update has {backwards}/{steps} of the gradient the batches "
-                           f"make (SGD's step {steps / backwards:g}× smaller; the norm a clipping threshold meets with "
+                           f"is given by {steps}: the update has {forwards}/{steps} of the gradient the batches "
+                           f"make (SGD's step {steps / forwards:g}× smaller; the norm a clipping threshold meets with "
                            "it) — run each batch's forward, backward and optimizer step inside `with "
                            "accelerator.accumulate(model):`, which steps the optimizer on the last of "
                            f"every {steps} batches only, or pass the number of batches the loop accumulates as "
@@ -974,6 +973,33 @@ class Probes:
                                    "no parameter group of the optimizer the probes were given: nothing of them is "
                                    "watched — a second optimizer? Pass every one: optimizer=[...]",
                                    step=step, probe="optimizer", model=name, tensor=left[0], code="unwatched_params")
+        owned = {id(p) for model in self.ctx.models.values() for p in model.parameters()}
+        loose = [p for p in held_tensors if p.requires_grad and id(p) not in owned]
+        if loose:
+            self._optimizer_tensors_unwatched(loose, step)
+
+    def _optimizer_tensors_unwatched(self, loose: list, step: int) -> None:
+        """The optimizer trains tensors of no model the probes were given (a projection head, a learned temperature
+        beside the student): their gradients and weights are not read. A NaN gradient made there reaches the watched
+        models only through the update — or at once through clipping, whose NaN total norm makes every gradient NaN —
+        and would be read as theirs (the optimizer blamed for weights gone NaN from finite gradients). Said before the
+        first step, with what to pass instead, in the caller's terms."""
+        shapes = ", ".join("×".join(map(str, p.shape)) or "scalar" for p in loose[:3])
+        remedy = {
+            "accelerate": "pass the module that holds them with the models by role: Probes.from_accelerator("
+                          "accelerator, {'student': model, 'projection': projection}, optimizer)",
+            "lightning": "hold them in a child module of the LightningModule (self.projection = nn.Linear(...)): "
+                         "each child that trains is watched under its attribute's name",
+            "trainer": "hold them in a submodule of the model the Trainer trains (model.projection = "
+                       "nn.Linear(...)), where they are watched as the student's",
+        }.get(self.caller, "pass the module that holds them with the models by role: "
+                           "Probes({'student': model, 'projection': projection}, optimizer)")
+        self.events.record("setup_note", "warning",
+                           f"the optimizer trains {counted(len(loose), 'tensor')} (shaped {shapes}"
+                           f"{', …' if len(loose) > 3 else ''}) of no model the probes were given: their gradients "
+                           "and weights are not read, and a NaN made there would be read as the models' own (through "
+                           f"the update, or a clipping by its NaN total norm) — {remedy}",
+                           step=step, probe="optimizer", numel=len(loose), code="optimizer_tensors_unwatched")
 
     def _holds_frozen_model(self, held: set[int], trainable: dict[str, list], step: int) -> bool:
         """The optimizer holds a model's own tensors and the model has no trainable tensor at all: it was frozen (a
@@ -1170,7 +1196,7 @@ class Probes:
         exception that ended a `failed` run, recorded as its `run_error` event — the panel, report and summary name
         it, where they said "failed" with no reason."""
         if not self._closed and status in ("failed", "interrupted"):
-            self._record_unfinished_step()
+            self._record_unfinished_step(replay=status == "failed")
             if error is not None and status == "failed":
                 self._record_error(error)
         completed = status == "completed" and not self._closed
@@ -1190,13 +1216,17 @@ class Probes:
             if self.ranks.is_main:
                 finalize_run(self.run_dir, status)
 
-    def _record_unfinished_step(self) -> None:
+    def _record_unfinished_step(self, replay: bool) -> None:
         """The loop raised inside a step, after its training forward — `clip_grad_norm_(..., error_if_nonfinite=True)`
         on a NaN gradient, an assert on the loss, an out-of-memory error: what the probes read of that step (its loss,
         its module statistics, its gradients once unscaled) becomes its events and an `unfinished` metrics row, not a
         `train` one (the step never finished: no update, no step completed). It is the step the diagnosis needs most;
         closed without it, the run read as failed for no cause — and without its magnitudes (the finite gradients and
         outputs beside the NaN), a NaN gradient could not be told from an overflow.
+        `replay`: the step raised before its optimizer step with a non-finite loss on a step without per-module
+        statistics (`detect_anomaly`'s "returned nan values" in the backward, a check of the loop's own) — the weights
+        are still those that made the loss, so its forwards are replayed with statistics on, as for a step a loss
+        scaler skipped, and the module where the value began is named (not on Ctrl-C: the user wants out).
         Not under torchrun: recording holds collectives, and the other ranks may never come. Nor when `step()` took the
         step's readings already and raised recording them (a probe's own error): taken twice, the second error hid the
         first from the caller."""
@@ -1207,9 +1237,8 @@ class Probes:
             self.set.gradients_ready()
         (host,) = to_host(self.set.take_readings())
         metrics = self.set.record(host)
-        # raised on a non-finite loss before the optimizer stepped (`assert torch.isfinite(loss)`, or a clipping that
-        # refused the gradients it made): the weights are still those that made it, as after a step a scaler skipped
-        self.set.replay_if_loss_nonfinite(metrics.get("loss"))
+        if replay:
+            self.set.replay_if_loss_nonfinite(metrics.get("loss"))
         row = {"step": self.ctx.step, "split": "unfinished", **metrics}
         if self.run_dir is None:
             self.rows.append(row)
@@ -1234,15 +1263,20 @@ class Probes:
                    else "failed", exc)
 
 
-def accumulation_clock(optimizer) -> Callable[[], bool] | None:
-    """Whether the batch under way ends an accumulation, as an optimizer accelerate prepared knows it (its
-    `gradient_state.sync_gradients`, False on the batches whose `optimizer.step()` it skips): a loop that hands
-    `Probes` its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+def accumulation_state(optimizer):
+    """The accumulation state of an optimizer accelerate prepared (its `gradient_state`: `sync_gradients`, False on the
+    batches whose `optimizer.step()` it skips; `num_steps`, the Accelerator's gradient_accumulation_steps), or None."""
     for wrapper in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
         state = getattr(wrapper, "gradient_state", None)
         if isinstance(getattr(state, "sync_gradients", None), bool):
-            return lambda: state.sync_gradients
+            return state
     return None
+
+
+def accumulation_clock(state) -> Callable[[], bool] | None:
+    """Whether the batch under way ends an accumulation, as accelerate's `state` knows it: a loop that hands `Probes`
+    its prepared optimizer, not `from_accelerator`, still gets a row per optimizer step, not per batch."""
+    return None if state is None else lambda: state.sync_gradients
 
 
 def adapted(model: nn.Module) -> bool:

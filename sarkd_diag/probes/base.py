@@ -69,6 +69,7 @@ class ProbeContext:
     # a training forward has run since the last optimizer step began: a second step of one optimizer within one
     # step is then a new batch's (the loop closes steps less often than it updates), else the same batch's again
     forward_since_update: bool = False
+    training_forwards: int = 0  # the trained models' training forwards in this step, its micro-batches' included
     lr: float | None = None  # the first group's lr as the optimizer's step of this step used it (its pre-hook)
     optimizer_ran: bool = False  # the optimizer's pre-step hook ran in this step (a policy may skip the step)
     caller_skipped: bool = False  # the caller's loop skipped this step's backward and update on purpose

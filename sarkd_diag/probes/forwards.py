@@ -129,6 +129,7 @@ class ForwardProbe(Probe):
                 self._dropout_read.add(model_name)
                 self._note_dropout(model_name, model)
             self.ctx.trained = self.ctx.forward_since_update = True
+            self.ctx.training_forwards += int(trainable)
             weight = self._a_weight[model_name]
             if trainable and weight is not None and torch.is_autocast_enabled(weight.device.type):
                 self.ctx.autocast = torch.get_autocast_dtype(weight.device.type)

@@ -113,6 +113,7 @@ class SarkdDiagCallback(TrainerCallback):
         self._losses: list[torch.Tensor] = []
         self._offset = 0  # added to the Trainer's global_step: the steps an earlier train() recorded
         self._loss_call = None  # (compute_loss, args, kwargs) of the micro-batch under way (attach)
+        self._call_loss = None  # the loss that call returned (in a training_step: `_bind`)
         self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
 
     @classmethod
@@ -138,8 +139,20 @@ class SarkdDiagCallback(TrainerCallback):
 
         @functools.wraps(training_step)
         def recorded_training_step(*args, **kw):
-            self._loss_call = None
-            loss = training_step(*args, **kw)
+            self._loss_call = self._call_loss = None
+            try:
+                loss = training_step(*args, **kw)
+            except Exception:
+                # the backward raised on the micro-batch's non-finite loss (`torch.autograd.detect_anomaly()`'s
+                # "returned nan values"), or `compute_loss` did on the model's (a guard of the user's): no optimizer
+                # step came, the weights are still those that made it
+                loss = self._call_loss
+                if loss is None and self.probes is not None and self.probes.set.loss is not None \
+                        and self.probes.set.loss.outputs_nonfinite():
+                    loss = torch.tensor(math.nan)
+                if loss is not None:
+                    self._replay_if_nonfinite(loss, read_anyway=True)
+                raise
             self._losses.append(loss.detach())
             self._replay_if_nonfinite(loss)
             return loss
@@ -151,6 +164,7 @@ class SarkdDiagCallback(TrainerCallback):
             self._loss_call = (compute_loss, tuple(_as_handed(a) for a in args),
                                {k: _as_handed(v) for k, v in kw.items()})
             result = compute_loss(*args, **kw)
+            self._call_loss = result[0] if isinstance(result, tuple) else result
             if self.probes is not None:
                 self.probes.set.observe_loss_graph(result)
             return result
@@ -182,7 +196,7 @@ class SarkdDiagCallback(TrainerCallback):
         if self.probes is not None:
             self.probes.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
 
-    def _replay_if_nonfinite(self, loss: torch.Tensor) -> None:
+    def _replay_if_nonfinite(self, loss: torch.Tensor, read_anyway: bool = False) -> None:
         """A micro-batch's loss is non-finite on a step without per-module statistics: run its `compute_loss` again,
         under no_grad with them on — before the optimizer step, so from the weights that made the loss (the
         student's and a teacher's forwards, whatever the trainer's loss does) — to name the module where the
@@ -190,11 +204,12 @@ class SarkdDiagCallback(TrainerCallback):
         (`logging_nan_inf_filter`, on by default), so checking it here costs no transfer more; the replay (one
         forward, on the failure path only) draws no random numbers the run would (`fork_rng`). Once a step, before
         any weight is non-finite (after that every module's output is), in a single process (a replay on one rank
-        of a sharded or DDP model would wait on the others)."""
+        of a sharded or DDP model would wait on the others). `read_anyway`: the loss is read on the host whatever
+        `logging_nan_inf_filter` says (`training_step` raised: the run is ending, the read costs it nothing)."""
         probes, call, self._loss_call = self.probes, self._loss_call, None
         if (probes is None or call is None or probes.critical or probes.ranks.distributed
                 or self._replayed_at == probes.ctx.step
-                or not getattr(self._trainer.args, "logging_nan_inf_filter", False)
+                or not (read_anyway or getattr(self._trainer.args, "logging_nan_inf_filter", False))
                 or not probes.set.needs_replay(math.nan) or _finite(loss)):
             return
         self._replayed_at = probes.ctx.step

@@ -13,7 +13,9 @@ closes the run when training ends or fails.
 
 from __future__ import annotations
 
+import copy
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -66,14 +68,18 @@ def requested_precision(trainer) -> str:
     return f"Trainer(precision={shown})"
 
 
-def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None) -> dict:
+def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None,
+                     optimized: set[int] | None = None) -> dict:
     """The models a LightningModule trains and distils from, by role.
 
     The student is the attribute named `student`, else the one child module that holds every trainable tensor
     (`self.model`), else the LightningModule itself: the probes hook the forward that `training_step` calls, and
     causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
     else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
-    model `self.ref_model` (a DPO-style module's: `teacher_by_name`)."""
+    model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
+    train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
+    attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
+    norm makes every gradient NaN)."""
     children = dict(module.named_children())
     if student is not None:
         found = getattr(module, student)
@@ -91,6 +97,12 @@ def lightning_models(module: nn.Module, student: str | None = None, teacher: str
         named = teacher_by_name(children.items(), other_than=found)
         if named is not None:
             models["teacher"] = named
+    watched = {id(p) for model in models.values() for p in model.parameters()}
+    for name, child in children.items():
+        tensors = {id(p) for p in child.parameters()}
+        if name not in models and tensors & (optimized or set()) and not tensors & watched:
+            models[name] = child
+            watched |= tensors
     return models
 
 
@@ -130,7 +142,9 @@ class SarkdDiagLightningCallback(Callback):
         self._step_at_batch_start = 0  # global_step when the batch under way began
         self._batch_ended = False  # the batch under way has ended (its optimizer step, if any, is done)
         self._unguards: list = []  # what puts the Trainer's checkpointing back (`_guard_checkpoints`)
+        self._records: list = []  # (checkpoint callback, its state as the stopping step found it): `_keep_records`
         self._unwrap_training_step = None  # puts the module's own `training_step` back (`_watch_training_step`)
+        self._returned_loss: torch.Tensor | None = None  # what the batch under way's `training_step` returned
 
     @property
     def state_key(self) -> str:
@@ -158,26 +172,30 @@ class SarkdDiagLightningCallback(Callback):
         if trainer.global_step > 0:
             resumed_from = self._checkpointed_step if self._checkpointed_step is not None else trainer.global_step
         self._checkpointed_step = None
-        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher),
+        optimized = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher, optimized),
                              optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
                              sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
-        self.step, self._step_open, self.stopped_at = self.probes.first_step - 1, False, None
+        self.step, self._step_open, self.stopped_at, self._records = self.probes.first_step - 1, False, None, []
         self._guard_checkpoints(trainer, pl_module)
         self._watch_training_step(pl_module)
 
     def _watch_training_step(self, pl_module) -> None:
         """Wrap the module's `training_step` for the loss it returns before Lightning backpropagates it (what
-        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`)."""
+        `on_train_batch_end` gets is detached): the root of the loss's graph (`ProbeSet.observe_loss_graph`), and the
+        loss a backward that raises was handed (`on_exception`)."""
         self._unwatch_training_step()
         training_step = pl_module.training_step
 
         @functools.wraps(training_step)
         def watched_training_step(*args, **kwargs):
             output = training_step(*args, **kwargs)
+            loss = output.get("loss") if isinstance(output, dict) else output
+            self._returned_loss = loss.detach() if torch.is_tensor(loss) else None
             if self.probes is not None:
                 self.probes.set.observe_loss_graph(output)
             return output
@@ -195,9 +213,14 @@ class SarkdDiagLightningCallback(Callback):
         recorded a critical event) a checkpoint is not written and none is removed: the last good one is where to
         resume. Under on_critical="record" it is written, and the run says which holds them. Through the Trainer's
         `save_checkpoint` and its strategy's `remove_checkpoint`, put back when the fit ends (teardown, or an
-        exception)."""
+        exception). A checkpoint callback records the path it saves to before saving (`best_model_path`,
+        `best_k_models`, `last_model_path`): a checkpoint not written, its records are put back as the stopping step
+        found them, so `best_model_path` and `trainer.test(ckpt_path="best")` name the last good checkpoint, not a file
+        that does not exist; and under `save_last="link"` last.ckpt is not relinked to it (ModelCheckpoint links it
+        itself, not through the Trainer)."""
         self._unguard_checkpoints()
         save, remove = trainer.save_checkpoint, trainer.strategy.remove_checkpoint
+        withheld_paths: set[str] = set()
 
         def guarded_save(filepath, *args, **kwargs):
             tensor = self._nonfinite_weight(pl_module)
@@ -211,13 +234,25 @@ class SarkdDiagLightningCallback(Callback):
                     step=self.step, phase="optimizer", probe="parameters", tensor=tensor)
             if not withheld:
                 save(filepath, *args, **kwargs)
+                return
+            withheld_paths.add(str(filepath))
+            for callback, records in self._records:
+                callback.load_state_dict({key: copy.copy(value) for key, value in records.items()})
 
         def guarded_remove(filepath):
             if not (self.on_critical == "stop" and self._nonfinite_weight(pl_module)):
                 remove(filepath)
 
+        def guarded_link(link):
+            def link_unless_withheld(trainer, filepath, linkpath):
+                if str(filepath) not in withheld_paths:
+                    link(trainer, filepath, linkpath)
+            return link_unless_withheld
+
         self._unguards = [replace_method(trainer, "save_checkpoint", guarded_save),
                           replace_method(trainer.strategy, "remove_checkpoint", guarded_remove)]
+        self._unguards += [replace_method(callback, "_link_checkpoint", guarded_link(callback._link_checkpoint))
+                           for callback in trainer.checkpoint_callbacks if hasattr(callback, "_link_checkpoint")]
 
     def _nonfinite_weight(self, pl_module) -> str | None:
         """The first tensor of the module's state that holds NaN/Inf, looked for once the probes recorded a critical
@@ -251,6 +286,7 @@ class SarkdDiagLightningCallback(Callback):
         return not self._batch_ended or trainer.global_step != self._step_at_batch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._returned_loss = None
         self._scheduled_step = ends_accumulation(trainer)
         self._step_at_batch_start, self._batch_ended = trainer.global_step, False
         if self.probes is not None and not self._step_open:  # the first micro-batch of a step
@@ -279,6 +315,15 @@ class SarkdDiagLightningCallback(Callback):
         if self.probes.critical and self.on_critical == "stop" and self.stopped_at is None:
             self.stopped_at = self.step
             trainer.should_stop = True
+            self._keep_records(trainer)
+
+    def _keep_records(self, trainer) -> None:
+        """Keep the checkpoint callbacks' records (`ModelCheckpoint`'s best_model_path, best_k_models, last_model_path,
+        its `state_dict`) as they are when training stops on non-finite weights: Lightning calls checkpoint callbacks
+        after every other, so none has reacted to the stopping step yet. A checkpoint not written is put back out of
+        them (`_guard_checkpoints`)."""
+        self._records = [(callback, {key: copy.copy(value) for key, value in callback.state_dict().items()})
+                         for callback in trainer.checkpoint_callbacks]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """A validation during fit (not the sanity check before it, which runs before there is a run): the logged
@@ -297,8 +342,16 @@ class SarkdDiagLightningCallback(Callback):
                                        cross_entropy="teacher" not in models and scores_tokens(models["student"]))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again."""
-        self._close("interrupted" if isinstance(exception, KeyboardInterrupt) else "failed", exception)
+        """A fit that raised ends without teardown: the run closes, the Trainer's checkpointing is its own again. A
+        backward that raised on the non-finite loss `training_step` returned (`detect_anomaly=True`) — the teacher's NaN
+        in a KD term, which the student's own outputs do not show — has the step's forwards replayed first, as one the
+        optimizer is about to apply is: it never stepped, the weights are still those that made the loss."""
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        loss, self._returned_loss = self._returned_loss, None
+        if self.probes is not None and not interrupted and self._step_open and loss is not None \
+                and not bool(torch.isfinite(loss).all()):
+            self.probes.set.replay_if_loss_nonfinite(math.nan)
+        self._close("interrupted" if interrupted else "failed", exception)
         self._unguard_checkpoints()
         self._unwatch_training_step()
 

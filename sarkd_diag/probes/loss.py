@@ -203,6 +203,11 @@ class LossProbe(Probe):
         except (RuntimeError, AttributeError, TypeError):
             return False
 
+    def outputs_nonfinite(self) -> bool:
+        """Whether a loss the trained models returned in this step's training forwards so far is NaN/Inf (one host
+        read): what a caller's code that raised before handing its loss over had computed from."""
+        return any(not bool(torch.isfinite(loss).all()) for loss, *_ in self._captured)
+
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
         from the outputs; its target count comes from `labels`, else from the labels the model was called with this

@@ -5,6 +5,7 @@ the CPU): a clean run, one with gradient accumulation, and a module whose output
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import numpy as np
@@ -121,13 +122,16 @@ def test_under_gradient_accumulation_a_step_is_an_optimizer_step(tmp_path, plain
     assert _loop(accumulation=2) == losses
 
 
+@pytest.mark.parametrize("plain_probes", [False, True])
 @pytest.mark.parametrize(("stepping", "noted"), [("every batch", True), ("accumulate", False), ("by hand", False)])
-def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_is_noted(tmp_path, stepping, noted):
+def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_is_noted(tmp_path, stepping, noted,
+                                                                                         plain_probes):
     """`Accelerator(gradient_accumulation_steps=4)` divides each loss `accelerator.backward` is given by 4; a loop
     that never enters `accelerator.accumulate(model)` has the optimizer step on every batch, each update from a quarter
     of the batch's gradient — said once, at step 1. Not for accelerate's idiom, nor for a loop that steps on every 4th
-    batch itself (its 4 quarters make the mean)."""
-    losses = _loop(tmp_path / "run", accumulation=4, stepping=stepping)
+    batch itself (its 4 quarters make the mean). Read off the prepared optimizer, so also for a `Probes(model,
+    optimizer)` handed it rather than built by `from_accelerator` (it said nothing)."""
+    losses = _loop(tmp_path / "run", accumulation=4, stepping=stepping, plain_probes=plain_probes)
     events = load_run(tmp_path / "run")["events"]
     notes = events[events["code"] == "accumulation_unmatched"]
     if not noted:
@@ -135,7 +139,7 @@ def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_i
         return
     (note,) = notes.itertuples()
     assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
-    assert "after 1 backward," in note.message and "`with accelerator.accumulate(model):`" in note.message
+    assert "after 1 batch," in note.message and "`with accelerator.accumulate(model):`" in note.message
     found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "accumulation_unmatched")
     assert (found["severity"], found["first_step"]) == ("warning", 1)
     assert "gradient_accumulation_steps=4" in found["fix"] and "accelerator.accumulate(model)" in found["fix"]
@@ -310,3 +314,50 @@ def test_a_loop_resumed_with_load_state_records_each_redone_step_once(tmp_path):
     assert metrics["step"].tolist() == list(range(1, 9))
     assert metrics["loss"].tolist() == pytest.approx(first[:4] + resumed, rel=1e-6)
     assert resumed[:2] == pytest.approx(first[4:], rel=1e-6)  # the same steps redone from the saved state
+
+
+def _with_projection(run_dir, by_role: bool, nan_grad: bool = False) -> None:
+    """Hidden-state KD as people write it in accelerate: a projection of the student's last hidden states onto the
+    teacher's width, trained by the student's optimizer and clipped with it; `nan_grad`: its weight's gradient NaN."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    torch.manual_seed(0)
+    model, projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 48)
+    teacher = tiny.make_gpt2(VOCAB, seed=3, n_embd=48).eval().requires_grad_(False)
+    if nan_grad:
+        projection.weight.register_hook(lambda g: g * math.nan)
+    trained = list(model.parameters()) + list(projection.parameters())
+    optimizer = torch.optim.AdamW(trained, lr=1e-3)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
+    model, projection, optimizer, loader = accelerator.prepare(model, projection, optimizer, loader)
+    models = {"student": model, "projection": projection} if by_role else model
+    with Probes.from_accelerator(accelerator, models, optimizer, teacher=teacher, run_dir=run_dir) as probes:
+        for batch in itertools.islice(loader, 2):
+            out = model(**batch, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+            loss = out.loss + torch.nn.functional.mse_loss(projection(out.hidden_states[-1]).float(), target)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            probes.step(loss=loss)
+            optimizer.zero_grad()
+
+
+def test_a_projection_the_optimizer_trains_beside_the_student_is_watched_when_given_and_said_when_not(tmp_path):
+    """The optimizer trains a projection that is no model given to `from_accelerator`: its gradients were not read, so
+    its NaN gradient — made every gradient NaN by the clipping — read as the student's weights gone NaN from finite
+    gradients, the optimizer blamed at the embeddings. Left out, a note says so before the first step; given by role
+    (`{'student': model, 'projection': projection}`), the NaN is named where it was made."""
+    _with_projection(tmp_path / "left_out", by_role=False)
+    notes = load_run(tmp_path / "left_out")["events"].query("code == 'optimizer_tensors_unwatched'")
+    assert notes[["step", "severity", "numel"]].values.tolist() == [[1, "warning", 2]]
+    message = notes.iloc[0]["message"]
+    assert "48×32, 48" in message and "Probes.from_accelerator(accelerator, {'student': model" in message
+
+    _with_projection(tmp_path / "given", by_role=True, nan_grad=True)
+    run = load_run(tmp_path / "given")
+    assert run["events"].query("code == 'optimizer_tensors_unwatched'").empty
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
+        "divergence", "projection", "weight", 1)

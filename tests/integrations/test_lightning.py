@@ -206,6 +206,30 @@ def test_no_checkpoint_of_non_finite_weights_replaces_the_last_good_one(tmp_path
     assert "student.transformer" in events["tensor"].iloc[0]
 
 
+class LogsItsLoss(BlowsUpAtTheSecondBatch):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("options", [dict(save_top_k=1), dict(monitor="train_loss", save_top_k=3, save_last="link")])
+def test_the_checkpoint_callbacks_records_name_the_last_good_checkpoint_not_one_withheld(tmp_path, options):
+    """ModelCheckpoint records a checkpoint's path before it saves it: with the step-2 save of NaN weights withheld,
+    its `best_model_path` named a file never written (`trainer.test(ckpt_path="best")` fails), a monitored NaN
+    (+inf to it) sat in `best_k_models`, `save_last="link"` relinked last.ckpt to the missing file. Now: step 1's."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, **options)
+    _fit(LogsItsLoss(tiny.make_gpt2(VOCAB)), enable_checkpointing=True, max_steps=3,
+         callbacks=[SarkdDiagLightningCallback(tmp_path / "run"), saved])
+    good = str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+    assert saved.best_model_path == good
+    assert list(saved.best_k_models) == ([good] if "monitor" in options else [])
+    if options.get("save_last"):
+        assert (tmp_path / "ckpt" / "last.ckpt").resolve() == (tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+
+
 def test_an_exception_mid_fit_leaves_a_closed_run_with_its_finished_steps(tmp_path):
     trainers = []
     with pytest.raises(RuntimeError, match="corrupt record"):
@@ -613,3 +637,60 @@ def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_lightning(tm
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
     assert "training_step" not in vars(module)
+
+
+@pytest.mark.parametrize("model_name", ["student", "teacher"])
+def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(tmp_path, model_name):
+    """`Trainer(detect_anomaly=True)`: the backward of step 3's NaN loss (a batch with a token that makes one module's
+    output infinite; no statistics step) raises before the optimizer's pre-step hook, where a failing step is
+    replayed. The run closed failed with the loss non-finite at no module — a teacher's NaN, which the student's own
+    outputs do not show, with no cause at all: the step's forwards are replayed as the fit fails."""
+    student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3).eval().requires_grad_(False)
+    broken = student if model_name == "student" else teacher
+    tiny.infinite_on_token(broken, broken.transformer.h[1].mlp.c_fc, token=0)
+    data = Sequences(VOCAB)
+    data.ids[9, 3] = 0  # batch 2 (samples 8-11): step 3
+    with pytest.raises(RuntimeError, match="nan values"):
+        _fit(Distil(student, teacher), tmp_path / "run", dataset=data, detect_anomaly=True)
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == (model_name, "transformer.h.1.mlp.c_fc", 3), root
+
+
+class HiddenKD(pl.LightningModule):
+    """Hidden-state KD as people write it in Lightning: the student, a frozen wider teacher and a projection onto its
+    width that the one optimizer trains beside the student; `nan_at`: the projection's gradient NaN at that batch."""
+
+    def __init__(self, nan_at=None):
+        super().__init__()
+        self.student, self.projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 48)
+        self.teacher = tiny.make_gpt2(VOCAB, seed=3, n_embd=48).eval().requires_grad_(False)
+        self.projection.weight.register_hook(lambda g: g * math.nan if self.batch == nan_at else g)
+        self.batch = None
+
+    def training_step(self, batch, batch_idx):
+        self.batch = batch_idx
+        out = self.student(**batch, output_hidden_states=True)
+        with torch.no_grad():
+            target = self.teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+        return out.loss + torch.nn.functional.mse_loss(self.projection(out.hidden_states[-1]), target)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([*self.student.parameters(), *self.projection.parameters()], lr=1e-3)
+
+
+def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_path):
+    """The projection's tensors were watched by no model (the student is `self.student`): its NaN gradient at step 2,
+    made every gradient NaN by Lightning's clipping, read as the student's weights gone NaN from finite gradients —
+    the optimizer blamed at the embeddings. Each other child the optimizer trains is watched under its own name."""
+    module = HiddenKD(nan_at=1)
+    optimized = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert lightning_models(module, optimized=optimized) == {
+        "student": module.student, "teacher": module.teacher, "projection": module.projection}
+    _fit(module, tmp_path / "run", max_steps=3)
+    run = load_run(tmp_path / "run")
+    assert run["events"].query("code == 'optimizer_tensors_unwatched'").empty
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
+        "divergence", "projection", "weight", 2)

@@ -4,6 +4,7 @@ hand-written KD Trainer whose teacher overflows."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1058,3 +1059,54 @@ def test_an_rmse_from_a_student_copied_from_its_teacher_is_named_in_the_trainer(
     root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
     assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
     assert "GradScaler" not in root["fix"]
+
+
+class GuardedKDTrainer(KDTrainer):
+    """A KD Trainer whose `compute_loss` refuses a non-finite loss of the student, as people guard their loops."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        if not torch.isfinite(outputs.loss):
+            raise FloatingPointError(f"the student's loss is {outputs.loss.item()}: nan values")
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize(("raised_by", "model_name"), [("anomaly", "student"), ("anomaly", "teacher"),
+                                                        ("guard", "student")])
+def test_a_step_that_raises_on_its_nan_loss_before_the_update_is_replayed_and_placed(tmp_path, raised_by, model_name):
+    """Step 3's loss is NaN (a batch with a token that makes one module's output infinite; step 3 is no statistics
+    step), and the step raises inside `training_step`, before the callback's replay of a non-finite micro-batch: under
+    `torch.autograd.detect_anomaly()` its backward ("returned nan values"), or `compute_loss` itself on the student's
+    NaN loss. The run closed failed with the loss non-finite at no module. The optimizer never stepped: the
+    micro-batch's `compute_loss` is replayed as the exception leaves `training_step`, and the module is named."""
+    student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
+    broken = student if model_name == "student" else teacher
+    tiny.infinite_on_token(broken, broken.transformer.h[1].mlp.c_fc, token=0)
+    data = Sequences(VOCAB)
+    data.ids[9, 3] = 0  # in step 3's batch: samples 8-11 in order
+    trainer = (GuardedKDTrainer if raised_by == "guard" else KDTrainer)(
+        model=student, teacher=teacher, train_dataset=data,
+        args=training_args(tmp_path / "trainer", learning_rate=1e-3, train_sampling_strategy="sequential"))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    anomaly = torch.autograd.detect_anomaly(check_nan=True) if raised_by == "anomaly" else contextlib.nullcontext()
+    with pytest.raises((RuntimeError, FloatingPointError), match="nan values"), anomaly:
+        trainer.train()
+    run = load_run(tmp_path / "run")
+    assert run["summary"]["status"] == "failed" and run["metrics"]["step"].tolist() == [1, 2]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == (model_name, "transformer.h.1.mlp.c_fc", 3), root
+
+
+def test_an_optimizer_that_trains_a_projection_beside_the_student_is_said_to_leave_it_unwatched(tmp_path):
+    """`optimizers=(AdamW(student + projection), None)`, the projection held by the Trainer subclass: the callback
+    watches the student and teacher, so the projection's gradients are not read — said before the first step, with the
+    remedy in the Trainer's terms (hold it in the model the Trainer trains)."""
+    model, projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 32)
+    optimizer = torch.optim.AdamW([*model.parameters(), *projection.parameters()], lr=1e-3)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "trainer", max_steps=1),
+                      train_dataset=Sequences(VOCAB), optimizers=(optimizer, None))
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    notes = load_run(tmp_path / "run")["events"].query("code == 'optimizer_tensors_unwatched'")
+    assert notes[["step", "numel"]].values.tolist() == [[1, 2]]
+    assert "model.projection = nn.Linear(...)" in notes.iloc[0]["message"]

@@ -331,6 +331,29 @@ def test_gradients_a_loss_scaler_at_scale_1_lets_flush_are_no_loss_cut_off(tmp_p
     assert "init_scale" in root["fix"] and "detach" not in root["fix"], root
 
 
+def test_a_step_that_detect_anomaly_ends_in_its_backward_is_replayed_and_placed(tmp_path):
+    """Under `torch.autograd.detect_anomaly()` the backward of step 3's NaN loss raises ("returned nan values") before
+    the optimizer's pre-step hook, where a failing step between statistics steps is replayed: the run closed with the
+    loss non-finite at no module. The weights are still those that made it: its forwards are replayed at the close."""
+    model = tiny.make_gpt2(64)
+    tiny.infinite_on_token(model, model.transformer.h[1].mlp.c_fc, token=0)
+    batches = torch.randint(1, 64, (4, 4, 12), generator=torch.Generator().manual_seed(0))
+    batches[2, 0, 3] = 0  # step 3's batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match="nan values"), torch.autograd.detect_anomaly(check_nan=True), \
+            Probes(model, optimizer=opt, run_dir=tmp_path) as probes:
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+    run = load_run(tmp_path)
+    metrics = run["metrics"]
+    assert run["summary"]["status"] == "failed" and metrics[metrics["split"] == "train"]["step"].tolist() == [1, 2]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+
+
 @pytest.mark.parametrize("unscaled", [False, True])
 def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale(unscaled):
     """`clip_grad_norm_` before `scaler.unscale_`: clipped by the norm × 2**16, each update ~65536× too small.
