@@ -330,30 +330,23 @@ class ProbeSet:
         """An optimizer steps a second time within one step with no training forward between: the same batch's
         gradients applied twice — `scaler.step(optimizer)` followed by `optimizer.step()` also applies, unscaled, the
         non-finite gradients of a step the scaler skips. Said once."""
-        if not self.ctx.events.say_once("optimizer_stepped_twice"):
-            return
         scaler = " (a loss scaler steps it too: `scaler.step(optimizer)` already calls `optimizer.step()`)" \
             if self.ctx.loss_scaler.enabled else ""
-        self.ctx.events.record("setup_note", "warning",
-                               f"an optimizer stepped twice on one batch in step {self.ctx.step}{scaler}: "
-                               "optimizer.step() is called twice per batch — every gradient applied twice, and a "
-                               "gradient the scaler skipped as non-finite applied anyway",
-                               step=self.ctx.step, probe="optimizer", phase="optimizer",
-                               model=self.ctx.model_stepped_by(optimizer), code="optimizer_stepped_twice")
+        self._note_once("optimizer_stepped_twice",
+                        f"an optimizer stepped twice on one batch in step {self.ctx.step}{scaler}: optimizer.step() is "
+                        "called twice per batch — every gradient applied twice, and a gradient the scaler skipped as "
+                        "non-finite applied anyway", model=self.ctx.model_stepped_by(optimizer))
 
     def _steps_left_open(self, optimizer) -> None:
         """An optimizer steps again within one step after another training forward: a new batch's update, so the
         loop calls `Probes.step()` less often than it steps (never, or only where it logs) — no gradient applied twice,
         but one row holds several updates, numbered as the probes' steps, not the optimizer's. Said once."""
-        if not self.ctx.events.say_once("steps_left_open"):
-            return
-        self.ctx.events.record("setup_note", "warning",
-                               f"the optimizer stepped again in step {self.ctx.step} after another training forward: "
-                               "probes.step() is not called after every optimizer step, so one step's row holds "
-                               "several updates (its statistics and loss the last batch's) and the steps are not "
-                               "numbered as the optimizer counts them — call probes.step() after every "
-                               "optimizer.step()", step=self.ctx.step, probe="optimizer", phase="optimizer",
-                               model=self.ctx.model_stepped_by(optimizer), code="steps_left_open")
+        self._note_once("steps_left_open",
+                        f"the optimizer stepped again in step {self.ctx.step} after another training forward: "
+                        "probes.step() is not called after every optimizer step, so one step's row holds several "
+                        "updates (its statistics and loss the last batch's) and the steps are not numbered as the "
+                        "optimizer counts them — call probes.step() after every optimizer.step()",
+                        model=self.ctx.model_stepped_by(optimizer))
 
     def _stepped_past_the_scaler(self, optimizer) -> None:
         """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls
@@ -363,13 +356,12 @@ class ProbeSet:
         if not self.ctx.events.say_once("scaler_bypassed"):
             return
         scale = float(self.ctx.loss_scaler.scale())
-        self.ctx.events.record("setup_note", "warning",
-                               f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled "
-                               f"(by {scale:g}) and never unscaled: optimizer.step() is called instead of "
-                               "scaler.step(optimizer), so every update is the gradient × the scale and no overflowing "
-                               "step is skipped — call scaler.step(optimizer), then scaler.update()",
-                               step=self.ctx.step, probe="optimizer", phase="optimizer", value=scale,
-                               model=self.ctx.model_stepped_by(optimizer), code="scaler_bypassed")
+        self._note("scaler_bypassed",
+                        f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled (by "
+                        f"{scale:g}) and never unscaled: optimizer.step() is called instead of scaler.step(optimizer), "
+                        "so every update is the gradient × the scale and no overflowing step is skipped — call "
+                        "scaler.step(optimizer), then scaler.update()",
+                        value=scale, model=self.ctx.model_stepped_by(optimizer))
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
@@ -377,14 +369,20 @@ class ProbeSet:
         lands on the next step's row, and the first row has none. Said once: the statistics are not wrong by
         accident, the order is. (Both signs, not one: each alone has other causes — a step the loop skipped, forwards
         the probes do not see.)"""
-        if not self.ctx.events.say_once("step_order"):
-            return
-        self.ctx.events.record("setup_note", "warning",
-                               f"the optimizer stepped at step {self.ctx.step} before any training forward of it: "
-                               "probes.step() is called before optimizer.step(), so every row's update statistics "
-                               "and lr belong to the step before it (the first row has none) — call probes.step() "
-                               "after optimizer.step(), before zero_grad()", step=self.ctx.step, probe="optimizer",
-                               phase="optimizer", code="step_order")
+        self._note_once("step_order",
+                        f"the optimizer stepped at step {self.ctx.step} before any training forward of it: "
+                        "probes.step() is called before optimizer.step(), so every row's update statistics and lr "
+                        "belong to the step before it (the first row has none) — call probes.step() after "
+                        "optimizer.step(), before zero_grad()")
+
+    def _note_once(self, code: str, message: str, **where) -> None:
+        """A warning of how the loop steps its optimizer, the first time its check finds it."""
+        if self.ctx.events.say_once(code):
+            self._note(code, message, **where)
+
+    def _note(self, code: str, message: str, **where) -> None:
+        self.ctx.events.record("setup_note", "warning", message, step=self.ctx.step, probe="optimizer",
+                               phase="optimizer", code=code, **where)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped()
