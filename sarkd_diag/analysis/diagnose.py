@@ -42,7 +42,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low",
+    "kd_temperature_low", "kd_input_invalid",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -527,6 +527,11 @@ FIXES = {
                              "backward adds to the gradients the step before already used, so every update applies "
                              "the sum of all gradients so far and grows with the step count{scaler} — clear them: "
                              "{clear_gradients}; the learning rate and the precision are not the cause",
+    "kd_input_invalid": "F.kl_div's input holds values up to {amax}, but it takes log-probabilities (≤ 0): given "
+                        "probabilities or logits, it returns no divergence — negative, or flat however the student "
+                        "learns — pass `F.log_softmax(student_logits / T, dim=-1)` as its input and the teacher's "
+                        "`F.softmax(teacher_logits / T, dim=-1)` as its target (or its `log_softmax` with "
+                        "`log_target=True`); precision and the learning rate are not the cause",
     "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
                        "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
                        "forward — {teacher_eval}; precision and the learning rate are not the cause",
@@ -1594,6 +1599,18 @@ def teacher_dropout(r: RunRecord) -> list[Cause]:
                             p=f"{float(row['value']):g}"))]
 
 
+def kd_input_invalid(r: RunRecord) -> list[Cause]:
+    """`F.kl_div` handed an input that is no log-probability (a `kl_input_not_log_probs` note): what it returns is no
+    divergence — negative, or flat however the student learns — and nothing non-finite shows it. Critical: the KD
+    objective the run optimises is not the one meant."""
+    note = r.of("setup_note", "kl_input_not_log_probs")
+    if not len(note):
+        return []
+    row = _first(note)
+    return [Cause("kd_input_invalid", "critical", **_where(row), evidence={"input_max": float(row["value"])},
+                  fix=r.fix("kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
+
+
 def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
@@ -2535,7 +2552,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low)
+         kd_temperature_low, kd_input_invalid)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -143,6 +143,8 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "kl_input_not_log_probs": "setup_note: F.kl_div's input held a value above 0 in a training step: it takes "
+                              "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
                           "dropout on: its outputs, the KD targets, are drawn through a random mask",
     "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "

@@ -29,6 +29,7 @@ import torch
 
 from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
+LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 
 
@@ -134,6 +135,7 @@ class LossProbe(Probe):
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
+        self._kl_read: int | None = None  # the step whose F.kl_div input was read
 
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
@@ -207,6 +209,22 @@ class LossProbe(Probe):
         """Whether a loss the trained models returned in this step's training forwards so far is NaN/Inf (one host
         read): what a caller's code that raised before handing its loss over had computed from."""
         return any(not bool(torch.isfinite(loss).all()) for loss, *_ in self._captured)
+
+    def read_kl_input(self, input: torch.Tensor) -> None:  # noqa: A002 - kl_div's own name
+        """`F.kl_div`'s input in a statistics step's training (`kl_inputs.py`): a value above 0 is no log-probability.
+        One host read a statistics step — the loop's misuse is the same at every step — until found."""
+        if not (self.ctx.stats_step and torch.is_grad_enabled()) or self._kl_read == self.ctx.step \
+                or "kl_input" in self._reported or not input.is_floating_point() or not input.numel():
+            return
+        self._kl_read = self.ctx.step
+        largest = float(input.detach().amax())
+        if largest > LOG_PROBABILITY_SLACK:
+            self._reported.add("kl_input")
+            self.ctx.events.record(
+                "setup_note", "warning", f"F.kl_div's input holds values up to {largest:.3g} at step {self.ctx.step}: "
+                "it takes log-probabilities (≤ 0), and given probabilities or logits it returns no divergence",
+                step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=largest,
+                dtype=dtype_name(input.dtype), code="kl_input_not_log_probs")
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read

@@ -2972,3 +2972,54 @@ def test_a_fault_in_one_micro_batch_of_a_refilled_buffer_is_replayed_from_its_ow
     assert (root["first_step"], root["module"]) == (bad_step, "transformer.wte")
     assert not _events(probes, "forward_replay")  # no "every output finite": the loss's arithmetic is not blamed
 
+
+
+
+KL_DIVS = {"F.kl_div": lambda x, target: nn.functional.kl_div(x, target, reduction="batchmean"),
+           "nn.KLDivLoss": nn.KLDivLoss(reduction="batchmean")}  # its forward calls F.kl_div as a loop's call does
+
+
+def _kd_with_kl_div(probed: bool, student_input, kl_div, tmp_path=None, steps: int = 3) -> tuple[list[float], object]:
+    """A hand-written KD loop over a tiny GPT-2 pair: 0.5 CE + 0.5 T²·kl_div(student_input(logits / T), teacher's
+    softmax at T); (losses, probes)."""
+    torch.manual_seed(0)
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=1).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batches = torch.randint(0, 64, (steps, 2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path) if probed \
+            else contextlib.nullcontext() as probes:
+        for ids in batches:
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                target = torch.softmax(teacher(input_ids=ids).logits / 2.0, dim=-1)
+            loss = 0.5 * out.loss + 0.5 * 4.0 * kl_div(student_input(out.logits / 2.0, dim=-1), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            if probes is not None:
+                probes.step(loss=loss)
+    return losses, probes
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS)
+def test_probabilities_handed_to_kl_div_as_its_input_are_named_the_kd_losss_fault(tmp_path, kl_div):
+    """`kl_div(softmax(student / T), softmax(teacher / T))`: kl_div takes log-probabilities as input, so this is no
+    divergence — a negative, flat KD term — and nothing non-finite shows it; it was silent. The input is read on
+    statistics steps, where it holds values above 0; training is unchanged."""
+    plain, _ = _kd_with_kl_div(False, torch.softmax, KL_DIVS[kl_div])
+    probed, probes = _kd_with_kl_div(True, torch.softmax, KL_DIVS[kl_div], tmp_path)
+    assert probed == plain and plain[0] < 0  # no divergence: below 0 with the CE term in it
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
+        "kd_input_invalid", "critical", 1, "student"), cause
+    assert "F.log_softmax(student_logits / T, dim=-1)" in cause["fix"] and 0 < cause["evidence"]["input_max"] <= 1
+    assert nn.functional.kl_div.__module__ == "torch.nn.functional"  # put back at close
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS)
+def test_log_probabilities_handed_to_kl_div_are_silent(tmp_path, kl_div):
+    _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS[kl_div], tmp_path)
+    assert not [e for e in _events(probes, "setup_note") if e.code == "kl_input_not_log_probs"]
+    assert [c["cause"] for c in probes.diagnosis()] == []
