@@ -881,6 +881,19 @@ def kd_of_softmax_log(temperature: float):
     return kd
 
 
+def kl_div_of_probabilities(world: World, tmp: Path) -> Outcome:
+    """`F.kl_div(softmax(student / T), softmax(teacher / T))`: kl_div takes log-probabilities as its input, so the term
+    is Σ q·(log q − p) — no divergence: below −H(q), flat however the student learns; nothing non-finite."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        p = nn.functional.softmax(student_logits / 2.0, -1).flatten(0, 1)
+        q = nn.functional.softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+        return nn.functional.kl_div(p, q, reduction="batchmean") * 4.0
+    outcome = kd_user_loop(world, tmp, kd, steps=4)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.check("every KD loss is finite and below 0, which no divergence is", all(-math.inf < v < 0 for v in losses))
+    return outcome
+
+
 def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
     """The KD temperature annealed linearly from 2 to 0 over 3 steps (`T = 2 · (1 − (step − 1) / 3)`): at step 4 —
     no statistics step — T is 0 and the KL is NaN; the optimizer's pre-step hook sees NaN gradients and the probes
@@ -2458,6 +2471,9 @@ SCENARIOS: list[Scenario] = [
              "within fp16's range, outputs beyond)", "mixed", "user loop", teacher_overflow_under_amp_autocast,
              Expected("teacher_overflow", "critical", "teacher", TEACHER_HOT, first_step=1,
                       fix_contains="enabled=False", fix_lacks="instead of float16")),
+    Scenario("KD as kl_div of probabilities", "user loop: fp32 KD, `F.kl_div(softmax(student / T), softmax(teacher / "
+             "T))` — probabilities where kl_div takes log-probabilities", "fp32", "user loop", kl_div_of_probabilities,
+             Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="log_softmax")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
