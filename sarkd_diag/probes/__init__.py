@@ -336,7 +336,7 @@ class ProbeSet:
         self._note_once("optimizer_stepped_twice",
                         f"an optimizer stepped twice on one batch in step {self.ctx.step}{scaler}: optimizer.step() is "
                         "called twice per batch — every gradient applied twice, and a gradient the scaler skipped as "
-                        "non-finite applied anyway", model=self.ctx.model_stepped_by(optimizer))
+                        "non-finite applied anyway", optimizer)
 
     def _steps_left_open(self, optimizer) -> None:
         """An optimizer steps again within one step after another training forward: a new batch's update, so the
@@ -346,8 +346,7 @@ class ProbeSet:
                         f"the optimizer stepped again in step {self.ctx.step} after another training forward: "
                         "probes.step() is not called after every optimizer step, so one step's row holds several "
                         "updates (its statistics and loss the last batch's) and the steps are not numbered as the "
-                        "optimizer counts them — call probes.step() after every optimizer.step()",
-                        model=self.ctx.model_stepped_by(optimizer))
+                        "optimizer counts them — call probes.step() after every optimizer.step()", optimizer)
 
     def _stepped_past_the_scaler(self, optimizer) -> None:
         """An optimizer steps on gradients the loss scaler scaled and has not unscaled: the loop calls
@@ -357,12 +356,13 @@ class ProbeSet:
         if not self.ctx.events.say_once("scaler_bypassed"):
             return
         scale = float(self.ctx.loss_scaler.scale())
-        self._note("scaler_bypassed",
-                        f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled (by "
-                        f"{scale:g}) and never unscaled: optimizer.step() is called instead of scaler.step(optimizer), "
-                        "so every update is the gradient × the scale and no overflowing step is skipped — call "
-                        "scaler.step(optimizer), then scaler.update()",
-                        value=scale, model=self.ctx.model_stepped_by(optimizer))
+        self.ctx.events.record("setup_note", "warning",
+                               f"the optimizer stepped at step {self.ctx.step} on gradients the loss scaler scaled "
+                               f"(by {scale:g}) and never unscaled: optimizer.step() is called instead of "
+                               "scaler.step(optimizer), so every update is the gradient × the scale and no overflowing "
+                               "step is skipped — call scaler.step(optimizer), then scaler.update()",
+                               step=self.ctx.step, probe="optimizer", phase="optimizer", value=scale,
+                               model=self.ctx.model_stepped_by(optimizer), code="scaler_bypassed")
 
     def _stepped_before_a_forward(self) -> None:
         """The optimizer steps before any training forward of the step, right after a step that closed without
@@ -376,14 +376,13 @@ class ProbeSet:
                         "belong to the step before it (the first row has none) — call probes.step() after "
                         "optimizer.step(), before zero_grad()")
 
-    def _note_once(self, code: str, message: str, **where) -> None:
-        """A warning of how the loop steps its optimizer, the first time its check finds it."""
+    def _note_once(self, code: str, message: str, optimizer=None) -> None:
+        """A warning of how the loop steps `optimizer`, the first time its check finds it. The model it steps is
+        looked up only then: a walk over the optimizer's tensors, and a misused loop meets the check every step."""
         if self.ctx.events.say_once(code):
-            self._note(code, message, **where)
-
-    def _note(self, code: str, message: str, **where) -> None:
-        self.ctx.events.record("setup_note", "warning", message, step=self.ctx.step, probe="optimizer",
-                               phase="optimizer", code=code, **where)
+            self.ctx.events.record("setup_note", "warning", message, step=self.ctx.step, probe="optimizer",
+                                   phase="optimizer", code=code,
+                                   model=self.ctx.model_stepped_by(optimizer) if optimizer is not None else None)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_stepped()
