@@ -36,8 +36,9 @@ def compare_precision(modes=None, **options):
     """Run the same distillation in several precision modes, side by side (see sarkd_diag.compare)."""
     from .compare import compare_precision as _compare
 
-    with keyword_terms({"modes": modes, "steps": None, **options}):
-        return _compare(modes, **options)
+    given = {"modes": modes, "steps": None, **options}
+    with keyword_terms(given):
+        return _compare(modes, wording=lambda text: in_keyword_terms(text, given), **options)
 
 
 @contextmanager

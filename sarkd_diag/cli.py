@@ -27,6 +27,7 @@ from .contract.config import (
     COMPARE_DEFAULTS,
     FIELD_TYPES,
     OTHER_TOOLS_NAMES,
+    OTHER_TOOLS_SETTINGS,
     SET_BY_COMPARE,
     DistillConfig,
     build_config,
@@ -599,13 +600,8 @@ def _kinds(exc: Exception) -> set[str]:
 # option that is one of them is answered with this tool's own.
 KNOWN_ELSEWHERE = {
     **{f"--{name.replace('_', '-')}": f"--{meant.replace('_', '-')}" for name, meant in OTHER_TOOLS_NAMES.items()},
-    "--fp16": "--precision mixed", "--bf16": "--precision bf16-mixed", "--precisions": "--modes", "--mode": "--modes",
-    "--amp": "--precision mixed", "--fp32": "--precision fp32",
-    "--half": "--precision mixed (fp16 compute, fp32 master weights; --precision pure-fp16 is the model.half() run)",
-    "--cpu": "--device cpu", "--cuda": "--device cuda", "--gpu": "--device cuda",
-    "--model": "--student-model and --teacher-model",
-    **{f"--{epochs}": "--train-steps N: train counts optimizer steps, not passes over the data"
-       for epochs in ("epochs", "num-epochs", "num-train-epochs")},
+    **{f"--{name.replace('_', '-')}": setting.replace("`", "") for name, setting in OTHER_TOOLS_SETTINGS.items()},
+    "--precisions": "--modes", "--mode": "--modes", "--model": "--student-model and --teacher-model",
     "--precision": "--modes",  # estimate-memory takes the modes to estimate
     "--json": "--format json", "--format": "--json",  # events has --format; env and estimate-memory have --json
 }

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -317,11 +317,13 @@ def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options:
 
 def compare_precision(modes: Sequence[str] | str | None = None, *, config: DistillConfig | None = None,
                       steps: int | None = None, console: Console | None = None, quiet: bool = False,
-                      **options) -> CompareResult:
+                      wording: Callable[[str], str] = str, **options) -> CompareResult:
     """Run the same distillation in several precision modes and write a side-by-side comparison.
 
     `options` are DistillConfig's fields (as for `distill`), except precision, on_nonfinite and resume,
     which the comparison sets itself. Returns the table (pandas), the summary and the output directory.
+    `wording`: how the console words the options it names (the recommendation's `--precision mixed`); the Python
+    API's caller reads them as keyword arguments.
     """
     refuse_unknown_options(options, "compare_precision()")
     given = {k: v for k, v in (config.to_dict() if config else {}).items() if k not in SET_BY_COMPARE}
@@ -371,7 +373,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
                     _take_back(out, made)
                 raise
             except KeyboardInterrupt:
-                console.print(_after_interrupt(out, mode))
+                console.print(wording(_after_interrupt(out, mode)))
                 raise
         results.append(result)
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
@@ -380,7 +382,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
     summary = _summary(out, comparison, results, run_options, {"type": caps.device_type, "name": caps.name})
     written = write_outputs(out, table, verdicts, summary, results)
     console.print(rich_table(table, verdicts))
-    console.print(f"[bold]recommendation[/]: {escape(recommendation.text)}")
+    console.print(f"[bold]recommendation[/]: {escape(wording(recommendation.text))}")
     others = [n.removeprefix("comparison") for n in written if n not in ("comparison.md", "summary.json")]
     console.print(f"comparison: {out / 'comparison.md'} (also {', '.join(others)})")
     return CompareResult(out, table, summary, 0, verdicts, recommendation)

@@ -30,6 +30,20 @@ def test_a_quiet_distill_prints_nothing_and_still_writes_its_run(tiny_world, tmp
     assert result.status == "completed" and (tmp_path / "run" / "summary.json").is_file()
 
 
+def test_a_distill_console_gives_its_fixes_as_keyword_arguments(tiny_world, tmp_path, capsys):
+    """A notebook's distill() printed the fix `train with --precision bf16-mixed — or raise --student-lr`: options its
+    caller never typed. Its console names the keyword arguments, as its refusals do; the run directory is the
+    command line's (`sarkd-diag report` words it so)."""
+    sarkd_diag.distill(teacher_model=str(tiny_world["teacher"]), student_model=str(tiny_world["student"]),
+                       train_file=str(tiny_world["train"]), validation_file=str(tiny_world["valid"]),
+                       block_size=16, per_device_batch_size=2, train_steps=3, eval_steps=3, precision="pure-bf16",
+                       student_lr=1e-6, output_dir=str(tmp_path / "run"))
+    printed = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "train with `precision='bf16-mixed'` — or raise `student_lr=`" in printed, printed
+    assert "--" not in printed, printed
+    assert "`--precision bf16-mixed`" in (tmp_path / "run" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("path", ["", "  "])
 def test_load_run_of_an_empty_path_is_refused_not_the_current_directory(tmp_path, monkeypatch, path):
     """`load_run(os.environ.get("RUN", ""))` with RUN unset would read whatever run the notebook sits in: refused,

@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import NoneType, UnionType
@@ -266,6 +267,17 @@ OTHER_TOOLS_NAMES = {
     "grad_clip": "max_grad_norm", "clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
     "gradient_clipping": "max_grad_norm",
     "T": "temperature", "kd_temperature": "temperature", "kd_alpha": "alpha_kd", "ce_alpha": "alpha_ce",
+    "overwrite_output_dir": "overwrite",
+}
+# other tools' switches and counts, answered with this tool's option and value, in the command line's words (each
+# caller's words by `option_spans`: `precision='mixed'` to distill(), `precision: mixed` in a --config file)
+OTHER_TOOLS_SETTINGS = {
+    **dict.fromkeys(("fp16", "amp"), "`--precision mixed`"), "bf16": "`--precision bf16-mixed`",
+    "fp32": "`--precision fp32`",
+    "half": "`--precision mixed` (fp16 compute, fp32 master weights; `--precision pure-fp16` is the model.half() run)",
+    "cpu": "`--device cpu`", **dict.fromkeys(("cuda", "gpu"), "`--device cuda`"),
+    **dict.fromkeys(("epochs", "num_epochs", "num_train_epochs"),
+                    "`--train-steps N`: a run counts optimizer steps, not passes over the data"),
 }
 
 
@@ -276,16 +288,24 @@ def meant_option(typed: str) -> str | None:
     return OTHER_TOOLS_NAMES.get(name) or closest(name, FIELD_NAMES)
 
 
+def other_tools_setting(typed: str) -> str | None:
+    """This tool's option and value for another tool's switch or count (`--fp16`, `epochs=3`), in the command
+    line's words; None when `typed` is none of them."""
+    return OTHER_TOOLS_SETTINGS.get(str(typed).lstrip("-").replace("-", "_"))
+
+
 def refuse_unknown_options(options: dict, caller: str) -> None:
     """Options given to `caller` (`distill()`) that DistillConfig lacks, refused as Python refuses an unexpected
     keyword argument, with the option meant: the bare TypeError left its user to find `student_lr` alone."""
     unknown = sorted(name for name in options if name not in FIELD_NAMES)
     if not unknown:
         return
+    setting = other_tools_setting(unknown[0]) if len(unknown) == 1 else None
     meant = meant_option(unknown[0]) if len(unknown) == 1 else None
     arguments = "an unexpected keyword argument" if len(unknown) == 1 else "unexpected keyword arguments"
-    raise TypeError(f"{caller} got {arguments} {', '.join(map(repr, unknown))}"
-                    + (f": did you mean {meant}?" if meant else "; its options are DistillConfig's fields"))
+    hint = (f": write {option_spans(setting, as_keyword)}" if setting else f": did you mean {meant}?" if meant
+            else "; its options are DistillConfig's fields")
+    raise TypeError(f"{caller} got {arguments} {', '.join(map(repr, unknown))}{hint}")
 
 
 FIELD_TYPES: dict[str, Any] = get_type_hints(DistillConfig)  # each field's type (`int`, `str | None`, ...)
@@ -296,12 +316,38 @@ COMMANDS_IN_A_MESSAGE = re.compile(r"(`[^`]*`|sarkd-diag [^;`)]*)")  # quoted or
 CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( ('[^']*'|[^\s,;()]*[^\s,;:()]))?")
 
 
+# an option in backticks, alone or with its value: `--max-grad-norm`, `--precision mixed`, `--train-steps N`
+QUOTED_OPTION = re.compile(r"`--([a-z][a-z0-9-]*)(?: ([^`\s]+))?`")
+
+
+def option_spans(text: str, render) -> str:
+    """`text` with each option in backticks that DistillConfig has (`--precision mixed`) written by
+    `render(name, value)` — `name` the field, `value` the word after it or None; other spans kept as written."""
+    def span(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return f"`{render(name, match.group(2))}`" if name in FIELD_NAMES else match.group(0)
+    return QUOTED_OPTION.sub(span, text)
+
+
+def as_keyword(name: str, value: str | None) -> str:
+    """An option as a call to distill() writes it: `precision='mixed'`, `train_steps=N` (a number or a placeholder
+    as shown), `resume=True`; bare, `max_grad_norm=`, when the message shows no value of a value option."""
+    if value is None:
+        return f"{name}=True" if FIELD_TYPES.get(name) is bool else f"{name}="
+    if FIELD_TYPES.get(name) is bool and value.lower() in ("true", "false"):
+        return f"{name}={value.capitalize()}"
+    shown_as_is = value.isupper() or _number(value) is not None or value.startswith(("'", '"'))
+    return f"{name}={value if shown_as_is else repr(value)}"
+
+
 def in_keyword_terms(message: str, given: dict[str, Any] | None = None) -> str:
     """A refusal worded for the command line (`--student-lr must be > 0`, `--precision fp16 is ambiguous`), reworded
     for a caller of the Python API: each option becomes the keyword argument as the call writes it — with the value
     the message shows (`precision='fp16'`), else bare (`student_lr=`; a switch to pass, `resume=True`); the commands
-    it offers to run are left as they are. `given`: the call's keyword arguments, DistillConfig's fields and its own
-    (compare_precision's `modes`): a value the message shows is matched against what the caller passed."""
+    it offers to run are left as they are, an option quoted with its value becomes the keyword with it
+    (`` `--precision mixed` ``: `` `precision='mixed'` ``). `given`: the call's keyword arguments, DistillConfig's
+    fields and its own (compare_precision's `modes`): a value the message shows is matched against what the caller
+    passed."""
     given = given or {}
 
     def keyword(match: re.Match) -> str:
@@ -313,8 +359,15 @@ def in_keyword_terms(message: str, given: dict[str, Any] | None = None) -> str:
             return shown
         return (f"{name}=True" if FIELD_TYPES.get(name) is bool and value != "must" else f"{name}=") + word
 
-    return "".join(part if i % 2 else CLI_OPTION.sub(keyword, part)
+    return "".join(option_spans(part, as_keyword) if i % 2 else CLI_OPTION.sub(keyword, part)
                    for i, part in enumerate(COMMANDS_IN_A_MESSAGE.split(message)))
+
+
+def worded_for_distill(config: DistillConfig) -> Callable[[str], str]:
+    """How a caller of `distill()` reads the run's console: the options in its messages and fixes as keyword
+    arguments, with the run's values (`on_nonfinite='stop'`, `precision='mixed'`), `train` as `distill()`."""
+    given = {f.name: getattr(config, f.name) for f in fields(config)}
+    return lambda text: in_keyword_terms(text, given).replace("`train`", "`distill()`")
 
 
 def _as_passed(name: str, word: str, given: dict[str, Any]) -> str | None:
@@ -421,8 +474,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     options = {str(key).replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(str(key) for key in data if str(key).replace("-", "_") not in FIELD_NAMES)
     if unknown:  # named as the file spells them; a near miss (`train_step`, `--train-steps`) with the key meant
+        setting = other_tools_setting(unknown[0]) if len(unknown) == 1 else None
         meant = meant_option(unknown[0]) if len(unknown) == 1 else None
-        hint = f" (did you mean {meant}?)" if meant else ""
+        hint = (f" (write {option_spans(setting, lambda name, value: f'{name}: {value or True}')})" if setting
+                else f" (did you mean {meant}?)" if meant else "")
         raise BadInput(f"--config {path}: unknown {'option' if len(unknown) == 1 else 'options'} "
                        f"{', '.join(unknown)}{hint}")
     return {name: _file_value(path, name, value) for name, value in options.items()}

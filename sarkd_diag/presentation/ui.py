@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from rich.markup import escape
 from rich.panel import Panel
@@ -64,12 +65,16 @@ class TrainingDisplay:
 
     `log_every`: a line (step, loss, eval ppl, lr, tokens/s, ETA) every N steps; None chooses — none in a
     terminal, where the progress bar shows the same, else `default_log_every` — and 0 turns lines off.
+    `wording`: how the run's messages and fixes are shown — as written, in the command line's options, by default;
+    a caller of `distill()` reads them as keyword arguments (`contract.config.worded_for_distill`).
     """
 
-    def __init__(self, console: Console | None = None, quiet: bool = False, log_every: int | None = None):
+    def __init__(self, console: Console | None = None, quiet: bool = False, log_every: int | None = None,
+                 wording: Callable[[str], str] = str):
         self.console = console or Console(highlight=False)
         self.quiet = quiet
         self.log_every = log_every
+        self.wording = wording
         self._progress: Progress | None = None
         self._task = None
         self._alerted = False
@@ -146,7 +151,7 @@ class TrainingDisplay:
         if self.quiet or kind == "run_error":  # `error` has said it, on stderr, as the exception ended the run
             return
         where = where_of(event.model, event.module, event.tensor)
-        text = escape(_message(where, message))
+        text = escape(_message(where, self.wording(message)))
         at = f" in {escape(where)}" if where else ""
         if severity == "critical" and not self._alerted:
             self._alerted = True
@@ -268,7 +273,7 @@ class TrainingDisplay:
             and summary.get("run_dir") else None
         if resume:
             lines.append(f"continue it: {escape(resume)}")
-        self._print(Panel("\n".join(lines), title="diagnosis", expand=False))
+        self._print(Panel(self.wording("\n".join(lines)), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")
 
 

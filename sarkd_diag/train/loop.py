@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options
+from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options, worded_for_distill
 from ..contract.errors import BadInput, no_space_left
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
@@ -1018,4 +1018,5 @@ def distill(config: DistillConfig | None = None, *, quiet: bool = False, display
     """
     refuse_unknown_options(options, "distill()")
     config = (replace(config, **options) if config is not None else DistillConfig(**options)).validate()
-    return Trainer(config, display or TrainingDisplay(quiet=quiet, log_every=config.log_every)).train()
+    display = display or TrainingDisplay(quiet=quiet, log_every=config.log_every, wording=worded_for_distill(config))
+    return Trainer(config, display).train()

@@ -149,9 +149,10 @@ def test_report_rebuilds_an_interrupted_comparison(cli, compared, tmp_path):
     assert_conforms(out)
 
 
-def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch):
+def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch, capsys):
     """pure-bf16 at lr=5e-5 loses a moderate share of its updates (drifting); a mode whose process dies is
-    `failed (reason)` and the others still run; without fp32 the drift is n/a. Through the Python API."""
+    `failed (reason)` and the others still run; without fp32 the drift is n/a. Through the Python API, whose
+    console names keyword arguments (it said `add it to --modes`)."""
     import sarkd_diag.compare as compare
 
     real = compare._train_command
@@ -165,8 +166,10 @@ def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch):
     result = compare_precision(["mixed", "pure-bf16"], teacher_model=str(tiny_world["teacher"]),
                                student_model=str(tiny_world["student"]), train_file=str(tiny_world["train"]),
                                validation_file=str(tiny_world["valid"]), block_size=32, per_device_batch_size=4,
-                               steps=6, eval_steps=3, student_lr=5e-5, output_dir=str(tmp_path / "cmp"), quiet=True)
+                               steps=6, eval_steps=3, student_lr=5e-5, output_dir=str(tmp_path / "cmp"))
     assert result.exit_code == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "run fp32 too (add it to modes=)" in printed and "--" not in printed.split("recommendation")[1], printed
     verdicts = dict(zip(result.table["mode"], result.table["verdict"], strict=True))
     assert verdicts == {"mixed": "failed (exit 3: internal error: boom)", "pure-bf16": "drifting (update_underflow)"}
     assert [(v.kind, v.cause) for v in result.verdicts] == [("failed", "exit 3: internal error: boom"),

@@ -717,6 +717,32 @@ def test_an_option_of_another_name_given_to_the_python_api_names_the_option_mean
     assert str(raised.value) == f"{call}() got an unexpected keyword argument {typed!r}: did you mean {meant}?"
 
 
+@pytest.mark.parametrize(("call", "typed", "write"), [
+    ("distill", "fp16", "`precision='mixed'`"), ("distill", "bf16", "`precision='bf16-mixed'`"),
+    ("distill", "gpu", "`device='cuda'`"),
+    ("compare_precision", "epochs", "`train_steps=N`: a run counts optimizer steps, not passes over the data"),
+    ("distill", "half", "`precision='mixed'` (fp16 compute, fp32 master weights; `precision='pure-fp16'` is the "
+                        "model.half() run)"),
+])
+def test_a_switch_of_another_tool_given_to_the_python_api_names_this_tools_setting(call, typed, write):
+    """`distill(fp16=True)` and `distill(epochs=3)` got "its options are DistillConfig's fields", where the command
+    line's `--fp16` and `--epochs` say what to write: the API says it too, as keyword arguments."""
+    import sarkd_diag
+
+    with pytest.raises(TypeError) as raised:
+        getattr(sarkd_diag, call)(**{typed: True})
+    assert str(raised.value) == f"{call}() got an unexpected keyword argument {typed!r}: write {write}"
+
+
+def test_a_config_file_switch_of_another_tool_names_the_setting_meant(cli, tmp_path):
+    """A --config file's `bf16: true` (transformers' switch) was only 'unknown'."""
+    config = tmp_path / "c.yaml"
+    config.write_text("bf16: true\n")
+    code, _, err = cli("train", "--config", str(config))
+    assert code == 2 and err == f"sarkd-diag: error: --config {config}: unknown option bf16 (write `precision: " \
+                                "bf16-mixed`)\n"
+
+
 def test_a_config_file_key_of_another_tool_names_the_option_meant(cli, tmp_path):
     """A --config file's `learning_rate:` (transformers' name) was only 'unknown': it names student_lr, as
     `--learning-rate` on the command line does."""

@@ -212,7 +212,7 @@ USAGE_ERRORS = [
                           "--precision pure-fp16 is the model.half() run)"),
     (["train", "--gpu"], "train has no option --gpu: write --device cuda"),
     (["train", "--epochs", "3"],  # it said `did you mean --nproc?`
-     "train has no option --epochs: write --train-steps N: train counts optimizer steps, not passes over the data"),
+     "train has no option --epochs: write --train-steps N: a run counts optimizer steps, not passes over the data"),
     (["train", "--grad_clip", "1"], "train has no option --grad_clip: write --max-grad-norm"),
     # a near miss is measured without the `--` every option shares: `--bs` is not `--probes`, `--tokenizer` not
     # `--block-size`
