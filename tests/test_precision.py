@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from sarkd_diag.contract.errors import BadInput
-from sarkd_diag.contract.modes import MODE_NAMES, Capabilities, canonical_mode, resolve_mode
+from sarkd_diag.contract.modes import MODE_NAMES, Capabilities, canonical_mode, resolve_mode, slow_half_precision
 from sarkd_diag.train.precision import MODES, make_precision
 
 CPU_BF16 = Capabilities("cpu", "epyc", native_bf16=True, fast_fp16=False)
@@ -84,6 +84,23 @@ def test_mixed_scaler_skips_a_step_with_inf_gradients_and_reports_it():
 def test_auto_picks_the_mixed_mode_the_device_runs_well(caps, expected):
     mode, reason = resolve_mode("auto", None, caps)
     assert mode == expected and reason
+
+
+@pytest.mark.parametrize(("caps", "slow"), [
+    (CPU_PLAIN, {"mixed": "float16", "pure-fp16": "float16", "bf16-mixed": "bfloat16", "pure-bf16": "bfloat16"}),
+    (CPU_BF16, {"mixed": "float16", "pure-fp16": "float16"}),
+    (T4, {"bf16-mixed": "bfloat16", "pure-bf16": "bfloat16"}), (A100, {}),  # (T4 refuses the bf16 modes)
+], ids=["cpu without bf16", "cpu with bf16", "t4", "a100"])
+def test_a_mode_computing_in_a_dtype_the_device_runs_slowly_is_named_with_what_auto_picks(caps, slow):
+    """`--precision mixed` on a CPU trained ~50x slower than fp32 here (emulated fp16), and nothing said so."""
+    for mode in MODE_NAMES:
+        note = slow_half_precision(mode, caps)
+        if mode not in slow:
+            assert note is None, (mode, note)
+            continue
+        auto, _ = resolve_mode("auto", None, caps)
+        assert note.startswith(f"{mode} computes in {slow[mode]}, which {caps.device_type} {caps.name!r} has no fast")
+        assert f"`--precision auto` picks {auto} on this device" in note
 
 
 @pytest.mark.parametrize("alias, mode", [("32-true", "fp32"), ("float32", "fp32"), ("16-mixed", "mixed"),

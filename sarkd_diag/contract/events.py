@@ -107,6 +107,7 @@ CODES = {
     "setup_note": "a setup fact worth knowing (a pad token added, an option that is a no-op here)",
     "loss_unfused": "setup_note: --fused-loss falls back to complete logits: a model's head does not fuse",
     "padded_vocabulary": "setup_note: one tokenizer, heads padded to different sizes: KD compares the shared ids",
+    "slow_precision": "setup_note: the mode computes in a 16-bit dtype the device has no fast arithmetic for",
     "gradients_below_fp32": "setup_note: most second moments that flushed to zero in a 16-bit optimizer state would "
                             "flush in float32 too: the gradients are vanishingly small, whatever the precision",
     "kd_targets_few": "setup_note: the KD term covered under KD_TARGETS_WARNING of a step's target tokens "

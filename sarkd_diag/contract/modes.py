@@ -62,6 +62,25 @@ def _cpu_has_native_bf16() -> bool:
     return False
 
 
+HALF_COMPUTE = {"mixed": "float16", "pure-fp16": "float16", "bf16-mixed": "bfloat16", "pure-bf16": "bfloat16"}
+
+
+def slow_half_precision(mode: str, caps: Capabilities) -> str | None:
+    """Why `mode` trains slowly on this device, when it does: it computes in a 16-bit dtype the device has no fast
+    arithmetic for (float16 on a CPU, emulated: its matrix products measured 40-140x slower than fp32 on this
+    project's machine; bfloat16 on a CPU without AVX512-BF16 or AMX). Such a run still reproduces the mode's
+    numerics; a user who asked for speed is told, once, before the steps say it."""
+    dtype = HALF_COMPUTE.get(mode)
+    fast = {"float16": caps.fast_fp16, "bfloat16": caps.native_bf16}.get(dtype, True)
+    if fast:
+        return None
+    picked, _ = resolve_mode("auto", None, caps)
+    how_slow = "emulated there, its steps run tens of times" if dtype == "float16" else "its steps run several times"
+    return (f"{mode} computes in {dtype}, which {caps.device_type} {caps.name!r} has no fast arithmetic for: "
+            f"{how_slow} slower than fp32 — right for reproducing the mode's numerics, slow for training "
+            f"(`--precision auto` picks {picked} on this device; `sarkd-diag env` says why)")
+
+
 ALIASES = {
     "32-true": "fp32", "float32": "fp32",
     "16-mixed": "mixed", "fp16-mixed": "mixed",

@@ -40,7 +40,7 @@ from torch import nn
 from ..contract.config import DistillConfig, refuse_unknown_options, with_config_options, worded_for_distill
 from ..contract.errors import BadInput, no_space_left
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
-from ..contract.modes import Capabilities, detect_capabilities, resolve_mode
+from ..contract.modes import Capabilities, detect_capabilities, resolve_mode, slow_half_precision
 from ..contract.numerics import KD_TARGETS_WARNING, KD_TEMPERATURE_FLOOR, dtype_name, perplexity
 from ..contract.rundir import STUDENT, built_then_moved, resume_command, write_json_atomic
 from ..contract.version import __version__
@@ -229,6 +229,9 @@ def load_models(cfg: DistillConfig, compute: Compute) -> Models:
     the teacher's routers made trainable (SAR)."""
     notes: list[dict] = [{"kind": "setup_note", "severity": "warning", "message": unused}
                          for unused in cfg.unused_options()]
+    slow = slow_half_precision(compute.mode, compute.capabilities)
+    if slow:
+        notes.append({"kind": "setup_note", "code": "slow_precision", "severity": "warning", "message": slow})
     student_tokenizer = load_tokenizer(cfg.student_model, cfg.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
     for tok, name in ((student_tokenizer, cfg.student_model), (teacher_tokenizer, cfg.teacher_model)):

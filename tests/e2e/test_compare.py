@@ -53,6 +53,9 @@ def test_a_short_comparison_whose_loss_scaler_warms_up_is_not_called_stagnant(cl
     warmup = int((events["code"] == "scaler_skip_warmup").sum())
     assert mixed["skipped_steps"] == warmup + 1 >= 3  # step 1's skip, then the warm-up's events
     assert not mixed["verdict"].startswith("stagnant"), mixed["verdict"]
+    # a CPU has no fast float16: `mixed` trained ~50x slower than fp32 here without a word; said once, at setup
+    slow = events[events["code"] == "slow_precision"]
+    assert list(slow["severity"]) == ["warning"] and "mixed computes in float16" in slow["message"].iloc[0]
 
 
 def test_every_mode_ran_and_the_command_exits_0(compared):
