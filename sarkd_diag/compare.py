@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import shutil
 import signal
 import subprocess
@@ -71,13 +72,46 @@ OUTPUTS = ("comparison.csv", "comparison.parquet", "comparison.md", "comparison.
 
 @dataclass
 class ModeRun:
-    """What happened to one mode's process: its run directory, exit code, wall time and, if it failed, why."""
+    """What happened to one mode's process: its run directory, exit code, wall time, if it failed, why, and the share
+    of the machine's CPU time other processes took meanwhile (None where /proc/stat cannot tell)."""
 
     mode: str
     run_dir: Path
     returncode: int
     seconds: float
     failure: str | None = None
+    other_load: float | None = None
+
+
+class CpuTime:
+    """The share of this machine's CPU time that processes other than the comparison's took over a stretch of wall
+    time: the modes run one after another, so a load that comes and goes between them moves their tokens/s (fp32
+    at 671 tokens/s beside a test suite, 11,251 alone). Linux's /proc/stat counts every process's time; the
+    comparison's own — its finished child, the mode's run — is subtracted."""
+
+    def __init__(self):
+        self.start = self._readings()
+
+    @staticmethod
+    def _readings() -> tuple[float, float, float] | None:
+        try:
+            import resource  # POSIX only, as /proc/stat is Linux only
+
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+        except (ImportError, OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+        usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = sum(u.ru_utime + u.ru_stime for u in usage)
+        return (user + nice + system + irq + softirq + steal) / ticks, own, time.monotonic()
+
+    def others_share(self) -> float | None:
+        end = self._readings()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self.start, end, strict=True))
+        return min(1.0, max(0.0, (busy - own) / (wall * (os.cpu_count() or 1))))
 
 
 @dataclass
@@ -176,7 +210,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
     """Train one mode in its own process; a run whose process died is closed as its logs show, and recorded."""
     run_dir, log = out / "runs" / mode, out / "logs" / f"{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), CpuTime()
     with open(log, "w", encoding="utf-8") as f:
         process = subprocess.Popen(_train_command(mode, config_file, run_dir), stdout=f, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
@@ -188,7 +222,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
             except subprocess.TimeoutExpired:
                 process.kill()
             raise
-    seconds = time.perf_counter() - started
+    seconds, other_load = time.perf_counter() - started, cpu.others_share()
     if code == 2:  # the same options go to every mode, so bad input would fail them all: stop here
         raise BadInput(f"{mode}: {_last_error_line(log)}")
     failure = None
@@ -200,7 +234,7 @@ def run_mode(mode: str, config_file: Path, out: Path) -> ModeRun:
         finalize_run(run_dir)  # what `sarkd-diag report` does for a run that died: the status its logs prove
     if failure is None and not (run_dir / "summary.json").is_file():
         failure = "no summary.json was written"
-    return ModeRun(mode, run_dir, code, seconds, failure)
+    return ModeRun(mode, run_dir, code, seconds, failure, other_load)
 
 
 def _figure(value) -> float:
@@ -235,6 +269,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
         "lost_update_fraction": _figure(final.get("lost_update_fraction")),
         "tokens_per_s": _figure(final.get("tokens_per_s")),
         "peak_memory_mb": _figure(final.get("peak_memory_mb")),
+        "other_load": result.other_load,  # for the recommendation; not a column of the table
     }
     return row, causes, failure, diagnosis[0].get("fix") if diagnosis else None
 
@@ -310,7 +345,8 @@ def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options:
         "rows": rows,
         "recommendation": {"mode": comparison.recommendation.mode, "text": comparison.recommendation.text},
         "runs": {r.mode: {"run_dir": str(r.run_dir), "exit_code": r.returncode, "seconds": round(r.seconds, 2),
-                          "failure": r.failure} for r in results},
+                          "failure": r.failure,
+                          "other_load": None if r.other_load is None else round(r.other_load, 3)} for r in results},
         "output_dir": str(out),
     }
 
@@ -409,7 +445,7 @@ def rebuild_comparison(out: str | Path) -> CompareResult:
         raise BadInput(f"{out}: no mode of this comparison has a run directory with a summary.json yet")
     known = previous.get("runs", {})
     results = [ModeRun(m, out / "runs" / m, known.get(m, {}).get("exit_code", 0), known.get(m, {}).get("seconds", 0.0),
-                       known.get(m, {}).get("failure")) for m in ran]
+                       known.get(m, {}).get("failure"), known.get(m, {}).get("other_load")) for m in ran]
     table, verdicts, recommendation = comparison = comparison_table(results)
     device = previous.get("device") or json.loads((out / "runs" / ran[0] / "config.json").read_text())["device"]
     summary = _summary(out, comparison, results, started["options"], device)

@@ -8,6 +8,7 @@ from sarkd_diag.analysis.verdicts import (
     DRIFT_VS_FP32,
     DRIFTING_LOST_UPDATES,
     KINDS,
+    LOAD_TIE,
     SPEED_TIE,
     STAGNANT_LOST_UPDATES,
     THRESHOLDS,
@@ -144,6 +145,22 @@ def test_within_the_speed_tie_the_least_memory_wins():
     partly = recommend([mode("mixed", math.nan, 400), mode("fp32", 1000, 800)], [STABLE, STABLE])
     assert partly.mode == "fp32"  # the only speed measured is the fastest
     assert "Also stable: `mixed` (0.5× its peak memory)." in partly.text
+
+
+def test_speeds_measured_under_different_loads_are_not_ranked_and_the_least_memory_decides():
+    """fp32 measured at 671 tokens/s inside a comparison beside a test suite, 11,251 alone minutes later: the modes
+    run one after another, and a load that comes and goes between them decided which was "fastest"."""
+    rows = [mode("fp32", 11_251, 900), mode("bf16-mixed", 671, 600), mode("pure-fp16", 300, 400)]
+    for row, load in zip(rows, (0.0, LOAD_TIE + 0.25, 0.1), strict=True):
+        row["other_load"] = load
+    advice = recommend(rows, [STABLE, STABLE, Verdict("corrupted", 1, "optimizer_eps_underflow")])
+    assert advice.mode == "bf16-mixed" and "× the tokens/s" not in advice.text and "its tokens/s" not in advice.text
+    assert advice.text.startswith("train in `bf16-mixed` (`--precision bf16-mixed`): stable, at 0.67× the peak "
+                                  "memory of `fp32`. Also stable: `fp32` (1.5× its peak memory).")
+    assert "Their speeds are not compared: other processes took 0% to 50% of this machine's CPU time" in advice.text
+    rows[1]["other_load"] = LOAD_TIE - 0.05  # within the tie (the corrupted mode's load never counts): ranked
+    ranked = recommend(rows, [STABLE, STABLE, Verdict("corrupted", 1, "optimizer_eps_underflow")])
+    assert ranked.mode == "fp32" and "not compared" not in ranked.text and "its tokens/s" in ranked.text
 
 
 def test_without_a_stable_fp32_the_recommendation_says_what_was_not_measured():

@@ -25,6 +25,9 @@ DRIFT_VS_FP32 = 0.05  # final validation perplexity more than 5% (relative) away
 STAGNANT_SKIPPED_FRACTION = 0.50  # more than half of the optimizer steps after the loss scaler's warm-up skipped
 SPEED_TIE = 0.10  # stable modes within this fraction of the fastest one's tokens/s count as fast as it (a short
 #                   comparison's speeds scatter about this much on a shared machine): the least memory decides
+LOAD_TIE = 0.25  # the share of the machine's CPU time other processes took while each mode ran (one after another)
+#                  differing by more than this between stable modes: their tokens/s measure the load as much as the
+#                  mode (fp32 ran at 671 tokens/s in a comparison beside a test suite, 11,251 alone): not ranked
 
 THRESHOLDS = {
     "stagnant_lost_update_fraction": STAGNANT_LOST_UPDATES,
@@ -32,6 +35,7 @@ THRESHOLDS = {
     "drifting_eval_ppl_vs_fp32": DRIFT_VS_FP32,
     "stagnant_skipped_step_fraction": STAGNANT_SKIPPED_FRACTION,
     "recommend_speed_tie": SPEED_TIE,
+    "recommend_load_tie": LOAD_TIE,
 }
 
 
@@ -99,13 +103,14 @@ class Recommendation:
 
 
 def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = None) -> Recommendation:
-    """Which mode to train in, from the table's rows (`mode`, `tokens_per_s`, `peak_memory_mb`), their
-    verdicts, and the fix of fp32's root cause when fp32 has one.
+    """Which mode to train in, from the table's rows (`mode`, `tokens_per_s`, `peak_memory_mb`, `other_load`),
+    their verdicts, and the fix of fp32's root cause when fp32 has one.
 
     fp32 is the reference: when it is not stable for a numerical reason, no precision can fix the run (a
     lower one only rounds more), so none is recommended and fp32's fix is given. Otherwise the fastest stable
     mode is recommended (the least memory among those within SPEED_TIE of it), with its cost against fp32
-    and the trade-off of every other stable mode.
+    and the trade-off of every other stable mode — unless the load of other processes differed between the
+    stable modes' runs by more than LOAD_TIE: then their speeds are not compared, and the least memory decides.
     """
     judged = {row["mode"]: v for row, v in zip(rows, verdicts, strict=True)}
     unstable = [f"`{mode}` is `{v}`" for mode, v in judged.items() if v.kind != "stable"]
@@ -120,13 +125,20 @@ def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = 
         why = ("run fp32 too (add it to --modes) to tell whether precision is the cause" if fp32 is None else
                f"fp32 failed as well ({fp32.cause}), so whether precision is the cause is not known")
         return Recommendation(None, f"no mode is stable ({'; '.join(unstable)}): {why}")
-    best = _fastest(stable)
-    sentences = [f"train in `{best['mode']}` (`--precision {best['mode']}`): {_cost(best, rows, len(stable))}"]
+    loads = _uneven_load(stable)
+    columns = SPEED_AND_MEMORY if loads is None else SPEED_AND_MEMORY[1:]
+    best = _fastest(stable) if loads is None else _least_memory(stable)
+    sentences = [f"train in `{best['mode']}` (`--precision {best['mode']}`): {_cost(best, rows, len(stable), columns)}"]
     if len(stable) > 1:
         sentences.append("Also stable: " + ", ".join(
             f"`{row['mode']}`" + (f" ({', '.join(f'{r:.2g}× its {label}' for r, label in ratios)})"
-                                   if (ratios := _ratios(row, best)) else "")
+                                   if (ratios := _ratios(row, best, columns)) else "")
             for row in stable if row is not best))
+    if loads is not None:
+        sentences.append(f"Their speeds are not compared: other processes took {loads[0]:.0%} to {loads[1]:.0%} of "
+                         "this machine's CPU time while the modes ran, one after another, so their tokens/s measure "
+                         "the load as much as the mode — the least peak memory decided; on a quiet machine the "
+                         "comparison ranks them by speed")
     if unstable:
         sentences.append("; ".join(unstable))
     if fp32 is None or fp32.kind == "failed":
@@ -135,35 +147,52 @@ def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = 
     return Recommendation(best["mode"], ". ".join(sentences) + ".")
 
 
+SPEED_AND_MEMORY = (("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory"))
+
+
+def _uneven_load(stable: list[dict]) -> tuple[float, float] | None:
+    """The least and the most of the machine's CPU time other processes took while a stable mode ran (`other_load`,
+    a fraction), when they differ by more than LOAD_TIE; None when they do not or were not measured."""
+    loads = [load for row in stable if (load := number_or_none(row.get("other_load"))) is not None]
+    if len(loads) < 2 or max(loads) - min(loads) <= LOAD_TIE:
+        return None
+    return min(loads), max(loads)
+
+
 def _fastest(stable: list[dict]) -> dict:
     """The fastest row (tokens/s), or among the rows within SPEED_TIE of it the one with the least peak memory;
     the first row when nothing was measured."""
     speeds = [_figure(row, "tokens_per_s") or 0.0 for row in stable]
-    near = [row for row, speed in zip(stable, speeds, strict=True) if speed >= (1 - SPEED_TIE) * max(speeds)]
-    return min(near, key=lambda row: _figure(row, "peak_memory_mb") or math.inf)
+    return _least_memory([row for row, speed in zip(stable, speeds, strict=True)
+                          if speed >= (1 - SPEED_TIE) * max(speeds)])
 
 
-def _cost(best: dict, rows: list[dict], n_stable: int) -> str:
+def _least_memory(rows: list[dict]) -> dict:
+    return min(rows, key=lambda row: _figure(row, "peak_memory_mb") or math.inf)
+
+
+def _cost(best: dict, rows: list[dict], n_stable: int, columns=SPEED_AND_MEMORY) -> str:
     fp32 = next((row for row in rows if row["mode"] == "fp32"), None)
     if best["mode"] == "fp32":
-        return "the only stable mode" if n_stable == 1 else "stable, and the fastest stable mode here"
+        if n_stable == 1:
+            return "the only stable mode"
+        return f"stable, and the {'fastest' if columns == SPEED_AND_MEMORY else 'least memory of any'} stable mode here"
     if fp32 is None:
         return "stable"
-    return f"stable, at {_against(best, fp32)}"
+    return f"stable, at {_against(best, fp32, columns)}"
 
 
-def _against(row: dict, reference: dict) -> str:
+def _against(row: dict, reference: dict, columns=SPEED_AND_MEMORY) -> str:
     """`1.6× the tokens/s and 0.7× the peak memory of `fp32``, leaving out what either did not measure."""
-    ratios = _ratios(row, reference)
+    ratios = _ratios(row, reference, columns)
     if not ratios:
         return "a speed and memory not measured"
     return " and ".join(f"{r:.2g}× the {label}" for r, label in ratios) + f" of `{reference['mode']}`"
 
 
-def _ratios(row: dict, reference: dict) -> list[tuple[float, str]]:
-    """The row's tokens/s and peak memory as multiples of the reference's, those both measured."""
-    return [(ratio, label) for column, label in (("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory"))
-            if (ratio := _ratio(row, reference, column)) is not None]
+def _ratios(row: dict, reference: dict, columns=SPEED_AND_MEMORY) -> list[tuple[float, str]]:
+    """The row's figures of `columns` (tokens/s, peak memory) as multiples of the reference's, those both measured."""
+    return [(ratio, label) for column, label in columns if (ratio := _ratio(row, reference, column)) is not None]
 
 
 def _ratio(row: dict, reference: dict, column: str) -> float | None:

@@ -2,6 +2,7 @@
 the files of the contract, and exit codes (0 once every mode ran, 2 for bad input)."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -110,6 +111,7 @@ def test_output_files_conform_to_the_contract(compared):
     assert {r["mode"]: r["verdict"] for r in summary["rows"]}["fp32"] == "stable"
     assert summary["recommendation"]["mode"] == "fp32"
     assert f"Recommendation: {summary['recommendation']['text']}" in markdown
+    assert all(0 <= run["other_load"] <= 1 for run in summary["runs"].values())  # Linux: /proc/stat read
     assert "`pure-fp16` is `corrupted@1 (" in summary["recommendation"]["text"]
     assert png_size(out / "runs" / "fp32" / "loss_curves.png")[0] >= 640  # each run's own plots
 
@@ -250,6 +252,21 @@ def test_five_modes_on_the_embedded_default(tmp_path):
     assert {verdicts[m] for m in ("fp32", "mixed", "bf16-mixed")} == {"stable"}
     assert_conforms(out)
     assert elapsed < 600, f"{elapsed:.0f} s"
+
+
+def test_the_cpu_time_other_processes_take_while_a_mode_runs_is_measured():
+    """The share of the machine's CPU time that processes other than the comparison's own took: a process busy for
+    the whole second measured is counted; the comparison's finished children are not (`run_mode` waits for its
+    mode's process before it reads the share)."""
+    from sarkd_diag.compare import CpuTime
+
+    cpu = CpuTime()
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    time.sleep(1.0)
+    share = cpu.others_share()
+    busy.wait()
+    assert share is not None and 0.3 / os.cpu_count() <= share <= 1.0, share
 
 
 def test_overwrite_clears_only_the_previous_comparison(tmp_path):
