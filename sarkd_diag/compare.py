@@ -58,8 +58,8 @@ MAX_FAILURE_CHARS = 200  # a failed mode's reason, as its table row and summary.
 INTERRUPT_GRACE_S = 60  # how long an interrupted mode may take to save its state before it is killed
 REFUSED_MESSAGES = {  # why each option of SET_BY_COMPARE cannot be given here
     "precision": "compare-precision sets --precision itself, one mode per run: choose the modes with --modes "
-                 "(e.g. --modes fp32,mixed)",
-    "on_nonfinite": "compare-precision runs every mode with --on-nonfinite continue, so each mode's failure is "
+                 "(e.g. `--modes fp32,mixed`)",
+    "on_nonfinite": "compare-precision runs every mode with `--on-nonfinite continue`, so each mode's failure is "
                     "recorded rather than acted on; --on-nonfinite cannot be changed here",
     "resume": "compare-precision cannot --resume: every mode starts from the same initial weights; to continue "
               "one mode's run, `sarkd-diag train --output-dir OUT/runs/MODE --resume`, then `sarkd-diag report OUT`",

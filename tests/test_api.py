@@ -101,6 +101,20 @@ def test_compare_precision_refusals_name_one_mode_of_several_as_an_item_of_modes
     assert str(refused.value).startswith("'fp16' (of modes=) is ambiguous: say `mixed`"), str(refused.value)
 
 
+@pytest.mark.parametrize(("options", "says"), [
+    ({"precision": "fp32"}, "compare-precision sets precision= itself, one mode per run: choose the modes with modes= "
+                            "(e.g. `modes='fp32,mixed'`)"),
+    ({"on_nonfinite": "skip"}, "compare-precision runs every mode with `on_nonfinite='continue'`, so each mode's "
+                               "failure is recorded"),
+])
+def test_compare_precision_refusals_give_their_examples_as_keyword_arguments(tmp_path, options, says):
+    """`compare_precision(precision="fp32")` advised `modes= fp32,mixed`, `on_nonfinite=` advised `on_nonfinite=
+    continue`: an example is written as the call writes it."""
+    with pytest.raises(BadInput) as refused:
+        sarkd_diag.compare_precision(output_dir=str(tmp_path / "o"), quiet=True, **options)
+    assert str(refused.value).startswith(says), str(refused.value)
+
+
 def test_probes_refusals_name_the_keyword_argument():
     """`Probes(model, level="max")` said `probe level must be one of ...`: no keyword called that exists."""
     import torch

@@ -320,12 +320,12 @@ CLI_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)( ('[^']*'|[^\s,;()]*[^\s
 QUOTED_OPTION = re.compile(r"`--([a-z][a-z0-9-]*)(?: ([^`\s]+))?`")
 
 
-def option_spans(text: str, render) -> str:
-    """`text` with each option in backticks that DistillConfig has (`--precision mixed`) written by
+def option_spans(text: str, render, names: frozenset[str] | set[str] = FIELD_NAMES) -> str:
+    """`text` with each option in backticks among `names` (DistillConfig's fields: `--precision mixed`) written by
     `render(name, value)` — `name` the field, `value` the word after it or None; other spans kept as written."""
     def span(match: re.Match) -> str:
         name = match.group(1).replace("-", "_")
-        return f"`{render(name, match.group(2))}`" if name in FIELD_NAMES else match.group(0)
+        return f"`{render(name, match.group(2))}`" if name in names else match.group(0)
     return QUOTED_OPTION.sub(span, text)
 
 
@@ -359,7 +359,7 @@ def in_keyword_terms(message: str, given: dict[str, Any] | None = None) -> str:
             return shown
         return (f"{name}=True" if FIELD_TYPES.get(name) is bool and value != "must" else f"{name}=") + word
 
-    return "".join(option_spans(part, as_keyword) if i % 2 else CLI_OPTION.sub(keyword, part)
+    return "".join(option_spans(part, as_keyword, FIELD_NAMES | set(given)) if i % 2 else CLI_OPTION.sub(keyword, part)
                    for i, part in enumerate(COMMANDS_IN_A_MESSAGE.split(message)))
 
 
