@@ -166,6 +166,9 @@ CODES = {
                               "runs without hooks added later): dynamo's caches reset, one recompile",
     "run_continued": "setup_note: a new training run (a second train() or fit, a search trial) continues the run "
                      "directory from this step on: its loss starts afresh, and the loss rules do not judge across it",
+    "trainer_restarted": "setup_note: the Trainer began its training loop again inside the same train() "
+                         "(auto_find_batch_size after an out-of-memory error): the abandoned attempt's steps are cut, "
+                         "the record numbered as the Trainer numbers its steps",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

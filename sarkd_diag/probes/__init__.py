@@ -748,6 +748,10 @@ class Probes:
     def ctx(self) -> ProbeContext:
         return self.set.ctx
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _watch_for_ruin(self, event) -> None:
         self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 

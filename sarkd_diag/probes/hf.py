@@ -115,6 +115,9 @@ class SarkdDiagCallback(TrainerCallback):
         self._loss_call = None  # (compute_loss, args, kwargs) of the micro-batch under way (attach)
         self._call_loss = None  # the loss that call returned (in a training_step: `_bind`)
         self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
+        self._train_calls = 0  # the bound trainer's train() calls entered; `_began_in`: the one the probes began in
+        self._began_in: int | None = None
+        self._raised: BaseException | None = None  # what the last training_step raised
 
     @classmethod
     def attach(cls, trainer, run_dir: str | Path | None = None, **kwargs) -> SarkdDiagCallback:
@@ -142,7 +145,8 @@ class SarkdDiagCallback(TrainerCallback):
             self._loss_call = self._call_loss = None
             try:
                 loss = training_step(*args, **kw)
-            except Exception:
+            except Exception as exc:
+                self._raised = exc
                 # the backward raised on the micro-batch's non-finite loss (`torch.autograd.detect_anomaly()`'s
                 # "returned nan values"), or `compute_loss` did on the model's (a guard of the user's): no optimizer
                 # step came, the weights are still those that made it
@@ -173,6 +177,7 @@ class SarkdDiagCallback(TrainerCallback):
 
         @functools.wraps(train)
         def closing_train(*args, **kw):
+            self._train_calls += 1
             try:
                 return train(*args, **kw)
             except BaseException as exc:
@@ -227,7 +232,11 @@ class SarkdDiagCallback(TrainerCallback):
             self._bind(trainer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.probes is not None:  # a second train() on the same callback appends to the same directory
+        restarted = self.probes is not None and not self.probes.closed and self._began_in == self._train_calls
+        if restarted:  # the Trainer starts its loop again inside the train() under way: its steps are numbered anew
+            abandoned = self.probes.ctx.step - 1 - self._offset
+            self.probes.close("interrupted")
+        elif self.probes is not None:  # a second train() on the same callback appends to the same directory
             self.probes.close("completed")
         trainer = running_trainer(self)
         if trainer is not None:
@@ -245,15 +254,35 @@ class SarkdDiagCallback(TrainerCallback):
                              run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
                              precision=trainer_precision(args, model, getattr(accelerator, "native_amp", True)),
                              caller="trainer",
-                             resumed_from=state.global_step or None)
+                             resumed_from=self._offset + state.global_step if restarted else state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
             self.probes.watch_accelerator(accelerator)
         # a train() from global_step 0 into a directory that holds steps (a second train() call) continues after
         # them instead of at 1
         self._offset = self.probes.first_step - 1 if state.global_step == 0 else 0
+        if restarted:
+            self._note_restart(state, abandoned)
+        self._began_in, self._raised = self._train_calls, None
         self.probes.begin_step(self._offset + state.global_step + 1)
         self.stopped_at = None
         self._losses = []
+
+    def _note_restart(self, state, abandoned: int) -> None:
+        """The Trainer began its training loop again without ending it, inside the same `train()`: its
+        `auto_find_batch_size` caught an out-of-memory error and retries at a smaller batch size, numbering its steps
+        (logs, checkpoints) from the same global_step again. The record follows the Trainer's numbering, as on a
+        resume: the abandoned attempt's steps are cut (`resumed_from`), and the restart is said, not left silent."""
+        first = self._offset + state.global_step + 1
+        error = f"{type(self._raised).__name__} in a training step" if self._raised is not None else "an error"
+        batch = getattr(state, "train_batch_size", None)
+        at_batch = f" at batch size {batch}" if batch else ""
+        self.probes.events.record(
+            "setup_note", "info",
+            f"the Trainer began its training loop again at step {first}{at_batch}, inside the same train(), after "
+            f"{error} it caught (auto_find_batch_size): the record follows the Trainer's step numbering, so "
+            f"the {abandoned} step(s) of the abandoned attempt are cut from it — their updates stay in the weights, "
+            f"and the loss rules judge the new attempt on its own",
+            code="trainer_restarted", step=first, probe="loop")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.probes is not None:
