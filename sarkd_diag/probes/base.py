@@ -167,6 +167,45 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
     return None
 
 
+def models_by_role(module: nn.Module, student: str | None = None, teacher: str | None = None,
+                     optimized: set[int] | None = None) -> dict:
+    """The models a module that holds them as children trains and distils from, by role: a LightningModule, a
+    distillation wrapper handed to a Trainer as its model.
+
+    The student is the attribute named `student`, else the one child module that holds every trainable tensor
+    (`self.model`), else the module itself: the probes hook the forward that the training step calls, and
+    causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
+    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
+    model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
+    train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
+    attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
+    norm makes every gradient NaN)."""
+    children = dict(module.named_children())
+    if student is not None:
+        found = getattr(module, student)
+    elif isinstance(children.get("student"), nn.Module):
+        found = children["student"]
+    else:
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        holders = [child for child in children.values()
+                   if trainable and trainable <= {id(p) for p in child.parameters()}]
+        found = holders[0] if len(holders) == 1 else module
+    models = {"student": found}
+    if teacher is not None:
+        models["teacher"] = getattr(module, teacher)
+    else:
+        named = teacher_by_name(children.items(), other_than=found)
+        if named is not None:
+            models["teacher"] = named
+    watched = {id(p) for model in models.values() for p in model.parameters()}
+    for name, child in children.items():
+        tensors = {id(p) for p in child.parameters()}
+        if name not in models and tensors & (optimized or set()) and not tensors & watched:
+            models[name] = child
+            watched |= tensors
+    return models
+
+
 def recompile_with_hooks(models: Iterable[nn.Module]) -> list[str]:
     """Drop torch.compile's code when some of these models' forwards were compiled before the probes' hooks existed.
 

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from . import Probes, check_probe_settings, chosen, replace_method
-from .base import dtype_of_most, scores_tokens, teacher_by_name, weights_compute_dtype
+from .base import dtype_of_most, models_by_role, scores_tokens, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -77,6 +77,20 @@ def trainer_teacher(trainer) -> nn.Module | None:
     student = unwrap(student) if isinstance(student, nn.Module) else None
     modules = ((name, unwrap(value)) for name, value in vars(trainer).items() if isinstance(value, nn.Module))
     return teacher_by_name(modules, other_than=student)
+
+
+def trainer_models(model: nn.Module, teacher: nn.Module | None, optimizer) -> dict:
+    """The models a Trainer trains and distils from, by role: its model, the student, beside the trainer's teacher;
+    where the trainer holds none and its model holds the teacher as a child (a distillation model: `self.student` and
+    `self.teacher` in one module whose forward returns the KD loss), the model's children by role (`models_by_role`),
+    so the teacher is watched as such — its overflow a `teacher_overflow`, not the student's — and each is named by its
+    own module paths."""
+    if teacher is not None:
+        return {"student": model, "teacher": getattr(teacher, "module", teacher)}
+    if teacher_by_name(model.named_children()) is None:
+        return {"student": model}
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]} if optimizer is not None else None
+    return models_by_role(model, optimized=optimized)
 
 
 class SarkdDiagCallback(TrainerCallback):
@@ -242,9 +256,7 @@ class SarkdDiagCallback(TrainerCallback):
         if trainer is not None:
             self._bind(trainer)
         self._find_teacher()
-        models = {"student": model}
-        if self.teacher is not None:
-            models["teacher"] = getattr(self.teacher, "module", self.teacher)
+        models = trainer_models(model, self.teacher, optimizer)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
@@ -252,7 +264,8 @@ class SarkdDiagCallback(TrainerCallback):
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
-                             precision=trainer_precision(args, model, getattr(accelerator, "native_amp", True)),
+                             precision=trainer_precision(args, models["student"],
+                                                         getattr(accelerator, "native_amp", True)),
                              caller="trainer",
                              resumed_from=self._offset + state.global_step if restarted else state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
@@ -324,8 +337,9 @@ class SarkdDiagCallback(TrainerCallback):
             return
         prefix = evaluation_prefix(metrics)
         if prefix is not None and f"{prefix}_loss" in metrics:
+            distils = "teacher" in self.probes.ctx.models
             self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
-                                   cross_entropy=self.teacher is None and scores_tokens(model),
+                                   cross_entropy=not distils and scores_tokens(model),
                                    eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):

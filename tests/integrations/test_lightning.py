@@ -18,7 +18,8 @@ import tiny  # noqa: E402
 from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
-from sarkd_diag.probes.lightning import SarkdDiagLightningCallback, lightning_models  # noqa: E402
+from sarkd_diag.probes.base import models_by_role  # noqa: E402
+from sarkd_diag.probes.lightning import SarkdDiagLightningCallback  # noqa: E402
 
 VOCAB = 64
 
@@ -251,16 +252,16 @@ def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teac
             super().__init__()
             self.model, self.teacher_model = student, teacher
 
-    assert lightning_models(Wrapped()) == {"student": student, "teacher": teacher}
+    assert models_by_role(Wrapped()) == {"student": student, "teacher": teacher}
 
     class Preference(pl.LightningModule):  # a DPO-style module: its frozen reference is watched as the teacher
         def __init__(self):
             super().__init__()
             self.policy, self.ref_model = student, teacher
 
-    assert lightning_models(Preference()) == {"student": student, "teacher": teacher}
+    assert models_by_role(Preference()) == {"student": student, "teacher": teacher}
     both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
-    assert lightning_models(both_train)["student"] is student  # the attribute named `student`
+    assert models_by_role(both_train)["student"] is student  # the attribute named `student`
 
 
 def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
@@ -687,7 +688,7 @@ def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_p
     the optimizer blamed at the embeddings. Each other child the optimizer trains is watched under its own name."""
     module = HiddenKD(nan_at=1)
     optimized = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
-    assert lightning_models(module, optimized=optimized) == {
+    assert models_by_role(module, optimized=optimized) == {
         "student": module.student, "teacher": module.teacher, "projection": module.projection}
     _fit(module, tmp_path / "run", max_steps=3)
     run = load_run(tmp_path / "run")

@@ -296,6 +296,47 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
 
 
+class Distillation(torch.nn.Module):
+    """Distillation as a model: the student and its frozen teacher in one module whose forward returns the KD loss
+    (CE plus KL), handed to a plain Trainer as its `model`."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher.requires_grad_(False).eval()
+
+    def forward(self, input_ids, labels=None):
+        outputs = self.student(input_ids=input_ids, labels=labels)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits
+        kl = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        return {"loss": outputs.loss + kl, "logits": outputs.logits}
+
+
+def test_a_distillation_models_teacher_is_watched_as_the_teacher_and_its_overflow_named(tmp_path):
+    """The teacher a Trainer's model holds as a child (no teacher on the trainer) is the teacher: its fp16 overflow is
+    `teacher_overflow` at its own module path — not an activation overflow of the student at `teacher.…` — and the
+    run's evaluation of the KD objective is no perplexity. Training is unchanged."""
+    def distillation_trainer():
+        return Trainer(model=Distillation(tiny.make_gpt2(VOCAB), _overflowing_teacher()),
+                       args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps", eval_steps=2),
+                       train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8))
+
+    trainer = distillation_trainer()
+    callback = SarkdDiagCallback.attach(trainer, tmp_path / "run", on_critical="record")
+    trainer.train()
+    assert callback.probes.ctx.models == {"student": trainer.model.student, "teacher": trainer.model.teacher}
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1), root
+    assert run["summary"]["precision"]["mode"] == "fp32"  # the student's fp32, not fp32 over the teacher's fp16
+    assert "eval_ppl" not in run["metrics"] or run["metrics"]["eval_ppl"].isna().all()
+    plain = distillation_trainer()
+    plain.train()
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
 def _overflowing_teacher():
     teacher = tiny.make_gpt2(VOCAB, seed=3).half()
     overflow_fp16(teacher.transformer.h[1])
