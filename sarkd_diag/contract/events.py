@@ -164,6 +164,9 @@ CODES = {
     "compiled_before_probes": "setup_note: torch.compile had compiled the forward of a watched model's class (that "
                               "model's, or another's of its class) before the probes' hooks existed (compiled code "
                               "runs without hooks added later): dynamo's caches reset, one recompile",
+    "compiled_fullgraph": "setup_note: a watched model compiled with fullgraph=True: the probes' hooks stay outside "
+                          "its compiled forward (a graph break is an error there); its modules' outputs are read only "
+                          "in a replay of a failing step",
     "run_continued": "setup_note: a new training run (a second train() or fit, a search trial) continues the run "
                      "directory from this step on: its loss starts afresh, and the loss rules do not judge across it",
     "trainer_restarted": "setup_note: the Trainer began its training loop again inside the same train() "

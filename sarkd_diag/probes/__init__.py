@@ -91,6 +91,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def compiled_as_one_graph(model: nn.Module) -> bool:
+    """A torch.compile wrapper made with fullgraph=True: a graph break inside its forward raises, and the probes' module
+    hooks are graph breaks there (`base.eager`)."""
+    return bool(getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False))
+
+
 def _wraps_all_of(wrapper: nn.Module, inner) -> bool:
     """`inner` is a module holding every parameter `wrapper` has: the wrapper adds nothing but a prefix to names."""
     if not isinstance(inner, nn.Module) or inner is wrapper:
@@ -191,7 +197,7 @@ class ProbeSet:
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
         ctx.output_nodes, ctx.loss_roots = [], []
-        ctx.step_forwards = [] if self.replays_steps and not ctx.stats_step else None
+        ctx.step_forwards = [] if self.replays_steps and not ctx.reads_modules() else None
         for probe in self._at["begin_step"]:
             probe.begin_step()
 
@@ -436,7 +442,7 @@ class ProbeSet:
         """The step's loss turned non-finite on a step without per-module statistics: no module is named yet.
         `loss` is the step's loss over all ranks, so under torchrun every rank decides alike — a replay runs
         the models' forwards, and a sharded teacher's forward is a collective every rank must take part in."""
-        return not math.isfinite(loss) and not self.ctx.stats_step and self._activations is not None
+        return not math.isfinite(loss) and not self.ctx.reads_modules() and self._activations is not None
 
     def replay_forward(self, forward) -> None:
         """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.
@@ -449,8 +455,8 @@ class ProbeSet:
         be paired with the next step's modules (and, unmatched, fail its readings).
         """
         probe = self._activations
-        probe.attach()
         self.ctx.replaying = True
+        probe.attach()
         try:
             with torch.no_grad():
                 forward()
@@ -550,7 +556,9 @@ class Probes:
                             f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
             raise ValueError(f"resumed_from= must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
-        models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
+        given = _by_role(models)
+        models = {name: unwrap_model(m) for name, m in given.items()}
+        callers = {name: m for name, m in given.items() if compiled_as_one_graph(m)}
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
         self._gradient_state = accumulation_state(optimizer)
@@ -578,7 +586,7 @@ class Probes:
         activations = JsonlLog(self.run_dir / "activations.jsonl") \
             if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
-                                         activations_log=activations, gather=self.ranks.gather),
+                                         activations_log=activations, gather=self.ranks.gather, callers=callers),
                             replays_steps=caller != "trainer" and not self.ranks.distributed)
         self._metrics = NullLog()  # the run directory's metrics log once it is open
         try:
@@ -624,7 +632,8 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
-        compiled = recompile_with_hooks(self.ctx.models.values()) if self.set.probes else []
+        compiled = recompile_with_hooks(m for name, m in self.ctx.models.items()
+                                        if not self.ctx.sealed(name)) if self.set.probes else []
         if compiled:
             forwards = ", ".join(f"{name}.forward" for name in compiled)
             self.events.record("setup_note", "info", f"torch.compile had compiled {forwards} before the probes' hooks "
@@ -632,6 +641,15 @@ class Probes:
                                "a compiled call runs that code without noticing hooks added later: dynamo's caches "
                                "were reset (torch._dynamo.reset()), so a compiled call compiles again, once, with them",
                                code="compiled_before_probes", step=first_step, probe="loop")
+        sealed = [name for name in self.ctx.models if self.ctx.sealed(name)]
+        if sealed and self.set.probes:
+            self.events.record("setup_note", "warning", f"{' and '.join(sealed)} compiled with fullgraph=True, where a "
+                               "graph break is an error: the probes' hooks, which run eagerly as graph breaks, stay "
+                               "outside its compiled forward — its inputs, loss, gradients and weights are read, its "
+                               "modules' outputs only where a step whose gradients or loss turn non-finite is replayed "
+                               "(the model run eagerly, uncompiled), not on statistics steps; compile without "
+                               "fullgraph=True for per-module statistics",
+                               code="compiled_fullgraph", step=first_step, probe="loop")
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -872,7 +890,7 @@ class Probes:
         (TRL's `precompute_ref_log_probs` runs the reference in the trainer's constructor), or cached — so none of its
         modules is read, and a non-finite value it made shows only in the loss. Said once, on the first such step."""
         for name in self.ctx.models:
-            if not self.ctx.trains(name) and name not in self.set.models_read():
+            if not self.ctx.trains(name) and not self.ctx.sealed(name) and name not in self.set.models_read():
                 self.events.record("setup_note", "info",
                                    f"{name} ran no training forward in step {step}: it is not used yet, or the "
                                    "outputs of it that the loss uses were computed before the probes watched "

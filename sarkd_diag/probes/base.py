@@ -78,6 +78,9 @@ class ProbeContext:
     # handed over: the ends of the loss's own computation (`loss_graph`), read when gradients turn non-finite
     output_nodes: list = field(default_factory=list)
     loss_roots: list = field(default_factory=list)
+    # per model, the module whose hooks run as the loop calls it: the model, or the torch.compile wrapper of a model
+    # compiled with fullgraph=True (`sealed`), where a hook inside the compiled forward would be an error
+    callers: dict[str, nn.Module] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
@@ -88,6 +91,19 @@ class ProbeContext:
                     if p.requires_grad and (updated is None or id(p) in updated):
                         module, _, tensor = name.rpartition(".")
                         self.watched.append(Watched(model_name, module, name, p))
+
+    def called(self, model_name: str) -> nn.Module:
+        """The module to hook for a model's whole forward: where the loop's call of it runs eagerly."""
+        return self.callers.get(model_name, self.models[model_name])
+
+    def sealed(self, model_name: str) -> bool:
+        """Whether a model's forward runs as one compiled graph (fullgraph=True): no hook may run inside it."""
+        return self.called(model_name) is not self.models[model_name]
+
+    def reads_modules(self) -> bool:
+        """Whether this step's forwards read every model's module outputs: a statistics step, where no model runs as
+        one compiled graph (its modules are read only by a replay)."""
+        return self.stats_step and not any(map(self.sealed, self.models))
 
     def trains(self, model_name: str) -> bool:
         """Whether a model has weights this run updates (the student; the teacher only through its routers)."""
