@@ -28,7 +28,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -537,8 +537,10 @@ class Probes:
     resumed_from: the step of the checkpoint the loop
     resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
     and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
-    step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
-    each optimizer step.
+    step appears once. Without it, a `run_dir` that holds steps is continued after its last. fullgraph_models: the
+    roles of models the loop calls inside a function compiled with fullgraph=True (a LightningModule's compiled
+    `training_step`), where a probe hook would be an error; a model handed over compiled so is found by itself. Call
+    `step()` after each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -549,7 +551,8 @@ class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
-                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
+                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None,
+                 fullgraph_models: Iterable[str] = ()):
         level, caller = check_probe_settings(level, every), chosen(caller, CALLERS, "caller")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise TypeError(f"scaler= must be the loop's loss scaler (a torch.amp.GradScaler), got a "
@@ -559,6 +562,7 @@ class Probes:
         given = _by_role(models)
         models = {name: unwrap_model(m) for name, m in given.items()}
         callers = {name: m for name, m in given.items() if compiled_as_one_graph(m)}
+        callers.update((name, None) for name in fullgraph_models if name not in callers)
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
         self._gradient_state = accumulation_state(optimizer)
@@ -641,15 +645,7 @@ class Probes:
                                "a compiled call runs that code without noticing hooks added later: dynamo's caches "
                                "were reset (torch._dynamo.reset()), so a compiled call compiles again, once, with them",
                                code="compiled_before_probes", step=first_step, probe="loop")
-        sealed = [name for name in self.ctx.models if self.ctx.sealed(name)]
-        if sealed and self.set.probes:
-            self.events.record("setup_note", "warning", f"{' and '.join(sealed)} compiled with fullgraph=True, where a "
-                               "graph break is an error: the probes' hooks, which run eagerly as graph breaks, stay "
-                               "outside its compiled forward — its inputs, loss, gradients and weights are read, its "
-                               "modules' outputs only where a step whose gradients or loss turn non-finite is replayed "
-                               "(the model run eagerly, uncompiled), not on statistics steps; compile without "
-                               "fullgraph=True for per-module statistics",
-                               code="compiled_fullgraph", step=first_step, probe="loop")
+        self._note_compiled_fullgraph(first_step)
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -784,6 +780,27 @@ class Probes:
         problem = self.ranks.broadcast(problem)
         if problem:
             raise BadInput(problem)
+
+    def _note_compiled_fullgraph(self, step: int) -> None:
+        """Say which models run inside a graph compiled with fullgraph=True, and what of them goes unread there."""
+        wrapped = [name for name in self.ctx.models if self.ctx.sealed(name) and self.ctx.called(name) is not None]
+        inside = [name for name in self.ctx.models if self.ctx.sealed(name) and self.ctx.called(name) is None]
+        if not self.set.probes or not (wrapped or inside):
+            return
+        said = []
+        if wrapped:
+            said.append(f"{' and '.join(wrapped)}: the hooks stay outside its compiled forward — its inputs, "
+                        "loss, gradients and weights are read, its modules' outputs only where a step whose gradients "
+                        "or loss turn non-finite is replayed (the model run eagerly, uncompiled), not on statistics "
+                        "steps")
+        if inside:
+            said.append(f"{' and '.join(inside)}, called inside a compiled function: no hook runs in its forwards — "
+                        "its gradients, weights and the step's loss are read, its inputs and modules' outputs are not, "
+                        "so a non-finite value made there is found, not placed at its module")
+        self.events.record("setup_note", "warning", "compiled with fullgraph=True, where a graph break is an error "
+                           "and every probe hook (run eagerly) is one: " + "; ".join(said) + " — compile without "
+                           "fullgraph=True for per-module statistics", code="compiled_fullgraph", step=step,
+                           probe="loop")
 
     def _close_a_stale_probes(self) -> int | None:
         """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell

@@ -78,9 +78,10 @@ class ProbeContext:
     # handed over: the ends of the loss's own computation (`loss_graph`), read when gradients turn non-finite
     output_nodes: list = field(default_factory=list)
     loss_roots: list = field(default_factory=list)
-    # per model, the module whose hooks run as the loop calls it: the model, or the torch.compile wrapper of a model
-    # compiled with fullgraph=True (`sealed`), where a hook inside the compiled forward would be an error
-    callers: dict[str, nn.Module] = field(default_factory=dict)
+    # the models whose forwards run inside a graph compiled with fullgraph=True (`sealed`), where a hook would be an
+    # error: each with the module whose hooks run eagerly as the loop calls it (the torch.compile wrapper), or None
+    # where the model is called inside a compiled function (a LightningModule's compiled training_step)
+    callers: dict[str, nn.Module | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
@@ -92,13 +93,17 @@ class ProbeContext:
                         module, _, tensor = name.rpartition(".")
                         self.watched.append(Watched(model_name, module, name, p))
 
-    def called(self, model_name: str) -> nn.Module:
-        """The module to hook for a model's whole forward: where the loop's call of it runs eagerly."""
+    def called(self, model_name: str) -> nn.Module | None:
+        """The module to hook for a model's whole forward: where the loop's call of it runs eagerly (None: nowhere)."""
         return self.callers.get(model_name, self.models[model_name])
+
+    def whole_forward_hooks(self) -> list[tuple[str, nn.Module]]:
+        """(model name, module to hook) for each model whose whole forward some hook can watch (`called`)."""
+        return [(name, self.called(name)) for name in self.models if self.called(name) is not None]
 
     def sealed(self, model_name: str) -> bool:
         """Whether a model's forward runs as one compiled graph (fullgraph=True): no hook may run inside it."""
-        return self.called(model_name) is not self.models[model_name]
+        return model_name in self.callers
 
     def reads_modules(self) -> bool:
         """Whether this step's forwards read every model's module outputs: a statistics step, where no model runs as

@@ -97,10 +97,10 @@ class ForwardProbe(Probe):
         # a weight of each model, whose device says where it computes: `next(model.parameters())` walks the module
         # tree, 20 µs a forward on a tiny GPT-2 (a weight moved by `.to()` keeps its object and reads its new device)
         self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
-        self._handles = [ctx.called(name).register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
-                         for name in ctx.models]
-        self._handles += [ctx.called(name).register_forward_hook(eager(self._after_forward(name)))
-                          for name in ctx.models if self._trainable[name]]
+        self._handles = [module.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
+                         for name, module in ctx.whole_forward_hooks()]
+        self._handles += [module.register_forward_hook(eager(self._after_forward(name)))
+                          for name, module in ctx.whole_forward_hooks() if self._trainable[name]]
         self._dropout_read: set[str] = set()  # the frozen models whose dropout was read in train mode
 
     def _step_under_way(self) -> bool:

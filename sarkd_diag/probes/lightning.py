@@ -67,6 +67,13 @@ def requested_precision(trainer) -> str:
     return f"Trainer(precision={shown})"
 
 
+def steps_compiled_as_one_graph(pl_module) -> bool:
+    """`trainer.fit(torch.compile(module, fullgraph=True))`: Lightning unwraps the module and compiles its steps
+    (`training_step`, `forward` …) with that dynamo context, so the models they call run inside one graph."""
+    compiler = getattr(pl_module, "_compiler_ctx", None)
+    return isinstance(compiler, dict) and bool(getattr(compiler.get("dynamo_ctx"), "fullgraph", False))
+
+
 def ends_accumulation(trainer) -> bool:
     """Whether automatic optimization steps the optimizer at the end of the batch about to run — Lightning's own rule
     (the negation of its epoch loop's `_should_accumulate`), read from the loop's public progress, which Lightning has
@@ -134,13 +141,15 @@ class SarkdDiagLightningCallback(Callback):
             resumed_from = self._checkpointed_step if self._checkpointed_step is not None else trainer.global_step
         self._checkpointed_step = None
         optimized = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-        self.probes = Probes(models_by_role(pl_module, self.student, self.teacher, optimized),
+        models = models_by_role(pl_module, self.student, self.teacher, optimized)
+        self.probes = Probes(models,
                              optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
-                             sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
+                             sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from,
+                             fullgraph_models=models if steps_compiled_as_one_graph(pl_module) else ())
         self.step, self._step_open, self.stopped_at, self._records = self.probes.first_step - 1, False, None, []
         self._guard_checkpoints(trainer, pl_module)
         self._watch_training_step(pl_module)

@@ -140,9 +140,8 @@ class LossProbe(Probe):
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
         trainable models from their outputs, so no one needs to hand them over."""
-        for name in self.ctx.models:
+        for name, model in self.ctx.whole_forward_hooks():
             if self.ctx.trains(name):
-                model = self.ctx.called(name)
                 self._handles += [model.register_forward_pre_hook(eager(self._read_labels(name)), with_kwargs=True),
                                   model.register_forward_hook(eager(self._read_loss(name)))]
 

@@ -696,3 +696,48 @@ def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_p
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
         "divergence", "projection", "weight", 2)
+
+
+class CompiledMLP(pl.LightningModule):
+    """A small MLP whose `mid` weight turns Inf as batch `inf_at` begins; keeps each step's loss."""
+
+    def __init__(self, inf_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+        self.inf_at, self.losses = inf_at, []
+
+    def training_step(self, batch, batch_idx):
+        return self.out(torch.relu(self.mid(torch.relu(self.inp(batch))))).square().mean()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == self.inf_at:
+            with torch.no_grad():
+                self.mid.weight[0, 0] = math.inf
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_a_module_compiled_as_one_graph_trains_and_its_fault_is_found_though_not_placed(tmp_path):
+    """`trainer.fit(torch.compile(module, fullgraph=True))`: Lightning compiles the module's steps with that context,
+    so the models they call run inside one graph, where each probe hook (a graph break) raised dynamo's Unsupported.
+    No hook goes there: the fit trains as without the callback, a weight turned Inf is still found at its step and
+    stops training, and that it cannot be placed at a module is said."""
+    def fit(callbacks, inf_at=None):
+        module = CompiledMLP(inf_at)
+        rows = list(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
+        _fit(torch.compile(module, backend="eager", fullgraph=True), dataset=rows, callbacks=callbacks,
+             gradient_clip_val=None)
+        return module
+
+    module = fit([SarkdDiagLightningCallback(tmp_path / "run")], inf_at=2)
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", None, 3), root
+    assert run["summary"]["status"] == "stopped" and len(module.losses) == 3
+    assert run["events"].query("code == 'compiled_fullgraph'")["step"].tolist() == [1]
+    assert fit([]).losses[:2] == module.losses[:2]
