@@ -164,6 +164,9 @@ CODES = {
     "compiled_before_probes": "setup_note: torch.compile had compiled the forward of a watched model's class (that "
                               "model's, or another's of its class) before the probes' hooks existed (compiled code "
                               "runs without hooks added later): dynamo's caches reset, one recompile",
+    "loss_without_teacher": "setup_note: a caller's loop handed no loss to step() while a frozen model (a teacher) ran "
+                            "in its training: the rows hold the student's own loss output, not the distillation "
+                            "objective",
     "compiled_fullgraph": "setup_note: a watched model compiled with fullgraph=True: the probes' hooks stay outside "
                           "its compiled forward (a graph break is an error there); its modules' outputs are read only "
                           "in a replay of a failing step",

@@ -877,6 +877,8 @@ class Probes:
         step = self.ctx.step
         if metrics.get("loss") is None and self.ctx.trained and not skipped:
             self._loss_unseen(step)
+        elif loss is None and metrics.get("loss") is not None:
+            self._loss_without_the_teacher(step)
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
@@ -931,6 +933,22 @@ class Probes:
                                "called without labels): a non-finite loss, or one that climbs or blows up, goes "
                                f"unseen, and a NaN the loss code makes reads as gradients gone NaN — {remedy}",
                                step=step, probe="loss", phase="loss", code="loss_unseen")
+
+    def _loss_without_the_teacher(self, step: int) -> None:
+        """The step's loss was read off the student's outputs (`step()` was given none) while a frozen model it
+        distils from ran its training forwards: the rows hold the student's own loss, not the objective its backward
+        ran — a KD term that turns non-finite (a teacher's overflow) or climbs leaves them finite and calm. Said once,
+        in a caller's loop (the frameworks' callbacks hand the step's loss over)."""
+        frozen = [name for name in self.ctx.models
+                  if not self.ctx.trains(name) and self.ctx.training_forward.get(name)]
+        if frozen and self.caller in ("loop", "accelerate") and self.events.say_once("loss_without_teacher"):
+            self.events.record("setup_note", "info",
+                               f"step {step}'s loss is the student's own `loss` output (probes.step() was given none) "
+                               f"while {' and '.join(frozen)} ran in its training: a distillation objective that adds "
+                               f"{' and '.join(frozen)}'s terms is not what the rows hold, and a term of it that turns "
+                               "non-finite or climbs goes unseen there — pass the loss the loop optimises: "
+                               "probes.step(loss=loss)", step=step, probe="loss", phase="loss",
+                               code="loss_without_teacher")
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
                    cross_entropy: bool = True, eval_set: str | None = None) -> dict:
