@@ -29,6 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
+from ..contract.wording import counted
 from . import Probes, check_probe_settings, chosen, replace_method
 from .base import dtype_of_most, models_by_role, scores_tokens, teacher_by_name, weights_compute_dtype
 
@@ -289,12 +290,13 @@ class SarkdDiagCallback(TrainerCallback):
         error = f"{type(self._raised).__name__} in a training step" if self._raised is not None else "an error"
         batch = getattr(state, "train_batch_size", None)
         at_batch = f" at batch size {batch}" if batch else ""
+        cut = (f"what the abandoned attempt recorded ({counted(abandoned, 'step')}) is cut from it, its updates kept "
+               "in the weights") if abandoned else "the abandoned attempt had finished no step"
         self.probes.events.record(
             "setup_note", "info",
             f"the Trainer began its training loop again at step {first}{at_batch}, inside the same train(), after "
-            f"{error} it caught (auto_find_batch_size): the record follows the Trainer's step numbering, so "
-            f"the {abandoned} step(s) of the abandoned attempt are cut from it — their updates stay in the weights, "
-            f"and the loss rules judge the new attempt on its own",
+            f"{error} it caught (auto_find_batch_size): the record follows the Trainer's step numbering — {cut} — "
+            "and the loss rules judge the new attempt on its own",
             code="trainer_restarted", step=first, probe="loop")
 
     def on_step_begin(self, args, state, control, **kwargs):
