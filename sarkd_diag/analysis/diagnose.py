@@ -936,11 +936,12 @@ class RunRecord:
 
     def train_loss_runs(self) -> list[pd.Series]:
         """The finite training loss, split where a new training run continued the directory (`run_continued`: a second
-        train() or fit, a hyperparameter-search trial): each starts afresh from its own first loss, so a rise or a
-        blow-up is judged within one, never from one's last loss to the next one's first."""
+        train() or fit, a hyperparameter-search trial; `trainer_restarted`: the Trainer's loop begun again at a smaller
+        batch size): each starts afresh from its own first loss, so a rise or a blow-up is judged within one, never
+        from one's last loss to the next one's first."""
         loss = self.train_column("loss")
         loss = loss[loss.map(math.isfinite)]
-        starts = sorted(int(step) for step in self.of("setup_note", "run_continued")["step"])
+        starts = sorted(int(step) for step in self.of("setup_note", "run_continued", "trainer_restarted")["step"])
         edges = [-math.inf, *starts, math.inf]
         parts = [loss[(loss.index >= start) & (loss.index < end)] for start, end in itertools.pairwise(edges)]
         return [part for part in parts if len(part)]

@@ -165,8 +165,17 @@ CODES = {
     "compiled_before_probes": "setup_note: torch.compile had compiled the forward of a watched model's class (that "
                               "model's, or another's of its class) before the probes' hooks existed (compiled code "
                               "runs without hooks added later): dynamo's caches reset, one recompile",
+    "loss_without_teacher": "setup_note: a caller's loop handed no loss to step() while a frozen model (a teacher) ran "
+                            "in its training: the rows hold the student's own loss output, not the distillation "
+                            "objective",
+    "compiled_fullgraph": "setup_note: a watched model compiled with fullgraph=True: the probes' hooks stay outside "
+                          "its compiled forward (a graph break is an error there); its modules' outputs are read only "
+                          "in a replay of a failing step",
     "run_continued": "setup_note: a new training run (a second train() or fit, a search trial) continues the run "
                      "directory from this step on: its loss starts afresh, and the loss rules do not judge across it",
+    "trainer_restarted": "setup_note: the Trainer began its training loop again inside the same train() "
+                         "(auto_find_batch_size after an out-of-memory error): the abandoned attempt's steps are cut, "
+                         "the record numbered as the Trainer numbers its steps",
     "stale_probes_closed": "setup_note: a Probes of this process still open on the run directory (never closed) was "
                            "closed as interrupted, and its hooks removed, by a new Probes on it",
     "checkpoint_fallback": "a checkpoint that does not load, and what was used instead",

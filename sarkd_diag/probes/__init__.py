@@ -28,7 +28,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -89,6 +89,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def compiled_as_one_graph(model: nn.Module) -> bool:
+    """A torch.compile wrapper made with fullgraph=True: a graph break inside its forward raises, and the probes' module
+    hooks are graph breaks there (`base.eager`)."""
+    return bool(getattr(getattr(model, "dynamo_ctx", None), "fullgraph", False))
 
 
 def _wraps_all_of(wrapper: nn.Module, inner) -> bool:
@@ -191,7 +197,7 @@ class ProbeSet:
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
         ctx.output_nodes, ctx.loss_roots = [], []
-        ctx.step_forwards = [] if self.replays_steps and not ctx.stats_step else None
+        ctx.step_forwards = [] if self.replays_steps and not ctx.reads_modules() else None
         for probe in self._at["begin_step"]:
             probe.begin_step()
 
@@ -436,7 +442,7 @@ class ProbeSet:
         """The step's loss turned non-finite on a step without per-module statistics: no module is named yet.
         `loss` is the step's loss over all ranks, so under torchrun every rank decides alike — a replay runs
         the models' forwards, and a sharded teacher's forward is a collective every rank must take part in."""
-        return not math.isfinite(loss) and not self.ctx.stats_step and self._activations is not None
+        return not math.isfinite(loss) and not self.ctx.reads_modules() and self._activations is not None
 
     def replay_forward(self, forward) -> None:
         """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.
@@ -449,8 +455,8 @@ class ProbeSet:
         be paired with the next step's modules (and, unmatched, fail its readings).
         """
         probe = self._activations
-        probe.attach()
         self.ctx.replaying = True
+        probe.attach()
         try:
             with torch.no_grad():
                 forward()
@@ -531,8 +537,10 @@ class Probes:
     resumed_from: the step of the checkpoint the loop
     resumed from (a Trainer's `resume_from_checkpoint`, accelerate's `load_state`): steps are numbered on from it,
     and what `run_dir` recorded after it — steps redone now, or lost with a process that died — is cut away, so each
-    step appears once. Without it, a `run_dir` that holds steps is continued after its last. Call `step()` after
-    each optimizer step.
+    step appears once. Without it, a `run_dir` that holds steps is continued after its last. fullgraph_models: the
+    roles of models the loop calls inside a function compiled with fullgraph=True (a LightningModule's compiled
+    `training_step`), where a probe hook would be an error; a model handed over compiled so is found by itself. Call
+    `step()` after each optimizer step.
 
     Under torchrun (a process group the script joined before creating the probes), every rank holds its own
     Probes on the same `run_dir`: each writes its events to events.rank{N}.jsonl, rank 0 alone config.json,
@@ -543,14 +551,18 @@ class Probes:
     def __init__(self, models: nn.Module | dict[str, nn.Module], optimizer=None,
                  scaler: torch.amp.GradScaler | None = None, *, run_dir: str | Path | None = None,
                  level: str = "standard", every: int = 10, precision: dict | None = None, caller: str = "loop",
-                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None):
+                 sync_gradients: Callable[[], bool] | None = None, resumed_from: int | None = None,
+                 fullgraph_models: Iterable[str] = ()):
         level, caller = check_probe_settings(level, every), chosen(caller, CALLERS, "caller")
         if scaler is not None and not callable(getattr(scaler, "unscale_", None)):
             raise TypeError(f"scaler= must be the loop's loss scaler (a torch.amp.GradScaler), got a "
                             f"{type(scaler).__name__}")
         if resumed_from is not None and (not isinstance(resumed_from, int) or resumed_from < 0):
             raise ValueError(f"resumed_from= must be the step of a checkpoint (an int >= 0), got {resumed_from!r}")
-        models = {name: unwrap_model(m) for name, m in _by_role(models).items()}
+        given = _by_role(models)
+        models = {name: unwrap_model(m) for name, m in given.items()}
+        callers = {name: m for name, m in given.items() if compiled_as_one_graph(m)}
+        callers.update((name, None) for name in fullgraph_models if name not in callers)
         unwrapped = [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
         optimizers = [o for o, _ in unwrapped if o is not None]
         self._gradient_state = accumulation_state(optimizer)
@@ -578,7 +590,7 @@ class Probes:
         activations = JsonlLog(self.run_dir / "activations.jsonl") \
             if self.run_dir is not None and self.ranks.is_main else None
         self.set = ProbeSet(ProbeContext(models, self.events, optimizer, self.scaler, level, every,
-                                         activations_log=activations, gather=self.ranks.gather),
+                                         activations_log=activations, gather=self.ranks.gather, callers=callers),
                             replays_steps=caller != "trainer" and not self.ranks.distributed)
         self._metrics = NullLog()  # the run directory's metrics log once it is open
         try:
@@ -624,7 +636,8 @@ class Probes:
                                f"open after step {stale} (its loop never closed it: an error or an interrupt out of "
                                f"the loop): closed as interrupted, its hooks removed; this one continues the run at "
                                f"step {first_step}", code="stale_probes_closed", step=first_step, probe="loop")
-        compiled = recompile_with_hooks(self.ctx.models.values()) if self.set.probes else []
+        compiled = recompile_with_hooks(m for name, m in self.ctx.models.items()
+                                        if not self.ctx.sealed(name)) if self.set.probes else []
         if compiled:
             forwards = ", ".join(f"{name}.forward" for name in compiled)
             self.events.record("setup_note", "info", f"torch.compile had compiled {forwards} before the probes' hooks "
@@ -632,6 +645,7 @@ class Probes:
                                "a compiled call runs that code without noticing hooks added later: dynamo's caches "
                                "were reset (torch._dynamo.reset()), so a compiled call compiles again, once, with them",
                                code="compiled_before_probes", step=first_step, probe="loop")
+        self._note_compiled_fullgraph(first_step)
         self._check_scaler_dtypes(first_step)
         self._check_optimizer_given(first_step)
         if self.ctx.optimizer is not None:
@@ -748,6 +762,10 @@ class Probes:
     def ctx(self) -> ProbeContext:
         return self.set.ctx
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _watch_for_ruin(self, event) -> None:
         self.critical = self.critical or event.kind in ("nonfinite_param", "nonfinite_at_load")
 
@@ -762,6 +780,27 @@ class Probes:
         problem = self.ranks.broadcast(problem)
         if problem:
             raise BadInput(problem)
+
+    def _note_compiled_fullgraph(self, step: int) -> None:
+        """Say which models run inside a graph compiled with fullgraph=True, and what of them goes unread there."""
+        wrapped = [name for name in self.ctx.models if self.ctx.sealed(name) and self.ctx.called(name) is not None]
+        inside = [name for name in self.ctx.models if self.ctx.sealed(name) and self.ctx.called(name) is None]
+        if not self.set.probes or not (wrapped or inside):
+            return
+        said = []
+        if wrapped:
+            said.append(f"{' and '.join(wrapped)}: the hooks stay outside its compiled forward — its inputs, "
+                        "loss, gradients and weights are read, its modules' outputs only where a step whose gradients "
+                        "or loss turn non-finite is replayed (the model run eagerly, uncompiled), not on statistics "
+                        "steps")
+        if inside:
+            said.append(f"{' and '.join(inside)}, called inside a compiled function: no hook runs in its forwards — "
+                        "its gradients, weights and the step's loss are read, its inputs and modules' outputs are not, "
+                        "so a non-finite value made there is found, not placed at its module")
+        self.events.record("setup_note", "warning", "compiled with fullgraph=True, where a graph break is an error "
+                           "and every probe hook (run eagerly) is one: " + "; ".join(said) + " — compile without "
+                           "fullgraph=True for per-module statistics", code="compiled_fullgraph", step=step,
+                           probe="loop")
 
     def _close_a_stale_probes(self) -> int | None:
         """Close the Probes of this process that still holds this run directory open, never closed — a notebook cell
@@ -838,6 +877,8 @@ class Probes:
         step = self.ctx.step
         if metrics.get("loss") is None and self.ctx.trained and not skipped:
             self._loss_unseen(step)
+        elif loss is None and metrics.get("loss") is not None:
+            self._loss_without_the_teacher(step)
         row = {"step": step, "split": "train", "loss": None, "lr": lr, "loss_scale": None,
                **dict.fromkeys(NOT_SEEN_IN_A_USER_LOOP), **metrics}
         if not self._steps_recorded:
@@ -868,7 +909,7 @@ class Probes:
         (TRL's `precompute_ref_log_probs` runs the reference in the trainer's constructor), or cached — so none of its
         modules is read, and a non-finite value it made shows only in the loss. Said once, on the first such step."""
         for name in self.ctx.models:
-            if not self.ctx.trains(name) and name not in self.set.models_read():
+            if not self.ctx.trains(name) and not self.ctx.sealed(name) and name not in self.set.models_read():
                 self.events.record("setup_note", "info",
                                    f"{name} ran no training forward in step {step}: it is not used yet, or the "
                                    "outputs of it that the loss uses were computed before the probes watched "
@@ -892,6 +933,22 @@ class Probes:
                                "called without labels): a non-finite loss, or one that climbs or blows up, goes "
                                f"unseen, and a NaN the loss code makes reads as gradients gone NaN — {remedy}",
                                step=step, probe="loss", phase="loss", code="loss_unseen")
+
+    def _loss_without_the_teacher(self, step: int) -> None:
+        """The step's loss was read off the student's outputs (`step()` was given none) while a frozen model it
+        distils from ran its training forwards: the rows hold the student's own loss, not the objective its backward
+        ran — a KD term that turns non-finite (a teacher's overflow) or climbs leaves them finite and calm. Said once,
+        in a caller's loop (the frameworks' callbacks hand the step's loss over)."""
+        frozen = [name for name in self.ctx.models
+                  if not self.ctx.trains(name) and self.ctx.training_forward.get(name)]
+        if frozen and self.caller in ("loop", "accelerate") and self.events.say_once("loss_without_teacher"):
+            self.events.record("setup_note", "info",
+                               f"step {step}'s loss is the student's own `loss` output (probes.step() was given none) "
+                               f"while {' and '.join(frozen)} ran in its training: a distillation objective that adds "
+                               f"{' and '.join(frozen)}'s terms is not what the rows hold, and a term of it that turns "
+                               "non-finite or climbs goes unseen there — pass the loss the loop optimises: "
+                               "probes.step(loss=loss)", step=step, probe="loss", phase="loss",
+                               code="loss_without_teacher")
 
     def evaluation(self, step: int, loss: torch.Tensor | float, perplexity: float | None = None, *,
                    cross_entropy: bool = True, eval_set: str | None = None) -> dict:

@@ -114,23 +114,25 @@ class ActivationProbe(Probe):
 
     def attach(self) -> None:
         if not self._handles:
-            for module, before, after in self._module_hooks():
+            for model_name, module, before, after in self._module_hooks():
+                if self.ctx.sealed(model_name) and not self.ctx.replaying:  # compiled as one graph: no hook inside
+                    continue  # (a replay runs the model itself, eagerly)
                 self._handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
                 if after is not None:
                     self._handles.append(module.register_forward_hook(after))
 
-    def _module_hooks(self) -> list[tuple[nn.Module, Callable, Callable | None]]:
-        """(module, pre-hook, hook) for every module of every model, made once: attached on each statistics step,
-        made each time they cost that step more than reading the modules (`eager` is ~15 µs a hook)."""
+    def _module_hooks(self) -> list[tuple[str, nn.Module, Callable, Callable | None]]:
+        """(model name, module, pre-hook, hook) for every module of every model, made once: attached on each statistics
+        step, made each time they cost that step more than reading the modules (`eager` is ~15 µs a hook)."""
         if self._hooks is None:
             self._hooks = []
             for model_name, model in self.ctx.models.items():
                 for module_name, module in model.named_modules():
                     if module_name and not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout)):
-                        self._hooks.append((module, eager(self._before(model_name, module_name)),
+                        self._hooks.append((model_name, module, eager(self._before(model_name, module_name)),
                                             eager(self._hook(model_name, module_name))))
                     elif not module_name:  # the root: its inputs are the data, not a module's making
-                        self._hooks.append((module, eager(self._root(model_name)),
+                        self._hooks.append((model_name, module, eager(self._root(model_name)),
                                             eager(self._root_output(model_name, root_label(module)))))
         return self._hooks
 

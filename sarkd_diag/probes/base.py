@@ -78,6 +78,10 @@ class ProbeContext:
     # handed over: the ends of the loss's own computation (`loss_graph`), read when gradients turn non-finite
     output_nodes: list = field(default_factory=list)
     loss_roots: list = field(default_factory=list)
+    # the models whose forwards run inside a graph compiled with fullgraph=True (`sealed`), where a hook would be an
+    # error: each with the module whose hooks run eagerly as the loop calls it (the torch.compile wrapper), or None
+    # where the model is called inside a compiled function (a LightningModule's compiled training_step)
+    callers: dict[str, nn.Module | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.watched:  # the tensors the optimizer updates (all that require grad without one)
@@ -88,6 +92,23 @@ class ProbeContext:
                     if p.requires_grad and (updated is None or id(p) in updated):
                         module, _, tensor = name.rpartition(".")
                         self.watched.append(Watched(model_name, module, name, p))
+
+    def called(self, model_name: str) -> nn.Module | None:
+        """The module to hook for a model's whole forward: where the loop's call of it runs eagerly (None: nowhere)."""
+        return self.callers.get(model_name, self.models[model_name])
+
+    def whole_forward_hooks(self) -> list[tuple[str, nn.Module]]:
+        """(model name, module to hook) for each model whose whole forward some hook can watch (`called`)."""
+        return [(name, self.called(name)) for name in self.models if self.called(name) is not None]
+
+    def sealed(self, model_name: str) -> bool:
+        """Whether a model's forward runs as one compiled graph (fullgraph=True): no hook may run inside it."""
+        return model_name in self.callers
+
+    def reads_modules(self) -> bool:
+        """Whether this step's forwards read every model's module outputs: a statistics step, where no model runs as
+        one compiled graph (its modules are read only by a replay)."""
+        return self.stats_step and not any(map(self.sealed, self.models))
 
     def trains(self, model_name: str) -> bool:
         """Whether a model has weights this run updates (the student; the teacher only through its routers)."""
@@ -165,6 +186,45 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
             if wanted(name):
                 return m
     return None
+
+
+def models_by_role(module: nn.Module, student: str | None = None, teacher: str | None = None,
+                     optimized: set[int] | None = None) -> dict:
+    """The models a module that holds them as children trains and distils from, by role: a LightningModule, a
+    distillation wrapper handed to a Trainer as its model.
+
+    The student is the attribute named `student`, else the one child module that holds every trainable tensor
+    (`self.model`), else the module itself: the probes hook the forward that the training step calls, and
+    causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
+    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
+    model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
+    train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
+    attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
+    norm makes every gradient NaN)."""
+    children = dict(module.named_children())
+    if student is not None:
+        found = getattr(module, student)
+    elif isinstance(children.get("student"), nn.Module):
+        found = children["student"]
+    else:
+        trainable = {id(p) for p in module.parameters() if p.requires_grad}
+        holders = [child for child in children.values()
+                   if trainable and trainable <= {id(p) for p in child.parameters()}]
+        found = holders[0] if len(holders) == 1 else module
+    models = {"student": found}
+    if teacher is not None:
+        models["teacher"] = getattr(module, teacher)
+    else:
+        named = teacher_by_name(children.items(), other_than=found)
+        if named is not None:
+            models["teacher"] = named
+    watched = {id(p) for model in models.values() for p in model.parameters()}
+    for name, child in children.items():
+        tensors = {id(p) for p in child.parameters()}
+        if name not in models and tensors & (optimized or set()) and not tensors & watched:
+            models[name] = child
+            watched |= tensors
+    return models
 
 
 def recompile_with_hooks(models: Iterable[nn.Module]) -> list[str]:

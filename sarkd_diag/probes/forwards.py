@@ -97,10 +97,10 @@ class ForwardProbe(Probe):
         # a weight of each model, whose device says where it computes: `next(model.parameters())` walks the module
         # tree, 20 µs a forward on a tiny GPT-2 (a weight moved by `.to()` keeps its object and reads its new device)
         self._a_weight = {name: next(model.parameters(), None) for name, model in ctx.models.items()}
-        self._handles = [model.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
-                         for name, model in ctx.models.items()]
-        self._handles += [model.register_forward_hook(eager(self._after_forward(name)))
-                          for name, model in ctx.models.items() if self._trainable[name]]
+        self._handles = [module.register_forward_pre_hook(eager(self._before_forward(name)), with_kwargs=True)
+                         for name, module in ctx.whole_forward_hooks()]
+        self._handles += [module.register_forward_hook(eager(self._after_forward(name)))
+                          for name, module in ctx.whole_forward_hooks() if self._trainable[name]]
         self._dropout_read: set[str] = set()  # the frozen models whose dropout was read in train mode
 
     def _step_under_way(self) -> bool:
@@ -114,7 +114,8 @@ class ForwardProbe(Probe):
         return False
 
     def _before_forward(self, model_name: str):
-        def hook(model: nn.Module, args: tuple, kwargs: dict):
+        def hook(_caller: nn.Module, args: tuple, kwargs: dict):
+            model = self.ctx.models[model_name]  # not a compiled wrapper the hook sits on: its replay runs eagerly
             trainable = self._trainable[model_name]
             # a trained model's generation runs under no_grad (generate's own decorator); a frozen model's forwards
             # run under no_grad in training too, so whether a `generate` runs them is looked up

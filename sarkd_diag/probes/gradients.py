@@ -149,6 +149,8 @@ class GradientProbe(Probe):
             return
         for key in dict.fromkeys((w.model, w.module) for w in self.ctx.watched):
             model = self.ctx.models.get(key[0])  # a tensor of no watched model (a KD projection): not followed
+            if model is not None and self.ctx.sealed(key[0]):  # compiled as one graph: no hook inside it
+                model = None
             module = model.get_submodule(key[1]) if model is not None else None
             if module is not None:
                 self._hooked.add(key)

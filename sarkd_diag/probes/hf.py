@@ -29,8 +29,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
+from ..contract.wording import counted
 from . import Probes, check_probe_settings, chosen, replace_method
-from .base import dtype_of_most, scores_tokens, teacher_by_name, weights_compute_dtype
+from .base import dtype_of_most, models_by_role, scores_tokens, teacher_by_name, weights_compute_dtype
 
 ON_CRITICAL = ("stop", "record")
 
@@ -79,6 +80,20 @@ def trainer_teacher(trainer) -> nn.Module | None:
     return teacher_by_name(modules, other_than=student)
 
 
+def trainer_models(model: nn.Module, teacher: nn.Module | None, optimizer) -> dict:
+    """The models a Trainer trains and distils from, by role: its model, the student, beside the trainer's teacher;
+    where the trainer holds none and its model holds the teacher as a child (a distillation model: `self.student` and
+    `self.teacher` in one module whose forward returns the KD loss), the model's children by role (`models_by_role`),
+    so the teacher is watched as such — its overflow a `teacher_overflow`, not the student's — and each is named by its
+    own module paths."""
+    if teacher is not None:
+        return {"student": model, "teacher": getattr(teacher, "module", teacher)}
+    if teacher_by_name(model.named_children()) is None:
+        return {"student": model}
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]} if optimizer is not None else None
+    return models_by_role(model, optimized=optimized)
+
+
 class SarkdDiagCallback(TrainerCallback):
     """Records a Trainer's numerical events into a run directory and stops training on non-finite weights.
 
@@ -115,6 +130,9 @@ class SarkdDiagCallback(TrainerCallback):
         self._loss_call = None  # (compute_loss, args, kwargs) of the micro-batch under way (attach)
         self._call_loss = None  # the loss that call returned (in a training_step: `_bind`)
         self._replayed_at: int | None = None  # the step whose non-finite loss was replayed
+        self._train_calls = 0  # the bound trainer's train() calls entered; `_began_in`: the one the probes began in
+        self._began_in: int | None = None
+        self._raised: BaseException | None = None  # what the last training_step raised
 
     @classmethod
     def attach(cls, trainer, run_dir: str | Path | None = None, **kwargs) -> SarkdDiagCallback:
@@ -142,7 +160,8 @@ class SarkdDiagCallback(TrainerCallback):
             self._loss_call = self._call_loss = None
             try:
                 loss = training_step(*args, **kw)
-            except Exception:
+            except Exception as exc:
+                self._raised = exc
                 # the backward raised on the micro-batch's non-finite loss (`torch.autograd.detect_anomaly()`'s
                 # "returned nan values"), or `compute_loss` did on the model's (a guard of the user's): no optimizer
                 # step came, the weights are still those that made it
@@ -173,6 +192,7 @@ class SarkdDiagCallback(TrainerCallback):
 
         @functools.wraps(train)
         def closing_train(*args, **kw):
+            self._train_calls += 1
             try:
                 return train(*args, **kw)
             except BaseException as exc:
@@ -227,15 +247,17 @@ class SarkdDiagCallback(TrainerCallback):
             self._bind(trainer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.probes is not None:  # a second train() on the same callback appends to the same directory
+        restarted = self.probes is not None and not self.probes.closed and self._began_in == self._train_calls
+        if restarted:  # the Trainer starts its loop again inside the train() under way: its steps are numbered anew
+            abandoned = self.probes.ctx.step - 1 - self._offset
+            self.probes.close("interrupted")
+        elif self.probes is not None:  # a second train() on the same callback appends to the same directory
             self.probes.close("completed")
         trainer = running_trainer(self)
         if trainer is not None:
             self._bind(trainer)
         self._find_teacher()
-        models = {"student": model}
-        if self.teacher is not None:
-            models["teacher"] = getattr(self.teacher, "module", self.teacher)
+        models = trainer_models(model, self.teacher, optimizer)
         # the Trainer hands callbacks accelerate's AcceleratedOptimizer: Probes watches the optimizer inside it
         # and takes the loss scaler it carries (or, attached, the trainer's accelerator's)
         # on a resume the Trainer has loaded the checkpoint's state before this event: global_step is the
@@ -243,17 +265,39 @@ class SarkdDiagCallback(TrainerCallback):
         accelerator = getattr(self._trainer, "accelerator", None)
         self.probes = Probes(models, optimizer=optimizer, scaler=getattr(accelerator, "scaler", None),
                              run_dir=self.run_dir or trainer_run_dir(args), level=self.level, every=self.every,
-                             precision=trainer_precision(args, model, getattr(accelerator, "native_amp", True)),
+                             precision=trainer_precision(args, models["student"],
+                                                         getattr(accelerator, "native_amp", True)),
                              caller="trainer",
-                             resumed_from=state.global_step or None)
+                             resumed_from=self._offset + state.global_step if restarted else state.global_step or None)
         if accelerator is not None:  # gradients read before the Trainer clips them; its norm as `grad_norm`
             self.probes.watch_accelerator(accelerator)
         # a train() from global_step 0 into a directory that holds steps (a second train() call) continues after
         # them instead of at 1
         self._offset = self.probes.first_step - 1 if state.global_step == 0 else 0
+        if restarted:
+            self._note_restart(state, abandoned)
+        self._began_in, self._raised = self._train_calls, None
         self.probes.begin_step(self._offset + state.global_step + 1)
         self.stopped_at = None
         self._losses = []
+
+    def _note_restart(self, state, abandoned: int) -> None:
+        """The Trainer began its training loop again without ending it, inside the same `train()`: its
+        `auto_find_batch_size` caught an out-of-memory error and retries at a smaller batch size, numbering its steps
+        (logs, checkpoints) from the same global_step again. The record follows the Trainer's numbering, as on a
+        resume: the abandoned attempt's steps are cut (`resumed_from`), and the restart is said, not left silent."""
+        first = self._offset + state.global_step + 1
+        error = f"{type(self._raised).__name__} in a training step" if self._raised is not None else "an error"
+        batch = getattr(state, "train_batch_size", None)
+        at_batch = f" at batch size {batch}" if batch else ""
+        cut = (f"what the abandoned attempt recorded ({counted(abandoned, 'step')}) is cut from it, its updates kept "
+               "in the weights") if abandoned else "the abandoned attempt had finished no step"
+        self.probes.events.record(
+            "setup_note", "info",
+            f"the Trainer began its training loop again at step {first}{at_batch}, inside the same train(), after "
+            f"{error} it caught (auto_find_batch_size): the record follows the Trainer's step numbering — {cut} — "
+            "and the loss rules judge the new attempt on its own",
+            code="trainer_restarted", step=first, probe="loop")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.probes is not None:
@@ -295,8 +339,9 @@ class SarkdDiagCallback(TrainerCallback):
             return
         prefix = evaluation_prefix(metrics)
         if prefix is not None and f"{prefix}_loss" in metrics:
+            distils = "teacher" in self.probes.ctx.models
             self.probes.evaluation(self._offset + state.global_step, metrics[f"{prefix}_loss"],
-                                   cross_entropy=self.teacher is None and scores_tokens(model),
+                                   cross_entropy=not distils and scores_tokens(model),
                                    eval_set=evaluation_set(prefix))
 
     def on_train_end(self, args, state, control, **kwargs):

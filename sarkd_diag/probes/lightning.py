@@ -19,10 +19,9 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import Probes, check_probe_settings, chosen, replace_method
-from .base import scores_tokens, teacher_by_name
+from .base import models_by_role, scores_tokens
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
@@ -68,42 +67,11 @@ def requested_precision(trainer) -> str:
     return f"Trainer(precision={shown})"
 
 
-def lightning_models(module: nn.Module, student: str | None = None, teacher: str | None = None,
-                     optimized: set[int] | None = None) -> dict:
-    """The models a LightningModule trains and distils from, by role.
-
-    The student is the attribute named `student`, else the one child module that holds every trainable tensor
-    (`self.model`), else the LightningModule itself: the probes hook the forward that `training_step` calls, and
-    causes name modules by the paths of the model the user holds. The teacher is the attribute named `teacher`,
-    else the first child whose name contains "teacher" (`self.teacher`, `self.teacher_model`), else a frozen reference
-    model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
-    train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
-    attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
-    norm makes every gradient NaN)."""
-    children = dict(module.named_children())
-    if student is not None:
-        found = getattr(module, student)
-    elif isinstance(children.get("student"), nn.Module):
-        found = children["student"]
-    else:
-        trainable = {id(p) for p in module.parameters() if p.requires_grad}
-        holders = [child for child in children.values()
-                   if trainable and trainable <= {id(p) for p in child.parameters()}]
-        found = holders[0] if len(holders) == 1 else module
-    models = {"student": found}
-    if teacher is not None:
-        models["teacher"] = getattr(module, teacher)
-    else:
-        named = teacher_by_name(children.items(), other_than=found)
-        if named is not None:
-            models["teacher"] = named
-    watched = {id(p) for model in models.values() for p in model.parameters()}
-    for name, child in children.items():
-        tensors = {id(p) for p in child.parameters()}
-        if name not in models and tensors & (optimized or set()) and not tensors & watched:
-            models[name] = child
-            watched |= tensors
-    return models
+def steps_compiled_as_one_graph(pl_module) -> bool:
+    """`trainer.fit(torch.compile(module, fullgraph=True))`: Lightning unwraps the module and compiles its steps
+    (`training_step`, `forward` …) with that dynamo context, so the models they call run inside one graph."""
+    compiler = getattr(pl_module, "_compiler_ctx", None)
+    return isinstance(compiler, dict) and bool(getattr(compiler.get("dynamo_ctx"), "fullgraph", False))
 
 
 def ends_accumulation(trainer) -> bool:
@@ -122,7 +90,7 @@ class SarkdDiagLightningCallback(Callback):
     """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
 
     run_dir, level, every: as for `Probes`. student, teacher: attribute names of the LightningModule, where
-    `lightning_models` would not find them. eval_metric: the name the module logs its validation loss under
+    `models_by_role` would not find them. eval_metric: the name the module logs its validation loss under
     (`self.log("val_loss", ...)`), recorded as the run's eval rows. on_critical: "stop" (default) sets
     `trainer.should_stop` once the probes record a critical event (non-finite weights), writes no checkpoint while
     a weight is non-finite (`_guard_checkpoints`), and the run closes as `stopped`; "record" keeps training.
@@ -173,13 +141,15 @@ class SarkdDiagLightningCallback(Callback):
             resumed_from = self._checkpointed_step if self._checkpointed_step is not None else trainer.global_step
         self._checkpointed_step = None
         optimized = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-        self.probes = Probes(lightning_models(pl_module, self.student, self.teacher, optimized),
+        models = models_by_role(pl_module, self.student, self.teacher, optimized)
+        self.probes = Probes(models,
                              optimizer=optimizers[0] if len(optimizers) == 1 else optimizers or None,
                              scaler=getattr(trainer.precision_plugin, "scaler", None), run_dir=self.run_dir,
                              level=self.level, every=self.every, caller="lightning",
                              precision={"mode": PRECISION_MODES.get(precision),
                                         "requested": requested, "reason": f"PyTorch Lightning: {requested}{ran_as}"},
-                             sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from)
+                             sync_gradients=lambda: self._closes_step(trainer, pl_module), resumed_from=resumed_from,
+                             fullgraph_models=models if steps_compiled_as_one_graph(pl_module) else ())
         self.step, self._step_open, self.stopped_at, self._records = self.probes.first_step - 1, False, None, []
         self._guard_checkpoints(trainer, pl_module)
         self._watch_training_step(pl_module)

@@ -140,7 +140,7 @@ class LossProbe(Probe):
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
         trainable models from their outputs, so no one needs to hand them over."""
-        for name, model in self.ctx.models.items():
+        for name, model in self.ctx.whole_forward_hooks():
             if self.ctx.trains(name):
                 self._handles += [model.register_forward_pre_hook(eager(self._read_labels(name)), with_kwargs=True),
                                   model.register_forward_hook(eager(self._read_loss(name)))]
@@ -148,13 +148,13 @@ class LossProbe(Probe):
     def _read_labels(self, model_name: str):
         shifts = None  # whether the model shifts its labels, read once: its class and config say, not the batch
 
-        def hook(model, args, kwargs):
+        def hook(_caller, args, kwargs):
             nonlocal shifts
             labels = kwargs.get("labels")
             training = self.ctx.training_forward.get(model_name, False)
             self._labelled = training and torch.is_tensor(labels)
             if self._labelled and shifts is None:
-                shifts = shifts_labels(model)
+                shifts = shifts_labels(self.ctx.models[model_name])
             self._labels = count_targets(labels, shifts) if self._labelled else None
             self._share = kwargs.get("num_items_in_batch") is not None
             self._batch = self._batch_of(kwargs.get("input_ids", next(filter(torch.is_tensor, args), None)))

@@ -71,8 +71,8 @@ class ParameterProbe(Probe):
         self._frozen_written: list[tuple[int, int]] = []  # (index, sampled values) of each tensor written this step
         self._frozen_changed: torch.Tensor | None = None
         self._handles = [] if ctx.weights_read_by_owner else [
-            model.register_forward_pre_hook(eager(self._before_forward(name)))
-            for name, model in ctx.models.items() if ctx.trains(name)]
+            module.register_forward_pre_hook(eager(self._before_forward(name)))
+            for name, module in ctx.whole_forward_hooks() if ctx.trains(name)]
 
     def begin_step(self) -> None:
         self._forward_read = False

@@ -361,3 +361,45 @@ def test_a_projection_the_optimizer_trains_beside_the_student_is_watched_when_gi
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
         "divergence", "projection", "weight", 1)
+
+
+@pytest.mark.parametrize("handed", [False, True])
+def test_a_distillation_loop_handing_no_loss_is_told_the_rows_hold_the_students_own(tmp_path, handed):
+    """`Probes.from_accelerator(..., teacher=teacher)` and `probes.step()` without `loss=`: the rows hold the student's
+    `outputs.loss`, not the KD objective the loop's backward runs — a teacher's Inf at step 2 makes that objective NaN
+    while the rows stay finite. Said once, at step 1; a loop that hands the loss over records it, told nothing."""
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3).requires_grad_(False)
+    data = Sequences(VOCAB)
+    data.ids[5, 3] = 0  # in the second batch
+    tiny.infinite_on_token(teacher, teacher.transformer.h[1].mlp.c_fc, token=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    objectives = []
+    with Probes.from_accelerator(accelerator, model, optimizer, teacher=teacher, run_dir=tmp_path / "run") as probes:
+        for batch in itertools.islice(loader, 2):
+            outputs = model(**batch)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch["input_ids"]).logits
+            loss = outputs.loss + torch.nn.functional.kl_div(outputs.logits.log_softmax(-1),
+                                                             teacher_logits.log_softmax(-1), log_target=True,
+                                                             reduction="batchmean")
+            accelerator.backward(loss)
+            optimizer.step()
+            probes.step(loss=loss) if handed else probes.step()
+            optimizer.zero_grad()
+            objectives.append(loss.item())
+    run = load_run(tmp_path / "run")
+    assert math.isfinite(objectives[0]) and math.isnan(objectives[1])
+    recorded = run["metrics"]["loss"].tolist()
+    notes = run["events"].query("code == 'loss_without_teacher'")
+    if handed:
+        assert recorded[0] == pytest.approx(objectives[0]) and math.isnan(recorded[1]) and notes.empty
+    else:
+        assert all(map(math.isfinite, recorded)) and notes["step"].tolist() == [1]
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2), root

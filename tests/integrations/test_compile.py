@@ -22,15 +22,18 @@ class MLP(nn.Module):
         return self.out(torch.relu(self.mid(torch.relu(self.inp(x)))))
 
 
-def _loop(run_dir=None, steps=9, inf_weight_at=None, warmed_up=False):
+def _loop(run_dir=None, steps=9, inf_weight_at=None, warmed_up=False, fullgraph=False, frozen=False):
     """Losses of a compiled MLP's training, and the graphs dynamo had compiled after each step. `warmed_up`: the
-    compiled model ran a forward and backward before the probes were made (its gradients then cleared)."""
+    compiled model ran a forward and backward before the probes were made (its gradients then cleared); `fullgraph`:
+    compiled with fullgraph=True, where a graph break raises; `frozen`: `mid`'s weight, which `inf_weight_at` sets to
+    Inf, is not trained (only a replay of the step's forward names it)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(0)
     model = MLP()
-    compiled = torch.compile(model, backend="eager")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.mid.weight.requires_grad_(not frozen)
+    compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if warmed_up:
         compiled(torch.zeros(8, 16)).square().mean().backward()
         optimizer.zero_grad()
@@ -78,6 +81,26 @@ def test_a_fault_in_a_compiled_model_is_named_at_its_module_and_step(tmp_path, w
     assert run["metrics"]["act_amax_student"].notna().any()
     notes = run["events"].query("code == 'compiled_before_probes'")
     assert len(notes) == warmed_up
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_model_compiled_as_one_graph_trains_unchanged_and_a_fault_is_still_named(tmp_path, frozen):
+    """`torch.compile(model, fullgraph=True)` makes a graph break an error, and every probe hook run eagerly is one: the
+    first forward raised dynamo's Unsupported. The hooks go on the compiled wrapper, outside the graph: training runs
+    as without the probes, in one graph; a trained weight written between steps is named at its module and step, and a
+    frozen one by the replay of the step, which runs the model eagerly; that statistics steps read no module is said."""
+    losses, graphs = _loop(tmp_path / "run", inf_weight_at=6, fullgraph=True, frozen=frozen)
+    assert graphs[-1] == graphs[0]  # one graph, never a break nor a recompile
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "mid", 6), root
+    if frozen:
+        (placed,) = run["events"].query("kind == 'nonfinite_activation' and step == 6")["message"]
+        assert "replayed" in placed
+    assert run["metrics"]["loss"].tolist()[:5] == losses[:5]
+    assert "act_amax_student" not in run["metrics"] or run["metrics"]["act_amax_student"].isna().all()
+    assert run["events"].query("code == 'compiled_fullgraph'")["step"].tolist() == [1]
+    assert _loop(inf_weight_at=6, fullgraph=True, frozen=frozen)[0][:5] == losses[:5]
 
 
 class OtherMLP(nn.Module):

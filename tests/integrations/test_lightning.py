@@ -18,7 +18,8 @@ import tiny  # noqa: E402
 from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
-from sarkd_diag.probes.lightning import SarkdDiagLightningCallback, lightning_models  # noqa: E402
+from sarkd_diag.probes.base import models_by_role  # noqa: E402
+from sarkd_diag.probes.lightning import SarkdDiagLightningCallback  # noqa: E402
 
 VOCAB = 64
 
@@ -251,16 +252,16 @@ def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teac
             super().__init__()
             self.model, self.teacher_model = student, teacher
 
-    assert lightning_models(Wrapped()) == {"student": student, "teacher": teacher}
+    assert models_by_role(Wrapped()) == {"student": student, "teacher": teacher}
 
     class Preference(pl.LightningModule):  # a DPO-style module: its frozen reference is watched as the teacher
         def __init__(self):
             super().__init__()
             self.policy, self.ref_model = student, teacher
 
-    assert lightning_models(Preference()) == {"student": student, "teacher": teacher}
+    assert models_by_role(Preference()) == {"student": student, "teacher": teacher}
     both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
-    assert lightning_models(both_train)["student"] is student  # the attribute named `student`
+    assert models_by_role(both_train)["student"] is student  # the attribute named `student`
 
 
 def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):
@@ -687,7 +688,7 @@ def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_p
     the optimizer blamed at the embeddings. Each other child the optimizer trains is watched under its own name."""
     module = HiddenKD(nan_at=1)
     optimized = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
-    assert lightning_models(module, optimized=optimized) == {
+    assert models_by_role(module, optimized=optimized) == {
         "student": module.student, "teacher": module.teacher, "projection": module.projection}
     _fit(module, tmp_path / "run", max_steps=3)
     run = load_run(tmp_path / "run")
@@ -695,3 +696,48 @@ def test_a_projection_trained_beside_the_student_is_watched_under_its_name(tmp_p
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
         "divergence", "projection", "weight", 2)
+
+
+class CompiledMLP(pl.LightningModule):
+    """A small MLP whose `mid` weight turns Inf as batch `inf_at` begins; keeps each step's loss."""
+
+    def __init__(self, inf_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.mid, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+        self.inf_at, self.losses = inf_at, []
+
+    def training_step(self, batch, batch_idx):
+        return self.out(torch.relu(self.mid(torch.relu(self.inp(batch))))).square().mean()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if batch_idx == self.inf_at:
+            with torch.no_grad():
+                self.mid.weight[0, 0] = math.inf
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_a_module_compiled_as_one_graph_trains_and_its_fault_is_found_though_not_placed(tmp_path):
+    """`trainer.fit(torch.compile(module, fullgraph=True))`: Lightning compiles the module's steps with that context,
+    so the models they call run inside one graph, where each probe hook (a graph break) raised dynamo's Unsupported.
+    No hook goes there: the fit trains as without the callback, a weight turned Inf is still found at its step and
+    stops training, and that it cannot be placed at a module is said."""
+    def fit(callbacks, inf_at=None):
+        module = CompiledMLP(inf_at)
+        rows = list(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
+        _fit(torch.compile(module, backend="eager", fullgraph=True), dataset=rows, callbacks=callbacks,
+             gradient_clip_val=None)
+        return module
+
+    module = fit([SarkdDiagLightningCallback(tmp_path / "run")], inf_at=2)
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", None, 3), root
+    assert run["summary"]["status"] == "stopped" and len(module.losses) == 3
+    assert run["events"].query("code == 'compiled_fullgraph'")["step"].tolist() == [1]
+    assert fit([]).losses[:2] == module.losses[:2]

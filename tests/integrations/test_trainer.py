@@ -296,6 +296,47 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1)
 
 
+class Distillation(torch.nn.Module):
+    """Distillation as a model: the student and its frozen teacher in one module whose forward returns the KD loss
+    (CE plus KL), handed to a plain Trainer as its `model`."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher.requires_grad_(False).eval()
+
+    def forward(self, input_ids, labels=None):
+        outputs = self.student(input_ids=input_ids, labels=labels)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids).logits
+        kl = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1),
+                                        log_target=True, reduction="batchmean")
+        return {"loss": outputs.loss + kl, "logits": outputs.logits}
+
+
+def test_a_distillation_models_teacher_is_watched_as_the_teacher_and_its_overflow_named(tmp_path):
+    """The teacher a Trainer's model holds as a child (no teacher on the trainer) is the teacher: its fp16 overflow is
+    `teacher_overflow` at its own module path — not an activation overflow of the student at `teacher.…` — and the
+    run's evaluation of the KD objective is no perplexity. Training is unchanged."""
+    def distillation_trainer():
+        return Trainer(model=Distillation(tiny.make_gpt2(VOCAB), _overflowing_teacher()),
+                       args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps", eval_steps=2),
+                       train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8))
+
+    trainer = distillation_trainer()
+    callback = SarkdDiagCallback.attach(trainer, tmp_path / "run", on_critical="record")
+    trainer.train()
+    assert callback.probes.ctx.models == {"student": trainer.model.student, "teacher": trainer.model.teacher}
+    run = load_run(tmp_path / "run")
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_proj", 1), root
+    assert run["summary"]["precision"]["mode"] == "fp32"  # the student's fp32, not fp32 over the teacher's fp16
+    assert "eval_ppl" not in run["metrics"] or run["metrics"]["eval_ppl"].isna().all()
+    plain = distillation_trainer()
+    plain.train()
+    assert logged_losses(plain) == logged_losses(trainer)
+
+
 def _overflowing_teacher():
     teacher = tiny.make_gpt2(VOCAB, seed=3).half()
     overflow_fp16(teacher.transformer.h[1])
@@ -540,6 +581,55 @@ def test_a_second_train_call_continues_the_step_numbering(tmp_path):
     assert _train_losses(run) == pytest.approx(losses, rel=1e-6)
     assert run["summary"]["steps_completed"] == 8
     assert twice(None) == losses
+
+
+def _out_of_memory_at_batch_size(model, batch_size: int, forward: int) -> None:
+    """The `forward`-th training forward of `model` at `batch_size` rows raises CUDA's out-of-memory error (a batch of
+    long sequences on a GPU), as it would inside the Trainer's `training_step`."""
+    forwards = [0]
+
+    def out_of_memory(_module, args, kwargs):
+        if kwargs["input_ids"].shape[0] == batch_size and torch.is_grad_enabled():
+            forwards[0] += 1
+            if forwards[0] == forward:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model.register_forward_pre_hook(out_of_memory, with_kwargs=True)
+
+
+@pytest.mark.parametrize("how", ["attach", "add_callback"])
+def test_auto_find_batch_size_restarting_after_out_of_memory_is_recorded_in_the_trainers_steps(tmp_path, how):
+    """`auto_find_batch_size=True`: an out-of-memory error in step 2 makes the Trainer start its training loop again
+    inside the same `train()`, at a smaller batch size, from global_step 0. The record follows the Trainer's steps
+    (its logs, its checkpoints, `resume_from_checkpoint`): the abandoned attempt's step is cut, not kept as step 1 with
+    the new attempt's steps numbered on after it — and a fault at the Trainer's step 3 is placed at step 3. The
+    restart is said, with the error that caused it."""
+    def restarting_trainer():
+        model = tiny.make_gpt2(VOCAB)
+        _out_of_memory_at_batch_size(model, batch_size=8, forward=2)
+        frozen = model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
+        return Trainer(model=model, args=training_args(tmp_path / "trainer", auto_find_batch_size=True,
+                                                       per_device_train_batch_size=8, learning_rate=1e-3),
+                       train_dataset=Sequences(VOCAB), callbacks=[_InfWeightAt(frozen, step=3)])
+
+    trainer = restarting_trainer()
+    if how == "attach":
+        SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    else:
+        trainer.add_callback(SarkdDiagCallback(tmp_path / "run"))
+    trainer.train()
+    assert trainer.state.train_batch_size < 8 and trainer.state.global_step == 3  # restarted; stopped on NaN weights
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2, 3] and run["summary"]["steps_completed"] == 3
+    assert _train_losses(run)[:2] == pytest.approx(logged_losses(trainer)[:2], rel=1e-6)
+    root = run["summary"]["diagnosis"][0]
+    assert (root["model"], root["module"], root["first_step"]) == ("student", "transformer.h.1.mlp.c_fc", 3), root
+    note = run["events"].query("code == 'trainer_restarted'")
+    assert note["step"].tolist() == [1] and "OutOfMemoryError" in note["message"].iloc[0]
+    assert "batch size 7" in note["message"].iloc[0], note["message"].iloc[0]
+    plain = restarting_trainer()
+    plain.train()
+    assert logged_losses(plain)[:2] == logged_losses(trainer)[:2]
 
 
 def test_a_bf16_trainers_fix_does_not_advise_the_bf16_it_uses(tmp_path):
