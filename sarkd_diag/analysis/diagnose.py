@@ -32,6 +32,7 @@ from ..contract.numerics import (
     FP16_MAX,
     FP16_TINY,
     KD_TARGETS_WARNING,
+    NONNEGATIVE_TERMS,
     number_or_none,
 )
 
@@ -42,7 +43,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low", "kd_input_invalid",
+    "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -532,6 +533,9 @@ FIXES = {
                         "learns — pass `F.log_softmax(student_logits / T, dim=-1)` as its input and the teacher's "
                         "`F.softmax(teacher_logits / T, dim=-1)` as its target (or its `log_softmax` with "
                         "`log_target=True`); precision and the learning rate are not the cause",
+    "loss_term_negative": "the {term} loss term is {value} at step {step}, below 0, where no {what} goes: it is no "
+                          "such thing, and minimising it pushes the student away from {away} — {remedy}; "
+                          "precision and the learning rate are not the cause",
     "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
                        "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
                        "forward — {teacher_eval}; precision and the learning rate are not the cause",
@@ -1611,6 +1615,32 @@ def kd_input_invalid(r: RunRecord) -> list[Cause]:
                   fix=r.fix("kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
 
 
+NEGATIVE_TERM_REMEDIES = {
+    "kd": "compute KL(teacher ‖ student) as Σ q·(log q − log p), q the teacher's softmax and log p the student's "
+          "log_softmax (`F.kl_div(log_p, log_q, log_target=True)`): a sign flipped or the two logs swapped makes it "
+          "negative",
+    "ce": "compute it as −Σ y·log p over the student's log_softmax (`F.cross_entropy(logits, labels)`): a minus sign "
+          "lost, or a log of values that are no probabilities, makes it negative",
+}
+
+
+def loss_term_negative(r: RunRecord) -> list[Cause]:
+    """A term named a divergence (`kd`) or a cross-entropy (`ce`) below 0 (a `loss_term_negative` note): it is no such
+    thing, and nothing non-finite shows it — a negated KD term even lets the total fall as a loss should while the
+    student moves away from its teacher. Critical: the objective the run optimises is not the one meant. Not where
+    `F.kl_div` was handed probabilities (`kd_input_invalid`, which makes such a term negative and says why)."""
+    note = r.of("setup_note", "loss_term_negative")
+    if not len(note) or len(r.of("setup_note", "kl_input_not_log_probs")):
+        return []
+    row = _first(note)
+    term, value = row.get("tensor"), float(row["value"])
+    return [Cause("loss_term_negative", "critical", **_where(row), evidence={"term_value": value},
+                  fix=r.fix("loss_term_negative", term=term, value=f"{value:.4g}", step=int(row["step"]),
+                            what=NONNEGATIVE_TERMS.get(term, "divergence or cross-entropy"),
+                            away="its teacher" if term == "kd" else "its labels",
+                            remedy=NEGATIVE_TERM_REMEDIES.get(term, "check the term's sign")))]
+
+
 def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
@@ -2552,7 +2582,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low, kd_input_invalid)
+         kd_temperature_low, kd_input_invalid, loss_term_negative)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -800,21 +800,24 @@ class Probes:
         self.set.begin_step(step)
 
     def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None, *,
-             skipped: bool = False) -> dict | None:
+             terms: dict[str, torch.Tensor | float] | None = None, skipped: bool = False) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
         `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
         outputs; a loss per sample is refused (TypeError). Without it, the mean loss of the step's training forwards
         as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
-        the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
-        accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
+        the model was called with. `terms`: the parts of `loss` by name (`{"kd": kd, "ce": ce}`, each as `loss` is
+        taken), so a non-finite value is named by the term that made it; `kd` and `ce` are read as a divergence and a
+        cross-entropy, and one below 0 is no such thing. Returns the step's metrics row — or None on a micro-batch of
+        gradient accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         `skipped`: the loop skipped this step's backward and update on purpose (a guard that drops a batch;
         Lightning's `training_step` returning None): recorded as skipped, its missing gradients no sign of a loss
         cut off from the weights.
         """
         loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
+        terms = self._caller_terms(terms, loss)
         if loss is not None and self.set.loss is not None:
-            self.set.loss.observe_caller_loss(loss, labels)
+            self.set.loss.observe_caller_loss(loss, labels, terms)
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
         self.ctx.caller_skipped = skipped
@@ -861,6 +864,19 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    @staticmethod
+    def _caller_terms(terms: dict | None, loss: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`step(terms=...)` as tensors, refused where they cannot be read: a term is a part of the loss handed over
+        with them, one value each, under a name of its own (`loss` is the total's)."""
+        if not terms:
+            return {}
+        if loss is None:
+            raise TypeError("terms are the parts of the loss the loop optimises: pass it too, "
+                            "probes.step(loss=loss, terms=...)")
+        if "loss" in terms or not all(isinstance(name, str) for name in terms):
+            raise ValueError(f"terms are named by strings other than 'loss' (the total's name), not {list(terms)}")
+        return {name: caller_loss(value) for name, value in terms.items()}
 
     def _frozen_models_unseen(self, step: int) -> None:
         """The run's first statistics step that trained read no module output of a frozen model the probes watch (a

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..contract.numerics import NEGATIVE_TERM_SLACK, NONNEGATIVE_TERMS
 from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
@@ -226,8 +227,10 @@ class LossProbe(Probe):
                 step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=largest,
                 dtype=dtype_name(input.dtype), code="kl_input_not_log_probs")
 
-    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
+    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None,
+                            terms: dict[str, torch.Tensor] | None = None) -> None:
+        """The loss the caller optimises, given explicitly (as `caller_loss` read it), and the terms the caller names
+        in it (`kd`, `ce`, ...), each checked as sarkd-diag's own loop's terms are: it replaces the losses read
         from the outputs; its target count comes from `labels`, else from the labels the model was called with this
         step — the fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0 —
         or, where every forward's loss was a share of the step's (`num_items_in_batch`), their sum: each was divided by
@@ -245,7 +248,7 @@ class LossProbe(Probe):
             targets = None
         if loss.grad_fn is not None:  # the root of its graph, as `ProbeSet.observe_loss_graph` keeps a framework's
             self.ctx.loss_roots.append(loss.grad_fn)
-        self.observe({"loss": loss}, targets)
+        self.observe({**(terms or {}), "loss": loss}, targets)  # a term first: a NaN it made is named by it
 
     def begin_step(self) -> None:
         self._micro = 0
@@ -329,6 +332,8 @@ class LossProbe(Probe):
                     losses.append((value, share))
                 if not math.isfinite(value):
                     self._nonfinite(term, value, micro, dtype)
+                elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK:
+                    self._negative(term, value, micro)
         if not losses:
             return {}
         total = sum(value for value, _ in losses)
@@ -372,15 +377,29 @@ class LossProbe(Probe):
                                    code="loss_backpropagated_twice")
 
     def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
-        if term in self._reported:
+        if f"nonfinite_{term}" in self._reported:
             return
-        self._reported.add(term)
+        self._reported.add(f"nonfinite_{term}")
         what = "the loss" if term == "loss" else f"the {term} loss term"
         self.ctx.events.record("nonfinite_loss", "critical",
                                f"{what} is {value} at step {self.ctx.step} (micro-batch {micro})",
                                step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
                                model=self._model, tensor=term, dtype=dtype_name(dtype),
                                value=value, code="loss_nonfinite" if term == "loss" else "loss_term_nonfinite")
+
+    def _negative(self, term: str, value: float, micro: int) -> None:
+        """A term named a divergence or a cross-entropy below 0, where neither goes: it is no such thing (a sign
+        flipped, log p and log q swapped), and minimising it does not do what the name says — with every value finite
+        and a total that may fall as a loss should. Said once per term."""
+        key = f"negative_{term}"
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self.ctx.events.record("setup_note", "warning",
+                               f"the {term} loss term is {value:.4g} at step {self.ctx.step} (micro-batch {micro}): "
+                               f"below 0, where no {NONNEGATIVE_TERMS[term]} goes",
+                               step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name, model=self._model,
+                               tensor=term, value=value, code="loss_term_negative")
 
     def close(self) -> None:
         for h in self._handles:

@@ -3023,3 +3023,67 @@ def test_log_probabilities_handed_to_kl_div_are_silent(tmp_path, kl_div):
     _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS[kl_div], tmp_path)
     assert not [e for e in _events(probes, "setup_note") if e.code == "kl_input_not_log_probs"]
     assert [c["cause"] for c in probes.diagnosis()] == []
+
+
+def _kd_with_terms(kd_term, tmp_path, steps: int = 3, named: bool = True) -> object:
+    """A hand-written KD loop over a tiny GPT-2 pair: CE + kd_term(student logits, teacher logits, step), the terms
+    handed to `probes.step(terms=...)` when `named`; the probes."""
+    torch.manual_seed(0)
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=1).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batches = torch.randint(0, 64, (steps, 2, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path) as probes:
+        for step, ids in enumerate(batches, start=1):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            kd = kd_term(out.logits, teacher_logits, step)
+            loss = out.loss + kd
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, terms={"kd": kd, "ce": out.loss} if named else None)
+            opt.zero_grad()
+    return probes
+
+
+def _kl(student_logits, teacher_logits, temperature: float = 2.0, swapped: bool = False) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) written by hand, Σ q·(log q − log p); `swapped`: the logs swapped, −KL."""
+    log_p = torch.log_softmax(student_logits / temperature, -1)
+    log_q = torch.log_softmax(teacher_logits / temperature, -1)
+    difference = log_p - log_q if swapped else log_q - log_p
+    return (log_q.exp() * difference).sum(-1).mean() * temperature**2
+
+
+def test_a_kd_term_handed_over_below_0_is_named_no_divergence(tmp_path):
+    """The KD term's logs swapped, Σ q·(log p − log q) = −KL: minimising it pushes the student away from its teacher,
+    while CE + KD stays positive and falls, every value finite — silent, the loss alone handed over. Handed over by
+    name, the term below 0 is named, at step 1, with a fix about its sign; the correct KL is silent."""
+    def swapped(s, t, _):
+        return _kl(s, t, swapped=True)
+
+    assert _kd_with_terms(swapped, tmp_path / "unnamed", named=False).diagnosis() == []
+    probes = _kd_with_terms(swapped, tmp_path / "named")
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["model"], cause["tensor"], cause["first_step"]) == (
+        "loss_term_negative", "critical", "student", "kd", 1), cause
+    assert cause["evidence"]["term_value"] < 0 and "Σ q·(log q − log p)" in cause["fix"]
+    assert _kd_with_terms(lambda s, t, _: _kl(s, t), tmp_path / "correct").diagnosis() == []
+
+
+def test_a_nonfinite_term_handed_over_is_named_by_the_term(tmp_path):
+    """The KD temperature annealed to 0 at step 3: the loss and its kd term turn NaN. Handed over by name, the cause
+    names the kd term (and the step), not the total."""
+    probes = _kd_with_terms(lambda s, t, step: _kl(s, t, temperature=2.0 * (3 - step) / 2), tmp_path)
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["tensor"], cause["first_step"]) == ("divergence", "kd", 3), cause
+    assert cause["evidence"]["loss_term"] == "kd" and "the kd loss term turned non-finite" in cause["fix"]
+
+
+@pytest.mark.parametrize("terms, loss, error", [({"kd": 0.5}, None, TypeError),
+                                                ({"loss": 0.5}, 1.0, ValueError),
+                                                ({"kd": torch.ones(3)}, 1.0, TypeError)])
+def test_terms_that_cannot_be_read_are_refused(terms, loss, error):
+    """Terms are parts of the loss handed over with them, one value each, never named `loss` (the total's name)."""
+    model = Net()
+    with Probes(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as probes, pytest.raises(error):
+        probes.step(loss=loss, terms=terms)
