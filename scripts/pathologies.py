@@ -894,6 +894,39 @@ def kl_div_of_probabilities(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def kd_term_with_its_logs_swapped(world: World, tmp: Path) -> Outcome:
+    """CE + a hand-written KD term whose logs are swapped, Σ q·(log p − log q) = −KL(teacher ‖ student), handed to
+    `probes.step(terms=...)` by name: the total stays positive and falls as a loss should, every value finite, while
+    minimising −KL drives the student away from its teacher."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    totals, kds = [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 6):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                log_q = nn.functional.log_softmax(teacher(input_ids=ids).logits / 2.0, -1)
+            log_p = nn.functional.log_softmax(out.logits / 2.0, -1)
+            kd = (log_q.exp() * (log_p - log_q)).sum(-1).mean() * 4.0  # meant: (log_q - log_p)
+            loss = out.loss + kd
+            loss.backward()
+            opt.step()
+            totals.append(float(loss.detach()))
+            kds.append(float(kd.detach()))
+            probes.step(loss=loss, terms={"kd": kd, "ce": out.loss})
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in totals], kd=[f"{v:.4g}" for v in kds])
+    outcome.check("the total is positive and falls, every value finite", all(map(math.isfinite, totals + kds))
+                  and min(totals) > 0 and totals[-1] < totals[0])
+    outcome.check("the KD term is below 0 on every step and falls: the KL to the teacher grows",
+                  max(kds) < 0 and kds[-1] < kds[0])
+    return outcome
+
+
 def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
     """The KD temperature annealed linearly from 2 to 0 over 3 steps (`T = 2 · (1 − (step − 1) / 3)`): at step 4 —
     no statistics step — T is 0 and the KL is NaN; the optimizer's pre-step hook sees NaN gradients and the probes
@@ -2474,6 +2507,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("KD as kl_div of probabilities", "user loop: fp32 KD, `F.kl_div(softmax(student / T), softmax(teacher / "
              "T))` — probabilities where kl_div takes log-probabilities", "fp32", "user loop", kl_div_of_probabilities,
              Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="log_softmax")),
+    Scenario("KD term with its logs swapped", "user loop: fp32 CE + a hand-written KD Σ q·(log p − log q) (−KL: the "
+             "logs swapped), handed over as `probes.step(loss=loss, terms={\"kd\": kd, \"ce\": ce})`", "fp32",
+             "user loop", kd_term_with_its_logs_swapped,
+             Expected("loss_term_negative", "critical", "student", "kd", first_step=1, fix_contains="log q − log p")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
