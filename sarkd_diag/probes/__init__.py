@@ -59,8 +59,8 @@ from .base import (
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe, as_it_ran
 from .gradients import GradientProbe
-from .kl_inputs import watch_kl_div
 from .loss import LossProbe, caller_loss, output_loss
+from .loss_functions import watch as watch_loss_function
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -596,7 +596,8 @@ class Probes:
         last step), the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
-            self.set.until_close(watch_kl_div(self.set.loss.read_kl_input))
+            self.set.until_close(watch_loss_function("kl_div", self.set.loss.read_kl_input))
+            self.set.until_close(watch_loss_function("cross_entropy", self.set.loss.read_cross_entropy))
         if self.set.probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)

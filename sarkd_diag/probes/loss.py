@@ -21,6 +21,7 @@ True)` twice, or again through a total that holds it) is applied twice: its grad
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
+_CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
 
 
 def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
@@ -137,6 +139,8 @@ class LossProbe(Probe):
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
         self._kl_read: int | None = None  # the step whose F.kl_div input was read
+        # (target, its version, ignore_index) of each F.cross_entropy mean the step's training computed
+        self._cross_entropy_targets: list = []
 
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
@@ -211,8 +215,9 @@ class LossProbe(Probe):
         read): what a caller's code that raised before handing its loss over had computed from."""
         return any(not bool(torch.isfinite(loss).all()) for loss, *_ in self._captured)
 
-    def read_kl_input(self, input: torch.Tensor) -> None:  # noqa: A002 - kl_div's own name
-        """`F.kl_div`'s input in a statistics step's training (`kl_inputs.py`): a value above 0 is no log-probability.
+    def read_kl_input(self, input: torch.Tensor, *_args, **_kwargs) -> None:  # noqa: A002 - kl_div's own name
+        """`F.kl_div`'s input in a statistics step's training (`loss_functions.py`): a value above 0 is no
+        log-probability.
         One host read a statistics step — the loop's misuse is the same at every step — until found."""
         if not (self.ctx.stats_step and torch.is_grad_enabled()) or self._kl_read == self.ctx.step \
                 or "kl_input" in self._reported or not input.is_floating_point() or not input.numel():
@@ -226,6 +231,15 @@ class LossProbe(Probe):
                 "it takes log-probabilities (≤ 0), and given probabilities or logits it returns no divergence",
                 step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=largest,
                 dtype=dtype_name(input.dtype), code="kl_input_not_log_probs")
+
+    def read_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, *args, **kwargs) -> None:  # noqa: A002
+        """`F.cross_entropy` averaging over a training forward's targets (`loss_functions.py`): the labels it was given,
+        held for the step — counted only if the step's loss turns non-finite (`_record_empty`), where a call without a
+        target was 0/0. No device work on a step that stays finite."""
+        call = _CROSS_ENTROPY.bind_partial(input, target, *args, **kwargs).arguments
+        if (call.get("reduction", "mean") == "mean" and call.get("size_average") is None and call.get("reduce") is None
+                and torch.is_grad_enabled() and input.requires_grad and not target.is_floating_point()):
+            self._cross_entropy_targets.append((target, version_of(target), call.get("ignore_index", IGNORE_INDEX)))
 
     def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None,
                             terms: dict[str, torch.Tensor] | None = None) -> None:
@@ -280,21 +294,35 @@ class LossProbe(Probe):
         """The micro-batches of this step without targets whose loss is 0/0: all of them, except a share of a step
         that has targets elsewhere (0 over the step's count)."""
         shares, self._target_shares = self._target_shares, []
+        calls, self._cross_entropy_targets = self._cross_entropy_targets, []
         step_has_targets = sum(counts) > 0
         for micro, (count, share) in enumerate(zip(counts, shares, strict=True), start=1):
             if count == 0 and not (share and step_has_targets):
                 self._empty(micro, nonfinite)
+        if nonfinite and "empty_nonfinite" not in self._reported:  # the labels no model was handed
+            self._empty_cross_entropy(calls)
 
-    def _empty(self, micro: int, nonfinite: bool = False) -> None:
+    def _empty_cross_entropy(self, calls: list) -> None:
+        """The step's loss is non-finite: the first `F.cross_entropy` mean over no target explains it (every label its
+        ignore_index: 0/0). One host read per call, on this step only; a target written since the call (a buffer
+        refilled) holds another batch's labels and is not read."""
+        for number, (target, version, ignore_index) in enumerate(calls, start=1):
+            if version_of(target) == version and not bool((target != ignore_index).any()):
+                self._empty(None, True, call=number)
+                return
+
+    def _empty(self, micro: int | None, nonfinite: bool = False, call: int | None = None) -> None:
         """Recorded the first time, and once more the first time the step's loss is non-finite with it (the one that
-        explains the NaN)."""
+        explains the NaN). `call`: found at the step's `call`-th F.cross_entropy, not at a micro-batch's labels."""
         key = "empty_nonfinite" if nonfinite and "empty" in self._reported else "empty"
         if key not in self._reported:
             self._reported.update({key, "empty_nonfinite"} if nonfinite else {key})
-            self.ctx.events.record("empty_targets", "warning",
-                                   f"micro-batch {micro} of step {self.ctx.step} has no target tokens: its "
-                                   "per-token loss is 0/0", step=self.ctx.step, micro_step=micro,
-                                   phase="loss", probe=self.name, model=self._model)
+            where = (f"F.cross_entropy's call {call} of step {self.ctx.step} averages over no target token (every "
+                     "label its ignore_index)" if call
+                     else f"micro-batch {micro} of step {self.ctx.step} has no target tokens")
+            self.ctx.events.record("empty_targets", "warning", f"{where}: its per-token loss is 0/0",
+                                   step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
+                                   model=self._model)
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         captured, self._captured = self._captured, []

@@ -3087,3 +3087,33 @@ def test_terms_that_cannot_be_read_are_refused(terms, loss, error):
     model = Net()
     with Probes(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as probes, pytest.raises(error):
         probes.step(loss=loss, terms=terms)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_cross_entropy_of_the_loops_own_over_no_target_is_named_bad_data(micro_batches):
+    """A KD loop calls the student without labels (its logits feed the KD term) and computes the CE itself: at step 2
+    one micro-batch's labels are all -100 (a prompt-only batch), its CE mean 0/0 — NaN. No model saw those labels, so
+    it read as the loss code's NaN, unplaced; the probes read what `F.cross_entropy` was handed: no target tokens."""
+    torch.manual_seed(0)
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=1).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for step in range(1, 4):
+            total = 0.0
+            for micro in range(micro_batches):
+                ids = torch.randint(0, 64, (2, 12))
+                labels = torch.full_like(ids, -100) if (step, micro) == (2, 0) else ids
+                logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits
+                ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+                loss = (ce + _kl(logits, teacher_logits)) / micro_batches
+                loss.backward()
+                total = total + loss.detach()
+            opt.step()
+            probes.step(loss=total)
+            opt.zero_grad()
+    assert [e.step for e in _events(probes, "empty_targets")] == [2]
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2), cause
+    assert "target tokens" in cause["fix"]
