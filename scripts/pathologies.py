@@ -726,6 +726,42 @@ def empty_targets_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def prompt_only_micro_batch_kd_loop(world: World, tmp: Path) -> Outcome:
+    """A KD loop that calls the student without labels (its logits feed the KD term) and computes the CE itself, two
+    micro-batches a step: at step 2 one micro-batch is prompt-only (every label -100 after truncation), its CE mean
+    0/0. No model was handed those labels; `F.cross_entropy` was."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batches, losses, logits_finite = token_batches(world, 6), [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for step in range(1, 4):
+            total = 0.0
+            for micro in range(2):
+                ids = batches[2 * (step - 1) + micro]
+                labels = torch.full_like(ids, -100) if (step, micro) == (2, 1) else ids
+                logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits
+                ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+                loss = (ce + kd_divergence(2.0)(logits, teacher_logits)) / 2
+                loss.backward()
+                total = total + loss.detach()
+                logits_finite.append(finite(logits))
+            opt.step()
+            losses.append(float(total))
+            probes.step(loss=total)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=all(logits_finite))
+    outcome.check("steps 1 and 3 finite, step 2's loss NaN from finite logits",
+                  math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2])
+                  and all(logits_finite))
+    return outcome
+
+
 def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -2448,6 +2484,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("batch without targets", "user loop: step 2's labels all −100 (0/0 loss)", "fp32", "user loop",
              empty_targets_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
+    Scenario("KD loop's own CE over a prompt-only micro-batch", "user loop: student called without labels, "
+             "`F.cross_entropy` by hand + KD, 2 micro-batches a step; step 2's second all −100 (0/0 loss)", "fp32",
+             "user loop", prompt_only_micro_batch_kd_loop,
+             Expected("nonfinite_input", "critical", "student", first_step=2, fix_contains="target tokens")),
     Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
              "user loop", nan_embeds_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
