@@ -1036,7 +1036,8 @@ class RunRecord:
         `precision.param_dtypes` ({model: {role: {dtype: count}}}, `train`)."""
         precision = self.config.get("precision") or {}
         listed = (precision.get("model_dtypes") or {}).get(model) or []
-        held = (precision.get("param_dtypes") or {}).get(model) or {}
+        held = precision.get("param_dtypes")  # a caller's loop lists the trained weights' dtypes alone, for no model
+        held = (held.get(model) or {}) if isinstance(held, dict) else {}
         roles = held.values() if isinstance(held, dict) else []
         return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
 

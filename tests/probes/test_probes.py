@@ -3117,3 +3117,30 @@ def test_a_cross_entropy_of_the_loops_own_over_no_target_is_named_bad_data(micro
     (cause, *_) = probes.diagnosis()
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2), cause
     assert "target tokens" in cause["fix"]
+
+
+@pytest.mark.parametrize("corrupt", ["student", "teacher"])
+def test_an_infinite_weight_as_loaded_in_a_loops_model_is_named_not_raised(corrupt, tmp_path):
+    """A float32 checkpoint with one +Inf weight (no NaN), in a caller's KD loop: telling whether float16 made it read
+    the run's `param_dtypes` as `train` writes them ({model: {role: {dtype: count}}}), and a caller's loop writes a
+    list — the diagnosis raised AttributeError, and with it the probes' close at the end of the loop. Now the weight is
+    named as loaded, at its module."""
+    torch.manual_seed(0)
+    models = {"student": tiny.make_gpt2(64, seed=0), "teacher": tiny.make_gpt2(64, seed=1).requires_grad_(False)}
+    with torch.no_grad():
+        models[corrupt].transformer.h[1].mlp.c_fc.weight[3, 5] = math.inf
+    opt = torch.optim.AdamW(models["student"].parameters(), lr=1e-3)
+    with Probes(models, optimizer=opt, run_dir=tmp_path) as probes:
+        for ids in torch.randint(0, 64, (2, 2, 12), generator=torch.Generator().manual_seed(0)):
+            out = models["student"](input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = models["teacher"](input_ids=ids).logits
+            loss = out.loss + _kl(out.logits, teacher_logits)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
+        "nonfinite_input", "critical", corrupt, "transformer.h.1.mlp.c_fc", 1), cause
+    assert "as loaded" in cause["fix"]
