@@ -1384,6 +1384,19 @@ def dropout_of_one_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def infinite_teacher_weight_bf16_loop(world: World, tmp: Path) -> Outcome:
+    """A KD loop under bf16 autocast over a teacher whose float32 checkpoint holds one +Inf weight in
+    `TEACHER_HOT` (no NaN, no float16 anywhere): its logits are NaN from step 1."""
+    teacher = kd_teacher(world)
+    with torch.no_grad():
+        teacher.get_submodule(TEACHER_HOT).weight[3, 5] = math.inf
+    outcome = kd_user_loop(world, tmp, kd_divergence(2.0), steps=3, autocast=torch.bfloat16, teacher=teacher)
+    outcome.check("the teacher's weights are float32 with one +Inf; every loss is NaN",
+                  {p.dtype for p in teacher.parameters()} == {torch.float32}
+                  and all(math.isnan(float(v)) for v in outcome.facts["losses"]))
+    return outcome
+
+
 def momentum_buffer_overflow_half_loop(world: World, tmp: Path) -> Outcome:
     """`model.half()` and SGD with momentum 0.999 at lr 1e-7, the loss summed with a weight of 2e4: every gradient
     stays finite in float16 (~1e4), and the float16 momentum buffer sums them past 65504 within ten steps — Inf, and
@@ -2625,6 +2638,11 @@ SCENARIOS: list[Scenario] = [
              "`train --precision fp32`", "fp32", "CLI", corrupted_teacher_checkpoint,
              Expected("nonfinite_input", "critical", "teacher", TEACHER_HOT, first_step=1, fix_contains="checkpoint",
                       fix_lacks="--precision", absent=("teacher_overflow",))),
+    Scenario("teacher checkpoint with an Inf weight, bf16 autocast loop", f"user loop: fp32 student and teacher "
+             f"under `torch.autocast(bfloat16)`, KD; the teacher's float32 `{TEACHER_HOT}` weight holds one +Inf",
+             "bf16-mixed", "user loop", infinite_teacher_weight_bf16_loop,
+             Expected("nonfinite_input", "critical", "teacher", TEACHER_HOT, first_step=1, fix_contains="checkpoint",
+                      absent=("teacher_overflow",))),
     Scenario("NaN embedding row of a rare token", "user loop: fp32 GPT-2 (untied head) whose checkpoint has a NaN "
              "embedding row for a token first seen at step 3", "fp32", "user loop", nan_embedding_row_user_loop,
              Expected("nonfinite_input", "critical", "student", "transformer.wte", first_step=1,
