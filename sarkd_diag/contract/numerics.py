@@ -32,7 +32,9 @@ KD_TARGETS_WARNING = 0.5
 KD_TEMPERATURE_FLOOR = 0.01
 # Loss terms named so are a divergence and a cross-entropy, never below 0 (`loss_term_negative`): sarkd-diag's loop
 # names its own so, a caller's loop by `Probes.step(terms=...)`. A KL of near-equal distributions may round a hair
-# below 0; below −NEGATIVE_TERM_SLACK a term is no such thing (a sign flipped, log p and log q swapped).
+# below 0; below −NEGATIVE_TERM_SLACK a term computed in float32 or wider is no such thing (a sign flipped, log p and
+# log q swapped) — one computed in 16 bits is not judged: its rounding alone takes a KL of near-equal distributions
+# further below 0.
 NONNEGATIVE_TERMS = {"kd": "divergence (KL, JSD) or squared error", "ce": "cross-entropy"}
 NEGATIVE_TERM_SLACK = 1e-3
 

@@ -93,6 +93,13 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
+def _judged_for_sign(dtype: torch.dtype) -> bool:
+    """Whether a term computed in `dtype` below −NEGATIVE_TERM_SLACK is below 0 beyond its rounding: in float32 a KL's
+    log-probabilities round by ~1e-7 a token; in 16 bits by ~1e-3 (bfloat16: ~1e-2), so a KL of near-equal
+    distributions summed over a batch's tokens lands that far below 0 (−0.01 over 24 tokens, where it is +1e-5)."""
+    return torch.finfo(dtype).eps <= torch.finfo(torch.float32).eps
+
+
 # a loss backpropagated as is gets a gradient of exactly 1 (to the scale's rounding under a loss scaler)
 SUMMED_WEIGHT_TOLERANCE = 1e-3
 
@@ -360,7 +367,7 @@ class LossProbe(Probe):
                     losses.append((value, share))
                 if not math.isfinite(value):
                     self._nonfinite(term, value, micro, dtype)
-                elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK:
+                elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK and _judged_for_sign(dtype):
                     self._negative(term, value, micro)
         if not losses:
             return {}

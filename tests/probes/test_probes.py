@@ -3144,3 +3144,21 @@ def test_an_infinite_weight_as_loaded_in_a_loops_model_is_named_not_raised(corru
     assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
         "nonfinite_input", "critical", corrupt, "transformer.h.1.mlp.c_fc", 1), cause
     assert "as loaded" in cause["fix"]
+
+
+def test_a_16_bit_kd_term_below_0_by_rounding_is_not_called_a_sign_error(tmp_path):
+    """A correct KL computed in bfloat16 between near-equal distributions (the teacher's logits a hair from the
+    student's), summed over the batch's tokens: its log-probabilities' rounding takes it to about −0.01 where its
+    value is +1e-5 — no sign error, and not claimed as one."""
+    values = []
+
+    def kd(student_logits, _, __):
+        student_logits = student_logits * 5
+        near = (student_logits + 1e-3 * torch.randn_like(student_logits)).detach()
+        log_p, log_q = student_logits.bfloat16().log_softmax(-1), near.bfloat16().log_softmax(-1)
+        values.append(float((log_q.exp() * (log_q - log_p)).sum()))
+        return (log_q.exp() * (log_q - log_p)).sum()
+
+    probes = _kd_with_terms(kd, tmp_path)
+    assert min(values) < -0.003  # below 0 beyond the float32 slack, by rounding alone
+    assert "loss_term_negative" not in _causes(probes)
