@@ -675,6 +675,13 @@ FIXES = {
                         "row's max, or logits divided by a small temperature first — Inf/Inf is NaN), or an input "
                         "the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
+    "loss_computation_fp16": "check the loss computation: the {term} turned non-finite from finite weights and module "
+                             "outputs (the largest {amax}), and this run computes in float16, so the models' outputs "
+                             "reach the loss as float16, where whatever the loss does to them before a `.float()` "
+                             "overflows past 65504 — outputs up to {amax} divided by a temperature below "
+                             "{temperature_limit} (÷ 65504) are Inf, and their softmax NaN: cast the logits with "
+                             "`.float()` first, then divide by T; if it persists, look for a division by zero (a "
+                             "temperature or token count of 0) or the log of 0; lowering {lr} will not help",
     "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
                       "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "
                       "the loss — `.half()` or `.to(torch.float16)` on its logits or hidden states (often to save "
@@ -2572,10 +2579,14 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     if largest > limit ** RANGE_EXPONENT:  # the loss's own size is near its dtype's range: the sum, not one value
         return Cause("divergence", "critical", **_where(row), evidence={**evidence, "largest_finite_loss": largest},
                      fix=r.fix("loss_sum_low", term=term, dtype=dtype, largest=f"{largest:.5g}", limit=f"{limit:.5g}"))
+    # a loss finished in fp32 from a run computing in float16: the outputs it started from were float16
+    template = "loss_computation_low" if dtype in ("float16", "bfloat16") \
+        else "loss_computation_fp16" if r.computes_in_fp16() else "loss_computation"
+    amax = max(outputs.values())
     return Cause("divergence", "critical", **_where(row), evidence=evidence,
-                 fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
+                 fix=r.fix(template, term=term, dtype=dtype, amax=f"{amax:.3g}",
                            exp_limit=f"{math.log(DTYPE_MAX.get(dtype or 'float32', DTYPE_MAX['float32'])):.1f}",
-                           term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
+                           temperature_limit=f"{amax / FP16_MAX:.2g}"))
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
