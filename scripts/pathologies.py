@@ -980,6 +980,23 @@ def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def tiny_temperature_under_fp16_autocast(world: World, tmp: Path) -> Outcome:
+    """KD at T = 1e-3 under float16 autocast + GradScaler, the teacher confident (logits in the hundreds, as a trained
+    LM's reach): its logits are finite float16, and divided by T in float16 they pass 65504 — Inf, the softmax NaN —
+    though the loss ends in float32."""
+    teacher = kd_teacher(world, confidence=1000.0)
+    outcome = kd_user_loop(world, tmp, kd_divergence(1e-3), steps=2, autocast=torch.float16, teacher=teacher,
+                           init_scale=2.0**16)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        logits = teacher(input_ids=ids).logits
+    outcome.facts["teacher_logit_amax"] = round(float(logits.abs().max()), 1)
+    outcome.check("the teacher's float16 logits are finite, divided by T = 1e-3 in float16 they are not; the loss is "
+                  "NaN from step 1", finite(logits) and not finite(logits / 1e-3)
+                  and math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
+
+
 def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
     """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
     wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
@@ -2564,6 +2581,11 @@ SCENARIOS: list[Scenario] = [
              "logs swapped), handed over as `probes.step(loss=loss, terms={\"kd\": kd, \"ce\": ce})`", "fp32",
              "user loop", kd_term_with_its_logs_swapped,
              Expected("loss_term_negative", "critical", "student", "kd", first_step=1, fix_contains="log q − log p")),
+    Scenario("KD at T = 1e-3 under fp16 autocast", "user loop: fp32 student and a confident teacher (logits in the "
+             "hundreds) under `torch.autocast(float16)` + GradScaler; the KD term divides the float16 logits by "
+             "T = 1e-3",
+             "mixed", "user loop", tiny_temperature_under_fp16_autocast,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="`.float()` first")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
