@@ -1422,19 +1422,20 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert probes.diagnosis() == []
 
 
-def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None
-                         ) -> list[float]:
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None,
+                         nan_at: int | None = None) -> list[float]:
     """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale.
-    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there)."""
+    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there); `nan_at`:
+    the step whose loss is NaN (one bad batch)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler("cpu")
     scales = []
     with probes_of(model, opt, scaler) as probes:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(torch.randn(4, 8)).float().pow(2).mean() * weight
+                loss = model(torch.randn(4, 8)).float().pow(2).mean() * (math.nan if step == nan_at else weight)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -1465,6 +1466,26 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     healthy = _weighted_amp_scales(probes_of, 1e2)
     assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
     assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+
+
+def test_a_warm_up_down_to_its_floor_is_a_collapse_though_one_of_its_skips_had_a_nan_loss():
+    """The same loss weighted 1e4, one batch of the warm-up (step 2) with a NaN loss: that skip says nothing of the
+    scale, but the finite-loss skips after it still overflowed down to the floor. The NaN skip silenced the floor for
+    the run: the collapse went unsaid, and the run, every step skipped, was told to start its scaler at the scale it
+    reached (`no_gradients`). The NaN batch is the root; the collapse follows it."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e4, nan_at=2)
+    assert scales[8] == MIN_WARMUP_SCALE and min(scales) < MIN_WARMUP_SCALE  # the provocation, measured
+    (backoff,) = _events(made[-1], "scaler_backoff")
+    assert (backoff.code, backoff.step, backoff.severity) == ("warmup_scale_low", 9, "warning")
+    (root,) = made[-1].diagnosis()
+    assert (root["cause"], root["first_step"]) == ("divergence", 2)
+    assert root["evidence"]["followed_by"].startswith("loss_scale_collapse@9")
 
 
 def test_a_healthy_warm_up_does_not_count_toward_the_fraction_of_skipped_steps_in_a_longer_run():
