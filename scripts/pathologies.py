@@ -762,6 +762,41 @@ def prompt_only_micro_batch_kd_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
+    """`resize_token_embeddings(+8)` on the tiny GPT-2 (its head tied to the embeddings), the 8 new rows initialised
+    at 3e3 × N(0, 1) (within fp16's range), trained in an AMP loop; one batch in four holds a new token. The rows make
+    the loss ~3e4 and gradients that overflow fp16 at every scale; the batches with a new token overflow the head's
+    float16 logits (NaN loss)."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    model.resize_token_embeddings(world.vocab + 8)
+    with torch.no_grad():
+        model.transformer.wte.weight[-8:] = 3e3 * torch.randn(8, model.config.n_embd)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 16), start=1):
+            if step % 4 == 2:
+                ids = ids.clone()
+                ids[0, 3] = world.vocab + 2  # a new token
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[f"{v:.4g}" for v in losses], final_scale=scaler.get_scale())
+    outcome.check("the new rows fit fp16; the finite losses are above 1e4, those with a new token NaN; every step "
+                  "skipped, the scale down to 1", float(model.transformer.wte.weight.abs().max()) < FP16_MAX
+                  and all(math.isnan(v) == (step % 4 == 2) for step, v in enumerate(losses, start=1))
+                  and min(v for v in losses if math.isfinite(v)) > 1e4 and scaler.get_scale() == 1.0)
+    return outcome
+
+
 def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -2518,6 +2553,10 @@ SCENARIOS: list[Scenario] = [
              "`F.cross_entropy` by hand + KD, 2 micro-batches a step; step 2's second all −100 (0/0 loss)", "fp32",
              "user loop", prompt_only_micro_batch_kd_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, fix_contains="target tokens")),
+    Scenario("resized embeddings' new rows initialised huge, AMP loop", "user loop: autocast fp16 + GradScaler; "
+             "`resize_token_embeddings(+8)` (tied head), the new rows 3e3 × N(0, 1); one batch in four holds a new "
+             "token", "mixed", "user loop", resized_embeddings_initialised_huge,
+             Expected("activation_overflow", "warning", "student", "lm_head", first_step=2, absent=("no_gradients",))),
     Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
              "user loop", nan_embeds_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
