@@ -1022,9 +1022,14 @@ class Probes:
         `requires_grad_(False)` meant for the teacher) — not an optimizer built from other parameters. Backward gives
         them nothing; said at the model frozen, not at another model that happens to be trainable (a teacher left
         unfrozen). (A model with trainable tensors the optimizer lacks — adapters added after it was built over the
-        base they froze — is the other case.)"""
+        base they froze — is the other case.) Unless the model frozen is the teacher and the student is trainable:
+        then the optimizer was built over the wrong model (`AdamW(teacher.parameters())`), and unfreezing the
+        teacher is no fix — said at the student, as an optimizer built from the teacher's parameters."""
         for name, model in self.ctx.models.items():
             frozen = [n for n, p in model.named_parameters() if id(p) in held]
+            if frozen and not trainable[name] and name != "student" and trainable.get("student"):
+                self._optimizes_none_of_them({"student": trainable["student"]}, step, name)
+                return True
             if frozen and not trainable[name]:
                 self.events.record("setup_note", "warning",
                                    f"the optimizer holds {len(frozen)} of {name}'s tensors (e.g. {frozen[0]}) and "

@@ -562,11 +562,13 @@ def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_mod
     assert not [e for e in probes.events.events if e.code == "unoptimized_models"]
 
 
-def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student():
-    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`): the
-    student gets gradients nothing applies and the loss sits still. The diagnosis said the loss was cut off from the
-    teacher's weights; it is the optimizer that holds none of the student's."""
-    student, teacher = Net(), Net()
+@pytest.mark.parametrize("teacher_frozen", [False, True])
+def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student(teacher_frozen):
+    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`; or
+    frozen, as a teacher is): the student gets gradients nothing applies and the loss sits still. The diagnosis said
+    the loss was cut off from the teacher's weights — and, the teacher frozen, that the teacher was frozen by mistake,
+    to be made trainable again; it is the optimizer that holds none of the student's."""
+    student, teacher = Net(), Net().requires_grad_(not teacher_frozen)
     opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
     with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
         for x in torch.randn(3, 4, 8):
