@@ -2370,6 +2370,33 @@ def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def optimizer_over_the_frozen_teacher(world: World, tmp: Path) -> Outcome:
+    """A KD loop whose optimizer was built from the teacher's parameters (`AdamW(teacher.parameters())`, meant the
+    student's), the teacher frozen as teachers are: the student gets gradients nothing applies, the loss sits still."""
+    outcome = Outcome()
+    student = tiny.make_gpt2(world.vocab)
+    teacher = tiny.make_gpt2(world.vocab, seed=3).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3)  # meant: student.parameters()
+    before = [p.detach().clone() for p in student.parameters()]
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            loss = out.loss + kd_divergence(2.0)(out.logits, teacher_logits)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    outcome.facts.update(student_unchanged=unchanged)
+    outcome.check("the student did not change", unchanged)
+    return outcome
+
+
 # ------------------------------------------------------------------------------------------ Llama-style students
 SWIGLU_MLP = "model.layers.1.mlp"  # silu(gate_proj(x)) * up_proj(x) is its own code, handed to down_proj
 
@@ -2858,6 +2885,10 @@ SCENARIOS: list[Scenario] = [
              "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
              student_frozen_instead_of_the_teacher,
              Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="student is frozen")),
+    Scenario("optimizer built over the frozen teacher", "user loop: fp32 KD; `AdamW(teacher.parameters())` (meant "
+             "the student's), the teacher frozen", "fp32", "user loop", optimizer_over_the_frozen_teacher,
+             Expected("no_gradients", "warning", "student", first_step=1, fix_contains="holds none of student's",
+                      fix_lacks="requires_grad_(True)")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),
