@@ -536,6 +536,11 @@ FIXES = {
     "loss_term_negative": "the {term} loss term is {value} at step {step}, below 0, where no {what} goes: it is no "
                           "such thing, and minimising it pushes the student away from {away} — {remedy}; "
                           "precision and the learning rate are not the cause",
+    "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
+                         "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
+                         "no divergence — large, and flat however the student learns — pass the teacher's "
+                         "`F.log_softmax(teacher_logits / T, dim=-1)` as the target, or its softmax without "
+                         "`log_target=True`; precision and the learning rate are not the cause",
     "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
                        "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
                        "forward — {teacher_eval}; precision and the learning rate are not the cause",
@@ -1612,15 +1617,18 @@ def teacher_dropout(r: RunRecord) -> list[Cause]:
 
 
 def kd_input_invalid(r: RunRecord) -> list[Cause]:
-    """`F.kl_div` handed an input that is no log-probability (a `kl_input_not_log_probs` note): what it returns is no
+    """`F.kl_div` handed an input that is no log-probability (a `kl_input_not_log_probs` note), or probabilities as the
+    target it takes as log-probabilities under `log_target=True` (`kl_target_not_log_probs`): what it returns is no
     divergence — negative, or flat however the student learns — and nothing non-finite shows it. Critical: the KD
     objective the run optimises is not the one meant."""
-    note = r.of("setup_note", "kl_input_not_log_probs")
+    note = r.of("setup_note", "kl_input_not_log_probs", "kl_target_not_log_probs")
     if not len(note):
         return []
     row = _first(note)
-    return [Cause("kd_input_invalid", "critical", **_where(row), evidence={"input_max": float(row["value"])},
-                  fix=r.fix("kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
+    target = row.get("code") == "kl_target_not_log_probs"
+    return [Cause("kd_input_invalid", "critical", **_where(row),
+                  evidence={"target_max" if target else "input_max": float(row["value"])},
+                  fix=r.fix("kd_target_invalid" if target else "kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
 
 
 NEGATIVE_TERM_REMEDIES = {

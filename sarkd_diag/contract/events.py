@@ -146,6 +146,9 @@ CODES = {
                             "weight: micro-batches accumulated without dividing each loss by their count",
     "loss_term_negative": "setup_note: a loss term named kd or ce is below 0, where no divergence or cross-entropy "
                           "goes: it is no such thing (a sign flipped, log p and log q swapped)",
+    "kl_target_not_log_probs": "setup_note: F.kl_div's target held a value above 0 with log_target=True in a "
+                               "training step: it takes it as log-probabilities, and given probabilities returns no "
+                               "divergence",
     "kl_input_not_log_probs": "setup_note: F.kl_div's input held a value above 0 in a training step: it takes "
                               "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "

@@ -596,7 +596,7 @@ class Probes:
         last step), the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
-            self.set.until_close(watch_loss_function("kl_div", self.set.loss.read_kl_input))
+            self.set.until_close(watch_loss_function("kl_div", self.set.loss.read_kl_div))
             self.set.until_close(watch_loss_function("cross_entropy", self.set.loss.read_cross_entropy))
         if self.set.probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))

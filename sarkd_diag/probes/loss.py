@@ -34,6 +34,7 @@ from .base import Probe, dtype_name, eager, graph_task_id, version_of
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 _CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
+_KL_DIV = inspect.signature(torch.nn.functional.kl_div)
 
 
 def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
@@ -222,22 +223,32 @@ class LossProbe(Probe):
         read): what a caller's code that raised before handing its loss over had computed from."""
         return any(not bool(torch.isfinite(loss).all()) for loss, *_ in self._captured)
 
-    def read_kl_input(self, input: torch.Tensor, *_args, **_kwargs) -> None:  # noqa: A002 - kl_div's own name
-        """`F.kl_div`'s input in a statistics step's training (`loss_functions.py`): a value above 0 is no
-        log-probability.
-        One host read a statistics step — the loop's misuse is the same at every step — until found."""
+    def read_kl_div(self, input: torch.Tensor, target, *args, **kwargs) -> None:  # noqa: A002 - kl_div's own name
+        """What `F.kl_div` is handed in a statistics step's training (`loss_functions.py`): log-probabilities are ≤ 0,
+        so an input holding a value above 0 is none — nor a target with `log_target=True` (the teacher's softmax handed
+        as its log: Σ e^q·(q − log p), large and flat however the student learns). One host read a statistics step —
+        the loop's misuse is the same at every step — until found."""
         if not (self.ctx.stats_step and torch.is_grad_enabled()) or self._kl_read == self.ctx.step \
-                or "kl_input" in self._reported or not input.is_floating_point() or not input.numel():
+                or not input.is_floating_point() or not input.numel():
             return
         self._kl_read = self.ctx.step
-        largest = float(input.detach().amax())
-        if largest > LOG_PROBABILITY_SLACK:
-            self._reported.add("kl_input")
-            self.ctx.events.record(
-                "setup_note", "warning", f"F.kl_div's input holds values up to {largest:.3g} at step {self.ctx.step}: "
-                "it takes log-probabilities (≤ 0), and given probabilities or logits it returns no divergence",
-                step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=largest,
-                dtype=dtype_name(input.dtype), code="kl_input_not_log_probs")
+        handed = {"input": input}
+        if _KL_DIV.bind(input, target, *args, **kwargs).arguments.get("log_target") and torch.is_tensor(target) \
+                and target.is_floating_point() and target.numel():
+            handed["target"] = target
+        handed = {what: tensor for what, tensor in handed.items() if f"kl_{what}" not in self._reported}
+        if not handed:
+            return
+        largest = torch.stack([tensor.detach().amax().float() for tensor in handed.values()]).tolist()  # one read
+        for (what, tensor), value in zip(handed.items(), largest, strict=True):
+            if value > LOG_PROBABILITY_SLACK:
+                self._reported.add(f"kl_{what}")
+                given = "probabilities or logits" if what == "input" else "probabilities (with log_target=True)"
+                self.ctx.events.record(
+                    "setup_note", "warning", f"F.kl_div's {what} holds values up to {value:.3g} at step "
+                    f"{self.ctx.step}: it takes log-probabilities (≤ 0), and given {given} it returns no divergence",
+                    step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=value,
+                    dtype=dtype_name(tensor.dtype), code=f"kl_{what}_not_log_probs")
 
     def read_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, *args, **kwargs) -> None:  # noqa: A002
         """`F.cross_entropy` averaging over a training forward's targets (`loss_functions.py`): the labels it was given,

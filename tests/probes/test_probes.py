@@ -3185,3 +3185,32 @@ def test_a_16_bit_kd_term_below_0_by_rounding_is_not_called_a_sign_error(tmp_pat
     probes = _kd_with_terms(kd, tmp_path)
     assert min(values) < -0.003  # below 0 beyond the float32 slack, by rounding alone
     assert "loss_term_negative" not in _causes(probes)
+
+
+KL_DIVS_OF_LOG_TARGETS = {
+    "F.kl_div": lambda x, target: nn.functional.kl_div(x, target, reduction="batchmean", log_target=True),
+    "nn.KLDivLoss": nn.KLDivLoss(reduction="batchmean", log_target=True)}
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS_OF_LOG_TARGETS)
+def test_probabilities_handed_to_kl_div_as_a_log_target_are_named_the_kd_losss_fault(tmp_path, kl_div):
+    """`kl_div(log_softmax(student / T), softmax(teacher / T), log_target=True)`: the target is taken as
+    log-probabilities, so the term is Σ e^q·(q − log p) — no divergence, large and flat, every value finite; it was
+    silent. The target is read on statistics steps, where it holds values above 0; training is unchanged."""
+    plain, _ = _kd_with_kl_div(False, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div])
+    probed, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div], tmp_path)
+    assert probed == plain
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
+        "kd_input_invalid", "critical", 1, "student"), cause
+    assert "F.log_softmax(teacher_logits / T, dim=-1)` as the target" in cause["fix"]
+    assert 0 < cause["evidence"]["target_max"] <= 1
+
+
+def test_log_probabilities_handed_to_kl_div_as_a_log_target_are_silent(tmp_path):
+    def kl_div(x, target):
+        return nn.functional.kl_div(x, target.log(), reduction="batchmean", log_target=True)
+
+    _, probes = _kd_with_kl_div(True, torch.log_softmax, kl_div, tmp_path)
+    assert not [e for e in _events(probes, "setup_note") if e.code.startswith("kl_")]
+    assert probes.diagnosis() == []
