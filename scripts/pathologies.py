@@ -965,6 +965,22 @@ def kl_div_of_probabilities(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def kl_div_of_a_probability_log_target(world: World, tmp: Path) -> Outcome:
+    """`F.kl_div(log_softmax(student / T), softmax(teacher / T), log_target=True)`: the target is taken as
+    log-probabilities, so the term is Σ e^q·(q − log p) — no divergence: about |V|·log |V|, flat however the student
+    learns; nothing non-finite."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / 2.0, -1).flatten(0, 1)
+        q = nn.functional.softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+        return nn.functional.kl_div(log_p, q, log_target=True, reduction="batchmean") * 4.0
+    outcome = kd_user_loop(world, tmp, kd, steps=4)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.check("every KD loss is finite, above the vocabulary's size and within 0.1% of the first",
+                  all(math.isfinite(v) and v > world.vocab for v in losses)
+                  and max(losses) - min(losses) < 1e-3 * losses[0])
+    return outcome
+
+
 def kd_term_with_its_logs_swapped(world: World, tmp: Path) -> Outcome:
     """CE + a hand-written KD term whose logs are swapped, Σ q·(log p − log q) = −KL(teacher ‖ student), handed to
     `probes.step(terms=...)` by name: the total stays positive and falls as a loss should, every value finite, while
@@ -2643,6 +2659,10 @@ SCENARIOS: list[Scenario] = [
     Scenario("KD as kl_div of probabilities", "user loop: fp32 KD, `F.kl_div(softmax(student / T), softmax(teacher / "
              "T))` — probabilities where kl_div takes log-probabilities", "fp32", "user loop", kl_div_of_probabilities,
              Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="log_softmax")),
+    Scenario("KD as kl_div of a probability log_target", "user loop: fp32 KD, `F.kl_div(log_softmax(student / T), "
+             "softmax(teacher / T), log_target=True)` — probabilities where log_target takes log-probabilities", "fp32",
+             "user loop", kl_div_of_a_probability_log_target,
+             Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="as the target")),
     Scenario("KD term with its logs swapped", "user loop: fp32 CE + a hand-written KD Σ q·(log p − log q) (−KL: the "
              "logs swapped), handed over as `probes.step(loss=loss, terms={\"kd\": kd, \"ce\": ce})`", "fp32",
              "user loop", kd_term_with_its_logs_swapped,
