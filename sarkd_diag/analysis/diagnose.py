@@ -43,7 +43,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
+    "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -536,6 +536,11 @@ FIXES = {
     "loss_term_negative": "the {term} loss term is {value} at step {step}, below 0, where no {what} goes: it is no "
                           "such thing, and minimising it pushes the student away from {away} — {remedy}; "
                           "precision and the learning rate are not the cause",
+    "kd_reduction_mean": "F.kl_div averages over every element (reduction='mean', its default): the KD term is the "
+                         "divergence per token divided by the vocabulary's {support}, so beside the cross-entropy it "
+                         "carries 1/{support} of the weight meant and the student learns from the cross-entropy "
+                         "alone — pass `reduction=\"batchmean\"` with the logits flattened to (tokens, vocabulary), "
+                         "the KL per token; precision and the learning rate are not the cause",
     "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
                          "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
                          "no divergence — large, and flat however the student learns — pass the teacher's "
@@ -2188,6 +2193,17 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
                   fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
 
 
+def kd_reduction_mean(r: RunRecord) -> list[Cause]:
+    """`F.kl_div` with `reduction="mean"` (a `kl_div_mean_over_support` note): the KD term is divided by the
+    vocabulary's size, a KD term in name only — a warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "kl_div_mean_over_support")
+    if not len(note):
+        return []
+    row = _first(note)
+    return [Cause("kd_reduction_mean", "warning", **_where(row), evidence={"divided_by": int(row["value"])},
+                  fix=r.fix("kd_reduction_mean", support=int(row["value"])))]
+
+
 def accumulation_unmatched(r: RunRecord) -> list[Cause]:
     """An accelerate loop stepped the optimizer after fewer backwards than the Accelerator divides each loss by (an
     `accumulation_unmatched` note): every update is a fraction of the gradient — a warning: slow training, not a
@@ -2602,7 +2618,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low, kd_input_invalid, loss_term_negative)
+         kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -146,6 +146,8 @@ CODES = {
                             "weight: micro-batches accumulated without dividing each loss by their count",
     "loss_term_negative": "setup_note: a loss term named kd or ce is below 0, where no divergence or cross-entropy "
                           "goes: it is no such thing (a sign flipped, log p and log q swapped)",
+    "kl_div_mean_over_support": "setup_note: F.kl_div averaged over every element (reduction='mean') in a training "
+                                "step: the divergence per distribution divided by the distribution's size",
     "kl_target_not_log_probs": "setup_note: F.kl_div's target held a value above 0 with log_target=True in a "
                                "training step: it takes it as log-probabilities, and given probabilities returns no "
                                "divergence",

@@ -232,9 +232,10 @@ class LossProbe(Probe):
                 or not input.is_floating_point() or not input.numel():
             return
         self._kl_read = self.ctx.step
+        call = _KL_DIV.bind(input, target, *args, **kwargs).arguments
+        self._read_kl_reduction(input, call)
         handed = {"input": input}
-        if _KL_DIV.bind(input, target, *args, **kwargs).arguments.get("log_target") and torch.is_tensor(target) \
-                and target.is_floating_point() and target.numel():
+        if call.get("log_target") and torch.is_tensor(target) and target.is_floating_point() and target.numel():
             handed["target"] = target
         handed = {what: tensor for what, tensor in handed.items() if f"kl_{what}" not in self._reported}
         if not handed:
@@ -249,6 +250,21 @@ class LossProbe(Probe):
                     f"{self.ctx.step}: it takes log-probabilities (≤ 0), and given {given} it returns no divergence",
                     step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=value,
                     dtype=dtype_name(tensor.dtype), code=f"kl_{what}_not_log_probs")
+
+    def _read_kl_reduction(self, input: torch.Tensor, call: dict) -> None:  # noqa: A002 - kl_div's own name
+        """`F.kl_div` averaged over every element (`reduction="mean"`, its default): the divergence per distribution
+        divided by the distribution's size, the vocabulary's — torch's own warning, printed once and easily missed.
+        Beside a cross-entropy the KD term then carries 1/|V| of its weight: the student learns from the CE alone."""
+        support = input.shape[-1] if input.dim() else 1
+        if call.get("reduction", "mean") != "mean" or call.get("size_average") is not None \
+                or call.get("reduce") is not None or support < 2 or "kl_reduction" in self._reported:
+            return
+        self._reported.add("kl_reduction")
+        self.ctx.events.record(
+            "setup_note", "warning", f"F.kl_div averages over every element at step {self.ctx.step} "
+            f"(reduction='mean'): its value is the divergence per distribution divided by their size, {support}",
+            step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=float(support),
+            code="kl_div_mean_over_support")
 
     def read_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, *args, **kwargs) -> None:  # noqa: A002
         """`F.cross_entropy` averaging over a training forward's targets (`loss_functions.py`): the labels it was given,

@@ -3214,3 +3214,19 @@ def test_log_probabilities_handed_to_kl_div_as_a_log_target_are_silent(tmp_path)
     _, probes = _kd_with_kl_div(True, torch.log_softmax, kl_div, tmp_path)
     assert not [e for e in _events(probes, "setup_note") if e.code.startswith("kl_")]
     assert probes.diagnosis() == []
+
+
+KL_DIVS_AVERAGED = {"F.kl_div": lambda x, target: nn.functional.kl_div(x, target),
+                    "nn.KLDivLoss": nn.KLDivLoss()}  # reduction="mean", their default
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS_AVERAGED)
+def test_kl_div_averaged_over_the_vocabulary_is_named_a_kd_term_in_name_only(tmp_path, kl_div):
+    """`kl_div(log_softmax(student / T), softmax(teacher / T))` at its default `reduction="mean"`: the mean over every
+    element, the KL per token ÷ the vocabulary's 64 — beside the CE the KD term carries 1/64 of its weight (1/150,000
+    on a real vocabulary), and the run read as healthy. Named from the call's arguments: no device work."""
+    _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_AVERAGED[kl_div], tmp_path)
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
+        "kd_reduction_mean", "warning", 1, "student"), cause
+    assert cause["evidence"] == {"divided_by": 64} and 'reduction="batchmean"' in cause["fix"]
