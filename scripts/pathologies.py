@@ -981,6 +981,24 @@ def kl_div_of_a_probability_log_target(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def kl_div_at_its_default_reduction(world: World, tmp: Path) -> Outcome:
+    """T²·`F.kl_div(log_softmax(student / T), log_softmax(teacher / T), log_target=True)` at kl_div's default
+    `reduction="mean"`: the mean over every element, the KL per token ÷ the vocabulary — a KD term in name only."""
+    per_token = []
+
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / 2.0, -1).flatten(0, 1)
+        log_q = nn.functional.log_softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+        per_token.append(float(nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")))
+        return nn.functional.kl_div(log_p, log_q, log_target=True) * 4.0
+    outcome = kd_user_loop(world, tmp, kd, steps=3)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.facts["kl_per_token"] = [f"{v:.4g}" for v in per_token]
+    outcome.check("the KD term is the KL per token × T² ÷ the vocabulary", all(
+        math.isclose(v, 4.0 * kl / world.vocab, rel_tol=1e-3) for v, kl in zip(losses, per_token, strict=True)))
+    return outcome
+
+
 def kd_term_with_its_logs_swapped(world: World, tmp: Path) -> Outcome:
     """CE + a hand-written KD term whose logs are swapped, Σ q·(log p − log q) = −KL(teacher ‖ student), handed to
     `probes.step(terms=...)` by name: the total stays positive and falls as a loss should, every value finite, while
@@ -2663,6 +2681,10 @@ SCENARIOS: list[Scenario] = [
              "softmax(teacher / T), log_target=True)` — probabilities where log_target takes log-probabilities", "fp32",
              "user loop", kl_div_of_a_probability_log_target,
              Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="as the target")),
+    Scenario("KD as kl_div at its default reduction", "user loop: fp32 KD, T²·`F.kl_div(log_softmax(student / T), "
+             "log_softmax(teacher / T), log_target=True)` at `reduction=\"mean\"` (the default): ÷ the vocabulary",
+             "fp32", "user loop", kl_div_at_its_default_reduction,
+             Expected("kd_reduction_mean", "warning", "student", first_step=1, fix_contains="batchmean")),
     Scenario("KD term with its logs swapped", "user loop: fp32 CE + a hand-written KD Σ q·(log p − log q) (−KL: the "
              "logs swapped), handed over as `probes.step(loss=loss, terms={\"kd\": kd, \"ce\": ce})`", "fp32",
              "user loop", kd_term_with_its_logs_swapped,

@@ -228,12 +228,13 @@ class LossProbe(Probe):
         so an input holding a value above 0 is none — nor a target with `log_target=True` (the teacher's softmax handed
         as its log: Σ e^q·(q − log p), large and flat however the student learns). One host read a statistics step —
         the loop's misuse is the same at every step — until found."""
-        if not (self.ctx.stats_step and torch.is_grad_enabled()) or self._kl_read == self.ctx.step \
-                or not input.is_floating_point() or not input.numel():
+        if not (self.ctx.stats_step and torch.is_grad_enabled()) or not input.is_floating_point() or not input.numel():
+            return
+        call = _KL_DIV.bind(input, target, *args, **kwargs).arguments
+        self._read_kl_reduction(input, call)  # the arguments of every call: no device work
+        if self._kl_read == self.ctx.step:
             return
         self._kl_read = self.ctx.step
-        call = _KL_DIV.bind(input, target, *args, **kwargs).arguments
-        self._read_kl_reduction(input, call)
         handed = {"input": input}
         if call.get("log_target") and torch.is_tensor(target) and target.is_floating_point() and target.numel():
             handed["target"] = target
