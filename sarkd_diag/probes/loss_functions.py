@@ -4,7 +4,8 @@
 `target` probabilities (or log-probabilities, with `log_target=True`). Handed probabilities or logits as `input` — the
 most common slip of a KD loss written by hand — it returns a number that is no divergence: negative, flat however the
 student learns, a loss "stuck at a constant", and nothing non-finite ever shows it. Log-probabilities are ≤ 0, so an
-input holding a value above 0 is not one.
+input holding a value above 0 is not one — nor a target above 0 under `log_target=True`. At its default
+`reduction="mean"` it averages over every element: the divergence per token divided by the vocabulary's size.
 
 `cross_entropy(input, target)` averages over the targets that are not `ignore_index`: over a batch with none (a
 prompt-only batch, every label -100) its mean is 0/0, NaN. A KD loop calls it itself — the model called without labels,
