@@ -726,6 +726,77 @@ def empty_targets_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def prompt_only_micro_batch_kd_loop(world: World, tmp: Path) -> Outcome:
+    """A KD loop that calls the student without labels (its logits feed the KD term) and computes the CE itself, two
+    micro-batches a step: at step 2 one micro-batch is prompt-only (every label -100 after truncation), its CE mean
+    0/0. No model was handed those labels; `F.cross_entropy` was."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batches, losses, logits_finite = token_batches(world, 6), [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for step in range(1, 4):
+            total = 0.0
+            for micro in range(2):
+                ids = batches[2 * (step - 1) + micro]
+                labels = torch.full_like(ids, -100) if (step, micro) == (2, 1) else ids
+                logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits
+                ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+                loss = (ce + kd_divergence(2.0)(logits, teacher_logits)) / 2
+                loss.backward()
+                total = total + loss.detach()
+                logits_finite.append(finite(logits))
+            opt.step()
+            losses.append(float(total))
+            probes.step(loss=total)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=all(logits_finite))
+    outcome.check("steps 1 and 3 finite, step 2's loss NaN from finite logits",
+                  math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2])
+                  and all(logits_finite))
+    return outcome
+
+
+def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
+    """`resize_token_embeddings(+8)` on the tiny GPT-2 (its head tied to the embeddings), the 8 new rows initialised
+    at 3e3 × N(0, 1) (within fp16's range), trained in an AMP loop; one batch in four holds a new token. The rows make
+    the loss ~3e4 and gradients that overflow fp16 at every scale; the batches with a new token overflow the head's
+    float16 logits (NaN loss)."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    model.resize_token_embeddings(world.vocab + 8)
+    with torch.no_grad():
+        model.transformer.wte.weight[-8:] = 3e3 * torch.randn(8, model.config.n_embd)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    losses = []
+    with _probes(model, opt, scaler, tmp / "run") as probes:
+        for step, ids in enumerate(token_batches(world, 16), start=1):
+            if step % 4 == 2:
+                ids = ids.clone()
+                ids[0, 3] = world.vocab + 2  # a new token
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(input_ids=ids, labels=ids).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[f"{v:.4g}" for v in losses], final_scale=scaler.get_scale())
+    outcome.check("the new rows fit fp16; the finite losses are above 1e4, those with a new token NaN; every step "
+                  "skipped, the scale down to 1", float(model.transformer.wte.weight.abs().max()) < FP16_MAX
+                  and all(math.isnan(v) == (step % 4 == 2) for step, v in enumerate(losses, start=1))
+                  and min(v for v in losses if math.isfinite(v)) > 1e4 and scaler.get_scale() == 1.0)
+    return outcome
+
+
 def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -894,6 +965,73 @@ def kl_div_of_probabilities(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def kl_div_of_a_probability_log_target(world: World, tmp: Path) -> Outcome:
+    """`F.kl_div(log_softmax(student / T), softmax(teacher / T), log_target=True)`: the target is taken as
+    log-probabilities, so the term is Σ e^q·(q − log p) — no divergence: about |V|·log |V|, flat however the student
+    learns; nothing non-finite."""
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / 2.0, -1).flatten(0, 1)
+        q = nn.functional.softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+        return nn.functional.kl_div(log_p, q, log_target=True, reduction="batchmean") * 4.0
+    outcome = kd_user_loop(world, tmp, kd, steps=4)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.check("every KD loss is finite, above the vocabulary's size and within 0.1% of the first",
+                  all(math.isfinite(v) and v > world.vocab for v in losses)
+                  and max(losses) - min(losses) < 1e-3 * losses[0])
+    return outcome
+
+
+def kl_div_at_its_default_reduction(world: World, tmp: Path) -> Outcome:
+    """T²·`F.kl_div(log_softmax(student / T), log_softmax(teacher / T), log_target=True)` at kl_div's default
+    `reduction="mean"`: the mean over every element, the KL per token ÷ the vocabulary — a KD term in name only."""
+    per_token = []
+
+    def kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        log_p = nn.functional.log_softmax(student_logits / 2.0, -1).flatten(0, 1)
+        log_q = nn.functional.log_softmax(teacher_logits / 2.0, -1).flatten(0, 1)
+        per_token.append(float(nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean")))
+        return nn.functional.kl_div(log_p, log_q, log_target=True) * 4.0
+    outcome = kd_user_loop(world, tmp, kd, steps=3)
+    losses = [float(v) for v in outcome.facts["losses"]]
+    outcome.facts["kl_per_token"] = [f"{v:.4g}" for v in per_token]
+    outcome.check("the KD term is the KL per token × T² ÷ the vocabulary", all(
+        math.isclose(v, 4.0 * kl / world.vocab, rel_tol=1e-3) for v, kl in zip(losses, per_token, strict=True)))
+    return outcome
+
+
+def kd_term_with_its_logs_swapped(world: World, tmp: Path) -> Outcome:
+    """CE + a hand-written KD term whose logs are swapped, Σ q·(log p − log q) = −KL(teacher ‖ student), handed to
+    `probes.step(terms=...)` by name: the total stays positive and falls as a loss should, every value finite, while
+    minimising −KL drives the student away from its teacher."""
+    outcome = Outcome()
+    student, teacher = tiny.make_gpt2(world.vocab), kd_teacher(world)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    totals, kds = [], []
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 6):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                log_q = nn.functional.log_softmax(teacher(input_ids=ids).logits / 2.0, -1)
+            log_p = nn.functional.log_softmax(out.logits / 2.0, -1)
+            kd = (log_q.exp() * (log_p - log_q)).sum(-1).mean() * 4.0  # meant: (log_q - log_p)
+            loss = out.loss + kd
+            loss.backward()
+            opt.step()
+            totals.append(float(loss.detach()))
+            kds.append(float(kd.detach()))
+            probes.step(loss=loss, terms={"kd": kd, "ce": out.loss})
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(losses=[round(v, 3) for v in totals], kd=[f"{v:.4g}" for v in kds])
+    outcome.check("the total is positive and falls, every value finite", all(map(math.isfinite, totals + kds))
+                  and min(totals) > 0 and totals[-1] < totals[0])
+    outcome.check("the KD term is below 0 on every step and falls: the KL to the teacher grows",
+                  max(kds) < 0 and kds[-1] < kds[0])
+    return outcome
+
+
 def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
     """The KD temperature annealed linearly from 2 to 0 over 3 steps (`T = 2 · (1 − (step − 1) / 3)`): at step 4 —
     no statistics step — T is 0 and the KL is NaN; the optimizer's pre-step hook sees NaN gradients and the probes
@@ -908,6 +1046,23 @@ def annealed_temperature_kd(world: World, tmp: Path) -> Outcome:
     outcome.facts["temperatures"] = [round(t, 3) for t in temperatures]
     outcome.check("finite losses on steps 1-3, NaN from step 4, where T is 0",
                   all(map(math.isfinite, losses[:3])) and math.isnan(losses[3]) and temperatures[3] == 0.0)
+    return outcome
+
+
+def tiny_temperature_under_fp16_autocast(world: World, tmp: Path) -> Outcome:
+    """KD at T = 1e-3 under float16 autocast + GradScaler, the teacher confident (logits in the hundreds, as a trained
+    LM's reach): its logits are finite float16, and divided by T in float16 they pass 65504 — Inf, the softmax NaN —
+    though the loss ends in float32."""
+    teacher = kd_teacher(world, confidence=1000.0)
+    outcome = kd_user_loop(world, tmp, kd_divergence(1e-3), steps=2, autocast=torch.float16, teacher=teacher,
+                           init_scale=2.0**16)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        logits = teacher(input_ids=ids).logits
+    outcome.facts["teacher_logit_amax"] = round(float(logits.abs().max()), 1)
+    outcome.check("the teacher's float16 logits are finite, divided by T = 1e-3 in float16 they are not; the loss is "
+                  "NaN from step 1", finite(logits) and not finite(logits / 1e-3)
+                  and math.isnan(float(outcome.facts["losses"][0])))
     return outcome
 
 
@@ -1312,6 +1467,19 @@ def dropout_of_one_user_loop(world: World, tmp: Path) -> Outcome:
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 4) for v in losses])
     outcome.check("the loss stays at its first value (to 1e-3)", max(losses) - min(losses) < 1e-3)
+    return outcome
+
+
+def infinite_teacher_weight_bf16_loop(world: World, tmp: Path) -> Outcome:
+    """A KD loop under bf16 autocast over a teacher whose float32 checkpoint holds one +Inf weight in
+    `TEACHER_HOT` (no NaN, no float16 anywhere): its logits are NaN from step 1."""
+    teacher = kd_teacher(world)
+    with torch.no_grad():
+        teacher.get_submodule(TEACHER_HOT).weight[3, 5] = math.inf
+    outcome = kd_user_loop(world, tmp, kd_divergence(2.0), steps=3, autocast=torch.bfloat16, teacher=teacher)
+    outcome.check("the teacher's weights are float32 with one +Inf; every loss is NaN",
+                  {p.dtype for p in teacher.parameters()} == {torch.float32}
+                  and all(math.isnan(float(v)) for v in outcome.facts["losses"]))
     return outcome
 
 
@@ -2236,6 +2404,33 @@ def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def optimizer_over_the_frozen_teacher(world: World, tmp: Path) -> Outcome:
+    """A KD loop whose optimizer was built from the teacher's parameters (`AdamW(teacher.parameters())`, meant the
+    student's), the teacher frozen as teachers are: the student gets gradients nothing applies, the loss sits still."""
+    outcome = Outcome()
+    student = tiny.make_gpt2(world.vocab)
+    teacher = tiny.make_gpt2(world.vocab, seed=3).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(teacher.parameters(), lr=1e-3)  # meant: student.parameters()
+    before = [p.detach().clone() for p in student.parameters()]
+    from sarkd_diag import Probes
+
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            loss = out.loss + kd_divergence(2.0)(out.logits, teacher_logits)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, labels=ids)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    outcome.facts.update(student_unchanged=unchanged)
+    outcome.check("the student did not change", unchanged)
+    return outcome
+
+
 # ------------------------------------------------------------------------------------------ Llama-style students
 SWIGLU_MLP = "model.layers.1.mlp"  # silu(gate_proj(x)) * up_proj(x) is its own code, handed to down_proj
 
@@ -2415,6 +2610,14 @@ SCENARIOS: list[Scenario] = [
     Scenario("batch without targets", "user loop: step 2's labels all −100 (0/0 loss)", "fp32", "user loop",
              empty_targets_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
+    Scenario("KD loop's own CE over a prompt-only micro-batch", "user loop: student called without labels, "
+             "`F.cross_entropy` by hand + KD, 2 micro-batches a step; step 2's second all −100 (0/0 loss)", "fp32",
+             "user loop", prompt_only_micro_batch_kd_loop,
+             Expected("nonfinite_input", "critical", "student", first_step=2, fix_contains="target tokens")),
+    Scenario("resized embeddings' new rows initialised huge, AMP loop", "user loop: autocast fp16 + GradScaler; "
+             "`resize_token_embeddings(+8)` (tied head), the new rows 3e3 × N(0, 1); one batch in four holds a new "
+             "token", "mixed", "user loop", resized_embeddings_initialised_huge,
+             Expected("activation_overflow", "warning", "student", "lm_head", first_step=2, absent=("no_gradients",))),
     Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
              "user loop", nan_embeds_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
@@ -2474,6 +2677,23 @@ SCENARIOS: list[Scenario] = [
     Scenario("KD as kl_div of probabilities", "user loop: fp32 KD, `F.kl_div(softmax(student / T), softmax(teacher / "
              "T))` — probabilities where kl_div takes log-probabilities", "fp32", "user loop", kl_div_of_probabilities,
              Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="log_softmax")),
+    Scenario("KD as kl_div of a probability log_target", "user loop: fp32 KD, `F.kl_div(log_softmax(student / T), "
+             "softmax(teacher / T), log_target=True)` — probabilities where log_target takes log-probabilities", "fp32",
+             "user loop", kl_div_of_a_probability_log_target,
+             Expected("kd_input_invalid", "critical", "student", first_step=1, fix_contains="as the target")),
+    Scenario("KD as kl_div at its default reduction", "user loop: fp32 KD, T²·`F.kl_div(log_softmax(student / T), "
+             "log_softmax(teacher / T), log_target=True)` at `reduction=\"mean\"` (the default): ÷ the vocabulary",
+             "fp32", "user loop", kl_div_at_its_default_reduction,
+             Expected("kd_reduction_mean", "warning", "student", first_step=1, fix_contains="batchmean")),
+    Scenario("KD term with its logs swapped", "user loop: fp32 CE + a hand-written KD Σ q·(log p − log q) (−KL: the "
+             "logs swapped), handed over as `probes.step(loss=loss, terms={\"kd\": kd, \"ce\": ce})`", "fp32",
+             "user loop", kd_term_with_its_logs_swapped,
+             Expected("loss_term_negative", "critical", "student", "kd", first_step=1, fix_contains="log q − log p")),
+    Scenario("KD at T = 1e-3 under fp16 autocast", "user loop: fp32 student and a confident teacher (logits in the "
+             "hundreds) under `torch.autocast(float16)` + GradScaler; the KD term divides the float16 logits by "
+             "T = 1e-3",
+             "mixed", "user loop", tiny_temperature_under_fp16_autocast,
+             Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="`.float()` first")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
@@ -2548,6 +2768,11 @@ SCENARIOS: list[Scenario] = [
              "`train --precision fp32`", "fp32", "CLI", corrupted_teacher_checkpoint,
              Expected("nonfinite_input", "critical", "teacher", TEACHER_HOT, first_step=1, fix_contains="checkpoint",
                       fix_lacks="--precision", absent=("teacher_overflow",))),
+    Scenario("teacher checkpoint with an Inf weight, bf16 autocast loop", f"user loop: fp32 student and teacher "
+             f"under `torch.autocast(bfloat16)`, KD; the teacher's float32 `{TEACHER_HOT}` weight holds one +Inf",
+             "bf16-mixed", "user loop", infinite_teacher_weight_bf16_loop,
+             Expected("nonfinite_input", "critical", "teacher", TEACHER_HOT, first_step=1, fix_contains="checkpoint",
+                      absent=("teacher_overflow",))),
     Scenario("NaN embedding row of a rare token", "user loop: fp32 GPT-2 (untied head) whose checkpoint has a NaN "
              "embedding row for a token first seen at step 3", "fp32", "user loop", nan_embedding_row_user_loop,
              Expected("nonfinite_input", "critical", "student", "transformer.wte", first_step=1,
@@ -2702,6 +2927,10 @@ SCENARIOS: list[Scenario] = [
              "teacher), the teacher's forward without `torch.no_grad()`", "fp32", "user loop",
              student_frozen_instead_of_the_teacher,
              Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="student is frozen")),
+    Scenario("optimizer built over the frozen teacher", "user loop: fp32 KD; `AdamW(teacher.parameters())` (meant "
+             "the student's), the teacher frozen", "fp32", "user loop", optimizer_over_the_frozen_teacher,
+             Expected("no_gradients", "warning", "student", first_step=1, fix_contains="holds none of student's",
+                      fix_lacks="requires_grad_(True)")),
     Scenario("clean fp32", "`train --precision fp32`", "fp32", "CLI", clean_cli("fp32"), CLEAN),
     Scenario("clean bf16-mixed", "`train --precision bf16-mixed`", "bf16-mixed", "CLI", clean_cli("bf16-mixed"), CLEAN),
     Scenario("clean mixed", "`train --precision mixed`", "mixed", "CLI", clean_cli("mixed"), CLEAN),

@@ -1029,6 +1029,15 @@ def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limi
     assert "exp()/sum()" in cause["fix"] and "88.7 in float32" in cause["fix"] and "temperature" in cause["fix"]
 
 
+def test_a_float32_loss_of_a_float16_run_turned_nonfinite_by_the_loss_names_its_float16_inputs():
+    """A KD term at T = 1e-3 under float16 autocast: the logits reach the loss as float16 and logits / T is Inf there
+    (7 / 1e-3 > 65504), though the loss ends in float32. The fix named a temperature of 0 and float32's exp limit;
+    it names the float16 inputs, the temperature below which they overflow, and `.float()` before dividing."""
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="mixed", caller="loop")
+    assert (cause["cause"], cause["tensor"], cause["first_step"]) == ("divergence", "loss", 1)
+    assert "float16" in cause["fix"] and "below 0.00011" in cause["fix"] and "`.float()` first" in cause["fix"]
+
+
 @pytest.mark.parametrize("module, router", [("model.layers.0.mlp.gate", True), ("model.layers.0.mlp.up", False)])
 def test_teacher_weights_that_float16_made_inf_at_load_are_the_teachers_dtype_not_a_corrupt_checkpoint(module, router):
     """+Inf and no NaN, in a teacher this run holds in float16 (its router kept fp32 masters afterwards): a weight

@@ -32,6 +32,7 @@ from ..contract.numerics import (
     FP16_MAX,
     FP16_TINY,
     KD_TARGETS_WARNING,
+    NONNEGATIVE_TERMS,
     number_or_none,
 )
 
@@ -42,7 +43,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low", "kd_input_invalid",
+    "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -532,6 +533,19 @@ FIXES = {
                         "learns — pass `F.log_softmax(student_logits / T, dim=-1)` as its input and the teacher's "
                         "`F.softmax(teacher_logits / T, dim=-1)` as its target (or its `log_softmax` with "
                         "`log_target=True`); precision and the learning rate are not the cause",
+    "loss_term_negative": "the {term} loss term is {value} at step {step}, below 0, where no {what} goes: it is no "
+                          "such thing, and minimising it pushes the student away from {away} — {remedy}; "
+                          "precision and the learning rate are not the cause",
+    "kd_reduction_mean": "F.kl_div averages over every element (reduction='mean', its default): the KD term is the "
+                         "divergence per token divided by the vocabulary's {support}, so beside the cross-entropy it "
+                         "carries 1/{support} of the weight meant and the student learns from the cross-entropy "
+                         "alone — pass `reduction=\"batchmean\"` with the logits flattened to (tokens, vocabulary), "
+                         "the KL per token; precision and the learning rate are not the cause",
+    "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
+                         "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
+                         "no divergence — large, and flat however the student learns — pass the teacher's "
+                         "`F.log_softmax(teacher_logits / T, dim=-1)` as the target, or its softmax without "
+                         "`log_target=True`; precision and the learning rate are not the cause",
     "teacher_dropout": "{model} runs in train() mode with dropout on ({module}, p={p}) though nothing of it trains: "
                        "every forward draws a new dropout mask, so the KD targets are noisy and differ from forward to "
                        "forward — {teacher_eval}; precision and the learning rate are not the cause",
@@ -671,6 +685,13 @@ FIXES = {
                         "row's max, or logits divided by a small temperature first — Inf/Inf is NaN), or an input "
                         "the probes do not watch, "
                         "such as a teacher's logits (watch it as `teacher`); lowering {lr} will not help",
+    "loss_computation_fp16": "check the loss computation: the {term} turned non-finite from finite weights and module "
+                             "outputs (the largest {amax}), and this run computes in float16, so the models' outputs "
+                             "reach the loss as float16, where whatever the loss does to them before a `.float()` "
+                             "overflows past 65504 — outputs up to {amax} divided by a temperature below "
+                             "{temperature_limit} (÷ 65504) are Inf, and their softmax NaN: cast the logits with "
+                             "`.float()` first, then divide by T; if it persists, look for a division by zero (a "
+                             "temperature or token count of 0) or the log of 0; lowering {lr} will not help",
     "loss_fp16_cast": "the {term} turned non-finite from finite module outputs, and {model}'s reached {amax} "
                       "({module} first beyond it), beyond float16's 65504: a cast of them to float16 on the way to "
                       "the loss — `.half()` or `.to(torch.float16)` on its logits or hidden states (often to save "
@@ -1033,7 +1054,8 @@ class RunRecord:
         `precision.param_dtypes` ({model: {role: {dtype: count}}}, `train`)."""
         precision = self.config.get("precision") or {}
         listed = (precision.get("model_dtypes") or {}).get(model) or []
-        held = (precision.get("param_dtypes") or {}).get(model) or {}
+        held = precision.get("param_dtypes")  # a caller's loop lists the trained weights' dtypes alone, for no model
+        held = (held.get(model) or {}) if isinstance(held, dict) else {}
         roles = held.values() if isinstance(held, dict) else []
         return "float16" in listed or any(isinstance(d, dict) and "float16" in d for d in roles)
 
@@ -1601,15 +1623,44 @@ def teacher_dropout(r: RunRecord) -> list[Cause]:
 
 
 def kd_input_invalid(r: RunRecord) -> list[Cause]:
-    """`F.kl_div` handed an input that is no log-probability (a `kl_input_not_log_probs` note): what it returns is no
+    """`F.kl_div` handed an input that is no log-probability (a `kl_input_not_log_probs` note), or probabilities as the
+    target it takes as log-probabilities under `log_target=True` (`kl_target_not_log_probs`): what it returns is no
     divergence — negative, or flat however the student learns — and nothing non-finite shows it. Critical: the KD
     objective the run optimises is not the one meant."""
-    note = r.of("setup_note", "kl_input_not_log_probs")
+    note = r.of("setup_note", "kl_input_not_log_probs", "kl_target_not_log_probs")
     if not len(note):
         return []
     row = _first(note)
-    return [Cause("kd_input_invalid", "critical", **_where(row), evidence={"input_max": float(row["value"])},
-                  fix=r.fix("kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
+    target = row.get("code") == "kl_target_not_log_probs"
+    return [Cause("kd_input_invalid", "critical", **_where(row),
+                  evidence={"target_max" if target else "input_max": float(row["value"])},
+                  fix=r.fix("kd_target_invalid" if target else "kd_input_invalid", amax=f"{float(row['value']):.3g}"))]
+
+
+NEGATIVE_TERM_REMEDIES = {
+    "kd": "compute KL(teacher ‖ student) as Σ q·(log q − log p), q the teacher's softmax and log p the student's "
+          "log_softmax (`F.kl_div(log_p, log_q, log_target=True)`): a sign flipped or the two logs swapped makes it "
+          "negative",
+    "ce": "compute it as −Σ y·log p over the student's log_softmax (`F.cross_entropy(logits, labels)`): a minus sign "
+          "lost, or a log of values that are no probabilities, makes it negative",
+}
+
+
+def loss_term_negative(r: RunRecord) -> list[Cause]:
+    """A term named a divergence (`kd`) or a cross-entropy (`ce`) below 0 (a `loss_term_negative` note): it is no such
+    thing, and nothing non-finite shows it — a negated KD term even lets the total fall as a loss should while the
+    student moves away from its teacher. Critical: the objective the run optimises is not the one meant. Not where
+    `F.kl_div` was handed probabilities (`kd_input_invalid`, which makes such a term negative and says why)."""
+    note = r.of("setup_note", "loss_term_negative")
+    if not len(note) or len(r.of("setup_note", "kl_input_not_log_probs")):
+        return []
+    row = _first(note)
+    term, value = row.get("tensor"), float(row["value"])
+    return [Cause("loss_term_negative", "critical", **_where(row), evidence={"term_value": value},
+                  fix=r.fix("loss_term_negative", term=term, value=f"{value:.4g}", step=int(row["step"]),
+                            what=NONNEGATIVE_TERMS.get(term, "divergence or cross-entropy"),
+                            away="its teacher" if term == "kd" else "its labels",
+                            remedy=NEGATIVE_TERM_REMEDIES.get(term, "check the term's sign")))]
 
 
 def teacher_overflow(r: RunRecord) -> list[Cause]:
@@ -2143,6 +2194,17 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
                   fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
 
 
+def kd_reduction_mean(r: RunRecord) -> list[Cause]:
+    """`F.kl_div` with `reduction="mean"` (a `kl_div_mean_over_support` note): the KD term is divided by the
+    vocabulary's size, a KD term in name only — a warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "kl_div_mean_over_support")
+    if not len(note):
+        return []
+    row = _first(note)
+    return [Cause("kd_reduction_mean", "warning", **_where(row), evidence={"divided_by": int(row["value"])},
+                  fix=r.fix("kd_reduction_mean", support=int(row["value"])))]
+
+
 def accumulation_unmatched(r: RunRecord) -> list[Cause]:
     """An accelerate loop stepped the optimizer after fewer backwards than the Accelerator divides each loss by (an
     `accumulation_unmatched` note): every update is a fraction of the gradient — a warning: slow training, not a
@@ -2542,10 +2604,14 @@ def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
     if largest > limit ** RANGE_EXPONENT:  # the loss's own size is near its dtype's range: the sum, not one value
         return Cause("divergence", "critical", **_where(row), evidence={**evidence, "largest_finite_loss": largest},
                      fix=r.fix("loss_sum_low", term=term, dtype=dtype, largest=f"{largest:.5g}", limit=f"{limit:.5g}"))
+    # a loss finished in fp32 from a run computing in float16: the outputs it started from were float16
+    template = "loss_computation_low" if dtype in ("float16", "bfloat16") \
+        else "loss_computation_fp16" if r.computes_in_fp16() else "loss_computation"
+    amax = max(outputs.values())
     return Cause("divergence", "critical", **_where(row), evidence=evidence,
-                 fix=r.fix("loss_computation_low" if dtype in ("float16", "bfloat16") else "loss_computation",
+                 fix=r.fix(template, term=term, dtype=dtype, amax=f"{amax:.3g}",
                            exp_limit=f"{math.log(DTYPE_MAX.get(dtype or 'float32', DTYPE_MAX['float32'])):.1f}",
-                           term=term, dtype=dtype, amax=f"{max(outputs.values()):.3g}"))
+                           temperature_limit=f"{amax / FP16_MAX:.2g}"))
 
 
 RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, optimizer_stepped_twice,
@@ -2553,7 +2619,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low, kd_input_invalid)
+         kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -92,7 +92,8 @@ CODES = {
                             "every step, no update was applied",
     "scale_below_one": "the loss scale fell below 1: gradients overflow even unscaled",
     "loss_nonfinite": "nonfinite_loss: the loss the caller optimises is non-finite",
-    "loss_term_nonfinite": "nonfinite_loss: one term of sarkd-diag's loss (kd, ce, router) is non-finite",
+    "loss_term_nonfinite": "nonfinite_loss: one term of the loss (sarkd-diag's kd, ce, router; a caller's, named by "
+                           "`Probes.step(terms=...)`) is non-finite",
     "empty_targets": "a micro-batch without target tokens: its per-token loss is 0/0",
     "skip_nonfinite_gradients": "policy_skip: --on-nonfinite skip did not run a step whose gradients are non-finite",
     "skip_undone_update": "policy_skip: --on-nonfinite skip undid a step whose update made the weights non-finite",
@@ -144,6 +145,13 @@ CODES = {
                              "optimizer.zero_grad() is not called between optimizer steps",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
+    "loss_term_negative": "setup_note: a loss term named kd or ce is below 0, where no divergence or cross-entropy "
+                          "goes: it is no such thing (a sign flipped, log p and log q swapped)",
+    "kl_div_mean_over_support": "setup_note: F.kl_div averaged over every element (reduction='mean') in a training "
+                                "step: the divergence per distribution divided by the distribution's size",
+    "kl_target_not_log_probs": "setup_note: F.kl_div's target held a value above 0 with log_target=True in a "
+                               "training step: it takes it as log-probabilities, and given probabilities returns no "
+                               "divergence",
     "kl_input_not_log_probs": "setup_note: F.kl_div's input held a value above 0 in a training step: it takes "
                               "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "

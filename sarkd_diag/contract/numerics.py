@@ -30,6 +30,13 @@ KD_TARGETS_WARNING = 0.5
 # at T is one-hot wherever its top logits differ by more than ~0.1 (`kd_temperature_low`): next to a cross-entropy
 # term the student learns from that alone, and the KD term matches the teacher's argmax, not its distribution.
 KD_TEMPERATURE_FLOOR = 0.01
+# Loss terms named so are a divergence and a cross-entropy, never below 0 (`loss_term_negative`): sarkd-diag's loop
+# names its own so, a caller's loop by `Probes.step(terms=...)`. A KL of near-equal distributions may round a hair
+# below 0; below −NEGATIVE_TERM_SLACK a term computed in float32 or wider is no such thing (a sign flipped, log p and
+# log q swapped) — one computed in 16 bits is not judged: its rounding alone takes a KL of near-equal distributions
+# further below 0.
+NONNEGATIVE_TERMS = {"kd": "divergence (KL, JSD) or squared error", "ce": "cross-entropy"}
+NEGATIVE_TERM_SLACK = 1e-3
 
 
 def dtype_name(dtype) -> str:

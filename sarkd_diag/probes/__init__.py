@@ -59,8 +59,8 @@ from .base import (
 from .clipping import watch_gradient_clipping
 from .forwards import ForwardProbe, as_it_ran
 from .gradients import GradientProbe
-from .kl_inputs import watch_kl_div
 from .loss import LossProbe, caller_loss, output_loss
+from .loss_functions import watch as watch_loss_function
 from .optimizer import OptimizerProbe
 from .parameters import ParameterProbe
 from .scaler import ScalerProbe
@@ -608,7 +608,8 @@ class Probes:
         last step), the checks before the first step."""
         if self.set.loss is not None:
             self.set.loss.watch_model_outputs()
-            self.set.until_close(watch_kl_div(self.set.loss.read_kl_input))
+            self.set.until_close(watch_loss_function("kl_div", self.set.loss.read_kl_div))
+            self.set.until_close(watch_loss_function("cross_entropy", self.set.loss.read_cross_entropy))
         if self.set.probes:
             self.set.until_close(watch_gradient_clipping(self._before_clipping))
         self.rows: list[dict] = []  # the metrics rows, kept here only without a run directory (else in its file)
@@ -839,21 +840,24 @@ class Probes:
         self.set.begin_step(step)
 
     def step(self, loss: torch.Tensor | float | None = None, labels: torch.Tensor | None = None, *,
-             skipped: bool = False) -> dict | None:
+             terms: dict[str, torch.Tensor | float] | None = None, skipped: bool = False) -> dict | None:
         """Close the current step (after optimizer.step, before zero_grad): one host transfer, events recorded.
 
         `loss`: what the loop optimises — the reduced loss as a tensor, a number (`loss.item()`) or the model's
         outputs; a loss per sample is refused (TypeError). Without it, the mean loss of the step's training forwards
         as the model returned it. `labels`: the step's labels, to tell a batch without targets; without them, the labels
-        the model was called with. Returns the step's metrics row — or None on a micro-batch of gradient
-        accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
+        the model was called with. `terms`: the parts of `loss` by name (`{"kd": kd, "ce": ce}`, each as `loss` is
+        taken), so a non-finite value is named by the term that made it; `kd` and `ce` are read as a divergence and a
+        cross-entropy, and one below 0 is no such thing. Returns the step's metrics row — or None on a micro-batch of
+        gradient accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
         `skipped`: the loop skipped this step's backward and update on purpose (a guard that drops a batch;
         Lightning's `training_step` returning None): recorded as skipped, its missing gradients no sign of a loss
         cut off from the weights.
         """
         loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
+        terms = self._caller_terms(terms, loss)
         if loss is not None and self.set.loss is not None:
-            self.set.loss.observe_caller_loss(loss, labels)
+            self.set.loss.observe_caller_loss(loss, labels, terms)
         if self._sync_gradients is not None and not self._sync_gradients():
             return None
         self.ctx.caller_skipped = skipped
@@ -902,6 +906,19 @@ class Probes:
                 self._write_config()  # a training forward showed autocast: the mode is known now
         self.set.begin_step(step + 1)
         return row
+
+    @staticmethod
+    def _caller_terms(terms: dict | None, loss: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """`step(terms=...)` as tensors, refused where they cannot be read: a term is a part of the loss handed over
+        with them, one value each, under a name of its own (`loss` is the total's)."""
+        if not terms:
+            return {}
+        if loss is None:
+            raise TypeError("terms are the parts of the loss the loop optimises: pass it too, "
+                            "probes.step(loss=loss, terms=...)")
+        if "loss" in terms or not all(isinstance(name, str) for name in terms):
+            raise ValueError(f"terms are named by strings other than 'loss' (the total's name), not {list(terms)}")
+        return {name: caller_loss(value) for name, value in terms.items()}
 
     def _frozen_models_unseen(self, step: int) -> None:
         """The run's first statistics step that trained read no module output of a frozen model the probes watch (a
@@ -1062,9 +1079,14 @@ class Probes:
         `requires_grad_(False)` meant for the teacher) — not an optimizer built from other parameters. Backward gives
         them nothing; said at the model frozen, not at another model that happens to be trainable (a teacher left
         unfrozen). (A model with trainable tensors the optimizer lacks — adapters added after it was built over the
-        base they froze — is the other case.)"""
+        base they froze — is the other case.) Unless the model frozen is the teacher and the student is trainable:
+        then the optimizer was built over the wrong model (`AdamW(teacher.parameters())`), and unfreezing the
+        teacher is no fix — said at the student, as an optimizer built from the teacher's parameters."""
         for name, model in self.ctx.models.items():
             frozen = [n for n, p in model.named_parameters() if id(p) in held]
+            if frozen and not trainable[name] and name != "student" and trainable.get("student"):
+                self._optimizes_none_of_them({"student": trainable["student"]}, step, name)
+                return True
             if frozen and not trainable[name]:
                 self.events.record("setup_note", "warning",
                                    f"the optimizer holds {len(frozen)} of {name}'s tensors (e.g. {frozen[0]}) and "

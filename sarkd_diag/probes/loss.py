@@ -21,16 +21,20 @@ True)` twice, or again through a total that holds it) is applied twice: its grad
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
 
 import torch
 
+from ..contract.numerics import NEGATIVE_TERM_SLACK, NONNEGATIVE_TERMS
 from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
+_CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
+_KL_DIV = inspect.signature(torch.nn.functional.kl_div)
 
 
 def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
@@ -90,6 +94,13 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value if value.dim() == 0 else value.reshape(())
 
 
+def _judged_for_sign(dtype: torch.dtype) -> bool:
+    """Whether a term computed in `dtype` below −NEGATIVE_TERM_SLACK is below 0 beyond its rounding: in float32 a KL's
+    log-probabilities round by ~1e-7 a token; in 16 bits by ~1e-3 (bfloat16: ~1e-2), so a KL of near-equal
+    distributions summed over a batch's tokens lands that far below 0 (−0.01 over 24 tokens, where it is +1e-5)."""
+    return torch.finfo(dtype).eps <= torch.finfo(torch.float32).eps
+
+
 # a loss backpropagated as is gets a gradient of exactly 1 (to the scale's rounding under a loss scaler)
 SUMMED_WEIGHT_TOLERANCE = 1e-3
 
@@ -136,6 +147,8 @@ class LossProbe(Probe):
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
         self._kl_read: int | None = None  # the step whose F.kl_div input was read
+        # (target, its version, ignore_index) of each F.cross_entropy mean the step's training computed
+        self._cross_entropy_targets: list = []
 
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
@@ -210,24 +223,63 @@ class LossProbe(Probe):
         read): what a caller's code that raised before handing its loss over had computed from."""
         return any(not bool(torch.isfinite(loss).all()) for loss, *_ in self._captured)
 
-    def read_kl_input(self, input: torch.Tensor) -> None:  # noqa: A002 - kl_div's own name
-        """`F.kl_div`'s input in a statistics step's training (`kl_inputs.py`): a value above 0 is no log-probability.
-        One host read a statistics step — the loop's misuse is the same at every step — until found."""
-        if not (self.ctx.stats_step and torch.is_grad_enabled()) or self._kl_read == self.ctx.step \
-                or "kl_input" in self._reported or not input.is_floating_point() or not input.numel():
+    def read_kl_div(self, input: torch.Tensor, target, *args, **kwargs) -> None:  # noqa: A002 - kl_div's own name
+        """What `F.kl_div` is handed in a statistics step's training (`loss_functions.py`): log-probabilities are ≤ 0,
+        so an input holding a value above 0 is none — nor a target with `log_target=True` (the teacher's softmax handed
+        as its log: Σ e^q·(q − log p), large and flat however the student learns). One host read a statistics step —
+        the loop's misuse is the same at every step — until found."""
+        if not (self.ctx.stats_step and torch.is_grad_enabled()) or not input.is_floating_point() or not input.numel():
+            return
+        call = _KL_DIV.bind(input, target, *args, **kwargs).arguments
+        self._read_kl_reduction(input, call)  # the arguments of every call: no device work
+        if self._kl_read == self.ctx.step:
             return
         self._kl_read = self.ctx.step
-        largest = float(input.detach().amax())
-        if largest > LOG_PROBABILITY_SLACK:
-            self._reported.add("kl_input")
-            self.ctx.events.record(
-                "setup_note", "warning", f"F.kl_div's input holds values up to {largest:.3g} at step {self.ctx.step}: "
-                "it takes log-probabilities (≤ 0), and given probabilities or logits it returns no divergence",
-                step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=largest,
-                dtype=dtype_name(input.dtype), code="kl_input_not_log_probs")
+        handed = {"input": input}
+        if call.get("log_target") and torch.is_tensor(target) and target.is_floating_point() and target.numel():
+            handed["target"] = target
+        handed = {what: tensor for what, tensor in handed.items() if f"kl_{what}" not in self._reported}
+        if not handed:
+            return
+        largest = torch.stack([tensor.detach().amax().float() for tensor in handed.values()]).tolist()  # one read
+        for (what, tensor), value in zip(handed.items(), largest, strict=True):
+            if value > LOG_PROBABILITY_SLACK:
+                self._reported.add(f"kl_{what}")
+                given = "probabilities or logits" if what == "input" else "probabilities (with log_target=True)"
+                self.ctx.events.record(
+                    "setup_note", "warning", f"F.kl_div's {what} holds values up to {value:.3g} at step "
+                    f"{self.ctx.step}: it takes log-probabilities (≤ 0), and given {given} it returns no divergence",
+                    step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=value,
+                    dtype=dtype_name(tensor.dtype), code=f"kl_{what}_not_log_probs")
 
-    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """The loss the caller optimises, given explicitly (as `caller_loss` read it): it replaces the losses read
+    def _read_kl_reduction(self, input: torch.Tensor, call: dict) -> None:  # noqa: A002 - kl_div's own name
+        """`F.kl_div` averaged over every element (`reduction="mean"`, its default): the divergence per distribution
+        divided by the distribution's size, the vocabulary's — torch's own warning, printed once and easily missed.
+        Beside a cross-entropy the KD term then carries 1/|V| of its weight: the student learns from the CE alone."""
+        support = input.shape[-1] if input.dim() else 1
+        if call.get("reduction", "mean") != "mean" or call.get("size_average") is not None \
+                or call.get("reduce") is not None or support < 2 or "kl_reduction" in self._reported:
+            return
+        self._reported.add("kl_reduction")
+        self.ctx.events.record(
+            "setup_note", "warning", f"F.kl_div averages over every element at step {self.ctx.step} "
+            f"(reduction='mean'): its value is the divergence per distribution divided by their size, {support}",
+            step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=float(support),
+            code="kl_div_mean_over_support")
+
+    def read_cross_entropy(self, input: torch.Tensor, target: torch.Tensor, *args, **kwargs) -> None:  # noqa: A002
+        """`F.cross_entropy` averaging over a training forward's targets (`loss_functions.py`): the labels it was given,
+        held for the step — counted only if the step's loss turns non-finite (`_record_empty`), where a call without a
+        target was 0/0. No device work on a step that stays finite."""
+        call = _CROSS_ENTROPY.bind_partial(input, target, *args, **kwargs).arguments
+        if (call.get("reduction", "mean") == "mean" and call.get("size_average") is None and call.get("reduce") is None
+                and torch.is_grad_enabled() and input.requires_grad and not target.is_floating_point()):
+            self._cross_entropy_targets.append((target, version_of(target), call.get("ignore_index", IGNORE_INDEX)))
+
+    def observe_caller_loss(self, loss: torch.Tensor, labels: torch.Tensor | None = None,
+                            terms: dict[str, torch.Tensor] | None = None) -> None:
+        """The loss the caller optimises, given explicitly (as `caller_loss` read it), and the terms the caller names
+        in it (`kd`, `ce`, ...), each checked as sarkd-diag's own loop's terms are: it replaces the losses read
         from the outputs; its target count comes from `labels`, else from the labels the model was called with this
         step — the fewest of any forward, since one micro-batch without targets makes an accumulated loss 0/0 —
         or, where every forward's loss was a share of the step's (`num_items_in_batch`), their sum: each was divided by
@@ -245,7 +297,7 @@ class LossProbe(Probe):
             targets = None
         if loss.grad_fn is not None:  # the root of its graph, as `ProbeSet.observe_loss_graph` keeps a framework's
             self.ctx.loss_roots.append(loss.grad_fn)
-        self.observe({"loss": loss}, targets)
+        self.observe({**(terms or {}), "loss": loss}, targets)  # a term first: a NaN it made is named by it
 
     def begin_step(self) -> None:
         self._micro = 0
@@ -277,21 +329,35 @@ class LossProbe(Probe):
         """The micro-batches of this step without targets whose loss is 0/0: all of them, except a share of a step
         that has targets elsewhere (0 over the step's count)."""
         shares, self._target_shares = self._target_shares, []
+        calls, self._cross_entropy_targets = self._cross_entropy_targets, []
         step_has_targets = sum(counts) > 0
         for micro, (count, share) in enumerate(zip(counts, shares, strict=True), start=1):
             if count == 0 and not (share and step_has_targets):
                 self._empty(micro, nonfinite)
+        if nonfinite and "empty_nonfinite" not in self._reported:  # the labels no model was handed
+            self._empty_cross_entropy(calls)
 
-    def _empty(self, micro: int, nonfinite: bool = False) -> None:
+    def _empty_cross_entropy(self, calls: list) -> None:
+        """The step's loss is non-finite: the first `F.cross_entropy` mean over no target explains it (every label its
+        ignore_index: 0/0). One host read per call, on this step only; a target written since the call (a buffer
+        refilled) holds another batch's labels and is not read."""
+        for number, (target, version, ignore_index) in enumerate(calls, start=1):
+            if version_of(target) == version and not bool((target != ignore_index).any()):
+                self._empty(None, True, call=number)
+                return
+
+    def _empty(self, micro: int | None, nonfinite: bool = False, call: int | None = None) -> None:
         """Recorded the first time, and once more the first time the step's loss is non-finite with it (the one that
-        explains the NaN)."""
+        explains the NaN). `call`: found at the step's `call`-th F.cross_entropy, not at a micro-batch's labels."""
         key = "empty_nonfinite" if nonfinite and "empty" in self._reported else "empty"
         if key not in self._reported:
             self._reported.update({key, "empty_nonfinite"} if nonfinite else {key})
-            self.ctx.events.record("empty_targets", "warning",
-                                   f"micro-batch {micro} of step {self.ctx.step} has no target tokens: its "
-                                   "per-token loss is 0/0", step=self.ctx.step, micro_step=micro,
-                                   phase="loss", probe=self.name, model=self._model)
+            where = (f"F.cross_entropy's call {call} of step {self.ctx.step} averages over no target token (every "
+                     "label its ignore_index)" if call
+                     else f"micro-batch {micro} of step {self.ctx.step} has no target tokens")
+            self.ctx.events.record("empty_targets", "warning", f"{where}: its per-token loss is 0/0",
+                                   step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
+                                   model=self._model)
 
     def take_readings(self) -> dict[str, torch.Tensor]:
         captured, self._captured = self._captured, []
@@ -329,6 +395,8 @@ class LossProbe(Probe):
                     losses.append((value, share))
                 if not math.isfinite(value):
                     self._nonfinite(term, value, micro, dtype)
+                elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK and _judged_for_sign(dtype):
+                    self._negative(term, value, micro)
         if not losses:
             return {}
         total = sum(value for value, _ in losses)
@@ -372,15 +440,29 @@ class LossProbe(Probe):
                                    code="loss_backpropagated_twice")
 
     def _nonfinite(self, term: str, value: float, micro: int, dtype: torch.dtype) -> None:
-        if term in self._reported:
+        if f"nonfinite_{term}" in self._reported:
             return
-        self._reported.add(term)
+        self._reported.add(f"nonfinite_{term}")
         what = "the loss" if term == "loss" else f"the {term} loss term"
         self.ctx.events.record("nonfinite_loss", "critical",
                                f"{what} is {value} at step {self.ctx.step} (micro-batch {micro})",
                                step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name,
                                model=self._model, tensor=term, dtype=dtype_name(dtype),
                                value=value, code="loss_nonfinite" if term == "loss" else "loss_term_nonfinite")
+
+    def _negative(self, term: str, value: float, micro: int) -> None:
+        """A term named a divergence or a cross-entropy below 0, where neither goes: it is no such thing (a sign
+        flipped, log p and log q swapped), and minimising it does not do what the name says — with every value finite
+        and a total that may fall as a loss should. Said once per term."""
+        key = f"negative_{term}"
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self.ctx.events.record("setup_note", "warning",
+                               f"the {term} loss term is {value:.4g} at step {self.ctx.step} (micro-batch {micro}): "
+                               f"below 0, where no {NONNEGATIVE_TERMS[term]} goes",
+                               step=self.ctx.step, micro_step=micro, phase="loss", probe=self.name, model=self._model,
+                               tensor=term, value=value, code="loss_term_negative")
 
     def close(self) -> None:
         for h in self._handles:

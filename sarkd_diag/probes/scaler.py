@@ -3,8 +3,9 @@
 GradScaler skips a step exactly when it backs off, so a fall of the scale is a skipped step. The consecutive skips
 of the first steps, while the scaler finds its scale, are it working (info) — unless they bring the scale down to
 MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds float16's largest value over twice that
-scale before any scaling (a loss term weighted far too high), and each halving was a step lost (unless a skip of
-the warm-up had a non-finite loss, whose gradients are non-finite at any scale: the floor then says nothing); after
+scale before any scaling (a loss term weighted far too high), and each halving was a step lost — judged on a skip
+whose loss was finite (a non-finite loss's gradients are non-finite at any scale: its skip says nothing, but neither
+does it unsay the finite ones after it, which overflowed at the scale it left); after
 the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps since it ended (its own
 skips are the floor's to judge: six halvings are not 30% of a 20-step run lost), is a warning, and a scale below 1 is
 critical (gradients are being shrunk, not protected). A run that ends with the warm-up still going — every step
@@ -46,7 +47,6 @@ class ScalerProbe(Probe):
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
         self._first_skipped = False
         self._skip_beyond_the_loss = False  # a step skipped with its loss finite (or not handed over): for the scale
-        self._skip_for_the_loss = False  # a step skipped with its loss non-finite: at any scale
         self._initial: float | None = None  # the scale the first step started from (once, before it)
 
     def begin_step(self) -> None:
@@ -69,7 +69,6 @@ class ScalerProbe(Probe):
         # a non-finite loss makes non-finite gradients at any scale: that skip says nothing of the scale
         loss_finite = all(map(math.isfinite, terms))
         self._skip_beyond_the_loss |= skipped and loss_finite
-        self._skip_for_the_loss |= skipped and not loss_finite
         if skipped and self.ctx.optimizer_ran and len(optimizers_of(self.ctx.optimizer)) == 1:
             self._stepped_past_skip()
         if first_reading:
@@ -89,8 +88,10 @@ class ScalerProbe(Probe):
                                    code="scaler_skip_warmup" if self._warming_up else "scaler_skip_overflow")
         else:
             self._streak = 0
-        # the floor's claim — gradients this large before any scaling — stands only on halvings the gradients made
-        if self._warming_up and scale <= MIN_WARMUP_SCALE and not self._warned_warmup and not self._skip_for_the_loss:
+        # the floor's claim — gradients this large before any scaling — stands on a skip the gradients made, one whose
+        # loss was finite: it overflowed at twice this scale, however the halvings before it came (a skip of a
+        # non-finite loss overflows at any scale and says nothing)
+        if self._warming_up and skipped and loss_finite and scale <= MIN_WARMUP_SCALE and not self._warned_warmup:
             self._warned_warmup = True
             self._backoff(f"its warm-up skipped every step up to step {self.ctx.step}, down to a scale of {scale:g} — "
                           f"some gradient exceeds {FP16_MAX / (2 * scale):.3g} before any scaling", scale,

@@ -562,11 +562,13 @@ def test_an_optimizer_of_flat_copies_is_not_taken_for_one_built_from_another_mod
     assert not [e for e in probes.events.events if e.code == "unoptimized_models"]
 
 
-def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student():
-    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`): the
-    student gets gradients nothing applies and the loss sits still. The diagnosis said the loss was cut off from the
-    teacher's weights; it is the optimizer that holds none of the student's."""
-    student, teacher = Net(), Net()
+@pytest.mark.parametrize("teacher_frozen", [False, True])
+def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student(teacher_frozen):
+    """The optimizer made from the teacher's parameters (left trainable, its forward under `torch.no_grad()`; or
+    frozen, as a teacher is): the student gets gradients nothing applies and the loss sits still. The diagnosis said
+    the loss was cut off from the teacher's weights — and, the teacher frozen, that the teacher was frozen by mistake,
+    to be made trainable again; it is the optimizer that holds none of the student's."""
+    student, teacher = Net(), Net().requires_grad_(not teacher_frozen)
     opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
     with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
         for x in torch.randn(3, 4, 8):
@@ -1422,19 +1424,20 @@ def test_scaler_warm_up_skips_are_not_warnings():
     assert probes.diagnosis() == []
 
 
-def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None
-                         ) -> list[float]:
+def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None,
+                         nan_at: int | None = None) -> list[float]:
     """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale.
-    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there)."""
+    `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there); `nan_at`:
+    the step whose loss is NaN (one bad batch)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     scaler = torch.amp.GradScaler("cpu")
     scales = []
     with probes_of(model, opt, scaler) as probes:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             with torch.autocast("cpu", dtype=torch.float16):
-                loss = model(torch.randn(4, 8)).float().pow(2).mean() * weight
+                loss = model(torch.randn(4, 8)).float().pow(2).mean() * (math.nan if step == nan_at else weight)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -1465,6 +1468,26 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     healthy = _weighted_amp_scales(probes_of, 1e2)
     assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
     assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+
+
+def test_a_warm_up_down_to_its_floor_is_a_collapse_though_one_of_its_skips_had_a_nan_loss():
+    """The same loss weighted 1e4, one batch of the warm-up (step 2) with a NaN loss: that skip says nothing of the
+    scale, but the finite-loss skips after it still overflowed down to the floor. The NaN skip silenced the floor for
+    the run: the collapse went unsaid, and the run, every step skipped, was told to start its scaler at the scale it
+    reached (`no_gradients`). The NaN batch is the root; the collapse follows it."""
+    made = []
+
+    def probes_of(model, opt, scaler):
+        made.append(Probes(model, optimizer=opt, scaler=scaler))
+        return made[-1]
+
+    scales = _weighted_amp_scales(probes_of, 1e4, nan_at=2)
+    assert scales[8] == MIN_WARMUP_SCALE and min(scales) < MIN_WARMUP_SCALE  # the provocation, measured
+    (backoff,) = _events(made[-1], "scaler_backoff")
+    assert (backoff.code, backoff.step, backoff.severity) == ("warmup_scale_low", 9, "warning")
+    (root,) = made[-1].diagnosis()
+    assert (root["cause"], root["first_step"]) == ("divergence", 2)
+    assert root["evidence"]["followed_by"].startswith("loss_scale_collapse@9")
 
 
 def test_a_healthy_warm_up_does_not_count_toward_the_fraction_of_skipped_steps_in_a_longer_run():
@@ -3023,3 +3046,187 @@ def test_log_probabilities_handed_to_kl_div_are_silent(tmp_path, kl_div):
     _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS[kl_div], tmp_path)
     assert not [e for e in _events(probes, "setup_note") if e.code == "kl_input_not_log_probs"]
     assert [c["cause"] for c in probes.diagnosis()] == []
+
+
+def _kd_with_terms(kd_term, tmp_path, steps: int = 3, named: bool = True) -> object:
+    """A hand-written KD loop over a tiny GPT-2 pair: CE + kd_term(student logits, teacher logits, step), the terms
+    handed to `probes.step(terms=...)` when `named`; the probes."""
+    torch.manual_seed(0)
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=1).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    batches = torch.randint(0, 64, (steps, 2, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path) as probes:
+        for step, ids in enumerate(batches, start=1):
+            out = student(input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits
+            kd = kd_term(out.logits, teacher_logits, step)
+            loss = out.loss + kd
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss, terms={"kd": kd, "ce": out.loss} if named else None)
+            opt.zero_grad()
+    return probes
+
+
+def _kl(student_logits, teacher_logits, temperature: float = 2.0, swapped: bool = False) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) written by hand, Σ q·(log q − log p); `swapped`: the logs swapped, −KL."""
+    log_p = torch.log_softmax(student_logits / temperature, -1)
+    log_q = torch.log_softmax(teacher_logits / temperature, -1)
+    difference = log_p - log_q if swapped else log_q - log_p
+    return (log_q.exp() * difference).sum(-1).mean() * temperature**2
+
+
+def test_a_kd_term_handed_over_below_0_is_named_no_divergence(tmp_path):
+    """The KD term's logs swapped, Σ q·(log p − log q) = −KL: minimising it pushes the student away from its teacher,
+    while CE + KD stays positive and falls, every value finite — silent, the loss alone handed over. Handed over by
+    name, the term below 0 is named, at step 1, with a fix about its sign; the correct KL is silent."""
+    def swapped(s, t, _):
+        return _kl(s, t, swapped=True)
+
+    assert _kd_with_terms(swapped, tmp_path / "unnamed", named=False).diagnosis() == []
+    probes = _kd_with_terms(swapped, tmp_path / "named")
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["model"], cause["tensor"], cause["first_step"]) == (
+        "loss_term_negative", "critical", "student", "kd", 1), cause
+    assert cause["evidence"]["term_value"] < 0 and "Σ q·(log q − log p)" in cause["fix"]
+    assert _kd_with_terms(lambda s, t, _: _kl(s, t), tmp_path / "correct").diagnosis() == []
+
+
+def test_a_nonfinite_term_handed_over_is_named_by_the_term(tmp_path):
+    """The KD temperature annealed to 0 at step 3: the loss and its kd term turn NaN. Handed over by name, the cause
+    names the kd term (and the step), not the total."""
+    probes = _kd_with_terms(lambda s, t, step: _kl(s, t, temperature=2.0 * (3 - step) / 2), tmp_path)
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["tensor"], cause["first_step"]) == ("divergence", "kd", 3), cause
+    assert cause["evidence"]["loss_term"] == "kd" and "the kd loss term turned non-finite" in cause["fix"]
+
+
+@pytest.mark.parametrize("terms, loss, error", [({"kd": 0.5}, None, TypeError),
+                                                ({"loss": 0.5}, 1.0, ValueError),
+                                                ({"kd": torch.ones(3)}, 1.0, TypeError)])
+def test_terms_that_cannot_be_read_are_refused(terms, loss, error):
+    """Terms are parts of the loss handed over with them, one value each, never named `loss` (the total's name)."""
+    model = Net()
+    with Probes(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as probes, pytest.raises(error):
+        probes.step(loss=loss, terms=terms)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_cross_entropy_of_the_loops_own_over_no_target_is_named_bad_data(micro_batches):
+    """A KD loop calls the student without labels (its logits feed the KD term) and computes the CE itself: at step 2
+    one micro-batch's labels are all -100 (a prompt-only batch), its CE mean 0/0 — NaN. No model saw those labels, so
+    it read as the loss code's NaN, unplaced; the probes read what `F.cross_entropy` was handed: no target tokens."""
+    torch.manual_seed(0)
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=1).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for step in range(1, 4):
+            total = 0.0
+            for micro in range(micro_batches):
+                ids = torch.randint(0, 64, (2, 12))
+                labels = torch.full_like(ids, -100) if (step, micro) == (2, 0) else ids
+                logits = student(input_ids=ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits
+                ce = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+                loss = (ce + _kl(logits, teacher_logits)) / micro_batches
+                loss.backward()
+                total = total + loss.detach()
+            opt.step()
+            probes.step(loss=total)
+            opt.zero_grad()
+    assert [e.step for e in _events(probes, "empty_targets")] == [2]
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2), cause
+    assert "target tokens" in cause["fix"]
+
+
+@pytest.mark.parametrize("corrupt", ["student", "teacher"])
+def test_an_infinite_weight_as_loaded_in_a_loops_model_is_named_not_raised(corrupt, tmp_path):
+    """A float32 checkpoint with one +Inf weight (no NaN), in a caller's KD loop: telling whether float16 made it read
+    the run's `param_dtypes` as `train` writes them ({model: {role: {dtype: count}}}), and a caller's loop writes a
+    list — the diagnosis raised AttributeError, and with it the probes' close at the end of the loop. Now the weight is
+    named as loaded, at its module."""
+    torch.manual_seed(0)
+    models = {"student": tiny.make_gpt2(64, seed=0), "teacher": tiny.make_gpt2(64, seed=1).requires_grad_(False)}
+    with torch.no_grad():
+        models[corrupt].transformer.h[1].mlp.c_fc.weight[3, 5] = math.inf
+    opt = torch.optim.AdamW(models["student"].parameters(), lr=1e-3)
+    with Probes(models, optimizer=opt, run_dir=tmp_path) as probes:
+        for ids in torch.randint(0, 64, (2, 2, 12), generator=torch.Generator().manual_seed(0)):
+            out = models["student"](input_ids=ids, labels=ids)
+            with torch.no_grad():
+                teacher_logits = models["teacher"](input_ids=ids).logits
+            loss = out.loss + _kl(out.logits, teacher_logits)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
+        "nonfinite_input", "critical", corrupt, "transformer.h.1.mlp.c_fc", 1), cause
+    assert "as loaded" in cause["fix"]
+
+
+def test_a_16_bit_kd_term_below_0_by_rounding_is_not_called_a_sign_error(tmp_path):
+    """A correct KL computed in bfloat16 between near-equal distributions (the teacher's logits a hair from the
+    student's), summed over the batch's tokens: its log-probabilities' rounding takes it to about −0.01 where its
+    value is +1e-5 — no sign error, and not claimed as one."""
+    values = []
+
+    def kd(student_logits, _, __):
+        student_logits = student_logits * 5
+        near = (student_logits + 1e-3 * torch.randn_like(student_logits)).detach()
+        log_p, log_q = student_logits.bfloat16().log_softmax(-1), near.bfloat16().log_softmax(-1)
+        values.append(float((log_q.exp() * (log_q - log_p)).sum()))
+        return (log_q.exp() * (log_q - log_p)).sum()
+
+    probes = _kd_with_terms(kd, tmp_path)
+    assert min(values) < -0.003  # below 0 beyond the float32 slack, by rounding alone
+    assert "loss_term_negative" not in _causes(probes)
+
+
+KL_DIVS_OF_LOG_TARGETS = {
+    "F.kl_div": lambda x, target: nn.functional.kl_div(x, target, reduction="batchmean", log_target=True),
+    "nn.KLDivLoss": nn.KLDivLoss(reduction="batchmean", log_target=True)}
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS_OF_LOG_TARGETS)
+def test_probabilities_handed_to_kl_div_as_a_log_target_are_named_the_kd_losss_fault(tmp_path, kl_div):
+    """`kl_div(log_softmax(student / T), softmax(teacher / T), log_target=True)`: the target is taken as
+    log-probabilities, so the term is Σ e^q·(q − log p) — no divergence, large and flat, every value finite; it was
+    silent. The target is read on statistics steps, where it holds values above 0; training is unchanged."""
+    plain, _ = _kd_with_kl_div(False, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div])
+    probed, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div], tmp_path)
+    assert probed == plain
+    (cause, *_) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
+        "kd_input_invalid", "critical", 1, "student"), cause
+    assert "F.log_softmax(teacher_logits / T, dim=-1)` as the target" in cause["fix"]
+    assert 0 < cause["evidence"]["target_max"] <= 1
+
+
+def test_log_probabilities_handed_to_kl_div_as_a_log_target_are_silent(tmp_path):
+    def kl_div(x, target):
+        return nn.functional.kl_div(x, target.log(), reduction="batchmean", log_target=True)
+
+    _, probes = _kd_with_kl_div(True, torch.log_softmax, kl_div, tmp_path)
+    assert not [e for e in _events(probes, "setup_note") if e.code.startswith("kl_")]
+    assert probes.diagnosis() == []
+
+
+KL_DIVS_AVERAGED = {"F.kl_div": lambda x, target: nn.functional.kl_div(x, target),
+                    "nn.KLDivLoss": nn.KLDivLoss()}  # reduction="mean", their default
+
+
+@pytest.mark.parametrize("kl_div", KL_DIVS_AVERAGED)
+def test_kl_div_averaged_over_the_vocabulary_is_named_a_kd_term_in_name_only(tmp_path, kl_div):
+    """`kl_div(log_softmax(student / T), softmax(teacher / T))` at its default `reduction="mean"`: the mean over every
+    element, the KL per token ÷ the vocabulary's 64 — beside the CE the KD term carries 1/64 of its weight (1/150,000
+    on a real vocabulary), and the run read as healthy. Named from the call's arguments: no device work."""
+    _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_AVERAGED[kl_div], tmp_path)
+    (cause,) = probes.diagnosis()
+    assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
+        "kd_reduction_mean", "warning", 1, "student"), cause
+    assert cause["evidence"] == {"divided_by": 64} and 'reduction="batchmean"' in cause["fix"]
