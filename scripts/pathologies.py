@@ -585,6 +585,16 @@ def _probes(model, opt, scaler, run_dir):
     return Probes(model, optimizer=opt, scaler=scaler, run_dir=run_dir)
 
 
+def scaled_update(loss: torch.Tensor, ids: torch.Tensor, scaler, opt, probes) -> None:
+    """The rest of a GradScaler step once the loss is made: scaled backward, step, update, `probes.step()` with the
+    loss and labels, `zero_grad()`."""
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    probes.step(loss=loss, labels=ids)
+    opt.zero_grad()
+
+
 def amp_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: Path,
                   dtype: torch.dtype = torch.float16) -> list[float]:
     """The AMP recipe a user writes: autocast, a GradScaler's scaled backward, step and update (bfloat16 needs no
@@ -596,11 +606,7 @@ def amp_user_loop(model: nn.Module, opt, batches: list[torch.Tensor], run_dir: P
             with torch.autocast("cpu", dtype=dtype):
                 loss = model(input_ids=ids, labels=ids).loss
             losses.append(float(loss.detach()))
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+            scaled_update(loss, ids, scaler, opt, probes)
     return losses
 
 
@@ -782,12 +788,8 @@ def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
                 ids[0, 3] = world.vocab + 2  # a new token
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = model(input_ids=ids, labels=ids).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
             losses.append(float(loss.detach()))
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+            scaled_update(loss, ids, scaler, opt, probes)
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[f"{v:.4g}" for v in losses], final_scale=scaler.get_scale())
     outcome.check("the new rows fit fp16; the finite losses are above 1e4, those with a new token NaN; every step "
@@ -918,11 +920,7 @@ def teacher_overflow_under_amp_autocast(world: World, tmp: Path) -> Outcome:
                 with torch.no_grad():
                     target = teacher(input_ids=ids).logits
                 loss = out.loss + kd_divergence(2.0)(out.logits.float(), target.float())
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+            scaled_update(loss, ids, scaler, opt, probes)
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(first_beyond_fp16=beyond, teacher_weight_amax=round(max_weight(teacher), 1),
                          fp32_forward_finite=fp32_finite, fp16_autocast_forward_finite=fp16_finite)
@@ -1125,12 +1123,8 @@ def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overf
             if stops_on_nonfinite and not torch.isfinite(loss):
                 losses.append(float(loss.detach()))
                 raise FloatingPointError(f"non-finite loss at step {step}")
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
             losses.append(float(loss.detach()))
-            probes.step(loss=loss, labels=ids)
-            opt.zero_grad()
+            scaled_update(loss, ids, scaler, opt, probes)
     outcome.diagnosis = user_run_diagnosis(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], final_scale=scaler.get_scale(),
                          weights_finite=all(bool(p.isfinite().all()) for p in model.parameters()))
