@@ -193,7 +193,9 @@ def single_process(tiny_world, tmp_path_factory, cli):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("setup", list(SETUPS))
+@pytest.mark.parametrize("setup", [
+    # slow: a dense teacher's run is the routers' without the routers' terms, each two-rank run 33 s of the suite
+    pytest.param("dense", marks=pytest.mark.slow), "routers", "dual-tokenizer"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_path, single_process, setup, device):
     """One process, two ranks each holding the whole teacher (DDP), two ranks sharding it (FSDP2): the same run."""
     teacher, student, extra = SETUPS[setup]
@@ -227,7 +229,8 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_world, tmp_
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("precision", "policy", "holding"), [
-    ("fp32", "stop", "whole"), ("mixed", "stop", "whole"),
+    # slow: mixed-stop-whole — the loss scaler's all-reduced skip is mixed-stop-sharded's, a whole teacher fp32-stop's
+    ("fp32", "stop", "whole"), pytest.param("mixed", "stop", "whole", marks=pytest.mark.slow),
     # slow: a whole teacher's ranks agreeing on rank 1's overflow is fp32-stop-whole's, the skip policy acting on
     # both ranks fp32-skip-sharded's (the same all-reduced flag, then the pre-step copy of DTensors too)
     pytest.param("fp32", "skip", "whole", marks=pytest.mark.slow),
@@ -261,7 +264,9 @@ def test_an_overflow_on_rank_1_makes_both_ranks_act_on_that_step(tiny_world, tmp
         assert summary["status"] == "completed" and summary["final"]["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize(("setup", "holding"), [("dense", "whole"), ("routers", "sharded")])
+@pytest.mark.parametrize(("setup", "holding"), [
+    # slow: the ranks' checkpoint and resume are the same code for a whole teacher; routers-sharded adds the DTensors
+    pytest.param("dense", "whole", marks=pytest.mark.slow), ("routers", "sharded")])
 def test_checkpoint_and_resume_under_torchrun(tiny_world, tmp_path, single_process, setup, holding):
     teacher, _, extra = SETUPS[setup]
     world = {k: str(v) for k, v in tiny_world.items()}
@@ -284,7 +289,8 @@ def test_checkpoint_and_resume_under_torchrun(tiny_world, tmp_path, single_proce
     # slow: `sarkd-diag --nproc` sends torchrun this same SIGTERM (sarkd-diag --nproc-whole): the ranks see the
     # same signal forwarded by torchrun; here only torchrun's own exit code (1) differs
     pytest.param("torchrun", "whole", marks=pytest.mark.slow),
-    ("sarkd-diag --nproc", "whole"), ("sarkd-diag --nproc", "sharded")])
+    # slow: the launcher forwards the signal whatever the ranks hold; sharded adds saving a sharded teacher's state
+    pytest.param("sarkd-diag --nproc", "whole", marks=pytest.mark.slow), ("sarkd-diag --nproc", "sharded")])
 def test_sigterm_to_torchrun_saves_state(tiny_world, tmp_path, launcher, holding):
     world = {k: str(v) for k, v in tiny_world.items()}
     out = tmp_path / "run"
@@ -390,7 +396,8 @@ def test_a_teacher_overflow_on_one_rank_of_a_sharded_teacher_names_that_rank(tin
     assert teacher_bad == []  # rank 0's teacher forward stayed finite: the gathered weights are the same
 
 
-@pytest.mark.parametrize("holding", ["whole", "sharded"])
+# slow: whole — each rank replays its own copy; sharded, kept, replays through the teacher's collectives
+@pytest.mark.parametrize("holding", [pytest.param("whole", marks=pytest.mark.slow), "sharded"])
 def test_a_loss_that_turns_nonfinite_on_one_rank_between_statistics_steps_is_replayed_by_every_rank(
         tiny_world, tmp_path, holding):
     """Step 3 (no module statistics at `standard`) of rank 1 alone: its teacher overflows, the loss is NaN, the
