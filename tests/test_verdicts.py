@@ -141,7 +141,7 @@ def test_within_the_speed_tie_the_least_memory_wins():
     assert fastest.mode == "fp32" and "the fastest stable mode here" in fastest.text
     unmeasured = recommend([mode("fp32", math.nan, math.nan), mode("mixed", math.nan, math.nan)], [STABLE, STABLE])
     assert unmeasured.mode == "fp32" and unmeasured.text.startswith(
-        "train in `fp32` (`--precision fp32`): stable, and the fastest stable mode here. Also stable: `mixed`.")
+        "train in `fp32` (`--precision fp32`): stable (speed not measured). Also stable: `mixed`.")
     partly = recommend([mode("mixed", math.nan, 400), mode("fp32", 1000, 800)], [STABLE, STABLE])
     assert partly.mode == "fp32"  # the only speed measured is the fastest
     assert "Also stable: `mixed` (0.5× its peak memory)." in partly.text
@@ -158,6 +158,11 @@ def test_speeds_measured_under_different_loads_are_not_ranked_and_the_least_memo
     assert advice.text.startswith("train in `bf16-mixed` (`--precision bf16-mixed`): stable, at 0.67× the peak "
                                   "memory of `fp32`. Also stable: `fp32` (1.5× its peak memory).")
     assert "Their speeds are not compared: other processes took 0% to 50% of this machine's CPU time" in advice.text
+    unmeasured = [{**row, "peak_memory_mb": math.nan} for row in rows]  # memory decides, and none was measured
+    said = recommend(unmeasured, [STABLE, STABLE, Verdict("corrupted", 1, "optimizer_eps_underflow")]).text
+    assert said.startswith("train in `fp32` (`--precision fp32`): stable (peak memory not measured).")
+    said = recommend(unmeasured[::-1], [Verdict("corrupted", 1, "optimizer_eps_underflow"), STABLE, STABLE]).text
+    assert said.startswith("train in `bf16-mixed` (`--precision bf16-mixed`): stable, at a peak memory not measured.")
     rows[1]["other_load"] = LOAD_TIE - 0.05  # within the tie (the corrupted mode's load never counts): ranked
     ranked = recommend(rows, [STABLE, STABLE, Verdict("corrupted", 1, "optimizer_eps_underflow")])
     assert ranked.mode == "fp32" and "not compared" not in ranked.text and "its tokens/s" in ranked.text

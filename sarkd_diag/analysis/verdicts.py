@@ -148,6 +148,7 @@ def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = 
 
 
 SPEED_AND_MEMORY = (("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory"))
+MEASURE_NAMES = {"tokens_per_s": "speed", "peak_memory_mb": "peak memory"}  # what a column measures, in a sentence
 
 
 def _uneven_load(stable: list[dict]) -> tuple[float, float] | None:
@@ -176,6 +177,9 @@ def _cost(best: dict, rows: list[dict], n_stable: int, columns=SPEED_AND_MEMORY)
     if best["mode"] == "fp32":
         if n_stable == 1:
             return "the only stable mode"
+        deciding = columns[0][0]  # the speed, or the peak memory where speeds were not compared
+        if _figure(best, deciding) is None:  # first of the stable modes, by nothing measured: no claim made
+            return f"stable ({MEASURE_NAMES[deciding]} not measured)"
         return f"stable, and the {'fastest' if columns == SPEED_AND_MEMORY else 'least memory of any'} stable mode here"
     if fp32 is None:
         return "stable"
@@ -185,8 +189,8 @@ def _cost(best: dict, rows: list[dict], n_stable: int, columns=SPEED_AND_MEMORY)
 def _against(row: dict, reference: dict, columns=SPEED_AND_MEMORY) -> str:
     """`1.6× the tokens/s and 0.7× the peak memory of `fp32``, leaving out what either did not measure."""
     ratios = _ratios(row, reference, columns)
-    if not ratios:
-        return "a speed and memory not measured"
+    if not ratios:  # what was compared, named: `a peak memory not measured` where only memory decided
+        return "a " + " and ".join(MEASURE_NAMES[column] for column, _ in columns) + " not measured"
     return " and ".join(f"{r:.2g}× the {label}" for r, label in ratios) + f" of `{reference['mode']}`"
 
 
