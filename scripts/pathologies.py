@@ -1885,6 +1885,34 @@ def mistyped_clip_threshold(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def student_matrices_moved(world: World, run: dict) -> float | None:
+    """‖w_trained − w_loaded‖ / ‖w_loaded‖ over the student's weight matrices, from its checkpoints (None: none
+    saved)."""
+    from safetensors.torch import load_file
+
+    trained = run["dir"] / "student" / "model.safetensors"
+    if not trained.exists():
+        return None
+    before, after = load_file(str(world.student / "model.safetensors")), load_file(str(trained))
+    pairs = [(before[n].double(), w.double()) for n, w in after.items() if n in before and w.dim() >= 2]
+    moved = sum(float((a - b).square().sum()) for b, a in pairs)
+    return math.sqrt(moved / sum(float(b.square().sum()) for b, _ in pairs))
+
+
+def student_lr_typed_1e_9_sar(world: World, tmp: Path) -> Outcome:
+    """`--student-lr 1e-9` (meant 1e-4, say) beside SAR's routers at their default `--router-lr` 1e-4: every value
+    finite, nothing lost to rounding in fp32, the loss flat; the routers' steps are 1e5 times the student's, and a
+    ratio over both models together reads as healthy."""
+    steps = 8
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--student-lr", "1e-9", steps=steps)
+    moved = student_matrices_moved(world, run)
+    outcome.facts.update(student_moved_per_step=moved and moved / steps, losses=[round(v, 4) for v in
+                                                                                 _losses(run["metrics"])])
+    outcome.check("the student's matrices moved by under 1e-6 of their size a step (healthy ~1e-3), all finite",
+                  moved is not None and 0 < moved / steps < 1e-6 and outcome.exit_code == 0)
+    return outcome
+
+
 def loss_weighted_near_zero(mode: str):
     """`--alpha-kd 1e-30 --alpha-ce 0` (a sum of weights that is all but 0): the student's gradients are ~1e-30 of
     healthy ones — flushed to 0 in a float16 backward even times the loss scale, below AdamW's eps in fp32."""
@@ -2824,6 +2852,11 @@ SCENARIOS: list[Scenario] = [
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
                       fix_lacks="--precision")),
+    Scenario("student lr typed 1e-9 beside SAR's routers", "`train --precision fp32 --student-lr 1e-9` (MoE "
+             "teacher: its routers train at `--router-lr` 1e-4), 8 steps: the loss flat, every value finite", "fp32",
+             "CLI", student_lr_typed_1e_9_sar,
+             Expected("updates_too_small", "warning", "student", first_step=1, fix_contains="--student-lr` (now 1e-09)",
+                      evidence_contains="update_ratio")),
     Scenario("loss weights near 0, mixed", "`train --precision mixed --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
              "mixed", "CLI", loss_weighted_near_zero("mixed"),
              Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",

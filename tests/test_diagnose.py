@@ -261,6 +261,22 @@ def test_a_loss_scale_collapse_under_a_loss_summed_over_the_tokens_says_to_divid
     assert (cause["evidence"].get("largest_finite_loss") == loss) == summed
 
 
+@pytest.mark.parametrize(("ratios", "claimed"), [([4e-8] * 8, True), ([3e-6] * 8, False), ([0.0] * 8, False),
+                                                 ([4e-8] * 2, False)])
+def test_updates_far_too_small_to_train_are_named_per_model_with_the_lr(ratios, claimed):
+    """An lr typed 1e-9: every step moves the student by ~4e-8 of its weights, nothing non-finite, nothing lost in
+    fp32, and the loss stays flat — the run said "no numerical problems". Not an lr of 1e-7 chosen on purpose (a
+    ratio of ~3e-6), not steps that moved nothing (no gradients: other causes), not two steps (too few to judge)."""
+    metrics = pd.DataFrame({"step": range(1, len(ratios) + 1), "split": "train", "loss": 2.8, "lr": 1e-9,
+                            "update_ratio": 2e-4, "update_ratio_student": ratios, "update_ratio_teacher": 2e-3})
+    found = [c for c in causes(log(), metrics) if c["cause"] == "updates_too_small"]
+    assert bool(found) == claimed
+    if claimed:
+        (cause,) = found
+        assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
+        assert "`--student-lr` (now 1e-09)" in cause["fix"] and cause["evidence"]["update_ratio"] == 4e-8
+
+
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
 def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teacher(caller):
     """SAR's router terms weighted 1e6: the teacher's router gradients overflow fp16 from 2**16 down to a scale of

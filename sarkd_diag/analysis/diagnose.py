@@ -31,8 +31,10 @@ from ..contract.numerics import (
     EXTREME_UPDATE_RATIO,
     FP16_MAX,
     FP16_TINY,
+    HEALTHY_UPDATE_RATIO,
     KD_TARGETS_WARNING,
     NONNEGATIVE_TERMS,
+    TINY_UPDATE_RATIO,
     number_or_none,
 )
 
@@ -42,8 +44,8 @@ CAUSE_ORDER = (
     "teacher_overflow", "teacher_dropout",
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
-    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
+    "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -72,6 +74,7 @@ LOSS_TREND_RISE = 0.1
 # first half's. A loss bounded below (-cosine similarity, a log-density) slows as it settles toward its floor — an
 # approach at rate k over n steps keeps e^(-k n / 2) of its first half's slope, below this once k n / 2 > 0.29
 SLOWEST_UNBOUNDED_FALL = 0.75
+UPDATE_RATIO_MIN_STEPS = 3  # steps of a model's update ratio before its step size is judged
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -628,6 +631,12 @@ FIXES = {
                                     "while the loss is {loss}: the loss is multiplied by a tiny factor before "
                                     "`backward()` — {loss_weights} (a weight such as 1e-30), a division by a huge "
                                     "count — fix that factor; the learning rate and the precision are not the cause",
+    "updates_too_small": "{model}'s optimizer steps change its weights by ~{ratio} of their size per step (‖Δw‖/‖w‖, "
+                         "the median over {steps}), {below}× below healthy training's ~1e-3: ten thousand such steps "
+                         "move them less than one healthy step does, so the loss stays where it started: the step "
+                         "size is the problem, not the precision — raise "
+                         "{lr}{lr_value}; if it is as meant, something shrinks every gradient to almost nothing — "
+                         "{clip_option} or {loss_weights} near 0",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: {teacher_wider}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
                          "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
@@ -2401,6 +2410,33 @@ def _updates_lost(r: RunRecord) -> list[Cause]:
     return []
 
 
+def updates_too_small(r: RunRecord) -> list[Cause]:
+    """A model whose optimizer steps are too small to train: the median of its `update_ratio_<model>` — its own
+    weight matrices, not mixed with another model's (SAR's routers train beside the student at an lr of their own),
+    and only steps at the lr its schedule means (the probe leaves out a warm-up's first steps) — below
+    TINY_UPDATE_RATIO over at least UPDATE_RATIO_MIN_STEPS steps that moved it. Nothing non-finite, nothing lost to
+    rounding, no gradient missing (those steps do not move the weights at all, and other causes name them): the loss
+    stays flat because each step is ten thousand times smaller than a healthy one — an lr typed orders of magnitude
+    too small, or gradients shrunk to almost nothing by a clip threshold or a loss weight. A warning: nothing breaks,
+    nothing trains. Evidence: the median ratio, the steps judged and the model's lr on its first."""
+    causes = []
+    for column in (c for c in r.metrics.columns if str(c).startswith("update_ratio_")):
+        ratios = r.train_column(column)
+        ratios = ratios[(ratios > 0) & ratios.map(math.isfinite)]
+        if len(ratios) < UPDATE_RATIO_MIN_STEPS or ratios.median() >= TINY_UPDATE_RATIO:
+            continue
+        model, step, median = column.removeprefix("update_ratio_"), int(ratios.index[0]), float(ratios.median())
+        lr = r.lr_at(step, model)
+        steps = f"{len(ratios)} steps from step {step}"
+        causes.append(Cause("updates_too_small", "warning", step, model=model,
+                            evidence={"update_ratio": median, "healthy_update_ratio": HEALTHY_UPDATE_RATIO,
+                                      "steps_judged": len(ratios), "lr": lr},
+                            fix=r.fix("updates_too_small", model=model, ratio=f"{median:.1g}", steps=steps,
+                                      below=f"{float(f'{HEALTHY_UPDATE_RATIO / median:.2g}'):,.0f}",
+                                      lr_value=f" (now {lr:g})" if lr is not None else "")))
+    return causes
+
+
 def _lost_in_fp32_too(below_fp32: pd.DataFrame, model: str | None) -> dict:
     """Evidence: the share of `model`'s 16-bit weights whose lr-sized update float32 would lose too, where recorded."""
     rows = below_fp32[below_fp32["model"] == model]
@@ -2618,8 +2654,8 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          gradients_not_cleared, micro_batches_summed, accumulation_unmatched, loss_backpropagated_twice,
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
-         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
+         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small, divergence,
+         kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

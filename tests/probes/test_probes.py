@@ -1721,6 +1721,30 @@ def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     assert event.tensor.endswith(".weight") and "at lr 5" in event.message
 
 
+def test_each_model_has_its_own_update_ratio_and_a_warm_up_start_has_none():
+    """SAR's routers train beside the student at an lr of their own: a ratio over both hides a student that does not
+    move. `update_ratio_<model>` is each model's own; a model whose lr a scheduler holds below SCHEDULED_LR_FLOOR of
+    its base (a warm-up's first step) gets none that step — its step is meant to be tiny."""
+    student, teacher = Net(), Net()
+    for p in [*student.parameters(), *teacher.parameters()]:
+        p.data.fill_(0.5)
+    opt = torch.optim.SGD([{"params": student.parameters(), "lr": 1e-6},
+                           {"params": teacher.parameters(), "lr": 0.1}])
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        rows = []
+        for teacher_base in (None, 1000.0):  # then the teacher's lr 0.1 is 1e-4 of its scheduled base
+            if teacher_base:
+                opt.param_groups[1]["initial_lr"] = teacher_base
+            for p in [*student.parameters(), *teacher.parameters()]:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            rows.append(probes.step())
+    assert rows[0]["update_ratio_student"] == pytest.approx(1e-6 / 0.5, rel=0.1)  # float32 rounds 0.5 - 1e-6
+    assert rows[0]["update_ratio_teacher"] == pytest.approx(0.1 / 0.5)
+    assert rows[0]["update_ratio"] == pytest.approx(0.1 / 0.5 / 2 ** 0.5, rel=1e-3)  # both: the teacher's dominates
+    assert "update_ratio_teacher" not in rows[1] and "update_ratio_student" in rows[1]
+
+
 def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss():
     """The caller hands over the accumulated loss without labels; the model saw them: one empty micro-batch
     of two makes the step's loss 0/0, and that is nonfinite_input, not a blow-up."""
