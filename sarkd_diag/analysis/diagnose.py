@@ -440,6 +440,14 @@ FIXES = {
                                "are as many times a mean's — divide it by the number of target tokens "
                                "(`reduction=\"mean\"`, or the sum over the vocabulary divided by the tokens), or "
                                "lower {loss_weights} if a term is weighted that high; precision is not the cause",
+    "loss_scale_collapse_large_outputs": "gradients overflow fp16 even at a small loss scale, from {module} "
+                                         "backwards, and the loss itself reaches {largest} while {output_model}'s "
+                                         "module outputs reach {outputs}: a cross-entropy or a KL per token can be as "
+                                         "large as the spread of its logits, so outputs that large make a per-token "
+                                         "loss that large, no sum needed — find what made them so large (weights "
+                                         "initialised or scaled far beyond the rest, such as new embedding rows after "
+                                         "`resize_token_embeddings` given a large init; a checkpoint loaded wrong) "
+                                         "and bring them to the others' size; precision is not the cause",
     "loss_scale_collapse_singular": "the loss scale fell below 1 and the gradients stay non-finite, from {module} "
                                     "backwards, while the loss is at most {largest}: at such a scale no such loss's "
                                     "gradients overflow fp16 — the loss's own computation applies {operation}, whose "
@@ -1279,6 +1287,15 @@ class RunRecord:
         largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
+    def largest_outputs(self) -> tuple[str, float] | None:
+        """The model whose module outputs were measured largest over the run (finite `act_amax_<model>`), and that
+        value; None where none was measured."""
+        columns = (str(c) for c in self.metrics.columns if str(c).startswith("act_amax_"))
+        found = {c.removeprefix("act_amax_"): v[v.map(math.isfinite)] for c in columns
+                 if len(v := self.train_column(c))}
+        found = {model: float(v.max()) for model, v in found.items() if len(v)}
+        return max(found.items(), key=lambda item: item[1]) if found else None
+
     def singular_operation(self, step: int | None = None) -> str | None:
         """The operation of the caller's loss computation, singular at some input, that the probes read off the loss's
         graph when the run's gradients first turned non-finite (`singular_derivative`) — at `step` when one is given;
@@ -2021,10 +2038,7 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     # the caller's own loss (`train`'s is a per-token mean by construction, its weights its options), its size near
     # float16's range as `loss_sum_low` judges it: a sum, whose gradients are as large
     if r.caller != "cli" and largest > FP16_MAX ** RANGE_EXPONENT:
-        return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
-                      evidence={**evidence, "largest_finite_loss": largest},
-                      fix=r.fix("loss_scale_collapse_sum", model=where["model"], largest=f"{largest:.5g}",
-                                module=where["module"] or where["tensor"] or "the loss"))]
+        return [_loss_too_large(r, "critical" if len(below) else "warning", where, evidence, largest)]
     operation = r.singular_operation()
     if len(below) and operation is not None and largest < FP16_MAX ** RANGE_EXPONENT:  # NaN at any scale
         return [Cause("loss_scale_collapse", "critical", **where,
@@ -2034,6 +2048,25 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where, evidence=evidence,
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
                             model=where["model"], module=where["module"] or where["tensor"]))]
+
+
+def _loss_too_large(r: RunRecord, severity: str, where: dict, evidence: dict, largest: float) -> Cause:
+    """A loss scale collapsed under a caller's loss far above any per-token mean: a sum over the tokens — unless the
+    models' own outputs are as large. A cross-entropy or KL per token is at most about the spread of its logits (the
+    largest minus the target's, plus the log of the vocabulary), so a loss below twice the largest module output
+    measured (`act_amax_<model>`) can be a per-token mean of outputs gone that large (new embedding rows initialised
+    far beyond the others, weights scaled up): then dividing by the tokens is no fix, and the fix names the outputs."""
+    outputs = r.largest_outputs()
+    fix_words = {"model": where["model"], "largest": f"{largest:.5g}",
+                 "module": where["module"] or where["tensor"] or "the loss"}
+    if outputs is None or 2 * outputs[1] < largest:
+        return Cause("loss_scale_collapse", severity, **where, evidence={**evidence, "largest_finite_loss": largest},
+                     fix=r.fix("loss_scale_collapse_sum", **fix_words))
+    return Cause("loss_scale_collapse", severity, **where,
+                 evidence={**evidence, "largest_finite_loss": largest, "largest_output": outputs[1],
+                           "output_model": outputs[0]},
+                 fix=r.fix("loss_scale_collapse_large_outputs", **fix_words, output_model=outputs[0],
+                           outputs=f"{outputs[1]:.3g}"))
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
