@@ -1064,6 +1064,24 @@ def tiny_temperature_under_fp16_autocast(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def tiny_temperature_under_bf16_autocast(world: World, tmp: Path) -> Outcome:
+    """KD at T = 1e-3 under bfloat16 autocast, the teacher's logits spanning tens (a trained LM's): bfloat16's range
+    holds logits / T, so nothing is non-finite — but the teacher's softmax at T is one-hot on almost every token and
+    the KD gradient T× its size at T = 1: the term teaches the teacher's argmax alone while its loss reads ~1e-4."""
+    teacher = kd_teacher(world, confidence=30.0)
+    outcome = kd_user_loop(world, tmp, kd_divergence(1e-3), steps=3, autocast=torch.bfloat16, teacher=teacher)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = teacher(input_ids=ids).logits.float()
+    one_hot = {t: float((nn.functional.softmax(logits / t, -1).amax(-1) > 1 - 1e-6).float().mean())
+               for t in (1e-3, 2.0)}
+    outcome.facts.update(one_hot_rows_at_t=one_hot)
+    outcome.check("every loss finite; the teacher's softmax one-hot on ≥ 90% of the tokens at T = 1e-3, none at T = 2",
+                  all(math.isfinite(float(v)) for v in outcome.facts["losses"]) and one_hot[1e-3] >= 0.9
+                  and one_hot[2.0] == 0)
+    return outcome
+
+
 def fp16_teacher_log_softmax(world: World, tmp: Path) -> Outcome:
     """A confident teacher (logits spanning ~30, as a trained LM's do) held in fp16: softmax(logits) in fp16 is 0
     wherever a logit is ~17 below its row's largest (e^-17 is below fp16's smallest subnormal), and log(0) = -inf."""
@@ -2716,6 +2734,12 @@ SCENARIOS: list[Scenario] = [
              "T = 1e-3",
              "mixed", "user loop", tiny_temperature_under_fp16_autocast,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="`.float()` first")),
+    Scenario("KD at T = 1e-3 under bf16 autocast", "user loop: fp32 student, a teacher whose logits span tens, under "
+             "`torch.autocast(bfloat16)`; the KD term T²·`F.kl_div` at T = 1e-3 (nothing non-finite)",
+             "bf16-mixed", "user loop", tiny_temperature_under_bf16_autocast,
+             Expected("kd_temperature_low", "warning", "student", first_step=1,
+                      fix_contains="the KD loss's temperature",
+                      evidence_contains="one_hot")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",

@@ -567,6 +567,13 @@ FIXES = {
                           "small as if the student matched its teacher — set {temperature_option} to 1 or more (1 to "
                           "4 is usual; the T² factor keeps the KD gradient comparable across such temperatures); "
                           "precision and the learning rate are not the cause",
+    "kd_targets_one_hot": "the KD term's target — the teacher's distribution handed to `F.kl_div` — is one-hot (its "
+                          "top probability within 1e-6 of 1) on {share} of the tokens at step {step}: the teacher's "
+                          "logits divided by a temperature far below 1 (a gap of 0.02 between its top logits does that "
+                          "at T = 1e-3), so the KD term matches the teacher's argmax, not its distribution, and its "
+                          "gradient, T · (p_student − p_teacher) per logit under the T² factor, is T× its size at T = "
+                          "1 — set {temperature_option} to 1 or more (1 to 4 is usual); precision and the learning "
+                          "rate are not the cause",
     "kd_targets_few": "the KD term covers {fraction} of the student's target tokens (from step {step}; {steps} "
                       "short of {threshold}): {why} — those tokens learn from the cross-entropy alone, and kd_loss, "
                       "a mean over every target token, reads small rather than missing; precision and the learning "
@@ -2223,10 +2230,12 @@ def kd_targets_few(r: RunRecord) -> list[Cause]:
 def kd_temperature_low(r: RunRecord) -> list[Cause]:
     """A KD temperature below KD_TEMPERATURE_FLOOR (a `kd_temperature_low` note): the KD term's gradient is T× its
     size at T = 1 and the teacher's softmax one-hot, while kd_loss, T² · KL, reads as a KD term near its minimum — a
-    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured."""
+    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured. In a caller's own loss the
+    temperature is not known, but what it does is measured: `F.kl_div`'s target one-hot on most tokens (a
+    `kl_target_one_hot` note), evidence its share."""
     note = r.of("setup_note", "kd_temperature_low")
     if not len(note):
-        return []
+        return _kd_targets_one_hot(r)
     row = _first(note)
     kd, ce = r.train_column("kd_loss"), r.train_column("ce_loss")
     return [Cause("kd_temperature_low", "warning", **_where(row),
@@ -2234,6 +2243,16 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
                             "mean_kd_loss": float(kd.mean()) if len(kd) else None,
                             "mean_ce_loss": float(ce.mean()) if len(ce) else None},
                   fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
+
+
+def _kd_targets_one_hot(r: RunRecord) -> list[Cause]:
+    note = r.of("setup_note", "kl_target_one_hot")
+    if not len(note):
+        return []
+    row = _first(note)
+    share = float(row["value"])
+    return [Cause("kd_temperature_low", "warning", **_where(row), evidence={"one_hot_target_share": share},
+                  fix=r.fix("kd_targets_one_hot", share=f"{share:.0%}", step=int(row["step"])))]
 
 
 def kd_reduction_mean(r: RunRecord) -> list[Cause]:

@@ -156,6 +156,8 @@ CODES = {
                               "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
                           "dropout on: its outputs, the KD targets, are drawn through a random mask",
+    "kl_target_one_hot": "setup_note: F.kl_div's target, the teacher's distribution, is one-hot on most of a "
+                         "training step's tokens: a temperature far below 1, and the KD term carries its argmax alone",
     "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "

@@ -32,6 +32,11 @@ from ..contract.numerics import NEGATIVE_TERM_SLACK, NONNEGATIVE_TERMS
 from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
+# A KD target whose largest probability is within ONE_HOT_SLACK of 1 in KD_ONE_HOT_SHARE of its distributions or more is
+# one-hot: a trained teacher at T ≥ 1 leaves more than 1e-6 to the rest of the vocabulary on most tokens (a top logit
+# 14 above every other is rare), while at T = 1e-3 a logit gap of 0.02 does it.
+ONE_HOT_SLACK = 1e-6
+KD_ONE_HOT_SHARE = 0.9
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 _CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
 _KL_DIV = inspect.signature(torch.nn.functional.kl_div)
@@ -239,9 +244,14 @@ class LossProbe(Probe):
         if call.get("log_target") and torch.is_tensor(target) and target.is_floating_point() and target.numel():
             handed["target"] = target
         handed = {what: tensor for what, tensor in handed.items() if f"kl_{what}" not in self._reported}
-        if not handed:
+        one_hot = self._one_hot_rows(target, call)
+        if not handed and one_hot is None:
             return
-        largest = torch.stack([tensor.detach().amax().float() for tensor in handed.values()]).tolist()  # one read
+        read = [tensor.detach().amax().float() for tensor in handed.values()]
+        values = torch.stack([*read, *([one_hot] if one_hot is not None else [])]).tolist()  # one read
+        largest = values[:len(read)]
+        if one_hot is not None and values[-1] >= KD_ONE_HOT_SHARE:
+            self._report_one_hot(target, values[-1])
         for (what, tensor), value in zip(handed.items(), largest, strict=True):
             if value > LOG_PROBABILITY_SLACK:
                 self._reported.add(f"kl_{what}")
@@ -251,6 +261,27 @@ class LossProbe(Probe):
                     f"{self.ctx.step}: it takes log-probabilities (≤ 0), and given {given} it returns no divergence",
                     step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=value,
                     dtype=dtype_name(tensor.dtype), code=f"kl_{what}_not_log_probs")
+
+    def _one_hot_rows(self, target, call: dict) -> torch.Tensor | None:
+        """The share of the KD target's distributions (rows over the last dimension) whose largest probability is
+        within ONE_HOT_SLACK of 1, on the device; None once reported, or where the target is no distribution. A
+        teacher's softmax at a temperature far below 1 is one-hot wherever its top logits differ by more than ~T × 14:
+        the KD term then carries its argmax alone, and its gradient T× its size at T = 1. The row maxima come first,
+        in the target's own dtype: no float copy of a (tokens × vocabulary) tensor."""
+        if "kl_one_hot" in self._reported or not (torch.is_tensor(target) and target.is_floating_point()) \
+                or target.dim() < 1 or target.shape[-1] < 2 or not target.numel():
+            return None
+        top = target.detach().amax(-1).float()
+        top = top.exp() if call.get("log_target") else top
+        return (top > 1 - ONE_HOT_SLACK).float().mean()
+
+    def _report_one_hot(self, target: torch.Tensor, share: float) -> None:
+        self._reported.add("kl_one_hot")
+        self.ctx.events.record(
+            "setup_note", "warning", f"F.kl_div's target is one-hot (its largest probability within {ONE_HOT_SLACK:g} "
+            f"of 1) in {share:.0%} of its {target.shape[-1]}-way distributions at step {self.ctx.step}: the teacher's "
+            "softmax carries its argmax alone", step=self.ctx.step, probe=self.name, phase="loss", model=self._model,
+            value=share, dtype=dtype_name(target.dtype), code="kl_target_one_hot")
 
     def _read_kl_reduction(self, input: torch.Tensor, call: dict) -> None:  # noqa: A002 - kl_div's own name
         """`F.kl_div` averaged over every element (`reduction="mean"`, its default): the divergence per distribution
