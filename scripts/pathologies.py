@@ -799,6 +799,41 @@ def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def padded_batches(world: World, steps: int, pad: int, batch: int = 4, block: int = 32) -> list[tuple]:
+    """(input_ids, attention_mask) per step as a collator pads texts of 8, 14, 20, 26 tokens to `block` on the right."""
+    out = []
+    for ids in token_batches(world, steps, batch=batch, block=block):
+        lengths = torch.arange(batch) * 6 + 8
+        mask = (torch.arange(block)[None] < lengths[:, None]).long()
+        out.append((ids.masked_fill(mask == 0, pad), mask))
+    return out
+
+
+def padding_kept_as_labels(world: World, tmp: Path) -> Outcome:
+    """`labels = input_ids.clone()` over right-padded batches (EOS as the pad, GPT-2 having none), the pads left in:
+    every pad position is a target, nearly half of them — the loss falls as the model learns to predict padding."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = padded_batches(world, 4, pad=model.config.eos_token_id)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids, mask in batches:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.clone()).loss
+            loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    mask = batches[0][1][:, 1:]
+    share = float(((mask == 0).sum(-1) - 1).clamp(min=0).sum() / mask.numel())
+    outcome.facts.update(losses=[f"{v:.4g}" for v in losses], padded_target_share_beyond_one_a_row=round(share, 3))
+    outcome.check("over a third of the targets are padding beyond one a row; every loss finite",
+                  share > 1 / 3 and all(map(math.isfinite, losses)))
+    return outcome
+
+
 def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -2658,6 +2693,10 @@ SCENARIOS: list[Scenario] = [
              "`resize_token_embeddings(+8)` (tied head), the new rows 3e3 × N(0, 1); one batch in four holds a new "
              "token", "mixed", "user loop", resized_embeddings_initialised_huge,
              Expected("activation_overflow", "warning", "student", "lm_head", first_step=2, absent=("no_gradients",))),
+    Scenario("padding kept as labels", "user loop: fp32 GPT-2, AdamW; batches right-padded with EOS to 32 tokens "
+             "(texts of 8 to 26), `labels=input_ids.clone()` with the pads left in", "fp32", "user loop",
+             padding_kept_as_labels,
+             Expected("padding_in_targets", "warning", "student", first_step=1, fix_contains="-100")),
     Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
              "user loop", nan_embeds_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),

@@ -46,6 +46,7 @@ CAUSE_ORDER = (
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
     "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
+    "padding_in_targets",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -552,6 +553,12 @@ FIXES = {
                          "carries 1/{support} of the weight meant and the student learns from the cross-entropy "
                          "alone — pass `reduction=\"batchmean\"` with the logits flattened to (tokens, vocabulary), "
                          "the KL per token; precision and the learning rate are not the cause",
+    "padding_in_targets": "{share} of the target tokens at step {step} sit where the attention mask is 0: the "
+                          "labels keep the padding (copied from `input_ids` with the pads left in), so the loss trains "
+                          "the model to predict pad tokens — easy targets that pull the loss down while the text's own "
+                          "tokens weigh less in it — set the labels to -100 where the attention mask is 0 (`labels["
+                          "attention_mask == 0] = -100`); "
+                          "precision and the learning rate are not the cause",
     "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
                          "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
                          "no divergence — large, and flat however the student learns — pass the teacher's "
@@ -2266,6 +2273,20 @@ def kd_reduction_mean(r: RunRecord) -> list[Cause]:
                   fix=r.fix("kd_reduction_mean", support=int(row["value"])))]
 
 
+def padding_in_targets(r: RunRecord) -> list[Cause]:
+    """Padding kept as labels (a `targets_on_padding` note): a share of the targets sits where the attention mask is 0,
+    so the loss trains the model to predict pad tokens — easy targets that pull the loss down while the text's own
+    tokens weigh less in it. A warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "targets_on_padding")
+    if not len(note):
+        return []
+    row = _first(note)
+    share = float(row["value"])
+    return [Cause("padding_in_targets", "warning", **_where(row),
+                  evidence={"padded_target_share": share, "targets": int(row.get("numel") or 0)},
+                  fix=r.fix("padding_in_targets", share=f"{share:.0%}", step=int(row["step"])))]
+
+
 def accumulation_unmatched(r: RunRecord) -> list[Cause]:
     """An accelerate loop stepped the optimizer after fewer backwards than the Accelerator divides each loss by (an
     `accumulation_unmatched` note): every update is a fraction of the gradient — a warning: slow training, not a
@@ -2707,7 +2728,8 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small, divergence,
-         kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
+         kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean,
+         padding_in_targets)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

@@ -156,6 +156,8 @@ CODES = {
                               "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
                           "dropout on: its outputs, the KD targets, are drawn through a random mask",
+    "targets_on_padding": "setup_note: a tenth or more of a training step's target tokens sit where the attention "
+                          "mask is 0: padding kept as labels, which the loss trains the model to predict",
     "kl_target_one_hot": "setup_note: F.kl_div's target, the teacher's distribution, is one-hot on most of a "
                          "training step's tokens: a temperature far below 1, and the KD term carries its argmax alone",
     "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "

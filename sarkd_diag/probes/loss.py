@@ -36,6 +36,9 @@ LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may rou
 # one-hot: a trained teacher at T ≥ 1 leaves more than 1e-6 to the rest of the vocabulary on most tokens (a top logit
 # 14 above every other is rare), while at T = 1e-3 a logit gap of 0.02 does it.
 ONE_HOT_SLACK = 1e-6
+# Targets where the attention mask is 0 (beyond one a row: an EOS kept on purpose) from this share of a step's targets
+# up: padding kept as labels is a tenth of what the loss trains on, and more — the model learns to predict padding.
+PADDED_TARGETS_WARNING = 0.1
 KD_ONE_HOT_SHARE = 0.9
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 _CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
@@ -54,15 +57,18 @@ def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
 UNSHIFTED_LOSSES = ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 
 
+def is_encoder_decoder(model) -> bool:
+    """T5, BART: the labels are the decoder's, the attention mask the encoder's input's."""
+    return bool(getattr(getattr(getattr(model, "module", model), "config", None), "is_encoder_decoder", False))
+
+
 def shifts_labels(model) -> bool:
     """Whether `model` shifts its labels: a causal LM predicts position t+1 at t, so it drops each row's first label;
     an encoder-decoder (T5, BART: `config.is_encoder_decoder`) shifts its labels right into the decoder's inputs and
     scores every one of them — counted as a causal LM's, one-token targets would read as no target at all. Nor does
     a classifier or a masked LM (its `loss_type`): a binary multi-label head's [batch, 1] labels are one target each."""
     model = getattr(model, "module", model)  # DDP keeps the model as `module`
-    config = getattr(model, "config", None)
-    return not getattr(config, "is_encoder_decoder", False) and \
-        getattr(model, "loss_type", None) not in UNSHIFTED_LOSSES
+    return not is_encoder_decoder(model) and getattr(model, "loss_type", None) not in UNSHIFTED_LOSSES
 
 
 def output_loss(output, labelled: bool) -> torch.Tensor | None:
@@ -148,6 +154,7 @@ class LossProbe(Probe):
         self._batches: list = []  # (input, its version) per distinct batch, held for the step so no id is reused
         self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
+        self._padded: list[torch.Tensor] = []  # per labelled forward of a statistics step: [padded targets, targets]
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
@@ -174,9 +181,24 @@ class LossProbe(Probe):
             if self._labelled and shifts is None:
                 shifts = shifts_labels(self.ctx.models[model_name])
             self._labels = count_targets(labels, shifts) if self._labelled else None
+            if self._labelled and self.ctx.stats_step and "padded_targets" not in self._reported \
+                    and not is_encoder_decoder(self.ctx.models[model_name]):  # its mask is the encoder's input's
+                self._read_padded_targets(labels, kwargs.get("attention_mask"), shifts)
             self._share = kwargs.get("num_items_in_batch") is not None
             self._batch = self._batch_of(kwargs.get("input_ids", next(filter(torch.is_tensor, args), None)))
         return hook
+
+    def _read_padded_targets(self, labels: torch.Tensor, mask, shifted: bool) -> None:
+        """Targets where the attention mask is 0: padding the model was told not to read, kept as labels (labels
+        copied from `input_ids` with the pads left in, not set to -100) — the loss then trains the model to predict
+        padding. One per row is left out: a collator that pads with EOS may keep the first as a target on purpose
+        (to learn to stop). [excess padded targets, targets] on the device, read with the step's readings."""
+        if not (torch.is_tensor(mask) and mask.shape == labels.shape and labels.dim() >= 2):
+            return
+        if shifted:
+            labels, mask = labels[..., 1:], mask[..., 1:]
+        padded = ((labels != IGNORE_INDEX) & (mask == 0)).sum(-1)
+        self._padded.append(torch.stack([(padded - 1).clamp(min=0).sum(), (labels != IGNORE_INDEX).sum()]))
 
     def _batch_of(self, data: torch.Tensor | None) -> int:
         """The number of the batch a forward was handed this step: the same tensor again, unwritten since, is the same
@@ -356,6 +378,19 @@ class LossProbe(Probe):
             self._names.append(names)
             self._shares.append(share)
 
+    def _check_padded(self, counts: list[float] | None) -> None:
+        """A `targets_on_padding` note, once, where PADDED_TARGETS_WARNING of a statistics step's targets or more sit
+        where the attention mask is 0 (beyond one a row)."""
+        if not counts or not counts[1] or counts[0] / counts[1] < PADDED_TARGETS_WARNING:
+            return
+        self._reported.add("padded_targets")
+        share = counts[0] / counts[1]
+        self.ctx.events.record(
+            "setup_note", "warning", f"{share:.0%} of step {self.ctx.step}'s {int(counts[1])} target tokens sit where "
+            "the attention mask is 0: padding kept as labels, so the loss trains the model to predict padding",
+            step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=share,
+            numel=int(counts[1]), code="targets_on_padding")
+
     def _record_empty(self, counts: list[float], nonfinite: bool) -> None:
         """The micro-batches of this step without targets whose loss is 0/0: all of them, except a share of a step
         that has targets elsewhere (0 over the step's count)."""
@@ -402,6 +437,9 @@ class LossProbe(Probe):
             self._target_shares = [share for _, share in self._targets]
         if self._weights:
             out["loss_weights"] = torch.stack([w.weight for w in self._weights])
+        if self._padded:
+            out["padded_targets"] = torch.stack(self._padded).sum(0)
+            self._padded = []
         self._weighed = self._weights
         self._terms, self._targets, self._weights = [], [], []
         return out
@@ -415,6 +453,7 @@ class LossProbe(Probe):
         weights = host.get("loss_weights") or []
         self._check_summed(weighed, weights)
         self._check_backpropagated_twice(weighed, weights)
+        self._check_padded(host.get("padded_targets"))
         if not names:
             return {}
         losses, i = [], 0

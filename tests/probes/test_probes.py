@@ -1745,6 +1745,29 @@ def test_each_model_has_its_own_update_ratio_and_a_warm_up_start_has_none():
     assert "update_ratio_teacher" not in rows[1] and "update_ratio_student" in rows[1]
 
 
+@pytest.mark.parametrize(("labels_of", "noted"), [
+    (lambda ids, mask: ids.clone(), True),  # the pads left in as targets
+    (lambda ids, mask: ids.masked_fill(mask == 0, -100), False),  # masked as they should be
+    # one EOS a row kept as a target on purpose (to learn to stop), the rest masked
+    (lambda ids, mask: ids.masked_fill(torch.arange(ids.shape[1]) > mask.sum(-1, keepdim=True), -100), False),
+])
+def test_padding_kept_as_labels_is_noted_from_the_attention_mask(labels_of, noted):
+    """Labels copied from input_ids over right-padded rows: every pad a target, the loss teaching padding. Where the
+    loop masks them (-100), or keeps one EOS a row as a target on purpose, nothing is noted."""
+    model = tiny.make_gpt2(64)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mask = (torch.arange(16)[None] < torch.tensor([[4], [6]])).long()
+    ids = torch.randint(1, 64, (2, 16)).masked_fill(mask == 0, 0)
+    with Probes(model, optimizer=opt) as probes:
+        model(input_ids=ids, attention_mask=mask, labels=labels_of(ids, mask)).loss.backward()
+        opt.step()
+        probes.step()
+        notes = [e for e in _events(probes, "setup_note") if e.code == "targets_on_padding"]
+    assert bool(notes) == noted
+    if noted:
+        assert notes[0].value == pytest.approx((11 + 9) / 30)  # 12 and 10 pads a row, less one each, of 30 targets
+
+
 def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss():
     """The caller hands over the accumulated loss without labels; the model saw them: one empty micro-batch
     of two makes the step's loss 0/0, and that is nonfinite_input, not a blow-up."""
