@@ -858,6 +858,34 @@ def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def pure_bf16_adam_second_moment(world: World, tmp: Path) -> Outcome:
+    """`model.to(torch.bfloat16)` under torch's AdamW (default betas): its moments are kept in bfloat16, where
+    exp_avg_sq × 0.999 is a change below half an ulp of every value — the second moment never decays. Shown outside
+    the tool: one more step on all-zero gradients, which decays every moment of an fp32 state, changes none."""
+    outcome = Outcome()
+    model = named_mlp().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16).to(torch.bfloat16), torch.randint(0, 4, (8,))
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    before = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    decayed = sum(int((opt.state[p]["exp_avg_sq"] != v).sum()) for p, v in zip(model.parameters(), before, strict=True))
+    outcome.facts.update(state_dtype=str(before[0].dtype), moments_decayed_by_a_zero_gradient_step=decayed)
+    outcome.check("the moments are bfloat16; a step on zero gradients decays none of them",
+                  before[0].dtype == torch.bfloat16 and decayed == 0 and any(bool(v.any()) for v in before))
+    return outcome
+
+
 def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = named_mlp().half()
@@ -2693,6 +2721,10 @@ SCENARIOS: list[Scenario] = [
              "`resize_token_embeddings(+8)` (tied head), the new rows 3e3 × N(0, 1); one batch in four holds a new "
              "token", "mixed", "user loop", resized_embeddings_initialised_huge,
              Expected("activation_overflow", "warning", "student", "lm_head", first_step=2, absent=("no_gradients",))),
+    Scenario("pure-bf16 Adam's second moment never decays", "user loop: a small MLP `.to(torch.bfloat16)`, torch "
+             "`AdamW(lr=1e-2, weight_decay=0)` at its default betas (moments kept in bfloat16), 4 steps", "pure-bf16",
+             "user loop", pure_bf16_adam_second_moment,
+             Expected("second_moment_decay_lost", "warning", "student", first_step=1, fix_contains="β2")),
     Scenario("padding kept as labels", "user loop: fp32 GPT-2, AdamW; batches right-padded with EOS to 32 tokens "
              "(texts of 8 to 26), `labels=input_ids.clone()` with the pads left in", "fp32", "user loop",
              padding_kept_as_labels,

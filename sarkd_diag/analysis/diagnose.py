@@ -45,8 +45,8 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
-    "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
-    "padding_in_targets",
+    "second_moment_decay_lost", "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
+    "kd_reduction_mean", "padding_in_targets",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -389,6 +389,12 @@ FIXES = {
     "weight_decay_lost_wide": "weight decay does nothing: lr × weight_decay = {decay} is below half an ulp of the "
                               "{dtype} weights of {group} (~{half_ulp} of a weight), so each step's decay rounds "
                               "away — a mistyped {weight_decay} (an exponent off); precision is not the cause",
+    "second_moment_decay_lost": "Adam's second moment never decays: each step multiplies the {dtype} exp_avg_sq of "
+                                "{group} by β2 = {beta2}, a change below half an ulp of its values, so it rounds back "
+                                "unchanged — the moment only grows, and freezes once (1 − β2)·g² rounds away too, so "
+                                "Adam stops following the gradients' scale and its steps shrink as the gradients do — "
+                                "keep the optimizer state in fp32 (fp32 master weights: train with {bf16_mixed}), or "
+                                "a β2 of {keeps} or below (0.95 is common for LLMs), whose decay {dtype} keeps",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -1910,6 +1916,22 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
                             decay=f"{decay:.3g}", half_ulp=None if half_ulp is None else f"{half_ulp:.0e}"))]
 
 
+def second_moment_decay_lost(r: RunRecord) -> list[Cause]:
+    """Adam's second moment that cannot decay (a `second_moment_decay_zero` preflight event): v × β2 rounds back to v
+    in the state's dtype, so v only grows and then freezes — Adam's normaliser stops following the gradients' scale,
+    and as they shrink over training its steps shrink with no schedule asking for it. A warning, predicted from the
+    state the first step made; the fix: an fp32 state, or a β2 whose decay the dtype keeps."""
+    lost = r.of("optimizer_preflight", "second_moment_decay_zero")
+    if not len(lost):
+        return []
+    row = _first(lost)
+    dtype, beta2 = row.get("dtype"), float(row["value"])
+    keeps = 1 - 2 * NARROW_WEIGHT_DTYPES.get(dtype, 2.0**-11)  # 1 − β2 above the largest relative half ulp
+    return [Cause("second_moment_decay_lost", "warning", **_where(row), evidence={"beta2": beta2, "state_dtype": dtype},
+                  fix=r.fix("second_moment_decay_lost", model=row.get("model"), group=row.get("tensor"), dtype=dtype,
+                            beta2=f"{beta2:g}", keeps=f"{keeps:.3g}"))]
+
+
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
     updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
@@ -2727,7 +2749,8 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          gradients_not_cleared, micro_batches_summed, accumulation_unmatched, loss_backpropagated_twice,
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
-         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small, divergence,
+         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small,
+         second_moment_decay_lost, divergence,
          kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean,
          padding_in_targets)
 

@@ -39,6 +39,8 @@ CODES = {
     "eps_zero": "optimizer_preflight: the optimizer's eps rounds to 0 in the weights' dtype (or is set to 0)",
     "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
     "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
+    "second_moment_decay_zero": "optimizer_preflight: Adam's second moment × β2 rounds back to itself in the "
+                                "state's dtype (bfloat16 and β2 = 0.999): the moment never decays",
     "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
     "update_below_fp32_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many 16-bit "
                                   "weights even held in float32",

@@ -1768,6 +1768,24 @@ def test_padding_kept_as_labels_is_noted_from_the_attention_mask(labels_of, note
         assert notes[0].value == pytest.approx((11 + 9) / 30)  # 12 and 10 pads a row, less one each, of 30 targets
 
 
+@pytest.mark.parametrize(("dtype", "beta2", "noted"), [(torch.bfloat16, 0.999, True), (torch.bfloat16, 0.99, False),
+                                                   (torch.float32, 0.999, False)])
+def test_a_second_moment_whose_decay_rounds_away_is_noted(dtype, beta2, noted):
+    """torch's AdamW keeps bf16 weights' moments in bf16: × 0.999 is below half an ulp of every value there, so the
+    second moment never decays. 0.99 decays (1 − β2 above bf16's half ulp); a float32 state keeps any β2."""
+    model = Net().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, beta2), weight_decay=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        probes.step()
+        found = [e for e in _events(probes, "optimizer_preflight") if e.code == "second_moment_decay_zero"]
+    assert bool(found) == noted
+    if noted:
+        assert (found[0].value, found[0].dtype, found[0].step) == (beta2, "bfloat16", 1)
+
+
 def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss():
     """The caller hands over the accumulated loss without labels; the model saw them: one empty micro-batch
     of two makes the step's loss 0/0, and that is nonfinite_input, not a blow-up."""
