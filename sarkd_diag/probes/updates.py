@@ -11,7 +11,9 @@ elements, `base.sample`) and compares it with the weights after the step, on the
   ratio of EXTREME_UPDATE_RATIO — a step as large as the weights themselves, a thousand times healthy —
   replaced the weights rather than trained them: nothing that follows is a precision limit. It is a warning
   (`extreme_update`) before anything is non-finite, and the evidence that tells a blow-up from a precision
-  limit afterwards.
+  limit afterwards. Also per model (`update_ratio_<model>`), leaving out the steps a schedule holds far below its base
+  lr: SAR's routers train beside the student at an lr of their own, and a student whose steps are ten thousand times
+  too small to train (an lr typed 1e-9) hides behind them in the mixed ratio.
 - Lost updates (statistics steps): sampled elements whose intended update was non-zero (a non-zero
   gradient or, for Adam, a non-zero first moment of a tensor that has a gradient this step: the optimizer
   skips one without) but whose stored value did not change — the update was
