@@ -277,22 +277,25 @@ def test_updates_far_too_small_to_train_are_named_per_model_with_the_lr(ratios, 
         assert "`--student-lr` (now 1e-09)" in cause["fix"] and cause["evidence"]["update_ratio"] == 4e-8
 
 
-@pytest.mark.parametrize(("outputs", "summed"), [(57152.0, False), (30.0, True)])
-def test_a_loss_scale_collapse_under_a_large_loss_names_a_sum_only_where_the_outputs_cannot_make_it(outputs, summed):
-    """A loop's loss of ~29,000 (an HF model's per-token mean) whose model outputs reach 57,152 — new embedding rows
-    initialised at 3e3 after `resize_token_embeddings`: a per-token cross-entropy is up to the spread of its logits,
-    so the loss is as large as its outputs make it, and dividing by the tokens fixes nothing; the fix said "a sum
-    over the tokens" all the same. Outputs of 30 cannot make a per-token loss of 29,000: that one is a sum."""
+@pytest.mark.parametrize(("outputs", "targets", "names_outputs", "names_sum"), [
+    (57152.0, 30, True, False), (30.0, 30, False, True), (57152.0, 4096, True, True), (57152.0, None, True, True)])
+def test_a_loss_scale_collapse_under_a_large_loss_names_what_the_evidence_allows(outputs, targets, names_outputs,
+                                                                                names_sum):
+    """A loop's loss of ~29,000 over 30 target tokens whose model outputs reach 57,152 — new embedding rows initialised
+    at 3e3 after `resize_token_embeddings`: a per-token cross-entropy is up to the spread of its logits, so the loss is
+    as large as its outputs make it, and as a sum it would put ~967 on each token, which no sane per-token loss is —
+    dividing by the tokens fixes nothing, yet the fix said "a sum over the tokens". Outputs of 30 cannot make it: a
+    sum. Over 4096 targets (~7 each), or an unknown count, both fit, and both are named."""
     frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
                  "phase": "backward", "model": "student", "module": "lm_head", "tensor": "lm_head.weight"},
                 {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
                  "value": 128.0})
     metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [29007.0] * 10,
-                            "act_amax_student": [outputs] + [None] * 9})
+                            "act_amax_student": [outputs] + [None] * 9, "loss_targets": targets})
     (cause,) = causes(frame, metrics, caller="loop")
-    assert ("divide it by the number of target tokens" in cause["fix"]) == summed, cause["fix"]
-    assert ("outputs reach 5.72e+04" in cause["fix"]) == (not summed), cause["fix"]
-    assert cause["evidence"].get("largest_output") == (None if summed else outputs)
+    assert ("divide it by the number of target tokens" in cause["fix"]) == names_sum, cause["fix"]
+    assert ("outputs reach 5.72e+04" in cause["fix"]) == names_outputs, cause["fix"]
+    assert cause["evidence"].get("largest_output") == (outputs if names_outputs else None)
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])

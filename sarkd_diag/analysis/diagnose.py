@@ -308,6 +308,8 @@ PHRASES = {
 }
 
 # every gradient non-finite at once, from values far from the dtype's range: what came from the loss, not an overflow
+# where a loss far above a per-token mean could be either: a sum, or a mean of outputs gone that large
+SUM_TOO = "; or, if the loss is a sum over the tokens (`reduction=\"sum\"`), divide it by the number of target tokens"
 AT_LOSS_END = ("every gradient turned {{holds}} at once in backward, in {{dtype}}, from values nowhere near "
                "{{dtype}}'s range (the largest measured up to it {{amax}}): not an overflow — the non-finite value "
                "entered at the loss end, {origin}; keep the loss's inputs off such points (`x.clamp_min(eps)`, "
@@ -454,7 +456,7 @@ FIXES = {
                                          "loss that large, no sum needed — find what made them so large (weights "
                                          "initialised or scaled far beyond the rest, such as new embedding rows after "
                                          "`resize_token_embeddings` given a large init; a checkpoint loaded wrong) "
-                                         "and bring them to the others' size; precision is not the cause",
+                                         "and bring them to the others' size{sum_too}; precision is not the cause",
     "loss_scale_collapse_singular": "the loss scale fell below 1 and the gradients stay non-finite, from {module} "
                                     "backwards, while the loss is at most {largest}: at such a scale no such loss's "
                                     "gradients overflow fp16 — the loss's own computation applies {operation}, whose "
@@ -1307,6 +1309,16 @@ class RunRecord:
         largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
+    def loss_per_target(self, loss: float) -> float | None:
+        """`loss` over the target tokens of the step whose finite loss was that large (`loss_targets` — a caller's
+        loop, all its micro-batches' — or `train`'s `targets`): what each would carry were the loss their sum. None
+        where no count was recorded."""
+        losses = self.train_column("loss")
+        steps = losses[losses.abs() == loss].index
+        counts = pd.concat([self.train_column("loss_targets"), self.train_column("targets")])
+        counts = counts[counts.index.isin(steps) & (counts > 0)]
+        return loss / float(counts.iloc[0]) if len(counts) else None
+
     def largest_outputs(self) -> tuple[str, float] | None:
         """The model whose module outputs were measured largest over the run (finite `act_amax_<model>`), and that
         value; None where none was measured."""
@@ -2087,22 +2099,26 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
 
 
 def _loss_too_large(r: RunRecord, severity: str, where: dict, evidence: dict, largest: float) -> Cause:
-    """A loss scale collapsed under a caller's loss far above any per-token mean: a sum over the tokens — unless the
-    models' own outputs are as large. A cross-entropy or KL per token is at most about the spread of its logits (the
-    largest minus the target's, plus the log of the vocabulary), so a loss below twice the largest module output
-    measured (`act_amax_<model>`) can be a per-token mean of outputs gone that large (new embedding rows initialised
-    far beyond the others, weights scaled up): then dividing by the tokens is no fix, and the fix names the outputs."""
+    """A loss scale collapsed under a caller's loss far above any per-token mean: a sum over the tokens, or a mean of
+    outputs gone that large — each named where the evidence allows it. A cross-entropy or KL per token is at most about
+    the spread of its logits (the largest minus the target's, plus the log of the vocabulary), so outputs measured
+    (`act_amax_<model>`) at half the loss or more can make it a per-token mean (new embedding rows initialised far
+    beyond the others, weights scaled up); and a sum over the step's targets (`loss_targets`, `train`'s `targets`)
+    must leave a per-token loss below the same bar — a loss that stays far above it per target is no sum of sane
+    per-token losses, and dividing by the tokens is no fix. Neither ruled out, both are named."""
     outputs = r.largest_outputs()
     fix_words = {"model": where["model"], "largest": f"{largest:.5g}",
                  "module": where["module"] or where["tensor"] or "the loss"}
+    evidence = {**evidence, "largest_finite_loss": largest}
     if outputs is None or 2 * outputs[1] < largest:
-        return Cause("loss_scale_collapse", severity, **where, evidence={**evidence, "largest_finite_loss": largest},
+        return Cause("loss_scale_collapse", severity, **where, evidence=evidence,
                      fix=r.fix("loss_scale_collapse_sum", **fix_words))
-    return Cause("loss_scale_collapse", severity, **where,
-                 evidence={**evidence, "largest_finite_loss": largest, "largest_output": outputs[1],
-                           "output_model": outputs[0]},
+    per_target = r.loss_per_target(largest)
+    summed = per_target is None or per_target <= FP16_MAX ** RANGE_EXPONENT  # a sum of sane per-token losses fits
+    evidence.update(largest_output=outputs[1], output_model=outputs[0], loss_per_target=per_target)
+    return Cause("loss_scale_collapse", severity, **where, evidence=evidence,
                  fix=r.fix("loss_scale_collapse_large_outputs", **fix_words, output_model=outputs[0],
-                           outputs=f"{outputs[1]:.3g}"))
+                           outputs=f"{outputs[1]:.3g}", sum_too=SUM_TOO if summed else ""))
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:

@@ -448,14 +448,16 @@ class LossProbe(Probe):
         names, self._names = self._names, []
         shares, self._shares = self._shares, []
         flat = host.get("loss_terms") or []
-        self._record_empty(host.get("loss_targets") or [], not all(map(math.isfinite, flat)))
+        counts = host.get("loss_targets") or []
+        self._record_empty(counts, not all(map(math.isfinite, flat)))
+        targets = {"loss_targets": sum(counts)} if counts else {}
         weighed, self._weighed = self._weighed, []
         weights = host.get("loss_weights") or []
         self._check_summed(weighed, weights)
         self._check_backpropagated_twice(weighed, weights)
         self._check_padded(host.get("padded_targets"))
         if not names:
-            return {}
+            return targets
         losses, i = [], 0
         for micro, (terms, share) in enumerate(zip(names, shares, strict=True), start=1):
             for term, dtype in terms:
@@ -468,9 +470,9 @@ class LossProbe(Probe):
                 elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK and _judged_for_sign(dtype):
                     self._negative(term, value, micro)
         if not losses:
-            return {}
+            return targets
         total = sum(value for value, _ in losses)
-        return {"loss": total if all(share for _, share in losses) else total / len(losses)}
+        return {"loss": total if all(share for _, share in losses) else total / len(losses), **targets}
 
     def _check_summed(self, weighed: list[Weight], weights: list[float]) -> None:
         """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is
