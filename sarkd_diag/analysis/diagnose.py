@@ -565,8 +565,7 @@ FIXES = {
                           "labels keep the padding (copied from `input_ids` with the pads left in), so the loss trains "
                           "the model to predict pad tokens — easy targets that pull the loss down while the text's own "
                           "tokens weigh less in it — set the labels to -100 where the attention mask is 0 (`labels["
-                          "attention_mask == 0] = -100`); "
-                          "precision and the learning rate are not the cause",
+                          "attention_mask == 0] = -100`); precision and the learning rate are not the cause",
     "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
                          "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
                          "no divergence — large, and flat however the student learns — pass the teacher's "
@@ -2291,6 +2290,8 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
 
 
 def _kd_targets_one_hot(r: RunRecord) -> list[Cause]:
+    """`kd_temperature_low` where the temperature is a caller's number the run never saw: the teacher's distribution
+    `F.kl_div` was handed, one-hot on most tokens (a `kl_target_one_hot` note), is what such a temperature makes."""
     note = r.of("setup_note", "kl_target_one_hot")
     if not len(note):
         return []
@@ -2525,11 +2526,11 @@ def updates_too_small(r: RunRecord) -> list[Cause]:
     """A model whose optimizer steps are too small to train: the median of its `update_ratio_<model>` — its own
     weight matrices, not mixed with another model's (SAR's routers train beside the student at an lr of their own),
     and only steps at the lr its schedule means (the probe leaves out a warm-up's first steps) — below
-    TINY_UPDATE_RATIO over at least UPDATE_RATIO_MIN_STEPS steps that moved it. Nothing non-finite, nothing lost to
-    rounding, no gradient missing (those steps do not move the weights at all, and other causes name them): the loss
-    stays flat because each step is ten thousand times smaller than a healthy one — an lr typed orders of magnitude
-    too small, or gradients shrunk to almost nothing by a clip threshold or a loss weight. A warning: nothing breaks,
-    nothing trains. Evidence: the median ratio, the steps judged and the model's lr on its first."""
+    TINY_UPDATE_RATIO over at least UPDATE_RATIO_MIN_STEPS steps that moved it. Nothing non-finite and no gradient
+    missing (a step that moves nothing is left out: other causes name it): the loss stays flat because each step is
+    ten thousand times smaller than a healthy one — an lr typed orders of magnitude too small, or gradients shrunk
+    to almost nothing by a clip threshold or a loss weight. A warning: nothing breaks, nothing trains. Evidence: the
+    median ratio, the steps judged and the model's lr on its first."""
     causes = []
     for column in (c for c in r.metrics.columns if str(c).startswith("update_ratio_")):
         ratios = r.train_column(column)
