@@ -799,6 +799,41 @@ def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def padded_batches(world: World, steps: int, pad: int, batch: int = 4, block: int = 32) -> list[tuple]:
+    """(input_ids, attention_mask) per step as a collator pads texts of 8, 14, 20, 26 tokens to `block` on the right."""
+    out = []
+    for ids in token_batches(world, steps, batch=batch, block=block):
+        lengths = torch.arange(batch) * 6 + 8
+        mask = (torch.arange(block)[None] < lengths[:, None]).long()
+        out.append((ids.masked_fill(mask == 0, pad), mask))
+    return out
+
+
+def padding_kept_as_labels(world: World, tmp: Path) -> Outcome:
+    """`labels = input_ids.clone()` over right-padded batches (EOS as the pad, GPT-2 having none), the pads left in:
+    every pad position is a target, nearly half of them — the loss falls as the model learns to predict padding."""
+    outcome = Outcome()
+    model = tiny.make_gpt2(world.vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = padded_batches(world, 4, pad=model.config.eos_token_id)
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids, mask in batches:
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.clone()).loss
+            loss.backward()
+            opt.step()
+            probes.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    mask = batches[0][1][:, 1:]
+    share = float(((mask == 0).sum(-1) - 1).clamp(min=0).sum() / mask.numel())
+    outcome.facts.update(losses=[f"{v:.4g}" for v in losses], padded_target_share_beyond_one_a_row=round(share, 3))
+    outcome.check("over a third of the targets are padding beyond one a row; every loss finite",
+                  share > 1 / 3 and all(map(math.isfinite, losses)))
+    return outcome
+
+
 def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome = Outcome()
     model = tiny.make_gpt2(world.vocab)
@@ -820,6 +855,34 @@ def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
     outcome.facts.update(losses=[round(v, 3) for v in losses], weights_finite_before=weights_finite_before)
     outcome.check("weights finite until the bad batch, its loss NaN",
                   weights_finite_before[:2] == [True, True] and math.isfinite(losses[0]) and math.isnan(losses[1]))
+    return outcome
+
+
+def pure_bf16_adam_second_moment(world: World, tmp: Path) -> Outcome:
+    """`model.to(torch.bfloat16)` under torch's AdamW (default betas): its moments are kept in bfloat16, where
+    exp_avg_sq × 0.999 is a change below half an ulp of every value — the second moment never decays. Shown outside
+    the tool: one more step on all-zero gradients, which decays every moment of an fp32 state, changes none."""
+    outcome = Outcome()
+    model = named_mlp().to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 16).to(torch.bfloat16), torch.randint(0, 4, (8,))
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    before = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    decayed = sum(int((opt.state[p]["exp_avg_sq"] != v).sum()) for p, v in zip(model.parameters(), before, strict=True))
+    outcome.facts.update(state_dtype=str(before[0].dtype), moments_decayed_by_a_zero_gradient_step=decayed)
+    outcome.check("the moments are bfloat16; a step on zero gradients decays none of them",
+                  before[0].dtype == torch.bfloat16 and decayed == 0 and any(bool(v.any()) for v in before))
     return outcome
 
 
@@ -1061,6 +1124,24 @@ def tiny_temperature_under_fp16_autocast(world: World, tmp: Path) -> Outcome:
     outcome.check("the teacher's float16 logits are finite, divided by T = 1e-3 in float16 they are not; the loss is "
                   "NaN from step 1", finite(logits) and not finite(logits / 1e-3)
                   and math.isnan(float(outcome.facts["losses"][0])))
+    return outcome
+
+
+def tiny_temperature_under_bf16_autocast(world: World, tmp: Path) -> Outcome:
+    """KD at T = 1e-3 under bfloat16 autocast, the teacher's logits spanning tens (a trained LM's): bfloat16's range
+    holds logits / T, so nothing is non-finite — but the teacher's softmax at T is one-hot on almost every token and
+    the KD gradient T× its size at T = 1: the term teaches the teacher's argmax alone while its loss reads ~1e-4."""
+    teacher = kd_teacher(world, confidence=30.0)
+    outcome = kd_user_loop(world, tmp, kd_divergence(1e-3), steps=3, autocast=torch.bfloat16, teacher=teacher)
+    ids = token_batches(world, 1, batch=4, block=32)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = teacher(input_ids=ids).logits.float()
+    one_hot = {t: float((nn.functional.softmax(logits / t, -1).amax(-1) > 1 - 1e-6).float().mean())
+               for t in (1e-3, 2.0)}
+    outcome.facts.update(one_hot_rows_at_t=one_hot)
+    outcome.check("every loss finite; the teacher's softmax one-hot on ≥ 90% of the tokens at T = 1e-3, none at T = 2",
+                  all(math.isfinite(float(v)) for v in outcome.facts["losses"]) and one_hot[1e-3] >= 0.9
+                  and one_hot[2.0] == 0)
     return outcome
 
 
@@ -1885,6 +1966,34 @@ def mistyped_clip_threshold(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def student_matrices_moved(world: World, run: dict) -> float | None:
+    """‖w_trained − w_loaded‖ / ‖w_loaded‖ over the student's weight matrices, from its checkpoints (None: none
+    saved)."""
+    from safetensors.torch import load_file
+
+    trained = run["dir"] / "student" / "model.safetensors"
+    if not trained.exists():
+        return None
+    before, after = load_file(str(world.student / "model.safetensors")), load_file(str(trained))
+    pairs = [(before[n].double(), w.double()) for n, w in after.items() if n in before and w.dim() >= 2]
+    moved = sum(float((a - b).square().sum()) for b, a in pairs)
+    return math.sqrt(moved / sum(float(b.square().sum()) for b, _ in pairs))
+
+
+def student_lr_typed_1e_9_sar(world: World, tmp: Path) -> Outcome:
+    """`--student-lr 1e-9` (meant 1e-4, say) beside SAR's routers at their default `--router-lr` 1e-4: every value
+    finite, nothing lost to rounding in fp32, the loss flat; the routers' steps are 1e5 times the student's, and a
+    ratio over both models together reads as healthy."""
+    steps = 8
+    outcome, run = run_cli(world, tmp, "--precision", "fp32", "--student-lr", "1e-9", steps=steps)
+    moved = student_matrices_moved(world, run)
+    outcome.facts.update(student_moved_per_step=moved and moved / steps, losses=[round(v, 4) for v in
+                                                                                 _losses(run["metrics"])])
+    outcome.check("the student's matrices moved by under 1e-6 of their size a step (healthy ~1e-3), all finite",
+                  moved is not None and 0 < moved / steps < 1e-6 and outcome.exit_code == 0)
+    return outcome
+
+
 def loss_weighted_near_zero(mode: str):
     """`--alpha-kd 1e-30 --alpha-ce 0` (a sum of weights that is all but 0): the student's gradients are ~1e-30 of
     healthy ones — flushed to 0 in a float16 backward even times the loss scale, below AdamW's eps in fp32."""
@@ -2612,6 +2721,14 @@ SCENARIOS: list[Scenario] = [
              "`resize_token_embeddings(+8)` (tied head), the new rows 3e3 × N(0, 1); one batch in four holds a new "
              "token", "mixed", "user loop", resized_embeddings_initialised_huge,
              Expected("activation_overflow", "warning", "student", "lm_head", first_step=2, absent=("no_gradients",))),
+    Scenario("pure-bf16 Adam's second moment never decays", "user loop: a small MLP `.to(torch.bfloat16)`, torch "
+             "`AdamW(lr=1e-2, weight_decay=0)` at its default betas (moments kept in bfloat16), 4 steps", "pure-bf16",
+             "user loop", pure_bf16_adam_second_moment,
+             Expected("second_moment_decay_lost", "warning", "student", first_step=1, fix_contains="β2")),
+    Scenario("padding kept as labels", "user loop: fp32 GPT-2, AdamW; batches right-padded with EOS to 32 tokens "
+             "(texts of 8 to 26), `labels=input_ids.clone()` with the pads left in", "fp32", "user loop",
+             padding_kept_as_labels,
+             Expected("padding_in_targets", "warning", "student", first_step=1, fix_contains="-100")),
     Scenario("NaN in inputs_embeds", "user loop: `model(inputs_embeds=...)` with a NaN row at step 2", "fp32",
              "user loop", nan_embeds_user_loop,
              Expected("nonfinite_input", "critical", "student", first_step=2, absent=("divergence",))),
@@ -2688,6 +2805,12 @@ SCENARIOS: list[Scenario] = [
              "T = 1e-3",
              "mixed", "user loop", tiny_temperature_under_fp16_autocast,
              Expected("divergence", "critical", "student", "loss", first_step=1, fix_contains="`.float()` first")),
+    Scenario("KD at T = 1e-3 under bf16 autocast", "user loop: fp32 student, a teacher whose logits span tens, under "
+             "`torch.autocast(bfloat16)`; the KD term T²·`F.kl_div` at T = 1e-3 (nothing non-finite)",
+             "bf16-mixed", "user loop", tiny_temperature_under_bf16_autocast,
+             Expected("kd_temperature_low", "warning", "student", first_step=1,
+                      fix_contains="the KD loss's temperature",
+                      evidence_contains="one_hot")),
     Scenario("fp16 teacher, KD as log(softmax)", "user loop: fp32 student, teacher held in fp16; the KD term takes "
              "log(softmax(teacher logits)) in fp16", "fp32", "user loop", fp16_teacher_log_softmax,
              Expected("teacher_overflow", "critical", "teacher", first_step=1, fix_contains=".float()",
@@ -2824,6 +2947,11 @@ SCENARIOS: list[Scenario] = [
              "teacher)", "fp32", "CLI", mistyped_clip_threshold,
              Expected("update_underflow", "warning", "student", ANY, first_step=1, fix_contains="--max-grad-norm",
                       fix_lacks="--precision")),
+    Scenario("student lr typed 1e-9 beside SAR's routers", "`train --precision fp32 --student-lr 1e-9` (MoE "
+             "teacher: its routers train at `--router-lr` 1e-4), 8 steps: the loss flat, every value finite", "fp32",
+             "CLI", student_lr_typed_1e_9_sar,
+             Expected("updates_too_small", "warning", "student", first_step=1, fix_contains="--student-lr` (now 1e-09)",
+                      evidence_contains="update_ratio")),
     Scenario("loss weights near 0, mixed", "`train --precision mixed --alpha-kd 1e-30 --alpha-ce 0` (dense teacher)",
              "mixed", "CLI", loss_weighted_near_zero("mixed"),
              Expected("no_gradients", "warning", "student", ANY, first_step=1, fix_contains="--alpha-kd",

@@ -261,6 +261,43 @@ def test_a_loss_scale_collapse_under_a_loss_summed_over_the_tokens_says_to_divid
     assert (cause["evidence"].get("largest_finite_loss") == loss) == summed
 
 
+@pytest.mark.parametrize(("ratios", "claimed"), [([4e-8] * 8, True), ([3e-6] * 8, False), ([0.0] * 8, False),
+                                                 ([4e-8] * 2, False)])
+def test_updates_far_too_small_to_train_are_named_per_model_with_the_lr(ratios, claimed):
+    """An lr typed 1e-9: every step moves the student by ~4e-8 of its weights, nothing non-finite, nothing lost in
+    fp32, and the loss stays flat — the run said "no numerical problems". Not an lr of 1e-7 chosen on purpose (a
+    ratio of ~3e-6), not steps that moved nothing (no gradients: other causes), not two steps (too few to judge)."""
+    metrics = pd.DataFrame({"step": range(1, len(ratios) + 1), "split": "train", "loss": 2.8, "lr": 1e-9,
+                            "update_ratio": 2e-4, "update_ratio_student": ratios, "update_ratio_teacher": 2e-3})
+    found = [c for c in causes(log(), metrics) if c["cause"] == "updates_too_small"]
+    assert bool(found) == claimed
+    if claimed:
+        (cause,) = found
+        assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
+        assert "`--student-lr` (now 1e-09)" in cause["fix"] and cause["evidence"]["update_ratio"] == 4e-8
+
+
+@pytest.mark.parametrize(("outputs", "targets", "names_outputs", "names_sum"), [
+    (57152.0, 30, True, False), (30.0, 30, False, True), (57152.0, 4096, True, True), (57152.0, None, True, True)])
+def test_a_loss_scale_collapse_under_a_large_loss_names_what_the_evidence_allows(outputs, targets, names_outputs,
+                                                                                names_sum):
+    """A loop's loss of ~29,000 over 30 target tokens whose model outputs reach 57,152 — new embedding rows initialised
+    at 3e3 after `resize_token_embeddings`: a per-token cross-entropy is up to the spread of its logits, so the loss is
+    as large as its outputs make it, and as a sum it would put ~967 on each token, which no sane per-token loss is —
+    dividing by the tokens fixes nothing, yet the fix said "a sum over the tokens". Outputs of 30 cannot make it: a
+    sum. Over 4096 targets (~7 each), or an unknown count, both fit, and both are named."""
+    frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
+                 "phase": "backward", "model": "student", "module": "lm_head", "tensor": "lm_head.weight"},
+                {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
+                 "value": 128.0})
+    metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [29007.0] * 10,
+                            "act_amax_student": [outputs] + [None] * 9, "loss_targets": targets})
+    (cause,) = causes(frame, metrics, caller="loop")
+    assert ("divide it by the number of target tokens" in cause["fix"]) == names_sum, cause["fix"]
+    assert ("outputs reach 5.72e+04" in cause["fix"]) == names_outputs, cause["fix"]
+    assert cause["evidence"].get("largest_output") == (outputs if names_outputs else None)
+
+
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
 def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teacher(caller):
     """SAR's router terms weighted 1e6: the teacher's router gradients overflow fp16 from 2**16 down to a scale of

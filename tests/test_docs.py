@@ -31,6 +31,7 @@ PROBES_SOURCE = ROOT / "sarkd_diag" / "probes"
 
 # columns whose name carries a value: the doc names the pattern
 PATTERNS = [(re.compile(r"act_amax_\w+"), "act_amax_<model>"),
+            (re.compile(r"update_ratio_\w+"), "update_ratio_<model>"),
             (re.compile(r"expert_entropy_layer\w+"), "expert_entropy_layer<N>")]
 # modules whose module-level numeric constants are thresholds the doc's table must carry, with their values
 THRESHOLD_MODULES = ("contract.numerics", "analysis.diagnose", "analysis.verdicts", "probes.base", "probes.gradients",

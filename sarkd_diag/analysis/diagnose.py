@@ -31,8 +31,10 @@ from ..contract.numerics import (
     EXTREME_UPDATE_RATIO,
     FP16_MAX,
     FP16_TINY,
+    HEALTHY_UPDATE_RATIO,
     KD_TARGETS_WARNING,
     NONNEGATIVE_TERMS,
+    TINY_UPDATE_RATIO,
     number_or_none,
 )
 
@@ -42,8 +44,9 @@ CAUSE_ORDER = (
     "teacher_overflow", "teacher_dropout",
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
-    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "kd_targets_few",
-    "kd_temperature_low", "kd_input_invalid", "loss_term_negative", "kd_reduction_mean",
+    "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
+    "second_moment_decay_lost", "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
+    "kd_reduction_mean", "padding_in_targets",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
 # None` in Lightning, `continue` in a loop) skips the backward of every batch the failure poisons
@@ -72,6 +75,7 @@ LOSS_TREND_RISE = 0.1
 # first half's. A loss bounded below (-cosine similarity, a log-density) slows as it settles toward its floor — an
 # approach at rate k over n steps keeps e^(-k n / 2) of its first half's slope, below this once k n / 2 > 0.29
 SLOWEST_UNBOUNDED_FALL = 0.75
+UPDATE_RATIO_MIN_STEPS = 3  # steps of a model's update ratio before its step size is judged
 WEIGHT_GROWTH_FACTOR = 2.0  # the largest weight doubling within WEIGHT_GROWTH_WINDOW steps: inflated updates
 WEIGHT_GROWTH_WINDOW = 10  # steps; a long healthy run may double a weight, ten steps of one do not
 # The largest finite value of each dtype a run computes in other than float16 (whose overflows have their own rule)
@@ -304,6 +308,8 @@ PHRASES = {
 }
 
 # every gradient non-finite at once, from values far from the dtype's range: what came from the loss, not an overflow
+# where a loss far above a per-token mean could be either: a sum, or a mean of outputs gone that large
+SUM_TOO = "; or, if the loss is a sum over the tokens (`reduction=\"sum\"`), divide it by the number of target tokens"
 AT_LOSS_END = ("every gradient turned {{holds}} at once in backward, in {{dtype}}, from values nowhere near "
                "{{dtype}}'s range (the largest measured up to it {{amax}}): not an overflow — the non-finite value "
                "entered at the loss end, {origin}; keep the loss's inputs off such points (`x.clamp_min(eps)`, "
@@ -385,6 +391,12 @@ FIXES = {
     "weight_decay_lost_wide": "weight decay does nothing: lr × weight_decay = {decay} is below half an ulp of the "
                               "{dtype} weights of {group} (~{half_ulp} of a weight), so each step's decay rounds "
                               "away — a mistyped {weight_decay} (an exponent off); precision is not the cause",
+    "second_moment_decay_lost": "Adam's second moment never decays: each step multiplies the {dtype} exp_avg_sq of "
+                                "{group} by β2 = {beta2}, a change below half an ulp of its values, so it rounds back "
+                                "unchanged — the moment only grows, and freezes once (1 − β2)·g² rounds away too, so "
+                                "Adam stops following the gradients' scale and its steps shrink as the gradients do — "
+                                "keep the optimizer state in fp32 (fp32 master weights: train with {bf16_mixed}), or "
+                                "a β2 of {keeps} or below (0.95 is common for LLMs), whose decay {dtype} keeps",
     "optimizer_state_underflow": "keep the optimizer state in fp32 — train with {mixed} or {bf16_mixed}: fp32 "
                                  "master weights and fp32 Adam moments; with the state in {dtype}, Adam divides by eps "
                                  "alone and its updates grow instead of shrinking",
@@ -437,6 +449,14 @@ FIXES = {
                                "are as many times a mean's — divide it by the number of target tokens "
                                "(`reduction=\"mean\"`, or the sum over the vocabulary divided by the tokens), or "
                                "lower {loss_weights} if a term is weighted that high; precision is not the cause",
+    "loss_scale_collapse_large_outputs": "gradients overflow fp16 even at a small loss scale, from {module} "
+                                         "backwards, and the loss itself reaches {largest} while {output_model}'s "
+                                         "module outputs reach {outputs}: a cross-entropy or a KL per token can be as "
+                                         "large as the spread of its logits, so outputs that large make a per-token "
+                                         "loss that large, no sum needed — find what made them so large (weights "
+                                         "initialised or scaled far beyond the rest, such as new embedding rows after "
+                                         "`resize_token_embeddings` given a large init; a checkpoint loaded wrong) "
+                                         "and bring them to the others' size{sum_too}; precision is not the cause",
     "loss_scale_collapse_singular": "the loss scale fell below 1 and the gradients stay non-finite, from {module} "
                                     "backwards, while the loss is at most {largest}: at such a scale no such loss's "
                                     "gradients overflow fp16 — the loss's own computation applies {operation}, whose "
@@ -541,6 +561,11 @@ FIXES = {
                          "carries 1/{support} of the weight meant and the student learns from the cross-entropy "
                          "alone — pass `reduction=\"batchmean\"` with the logits flattened to (tokens, vocabulary), "
                          "the KL per token; precision and the learning rate are not the cause",
+    "padding_in_targets": "{share} of the target tokens at step {step} sit where the attention mask is 0: the "
+                          "labels keep the padding (copied from `input_ids` with the pads left in), so the loss trains "
+                          "the model to predict pad tokens — easy targets that pull the loss down while the text's own "
+                          "tokens weigh less in it — set the labels to -100 where the attention mask is 0 (`labels["
+                          "attention_mask == 0] = -100`); precision and the learning rate are not the cause",
     "kd_target_invalid": "F.kl_div's target holds values up to {amax} with `log_target=True`, which takes it as "
                          "log-probabilities (≤ 0): given the teacher's probabilities, it computes Σ e^q·(q − log p), "
                          "no divergence — large, and flat however the student learns — pass the teacher's "
@@ -556,6 +581,13 @@ FIXES = {
                           "small as if the student matched its teacher — set {temperature_option} to 1 or more (1 to "
                           "4 is usual; the T² factor keeps the KD gradient comparable across such temperatures); "
                           "precision and the learning rate are not the cause",
+    "kd_targets_one_hot": "the KD term's target — the teacher's distribution handed to `F.kl_div` — is one-hot (its "
+                          "top probability within 1e-6 of 1) on {share} of the tokens at step {step}: the teacher's "
+                          "logits divided by a temperature far below 1 (a gap of 0.02 between its top logits does that "
+                          "at T = 1e-3), so the KD term matches the teacher's argmax, not its distribution, and its "
+                          "gradient, T · (p_student − p_teacher) per logit under the T² factor, is T× its size at T = "
+                          "1 — set {temperature_option} to 1 or more (1 to 4 is usual); precision and the learning "
+                          "rate are not the cause",
     "kd_targets_few": "the KD term covers {fraction} of the student's target tokens (from step {step}; {steps} "
                       "short of {threshold}): {why} — those tokens learn from the cross-entropy alone, and kd_loss, "
                       "a mean over every target token, reads small rather than missing; precision and the learning "
@@ -628,6 +660,12 @@ FIXES = {
                                     "while the loss is {loss}: the loss is multiplied by a tiny factor before "
                                     "`backward()` — {loss_weights} (a weight such as 1e-30), a division by a huge "
                                     "count — fix that factor; the learning rate and the precision are not the cause",
+    "updates_too_small": "{model}'s optimizer steps change its weights by ~{ratio} of their size per step (‖Δw‖/‖w‖, "
+                         "the median over {steps}), {below}× below healthy training's ~1e-3: ten thousand such steps "
+                         "move them less than one healthy step does, so the loss stays where it started: the step "
+                         "size is the problem, not the precision — raise "
+                         "{lr}{lr_value}; if it is as meant, something shrinks every gradient to almost nothing — "
+                         "{clip_option} or {loss_weights} near 0",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: {teacher_wider}",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
                          "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
@@ -1270,6 +1308,25 @@ class RunRecord:
         largest = float(values.max())
         return (row, largest) if largest < limit ** RANGE_EXPONENT else None
 
+    def loss_per_target(self, loss: float) -> float | None:
+        """`loss` over the target tokens of the step whose finite loss was that large (`loss_targets` — a caller's
+        loop, all its micro-batches' — or `train`'s `targets`): what each would carry were the loss their sum. None
+        where no count was recorded."""
+        losses = self.train_column("loss")
+        steps = losses[losses.abs() == loss].index
+        counts = pd.concat([self.train_column("loss_targets"), self.train_column("targets")])
+        counts = counts[counts.index.isin(steps) & (counts > 0)]
+        return loss / float(counts.iloc[0]) if len(counts) else None
+
+    def largest_outputs(self) -> tuple[str, float] | None:
+        """The model whose module outputs were measured largest over the run (finite `act_amax_<model>`), and that
+        value; None where none was measured."""
+        columns = (str(c) for c in self.metrics.columns if str(c).startswith("act_amax_"))
+        found = {c.removeprefix("act_amax_"): v[v.map(math.isfinite)] for c in columns
+                 if len(v := self.train_column(c))}
+        found = {model: float(v.max()) for model, v in found.items() if len(v)}
+        return max(found.items(), key=lambda item: item[1]) if found else None
+
     def singular_operation(self, step: int | None = None) -> str | None:
         """The operation of the caller's loss computation, singular at some input, that the probes read off the loss's
         graph when the run's gradients first turned non-finite (`singular_derivative`) — at `step` when one is given;
@@ -1870,6 +1927,22 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
                             decay=f"{decay:.3g}", half_ulp=None if half_ulp is None else f"{half_ulp:.0e}"))]
 
 
+def second_moment_decay_lost(r: RunRecord) -> list[Cause]:
+    """Adam's second moment that cannot decay (a `second_moment_decay_zero` preflight event): v × β2 rounds back to v
+    in the state's dtype, so v only grows and then freezes — Adam's normaliser stops following the gradients' scale,
+    and as they shrink over training its steps shrink with no schedule asking for it. A warning, predicted from the
+    state the first step made; the fix: an fp32 state, or a β2 whose decay the dtype keeps."""
+    lost = r.of("optimizer_preflight", "second_moment_decay_zero")
+    if not len(lost):
+        return []
+    row = _first(lost)
+    dtype, beta2 = row.get("dtype"), float(row["value"])
+    keeps = 1 - 2 * NARROW_WEIGHT_DTYPES.get(dtype, 2.0**-11)  # 1 − β2 above the largest relative half ulp
+    return [Cause("second_moment_decay_lost", "warning", **_where(row), evidence={"beta2": beta2, "state_dtype": dtype},
+                  fix=r.fix("second_moment_decay_lost", model=row.get("model"), group=row.get("tensor"), dtype=dtype,
+                            beta2=f"{beta2:g}", keeps=f"{keeps:.3g}"))]
+
+
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
     updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
@@ -2012,10 +2085,7 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     # the caller's own loss (`train`'s is a per-token mean by construction, its weights its options), its size near
     # float16's range as `loss_sum_low` judges it: a sum, whose gradients are as large
     if r.caller != "cli" and largest > FP16_MAX ** RANGE_EXPONENT:
-        return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where,
-                      evidence={**evidence, "largest_finite_loss": largest},
-                      fix=r.fix("loss_scale_collapse_sum", model=where["model"], largest=f"{largest:.5g}",
-                                module=where["module"] or where["tensor"] or "the loss"))]
+        return [_loss_too_large(r, "critical" if len(below) else "warning", where, evidence, largest)]
     operation = r.singular_operation()
     if len(below) and operation is not None and largest < FP16_MAX ** RANGE_EXPONENT:  # NaN at any scale
         return [Cause("loss_scale_collapse", "critical", **where,
@@ -2025,6 +2095,29 @@ def loss_scale_collapse(r: RunRecord) -> list[Cause]:
     return [Cause("loss_scale_collapse", "critical" if len(below) else "warning", **where, evidence=evidence,
                   fix=r.fix("loss_scale_collapse" if located is not None else "loss_scale_collapse_unplaced",
                             model=where["model"], module=where["module"] or where["tensor"]))]
+
+
+def _loss_too_large(r: RunRecord, severity: str, where: dict, evidence: dict, largest: float) -> Cause:
+    """A loss scale collapsed under a caller's loss far above any per-token mean: a sum over the tokens, or a mean of
+    outputs gone that large — each named where the evidence allows it. A cross-entropy or KL per token is at most about
+    the spread of its logits (the largest minus the target's, plus the log of the vocabulary), so outputs measured
+    (`act_amax_<model>`) at half the loss or more can make it a per-token mean (new embedding rows initialised far
+    beyond the others, weights scaled up); and a sum over the step's targets (`loss_targets`, `train`'s `targets`)
+    must leave a per-token loss below the same bar — a loss that stays far above it per target is no sum of sane
+    per-token losses, and dividing by the tokens is no fix. Neither ruled out, both are named."""
+    outputs = r.largest_outputs()
+    fix_words = {"model": where["model"], "largest": f"{largest:.5g}",
+                 "module": where["module"] or where["tensor"] or "the loss"}
+    evidence = {**evidence, "largest_finite_loss": largest}
+    if outputs is None or 2 * outputs[1] < largest:
+        return Cause("loss_scale_collapse", severity, **where, evidence=evidence,
+                     fix=r.fix("loss_scale_collapse_sum", **fix_words))
+    per_target = r.loss_per_target(largest)
+    summed = per_target is None or per_target <= FP16_MAX ** RANGE_EXPONENT  # a sum of sane per-token losses fits
+    evidence.update(largest_output=outputs[1], output_model=outputs[0], loss_per_target=per_target)
+    return Cause("loss_scale_collapse", severity, **where, evidence=evidence,
+                 fix=r.fix("loss_scale_collapse_large_outputs", **fix_words, output_model=outputs[0],
+                           outputs=f"{outputs[1]:.3g}", sum_too=SUM_TOO if summed else ""))
 
 
 def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
@@ -2181,10 +2274,12 @@ def kd_targets_few(r: RunRecord) -> list[Cause]:
 def kd_temperature_low(r: RunRecord) -> list[Cause]:
     """A KD temperature below KD_TEMPERATURE_FLOOR (a `kd_temperature_low` note): the KD term's gradient is T× its
     size at T = 1 and the teacher's softmax one-hot, while kd_loss, T² · KL, reads as a KD term near its minimum — a
-    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured."""
+    warning, nothing non-finite, and nothing else names it. Evidence: the losses measured. In a caller's own loss the
+    temperature is not known, but what it does is measured: `F.kl_div`'s target one-hot on most tokens (a
+    `kl_target_one_hot` note), evidence its share."""
     note = r.of("setup_note", "kd_temperature_low")
     if not len(note):
-        return []
+        return _kd_targets_one_hot(r)
     row = _first(note)
     kd, ce = r.train_column("kd_loss"), r.train_column("ce_loss")
     return [Cause("kd_temperature_low", "warning", **_where(row),
@@ -2192,6 +2287,18 @@ def kd_temperature_low(r: RunRecord) -> list[Cause]:
                             "mean_kd_loss": float(kd.mean()) if len(kd) else None,
                             "mean_ce_loss": float(ce.mean()) if len(ce) else None},
                   fix=r.fix("kd_temperature_low", temperature=f"{float(row['value']):g}"))]
+
+
+def _kd_targets_one_hot(r: RunRecord) -> list[Cause]:
+    """`kd_temperature_low` where the temperature is a caller's number the run never saw: the teacher's distribution
+    `F.kl_div` was handed, one-hot on most tokens (a `kl_target_one_hot` note), is what such a temperature makes."""
+    note = r.of("setup_note", "kl_target_one_hot")
+    if not len(note):
+        return []
+    row = _first(note)
+    share = float(row["value"])
+    return [Cause("kd_temperature_low", "warning", **_where(row), evidence={"one_hot_target_share": share},
+                  fix=r.fix("kd_targets_one_hot", share=f"{share:.0%}", step=int(row["step"])))]
 
 
 def kd_reduction_mean(r: RunRecord) -> list[Cause]:
@@ -2203,6 +2310,20 @@ def kd_reduction_mean(r: RunRecord) -> list[Cause]:
     row = _first(note)
     return [Cause("kd_reduction_mean", "warning", **_where(row), evidence={"divided_by": int(row["value"])},
                   fix=r.fix("kd_reduction_mean", support=int(row["value"])))]
+
+
+def padding_in_targets(r: RunRecord) -> list[Cause]:
+    """Padding kept as labels (a `targets_on_padding` note): a share of the targets sits where the attention mask is 0,
+    so the loss trains the model to predict pad tokens — easy targets that pull the loss down while the text's own
+    tokens weigh less in it. A warning, nothing non-finite, and nothing else names it."""
+    note = r.of("setup_note", "targets_on_padding")
+    if not len(note):
+        return []
+    row = _first(note)
+    share = float(row["value"])
+    return [Cause("padding_in_targets", "warning", **_where(row),
+                  evidence={"padded_target_share": share, "targets": int(row.get("numel") or 0)},
+                  fix=r.fix("padding_in_targets", share=f"{share:.0%}", step=int(row["step"])))]
 
 
 def accumulation_unmatched(r: RunRecord) -> list[Cause]:
@@ -2399,6 +2520,33 @@ def _updates_lost(r: RunRecord) -> list[Cause]:
                                 dtype=row.get("dtype"), tensor=row.get("tensor"),
                                 share=_share(below_fp32, row.get("model"))))]
     return []
+
+
+def updates_too_small(r: RunRecord) -> list[Cause]:
+    """A model whose optimizer steps are too small to train: the median of its `update_ratio_<model>` — its own
+    weight matrices, not mixed with another model's (SAR's routers train beside the student at an lr of their own),
+    and only steps at the lr its schedule means (the probe leaves out a warm-up's first steps) — below
+    TINY_UPDATE_RATIO over at least UPDATE_RATIO_MIN_STEPS steps that moved it. Nothing non-finite and no gradient
+    missing (a step that moves nothing is left out: other causes name it): the loss stays flat because each step is
+    ten thousand times smaller than a healthy one — an lr typed orders of magnitude too small, or gradients shrunk
+    to almost nothing by a clip threshold or a loss weight. A warning: nothing breaks, nothing trains. Evidence: the
+    median ratio, the steps judged and the model's lr on its first."""
+    causes = []
+    for column in (c for c in r.metrics.columns if str(c).startswith("update_ratio_")):
+        ratios = r.train_column(column)
+        ratios = ratios[(ratios > 0) & ratios.map(math.isfinite)]
+        if len(ratios) < UPDATE_RATIO_MIN_STEPS or ratios.median() >= TINY_UPDATE_RATIO:
+            continue
+        model, step, median = column.removeprefix("update_ratio_"), int(ratios.index[0]), float(ratios.median())
+        lr = r.lr_at(step, model)
+        steps = f"{len(ratios)} steps from step {step}"
+        causes.append(Cause("updates_too_small", "warning", step, model=model,
+                            evidence={"update_ratio": median, "healthy_update_ratio": HEALTHY_UPDATE_RATIO,
+                                      "steps_judged": len(ratios), "lr": lr},
+                            fix=r.fix("updates_too_small", model=model, ratio=f"{median:.1g}", steps=steps,
+                                      below=f"{float(f'{HEALTHY_UPDATE_RATIO / median:.2g}'):,.0f}",
+                                      lr_value=f" (now {lr:g})" if lr is not None else "")))
+    return causes
 
 
 def _lost_in_fp32_too(below_fp32: pd.DataFrame, model: str | None) -> dict:
@@ -2618,8 +2766,10 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          gradients_not_cleared, micro_batches_summed, accumulation_unmatched, loss_backpropagated_twice,
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
-         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, divergence, kd_targets_few,
-         kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean)
+         loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small,
+         second_moment_decay_lost, divergence,
+         kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean,
+         padding_in_targets)
 
 
 def rank(causes: list[Cause]) -> list[Cause]:

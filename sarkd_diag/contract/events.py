@@ -39,6 +39,8 @@ CODES = {
     "eps_zero": "optimizer_preflight: the optimizer's eps rounds to 0 in the weights' dtype (or is set to 0)",
     "eps_subnormal": "optimizer_preflight: the optimizer's eps is subnormal in the weights' dtype",
     "weight_decay_zero": "optimizer_preflight: lr x weight_decay rounds to 0 in the weights' dtype",
+    "second_moment_decay_zero": "optimizer_preflight: Adam's second moment × β2 rounds back to itself in the "
+                                "state's dtype (bfloat16 and β2 = 0.999): the moment never decays",
     "update_below_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many weights",
     "update_below_fp32_half_ulp": "optimizer_preflight: an lr-sized update is below half an ulp of many 16-bit "
                                   "weights even held in float32",
@@ -156,6 +158,10 @@ CODES = {
                               "log-probabilities, and given probabilities or logits returns no divergence",
     "teacher_dropout_on": "setup_note: a frozen model (a teacher) runs its training forwards in train() mode with "
                           "dropout on: its outputs, the KD targets, are drawn through a random mask",
+    "targets_on_padding": "setup_note: a tenth or more of a training step's target tokens sit where the attention "
+                          "mask is 0: padding kept as labels, which the loss trains the model to predict",
+    "kl_target_one_hot": "setup_note: F.kl_div's target, the teacher's distribution, is one-hot on most of a "
+                         "training step's tokens: a temperature far below 1, and the KD term carries its argmax alone",
     "kd_temperature_low": "setup_note: a KD temperature below KD_TEMPERATURE_FLOOR: the KD term's gradient is T× its "
                           "size at T = 1 and the teacher's softmax at T is all but one-hot",
     "loss_backpropagated_twice": "setup_note: one forward's loss was backpropagated by several backwards that add "

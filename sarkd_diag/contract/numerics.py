@@ -9,6 +9,15 @@ FP16_TINY = 2.0**-24  # float16's smallest subnormal: a value below it is 0 in f
 # An optimizer step that changes the weight matrices by as much as their own size (‖Δw‖/‖w‖ = 1) is a
 # blow-up, not training: healthy steps are ~1e-3 (see probes/updates.py for where that comes from).
 EXTREME_UPDATE_RATIO = 1.0
+# A model whose steps change its weight matrices by less than this (‖Δw‖/‖w‖, the median over its steps) does not
+# train: ten thousand such steps move the weights as far as one healthy step (~1e-3). The smallest learning rates
+# chosen on purpose — Adam at 1e-7 to 5e-7 in RLHF/DPO fine-tuning — move weights of ~0.02 by ~1e-6..1e-5 a step,
+# ten times above it and more; Adam's step is about the lr whatever the gradient, so a converged run stays above too.
+TINY_UPDATE_RATIO = 1e-7
+HEALTHY_UPDATE_RATIO = 1e-3  # the rule of thumb the tiny and extreme bars are read against
+# A group's lr below this fraction of its scheduler's base lr (or, where no base is known, of the run's largest lr):
+# a warm-up's start, an annealing tail — steps meant to move the weights by almost nothing.
+SCHEDULED_LR_FLOOR = 0.01
 # More than this fraction of intended weight updates lost to rounding (measured, or predicted before the first
 # step from lr against the weights' ulp) is a warning: the weights train noticeably less than fp32's would.
 LOST_UPDATE_WARNING = 0.10

@@ -32,6 +32,14 @@ from ..contract.numerics import NEGATIVE_TERM_SLACK, NONNEGATIVE_TERMS
 from .base import Probe, dtype_name, eager, graph_task_id, version_of
 
 LOG_PROBABILITY_SLACK = 1e-3  # a log-probability is ≤ 0; log(p + eps) may round a hair above it
+# A KD target whose largest probability is within ONE_HOT_SLACK of 1 in KD_ONE_HOT_SHARE of its distributions or more is
+# one-hot: a trained teacher at T ≥ 1 leaves more than 1e-6 to the rest of the vocabulary on most tokens (a top logit
+# 14 above every other is rare), while at T = 1e-3 a logit gap of 0.02 does it.
+ONE_HOT_SLACK = 1e-6
+# Targets where the attention mask is 0 (beyond one a row: an EOS kept on purpose) from this share of a step's targets
+# up: padding kept as labels is a tenth of what the loss trains on, and more — the model learns to predict padding.
+PADDED_TARGETS_WARNING = 0.1
+KD_ONE_HOT_SHARE = 0.9
 IGNORE_INDEX = -100  # labels that are no target (transformers' and torch's cross-entropy convention)
 _CROSS_ENTROPY = inspect.signature(torch.nn.functional.cross_entropy)  # how a call's arguments are read
 _KL_DIV = inspect.signature(torch.nn.functional.kl_div)
@@ -49,15 +57,18 @@ def count_targets(labels: torch.Tensor, shifted: bool = True) -> torch.Tensor:
 UNSHIFTED_LOSSES = ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 
 
+def is_encoder_decoder(model) -> bool:
+    """T5, BART: the labels are the decoder's, the attention mask the encoder's input's."""
+    return bool(getattr(getattr(getattr(model, "module", model), "config", None), "is_encoder_decoder", False))
+
+
 def shifts_labels(model) -> bool:
     """Whether `model` shifts its labels: a causal LM predicts position t+1 at t, so it drops each row's first label;
     an encoder-decoder (T5, BART: `config.is_encoder_decoder`) shifts its labels right into the decoder's inputs and
     scores every one of them — counted as a causal LM's, one-token targets would read as no target at all. Nor does
     a classifier or a masked LM (its `loss_type`): a binary multi-label head's [batch, 1] labels are one target each."""
     model = getattr(model, "module", model)  # DDP keeps the model as `module`
-    config = getattr(model, "config", None)
-    return not getattr(config, "is_encoder_decoder", False) and \
-        getattr(model, "loss_type", None) not in UNSHIFTED_LOSSES
+    return not is_encoder_decoder(model) and getattr(model, "loss_type", None) not in UNSHIFTED_LOSSES
 
 
 def output_loss(output, labelled: bool) -> torch.Tensor | None:
@@ -143,6 +154,7 @@ class LossProbe(Probe):
         self._batches: list = []  # (input, its version) per distinct batch, held for the step so no id is reused
         self._batch = 0  # the batch of the forward under way: its number in `_batches`
         self._labels: torch.Tensor | None = None  # target count of the forward under way
+        self._padded: list[torch.Tensor] = []  # per labelled forward of a statistics step: [padded targets, targets]
         self._labelled = self._share = False  # the forward under way: called with labels; with num_items_in_batch
         self._handles: list = []
         self._model = next((w.model for w in ctx.watched), None)  # the loss trains this model (the student)
@@ -169,9 +181,24 @@ class LossProbe(Probe):
             if self._labelled and shifts is None:
                 shifts = shifts_labels(self.ctx.models[model_name])
             self._labels = count_targets(labels, shifts) if self._labelled else None
+            if self._labelled and self.ctx.stats_step and "padded_targets" not in self._reported \
+                    and not is_encoder_decoder(self.ctx.models[model_name]):  # its mask is the encoder's input's
+                self._read_padded_targets(labels, kwargs.get("attention_mask"), shifts)
             self._share = kwargs.get("num_items_in_batch") is not None
             self._batch = self._batch_of(kwargs.get("input_ids", next(filter(torch.is_tensor, args), None)))
         return hook
+
+    def _read_padded_targets(self, labels: torch.Tensor, mask, shifted: bool) -> None:
+        """Targets where the attention mask is 0: padding the model was told not to read, kept as labels (labels
+        copied from `input_ids` with the pads left in, not set to -100) — the loss then trains the model to predict
+        padding. One per row is left out: a collator that pads with EOS may keep the first as a target on purpose
+        (to learn to stop). [excess padded targets, targets] on the device, read with the step's readings."""
+        if not (torch.is_tensor(mask) and mask.shape == labels.shape and labels.dim() >= 2):
+            return
+        if shifted:
+            labels, mask = labels[..., 1:], mask[..., 1:]
+        padded = ((labels != IGNORE_INDEX) & (mask == 0)).sum(-1)
+        self._padded.append(torch.stack([(padded - 1).clamp(min=0).sum(), (labels != IGNORE_INDEX).sum()]))
 
     def _batch_of(self, data: torch.Tensor | None) -> int:
         """The number of the batch a forward was handed this step: the same tensor again, unwritten since, is the same
@@ -239,9 +266,14 @@ class LossProbe(Probe):
         if call.get("log_target") and torch.is_tensor(target) and target.is_floating_point() and target.numel():
             handed["target"] = target
         handed = {what: tensor for what, tensor in handed.items() if f"kl_{what}" not in self._reported}
-        if not handed:
+        one_hot = self._one_hot_rows(target, call)
+        if not handed and one_hot is None:
             return
-        largest = torch.stack([tensor.detach().amax().float() for tensor in handed.values()]).tolist()  # one read
+        read = [tensor.detach().amax().float() for tensor in handed.values()]
+        values = torch.stack([*read, *([one_hot] if one_hot is not None else [])]).tolist()  # one read
+        largest = values[:len(read)]
+        if one_hot is not None and values[-1] >= KD_ONE_HOT_SHARE:
+            self._report_one_hot(target, values[-1])
         for (what, tensor), value in zip(handed.items(), largest, strict=True):
             if value > LOG_PROBABILITY_SLACK:
                 self._reported.add(f"kl_{what}")
@@ -251,6 +283,27 @@ class LossProbe(Probe):
                     f"{self.ctx.step}: it takes log-probabilities (≤ 0), and given {given} it returns no divergence",
                     step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=value,
                     dtype=dtype_name(tensor.dtype), code=f"kl_{what}_not_log_probs")
+
+    def _one_hot_rows(self, target, call: dict) -> torch.Tensor | None:
+        """The share of the KD target's distributions (rows over the last dimension) whose largest probability is
+        within ONE_HOT_SLACK of 1, on the device; None once reported, or where the target is no distribution. A
+        teacher's softmax at a temperature far below 1 is one-hot wherever its top logits differ by more than ~T × 14:
+        the KD term then carries its argmax alone, and its gradient T× its size at T = 1. The row maxima come first,
+        in the target's own dtype: no float copy of a (tokens × vocabulary) tensor."""
+        if "kl_one_hot" in self._reported or not (torch.is_tensor(target) and target.is_floating_point()) \
+                or target.dim() < 1 or target.shape[-1] < 2 or not target.numel():
+            return None
+        top = target.detach().amax(-1).float()
+        top = top.exp() if call.get("log_target") else top
+        return (top > 1 - ONE_HOT_SLACK).float().mean()
+
+    def _report_one_hot(self, target: torch.Tensor, share: float) -> None:
+        self._reported.add("kl_one_hot")
+        self.ctx.events.record(
+            "setup_note", "warning", f"F.kl_div's target is one-hot (its largest probability within {ONE_HOT_SLACK:g} "
+            f"of 1) in {share:.0%} of its {target.shape[-1]}-way distributions at step {self.ctx.step}: the teacher's "
+            "softmax carries its argmax alone", step=self.ctx.step, probe=self.name, phase="loss", model=self._model,
+            value=share, dtype=dtype_name(target.dtype), code="kl_target_one_hot")
 
     def _read_kl_reduction(self, input: torch.Tensor, call: dict) -> None:  # noqa: A002 - kl_div's own name
         """`F.kl_div` averaged over every element (`reduction="mean"`, its default): the divergence per distribution
@@ -325,6 +378,19 @@ class LossProbe(Probe):
             self._names.append(names)
             self._shares.append(share)
 
+    def _check_padded(self, counts: list[float] | None) -> None:
+        """A `targets_on_padding` note, once, where PADDED_TARGETS_WARNING of a statistics step's targets or more sit
+        where the attention mask is 0 (beyond one a row)."""
+        if not counts or not counts[1] or counts[0] / counts[1] < PADDED_TARGETS_WARNING:
+            return
+        self._reported.add("padded_targets")
+        share = counts[0] / counts[1]
+        self.ctx.events.record(
+            "setup_note", "warning", f"{share:.0%} of step {self.ctx.step}'s {int(counts[1])} target tokens sit where "
+            "the attention mask is 0: padding kept as labels, so the loss trains the model to predict padding",
+            step=self.ctx.step, probe=self.name, phase="loss", model=self._model, value=share,
+            numel=int(counts[1]), code="targets_on_padding")
+
     def _record_empty(self, counts: list[float], nonfinite: bool) -> None:
         """The micro-batches of this step without targets whose loss is 0/0: all of them, except a share of a step
         that has targets elsewhere (0 over the step's count)."""
@@ -371,6 +437,9 @@ class LossProbe(Probe):
             self._target_shares = [share for _, share in self._targets]
         if self._weights:
             out["loss_weights"] = torch.stack([w.weight for w in self._weights])
+        if self._padded:
+            out["padded_targets"] = torch.stack(self._padded).sum(0)
+            self._padded = []
         self._weighed = self._weights
         self._terms, self._targets, self._weights = [], [], []
         return out
@@ -379,13 +448,16 @@ class LossProbe(Probe):
         names, self._names = self._names, []
         shares, self._shares = self._shares, []
         flat = host.get("loss_terms") or []
-        self._record_empty(host.get("loss_targets") or [], not all(map(math.isfinite, flat)))
+        counts = host.get("loss_targets") or []
+        self._record_empty(counts, not all(map(math.isfinite, flat)))
+        targets = {"loss_targets": sum(counts)} if counts else {}
         weighed, self._weighed = self._weighed, []
         weights = host.get("loss_weights") or []
         self._check_summed(weighed, weights)
         self._check_backpropagated_twice(weighed, weights)
+        self._check_padded(host.get("padded_targets"))
         if not names:
-            return {}
+            return targets
         losses, i = [], 0
         for micro, (terms, share) in enumerate(zip(names, shares, strict=True), start=1):
             for term, dtype in terms:
@@ -398,9 +470,9 @@ class LossProbe(Probe):
                 elif term in NONNEGATIVE_TERMS and value < -NEGATIVE_TERM_SLACK and _judged_for_sign(dtype):
                     self._negative(term, value, micro)
         if not losses:
-            return {}
+            return targets
         total = sum(value for value, _ in losses)
-        return {"loss": total if all(share for _, share in losses) else total / len(losses)}
+        return {"loss": total if all(share for _, share in losses) else total / len(losses), **targets}
 
     def _check_summed(self, weighed: list[Weight], weights: list[float]) -> None:
         """Several losses one model returned this step, each backpropagated at full weight: the step's gradient is

@@ -161,6 +161,7 @@ class OptimizerProbe(Probe):
             lr, lr_name = scheduled_lr(group)
             if _state_dtype(self.ctx.optimizer.state, params) is not None or group.get("fused"):
                 self._check_eps(index, group)  # the state (a resumed run's) or the kernel says what eps is added in
+                self._check_second_moment_decay(index, group)
             else:
                 self._eps_pending.append(index)  # known once the first step has made the state
             rounded = self._fraction_decay_rounded(params, 1 - lr * wd) if wd > 0 and lr > 0 else 0.0
@@ -233,6 +234,37 @@ class OptimizerProbe(Probe):
                 dtype=_dtype_name(dtype), value=float(eps), step=self.ctx.step, code=code)
             return  # the dtype of least range first: its finding is the one that matters
 
+    def _check_second_moment_decay(self, index: int, group: dict) -> None:
+        """Adam's second moment decays by β2 each step (`exp_avg_sq.mul_(beta2)`), computed in the state's dtype: where
+        1 − β2 is below half an ulp of the state's values, v × β2 rounds back to v — in bfloat16 (8 significant bits)
+        for torch's default 0.999 — so the moment never decays: it only grows, and once (1 − β2)·g² falls below half
+        its ulp too (within a few hundred steps) it freezes, no longer following the gradients' scale. Measured on
+        the state the first step made (its nonzero sampled entries), once per group; a float32 state keeps it."""
+        betas = group.get("betas")
+        params = [p for p in group["params"] if p.requires_grad]
+        state = self.ctx.optimizer.state
+        moments = [state[p]["exp_avg_sq"] for p in params if torch.is_tensor(state.get(p, {}).get("exp_avg_sq"))]
+        if not (isinstance(betas, (tuple, list)) and len(betas) > 1 and moments) or moments[0].dtype == torch.float32:
+            return
+        beta2, dtype = float(betas[1]), moments[0].dtype
+        kept = total = 0
+        for v in moments:
+            v = sample(v.detach())
+            v = v[v != 0]
+            kept += int((v * beta2 == v).sum())
+            total += v.numel()
+        if not total or kept / total <= LOST_UPDATE_WARNING:
+            return
+        names = {id(w.param): w for w in self.ctx.watched}
+        label = group_label(index, group, names)
+        model = next((names[id(p)].model for p in params if id(p) in names), None)
+        self.ctx.events.record(
+            "optimizer_preflight", "warning",
+            f"{label}: Adam's second moment × β2={beta2:g} rounds back to itself for {kept / total:.0%} of its "
+            f"{_dtype_name(dtype)} entries: it never decays, and freezes once its additions round away too",
+            probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype), value=beta2,
+            step=self.ctx.step, code="second_moment_decay_zero")
+
     @staticmethod
     def _fraction_decay_rounded(params: list[torch.Tensor], factor: float) -> float:
         """The share of nonzero weights that one step's decay, w × factor in the weight's dtype (as the optimizer
@@ -263,6 +295,7 @@ class OptimizerProbe(Probe):
         pending, self._eps_pending = self._eps_pending, []
         for index in pending:
             self._check_eps(index, self.ctx.optimizer.param_groups[index])
+            self._check_second_moment_decay(index, self.ctx.optimizer.param_groups[index])
         if not self.ctx.stats_step:
             return
         state = self.ctx.optimizer.state

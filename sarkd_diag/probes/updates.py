@@ -11,7 +11,9 @@ elements, `base.sample`) and compares it with the weights after the step, on the
   ratio of EXTREME_UPDATE_RATIO — a step as large as the weights themselves, a thousand times healthy —
   replaced the weights rather than trained them: nothing that follows is a precision limit. It is a warning
   (`extreme_update`) before anything is non-finite, and the evidence that tells a blow-up from a precision
-  limit afterwards.
+  limit afterwards. Also per model (`update_ratio_<model>`), leaving out the steps a schedule holds far below its base
+  lr: SAR's routers train beside the student at an lr of their own, and a student whose steps are ten thousand times
+  too small to train (an lr typed 1e-9) hides behind them in the mixed ratio.
 - Lost updates (statistics steps): sampled elements whose intended update was non-zero (a non-zero
   gradient or, for Adam, a non-zero first moment of a tensor that has a gradient this step: the optimizer
   skips one without) but whose stored value did not change — the update was
@@ -31,13 +33,11 @@ import math
 
 import torch
 
-from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING
+from ..contract.numerics import EXTREME_UPDATE_RATIO, LOST_UPDATE_WARNING, SCHEDULED_LR_FLOOR
 from ..contract.shards import local_shard
 from ..contract.wording import counted
 from .base import Probe, SampleViews, intends_no_update, per_tensor_sum, sample, sample_lengths
 from .optimizer import group_label
-
-SCHEDULED_LR_FLOOR = 0.01  # a group's lr below this fraction of its scheduler's base lr: a warm-up's start, a tail
 
 
 class UpdateProbe(Probe):
@@ -48,8 +48,10 @@ class UpdateProbe(Probe):
         self._moving: list = []  # this step's tensors meant to move, weight matrices first
         self._moving_params: list[torch.Tensor] = []  # their tensors
         self._layout: tuple | None = None  # of the moving tensors: (sample lengths, matrices, numel per sample)
+        self._models: list[str] = []  # the models the moving matrices belong to, in `update_ratio_<model>`'s order
+        self._model_index: torch.Tensor | None = None  # each moving matrix's index into `_models`
         self._group_of: dict[int, dict] = {}  # id of a parameter: its optimizer parameter group
-        self._lr_used: dict[int, object] = {}  # id of a group: the lr of this statistics step's update
+        self._lr_used: dict[int, object] = {}  # id of a group: the lr of this step's update
         self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
         self._before: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (before, after) samples of the last step
@@ -60,8 +62,8 @@ class UpdateProbe(Probe):
     def before_optimizer_step(self) -> None:
         self._moving = self._meant_to_move()
         self._before = self._weights.cat(self._moving_params) if self._moving else None
-        if self.ctx.stats_step:  # the lr each group's update uses (a scheduler moves it on before `record`)
-            self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
+        # the lr each group's update uses (a scheduler moves it on before `record`)
+        self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
 
     def _meant_to_move(self) -> list:
         """The watched tensors the optimizer means to change (none of a group at lr 0: `intends_no_update`), weight
@@ -79,13 +81,16 @@ class UpdateProbe(Probe):
     def _layout_of_moving(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         """Sample lengths per tensor, how many tensors are matrices and how many sampled elements they hold
         (all tensors where none is a matrix), and each tensor's numel per sampled element: made once per choice of
-        the moving tensors."""
+        the moving tensors. Also the models the matrices belong to (`_models`) and each matrix's model index."""
         if self._layout is None:
             params = self._moving_params
             lengths = sample_lengths(params)
             matrices = sum(p.dim() >= 2 for p in params) or len(params)
             per_sample = torch.tensor([local_shard(p).numel() / sample(p).numel() for p in params],
                                       device=params[0].device)
+            self._models = list(dict.fromkeys(w.model for w in self._moving[:matrices]))
+            self._model_index = torch.tensor([self._models.index(w.model) for w in self._moving[:matrices]],
+                                             device=params[0].device)
             self._layout = (lengths, matrices, int(lengths[:matrices].sum()), per_sample)
         return self._layout
 
@@ -93,12 +98,22 @@ class UpdateProbe(Probe):
         if self._before is None:
             return
         after = self._weights.cat(self._moving_params)
-        lengths, _, matrix_elements, per_sample = self._layout_of_moving()
+        lengths, matrices, matrix_elements, per_sample = self._layout_of_moving()
         before, moved = self._before[:matrix_elements].float(), after[:matrix_elements].float()
-        self._ratio = torch.linalg.vector_norm(moved - before) / torch.linalg.vector_norm(before)
+        self._ratio = self._ratios(per_tensor_sum((moved - before).square(), lengths[:matrices]),
+                                   per_tensor_sum(before.square(), lengths[:matrices]))
         if self.ctx.stats_step:
             self._lost = self._count_lost(after, lengths, per_sample)
         self._last, self._before = (self._before, after), None
+
+    def _ratios(self, delta2: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+        """‖Δw‖/‖w‖ over all the moving matrices, then over each model's (`_models`): one model's step is not
+        another's — SAR's teacher routers train at an lr of their own beside the student, and a mixture of both
+        would hide a model that does not move behind one that does."""
+        per_model = torch.zeros(len(self._models), 2, device=delta2.device)
+        per_model.index_add_(0, self._model_index, torch.stack([delta2, weight2], dim=1))
+        sums = torch.cat([torch.stack([delta2.sum(), weight2.sum()])[None], per_model])
+        return (sums[:, 0] / sums[:, 1]).sqrt()
 
     def _largest_change(self) -> tuple[int, float]:
         """The weight matrix that changed most relative to its size in the last step, and by how much: read
@@ -140,10 +155,23 @@ class UpdateProbe(Probe):
     def record(self, host: dict) -> dict:
         metrics: dict = {}
         if host.get("update_ratio") is not None:
-            metrics.update(self._record_ratio(host["update_ratio"]))
+            overall, *per_model = host["update_ratio"]
+            metrics.update(self._record_ratio(overall))
+            metrics.update(self._per_model_ratios(per_model))
         if host.get("lost_updates") is not None:
             metrics.update(self._record_lost(host["lost_updates"]))
         return metrics
+
+    def _per_model_ratios(self, ratios: list[float]) -> dict:
+        """`update_ratio_<model>`, but not for a model whose every moving matrix stepped at an lr a scheduler held
+        below SCHEDULED_LR_FLOOR of its base: a warm-up's first steps are meant to be tiny, and a column that holds
+        only the steps taken at the lr meant lets the diagnosis judge a model's step size without knowing the
+        schedule."""
+        _, matrices, _, _ = self._layout_of_moving()
+        scheduled = {w.model for w in self._moving[:matrices]} - {
+            w.model for i, w in enumerate(self._moving[:matrices]) if not self._scheduled_far_below_base(i)}
+        return {f"update_ratio_{model}": ratio for model, ratio in zip(self._models, ratios, strict=True)
+                if model not in scheduled}
 
     def _record_ratio(self, overall: float) -> dict:
         if math.isfinite(overall) and overall > EXTREME_UPDATE_RATIO and not self._reported_extreme:

@@ -1252,7 +1252,9 @@ def test_adamws_usual_weight_decay_rounds_away_in_bf16_weights_and_is_said_to(dt
     warned = [(e.code, e.dtype, e.value) for e in _events(probes, "optimizer_preflight")]
     if dtype == torch.bfloat16:
         assert all(kept)  # the provocation, measured: the decay alone moves no bf16 weight
-        assert warned == [("weight_decay_zero", "bfloat16", pytest.approx(1e-5))]
+        # and the bf16 state's second moment × 0.999 rounds back alike (`second_moment_decay_zero`)
+        assert warned == [("weight_decay_zero", "bfloat16", pytest.approx(1e-5)),
+                          ("second_moment_decay_zero", "bfloat16", 0.999)]
     else:
         assert not any(kept) and warned == []
 
@@ -1719,6 +1721,71 @@ def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     (event,) = _events(probes, "extreme_update")
     assert (event.step, event.model, event.severity) == (2, "student", "warning")
     assert event.tensor.endswith(".weight") and "at lr 5" in event.message
+
+
+def test_each_model_has_its_own_update_ratio_and_a_warm_up_start_has_none():
+    """SAR's routers train beside the student at an lr of their own: a ratio over both hides a student that does not
+    move. `update_ratio_<model>` is each model's own; a model whose lr a scheduler holds below SCHEDULED_LR_FLOOR of
+    its base (a warm-up's first step) gets none that step — its step is meant to be tiny."""
+    student, teacher = Net(), Net()
+    for p in [*student.parameters(), *teacher.parameters()]:
+        p.data.fill_(0.5)
+    opt = torch.optim.SGD([{"params": student.parameters(), "lr": 1e-6},
+                           {"params": teacher.parameters(), "lr": 0.1}])
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        rows = []
+        for teacher_base in (None, 1000.0):  # then the teacher's lr 0.1 is 1e-4 of its scheduled base
+            if teacher_base:
+                opt.param_groups[1]["initial_lr"] = teacher_base
+            for p in [*student.parameters(), *teacher.parameters()]:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            rows.append(probes.step())
+    assert rows[0]["update_ratio_student"] == pytest.approx(1e-6 / 0.5, rel=0.1)  # float32 rounds 0.5 - 1e-6
+    assert rows[0]["update_ratio_teacher"] == pytest.approx(0.1 / 0.5)
+    assert rows[0]["update_ratio"] == pytest.approx(0.1 / 0.5 / 2 ** 0.5, rel=1e-3)  # both: the teacher's dominates
+    assert "update_ratio_teacher" not in rows[1] and "update_ratio_student" in rows[1]
+
+
+@pytest.mark.parametrize(("labels_of", "noted"), [
+    (lambda ids, mask: ids.clone(), True),  # the pads left in as targets
+    (lambda ids, mask: ids.masked_fill(mask == 0, -100), False),  # masked as they should be
+    # one EOS a row kept as a target on purpose (to learn to stop), the rest masked
+    (lambda ids, mask: ids.masked_fill(torch.arange(ids.shape[1]) > mask.sum(-1, keepdim=True), -100), False),
+])
+def test_padding_kept_as_labels_is_noted_from_the_attention_mask(labels_of, noted):
+    """Labels copied from input_ids over right-padded rows: every pad a target, the loss teaching padding. Where the
+    loop masks them (-100), or keeps one EOS a row as a target on purpose, nothing is noted."""
+    model = tiny.make_gpt2(64)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mask = (torch.arange(16)[None] < torch.tensor([[4], [6]])).long()
+    ids = torch.randint(1, 64, (2, 16)).masked_fill(mask == 0, 0)
+    with Probes(model, optimizer=opt) as probes:
+        model(input_ids=ids, attention_mask=mask, labels=labels_of(ids, mask)).loss.backward()
+        opt.step()
+        probes.step()
+        notes = [e for e in _events(probes, "setup_note") if e.code == "targets_on_padding"]
+    assert bool(notes) == noted
+    if noted:
+        assert notes[0].value == pytest.approx((11 + 9) / 30)  # 12 and 10 pads a row, less one each, of 30 targets
+
+
+@pytest.mark.parametrize(("dtype", "beta2", "noted"), [(torch.bfloat16, 0.999, True), (torch.bfloat16, 0.99, False),
+                                                   (torch.float32, 0.999, False)])
+def test_a_second_moment_whose_decay_rounds_away_is_noted(dtype, beta2, noted):
+    """torch's AdamW keeps bf16 weights' moments in bf16: × 0.999 is below half an ulp of every value there, so the
+    second moment never decays. 0.99 decays (1 − β2 above bf16's half ulp); a float32 state keeps any β2."""
+    model = Net().to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, beta2), weight_decay=0.0)
+    with Probes(model, optimizer=opt) as probes:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        probes.step()
+        found = [e for e in _events(probes, "optimizer_preflight") if e.code == "second_moment_decay_zero"]
+    assert bool(found) == noted
+    if noted:
+        assert (found[0].value, found[0].dtype, found[0].step) == (beta2, "bfloat16", 1)
 
 
 def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss():
@@ -2203,8 +2270,10 @@ def test_updates_a_schedule_means_to_be_tiny_are_no_lost_updates(schedule, tmp_p
             sched.step()
         probes.step()
         opt.zero_grad()
-    assert _events(probes, "lost_updates") == [] and _causes(probes) == []
+    lost, causes = _events(probes, "lost_updates"), _causes(probes)
     probes.close()
+    # the bf16 warm-up's AdamW state keeps no second-moment decay either (`second_moment_decay_lost`): its own cause
+    assert lost == [] and "update_underflow" not in causes
 
 
 class Root(nn.Module):
