@@ -456,10 +456,13 @@ class GradientProbe(Probe):
 
 
 def _earliest_fault(earlier: torch.Tensor | None, later: torch.Tensor) -> torch.Tensor:
-    """Per-tensor gradient maxima of one step read twice: the later, unless the earlier holds a NaN/Inf. Gradients only
-    add up within a step, so a non-finite partial gradient stays non-finite in the step's (the update applies it
-    either way); what may differ is where: a clipping in between spreads it to every tensor. Chosen on the device,
-    no host sync."""
+    """Per-tensor gradient maxima of one step read twice: the later, unless the earlier holds a NaN/Inf still there in
+    the later. Gradients only add up within a step, so a non-finite partial gradient stays non-finite in the step's
+    (the update applies it either way); what may differ is where: a clipping in between spreads it to every tensor.
+    A tensor non-finite before and finite after was cleared in between (a guard's `zero_grad()`): the earlier
+    reading is then no part of the step's. Chosen on the device, no host sync."""
     if earlier is None or earlier.shape != later.shape:
         return later
-    return torch.where(torch.isfinite(earlier).all(), later, earlier)
+    bad_before = ~torch.isfinite(earlier)
+    kept = bad_before.any() & ~(bad_before & torch.isfinite(later)).any()
+    return torch.where(kept, earlier, later)
