@@ -12,8 +12,8 @@ switched during the run; before its first one, in `train()` mode or not yet seen
 frozen teacher's forward during a step counts; evaluation and generation (no-grad forwards: the student in eval
 mode, TRL's on-policy samples) do not, and the per-module statistics skip them. The one case this cannot tell
 apart: a loop that trains in eval mode and evaluates a teacher too — its evaluation's teacher forwards count. A
-teacher left `requires_grad=True` in a module an optimizer was built over whole holds tensors the optimizer holds, but
-runs under no_grad: no gradient reaches it, and its forwards are a frozen model's (`_used_frozen`).
+teacher left `requires_grad=True` in a module an optimizer was built over whole is in the optimizer, but runs under
+no_grad: no gradient reaches it, and its forwards are a frozen model's (`_used_frozen`).
 
 A frozen model whose training forward runs in `train()` mode with dropout on — a Dropout module with p above 0, or a
 transformers attention's `config.attention_dropout` — draws a new mask each forward: the KD targets are noisy and the
@@ -92,7 +92,7 @@ class ForwardProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
-        # models other than the student whose tensors the optimizer holds, seen running under no_grad: used frozen
+        # teachers whose tensors the optimizer holds, seen running under no_grad: used frozen (`_used_frozen`)
         self._run_frozen: set[str] = set()
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
@@ -150,13 +150,13 @@ class ForwardProbe(Probe):
         return hook
 
     def _used_frozen(self, model_name: str) -> bool:
-        """A model other than the student, whose tensors the optimizer holds, runs under no_grad: a teacher left
+        """A teacher (a role whose name says so) whose tensors the optimizer holds runs under no_grad: left
         `requires_grad=True` inside the module an optimizer was built over whole (a distillation model handed to the
         Trainer, a LightningModule's `self.parameters()`). No gradient reaches it, so nothing trains it: its forward is
-        a frozen model's, read while a step is under way — read as the trained model's, under no_grad none would
-        count, and its overflow would go unseen. The student's own no_grad forwards (an evaluation, a generation, a
-        reference pass with its adapters off) stay no training forwards."""
-        if model_name == "student":
+        a frozen model's, read while a step is under way — read as a trained model's, under no_grad none would count,
+        and its overflow would go unseen. A trained model's own no_grad forwards (an evaluation, a generation, a
+        reference pass with its adapters off) stay no training forwards: by its role alone can a teacher be told."""
+        if "teacher" not in model_name.lower():
             return False
         self._run_frozen.add(model_name)
         return True
