@@ -146,7 +146,8 @@ class ProbeSet:
         # one process, statistics off on most steps, an optimizer whose pre-step hook sees the gradients
         self.replays_steps = (replays_steps and self._activations is not None and self._gradients is not None
                               and bool(self._optimizers))
-        self._gradients_read = False
+        self._read_at: int | None = None  # this step's training forwards when its gradients were last read
+        self._reading_final = False  # read as the optimizer uses them: no later reading replaces it
         self.readings_taken = False  # this step's readings were handed over (its recording began)
         self.closed_without_optimizer_step = False  # the last step the owner closed saw no optimizer step
         self.lr_read = False  # this step reached the optimizer (its pre-step hook, or the loss scaler's unscale)
@@ -192,7 +193,8 @@ class ProbeSet:
         ctx.stats_step = ctx.level == "full" or (ctx.level == "standard" and (step == 1 or step % ctx.every == 0))
         ctx.lr, ctx.trained, ctx.optimizer_ran, ctx.first_closure_loss = None, False, False, None
         ctx.training_forwards = 0
-        self._gradients_read = self.lr_read = self.optimizer_stepping = self.readings_taken = False
+        self.lr_read = self.optimizer_stepping = self.readings_taken = self._reading_final = False
+        self._read_at = None
         self._stepped = set()
         self._unscaled_ones = set()
         ctx.optimizers_used = set()
@@ -206,11 +208,17 @@ class ProbeSet:
         return self._activations.models_read if self._activations is not None else set()
 
     def gradients_ready(self) -> None:
-        """Read the gradients now (once a step): after unscaling, or before the optimizer uses them."""
-        if not self._gradients_read:
-            self._gradients_read = True
+        """Read the gradients now: after unscaling, before a clipping, or before the optimizer uses them. Once a step
+        — or again where a training forward ran since the last reading, before the optimizer used them: that reading
+        was a micro-batch's (a loop that clips each micro-batch of an accumulation), and each later backward adds to
+        the gradients. Read once the optimizer's update has begun, the reading is the step's: what runs after it (an
+        LBFGS line search's re-evaluations) is no micro-batch of the step."""
+        forwards = self.ctx.training_forwards
+        if not self._reading_final and self._read_at != forwards:
+            self._read_at = forwards
             for probe in self._at["gradients_ready"]:
                 probe.gradients_ready()
+        self._reading_final = self._reading_final or self.optimizer_stepping
 
     def _unscaled(self, optimizer) -> None:
         """The loss scaler unscaled an optimizer's gradients: read them once every optimizer's are (with several,
@@ -731,19 +739,26 @@ class Probes:
 
     def _before_clipping(self, parameters: list, total_norm: torch.Tensor | None, threshold: float | None) -> None:
         """torch is about to clip gradients, by `total_norm` at `threshold` (max_norm), or (None) each entry by value
-        at `threshold` (clip_value) (`clipping.py`): read them first — the step's, once complete (not a micro-batch of
-        accumulation) and no longer scaled — and keep the norm as `grad_norm`, the threshold as `clip_max_norm` (a
-        fix that would tell the loop to clip knows it already does) or `clip_value`."""
-        if not self.set.watches_any(parameters) or (self._sync_gradients is not None and not self._sync_gradients()):
+        at `threshold` (clip_value) (`clipping.py`): read them first, once no longer scaled — also on a micro-batch of
+        accumulation that ends no step (a loop that clips every micro-batch): clipped by the NaN total norm of one
+        tensor's NaN, every gradient would be NaN by the step's end, the tensor it came from lost; the step's reading
+        then keeps this one's non-finite tensors (`GradientProbe.gradients_ready`). On the step's last micro-batch,
+        keep the norm as `grad_norm`, the threshold as `clip_max_norm` (a fix that would tell the loop to clip knows
+        it already does) or `clip_value`."""
+        if not self.set.watches_any(parameters):
             return
-        if self.set.gradients_unscaled():
-            self.set.gradients_ready()
-            if total_norm is not None:
-                self.set.observe_grad_norm(total_norm, threshold)
-            elif threshold is not None:
-                self.set.observe_clip_value(threshold)
-        elif self.events.say_once("clip_before_unscale"):
-            self._clipped_while_scaled()
+        ends_step = self._sync_gradients is None or self._sync_gradients()
+        if not self.set.gradients_unscaled():
+            if ends_step and self.events.say_once("clip_before_unscale"):
+                self._clipped_while_scaled()
+            return
+        self.set.gradients_ready()  # a micro-batch's too: clipped by a NaN total norm, every gradient would be NaN
+        if not ends_step:
+            return
+        if total_norm is not None:
+            self.set.observe_grad_norm(total_norm, threshold)
+        elif threshold is not None:
+            self.set.observe_clip_value(threshold)
 
     def _clipped_while_scaled(self) -> None:
         """The loop clips gradients the loss scaler still scales — `clip_grad_norm_` or `clip_grad_value_` before

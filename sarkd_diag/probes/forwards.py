@@ -11,7 +11,9 @@ trained model is in the mode its training forwards ran in (`ProbeContext.trainin
 switched during the run; before its first one, in `train()` mode or not yet seen in a no-grad forward). So a
 frozen teacher's forward during a step counts; evaluation and generation (no-grad forwards: the student in eval
 mode, TRL's on-policy samples) do not, and the per-module statistics skip them. The one case this cannot tell
-apart: a loop that trains in eval mode and evaluates a teacher too — its evaluation's teacher forwards count.
+apart: a loop that trains in eval mode and evaluates a teacher too — its evaluation's teacher forwards count. A
+teacher left `requires_grad=True` in a module an optimizer was built over whole is in the optimizer, but runs under
+no_grad: no gradient reaches it, and its forwards are a frozen model's (`_used_frozen`).
 
 A frozen model whose training forward runs in `train()` mode with dropout on — a Dropout module with p above 0, or a
 transformers attention's `config.attention_dropout` — draws a new mask each forward: the KD targets are noisy and the
@@ -90,6 +92,8 @@ class ForwardProbe(Probe):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._trainable = {name: ctx.trains(name) for name in ctx.models}
+        # teachers whose tensors the optimizer holds, seen running under no_grad: used frozen (`_used_frozen`)
+        self._run_frozen: set[str] = set()
         self._nan_inputs: list[tuple[str, str, torch.Tensor]] = []  # (model, input name, any-NaN flag)
         self._reported = False
         self._copies_inputs = False  # the loop rewrites its input tensors in place: forwards are kept with copies
@@ -107,7 +111,7 @@ class ForwardProbe(Probe):
         """A training step is under way: some model this run trains is in the mode its training forwards ran in —
         before its first, in `train()` mode, or not yet seen in a no-grad forward (an evaluation)."""
         ctx = self.ctx
-        for name in (name for name, trainable in self._trainable.items() if trainable):
+        for name in (name for name, trainable in self._trainable.items() if trainable and name not in self._run_frozen):
             mode, training = ctx.training_mode.get(name), ctx.models[name].training
             if training == mode or (mode is None and (training or ctx.training_forward.get(name, True))):
                 return True
@@ -116,7 +120,7 @@ class ForwardProbe(Probe):
     def _before_forward(self, model_name: str):
         def hook(_caller: nn.Module, args: tuple, kwargs: dict):
             model = self.ctx.models[model_name]  # not a compiled wrapper the hook sits on: its replay runs eagerly
-            trainable = self._trainable[model_name]
+            trainable = self._trainable[model_name] and (torch.is_grad_enabled() or not self._used_frozen(model_name))
             # a trained model's generation runs under no_grad (generate's own decorator); a frozen model's forwards
             # run under no_grad in training too, so whether a `generate` runs them is looked up
             training = (not is_generating(kwargs) and not in_backward()
@@ -144,6 +148,18 @@ class ForwardProbe(Probe):
                 if torch.is_tensor(value) and value.is_floating_point() and value.numel():
                     self._nan_inputs.append((model_name, name, value.isnan().any()))  # untracked: no detach
         return hook
+
+    def _used_frozen(self, model_name: str) -> bool:
+        """A teacher (a role whose name says so) whose tensors the optimizer holds runs under no_grad: left
+        `requires_grad=True` inside the module an optimizer was built over whole (a distillation model handed to the
+        Trainer, a LightningModule's `self.parameters()`). No gradient reaches it, so nothing trains it: its forward is
+        a frozen model's, read while a step is under way — read as a trained model's, under no_grad none would count,
+        and its overflow would go unseen. A trained model's own no_grad forwards (an evaluation, a generation, a
+        reference pass with its adapters off) stay no training forwards: by its role alone can a teacher be told."""
+        if "teacher" not in model_name.lower():
+            return False
+        self._run_frozen.add(model_name)
+        return True
 
     def _after_forward(self, model_name: str):
         def hook(_model: nn.Module, _args: tuple, output) -> None:

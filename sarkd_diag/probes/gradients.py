@@ -133,6 +133,7 @@ class GradientProbe(Probe):
         return shared
 
     def begin_step(self) -> None:
+        self._amax = self._underflow = None  # a reading of a step that closed without taking it is not this step's
         self._arrival.clear()
         self._ran.clear()
         self._participation_known = bool(self._participation)
@@ -236,18 +237,23 @@ class GradientProbe(Probe):
         return sentinel
 
     def gradients_ready(self) -> None:
+        """Read each tensor's gradient: its absolute max (and, on statistics steps, its fp16 underflow). Read again in
+        a step (a micro-batch's reading before the next backward added to it), the later reading replaces the earlier
+        — unless the earlier already held a non-finite value: a clipping since then, by the NaN total norm it made,
+        has made every gradient NaN, and only the earlier reading shows the tensor it came from (`_earliest_fault`)."""
         self._grads = self._unscaled_gradients()
         present = [g for g in self._grads if g is not None]
         if not present:
             self._none_reached = bool(self._grads)  # not one trainable tensor has a gradient at the step
             return
+        self._none_reached = False
         if any(self.ctx.loss_scaler.found_inf(o) for o in optimizers_of(self.ctx.optimizer)):
             self._arm()  # unscaled: the scaler steps or skips with them (a skipped step never reaches the optimizer)
         amax = abs_max(present).float()
         if len(present) < len(self._grads):  # tensors without a gradient this step read 0
             where = torch.tensor([g is not None for g in self._grads], device=amax.device)
             amax = amax.new_zeros(len(self._grads)).masked_scatter_(where, amax)
-        self._amax = amax
+        self._amax = _earliest_fault(self._amax, amax)
         if self.ctx.stats_step:  # estimated on a fixed sample of each tensor
             s = sampled(present)
             live = s != 0
@@ -447,3 +453,16 @@ class GradientProbe(Probe):
         self._watch_participation(False)
         for h in self._handles:
             h.remove()
+
+
+def _earliest_fault(earlier: torch.Tensor | None, later: torch.Tensor) -> torch.Tensor:
+    """Per-tensor gradient maxima of one step read twice: the later, unless the earlier holds a NaN/Inf still there in
+    the later. Gradients only add up within a step, so a non-finite partial gradient stays non-finite in the step's
+    (the update applies it either way); what may differ is where: a clipping in between spreads it to every tensor.
+    A tensor non-finite before and finite after was cleared in between (a guard's `zero_grad()`): the earlier
+    reading is then no part of the step's. Chosen on the device, no host sync."""
+    if earlier is None or earlier.shape != later.shape:
+        return later
+    bad_before = ~torch.isfinite(earlier)
+    kept = bad_before.any() & ~(bad_before & torch.isfinite(later)).any()
+    return torch.where(kept, earlier, later)

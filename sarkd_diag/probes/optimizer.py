@@ -151,7 +151,7 @@ class OptimizerProbe(Probe):
     def _preflight(self) -> None:
         names = {id(w.param): w for w in self.ctx.watched}
         for index, group in enumerate(self.ctx.optimizer.param_groups):
-            params = [p for p in group["params"] if p.requires_grad]
+            params = _updated(group, self.ctx.optimizer.state)
             if not params:
                 continue
             dtype = Counter(p.dtype for p in params).most_common(1)[0][0]
@@ -210,8 +210,9 @@ class OptimizerProbe(Probe):
         """eps against each dtype the optimizer adds it in: that of the state it keeps for a weight (torch's Adam keeps
         its moments in the weight's dtype; transformers' Adafactor upcasts fp16 weights and keeps fp32 state), the
         weight's where it keeps none; fp32 in torch's fused kernels. Each dtype of a group is checked, not its most
-        common one: a group of fp32 norms and biases with a few fp16 matrices divides by zero in those matrices."""
-        params = [p for p in group["params"] if p.requires_grad]
+        common one: a group of fp32 norms and biases with a few fp16 matrices divides by zero in those matrices. Only
+        the tensors it updates (`_updated`)."""
+        params = _updated(group, self.ctx.optimizer.state)
         names = {id(w.param): w for w in self.ctx.watched}
         eps = group.get("eps")
         if isinstance(eps, tuple):  # Adafactor-style (eps1, eps2)
@@ -390,6 +391,14 @@ class OptimizerProbe(Probe):
                     model=worst.model, module=worst.module, tensor=worst.tensor, dtype="float32",
                     code="gradients_below_fp32")
         return {"state_underflow_fraction": fraction}
+
+
+def _updated(group: dict, state) -> list[torch.Tensor]:
+    """The tensors of a parameter group the optimizer updates, where the preflight checks run (just before its first
+    step; eps, where the state decides its dtype, just after): those with a gradient, or with the state an update made.
+    torch's optimizers skip a tensor without a gradient — a teacher left `requires_grad=True` in a module the optimizer
+    was built over whole, run under no_grad — and neither decay it nor add eps there: its dtype decides nothing."""
+    return [p for p in group["params"] if p.requires_grad and (p.grad is not None or p in state)]
 
 
 def _eps_finding(eps, dtype: torch.dtype, fused: bool) -> tuple[str, str, str] | None:

@@ -26,18 +26,18 @@ VOCAB, STEPS = 64, 4
 
 def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, infinite_grad=False,
           eval_mode=False, make_optimizer=None, clip=None, norms=None, nan_grad_at=None, plain_probes=False,
-          mixed_precision="bf16", stepping="accumulate", **call) -> list[float]:
+          mixed_precision="bf16", stepping="accumulate", clip_every_batch=False, **call) -> list[float]:
     """The loss of every batch; under `accumulation` > 1 the loop is accelerate's `accumulate` idiom, which
     calls `optimizer.step()` (a no-op until the gradients sync) and `probes.step()` on every batch. `call`: more
     arguments of the model's forward; `probes_first`: `probes.step()` before `optimizer.step()` (the wrong order);
     `infinite_grad`: one weight's gradient made +Inf (a backward that blows up in any precision); `eval_mode`:
     trained in eval mode (no dropout), as some do; `make_optimizer`: the optimizer of the model's parameters
-    (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync, its
-    norms appended to `norms`; `nan_grad_at`: one weight's gradient made NaN on that optimizer step; `plain_probes`:
-    `Probes(model, optimizer)` of the prepared pair instead of `Probes.from_accelerator`; `mixed_precision`: the
-    Accelerator's; `stepping`: "accumulate" (accelerate's idiom), "every batch" (no `accumulate` context: the
-    optimizer steps on every batch) or "by hand" (no `accumulate` context: the loop calls `optimizer.step()` and
-    `probes.step()` on every `accumulation`-th batch itself)."""
+    (AdamW at lr 1e-3 by default); `clip`: `accelerator.clip_grad_norm_(..., clip)` where the gradients sync (on every
+    batch with `clip_every_batch`), the norms of the syncing batches appended to `norms`; `nan_grad_at`: one weight's
+    gradient made NaN on that optimizer step; `plain_probes`: `Probes(model, optimizer)` of the prepared pair instead
+    of `Probes.from_accelerator`; `mixed_precision`: the Accelerator's; `stepping`: "accumulate" (accelerate's
+    idiom), "every batch" (no `accumulate` context: the optimizer steps on every batch) or "by hand" (no `accumulate`
+    context: the loop calls `optimizer.step()` and `probes.step()` on every `accumulation`-th batch itself)."""
     AcceleratorState._reset_state(True)  # one process, several Accelerators one after another
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
@@ -63,9 +63,9 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
             outputs = model(**batch, **call)
             loss = outputs[0] if isinstance(outputs, tuple) else outputs.loss
             accelerator.backward(loss)
-            if clip is not None and accelerator.sync_gradients:
+            if clip is not None and (accelerator.sync_gradients or clip_every_batch):
                 norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                if norms is not None:
+                if norms is not None and accelerator.sync_gradients:
                     norms.append(norm.item())
             if probes is not None and probes_first:
                 probes.step()
@@ -206,12 +206,15 @@ def test_fp16_that_the_accelerator_runs_without_autocast_on_the_cpu_is_recorded_
     np.testing.assert_array_equal(_loop(infinite_grad=True, mixed_precision="fp16"), losses)
 
 
-def test_gradients_are_read_before_accelerate_clips_them(tmp_path):
+@pytest.mark.parametrize("clip_every_batch", [False, True])
+def test_gradients_are_read_before_accelerate_clips_them(tmp_path, clip_every_batch):
     """`accelerator.clip_grad_norm_` under `accumulate`: a NaN in one tensor's gradient makes the total norm NaN, and
     clipping by it turns every gradient NaN before the optimizer's pre-step hook. Read when accelerate unscales them
-    for the clip, the gradients still say where the NaN came from; the norm clip_grad_norm_ returned is `grad_norm`."""
+    for the clip, the gradients still say where the NaN came from; the norm clip_grad_norm_ returned is `grad_norm`.
+    A loop that clips on every batch, not only where the gradients sync, spreads the NaN at the step's first batch:
+    read there too, the gradients still name the tensor (they named the output end, `lm_head`)."""
     norms = []
-    _loop(tmp_path / "run", accumulation=2, clip=1.0, norms=norms, nan_grad_at=3)
+    _loop(tmp_path / "run", accumulation=2, clip=1.0, norms=norms, nan_grad_at=3, clip_every_batch=clip_every_batch)
     run = load_run(tmp_path / "run")
     found = cause(run["summary"]["diagnosis"], "divergence")  # fp32, small values: an undefined derivative
     assert (found["module"], found["tensor"], found["first_step"]) == (

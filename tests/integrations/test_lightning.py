@@ -107,15 +107,29 @@ def test_a_streams_last_batch_closes_the_step_it_ends(tmp_path):
     assert plain.losses == module.losses
 
 
-def test_a_teacher_that_overflows_fp16_is_named_and_training_stops_on_the_nan_weights(tmp_path):
+class OptimizesItWhole(Distil):
+    """The optimizer built over the whole module, `self.parameters()`, as many write it: a teacher left requiring grad
+    is in it too, though the teacher runs under no_grad and no gradient reaches it."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "left_requiring_grad_in_the_optimizer"])
+def test_a_teacher_that_overflows_fp16_is_named_and_training_stops_on_the_nan_weights(tmp_path, frozen):
+    """A teacher left requiring grad in an optimizer over the whole module is read as frozen where it runs under
+    no_grad: its overflow is placed at its module (it was unplaced: its no_grad forwards were read as a trained model's,
+    none a training forward), and its fp16 tensors, which the optimizer never updates, are no eps or decay finding."""
     teacher = tiny.make_gpt2(VOCAB, seed=3)
     overflow_fp16(teacher.transformer.h[0])
-    module = Distil(tiny.make_gpt2(VOCAB), teacher.half().eval().requires_grad_(False))
+    teacher = teacher.half().eval().requires_grad_(not frozen)
+    module = (Distil if frozen else OptimizesItWhole)(tiny.make_gpt2(VOCAB), teacher)
     trainer = _fit(module, tmp_path / "run", max_steps=6)
     summary = load_run(tmp_path / "run")["summary"]
     root = summary["diagnosis"][0]
     assert root["cause"] == "teacher_overflow" and root["model"] == "teacher"
     assert root["module"] == "transformer.h.0.mlp.c_proj" and root["first_step"] == 1
+    assert [d["cause"] for d in summary["diagnosis"]] == ["teacher_overflow"]
     assert summary["status"] == "stopped" and trainer.global_step == 1 < 6
 
 

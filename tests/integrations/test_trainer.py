@@ -297,12 +297,13 @@ def test_a_hand_written_kd_trainers_teacher_is_found_and_its_overflow_named(tmp_
 
 
 class Distillation(torch.nn.Module):
-    """Distillation as a model: the student and its frozen teacher in one module whose forward returns the KD loss
-    (CE plus KL), handed to a plain Trainer as its `model`."""
+    """Distillation as a model: the student and its teacher in one module whose forward returns the KD loss (CE plus
+    KL, the teacher under no_grad), handed to a plain Trainer as its `model`; `freeze`: the teacher's tensors set
+    `requires_grad=False` (else left as loaded, and the Trainer's optimizer holds them)."""
 
-    def __init__(self, student, teacher):
+    def __init__(self, student, teacher, freeze=True):
         super().__init__()
-        self.student, self.teacher = student, teacher.requires_grad_(False).eval()
+        self.student, self.teacher = student, teacher.requires_grad_(not freeze).eval()
 
     def forward(self, input_ids, labels=None):
         outputs = self.student(input_ids=input_ids, labels=labels)
@@ -313,12 +314,15 @@ class Distillation(torch.nn.Module):
         return {"loss": outputs.loss + kl, "logits": outputs.logits}
 
 
-def test_a_distillation_models_teacher_is_watched_as_the_teacher_and_its_overflow_named(tmp_path):
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "left_requiring_grad"])
+def test_a_distillation_models_teacher_is_watched_as_the_teacher_and_its_overflow_named(tmp_path, freeze):
     """The teacher a Trainer's model holds as a child (no teacher on the trainer) is the teacher: its fp16 overflow is
     `teacher_overflow` at its own module path — not an activation overflow of the student at `teacher.…` — and the
-    run's evaluation of the KD objective is no perplexity. Training is unchanged."""
+    run's evaluation of the KD objective is no perplexity. Training is unchanged. A teacher left requiring grad is in
+    the Trainer's optimizer, but runs under no_grad: its forward is a frozen model's (it was read as a trained model's
+    under no_grad — never a training forward, its overflow unseen)."""
     def distillation_trainer():
-        return Trainer(model=Distillation(tiny.make_gpt2(VOCAB), _overflowing_teacher()),
+        return Trainer(model=Distillation(tiny.make_gpt2(VOCAB), _overflowing_teacher(), freeze=freeze),
                        args=training_args(tmp_path / "trainer", max_steps=2, eval_strategy="steps", eval_steps=2),
                        train_dataset=Sequences(VOCAB), eval_dataset=Sequences(VOCAB, n=8))
 

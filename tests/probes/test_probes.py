@@ -164,6 +164,49 @@ def test_gradients_are_read_before_the_loop_clips_them_by_a_nan_norm():
     assert clip_grad._clip_grads_with_norm_ is torch.nn.utils.clip_grads_with_norm_ is ORIGINAL_CLIPPING  # restored
 
 
+def _accumulated_clipping_each_micro_batch(nan_at_batch: int, guard: bool = False) -> tuple[Probes, list[float]]:
+    """Two micro-batches a step accumulated by hand, clipped after each backward; `second`'s gradient made NaN at the
+    `nan_at_batch`-th; `guard`: a micro-batch whose clipping norm is non-finite has the gradients cleared (dropped).
+    Returns the probes and each step's largest gradient before its last clipping."""
+    torch.manual_seed(0)
+    model, batches, amaxes = Net(), [0], []
+    model.second.weight.register_hook(lambda g: g * math.nan if batches[0] == nan_at_batch else g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(0)):
+            batches[0] += 1
+            (model(x).pow(2).mean() / 2).backward()
+            amax = max(float(p.grad.abs().max()) for p in model.parameters())
+            if not math.isfinite(clip_grad_norm_(model.parameters(), 1.0)) and guard:
+                opt.zero_grad()
+            if batches[0] % 2 == 0:
+                amaxes.append(amax)
+                opt.step()
+                probes.step()
+                opt.zero_grad()
+    return probes, amaxes
+
+
+def test_a_loop_that_clips_each_micro_batch_is_read_at_the_steps_gradients_before_a_nan_norm_spreads():
+    """A loop that accumulates two micro-batches by hand and clips after each backward: the gradients read at the first
+    clip were half the step's (its `grad_amax` was the first micro-batch's), and the NaN that `second`'s gradient takes
+    in step 2's first micro-batch is spread to every tensor by that clip — read only at the step's end, it was placed
+    at `third`, the output end. Each clip's reading replaces the last unless that one held a NaN already."""
+    probes, amaxes = _accumulated_clipping_each_micro_batch(nan_at_batch=3)
+    assert probes.rows[0]["grad_amax"] == pytest.approx(amaxes[0])  # both micro-batches' gradients, before the clip
+    (event,) = _events(probes, "nonfinite_grad")
+    assert (event.module, event.step) == ("second", 2)
+    assert probes.rows[1]["nonfinite_grad_tensors"] == 1  # one tensor, not every one the clip made NaN
+
+
+def test_a_micro_batchs_nan_gradients_a_guard_cleared_are_no_part_of_the_step():
+    """The NaN of step 2's first micro-batch, cleared by the loop's guard before the second: the step applies finite
+    gradients, and the earlier reading that held the NaN is not kept for it."""
+    probes, _ = _accumulated_clipping_each_micro_batch(nan_at_batch=3, guard=True)
+    assert not _events(probes, "nonfinite_grad")
+    assert [row["nonfinite_grad_tensors"] for row in probes.rows] == [0, 0]
+
+
 class TiedLM(nn.Module):
     """A token embedding whose weight is also the output head's (GPT-2's tie); backward overflows at the output of
     `overflows` (`head`: the logits)."""
