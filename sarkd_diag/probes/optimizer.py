@@ -248,27 +248,22 @@ class OptimizerProbe(Probe):
         if not (isinstance(betas, (tuple, list)) and len(betas) > 1 and moments) or moments[0].dtype == torch.float32:
             return
         beta2, dtype = float(betas[1]), moments[0].dtype
-        kept = total = 0
-        for v in moments:
-            v = sample(v.detach())
-            v = v[v != 0]
-            kept += int((v * beta2 == v).sum())
-            total += v.numel()
-        if not total or kept / total <= LOST_UPDATE_WARNING:
+        kept = self._fraction_decay_rounded(moments, beta2)  # the decay of the moments, as a weight decay's
+        if kept <= LOST_UPDATE_WARNING:
             return
         names = {id(w.param): w for w in self.ctx.watched}
         label = group_label(index, group, names)
         model = next((names[id(p)].model for p in params if id(p) in names), None)
         self.ctx.events.record(
             "optimizer_preflight", "warning",
-            f"{label}: Adam's second moment × β2={beta2:g} rounds back to itself for {kept / total:.0%} of its "
+            f"{label}: Adam's second moment × β2={beta2:g} rounds back to itself for {kept:.0%} of its "
             f"{_dtype_name(dtype)} entries: it never decays, and freezes once its additions round away too",
             probe=self.name, phase="optimizer", model=model, tensor=label, dtype=_dtype_name(dtype), value=beta2,
             step=self.ctx.step, code="second_moment_decay_zero")
 
     @staticmethod
     def _fraction_decay_rounded(params: list[torch.Tensor], factor: float) -> float:
-        """The share of nonzero weights that one step's decay, w × factor in the weight's dtype (as the optimizer
+        """The share of nonzero entries that one step's decay, w × factor in the tensor's dtype (as the optimizer
         computes it), leaves exactly as they were."""
         kept = total = 0
         for p in params:
