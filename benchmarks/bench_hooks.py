@@ -4,7 +4,8 @@ A wall-clock A/B of ~10-50 ms steps on a shared 2-core machine is mostly noise, 
 measured directly: every hook the probes register (forward hooks, optimizer step pre/post hooks, tensor
 hooks) is wrapped with a timer at registration, and so are the callback's Trainer events, `Probes.step` and
 what runs inside the framework methods the probes wrap (the gradients' reading at accelerate's unscale, the
-clipped norm, the non-finite loss check after `training_step`); nested timers are not double counted. Each
+clipped norm, the non-finite loss check after `training_step`) and what listens to torch's loss functions
+(`F.cross_entropy`, `F.kl_div`); nested timers are not double counted. Each
 figure is a fraction of the same run's step time; the A/B step times with and without the callback are printed
 beside it, runs alternating A B A B ..., medians over rounds.
 
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import tiny  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+import sarkd_diag.probes as probes_module  # noqa: E402
 from sarkd_diag.probes import ProbeSet  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
@@ -87,6 +89,8 @@ def timed_probe_hooks(clock: Clock):
         return register
 
     global_hooks = nn.modules.module.register_module_forward_hook
+    # what listens to torch's loss functions (`F.cross_entropy`, `F.kl_div`: probes/loss_functions.py)
+    watch_loss_function = probes_module.watch_loss_function
     # what runs inside the framework's own methods the probes wrap (accelerate's unscale_gradients and
     # clip_grad_norm_, the Trainer's training_step): the gradients' reading, the norm, the non-finite loss check
     methods = [(ProbeSet, "gradients_ready"), (ProbeSet, "observe_grad_norm"),
@@ -99,11 +103,13 @@ def timed_probe_hooks(clock: Clock):
             setattr(owner, name, patched(original))
         nn.modules.module.register_module_forward_hook = lambda hook, **kw: global_hooks(
             clock.wrap(hook) if _is_probe(hook) else hook, **kw)
+        probes_module.watch_loss_function = lambda name, listener: watch_loss_function(name, clock.wrap(listener))
         yield
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
         nn.modules.module.register_module_forward_hook = global_hooks
+        probes_module.watch_loss_function = watch_loss_function
 
 
 class StepTimes(TrainerCallback):

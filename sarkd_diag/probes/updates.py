@@ -50,6 +50,7 @@ class UpdateProbe(Probe):
         self._layout: tuple | None = None  # of the moving tensors: (sample lengths, matrices, numel per sample)
         self._models: list[str] = []  # the models the moving matrices belong to, in `update_ratio_<model>`'s order
         self._model_index: torch.Tensor | None = None  # each moving matrix's index into `_models`
+        self._model_groups: dict[str, list[dict]] = {}  # each model's optimizer groups that hold its moving matrices
         self._group_of: dict[int, dict] = {}  # id of a parameter: its optimizer parameter group
         self._lr_used: dict[int, object] = {}  # id of a group: the lr of this step's update
         self._frozen_groups: tuple | None = None  # which parameter groups had lr 0 when `_moving` was chosen
@@ -63,7 +64,8 @@ class UpdateProbe(Probe):
         self._moving = self._meant_to_move()
         self._before = self._weights.cat(self._moving_params) if self._moving else None
         # the lr each group's update uses (a scheduler moves it on before `record`)
-        self._lr_used = {id(g): g.get("lr") for g in self._group_of.values()}
+        groups = self.ctx.optimizer.param_groups if self.ctx.optimizer is not None else []
+        self._lr_used = {id(g): g.get("lr") for g in groups}
 
     def _meant_to_move(self) -> list:
         """The watched tensors the optimizer means to change (none of a group at lr 0: `intends_no_update`), weight
@@ -81,7 +83,8 @@ class UpdateProbe(Probe):
     def _layout_of_moving(self) -> tuple[torch.Tensor, int, int, torch.Tensor]:
         """Sample lengths per tensor, how many tensors are matrices and how many sampled elements they hold
         (all tensors where none is a matrix), and each tensor's numel per sampled element: made once per choice of
-        the moving tensors. Also the models the matrices belong to (`_models`) and each matrix's model index."""
+        the moving tensors. Also the models the matrices belong to (`_models`), each matrix's model index and each
+        model's optimizer groups."""
         if self._layout is None:
             params = self._moving_params
             lengths = sample_lengths(params)
@@ -91,6 +94,9 @@ class UpdateProbe(Probe):
             self._models = list(dict.fromkeys(w.model for w in self._moving[:matrices]))
             self._model_index = torch.tensor([self._models.index(w.model) for w in self._moving[:matrices]],
                                              device=params[0].device)
+            self._model_groups = {model: list({id(g): g for w in self._moving[:matrices] if w.model == model
+                                               and (g := self._group_of.get(id(w.param))) is not None}.values())
+                                  for model in self._models}
             self._layout = (lengths, matrices, int(lengths[:matrices].sum()), per_sample)
         return self._layout
 
@@ -100,8 +106,11 @@ class UpdateProbe(Probe):
         after = self._weights.cat(self._moving_params)
         lengths, matrices, matrix_elements, per_sample = self._layout_of_moving()
         before, moved = self._before[:matrix_elements].float(), after[:matrix_elements].float()
-        self._ratio = self._ratios(per_tensor_sum((moved - before).square(), lengths[:matrices]),
-                                   per_tensor_sum(before.square(), lengths[:matrices]))
+        if len(self._models) == 1:  # one model's ratio is the run's: two norms, paid every step, no sums per model
+            self._ratio = torch.linalg.vector_norm(moved - before) / torch.linalg.vector_norm(before)
+        else:
+            self._ratio = self._ratios(per_tensor_sum((moved - before).square(), lengths[:matrices]),
+                                       per_tensor_sum(before.square(), lengths[:matrices]))
         if self.ctx.stats_step:
             self._lost = self._count_lost(after, lengths, per_sample)
         self._last, self._before = (self._before, after), None
@@ -155,7 +164,8 @@ class UpdateProbe(Probe):
     def record(self, host: dict) -> dict:
         metrics: dict = {}
         if host.get("update_ratio") is not None:
-            overall, *per_model = host["update_ratio"]
+            ratios = host["update_ratio"]  # the run's, then each model's; one number where one model moves
+            overall, *per_model = ratios if isinstance(ratios, list) else [ratios, ratios]
             metrics.update(self._record_ratio(overall))
             metrics.update(self._per_model_ratios(per_model))
         if host.get("lost_updates") is not None:
@@ -167,11 +177,14 @@ class UpdateProbe(Probe):
         below SCHEDULED_LR_FLOOR of its base: a warm-up's first steps are meant to be tiny, and a column that holds
         only the steps taken at the lr meant lets the diagnosis judge a model's step size without knowing the
         schedule."""
-        _, matrices, _, _ = self._layout_of_moving()
-        scheduled = {w.model for w in self._moving[:matrices]} - {
-            w.model for i, w in enumerate(self._moving[:matrices]) if not self._scheduled_far_below_base(i)}
         return {f"update_ratio_{model}": ratio for model, ratio in zip(self._models, ratios, strict=True)
-                if model not in scheduled}
+                if not self._held_below_base(model)}
+
+    def _held_below_base(self, model: str) -> bool:
+        """Every optimizer group holding the model's moving matrices stepped at an lr a scheduler held below
+        SCHEDULED_LR_FLOOR of its base (a group no scheduler set knows no base: never held)."""
+        groups = self._model_groups[model]
+        return bool(groups) and all(map(self._far_below_base, groups))
 
     def _record_ratio(self, overall: float) -> dict:
         if math.isfinite(overall) and overall > EXTREME_UPDATE_RATIO and not self._reported_extreme:
@@ -237,7 +250,10 @@ class UpdateProbe(Probe):
     def _scheduled_far_below_base(self, index: int) -> bool:
         """A scheduler had brought the lr of the `index`-th moving tensor's group below SCHEDULED_LR_FLOOR of its
         base lr (`initial_lr`) for this step's update."""
-        group = self._group_of.get(id(self._moving[index].param), {})
+        return self._far_below_base(self._group_of.get(id(self._moving[index].param), {}))
+
+    def _far_below_base(self, group: dict) -> bool:
+        """A scheduler had brought the group's lr below SCHEDULED_LR_FLOOR of its base lr for this step's update."""
         lr, base = self._lr_used.get(id(group)), group.get("initial_lr")
         if lr is None or base is None:
             return False
