@@ -382,11 +382,15 @@ def test_a_nan_from_a_projection_accumulated_with_the_student_is_named_once_and_
     """`accelerator.accumulate(model, projection)` over two batches a step: the projection's gradient NaN at optimizer
     step 2 makes every weight NaN, so at step 3 the student's hidden states that the projection reads hold NaN. That
     input was computed by the student (it has a `grad_fn`): no bad data — the one cause is the projection's gradient.
+    Step 2's forwards, replayed before the update on its non-finite gradients (its loss was finite), are said to be.
     The rows are optimizer steps, and the probes change no loss."""
     losses = _with_projection(tmp_path / "run", by_role=True, nan_grad_at=2, accumulation=2)
     run = load_run(tmp_path / "run")
     assert run["metrics"]["step"].tolist() == [1, 2, 3]
     assert run["events"].query("kind == 'nonfinite_batch'").empty
+    replayed = run["events"].query("kind == 'forward_replay'")
+    assert replayed[["step", "model"]].values.tolist() == [[2, "student"], [2, "teacher"]]
+    assert replayed["message"].str.contains("after non-finite gradients").all()
     assert [(d["cause"], d["model"], d["tensor"], d["first_step"]) for d in run["summary"]["diagnosis"]] == [
         ("divergence", "projection", "weight", 2)]
     assert np.array_equal(losses, _with_projection(None, by_role=True, nan_grad_at=2, accumulation=2), equal_nan=True)
