@@ -65,8 +65,9 @@ CODES = {
     "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",
     "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
                    "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
-    "forward_replay": "a step's forwards, replayed with per-module statistics after a non-finite loss, made every "
-                      "module output finite (value: the model's largest): the loss made it after them",
+    "forward_replay": "a step's forwards, replayed with per-module statistics after a non-finite loss (or non-finite "
+                      "gradients), made every module output finite (value: the model's largest): the loss or backward "
+                      "made it after them",
     "nonfinite_batch": "a floating-point input of the model holds NaN (bad data)",
     "zero_activation": "a module's forward output is exactly 0 everywhere where an earlier module output of the "
                        "same model in the step was not, and again at its next training forward (the first such module "

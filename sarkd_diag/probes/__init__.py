@@ -72,6 +72,10 @@ PROBE_TYPES = (ForwardProbe, LossProbe, ActivationProbe, GradientProbe, Optimize
 # the moments of a step, each called only on the probes that implement it: not a no-op call per probe and moment
 MOMENTS = ("begin_step", "gradients_ready", "before_optimizer_step", "after_optimizer_step", "take_readings", "record")
 
+# what a replay of a step's forwards follows, said in its events (`replay_forward`): by default the step's loss, else
+# the gradients its optimizer was about to apply
+NONFINITE_LOSS = "a non-finite loss"
+
 # metrics columns of the run-directory contract that Probes cannot know in someone else's loop: null, not 0
 NOT_SEEN_IN_A_USER_LOOP = ("kd_loss", "ce_loss", "grad_norm", "tokens_per_s", "eval_ppl")
 
@@ -311,7 +315,7 @@ class ProbeSet:
         nothing skips, where it costs one host sync a step (the gradients' finiteness)."""
         forwards, self.ctx.step_forwards = self.ctx.step_forwards, None
         if forwards and not self._unscaled_ones and self._gradients.nonfinite():
-            self._replay(forwards)
+            self._replay(forwards, after="non-finite gradients")
 
     def replay_if_loss_nonfinite(self, loss: float | None) -> None:
         """The step closes with a non-finite loss and no optimizer step (a loss scaler skipped it): the weights are
@@ -320,7 +324,7 @@ class ProbeSet:
         if forwards and loss is not None and not math.isfinite(loss) and not self.ctx.optimizer_ran:
             self._replay(forwards)
 
-    def _replay(self, forwards: list) -> None:
+    def _replay(self, forwards: list, after: str = NONFINITE_LOSS) -> None:
         """Replay a step's recorded forwards as they ran (same arguments, same autocast) with per-module statistics
         on, where no owner replays a step (`replays_steps`), so the module where a non-finite value began is named —
         or every output is found finite and the loss's own arithmetic made it. The first failing step of the run
@@ -330,16 +334,16 @@ class ProbeSet:
         if not all(map(as_it_ran, forwards)):
             return
         self.replays_steps = False
-        self.replay_apart(lambda: [_run_as_it_ran(*forward[:4]) for forward in forwards])
+        self.replay_apart(lambda: [_run_as_it_ran(*forward[:4]) for forward in forwards], after)
 
-    def replay_apart(self, forward) -> None:
+    def replay_apart(self, forward, after: str = NONFINITE_LOSS) -> None:
         """`replay_forward` between the run's own steps (the Trainer's callback, a caller's loop): it draws no random
         numbers the run would (`fork_rng`, on every device the models use), and one that raises part-way names what it
         read and nothing more — the run goes on as it would have."""
         devices = sorted({p.device.index or 0 for m in self.ctx.models.values() for p in m.parameters()
                           if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices), contextlib.suppress(Exception):
-            self.replay_forward(forward)
+            self.replay_forward(forward, after)
 
     def _stepped_twice(self, optimizer) -> None:
         """An optimizer steps a second time within one step with no training forward between: the same batch's
@@ -452,8 +456,9 @@ class ProbeSet:
         the models' forwards, and a sharded teacher's forward is a collective every rank must take part in."""
         return not math.isfinite(loss) and not self.ctx.reads_modules() and self._activations is not None
 
-    def replay_forward(self, forward) -> None:
-        """Re-run one forward with per-module statistics, to name the module where a non-finite loss began.
+    def replay_forward(self, forward, after: str = NONFINITE_LOSS) -> None:
+        """Re-run one forward with per-module statistics, to name the module where a non-finite loss began (or the
+        non-finite gradients, `after` says which: its events say it).
 
         `standard` keeps per-module statistics off on most steps; when a loss turns non-finite there, the
         loop replays the step's first micro-batch — from weights that are still the pre-step ones (the
@@ -472,7 +477,7 @@ class ProbeSet:
             self.ctx.replaying = False
             readings = probe.take_readings()  # detaches the hooks
             host = {"activation_extremes": readings["activation_extremes"].tolist()} if readings else {}
-            probe.record(host, note=" (replayed with per-module statistics after a non-finite loss)")
+            probe.record(host, replayed_after=after)
 
     def wrap(self, owner, name: str, after: Callable) -> None:
         """Replace `owner.name` (a method of a framework's object) by one that calls it, then `after(its result)`;

@@ -223,14 +223,17 @@ class ActivationProbe(Probe):
             self._lows, self._highs = [], []
         return readings
 
-    def record(self, host: dict, note: str = "") -> dict:
+    def record(self, host: dict, replayed_after: str = "") -> dict:
+        """The step's readings into events and metrics; `replayed_after`: these are a replay's, run after that
+        (`ProbeSet.replay_forward`), which each event says."""
+        note = f" (replayed with per-module statistics after {replayed_after})" if replayed_after else ""
         self._judge_zeros(host.get("zero_rereads", []))
         extremes = host.get("activation_extremes")
         seen, self._seen = self._seen, []
         largest, gone_bad = self._record_events(seen, extremes, note) if extremes is not None else ({}, set())
         if note:  # a replay tells where — or, every output finite, that the forwards did not make it
             if largest and not gone_bad:
-                self._record_finite_replay(largest)
+                self._record_finite_replay(largest, replayed_after)
             return {}
         if not self.ctx.stats_step:
             return {}  # a step without statistics has none to tell
@@ -337,18 +340,19 @@ class ActivationProbe(Probe):
                     step=zero.step, phase="forward", probe=self.name, model=model, module=zero.module,
                     dtype=zero.dtype, value=0.0, numel=zero.numel)
 
-    def _record_finite_replay(self, largest: dict) -> None:
-        """A replay after a non-finite loss found every module output of its forwards finite: one `forward_replay`
-        event per model, with its largest output — the non-finite value was made after the models' forwards, in the
-        loss's own arithmetic, which the diagnosis reads as it reads a statistics step's finite outputs."""
+    def _record_finite_replay(self, largest: dict, after: str) -> None:
+        """A replay after a non-finite loss or non-finite gradients (`after`) found every module output of its forwards
+        finite: one `forward_replay` event per model, with its largest output — the non-finite value was made after
+        the models' forwards (in the loss's own arithmetic, or in backward), which the diagnosis reads as it reads a
+        statistics step's finite outputs."""
         by_model: dict[str, float] = {}
         for (model, _), (_, amax) in largest.items():
             by_model[model] = max(by_model.get(model, 0.0), amax)
         for model, amax in by_model.items():
             self.ctx.events.record(
                 "forward_replay", "info",
-                f"step {self.ctx.step}'s forwards, replayed with per-module statistics after a non-finite loss: every "
-                f"{model} module's output finite (the largest {amax:.3g}) — the loss was made non-finite after them",
+                f"step {self.ctx.step}'s forwards, replayed with per-module statistics after {after}: every "
+                f"{model} module's output finite (the largest {amax:.3g}) — the non-finite value was made after them",
                 step=self.ctx.step, phase="forward", probe=self.name, model=model, value=amax)
 
     def _replay_first_fault(self, model_name: str, start: int) -> None:

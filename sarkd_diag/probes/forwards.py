@@ -22,7 +22,8 @@ a module that holds both models switched to `train()` — Lightning's, at every 
 
 The same hook reads what the weights cannot tell: whether autocast was on, and in which dtype (a Trainer
 or accelerate run under bf16 autocast holds fp32 weights), and whether a floating-point input holds NaN
-(an `inputs_embeds` of bad data) — one device reduction per floating input, read with the step's readings.
+(an `inputs_embeds` of bad data) — one device reduction per floating input, read with the step's readings. An input
+computed from weights that train (another model's output, with a `grad_fn`) is no data: its NaN is theirs.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def unwritten(versions: list[tuple[torch.Tensor, int | None]]) -> bool:
 def as_it_ran(forward: tuple) -> bool:
     """A kept forward's tensor inputs hold what they held when it ran."""
     return unwritten(forward[4])
+
+
+def is_data(value) -> bool:
+    """A floating-point tensor input whose NaN would be bad data: one no differentiable op made. An input with a
+    `grad_fn` was computed in this step from weights that train — another watched model's output (the student's
+    hidden states a projection reads, a vision tower's features a language model reads), an `inputs_embeds` looked up
+    from the embeddings — so a NaN in it is those weights' or that model's, named at its own modules, not the data's."""
+    return torch.is_tensor(value) and value.is_floating_point() and value.grad_fn is None and value.numel() > 0
 
 
 def _copied(value):
@@ -145,7 +154,7 @@ class ForwardProbe(Probe):
                 self.ctx.step_forwards.append(self._kept_for_replay(model, args, kwargs, autocast))
             inputs = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
             for name, value in inputs:
-                if torch.is_tensor(value) and value.is_floating_point() and value.numel():
+                if is_data(value):
                     self._nan_inputs.append((model_name, name, value.isnan().any()))  # untracked: no detach
         return hook
 

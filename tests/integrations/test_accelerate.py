@@ -319,32 +319,44 @@ def test_a_loop_resumed_with_load_state_records_each_redone_step_once(tmp_path):
     assert resumed[:2] == pytest.approx(first[4:], rel=1e-6)  # the same steps redone from the saved state
 
 
-def _with_projection(run_dir, by_role: bool, nan_grad: bool = False) -> None:
+def _with_projection(run_dir, by_role: bool, nan_grad_at: int | None = None, accumulation: int = 1) -> list[float]:
     """Hidden-state KD as people write it in accelerate: a projection of the student's last hidden states onto the
-    teacher's width, trained by the student's optimizer and clipped with it; `nan_grad`: its weight's gradient NaN."""
+    teacher's width, trained by the student's optimizer and clipped with it, the two accumulated together
+    (`accelerator.accumulate(model, projection)`) over `accumulation` batches a step, three steps in all;
+    `nan_grad_at`: its weight's gradient NaN at that optimizer step; no `run_dir`: no probes. Returns every batch's
+    loss."""
     AcceleratorState._reset_state(True)
-    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
     torch.manual_seed(0)
     model, projection = tiny.make_gpt2(VOCAB), torch.nn.Linear(32, 48)
     teacher = tiny.make_gpt2(VOCAB, seed=3, n_embd=48).eval().requires_grad_(False)
-    if nan_grad:
-        projection.weight.register_hook(lambda g: g * math.nan)
+    steps = [1]
+    projection.weight.register_hook(lambda g: g * math.nan if steps[0] == nan_grad_at else g)
     trained = list(model.parameters()) + list(projection.parameters())
     optimizer = torch.optim.AdamW(trained, lr=1e-3)
     loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4, shuffle=False)
     model, projection, optimizer, loader = accelerator.prepare(model, projection, optimizer, loader)
     models = {"student": model, "projection": projection} if by_role else model
-    with Probes.from_accelerator(accelerator, models, optimizer, teacher=teacher, run_dir=run_dir) as probes:
-        for batch in itertools.islice(loader, 2):
-            out = model(**batch, output_hidden_states=True)
-            with torch.no_grad():
-                target = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
-            loss = out.loss + torch.nn.functional.mse_loss(projection(out.hidden_states[-1]).float(), target)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            probes.step(loss=loss)
-            optimizer.zero_grad()
+    losses = []
+    probes = Probes.from_accelerator(accelerator, models, optimizer, teacher=teacher, run_dir=run_dir) if run_dir \
+        else None
+    with probes or contextlib.nullcontext():
+        for batch in itertools.islice(loader, 3 * accumulation):
+            with accelerator.accumulate(model, projection):
+                out = model(**batch, output_hidden_states=True)
+                with torch.no_grad():
+                    target = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+                loss = out.loss + torch.nn.functional.mse_loss(projection(out.hidden_states[-1]).float(), target)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trained, 1.0)
+                optimizer.step()
+                if probes is not None:
+                    probes.step(loss=loss)
+                optimizer.zero_grad()
+                steps[0] += accelerator.sync_gradients
+            losses.append(loss.item())
+    return losses
 
 
 def test_a_projection_the_optimizer_trains_beside_the_student_is_watched_when_given_and_said_when_not(tmp_path):
@@ -358,12 +370,30 @@ def test_a_projection_the_optimizer_trains_beside_the_student_is_watched_when_gi
     message = notes.iloc[0]["message"]
     assert "48×32, 48" in message and "Probes.from_accelerator(accelerator, {'student': model" in message
 
-    _with_projection(tmp_path / "given", by_role=True, nan_grad=True)
+    _with_projection(tmp_path / "given", by_role=True, nan_grad_at=1)
     run = load_run(tmp_path / "given")
     assert run["events"].query("code == 'optimizer_tensors_unwatched'").empty
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
         "divergence", "projection", "weight", 1)
+
+
+def test_a_nan_from_a_projection_accumulated_with_the_student_is_named_once_and_not_as_bad_data(tmp_path):
+    """`accelerator.accumulate(model, projection)` over two batches a step: the projection's gradient NaN at optimizer
+    step 2 makes every weight NaN, so at step 3 the student's hidden states that the projection reads hold NaN. That
+    input was computed by the student (it has a `grad_fn`): no bad data — the one cause is the projection's gradient.
+    Step 2's forwards, replayed before the update on its non-finite gradients (its loss was finite), are said to be.
+    The rows are optimizer steps, and the probes change no loss."""
+    losses = _with_projection(tmp_path / "run", by_role=True, nan_grad_at=2, accumulation=2)
+    run = load_run(tmp_path / "run")
+    assert run["metrics"]["step"].tolist() == [1, 2, 3]
+    assert run["events"].query("kind == 'nonfinite_batch'").empty
+    replayed = run["events"].query("kind == 'forward_replay'")
+    assert replayed[["step", "model"]].values.tolist() == [[2, "student"], [2, "teacher"]]
+    assert replayed["message"].str.contains("after non-finite gradients").all()
+    assert [(d["cause"], d["model"], d["tensor"], d["first_step"]) for d in run["summary"]["diagnosis"]] == [
+        ("divergence", "projection", "weight", 2)]
+    assert np.array_equal(losses, _with_projection(None, by_role=True, nan_grad_at=2, accumulation=2), equal_nan=True)
 
 
 @pytest.mark.parametrize("handed", [False, True])
