@@ -418,9 +418,9 @@ FIXES = {
                               "in float32 on the same inputs and weights it reaches {wide_amax}: an intermediate it "
                               "computes leaves float16's range with no NaN to show it — the square of a value above "
                               "256 is Inf (a norm's mean(x²)), and x / √Inf is 0 — so nothing after it depends on the "
-                              "input and no gradient passes back through it: compute that op in fp32 (its input "
-                              "`.float()` before the square, as transformers' norms do), train with {bf16_mixed}, or "
-                              "scale down what makes its inputs that large",
+                              "input and no gradient passes back through it: train with {bf16_mixed} (fp32's "
+                              "range){op_in_fp32} — transformers' norms square their input `.float()` —, "
+                              "or scale down what makes its inputs that large",
     "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — train with "
                             "{bf16_mixed}{router_in_fp32}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
