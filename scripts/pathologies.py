@@ -1899,6 +1899,44 @@ def rmsnorm_eps_pure_fp16(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+def rmsnorm_square_beyond_fp16(world: World, tmp: Path) -> Outcome:
+    """The same hand-written RMSNorm (eps 1e-6, which float16 holds) in fp16 weights, over embeddings with one channel
+    at 300 — a massive activation, as LLMs' residual streams carry: every input fits fp16, its square (9e4) does not.
+    mean(x²) is Inf, x · rsqrt(Inf) is 0 — the norm's output is 0 everywhere, with no NaN anywhere, and nothing before
+    the norm gets a gradient; in fp32 the same norm is healthy."""
+    outcome = Outcome()
+    model = NormedLM(world.vocab)
+    model.norm.eps = 1e-6
+    with torch.no_grad():
+        model.embed.weight[1:, 0] = 300.0
+    ids = token_batches(world, 1)[0]
+    with torch.no_grad():
+        x = model.embed(ids)
+        wide = model.norm(x)
+        model.half()
+        narrow = model.norm(x.half())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # updates above half an ulp of the fp16 head's bias
+    losses = []
+    with _probes(model, opt, None, tmp / "run") as probes:
+        for ids in token_batches(world, 3):
+            loss = nn.functional.cross_entropy(model(ids)[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            losses.append(float(loss.detach()))
+            loss.backward()
+            embed_grad = float(model.embed.weight.grad.abs().max())
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.facts.update(input_amax=float(x.abs().max()), square_amax_fp32=float(x.pow(2).max()),
+                         fp16_norm_amax=float(narrow.abs().max()), fp32_norm_amax=round(float(wide.abs().max()), 3),
+                         embed_grad_amax=embed_grad, losses=[round(v, 4) for v in losses])
+    outcome.check("inputs within fp16, their squares beyond it; the fp16 norm 0 everywhere, the fp32 one not; finite "
+                  "losses and no gradient reaching the embeddings",
+                  float(x.abs().max()) < FP16_MAX < float(x.pow(2).max()) and float(narrow.abs().max()) == 0
+                  and float(wide.abs().max()) > 1 and all(map(math.isfinite, losses)) and embed_grad == 0)
+    return outcome
+
+
 def kd_masked_teacher_vocab(world: World, tmp: Path) -> Outcome:
     """The teacher's logits of tokens the student must never produce set to -inf before the KD term, which is taken
     as KL with `log_target=True`: exp(-inf) · (-inf − log p) = 0 · -inf = NaN."""
@@ -2929,6 +2967,11 @@ SCENARIOS: list[Scenario] = [
     Scenario("RMSNorm eps 1e-12 in fp16", "user loop: fp16 weights, SGD; a hand-written RMSNorm (eps 1e-12, 0 in "
              "fp16) over a padded batch (zero embedding rows)", "pure-fp16", "user loop", rmsnorm_eps_pure_fp16,
              Expected("activation_overflow", "critical", "student", "norm", first_step=1, fix_contains="1e-12")),
+    Scenario("RMSNorm's square beyond fp16", "user loop: fp16 weights, SGD; the hand-written RMSNorm (eps 1e-6) over "
+             "embeddings with one channel at 300: x fits fp16, x² does not — mean(x²) Inf, the norm's output 0 "
+             "everywhere, nothing NaN", "pure-fp16", "user loop", rmsnorm_square_beyond_fp16,
+             Expected("activation_overflow", "warning", "student", "norm", first_step=1, fix_contains="fp32",
+                      absent=("update_underflow", "no_gradients"))),
     Scenario("a division by zero in the model's own forward", "user loop: fp32; `CosineLM.forward` divides each "
              "embedding by its norm itself (no module does), a padded batch (zero embedding rows: 0/0)", "fp32",
              "user loop", root_forward_division_user_loop,

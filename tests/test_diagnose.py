@@ -559,6 +559,30 @@ def test_gradients_flushed_to_zero_by_an_unscaled_fp16_backward_are_update_under
     assert "GradScaler" in cause["fix"] and cause["evidence"]["zero_gradient_tensor_fraction"] == 1.0
 
 
+ZERO_NORM = {"kind": "zero_activation", "severity": "info", "step": 1, "phase": "forward", "model": "student",
+             "module": "norm", "dtype": "float16", "value": 0.0}
+
+
+@pytest.mark.parametrize("float32_value, expected", [(5.66, "activation_overflow"), (0.0, "no_gradients")])
+def test_a_float16_output_zeroed_everywhere_is_read_off_its_float32_replay(float32_value, expected):
+    """A float16 norm whose output is 0 everywhere, and most gradients 0 behind it, in an unscaled float16 run: the
+    forward explains the zero gradients, not a backward's flush. Run again in float32 on the same inputs and weights
+    (`wide_replay`) it is non-zero: float16 zeroed it (mean(x²) Inf, x · rsqrt(Inf) = 0) — an overflow of an
+    intermediate, at the norm, with an fp32 fix; 0 there too, the code zeroes it (`no_gradients`), no precision fix."""
+    replay = {"kind": "wide_replay", "severity": "info", "step": 2, "phase": "forward", "model": "student",
+              "module": "norm", "dtype": "float32", "value": float32_value}
+    frame = log(ZERO_NORM, replay, {**ZERO_GRADIENTS, "module": "head", "tensor": "head.weight", "dtype": "float16"})
+    found = diagnose(frame, None, {"precision": {"mode": "pure-fp16", "loss_scaling": False}, "caller": "loop"})
+    root = found[0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (expected, "student", "norm", 1)
+    assert "update_underflow" not in [c["cause"] for c in found]
+    if expected == "activation_overflow":
+        assert root["evidence"]["float32_replay"] == 5.66 and "fp32" in root["fix"] and "Dropout" not in root["fix"]
+        assert "no_gradients" not in [c["cause"] for c in found]
+    else:
+        assert "Dropout" in root["fix"] and "float16" not in root["fix"]
+
+
 @pytest.mark.parametrize("dtype, loss_scaling", [("float16", True), ("float32", False), ("bfloat16", False)])
 def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype, loss_scaling):
     """A loss scaler keeps fp16 gradients above the flush; fp32 and bf16 have fp32's range: zeros there are

@@ -414,6 +414,13 @@ FIXES = {
                                 "that rounds to 0 in it (an eps below 6e-8, such as a norm's 1e-12, is 0 in "
                                 "float16): train with {bf16_mixed} (fp32's range and smallest values){op_in_fp32}; a "
                                 "loss scaler cannot fix a forward overflow",
+    "activation_zeroed_fp16": "{module}'s float16 output is exactly 0 everywhere from finite inputs, yet run again "
+                              "in float32 on the same inputs and weights it reaches {wide_amax}: an intermediate it "
+                              "computes leaves float16's range with no NaN to show it — the square of a value above "
+                              "256 is Inf (a norm's mean(x²)), and x / √Inf is 0 — so nothing after it depends on the "
+                              "input and no gradient passes back through it: train with {bf16_mixed} (fp32's "
+                              "range){op_in_fp32} — transformers' norms square their input `.float()` —, "
+                              "or scale down what makes its inputs that large",
     "router_overflow_fp16": "{module}, an MoE router, overflows float16: its logits need fp32's range — train with "
                             "{bf16_mixed}{router_in_fp32}; a loss scaler cannot fix a forward overflow",
     "activation_fp16_constant": "{module} made {holds} in float16 from values far below float16's range (the "
@@ -1226,6 +1233,20 @@ class RunRecord:
         same = replays[(replays["model"] == row.get("model")) & (replays["module"] == row.get("module"))]
         return _first(same) if len(same) else None
 
+    def zeroed_by_fp16(self) -> tuple[pd.Series, float] | None:
+        """The run's lasting zero output (`zero_activation`) of a float16 module that, run again in float32 on the
+        inputs and weights of a forward that made it (`wide_replay`, after it), is not 0 there — an intermediate
+        float16 could not hold zeroed it (mean(x²) over values above 256 is Inf, and x · rsqrt(Inf) is 0) — with that
+        float32 largest output. A zero that float32 makes too is the code's (a Dropout of 1, a gate of 0)."""
+        dead, replays = self.of("zero_activation"), self.of("wide_replay")
+        for _, row in dead[dead["dtype"] == "float16"].iterrows():
+            same = replays[(replays["model"] == row["model"]) & (replays["module"] == row["module"])
+                           & (replays["step"] >= row["step"])]
+            wide = float(_first(same)["value"]) if len(same) else 0.0
+            if math.isfinite(wide) and wide > 0:
+                return row, wide
+        return None
+
     def fp16_constant_op(self) -> tuple[pd.Series, float] | None:
         """The same reading in a run computing in float16: a float16 module output non-finite although every value
         measured up to it is below FP16_MAX ** RANGE_EXPONENT — no product of the data overflowed, so a constant of
@@ -2032,6 +2053,12 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
                                       "weights_finite": not corrupted,
                                       "loss_scaler_skipped": bool((skipped["step"] == step).any())},
                             fix=r.fix("activation_overflow_unplaced")))
+    zeroed = r.zeroed_by_fp16()
+    if zeroed is not None:
+        row, wide = zeroed
+        causes.append(Cause("activation_overflow", "warning", **_where(row),
+                            evidence={"dtype": "float16", "output_amax": 0.0, "float32_replay": wide},
+                            fix=r.fix("activation_zeroed_fp16", module=row.get("module"), wide_amax=f"{wide:.3g}")))
     risk = r.of("fp16_overflow_risk")
     if len(risk):
         row = _first(risk)
@@ -2125,11 +2152,22 @@ def _flushed_by_fp16(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
     step whose loss was exactly 0, which the loss explains (`_at_zero_loss`). Unscaled: no loss scaler, or one whose
     scale at that step was at most 1 (`GradScaler(init_scale=1.0)`, a scale collapsed there), which multiplies
     nothing above float16's flush."""
-    zero = zero[~zero.index.isin(_at_zero_loss(r, zero).index)]
+    zero = zero[~zero.index.isin(_at_zero_loss(r, zero).index) & ~zero.index.isin(_behind_zero_output(r, zero).index)]
     zero = zero[zero["dtype"] == "float16"]
     if not (r.config.get("precision") or {}).get("loss_scaling"):
         return zero
     return zero[zero["step"].map(lambda step: (r.loss_scale_at(int(step)) or math.inf) <= 1)]
+
+
+def _behind_zero_output(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
+    """The `zero_gradients` events of a model whose forward already zeroed a module's output everywhere
+    (`zero_activation`, at or before their step): no gradient passes back through an output that depends on nothing,
+    whatever the dtype — the forward explains them, not a float16 backward's flush."""
+    dead = r.of("zero_activation")
+    if not len(dead) or not len(zero):
+        return zero.iloc[:0]
+    return zero[zero.apply(lambda row: ((dead["model"] == row.get("model")) & (dead["step"] <= row["step"])).any(),
+                           axis=1).astype(bool)]
 
 
 def _at_zero_loss(r: RunRecord, zero: pd.DataFrame) -> pd.DataFrame:
@@ -2428,6 +2466,9 @@ def no_gradients(r: RunRecord) -> list[Cause]:
     dead = dead[(dead["model"] == row.get("model")) & (dead["step"] <= row["step"])]
     if len(dead):  # the forward itself zeroes everything from a module on: nothing is cut off in the loss's code
         at = _first(dead)
+        zeroed = r.zeroed_by_fp16()
+        if zeroed is not None and zeroed[0].name == at.name:
+            return []  # float16 zeroed it: `activation_overflow`'s
         return [Cause("no_gradients", "warning", **{**_where(at), "first_step": int(row["step"])},
                       evidence={"zero_gradient_tensor_fraction": row["value"], "zero_output_step": int(at["step"])},
                       fix=r.fix("no_gradients_zero_activation", module=at.get("module"), step=int(at["step"])))]

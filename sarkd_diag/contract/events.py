@@ -63,8 +63,9 @@ CODES = {
     "grad_nonfinite_skipped": "nonfinite_grad: a non-finite gradient on a step the loss scaler skips",
     "zero_gradients": "most trainable tensors that have a gradient have an all-zero one (flushed, or unreached)",
     "nonfinite_activation": "a module's forward output holds NaN/Inf (the first such module in forward order)",
-    "wide_replay": "a module whose float16 output turned non-finite, run again in float32 on the same finite "
-                   "inputs: finite there (float16's range) or not (an operation undefined on its inputs)",
+    "wide_replay": "a module whose float16 output turned non-finite (or was 0 everywhere, `zero_activation`), run "
+                   "again in float32 on the same finite inputs: finite there (float16's range) or not (an operation "
+                   "undefined on its inputs); above 0 there or 0 (the code's zero)",
     "forward_replay": "a step's forwards, replayed with per-module statistics after a non-finite loss (or non-finite "
                       "gradients), made every module output finite (value: the model's largest): the loss or backward "
                       "made it after them",

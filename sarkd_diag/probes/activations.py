@@ -34,6 +34,10 @@ Only a zero that lasts counts: that module's output is read again at its next tr
 step's other readings) and the event is written, at the step first seen, only if that output is 0 everywhere too — a
 zero-initialised module (a LoRA adapter's B, a zero-init residual projection) outputs 0 until the first update moves
 its weights, which is how it is built, not a finding. The diagnosis reads it where no gradient reaches the weights.
+A float16 zero may be float16's own doing, with no NaN to show it: an intermediate beyond its range turned Inf and a
+division by it 0 (a hand-written norm's mean(x²) over values above 256 is Inf, and x · rsqrt(Inf) is 0 everywhere). So
+the inputs and weights of that next forward are kept too (float32 copies, this once), and a zero that lasts is run
+again on them in float32 (`wide_replay`, as below): non-zero there, float16 zeroed it; 0 there too, it is the code's.
 
 A float16 output that is NaN or Inf has two possible makers the output alone cannot tell apart: float16's range
 (a product beyond 65504, a mask's fill value or an eps float16 cannot hold) and an operation undefined on its
@@ -313,17 +317,21 @@ class ActivationProbe(Probe):
         """Read a module whose output was 0 everywhere again at its next training forward (`_judge_zeros`)."""
         zero = _ZeroOutput(module_name, dtype, numel, self.ctx.step)
 
-        def reread(_module, _inputs, output):
+        def reread(module, args, kwargs, output):
             t = _first_tensor(output)
             if t is not None and t.is_floating_point() and t.numel() and self._counts(model_name):
                 zero.rereads.append(t.detach().abs().amax())
+                if dtype == "float16" and zero.replay is None:  # float16's doing or the code's: `_judge_zeros`
+                    with torch.no_grad():
+                        zero.replay = (_float32_state(module), _widened(args), _widened(kwargs))
         module = self.ctx.models[model_name].get_submodule(module_name)
-        zero.handle = module.register_forward_hook(eager(reread))
+        zero.handle = module.register_forward_hook(eager(reread), with_kwargs=True)
         self._zeros[model_name] = zero
 
     def _judge_zeros(self, rereads: list[float]) -> None:
         """Each watched zero output read again this step: 0 everywhere again, it lasts (`zero_activation`, at the
-        step first seen); else its weights moved it off 0 — a zero-initialised module, no finding."""
+        step first seen) — and a float16 one run again in float32 (`wide_replay`): float16's zero or the code's; else
+        its weights moved it off 0 — a zero-initialised module, no finding."""
         for model, zero in list(self._zeros.items()):
             if not zero.rereads:
                 continue  # no training forward of it yet
@@ -339,6 +347,9 @@ class ActivationProbe(Probe):
                     "on the input, and no gradient passes back through it",
                     step=zero.step, phase="forward", probe=self.name, model=model, module=zero.module,
                     dtype=zero.dtype, value=0.0, numel=zero.numel)
+                if zero.replay is not None:
+                    module = self.ctx.models[model].get_submodule(zero.module)
+                    self._run_wide(model, zero.module, module, *zero.replay, made="was 0 everywhere")
 
     def _record_finite_replay(self, largest: dict, after: str) -> None:
         """A replay after a non-finite loss or non-finite gradients (`after`) found every module output of its forwards
@@ -410,9 +421,13 @@ class ActivationProbe(Probe):
     def _replay_wide(self, model_name: str, module_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Run the module once more on the same inputs in float32 and record what it makes (`wide_replay`)."""
         self._stop_watching_suspect()
-        wide = {name: t.float() if t.is_floating_point() else t
-                for name, t in chain(module.named_parameters(), module.named_buffers())}
-        cast, kwcast = _widened(args), _widened(kwargs)
+        self._run_wide(model_name, module_name, module, _float32_state(module), _widened(args), _widened(kwargs),
+                       made="turned non-finite")
+
+    def _run_wide(self, model_name: str, module_name: str, module: nn.Module, wide: dict, cast: tuple, kwcast: dict,
+                  made: str) -> None:
+        """`module` run on float32 copies of its weights (`wide`) and inputs (`cast`, `kwcast`), its float16 output
+        having `made` what it did: the `wide_replay` event of what float32 makes of them."""
         device = next(iter(wide.values())).device if wide else torch.device("cpu")
         counted = self.ctx.training_forward.get(model_name)
         self.ctx.training_forward[model_name] = False  # its children's hooks: no statistics of this run
@@ -431,13 +446,14 @@ class ActivationProbe(Probe):
             return
         low, high = (float(v) for v in torch.aminmax(t.float()))
         amax = math.nan if math.isnan(low) else max(-low, high)
-        verdict = (f"finite (largest {amax:.4g}): float16 cannot hold what it computes" if math.isfinite(amax) else
+        verdict = ("0 there too: the code's zero, not float16's" if amax == 0 else
+                   f"finite (largest {amax:.4g}): float16 cannot hold what it computes" if math.isfinite(amax) else
                    f"{'NaN' if math.isnan(amax) else 'Inf'} there too: an operation undefined on its inputs, in "
                    "any precision")
         self.ctx.events.record(
             "wide_replay", "info",
-            f"{model_name} {module_name}, whose float16 output turned non-finite, run again in float32 on the "
-            f"inputs of step {self.ctx.step} (finite, as are its weights): {verdict}",
+            f"{model_name} {module_name}, whose float16 output {made}, run again in float32 on the inputs and "
+            f"weights of its forward at step {self.ctx.step}: {verdict}",
             step=self.ctx.step, phase="forward", probe=self.name, model=model_name, module=module_name,
             dtype="float32", value=amax, numel=t.numel())
 
@@ -472,12 +488,19 @@ class _ZeroOutput:
         self.module, self.dtype, self.numel, self.step = module, dtype, numel, step
         self.rereads: list[torch.Tensor] = []
         self.handle = None
+        self.replay: tuple | None = None  # float16: its weights and inputs of the reread forward, in float32
 
 
 def root_label(model: nn.Module) -> str:
     """How a model's own forward code is named where it made a NaN: `<Class>.forward` (a root module has no dotted
     name, and the class is what the user wrote)."""
     return f"{type(model).__name__}.forward"
+
+
+def _float32_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Float32 copies of a module's floating weights and buffers, for a replay (`torch.func.functional_call`)."""
+    return {name: t.detach().float().clone() if t.is_floating_point() else t
+            for name, t in chain(module.named_parameters(), module.named_buffers())}
 
 
 def _widened(value):

@@ -2865,6 +2865,41 @@ def test_a_dropout_of_p_one_is_named_as_a_forward_that_zeroes_everything_not_a_l
     assert "Dropout with p=1.0" in root["fix"] and ".detach()" not in root["fix"]
 
 
+class _SquaringNorm(nn.Module):
+    """RMSNorm as often written by hand, with no upcast: x · rsqrt(mean(x²) + eps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("zeroing, cause, at", [("norm", "activation_overflow", "zero"),
+                                                ("dropout", "no_gradients", "out")])  # a Dropout's output is not read
+def test_a_float16_output_zeroed_everywhere_is_run_again_in_float32_to_tell_whose_zero_it_is(zeroing, cause, at):
+    """In float16 weights a module's output 0 everywhere has two makers: the code (a Dropout of p=1.0) or float16
+    itself — a norm's mean(x²) over inputs of 300 is Inf and x · rsqrt(Inf) is 0, with no NaN to show it. The zero
+    that lasts is run again in float32 on the inputs and weights of the forward that made it (`wide_replay`): non-zero
+    there, an overflow of an intermediate at that module; 0 there too, nothing reaches the weights — and in neither
+    case a float16 backward's flush (the zero gradients are the forward's)."""
+    torch.manual_seed(0)
+    zero = _SquaringNorm() if zeroing == "norm" else nn.Dropout(p=1.0)
+    model = nn.Sequential(OrderedDict(inp=nn.Linear(8, 16), zero=zero, out=nn.Linear(16, 1, bias=False))).half()
+    with torch.no_grad():
+        model.inp.bias.fill_(300.0)  # every input of the norm fits float16, its square does not
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Probes(model, optimizer=opt) as probes:
+        for x in torch.randn(3, 4, 8, dtype=torch.float16):
+            loss = (model(x).float() - 1).pow(2).mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (replay,) = [e for e in probes.events.events if e.kind == "wide_replay"]
+    assert replay.module == at and (replay.value > 0) == (zeroing == "norm")
+    found = probes.diagnosis()
+    assert (found[0]["cause"], found[0]["module"], found[0]["first_step"]) == (cause, at, 1)
+    assert "update_underflow" not in [c["cause"] for c in found]
+
+
 def test_a_float16_layernorm_whose_eps_float16_cannot_serve_is_named_with_its_eps():
     """A GPT-2 with `layer_norm_epsilon=1e-12` (BERT's) held in float16, one position's input a constant row: the row's
     variance is 0, LayerNorm divides by 1/sqrt(1e-12) = 1e6 — beyond float16 — and its backward turns NaN there.
