@@ -72,6 +72,12 @@ from .base import FP16_MAX, Probe, dtype_name, eager, in_backward
 WIDE_REPLAY_TRIES = 16  # training forwards of the suspect module checked for a non-finite output to run in float32
 
 
+def _trainable_weights_at_zero(module: nn.Module) -> bool:
+    """The module has trainable weights and every one is 0 everywhere (one host read, on this failure path only)."""
+    trainable = [p.detach() for p in module.parameters() if p.requires_grad and p.numel()]
+    return bool(trainable) and torch.stack([p.abs().amax().float() for p in trainable]).max().item() == 0
+
+
 def _first_tensor(output) -> torch.Tensor | None:
     if torch.is_tensor(output):
         return output
@@ -287,7 +293,7 @@ class ActivationProbe(Probe):
             amax = math.nan if math.isnan(low) else max(-low, high)  # aminmax makes both NaN
             largest[(model, module)] = (dtype, _larger(largest.get((model, module), (dtype, -math.inf))[1], amax))
             if amax == 0 and model in models_live and not note and model not in self._zeros \
-                    and (model, "zero") not in self._reported:
+                    and (model, "zero") not in self._reported and (model, module, "zero_init") not in self._reported:
                 self._watch_zero(model, module, dtype, numel)
             if amax != 0:
                 models_live.add(model)
@@ -331,25 +337,31 @@ class ActivationProbe(Probe):
     def _judge_zeros(self, rereads: list[float]) -> None:
         """Each watched zero output read again this step: 0 everywhere again, it lasts (`zero_activation`, at the
         step first seen) — and a float16 one run again in float32 (`wide_replay`): float16's zero or the code's; else
-        its weights moved it off 0 — a zero-initialised module, no finding."""
+        its weights moved it off 0 — a zero-initialised module, no finding. Nor is one whose own trainable weights are
+        still all 0 (LoRA's B): built that way, its first update should have ended it — that update is what is
+        missing (a gradient flushed, an lr of 0), and the rules on gradients and updates name it."""
         for model, zero in list(self._zeros.items()):
             if not zero.rereads:
                 continue  # no training forward of it yet
             mine, rereads = rereads[:len(zero.rereads)], rereads[len(zero.rereads):]
             zero.handle.remove()
             del self._zeros[model]
-            if all(amax == 0 for amax in mine):
-                self._reported.add((model, "zero"))
-                self.ctx.events.record(
-                    "zero_activation", "info",
-                    f"{model} {zero.module} output is exactly 0 everywhere at step {zero.step} (in {zero.dtype}), "
-                    f"where an earlier module's was not, and still at step {self.ctx.step}: nothing after it depends "
-                    "on the input, and no gradient passes back through it",
-                    step=zero.step, phase="forward", probe=self.name, model=model, module=zero.module,
-                    dtype=zero.dtype, value=0.0, numel=zero.numel)
-                if zero.replay is not None:
-                    module = self.ctx.models[model].get_submodule(zero.module)
-                    self._run_wide(model, zero.module, module, *zero.replay, made="was 0 everywhere")
+            if not all(amax == 0 for amax in mine):
+                continue
+            module = self.ctx.models[model].get_submodule(zero.module)
+            if _trainable_weights_at_zero(module):
+                self._reported.add((model, zero.module, "zero_init"))  # not watched again
+                continue
+            self._reported.add((model, "zero"))
+            self.ctx.events.record(
+                "zero_activation", "info",
+                f"{model} {zero.module} output is exactly 0 everywhere at step {zero.step} (in {zero.dtype}), "
+                f"where an earlier module's was not, and still at step {self.ctx.step}: nothing after it depends "
+                "on the input, and no gradient passes back through it",
+                step=zero.step, phase="forward", probe=self.name, model=model, module=zero.module,
+                dtype=zero.dtype, value=0.0, numel=zero.numel)
+            if zero.replay is not None:
+                self._run_wide(model, zero.module, module, *zero.replay, made="was 0 everywhere")
 
     def _record_finite_replay(self, largest: dict, after: str) -> None:
         """A replay after a non-finite loss or non-finite gradients (`after`) found every module output of its forwards
