@@ -242,8 +242,8 @@ class OptimizerProbe(Probe):
         its ulp too (within a few hundred steps) it freezes, no longer following the gradients' scale. Measured on
         the state the first step made (its nonzero sampled entries), once per group; a float32 state keeps it."""
         betas = group.get("betas")
-        params = [p for p in group["params"] if p.requires_grad]
         state = self.ctx.optimizer.state
+        params = _updated(group, state)  # the model named is one the optimizer updates, not a teacher it holds
         moments = [state[p]["exp_avg_sq"] for p in params if torch.is_tensor(state.get(p, {}).get("exp_avg_sq"))]
         if not (isinstance(betas, (tuple, list)) and len(betas) > 1 and moments) or moments[0].dtype == torch.float32:
             return
