@@ -95,6 +95,24 @@ def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_pr
     assert "precision is not the cause" not in cause["fix"]
 
 
+def test_a_second_moment_that_cannot_decay_is_the_state_underflowing_and_one_cause_beside_a_flush():
+    """Adam's exp_avg_sq × β2 that rounds back in a bfloat16 state is its decrement underflowing: the contract's
+    `optimizer_state_underflow` (a warning, evidence `decay_lost`), whose fix names β2. Beside entries flushed to zero
+    in the same state it is that cause's evidence, not a second cause with the same fix."""
+    where = {"step": 1, "phase": "optimizer", "model": "student", "tensor": "group 0"}
+    decay = {"kind": "optimizer_preflight", "code": "second_moment_decay_zero", "severity": "warning",
+             "value": 0.999, "dtype": "bfloat16", **where}
+    (alone,) = causes(log(decay), mode="pure-bf16")
+    assert (alone["cause"], alone["severity"], alone["tensor"]) == ("optimizer_state_underflow", "warning", "group 0")
+    assert alone["evidence"]["decay_lost"] is True and alone["evidence"]["beta2"] == 0.999 and "β2" in alone["fix"]
+    flush = {"kind": "optimizer_state_underflow", "severity": "warning", "value": 0.4, "dtype": "bfloat16",
+             **where, "tensor": "wte.weight"}
+    (both,) = causes(log(decay, flush), mode="pure-bf16")
+    assert (both["cause"], both["tensor"], both["evidence"]["zeroed_fraction"]) == (
+        "optimizer_state_underflow", "wte.weight", 0.4)
+    assert both["evidence"]["decay_lost"] is True and both["evidence"]["beta2"] == 0.999
+
+
 @pytest.mark.parametrize("losses, severity", [([4, 3.8, 3.7, 15, 3.6, 3.5, 3.4, 3.3], "warning"),
                                                ([4, 3.8, 3.7, 15, 14, 13, 12, 12.5], "critical"),
                                                ([4, 3.8, 3.7, 3.6, 3.5, 3.4, 3.3, 15], "critical")])

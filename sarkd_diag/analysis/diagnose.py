@@ -45,7 +45,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
-    "second_moment_decay_lost", "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
+    "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
     "kd_reduction_mean", "padding_in_targets",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
@@ -1948,28 +1948,33 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
                             decay=f"{decay:.3g}", half_ulp=None if half_ulp is None else f"{half_ulp:.0e}"))]
 
 
-def second_moment_decay_lost(r: RunRecord) -> list[Cause]:
+def _second_moment_decay_lost(r: RunRecord) -> Cause | None:
     """Adam's second moment that cannot decay (a `second_moment_decay_zero` preflight event): v × β2 rounds back to v
-    in the state's dtype, so v only grows and then freezes — Adam's normaliser stops following the gradients' scale,
-    and as they shrink over training its steps shrink with no schedule asking for it. A warning, predicted from the
-    state the first step made; the fix: an fp32 state, or a β2 whose decay the dtype keeps."""
+    in the state's dtype — its decrement underflows, as a flushed entry does — so v only grows and then freezes:
+    Adam's normaliser stops following the gradients' scale, and as they shrink over training its steps shrink with no
+    schedule asking for it. A warning, predicted from the state the first step made; the fix: an fp32 state, or a β2
+    whose decay the dtype keeps."""
     lost = r.of("optimizer_preflight", "second_moment_decay_zero")
     if not len(lost):
-        return []
+        return None
     row = _first(lost)
     dtype, beta2 = row.get("dtype"), float(row["value"])
     keeps = 1 - 2 * NARROW_WEIGHT_DTYPES.get(dtype, 2.0**-11)  # 1 − β2 above the largest relative half ulp
-    return [Cause("second_moment_decay_lost", "warning", **_where(row), evidence={"beta2": beta2, "state_dtype": dtype},
-                  fix=r.fix("second_moment_decay_lost", model=row.get("model"), group=row.get("tensor"), dtype=dtype,
-                            beta2=f"{beta2:g}", keeps=f"{keeps:.3g}"))]
+    return Cause("optimizer_state_underflow", "warning", **_where(row),
+                 evidence={"decay_lost": True, "beta2": beta2, "state_dtype": dtype},
+                 fix=r.fix("second_moment_decay_lost", model=row.get("model"), group=row.get("tensor"), dtype=dtype,
+                           beta2=f"{beta2:g}", keeps=f"{keeps:.3g}"))
 
 
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
-    """Second moments flushed to zero in a half-precision state: Adam's denominator is eps alone, so the
-    updates of those entries are inflated — critical once the weights show it (an extreme update, growth)."""
+    """The second moment's arithmetic underflows in a half-precision state. Entries flushed to zero: Adam's denominator
+    is eps alone, so the updates of those entries are inflated — critical once the weights show it (an extreme update,
+    growth). Or, alone, a decay × β2 that rounds back (`_second_moment_decay_lost`); beside a flush it is that cause's
+    evidence: the same state, the same fix."""
+    decay = _second_moment_decay_lost(r)
     state = r.of("optimizer_state_underflow")
     if not len(state):
-        return []
+        return [decay] if decay else []
     row = _first(state)
     inflated = r.updates_inflated()
     tiny = r.gradients_below_fp32(row.get("model"))
@@ -1978,7 +1983,8 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     return [Cause("optimizer_state_underflow", "critical" if inflated else "warning", **_where(row),
                   evidence={"zeroed_fraction": row["value"], "weight_growth": r.weight_growth(),
                             "extreme_updates": len(r.of("extreme_update")),
-                            **({} if tiny is None else {"zeroed_in_float32_too": tiny})},
+                            **({} if tiny is None else {"zeroed_in_float32_too": tiny}),
+                            **({} if decay is None else {"decay_lost": True, "beta2": decay.evidence["beta2"]})},
                   fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
                             share=None if tiny is None else f"{tiny:.0%}"))]
 
@@ -2808,7 +2814,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small,
-         second_moment_decay_lost, divergence,
+         divergence,
          kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean,
          padding_in_targets)
 

@@ -2315,7 +2315,7 @@ def test_updates_a_schedule_means_to_be_tiny_are_no_lost_updates(schedule, tmp_p
         opt.zero_grad()
     lost, causes = _events(probes, "lost_updates"), _causes(probes)
     probes.close()
-    # the bf16 warm-up's AdamW state keeps no second-moment decay either (`second_moment_decay_lost`): its own cause
+    # the bf16 warm-up's AdamW state keeps no second-moment decay either (`optimizer_state_underflow`): its own cause
     assert lost == [] and "update_underflow" not in causes
 
 
