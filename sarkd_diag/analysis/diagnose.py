@@ -45,7 +45,7 @@ CAUSE_ORDER = (
     "optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
     "weight_collapse", "weight_decay_lost", "clip_before_unscale", "divergence", "activation_overflow",
     "gradient_overflow", "loss_scale_collapse", "no_gradients", "update_underflow", "updates_too_small",
-    "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
+    "second_moment_decay", "kd_targets_few", "kd_temperature_low", "kd_input_invalid", "loss_term_negative",
     "kd_reduction_mean", "padding_in_targets",
 )
 # no gradients after a critical non-finite failure: a loop that guards its loss (`if not torch.isfinite(loss): return
@@ -865,6 +865,11 @@ class Cause:
     rank: int = 0
     evidence: dict = field(default_factory=dict)
     fix: str = ""
+    ranks_as: str | None = None  # its CAUSE_ORDER entry, where a lesser finding of a code ranks after its main one
+
+    @property
+    def order(self) -> str:
+        return self.ranks_as or self.cause
 
     @property
     def when(self) -> tuple:
@@ -1961,7 +1966,7 @@ def _second_moment_decay_lost(r: RunRecord) -> Cause | None:
     dtype, beta2 = row.get("dtype"), float(row["value"])
     keeps = 1 - 2 * NARROW_WEIGHT_DTYPES.get(dtype, 2.0**-11)  # 1 − β2 above the largest relative half ulp
     return Cause("optimizer_state_underflow", "warning", **_where(row),
-                 evidence={"decay_lost": True, "beta2": beta2, "state_dtype": dtype},
+                 evidence={"decay_lost": True, "beta2": beta2, "state_dtype": dtype}, ranks_as="second_moment_decay",
                  fix=r.fix("second_moment_decay_lost", model=row.get("model"), group=row.get("tensor"), dtype=dtype,
                            beta2=f"{beta2:g}", keeps=f"{keeps:.3g}"))
 
@@ -1969,12 +1974,12 @@ def _second_moment_decay_lost(r: RunRecord) -> Cause | None:
 def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
     """The second moment's arithmetic underflows in a half-precision state. Entries flushed to zero: Adam's denominator
     is eps alone, so the updates of those entries are inflated — critical once the weights show it (an extreme update,
-    growth). Or, alone, a decay × β2 that rounds back (`_second_moment_decay_lost`); beside a flush it is that cause's
-    evidence: the same state, the same fix."""
-    decay = _second_moment_decay_lost(r)
+    growth). A decay × β2 that rounds back in the same state (`_second_moment_decay_lost`) is its evidence: the same
+    state, the same fix."""
     state = r.of("optimizer_state_underflow")
     if not len(state):
-        return [decay] if decay else []
+        return []
+    decay = _second_moment_decay_lost(r)
     row = _first(state)
     inflated = r.updates_inflated()
     tiny = r.gradients_below_fp32(row.get("model"))
@@ -1987,6 +1992,13 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
                             **({} if decay is None else {"decay_lost": True, "beta2": decay.evidence["beta2"]})},
                   fix=r.fix(template, model=row.get("model"), dtype=row.get("dtype"), tensor=row.get("tensor"),
                             share=None if tiny is None else f"{tiny:.0%}"))]
+
+
+def second_moment_decay(r: RunRecord) -> list[Cause]:
+    """Alone — no entry flushed — a second moment that cannot decay is `optimizer_state_underflow` too, a lesser
+    finding: a warning predicted from the state, ranked after the weights' own lost updates and decay (CAUSE_ORDER)."""
+    decay = _second_moment_decay_lost(r)
+    return [] if decay is None or len(r.of("optimizer_state_underflow")) else [decay]
 
 
 def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
@@ -2814,7 +2826,7 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
          teacher_overflow, teacher_dropout, optimizer_eps_underflow, optimizer_state_underflow, optimizer_nonfinite,
          lr_negative, lr_zero, weight_collapse, weight_decay_lost, activation_overflow, gradient_overflow,
          loss_scale_collapse, clip_before_unscale, no_gradients, update_underflow, updates_too_small,
-         divergence,
+         second_moment_decay, divergence,
          kd_targets_few, kd_temperature_low, kd_input_invalid, loss_term_negative, kd_reduction_mean,
          padding_in_targets)
 
@@ -2823,12 +2835,12 @@ def rank(causes: list[Cause]) -> list[Cause]:
     """The root cause first, then the rest by severity and time; symptoms of the root folded into it, and so is a
     lesser finding of the root's own cause at its own place (an fp16 overflow's forecast beside the overflow)."""
     order = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
-    causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.cause]))
+    causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.order]))
     if not causes or causes[0].severity != "critical":
         return causes
     root, kept, symptoms = causes[0], [causes[0]], []
     for cause in causes[1:]:
-        later = (cause.when, order[cause.cause]) >= (root.when, order[root.cause])
+        later = (cause.when, order[cause.order]) >= (root.when, order[root.order])
         restated = (cause.cause, cause.model, cause.module) == (root.cause, root.model, root.module)
         if later and restated or cause.cause in SYMPTOM_CAPABLE and later \
                 and (cause.severity == "critical" or cause.when > root.when) and not _forward_apart(cause, root):
