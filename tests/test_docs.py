@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from contract import CHECKER
 from torch import nn
 
 from sarkd_diag.analysis import diagnose, verdicts
@@ -210,3 +211,17 @@ def test_the_docs_are_cited_and_design_notes_outside_the_repository_are_not():
                                     for p in (ROOT / top).rglob("*") if p.suffix in (".py", ".md")]
     citing = [p for p in files if p != Path(__file__) and "DESIGN.md" in p.read_text(encoding="utf-8")]
     assert citing == [], f"cite docs/ instead of a design file the repository does not hold: {citing}"
+
+
+def test_the_docs_name_the_cause_codes_the_shared_checker_accepts():
+    """docs/run-directory.md lists the nine codes shared/tools/check_run_dir.py accepts (beside the checkout, where
+    there is one): a finding filed under a code of the project's own fails that checker, so which is which is said."""
+    text = " ".join(RUN_DIRECTORY.read_text(encoding="utf-8").split())
+    listed = re.search(r"Nine codes are the product sketch's.*? accepts: (.*?)\. The others", text)
+    assert listed, "the causes section names the nine contract codes"
+    nine = set(re.findall(r"`(\w+)`", listed.group(1)))
+    assert len(nine) == 9 and nine <= set(diagnose.CAUSE_ORDER)
+    if CHECKER.is_file():
+        source = CHECKER.read_text(encoding="utf-8")
+        accepted = ast.literal_eval(re.search(r"^CAUSES = (\{.*?\})", source, re.S | re.M).group(1))
+        assert nine == accepted
