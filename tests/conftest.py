@@ -10,6 +10,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives, and tests stay stable under load
 
 import tiny  # noqa: E402
+from contract import CHECKER  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Whether run directories were checked against the shared contract: without shared/ beside the checkout that
+    check passes silently, and a green run says nothing about conformance (said even under -q)."""
+    if CHECKER.is_file():
+        terminalreporter.write_line(f"run-directory conformance: checked by {CHECKER}")
+    else:
+        terminalreporter.write_line(f"run-directory conformance: NOT checked ({CHECKER} is not beside this checkout)")
 
 
 @pytest.fixture(scope="session")
