@@ -1997,8 +1997,10 @@ def optimizer_state_underflow(r: RunRecord) -> list[Cause]:
 def second_moment_decay(r: RunRecord) -> list[Cause]:
     """Alone — no entry flushed — a second moment that cannot decay is `optimizer_state_underflow` too, a lesser
     finding: a warning predicted from the state, ranked after the weights' own lost updates and decay (CAUSE_ORDER)."""
+    if len(r.of("optimizer_state_underflow")):
+        return []  # that cause's evidence
     decay = _second_moment_decay_lost(r)
-    return [] if decay is None or len(r.of("optimizer_state_underflow")) else [decay]
+    return [] if decay is None else [decay]
 
 
 def _loaded_beyond_fp16(r: RunRecord, act: pd.Series) -> Cause | None:
