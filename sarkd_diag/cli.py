@@ -411,7 +411,8 @@ def _rebuild_run(run_dir: Path) -> dict:
     written = [name for name in after if after[name] != before.get(name)]  # what closing wrote, as it wrote it
     steps = summary["steps_completed"]
     typer.echo(f"{run_dir}: {summary['status']}, {counted(steps, 'step')}, "
-               f"{counted(len(summary['diagnosis']), 'cause')}; wrote {', '.join(written)}")
+               f"{counted(len(summary['diagnosis']), 'cause')}, {counted(len(summary['findings']), 'finding')}; "
+               f"wrote {', '.join(written)}")
     resume = continuation(run_dir, summary)
     if resume:
         typer.echo(f"continue it: {resume}")

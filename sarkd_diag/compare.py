@@ -252,7 +252,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
     events = load_events(result.run_dir) if result.run_dir.is_dir() else None
     params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
     warmup = scaler_warmup_skips(load_metrics(result.run_dir), events) if events is not None else 0
-    diagnosis = summary.get("diagnosis", [])
+    diagnosis = summary.get("diagnosis", []) + summary.get("findings", [])  # a finding names a run with no cause
     causes = [d["cause"] for d in diagnosis]
     status = summary.get("status")
     failure = result.failure or (f"run {status}" if status in ("failed", "crashed") else None)

@@ -150,6 +150,8 @@ def mismatches(expected: Expected, diagnosis: list[dict], via: str = "CLI") -> l
     for c in diagnosis:
         if "?" in (c.get("fix") or ""):  # no template holds one: a value the fix names was not found ("?")
             wrong.append(f"the fix of {c['cause']} leaves a value unfilled: {c['fix'][:120]!r}")
+        if str((c.get("evidence") or {}).get("explained_by", "")).startswith(f"{top.get('cause')}@"):
+            continue  # the root's failure, shown among the causes: no claim of its own
         if c.get("cause") in expected.absent:
             wrong.append(f"also claims {c['cause']} ({c['severity']})")
         elif c.get("cause") in expected.not_critical and c.get("severity") == "critical":
@@ -166,9 +168,20 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     exit_code: int | None = None
+    run_dir: Path | None = None
 
     def check(self, name: str, ok) -> None:
         self.checks[name] = bool(ok)
+
+    def read_run(self, run_dir: Path) -> dict:
+        """The run's summary.json; as the diagnosis, its causes and findings in the one order `rank` gave them, root
+        first (`Diagnosis.ranked`: summary.json lists the two apart), drawn again from the run's logs."""
+        from sarkd_diag.analysis.diagnose import diagnose
+        from sarkd_diag.contract.rundir import load_events, load_metrics
+
+        config = json.loads((run_dir / "config.json").read_text())
+        self.run_dir, self.diagnosis = run_dir, diagnose(load_events(run_dir), load_metrics(run_dir), config).ranked
+        return json.loads((run_dir / "summary.json").read_text())
 
 
 @dataclass(frozen=True)
@@ -245,8 +258,7 @@ def run_cli(world: World, out: Path, *extra: str, teacher: Path | None = None, s
     if not summary_path.exists():
         outcome.error = f"no summary.json (exit {outcome.exit_code}): {stderr.getvalue().strip()[-300:]}"
         return outcome, {"summary": {}, "metrics": [], "dir": run_dir}
-    summary = json.loads(summary_path.read_text())
-    outcome.diagnosis = summary.get("diagnosis") or []
+    summary = outcome.read_run(run_dir)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [m for m in metrics if m.get("split") == "train"]
     outcome.facts.update(exit=outcome.exit_code, status=summary.get("status"), steps=summary.get("steps_completed"))
@@ -314,10 +326,6 @@ def finite(t: torch.Tensor | None) -> bool:
 
 def max_weight(model: nn.Module) -> float:
     return max(float(p.detach().float().abs().max()) for p in model.parameters())
-
-
-def user_run_diagnosis(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "summary.json").read_text()).get("diagnosis") or []
 
 
 # ------------------------------------------------------------------------------------------ CLI scenarios
@@ -650,7 +658,7 @@ def fused_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
     after = max_weight(model)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(second_moment_zero_fraction=round(zero_v / live, 3), max_weight_before=round(before, 3),
                          max_weight_after=round(after, 3), growth=round(after / before, 1))
     outcome.check("most second moments flushed to zero at step 1", zero_v / live > 0.5)
@@ -673,7 +681,7 @@ def foreach_adamw_pure_fp16(world: World, tmp: Path) -> Outcome:
             finite_after.append(all(finite(p) for p in model.parameters()))
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(eps_in_fp16=float(torch.tensor(1e-8, dtype=torch.float16)), weights_finite=finite_after)
     outcome.check("1e-8 is 0 in fp16 and step 1 leaves non-finite weights",
                   outcome.facts["eps_in_fp16"] == 0.0 and finite_after[0] is False)
@@ -700,7 +708,7 @@ def user_scaler_module_overflow(world: World, tmp: Path) -> Outcome:
                 grads_step1 = {n: finite(p.grad) for n, p in model.named_parameters()}
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(final_scale=scaler.get_scale(), loss=round(float(loss.detach()), 3),
                          finite_grads_step1=sorted(n for n, ok in grads_step1.items() if ok))
     outcome.check("the loss scale fell below 1", scaler.get_scale() < 1)
@@ -725,7 +733,7 @@ def empty_targets_user_loop(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=out.loss, labels=labels)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=logits_finite)
     outcome.check("step 1's loss finite, step 2's (all labels -100) NaN from finite logits",
                   math.isfinite(losses[0]) and math.isnan(losses[1]) and logits_finite[1])
@@ -760,7 +768,7 @@ def prompt_only_micro_batch_kd_loop(world: World, tmp: Path) -> Outcome:
             losses.append(float(total))
             probes.step(loss=total)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], logits_finite=all(logits_finite))
     outcome.check("steps 1 and 3 finite, step 2's loss NaN from finite logits",
                   math.isfinite(losses[0]) and math.isnan(losses[1]) and math.isfinite(losses[2])
@@ -790,7 +798,7 @@ def resized_embeddings_initialised_huge(world: World, tmp: Path) -> Outcome:
                 loss = model(input_ids=ids, labels=ids).loss
             losses.append(float(loss.detach()))
             scaled_update(loss, ids, scaler, opt, probes)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[f"{v:.4g}" for v in losses], final_scale=scaler.get_scale())
     outcome.check("the new rows fit fp16; the finite losses are above 1e4, those with a new token NaN; every step "
                   "skipped, the scale down to 1", float(model.transformer.wte.weight.abs().max()) < FP16_MAX
@@ -825,7 +833,7 @@ def padding_kept_as_labels(world: World, tmp: Path) -> Outcome:
             probes.step()
             opt.zero_grad()
             losses.append(float(loss.detach()))
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     mask = batches[0][1][:, 1:]
     share = float(((mask == 0).sum(-1) - 1).clamp(min=0).sum() / mask.numel())
     outcome.facts.update(losses=[f"{v:.4g}" for v in losses], padded_target_share_beyond_one_a_row=round(share, 3))
@@ -851,7 +859,7 @@ def nan_embeds_user_loop(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], weights_finite_before=weights_finite_before)
     outcome.check("weights finite until the bad batch, its loss NaN",
                   weights_finite_before[:2] == [True, True] and math.isfinite(losses[0]) and math.isnan(losses[1]))
@@ -874,7 +882,7 @@ def pure_bf16_adam_second_moment(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     before = [opt.state[p]["exp_avg_sq"].clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -904,7 +912,7 @@ def pure_fp16_grad_overflow(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts["nonfinite_grads_step2"] = sorted(n for n, ok in grads[2].items() if not ok)
     outcome.check("step 1 all gradients finite", all(grads[1].values()))
     outcome.check("step 2: out's gradients finite, mid's non-finite", grads[2]["out.weight"]
@@ -952,7 +960,7 @@ def kd_user_loop(world: World, tmp: Path, kd, steps: int, autocast: torch.dtype 
                 opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[f"{v:.4g}" for v in losses], all_gradients_zero=zero_grads)
     return outcome
 
@@ -984,7 +992,7 @@ def teacher_overflow_under_amp_autocast(world: World, tmp: Path) -> Outcome:
                     target = teacher(input_ids=ids).logits
                 loss = out.loss + kd_divergence(2.0)(out.logits.float(), target.float())
             scaled_update(loss, ids, scaler, opt, probes)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(first_beyond_fp16=beyond, teacher_weight_amax=round(max_weight(teacher), 1),
                          fp32_forward_finite=fp32_finite, fp16_autocast_forward_finite=fp16_finite)
     outcome.check(f"the teacher's weights fit fp16, {TEACHER_HOT}'s fp32 output does not; its fp32 forward is finite, "
@@ -1084,7 +1092,7 @@ def kd_term_with_its_logs_swapped(world: World, tmp: Path) -> Outcome:
             kds.append(float(kd.detach()))
             probes.step(loss=loss, terms={"kd": kd, "ce": out.loss})
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in totals], kd=[f"{v:.4g}" for v in kds])
     outcome.check("the total is positive and falls, every value finite", all(map(math.isfinite, totals + kds))
                   and min(totals) > 0 and totals[-1] < totals[0])
@@ -1206,7 +1214,7 @@ def amp_loop_with_overflowing_batches(world: World, tmp: Path, steps: int, overf
                 raise FloatingPointError(f"non-finite loss at step {step}")
             losses.append(float(loss.detach()))
             scaled_update(loss, ids, scaler, opt, probes)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], final_scale=scaler.get_scale(),
                          weights_finite=all(bool(p.isfinite().all()) for p in model.parameters()))
     return losses
@@ -1262,7 +1270,7 @@ def fp16_loss_summed_over_tokens_user_loop(world: World, tmp: Path) -> Outcome:
             losses.append(float(loss.detach()))
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=losses, loss_dtype=str(loss.dtype), tokens=int(ids[:, 1:].numel()))
     outcome.check("the float16 sum is Inf at step 1; each token's loss (sum / tokens) is an ordinary ~5",
                   losses[0] == math.inf and any(3 < v / outcome.facts["tokens"] < 8 for v in losses
@@ -1275,7 +1283,7 @@ def fp32_divergence_user_loop(world: World, tmp: Path) -> Outcome:
     model = tiny.make_gpt2(world.vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
     losses = plain_user_loop(model, opt, token_batches(world, 6), tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     above = next((i + 1 for i, v in enumerate(losses) if v > 3 * losses[0]), None)
     outcome.facts.update(losses=[round(v, 2) for v in losses], first_step_above_3x=above)
     outcome.check("the loss exceeds 3x its first value and stays finite",
@@ -1291,7 +1299,7 @@ def tiny_lr_fp32_user_loop(world: World, tmp: Path) -> Outcome:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-10)
     plain_user_loop(model, opt, token_batches(world, 3), tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     same = sum(int((before[n] == p).sum()) for n, p in model.named_parameters())
     total = sum(p.numel() for p in model.parameters())
     outcome.facts.update(unchanged_weight_fraction=round(same / total, 3),
@@ -1327,7 +1335,7 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
         loss.backward()
         opt.step()
         probes.step(loss=loss)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(largest_score=round(float(scores.abs().max()), 3), loss=float(loss.detach()),
                          nan_rows=int(weights.isnan().any(-1).sum()))
     outcome.check("fp32 scores of order 1, finite; the softmax NaN exactly on the padded sequence's rows",
@@ -1361,7 +1369,7 @@ def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
         x = model.embed(ids)
         scores = model.attn.q(x) @ model.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
         weights = scores.masked_fill(~keep[:, None, :], float("-inf")).softmax(-1)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=losses, largest_score=round(float(scores.abs().max()), 3))
     outcome.check("every loss NaN; in fp32 the padded rows' softmax is NaN too, from scores of order 1",
                   all(math.isnan(v) for v in losses) and weights[1].isnan().all() and finite(scores)
@@ -1387,7 +1395,7 @@ def fully_masked_row_half_loop(world: World, tmp: Path) -> Outcome:
             losses.append(float(loss.detach()))
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=losses, weights_finite_after=all(finite(p) for p in model.parameters()))
     outcome.check("every loss NaN, and the weights NaN after the first step",
                   all(math.isnan(v) for v in losses) and not outcome.facts["weights_finite_after"])
@@ -1423,7 +1431,7 @@ def mask_fill_beyond_fp16_user_loop(world: World, tmp: Path) -> Outcome:
         loss.backward()
         opt.step()
         probes.step(loss=loss)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     fill = float(torch.tensor(-1e9).half())
     outcome.facts.update(fill_in_fp16=fill, fp32_finite=fp32_ok, nan_rows=int(logits.isnan().any(-1).sum()))
     outcome.check("-1e9 is -inf in fp16; the model is finite in fp32, NaN on the padded sequence alone in fp16",
@@ -1449,7 +1457,7 @@ def schedule_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
             probes.step(loss=loss, labels=ids)
             schedule.step()
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     lrs = [json.loads(line).get("lr") for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     outcome.facts.update(lr=lrs, gradients_finite=grads_finite, weights_finite=weights_finite)
     outcome.check("finite gradients through step 4, weights NaN first after step 4",
@@ -1468,7 +1476,7 @@ def linear_decay_past_its_end_user_loop(world: World, tmp: Path) -> Outcome:
     lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
     losses = plain_user_loop(model, opt, token_batches(world, 8), tmp / "run", schedule=schedule,
                              after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
     outcome.check("lr below 0 from step 5; the loss fell until then and rose after, every loss finite",
                   min(lrs[:4]) >= 0 and max(lrs[4:]) < 0 and all(map(math.isfinite, losses))
@@ -1486,7 +1494,7 @@ def checkpoint_beyond_fp16_half_user_loop(world: World, tmp: Path) -> Outcome:
     at_load = (int(weight.isnan().sum()), int((weight == math.inf).sum()))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     losses = plain_user_loop(model, opt, token_batches(world, 2), tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(nan_and_inf_at_load=at_load, nan_after=int(weight.isnan().sum()), losses=losses)
     outcome.check("one +Inf and no NaN as loaded, NaN after the first step", at_load == (0, 1)
                   and outcome.facts["nan_after"] > 0)
@@ -1518,7 +1526,7 @@ def no_gradient_user_loop(bug: str):
                 opt.step()
                 probes.step(loss=loss, labels=ids)
                 opt.zero_grad()
-        outcome.diagnosis = user_run_diagnosis(tmp / "run")
+        outcome.read_run(tmp / "run")
         moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
         outcome.facts.update(gradient_reached=reached, weights_changed_after_step_1=moved)
         outcome.check("a gradient at step 1 only; no weight changed from step 2 on",
@@ -1539,7 +1547,7 @@ def dropout_of_one_user_loop(world: World, tmp: Path) -> Outcome:
                                        embd_pdrop=1.0, resid_pdrop=1.0, attn_pdrop=0.0))
     losses = plain_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 4),
                              tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 4) for v in losses])
     outcome.check("the loss stays at its first value (to 1e-3)", max(losses) - min(losses) < 1e-3)
     return outcome
@@ -1575,7 +1583,7 @@ def momentum_buffer_overflow_half_loop(world: World, tmp: Path) -> Outcome:
             buffers.append(max(float(opt.state[p]["momentum_buffer"].float().abs().max()) for p in model.parameters()))
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     first_inf = next((i for i, b in enumerate(buffers, start=1) if not math.isfinite(b)), None)
     outcome.facts.update(buffer_amax=buffers, first_nonfinite_buffer_step=first_inf)
     outcome.check("the gradients were finite up to the step the momentum buffer turned non-finite",
@@ -1611,7 +1619,7 @@ def _clean_user_loop(world: World, tmp: Path, dtype: torch.dtype, scaled: bool) 
                 opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts["losses"] = [round(v, 3) for v in losses]
     if scaler is not None:
         outcome.facts["final_scale"] = scaler.get_scale()
@@ -1653,7 +1661,7 @@ def nan_embedding_row_user_loop(world: World, tmp: Path) -> Outcome:
     batches[2][0, 5] = rare  # one rare token in step 3's batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = plain_user_loop(model, opt, batches, tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(rare_token=rare, losses=[round(v, 3) for v in losses])
     outcome.check("the loss is finite until the batch holding the token, NaN from step 3",
                   all(map(math.isfinite, losses[:2])) and math.isnan(losses[2]))
@@ -1696,7 +1704,7 @@ def rmse_feature_kd_user_loop(world: World, tmp: Path, whole_copy: bool = False,
             opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses], mse_step1=mse[0], nonfinite_grad_tensors=bad_grads,
                          clipping_raised_at_step=raised)
     outcome.check("step 1: the distance is exactly 0, the loss finite, gradients NaN",
@@ -1714,7 +1722,7 @@ def weight_decay_typo_user_loop(world: World, tmp: Path) -> Outcome:
     amax = [max_weight(model)]
     plain_user_loop(model, opt, token_batches(world, 10), tmp / "run",
                     after_step=lambda: amax.append(max_weight(model)))
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts["max_weight"] = [round(v, 3) for v in amax]
     outcome.check("the largest weight fell below half its initial value in 10 steps, every weight finite",
                   amax[-1] < amax[0] / 2 and all(finite(p) for p in model.parameters()))
@@ -1734,7 +1742,7 @@ def zero_step_schedule_user_loop(world: World, tmp: Path) -> Outcome:
     lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
     plain_user_loop(model, opt, token_batches(world, 4), tmp / "run", schedule=schedule,
                     after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     moved = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
     outcome.facts.update(lr=lrs, weights_changed=moved)
     outcome.check("lr 0 at every step; not one weight changed", lrs == [0.0] * 4 and moved == 0)
@@ -1765,7 +1773,7 @@ def warmup_to_mistyped_peak_user_loop(world: World, tmp: Path) -> Outcome:
             probes.step(loss=loss, labels=ids)
             schedule.step()
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(lr=[round(v, 2) for v in lrs], update_ratio=[round(v, 3) for v in ratios],
                          losses=[round(v, 2) for v in losses])
     outcome.check("step 2 (lr 0.1, a tenth of the peak) moves the weight matrices by more than their size",
@@ -1792,7 +1800,7 @@ def fp16_attention_scores_overflow(world: World, tmp: Path) -> Outcome:
     heads = (*q.shape[:2], attn.num_heads, attn.head_dim)
     scores = q.view(heads).transpose(1, 2) @ k.view(heads).transpose(1, 2).transpose(-1, -2)
     losses = amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 3), tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(c_attn_amax=round(float(qkv["out"].abs().max()), 1),
                          qk_amax_fp32=round(float(scores.abs().max()), 1), losses=losses)
     outcome.check("q and k within fp16's range, their products beyond it (fp32); the fp16 loss NaN",
@@ -1857,7 +1865,7 @@ def root_forward_division_user_loop(world: World, tmp: Path) -> Outcome:
         loss.backward()
         opt.step()
         probes.step(loss=loss)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(largest_embedding=round(float(x.abs().max()), 3), loss=float(loss.detach()))
     outcome.check("the division is NaN exactly on the padded positions, finite elsewhere; the loss is NaN",
                   unit[:, -4:].isnan().all() and finite(unit[:, :-4]) and math.isnan(float(loss.detach())))
@@ -1890,7 +1898,7 @@ def rmsnorm_eps_pure_fp16(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(eps_in_fp16=float(torch.tensor(1e-12, dtype=torch.float16)), fp32_finite=fp32_ok,
                          losses=losses)
     outcome.check("1e-12 is 0 in fp16; the fp16 norm is NaN exactly on the padded positions; fp32 finite",
@@ -1926,7 +1934,7 @@ def rmsnorm_square_beyond_fp16(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(input_amax=float(x.abs().max()), square_amax_fp32=float(x.pow(2).max()),
                          fp16_norm_amax=float(narrow.abs().max()), fp32_norm_amax=round(float(wide.abs().max()), 3),
                          embed_grad_amax=embed_grad, losses=[round(v, 4) for v in losses])
@@ -2057,7 +2065,7 @@ def clean_warmup_with_weight_decay(world: World, tmp: Path) -> Outcome:
     lrs = []  # the lr each optimizer step used: read right after it, before the schedule's step
     losses = plain_user_loop(model, opt, token_batches(world, 8), tmp / "run", schedule=schedule,
                              after_step=lambda: lrs.append(opt.param_groups[0]["lr"]))
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(lr=[round(v, 5) for v in lrs], losses=[round(v, 3) for v in losses])
     outcome.check("lr 0 at step 1 only; finite losses, falling", lrs[0] == 0 and all(lrs[1:])
                   and all(map(math.isfinite, losses)) and losses[-1] < losses[0])
@@ -2088,7 +2096,7 @@ def feature_kd_lr_above_stability(world: World, tmp: Path) -> Outcome:
             losses.append(float(loss.detach()))
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     lowest = losses.index(min(losses))
     outcome.facts.update(lr=round(lr, 4), stability_limit=round(2 / curvature, 4), losses=[round(v, 3) for v in losses],
                          lowest_at_step=lowest + 1)
@@ -2120,7 +2128,7 @@ def unit_norm_embeddings_with_a_zero_row(world: World, tmp: Path) -> Outcome:
             weight = model.transformer.wte.weight
             weight.div_(weight.norm(dim=1, keepdim=True))
     losses = plain_user_loop(model, opt, batches, tmp / "run", after_step=renormalise)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(pad_token=pad, losses=[round(v, 3) for v in losses], finite_after_update=finite_after_update,
                          nan_rows_at_end=int(model.transformer.wte.weight.isnan().any(1).sum()))
     outcome.check("the embeddings are finite after step 1's update, the zero row NaN after the renormalisation; "
@@ -2145,7 +2153,7 @@ def head_retied_with_the_embedding_scale(world: World, tmp: Path) -> Outcome:
             head.copy_(embeddings * model.config.n_embd ** 0.5)  # meant: the same tensor, or no scale
         head_after.append(float(head.detach().abs().max()))
     losses = plain_user_loop(model, opt, token_batches(world, 4), tmp / "run", after_step=retie)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=[round(v, 3) for v in losses],
                          head_amax_after_update=[round(v, 3) for v in head_before],
                          head_amax_after_retie=[round(v, 3) for v in head_after])
@@ -2176,7 +2184,7 @@ def amp_loop_clips_before_unscaling(world: World, tmp: Path) -> Outcome:
             scaler.update()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     ratios = [c / t for c, t in zip(clipped_by, true_norms, strict=True)]
     outcome.facts.update(clipped_by=[f"{v:.3g}" for v in clipped_by], true_norms=[round(v, 3) for v in true_norms],
                          ratio=[round(v) for v in ratios])
@@ -2211,7 +2219,7 @@ def hidden_state_kd_with_teacher_states_in_fp16(world: World, tmp: Path) -> Outc
             losses.append(float(loss.detach()))
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=losses, teacher_state_amax=float(states[0].abs().max()))
     outcome.check("the teacher's fp32 hidden states are finite and beyond 65504, Inf in float16; the loss is not "
                   "finite from step 1", finite(states[0]) and float(states[0].abs().max()) > FP16_MAX
@@ -2241,7 +2249,7 @@ def amp_loop_that_also_calls_optimizer_step(world: World, tmp: Path) -> Outcome:
             finite_after.append(all(finite(p) for p in model.parameters()))
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(scaler_skipped=skipped, weights_finite=finite_after)
     outcome.check("the scaler skipped step 1 (overflow) and the weights are NaN after it",
                   skipped[0] and not finite_after[0])
@@ -2266,7 +2274,7 @@ def amp_loop_that_steps_past_its_scaler(world: World, tmp: Path) -> Outcome:
             opt.step()  # where scaler.step(opt) belongs
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(losses=losses, scale=scaler.get_scale())
     outcome.check("the scale stayed 65536 and the loss blew up after the first update",
                   scaler.get_scale() == 2.0**16 and not losses[1] < 3 * losses[0])
@@ -2307,7 +2315,7 @@ def t5_feed_forward_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
             scaler.update()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     first = first_beyond_fp16(ff_out)
     outcome.facts.update(first_beyond_fp16_fp32=first, losses=losses)
     outcome.check("in fp32, wo's output is the first beyond fp16's range; the fp16 loss is NaN",
@@ -2334,7 +2342,7 @@ def moe_student_router_overflow_amp_loop(world: World, tmp: Path) -> Outcome:
     batches = token_batches(world, 2)
     first, largest_weight = first_beyond_fp16(forward_extremes(model, batches[0])), max_weight(model)
     amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches, tmp / "run")
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(first_beyond_fp16_fp32=first, max_weight=round(largest_weight, 1))
     outcome.check("in fp32, the router's logits are the first output beyond fp16's range; every weight within it",
                   first is not None and first[0] == MOE_STUDENT_ROUTER and largest_weight < FP16_MAX)
@@ -2351,7 +2359,7 @@ def grad_scaler_over_half_weights(world: World, tmp: Path) -> Outcome:
         amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 2), tmp / "run")
     except ValueError as exc:
         raised = str(exc)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(raised=raised, status=json.loads((tmp / "run" / "summary.json").read_text())["status"])
     outcome.check("scaler.step raised 'Attempting to unscale FP16 gradients' at step 1 and the run closed as failed",
                   raised is not None and "unscale FP16 gradients" in raised and outcome.facts["status"] == "failed")
@@ -2381,7 +2389,7 @@ def amp_loop_without_zero_grad(world: World, tmp: Path) -> Outcome:
             scaler.step(opt)
             scaler.update()
             probes.step(loss=loss)  # and no opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(final_scale=scaler.get_scale(), finite_grads=[finite_grads[s] for s in sorted(finite_grads)])
     outcome.check("the overflow was made at step 1 only, yet every step's gradients are non-finite and the scale "
                   "fell below 128", not any(finite_grads.values()) and scaler.get_scale() < 128)
@@ -2403,7 +2411,7 @@ def accumulation_summing_micro_batches(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step()
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(summed_over_averaged_gradient=round(float(summed.norm() / averaged.norm()), 3))
     outcome.check("the step's gradient is 8x the mean's", abs(float(summed.norm() / averaged.norm()) - 8) < 1e-3)
     return outcome
@@ -2425,7 +2433,7 @@ def loss_backpropagated_twice(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step()
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(twice_over_once_gradient=round(float(twice.norm() / once.norm()), 3))
     outcome.check("the step's gradient is 2x one backward's", abs(float(twice.norm() / once.norm()) - 2) < 1e-3)
     return outcome
@@ -2467,7 +2475,7 @@ def ema_teacher_in_bf16(world: World, tmp: Path) -> Outcome:
             with torch.no_grad():
                 for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
                     t.mul_(0.999).add_(s.to(torch.bfloat16), alpha=0.001)
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     moved = sum(int((a != b).sum()) for a, b in zip(first, teacher.parameters(), strict=True))
     total = sum(p.numel() for p in first)
     outcome.facts.update(teacher_values_moved=round(moved / total, 3))
@@ -2501,7 +2509,7 @@ def teacher_left_in_train_mode(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     outcome.facts.update(teacher_outputs_differ_between_two_forwards=differ)
     outcome.check("two teacher forwards of the same batch differ", differ)
     return outcome
@@ -2536,7 +2544,7 @@ def student_frozen_instead_of_the_teacher(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     outcome.facts.update(student_unchanged=unchanged, teacher_has_gradients=any(
         p.grad is not None for p in teacher.parameters()))
@@ -2565,7 +2573,7 @@ def optimizer_over_the_frozen_teacher(world: World, tmp: Path) -> Outcome:
             opt.step()
             probes.step(loss=loss, labels=ids)
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     unchanged = all(torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     outcome.facts.update(student_unchanged=unchanged)
     outcome.check("the student did not change", unchanged)
@@ -2598,7 +2606,7 @@ def swiglu_overflow(dtype: torch.dtype):
         model, fp32 = swiglu_beyond_fp16(world)
         losses = amp_user_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-3), token_batches(world, 2),
                                tmp / "run", dtype=dtype)
-        outcome.diagnosis = user_run_diagnosis(tmp / "run")
+        outcome.read_run(tmp / "run")
         outcome.facts.update(fp32, losses=losses)
         outcome.check("in fp32 every module output fits fp16, the SwiGLU product does not",
                       fp32["largest_module_output"] < FP16_MAX < fp32["swiglu_product"])
@@ -2649,7 +2657,7 @@ def residual_stream_beyond_fp16(world: World, tmp: Path) -> Outcome:
                 opt.step()
             probes.step(loss=loss, labels=ids, skipped=not math.isfinite(losses[-1]))
             opt.zero_grad()
-    outcome.diagnosis = user_run_diagnosis(tmp / "run")
+    outcome.read_run(tmp / "run")
     mlps = [round(fp32[f"model.layers.{i}.mlp"], 1) for i in (0, 1)]
     outcome.facts.update(mlp_outputs_fp32=mlps, layer1_output_fp32=round(fp32["model.layers.1"], 1), losses=losses)
     outcome.check("each MLP's output fits fp16, the residual sum does not; the fp16 loss is NaN",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sarkd_diag.analysis.diagnose import BF16_FIXES, FIXES, PHRASES, Cause, diagnose, rank
+from sarkd_diag.analysis.diagnose import BF16_FIXES, CAUSES, FIXES, PHRASES, Cause, diagnose, rank
 from sarkd_diag.contract.events import CODES, Event, events_frame
 
 
@@ -40,7 +40,7 @@ def test_rules_read_codes_not_messages():
     reworded = log({**eps, "message": "completely different words"})
     assert causes(reworded)[0]["cause"] == "optimizer_eps_underflow"
     wrong_code = log({**eps, "code": "eps_subnormal", "message": "optimizer eps=1e-08 is 0.0 in float16"})
-    assert causes(wrong_code) == []
+    assert causes(wrong_code).ranked == []
 
 
 def test_the_earliest_critical_cause_is_the_root_and_later_overflows_are_its_symptoms():
@@ -51,17 +51,68 @@ def test_the_earliest_critical_cause_is_the_root_and_later_overflows_are_its_sym
          "module": "h.0.attn.c_attn", "value": math.inf},
         {"kind": "scale_below_one", "severity": "critical", "step": 19, "phase": "optimizer", "value": 0.5},
     )
-    (root,) = causes(frame)
+    (root,) = causes(frame).ranked
     assert (root["cause"], root["first_step"], root["tensor"]) == ("divergence", 1, "h.0.attn.weight")
     assert "activation_overflow@2" in root["evidence"]["followed_by"]
     assert "loss_scale_collapse@19" in root["evidence"]["followed_by"]
     assert root["evidence"]["update_ratio"] == 50.0
 
 
+def test_findings_are_listed_apart_from_the_contracts_causes_and_a_findings_failure_stays_a_cause():
+    """A loop that never clears its gradients under a loss scaler: the weights turn NaN at step 3 and the scale
+    collapses by step 12. The uncleared gradients are a finding — the loop's fault, not precision's — listed apart
+    (`findings`), and the root (`ranked` first). The run's failure still shows among the contract's causes: its first
+    numerical symptom (the divergence at step 3) stays there, explained by the finding and with its fix; a later one
+    (the scale's collapse) is folded into the finding as before."""
+    frame = log(
+        {"kind": "setup_note", "severity": "warning", "code": "gradients_not_cleared", "step": 2, "phase": "backward",
+         "probe": "gradients", "model": "student"},
+        {"kind": "nonfinite_param", "severity": "critical", "step": 3, "phase": "optimizer", "model": "student",
+         "tensor": "w"},
+        {"kind": "scale_below_one", "severity": "critical", "step": 12, "phase": "optimizer", "value": 0.5},
+    )
+    diagnosis = causes(frame, caller="loop", precision={"mode": "mixed", "loss_scaling": True})
+    assert diagnosis and all(c["cause"] in CAUSES for c in diagnosis)
+    assert diagnosis.findings and all(c["cause"] not in CAUSES for c in diagnosis.findings)
+    root = diagnosis.findings[0]
+    (symptom,) = diagnosis
+    assert diagnosis.ranked == [root, symptom]
+    assert (root["cause"], root["severity"], root["first_step"]) == ("gradients_not_cleared", "critical", 2)
+    assert (symptom["cause"], symptom["severity"], symptom["first_step"]) == ("divergence", "critical", 3)
+    assert symptom["evidence"]["explained_by"].startswith("gradients_not_cleared@2") and symptom["fix"] == root["fix"]
+    assert root["evidence"]["followed_by"] == "loss_scale_collapse@12"  # the second symptom: folded
+    text = repr(diagnosis)
+    assert text.startswith("Diagnosis:\n1. divergence (critical) at step 3 in student w")
+    assert "\nFindings (the loop or the setup):\n1. gradients_not_cleared (critical) at step 2" in text
+
+
+def test_rank_keeps_a_findings_first_numerical_symptom_explained_by_it_and_folds_the_rest():
+    """`rank` on its own: a finding at the root keeps its first symptom with a contract code (a finding among the
+    symptoms does not count, and folds) — named by the root (`explained_by`), with the root's fix; later symptoms
+    fold into the root's `followed_by`. A contract cause at the root folds its symptoms, findings or not, as ever."""
+    root = Cause("gradients_not_cleared", "critical", 2, phase="backward", model="student", fix="call zero_grad()")
+    kept = rank([Cause("loss_scale_collapse", "critical", 12, fix="lower the loss weights"),
+                 Cause("divergence", "critical", 3, model="student", tensor="w", fix="lower the lr"),
+                 Cause("no_gradients", "critical", 2, model="student", module="ln_f", fix="do not detach"), root])
+    assert [c.cause for c in kept] == ["gradients_not_cleared", "divergence"]
+    assert kept[1].evidence["explained_by"] == "gradients_not_cleared@2 (student)" and kept[1].fix == "call zero_grad()"
+    assert root.evidence["followed_by"] == "no_gradients@2 (student ln_f); loss_scale_collapse@12"
+    assert root.fix == "call zero_grad()" and "explained_by" not in root.evidence
+
+    overflow = Cause("activation_overflow", "critical", 1, phase="forward", model="student", module="h.0",
+                     fix="keep h.0 in fp32")
+    kept = rank([Cause("lr_zero", "warning", 5, fix="fix the schedule"),
+                 Cause("no_gradients", "warning", 2, model="student", module="ln_f", fix="do not detach"),
+                 Cause("divergence", "critical", 3, model="student", tensor="w", fix="lower the lr"), overflow])
+    assert [c.cause for c in kept] == ["activation_overflow", "lr_zero"]
+    assert overflow.evidence["followed_by"] == "divergence@3 (student w); no_gradients@2 (student ln_f)"
+    assert not any("explained_by" in c.evidence for c in kept) and kept[1].fix == "fix the schedule"
+
+
 def test_an_extreme_update_with_nothing_wrong_yet_is_a_warning():
     frame = log({"kind": "extreme_update", "severity": "warning", "step": 3, "phase": "optimizer",
                  "model": "student", "tensor": "w", "value": 4.0})
-    (cause,) = causes(frame)
+    (cause,) = causes(frame).ranked
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning")
 
 
@@ -75,7 +126,7 @@ def test_a_teachers_extreme_update_names_the_lr_its_tensors_train_at(caller, lr_
                  "module": "layers.0.mlp.gate", "tensor": "layers.0.mlp.gate.weight", "value": 7e4})
     metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": [2e-3, 1e-3], "loss": [10.0, 8e8]})
     (cause,) = causes(frame, metrics, caller=caller, mode="fp32",
-                      options={"student_lr": 2e-3, "router_lr": 4e4})
+                      options={"student_lr": 2e-3, "router_lr": 4e4}).ranked
     assert (cause["cause"], cause["model"], cause["severity"]) == ("divergence", "teacher", "critical")
     assert lr_word in cause["fix"] and "student" not in cause["fix"] and cause["evidence"].get("lr") == lr
     assert (f"at lr {lr:.3g}" in cause["fix"]) if lr else ("at lr" not in cause["fix"])
@@ -89,7 +140,7 @@ def test_an_extreme_step_of_an_optimizer_whose_state_flushed_to_zero_is_no_lr_pr
                  "model": "student", "tensor": "wte.weight", "dtype": "float16", "value": 0.4},
                 {"kind": "extreme_update", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
                  "module": "h.0.mlp.c_proj", "tensor": "h.0.mlp.c_proj.weight", "value": 1.16})
-    (cause,) = causes(frame, mode="pure-fp16")
+    (cause,) = causes(frame, mode="pure-fp16").ranked
     assert (cause["cause"], cause["severity"], cause["evidence"]["extreme_updates"]) == (
         "optimizer_state_underflow", "critical", 1)
     assert "precision is not the cause" not in cause["fix"]
@@ -102,12 +153,12 @@ def test_a_second_moment_that_cannot_decay_is_the_state_underflowing_and_one_cau
     where = {"step": 1, "phase": "optimizer", "model": "student", "tensor": "group 0"}
     decay = {"kind": "optimizer_preflight", "code": "second_moment_decay_zero", "severity": "warning",
              "value": 0.999, "dtype": "bfloat16", **where}
-    (alone,) = causes(log(decay), mode="pure-bf16")
+    (alone,) = causes(log(decay), mode="pure-bf16").ranked
     assert (alone["cause"], alone["severity"], alone["tensor"]) == ("optimizer_state_underflow", "warning", "group 0")
     assert alone["evidence"]["decay_lost"] is True and alone["evidence"]["beta2"] == 0.999 and "β2" in alone["fix"]
     flush = {"kind": "optimizer_state_underflow", "severity": "warning", "value": 0.4, "dtype": "bfloat16",
              **where, "tensor": "wte.weight"}
-    (both,) = causes(log(decay, flush), mode="pure-bf16")
+    (both,) = causes(log(decay, flush), mode="pure-bf16").ranked
     assert (both["cause"], both["tensor"], both["evidence"]["zeroed_fraction"]) == (
         "optimizer_state_underflow", "wte.weight", 0.4)
     assert both["evidence"]["decay_lost"] is True and both["evidence"]["beta2"] == 0.999
@@ -121,7 +172,7 @@ def test_a_finite_loss_spike_that_training_came_back_from_is_no_divergence(losse
     transient spike, a warning that points at that step — not a critical divergence. A loss that stays up, or whose
     jump is the run's last step, still is one."""
     metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "loss": losses, "lr": 1e-3})
-    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, losses.index(15) + 1)
     assert cause["evidence"].get("recovered", False) is (severity == "warning")
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
@@ -137,9 +188,9 @@ def test_a_later_training_runs_first_loss_is_judged_against_its_own_start(contin
     note = {"kind": "setup_note", "code": "run_continued", "severity": "info", "step": 5, "phase": "setup"}
     metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "loss": losses, "lr": 1e-3})
     frame = log(note) if continued else log()
-    assert bool(causes(frame, metrics, mode="fp32", caller="loop")) is not continued
+    assert bool(causes(frame, metrics, mode="fp32", caller="loop").ranked) is not continued
     blown = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [*losses, 60, 62], "lr": 1e-3})
-    (cause,) = causes(log(note), blown, mode="fp32", caller="loop")
+    (cause,) = causes(log(note), blown, mode="fp32", caller="loop").ranked
     assert (cause["cause"], cause["first_step"], cause["evidence"]["first_loss"]) == ("divergence", 9, 16)
 
 
@@ -150,7 +201,7 @@ def test_a_spike_on_a_noisy_plateau_came_back_though_its_last_loss_is_above_the_
     value (4.15) a little above the one before the spike (4.1) — as likely as below it. Back within the run's own
     scatter is back: a transient spike, not a divergence. A loss that stays near the spike still is one."""
     metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": losses, "lr": 1e-3})
-    (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+    (cause,) = causes(log(), metrics, mode="fp32", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", severity, 5)
     assert ("transient spike" in cause["fix"]) is (severity == "warning")
 
@@ -161,7 +212,8 @@ def test_a_blow_up_must_stand_out_of_the_scatter_of_a_runs_losses(shift, severit
     scatter = np.random.default_rng(8).lognormal(0.0, 0.8, 20) * 0.01
     losses = np.concatenate([scatter[:12], scatter[12:] * shift])
     metrics = pd.DataFrame({"step": range(1, 21), "split": "train", "loss": losses, "lr": 1e-3})
-    found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    found = [(c["cause"], c["severity"], c["first_step"])
+             for c in causes(log(), metrics, mode="fp32", caller="loop").ranked]
     assert found == ([("divergence", severity, 13)] if severity else [])
 
 
@@ -176,7 +228,8 @@ def test_a_short_runs_blow_up_is_judged_against_the_scatter_of_its_few_losses(lo
     alone, whose two changes read a lone jump as scatter. A loss that jumps out of steady values, or climbs step after
     step — in three steps too —, still is one."""
     metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
-    found = [(c["cause"], c["severity"], c["first_step"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    found = [(c["cause"], c["severity"], c["first_step"])
+             for c in causes(log(), metrics, mode="fp32", caller="loop").ranked]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
 def test_warnings_no_rule_reads_are_the_diagnosis_notes_printed_after_its_causes():
@@ -189,11 +242,14 @@ def test_warnings_no_rule_reads_are_the_diagnosis_notes_printed_after_its_causes
 
     diagnosis = causes(log(note("step_order", step=2), note("step_order", step=5), note("loss_unseen", step=3),
                            note("optimizer_stepped_twice"), note("resumed", "info")))
-    assert [c["cause"] for c in diagnosis] == ["optimizer_stepped_twice"]
+    assert diagnosis == [] and [c["cause"] for c in diagnosis.findings] == ["optimizer_stepped_twice"]
     assert diagnosis.notes == [{"step": 2, "code": "step_order", "message": "step_order said"},
                                {"step": 3, "code": "loss_unseen", "message": "loss_unseen said"}]
-    assert repr(diagnosis).endswith("Warnings (no numerical cause):\n- step 2 step_order: step_order said\n"
-                                    "- step 3 loss_unseen: loss_unseen said")
+    text = repr(diagnosis)
+    assert text.endswith("Warnings (no numerical cause):\n- step 2 step_order: step_order said\n"
+                         "- step 3 loss_unseen: loss_unseen said")
+    assert text.index("Findings (the loop or the setup):\n1. optimizer_stepped_twice") \
+        < text.index("Warnings")  # the rule's finding is listed with the findings, the notes after it
     assert repr(causes(log(note("resumed", "info")))) == "Diagnosis: no numerical problems found"
 
 
@@ -224,8 +280,8 @@ def test_a_forward_overflow_before_the_step_that_blew_up_is_not_its_symptom():
         {"kind": "nonfinite_param", "severity": "critical", "step": 2, "phase": "optimizer", "model": "student",
          "tensor": "w"},
     )
-    assert [(c["cause"], c["severity"]) for c in causes(frame)] == [("divergence", "critical"),
-                                                                     ("activation_overflow", "warning")]
+    assert [(c["cause"], c["severity"]) for c in causes(frame).ranked] == [("divergence", "critical"),
+                                                                            ("activation_overflow", "warning")]
 
 
 def test_state_underflow_is_critical_once_the_weights_grow_and_then_no_update_underflow_is_claimed():
@@ -236,7 +292,7 @@ def test_state_underflow_is_critical_once_the_weights_grow_and_then_no_update_un
          "value": 0.4, "dtype": "float16"},
     )
     growing = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [1.0, 3.0, 40.0, 213.0]})
-    (cause,) = causes(frame, growing, mode="pure-fp16")
+    (cause,) = causes(frame, growing, mode="pure-fp16").ranked
     assert (cause["cause"], cause["severity"], cause["tensor"]) == ("optimizer_state_underflow", "critical",
                                                                     "wte.weight")
     assert cause["evidence"]["weight_growth"] == 213.0
@@ -255,7 +311,7 @@ def test_loss_scale_collapse_is_placed_where_gradients_overflowed_when_the_scale
     frame = log({**grad, "step": 1, "module": "lm_head", "tensor": "lm_head.weight"},
                 {**grad, "step": 4, "module": "mid", "tensor": "mid.weight"},
                 {"kind": "scale_below_one", "severity": "critical", "step": 17, "value": 0.5})
-    (cause,) = causes(frame, caller="loop")
+    (cause,) = causes(frame, caller="loop").ranked
     assert (cause["cause"], cause["model"], cause["module"], cause["first_step"]) == (
         "loss_scale_collapse", "student", "mid", 17)
     assert "mid" in cause["fix"] and "--" not in cause["fix"]
@@ -273,7 +329,7 @@ def test_a_loss_scale_collapse_under_a_loss_summed_over_the_tokens_says_to_divid
                 {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
                  "value": 128.0})
     metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [loss] * 10})
-    (cause,) = causes(frame, metrics, caller=caller)
+    (cause,) = causes(frame, metrics, caller=caller).ranked
     assert (cause["cause"], cause["module"], cause["first_step"]) == ("loss_scale_collapse", "lm_head", 9)
     assert ("divide it by the number of target tokens" in cause["fix"]) == summed, cause["fix"]
     assert (cause["evidence"].get("largest_finite_loss") == loss) == summed
@@ -287,7 +343,7 @@ def test_updates_far_too_small_to_train_are_named_per_model_with_the_lr(ratios, 
     ratio of ~3e-6), not steps that moved nothing (no gradients: other causes), not two steps (too few to judge)."""
     metrics = pd.DataFrame({"step": range(1, len(ratios) + 1), "split": "train", "loss": 2.8, "lr": 1e-9,
                             "update_ratio": 2e-4, "update_ratio_student": ratios, "update_ratio_teacher": 2e-3})
-    found = [c for c in causes(log(), metrics) if c["cause"] == "updates_too_small"]
+    found = [c for c in causes(log(), metrics).findings if c["cause"] == "updates_too_small"]
     assert bool(found) == claimed
     if claimed:
         (cause,) = found
@@ -310,7 +366,7 @@ def test_a_loss_scale_collapse_under_a_large_loss_names_what_the_evidence_allows
                  "value": 128.0})
     metrics = pd.DataFrame({"step": range(1, 11), "split": "train", "loss": [29007.0] * 10,
                             "act_amax_student": [outputs] + [None] * 9, "loss_targets": targets})
-    (cause,) = causes(frame, metrics, caller="loop")
+    (cause,) = causes(frame, metrics, caller="loop").ranked
     assert ("divide it by the number of target tokens" in cause["fix"]) == names_sum, cause["fix"]
     assert ("outputs reach 5.72e+04" in cause["fix"]) == names_outputs, cause["fix"]
     assert cause["evidence"].get("largest_output") == (outputs if names_outputs else None)
@@ -325,7 +381,7 @@ def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teac
                  "model": "teacher", "module": "model.layers.1.mlp.gate", "tensor": "model.layers.1.mlp.gate.weight"},
                 {"kind": "scaler_backoff", "severity": "warning", "code": "warmup_scale_low", "step": 9,
                  "value": 128.0})
-    (cause,) = causes(frame, caller=caller)
+    (cause,) = causes(frame, caller=caller).ranked
     assert (cause["cause"], cause["severity"], cause["model"], cause["module"]) == (
         "loss_scale_collapse", "warning", "teacher", "model.layers.1.mlp.gate")
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
@@ -339,7 +395,7 @@ def test_a_loss_scale_collapse_from_a_teachers_router_names_what_trains_the_teac
 def test_gradients_a_scaler_skipped_are_no_gradient_overflow():
     frame = log({"kind": "nonfinite_grad", "severity": "info", "code": "grad_nonfinite_skipped", "step": 1,
                  "model": "student", "module": "lm_head"})
-    assert causes(frame) == []
+    assert causes(frame).ranked == []
 
 
 def test_an_empty_batch_whose_loss_is_nonfinite_is_bad_data_and_explains_what_follows():
@@ -351,7 +407,7 @@ def test_an_empty_batch_whose_loss_is_nonfinite_is_bad_data_and_explains_what_fo
          "phase": "backward", "model": "student", "module": "ln_f"},
         {"kind": "nonfinite_param", "severity": "critical", "step": 2, "model": "student", "tensor": "w"},
     )
-    (cause,) = causes(frame, mode="fp32")
+    (cause,) = causes(frame, mode="fp32").ranked
     assert (cause["cause"], cause["severity"], cause["model"], cause["first_step"]) == (
         "nonfinite_input", "critical", "student", 2)
     assert "gradient_overflow@2" in cause["evidence"]["followed_by"]
@@ -362,12 +418,12 @@ def test_an_overflowing_teacher_router_gets_the_router_fix():
     the model's code is also offered the router computed in fp32 (the advice `train` cannot follow)."""
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
            "dtype": "float16", "value": math.inf}
-    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), mode="pure-fp16")
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), mode="pure-fp16").ranked
     assert "MoE router" in router["fix"] and "--precision bf16-mixed" in router["fix"]
     assert "autocast" not in router["fix"] and "router in fp32" not in router["fix"]
-    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), caller="loop")
+    (router,) = causes(log({**act, "module": "model.layers.0.mlp.gate"}), caller="loop").ranked
     assert "the teacher loaded in bfloat16" in router["fix"] and "router in fp32" in router["fix"]
-    (expert,) = causes(log({**act, "module": "model.layers.0.mlp.experts.1.gate_proj"}))
+    (expert,) = causes(log({**act, "module": "model.layers.0.mlp.experts.1.gate_proj"})).ranked
     assert "router" not in expert["fix"]
 
 
@@ -378,11 +434,11 @@ def test_an_overflowing_student_router_gets_the_router_fix():
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
            "dtype": "float16", "value": math.inf}
     for module in ("model.layers.1.mlp.gate", "encoder.block.1.layer.1.mlp.router.classifier"):  # Switch's: a layer
-        (router,) = causes(log({**act, "module": module}), caller="loop")
+        (router,) = causes(log({**act, "module": module}), caller="loop").ranked
         assert router["cause"] == "activation_overflow" and router["evidence"]["router"] is True
         assert "MoE router" in router["fix"] and "router in fp32" in router["fix"]
     for module in ("model.layers.1.mlp.experts.1.gate_proj", "model.layers.1.mlp.shared_expert_gate"):
-        (expert,) = causes(log({**act, "module": module}), caller="loop")
+        (expert,) = causes(log({**act, "module": module}), caller="loop").ranked
         assert "router" not in expert["fix"] and expert["evidence"]["router"] is False
 
 
@@ -416,25 +472,29 @@ def test_a_bf16_fix_advises_no_fp16_and_bf16_mixed_only_for_what_bf16_weights_lo
 def test_weight_decay_that_rounds_away_is_a_warning_fixed_by_the_dtype_it_rounds_in(caller):
     """AdamW's usual lr × weight_decay (1e-5) is below half a bf16 ulp: in pure bf16 the decay does nothing, and fp32
     master weights under the bf16 compute keep it; in fp16 either mixed mode does; in fp32 weights only a mistyped
-    weight_decay is that small."""
+    weight_decay is that small. A finding, not `update_underflow`: the updates themselves may be intact."""
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     event = {"kind": "optimizer_preflight", "severity": "warning", "code": "weight_decay_zero", "step": 1,
              "phase": "optimizer", "model": "student", "tensor": "student: 28 tensors", "value": 1e-5,
              "dtype": "bfloat16"}
-    (bf16,) = causes(log(event), mode="pure-bf16", caller=caller)
+    diagnosis = causes(log(event), mode="pure-bf16", caller=caller)
+    (bf16,) = diagnosis.findings
+    assert diagnosis == []
     assert (bf16["cause"], bf16["severity"], bf16["model"], bf16["tensor"], bf16["first_step"]) == (
         "weight_decay_lost", "warning", "student", "student: 28 tensors", 1)
     assert bf16["evidence"] == {"lr_times_weight_decay": 1e-5, "dtype": "bfloat16"}
     assert words["bf16_mixed"] in bf16["fix"] and words["mixed"] not in bf16["fix"] and "0.99999" in bf16["fix"]
-    (fp16,) = causes(log({**event, "dtype": "float16"}), mode="pure-fp16", caller=caller)
+    (fp16,) = causes(log({**event, "dtype": "float16"}), mode="pure-fp16", caller=caller).ranked
+    assert fp16["cause"] == "weight_decay_lost"
     assert words["mixed"] in fp16["fix"] and words["bf16_mixed"] in fp16["fix"]
-    (fp32,) = causes(log({**event, "value": 1e-45, "dtype": "float32"}), mode="fp32", caller=caller)
+    (fp32,) = causes(log({**event, "value": 1e-45, "dtype": "float32"}), mode="fp32", caller=caller).ranked
+    assert fp32["cause"] == "weight_decay_lost"
     assert words["weight_decay"] in fp32["fix"] and "precision is not the cause" in fp32["fix"]
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"]
     lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
             "value": 0.9, "dtype": "float32"}  # an lr of 1e-10: the decay goes with the updates, the lr is the cause
-    assert [c["cause"] for c in causes(log({**event, "value": 1e-12, "dtype": "float32"}, lost), mode="fp32",
-                                       caller=caller)] == ["update_underflow"]
+    (both,) = causes(log({**event, "value": 1e-12, "dtype": "float32"}, lost), mode="fp32", caller=caller).ranked
+    assert both["cause"] == "update_underflow"  # the lost updates' own: the decay goes with them
 
 
 def test_rank_orders_by_severity_then_time_then_cause_order():
@@ -469,7 +529,7 @@ def test_slow_weight_growth_over_a_long_run_is_not_inflation():
     slow = pd.DataFrame({"step": steps, "split": "train", "param_amax": [1.0 + s / 100 for s in steps]})  # ×4
     assert [c["cause"] for c in causes(frame, slow, mode="pure-bf16")] == ["update_underflow"]
     fast = slow.assign(param_amax=[1.0] * 150 + [3.0] * 150)
-    assert causes(frame, fast, mode="pure-bf16") == []  # inflated: no lost-update claim
+    assert causes(frame, fast, mode="pure-bf16").ranked == []  # inflated: no lost-update claim
 
 
 @pytest.mark.parametrize("caller", ["cli", "loop", "trainer"])
@@ -478,22 +538,22 @@ def test_updates_lost_in_fp32_weights_are_a_step_size_problem_not_a_precision_on
     below half an fp32 ulp (~6e-8 of the weight) is the learning rate, its schedule or the clipping."""
     lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student", "tensor": "h.0.w",
             "value": 0.9}
-    (fp32,) = causes(log({**lost, "dtype": "float32"}), mode="fp32", caller=caller)
+    (fp32,) = causes(log({**lost, "dtype": "float32"}), mode="fp32", caller=caller).ranked
     assert fp32["cause"] == "update_underflow" and fp32["evidence"]["dtype"] == "float32"
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     assert words["lr"] in fp32["fix"] and words["clip"] in fp32["fix"] and "schedule" in fp32["fix"]
     assert words["mixed"] not in fp32["fix"] and words["bf16_mixed"] not in fp32["fix"] and "6e-08" in fp32["fix"]
-    (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    (bf16,) = causes(log({**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller).ranked
     assert words["bf16_mixed"] in bf16["fix"] and words["lr"] in bf16["fix"]  # low-precision weights: master weights
     # unless the lr is below half an ulp of those bf16 weights even held in fp32: master weights would lose them too
     below_fp32 = {"kind": "optimizer_preflight", "code": "update_below_fp32_half_ulp", "severity": "warning",
                   "step": 1, "phase": "optimizer", "model": "student", "tensor": "student", "dtype": "float32",
                   "value": 0.96}
-    (tiny,) = causes(log(below_fp32, {**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    (tiny,) = causes(log(below_fp32, {**lost, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller).ranked
     assert words["lr"] in tiny["fix"] and "96%" in tiny["fix"] and tiny["evidence"]["lost_in_float32_too"] == 0.96
     assert words["bf16_mixed"] not in tiny["fix"] and words["mixed"] not in tiny["fix"], tiny["fix"]
     (router,) = causes(log({**below_fp32, "model": "teacher"}, {**lost, "dtype": "bfloat16"}), mode="pure-bf16",
-                       caller=caller)
+                       caller=caller).ranked
     assert words["bf16_mixed"] in router["fix"]  # another model's lr too small says nothing of this one's
 
 
@@ -529,11 +589,11 @@ def test_whole_tensors_that_never_train_while_the_run_does_are_fixed_with_master
     words = {concept: phrases[caller] for concept, phrases in PHRASES.items()}
     whole = {"kind": "lost_updates", "severity": "warning", "step": 1, "model": "student",
              "tensor": "model.norm.weight", "value": 1.0, "code": "lost_updates_whole_tensors"}
-    (bf16,) = causes(log({**whole, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller)
+    (bf16,) = causes(log({**whole, "dtype": "bfloat16"}), mode="pure-bf16", caller=caller).ranked
     assert bf16["cause"] == "update_underflow" and bf16["tensor"] == "model.norm.weight"
     assert "loses most" not in bf16["fix"] and "raise" not in bf16["fix"] and "4e-03" in bf16["fix"]
     assert words["bf16_mixed"] in bf16["fix"] and words["mixed"] not in bf16["fix"], bf16["fix"]
-    (fp16,) = causes(log({**whole, "dtype": "float16"}), mode="pure-fp16", caller=caller)
+    (fp16,) = causes(log({**whole, "dtype": "float16"}), mode="pure-fp16", caller=caller).ranked
     assert "loses most" not in fp16["fix"] and "5e-04" in fp16["fix"] and words["mixed"] in fp16["fix"]
 
 
@@ -548,9 +608,9 @@ def test_a_bf16_runs_rounding_losses_are_fixed_with_fp32_master_weights_under_it
     state = log({"kind": "optimizer_state_underflow", "severity": "warning", "step": 1, "model": "student",
                  "tensor": "h.0.w", "value": 0.5, "dtype": "bfloat16"})
     for frame in (lost, state):
-        (root,) = causes(frame, mode="pure-bf16", caller=caller)
+        (root,) = causes(frame, mode="pure-bf16", caller=caller).ranked
         assert words["bf16_mixed"] in root["fix"] and words["mixed"] not in root["fix"], root["fix"]
-        (fp16,) = causes(frame.assign(dtype="float16"), mode="pure-fp16", caller=caller)
+        (fp16,) = causes(frame.assign(dtype="float16"), mode="pure-fp16", caller=caller).ranked
         assert words["mixed"] in fp16["fix"]  # fp16 weights: fp16 AMP stays an answer
 
 
@@ -565,7 +625,7 @@ def test_no_gradients_after_a_critical_failure_are_its_symptom():
     overflow = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward",
                 "model": "teacher", "module": "h.1.mlp.c_proj", "dtype": "float16", "value": math.inf}
     (root,) = causes(log(overflow, {**ZERO_GRADIENTS, "phase": "optimizer", "dtype": "float32"}), mode="fp32",
-                     caller="lightning")
+                     caller="lightning").ranked
     assert root["cause"] == "teacher_overflow" and "no_gradients@1" in root["evidence"]["followed_by"]
 
 
@@ -591,14 +651,14 @@ def test_a_float16_output_zeroed_everywhere_is_read_off_its_float32_replay(float
               "module": "norm", "dtype": "float32", "value": float32_value}
     frame = log(ZERO_NORM, replay, {**ZERO_GRADIENTS, "module": "head", "tensor": "head.weight", "dtype": "float16"})
     found = diagnose(frame, None, {"precision": {"mode": "pure-fp16", "loss_scaling": False}, "caller": "loop"})
-    root = found[0]
+    root = found.ranked[0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (expected, "student", "norm", 1)
-    assert "update_underflow" not in [c["cause"] for c in found]
+    assert "update_underflow" not in [c["cause"] for c in found.ranked]
     if expected == "activation_overflow":
         assert root["evidence"]["float32_replay"] == 5.66 and "fp32" in root["fix"] and "Dropout" not in root["fix"]
-        assert "no_gradients" not in [c["cause"] for c in found]
-    else:
-        assert "Dropout" in root["fix"] and "float16" not in root["fix"]
+        assert found[0] == root and "no_gradients" not in [c["cause"] for c in found.findings]
+    else:  # the code's doing: a finding, not a numerical cause
+        assert found.findings[0] == root and "Dropout" in root["fix"] and "float16" not in root["fix"]
 
 
 @pytest.mark.parametrize("dtype, loss_scaling", [("float16", True), ("float32", False), ("bfloat16", False)])
@@ -607,7 +667,9 @@ def test_zero_gradients_that_no_fp16_flush_explains_are_no_precision_cause(dtype
     structural — nothing reaches the weights (logits detached, gradients cleared before the step) — which precision
     does not explain: named as such, with no precision fix."""
     frame = log({**ZERO_GRADIENTS, "dtype": dtype})
-    (cause,) = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"})
+    diagnosis = diagnose(frame, None, {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"})
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # no numerical cause: a finding about the loop
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
     assert "detach" in cause["fix"] and "zero_grad" in cause["fix"] and "GradScaler" not in cause["fix"]
 
@@ -620,13 +682,15 @@ def test_zero_gradients_of_a_loss_at_exactly_0_are_its_minimum_not_a_cut_off_or_
     frame = log({**ZERO_GRADIENTS, "dtype": dtype})
     metrics = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [0.0, 0.0, 0.0]})
     config = {"precision": {"mode": "mixed", "loss_scaling": loss_scaling}, "caller": "loop"}
-    (cause,) = diagnose(frame, metrics, config)
+    diagnosis = diagnose(frame, metrics, config)
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # no numerical cause: a finding, said as information
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "info", 1)
     assert cause["evidence"]["loss_zero"] is True and cause["evidence"]["steps_at_zero_loss"] == 3
     assert "identical to its teacher" in cause["fix"] and "detach" not in cause["fix"]
     assert "GradScaler" not in cause["fix"]
     # a loss that is not 0 on the step keeps the structural reading
-    (cut,) = diagnose(frame, metrics.assign(loss=[2.5, 2.5, 2.5]), config)
+    (cut,) = diagnose(frame, metrics.assign(loss=[2.5, 2.5, 2.5]), config).ranked
     assert cut["severity"] == "warning" and cut["cause"] in ("no_gradients", "update_underflow")
 
 
@@ -634,8 +698,9 @@ def test_zero_gradients_of_a_loss_at_exactly_0_are_its_minimum_not_a_cut_off_or_
 def test_a_loss_cut_off_from_the_weights_is_named_in_the_code_the_caller_writes(caller):
     """Under the Trainer the user writes no backward and no `zero_grad()`: what cuts the loss off is their
     `compute_loss` (or a callback), so the fix names that, not a loop's `zero_grad()` before `step()`."""
-    (cause,) = causes(log({**ZERO_GRADIENTS, "dtype": "float32"}), mode="fp32", caller=caller)
-    assert cause["cause"] == "no_gradients" and PHRASES["loss_cut_off"][caller] in cause["fix"]
+    diagnosis = causes(log({**ZERO_GRADIENTS, "dtype": "float32"}), mode="fp32", caller=caller)
+    (cause,) = diagnosis.findings
+    assert diagnosis == [] and cause["cause"] == "no_gradients" and PHRASES["loss_cut_off"][caller] in cause["fix"]
     if caller == "trainer":
         assert "`compute_loss`" in cause["fix"] and "before `step()`" not in cause["fix"], cause["fix"]
     if caller == "lightning":
@@ -651,12 +716,12 @@ MEASURED = pd.DataFrame({"step": [1], "split": "train", "act_amax_student": [3.5
 
 
 def test_a_loss_that_is_the_first_nonfinite_value_from_measured_finite_outputs_is_the_loss_computation():
-    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "divergence", "critical", "loss", 1)
     assert cause["fix"].startswith("check the loss computation") and "7" in cause["fix"]
     assert cause["evidence"]["act_amax_teacher"] == 7.0 and "gradient_overflow@1" in cause["evidence"]["followed_by"]
-    (low,) = causes(log({**NAN_LOSS, "dtype": "float16"}, *AFTER_IT), MEASURED, mode="pure-fp16", caller="loop")
+    (low,) = causes(log({**NAN_LOSS, "dtype": "float16"}, *AFTER_IT), MEASURED, mode="pure-fp16", caller="loop").ranked
     assert low["fix"].startswith("compute the loss in fp32")
 
 
@@ -672,7 +737,7 @@ def test_a_float16_loss_that_overflowed_before_an_extreme_update_is_the_root_and
                  "module": "wte", "tensor": "wte.weight", "value": 1.36})
     metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "loss": losses,
                             "act_amax_student": [4.3, None, None, None]})
-    (cause,) = causes(frame, metrics, mode="pure-fp16", caller="loop")
+    (cause,) = causes(frame, metrics, mode="pure-fp16", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "divergence", "critical", "loss", 1)
     assert fix in cause["fix"] and cause["evidence"]["then"] == "extreme_update@3"
@@ -688,7 +753,7 @@ def test_a_float16_loss_that_overflowed_before_an_extreme_update_is_the_root_and
 ])
 def test_the_loss_computation_is_not_blamed_when_something_went_wrong_before_the_loss(before):
     diagnosis = causes(log(before, {**NAN_LOSS, "step": 1}), MEASURED, mode="fp32", caller="loop")
-    assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis)
+    assert not any(c["fix"].startswith("check the loss computation") for c in diagnosis.ranked)
 
 
 @pytest.mark.parametrize("caller, unplaced", [("loop", True), ("accelerate", True), ("lightning", True),
@@ -699,7 +764,7 @@ def test_a_nonfinite_loss_on_a_step_without_module_statistics_is_unplaced_diverg
     in a loss — not only "lower the lr". `train` and the Trainer's callback replay such a step with statistics on:
     there the missing statistics are not the reason."""
     unmeasured = MEASURED.assign(act_amax_student=[None], act_amax_teacher=[None])
-    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller=caller)
+    (cause,) = causes(log(NAN_LOSS), unmeasured, mode="fp32", caller=caller).ranked
     assert cause["cause"] == "divergence" and not cause["fix"].startswith("check the loss computation")
     assert ("no module statistics" in cause["fix"] and "temperature" in cause["fix"]) is unplaced
     assert cause["evidence"].get("unplaced", False) is unplaced
@@ -718,7 +783,7 @@ def test_a_finite_loss_that_triples_is_divergence_where_the_updated_weights_are_
     non-finite is a step too large there as in fp32. In bf16 or fp16 weights precision may have inflated the
     updates: the precision rules speak, not this one."""
     precision = {"mode": mode, **({"master_dtype": master} if master else {})}
-    found = diagnose(log(), TRIPLED, {"precision": precision, "caller": "trainer"})
+    found = diagnose(log(), TRIPLED, {"precision": precision, "caller": "trainer"}).ranked
     assert [(c["cause"], c["severity"], c["first_step"]) for c in found] == (
         [("divergence", "critical", 3)] if blown else [])
     if blown:  # no module, weight or update measured it: said so, with the loss code among the checks
@@ -741,7 +806,7 @@ def test_a_kd_loss_grown_from_its_rounding_floor_is_judged_against_the_students_
     rise must also be a tenth of that scale; a well-fitted student whose loss leaves 0.01 for 4 still blows up."""
     metrics = pd.DataFrame({"step": range(1, 6), "split": "train", "loss": loss, "ce_loss": ce, "lr": 1e-3})
     found = [(c["cause"], c["severity"], c["first_step"]) for c in
-             diagnose(log(), metrics, {"precision": {"mode": "mixed"}, "caller": caller, **KD_CONFIG})]
+             diagnose(log(), metrics, {"precision": {"mode": "mixed"}, "caller": caller, **KD_CONFIG}).ranked]
     assert found == ([("divergence", "critical", blown_at)] if blown_at else [])
 
 
@@ -749,7 +814,7 @@ def test_a_negative_loss_is_not_above_three_times_itself():
     """A loss may be negative (a log-density, a term subtracted): 3 × a negative first loss is below it, so every
     such loss read as a blow-up from step 1."""
     negative = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [-2.0, -2.5, -2.4]})
-    assert causes(log(), negative, mode="fp32", caller="loop") == []
+    assert causes(log(), negative, mode="fp32", caller="loop").ranked == []
 
 
 SKIPPED_NAN = ({**NAN_LOSS, "step": 5},
@@ -763,12 +828,12 @@ BETWEEN_STATISTICS = pd.DataFrame({"step": [1, 5], "split": "train", "act_amax_s
 def test_a_nonfinite_loss_under_fp16_compute_between_statistics_steps_is_an_unplaced_forward_overflow():
     """Mixed precision, a batch whose forward overflows fp16 on a step without module statistics: the scaler
     skipped it and the weights are intact — a contained fp16 overflow, not a blow-up precision does not explain."""
-    (cause,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="mixed", caller="loop")
+    (cause,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="mixed", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("activation_overflow", "warning", 5)
     assert cause["evidence"]["loss_scaler_skipped"] is True and 'level="full"' in cause["fix"]
     ruined = log(*SKIPPED_NAN, {"kind": "nonfinite_param", "severity": "critical", "step": 5, "model": "student",
                                 "tensor": "w"})
-    (root,) = causes(ruined, BETWEEN_STATISTICS, mode="pure-fp16", caller="loop")
+    (root,) = causes(ruined, BETWEEN_STATISTICS, mode="pure-fp16", caller="loop").ranked
     assert (root["cause"], root["severity"]) == ("activation_overflow", "critical")
     assert "divergence@5" in root["evidence"]["followed_by"]
 
@@ -822,10 +887,10 @@ def test_a_forward_overflow_after_a_finite_step_began_at_the_first_step_after_it
 
 
 def test_the_same_loss_in_fp32_or_with_the_modules_measured_is_not_called_an_fp16_overflow():
-    (fp32,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="fp32", caller="loop")
+    (fp32,) = causes(log(*SKIPPED_NAN), BETWEEN_STATISTICS, mode="fp32", caller="loop").ranked
     assert fp32["cause"] == "divergence"
     measured = BETWEEN_STATISTICS.assign(act_amax_student=[3.5, 4.0])
-    (computed,) = causes(log(*SKIPPED_NAN), measured, mode="mixed", caller="loop")
+    (computed,) = causes(log(*SKIPPED_NAN), measured, mode="mixed", caller="loop").ranked
     assert computed["cause"] == "divergence" and computed["fix"].startswith("check the loss computation")
 
 
@@ -842,7 +907,7 @@ def test_a_nan_made_from_small_values_without_fp16_is_an_undefined_operation_not
     on its inputs made it (a softmax over a fully masked row is 0/0). Named at its module, the fix in those terms,
     never a precision change (the old answer: `activation_overflow`, "train with --precision bf16-mixed")."""
     frame = log({**NAN_OUTPUT, "model": model, "dtype": dtype}, *THEN_RUINED)
-    (cause,) = causes(frame, SMALL_VALUES.rename(columns={"act_amax_student": f"act_amax_{model}"}), mode=mode)
+    (cause,) = causes(frame, SMALL_VALUES.rename(columns={"act_amax_student": f"act_amax_{model}"}), mode=mode).ranked
     assert (cause["cause"], cause["severity"], cause["model"], cause["module"], cause["first_step"]) == (
         "divergence", "critical", model, "attn", 1)
     assert "mask" in cause["fix"] and "log" in cause["fix"] and "--precision" not in cause["fix"]
@@ -863,7 +928,7 @@ def test_an_undefined_operation_is_not_claimed_where_an_overflow_or_bad_data_can
                 *THEN_RUINED)
     metrics = SMALL_VALUES.assign(**change.get("metrics", {}))
     diagnosis = causes(frame, metrics, mode=change.get("mode", "fp32"))
-    assert not any("guard the mask" in c["fix"] for c in diagnosis)  # the undefined operation's fix
+    assert not any("guard the mask" in c["fix"] for c in diagnosis.ranked)  # the undefined operation's fix
 
 
 NAN_WEIGHTS = {"kind": "nonfinite_param", "severity": "critical", "step": 3, "model": "student", "module": "mid",
@@ -875,7 +940,9 @@ def test_nan_weights_after_a_step_with_finite_gradients_are_the_optimizers_own_n
     (a NaN lr, eps 0 over a zero second moment, a bad state) — not the data, the model or a learning rate to lower."""
     finite_grads = pd.DataFrame({"step": [2, 3], "split": "train", "nonfinite_grad_tensors": [0, 0],
                                  "grad_amax": [0.5, 0.4], "lr": [1e-3, math.nan]})
-    (cause,) = causes(log(NAN_WEIGHTS), finite_grads, mode="fp32", caller="loop")
+    diagnosis = causes(log(NAN_WEIGHTS), finite_grads, mode="fp32", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # a finding (the optimizer's arithmetic), not a numerical cause to fix with precision
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "optimizer_nonfinite", "critical", "mid.weight", 3)
     assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["grad_amax"] == 0.4
@@ -887,7 +954,7 @@ def test_nan_weights_after_a_step_with_finite_gradients_are_the_optimizers_own_n
     pd.DataFrame({"step": [2], "split": "train", "nonfinite_grad_tensors": [0]}),  # step 3's were not measured
 ])
 def test_nan_weights_are_not_blamed_on_the_optimizer_unless_the_gradients_were_measured_finite(metrics):
-    assert [c["cause"] for c in causes(log(NAN_WEIGHTS), metrics, mode="fp32")] == ["divergence"]
+    assert [c["cause"] for c in causes(log(NAN_WEIGHTS), metrics, mode="fp32").ranked] == ["divergence"]
 
 
 @pytest.mark.parametrize("caller, teacher, named", [("loop", ["float16"], True), ("trainer", ["float16"], True),
@@ -923,7 +990,7 @@ def test_a_teacher_whose_weights_were_nan_as_loaded_is_a_corrupt_checkpoint_not_
         "nonfinite_input", "critical", "teacher", "h.0.mlp.c_fc.weight", 1)
     assert root["evidence"]["holds"] == "NaN" and root["evidence"]["nonfinite_before_first_step"] is True
     assert "checkpoint" in root["fix"] and "--precision" not in root["fix"]
-    assert [c["cause"] for c in diagnosis] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
+    assert [c["cause"] for c in diagnosis.ranked] == ["nonfinite_input"]  # no teacher_overflow, the rest its symptoms
 
 
 def test_a_weight_nan_as_loaded_that_reached_nothing_is_a_warning_and_critical_once_it_does():
@@ -932,7 +999,7 @@ def test_a_weight_nan_as_loaded_that_reached_nothing_is_a_warning_and_critical_o
     The same event followed by a NaN loss (a batch that reached them) is critical, as before; so is one with no loss
     measured at all."""
     finite = pd.DataFrame({"step": [1, 2, 3], "split": "train", "loss": [4.5, 4.4, 4.4]})
-    (cause,) = causes(log(LOADED_NAN), finite, mode="fp32", caller="loop")
+    (cause,) = causes(log(LOADED_NAN), finite, mode="fp32", caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
                                                                     "h.0.mlp.c_fc.weight")
     assert cause["evidence"]["reached_nothing_in_steps"] == 3
@@ -956,7 +1023,7 @@ def test_a_float16_overflow_of_a_weight_beyond_fp16_as_loaded_is_placed_at_the_w
                                                                                                          wide):
     """fp32 master weights under fp16 autocast (`mixed`, an AMP loop): a weight of 1e5 in the checkpoint is cast to
     Inf at every matmul — `mixed` is the failing setup, not the fix. The cause is placed at the loaded tensor."""
-    (cause,) = causes(log(BEYOND_FP16, FP16_OVERFLOW), mode="mixed", caller=caller)
+    (cause,) = causes(log(BEYOND_FP16, FP16_OVERFLOW), mode="mixed", caller=caller).ranked
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "activation_overflow", "critical", "h.0.mlp.c_fc.weight", 1)
     assert cause["evidence"]["loaded_weight_amax"] == 1e5 and "checkpoint holds values" in cause["fix"]
@@ -972,7 +1039,7 @@ def test_nan_weights_after_step_one_that_were_nan_as_loaded_are_not_the_optimize
     finite_grads = pd.DataFrame({"step": [1], "split": "train", "nonfinite_grad_tensors": [0], "grad_amax": [0.4]})
     loaded = {**LOADED_NAN, "model": "student", "module": "wte", "tensor": "wte.weight"}
     diagnosis = causes(log(loaded, {**NAN_WEIGHTS, "step": 1, "tensor": "wte.weight"}), finite_grads, mode="fp32")
-    assert [(c["cause"], c["tensor"]) for c in diagnosis] == [("nonfinite_input", "wte.weight")]
+    assert [(c["cause"], c["tensor"]) for c in diagnosis.ranked] == [("nonfinite_input", "wte.weight")]
 
 
 GRAD_NAN = {"kind": "nonfinite_grad", "severity": "critical", "code": "grad_nonfinite_applied", "step": 1,
@@ -989,7 +1056,7 @@ def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_deri
     """sqrt(mse(a, b)) with a == b: d√x/dx at 0 is inf, times the 0 of the difference: NaN gradients, a finite loss,
     nothing large anywhere — no backward product overflowed (the old answer: `gradient_overflow`, "train with a
     loss scaler"). Named where the NaN first reached a weight, the fix an eps, not a precision change."""
-    (cause,) = causes(log({**GRAD_NAN, "dtype": dtype}, NAN_AFTER), SMALL_GRADS, mode=mode, caller="loop")
+    (cause,) = causes(log({**GRAD_NAN, "dtype": dtype}, NAN_AFTER), SMALL_GRADS, mode=mode, caller="loop").ranked
     assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
         "divergence", "critical", "h.0.mlp.c_proj", 1)
     assert cause["evidence"]["in_backward"] is True and cause["evidence"]["largest_measured"] == 3.9
@@ -1007,13 +1074,13 @@ def test_a_nan_gradient_from_a_finite_loss_and_small_values_is_an_undefined_deri
 def test_a_nan_gradient_is_an_overflow_where_large_values_fp16_or_an_earlier_nan_can_explain_it(change):
     frame = log(*[change["before"]] if "before" in change else [], GRAD_NAN, NAN_AFTER)
     diagnosis = causes(frame, SMALL_GRADS.assign(**change.get("metrics", {})), mode=change.get("mode", "fp32"))
-    assert not any("derivative" in c["fix"] for c in diagnosis)
+    assert not any("derivative" in c["fix"] for c in diagnosis.ranked)
     if change.get("mode") == "mixed" or "metrics" in change:
         assert diagnosis[0]["cause"] == "gradient_overflow"
 
 
 def test_a_gradient_overflow_among_large_values_in_bf16_keeps_the_bf16_wording():
-    (cause,) = causes(log(GRAD_NAN, NAN_AFTER), SMALL_GRADS.assign(grad_amax=[1e25]), mode="bf16-mixed")
+    (cause,) = causes(log(GRAD_NAN, NAN_AFTER), SMALL_GRADS.assign(grad_amax=[1e25]), mode="bf16-mixed").ranked
     assert cause["cause"] == "gradient_overflow" and "no precision setting" in cause["fix"]
 
 
@@ -1021,7 +1088,9 @@ def test_every_group_at_lr_0_is_named_with_how_long():
     zero = {"kind": "zero_lr", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
             "tensor": "student: 28 tensors", "value": 0.0}
     metrics = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "lr": [0.0, 0.0, 0.0, 0.0]})
-    (cause,) = causes(log(zero), metrics, mode="fp32", caller="loop")
+    diagnosis = causes(log(zero), metrics, mode="fp32", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # the schedule's doing: a finding, no numerical cause
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "lr_zero", "warning", "student: 28 tensors", 1)
     assert cause["evidence"]["steps_at_lr_0"] == 4 and "schedule" in cause["fix"]
@@ -1037,7 +1106,9 @@ def test_a_negative_learning_rate_explains_a_loss_that_climbs_in_fp32_weights():
     metrics = pd.DataFrame({"step": range(1, 9), "split": "train", "lr": [1e-3, 7e-4, 3e-4, 0, -3e-4, -7e-4, -1e-3,
                                                                            -1.3e-3],
                             "loss": [5.5, 5.4, 5.3, 5.3, 5.3, 8.0, 14.0, 20.0]})
-    (cause,) = causes(log(NEGATIVE_LR), metrics, mode="fp32", caller="loop")
+    diagnosis = causes(log(NEGATIVE_LR), metrics, mode="fp32", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # the schedule's doing: a finding, and no divergence beside it
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "lr_negative", "warning", "student: 28 tensors", 5)
     assert cause["evidence"]["steps_at_negative_lr"] == 4 and cause["evidence"]["last_loss"] == 20.0
@@ -1054,7 +1125,9 @@ def _amax(*values):
 
 
 def test_weights_halving_within_the_window_under_large_decay_collapse_at_that_group():
-    (cause,) = causes(log(DECAY), _amax(0.9, 0.81, 0.73, 0.66, 0.59, 0.53, 0.48, 0.43), mode="fp32", caller="loop")
+    diagnosis = causes(log(DECAY), _amax(0.9, 0.81, 0.73, 0.66, 0.59, 0.53, 0.48, 0.43), mode="fp32", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # the weight decay's doing: a finding, no numerical cause
     assert (cause["cause"], cause["severity"], cause["tensor"], cause["first_step"]) == (
         "weight_collapse", "warning", "student: 28 tensors", 8)
     assert cause["evidence"]["lr_times_weight_decay"] == 0.1 and "0.9" in cause["fix"]
@@ -1069,17 +1142,19 @@ def test_weights_halving_within_the_window_under_large_decay_collapse_at_that_gr
     (({**NAN_WEIGHTS, "step": 3},), (1.0, 0.9, 0.1)),  # the largest finite weight after one turned NaN says nothing
 ])
 def test_no_collapse_is_claimed_without_a_measured_halving_before_anything_extreme(events, amax):
-    assert "weight_collapse" not in [c["cause"] for c in causes(log(*events), _amax(*amax), mode="fp32")]
+    assert "weight_collapse" not in [c["cause"] for c in causes(log(*events), _amax(*amax), mode="fp32").findings]
 
 
 def test_measured_collapse_without_a_multiplicative_decay_still_names_weight_decay():
-    (cause,) = causes(log(), _amax(0.5, 0.4, 0.3, 0.2), mode="fp32", caller="loop")
+    diagnosis = causes(log(), _amax(0.5, 0.4, 0.3, 0.2), mode="fp32", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []
     assert (cause["cause"], cause["model"], cause["first_step"]) == ("weight_collapse", "student", 4)
     assert "weight decay" in cause["fix"]
 
 
 def test_fp16_activation_fix_names_an_eps_that_is_zero_in_fp16():
-    (cause,) = causes(log({**NAN_OUTPUT, "dtype": "float16"}), SMALL_VALUES, mode="pure-fp16", caller="loop")
+    (cause,) = causes(log({**NAN_OUTPUT, "dtype": "float16"}), SMALL_VALUES, mode="pure-fp16", caller="loop").ranked
     assert cause["cause"] == "activation_overflow" and "1e-12" in cause["fix"]
 
 
@@ -1104,7 +1179,7 @@ def test_a_float16_nan_from_small_values_names_the_constant_float16_cannot_hold(
 def test_the_loss_computation_fix_names_an_exp_that_overflows_at_its_dtypes_limit():
     """A softmax written as exp()/sum() overflows where e^x leaves the dtype (x ≈ 88.7 in fp32), sooner at a small
     temperature: one of the few ways a loss turns NaN from finite, modest outputs."""
-    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop")
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="fp32", caller="loop").ranked
     assert "exp()/sum()" in cause["fix"] and "88.7 in float32" in cause["fix"] and "temperature" in cause["fix"]
 
 
@@ -1112,7 +1187,7 @@ def test_a_float32_loss_of_a_float16_run_turned_nonfinite_by_the_loss_names_its_
     """A KD term at T = 1e-3 under float16 autocast: the logits reach the loss as float16 and logits / T is Inf there
     (7 / 1e-3 > 65504), though the loss ends in float32. The fix named a temperature of 0 and float32's exp limit;
     it names the float16 inputs, the temperature below which they overflow, and `.float()` before dividing."""
-    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="mixed", caller="loop")
+    (cause,) = causes(log(NAN_LOSS, *AFTER_IT), MEASURED, mode="mixed", caller="loop").ranked
     assert (cause["cause"], cause["tensor"], cause["first_step"]) == ("divergence", "loss", 1)
     assert "float16" in cause["fix"] and "below 0.00011" in cause["fix"] and "`.float()` first" in cause["fix"]
 
@@ -1135,7 +1210,7 @@ def test_student_weights_inf_in_float16_at_load_name_the_dtype_and_fp32_range_no
     """A checkpoint value beyond 65504 that the cast to float16 made Inf: fp32 weights under fp16 autocast (the old
     advice, `mixed`) are cast again at each matmul and overflow the same way; fp32's range or a rescale fixes it."""
     loaded = {**LOADED_NAN, "model": "student", "dtype": "float16", "nan_count": 0, "posinf_count": 1}
-    (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop")
+    (cause,) = causes(log(loaded), mode="pure-fp16", caller="loop").ranked
     assert cause["cause"] == "nonfinite_input" and cause["evidence"]["cast_to_float16"] is True
     assert "beyond float16's 65504" in cause["fix"] and "rescale" in cause["fix"] and "corrupt" not in cause["fix"]
     assert "GradScaler" not in cause["fix"]
@@ -1150,13 +1225,13 @@ def test_a_loss_that_climbs_steadily_below_the_blow_up_is_an_unplaced_warning(ca
     """Finite, less than 3× its first value, yet rising step after step well beyond its noise: a warning that
     says so (unplaced: nothing measured locates it), from the window where the climb was judged."""
     climbing = [2.0 + 0.05 * i + 0.01 * (-1) ** i for i in range(12)]
-    (cause,) = causes(log(), _losses(climbing), mode="fp32", caller=caller)
+    (cause,) = causes(log(), _losses(climbing), mode="fp32", caller=caller).ranked
     assert (cause["cause"], cause["severity"], cause["module"], cause["first_step"]) == (
         "divergence", "warning", None, 1)
     assert cause["evidence"]["unplaced"] is True and cause["evidence"]["slope_standard_errors"] > 5
     assert "climbs steadily from step 1 to 12" in cause["fix"]
     fell_then_climbed = [3.0 - 0.2 * i for i in range(8)] + [1.6 + 0.1 * i + 0.02 * (-1) ** i for i in range(8)]
-    (cause,) = causes(log(), _losses(fell_then_climbed), mode="fp32", caller=caller)
+    (cause,) = causes(log(), _losses(fell_then_climbed), mode="fp32", caller=caller).ranked
     assert cause["first_step"] == 9 and cause["evidence"]["window"] == "9-16"
 
 
@@ -1170,7 +1245,7 @@ def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbou
 
     noise = np.random.default_rng(0).normal(0, 0.2, 16)
     unbounded = [3.5 - 1.5 * i + n for i, n in enumerate(noise)]
-    (cause,) = causes(log(), _losses(unbounded), mode="mixed", caller=caller)
+    (cause,) = causes(log(), _losses(unbounded), mode="mixed", caller=caller).ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
     assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["slope_standard_errors"] < -5
     assert "below 0" in cause["fix"] and "sign" in cause["fix"] and f"from {unbounded[0]:.4g} (step 1)" in cause["fix"]
@@ -1178,7 +1253,7 @@ def test_a_loss_that_started_positive_and_falls_steadily_far_below_zero_is_unbou
     wandering = [0.0, *(0.05 * n for n in noise[1:])]
     shallow = [1.0 - 0.1 * i + n / 100 for i, n in enumerate(noise)]  # ends at -0.5: less below 0 than it began
     for values in (falling_to_a_floor, wandering, shallow):
-        assert causes(log(), _losses(values), mode="mixed", caller=caller) == []
+        assert causes(log(), _losses(values), mode="mixed", caller=caller).ranked == []
 
 
 @pytest.mark.parametrize("caller", ["loop", "trainer"])
@@ -1190,14 +1265,14 @@ def test_a_wholly_negated_loss_that_falls_from_below_zero_to_three_times_its_sta
 
     noise = np.random.default_rng(1).normal(0, 0.2, 12)
     negated = [-4.8 - 0.3 * i * i + n for i, n in enumerate(noise)]
-    (cause,) = causes(log(), _losses(negated), mode="fp32", caller=caller)
+    (cause,) = causes(log(), _losses(negated), mode="fp32", caller=caller).ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("divergence", "warning", 1)
     assert cause["evidence"]["unbounded_below"] is True and cause["evidence"]["last_loss"] == negated[-1]
     assert f"from {negated[0]:.4g} (step 1)" in cause["fix"] and "sign" in cause["fix"]
     settling = [-1.0 - 1.5 * (1 - math.exp(-i / 3)) + n / 20 for i, n in enumerate(noise)]  # -1 to about -2.4
     wandering = [-0.5 + 0.1 * n for n in noise]
     for values in (settling, wandering):
-        assert causes(log(), _losses(values), mode="fp32", caller=caller) == []
+        assert causes(log(), _losses(values), mode="fp32", caller=caller).ranked == []
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -1210,7 +1285,7 @@ def test_noisy_healthy_losses_read_no_climb(seed):
     falling = [3.0 * math.exp(-i / 10) + 1.0 + n for i, n in enumerate(noise)]
     flat = [1.0 + n for n in noise]
     for values in (falling, flat, falling[:7]):
-        assert causes(log(), _losses(values), mode="fp32", caller="loop") == []
+        assert causes(log(), _losses(values), mode="fp32", caller="loop").ranked == []
 
 
 def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_this_warning():
@@ -1218,12 +1293,12 @@ def test_a_climb_that_is_small_against_the_loss_or_follows_a_negative_lr_is_not_
     0 (an RL surrogate) is no objective falling toward a floor; a climb after the lr went negative is the ascent the
     lr asked for (`lr_negative`)."""
     drift = [5.0 + 0.02 * i for i in range(12)]
-    assert causes(log(), _losses(drift), mode="fp32", caller="loop") == []
+    assert causes(log(), _losses(drift), mode="fp32", caller="loop").ranked == []
     policy = [0.0] + [0.002 * i + 0.001 * (-1) ** i for i in range(1, 12)]  # an RL surrogate (GRPO's): 0 at step 1
-    assert causes(log(), _losses(policy), mode="fp32", caller="trainer") == []
+    assert causes(log(), _losses(policy), mode="fp32", caller="trainer").ranked == []
     climbing = _losses([2.0 + 0.1 * i for i in range(12)]).assign(lr=[1e-3] * 4 + [-1e-4] * 8)
     negative = {**NEGATIVE_LR, "step": 5}
-    assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop")] == [
+    assert [c["cause"] for c in causes(log(negative), climbing.iloc[:, :4], mode="fp32", caller="loop").ranked] == [
         "lr_negative"]
 
 
@@ -1237,39 +1312,60 @@ UPDATED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [2
 def test_a_weight_written_nonfinite_between_steps_is_the_root_at_the_edit_and_what_follows_its_symptoms():
     """The NaN a loop's own code wrote after step 3's update is the first non-finite value: the NaN activation,
     loss, gradients and weights of step 4 follow from it — not an undefined operation (values were small), not
-    the loss computation, not a divergence at step 4's update."""
+    the loss computation, not a divergence at step 4's update. The edit is a finding (the loop's), the root; the NaN
+    activation, its first symptom, stays among the causes as the failure it explains, with the edit's fix."""
     frame = log(EDITED_NAN, {**NAN_OUTPUT, "step": 4, "module": "h.0.mlp"}, *({**e, "step": 4} for e in THEN_RUINED))
-    (root,) = causes(frame, UPDATED, mode="fp32", caller="loop")
+    diagnosis = causes(frame, UPDATED, mode="fp32", caller="loop")
+    (root,) = diagnosis.findings
+    (symptom,) = diagnosis
+    assert diagnosis.ranked == [root, symptom]
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "weights_edited", "critical", "h.0.mlp.weight", 4)
     assert root["evidence"]["finite_after_optimizer_step"] == 3 and root["evidence"]["holds"] == "NaN"
     assert "after optimizer step 3" in root["fix"] and "divergence@4" in root["evidence"]["followed_by"]
+    assert (symptom["cause"], symptom["severity"], symptom["module"], symptom["first_step"]) == (
+        "activation_overflow", "critical", "h.0.mlp", 4)
+    assert symptom["evidence"]["explained_by"].startswith("weights_edited@4") and symptom["fix"] == root["fix"]
 
 
 @pytest.mark.parametrize("severity, then, found", [("warning", (), [("weights_edited", "warning")]),
-                                                   ("warning", ({**NAN_LOSS, "step": 4},), [("weights_edited",
-                                                                                             "critical")]),
+                                                   ("warning", ({**NAN_LOSS, "step": 4},),
+                                                    [("weights_edited", "critical"), ("divergence", "critical")]),
                                                    ("info", (), [])])
 def test_a_finite_edit_is_a_warning_when_it_rescales_critical_when_a_blow_up_follows_and_else_nothing(severity, then,
                                                                                                      found):
+    """The edit is a finding (the loop's); the blow-up that follows it is the run's failure, among the causes,
+    explained by the edit and fixed by its fix."""
     edit = {"kind": "weights_edited", "severity": severity, "step": 4, "phase": "forward", "model": "student",
             "module": "h.0.mlp", "tensor": "h.0.mlp.weight", "value": 1e6 if severity == "warning" else 1.001}
     diagnosis = causes(log(edit, *then), UPDATED.assign(param_amax=2.0), mode="fp32", caller="loop")
-    assert [(c["cause"], c["severity"]) for c in diagnosis] == found
+    assert [(c["cause"], c["severity"]) for c in diagnosis.ranked] == found
+    assert [c["cause"] for c in diagnosis.findings] == (["weights_edited"] if found else [])
+    if then:
+        (symptom,) = diagnosis
+        assert symptom["evidence"]["explained_by"].startswith("weights_edited@4")
+        assert symptom["fix"] == diagnosis.findings[0]["fix"]
 
 
 def test_a_finite_loss_blow_up_from_a_rescaling_edit_on_is_the_edits_not_an_unplaced_divergence():
     """An embedding multiplied by 1e5 between steps 3 and 4: the loss jumps from 4 to 6e4 at step 4, every value
     finite. That blow-up read as an unplaced divergence ("lower the lr and clip"), the edit a warning beside it; the
-    edit at the step the loss blew up is the root now, critical, and the divergence its symptom."""
+    edit at the step the loss blew up is the root now, critical, and the divergence its symptom: the run's failure,
+    among the causes, explained by the edit and with the edit's fix, not the lr's."""
     edit = {"kind": "weights_edited", "severity": "warning", "step": 4, "phase": "forward", "model": "student",
             "module": "wte", "tensor": "wte.weight", "value": 1e5}
     losses = UPDATED.assign(param_amax=2.0, loss=[4.2, 4.1, 4.0, 5.8e4])
-    root, *rest = causes(log(edit), losses, mode="fp32", caller="loop")
-    assert (root["cause"], root["severity"], root["first_step"], rest) == ("weights_edited", "critical", 4, [])
-    assert root["evidence"]["then"] == "loss_blow_up@4" and "divergence@4" in root["evidence"]["followed_by"]
+    diagnosis = causes(log(edit), losses, mode="fp32", caller="loop")
+    root, *rest = diagnosis.ranked
+    assert (root["cause"], root["severity"], root["first_step"]) == ("weights_edited", "critical", 4)
+    assert diagnosis.findings == [root] and rest == list(diagnosis)
+    assert [(c["cause"], c["severity"], c["first_step"]) for c in rest] == [("divergence", "critical", 4)]
+    assert root["evidence"]["then"] == "loss_blow_up@4" and "followed_by" not in root["evidence"]
+    assert rest[0]["evidence"]["explained_by"].startswith("weights_edited@4") and rest[0]["fix"] == root["fix"]
     before = causes(log({**edit, "step": 5}), losses.assign(step=[1, 2, 3, 4]), mode="fp32", caller="loop")
-    assert [(c["cause"], c["severity"]) for c in before] == [("divergence", "critical"), ("weights_edited", "warning")]
+    assert [(c["cause"], c["severity"]) for c in before.ranked] == [("divergence", "critical"),
+                                                                    ("weights_edited", "warning")]
+    assert "explained_by" not in before[0]["evidence"]  # an edit after the blow-up explains nothing
 
 
 @pytest.mark.parametrize(("rows", "severity"), [(0, "critical"), (2, "warning")])
@@ -1279,7 +1375,9 @@ def test_a_loss_scaler_over_fp16_weights_is_the_crash_it_predicts_and_a_warning_
     note = {"kind": "setup_note", "severity": "warning", "code": "scaler_fp16_weights", "step": 1, "phase": "setup",
             "probe": "precision", "model": "student", "tensor": "h.0.weight", "numel": 4, "dtype": "float16"}
     metrics = pd.DataFrame({"split": ["train"] * rows, "step": list(range(1, rows + 1)), "loss": [1.0] * rows})
-    (cause,) = causes(log(note), metrics, mode="pure-fp16", caller="trainer")
+    diagnosis = causes(log(note), metrics, mode="pure-fp16", caller="trainer")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # the setup's doing: a finding, no numerical cause
     assert (cause["cause"], cause["severity"], cause["tensor"]) == ("scaler_fp16_weights", severity, "h.0.weight")
     assert "h.0.weight and 3 more" in cause["fix"]
     assert "`TrainingArguments(fp16=True)` with the model loaded in fp32" in cause["fix"]
@@ -1293,7 +1391,9 @@ def test_updates_shrunk_by_clipping_scaled_gradients_are_that_loop_order_not_a_s
     lost = {"kind": "lost_updates", "severity": "warning", "step": 1, "phase": "optimizer", "model": "student",
             "module": "h.0", "tensor": "h.0.weight", "value": 0.4, "dtype": "float32"}
     assert [c["cause"] for c in causes(log(lost), mode="mixed", caller="loop")] == ["update_underflow"]
-    (cause,) = causes(log(note, lost), mode="mixed", caller="loop")
+    diagnosis = causes(log(note, lost), mode="mixed", caller="loop")
+    (cause,) = diagnosis.findings
+    assert diagnosis == []  # the loop order's doing: no update_underflow beside it
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("clip_before_unscale", "warning", 1)
     assert "`scaler.unscale_(optimizer)` right before" in cause["fix"] and cause["evidence"]["loss_scale"] == 65536.0
 
@@ -1318,17 +1418,23 @@ def test_a_nonfinite_loss_from_finite_outputs_beyond_fp16_names_the_cast_and_the
 def test_an_optimizer_stepped_twice_is_a_warning_until_the_weights_turn_nonfinite_then_the_root(nonfinite_after,
                                                                                                severity):
     """Applying each gradient twice is a warning; under a scaler the extra step applies the gradients it skipped,
-    and the NaN weights that follow are its doing — not a divergence to fix with the lr."""
+    and the NaN weights that follow are its doing — not a divergence to fix with the lr: the divergence is the run's
+    failure, among the causes, explained by the double step and with its fix."""
     note = {"kind": "setup_note", "severity": "warning", "code": "optimizer_stepped_twice", "step": 1,
             "phase": "optimizer", "probe": "scaler"}
     after = ({"kind": "nonfinite_param", "severity": "critical", "step": 1, "phase": "optimizer", "model": "student",
               "tensor": "w"},) \
         if nonfinite_after else ()
-    (cause,) = causes(log(note, *after), mode="mixed", caller="loop",
-                      precision={"mode": "mixed", "loss_scaling": True})
+    diagnosis = causes(log(note, *after), mode="mixed", caller="loop",
+                       precision={"mode": "mixed", "loss_scaling": True})
+    (cause,) = diagnosis.findings
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("optimizer_stepped_twice", severity, 1)
     assert "`scaler.step(optimizer)` alone" in cause["fix"]
-    assert ("divergence@1" in cause["evidence"].get("followed_by", "")) is nonfinite_after
+    assert diagnosis.ranked[0] == cause and "followed_by" not in cause["evidence"]
+    assert [(c["cause"], c["first_step"]) for c in diagnosis] == ([("divergence", 1)] if nonfinite_after else [])
+    if nonfinite_after:
+        assert diagnosis[0]["evidence"]["explained_by"].startswith("optimizer_stepped_twice@1")
+        assert diagnosis[0]["fix"] == cause["fix"]
 
 
 @pytest.mark.parametrize("caller, options, note, says", [
@@ -1346,7 +1452,7 @@ def test_a_fix_that_says_to_clip_knows_the_run_clips_already(caller, options, no
     metrics = pd.DataFrame({"step": [1, 2], "split": "train", "lr": 1.0, "loss": [4.0, math.nan]})
     if note is not None:
         metrics["clip_max_norm"] = note
-    (cause,) = causes(log(*rows), metrics, caller=caller, mode="fp32", options=options)
+    (cause,) = causes(log(*rows), metrics, caller=caller, mode="fp32", options=options).ranked
     assert cause["cause"] == "divergence" and "clip with" in cause["fix"]
     assert (says in cause["fix"]) if says else ("already" not in cause["fix"])
 
@@ -1357,8 +1463,8 @@ def test_a_forward_overflow_offers_a_code_change_only_where_the_caller_writes_th
     'keep this op in fp32 under autocast'. A caller's own loop gets both."""
     act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "student",
            "module": module, "dtype": "float16", "value": math.inf}
-    (cli,) = causes(log(act), caller="cli")
-    (loop,) = causes(log(act), caller="loop")
+    (cli,) = causes(log(act), caller="cli").ranked
+    (loop,) = causes(log(act), caller="loop").ranked
     assert "--precision bf16-mixed" in cli["fix"] and "autocast" not in cli["fix"]
     assert "in fp32" in loop["fix"] and "autocast" in loop["fix"]
 
@@ -1371,8 +1477,8 @@ def test_a_two_step_runs_rise_cannot_be_judged_a_blow_up(losses, severity):
     divergence — iid batch-1 losses made that one run in ten. From three losses the scatter is measured again: a lone
     jump reads as scatter, a steady climb is critical."""
     metrics = pd.DataFrame({"step": range(1, len(losses) + 1), "split": "train", "loss": losses, "lr": 1e-3})
-    found = [(c["cause"], c["severity"]) for c in causes(log(), metrics, mode="fp32", caller="loop")]
+    found = [(c["cause"], c["severity"]) for c in causes(log(), metrics, mode="fp32", caller="loop").ranked]
     assert found == ([("divergence", severity)] if severity else [])
     if severity == "warning":
-        (cause,) = causes(log(), metrics, mode="fp32", caller="loop")
+        (cause,) = causes(log(), metrics, mode="fp32", caller="loop").ranked
         assert cause["evidence"]["scatter_measured"] is False and "run more steps" in cause["fix"]

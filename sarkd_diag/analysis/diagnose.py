@@ -12,6 +12,11 @@ the data has a place, with its evidence. `rank` then chooses among them, in this
    (`SYMPTOM_CAPABLE`: an activation or gradient overflow, a loss-scale collapse, a divergence, gradients
    that stop reaching the weights) is taken
    for its symptom: it leaves the list and is named in the root's evidence (`followed_by`).
+3. The causes are split by code. `CAUSES` — the numerical failures a precision run can show, the run-directory
+   contract's nine codes — make `diagnosis`; every other code is a finding about the loop or the setup (a
+   gradient never cleared, an lr of 0, a KD temperature below 1) and goes to `findings`. A run that failed
+   because of a finding still shows its failure among the causes: the first numerical symptom of a finding's
+   root stays, explained by it (`explained_by`), with the root's fix.
 
 Fixes are written in the caller's own terms (`PHRASES`): `train`'s options on the command line, torch and
 `Probes` arguments in a hand-written loop, `TrainingArguments` fields under the Trainer, the Accelerator's
@@ -38,6 +43,11 @@ from ..contract.numerics import (
     number_or_none,
 )
 
+# The numerical causes: what summary.json's `diagnosis` lists (docs/run-directory.md, the contract's nine codes).
+# Every other rule's code is a finding about the loop or the setup — it can explain a numerical failure, and is
+# listed apart (`Diagnosis.findings`, summary.json's `findings`)
+CAUSES = frozenset({"optimizer_eps_underflow", "optimizer_state_underflow", "activation_overflow", "gradient_overflow",
+                    "loss_scale_collapse", "update_underflow", "teacher_overflow", "nonfinite_input", "divergence"})
 CAUSE_ORDER = (
     "nonfinite_input", "weights_edited", "scaler_fp16_weights", "scaler_bypassed", "optimizer_stepped_twice",
     "gradients_not_cleared", "micro_batches_summed", "accumulation_unmatched", "loss_backpropagated_twice",
@@ -897,42 +907,54 @@ def _plain(value):
 
 
 class Diagnosis(list):
-    """The causes, most important first: a list of dicts (as summary.json holds them) that prints readably.
+    """The numerical causes, most important first: a list of dicts (summary.json's `diagnosis`) that prints readably.
 
-    `notes`: the run's warnings that no rule read — how the loop calls the probes (`step()` before
-    `optimizer.step()`, no loss given), what they could not watch — one per check. No numerical cause, yet each
-    makes the figures less than they seem; printed after the causes, since a loop's `print(probes.diagnosis())` is
-    all its author reads (`train` prints them as they happen, the report lists them with the events)."""
+    `findings`: what the loop or the setup gets wrong that the nine codes do not name (`lr_zero`,
+    `gradients_not_cleared`, `kd_temperature_low`, `weight_decay_lost`, …), in the same form and order —
+    summary.json's `findings`. `ranked`: causes and findings
+    together, the root first, as `rank` ordered them. `notes`: the run's warnings that no rule read — how the loop
+    calls the probes (`step()` before `optimizer.step()`, no loss given), what they could not watch — one per
+    check. No cause, yet each makes the figures less than they seem; printed last, since a loop's
+    `print(probes.diagnosis())` is all its author reads (`train` prints them as they happen, the report lists them
+    with the events)."""
 
-    def __init__(self, causes=(), notes=()):
-        super().__init__(causes)
+    def __init__(self, ranked=(), notes=()):
+        self.ranked = list(ranked)
+        super().__init__(c for c in self.ranked if c["cause"] in CAUSES)
+        self.findings = [c for c in self.ranked if c["cause"] not in CAUSES]
         self.notes = list(notes)
 
     def __repr__(self) -> str:
-        return "\n".join([self._causes(), *self._notes()])
+        return "\n".join([self._causes(), *_numbered("Findings (the loop or the setup):",
+                                                      self.findings), *self._notes()])
 
     def _notes(self) -> list[str]:
         if not self.notes:
             return []
-        return ["Warnings (no numerical cause):", *(f"- step {n['step']} {n['code']}: {n['message']}"
-                                                   for n in self.notes)]
+        return ["Warnings (no numerical cause):",
+                *(f"- step {n['step']} {n['code']}: {n['message']}" for n in self.notes)]
 
     def _causes(self) -> str:
         if not self:
             return "Diagnosis: no numerical problems found"
-        lines = []
-        for i, c in enumerate(self, start=1):
-            where = " ".join(x for x in (c.get("model"), c.get("module") or c.get("tensor")) if x)
-            lines.append(f"{i}. {c['cause']} ({c['severity']}) at step {c.get('first_step')}"
-                         + (f" in {where}" if where else ""))
-            evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in c.get("evidence", {}).items())
-            if evidence:
-                lines.append(f"   evidence: {evidence}")
-            lines.append(f"   fix: {c['fix']}")
-        return "\n".join(["Diagnosis:", *lines])
+        return "\n".join(_numbered("Diagnosis:", self))
 
     __str__ = __repr__
+
+
+def _numbered(title: str, causes: list[dict]) -> list[str]:
+    """Causes as numbered lines under `title` — where, evidence, fix —; nothing for none."""
+    lines = [title] if causes else []
+    for i, c in enumerate(causes, start=1):
+        where = " ".join(x for x in (c.get("model"), c.get("module") or c.get("tensor")) if x)
+        lines.append(f"{i}. {c['cause']} ({c['severity']}) at step {c.get('first_step')}"
+                     + (f" in {where}" if where else ""))
+        evidence = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in c.get("evidence", {}).items())
+        if evidence:
+            lines.append(f"   evidence: {evidence}")
+        lines.append(f"   fix: {c['fix']}")
+    return lines
 
 
 class RunRecord:
@@ -1938,7 +1960,9 @@ def weight_decay_lost(r: RunRecord) -> list[Cause]:
     low-precision weights fp32 master weights keep it; in fp32 weights the value given is the mistake. Where updates
     are lost to rounding too (`update_underflow`), the lr is too small for the weights and the decay, lr × a
     weight_decay below 1, goes with them: that cause and its fix cover both — not where only a few whole tensors
-    lose their updates (a norm's gain at 1.0), while the decay of every weight rounds away."""
+    lose their updates (a norm's gain at 1.0), while the decay of every weight rounds away. A finding, not
+    `update_underflow`: the updates themselves may be intact, or inflated (Adam's flushed second moment), and a
+    cause that says updates are lost would contradict them."""
     lost = r.of("optimizer_preflight", "weight_decay_zero")
     if (not len(lost) or len(r.of("lost_updates", "lost_updates"))
             or len(r.of("optimizer_preflight", "update_below_half_ulp"))):
@@ -2835,20 +2859,27 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
 
 def rank(causes: list[Cause]) -> list[Cause]:
     """The root cause first, then the rest by severity and time; symptoms of the root folded into it, and so is a
-    lesser finding of the root's own cause at its own place (an fp16 overflow's forecast beside the overflow)."""
+    lesser finding of the root's own cause at its own place (an fp16 overflow's forecast beside the overflow). A root
+    that is a finding (not one of `CAUSES`) keeps its first numerical symptom, which names it (`explained_by`) and
+    takes its fix: the diagnosis shows how the run failed, the findings why."""
     order = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
     causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.order]))
     if not causes or causes[0].severity != "critical":
         return causes
     root, kept, symptoms = causes[0], [causes[0]], []
+    shown = root.cause in CAUSES  # a finding's first numerical symptom stays among the causes, explained by it
     for cause in causes[1:]:
         later = (cause.when, order[cause.order]) >= (root.when, order[root.order])
         restated = (cause.cause, cause.model, cause.module) == (root.cause, root.model, root.module)
         if later and restated or cause.cause in SYMPTOM_CAPABLE and later \
                 and (cause.severity == "critical" or cause.when > root.when) and not _forward_apart(cause, root):
-            symptoms.append(cause.summary())
-        else:
-            kept.append(cause)
+            if shown or cause.cause not in CAUSES:
+                symptoms.append(cause.summary())
+                continue
+            shown = True
+            cause.evidence["explained_by"] = root.summary()
+            cause.fix = root.fix
+        kept.append(cause)
     if symptoms:
         root.evidence["followed_by"] = "; ".join(symptoms)
     return kept
@@ -2865,7 +2896,7 @@ def _forward_apart(cause: Cause, root: Cause) -> bool:
 
 def diagnose(events: pd.DataFrame | None, metrics: pd.DataFrame | None, config: dict) -> Diagnosis:
     """Causes, most important first, as dicts {cause, severity, model, module, tensor, rank, first_step,
-    evidence, fix}."""
+    evidence, fix}; the findings and the unread warnings beside them (`Diagnosis`)."""
     record = RunRecord(events, metrics, config)
     causes = rank([c for rule in RULES for c in rule(record)])
     return Diagnosis((cause.as_dict() for cause in causes), record.unread_warnings())

@@ -53,6 +53,7 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
     metrics, events = load_metrics(run_dir), load_events(run_dir)
     status = status or status_from_logs(run_dir, config, metrics, events)
     train = metrics[metrics["split"] == "train"]
+    diagnosis = diagnose(events, metrics, config)
     with built_then_moved(run_dir) as staging:
         metrics.to_parquet(staging / "metrics.parquet", index=False)
         events.to_parquet(staging / "events.parquet", index=False)
@@ -63,7 +64,8 @@ def finalize_run(run_dir: str | Path, status: str | None = None) -> dict:
             "precision": config["precision"],
             "final": final_figures(metrics),
             "event_counts": {k: int(v) for k, v in events["kind"].value_counts().items()},
-            "diagnosis": diagnose(events, metrics, config),
+            "diagnosis": diagnosis,
+            "findings": diagnosis.findings,
             "error": run_error(events),
             "run_dir": str(run_dir),
         }

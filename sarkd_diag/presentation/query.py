@@ -626,7 +626,9 @@ def _no_nonfinite_params(run: Run) -> str | None:
 
 def _no_critical(run: Run) -> str | None:
     bad = run.events[run.events["severity"] == "critical"]
-    causes = [d["cause"] for d in (run.summary or {}).get("diagnosis", []) if d.get("severity") == "critical"]
+    summary = run.summary or {}
+    causes = [d["cause"] for d in summary.get("diagnosis", []) + summary.get("findings", [])
+              if d.get("severity") == "critical"]
     if not len(bad) and not causes:
         return None
     counts = ", ".join(f"{k} {n}" for k, n in bad["kind"].value_counts().items())

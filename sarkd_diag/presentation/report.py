@@ -84,21 +84,12 @@ def write_report(run_dir: Path, summary: dict, config: dict, metrics: pd.DataFra
     ]
     if not summary["diagnosis"]:
         lines.append(no_cause_text(summary))
-    for i, d in enumerate(summary["diagnosis"], 1):  # read with .get: the diagnosis' keys are still growing
-        where = _where(d)
-        evidence = d.get("evidence") or {}
-        rank = _rank_of(d, events)
-        lines += [
-            f"### {i}. `{d.get('cause')}` ({d.get('severity')})",
-            "",
-            f"First seen at step {d.get('first_step')}" + (f" in {where}" if where else "") + f"{rank}.",
-            "",
-        ]
-        if evidence:
-            lines += ["Evidence: " + (", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(
-                evidence, dict) else str(evidence)) + ".", ""]
-        if d.get("fix"):
-            lines += [f"**Fix:** {str(d['fix']).rstrip('.')}.", ""]
+    for i, d in enumerate(summary["diagnosis"], 1):
+        lines += _cause_markdown(i, d, events)
+    if summary.get("findings"):
+        lines += ["", "## Findings", "", FINDINGS_INTRO, ""]
+        for i, d in enumerate(summary["findings"], 1):
+            lines += _cause_markdown(i, d, events)
     lines += ["", "## Events", ""]
     if len(events):
         counts = events.groupby(["kind", "severity"]).size().reset_index(name="count")
@@ -153,6 +144,24 @@ def embedded_image(path: Path, alt: str) -> str:
            "</figure>"
 
 
+FINDINGS_INTRO = ("What the loop or the setup gets wrong, beside the numerical causes: each explains a failure above "
+                  "or makes the figures less than they seem.")
+
+
+def _cause_markdown(i: int, d: dict, events: pd.DataFrame) -> list[str]:
+    """One cause or finding of report.md: where and when, its evidence, its fix (read with .get: the keys grow)."""
+    where, evidence = _where(d), d.get("evidence") or {}
+    lines = [f"### {i}. `{d.get('cause')}` ({d.get('severity')})", "",
+             f"First seen at step {d.get('first_step')}" + (f" in {where}" if where else "")
+             + f"{_rank_of(d, events)}.", ""]
+    if evidence:
+        lines += ["Evidence: " + (", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(
+            evidence, dict) else str(evidence)) + ".", ""]
+    if d.get("fix"):
+        lines += [f"**Fix:** {str(d['fix']).rstrip('.')}.", ""]
+    return lines
+
+
 def no_cause_text(summary: dict) -> str:
     """What an empty diagnosis says. A run that failed or crashed ended on something its logs do not show — "no
     problem was found" would read as a healthy run, and send its reader away from the error that ended it."""
@@ -181,23 +190,26 @@ def _rank_of(cause: dict, events: pd.DataFrame) -> str:
 
 
 def _diagnosis_html(summary: dict, events: pd.DataFrame) -> str:
-    diagnosis = summary.get("diagnosis") or []
-    if not diagnosis:
-        return f"<p>{_e(no_cause_text(summary))}</p>"
-    parts = []
-    for i, d in enumerate(diagnosis, 1):
-        where, evidence = _where(d), d.get("evidence") or {}
-        rank = _rank_of(d, events)
-        body = [f"<h3>{i}. <code>{_e(d.get('cause'))}</code> ({_e(d.get('severity'))})</h3>",
-                f"<p>First seen at step {_e(d.get('first_step'))}" + (f" in {_e(where)}" if where else "")
-                + f"{_e(rank)}.</p>"]
-        if evidence:
-            shown = ", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(evidence, dict) else evidence
-            body.append(f"<p>Evidence: {_e(shown)}.</p>")
-        if d.get("fix"):
-            body.append(f"<p><b>Fix:</b> {_e(str(d['fix']).rstrip('.'))}.</p>")
-        parts.append(f'<div class="cause {_e(d.get("severity"))}">' + "".join(body) + "</div>")
+    diagnosis, findings = summary.get("diagnosis") or [], summary.get("findings") or []
+    parts = [f"<p>{_e(no_cause_text(summary))}</p>"] if not diagnosis else []
+    parts += [_cause_html(i, d, events) for i, d in enumerate(diagnosis, 1)]
+    if findings:
+        parts += [f"<p><b>Findings.</b> {_e(FINDINGS_INTRO)}</p>"]
+        parts += [_cause_html(i, d, events) for i, d in enumerate(findings, 1)]
     return "".join(parts)
+
+
+def _cause_html(i: int, d: dict, events: pd.DataFrame) -> str:
+    where, evidence = _where(d), d.get("evidence") or {}
+    body = [f"<h3>{i}. <code>{_e(d.get('cause'))}</code> ({_e(d.get('severity'))})</h3>",
+            f"<p>First seen at step {_e(d.get('first_step'))}" + (f" in {_e(where)}" if where else "")
+            + f"{_e(_rank_of(d, events))}.</p>"]
+    if evidence:
+        shown = ", ".join(f"{k} = {v}" for k, v in evidence.items()) if isinstance(evidence, dict) else evidence
+        body.append(f"<p>Evidence: {_e(shown)}.</p>")
+    if d.get("fix"):
+        body.append(f"<p><b>Fix:</b> {_e(str(d['fix']).rstrip('.'))}.</p>")
+    return f'<div class="cause {_e(d.get("severity"))}">' + "".join(body) + "</div>"
 
 
 def events_table_html(events: pd.DataFrame, extra: dict[str, str] | None = None) -> str:

@@ -85,7 +85,7 @@ def export_tensorboard(run_dir: str | Path, summary: dict | None = None, into: s
                 writer.add_scalar(f"events/{severity}", count, int(step))
             last = max(last, int(step))
         if summary is not None:
-            causes = summary.get("diagnosis") or []
+            causes = (summary.get("diagnosis") or []) + (summary.get("findings") or [])
             text = "\n".join(f"{i}. **{d.get('cause')}** ({d.get('severity')}), first at step {d.get('first_step')}"
                              + (f": {d['fix']}" if d.get("fix") else "") for i, d in enumerate(causes, 1))
             writer.add_text("diagnosis", text or "No numerical problem was found.", last)

@@ -255,26 +255,31 @@ class TrainingDisplay:
         policy = self._policy_line(summary)
         if policy:
             lines.append(policy)
-        diagnosis = summary.get("diagnosis") or []
-        for d in diagnosis:
-            severity = d.get("severity") or "warning"
-            where = where_of(d.get("model"), d.get("module"), d.get("tensor"))
-            step = d.get("first_step")
-            lines.append(f"[{'red' if severity == 'critical' else 'yellow'}]{severity}[/] {escape(str(d.get('cause')))}"
-                         + (f" at step {step}" if step is not None else "") + (f" in {escape(where)}" if where else "")
-                         + (f"\n  fix: {escape(str(d['fix']))}" if d.get("fix") else ""))
+        diagnosis, findings = summary.get("diagnosis") or [], summary.get("findings") or []
+        lines += [_cause_line(d) for d in diagnosis]
         error = summary.get("error")
         if error:
             lines.append(f"[red]error[/] at step {error.get('step')} ({error.get('phase')}): "
                          + escape(str(error.get("message"))))
         if not diagnosis:
             lines.append(_no_cause_line(summary, policy is not None))
+        lines += [_cause_line(d, " (a finding: the loop or the setup)") for d in findings]
         resume = resume_command(summary["run_dir"]) if summary.get("status") == "interrupted" \
             and summary.get("run_dir") else None
         if resume:
             lines.append(f"continue it: {escape(resume)}")
         self._print(Panel(self.wording("\n".join(lines)), title="diagnosis", expand=False))
         self._line(f"run directory: {summary.get('run_dir')}")
+
+
+def _cause_line(d: dict, kind: str = "") -> str:
+    """A cause (or, `kind` said, a finding) in the panel: severity, code, where and when, and its fix."""
+    severity = d.get("severity") or "warning"
+    where = where_of(d.get("model"), d.get("module"), d.get("tensor"))
+    step = d.get("first_step")
+    return (f"[{'red' if severity == 'critical' else 'yellow'}]{severity}[/] {escape(str(d.get('cause')))}{kind}"
+            + (f" at step {step}" if step is not None else "") + (f" in {escape(where)}" if where else "")
+            + (f"\n  fix: {escape(str(d['fix']))}" if d.get("fix") else ""))
 
 
 def _no_cause_line(summary: dict, steps_left_out: bool) -> str:

@@ -710,7 +710,8 @@ class Trainer:
             if saved and self.run.models.routers else None  # every rank: a sharded router is gathered from all
         summary = self._summarize(status, routers) if self.world.is_main else {}
         status = "interrupted" if self.stopped_at_once else status  # also of a run stopped while it closed
-        critical = any(d["severity"] == "critical" for d in summary.get("diagnosis", ()))
+        causes = [*summary.get("diagnosis", ()), *summary.get("findings", ())]
+        critical = any(d["severity"] == "critical" for d in causes)
         code = exit_code(status, internal_error=self.internal_error, no_space=self.no_space, critical=critical,
                          stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own

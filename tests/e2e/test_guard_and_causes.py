@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from contract import assert_conforms
 from torch import nn
 
 from sarkd_diag import Probes, load_run
@@ -29,7 +30,7 @@ def test_a_temperature_that_scales_the_kd_gradient_away_is_named_and_the_default
     code, out, err = cli("train", *args, "--precision", "fp32", "--temperature", temperature)
     assert code == 0, err
     run = load_run(tmp_path / "run")
-    causes = {c["cause"]: c for c in run["summary"]["diagnosis"]}
+    causes = {c["cause"]: c for c in run["summary"]["findings"]}
     if temperature == "2":
         assert "kd_temperature_low" not in causes and "kd_temperature_low" not in set(run["events"]["code"])
         return
@@ -37,6 +38,11 @@ def test_a_temperature_that_scales_the_kd_gradient_away_is_named_and_the_default
     assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
     assert cause["evidence"]["temperature"] == 1e-3 and cause["evidence"]["mean_kd_loss"] < 0.01
     assert "--temperature to 1 or more" in cause["fix"]
+    # a finding, not a numerical cause: listed apart everywhere the run is read, and the run directory conforms
+    assert run["summary"]["diagnosis"] == [] and "kd_temperature_low (a finding: the loop or the setup)" in out
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Findings" in report and "### 1. `kd_temperature_low` (warning)" in report
+    assert_conforms(tmp_path / "run")
 
 
 def test_dual_mode_refuses_a_tokenizer_without_offsets(cli, tiny_args, tiny_world, tmp_path):

@@ -36,7 +36,7 @@ def one_step(tiny_world, tmp_path_factory) -> Path:
 def test_report_of_one_step_says_1_step_and_0_causes(cli, one_step):
     code, out, err = cli("report", one_step)
     assert code == 0, err
-    assert f"{one_step}: completed, 1 step, 0 causes; wrote " in out
+    assert f"{one_step}: completed, 1 step, 0 causes, 0 findings; wrote " in out
 
 
 def test_check_of_one_run_says_1_run(cli, one_step):

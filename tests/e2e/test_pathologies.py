@@ -16,6 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import pathologies as catalog  # noqa: E402
+from contract import CAUSES as CONTRACT_CAUSES  # noqa: E402
+from contract import assert_run_dir  # noqa: E402
 
 CAUSES = ("optimizer_eps_underflow", "optimizer_state_underflow", "optimizer_nonfinite", "lr_negative", "lr_zero",
           "weight_collapse", "activation_overflow", "gradient_overflow", "loss_scale_collapse", "no_gradients",
@@ -72,6 +74,11 @@ def test_the_expectations_are_checked_as_stated():
     assert catalog.mismatches(catalog.Expected("gradient_overflow", evidence_contains="ratio"), [cause]) == []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="LR"), [cause]) != []
     assert catalog.mismatches(catalog.Expected("gradient_overflow", fix_lacks="autocast"), [cause]) == []
+    # a cause `explained_by` the root is the root's failure shown among the causes, not a claim of its own
+    explained = {**cause, "cause": "divergence", "evidence": {"explained_by": "gradient_overflow@2 (student mid)"}}
+    besides = catalog.Expected("gradient_overflow", absent=("divergence",))
+    assert catalog.mismatches(besides, [cause, explained]) == []
+    assert catalog.mismatches(besides, [cause, {**explained, "evidence": {}}]) != []
 
 
 @pytest.mark.parametrize("scenario", catalog.SCENARIOS, ids=lambda s: s.slug)
@@ -90,6 +97,11 @@ def test_the_diagnosis_is_as_expected(scenario, run_of):
     summary = [(c.get("cause"), c.get("severity"), c.get("model"), catalog.where(c), c.get("first_step"))
                for c in outcome.diagnosis]
     assert not wrong, f"expected {scenario.expected.describe()}; {'; '.join(wrong)}; diagnosis {summary}"
+    # whatever it found, summary.json lists it as the contract says: the nine codes' causes apart from the findings,
+    # each list in the one order `rank` gave them
+    summary = assert_run_dir(outcome.run_dir)
+    assert summary["diagnosis"] == [c for c in outcome.diagnosis if c["cause"] in CONTRACT_CAUSES]
+    assert summary["findings"] == [c for c in outcome.diagnosis if c["cause"] not in CONTRACT_CAUSES]
 
 
 def test_the_script_prints_the_table(tmp_path, capsys):

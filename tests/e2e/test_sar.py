@@ -5,7 +5,7 @@ import math
 import pytest
 import tiny
 import torch
-from contract import assert_run_dir
+from contract import assert_run_dir, nothing_found
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sarkd_diag import load_run
@@ -65,7 +65,7 @@ def test_dense_teacher_trains_as_plain_kd_with_a_warning(cli, tiny_args, tiny_wo
     assert code == 0, err
     run = load_run(tmp_path / "run")
     assert list(run["events"].query("kind == 'no_router'")["severity"]) == ["warning"]
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
     assert not (tmp_path / "run" / "router_update.pt").exists()
 
 
@@ -102,7 +102,7 @@ def test_dual_tokenizer_mode_trains_the_student_on_hidden_states(cli, tiny_args,
     assert (train["kd_targets"] == train["targets"]).all() and "kd_targets_few" not in set(run["events"]["code"])
     ppls = run["metrics"].query("split == 'eval'")["eval_ppl"].tolist()
     assert ppls[-1] < ppls[0]
-    assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
+    assert not [d for d in summary["diagnosis"] + summary["findings"] if d["severity"] != "info"]
 
 
 def test_a_dual_tokenizer_kd_term_over_few_tokens_says_so(cli, tiny_args, tiny_world, tmp_path):
@@ -124,7 +124,7 @@ def test_a_dual_tokenizer_kd_term_over_few_tokens_says_so(cli, tiny_args, tiny_w
     assert "at most 8 tokens" in note.message and "--block-size" in note.message
     assert "the KD term covered" in out + err
     # a note the summary ignored: "no numerical problems" while most tokens had no teacher target
-    cause = next(c for c in run["summary"]["diagnosis"] if c["cause"] == "kd_targets_few")
+    cause = next(c for c in run["summary"]["findings"] if c["cause"] == "kd_targets_few")
     assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
     assert cause["evidence"]["steps_under_threshold"] == len(train) and "--block-size (now" in cause["fix"]
 
@@ -145,7 +145,7 @@ def test_a_teacher_whose_vocabulary_is_padded_is_distilled_on_logits_over_the_sh
     assert not run["config"]["objective"]["fused_loss"] and set(events["code"]) >= {"padded_vocabulary", "loss_unfused"}
     train = run["metrics"].query("split == 'train'")
     assert all(math.isfinite(v) and v > 0 for v in train["kd_loss"])
-    assert not [d for d in run["summary"]["diagnosis"] if d["severity"] != "info"]
+    assert not [d for d in run["summary"]["diagnosis"] + run["summary"]["findings"] if d["severity"] != "info"]
 
 
 @pytest.mark.parametrize("precision, dtype", [("pure-bf16", "bfloat16"), ("pure-fp16", "float16")])

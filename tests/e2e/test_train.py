@@ -25,7 +25,7 @@ def test_healthy_modes_train_with_finite_weights_and_falling_loss(cli, tiny_args
     summary = assert_run_dir(run_dir)
     assert summary["status"] == "completed" and summary["steps_completed"] == 6
     assert summary["precision"]["mode"] == mode and summary["precision"]["master_dtype"] == "float32"
-    assert not [d for d in summary["diagnosis"] if d["severity"] != "info"]
+    assert not [d for d in summary["diagnosis"] + summary["findings"] if d["severity"] != "info"]
     ppls = _eval_ppls(run_dir)
     assert len(ppls) == 3 and ppls[-1] < 0.8 * ppls[0]  # before the first step, at step 3, at the end
     student = run_dir / "student"

@@ -17,6 +17,7 @@ pytest.importorskip("accelerate")
 import tiny  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
+from contract import nothing_found  # noqa: E402
 from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
 
 from sarkd_diag import Probes, load_run  # noqa: E402
@@ -85,7 +86,7 @@ def _loop(run_dir=None, break_module=False, accumulation=1, probes_first=False, 
 def test_a_clean_bf16_accelerate_loop_records_nothing(tmp_path):
     losses = _loop(tmp_path / "run")
     run = load_run(tmp_path / "run")
-    assert run["summary"]["diagnosis"] == [] and run["summary"]["steps_completed"] == STEPS
+    assert nothing_found(run["summary"]) and run["summary"]["steps_completed"] == STEPS
     assert run["summary"]["precision"]["mode"] == "bf16-mixed"  # from the autocast state, not the fp32 weights
     metrics = run["metrics"]
     assert metrics["step"].tolist() == [1, 2, 3, 4]
@@ -140,7 +141,7 @@ def test_an_accelerator_accumulating_over_batches_the_loop_does_not_accumulate_i
     (note,) = notes.itertuples()
     assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
     assert "after 1 batch," in note.message and "`with accelerator.accumulate(model):`" in note.message
-    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "accumulation_unmatched")
+    found = cause(load_run(tmp_path / "run")["summary"]["findings"], "accumulation_unmatched")
     assert (found["severity"], found["first_step"]) == ("warning", 1)
     assert "gradient_accumulation_steps=4" in found["fix"] and "accelerator.accumulate(model)" in found["fix"]
     assert _loop(accumulation=4, stepping=stepping) == losses
@@ -186,7 +187,7 @@ def test_adafactor_with_its_own_relative_step_trains_and_records_no_lr(tmp_path)
 
     losses = _loop(tmp_path / "run", make_optimizer=Adafactor)
     run = load_run(tmp_path / "run")
-    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["summary"]["status"] == "completed" and nothing_found(run["summary"])
     assert run["metrics"]["lr"].isna().all() and run["metrics"]["update_ratio"].notna().all()
     assert run["metrics"]["loss"].tolist() == pytest.approx(losses, rel=1e-6)
     assert _loop(make_optimizer=Adafactor) == losses
@@ -268,7 +269,7 @@ def test_several_optimizers_are_watched_as_one(tmp_path):
     assert split == grouped  # the same training
     ratios = [load_run(tmp_path / name)["metrics"]["update_ratio"].tolist() for name in ("split", "grouped")]
     assert ratios[0] == pytest.approx(ratios[1], rel=1e-5)
-    assert load_run(tmp_path / "split")["summary"]["diagnosis"] == []
+    assert nothing_found(load_run(tmp_path / "split")["summary"])
 
     _two_optimizers(tmp_path / "nan", split=True, nan_grad_at=2)
     found = cause(load_run(tmp_path / "nan")["summary"]["diagnosis"], "divergence")  # fp32: no overflow

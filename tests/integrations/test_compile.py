@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.utils
+from contract import nothing_found
 from torch import nn
 
 from sarkd_diag import Probes, load_run
@@ -64,7 +65,7 @@ def test_statistics_steps_do_not_recompile_a_compiled_model(tmp_path):
     losses, graphs = _loop(tmp_path / "run")
     assert graphs[EVERY - 1] == graphs[-1], graphs  # after the first steps with and without statistics: nothing new
     run = load_run(tmp_path / "run")
-    assert run["summary"]["diagnosis"] == [] and run["summary"]["steps_completed"] == 9
+    assert nothing_found(run["summary"]) and run["summary"]["steps_completed"] == 9
     assert run["metrics"]["act_amax_student"].notna().sum() == 4  # the statistics steps read every module
     assert run["metrics"]["loss"].tolist() == losses
     assert _loop()[0] == losses  # the probes changed nothing the compiled model computes

@@ -15,6 +15,7 @@ import torch
 pl = pytest.importorskip("pytorch_lightning")
 
 import tiny  # noqa: E402
+from contract import nothing_found  # noqa: E402
 from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
@@ -71,7 +72,7 @@ def test_accumulated_batches_close_one_step_each_and_training_is_unchanged(tmp_p
         [(a + b) / 2 for a, b in zip(module.losses[::2], module.losses[1::2], strict=True)], rel=1e-6)
     assert metrics["grad_norm"].notna().all()  # read before Lightning's clipping, on the batch that steps
     assert not {"warning", "critical"} & set(run["events"]["severity"])  # no "step order" note
-    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["summary"]["status"] == "completed" and nothing_found(run["summary"])
 
     plain = Distil(tiny.make_gpt2(VOCAB))
     _fit(plain, accumulate_grad_batches=2)
@@ -176,7 +177,7 @@ def test_a_clean_bf16_mixed_run_is_recorded_as_such_and_warns_of_nothing(tmp_pat
     assert precision["requested"] == requested
     assert ('which Lightning runs as "bf16-mixed"' in precision["reason"]) == (asked != "bf16-mixed")
     assert not precision["loss_scaling"]
-    assert run["summary"]["diagnosis"] == [] and not {"warning", "critical"} & set(run["events"]["severity"])
+    assert nothing_found(run["summary"]) and not {"warning", "critical"} & set(run["events"]["severity"])
 
 
 class Remember(pl.Callback):
@@ -338,7 +339,7 @@ def test_manual_accumulation_of_undivided_losses_is_fixed_in_lightnings_terms(tm
     """Manual optimization that sums two batches' `manual_backward(loss)` per step: the summing is named, and its
     fix is Lightning's — `self.manual_backward(loss / accumulation_steps)` — not a plain loop's `.backward()`."""
     _fit(ManualAccumulation(divide=False), tmp_path / "run", gradient_clip_val=None)
-    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "micro_batches_summed")
+    found = cause(load_run(tmp_path / "run")["summary"]["findings"], "micro_batches_summed")
     assert found["first_step"] == 1 and "self.manual_backward(loss / accumulation_steps)" in found["fix"]
     assert ".backward()`" not in found["fix"]
 
@@ -354,7 +355,7 @@ def test_manual_optimization_clipping_before_a_scalers_unscale_is_fixed_in_light
     module = ManualAccumulation()
     _fit(module, tmp_path / "run", gradient_clip_val=None,
          plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
-    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "clip_before_unscale")
+    found = cause(load_run(tmp_path / "run")["summary"]["findings"], "clip_before_unscale")
     assert "on_before_optimizer_step" in found["fix"] and "manual optimization" in found["fix"], found["fix"]
 
 
@@ -587,10 +588,10 @@ def test_batches_a_training_step_drops_are_skipped_steps_and_no_loss_cut_off(tmp
     run = load_run(tmp_path / "some")
     assert run["metrics"]["skipped"].fillna(0).tolist() == [0, 1, 1, 0, 0, 0]
     assert run["events"]["code"].tolist() == ["caller_skipped_step"] * 2
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
 
     _fit(Skipping(tiny.make_gpt2(VOCAB), skip=lambda i: True), tmp_path / "all")
-    (found,) = load_run(tmp_path / "all")["summary"]["diagnosis"]
+    (found,) = load_run(tmp_path / "all")["summary"]["findings"]
     assert (found["cause"], found["severity"], found["first_step"]) == ("no_gradients", "warning", 1)
     assert "`training_step` returned None on every batch" in found["fix"]
 

@@ -10,6 +10,7 @@ pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
+from contract import nothing_found  # noqa: E402
 from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -71,7 +72,7 @@ def test_lora_over_an_fp16_base_without_a_scaler_is_told_its_gradients_flush_in_
     root = cause(diagnosis, "update_underflow")
     assert root["model"] == "student" and root["first_step"] == 1 and "lora_" in root["tensor"]
     assert "flush" in root["fix"] and root["evidence"]["compute_dtype"] == "float16"
-    assert "no_gradients" not in [d["cause"] for d in diagnosis]
+    assert "no_gradients" not in [d["cause"] for d in run["summary"]["findings"]]
     assert losses == _train_lora_loop(None, loss_weight=1e-6)  # the probes did not change training
 
 
@@ -79,7 +80,7 @@ def test_lora_over_an_fp16_base_at_a_normal_loss_trains_and_is_recorded_as_mixed
     _train_lora_loop(tmp_path / "run", loss_weight=1.0)
     run = load_run(tmp_path / "run")
     assert run["summary"]["precision"]["mode"] == "mixed"
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
     assert run["metrics"]["zero_grad_tensors"].iloc[1:].eq(0).all()  # LoRA's B at 0 zeroes A's gradient on step 1 only
 
 
@@ -94,7 +95,7 @@ def _trainer(tmp_path, model, run_dir=None, **args):
 def test_a_clean_lora_run_in_the_trainer_warns_of_nothing_and_trains_alike(tmp_path):
     trainer = _trainer(tmp_path, lora(tiny.make_gpt2(VOCAB)), tmp_path / "run", bf16=True, learning_rate=1e-3)
     run = load_run(tmp_path / "run")
-    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["summary"]["status"] == "completed" and nothing_found(run["summary"])
     assert run["summary"]["precision"]["mode"] == "bf16-mixed"
     assert not {"warning", "critical"} & set(run["events"]["severity"])
     plain = _trainer(tmp_path, lora(tiny.make_gpt2(VOCAB)), bf16=True, learning_rate=1e-3)
@@ -138,7 +139,7 @@ def test_fp16_adapters_under_a_grad_scaler_are_told_to_keep_the_adapters_in_fp32
             loss = model(input_ids=ids, labels=ids).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)
-    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    root = load_run(tmp_path / "run")["summary"]["findings"][0]
     assert root["cause"] == "scaler_fp16_weights" and "lora_" in root["tensor"]
     assert "keep the trainable tensors (the adapters) in fp32 over the frozen float16 weights" in root["fix"]
     assert "load the model in fp32" not in root["fix"]
@@ -166,7 +167,7 @@ def test_an_optimizer_built_before_the_adapters_were_added_is_named_before_the_f
                       optimizers=(optimizer, None))
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
-    root = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "no_gradients")
+    root = cause(load_run(tmp_path / "run")["summary"]["findings"], "no_gradients")
     assert root["model"] == "student" and "lora_" in root["tensor"] and root["first_step"] == 1
     assert root["evidence"]["trainable_tensors_in_optimizer"] == 0
 
@@ -239,4 +240,4 @@ def test_a_healthy_lora_runs_zero_initialised_adapters_are_no_finding():
             optimizer.zero_grad()
             probes.step(loss=loss)
     assert [e.kind for e in probes.events.events if e.kind == "zero_activation"] == []
-    assert probes.diagnosis() == []
+    assert probes.diagnosis().ranked == []

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("accelerate")
 
 import tiny  # noqa: E402
+from contract import nothing_found  # noqa: E402
 from frameworks import Sequences, cause, logged_losses, overflow_fp16, training_args  # noqa: E402
 from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -99,7 +100,7 @@ def test_bf16_run_is_clean_and_recorded_as_bf16_mixed(tmp_path):
     run = load_run(tmp_path / "run")
     summary = run["summary"]
     assert summary["status"] == "completed" and summary["steps_completed"] == 4
-    assert summary["diagnosis"] == []
+    assert nothing_found(summary)
     assert not {"warning", "critical"} & set(run["events"]["severity"]) if len(run["events"]) else True
     assert summary["precision"]["mode"] == "bf16-mixed"
     assert summary["precision"]["master_dtype"] == "float32"
@@ -244,7 +245,7 @@ def test_a_resume_from_an_earlier_checkpoint_records_each_redone_step_once(tmp_p
     run = load_run(tmp_path / "run")
     assert run["metrics"]["step"].tolist() == list(range(1, 9))  # 5 and 6 once, not twice
     assert _train_losses(run) == pytest.approx(logged_losses(second), rel=1e-6)  # the resumed run's 5..8
-    assert run["events"].query("kind == 'fp16_overflow_risk'").empty and run["summary"]["diagnosis"] == []
+    assert run["events"].query("kind == 'fp16_overflow_risk'").empty and nothing_found(run["summary"])
     rows = [json.loads(line)["step"] for line in (tmp_path / "run" / "activations.jsonl").read_text().splitlines()]
     assert sorted(set(rows)) == list(range(1, 9)) and len({rows.count(s) for s in set(rows)}) == 1  # one set a step
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
@@ -496,7 +497,7 @@ def test_a_frozen_parameter_group_is_not_warned_about_weight_decay(tmp_path):
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     run = load_run(tmp_path / "run")
-    assert _preflight(run) == [] and run["summary"]["diagnosis"] == []
+    assert _preflight(run) == [] and nothing_found(run["summary"])
 
 
 def test_preflight_checks_under_warmup_use_the_schedulers_initial_lr(tmp_path):
@@ -697,7 +698,7 @@ def test_a_compute_loss_that_detaches_the_loss_is_named_in_the_trainers_terms(tm
                                   train_dataset=Sequences(VOCAB))
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
-    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    (root,) = load_run(tmp_path / "run")["summary"]["findings"]
     assert (root["cause"], root["first_step"]) == ("no_gradients", 1)
     assert "`compute_loss`" in root["fix"] and "before `step()`" not in root["fix"], root["fix"]
 
@@ -835,10 +836,13 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     trainer = trainer_with_fault()
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
-    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    summary = load_run(tmp_path / "run")["summary"]
+    root = (summary["diagnosis"] if model_name == "teacher" else summary["findings"])[0]
     expected = "teacher_overflow" if model_name == "teacher" else "weights_edited"
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         expected, model_name, "transformer.h.1.mlp.c_fc", 3)
+    if model_name == "student":  # the edit is a finding; the failure it made stays a cause, explained by it
+        assert summary["diagnosis"][0]["evidence"]["explained_by"].startswith("weights_edited@3")
     plain = trainer_with_fault()
     plain.train()
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
@@ -915,7 +919,7 @@ def test_frozen_layers_are_not_reported_as_receiving_no_gradient(tmp_path):
             p.requires_grad_(False)
     trainer, _ = _train(tmp_path, model, tmp_path / "run", max_steps=10, learning_rate=1e-3)
     run = load_run(tmp_path / "run")
-    assert run["summary"]["diagnosis"] == [] and run["events"].empty
+    assert nothing_found(run["summary"]) and run["events"].empty
     assert (run["metrics"]["zero_grad_tensors"] == 0).all() and run["metrics"]["update_ratio"].notna().all()
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
 
@@ -939,7 +943,7 @@ def test_evaluation_during_training_leaves_the_statistics_alone_and_is_recorded(
     run = load_run(tmp_path / "run")
     (note,) = run["events"].itertuples()
     assert (note.kind, note.severity, note.step, note.phase) == ("nonfinite_eval", "warning", 1, "eval")
-    assert run["summary"]["diagnosis"] == []  # training is healthy
+    assert nothing_found(run["summary"])  # training is healthy
     train = run["metrics"].query("split == 'train'")
     assert train["step"].tolist() == [1, 2, 3, 4]
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
@@ -972,7 +976,7 @@ def test_a_nan_evaluate_after_train_is_said_in_the_closed_run(tmp_path):
     run = load_run(tmp_path / "run")
     (note,) = run["events"].itertuples()
     assert (note.kind, note.step) == ("nonfinite_eval", 4) and "fp16_full_eval" in note.message
-    assert run["summary"]["status"] == "completed" and run["summary"]["diagnosis"] == []
+    assert run["summary"]["status"] == "completed" and nothing_found(run["summary"])
     report = (tmp_path / "run" / "report.md").read_text()  # "no problem found" says training's, not evaluation's
     assert "No numerical problem was found in training" in report and "evaluation's loss was not finite" in report
 
@@ -1076,7 +1080,7 @@ def test_a_teachers_generate_in_a_callback_between_steps_is_not_read_as_its_trai
     run = load_run(tmp_path / "run")
     assert _train_losses(run) == pytest.approx(logged_losses(trainer), rel=1e-6)
     if where == "generation":
-        assert run["summary"]["diagnosis"] == [] and run["metrics"]["act_amax_teacher"].notna().all()
+        assert nothing_found(run["summary"]) and run["metrics"]["act_amax_teacher"].notna().all()
     else:
         found = cause(run["summary"]["diagnosis"], "activation_overflow")
         assert (found["model"], found["module"], found["first_step"]) == ("teacher", "transformer.h.0.mlp.c_proj", 1)
@@ -1102,7 +1106,7 @@ def test_hyperparameter_trials_in_one_run_are_marked_and_judged_each_on_its_own(
     assert len(losses) == 48 and losses[15] < 0.8 * losses[16]  # the trial boundary the curve jumps at
     notes = run["events"].query("code == 'run_continued'")
     assert notes["step"].tolist() == [17, 33] and set(notes["severity"]) == {"info"}
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
 
 
 def test_a_loss_made_nonfinite_by_its_own_arithmetic_between_statistics_steps_is_placed_at_the_loss(tmp_path):

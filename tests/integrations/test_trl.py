@@ -17,6 +17,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 import tiny  # noqa: E402
+from contract import nothing_found  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from frameworks import cause, logged_losses, overflow_fp16, tiny_tokenizer  # noqa: E402
 
@@ -84,7 +85,7 @@ def test_a_clean_bf16_distillation_records_nothing(world, tmp_path):
     trainer, _ = _distil(world, tmp_path / "t", *_pair(world), run_dir=tmp_path / "run", bf16=True)
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 3
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
     # the mode the user asked for; note that DistillationTrainer's training forwards run outside accelerate's
     # autocast (its `_forward_redirection` calls the backbones directly): only `generate` runs under bf16 there
     assert run["summary"]["precision"]["requested"] == "TrainingArguments(bf16=True)"
@@ -106,7 +107,7 @@ def test_a_bf16_student_at_a_tiny_lr_loses_its_updates(world, tmp_path):
     found = cause(summary["diagnosis"], "update_underflow")
     assert found["severity"] == "warning" and found["model"] == "student" and found["first_step"] == 1
     assert summary["precision"]["mode"] == "pure-bf16"
-    assert "critical" not in {d["severity"] for d in summary["diagnosis"]}
+    assert "critical" not in {d["severity"] for d in summary["diagnosis"] + summary["findings"]}
 
     plain, _ = _distil(world, tmp_path / "p", *_pair(world, torch.bfloat16), learning_rate=1e-6)
     assert logged_losses(plain) == logged_losses(trainer)
@@ -223,7 +224,7 @@ def test_sft_dpo_and_gkd_trainers_record_their_steps(world, tmp_path, kind):
     trainer = _other_trainer(world, kind, tmp_path / "t", student, tmp_path / "run")
     run = load_run(tmp_path / "run")
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 3
-    assert run["summary"]["diagnosis"] == []
+    assert nothing_found(run["summary"])
     assert run["summary"]["precision"]["requested"] == "TrainingArguments(bf16=True)"
     metrics = run["metrics"]
     assert metrics["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
@@ -308,7 +309,7 @@ def test_grpo_whose_reward_never_differs_is_told_its_advantages_are_zero(world, 
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     assert logged_losses(trainer) == [0.0, 0.0, 0.0]
-    found = cause(load_run(tmp_path / "run")["summary"]["diagnosis"], "no_gradients")
+    found = cause(load_run(tmp_path / "run")["summary"]["findings"], "no_gradients")
     assert (found["severity"], found["first_step"]) == ("warning", 1)
     assert "reward function" in found["fix"] and "identical to its teacher" not in found["fix"]
 
@@ -382,7 +383,7 @@ def test_gkd_sequence_kd_reads_the_teachers_training_forwards_not_its_generation
     assert run["metrics"]["step"].tolist() == [1, 2, 3]
     assert run["metrics"]["loss"].tolist() == pytest.approx(logged_losses(trainer), rel=1e-6)
     if where == "teacher generation":
-        assert run["summary"]["diagnosis"] == []
+        assert nothing_found(run["summary"])
         assert run["metrics"]["act_amax_teacher"].notna().any()  # its training forward was read
     else:
         found = cause(run["summary"]["diagnosis"], "activation_overflow")

@@ -72,7 +72,24 @@ def _events(probes, kind):
 
 
 def _causes(probes):
-    return [d["cause"] for d in probes.diagnosis()]
+    """Every code the diagnosis names, numerical causes and findings together, the root first."""
+    return [d["cause"] for d in probes.diagnosis().ranked]
+
+
+def _finding(probes) -> dict:
+    """The one thing the diagnosis names: a finding (the loop's or the setup's fault), no numerical cause beside it."""
+    diagnosis = probes.diagnosis()
+    assert list(diagnosis) == [], [c["cause"] for c in diagnosis]
+    (finding,) = diagnosis.findings
+    return finding
+
+
+def _explained(probes, root: dict) -> dict:
+    """The numerical symptom a finding at the root keeps among the causes: explained by it, with its fix."""
+    (symptom,) = [c for c in probes.diagnosis() if "explained_by" in c["evidence"]]
+    assert symptom["evidence"]["explained_by"].startswith(f"{root['cause']}@{root['first_step']} ")
+    assert symptom["fix"] == root["fix"]
+    return symptom
 
 
 @pytest.mark.parametrize("seed", [19, 32, 41])
@@ -423,7 +440,7 @@ def test_clipping_gradients_the_scaler_still_scales_is_noted_once_with_the_scale
         return
     (note,) = notes
     assert (note.severity, note.step, note.value) == ("warning", 1, 65536.0)
-    (cause,) = [c for c in probes.diagnosis() if c["cause"] == "clip_before_unscale"]
+    (cause,) = [c for c in probes.diagnosis().findings if c["cause"] == "clip_before_unscale"]
     assert "scaler.unscale_(optimizer)" in cause["fix"] and "65536" in cause["fix"]
 
 
@@ -455,10 +472,14 @@ def test_an_optimizer_stepped_twice_per_batch_is_noted_once(init_scale, extra_st
     notes = [e for e in _events(probes, "setup_note") if e.code == "optimizer_stepped_twice"]
     assert [(e.severity, e.step, e.model) for e in notes] == ([("warning", 1, "student")] if extra_step else [])
     if extra_step:
-        (cause, *_) = probes.diagnosis()
+        (cause, *_) = probes.diagnosis().ranked
         assert cause["cause"] == "optimizer_stepped_twice" and "once per batch" in cause["fix"]
         assert cause["model"] == "student"
         assert cause["severity"] == ("critical" if init_scale == 1e12 else "warning")
+        if init_scale == 1e12:  # the skipped gradients applied blow the weights up: the failure it explains
+            assert _explained(probes, cause)["cause"] == "divergence"
+        else:
+            assert probes.diagnosis() == []  # a finding; no numerical cause
 
 
 @pytest.mark.parametrize("close_every", [None, 2])
@@ -481,7 +502,7 @@ def test_a_loop_that_closes_steps_less_often_than_it_updates_is_told_so_not_that
     codes = [e.code for e in _events(probes, "setup_note")]
     assert "steps_left_open" in codes and "optimizer_stepped_twice" not in codes
     diagnosis = probes.diagnosis()
-    assert list(diagnosis) == []
+    assert list(diagnosis) == diagnosis.ranked == []  # no cause, numerical or the loop's
     assert [n["code"] for n in diagnosis.notes] == ["steps_left_open"]
     assert "probes.step() is not called after every optimizer step" in repr(diagnosis)
     assert repr(diagnosis).startswith("Diagnosis: no numerical problems found\nWarnings (no numerical cause):")
@@ -547,7 +568,7 @@ def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_t
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing trained
     (event,) = [e for e in probes.events.events if e.code == "unoptimized_models"]
     assert (event.model, event.step, event.severity) == ("student", 1, "warning")
-    (root,) = probes.diagnosis()
+    root = _finding(probes)
     assert (root["cause"], root["model"], root["first_step"]) == ("no_gradients", "student", 1)
     assert "built from other parameters" in root["fix"]
 
@@ -570,7 +591,9 @@ def test_a_frozen_student_is_named_not_the_teacher_left_trainable(tmp_path, teac
                 opt.step()
                 probes.step(loss=loss)
                 opt.zero_grad()
-    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["diagnosis"] == []  # the loop's fault, a finding: no numerical cause
+    (root,) = summary["findings"]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == \
         ("no_gradients", "student", "first.weight", 1)
     assert "student is frozen" in root["fix"] and "requires_grad_(True)" in root["fix"]
@@ -591,7 +614,9 @@ def test_a_loop_whose_optimizer_never_steps_is_told_why_nothing_trained(tmp_path
             probes.step()
     (event,) = [e for e in probes.events.events if e.code == "optimizer_never_stepped"]
     assert (event.step, event.numel) == (3, 3)
-    (root,) = load_run(tmp_path / "run")["summary"]["diagnosis"]
+    summary = load_run(tmp_path / "run")["summary"]
+    assert summary["diagnosis"] == []  # the loop's fault, a finding: no numerical cause
+    (root,) = summary["findings"]
     assert (root["cause"], root["first_step"], root["evidence"]["optimizer_steps"]) == ("no_gradients", 1, 0)
     assert "optimizer.step()" in root["fix"]
 
@@ -624,7 +649,7 @@ def test_an_optimizer_built_over_the_teachers_parameters_is_named_at_the_student
             opt.zero_grad()
     (event,) = [e for e in probes.events.events if e.code == "unoptimized_models"]
     assert (event.model, event.step) == ("student", 1) and "built from teacher's parameters" in event.message
-    root, *_ = probes.diagnosis()
+    root, *_ = probes.diagnosis().ranked
     assert (root["cause"], root["model"], root["first_step"]) == ("no_gradients", "student", 1)
     assert "holds none of student's trainable tensors" in root["fix"]
 
@@ -733,7 +758,7 @@ def test_nan_embedding_rows_no_batch_uses_are_named_as_a_warning_in_a_run_that_s
             opt.zero_grad()
             losses.append(float(loss.detach()))
     assert all(map(math.isfinite, losses))  # the provocation: the NaN rows reach nothing
-    (cause,) = probes.diagnosis()
+    (cause,) = probes.diagnosis().ranked
     assert (cause["cause"], cause["severity"], cause["tensor"]) == ("nonfinite_input", "warning",
                                                                     "transformer.wte.weight")
     assert "re-export" in cause["fix"]
@@ -768,33 +793,38 @@ def _edited_after_step_2(edit, optimizer_given: bool = True, every: int = 10) ->
 
 def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the_next_update():
     """Read again at step 3's first training forward, the weight that was finite after step 2's update and NaN now
-    is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late."""
+    is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late — the
+    overflow it makes in that forward stays among the causes, explained by the edit."""
     probes = _edited_after_step_2(lambda m: m.second.weight.__setitem__((0, 0), math.nan))
     (event,) = _events(probes, "nonfinite_between_steps")
     assert (event.severity, event.tensor, event.step, event.phase) == ("critical", "second.weight", 3, "forward")
     assert math.isnan(event.value) and event.nan_count is None  # NaN, not counted: the update has spread it since
-    (root, *_) = probes.diagnosis()
+    (root, *_) = probes.diagnosis().ranked
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "weights_edited", "critical", "second.weight", 3)
     assert root["evidence"]["finite_after_optimizer_step"] == 2 and "no_grad" in root["fix"]
+    symptom = _explained(probes, root)  # the failure the edit made, among the causes: explained by it
+    assert (symptom["cause"], symptom["module"], symptom["first_step"]) == ("activation_overflow", "second", 3)
 
 
 @pytest.mark.parametrize("edit, severity", [(lambda m: m.first.weight.mul_(1e6), "warning"),
                                             (lambda m: m.first.weight.mul_(0.999), "info")])
 def test_finite_weights_rescaled_between_steps_are_an_edit_whose_size_decides_the_warning(edit, severity):
-    """×1e6 is an edit worth a warning — here critical, as step 3's update then blows up (folded into it); ×0.999
-    (an EMA-like nudge) is recorded and claims nothing."""
+    """×1e6 is an edit worth a warning — here critical, as step 3's update then blows up (a divergence kept among the
+    causes, explained by the edit); ×0.999 (an EMA-like nudge) is recorded and claims nothing."""
     probes = _edited_after_step_2(edit)
     (event,) = _events(probes, "weights_edited")
     assert (event.severity, event.tensor, event.step) == (severity, "first.weight", 3)
     found = probes.diagnosis()
     if severity == "info":
-        assert found == []
+        assert found.ranked == []
         return
-    (root,) = found
+    (root, symptom) = found.ranked
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "weights_edited", "critical", "first.weight", 3)
-    assert "extreme_update@3" in root["evidence"]["then"] and "divergence@3" in root["evidence"]["followed_by"]
+    assert "extreme_update@3" in root["evidence"]["then"] and "followed_by" not in root["evidence"]
+    assert list(found) == [symptom] == [_explained(probes, root)]
+    assert (symptom["cause"], symptom["severity"], symptom["first_step"]) == ("divergence", "critical", 3)
 
 
 def test_a_write_through_data_that_moves_no_version_is_read_on_a_statistics_step():
@@ -850,7 +880,7 @@ def test_a_warm_up_from_0_stepped_once_per_epoch_is_named_with_the_steps_it_held
         for _ in range(3):
             _train(model, probes, opt, steps=5)
             schedule.step()
-    (cause,) = probes.diagnosis()
+    cause = _finding(probes)
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("lr_zero", "warning", 1)
     assert (cause["evidence"]["steps_at_lr_0"], cause["evidence"]["lr_rose_at_step"]) == (5, 6)
     assert "from 1 to 5" in cause["fix"] and "once per epoch" in cause["fix"] and "cannot move" not in cause["fix"]
@@ -913,7 +943,7 @@ def test_a_nan_made_in_a_modules_own_code_is_placed_at_that_module_not_at_the_ch
     (event,) = _events(probes, "nonfinite_activation")
     assert (event.model, event.module, event.step, event.dtype) == ("student", "attn", 1, "float32")
     assert math.isnan(event.value) and "own code" in event.message and "attn.proj" in event.message
-    (cause,) = probes.diagnosis()
+    (cause,) = probes.diagnosis().ranked
     assert (cause["cause"], cause["module"], cause["first_step"]) == ("divergence", "attn", 1)
     assert "mask" in cause["fix"] and "autocast" not in cause["fix"]
 
@@ -991,7 +1021,7 @@ def test_an_empty_output_made_by_the_models_own_forward_is_not_read():
         loss.backward()
         opt.step()
         probes.step(loss=loss)
-    assert out.numel() == 0 and probes.diagnosis() == []
+    assert out.numel() == 0 and probes.diagnosis().ranked == []
 
 
 def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
@@ -1014,7 +1044,7 @@ def test_a_mask_of_minus_inf_handed_to_a_softmax_module_is_no_event():
         loss.backward()
         opt.step()
         probes.step(loss=loss)
-    assert not _events(probes, "nonfinite_activation") and probes.diagnosis() == []
+    assert not _events(probes, "nonfinite_activation") and probes.diagnosis().ranked == []
 
 
 def test_a_run_directory_resumed_from_a_checkpoint_is_cut_back_to_it(tmp_path):
@@ -1305,17 +1335,20 @@ def test_adamws_usual_weight_decay_rounds_away_in_bf16_weights_and_is_said_to(dt
 def test_a_learning_rate_that_turns_nan_is_named_as_the_cause_and_kept_nan_in_the_metrics():
     """A decay schedule run past its end (sqrt of a negative, computed with tensors: NaN, not an error) hands the
     optimizer lr NaN at step 3; the gradients are finite, the weights turn NaN. The optimizer's own number is the
-    cause — not a blow-up to fix with a lower learning rate."""
+    root (a finding) — not a blow-up to fix with a lower learning rate: the overflow that follows it stays among the
+    causes, explained by it and with its fix."""
     probes, rows = _train_on_a_schedule(lambda params: torch.optim.AdamW(params, lr=1e-3),
                                         lambda s: float(torch.tensor(1.0 - s / 1.0).sqrt()), steps=4)
     assert rows[0]["lr"] == 1e-3 and rows[1]["lr"] == 0.0 and math.isnan(rows[2]["lr"])  # NaN kept, not 0 or None
     (event,) = _events(probes, "nonfinite_lr")
     assert (event.step, event.severity, event.model) == (3, "critical", "student") and math.isnan(event.value)
-    cause = probes.diagnosis()[0]
+    cause = probes.diagnosis().ranked[0]
     assert (cause["cause"], cause["first_step"]) == ("optimizer_nonfinite", 3)
     assert cause["evidence"]["gradients_finite"] is True and cause["evidence"]["lr_value"] == "nan"
     assert "schedule" in cause["fix"] and "lower" not in cause["fix"]
     assert "divergence" not in _causes(probes)
+    symptom = _explained(probes, cause)  # the NaN weights' next backward: the failure, explained by the lr
+    assert (symptom["cause"], symptom["first_step"]) == ("gradient_overflow", 4)
 
 
 def _train_on_a_schedule(make_optimizer, lr_lambda, steps: int, run_dir=None):
@@ -1348,7 +1381,7 @@ def test_a_learning_rate_below_zero_is_named_once_and_the_run_closes(tmp_path):
     (event,) = _events(probes, "negative_lr")
     assert (event.step, event.severity, event.model, event.value) == (4, "warning", "student", pytest.approx(-5e-3))
     assert (tmp_path / "run" / "report.html").exists() and (tmp_path / "run" / "loss_curves.png").exists()
-    cause = probes.diagnosis()[0]
+    cause = _finding(probes)
     assert (cause["cause"], cause["first_step"]) == ("lr_negative", 4) and "schedule" in cause["fix"]
 
 
@@ -1435,7 +1468,7 @@ def test_fp32_weights_lose_no_updates():
         opt.step()
         row = probes.step(loss=loss)
     assert row["lost_update_fraction"] == 0.0
-    assert probes.diagnosis() == []
+    assert probes.diagnosis().ranked == []
 
 
 def test_scaler_skips_are_info_then_a_collapse_is_a_warning_then_critical():
@@ -1466,7 +1499,7 @@ def test_scaler_warm_up_skips_are_not_warnings():
         _train(model, probes, opt, steps=12, scaler=scaler, scale_input=10.0)
     assert _events(probes, "scaler_skip")
     assert not _events(probes, "scaler_backoff")
-    assert probes.diagnosis() == []
+    assert probes.diagnosis().ranked == []
 
 
 def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None,
@@ -1512,7 +1545,7 @@ def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the
     assert (cause["cause"], cause["severity"], cause["module"]) == ("loss_scale_collapse", "warning", "third")
     healthy = _weighted_amp_scales(probes_of, 1e2)
     assert 1 < len(set(healthy)) and min(healthy) > MIN_WARMUP_SCALE  # it did skip while it found its scale
-    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis().ranked == []
 
 
 def test_a_warm_up_down_to_its_floor_is_a_collapse_though_one_of_its_skips_had_a_nan_loss():
@@ -1530,7 +1563,7 @@ def test_a_warm_up_down_to_its_floor_is_a_collapse_though_one_of_its_skips_had_a
     assert scales[8] == MIN_WARMUP_SCALE and min(scales) < MIN_WARMUP_SCALE  # the provocation, measured
     (backoff,) = _events(made[-1], "scaler_backoff")
     assert (backoff.code, backoff.step, backoff.severity) == ("warmup_scale_low", 9, "warning")
-    (root,) = made[-1].diagnosis()
+    (root,) = made[-1].diagnosis().ranked  # and no `no_gradients` finding beside it
     assert (root["cause"], root["first_step"]) == ("divergence", 2)
     assert root["evidence"]["followed_by"].startswith("loss_scale_collapse@9")
 
@@ -1547,7 +1580,7 @@ def test_a_healthy_warm_up_does_not_count_toward_the_fraction_of_skipped_steps_i
     scales = _weighted_amp_scales(probes_of, 1e2, steps=MIN_STEPS_FOR_FRACTION + 10)
     halvings = sum(later < earlier for earlier, later in zip([2.0**16, *scales[:-1]], scales, strict=True))
     assert halvings / MIN_STEPS_FOR_FRACTION > MAX_SKIP_FRACTION  # counted from the start, the warm-up alone is over
-    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis() == []
+    assert not _events(made[-1], "scaler_backoff") and made[-1].diagnosis().ranked == []
 
 
 
@@ -1565,11 +1598,11 @@ def test_a_run_that_ends_while_the_scaler_still_finds_its_scale_trained_nothing(
     assert scales == [2.0 ** 15, 2.0 ** 14, 2.0 ** 13]  # the provocation: each step skipped, none applied
     (note,) = [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
     assert (note.severity, note.numel, note.value) == ("warning", 3, 2.0 ** 13)
-    (cause,) = made[-1].diagnosis()
+    cause = _finding(made[-1])
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
     assert cause["evidence"]["steps_skipped"] == 3 and "8192" in cause["fix"]
     _weighted_amp_scales(probes_of, 1e2, steps=12)
-    assert made[-1].diagnosis() == []
+    assert made[-1].diagnosis().ranked == []
 
 @pytest.mark.parametrize("steps", [3, 12])
 def test_a_run_whose_loss_is_nan_on_every_step_is_not_said_to_have_a_scaler_that_started_too_high(steps):
@@ -1586,7 +1619,7 @@ def test_a_run_whose_loss_is_nan_on_every_step_is_not_said_to_have_a_scaler_that
     assert _weighted_amp_scales(probes_of, math.nan, steps=steps)[-1] == 2.0 ** (16 - steps)
     assert not [e for e in _events(made[-1], "setup_note") if e.code == "scaler_never_settled"]
     assert not _events(made[-1], "scaler_backoff")
-    (cause,) = made[-1].diagnosis()
+    (cause,) = made[-1].diagnosis().ranked  # no `no_gradients` finding beside it
     assert cause["cause"] == "divergence" and cause["evidence"]["loss_term"] == "loss"
     assert "followed_by" not in cause["evidence"]
 
@@ -1850,7 +1883,7 @@ def test_one_micro_batch_without_targets_is_bad_data_under_an_accumulated_loss()
             opt.step()
             probes.step(loss=total)
             opt.zero_grad()
-    (cause,) = probes.diagnosis()
+    (cause,) = probes.diagnosis().ranked
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("nonfinite_input", "critical", 2)
 
 
@@ -1872,7 +1905,7 @@ def test_a_classifiers_one_column_labels_are_targets_not_an_empty_batch():
             opt.step()
             probes.step(loss=loss, labels=labels_to_step)
             opt.zero_grad()
-    assert _events(probes, "empty_targets") == [] and probes.diagnosis() == []
+    assert _events(probes, "empty_targets") == [] and probes.diagnosis().ranked == []
 
 
 def test_an_unscaled_fp16_backward_that_flushes_every_gradient_is_named_and_explained():
@@ -1892,7 +1925,7 @@ def test_an_unscaled_fp16_backward_that_flushes_every_gradient_is_named_and_expl
     assert row["zero_grad_tensors"] == 6
     (event,) = _events(probes, "zero_gradients")
     assert (event.step, event.dtype, event.tensor, event.value) == (1, "float16", "third.bias", 1.0)
-    (cause,) = probes.diagnosis()
+    (cause,) = probes.diagnosis().ranked
     assert cause["cause"] == "update_underflow" and "GradScaler" in cause["fix"]
 
 
@@ -1994,13 +2027,14 @@ def test_moe_experts_no_token_reached_are_no_sign_of_a_cut_off_loss(cleared_befo
         (event,) = _events(probes, "zero_gradients")
         assert event.step == 1 and _causes(probes) == ["no_gradients"]
     else:
-        assert _events(probes, "zero_gradients") == [] and probes.diagnosis() == []
+        assert _events(probes, "zero_gradients") == [] and _causes(probes) == []
 
 
 def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_path):
     """A newcomer's `model.half()` plus GradScaler: torch raises at the first unscale; the run directory
     already says why and what to do, and the probes do not stop torch from raising. The diagnosis of the failed run
-    names it as its cause — not "no numerical problem was found" with the explanation only among the events."""
+    names it as its cause (a finding: the setup's, not precision's) — not "no numerical problem was found" with the
+    explanation only among the events."""
     model = Net().half()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu")
@@ -2013,7 +2047,8 @@ def test_a_loss_scaler_over_fp16_weights_is_warned_before_torch_refuses_it(tmp_p
     (note,) = events[events["kind"] == "setup_note"].itertuples()
     assert note.severity == "warning" and "float32" in note.message and note.tensor == "first.weight"
     run = load_run(tmp_path / "run")
-    (root,) = run["summary"]["diagnosis"]
+    assert run["summary"]["diagnosis"] == []  # the setup's fault, a finding: no numerical cause
+    (root,) = run["summary"]["findings"]
     assert (root["cause"], root["severity"], root["model"], root["tensor"], root["first_step"]) == \
         ("scaler_fp16_weights", "critical", "student", "first.weight", 1)
     assert "load the model in fp32" in root["fix"] and "autocast" in root["fix"] and "--" not in root["fix"]
@@ -2068,7 +2103,7 @@ def test_gradients_a_loop_never_clears_are_said_where_the_next_backward_adds_to_
             if clearing in ("after the step", "to zeros"):
                 opt.zero_grad(set_to_none=clearing == "after the step")
     notes = [e for e in _events(probes, "setup_note") if e.code == "gradients_not_cleared"]
-    causes = {d["cause"]: d for d in probes.diagnosis()}
+    causes = {d["cause"]: d for d in probes.diagnosis().findings}
     if not noted:
         assert notes == [] and "gradients_not_cleared" not in causes
         return
@@ -2109,7 +2144,7 @@ def test_micro_batch_losses_backpropagated_at_full_weight_are_said_to_sum_the_gr
             probes.step()
             opt.zero_grad()
     notes = [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
-    causes = {d["cause"]: d for d in probes.diagnosis()}
+    causes = {d["cause"]: d for d in probes.diagnosis().findings}
     if not noted:
         assert notes == [] and "micro_batches_summed" not in causes
         return
@@ -2144,7 +2179,7 @@ def test_two_objectives_of_one_batch_are_no_micro_batches_summed(objectives):
             probes.step()
             opt.zero_grad()
     assert not [e for e in _events(probes, "setup_note") if e.code == "micro_batches_summed"]
-    assert "micro_batches_summed" not in {d["cause"] for d in probes.diagnosis()}
+    assert "micro_batches_summed" not in _causes(probes)
     # the cross-entropy went through both backwards: applied twice (test below); R-Drop's two forwards once each
     twice = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
     assert len(twice) == (objectives == "one forward, two backwards")
@@ -2171,20 +2206,22 @@ def test_one_forwards_loss_backpropagated_twice_is_named_and_a_gradient_only_rea
             probes.step()
             opt.zero_grad()
     notes = [e for e in _events(probes, "setup_note") if e.code == "loss_backpropagated_twice"]
-    causes = {d["cause"]: d for d in probes.diagnosis()}
+    causes = {d["cause"]: d for d in probes.diagnosis().ranked}
     if second != "backward again":
         assert notes == [] and causes == {}
         return
     (note,) = notes
     assert (note.step, note.severity, note.model, note.value) == (1, "warning", "student", 2.0)
     cause = causes["loss_backpropagated_twice"]
+    assert cause in probes.diagnosis().findings  # the loop's fault, not precision's
     assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "student", 1)
     assert "once per forward" in cause["fix"] and "2×" in cause["fix"]
 
 
 def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
     """Eight micro-batches summed under SGD at an lr that their mean would take: the 8x updates blow up. The root
-    is the summing, not an lr 'far too high' that the blow-up alone would name."""
+    is the summing, not an lr 'far too high' that the blow-up alone would name: the blow-up stays among the causes,
+    explained by the summing and with its fix."""
     torch.manual_seed(0)
     model = tiny.make_gpt2(32, n_layer=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -2196,15 +2233,16 @@ def test_micro_batches_summed_are_the_root_of_the_blow_up_they_cause():
             opt.step()
             probes.step()
             opt.zero_grad()
-    root, *_ = probes.diagnosis()
+    root, *_ = probes.diagnosis().ranked
     assert (root["cause"], root["severity"], root["first_step"]) == ("micro_batches_summed", "critical", 1)
-    assert "divergence" in root["evidence"]["followed_by"]
+    assert _explained(probes, root)["cause"] == "divergence"  # the blow-up, told the summing's fix
 
 
 def test_gradients_not_cleared_under_a_loss_scaler_are_the_root_of_the_scale_collapse_they_cause():
     """One overflow at step 1, and a loop without `zero_grad()`: the Inf stays in `.grad`, every later step overflows
     and is skipped, and the scale falls to nothing. The root is the uncleared gradients, not the loss's size that a
-    `loss_scale_collapse` fix would name."""
+    `loss_scale_collapse` fix would name: the collapse stays among the causes, explained by them and with their
+    fix."""
     torch.manual_seed(0)
     model = Net(blow_up_backward=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -2219,9 +2257,10 @@ def test_gradients_not_cleared_under_a_loss_scaler_are_the_root_of_the_scale_col
             scaler.update()
             probes.step(loss=loss)
     assert scaler.get_scale() <= MIN_WARMUP_SCALE  # outside the tool: every step after the first was skipped too
-    root, *_ = probes.diagnosis()
+    root, *_ = probes.diagnosis().ranked
     assert (root["cause"], root["severity"], root["first_step"]) == ("gradients_not_cleared", "critical", 2)
-    assert "loss_scale_collapse" in root["evidence"]["followed_by"] and "skips every later step" in root["fix"]
+    assert "skips every later step" in root["fix"]
+    assert _explained(probes, root)["cause"] == "loss_scale_collapse"  # the collapse, told the root's fix
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -2488,7 +2527,7 @@ def test_an_additive_mask_of_float32s_min_handed_between_modules_is_no_fp16_risk
     """Eager attention's causal mask is torch.finfo(float32).min, made in the model's code and handed to each layer:
     a large negative value between modules is how masks are written, no overflow; a healthy run stays clean."""
     probes, _, largest_product = _swiglu_llama_step(1.0, attention="eager")
-    assert largest_product < 10 and not _events(probes, "fp16_overflow_risk") and probes.diagnosis() == []
+    assert largest_product < 10 and not _events(probes, "fp16_overflow_risk") and probes.diagnosis().ranked == []
 
 
 @pytest.mark.parametrize("level", ["standard", "full"])
@@ -2598,7 +2637,7 @@ def test_a_loss_with_a_flipped_sign_in_a_loop_is_named_as_a_loss_unbounded_below
             opt.zero_grad()
             losses.append(float(loss.detach()))
     assert losses[-1] < -abs(losses[0]) and all(map(math.isfinite, losses))  # the provocation
-    (cause,) = probes.diagnosis()
+    (cause,) = probes.diagnosis().ranked
     assert (cause["cause"], cause["severity"]) == ("divergence", "warning") and cause["evidence"]["unbounded_below"]
     assert "sign" in cause["fix"]
 
@@ -2624,7 +2663,7 @@ def test_a_negative_cosine_feature_loss_settling_toward_its_floor_is_no_loss_unb
             opt.zero_grad()
             losses.append(float(loss.detach()))
     assert losses[0] < 0 and losses[-1] < 3 * losses[0] and losses[-1] > -1  # the provocation: far below its start
-    assert probes.diagnosis() == []
+    assert probes.diagnosis().ranked == []
 
 
 @pytest.mark.parametrize("clip, threshold", [("norm", 0.0), ("norm", 1.0), ("value", 0.0), ("value", 1.0)])
@@ -2648,9 +2687,9 @@ def test_a_loop_that_clips_at_0_is_told_that_nothing_trains(clip, threshold):
     unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert unchanged is (threshold == 0)  # the provocation: nothing moved
     if threshold:
-        assert probes.diagnosis() == []
+        assert probes.diagnosis().ranked == []
         return
-    (cause,) = probes.diagnosis()
+    cause = _finding(probes)
     assert (cause["cause"], cause["severity"], cause["first_step"]) == ("no_gradients", "warning", 1)
     column = "clip_max_norm" if clip == "norm" else "clip_value"
     assert cause["evidence"][column] == 0 and "positive threshold" in cause["fix"]
@@ -2817,7 +2856,7 @@ def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_o
             opt.zero_grad()
     (note,) = [e for e in probes.events.events if e.code == "optimizer_state_nonfinite"]
     assert (note.step, note.tensor, note.dtype) == (4, "weight", "float16")
-    root, *_ = probes.diagnosis()
+    root, *_ = probes.diagnosis().ranked
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == \
         ("optimizer_nonfinite", "critical", "weight", 4)
     assert "keep the optimizer state in fp32" in root["fix"] and root["evidence"]["gradients_finite"]
@@ -2860,7 +2899,7 @@ def test_a_dropout_of_p_one_is_named_as_a_forward_that_zeroes_everything_not_a_l
             opt.zero_grad()
     (event,) = [e for e in probes.events.events if e.kind == "zero_activation"]
     assert (event.step, event.module, event.severity) == (1, "out", "info")
-    (root,) = probes.diagnosis()
+    root = _finding(probes)
     assert (root["cause"], root["module"], root["first_step"]) == ("no_gradients", "out", 1)
     assert "Dropout with p=1.0" in root["fix"] and ".detach()" not in root["fix"]
 
@@ -2895,7 +2934,7 @@ def test_a_float16_output_zeroed_everywhere_is_run_again_in_float32_to_tell_whos
             opt.zero_grad()
     (replay,) = [e for e in probes.events.events if e.kind == "wide_replay"]
     assert replay.module == at and (replay.value > 0) == (zeroing == "norm")
-    found = probes.diagnosis()
+    found = probes.diagnosis().ranked
     assert (found[0]["cause"], found[0]["module"], found[0]["first_step"]) == (cause, at, 1)
     assert "update_underflow" not in [c["cause"] for c in found]
 
@@ -2947,7 +2986,7 @@ def test_a_second_moment_gone_inf_with_its_weight_finite_is_named_not_read_as_up
             probes.step(loss=loss)
             opt.zero_grad()
     assert bool(torch.isinf(opt.state[weight]["exp_avg_sq"]).all()) and bool(weight.isfinite().all())
-    causes = probes.diagnosis()
+    causes = probes.diagnosis().ranked
     root = causes[0]
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "optimizer_nonfinite", "critical", "transformer.h.1.mlp.c_fc.weight", 10)
@@ -3028,7 +3067,7 @@ def test_an_rmse_from_a_copied_student_under_a_gradscaler_is_not_blamed_on_the_s
     scaler that "started too high: run more steps", a long one (the scale below 1) as gradients too large for fp16;
     both now name the loss's sqrt."""
     probes = _distil_with_an_rmse(*_distilled_from_a_copy(), steps=steps, scaler=torch.amp.GradScaler("cpu"))
-    root = probes.diagnosis()[0]
+    root = probes.diagnosis().ranked[0]
     assert (root["cause"], root["evidence"]["loss_operation"]) == (cause, "sqrt")
     assert "applies sqrt" in root["fix"]
 
@@ -3084,11 +3123,12 @@ def test_a_teacher_left_in_train_mode_with_dropout_is_named_and_one_in_eval_mode
             opt.step()
             probes.step(loss=loss)
             opt.zero_grad()
-    causes = {d["cause"]: d for d in probes.diagnosis()}
+    causes = {d["cause"]: d for d in probes.diagnosis().ranked}
     if mode == "eval":
         assert causes == {}
         return
     cause = causes["teacher_dropout"]
+    assert cause in probes.diagnosis().findings  # the setup's fault, not precision's
     assert (cause["severity"], cause["model"], cause["first_step"]) == ("warning", "teacher", 1)
     assert cause["evidence"]["dropout_p"] == 0.1 and "`teacher.eval()`" in cause["fix"]
 
@@ -3181,7 +3221,8 @@ def test_probabilities_handed_to_kl_div_as_its_input_are_named_the_kd_losss_faul
     plain, _ = _kd_with_kl_div(False, torch.softmax, KL_DIVS[kl_div])
     probed, probes = _kd_with_kl_div(True, torch.softmax, KL_DIVS[kl_div], tmp_path)
     assert probed == plain and plain[0] < 0  # no divergence: below 0 with the CE term in it
-    (cause, *_) = probes.diagnosis()
+    assert probes.diagnosis() == []  # the KD loss's fault, a finding: no numerical cause
+    (cause, *_) = probes.diagnosis().findings
     assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
         "kd_input_invalid", "critical", 1, "student"), cause
     assert "F.log_softmax(student_logits / T, dim=-1)" in cause["fix"] and 0 < cause["evidence"]["input_max"] <= 1
@@ -3192,7 +3233,7 @@ def test_probabilities_handed_to_kl_div_as_its_input_are_named_the_kd_losss_faul
 def test_log_probabilities_handed_to_kl_div_are_silent(tmp_path, kl_div):
     _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS[kl_div], tmp_path)
     assert not [e for e in _events(probes, "setup_note") if e.code == "kl_input_not_log_probs"]
-    assert [c["cause"] for c in probes.diagnosis()] == []
+    assert _causes(probes) == []
 
 
 def _kd_with_terms(kd_term, tmp_path, steps: int = 3, named: bool = True) -> object:
@@ -3231,13 +3272,13 @@ def test_a_kd_term_handed_over_below_0_is_named_no_divergence(tmp_path):
     def swapped(s, t, _):
         return _kl(s, t, swapped=True)
 
-    assert _kd_with_terms(swapped, tmp_path / "unnamed", named=False).diagnosis() == []
+    assert _kd_with_terms(swapped, tmp_path / "unnamed", named=False).diagnosis().ranked == []
     probes = _kd_with_terms(swapped, tmp_path / "named")
-    (cause,) = probes.diagnosis()
+    cause = _finding(probes)
     assert (cause["cause"], cause["severity"], cause["model"], cause["tensor"], cause["first_step"]) == (
         "loss_term_negative", "critical", "student", "kd", 1), cause
     assert cause["evidence"]["term_value"] < 0 and "Σ q·(log q − log p)" in cause["fix"]
-    assert _kd_with_terms(lambda s, t, _: _kl(s, t), tmp_path / "correct").diagnosis() == []
+    assert _kd_with_terms(lambda s, t, _: _kl(s, t), tmp_path / "correct").diagnosis().ranked == []
 
 
 def test_a_nonfinite_term_handed_over_is_named_by_the_term(tmp_path):
@@ -3347,7 +3388,8 @@ def test_probabilities_handed_to_kl_div_as_a_log_target_are_named_the_kd_losss_f
     plain, _ = _kd_with_kl_div(False, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div])
     probed, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_OF_LOG_TARGETS[kl_div], tmp_path)
     assert probed == plain
-    (cause, *_) = probes.diagnosis()
+    assert probes.diagnosis() == []  # the KD loss's fault, a finding: no numerical cause
+    (cause, *_) = probes.diagnosis().findings
     assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
         "kd_input_invalid", "critical", 1, "student"), cause
     assert "F.log_softmax(teacher_logits / T, dim=-1)` as the target" in cause["fix"]
@@ -3360,7 +3402,7 @@ def test_log_probabilities_handed_to_kl_div_as_a_log_target_are_silent(tmp_path)
 
     _, probes = _kd_with_kl_div(True, torch.log_softmax, kl_div, tmp_path)
     assert not [e for e in _events(probes, "setup_note") if e.code.startswith("kl_")]
-    assert probes.diagnosis() == []
+    assert probes.diagnosis().ranked == []
 
 
 KL_DIVS_AVERAGED = {"F.kl_div": lambda x, target: nn.functional.kl_div(x, target),
@@ -3373,7 +3415,7 @@ def test_kl_div_averaged_over_the_vocabulary_is_named_a_kd_term_in_name_only(tmp
     element, the KL per token ÷ the vocabulary's 64 — beside the CE the KD term carries 1/64 of its weight (1/150,000
     on a real vocabulary), and the run read as healthy. Named from the call's arguments: no device work."""
     _, probes = _kd_with_kl_div(True, torch.log_softmax, KL_DIVS_AVERAGED[kl_div], tmp_path)
-    (cause,) = probes.diagnosis()
+    cause = _finding(probes)
     assert (cause["cause"], cause["severity"], cause["first_step"], cause["model"]) == (
         "kd_reduction_mean", "warning", 1, "student"), cause
     assert cause["evidence"] == {"divided_by": 64} and 'reduction="batchmean"' in cause["fix"]
