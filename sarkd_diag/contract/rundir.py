@@ -27,7 +27,9 @@ from .numerics import number_or_none, reading_or_none
 from .wording import shell_command
 from .writers import run_logs, writing_processes
 
-SCHEMA_VERSION = 1
+# summary.json's layout: 2 since findings (the project's codes beyond the contract's nine) moved from `diagnosis` to
+# `findings`
+SCHEMA_VERSION = 2
 # compare-precision's table (comparison.csv/.parquet/.md/.html), in this order
 COMPARISON_COLUMNS = ["mode", "verdict", "top_cause", "steps_completed", "first_nonfinite_step",
                       "nonfinite_param_events", "skipped_steps", "final_eval_ppl", "best_eval_ppl", "drift_vs_fp32",
