@@ -1,5 +1,6 @@
 """Every verdict kind from crafted comparison rows, and the thresholds at their edges."""
 
+import json
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from sarkd_diag.analysis.verdicts import (
     recommend,
     verdict,
 )
+from sarkd_diag.compare import ModeRun, comparison_row
 
 
 def row(**figures):
@@ -42,6 +44,25 @@ def test_corrupted_names_the_first_step_and_the_top_cause():
     assert text(row(first_nonfinite_step=4, lost_update_fraction=0.9), ["optimizer_eps_underflow",
                                                                           "update_underflow"]) \
         == "corrupted@4 (optimizer_eps_underflow)"
+
+
+def test_a_modes_top_cause_is_its_diagnosiss_first_and_a_finding_only_where_there_is_no_cause(tmp_path):
+    """A run whose gradients were never cleared diverged: its summary lists the `divergence` (explained by the
+    finding, with its fix) among the causes and `gradients_not_cleared` among the findings. The table's top cause
+    and the verdict name the contract's code, the fix is the finding's; a run with only a finding names that."""
+    finding = {"cause": "gradients_not_cleared", "severity": "critical", "first_step": 2, "fix": "call zero_grad()"}
+    failure = {"cause": "divergence", "severity": "critical", "first_step": 3, "fix": "call zero_grad()",
+               "evidence": {"explained_by": "gradients_not_cleared@2 (student)"}}
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"status": "completed", "steps_completed": 4, "final": {},
+                                   "diagnosis": [failure], "findings": [finding]}))
+    figures, causes, failure_text, fix = comparison_row(ModeRun("fp32", tmp_path, 0, 1.0))
+    assert (figures["top_cause"], causes, failure_text, fix) == (
+        "divergence", ["divergence", "gradients_not_cleared"], None, "call zero_grad()")
+    assert text(row(first_nonfinite_step=3), causes) == "corrupted@3 (divergence)"
+    summary.write_text(json.dumps({"status": "completed", "steps_completed": 4, "final": {}, "diagnosis": [],
+                                   "findings": [{**finding, "cause": "lr_zero", "severity": "warning"}]}))
+    assert comparison_row(ModeRun("fp32", tmp_path, 0, 1.0))[0]["top_cause"] == "lr_zero"
 
 
 def test_stagnant_is_judged_from_lost_updates():
