@@ -214,6 +214,18 @@ def test_the_docs_are_cited_and_design_notes_outside_the_repository_are_not():
     assert citing == [], f"cite docs/ instead of a design file the repository does not hold: {citing}"
 
 
+def test_the_readmes_causes_table_says_where_each_code_is_listed():
+    """Every code a rule can claim has its README row, and the row says whether summary.json lists it among the
+    causes (`diagnosis`: the contract's nine) or among the findings."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| cause | listed in | meaning |")
+    rows = readme[start:readme.index("\n\n", start)].splitlines()[2:]
+    listed = dict(re.match(r"\| `(\w+)` \| `(\w+)` \|", row).groups() for row in rows)
+    assert set(listed) == set(diagnose.CAUSE_ORDER) - {"second_moment_decay"}  # a rule whose code is another's
+    assert {code for code, where in listed.items() if where == "diagnosis"} == diagnose.CAUSES
+    assert {where for code, where in listed.items() if code not in diagnose.CAUSES} == {"findings"}
+
+
 def test_the_docs_name_the_cause_codes_the_shared_checker_accepts():
     """docs/run-directory.md lists the nine codes shared/tools/check_run_dir.py accepts (beside the checkout, where
     there is one): a finding filed under a code of the project's own fails that checker, so which is which is said."""
