@@ -1217,7 +1217,8 @@ class Probes:
                                "they computed in", step=self.ctx.step, probe="precision")
 
     def diagnosis(self):
-        """The causes so far, most important first (analysis/diagnose.py): a list of dicts that prints readably."""
+        """The numerical causes so far, most important first (analysis/diagnose.py): a list of dicts that prints
+        readably, with the loop's and the setup's findings beside it (`.findings`; `.ranked`: both, root first)."""
         import pandas as pd
 
         from ..analysis.diagnose import diagnose
