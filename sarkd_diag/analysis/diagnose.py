@@ -15,8 +15,8 @@ the data has a place, with its evidence. `rank` then chooses among them, in this
 3. The causes are split by code. `CAUSES` — the numerical failures a precision run can show, the run-directory
    contract's nine codes — make `diagnosis`; every other code is a finding about the loop or the setup (a
    gradient never cleared, an lr of 0, a KD temperature below 1) and goes to `findings`. A run that failed
-   because of a finding still shows its failure among the causes: one numerical symptom of a finding's root — its
-   `divergence`, else its first — stays, explained by it (`explained_by`), with the root's fix.
+   because of a finding still shows its failure among the causes: the first numerical symptom of a finding's
+   root stays, explained by it (`explained_by`), with the root's fix.
 
 Fixes are written in the caller's own terms (`PHRASES`): `train`'s options on the command line, torch and
 `Probes` arguments in a hand-written loop, `TrainingArguments` fields under the Trainer, the Accelerator's
@@ -2860,41 +2860,29 @@ RULES = (nonfinite_input, weights_edited, scaler_fp16_weights, scaler_bypassed, 
 def rank(causes: list[Cause]) -> list[Cause]:
     """The root cause first, then the rest by severity and time; symptoms of the root folded into it, and so is a
     lesser finding of the root's own cause at its own place (an fp16 overflow's forecast beside the overflow). A root
-    that is a finding (not one of `CAUSES`) keeps one numerical symptom (`_failure_of_finding`), which names it
-    (`explained_by`) and takes its fix: the diagnosis shows how the run failed, the findings why."""
+    that is a finding (not one of `CAUSES`) keeps its first numerical symptom, which names it (`explained_by`) and
+    takes its fix: the diagnosis shows how the run failed, the findings why."""
     order = {cause: i for i, cause in enumerate(CAUSE_ORDER)}
-
-    def key(c: Cause) -> tuple:
-        return SEVERITY_ORDER[c.severity], *c.when, order[c.order]
-
-    causes = sorted(causes, key=key)
+    causes = sorted(causes, key=lambda c: (SEVERITY_ORDER[c.severity], *c.when, order[c.order]))
     if not causes or causes[0].severity != "critical":
         return causes
     root, kept, symptoms = causes[0], [causes[0]], []
+    shown = root.cause in CAUSES  # a finding's first numerical symptom stays among the causes, explained by it
     for cause in causes[1:]:
         later = (cause.when, order[cause.order]) >= (root.when, order[root.order])
         restated = (cause.cause, cause.model, cause.module) == (root.cause, root.model, root.module)
         if later and restated or cause.cause in SYMPTOM_CAPABLE and later \
                 and (cause.severity == "critical" or cause.when > root.when) and not _forward_apart(cause, root):
-            symptoms.append(cause)
-        else:
-            kept.append(cause)
-    shown = None if root.cause in CAUSES else _failure_of_finding(symptoms)
-    if shown is not None:
-        symptoms.remove(shown)
-        shown.evidence["explained_by"], shown.fix = root.summary(), root.fix
-        kept = [root, *sorted([*kept[1:], shown], key=key)]
+            if shown or cause.cause not in CAUSES:
+                symptoms.append(cause.summary())
+                continue
+            shown = True
+            cause.evidence["explained_by"] = root.summary()
+            cause.fix = root.fix
+        kept.append(cause)
     if symptoms:
-        root.evidence["followed_by"] = "; ".join(s.summary() for s in symptoms)
+        root.evidence["followed_by"] = "; ".join(symptoms)
     return kept
-
-
-def _failure_of_finding(symptoms: list[Cause]) -> Cause | None:
-    """The symptom that shows a finding's failure among the causes: a `divergence` — the contract's blow-up that
-    precision does not explain, which a finding's is — where the rules found one, else the first numerical symptom (a
-    loss scale that collapses under gradients never cleared); None when every symptom is itself a finding."""
-    numerical = [s for s in symptoms if s.cause in CAUSES]
-    return next((s for s in numerical if s.cause == "divergence"), numerical[0] if numerical else None)
 
 
 def _forward_apart(cause: Cause, root: Cause) -> bool:
