@@ -38,6 +38,7 @@ from .contract.rundir import (
     COMPARE_OPTIONS,
     SCHEMA_VERSION,
     built_then_moved,
+    causes_and_findings,
     default_run_dir,
     is_compare_dir,
     load_events,
@@ -252,7 +253,7 @@ def comparison_row(result: ModeRun) -> tuple[dict, list[str], str | None, str | 
     events = load_events(result.run_dir) if result.run_dir.is_dir() else None
     params = events[events["kind"] == "nonfinite_param"] if events is not None else pd.DataFrame({"step": []})
     warmup = scaler_warmup_skips(load_metrics(result.run_dir), events) if events is not None else 0
-    diagnosis = summary.get("diagnosis", []) + summary.get("findings", [])  # a finding names a run with no cause
+    diagnosis = causes_and_findings(summary)
     causes = [d["cause"] for d in diagnosis]
     status = summary.get("status")
     failure = result.failure or (f"run {status}" if status in ("failed", "crashed") else None)

@@ -911,12 +911,11 @@ class Diagnosis(list):
 
     `findings`: what the loop or the setup gets wrong that the nine codes do not name (`lr_zero`,
     `gradients_not_cleared`, `kd_temperature_low`, `weight_decay_lost`, …), in the same form and order —
-    summary.json's `findings`. `ranked`: causes and findings
-    together, the root first, as `rank` ordered them. `notes`: the run's warnings that no rule read — how the loop
-    calls the probes (`step()` before `optimizer.step()`, no loss given), what they could not watch — one per
-    check. No cause, yet each makes the figures less than they seem; printed last, since a loop's
-    `print(probes.diagnosis())` is all its author reads (`train` prints them as they happen, the report lists them
-    with the events)."""
+    summary.json's `findings`. `ranked`: causes and findings together, the root first, as `rank` ordered them.
+    `notes`: the run's warnings that no rule read — how the loop calls the probes (`step()` before
+    `optimizer.step()`, no loss given), what they could not watch — one per check. No cause, yet each makes the
+    figures less than they seem; printed last, since a loop's `print(probes.diagnosis())` is all its author reads
+    (`train` prints them as they happen, the report lists them with the events)."""
 
     def __init__(self, ranked=(), notes=()):
         self.ranked = list(ranked)

@@ -44,6 +44,12 @@ RESUMABLE_OPTIONS = {"train_steps", "resume", "resume_from", "overwrite", "eval_
                      "clear_cache_every_step", "log_every", "report_to"}
 
 
+def causes_and_findings(summary: dict) -> list[dict]:
+    """summary.json's causes, then its findings: what a reader that weighs every conclusion reads (whether any is
+    critical, which names a run that has no numerical cause)."""
+    return [*(summary.get("diagnosis") or []), *(summary.get("findings") or [])]
+
+
 def default_run_dir(mode: str) -> Path:
     """A new runs/<date-time>-<mode>/, created here: runs started in the same second (a sweep launched with `&`)
     each get their own, where a name found free and created later let both write one directory. Where it cannot

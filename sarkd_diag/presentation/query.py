@@ -28,6 +28,7 @@ from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import (
+    causes_and_findings,
     final_figures,
     is_compare_dir,
     load_events,
@@ -626,9 +627,7 @@ def _no_nonfinite_params(run: Run) -> str | None:
 
 def _no_critical(run: Run) -> str | None:
     bad = run.events[run.events["severity"] == "critical"]
-    summary = run.summary or {}
-    causes = [d["cause"] for d in summary.get("diagnosis", []) + summary.get("findings", [])
-              if d.get("severity") == "critical"]
+    causes = [d["cause"] for d in causes_and_findings(run.summary or {}) if d.get("severity") == "critical"]
     if not len(bad) and not causes:
         return None
     counts = ", ".join(f"{k} {n}" for k, n in bad["kind"].value_counts().items())

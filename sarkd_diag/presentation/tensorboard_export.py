@@ -47,7 +47,7 @@ def export_tensorboard(run_dir: str | Path, summary: dict | None = None, into: s
     from torch.utils.tensorboard import SummaryWriter
 
     from ..contract.events import read_jsonl
-    from ..contract.rundir import load_events
+    from ..contract.rundir import causes_and_findings, load_events
 
     run_dir = Path(run_dir)
     target = Path(into or run_dir) / TENSORBOARD_DIR
@@ -85,7 +85,7 @@ def export_tensorboard(run_dir: str | Path, summary: dict | None = None, into: s
                 writer.add_scalar(f"events/{severity}", count, int(step))
             last = max(last, int(step))
         if summary is not None:
-            causes = (summary.get("diagnosis") or []) + (summary.get("findings") or [])
+            causes = causes_and_findings(summary)
             text = "\n".join(f"{i}. **{d.get('cause')}** ({d.get('severity')}), first at step {d.get('first_step')}"
                              + (f": {d['fix']}" if d.get("fix") else "") for i, d in enumerate(causes, 1))
             writer.add_text("diagnosis", text or "No numerical problem was found.", last)

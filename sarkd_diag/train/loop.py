@@ -42,7 +42,7 @@ from ..contract.errors import BadInput, no_space_left
 from ..contract.events import EventLog, JsonlLog, NullLog, events_file_name
 from ..contract.modes import Capabilities, detect_capabilities, resolve_mode, slow_half_precision
 from ..contract.numerics import KD_TARGETS_WARNING, KD_TEMPERATURE_FLOOR, dtype_name, perplexity
-from ..contract.rundir import STUDENT, built_then_moved, resume_command, write_json_atomic
+from ..contract.rundir import STUDENT, built_then_moved, causes_and_findings, resume_command, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
 from ..presentation.closing import finalize_run
@@ -710,8 +710,7 @@ class Trainer:
             if saved and self.run.models.routers else None  # every rank: a sharded router is gathered from all
         summary = self._summarize(status, routers) if self.world.is_main else {}
         status = "interrupted" if self.stopped_at_once else status  # also of a run stopped while it closed
-        causes = [*summary.get("diagnosis", ()), *summary.get("findings", ())]
-        critical = any(d["severity"] == "critical" for d in causes)
+        critical = any(d["severity"] == "critical" for d in causes_and_findings(summary))
         code = exit_code(status, internal_error=self.internal_error, no_space=self.no_space, critical=critical,
                          stops=stops)
         shared = self.world.broadcast(code if self.world.is_main else None)  # None: this rank failed on its own
