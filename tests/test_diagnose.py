@@ -1312,8 +1312,9 @@ UPDATED = pd.DataFrame({"step": [1, 2, 3, 4], "split": "train", "param_amax": [2
 def test_a_weight_written_nonfinite_between_steps_is_the_root_at_the_edit_and_what_follows_its_symptoms():
     """The NaN a loop's own code wrote after step 3's update is the first non-finite value: the NaN activation,
     loss, gradients and weights of step 4 follow from it — not an undefined operation (values were small), not
-    the loss computation, not a divergence at step 4's update. The edit is a finding (the loop's), the root; the NaN
-    activation, its first symptom, stays among the causes as the failure it explains, with the edit's fix."""
+    the loss computation, not an overflow (a module that multiplies by a NaN weight makes NaN in any range). The edit is
+    a finding (the loop's), the root; the blow-up it began stays among the causes as `divergence` at the written
+    weight and the step that read it, explained by the edit and with its fix."""
     frame = log(EDITED_NAN, {**NAN_OUTPUT, "step": 4, "module": "h.0.mlp"}, *({**e, "step": 4} for e in THEN_RUINED))
     diagnosis = causes(frame, UPDATED, mode="fp32", caller="loop")
     (root,) = diagnosis.findings
@@ -1322,9 +1323,10 @@ def test_a_weight_written_nonfinite_between_steps_is_the_root_at_the_edit_and_wh
     assert (root["cause"], root["severity"], root["tensor"], root["first_step"]) == (
         "weights_edited", "critical", "h.0.mlp.weight", 4)
     assert root["evidence"]["finite_after_optimizer_step"] == 3 and root["evidence"]["holds"] == "NaN"
-    assert "after optimizer step 3" in root["fix"] and "divergence@4" in root["evidence"]["followed_by"]
-    assert (symptom["cause"], symptom["severity"], symptom["module"], symptom["first_step"]) == (
-        "activation_overflow", "critical", "h.0.mlp", 4)
+    assert "after optimizer step 3" in root["fix"]
+    assert (symptom["cause"], symptom["severity"], symptom["tensor"], symptom["first_step"]) == (
+        "divergence", "critical", "h.0.mlp.weight", 4)
+    assert symptom["evidence"]["weight_written_between_steps"] and "activation_overflow" not in str(diagnosis.ranked)
     assert symptom["evidence"]["explained_by"].startswith("weights_edited@4") and symptom["fix"] == root["fix"]
 
 

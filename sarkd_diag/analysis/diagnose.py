@@ -1005,6 +1005,20 @@ class RunRecord:
         params = self.of("nonfinite_param")
         return int(params["step"].min()) if len(params) else None
 
+    def weight_written_nonfinite(self) -> pd.Series | None:
+        """The run's first non-finite value when code between an optimizer step and the next forward wrote it into a
+        weight (the first critical `nonfinite_between_steps`): nothing non-finite at an earlier step. Every non-finite
+        value from its step on follows from it — a module that multiplies by a NaN or Inf weight makes NaN or Inf
+        whatever its dtype's range, so its output is no overflow."""
+        written = self.of("nonfinite_between_steps")
+        written = written[written["severity"] == "critical"]
+        if not len(written):
+            return None
+        row = _first(written)
+        earlier = [self.of(kind) for kind in ("nonfinite_param", "nonfinite_activation", "nonfinite_loss",
+                                              "nonfinite_grad", "nonfinite_batch", "nonfinite_at_load")]
+        return None if any((frame["step"] < row["step"]).any() for frame in earlier) else row
+
     def contained(self, step: int) -> bool:
         """A fault at `step` the run contained: that step's loss was non-finite (so a loss scaler or the loop skipped
         it, and nothing of it reached the weights), no weight turned non-finite, and the run's last training step had a
@@ -1683,7 +1697,6 @@ def weights_edited(r: RunRecord) -> list[Cause]:
     non-finite value, an update as large as the weights: the rescaled weights' doing, which `rank` folds into it).
     A smaller edit (a clamp, an EMA swap) is the event alone."""
     causes = []
-    updated = r.train_column("param_amax").index
     for kind, severity, template in (("nonfinite_between_steps", "critical", "weights_edited_nonfinite"),
                                      ("weights_edited", "warning", "weights_edited")):
         events = r.of(kind)
@@ -1691,9 +1704,7 @@ def weights_edited(r: RunRecord) -> list[Cause]:
         if not len(events):
             continue
         row = _first(events)
-        step = int(row["step"])
-        after = int(updated[updated < step].max()) if (updated < step).any() else None
-        holds = _holds_value(row)
+        step, after, holds = int(row["step"]), _finite_after(r, row), _holds_value(row)
         evidence = {"finite_after_optimizer_step": after, "edited_before_forward_of_step": step}
         if kind == "weights_edited":
             then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
@@ -1710,6 +1721,13 @@ def weights_edited(r: RunRecord) -> list[Cause]:
                             fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
                                       after=after, step=step, factor=f"{float(row['value']):.3g}")))
     return causes
+
+
+def _finite_after(r: RunRecord, edit: pd.Series) -> int | None:
+    """The last optimizer step whose weights were read before the edit the `edit` event saw at its step's forward."""
+    updated = r.train_column("param_amax").index
+    before = updated[updated < int(edit["step"])]
+    return int(before.max()) if len(before) else None
 
 
 def teacher_dropout(r: RunRecord) -> list[Cause]:
@@ -2056,6 +2074,9 @@ def activation_overflow(r: RunRecord) -> list[Cause]:
     first_bad = r.first_nonfinite_param_step()
     if first_bad is not None:
         acts = acts[acts["step"] <= first_bad]
+    written = r.weight_written_nonfinite()  # a weight the loop wrote NaN/Inf: what follows is `divergence`'s
+    if written is not None:
+        acts = acts[acts["step"] < written["step"]]
     if len(acts) and r.nonfinite_op() is None:  # else not an overflow: an undefined operation (`divergence`)
         row = _first(acts)
         beyond = _loaded_beyond_fp16(r, row)
@@ -2647,7 +2668,11 @@ def _share(below_fp32: pd.DataFrame, model: str | None) -> str | None:
 def divergence(r: RunRecord) -> list[Cause]:
     """A blow-up that precision does not explain.
 
-    First, a module output that an operation undefined on its inputs made non-finite (`RunRecord.nonfinite_op`:
+    First, NaN or Inf the loop's own code wrote into a weight between steps (`RunRecord.weight_written_nonfinite`):
+    located at that weight and the step whose forward read it — every module that multiplies by it makes NaN or
+    Inf whatever its dtype's range, which is no overflow (`weights_edited` is the finding that explains it).
+
+    Then, a module output that an operation undefined on its inputs made non-finite (`RunRecord.nonfinite_op`:
     NaN or Inf from values nowhere near their dtype's range, nothing computed in float16): located at that module,
     the fix in the operation's terms (the mask, a clamp before a log), not a precision change or the lr.
 
@@ -2659,6 +2684,14 @@ def divergence(r: RunRecord) -> list[Cause]:
     or a mixed mode's master weights). Below that, a finite loss that climbs steadily (`RunRecord.loss_trend`), or
     one unbounded below (`RunRecord.loss_unbounded_below`: no CE, KL or squared error falls below 0) — warnings.
     """
+    written = r.weight_written_nonfinite()
+    if written is not None:  # the blow-up began in a weight the loop wrote: at that weight and the step that read it
+        holds, after = _holds_value(written), _finite_after(r, written)
+        return [Cause("divergence", "critical", **_where(written),
+                      evidence={"mode": r.mode, "dtype": written.get("dtype"), "holds": holds,
+                                "weight_written_between_steps": True, "finite_after_optimizer_step": after},
+                      fix=r.fix("weights_edited_nonfinite", model=written.get("model"), tensor=written.get("tensor"),
+                                holds=holds, after=after, step=int(written["step"])))]
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op
