@@ -1116,10 +1116,16 @@ class RunRecord:
         scales = self.train_column("loss_scale")
         return number_or_none(scales.loc[[step]].iloc[-1]) if step in scales.index else None
 
-    def lr_at(self, step: int, model: str | None) -> float | None:
-        """The lr that trained `model`'s tensors at `step`. A row's `lr` is the first parameter group's, the student's;
-        a teacher's trainable tensors — the routers `train` trains — are a group of their own, in `train` at
-        `--router-lr` scheduled by the same factor as the student's; elsewhere their lr is not recorded (None)."""
+    def lr_at(self, step: int, model: str | None, tensor: str | None = None) -> float | None:
+        """The lr that trained `model`'s tensors (`tensor`'s, where given) at `step`. Where an `update_lr` event names
+        the tensor at that step (an extreme update's largest change), its parameter group's. Else a row's `lr`, the
+        first parameter group's, the student's; a teacher's trainable tensors — the routers `train` trains — are a
+        group of their own, in `train` at `--router-lr` scheduled by the same factor as the student's; elsewhere
+        their lr is not recorded (None)."""
+        told = self.of("update_lr")
+        told = told[(told["step"] == step) & (told["tensor"] == tensor)]
+        if tensor is not None and len(told):
+            return float(_first(told)["value"])
         lrs = self.train_column("lr")
         row_lr = number_or_none(lrs.loc[[step]].iloc[-1]) if step in lrs.index else None
         if model != "teacher" or row_lr is None:
@@ -2758,7 +2764,7 @@ def divergence(r: RunRecord) -> list[Cause]:
         if len(blown[blown.index >= step]):
             after.append(f"loss_above_{factor:.3g}x@{int(blown[blown.index >= step].index[0])}")
         ratio = float(row["value"])
-        lr_at = r.lr_at(step, row.get("model"))  # the step's (scheduled) lr, of the group that moved most
+        lr_at = r.lr_at(step, row.get("model"), row.get("tensor"))  # the lr of the group that moved most
         return [Cause("divergence", "critical" if after else "warning", **_where(row),
                       evidence={"update_ratio": ratio, "update_ratio_limit": EXTREME_UPDATE_RATIO, "mode": r.mode,
                                 "lr": lr_at,

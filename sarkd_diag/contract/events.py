@@ -22,7 +22,7 @@ KINDS = (
     "precision_setup", "router_found", "no_router", "dual_tokenizer", "optimizer_preflight",
     "nonfinite_param", "nonfinite_at_load", "nonfinite_grad", "zero_gradients", "nonfinite_activation",
     "nonfinite_batch", "fp16_overflow_risk", "weight_beyond_fp16", "nonfinite_lr", "negative_lr", "zero_lr",
-    "optimizer_state_underflow", "lost_updates", "extreme_update", "scaler_skip", "scaler_backoff",
+    "optimizer_state_underflow", "lost_updates", "extreme_update", "update_lr", "scaler_skip", "scaler_backoff",
     "scale_below_one", "nonfinite_loss", "empty_targets", "policy_skip", "policy_rollback", "policy_stop",
     "interrupted", "router_frozen_dual", "out_of_memory", "setup_note", "checkpoint_fallback",
     "nonfinite_between_steps", "weights_edited", "caller_skip", "wide_replay", "forward_replay",
@@ -87,6 +87,7 @@ CODES = {
     "lost_updates_whole_tensors": "lost_updates: every intended update of 16-bit tensors lost, where the run and "
                                   "each parameter group lose few",
     "extreme_update": "an optimizer step changed the weights by more than EXTREME_UPDATE_RATIO of their size",
+    "update_lr": "the lr the parameter group of an extreme update's largest change stepped at",
     "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
     "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
     "skip_streak": "scaler_backoff: more skipped steps in a row than the limit",

@@ -191,14 +191,19 @@ class UpdateProbe(Probe):
             self._reported_extreme = True
             index, largest = self._largest_change()
             w = self._moving[index]
-            lr = self._group_of.get(id(w.param), {}).get("lr")
+            lr = self._lr_used.get(id(self._group_of.get(id(w.param))))  # the lr its group stepped at
+            lr = None if lr is None else float(lr)
+            where = {"step": self.ctx.step, "phase": "optimizer", "probe": self.name, "model": w.model,
+                     "module": w.module, "tensor": w.tensor}
             self.ctx.events.record(
                 "extreme_update", "warning",
                 f"step {self.ctx.step} changed the weight matrices by {overall:.3g}× their size (‖Δw‖/‖w‖; healthy "
                 f"training ~1e-3, limit {EXTREME_UPDATE_RATIO:g}); most in {w.model} {w.tensor} ({largest:.3g}×)"
                 + (f" at lr {lr:g}" if lr is not None else ""),
-                step=self.ctx.step, phase="optimizer", probe=self.name, model=w.model, module=w.module,
-                tensor=w.tensor, dtype=self.ctx.dtype_of(w.param), value=overall)
+                dtype=self.ctx.dtype_of(w.param), value=overall, **where)
+            if lr is not None:  # a row's lr is the first group's: a head or router may step at its own
+                self.ctx.events.record("update_lr", "info", f"{w.model} {w.tensor}'s parameter group stepped at lr "
+                                       f"{lr:g} in step {self.ctx.step}", value=lr, **where)
         return {"update_ratio": overall}
 
     def _record_lost(self, flat: list[float]) -> dict:

@@ -1799,6 +1799,30 @@ def test_the_update_ratio_is_the_step_relative_to_the_weight_matrices():
     assert event.tensor.endswith(".weight") and "at lr 5" in event.message
 
 
+
+def test_an_extreme_update_in_a_group_of_its_own_quotes_that_groups_lr(tmp_path):
+    """A row's lr is the first parameter group's: a head given an lr of its own (a typo, 3.0 beside the body's 1e-4)
+    that blows up must be told at its own lr — "at lr 0.0001: far too high" sends the user to the wrong number. The
+    group's lr, read before the step (a scheduler moves it after), is its `update_lr` event and the fix's."""
+    model = Net()
+    opt = torch.optim.SGD([{"params": [*model.first.parameters(), *model.second.parameters()], "lr": 1e-4},
+                           {"params": model.third.parameters(), "lr": 3.0}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with Probes(model, optimizer=opt, run_dir=tmp_path / "run") as probes:
+        for _ in range(3):
+            loss = (model(x) - 100.0).square().mean()
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            schedule.step()
+            opt.zero_grad()
+    (event,) = _events(probes, "update_lr")
+    (extreme,) = _events(probes, "extreme_update")
+    assert (event.step, event.tensor, event.value) == (extreme.step, "third.weight", 3.0 * 0.5 ** (extreme.step - 1))
+    cause = next(c for c in load_run(tmp_path / "run")["summary"]["diagnosis"] if c["cause"] == "divergence")
+    assert cause["evidence"]["lr"] == event.value and f"at lr {event.value:.3g}" in cause["fix"], cause
+
 def test_each_model_has_its_own_update_ratio_and_a_warm_up_start_has_none():
     """SAR's routers train beside the student at an lr of their own: a ratio over both hides a student that does not
     move. `update_ratio_<model>` is each model's own; a model whose lr a scheduler holds below SCHEDULED_LR_FLOOR of
