@@ -573,6 +573,40 @@ def test_an_optimizer_that_holds_none_of_the_trainable_tensors_is_named_before_t
     assert "built from other parameters" in root["fix"]
 
 
+
+@pytest.mark.parametrize("level", ["standard", "full"])
+def test_a_teacher_weight_written_inf_mid_run_is_named_at_that_weight_not_an_overflow(tmp_path, level):
+    """An fp32 teacher's weight set to Inf by the loop's code at step 3 (a step without statistics at `standard`, so
+    the loss's replay names the module): nothing trains the teacher and its weights were finite as loaded, so its
+    first non-finite module's own weights are read once — the written weight, not an fp32 overflow ("hold the teacher
+    wider") nor an undefined operation ("guard the mask"), is the cause, at that tensor and step."""
+    student, teacher = tiny.make_gpt2(64, seed=0), tiny.make_gpt2(64, seed=3).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp_path / "run",
+                level=level) as probes:
+        for step in range(1, 5):
+            if step == 3:
+                with torch.no_grad():
+                    teacher.transformer.h[0].mlp.c_fc.weight[0, 0] = math.inf
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits
+            logits = student(input_ids=ids).logits
+            loss = torch.nn.functional.kl_div(logits.log_softmax(-1), target.log_softmax(-1), log_target=True,
+                                              reduction="batchmean")
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = _events(probes, "nonfinite_between_steps")
+    assert (event.model, event.tensor, event.step) == ("teacher", "transformer.h.0.mlp.c_fc.weight", 3)
+    summary = load_run(tmp_path / "run")["summary"]
+    (cause,), (finding,) = summary["diagnosis"], summary["findings"]
+    assert (cause["cause"], cause["model"], cause["tensor"], cause["first_step"]) == (
+        "divergence", "teacher", "transformer.h.0.mlp.c_fc.weight", 3)
+    assert (finding["cause"], finding["tensor"]) == ("weights_edited", cause["tensor"])
+    assert "finite as loaded" in cause["fix"] and "wider dtype" not in cause["fix"] and "guard the" not in cause["fix"]
+
 @pytest.mark.parametrize("teacher_unfrozen", [True, False])
 def test_a_frozen_student_is_named_not_the_teacher_left_trainable(tmp_path, teacher_unfrozen):
     """`requires_grad_(False)` on the student by mistake. With a teacher left trainable (no `torch.no_grad()` around
@@ -794,7 +828,8 @@ def _edited_after_step_2(edit, optimizer_given: bool = True, every: int = 10) ->
 def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the_next_update():
     """Read again at step 3's first training forward, the weight that was finite after step 2's update and NaN now
     is named at step 3 (its forward is the first to use it): `weights_edited`, not a divergence one step late — the
-    overflow it makes in that forward stays among the causes, explained by the edit."""
+    blow-up it makes from that forward on stays among the causes, explained by the edit, at the written weight: a
+    `divergence`, not an overflow (a module that multiplies by NaN makes NaN in any range)."""
     probes = _edited_after_step_2(lambda m: m.second.weight.__setitem__((0, 0), math.nan))
     (event,) = _events(probes, "nonfinite_between_steps")
     assert (event.severity, event.tensor, event.step, event.phase) == ("critical", "second.weight", 3, "forward")
@@ -804,7 +839,7 @@ def test_a_nan_written_into_a_weight_between_steps_is_placed_at_the_edit_not_the
         "weights_edited", "critical", "second.weight", 3)
     assert root["evidence"]["finite_after_optimizer_step"] == 2 and "no_grad" in root["fix"]
     symptom = _explained(probes, root)  # the failure the edit made, among the causes: explained by it
-    assert (symptom["cause"], symptom["module"], symptom["first_step"]) == ("activation_overflow", "second", 3)
+    assert (symptom["cause"], symptom["tensor"], symptom["first_step"]) == ("divergence", "second.weight", 3)
 
 
 @pytest.mark.parametrize("edit, severity", [(lambda m: m.first.weight.mul_(1e6), "warning"),
