@@ -427,6 +427,27 @@ def test_an_overflowing_teacher_router_gets_the_router_fix():
     assert "router" not in expert["fix"]
 
 
+
+@pytest.mark.parametrize("loaded, act_amax, undefined", [(4.1, 3.8, True), (None, 3.8, False), (4.1, 1e20, False)])
+def test_a_teacher_nan_from_small_values_is_an_undefined_operation_where_its_weights_were_read(loaded, act_amax,
+                                                                                              undefined):
+    """A float32 teacher whose attention NaNs on a left-padded row (a causal mask over padding leaves the softmax
+    nothing to attend to) from values nowhere near float32's range: the teacher's outputs are non-finite
+    (`teacher_overflow`), but the fix is the mask — "hold the teacher in a wider dtype" is no fix for float32. Only
+    where its weights were read (as loaded) and every output measured was small: unread, an Inf weight is as
+    likely; near the range, an overflow is — of values out of scale, which no dtype wider than float32 holds: the fix
+    is never a wider teacher there."""
+    act = {"kind": "nonfinite_activation", "severity": "critical", "step": 1, "phase": "forward", "model": "teacher",
+           "module": "attn", "dtype": "float32", "value": math.nan}
+    metrics = pd.DataFrame({"step": [1], "split": "train", "act_amax_teacher": [act_amax], "act_amax_student": [3.7],
+                            **({"loaded_amax_teacher": [loaded]} if loaded is not None else {})})
+    (cause,) = causes(log(act, {**NAN_LOSS, "step": 1}), metrics, mode="fp32", caller="loop").ranked
+    assert (cause["cause"], cause["model"], cause["module"], cause["first_step"]) == ("teacher_overflow", "teacher",
+                                                                                      "attn", 1)
+    assert ("undefined on its inputs" in cause["fix"]) == undefined == cause["evidence"].get("undefined_operation",
+                                                                                             False)
+    assert ("out of scale" in cause["fix"]) != undefined and "hold the teacher in a wider" not in cause["fix"]
+
 def test_an_overflowing_student_router_gets_the_router_fix():
     """An MoE student (Qwen2-MoE, OLMoE trained in a caller's loop) whose router logits leave float16: the fix is the
     router's — its logits in fp32 — as for a teacher's router, not the generic op advice; an expert's gate_proj is no

@@ -684,6 +684,11 @@ FIXES = {
                          "{lr}{lr_value}; if it is as meant, something shrinks every gradient to almost nothing — "
                          "{clip_option} or {loss_weights} near 0",
     "teacher_overflow": "the teacher's {module} is non-finite in {dtype}: {teacher_wider}",
+    "teacher_overflow_wide": "the teacher's {module} is non-finite in {dtype}, whose range is float32's: no wider "
+                             "dtype holds what float16 could not here — the values themselves are out of scale: check "
+                             "the teacher's checkpoint (its largest weights, `torch.isfinite`) and what your code "
+                             "hands its forward (inputs, masks, a scaling of its outputs); the student's precision "
+                             "is not the cause",
     "teacher_loss_fp16": "the teacher computes in float16 and the {term} turned non-finite from its finite outputs "
                          "(the largest {amax}): a softmax of float16 logits underflows to 0 and the log of 0 is -inf "
                          "(0 × -inf is NaN in the KL) — cast the teacher's logits with `.float()` before the softmax "
@@ -713,6 +718,12 @@ FIXES = {
                                 "copied or tied from another tensor, an EMA or model average written back, a mask "
                                 "or clamp with a NaN in it) — find that code; the optimizer, the data and the "
                                 "precision are not the cause",
+    "weights_edited_nonfinite_frozen": "{model}'s {tensor} was finite as loaded and holds {holds} at step {step}'s "
+                                       "forward: nothing trains it, so code outside the optimizer wrote it — an "
+                                       "in-place edit under `torch.no_grad()` (an EMA or average written back, a "
+                                       "weight copied or tied from another tensor, a mask or clamp with a NaN in "
+                                       "it) — find that code; the precision, the data and the teacher's dtype are "
+                                       "not the cause",
     "weights_edited": "code outside the optimizer changed {model}'s {tensor} between optimizer step {after} and step "
                       "{step}'s first training forward, its largest absolute value {factor}× larger or smaller in "
                       "one go — an in-place rescale under `torch.no_grad()`, a weight copied or tied from another "
@@ -1249,7 +1260,7 @@ class RunRecord:
             return None
         return next((t for t in sorted(self.teachers) if dtypes.get(t) == ["float16"]), None)
 
-    def nonfinite_op(self) -> tuple[pd.Series, float] | None:
+    def nonfinite_op(self, teachers: bool = False) -> tuple[pd.Series, float] | None:
         """The run's first non-finite module output when an operation undefined on its inputs made it, not an
         overflow — with the largest value measured up to it: nothing non-finite or extreme before it (bad data,
         weights, gradients, an update), and either nothing computed in float16 (its overflows are
@@ -1257,17 +1268,19 @@ class RunRecord:
         dtype's range (below DTYPE_MAX ** RANGE_EXPONENT), or a float16 output that, run again in float32 on the
         same finite inputs (`wide_replay`), was non-finite there too, or — computed in float16 elsewhere — a wider
         output (a float32 norm under float16 autocast) with every value measured nowhere near float16's range.
-        Unmeasured magnitudes prove nothing: then None — so never in the teacher, whose frozen weights no probe reads
-        (an infinite weight there makes the same output)."""
+        Unmeasured magnitudes prove nothing: then None. `teachers`: also a frozen model's output — whose weights
+        no probe reads after the first step, so only where they were read as loaded (`loaded_amax_<model>`): a
+        frozen model's weights stay as loaded, and an average written into them (an EMA teacher) is bounded by the
+        student's, which are read every step."""
         if not self.computes_in_fp16():
-            return self._nonfinite_from_small_values(DTYPE_MAX)
+            return self._nonfinite_from_small_values(DTYPE_MAX, teachers)
         replay = self.wide_replay()
         if replay is None:  # a wider output (a norm autocast runs in float32) is no float16 output to replay: judged
             # against float16's range, which what it computes inside may have run in
-            return self._nonfinite_from_small_values({"float32": FP16_MAX, "bfloat16": FP16_MAX})
+            return self._nonfinite_from_small_values({"float32": FP16_MAX, "bfloat16": FP16_MAX}, teachers)
         if math.isfinite(float(replay["value"])):
             return None
-        return self._nonfinite_from_small_values({"float16": math.inf})
+        return self._nonfinite_from_small_values({"float16": math.inf}, teachers)
 
     def wide_replay(self) -> pd.Series | None:
         """The `wide_replay` event of the run's first non-finite module output: that float16 module run again in
@@ -1302,13 +1315,14 @@ class RunRecord:
             return None
         return self._nonfinite_from_small_values({"float16": FP16_MAX})
 
-    def _nonfinite_from_small_values(self, maxima: dict[str, float]) -> tuple[pd.Series, float] | None:
+    def _nonfinite_from_small_values(self, maxima: dict[str, float],
+                                     teachers: bool = False) -> tuple[pd.Series, float] | None:
         acts = self.of("nonfinite_activation")
         if not len(acts):
             return None
         row = _first(acts)
-        if self.is_teacher(row.get("model")):  # its frozen weights are read by no probe: an Inf weight is as likely
-            return None
+        if self.is_teacher(row.get("model")) and not (teachers and f"loaded_amax_{row.get('model')}" in self.metrics):
+            return None  # its frozen weights unread: an Inf weight is as likely
         step, limit = int(row["step"]), maxima.get(row.get("dtype"))
         began = self.forward_fault_began(row)  # the steps before it that failed alike are its own
         limits = {"nonfinite_param": began, "nonfinite_grad": began, "extreme_update": began,
@@ -1703,14 +1717,15 @@ def weights_edited(r: RunRecord) -> list[Cause]:
     non-finite value, an update as large as the weights: the rescaled weights' doing, which `rank` folds into it).
     A smaller edit (a clamp, an EMA swap) is the event alone."""
     causes = []
-    for kind, severity, template in (("nonfinite_between_steps", "critical", "weights_edited_nonfinite"),
-                                     ("weights_edited", "warning", "weights_edited")):
+    for kind, severity in (("nonfinite_between_steps", "critical"), ("weights_edited", "warning")):
         events = r.of(kind)
         events = events[events["severity"] == severity]
         if not len(events):
             continue
         row = _first(events)
         step, after, holds = int(row["step"]), _finite_after(r, row), _holds_value(row)
+        fix = r.fix("weights_edited", model=row.get("model"), tensor=row.get("tensor"), after=after, step=step,
+                    factor=f"{float(row['value']):.3g}")
         evidence = {"finite_after_optimizer_step": after, "edited_before_forward_of_step": step}
         if kind == "weights_edited":
             then = [f"{later}@{int(r.of(later)['step'].min())}" for later in BLOW_UPS
@@ -1722,10 +1737,9 @@ def weights_edited(r: RunRecord) -> list[Cause]:
             severity = "critical" if then else severity
             evidence.update(largest_value_factor=row["value"], then=", ".join(then) or None)
         else:
-            evidence["holds"] = holds
-        causes.append(Cause("weights_edited", severity, **_where(row), evidence=evidence,
-                            fix=r.fix(template, model=row.get("model"), tensor=row.get("tensor"), holds=holds,
-                                      after=after, step=step, factor=f"{float(row['value']):.3g}")))
+            after, fix = _written_nonfinite(r, row)
+            evidence.update(holds=holds, finite_after_optimizer_step=after)
+        causes.append(Cause("weights_edited", severity, **_where(row), evidence=evidence, fix=fix))
     return causes
 
 
@@ -1734,6 +1748,16 @@ def _finite_after(r: RunRecord, edit: pd.Series) -> int | None:
     updated = r.train_column("param_amax").index
     before = updated[updated < int(edit["step"])]
     return int(before.max()) if len(before) else None
+
+
+def _written_nonfinite(r: RunRecord, row: pd.Series) -> tuple[int | None, str]:
+    """A weight written NaN/Inf (a `nonfinite_between_steps` event): the optimizer step after which it was last read
+    finite, and the fix — in a model nothing trains (a teacher), whose weights were last read as loaded, none."""
+    frozen = r.is_teacher(row.get("model"))
+    after = None if frozen else _finite_after(r, row)
+    return after, r.fix("weights_edited_nonfinite_frozen" if frozen else "weights_edited_nonfinite",
+                        model=row.get("model"), tensor=row.get("tensor"), holds=_holds_value(row), after=after,
+                        step=int(row["step"]))
 
 
 def teacher_dropout(r: RunRecord) -> list[Cause]:
@@ -1794,9 +1818,15 @@ def loss_term_negative(r: RunRecord) -> list[Cause]:
 def teacher_overflow(r: RunRecord) -> list[Cause]:
     """The teacher's forward turns non-finite: its outputs poison the KD target, whatever the student does. Or, in
     a caller's own loss, a float16 teacher alone whose finite outputs the loss made non-finite: the KD term's
-    softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`)."""
+    softmax of float16 logits underflows and its log is -inf (`RunRecord.teacher_alone_in_fp16`). A teacher output
+    made NaN/Inf from values nowhere near its dtype's range (its weights as loaded, every output measured) is no
+    overflow but an operation undefined on its inputs (`RunRecord.nonfinite_op`): a left-padded batch under a causal
+    mask leaves a padded row's softmax nothing to attend to — its fix is the mask, not a wider dtype."""
     acts = r.of("nonfinite_activation")
     acts = acts[acts["model"].isin(r.teachers)]
+    written = r.weight_written_nonfinite()  # a weight the loop wrote NaN/Inf: what follows is `divergence`'s
+    if written is not None:
+        acts = acts[acts["step"] < written["step"]]
     loaded = r.of("nonfinite_at_load")
     loaded = loaded[loaded["model"].isin(r.teachers)]
     if len(loaded):
@@ -1832,12 +1862,22 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     if beyond is not None:
         return [beyond]
     where, named = _where_began(r, row)
+    op = r.nonfinite_op(teachers=True)
+    if op is not None and op[0].get("model") == row.get("model"):  # no overflow: an operation undefined on its inputs
+        holds, largest = _holds_value(row), op[1]
+        return [Cause("teacher_overflow", "critical", **where,
+                      evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "holds": holds,
+                                "undefined_operation": True, "largest_measured_before": largest,
+                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT, **named},
+                      fix=r.fix("nonfinite_op", module=f"the teacher's {row.get('module') or 'forward'}",
+                                holds=holds, dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
                   evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
                             **named},
-                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow", model=where["model"],
-                            module=where["module"], dtype=row.get("dtype")))]
+                  fix=r.fix("teacher_router_overflow" if router else "teacher_overflow_wide"
+                            if row.get("dtype") in ("float32", "bfloat16", "float64") else "teacher_overflow",
+                            model=where["model"], module=where["module"], dtype=row.get("dtype")))]
 
 
 def optimizer_eps_underflow(r: RunRecord) -> list[Cause]:
@@ -2692,12 +2732,11 @@ def divergence(r: RunRecord) -> list[Cause]:
     """
     written = r.weight_written_nonfinite()
     if written is not None:  # the blow-up began in a weight the loop wrote: at that weight and the step that read it
-        holds, after = _holds_value(written), _finite_after(r, written)
+        after, fix = _written_nonfinite(r, written)
         return [Cause("divergence", "critical", **_where(written),
-                      evidence={"mode": r.mode, "dtype": written.get("dtype"), "holds": holds,
+                      evidence={"mode": r.mode, "dtype": written.get("dtype"), "holds": _holds_value(written),
                                 "weight_written_between_steps": True, "finite_after_optimizer_step": after},
-                      fix=r.fix("weights_edited_nonfinite", model=written.get("model"), tensor=written.get("tensor"),
-                                holds=holds, after=after, step=int(written["step"])))]
+                      fix=fix)]
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op

@@ -275,6 +275,7 @@ class ActivationProbe(Probe):
                     self._watch_suspect(model, module)
                 if made and model not in models_gone_bad:
                     models_gone_bad.add(model)
+                    self._frozen_weight_written(model, module)
                     self._report_once(
                         (model, module, "nonfinite"), "nonfinite_activation", "critical",
                         f"{model} {module} made {made} in its own code at step {self.ctx.step} (in {dtype}, handed "
@@ -302,6 +303,7 @@ class ActivationProbe(Probe):
                     self._watch_suspect(model, module)
                 if model not in models_gone_bad:
                     models_gone_bad.add(model)
+                    self._frozen_weight_written(model, module)
                     holds = [kind for kind, present in (("NaN", math.isnan(amax)), ("+Inf", high == math.inf),
                                                         ("-Inf", low == -math.inf)) if present]
                     self._report_once(
@@ -318,6 +320,32 @@ class ActivationProbe(Probe):
                     "this module overflows in fp16 compute",
                     model=model, module=module, dtype=dtype, value=amax, numel=numel)
         return largest, models_gone_bad
+
+    def _frozen_weight_written(self, model_name: str, module_name: str) -> None:
+        """A model nothing trains (a teacher) made its first non-finite value in `module_name`: its weights were read
+        as loaded and found finite (else `nonfinite_at_load`), and no probe reads them after that — so read the
+        module's own now (one host sync, once a run, on this failure path only). One that holds NaN/Inf was written
+        since by the caller's code, and the module's output follows from it — no overflow, no undefined operation:
+        `nonfinite_between_steps`, at that tensor and this step."""
+        if self.ctx.trains(model_name) or not self.ctx.events.say_once("frozen_weight_read"):
+            return
+        if any(e.kind == "nonfinite_at_load" and e.model == model_name for e in self.ctx.events.events):
+            return
+        model = self.ctx.models[model_name]
+        own = module_name == root_label(model)  # the model's own `forward` made it: any of its weights
+        for name, weight in (model if own else model.get_submodule(module_name)).named_parameters():
+            if not weight.is_floating_point() or bool(torch.isfinite(weight).all()):
+                continue
+            tensor = name if own else f"{module_name}.{name}"
+            holds = "NaN" if bool(weight.isnan().any()) else "Inf"
+            self.ctx.events.record(
+                "nonfinite_between_steps", "critical",
+                f"{model_name} weight {tensor} holds {holds} at step {self.ctx.step}'s forward, finite as loaded: "
+                f"nothing trains {model_name}, so code outside the optimizer wrote it", step=self.ctx.step,
+                phase="forward", probe=self.name, model=model_name, module=tensor.rpartition(".")[0], tensor=tensor,
+                dtype=dtype_name(weight.dtype), value=math.nan if holds == "NaN" else math.inf, nan_count=None,
+                posinf_count=None, neginf_count=None, numel=weight.numel())
+            return
 
     def _watch_zero(self, model_name: str, module_name: str, dtype: str, numel: int) -> None:
         """Read a module whose output was 0 everywhere again at its next training forward (`_judge_zeros`)."""
