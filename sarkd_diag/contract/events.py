@@ -90,6 +90,8 @@ CODES = {
     "update_lr": "the lr the parameter group of an extreme update's largest change stepped at",
     "scaler_skip_warmup": "scaler_skip: a skip among the first steps, while the scaler finds its scale",
     "scaler_skip_overflow": "scaler_skip: a skip after the scale was found: an overflow",
+    "scaler_growth_too_fast": "setup_note: many settled steps skipped while growths win back every halving: "
+                              "growth_interval too short",
     "skip_streak": "scaler_backoff: more skipped steps in a row than the limit",
     "skip_fraction": "scaler_backoff: more than the limit's fraction of the steps after the warm-up skipped",
     "warmup_scale_low": "scaler_backoff: the first steps' skips brought the scale down to the warm-up's floor",

@@ -6,9 +6,12 @@ MIN_WARMUP_SCALE: every scale above it overflowed, so some gradient exceeds floa
 scale before any scaling (a loss term weighted far too high), and each halving was a step lost — judged on a skip
 whose loss was finite (a non-finite loss's gradients are non-finite at any scale: its skip says nothing, but neither
 does it unsay the finite ones after it, which overflowed at the scale it left); after
-the warm-up more than MAX_SKIP_STREAK skips in a row, or over MAX_SKIP_FRACTION of the steps since it ended (its own
-skips are the floor's to judge: six halvings are not 30% of a 20-step run lost), is a warning, and a scale below 1 is
-critical (gradients are being shrunk, not protected). A run that ends with the warm-up still going — every step
+the warm-up more than MAX_SKIP_STREAK skips in a row, or halvings over MAX_SKIP_FRACTION of the steps since it ended
+that its growths did not win back (its own skips are the floor's to judge: six halvings are not 30% of a 20-step run
+lost), is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected). GradScaler doubles
+the scale after `growth_interval` clean steps (2000 by default: a collapse's halvings stand); one that doubles every
+step or few (`growth_interval=1`) hovers at its ceiling, each growth overflowing and skipping the step after it — many
+steps lost while the scale keeps its level: no fall, the growth interval's doing (a `scaler_growth_too_fast` note). A run that ends with the warm-up still going — every step
 skipped, the scale never low enough — applied no update at all: the scaler started too high for the run's length (a
 `scaler_never_settled` note, when the probes close) — unless every step's loss was itself non-finite: gradients of a
 NaN loss are non-finite at any scale, and that is the loss's cause, not the scale's.
@@ -44,6 +47,8 @@ class ScalerProbe(Probe):
         self._warming_up = True
         self._streak = self._steps = 0
         self._settled_steps = self._settled_skips = 0  # steps after the warm-up, and those of them skipped
+        self._settled_growths = 0  # steps after the warm-up whose scale doubled
+        self._warned_growth = False
         self._warned_streak = self._warned_fraction = self._warned_warmup = self._below_one = False
         self._first_skipped = False
         self._skip_beyond_the_loss = False  # a step skipped with its loss finite (or not handed over): for the scale
@@ -79,6 +84,7 @@ class ScalerProbe(Probe):
         if not self._warming_up:
             self._settled_steps += 1
             self._settled_skips += int(skipped)
+            self._settled_growths += int(grew)
         if skipped:
             self._streak += 1
             phase = "while finding its scale" if self._warming_up else "after an overflow"
@@ -99,11 +105,16 @@ class ScalerProbe(Probe):
         if not self._warming_up and self._streak > MAX_SKIP_STREAK and not self._warned_streak:
             self._warned_streak = True
             self._backoff(f"{self._streak} skipped steps in a row", scale, "skip_streak")
-        fraction = self._settled_skips / max(self._settled_steps, 1)
-        if self._settled_steps >= MIN_STEPS_FOR_FRACTION and fraction > MAX_SKIP_FRACTION and not self._warned_fraction:
+        judged = self._settled_steps >= MIN_STEPS_FOR_FRACTION
+        lost = self._settled_skips / max(self._settled_steps, 1)
+        fell = (self._settled_skips - self._settled_growths) / max(self._settled_steps, 1)  # halvings not won back
+        if judged and fell > MAX_SKIP_FRACTION and not self._warned_fraction:
             self._warned_fraction = True
-            self._backoff(f"{fraction:.0%} of the {self._settled_steps} steps since its warm-up skipped", scale,
+            self._backoff(f"{lost:.0%} of the {self._settled_steps} steps since its warm-up skipped", scale,
                           "skip_fraction")
+        elif judged and lost > MAX_SKIP_FRACTION and not self._warned_fraction and not self._warned_growth:
+            self._warned_growth = True
+            self._growth_too_fast(lost, scale)
         if scale < 1 and not self._below_one:
             self._below_one = True
             self.ctx.events.record("scale_below_one", "critical",
@@ -125,6 +136,16 @@ class ScalerProbe(Probe):
                                f"{self._previous:g}): no update was applied, nothing trained",
                                step=self.ctx.step - 1, phase="optimizer", probe=self.name, value=self._previous,
                                numel=steps, code="scaler_never_settled")
+
+    def _growth_too_fast(self, lost: float, scale: float) -> None:
+        interval = self.ctx.loss_scaler.growth_interval()
+        self.ctx.events.record("setup_note", "warning",
+                               f"the loss scaler skipped {lost:.0%} of the {self._settled_steps} steps since its "
+                               f"warm-up while its scale kept its level ({self._settled_growths} doublings won back "
+                               f"the halvings; {scale:g} at step {self.ctx.step}): its growth_interval is {interval}, "
+                               "so it doubles into an overflow and loses the step after — the scale itself is fine: "
+                               "keep GradScaler's default growth_interval=2000", step=self.ctx.step,
+                               phase="optimizer", probe=self.name, value=interval, code="scaler_growth_too_fast")
 
     def _stepped_past_skip(self) -> None:
         if not self.ctx.events.say_once("optimizer_stepped_twice"):  # also seen by the step hooks: said once

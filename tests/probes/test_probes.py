@@ -1538,14 +1538,14 @@ def test_scaler_warm_up_skips_are_not_warnings():
 
 
 def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: BaseException | None = None,
-                         nan_at: int | None = None) -> list[float]:
+                         nan_at: int | None = None, growth_interval: int = 2000) -> list[float]:
     """Net under fp16 autocast and a default GradScaler (2**16), its loss multiplied by `weight`: each step's scale.
     `ended_by`: raised inside the probes' block after the steps (a loop that fails or is interrupted there); `nan_at`:
     the step whose loss is NaN (one bad batch)."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", growth_interval=growth_interval)
     scales = []
     with probes_of(model, opt, scaler) as probes:
         for step in range(1, steps + 1):
@@ -1561,6 +1561,23 @@ def _weighted_amp_scales(probes_of, weight: float, steps: int = 12, ended_by: Ba
             raise ended_by
     return scales
 
+
+
+def test_a_scaler_that_doubles_every_step_hovers_at_its_ceiling_and_is_no_collapse():
+    """`GradScaler(growth_interval=1)` (meant as "update every step") doubles the scale on every unskipped step: the
+    doubled scale overflows, the next step skips and halves it — the scale hovers at its ceiling, a third or more of
+    the steps lost, with a healthy model. It does not keep falling (each halving won back by a doubling): no collapse,
+    whose fix is the loss's size or bf16 — the growth interval is named instead."""
+    probes = []
+    scales = _weighted_amp_scales(lambda *a: probes.append(Probes(*a[:1], optimizer=a[1], scaler=a[2])) or probes[0],
+                                  weight=10.0, steps=40, growth_interval=1)
+    falls = sum(b < a for a, b in zip(scales, scales[1:]))
+    assert falls >= 12 and max(scales[3:]) / min(scales[3:]) <= 4, scales  # many skips, the level held
+    (probes,) = probes
+    assert not _events(probes, "scaler_backoff") and "loss_scale_collapse" not in _causes(probes)
+    (note,) = [e for e in _events(probes, "setup_note") if e.code == "scaler_growth_too_fast"]
+    assert note.severity == "warning" and note.value == 1 and "growth_interval=2000" in note.message
+    assert [n["code"] for n in probes.diagnosis().notes] == ["scaler_growth_too_fast"]
 
 def test_a_warm_up_that_halves_the_scale_down_to_its_floor_is_a_collapse_not_the_scaler_finding_its_scale():
     """A loss weighted 1e4: every step skips from 2**16 down to 8 (gradients above fp16's range unscaled by 128,
