@@ -43,7 +43,8 @@ class LossScaler:
         return self.scale() if self.scaler._scale is not None else float(self.scaler._init_scale)
 
     def growth_interval(self) -> int | None:
-        """How many unskipped steps in a row the scaler takes before it doubles its scale (GradScaler's default 2000)."""
+        """How many unskipped steps in a row the scaler takes before it doubles its scale (GradScaler's default:
+        2000)."""
         return self.scaler.get_growth_interval() if self.enabled else None
 
     def found_inf(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

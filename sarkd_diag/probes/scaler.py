@@ -11,7 +11,8 @@ that its growths did not win back (its own skips are the floor's to judge: six h
 lost), is a warning, and a scale below 1 is critical (gradients are being shrunk, not protected). GradScaler doubles
 the scale after `growth_interval` clean steps (2000 by default: a collapse's halvings stand); one that doubles every
 step or few (`growth_interval=1`) hovers at its ceiling, each growth overflowing and skipping the step after it — many
-steps lost while the scale keeps its level: no fall, the growth interval's doing (a `scaler_growth_too_fast` note). A run that ends with the warm-up still going — every step
+steps lost while the scale keeps its level: no fall, the growth interval's doing (a `scaler_growth_too_fast` note).
+A run that ends with the warm-up still going — every step
 skipped, the scale never low enough — applied no update at all: the scaler started too high for the run's length (a
 `scaler_never_settled` note, when the probes close) — unless every step's loss was itself non-finite: gradients of a
 NaN loss are non-finite at any scale, and that is the loss's cause, not the scale's.
