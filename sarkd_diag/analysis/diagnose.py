@@ -630,6 +630,15 @@ FIXES = {
                             "the gradient is outweighed {count}× — divide each micro-batch's loss by the number of "
                             "micro-batches before its backward: {divide_micro_batch_losses}; the "
                             "learning rate and the precision are not the cause",
+    "num_items_ignored": "{model}'s gradient is the sum of {count} micro-batches' losses, not their mean (from step "
+                         "{step}): your `compute_loss` is handed `num_items_in_batch` — the step's target count over "
+                         "all {count} micro-batches — and never reads it, while the Trainer, counting on it (the "
+                         "model accepts loss kwargs), no longer divides each loss by `gradient_accumulation_steps`: "
+                         "each step's gradient is {count}× the batch's — SGD's update {count}× with it, a clipping "
+                         "threshold meets a {count}× norm — sum the loss over the target tokens and divide by "
+                         "`num_items_in_batch`, or set `trainer.model_accepts_loss_kwargs = False` so the Trainer "
+                         "divides by `gradient_accumulation_steps` itself; the learning rate and the precision are "
+                         "not the cause",
     "accumulation_unmatched": "the optimizer steps after fewer batches than `Accelerator(gradient_accumulation_steps="
                               "{steps})` divides each loss by (from step {step}): the loop never enters `with "
                               "accelerator.accumulate(model):`, so accelerate steps the optimizer on every batch, each "
@@ -2375,7 +2384,8 @@ def micro_batches_summed(r: RunRecord) -> list[Cause]:
     """A step backpropagated several losses of one model's forwards each at full weight (a `micro_batches_summed`
     note): gradient accumulation that sums the micro-batches' losses instead of averaging them, so the gradient is
     that many times the batch's (SGD's update with it)."""
-    return _gradient_multiplied(r, "micro_batches_summed", "losses_per_step")
+    return _gradient_multiplied(r, "micro_batches_summed", "losses_per_step") \
+        or _gradient_multiplied(r, "num_items_ignored", "gradient_accumulation_steps", cause="micro_batches_summed")
 
 
 def loss_backpropagated_twice(r: RunRecord) -> list[Cause]:
@@ -2384,16 +2394,17 @@ def loss_backpropagated_twice(r: RunRecord) -> list[Cause]:
     return _gradient_multiplied(r, "loss_backpropagated_twice", "backwards_per_loss")
 
 
-def _gradient_multiplied(r: RunRecord, code: str, counted_as: str) -> list[Cause]:
-    """A loop bug that multiplies the step's gradient by the count its note holds (`value`): critical once something
-    goes wrong at or after it (the blow-up, which reads as an lr far too high, is folded into it), else a warning."""
+def _gradient_multiplied(r: RunRecord, code: str, counted_as: str, cause: str | None = None) -> list[Cause]:
+    """A loop bug that multiplies the step's gradient by the count its note (`code`) holds (`value`): critical once
+    something goes wrong at or after it (the blow-up, which reads as an lr far too high, is folded into it), else a
+    warning; `cause`: the finding it is, where the note is one of its forms (the fix is the note's)."""
     note = r.of("setup_note", code)
     if not len(note):
         return []
     row = _first(note)
     then = _went_wrong_from(r, int(row["step"]))
     count = int(row["value"])
-    return [Cause(code, "critical" if then else "warning", **_where(row),
+    return [Cause(cause or code, "critical" if then else "warning", **_where(row),
                   evidence={counted_as: count, "then": ", ".join(then) or None},
                   fix=r.fix(code, step=int(row["step"]), count=count, model=row.get("model")))]
 

@@ -150,6 +150,8 @@ CODES = {
                            "their float16 gradients, so the first optimizer step raises",
     "gradients_not_cleared": "setup_note: a step's backward added to gradients the previous step had already used: "
                              "optimizer.zero_grad() is not called between optimizer steps",
+    "num_items_ignored": "setup_note: a Trainer's compute_loss override is handed num_items_in_batch and never reads "
+                         "it, while the Trainer leaves the loss undivided for gradient accumulation",
     "micro_batches_summed": "setup_note: a step backpropagated several losses of one model's forwards each at full "
                             "weight: micro-batches accumulated without dividing each loss by their count",
     "loss_term_negative": "setup_note: a loss term named kd or ce is below 0, where no divergence or cross-entropy "

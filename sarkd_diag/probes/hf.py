@@ -18,6 +18,7 @@ micro-batch's `compute_loss` whose loss turned non-finite between statistics ste
 from __future__ import annotations
 
 import copy
+import dis
 import functools
 import inspect
 import math
@@ -186,6 +187,8 @@ class SarkdDiagCallback(TrainerCallback):
             self._call_loss = result[0] if isinstance(result, tuple) else result
             if self.probes is not None:
                 self.probes.set.observe_loss_graph(result)
+                if kw.get("num_items_in_batch") is not None and self.probes.events.say_once("num_items_read"):
+                    self._check_items_read(compute_loss)
             return result
 
         train = trainer.train
@@ -202,6 +205,31 @@ class SarkdDiagCallback(TrainerCallback):
         self._unbind = [replace_method(trainer, "training_step", recorded_training_step),
                         replace_method(trainer, "compute_loss", recorded_compute_loss),
                         replace_method(trainer, "train", closing_train)]
+
+    def _check_items_read(self, compute_loss) -> None:
+        """Once, at the first `compute_loss` handed `num_items_in_batch` (the step's target count over all its
+        micro-batches): the Trainer leaves each micro-batch's loss undivided by `gradient_accumulation_steps` where it
+        counts on `compute_loss` to have divided by that count (a model that takes loss kwargs, a `compute_loss_func`).
+        An override of `compute_loss` — a KD trainer's — whose code never reads it, nor the `**kwargs` it came in,
+        returns each micro-batch's mean loss undivided: the step's gradient is their sum, that many times the batch's
+        (`num_items_ignored`). Read off the override's bytecode; the framework's own `compute_loss` is theirs to get
+        right."""
+        trainer, function = self._trainer, inspect.unwrap(getattr(compute_loss, "__func__", compute_loss))
+        steps = getattr(trainer.args, "gradient_accumulation_steps", 1)
+        scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if scaled is None:  # as the Trainer decides it (transformers before `loss_is_scaled_for_ga`: the same terms)
+            scaled = bool(getattr(trainer, "model_accepts_loss_kwargs", False)
+                          or getattr(trainer, "compute_loss_func", None) is not None)
+        if steps <= 1 or not scaled or (function.__module__ or "").split(".")[0] in ("transformers", "trl") \
+                or _reads_count(function):
+            return
+        self.probes.events.record(
+            "setup_note", "warning",
+            f"{type(trainer).__name__}.compute_loss is handed num_items_in_batch and never reads it, while the Trainer "
+            f"leaves each micro-batch's loss undivided for it (gradient_accumulation_steps={steps}): each step's "
+            f"gradient is the sum of {steps} micro-batches' mean losses, {steps}× the batch's",
+            step=self.probes.ctx.step, phase="loss", probe="loss", model="student", value=float(steps),
+            code="num_items_ignored")
 
     def _find_teacher(self) -> None:
         """The teacher to watch: the one given, else the bound trainer's (`trainer_teacher`)."""
@@ -387,6 +415,21 @@ def running_trainer(callback: TrainerCallback):
     finally:
         del frame
     return None
+
+
+def _reads_count(function) -> bool:
+    """Whether `function`'s own code reads its `num_items_in_batch` parameter, or the `**kwargs` it would come in
+    (handed on, it may be read further down) — or hands either to an inner function."""
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return True  # no Python code to read: not judged
+    names = {name for name, parameter in inspect.signature(function).parameters.items()
+             if name == "num_items_in_batch" or parameter.kind is inspect.Parameter.VAR_KEYWORD}
+    if names & set(code.co_cellvars):
+        return True
+    return any(instruction.opname.startswith("LOAD_") and names & set(
+        instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,))
+        for instruction in dis.get_instructions(code))
 
 
 def _as_handed(value):

@@ -534,6 +534,46 @@ def test_under_gradient_accumulation_the_step_loss_sums_the_num_items_shares(tmp
 
 
 
+class ItemsKDTrainer(KDTrainer):
+    """The KD trainer written as transformers asks under gradient accumulation: each term summed over the target tokens
+    and divided by `num_items_in_batch`, the step's count over all its micro-batches."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+        logits, labels = outputs.logits[:, :-1].float(), inputs["labels"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
+        kd = torch.nn.functional.kl_div(logits.log_softmax(-1), teacher_logits[:, :-1].float().log_softmax(-1),
+                                        log_target=True, reduction="sum")
+        loss = (0.5 * ce + 0.5 * kd) / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("trainer_class, ignored", [(KDTrainer, True), (ItemsKDTrainer, False)])
+def test_a_compute_loss_that_ignores_num_items_under_accumulation_sums_the_micro_batches(tmp_path, trainer_class,
+                                                                                         ignored):
+    """The GPT-2 student's forward takes `**kwargs`, so under `gradient_accumulation_steps=2` the Trainer hands
+    `compute_loss` the step's `num_items_in_batch` and no longer divides its loss by 2 — counting on it. A KD override
+    that never reads the count returns each micro-batch's mean loss: the step's gradient is their sum, twice the
+    batch's, every value finite. Named once, as the summed micro-batches it makes; an override that divides by the
+    count is not."""
+    trainer = trainer_class(model=tiny.make_gpt2(VOCAB), teacher=tiny.make_gpt2(VOCAB, seed=3),
+                            args=training_args(tmp_path / "trainer", max_steps=3, gradient_accumulation_steps=2),
+                            train_dataset=Sequences(VOCAB))
+    assert trainer.model_accepts_loss_kwargs  # the Trainer leaves the division to compute_loss
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    summary = load_run(tmp_path / "run")["summary"]
+    if not ignored:
+        assert nothing_found(summary), summary
+        return
+    (finding,) = summary["findings"]
+    assert (finding["cause"], finding["severity"], finding["first_step"]) == ("micro_batches_summed", "warning", 1)
+    assert finding["evidence"]["gradient_accumulation_steps"] == 2
+    assert "`num_items_in_batch`" in finding["fix"] and "model_accepts_loss_kwargs = False" in finding["fix"]
+
+
 class PromptOnlyEveryOther(Sequences):
     """Completion-only SFT whose completion was cut off: every other sequence is all prompt (labels -100). Records
     which reads were empty, in the order the Trainer reads them."""
