@@ -33,6 +33,7 @@ from ..contract.numerics import dtype_name
 from ..contract.wording import counted
 from . import Probes, check_probe_settings, chosen, replace_method
 from .base import dtype_of_most, models_by_role, scores_tokens, teacher_by_name, weights_compute_dtype
+from .forwards import is_data
 
 ON_CRITICAL = ("stop", "record")
 
@@ -253,16 +254,20 @@ class SarkdDiagCallback(TrainerCallback):
         forward, on the failure path only) draws no random numbers the run would (`fork_rng`). Once a step, before
         any weight is non-finite (after that every module's output is), in a single process (a replay on one rank
         of a sharded or DDP model would wait on the others). `read_anyway`: the loss is read on the host whatever
-        `logging_nan_inf_filter` says (`training_step` raised: the run is ending, the read costs it nothing)."""
+        `logging_nan_inf_filter` says (`training_step` raised: the run is ending, the read costs it nothing). First,
+        once a run, the batch handed to `compute_loss` is read (`_nonfinite_data`): data the model never sees — a
+        teacher's logits stored beside the tokens — reaches the loss by no module a replay reads."""
         probes, call, self._loss_call = self.probes, self._loss_call, None
-        if (probes is None or call is None or probes.critical or probes.ranks.distributed
-                or self._replayed_at == probes.ctx.step
+        if (probes is None or call is None or probes.critical or self._replayed_at == probes.ctx.step
                 or not (read_anyway or getattr(self._trainer.args, "logging_nan_inf_filter", False))
-                or not probes.set.needs_replay(math.nan) or _finite(loss)):
+                or _finite(loss)):
             return
         self._replayed_at = probes.ctx.step
         compute_loss, args, kwargs = call
-        probes.set.replay_apart(lambda: compute_loss(*args, **kwargs))
+        if probes.events.say_once("loss_inputs_read"):
+            _nonfinite_data(probes, args, kwargs)
+        if not probes.ranks.distributed and probes.set.needs_replay(math.nan):
+            probes.set.replay_apart(lambda: compute_loss(*args, **kwargs))
 
     # ------------------------------------------------------------------------------ Trainer events
     def on_init_end(self, args, state, control, **kwargs):
@@ -436,6 +441,22 @@ def _as_handed(value):
     """A mutable mapping (the batch's inputs: a dict, a BatchEncoding) as it is now, for a call to be repeated after the
     callee changed it: a shallow copy, its tensors shared; anything else as it is."""
     return copy.copy(value) if isinstance(value, MutableMapping) else value
+
+
+def _nonfinite_data(probes: Probes, args: tuple, kwargs: dict) -> None:
+    """The first tensor of the batch `compute_loss` was handed (its dict's entries, by key) that holds NaN or +Inf:
+    bad data, recorded as `nonfinite_batch` at that key. Only data — tensors no differentiable op made —, and -Inf is
+    no fault: it is how a mask is written (a teacher's logits over a masked vocabulary)."""
+    batch = [(name, value) for argument in (*args, *kwargs.values()) if isinstance(argument, MutableMapping)
+             for name, value in argument.items()]
+    for name, value in batch:
+        if is_data(value) and bool((value.isnan() | (value == math.inf)).any()):
+            holds = "NaN" if bool(value.isnan().any()) else "+Inf"
+            probes.events.record("nonfinite_batch", "critical",
+                                 f"the batch handed to compute_loss at step {probes.ctx.step} holds {holds} in "
+                                 f"{name!r}: bad data, not precision", step=probes.ctx.step, phase="loss",
+                                 probe="loss", model="student", tensor=name)
+            return
 
 
 def _finite(loss: torch.Tensor) -> bool:

@@ -574,6 +574,45 @@ def test_a_compute_loss_that_ignores_num_items_under_accumulation_sums_the_micro
     assert "`num_items_in_batch`" in finding["fix"] and "model_accepts_loss_kwargs = False" in finding["fix"]
 
 
+class StoredTeacherLogits(Sequences):
+    """Offline KD: a teacher's logits computed once and stored beside the tokens; records from `bad` on were saved from
+    a float16 teacher that overflowed (+Inf)."""
+
+    def __init__(self, vocab: int, bad: int):
+        super().__init__(vocab)
+        self.logits = torch.randn(len(self.ids), self.ids.shape[1], vocab, generator=torch.Generator().manual_seed(1))
+        self.logits[bad:, 4, 7] = math.inf
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "teacher_logits": self.logits[i]}
+
+
+class OfflineKDTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_logits = inputs.pop("teacher_logits")
+        outputs = model(**inputs)
+        kd = torch.nn.functional.kl_div(outputs.logits.float().log_softmax(-1).flatten(0, 1),
+                                        teacher_logits.log_softmax(-1).flatten(0, 1), log_target=True,
+                                        reduction="batchmean")
+        loss = 0.5 * outputs.loss + 0.5 * kd
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_stored_teacher_logits_with_an_inf_are_named_as_the_bad_data(tmp_path):
+    """The batch's `teacher_logits` reach the loss by no module: a replay finds every module finite and could only
+    blame the loss's arithmetic. The batch `compute_loss` was handed is read once at the first non-finite loss: the
+    stored logits are bad data, named by their key at the step that first trained on them."""
+    trainer = OfflineKDTrainer(model=tiny.make_gpt2(VOCAB), args=training_args(
+        tmp_path / "trainer", max_steps=4, learning_rate=1e-3, remove_unused_columns=False),
+        train_dataset=StoredTeacherLogits(VOCAB, bad=16))  # half the records: some step after the first meets one
+    SarkdDiagCallback.attach(trainer, tmp_path / "run")
+    trainer.train()
+    run = load_run(tmp_path / "run")
+    first_nan = int(run["events"].query("kind == 'nonfinite_loss'")["step"].min())
+    root = run["summary"]["diagnosis"][0]
+    assert (root["cause"], root["tensor"], root["first_step"]) == ("nonfinite_input", "teacher_logits", first_nan)
+
+
 class PromptOnlyEveryOther(Sequences):
     """Completion-only SFT whose completion was cut off: every other sequence is all prompt (labels -100). Records
     which reads were empty, in the order the Trainer reads them."""
