@@ -448,6 +448,43 @@ def test_a_teacher_nan_from_small_values_is_an_undefined_operation_where_its_wei
                                                                                              False)
     assert ("out of scale" in cause["fix"]) != undefined and "hold the teacher in a wider" not in cause["fix"]
 
+
+def test_a_float16_teachers_nan_that_float32_makes_too_beside_an_fp32_student_is_an_undefined_operation():
+    """A teacher loaded in float16 beside an fp32 student (the run computes nothing else in float16): its module's
+    NaN/Inf, run again in float32 on the same finite inputs, was non-finite there too — no float16 overflow, so
+    "load the teacher wider" would not help; the fix is the operation's."""
+    act = {"kind": "nonfinite_activation", "severity": "critical", "step": 2, "phase": "forward", "model": "teacher",
+           "module": "h.1.mlp", "dtype": "float16", "value": math.inf}
+    replay = {"kind": "wide_replay", "severity": "info", "step": 2, "phase": "forward", "model": "teacher",
+              "module": "h.1.mlp", "dtype": "float32", "value": math.inf}
+    metrics = pd.DataFrame({"step": [1, 2], "split": "train", "act_amax_teacher": [3.3, None],
+                            "loaded_amax_teacher": [1.0, None]})
+    frame = log(replay, act, {**NAN_LOSS, "step": 2})
+    (cause,) = causes(frame, metrics, mode="fp32", caller="trainer").ranked
+    assert (cause["cause"], cause["module"], cause["first_step"]) == ("teacher_overflow", "h.1.mlp", 2)
+    assert cause["evidence"]["float32_replay"] == "Inf" and "undefined on its inputs" in cause["fix"]
+    finite = {**replay, "value": 7e4}  # float32 holds it: float16's range, the teacher loaded wider is the fix
+    (cause,) = causes(log(finite, act, {**NAN_LOSS, "step": 2}), metrics, mode="fp32", caller="trainer").ranked
+    assert "wider dtype" in cause["fix"] and "undefined" not in cause["fix"]
+
+
+def test_a_loop_bug_that_inflates_updates_is_not_blamed_for_a_fault_no_update_makes():
+    """Summed micro-batches double each update: a blow-up after them is theirs — but not a frozen teacher's overflow,
+    bad data or a weight the loop wrote, which no update's size makes. Those stay their own causes and the loop
+    bug a warning; what went wrong before them is still blamed on it."""
+    summed = {"kind": "setup_note", "code": "micro_batches_summed", "severity": "warning", "step": 1,
+              "phase": "loss", "model": "student", "value": 2.0}
+    teacher = {"kind": "nonfinite_activation", "severity": "critical", "step": 3, "phase": "forward",
+               "model": "teacher", "module": "h.1.mlp", "dtype": "float16", "value": math.inf}
+    diagnosis = causes(log(summed, teacher, {**NAN_LOSS, "step": 3}), mode="fp32", caller="loop")
+    assert [(c["cause"], c["severity"]) for c in diagnosis.findings] == [("micro_batches_summed", "warning")]
+    assert diagnosis[0]["cause"] == "teacher_overflow"
+    extreme = {"kind": "extreme_update", "severity": "warning", "step": 2, "phase": "optimizer", "model": "student",
+               "tensor": "w", "value": 4.0}
+    diagnosis = causes(log(summed, extreme, teacher, {**NAN_LOSS, "step": 3}), mode="fp32", caller="loop")
+    (finding,) = diagnosis.findings
+    assert finding["severity"] == "critical" and finding["evidence"]["then"] == "extreme_update@2"
+
 def test_an_overflowing_student_router_gets_the_router_fix():
     """An MoE student (Qwen2-MoE, OLMoE trained in a caller's loop) whose router logits leave float16: the fix is the
     router's — its logits in fp32 — as for a teacher's router, not the generic op advice; an expert's gate_proj is no

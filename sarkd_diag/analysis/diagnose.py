@@ -1280,8 +1280,10 @@ class RunRecord:
         Unmeasured magnitudes prove nothing: then None. `teachers`: also a frozen model's output — whose weights
         no probe reads after the first step, so only where they were read as loaded (`loaded_amax_<model>`): a
         frozen model's weights stay as loaded, and an average written into them (an EMA teacher) is bounded by the
-        student's, which are read every step."""
-        if not self.computes_in_fp16():
+        student's, which are read every step. A float16 output is judged by its float32 replay also in a run that
+        computes nothing else in float16 (a teacher loaded in float16 beside an fp32 student)."""
+        acts = self.of("nonfinite_activation")
+        if not self.computes_in_fp16() and not (len(acts) and _first(acts).get("dtype") == "float16"):
             return self._nonfinite_from_small_values(DTYPE_MAX, teachers)
         replay = self.wide_replay()
         if replay is None:  # a wider output (a norm autocast runs in float32) is no float16 output to replay: judged
@@ -1873,13 +1875,16 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     where, named = _where_began(r, row)
     op = r.nonfinite_op(teachers=True)
     if op is not None and op[0].get("model") == row.get("model"):  # no overflow: an operation undefined on its inputs
-        holds, largest = _holds_value(row), op[1]
+        holds, largest, replay = _holds_value(row), op[1], r.wide_replay()
+        module = f"the teacher's {row.get('module') or 'forward'}"
+        measured = ({"float32_replay": _holds_value(replay)} if replay is not None else
+                    {"largest_measured_before": largest, "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT})
         return [Cause("teacher_overflow", "critical", **where,
                       evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "holds": holds,
-                                "undefined_operation": True, "largest_measured_before": largest,
-                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT, **named},
-                      fix=r.fix("nonfinite_op", module=f"the teacher's {row.get('module') or 'forward'}",
-                                holds=holds, dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
+                                "undefined_operation": True, **measured, **named},
+                      fix=r.fix("nonfinite_op_replayed", module=module, holds=holds,
+                                wide_holds=_holds_value(replay)) if replay is not None else
+                      r.fix("nonfinite_op", module=module, holds=holds, dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
                   evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
@@ -2375,9 +2380,16 @@ def gradients_not_cleared(r: RunRecord) -> list[Cause]:
 
 def _went_wrong_from(r: RunRecord, step: int) -> list[str]:
     """What went wrong at or after `step` (a blow-up, a loss scale that fell), as `kind@first step`: what a loop bug
-    that inflates the updates is blamed for."""
-    return [f"{kind}@{int(r.of(kind)['step'].min())}" for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")
-            if (r.of(kind)["step"] >= step).any()]
+    that inflates the updates is blamed for — before a fault no update's size makes, which explains what follows it
+    on its own: bad data, a weight the loop wrote, a frozen model's forward (its weights and inputs no update
+    touches)."""
+    acts = r.of("nonfinite_activation")
+    apart = [r.of("nonfinite_batch"), r.of("empty_targets"), r.of("nonfinite_between_steps"),
+             acts[acts["model"].isin(r.teachers)]]
+    until = min((int(frame["step"].min()) for frame in apart if len(frame)), default=math.inf)
+    went = {kind: r.of(kind)["step"] for kind in (*BLOW_UPS, "scale_below_one", "scaler_backoff")}
+    return [f"{kind}@{int(steps[steps >= step].min())}" for kind, steps in went.items()
+            if ((steps >= step) & (steps < until)).any()]
 
 
 def micro_batches_summed(r: RunRecord) -> list[Cause]:

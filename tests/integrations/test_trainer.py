@@ -903,9 +903,11 @@ class _InfWeightAt(TrainerCallback):
 def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model_name):
     """Step 3 is no statistics step (1 and every 10th are): the loss turns non-finite with no module statistics, and
     after the optimizer step every weight is NaN. The teacher's Inf (frozen weights, read as loaded only) is placed
-    by the callback's replay of the micro-batch's `compute_loss` with statistics on, before the optimizer step; the
-    student's, a trained weight, is read again at step 3's first training forward: finite after step 2's update, Inf
-    now — written between the steps (`weights_edited`), at the same module and step."""
+    by the callback's replay of the micro-batch's `compute_loss` with statistics on, before the optimizer step, whose
+    first non-finite module has its own weights read; the student's, a trained weight, is read again at step 3's
+    first training forward: finite after step 2's update (as loaded, the teacher's), Inf now — written since
+    (`weights_edited`), at the same module and step. The edit is a finding; the failure it made stays a cause, a
+    `divergence` at the written weight explained by it — no overflow, whose fix would be a wider dtype."""
     def trainer_with_fault():
         student, teacher = tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3)
         broken = (student if model_name == "student" else teacher).transformer.h[1].mlp.c_fc.weight
@@ -916,12 +918,12 @@ def test_a_fault_between_statistics_steps_is_named_at_its_module(tmp_path, model
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
     summary = load_run(tmp_path / "run")["summary"]
-    root = (summary["diagnosis"] if model_name == "teacher" else summary["findings"])[0]
-    expected = "teacher_overflow" if model_name == "teacher" else "weights_edited"
+    (root, *_), (failure, *_) = summary["findings"], summary["diagnosis"]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
-        expected, model_name, "transformer.h.1.mlp.c_fc", 3)
-    if model_name == "student":  # the edit is a finding; the failure it made stays a cause, explained by it
-        assert summary["diagnosis"][0]["evidence"]["explained_by"].startswith("weights_edited@3")
+        "weights_edited", model_name, "transformer.h.1.mlp.c_fc", 3)
+    assert (failure["cause"], failure["model"], failure["tensor"], failure["first_step"]) == (
+        "divergence", model_name, "transformer.h.1.mlp.c_fc.weight", 3)
+    assert failure["evidence"]["explained_by"].startswith("weights_edited@3") and "wider" not in failure["fix"]
     plain = trainer_with_fault()
     plain.train()
     assert logged_losses(plain)[:3] == logged_losses(trainer)  # the replay changed nothing the steps computed
