@@ -2463,6 +2463,31 @@ def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module
     probes.close()
 
 
+class NormedRoot(nn.Module):
+    """A BatchNorm, then its own code's sqrt: NaN for every negative normalised entry, in any precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, h):
+        return torch.sqrt(self.norm(h))
+
+
+def test_a_module_run_again_in_float32_leaves_its_buffers_as_they_were():
+    """The float32 replay runs the module whose float16 output turned non-finite on copies of its floating weights
+    and buffers — but handed it its integer buffers themselves, so a BatchNorm inside counted the replay as a batch
+    it trained on (`num_batches_tracked`, which sets the running statistics' update where `momentum=None`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NormedRoot(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        _train(model, probes, opt, steps=3, scaler=scaler, autocast=torch.float16)
+    assert [e.module for e in _events(probes, "wide_replay")] == ["1"]
+    assert int(model[1].norm.num_batches_tracked) == 3  # the three training forwards
+
+
 class HalfOnlyRoot(Root):
     def forward(self, h):
         if h.dtype != torch.float16:
@@ -2896,6 +2921,58 @@ def test_a_plain_loops_fault_between_statistics_steps_is_replayed_and_placed(fau
         assert [(e.step, e.model) for e in _events(probes, "forward_replay")] == [(4, "student")]
     _, unprobed = _loop_with_fault(fault, precision, probed=False)
     assert str(losses) == str(unprobed)  # NaN where NaN: the same run with and without the probes
+
+
+class NormedNet(nn.Module):
+    """A token model with a BatchNorm between its layers: its forward in train mode updates the running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden = nn.Embedding(32, 16), nn.Linear(16, 16)
+        self.norm, self.head = nn.BatchNorm1d(16), nn.Linear(16, 32)
+
+    def forward(self, ids):
+        h = self.hidden(self.embed(ids))
+        return self.head(torch.relu(self.norm(h.flatten(0, 1)).view_as(h)))
+
+
+def _loop_with_an_empty_batch(skips: bool, probed: bool, steps: int = 5):
+    """A plain fp32 loop whose step 3 has no target: its masked mean is 0/0, NaN. `skips`: the loop steps only on a
+    finite loss, as a loss scaler would (the probes replay at `step()`); else the optimizer applies the NaN gradients
+    (replayed at its pre-step hook). Returns (the model, its losses and, last, its loss in eval mode)."""
+    torch.manual_seed(0)
+    model = NormedNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+        for step in range(1, steps + 1):
+            counted = torch.full((4 * 8,), float(step != 3))
+            ce = nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            loss = (ce * counted).sum() / counted.sum()
+            loss.backward()
+            if torch.isfinite(loss) or not skips:
+                opt.step()
+            if probes is not None:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+    with torch.no_grad():  # in eval mode the BatchNorm normalises by its running statistics
+        losses.append(nn.functional.cross_entropy(model.eval()(ids).flatten(0, 1), ids.flatten()).item())
+    return model, losses
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_a_replayed_step_leaves_the_models_buffers_as_they_were(skips):
+    """A replay runs the step's forwards again in train mode: a BatchNorm's forward updates its running mean and
+    variance and counts the batch, so the replayed step updated them twice — the probed run's statistics, and its
+    loss in eval mode, which normalises by them, differed from the same run without probes. The models' buffers are
+    put back after a replay."""
+    probed, losses = _loop_with_an_empty_batch(skips, probed=True)
+    unprobed, unprobed_losses = _loop_with_an_empty_batch(skips, probed=False)
+    assert str(losses) == str(unprobed_losses) and math.isnan(losses[2])
+    for (name, buffer), (_, expected) in zip(probed.named_buffers(), unprobed.named_buffers(), strict=True):
+        assert torch.equal(buffer, expected) or str(buffer.tolist()) == str(expected.tolist()), name  # NaN where NaN
 
 
 def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_optimizers_state_not_the_lr():
