@@ -3178,13 +3178,60 @@ def test_an_rmse_between_a_student_copied_from_its_teacher_is_named_on_step_1(te
 
 def test_the_loss_graph_stops_at_the_models_outputs():
     """The walk names what the caller's loss computes after the models' outputs — not a model's own ops (a norm
-    dividing by a root its eps keeps off 0), and not a pow of exponent 2."""
+    dividing by a root its eps keeps off 0), and not a pow of exponent 2. Walked after the backward freed the graph's
+    tensors, as on the failure path: those finite at their singular point come first, in the order met from the loss."""
     x = torch.ones(3, requires_grad=True)
     inside = (x / x.norm()).sqrt()  # a model's own output: its sqrt and division are not the loss's
     loss = (inside.log().sum() + (inside ** 2).sum()) ** 0.5
+    loss.backward()
     assert singular_operations([loss.grad_fn], [inside.grad_fn]) == ["pow", "log"]
-    assert singular_operations([loss.grad_fn], []) == ["pow", "log", "sqrt", "division"]
+    assert singular_operations([loss.grad_fn], []) == ["pow", "sqrt", "log", "division"]
     assert singular_operations([(inside ** 2).sum().grad_fn], [inside.grad_fn]) == []
+
+
+def test_the_loss_graph_names_the_operation_whose_input_it_reads_at_its_singular_point():
+    """Where the backward kept the graph's tensors (`retain_graph=True`), each operation's input is read: a division
+    by a count of 0 in the branch a `torch.where` discards is named, not the sqrt of positive values beside it; a
+    sqrt of an exactly-0 distance is, not the division by a non-zero count after it. One read off its singular point
+    cannot have made the NaN: it is not named at all."""
+    s = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    count = torch.tensor([2.0, 0.0, 1.0])
+    loss = torch.where(count > 0, s / count, 0.0).sum() + (s + 1).sqrt().sum()
+    loss.backward(retain_graph=True)
+    assert s.grad.isnan().any() and singular_operations([loss.grad_fn], []) == ["division"]
+    distance = ((s - s.detach()) ** 2).sum().sqrt() / count.sum()
+    distance.backward(retain_graph=True)
+    assert singular_operations([distance.grad_fn], []) == ["sqrt"]
+
+
+def test_a_masked_distance_is_blamed_on_its_sqrt_not_on_the_division_that_normalises_it():
+    """Feature KD as people write it: the distance sqrt(Σ(s·m − t·m)²) per position, masked, divided by the mask's
+    sum. At a padded position the difference is exactly 0 and the sqrt's derivative inf × 0 makes every gradient
+    NaN; the division, met first from the loss, divides by a count that is not 0 — yet it was the operation named,
+    and the fix said to keep a division off 0. After the backward nothing is left to read, and sqrt(0) = 0 is finite
+    where x/0 is not: a finite loss carries the sqrt's singular point with nothing else amiss."""
+    student, teacher = tiny.make_gpt2(64), tiny.make_gpt2(64, seed=3).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            out = student(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            m = mask[..., None].float()
+            distance = ((out.hidden_states[-1] * m - target * m) ** 2).sum(-1).sqrt().sum() / m.sum()
+            loss = out.loss + 0.1 * distance
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = _events(probes, "singular_derivative")
+    assert event.tensor == "sqrt" and "holds sqrt, division (the likeliest first)" in event.message
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
+    assert "applies sqrt, whose derivative" in root["fix"] and "where sqrt met such a point" in root["fix"]
 
 
 def test_a_healthy_loss_with_a_sqrt_says_nothing_of_it():
