@@ -132,6 +132,23 @@ def _run_as_it_ran(model: nn.Module, args: tuple, kwargs: dict, autocast: torch.
         model(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def _buffers_put_back(models: Iterable[nn.Module]):
+    """Every buffer of `models` as it was, once the block ends: a replay runs their forwards again in the mode they
+    trained in, and a forward in train mode updates buffers in place — a BatchNorm's running statistics and batch
+    count, a spectral norm's power-iteration vectors, a quantisation observer's range —, a second update the run
+    without probes never makes. A clone of each, on the failure path only; one the forward replaced is set back."""
+    kept = [(module, name, buffer, buffer.clone()) for model in models for module in model.modules()
+            for name, buffer in module.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, name, buffer, value in kept:
+                module._buffers[name] = buffer
+                buffer.copy_(value)
+
+
 class ProbeSet:
     """The probes of one run and the hooks that drive them: the optimizer's step hooks and the loss
     scaler's unscale. The owner's loop calls `begin_step`, hands over its loss terms (`observe_terms`),
@@ -465,13 +482,14 @@ class ProbeSet:
         loss scaler skipped the step, or the policy restored them) — and the first non-finite module is
         recorded as if the statistics had been on. The failure path only: it costs one forward and a sync.
         A forward that raises part-way has what it read recorded all the same: readings taken and not recorded would
-        be paired with the next step's modules (and, unmatched, fail its readings).
+        be paired with the next step's modules (and, unmatched, fail its readings). The models' buffers are put back
+        after it (`_buffers_put_back`): the replay changes nothing the run computes.
         """
         probe = self._activations
         self.ctx.replaying = True
         probe.attach()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _buffers_put_back(self.ctx.models.values()):
                 forward()
         finally:
             self.ctx.replaying = False

@@ -538,8 +538,10 @@ def root_label(model: nn.Module) -> str:
 
 
 def _float32_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Float32 copies of a module's floating weights and buffers, for a replay (`torch.func.functional_call`)."""
-    return {name: t.detach().float().clone() if t.is_floating_point() else t
+    """Copies of a module's weights and buffers, the floating ones in float32, for a replay
+    (`torch.func.functional_call`): the replay's forward updates them in place where training would (a BatchNorm's
+    batch count, an integer, too), and the module's own must stay as the training left them."""
+    return {name: t.detach().float().clone() if t.is_floating_point() else t.detach().clone()
             for name, t in chain(module.named_parameters(), module.named_buffers())}
 
 

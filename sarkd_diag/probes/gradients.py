@@ -411,14 +411,16 @@ class GradientProbe(Probe):
     def _report_singular_operations(self) -> None:
         """The gradients turned non-finite: the operations of the caller's own loss computation (between the trained
         models' outputs and the loss) whose derivative is infinite or undefined at some input, read off the loss's
-        graph — what a backward from a finite loss and small values can only have met (`loss_graph`)."""
+        graph — what a backward from a finite loss and small values can only have met (`loss_graph`); `tensor` names
+        the likeliest to have made them, which the diagnosis quotes."""
         operations = singular_operations(self.ctx.loss_roots, self.ctx.output_nodes)
         if operations:
+            likeliest = " (the likeliest first)" if len(operations) > 1 else ""
             self.ctx.events.record(
                 "singular_derivative", "info",
-                f"the loss's own computation at step {self.ctx.step} holds {', '.join(operations)} — an operation "
-                "whose derivative is infinite or undefined at some input (sqrt or pow below 1 at 0, a log or "
-                "division at 0, acos/asin at ±1)", step=self.ctx.step, phase="loss", probe=self.name,
+                f"the loss's own computation at step {self.ctx.step} holds {', '.join(operations)}{likeliest} — an "
+                "operation whose derivative is infinite or undefined at some input (sqrt or pow below 1 at 0, a log "
+                "or division at 0, acos/asin at ±1)", step=self.ctx.step, phase="loss", probe=self.name,
                 tensor=operations[0])
 
     def _report_not_cleared(self, index: int) -> None:

@@ -2483,6 +2483,31 @@ def test_a_float16_nan_is_told_from_an_undefined_operation_by_running_its_module
     probes.close()
 
 
+class NormedRoot(nn.Module):
+    """A BatchNorm, then its own code's sqrt: NaN for every negative normalised entry, in any precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(16)
+
+    def forward(self, h):
+        return torch.sqrt(self.norm(h))
+
+
+def test_a_module_run_again_in_float32_leaves_its_buffers_as_they_were():
+    """The float32 replay runs the module whose float16 output turned non-finite on copies of its floating weights
+    and buffers — but handed it its integer buffers themselves, so a BatchNorm inside counted the replay as a batch
+    it trained on (`num_batches_tracked`, which sets the running statistics' update where `momentum=None`)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), NormedRoot(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    with Probes(model, optimizer=opt, scaler=scaler) as probes:
+        _train(model, probes, opt, steps=3, scaler=scaler, autocast=torch.float16)
+    assert [e.module for e in _events(probes, "wide_replay")] == ["1"]
+    assert int(model[1].norm.num_batches_tracked) == 3  # the three training forwards
+
+
 class HalfOnlyRoot(Root):
     def forward(self, h):
         if h.dtype != torch.float16:
@@ -2918,6 +2943,58 @@ def test_a_plain_loops_fault_between_statistics_steps_is_replayed_and_placed(fau
     assert str(losses) == str(unprobed)  # NaN where NaN: the same run with and without the probes
 
 
+class NormedNet(nn.Module):
+    """A token model with a BatchNorm between its layers: its forward in train mode updates the running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.hidden = nn.Embedding(32, 16), nn.Linear(16, 16)
+        self.norm, self.head = nn.BatchNorm1d(16), nn.Linear(16, 32)
+
+    def forward(self, ids):
+        h = self.hidden(self.embed(ids))
+        return self.head(torch.relu(self.norm(h.flatten(0, 1)).view_as(h)))
+
+
+def _loop_with_an_empty_batch(skips: bool, probed: bool, steps: int = 5):
+    """A plain fp32 loop whose step 3 has no target: its masked mean is 0/0, NaN. `skips`: the loop steps only on a
+    finite loss, as a loss scaler would (the probes replay at `step()`); else the optimizer applies the NaN gradients
+    (replayed at its pre-step hook). Returns (the model, its losses and, last, its loss in eval mode)."""
+    torch.manual_seed(0)
+    model = NormedNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 32, (4, 9), generator=torch.Generator().manual_seed(0))
+    losses = []
+    with Probes(model, optimizer=opt) if probed else contextlib.nullcontext() as probes:
+        for step in range(1, steps + 1):
+            counted = torch.full((4 * 8,), float(step != 3))
+            ce = nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            loss = (ce * counted).sum() / counted.sum()
+            loss.backward()
+            if torch.isfinite(loss) or not skips:
+                opt.step()
+            if probes is not None:
+                probes.step(loss=loss)
+            opt.zero_grad()
+            losses.append(loss.item())
+    with torch.no_grad():  # in eval mode the BatchNorm normalises by its running statistics
+        losses.append(nn.functional.cross_entropy(model.eval()(ids).flatten(0, 1), ids.flatten()).item())
+    return model, losses
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_a_replayed_step_leaves_the_models_buffers_as_they_were(skips):
+    """A replay runs the step's forwards again in train mode: a BatchNorm's forward updates its running mean and
+    variance and counts the batch, so the replayed step updated them twice — the probed run's statistics, and its
+    loss in eval mode, which normalises by them, differed from the same run without probes. The models' buffers are
+    put back after a replay."""
+    probed, losses = _loop_with_an_empty_batch(skips, probed=True)
+    unprobed, unprobed_losses = _loop_with_an_empty_batch(skips, probed=False)
+    assert str(losses) == str(unprobed_losses) and math.isnan(losses[2])
+    for (name, buffer), (_, expected) in zip(probed.named_buffers(), unprobed.named_buffers(), strict=True):
+        assert torch.equal(buffer, expected) or str(buffer.tolist()) == str(expected.tolist()), name  # NaN where NaN
+
+
 def test_a_float16_momentum_buffer_that_overflows_from_finite_gradients_is_the_optimizers_state_not_the_lr():
     """Pure float16 with SGD's momentum: every gradient is 20000 (finite in float16), the buffer sums them past
     65504 at step 4 and turns Inf, and so does the weight — at an lr of 1e-8. It read as a blow-up 'without a
@@ -3121,13 +3198,60 @@ def test_an_rmse_between_a_student_copied_from_its_teacher_is_named_on_step_1(te
 
 def test_the_loss_graph_stops_at_the_models_outputs():
     """The walk names what the caller's loss computes after the models' outputs — not a model's own ops (a norm
-    dividing by a root its eps keeps off 0), and not a pow of exponent 2."""
+    dividing by a root its eps keeps off 0), and not a pow of exponent 2. Walked after the backward freed the graph's
+    tensors, as on the failure path: those finite at their singular point come first, in the order met from the loss."""
     x = torch.ones(3, requires_grad=True)
     inside = (x / x.norm()).sqrt()  # a model's own output: its sqrt and division are not the loss's
     loss = (inside.log().sum() + (inside ** 2).sum()) ** 0.5
+    loss.backward()
     assert singular_operations([loss.grad_fn], [inside.grad_fn]) == ["pow", "log"]
-    assert singular_operations([loss.grad_fn], []) == ["pow", "log", "sqrt", "division"]
+    assert singular_operations([loss.grad_fn], []) == ["pow", "sqrt", "log", "division"]
     assert singular_operations([(inside ** 2).sum().grad_fn], [inside.grad_fn]) == []
+
+
+def test_the_loss_graph_names_the_operation_whose_input_it_reads_at_its_singular_point():
+    """Where the backward kept the graph's tensors (`retain_graph=True`), each operation's input is read: a division
+    by a count of 0 in the branch a `torch.where` discards is named, not the sqrt of positive values beside it; a
+    sqrt of an exactly-0 distance is, not the division by a non-zero count after it. One read off its singular point
+    cannot have made the NaN: it is not named at all."""
+    s = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    count = torch.tensor([2.0, 0.0, 1.0])
+    loss = torch.where(count > 0, s / count, 0.0).sum() + (s + 1).sqrt().sum()
+    loss.backward(retain_graph=True)
+    assert s.grad.isnan().any() and singular_operations([loss.grad_fn], []) == ["division"]
+    distance = ((s - s.detach()) ** 2).sum().sqrt() / count.sum()
+    distance.backward(retain_graph=True)
+    assert singular_operations([distance.grad_fn], []) == ["sqrt"]
+
+
+def test_a_masked_distance_is_blamed_on_its_sqrt_not_on_the_division_that_normalises_it():
+    """Feature KD as people write it: the distance sqrt(Σ(s·m − t·m)²) per position, masked, divided by the mask's
+    sum. At a padded position the difference is exactly 0 and the sqrt's derivative inf × 0 makes every gradient
+    NaN; the division, met first from the loss, divides by a count that is not 0 — yet it was the operation named,
+    and the fix said to keep a division off 0. After the backward nothing is left to read, and sqrt(0) = 0 is finite
+    where x/0 is not: a finite loss carries the sqrt's singular point with nothing else amiss."""
+    student, teacher = tiny.make_gpt2(64), tiny.make_gpt2(64, seed=3).requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt) as probes:
+        for _ in range(2):
+            out = student(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            m = mask[..., None].float()
+            distance = ((out.hidden_states[-1] * m - target * m) ** 2).sum(-1).sqrt().sum() / m.sum()
+            loss = out.loss + 0.1 * distance
+            loss.backward()
+            opt.step()
+            probes.step(loss=loss)
+            opt.zero_grad()
+    (event,) = _events(probes, "singular_derivative")
+    assert event.tensor == "sqrt" and "holds sqrt, division (the likeliest first)" in event.message
+    root = probes.diagnosis()[0]
+    assert (root["cause"], root["first_step"], root["evidence"]["loss_operation"]) == ("divergence", 1, "sqrt")
+    assert "applies sqrt, whose derivative" in root["fix"] and "where sqrt met such a point" in root["fix"]
 
 
 def test_a_healthy_loss_with_a_sqrt_says_nothing_of_it():
