@@ -526,6 +526,20 @@ def check_probe_settings(level: str, every: int) -> str:
     return level
 
 
+def check_own_directory(run_dir: Path | None, framework_dirs: Iterable[tuple[str | os.PathLike | None, str]]) -> None:
+    """Refuse, before training, a run directory that is one the framework writes its own files into
+    (`framework_dirs`: each directory, None where unset, with what writes there): a Trainer's `save_model()` writes the
+    model's config.json over the run's, and a logger's files make a fresh run directory one the probes refuse, inside
+    the framework's training loop — said once, up front, with where to record instead."""
+    if run_dir is None:
+        return
+    ours = os.path.realpath(user_path(run_dir))
+    for directory, writes in framework_dirs:
+        if isinstance(directory, (str, os.PathLike)) and os.path.realpath(user_path(directory)) == ours:
+            raise BadInput(f"run_dir={str(run_dir)!r} is {writes}: give the probes a directory of their own, e.g. "
+                           f"{str(Path(run_dir) / 'sarkd-diag')!r}")
+
+
 def chosen(value: str, choices: tuple[str, ...], keyword: str) -> str:
     """`value` as `choices` spell it, typed in any case — as the CLI and DistillConfig read a choice (`--probes
     Full`) —, else a ValueError that names the keyword argument."""
