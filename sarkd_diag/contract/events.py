@@ -186,6 +186,8 @@ CODES = {
     "compiled_before_probes": "setup_note: torch.compile had compiled the forward of a watched model's class (that "
                               "model's, or another's of its class) before the probes' hooks existed (compiled code "
                               "runs without hooks added later): dynamo's caches reset, one recompile",
+    "loss_handed_once": "setup_note: under accelerate's gradient accumulation a step's loss was handed to its only "
+                        "step() call, after several training forwards: the micro-batches' losses were not handed over",
     "loss_without_teacher": "setup_note: a caller's loop handed no loss to step() while a frozen model (a teacher) ran "
                             "in its training: the rows hold the student's own loss output, not the distillation "
                             "objective",

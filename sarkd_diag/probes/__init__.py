@@ -544,6 +544,20 @@ def check_probe_settings(level: str, every: int) -> str:
     return level
 
 
+def check_own_directory(run_dir: Path | None, framework_dirs: Iterable[tuple[str | os.PathLike | None, str]]) -> None:
+    """Refuse, before training, a run directory that is one the framework writes its own files into
+    (`framework_dirs`: each directory, None where unset, with what writes there): a Trainer's `save_model()` writes the
+    model's config.json over the run's, and a logger's files make a fresh run directory one the probes refuse, inside
+    the framework's training loop — said once, up front, with where to record instead."""
+    if run_dir is None:
+        return
+    ours = os.path.realpath(user_path(run_dir))
+    for directory, writes in framework_dirs:
+        if isinstance(directory, (str, os.PathLike)) and os.path.realpath(user_path(directory)) == ours:
+            raise BadInput(f"run_dir={str(run_dir)!r} is {writes}: give the probes a directory of their own, e.g. "
+                           f"{str(Path(run_dir) / 'sarkd-diag')!r}")
+
+
 def chosen(value: str, choices: tuple[str, ...], keyword: str) -> str:
     """`value` as `choices` spell it, typed in any case — as the CLI and DistillConfig read a choice (`--probes
     Full`) —, else a ValueError that names the keyword argument."""
@@ -647,6 +661,7 @@ class Probes:
         self._steps_recorded = 0
         self._last_train_loss: float | None = None  # the training loss of the last step closed
         self._steps_skipped = 0  # steps the caller's loop skipped on purpose (`step(skipped=True)`)
+        self._micro_batch_calls = 0  # step() calls of the step under way that closed no step (accumulation)
         self._steps_reaching_the_optimizer = 0
         self._closed, self._closed_as = False, None  # closed: with which status (an evaluation after keeps it)
         first_step = 1
@@ -888,16 +903,23 @@ class Probes:
         taken), so a non-finite value is named by the term that made it; `kd` and `ce` are read as a divergence and a
         cross-entropy, and one below 0 is no such thing. Returns the step's metrics row — or None on a micro-batch of
         gradient accumulation (`sync_gradients` False): its loss joins the step's, whose gradients are still partial.
+        A loss handed only to a step's last call, after several micro-batches, is said (`_loss_handed_once`).
         `skipped`: the loop skipped this step's backward and update on purpose (a guard that drops a batch;
         Lightning's `training_step` returning None): recorded as skipped, its missing gradients no sign of a loss
         cut off from the weights.
         """
         loss = None if loss is None else caller_loss(loss)  # refused at every level, not only where it is read
         terms = self._caller_terms(terms, loss)
-        if loss is not None and self.set.loss is not None:
+        closes = self._sync_gradients is None or self._sync_gradients()
+        handed_once = closes and loss is not None and self._one_call_for_micro_batches()
+        # the model's own loss of the step's last micro-batch: the losses it returned for each are the step's
+        returned = handed_once and not terms and self.set.loss is not None and self.set.loss.returned_last(loss)
+        if loss is not None and self.set.loss is not None and not returned:
             self.set.loss.observe_caller_loss(loss, labels, terms)
-        if self._sync_gradients is not None and not self._sync_gradients():
+        if not closes:
+            self._micro_batch_calls += 1
             return None
+        self._micro_batch_calls = 0
         self.ctx.caller_skipped = skipped
         self.set.gradients_ready()  # no optimizer hook ran (no optimizer given, or the step was skipped early)
         if self.ctx.optimizer is None or (self.set.several_optimizers and self.set.optimizer_stepping):
@@ -917,6 +939,8 @@ class Probes:
             losses = [loss for loss in self.ranks.gather(metrics.get("loss")) if loss is not None]
             metrics["loss"] = sum(losses) / len(losses) if losses else None
         step = self.ctx.step
+        if handed_once:
+            self._loss_handed_once(step, recovered=returned)
         if metrics.get("loss") is None and self.ctx.trained and not skipped:
             self._loss_unseen(step)
         elif loss is None and metrics.get("loss") is not None:
@@ -973,6 +997,34 @@ class Probes:
                                    "loss",
                                    step=step, probe="forwards", phase="forward", model=name,
                                    code="frozen_model_unseen")
+
+    def _one_call_for_micro_batches(self) -> bool:
+        """The step about to close under accelerate's gradient accumulation had several training forwards of the
+        trained model and this is its only `step()` call: the loop calls it only where `accelerator.sync_gradients`
+        (where loops log), so the micro-batches' losses were never handed over. The Trainer hands its step's summed
+        loss once by design."""
+        state = self._gradient_state
+        return (self.caller != "trainer" and state is not None and state.num_steps > 1
+                and self._micro_batch_calls == 0 and self.ctx.training_forwards > 1)
+
+    def _loss_handed_once(self, step: int, recovered: bool) -> None:
+        """Say once that a step's loss came in one `step(loss=...)` call for all its micro-batches: `recovered`, the
+        loss handed over was the model's own of the last micro-batch, and the row holds the mean of the losses the
+        model returned in the step instead; else the row holds what was handed over, which is one micro-batch's
+        unless the loop combined them itself."""
+        if not self.events.say_once("loss_handed_once"):
+            return
+        forwards, steps = self.ctx.training_forwards, self._gradient_state.num_steps
+        held = (f"it was the last micro-batch's loss as the model returned it, and the row holds the mean of the "
+                f"losses the model returned in the step's {forwards} training forwards instead" if recovered else
+                "the row holds it as the step's loss — one micro-batch's, unless the loop combined them")
+        self.events.record("setup_note", "info" if recovered else "warning",
+                           f"step {step} was handed its loss in its only probes.step() call, after {forwards} training "
+                           f"forwards under Accelerator(gradient_accumulation_steps={steps}): {held} — call "
+                           "probes.step(loss=loss) after every micro-batch's backward, inside "
+                           "`accelerator.accumulate`; its row's loss is then the step's mean",
+                           step=step, probe="loss", phase="loss",
+                           code="loss_handed_once", value=float(forwards))
 
     def _loss_unseen(self, step: int) -> None:
         """A step that trained closed with no loss: none given to `step()`, and the model's outputs hold none (called

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..contract.errors import BadInput
 from ..contract.events import EventLog, JsonlLog, NullLog
 from ..contract.loss_scaler import LossScaler
 from ..contract.numerics import FP16_MAX, dtype_name  # noqa: F401 - the probes' shared threshold and names
@@ -188,8 +189,24 @@ def teacher_by_name(modules: Iterable[tuple[str, object]], other_than: nn.Module
     return None
 
 
-def models_by_role(module: nn.Module, student: str | None = None, teacher: str | None = None,
-                     optimized: set[int] | None = None) -> dict:
+def role_model(module: nn.Module, given: str | nn.Module, role: str) -> nn.Module:
+    """The model `student=`/`teacher=` gives: itself, or the module an attribute of `module` holds by that name — else
+    a BadInput that says what the name holds, before training: a teacher kept out of the module's children (a list
+    hides it from Lightning's device moves and checkpoints) is given as the model itself."""
+    if isinstance(given, nn.Module):
+        return given
+    found = getattr(module, given, None)
+    if isinstance(found, nn.Module):
+        return found
+    owner = type(module).__name__
+    held = f"{owner}.{given} is a {type(found).__name__}, not a torch module" if hasattr(module, given) \
+        else f"{owner} has no attribute {given!r}"
+    raise BadInput(f"{role}={given!r} names no model: {held} — pass the {role} model itself ({role}=model), or the "
+                   f"name of the attribute that holds it")
+
+
+def models_by_role(module: nn.Module, student: str | nn.Module | None = None,
+                   teacher: str | nn.Module | None = None, optimized: set[int] | None = None) -> dict:
     """The models a module that holds them as children trains and distils from, by role: a LightningModule, a
     distillation wrapper handed to a Trainer as its model.
 
@@ -200,10 +217,10 @@ def models_by_role(module: nn.Module, student: str | None = None, teacher: str |
     model `self.ref_model` (a DPO-style module's: `teacher_by_name`). Every other child whose tensors the optimizers
     train (`optimized`: their ids) — a projection beside the student, `self.projection` — is watched under its
     attribute's name: unwatched, a NaN gradient made there would be read as the student's (a clipping by the NaN total
-    norm makes every gradient NaN)."""
+    norm makes every gradient NaN). `student`/`teacher` given (`role_model`) are taken as given."""
     children = dict(module.named_children())
     if student is not None:
-        found = getattr(module, student)
+        found = role_model(module, student, "student")
     elif isinstance(children.get("student"), nn.Module):
         found = children["student"]
     else:
@@ -213,7 +230,7 @@ def models_by_role(module: nn.Module, student: str | None = None, teacher: str |
         found = holders[0] if len(holders) == 1 else module
     models = {"student": found}
     if teacher is not None:
-        models["teacher"] = getattr(module, teacher)
+        models["teacher"] = role_model(module, teacher, "teacher")
     else:
         named = teacher_by_name(children.items(), other_than=found)
         if named is not None:

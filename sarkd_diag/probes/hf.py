@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from ..contract.numerics import dtype_name
 from ..contract.wording import counted
-from . import Probes, check_probe_settings, chosen, replace_method
+from . import Probes, check_own_directory, check_probe_settings, chosen, replace_method
 from .base import dtype_of_most, models_by_role, scores_tokens, teacher_by_name, weights_compute_dtype
 from .forwards import is_data
 
@@ -140,6 +140,7 @@ class SarkdDiagCallback(TrainerCallback):
     def attach(cls, trainer, run_dir: str | Path | None = None, **kwargs) -> SarkdDiagCallback:
         """Add the callback to `trainer`, bound to it now (`_bind`): its teacher is known before `train()`."""
         callback = cls(run_dir, **kwargs)
+        callback._check_run_dir(trainer.args)
         callback._bind(trainer)
         trainer.add_callback(callback)
         return callback
@@ -232,6 +233,15 @@ class SarkdDiagCallback(TrainerCallback):
             step=self.probes.ctx.step, phase="loss", probe="loss", model="student", value=float(steps),
             code="num_items_ignored")
 
+    def _check_run_dir(self, args) -> None:
+        """Refuse the Trainer's own `output_dir` as the run directory (`check_own_directory`), where the callback first
+        learns both — attached, built with its Trainer (`on_init_end`), or added to one (`on_train_begin`) —, before
+        any step: the run recorded there would be lost at the first `save_model()`, and its resume would fail inside
+        `train()`."""
+        check_own_directory(self.run_dir, [(getattr(args, "output_dir", None),
+                                            "the Trainer's output_dir, where it writes its checkpoints and "
+                                            "`trainer.save_model()` the model's config.json over the run's")])
+
     def _find_teacher(self) -> None:
         """The teacher to watch: the one given, else the bound trainer's (`trainer_teacher`)."""
         if self._given_teacher is None and self._trainer is not None:
@@ -275,11 +285,13 @@ class SarkdDiagCallback(TrainerCallback):
         too, so one that raises closes its run (see `_bind`). A subclass sets its teacher after `Trainer.__init__`:
         it is looked up again at `on_train_begin`. A callback bound already (attached to another trainer) stays so
         until this one trains: building a trainer is not running it."""
+        self._check_run_dir(args)
         trainer = running_trainer(self)
         if trainer is not None and self._trainer is None:
             self._bind(trainer)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._check_run_dir(args)
         restarted = self.probes is not None and not self.probes.closed and self._began_in == self._train_calls
         if restarted:  # the Trainer starts its loop again inside the train() under way: its steps are numbered anew
             abandoned = self.probes.ctx.step - 1 - self._offset

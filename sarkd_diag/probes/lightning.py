@@ -16,12 +16,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from . import Probes, check_probe_settings, chosen, replace_method
-from .base import models_by_role, scores_tokens
+from . import Probes, check_own_directory, check_probe_settings, chosen, replace_method
+from .base import models_by_role, role_model, scores_tokens
 
 try:  # the unified `lightning` package and the standalone `pytorch_lightning` each check callbacks by their own class
     from lightning.pytorch import Callback
@@ -86,19 +88,44 @@ def ends_accumulation(trainer) -> bool:
     return ready % trainer.accumulate_grad_batches == 0 or (last and not trainer.strategy.handles_gradient_accumulation)
 
 
+def lightning_directories(trainer) -> list[tuple[str | None, str]]:
+    """The directories a Lightning Trainer writes its own files into, each with what writes there: each logger's
+    `save_dir` (the default logger's is the Trainer's `default_root_dir`) and `log_dir`, and each checkpoint callback's
+    `dirpath` where one was given (left unset, it is a `checkpoints` folder inside one of those)."""
+    root = os.path.realpath(trainer.default_root_dir)
+    places = []
+    for logger in trainer.loggers:
+        kind, save_dir = type(logger).__name__, getattr(logger, "save_dir", None)
+        at_root = isinstance(save_dir, (str, os.PathLike)) and os.path.realpath(save_dir) == root
+        named = "the Trainer's default_root_dir" if at_root else f"the save_dir of the Trainer's {kind}"
+        places += [(save_dir, f"{named}, where its {kind} writes its logs"),
+                   (getattr(logger, "log_dir", None), f"the log_dir of the Trainer's {kind}, where it writes its logs")]
+    places += [(getattr(callback, "dirpath", None),
+                f"the dirpath of the Trainer's {type(callback).__name__}, where it writes its checkpoints")
+               for callback in trainer.checkpoint_callbacks]
+    return places
+
+
 class SarkdDiagLightningCallback(Callback):
     """Records a Lightning run's numerical events into a run directory and stops training on non-finite weights.
 
-    run_dir, level, every: as for `Probes`. student, teacher: attribute names of the LightningModule, where
-    `models_by_role` would not find them. eval_metric: the name the module logs its validation loss under
-    (`self.log("val_loss", ...)`), recorded as the run's eval rows. on_critical: "stop" (default) sets
+    run_dir, level, every: as for `Probes`; not a directory Lightning writes into (`setup`). student, teacher: the
+    models, or the names of the LightningModule's attributes that hold them, where `models_by_role` would not find
+    them — a teacher kept out of the module's children (`self._teacher = [teacher]`) is given as itself.
+    eval_metric: the name the module logs its validation loss under (`self.log("val_loss", ...)`), recorded as the
+    run's eval rows. on_critical: "stop" (default) sets
     `trainer.should_stop` once the probes record a critical event (non-finite weights), writes no checkpoint while
     a weight is non-finite (`_guard_checkpoints`), and the run closes as `stopped`; "record" keeps training.
     """
 
     def __init__(self, run_dir: str | Path, level: str = "standard", every: int = 10, on_critical: str = "stop",
-                 student: str | None = None, teacher: str | None = None, eval_metric: str = "val_loss"):
+                 student: str | nn.Module | None = None, teacher: str | nn.Module | None = None,
+                 eval_metric: str = "val_loss"):
         on_critical, level = chosen(on_critical, ON_CRITICAL, "on_critical"), check_probe_settings(level, every)
+        for role, given in (("student", student), ("teacher", teacher)):
+            if given is not None and not isinstance(given, (str, nn.Module)):
+                raise TypeError(f"{role}= must be the {role} model or the name of the LightningModule's attribute that "
+                                f"holds it, got a {type(given).__name__}")
         self.run_dir, self.level, self.every, self.on_critical = Path(run_dir), level, every, on_critical
         self.student, self.teacher, self.eval_metric = student, teacher, eval_metric
         self.probes: Probes | None = None
@@ -126,6 +153,18 @@ class SarkdDiagLightningCallback(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._checkpointed_step = state_dict.get("step")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Before a fit trains (and before its sanity check), what would otherwise fail inside it is refused in one
+        sentence: a run directory Lightning writes its own files into (`lightning_directories`: a logger's files there
+        make it one the probes refuse as holding no run) and a `student=`/`teacher=` name that holds no model
+        (`role_model`)."""
+        if stage != "fit":
+            return
+        check_own_directory(self.run_dir, lightning_directories(trainer))
+        for role, given in (("student", self.student), ("teacher", self.teacher)):
+            if given is not None:
+                role_model(pl_module, given, role)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.probes is not None:  # a second fit on the same callback appends to the same directory

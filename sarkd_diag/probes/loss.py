@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,7 @@ class LossProbe(Probe):
         self._kl_read: int | None = None  # the step whose F.kl_div input was read
         # (target, its version, ignore_index) of each F.cross_entropy mean the step's training computed
         self._cross_entropy_targets: list = []
+        self._returned = None  # the loss tensor the step's last training forward returned (a weak reference)
 
     def watch_model_outputs(self) -> None:
         """A user's loop: take the loss (and the labels' target count) of each training forward of the
@@ -216,6 +218,7 @@ class LossProbe(Probe):
             loss = output_loss(output, self._labelled)
             if self.ctx.training_forward.get(model_name, False) and torch.is_tensor(loss) and not self.ctx.reevaluating:
                 self._captured.append((loss.detach(), self._labels, self._share))
+                self._returned = weakref.ref(loss)
                 if loss.requires_grad and not self._share:  # a share is divided by the step's count already
                     self._forwards += 1
                     loss.register_hook(self._weigh(model_name, self._batch, self._forwards))
@@ -244,6 +247,12 @@ class LossProbe(Probe):
             return any(_will_execute(node) for node in self._accumulators[model_name])
         except (RuntimeError, AttributeError, TypeError):
             return False
+
+    def returned_last(self, loss: torch.Tensor) -> bool:
+        """Whether `loss` is the very tensor the step's last training forward returned as its loss: a loop that hands
+        over the model's own loss (`model(**batch).loss`), so each of the step's forwards' losses is what it would have
+        handed for that forward."""
+        return self._returned is not None and self._returned() is loss
 
     def outputs_nonfinite(self) -> bool:
         """Whether a loss the trained models returned in this step's training forwards so far is NaN/Inf (one host
@@ -356,6 +365,7 @@ class LossProbe(Probe):
         self._micro = 0
         self._batches = []
         self._forwards = 0
+        self._returned = None
 
     def observe(self, terms: dict[str, torch.Tensor | None], targets: int | torch.Tensor | None = None,
                 share: bool = False) -> None:

@@ -437,3 +437,54 @@ def test_a_distillation_loop_handing_no_loss_is_told_the_rows_hold_the_students_
     root = run["summary"]["diagnosis"][0]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
         "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2), root
+
+
+@pytest.mark.parametrize("handed", ["the model's loss on sync", "a number on sync", "every batch",
+                                    "two forwards' mean"])
+def test_a_loss_handed_only_where_the_gradients_sync_is_no_micro_batchs_loss_recorded_silently(tmp_path, handed):
+    """A loop under `accelerator.accumulate` that calls `probes.step(loss=loss)` only `if accelerator.sync_gradients`
+    (where loops log) recorded the last micro-batch's loss as the step's, saying nothing. Handed the model's own loss,
+    the row holds the mean of the losses the model returned in the step (said once, info); handed anything else (a
+    number), the row holds it and a warning names the fix. A loop that hands each micro-batch's loss is told nothing,
+    nor one without accumulation that hands one loss over two forwards of its batch (R-Drop's two dropout passes)."""
+    accumulation = 1 if handed == "two forwards' mean" else 4
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True, gradient_accumulation_steps=accumulation)
+    torch.manual_seed(0)
+    model = tiny.make_gpt2(VOCAB)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(Sequences(VOCAB), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    losses = []
+    with Probes.from_accelerator(accelerator, model, optimizer, run_dir=tmp_path / "run") as probes:
+        for batch in itertools.islice(loader, 2 * accumulation):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if handed == "two forwards' mean":
+                    loss = (loss + model(**batch).loss) / 2
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                if handed == "every batch":
+                    probes.step(loss=loss)
+                elif handed == "two forwards' mean" or accelerator.sync_gradients:
+                    probes.step(loss=loss.item() if handed == "a number on sync" else loss)
+    run = load_run(tmp_path / "run")
+    recorded = run["metrics"]["loss"].tolist()
+    notes = run["events"].query("code == 'loss_handed_once'")
+    means = [sum(losses[i:i + accumulation]) / accumulation for i in range(0, len(losses), accumulation)]
+    if handed == "a number on sync":
+        assert recorded == pytest.approx(losses[accumulation - 1::accumulation], rel=1e-6)
+        (note,) = notes.itertuples()
+        assert (note.step, note.severity, note.value) == (1, "warning", 4.0)
+        assert "one micro-batch's, unless the loop combined them" in note.message
+        assert ("call probes.step(loss=loss) after every micro-batch's backward, inside `accelerator.accumulate`; "
+                "its row's loss is then the step's mean") in note.message
+        return
+    assert recorded == pytest.approx(means, rel=1e-6)
+    if handed == "the model's loss on sync":
+        (note,) = notes.itertuples()
+        assert (note.step, note.severity) == (1, "info") and "the row holds the mean of the losses" in note.message
+    else:
+        assert notes.empty

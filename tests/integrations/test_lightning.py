@@ -8,6 +8,7 @@ import copy
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from contract import nothing_found  # noqa: E402
 from frameworks import Sequences, cause, overflow_fp16  # noqa: E402
 
 from sarkd_diag import load_run  # noqa: E402
+from sarkd_diag.contract.errors import BadInput  # noqa: E402
 from sarkd_diag.probes.base import models_by_role  # noqa: E402
 from sarkd_diag.probes.lightning import SarkdDiagLightningCallback  # noqa: E402
 
@@ -277,6 +279,87 @@ def test_the_student_is_the_child_that_holds_every_trainable_tensor_and_the_teac
     assert models_by_role(Preference()) == {"student": student, "teacher": teacher}
     both_train = Distil(student, tiny.make_gpt2(VOCAB, seed=4))  # no child holds every trainable tensor
     assert models_by_role(both_train)["student"] is student  # the attribute named `student`
+
+
+class HiddenTeacher(Distil):
+    """KD whose teacher is kept out of the module's children — in a list, so Lightning neither moves nor
+    checkpoints it, a common trick —, where no attribute name finds it as a module."""
+
+    def __init__(self, student, teacher):
+        super().__init__(student)
+        self._teacher = [teacher]
+
+    def training_step(self, batch, batch_idx):
+        out = self.student(**batch)
+        with torch.no_grad():
+            teacher_logits = self._teacher[0](input_ids=batch["input_ids"]).logits
+        loss = out.loss + torch.nn.functional.kl_div(out.logits.float().log_softmax(-1),
+                                                     teacher_logits.float().log_softmax(-1),
+                                                     log_target=True, reduction="batchmean")
+        self.losses.append(loss.item())
+        return loss
+
+
+def test_a_teacher_kept_out_of_the_modules_children_is_watched_when_given_itself(tmp_path):
+    """`teacher=` took only an attribute name: a teacher held in a list could not be watched, and its fp16 overflow
+    was read as the student's non-finite loss. Given as the model itself, it is watched as the teacher."""
+    teacher = tiny.make_gpt2(VOCAB, seed=3)
+    overflow_fp16(teacher.transformer.h[0])
+    teacher = teacher.half().eval().requires_grad_(False)
+    callback = SarkdDiagLightningCallback(tmp_path / "run", teacher=teacher)
+    trainer = _fit(HiddenTeacher(tiny.make_gpt2(VOCAB), teacher), max_steps=6, callbacks=[callback])
+    assert callback.probes.ctx.models["teacher"] is teacher
+    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
+        "teacher_overflow", "teacher", "transformer.h.0.mlp.c_proj", 1)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("name, says", [
+    ("_teacher", "teacher='_teacher' names no model: HiddenTeacher._teacher is a list, not a torch module — pass "
+                 "the teacher model itself (teacher=model), or the name of the attribute that holds it"),
+    ("tacher", "teacher='tacher' names no model: HiddenTeacher has no attribute 'tacher' — pass the teacher model "
+               "itself (teacher=model), or the name of the attribute that holds it")], ids=["a list", "a typo"])
+def test_a_teacher_name_that_holds_no_model_is_refused_before_training(tmp_path, name, says):
+    """`teacher="_teacher"` naming a list raised a raw AttributeError ('list' object has no attribute 'parameters')
+    from inside `fit`; a name that holds no module is refused in one sentence before any batch trains."""
+    module = HiddenTeacher(tiny.make_gpt2(VOCAB), tiny.make_gpt2(VOCAB, seed=3))
+    with pytest.raises(BadInput) as refused:
+        _fit(module, callbacks=[SarkdDiagLightningCallback(tmp_path / "run", teacher=name)])
+    assert str(refused.value) == says
+    assert module.losses == [] and not (tmp_path / "run").exists()
+    with pytest.raises(TypeError, match="teacher= must be the teacher model or the name of the LightningModule's "
+                                        "attribute that holds it, got a list"):
+        SarkdDiagLightningCallback(tmp_path / "run", teacher=module._teacher)
+
+
+@pytest.mark.parametrize("where", ["default_root_dir", "log_dir", "checkpoint_dirpath"])
+def test_a_directory_lightning_writes_into_is_refused_as_the_run_directory_before_training(tmp_path, where):
+    """A run directory that is the Trainer's default_root_dir (its logger's save_dir) or its logger's log_dir already
+    held the logger's files when the probes opened it: they refused it, from inside `fit`, as "files and no sarkd-diag
+    run"; a checkpoint callback's dirpath fills with checkpoints. Each is refused before the first batch, naming what
+    writes there; a default_root_dir where nothing writes (no logger, no checkpointing) is the probes' to use."""
+    root = tmp_path / "root"
+    logger = pl.loggers.CSVLogger(root)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    run_dir, options, says = {
+        "default_root_dir": (root, dict(logger=logger, default_root_dir=root),
+                             "the Trainer's default_root_dir, where its CSVLogger writes its logs"),
+        "log_dir": (logger.log_dir, dict(logger=logger), "the log_dir of the Trainer's CSVLogger, where it writes "
+                                                         "its logs"),
+        "checkpoint_dirpath": (tmp_path / "ckpt", dict(enable_checkpointing=True),
+                               "the dirpath of the Trainer's ModelCheckpoint, where it writes its checkpoints")}[where]
+    extra = [checkpoints] if where == "checkpoint_dirpath" else []
+    module = Distil(tiny.make_gpt2(VOCAB))
+    with pytest.raises(BadInput) as refused:
+        _fit(module, callbacks=[SarkdDiagLightningCallback(run_dir), *extra], **options)
+    assert str(refused.value) == (f"run_dir={str(run_dir)!r} is {says}: give the probes a directory of their own, "
+                                  f"e.g. {str(Path(run_dir) / 'sarkd-diag')!r}")
+    assert module.losses == [] and not (Path(run_dir) / "config.json").exists()
+
+    _fit(Distil(tiny.make_gpt2(VOCAB)), max_steps=1, default_root_dir=root / "quiet",
+         callbacks=[SarkdDiagLightningCallback(root / "quiet")])
+    assert load_run(root / "quiet")["summary"]["status"] == "completed"
 
 
 def test_a_fit_resumed_from_its_checkpoint_appends_to_the_same_run(tmp_path):

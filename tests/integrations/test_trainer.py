@@ -21,6 +21,7 @@ from torch.nn.utils import clip_grad  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from sarkd_diag import Probes, load_run  # noqa: E402
+from sarkd_diag.contract.errors import BadInput  # noqa: E402
 from sarkd_diag.probes.hf import SarkdDiagCallback  # noqa: E402
 
 VOCAB = 64
@@ -249,6 +250,34 @@ def test_a_resume_from_an_earlier_checkpoint_records_each_redone_step_once(tmp_p
     rows = [json.loads(line)["step"] for line in (tmp_path / "run" / "activations.jsonl").read_text().splitlines()]
     assert sorted(set(rows)) == list(range(1, 9)) and len({rows.count(s) for s in set(rows)}) == 1  # one set a step
     assert run["summary"]["status"] == "completed" and run["summary"]["steps_completed"] == 8
+
+
+@pytest.mark.parametrize("how", ["attach", "callbacks", "add_callback"])
+def test_the_trainers_output_dir_is_refused_as_the_run_directory_before_any_step(tmp_path, monkeypatch, how):
+    """SarkdDiagCallback(args.output_dir) was taken: `trainer.save_model()` then wrote the model's config.json over the
+    run's, the run could no longer be loaded, and a resume into it raised BadInput inside `train()`, killing the
+    training. It is refused where the callback first learns both directories — attached, built with the Trainer, or
+    at the `train()` of one it was added to —, before any step, in one sentence naming a directory of its own."""
+    monkeypatch.chdir(tmp_path)
+    output_dir, run_dir = tmp_path / "trainer", "trainer"  # the same directory, spelled otherwise
+    says = ("run_dir='trainer' is the Trainer's output_dir, where it writes its checkpoints and "
+            "`trainer.save_model()` the model's config.json over the run's: give the probes a directory of their own, "
+            "e.g. 'trainer/sarkd-diag'")
+    args = training_args(output_dir, max_steps=2, save_strategy="steps", save_steps=1)
+    callback = SarkdDiagCallback(run_dir)
+    with pytest.raises(BadInput) as refused:
+        trainer = Trainer(model=tiny.make_gpt2(VOCAB), args=args, train_dataset=Sequences(VOCAB),
+                          callbacks=[callback] if how == "callbacks" else [])
+        if how == "attach":
+            SarkdDiagCallback.attach(trainer, run_dir)
+        else:
+            trainer.add_callback(callback)
+            trainer.train()
+    assert str(refused.value) == says
+    if how == "add_callback":
+        assert trainer.state.global_step == 0
+    assert callback.probes is None and not (output_dir / "config.json").exists()
+    assert not list(output_dir.glob("checkpoint-*")) and not list(output_dir.glob("events*.jsonl"))
 
 
 def test_the_trainers_unnamed_parameter_groups_are_named_by_what_they_hold(tmp_path):
