@@ -1345,6 +1345,58 @@ def fully_masked_row_user_loop(world: World, tmp: Path) -> Outcome:
     return outcome
 
 
+
+def teacher_fully_masked_row_kd(world: World, tmp: Path) -> Outcome:
+    """KD from an fp32 teacher whose hand-written attention masks the padding (`tiny.MaskedAttentionNet`): a batch
+    with one sequence that is all padding leaves the teacher's rows nothing to attend to, and its softmax over -inf
+    alone is 0/0 — NaN from values of order 1. The student attends to every position. Only the teacher's forward is
+    at fault, and no dtype is: its fix is the mask."""
+    from sarkd_diag import Probes
+
+    outcome = Outcome()
+    student, teacher = tiny.MaskedAttentionNet(world.vocab), tiny.MaskedAttentionNet(world.vocab, seed=3)
+    teacher.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    ids, keep = padded_batch(world)
+    with torch.no_grad():  # outside the tool: the teacher's NaN rows, and how large its scores are
+        x = teacher.embed(ids)
+        scores = teacher.attn.q(x) @ teacher.attn.k(x).transpose(-1, -2) / x.shape[-1] ** 0.5
+        target = teacher(ids, keep)
+    with Probes({"student": student, "teacher": teacher}, optimizer=opt, run_dir=tmp / "run") as probes:
+        with torch.no_grad():
+            teacher_logits = teacher(ids, keep)
+        logits = student(ids, torch.ones_like(keep))
+        loss = nn.functional.kl_div(logits.log_softmax(-1).flatten(0, 1), teacher_logits.log_softmax(-1).flatten(0, 1),
+                                    log_target=True, reduction="batchmean")
+        loss.backward()
+        opt.step()
+        probes.step(loss=loss)
+    outcome.read_run(tmp / "run")
+    outcome.facts.update(largest_score=round(float(scores.abs().max()), 3), loss=float(loss.detach()))
+    outcome.check("the teacher's scores are of order 1 and its logits NaN on the padded sequence alone",
+                  float(scores.abs().max()) < 100 and target[1].isnan().all() and finite(target[0]))
+    outcome.check("the loss is NaN", math.isnan(float(loss.detach())))
+    return outcome
+
+
+def head_at_an_lr_of_its_own(world: World, tmp: Path) -> Outcome:
+    """The untied head trained at an lr of its own (`{"params": head, "lr": 50}`: a typo for 5e-4) beside the body's
+    1e-4, SGD: the first step moves the head ten times its own size and the loss climbs. A row's lr is the first
+    group's, the body's — the fix must name the head's."""
+    outcome = Outcome()
+    model = tiny_gpt2_untied(world.vocab)
+    head = list(model.lm_head.parameters())
+    body = [p for p in model.parameters() if all(p is not q for q in head)]
+    opt = torch.optim.SGD([{"params": body, "lr": 1e-4}, {"params": head, "lr": 50.0}])
+    before = model.lm_head.weight.detach().clone()
+    losses = plain_user_loop(model, opt, token_batches(world, 4), tmp / "run")
+    outcome.read_run(tmp / "run")
+    moved = float((model.lm_head.weight.detach() - before).norm() / before.norm())
+    outcome.facts.update(losses=[round(v, 3) for v in losses], head_moved=round(moved, 3))
+    outcome.check("the head moved by more than its own size and the loss climbed", moved > 1
+                  and losses[-1] > 3 * losses[0])
+    return outcome
+
 def fully_masked_row_amp_loop(world: World, tmp: Path) -> Outcome:
     """The same attention and padding-only sequence under float16 autocast and a GradScaler: the softmax over -inf
     alone is 0/0 in float16 as in fp32, every step — no float16 range is at fault, so no precision helps."""
@@ -2886,6 +2938,14 @@ SCENARIOS: list[Scenario] = [
              fully_masked_row_user_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="mask",
                       fix_lacks="autocast", absent=("activation_overflow",))),
+    Scenario("a teacher's softmax over a fully masked row", "user loop: fp32 KD; the teacher's hand-written "
+             "attention masks the padding, one sequence of the batch is all padding (0/0 in the teacher alone)",
+             "fp32", "user loop", teacher_fully_masked_row_kd,
+             Expected("teacher_overflow", "critical", "teacher", "attn", first_step=1, fix_contains="mask",
+                      fix_lacks="wider dtype")),
+    Scenario("a head at an lr of its own", "user loop: fp32 GPT-2 (untied head), SGD with the head in a parameter "
+             "group at lr 50 beside the body's 1e-4", "fp32", "user loop", head_at_an_lr_of_its_own,
+             Expected("divergence", "critical", "student", "lm_head", first_step=1, fix_contains="at lr 50")),
     Scenario("softmax over a fully masked row, AMP loop", "user loop: the same attention and padding-only "
              "sequence under autocast fp16 + GradScaler", "mixed", "user loop", fully_masked_row_amp_loop,
              Expected("divergence", "critical", "student", "attn", first_step=1, fix_contains="will not help",
