@@ -201,3 +201,27 @@ def test_without_a_stable_fp32_the_recommendation_says_what_was_not_measured():
                           "drift from full precision was not measured.")
     neither = recommend([mode("fp32"), mode("bf16-mixed")], [Verdict("failed", cause="exit 3"), lost])
     assert neither.mode is None and "fp32 failed as well (exit 3)" in neither.text
+
+
+def test_a_stable_mode_whose_own_diagnosis_warns_is_not_recommended_over_one_whose_does_not():
+    """pure-bf16 ran `stable` — its lost updates below the verdicts' thresholds — while its own diagnosis warned that
+    the router lost most of its updates and that Adam's second moment never decays, each fixed by "train in
+    bf16-mixed": recommending it because it used 1 MB less contradicted its own report. A warned mode is recommended
+    only where every stable mode is warned, and says so."""
+    rows = [mode("fp32", 1000, 479), {**mode("pure-bf16", 1500, 476), "top_cause": "update_underflow"},
+            mode("bf16-mixed", 1450, 477)]
+    advice = recommend(rows, [STABLE, STABLE, STABLE])
+    assert advice.mode == "bf16-mixed" and "its diagnosis warns" not in advice.text.split(". Also")[0]
+    assert "`pure-bf16` (its diagnosis warns: `update_underflow`)" in advice.text, advice.text
+    every = recommend([{**row, "top_cause": "kd_temperature_low"} for row in rows], [STABLE, STABLE, STABLE])
+    assert every.mode == "pure-bf16" and "(its diagnosis warns: `kd_temperature_low`" in every.text
+
+
+def test_within_a_few_percent_of_the_least_memory_the_faster_mode_wins():
+    """Peak memory moves a few MB from run to run: 476 against 479 MB decides nothing — the faster one wins, and the
+    other's figures read against it leave out a `1×`."""
+    advice = recommend([mode("fp32", 1000, 479), mode("bf16-mixed", 1060, 480)], [STABLE, STABLE])
+    assert advice.mode == "bf16-mixed"
+    assert "Also stable: `fp32` (0.94× its tokens/s)." in advice.text, advice.text
+    assert recommend([mode("fp32", 1000, 900), mode("bf16-mixed", 1060, 600)], [STABLE, STABLE]).mode == "bf16-mixed"
+    assert recommend([mode("fp32", 1060, 600), mode("bf16-mixed", 1000, 900)], [STABLE, STABLE]).mode == "fp32"

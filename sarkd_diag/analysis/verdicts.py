@@ -25,6 +25,8 @@ DRIFT_VS_FP32 = 0.05  # final validation perplexity more than 5% (relative) away
 STAGNANT_SKIPPED_FRACTION = 0.50  # more than half of the optimizer steps after the loss scaler's warm-up skipped
 SPEED_TIE = 0.10  # stable modes within this fraction of the fastest one's tokens/s count as fast as it (a short
 #                   comparison's speeds scatter about this much on a shared machine): the least memory decides
+MEMORY_TIE = 0.05  # stable modes within this fraction of the least peak memory count as light as it (a process's peak
+#                    moves a few MB from run to run): the faster of them is recommended
 LOAD_TIE = 0.25  # the share of the machine's CPU time other processes took while each mode ran (one after another)
 #                  differing by more than this between stable modes: their tokens/s measure the load as much as the
 #                  mode (fp32 ran at 671 tokens/s in a comparison beside a test suite, 11,251 alone): not ranked
@@ -35,6 +37,7 @@ THRESHOLDS = {
     "drifting_eval_ppl_vs_fp32": DRIFT_VS_FP32,
     "stagnant_skipped_step_fraction": STAGNANT_SKIPPED_FRACTION,
     "recommend_speed_tie": SPEED_TIE,
+    "recommend_memory_tie": MEMORY_TIE,
     "recommend_load_tie": LOAD_TIE,
 }
 
@@ -108,9 +111,12 @@ def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = 
 
     fp32 is the reference: when it is not stable for a numerical reason, no precision can fix the run (a
     lower one only rounds more), so none is recommended and fp32's fix is given. Otherwise the fastest stable
-    mode is recommended (the least memory among those within SPEED_TIE of it), with its cost against fp32
-    and the trade-off of every other stable mode — unless the load of other processes differed between the
-    stable modes' runs by more than LOAD_TIE: then their speeds are not compared, and the least memory decides.
+    mode is recommended (the least memory among those within SPEED_TIE of it, the faster among those within
+    MEMORY_TIE of that), with its cost against fp32 and the trade-off of every other stable mode — unless the load
+    of other processes differed between the stable modes' runs by more than LOAD_TIE: then their speeds are not
+    compared, and the least memory decides. A stable mode whose own diagnosis claims a cause (`top_cause`: a
+    warning below the verdicts' thresholds — a group that loses most of its updates, a second moment that never
+    decays) is recommended only where every stable mode's does: its own report's fix is to leave it.
     """
     judged = {row["mode"]: v for row, v in zip(rows, verdicts, strict=True)}
     unstable = [f"`{mode}` is `{v}`" for mode, v in judged.items() if v.kind != "stable"]
@@ -127,13 +133,13 @@ def recommend(rows: list[dict], verdicts: list[Verdict], fp32_fix: str | None = 
         return Recommendation(None, f"no mode is stable ({'; '.join(unstable)}): {why}")
     loads = _uneven_load(stable)
     columns = SPEED_AND_MEMORY if loads is None else SPEED_AND_MEMORY[1:]
-    best = _fastest(stable) if loads is None else _least_memory(stable)
-    sentences = [f"train in `{best['mode']}` (`--precision {best['mode']}`): {_cost(best, rows, len(stable), columns)}"]
+    candidates = [row for row in stable if not row.get("top_cause")] or stable
+    best = _fastest(candidates) if loads is None else _least_memory(candidates, by_speed=False)
+    sentences = [f"train in `{best['mode']}` (`--precision {best['mode']}`): {_cost(best, rows, len(stable), columns)}"
+                 + _warned(best)]
     if len(stable) > 1:
-        sentences.append("Also stable: " + ", ".join(
-            f"`{row['mode']}`" + (f" ({', '.join(f'{r:.2g}× its {label}' for r, label in ratios)})"
-                                   if (ratios := _ratios(row, best, columns)) else "")
-            for row in stable if row is not best))
+        sentences.append("Also stable: " + ", ".join(f"`{row['mode']}`" + _trade_off(row, best, columns)
+                                                     for row in stable if row is not best))
     if loads is not None:
         sentences.append(f"Their speeds are not compared: other processes took {loads[0]:.0%} to {loads[1]:.0%} of "
                          "this machine's CPU time while the modes ran, one after another, so their tokens/s measure "
@@ -168,8 +174,25 @@ def _fastest(stable: list[dict]) -> dict:
                           if speed >= (1 - SPEED_TIE) * max(speeds)])
 
 
-def _least_memory(rows: list[dict]) -> dict:
-    return min(rows, key=lambda row: _figure(row, "peak_memory_mb") or math.inf)
+def _least_memory(rows: list[dict], by_speed: bool = True) -> dict:
+    """The row with the least peak memory — among those within MEMORY_TIE of it, the fastest (`by_speed`; else the
+    first: speeds not to be compared); the first row when nothing was measured."""
+    memory = [_figure(row, "peak_memory_mb") or math.inf for row in rows]
+    tied = [row for row, used in zip(rows, memory, strict=True) if used <= min(memory) * (1 + MEMORY_TIE)] or rows
+    return max(tied, key=lambda row: _figure(row, "tokens_per_s") or 0.0) if by_speed else tied[0]
+
+
+def _warned(row: dict) -> str:
+    """What the row's own diagnosis claims, where it claims anything: said beside the mode."""
+    return f" (its diagnosis warns: `{row['top_cause']}` — see its report)" if row.get("top_cause") else ""
+
+
+def _trade_off(row: dict, best: dict, columns=SPEED_AND_MEMORY) -> str:
+    """Another stable mode's figures against the recommended one's (a figure within a few percent of it left out:
+    `1×` says nothing), and what its own diagnosis claims."""
+    ratios = [f"{r:.2g}× its {label}" for r, label in _ratios(row, best, columns) if f"{r:.2g}" != "1"]
+    warned = [f"its diagnosis warns: `{row['top_cause']}`"] if row.get("top_cause") else []
+    return f" ({', '.join(ratios + warned)})" if ratios or warned else ""
 
 
 def _cost(best: dict, rows: list[dict], n_stable: int, columns=SPEED_AND_MEMORY) -> str:
