@@ -107,6 +107,8 @@ class TrainingDisplay:
         self._progress.start()
 
     def _rate_and_eta(self, step: int) -> tuple[float | None, float | None]:
+        """Tokens per second since the steps began — evaluations and checkpoints included, what the ETA needs —, said
+        as `tok/s overall`: the report's `tokens_per_s` is the median step's, a training step's own speed."""
         elapsed = time.perf_counter() - self._started
         done = step - self._first_step
         if elapsed <= 0 or done <= 0:
@@ -121,13 +123,13 @@ class TrainingDisplay:
         scale = row.get("loss_scale")
         if self._progress is not None:
             status = (f"loss {_fmt(row.get('loss'))}  ppl {_fmt(self._last_ppl, '.2f')}  "
-                      f"lr {_fmt(row.get('lr'), '.2e')}  {_fmt(rate, ',.0f')} tok/s"
+                      f"lr {_fmt(row.get('lr'), '.2e')}  {_fmt(rate, ',.0f')} tok/s overall"
                       + (f"  scale {_fmt(scale, '.0f')}" if scale is not None else ""))
             self._progress.update(self._task, completed=step, status=status)
         if self._lines and (step % self._lines == 0 or step == self._total):
             self._line(f"step {step}/{self._total}  loss {_fmt(row.get('loss'))}  "
                                f"eval ppl {_fmt(self._last_ppl, '.3f')}  lr {_fmt(row.get('lr'), '.2e')}  "
-                               f"{_fmt(rate, ',.0f')} tok/s  ETA {_duration(eta) if eta is not None else '-'}"
+                               f"{_fmt(rate, ',.0f')} tok/s overall  ETA {_duration(eta) if eta is not None else '-'}"
                                + (f"  loss scale {_fmt(scale, '.0f')}" if scale is not None else ""))
 
     def eval_line(self, step: int, ppl: float, loss: float) -> None:
