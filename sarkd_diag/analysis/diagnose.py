@@ -997,6 +997,19 @@ class RunRecord:
         # the models trained through adapters over a frozen base (LoRA): fp32 master weights are fp32 adapters there
         self.adapted_models = set((config.get("precision") or {}).get("adapted_models") or [])
         self.notes_read: set[str] = set()  # the setup notes' codes some rule read (`of`)
+        self.events = self._outputs_of_an_unseen_teacher_apart(events)
+
+    def _outputs_of_an_unseen_teacher_apart(self, events: pd.DataFrame) -> pd.DataFrame:
+        """The events, less the non-finite data the loss was handed (`nonfinite_batch` of phase `loss`) where a float16
+        teacher alone ran no forward in any step (a `frozen_model_unseen` note): that data is its outputs, computed
+        before training (DPO's `precompute_ref_log_probs`) — the teacher's fault (`teacher_overflow`), not the
+        dataset's."""
+        teacher = self.teacher_alone_in_fp16()
+        unseen = (events["kind"] == "setup_note") & (events["code"] == "frozen_model_unseen") \
+            & (events["model"] == teacher)
+        if teacher is None or not unseen.any():
+            return events
+        return events[~((events["kind"] == "nonfinite_batch") & (events["phase"] == "loss"))]
 
     def unread_warnings(self) -> list[dict]:
         """The first of each setup note's warnings that no rule read (`Diagnosis.notes`)."""

@@ -143,7 +143,9 @@ def test_statistics_come_from_training_forwards_not_from_generation(world, tmp_p
 def test_a_teacher_fault_between_statistics_steps_is_named_by_a_replay(world, tmp_path):
     """Step 2 is no statistics step: the teacher's weight made Inf there turns the loss non-finite with no module
     statistics. The callback replays the micro-batch's `compute_loss` (what TRL computes from the generated
-    completions, teacher forward included) with them on, before the optimizer step."""
+    completions, teacher forward included) with them on, before the optimizer step; the teacher's first non-finite
+    module has its own weights read: finite as loaded, Inf now — written (`weights_edited`), the failure a
+    `divergence` at that weight, explained by it."""
     from transformers import TrainerCallback
 
     class InfTeacherWeight(TrainerCallback):
@@ -161,9 +163,13 @@ def test_a_teacher_fault_between_statistics_steps_is_named_by_a_replay(world, tm
                                       callbacks=[InfTeacherWeight()])
     SarkdDiagCallback.attach(trainer, tmp_path / "run")
     trainer.train()
-    root = load_run(tmp_path / "run")["summary"]["diagnosis"][0]
+    summary = load_run(tmp_path / "run")["summary"]
+    (root, *_), (failure, *_) = summary["findings"], summary["diagnosis"]
     assert (root["cause"], root["model"], root["module"], root["first_step"]) == (
-        "teacher_overflow", "teacher", "transformer.h.1.mlp.c_fc", 2)
+        "weights_edited", "teacher", "transformer.h.1.mlp.c_fc", 2)
+    assert (failure["cause"], failure["tensor"], failure["first_step"]) == (
+        "divergence", "transformer.h.1.mlp.c_fc.weight", 2)
+    assert failure["evidence"]["explained_by"].startswith("weights_edited@2")
 
 
 def _other_trainer(world, kind, out, student, run_dir=None, ref_model=None, **args):
