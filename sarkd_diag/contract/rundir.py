@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from .errors import BadInput
 from .events import events_frame, read_jsonl
 from .numerics import number_or_none, reading_or_none
 from .wording import shell_command
-from .writers import run_logs, writing_processes
+from .writers import LOCK_FILE, RunClaim, claim_run_dir, lock_holder, run_logs, writing_processes
 
 # summary.json's layout: 2 since findings (the project's codes beyond the contract's nine) moved from `diagnosis` to
 # `findings`
@@ -204,12 +204,33 @@ def resume_command(run_dir: str | Path) -> str | None:
     return shell_command("train", "--output-dir", run_dir, "--resume")
 
 
-def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, named: str = "--output-dir") -> None:
-    """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write.
+def _being_written(named: str, path: Path, pids: list[int]) -> BadInput:
+    by = f"process {', '.join(map(str, pids))}" if any(pids) else "another process"
+    return BadInput(f"{named} {path} is still being written by {by}, a run training now: let it end (or stop it "
+                    "with Ctrl-C) first, or give another --output-dir")
+
+
+def claim_output_dir(path: Path, named: str = "--output-dir") -> RunClaim:
+    """Claim a run directory that `check_output_dir` passed, creating it if needed, for as long as this process
+    writes it: a second process checking it meanwhile is refused (its setup would have found it free, and both would
+    have written one metrics.jsonl). The loser of two that passed the check at once is refused here."""
+    return claim_run_dir(Path(path), lambda pid: _being_written(named, Path(path), [pid]))
+
+
+def _holds_anything(path: Path) -> bool:
+    """Whether a directory holds an entry besides the lock file of a claim (left empty by a run killed in setup)."""
+    return any(entry.name != LOCK_FILE for entry in path.iterdir())
+
+
+def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, named: str = "--output-dir",
+                     besides: Iterable[int] = ()) -> None:
+    """Refuse, before touching anything, a directory that holds a different run, a file, or one we cannot write,
+    or that another process has claimed (a run in its setup or training: `claim_output_dir`).
 
     --overwrite replaces a sarkd-diag run only: a directory of other files is never cleared (its config.json
     may be a model's). --resume needs the run to be there, with the same options (RESUMABLE_OPTIONS aside).
     `named`: where the directory was given, as the refusals name it (a --config file's output_dir, say).
+    `besides`: the processes of this one's own job (rank 0 of its torchrun job, which claims the directory for all).
     """
     path = Path(path)
     asked = resume_option(options)
@@ -220,7 +241,10 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
         raise BadInput(f"{named} {path} cannot be created: {parent} is a file")
     if not _writable(parent):
         raise BadInput(f"{named} {path} is not writable")
-    if not path.is_dir() or not any(path.iterdir()):
+    holder = lock_holder(path, besides) if path.is_dir() else None
+    if holder is not None:  # a run still in its setup has no logs open yet: its claim says it is there
+        raise _being_written(named, path, [holder])
+    if not path.is_dir() or not _holds_anything(path):
         if resume:
             raise BadInput(f"{asked}: nothing to resume, {path} holds no run")
         return
@@ -229,10 +253,9 @@ def check_output_dir(path: Path, options: dict, overwrite: bool, resume: bool, n
                        "not a run; give train another directory (to continue one mode's run: "
                        f"{shell_command('train', '--output-dir', path / 'runs' / '<mode>', '--resume')})")
     recorded = recorded_run(path)
-    writers = writing_processes(run_logs(path)) if recorded is not None else []
+    writers = writing_processes(run_logs(path), besides=besides) if recorded is not None else []
     if writers:  # replaced or resumed now, the live run's logs would be deleted under it or written by two
-        raise BadInput(f"{named} {path} is still being written by process {', '.join(map(str, writers))}, a run "
-                       "training now: let it end (or stop it with Ctrl-C) first, or give another --output-dir")
+        raise _being_written(named, path, writers)
     probes_run = f"{path} holds the run a training loop's Probes wrote, not a `train` run"  # no options recorded
     if resume:
         if recorded is None:
@@ -277,7 +300,7 @@ def probes_run_dir_problem(path: Path, besides: list[int]) -> str | None:
     if is_compare_dir(path):
         return f"{named} is a compare-precision directory: give the probes a directory of their own"
     recorded = recorded_run(path) if path.is_dir() else None
-    if path.is_dir() and any(path.iterdir()) and recorded is None:
+    if path.is_dir() and _holds_anything(path) and recorded is None:
         held = "a config.json that is not a sarkd-diag run's" if (path / "config.json").exists() else \
             "files and no sarkd-diag run"
         return f"{named} holds {held}: give a new or empty directory (or a run directory to continue)"

@@ -36,6 +36,20 @@ PLAIN_SUFFIXES = (".txt", ".text")
 TEXT_FORMATS = "`.txt` (one document a line), `.jsonl` (a `text` field a line) or `.csv` (a `text` column)"
 
 
+def _kind_of(path: Path) -> str:
+    """What a path that exists and is neither a file nor a directory is, in words."""
+    import stat
+
+    mode = path.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
 def read_text_file(path: str, option: str = "") -> list[str]:
     """Documents of a .txt file (one per non-empty line), a .jsonl file (a string `text` field per line) or a
     .csv file (a `text` column); any other extension is refused rather than read as something it is not. A refusal
@@ -44,6 +58,9 @@ def read_text_file(path: str, option: str = "") -> list[str]:
     if p.is_dir():
         raise BadInput(f"{named} is a directory, expected a .txt, .jsonl or .csv file")
     if not p.is_file():
+        if p.exists():  # a pipe (`<(cat x)`: /dev/fd/63), a FIFO, /dev/null: the text is read twice (a pipe once)
+            raise BadInput(f"{named} exists but is not a regular file ({_kind_of(p)}); give a file on disk, which the "
+                           "run reads more than once")
         raise BadInput(f"{named}: no such file")
     suffix = p.suffix.lower()
     if suffix not in (*PLAIN_SUFFIXES, ".jsonl", ".csv"):

@@ -45,6 +45,7 @@ from ..contract.numerics import KD_TARGETS_WARNING, KD_TEMPERATURE_FLOOR, dtype_
 from ..contract.rundir import STUDENT, built_then_moved, causes_and_findings, resume_command, write_json_atomic
 from ..contract.version import __version__
 from ..contract.wording import counted, shell_command
+from ..contract.writers import RunClaim
 from ..presentation.closing import finalize_run
 from ..presentation.ui import TrainingDisplay
 from ..probes import ProbeSet
@@ -178,6 +179,7 @@ class Run:
     objective: LogitKD | HiddenStateKD
     optimization: Optimization
     state: TrainingState
+    claim: RunClaim | None = None  # rank 0's hold on run_dir, from its check until the run has closed
 
 
 def build_run(config: DistillConfig) -> Run:
@@ -186,7 +188,7 @@ def build_run(config: DistillConfig) -> Run:
     models before the data (tokenized by the student's tokenizer), the objective before the optimizer (a
     dual-mode projection trains too)."""
     compute = set_up_compute(config)
-    run_dir, resume_source = locate_run(config, compute.world, compute.mode)
+    run_dir, resume_source, claim = locate_run(config, compute.world, compute.mode)
     try:
         corpus = load_corpus(config.dataset_name, config.dataset_config_name, config.train_file,
                              config.validation_file)
@@ -195,6 +197,8 @@ def build_run(config: DistillConfig) -> Run:
         objective = make_objective(config, models, compute)
         optimization = make_optimization(config, models, objective)
     except BaseException:
+        if claim is not None:  # nothing was written: a directory the claim created goes again
+            claim.release(unused=True)
         if not (config.output_dir or config.resume_from):  # the default directory, made for this run: none is left
             with contextlib.suppress(OSError):  # rmdir removes only an empty directory
                 run_dir.rmdir()
@@ -202,7 +206,7 @@ def build_run(config: DistillConfig) -> Run:
         raise
     state = TrainingState(models.student, models.teacher, objective.projection, optimization.optimizer,
                           compute.precision, optimization.scheduler, data.batches)
-    return Run(config, compute, run_dir, resume_source, models, data, objective, optimization, state)
+    return Run(config, compute, run_dir, resume_source, models, data, objective, optimization, state, claim)
 
 
 def set_up_compute(cfg: DistillConfig) -> Compute:
@@ -598,7 +602,15 @@ class Trainer:
         self.stopped_at_once = False  # a second Ctrl-C: nothing more is saved, the run closes as it stands
         self.resumed: Resumed | None = None
         if run.resume_source is not None:
-            self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
+            try:
+                self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
+            except BaseException:
+                self._release()
+                raise
+
+    def _release(self) -> None:
+        if self.run.claim is not None:
+            self.run.claim.release()
 
     # the parts a test or a hook reaches for, by their usual names
     student = property(lambda self: self.run.models.student)
@@ -636,6 +648,7 @@ class Trainer:
             finally:
                 self.run.objective.close()  # router hooks off; DDP's wrapper goes before its process group
                 dist.teardown(self.world)
+                self._release()  # closed: the directory is free for a resume, a report, another run
 
     def _run(self, stops: StopRequests) -> str:
         """The steps, with evaluations and checkpoints on schedule; returns the run's status."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -36,13 +37,34 @@ def resolve_model_source(name: str, weights: bool = True) -> str:
         _refuse_run_directory(name, path)
         _check_model_directory(name, path, weights)
         return str(path)
+    _refuse_web_address(name)
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
         raise BadInput(f"model path {name}: no such directory")
+    if not HUB_ID.fullmatch(name) or "--" in name or ".." in name:  # the hub's own rule (validate_repo_id)
+        raise BadInput(f"model {name!r} is neither a local directory nor a valid hub id (ORG/NAME of letters, "
+                       "digits, '-', '_' and '.', no spaces)")
     check_hub_reachable(name)
     hub_config = _hub_config_file(name)
     if hub_config is not None:
         _refuse_non_causal(hub_config, f"hub model {name} is")
     return name  # a hub id
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9_.\-]{1,96}(/[A-Za-z0-9_.\-]{1,96})?")
+HUB_HOSTS = ("huggingface.co", "hf.co")
+
+
+def _refuse_web_address(name: str) -> None:
+    """A model's web page (`https://huggingface.co/ORG/NAME`, copied from the browser) is no hub id: say which."""
+    url = urlparse(name if "://" in name else f"https://{name}" if name.startswith(HUB_HOSTS) else "")
+    if not url.netloc:
+        return
+    host = url.netloc.lower().removeprefix("www.")
+    parts = [part for part in url.path.split("/") if part]
+    if host in HUB_HOSTS and parts and parts[0] not in ("datasets", "spaces"):
+        repo = "/".join(parts[:2])
+        raise BadInput(f"model {name} is a web address: give its hub id, {repo}, not the URL")
+    raise BadInput(f"model {name} is a web address: give a hub id (ORG/NAME) or a local directory, not a URL")
 
 
 def _hub_config_file(repo_id: str) -> Path | None:

@@ -22,24 +22,28 @@ from torch import nn
 from ..contract.config import DistillConfig
 from ..contract.errors import BadInput
 from ..contract.events import events_file_name
-from ..contract.rundir import check_output_dir, default_run_dir, differing_options
+from ..contract.rundir import check_output_dir, claim_output_dir, default_run_dir, differing_options
 from ..contract.shards import is_sharded, local_shard
 from ..contract.wording import shell_command
+from ..contract.writers import RunClaim
 from . import checkpoint as ckpt
 from .data import BatchStream
 from .distributed import World, full_tensor, shard_of
 from .precision import Precision
 
 
-def locate_run(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, Path | None]:
-    """The run directory, checked before anything in it changes, and the run directory of the checkpoint to
-    resume from (None for a new run)."""
+def locate_run(cfg: DistillConfig, world: World, mode: str) -> tuple[Path, Path | None, RunClaim | None]:
+    """The run directory, checked before anything in it changes and claimed at once (before the slow setup: two
+    runs started into one directory together would both have found it free), the run directory of the checkpoint
+    to resume from (None for a new run), and the claim (rank 0's, for the whole job; None on the other ranks)."""
     run_dir, source = _run_and_source(cfg, world, mode)
-    check_output_dir(run_dir, cfg.to_dict(), cfg.overwrite, resume=source is not None and _in_place(source, run_dir))
+    main = world.broadcast(os.getpid() if world.is_main else None) if world.distributed else os.getpid()
+    check_output_dir(run_dir, cfg.to_dict(), cfg.overwrite, resume=source is not None and _in_place(source, run_dir),
+                     besides=[main])
     if cfg.resume and not ckpt.list_checkpoints(run_dir):
         raise BadInput(f"--resume: nothing to resume, {run_dir} has no checkpoint yet (one is written "
                        "every --save-steps steps and at the end)")
-    return run_dir, source
+    return run_dir, source, claim_output_dir(run_dir) if world.is_main else None
 
 
 def _not_a_checkpoint(path: Path) -> BadInput:

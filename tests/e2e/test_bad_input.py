@@ -33,6 +33,12 @@ def _args(world, tmp: Path, drop=(), **options) -> list[str]:
     return args
 
 
+def _fifo(tmp: Path) -> Path:
+    """A named pipe, which is what `--train-file <(cat x)` hands over (/dev/fd/63)."""
+    os.mkfifo(tmp / "pipe.txt")
+    return tmp / "pipe.txt"
+
+
 def _file(tmp: Path, name: str, content: bytes | str) -> Path:
     path = tmp / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -196,6 +202,10 @@ CASES = [
     ("unreadable train file", lambda w, t, m: _args(w, t, train_file=_unreadable(t, m)), "cannot be read"),
     ("directory as train file", lambda w, t, m: _args(w, t, train_file=t), "is a directory"),
     ("missing validation file", lambda w, t, m: _args(w, t, validation_file=t / "v.txt"), "no such file"),
+    ("a pipe as train file (<(cat x): it said no such file)", lambda w, t, m: _args(w, t, train_file=_fifo(t)),
+     "--train-file {tmp}/pipe.txt exists but is not a regular file (a pipe); give a file on disk"),
+    ("/dev/null as validation file (it said no such file)", lambda w, t, m: _args(w, t, validation_file="/dev/null"),
+     "--validation-file /dev/null exists but is not a regular file (a device)"),
     ("malformed jsonl", lambda w, t, m: _args(w, t, train_file=_file(t, "d.jsonl", '{"text": "a"}\n{oops\n')),
      ":2: not valid JSON"),
     ("jsonl without text", lambda w, t, m: _args(w, t, train_file=_file(t, "d.jsonl", '{"body": "a"}\n')),
@@ -278,6 +288,12 @@ CASES = [
         w, t, student_model=_drop(_model_copy(w, t), "model.safetensors")), "model path {tmp}/model has no weights "
      "(*.safetensors or *.bin): save the model (model.save_pretrained) there"),
     ("missing model directory", lambda w, t, m: _args(w, t, student_model=t / "no-model"), "no such directory"),
+    ("a hub model's web address (it said no such directory)", lambda w, t, m: _args(
+        w, t, student_model="https://huggingface.co/microsoft/DialoGPT-small"),
+     "is a web address: give its hub id, microsoft/DialoGPT-small, not the URL"),
+    ("a hub id with a space (transformers' own message)", lambda w, t, m: _args(
+        w, t, teacher_model="microsoft/DialoGPT small"),
+     "model 'microsoft/DialoGPT small' is neither a local directory nor a valid hub id"),
     ("file as model directory", lambda w, t, m: _args(w, t, student_model=w["train"]), "is a file"),
     ("unknown embedded model", lambda w, t, m: _args(w, t, teacher_model="embedded:huge"), "unknown embedded"),
     ("output dir holding a different run", lambda w, t, m: [*_args(w, t), "--student-lr", "0.5"]
@@ -382,7 +398,7 @@ def _tree(*roots: Path) -> dict:
             if p.is_dir():
                 out[p] = None
                 continue
-            if not os.access(p, os.R_OK):
+            if not os.access(p, os.R_OK) or not p.is_file():  # a FIFO's open would wait for a writer
                 out[p] = (p.stat().st_mode, None)
                 continue
             with open(p, "rb") as f:  # not Path.read_bytes, which a case may have made fail

@@ -686,3 +686,31 @@ def test_a_nan_gradient_is_placed_at_its_tensor_although_the_loop_clips(tiny_wor
     root = result.summary["diagnosis"][0]
     assert (root["cause"], root["model"], root["tensor"], root["first_step"]) == (
         "divergence", "student", names[id(weight)], 2)  # a NaN among small fp32 values: an undefined derivative
+
+
+def test_two_runs_started_at_once_into_one_new_directory_one_is_refused(tiny_world, tmp_path):
+    """Two `train` started together into the same new directory both found it free (the live-writer check reads the
+    logs, opened only after the setup): both ran and exited 0, every step twice in one metrics.jsonl. The directory is
+    claimed when it is checked: one runs, the other is refused (exit 2, one line) and the run is untouched."""
+    out = tmp_path / "dup"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(a) for a in _args(tiny_world, out, "--train-steps", "3")]
+    procs = []
+    for name in ("a", "b"):
+        err = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen([sys.executable, "-m", "sarkd_diag", *args], env=env,
+                                       stdout=subprocess.DEVNULL, stderr=err, text=True), err))
+        time.sleep(0.2)
+    codes, errors = [], []
+    for proc, err in procs:
+        proc.wait(timeout=300)
+        err.close()
+        codes.append(proc.returncode)
+        errors.append(Path(err.name).read_text())
+    assert sorted(codes) == [0, 2], errors
+    refusal = errors[codes.index(2)]
+    assert len(refusal.strip().splitlines()) == 1 and "Traceback" not in refusal, refusal
+    assert f"{out} is still being written by process" in refusal
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert _summary(out)["status"] == "completed"
+    assert not (out / ".sarkd-diag.lock").exists()  # released when the run closed
