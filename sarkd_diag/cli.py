@@ -386,7 +386,10 @@ def report(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run di
             _rebuild_run(mode_dir.parent)
         result = rebuild_comparison(run_dir)
         written = [name for name in OUTPUTS if (run_dir / name).exists()]
-        typer.echo(f"{run_dir}: {counted(len(result.table), 'mode')} compared; wrote {', '.join(written)}")
+        not_run = result.summary["not_run"]  # asked for and never run (the comparison was stopped): said, not hidden
+        typer.echo(f"{run_dir}: {counted(len(result.table), 'mode')} compared; wrote {', '.join(written)}"
+                   + (f"; not run: {', '.join(not_run)} (asked for; the comparison stopped before "
+                      f"{'it' if len(not_run) == 1 else 'them'})" if not_run else ""))
         return 0
     _rebuild_run(run_dir)
     return 0
@@ -537,7 +540,7 @@ def check(
                                               help="Final validation perplexity at most X."),
 ) -> int:
     """Assert expectations of recorded runs: exit 0 when all hold, 1 with one line per failed expectation."""
-    from .presentation.query import check_runs, expectations, find_runs
+    from .presentation.query import check_runs, expectations, find_runs, modes_not_run, run_directory
 
     find_runs(run_dir)  # a wrong RUN_DIR is said first: it is the first thing typed
     checks = expectations(expect or [], max_skipped_steps, max_eval_ppl)
@@ -545,8 +548,9 @@ def check(
     for line in failures:
         typer.echo(line)
     if not failures:
+        missing = modes_not_run(run_directory(run_dir))  # of a comparison: asked for, never run, said beside the ok
         typer.echo(f"{run_dir}: ok — {', '.join(checks)} {'holds' if len(checks) == 1 else 'hold'} for "
-                   f"{counted(runs, 'run')}")
+                   f"{counted(runs, 'run')}" + (f" ({', '.join(missing)}, asked for, did not run)" if missing else ""))
     return 1 if failures else 0
 
 
@@ -754,10 +758,32 @@ def _check_flag_values(args: list[str]) -> None:
             positive = flag.replace("--no-", "--").replace("--no_", "--").replace("_", "-")
             raise BadInput(f"{flag} is a flag and takes no value ({value!r}): write {positive} to turn it on, "
                            f"--no-{positive[2:]} to turn it off")
-    if len(args) > 1 and args[0] in RUN_DIR_COMMANDS and not args[1].strip():
-        raise BadInput(f"an empty argument ({args[1]!r}: an unset shell variable?) where {args[0]} takes RUN_DIR; "
+    commanded = bool(args) and args[0] in RUN_DIR_COMMANDS
+    empty = next((arg for arg in _positionals(args) if not arg.strip()), None) if commanded else None
+    if empty is not None:  # wherever it stands: `check --expect completed "$RUN"` checked the current directory
+        raise BadInput(f"an empty argument ({empty!r}: an unset shell variable?) where {args[0]} takes RUN_DIR; "
                        "give a run directory")
     _check_forgotten_values(args)
+
+
+def _positionals(args: list[str]) -> list[str]:
+    """The arguments of the command line `args` (its command first) that are no option nor an option's value, as
+    click reads them: after `--` every word is one."""
+    command = typer.main.get_command(app).commands.get(args[0]) if args else None
+    if command is None:
+        return []
+    takes_value = {opt for p in command.params if p.param_type_name == "option" and not p.is_flag
+                   for opt in [*p.opts, *p.secondary_opts]}
+    positionals, words = [], iter(args[1:])
+    for word in words:
+        if word == "--":
+            positionals += list(words)
+        elif word.startswith("-") and len(word) > 1:
+            if word in takes_value:
+                next(words, None)  # its value (`--severity ''` is that option's, refused as an empty option)
+        else:
+            positionals.append(word)
+    return positionals
 
 
 def _check_forgotten_values(args: list[str]) -> None:

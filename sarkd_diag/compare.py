@@ -328,7 +328,10 @@ def write_outputs(out: Path, table: pd.DataFrame, verdicts: list[Verdict], summa
     return written
 
 
-def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options: dict, device: dict) -> dict:
+def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options: dict, device: dict,
+             requested: Sequence[str] | None = None) -> dict:
+    """`requested`: the modes the comparison was asked for (compare_options.json's), those of `results` when None;
+    those that did not run are `not_run`, which the table's files name."""
     rows = []
     for row in comparison.table.astype(object).to_dict("records"):
         clean = {k: (None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else v)
@@ -339,6 +342,8 @@ def _summary(out: Path, comparison: Comparison, results: list[ModeRun], options:
         "schema_version": SCHEMA_VERSION,
         "kind": "compare-precision",
         "modes": [r.mode for r in results],
+        "requested_modes": list(requested) if requested is not None else [r.mode for r in results],
+        "not_run": [m for m in (requested or []) if m not in {r.mode for r in results}],
         "fp32_reference": any(r.mode == "fp32" for r in results),
         "device": device,
         "options": options,
@@ -416,7 +421,7 @@ def compare_precision(modes: Sequence[str] | str | None = None, *, config: Disti
         console.print(f"[{i}/{len(chosen)}] {mode}: {'failed: ' + result.failure if result.failure else 'done'} "
                       f"({result.seconds:.0f} s)")
     table, verdicts, recommendation = comparison = comparison_table(results)
-    summary = _summary(out, comparison, results, run_options, {"type": caps.device_type, "name": caps.name})
+    summary = _summary(out, comparison, results, run_options, {"type": caps.device_type, "name": caps.name}, chosen)
     written = write_outputs(out, table, verdicts, summary, results)
     console.print(rich_table(table, verdicts))
     console.print(f"[bold]recommendation[/]: {escape(wording(recommendation.text))}")
@@ -437,7 +442,8 @@ def _after_interrupt(out: Path, mode: str) -> str:
 
 def rebuild_comparison(out: str | Path) -> CompareResult:
     """Write a comparison's table, plots and summary again from its runs — after `report` rebuilt them, or
-    for a comparison that was interrupted (the modes that ran are compared)."""
+    for a comparison that was interrupted (the modes that ran are compared; those asked for that did not are the
+    summary's `not_run`, and the table's files name them)."""
     out = Path(out)
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     started = json.loads((out / COMPARE_OPTIONS).read_text())
@@ -449,6 +455,6 @@ def rebuild_comparison(out: str | Path) -> CompareResult:
                        known.get(m, {}).get("failure"), known.get(m, {}).get("other_load")) for m in ran]
     table, verdicts, recommendation = comparison = comparison_table(results)
     device = previous.get("device") or json.loads((out / "runs" / ran[0] / "config.json").read_text())["device"]
-    summary = _summary(out, comparison, results, started["options"], device)
+    summary = _summary(out, comparison, results, started["options"], device, started["modes"])
     write_outputs(out, table, verdicts, summary, results)
     return CompareResult(out, table, summary, 0, verdicts, recommendation)

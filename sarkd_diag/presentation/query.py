@@ -28,6 +28,7 @@ from ..contract.events import KINDS, SEVERITIES, events_frame
 from ..contract.modes import MODE_NAMES
 from ..contract.numerics import number_or_none
 from ..contract.rundir import (
+    COMPARE_OPTIONS,
     causes_and_findings,
     final_figures,
     is_compare_dir,
@@ -99,21 +100,46 @@ class Run:
 
 
 def find_runs(path: str | Path) -> list[Run]:
-    """The run at `path`, or every run of the compare-precision directory at `path` (in mode order)."""
+    """The run at `path`, or every run of the compare-precision directory at `path` (in mode order). Only a
+    comparison (its compare_options.json) is read as one: a project's runs/ that `train` fills is not (`check .`
+    said `ok` of whichever run lay there, where `report .` refused the directory)."""
     path = run_directory(path)
     if is_run_dir(path):
         return [Run(path)]
+    if not is_compare_dir(path):
+        raise not_a_run(path)
     runs = _comparison_runs(path)
     if not runs:
-        raise not_a_run(path)
+        asked = requested_modes(path)
+        raise BadInput(f"{path} is a compare-precision directory whose modes have not run yet (no run under "
+                       f"{path / 'runs'}" + (f"; it asked for {', '.join(asked)}" if asked else "") + ")")
     return [Run(p, p.name) for p in runs]
 
 
 def _comparison_runs(path: Path) -> list[Path]:
     """The run directories of the compare-precision directory at `path`, in mode order ([] for any other)."""
+    if not is_compare_dir(path):
+        return []
     order = {mode: i for i, mode in enumerate(MODE_NAMES)}
     return sorted((p for p in (path / "runs").glob("*") if p.is_dir() and is_run_dir(p)),
                   key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
+def requested_modes(path: Path) -> list[str]:
+    """The modes the comparison at `path` was asked for, as its compare_options.json records them ([] where it
+    records none, or cannot be read)."""
+    try:
+        modes = json.loads((path / COMPARE_OPTIONS).read_text(encoding="utf-8")).get("modes")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [m for m in modes if isinstance(m, str)] if isinstance(modes, list) else []
+
+
+def modes_not_run(path: Path) -> list[str]:
+    """The modes the comparison at `path` asked for that have no run under runs/ (a comparison stopped before
+    them): the table compares the others, and `check --expect completed` fails for them."""
+    ran = {p.name for p in _comparison_runs(path)}
+    return [m for m in requested_modes(path) if m not in ran]
 
 
 def _invalid_json(path: Path) -> str | None:
@@ -156,7 +182,7 @@ def not_a_run(path: Path) -> BadInput:
     holder = _enclosing_run(path)
     if holder is not None:
         return BadInput(f"{path} is inside the {_what(holder)} {holder}, not one itself: give {holder}")
-    held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or _comparison_runs(p))]
+    held = [p for p in path.iterdir() if p.is_dir() and (is_run_dir(p) or is_compare_dir(p))]
     damaged = damaged_config(path)
     if damaged:  # a run's, edited or cut short: "a model's?" sent its owner looking elsewhere
         return damaged
@@ -165,6 +191,14 @@ def not_a_run(path: Path) -> BadInput:
         return BadInput(f"{path} holds a run's logs but {what}: closing or loading a run reads its precision and "
                         "options there; copy the run's config.json back beside its logs "
                         f"(`{shell_command('events', path)}` reads the events alone)")
+    under_runs = [p for p in (path / "runs").glob("*") if p.is_dir() and (is_run_dir(p) or is_compare_dir(p))]
+    if not held and under_runs:  # a project's runs/ of `train` runs: no comparison (it holds no compare_options.json)
+        newest = max(under_runs, key=lambda p: (p.stat().st_mtime, p.name))
+        n = len(under_runs)
+        held_text = counted(n, "run") if all(is_run_dir(p) for p in under_runs) else \
+            f"{n} run or comparison director{'y' if n == 1 else 'ies'}"
+        return BadInput(f"{path} is not a run or comparison directory; it holds {held_text} "
+                        f"under runs/: give one, e.g. {newest} (the newest)")
     if not held:
         what = ("it is empty" if not any(path.iterdir()) else "its config.json is not a run's: a model's?"
                 if (path / "config.json").is_file() else "it holds no config.json")
@@ -711,11 +745,18 @@ def expectations(expect: list[str], max_skipped_steps: int | None = None,
 
 
 def check_runs(path: str | Path, checks: dict[str, Callable[[Run], str | None]]) -> tuple[list[str], int]:
-    """Every check on every run at `path`: the failure lines (`RUN: NAME: why`) and how many runs were checked."""
+    """Every check on every run at `path`: the failure lines (`RUN: NAME: why`) and how many runs were checked. Of a
+    comparison, `completed` fails too for each mode it asked for that has no run (it was stopped before them)."""
+    path = run_directory(path)
     runs = find_runs(path)
     damaged = next(filter(None, (damaged_config(run.path) for run in runs)), None)
     if damaged:  # the checks read a run through its config.json, as `report` does: refused in report's words
         raise damaged
     failures = [f"{run.label}: {name}: {why}" for run in runs for name, check in checks.items()
                 if (why := check(run)) is not None]
+    if "completed" in checks and is_compare_dir(path):  # a mode the comparison asked for and never ran
+        asked = requested_modes(path)
+        for mode in modes_not_run(path):
+            failures.append(f"{mode}: completed: did not run — the comparison asked for {', '.join(asked)}, and "
+                            f"{path / 'runs' / mode} holds no run (the comparison was stopped before it?)")
     return failures, len(runs)

@@ -348,7 +348,12 @@ def legend(summary: dict) -> list[str]:
     """What a comparison's files say above its table: the recommendation, the setting, the verdicts' meaning."""
     t = summary["thresholds"]
     reference = "the fp32 run" if summary["fp32_reference"] else "n/a: fp32 was not among the modes"
+    not_run = summary.get("not_run") or []
+    missing = [f"Not run: {', '.join(not_run)} — asked for ({', '.join(summary.get('requested_modes') or [])}), "
+               f"but the comparison stopped before {'it' if len(not_run) == 1 else 'them'} (interrupted?): the table "
+               "compares the modes that ran."] if not_run else []
     return [
+        *missing,
         f"Recommendation: {summary['recommendation']['text']}",
         f"Steps: {summary['options']['train_steps']}; student lr {summary['options']['student_lr']:g}; "
         f"seed {summary['options']['seed']}; probes every {counted(summary['options']['probe_every'], 'step')}; "

@@ -243,6 +243,14 @@ CASES = [
      "an empty argument ('': an unset shell variable?) where report takes RUN_DIR"),
     ("events of an empty RUN_DIR", lambda w, t, m: ["events", "", "--severity", "critical"],
      "an empty argument ('': an unset shell variable?) where events takes RUN_DIR"),
+    ("check of an empty RUN_DIR after its options (it checked the current directory)", lambda w, t, m: [
+        "check", "--expect", "completed", ""], "an empty argument ('': an unset shell variable?) where check takes "
+     "RUN_DIR"),
+    ("events of an empty RUN_DIR after its options (it listed the current directory)", lambda w, t, m: [
+        "events", "--severity", "info", ""], "an empty argument ('': an unset shell variable?) where events takes "
+     "RUN_DIR"),
+    ("report of an empty RUN_DIR after --", lambda w, t, m: ["report", "--", " "],
+     "an empty argument (' ': an unset shell variable?) where report takes RUN_DIR"),
     ("check with an infinite --max-eval-ppl (it passed every run, a diverged one too)", lambda w, t, m: [
         "check", _recorded_run(t, **_options_of(w)), "--max-eval-ppl", "inf"],
      "--max-eval-ppl must be a finite number > 0, got inf"),

@@ -152,6 +152,18 @@ def test_report_rebuilds_an_interrupted_comparison(cli, compared, tmp_path):
     assert list(table["mode"]) == ["fp32", "pure-fp16"] and table["verdict"][0] == "stable"
     assert table["verdict"][1] == pd.read_csv(compared[0] / "comparison.csv")["verdict"][1]
     assert_conforms(out)
+    # the mode asked for and never run is said, not hidden: report, its files and `check --expect completed`
+    assert "; not run: pure-bf16 (asked for; the comparison stopped before it)" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requested_modes"] == ["fp32", "pure-fp16", "pure-bf16"] and summary["not_run"] == ["pure-bf16"]
+    note = "Not run: pure-bf16 — asked for (fp32, pure-fp16, pure-bf16), but the comparison stopped before it"
+    assert note in (out / "comparison.md").read_text() and note in (out / "comparison.html").read_text()
+    assert note in (out / "report.html").read_text()
+    code, stdout, err = cli("check", out, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert stdout.splitlines()[-1].startswith("pure-bf16: completed: did not run — the comparison asked for fp32, "
+                                              "pure-fp16, pure-bf16")
+    assert not json.loads((compared[0] / "summary.json").read_text())["not_run"]  # the whole comparison: none
 
 
 def test_drifting_and_failed_without_fp32(tiny_world, tmp_path, monkeypatch, capsys):

@@ -31,6 +31,9 @@ def runs(tiny_world, tmp_path_factory):
     compare = root / "cmp"
     for mode in ("fp32", "pure-fp16"):
         shutil.copytree(paths[mode], compare / "runs" / mode)
+    config = json.loads((paths["fp32"] / "config.json").read_text())  # what makes it a comparison, as written
+    (compare / "compare_options.json").write_text(json.dumps({"options": config["options"],
+                                                              "modes": ["fp32", "pure-fp16"]}))
     paths["compare"] = compare
     return paths
 

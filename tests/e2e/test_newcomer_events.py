@@ -91,6 +91,84 @@ def test_the_directory_that_holds_the_runs_names_the_newest_of_them(cli, tmp_pat
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_project_whose_runs_train_wrote_is_no_comparison(cli, tmp_path, monkeypatch, command):
+    """After a default `train` in a project (runs/<date-time>-fp32/), `check . --expect completed` said `.: ok —
+    completed holds for 1 run` and `events .` listed that run with a mode column, where `report .` refused the
+    directory: only a directory holding compare_options.json is a comparison, and all three refuse alike."""
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    run = _run(project / "runs").rename(project / "runs" / "20261208-011735-fp32")
+    monkeypatch.chdir(project)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for given, named in ((".", Path("runs") / run.name), (project, run)):
+        code, out, err = cli(*command, given)
+        assert (code, out) == (2, ""), (out, err)
+        assert err == (f"sarkd-diag: error: {given} is not a run or comparison directory; it holds 1 run under "
+                       f"runs/: give one, e.g. {named} (the newest)\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
+def test_a_parent_folder_suggests_only_a_real_run_or_comparison(cli, tmp_path, command):
+    """In a folder holding a project (its runs/ of `train` runs) and a comparison, the refusal named the project,
+    the newest subfolder, as a run to give (`e.g. redteam-cli (the newest)`): it names the comparison."""
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    (comparison / "compare_options.json").write_text(json.dumps({"modes": ["fp32"]}))
+    _run(comparison / "runs").rename(comparison / "runs" / "fp32")
+    project = tmp_path / "project"
+    (project / "runs").mkdir(parents=True)
+    _run(project / "runs")
+    os.utime(comparison, (1.0, 1.0))  # the project is the newest folder
+    code, out, err = cli(*command, tmp_path)
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: {tmp_path} is not a run directory but holds 1: give one of them, e.g. " \
+                  f"{comparison} (the newest)\n"
+
+
+@pytest.mark.parametrize("command", [["check", "--expect", "completed"], ["events", "--severity", "info"]],
+                         ids=lambda c: c[0])
+def test_an_empty_run_dir_after_the_options_is_not_the_current_directory(cli, tmp_path, monkeypatch, command):
+    """`RUN=; sarkd-diag check --expect completed "$RUN"` checked the current directory — a run, here — and said ok;
+    only an empty first argument was refused."""
+    monkeypatch.chdir(_run(tmp_path))
+    code, out, err = cli(*command, "")
+    assert (code, out) == (2, "")
+    assert err == f"sarkd-diag: error: an empty argument ('': an unset shell variable?) where {command[0]} takes " \
+                  "RUN_DIR; give a run directory\n"
+
+
+def _interrupted_comparison(tmp_path: Path) -> Path:
+    """A comparison asked for three modes and stopped during the third: runs/ holds the first two, closed."""
+    comparison = tmp_path / "cmp"
+    (comparison / "runs").mkdir(parents=True)
+    (comparison / "compare_options.json").write_text(json.dumps({"options": {},
+                                                                 "modes": ["fp32", "pure-bf16", "bf16-mixed"]}))
+    for mode in ("fp32", "pure-bf16"):
+        _run(comparison / "runs").rename(comparison / "runs" / mode)
+    return comparison
+
+
+def test_check_completed_of_a_comparison_names_the_mode_that_did_not_run(cli, tmp_path):
+    """Ctrl-C during the last of three modes: `check --expect completed` said `ok — completed holds for 2 runs`."""
+    comparison = _interrupted_comparison(tmp_path)
+    code, out, err = cli("check", comparison, "--expect", "completed")
+    assert (code, err) == (1, "")
+    assert out == (f"bf16-mixed: completed: did not run — the comparison asked for fp32, pure-bf16, bf16-mixed, and "
+                   f"{comparison / 'runs' / 'bf16-mixed'} holds no run (the comparison was stopped before it?)\n")
+    code, out, err = cli("check", comparison, "--expect", "no-nonfinite-params")  # of the runs there: said so
+    assert (code, err) == (0, "")
+    assert out == f"{comparison}: ok — no-nonfinite-params holds for 2 runs (bf16-mixed, asked for, did not run)\n"
+    (comparison / "runs" / "bf16-mixed").mkdir()  # a mode whose process died before it wrote anything
+    code, out, _ = cli("check", comparison, "--expect", "completed")
+    assert code == 1 and out.startswith("bf16-mixed: completed: did not run")
+    (comparison / "runs" / "bf16-mixed").rmdir()
+    _run(comparison / "runs").rename(comparison / "runs" / "bf16-mixed")
+    code, out, _ = cli("check", comparison, "--expect", "completed")
+    assert (code, out) == (0, f"{comparison}: ok — completed holds for 3 runs\n")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
 def test_a_directory_inside_a_run_names_the_run_and_is_left_alone(cli, tmp_path, command):
     """A run's student/ holds a model's config.json: it was taken for a run, so events printed `0 of 0 events`,
     check advised `report`, and report wrote parquet files into the model directory, then failed with exit 3."""
