@@ -605,12 +605,12 @@ class Trainer:
             try:
                 self.resumed = resume_run(config, run.run_dir, run.resume_source, run.compute.mode, self._load_state)
             except BaseException:
-                self._release()
+                self._release(unused=True)  # refused before any log opened: a directory the claim made goes again
                 raise
 
-    def _release(self) -> None:
+    def _release(self, unused: bool = False) -> None:
         if self.run.claim is not None:
-            self.run.claim.release()
+            self.run.claim.release(unused=unused)
 
     # the parts a test or a hook reaches for, by their usual names
     student = property(lambda self: self.run.models.student)
