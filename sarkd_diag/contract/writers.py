@@ -4,7 +4,9 @@ killed run from a quiet one."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -85,8 +87,6 @@ CLAIM_WAIT_S = 1.0  # how long a claim waits out a lock held that briefly; a run
 def lock_holder(run_dir: Path, besides: Iterable[int] = ()) -> int | None:
     """The process (its id; 0 where it has not written it yet) that holds `run_dir`'s claim, other than this one and
     `besides`; None when no other process holds it (no such file, or nobody locks it)."""
-    import fcntl
-
     try:
         fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
     except OSError:
@@ -107,8 +107,6 @@ def lock_holder(run_dir: Path, besides: Iterable[int] = ()) -> int | None:
 
 def _claimant(fd: int) -> int:
     """The id the holder wrote into its lock file; it writes it just after taking the lock, so wait a moment for it."""
-    import time
-
     for _ in range(20):
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         if text.isdigit():
@@ -151,8 +149,6 @@ def claim_run_dir(run_dir: Path, refusal: Callable[[int], Exception]) -> RunClai
     """Create `run_dir` if needed and claim it: an exclusive lock on its LOCK_FILE, held until released or this
     process ends. Two processes that check the same new directory at once both find it free; only one gets the lock,
     the other gets `refusal(pid of the holder)` raised, before it has written anything."""
-    import fcntl
-
     run_dir = Path(run_dir)
     key = os.path.realpath(run_dir)
     mine = _claims.pop(key, None)
@@ -162,8 +158,6 @@ def claim_run_dir(run_dir: Path, refusal: Callable[[int], Exception]) -> RunClai
         return taken
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
-    import time
-
     deadline = time.monotonic() + CLAIM_WAIT_S
     while True:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
