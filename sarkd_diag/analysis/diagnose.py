@@ -1888,16 +1888,10 @@ def teacher_overflow(r: RunRecord) -> list[Cause]:
     where, named = _where_began(r, row)
     op = r.nonfinite_op(teachers=True)
     if op is not None and op[0].get("model") == row.get("model"):  # no overflow: an operation undefined on its inputs
-        holds, largest, replay = _holds_value(row), op[1], r.wide_replay()
-        module = f"the teacher's {row.get('module') or 'forward'}"
-        measured = ({"float32_replay": _holds_value(replay)} if replay is not None else
-                    {"largest_measured_before": largest, "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT})
+        evidence, fix = _undefined_op(r, row, op[1], f"the teacher's {row.get('module') or 'forward'}")
         return [Cause("teacher_overflow", "critical", **where,
-                      evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "holds": holds,
-                                "undefined_operation": True, **measured, **named},
-                      fix=r.fix("nonfinite_op_replayed", module=module, holds=holds,
-                                wide_holds=_holds_value(replay)) if replay is not None else
-                      r.fix("nonfinite_op", module=module, holds=holds, dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
+                      evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"),
+                                "undefined_operation": True, **evidence, **named}, fix=fix)]
     router = r.is_router(where["module"])
     return [Cause("teacher_overflow", "critical", **where,
                   evidence={"teacher_nonfinite_modules": len(acts), "dtype": row.get("dtype"), "router": router,
@@ -2776,19 +2770,9 @@ def divergence(r: RunRecord) -> list[Cause]:
     op = r.nonfinite_op()
     if op is not None:
         row, largest = op
-        holds, replay = _holds_value(row), r.wide_replay()
-        if replay is not None:  # float16's NaN, NaN in float32 too
-            return [Cause("divergence", "critical", **_where(row),
-                          evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
-                                    "float32_replay": _holds_value(replay), "replay_step": int(replay["step"])},
-                          fix=r.fix("nonfinite_op_replayed", module=row.get("module") or row.get("model"),
-                                    holds=holds, wide_holds=_holds_value(replay)))]
+        evidence, fix = _undefined_op(r, row, largest, row.get("module") or row.get("model"))
         return [Cause("divergence", "critical", **_where(row),
-                      evidence={"mode": r.mode, "dtype": row.get("dtype"), "holds": holds,
-                                "largest_measured_before": largest,
-                                "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
-                      fix=r.fix("nonfinite_op", module=row.get("module") or row.get("model"), holds=holds,
-                                dtype=row.get("dtype"), amax=f"{largest:.3g}"))]
+                      evidence={"mode": r.mode, "dtype": row.get("dtype"), **evidence}, fix=fix)]
     grad_op = r.nonfinite_grad_op()
     if grad_op is not None:
         row, largest = grad_op
@@ -2918,6 +2902,19 @@ def divergence(r: RunRecord) -> list[Cause]:
                                 start=f"{first_loss:.4g}", end=f"{float(finite_loss.iloc[-1]):.4g}",
                                 t=f"{-falling['t']:.3g}"))]
     return []
+
+
+def _undefined_op(r: RunRecord, row: pd.Series, largest: float, module: str) -> tuple[dict, str]:
+    """The evidence and fix of a module output an operation undefined on its inputs made (`RunRecord.nonfinite_op`),
+    the student's or a teacher's: what its float32 replay made where one ran (float16's NaN, NaN in float32 too), else
+    the largest value measured before it against its dtype's range."""
+    holds, replay = _holds_value(row), r.wide_replay()
+    if replay is not None:
+        return ({"holds": holds, "float32_replay": _holds_value(replay), "replay_step": int(replay["step"])},
+                r.fix("nonfinite_op_replayed", module=module, holds=holds, wide_holds=_holds_value(replay)))
+    return ({"holds": holds, "largest_measured_before": largest,
+             "range_limit": DTYPE_MAX[row["dtype"]] ** RANGE_EXPONENT},
+            r.fix("nonfinite_op", module=module, holds=holds, dtype=row.get("dtype"), amax=f"{largest:.3g}"))
 
 
 def _nonfinite_loss_computation(r: RunRecord) -> Cause | None:
